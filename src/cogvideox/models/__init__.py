@@ -1,0 +1,1 @@
+"""The CogVideoX networks: the expert transformer and the 3D causal VAE."""

@@ -1,0 +1,190 @@
+"""Model configurations as frozen dataclasses, read from and written to the checkpoints' `config.json`.
+
+Field names and defaults are those of the official diffusers-format configs, so a checkpoint's
+`config.json` maps onto a dataclass without renaming. Keys we do not model (`_class_name`,
+`_diffusers_version`, future additions) are kept in `extra` and written back unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Self
+
+
+class ConfigError(ValueError):
+    """A configuration that no CogVideoX model can be built from."""
+
+
+@dataclass(frozen=True)
+class _Config:
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    # Name written as `_class_name`, the one the reference's loaders expect in the folder.
+    class_name: ClassVar[str] = ""
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in data.items() if k in names}
+        extra = {k: v for k, v in data.items() if k not in names}
+        for key, value in known.items():
+            # JSON has no tuples; keep sequences hashable and comparable.
+            if isinstance(value, list):
+                known[key] = tuple(value)
+        return cls(extra=extra, **known)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> Self:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"no config file at {path}") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a JSON object")
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.extra)
+        if self.class_name:
+            out.setdefault("_class_name", self.class_name)
+        for f in dataclasses.fields(self):
+            if f.name == "extra":
+                continue
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    def replace(self, **changes: Any) -> Self:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class TransformerConfig(_Config):
+    """`transformer/config.json` of a CogVideoX checkpoint. Defaults are the reference class defaults."""
+
+    class_name: ClassVar[str] = "CogVideoXTransformer3DModel"
+
+    num_attention_heads: int = 30
+    attention_head_dim: int = 64
+    in_channels: int = 16
+    out_channels: int | None = 16
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    time_embed_dim: int = 512
+    ofs_embed_dim: int | None = None
+    text_embed_dim: int = 4096
+    num_layers: int = 30
+    dropout: float = 0.0
+    attention_bias: bool = True
+    sample_width: int = 90
+    sample_height: int = 60
+    sample_frames: int = 49
+    patch_size: int = 2
+    patch_size_t: int | None = None
+    temporal_compression_ratio: int = 4
+    max_text_seq_length: int = 226
+    activation_fn: str = "gelu-approximate"
+    timestep_activation_fn: str = "silu"
+    norm_elementwise_affine: bool = True
+    norm_eps: float = 1e-5
+    spatial_interpolation_scale: float = 1.875
+    temporal_interpolation_scale: float = 1.0
+    use_rotary_positional_embeddings: bool = False
+    use_learned_positional_embeddings: bool = False
+    patch_bias: bool = True
+
+    def __post_init__(self) -> None:
+        if self.use_learned_positional_embeddings and not self.use_rotary_positional_embeddings:
+            raise ConfigError(
+                "use_learned_positional_embeddings requires use_rotary_positional_embeddings "
+                "(no CogVideoX checkpoint has a learned table without RoPE)"
+            )
+        if self.patch_size_t is not None and self.patch_size_t < 1:
+            raise ConfigError(f"patch_size_t must be positive, got {self.patch_size_t}")
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the noisy latent (image-to-video models take twice that on input)."""
+        return self.out_channels or self.in_channels
+
+    @property
+    def is_image_to_video(self) -> bool:
+        return self.in_channels == 2 * self.latent_channels
+
+    @property
+    def version(self) -> str:
+        """"1.5" for the models with a temporal patch, "1.0" otherwise."""
+        return "1.5" if self.patch_size_t is not None else "1.0"
+
+
+@dataclass(frozen=True)
+class VAEConfig(_Config):
+    """`vae/config.json` of a CogVideoX checkpoint (AutoencoderKLCogVideoX)."""
+
+    class_name: ClassVar[str] = "AutoencoderKLCogVideoX"
+
+    in_channels: int = 3
+    out_channels: int = 3
+    down_block_types: tuple[str, ...] = ("CogVideoXDownBlock3D",) * 4
+    up_block_types: tuple[str, ...] = ("CogVideoXUpBlock3D",) * 4
+    block_out_channels: tuple[int, ...] = (128, 256, 256, 512)
+    latent_channels: int = 16
+    layers_per_block: int = 3
+    act_fn: str = "silu"
+    norm_eps: float = 1e-6
+    norm_num_groups: int = 32
+    temporal_compression_ratio: float = 4
+    sample_height: int = 480
+    sample_width: int = 720
+    scaling_factor: float = 1.15258426
+    shift_factor: float | None = None
+    latents_mean: tuple[float, ...] | None = None
+    latents_std: tuple[float, ...] | None = None
+    force_upcast: bool = True
+    use_quant_conv: bool = False
+    use_post_quant_conv: bool = False
+    invert_scale_latents: bool = False
+
+    @property
+    def spatial_compression(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    @property
+    def temporal_compression(self) -> int:
+        return int(self.temporal_compression_ratio)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig(_Config):
+    """`scheduler/scheduler_config.json`. Defaults are the shipped CogVideoX values, not the class defaults
+    of the reference (which differ: epsilon prediction, leading spacing, no zero-SNR)."""
+
+    class_name: ClassVar[str] = "CogVideoXDDIMScheduler"
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
+    trained_betas: tuple[float, ...] | None = None
+    clip_sample: bool = False
+    set_alpha_to_one: bool = True
+    steps_offset: int = 0
+    prediction_type: str = "v_prediction"
+    clip_sample_range: float = 1.0
+    sample_max_value: float = 1.0
+    timestep_spacing: str = "trailing"
+    rescale_betas_zero_snr: bool = True
+    snr_shift_scale: float = 1.0

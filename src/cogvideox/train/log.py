@@ -1,0 +1,59 @@
+"""Loss logs: one JSON line per logged step, and a PNG of the curve."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+class JsonlLog:
+    """Appends `{"step": ..., **values}` lines. On resume, lines past the resumed step are dropped so the
+    file holds one continuous curve."""
+
+    def __init__(self, path: str | Path, resume_step: int = 0):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = [r for r in self.read() if r["step"] <= resume_step] if resume_step else []
+        with self.path.open("w") as f:
+            for r in kept:
+                f.write(json.dumps(r) + "\n")
+
+    def write(self, step: int, **values: float) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+
+    def read(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def plot_curve(records: list[dict], key: str, path: str | Path, title: str = "") -> Path | None:
+    """Saves the `key` curve (raw and smoothed) as a PNG. Returns None when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    steps = [r["step"] for r in records if key in r]
+    values = [r[key] for r in records if key in r]
+    if not values:
+        return None
+    smooth, acc = [], values[0]
+    for v in values:
+        acc = 0.95 * acc + 0.05 * v
+        smooth.append(acc)
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(steps, values, alpha=0.3, label=key)
+    ax.plot(steps, smooth, label=f"{key} (smoothed)")
+    ax.set_xlabel("step")
+    ax.set_yscale("log")
+    ax.set_title(title or key)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
