@@ -1,0 +1,126 @@
+"""The text encoder: prompts -> the T5 token states the transformer attends to.
+
+CogVideoX conditions on the frozen T5 v1.1 XXL encoder and the reference uses it this way: every prompt
+is padded to a fixed 226 tokens and encoded WITHOUT an attention mask, so the pad positions carry real
+(non-zero) states that the transformer's full attention sees. Masking them would change the video.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+import transformers
+from packaging.version import Version
+from torch import Tensor, nn
+from transformers import T5EncoderModel, T5Tokenizer
+
+# transformers renamed `torch_dtype` to `dtype` in 4.56.
+_DTYPE_KWARG = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+
+
+def _prompt_list(prompts: str | list[str] | tuple[str, ...]) -> list[str]:
+    if isinstance(prompts, str):
+        return [prompts]
+    if not isinstance(prompts, (list, tuple)):
+        raise TypeError(f"prompts must be a string or a list of strings, got {type(prompts).__name__}")
+    if not prompts:
+        raise ValueError("prompts is empty: pass at least one prompt (use \"\" for an unconditional one)")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise TypeError(f"prompt {i} must be a string, got {type(p).__name__}")
+    return list(prompts)
+
+
+class TextEncoder(nn.Module):
+    """A T5 tokenizer and `T5EncoderModel` used the way the CogVideoX pipelines use them."""
+
+    def __init__(self, tokenizer: T5Tokenizer, model: T5EncoderModel) -> None:
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.model = model
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        text_encoder_dir: str | Path,
+        tokenizer_dir: str | Path,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> TextEncoder:
+        """Load the `text_encoder/` and `tokenizer/` folders of a checkpoint.
+
+        The weights are read straight into `dtype` (None: transformers' default); in float16, T5's
+        feed-forward output projections stay float32 as transformers keeps them, the same as the
+        reference.
+        """
+        for what, path in (("text encoder", text_encoder_dir), ("tokenizer", tokenizer_dir)):
+            if not Path(path).is_dir():
+                raise FileNotFoundError(f"{what} folder not found: {path}")
+        tokenizer = T5Tokenizer.from_pretrained(str(tokenizer_dir))
+        kwargs = {_DTYPE_KWARG: dtype} if dtype is not None else {}
+        model = T5EncoderModel.from_pretrained(str(text_encoder_dir), **kwargs)
+        model.eval()
+        if device is not None:
+            model.to(device)
+        return cls(tokenizer, model)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def d_model(self) -> int:
+        return self.model.config.d_model
+
+    def encode(
+        self,
+        prompts: str | list[str],
+        max_sequence_length: int = 226,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Tensor:
+        """Encode prompts to `[B, max_sequence_length, d_model]`.
+
+        Each prompt gets T5's end-of-text token and is padded to `max_sequence_length`; longer prompts are
+        cut (with a warning saying how much was dropped). The result is cast to `dtype` (default: the
+        encoder's) on `device` (default: the encoder's).
+        """
+        prompts = _prompt_list(prompts)
+        length = max_sequence_length
+        if not isinstance(length, int) or isinstance(length, bool) or length < 1:
+            raise ValueError(f"max_sequence_length must be a positive integer, got {length!r}")
+        tokens = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=length,
+            truncation=True,
+            add_special_tokens=True,
+            return_tensors="pt",
+        )
+        self._warn_if_truncated(prompts, length)
+        ids = tokens.input_ids.to(self.device)  # [B, L]
+        with torch.no_grad():  # T5 is frozen in CogVideoX, in sampling and in training alike
+            states = self.model(input_ids=ids).last_hidden_state  # [B, L, d_model], no mask (module doc)
+        return states.to(dtype=dtype or self.dtype, device=device or self.device)
+
+    def forward(self, prompts: str | list[str], **kwargs) -> Tensor:
+        return self.encode(prompts, **kwargs)
+
+    def _warn_if_truncated(self, prompts: list[str], max_length: int) -> None:
+        full = self.tokenizer(prompts, add_special_tokens=True).input_ids  # unpadded, with end token
+        for i, ids in enumerate(full):
+            dropped = len(ids) - max_length
+            if dropped > 0:
+                # Truncation keeps max_length - 1 text tokens and the end token.
+                cut = self.tokenizer.decode(ids[max_length - 1 : -1])
+                warnings.warn(
+                    f"prompt {i} is {len(ids) - 1} tokens long but max_sequence_length is {max_length} "
+                    f"(end token included), so its last {dropped} tokens were dropped: {cut!r}",
+                    stacklevel=3,
+                )
