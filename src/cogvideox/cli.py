@@ -1,0 +1,269 @@
+"""`cogvideox` command line: a thin layer that parses, calls `Pipeline`, writes the MP4 and reports.
+
+    cogvideox generate "a panda playing a guitar" --output panda.mp4 --model THUDM/CogVideoX-2b
+
+Mistakes in the request print one line and exit with status 2; a run that fails (NaN latents, out of
+memory) prints one line and exits with 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from cogvideox.errors import CogVideoXError, InputError, LoadError
+from cogvideox.models.config import ConfigError
+
+USER_ERROR, RUN_ERROR = 2, 1
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (the default prints the whole usage block first)."""
+
+    def error(self, message: str):
+        self.exit(USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="cogvideox",
+        description="CogVideoX text-to-video: loads the official checkpoints and reproduces the reference "
+        "implementation seed for seed.",
+    )
+    from cogvideox import __version__
+
+    parser.add_argument("--version", action="version", version=f"cogvideox {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    gen = commands.add_parser(
+        "generate",
+        help="generate a video from a text prompt and write it as an MP4",
+        description="Generate a video from a text prompt and write it as an H.264 MP4. Sizes, frame count and "
+        "frame rate default to the model's own (49 frames at 720x480, 8 fps for CogVideoX 1.0; 81 frames at "
+        "1360x768, 16 fps for 1.5).",
+    )
+    arg = gen.add_argument
+    arg("prompt", help="what the video should show")
+    arg("-o", "--output", default="output.mp4", help="path of the MP4 to write (default: output.mp4)")
+    arg(
+        "--model",
+        default=None,
+        help="model folder in the diffusers layout, or a Hugging Face repo id such as THUDM/CogVideoX-2b "
+        "(taken from the cache when present, else downloaded); default: the embedded demo model",
+    )
+    arg(
+        "--negative-prompt",
+        default="",
+        help="what the video should not show: the unconditional branch of guidance (default: empty)",
+    )
+    arg("--steps", type=_positive_int, default=50, help="number of denoising steps (default: 50)")
+    arg(
+        "--guidance",
+        type=_finite_float,
+        default=6.0,
+        help="classifier-free guidance scale; 1 or less turns guidance off (default: 6)",
+    )
+    arg(
+        "--dynamic-cfg",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="vary the guidance scale over the steps, as the official demos do with the DPM scheduler "
+        "(default: off)",
+    )
+    arg(
+        "--dynamic-cfg-clock",
+        choices=("reference", "smooth"),
+        default="reference",
+        help="dynamic CFG clock: 'reference' feeds the raw timestep as the reference does (the scale "
+        "oscillates), 'smooth' the step index (the scale decays from 1+guidance to 1); default: reference",
+    )
+    arg(
+        "--scheduler",
+        choices=("ddim", "dpm"),
+        default=None,
+        help="sampler: deterministic DDIM or stochastic DPM-Solver++(2M) SDE; default: the model's own",
+    )
+    arg("--seed", type=_non_negative_int, default=None, help="noise seed (default: random, printed)")
+    arg("--frames", type=_positive_int, help="number of frames, 8k+1 such as 49 (default: the model's)")
+    arg("--height", type=_positive_int, help="video height in pixels, a multiple of 16 (default: the model's)")
+    arg("--width", type=_positive_int, help="video width in pixels, a multiple of 16 (default: the model's)")
+    arg("--fps", type=_positive_float, help="frame rate of the MP4 (default: the model's, 8 or 16)")
+    arg(
+        "--num-videos",
+        type=_positive_int,
+        default=1,
+        help="videos to generate, written as OUTPUT-1.mp4, OUTPUT-2.mp4, ... (default: 1)",
+    )
+    arg(
+        "--max-sequence-length",
+        type=_positive_int,
+        help="T5 tokens per prompt (default: the model's, 226 for the released models)",
+    )
+    arg("--dtype", help="bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU; 5B models need bf16)")
+    arg("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    arg("--revision", help="hub revision (branch, tag or commit) of --model (default: main)")
+    arg("--offline", action="store_true", help="never download; use a local folder or the hub cache")
+    arg("--quiet", action="store_true", help="no progress bars, only the final report")
+    gen.set_defaults(run=_generate)
+
+    from cogvideox.serve.cli import add_serve_parsers
+
+    add_serve_parsers(commands)
+    return parser
+
+
+def _output_paths(output: str, count: int) -> list[Path]:
+    path = Path(output)
+    if count == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(1, count + 1)]
+
+
+def _quiet_libraries() -> None:
+    # transformers draws its own bars and notices while loading the T5; ours are the ones that matter.
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from cogvideox import loading
+    from cogvideox.pipeline import Pipeline
+    from cogvideox.request import check_request
+    from cogvideox.video import export_video
+
+    outputs = _output_paths(args.output, args.num_videos)
+    for path in outputs:
+        if path.is_dir():
+            raise InputError(f"--output {path} is a folder; give a file name such as {path / 'video.mp4'}")
+        if not path.parent.is_dir():
+            raise InputError(f"--output folder {path.parent} does not exist")
+    request = dict(
+        negative_prompt=args.negative_prompt,
+        num_frames=args.frames,
+        height=args.height,
+        width=args.width,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        use_dynamic_cfg=args.dynamic_cfg,
+        dynamic_cfg=args.dynamic_cfg_clock,
+        num_videos_per_prompt=args.num_videos,
+        max_sequence_length=args.max_sequence_length,
+    )
+    _quiet_libraries()
+
+    # Every mistake that the configs alone reveal fails here, before minutes of weight loading.
+    start = time.perf_counter()
+    loading.parse_dtype(args.dtype)
+    device = loading.choose_device(args.device)
+    folder = loading.resolve_model_dir(args.model, revision=args.revision, local_files_only=args.offline)
+    configs = loading.read_model_configs(folder)
+    train_steps = configs.scheduler.num_train_timesteps
+    check_request(configs.transformer, configs.vae, args.prompt, num_train_timesteps=train_steps, **request)
+
+    pipe = Pipeline.from_pretrained(folder, dtype=args.dtype, device=device, scheduler=args.scheduler)
+    load_time = time.perf_counter() - start
+    result = pipe(args.prompt, seed=args.seed, progress=not args.quiet, **request)
+    fps = args.fps or pipe.default_fps
+    start = time.perf_counter()
+    for frames, path in zip(result.frames, outputs):
+        export_video(frames, path, fps=fps)
+    write_time = time.perf_counter() - start
+
+    frames = result.frames[0]
+    stages = {"load": load_time, **result.timings, "write": write_time}
+    where = ", ".join(str(p) for p in outputs)
+    print(
+        f"wrote {where} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]}, {fps:g} fps, seed "
+        f"{result.seed}) | " + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in stages.items())
+    )
+    return 0
+
+
+def _report(error: Exception) -> None:
+    print("cogvideox: error: " + " ".join(str(error).split()), file=sys.stderr)  # always one line
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"cogvideox: warning: {message}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `cogvideox` command; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    previous = warnings.showwarning
+    warnings.showwarning = _show_warning
+    try:
+        return args.run(args)
+    except (InputError, LoadError, ConfigError) as e:
+        _report(e)
+        return USER_ERROR
+    except CogVideoXError as e:  # NonFiniteError and the like: the request was fine, the run was not
+        _report(e)
+        return RUN_ERROR
+    except KeyboardInterrupt:
+        print("cogvideox: interrupted", file=sys.stderr)
+        return 130
+    except RuntimeError as e:
+        if "out of memory" not in str(e).lower():
+            raise
+        print(
+            "cogvideox: error: out of GPU memory; try --dtype bf16, fewer --frames, a smaller --height/--width "
+            "or --num-videos 1",
+            file=sys.stderr,
+        )
+        return RUN_ERROR
+    finally:
+        warnings.showwarning = previous
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,521 @@
+"""Finding, checking and loading CogVideoX checkpoints in the official diffusers layout.
+
+A model folder holds `model_index.json` and one sub-folder per component:
+
+    transformer/   config.json + diffusion_pytorch_model.safetensors (or shards + *.safetensors.index.json)
+    vae/           config.json + diffusion_pytorch_model.safetensors
+    text_encoder/  config.json + model.safetensors (transformers' T5EncoderModel)
+    tokenizer/     the T5 sentencepiece tokenizer files
+    scheduler/     scheduler_config.json
+
+Our networks are built on the meta device and receive their tensors by assignment, one tensor at a time
+read by `safe_open`, cast and placed on the target device: the model never exists as a full fp32 copy in
+host memory. Loading is strict: every tensor of the file must match a tensor of the model built from the
+component's `config.json`, by name and shape.
+
+The dtype and device policy of the package lives here too (`choose_device`, `choose_dtype`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from cogvideox.errors import InputError, LoadError
+from cogvideox.models.config import SchedulerConfig, TransformerConfig, VAEConfig
+from cogvideox.models.transformer import CogVideoXTransformer
+from cogvideox.models.vae import CogVideoXVAE
+from cogvideox.schedulers import make_scheduler
+from cogvideox.text import TextEncoder
+
+MODEL_INDEX = "model_index.json"
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"  # file stem diffusers uses for transformer and VAE weights
+SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
+
+# What a hub download fetches: configs, safetensors weights and the tokenizer; never .bin duplicates.
+HUB_ALLOW_PATTERNS = [
+    MODEL_INDEX,
+    "*/config.json",
+    "*/*.safetensors",
+    "*/*.safetensors.index.json",
+    "scheduler/*.json",
+    "text_encoder/*.json",
+    "tokenizer/*",
+]
+
+_DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# dtype and device policy
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """`"bf16"`, `"float16"`, `torch.float32`, ... -> a torch dtype; None stays None (= choose a default)."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, torch.dtype):
+        if dtype in _DTYPES.values():
+            return dtype
+        raise InputError(f"unsupported dtype {dtype}; use bf16, fp16 or fp32")
+    if isinstance(dtype, str):
+        name = dtype.strip().lower().removeprefix("torch.")
+        if name in _DTYPES:
+            return _DTYPES[name]
+    raise InputError(f"unknown dtype {dtype!r}; use one of bf16, bfloat16, fp16, float16, fp32, float32")
+
+
+def choose_device(device: str | torch.device | None = None) -> torch.device:
+    """The device to run on: the given one (checked to exist), else CUDA when available, else the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError("CUDA was asked for but no CUDA device is available here; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            count = torch.cuda.device_count()
+            raise InputError(f"{device} does not exist: this machine has {count} CUDA device(s)")
+    return device
+
+
+def choose_dtype(
+    dtype: str | torch.dtype | None, device: torch.device, transformer_config: TransformerConfig | None = None
+) -> torch.dtype:
+    """The pipeline's one dtype for the transformer, VAE, text encoder and noise.
+
+    Default: bf16 on GPU (the precision of the released weights; fp16 on GPUs without bf16), fp32 on CPU,
+    where half precision is slow and buys nothing. fp16 with a 48-head (5B) model earns a warning: those
+    models were trained in bf16 and the reference produces NaN / black videos in fp16.
+    """
+    chosen = parse_dtype(dtype)
+    if chosen is None:
+        if device.type == "cuda":
+            chosen = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        else:
+            chosen = torch.float32
+    is_5b = transformer_config is not None and transformer_config.num_attention_heads >= 48
+    if chosen == torch.float16 and is_5b:
+        warnings.warn(
+            "fp16 with a CogVideoX 5B model: these weights are bf16 and the reference implementation produces "
+            "NaNs (black videos) in fp16; use bf16 unless your GPU lacks it",
+            stacklevel=3,
+        )
+    return chosen
+
+
+# ---------------------------------------------------------------------------------------------------
+# Finding the model folder
+
+
+def _demo_model_dir() -> Path:
+    try:
+        from cogvideox.demo import DEMO_MODEL_DIR
+    except ImportError:
+        DEMO_MODEL_DIR = None
+    if DEMO_MODEL_DIR is None or not (Path(DEMO_MODEL_DIR) / MODEL_INDEX).is_file():
+        raise LoadError(
+            "the embedded demo model is not installed with this copy of cogvideox; give a model folder or a "
+            "Hugging Face repo id such as THUDM/CogVideoX-2b instead"
+        )
+    return Path(DEMO_MODEL_DIR)
+
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _looks_like_repo_id(name: str) -> bool:
+    return bool(_REPO_ID.match(name)) and ".." not in name and not name.endswith(".")
+
+
+def resolve_model_dir(
+    path_or_repo_id: str | os.PathLike | None = None,
+    *,
+    revision: str | None = None,
+    local_files_only: bool = False,
+) -> Path:
+    """The local folder holding the model: a folder as given, the demo model (None), or a hub snapshot.
+
+    A repo id (`THUDM/CogVideoX-5b`) is looked up in the Hugging Face cache first, without network; only
+    when it is missing or incomplete there is it downloaded (unless `local_files_only` or HF_HUB_OFFLINE).
+    """
+    if path_or_repo_id is None:
+        return _demo_model_dir()
+    name = os.fspath(path_or_repo_id)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise LoadError(f"{path} is a file; a model is a folder holding {MODEL_INDEX} and its components")
+        return path
+    if not isinstance(path_or_repo_id, str) or not _looks_like_repo_id(name):
+        raise LoadError(
+            f"no model folder at {path} (and it is not a Hugging Face repo id like THUDM/CogVideoX-2b)"
+        )
+    return _hub_snapshot(name, revision=revision, local_files_only=local_files_only)
+
+
+def _hub_snapshot(repo_id: str, *, revision: str | None, local_files_only: bool) -> Path:
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    def snapshot(**options) -> Path:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_ALLOW_PATTERNS, **options))
+
+    try:
+        cached = snapshot(local_files_only=True)
+        if not missing_pieces(cached):
+            return cached
+    except (LocalEntryNotFoundError, FileNotFoundError):
+        cached = None
+    if local_files_only or constants.HF_HUB_OFFLINE:
+        state = "incomplete in" if cached is not None else "not in"
+        raise LoadError(
+            f"{repo_id} is {state} the Hugging Face cache ({constants.HF_HUB_CACHE}) and downloads are off "
+            "(offline mode); download it once with network access or pass a local model folder"
+        )
+    try:
+        return snapshot()
+    except GatedRepoError:
+        raise LoadError(
+            f"{repo_id} is gated: accept its license on huggingface.co and log in (hf auth login)"
+        ) from None
+    except RepositoryNotFoundError:
+        raise LoadError(f"no Hugging Face repository named {repo_id} (or it is private)") from None
+    except RevisionNotFoundError:
+        raise LoadError(f"{repo_id} has no revision {revision!r}") from None
+    except LocalEntryNotFoundError:
+        raise LoadError(
+            f"could not download {repo_id}: the Hugging Face hub is unreachable and the model is not cached"
+        ) from None
+    except (HfHubHTTPError, OSError) as e:
+        raise LoadError(f"could not download {repo_id}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checking the folder
+
+
+def weight_files(component_dir: Path, stem: str = DIFFUSERS_WEIGHTS) -> list[Path]:
+    """The safetensors file(s) of one component: `{stem}.safetensors`, or the shards its index names."""
+    single = component_dir / f"{stem}.safetensors"
+    if single.is_file():
+        return [single]
+    index = component_dir / f"{stem}.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise LoadError(f"{index} is not a safetensors index (no weight_map)") from None
+        shards = [component_dir / name for name in dict.fromkeys(weight_map.values())]
+        absent = [p.name for p in shards if not p.is_file()]
+        if absent:
+            raise LoadError(f"{component_dir} is missing shard(s) named in its index: {', '.join(absent)}")
+        return shards
+    if any(component_dir.glob("*.bin")):
+        raise LoadError(f"{component_dir} only has .bin weights; cogvideox reads safetensors files only")
+    raise LoadError(f"{component_dir} has no weights ({stem}.safetensors or {stem}.safetensors.index.json)")
+
+
+def missing_pieces(folder: Path) -> list[str]:
+    """What a folder lacks to be a CogVideoX model folder (empty list: nothing)."""
+    required = [
+        MODEL_INDEX,
+        "transformer/config.json",
+        "vae/config.json",
+        "text_encoder/config.json",
+        SCHEDULER_CONFIG,
+    ]
+    missing = [name for name in required if not (folder / name).is_file()]
+    if not (folder / "tokenizer").is_dir() or not any((folder / "tokenizer").iterdir()):
+        missing.append("tokenizer/")
+    weights = {"transformer": DIFFUSERS_WEIGHTS, "vae": DIFFUSERS_WEIGHTS, "text_encoder": "model"}
+    for component, stem in weights.items():
+        if (folder / component).is_dir():
+            missing += [f"{component}/{name}" for name in _missing_weight_files(folder / component, stem)]
+    return missing
+
+
+def _missing_weight_files(component_dir: Path, stem: str) -> list[str]:
+    if (component_dir / f"{stem}.safetensors").is_file():
+        return []
+    index = component_dir / f"{stem}.safetensors.index.json"
+    if not index.is_file():
+        return [f"{stem}.safetensors"]
+    try:
+        names = dict.fromkeys(json.loads(index.read_text())["weight_map"].values())
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        return [index.name + " (unreadable)"]
+    return [name for name in names if not (component_dir / name).is_file()]
+
+
+def check_model_dir(folder: Path) -> None:
+    """Raise `LoadError` naming what is missing if `folder` is not a CogVideoX model folder."""
+    missing = missing_pieces(folder)
+    if missing:
+        raise LoadError(f"{folder} is not a CogVideoX model folder: missing {', '.join(missing)}")
+    index = _read_json(folder / MODEL_INDEX)
+    class_name = index.get("_class_name", "")
+    if class_name and not class_name.startswith("CogVideoX"):
+        raise LoadError(f"{folder} holds a {class_name}, not a CogVideoX model")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise LoadError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise LoadError(f"{path} must hold a JSON object")
+    return data
+
+
+def text_encoder_width(folder: Path) -> int:
+    """d_model of the T5 in `folder/text_encoder`, read from its config without loading it."""
+    config = _read_json(folder / "text_encoder" / "config.json")
+    if "d_model" not in config:
+        raise LoadError(f"{folder / 'text_encoder' / 'config.json'} has no d_model: not a T5 encoder config")
+    return int(config["d_model"])
+
+
+def check_components(transformer: TransformerConfig, vae: VAEConfig, text_width: int) -> None:
+    """Raise `LoadError` if the transformer, VAE and text encoder cannot work together."""
+    problems = []
+    if transformer.latent_channels != vae.latent_channels:
+        problems.append(
+            f"the transformer denoises {transformer.latent_channels}-channel latents but the VAE has "
+            f"{vae.latent_channels} latent channels"
+        )
+    if transformer.in_channels not in (transformer.latent_channels, 2 * transformer.latent_channels):
+        problems.append(
+            f"the transformer takes {transformer.in_channels} input channels, neither its "
+            f"{transformer.latent_channels} latent channels nor twice that (image-to-video)"
+        )
+    if transformer.text_embed_dim != text_width:
+        problems.append(
+            f"the transformer expects {transformer.text_embed_dim}-wide text embeddings but the T5 text "
+            f"encoder produces {text_width}"
+        )
+    if transformer.temporal_compression_ratio != vae.temporal_compression:
+        problems.append(
+            f"the transformer assumes {transformer.temporal_compression_ratio}x temporal compression but the "
+            f"VAE compresses time {vae.temporal_compression}x"
+        )
+    if problems:
+        raise LoadError("the model's components do not fit together: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class ModelConfigs:
+    """The configs of a model folder: everything needed to check a request without loading weights."""
+
+    transformer: TransformerConfig
+    vae: VAEConfig
+    scheduler: SchedulerConfig
+    text_width: int  # d_model of the T5
+
+
+def read_model_configs(folder: Path) -> ModelConfigs:
+    """Read and cross-check the configs of a model folder (raises `LoadError` naming what is wrong)."""
+    check_model_dir(folder)
+    configs = ModelConfigs(
+        transformer=TransformerConfig.from_json(folder / "transformer" / "config.json"),
+        vae=VAEConfig.from_json(folder / "vae" / "config.json"),
+        scheduler=SchedulerConfig.from_json(folder / SCHEDULER_CONFIG),
+        text_width=text_encoder_width(folder),
+    )
+    check_components(configs.transformer, configs.vae, configs.text_width)
+    return configs
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading tensors
+
+
+def _checkpoint_shapes(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    """Tensor name -> (file, shape) for every tensor in the files, read from headers only."""
+    found: dict[str, tuple[Path, tuple[int, ...]]] = {}
+    for path in files:
+        try:
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():
+                    if key in found:
+                        raise LoadError(f"tensor {key} appears in both {found[key][0].name} and {path.name}")
+                    found[key] = (path, tuple(f.get_slice(key).get_shape()))
+        except LoadError:
+            raise
+        except Exception as e:  # safetensors raises its own error types for damaged files
+            raise LoadError(f"cannot read {path}: {e}") from None
+    return found
+
+
+def _listing(names: Iterable[str], limit: int = 8) -> str:
+    names = sorted(names)
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def check_state_dict_shapes(
+    expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], what: str
+) -> None:
+    """Raise `LoadError` naming every missing, unexpected or mis-shaped tensor."""
+    missing = expected.keys() - found.keys()
+    unexpected = found.keys() - expected.keys()
+    wrong = [k for k in expected.keys() & found.keys() if tuple(expected[k]) != tuple(found[k])]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s): {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} tensor(s): {_listing(unexpected)}")
+    if wrong:
+        shapes = [f"{k} (checkpoint {list(found[k])}, model {list(expected[k])})" for k in sorted(wrong)[:8]]
+        more = f" and {len(wrong) - 8} more" if len(wrong) > 8 else ""
+        problems.append(f"{len(wrong)} tensor(s) with the wrong shape: {', '.join(shapes)}{more}")
+    if problems:
+        raise LoadError(f"{what} does not match the model its config.json describes: " + "; ".join(problems))
+
+
+def load_weights(
+    model: nn.Module, files: list[Path], dtype: torch.dtype, device: torch.device, what: str
+) -> None:
+    """Fill a meta-device `model` with the tensors of `files`, strictly, cast to `dtype` on `device`."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = _checkpoint_shapes(files)
+    check_state_dict_shapes(expected, {k: shape for k, (_, shape) in found.items()}, what)
+
+    state: dict[str, torch.Tensor] = {}
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                tensor = f.get_tensor(key)
+                # Integer buffers keep their type; every float tensor takes the pipeline dtype.
+                target = dtype if tensor.is_floating_point() else tensor.dtype
+                state[key] = tensor.to(device=device, dtype=target)
+                del tensor
+    model.load_state_dict(state, strict=True, assign=True)
+    _check_materialized(model)
+
+
+def _check_materialized(model: nn.Module) -> None:
+    """Every tensor must be real after loading. Non-persistent buffers are not in the checkpoint; the
+    modules owning them recompute them in a load_state_dict post-hook (e.g. the 2B sin-cos table)."""
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:
+        raise RuntimeError(f"tensors still on the meta device after loading: {_listing(leftover)}")
+
+
+def load_transformer(folder: Path, dtype: torch.dtype, device: torch.device):
+    """The expert transformer of `folder/transformer`, strictly loaded."""
+    config = TransformerConfig.from_json(folder / "transformer" / "config.json")
+    with torch.device("meta"):
+        model = CogVideoXTransformer(config)
+    load_weights(model, weight_files(folder / "transformer"), dtype, device, f"{folder / 'transformer'}")
+    return model.eval()
+
+
+def load_vae(folder: Path, dtype: torch.dtype, device: torch.device):
+    """The 3D causal VAE of `folder/vae`, strictly loaded."""
+    config = VAEConfig.from_json(folder / "vae" / "config.json")
+    with torch.device("meta"):
+        model = CogVideoXVAE(config)
+    load_weights(model, weight_files(folder / "vae"), dtype, device, f"{folder / 'vae'}")
+    return model.eval()
+
+
+def load_text_encoder(folder: Path, dtype: torch.dtype, device: torch.device):
+    """The T5 encoder and its tokenizer (through transformers)."""
+    try:
+        return TextEncoder.from_pretrained(
+            folder / "text_encoder", folder / "tokenizer", dtype=dtype, device=device
+        )
+    except (OSError, ValueError) as e:
+        if isinstance(e, LoadError):
+            raise
+        raise LoadError(f"cannot load the T5 text encoder of {folder}: {e}") from None
+
+
+def load_scheduler(folder: Path, kind: str | None = None):
+    """The sampler of `folder/scheduler`: the class its config names, or `kind` ("ddim" / "dpm")."""
+    config = SchedulerConfig.from_json(folder / SCHEDULER_CONFIG)
+    try:
+        return make_scheduler(config, kind)
+    except ValueError as e:
+        raise LoadError(f"{folder / SCHEDULER_CONFIG}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Saving
+
+
+def parse_size(size: int | str) -> int:
+    """`"10GB"`, `"500MB"`, `1_000_000` -> bytes."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)?\s*", size, re.IGNORECASE)
+    if not match:
+        raise InputError(f"cannot read {size!r} as a size; write e.g. 5GB or 500MB")
+    unit = (match.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
+    return int(float(match.group(1)) * scale)
+
+
+def save_weights(
+    model: nn.Module, folder: Path, stem: str = DIFFUSERS_WEIGHTS, max_shard_size: int | str = "10GB"
+) -> list[Path]:
+    """Write the state dict as `{stem}.safetensors`, or as shards plus `{stem}.safetensors.index.json`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    limit = parse_size(max_shard_size)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in model.state_dict().items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        # safetensors refuses views of shared storage; a contiguous CPU copy per tensor is cheap.
+        shards[-1][key] = tensor.detach().to("cpu").contiguous().clone()
+        size += nbytes
+    for stale in [*folder.glob(f"{stem}*.safetensors"), folder / f"{stem}.safetensors.index.json"]:
+        stale.unlink(missing_ok=True)
+    if len(shards) == 1:
+        path = folder / f"{stem}.safetensors"
+        save_file(shards[0], str(path), metadata={"format": "pt"})
+        return [path]
+    paths, weight_map, total = [], {}, 0
+    for i, shard in enumerate(shards, start=1):
+        path = folder / f"{stem}-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(path), metadata={"format": "pt"})
+        paths.append(path)
+        for key, tensor in shard.items():
+            weight_map[key] = path.name
+            total += tensor.numel() * tensor.element_size()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return paths

@@ -1,0 +1,342 @@
+"""Text-to-video: prompt -> T5 -> expert transformer denoising with a v-prediction scheduler -> VAE -> frames.
+
+`Pipeline` holds the four components, loads and saves them in the official diffusers layout, checks a
+request before any heavy work, and runs the reference sampler (see `sampling.py`) seed for seed.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from cogvideox import loading
+from cogvideox.errors import InputError
+from cogvideox.models.config import TransformerConfig
+from cogvideox.request import GenerationRequest, check_request, default_fps, default_size
+from cogvideox.sampling import DenoiseInputs, denoise, guidance_schedule, to_uint8_frames
+from cogvideox.schedulers import randn
+
+SCHEDULER_KINDS = ("ddim", "dpm")
+OUTPUT_TYPES = ("np", "latent")
+
+# The class name written into scheduler_config.json for each of our schedulers.
+_SCHEDULER_CLASS_NAMES = {"DDIMScheduler": "CogVideoXDDIMScheduler", "DPMScheduler": "CogVideoXDPMScheduler"}
+
+
+@dataclass
+class VideoOutput:
+    """The result of one `Pipeline` call.
+
+    frames: one uint8 array [F, H, W, 3] per video (prompt-major: p0 v0, p0 v1, p1 v0, ...), or None for
+        output_type="latent".
+    latents: the final latents [B, F, C, h, w] as the loop leaves them, in the pipeline dtype. For
+        CogVideoX 1.5 they include `padding_frames` extra latent frames at the front, which decoding drops.
+    seed: the seed the noise was drawn from (None when the caller passed generators).
+    timings: seconds spent per stage ("text", "denoise", "decode").
+    """
+
+    frames: list[np.ndarray] | None
+    latents: torch.Tensor
+    seed: int | None = None
+    padding_frames: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Pipeline:
+    """CogVideoX text-to-video.
+
+    Build it with `Pipeline.from_pretrained(...)` (a folder, a Hugging Face repo id, or None for the
+    embedded demo model) or from components; call it with a prompt to get frames.
+    """
+
+    def __init__(self, transformer: torch.nn.Module, vae: torch.nn.Module, text_encoder, scheduler) -> None:
+        loading.check_components(transformer.config, vae.config, text_encoder.model.config.d_model)
+        self.transformer = transformer
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.scheduler = scheduler
+
+    # -------------------------------------------------------------------------------------------------
+    # Loading and saving
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo_id: str | Path | None = None,
+        dtype: str | torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        scheduler: str | object | None = None,
+        *,
+        revision: str | None = None,
+        local_files_only: bool = False,
+    ) -> Pipeline:
+        """Load a CogVideoX model in the official diffusers layout.
+
+        path_or_repo_id: a local model folder, a Hugging Face repo id (`THUDM/CogVideoX-5b`; taken from the
+            cache when present, else downloaded), or None for the embedded demo model.
+        dtype: "bf16" / "fp16" / "fp32" (or a torch dtype); default bf16 on GPU, fp32 on CPU.
+        device: default CUDA when available, else CPU.
+        scheduler: "ddim" or "dpm" to override the model's scheduler class (same schedule config), or a
+            scheduler object; default: the one named in `scheduler/scheduler_config.json`.
+        """
+        kind = _scheduler_kind(scheduler)
+        device = loading.choose_device(device)
+        loading.parse_dtype(dtype)  # reject an unknown dtype before touching the disk or the network
+        folder = loading.resolve_model_dir(
+            path_or_repo_id, revision=revision, local_files_only=local_files_only
+        )
+        configs = loading.read_model_configs(folder)
+        dtype = loading.choose_dtype(dtype, device, configs.transformer)
+
+        if kind is None and scheduler is not None:
+            scheduler_object = scheduler
+        else:
+            scheduler_object = loading.load_scheduler(folder, kind)
+        text_encoder = loading.load_text_encoder(folder, dtype, device)
+        transformer = loading.load_transformer(folder, dtype, device)
+        vae = loading.load_vae(folder, dtype, device)
+        return cls(transformer, vae, text_encoder, scheduler_object)
+
+    def save_pretrained(self, folder: str | Path, max_shard_size: int | str = "10GB") -> Path:
+        """Write the pipeline in the official diffusers layout (readable by us and by diffusers)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, module in (("transformer", self.transformer), ("vae", self.vae)):
+            (folder / name).mkdir(exist_ok=True)
+            module.config.save(folder / name / "config.json")
+            loading.save_weights(module, folder / name, max_shard_size=max_shard_size)
+        self.text_encoder.model.save_pretrained(folder / "text_encoder", max_shard_size=max_shard_size)
+        self.text_encoder.tokenizer.save_pretrained(folder / "tokenizer")
+        (folder / "scheduler").mkdir(exist_ok=True)
+        scheduler_class = _SCHEDULER_CLASS_NAMES.get(type(self.scheduler).__name__, "CogVideoXDDIMScheduler")
+        scheduler_config = self.scheduler.config.to_dict() | {"_class_name": scheduler_class}
+        text = json.dumps(scheduler_config, indent=2, sort_keys=True) + "\n"
+        (folder / loading.SCHEDULER_CONFIG).write_text(text)
+        index = {
+            "_class_name": "CogVideoXPipeline",
+            "scheduler": ["diffusers", scheduler_class],
+            "text_encoder": ["transformers", type(self.text_encoder.model).__name__],
+            "tokenizer": ["transformers", type(self.text_encoder.tokenizer).__name__],
+            "transformer": ["diffusers", self.transformer.config.class_name],
+            "vae": ["diffusers", self.vae.config.class_name],
+        }
+        (folder / loading.MODEL_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        return folder
+
+    def to(self, device: str | torch.device) -> Pipeline:
+        device = loading.choose_device(device)
+        self.transformer.to(device)
+        self.vae.to(device)
+        self.text_encoder.model.to(device)
+        return self
+
+    # -------------------------------------------------------------------------------------------------
+    # What the model is
+
+    @property
+    def config(self) -> TransformerConfig:
+        return self.transformer.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
+
+    @property
+    def version(self) -> str:
+        """"1.0" (CogVideoX-2b/5b) or "1.5" (CogVideoX1.5-5B)."""
+        return self.config.version
+
+    @property
+    def spatial_compression(self) -> int:
+        return self.vae.config.spatial_compression
+
+    @property
+    def default_num_frames(self) -> int:
+        return self.config.sample_frames
+
+    @property
+    def default_size(self) -> tuple[int, int]:
+        """(height, width) the official demos use: 480x720 for CogVideoX 1.0, 768x1360 for 1.5."""
+        return default_size(self.config, self.vae.config)
+
+    @property
+    def default_fps(self) -> int:
+        """The frame rate the model was trained at: 8 for CogVideoX 1.0, 16 for 1.5."""
+        return default_fps(self.config)
+
+    def check_request(self, prompt: str | Sequence[str], **kwargs) -> GenerationRequest:
+        """Validate a request (the arguments of `__call__` that shape the video) against this model;
+        raise `InputError` saying what to change. Runs no model."""
+        train_steps = self.scheduler.config.num_train_timesteps
+        return check_request(self.config, self.vae.config, prompt, num_train_timesteps=train_steps, **kwargs)
+
+    # -------------------------------------------------------------------------------------------------
+    # Running
+
+    def encode_prompts(
+        self, prompts: list[str], max_sequence_length: int, videos_per_prompt: int = 1
+    ) -> torch.Tensor:
+        """T5 embeddings [len(prompts) * videos_per_prompt, L, D] in the pipeline dtype, prompt-major."""
+        embeds = self.text_encoder.encode(prompts, max_sequence_length, device=self.device, dtype=self.dtype)
+        return embeds.repeat_interleave(videos_per_prompt, dim=0)
+
+    def decode(self, latents: torch.Tensor, progress: bool = False) -> list[np.ndarray]:
+        """Latents [B, F, C, h, w] (without 1.5 padding) -> one uint8 video [T, H, W, 3] per sample.
+
+        The batch goes through the VAE in one call, as in the reference: a per-sample decode picks other
+        convolution kernels and moves a few pixels by 1/255. `vae.enable_slicing()` trades that for memory.
+        """
+        latents = latents.permute(0, 2, 1, 3, 4)  # [B, C, F, h, w], the VAE's layout
+        latents = (1 / self.vae.config.scaling_factor) * latents
+        with tqdm(total=1, desc="decoding", disable=not progress, leave=False) as bar:
+            videos = self.vae.decode(latents.to(self.dtype))  # [B, 3, T, H, W]
+            bar.update()
+        return [to_uint8_frames(video) for video in videos]
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] | None = None,
+        num_frames: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 6.0,
+        use_dynamic_cfg: bool = False,
+        dynamic_cfg: str = "reference",
+        seed: int | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        num_videos_per_prompt: int = 1,
+        max_sequence_length: int | None = None,
+        output_type: str = "np",
+        progress: bool = True,
+        callback: Callable[[int, int, torch.Tensor], None] | None = None,
+    ) -> VideoOutput:
+        """Generate videos for one prompt or a list of prompts.
+
+        num_frames / height / width default to the model's own (49 frames at 480x720 for CogVideoX 1.0,
+        81 frames at 768x1360 for 1.5). Guidance is classifier-free with the negative prompt ("" by
+        default) as the unconditional branch, off when guidance_scale <= 1. `use_dynamic_cfg` schedules the
+        scale over the steps, with the reference's timestep clock ("reference") or the step index
+        ("smooth"). `max_sequence_length` (T5 tokens per prompt) defaults to the model's, 226 for the
+        released ones. Noise comes from `torch.Generator("cpu").manual_seed(seed)` (a random seed, reported in
+        the output, when neither seed nor generator is given). `callback(step, timestep, latents)` runs
+        after every step.
+        """
+        request = self.check_request(
+            prompt,
+            negative_prompt=negative_prompt,
+            num_frames=num_frames,
+            height=height,
+            width=width,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            use_dynamic_cfg=use_dynamic_cfg,
+            dynamic_cfg=dynamic_cfg,
+            num_videos_per_prompt=num_videos_per_prompt,
+            max_sequence_length=max_sequence_length,
+        )
+        if output_type not in OUTPUT_TYPES:
+            raise InputError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+        generator, seed = _generator(seed, generator, request.batch_size)
+
+        device, dtype, timings = self.device, self.dtype, {}
+
+        start = time.perf_counter()
+        length = request.max_sequence_length
+        text = self.encode_prompts(request.prompts, length, request.videos_per_prompt)
+        if request.use_guidance:
+            uncond = self.encode_prompts(request.negative_prompts, length, request.videos_per_prompt)
+            text = torch.cat([uncond, text])  # [2B, L, D], unconditional half first
+        _sync(device)
+        timings["text"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        self.scheduler.set_timesteps(request.num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        compress = self.spatial_compression
+        shape = (
+            request.batch_size,
+            request.latent_frames,
+            self.config.latent_channels,
+            request.height // compress,
+            request.width // compress,
+        )
+        # Drawn on the generator's device (the CPU for a seed) in the pipeline dtype, then moved.
+        latents = randn(shape, generator, device=device, dtype=dtype)
+        rotary = self.transformer.rotary_embedding(shape[1], shape[3], shape[4], device)  # once per call
+        guidance = None
+        if request.use_guidance:
+            guidance = guidance_schedule(
+                request.guidance_scale, timesteps.tolist(), request.use_dynamic_cfg, request.dynamic_cfg
+            )
+        inputs = DenoiseInputs(latents, text, guidance, rotary, generator)
+        bar = tqdm(total=len(timesteps), desc="denoising", unit="step", disable=not progress, leave=False)
+        with bar:
+
+            def on_step(i: int, t: int, current: torch.Tensor) -> None:
+                bar.update()
+                if callback is not None:
+                    callback(i, t, current)
+
+            latents = denoise(self.transformer, self.scheduler, timesteps, inputs, on_step=on_step)
+        _sync(device)
+        timings["denoise"] = time.perf_counter() - start
+
+        frames = None
+        if output_type == "np":
+            start = time.perf_counter()
+            frames = self.decode(latents[:, request.padding_frames :], progress=progress)
+            timings["decode"] = time.perf_counter() - start
+        return VideoOutput(frames, latents, seed, request.padding_frames, timings)
+
+
+def _scheduler_kind(scheduler) -> str | None:
+    """"ddim" / "dpm" for a name, None for None or a scheduler object; an unknown name is an error."""
+    if scheduler is None or not isinstance(scheduler, str):
+        return None
+    kind = scheduler.strip().lower()
+    if kind not in SCHEDULER_KINDS:
+        raise InputError(f"unknown scheduler {scheduler!r}; use one of {', '.join(SCHEDULER_KINDS)}")
+    return kind
+
+
+def _generator(seed, generator, batch_size: int):
+    """The noise generator(s) of a call, and the seed to report."""
+    if seed is not None and generator is not None:
+        raise InputError("pass either seed or generator, not both")
+    if generator is not None:
+        if isinstance(generator, Sequence):
+            if len(generator) not in (1, batch_size):
+                raise InputError(
+                    f"{len(generator)} generators for {batch_size} videos: pass one, or one per video"
+                )
+            if not all(isinstance(g, torch.Generator) for g in generator):
+                raise InputError("generator must be a torch.Generator or a list of them")
+            return list(generator), None
+        elif not isinstance(generator, torch.Generator):
+            raise InputError("generator must be a torch.Generator or a list of them")
+        return generator, None
+    if seed is None:
+        seed = secrets.randbelow(2**32)
+    elif not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not 0 <= seed < 2**64:
+        raise InputError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+    return torch.Generator("cpu").manual_seed(int(seed)), int(seed)

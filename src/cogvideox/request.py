@@ -1,0 +1,222 @@
+"""What a CogVideoX model can generate, decided from its configs alone, before any heavy work.
+
+`check_request` turns the arguments of a generation call into a `GenerationRequest` (defaults filled in
+from the model) or raises `InputError` saying what to change. It needs no weights, so a server can reject
+a request before queueing it.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from cogvideox.errors import InputError
+from cogvideox.models.config import TransformerConfig, VAEConfig
+
+DYNAMIC_CFG_VARIANTS = ("reference", "smooth")
+
+# CogVideoX 1.5 was trained at 768x1360; its config's sample size (300x300 patches) is the RoPE table's
+# upper bound, not a size to generate at (the reference would default to 2400x2400).
+V15_DEFAULT_SIZE = (768, 1360)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A checked generation request, every default resolved."""
+
+    prompts: list[str]
+    negative_prompts: list[str]
+    num_frames: int
+    height: int
+    width: int
+    num_inference_steps: int
+    guidance_scale: float
+    use_dynamic_cfg: bool
+    dynamic_cfg: str
+    videos_per_prompt: int
+    max_sequence_length: int
+    latent_frames: int  # including the 1.5 padding frames
+    padding_frames: int  # extra latent frames at the front (1.5), dropped before decoding
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.prompts) * self.videos_per_prompt
+
+    @property
+    def use_guidance(self) -> bool:
+        """Classifier-free guidance runs only for scales above 1, as in the reference."""
+        return self.guidance_scale > 1.0
+
+
+def default_size(transformer: TransformerConfig, vae: VAEConfig) -> tuple[int, int]:
+    """(height, width) the official demos use: the config's sample size, capped at 768x1360 for 1.5."""
+    height = transformer.sample_height * vae.spatial_compression
+    width = transformer.sample_width * vae.spatial_compression
+    if transformer.version == "1.5":
+        height, width = min(height, V15_DEFAULT_SIZE[0]), min(width, V15_DEFAULT_SIZE[1])
+    return height, width
+
+
+def default_fps(transformer: TransformerConfig) -> int:
+    """The frame rate the model was trained at: 8 for CogVideoX 1.0, 16 for 1.5."""
+    return 16 if transformer.version == "1.5" else 8
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _positive_int(value, name: str) -> int:
+    if not _is_int(value) or value < 1:
+        raise InputError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _prompt_list(prompt, name: str) -> list[str]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, Sequence) and not isinstance(prompt, (bytes, bytearray)):
+        prompts = list(prompt)
+        if not prompts:
+            raise InputError(f"{name} is an empty list: give at least one prompt")
+        bad = [p for p in prompts if not isinstance(p, str)]
+        if bad:
+            raise InputError(f"{name} must hold strings, got {type(bad[0]).__name__}")
+        return prompts
+    raise InputError(f"{name} must be a string or a list of strings, got {type(prompt).__name__}")
+
+
+def check_prompts(prompt, negative_prompt) -> tuple[list[str], list[str]]:
+    """Prompts and one negative prompt each ("" when none is given, as in the reference)."""
+    prompts = _prompt_list(prompt, "prompt")
+    if negative_prompt is None or isinstance(negative_prompt, str):
+        return prompts, [negative_prompt or ""] * len(prompts)
+    negatives = _prompt_list(negative_prompt, "negative_prompt")
+    if len(negatives) != len(prompts):
+        raise InputError(f"{len(negatives)} negative prompts for {len(prompts)} prompts: give one per prompt")
+    return prompts, negatives
+
+
+def check_frames(num_frames, transformer: TransformerConfig, vae: VAEConfig) -> int:
+    """The frame count must survive the VAE round trip.
+
+    The VAE decodes F latent frames to 4(F-1)+1 video frames only when F is odd (its first decode chunk
+    holds the lone first frame); an even F comes back as 4F frames (13 asked -> 16 made). So the counts
+    that round-trip are 8k+1, as are the official 49, 81 and 161.
+    """
+    step = 2 * vae.temporal_compression
+    if not _is_int(num_frames) or num_frames < 1 or (num_frames - 1) % step:
+        lower = max(1, ((num_frames - 1) // step) * step + 1) if _is_int(num_frames) else 1
+        raise InputError(
+            f"num_frames must be {step}k+1 (e.g. {transformer.sample_frames}), got {num_frames!r}; "
+            f"nearest valid: {lower} or {lower + step}"
+        )
+    return int(num_frames)
+
+
+def check_size(
+    height, width, num_frames: int, transformer: TransformerConfig, vae: VAEConfig
+) -> tuple[int, int]:
+    """Height and width in pixels: whole patches, and within what the variant's positions allow."""
+    spatial = vae.spatial_compression
+    multiple = spatial * transformer.patch_size
+    for name, value in (("height", height), ("width", width)):
+        if not _is_int(value) or value < multiple or value % multiple:
+            raise InputError(f"{name} must be a positive multiple of {multiple}, got {value!r}")
+    native = (transformer.sample_height * spatial, transformer.sample_width * spatial)
+    if transformer.use_learned_positional_embeddings:
+        # A learned position table (5B-I2V) exists for one video size only.
+        if (height, width) != native or num_frames != transformer.sample_frames:
+            raise InputError(
+                f"this model only generates {native[1]}x{native[0]} (width x height) at "
+                f"{transformer.sample_frames} frames; got {width}x{height} at {num_frames} frames"
+            )
+    if transformer.version == "1.5" and (height > native[0] or width > native[1]):
+        # The 1.5 RoPE grid is sliced out of a table of sample_height/2 x sample_width/2 patches.
+        raise InputError(
+            f"this model generates at most {native[1]}x{native[0]} (width x height); got {width}x{height}"
+        )
+    return int(height), int(width)
+
+
+def check_text_length(max_sequence_length, transformer: TransformerConfig) -> int:
+    """T5 tokens per prompt; the model's own by default (226 for every released model)."""
+    if max_sequence_length is None:
+        return transformer.max_text_seq_length
+    length = _positive_int(max_sequence_length, "max_sequence_length")
+    table = transformer.use_learned_positional_embeddings or not transformer.use_rotary_positional_embeddings
+    if table and length != transformer.max_text_seq_length:
+        # An additive position table (2B, 5B-I2V) has text rows for exactly this many tokens.
+        raise InputError(
+            f"this model takes exactly {transformer.max_text_seq_length} text tokens; "
+            f"got max_sequence_length={length}"
+        )
+    return length
+
+
+def check_request(
+    transformer: TransformerConfig,
+    vae: VAEConfig,
+    prompt: str | Sequence[str],
+    negative_prompt: str | Sequence[str] | None = None,
+    num_frames: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    num_inference_steps: int = 50,
+    guidance_scale: float = 6.0,
+    use_dynamic_cfg: bool = False,
+    dynamic_cfg: str = "reference",
+    num_videos_per_prompt: int = 1,
+    max_sequence_length: int | None = None,
+    num_train_timesteps: int = 1000,
+) -> GenerationRequest:
+    """Validate a text-to-video request against a model's configs; raise `InputError` saying what to change."""
+    prompts, negatives = check_prompts(prompt, negative_prompt)
+    if transformer.is_image_to_video:
+        raise InputError("this is an image-to-video model; text-to-video needs a text-to-video checkpoint")
+
+    num_frames = check_frames(transformer.sample_frames if num_frames is None else num_frames, transformer, vae)
+    default_height, default_width = default_size(transformer, vae)
+    height, width = check_size(
+        default_height if height is None else height,
+        default_width if width is None else width,
+        num_frames,
+        transformer,
+        vae,
+    )
+    steps = _positive_int(num_inference_steps, "num_inference_steps")
+    if steps > num_train_timesteps:
+        raise InputError(
+            f"num_inference_steps can be at most {num_train_timesteps} (the training steps), got {steps}"
+        )
+    if not isinstance(guidance_scale, numbers.Real) or isinstance(guidance_scale, bool):
+        raise InputError(f"guidance_scale must be a number, got {guidance_scale!r}")
+    if not math.isfinite(guidance_scale):
+        raise InputError(f"guidance_scale must be finite, got {guidance_scale!r}")
+    if dynamic_cfg not in DYNAMIC_CFG_VARIANTS:
+        raise InputError(f"dynamic_cfg must be one of {', '.join(DYNAMIC_CFG_VARIANTS)}, got {dynamic_cfg!r}")
+
+    latent_frames = (num_frames - 1) // vae.temporal_compression + 1
+    padding = 0
+    if transformer.patch_size_t is not None and latent_frames % transformer.patch_size_t:
+        # CogVideoX 1.5 patches pairs of latent frames: pad at the front, drop after denoising.
+        padding = transformer.patch_size_t - latent_frames % transformer.patch_size_t
+    return GenerationRequest(
+        prompts=prompts,
+        negative_prompts=negatives,
+        num_frames=num_frames,
+        height=height,
+        width=width,
+        num_inference_steps=steps,
+        guidance_scale=float(guidance_scale),
+        use_dynamic_cfg=bool(use_dynamic_cfg),
+        dynamic_cfg=dynamic_cfg,
+        videos_per_prompt=_positive_int(num_videos_per_prompt, "num_videos_per_prompt"),
+        max_sequence_length=check_text_length(max_sequence_length, transformer),
+        latent_frames=latent_frames + padding,
+        padding_frames=padding,
+    )

@@ -1,0 +1,94 @@
+"""Video files: frames -> H.264 MP4 and back, through PyAV (FFmpeg's libraries, no ffmpeg binary needed)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+from cogvideox.errors import InputError
+
+# Visually lossless for these short clips and still a few hundred kB; "medium" is x264's default speed.
+_X264_OPTIONS = {"crf": "18", "preset": "medium"}
+
+
+def as_frames(frames: np.ndarray | Sequence) -> np.ndarray:
+    """uint8 [F, H, W, 3] from a uint8 array, a list of [H, W, 3] frames, or floats in [0, 1]."""
+    try:
+        array = np.stack([np.asarray(f) for f in frames]) if not isinstance(frames, np.ndarray) else frames
+    except ValueError:
+        raise InputError("all frames must have the same size") from None
+    if array.ndim != 4 or array.shape[-1] != 3 or array.shape[0] == 0:
+        raise InputError(f"expected frames shaped [F, H, W, 3] with F >= 1, got {list(array.shape)}")
+    if array.dtype == np.uint8:
+        return array
+    if np.issubdtype(array.dtype, np.floating):
+        # Same rounding as the pipeline's own uint8 frames.
+        return (np.clip(array, 0.0, 1.0) * 255).round().astype(np.uint8)
+    raise InputError(f"frames must be uint8 or floats in [0, 1], got {array.dtype}")
+
+
+def _encoder_name() -> str:
+    import av
+
+    return "libx264" if "libx264" in av.codecs_available else "h264"
+
+
+def export_video(frames: np.ndarray | Sequence, path: str | os.PathLike, fps: float = 8) -> Path:
+    """Write frames (uint8 [F, H, W, 3], or a list of [H, W, 3]) as an H.264 MP4 (yuv420p) at `fps`.
+
+    The file appears complete or not at all: it is written under a temporary name in the same folder and
+    renamed into place. yuv420p (the pixel format every player decodes) needs an even width and height.
+    """
+    import av
+
+    frames = as_frames(frames)
+    _, height, width, _ = frames.shape
+    if height % 2 or width % 2:
+        raise InputError(f"H.264 in yuv420p needs an even width and height, got {width}x{height}")
+    if not fps > 0:
+        raise InputError(f"fps must be positive, got {fps}")
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path} is a folder; give a file name such as {path / 'video.mp4'}")
+    if not path.parent.is_dir():
+        raise InputError(f"cannot write {path}: folder {path.parent} does not exist")
+
+    rate = Fraction(fps).limit_denominator(1001)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".mp4.part", dir=path.parent)
+    os.close(handle)
+    try:
+        with av.open(temporary, mode="w", format="mp4") as container:
+            stream = container.add_stream(_encoder_name(), rate=rate, options=dict(_X264_OPTIONS))
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            for index, frame in enumerate(frames):
+                picture = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+                picture.pts = index
+                picture.time_base = 1 / rate
+                container.mux(stream.encode(picture))
+            container.mux(stream.encode(None))  # flush the encoder's delayed frames
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_video(path: str | os.PathLike) -> tuple[np.ndarray, float]:
+    """All frames of a video file as uint8 [F, H, W, 3], and its frame rate."""
+    import av
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"no video file at {path}")
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise InputError(f"{path} has no video stream")
+        stream = container.streams.video[0]
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    return np.stack(frames), float(rate) if rate else 0.0

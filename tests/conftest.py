@@ -1,0 +1,63 @@
+"""Fixtures shared by the pipeline, loading and CLI tests: tiny CogVideoX model folders, built once per session.
+
+Each folder is written by the reference (`diffusers.CogVideoXPipeline.save_pretrained`), so loading it
+tests the official layout, and the reference pipeline built from it is the truth the tests compare to.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import make_tiny_cogvideox
+
+# The test models are tiny: one thread is as fast as several, and on a shared, busy machine several
+# threads spin-wait on each other (measured: 66 s instead of 4 s for test_pipeline.py under load).
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_rope_dir(tmp_path_factory):
+    """CogVideoX 1.0 with 3D RoPE (like 5B), DDIM scheduler."""
+    return make_tiny_cogvideox(tmp_path_factory.mktemp("tiny-rope"), variant="rope")
+
+
+@pytest.fixture(scope="session")
+def tiny_sincos_dir(tmp_path_factory):
+    """CogVideoX 1.0 with the 3D sin-cos table (like 2B), DDIM scheduler with SNR shift 3."""
+    return make_tiny_cogvideox(tmp_path_factory.mktemp("tiny-sincos"), variant="sincos")
+
+
+@pytest.fixture(scope="session")
+def tiny_v15_dir(tmp_path_factory):
+    """CogVideoX 1.5 (2x2x2 patches, slice RoPE, frame padding), DPM scheduler."""
+    return make_tiny_cogvideox(tmp_path_factory.mktemp("tiny-v15"), variant="1.5", scheduler="dpm")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The serve tests' PostgreSQL: a fresh schema per test in the database COGVIDEOX_TEST_PG_URL names.
+
+
+@pytest.fixture
+def pg_url():
+    """A PostgreSQL URL whose connections work in a new, empty schema (dropped afterwards); skipped when
+    COGVIDEOX_TEST_PG_URL is not set (scripts/ci-services.sh starts a server and prints the URL)."""
+    import os
+    import secrets
+    from urllib.parse import quote
+
+    from serve_helpers import PG_URL_ENV, service_missing
+
+    url = os.environ.get(PG_URL_ENV)
+    if not url:
+        service_missing(f"no PostgreSQL server: set {PG_URL_ENV} (scripts/ci-services.sh starts one)")
+    psycopg = pytest.importorskip("psycopg")
+    schema = "test_" + secrets.token_hex(4)
+    try:
+        with psycopg.connect(url, autocommit=True) as connection:
+            connection.execute(f"CREATE SCHEMA {schema}")
+    except psycopg.OperationalError as e:
+        service_missing(f"PostgreSQL at {PG_URL_ENV} is not answering: {e}")
+    separator = "&" if "?" in url else "?"
+    yield f"{url}{separator}options={quote(f'-csearch_path={schema}')}"
+    with psycopg.connect(url, autocommit=True) as connection:
+        connection.execute(f"DROP SCHEMA {schema} CASCADE")

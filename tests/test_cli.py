@@ -1,0 +1,119 @@
+"""The `cogvideox` command: help, one-line errors with exit status 2, and a real generate run."""
+
+import argparse
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cogvideox import export_video, read_video
+from cogvideox.cli import build_parser, main
+
+
+def generate_parser():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices["generate"]
+
+
+def test_python_dash_m_help():
+    result = subprocess.run(
+        [sys.executable, "-m", "cogvideox", "generate", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    for flag in ["--output", "--model", "--steps", "--guidance", "--seed", "--frames", "--height", "--width",
+                 "--fps", "--negative-prompt", "--dtype", "--device", "--scheduler {ddim,dpm}",
+                 "--dynamic-cfg, --no-dynamic-cfg"]:  # fmt: skip
+        assert flag in text
+    assert "Hugging Face repo id" in text and "embedded demo model" in text
+
+
+def test_every_flag_is_explained():
+    for action in generate_parser()._actions:
+        assert action.help and len(action.help) > 10, action.option_strings
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "a cat", "--steps", "abc"], "argument --steps: expected a positive integer, got 'abc'"),
+        (["generate", "a cat", "--steps", "0"], "argument --steps: expected a positive integer, got 0"),
+        (["generate", "a cat", "--scheduler", "euler"], "argument --scheduler: invalid choice"),
+        (["generate", "a cat", "--fps", "-3"], "argument --fps: expected a positive number"),
+        (["generate"], "the following arguments are required: prompt"),
+        (["render", "a cat"], "invalid choice: 'render'"),
+    ],
+)
+def test_bad_flags_exit_2_with_one_line(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--dtype", "int8"], "unknown dtype 'int8'"),
+        (["--model", "/no/such/model"], "no model folder at /no/such/model"),
+        (["--frames", "10"], "num_frames must be 8k+1"),
+        (["--height", "40"], "height must be a positive multiple of 16"),
+        (["--steps", "1001"], "num_inference_steps can be at most 1000"),
+        (["--output", "/no/such/folder/x.mp4"], "--output folder /no/such/folder does not exist"),
+    ],
+)
+def test_user_mistakes_exit_2_with_one_line(capsys, monkeypatch, tiny_rope_dir, extra, message):
+    from cogvideox.pipeline import Pipeline
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights were loaded before the request was checked")
+
+    monkeypatch.setattr(Pipeline, "from_pretrained", no_loading)
+    argv = ["generate", "a cat", "--model", str(tiny_rope_dir), "--quiet", *extra]
+    assert main(argv) == 2
+    out = capsys.readouterr()
+    assert out.err.count("\n") == 1 and out.err.startswith("cogvideox: error: ") and message in out.err
+    assert "Traceback" not in out.err
+
+
+def test_generate_writes_a_readable_mp4(capsys, tiny_rope_dir, tmp_path):
+    output = tmp_path / "cat.mp4"
+    argv = ["generate", "a cat sits on the mat", "--model", str(tiny_rope_dir), "--output", str(output),
+            "--steps", "2", "--height", "32", "--width", "48", "--seed", "3", "--max-sequence-length", "16",
+            "--scheduler", "dpm", "--dynamic-cfg"]  # fmt: skip
+    assert main(argv) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith(f"wrote {output} (9 frames, 48x32, 8 fps, seed 3) | load ")
+    for stage in ("load", "text", "denoise", "decode", "write"):
+        assert f" {stage} " in last
+    frames, fps = read_video(output)
+    assert frames.shape == (9, 32, 48, 3) and fps == 8
+    assert frames.std() > 1  # a picture, not a flat frame
+
+    # The same request through the library gives the same video (the CLI is a thin layer).
+    from cogvideox import Pipeline
+
+    pipe = Pipeline.from_pretrained(tiny_rope_dir, scheduler="dpm")
+    video = pipe("a cat sits on the mat", num_frames=None, height=32, width=48, num_inference_steps=2, seed=3,
+                 max_sequence_length=16, use_dynamic_cfg=True, progress=False).frames[0]  # fmt: skip
+    export_video(video, tmp_path / "library.mp4", fps=8)
+    assert np.array_equal(read_video(tmp_path / "library.mp4")[0], frames)
+
+
+def test_several_videos_and_fps(capsys, tiny_rope_dir, tmp_path):
+    argv = ["generate", "a dog", "--model", str(tiny_rope_dir), "--output", str(tmp_path / "dog.mp4"),
+            "--quiet", "--steps", "1", "--height", "32", "--width", "32", "--num-videos", "2",
+            "--fps", "12"]  # fmt: skip
+    assert main(argv) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dog-1.mp4", "dog-2.mp4"]
+    assert read_video(tmp_path / "dog-2.mp4")[1] == 12
+    assert "seed" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu_is_a_user_error(capsys, tiny_rope_dir):
+    assert main(["generate", "a cat", "--model", str(tiny_rope_dir), "--device", "cuda"]) == 2
+    assert "no CUDA device is available here; use --device cpu" in capsys.readouterr().err

@@ -1,0 +1,233 @@
+"""Loading the official layout: strictness, sharding, dtype policy, hub cache resolution, clear errors."""
+
+import json
+import shutil
+import socket
+import warnings
+
+import pytest
+import torch
+from helpers import load_reference_pipeline
+from safetensors.torch import load_file, save_file
+
+from cogvideox import LoadError, Pipeline
+from cogvideox.errors import InputError
+from cogvideox.loading import (
+    check_components,
+    check_model_dir,
+    choose_dtype,
+    parse_dtype,
+    resolve_model_dir,
+    weight_files,
+)
+from cogvideox.models.config import TransformerConfig, VAEConfig
+
+diffusers = pytest.importorskip("diffusers")
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+SMALL = dict(num_frames=9, height=32, width=32, num_inference_steps=2, max_sequence_length=16)
+
+
+@pytest.fixture(scope="module")
+def ours(tiny_rope_dir):
+    return Pipeline.from_pretrained(tiny_rope_dir)
+
+
+@pytest.fixture
+def model_copy(tiny_rope_dir, tmp_path):
+    """A private copy of the tiny folder, to damage."""
+    return shutil.copytree(tiny_rope_dir, tmp_path / "model")
+
+
+def edit_weights(path, edit):
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path)
+
+
+def test_loaded_tensors_equal_the_reference(ours, tiny_rope_dir):
+    ref = load_reference_pipeline(tiny_rope_dir)
+    for name in ("transformer", "vae"):
+        want = getattr(ref, name).state_dict()
+        got = getattr(ours, name).state_dict()
+        assert got.keys() == want.keys()
+        for key in want:
+            assert torch.equal(got[key], want[key]), key
+    assert not any(t.is_meta for t in ours.transformer.state_dict().values())
+    assert ours.device == torch.device("cpu") and ours.dtype == torch.float32
+
+
+def test_dtype_argument_reaches_every_component(tiny_rope_dir):
+    pipe = Pipeline.from_pretrained(tiny_rope_dir, dtype="bf16", device="cpu")
+    assert {p.dtype for p in pipe.transformer.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in pipe.vae.parameters()} == {torch.bfloat16}
+    assert pipe.text_encoder.model.dtype == torch.bfloat16
+    out = pipe("a cat", **SMALL, seed=0, progress=False, output_type="latent")
+    assert out.latents.dtype == torch.bfloat16 and torch.isfinite(out.latents.float()).all()
+
+
+@pytest.mark.parametrize(
+    "value, want",
+    [
+        ("bf16", torch.bfloat16),
+        ("BFloat16", torch.bfloat16),
+        ("fp16", torch.float16),
+        ("float16", torch.float16),
+        ("fp32", torch.float32),
+        ("torch.float32", torch.float32),
+        (torch.float16, torch.float16),
+        (None, None),
+    ],
+)
+def test_parse_dtype(value, want):
+    assert parse_dtype(value) == want
+
+
+@pytest.mark.parametrize("value", ["int8", "fp8", torch.float64, 3])
+def test_parse_dtype_rejects(value):
+    with pytest.raises(InputError, match="dtype"):
+        parse_dtype(value)
+
+
+def test_dtype_defaults_and_fp16_warning():
+    cpu = torch.device("cpu")
+    assert choose_dtype(None, cpu) == torch.float32
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert choose_dtype("fp16", cpu, TransformerConfig(num_attention_heads=30)) == torch.float16  # 2B: fine
+    with pytest.warns(UserWarning, match="NaN"):
+        choose_dtype("fp16", cpu, TransformerConfig(num_attention_heads=48))
+
+
+def test_unknown_dtype_and_scheduler_fail_before_loading(tmp_path):
+    with pytest.raises(InputError, match="unknown dtype"):
+        Pipeline.from_pretrained(tmp_path / "nowhere", dtype="float8")
+    with pytest.raises(InputError, match="unknown scheduler 'euler'"):
+        Pipeline.from_pretrained(tmp_path / "nowhere", scheduler="euler")
+
+
+def test_scheduler_choice(tiny_rope_dir, tiny_v15_dir):
+    from cogvideox.schedulers import DDIMScheduler, DPMScheduler
+
+    assert isinstance(Pipeline.from_pretrained(tiny_v15_dir).scheduler, DPMScheduler)  # as its config says
+    assert isinstance(Pipeline.from_pretrained(tiny_v15_dir, scheduler="ddim").scheduler, DDIMScheduler)
+    assert isinstance(Pipeline.from_pretrained(tiny_rope_dir, scheduler="DPM").scheduler, DPMScheduler)
+
+
+def test_missing_tensor(model_copy):
+    edit_weights(model_copy / "transformer" / WEIGHTS, lambda t: t.pop("proj_out.bias"))
+    with pytest.raises(LoadError, match=r"missing 1 tensor\(s\): proj_out.bias"):
+        Pipeline.from_pretrained(model_copy)
+
+
+def test_unexpected_tensor(model_copy):
+    edit_weights(model_copy / "vae" / WEIGHTS, lambda t: t.update({"decoder.extra.weight": torch.zeros(2)}))
+    with pytest.raises(LoadError, match=r"vae does not match .*unexpected 1 tensor\(s\): decoder.extra.weight"):
+        Pipeline.from_pretrained(model_copy)
+
+
+def test_wrong_shape(model_copy):
+    def grow(tensors):
+        tensors["norm_final.weight"] = torch.ones(33)
+
+    edit_weights(model_copy / "transformer" / WEIGHTS, grow)
+    with pytest.raises(LoadError, match=r"norm_final.weight \(checkpoint \[33\], model \[32\]\)"):
+        Pipeline.from_pretrained(model_copy)
+
+
+def test_missing_folder_and_not_a_model(tmp_path, model_copy):
+    with pytest.raises(LoadError, match="no model folder at"):
+        Pipeline.from_pretrained(tmp_path / "does-not-exist")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LoadError, match="not a CogVideoX model folder: missing model_index.json, transformer/"):
+        Pipeline.from_pretrained(tmp_path / "empty")
+    shutil.rmtree(model_copy / "vae")
+    (model_copy / "transformer" / WEIGHTS).unlink()
+    with pytest.raises(LoadError, match=f"missing vae/config.json, transformer/{WEIGHTS}"):
+        check_model_dir(model_copy)
+
+
+def test_bin_weights_are_named(model_copy):
+    (model_copy / "vae" / WEIGHTS).rename(model_copy / "vae" / "diffusion_pytorch_model.bin")
+    with pytest.raises(LoadError, match=r"only has \.bin weights"):
+        weight_files(model_copy / "vae")
+
+
+def test_mismatched_components(model_copy):
+    config = json.loads((model_copy / "vae" / "config.json").read_text())
+    config["latent_channels"] = 8
+    (model_copy / "vae" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LoadError, match="4-channel latents but the VAE has 8 latent channels"):
+        Pipeline.from_pretrained(model_copy)
+
+    with pytest.raises(LoadError, match="64-wide text embeddings but the T5 text encoder produces 32"):
+        check_components(TransformerConfig(in_channels=16, text_embed_dim=64), VAEConfig(), 32)
+
+
+def test_sharded_save_and_load(ours, tmp_path):
+    folder = ours.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    shards = sorted(p.name for p in (folder / "transformer").glob("*.safetensors"))
+    assert len(shards) > 1 and shards[0] == "diffusion_pytorch_model-00001-of-%05d.safetensors" % len(shards)
+    index = json.loads((folder / "transformer" / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(ours.transformer.state_dict())
+
+    again = Pipeline.from_pretrained(folder)
+    for name in ("transformer", "vae"):
+        a, b = getattr(ours, name).state_dict(), getattr(again, name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # The reference reads what we write: same layout, same model.
+    ref = load_reference_pipeline(folder)
+    want = ours("a cat", **SMALL, seed=4, progress=False, output_type="latent").latents
+    got = ref("a cat", **SMALL, generator=torch.Generator().manual_seed(4), output_type="latent").frames
+    assert torch.equal(got, want)
+
+    # And we read shards the reference writes.
+    ref_folder = tmp_path / "reference-sharded"
+    ref.save_pretrained(ref_folder, max_shard_size="20KB")
+    assert len(list((ref_folder / "transformer").glob("*.safetensors"))) > 1
+    theirs = Pipeline.from_pretrained(ref_folder).transformer.state_dict()
+    assert all(torch.equal(theirs[k], v) for k, v in ours.transformer.state_dict().items())
+
+    (folder / "transformer" / shards[-1]).unlink()
+    with pytest.raises(LoadError, match=f"not a CogVideoX model folder: missing transformer/{shards[-1]}"):
+        Pipeline.from_pretrained(folder)
+
+
+def test_repo_id_resolves_from_the_cache_without_network(tiny_rope_dir, tmp_path, monkeypatch):
+    import huggingface_hub.constants as hub
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--tiny--cogvideox"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(tiny_rope_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(cache))
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the network was used although the model is cached")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    assert resolve_model_dir("tiny/cogvideox") == repo / "snapshots" / commit
+    with pytest.raises(LoadError, match="tiny/missing is not in the Hugging Face cache .*offline"):
+        resolve_model_dir("tiny/missing", local_files_only=True)
+
+
+def test_repo_id_offline_mode(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    with pytest.raises(LoadError, match="THUDM/CogVideoX-2b is not in the Hugging Face cache"):
+        Pipeline.from_pretrained("THUDM/CogVideoX-2b")
+
+
+def test_demo_model(tiny_rope_dir, tmp_path, monkeypatch):
+    import cogvideox.demo
+
+    monkeypatch.setattr(cogvideox.demo, "DEMO_MODEL_DIR", tmp_path / "absent", raising=False)
+    with pytest.raises(LoadError, match="demo model is not installed"):
+        resolve_model_dir(None)
+    monkeypatch.setattr(cogvideox.demo, "DEMO_MODEL_DIR", tiny_rope_dir)
+    assert resolve_model_dir(None) == tiny_rope_dir

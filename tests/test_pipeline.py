@@ -1,0 +1,201 @@
+"""The whole text-to-video pipeline against diffusers' CogVideoXPipeline on tiny models, seed for seed."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from helpers import load_reference_pipeline
+
+from cogvideox import InputError, NonFiniteError, Pipeline
+from cogvideox.sampling import dynamic_guidance_scale, guidance_schedule
+
+diffusers = pytest.importorskip("diffusers")
+
+SMALL = dict(num_frames=9, height=32, width=48, num_inference_steps=3, max_sequence_length=16)
+
+
+@pytest.fixture(scope="module")
+def pipes(tiny_rope_dir, tiny_sincos_dir, tiny_v15_dir):
+    """Our pipeline per (variant, scheduler), loaded once."""
+    dirs = {"rope": tiny_rope_dir, "sincos": tiny_sincos_dir, "1.5": tiny_v15_dir}
+    cache = {}
+
+    def get(variant, scheduler=None):
+        key = (variant, scheduler)
+        if key not in cache:
+            cache[key] = Pipeline.from_pretrained(dirs[variant], scheduler=scheduler)
+        return cache[key]
+
+    get.dirs = dirs
+    return get
+
+
+def run_reference(folder, scheduler, prompt, seed=None, generator=None, **kwargs):
+    """Final latents (as the loop leaves them) and uint8 frames of the reference pipeline."""
+    pipe = load_reference_pipeline(folder, scheduler)
+    captured = {}
+
+    def keep_latents(pipe, step, timestep, tensors):
+        captured["latents"] = tensors["latents"]
+        return {}
+
+    generator = generator if generator is not None else torch.Generator("cpu").manual_seed(seed)
+    out = pipe(prompt, generator=generator, output_type="np", callback_on_step_end=keep_latents, **kwargs)
+    frames = (out.frames * 255).round().astype(np.uint8)  # the reference's own PIL conversion
+    return captured["latents"], frames
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def assert_matches(ours, ref_latents, ref_frames):
+    assert ours.latents.shape == ref_latents.shape
+    assert rel_err(ours.latents, ref_latents) <= 1e-4
+    assert len(ours.frames) == len(ref_frames)
+    for got, want in zip(ours.frames, ref_frames):
+        assert got.dtype == np.uint8 and got.shape == want.shape
+        assert np.abs(got.astype(int) - want.astype(int)).max() <= 2
+
+
+# name: (variant, scheduler override, call arguments)
+CASES = {
+    "rope-ddim-2prompts-negative": (
+        "rope",
+        None,
+        dict(prompt=["a cat sits on the mat", "a dog runs"], negative_prompt=["the sun", ""]),
+    ),
+    "rope-dpm-dynamic-cfg": ("rope", "dpm", dict(prompt="a panda plays a guitar", use_dynamic_cfg=True)),
+    "sincos-ddim-dynamic-negative": (
+        "sincos",
+        None,
+        dict(prompt="a bird flies", negative_prompt="the hill", guidance_scale=5.0, use_dynamic_cfg=True),
+    ),
+    "sincos-no-guidance-default-size": (
+        "sincos",
+        None,
+        dict(prompt="a red sun", guidance_scale=1.0, height=None, width=None),  # the model's 64x64
+    ),
+    "v15-dpm-padding-2prompts": ("1.5", None, dict(prompt=["waves crash on the rocks", "a cat"])),
+    "v15-ddim-17-frames": ("1.5", "ddim", dict(prompt="the green park", guidance_scale=4.0, num_frames=17)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_reference(pipes, case):
+    variant, scheduler, call = CASES[case]
+    kwargs = SMALL | dict(guidance_scale=6.0) | call
+    prompt = kwargs.pop("prompt")
+    ref_latents, ref_frames = run_reference(pipes.dirs[variant], scheduler, prompt, seed=7, **kwargs)
+    ours = pipes(variant, scheduler)(prompt, seed=7, progress=False, **kwargs)
+    assert_matches(ours, ref_latents, ref_frames)
+    assert ours.seed == 7
+    if variant == "1.5":
+        # The odd latent frame count gets one noise frame in front, dropped before decoding.
+        latent_frames = (kwargs["num_frames"] - 1) // 4 + 1
+        assert ours.padding_frames == 1 and ours.latents.shape[1] == latent_frames + 1
+    assert ours.frames[0].shape[0] == kwargs["num_frames"]
+
+
+def test_generator_list_matches_reference(pipes):
+    def generators():
+        return [torch.Generator().manual_seed(s) for s in (3, 11)]
+
+    kwargs = SMALL | dict(guidance_scale=6.0)
+    ref = run_reference(pipes.dirs["rope"], "dpm", ["a cat", "a dog"], generator=generators(), **kwargs)
+    ours = pipes("rope", "dpm")(["a cat", "a dog"], generator=generators(), progress=False, **kwargs)
+    assert_matches(ours, *ref)
+    assert ours.seed is None
+
+
+def test_videos_per_prompt(pipes):
+    """The reference ignores num_videos_per_prompt; ours gives N videos per prompt, noise drawn for the
+    whole batch, so it equals the reference run on the prompt repeated N times."""
+    kwargs = SMALL | dict(guidance_scale=6.0, seed=5)
+    ours = pipes("rope")("a cat sits on the mat", num_videos_per_prompt=2, progress=False, **kwargs)
+    assert len(ours.frames) == 2 and ours.latents.shape[0] == 2
+    assert np.abs(ours.frames[0].astype(int) - ours.frames[1].astype(int)).max() > 10
+    assert_matches(ours, *run_reference(pipes.dirs["rope"], None, ["a cat sits on the mat"] * 2, **kwargs))
+
+    pairs = pipes("rope")(["a", "b"], num_videos_per_prompt=2, output_type="latent", progress=False, **kwargs)
+    assert pairs.frames is None and pairs.latents.shape[0] == 4
+
+
+def test_seed_reproduces_and_random_seed_is_reported(pipes):
+    pipe = pipes("rope")
+    kwargs = SMALL | dict(output_type="latent", progress=False)
+    first = pipe("a cat", **kwargs)
+    assert isinstance(first.seed, int)
+    again = pipe("a cat", seed=first.seed, **kwargs)
+    assert torch.equal(first.latents, again.latents)
+    assert not torch.equal(pipe("a cat", seed=first.seed + 1, **kwargs).latents, first.latents)
+
+
+def test_callback_and_timings(pipes):
+    seen = []
+    out = pipes("rope")("a cat", seed=1, progress=False, callback=lambda *step: seen.append(step), **SMALL)
+    assert [(i, t) for i, t, _ in seen] == [(0, 999), (1, 666), (2, 332)]
+    assert torch.equal(seen[-1][2], out.latents)
+    assert set(out.timings) == {"text", "denoise", "decode"}
+
+
+def test_defaults_follow_the_model(pipes):
+    v10, v15 = pipes("rope"), pipes("1.5")
+    assert (v10.version, v10.default_size, v10.default_num_frames, v10.default_fps) == ("1.0", (64, 64), 9, 8)
+    assert (v15.version, v15.default_fps) == ("1.5", 16)
+
+
+def test_dynamic_cfg_schedules():
+    steps = list(range(999, 0, -20))  # the 50 trailing timesteps 999 ... 19
+    reference = guidance_schedule(6.0, steps, dynamic=True, variant="reference")
+    # The reference oscillates (timestep clock): values from diffusers #9641.
+    assert [round(g, 2) for g in reference[:7]] == [2.29, 2.54, 6.97, 6.42, 2.79, 4.27, 1.04]
+    smooth = guidance_schedule(6.0, steps, dynamic=True, variant="smooth")
+    assert smooth[0] == pytest.approx(7.0) and smooth[-1] < 1.01
+    assert all(a >= b for a, b in zip(smooth, smooth[1:]))
+    assert guidance_schedule(6.0, steps) == [6.0] * 50
+    assert dynamic_guidance_scale(6.0, 999, 50) == 1 + 6 * (1 - math.cos(math.pi * ((50 - 999) / 50) ** 5)) / 2
+
+
+BAD_REQUESTS = {
+    "frames not 8k+1": (dict(num_frames=10), r"8k\+1 .*nearest valid: 9 or 17"),
+    "frames 4k+1 but even latents": (dict(num_frames=13), "8k"),
+    "frames zero": (dict(num_frames=0), "8k"),
+    "height not /16": (dict(height=40), "height must be a positive multiple of 16"),
+    "width zero": (dict(width=0), "width must be a positive multiple of 16"),
+    "empty prompt list": (dict(prompt=[]), "empty"),
+    "prompt not text": (dict(prompt=3), "prompt must be"),
+    "negative count": (dict(prompt=["a", "b"], negative_prompt=["x"]), "negative prompts"),
+    "steps zero": (dict(num_inference_steps=0), "num_inference_steps"),
+    "steps float": (dict(num_inference_steps=2.5), "num_inference_steps"),
+    "guidance nan": (dict(guidance_scale=float("nan")), "guidance_scale"),
+    "videos per prompt": (dict(num_videos_per_prompt=0), "num_videos_per_prompt"),
+    "dynamic variant": (dict(dynamic_cfg="wave"), "dynamic_cfg"),
+    "output type": (dict(output_type="pil"), "output_type"),
+    "seed and generator": (dict(seed=1, generator=torch.Generator()), "either seed or generator"),
+    "negative seed": (dict(seed=-1), "seed"),
+    "generator count": (dict(generator=[torch.Generator()] * 3), "generators"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_requests_fail_before_any_work(pipes, monkeypatch, case):
+    pipe = pipes("rope")
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("heavy work started before the request was checked")
+
+    monkeypatch.setattr(pipe.text_encoder, "encode", no_work)
+    monkeypatch.setattr(pipe.transformer, "forward", no_work)
+    kwargs = SMALL | dict(prompt="a cat") | BAD_REQUESTS[case][0]
+    with pytest.raises(InputError, match=BAD_REQUESTS[case][1]):
+        pipe(progress=False, **kwargs)
+
+
+def test_nan_latents_stop_the_run(pipes, monkeypatch):
+    pipe = pipes("rope")
+    real_forward = pipe.transformer.forward
+    monkeypatch.setattr(pipe.transformer, "forward", lambda *a, **k: real_forward(*a, **k) * float("nan"))
+    with pytest.raises(NonFiniteError, match=r"step 1 of 3 \(timestep 999\) running in float32"):
+        pipe("a cat", seed=0, progress=False, **SMALL)

@@ -1,0 +1,87 @@
+"""MP4 writing and reading through PyAV."""
+
+import av
+import numpy as np
+import pytest
+
+from cogvideox import InputError, export_video, read_video
+
+
+def moving_square(frames=9, height=48, width=64):
+    """A smooth background with a bright square moving right: easy to compress, easy to check."""
+    video = np.zeros((frames, height, width, 3), np.uint8)
+    video[..., 0] = np.linspace(0, 200, width, dtype=np.uint8)[None, None, :]
+    video[..., 2] = np.linspace(50, 150, height, dtype=np.uint8)[None, :, None]
+    for i in range(frames):
+        video[i, 16:32, 4 + 4 * i : 20 + 4 * i] = 255
+    return video
+
+
+def test_roundtrip(tmp_path):
+    video = moving_square()
+    path = export_video(video, tmp_path / "clip.mp4", fps=8)
+    frames, fps = read_video(path)
+    assert frames.shape == video.shape and frames.dtype == np.uint8
+    assert fps == 8
+    # Lossy, but close: mean error of a few levels, and the square is where it was drawn.
+    assert np.abs(frames.astype(int) - video.astype(int)).mean() < 3
+    assert frames[-1, 24, 4 + 4 * 8 + 8].min() > 200 and frames[0, 24, 40].max() < 230
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4"]  # no temporary file left
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        assert stream.codec_context.name == "h264" and stream.codec_context.pix_fmt == "yuv420p"
+
+
+def test_list_of_frames_floats_and_other_fps(tmp_path):
+    video = moving_square(frames=5)
+    export_video(list(video), tmp_path / "list.mp4", fps=16)
+    export_video(video.astype(np.float32) / 255, tmp_path / "float.mp4", fps=23.976)
+    frames, fps = read_video(tmp_path / "list.mp4")
+    assert frames.shape == video.shape and fps == 16
+    frames, fps = read_video(tmp_path / "float.mp4")
+    assert frames.shape == video.shape and fps == pytest.approx(23.976, abs=1e-3)
+
+
+def test_failure_leaves_no_file(tmp_path, monkeypatch):
+    real = av.VideoFrame.from_ndarray
+    calls = []
+
+    def fail_on_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("disk on fire")
+        return real(*args, **kwargs)
+
+    (tmp_path / "clip.mp4").write_bytes(b"old video")
+    monkeypatch.setattr(av.VideoFrame, "from_ndarray", fail_on_third)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        export_video(moving_square(), tmp_path / "clip.mp4")
+    # The previous file is untouched and no partial file is left beside it.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4"]
+    assert (tmp_path / "clip.mp4").read_bytes() == b"old video"
+
+
+@pytest.mark.parametrize(
+    "frames, message",
+    [
+        (np.zeros((3, 33, 64, 3), np.uint8), "even width and height"),
+        (np.zeros((3, 32, 64), np.uint8), r"\[F, H, W, 3\]"),
+        (np.zeros((0, 32, 64, 3), np.uint8), r"\[F, H, W, 3\]"),
+        (np.zeros((3, 32, 64, 3), np.int32), "uint8 or floats"),
+        ([np.zeros((32, 64, 3), np.uint8), np.zeros((16, 64, 3), np.uint8)], "same size"),
+    ],
+)
+def test_bad_frames(tmp_path, frames, message):
+    with pytest.raises(InputError, match=message):
+        export_video(frames, tmp_path / "x.mp4")
+    assert not any(tmp_path.iterdir())
+
+
+def test_bad_paths(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        export_video(moving_square(), tmp_path / "no" / "such" / "x.mp4")
+    with pytest.raises(InputError, match="is a folder"):
+        export_video(moving_square(), tmp_path)
+    with pytest.raises(InputError, match="no video file"):
+        read_video(tmp_path / "missing.mp4")
