@@ -1,0 +1,328 @@
+"""The HTTP API, in the shape of OpenAI's video endpoints, and the web page, over the job queue.
+
+The API never generates: it checks a request against what the model can make (`ModelSpec`), queues it,
+and reads jobs and files back. Workers (`worker.py`) do the generating, in this process or elsewhere.
+"""
+
+from __future__ import annotations
+
+import secrets
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import FileResponse, PlainTextResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
+from pydantic import ValidationError
+
+from cogvideox.errors import InputError
+from cogvideox.serve import metrics
+from cogvideox.serve.body import read_fields
+from cogvideox.serve.enhance import PromptEnhancer
+from cogvideox.serve.errors import ApiError, install_handlers, validation_message
+from cogvideox.serve.jobs import ACTIVE, Job, JobStore, is_job_id
+from cogvideox.serve.limits import ApiKeys, RateLimiter
+from cogvideox.serve.schemas import (
+    ErrorResponse,
+    Health,
+    ModelCard,
+    ModelList,
+    Video,
+    VideoCreate,
+    VideoDeleted,
+    VideoList,
+)
+from cogvideox.serve.spec import ModelSpec, parse_size
+from cogvideox.serve.worker import Worker, video_path
+
+STATIC_DIR = Path(__file__).parent / "static"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The service's knobs (the `serve` command's options).
+
+    rate_limit: new jobs per minute per key (or per address when no key is set); 0 turns it off.
+    max_active_per_key: queued + running jobs per key; 0 turns it off.
+    """
+
+    data_dir: Path
+    api_keys: tuple[str, ...] = ()
+    rate_limit: float = 30.0
+    max_active_per_key: int = 100
+    max_body_bytes: int = 64 * 1024
+    max_steps: int = 100
+    prompt_enhancer: str | None = None
+    enhancer_model: str = "gpt-4o-mini"
+    enhancer_api_key: str | None = field(default=None, repr=False)
+
+
+def _errors(*statuses: int) -> dict:
+    return {s: {"model": ErrorResponse} for s in statuses}
+
+
+def create_app(spec: ModelSpec, store: JobStore, settings: Settings, worker: Worker | None = None) -> FastAPI:
+    """The FastAPI app serving `spec`'s model from `store`; `worker`, when given, runs in this process
+    (started and stopped with the app)."""
+    keys = ApiKeys(settings.api_keys)
+    limiter = RateLimiter(settings.rate_limit)
+    enhancer = (
+        PromptEnhancer(settings.prompt_enhancer, settings.enhancer_model, settings.enhancer_api_key)
+        if settings.prompt_enhancer
+        else None
+    )
+    bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer KEY`, when the server has keys.")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if worker is not None:
+            worker.start()
+        try:
+            yield
+        finally:
+            if worker is not None:
+                await run_in_threadpool(worker.stop)
+
+    app = FastAPI(
+        title="CogVideoX",
+        version="1",
+        description="Text-to-video in the shape of OpenAI's video API: create a job, poll it, download the MP4.",
+        lifespan=lifespan,
+        openapi_url=None,  # served below, behind the key like every endpoint
+        docs_url=None,
+        redoc_url=None,
+    )
+    install_handlers(app)
+
+    def caller(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> str:
+        token = credentials.credentials if credentials is not None else None
+        owner = keys.owner(token, request.client.host if request.client else None)
+        if owner is None:
+            raise ApiError(
+                401,
+                "invalid_api_key",
+                "missing or wrong API key: send Authorization: Bearer KEY",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        return owner
+
+    def find(video_id: str) -> Job:
+        job = store.get(video_id) if is_job_id(video_id) else None
+        if job is None:
+            raise ApiError(404, "video_not_found", f"no video with id {video_id!r}", "video_id")
+        return job
+
+    # -------------------------------------------------------------------------------------------------
+    # Service
+
+    @app.get("/healthz", response_model=Health, tags=["service"])
+    def healthz() -> Health:
+        """Liveness, without a key: answers as soon as the API is up (the worker may still be loading)."""
+        return Health(model=spec.name, worker=worker.state if worker is not None else "off")
+
+    @app.get(
+        "/metrics",
+        response_class=PlainTextResponse,
+        tags=["service"],
+        responses={200: {"content": {"text/plain": {}}}, **_errors(401)},
+    )
+    def get_metrics(owner: str = Depends(caller)) -> PlainTextResponse:
+        """Prometheus metrics: queue depth, jobs by status, generation seconds."""
+        return PlainTextResponse(metrics.render(store.stats(), spec.name), media_type=metrics.CONTENT_TYPE)
+
+    @app.get("/v1/models", response_model=ModelList, tags=["models"], responses=_errors(401))
+    def list_models(owner: str = Depends(caller)) -> ModelList:
+        """The served model and the videos it makes."""
+        card = ModelCard(
+            id=spec.name,
+            sizes=list(spec.sizes),
+            default_size=spec.native_size,
+            num_frames=spec.num_frames,
+            fps=spec.fps,
+            max_seconds=spec.max_seconds,
+            max_steps=settings.max_steps,
+            frame_step=spec.frame_step,
+        )
+        return ModelList(data=[card])
+
+    # -------------------------------------------------------------------------------------------------
+    # Videos
+
+    @app.post(
+        "/v1/videos",
+        response_model=Video,
+        tags=["videos"],
+        responses=_errors(400, 401, 413, 415, 429),
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    media: {"schema": {"$ref": "#/components/schemas/VideoCreate"}}
+                    for media in ("application/json", "multipart/form-data", "application/x-www-form-urlencoded")
+                },
+            }
+        },
+    )
+    async def create_video(request: Request, owner: str = Depends(caller)) -> Video:
+        """Queue a video. The answer is the job, `queued`; poll `GET /v1/videos/{id}` for its progress."""
+        wait = limiter.take(owner)
+        if wait is not None:
+            raise ApiError(
+                429,
+                "rate_limit_exceeded",
+                f"more than {settings.rate_limit:g} videos a minute; try again in {wait:.0f} s",
+                headers={"Retry-After": str(max(1, round(wait)))},
+            )
+        fields = await read_fields(request, settings.max_body_bytes)
+        try:
+            create = VideoCreate.model_validate(fields)
+        except ValidationError as e:
+            message, param = validation_message(e.errors())
+            raise ApiError(400, "invalid_request", message, param) from None
+        params = _job_params(create, spec, settings)
+        if enhancer is not None and create.enhance_prompt is not False:
+            params["enhanced_prompt"] = await enhancer.enhance(create.prompt)
+        limit = settings.max_active_per_key or None
+        job = await run_in_threadpool(store.create, spec.name, owner, params, limit)
+        if job is None:
+            raise ApiError(
+                429,
+                "queue_full",
+                f"you have {limit} videos queued or running; wait for some to finish or delete them",
+                headers={"Retry-After": "10"},
+            )
+        if worker is not None:
+            worker.wake()
+        return Video.from_job(job)
+
+    @app.get("/v1/videos", response_model=VideoList, tags=["videos"], responses=_errors(400, 401, 404))
+    def list_videos(
+        owner: str = Depends(caller),
+        limit: int = Query(20, ge=1, le=100, description="Videos per page."),
+        after: str | None = Query(None, description="The last id of the previous page."),
+        order: Literal["asc", "desc"] = Query("desc", description="By creation time; newest first by default."),
+    ) -> VideoList:
+        """The videos, newest first, a page at a time."""
+        if after is not None:
+            find(after)
+        jobs, has_more = store.page(limit, after, newest_first=order == "desc")
+        data = [Video.from_job(j) for j in jobs]
+        return VideoList(
+            data=data,
+            first_id=data[0].id if data else None,
+            last_id=data[-1].id if data else None,
+            has_more=has_more,
+        )
+
+    @app.get("/v1/videos/{video_id}", response_model=Video, tags=["videos"], responses=_errors(401, 404))
+    def get_video(video_id: str, owner: str = Depends(caller)) -> Video:
+        """A job: its status, progress (percent), timings once done, error if it failed."""
+        return Video.from_job(find(video_id))
+
+    @app.get(
+        "/v1/videos/{video_id}/content",
+        response_class=FileResponse,
+        tags=["videos"],
+        responses={
+            200: {"content": {"video/mp4": {}}, "description": "The MP4."},
+            206: {"content": {"video/mp4": {}}, "description": "A byte range of the MP4 (Range header)."},
+            **_errors(401, 404, 409),
+        },
+    )
+    def get_video_content(video_id: str, owner: str = Depends(caller)) -> FileResponse:
+        """The MP4 of a completed video; honours `Range` so players can seek."""
+        job = find(video_id)
+        if job.status != "completed":
+            raise ApiError(409, "video_not_ready", f"video {video_id} is {job.status}, not completed", "video_id")
+        path = video_path(settings.data_dir, job.id)
+        if not path.is_file():
+            raise ApiError(404, "video_not_found", f"the file of video {video_id} is gone", "video_id")
+        return FileResponse(path, media_type="video/mp4", filename=path.name, content_disposition_type="inline")
+
+    @app.delete("/v1/videos/{video_id}", response_model=VideoDeleted, tags=["videos"], responses=_errors(401, 404))
+    def delete_video(video_id: str, owner: str = Depends(caller)) -> VideoDeleted:
+        """Cancel a queued or running video; delete a finished one and its file."""
+        job = find(video_id)
+        if job.status in ACTIVE and store.cancel(job.id):
+            return VideoDeleted(id=job.id, deleted=False, status="cancelled")
+        if not store.delete(job.id):  # it finished, or went, in the meantime
+            find(video_id)
+            raise ApiError(404, "video_not_found", f"video {video_id} changed while deleting; try again")
+        video_path(settings.data_dir, job.id).unlink(missing_ok=True)
+        return VideoDeleted(id=job.id, deleted=True, status="deleted")
+
+    @app.get("/openapi.json", include_in_schema=False)
+    def openapi_schema(owner: str = Depends(caller)) -> dict:
+        return app.openapi()
+
+    if not keys.required:  # Swagger UI cannot send a key when it fetches the schema
+
+        @app.get("/docs", include_in_schema=False)
+        def docs():
+            return get_swagger_ui_html(openapi_url="/openapi.json", title="CogVideoX API")
+
+    # -------------------------------------------------------------------------------------------------
+    # The web page: static files, no data in them, so no key needed to load it (its requests send one).
+
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.openapi = lambda: _openapi(app)
+    return app
+
+
+def _job_params(create: VideoCreate, spec: ModelSpec, settings: Settings) -> dict:
+    """A checked request as the generation parameters a worker needs; ApiError 400 when the model cannot."""
+    if create.model is not None and create.model != spec.name:
+        raise ApiError(
+            400, "model_not_found", f"unknown model {create.model!r}; this server has {spec.name!r}", "model"
+        )
+    size = create.size or spec.native_size
+    if size not in spec.sizes:
+        raise ApiError(400, "invalid_size", f"size {size} is not one of {', '.join(spec.sizes)}", "size")
+    width, height = parse_size(size)
+    if create.num_inference_steps > settings.max_steps:
+        raise ApiError(
+            400, "invalid_request", f"num_inference_steps: at most {settings.max_steps}", "num_inference_steps"
+        )
+    fps = create.fps or spec.fps
+    try:
+        num_frames = spec.frames_for(create.seconds, fps)
+    except InputError as e:
+        raise ApiError(400, "invalid_request", str(e), "seconds") from None
+    return {
+        "prompt": create.prompt,
+        "negative_prompt": create.negative_prompt,
+        "width": width,
+        "height": height,
+        "num_frames": num_frames,
+        "fps": fps,
+        "num_inference_steps": create.num_inference_steps,
+        "guidance_scale": create.guidance_scale,
+        # Drawn now, not by the worker: a job re-run after a crash makes the same video.
+        "seed": create.seed if create.seed is not None else secrets.randbelow(2**32),
+    }
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema, plus the create body (read by hand, to take forms too), minus the 422 answers
+    FastAPI documents by default: this API answers a bad request with 400."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components["VideoCreate"] = VideoCreate.model_json_schema(ref_template="#/components/schemas/{model}")
+        for operations in schema["paths"].values():
+            for operation in operations.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            components.pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema

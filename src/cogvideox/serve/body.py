@@ -1,0 +1,70 @@
+"""Reading a create request's body: JSON, or a form (OpenAI's client posts multipart/form-data), with a
+size cap enforced while reading, so an oversized body is refused before it is held in memory."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.datastructures import UploadFile
+from starlette.formparsers import FormParser, MultiPartParser
+from starlette.requests import Request
+
+from cogvideox.serve.errors import ApiError
+
+
+async def read_fields(request: Request, max_bytes: int) -> dict[str, Any]:
+    """The request's fields as a dict; ApiError 413 / 415 / 400 for a body we will not read."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise _too_large(max_bytes)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise _too_large(max_bytes)
+        chunks.append(chunk)
+    body = b"".join(chunks)
+
+    media_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if media_type == "application/json" or media_type.endswith("+json"):
+        return _json_object(body)
+    if media_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        return await _form(request, body, media_type)
+    raise ApiError(415, "unsupported_media_type", f"send the request as application/json or a form, not {media_type}")
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    if not body.strip():
+        raise ApiError(400, "invalid_json", "the request body is empty: send a JSON object with a prompt")
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, "invalid_json", f"the request body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "invalid_json", f"the request body must be a JSON object, not {type(data).__name__}")
+    return data
+
+
+async def _form(request: Request, body: bytes, media_type: str) -> dict[str, Any]:
+    async def replay():
+        yield body
+        yield b""
+
+    parser_class = MultiPartParser if media_type == "multipart/form-data" else FormParser
+    try:
+        form = await parser_class(request.headers, replay()).parse()
+    except Exception as e:  # the parsers raise their own error types for malformed bodies
+        raise ApiError(400, "invalid_form", f"the form could not be read: {e}") from None
+    fields: dict[str, Any] = {}
+    for name, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            raise ApiError(
+                400, "unsupported_parameter", f"{name}: file uploads are not supported (text-to-video only)", name
+            )
+        fields[name] = value
+    return fields
+
+
+def _too_large(max_bytes: int) -> ApiError:
+    return ApiError(413, "request_too_large", f"the request body is over {max_bytes} bytes")

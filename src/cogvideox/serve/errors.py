@@ -1,0 +1,68 @@
+"""Errors as HTTP answers: every 4xx/5xx body is OpenAI's `{"error": {"message", "type", "code", "param"}}`."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from cogvideox.errors import InputError
+
+# OpenAI's error types by status.
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "invalid_request_error",
+    409: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+class ApiError(Exception):
+    """An answer other than success, with what was wrong and, where one is to blame, the field."""
+
+    def __init__(self, status: int, code: str, message: str, param: str | None = None, headers=None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.param = status, code, message, param
+        self.headers = headers or {}
+
+
+def error_response(status: int, code: str, message: str, param: str | None = None, headers=None) -> JSONResponse:
+    body = {"error": {"message": message, "type": _TYPES.get(status, "server_error"), "code": code, "param": param}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def validation_message(errors) -> tuple[str, str | None]:
+    """pydantic's first error as one sentence, and the field it is about."""
+    first = errors[0]
+    location = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
+    param = ".".join(location) or None
+    message = first.get("msg", "invalid value").removeprefix("Value error, ")
+    if first.get("type") == "extra_forbidden":
+        message = "unknown field"
+    elif first.get("type") == "missing":
+        message = "this field is required"
+    return (f"{param}: {message}" if param else message), param
+
+
+def install_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, error: ApiError):
+        return error_response(error.status, error.code, error.message, error.param, error.headers)
+
+    @app.exception_handler(InputError)
+    async def _input_error(request: Request, error: InputError):
+        return error_response(400, "invalid_request", str(error))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, error: RequestValidationError):
+        message, param = validation_message(error.errors())
+        return error_response(400, "invalid_request", message, param)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, error: HTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+        return error_response(error.status_code, code, str(error.detail), headers=getattr(error, "headers", None))

@@ -1,0 +1,116 @@
+"""What the served model can make, read from its configs alone, so the API can refuse a request it cannot
+serve before it is queued, on a machine that never loads the weights (an API server in front of GPU workers).
+
+The worker's `Pipeline.check_request` stays the final word; this only keeps impossible jobs off the queue.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from cogvideox import loading
+from cogvideox.errors import InputError
+from cogvideox.models.config import TransformerConfig, VAEConfig
+
+# CogVideoX 1.5's config sample size is the upper bound of its RoPE table; the official demos generate at
+# 1360x768 (the same cap `Pipeline.default_size` applies).
+_V15_NATIVE = (768, 1360)  # (height, width)
+
+_SIZE = re.compile(r"(\d{1,5})x(\d{1,5})")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """ "WIDTHxHEIGHT" (OpenAI's order: "720x480" is 720 wide) -> (width, height)."""
+    match = _SIZE.fullmatch(text.strip()) if isinstance(text, str) else None
+    if match is None:
+        raise InputError(f"size must look like WIDTHxHEIGHT, such as 720x480; got {text!r}")
+    return int(match[1]), int(match[2])
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The served model's name and the videos it makes.
+
+    sizes: "WxH" strings the service accepts, the native one first.
+    num_frames: the frame count the model was trained at, the longest the service makes.
+    frame_step: frame counts are frame_step * k + 1 (the VAE's temporal compression, twice: see
+        `Pipeline.check_request`).
+    """
+
+    name: str
+    sizes: tuple[str, ...]
+    num_frames: int
+    fps: int
+    frame_step: int
+    version: str
+
+    @property
+    def native_size(self) -> str:
+        return self.sizes[0]
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, name: str, extra_sizes: tuple[str, ...] = ()) -> ModelSpec:
+        folder = Path(folder)
+        transformer = TransformerConfig.from_json(folder / "transformer" / "config.json")
+        vae = VAEConfig.from_json(folder / "vae" / "config.json")
+        compression = vae.spatial_compression
+        height, width = transformer.sample_height * compression, transformer.sample_width * compression
+        if transformer.version == "1.5":
+            height, width = min(height, _V15_NATIVE[0]), min(width, _V15_NATIVE[1])
+        sizes = [f"{width}x{height}"]
+        multiple = compression * transformer.patch_size
+        for size in extra_sizes:
+            w, h = parse_size(size)
+            if w % multiple or h % multiple or w < multiple or h < multiple:
+                raise InputError(f"size {size}: width and height must be positive multiples of {multiple}")
+            if transformer.use_learned_positional_embeddings:
+                raise InputError(f"size {size}: this model has a learned position table and makes {sizes[0]} only")
+            if transformer.version == "1.5":
+                max_h, max_w = transformer.sample_height * compression, transformer.sample_width * compression
+                if h > max_h or w > max_w:
+                    raise InputError(f"size {size}: this model makes at most {max_w}x{max_h}")
+            if f"{w}x{h}" not in sizes:
+                sizes.append(f"{w}x{h}")
+        return cls(
+            name=name,
+            sizes=tuple(sizes),
+            num_frames=transformer.sample_frames,
+            fps=16 if transformer.version == "1.5" else 8,
+            frame_step=2 * vae.temporal_compression,
+            version=transformer.version,
+        )
+
+    @classmethod
+    def load(cls, model: str | None, name: str | None = None, extra_sizes: tuple[str, ...] = ()) -> ModelSpec:
+        """The spec of a `--model` value (folder, hub repo id, or None for the demo model)."""
+        folder = loading.resolve_model_dir(model)
+        loading.check_model_dir(folder)
+        return cls.from_folder(folder, name or default_model_name(model), extra_sizes)
+
+    @property
+    def max_seconds(self) -> float:
+        return self.num_frames / self.fps
+
+    def frames_for(self, seconds: float | None, fps: float) -> int:
+        """The frame count of a clip of about `seconds` at `fps` (the model's own length when None)."""
+        if seconds is None:
+            return self.num_frames
+        steps = max(1, round(seconds * fps / self.frame_step))
+        frames = self.frame_step * steps + 1
+        if frames > self.num_frames:
+            longest = self.num_frames / fps
+            raise InputError(
+                f"seconds: this model makes at most {self.num_frames} frames ({longest:g} s at {fps:g} fps); "
+                f"got {seconds:g}"
+            )
+        return frames
+
+
+def default_model_name(model: str | None) -> str:
+    """The name clients use in `model`: the folder's or repo's last part ("CogVideoX-2b"); the demo's is
+    "cogvideox-demo"."""
+    if model is None:
+        return "cogvideox-demo"
+    return Path(str(model).rstrip("/")).name or str(model)

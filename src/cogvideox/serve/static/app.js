@@ -1,0 +1,173 @@
+// The page: submit a prompt, poll the queue, show each video with its progress, then play it in place.
+// Plain DOM, no build step. Cards are kept by id and updated in place, so a playing video is never reloaded.
+"use strict";
+
+const $ = (selector) => document.querySelector(selector);
+const cards = new Map(); // id -> card element
+let apiKey = localStorage.getItem("cogvideox-api-key") || "";
+let model = null;
+
+async function api(path, options = {}) {
+  const headers = { ...(options.headers || {}) };
+  if (apiKey) headers.Authorization = `Bearer ${apiKey}`;
+  const response = await fetch(path, { ...options, headers });
+  if (response.status === 401) {
+    $("#key-form").hidden = false;
+    throw new Error("this server needs an API key");
+  }
+  if (!response.ok) {
+    let message = `${response.status} ${response.statusText}`;
+    try { message = (await response.json()).error.message; } catch (_) { /* not JSON */ }
+    throw new Error(message);
+  }
+  return response;
+}
+
+function say(text, isError = false) {
+  const message = $("#message");
+  message.textContent = text;
+  message.classList.toggle("error", isError);
+}
+
+async function loadModel() {
+  const { data } = await (await api("/v1/models")).json();
+  model = data[0];
+  $("#model").textContent = `${model.id} · ${model.default_size} · ${model.max_seconds.toFixed(2)} s at ${model.fps} fps`;
+  const size = $("#size");
+  size.replaceChildren(...model.sizes.map((s) => new Option(s, s)));
+  $("#num_inference_steps").max = model.max_steps;
+  $("#seconds").max = model.max_seconds;
+  $("#seconds").placeholder = model.max_seconds.toFixed(2);
+}
+
+async function submit(event) {
+  event.preventDefault();
+  const body = { prompt: $("#prompt").value };
+  for (const name of ["negative_prompt", "size"]) {
+    const value = $(`#${name}`).value;
+    if (value) body[name] = value;
+  }
+  for (const name of ["seconds", "num_inference_steps", "guidance_scale", "seed"]) {
+    const value = $(`#${name}`).value;
+    if (value !== "") body[name] = Number(value);
+  }
+  $("#submit").disabled = true;
+  try {
+    const video = await (await api("/v1/videos", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(body),
+    })).json();
+    say(`Queued ${video.id}`);
+    render(video, true);
+    schedule(300);
+  } catch (error) {
+    say(error.message, true);
+  } finally {
+    $("#submit").disabled = false;
+  }
+}
+
+function describe(video) {
+  const parts = [`seed ${video.seed}`, video.size, `${video.num_frames} frames at ${video.fps} fps`, `${video.num_inference_steps} steps`];
+  const timings = Object.entries(video.timings || {});
+  if (timings.length) {
+    const total = timings.reduce((sum, [, seconds]) => sum + seconds, 0);
+    parts.push(`${total.toFixed(1)} s (${timings.map(([stage, s]) => `${stage} ${s.toFixed(1)}`).join(", ")})`);
+  }
+  return parts.join(" · ");
+}
+
+async function attachVideo(card, video) {
+  const url = `/v1/videos/${video.id}/content`;
+  // A <video> cannot send a Bearer header: with a key, fetch the file and play it from memory.
+  const src = apiKey ? URL.createObjectURL(await (await api(url)).blob()) : url;
+  const player = document.createElement("video");
+  Object.assign(player, { src, controls: true, loop: true, muted: true, autoplay: true, playsInline: true, preload: "auto" });
+  card.querySelector(".player").replaceChildren(player);
+  const download = card.querySelector(".download");
+  download.href = src;
+  download.download = `${video.id}.mp4`;
+  download.hidden = false;
+}
+
+function render(video, prepend = false) {
+  let card = cards.get(video.id);
+  if (!card) {
+    card = $("#card").content.firstElementChild.cloneNode(true);
+    card.dataset.id = video.id;
+    card.querySelector(".prompt").textContent = video.enhanced_prompt
+      ? `${video.prompt} → ${video.enhanced_prompt}` : video.prompt;
+    card.querySelector(".delete").addEventListener("click", () => remove(video.id));
+    cards.set(video.id, card);
+    if (prepend) $("#videos").prepend(card); else $("#videos").append(card);
+  }
+  const previous = card.dataset.status;
+  card.dataset.status = video.status;
+  card.querySelector(".status").textContent = video.status.replace("_", " ");
+  card.querySelector("progress").value = video.progress;
+  card.querySelector(".percent").textContent = video.status === "in_progress" ? `${video.progress}%` : "";
+  card.querySelector(".details").textContent = describe(video);
+  card.querySelector(".error").textContent = video.error ? video.error.message : "";
+  card.querySelector(".delete").textContent = ["queued", "in_progress"].includes(video.status) ? "Cancel" : "Delete";
+  if (video.status === "completed" && previous !== "completed") {
+    attachVideo(card, video).catch((error) => say(error.message, true));
+  }
+  $("#empty").hidden = cards.size > 0;
+}
+
+async function remove(id) {
+  try {
+    const result = await (await api(`/v1/videos/${id}`, { method: "DELETE" })).json();
+    if (result.deleted) {
+      const card = cards.get(id);
+      const player = card && card.querySelector("video");
+      if (player && player.src.startsWith("blob:")) URL.revokeObjectURL(player.src);
+      if (card) card.remove();
+      cards.delete(id);
+      $("#empty").hidden = cards.size > 0;
+    }
+    schedule(0);
+  } catch (error) {
+    say(error.message, true);
+  }
+}
+
+let timer = null;
+function schedule(delay) {
+  clearTimeout(timer);
+  timer = setTimeout(refresh, delay);
+}
+
+async function refresh() {
+  let active = false;
+  try {
+    const { data } = await (await api("/v1/videos?limit=50")).json();
+    const seen = new Set(data.map((v) => v.id));
+    for (const video of [...data].reverse()) render(video, true); // oldest first, each on top
+    for (const [id, card] of cards) {
+      if (!seen.has(id)) { card.remove(); cards.delete(id); }
+    }
+    active = data.some((v) => v.status === "queued" || v.status === "in_progress");
+    $("#empty").hidden = cards.size > 0;
+  } catch (error) {
+    say(error.message, true);
+  }
+  schedule(active ? 500 : 3000);
+}
+
+$("#create").addEventListener("submit", submit);
+$("#key-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  apiKey = $("#api-key").value.trim();
+  localStorage.setItem("cogvideox-api-key", apiKey);
+  $("#key-form").hidden = true;
+  say("");
+  start();
+});
+
+function start() {
+  loadModel().catch((error) => say(error.message, true));
+  refresh();
+}
+start();

@@ -1,0 +1,257 @@
+"""A worker: claims jobs from the queue, runs the `Pipeline` on them, writes the MP4s, reports back.
+
+One worker per GPU (`cogvideox worker`), or one inside the API process (`cogvideox serve`'s default). The
+generation itself is the library's: the worker only turns a job's parameters into a `Pipeline` call and
+its progress callback into lease renewals, and the callback is also where a cancelled job is stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from cogvideox.errors import InputError, NonFiniteError
+from cogvideox.serve.jobs import Job, JobStore
+from cogvideox.video import export_video
+
+log = logging.getLogger("cogvideox.serve")
+
+# Share of the progress bar the denoising loop fills; decoding and writing the MP4 take the rest.
+_DENOISE_SHARE = 90
+
+
+def video_path(data_dir: str | Path, job_id: str) -> Path:
+    """Where a job's MP4 lives (ids are checked by `jobs.is_job_id` before they get here)."""
+    return Path(data_dir) / "videos" / f"{job_id}.mp4"
+
+
+@dataclass
+class Generated:
+    frames: np.ndarray  # uint8 [F, H, W, 3]
+    timings: dict[str, float]
+
+
+class Generator(Protocol):
+    """Makes the frames of one job; calls `on_step(done, total)` after each denoising step."""
+
+    def __call__(self, params: dict[str, Any], on_step: Callable[[int, int], None]) -> Generated: ...
+
+
+class PipelineGenerator:
+    """The real generator: a `Pipeline`, loaded on first use (in the worker's thread) or handed in."""
+
+    def __init__(self, model: str | None = None, dtype: str | None = None, device: str | None = None, pipe=None):
+        self.model, self.dtype, self.device = model, dtype, device
+        self.pipe = pipe
+
+    def load(self) -> None:
+        if self.pipe is None:
+            from cogvideox.pipeline import Pipeline
+
+            self.pipe = Pipeline.from_pretrained(self.model, dtype=self.dtype, device=self.device)
+
+    def __call__(self, params: dict[str, Any], on_step: Callable[[int, int], None]) -> Generated:
+        self.load()
+        steps = params["num_inference_steps"]
+        result = self.pipe(
+            params.get("enhanced_prompt") or params["prompt"],
+            negative_prompt=params["negative_prompt"],
+            num_frames=params["num_frames"],
+            height=params["height"],
+            width=params["width"],
+            num_inference_steps=steps,
+            guidance_scale=params["guidance_scale"],
+            seed=params["seed"],
+            progress=False,
+            callback=lambda i, t, latents: on_step(i + 1, steps),
+        )
+        return Generated(result.frames[0], dict(result.timings))
+
+
+class _Stop(Exception):
+    """Raised from the progress callback to abandon the running job."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason  # "lost" (cancelled, deleted or taken over) or "shutdown"
+
+
+class _Lease:
+    """Renews a claimed job's lease from a background thread while the job runs, carrying its progress.
+
+    A thread, not the step callback, so that a long step or the VAE decode cannot outlast the lease.
+    """
+
+    def __init__(self, store: JobStore, job: Job, worker: str, lease_seconds: float) -> None:
+        self.store, self.job, self.worker, self.lease_seconds = store, job, worker, lease_seconds
+        self.progress = 0
+        self.lost = threading.Event()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"lease-{job.id}", daemon=True)
+
+    def __enter__(self) -> _Lease:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _beat(self) -> None:
+        interval = min(0.5, self.lease_seconds / 4)
+        while not self._done.wait(interval):
+            try:
+                if not self.store.heartbeat(self.job.id, self.worker, self.lease_seconds, self.progress):
+                    self.lost.set()
+                    return
+            except Exception as e:  # the database is away for a moment: keep working, try again
+                log.warning("lease renewal of %s failed: %s", self.job.id, e)
+
+
+class Worker:
+    """Runs jobs of one model from `store`, one at a time, writing MP4s under `data_dir/videos`."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        generate: Generator,
+        data_dir: str | Path,
+        model: str,
+        lease_seconds: float = 60.0,
+        poll_interval: float = 0.5,
+        max_attempts: int = 3,
+    ) -> None:
+        self.store, self.generate, self.model = store, generate, model
+        self.data_dir = Path(data_dir)
+        (self.data_dir / "videos").mkdir(parents=True, exist_ok=True)
+        self.lease_seconds, self.poll_interval, self.max_attempts = lease_seconds, poll_interval, max_attempts
+        self.name = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.state = "loading"
+        self._stopping = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -------------------------------------------------------------------------------------------------
+    # Running
+
+    def run_once(self) -> bool:
+        """Claim and run one job; False when the queue had none."""
+        job = self.store.claim(self.name, self.model, self.lease_seconds, self.max_attempts)
+        if job is None:
+            return False
+        log.info("%s: running %s (attempt %d)", self.name, job.id, job.attempts)
+        with _Lease(self.store, job, self.name, self.lease_seconds) as lease:
+
+            def on_step(done: int, total: int) -> None:
+                lease.progress = _DENOISE_SHARE * done // total
+                if lease.lost.is_set():
+                    raise _Stop("lost")
+                if self._stopping.is_set():
+                    raise _Stop("shutdown")
+
+            try:
+                generated = self.generate(job.params, on_step)
+                if lease.lost.is_set():
+                    raise _Stop("lost")
+                start = time.perf_counter()
+                path = export_video(generated.frames, video_path(self.data_dir, job.id), fps=job.params["fps"])
+                timings = {**generated.timings, "write": time.perf_counter() - start}
+            except _Stop as stop:
+                if stop.reason == "shutdown":
+                    self.store.release(job.id, self.name)
+                log.info("%s: stopped %s (%s)", self.name, job.id, stop.reason)
+                return True
+            except Exception as e:
+                self._report_failure(job, e)
+                return True
+        if not self.store.complete(job.id, self.name, timings):
+            self._discard(job, path)
+        return True
+
+    def _report_failure(self, job: Job, error: Exception) -> None:
+        if isinstance(error, InputError):
+            code, message = "invalid_request", str(error)
+        elif isinstance(error, NonFiniteError):
+            code, message = "generation_failed", str(error)
+        elif isinstance(error, RuntimeError) and "out of memory" in str(error).lower():
+            code, message = "out_of_memory", "the GPU ran out of memory; try a smaller size or fewer seconds"
+            _free_gpu_memory()
+        else:
+            log.exception("%s: job %s failed", self.name, job.id)
+            code, message = "internal_error", f"{type(error).__name__}: {error}"
+        self.store.fail(job.id, self.name, code, message)
+
+    def _discard(self, job: Job, path: Path) -> None:
+        """The job was cancelled, deleted or failed while its file was being written: remove the file,
+        unless another worker has the job (it writes the same file: same id, same seed)."""
+        current = self.store.get(job.id)
+        if current is None or current.status in ("cancelled", "failed"):
+            path.unlink(missing_ok=True)
+
+    def run(self) -> None:
+        """Load the model, then work until `stop()`."""
+        load = getattr(self.generate, "load", None)
+        try:
+            if load is not None:
+                load()
+        except Exception as e:
+            self.state = "failed"
+            log.error("%s: could not load the model: %s", self.name, e)
+            raise
+        self.state = "ready"
+        log.info("%s: ready for %s jobs", self.name, self.model)
+        while not self._stopping.is_set():
+            try:
+                busy = self.run_once()
+            except Exception as e:  # the database is away: wait and try again
+                log.warning("%s: queue unavailable: %s", self.name, e)
+                busy = False
+            if not busy:
+                self._wake.wait(self.poll_interval)
+                self._wake.clear()
+
+    # -------------------------------------------------------------------------------------------------
+    # In a thread
+
+    def start(self) -> Worker:
+        """Run in a background thread (a model that fails to load leaves `state` "failed", logged)."""
+        self._thread = threading.Thread(target=self._run_quietly, name=f"worker-{self.name}", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run_quietly(self) -> None:
+        try:
+            self.run()
+        except Exception:
+            pass  # logged by run(); /healthz shows the state
+
+    def wake(self) -> None:
+        """A job was queued: look now rather than at the next poll."""
+        self._wake.set()
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Stop after the current step; a job cut short goes back to the queue."""
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+
+def _free_gpu_memory() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass

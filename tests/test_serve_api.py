@@ -1,0 +1,391 @@
+"""The HTTP API end to end on the tiny model: every endpoint, every bad input, keys and limits, metrics and
+the OpenAPI schema. The in-process worker runs the real Pipeline; the video it serves is checked against a
+direct Pipeline call with the same parameters."""
+
+import io
+import json
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+
+from fastapi.testclient import TestClient  # noqa: E402
+from serve_helpers import BlockingGenerator, CountingGenerator, wait_until, write_config_folder  # noqa: E402
+
+from cogvideox.errors import InputError  # noqa: E402
+from cogvideox.pipeline import Pipeline  # noqa: E402
+from cogvideox.serve.app import Settings, create_app  # noqa: E402
+from cogvideox.serve.jobs import SQLiteStore  # noqa: E402
+from cogvideox.serve.spec import ModelSpec  # noqa: E402
+from cogvideox.serve.worker import PipelineGenerator, Worker, video_path  # noqa: E402
+from cogvideox.video import export_video, read_video  # noqa: E402
+
+FAST = {"num_inference_steps": 2}
+
+
+def finished(client, video_id, headers=None, timeout=30.0):
+    def done():
+        video = client.get(f"/v1/videos/{video_id}", headers=headers).json()
+        return video if video["status"] not in ("queued", "in_progress") else None
+
+    return wait_until(done, timeout=timeout, what=f"{video_id} to finish")
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_rope_dir):
+    return Pipeline.from_pretrained(tiny_rope_dir)
+
+
+@pytest.fixture(scope="module")
+def service(tiny_rope_dir, pipe, tmp_path_factory):
+    """The tiny model served with its worker in-process, as `cogvideox serve` runs it."""
+    data = tmp_path_factory.mktemp("serve-api")
+    spec = ModelSpec.from_folder(tiny_rope_dir, "tiny", extra_sizes=("32x32",))
+    store = SQLiteStore(data / "jobs.sqlite3")
+    worker = Worker(store, PipelineGenerator(pipe=pipe), data, spec.name, poll_interval=0.05)
+    app = create_app(spec, store, Settings(data_dir=data, rate_limit=0, max_active_per_key=0), worker)
+    with TestClient(app) as client:
+        wait_until(lambda: client.get("/healthz").json()["worker"] == "ready", what="the worker")
+        yield client, store, data
+    store.close()
+
+
+def make_client(tmp_path, generate=None, **settings):
+    """An app on a config-only model folder; with `generate`, a worker using it (not started)."""
+    spec = ModelSpec.from_folder(write_config_folder(tmp_path / "model"), "tiny")
+    store = SQLiteStore(tmp_path / "jobs.sqlite3")
+    worker = Worker(store, generate, tmp_path, spec.name, poll_interval=0.02) if generate else None
+    app = create_app(spec, store, Settings(data_dir=tmp_path, **settings))
+    return TestClient(app), store, worker
+
+
+# -----------------------------------------------------------------------------------------------------
+# The happy path
+
+
+def test_a_video_is_created_polled_downloaded_and_deleted(service, pipe, tmp_path):
+    client, store, data = service
+    request = {
+        "prompt": "a cat sits on the mat",
+        "negative_prompt": "the sun",
+        "seed": 7,
+        "guidance_scale": 5.0,
+        **FAST,
+    }
+    response = client.post("/v1/videos", json=request)
+    assert response.status_code == 200
+    created = response.json()
+    assert created["object"] == "video" and created["status"] == "queued" and created["model"] == "tiny"
+    assert (created["size"], created["seconds"], created["num_frames"], created["fps"]) == ("64x64", "1.125", 9, 8)
+
+    video = finished(client, created["id"])
+    assert video["status"] == "completed" and video["progress"] == 100 and video["error"] is None
+    assert set(video["timings"]) == {"text", "denoise", "decode", "write"}
+    assert video["completed_at"] >= video["created_at"]
+
+    content = client.get(f"/v1/videos/{video['id']}/content")
+    assert content.status_code == 200 and content.headers["content-type"] == "video/mp4"
+    (tmp_path / "served.mp4").write_bytes(content.content)
+    frames, fps = read_video(tmp_path / "served.mp4")
+    assert frames.shape == (9, 64, 64, 3) and fps == 8
+
+    # The same request straight through the library gives the same video: the service adds nothing.
+    direct = pipe(
+        "a cat sits on the mat", negative_prompt="the sun", seed=7, guidance_scale=5.0, progress=False, **FAST
+    ).frames[0]
+    expected, _ = read_video(export_video(direct, tmp_path / "direct.mp4", fps=8))
+    np.testing.assert_array_equal(frames, expected)
+
+    deleted = client.delete(f"/v1/videos/{video['id']}")
+    assert deleted.json() == {"id": video["id"], "object": "video.deleted", "deleted": True, "status": "deleted"}
+    assert not video_path(data, video["id"]).exists()
+    assert client.get(f"/v1/videos/{video['id']}").status_code == 404
+    assert client.delete(f"/v1/videos/{video['id']}").status_code == 404
+
+
+def test_content_honours_range_requests(service):
+    client, _, _ = service
+    video = finished(
+        client, client.post("/v1/videos", json={"prompt": "a dog runs", "size": "32x32", **FAST}).json()["id"]
+    )
+    url = f"/v1/videos/{video['id']}/content"
+    whole = client.get(url).content
+    size = len(whole)
+    assert video["size"] == "32x32"
+
+    part = client.get(url, headers={"Range": "bytes=100-199"})
+    assert part.status_code == 206 and part.headers["content-range"] == f"bytes 100-199/{size}"
+    assert part.content == whole[100:200]
+    tail = client.get(url, headers={"Range": "bytes=-50"})
+    assert tail.status_code == 206 and tail.content == whole[-50:]
+    assert client.get(url, headers={"Range": f"bytes={size}-"}).status_code == 416
+
+
+def test_forms_are_read_like_json(service):
+    """OpenAI's client posts multipart/form-data; HTML forms post urlencoded."""
+    client, _, _ = service
+    multipart = client.post("/v1/videos", data={"prompt": "a red sun", "seconds": "1", "seed": "3", **FAST}, files={})
+    urlencoded = client.post(
+        "/v1/videos",
+        content=b"prompt=a+bird+flies&num_inference_steps=2&guidance_scale=1.5",
+        headers={"content-type": "application/x-www-form-urlencoded"},
+    )
+    for response in (multipart, urlencoded):
+        assert response.status_code == 200, response.text
+        assert finished(client, response.json()["id"])["status"] == "completed"
+    assert multipart.json()["seed"] == 3 and urlencoded.json()["guidance_scale"] == 1.5
+
+
+def test_list_is_newest_first_and_paginated(service):
+    client, _, _ = service
+    ids = [client.post("/v1/videos", json={"prompt": f"a cat {i}", **FAST}).json()["id"] for i in range(3)]
+    first = client.get("/v1/videos", params={"limit": 2}).json()
+    assert first["object"] == "list" and [v["id"] for v in first["data"]] == ids[:0:-1]
+    assert first["has_more"] and first["first_id"] == ids[2] and first["last_id"] == ids[1]
+    second = client.get("/v1/videos", params={"limit": 1, "after": first["last_id"]}).json()
+    assert [v["id"] for v in second["data"]] == [ids[0]]
+    oldest_first = client.get("/v1/videos", params={"limit": 100, "order": "asc"}).json()["data"]
+    assert [v["id"] for v in oldest_first][-3:] == ids
+    for video_id in ids:
+        finished(client, video_id)
+
+
+def test_models_health_and_page(service):
+    client, _, _ = service
+    card = client.get("/v1/models").json()["data"][0]
+    assert card["id"] == "tiny" and card["sizes"] == ["64x64", "32x32"] and card["max_seconds"] == 1.125
+    assert client.get("/healthz").json() == {"status": "ok", "model": "tiny", "worker": "ready"}
+    assert "swagger" in client.get("/docs").text.lower()
+    page = client.get("/")
+    assert page.status_code == 200 and 'id="prompt"' in page.text and "/static/app.js" in page.text
+    for asset in ("app.js", "style.css"):
+        assert client.get(f"/static/{asset}").status_code == 200
+
+
+# -----------------------------------------------------------------------------------------------------
+# Bad input: a clear 4xx with a JSON error, and nothing queued
+
+
+def _form_with_file():
+    return {"data": {"prompt": "a cat"}, "files": {"input_reference": ("ref.png", io.BytesIO(b"\x89PNG"), "image/png")}}
+
+
+BAD_REQUESTS = {
+    "missing prompt": ({"json": {}}, 400, "prompt"),
+    "empty prompt": ({"json": {"prompt": ""}}, 400, "prompt"),
+    "blank prompt": ({"json": {"prompt": "  \n "}}, 400, "prompt"),
+    "prompt too long": ({"json": {"prompt": "a" * 2001}}, 400, "prompt"),
+    "prompt not text": ({"json": {"prompt": ["a", "b"]}}, 400, "prompt"),
+    "unknown model": ({"json": {"prompt": "a", "model": "sora-2"}}, 400, "model"),
+    "unknown size": ({"json": {"prompt": "a", "size": "1280x720"}}, 400, "size"),
+    "malformed size": ({"json": {"prompt": "a", "size": "large"}}, 400, "size"),
+    "too long a clip": ({"json": {"prompt": "a", "seconds": "12"}}, 400, "seconds"),
+    "seconds not a number": ({"json": {"prompt": "a", "seconds": "four"}}, 400, "seconds"),
+    "negative seconds": ({"json": {"prompt": "a", "seconds": -1}}, 400, "seconds"),
+    "zero steps": ({"json": {"prompt": "a", "num_inference_steps": 0}}, 400, "num_inference_steps"),
+    "steps over the server's cap": ({"json": {"prompt": "a", "num_inference_steps": 101}}, 400, "num_inference_steps"),
+    "steps not a number": ({"json": {"prompt": "a", "num_inference_steps": "many"}}, 400, "num_inference_steps"),
+    "negative guidance": ({"json": {"prompt": "a", "guidance_scale": -1}}, 400, "guidance_scale"),
+    "guidance too high": ({"json": {"prompt": "a", "guidance_scale": 51}}, 400, "guidance_scale"),
+    "guidance NaN": ({"content": b'{"prompt": "a", "guidance_scale": NaN}'}, 400, "guidance_scale"),
+    "negative seed": ({"json": {"prompt": "a", "seed": -1}}, 400, "seed"),
+    "seed too big": ({"json": {"prompt": "a", "seed": 2**32}}, 400, "seed"),
+    "zero fps": ({"json": {"prompt": "a", "fps": 0}}, 400, "fps"),
+    "unknown field": ({"json": {"prompt": "a", "steps": 3}}, 400, "steps"),
+    "not JSON": ({"content": b'{"prompt": "a"'}, 400, None),
+    "JSON but not an object": ({"content": b'["a cat"]'}, 400, None),
+    "empty body": ({"content": b""}, 400, None),
+    "oversized body": ({"json": {"prompt": "a", "negative_prompt": "b" * 70_000}}, 413, None),
+    "unsupported content type": ({"content": b"a cat", "headers": {"content-type": "text/plain"}}, 415, None),
+    "a file upload": (_form_with_file(), 400, "input_reference"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS, ids=list(BAD_REQUESTS))
+def test_bad_requests_get_a_clear_4xx_and_never_reach_the_queue(tmp_path, case):
+    client, store, _ = make_client(tmp_path, max_steps=100)
+    kwargs, status, param = BAD_REQUESTS[case]
+    if "content" in kwargs:
+        kwargs = {"headers": {"content-type": "application/json"}, **kwargs}
+    response = client.post("/v1/videos", **kwargs)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["message"] and error["type"] and error["code"]
+    assert error["param"] == param
+    assert store.page()[0] == []
+
+
+def test_unknown_and_hostile_ids_are_404(service):
+    client, _, data = service
+    db = data / "jobs.sqlite3"
+    for video_id in ("video_" + "0" * 24, "nope", "..%2Fjobs.sqlite3", "video_..%2F..%2Fjobs", "%2e%2e"):
+        for method, suffix in (("GET", ""), ("GET", "/content"), ("DELETE", "")):
+            response = client.request(method, f"/v1/videos/{video_id}{suffix}")
+            assert response.status_code == 404, (method, video_id, suffix)
+            assert response.json()["error"]["code"] in ("video_not_found", "not_found")
+    assert client.get("/v1/videos", params={"after": "video_" + "1" * 24}).status_code == 404
+    assert client.get("/v1/videos", params={"limit": 0}).status_code == 400
+    assert client.get("/v1/videos", params={"order": "sideways"}).status_code == 400
+    assert db.is_file()
+
+
+# -----------------------------------------------------------------------------------------------------
+# Cancelling, failing
+
+
+def test_cancel_queued_and_running_jobs(tmp_path):
+    generate = BlockingGenerator()
+    client, store, worker = make_client(tmp_path, generate)
+    running = client.post("/v1/videos", json={"prompt": "a cat"}).json()
+    queued = client.post("/v1/videos", json={"prompt": "a dog"}).json()
+    assert client.get(f"/v1/videos/{queued['id']}/content").status_code == 409  # not ready
+
+    worker.start()
+    try:
+        assert generate.started.wait(10)
+        wait_until(lambda: client.get(f"/v1/videos/{running['id']}").json()["progress"] > 0, what="progress")
+        for video in (running, queued):
+            answer = client.delete(f"/v1/videos/{video['id']}").json()
+            assert answer == {"id": video["id"], "object": "video.deleted", "deleted": False, "status": "cancelled"}
+            assert client.get(f"/v1/videos/{video['id']}").json()["status"] == "cancelled"
+        # The worker drops the cancelled job at its next heartbeat, and never starts the queued one.
+        assert generate.stopped.wait(10)
+        time.sleep(0.2)  # ten polls of the worker's: the cancelled queued job is not claimed
+    finally:
+        generate.release.set()
+        worker.stop()
+    assert generate.prompts == ["a cat"]
+    assert not video_path(tmp_path, running["id"]).exists()
+    assert client.delete(f"/v1/videos/{running['id']}").json()["deleted"] is True  # then deleted for good
+
+
+def test_a_failed_generation_reports_why(tmp_path):
+    def refuse(params, on_step):
+        raise InputError("height must be a positive multiple of 16, got 8")
+
+    client, store, worker = make_client(tmp_path, refuse)
+    video = client.post("/v1/videos", json={"prompt": "a cat"}).json()
+    assert worker.run_once()
+    failed = client.get(f"/v1/videos/{video['id']}").json()
+    assert failed["status"] == "failed"
+    assert failed["error"] == {"code": "invalid_request", "message": "height must be a positive multiple of 16, got 8"}
+    assert client.get(f"/v1/videos/{video['id']}/content").status_code == 409
+
+
+# -----------------------------------------------------------------------------------------------------
+# Keys and limits
+
+
+def test_api_keys_guard_everything_but_health_and_the_page(tmp_path):
+    client, _, _ = make_client(tmp_path, api_keys=("k1", "k2"))
+    video_id = "video_" + "0" * 24
+    video = f"/v1/videos/{video_id}"
+    guarded = [("GET", "/v1/models"), ("GET", "/v1/videos"), ("POST", "/v1/videos"), ("GET", video),
+               ("GET", f"{video}/content"), ("DELETE", video), ("GET", "/metrics"),
+               ("GET", "/openapi.json")]  # fmt: skip
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic azE6"}):
+        for method, path in guarded:
+            response = client.request(method, path, headers=headers, json={"prompt": "a"})
+            assert response.status_code == 401, (method, path, headers)
+            assert response.json()["error"]["code"] == "invalid_api_key"
+            assert response.headers["www-authenticate"] == "Bearer"
+    assert client.get("/healthz").status_code == 200 and client.get("/").status_code == 200
+    assert client.get("/docs").status_code == 404  # Swagger UI could not send the key
+    for key in ("k1", "k2"):
+        auth = {"Authorization": f"Bearer {key}"}
+        assert client.get("/v1/videos", headers=auth).status_code == 200
+        assert client.post("/v1/videos", headers=auth, json={"prompt": "a"}).status_code == 200
+
+
+def test_rate_limit_per_key(tmp_path):
+    client, _, _ = make_client(tmp_path, api_keys=("a", "b"), rate_limit=3)
+    alice, bob = {"Authorization": "Bearer a"}, {"Authorization": "Bearer b"}
+    codes = [client.post("/v1/videos", headers=alice, json={"prompt": "x"}).status_code for _ in range(4)]
+    assert codes == [200, 200, 200, 429]
+    limited = client.post("/v1/videos", headers=alice, json={"prompt": "x"})
+    assert limited.json()["error"]["code"] == "rate_limit_exceeded" and int(limited.headers["retry-after"]) >= 1
+    assert client.post("/v1/videos", headers=bob, json={"prompt": "x"}).status_code == 200  # bob has his own
+    assert client.get("/v1/videos", headers=alice).status_code == 200  # reading is not limited
+
+
+def test_queue_limit_per_key(tmp_path):
+    client, _, _ = make_client(tmp_path, api_keys=("a", "b"), rate_limit=0, max_active_per_key=2)
+    alice, bob = {"Authorization": "Bearer a"}, {"Authorization": "Bearer b"}
+    ids = [client.post("/v1/videos", headers=alice, json={"prompt": "x"}).json()["id"] for _ in range(2)]
+    full = client.post("/v1/videos", headers=alice, json={"prompt": "x"})
+    assert full.status_code == 429 and full.json()["error"]["code"] == "queue_full"
+    assert client.post("/v1/videos", headers=bob, json={"prompt": "x"}).status_code == 200
+    client.delete(f"/v1/videos/{ids[0]}", headers=alice)  # cancelling frees a place
+    assert client.post("/v1/videos", headers=alice, json={"prompt": "x"}).status_code == 200
+
+
+# -----------------------------------------------------------------------------------------------------
+# Metrics and the schema
+
+
+def _parse_metrics(text):
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
+
+
+def test_metrics_report_the_queue(tmp_path):
+    generate = CountingGenerator(delay=0.01)
+    client, store, worker = make_client(tmp_path, generate)
+    ids = [client.post("/v1/videos", json={"prompt": f"p{i}"}).json()["id"] for i in range(4)]
+    assert worker.run_once() and worker.run_once()
+    client.delete(f"/v1/videos/{ids[3]}")
+    response = client.get("/metrics")
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    values = _parse_metrics(response.text)
+    label = 'model="tiny"'
+    assert values[f"cogvideox_queue_depth{{{label}}}"] == 1
+    expected = {"queued": 1, "in_progress": 0, "completed": 2, "failed": 0, "cancelled": 1}
+    for status, count in expected.items():
+        assert values[f'cogvideox_jobs{{{label},status="{status}"}}'] == count
+    timings = [sum(store.get(i).timings.values()) for i in ids[:2]]
+    assert values[f"cogvideox_generation_seconds_count{{{label}}}"] == 2
+    assert values[f"cogvideox_generation_seconds_sum{{{label}}}"] == pytest.approx(sum(timings))
+    assert values[f'cogvideox_generation_seconds_bucket{{{label},le="+Inf"}}'] == 2
+    assert values[f'cogvideox_generation_seconds_bucket{{{label},le="1"}}'] == 2
+
+
+def test_openapi_schema_matches_the_routes_and_the_answers(service):
+    jsonschema = pytest.importorskip("jsonschema")
+    client, _, _ = service
+    schema = client.get("/openapi.json").json()
+    documented = {(path, method.upper()) for path, ops in schema["paths"].items() for method in ops}
+    routes = {(r.path, m) for r in client.app.routes if getattr(r, "include_in_schema", False) for m in r.methods}
+    assert documented == routes - {(p, "HEAD") for p, _ in routes}
+    assert {p for p, _ in documented} == {
+        "/healthz", "/metrics", "/v1/models", "/v1/videos", "/v1/videos/{video_id}", "/v1/videos/{video_id}/content"
+    }  # fmt: skip
+
+    create = schema["paths"]["/v1/videos"]["post"]
+    for media in ("application/json", "multipart/form-data"):
+        assert create["requestBody"]["content"][media]["schema"] == {"$ref": "#/components/schemas/VideoCreate"}
+    fields = schema["components"]["schemas"]["VideoCreate"]["properties"]
+    assert {"prompt", "model", "size", "seconds", "seed", "negative_prompt", "num_inference_steps",
+            "guidance_scale", "fps"} <= set(fields)  # fmt: skip
+    assert fields["num_inference_steps"]["minimum"] == 1 and fields["prompt"]["maxLength"] == 2000
+    assert all("422" not in op["responses"] for ops in schema["paths"].values() for op in ops.values())
+    assert "HTTPBearer" in schema["components"]["securitySchemes"]
+
+    def validate(instance, name):
+        wrapper = {"$ref": f"#/components/schemas/{name}", "components": schema["components"]}
+        jsonschema.Draft202012Validator(wrapper).validate(instance)
+
+    video = client.post("/v1/videos", json={"prompt": "a cat", **FAST}).json()
+    validate(video, "Video")
+    validate(finished(client, video["id"]), "Video")
+    validate(client.get("/v1/videos").json(), "VideoList")
+    validate(client.get("/v1/models").json(), "ModelList")
+    validate(client.get("/healthz").json(), "Health")
+    validate(client.post("/v1/videos", json={}).json(), "ErrorResponse")
+    validate(client.delete(f"/v1/videos/{video['id']}").json(), "VideoDeleted")
+    json.dumps(schema)  # the whole schema is plain JSON

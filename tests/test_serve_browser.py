@@ -1,0 +1,147 @@
+"""The web page in headless Chromium (Debian's, driven by Selenium), at a phone's size: submit a prompt,
+watch the progress, the video plays in place with the right duration (frames / fps), delete it.
+Screenshots of each stage go to tests/artifacts/serve/."""
+
+import pytest
+
+pytest.importorskip("fastapi")
+webdriver = pytest.importorskip("selenium.webdriver")
+
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from serve_helpers import CHROMEDRIVER, CHROMIUM, artifacts_dir, chromium_or_skip, serving  # noqa: E402
+
+from cogvideox.serve.app import Settings, create_app  # noqa: E402
+from cogvideox.serve.jobs import SQLiteStore  # noqa: E402
+from cogvideox.serve.spec import ModelSpec  # noqa: E402
+from cogvideox.serve.worker import PipelineGenerator, Worker  # noqa: E402
+
+PHONE = (412, 915)  # CSS pixels of a common Android phone
+
+# Records every status / percent the cards show, so the test sees progress however fast it goes by.
+OBSERVE = """
+window.seen = [];
+new MutationObserver(() => {
+  for (const card of document.querySelectorAll('#videos .card')) {
+    const entry = card.dataset.status + ' ' + card.querySelector('.percent').textContent;
+    if (window.seen[window.seen.length - 1] !== entry) window.seen.push(entry);
+  }
+}).observe(document.querySelector('#videos'), {subtree: true, childList: true, characterData: true, attributes: true});
+"""
+
+
+@pytest.fixture
+def browser(tmp_path):
+    chromium_or_skip()
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in (
+        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-quic",
+        "--autoplay-policy=no-user-gesture-required", f"--window-size={PHONE[0]},{PHONE[1]}",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+    ):  # fmt: skip
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=str(CHROMEDRIVER)))
+    driver.set_window_size(*PHONE)
+    yield driver
+    driver.quit()
+
+
+def start_service(tiny_rope_dir, tmp_path, **settings):
+    spec = ModelSpec.from_folder(tiny_rope_dir, "cogvideox-tiny", extra_sizes=("128x128",))
+    store = SQLiteStore(tmp_path / "jobs.sqlite3")
+    # A short lease renews (and reports progress) every 0.25 s, so a 2-second job shows several steps.
+    worker = Worker(
+        store, PipelineGenerator(str(tiny_rope_dir)), tmp_path, spec.name, lease_seconds=1, poll_interval=0.05
+    )
+    return store, serving(create_app(spec, store, Settings(data_dir=tmp_path, max_steps=1000, **settings), worker))
+
+
+@pytest.fixture
+def page_url(tiny_rope_dir, tmp_path):
+    store, server = start_service(tiny_rope_dir, tmp_path)
+    with server as url:
+        yield url
+    store.close()
+
+
+def test_submit_watch_play_delete(browser, page_url):
+    shots = artifacts_dir()
+    wait = WebDriverWait(browser, 60, poll_frequency=0.05)
+    browser.get(page_url)
+    wait.until(lambda d: "cogvideox-tiny" in d.find_element(By.ID, "model").text)
+    browser.execute_script(OBSERVE)
+    browser.save_screenshot(str(shots / "1-empty.png"))
+
+    browser.find_element(By.ID, "prompt").send_keys("a panda plays a small guitar in the bamboo forest")
+    browser.find_element(By.CSS_SELECTOR, "#options summary").click()
+    browser.find_element(By.CSS_SELECTOR, "#size option[value='128x128']").click()
+    steps = browser.find_element(By.ID, "num_inference_steps")
+    steps.clear()
+    steps.send_keys("1000")
+    browser.find_element(By.ID, "seed").send_keys("42")
+    browser.save_screenshot(str(shots / "2-form.png"))
+    browser.find_element(By.ID, "submit").click()
+
+    card = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#videos .card[data-status='in_progress']"))
+    wait.until(lambda d: card.find_element(By.CSS_SELECTOR, ".percent").text not in ("", "0%"))
+    browser.save_screenshot(str(shots / "3-in-progress.png"))
+
+    video = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#videos .card[data-status='completed'] video"))
+    wait.until(lambda d: d.execute_script("return arguments[0].readyState >= 2", video))
+    duration = browser.execute_script("return arguments[0].duration", video)
+    assert duration == pytest.approx(9 / 8, abs=0.02)  # 9 frames at 8 fps
+    # It plays: the clock moves (muted autoplay, looping).
+    start = browser.execute_script("return arguments[0].currentTime", video)
+    wait.until(lambda d: d.execute_script("return arguments[0].currentTime", video) != start)
+    assert browser.execute_script("return !arguments[0].paused && arguments[0].error === null", video)
+    width = browser.execute_script("return arguments[0].videoWidth", video)
+    assert width == 128
+    details = card.find_element(By.CSS_SELECTOR, ".details").text
+    assert "seed 42" in details and "9 frames at 8 fps" in details and "1000 steps" in details
+    assert card.find_element(By.CSS_SELECTOR, ".download").get_attribute("href").endswith("/content")
+    # Fits the phone's width: no sideways scrolling.
+    assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+    browser.execute_script("arguments[0].scrollIntoView()", card)
+    browser.save_screenshot(str(shots / "4-playing.png"))
+
+    seen = browser.execute_script("return window.seen")
+    percents = [int(s.split()[1][:-1]) for s in seen if s.startswith("in_progress ") and s.endswith("%")]
+    assert any(0 < p < 100 for p in percents), seen  # progress was shown on the way
+    assert seen[-1] == "completed "
+
+    card.find_element(By.CSS_SELECTOR, ".delete").click()
+    wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, "#videos .card"))
+    assert browser.find_element(By.ID, "empty").is_displayed()
+    browser.save_screenshot(str(shots / "5-deleted.png"))
+
+
+def test_with_an_api_key_the_page_asks_for_it_and_plays_from_memory(browser, tiny_rope_dir, tmp_path):
+    """A <video> cannot send a Bearer header: with a key the page fetches the MP4 and plays it as a blob."""
+    store, server = start_service(tiny_rope_dir, tmp_path, api_keys=("sk-page",))
+    wait = WebDriverWait(browser, 60, poll_frequency=0.05)
+    with server as url:
+        browser.get(url)
+        key = wait.until(
+            lambda d: d.find_element(By.ID, "api-key") if d.find_element(By.ID, "key-form").is_displayed() else None
+        )
+        browser.save_screenshot(str(artifacts_dir() / "6-api-key.png"))
+        key.send_keys("sk-page")
+        browser.find_element(By.CSS_SELECTOR, "#key-form button").click()
+        wait.until(lambda d: "cogvideox-tiny" in d.find_element(By.ID, "model").text)
+        browser.find_element(By.ID, "prompt").send_keys("a red sun")
+        browser.find_element(By.CSS_SELECTOR, "#options summary").click()
+        steps = browser.find_element(By.ID, "num_inference_steps")
+        steps.clear()
+        steps.send_keys("2")
+        browser.find_element(By.ID, "submit").click()
+        video = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#videos .card[data-status='completed'] video"))
+        wait.until(lambda d: d.execute_script("return arguments[0].readyState >= 1", video))
+        assert video.get_attribute("src").startswith("blob:")
+        assert browser.execute_script("return arguments[0].duration", video) == pytest.approx(9 / 8, abs=0.02)
+        browser.find_element(By.CSS_SELECTOR, "#videos .card .delete").click()
+        wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, "#videos .card"))
+        assert store.page()[0] == []
+    store.close()

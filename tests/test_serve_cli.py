@@ -1,0 +1,73 @@
+"""`serve` and `worker` on the command line: their options, one-line errors, and a `worker` process that
+takes a job from the queue, generates it with the tiny model, and exits cleanly on SIGTERM."""
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("fastapi")
+
+from serve_helpers import wait_until  # noqa: E402
+
+from cogvideox.serve.cli import _is_loopback, add_serve_parsers, main  # noqa: E402
+from cogvideox.serve.jobs import SQLiteStore  # noqa: E402
+from cogvideox.video import read_video  # noqa: E402
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    add_serve_parsers(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(argv)
+
+
+def test_safe_defaults_and_options():
+    args = parse(["serve"])
+    assert (args.host, args.port, args.model, args.db, args.no_worker, args.api_key) == (
+        "127.0.0.1",
+        8000,
+        None,
+        None,
+        False,
+        [],
+    )
+    assert (args.rate_limit, args.max_queue, args.max_steps, args.prompt_enhancer) == (30.0, 100, 100, None)
+    args = parse(["serve", "--api-key", "a", "--api-key", "b", "--db", "postgresql://u@h/db", "--no-worker"])
+    assert args.api_key == ["a", "b"] and args.db == "postgresql://u@h/db" and args.no_worker
+    args = parse(["worker", "--model", "THUDM/CogVideoX-2b", "--lease-seconds", "30"])
+    assert args.command == "worker" and args.lease_seconds == 30.0 and args.run.__name__ == "run_worker"
+    for bad in (["serve", "--port", "-1"], ["serve", "--rate-limit", "fast"], ["worker", "--lease-seconds", "0"]):
+        with pytest.raises(SystemExit):
+            parse(bad)
+    assert _is_loopback("127.0.0.1") and _is_loopback("::1") and _is_loopback("localhost")
+    assert not _is_loopback("0.0.0.0") and not _is_loopback("192.0.2.1")
+
+
+def test_a_missing_model_is_one_line(tmp_path, capsys):
+    assert main(["serve", "--model", str(tmp_path / "nowhere"), "--data-dir", str(tmp_path)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("cogvideox: error: ") and "\n" not in error
+    assert main(["worker", "--model", str(tmp_path), "--data-dir", str(tmp_path)]) == 2
+
+
+def test_worker_process_runs_a_queued_job_and_stops_on_sigterm(tiny_rope_dir, tmp_path):
+    store = SQLiteStore(tmp_path / "jobs.sqlite3")
+    params = {"prompt": "a bird flies", "negative_prompt": "", "width": 64, "height": 64, "num_frames": 9, "fps": 8,
+              "num_inference_steps": 2, "guidance_scale": 6.0, "seed": 3}  # fmt: skip
+    job = store.create("tiny", "test", params)
+    command = [sys.executable, "-m", "cogvideox.serve", "worker", "--model", str(tiny_rope_dir), "--model-name", "tiny",
+               "--data-dir", str(tmp_path), "--poll-interval", "0.05", "--log-level", "warning"]  # fmt: skip
+    process = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True)
+    try:
+        done = wait_until(lambda: store.get(job.id).status == "completed" or process.poll() is not None, timeout=60)
+        assert done and process.poll() is None, process.stderr.read()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+    frames, fps = read_video(tmp_path / "videos" / f"{job.id}.mp4")
+    assert frames.shape == (9, 64, 64, 3) and fps == 8
+    assert process.stderr.read() == ""  # a quiet log at --log-level warning
+    store.close()

@@ -1,0 +1,102 @@
+"""Prompt enhancement against a local fake OpenAI-compatible chat endpoint: the rewritten prompt is what
+the worker generates from; opting out, or an endpoint that fails, leaves the prompt as given."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+
+from fastapi import FastAPI, Request  # noqa: E402
+from fastapi.responses import JSONResponse  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402
+from serve_helpers import serving, write_config_folder  # noqa: E402
+
+from cogvideox.serve.app import Settings, create_app  # noqa: E402
+from cogvideox.serve.enhance import SYSTEM_PROMPT  # noqa: E402
+from cogvideox.serve.jobs import SQLiteStore  # noqa: E402
+from cogvideox.serve.spec import ModelSpec  # noqa: E402
+from cogvideox.serve.worker import PipelineGenerator, Worker  # noqa: E402
+
+REWRITTEN = "A giant panda in a bamboo grove strums a small guitar; soft morning light, slow dolly in."
+
+
+@pytest.fixture(scope="module")
+def chat_endpoint():
+    """A stand-in for any OpenAI-compatible server: answers chat completions, records the requests;
+    the prompt "fail" gets a 500."""
+    app = FastAPI()
+    app.state.requests = []
+
+    @app.post("/v1/chat/completions")
+    async def complete(request: Request):
+        body = await request.json()
+        app.state.requests.append({"body": body, "authorization": request.headers.get("authorization")})
+        if body["messages"][-1]["content"] == "fail":
+            return JSONResponse({"error": {"message": "down"}}, status_code=500)
+        answer = {"role": "assistant", "content": f'  "{REWRITTEN}"\n'}
+        return {"object": "chat.completion", "choices": [{"index": 0, "message": answer, "finish_reason": "stop"}]}
+
+    with serving(app) as url:
+        yield url, app.state.requests
+
+
+class RecordingPipe:
+    """Takes the place of a Pipeline: records the prompt it was called with."""
+
+    def __init__(self):
+        self.prompts = []
+
+    def __call__(self, prompt, **kwargs):
+        self.prompts.append(prompt)
+        return SimpleNamespace(frames=[np.zeros((9, 16, 16, 3), np.uint8)], timings={"denoise": 0.0})
+
+
+def service(tmp_path, enhancer_url):
+    spec = ModelSpec.from_folder(write_config_folder(tmp_path / "model"), "tiny")
+    store = SQLiteStore(tmp_path / "jobs.sqlite3")
+    settings = Settings(
+        data_dir=tmp_path, prompt_enhancer=enhancer_url, enhancer_model="chat-small", enhancer_api_key="ek"
+    )
+    pipe = RecordingPipe()
+    worker = Worker(store, PipelineGenerator(pipe=pipe), tmp_path, spec.name)
+    return TestClient(create_app(spec, store, settings)), worker, pipe
+
+
+def test_the_enhanced_prompt_is_generated(chat_endpoint, tmp_path):
+    url, requests = chat_endpoint
+    client, worker, pipe = service(tmp_path, url + "/v1")
+    requests.clear()
+    video = client.post("/v1/videos", json={"prompt": "panda with guitar"}).json()
+    assert video["prompt"] == "panda with guitar" and video["enhanced_prompt"] == REWRITTEN
+
+    [sent] = requests
+    assert sent["authorization"] == "Bearer ek" and sent["body"]["model"] == "chat-small"
+    assert sent["body"]["messages"] == [
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "user", "content": "panda with guitar"},
+    ]
+    assert worker.run_once()
+    assert pipe.prompts == [REWRITTEN]
+    assert client.get(f"/v1/videos/{video['id']}").json()["status"] == "completed"
+
+
+def test_opting_out_or_a_failing_enhancer_keeps_the_prompt(chat_endpoint, tmp_path):
+    url, requests = chat_endpoint
+    client, worker, pipe = service(tmp_path, url + "/v1")
+    requests.clear()
+    kept = client.post("/v1/videos", json={"prompt": "a cat", "enhance_prompt": False}).json()
+    assert kept["enhanced_prompt"] is None and requests == []
+    failed = client.post("/v1/videos", json={"prompt": "fail"})
+    assert failed.status_code == 200 and failed.json()["enhanced_prompt"] is None and len(requests) == 1
+    assert worker.run_once() and worker.run_once()
+    assert pipe.prompts == ["a cat", "fail"]
+
+    unreachable, _, _ = service(tmp_path / "other", "http://127.0.0.1:9/v1")  # nothing listens on port 9
+    assert unreachable.post("/v1/videos", json={"prompt": "a dog"}).json()["enhanced_prompt"] is None
+
+
+def test_off_by_default(tmp_path):
+    client, _, _ = service(tmp_path, None)
+    assert client.post("/v1/videos", json={"prompt": "a cat"}).json()["enhanced_prompt"] is None

@@ -1,0 +1,72 @@
+"""OpenAI's own Python client, pointed at our server by its base URL, creates, polls, lists, downloads and
+deletes a video (a real HTTP server on loopback, the tiny model generating in-process)."""
+
+import pytest
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+
+from serve_helpers import serving, wait_until  # noqa: E402
+
+from cogvideox.serve.app import Settings, create_app  # noqa: E402
+from cogvideox.serve.jobs import SQLiteStore  # noqa: E402
+from cogvideox.serve.spec import ModelSpec  # noqa: E402
+from cogvideox.serve.worker import PipelineGenerator, Worker  # noqa: E402
+from cogvideox.video import read_video  # noqa: E402
+
+# The client marks its video methods deprecated (OpenAI's own service is going away); ours stays.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def base_url(tiny_rope_dir, tmp_path_factory):
+    data = tmp_path_factory.mktemp("serve-openai")
+    spec = ModelSpec.from_folder(tiny_rope_dir, "cogvideox-tiny")
+    store = SQLiteStore(data / "jobs.sqlite3")
+    worker = Worker(store, PipelineGenerator(str(tiny_rope_dir)), data, spec.name, poll_interval=0.05)
+    app = create_app(spec, store, Settings(data_dir=data, api_keys=("sk-test",)), worker)
+    with serving(app) as url:
+        yield url + "/v1"
+    store.close()
+
+
+def test_openai_client_round_trip(base_url, tmp_path):
+    client = openai.OpenAI(base_url=base_url, api_key="sk-test", max_retries=0)
+    video = client.videos.create(
+        prompt="a panda plays a small guitar",
+        model="cogvideox-tiny",
+        size="64x64",
+        seconds="1",
+        extra_body={"num_inference_steps": 2, "seed": 11},
+    )
+    assert video.status == "queued" and video.size == "64x64" and video.seconds == "1.125"
+
+    def done():
+        current = client.videos.retrieve(video.id)
+        return current if current.status in ("completed", "failed") else None
+
+    video = wait_until(done, timeout=60, interval=0.05, what="the video")
+    assert video.status == "completed" and video.progress == 100 and video.error is None
+    assert video.model_extra["seed"] == 11  # our extension fields come through as extras
+
+    path = tmp_path / "panda.mp4"
+    client.videos.download_content(video.id).write_to_file(path)
+    frames, fps = read_video(path)
+    assert frames.shape == (9, 64, 64, 3) and fps == 8
+
+    assert video.id in [v.id for v in client.videos.list(limit=10).data]
+    deleted = client.videos.delete(video.id)
+    assert deleted.deleted and deleted.id == video.id
+    with pytest.raises(openai.NotFoundError):
+        client.videos.retrieve(video.id)
+
+
+def test_openai_client_sees_our_errors(base_url):
+    client = openai.OpenAI(base_url=base_url, api_key="sk-test", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as error:
+        client.videos.create(prompt="a cat", size="1280x720")
+    assert "size 1280x720 is not one of 64x64" in str(error.value)
+    with pytest.raises(openai.BadRequestError, match="unknown model"):
+        client.videos.create(prompt="a cat", model="sora-2")
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=base_url, api_key="sk-wrong", max_retries=0).videos.list()

@@ -1,0 +1,95 @@
+"""The worker's side of the contract: a job cut short by shutdown goes back to the queue untouched, a job
+cancelled while its file was being written leaves no file, and failures are reported by kind."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+
+from serve_helpers import BlockingGenerator  # noqa: E402
+
+from cogvideox.errors import NonFiniteError  # noqa: E402
+from cogvideox.serve.jobs import SQLiteStore  # noqa: E402
+from cogvideox.serve.worker import Generated, Worker, video_path  # noqa: E402
+
+PARAMS = {"prompt": "a cat", "fps": 8}
+
+
+@pytest.fixture
+def store(tmp_path):
+    store = SQLiteStore(tmp_path / "jobs.sqlite3")
+    yield store
+    store.close()
+
+
+def test_shutdown_mid_job_hands_it_back(store, tmp_path):
+    generate = BlockingGenerator()
+    job = store.create("m", "o", PARAMS)
+    worker = Worker(store, generate, tmp_path, "m", poll_interval=0.02).start()
+    assert generate.started.wait(10)
+    worker.stop()
+    assert generate.stopped.is_set()
+    back = store.get(job.id)
+    assert (back.status, back.worker, back.attempts, back.progress) == ("queued", None, 0, 0)
+    assert not video_path(tmp_path, job.id).exists()
+
+
+def test_a_job_cancelled_while_its_file_is_written_leaves_no_file(store, tmp_path):
+    def cancelled_at_the_last_moment(params, on_step):
+        store.cancel(job.id)  # as if DELETE came in after the last step, before the next heartbeat
+        return Generated(np.zeros((2, 16, 16, 3), np.uint8), {})
+
+    job = store.create("m", "o", PARAMS)
+    worker = Worker(store, cancelled_at_the_last_moment, tmp_path, "m")
+    assert worker.run_once()
+    assert store.get(job.id).status == "cancelled"
+    assert list((tmp_path / "videos").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "error, code, message",
+    [
+        (RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"), "out_of_memory", "the GPU ran out of memory"),
+        (NonFiniteError("NaN latents at step 3"), "generation_failed", "NaN latents at step 3"),
+        (KeyError("width"), "internal_error", "KeyError: 'width'"),
+    ],
+)
+def test_failures_are_reported_by_kind(store, tmp_path, error, code, message):
+    def fail(params, on_step):
+        raise error
+
+    job = store.create("m", "o", PARAMS)
+    assert Worker(store, fail, tmp_path, "m").run_once()
+    failed = store.get(job.id)
+    assert failed.status == "failed" and failed.error["code"] == code and failed.error["message"].startswith(message)
+
+
+def test_the_worker_keeps_its_lease_while_a_step_runs_long(store, tmp_path):
+    """A step (or the VAE decode) longer than the lease must not let another worker take the job."""
+    release = threading.Event()
+
+    def one_long_step(params, on_step):
+        release.wait(10)
+        return Generated(np.zeros((2, 16, 16, 3), np.uint8), {})
+
+    job = store.create("m", "o", PARAMS)
+    worker = Worker(store, one_long_step, tmp_path, "m", lease_seconds=0.4, poll_interval=0.02).start()
+    try:
+        time.sleep(1.2)  # three leases' worth
+        assert store.claim("other", "m", 30) is None
+    finally:
+        release.set()
+        worker.stop()
+    done = store.get(job.id)
+    assert (done.status, done.attempts) == ("completed", 1)
+
+
+def test_a_model_that_fails_to_load_shows_in_the_state(store, tmp_path):
+    from cogvideox.serve.worker import PipelineGenerator
+
+    worker = Worker(store, PipelineGenerator(str(tmp_path / "no-model")), tmp_path, "m").start()
+    worker._thread.join(30)
+    assert worker.state == "failed"
