@@ -1,0 +1,386 @@
+"""Build the embedded demo model from scratch: `python -m cogvideox.demo.build`.
+
+The demo is a tiny CogVideoX (the same classes as the real models, a smaller config) trained on the
+synthetic world of `cogvideox.demo.world`. Every stage is resumable and writes under `--work`:
+
+1. the tokenizer (a sentencepiece word model over the caption vocabulary) and a small T5 encoder,
+   randomly initialised with a fixed seed and kept frozen, as CogVideoX keeps T5 frozen;
+2. the 3D causal VAE, trained for reconstruction (L1 + a small KL) on random crops of world videos;
+3. the latents of a fixed set of training videos and the T5 states of every caption, cached;
+4. the expert transformer, trained with the CogVideoX objective (v-prediction on the zero-terminal-SNR
+   schedule) with caption dropout for classifier-free guidance;
+5. the finished model folder in the official layout (`--out`), ready for `Pipeline.from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..models.config import SchedulerConfig, TransformerConfig, VAEConfig
+from ..models.transformer import CogVideoXTransformer
+from ..models.vae import CogVideoXVAE
+from ..schedulers import alphas_cumprod
+from ..text import TextEncoder
+from ..train.loop import TrainConfig, train
+from ..train.objective import v_loss
+from . import world
+
+TEXT_TOKENS = 16  # the longest caption is 10 words + EOS
+T5_DIM = 64
+LATENT_CHANNELS = 8
+
+VAE_CONFIG = VAEConfig(
+    block_out_channels=(16, 32, 32, 64),
+    down_block_types=("CogVideoXDownBlock3D",) * 4,
+    up_block_types=("CogVideoXUpBlock3D",) * 4,
+    latent_channels=LATENT_CHANNELS,
+    layers_per_block=1,
+    norm_num_groups=8,
+    sample_height=world.HEIGHT,
+    sample_width=world.WIDTH,
+    scaling_factor=1.0,  # replaced by 1 / std of the trained latents
+)
+
+TRANSFORMER_CONFIG = TransformerConfig(
+    num_attention_heads=4,
+    attention_head_dim=32,
+    in_channels=LATENT_CHANNELS,
+    out_channels=LATENT_CHANNELS,
+    time_embed_dim=128,
+    text_embed_dim=T5_DIM,
+    num_layers=6,
+    sample_width=world.WIDTH // 8,
+    sample_height=world.HEIGHT // 8,
+    sample_frames=world.FRAMES,
+    max_text_seq_length=TEXT_TOKENS,
+    use_rotary_positional_embeddings=True,
+)
+
+SCHEDULER_CONFIG = SchedulerConfig(snr_shift_scale=1.0)
+
+
+# ---------------------------------------------------------------------------------------------- text
+
+
+def vocabulary() -> list[str]:
+    words = {w for c in world.all_captions() for w in c.split()}
+    return sorted(words)
+
+
+def build_text_encoder(folder: Path, seed: int = 0) -> TextEncoder:
+    """`folder/tokenizer` (sentencepiece, one piece per caption word) and `folder/text_encoder`."""
+    import sentencepiece as spm
+    from transformers import T5Config, T5EncoderModel
+
+    tok_dir, enc_dir = folder / "tokenizer", folder / "text_encoder"
+    if not (enc_dir / "config.json").is_file():
+        tok_dir.mkdir(parents=True, exist_ok=True)
+        words = vocabulary()
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(list(world.all_captions()) + words * 4),
+            model_prefix=str(tok_dir / "spiece"),
+            model_type="word",
+            vocab_size=len(words) + 3,
+            pad_id=0,
+            eos_id=1,
+            unk_id=2,
+            bos_id=-1,
+            num_threads=1,
+            minloglevel=2,
+        )
+        (tok_dir / "spiece.vocab").unlink()
+        config = T5Config(
+            vocab_size=len(words) + 3,
+            d_model=T5_DIM,
+            d_kv=16,
+            d_ff=2 * T5_DIM,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=32,
+            feed_forward_proj="gated-gelu",
+            is_encoder_decoder=False,
+            use_cache=False,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            T5EncoderModel(config).save_pretrained(str(enc_dir))
+    return TextEncoder.from_pretrained(enc_dir, tok_dir, dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------- VAE
+
+
+def render_batch(seed: int, indices, split: str = "train") -> torch.Tensor:
+    """World videos [B, 3, F, H, W] in [-1, 1]; video i depends only on (seed, i)."""
+    videos = []
+    for i in indices:
+        scene = world.sample_scene(np.random.default_rng([seed, int(i)]), split)
+        videos.append(world.to_model_range(world.render(scene)))
+    return torch.stack(videos)
+
+
+def random_crops(x: torch.Tensor, height: int, width: int, gen: torch.Generator) -> torch.Tensor:
+    """One crop per video at offsets that are multiples of 8 (the VAE's spatial stride)."""
+    _, _, _, h, w = x.shape
+    out = []
+    for v in x:
+        top = 8 * int(torch.randint(0, (h - height) // 8 + 1, (1,), generator=gen))
+        left = 8 * int(torch.randint(0, (w - width) // 8 + 1, (1,), generator=gen))
+        out.append(v[:, :, top : top + height, left : left + width])
+    return torch.stack(out)
+
+
+def foreground(x: torch.Tensor) -> torch.Tensor:
+    """[B, 1, F, H, W] mask of the moving object: pixels that differ from the frame's top-left corner
+    (always background in this world), grown by two pixels so the outline's anti-aliasing counts."""
+    mask = ((x - x[:, :, :, :1, :1]).abs().amax(1, keepdim=True) > 0.02).float()
+    return torch.nn.functional.max_pool3d(mask, (1, 5, 5), stride=1, padding=(0, 2, 2))
+
+
+def object_crops(x: torch.Tensor, height: int, width: int, gen: torch.Generator) -> torch.Tensor:
+    """One crop per video, aligned to the VAE's stride of 8, placed over the object's path (with a
+    random shift), so that the small object is in (nearly) every training crop."""
+    _, _, _, h, w = x.shape
+    fg = foreground(x)[:, 0].sum(1)  # [B, H, W]
+    out = []
+    for v, m in zip(x, fg):
+        ys, xs = torch.nonzero(m, as_tuple=True)
+        cy = float(ys.float().mean()) if len(ys) else h / 2
+        cx = float(xs.float().mean()) if len(xs) else w / 2
+        jitter = torch.randint(-8, 9, (2,), generator=gen).tolist()
+        top = int(round((cy - height / 2 + jitter[0]) / 8)) * 8
+        left = int(round((cx - width / 2 + jitter[1]) / 8)) * 8
+        top, left = min(max(top, 0), h - height), min(max(left, 0), w - width)
+        out.append(v[:, :, top : top + height, left : left + width])
+    return torch.stack(out)
+
+
+def train_vae(work: Path, steps: int, batch: int, seed: int, progress: bool) -> CogVideoXVAE:
+    """Two phases: general reconstruction on crops, then a phase focused on the moving object.
+
+    In this world the object covers a few percent of the pixels, so an unweighted loss on random crops
+    learns the flat background first and the object barely at all; the second phase crops over the
+    object's path and weights object pixels 10x, with whole frames at its end so the GroupNorm
+    statistics match those of full-size videos.
+    """
+    torch.manual_seed(seed)
+    vae = CogVideoXVAE(VAE_CONFIG)
+    kl_weight = 1e-6
+    general = steps * 3 // 5
+
+    def general_loss(model, step, gen):
+        idx = torch.randint(0, 1 << 30, (batch,), generator=gen).tolist()
+        x = render_batch(seed + 1, idx)
+        if step < int(0.9 * general):  # crops are 4x cheaper; whole frames at the end
+            x = random_crops(x, 32, 48, gen)
+        posterior = model.encode(x)
+        recon = model.decode(posterior.sample(gen))
+        return (recon - x).abs().mean() + 0.5 * (recon - x).square().mean() + kl_weight * posterior.kl().mean()
+
+    focused = steps - general
+
+    def focused_loss(model, step, gen):
+        idx = torch.randint(0, 1 << 30, (batch,), generator=gen).tolist()
+        x = render_batch(seed + 2, idx)
+        if step < int(0.85 * focused):  # crops are 4x cheaper; whole frames at the end
+            x = object_crops(x, 32, 48, gen)
+        weight = 1.0 + 9.0 * foreground(x)
+        posterior = model.encode(x)
+        recon = model.decode(posterior.sample(gen))
+        err = recon - x
+        return (weight * (err.abs() + 0.5 * err.square())).mean() + kl_weight * posterior.kl().mean()
+
+    phases = (
+        ("vae", general_loss, TrainConfig(steps=general, lr=1e-3, warmup_steps=100, min_lr_ratio=0.05,
+                                          seed=seed, checkpoint_every=200, log_every=10, grad_clip=1.0)),
+        ("vae-object", focused_loss, TrainConfig(steps=focused, lr=3e-4, warmup_steps=20, min_lr_ratio=0.05,
+                                                 seed=seed + 1, checkpoint_every=100, log_every=10,
+                                                 grad_clip=1.0)),
+    )
+    for name, loss_fn, cfg in phases:
+        summary = train(vae, loss_fn, cfg, work / name, name=name, progress=progress)
+        print(f"{name}: {summary['step']} steps, loss {summary['loss'] or float('nan'):.4f}, {summary['seconds']:.0f} s")
+    vae.eval()
+    return vae
+
+
+@torch.no_grad()
+def vae_psnr(vae: CogVideoXVAE, count: int = 32, split: str = "held_out", seed: int = 12345) -> float:
+    """Mean PSNR (dB, 8-bit frames) of VAE reconstructions of world videos from `split`."""
+    psnrs = []
+    for start in range(0, count, 8):
+        x = render_batch(seed, range(start, min(start + 8, count)), split)
+        y = vae.decode(vae.encode(x).mode())
+        a = ((x + 1) * 127.5).round().clamp(0, 255)
+        b = ((y + 1) * 127.5).round().clamp(0, 255)
+        mse = (a - b).square().flatten(1).mean(1)
+        psnrs += (10 * torch.log10(255.0**2 / mse.clamp_min(1e-10))).tolist()
+    return float(np.mean(psnrs))
+
+
+# ---------------------------------------------------------------------------------------- latents
+
+
+@torch.no_grad()
+def encode_dataset(vae: CogVideoXVAE, work: Path, count: int, seed: int, progress: bool):
+    """Latents [N, F, C, h, w] (unscaled VAE means) and the caption of each, cached in `work`."""
+    from tqdm.auto import tqdm
+
+    digest = hashlib.sha1(b"".join(v.numpy().tobytes() for v in vae.state_dict().values())).hexdigest()[:12]
+    path = work / f"latents-{count}-{seed}-{digest}.safetensors"  # a retrained VAE invalidates the cache
+    if path.is_file():
+        data = load_file(str(path))
+        captions = json.loads(path.with_suffix(".json").read_text())
+        return data["latents"], captions
+    dataset = world.WorldDataset(count, seed=seed)
+    latents, captions = [], []
+    for start in tqdm(range(0, count, 16), desc="encode latents", disable=not progress):
+        idx = range(start, min(start + 16, count))
+        x = torch.stack([dataset[i][0] for i in idx])
+        captions += [dataset.scene(i).caption for i in idx]
+        latents.append(vae.encode(x).mode().permute(0, 2, 1, 3, 4).contiguous())  # [B, F, C, h, w]
+    latents = torch.cat(latents)
+    save_file({"latents": latents}, str(path))
+    path.with_suffix(".json").write_text(json.dumps(captions))
+    return latents, captions
+
+
+# ------------------------------------------------------------------------------------ transformer
+
+
+def train_transformer(
+    latents: torch.Tensor,
+    captions: list[str],
+    text: TextEncoder,
+    work: Path,
+    steps: int,
+    batch: int,
+    seed: int,
+    progress: bool,
+) -> CogVideoXTransformer:
+    unique = sorted(set(captions))
+    assert not any(world.is_held_out(c) for c in unique), "a held-out caption reached training"
+    table = text.encode(unique + [""], max_sequence_length=TEXT_TOKENS)  # [U + 1, L, D]; last = empty
+    caption_index = torch.tensor([unique.index(c) for c in captions])
+    empty = len(unique)
+    ab = alphas_cumprod(SCHEDULER_CONFIG)
+    torch.manual_seed(seed)
+    model = CogVideoXTransformer(TRANSFORMER_CONFIG)
+    f, _, h, w = latents.shape[1:]
+    rope = model.rotary_embedding(f, h, w, "cpu")
+
+    def loss_fn(m, step, gen):
+        idx = torch.randint(0, latents.shape[0], (batch,), generator=gen)
+        keep = torch.rand(batch, generator=gen) >= 0.1  # caption dropout for classifier-free guidance
+        tokens = torch.where(keep, caption_index[idx], torch.full_like(idx, empty))
+        return v_loss(m, latents[idx], table[tokens], ab, gen, rotary=rope)
+
+    cfg = TrainConfig(steps=steps, lr=5e-4, weight_decay=0.01, warmup_steps=200, min_lr_ratio=0.1,
+                      ema_decay=0.998, seed=seed, checkpoint_every=250, log_every=10)
+    summary = train(model, loss_fn, cfg, work / "transformer", name="transformer", progress=progress)
+    print(f"transformer: {summary['step']} steps, loss {summary['loss'] or float('nan'):.4f}, {summary['seconds']:.0f} s")
+    model.eval()
+    return model
+
+
+# ------------------------------------------------------------------------------------------- main
+
+
+def write_model(out: Path, text_dir: Path, vae: CogVideoXVAE, scaling_factor: float, transformer) -> None:
+    """The official folder layout, as `Pipeline.from_pretrained` and the reference read it."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer", "text_encoder"):
+        if (out / name).exists():
+            shutil.rmtree(out / name)
+        shutil.copytree(text_dir / name, out / name)
+    for name, module, config in (
+        ("vae", vae, VAE_CONFIG.replace(scaling_factor=scaling_factor)),
+        ("transformer", transformer, TRANSFORMER_CONFIG),
+    ):
+        (out / name).mkdir(exist_ok=True)
+        config.save(out / name / "config.json")
+        state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+        save_file(state, str(out / name / "diffusion_pytorch_model.safetensors"))
+    (out / "scheduler").mkdir(exist_ok=True)
+    SCHEDULER_CONFIG.save(out / "scheduler" / "scheduler_config.json")
+    index = {
+        "_class_name": "CogVideoXPipeline",
+        "scheduler": ["diffusers", "CogVideoXDDIMScheduler"],
+        "text_encoder": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", "T5Tokenizer"],
+        "transformer": ["diffusers", "CogVideoXTransformer3DModel"],
+        "vae": ["diffusers", "AutoencoderKLCogVideoX"],
+    }
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m cogvideox.demo.build", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", type=Path, default=Path("runs/demo"), help="checkpoints, caches and logs")
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "weights",
+                   help="where the finished model folder goes (default: the package's demo weights)")
+    p.add_argument("--vae-steps", type=int, default=2500, help="VAE steps (3/5 general, 2/5 object-focused)")
+    p.add_argument("--vae-batch", type=int, default=8)
+    p.add_argument("--videos", type=int, default=6144, help="training videos encoded to latents")
+    p.add_argument("--steps", type=int, default=3000, help="transformer training steps")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    progress = not args.no_progress
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    times = {}
+
+    t0 = time.time()
+    text = build_text_encoder(work, seed=args.seed)
+    vae = train_vae(work, args.vae_steps, args.vae_batch, args.seed, progress)
+    times["vae_s"] = time.time() - t0
+    psnr = vae_psnr(vae)
+    print(f"vae reconstruction PSNR on held-out videos: {psnr:.2f} dB")
+
+    t1 = time.time()
+    latents, captions = encode_dataset(vae, work, args.videos, args.seed + 7, progress)
+    scaling_factor = float(1.0 / latents.std())
+    times["encode_s"] = time.time() - t1
+
+    t2 = time.time()
+    model = train_transformer(latents * scaling_factor, captions, text, work, args.steps, args.batch,
+                              args.seed, progress)
+    times["transformer_s"] = time.time() - t2
+
+    write_model(args.out, work, vae, scaling_factor, model)
+    summary = {
+        "vae_psnr_held_out_db": round(psnr, 2),
+        "scaling_factor": scaling_factor,
+        "threads": torch.get_num_threads(),
+        "device": "cpu",
+        **{k: round(v) for k, v in times.items()},
+        "total_s": round(time.time() - t0),
+        "args": {k: str(v) for k, v in vars(args).items()},
+    }
+    (work / "build-summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+    print(f"demo model written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
