@@ -169,7 +169,25 @@ def object_crops(x: torch.Tensor, height: int, width: int, gen: torch.Generator)
     return torch.stack(out)
 
 
-def train_vae(work: Path, steps: int, batch: int, seed: int, progress: bool) -> CogVideoXVAE:
+def object_loss(batch: int, seed: int, full_frames_from: int, kl_weight: float = 1e-6):
+    """Reconstruction loss with the object's pixels weighted 10x, on crops over the object's path (whole
+    frames from step `full_frames_from` on, so the GroupNorm statistics match full-size videos)."""
+
+    def loss_fn(model, step, gen):
+        idx = torch.randint(0, 1 << 30, (batch,), generator=gen).tolist()
+        x = render_batch(seed, idx)
+        if step < full_frames_from:  # crops are 4x cheaper
+            x = object_crops(x, 32, 48, gen)
+        weight = 1.0 + 9.0 * foreground(x)
+        posterior = model.encode(x)
+        recon = model.decode(posterior.sample(gen))
+        err = recon - x
+        return (weight * (err.abs() + 0.5 * err.square())).mean() + kl_weight * posterior.kl().mean()
+
+    return loss_fn
+
+
+def train_vae(work: Path, general: int, focused: int, batch: int, seed: int, progress: bool) -> CogVideoXVAE:
     """Two phases: general reconstruction on crops, then a phase focused on the moving object.
 
     In this world the object covers a few percent of the pixels, so an unweighted loss on random crops
@@ -180,7 +198,6 @@ def train_vae(work: Path, steps: int, batch: int, seed: int, progress: bool) -> 
     torch.manual_seed(seed)
     vae = CogVideoXVAE(VAE_CONFIG)
     kl_weight = 1e-6
-    general = steps * 3 // 5
 
     def general_loss(model, step, gen):
         idx = torch.randint(0, 1 << 30, (batch,), generator=gen).tolist()
@@ -191,18 +208,7 @@ def train_vae(work: Path, steps: int, batch: int, seed: int, progress: bool) -> 
         recon = model.decode(posterior.sample(gen))
         return (recon - x).abs().mean() + 0.5 * (recon - x).square().mean() + kl_weight * posterior.kl().mean()
 
-    focused = steps - general
-
-    def focused_loss(model, step, gen):
-        idx = torch.randint(0, 1 << 30, (batch,), generator=gen).tolist()
-        x = render_batch(seed + 2, idx)
-        if step < int(0.85 * focused):  # crops are 4x cheaper; whole frames at the end
-            x = object_crops(x, 32, 48, gen)
-        weight = 1.0 + 9.0 * foreground(x)
-        posterior = model.encode(x)
-        recon = model.decode(posterior.sample(gen))
-        err = recon - x
-        return (weight * (err.abs() + 0.5 * err.square())).mean() + kl_weight * posterior.kl().mean()
+    focused_loss = object_loss(batch, seed + 2, full_frames_from=focused - 150)
 
     phases = (
         ("vae", general_loss, TrainConfig(steps=general, lr=1e-3, warmup_steps=100, min_lr_ratio=0.05,
@@ -245,7 +251,7 @@ def encode_dataset(vae: CogVideoXVAE, work: Path, count: int, seed: int, progres
     if path.is_file():
         data = load_file(str(path))
         captions = json.loads(path.with_suffix(".json").read_text())
-        return data["latents"], captions
+        return data["latents"], captions, digest
     dataset = world.WorldDataset(count, seed=seed)
     latents, captions = [], []
     for start in tqdm(range(0, count, 16), desc="encode latents", disable=not progress):
@@ -256,7 +262,7 @@ def encode_dataset(vae: CogVideoXVAE, work: Path, count: int, seed: int, progres
     latents = torch.cat(latents)
     save_file({"latents": latents}, str(path))
     path.with_suffix(".json").write_text(json.dumps(captions))
-    return latents, captions
+    return latents, captions, digest
 
 
 # ------------------------------------------------------------------------------------ transformer
@@ -291,7 +297,7 @@ def train_transformer(
 
     cfg = TrainConfig(steps=steps, lr=5e-4, weight_decay=0.01, warmup_steps=200, min_lr_ratio=0.1,
                       ema_decay=0.998, seed=seed, checkpoint_every=250, log_every=10)
-    summary = train(model, loss_fn, cfg, work / "transformer", name="transformer", progress=progress)
+    summary = train(model, loss_fn, cfg, work, name="transformer", progress=progress)
     print(f"transformer: {summary['step']} steps, loss {summary['loss'] or float('nan'):.4f}, {summary['seconds']:.0f} s")
     model.eval()
     return model
@@ -334,10 +340,11 @@ def main(argv=None) -> None:
     p.add_argument("--work", type=Path, default=Path("runs/demo"), help="checkpoints, caches and logs")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "weights",
                    help="where the finished model folder goes (default: the package's demo weights)")
-    p.add_argument("--vae-steps", type=int, default=2500, help="VAE steps (3/5 general, 2/5 object-focused)")
+    p.add_argument("--vae-steps", type=int, default=1500, help="general VAE steps (random crops)")
+    p.add_argument("--vae-object-steps", type=int, default=2000, help="object-focused VAE steps")
     p.add_argument("--vae-batch", type=int, default=8)
     p.add_argument("--videos", type=int, default=6144, help="training videos encoded to latents")
-    p.add_argument("--steps", type=int, default=3000, help="transformer training steps")
+    p.add_argument("--steps", type=int, default=2500, help="transformer training steps")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -352,20 +359,22 @@ def main(argv=None) -> None:
 
     t0 = time.time()
     text = build_text_encoder(work, seed=args.seed)
-    vae = train_vae(work, args.vae_steps, args.vae_batch, args.seed, progress)
+    vae = train_vae(work, args.vae_steps, args.vae_object_steps, args.vae_batch, args.seed, progress)
     times["vae_s"] = time.time() - t0
     psnr = vae_psnr(vae)
     print(f"vae reconstruction PSNR on held-out videos: {psnr:.2f} dB")
 
     t1 = time.time()
-    latents, captions = encode_dataset(vae, work, args.videos, args.seed + 7, progress)
+    latents, captions, digest = encode_dataset(vae, work, args.videos, args.seed + 7, progress)
     scaling_factor = float(1.0 / latents.std())
     times["encode_s"] = time.time() - t1
 
     t2 = time.time()
-    model = train_transformer(latents * scaling_factor, captions, text, work, args.steps, args.batch,
-                              args.seed, progress)
+    # Checkpoints are kept per latent set: a retrained VAE starts the transformer afresh.
+    model = train_transformer(latents * scaling_factor, captions, text, work / f"transformer-{digest}",
+                              args.steps, args.batch, args.seed, progress)
     times["transformer_s"] = time.time() - t2
+
 
     write_model(args.out, work, vae, scaling_factor, model)
     summary = {
