@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -99,11 +100,12 @@ OFFICIAL_SCHEDULER_CONFIG = {
     "snr_shift_scale": 1.0,
 }
 
-TINY_VARIANTS = ("rope", "sincos", "1.5")
+TINY_VARIANTS = ("rope", "sincos", "1.5", "i2v", "1.5-i2v")
 
 
 def tiny_transformer_kwargs(variant: str = "rope", text_embed_dim: int = 32) -> dict:
-    """Config of a tiny transformer: "rope" (like 5B), "sincos" (like 2B) or "1.5" (2x2x2 patches)."""
+    """Config of a tiny transformer: "rope" (like 5B), "sincos" (like 2B), "1.5" (2x2x2 patches), "i2v"
+    (like 5B-I2V: twice the input channels, a learned position table) or "1.5-i2v" (plus `ofs`)."""
     if variant not in TINY_VARIANTS:
         raise ValueError(f"variant must be one of {TINY_VARIANTS}")
     kwargs = dict(
@@ -122,8 +124,14 @@ def tiny_transformer_kwargs(variant: str = "rope", text_embed_dim: int = 32) -> 
         max_text_seq_length=16,
         use_rotary_positional_embeddings=variant != "sincos",
     )
-    if variant == "1.5":
+    if variant in ("1.5", "1.5-i2v"):
         kwargs.update(patch_size_t=2, patch_bias=False)
+    if variant in ("i2v", "1.5-i2v"):
+        kwargs.update(in_channels=8)  # noisy latents and image latents, joined on the channel axis
+    if variant == "i2v":
+        kwargs.update(use_learned_positional_embeddings=True)
+    if variant == "1.5-i2v":
+        kwargs.update(ofs_embed_dim=8)  # added to the timestep embedding: time_embed_dim wide
     return kwargs
 
 
@@ -143,10 +151,14 @@ TINY_VAE_KWARGS = dict(
 
 def _jitter(module, generator: torch.Generator, scale: float = 0.05) -> None:
     # Default inits leave norms at 1/0 and some biases at 0; noise on every tensor makes any swapped or
-    # misplaced weight visible in the output.
+    # misplaced weight visible in the output. The learned position table (5B-I2V) is a buffer that
+    # starts as the sin-cos table: jitter it too, so that loading it is what the tests see.
     with torch.no_grad():
         for p in module.parameters():
             p.add_(torch.randn(p.shape, generator=generator) * scale)
+        for name, b in module.named_buffers():
+            if name.endswith("pos_embedding") and module.config.get("use_learned_positional_embeddings"):
+                b.add_(torch.randn(b.shape, generator=generator) * scale)
 
 
 def make_tiny_cogvideox(
@@ -156,12 +168,15 @@ def make_tiny_cogvideox(
 
     Tiny T5 (d_model 32, offline tokenizer), a 2-layer transformer of the given variant, a 4-level VAE of
     width 8 and the official scheduler config (DDIM or DPM; SNR shift 3 for the "sincos" 2B-like model).
+    The image-to-video variants are saved by `CogVideoXImageToVideoPipeline`, the 1.5 one with a VAE
+    that divides image latents by the scaling factor (`invert_scale_latents`), as the released 1.5 VAE.
     Weights are seeded. Returns the folder.
     """
     from diffusers import (
         AutoencoderKLCogVideoX,
         CogVideoXDDIMScheduler,
         CogVideoXDPMScheduler,
+        CogVideoXImageToVideoPipeline,
         CogVideoXPipeline,
         CogVideoXTransformer3DModel,
     )
@@ -172,12 +187,14 @@ def make_tiny_cogvideox(
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         transformer = CogVideoXTransformer3DModel(**tiny_transformer_kwargs(variant)).eval()
-        vae = AutoencoderKLCogVideoX(**TINY_VAE_KWARGS).eval()
+        vae_kwargs = dict(TINY_VAE_KWARGS, invert_scale_latents=variant == "1.5-i2v")
+        vae = AutoencoderKLCogVideoX(**vae_kwargs).eval()
     _jitter(transformer, generator)
     _jitter(vae, generator)
     config = dict(OFFICIAL_SCHEDULER_CONFIG, snr_shift_scale=3.0 if variant == "sincos" else 1.0)
     scheduler_cls = {"ddim": CogVideoXDDIMScheduler, "dpm": CogVideoXDPMScheduler}[scheduler]
-    pipe = CogVideoXPipeline(
+    pipeline_cls = CogVideoXImageToVideoPipeline if variant.endswith("i2v") else CogVideoXPipeline
+    pipe = pipeline_cls(
         tokenizer=tokenizer,
         text_encoder=text_encoder,
         vae=vae,
@@ -188,14 +205,182 @@ def make_tiny_cogvideox(
     return folder
 
 
-def load_reference_pipeline(folder: str | Path, scheduler: str | None = None):
+def load_reference_pipeline(folder: str | Path, scheduler: str | None = None, task: str = "text"):
     """The diffusers pipeline of a folder written by `make_tiny_cogvideox` (fp32, CPU), optionally with
-    its scheduler swapped for "ddim" or "dpm" built from the same config."""
-    from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler, CogVideoXPipeline
+    its scheduler swapped for "ddim" or "dpm" built from the same config. `task` picks the pipeline
+    class: "text" (CogVideoXPipeline), "image" (image-to-video) or "video" (video-to-video)."""
+    import diffusers
+    from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
 
-    pipe = CogVideoXPipeline.from_pretrained(str(folder), torch_dtype=torch.float32)
+    name = {"text": "CogVideoXPipeline", "image": "CogVideoXImageToVideoPipeline"}.get(
+        task, "CogVideoXVideoToVideoPipeline"
+    )
+    pipe = getattr(diffusers, name).from_pretrained(str(folder), torch_dtype=torch.float32)
     if scheduler is not None:
         cls = {"ddim": CogVideoXDDIMScheduler, "dpm": CogVideoXDPMScheduler}[scheduler]
         pipe.scheduler = cls.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def run_reference(pipe, seed: int | None = None, generator=None, **kwargs):
+    """Run a diffusers pipeline; return its final latents (as the loop leaves them) and uint8 frames
+    [B, T, H, W, 3] (rounded as its own PIL conversion rounds)."""
+    import numpy as np
+
+    captured = {}
+
+    def keep_latents(pipe, step, timestep, tensors):
+        captured["latents"] = tensors["latents"]
+        return {}
+
+    generator = generator if generator is not None else torch.Generator("cpu").manual_seed(seed)
+    out = pipe(generator=generator, output_type="np", callback_on_step_end=keep_latents, **kwargs)
+    return captured["latents"], (out.frames * 255).round().astype(np.uint8)
+
+
+def assert_same_video(ours, ref_latents, ref_frames, latent_tol: float = 1e-4, frame_tol: int = 2):
+    """Our `VideoOutput` against the reference's latents and frames; returns (latent rel. error, max
+    frame difference in 1/255) so tests can report them."""
+    import numpy as np
+
+    assert ours.latents.shape == ref_latents.shape
+    diff = (ours.latents.double() - ref_latents.double()).abs().max()
+    latent_err = (diff / ref_latents.double().abs().max()).item()
+    assert latent_err <= latent_tol, latent_err
+    assert len(ours.frames) == len(ref_frames)
+    frame_err = 0
+    for got, want in zip(ours.frames, ref_frames):
+        assert got.dtype == np.uint8 and got.shape == want.shape
+        frame_err = max(frame_err, int(np.abs(got.astype(int) - want.astype(int)).max()))
+    assert frame_err <= frame_tol, frame_err
+    return latent_err, frame_err
+
+
+def sample_picture(height: int = 50, width: int = 80, seed: int = 0):
+    """A deterministic RGB PIL image (gradients plus seeded noise), not of any model's size or shape."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([255 * x / width, 255 * y / height, 128 + 100 * np.sin(x / 5.0 + y / 7.0)], axis=-1)
+    noisy = base + rng.normal(0, 20, base.shape)
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+
+
+def sample_frames(frames: int = 9, height: int = 40, width: int = 56, seed: int = 0):
+    """Deterministic uint8 video frames [T, H, W, 3]: a bright square moving over a noisy gradient."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    video = np.empty((frames, height, width, 3), dtype=np.float64)
+    for t in range(frames):
+        video[t] = np.stack([255 * x / width, 255 * y / height, np.full_like(x, 60.0)], axis=-1)
+        top, left = 4 + t, 6 + 2 * t
+        video[t, top : top + 12, left : left + 12] = (250, 220, 30)
+    video += rng.normal(0, 10, video.shape)
+    return np.clip(video, 0, 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------------
+# SAT-format checkpoints (sat tests): the inverse mapping, diffusers names -> SAT names, written
+# independently of cogvideox.sat from the reference converter's rules.
+
+_BLOCK_RENAMES = {
+    "attn1.to_out.0": "attention.dense",
+    "ff.net.0.proj": "mlp.dense_h_to_4h",
+    "ff.net.2": "mlp.dense_4h_to_h",
+    "norm1.norm": "input_layernorm",
+    "norm2.norm": "post_attention_layernorm",
+}
+_TOP_RENAMES = {
+    "norm_final": "transformer.final_layernorm",
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "ofs_embedding.linear_1": "ofs_embed.0",
+    "ofs_embedding.linear_2": "ofs_embed.2",
+    "patch_embed.proj": "mixins.patch_embed.proj",
+    "patch_embed.text_proj": "mixins.patch_embed.text_proj",
+    "norm_out.norm": "mixins.final_layer.norm_final",
+    "norm_out.linear": "mixins.final_layer.adaLN_modulation.1",
+    "proj_out": "mixins.final_layer.linear",
+}
+
+
+def transformer_to_sat(state: dict, head_dim: int) -> dict:
+    """Our (= diffusers) transformer state dict in SAT's layout, with the SAT-only tensors it carries."""
+    sat, P = {}, "model.diffusion_model."
+    for key, tensor in state.items():
+        block = re.match(r"transformer_blocks\.(\d+)\.(.+)\.(weight|bias)$", key)
+        if key == "patch_embed.pos_embedding":
+            sat[P + "mixins.pos_embed.pos_embedding"] = tensor
+        elif block is None:
+            module, kind = key.rsplit(".", 1)
+            sat[f"{P}{_TOP_RENAMES[module]}.{kind}"] = tensor
+        else:
+            i, module, kind = block.groups()
+            layer = f"{P}transformer.layers.{i}."
+            if module == "attn1.to_q":
+                qkv = [state[f"transformer_blocks.{i}.attn1.to_{x}.{kind}"] for x in "qkv"]
+                sat[f"{layer}attention.query_key_value.{kind}"] = torch.cat(qkv)
+            elif module in ("attn1.to_k", "attn1.to_v", "norm2.linear"):
+                continue  # written with their partners
+            elif module in ("attn1.norm_q", "attn1.norm_k"):
+                which = "query" if module.endswith("q") else "key"
+                sat[f"{P}mixins.adaln_layer.{which}_layernorm_list.{i}.{kind}"] = tensor
+            elif module == "norm1.linear":
+                attn = tensor.chunk(6)  # shift, scale, gate, text shift, text scale, text gate
+                ff = state[f"transformer_blocks.{i}.norm2.linear.{kind}"].chunk(6)
+                order = attn[:3] + ff[:3] + attn[3:] + ff[3:]
+                sat[f"{P}mixins.adaln_layer.adaLN_modulations.{i}.1.{kind}"] = torch.cat(order)
+            else:
+                sat[f"{layer}{_BLOCK_RENAMES[module]}.{kind}"] = tensor
+    # What SAT stores but the model recomputes.
+    sat[P + "mixins.pos_embed.freqs_sin"] = torch.randn(10, head_dim)
+    sat[P + "mixins.pos_embed.freqs_cos"] = torch.randn(10, head_dim)
+    if "patch_embed.pos_embedding" not in state:
+        sat[P + "mixins.pos_embed.pos_embedding"] = torch.randn(1, 10, 4)  # 2B's sin-cos table
+    return sat
+
+
+def vae_to_sat(state: dict, levels: int) -> dict:
+    """Our VAE state dict in SAT's `3d-vae.pt` layout (decoder stages numbered from the bottom)."""
+    sat = {}
+    for key, tensor in state.items():
+        key = key.replace("mid_block.resnets.0.", "mid.block_1.").replace("mid_block.resnets.1.", "mid.block_2.")
+        key = key.replace(".resnets.", ".block.").replace("down_blocks.", "down.")
+        key = key.replace("downsamplers.0.", "downsample.").replace("upsamplers.0.", "upsample.")
+        key = key.replace("conv_shortcut.", "nin_shortcut.")
+        up = re.match(r"decoder\.up_blocks\.(\d+)\.", key)
+        if up:
+            key = f"decoder.up.{levels - 1 - int(up.group(1))}." + key[up.end() :]
+        sat[key] = tensor
+    sat["loss.discriminator.weight"] = torch.randn(3)  # training-only
+    return sat
+
+
+def write_deepspeed_checkpoint(folder, state: dict, iteration: int = 1000):
+    """SAT's transformer checkpoint: `<iteration>/mp_rank_00_model_states.pt` with the weights under
+    "module", and a `latest` file naming the iteration."""
+    (folder / str(iteration)).mkdir(parents=True)
+    torch.save({"module": state, "iteration": iteration}, folder / str(iteration) / "mp_rank_00_model_states.pt")
+    (folder / "latest").write_text(f"{iteration}\n")
+    return folder
+
+
+def make_sat_checkpoint(pipe, root: Path, seed: int = 1):
+    """Fine-tune `pipe` in place (a seeded perturbation of every transformer and VAE weight, so that it
+    differs from the folder it was loaded from) and write it as SAT checkpoints under `root`: a DeepSpeed
+    transformer folder and a `3d-vae.pt`. Returns (transformer folder, VAE file)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in [*pipe.transformer.parameters(), *pipe.vae.parameters()]:
+            p.add_(0.01 * torch.randn(p.shape, generator=generator))
+    sat = transformer_to_sat(pipe.transformer.state_dict(), pipe.config.attention_head_dim)
+    transformer = write_deepspeed_checkpoint(root / "transformer", sat)
+    vae = root / "3d-vae.pt"
+    levels = len(pipe.vae.config.up_block_types)
+    torch.save({"state_dict": vae_to_sat(pipe.vae.state_dict(), levels)}, vae)
+    return transformer, vae

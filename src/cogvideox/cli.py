@@ -1,6 +1,10 @@
 """`cogvideox` command line: a thin layer that parses, calls `Pipeline`, writes the MP4 and reports.
 
     cogvideox generate "a panda playing a guitar" --output panda.mp4 --model THUDM/CogVideoX-2b
+    cogvideox generate "the panda waves" --image panda.jpg --model THUDM/CogVideoX-5b-I2V
+    cogvideox generate "a panda in the snow" --video panda.mp4 --strength 0.8 --model THUDM/CogVideoX-5b
+
+`invert`, `regenerate` and `convert` live in `cli_tools.py`.
 
 Mistakes in the request print one line and exit with status 2; a run that fails (NaN latents, out of
 memory) prints one line and exits with 1.
@@ -57,6 +61,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _strength(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
+    return value
+
+
 def _finite_float(text: str) -> float:
     try:
         value = float(text)
@@ -70,8 +84,8 @@ def _finite_float(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="cogvideox",
-        description="CogVideoX text-to-video: loads the official checkpoints and reproduces the reference "
-        "implementation seed for seed.",
+        description="CogVideoX text-, image- and video-to-video: loads the official checkpoints and "
+        "reproduces the reference implementation seed for seed.",
     )
     from cogvideox import __version__
 
@@ -80,10 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = commands.add_parser(
         "generate",
-        help="generate a video from a text prompt and write it as an MP4",
+        help="generate a video from a text prompt (and a first frame, or a video to redraw) as an MP4",
         description="Generate a video from a text prompt and write it as an H.264 MP4. Sizes, frame count and "
         "frame rate default to the model's own (49 frames at 720x480, 8 fps for CogVideoX 1.0; 81 frames at "
-        "1360x768, 16 fps for 1.5).",
+        "1360x768, 16 fps for 1.5). Image-to-video models take the first frame with --image; text-to-video "
+        "models redraw a video given with --video.",
     )
     arg = gen.add_argument
     arg("prompt", help="what the video should show")
@@ -132,6 +147,29 @@ def build_parser() -> argparse.ArgumentParser:
     arg("--width", type=_positive_int, help="video width in pixels, a multiple of 16 (default: the model's)")
     arg("--fps", type=_positive_float, help="frame rate of the MP4 (default: the model's, 8 or 16)")
     arg(
+        "--image",
+        help="first frame for an image-to-video model (PNG, JPEG, ...), resized to the video size; such "
+        "models need one",
+    )
+    arg(
+        "--video",
+        help="video to redraw (video-to-video, text-to-video models): its first --frames frames (default: "
+        "the model's count, or the longest 8k+1 prefix of a shorter video), resized to the video size",
+    )
+    arg(
+        "--strength",
+        type=_strength,
+        help="video-to-video: fraction of the denoising schedule that runs, in (0, 1]; lower stays closer "
+        "to the input (default: 0.8)",
+    )
+    arg(
+        "--resize",
+        choices=("stretch", "crop"),
+        default="stretch",
+        help="how --image / --video frames reach the video size: 'stretch' resizes as the reference does, "
+        "'crop' keeps the aspect ratio by cutting the centred region first (default: stretch)",
+    )
+    arg(
         "--num-videos",
         type=_positive_int,
         default=1,
@@ -149,8 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     arg("--quiet", action="store_true", help="no progress bars, only the final report")
     gen.set_defaults(run=_generate)
 
+    from cogvideox.cli_tools import add_tool_parsers
     from cogvideox.serve.cli import add_serve_parsers
 
+    add_tool_parsers(commands)
     add_serve_parsers(commands)
     return parser
 
@@ -174,10 +214,15 @@ def _quiet_libraries() -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from cogvideox import loading
+    from cogvideox import conditioning, loading
     from cogvideox.pipeline import Pipeline
     from cogvideox.request import check_request
     from cogvideox.video import export_video
+
+    if args.image and args.video:
+        raise InputError("give --image (image-to-video) or --video (video-to-video), not both")
+    if args.strength is not None and not args.video:
+        raise InputError("--strength only applies to video-to-video (--video)")
 
     outputs = _output_paths(args.output, args.num_videos)
     for path in outputs:
@@ -196,21 +241,35 @@ def _generate(args: argparse.Namespace) -> int:
         dynamic_cfg=args.dynamic_cfg_clock,
         num_videos_per_prompt=args.num_videos,
         max_sequence_length=args.max_sequence_length,
+        resize=args.resize,
     )
     _quiet_libraries()
 
-    # Every mistake that the configs alone reveal fails here, before minutes of weight loading.
+    # Every mistake that the inputs and the configs alone reveal fails here, before minutes of loading.
     start = time.perf_counter()
     loading.parse_dtype(args.dtype)
     device = loading.choose_device(args.device)
+    picture = conditioning.load_image(args.image) if args.image else None
+    source = conditioning.load_video(args.video) if args.video else None
     folder = loading.resolve_model_dir(args.model, revision=args.revision, local_files_only=args.offline)
     configs = loading.read_model_configs(folder)
     train_steps = configs.scheduler.num_train_timesteps
-    check_request(configs.transformer, configs.vae, args.prompt, num_train_timesteps=train_steps, **request)
+    task = "image" if args.image else "video" if args.video else "text"
+    check_request(
+        configs.transformer,
+        configs.vae,
+        args.prompt,
+        num_train_timesteps=train_steps,
+        task=task,
+        strength=args.strength,
+        video_frames=None if source is None else len(source),
+        **request,
+    )
 
     pipe = Pipeline.from_pretrained(folder, dtype=args.dtype, device=device, scheduler=args.scheduler)
     load_time = time.perf_counter() - start
-    result = pipe(args.prompt, seed=args.seed, progress=not args.quiet, **request)
+    inputs = dict(image=picture, video=source, strength=args.strength)
+    result = pipe(args.prompt, seed=args.seed, progress=not args.quiet, **request, **inputs)
     fps = args.fps or pipe.default_fps
     start = time.perf_counter()
     for frames, path in zip(result.frames, outputs):

@@ -1,7 +1,9 @@
-"""Text-to-video: prompt -> T5 -> expert transformer denoising with a v-prediction scheduler -> VAE -> frames.
+"""CogVideoX generation: prompt -> T5 -> expert transformer denoising with a v-prediction scheduler -> VAE.
 
 `Pipeline` holds the four components, loads and saves them in the official diffusers layout, checks a
-request before any heavy work, and runs the reference sampler (see `sampling.py`) seed for seed.
+request before any heavy work, and runs the reference sampler (see `sampling.py`) seed for seed. Besides
+text-to-video it starts from a first frame (image-to-video models) or from a noised input video
+(video-to-video); what those add lives in `conditioning.py`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from cogvideox import loading
+from cogvideox import conditioning, loading
 from cogvideox.errors import InputError
 from cogvideox.models.config import TransformerConfig
 from cogvideox.request import GenerationRequest, check_request, default_fps, default_size
@@ -40,7 +42,7 @@ class VideoOutput:
     latents: the final latents [B, F, C, h, w] as the loop leaves them, in the pipeline dtype. For
         CogVideoX 1.5 they include `padding_frames` extra latent frames at the front, which decoding drops.
     seed: the seed the noise was drawn from (None when the caller passed generators).
-    timings: seconds spent per stage ("text", "denoise", "decode").
+    timings: seconds spent per stage ("text", "encode" for an image or video input, "denoise", "decode").
     """
 
     frames: list[np.ndarray] | None
@@ -56,10 +58,11 @@ def _sync(device: torch.device) -> None:
 
 
 class Pipeline:
-    """CogVideoX text-to-video.
+    """CogVideoX text-to-video, image-to-video and video-to-video.
 
     Build it with `Pipeline.from_pretrained(...)` (a folder, a Hugging Face repo id, or None for the
-    embedded demo model) or from components; call it with a prompt to get frames.
+    embedded demo model) or from components; call it with a prompt (and a first frame for the
+    image-to-video models, or a video to redraw) to get frames.
     """
 
     def __init__(self, transformer: torch.nn.Module, vae: torch.nn.Module, text_encoder, scheduler) -> None:
@@ -92,22 +95,64 @@ class Pipeline:
         scheduler: "ddim" or "dpm" to override the model's scheduler class (same schedule config), or a
             scheduler object; default: the one named in `scheduler/scheduler_config.json`.
         """
-        kind = _scheduler_kind(scheduler)
+        _scheduler_kind(scheduler)  # reject an unknown name before touching the disk or the network
         device = loading.choose_device(device)
-        loading.parse_dtype(dtype)  # reject an unknown dtype before touching the disk or the network
+        loading.parse_dtype(dtype)
         folder = loading.resolve_model_dir(
             path_or_repo_id, revision=revision, local_files_only=local_files_only
         )
         configs = loading.read_model_configs(folder)
         dtype = loading.choose_dtype(dtype, device, configs.transformer)
 
+        return cls._assemble(folder, dtype, device, scheduler)
+
+    @classmethod
+    def from_sat(
+        cls,
+        checkpoint: str | Path,
+        base: str | Path,
+        *,
+        vae: str | Path | None = None,
+        dtype: str | torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        scheduler: str | object | None = None,
+        revision: str | None = None,
+        local_files_only: bool = False,
+        trust_pickle: bool = False,
+    ) -> Pipeline:
+        """Load an original SAT checkpoint, converting its names on the fly (see `cogvideox.sat`).
+
+        checkpoint: a SAT `.pt` file or checkpoint folder holding the transformer, the VAE (`3d-vae.pt`)
+            or both; `vae` names a separate VAE file.
+        base: the diffusers-format model (folder or repo id) the checkpoint belongs to, e.g. the one it was
+            fine-tuned from. Its configs say what to build; its T5, tokenizer, scheduler and any component
+            the checkpoint lacks complete the pipeline.
+        trust_pickle: read `.pt` files holding Python objects besides tensors (runs their pickled code).
+        """
+        from cogvideox import sat
+
+        _scheduler_kind(scheduler)
+        device = loading.choose_device(device)
+        loading.parse_dtype(dtype)
+        folder = loading.resolve_model_dir(base, revision=revision, local_files_only=local_files_only)
+        configs = loading.read_model_configs(folder)
+        dtype = loading.choose_dtype(dtype, device, configs.transformer)
+        transformer, vae_model = sat.load_components(checkpoint, configs, dtype, device, vae, trust_pickle)
+        return cls._assemble(folder, dtype, device, scheduler, transformer, vae_model)
+
+    @classmethod
+    def _assemble(cls, folder: Path, dtype, device, scheduler=None, transformer=None, vae=None) -> Pipeline:
+        """The pipeline of a model folder; components given (already loaded) replace the folder's."""
+        kind = _scheduler_kind(scheduler)
         if kind is None and scheduler is not None:
             scheduler_object = scheduler
         else:
             scheduler_object = loading.load_scheduler(folder, kind)
         text_encoder = loading.load_text_encoder(folder, dtype, device)
-        transformer = loading.load_transformer(folder, dtype, device)
-        vae = loading.load_vae(folder, dtype, device)
+        if transformer is None:
+            transformer = loading.load_transformer(folder, dtype, device)
+        if vae is None:
+            vae = loading.load_vae(folder, dtype, device)
         return cls(transformer, vae, text_encoder, scheduler_object)
 
     def save_pretrained(self, folder: str | Path, max_shard_size: int | str = "10GB") -> Path:
@@ -125,8 +170,9 @@ class Pipeline:
         scheduler_config = self.scheduler.config.to_dict() | {"_class_name": scheduler_class}
         text = json.dumps(scheduler_config, indent=2, sort_keys=True) + "\n"
         (folder / loading.SCHEDULER_CONFIG).write_text(text)
+        pipeline_class = "CogVideoXImageToVideoPipeline" if self.config.is_image_to_video else "CogVideoXPipeline"
         index = {
-            "_class_name": "CogVideoXPipeline",
+            "_class_name": pipeline_class,
             "scheduler": ["diffusers", scheduler_class],
             "text_encoder": ["transformers", type(self.text_encoder.model).__name__],
             "tokenizer": ["transformers", type(self.text_encoder.tokenizer).__name__],
@@ -135,6 +181,16 @@ class Pipeline:
         }
         (folder / loading.MODEL_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         return folder
+
+    def with_scheduler(self, scheduler: str | object) -> Pipeline:
+        """The same model (modules shared, not copied) sampling with another scheduler: "ddim", "dpm"
+        (built from this one's schedule config) or a scheduler object."""
+        kind = _scheduler_kind(scheduler)
+        if kind is not None:
+            from cogvideox.schedulers import make_scheduler
+
+            scheduler = make_scheduler(self.scheduler.config, kind)
+        return type(self)(self.transformer, self.vae, self.text_encoder, scheduler)
 
     def to(self, device: str | torch.device) -> Pipeline:
         device = loading.choose_device(device)
@@ -182,7 +238,8 @@ class Pipeline:
         return default_fps(self.config)
 
     def check_request(self, prompt: str | Sequence[str], **kwargs) -> GenerationRequest:
-        """Validate a request (the arguments of `__call__` that shape the video) against this model;
+        """Validate a request (the arguments of `__call__` that shape the video; for image- and
+        video-to-video `task=` and `video_frames=`, see `request.check_request`) against this model;
         raise `InputError` saying what to change. Runs no model."""
         train_steps = self.scheduler.config.num_train_timesteps
         return check_request(self.config, self.vae.config, prompt, num_train_timesteps=train_steps, **kwargs)
@@ -210,6 +267,32 @@ class Pipeline:
             bar.update()
         return [to_uint8_frames(video) for video in videos]
 
+    def _start(self, request: GenerationRequest, generator, shape, picture=None, source=None, latents=None):
+        """Where denoising starts: (latents [B, F, C, h, w], the denoiser, the timesteps to run)."""
+        device, dtype = self.device, self.dtype
+        self.scheduler.set_timesteps(request.num_inference_steps, device=device)
+        timesteps, model = self.scheduler.timesteps, self.transformer
+        size = (request.height, request.width)
+        # The image's or the video's posterior draw comes before the noise draw, as in the reference.
+        if request.task == "image":
+            pixels = conditioning.prepare_image(picture, *size, request.resize).to(device, dtype)
+            condition = conditioning.image_latents(
+                self.vae, pixels, generator, request.batch_size, request.latent_frames, dtype
+            )
+            model = conditioning.ImageConditioned(self.transformer, condition)
+        elif request.task == "video":
+            pixels = conditioning.prepare_video(source[: request.num_frames], *size, request.resize)
+            clean = conditioning.video_latents(
+                self.vae, pixels.to(device, dtype), generator, request.batch_size, dtype, request.padding_frames
+            )
+            timesteps = conditioning.strength_timesteps(timesteps, request.strength)
+            latents = conditioning.noised_video_latents(clean, self.scheduler, timesteps[0], generator)
+            return latents, model, timesteps
+        if latents is not None:
+            return latents.to(device, dtype), model, timesteps
+        # Drawn on the generator's device (the CPU for a seed) in the pipeline dtype, then moved.
+        return randn(shape, generator, device=device, dtype=dtype), model, timesteps
+
     @torch.inference_mode()
     def __call__(
         self,
@@ -229,6 +312,11 @@ class Pipeline:
         output_type: str = "np",
         progress: bool = True,
         callback: Callable[[int, int, torch.Tensor], None] | None = None,
+        image=None,
+        video=None,
+        strength: float | None = None,
+        resize: str = "stretch",
+        latents: torch.Tensor | None = None,
     ) -> VideoOutput:
         """Generate videos for one prompt or a list of prompts.
 
@@ -240,7 +328,25 @@ class Pipeline:
         released ones. Noise comes from `torch.Generator("cpu").manual_seed(seed)` (a random seed, reported in
         the output, when neither seed nor generator is given). `callback(step, timestep, latents)` runs
         after every step.
+
+        image: the first frame, for image-to-video models (which need one): a file path, a PIL image or
+            a uint8 array [H, W, 3]. It is resized to height x width (the model's size by default).
+        video: the video to redraw (video-to-video): a file path, uint8 frames [T, H, W, 3] or a list of
+            frames. Its first `num_frames` frames are used (default: the model's frame count, or the
+            longest 8k+1 prefix of a shorter video), each resized to height x width. `strength` (default
+            0.8) is the fraction of the schedule that runs: the video's latents are noised to the first
+            timestep of the last int(n * strength).
+        resize: "stretch" (the reference's plain resize, default) or "crop" (keep the aspect ratio: cut
+            the centred region of the video's shape, then resize).
+        latents: the starting noise [B, F, C, h, w] (F with the 1.5 padding frame) instead of a draw,
+            e.g. the result of `cogvideox.inversion.invert`.
         """
+        if image is not None and video is not None:
+            raise InputError("give either an image (image-to-video) or a video (video-to-video), not both")
+        task = "image" if image is not None else "video" if video is not None else "text"
+        # Decode the inputs first: a file that is not an image or a video fails before any model runs.
+        picture = conditioning.load_image(image) if image is not None else None
+        source = conditioning.load_video(video) if video is not None else None
         request = self.check_request(
             prompt,
             negative_prompt=negative_prompt,
@@ -253,10 +359,28 @@ class Pipeline:
             dynamic_cfg=dynamic_cfg,
             num_videos_per_prompt=num_videos_per_prompt,
             max_sequence_length=max_sequence_length,
+            task=task,
+            strength=strength,
+            resize=resize,
+            video_frames=None if source is None else len(source),
         )
         if output_type not in OUTPUT_TYPES:
             raise InputError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         generator, seed = _generator(seed, generator, request.batch_size)
+        compress = self.spatial_compression
+        shape = (
+            request.batch_size,
+            request.latent_frames,
+            self.config.latent_channels,
+            request.height // compress,
+            request.width // compress,
+        )
+        if latents is not None:
+            if task == "video":
+                raise InputError("latents= sets the starting noise; video-to-video starts from the video")
+            if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape:
+                got = list(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+                raise InputError(f"latents must be a tensor of shape {list(shape)} for this request, got {got}")
 
         device, dtype, timings = self.device, self.dtype, {}
 
@@ -270,18 +394,11 @@ class Pipeline:
         timings["text"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        self.scheduler.set_timesteps(request.num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
-        compress = self.spatial_compression
-        shape = (
-            request.batch_size,
-            request.latent_frames,
-            self.config.latent_channels,
-            request.height // compress,
-            request.width // compress,
-        )
-        # Drawn on the generator's device (the CPU for a seed) in the pipeline dtype, then moved.
-        latents = randn(shape, generator, device=device, dtype=dtype)
+        latents, model, timesteps = self._start(request, generator, shape, picture, source, latents)
+        if request.task != "text":
+            _sync(device)
+            timings["encode"] = time.perf_counter() - start  # the VAE encoding of the image or video
+            start = time.perf_counter()
         rotary = self.transformer.rotary_embedding(shape[1], shape[3], shape[4], device)  # once per call
         guidance = None
         if request.use_guidance:
@@ -297,7 +414,7 @@ class Pipeline:
                 if callback is not None:
                     callback(i, t, current)
 
-            latents = denoise(self.transformer, self.scheduler, timesteps, inputs, on_step=on_step)
+            latents = denoise(model, self.scheduler, timesteps, inputs, on_step=on_step)
         _sync(device)
         timings["denoise"] = time.perf_counter() - start
 

@@ -19,6 +19,14 @@ from cogvideox.models.config import TransformerConfig, VAEConfig
 
 DYNAMIC_CFG_VARIANTS = ("reference", "smooth")
 
+# What a generation starts from: noise only, a first frame, or a whole video.
+TASKS = ("text", "image", "video")
+# How a picture is brought to the video size (see cogvideox.conditioning): the reference's plain resize,
+# or a centred crop to the target's aspect ratio, then a resize ("cover").
+RESIZE_MODES = ("stretch", "crop")
+DEFAULT_STRENGTH = 0.8  # video-to-video, the reference's default
+I2V_MODELS = "THUDM/CogVideoX-5b-I2V or THUDM/CogVideoX1.5-5B-I2V"
+
 # CogVideoX 1.5 was trained at 768x1360; its config's sample size (300x300 patches) is the RoPE table's
 # upper bound, not a size to generate at (the reference would default to 2400x2400).
 V15_DEFAULT_SIZE = (768, 1360)
@@ -41,10 +49,20 @@ class GenerationRequest:
     max_sequence_length: int
     latent_frames: int  # including the 1.5 padding frames
     padding_frames: int  # extra latent frames at the front (1.5), dropped before decoding
+    task: str = "text"  # "text", "image" (first frame given) or "video" (video-to-video)
+    strength: float | None = None  # video-to-video: the fraction of the schedule that runs
+    resize: str = "stretch"  # how the image or video frames are brought to height x width
 
     @property
     def batch_size(self) -> int:
         return len(self.prompts) * self.videos_per_prompt
+
+    @property
+    def denoising_steps(self) -> int:
+        """Steps that run: all of them, or the last int(n * strength) for video-to-video."""
+        if self.strength is None:
+            return self.num_inference_steps
+        return min(int(self.num_inference_steps * self.strength), self.num_inference_steps)
 
     @property
     def use_guidance(self) -> bool:
@@ -118,6 +136,66 @@ def check_frames(num_frames, transformer: TransformerConfig, vae: VAEConfig) -> 
     return int(num_frames)
 
 
+def latent_frame_count(num_frames: int, vae: VAEConfig) -> int:
+    return (num_frames - 1) // vae.temporal_compression + 1
+
+
+def check_video_frames(
+    num_frames, available: int, transformer: TransformerConfig, vae: VAEConfig
+) -> int:
+    """How many frames of a `available`-frame input video video-to-video uses.
+
+    By default the model's own frame count (49 for 1.0, 81 for 1.5), or for a shorter video its longest
+    prefix that comes back at its own length (8k+1 frames, 1.5 padded like text-to-video). CogVideoX 1.5
+    also takes what the reference takes, an even latent frame count (8k+5 frames), unpadded; the VAE then
+    decodes 3 frames more than it was given.
+    """
+    step = 2 * vae.temporal_compression
+    if not _is_int(available) or available < 1:
+        raise InputError("the video has no frames")
+    if num_frames is None:
+        longest = (available - 1) // step * step + 1
+        return min(longest, (transformer.sample_frames - 1) // step * step + 1)
+    if not _is_int(num_frames) or num_frames < 1:
+        raise InputError(f"num_frames must be a positive integer, got {num_frames!r}")
+    if num_frames > available:
+        raise InputError(f"num_frames={num_frames} but the video has only {available} frames")
+    patch_t = transformer.patch_size_t
+    if patch_t and (num_frames - 1) % vae.temporal_compression == 0:
+        if latent_frame_count(num_frames, vae) % patch_t == 0:
+            return int(num_frames)
+    return check_frames(num_frames, transformer, vae)
+
+
+def check_task(transformer: TransformerConfig, task: str) -> None:
+    """Can this model do the task? Image-to-video models need a first frame; the others cannot take one."""
+    if task not in TASKS:
+        raise InputError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    if transformer.is_image_to_video and task != "image":
+        what = "text-to-video" if task == "text" else "video-to-video"
+        raise InputError(
+            f"this is an image-to-video model: give it the first frame (image=..., --image PHOTO); "
+            f"{what} needs a text-to-video checkpoint"
+        )
+    if task == "image" and not transformer.is_image_to_video:
+        raise InputError(
+            "this is a text-to-video model and cannot take an image; use an image-to-video checkpoint "
+            f"such as {I2V_MODELS}"
+        )
+
+
+def check_strength(strength, num_inference_steps: int) -> float:
+    """Video-to-video strength in (0, 1], large enough that at least one step runs."""
+    if not isinstance(strength, numbers.Real) or isinstance(strength, bool) or not 0 < strength <= 1:
+        raise InputError(f"strength must be a number in (0, 1], got {strength!r}")
+    if int(num_inference_steps * strength) < 1:
+        raise InputError(
+            f"strength {strength} of {num_inference_steps} steps runs no step; "
+            f"use strength >= {1 / num_inference_steps:.3g} or more steps"
+        )
+    return float(strength)
+
+
 def check_size(
     height, width, num_frames: int, transformer: TransformerConfig, vae: VAEConfig
 ) -> tuple[int, int]:
@@ -173,13 +251,31 @@ def check_request(
     num_videos_per_prompt: int = 1,
     max_sequence_length: int | None = None,
     num_train_timesteps: int = 1000,
+    task: str = "text",
+    strength: float | None = None,
+    resize: str = "stretch",
+    video_frames: int | None = None,
 ) -> GenerationRequest:
-    """Validate a text-to-video request against a model's configs; raise `InputError` saying what to change."""
-    prompts, negatives = check_prompts(prompt, negative_prompt)
-    if transformer.is_image_to_video:
-        raise InputError("this is an image-to-video model; text-to-video needs a text-to-video checkpoint")
+    """Validate a generation request against a model's configs; raise `InputError` saying what to change.
 
-    num_frames = check_frames(transformer.sample_frames if num_frames is None else num_frames, transformer, vae)
+    task: "text" (text-to-video), "image" (image-to-video: the caller has the first frame) or "video"
+        (video-to-video from a `video_frames`-frame input; `num_frames` then picks how many of its frames
+        to use, `strength` how much of the schedule runs, 0.8 by default).
+    """
+    prompts, negatives = check_prompts(prompt, negative_prompt)
+    check_task(transformer, task)
+    if resize not in RESIZE_MODES:
+        raise InputError(f"resize must be one of {', '.join(RESIZE_MODES)}, got {resize!r}")
+    if task != "video" and strength is not None:
+        raise InputError("strength only applies to video-to-video (give a video)")
+
+    if task == "video":
+        if video_frames is None:
+            raise InputError("video-to-video needs the input video's frame count")
+        num_frames = check_video_frames(num_frames, video_frames, transformer, vae)
+    else:
+        default_frames = transformer.sample_frames if num_frames is None else num_frames
+        num_frames = check_frames(default_frames, transformer, vae)
     default_height, default_width = default_size(transformer, vae)
     height, width = check_size(
         default_height if height is None else height,
@@ -200,7 +296,10 @@ def check_request(
     if dynamic_cfg not in DYNAMIC_CFG_VARIANTS:
         raise InputError(f"dynamic_cfg must be one of {', '.join(DYNAMIC_CFG_VARIANTS)}, got {dynamic_cfg!r}")
 
-    latent_frames = (num_frames - 1) // vae.temporal_compression + 1
+    if task == "video":
+        strength = check_strength(DEFAULT_STRENGTH if strength is None else strength, steps)
+
+    latent_frames = latent_frame_count(num_frames, vae)
     padding = 0
     if transformer.patch_size_t is not None and latent_frames % transformer.patch_size_t:
         # CogVideoX 1.5 patches pairs of latent frames: pad at the front, drop after denoising.
@@ -219,4 +318,7 @@ def check_request(
         max_sequence_length=check_text_length(max_sequence_length, transformer),
         latent_frames=latent_frames + padding,
         padding_frames=padding,
+        task=task,
+        strength=strength,
+        resize=resize,
     )

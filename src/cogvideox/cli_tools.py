@@ -1,0 +1,220 @@
+"""The `cogvideox` commands around the model: DDIM inversion and SAT checkpoint conversion.
+
+    cogvideox invert in.mp4 --prompt "a red ball rolls left" --output latents.safetensors --reconstruct out.mp4
+    cogvideox regenerate latents.safetensors --output edit.mp4 --prompt "a blue ball rolls left"
+    cogvideox convert sat/transformer --vae sat/vae/3d-vae.pt --base THUDM/CogVideoX-5b --output CogVideoX-5b-ft
+
+Thin layers over `cogvideox.inversion` and `cogvideox.sat`, like `generate` over `Pipeline`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from cogvideox.cli import _finite_float, _positive_float, _positive_int, _quiet_libraries
+from cogvideox.errors import InputError
+
+
+def _add_model_args(parser: argparse.ArgumentParser, model_help: str) -> None:
+    arg = parser.add_argument
+    arg("--model", default=None, help=model_help)
+    arg("--dtype", help="bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU; 5B models need bf16)")
+    arg("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    arg("--revision", help="hub revision (branch, tag or commit) of --model (default: main)")
+    arg("--offline", action="store_true", help="never download; use a local folder or the hub cache")
+    arg("--quiet", action="store_true", help="no progress bars, only the final report")
+
+
+_MODEL_HELP = (
+    "text-to-video model folder in the diffusers layout, or a Hugging Face repo id such as THUDM/CogVideoX-5b "
+    "(taken from the cache when present, else downloaded); default: the embedded demo model"
+)
+
+
+def add_tool_parsers(commands) -> None:
+    """Add `invert`, `regenerate` and `convert` to the `cogvideox` command's sub-parsers."""
+    inv = commands.add_parser(
+        "invert",
+        help="DDIM-invert a video into the noise that regenerates it",
+        description="Run the deterministic DDIM sampler backwards from a video to noise latents that "
+        "regenerate it (the official CogVideoX inversion tool, without its attention injection). Write the "
+        "latents (--output), the regenerated video (--reconstruct), or both; the PSNR of the reconstruction "
+        "against the input is printed.",
+    )
+    arg = inv.add_argument
+    arg("video", help="the video to invert (any format FFmpeg reads)")
+    arg("--prompt", default="", help="caption of the video; regenerate with the same one (default: empty)")
+    arg("-o", "--output", help="where to write the inverted latents (.safetensors)")
+    arg("--reconstruct", help="also regenerate the video from the latents and write it here (MP4)")
+    arg(
+        "--steps",
+        type=_positive_int,
+        default=50,
+        help="DDIM steps, the same both ways; more invert more exactly: try 100 if the reconstruction drifts "
+        "(default: 50, as the official tool)",
+    )
+    arg(
+        "--guidance",
+        type=_finite_float,
+        default=1.0,
+        help="classifier-free guidance scale for both directions; 1 (off) inverts most faithfully (default: 1)",
+    )
+    arg(
+        "--frames",
+        type=_positive_int,
+        help="frames of the video to use, 8k+1 (default: the model's count, or all of a shorter video's 8k+1)",
+    )
+    arg("--height", type=_positive_int, help="height to resize the frames to (default: the model's)")
+    arg("--width", type=_positive_int, help="width to resize the frames to (default: the model's)")
+    arg(
+        "--resize",
+        choices=("stretch", "crop"),
+        default="stretch",
+        help="'stretch' to the size, or 'crop' the centred region of its aspect ratio first (default: stretch)",
+    )
+    arg("--fps", type=_positive_float, help="frame rate of the reconstruction (default: the model's)")
+    _add_model_args(inv, _MODEL_HELP)
+    inv.set_defaults(run=_invert)
+
+    regen = commands.add_parser(
+        "regenerate",
+        help="sample a video from inverted latents (the same video, or an edit with a new prompt)",
+        description="Sample forward with DDIM from latents written by `cogvideox invert`, with the size, frame "
+        "count, steps and guidance they were inverted with. The inversion's prompt gives the video back; a "
+        "new --prompt edits it.",
+    )
+    arg = regen.add_argument
+    arg("latents", help="latents written by cogvideox invert (.safetensors)")
+    arg("-o", "--output", default="output.mp4", help="path of the MP4 to write (default: output.mp4)")
+    arg("--prompt", help="a new prompt (default: the one the video was inverted with)")
+    arg("--guidance", type=_finite_float, help="guidance scale (default: the one used to invert)")
+    arg("--fps", type=_positive_float, help="frame rate of the MP4 (default: the model's)")
+    _add_model_args(regen, "the model the latents were inverted with (default: the embedded demo model)")
+    regen.set_defaults(run=_regenerate)
+
+    conv = commands.add_parser(
+        "convert",
+        help="convert an original SAT checkpoint to a model folder in the diffusers layout",
+        description="Convert a checkpoint of CogVideoX's own SAT training code (a .pt file or a DeepSpeed "
+        "checkpoint folder: the transformer, the VAE or both) to the diffusers layout, completed from a base "
+        "model: its configs, T5, tokenizer, scheduler and any component the checkpoint lacks.",
+    )
+    arg = conv.add_argument
+    arg("checkpoint", help="SAT .pt file, or a checkpoint folder (with 'latest' or numbered iterations)")
+    arg("-o", "--output", required=True, help="new folder to write the model to")
+    arg(
+        "--base",
+        required=True,
+        help="diffusers-layout model the checkpoint belongs to (folder or repo id, e.g. THUDM/CogVideoX-5b)",
+    )
+    arg("--vae", help="a separate SAT VAE checkpoint (3d-vae.pt) to convert too")
+    arg(
+        "--dtype",
+        default="bf16",
+        help="precision of the written weights: bf16, fp16 or fp32 (default: bf16, the released weights')",
+    )
+    arg(
+        "--trust-pickle",
+        action="store_true",
+        help="read .pt files that hold Python objects besides tensors (runs their code: trusted files only)",
+    )
+    arg("--revision", help="hub revision (branch, tag or commit) of --base (default: main)")
+    arg("--offline", action="store_true", help="never download --base; use a local folder or the hub cache")
+    conv.set_defaults(run=_convert)
+
+
+def _check_output(path: str | None, flag: str) -> Path | None:
+    if path is None:
+        return None
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{flag} {path} is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise InputError(f"{flag} folder {path.parent} does not exist")
+    return path
+
+
+def _load(args: argparse.Namespace):
+    from cogvideox import loading
+    from cogvideox.pipeline import Pipeline
+
+    loading.parse_dtype(args.dtype)
+    device = loading.choose_device(args.device)
+    folder = loading.resolve_model_dir(args.model, revision=args.revision, local_files_only=args.offline)
+    loading.read_model_configs(folder)
+    return Pipeline.from_pretrained(folder, dtype=args.dtype, device=device)
+
+
+def _invert(args: argparse.Namespace) -> int:
+    from cogvideox import conditioning
+    from cogvideox.inversion import invert, psnr, reconstruct
+    from cogvideox.video import export_video
+
+    latents_path = _check_output(args.output, "--output")
+    video_path = _check_output(args.reconstruct, "--reconstruct")
+    if latents_path is None and video_path is None:
+        raise InputError("nothing to write: give --output LATENTS.safetensors and/or --reconstruct VIDEO.mp4")
+    _quiet_libraries()
+    frames = conditioning.load_video(args.video)  # an undecodable file fails before the model loads
+    start = time.perf_counter()
+    pipe = _load(args)
+    load_time = time.perf_counter() - start
+
+    start = time.perf_counter()
+    inversion = invert(
+        pipe,
+        frames,
+        args.prompt,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        num_frames=args.frames,
+        height=args.height,
+        width=args.width,
+        resize=args.resize,
+        progress=not args.quiet,
+    )
+    size = f"{inversion.width}x{inversion.height}"
+    report = [f"inverted {inversion.num_frames} frames at {size} in {args.steps} steps"]
+    if latents_path is not None:
+        inversion.save(latents_path)
+        report.append(f"wrote {latents_path}")
+    if video_path is not None:
+        video = reconstruct(pipe, inversion, progress=not args.quiet).frames[0]
+        fps = args.fps or pipe.default_fps
+        export_video(video, video_path, fps=fps)
+        used = conditioning.resize_frames(
+            frames[: inversion.num_frames], inversion.height, inversion.width, args.resize
+        )
+        report.append(f"wrote {video_path} (PSNR {psnr(video, used):.2f} dB against the input)")
+    print(" | ".join(report) + f" | load {load_time:.1f}s, run {time.perf_counter() - start:.1f}s")
+    return 0
+
+
+def _regenerate(args: argparse.Namespace) -> int:
+    from cogvideox.inversion import Inversion, reconstruct
+    from cogvideox.video import export_video
+
+    output = _check_output(args.output, "--output")
+    inversion = Inversion.load(args.latents)
+    _quiet_libraries()
+    pipe = _load(args)
+    video = reconstruct(
+        pipe, inversion, prompt=args.prompt, guidance_scale=args.guidance, progress=not args.quiet
+    ).frames[0]
+    fps = args.fps or pipe.default_fps
+    export_video(video, output, fps=fps)
+    print(f"wrote {output} ({video.shape[0]} frames, {video.shape[2]}x{video.shape[1]}, {fps:g} fps)")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from cogvideox import loading, sat
+
+    dtype = loading.parse_dtype(args.dtype)
+    base = loading.resolve_model_dir(args.base, revision=args.revision, local_files_only=args.offline)
+    start = time.perf_counter()
+    output = sat.convert(args.checkpoint, base, args.output, dtype, vae=args.vae, trust_pickle=args.trust_pickle)
+    print(f"wrote {output} (diffusers layout, {args.dtype}) in {time.perf_counter() - start:.1f}s")
+    return 0

@@ -1,0 +1,87 @@
+"""`cogvideox convert`: a SAT checkpoint becomes a model folder in the diffusers layout, readable by us and
+by the reference, with the checkpoint's weights."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import make_sat_checkpoint
+
+from cogvideox import Pipeline
+from cogvideox.cli import main
+
+
+@pytest.fixture(scope="module")
+def sat_checkpoint(tiny_rope_dir, tmp_path_factory):
+    pipe = Pipeline.from_pretrained(tiny_rope_dir)
+    transformer, vae = make_sat_checkpoint(pipe, tmp_path_factory.mktemp("sat"))
+    return pipe, transformer, vae
+
+
+def assert_same_weights(a, b):
+    a, b = a.state_dict(), b.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_convert_writes_the_diffusers_layout(sat_checkpoint, tiny_rope_dir, tmp_path, capsys):
+    tuned, transformer, vae = sat_checkpoint
+    out = tmp_path / "converted"
+    argv = ["convert", str(transformer), "--vae", str(vae), "--base", str(tiny_rope_dir), "-o", str(out)]
+    assert main([*argv, "--dtype", "fp32"]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    ours = Pipeline.from_pretrained(out)
+    assert_same_weights(ours.transformer, tuned.transformer)
+    assert_same_weights(ours.vae, tuned.vae)
+
+    # The reference reads the folder too, and finds the same tensors.
+    diffusers = pytest.importorskip("diffusers")
+    reference = diffusers.CogVideoXPipeline.from_pretrained(str(out), torch_dtype=torch.float32)
+    theirs = reference.transformer.state_dict()
+    assert all(torch.equal(theirs[k], v) for k, v in tuned.transformer.state_dict().items())
+
+
+def test_convert_transformer_only_keeps_the_base_vae_in_bf16(sat_checkpoint, tiny_rope_dir, tmp_path):
+    tuned, transformer, _ = sat_checkpoint
+    out = tmp_path / "converted"
+    assert main(["convert", str(transformer), "--base", str(tiny_rope_dir), "--output", str(out)]) == 0
+    ours = Pipeline.from_pretrained(out, dtype="fp32")
+    base = Pipeline.from_pretrained(tiny_rope_dir)
+    assert_same_weights(ours.vae, base.vae)
+    # Written in bf16 by default, the released weights' precision.
+    want = tuned.transformer.proj_out.weight.to(torch.bfloat16).float()
+    assert torch.equal(ours.transformer.proj_out.weight, want)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--output", "EXISTING"], "already exists and is not empty"),
+        (["--dtype", "int4"], "unknown dtype 'int4'"),
+        (["--vae", "/no/such/vae.pt"], "no SAT checkpoint at /no/such/vae.pt"),
+    ],
+)
+def test_mistakes_exit_2_with_one_line(sat_checkpoint, tiny_rope_dir, tmp_path, capsys, extra, message):
+    _, transformer, _ = sat_checkpoint
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "file").write_text("x")
+    extra = [str(existing) if e == "EXISTING" else e for e in extra]
+    argv = ["convert", str(transformer), "--base", str(tiny_rope_dir), "--output", str(tmp_path / "new"), *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("cogvideox: error: ") and message in err
+    assert not (tmp_path / "new").exists()
+
+
+def test_missing_checkpoint_and_help(tiny_rope_dir, tmp_path, capsys):
+    missing = ["convert", str(tmp_path / "none.pt"), "--base", str(tiny_rope_dir), "-o", str(tmp_path / "o")]
+    assert main(missing) == 2
+    assert "no SAT checkpoint at" in capsys.readouterr().err
+    result = subprocess.run(
+        [sys.executable, "-m", "cogvideox", "convert", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    for flag in ["--output", "--base", "--vae", "--dtype", "--trust-pickle", "--offline"]:
+        assert flag in text
