@@ -431,22 +431,24 @@ def _check_materialized(model: nn.Module) -> None:
         raise RuntimeError(f"tensors still on the meta device after loading: {_listing(leftover)}")
 
 
+def _load_model(folder: Path, subfolder: str, build, config_cls, dtype: torch.dtype, device: torch.device):
+    """Build `build(config)` on the meta device from `folder/subfolder/config.json`, then load it strictly."""
+    path = folder / subfolder
+    config = config_cls.from_json(path / "config.json")
+    with torch.device("meta"):
+        model = build(config)
+    load_weights(model, weight_files(path), dtype, device, f"{path}")
+    return model.eval()
+
+
 def load_transformer(folder: Path, dtype: torch.dtype, device: torch.device):
     """The expert transformer of `folder/transformer`, strictly loaded."""
-    config = TransformerConfig.from_json(folder / "transformer" / "config.json")
-    with torch.device("meta"):
-        model = CogVideoXTransformer(config)
-    load_weights(model, weight_files(folder / "transformer"), dtype, device, f"{folder / 'transformer'}")
-    return model.eval()
+    return _load_model(folder, "transformer", CogVideoXTransformer, TransformerConfig, dtype, device)
 
 
 def load_vae(folder: Path, dtype: torch.dtype, device: torch.device):
     """The 3D causal VAE of `folder/vae`, strictly loaded."""
-    config = VAEConfig.from_json(folder / "vae" / "config.json")
-    with torch.device("meta"):
-        model = CogVideoXVAE(config)
-    load_weights(model, weight_files(folder / "vae"), dtype, device, f"{folder / 'vae'}")
-    return model.eval()
+    return _load_model(folder, "vae", CogVideoXVAE, VAEConfig, dtype, device)
 
 
 def load_text_encoder(folder: Path, dtype: torch.dtype, device: torch.device):
