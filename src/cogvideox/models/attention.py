@@ -41,6 +41,22 @@ class JointAttention(nn.Module):
         self.norm_k = nn.LayerNorm(head_dim, eps=1e-6)
         self.to_out = nn.ModuleList([nn.Linear(inner, dim, bias=out_bias), nn.Dropout(0.0)])
 
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, L, D] -> q, k, v, each [B, L, heads*head_dim].
+
+        A seam for optimisations applied from outside (a fused QKV projection replaces this method on
+        the instance); the exact path is three separate linears, as the checkpoint stores them.
+        """
+        return self.to_q(x), self.to_k(x), self.to_v(x)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Softmax attention of q, k, v [B, heads, L, head_dim] -> [B, heads, L, head_dim].
+
+        A seam for attention backends and sequence parallelism applied from outside (they replace this
+        method on the instance and may call the original).
+        """
+        return F.scaled_dot_product_attention(q, k, v)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -50,13 +66,13 @@ class JointAttention(nn.Module):
         """x [B, text_len + N, D] -> [B, text_len + N, D]; `rope` = (cos, sin), each [N, head_dim]."""
         B, L, _ = x.shape
         # [B, L, heads*head_dim] -> [B, heads, L, head_dim]
-        q, k, v = (p(x).view(B, L, self.heads, -1).transpose(1, 2) for p in (self.to_q, self.to_k, self.to_v))
+        q, k, v = (t.view(B, L, self.heads, -1).transpose(1, 2) for t in self.project_qkv(x))
         q, k = self.norm_q(q), self.norm_k(k)
         if rope is not None:
             cos, sin = rope
             q = torch.cat([q[:, :, :text_len], apply_rope(q[:, :, text_len:], cos, sin)], dim=2)
             k = torch.cat([k[:, :, :text_len], apply_rope(k[:, :, text_len:], cos, sin)], dim=2)
-        out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, L, head_dim]
+        out = self.attend(q, k, v)  # [B, heads, L, head_dim]
         out = out.transpose(1, 2).reshape(B, L, -1)
         project, dropout = self.to_out
         return dropout(project(out))
