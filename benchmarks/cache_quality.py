@@ -1,0 +1,124 @@
+"""What the step cache costs in quality, on the demo model: with and without `cache=` for the demo captions.
+
+    python benchmarks/cache_quality.py                          # the embedded demo model, CPU is fine
+    python benchmarks/cache_quality.py --model path/to/model --thresholds 0.05,0.1,0.2 --captions 16
+
+For every threshold, each (caption, seed) is generated with the same seed as the uncached run, and
+reports: steps that ran in full (mean per generation), denoising time and speed-up over the uncached run,
+the PSNR of the decoded frames against the uncached frames (mean over videos; identical videos counted
+apart), and the judge's verdicts (caption's colour and direction seen, as `cogvideox.demo.evaluate`
+scores them), so a cache that breaks prompt following shows as a lower score. Writes
+cache_quality.json under $OUT (or the current folder) and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cogvideox import Pipeline
+from cogvideox.demo import world
+from cogvideox.demo.judge import judge
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of uint8 frames a against b (inf when identical)."""
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
+
+
+def run(pipe: Pipeline, captions: list[str], seeds: list[int], steps: int, batch: int) -> dict:
+    """Frames per (caption, seed), total denoising seconds, and full steps per generation."""
+    frames, seconds, computed, generations = {}, 0.0, 0, 0
+    cache = pipe.acceleration.cache if pipe.acceleration is not None else None
+    pipe(captions[:batch], seed=0, num_inference_steps=2, progress=False)  # warm-up, not timed
+    for seed in seeds:
+        for start in range(0, len(captions), batch):
+            chunk = captions[start : start + batch]
+            out = pipe(chunk, seed=seed, num_inference_steps=steps, progress=False)
+            seconds += out.timings["denoise"]
+            generations += 1
+            computed += cache.computed if cache is not None else steps
+            for caption, video in zip(chunk, out.frames):
+                frames[caption, seed] = video
+    return {"frames": frames, "denoise_s": seconds, "computed_per_generation": computed / generations}
+
+
+def score(frames: dict) -> dict:
+    correct = colour = direction = 0
+    for (caption, _), video in frames.items():
+        want_colour, _, want_direction, _ = world.parse_caption(caption)
+        verdict = judge(video)
+        correct += verdict.matches(caption)
+        colour += verdict.colour == want_colour
+        direction += verdict.direction == want_direction
+    n = len(frames)
+    return {"videos": n, "accuracy": round(correct / n, 4), "colour_accuracy": round(colour / n, 4),
+            "direction_accuracy": round(direction / n, 4)}  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="model folder (default: the embedded demo model)")
+    p.add_argument("--thresholds", default="0.05,0.1,0.2", help="comma-separated cache thresholds")
+    p.add_argument("--split", default="held_out", choices=("held_out", "train", "all"))
+    p.add_argument("--captions", type=int, default=None, help="use the first N captions of the split")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per caption")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--batch", type=int, default=8, help="prompts per generation")
+    args = p.parse_args()
+
+    captions = list(world.captions_of(args.split))[: args.captions]
+    seeds = list(range(args.seeds))
+    thresholds = [float(t) for t in args.thresholds.split(",")]
+    torch.manual_seed(0)
+
+    t0 = time.perf_counter()
+    baseline = run(Pipeline.from_pretrained(args.model), captions, seeds, args.steps, args.batch)
+    rows = [{"threshold": None, "steps": args.steps, "computed_per_generation": args.steps,
+             "denoise_s": round(baseline["denoise_s"], 2), "speedup": 1.0, **score(baseline["frames"])}]  # fmt: skip
+    for threshold in thresholds:
+        # Only the cache, so that the differences are the cache's alone.
+        pipe = Pipeline.from_pretrained(args.model).accelerate(cache=threshold, fuse_qkv=False, attention=None)
+        result = run(pipe, captions, seeds, args.steps, args.batch)
+        values = [psnr(result["frames"][key], baseline["frames"][key]) for key in baseline["frames"]]
+        finite = [v for v in values if math.isfinite(v)]
+        rows.append({
+            "threshold": threshold,
+            "steps": args.steps,
+            "computed_per_generation": round(result["computed_per_generation"], 2),
+            "denoise_s": round(result["denoise_s"], 2),
+            "speedup": round(baseline["denoise_s"] / result["denoise_s"], 3),
+            "psnr_db_mean": round(sum(finite) / len(finite), 2) if finite else None,
+            "psnr_db_min": round(min(finite), 2) if finite else None,
+            "identical_videos": len(values) - len(finite),
+            **score(result["frames"]),
+        })  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+
+    report = {"model": args.model or "demo", "split": args.split, "captions": len(captions), "seeds": seeds,
+              "steps": args.steps, "batch": args.batch, "seconds": round(time.perf_counter() - t0, 1),
+              "rows": rows}  # fmt: skip
+    out_dir = Path(os.environ.get("OUT", "."))
+    (out_dir / "cache_quality.json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = ["| threshold | steps computed | denoise s | speed-up | PSNR vs uncached (mean / min) dB | "
+             "judge accuracy | colour | direction |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for r in rows:
+        name = "off" if r["threshold"] is None else f"{r['threshold']:g}"
+        quality = "" if r["threshold"] is None else f"{r['psnr_db_mean']} / {r['psnr_db_min']}"
+        if r.get("identical_videos"):
+            quality += f" ({r['identical_videos']} identical)"
+        lines.append(f"| {name} | {r['computed_per_generation']}/{r['steps']} | {r['denoise_s']} | {r['speedup']} | "
+                     f"{quality} | {r['accuracy']} | {r['colour_accuracy']} | {r['direction_accuracy']} |")  # fmt: skip
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,360 @@
+"""Speed levers at full size with random weights: ours against the reference (diffusers), in one process.
+
+    python benchmarks/speed.py --variant 5b                      # on a GPU: 49 x 480 x 720, bf16
+    python benchmarks/speed.py --variant 5b --modes fused,fp8 --trajectory-steps 10
+    python benchmarks/speed.py --tiny                            # a tiny config on the CPU (smoke test)
+
+The same random weights go into diffusers' CogVideoXTransformer3DModel and into ours, once per mode (each
+mode rewrites its own fresh copy). For each mode, at CFG batch 2:
+- per-step transformer time (median of --repeat forwards after a warm-up; the warm-up, which includes any
+  compilation, is reported on its own), the 50-step extrapolation, peak GPU memory and weight bytes;
+- the relative L2 error of one step against the reference's bf16 output (the "exact" budget is 1e-2);
+- for the lossy modes (int8, fp8, cache), the error after a --trajectory-steps DDIM run with guidance,
+  against the same run in the lossless "fused" mode; for the cache, how many steps ran in full and the
+  time per step of that run.
+Then the VAE decode (reference and ours, whole and tiled: time, peak memory, error) and the T5 encoding.
+
+Modes: plain (no levers), fused (fused QKV + cuDNN-first attention: our exact mode), compile (fused +
+regional torch.compile), int8 / fp8 (fused + quantised linears + compile), cache (fused + compile + the
+first-block cache at --cache-threshold). The reference is timed eager, and compiled with
+--reference-compile (minutes of compilation). Writes speed_<variant>[_tiny].json under $OUT (or the
+current folder) and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from core_full_size import T5_TINY, T5_XXL, make_text_encoder, random_init_  # noqa: E402
+
+from cogvideox import fast  # noqa: E402
+from cogvideox.models.config import SchedulerConfig, VAEConfig  # noqa: E402
+from cogvideox.models.transformer import TRANSFORMER_PRESETS, CogVideoXTransformer  # noqa: E402
+from cogvideox.models.vae import CogVideoXVAE  # noqa: E402
+from cogvideox.sampling import DenoiseInputs, denoise  # noqa: E402
+from cogvideox.schedulers import make_scheduler  # noqa: E402
+
+MODES = {
+    "plain": dict(fuse_qkv=False, attention=None),
+    "fused": dict(),
+    "compile": dict(compile=True),
+    "int8": dict(quantize="int8", compile=True),
+    "fp8": dict(quantize="fp8", compile=True),
+    "cache": dict(compile=True, cache=None),  # threshold from --cache-threshold
+}
+LOSSY = ("int8", "fp8", "cache")
+
+
+class Clock:
+    """Wall time of a call on this device: CUDA events on a GPU, perf_counter on the CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / 1000
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+
+def reset_peak(device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib(device) -> float | None:
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    tensors = list(module.parameters()) + list(module.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative L2 error, to 3 significant digits."""
+    return float(f"{((a.float() - b.float()).norm() / b.float().norm()).item():.3g}")
+
+
+def time_step(call, clock: Clock, repeat: int) -> tuple[torch.Tensor, dict]:
+    """The first call's output and time (it includes any compilation), then the median of `repeat`."""
+    first = {}
+    first_s = clock(lambda: first.setdefault("out", call()))
+    clock(call)
+    step = statistics.median([clock(call) for _ in range(repeat)])
+    timing = {"first_call_s": round(first_s, 2), "step_ms": round(1000 * step, 1), "steps_50_s": round(50 * step, 1)}
+    return first["out"], timing
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variant", choices=("5b", "2b"), default="5b")
+    p.add_argument("--tiny", action="store_true", help="tiny config on the CPU, to check the script runs")
+    p.add_argument("--modes", default=None, help=f"comma-separated, from {','.join(MODES)} (default: all "
+                   "that run on this device)")
+    p.add_argument("--repeat", type=int, default=5, help="timed forwards per mode (median)")
+    p.add_argument("--trajectory-steps", type=int, default=None, help="DDIM steps of the lossy-mode runs "
+                   "(default 50 on a GPU, 4 with --tiny; 0 skips them)")
+    p.add_argument("--cache-threshold", type=float, default=0.1)
+    p.add_argument("--reference-compile", action="store_true", help="also time torch.compile(reference)")
+    p.add_argument("--no-reference", action="store_true", help="skip diffusers (errors are then vs 'fused')")
+    p.add_argument("--skip-vae", action="store_true")
+    p.add_argument("--skip-t5", action="store_true")
+    args = p.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    clock = Clock(device)
+    config = TRANSFORMER_PRESETS["CogVideoX-5b" if args.variant == "5b" else "CogVideoX-2b"]
+    vae_config = VAEConfig(scaling_factor=0.7 if args.variant == "5b" else 1.15258426)
+    t5, frames, height, width = T5_XXL, 49, 480, 720
+    if args.tiny:
+        config = config.replace(num_layers=3, num_attention_heads=2, text_embed_dim=32, sample_height=8,
+                                sample_width=12, sample_frames=9)  # fmt: skip
+        vae_config = VAEConfig(block_out_channels=(16, 16, 16, 16), norm_num_groups=4, layers_per_block=1,
+                               scaling_factor=vae_config.scaling_factor)  # fmt: skip
+        t5, frames, height, width = T5_TINY, 9, 64, 96
+    steps = args.trajectory_steps if args.trajectory_steps is not None else (4 if args.tiny else 50)
+    modes = args.modes.split(",") if args.modes else [
+        m for m in MODES if m != "fp8" or fast.quantize.fp8_supported(device)
+    ]
+    unknown = set(modes) - set(MODES)
+    if unknown:
+        p.error(f"unknown modes {sorted(unknown)}; use {','.join(MODES)}")
+
+    result: dict = {
+        "variant": args.variant, "tiny": args.tiny, "device": str(device), "dtype": str(dtype),
+        "torch": torch.__version__, "frames": frames, "height": height, "width": width,
+        "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None, "modes": {},
+    }  # fmt: skip
+
+    # The weights, once, on the CPU: every model below is a fresh copy of them.
+    with torch.device("meta"):
+        template = CogVideoXTransformer(config)
+    template = template.to_empty(device="cpu")
+    random_init_(template, seed=1)
+    weights = {k: v.to(dtype) for k, v in template.state_dict().items()}
+    del template
+    result["transformer_params"] = sum(v.numel() for v in weights.values())
+
+    lat_f, lat_h, lat_w = (frames - 1) // 4 + 1, height // 8, width // 8
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(2, lat_f, config.in_channels, lat_h, lat_w, generator=g).to(device, dtype)
+    text = torch.randn(2, config.max_text_seq_length, config.text_embed_dim, generator=g).to(device, dtype)
+    t = torch.tensor([500, 500], device=device)
+
+    def ours() -> CogVideoXTransformer:
+        with torch.device("meta"):
+            model = CogVideoXTransformer(config)
+        model.load_state_dict(weights, assign=True)
+        return model.to(device).eval()
+
+    rope = ours().rotary_embedding(lat_f, lat_h, lat_w, device)
+
+    # 1. The reference, eager (and compiled).
+    reference_out = None
+    if not args.no_reference:
+        from diffusers import CogVideoXTransformer3DModel
+
+        reset_peak(device)
+        with torch.device("meta"):
+            ref = CogVideoXTransformer3DModel(**{k: v for k, v in config.to_dict().items() if not k.startswith("_")})
+        ref.load_state_dict(weights, assign=True)
+        ref = ref.to(device).eval()
+        with torch.inference_mode():
+            call = lambda: ref(x, text, t, image_rotary_emb=rope, return_dict=False)[0]  # noqa: E731
+            reference_out, entry = time_step(call, clock, args.repeat)
+            entry["peak_gib"] = peak_gib(device)
+            result["reference_eager"] = entry
+            if args.reference_compile:
+                compiled = torch.compile(ref)
+                call = lambda: compiled(x, text, t, image_rotary_emb=rope, return_dict=False)[0]  # noqa: E731
+                result["reference_compiled"] = time_step(call, clock, args.repeat)[1]
+        del ref
+        print("reference:", json.dumps({k: v for k, v in result.items() if k.startswith("reference")}), flush=True)
+
+    # 2. Our modes, each on a fresh copy.
+    trajectory_truth = None
+    noise = torch.randn(1, lat_f, config.in_channels, lat_h, lat_w, generator=g).to(device, dtype)
+    scheduler_config = SchedulerConfig(snr_shift_scale=1.0 if args.variant == "5b" else 3.0)
+
+    def trajectory(model) -> tuple[torch.Tensor, float]:
+        scheduler = make_scheduler(scheduler_config, "ddim")
+        scheduler.set_timesteps(steps, device=device)
+        inputs = DenoiseInputs(noise, text, [6.0] * steps, rope)
+        out = {}
+        seconds = clock(lambda: out.setdefault("latents", denoise(model, scheduler, scheduler.timesteps, inputs)))
+        return out["latents"], seconds
+
+    ordered = sorted(modes, key=lambda m: m != "fused")  # the lossless run first: the lossy ones' truth
+    if steps and any(m in LOSSY for m in modes) and "fused" not in modes:
+        ordered.insert(0, "fused")
+    for mode in ordered:
+        options = dict(MODES[mode])
+        if mode == "cache":
+            options["cache"] = args.cache_threshold
+        entry: dict = {"options": {k: v for k, v in options.items()}}
+        reset_peak(device)
+        torch._dynamo.reset()  # each compiled mode pays its own warm-up
+        model = ours()
+        with torch.inference_mode():
+            record = fast.apply(model, **options)
+            entry["levers"] = record.describe()
+            entry["weight_gib"] = round(module_bytes(model) / 2**30, 3)
+            call = lambda: model(x, text, t, image_rotary_emb=rope)  # noqa: E731
+            if mode == "cache":  # its time comes from the trajectory: one repeated input never skips
+                first = clock(lambda: entry.setdefault("out", call()))
+                out, entry["first_call_s"] = entry.pop("out"), round(first, 2)
+            else:
+                out, timing = time_step(call, clock, args.repeat)
+                entry.update(timing, peak_gib=peak_gib(device))
+            if reference_out is not None:
+                entry["step_rel_l2_vs_reference"] = rel_l2(out, reference_out)
+                if "step_ms" in entry:
+                    entry["step_over_reference_eager"] = round(entry["step_ms"] / result["reference_eager"]["step_ms"], 3)
+                    if "reference_compiled" in result:
+                        entry["step_over_reference_compiled"] = round(
+                            entry["step_ms"] / result["reference_compiled"]["step_ms"], 3
+                        )
+            if steps and (mode in LOSSY or mode == "fused"):
+                if record.cache is not None:
+                    record.cache.reset()
+                latents, seconds = trajectory(model)
+                entry["trajectory_steps"] = steps
+                entry["trajectory_s"] = round(seconds, 2)
+                if mode == "fused":
+                    trajectory_truth = latents
+                else:
+                    entry["trajectory_rel_l2_vs_fused"] = rel_l2(latents, trajectory_truth)
+                if record.cache is not None:
+                    entry["cache"] = record.cache.stats()
+                    # warm-up excluded: the first step of a compiled model compiles
+                    _, seconds = trajectory(model)
+                    entry["trajectory_s"] = round(seconds, 2)
+                    entry["step_ms"] = round(1000 * seconds / steps, 1)
+                    entry["steps_50_s"] = round(50 * seconds / steps, 1)
+                    entry["peak_gib"] = peak_gib(device)
+                    if "reference_eager" in result:
+                        entry["step_over_reference_eager"] = round(entry["step_ms"] / result["reference_eager"]["step_ms"], 3)
+        del model, record
+        if mode in modes:
+            result["modes"][mode] = entry
+        print(mode, json.dumps(entry), flush=True)
+
+    # 3. VAE decode, reference and ours, whole and tiled.
+    if not args.skip_vae:
+        result["vae_decode"] = vae_decode(vae_config, device, dtype, clock, lat_f, lat_h, lat_w, args.no_reference)
+        print("vae:", json.dumps(result["vae_decode"]), flush=True)
+
+    # 4. T5 encoding of [negative ; prompt].
+    if not args.skip_t5:
+        reset_peak(device)
+        with tempfile.TemporaryDirectory() as tmp:
+            encoder = make_text_encoder(Path(tmp), t5, device, dtype)
+        prompts = ["", "a panda plays guitar in a bamboo forest under soft light"]
+        with torch.inference_mode():
+            call = lambda: encoder.encode(prompts, config.max_text_seq_length, device=device, dtype=dtype)  # noqa: E731
+            result["t5"] = {"encode_ms": time_step(call, clock, args.repeat)[1]["step_ms"], "peak_gib": peak_gib(device)}
+        del encoder
+
+    out_dir = Path(os.environ.get("OUT", "."))
+    name = f"speed_{args.variant}{'_tiny' if args.tiny else ''}.json"
+    (out_dir / name).write_text(json.dumps(result, indent=2) + "\n")
+    print(markdown(result))
+
+
+def vae_decode(vae_config, device, dtype, clock, lat_f, lat_h, lat_w, no_reference) -> dict:
+    with torch.device("meta"):
+        template = CogVideoXVAE(vae_config)
+    template = template.to_empty(device="cpu")
+    random_init_(template, seed=2)
+    weights = {k: v.to(dtype) for k, v in template.state_dict().items()}
+    del template
+    g = torch.Generator(device="cpu").manual_seed(5)
+    z = torch.randn(1, vae_config.latent_channels, lat_f, lat_h, lat_w, generator=g).to(device, dtype)
+    report, outputs = {}, {}
+    builders = {"ours": lambda: CogVideoXVAE(vae_config)}
+    if not no_reference:
+        from diffusers import AutoencoderKLCogVideoX
+
+        builders["reference"] = lambda: AutoencoderKLCogVideoX(**vae_config.to_dict())
+    for who, build in builders.items():
+        with torch.device("meta"):
+            vae = build()
+        vae.load_state_dict(weights, assign=True)
+        vae = vae.to(device).eval()
+        for tiled in (False, True):
+            vae.enable_tiling() if tiled else vae.disable_tiling()
+            decode = (lambda: vae.decode(z)) if who == "ours" else (lambda: vae.decode(z).sample)
+            reset_peak(device)
+            with torch.inference_mode():
+                outputs[who, tiled] = decode()
+                seconds = statistics.median([clock(decode) for _ in range(2)])
+            report[f"{who}_{'tiled' if tiled else 'whole'}"] = {"ms": round(1000 * seconds, 1), "peak_gib": peak_gib(device)}
+        del vae
+    report["ours_tiled_vs_whole_rel_l2"] = rel_l2(outputs["ours", True], outputs["ours", False])
+    if not no_reference:
+        for tiled in (False, True):
+            key = "tiled" if tiled else "whole"
+            report[f"{key}_rel_l2_vs_reference"] = rel_l2(outputs["ours", tiled], outputs["reference", tiled])
+            report[f"{key}_over_reference"] = round(report[f"ours_{key}"]["ms"] / report[f"reference_{key}"]["ms"], 3)
+    return report
+
+
+def markdown(result: dict) -> str:
+    def cell(value) -> str:
+        return "" if value is None else str(value)
+
+    rows = ["| what | step ms | 50 steps s | vs ref eager | peak GiB | weights GiB | 1-step err vs ref | "
+            f"{result['modes'].get('int8', {}).get('trajectory_steps', 'n')}-step err vs fused | steps computed |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    if "reference_eager" in result:
+        r = result["reference_eager"]
+        rows.append(f"| reference eager | {r['step_ms']} | {r['steps_50_s']} | 1 | {cell(r['peak_gib'])} | | | | |")
+    if "reference_compiled" in result:
+        r = result["reference_compiled"]
+        ratio = round(r["step_ms"] / result["reference_eager"]["step_ms"], 3)
+        rows.append(f"| reference compiled | {r['step_ms']} | {r['steps_50_s']} | {ratio} | | | | | |")
+    for mode, e in result["modes"].items():
+        cache = e.get("cache")
+        computed = f"{cache['computed']}/{cache['calls']}" if cache else ""
+        rows.append(
+            f"| {mode} ({e['levers']}) | {e.get('step_ms', '')} | {e.get('steps_50_s', '')} | "
+            f"{e.get('step_over_reference_eager', '')} | {cell(e.get('peak_gib'))} | {e['weight_gib']} | "
+            f"{e.get('step_rel_l2_vs_reference', '')} | {e.get('trajectory_rel_l2_vs_fused', '')} | {computed} |"
+        )
+    if "vae_decode" in result:
+        v = result["vae_decode"]
+        for key in ("whole", "tiled"):
+            ours = v[f"ours_{key}"]
+            ref = v.get(f"reference_{key}")
+            extra = f" (reference {ref['ms']} ms, peak {cell(ref['peak_gib'])} GiB)" if ref else ""
+            rows.append(f"\nVAE decode {key}: {ours['ms']} ms, peak {cell(ours['peak_gib'])} GiB{extra}")
+    if "t5" in result:
+        rows.append(f"\nT5 encode (2 prompts): {result['t5']['encode_ms']} ms")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""Speed levers applied to a loaded model from outside: it stays ignorant of them, and each one is
+tested against the exact path.
+
+    from cogvideox import fast
+    fast.apply(pipe, quantize="int8", compile=True, cache=0.1)
+
+- `fuse.py`: one QKV matrix product instead of three (same math, rounding-level differences).
+- `attention.py`: the SDPA backend (cuDNN first on CUDA).
+- `quantize.py`: int8 weight-only or fp8 (row-wise scaled) linear layers.
+- `compile.py`: regional torch.compile, one compiled block reused by all.
+- `cache.py`: first-block step cache, skipping the other blocks on steps that barely change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from cogvideox.errors import InputError
+
+from .attention import check_backend, use_attention_backend
+from .cache import StepCache, add_step_cache, check_threshold
+from .compile import MODES, compile_blocks
+from .fuse import fuse_qkv as fuse_qkv_layers
+from .quantize import check_quantize, quantize as quantize_model
+
+__all__ = ["Acceleration", "StepCache", "apply", "check_options"]
+
+
+@dataclass
+class Acceleration:
+    """What `apply` did to a transformer; `cache` holds the step cache (its counters) when one is on."""
+
+    fuse_qkv: bool = False
+    attention: str | None = None
+    quantize: str | None = None
+    compile: str | None = None  # the torch.compile mode, "default" for plain `compile=True`
+    cache: StepCache | None = None
+
+    def describe(self) -> str:
+        parts = []
+        if self.quantize:
+            parts.append(f"{self.quantize} linears")
+        if self.fuse_qkv:
+            parts.append("fused QKV")
+        if self.attention:
+            parts.append(f"{self.attention} attention")
+        if self.compile:
+            parts.append(f"compiled blocks ({self.compile})")
+        if self.cache is not None:
+            parts.append(f"step cache {self.cache.threshold:g}")
+        return ", ".join(parts) or "none"
+
+
+def _compile_mode(compile: bool | str) -> str | None:
+    if compile is True:
+        return "default"
+    if compile is False or compile is None:
+        return None
+    if compile not in MODES:
+        raise InputError(f"unknown compile mode {compile!r}; use one of {', '.join(m for m in MODES if m)}")
+    return compile
+
+
+def check_options(
+    device: torch.device | str,
+    *,
+    quantize: str | None = None,
+    compile: bool | str = False,
+    cache: float | None = None,
+    attention: str | None = None,
+) -> None:
+    """Raise `InputError` for options that cannot work on `device`, before any model is loaded."""
+    check_quantize(quantize, device)
+    _compile_mode(compile)
+    if cache is not None:
+        check_threshold(cache)
+    if attention is not None:
+        check_backend(attention, device)
+
+
+def apply(
+    target,
+    *,
+    fuse_qkv: bool = True,
+    attention: str | None = "auto",
+    quantize: str | None = None,
+    compile: bool | str = False,
+    cache: float | None = None,
+    emulate_fp8: bool = False,
+    device: torch.device | str | None = None,
+) -> Acceleration:
+    """Rewrite a `Pipeline`'s transformer (or a `CogVideoXTransformer`) in place for speed.
+
+    fuse_qkv: one QKV projection per block. attention: SDPA backend ("auto" = cuDNN, flash, efficient,
+    math in that order; None leaves PyTorch's choice). quantize: None, "int8" (weight-only) or "fp8"
+    (CUDA capability 8.9+, bf16 model; `emulate_fp8` runs its math in plain PyTorch anywhere, for tests).
+    compile: True or a torch.compile mode, regional (per block). cache: a first-block cache threshold
+    (0 computes every step; ~0.05-0.2 skip steps). Order: fuse, quantise, attention, compile, cache.
+    A transformer is accelerated once; load a fresh one to change the options. device: where the
+    transformer will compute, for the fp8 and attention checks (default: where its parameters are; give
+    it when they rest in host memory for offloading, as `Pipeline.accelerate` does).
+    """
+    transformer = getattr(target, "transformer", target)
+    if not isinstance(transformer, nn.Module) or not hasattr(transformer, "transformer_blocks"):
+        raise TypeError("apply() takes a Pipeline or a CogVideoXTransformer")
+    if getattr(transformer, "acceleration", None) is not None:
+        raise InputError("this model is already accelerated; load a fresh one to change the options")
+    device = torch.device(device) if device is not None else next(transformer.parameters()).device
+    mode = _compile_mode(compile)
+    check_quantize(quantize, device, emulate_fp8)
+    if cache is not None:
+        check_threshold(cache)
+    if attention is not None:
+        check_backend(attention, device)
+
+    record = Acceleration()
+    if fuse_qkv:
+        record.fuse_qkv = fuse_qkv_layers(transformer) > 0
+    if quantize is not None:
+        quantize_model(transformer, quantize, emulate=emulate_fp8, device=device)
+        record.quantize = quantize
+    if attention is not None:
+        use_attention_backend(transformer, attention)
+        record.attention = attention
+    if mode is not None:
+        compile_blocks(transformer, None if mode == "default" else mode)
+        record.compile = mode
+    if cache is not None:
+        record.cache = add_step_cache(transformer, cache)
+    transformer.acceleration = record
+    return record

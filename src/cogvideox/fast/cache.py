@@ -1,0 +1,129 @@
+"""Step caching: skip most of the transformer on steps where its input barely changed (first-block cache).
+
+Consecutive denoising steps often change the model's work very little. Each step still runs the first
+block; its residual (output minus input, video tokens) is compared with the one of the last step that ran
+in full. When the mean absolute change, relative to that residual's mean magnitude, is below `threshold`,
+the remaining blocks are skipped and their residual from that last full step is added instead:
+
+    video, text = block_0(video, text)            always
+    full step:    run blocks 1..N-1, remember R = out - in  (video and text)
+    cached step:  video, text = video + R_video, text + R_text
+
+The decision is one per transformer call, so a CFG batch [uncond ; cond] is kept or skipped together.
+The reference residual is only renewed on full steps, so slow drift still triggers a full step. The
+cache resets itself when a call's timestep is not below the previous one (a new generation: the
+samplers count down) or the input shape changes, and `reset()` does it by hand. Inference only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class StepCache:
+    """First-block cache on a `CogVideoXTransformer`, installed by wrapping its blocks' `forward`.
+
+    `threshold` = 0 computes every step (output bitwise equal to the uncached model); larger values skip
+    more. `calls` and `computed` count the transformer calls since the last reset and how many ran all
+    blocks; `skipped` is the difference.
+    """
+
+    def __init__(self, transformer: nn.Module, threshold: float) -> None:
+        check_threshold(threshold)
+        blocks = list(transformer.transformer_blocks)
+        if len(blocks) < 2:
+            raise ValueError("step caching needs a transformer with at least 2 blocks")
+        self.threshold = float(threshold)
+        self.reset()
+        first, *middle, last = blocks
+        _wrap(first, self._first)
+        for block in middle:
+            _wrap(block, self._middle)
+        _wrap(last, self._last)
+        transformer.register_forward_pre_hook(self._on_call, with_kwargs=True)
+
+    def reset(self) -> None:
+        """Forget the cached residuals and zero the counters (a new generation)."""
+        self._reference: torch.Tensor | None = None  # first block's video residual, last full step
+        self._rest: tuple[torch.Tensor, torch.Tensor] | None = None  # blocks 1..N-1 residual (video, text)
+        self._rest_input: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._skip = False
+        self._last_timestep: float | None = None
+        self._last_shape: tuple[int, ...] | None = None
+        self.calls = 0
+        self.computed = 0
+        self.last_change: float | None = None
+
+    @property
+    def skipped(self) -> int:
+        return self.calls - self.computed
+
+    def stats(self) -> dict:
+        return {"threshold": self.threshold, "calls": self.calls, "computed": self.computed, "skipped": self.skipped}
+
+    # The stages, each called with the block's own forward first.
+
+    def _on_call(self, module, args, kwargs) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        timestep = args[2] if len(args) > 2 else kwargs["timestep"]
+        t = float(torch.as_tensor(timestep).reshape(-1)[0])
+        shape = tuple(hidden.shape)
+        if self._last_timestep is not None and (t >= self._last_timestep or shape != self._last_shape):
+            self.reset()
+        self._last_timestep, self._last_shape = t, shape
+
+    def _first(self, forward, video, text, emb, rope=None):
+        out_video, out_text = forward(video, text, emb, rope)
+        residual = out_video - video
+        self._skip = False
+        if self._reference is not None and self._rest is not None:
+            reference = self._reference
+            # One host sync per step: the branch below is Python control flow.
+            change = (residual - reference).abs().float().mean() / reference.abs().float().mean()
+            self.last_change = change.item()
+            self._skip = self.last_change < self.threshold
+        self.calls += 1
+        if not self._skip:
+            self.computed += 1
+            self._reference = residual
+            self._rest_input = (out_video, out_text)
+        return out_video, out_text
+
+    def _middle(self, forward, video, text, emb, rope=None):
+        if self._skip:
+            return video, text
+        return forward(video, text, emb, rope)
+
+    def _last(self, forward, video, text, emb, rope=None):
+        if self._skip:
+            rest_video, rest_text = self._rest
+            return video + rest_video, text + rest_text
+        out_video, out_text = forward(video, text, emb, rope)
+        in_video, in_text = self._rest_input
+        self._rest = (out_video - in_video, out_text - in_text)
+        self._rest_input = None
+        return out_video, out_text
+
+
+def _wrap(block: nn.Module, stage) -> None:
+    forward = block.forward  # the class's, or a compiled one installed earlier
+
+    def cached_forward(video, text, emb, rope=None):
+        return stage(forward, video, text, emb, rope)
+
+    block.forward = cached_forward
+
+
+def check_threshold(threshold: float) -> None:
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold) or threshold < 0:
+        from cogvideox.errors import InputError
+
+        raise InputError(f"the cache threshold must be a finite number >= 0, got {threshold!r}")
+
+
+def add_step_cache(transformer: nn.Module, threshold: float) -> StepCache:
+    """Install a first-block cache on `transformer` (in place) and return it (for `reset()` and stats)."""
+    return StepCache(transformer, threshold)

@@ -1,0 +1,96 @@
+"""The first-block step cache: exact at threshold 0, fewer full steps and a bounded error above it, one
+decision per CFG batch, a reset per generation, and the skip arithmetic itself."""
+
+import pytest
+import torch
+from test_fast_fuse import inputs, tiny_transformer
+
+from cogvideox import InputError, Pipeline
+from cogvideox.fast import apply
+from cogvideox.fast.cache import StepCache
+
+CALL = dict(num_frames=9, height=32, width=48, num_inference_steps=12, max_sequence_length=16,
+            output_type="latent", progress=False, seed=0)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def uncached(tiny_rope_dir):
+    return Pipeline.from_pretrained(tiny_rope_dir)("a cat", **CALL).latents
+
+
+def cached_pipe(folder, threshold):
+    # Only the cache: fused QKV and the attention backend would change the rounding.
+    return Pipeline.from_pretrained(folder).accelerate(cache=threshold, fuse_qkv=False, attention=None)
+
+
+def rel_l2(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def test_threshold_zero_computes_every_step_bitwise(tiny_rope_dir, uncached):
+    pipe = cached_pipe(tiny_rope_dir, 0.0)
+    got = pipe("a cat", **CALL).latents
+    assert torch.equal(got, uncached)
+    cache = pipe.acceleration.cache
+    # guidance doubles the batch, not the calls: one decision per step for [uncond ; cond]
+    assert cache.stats() == {"threshold": 0.0, "calls": 12, "computed": 12, "skipped": 0}
+
+
+def test_a_high_threshold_skips_steps_and_stays_close(tiny_rope_dir, uncached):
+    pipe = cached_pipe(tiny_rope_dir, 0.3)
+    first = pipe("a cat", **CALL).latents
+    cache = pipe.acceleration.cache
+    assert cache.calls == 12 and 1 <= cache.computed <= 9, cache.stats()
+    assert 0 < rel_l2(first, uncached) < 0.03
+
+    # a second generation starts afresh: same video, counters of this generation only
+    stats = cache.stats()
+    again = pipe("a cat", **CALL).latents
+    assert torch.equal(again, first)
+    assert cache.stats() == stats
+
+
+def test_a_skipped_call_adds_the_remembered_residual_of_the_other_blocks():
+    torch.manual_seed(0)
+    exact = tiny_transformer(num_layers=3)
+    model = tiny_transformer(num_layers=3)
+    cache = StepCache(model, threshold=1e9)  # skip whenever there is something to reuse
+    x, text, t, rope = inputs(model)
+    x2 = x + 0.1 * torch.randn_like(x)
+    early, late = torch.tensor([800, 800]), torch.tensor([600, 600])
+
+    # the truth, from the exact model: R = output of the last block - input of block 1 at the first call
+    seen = {}
+    blocks = exact.transformer_blocks
+    hooks = [
+        blocks[1].register_forward_pre_hook(lambda m, a: seen.__setitem__("in", a[:2])),
+        blocks[2].register_forward_hook(lambda m, a, out: seen.__setitem__("out", out)),
+    ]
+    with torch.no_grad():
+        want_first = exact(x, text, early, image_rotary_emb=rope)
+        residual = [o - i for o, i in zip(seen["out"], seen["in"])]
+        for h in hooks:
+            h.remove()
+        # second call: block 0 runs, block 1 is skipped, block 2 returns its input + R
+        blocks[1].register_forward_hook(lambda m, a, out: a[:2])
+        blocks[2].register_forward_hook(lambda m, a, out: tuple(i + r for i, r in zip(a[:2], residual)))
+        want_second = exact(x2, text, late, image_rotary_emb=rope)
+
+        got_first = model(x, text, early, image_rotary_emb=rope)
+        got_second = model(x2, text, late, image_rotary_emb=rope)
+    assert torch.equal(got_first, want_first)
+    assert torch.equal(got_second, want_second)
+    assert cache.stats() == {"threshold": 1e9, "calls": 2, "computed": 1, "skipped": 1}
+
+    # a timestep that does not count down is a new generation: everything runs again
+    with torch.no_grad():
+        model(x2, text, late, image_rotary_emb=rope)
+    assert cache.stats()["computed"] == 1 and cache.calls == 1
+
+
+def test_bad_thresholds_are_user_errors():
+    for bad in (-0.1, float("nan"), float("inf"), "0.1"):
+        with pytest.raises(InputError, match="threshold must be a finite number >= 0"):
+            apply(tiny_transformer(), cache=bad)
+    with pytest.raises(ValueError, match="at least 2 blocks"):
+        StepCache(tiny_transformer(num_layers=1), 0.1)
