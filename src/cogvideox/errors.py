@@ -21,3 +21,17 @@ class LoadError(CogVideoXError, ValueError):
 
 class NonFiniteError(CogVideoXError, RuntimeError):
     """The sampler produced NaN or infinite latents (usually fp16 with a model trained in bf16)."""
+
+
+class OutOfMemoryError(CogVideoXError, RuntimeError):
+    """The GPU ran out of memory in one stage of a generation; the message says which setting would fit.
+
+    stage: "text", "encode", "denoise" or "decode"; requested_bytes: what the failed allocation asked
+    for (None when PyTorch did not say); suggestion: the setting to try, as a CLI flag.
+    """
+
+    def __init__(
+        self, message: str, stage: str = "", requested_bytes: int | None = None, suggestion: str = ""
+    ) -> None:
+        super().__init__(message)
+        self.stage, self.requested_bytes, self.suggestion = stage, requested_bytes, suggestion

@@ -1,0 +1,519 @@
+"""Offloading (`cogvideox.fast.offload`): the schedule of fetches and releases, outputs bitwise equal to the
+resident run, host memory, the automatic choice, and what an out-of-memory error says.
+
+The CPU plays the compute device: fetched weights are real copies in separate buffers, and with
+`poison=True` a weight at home reads as NaN, so any use outside its fetch window changes the output.
+The CUDA stream, event and page-locking paths run only on a GPU (last test).
+"""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from cogvideox import Pipeline, read_video
+from cogvideox.cli import main
+from cogvideox.errors import InputError, OutOfMemoryError
+from cogvideox.fast import offload
+from cogvideox.loading import read_model_configs
+from cogvideox.models.config import TransformerConfig, VAEConfig
+from cogvideox.models.transformer import TRANSFORMER_PRESETS, CogVideoXTransformer
+
+pytest.importorskip("diffusers")  # the tiny model folders are written by the reference
+
+CPU = torch.device("cpu")
+# 17 frames: 5 latent frames, which the VAE decodes in two chunks sharing a frame cache.
+SMALL = dict(num_frames=17, height=32, width=48, num_inference_steps=2, max_sequence_length=16, seed=5)
+PROMPT = "a cat sits on the mat"
+GIB = 2**30
+
+
+def resident_pipeline(folder):
+    """The pipeline with every weight in its own fresh allocation. Loaded on the CPU, weights are views
+    into the safetensors buffer at 8-byte alignments, and the CPU BLAS picks other kernels (other
+    roundings, ~1e-7) for such pointers; a GPU load gives each tensor its own aligned block, and so do the
+    offloaded copies (256-byte aligned)."""
+    pipe = Pipeline.from_pretrained(folder)
+    with torch.no_grad():
+        for module in (pipe.transformer, pipe.vae, pipe.text_encoder.model):
+            for t in [*module.parameters(), *module.buffers()]:
+                t.data = t.data.clone()
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def resident(tiny_rope_dir):
+    """The resident run's output, the truth every mode must reproduce bit for bit."""
+    return resident_pipeline(tiny_rope_dir)(PROMPT, progress=False, **SMALL)
+
+
+def offloaded(folder, mode, **kwargs):
+    pipe = Pipeline.from_pretrained(folder)
+    pipe.offload = offload.apply(pipe, mode, CPU, record=True, poison=True, **kwargs)
+    return pipe
+
+
+@pytest.mark.parametrize("mode", ["model", "stream", "sequential"])
+def test_modes_reproduce_the_resident_run_bitwise(tiny_rope_dir, resident, mode):
+    pipe = offloaded(tiny_rope_dir, mode)
+    out = pipe(PROMPT, progress=False, **SMALL)
+    assert torch.equal(out.latents, resident.latents)
+    assert all(np.array_equal(a, b) for a, b in zip(out.frames, resident.frames))
+    # Every weight went back home after the call, and each group was released as often as fetched.
+    assert pipe.offload.device_bytes() == 0
+    assert all(pipe.offload.where(g.name) == "host" for g in pipe.offload.groups())
+    events = pipe.offload.events
+    fetched = [name for what, name in events if what in ("fetch", "prefetch")]
+    released = [name for what, name in events if what == "release"]
+    assert sorted(fetched) == sorted(released) and fetched
+    # A second call (the server's case) works the same.
+    again = pipe(PROMPT, progress=False, **SMALL)
+    assert torch.equal(again.latents, resident.latents)
+
+
+def test_components_take_turns_in_model_mode(tiny_rope_dir):
+    pipe = offloaded(tiny_rope_dir, "model")
+    pipe(PROMPT, progress=False, **SMALL)
+    events = pipe.offload.events
+    # T5 in, (twice called for CFG, fetched once), out when the transformer comes, which stays for every
+    # step and leaves for the VAE; then the VAE goes home at the end of the call.
+    assert events == [
+        ("fetch", "text_encoder"),
+        ("release", "text_encoder"),
+        ("fetch", "transformer"),
+        ("release", "transformer"),
+        ("fetch", "vae"),
+        ("release", "vae"),
+    ]
+
+
+def test_poison_catches_a_weight_used_at_home(tiny_rope_dir, resident):
+    # The check the bitwise tests rely on: a weight the hooks do not bring in reads as NaN.
+    pipe = offloaded(tiny_rope_dir, "model")
+    pipe.offload._hooks.pop().remove()  # the VAE decoder's entry hook (registered last)
+    out = pipe(PROMPT, progress=False, **SMALL)
+    assert torch.equal(out.latents, resident.latents)  # T5 and the transformer were brought in
+    assert not any(np.array_equal(a, b) for a, b in zip(out.frames, resident.frames))
+
+
+def test_text_encoder_on_the_cpu(tiny_rope_dir, resident):
+    pipe = Pipeline.from_pretrained(tiny_rope_dir, offload="stream", text_device="cpu")
+    assert "text_encoder" not in pipe.offload.components
+    assert pipe.text_encoder.model.device == CPU
+    out = pipe(PROMPT, progress=False, **SMALL)
+    assert torch.equal(out.latents, resident.latents)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The streaming schedule, on a transformer of 5 blocks
+
+
+def tiny_transformer(layers=5):
+    config = TransformerConfig(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
+        text_embed_dim=8, num_layers=layers, sample_width=8, sample_height=8, sample_frames=9,
+        max_text_seq_length=4, use_rotary_positional_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = CogVideoXTransformer(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    x = torch.randn(2, 3, 4, 8, 8)
+    text = torch.randn(2, 4, 8)
+    rope = model.rotary_embedding(3, 8, 8)
+    return model, (x, text, torch.tensor([500, 500])), dict(image_rotary_emb=rope)
+
+
+def streamed(model, lookahead):
+    plan = offload.Offload("stream", CPU, lookahead=lookahead, record=True, poison=True)
+    plan.add_component("transformer", model, [model], model.transformer_blocks)
+    return plan
+
+
+def block(i):
+    return f"transformer.transformer_blocks.{i}"
+
+
+def test_stream_prefetches_ahead_and_releases_after_use():
+    model, args, kwargs = tiny_transformer(5)
+    with torch.no_grad():
+        want = model(*args, **kwargs)
+    plan = streamed(model, lookahead=2)
+    resident_during = []
+    for b in model.transformer_blocks:  # which blocks are on the device while each block runs
+        b.register_forward_hook(
+            lambda *_: resident_during.append(sorted(g.name for g in plan.components["transformer"].blocks
+                                                     if g.slot is not None))
+        )
+    with torch.inference_mode():
+        first = model(*args, **kwargs)
+        plan.events.append(("---", ""))
+        second = model(*args, **kwargs)
+    assert torch.equal(first, want) and torch.equal(second, want)
+
+    P, R = "prefetch", "release"
+    expected_first = [
+        ("fetch", "transformer"),  # the embeddings and output layers, for the whole forward
+        ("fetch", block(0)), (P, block(1)), (P, block(2)), (R, block(0)),
+        (P, block(3)), (R, block(1)),
+        (P, block(4)), (R, block(2)),
+        (P, block(0)), (R, block(3)),  # wrapping round: the next forward's first blocks
+        (P, block(1)), (R, block(4)),
+    ]  # fmt: skip
+    expected_second = [
+        (P, block(2)), (R, block(0)),  # block 0 was already there: no fetch on demand
+        (P, block(3)), (R, block(1)),
+        (P, block(4)), (R, block(2)),
+        (P, block(0)), (R, block(3)),
+        (P, block(1)), (R, block(4)),
+    ]  # fmt: skip
+    cut = plan.events.index(("---", ""))
+    assert plan.events[:cut] == expected_first
+    assert plan.events[cut + 1 :] == expected_second
+    # Each block was resident while it ran (post-hook order: our recorder ran before the release), and
+    # never more than lookahead + 1 = 3 blocks at once, in a ring of 3 buffers.
+    assert all(len(r) <= 3 for r in resident_during)
+    assert len(plan.components["transformer"].ring.buffers) == 3
+    plan.release_all()
+    assert plan.device_bytes() == 0 and plan.components["transformer"].ring is None
+
+
+def test_stream_without_lookahead_fetches_each_block_when_needed():
+    model, args, kwargs = tiny_transformer(3)
+    with torch.no_grad():
+        want = model(*args, **kwargs)
+    plan = streamed(model, lookahead=0)
+    with torch.inference_mode():
+        assert torch.equal(model(*args, **kwargs), want)
+    assert plan.events == [("fetch", "transformer")] + [
+        (what, block(i)) for i in range(3) for what in ("fetch", "release")
+    ]
+
+
+def test_blocks_called_out_of_order_still_get_their_weights():
+    model, args, kwargs = tiny_transformer(4)
+    plan = streamed(model, lookahead=1)
+    video, text = torch.randn(2, 48, 32), torch.randn(2, 4, 32)
+    emb = torch.randn(2, 8)
+    with torch.inference_mode():
+        plan._enter(plan.components["transformer"])
+        for i in (2, 0, 3, 3, 1):
+            got = model.transformer_blocks[i](video, text, emb)
+            assert torch.isfinite(got[0]).all()  # NaN if block i had run on its poisoned home copy
+    plan.release_all()
+    assert plan.device_bytes() == 0
+
+
+def test_remove_restores_plain_resident_weights():
+    model, args, kwargs = tiny_transformer(3)
+    with torch.no_grad():
+        want = model(*args, **kwargs)
+    plan = offload.Offload("stream", CPU, lookahead=1)
+    plan.add_component("transformer", model, [model], model.transformer_blocks)
+    plan.remove()
+    assert not model._forward_pre_hooks and not model.transformer_blocks[0]._forward_pre_hooks
+    with torch.no_grad():
+        assert torch.equal(model(*args, **kwargs), want)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Layers one at a time, and tied weights
+
+
+def test_sequential_moves_one_layer_at_a_time_and_keeps_tied_weights_together(tiny_rope_dir):
+    pipe = Pipeline.from_pretrained(tiny_rope_dir)
+    t5 = pipe.text_encoder.model
+    assert t5.shared.weight is t5.encoder.embed_tokens.weight  # tied in the checkpoint
+    plan = offload.Offload("sequential", CPU, record=True, poison=True)
+    plan.add_component("text_encoder", t5, [t5])
+    ids = torch.tensor([[5, 6, 7, 1, 0, 0]])
+    tied = [g for g in plan.groups() if any(t is t5.shared.weight for t in g.tensors)]
+    assert len(tied) == 1  # one group, one host copy, brought in by whichever module runs
+    with torch.inference_mode():
+        got = t5(input_ids=ids).last_hidden_state
+    pipe2 = Pipeline.from_pretrained(tiny_rope_dir)
+    with torch.inference_mode():
+        want = pipe2.text_encoder.model(input_ids=ids).last_hidden_state
+    assert torch.equal(got, want)
+    # Strictly one layer on the device at a time: every fetch is followed by its own release.
+    events = plan.events
+    assert all(events[i][0] == "fetch" and events[i + 1] == ("release", events[i][1])
+               for i in range(0, len(events), 2))  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------
+# Host memory: one packed copy per group, nothing else
+
+
+def test_host_copy_is_the_weights_once():
+    torch.manual_seed(0)
+    blocks = nn.ModuleList([nn.Sequential(nn.Linear(256, 512), nn.LayerNorm(512), nn.Linear(512, 256))
+                            for _ in range(4)])  # fmt: skip
+    model = nn.Sequential(nn.Linear(8, 256), blocks[0], blocks[1], blocks[2], blocks[3])
+    model.blocks = blocks
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    plan = offload.Offload("stream", CPU, lookahead=1)
+    plan.add_component("m", model, [model], blocks)
+    assert plan.weight_bytes == weights  # every tensor in exactly one group
+    assert plan.host_bytes <= 1.01 * weights  # alignment only
+    for group in plan.groups():  # at home, each weight is a view of its group's one host buffer
+        start = group.host.data_ptr()
+        for t in group.tensors:
+            assert start <= t.data_ptr() < start + group.nbytes
+
+
+def test_unsupported_tensor_types_are_refused():
+    class Odd(torch.Tensor):
+        pass
+
+    layer = nn.Linear(2, 2)
+    layer.weight = nn.Parameter(torch.zeros(2, 2).as_subclass(Odd))
+    with pytest.raises(TypeError, match="cannot offload a"):
+        offload.WeightGroup("x", list(layer.parameters()), lambda n: torch.empty(n, dtype=torch.uint8))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The automatic choice
+
+FIVE_B = {
+    "text_encoder": offload.ComponentSize(total=int(9.5 * GIB), rest=int(0.25 * GIB), block=int(0.38 * GIB),
+                                          blocks=24, layer=int(0.25 * GIB)),
+    "transformer": offload.ComponentSize(total=int(10.6 * GIB), rest=int(0.06 * GIB), block=int(0.25 * GIB),
+                                         blocks=42, layer=int(0.07 * GIB)),
+    "vae": offload.ComponentSize(total=int(0.4 * GIB), rest=int(0.4 * GIB), block=0, blocks=0,
+                                 layer=int(0.01 * GIB)),
+}  # fmt: skip
+ACTIVATIONS = {"text": int(0.1 * GIB), "denoise": int(2.6 * GIB), "decode": int(4.5 * GIB)}
+
+
+def test_peaks_per_mode():
+    peak = {m: offload.estimated_peak(m, FIVE_B, ACTIVATIONS) / GIB for m in offload.MODES}
+    assert peak["none"] == pytest.approx(9.5 + 10.6 + 0.4 + 4.5, abs=0.01)
+    assert peak["model"] == pytest.approx(10.6 + 2.6, abs=0.01)
+    assert peak["stream"] == pytest.approx(0.4 + 4.5, abs=0.01)  # the VAE stage is now the largest
+    assert peak["sequential"] == pytest.approx(0.01 + 4.5, abs=0.01)
+    # T5 on the CPU takes its weights out of 'none'.
+    assert offload.estimated_peak("none", FIVE_B, ACTIVATIONS, text_on_device=False) / GIB == pytest.approx(
+        10.6 + 0.4 + 4.5, abs=0.01
+    )
+    # Stream holds the rest plus lookahead + 1 blocks.
+    assert offload.resident_weight_bytes("stream", "denoise", FIVE_B, lookahead=2) == int(0.06 * GIB) + 3 * int(
+        0.25 * GIB
+    )
+
+
+@pytest.mark.parametrize(
+    "free_gib, mode",
+    [(80, "none"), (30, "none"), (20, "model"), (8, "stream"), (5.05, "sequential"), (2, "sequential")],
+)
+def test_auto_takes_the_fastest_mode_that_fits(free_gib, mode):
+    chosen, reason = offload.choose_mode(FIVE_B, ACTIVATIONS, int(free_gib * GIB))
+    assert chosen == mode
+    assert reason.startswith(f"offload {mode!r}: {free_gib:.1f} GiB free")
+    if free_gib == 2:
+        assert "less than even 'sequential'" in reason and "--vae-tiling" in reason
+
+
+def test_auto_from_a_folder_reads_only_headers(tiny_rope_dir, monkeypatch):
+    pipe = Pipeline.from_pretrained(tiny_rope_dir)
+    assert offload.folder_sizes(tiny_rope_dir, torch.float32) == offload.pipeline_sizes(pipe)
+    configs = read_model_configs(tiny_rope_dir)
+    # On the CPU: no offloading.
+    assert offload.choose_for_folder(tiny_rope_dir, configs, torch.float32, "cpu")[0] == "none"
+    # On a (pretend) GPU with almost nothing free, the tiny model still gets a mode and a reason.
+    monkeypatch.setattr(offload, "free_device_memory", lambda device: 10_000)
+    mode, reason = offload.choose_for_folder(tiny_rope_dir, configs, torch.float32, "cuda")
+    assert mode == "sequential" and "0.0 GiB free" in reason
+    monkeypatch.setattr(offload, "free_device_memory", lambda device: 80 * GIB)
+    assert offload.choose_for_folder(tiny_rope_dir, configs, torch.float32, "cuda")[0] == "none"
+
+
+def test_default_activations_grow_with_the_model_and_shrink_with_tiling():
+    five_b, two_b = TRANSFORMER_PRESETS["CogVideoX-5b"], TRANSFORMER_PRESETS["CogVideoX-2b"]
+    vae = VAEConfig()
+    acts = offload.default_activations(five_b, vae, torch.bfloat16)
+    tokens = 226 + 13 * 30 * 45  # 49 x 480 x 720 -> 13 x 60 x 90 latents, 2x2 patches
+    assert acts["denoise"] == 2 * tokens * 3072 * 2 * 12
+    assert offload.default_activations(two_b, vae, torch.bfloat16)["denoise"] < acts["denoise"]
+    tiled = offload.default_activations(five_b, vae, torch.bfloat16, tile=(240, 360))
+    assert tiled["decode"] * 4 == acts["decode"]
+
+
+def test_mode_names_are_checked():
+    assert offload.check_mode(None) == "none" and offload.check_mode(" Stream ") == "stream"
+    with pytest.raises(InputError, match="unknown offload mode 'fast'; use one of none, model, stream"):
+        offload.check_mode("fast")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Out of memory anyway
+
+TORCH_OOM = (
+    "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 23.64 GiB of which "
+    "1.50 GiB is free. Including non-PyTorch memory, this process has 22.13 GiB memory in use."
+)
+
+
+def test_the_torch_message_is_read():
+    assert offload.parse_oom(TORCH_OOM) == (2 * GIB, int(1.5 * GIB))
+    assert offload.parse_oom("CUDA out of memory. Tried to allocate 20.00 MiB") == (20 * 2**20, None)
+    assert offload.parse_oom("CUDA error: out of memory") == (None, None)
+
+
+def raise_oom(message=TORCH_OOM):
+    def fail(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError(message)
+
+    return fail
+
+
+def test_oom_in_decode_names_the_stage_and_the_flag(tiny_rope_dir, monkeypatch):
+    pipe = Pipeline.from_pretrained(tiny_rope_dir)
+    monkeypatch.setattr(pipe.vae, "decode", raise_oom())
+    with pytest.raises(OutOfMemoryError) as info:
+        pipe(PROMPT, progress=False, **SMALL)
+    error = info.value
+    assert error.stage == "decode" and error.requested_bytes == 2 * GIB
+    # The tiny model's weights are far from the 0.5 GiB short, so no offload mode would do: tile.
+    assert error.suggestion == "--vae-tiling"
+    assert str(error) == (
+        "out of GPU memory in VAE decoding: it asked for 2.00 GiB more with 1.50 GiB free (offload none); "
+        "try --vae-tiling"
+    )
+    pipe.vae.enable_tiling()
+    with pytest.raises(OutOfMemoryError, match="try fewer --frames, a smaller --height/--width$"):
+        pipe(PROMPT, progress=False, **SMALL)
+
+
+def test_oom_in_denoising_suggests_the_mode_that_frees_enough(tiny_rope_dir, monkeypatch):
+    pipe = Pipeline.from_pretrained(tiny_rope_dir)
+    sizes = offload.pipeline_sizes(pipe)
+    short = sizes["text_encoder"].total  # 'model' frees T5 and the VAE during denoising: enough
+    monkeypatch.setattr(pipe.transformer, "forward", raise_oom(f"Tried to allocate {short} B"))
+    with pytest.raises(OutOfMemoryError, match=r"in denoising \(transformer\).*try --offload model$"):
+        pipe(PROMPT, progress=False, **SMALL)
+    # In stream mode, the weights go home after the error, and only 'sequential' is left to try.
+    pipe = Pipeline.from_pretrained(tiny_rope_dir, offload="stream")
+    monkeypatch.setattr(pipe.transformer.transformer_blocks[1], "forward", raise_oom("Tried to allocate 16 B"))
+    with pytest.raises(OutOfMemoryError, match=r"\(offload stream\); try --offload sequential$"):
+        pipe(PROMPT, progress=False, **SMALL)
+    assert pipe.offload.device_bytes() == 0
+
+
+def test_oom_in_text_encoding_suggests_t5_on_the_cpu(tiny_rope_dir, monkeypatch):
+    pipe = Pipeline.from_pretrained(tiny_rope_dir, offload="sequential")
+    monkeypatch.setattr(pipe.text_encoder.model, "forward", raise_oom("Tried to allocate 1.00 GiB"))
+    with pytest.raises(OutOfMemoryError, match=r"text encoding \(T5\).*try --text-device cpu$"):
+        pipe(PROMPT, progress=False, **SMALL)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The command line
+
+
+def cli_args(folder, output, *extra):
+    return ["generate", PROMPT, "--model", str(folder), "--output", str(output), "--steps", "2", "--height", "32",
+            "--width", "48", "--seed", "5", "--max-sequence-length", "16", "--quiet", *extra]  # fmt: skip
+
+
+def test_cli_offload_flags_give_the_same_video(tiny_rope_dir, tmp_path, capsys):
+    plain, offloaded_path = tmp_path / "plain.mp4", tmp_path / "offloaded.mp4"
+    assert main(cli_args(tiny_rope_dir, plain)) == 0
+    flags = ["--offload", "sequential", "--text-device", "cpu", "--vae-slicing"]
+    assert main(cli_args(tiny_rope_dir, offloaded_path, *flags)) == 0
+    assert np.array_equal(read_video(plain)[0], read_video(offloaded_path)[0])
+    out = capsys.readouterr().out
+    assert "offload 'sequential', T5 on cpu" in out
+
+
+def test_auto_on_the_cpu_is_none(tiny_rope_dir, tmp_path, capsys):
+    pipe = Pipeline.from_pretrained(tiny_rope_dir, offload="auto")
+    assert pipe.offload is None and pipe.offload_choice == "offload 'none': the model computes on the CPU"
+    # The CLI's default is auto; on the CPU there is nothing to say about it.
+    assert main(cli_args(tiny_rope_dir, tmp_path / "a.mp4", "--vae-tiling")) == 0
+    assert "offload" not in capsys.readouterr().out
+
+
+def test_cli_refuses_compile_with_sequential(tiny_rope_dir, tmp_path, capsys):
+    assert main(cli_args(tiny_rope_dir, tmp_path / "a.mp4", "--offload", "sequential", "--compile")) == 2
+    assert "--compile does not combine with --offload sequential" in capsys.readouterr().err
+
+
+def test_cli_rejects_an_unknown_mode(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["generate", "a cat", "--offload", "fast"])
+    assert info.value.code == 2 and "argument --offload: invalid choice: 'fast'" in capsys.readouterr().err
+
+
+def test_cli_out_of_memory_is_one_line_and_leaves_no_file(tiny_rope_dir, tmp_path, capsys, monkeypatch):
+    from cogvideox.models.vae import CogVideoXVAE
+
+    monkeypatch.setattr(CogVideoXVAE, "decode", raise_oom())
+    output = tmp_path / "cat.mp4"
+    assert main(cli_args(tiny_rope_dir, output, "--offload", "model")) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith("cogvideox: error: out of GPU memory in VAE decoding: it asked for 2.00 GiB")
+    assert err.rstrip().endswith("try --vae-tiling")
+    assert list(tmp_path.iterdir()) == []  # no video, no temporary file
+
+
+# ----------------------------------------------------------------------------------------------------
+# The CUDA path
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="streams, events and page-locked memory need CUDA")
+def test_cuda_stream_mode_is_bitwise_and_pins_exactly():
+    model, args, kwargs = tiny_transformer(6)
+    model = model.cuda()
+    args = tuple(a.cuda() for a in args)
+    kwargs = dict(image_rotary_emb=tuple(t.cuda() for t in kwargs["image_rotary_emb"]))
+    with torch.inference_mode():
+        want = model(*args, **kwargs)
+    plan = offload.Offload("stream", torch.device("cuda"), lookahead=2, record=True)
+    plan.add_component("transformer", model, [model], model.transformer_blocks)
+    assert all(g.host.is_pinned() for g in plan.groups())
+    assert plan.host_bytes <= 1.1 * plan.weight_bytes
+    with torch.inference_mode():
+        for _ in range(3):
+            assert torch.equal(model(*args, **kwargs), want)
+    plan.release_all()
+    torch.cuda.synchronize()
+    plan.remove()
+
+
+@pytest.mark.parametrize("mode", ["stream", "sequential"])
+def test_int8_weights_compose_with_offloading(tiny_rope_dir, mode):
+    want = resident_pipeline(tiny_rope_dir).accelerate(quantize="int8")(PROMPT, progress=False, **SMALL)
+    pipe = Pipeline.from_pretrained(tiny_rope_dir, offload=mode).accelerate(quantize="int8")
+    assert pipe.offload.mode == mode  # quantised at home, then offloaded again
+    weights = {t.dtype for g in pipe.offload.groups() for t in g.tensors}
+    assert torch.int8 in weights  # the int8 layers are what moves
+    out = pipe(PROMPT, progress=False, **SMALL)
+    assert torch.equal(out.latents, want.latents)
+
+
+@pytest.fixture(scope="module")
+def tiny_v15_i2v_dir(tmp_path_factory):
+    from helpers import make_tiny_cogvideox
+
+    return make_tiny_cogvideox(tmp_path_factory.mktemp("tiny-v15-i2v"), variant="1.5-i2v", scheduler="dpm")
+
+
+@pytest.mark.parametrize("mode", ["model", "stream", "sequential"])
+def test_image_and_video_inputs_go_through_the_offloaded_vae_encoder(tiny_v15_i2v_dir, tiny_rope_dir, mode):
+    from helpers import sample_picture
+
+    image = np.asarray(sample_picture())
+    i2v = dict(num_frames=9, num_inference_steps=2, max_sequence_length=16, seed=3, progress=False)
+    want = resident_pipeline(tiny_v15_i2v_dir)("a cat", image=image, **i2v)
+    got = offloaded(tiny_v15_i2v_dir, mode)("a cat", image=image, **i2v)
+    assert torch.equal(got.latents, want.latents)
+
+    video = Pipeline.from_pretrained(tiny_rope_dir)(PROMPT, progress=False, **SMALL).frames[0]
+    v2v = dict(SMALL, strength=0.7)
+    want = resident_pipeline(tiny_rope_dir)("a dog runs", video=video, progress=False, **v2v)
+    got = offloaded(tiny_rope_dir, mode)("a dog runs", video=video, progress=False, **v2v)
+    assert torch.equal(got.latents, want.latents)
+    assert all(np.array_equal(a, b) for a, b in zip(got.frames, want.frames))
