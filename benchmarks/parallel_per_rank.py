@@ -1,0 +1,125 @@
+"""What one GPU of an N-GPU layout computes per transformer layer, measured on one GPU.
+
+    python benchmarks/parallel_per_rank.py                # 5B at 49 x 480 x 720, bf16, N = 1, 2, 4, 8
+    python benchmarks/parallel_per_rank.py --tiny         # a tiny config on the CPU (smoke test)
+
+With N-way sequence parallelism a process runs the per-token work of a layer (AdaLN, projections, QK-norm,
+RoPE, feed-forward) on 1/N of the [text ; video] tokens, and the attention over the whole sequence for
+1/N of the heads (Ulysses) or its share of the score blocks (ring: the same FLOPs). This script times
+both parts separately on one GPU, for CFG batch 2 (sequence parallelism only) and batch 1 (one CFG half),
+without any communication: add the all-to-all time of docs/parallel.md to get a layer's time on N GPUs.
+
+Writes JSON to $OUT/parallel_per_rank.json (or the current folder): per N and batch, the median
+milliseconds of the per-token part, of the attention part, and their sum, and the 42-layer step estimate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from cogvideox.models.config import TransformerConfig
+from cogvideox.models.transformer import TRANSFORMER_PRESETS, ExpertBlock
+
+TINY = TransformerConfig(
+    num_attention_heads=8, attention_head_dim=16, num_layers=2, text_embed_dim=32, time_embed_dim=32,
+    use_rotary_positional_embeddings=True,
+)  # fmt: skip
+
+
+def timed(fn, device: torch.device, repeats: int) -> float:
+    """Median milliseconds of fn() after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def measure(
+    config: TransformerConfig, text: int, video: int, ways: list[int], batches: list[int], device, dtype, repeats
+):
+    block = ExpertBlock(config).to(device, dtype).eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.02)
+    block.attn1.attend = lambda q, k, v: v  # the per-token part alone; attention is timed below
+    heads, head_dim, dim = config.num_attention_heads, config.attention_head_dim, config.inner_dim
+    total = text + video
+    rows = []
+    for batch in batches:
+        for n in ways:
+            if heads % n:
+                continue
+            local = -(-total // n)
+            local_text = min(text, local)  # rank 0's shard: all the text, the rest video
+            x = torch.randn(batch, local - local_text, dim, device=device, dtype=dtype)
+            c = torch.randn(batch, local_text, dim, device=device, dtype=dtype)
+            emb = torch.randn(batch, config.time_embed_dim, device=device, dtype=dtype)
+            rope = (
+                torch.ones(local - local_text, head_dim, device=device),
+                torch.zeros(local - local_text, head_dim, device=device),
+            )
+            q, k, v = (torch.randn(batch, heads // n, total, head_dim, device=device, dtype=dtype) for _ in range(3))
+            with torch.no_grad():
+                per_token = timed(lambda: block(x, c, emb, rope), device, repeats)
+                attention = timed(lambda: F.scaled_dot_product_attention(q, k, v), device, repeats)
+            rows.append(
+                dict(
+                    ways=n,
+                    batch=batch,
+                    tokens_per_rank=local,
+                    per_token_ms=round(per_token, 3),
+                    attention_ms=round(attention, 3),
+                    layer_ms=round(per_token + attention, 3),
+                    step_estimate_s=round((per_token + attention) * config.num_layers / 1e3, 4),
+                )
+            )
+            print(json.dumps(rows[-1]))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny config on the CPU (smoke test)")
+    parser.add_argument("--ways", default="1,2,4,8", help="sequence-parallel degrees to time (default 1,2,4,8)")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    ways = [int(n) for n in args.ways.split(",")]
+    if args.tiny:
+        config, text, video, device, dtype = TINY, 16, 3 * 4 * 6, torch.device("cpu"), torch.float32
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("the full-size run needs a CUDA GPU; use --tiny on the CPU")
+        config, text, video = TRANSFORMER_PRESETS["CogVideoX-5b"], 226, 13 * 30 * 45
+        device, dtype = torch.device("cuda"), torch.bfloat16
+    rows = measure(config, text, video, ways, [2, 1], device, dtype, args.repeats)
+    result = dict(
+        model="tiny" if args.tiny else "CogVideoX-5b",
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        dtype=str(dtype).removeprefix("torch."),
+        text_tokens=text,
+        video_tokens=video,
+        layers=config.num_layers,
+        rows=rows,
+    )
+    out = Path(os.environ.get("OUT", ".")) / "parallel_per_rank.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""CFG, Ulysses and ring parallelism against the single-process model, on 2 and 4 gloo processes.
+
+Each parallel layout must give the single-process result up to the order of fp32 sums: the tests allow
+a relative error (max |a - b| / max |b|) of 1e-5 on the transformer output and the final latents, and
+equal uint8 frames. The sequence length of the tiny model (5 text + 36 video tokens = 41) divides by
+neither 2 nor 4, so the padding path is tested too.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from cogvideox.errors import InputError
+from cogvideox.models.config import TransformerConfig
+from cogvideox.models.transformer import CogVideoXTransformer
+from cogvideox.parallel import Layout, build_mesh, parallelize, parse_layout
+from cogvideox.parallel.cfg import CFGParallel
+from cogvideox.parallel.sequence import SequenceParallel
+
+TOLERANCE = 1e-5
+
+TINY = dict(
+    num_attention_heads=4,
+    attention_head_dim=16,
+    num_layers=2,
+    text_embed_dim=24,
+    time_embed_dim=16,
+    sample_height=6,
+    sample_width=8,
+    sample_frames=9,
+    max_text_seq_length=5,
+)
+CONFIGS = {
+    "rope": TransformerConfig(**TINY, use_rotary_positional_embeddings=True),
+    "sincos": TransformerConfig(**TINY),
+}
+LAYOUTS = {
+    2: ["cfg=2", "ulysses=2", "ring=2"],
+    4: ["cfg=2,ulysses=2", "cfg=2,ring=2", "ring=4", "ulysses=4", "ulysses=2,ring=2"],
+}
+
+
+def _transformer(variant: str) -> CogVideoXTransformer:
+    torch.manual_seed(0)
+    model = CogVideoXTransformer(CONFIGS[variant]).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # no zero or unit init left to hide a misplaced tensor
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def _inputs(model: CogVideoXTransformer):
+    """A [uncond ; cond] batch of 2: latents [2, 3, 16, 6, 8] (36 video tokens), 5 text tokens."""
+    g = torch.Generator().manual_seed(1)
+    latents = torch.randn(2, 3, 16, 6, 8, generator=g)
+    text = torch.randn(2, 5, 24, generator=g)
+    timestep = torch.tensor([500, 500])
+    rope = model.rotary_embedding(3, 6, 8)
+    return latents, text, timestep, rope
+
+
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(worker, world: int, *args) -> None:
+    port = _free_port()
+    mp.spawn(_init_and_run, args=(world, port, worker, args), nprocs=world, join=True)
+
+
+def _init_and_run(rank: int, world: int, port: int, worker, args) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        worker(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------------------
+# The transformer under every layout
+
+
+PIPELINE_LAYOUTS = {2: "cfg=2", 4: "cfg=2,ulysses=2"}
+CALL = dict(
+    prompt=["a cat sits on the mat", "a dog runs through the park"],
+    num_frames=9,
+    height=64,
+    width=64,
+    num_inference_steps=2,
+    guidance_scale=6.0,
+    seed=3,
+    progress=False,
+)
+
+
+def _tiled(pipe):
+    pipe.vae.enable_tiling(32, 32, 0.25, 0.25)  # 8x8 latents in 4x4 tiles, stride 3: 3 x 3 = 9 tiles
+    return pipe
+
+
+def _worker(rank: int, world: int, folder: str, out_file: str) -> None:
+    """Every layout of this world size on the bare transformer, then the whole pipeline on one layout."""
+    from cogvideox.pipeline import Pipeline
+
+    results = {}
+    for variant in CONFIGS:
+        model = _transformer(variant)
+        latents, text, timestep, rope = _inputs(model)
+        for spec in LAYOUTS[world]:
+            if variant == "sincos" and spec not in ("ulysses=2", "ulysses=2,ring=2"):
+                continue  # the sin-cos model only differs before the blocks: one layout per world
+            mesh = build_mesh(parse_layout(spec))
+            sequence = SequenceParallel(model, mesh)
+            denoiser = CFGParallel(model, mesh)
+            with torch.no_grad():
+                results[variant, spec] = denoiser(latents, text, timestep, image_rotary_emb=rope)
+            sequence.remove()
+            # Afterwards the model is the exact single-process one again.
+            with torch.no_grad():
+                results[variant, spec, "removed"] = model(latents, text, timestep, image_rotary_emb=rope)
+
+    mesh = build_mesh(parse_layout(PIPELINE_LAYOUTS[world]))
+    pipe = parallelize(_tiled(Pipeline.from_pretrained(folder, dtype="fp32", device="cpu")), mesh)
+    out = pipe(**CALL)
+    unseeded = pipe(**(CALL | dict(seed=None)))  # rank 0's random seed, shared
+    results["pipeline"] = (out.latents, out.frames, unseeded.seed, unseeded.latents)
+
+    gathered = [None] * world
+    dist.all_gather_object(gathered, results)
+    if rank == 0:
+        torch.save(gathered, out_file)
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=["2-processes", "4-processes"])
+def parallel_run(request, tiny_rope_dir, tmp_path_factory):
+    """(world size, each rank's results) of one run of `_worker` on that many gloo processes."""
+    world = request.param
+    out_file = str(tmp_path_factory.mktemp(f"parallel-{world}") / "results.pt")
+    _spawn(_worker, world, str(tiny_rope_dir), out_file)
+    return world, torch.load(out_file, weights_only=False)
+
+
+def test_every_layout_matches_one_process(parallel_run):
+    world, per_rank = parallel_run
+    checked = 0
+    for variant in CONFIGS:
+        model = _transformer(variant)
+        latents, text, timestep, rope = _inputs(model)
+        with torch.no_grad():
+            want = model(latents, text, timestep, image_rotary_emb=rope)
+        for spec in LAYOUTS[world]:
+            if (variant, spec) not in per_rank[0]:
+                continue
+            for rank, results in enumerate(per_rank):
+                got = results[variant, spec]
+                assert got.shape == want.shape
+                error = _relative_error(got, want)
+                assert error <= TOLERANCE, f"{variant} {spec} rank {rank}: relative error {error:.2e}"
+                # Hooks removed: bit for bit the single-process model.
+                assert torch.equal(results[variant, spec, "removed"], want)
+                checked += 1
+    assert checked == world * (len(LAYOUTS[world]) + 1)
+
+
+def test_pipeline_matches_one_process(parallel_run, tiny_rope_dir):
+    """T5 prompts split, denoising on the layout, VAE tiles split: the single-process (tiled) result."""
+    from cogvideox.parallel.decode import tile_count
+    from cogvideox.pipeline import Pipeline
+
+    world, per_rank = parallel_run
+    pipe = _tiled(Pipeline.from_pretrained(tiny_rope_dir, dtype="fp32", device="cpu"))
+    assert tile_count(pipe.vae, 8, 8) == 9  # the decode really is split
+    want = pipe(**CALL)
+    first_seed, first_unseeded = per_rank[0]["pipeline"][2:]
+    for rank, results in enumerate(per_rank):
+        latents, frames, seed, unseeded = results["pipeline"]
+        assert _relative_error(latents, want.latents) <= TOLERANCE, rank
+        assert len(frames) == len(want.frames) == 2
+        for got, expected in zip(frames, want.frames):
+            assert got.shape == expected.shape == (9, 64, 64, 3)
+            assert abs(got.astype(int) - expected.astype(int)).max() <= 1, rank
+        assert seed == first_seed and torch.equal(unseeded, first_unseeded), "ranks drew different seeds"
+
+
+# ------------------------------------------------------------------------------------------------------
+# Layouts: parsing and the mistakes they catch
+
+
+def test_parse_layout():
+    assert parse_layout("cfg=2,ulysses=2") == Layout(cfg=2, ulysses=2, ring=1)
+    assert parse_layout(" ring=3 , CFG=2 ") == Layout(cfg=2, ring=3)
+    assert parse_layout(None) == Layout() and parse_layout("").size == 1
+    assert parse_layout("cfg=2,ulysses=3,ring=2").size == 12
+    assert str(parse_layout("ulysses=2")) == "cfg=1,ulysses=2,ring=1"
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("tensor=2", "kinds: cfg, ulysses, ring"),
+        ("ulysses", "kind=degree pairs"),
+        ("ring=0", "positive integer"),
+        ("ring=two", "positive integer"),
+        ("cfg=2,cfg=2", "cfg appears twice"),
+    ],
+)
+def test_bad_layouts_say_what_is_wrong(text, message):
+    with pytest.raises(InputError, match=message):
+        parse_layout(text)
+
+
+def test_layout_checks():
+    with pytest.raises(InputError, match="cfg is 1 or 2"):
+        Layout(cfg=4).check()
+    with pytest.raises(InputError, match="guidance is off"):
+        Layout(cfg=2).check(guidance=False)
+    # 2B has 30 heads: ulysses=4 cannot split them, and the message offers the way out.
+    with pytest.raises(InputError, match=r"does not divide the model's 30 attention heads.*2, 3, 5, 6.*ring=4"):
+        Layout(ulysses=4).check(heads=30)
+    Layout(ulysses=6).check(heads=30)
+    Layout(ring=4).check(heads=30)
+    with pytest.raises(InputError, match="needs 4 processes per video, but 6 were started"):
+        Layout(cfg=2, ulysses=2).check(world_size=6)
+    Layout(cfg=2, ulysses=2).check(world_size=8)  # two groups side by side
+
+
+def test_parallel_layout_needs_processes():
+    assert not dist.is_initialized()
+    with pytest.raises(InputError, match="torchrun --nproc-per-node 2"):
+        build_mesh(Layout(cfg=2))
+    mesh = build_mesh(Layout())
+    assert mesh.is_leader and mesh.group is None and mesh.layout.size == 1
