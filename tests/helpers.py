@@ -384,3 +384,40 @@ def make_sat_checkpoint(pipe, root: Path, seed: int = 1):
     levels = len(pipe.vae.config.up_block_types)
     torch.save({"state_dict": vae_to_sat(pipe.vae.state_dict(), levels)}, vae)
     return transformer, vae
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fine-tuning data folders (train tests): real MP4s, plus the broken entries a real folder has.
+
+TRAIN_CAPTIONS = ["a cat sits on the mat", "a dog runs through the green park", "a bird flies above the blue sea"]
+
+
+def make_video_folder(root, layout: str = "jsonl", count: int = 3, frames: int = 12, broken: bool = True):
+    """A data folder of `count` captioned MP4s (8 fps, 40x56, a moving square over a gradient) in the
+    `metadata.jsonl` ("jsonl") or `prompts.txt` + `videos.txt` ("lines") layout. With `broken`, it also
+    lists `videos/corrupt.mp4` (not a video), `videos/short.mp4` (4 frames) and `videos/nocaption.mp4`
+    (a good video with an empty caption). Returns the folder."""
+    import json
+
+    from cogvideox.video import export_video
+
+    root = Path(root)
+    (root / "videos").mkdir(parents=True, exist_ok=True)
+    entries = []
+    for i in range(count):
+        export_video(sample_frames(frames, 40, 56, seed=i), root / "videos" / f"clip{i}.mp4", fps=8)
+        entries.append((f"videos/clip{i}.mp4", TRAIN_CAPTIONS[i % len(TRAIN_CAPTIONS)]))
+    if broken:
+        (root / "videos" / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 4)
+        export_video(sample_frames(4, 40, 56, seed=7), root / "videos" / "short.mp4", fps=8)
+        export_video(sample_frames(frames, 40, 56, seed=8), root / "videos" / "nocaption.mp4", fps=8)
+        entries += [("videos/corrupt.mp4", "a red sun"), ("videos/short.mp4", "a cat"), ("videos/nocaption.mp4", "")]
+    if layout == "jsonl":
+        lines = [json.dumps({"video": v, "caption": c}) for v, c in entries]
+        (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    elif layout == "lines":
+        (root / "videos.txt").write_text("".join(f"{v}\n" for v, _ in entries))
+        (root / "prompts.txt").write_text("".join(f"{c}\n" for _, c in entries))
+    else:
+        raise ValueError(f"layout must be jsonl or lines, got {layout!r}")
+    return root

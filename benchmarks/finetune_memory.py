@@ -1,0 +1,229 @@
+"""Fine-tuning cost at full size with random weights: peak GPU memory and seconds per training step of
+our trainer's step (LoRA or full), against the reference transformer with a peft LoRA.
+
+    python benchmarks/finetune_memory.py --variant 5b            # on a GPU: 49 x 480 x 720, bf16
+    python benchmarks/finetune_memory.py --variant 2b --mode lora
+    python benchmarks/finetune_memory.py --tiny                  # tiny configs on the CPU (smoke test)
+
+The step is the one `cogvideox train` runs on cached latents: the v-prediction loss on one clip (batch 1,
+226 T5 tokens), gradient checkpointing, bf16 autocast, gradient clipping and the optimizer step. LoRA
+rank 128 on to_q/to_k/to_v/to_out.0 with AdamW; full fine-tuning with bf16 weights and the CPU-offloaded
+AdamW (`--optimizer adamw-cpu`, fp32 masters and moments in CPU memory) unless `--full-optimizer adamw`.
+
+Targets (from the project's issue): 5B LoRA peak <= 18 GB, 5B full <= 40 GB, 2B LoRA <= 10 GB, and our
+LoRA s/step <= 0.8x the reference's. Results go to $OUT/finetune_memory.json (or the current folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from cogvideox.models.config import SchedulerConfig, TransformerConfig
+from cogvideox.models.transformer import TRANSFORMER_PRESETS, CogVideoXTransformer
+from cogvideox.schedulers import alphas_cumprod
+from cogvideox.train import lora
+from cogvideox.train.checkpoint import step_generator
+from cogvideox.train.finetune import CPUOffloadAdamW
+from cogvideox.train.objective import v_loss
+
+TARGETS_GB = {("5b", "lora"): 18.0, ("5b", "full"): 40.0, ("2b", "lora"): 10.0}
+SPEED_TARGET = 0.8  # ours / reference, seconds per LoRA step
+TINY = TransformerConfig(
+    num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
+    text_embed_dim=32, num_layers=2, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
+    max_text_seq_length=16, use_rotary_positional_embeddings=True,
+)
+
+
+def random_init_(module: torch.nn.Module, seed: int) -> None:
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed)
+        for name, p in module.named_parameters():
+            values = torch.randn(p.shape, generator=g) * 0.02
+            if p.ndim == 1 and "norm" in name and name.endswith("weight"):
+                values += 1.0
+            p.copy_(values.to(p.dtype))
+
+
+def build_ours(config: TransformerConfig, device, dtype) -> CogVideoXTransformer:
+    with torch.device("meta"):
+        model = CogVideoXTransformer(config)
+    model = model.to_empty(device=device)
+    random_init_(model, seed=0)
+    return model.to(dtype)
+
+
+def build_reference(ours: CogVideoXTransformer, device, dtype):
+    """diffusers' transformer with the same weights (built on the device: a CPU init of 5B is slow)."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    kwargs = {k: v for k, v in ours.config.to_dict().items() if not k.startswith("_")}
+    with torch.device(device):
+        ref = CogVideoXTransformer3DModel(**kwargs).to(dtype)
+    result = ref.load_state_dict({k: v.detach() for k, v in ours.state_dict().items()}, strict=False)
+    # Only buffers the reference computes itself (the 2B sin-cos table) may be left out.
+    assert not result.unexpected_keys and all("pos_embedding" in k for k in result.missing_keys), result
+    return ref
+
+
+def inputs(config: TransformerConfig, frames: int, height: int, width: int, device, dtype):
+    g = torch.Generator().manual_seed(1)
+    latent = (1, (frames - 1) // 4 + 1, config.in_channels, height // 8, width // 8)
+    x0 = torch.randn(latent, generator=g).to(device, dtype)
+    text = torch.randn(1, config.max_text_seq_length, config.text_embed_dim, generator=g).to(device, dtype)
+    return x0, text
+
+
+def measure(step, device, repeat: int) -> dict:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    step(0)  # warm-up: allocates the optimizer state
+    times = []
+    for i in range(1, repeat + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step(i)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    out = {"s_per_step": round(statistics.median(times), 4)}
+    if device.type == "cuda":
+        out["peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+        out["peak_reserved_gb"] = round(torch.cuda.max_memory_reserved() / 1e9, 2)
+    return out
+
+
+def training_step(model, params, optimizer, x0, text, rotary, device, amp_dtype, forward=None):
+    ab = alphas_cumprod(SchedulerConfig()).float()
+    forward = forward or model
+
+    def step(i: int) -> None:
+        gen = step_generator(0, i)
+        amp = torch.autocast("cuda", dtype=amp_dtype) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+        with amp:
+            loss = v_loss(forward, x0, text, ab, gen, rotary=rotary)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def run_case(args, mode: str, config: TransformerConfig, device, dtype) -> dict:
+    model = build_ours(config, device, dtype)
+    model.gradient_checkpointing = True
+    model.train()
+    if mode == "lora":
+        lora.inject_lora(model, args.rank, args.rank, dtype=torch.float32)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-4)
+    else:
+        params = list(model.parameters())
+        optimizer = CPUOffloadAdamW(params, lr=1e-5) if args.full_optimizer == "adamw-cpu" else torch.optim.AdamW(params, lr=1e-5)
+    x0, text = inputs(config, args.frames, args.height, args.width, device, dtype)
+    rotary = model.rotary_embedding(x0.shape[1], x0.shape[3], x0.shape[4], device)
+    result = {"mode": mode, "trainable_params": sum(p.numel() for p in params)}
+    result |= measure(training_step(model, params, optimizer, x0, text, rotary, device, dtype), device, args.repeat)
+    del model, optimizer, params
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def run_reference_lora(args, config: TransformerConfig, device, dtype) -> dict:
+    from peft import LoraConfig
+
+    ours = build_ours(config, torch.device("cpu"), dtype)
+    ref = build_reference(ours, device, dtype)
+    del ours
+    ref.enable_gradient_checkpointing()
+    ref.train()
+    ref.requires_grad_(False)
+    ref.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=list(lora.DEFAULT_TARGETS),
+                               init_lora_weights=True))
+    params = [p for p in ref.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()  # fp32 adapters, as in ours and in the official trainer's cast_training_params
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    x0, text = inputs(config, args.frames, args.height, args.width, device, dtype)
+    # The same RoPE tables as ours (only the config is needed to build them).
+    rotary = CogVideoXTransformer.rotary_embedding(SimpleNamespace(config=config), *x0.shape[1:2], *x0.shape[3:], device)
+
+    def forward(hidden, text_states, t, image_rotary_emb=None):
+        return ref(hidden_states=hidden, encoder_hidden_states=text_states, timestep=t,
+                   image_rotary_emb=image_rotary_emb, return_dict=False)[0]
+
+    result = {"mode": "reference-lora", "trainable_params": sum(p.numel() for p in params)}
+    result |= measure(training_step(ref, params, optimizer, x0, text, rotary, device, dtype, forward), device, args.repeat)
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variant", choices=("5b", "2b"), default="5b")
+    p.add_argument("--mode", choices=("lora", "full", "all"), default="all")
+    p.add_argument("--rank", type=int, default=128)
+    p.add_argument("--frames", type=int, default=49)
+    p.add_argument("--height", type=int, default=480)
+    p.add_argument("--width", type=int, default=720)
+    p.add_argument("--repeat", type=int, default=3, help="timed steps after one warm-up step")
+    p.add_argument("--full-optimizer", choices=("adamw-cpu", "adamw"), default="adamw-cpu")
+    p.add_argument("--no-reference", action="store_true", help="skip the diffusers + peft comparison")
+    p.add_argument("--tiny", action="store_true", help="tiny config on the CPU, to check the script runs")
+    args = p.parse_args()
+
+    if args.tiny:
+        device, dtype, config = torch.device("cpu"), torch.float32, TINY
+        args.rank, args.frames, args.height, args.width, args.repeat = 4, 9, 32, 48, 2
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("the full-size benchmark needs a CUDA GPU; use --tiny on the CPU")
+        device, dtype = torch.device("cuda"), torch.bfloat16
+        config = TRANSFORMER_PRESETS["CogVideoX-5b" if args.variant == "5b" else "CogVideoX-2b"]
+
+    modes = ("lora", "full") if args.mode == "all" else (args.mode,)
+    report = {
+        "variant": "tiny" if args.tiny else args.variant,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "clip": f"{args.frames}x{args.height}x{args.width}",
+        "rank": args.rank,
+        "torch": torch.__version__,
+        "cases": [],
+    }
+    for mode in modes:
+        case = run_case(args, mode, config, device, dtype)
+        target = TARGETS_GB.get((args.variant, mode))
+        if target is not None and "peak_gb" in case:
+            case["target_gb"] = target
+            case["meets_target"] = case["peak_gb"] <= target
+        report["cases"].append(case)
+        print(json.dumps(case))
+    if "lora" in modes and not args.no_reference:
+        try:
+            ref = run_reference_lora(args, config, device, dtype)
+        except ImportError as e:
+            ref = {"mode": "reference-lora", "skipped": f"needs diffusers and peft ({e})"}
+        report["cases"].append(ref)
+        print(json.dumps(ref))
+        ours = next(c for c in report["cases"] if c["mode"] == "lora")
+        if "s_per_step" in ref:
+            report["lora_speed_ratio"] = round(ours["s_per_step"] / ref["s_per_step"], 3)
+            report["lora_speed_target"] = SPEED_TARGET
+    out = Path(os.environ.get("OUT", ".")) / "finetune_memory.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""`cogvideox train`: fine-tune a model on a folder of captioned videos (a thin layer over `finetune`).
+
+    cogvideox train clips/ --output runs/style --model THUDM/CogVideoX-5b --steps 2000
+    cogvideox train --config style.toml --lr 2e-4
+    torchrun --nproc-per-node 4 -m cogvideox train clips/ --output runs/style --model THUDM/CogVideoX-5b
+
+Flags override the values of a `--config` file (TOML, or YAML with PyYAML installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from cogvideox.cli import _finite_float, _non_negative_int, _positive_float, _positive_int, _quiet_libraries
+
+
+def _list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def add_train_parsers(commands) -> None:
+    """Add `train` to the `cogvideox` command's sub-parsers."""
+    p = commands.add_parser(
+        "train",
+        help="fine-tune a model (LoRA, or all weights with --full) on a folder of captioned videos",
+        description="Fine-tune a CogVideoX model on a folder of videos with captions (metadata.jsonl, or the "
+        "official prompts.txt + videos.txt). Latents and T5 states are precomputed into a cache; unusable "
+        "videos are reported and skipped. Writes a LoRA in the diffusers layout (pytorch_lora_weights."
+        "safetensors) or, with --full, a model folder, plus checkpoints, loss.jsonl / loss.png and validation "
+        "videos into --output. Run it again to resume from the newest checkpoint; put torchrun in front for "
+        "several GPUs.",
+    )
+    arg = p.add_argument
+    arg("data", nargs="?", help="data folder (or `data` in the --config file)")
+    arg("-o", "--output", help="run folder: checkpoints, logs, validation videos and the result")
+    arg("--config", help="TOML or YAML file with settings named as in docs/finetune.md; flags override it")
+    arg("--model", help="model folder or Hugging Face repo id (default: the embedded demo model)")
+    arg("--revision", help="hub revision of --model")
+    arg("--full", action="store_const", const=True, default=None, help="train every transformer weight, not a LoRA")
+    arg("--rank", type=_positive_int, help="LoRA rank (default: 64)")
+    arg("--alpha", type=_positive_float, help="LoRA alpha; the update is scaled by alpha / rank (default: the rank)")
+    arg("--targets", type=_list, help="comma-separated layer names the LoRA adapts (default: to_q,to_k,to_v,to_out.0)")
+    arg(
+        "--bucket",
+        dest="buckets",
+        action="append",
+        help="clip shape FRAMESxHEIGHTxWIDTH such as 49x480x720; repeat for several (multi-resolution) "
+        "(default: the model's frames and size)",
+    )
+    arg("--fps", type=_positive_float, help="frame rate clips are sampled at (default: the model's, 8 or 16)")
+    arg("--caption-dropout", type=float, help="share of steps on the empty caption (default: 0.1)")
+    arg("--cache-dir", help="where latents and T5 states are cached (default: DATA/cache)")
+    arg("--steps", type=_positive_int, help="optimizer steps (default: 1000)")
+    arg("--batch-size", type=_positive_int, help="clips per step and process (default: 1)")
+    arg("--grad-accum", type=_positive_int, help="micro-batches accumulated per step (default: 1)")
+    arg("--lr", type=_positive_float, help="peak learning rate (default: 1e-4 LoRA, 1e-5 full)")
+    arg("--schedule", choices=("constant", "cosine"), help="after warm-up (default: constant)")
+    arg("--warmup-steps", type=_non_negative_int, help="linear warm-up steps (default: 100)")
+    arg("--weight-decay", type=float, help="AdamW weight decay (default: 1e-4)")
+    arg("--grad-clip", type=_positive_float, help="gradient norm clip (default: 1)")
+    arg(
+        "--optimizer",
+        choices=("adamw", "adamw-8bit", "adamw-cpu"),
+        help="adamw; adamw-8bit (bitsandbytes, GPU); adamw-cpu (fp32 masters and moments in CPU memory) "
+        "(default: adamw)",
+    )
+    arg(
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="recompute block activations in the backward pass (default: on)",
+    )
+    arg("--seed", type=_non_negative_int, help="run seed (default: 0)")
+    arg("--dtype", help="bf16, fp16 or fp32 weights (default: bf16 on GPU, fp32 on CPU)")
+    arg("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    arg("--checkpoint-every", type=_positive_int, help="steps between checkpoints (default: 200)")
+    arg("--keep-checkpoints", type=_positive_int, help="checkpoints kept (default: 2)")
+    arg("--log-every", type=_positive_int, help="steps between loss.jsonl lines (default: 1)")
+    arg("--validation-every", type=_non_negative_int, help="steps between validation videos (default: 0, none)")
+    arg("--validation-prompt", dest="validation_prompts", action="append", help="a validation prompt; repeatable")
+    arg("--validation-steps", type=_positive_int, help="sampling steps of validation videos (default: 50)")
+    arg("--validation-guidance", type=_finite_float, help="guidance of validation videos (default: 6)")
+    arg("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from cogvideox.train.config import make_config
+    from cogvideox.train.finetune import finetune
+
+    settings = {
+        k: v for k, v in vars(args).items() if k not in ("command", "run", "config", "quiet")
+    }
+    if args.quiet:
+        settings["progress"] = False
+    config = make_config(args.config, **settings)
+    _quiet_libraries()
+    path = finetune(config)
+    records = []
+    log = Path(config.output) / "loss.jsonl"
+    if log.is_file():
+        records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    last = f", final loss {records[-1]['loss']:.4f}" if records else ""
+    print(f"wrote {path} ({config.steps} steps{last}; log {log})")
+    return 0

@@ -1,0 +1,184 @@
+"""What a fine-tuning run does, as one dataclass, readable from a TOML or YAML file.
+
+A file holds the same names as the dataclass fields (`rank = 64`, `lr = 2e-4`, `buckets =
+["49x480x720", "49x720x480"]`); dashes are accepted for underscores. `cogvideox train --config FILE`
+reads it and lets flags override single values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cogvideox.errors import InputError
+
+from .lora import DEFAULT_TARGETS
+
+OPTIMIZERS = ("adamw", "adamw-8bit", "adamw-cpu")
+SCHEDULES = ("constant", "cosine")
+
+
+@dataclass
+class FinetuneConfig:
+    """A fine-tuning run. Only `data` and `output` are required; None means "the model's own"."""
+
+    data: str  # the data folder (metadata.jsonl, or prompts.txt + videos.txt)
+    output: str  # run folder: checkpoints, logs, validation videos and the result
+    model: str | None = None  # model folder or hub id; None: the embedded demo model
+    revision: str | None = None
+    # What is trained
+    full: bool = False  # all transformer weights instead of a LoRA
+    rank: int = 64
+    alpha: float | None = None  # LoRA alpha; None: the rank (scale 1)
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    # Data
+    buckets: list[str] | None = None  # ["49x480x720", ...]; None: the model's frames and size
+    fps: float | None = None  # frame rate clips are sampled at; None: the model's (8 or 16)
+    caption_dropout: float = 0.1  # share of steps on the empty caption, for classifier-free guidance
+    max_sequence_length: int | None = None
+    cache_dir: str | None = None  # None: <data>/cache
+    sample_posterior: bool = True  # a fresh VAE posterior sample per step (else its mean)
+    # Optimisation
+    steps: int = 1000
+    batch_size: int = 1
+    grad_accum: int = 1
+    lr: float | None = None  # None: 1e-4 for LoRA, 1e-5 for full fine-tuning
+    schedule: str = "constant"
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine: the final lr as a fraction of lr
+    weight_decay: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float | None = 1.0
+    optimizer: str = "adamw"
+    gradient_checkpointing: bool = True
+    seed: int = 0
+    # Precision and placement
+    dtype: str | None = None  # weights: bf16 / fp16 / fp32; None: bf16 on GPU, fp32 on CPU
+    device: str | None = None
+    # Bookkeeping
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    validation_every: int = 0  # 0: no validation videos
+    validation_prompts: list[str] = field(default_factory=list)
+    validation_steps: int = 50
+    validation_guidance: float = 6.0
+    validation_seed: int = 42
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_config(self)
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else (1e-5 if self.full else 1e-4)
+
+    @property
+    def run_identity(self) -> dict[str, Any]:
+        """The settings a resumed run must share with the run it continues (the rest may change)."""
+        keys = ("model", "full", "rank", "alpha", "targets", "optimizer", "batch_size", "grad_accum", "seed")
+        return {k: getattr(self, k) for k in keys} | {"targets": list(self.targets)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _positive(value, name: str, kind=int) -> None:
+    if kind is int and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise InputError(f"{name} must be a positive integer, got {value!r}")
+    if kind is float and (not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0):
+        raise InputError(f"{name} must be a positive number, got {value!r}")
+
+
+def check_config(c: FinetuneConfig) -> None:
+    """Every mistake that the values alone reveal, as an `InputError` naming the setting."""
+    for name in ("data", "output"):
+        if not isinstance(getattr(c, name), (str, Path)) or not str(getattr(c, name)):
+            raise InputError(f"{name} must be a folder path")
+    for name in ("rank", "steps", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints",
+                 "log_every", "validation_steps"):
+        _positive(getattr(c, name), name)
+    for name in ("warmup_steps", "validation_every", "seed"):
+        value = getattr(c, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise InputError(f"{name} must be a non-negative integer, got {value!r}")
+    if c.alpha is not None:
+        _positive(c.alpha, "alpha", float)
+    if c.lr is not None:
+        _positive(c.lr, "lr", float)
+    if c.fps is not None:
+        _positive(c.fps, "fps", float)
+    if c.grad_clip is not None:
+        _positive(c.grad_clip, "grad_clip", float)
+    if not (isinstance(c.caption_dropout, (int, float)) and 0 <= c.caption_dropout < 1):
+        raise InputError(f"caption_dropout must be in [0, 1), got {c.caption_dropout!r}")
+    if not (isinstance(c.min_lr_ratio, (int, float)) and 0 <= c.min_lr_ratio <= 1):
+        raise InputError(f"min_lr_ratio must be in [0, 1], got {c.min_lr_ratio!r}")
+    if c.optimizer not in OPTIMIZERS:
+        raise InputError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {c.optimizer!r}")
+    if c.schedule not in SCHEDULES:
+        raise InputError(f"schedule must be one of {', '.join(SCHEDULES)}, got {c.schedule!r}")
+    if not isinstance(c.targets, (list, tuple)) or not c.targets or not all(isinstance(t, str) for t in c.targets):
+        raise InputError(f"targets must be a list of layer names such as to_q, got {c.targets!r}")
+    if len(c.betas) != 2 or not all(0 <= b < 1 for b in c.betas):
+        raise InputError(f"betas must be two numbers in [0, 1), got {c.betas!r}")
+    if c.validation_every and not c.validation_prompts:
+        raise InputError("validation_every is set but there are no validation_prompts")
+    if c.buckets is not None and (isinstance(c.buckets, str) or not c.buckets):
+        raise InputError(f"buckets must be a list such as [\"49x480x720\"], got {c.buckets!r}")
+
+
+_FIELDS = {f.name for f in dataclasses.fields(FinetuneConfig)}
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The settings of a `.toml`, `.yaml` or `.yml` file (YAML needs PyYAML), keys normalised to field
+    names. Raises `InputError` for a missing or unreadable file and for unknown keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"config file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    suffix = path.suffix.lower()
+    if suffix == ".toml":
+        try:
+            values = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise InputError(f"{path} is not valid TOML: {e}") from None
+    elif suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise InputError(f"reading {path} needs PyYAML (pip install pyyaml), or write the config as TOML") from None
+        try:
+            values = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise InputError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+    else:
+        raise InputError(f"config file {path} must end in .toml, .yaml or .yml")
+    if not isinstance(values, dict):
+        raise InputError(f"{path} must hold a table of settings at the top level")
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(values) - _FIELDS)
+    if unknown:
+        raise InputError(f"{path}: unknown setting(s) {', '.join(unknown)}; see docs/finetune.md for the names")
+    return values
+
+
+def make_config(file: str | Path | None = None, **overrides: Any) -> FinetuneConfig:
+    """A config from an optional file with `overrides` (None values ignored) on top."""
+    values = read_config_file(file) if file is not None else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    missing = [k for k in ("data", "output") if k not in values]
+    if missing:
+        raise InputError(f"missing setting(s): {', '.join(missing)} (give them as flags or in the config file)")
+    unknown = sorted(set(values) - _FIELDS)
+    if unknown:
+        raise InputError(f"unknown setting(s) {', '.join(unknown)}")
+    try:
+        return FinetuneConfig(**values)
+    except TypeError as e:
+        raise InputError(f"bad config: {e}") from None

@@ -1,0 +1,252 @@
+"""Fine-tuning data: a folder of videos and captions, decoded into fixed-size clips in buckets.
+
+Two folder layouts are read:
+- the official trainer's: `prompts.txt` (or `prompt.txt`) and `videos.txt`, one entry per line, line i
+  of one belonging to line i of the other; video paths are relative to the folder;
+- `metadata.jsonl`: one `{"video": "clips/a.mp4", "caption": "..."}` object per line.
+
+A clip becomes `frames x height x width` pixels: frames are taken at a target frame rate from the
+start of the video, and each frame is scaled to cover the bucket's size and centre-cropped (the aspect
+ratio is kept, nothing is stretched). With several buckets each video goes to the one closest to its
+aspect ratio among those it has enough frames for. A video that cannot be used (missing, unreadable,
+too short, without a caption) is reported by name and skipped; it never stops a run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cogvideox.errors import InputError
+
+METADATA_FILE = "metadata.jsonl"
+PROMPT_FILES = ("prompts.txt", "prompt.txt")
+VIDEOS_FILE = "videos.txt"
+
+
+@dataclass(frozen=True)
+class Clip:
+    """One training example before decoding: the video file, its caption, and the name it is reported by."""
+
+    video: Path
+    caption: str
+    name: str
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """A clip shape: frames x height x width pixels."""
+
+    frames: int
+    height: int
+    width: int
+
+    def __str__(self) -> str:
+        return f"{self.frames}x{self.height}x{self.width}"
+
+    @classmethod
+    def parse(cls, text: str) -> Bucket:
+        """`"49x480x720"` (frames x height x width) -> Bucket."""
+        parts = text.lower().replace(" ", "").split("x")
+        try:
+            frames, height, width = (int(p) for p in parts)
+        except ValueError:
+            raise InputError(f"cannot read {text!r} as a bucket; write FRAMESxHEIGHTxWIDTH such as 49x480x720") from None
+        return cls(frames, height, width)
+
+
+@dataclass
+class Skipped:
+    name: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.reason}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# The folder
+
+
+def _lines(path: Path) -> list[str]:
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    while lines and not lines[-1]:
+        lines.pop()
+    return lines
+
+
+def scan_folder(root: str | Path) -> tuple[list[Clip], list[Skipped]]:
+    """The clips a data folder lists, and the entries skipped with the reason (missing file, no caption).
+
+    Raises `InputError` when the folder does not exist or holds neither layout.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"data folder {root} does not exist")
+    if (root / METADATA_FILE).is_file():
+        entries, skipped = _read_jsonl(root / METADATA_FILE)
+    else:
+        prompts = next((root / n for n in PROMPT_FILES if (root / n).is_file()), None)
+        if prompts is None or not (root / VIDEOS_FILE).is_file():
+            raise InputError(
+                f"{root} holds neither {METADATA_FILE} nor prompts.txt + {VIDEOS_FILE}; see docs/finetune.md for "
+                "the two layouts"
+            )
+        entries, skipped = _read_line_files(prompts, root / VIDEOS_FILE)
+    clips = []
+    for name, caption in entries:
+        path = root / name
+        if not path.is_file():
+            skipped.append(Skipped(name, "file not found"))
+        elif not caption:
+            skipped.append(Skipped(name, "no caption"))
+        else:
+            clips.append(Clip(path, caption, name))
+    return clips, skipped
+
+
+def _read_jsonl(path: Path) -> tuple[list[tuple[str, str]], list[Skipped]]:
+    entries, skipped = [], []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            skipped.append(Skipped(f"{path.name} line {number}", "not a JSON object"))
+            continue
+        video = row.get("video") or row.get("file_name") if isinstance(row, dict) else None
+        if not isinstance(video, str) or not video:
+            skipped.append(Skipped(f"{path.name} line {number}", 'no "video" path'))
+            continue
+        caption = row.get("caption", row.get("prompt", row.get("text")))
+        entries.append((video, caption.strip() if isinstance(caption, str) else ""))
+    return entries, skipped
+
+
+def _read_line_files(prompts: Path, videos: Path) -> tuple[list[tuple[str, str]], list[Skipped]]:
+    captions, names = _lines(prompts), _lines(videos)
+    entries, skipped = [], []
+    for i, name in enumerate(names):
+        if not name:
+            continue
+        entries.append((name, captions[i] if i < len(captions) else ""))
+    if len(captions) > len(names):
+        skipped.append(Skipped(prompts.name, f"{len(captions) - len(names)} caption(s) past the last video"))
+    return entries, skipped
+
+
+# ----------------------------------------------------------------------------------------------------
+# Decoding
+
+
+def read_frames(path: str | Path, fps: float | None, max_frames: int) -> np.ndarray:
+    """Up to `max_frames` frames from the start of a video, resampled to `fps` (None: every frame), as
+    uint8 [T, H, W, 3]. Decoding stops once enough frames are in. Raises whatever PyAV raises for a
+    damaged file, and ValueError for a file without a video stream or frames."""
+    import av
+
+    frames: list[np.ndarray] = []
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise ValueError("no video stream")
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        source_fps = float(rate) if rate else None
+        next_time = 0.0  # the time of the next frame to keep, at the target rate
+        for index, frame in enumerate(container.decode(stream)):
+            if fps is None or source_fps is None:
+                keep = 1
+            else:
+                # Frame times from the index and the stream's rate: container timestamps are often
+                # offset or irregular, and a clip is sampled from its own first frame.
+                t = index / source_fps
+                keep = 0
+                while next_time <= t + 0.5 / source_fps and len(frames) + keep < max_frames:
+                    keep += 1
+                    next_time = (len(frames) + keep) / fps
+            if keep:
+                image = frame.to_ndarray(format="rgb24")
+                frames.extend([image] * keep)  # a target rate above the source's repeats frames
+            if len(frames) >= max_frames:
+                break
+    if not frames:
+        raise ValueError("no frames")
+    return np.stack(frames[:max_frames])
+
+
+def cover_crop(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """float frames [T, C, h, w] -> [T, C, height, width]: scaled to cover the target (area-preserving
+    antialiased bilinear), then centre-cropped, so the aspect ratio is kept."""
+    _, _, h, w = frames.shape
+    scale = max(height / h, width / w)
+    new_h, new_w = max(height, round(h * scale)), max(width, round(w * scale))
+    if (new_h, new_w) != (h, w):
+        frames = F.interpolate(frames, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
+    top, left = (new_h - height) // 2, (new_w - width) // 2
+    return frames[:, :, top : top + height, left : left + width]
+
+
+def to_model_input(frames: np.ndarray, bucket: Bucket) -> torch.Tensor:
+    """uint8 frames [T, h, w, 3] (T >= bucket.frames) -> float32 video [3, F, H, W] in [-1, 1]."""
+    x = torch.from_numpy(np.ascontiguousarray(frames[: bucket.frames])).permute(0, 3, 1, 2).float() / 255.0
+    x = cover_crop(x, bucket.height, bucket.width).clamp(0.0, 1.0)
+    return (x * 2.0 - 1.0).permute(1, 0, 2, 3).contiguous()
+
+
+def choose_bucket(buckets: list[Bucket], frames: int, height: int, width: int) -> Bucket | None:
+    """The bucket for a video of `frames` frames (at the target rate) and `height x width` pixels: among
+    those it has enough frames for, the closest in aspect ratio, then the longest, then the largest;
+    None when it is too short for all of them."""
+    fitting = [b for b in buckets if b.frames <= frames]
+    if not fitting:
+        return None
+    aspect = math.log(width / height)
+
+    def key(b: Bucket):
+        return (round(abs(math.log(b.width / b.height) - aspect), 6), -b.frames, -b.height * b.width)
+
+    return min(fitting, key=key)
+
+
+def load_clip(clip: Clip, buckets: list[Bucket], fps: float | None) -> tuple[torch.Tensor, Bucket]:
+    """Decode a clip into its bucket: (video [3, F, H, W] in [-1, 1], bucket). Raises `ClipError` with a
+    reason for a video that cannot be used."""
+    longest = max(b.frames for b in buckets)
+    try:
+        frames = read_frames(clip.video, fps, longest)
+    except Exception as e:  # PyAV's errors for damaged files have many types
+        detail = " ".join(str(e).replace(f": '{clip.video}'", "").split()) or type(e).__name__
+        raise ClipError(f"cannot decode ({detail})") from None
+    bucket = choose_bucket(buckets, len(frames), frames.shape[1], frames.shape[2])
+    if bucket is None:
+        shortest = min(b.frames for b in buckets)
+        rate = f" at {fps:g} fps" if fps else ""
+        raise ClipError(f"too short: {len(frames)} frames{rate}, the shortest bucket needs {shortest}")
+    return to_model_input(frames, bucket), bucket
+
+
+class ClipError(Exception):
+    """A video that cannot be used for training (the message says why)."""
+
+
+def check_buckets(buckets: list[Bucket], transformer_config, vae_config) -> list[Bucket]:
+    """Every bucket must be a shape the model takes: 8k+1 frames, sides multiples of 16 (and within the
+    1.5 models' position grid). Raises `InputError` naming the bucket."""
+    from cogvideox.request import check_frames, check_size
+
+    if not buckets:
+        raise InputError("give at least one bucket (FRAMESxHEIGHTxWIDTH)")
+    for b in buckets:
+        try:
+            check_frames(b.frames, transformer_config, vae_config)
+            check_size(b.height, b.width, b.frames, transformer_config, vae_config)
+        except InputError as e:
+            raise InputError(f"bucket {b}: {e}") from None
+    return list(dict.fromkeys(buckets))

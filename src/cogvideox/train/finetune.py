@@ -1,0 +1,506 @@
+"""Fine-tuning a CogVideoX model on a folder of captioned videos: `finetune(config) -> path`.
+
+    from cogvideox.train.config import FinetuneConfig
+    from cogvideox.train.finetune import finetune
+
+    path = finetune(FinetuneConfig(data="clips/", output="runs/style", model="THUDM/CogVideoX-5b"))
+
+The run: read the folder (skipping and reporting unusable videos), precompute latents and T5 states into
+the cache, then train the transformer (a LoRA on the attention projections, or every weight with
+`full=True`) with the CogVideoX objective: v-prediction on the model's zero-terminal-SNR schedule with
+its SNR shift, t uniform over the 1000 training steps. The official trainers weight the x0 error by
+1 / (1 - alpha_bar_t); that weighted loss is exactly the v-MSE computed here (see `objective.py`).
+
+Every random draw of step s (batch, posterior sample, caption dropout, t, noise) comes from a generator
+seeded by (seed, rank, s), and checkpoints hold the trainable weights, the optimizer and the step, so a
+run restarted from a checkpoint continues with the same losses, bit for bit.
+
+Several processes: launch the same command under `torchrun --nproc-per-node N`. Each process draws its
+own batches; the gradients of the trainable weights are averaged across processes after each step
+(data parallelism, as DDP does). Full fine-tuning on several GPUs shards the weights, gradients and
+optimizer state with FSDP2 (`fully_shard`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from cogvideox import loading
+from cogvideox.errors import InputError, NonFiniteError
+
+from . import lora as lora_lib
+from .cache import CachedDataset, precompute
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, step_generator
+from .config import FinetuneConfig
+from .data import Bucket, check_buckets, scan_folder
+from .log import JsonlLog, plot_curve
+from .objective import v_loss
+
+CHECKPOINT_PREFIX = "step"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Processes
+
+
+class _Processes:
+    """This process's place in a torchrun launch (rank 0 of 1 without one)."""
+
+    def __init__(self) -> None:
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.started_here = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def start(self, device: torch.device) -> None:
+        if self.world_size > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            self.started_here = True
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def mean(self, value: float, device: torch.device) -> float:
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return float(t) / self.world_size
+
+    def average_gradients(self, params: list[nn.Parameter]) -> None:
+        """Mean of each gradient over the processes, in one flat all-reduce."""
+        if self.world_size == 1:
+            return
+        grads = [p.grad for p in params if p.grad is not None]
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world_size
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def stop(self) -> None:
+        if self.started_here and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Optimizers
+
+
+class CPUOffloadAdamW:
+    """AdamW whose fp32 master weights and moments live in CPU memory.
+
+    The GPU holds only the (bf16) weights and their gradients; each step copies the gradients to the
+    CPU, updates the fp32 masters there and copies them back. It trades step time for ~12 bytes per
+    weight of GPU memory, which is what lets a full fine-tune of 5B fit on one GPU.
+    """
+
+    def __init__(self, params: list[nn.Parameter], **kwargs) -> None:
+        self.params = params
+        pin = torch.cuda.is_available()
+        self.masters = [p.detach().to("cpu", torch.float32, copy=True) for p in params]
+        if pin:
+            self.masters = [m.pin_memory() for m in self.masters]
+        for m in self.masters:
+            m.requires_grad_(True)
+        self.inner = torch.optim.AdamW(self.masters, **kwargs)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.inner.param_groups  # load_state_dict replaces the list: never hold on to it
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for p, m in zip(self.params, self.masters):
+            m.grad = None if p.grad is None else p.grad.detach().to("cpu", torch.float32)
+        self.inner.step()
+        for p, m in zip(self.params, self.masters):
+            p.copy_(m.to(p.device, non_blocking=True))
+
+    def state_dict(self) -> dict:
+        return {"inner": self.inner.state_dict(), "masters": [m.detach().clone() for m in self.masters]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state["inner"])
+        with torch.no_grad():
+            for p, m, saved in zip(self.params, self.masters, state["masters"]):
+                m.copy_(saved)
+                p.copy_(saved.to(p.device))
+
+
+def make_optimizer(config: FinetuneConfig, params: list[nn.Parameter]):
+    kwargs = dict(lr=config.learning_rate, betas=tuple(config.betas), eps=config.eps, weight_decay=config.weight_decay)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, **kwargs)
+    if config.optimizer == "adamw-cpu":
+        return CPUOffloadAdamW(params, **kwargs)
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise InputError("optimizer adamw-8bit needs bitsandbytes (pip install bitsandbytes) and a GPU") from None
+    return bnb.optim.AdamW8bit(params, **kwargs)
+
+
+def learning_rate(config: FinetuneConfig, step: int) -> float:
+    """Linear warm-up over `warmup_steps`, then constant or cosine down to lr * min_lr_ratio."""
+    lr = config.learning_rate
+    if config.warmup_steps and step < config.warmup_steps:
+        return lr * (step + 1) / config.warmup_steps
+    if config.schedule == "constant":
+        return lr
+    span = max(config.steps - config.warmup_steps, 1)
+    progress = min(max(step - config.warmup_steps, 0) / span, 1.0)
+    r = config.min_lr_ratio
+    return lr * (r + (1 - r) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run
+
+
+class Run:
+    """A loaded fine-tuning run: components, data, trainable weights and optimizer. `finetune` drives it;
+    tests and benchmarks use its pieces (`loss`, `train_step`)."""
+
+    def __init__(self, config: FinetuneConfig, processes: _Processes | None = None) -> None:
+        self.config = c = config
+        self.procs = processes or _Processes()
+        self.out = Path(c.output)
+        self.device = loading.choose_device(c.device)
+        if self.procs.world_size > 1 and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.procs.local_rank)
+            torch.cuda.set_device(self.device)
+        self.procs.start(self.device)
+        self.folder = loading.resolve_model_dir(c.model, revision=c.revision)
+        self.configs = loading.read_model_configs(self.folder)
+        tc = self.configs.transformer
+        if tc.is_image_to_video:
+            raise InputError("fine-tuning image-to-video models is not supported yet; use a text-to-video model")
+        self.dtype = loading.choose_dtype(c.dtype, self.device, tc)
+        self.max_sequence_length = c.max_sequence_length or tc.max_text_seq_length
+        self.fps = c.fps or (16 if tc.version == "1.5" else 8)
+        if c.buckets:
+            buckets = [Bucket.parse(b) for b in c.buckets]
+        else:
+            from cogvideox.request import default_size
+
+            buckets = [Bucket(tc.sample_frames, *default_size(tc, self.configs.vae))]
+        self.buckets = check_buckets(buckets, tc, self.configs.vae)
+        self.skipped: list = []
+
+    # -- setup ---------------------------------------------------------------------------------------
+
+    def prepare_data(self) -> CachedDataset:
+        """Scan the folder, fill the cache (VAE and T5 loaded only for this), report what was skipped."""
+        c = self.config
+        clips, skipped = scan_folder(c.data)
+        cache_dir = Path(c.cache_dir) if c.cache_dir else Path(c.data) / "cache"
+        self.vae = loading.load_vae(self.folder, self.dtype, self.device)
+        self.text_encoder = loading.load_text_encoder(self.folder, self.dtype, self.device)
+        args = (clips, self.buckets, self.fps, self.vae, self.text_encoder, cache_dir, self.max_sequence_length)
+        progress = c.progress and self.procs.main
+        if self.procs.world_size > 1:  # each rank encodes its share, then all read everything
+            precompute(*args, progress=progress, rank=self.procs.rank, world_size=self.procs.world_size)
+            self.procs.barrier()
+        prepared = precompute(*args, progress=progress)
+        self.skipped = skipped + prepared.skipped
+        if self.procs.main and self.skipped:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "skipped.txt").write_text("".join(f"{s}\n" for s in self.skipped))
+            for s in self.skipped:
+                print(f"cogvideox train: skipped {s}")
+        if not prepared.examples:
+            raise InputError(f"no usable videos in {c.data} ({len(self.skipped)} skipped; see the messages above)")
+        if not c.validation_every:  # only validation needs them again
+            del self.vae, self.text_encoder
+        elif self.device.type == "cuda":  # parked in CPU memory between validations
+            self.vae.to("cpu")
+            self.text_encoder.model.to("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.dataset = CachedDataset(prepared)
+        return self.dataset
+
+    def prepare_model(self) -> None:
+        """The transformer with what is trained made trainable, and the optimizer."""
+        c = self.config
+        # Full fine-tuning keeps fp32 weights (the optimizer's masters) unless they live on the CPU.
+        full_fp32 = c.full and c.optimizer != "adamw-cpu" and self.device.type == "cuda"
+        self.transformer = loading.load_transformer(self.folder, torch.float32 if full_fp32 else self.dtype, self.device)
+        self.transformer.gradient_checkpointing = c.gradient_checkpointing
+        if c.full:
+            for p in self.transformer.parameters():
+                p.requires_grad_(True)
+        else:
+            lora_lib.inject_lora(self.transformer, c.rank, c.alpha, c.targets, seed=c.seed)
+        self.transformer.train()
+        self.trainable = {n: p for n, p in self.transformer.named_parameters() if p.requires_grad}
+        self.sharded = False
+        if c.full and self.procs.world_size > 1 and self.device.type == "cuda":
+            from torch.distributed.fsdp import fully_shard
+
+            for block in self.transformer.transformer_blocks:
+                fully_shard(block)
+            fully_shard(self.transformer)
+            self.sharded = True  # gradients arrive reduced and sharded
+            self.trainable = {n: p for n, p in self.transformer.named_parameters() if p.requires_grad}
+        self.optimizer = make_optimizer(c, list(self.trainable.values()))
+        from cogvideox.schedulers import alphas_cumprod
+
+        self.alphas_cumprod = alphas_cumprod(self.configs.scheduler).float()
+        self._rotary: dict = {}
+
+    # -- one step ------------------------------------------------------------------------------------
+
+    def generator(self, step: int, micro: int = 0) -> torch.Generator:
+        c = self.config
+        return step_generator(c.seed * 1009 + self.procs.rank, step * c.grad_accum + micro)
+
+    def loss(self, generator: torch.Generator) -> torch.Tensor:
+        """The objective on one batch drawn with `generator`."""
+        c = self.config
+        tc = self.configs.transformer
+        idx = self.dataset.draw(c.batch_size, generator)
+        mean, logvar, text = self.dataset.batch(idx)  # [B, F, C, h, w] x 2, [B, L, D]
+        if c.sample_posterior:
+            noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
+            latents = mean + torch.exp(0.5 * logvar) * noise
+        else:
+            latents = mean
+        latents = latents * self.configs.vae.scaling_factor
+        if tc.patch_size_t and latents.shape[1] % tc.patch_size_t:
+            # 1.5: an odd latent frame count gets copies of the first frame in front, as the official
+            # trainer does (the pipeline pads the same way when sampling).
+            pad = tc.patch_size_t - latents.shape[1] % tc.patch_size_t
+            latents = torch.cat([latents[:, :1]] * pad + [latents], dim=1)
+        drop = torch.rand(len(idx), generator=generator) < c.caption_dropout
+        text = torch.where(drop[:, None, None], self.dataset.empty_text[None], text)
+        f, _, h, w = latents.shape[1:]
+        if (f, h, w) not in self._rotary:
+            self._rotary[(f, h, w)] = self.transformer.rotary_embedding(f, h, w, self.device)
+        dtype = next(self.transformer.parameters()).dtype
+        return v_loss(
+            self.transformer,
+            latents.to(self.device, dtype),
+            text.to(self.device, dtype),
+            self.alphas_cumprod,
+            generator,
+            rotary=self._rotary[(f, h, w)],
+        )
+
+    def autocast(self):
+        if self.device.type == "cuda" and self.dtype in (torch.bfloat16, torch.float16):
+            return torch.autocast("cuda", dtype=self.dtype)
+        return nullcontext()
+
+    def train_step(self, step: int) -> float:
+        """Accumulate `grad_accum` micro-batches, average across processes, clip, step. Returns the loss
+        (mean over micro-batches and processes)."""
+        c = self.config
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(c, step)
+        total = 0.0
+        for micro in range(c.grad_accum):
+            with self.autocast():
+                loss = self.loss(self.generator(step, micro))
+            if not torch.isfinite(loss):
+                raise NonFiniteError(
+                    f"the loss became {loss.item()} at step {step}; try a lower learning rate or bf16 instead of fp16"
+                )
+            (loss / c.grad_accum).backward()
+            total += loss.item() / c.grad_accum
+        params = list(self.trainable.values())
+        if not self.sharded:
+            self.procs.average_gradients(params)
+        if c.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return self.procs.mean(total, self.device)
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            return get_model_state_dict(self.transformer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {n: p.detach().to("cpu", copy=True) for n, p in self.trainable.items()}
+
+    def optimizer_state(self) -> dict:
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            return get_optimizer_state_dict(self.transformer, self.optimizer, options=options)
+        return self.optimizer.state_dict()
+
+    def save(self, step: int) -> None:
+        # Every rank takes part in gathering a sharded state; rank 0 writes.
+        weights, optim = self.trainable_state(), self.optimizer_state()
+        if self.procs.main:
+            folder = self.out / "checkpoints"
+            save_checkpoint(
+                folder / f"{CHECKPOINT_PREFIX}-{step}.pt",
+                step=step,
+                weights=weights,
+                optimizer=optim,
+                identity=self.config.run_identity,
+            )
+            kept = sorted(
+                (int(p.stem.rsplit("-", 1)[1]), p) for p in folder.glob(f"{CHECKPOINT_PREFIX}-*.pt")
+                if p.stem.rsplit("-", 1)[1].isdigit()
+            )
+            for _, old in kept[: -self.config.keep_checkpoints]:
+                old.unlink()
+        self.procs.barrier()
+
+    def resume(self) -> int:
+        """Load the newest checkpoint of the run folder, if any; returns the step to continue from."""
+        path = latest_checkpoint(self.out / "checkpoints", CHECKPOINT_PREFIX)
+        if path is None:
+            return 0
+        state = load_checkpoint(path)
+        if state.get("identity") != self.config.run_identity:
+            theirs, ours = state.get("identity") or {}, self.config.run_identity
+            changed = sorted(k for k in ours if theirs.get(k) != ours[k])
+            raise InputError(
+                f"{self.out} holds a run with other settings ({', '.join(changed)} differ); give another "
+                "output folder or the same settings to resume it"
+            )
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            set_model_state_dict(self.transformer, state["weights"], options=options)
+            set_optimizer_state_dict(self.transformer, self.optimizer, state["optimizer"], options=options)
+        else:
+            with torch.no_grad():
+                for name, p in self.trainable.items():
+                    p.copy_(state["weights"][name])
+            self.optimizer.load_state_dict(state["optimizer"])
+        return int(state["step"])
+
+    # -- output --------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def validate(self, step: int) -> list[Path]:
+        """Videos of the validation prompts with the current weights, in `validation/` (written by rank
+        0; with sharded weights every rank takes part in sampling)."""
+        from cogvideox.pipeline import Pipeline
+        from cogvideox.video import export_video
+
+        c = self.config
+        if self.device.type == "cuda":
+            self.vae.to(self.device)
+            self.text_encoder.model.to(self.device)
+        scheduler = loading.load_scheduler(self.folder)
+        pipe = Pipeline(self.transformer, self.vae, self.text_encoder, scheduler)
+        bucket = self.buckets[0]
+        self.transformer.eval()
+        paths = []
+        try:
+            for i, prompt in enumerate(c.validation_prompts):
+                with self.autocast():  # fp32 masters (full fine-tuning) next to a bf16 VAE and T5
+                    result = pipe(
+                        prompt,
+                        num_frames=bucket.frames,
+                        height=bucket.height,
+                        width=bucket.width,
+                        num_inference_steps=c.validation_steps,
+                        guidance_scale=c.validation_guidance,
+                        seed=c.validation_seed,
+                        max_sequence_length=self.max_sequence_length,
+                        progress=False,
+                    )
+                if not self.procs.main:
+                    continue
+                path = self.out / "validation" / f"step-{step}-{i}.mp4"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                paths.append(export_video(result.frames[0], path, fps=self.fps))
+        finally:
+            self.transformer.train()
+            if self.device.type == "cuda":
+                self.vae.to("cpu")
+                self.text_encoder.model.to("cpu")
+        return paths
+
+    def write_result(self) -> Path:
+        """The LoRA file (diffusers layout) or, for full fine-tuning, a complete model folder."""
+        c = self.config
+        if not c.full:
+            path = self.out / lora_lib.LORA_WEIGHTS_NAME
+            if self.procs.main:
+                lora_lib.save_lora(self.transformer, path)
+            return path
+        weights = self.trainable_state()
+        path = self.out / "model"
+        if self.procs.main:
+            from cogvideox.pipeline import Pipeline
+
+            model = loading.load_transformer(self.folder, self.dtype, torch.device("cpu"))
+            model.load_state_dict({k: v.to(self.dtype) for k, v in weights.items()})
+            text_encoder = loading.load_text_encoder(self.folder, self.dtype, torch.device("cpu"))
+            vae = loading.load_vae(self.folder, self.dtype, torch.device("cpu"))
+            Pipeline(model, vae, text_encoder, loading.load_scheduler(self.folder)).save_pretrained(path)
+        return path
+
+
+def finetune(config: FinetuneConfig) -> Path:
+    """Run (or resume) a fine-tuning run; returns the LoRA file or the fine-tuned model folder.
+
+    Writes into `config.output`: `checkpoints/step-N.pt` (the newest `keep_checkpoints`), `loss.jsonl`
+    and `loss.png`, `validation/step-N-i.mp4`, `skipped.txt` (videos not used, and why),
+    `config.json`, and the result: `pytorch_lora_weights.safetensors` or `model/`.
+    """
+    run = Run(config)
+    try:
+        c = config
+        run.prepare_data()
+        run.prepare_model()
+        start = run.resume()
+        main = run.procs.main
+        if main:
+            run.out.mkdir(parents=True, exist_ok=True)
+            (run.out / "config.json").write_text(json.dumps(c.to_dict(), indent=2) + "\n")
+        log = JsonlLog(run.out / "loss.jsonl", resume_step=start) if main else None
+        bar = tqdm(range(start, c.steps), initial=start, total=c.steps, desc="fine-tune",
+                   disable=not (c.progress and main))
+        t0 = time.perf_counter()
+        for step in bar:
+            loss = run.train_step(step)
+            done = step + 1
+            if main and (done % c.log_every == 0 or done == c.steps):
+                log.write(done, loss=loss, lr=learning_rate(c, step), seconds=round(time.perf_counter() - t0, 3))
+                bar.set_postfix(loss=f"{loss:.4f}")
+            if done % c.checkpoint_every == 0 or done == c.steps:
+                run.save(done)
+            if c.validation_every and done % c.validation_every == 0 and (main or run.sharded):
+                run.validate(done)
+        bar.close()
+        if main:
+            plot_curve(log.read(), "loss", run.out / "loss.png", title="fine-tuning loss")
+        return run.write_result()
+    finally:
+        run.procs.stop()

@@ -1,0 +1,426 @@
+"""LoRA (arXiv 2106.09685) on the transformer's linear layers, applied from outside the model.
+
+`inject_lora` swaps each targeted `nn.Linear` for a `LoRALinear` that keeps the same weight and bias
+tensors (so the base keys `...attn1.to_q.weight` are unchanged) and adds, per named adapter, a low-rank
+update `scale * B(A(x))` with `scale = alpha / rank * user_scale`. Several adapters can be active at
+once, each with its own scale; `fuse` folds them into the base weight and `unfuse` takes them out again.
+
+Files are in the diffusers layout that `CogVideoXPipeline.load_lora_weights` reads:
+`pytorch_lora_weights.safetensors` with keys `transformer.<module>.lora_A.weight` / `lora_B.weight`
+(peft naming) and the adapter's rank, alpha and targets as JSON in the safetensors metadata under
+`lora_adapter_metadata` (keys `transformer.r`, `transformer.lora_alpha`, ...). A file without that
+metadata means alpha = rank (scale 1), as diffusers reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from cogvideox.errors import InputError
+
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+DEFAULT_ADAPTER = "default"
+_METADATA_KEY = "lora_adapter_metadata"  # diffusers' key in the safetensors header
+_PREFIX = "transformer."
+
+
+class LoRALinear(nn.Linear):
+    """A linear layer plus named low-rank adapters.
+
+    It shares (not copies) the wrapped layer's `weight` and `bias`, so the model's state-dict keys for
+    the base weights do not change. Adapter weights live in `lora_A[name]` [rank, in] and
+    `lora_B[name]` [out, rank]; B starts at zero, so a fresh adapter leaves the output unchanged.
+    The adapters are left out of `state_dict()` and not expected by `load_state_dict()`, so the model's
+    state dict stays the official checkpoint layout (a fused model saves as a plain one); they are saved
+    with `save_lora` and reached through `named_parameters()`.
+    """
+
+    def __init__(self, base: nn.Linear) -> None:
+        nn.Module.__init__(self)  # nn.Linear.__init__ would allocate a new weight
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}  # alpha / rank per adapter
+        self.user_scale: dict[str, float] = {}
+        self.fused: dict[str, torch.Tensor | None] = {}  # adapter -> kept original weight (or None)
+        self.disabled: set[str] = set()
+        self.register_state_dict_post_hook(_drop_adapter_keys)
+        self.register_load_state_dict_post_hook(_allow_missing_adapters)
+
+    def add_adapter(
+        self,
+        name: str,
+        rank: int,
+        alpha: float,
+        dtype: torch.dtype | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        """A new adapter: A initialised as nn.Linear (Kaiming-uniform, a = sqrt 5, as peft does), B zero."""
+        if name in self.lora_A:
+            raise InputError(f"this layer already has a LoRA adapter named {name!r}")
+        dtype = dtype or self.weight.dtype
+        device = self.weight.device
+        a = nn.Linear(self.in_features, rank, bias=False, device=device, dtype=dtype)
+        b = nn.Linear(rank, self.out_features, bias=False, device=device, dtype=dtype)
+        with torch.no_grad():
+            bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform_(a=sqrt(5)) on [rank, in]
+            values = torch.rand(a.weight.shape, generator=generator, dtype=torch.float32) * 2 - 1
+            a.weight.copy_(values * bound)
+            b.weight.zero_()
+        self.lora_A[name], self.lora_B[name] = a, b
+        self.scaling[name] = alpha / rank
+        self.user_scale[name] = 1.0
+
+    def scale(self, name: str) -> float:
+        return self.scaling[name] * self.user_scale[name]
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """scale * B @ A, [out, in], computed in fp32."""
+        a = self.lora_A[name].weight.float()
+        b = self.lora_B[name].weight.float()
+        return self.scale(name) * (b @ a)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = nn.functional.linear(x, self.weight, self.bias)
+        for name in self.lora_A:
+            if name in self.fused or name in self.disabled:
+                continue
+            a, b = self.lora_A[name], self.lora_B[name]
+            h = x.to(a.weight.dtype) if not torch.is_autocast_enabled() else x
+            out = out + (b(a(h)) * self.scale(name)).to(out.dtype)
+        return out
+
+    @torch.no_grad()
+    def fuse(self, name: str, keep_original: bool = False) -> None:
+        if name in self.fused:
+            return
+        original = self.weight.detach().to("cpu", copy=True) if keep_original else None
+        self.weight.copy_((self.weight.float() + self.delta_weight(name).to(self.weight.device)).to(self.weight.dtype))
+        self.fused[name] = original
+
+    @torch.no_grad()
+    def unfuse(self, name: str) -> None:
+        if name not in self.fused:
+            return
+        original = self.fused.pop(name)
+        if original is not None and not self.fused:
+            self.weight.copy_(original.to(self.weight.device))
+        else:
+            delta = self.delta_weight(name).to(self.weight.device)
+            self.weight.copy_((self.weight.float() - delta).to(self.weight.dtype))
+
+    def remove_adapter(self, name: str) -> None:
+        self.unfuse(name)
+        del self.lora_A[name], self.lora_B[name]
+        self.scaling.pop(name), self.user_scale.pop(name)
+        self.disabled.discard(name)
+
+    def as_linear(self) -> nn.Linear:
+        """A plain nn.Linear sharing this layer's weight and bias (adapters dropped)."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight, linear.bias = self.weight, self.bias
+        return linear
+
+
+def _drop_adapter_keys(module, state_dict, prefix, local_metadata) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix + "lora_")]:
+        del state_dict[key]
+
+
+def _allow_missing_adapters(module, incompatible_keys) -> None:
+    missing = incompatible_keys.missing_keys
+    missing[:] = [k for k in missing if ".lora_A." not in k and ".lora_B." not in k]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Finding, adding and removing adapters
+
+
+def _target_names(model: nn.Module, targets: Iterable[str]) -> list[str]:
+    """Names of the linear layers whose name ends with one of `targets` (matched on whole name parts)."""
+    targets = tuple(targets)
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or ".lora_" in name:
+            continue
+        if any(name == t or name.endswith("." + t) for t in targets):
+            names.append(name)
+    return names
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if isinstance(parent, (nn.ModuleList, nn.Sequential)) and child.isdigit():
+        parent[int(child)] = module
+    else:
+        setattr(parent, child, module)
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    names: dict[str, None] = {}
+    for layer in lora_layers(model).values():
+        names.update(dict.fromkeys(layer.lora_A))
+    return list(names)
+
+
+def _wrap(model: nn.Module, name: str) -> LoRALinear:
+    module = model.get_submodule(name)
+    if isinstance(module, LoRALinear):
+        return module
+    if not isinstance(module, nn.Linear):
+        raise InputError(f"LoRA can only adapt linear layers; {name} is a {type(module).__name__}")
+    layer = LoRALinear(module)
+    _set_module(model, name, layer)
+    return layer
+
+
+def inject_lora(
+    model: nn.Module,
+    rank: int,
+    alpha: float | None = None,
+    targets: Iterable[str] = DEFAULT_TARGETS,
+    name: str = DEFAULT_ADAPTER,
+    dtype: torch.dtype | None = torch.float32,
+    seed: int = 0,
+) -> list[str]:
+    """Add a trainable adapter `name` of `rank` to every linear layer matching `targets` and freeze
+    everything else. `alpha` defaults to `rank` (scale 1). Returns the adapted layer names.
+
+    The adapter weights are fp32 by default whatever the model dtype: the base stays frozen in bf16 while
+    the optimizer updates fp32 LoRA weights (autocast runs the matmuls in bf16 on GPU).
+    """
+    if not isinstance(rank, int) or rank < 1:
+        raise InputError(f"LoRA rank must be a positive integer, got {rank!r}")
+    alpha = float(rank if alpha is None else alpha)
+    if not alpha > 0:
+        raise InputError(f"LoRA alpha must be positive, got {alpha}")
+    names = _target_names(model, targets)
+    if not names:
+        raise InputError(f"no linear layer matches the LoRA targets {list(targets)}")
+    generator = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for module_name in names:
+        layer = _wrap(model, module_name)
+        layer.add_adapter(name, rank, alpha, dtype, generator)
+    for layer in lora_layers(model).values():
+        if name in layer.lora_A:
+            layer.lora_A[name].weight.requires_grad_(True)
+            layer.lora_B[name].weight.requires_grad_(True)
+    return names
+
+
+def set_lora_scale(model: nn.Module, scale: float, name: str | None = None) -> None:
+    """Multiply adapter `name` (all adapters for None) by `scale` on top of its alpha / rank. A fused
+    adapter must be unfused first: its weights are already in the base."""
+    for layer in lora_layers(model).values():
+        for adapter in [name] if name is not None else list(layer.lora_A):
+            if adapter not in layer.lora_A:
+                continue
+            if adapter in layer.fused:
+                raise InputError(f"LoRA {adapter!r} is fused; unfuse it before changing its scale")
+            layer.user_scale[adapter] = float(scale)
+
+
+def fuse_lora(model: nn.Module, names: Iterable[str] | None = None, keep_original: bool = False) -> None:
+    """Fold adapters into the base weights (no extra work per step). `keep_original` keeps a CPU copy of
+    each weight so that `unfuse_lora` restores it bit for bit instead of subtracting the update."""
+    for layer in lora_layers(model).values():
+        for name in list(names) if names is not None else list(layer.lora_A):
+            if name in layer.lora_A:
+                layer.fuse(name, keep_original=keep_original and not layer.fused)
+
+
+def unfuse_lora(model: nn.Module, names: Iterable[str] | None = None) -> None:
+    for layer in lora_layers(model).values():
+        for name in reversed(list(names) if names is not None else list(layer.fused)):
+            layer.unfuse(name)
+
+
+def remove_lora(model: nn.Module, name: str | None = None) -> None:
+    """Drop adapter `name` (every adapter for None); a layer left without adapters is a plain Linear again."""
+    for layer_name, layer in lora_layers(model).items():
+        for adapter in [name] if name is not None else list(layer.lora_A):
+            if adapter in layer.lora_A:
+                layer.remove_adapter(adapter)
+        if not layer.lora_A:
+            _set_module(model, layer_name, layer.as_linear())
+
+
+# ----------------------------------------------------------------------------------------------------
+# The diffusers file format
+
+
+def lora_state_dict(model: nn.Module, name: str = DEFAULT_ADAPTER) -> dict[str, torch.Tensor]:
+    """Adapter `name` as `{"transformer.<module>.lora_A.weight": ..., "...lora_B.weight": ...}`."""
+    state = {}
+    for layer_name, layer in lora_layers(model).items():
+        if name in layer.lora_A:
+            state[f"{_PREFIX}{layer_name}.lora_A.weight"] = layer.lora_A[name].weight.detach()
+            state[f"{_PREFIX}{layer_name}.lora_B.weight"] = layer.lora_B[name].weight.detach()
+    if not state:
+        raise InputError(f"the model has no LoRA adapter named {name!r}")
+    return state
+
+
+def save_lora(
+    model: nn.Module,
+    path: str | Path,
+    name: str = DEFAULT_ADAPTER,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write adapter `name` in the diffusers layout. `path` is a folder (the file is
+    `pytorch_lora_weights.safetensors` inside it) or a `.safetensors` file name."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path = path / LORA_WEIGHTS_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        k: v.to("cpu", dtype or v.dtype).contiguous().clone() for k, v in lora_state_dict(model, name).items()
+    }
+    layers = [layer for layer in lora_layers(model).values() if name in layer.lora_A]
+    ranks = {layer.lora_A[name].weight.shape[0] for layer in layers}
+    alphas = {round(layer.scaling[name] * layer.lora_A[name].weight.shape[0], 6) for layer in layers}
+    if len(ranks) != 1 or len(alphas) != 1:
+        raise InputError("saving an adapter whose rank or alpha differs between layers is not supported")
+    targets = sorted({_short_name(n) for n, layer in lora_layers(model).items() if name in layer.lora_A})
+    metadata = {
+        f"{_PREFIX}r": ranks.pop(),
+        f"{_PREFIX}lora_alpha": alphas.pop(),
+        f"{_PREFIX}target_modules": targets,
+        f"{_PREFIX}lora_dropout": 0.0,
+        f"{_PREFIX}bias": "none",
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata={"format": "pt", _METADATA_KEY: json.dumps(metadata, sort_keys=True)})
+    tmp.replace(path)
+    return path
+
+
+def _short_name(module: str) -> str:
+    """`transformer_blocks.3.attn1.to_out.0` -> `to_out.0`, `...attn1.to_q` -> `to_q` (peft's targets)."""
+    parts = module.split(".")
+    return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
+
+
+def _lora_file(path: str | Path) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        files = [path / LORA_WEIGHTS_NAME] if (path / LORA_WEIGHTS_NAME).is_file() else sorted(path.glob("*.safetensors"))
+        if len(files) != 1:
+            raise InputError(
+                f"{path} holds {len(files)} .safetensors files; name the LoRA file itself"
+                if files else f"no LoRA weights ({LORA_WEIGHTS_NAME}) in {path}"
+            )
+        return files[0]
+    if not path.is_file():
+        raise InputError(f"no LoRA file at {path}")
+    return path
+
+
+_KEY = re.compile(r"^(?:transformer\.)?(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora\.down|lora\.up)(?:\.[^.]+)?\.weight$")
+
+
+def read_lora(path: str | Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, float]]:
+    """A diffusers-format LoRA file -> ({module: (A [r, in], B [out, r])}, {module: alpha}).
+
+    Accepts keys with or without the `transformer.` prefix, peft's `lora_A`/`lora_B` (optionally with an
+    adapter name before `.weight`) and the older `lora.down`/`lora.up`; alpha comes from the metadata,
+    per-module `.alpha` tensors, or defaults to the rank.
+    """
+    file = _lora_file(path)
+    try:
+        with safe_open(file, framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for a damaged header
+        raise InputError(f"cannot read {file} as a safetensors LoRA file ({' '.join(str(e).split())})") from None
+    meta = json.loads(header[_METADATA_KEY]) if header.get(_METADATA_KEY) else {}
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    alphas: dict[str, float] = {}
+    for key, tensor in tensors.items():
+        if key.endswith(".alpha"):
+            alphas[key[: -len(".alpha")].removeprefix(_PREFIX)] = float(tensor)
+            continue
+        if not key.startswith(_PREFIX) and "." in key and key.split(".", 1)[0] in ("text_encoder", "unet"):
+            raise InputError(f"{file}: {key} belongs to a {key.split('.', 1)[0]}; CogVideoX LoRAs adapt the transformer only")
+        match = _KEY.match(key)
+        if match is None:
+            raise InputError(f"{file}: {key} is not a LoRA weight (expected ...lora_A.weight / lora_B.weight)")
+        kind = "A" if match["kind"] in ("lora_A", "lora.down") else "B"
+        pairs.setdefault(match["module"], {})[kind] = tensor
+    if not pairs:
+        raise InputError(f"{file} holds no LoRA weights")
+    default_alpha = meta.get(f"{_PREFIX}lora_alpha", meta.get("lora_alpha"))
+    out, module_alpha = {}, {}
+    for module, pair in pairs.items():
+        if set(pair) != {"A", "B"}:
+            half = "lora_A" if "A" in pair else "lora_B"
+            raise InputError(f"{file}: {module} has {half} but not its partner")
+        a, b = pair["A"], pair["B"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise InputError(f"{file}: {module} has LoRA shapes {list(a.shape)} and {list(b.shape)} that do not chain")
+        out[module] = (a, b)
+        module_alpha[module] = float(alphas.get(module, default_alpha if default_alpha is not None else a.shape[0]))
+    return out, module_alpha
+
+
+def load_lora(
+    model: nn.Module,
+    path: str | Path,
+    scale: float = 1.0,
+    name: str | None = None,
+    dtype: torch.dtype | None = None,
+) -> str:
+    """Add the adapter of a diffusers-format LoRA file to `model` as `name` (default: the file's stem,
+    made unique) at `scale`. Returns the adapter name. The base weights are left as they are."""
+    weights, alphas = read_lora(path)
+    existing = set(adapter_names(model))
+    if name is None:
+        stem = re.sub(r"\W+", "_", Path(path).stem if Path(path).suffix else Path(path).name) or "lora"
+        name, i = stem, 1
+        while name in existing:
+            i += 1
+            name = f"{stem}_{i}"
+    elif name in existing:
+        raise InputError(f"a LoRA named {name!r} is already loaded; pass another name")
+    modules = dict(model.named_modules())
+    missing = [m for m in weights if not isinstance(modules.get(m), nn.Linear)]
+    if missing:
+        raise InputError(
+            f"{path}: {len(missing)} LoRA module(s) are not linear layers of this model, e.g. {missing[0]} "
+            "(a LoRA for another model?)"
+        )
+    for module, (a, b) in weights.items():
+        layer = _wrap(model, module)
+        if a.shape[1] != layer.in_features or b.shape[0] != layer.out_features:
+            raise InputError(
+                f"{path}: the LoRA for {module} is {b.shape[0]}x{a.shape[1]} but the layer is "
+                f"{layer.out_features}x{layer.in_features} (a LoRA for another model size?)"
+            )
+        target_dtype = dtype or layer.weight.dtype
+        layer.add_adapter(name, a.shape[0], alphas[module], target_dtype)
+        with torch.no_grad():
+            layer.lora_A[name].weight.copy_(a)
+            layer.lora_B[name].weight.copy_(b)
+        layer.lora_A[name].weight.requires_grad_(False)
+        layer.lora_B[name].weight.requires_grad_(False)
+        layer.user_scale[name] = float(scale)
+    return name

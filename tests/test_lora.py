@@ -1,0 +1,258 @@
+"""LoRA: the diffusers file layout both ways, several adapters with scales, fuse / unfuse, and --lora."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from helpers import assert_same_video, load_reference_pipeline, run_reference
+from safetensors import safe_open
+from torch import nn
+
+from cogvideox import InputError, Pipeline, read_video
+from cogvideox.cli import main
+from cogvideox.train import lora
+
+pytest.importorskip("diffusers")
+pytest.importorskip("peft")  # diffusers' load_lora_weights needs it
+
+SMALL = dict(num_frames=9, height=32, width=48, num_inference_steps=3, max_sequence_length=16)
+TARGETS = [f"transformer.transformer_blocks.{i}.attn1.{m}" for i in (0, 1) for m in ("to_k", "to_out.0", "to_q", "to_v")]
+
+
+def random_lora(transformer, rank=4, alpha=8.0, seed=1, name="default", targets=lora.DEFAULT_TARGETS):
+    """Inject an adapter whose B is random too (a fresh one is a no-op), so it visibly changes outputs."""
+    lora.inject_lora(transformer, rank, alpha, targets=targets, name=name, seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for layer in lora.lora_layers(transformer).values():
+            if name in layer.lora_B:
+                w = layer.lora_B[name].weight
+                w.copy_(torch.randn(w.shape, generator=g) * 0.2)
+
+
+@pytest.fixture(scope="module")
+def lora_files(tiny_rope_dir, tmp_path_factory):
+    """Two LoRA files for the tiny RoPE model: rank 4 / alpha 8 on q,k,v,out and rank 2 / alpha 1 on q,v."""
+    root = tmp_path_factory.mktemp("loras")
+    pipe = Pipeline.from_pretrained(tiny_rope_dir)
+    random_lora(pipe.transformer, 4, 8.0, seed=1, name="one")
+    random_lora(pipe.transformer, 2, 1.0, seed=2, name="two", targets=("to_q", "to_v"))
+    return lora.save_lora(pipe.transformer, root / "one", name="one"), lora.save_lora(
+        pipe.transformer, root / "two.safetensors", name="two"
+    )
+
+
+def transformer_inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, 4, 4, 6, generator=g)
+    text = torch.randn(2, 16, 32, generator=g)
+    return x, text, torch.tensor([999, 321])
+
+
+def ours_out(transformer, inputs):
+    x, text, t = inputs
+    with torch.no_grad():
+        return transformer(x, text, t, image_rotary_emb=transformer.rotary_embedding(3, 4, 6))
+
+
+def reference_out(transformer, ours_transformer, inputs):
+    x, text, t = inputs
+    rotary = ours_transformer.rotary_embedding(3, 4, 6)
+    with torch.no_grad():
+        return transformer(hidden_states=x, encoder_hidden_states=text, timestep=t, image_rotary_emb=rotary,
+                           return_dict=False)[0]
+
+
+def test_file_layout(lora_files):
+    one, two = lora_files
+    assert one.name == "pytorch_lora_weights.safetensors" and two.name == "two.safetensors"
+    with safe_open(one, "pt") as f:
+        keys = sorted(f.keys())
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+        assert f.get_tensor(keys[0]).shape == (4, 32)  # A: [rank, in]
+    assert keys == sorted(f"{t}.lora_{ab}.weight" for t in TARGETS for ab in "AB")
+    assert meta["transformer.r"] == 4 and meta["transformer.lora_alpha"] == 8.0
+    assert sorted(meta["transformer.target_modules"]) == ["to_k", "to_out.0", "to_q", "to_v"]
+
+
+def test_our_lora_in_the_reference_pipeline_gives_the_same_video(tiny_rope_dir, lora_files):
+    one, _ = lora_files
+    prompt = "a cat sits on the mat"
+    ours = Pipeline.from_pretrained(tiny_rope_dir, lora=(one, 0.8))
+    out = ours(prompt, seed=3, **SMALL)
+    ref = load_reference_pipeline(tiny_rope_dir)
+    ref.load_lora_weights(str(one.parent), adapter_name="one")
+    ref.set_adapters(["one"], [0.8])
+    latents, frames = run_reference(ref, seed=3, prompt=prompt, **SMALL)
+    assert_same_video(out, latents, frames)
+    plain = Pipeline.from_pretrained(tiny_rope_dir)(prompt, seed=3, **SMALL)
+    assert (plain.latents - out.latents).abs().max() > 1e-2  # the LoRA does change the video
+
+
+def test_reference_saved_lora_loads_into_ours(tiny_rope_dir, tmp_path):
+    from diffusers import CogVideoXPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    ref = load_reference_pipeline(tiny_rope_dir)
+    config = LoraConfig(r=4, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=True)
+    ref.transformer.add_adapter(config)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in ref.transformer.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    CogVideoXPipeline.save_lora_weights(
+        tmp_path, transformer_lora_layers=get_peft_model_state_dict(ref.transformer),
+        transformer_lora_adapter_metadata=config.to_dict(),
+    )
+    ours = Pipeline.from_pretrained(tiny_rope_dir)
+    ours.load_lora(tmp_path)
+    inputs = transformer_inputs()
+    want = reference_out(ref.transformer, ours.transformer, inputs)
+    got = ours_out(ours.transformer, inputs)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
+
+
+def test_several_loras_with_scales_match_the_reference(tiny_rope_dir, lora_files):
+    one, two = lora_files
+    ours = Pipeline.from_pretrained(tiny_rope_dir, lora=[(one, 0.7), (two, -1.5)])
+    ref = load_reference_pipeline(tiny_rope_dir)
+    ref.load_lora_weights(str(one), adapter_name="one")
+    ref.load_lora_weights(str(two), adapter_name="two")
+    ref.set_adapters(["one", "two"], [0.7, -1.5])
+    inputs = transformer_inputs()
+    want = reference_out(ref.transformer, ours.transformer, inputs)
+    got = ours_out(ours.transformer, inputs)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
+    # Scales can change afterwards (here: "two" off), as set_adapters does.
+    ours.set_lora_scale(0.0, "pytorch_lora_weights")
+    ref.set_adapters(["one", "two"], [0.0, -1.5])
+    assert torch.allclose(ours_out(ours.transformer, inputs), reference_out(ref.transformer, ours.transformer, inputs),
+                          atol=1e-5, rtol=1e-5)
+
+
+def test_fuse_unfuse_and_unload_restore_the_weights(tiny_rope_dir, lora_files):
+    one, two = lora_files
+    pipe = Pipeline.from_pretrained(tiny_rope_dir)
+    before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    inputs = transformer_inputs()
+    base = ours_out(pipe.transformer, inputs)
+    pipe.load_lora(one, 0.5)
+    pipe.load_lora(two, 2.0)
+    live = ours_out(pipe.transformer, inputs)
+    assert (live - base).abs().max() > 1e-2
+
+    pipe.fuse_lora(keep_original=True)
+    assert torch.allclose(ours_out(pipe.transformer, inputs), live, atol=1e-5)
+    weight = pipe.transformer.transformer_blocks[0].attn1.to_q.weight
+    assert not torch.allclose(weight, before["transformer_blocks.0.attn1.to_q.weight"])
+    with pytest.raises(InputError, match="fused"):
+        pipe.set_lora_scale(1.0)
+    pipe.unfuse_lora()  # from the kept copy: bit for bit
+    for key, value in before.items():
+        assert torch.equal(pipe.transformer.state_dict()[key], value), key
+    assert torch.equal(ours_out(pipe.transformer, inputs), live)
+
+    pipe.fuse_lora()  # unfusing subtracts the update again, as the reference does: equal up to rounding
+    assert torch.allclose(ours_out(pipe.transformer, inputs), live, atol=1e-5)
+    pipe.unfuse_lora()
+    for key, value in before.items():
+        assert torch.allclose(pipe.transformer.state_dict()[key], value, atol=1e-6), key
+
+    pipe.unload_lora()
+    assert not lora.lora_layers(pipe.transformer)
+    assert type(pipe.transformer.transformer_blocks[1].attn1.to_out[0]) is nn.Linear
+    assert list(pipe.transformer.state_dict()) == list(before)
+    assert torch.allclose(ours_out(pipe.transformer, inputs), base, atol=1e-5)
+
+
+def test_fresh_adapter_is_a_no_op_and_only_it_trains(tiny_rope_dir):
+    pipe = Pipeline.from_pretrained(tiny_rope_dir)
+    inputs = transformer_inputs()
+    base = ours_out(pipe.transformer, inputs)
+    names = lora.inject_lora(pipe.transformer, rank=3)
+    assert sorted(names) == sorted(n.removeprefix("transformer.") for n in TARGETS)
+    assert torch.allclose(ours_out(pipe.transformer, inputs), base, atol=1e-5)
+    trainable = [n for n, p in pipe.transformer.named_parameters() if p.requires_grad]
+    assert len(trainable) == 16 and all(".lora_A.default." in n or ".lora_B.default." in n for n in trainable)
+
+
+def test_bad_lora_files_are_user_errors(tiny_rope_dir, tmp_path):
+    pipe = Pipeline.from_pretrained(tiny_rope_dir)
+    with pytest.raises(InputError, match="no LoRA file"):
+        pipe.load_lora(tmp_path / "missing.safetensors")
+    with pytest.raises(InputError, match="no LoRA weights"):
+        pipe.load_lora(tmp_path)
+    (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(InputError, match="cannot read"):
+        pipe.load_lora(tmp_path / "junk.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"transformer.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 99),
+               "transformer.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.zeros(32, 4)},
+              str(tmp_path / "other.safetensors"))
+    with pytest.raises(InputError, match="another model size"):
+        pipe.load_lora(tmp_path / "other.safetensors")
+    save_file({"transformer.blocks.0.to_q.lora_A.weight": torch.zeros(4, 32),
+               "transformer.blocks.0.to_q.lora_B.weight": torch.zeros(32, 4)}, str(tmp_path / "wrong.safetensors"))
+    with pytest.raises(InputError, match="not linear layers of this model"):
+        pipe.load_lora(tmp_path / "wrong.safetensors")
+    save_file({"transformer.transformer_blocks.0.attn1.to_q.weight": torch.zeros(32, 32)}, str(tmp_path / "full.safetensors"))
+    with pytest.raises(InputError, match="is not a LoRA weight"):
+        pipe.load_lora(tmp_path / "full.safetensors")
+
+
+def test_generate_with_lora(capsys, monkeypatch, tiny_rope_dir, lora_files, tmp_path):
+    import cogvideox.video
+
+    one, two = lora_files
+    common = ["--model", str(tiny_rope_dir), "--steps", "2", "--frames", "9", "--height", "32", "--width", "48",
+              "--seed", "4", "--quiet"]
+    written = {}
+    export = cogvideox.video.export_video
+
+    def keep_frames(frames, path, fps=8):
+        # The frames are compared before encoding too, to see the LoRA's effect without the codec's loss.
+        written[str(path)] = frames
+        return export(frames, path, fps=fps)
+
+    monkeypatch.setattr(cogvideox.video, "export_video", keep_frames)
+    out = tmp_path / "lora.mp4"
+    assert main(["generate", "a cat", "--output", str(out), "--lora", str(one), "--lora-scale", "0.5",
+                 "--lora", str(two), *common]) == 0
+    assert read_video(out)[0].shape == (9, 32, 48, 3)
+    pipe = Pipeline.from_pretrained(tiny_rope_dir, lora=[(one, 0.5), (two, 1.0)])
+    want = pipe("a cat", seed=4, num_frames=9, height=32, width=48, num_inference_steps=2).frames[0]
+    assert np.array_equal(written[str(out)], want)
+    export(want, tmp_path / "library.mp4", fps=8)
+    assert (tmp_path / "library.mp4").read_bytes() == out.read_bytes()  # same frames, same file
+    plain = Pipeline.from_pretrained(tiny_rope_dir)("a cat", seed=4, num_frames=9, height=32, width=48,
+                                                    num_inference_steps=2).frames[0]
+    assert not np.array_equal(plain, want)
+
+    capsys.readouterr()
+    assert main(["generate", "a cat", "--output", str(tmp_path / "x.mp4"), "--lora", str(tmp_path / "nope"), *common]) == 2
+    assert "--lora" in capsys.readouterr().err
+    assert main(["generate", "a cat", "--output", str(tmp_path / "x.mp4"), "--lora-scale", "2", *common]) == 2
+    assert "1 --lora-scale values for 0 --lora files" in capsys.readouterr().err
+
+
+def test_state_dict_stays_the_official_layout(tiny_rope_dir, lora_files, tmp_path):
+    """A pipeline with a fused LoRA saves as a plain model folder that both implementations read."""
+    one, _ = lora_files
+    base = Pipeline.from_pretrained(tiny_rope_dir)
+    keys = list(base.transformer.state_dict())
+    pipe = Pipeline.from_pretrained(tiny_rope_dir, lora=(one, 0.6))
+    assert list(pipe.transformer.state_dict()) == keys
+    inputs = transformer_inputs()
+    want = ours_out(pipe.transformer, inputs)
+    pipe.fuse_lora()
+    pipe.save_pretrained(tmp_path / "fused")
+    merged = Pipeline.from_pretrained(tmp_path / "fused")
+    assert torch.allclose(ours_out(merged.transformer, inputs), want, atol=1e-5)
+    # Loading official weights into a model with adapters leaves the adapters alone.
+    pipe.unfuse_lora()
+    pipe.transformer.load_state_dict(base.transformer.state_dict(), strict=True)
+    assert torch.allclose(ours_out(pipe.transformer, inputs), want, atol=1e-5)

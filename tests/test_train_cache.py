@@ -1,0 +1,98 @@
+"""The latent / T5 cache: written once, reused, replaced when the video or the model changes."""
+
+import pytest
+import torch
+from helpers import make_video_folder, sample_frames
+
+from cogvideox import loading
+from cogvideox.train.cache import CachedDataset, precompute, read_latents, read_text
+from cogvideox.train.data import Bucket, scan_folder
+from cogvideox.video import export_video
+
+BUCKETS = [Bucket(9, 32, 48)]
+
+
+@pytest.fixture(scope="module")
+def components(tiny_rope_dir):
+    cpu = torch.device("cpu")
+    vae = loading.load_vae(tiny_rope_dir, torch.float32, cpu)
+    text = loading.load_text_encoder(tiny_rope_dir, torch.float32, cpu)
+    return vae, text
+
+
+def run(root, vae, text, cache):
+    clips, _ = scan_folder(root)
+    return precompute(clips, BUCKETS, 8, vae, text, cache, max_sequence_length=16, progress=False)
+
+
+def test_precompute_matches_a_direct_encode_and_is_reused(tmp_path, components):
+    vae, text = components
+    root = make_video_folder(tmp_path / "data")
+    first = run(root, vae, text, tmp_path / "cache")
+    assert first.encoded == 3
+    reasons = {s.name: s.reason for s in first.skipped}
+    assert sorted(reasons) == ["videos/corrupt.mp4", "videos/short.mp4"]
+    assert reasons["videos/corrupt.mp4"].startswith("cannot decode")
+    assert reasons["videos/short.mp4"] == "too short: 4 frames at 8 fps, the shortest bucket needs 9"
+    assert [e.name for e in first.examples] == ["videos/clip0.mp4", "videos/clip1.mp4", "videos/clip2.mp4"]
+
+    # The cached posterior is the VAE's own on the decoded clip, frames first.
+    from cogvideox.train.data import load_clip
+
+    video, _ = load_clip(scan_folder(root)[0][0], BUCKETS, 8)
+    with torch.no_grad():
+        posterior = vae.encode(video[None])
+    mean, logvar = read_latents(first.examples[0])
+    assert mean.shape == (3, 4, 4, 6)  # [F, C, h, w]
+    assert torch.equal(mean, posterior.mean[0].permute(1, 0, 2, 3))
+    assert torch.equal(logvar, posterior.logvar[0].permute(1, 0, 2, 3))
+    states = read_text(first.examples[0].text)
+    assert torch.equal(states, text.encode([first.examples[0].caption], 16)[0])
+    assert torch.equal(read_text(first.empty_text), text.encode([""], 16)[0])
+
+    second = run(root, vae, text, tmp_path / "cache")
+    assert second.encoded == 0
+    assert second.examples == first.examples
+
+
+def test_a_changed_video_or_model_is_encoded_again(tmp_path, components):
+    vae, text = components
+    root = make_video_folder(tmp_path / "data", broken=False)
+    first = run(root, vae, text, tmp_path / "cache")
+    assert first.encoded == 3
+
+    export_video(sample_frames(12, 40, 56, seed=99), root / "videos" / "clip1.mp4", fps=8)
+    changed = run(root, vae, text, tmp_path / "cache")
+    assert changed.encoded == 1
+    assert changed.examples[1].latents != first.examples[1].latents
+    assert changed.examples[0].latents == first.examples[0].latents
+
+    tweaked = type(vae)(vae.config)
+    tweaked.load_state_dict(vae.state_dict())
+    with torch.no_grad():
+        tweaked.encoder.conv_in.conv.weight[0, 0, 0, 0, 0] += 1e-3
+    assert run(root, tweaked, text, tmp_path / "cache").encoded == 3
+    # A caption's states are keyed by the T5 weights too.
+    assert run(root, vae, text, tmp_path / "cache").encoded == 0
+
+
+def test_batches_come_from_one_bucket(tmp_path, components):
+    vae, text = components
+    root = tmp_path / "data"
+    root.mkdir()
+    lines = []
+    for i, (h, w) in enumerate([(40, 64), (40, 64), (64, 40), (40, 64)]):
+        export_video(sample_frames(12, h, w, seed=i), root / f"v{i}.mp4", fps=8)
+        lines.append(f"v{i}.mp4")
+    (root / "videos.txt").write_text("\n".join(lines))
+    (root / "prompts.txt").write_text("a cat\na dog\na bird\na cat\n")
+    clips, _ = scan_folder(root)
+    prepared = precompute(clips, [Bucket(9, 32, 48), Bucket(9, 48, 32)], 8, vae, text, tmp_path / "c", 16, progress=False)
+    data = CachedDataset(prepared)
+    assert {str(b): len(v) for b, v in data.by_bucket.items()} == {"9x32x48": 3, "9x48x32": 1}
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        idx = data.draw(2, g)
+        assert len({data.examples[i].bucket for i in idx}) == 1
+    mean, logvar, states = data.batch([0, 1])
+    assert mean.shape == (2, 3, 4, 4, 6) and logvar.shape == mean.shape and states.shape == (2, 16, 32)

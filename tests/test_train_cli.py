@@ -1,0 +1,63 @@
+"""`cogvideox train`: an end-to-end run on a tiny folder, resume, and one-line errors."""
+
+import argparse
+import json
+
+import pytest
+from helpers import make_video_folder
+
+from cogvideox.cli import build_parser, main
+
+
+def train_parser():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices["train"]
+
+
+def test_every_flag_is_explained():
+    for action in train_parser()._actions:
+        assert action.help and len(action.help) > 10, action.option_strings
+
+
+def test_train_end_to_end_and_resume(capsys, tiny_rope_dir, tmp_path):
+    data = make_video_folder(tmp_path / "data")
+    (tmp_path / "run.toml").write_text(f'model = "{tiny_rope_dir}"\nrank = 4\nbuckets = ["9x32x48"]\nlr = 1e-3\n')
+    argv = ["train", str(data), "--output", str(tmp_path / "out"), "--config", str(tmp_path / "run.toml"),
+            "--warmup-steps", "0", "--checkpoint-every", "1", "--quiet"]
+    assert main([*argv, "--steps", "2"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert any(line.startswith("cogvideox train: skipped videos/corrupt.mp4: cannot decode") for line in out)
+    assert out[-1].startswith(f"wrote {tmp_path / 'out' / 'pytorch_lora_weights.safetensors'} (2 steps, final loss ")
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved["rank"] == 4 and saved["steps"] == 2 and saved["model"] == str(tiny_rope_dir)
+    assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == ["step-1.pt", "step-2.pt"]
+
+    # Asking for more steps continues the run from its newest checkpoint.
+    assert main([*argv, "--steps", "3"]) == 0
+    steps = [json.loads(line)["step"] for line in (tmp_path / "out" / "loss.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--output", "o"], "missing setting(s): data"),
+        (["nope", "--output", "o"], "data folder nope does not exist"),
+        (["{tmp}", "--output", "o", "--config", "{tmp}/missing.toml"], "missing.toml does not exist"),
+        (["{tmp}", "--output", "o", "--bucket", "10x32x48", "--model", "{model}"], "bucket 10x32x48: num_frames must be 8k+1"),
+        (["{tmp}", "--output", "o", "--model", "{model}"], "neither metadata.jsonl nor prompts.txt"),
+        (["{tmp}", "--output", "o", "--optimizer", "sgd"], "argument --optimizer: invalid choice"),
+        (["{tmp}", "--output", "o", "--caption-dropout", "2"], "caption_dropout must be in [0, 1)"),
+    ],
+)
+def test_user_mistakes_exit_2_with_one_line(capsys, tiny_rope_dir, tmp_path, monkeypatch, extra, message):
+    monkeypatch.chdir(tmp_path)
+    argv = ["train", *[a.format(tmp=tmp_path, model=tiny_rope_dir) for a in extra], "--quiet"]
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err

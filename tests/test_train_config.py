@@ -1,0 +1,66 @@
+"""Fine-tuning settings: TOML and YAML files, flags over files, and mistakes named in one message."""
+
+import pytest
+
+from cogvideox import InputError
+from cogvideox.train.config import FinetuneConfig, make_config, read_config_file
+
+
+def test_toml_and_yaml_give_the_same_config(tmp_path):
+    (tmp_path / "run.toml").write_text(
+        'data = "clips"\noutput = "runs/a"\nrank = 32\n'
+        'buckets = ["49x480x720", "49x720x480"]\nvalidation-prompts = ["a cat"]\nvalidation_every = 100\n'
+    )
+    (tmp_path / "run.yaml").write_text(
+        "data: clips\noutput: runs/a\nrank: 32\nbuckets: [49x480x720, 49x720x480]\n"
+        "validation-prompts:\n  - a cat\nvalidation_every: 100\n"
+    )
+    a, b = make_config(tmp_path / "run.toml"), make_config(tmp_path / "run.yaml")
+    assert a == b
+    assert a.rank == 32 and a.buckets == ["49x480x720", "49x720x480"] and a.validation_prompts == ["a cat"]
+    assert a.alpha is None and a.learning_rate == 1e-4 and not a.full
+
+
+def test_flags_override_the_file(tmp_path):
+    (tmp_path / "run.toml").write_text('data = "clips"\noutput = "out"\nrank = 32\nfull = false\n')
+    c = make_config(tmp_path / "run.toml", rank=8, output="elsewhere", full=True, steps=None)
+    assert (c.rank, c.output, c.full, c.steps) == (8, "elsewhere", True, 1000)
+    assert c.learning_rate == 1e-5  # the full fine-tuning default
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('data = "d"\noutput = "o"\nranks = 4\n', "unknown setting(s) ranks"),
+        ('data = "d"\noutput = "o"\nrank = 0\n', "rank must be a positive integer, got 0"),
+        ('data = "d"\noutput = "o"\noptimizer = "sgd"\n', "optimizer must be one of adamw, adamw-8bit, adamw-cpu"),
+        ('data = "d"\noutput = "o"\ncaption_dropout = 1.5\n', "caption_dropout must be in [0, 1)"),
+        ('data = "d"\noutput = "o"\nvalidation_every = 10\n', "no validation_prompts"),
+        ('data = "d"\noutput = "o"\nbuckets = "49x480x720"\n', "buckets must be a list"),
+        ('output = "o"\n', "missing setting(s): data"),
+        ("data = [\n", "is not valid TOML"),
+    ],
+)
+def test_mistakes_are_named(tmp_path, text, message):
+    (tmp_path / "bad.toml").write_text(text)
+    with pytest.raises(InputError) as info:
+        make_config(tmp_path / "bad.toml")
+    assert message in str(info.value)
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        read_config_file(tmp_path / "missing.toml")
+    (tmp_path / "run.json").write_text("{}")
+    with pytest.raises(InputError, match="must end in .toml, .yaml or .yml"):
+        read_config_file(tmp_path / "run.json")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(InputError, match="table of settings"):
+        read_config_file(tmp_path / "list.yaml")
+
+
+def test_direct_construction_checks_values():
+    with pytest.raises(InputError, match="lr must be a positive number"):
+        FinetuneConfig(data="d", output="o", lr=-1.0)
+    with pytest.raises(InputError, match="schedule must be one of constant, cosine"):
+        FinetuneConfig(data="d", output="o", schedule="linear")

@@ -1,0 +1,232 @@
+"""The fine-tuning run: it learns, resumes bit for bit, writes a LoRA or a model folder, validates, and
+several processes average their gradients."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import make_video_folder
+from safetensors.torch import load_file
+
+from cogvideox import InputError, Pipeline, read_video
+from cogvideox.train.checkpoint import step_generator
+from cogvideox.train.config import FinetuneConfig
+from cogvideox.train.finetune import Run, finetune, learning_rate
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_video_folder(tmp_path_factory.mktemp("data"))
+
+
+def config(data_dir, model, out, **changes):
+    values = dict(data=str(data_dir), output=str(out), model=str(model), buckets=["9x32x48"], rank=4, lr=1e-2,
+                  warmup_steps=0, steps=6, checkpoint_every=3, progress=False)
+    return FinetuneConfig(**(values | changes))
+
+
+def losses(out):
+    return [(r["step"], r["loss"], r["lr"]) for r in map(json.loads, (Path(out) / "loss.jsonl").read_text().splitlines())]
+
+
+def test_a_few_lora_steps_lower_the_loss(data_dir, tiny_rope_dir, tmp_path):
+    run = Run(config(data_dir, tiny_rope_dir, tmp_path, batch_size=2, lr=2e-2, caption_dropout=0.0))
+    run.prepare_data()
+    run.prepare_model()
+
+    def held_loss():  # the same 16 draws (clips, t, noise) before and after
+        with torch.no_grad():
+            return sum(run.loss(step_generator(123, k)).item() for k in range(16)) / 16
+
+    before = held_loss()
+    for step in range(40):
+        run.train_step(step)
+    assert held_loss() < 0.8 * before
+
+
+def test_run_reports_skipped_videos_and_writes_a_lora(data_dir, tiny_rope_dir, tmp_path, capsys):
+    path = finetune(config(data_dir, tiny_rope_dir, tmp_path, steps=2, validation_every=2,
+                           validation_prompts=["a cat sits on the mat"], validation_steps=2))
+    assert path == tmp_path / "pytorch_lora_weights.safetensors"
+    out = capsys.readouterr().out
+    for line in ("skipped videos/nocaption.mp4: no caption", "skipped videos/corrupt.mp4: cannot decode",
+                 "skipped videos/short.mp4: too short: 4 frames at 8 fps"):
+        assert line in out
+    assert "videos/corrupt.mp4: cannot decode" in (tmp_path / "skipped.txt").read_text()
+    assert [s for s, _, _ in losses(tmp_path)] == [1, 2]
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+    frames, fps = read_video(tmp_path / "validation" / "step-2-0.mp4")
+    assert frames.shape == (9, 32, 48, 3) and fps == 8
+    # The result loads back and matches the trained adapter.
+    pipe = Pipeline.from_pretrained(tiny_rope_dir, lora=path)
+    saved = load_file(str(path))
+    key = "transformer.transformer_blocks.1.attn1.to_v.lora_B.weight"
+    assert torch.equal(pipe.transformer.transformer_blocks[1].attn1.to_v.lora_B["pytorch_lora_weights"].weight,
+                       saved[key])
+    assert saved[key].abs().max() > 0  # trained away from its zero start
+
+
+@pytest.mark.parametrize("kind", ["lora", "full-cpu-offload"])
+def test_resume_after_an_interruption_is_bit_identical(data_dir, tiny_rope_dir, tmp_path, monkeypatch, kind):
+    extra = dict(full=True, optimizer="adamw-cpu", lr=1e-3) if kind == "full-cpu-offload" else {}
+    extra |= dict(grad_accum=2, schedule="cosine", warmup_steps=2)
+    straight = finetune(config(data_dir, tiny_rope_dir, tmp_path / "a", **extra))
+
+    original = Run.train_step
+
+    def crash_at_step_4(self, step):
+        if step == 4:
+            raise KeyboardInterrupt
+        return original(self, step)
+
+    monkeypatch.setattr(Run, "train_step", crash_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(config(data_dir, tiny_rope_dir, tmp_path / "b", **extra))
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["step-3.pt"]
+    monkeypatch.setattr(Run, "train_step", original)
+    resumed = finetune(config(data_dir, tiny_rope_dir, tmp_path / "b", **extra))
+
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    assert len(losses(tmp_path / "a")) == 6
+    if kind == "lora":
+        a, b = load_file(str(straight)), load_file(str(resumed))
+    else:
+        a = load_file(str(straight / "transformer" / "diffusion_pytorch_model.safetensors"))
+        b = load_file(str(resumed / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_full_fine_tuning_writes_a_model_folder(data_dir, tiny_rope_dir, tmp_path):
+    path = finetune(config(data_dir, tiny_rope_dir, tmp_path, full=True, steps=2, lr=1e-3))
+    assert path == tmp_path / "model"
+    tuned = Pipeline.from_pretrained(path)
+    base = Pipeline.from_pretrained(tiny_rope_dir)
+    changed = [k for k, v in tuned.transformer.state_dict().items() if not torch.equal(v, base.transformer.state_dict()[k])]
+    assert len(changed) > 20  # every trained tensor moved
+    assert all(torch.equal(v, base.vae.state_dict()[k]) for k, v in tuned.vae.state_dict().items())
+    checkpoint = torch.load(tmp_path / "checkpoints" / "step-2.pt", weights_only=False)
+    for key, value in checkpoint["weights"].items():
+        assert torch.equal(tuned.transformer.state_dict()[key], value), key
+
+
+def test_cogvideox_1_5_pads_odd_latent_frames(data_dir, tiny_v15_dir, tmp_path):
+    run = Run(config(data_dir, tiny_v15_dir, tmp_path, steps=1))
+    run.prepare_data()
+    run.prepare_model()
+    seen = []
+    forward = run.transformer.forward
+
+    def spy(hidden_states, *args, **kwargs):
+        seen.append(tuple(hidden_states.shape))
+        return forward(hidden_states, *args, **kwargs)
+
+    run.transformer.forward = spy
+    loss = run.train_step(0)
+    assert seen == [(1, 4, 4, 4, 6)]  # 9 frames -> 3 latent frames, one copy of the first in front
+    assert loss == loss and loss > 0
+
+
+def test_resuming_with_other_settings_is_refused(data_dir, tiny_rope_dir, tmp_path):
+    finetune(config(data_dir, tiny_rope_dir, tmp_path, steps=3))
+    with pytest.raises(InputError, match="holds a run with other settings \\(rank differ"):
+        finetune(config(data_dir, tiny_rope_dir, tmp_path, steps=4, rank=8))
+
+
+def test_no_usable_video_is_a_user_error(tiny_rope_dir, tmp_path):
+    root = make_video_folder(tmp_path / "data", count=0)
+    with pytest.raises(InputError, match="no usable videos"):
+        finetune(config(root, tiny_rope_dir, tmp_path / "out"))
+
+
+def test_learning_rate_schedule(tmp_path):
+    c = FinetuneConfig(data="d", output="o", lr=1.0, warmup_steps=10, steps=110, schedule="cosine", min_lr_ratio=0.1)
+    assert learning_rate(c, 0) == 0.1 and learning_rate(c, 9) == 1.0
+    assert abs(learning_rate(c, 60) - 0.55) < 1e-9 and abs(learning_rate(c, 110) - 0.1) < 1e-9
+    assert learning_rate(FinetuneConfig(data="d", output="o", warmup_steps=0), 500) == 1e-4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_average_their_gradients(data_dir, tiny_rope_dir, tmp_path):
+    """`cogvideox train` under two gloo processes (what torchrun sets up) against one process that
+    averages the two ranks' gradients itself."""
+    steps = 2
+    argv = [sys.executable, "-m", "cogvideox", "train", str(data_dir), "--output", str(tmp_path / "ddp"),
+            "--model", str(tiny_rope_dir), "--bucket", "9x32x48", "--rank", "4", "--lr", "1e-2",
+            "--warmup-steps", "0", "--steps", str(steps), "--quiet", "--cache-dir", str(tmp_path / "cache")]
+    port = str(_free_port())
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=port, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+        procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+
+    run = Run(config(data_dir, tiny_rope_dir, tmp_path / "one", steps=steps, cache_dir=str(tmp_path / "cache")))
+    run.prepare_data()
+    run.prepare_model()
+    params = list(run.trainable.values())
+    logged = []
+    for step in range(steps):
+        total = 0.0
+        for rank in range(2):
+            run.procs.rank = rank
+            loss = run.loss(run.generator(step))
+            loss.backward()
+            total += loss.item() / 2
+        for p in params:
+            p.grad /= 2
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        run.optimizer.step()
+        run.optimizer.zero_grad()
+        logged.append(total)
+    assert [round(loss, 5) for _, loss, _ in losses(tmp_path / "ddp")] == [round(x, 5) for x in logged]
+    saved = load_file(str(tmp_path / "ddp" / "pytorch_lora_weights.safetensors"))
+    for name, p in run.trainable.items():
+        key = "transformer." + name.replace(".default.", ".")
+        assert torch.allclose(saved[key], p.detach(), atol=1e-6), key
+
+
+def test_the_demo_model_fine_tunes_through_the_same_call(tmp_path):
+    from cogvideox.demo import DEMO_MODEL_DIR
+
+    data = make_video_folder(tmp_path / "data", count=2, frames=18, broken=False)
+    path = finetune(FinetuneConfig(data=str(data), output=str(tmp_path / "out"), rank=4, steps=2, lr=1e-3,
+                                   warmup_steps=0, progress=False))
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model"] is None
+    pipe = Pipeline.from_pretrained(DEMO_MODEL_DIR, lora=path)
+    assert pipe.transformer.transformer_blocks[0].attn1.to_q.lora_A["pytorch_lora_weights"].weight.shape[0] == 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 autocast training runs on CUDA only")
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw-8bit", "adamw-cpu"])
+def test_cuda_bf16_training_learns(data_dir, tiny_rope_dir, tmp_path, optimizer):
+    if optimizer == "adamw-8bit":
+        pytest.importorskip("bitsandbytes", reason="adamw-8bit needs bitsandbytes")
+    run = Run(config(data_dir, tiny_rope_dir, tmp_path, device="cuda", dtype="bf16", optimizer=optimizer,
+                     batch_size=2, lr=2e-2, caption_dropout=0.0))
+    run.prepare_data()
+    run.prepare_model()
+    assert next(run.transformer.parameters()).dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in run.trainable.values())  # fp32 LoRA weights
+
+    def held_loss():
+        with torch.no_grad(), run.autocast():
+            return sum(run.loss(step_generator(123, k)).item() for k in range(16)) / 16
+
+    before = held_loss()
+    for step in range(40):
+        run.train_step(step)
+    assert held_loss() < 0.8 * before
