@@ -81,6 +81,16 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def _threshold(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="cogvideox",
@@ -182,16 +192,82 @@ def build_parser() -> argparse.ArgumentParser:
     )
     arg("--dtype", help="bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU; 5B models need bf16)")
     arg("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    arg(
+        "--offload",
+        choices=("auto", "none", "model", "stream", "sequential"),
+        default="auto",
+        help="keep weights in host memory, on the GPU only while used: 'model' one component at a time, "
+        "'stream' transformer and T5 blocks copied ahead while others compute, 'sequential' one layer at a "
+        "time (least memory, slowest); the video does not change. 'auto' (default) picks the fastest that "
+        "fits the free GPU memory and says which; 'none' on the CPU",
+    )
+    arg("--text-device", help="where the T5 text encoder runs, e.g. cpu to keep it off the GPU (default: --device)")
+    arg(
+        "--vae-tiling",
+        action="store_true",
+        help="decode in overlapping tiles: much less GPU memory, pixels near tile seams differ slightly "
+        "(as the reference's tiled decode)",
+    )
+    arg("--vae-slicing", action="store_true", help="decode the videos of --num-videos one at a time (less memory)")
     arg("--revision", help="hub revision (branch, tag or commit) of --model (default: main)")
     arg("--offline", action="store_true", help="never download; use a local folder or the hub cache")
     arg("--quiet", action="store_true", help="no progress bars, only the final report")
+    arg(
+        "--parallel",
+        metavar="LAYOUT",
+        help="run on the processes torchrun starts: cfg=2 (guidance halves), ulysses=N (sequence; N divides "
+        "the heads), ring=N (sequence; any N), e.g. cfg=2,ulysses=2; the product is the process count. "
+        "Turns on --vae-tiling, so the decode is split too (see "
+        "docs/parallel.md)",
+    )
+    arg(
+        "--quantize",
+        choices=("int8", "fp8"),
+        default=None,
+        help="quantise the transformer's linear layers: int8 weight-only (half the bf16 weight memory) or "
+        "fp8 with row-wise scales (NVIDIA GPU of compute capability 8.9+, bf16); default: off (exact)",
+    )
+    arg(
+        "--compile",
+        action="store_true",
+        help="torch.compile the transformer blocks (one compiled block reused by all; the first step "
+        "warms up)",
+    )
+    arg(
+        "--cache",
+        type=_threshold,
+        metavar="THRESHOLD",
+        help="step cache: skip all but the first transformer block on steps whose first-block residual "
+        "changed by less than THRESHOLD (relative; 0 computes every step, ~0.05-0.2 skips some); default: off",
+    )
+    arg(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="LoRA weights in the diffusers layout (pytorch_lora_weights.safetensors or its folder); repeat "
+        "for several",
+    )
+    arg(
+        "--lora-scale",
+        type=_finite_float,
+        action="append",
+        default=[],
+        metavar="S",
+        help="scale of each --lora, in the same order (default: 1 each)",
+    )
     gen.set_defaults(run=_generate)
 
     from cogvideox.cli_tools import add_tool_parsers
     from cogvideox.serve.cli import add_serve_parsers
+    from cogvideox.train.cli import add_train_parsers
 
     add_tool_parsers(commands)
     add_serve_parsers(commands)
+    add_train_parsers(commands)
+    from cogvideox.batch import add_batch_parser
+
+    add_batch_parser(commands)
     return parser
 
 
@@ -223,6 +299,11 @@ def _generate(args: argparse.Namespace) -> int:
         raise InputError("give --image (image-to-video) or --video (video-to-video), not both")
     if args.strength is not None and not args.video:
         raise InputError("--strength only applies to video-to-video (--video)")
+    if len(args.lora_scale) > len(args.lora):
+        raise InputError(f"{len(args.lora_scale)} --lora-scale values for {len(args.lora)} --lora files")
+    for path in args.lora:
+        if not Path(path).exists():
+            raise InputError(f"--lora {path} does not exist")
 
     outputs = _output_paths(args.output, args.num_videos)
     for path in outputs:
@@ -255,6 +336,11 @@ def _generate(args: argparse.Namespace) -> int:
     configs = loading.read_model_configs(folder)
     train_steps = configs.scheduler.num_train_timesteps
     task = "image" if args.image else "video" if args.video else "text"
+    accelerate = args.quantize is not None or args.compile or args.cache is not None
+    if accelerate:
+        from cogvideox import fast
+
+        fast.check_options(device, quantize=args.quantize, compile=args.compile, cache=args.cache)
     check_request(
         configs.transformer,
         configs.vae,
@@ -266,11 +352,38 @@ def _generate(args: argparse.Namespace) -> int:
         **request,
     )
 
-    pipe = Pipeline.from_pretrained(folder, dtype=args.dtype, device=device, scheduler=args.scheduler)
+    scales = args.lora_scale + [1.0] * (len(args.lora) - len(args.lora_scale))
+    lora = list(zip(args.lora, scales)) or None
+    if args.compile and args.offload == "sequential":
+        raise InputError("--compile does not combine with --offload sequential (its hooks run inside the blocks)")
+    text_device = loading.choose_device(args.text_device) if args.text_device else None
+    from cogvideox.parallel import launch
+
+    if args.parallel is not None and (args.cache is not None or args.compile):
+        raise InputError("--parallel does not combine with --cache or --compile yet")
+    mesh, device = launch.join(args.parallel, device, configs.transformer, args.guidance > 1, one_group=True)
+    pipe = Pipeline.from_pretrained(
+        folder, dtype=args.dtype, device=device, scheduler=args.scheduler, lora=lora, offload=args.offload,
+        text_device=text_device, vae_tiling=args.vae_tiling, vae_slicing=args.vae_slicing,
+    )
+    if pipe.offload_choice and (args.offload != "auto" or device.type == "cuda"):
+        print(pipe.offload_choice)
+    if accelerate:
+        if lora:
+            pipe.fuse_lora()  # the fast paths rewrite the linear layers: they see the LoRAs folded in
+        pipe.accelerate(quantize=args.quantize, compile=args.compile, cache=args.cache)
+    if mesh is not None:
+        from cogvideox.parallel import decode, parallelize
+
+        decode.enable_tile_split(pipe.vae)  # tiles to share among the processes
+        pipe = parallelize(pipe, mesh)  # after `accelerate`: the parallel attention wraps the fast one
     load_time = time.perf_counter() - start
     inputs = dict(image=picture, video=source, strength=args.strength)
     result = pipe(args.prompt, seed=args.seed, progress=not args.quiet, **request, **inputs)
     fps = args.fps or pipe.default_fps
+    launch.leave(mesh)
+    if mesh is not None and not mesh.is_leader:
+        return 0  # rank 0 writes and reports
     start = time.perf_counter()
     for frames, path in zip(result.frames, outputs):
         export_video(frames, path, fps=fps)
@@ -282,8 +395,16 @@ def _generate(args: argparse.Namespace) -> int:
     print(
         f"wrote {where} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]}, {fps:g} fps, seed "
         f"{result.seed}) | " + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in stages.items())
+        + _cache_report(pipe)
     )
     return 0
+
+
+def _cache_report(pipe) -> str:
+    cache = pipe.acceleration.cache if pipe.acceleration is not None else None
+    if cache is None:
+        return ""
+    return f" | cache {cache.threshold:g}: {cache.computed}/{cache.calls} steps computed"
 
 
 def _report(error: Exception) -> None:

@@ -71,6 +71,8 @@ class Pipeline:
         self.vae = vae
         self.text_encoder = text_encoder
         self.scheduler = scheduler
+        self.offload = None  # a `cogvideox.fast.offload.Offload` while weights are offloaded
+        self.offload_choice = ""  # what `enable_offload` chose, and why
 
     # -------------------------------------------------------------------------------------------------
     # Loading and saving
@@ -85,6 +87,11 @@ class Pipeline:
         *,
         revision: str | None = None,
         local_files_only: bool = False,
+        lora=None,
+        offload: str | None = None,
+        text_device: str | torch.device | None = None,
+        vae_tiling: bool = False,
+        vae_slicing: bool = False,
     ) -> Pipeline:
         """Load a CogVideoX model in the official diffusers layout.
 
@@ -94,7 +101,17 @@ class Pipeline:
         device: default CUDA when available, else CPU.
         scheduler: "ddim" or "dpm" to override the model's scheduler class (same schedule config), or a
             scheduler object; default: the one named in `scheduler/scheduler_config.json`.
+        lora: LoRA weights to apply (see `load_lora`): a file or folder, a (path, scale) pair, or a list
+            of either.
+        offload: "none" (default), "model", "stream", "sequential" or "auto" (see `enable_offload`); the
+            weights are then read into host memory, never all onto the device.
+        text_device: where T5 lives and runs, e.g. "cpu" (default: `device`).
+        vae_tiling / vae_slicing: decode in overlapping tiles (less memory, results match the
+            reference's tiled decode) / one video of a batch at a time.
         """
+        from cogvideox.fast import offload as offloading
+
+        offload = offloading.check_mode(offload)
         _scheduler_kind(scheduler)  # reject an unknown name before touching the disk or the network
         device = loading.choose_device(device)
         loading.parse_dtype(dtype)
@@ -104,7 +121,25 @@ class Pipeline:
         configs = loading.read_model_configs(folder)
         dtype = loading.choose_dtype(dtype, device, configs.transformer)
 
-        return cls._assemble(folder, dtype, device, scheduler)
+        reason = ""
+        if offload == "auto":
+            offload, reason = offloading.choose_for_folder(
+                folder, configs, dtype, device, text_device, vae_tiling, vae_slicing
+            )
+        pipe = cls._assemble(folder, dtype, device if offload == "none" else torch.device("cpu"), scheduler)
+        if lora is not None:
+            entries = lora if isinstance(lora, list) else [lora]
+            for entry in entries:
+                path, scale = entry if isinstance(entry, tuple) else (entry, 1.0)
+                pipe.load_lora(path, scale)
+        if vae_tiling:
+            pipe.vae.enable_tiling()
+        if vae_slicing:
+            pipe.vae.enable_slicing()
+        if offload != "none" or text_device is not None:
+            pipe.enable_offload(offload, device, text_device=text_device)
+        pipe.offload_choice = reason or pipe.offload_choice
+        return pipe
 
     @classmethod
     def from_sat(
@@ -182,6 +217,40 @@ class Pipeline:
         (folder / loading.MODEL_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         return folder
 
+    # -------------------------------------------------------------------------------------------------
+    # LoRA (see `cogvideox.train.lora`)
+
+    def load_lora(self, path: str | Path, scale: float = 1.0, name: str | None = None) -> str:
+        """Add a LoRA in the diffusers layout (`pytorch_lora_weights.safetensors` or its folder) to the
+        transformer at `scale`; several can be active at once. Returns the adapter's name."""
+        from cogvideox.train import lora
+
+        return lora.load_lora(self.transformer, path, scale=scale, name=name)
+
+    def set_lora_scale(self, scale: float, name: str | None = None) -> None:
+        """Change the scale of LoRA `name` (every LoRA for None); not while fused."""
+        from cogvideox.train import lora
+
+        lora.set_lora_scale(self.transformer, scale, name)
+
+    def fuse_lora(self, names: Sequence[str] | None = None, keep_original: bool = False) -> None:
+        """Fold the LoRAs into the transformer weights (no cost per step); `keep_original` keeps a CPU
+        copy so that `unfuse_lora` restores the weights exactly."""
+        from cogvideox.train import lora
+
+        lora.fuse_lora(self.transformer, names, keep_original)
+
+    def unfuse_lora(self, names: Sequence[str] | None = None) -> None:
+        from cogvideox.train import lora
+
+        lora.unfuse_lora(self.transformer, names)
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Remove LoRA `name` (every LoRA for None), unfusing it first."""
+        from cogvideox.train import lora
+
+        lora.remove_lora(self.transformer, name)
+
     def with_scheduler(self, scheduler: str | object) -> Pipeline:
         """The same model (modules shared, not copied) sampling with another scheduler: "ddim", "dpm"
         (built from this one's schedule config) or a scheduler object."""
@@ -190,14 +259,95 @@ class Pipeline:
             from cogvideox.schedulers import make_scheduler
 
             scheduler = make_scheduler(self.scheduler.config, kind)
-        return type(self)(self.transformer, self.vae, self.text_encoder, scheduler)
+        pipe = type(self)(self.transformer, self.vae, self.text_encoder, scheduler)
+        pipe.offload, pipe.offload_choice = self.offload, self.offload_choice  # the hooks live on the modules
+        return pipe
 
     def to(self, device: str | torch.device) -> Pipeline:
         device = loading.choose_device(device)
+        if self.offload is not None:  # everything resident again
+            self.offload.remove()
+            self.offload, self.offload_choice = None, ""
         self.transformer.to(device)
         self.vae.to(device)
         self.text_encoder.model.to(device)
         return self
+
+    def enable_offload(
+        self,
+        mode: str = "auto",
+        device: str | torch.device | None = None,
+        *,
+        text_device: str | torch.device | None = None,
+        lookahead: int | None = None,
+    ) -> Pipeline:
+        """Keep weights in host memory and move them to `device` (default: the current one) only while
+        they are used; returns the pipeline. Outputs do not change. See `cogvideox.fast.offload`.
+
+        mode: "none" (all resident), "model" (one component at a time), "stream" (T5 and transformer
+            blocks copied a few ahead on a side stream, overlapping compute), "sequential" (each layer
+            alone: the least memory, the slowest) or "auto" (the fastest that fits the free GPU memory;
+            "none" on the CPU; `offload_choice` says what it chose and why).
+        text_device: where T5 lives and runs, e.g. "cpu" (default: `device`).
+        lookahead: blocks copied ahead in "stream" mode (default 2).
+        Apply LoRAs and `accelerate` (quantisation) first: offloading moves the weights that exist.
+        """
+        from cogvideox.fast import offload as offloading
+
+        mode = offloading.check_mode(mode)
+        device = self.device if device is None else loading.choose_device(device)
+        text_device = None if text_device is None else loading.choose_device(text_device)
+        if self.offload is not None:
+            self.offload.remove()
+            self.offload = None
+        reason = ""
+        if mode == "auto":
+            mode, reason = offloading.choose_for_pipeline(self, device, text_device)
+        self.offload = offloading.apply(
+            self, mode, device, text_device=text_device,
+            lookahead=offloading.DEFAULT_LOOKAHEAD if lookahead is None else lookahead,
+        )
+        self.offload_choice = reason or f"offload {mode!r}" + (f", T5 on {text_device}" if text_device else "")
+        return self
+
+    def accelerate(
+        self,
+        *,
+        quantize: str | None = None,
+        compile: bool | str = False,
+        cache: float | None = None,
+        fuse_qkv: bool = True,
+        attention: str | None = "auto",
+    ) -> Pipeline:
+        """Speed up the transformer in place (see `cogvideox.fast`); returns the pipeline.
+
+        quantize: None, "int8" (weight-only) or "fp8" (NVIDIA GPU of compute capability 8.9+, bf16).
+        compile: True or a torch.compile mode, applied per block. cache: first-block step cache threshold
+        (0 computes every step; larger skips more); its counters are in `pipe.acceleration.cache`.
+        fuse_qkv and attention ("auto": cuDNN first on CUDA) are lossless up to rounding.
+        Move the pipeline to its device first; a quantised transformer is for inference, not for saving.
+        """
+        from cogvideox import fast
+
+        device = self.device  # where the transformer computes, even while offloading keeps it in host memory
+        offload = self.offload
+        if offload is not None:  # rewrite the layers at home, then offload the rewritten ones
+            text_device = None if "text_encoder" in offload.components else self.text_encoder.model.device
+            offload.remove()
+            self.offload = None
+        fast.apply(
+            self, quantize=quantize, compile=compile, cache=cache, fuse_qkv=fuse_qkv, attention=attention, device=device
+        )
+        if offload is not None:
+            choice = self.offload_choice
+            self.enable_offload(offload.mode, offload.device, text_device=text_device, lookahead=offload.lookahead)
+            self.offload_choice = choice
+        return self
+
+    @property
+    def acceleration(self):
+        """What `accelerate` did (a `cogvideox.fast.Acceleration`), or None."""
+        return getattr(self.transformer, "acceleration", None)
 
     # -------------------------------------------------------------------------------------------------
     # What the model is
@@ -208,6 +358,9 @@ class Pipeline:
 
     @property
     def device(self) -> torch.device:
+        """Where the model computes (with offloading, not where its weights rest)."""
+        if self.offload is not None:
+            return self.offload.device
         return next(self.transformer.parameters()).device
 
     @property
@@ -251,7 +404,8 @@ class Pipeline:
         self, prompts: list[str], max_sequence_length: int, videos_per_prompt: int = 1
     ) -> torch.Tensor:
         """T5 embeddings [len(prompts) * videos_per_prompt, L, D] in the pipeline dtype, prompt-major."""
-        embeds = self.text_encoder.encode(prompts, max_sequence_length, device=self.device, dtype=self.dtype)
+        with self._memory_guard("text"):
+            embeds = self.text_encoder.encode(prompts, max_sequence_length, device=self.device, dtype=self.dtype)
         return embeds.repeat_interleave(videos_per_prompt, dim=0)
 
     def decode(self, latents: torch.Tensor, progress: bool = False) -> list[np.ndarray]:
@@ -263,9 +417,16 @@ class Pipeline:
         latents = latents.permute(0, 2, 1, 3, 4)  # [B, C, F, h, w], the VAE's layout
         latents = (1 / self.vae.config.scaling_factor) * latents
         with tqdm(total=1, desc="decoding", disable=not progress, leave=False) as bar:
-            videos = self.vae.decode(latents.to(self.dtype))  # [B, 3, T, H, W]
+            with self._memory_guard("decode", latents.shape[0]):
+                videos = self.vae.decode(latents.to(self.dtype))  # [B, 3, T, H, W]
             bar.update()
         return [to_uint8_frames(video) for video in videos]
+
+    def _memory_guard(self, stage: str, batch: int = 1):
+        """Out of GPU memory in `stage` becomes an `OutOfMemoryError` saying what would fit."""
+        from cogvideox.fast.offload import oom_guard
+
+        return oom_guard(stage, self, batch)
 
     def _start(self, request: GenerationRequest, generator, shape, picture=None, source=None, latents=None):
         """Where denoising starts: (latents [B, F, C, h, w], the denoiser, the timesteps to run)."""
@@ -394,7 +555,8 @@ class Pipeline:
         timings["text"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        latents, model, timesteps = self._start(request, generator, shape, picture, source, latents)
+        with self._memory_guard("encode", request.batch_size):
+            latents, model, timesteps = self._start(request, generator, shape, picture, source, latents)
         if request.task != "text":
             _sync(device)
             timings["encode"] = time.perf_counter() - start  # the VAE encoding of the image or video
@@ -407,7 +569,7 @@ class Pipeline:
             )
         inputs = DenoiseInputs(latents, text, guidance, rotary, generator)
         bar = tqdm(total=len(timesteps), desc="denoising", unit="step", disable=not progress, leave=False)
-        with bar:
+        with bar, self._memory_guard("denoise", request.batch_size):
 
             def on_step(i: int, t: int, current: torch.Tensor) -> None:
                 bar.update()
@@ -423,6 +585,8 @@ class Pipeline:
             start = time.perf_counter()
             frames = self.decode(latents[:, request.padding_frames :], progress=progress)
             timings["decode"] = time.perf_counter() - start
+        if self.offload is not None:
+            self.offload.release_all()  # nothing of ours stays on the device between calls
         return VideoOutput(frames, latents, seed, request.padding_frames, timings)
 
 
