@@ -7,7 +7,8 @@ generated video, and it never looks inside the model. The steps:
 2. take each frame's median colour as its background (the object covers a few percent of the frame);
 3. call a pixel foreground when it differs from the background by more than half the object's contrast,
    which keeps an object's area under blur;
-4. colour: the hue of the object's core pixels, nearest among the world's six hues. Hue is measured in
+4. colour: the hue of the object's core pixels, nearest among the world's six hues (or a palette
+   given to `judge`, such as one with the extra colour orange). Hue is measured in
    the chroma plane (RGB less its grey component), where a pixel mixed with a grey, black or white
    background keeps its angle, so blurred edges do not pull it towards another colour;
 5. direction: the object's position per frame (median of its pixel coordinates), a least-squares line
@@ -17,12 +18,13 @@ generated video, and it never looks inside the model. The steps:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from cogvideox.demo.world import COLOURS, COLOUR_RGB, parse_caption
+from cogvideox.demo.world import COLOURS, colour_rgb, parse_caption
 
 __all__ = ["UNKNOWN", "Verdict", "judge", "parse_caption"]
 
@@ -56,8 +58,9 @@ class Verdict:
     confidence: float
 
     def matches(self, caption: str) -> bool:
-        """Whether colour and direction agree with a caption of the world (the demo's success test)."""
-        colour, _, direction, _ = parse_caption(caption)
+        """Whether colour and direction agree with a caption of the world (the demo's success test);
+        captions with an extra colour (orange) are read too."""
+        colour, _, direction, _ = parse_caption(caption, include_extra=True)
         return self.colour == colour and self.direction == direction
 
 
@@ -67,7 +70,10 @@ def _chroma(rgb: np.ndarray) -> np.ndarray:
     return np.stack([r - 0.5 * (g + b), (math.sqrt(3) / 2) * (g - b)], axis=-1)
 
 
-_HUES = np.array([math.atan2(*_chroma(np.asarray(COLOUR_RGB[c], dtype=np.float64))[::-1]) for c in COLOURS])
+@functools.cache
+def _hues(palette: tuple[str, ...]) -> np.ndarray:
+    """The chroma-plane angle of each colour of `palette`, in its order."""
+    return np.array([math.atan2(*_chroma(np.asarray(colour_rgb(c), dtype=np.float64))[::-1]) for c in palette])
 
 
 def _box_blur3(x: np.ndarray) -> np.ndarray:
@@ -91,17 +97,17 @@ def _validated(frames) -> np.ndarray:
     return x.astype(np.float32)
 
 
-def _colour(core_rgb: np.ndarray) -> tuple[str, float]:
-    """Nearest world hue to the mean chroma of the core pixels, and how clearly."""
+def _colour(core_rgb: np.ndarray, palette: tuple[str, ...] = COLOURS) -> tuple[str, float]:
+    """Nearest hue of `palette` to the mean chroma of the core pixels, and how clearly."""
     chroma = _chroma(core_rgb).mean(axis=0)
     magnitude = float(np.hypot(*chroma))
     if magnitude < _MIN_CHROMA:
         return UNKNOWN, 0.0
     hue = math.atan2(chroma[1], chroma[0])
-    gaps = np.abs((_HUES - hue + math.pi) % (2 * math.pi) - math.pi)
+    gaps = np.abs((_hues(palette) - hue + math.pi) % (2 * math.pi) - math.pi)
     best, second = np.sort(gaps)[:2]
     # 1 when the hue sits on a world colour, 0 on the boundary between two.
-    return COLOURS[int(np.argmin(gaps))], float((second - best) / (second + best))
+    return palette[int(np.argmin(gaps))], float((second - best) / (second + best))
 
 
 def _median_positions(masks: np.ndarray) -> np.ndarray:
@@ -162,12 +168,24 @@ def _shape(distance: np.ndarray, times: np.ndarray, positions: np.ndarray, thres
     return "square" if fourfold < _SQUARE_HARMONIC else "circle"
 
 
-def judge(frames) -> Verdict:
+def judge(frames, colours: tuple[str, ...] | list[str] = COLOURS) -> Verdict:
     """Colour, direction (and shape) of the moving object in uint8 frames [F, H, W, 3].
+
+    `colours` is the palette the colour is chosen from: the world's six by default, or e.g.
+    `world.colours(include_extra=True)` to recognise orange as well (orange sits between red and
+    yellow, so adding it halves the hue margin of those two).
 
     Returns "unknown" colour and direction with confidence 0 when no object stands out of the
     background, and "unknown" direction when the object does not clearly move.
     """
+    palette = tuple(colours)
+    if len(palette) < 2 or len(set(palette)) != len(palette):
+        raise ValueError(f"judge needs at least two distinct colours to choose from, got {list(palette)}")
+    for name in palette:
+        try:
+            colour_rgb(name)
+        except KeyError:
+            raise ValueError(f"judge does not know the colour {name!r}") from None
     x = _box_blur3(_validated(frames))  # [F, H, W, 3]
     num_frames, height, width, _ = x.shape
     # Every other pixel is plenty for a median and halves the cost.
@@ -188,7 +206,7 @@ def judge(frames) -> Verdict:
         return nothing
 
     core = distance > 0.75 * contrast
-    colour, colour_confidence = _colour(x[core & present[:, None, None]])
+    colour, colour_confidence = _colour(x[core & present[:, None, None]], palette)
 
     times = np.flatnonzero(present).astype(np.float64)
     positions = _median_positions(masks[present])  # [N, 2] (y, x)

@@ -6,6 +6,10 @@ so the demo model can be checked on captions whose words it knows but whose comb
 
 A `Scene` fully describes its video and `render` is a pure numpy function of it, so a video is
 reproduced exactly from the seed that drew its scene.
+
+Beyond the base world there are extra concepts (`EXTRA_COLOURS`: orange) that no base caption, split or
+dataset contains; they exist to teach a trained model something new (`cogvideox.demo.teach`) and are
+accepted only where a function is asked to (`include_extra=True`).
 """
 
 from __future__ import annotations
@@ -39,6 +43,11 @@ COLOUR_RGB = {
     "cyan": (25, 205, 215),
 }
 BACKGROUND_RGB = {"black": (0, 0, 0), "white": (255, 255, 255), "gray": (128, 128, 128)}
+
+# Colours outside the base world. Orange's hue (28 degrees in the judge's chroma plane) sits halfway
+# between red (0) and yellow (55), as far from both as the palette allows.
+EXTRA_COLOURS = ("orange",)
+EXTRA_COLOUR_RGB = {"orange": (245, 125, 20)}
 
 # Unit motion per direction, in image coordinates (x to the right, y downwards).
 DIRECTION_VECTORS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
@@ -86,11 +95,12 @@ class Scene:
     frames: int = FRAMES
     height: int = HEIGHT
     width: int = WIDTH
+    include_extra: bool = False  # whether the colour may be one of EXTRA_COLOURS
 
     def __post_init__(self) -> None:
         for name, vocabulary in (
             ("shape", SHAPES),
-            ("colour", COLOURS),
+            ("colour", colours(self.include_extra)),
             ("direction", DIRECTIONS),
             ("background", BACKGROUNDS),
         ):
@@ -110,6 +120,16 @@ class Scene:
         return np.stack([self.start[0] + vx * self.speed * t, self.start[1] + vy * self.speed * t], axis=1)
 
 
+def colours(include_extra: bool = False) -> tuple[str, ...]:
+    """The colour words: the base world's, followed by `EXTRA_COLOURS` when `include_extra`."""
+    return COLOURS + EXTRA_COLOURS if include_extra else COLOURS
+
+
+def colour_rgb(colour: str) -> tuple[int, int, int]:
+    """The RGB of a base or extra colour."""
+    return COLOUR_RGB[colour] if colour in COLOUR_RGB else EXTRA_COLOUR_RGB[colour]
+
+
 def caption(scene: Scene) -> str:
     """The English caption of a scene, from `CAPTION_TEMPLATE`."""
     return CAPTION_TEMPLATE.format(
@@ -117,15 +137,16 @@ def caption(scene: Scene) -> str:
     )
 
 
-def parse_caption(text: str) -> tuple[str, str, str, str]:
-    """Inverse of `caption`: `(colour, shape, direction, background)` of a caption of this world."""
+def parse_caption(text: str, include_extra: bool = False) -> tuple[str, str, str, str]:
+    """Inverse of `caption`: `(colour, shape, direction, background)` of a caption of this world (or,
+    with `include_extra`, of the world extended by `EXTRA_COLOURS`)."""
     normalised = " ".join(text.lower().split())
     match = _CAPTION_PATTERN.fullmatch(normalised)
     if match is None:
         raise ValueError(f"{text!r} is not a caption of the demo world; captions read {CAPTION_TEMPLATE!r}")
     colour, shape, direction, background = match.group("colour", "shape", "direction", "background")
     for name, word, vocabulary in (
-        ("colour", colour, COLOURS),
+        ("colour", colour, colours(include_extra)),
         ("shape", shape, SHAPES),
         ("direction", direction, DIRECTIONS),
         ("background", background, BACKGROUNDS),
@@ -165,6 +186,16 @@ def held_out_captions() -> tuple[str, ...]:
     return tuple(c for c in all_captions() if is_held_out(c))
 
 
+@functools.cache
+def extra_captions() -> tuple[str, ...]:
+    """The captions of the extra colours (3 shapes x 4 directions x 3 backgrounds each), in a fixed
+    order; none of them is in `all_captions()`."""
+    return tuple(
+        CAPTION_TEMPLATE.format(colour=c, shape=s, direction=d, background=b)
+        for s, c, d, b in itertools.product(SHAPES, EXTRA_COLOURS, DIRECTIONS, BACKGROUNDS)
+    )
+
+
 def captions_of(split: str) -> tuple[str, ...]:
     """The captions of a split: "train", "held_out" or "all"."""
     if split == "train":
@@ -182,14 +213,15 @@ def scene_for_caption(
     frames: int = FRAMES,
     height: int = HEIGHT,
     width: int = WIDTH,
+    include_extra: bool = False,
 ) -> Scene:
     """A scene matching `text`, with size, start position and speed drawn from `rng`.
 
     The object stays wholly inside the frame for the whole clip and crosses 50-90% of the free span
-    along its direction of motion.
+    along its direction of motion. `include_extra` admits captions with an extra colour.
     """
     rng = np.random.default_rng(rng)
-    colour, shape, direction, background = parse_caption(text)
+    colour, shape, direction, background = parse_caption(text, include_extra)
     if frames < 2:
         raise ValueError(f"a moving object needs at least 2 frames, got {frames}")
     size = height * rng.uniform(*_SIZE_RANGE)
@@ -221,6 +253,7 @@ def scene_for_caption(
         frames=frames,
         height=height,
         width=width,
+        include_extra=include_extra,
     )
 
 
@@ -262,7 +295,7 @@ def render(scene: Scene) -> np.ndarray:
     distance = _signed_distance(scene.shape, dx, dy, scene.size)  # [F, H, W]
     coverage = np.clip(0.5 - distance, 0.0, 1.0)[..., None]
     background = np.asarray(BACKGROUND_RGB[scene.background], dtype=np.float32)
-    colour = np.asarray(COLOUR_RGB[scene.colour], dtype=np.float32)
+    colour = np.asarray(colour_rgb(scene.colour), dtype=np.float32)
     video = background + coverage * (colour - background)  # [F, H, W, 3]
     return np.rint(video).astype(np.uint8)
 
