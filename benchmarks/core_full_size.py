@@ -33,24 +33,37 @@ T5_XXL = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, vo
 T5_TINY = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, vocab_size=200)
 
 
-def random_init_(module: torch.nn.Module, seed: int) -> None:
-    """Fill every parameter with small random values (weights ~ N(0, 0.02), norms ~ 1)."""
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            g = torch.Generator(device=p.device).manual_seed(seed)
+def random_state(module: torch.nn.Module, device, dtype, seed: int) -> dict[str, torch.Tensor]:
+    """Small random values for every tensor of `module`'s state dict (weights ~ N(0, 0.02), norms ~ 1).
+
+    Tied tensors (T5's shared embedding) get one value, so loading keeps them tied.
+    """
+    state, made = {}, {}
+    for name, t in module.state_dict(keep_vars=True).items():
+        if id(t) not in made:
+            g = torch.Generator(device=device).manual_seed(seed)
             seed += 1
-            values = torch.randn(p.shape, generator=g, device=p.device) * 0.02
-            if p.ndim == 1 and "norm" in name and name.endswith("weight"):
+            values = torch.randn(t.shape, generator=g, device=device) * 0.02
+            if t.ndim == 1 and "norm" in name and name.endswith("weight"):
                 values += 1.0
-            p.copy_(values.to(p.dtype))
+            made[id(t)] = values.to(dtype)
+        state[name] = made[id(t)]
+    return state
 
 
 def build(module_fn, device, dtype, seed):
+    """Build on the meta device and load random tensors by assignment, as checkpoint loading does.
+
+    Loading (not `to_empty`) matters: buffers that are computed rather than saved, such as the 2B
+    sin-cos positional table, are recomputed by their modules' load hooks; after `to_empty` they would
+    hold whatever the fresh memory held (NaN outputs).
+    """
     with torch.device("meta"):
         module = module_fn()
-    module = module.to_empty(device=device)
-    random_init_(module, seed)
-    return module.to(dtype).eval()
+    module.load_state_dict(random_state(module, device, dtype, seed), strict=True, assign=True)
+    leftover = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    assert not leftover, f"still on the meta device: {leftover}"
+    return module.eval()
 
 
 def make_text_encoder(workdir: Path, t5: dict, device, dtype) -> TextEncoder:
@@ -163,6 +176,12 @@ def main() -> None:
             with torch.device("meta"):
                 ref = CogVideoXTransformer3DModel(**cfg)
             ref.load_state_dict(transformer.state_dict(), assign=True)
+            if not preset.use_rotary_positional_embeddings:
+                # The reference's sin-cos table is not in the state dict either: its own code recomputes it.
+                embed = ref.patch_embed
+                embed.pos_embedding = embed._get_positional_embeddings(
+                    preset.sample_height, preset.sample_width, preset.sample_frames
+                )
             ref = ref.to(device, dtype).eval()
             del pipe, transformer
             if device.type == "cuda":

@@ -237,3 +237,90 @@ def test_user_errors_are_explained():
     vae = CogVideoXVAE(vae_config((8, 8, 8), norm_num_groups=4, latent_channels=4))
     with pytest.raises(ValueError, match=r"permute\(0, 2, 1, 3, 4\)"):
         vae.decode(torch.zeros(1, 3, 4, 2, 2))  # [B, F, C, h, w] by mistake
+
+
+# --- Tiles keep the frame size -----------------------------------------------------------------------
+# A purely local stand-in for the decoder (each latent becomes an 8x8 block) and the encoder (8x8 means):
+# every tile then computes exactly the untiled values where it overlaps, so any misplaced crop or blend
+# shows up as a difference, not only as a wrong shape.
+
+from cogvideox.models.vae_tiling import Tiling, tiled_decode, tiled_encode  # noqa: E402
+
+
+def _blocks(z):
+    return z.repeat_interleave(8, dim=-2).repeat_interleave(8, dim=-1)
+
+
+def _means(x):
+    b, c, t, h, w = x.shape
+    return x.reshape(b, c, t, h // 8, 8, w // 8, 8).mean(dim=(-3, -1))
+
+
+TILE_SETTINGS = [  # (tile height, tile width, overlap height, overlap width) in pixels
+    (240, 360, 1 / 6, 1 / 5),  # the reference's defaults for 480x720
+    (64, 64, 0.2, 0.2),  # 64-px tiles: stride 6 latents, blend 12 px by the reference's rule (16 here)
+    (32, 64, 0.5, 0.25),
+    (48, 80, 1 / 3, 0.3),
+    (100, 72, 0.25, 0.6),  # a tile that is not whole latents, and overlaps over half a tile
+]
+
+
+@pytest.mark.parametrize("tile", TILE_SETTINGS)
+def test_tiled_processing_equals_untiled_for_a_local_process(tile):
+    tiling = Tiling(*tile, spatial_compression=8)
+    g = torch.Generator().manual_seed(0)
+    for h, w in [(8, 12), (13, 7), (30, 45), (31, 46), (60, 90), (9, 100), (52, 17)]:
+        z = torch.randn(1, 2, 1, h, w, generator=g, dtype=torch.float64)
+        got = tiled_decode(_blocks, z, tiling)
+        assert got.shape == (1, 2, 1, 8 * h, 8 * w), (tile, h, w)
+        torch.testing.assert_close(got, _blocks(z), rtol=0, atol=1e-12)
+        x = _blocks(z) + 0.1 * torch.randn(1, 2, 1, 8 * h, 8 * w, generator=g, dtype=torch.float64)
+        got = tiled_encode(_means, x, tiling)
+        assert got.shape == (1, 2, 1, h, w), (tile, h, w)
+        torch.testing.assert_close(got, _means(x), rtol=0, atol=1e-12)
+
+
+def test_reference_tiles_overshoot_where_ours_keep_the_size(slim):
+    """The demo model's 64x96 frames (8x12 latents) with 64-px tiles: the reference's tiled decode is
+    larger than its untiled decode, ours is not."""
+    ref, ours = slim
+    z = torch.randn(1, 4, 1, 8, 12, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        untiled = ours.decode(z)
+        ref.enable_tiling(64, 64, 0.2, 0.2)
+        ours.enable_tiling(64, 64, 0.2, 0.2)
+        try:
+            theirs, got = ref.decode(z).sample, ours.decode(z)
+        finally:
+            ref.disable_tiling()
+            ours.disable_tiling()
+    assert untiled.shape == (1, 3, 1, 64, 96)
+    assert theirs.shape[-2:] != untiled.shape[-2:]
+    assert got.shape == untiled.shape
+
+    # No seam: where one tile's kept pixels end and the next tile's begin (rows and columns 47|48), the
+    # step between neighbouring pixels is about the untiled frame's step at the same place. (GroupNorm
+    # sees only its tile, so the pixels are not the untiled ones; a random decoder's output also has a
+    # period-8 texture, hence the comparison at the same row/column rather than with the frame's mean.)
+    def steps(video, dim):
+        return video.diff(dim=dim).abs().mean(dim=[d for d in range(5) if d != video.dim() + dim])
+
+    assert steps(got, -2)[47] <= 1.6 * steps(untiled, -2)[47]
+    assert steps(got, -1)[47] <= 1.6 * steps(untiled, -1)[47]
+    assert rel_err(got, untiled) < 0.5
+
+
+def test_default_tiles_match_reference_at_480x720(slim):
+    ref, ours = slim
+    z = torch.randn(1, 4, 1, 60, 90, generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        # The defaults of a fresh model (earlier tests leave other tiles behind on these shared ones).
+        ref.enable_tiling(240, 360, 1 / 6, 1 / 5)
+        ours.enable_tiling(240, 360, 1 / 6, 1 / 5)
+        try:
+            got, want = ours.decode(z), ref.decode(z).sample
+        finally:
+            ref.disable_tiling()
+            ours.disable_tiling()
+    assert got.shape == want.shape == (1, 3, 1, 480, 720)
+    assert rel_err(got, want) <= TOL

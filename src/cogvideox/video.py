@@ -13,7 +13,10 @@ import numpy as np
 from cogvideox.errors import InputError
 
 # Visually lossless for these short clips and still a few hundred kB; "medium" is x264's default speed.
-_X264_OPTIONS = {"crf": "18", "preset": "medium"}
+# The macroblock tree (x264's lookahead-driven quantiser offsets) is off because with it the same frames
+# do not always give the same file: some runs encode a few B/P frames differently (up to ~25/255 per
+# pixel after decoding), even with one thread. Without it, equal frames give byte-identical files.
+_X264_OPTIONS = {"crf": "18", "preset": "medium", "x264-params": "mbtree=0"}
 
 
 def as_frames(frames: np.ndarray | Sequence) -> np.ndarray:
