@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from cogvideox.models.config import SchedulerConfig, TransformerConfig, VAEConfig
+from cogvideox.models.config import SchedulerConfig, VAEConfig
 from cogvideox.models.transformer import TRANSFORMER_PRESETS, CogVideoXTransformer
 from cogvideox.models.vae import CogVideoXVAE
 from cogvideox.pipeline import Pipeline
@@ -66,6 +66,12 @@ def build(module_fn, device, dtype, seed):
     return module.eval()
 
 
+def random_init_(module: torch.nn.Module, seed: int) -> None:
+    """`random_state`'s values copied into a module that is already materialised, in place."""
+    first = next(module.parameters())
+    module.load_state_dict(random_state(module, first.device, first.dtype, seed))
+
+
 def make_text_encoder(workdir: Path, t5: dict, device, dtype) -> TextEncoder:
     import sentencepiece as spm
     from transformers import T5Config, T5EncoderModel, T5Tokenizer
@@ -96,6 +102,33 @@ def timed(fn, device, warmup=1, repeat=3) -> list[float]:
     return times
 
 
+def bench_device(tiny: bool) -> tuple[torch.device, torch.dtype]:
+    """The GPU in bf16 when there is one (and not --tiny), else the CPU in fp32."""
+    device = torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu")
+    return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def build_pipeline(variant: str, tiny: bool, device, dtype, workdir: Path, tiny_layers: int = 2):
+    """The released 5B or 2B architecture with random weights (tiny: a few small layers, for the CPU).
+
+    Returns (pipeline, the transformer config, dict(num_frames, height, width) of a full-size video).
+    """
+    preset = TRANSFORMER_PRESETS["CogVideoX-5b" if variant == "5b" else "CogVideoX-2b"]
+    vae_config = VAEConfig(scaling_factor=0.7 if variant == "5b" else 1.15258426)
+    t5, size = T5_XXL, dict(num_frames=49, height=480, width=720)
+    if tiny:
+        preset = preset.replace(num_layers=tiny_layers, num_attention_heads=2, text_embed_dim=32,
+                                sample_height=8, sample_width=12, sample_frames=9)  # fmt: skip
+        vae_config = VAEConfig(block_out_channels=(16, 16, 16, 16), norm_num_groups=4, layers_per_block=1,
+                               scaling_factor=vae_config.scaling_factor, sample_height=64, sample_width=96)  # fmt: skip
+        t5, size = T5_TINY, dict(num_frames=9, height=64, width=96)
+    text_encoder = make_text_encoder(workdir, t5, device, dtype)
+    transformer = build(lambda: CogVideoXTransformer(preset), device, dtype, seed=1)
+    vae = build(lambda: CogVideoXVAE(vae_config), device, dtype, seed=2)
+    scheduler = make_scheduler(SchedulerConfig(snr_shift_scale=1.0 if variant == "5b" else 3.0), "ddim")
+    return Pipeline(transformer, vae, text_encoder, scheduler), preset, size
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variant", choices=("5b", "2b"), default="5b")
@@ -106,19 +139,13 @@ def main() -> None:
     args = p.parse_args()
 
     out_dir = Path(os.environ.get("OUT", "."))
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    preset = TRANSFORMER_PRESETS["CogVideoX-5b" if args.variant == "5b" else "CogVideoX-2b"]
-    vae_config = VAEConfig(scaling_factor=0.7 if args.variant == "5b" else 1.15258426)
-    t5 = T5_XXL
-    frames, height, width = 49, 480, 720
-    if args.tiny:
-        preset = preset.replace(num_layers=2, num_attention_heads=2, text_embed_dim=32,
-                                sample_height=8, sample_width=12, sample_frames=9)
-        vae_config = VAEConfig(block_out_channels=(16, 16, 16, 16), norm_num_groups=4, layers_per_block=1,
-                               scaling_factor=vae_config.scaling_factor)
-        t5 = T5_TINY
-        frames, height, width = 9, 64, 96
+    device, dtype = bench_device(args.tiny)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        pipe, preset, size = build_pipeline(args.variant, args.tiny, device, dtype, Path(tmp))
+    build_s = time.perf_counter() - t0
+    transformer = pipe.transformer
+    frames, height, width = size["num_frames"], size["height"], size["width"]
     result: dict = {
         "variant": args.variant, "tiny": args.tiny, "device": str(device), "dtype": str(dtype),
         "torch": torch.__version__, "frames": frames, "height": height, "width": width,
@@ -126,14 +153,7 @@ def main() -> None:
     if device.type == "cuda":
         result["gpu"] = torch.cuda.get_device_name()
 
-    t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        text_encoder = make_text_encoder(Path(tmp), t5, device, dtype)
-    transformer = build(lambda: CogVideoXTransformer(preset), device, dtype, seed=1)
-    vae = build(lambda: CogVideoXVAE(vae_config), device, dtype, seed=2)
-    scheduler = make_scheduler(SchedulerConfig(snr_shift_scale=1.0 if args.variant == "5b" else 3.0), "ddim")
-    pipe = Pipeline(transformer, vae, text_encoder, scheduler)
-    result["build_s"] = time.perf_counter() - t0
+    result["build_s"] = build_s
     result["transformer_params"] = sum(p.numel() for p in transformer.parameters())
 
     # 1. End to end: T5, `steps` denoising steps with CFG, VAE decode.

@@ -40,13 +40,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from core_full_size import T5_TINY, T5_XXL, make_text_encoder, random_init_  # noqa: E402
+import core_full_size  # noqa: E402
 
-from cogvideox.models.config import SchedulerConfig, VAEConfig  # noqa: E402
-from cogvideox.models.transformer import TRANSFORMER_PRESETS, CogVideoXTransformer  # noqa: E402
-from cogvideox.models.vae import CogVideoXVAE  # noqa: E402
 from cogvideox.pipeline import Pipeline  # noqa: E402
-from cogvideox.schedulers import make_scheduler  # noqa: E402
 
 GIB = 2**30
 PROMPT = "a panda plays guitar in a bamboo forest under soft light"
@@ -89,32 +85,11 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def build(module_fn, device, dtype, seed):
-    # Built for real on the device (not on meta), so buffers that are no parameters, such as the 2B's
-    # sin-cos table, hold their values.
-    with torch.device(device):
-        module = module_fn()
-    random_init_(module, seed)
-    return module.to(dtype).eval()
-
-
 def build_pipeline(args, device, dtype, workdir: Path) -> tuple[Pipeline, dict]:
-    preset = TRANSFORMER_PRESETS["CogVideoX-5b" if args.variant == "5b" else "CogVideoX-2b"]
-    vae_config = VAEConfig(scaling_factor=0.7 if args.variant == "5b" else 1.15258426)
-    t5, size = T5_XXL, dict(num_frames=49, height=480, width=720)
-    if args.tiny:
-        preset = preset.replace(num_layers=4, num_attention_heads=2, text_embed_dim=32,
-                                sample_height=8, sample_width=12, sample_frames=9)  # fmt: skip
-        vae_config = VAEConfig(block_out_channels=(16, 16, 16, 16), norm_num_groups=4, layers_per_block=1,
-                               scaling_factor=vae_config.scaling_factor, sample_height=64, sample_width=96)
-        t5, size = T5_TINY, dict(num_frames=9, height=64, width=96)
-    text_encoder = make_text_encoder(workdir, t5, device, dtype)
-    transformer = build(lambda: CogVideoXTransformer(preset), device, dtype, seed=1)
-    vae = build(lambda: CogVideoXVAE(vae_config), device, dtype, seed=2)
-    scheduler = make_scheduler(SchedulerConfig(snr_shift_scale=1.0 if args.variant == "5b" else 3.0), "ddim")
+    pipe, preset, size = core_full_size.build_pipeline(args.variant, args.tiny, device, dtype, workdir, tiny_layers=4)
     request = dict(size, num_inference_steps=args.steps, guidance_scale=6.0, seed=42, progress=False,
                    max_sequence_length=preset.max_text_seq_length)  # fmt: skip
-    return Pipeline(transformer, vae, text_encoder, scheduler), request
+    return pipe, request
 
 
 def run_once(pipe: Pipeline, request: dict, device) -> tuple[dict, object]:
@@ -208,8 +183,7 @@ def main() -> int:
     args = p.parse_args()
 
     out_dir = Path(os.environ.get("OUT", "."))
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    device, dtype = core_full_size.bench_device(args.tiny)
     runs = [(r.split("+")[0], r.endswith("+tiling")) for r in args.modes.split(",")]
     variants = ["5b", "2b"] if args.variant == "both" else [args.variant]
     mismatches = 0

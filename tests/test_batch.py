@@ -81,6 +81,24 @@ def test_batch_reports_progress_over_the_whole_batch(capsys, tmp_path):
     assert "2/2" in err and "video" in err
 
 
+def test_batch_samples_as_generate_does(capsys, tmp_path):
+    """The sampling flags the two commands share reach the pipeline the same way: same flags and seed,
+    same video; and dropping --dynamic-cfg changes it, so the flag is not silently ignored."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red ball rolls left\n")
+    flags = ["--scheduler", "dpm", "--dynamic-cfg", "--dynamic-cfg-clock", "smooth", "--guidance", "4",
+             "--negative-prompt", "blurry", "--max-sequence-length", "12", "--seed", "3", *FAST]  # fmt: skip
+    assert main(["generate", "a red ball rolls left", "-o", str(tmp_path / "one.mp4"), *flags]) == 0
+    assert main(["batch", str(prompts), "-o", str(tmp_path / "dyn"), *flags]) == 0
+    flags.remove("--dynamic-cfg")
+    assert main(["batch", str(prompts), "-o", str(tmp_path / "fixed"), *flags]) == 0
+    capsys.readouterr()
+    name = video_name(0, "a red ball rolls left")
+    single = read_video(tmp_path / "one.mp4")[0]
+    assert np.array_equal(read_video(tmp_path / "dyn" / name)[0], single)
+    assert not np.array_equal(read_video(tmp_path / "fixed" / name)[0], single)
+
+
 @pytest.mark.parametrize(
     "content, message",
     [

@@ -194,7 +194,7 @@ def _one_video(pipe, item: Item, output_dir: Path, fps: float, leader: bool, req
 
 def add_batch_parser(commands) -> None:
     """Add `batch` to the `cogvideox` command's sub-parsers."""
-    from cogvideox.cli import _finite_float, _non_negative_int, _positive_float, _positive_int
+    from cogvideox.cli_args import add_model_arguments, add_sampling_arguments, positive_float
 
     bat = commands.add_parser(
         "batch",
@@ -206,23 +206,13 @@ def add_batch_parser(commands) -> None:
     arg = bat.add_argument
     arg("prompts", help="text file with one prompt per line")
     arg("-o", "--output-dir", required=True, help="folder for the videos and manifest.jsonl (created if missing)")
-    arg(
-        "--model",
-        default=None,
-        help="model folder in the diffusers layout, or a Hugging Face repo id such as THUDM/CogVideoX-2b; "
-        "default: the embedded demo model",
+    add_model_arguments(
+        bat, device_help="cpu, cuda or cuda:N (default: cuda when available; cuda:LOCAL_RANK under torchrun)"
     )
-    arg("--negative-prompt", default="", help="the unconditional branch of guidance for every video (default: empty)")
-    arg("--steps", type=_positive_int, default=50, help="number of denoising steps (default: 50)")
-    arg("--guidance", type=_finite_float, default=6.0, help="classifier-free guidance scale (default: 6)")
-    arg("--scheduler", choices=("ddim", "dpm"), default=None, help="sampler (default: the model's own)")
-    arg("--seed", type=_non_negative_int, default=0, help="seed of the first prompt; prompt i gets seed+i (default: 0)")
-    arg("--frames", type=_positive_int, help="number of frames, 8k+1 such as 49 (default: the model's)")
-    arg("--height", type=_positive_int, help="video height in pixels, a multiple of 16 (default: the model's)")
-    arg("--width", type=_positive_int, help="video width in pixels, a multiple of 16 (default: the model's)")
-    arg("--fps", type=_positive_float, help="frame rate of the MP4s (default: the model's, 8 or 16)")
-    arg("--dtype", help="bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU; 5B models need bf16)")
-    arg("--device", help="cpu, cuda or cuda:N (default: cuda when available; cuda:LOCAL_RANK under torchrun)")
+    add_sampling_arguments(
+        bat, seed_default=0, seed_help="seed of the first prompt; prompt i gets seed+i (default: 0)"
+    )
+    arg("--fps", type=positive_float, help="frame rate of the MP4s (default: the model's, 8 or 16)")
     arg(
         "--vae-tiling",
         action="store_true",
@@ -235,15 +225,13 @@ def add_batch_parser(commands) -> None:
         help="processes per video under torchrun, e.g. cfg=2,ulysses=2 (see `generate --help`); default: "
         "one process per video",
     )
-    arg("--revision", help="hub revision (branch, tag or commit) of --model (default: main)")
-    arg("--offline", action="store_true", help="never download; use a local folder or the hub cache")
     arg("--quiet", action="store_true", help="no progress bars, only the final report")
     bat.set_defaults(run=_batch)
 
 
 def _batch(args: argparse.Namespace) -> int:
-    from cogvideox import loading
     from cogvideox.cli import RUN_ERROR, _quiet_libraries
+    from cogvideox.cli_args import locate_model, request_from_args
     from cogvideox.parallel import launch, parallelize
     from cogvideox.parallel.decode import enable_tile_split
     from cogvideox.pipeline import Pipeline
@@ -253,21 +241,11 @@ def _batch(args: argparse.Namespace) -> int:
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise InputError(f"--output-dir {output_dir} is a file; give a folder")
-    request = dict(
-        negative_prompt=args.negative_prompt,
-        num_frames=args.frames,
-        height=args.height,
-        width=args.width,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
-    )
+    request = request_from_args(args)
     _quiet_libraries()
 
     # Every prompt is checked against the model before any loading.
-    loading.parse_dtype(args.dtype)
-    device = loading.choose_device(args.device)
-    folder = loading.resolve_model_dir(args.model, revision=args.revision, local_files_only=args.offline)
-    configs = loading.read_model_configs(folder)
+    device, folder, configs = locate_model(args)
     train_steps = configs.scheduler.num_train_timesteps
     for prompt in prompts:
         check_request(configs.transformer, configs.vae, prompt, num_train_timesteps=train_steps, **request)

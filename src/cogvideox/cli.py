@@ -18,6 +18,18 @@ import time
 import warnings
 from pathlib import Path
 
+from cogvideox.cli_args import (
+    add_model_arguments,
+    add_sampling_arguments,
+    finite_float,
+    fraction,
+    locate_model,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    request_from_args,
+)
 from cogvideox.errors import CogVideoXError, InputError, LoadError
 from cogvideox.models.config import ConfigError
 
@@ -31,64 +43,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
-
-
-def _strength(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
-    return value
-
-
-def _finite_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if value != value or value in (float("inf"), float("-inf")):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
-    return value
-
-
-def _threshold(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
-    return value
+# `demo/teach.py` builds its parser from these, under their earlier names.
+_non_negative_int, _positive_float, _positive_int = non_negative_int, positive_float, positive_int
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,49 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     arg = gen.add_argument
     arg("prompt", help="what the video should show")
     arg("-o", "--output", default="output.mp4", help="path of the MP4 to write (default: output.mp4)")
-    arg(
-        "--model",
-        default=None,
-        help="model folder in the diffusers layout, or a Hugging Face repo id such as THUDM/CogVideoX-2b "
-        "(taken from the cache when present, else downloaded); default: the embedded demo model",
-    )
-    arg(
-        "--negative-prompt",
-        default="",
-        help="what the video should not show: the unconditional branch of guidance (default: empty)",
-    )
-    arg("--steps", type=_positive_int, default=50, help="number of denoising steps (default: 50)")
-    arg(
-        "--guidance",
-        type=_finite_float,
-        default=6.0,
-        help="classifier-free guidance scale; 1 or less turns guidance off (default: 6)",
-    )
-    arg(
-        "--dynamic-cfg",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="vary the guidance scale over the steps, as the official demos do with the DPM scheduler "
-        "(default: off)",
-    )
-    arg(
-        "--dynamic-cfg-clock",
-        choices=("reference", "smooth"),
-        default="reference",
-        help="dynamic CFG clock: 'reference' feeds the raw timestep as the reference does (the scale "
-        "oscillates), 'smooth' the step index (the scale decays from 1+guidance to 1); default: reference",
-    )
-    arg(
-        "--scheduler",
-        choices=("ddim", "dpm"),
-        default=None,
-        help="sampler: deterministic DDIM or stochastic DPM-Solver++(2M) SDE; default: the model's own",
-    )
-    arg("--seed", type=_non_negative_int, default=None, help="noise seed (default: random, printed)")
-    arg("--frames", type=_positive_int, help="number of frames, 8k+1 such as 49 (default: the model's)")
-    arg("--height", type=_positive_int, help="video height in pixels, a multiple of 16 (default: the model's)")
-    arg("--width", type=_positive_int, help="video width in pixels, a multiple of 16 (default: the model's)")
-    arg("--fps", type=_positive_float, help="frame rate of the MP4 (default: the model's, 8 or 16)")
+    add_model_arguments(gen)
+    add_sampling_arguments(gen, seed_default=None, seed_help="noise seed (default: random, printed)")
+    arg("--fps", type=positive_float, help="frame rate of the MP4 (default: the model's, 8 or 16)")
     arg(
         "--image",
         help="first frame for an image-to-video model (PNG, JPEG, ...), resized to the video size; such "
@@ -168,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     arg(
         "--strength",
-        type=_strength,
+        type=fraction,
         help="video-to-video: fraction of the denoising schedule that runs, in (0, 1]; lower stays closer "
         "to the input (default: 0.8)",
     )
@@ -181,17 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     arg(
         "--num-videos",
-        type=_positive_int,
+        type=positive_int,
         default=1,
         help="videos to generate, written as OUTPUT-1.mp4, OUTPUT-2.mp4, ... (default: 1)",
     )
-    arg(
-        "--max-sequence-length",
-        type=_positive_int,
-        help="T5 tokens per prompt (default: the model's, 226 for the released models)",
-    )
-    arg("--dtype", help="bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU; 5B models need bf16)")
-    arg("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     arg(
         "--offload",
         choices=("auto", "none", "model", "stream", "sequential"),
@@ -209,8 +118,6 @@ def build_parser() -> argparse.ArgumentParser:
         "(as the reference's tiled decode)",
     )
     arg("--vae-slicing", action="store_true", help="decode the videos of --num-videos one at a time (less memory)")
-    arg("--revision", help="hub revision (branch, tag or commit) of --model (default: main)")
-    arg("--offline", action="store_true", help="never download; use a local folder or the hub cache")
     arg("--quiet", action="store_true", help="no progress bars, only the final report")
     arg(
         "--parallel",
@@ -235,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     arg(
         "--cache",
-        type=_threshold,
+        type=non_negative_float,
         metavar="THRESHOLD",
         help="step cache: skip all but the first transformer block on steps whose first-block residual "
         "changed by less than THRESHOLD (relative; 0 computes every step, ~0.05-0.2 skips some); default: off",
@@ -250,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     arg(
         "--lora-scale",
-        type=_finite_float,
+        type=finite_float,
         action="append",
         default=[],
         metavar="S",
@@ -311,29 +218,14 @@ def _generate(args: argparse.Namespace) -> int:
             raise InputError(f"--output {path} is a folder; give a file name such as {path / 'video.mp4'}")
         if not path.parent.is_dir():
             raise InputError(f"--output folder {path.parent} does not exist")
-    request = dict(
-        negative_prompt=args.negative_prompt,
-        num_frames=args.frames,
-        height=args.height,
-        width=args.width,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
-        use_dynamic_cfg=args.dynamic_cfg,
-        dynamic_cfg=args.dynamic_cfg_clock,
-        num_videos_per_prompt=args.num_videos,
-        max_sequence_length=args.max_sequence_length,
-        resize=args.resize,
-    )
+    request = request_from_args(args) | dict(num_videos_per_prompt=args.num_videos, resize=args.resize)
     _quiet_libraries()
 
     # Every mistake that the inputs and the configs alone reveal fails here, before minutes of loading.
     start = time.perf_counter()
-    loading.parse_dtype(args.dtype)
-    device = loading.choose_device(args.device)
     picture = conditioning.load_image(args.image) if args.image else None
     source = conditioning.load_video(args.video) if args.video else None
-    folder = loading.resolve_model_dir(args.model, revision=args.revision, local_files_only=args.offline)
-    configs = loading.read_model_configs(folder)
+    device, folder, configs = locate_model(args)
     train_steps = configs.scheduler.num_train_timesteps
     task = "image" if args.image else "video" if args.video else "text"
     accelerate = args.quantize is not None or args.compile or args.cache is not None

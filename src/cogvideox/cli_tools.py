@@ -13,24 +13,17 @@ import argparse
 import time
 from pathlib import Path
 
-from cogvideox.cli import _finite_float, _positive_float, _positive_int, _quiet_libraries
+from cogvideox.cli import _quiet_libraries
+from cogvideox.cli_args import MODEL_HELP, add_model_arguments, finite_float, locate_model, positive_float, positive_int
 from cogvideox.errors import InputError
 
 
 def _add_model_args(parser: argparse.ArgumentParser, model_help: str) -> None:
-    arg = parser.add_argument
-    arg("--model", default=None, help=model_help)
-    arg("--dtype", help="bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU; 5B models need bf16)")
-    arg("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    arg("--revision", help="hub revision (branch, tag or commit) of --model (default: main)")
-    arg("--offline", action="store_true", help="never download; use a local folder or the hub cache")
-    arg("--quiet", action="store_true", help="no progress bars, only the final report")
+    add_model_arguments(parser, model_help=model_help)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars, only the final report")
 
 
-_MODEL_HELP = (
-    "text-to-video model folder in the diffusers layout, or a Hugging Face repo id such as THUDM/CogVideoX-5b "
-    "(taken from the cache when present, else downloaded); default: the embedded demo model"
-)
+_MODEL_HELP = "text-to-video " + MODEL_HELP  # inversion runs the text-to-video sampler backwards
 
 
 def add_tool_parsers(commands) -> None:
@@ -50,31 +43,31 @@ def add_tool_parsers(commands) -> None:
     arg("--reconstruct", help="also regenerate the video from the latents and write it here (MP4)")
     arg(
         "--steps",
-        type=_positive_int,
+        type=positive_int,
         default=50,
         help="DDIM steps, the same both ways; more invert more exactly: try 100 if the reconstruction drifts "
         "(default: 50, as the official tool)",
     )
     arg(
         "--guidance",
-        type=_finite_float,
+        type=finite_float,
         default=1.0,
         help="classifier-free guidance scale for both directions; 1 (off) inverts most faithfully (default: 1)",
     )
     arg(
         "--frames",
-        type=_positive_int,
+        type=positive_int,
         help="frames of the video to use, 8k+1 (default: the model's count, or all of a shorter video's 8k+1)",
     )
-    arg("--height", type=_positive_int, help="height to resize the frames to (default: the model's)")
-    arg("--width", type=_positive_int, help="width to resize the frames to (default: the model's)")
+    arg("--height", type=positive_int, help="height to resize the frames to (default: the model's)")
+    arg("--width", type=positive_int, help="width to resize the frames to (default: the model's)")
     arg(
         "--resize",
         choices=("stretch", "crop"),
         default="stretch",
         help="'stretch' to the size, or 'crop' the centred region of its aspect ratio first (default: stretch)",
     )
-    arg("--fps", type=_positive_float, help="frame rate of the reconstruction (default: the model's)")
+    arg("--fps", type=positive_float, help="frame rate of the reconstruction (default: the model's)")
     _add_model_args(inv, _MODEL_HELP)
     inv.set_defaults(run=_invert)
 
@@ -89,8 +82,8 @@ def add_tool_parsers(commands) -> None:
     arg("latents", help="latents written by cogvideox invert (.safetensors)")
     arg("-o", "--output", default="output.mp4", help="path of the MP4 to write (default: output.mp4)")
     arg("--prompt", help="a new prompt (default: the one the video was inverted with)")
-    arg("--guidance", type=_finite_float, help="guidance scale (default: the one used to invert)")
-    arg("--fps", type=_positive_float, help="frame rate of the MP4 (default: the model's)")
+    arg("--guidance", type=finite_float, help="guidance scale (default: the one used to invert)")
+    arg("--fps", type=positive_float, help="frame rate of the MP4 (default: the model's)")
     _add_model_args(regen, "the model the latents were inverted with (default: the embedded demo model)")
     regen.set_defaults(run=_regenerate)
 
@@ -137,13 +130,9 @@ def _check_output(path: str | None, flag: str) -> Path | None:
 
 
 def _load(args: argparse.Namespace):
-    from cogvideox import loading
     from cogvideox.pipeline import Pipeline
 
-    loading.parse_dtype(args.dtype)
-    device = loading.choose_device(args.device)
-    folder = loading.resolve_model_dir(args.model, revision=args.revision, local_files_only=args.offline)
-    loading.read_model_configs(folder)
+    device, folder, _ = locate_model(args)
     return Pipeline.from_pretrained(folder, dtype=args.dtype, device=device)
 
 

@@ -17,8 +17,9 @@ from cogvideox.parallel.mesh import Mesh
 class CFGParallel:
     """The denoiser as the sampler sees it, with the batch split over the mesh's cfg group.
 
-    Called like the transformer; a batch that does not split evenly (guidance off) runs whole on every
-    process, which is correct, only not faster.
+    Called like the transformer, with the arguments that carry the batch first and the others (`ofs`,
+    `image_rotary_emb`: shared by the whole batch) by keyword, passed on as they are. A batch that does
+    not split evenly (guidance off) runs whole on every process, which is correct, only not faster.
     """
 
     def __init__(self, transformer, mesh: Mesh) -> None:
@@ -31,22 +32,20 @@ class CFGParallel:
         hidden_states: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
         timestep: torch.Tensor | float,
-        ofs: torch.Tensor | float | None = None,
-        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **shared,
     ) -> torch.Tensor:
         parts, index = self.mesh.layout.cfg, self.mesh.cfg_index
         batch = hidden_states.shape[0]
         if parts == 1 or batch % parts:
-            return self.transformer(hidden_states, encoder_hidden_states, timestep, ofs, image_rotary_emb)
+            return self.transformer(hidden_states, encoder_hidden_states, timestep, **shared)
 
         def mine(x):
             if isinstance(x, torch.Tensor) and x.ndim > 0 and x.shape[0] == batch:
                 return x.chunk(parts)[index]
-            return x  # a scalar timestep, or an `ofs` shared by the batch
+            return x  # a scalar timestep
 
-        out = self.transformer(
-            mine(hidden_states), mine(encoder_hidden_states), mine(timestep), ofs, image_rotary_emb
-        ).contiguous()
+        out = self.transformer(mine(hidden_states), mine(encoder_hidden_states), mine(timestep), **shared)
+        out = out.contiguous()
         gathered = [torch.empty_like(out) for _ in range(parts)]
         dist.all_gather(gathered, out, group=self.mesh.cfg_group)
         return torch.cat(gathered)

@@ -15,44 +15,22 @@ import signal
 import sys
 from pathlib import Path
 
+from cogvideox.cli_args import (
+    add_model_arguments,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
+
 ENV_API_KEYS = "COGVIDEOX_API_KEYS"  # comma-separated
 ENV_ENHANCER_KEY = "COGVIDEOX_ENHANCER_API_KEY"
 
 log = logging.getLogger("cogvideox.serve")
 
 
-def _positive(kind):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-        if not value > 0 or value == float("inf"):
-            raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-        return value
-
-    return parse
-
-
-def _non_negative(kind):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-        if not value >= 0 or value == float("inf"):
-            raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
-        return value
-
-    return parse
-
-
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model",
-        default=None,
-        help="model folder in the diffusers layout or a Hugging Face repo id; default: the embedded demo model",
-    )
+    add_model_arguments(parser, revision=False, offline=False)
     parser.add_argument(
         "--model-name", default=None, help="the name clients give as `model` (default: the folder's or repo's name)"
     )
@@ -68,16 +46,14 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         help="where the MP4s (and the default SQLite queue) live; workers on other machines must see the same "
         "folder (a network mount); default: ./cogvideox-data",
     )
-    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N; default: cuda when available")
-    parser.add_argument("--dtype", default=None, help="bf16, fp16 or fp32; default: bf16 on GPU, fp32 on CPU")
     parser.add_argument(
         "--lease-seconds",
-        type=_positive(float),
+        type=positive_float,
         default=60.0,
         help="a running job whose worker has not checked in for this long goes back to the queue (default: 60)",
     )
     parser.add_argument(
-        "--poll-interval", type=_positive(float), default=0.5, help="seconds between looks at an empty queue"
+        "--poll-interval", type=positive_float, default=0.5, help="seconds between looks at an empty queue"
     )
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
@@ -95,7 +71,7 @@ def add_serve_parsers(commands) -> None:
     serve.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)"
     )
-    serve.add_argument("--port", type=_positive(int), default=8000, help="port (default: 8000)")
+    serve.add_argument("--port", type=positive_int, default=8000, help="port (default: 8000)")
     serve.add_argument(
         "--api-key",
         action="append",
@@ -105,18 +81,18 @@ def add_serve_parsers(commands) -> None:
     )
     serve.add_argument(
         "--rate-limit",
-        type=_non_negative(float),
+        type=non_negative_float,
         default=30.0,
         help="new videos per minute per key; 0: no limit (default: 30)",
     )
     serve.add_argument(
         "--max-queue",
-        type=_non_negative(int),
+        type=non_negative_int,
         default=100,
         help="queued + running videos per key; 0: no limit (default: 100)",
     )
     serve.add_argument(
-        "--max-steps", type=_positive(int), default=100, help="largest num_inference_steps accepted (default: 100)"
+        "--max-steps", type=positive_int, default=100, help="largest num_inference_steps accepted (default: 100)"
     )
     serve.add_argument(
         "--sizes", default="", help="sizes accepted besides the model's native one, comma-separated WIDTHxHEIGHT"

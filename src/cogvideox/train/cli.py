@@ -13,7 +13,8 @@ import argparse
 import json
 from pathlib import Path
 
-from cogvideox.cli import _finite_float, _non_negative_int, _positive_float, _positive_int, _quiet_libraries
+from cogvideox.cli import _quiet_libraries
+from cogvideox.cli_args import add_model_arguments, finite_float, non_negative_int, positive_float, positive_int
 
 
 def _list(text: str) -> list[str]:
@@ -36,11 +37,10 @@ def add_train_parsers(commands) -> None:
     arg("data", nargs="?", help="data folder (or `data` in the --config file)")
     arg("-o", "--output", help="run folder: checkpoints, logs, validation videos and the result")
     arg("--config", help="TOML or YAML file with settings named as in docs/finetune.md; flags override it")
-    arg("--model", help="model folder or Hugging Face repo id (default: the embedded demo model)")
-    arg("--revision", help="hub revision of --model")
+    add_model_arguments(p, offline=False)
     arg("--full", action="store_const", const=True, default=None, help="train every transformer weight, not a LoRA")
-    arg("--rank", type=_positive_int, help="LoRA rank (default: 64)")
-    arg("--alpha", type=_positive_float, help="LoRA alpha; the update is scaled by alpha / rank (default: the rank)")
+    arg("--rank", type=positive_int, help="LoRA rank (default: 64)")
+    arg("--alpha", type=positive_float, help="LoRA alpha; the update is scaled by alpha / rank (default: the rank)")
     arg("--targets", type=_list, help="comma-separated layer names the LoRA adapts (default: to_q,to_k,to_v,to_out.0)")
     arg(
         "--bucket",
@@ -49,17 +49,17 @@ def add_train_parsers(commands) -> None:
         help="clip shape FRAMESxHEIGHTxWIDTH such as 49x480x720; repeat for several (multi-resolution) "
         "(default: the model's frames and size)",
     )
-    arg("--fps", type=_positive_float, help="frame rate clips are sampled at (default: the model's, 8 or 16)")
+    arg("--fps", type=positive_float, help="frame rate clips are sampled at (default: the model's, 8 or 16)")
     arg("--caption-dropout", type=float, help="share of steps on the empty caption (default: 0.1)")
     arg("--cache-dir", help="where latents and T5 states are cached (default: DATA/cache)")
-    arg("--steps", type=_positive_int, help="optimizer steps (default: 1000)")
-    arg("--batch-size", type=_positive_int, help="clips per step and process (default: 1)")
-    arg("--grad-accum", type=_positive_int, help="micro-batches accumulated per step (default: 1)")
-    arg("--lr", type=_positive_float, help="peak learning rate (default: 1e-4 LoRA, 1e-5 full)")
+    arg("--steps", type=positive_int, help="optimizer steps (default: 1000)")
+    arg("--batch-size", type=positive_int, help="clips per step and process (default: 1)")
+    arg("--grad-accum", type=positive_int, help="micro-batches accumulated per step (default: 1)")
+    arg("--lr", type=positive_float, help="peak learning rate (default: 1e-4 LoRA, 1e-5 full)")
     arg("--schedule", choices=("constant", "cosine"), help="after warm-up (default: constant)")
-    arg("--warmup-steps", type=_non_negative_int, help="linear warm-up steps (default: 100)")
+    arg("--warmup-steps", type=non_negative_int, help="linear warm-up steps (default: 100)")
     arg("--weight-decay", type=float, help="AdamW weight decay (default: 1e-4)")
-    arg("--grad-clip", type=_positive_float, help="gradient norm clip (default: 1)")
+    arg("--grad-clip", type=positive_float, help="gradient norm clip (default: 1)")
     arg(
         "--optimizer",
         choices=("adamw", "adamw-8bit", "adamw-cpu"),
@@ -72,16 +72,14 @@ def add_train_parsers(commands) -> None:
         default=None,
         help="recompute block activations in the backward pass (default: on)",
     )
-    arg("--seed", type=_non_negative_int, help="run seed (default: 0)")
-    arg("--dtype", help="bf16, fp16 or fp32 weights (default: bf16 on GPU, fp32 on CPU)")
-    arg("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    arg("--checkpoint-every", type=_positive_int, help="steps between checkpoints (default: 200)")
-    arg("--keep-checkpoints", type=_positive_int, help="checkpoints kept (default: 2)")
-    arg("--log-every", type=_positive_int, help="steps between loss.jsonl lines (default: 1)")
-    arg("--validation-every", type=_non_negative_int, help="steps between validation videos (default: 0, none)")
+    arg("--seed", type=non_negative_int, help="run seed (default: 0)")
+    arg("--checkpoint-every", type=positive_int, help="steps between checkpoints (default: 200)")
+    arg("--keep-checkpoints", type=positive_int, help="checkpoints kept (default: 2)")
+    arg("--log-every", type=positive_int, help="steps between loss.jsonl lines (default: 1)")
+    arg("--validation-every", type=non_negative_int, help="steps between validation videos (default: 0, none)")
     arg("--validation-prompt", dest="validation_prompts", action="append", help="a validation prompt; repeatable")
-    arg("--validation-steps", type=_positive_int, help="sampling steps of validation videos (default: 50)")
-    arg("--validation-guidance", type=_finite_float, help="guidance of validation videos (default: 6)")
+    arg("--validation-steps", type=positive_int, help="sampling steps of validation videos (default: 50)")
+    arg("--validation-guidance", type=finite_float, help="guidance of validation videos (default: 6)")
     arg("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_train)
 

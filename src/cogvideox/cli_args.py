@@ -1,0 +1,150 @@
+"""What the `cogvideox` commands share on the command line: value types, argument groups, the request.
+
+`generate`, `batch`, `invert`/`regenerate`, `train`, `serve`/`worker` take a model, a dtype and a device
+in the same words; `generate` and `batch` also sample the same way. Each group is added here once, so a
+flag means the same thing (name, default, help) in every command that has it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+# ---------------------------------------------------------------------------------------------------
+# Value types: a bad value is a one-line argparse error that names the flag and what it expects.
+
+
+def _number(kind: type, accepts: Callable[[float], bool], expected: str, out_of_range: str | None = None):
+    """A `type=` for argparse: `kind(text)` when `accepts` it, else an error "expected <expected>"."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not accepts(value):
+            raise argparse.ArgumentTypeError(f"expected {out_of_range or expected}, got {text}")
+        return value
+
+    return parse
+
+
+def _finite(x: float) -> bool:
+    return x == x and abs(x) != float("inf")  # NaN is the one value unequal to itself
+
+
+positive_int = _number(int, lambda x: x >= 1, "a positive integer")
+non_negative_int = _number(int, lambda x: x >= 0, "a non-negative integer")
+positive_float = _number(float, lambda x: x > 0 and _finite(x), "a positive number")
+non_negative_float = _number(float, lambda x: x >= 0 and _finite(x), "a number >= 0", "a finite number >= 0")
+finite_float = _number(float, _finite, "a number", "a finite number")
+fraction = _number(float, lambda x: 0 < x <= 1, "a number in (0, 1]")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Argument groups
+
+MODEL_HELP = (
+    "model folder in the diffusers layout, or a Hugging Face repo id such as THUDM/CogVideoX-2b (taken from "
+    "the cache when present, else downloaded); default: the embedded demo model"
+)
+DEVICE_HELP = "cpu, cuda or cuda:N (default: cuda when available)"
+
+
+def add_model_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    model_help: str = MODEL_HELP,
+    device_help: str = DEVICE_HELP,
+    revision: bool = True,
+    offline: bool = True,
+) -> None:
+    """--model, --dtype, --device, and the hub's --revision and --offline where the command has them.
+
+    The defaults are None (False for --offline): `train` lets its flags override a config file only
+    when they are given.
+    """
+    arg = parser.add_argument
+    arg("--model", default=None, help=model_help)
+    arg("--dtype", help="bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU; 5B models need bf16)")
+    arg("--device", help=device_help)
+    if revision:
+        arg("--revision", help="hub revision (branch, tag or commit) of --model (default: main)")
+    if offline:
+        arg("--offline", action="store_true", help="never download; use a local folder or the hub cache")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, *, seed_default: int | None, seed_help: str) -> None:
+    """How a video is sampled: prompt conditioning, steps, guidance, scheduler, seed and size.
+
+    `request_from_args` turns them into the pipeline's keyword arguments.
+    """
+    arg = parser.add_argument
+    arg(
+        "--negative-prompt",
+        default="",
+        help="what the video should not show: the unconditional branch of guidance (default: empty)",
+    )
+    arg("--steps", type=positive_int, default=50, help="number of denoising steps (default: 50)")
+    arg(
+        "--guidance",
+        type=finite_float,
+        default=6.0,
+        help="classifier-free guidance scale; 1 or less turns guidance off (default: 6)",
+    )
+    arg(
+        "--dynamic-cfg",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="vary the guidance scale over the steps, as the official demos do with the DPM scheduler "
+        "(default: off)",
+    )
+    arg(
+        "--dynamic-cfg-clock",
+        choices=("reference", "smooth"),
+        default="reference",
+        help="dynamic CFG clock: 'reference' feeds the raw timestep as the reference does (the scale "
+        "oscillates), 'smooth' the step index (the scale decays from 1+guidance to 1); default: reference",
+    )
+    arg(
+        "--scheduler",
+        choices=("ddim", "dpm"),
+        default=None,
+        help="sampler: deterministic DDIM or stochastic DPM-Solver++(2M) SDE; default: the model's own",
+    )
+    arg("--seed", type=non_negative_int, default=seed_default, help=seed_help)
+    arg("--frames", type=positive_int, help="number of frames, 8k+1 such as 49 (default: the model's)")
+    arg("--height", type=positive_int, help="video height in pixels, a multiple of 16 (default: the model's)")
+    arg("--width", type=positive_int, help="video width in pixels, a multiple of 16 (default: the model's)")
+    arg(
+        "--max-sequence-length",
+        type=positive_int,
+        help="T5 tokens per prompt (default: the model's, 226 for the released models)",
+    )
+
+
+def request_from_args(args: argparse.Namespace) -> dict:
+    """The pipeline's keyword arguments from the flags of `add_sampling_arguments` (seed excepted: the
+    caller decides it per video)."""
+    return dict(
+        negative_prompt=args.negative_prompt,
+        num_frames=args.frames,
+        height=args.height,
+        width=args.width,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        use_dynamic_cfg=args.dynamic_cfg,
+        dynamic_cfg=args.dynamic_cfg_clock,
+        max_sequence_length=args.max_sequence_length,
+    )
+
+
+def locate_model(args: argparse.Namespace):
+    """Check --dtype and --device and find --model's folder and configs: the mistakes these reveal fail
+    before any weights load. Returns (device, folder, configs)."""
+    from cogvideox import loading
+
+    loading.parse_dtype(args.dtype)
+    device = loading.choose_device(args.device)
+    folder = loading.resolve_model_dir(args.model, revision=args.revision, local_files_only=args.offline)
+    return device, folder, loading.read_model_configs(folder)

@@ -1,0 +1,97 @@
+"""The command-line pieces the commands share: value types, and flags that mean the same everywhere."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+
+import pytest
+
+from cogvideox.cli import build_parser
+from cogvideox.cli_args import (
+    finite_float,
+    fraction,
+    locate_model,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    request_from_args,
+)
+from cogvideox.errors import LoadError
+from cogvideox.pipeline import Pipeline
+
+
+def _commands() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
+
+
+@pytest.mark.parametrize(
+    "kind, good, bad, message",
+    [
+        (positive_int, [("1", 1), ("49", 49)], ["0", "-2"], "expected a positive integer, got"),
+        (positive_int, [], ["1.5", "x"], "expected a positive integer, got '"),
+        (non_negative_int, [("0", 0), ("7", 7)], ["-1"], "expected a non-negative integer, got -1"),
+        (positive_float, [("0.5", 0.5), ("16", 16.0)], ["0", "-3", "inf", "nan"], "expected a positive number"),
+        (non_negative_float, [("0", 0.0), ("0.1", 0.1)], ["-0.5", "inf", "nan"], "expected a finite number >= 0"),
+        (non_negative_float, [], ["fast"], "expected a number >= 0, got 'fast'"),
+        (finite_float, [("-2", -2.0), ("6", 6.0)], ["inf", "-inf", "nan"], "expected a finite number, got"),
+        (fraction, [("1", 1.0), ("0.25", 0.25)], ["0", "1.5", "nan"], "expected a number in (0, 1]"),
+    ],
+)
+def test_value_types(kind, good, bad, message):
+    for text, value in good:
+        assert kind(text) == value and type(kind(text)) is type(value)
+    for text in bad:
+        with pytest.raises(argparse.ArgumentTypeError) as info:
+            kind(text)
+        assert str(info.value).startswith(message), (text, str(info.value))
+
+
+MODEL_USERS = {"generate", "batch", "invert", "regenerate", "train", "serve", "worker"}
+HUB_USERS = {"generate", "batch", "invert", "regenerate"}
+SAMPLING = ["--negative-prompt", "--steps", "--guidance", "--dynamic-cfg", "--dynamic-cfg-clock", "--scheduler",
+            "--seed", "--frames", "--height", "--width", "--max-sequence-length"]  # fmt: skip
+SHARED = {"--model": MODEL_USERS, "--dtype": MODEL_USERS, "--device": MODEL_USERS,
+          "--revision": HUB_USERS | {"train"}, "--offline": HUB_USERS,
+          **{flag: {"generate", "batch"} for flag in SAMPLING}}  # fmt: skip
+# Worded per command on purpose: batch seeds prompt i with seed+i and runs under torchrun; the inversion
+# tools take a text-to-video model, or the one the latents came from.
+DIFFERENT = {("batch", "--seed"), ("batch", "--device"), ("invert", "--model"), ("regenerate", "--model")}
+
+
+def test_a_shared_flag_means_the_same_in_every_command():
+    commands = _commands()
+    for flag, users in SHARED.items():
+        uses = {}
+        for command in users:
+            action = next(a for a in commands[command]._actions if flag in a.option_strings)
+            if (command, flag) not in DIFFERENT:
+                uses[command] = (action.help, action.default, action.type, action.choices, action.nargs)
+        assert len(set(uses.values())) == 1, f"{flag} differs between commands: {uses}"
+
+
+def test_generate_and_batch_make_the_same_request():
+    commands = _commands()
+    flags = ["--negative-prompt", "blurry", "--steps", "3", "--guidance", "4.5", "--dynamic-cfg",
+             "--dynamic-cfg-clock", "smooth", "--frames", "17", "--height", "32", "--width", "48",
+             "--max-sequence-length", "20"]  # fmt: skip
+    gen = request_from_args(commands["generate"].parse_args(["a cat", *flags]))
+    bat = request_from_args(commands["batch"].parse_args(["prompts.txt", "-o", "out", *flags]))
+    assert gen == bat == dict(
+        negative_prompt="blurry", num_frames=17, height=32, width=48, num_inference_steps=3, guidance_scale=4.5,
+        use_dynamic_cfg=True, dynamic_cfg="smooth", max_sequence_length=20,
+    )  # fmt: skip
+    # Every key is a keyword of the pipeline call, so the request goes to it as it is.
+    assert set(gen) <= set(inspect.signature(Pipeline.__call__).parameters)
+
+
+def test_locate_model_reads_the_configs_before_any_weights(tiny_rope_dir, tmp_path):
+    args = argparse.Namespace(model=str(tiny_rope_dir), dtype="fp32", device="cpu", revision=None, offline=True)
+    device, folder, configs = locate_model(args)
+    assert device.type == "cpu" and str(folder) == str(tiny_rope_dir)
+    assert configs.transformer.use_rotary_positional_embeddings
+    with pytest.raises(LoadError):
+        locate_model(argparse.Namespace(**{**vars(args), "model": str(tmp_path / "nowhere")}))
