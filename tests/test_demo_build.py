@@ -79,3 +79,50 @@ def test_transformer_training_lowers_the_loss_and_resumes_bit_identically(tmp_pa
     train(resumed, loss_fn, TrainConfig(steps=60, **cfg), tmp_path / "b", name="t", progress=False)
     for a, b in zip(model.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_latent_foreground_marks_the_cells_the_object_covers():
+    x = build.render_batch(4, range(3))  # [3, 3, 17, 64, 96]
+    mask = build.latent_foreground(x)
+    assert mask.shape == (3, 5, 1, 8, 12)  # the latents' [B, F, C, h, w] layout
+    pixels = build.foreground(x)[:, 0]  # [3, 17, 64, 96]
+    # Latent frame 0 covers pixel frame 0; latent frame k covers frames 4k-3 .. 4k.
+    for k, frames in enumerate([[0], [1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15, 16]]):
+        covered = pixels[:, frames].amax(1).unflatten(1, (8, 8)).unflatten(3, (12, 8)).amax((2, 4))
+        assert torch.equal(mask[:, k, 0], covered)
+    # A small object (with its path over four frames): a fraction of the 96 cells, never none.
+    cells = mask.sum((2, 3, 4))
+    assert (cells >= 1).all() and (cells <= 24).all()
+
+
+def test_weighted_v_loss_is_the_weighted_mean_of_the_plain_one():
+    model, _ = tiny_problem()
+    g = torch.Generator().manual_seed(3)
+    x0, text = torch.randn(2, 3, 4, 4, 4, generator=g), torch.randn(2, 4, 8, generator=g)
+    ab = alphas_cumprod(SchedulerConfig())
+    rope = model.rotary_embedding(3, 4, 4, "cpu")
+    plain = v_loss(model, x0, text, ab, torch.Generator().manual_seed(0), rotary=rope)
+    ones = v_loss(model, x0, text, ab, torch.Generator().manual_seed(0), rotary=rope, weight=torch.ones(2, 3, 1, 4, 4))
+    assert torch.allclose(plain, ones, rtol=1e-6)
+    # All weight on one cell: the loss is that cell's squared error alone.
+    weight = torch.zeros(2, 3, 1, 4, 4)
+    weight[1, 2, 0, 1, 3] = 5.0
+    one_cell = v_loss(model, x0, text, ab, torch.Generator().manual_seed(0), rotary=rope, weight=weight)
+    gen = torch.Generator().manual_seed(0)
+    t = torch.randint(0, ab.shape[0], (2,), generator=gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    a = ab[t].float().view(-1, 1, 1, 1, 1)
+    with torch.no_grad():
+        pred = model(noisy_latents(x0, noise, a), text, t, image_rotary_emb=rope)
+    err = (pred - velocity(x0, noise, a)) ** 2
+    assert torch.allclose(one_cell, err[1, 2, :, 1, 3].mean(), rtol=1e-5)
+
+
+def test_background_weights_steer_the_sampled_backgrounds():
+    x = build.render_batch(5, range(12), backgrounds={"black": 1.0, "white": 0.0, "gray": 0.0})
+    corners = x[:, :, 0, 0, 0]  # [B, 3]: the background colour in [-1, 1]
+    assert torch.equal(corners, torch.full_like(corners, -1.0))
+    # Without weights the usual mix appears, and the draw is reproducible.
+    y = build.render_batch(5, range(12))
+    assert torch.equal(y, build.render_batch(5, range(12)))
+    assert len({tuple(c.tolist()) for c in y[:, :, 0, 0, 0]}) > 1

@@ -37,12 +37,15 @@ def v_loss(
     generator: torch.Generator,
     rotary=None,
     image_latents: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One batch of the CogVideoX objective.
 
     x0: clean latents [B, F, C, H, W] (already multiplied by the VAE scaling factor);
     text: T5 states [B, L, D]. Timesteps and noise come from `generator`, so a run is reproducible
     step for step. Returns the scalar mean v-MSE in fp32.
+    weight: optional per-element weights broadcastable to x0 (e.g. [B, F, 1, H, W] to stress some
+    regions); the loss is then the weighted mean, sum(w * err^2) / sum(w) over the broadcast shape.
     """
     b = x0.shape[0]
     num_train = alpha_bar_table.shape[0]
@@ -54,4 +57,8 @@ def v_loss(
     xt = noisy_latents(x0f, noise, ab).to(x0.dtype)
     model_in = xt if image_latents is None else torch.cat([xt, image_latents], dim=2)
     pred = transformer(model_in, text, t, image_rotary_emb=rotary).float()
-    return torch.mean((pred - velocity(x0f, noise, ab)) ** 2)
+    err = (pred - velocity(x0f, noise, ab)) ** 2
+    if weight is None:
+        return err.mean()
+    weight = weight.to(err.device, torch.float32).expand_as(err)
+    return (weight * err).sum() / weight.sum()
