@@ -5,6 +5,7 @@ import pytest
 
 from cogvideox import Pipeline
 from cogvideox.demo import DEMO_MODEL_DIR, world
+from cogvideox.demo.judge import judge
 
 PROMPTS = [
     "a red circle moving up on a gray background",  # held out: (red, up)
@@ -29,8 +30,7 @@ def test_demo_prompts_split():
 
 
 def test_demo_model_generates_its_native_video_reproducibly(demo):
-    # The demo model does not follow prompts reliably yet (see demo/MODEL_CARD.md for the measured
-    # accuracy); what holds is the format and that a seed fixes the video.
+    # The format, and that a seed fixes the video.
     out = demo(PROMPTS, seed=3, progress=False)
     again = demo(PROMPTS[:1], seed=3, progress=False)
     assert len(out.frames) == 2
@@ -39,3 +39,16 @@ def test_demo_model_generates_its_native_video_reproducibly(demo):
     assert demo.default_fps == 8
     # The first video of the batch is drawn from the same noise as a batch of one.
     assert np.abs(out.frames[0].astype(int) - again.frames[0].astype(int)).max() <= 2
+
+
+def test_demo_model_draws_the_colour_it_is_asked_for(demo):
+    # Twelve captions covering every colour, shape, direction and background, one seed, 20 steps: the
+    # judge, reading pixels, sees the caption's colour in 10 of 12 (chance: 2 of 12). Motion is not
+    # followed reliably yet (see demo/MODEL_CARD.md), so only colour is held here.
+    captions = [
+        f"a {c} {s} moving {d} on a {b} background"
+        for c, s, d, b in zip(world.COLOURS * 2, world.SHAPES * 4, world.DIRECTIONS * 3, world.BACKGROUNDS * 4)
+    ]
+    out = demo(captions, seed=0, num_inference_steps=20, progress=False)
+    right = sum(judge(frames).colour == world.parse_caption(c)[0] for c, frames in zip(captions, out.frames))
+    assert right >= 8, f"colour right in {right} of {len(captions)} videos"
