@@ -2,7 +2,6 @@
 model, videos generated and judged with and without it, a report written; a rerun reuses every stage."""
 
 import json
-from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file

@@ -1,6 +1,5 @@
 """DDIM inversion: the inverted noise regenerates the video, on a tiny random model and on the demo model."""
 
-import numpy as np
 import pytest
 import torch
 from helpers import make_tiny_cogvideox, sample_frames

@@ -25,7 +25,6 @@ from cogvideox.cli_args import (
     fraction,
     locate_model,
     non_negative_float,
-    non_negative_int,
     positive_float,
     positive_int,
     request_from_args,
@@ -41,10 +40,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-# `demo/teach.py` builds its parser from these, under their earlier names.
-_non_negative_int, _positive_float, _positive_int = non_negative_int, positive_float, positive_int
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -400,31 +400,32 @@ def table(report: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from cogvideox.cli import USER_ERROR, RUN_ERROR, _non_negative_int, _Parser, _positive_float, _positive_int
+    from cogvideox.cli import USER_ERROR, RUN_ERROR, _Parser
+    from cogvideox.cli_args import non_negative_int, positive_float, positive_int
 
     p = _Parser(prog="python -m cogvideox.demo.teach", description=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     d = TeachConfig(work="")
     p.add_argument("--work", default="runs/teach", help="data, run, evaluation and report folder (default: %(default)s)")
     p.add_argument("--model", default=None, help="model folder (default: the shipped demo model)")
-    p.add_argument("--clips", type=_positive_int, default=d.clips, help="training clips (default: %(default)s)")
+    p.add_argument("--clips", type=positive_int, default=d.clips, help="training clips (default: %(default)s)")
     p.add_argument("--replay", type=float, default=d.replay,
                    help="share of the clips from the base world's training captions (default: %(default)s)")
-    p.add_argument("--steps", type=_positive_int, default=d.steps, help="fine-tuning steps (default: %(default)s)")
-    p.add_argument("--lr", type=_positive_float, default=d.lr, help="LoRA learning rate (default: %(default)s)")
-    p.add_argument("--rank", type=_positive_int, default=d.rank, help="LoRA rank (default: %(default)s)")
-    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help="default: %(default)s")
-    p.add_argument("--seeds", type=_positive_int, default=d.seeds, help="seeds per evaluated caption (default: %(default)s)")
-    p.add_argument("--orange-captions", type=_positive_int, default=d.orange_captions,
+    p.add_argument("--steps", type=positive_int, default=d.steps, help="fine-tuning steps (default: %(default)s)")
+    p.add_argument("--lr", type=positive_float, default=d.lr, help="LoRA learning rate (default: %(default)s)")
+    p.add_argument("--rank", type=positive_int, default=d.rank, help="LoRA rank (default: %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="default: %(default)s")
+    p.add_argument("--seeds", type=positive_int, default=d.seeds, help="seeds per evaluated caption (default: %(default)s)")
+    p.add_argument("--orange-captions", type=positive_int, default=d.orange_captions,
                    help="orange captions evaluated, of 36 (default: %(default)s)")
-    p.add_argument("--base-captions", type=_positive_int, default=d.base_captions,
+    p.add_argument("--base-captions", type=positive_int, default=d.base_captions,
                    help="base captions evaluated with and without the LoRA (default: %(default)s)")
-    p.add_argument("--inference-steps", type=_positive_int, default=d.inference_steps,
+    p.add_argument("--inference-steps", type=positive_int, default=d.inference_steps,
                    help="denoising steps per generated video (default: %(default)s)")
-    p.add_argument("--eval-batch", type=_positive_int, default=d.eval_batch,
+    p.add_argument("--eval-batch", type=positive_int, default=d.eval_batch,
                    help="prompts generated together (default: %(default)s)")
-    p.add_argument("--seed", type=_non_negative_int, default=d.seed, help="data, training and subset seed (default: %(default)s)")
-    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--seed", type=non_negative_int, default=d.seed, help="data, training and subset seed (default: %(default)s)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.threads:
