@@ -1,5 +1,6 @@
 """Offloading (`cogvideox.fast.offload`): the schedule of fetches and releases, outputs bitwise equal to the
-resident run, host memory, the automatic choice, and what an out-of-memory error says.
+resident run, host memory; the automatic choice (`cogvideox.fast.memory_plan`); and what an out-of-memory
+error says (`cogvideox.fast.oom`).
 
 The CPU plays the compute device: fetched weights are real copies in separate buffers, and with
 `poison=True` a weight at home reads as NaN, so any use outside its fetch window changes the output.
@@ -14,7 +15,7 @@ from torch import nn
 from cogvideox import Pipeline, read_video
 from cogvideox.cli import main
 from cogvideox.errors import InputError, OutOfMemoryError
-from cogvideox.fast import offload
+from cogvideox.fast import memory_plan, offload, oom
 from cogvideox.loading import read_model_configs
 from cogvideox.models.config import TransformerConfig, VAEConfig
 from cogvideox.models.transformer import TRANSFORMER_PRESETS, CogVideoXTransformer
@@ -277,28 +278,28 @@ def test_unsupported_tensor_types_are_refused():
 # The automatic choice
 
 FIVE_B = {
-    "text_encoder": offload.ComponentSize(total=int(9.5 * GIB), rest=int(0.25 * GIB), block=int(0.38 * GIB),
+    "text_encoder": memory_plan.ComponentSize(total=int(9.5 * GIB), rest=int(0.25 * GIB), block=int(0.38 * GIB),
                                           blocks=24, layer=int(0.25 * GIB)),
-    "transformer": offload.ComponentSize(total=int(10.6 * GIB), rest=int(0.06 * GIB), block=int(0.25 * GIB),
+    "transformer": memory_plan.ComponentSize(total=int(10.6 * GIB), rest=int(0.06 * GIB), block=int(0.25 * GIB),
                                          blocks=42, layer=int(0.07 * GIB)),
-    "vae": offload.ComponentSize(total=int(0.4 * GIB), rest=int(0.4 * GIB), block=0, blocks=0,
+    "vae": memory_plan.ComponentSize(total=int(0.4 * GIB), rest=int(0.4 * GIB), block=0, blocks=0,
                                  layer=int(0.01 * GIB)),
 }  # fmt: skip
 ACTIVATIONS = {"text": int(0.1 * GIB), "denoise": int(2.6 * GIB), "decode": int(4.5 * GIB)}
 
 
 def test_peaks_per_mode():
-    peak = {m: offload.estimated_peak(m, FIVE_B, ACTIVATIONS) / GIB for m in offload.MODES}
+    peak = {m: memory_plan.estimated_peak(m, FIVE_B, ACTIVATIONS) / GIB for m in offload.MODES}
     assert peak["none"] == pytest.approx(9.5 + 10.6 + 0.4 + 4.5, abs=0.01)
     assert peak["model"] == pytest.approx(10.6 + 2.6, abs=0.01)
     assert peak["stream"] == pytest.approx(0.4 + 4.5, abs=0.01)  # the VAE stage is now the largest
     assert peak["sequential"] == pytest.approx(0.01 + 4.5, abs=0.01)
     # T5 on the CPU takes its weights out of 'none'.
-    assert offload.estimated_peak("none", FIVE_B, ACTIVATIONS, text_on_device=False) / GIB == pytest.approx(
+    assert memory_plan.estimated_peak("none", FIVE_B, ACTIVATIONS, text_on_device=False) / GIB == pytest.approx(
         10.6 + 0.4 + 4.5, abs=0.01
     )
     # Stream holds the rest plus lookahead + 1 blocks.
-    assert offload.resident_weight_bytes("stream", "denoise", FIVE_B, lookahead=2) == int(0.06 * GIB) + 3 * int(
+    assert memory_plan.resident_weight_bytes("stream", "denoise", FIVE_B, lookahead=2) == int(0.06 * GIB) + 3 * int(
         0.25 * GIB
     )
 
@@ -308,7 +309,7 @@ def test_peaks_per_mode():
     [(80, "none"), (30, "none"), (20, "model"), (8, "stream"), (5.05, "sequential"), (2, "sequential")],
 )
 def test_auto_takes_the_fastest_mode_that_fits(free_gib, mode):
-    chosen, reason = offload.choose_mode(FIVE_B, ACTIVATIONS, int(free_gib * GIB))
+    chosen, reason = memory_plan.choose_mode(FIVE_B, ACTIVATIONS, int(free_gib * GIB))
     assert chosen == mode
     assert reason.startswith(f"offload {mode!r}: {free_gib:.1f} GiB free")
     if free_gib == 2:
@@ -317,26 +318,26 @@ def test_auto_takes_the_fastest_mode_that_fits(free_gib, mode):
 
 def test_auto_from_a_folder_reads_only_headers(tiny_rope_dir, monkeypatch):
     pipe = Pipeline.from_pretrained(tiny_rope_dir)
-    assert offload.folder_sizes(tiny_rope_dir, torch.float32) == offload.pipeline_sizes(pipe)
+    assert memory_plan.folder_sizes(tiny_rope_dir, torch.float32) == memory_plan.pipeline_sizes(pipe)
     configs = read_model_configs(tiny_rope_dir)
     # On the CPU: no offloading.
-    assert offload.choose_for_folder(tiny_rope_dir, configs, torch.float32, "cpu")[0] == "none"
+    assert memory_plan.choose_for_folder(tiny_rope_dir, configs, torch.float32, "cpu")[0] == "none"
     # On a (pretend) GPU with almost nothing free, the tiny model still gets a mode and a reason.
-    monkeypatch.setattr(offload, "free_device_memory", lambda device: 10_000)
-    mode, reason = offload.choose_for_folder(tiny_rope_dir, configs, torch.float32, "cuda")
+    monkeypatch.setattr(memory_plan, "free_device_memory", lambda device: 10_000)
+    mode, reason = memory_plan.choose_for_folder(tiny_rope_dir, configs, torch.float32, "cuda")
     assert mode == "sequential" and "0.0 GiB free" in reason
-    monkeypatch.setattr(offload, "free_device_memory", lambda device: 80 * GIB)
-    assert offload.choose_for_folder(tiny_rope_dir, configs, torch.float32, "cuda")[0] == "none"
+    monkeypatch.setattr(memory_plan, "free_device_memory", lambda device: 80 * GIB)
+    assert memory_plan.choose_for_folder(tiny_rope_dir, configs, torch.float32, "cuda")[0] == "none"
 
 
 def test_default_activations_grow_with_the_model_and_shrink_with_tiling():
     five_b, two_b = TRANSFORMER_PRESETS["CogVideoX-5b"], TRANSFORMER_PRESETS["CogVideoX-2b"]
     vae = VAEConfig()
-    acts = offload.default_activations(five_b, vae, torch.bfloat16)
+    acts = memory_plan.default_activations(five_b, vae, torch.bfloat16)
     tokens = 226 + 13 * 30 * 45  # 49 x 480 x 720 -> 13 x 60 x 90 latents, 2x2 patches
     assert acts["denoise"] == 2 * tokens * 3072 * 2 * 12
-    assert offload.default_activations(two_b, vae, torch.bfloat16)["denoise"] < acts["denoise"]
-    tiled = offload.default_activations(five_b, vae, torch.bfloat16, tile=(240, 360))
+    assert memory_plan.default_activations(two_b, vae, torch.bfloat16)["denoise"] < acts["denoise"]
+    tiled = memory_plan.default_activations(five_b, vae, torch.bfloat16, tile=(240, 360))
     assert tiled["decode"] * 4 == acts["decode"]
 
 
@@ -356,9 +357,9 @@ TORCH_OOM = (
 
 
 def test_the_torch_message_is_read():
-    assert offload.parse_oom(TORCH_OOM) == (2 * GIB, int(1.5 * GIB))
-    assert offload.parse_oom("CUDA out of memory. Tried to allocate 20.00 MiB") == (20 * 2**20, None)
-    assert offload.parse_oom("CUDA error: out of memory") == (None, None)
+    assert oom.parse_oom(TORCH_OOM) == (2 * GIB, int(1.5 * GIB))
+    assert oom.parse_oom("CUDA out of memory. Tried to allocate 20.00 MiB") == (20 * 2**20, None)
+    assert oom.parse_oom("CUDA error: out of memory") == (None, None)
 
 
 def raise_oom(message=TORCH_OOM):
@@ -388,7 +389,7 @@ def test_oom_in_decode_names_the_stage_and_the_flag(tiny_rope_dir, monkeypatch):
 
 def test_oom_in_denoising_suggests_the_mode_that_frees_enough(tiny_rope_dir, monkeypatch):
     pipe = Pipeline.from_pretrained(tiny_rope_dir)
-    sizes = offload.pipeline_sizes(pipe)
+    sizes = memory_plan.pipeline_sizes(pipe)
     short = sizes["text_encoder"].total  # 'model' frees T5 and the VAE during denoising: enough
     monkeypatch.setattr(pipe.transformer, "forward", raise_oom(f"Tried to allocate {short} B"))
     with pytest.raises(OutOfMemoryError, match=r"in denoising \(transformer\).*try --offload model$"):

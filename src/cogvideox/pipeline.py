@@ -109,9 +109,10 @@ class Pipeline:
         vae_tiling / vae_slicing: decode in overlapping tiles (less memory, results match the
             reference's tiled decode) / one video of a batch at a time.
         """
-        from cogvideox.fast import offload as offloading
+        from cogvideox.fast.memory_plan import choose_for_folder
+        from cogvideox.fast.offload import check_mode
 
-        offload = offloading.check_mode(offload)
+        offload = check_mode(offload)
         _scheduler_kind(scheduler)  # reject an unknown name before touching the disk or the network
         device = loading.choose_device(device)
         loading.parse_dtype(dtype)
@@ -123,7 +124,7 @@ class Pipeline:
 
         reason = ""
         if offload == "auto":
-            offload, reason = offloading.choose_for_folder(
+            offload, reason = choose_for_folder(
                 folder, configs, dtype, device, text_device, vae_tiling, vae_slicing
             )
         pipe = cls._assemble(folder, dtype, device if offload == "none" else torch.device("cpu"), scheduler)
@@ -293,6 +294,7 @@ class Pipeline:
         Apply LoRAs and `accelerate` (quantisation) first: offloading moves the weights that exist.
         """
         from cogvideox.fast import offload as offloading
+        from cogvideox.fast.memory_plan import choose_for_pipeline
 
         mode = offloading.check_mode(mode)
         device = self.device if device is None else loading.choose_device(device)
@@ -302,7 +304,7 @@ class Pipeline:
             self.offload = None
         reason = ""
         if mode == "auto":
-            mode, reason = offloading.choose_for_pipeline(self, device, text_device)
+            mode, reason = choose_for_pipeline(self, device, text_device)
         self.offload = offloading.apply(
             self, mode, device, text_device=text_device,
             lookahead=offloading.DEFAULT_LOOKAHEAD if lookahead is None else lookahead,
@@ -424,7 +426,7 @@ class Pipeline:
 
     def _memory_guard(self, stage: str, batch: int = 1):
         """Out of GPU memory in `stage` becomes an `OutOfMemoryError` saying what would fit."""
-        from cogvideox.fast.offload import oom_guard
+        from cogvideox.fast.oom import oom_guard
 
         return oom_guard(stage, self, batch)
 

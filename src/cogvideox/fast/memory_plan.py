@@ -1,0 +1,251 @@
+"""Memory planning for offloading: what the weights weigh and which mode fits.
+
+The bytes of each component's weights (as a whole, outside its streamed blocks, per block, per layer)
+come from a built pipeline or, before anything is loaded, from a model folder's safetensors headers.
+From them and a rough activation estimate per stage, `estimated_peak` gives each offload mode's device
+peak, and `choose_mode` (behind "auto") takes the fastest mode whose peak fits the free device memory.
+These are estimates for choosing; nothing here moves a weight (that is `cogvideox.fast.offload`).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cogvideox.fast.offload import DEFAULT_LOOKAHEAD, MODES
+
+_GIB = 2**30
+log = logging.getLogger("cogvideox.offload")
+
+
+@dataclass(frozen=True)
+class ComponentSize:
+    """Bytes of one component's weights: all, outside its streamed blocks, its largest block (and how
+    many blocks), and its largest single weight-owning module."""
+
+    total: int
+    rest: int
+    block: int
+    blocks: int
+    layer: int
+
+
+def size_from_tensors(nbytes: Mapping[str, int], block_prefix: str | None = None) -> ComponentSize:
+    """The `ComponentSize` of a state dict given as {key: bytes}; blocks are the keys `{block_prefix}.{i}.`."""
+    pattern = re.compile(rf"^{re.escape(block_prefix)}\.(\d+)\.") if block_prefix else None
+    per_block: dict[str, int] = {}
+    per_layer: dict[str, int] = {}
+    rest = 0
+    for key, size in nbytes.items():
+        per_layer[key.rpartition(".")[0]] = per_layer.get(key.rpartition(".")[0], 0) + size
+        match = pattern.match(key) if pattern else None
+        if match:
+            per_block[match.group(1)] = per_block.get(match.group(1), 0) + size
+        else:
+            rest += size
+    return ComponentSize(
+        total=sum(nbytes.values()),
+        rest=rest,
+        block=max(per_block.values(), default=0),
+        blocks=len(per_block),
+        layer=max(per_layer.values(), default=0),
+    )
+
+
+def _module_bytes(module: nn.Module) -> dict[str, int]:
+    seen, sizes = set(), {}
+    for key, t in [*module.named_parameters(), *module.named_buffers()]:
+        if id(t) not in seen:
+            seen.add(id(t))
+            sizes[key] = t.numel() * t.element_size()
+    return sizes
+
+
+def pipeline_sizes(pipe) -> dict[str, ComponentSize]:
+    """The `ComponentSize` of each component of a built pipeline."""
+    return {
+        "text_encoder": size_from_tensors(_module_bytes(pipe.text_encoder.model), "encoder.block"),
+        "transformer": size_from_tensors(_module_bytes(pipe.transformer), "transformer_blocks"),
+        "vae": size_from_tensors(_module_bytes(pipe.vae)),
+    }
+
+
+def folder_sizes(folder: Path, dtype: torch.dtype) -> dict[str, ComponentSize]:
+    """The same, from a model folder's safetensors headers, for weights loaded in `dtype` (nothing is read
+    but the headers, so "auto" can choose before loading)."""
+    from safetensors import safe_open
+
+    from cogvideox import loading
+
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    found = {}
+    for name, stem, prefix in (
+        ("text_encoder", "model", "encoder.block"),
+        ("transformer", loading.DIFFUSERS_WEIGHTS, "transformer_blocks"),
+        ("vae", loading.DIFFUSERS_WEIGHTS, None),
+    ):
+        sizes = {}
+        for path in loading.weight_files(Path(folder) / name, stem):
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():
+                    sizes[key] = torch.Size(f.get_slice(key).get_shape()).numel() * itemsize
+        if name == "text_encoder":
+            # Only the encoder runs; its token embedding is tied to `shared.weight`.
+            sizes = {k: v for k, v in sizes.items() if not k.startswith(("decoder.", "encoder.embed_tokens."))}
+        found[name] = size_from_tensors(sizes, prefix)
+    return found
+
+
+# Peak activation bytes per pixel of one decoded video for the untiled VAE decoder in a 2-byte dtype:
+# about 18 GB at 480x720 (the figure behind models/vae_tiling.py), i.e. ~52 kB per pixel. The decoder
+# works on a few latent frames at a time, so the frame count does not enter.
+_DECODE_BYTES_PER_PIXEL = 52_000
+# Live [tokens, width] tensors at the transformer's peak (residual streams, q/k/v, the 4x MLP), per sample.
+_TRANSFORMER_LIVE_WIDTHS = 12
+
+
+def activation_bytes(
+    transformer_config,
+    itemsize: int,
+    frames: int,
+    height: int,
+    width: int,
+    batch: int = 1,
+    guidance: bool = True,
+    tile: tuple[int, int] | None = None,
+    slicing: bool = False,
+    temporal_compression: int = 4,
+    spatial_compression: int = 8,
+) -> dict[str, int]:
+    """Rough peak activation bytes per stage ("text", "denoise", "decode") for a request of that size;
+    `tile` is the VAE's tile size in pixels when tiling is on. Estimates, for choosing a mode."""
+    c = transformer_config
+    samples = batch * (2 if guidance else 1)
+    latent_frames = (frames - 1) // temporal_compression + 1
+    pt = c.patch_size_t or 1
+    tokens = c.max_text_seq_length + (-(-latent_frames // pt)) * (height // spatial_compression // c.patch_size) * (
+        width // spatial_compression // c.patch_size
+    )
+    denoise = samples * tokens * c.inner_dim * itemsize * _TRANSFORMER_LIVE_WIDTHS
+    text = samples * c.max_text_seq_length * c.text_embed_dim * itemsize * 8
+    pixels = height * width if tile is None else min(height * width, tile[0] * tile[1])
+    decode = int(pixels * _DECODE_BYTES_PER_PIXEL * itemsize / 2) * (1 if slicing else batch)
+    return {"text": text, "denoise": denoise, "decode": decode}
+
+
+_STAGE_COMPONENT = {"text": "text_encoder", "denoise": "transformer", "decode": "vae", "encode": "vae"}
+
+
+def resident_weight_bytes(
+    mode: str, stage: str, sizes: Mapping[str, ComponentSize], lookahead: int = DEFAULT_LOOKAHEAD,
+    text_on_device: bool = True,
+) -> int:
+    """Weight bytes on the device while `stage` runs in `mode`."""
+    on_device = [n for n in sizes if n != "text_encoder" or text_on_device]
+    if mode == "none":
+        return sum(sizes[n].total for n in on_device)
+    name = _STAGE_COMPONENT[stage]
+    if name not in on_device:
+        return 0
+    size = sizes[name]
+    if mode == "model" or (mode == "stream" and not size.blocks):
+        return size.total
+    if mode == "stream":
+        return size.rest + min(size.blocks, lookahead + 1) * size.block
+    return size.layer
+
+
+def estimated_peak(mode, sizes, activations, lookahead=DEFAULT_LOOKAHEAD, text_on_device=True) -> int:
+    """Weights on the device plus activations, at the worst stage."""
+    return max(
+        resident_weight_bytes(mode, stage, sizes, lookahead, text_on_device) + activations[stage]
+        for stage in ("text", "denoise", "decode")
+    )
+
+
+def choose_mode(
+    sizes: Mapping[str, ComponentSize],
+    activations: Mapping[str, int],
+    free_bytes: int,
+    lookahead: int = DEFAULT_LOOKAHEAD,
+    text_on_device: bool = True,
+    headroom: float = 0.9,
+    vae_tiling: bool = False,
+) -> tuple[str, str]:
+    """The fastest mode whose estimated peak fits in `headroom` x `free_bytes`, and a sentence saying why."""
+    budget = int(free_bytes * headroom)
+    peaks = {m: estimated_peak(m, sizes, activations, lookahead, text_on_device) for m in MODES}
+    needs = ", ".join(f"{m!r} ~{peaks[m] / _GIB:.1f} GiB" for m in MODES)
+    for mode in MODES:
+        if peaks[mode] <= budget:
+            return mode, f"offload {mode!r}: {free_bytes / _GIB:.1f} GiB free on the device; estimated peaks {needs}"
+    hint = "" if vae_tiling else "; --vae-tiling cuts the VAE decoder's share"
+    return "sequential", (
+        f"offload 'sequential': {free_bytes / _GIB:.1f} GiB free on the device is less than even "
+        f"'sequential' is estimated to need (peaks {needs}){hint}"
+    )
+
+
+def free_device_memory(device: torch.device) -> int:
+    """Bytes the device has free now, counting what PyTorch's allocator holds but does not use."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def default_activations(transformer_config, vae_config, dtype, tile=None, slicing=False) -> dict[str, int]:
+    """`activation_bytes` for one video of the model's default size with guidance (what "auto" plans for)."""
+    from cogvideox.request import default_size
+
+    height, width = default_size(transformer_config, vae_config)
+    return activation_bytes(
+        transformer_config,
+        torch.empty((), dtype=dtype).element_size(),
+        transformer_config.sample_frames,
+        height,
+        width,
+        tile=tile,
+        slicing=slicing,
+        temporal_compression=vae_config.temporal_compression,
+        spatial_compression=vae_config.spatial_compression,
+    )
+
+
+def _choose_on(device, sizes_fn, transformer_config, vae_config, dtype, text_device, tile, slicing, lookahead):
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "none", "offload 'none': the model computes on the CPU"
+    text_on_device = text_device is None or torch.device(text_device) == device
+    activations = default_activations(transformer_config, vae_config, dtype, tile, slicing)
+    mode, reason = choose_mode(
+        sizes_fn(), activations, free_device_memory(device), lookahead, text_on_device, vae_tiling=tile is not None
+    )
+    log.info(reason)
+    return mode, reason
+
+
+def choose_for_folder(
+    folder: Path, configs, dtype: torch.dtype, device, text_device=None, vae_tiling: bool = False,
+    vae_slicing: bool = False, lookahead: int = DEFAULT_LOOKAHEAD,
+) -> tuple[str, str]:
+    """"auto" for a model folder not loaded yet (`configs`: `loading.read_model_configs`): (mode, why)."""
+    tile = (configs.vae.sample_height // 2, configs.vae.sample_width // 2) if vae_tiling else None
+    return _choose_on(
+        device, lambda: folder_sizes(folder, dtype), configs.transformer, configs.vae, dtype, text_device, tile,
+        vae_slicing, lookahead,
+    )
+
+
+def choose_for_pipeline(pipe, device, text_device=None, lookahead: int = DEFAULT_LOOKAHEAD) -> tuple[str, str]:
+    """"auto" for a built pipeline, with its VAE's tiling and slicing settings: (mode, why)."""
+    vae = pipe.vae
+    tile = (vae.tiling.sample_height, vae.tiling.sample_width) if vae.use_tiling else None
+    return _choose_on(
+        device, lambda: pipeline_sizes(pipe), pipe.config, vae.config, pipe.dtype, text_device, tile,
+        vae.use_slicing, lookahead,
+    )
