@@ -117,7 +117,7 @@ def test_demo_model_reconstruction_psnr():
     """Invert videos of the demo world with their captions and regenerate them: the PSNR against the
     input, next to the VAE round trip's (the ceiling: inversion works on the VAE's latents).
 
-    Measured at 50 steps on the shipped demo model, four scenes: 31.3 and 30.8 dB against VAE round
+    Measured at 50 steps on the shipped demo model, four scenes: 30.9 and 31.1 dB against VAE round
     trips of 32.6 and 32.0 dB; the red circle on black and the cyan square on white come back on the
     opposite background (0.2 dB). DDIM inversion on a zero-terminal-SNR schedule ends on latents of std
     0.33-0.43 rather than 1, and a known defect of ours is that some scenes do not survive it (the earlier
