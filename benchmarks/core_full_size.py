@@ -66,12 +66,6 @@ def build(module_fn, device, dtype, seed):
     return module.eval()
 
 
-def random_init_(module: torch.nn.Module, seed: int) -> None:
-    """`random_state`'s values copied into a module that is already materialised, in place."""
-    first = next(module.parameters())
-    module.load_state_dict(random_state(module, first.device, first.dtype, seed))
-
-
 def make_text_encoder(workdir: Path, t5: dict, device, dtype) -> TextEncoder:
     import sentencepiece as spm
     from transformers import T5Config, T5EncoderModel, T5Tokenizer

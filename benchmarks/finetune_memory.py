@@ -20,11 +20,15 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from core_full_size import build  # noqa: E402
 
 from cogvideox.models.config import SchedulerConfig, TransformerConfig
 from cogvideox.models.transformer import TRANSFORMER_PRESETS, CogVideoXTransformer
@@ -43,22 +47,9 @@ TINY = TransformerConfig(
 )
 
 
-def random_init_(module: torch.nn.Module, seed: int) -> None:
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(seed)
-        for name, p in module.named_parameters():
-            values = torch.randn(p.shape, generator=g) * 0.02
-            if p.ndim == 1 and "norm" in name and name.endswith("weight"):
-                values += 1.0
-            p.copy_(values.to(p.dtype))
-
-
 def build_ours(config: TransformerConfig, device, dtype) -> CogVideoXTransformer:
-    with torch.device("meta"):
-        model = CogVideoXTransformer(config)
-    model = model.to_empty(device=device)
-    random_init_(model, seed=0)
-    return model.to(dtype)
+    """Random weights loaded by assignment straight in `dtype` (no full fp32 copy on the device)."""
+    return build(lambda: CogVideoXTransformer(config), device, dtype, seed=0)
 
 
 def build_reference(ours: CogVideoXTransformer, device, dtype):

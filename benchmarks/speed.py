@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from core_full_size import T5_TINY, T5_XXL, make_text_encoder, random_init_  # noqa: E402
+from core_full_size import T5_TINY, T5_XXL, make_text_encoder, random_state  # noqa: E402
 
 from cogvideox import fast  # noqa: E402
 from cogvideox.models.config import SchedulerConfig, VAEConfig  # noqa: E402
@@ -152,9 +152,7 @@ def main() -> None:
     # The weights, once, on the CPU: every model below is a fresh copy of them.
     with torch.device("meta"):
         template = CogVideoXTransformer(config)
-    template = template.to_empty(device="cpu")
-    random_init_(template, seed=1)
-    weights = {k: v.to(dtype) for k, v in template.state_dict().items()}
+    weights = random_state(template, "cpu", dtype, seed=1)
     del template
     result["transformer_params"] = sum(v.numel() for v in weights.values())
 
@@ -287,9 +285,7 @@ def main() -> None:
 def vae_decode(vae_config, device, dtype, clock, lat_f, lat_h, lat_w, no_reference) -> dict:
     with torch.device("meta"):
         template = CogVideoXVAE(vae_config)
-    template = template.to_empty(device="cpu")
-    random_init_(template, seed=2)
-    weights = {k: v.to(dtype) for k, v in template.state_dict().items()}
+    weights = random_state(template, "cpu", dtype, seed=2)
     del template
     g = torch.Generator(device="cpu").manual_seed(5)
     z = torch.randn(1, vae_config.latent_channels, lat_f, lat_h, lat_w, generator=g).to(device, dtype)

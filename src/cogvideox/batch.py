@@ -216,8 +216,8 @@ def add_batch_parser(commands) -> None:
     arg(
         "--vae-tiling",
         action="store_true",
-        help="decode in overlapping tiles (less GPU memory; with --parallel on wherever the tiles keep the "
-        "frame size, so the decode is split too)",
+        help="decode in overlapping tiles (less GPU memory; always on with --parallel, so the decode is "
+        "split too)",
     )
     arg(
         "--parallel",
