@@ -3,6 +3,7 @@ model, videos generated and judged with and without it, a report written; a reru
 
 import json
 
+import numpy as np
 import pytest
 from safetensors.torch import load_file
 
@@ -39,6 +40,13 @@ def test_training_clips_are_orange_plus_base_training_replay(smoke):
         assert frames.shape == (world.FRAMES, world.HEIGHT, world.WIDTH, 3) and fps == 8
         # What the fine-tune sees after the MP4 round trip still reads as the caption's colour and motion.
         assert judge(frames, world.colours(include_extra=True)).matches(row["caption"])
+        # Its mask marks the object: every pixel far from the background colour, and little else.
+        mask, mask_fps = read_video(work / "data" / row["mask"])
+        assert mask.shape == frames.shape and mask_fps == 8
+        bright = mask.mean(-1) > 127
+        object_pixels = np.abs(frames.astype(int) - frames[:, :1, :1].astype(int)).max(-1) > 60
+        assert object_pixels.any() and bright[object_pixels].all()
+        assert bright.mean() < 4 * object_pixels.mean()  # the object grown by its outline, not the frame
 
 
 def test_a_lora_is_trained_on_the_demo_model(smoke):
@@ -52,7 +60,9 @@ def test_a_lora_is_trained_on_the_demo_model(smoke):
     b = [v for k, v in weights.items() if k.endswith("lora_B.weight")]
     assert b and all(v.shape[1] == 4 for v in b)  # rank 4
     assert max(v.abs().max() for v in b) > 0  # trained away from the zero start
-    assert json.loads((run / "config.json").read_text())["model"] is None  # the shipped demo model
+    trained = json.loads((run / "config.json").read_text())
+    assert trained["model"] is None  # the shipped demo model
+    assert trained["mask_weight"] == 10.0  # the object's latent cells weighted as in the model's own training
 
 
 def test_report_structure_and_numbers(smoke):
@@ -113,6 +123,28 @@ def test_other_data_or_training_settings_in_the_same_work_folder_are_refused(smo
         teach(TeachConfig(work=str(work), **(SMOKE | {"clips": 4})))
     with pytest.raises(InputError, match=r"trained with lr 0.001; give another --work folder or --lr 0.001"):
         teach(TeachConfig(work=str(work), **(SMOKE | {"lr": 3e-3})))
+    refused = r"trained with mask_weight 10; give another --work folder or --mask-weight 10"
+    with pytest.raises(InputError, match=refused):
+        teach(TeachConfig(work=str(work), **(SMOKE | {"mask_weight": 5.0})))
+
+
+def test_a_data_folder_rendered_without_masks_is_rendered_again(tmp_path):
+    config = TeachConfig(work=str(tmp_path), **SMOKE)
+    folder, reused = teach_module.make_data(config)
+    assert not reused
+    # What the data stage wrote before masks existed: no "masks" setting, rows without a mask.
+    manifest = json.loads((folder / "manifest.json").read_text())
+    del manifest["settings"]["masks"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({"video": r["video"], "caption": r["caption"]}) + "\n"
+                                                   for r in rows))
+    for row in rows:
+        (folder / row["mask"]).unlink()
+    assert teach_module.make_data(config) == (folder, False)
+    again = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    assert again == rows and all((folder / r["mask"]).is_file() for r in again)
+    assert teach_module.make_data(config) == (folder, True)
 
 
 def test_config_mistakes(tmp_path, capsys):
@@ -122,6 +154,8 @@ def test_config_mistakes(tmp_path, capsys):
         TeachConfig(work=str(tmp_path), replay=1.0)
     with pytest.raises(InputError, match="orange_captions must be at most 36"):
         TeachConfig(work=str(tmp_path), orange_captions=37)
+    with pytest.raises(InputError, match="mask_weight must be positive, got 0"):
+        TeachConfig(work=str(tmp_path), mask_weight=0)
     assert teach_module.main(["--work", str(tmp_path / "w"), "--replay", "1.5"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "replay must be a share in [0, 1)" in err

@@ -1,12 +1,15 @@
 """The latent / T5 cache: written once, reused, replaced when the video or the model changes."""
 
+import json
+
+import numpy as np
 import pytest
 import torch
 from helpers import make_video_folder, sample_frames
 
 from cogvideox import loading
-from cogvideox.train.cache import CachedDataset, precompute, read_latents, read_text
-from cogvideox.train.data import Bucket, scan_folder
+from cogvideox.train.cache import CachedDataset, latent_mask, precompute, read_latents, read_mask, read_text
+from cogvideox.train.data import Bucket, load_masked_clip, scan_folder
 from cogvideox.video import export_video
 
 BUCKETS = [Bucket(9, 32, 48)]
@@ -96,3 +99,80 @@ def test_batches_come_from_one_bucket(tmp_path, components):
         assert len({data.examples[i].bucket for i in idx}) == 1
     mean, logvar, states = data.batch([0, 1])
     assert mean.shape == (2, 3, 4, 4, 6) and logvar.shape == mean.shape and states.shape == (2, 16, 32)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Masks on the latent grid
+
+
+def test_latent_mask_takes_the_largest_value_each_cell_covers():
+    # 9 frames of 16x24 pixels -> 3 latent frames (0 | 1-4 | 5-8) of 2x3 cells of 8x8 pixels.
+    mask = torch.zeros(9, 16, 24)
+    mask[0, 3, 10] = 1.0  # frame 0 alone -> latent frame 0, cell (0, 1)
+    mask[2, 9, 23] = 0.75  # frames 1-4 -> latent frame 1, cell (1, 2)
+    mask[4, 9, 16] = 0.5  # same cell, smaller
+    mask[1, 0, 0] = 0.25  # latent frame 1, cell (0, 0)
+    mask[5, 15, 7] = 0.5  # frames 5-8 -> latent frame 2, cell (1, 0)
+    mask[8, 8, 0] = 1.0  # same cell, larger
+    expected = torch.zeros(3, 1, 2, 3)
+    expected[0, 0, 0, 1] = 1.0
+    expected[1, 0, 1, 2] = 0.75
+    expected[1, 0, 0, 0] = 0.25
+    expected[2, 0, 1, 0] = 1.0
+    assert torch.equal(latent_mask(mask, temporal=4, spatial=8), expected)
+    # Another compression (2x in time, 4x in space) from the same function.
+    assert latent_mask(mask, temporal=2, spatial=4).shape == (5, 1, 4, 6)
+
+
+def _masked_data(root):
+    """The three good clips of make_video_folder; clip1 gets a mask image over its square's path."""
+    from PIL import Image
+
+    root = make_video_folder(root, broken=False)
+    image = np.zeros((40, 56, 3), np.uint8)
+    image[4:30, 6:42] = 255
+    Image.fromarray(image).save(root / "mask1.png")
+    rows = [json.loads(line) for line in (root / "metadata.jsonl").read_text().splitlines()]
+    rows[1]["mask"] = "mask1.png"
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def test_a_mask_is_cached_on_the_latent_grid_and_keyed_by_its_bytes(tmp_path, components):
+    from PIL import Image
+
+    vae, text = components
+    plain = run(make_video_folder(tmp_path / "plain", broken=False), vae, text, tmp_path / "cache")
+    root = _masked_data(tmp_path / "data")
+    first = run(root, vae, text, tmp_path / "cache")
+    # Only the masked clip is new: entries of clips without a mask keep their names.
+    assert first.encoded == 1
+    assert [e.masked for e in first.examples] == [False, True, False]
+    assert first.examples[0].latents == plain.examples[0].latents
+    assert first.examples[1].latents != plain.examples[1].latents
+
+    clip = scan_folder(root)[0][1]
+    _, pixels, _ = load_masked_clip(clip, BUCKETS, 8)
+    cached = read_mask(first.examples[1])
+    mean, _ = read_latents(first.examples[1])
+    assert cached.shape == (3, 1, 4, 6) and mean.shape == (3, 4, 4, 6)
+    assert torch.equal(cached, latent_mask(pixels, vae.config.temporal_compression, vae.config.spatial_compression))
+    assert float(cached.max()) == 1.0 and float(cached.min()) == 0.0
+
+    data = CachedDataset(first)
+    assert data.has_masks
+    assert data.masks([0, 2]) is None
+    masks = data.masks([1, 0])
+    assert masks.shape == (2, 3, 1, 4, 6)
+    assert torch.equal(masks[0], cached) and not masks[1].any()
+
+    # A changed mask file re-encodes that clip alone.
+    image = np.zeros((40, 56, 3), np.uint8)
+    image[0:8, 0:8] = 255
+    Image.fromarray(image).save(root / "mask1.png")
+    changed = run(root, vae, text, tmp_path / "cache")
+    assert changed.encoded == 1
+    assert changed.examples[1].latents != first.examples[1].latents
+    assert [e.latents for e in changed.examples[::2]] == [e.latents for e in first.examples[::2]]
+    assert float(read_mask(changed.examples[1])[:, 0, 1:, 1:].max()) == 0.0  # only the top-left cell
+    assert run(root, vae, text, tmp_path / "cache").encoded == 0

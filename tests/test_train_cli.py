@@ -22,15 +22,21 @@ def test_every_flag_is_explained():
 
 def test_train_end_to_end_and_resume(capsys, tiny_rope_dir, tmp_path):
     data = make_video_folder(tmp_path / "data")
-    (tmp_path / "run.toml").write_text(f'model = "{tiny_rope_dir}"\nrank = 4\nbuckets = ["9x32x48"]\nlr = 1e-3\n')
+    (tmp_path / "run.toml").write_text(
+        f'model = "{tiny_rope_dir}"\nrank = 4\nbuckets = ["9x32x48"]\nlr = 1e-3\nmask_weight = 2.0\n'
+    )
     argv = ["train", str(data), "--output", str(tmp_path / "out"), "--config", str(tmp_path / "run.toml"),
-            "--warmup-steps", "0", "--checkpoint-every", "1", "--quiet"]
+            "--warmup-steps", "0", "--checkpoint-every", "1", "--mask-weight", "3", "--quiet"]
     assert main([*argv, "--steps", "2"]) == 0
-    out = capsys.readouterr().out.strip().splitlines()
+    captured = capsys.readouterr()
+    out = captured.out.strip().splitlines()
+    # No clip of the folder has a mask: said in one line, and the run goes on.
+    assert "cogvideox: warning: mask_weight is 3 but no clip in" in captured.err
     assert any(line.startswith("cogvideox train: skipped videos/corrupt.mp4: cannot decode") for line in out)
     assert out[-1].startswith(f"wrote {tmp_path / 'out' / 'pytorch_lora_weights.safetensors'} (2 steps, final loss ")
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
     assert saved["rank"] == 4 and saved["steps"] == 2 and saved["model"] == str(tiny_rope_dir)
+    assert saved["mask_weight"] == 3.0  # the flag over the file's 2.0
     assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == ["step-1.pt", "step-2.pt"]
 
     # Asking for more steps continues the run from its newest checkpoint.
@@ -49,6 +55,7 @@ def test_train_end_to_end_and_resume(capsys, tiny_rope_dir, tmp_path):
         (["{tmp}", "--output", "o", "--model", "{model}"], "neither metadata.jsonl nor prompts.txt"),
         (["{tmp}", "--output", "o", "--optimizer", "sgd"], "argument --optimizer: invalid choice"),
         (["{tmp}", "--output", "o", "--caption-dropout", "2"], "caption_dropout must be in [0, 1)"),
+        (["{tmp}", "--output", "o", "--mask-weight", "0"], "argument --mask-weight: expected a positive number, got 0"),
     ],
 )
 def test_user_mistakes_exit_2_with_one_line(capsys, tiny_rope_dir, tmp_path, monkeypatch, extra, message):

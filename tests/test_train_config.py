@@ -35,6 +35,8 @@ def test_flags_override_the_file(tmp_path):
         ('data = "d"\noutput = "o"\nrank = 0\n', "rank must be a positive integer, got 0"),
         ('data = "d"\noutput = "o"\noptimizer = "sgd"\n', "optimizer must be one of adamw, adamw-8bit, adamw-cpu"),
         ('data = "d"\noutput = "o"\ncaption_dropout = 1.5\n', "caption_dropout must be in [0, 1)"),
+        ('data = "d"\noutput = "o"\nmask_weight = 0\n', "mask_weight must be a positive number, got 0"),
+        ('data = "d"\noutput = "o"\nmask-weight = "10"\n', "mask_weight must be a positive number, got '10'"),
         ('data = "d"\noutput = "o"\nvalidation_every = 10\n', "no validation_prompts"),
         ('data = "d"\noutput = "o"\nbuckets = "49x480x720"\n', "buckets must be a list"),
         ('output = "o"\n', "missing setting(s): data"),
@@ -64,3 +66,6 @@ def test_direct_construction_checks_values():
         FinetuneConfig(data="d", output="o", lr=-1.0)
     with pytest.raises(InputError, match="schedule must be one of constant, cosine"):
         FinetuneConfig(data="d", output="o", schedule="linear")
+    with pytest.raises(InputError, match="mask_weight must be a positive number, got -2.0"):
+        FinetuneConfig(data="d", output="o", mask_weight=-2.0)
+    assert FinetuneConfig(data="d", output="o").mask_weight == 1.0  # masks ignored unless asked for

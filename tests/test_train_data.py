@@ -11,11 +11,13 @@ from cogvideox import InputError
 from cogvideox.models.config import TransformerConfig, VAEConfig
 from cogvideox.train.data import (
     Bucket,
+    Clip,
     ClipError,
     check_buckets,
     choose_bucket,
     cover_crop,
     load_clip,
+    load_masked_clip,
     read_frames,
     scan_folder,
 )
@@ -126,3 +128,75 @@ def test_multi_resolution_clips_land_in_their_buckets(tmp_path):
     buckets = [Bucket(9, 32, 48), Bucket(9, 48, 32)]
     shapes = [tuple(load_clip(c, buckets, fps=8)[0].shape) for c in clips]
     assert shapes == [(3, 9, 32, 48), (3, 9, 48, 32)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Masks
+
+
+def _masked_folder(root, mask_names):
+    """clip0..clipN-1 (12 frames, 40x56, 8 fps) whose rows name the given masks (None: no mask)."""
+    (root / "videos").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, mask in enumerate(mask_names):
+        export_video(sample_frames(12, 40, 56, seed=i), root / "videos" / f"clip{i}.mp4", fps=8)
+        row = {"video": f"videos/clip{i}.mp4", "caption": "a cat"}
+        if mask is not None:
+            row["mask"] = mask
+        rows.append(json.dumps(row))
+    (root / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_a_row_whose_mask_is_missing_is_skipped_with_the_reason(tmp_path):
+    root = _masked_folder(tmp_path, ["masks/gone.mp4", None, "masks/here.png", 7])
+    (root / "masks").mkdir()
+    (root / "masks" / "here.png").write_bytes(b"")  # exists: whether it decodes is told when loading
+    clips, skipped = scan_folder(root)
+    assert [(c.name, c.mask) for c in clips] == [("videos/clip1.mp4", None),
+                                                 ("videos/clip2.mp4", root / "masks" / "here.png")]
+    assert [str(s) for s in skipped] == ['videos/clip3.mp4: "mask" must be a file path, got 7',
+                                         "videos/clip0.mp4: mask masks/gone.mp4 not found"]
+    with pytest.raises(ClipError, match="cannot decode mask here.png"):
+        load_masked_clip(clips[1], [Bucket(9, 32, 48)], fps=8)
+
+
+def test_a_mask_image_is_cropped_like_its_video_and_used_for_every_frame(tmp_path):
+    from PIL import Image
+
+    root = _masked_folder(tmp_path, ["m.png", "wide.png"])
+    image = np.zeros((40, 56, 3), np.uint8)
+    image[10:20, 30:50] = (255, 255, 255)
+    image[25:30, 0:8] = (255, 0, 0)  # mean over RGB: a third
+    Image.fromarray(image).save(root / "m.png")
+    Image.fromarray(np.zeros((40, 80, 3), np.uint8)).save(root / "wide.png")
+    clips, _ = scan_folder(root)
+    bucket = Bucket(9, 32, 48)
+    video, mask, got = load_masked_clip(clips[0], [bucket], fps=8)
+    assert got == bucket and video.shape == (3, 9, 32, 48) and mask.shape == (9, 32, 48)
+    # The video's crop applied to the image's mean over RGB / 255.
+    expected = cover_crop(torch.from_numpy(image).float().mean(-1)[None, None] / 255.0, 32, 48)[0, 0]
+    for frame in mask:
+        assert torch.allclose(frame, expected, atol=1e-6)
+    assert 0.9 < float(mask[0, 12, 32]) <= 1.0 and float(mask[0, 0, 0]) == 0.0
+    assert abs(float(mask[0, 23, 2]) - 1 / 3) < 0.02
+    with pytest.raises(ClipError, match="mask wide.png is 80x40, the video 56x40: they must have the same aspect"):
+        load_masked_clip(clips[1], [bucket], fps=8)
+
+
+def test_a_mask_video_takes_the_frames_its_video_takes(tmp_path):
+    root = _masked_folder(tmp_path, ["m.mp4", "short.mp4"])
+    # Mask frame i is uniformly 20 * i; at 4 fps frames 0, 2, 4, ... of the 8 fps file are kept.
+    ramp = np.stack([np.full((40, 56, 3), 20 * i, np.uint8) for i in range(12)])
+    export_video(ramp, root / "m.mp4", fps=8)
+    export_video(ramp[:4], root / "short.mp4", fps=8)
+    clips, _ = scan_folder(root)
+    _, mask, bucket = load_masked_clip(clips[0], [Bucket(5, 32, 48)], fps=4)
+    assert bucket == Bucket(5, 32, 48)
+    assert [round(float(m.mean()) * 255 / 20) for m in mask] == [0, 2, 4, 6, 8]
+    with pytest.raises(ClipError, match="mask short.mp4 is too short: 2 frames at 4 fps, the clip has 5"):
+        load_masked_clip(clips[1], [Bucket(5, 32, 48)], fps=4)
+    # Without a mask the clip loads as load_clip loads it.
+    plain = Clip(clips[0].video, "a cat", "videos/clip0.mp4")
+    video, none, _ = load_masked_clip(plain, [Bucket(5, 32, 48)], fps=4)
+    assert none is None and torch.equal(video, load_clip(plain, [Bucket(5, 32, 48)], fps=4)[0])

@@ -230,3 +230,112 @@ def test_cuda_bf16_training_learns(data_dir, tiny_rope_dir, tmp_path, optimizer)
     for step in range(40):
         run.train_step(step)
     assert held_loss() < 0.8 * before
+
+
+# ----------------------------------------------------------------------------------------------------
+# Masked loss
+
+
+@pytest.fixture(scope="module")
+def masked_dir(tmp_path_factory):
+    """The three good clips; clip0 and clip2 have a mask image over part of the frame."""
+    import numpy as np
+    from PIL import Image
+
+    root = make_video_folder(tmp_path_factory.mktemp("masked"), broken=False)
+    rows = [json.loads(line) for line in (root / "metadata.jsonl").read_text().splitlines()]
+    for i, box in ((0, (4, 20, 6, 30)), (2, (24, 40, 30, 56))):
+        image = np.zeros((40, 56, 3), np.uint8)
+        image[box[0] : box[1], box[2] : box[3]] = 255
+        Image.fromarray(image).save(root / f"mask{i}.png")
+        rows[i]["mask"] = f"mask{i}.png"
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def _spy_on_v_loss(monkeypatch):
+    """Record each v_loss call's inputs, its generator's state before the call, and its result."""
+    from cogvideox.train import finetune as finetune_module
+
+    calls = []
+    real = finetune_module.v_loss
+
+    def spy(transformer, x0, text, table, generator, rotary=None, weight=None):
+        state = generator.get_state()
+        loss = real(transformer, x0, text, table, generator, rotary=rotary, weight=weight)
+        calls.append(dict(x0=x0, text=text, generator_state=state, rotary=rotary, weight=weight, loss=loss))
+        return loss
+
+    monkeypatch.setattr(finetune_module, "v_loss", spy)
+    return calls
+
+
+def test_the_masked_loss_is_the_weighted_mean_of_the_squared_errors(masked_dir, tiny_rope_dir, tmp_path, monkeypatch):
+    from cogvideox.train.cache import read_mask
+    from cogvideox.train.objective import noisy_latents, per_sample, velocity
+
+    calls = _spy_on_v_loss(monkeypatch)
+    run = Run(config(masked_dir, tiny_rope_dir, tmp_path, batch_size=3, caption_dropout=0.0, mask_weight=5.0,
+                     cache_dir=str(tmp_path / "cache")))
+    run.prepare_data()
+    run.prepare_model()
+    drawn = []
+    draw = run.dataset.draw
+    run.dataset.draw = lambda *a: drawn.append(draw(*a)) or drawn[-1]
+    with torch.no_grad():
+        loss = run.loss(step_generator(7, 0))
+    (call,) = calls
+    # The weight: 5 on the masked cells, 1 elsewhere and on the clip without a mask.
+    masks = []
+    for i in drawn[0]:
+        example = run.dataset.examples[i]
+        masks.append(read_mask(example) if example.masked else torch.zeros(3, 1, 4, 6))
+    expected_weight = 1.0 + 4.0 * torch.stack(masks)
+    assert torch.equal(call["weight"], expected_weight)
+    # (the resize to the bucket softens the box's edge: some cells get a share of it)
+    assert float(expected_weight.min()) == 1.0 and float(expected_weight.max()) == 5.0
+
+    # By hand, from the same generator state: sum(w * err^2) / sum(w).
+    g = torch.Generator().set_state(call["generator_state"])
+    x0 = call["x0"].float()
+    t = torch.randint(0, run.alphas_cumprod.shape[0], (3,), generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    ab = per_sample(run.alphas_cumprod, t, x0)
+    with torch.no_grad():
+        pred = run.transformer(noisy_latents(x0, noise, ab), call["text"], t, image_rotary_emb=call["rotary"])
+    err = (pred.float() - velocity(x0, noise, ab)) ** 2
+    w = expected_weight.expand_as(err)
+    assert torch.allclose(loss, (w * err).sum() / w.sum(), rtol=1e-6)
+    assert not torch.allclose(loss, err.mean(), rtol=1e-3)  # the weight matters
+
+    # mask_weight 1 ignores the masks: the same draws give the plain mean.
+    plain = Run(config(masked_dir, tiny_rope_dir, tmp_path / "plain", batch_size=3, caption_dropout=0.0,
+                       cache_dir=str(tmp_path / "cache")))
+    plain.prepare_data()
+    plain.prepare_model()
+    with torch.no_grad():
+        unweighted = plain.loss(step_generator(7, 0))
+    assert calls[1]["weight"] is None
+    assert torch.allclose(unweighted, err.mean(), rtol=1e-6)
+
+
+def test_cogvideox_1_5_pads_the_mask_like_the_latents(masked_dir, tiny_v15_dir, tmp_path, monkeypatch):
+    calls = _spy_on_v_loss(monkeypatch)
+    run = Run(config(masked_dir, tiny_v15_dir, tmp_path, steps=1, mask_weight=3.0, cache_dir=str(tmp_path / "c")))
+    run.prepare_data()
+    run.prepare_model()
+    for step in range(4):
+        run.train_step(step)
+    weights = [c["weight"] for c in calls if c["weight"] is not None]
+    assert weights, "no masked clip was drawn"
+    for weight in weights:
+        assert weight.shape == (1, 4, 1, 4, 6)  # 3 latent frames, the first one copied in front
+        assert torch.equal(weight[:, 0], weight[:, 1]) and weight.max() == 3.0
+
+
+def test_a_mask_weight_without_masks_warns_once(data_dir, tiny_rope_dir, tmp_path):
+    run = Run(config(data_dir, tiny_rope_dir, tmp_path, mask_weight=4.0, cache_dir=str(tmp_path / "cache")))
+    with pytest.warns(UserWarning, match="mask_weight is 4 but no clip in .* has a mask; the loss is unweighted"):
+        run.prepare_data()
+    run.prepare_model()
+    assert run.loss(step_generator(0, 0)) > 0  # the run still works

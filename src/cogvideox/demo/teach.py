@@ -4,9 +4,12 @@ The experiment, in three resumable stages (run the same command again to continu
 
 1. data: render clips of orange objects (every shape, direction and background in turn) into
    `<work>/data` as MP4s with a `metadata.jsonl`, plus a share of clips of the base world's training
-   captions ("replay", never a held-out caption) so the old concepts keep being trained;
+   captions ("replay", never a held-out caption) so the old concepts keep being trained; each clip has
+   a mask video of its object's pixels (`masks/`, the row's "mask");
 2. fine-tune: a LoRA on the model (the shipped demo model by default) with `cogvideox.train.finetune`,
-   into `<work>/run`; the trainer resumes from its newest checkpoint;
+   into `<work>/run`, with the latent cells the object covers weighted `mask_weight` x (the object is a
+   few percent of the frame: unweighted, the loss is almost all background and barely sees its colour);
+   the trainer resumes from its newest checkpoint;
 3. evaluate, with and without the LoRA, on the same captions, seeds and noise:
    - every orange caption: correct when the judge, with its palette extended by orange, sees orange and
      the caption's direction;
@@ -47,6 +50,10 @@ from .judge import judge
 
 # Fine-tuning data layout.
 CLIPS_DIR = "clips"
+MASKS_DIR = "masks"
+# What a mask marks; part of the data key, so a folder rendered without masks (or other masks) is
+# rendered again.
+MASK_KIND = "object pixels grown by 2 px (demo.build.foreground)"
 MANIFEST = "manifest.json"  # written last: a data folder without it is incomplete and rendered again
 CLIP_FPS = 8  # the demo model's frame rate (CogVideoX 1.0 models sample at 8 fps)
 
@@ -83,6 +90,7 @@ class TeachConfig:
     batch_size: int = 8
     warmup_steps: int = 50
     checkpoint_every: int = 100
+    mask_weight: float = 10.0  # loss weight of the object's latent cells, as in the demo model's own training
     # Evaluation
     seeds: int = 2  # seeds per caption, for orange and base captions alike
     orange_captions: int = 36  # how many of the 36 orange captions (36: all of them)
@@ -108,6 +116,8 @@ class TeachConfig:
                 raise InputError(f"{name} must be at most {len(pool)}, got {getattr(self, name)}")
         if not self.lr > 0:
             raise InputError(f"lr must be positive, got {self.lr!r}")
+        if not (isinstance(self.mask_weight, (int, float)) and self.mask_weight > 0):
+            raise InputError(f"mask_weight must be positive, got {self.mask_weight!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise InputError(f"seed must be a non-negative integer, got {self.seed!r}")
 
@@ -137,32 +147,47 @@ def training_clips(config: TeachConfig) -> list[world.Scene]:
     return scenes
 
 
+def object_mask(frames: np.ndarray) -> np.ndarray:
+    """uint8 frames [F, H, W, 3] of a scene -> its object's mask as uint8 frames [F, H, W, 3]: 255 on the
+    object's pixels (grown by two pixels, as the demo model's own training weighs them), 0 elsewhere."""
+    from .build import foreground
+
+    mask = foreground(world.to_model_range(frames)[None])[0, 0]  # [F, H, W] of 0 / 1
+    return np.repeat((mask.numpy() * 255).astype(np.uint8)[..., None], 3, axis=-1)
+
+
 def make_data(config: TeachConfig) -> tuple[Path, bool]:
-    """Render the training clips into `<work>/data` (MP4s + metadata.jsonl). Returns the folder and
-    whether an earlier, complete rendering was reused. Raises `InputError` when the folder holds the
-    data of other settings."""
+    """Render the training clips into `<work>/data` (MP4s, their object masks and metadata.jsonl). Returns
+    the folder and whether an earlier, complete rendering was reused. Raises `InputError` when the folder
+    holds the data of other settings; a folder rendered before masks existed is rendered again."""
     from cogvideox.video import export_video
 
     folder = Path(config.work) / "data"
     settings = {"clips": config.clips, "replay": config.replay, "seed": config.seed,
                 "frames": world.FRAMES, "height": world.HEIGHT, "width": world.WIDTH,
-                "orange_rgb": list(world.EXTRA_COLOUR_RGB["orange"])}
+                "orange_rgb": list(world.EXTRA_COLOUR_RGB["orange"]), "masks": MASK_KIND}
     manifest = folder / MANIFEST
     if manifest.is_file():
-        found = json.loads(manifest.read_text())
-        if found.get("settings") == settings:
+        found = json.loads(manifest.read_text()).get("settings") or {}
+        if found == settings:
             return folder, True
-        raise InputError(
-            f"{folder} holds clips rendered with other settings ({found.get('settings')}); give another --work "
-            "folder or the same --clips, --replay and --seed"
-        )
+        if {k: v for k, v in found.items() if k != "masks"} != {k: v for k, v in settings.items() if k != "masks"}:
+            raise InputError(
+                f"{folder} holds clips rendered with other settings ({found}); give another --work "
+                "folder or the same --clips, --replay and --seed"
+            )
+        manifest.unlink()  # the same clips with other (or no) masks: render again
     (folder / CLIPS_DIR).mkdir(parents=True, exist_ok=True)
+    (folder / MASKS_DIR).mkdir(parents=True, exist_ok=True)
     rows = []
     for i, scene in enumerate(training_clips(config)):
         kind = "orange" if scene.colour in world.EXTRA_COLOURS else "replay"
         name = f"{CLIPS_DIR}/{kind}-{i:04d}.mp4"
-        export_video(world.render(scene), folder / name, fps=CLIP_FPS)
-        rows.append({"video": name, "caption": scene.caption})
+        mask = f"{MASKS_DIR}/{kind}-{i:04d}.mp4"
+        frames = world.render(scene)
+        export_video(frames, folder / name, fps=CLIP_FPS)
+        export_video(object_mask(frames), folder / mask, fps=CLIP_FPS)
+        rows.append({"video": name, "caption": scene.caption, "mask": mask})
     (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     counts = {"orange": config.orange_clips, "replay": config.replay_clips}
     manifest.write_text(json.dumps({"settings": settings, "counts": counts}, indent=2) + "\n")
@@ -186,9 +211,17 @@ def train_lora(config: TeachConfig, data: Path) -> tuple[Path, bool]:
     if (out / "config.json").is_file():
         # The trainer resumes with a changed learning rate; here a changed one would go unnoticed in the
         # report, so it needs a fresh run folder. (Rank, batch or seed changes the trainer refuses itself.)
-        trained_lr = json.loads((out / "config.json").read_text()).get("lr")
+        trained = json.loads((out / "config.json").read_text())
+        trained_lr = trained.get("lr")
         if trained_lr != config.lr:
             raise InputError(f"{out} was trained with lr {trained_lr}; give another --work folder or --lr {trained_lr}")
+        # A run from before masks existed trained unweighted, as mask_weight 1 does.
+        trained_weight = trained.get("mask_weight", 1.0)
+        if trained_weight != config.mask_weight:
+            raise InputError(
+                f"{out} was trained with mask_weight {trained_weight:g}; give another --work folder or "
+                f"--mask-weight {trained_weight:g}"
+            )
     latest = latest_checkpoint(out / "checkpoints", CHECKPOINT_PREFIX)
     if lora.is_file() and latest is not None and int(latest.stem.rsplit("-", 1)[1]) == config.steps:
         return lora, True
@@ -203,6 +236,7 @@ def train_lora(config: TeachConfig, data: Path) -> tuple[Path, bool]:
         warmup_steps=min(config.warmup_steps, config.steps - 1),
         checkpoint_every=config.checkpoint_every,
         seed=config.seed,
+        mask_weight=config.mask_weight,
         # The demo model is tiny: recomputing activations would cost time and save nothing that matters.
         gradient_checkpointing=False,
         progress=config.progress,
@@ -415,6 +449,8 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=positive_float, default=d.lr, help="LoRA learning rate (default: %(default)s)")
     p.add_argument("--rank", type=positive_int, default=d.rank, help="LoRA rank (default: %(default)s)")
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="default: %(default)s")
+    p.add_argument("--mask-weight", type=positive_float, default=d.mask_weight,
+                   help="loss weight of the latent cells the object covers; the rest weigh 1 (default: %(default)s)")
     p.add_argument("--seeds", type=positive_int, default=d.seeds, help="seeds per evaluated caption (default: %(default)s)")
     p.add_argument("--orange-captions", type=positive_int, default=d.orange_captions,
                    help="orange captions evaluated, of 36 (default: %(default)s)")
@@ -435,8 +471,9 @@ def main(argv=None) -> int:
     try:
         config = TeachConfig(
             work=args.work, model=args.model, clips=args.clips, replay=args.replay, steps=args.steps, lr=args.lr,
-            rank=args.rank, batch_size=args.batch_size, seeds=args.seeds, orange_captions=args.orange_captions,
-            base_captions=args.base_captions, inference_steps=args.inference_steps, eval_batch=args.eval_batch,
+            rank=args.rank, batch_size=args.batch_size, mask_weight=args.mask_weight, seeds=args.seeds,
+            orange_captions=args.orange_captions, base_captions=args.base_captions,
+            inference_steps=args.inference_steps, eval_batch=args.eval_batch,
             seed=args.seed, progress=not args.no_progress,
         )
         report = teach(config)

@@ -4,10 +4,12 @@ Fine-tuning never runs the VAE encoder or T5 in the training step: both are froz
 are computed once, written as safetensors under the cache folder and read back each step. A cache entry
 is named by a hash of everything it depends on, so it is reused by the next run and silently replaced
 when anything changes:
-- latents: the video file's bytes, the bucket list, the frame rate, and the VAE's weights and config;
+- latents: the video file's bytes, the bucket list, the frame rate, and the VAE's weights and config
+  (and the mask file's bytes, for a clip with a mask);
 - text: the caption, the token count, and the T5's weights.
 The latents are kept as the posterior's mean and log-variance, [F, C, h, w] (frames first, the
-transformer's layout), so every training step can draw a fresh posterior sample.
+transformer's layout), so every training step can draw a fresh posterior sample. A clip's mask is kept
+beside them reduced to the latent grid, [F, 1, h, w] (see `latent_mask`).
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .data import Bucket, Clip, ClipError, Skipped, load_clip
+from .data import Bucket, Clip, ClipError, Skipped, load_masked_clip
 
 _VERSION = "1"  # bump when the layout of a cache entry changes
 
@@ -64,8 +67,9 @@ class Example:
     name: str
     caption: str
     bucket: Bucket
-    latents: Path  # safetensors with "mean" and "logvar", [F, C, h, w]
+    latents: Path  # safetensors with "mean" and "logvar", [F, C, h, w] (and "mask", [F, 1, h, w])
     text: Path  # safetensors with "states", [L, D]
+    masked: bool = False  # the latents file holds the clip's mask
 
 
 @dataclass
@@ -79,6 +83,27 @@ class Prepared:
 def read_latents(example: Example) -> tuple[torch.Tensor, torch.Tensor]:
     with safe_open(example.latents, framework="pt") as f:
         return f.get_tensor("mean"), f.get_tensor("logvar")
+
+
+def read_mask(example: Example) -> torch.Tensor:
+    """The example's mask on the latent grid, [F, 1, h, w] in [0, 1]."""
+    with safe_open(example.latents, framework="pt") as f:
+        return f.get_tensor("mask")
+
+
+def latent_mask(mask: torch.Tensor, temporal: int, spatial: int) -> torch.Tensor:
+    """A pixel mask [F, H, W] in [0, 1] -> [F', 1, H / spatial, W / spatial] on the latent grid.
+
+    The VAE is causal in time: latent frame 0 covers pixel frame 0 alone, and each later one the next
+    `temporal` pixel frames; a latent cell covers `spatial` x `spatial` pixels. A cell takes the largest
+    value among the pixels it covers, so an object a few pixels across still counts in full.
+    """
+    first = mask[:1]
+    rest = mask[1:]
+    if len(rest):
+        rest = F.max_pool3d(rest[None, None], (temporal, 1, 1), ceil_mode=True)[0, 0]
+    frames = torch.cat([first, rest])  # [F', H, W]
+    return F.max_pool2d(frames[:, None], spatial, ceil_mode=True)
 
 
 def read_text(path: Path) -> torch.Tensor:
@@ -128,27 +153,40 @@ def precompute(
         except OSError as e:
             skipped.append(Skipped(clip.name, f"cannot read ({e.strerror or e})"))
             continue
-        path = cache_dir / "latents" / f"{_key(digest, bucket_id, str(fps), vae_id)}.safetensors"
+        parts = [digest, bucket_id, str(fps), vae_id]
+        if clip.mask is not None:  # only then: entries of clips without a mask keep their names
+            try:
+                parts.append("mask " + file_digest(clip.mask))
+            except OSError as e:
+                skipped.append(Skipped(clip.name, f"cannot read mask {clip.mask.name} ({e.strerror or e})"))
+                continue
+        path = cache_dir / "latents" / f"{_key(*parts)}.safetensors"
         if not path.is_file():
             if i % world_size != rank:
                 continue
             try:
-                video, bucket = load_clip(clip, buckets, fps)
+                video, mask, bucket = load_masked_clip(clip, buckets, fps)
             except ClipError as e:
                 skipped.append(Skipped(clip.name, str(e)))
                 continue
             posterior = vae.encode(video[None].to(device, dtype))  # [1, C, F, h, w]
             mean = posterior.mean[0].permute(1, 0, 2, 3).float()  # [F, C, h, w]
             logvar = posterior.logvar[0].permute(1, 0, 2, 3).float()
+            tensors = {"mean": mean, "logvar": logvar}
+            if mask is not None:
+                tensors["mask"] = latent_mask(mask, vae.config.temporal_compression, vae.config.spatial_compression)
+                expected = (mean.shape[0], 1, *mean.shape[2:])
+                if tuple(tensors["mask"].shape) != expected:  # the config disagrees with what the VAE did
+                    raise RuntimeError(f"mask reduced to {tuple(tensors['mask'].shape)}, latents need {expected}")
             meta = {"bucket": str(bucket), "video": clip.name}
-            _atomic_save({"mean": mean, "logvar": logvar}, path, meta)
+            _atomic_save(tensors, path, meta)
             encoded += 1
         with safe_open(path, framework="pt") as f:
             bucket = Bucket.parse(f.metadata()["bucket"])
         if i % world_size == rank or world_size == 1:
             text_file(clip.caption)
         text = cache_dir / "text" / f"{_key(clip.caption, t5_id)}.safetensors"
-        examples.append(Example(clip.name, clip.caption, bucket, path, text))
+        examples.append(Example(clip.name, clip.caption, bucket, path, text, masked=clip.mask is not None))
     empty = text_file("") if rank == 0 else cache_dir / "text" / f"{_key('', t5_id)}.safetensors"
     return Prepared(examples, skipped, empty, encoded)
 
@@ -193,3 +231,22 @@ class CachedDataset:
         """(mean [B, F, C, h, w], logvar [B, F, C, h, w], text [B, L, D]), fp32 on the CPU."""
         means, logvars = zip(*(read_latents(self.examples[i]) for i in indices))
         return torch.stack(means), torch.stack(logvars), torch.stack([self.text(i) for i in indices])
+
+    @property
+    def has_masks(self) -> bool:
+        return any(e.masked for e in self.examples)
+
+    def masks(self, indices: list[int]) -> torch.Tensor | None:
+        """The batch's masks on the latent grid, [B, F, 1, h, w] in [0, 1] (zeros for a clip without a
+        mask); None when no clip of the batch has one."""
+        if not any(self.examples[i].masked for i in indices):
+            return None
+        out = []
+        for i in indices:
+            if self.examples[i].masked:
+                out.append(read_mask(self.examples[i]))
+            else:
+                with safe_open(self.examples[i].latents, framework="pt") as f:
+                    frames, _, h, w = f.get_slice("mean").get_shape()
+                out.append(torch.zeros(frames, 1, h, w))
+        return torch.stack(out)

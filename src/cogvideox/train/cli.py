@@ -52,6 +52,12 @@ def add_train_parsers(commands) -> None:
     arg("--fps", type=positive_float, help="frame rate clips are sampled at (default: the model's, 8 or 16)")
     arg("--caption-dropout", type=float, help="share of steps on the empty caption (default: 0.1)")
     arg("--cache-dir", help="where latents and T5 states are cached (default: DATA/cache)")
+    arg(
+        "--mask-weight",
+        type=positive_float,
+        help='loss weight of the latent cells a clip\'s mask covers (metadata.jsonl "mask"); the rest weigh 1 '
+        "(default: 1, masks ignored)",
+    )
     arg("--steps", type=positive_int, help="optimizer steps (default: 1000)")
     arg("--batch-size", type=positive_int, help="clips per step and process (default: 1)")
     arg("--grad-accum", type=positive_int, help="micro-batches accumulated per step (default: 1)")

@@ -41,6 +41,8 @@ class FinetuneConfig:
     max_sequence_length: int | None = None
     cache_dir: str | None = None  # None: <data>/cache
     sample_posterior: bool = True  # a fresh VAE posterior sample per step (else its mean)
+    # Loss weight of the latent cells a clip's mask covers (the rest weigh 1); 1: masks are ignored
+    mask_weight: float = 1.0
     # Optimisation
     steps: int = 1000
     batch_size: int = 1
@@ -114,6 +116,7 @@ def check_config(c: FinetuneConfig) -> None:
         _positive(c.fps, "fps", float)
     if c.grad_clip is not None:
         _positive(c.grad_clip, "grad_clip", float)
+    _positive(c.mask_weight, "mask_weight", float)
     if not (isinstance(c.caption_dropout, (int, float)) and 0 <= c.caption_dropout < 1):
         raise InputError(f"caption_dropout must be in [0, 1), got {c.caption_dropout!r}")
     if not (isinstance(c.min_lr_ratio, (int, float)) and 0 <= c.min_lr_ratio <= 1):

@@ -3,13 +3,17 @@
 Two folder layouts are read:
 - the official trainer's: `prompts.txt` (or `prompt.txt`) and `videos.txt`, one entry per line, line i
   of one belonging to line i of the other; video paths are relative to the folder;
-- `metadata.jsonl`: one `{"video": "clips/a.mp4", "caption": "..."}` object per line.
+- `metadata.jsonl`: one `{"video": "clips/a.mp4", "caption": "..."}` object per line, optionally with
+  `"mask": "masks/a.mp4"`: a video of the same frame rate and length (or one image for every frame)
+  whose bright pixels mark the region the loss stresses (see `FinetuneConfig.mask_weight`).
 
 A clip becomes `frames x height x width` pixels: frames are taken at a target frame rate from the
 start of the video, and each frame is scaled to cover the bucket's size and centre-cropped (the aspect
 ratio is kept, nothing is stretched). With several buckets each video goes to the one closest to its
-aspect ratio among those it has enough frames for. A video that cannot be used (missing, unreadable,
-too short, without a caption) is reported by name and skipped; it never stops a run.
+aspect ratio among those it has enough frames for. A mask goes through the same frame selection and
+crop as its video, so it stays aligned with it. A video that cannot be used (missing, unreadable, too
+short, without a caption, with a missing or unreadable mask) is reported by name and skipped; it never
+stops a run.
 """
 
 from __future__ import annotations
@@ -26,17 +30,21 @@ import torch.nn.functional as F
 from cogvideox.errors import InputError
 
 METADATA_FILE = "metadata.jsonl"
+# A mask file with one of these endings is a single image applied to every frame.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 PROMPT_FILES = ("prompts.txt", "prompt.txt")
 VIDEOS_FILE = "videos.txt"
 
 
 @dataclass(frozen=True)
 class Clip:
-    """One training example before decoding: the video file, its caption, and the name it is reported by."""
+    """One training example before decoding: the video file, its caption, the name it is reported by,
+    and optionally a mask file (bright = the region the loss stresses)."""
 
     video: Path
     caption: str
     name: str
+    mask: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -100,18 +108,20 @@ def scan_folder(root: str | Path) -> tuple[list[Clip], list[Skipped]]:
             )
         entries, skipped = _read_line_files(prompts, root / VIDEOS_FILE)
     clips = []
-    for name, caption in entries:
+    for name, caption, mask in entries:
         path = root / name
         if not path.is_file():
             skipped.append(Skipped(name, "file not found"))
         elif not caption:
             skipped.append(Skipped(name, "no caption"))
+        elif mask is not None and not (root / mask).is_file():
+            skipped.append(Skipped(name, f"mask {mask} not found"))
         else:
-            clips.append(Clip(path, caption, name))
+            clips.append(Clip(path, caption, name, None if mask is None else root / mask))
     return clips, skipped
 
 
-def _read_jsonl(path: Path) -> tuple[list[tuple[str, str]], list[Skipped]]:
+def _read_jsonl(path: Path) -> tuple[list[tuple[str, str, str | None]], list[Skipped]]:
     entries, skipped = [], []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -126,17 +136,21 @@ def _read_jsonl(path: Path) -> tuple[list[tuple[str, str]], list[Skipped]]:
             skipped.append(Skipped(f"{path.name} line {number}", 'no "video" path'))
             continue
         caption = row.get("caption", row.get("prompt", row.get("text")))
-        entries.append((video, caption.strip() if isinstance(caption, str) else ""))
+        mask = row.get("mask")
+        if mask is not None and (not isinstance(mask, str) or not mask):
+            skipped.append(Skipped(video, f'"mask" must be a file path, got {mask!r}'))
+            continue
+        entries.append((video, caption.strip() if isinstance(caption, str) else "", mask))
     return entries, skipped
 
 
-def _read_line_files(prompts: Path, videos: Path) -> tuple[list[tuple[str, str]], list[Skipped]]:
+def _read_line_files(prompts: Path, videos: Path) -> tuple[list[tuple[str, str, None]], list[Skipped]]:
     captions, names = _lines(prompts), _lines(videos)
     entries, skipped = [], []
     for i, name in enumerate(names):
         if not name:
             continue
-        entries.append((name, captions[i] if i < len(captions) else ""))
+        entries.append((name, captions[i] if i < len(captions) else "", None))
     if len(captions) > len(names):
         skipped.append(Skipped(prompts.name, f"{len(captions) - len(names)} caption(s) past the last video"))
     return entries, skipped
@@ -218,6 +232,21 @@ def choose_bucket(buckets: list[Bucket], frames: int, height: int, width: int) -
 def load_clip(clip: Clip, buckets: list[Bucket], fps: float | None) -> tuple[torch.Tensor, Bucket]:
     """Decode a clip into its bucket: (video [3, F, H, W] in [-1, 1], bucket). Raises `ClipError` with a
     reason for a video that cannot be used."""
+    frames, bucket = _decode(clip, buckets, fps)
+    return to_model_input(frames, bucket), bucket
+
+
+def load_masked_clip(
+    clip: Clip, buckets: list[Bucket], fps: float | None
+) -> tuple[torch.Tensor, torch.Tensor | None, Bucket]:
+    """`load_clip` plus the clip's mask: (video [3, F, H, W] in [-1, 1], mask [F, H, W] in [0, 1] or None,
+    bucket). Raises `ClipError` with a reason for a video or mask that cannot be used."""
+    frames, bucket = _decode(clip, buckets, fps)
+    mask = load_mask(clip, bucket, fps, frames.shape[1:3])
+    return to_model_input(frames, bucket), mask, bucket
+
+
+def _decode(clip: Clip, buckets: list[Bucket], fps: float | None) -> tuple[np.ndarray, Bucket]:
     longest = max(b.frames for b in buckets)
     try:
         frames = read_frames(clip.video, fps, longest)
@@ -229,7 +258,44 @@ def load_clip(clip: Clip, buckets: list[Bucket], fps: float | None) -> tuple[tor
         shortest = min(b.frames for b in buckets)
         rate = f" at {fps:g} fps" if fps else ""
         raise ClipError(f"too short: {len(frames)} frames{rate}, the shortest bucket needs {shortest}")
-    return to_model_input(frames, bucket), bucket
+    return frames, bucket
+
+
+def to_mask(frames: np.ndarray, bucket: Bucket) -> torch.Tensor:
+    """uint8 mask frames [T, h, w, 3] (T >= bucket.frames) -> float32 [F, H, W] in [0, 1] (the mean over
+    RGB / 255), cropped exactly as `to_model_input` crops the video."""
+    x = torch.from_numpy(np.ascontiguousarray(frames[: bucket.frames])).float().mean(-1, keepdim=True) / 255.0
+    x = cover_crop(x.permute(0, 3, 1, 2), bucket.height, bucket.width).clamp(0.0, 1.0)
+    return x[:, 0].contiguous()
+
+
+def load_mask(clip: Clip, bucket: Bucket, fps: float | None, video_size: tuple[int, int]) -> torch.Tensor | None:
+    """The clip's mask in its bucket, float32 [F, H, W] in [0, 1], or None for a clip without one.
+
+    A mask video is sampled at the same frame rate from its start, like its video; an image is used for
+    every frame. `video_size` (height, width) is the video's: a mask of another aspect ratio would be
+    cropped differently and is refused. Raises `ClipError` with a reason for a mask that cannot be used.
+    """
+    if clip.mask is None:
+        return None
+    image = clip.mask.suffix.lower() in IMAGE_SUFFIXES
+    try:
+        frames = read_frames(clip.mask, None if image else fps, 1 if image else bucket.frames)
+    except Exception as e:  # PyAV's errors for damaged files have many types
+        detail = " ".join(str(e).replace(f": '{clip.mask}'", "").split()) or type(e).__name__
+        raise ClipError(f"cannot decode mask {clip.mask.name} ({detail})") from None
+    if image:
+        frames = np.repeat(frames[:1], bucket.frames, axis=0)
+    elif len(frames) < bucket.frames:
+        rate = f" at {fps:g} fps" if fps else ""
+        raise ClipError(f"mask {clip.mask.name} is too short: {len(frames)} frames{rate}, the clip has {bucket.frames}")
+    height, width = video_size
+    if abs(math.log((frames.shape[2] / frames.shape[1]) / (width / height))) > 0.01:
+        raise ClipError(
+            f"mask {clip.mask.name} is {frames.shape[2]}x{frames.shape[1]}, the video {width}x{height}: "
+            "they must have the same aspect ratio"
+        )
+    return to_mask(frames, bucket)
 
 
 class ClipError(Exception):

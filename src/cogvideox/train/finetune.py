@@ -27,6 +27,7 @@ import json
 import math
 import os
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -240,6 +241,11 @@ class Run:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         self.dataset = CachedDataset(prepared)
+        if c.mask_weight != 1 and not self.dataset.has_masks and self.procs.main:
+            warnings.warn(
+                f"mask_weight is {c.mask_weight:g} but no clip in {c.data} has a mask; the loss is unweighted",
+                stacklevel=2,
+            )
         return self.dataset
 
     def prepare_model(self) -> None:
@@ -283,6 +289,7 @@ class Run:
         tc = self.configs.transformer
         idx = self.dataset.draw(c.batch_size, generator)
         mean, logvar, text = self.dataset.batch(idx)  # [B, F, C, h, w] x 2, [B, L, D]
+        mask = self.dataset.masks(idx) if c.mask_weight != 1 else None  # [B, F, 1, h, w]
         if c.sample_posterior:
             noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
             latents = mean + torch.exp(0.5 * logvar) * noise
@@ -294,12 +301,17 @@ class Run:
             # trainer does (the pipeline pads the same way when sampling).
             pad = tc.patch_size_t - latents.shape[1] % tc.patch_size_t
             latents = torch.cat([latents[:, :1]] * pad + [latents], dim=1)
+            if mask is not None:
+                mask = torch.cat([mask[:, :1]] * pad + [mask], dim=1)
         drop = torch.rand(len(idx), generator=generator) < c.caption_dropout
         text = torch.where(drop[:, None, None], self.dataset.empty_text[None], text)
         f, _, h, w = latents.shape[1:]
         if (f, h, w) not in self._rotary:
             self._rotary[(f, h, w)] = self.transformer.rotary_embedding(f, h, w, self.device)
         dtype = next(self.transformer.parameters()).dtype
+        # Masked cells weigh mask_weight, the rest 1 (v_loss takes the weighted mean): a small subject
+        # otherwise counts for the few percent of the latent grid it covers.
+        weight = None if mask is None else 1.0 + (c.mask_weight - 1.0) * mask
         return v_loss(
             self.transformer,
             latents.to(self.device, dtype),
@@ -307,6 +319,7 @@ class Run:
             self.alphas_cumprod,
             generator,
             rotary=self._rotary[(f, h, w)],
+            weight=weight,
         )
 
     def autocast(self):
