@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from cogvideox.cli import _quiet_libraries
-from cogvideox.cli_args import MODEL_HELP, add_model_arguments, finite_float, locate_model, positive_float, positive_int
+from cogvideox.cli_args import MODEL_HELP, add_model_arguments, finite_float, locate_model, non_negative_int, positive_float, positive_int
 from cogvideox.errors import InputError
 
 
@@ -53,6 +53,13 @@ def add_tool_parsers(commands) -> None:
         type=finite_float,
         default=1.0,
         help="classifier-free guidance scale for both directions; 1 (off) inverts most faithfully (default: 1)",
+    )
+    arg(
+        "--refine",
+        type=non_negative_int,
+        default=4,
+        help="fixed-point refinements per inversion step, each one more model evaluation; 0 is plain DDIM "
+        "inversion, which on zero-terminal-SNR models can bring a video back on the wrong background (default: 4)",
     )
     arg(
         "--frames",
@@ -162,6 +169,7 @@ def _invert(args: argparse.Namespace) -> int:
         height=args.height,
         width=args.width,
         resize=args.resize,
+        fixed_point_iterations=args.refine,
         progress=not args.quiet,
     )
     size = f"{inversion.width}x{inversion.height}"
