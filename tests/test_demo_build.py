@@ -126,3 +126,48 @@ def test_background_weights_steer_the_sampled_backgrounds():
     y = build.render_batch(5, range(12))
     assert torch.equal(y, build.render_batch(5, range(12)))
     assert len({tuple(c.tolist()) for c in y[:, :, 0, 0, 0]}) > 1
+
+
+def test_decoder_phase_keeps_the_latents_and_their_cache(tmp_path):
+    """The decoder-only phase must leave the encoder bit-identical (so the latent cache, keyed by the
+    encoder alone, and a transformer trained on it stay valid) while it trains the decoder."""
+    from safetensors.torch import save_file
+
+    from cogvideox.models.vae import CogVideoXVAE
+
+    torch.manual_seed(0)
+    start = CogVideoXVAE(build.VAE_CONFIG)
+    (tmp_path / "init" / "vae").mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in start.state_dict().items()},
+              str(tmp_path / "init" / "vae" / "diffusion_pytorch_model.safetensors"))
+    vae = build.train_vae(tmp_path / "work", 0, 0, batch=2, seed=0, progress=False, colour=0,
+                          init=tmp_path / "init", decoder=2)
+    for (name, a), b in zip(start.state_dict().items(), vae.state_dict().values()):
+        assert torch.equal(a, b) == (not name.startswith("decoder.")), name
+    assert all(p.requires_grad for p in vae.parameters())
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    _, _, _, before = build.encode_dataset(start, tmp_path / "a", count=2, seed=1, progress=False)
+    _, _, _, after = build.encode_dataset(vae, tmp_path / "b", count=2, seed=1, progress=False)
+    assert before == after
+
+
+def test_any_colour_paints_objects_off_the_palette():
+    """VAE training may paint objects any saturated hue; with any_colour=0 the videos are unchanged."""
+    import colorsys
+
+    import numpy as np
+
+    plain = build.render_batch(3, range(6))
+    assert torch.equal(plain, build.render_batch(3, range(6), any_colour=0.0))
+    painted = build.render_batch(3, range(6), any_colour=1.0)
+    palette = [np.asarray(world.colour_rgb(c), dtype=np.float64) for c in world.COLOURS]
+    for video in painted:
+        rgb = ((video + 1) * 127.5).permute(1, 2, 3, 0).reshape(-1, 3).double().numpy()
+        background = rgb[0]
+        obj = rgb[np.abs(rgb - background).max(1) > 1e-3]
+        core = np.unique(np.rint(obj), axis=0, return_counts=True)
+        colour = core[0][np.argmax(core[1])]  # the fully covered pixels, the most frequent value
+        h, s, v = colorsys.rgb_to_hsv(*(colour / 255))
+        assert 0.79 <= s <= 0.93 and 0.73 <= v <= 0.98, (s, v)
+        assert min(np.abs(colour - p).max() for p in palette) > 2  # not a palette colour (p ~ 0)

@@ -15,6 +15,7 @@ synthetic world of `cogvideox.demo.world`. Every stage is resumable and writes u
 from __future__ import annotations
 
 import argparse
+import colorsys
 import hashlib
 import json
 import shutil
@@ -123,10 +124,24 @@ def build_text_encoder(folder: Path, seed: int = 0) -> TextEncoder:
 # ----------------------------------------------------------------------------------------------- VAE
 
 
-def render_batch(seed: int, indices, split: str = "train", backgrounds: dict[str, float] | None = None) -> torch.Tensor:
+def random_rgb(rng: np.random.Generator) -> tuple[float, float, float]:
+    """A saturated colour of any hue, as bright as the world's: its six colours sit on the same kind of
+    HSV shell (saturation 0.8-0.92, value 0.74-0.97)."""
+    return tuple(255 * c for c in colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.8, 0.92), rng.uniform(0.74, 0.97)))
+
+
+def render_batch(
+    seed: int,
+    indices,
+    split: str = "train",
+    backgrounds: dict[str, float] | None = None,
+    any_colour: float = 0.0,
+) -> torch.Tensor:
     """World videos [B, 3, F, H, W] in [-1, 1]; video i depends only on (seed, i).
 
     backgrounds: optional sampling weights per background (default: uniform over the split's captions).
+    any_colour: the share of videos whose object is painted a random saturated colour (`random_rgb`)
+    instead of its caption's.
     """
     videos = []
     for i in indices:
@@ -139,7 +154,8 @@ def render_batch(seed: int, indices, split: str = "train", backgrounds: dict[str
             background = names[rng.choice(len(names), p=p / p.sum())]
             pool = [c for c in world.captions_of(split) if c.endswith(f"on a {background} background")]
             scene = world.scene_for_caption(pool[rng.integers(len(pool))], rng)
-        videos.append(world.to_model_range(world.render(scene)))
+        rgb = random_rgb(rng) if any_colour and rng.random() < any_colour else None
+        videos.append(world.to_model_range(world.render(scene, rgb)))
     return torch.stack(videos)
 
 
@@ -186,19 +202,26 @@ def object_loss(
     kl_weight: float = 1e-6,
     backgrounds: dict[str, float] | None = None,
     full_batch: int | None = None,
+    decoder_only: bool = False,
+    any_colour: float = 0.0,
 ):
     """Reconstruction loss with the object's pixels weighted 10x, on crops over the object's path (whole
     frames, `full_batch` of them, from step `full_frames_from` on, so the GroupNorm statistics match
-    full-size videos)."""
+    full-size videos). decoder_only: decode the encoder's (frozen) means, so the latents do not move."""
 
     def loss_fn(model, step, gen):
         crops = step < full_frames_from  # crops are several times cheaper
         n = batch if crops or full_batch is None else full_batch
         idx = torch.randint(0, 1 << 30, (n,), generator=gen).tolist()
-        x = render_batch(seed, idx, backgrounds=backgrounds)
+        x = render_batch(seed, idx, backgrounds=backgrounds, any_colour=any_colour)
         if crops:
             x = object_crops(x, 32, 48, gen)
         weight = 1.0 + 9.0 * foreground(x)
+        if decoder_only:
+            with torch.no_grad():
+                z = model.encode(x).mode()
+            err = model.decode(z) - x
+            return (weight * (err.abs() + 0.5 * err.square())).mean()
         posterior = model.encode(x)
         recon = model.decode(posterior.sample(gen))
         err = recon - x
@@ -216,6 +239,8 @@ def train_vae(
     progress: bool,
     colour: int = 0,
     init: Path | None = None,
+    decoder: int = 0,
+    hues: int = 0,
 ) -> CogVideoXVAE:
     """Three phases: general reconstruction on crops, a phase focused on the moving object, and a
     colour phase that stresses objects on black and white backgrounds.
@@ -227,6 +252,12 @@ def train_vae(
     backgrounds still point the same way whatever the colour: on gray, the object's colour differs
     from the background with mixed signs per channel, on black and white with one sign, and the encoder
     had learnt only the first code. The colour phase draws black and white backgrounds 80% of the time.
+
+    A fourth phase, `decoder` steps, trains the decoder alone on whole frames (objects on black and
+    white stressed again): the latents stay as they were, so a transformer trained on them stays valid.
+    A fifth, `hues` steps, also decoder-only, paints half the objects a random saturated colour: trained
+    on the six colours alone, the decoder turned any other hue (orange) into one of them, so a fine-tune
+    could never teach the transformer a new colour.
 
     init: a model folder (or its `vae/`) to start from instead of phases one and two.
     """
@@ -251,6 +282,10 @@ def train_vae(
     focused_loss = object_loss(batch, seed + 2, full_frames_from=focused - 150)
     colour_loss = object_loss(batch, seed + 3, full_frames_from=int(0.9 * colour), full_batch=4,
                               backgrounds={"black": 0.4, "white": 0.4, "gray": 0.2})
+    decoder_loss = object_loss(4, seed + 4, full_frames_from=0, decoder_only=True,
+                               backgrounds={"black": 0.45, "white": 0.35, "gray": 0.2})
+    hues_loss = object_loss(4, seed + 5, full_frames_from=0, decoder_only=True, any_colour=0.5,
+                            backgrounds={"black": 0.4, "white": 0.3, "gray": 0.3})
 
     phases = (
         ("vae", general_loss, TrainConfig(steps=general, lr=1e-3, warmup_steps=100, min_lr_ratio=0.05,
@@ -261,12 +296,19 @@ def train_vae(
         ("vae-colour", colour_loss, TrainConfig(steps=colour, lr=6e-4, warmup_steps=20, min_lr_ratio=0.05,
                                                 seed=seed + 2, checkpoint_every=100, log_every=10,
                                                 grad_clip=1.0)),
+        ("vae-decoder", decoder_loss, TrainConfig(steps=decoder, lr=3e-4, warmup_steps=20, min_lr_ratio=0.05,
+                                                  seed=seed + 3, checkpoint_every=50, log_every=10,
+                                                  grad_clip=1.0)),
+        ("vae-hues", hues_loss, TrainConfig(steps=hues, lr=3e-4, warmup_steps=20, min_lr_ratio=0.05,
+                                            seed=seed + 4, checkpoint_every=50, log_every=10, grad_clip=1.0)),
     )
     for name, loss_fn, cfg in phases:
         if cfg.steps == 0:
             continue
+        vae.encoder.requires_grad_(name not in ("vae-decoder", "vae-hues"))
         summary = train(vae, loss_fn, cfg, work / name, name=name, progress=progress)
         print(f"{name}: {summary['step']} steps, loss {summary['loss'] or float('nan'):.4f}, {summary['seconds']:.0f} s")
+    vae.requires_grad_(True)
     vae.eval()
     return vae
 
@@ -326,8 +368,11 @@ def encode_dataset(vae: CogVideoXVAE, work: Path, count: int, seed: int, progres
     latent grid [N, F, 1, h, w], cached in `work`."""
     from tqdm.auto import tqdm
 
-    digest = hashlib.sha1(b"".join(v.numpy().tobytes() for v in vae.state_dict().values())).hexdigest()[:12]
-    path = work / f"latents-{count}-{seed}-{digest}.safetensors"  # a retrained VAE invalidates the cache
+    # The latents depend on the encoder alone: a retrained encoder invalidates the cache (and starts the
+    # transformer afresh), a decoder trained on its own does not.
+    encoder = vae.encoder.state_dict().values()
+    digest = hashlib.sha1(b"".join(v.numpy().tobytes() for v in encoder)).hexdigest()[:12]
+    path = work / f"latents-{count}-{seed}-{digest}.safetensors"
     if path.is_file():
         data = load_file(str(path))
         captions = json.loads(path.with_suffix(".json").read_text())
@@ -436,6 +481,10 @@ def main(argv=None) -> None:
     p.add_argument("--vae-object-steps", type=int, default=2000, help="object-focused VAE steps")
     p.add_argument("--vae-colour-steps", type=int, default=1200,
                    help="colour-phase VAE steps (objects on black and white backgrounds stressed)")
+    p.add_argument("--vae-decoder-steps", type=int, default=0,
+                   help="decoder-only VAE steps after the others (the latents, and so the transformer, stay valid)")
+    p.add_argument("--vae-hue-steps", type=int, default=0,
+                   help="decoder-only VAE steps with objects of any hue, after the decoder phase")
     p.add_argument("--vae-init", type=Path, default=None,
                    help="start the VAE from this model folder (or its vae/) and run only the colour phase")
     p.add_argument("--vae-batch", type=int, default=8)
@@ -458,7 +507,8 @@ def main(argv=None) -> None:
     t0 = time.time()
     text = build_text_encoder(work, seed=args.seed)
     vae = train_vae(work, args.vae_steps, args.vae_object_steps, args.vae_batch, args.seed, progress,
-                    colour=args.vae_colour_steps, init=args.vae_init)
+                    colour=args.vae_colour_steps, init=args.vae_init,
+                    decoder=args.vae_decoder_steps, hues=args.vae_hue_steps)
     times["vae_s"] = time.time() - t0
     psnr = vae_psnr(vae)
     judged = vae_judged(vae)

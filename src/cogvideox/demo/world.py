@@ -285,8 +285,11 @@ def _signed_distance(shape: str, dx: np.ndarray, dy: np.ndarray, size: float) ->
     return edges - 0.5 * circumradius
 
 
-def render(scene: Scene) -> np.ndarray:
-    """The scene's video, uint8 [F, H, W, 3], anti-aliased by the pixel coverage of the outline."""
+def render(scene: Scene, rgb: tuple[float, float, float] | None = None) -> np.ndarray:
+    """The scene's video, uint8 [F, H, W, 3], anti-aliased by the pixel coverage of the outline.
+
+    rgb: paint the object this colour instead of its colour word's (VAE training uses it so that the
+    VAE codes colour as a continuous quantity, not as the world's six hues)."""
     ys = np.arange(scene.height, dtype=np.float32) + 0.5
     xs = np.arange(scene.width, dtype=np.float32) + 0.5
     centres = scene.centres().astype(np.float32)
@@ -295,7 +298,7 @@ def render(scene: Scene) -> np.ndarray:
     distance = _signed_distance(scene.shape, dx, dy, scene.size)  # [F, H, W]
     coverage = np.clip(0.5 - distance, 0.0, 1.0)[..., None]
     background = np.asarray(BACKGROUND_RGB[scene.background], dtype=np.float32)
-    colour = np.asarray(colour_rgb(scene.colour), dtype=np.float32)
+    colour = np.asarray(colour_rgb(scene.colour) if rgb is None else rgb, dtype=np.float32)
     video = background + coverage * (colour - background)  # [F, H, W, 3]
     return np.rint(video).astype(np.uint8)
 
