@@ -93,6 +93,18 @@ def test_report_structure_and_numbers(smoke):
     assert s["base_kept"] == (s["base_accuracy_after"] >= s["base_accuracy_before"] - 0.05)
     table = teach_module.table(report)
     assert "orange learned (>= 80% correct)" in table and "base subset" in table
+    vae = report["vae_reconstructs_orange"]
+    assert vae["videos"] == 2 and len(vae["failures"]) == round(2 * (1 - vae["orange"]))
+    assert f"the VAE gives back orange as orange: {vae['orange']:.1%} of 2" in table
+
+
+def test_the_vae_check_reads_orange_through_the_vae(tmp_path):
+    """The shipped VAE never saw orange: the check must say so (it reads it as another colour), and every
+    failure names the caption and the colour read."""
+    result = teach_module.vae_draws_orange(TeachConfig(work=str(tmp_path), orange_captions=4, progress=False))
+    assert result["videos"] == 4
+    assert result["orange"] == 0.0
+    assert all(f.startswith("a orange ") and "reconstructed as" in f for f in result["failures"])
 
 
 def test_sample_videos_are_written(smoke):
