@@ -62,12 +62,13 @@ def score(pipe, captions, seeds, batch: int = 16, num_inference_steps: int = 50,
     return result
 
 
-def evaluate(pipe, seeds=(0, 1, 2), train_seeds=(0,), num_inference_steps: int = 50) -> dict:
-    """Held-out captions with every seed in `seeds`; training captions with `train_seeds`."""
+def evaluate(pipe, seeds=(0, 1, 2), train_seeds=(0,), num_inference_steps: int = 50, **call_kwargs) -> dict:
+    """Held-out captions with every seed in `seeds`; training captions with `train_seeds`. `call_kwargs`
+    go to the pipeline (e.g. guidance_scale)."""
     report = {}
     for split, split_seeds in (("held_out", seeds), ("train", train_seeds)):
         t0 = time.time()
-        s = score(pipe, world.captions_of(split), split_seeds, num_inference_steps=num_inference_steps)
+        s = score(pipe, world.captions_of(split), split_seeds, num_inference_steps=num_inference_steps, **call_kwargs)
         s.split = split
         report[split] = {**s.as_dict(), "seeds": list(split_seeds), "seconds": round(time.time() - t0, 1)}
     return report
@@ -82,10 +83,12 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", type=int, default=3, help="seeds per held-out caption")
     p.add_argument("--train-seeds", type=int, default=1, help="seeds per training caption")
     p.add_argument("--steps", type=int, default=50, help="denoising steps")
+    p.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance scale (default: 6)")
     p.add_argument("--output", default=None, help="write the report as JSON here")
     args = p.parse_args(argv)
     pipe = Pipeline.from_pretrained(args.model)
-    report = evaluate(pipe, tuple(range(args.seeds)), tuple(range(100, 100 + args.train_seeds)), args.steps)
+    report = evaluate(pipe, tuple(range(args.seeds)), tuple(range(100, 100 + args.train_seeds)), args.steps,
+                      guidance_scale=args.guidance)
     text = json.dumps(report, indent=2)
     print(text)
     if args.output:
