@@ -33,7 +33,7 @@ from cogvideox import conditioning
 from cogvideox.errors import InputError, NonFiniteError
 from cogvideox.models.config import ConfigError
 from cogvideox.request import check_video_frames
-from cogvideox.sampling import DenoiseInputs, classifier_free_guidance, denoise, guidance_schedule
+from cogvideox.sampling import DenoiseInputs, denoise, guidance_schedule, predict_velocity
 from cogvideox.schedulers import DDIMScheduler, predict_x0
 
 _FORMAT = "cogvideox-ddim-inversion"
@@ -84,13 +84,17 @@ def fixed_point_inverse_step(
     would start (x = sqrt(ab_to) x0 + sqrt(1 - ab_to) eps, with x0 such that the step lands on
     `sample`). `velocity_at(x)` is the model's output at x for this step's timestep.
     """
-    eps = predict_noise(velocity_at(sample), sample, ab_from, prediction_type)
-    for _ in range(iterations + 1):
+
+    def start_for(eps: torch.Tensor) -> torch.Tensor:
+        """Where a forward step with noise `eps` must start to land on `sample`."""
         x0 = (sample - (1 - ab_from) ** 0.5 * eps) / ab_from**0.5
-        x = ab_to**0.5 * x0 + (1 - ab_to) ** 0.5 * eps
-        if _ < iterations:
-            eps = predict_noise(velocity_at(x), x, ab_to, prediction_type)
-    return x
+        return ab_to**0.5 * x0 + (1 - ab_to) ** 0.5 * eps
+
+    eps = predict_noise(velocity_at(sample), sample, ab_from, prediction_type)
+    for _ in range(iterations):
+        x = start_for(eps)
+        eps = predict_noise(velocity_at(x), x, ab_to, prediction_type)
+    return start_for(eps)
 
 
 class InverseDDIM:
@@ -109,10 +113,14 @@ class InverseDDIM:
     def _level(self, t: int) -> torch.Tensor:
         return self.forward.alphas_cumprod[t] if t >= 0 else self.forward.final_alpha_cumprod
 
+    def levels(self, timestep) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ab_from, ab_to): the noise levels the step at `timestep` moves between."""
+        t = int(timestep)
+        return self._level(self.forward.previous_timestep(t)), self._level(t)
+
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor):
         """Returns `(next_sample, None)`, the shape of a scheduler's step."""
-        t = int(timestep)
-        ab_from, ab_to = self._level(self.forward.previous_timestep(t)), self._level(t)
+        ab_from, ab_to = self.levels(timestep)
         return ddim_inverse_step(model_output, sample, ab_from, ab_to, self.forward.config.prediction_type), None
 
 
@@ -241,10 +249,10 @@ def invert(
                 if callback is not None:
                     callback(i, t, current)
 
-            if fixed_point_iterations == 0:
+            if iterations == 0:
                 latents = denoise(pipe.transformer, inverse, timesteps, inputs, on_step=on_step)
             else:
-                latents = _refined_inversion(pipe.transformer, inverse, timesteps, inputs, fixed_point_iterations, on_step)
+                latents = _refined_inversion(pipe.transformer, inverse, timesteps, inputs, iterations, on_step)
     return Inversion(
         latents=latents,
         prompt=prompt,
@@ -265,19 +273,14 @@ def _refined_inversion(transformer, inverse: InverseDDIM, timesteps, inputs: Den
     for i, t in enumerate(timesteps):
 
         def velocity_at(x: torch.Tensor) -> torch.Tensor:
-            x = x.to(dtype)
-            model_input = torch.cat([x, x]) if inputs.guidance is not None else x
-            v = transformer(model_input, inputs.text, t.expand(model_input.shape[0]), image_rotary_emb=inputs.rotary)
-            v = v.float()
-            return classifier_free_guidance(v, inputs.guidance[i]) if inputs.guidance is not None else v
+            return predict_velocity(transformer, x.to(dtype), t, inputs, i)
 
-        step = int(t)
-        ab_from, ab_to = inverse._level(inverse.forward.previous_timestep(step)), inverse._level(step)
+        ab_from, ab_to = inverse.levels(t)
         latents = fixed_point_inverse_step(velocity_at, latents.float(), ab_from, ab_to, iterations, prediction_type)
         latents = latents.to(dtype)
         if not torch.isfinite(latents).all():
             raise NonFiniteError(f"the inverted latents became NaN/inf at step {i + 1} of {len(timesteps)}")
-        on_step(i, step, latents)
+        on_step(i, int(t), latents)
     return latents
 
 

@@ -64,6 +64,23 @@ class DenoiseInputs:
     generator: Generator = None  # for the stochastic DPM steps
 
 
+def predict_velocity(
+    transformer: torch.nn.Module, latents: torch.Tensor, t: torch.Tensor, inputs: DenoiseInputs, i: int
+) -> torch.Tensor:
+    """The model's output for `latents` at timestep `t` (step `i` of the run), in fp32, guided when the
+    run uses classifier-free guidance."""
+    model_input = torch.cat([latents, latents]) if inputs.guidance is not None else latents
+    velocity = transformer(
+        model_input,
+        inputs.text,
+        t.expand(model_input.shape[0]),
+        image_rotary_emb=inputs.rotary,
+    ).float()
+    if inputs.guidance is not None:
+        velocity = classifier_free_guidance(velocity, inputs.guidance[i])
+    return velocity
+
+
 def denoise(
     transformer: torch.nn.Module,
     scheduler,
@@ -80,15 +97,7 @@ def denoise(
     uses_history = isinstance(scheduler, DPMScheduler)
     old_pred_x0 = None
     for i, t in enumerate(timesteps):
-        model_input = torch.cat([latents, latents]) if inputs.guidance is not None else latents
-        velocity = transformer(
-            model_input,
-            inputs.text,
-            t.expand(model_input.shape[0]),
-            image_rotary_emb=inputs.rotary,
-        ).float()
-        if inputs.guidance is not None:
-            velocity = classifier_free_guidance(velocity, inputs.guidance[i])
+        velocity = predict_velocity(transformer, latents, t, inputs, i)
         if uses_history:
             # DPM-Solver++(2M) needs the previous x0 estimate and the previous (noisier) timestep.
             previous_t = timesteps[i - 1] if i > 0 else None
