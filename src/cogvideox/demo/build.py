@@ -29,8 +29,10 @@ from safetensors.torch import load_file, save_file
 from ..models.config import SchedulerConfig, TransformerConfig, VAEConfig
 from ..models.transformer import CogVideoXTransformer
 from ..models.vae import CogVideoXVAE
+from ..sampling import to_uint8_frames
 from ..schedulers import alphas_cumprod
 from ..text import TextEncoder
+from ..train.cache import latent_mask
 from ..train.loop import TrainConfig, train
 from ..train.objective import v_loss
 from . import world
@@ -338,10 +340,9 @@ def vae_judged(vae: CogVideoXVAE, count: int = 48, split: str = "held_out", seed
         idx = range(start, min(start + 8, count))
         x = render_batch(seed, idx, split)
         y = vae.decode(vae.encode(x).mode())
-        frames = ((y.permute(0, 2, 3, 4, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
-        for i, video in zip(idx, frames):
+        for i, video in zip(idx, y):
             scene = world.sample_scene(np.random.default_rng([seed, int(i)]), split)
-            right += judge(video).matches(scene.caption)
+            right += judge(to_uint8_frames(video)).matches(scene.caption)
     return right / count
 
 
@@ -354,12 +355,8 @@ def latent_foreground(x: torch.Tensor) -> torch.Tensor:
     A latent frame covers the first frame alone, then four frames each (the VAE is causal in time), and
     a latent pixel an 8 x 8 block; a latent cell counts as object when any pixel it covers does.
     """
-    fg = foreground(x)  # [B, 1, F, H, W]
-    b, _, f, h, w = fg.shape
-    rest = fg[:, :, 1:].reshape(b, 1, (f - 1) // 4, 4, h, w).amax(3)
-    fg = torch.cat([fg[:, :, :1], rest], dim=2)  # [B, 1, F', H, W]
-    fg = torch.nn.functional.max_pool3d(fg, (1, 8, 8))  # [B, 1, F', H/8, W/8]
-    return fg.permute(0, 2, 1, 3, 4).contiguous()
+    temporal, spatial = VAE_CONFIG.temporal_compression, VAE_CONFIG.spatial_compression
+    return torch.stack([latent_mask(m, temporal, spatial) for m in foreground(x)[:, 0]])
 
 
 @torch.no_grad()

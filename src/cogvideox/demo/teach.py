@@ -364,6 +364,7 @@ def vae_draws_orange(config: TeachConfig) -> dict:
     import torch
 
     from cogvideox.pipeline import Pipeline
+    from cogvideox.sampling import to_uint8_frames
 
     vae = Pipeline.from_pretrained(config.model).vae
     captions = caption_subset(world.extra_captions(), config.orange_captions, config.seed)
@@ -372,9 +373,7 @@ def vae_draws_orange(config: TeachConfig) -> dict:
         for i, caption in enumerate(captions):
             scene = world.scene_for_caption(caption, np.random.default_rng([config.seed, i]), include_extra=True)
             x = world.to_model_range(world.render(scene))[None]
-            y = vae.decode(vae.encode(x).mode())[0]
-            frames = ((y.permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
-            verdict = judge(frames, EXTENDED_PALETTE)
+            verdict = judge(to_uint8_frames(vae.decode(vae.encode(x).mode())[0]), EXTENDED_PALETTE)
             right += verdict.colour == "orange"
             if verdict.colour != "orange":
                 failures.append(f"{caption}: reconstructed as {verdict.colour}")
