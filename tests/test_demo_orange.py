@@ -19,8 +19,11 @@ def test_orange_is_in_no_base_caption_split_or_dataset():
     assert len(world.all_captions()) == 216 and len(world.held_out_captions()) == 54
     dataset = world.WorldDataset(200, seed=3)
     assert all(dataset.scene(i).colour in world.COLOURS for i in range(200))
-    extra = world.extra_captions()
+    extra = world.concept_captions("orange")
     assert len(extra) == len(set(extra)) == 3 * 4 * 3
+    assert world.concept_captions("diagonally")[0] not in extra  # each concept has captions of its own
+    with pytest.raises(ValueError, match="'pink' is no extra concept; choose one of orange, diagonally"):
+        world.concept_captions("pink")
     assert not set(extra) & set(world.all_captions())
     assert {world.parse_caption(c, include_extra=True)[0] for c in extra} == {"orange"}
     # Every shape, direction and background occurs with orange.
@@ -71,7 +74,7 @@ def test_judge_reads_orange_on_every_background_and_direction():
     wrong, wrong_degraded = [], []
     rng = np.random.default_rng(0)
     for seed in range(2):
-        for i, text in enumerate(world.extra_captions()):
+        for i, text in enumerate(world.concept_captions("orange")):
             video = world.render(world.scene_for_caption(text, [seed, i], include_extra=True))
             verdict = judge(video, EXTENDED)
             if not verdict.matches(text) or verdict.confidence < 0.5:
@@ -102,7 +105,7 @@ def test_judge_with_orange_still_reads_every_base_colour():
 
 
 def test_base_judge_never_says_orange():
-    for i, text in enumerate(world.extra_captions()[:12]):
+    for i, text in enumerate(world.concept_captions("orange")[:12]):
         video = world.render(world.scene_for_caption(text, i, include_extra=True))
         assert judge(video).colour in ("red", "yellow")
         assert judge(video, world.COLOURS) == judge(video)
@@ -122,12 +125,17 @@ def test_judge_palette_errors_and_orange_captions_in_verdicts():
 
 def test_the_demo_tokenizer_reads_orange_as_its_unknown_token():
     """What the fine-tune builds on: "orange" is <unk>, which no base caption contains, and the caption
-    "a orange ..." has the base captions' token layout."""
+    "a orange ..." has the base captions' token layout; with the sentencepiece model itself and with the
+    tokenizer the pipeline loads (transformers' T5Tokenizer)."""
     sentencepiece = pytest.importorskip("sentencepiece")
+    from transformers import T5Tokenizer
+
     sp = sentencepiece.SentencePieceProcessor(model_file=str(DEMO_MODEL_DIR / "tokenizer" / "spiece.model"))
-    unk = sp.unk_id()
-    assert all(unk not in sp.encode(c) for c in world.all_captions())
-    for text in world.extra_captions():
-        ids = sp.encode(text)
-        twin = sp.encode(text.replace("orange", "red"))
-        assert ids[1] == unk and len(ids) == len(twin) and ids[:1] + ids[2:] == twin[:1] + twin[2:]
+    pipeline_tokenizer = T5Tokenizer.from_pretrained(str(DEMO_MODEL_DIR / "tokenizer"))
+    for encode, unk in ((sp.encode, sp.unk_id()),
+                        (lambda t: pipeline_tokenizer(t).input_ids, pipeline_tokenizer.unk_token_id)):
+        assert all(unk not in encode(c) for c in world.all_captions())
+        for text in world.concept_captions("orange"):
+            ids = encode(text)
+            twin = encode(text.replace("orange", "red"))
+            assert ids[1] == unk and len(ids) == len(twin) and ids[:1] + ids[2:] == twin[:1] + twin[2:]

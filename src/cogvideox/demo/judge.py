@@ -12,7 +12,9 @@ generated video, and it never looks inside the model. The steps:
    the chroma plane (RGB less its grey component), where a pixel mixed with a grey, black or white
    background keeps its angle, so blurred edges do not pull it towards another colour;
 5. direction: the object's position per frame (median of its pixel coordinates), a least-squares line
-   through them, and the dominant axis of the fitted displacement;
+   through them, and the direction nearest by angle to the fitted displacement among the world's four
+   (or a palette given to `judge`, such as one with the extra direction "diagonally"). Among the four
+   this is the dominant axis of the displacement and its sign;
 6. shape, as a bonus: the 3- and 4-fold symmetry of the object's silhouette.
 """
 
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cogvideox.demo.world import COLOURS, colour_rgb, parse_caption
+from cogvideox.demo.world import COLOURS, DIRECTIONS, colour_rgb, direction_vector, parse_caption
 
 __all__ = ["UNKNOWN", "Verdict", "judge", "parse_caption"]
 
@@ -35,14 +37,14 @@ UNKNOWN = "unknown"
 _MIN_CONTRAST = 40.0
 # A frame shows the object when its foreground covers between these fractions of the frame.
 _MIN_AREA, _MAX_AREA = 0.0015, 0.25
-# Fitted displacement over the clip, as a fraction of the frame height, below which nothing moves.
+# Fitted displacement over the clip, as a fraction of the frame height, below which nothing moves. It is
+# measured on the displacement's larger component (x or y), as it was before the judge knew diagonals,
+# so that verdicts on the base world stay what they were.
 _MIN_TRAVEL = 0.08
 # Mean chroma of the object's core below which it has no colour to speak of.
 _MIN_CHROMA = 25.0
 # Silhouette harmonics that tell the shapes apart (see `_shape`).
 _TRIANGLE_HARMONIC, _SQUARE_HARMONIC = 0.25, -0.22
-
-_DIRECTION_NAMES = {(0, 1): "down", (0, -1): "up", (1, 1): "right", (1, -1): "left"}
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,7 @@ class Verdict:
     """What the judge sees. `colour` and `direction` are vocabulary words or "unknown"; `shape` is a shape
     word, or None when there is no object to see. `confidence` in [0, 1] is how sure the judge is of
     colour and direction together: the share of frames showing the object, times how clearly the hue
-    sits on one colour, times how clearly the motion follows one axis; 0 when either is unknown."""
+    sits on one colour, times how clearly the motion follows one direction; 0 when either is unknown."""
 
     colour: str
     direction: str
@@ -59,7 +61,7 @@ class Verdict:
 
     def matches(self, caption: str) -> bool:
         """Whether colour and direction agree with a caption of the world (the demo's success test);
-        captions with an extra colour (orange) are read too."""
+        captions with an extra colour or direction (orange, diagonally) are read too."""
         colour, _, direction, _ = parse_caption(caption, include_extra=True)
         return self.colour == colour and self.direction == direction
 
@@ -76,11 +78,38 @@ def _hues(palette: tuple[str, ...]) -> np.ndarray:
     return np.array([math.atan2(*_chroma(np.asarray(colour_rgb(c), dtype=np.float64))[::-1]) for c in palette])
 
 
+@functools.cache
+def _headings(palette: tuple[str, ...]) -> np.ndarray:
+    """The image-plane angle (atan2 of y down, x right) of each direction of `palette`, in its order."""
+    return np.array([math.atan2(direction_vector(d)[1], direction_vector(d)[0]) for d in palette])
+
+
+def _nearest(angle: float, angles: np.ndarray) -> tuple[int, float]:
+    """Index of the angle of `angles` nearest to `angle` around the circle, and how clearly:
+    (second gap - first gap) / (second gap + first gap), 1 on one of them, 0 halfway between two."""
+    gaps = np.abs((angles - angle + math.pi) % (2 * math.pi) - math.pi)
+    best, second = np.sort(gaps)[:2]
+    return int(np.argmin(gaps)), float((second - best) / (second + best))
+
+
 def _box_blur3(x: np.ndarray) -> np.ndarray:
     """3x3 mean over the two spatial axes of [F, H, W, C], edges replicated."""
     p = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
     rows = p[:, :-2] + p[:, 1:-1] + p[:, 2:]
     return (rows[:, :, :-2] + rows[:, :, 1:-1] + rows[:, :, 2:]) / 9.0
+
+
+def _palette(kind: str, words, lookup) -> tuple[str, ...]:
+    """`words` as a tuple, checked: at least two distinct words, each known to `lookup`."""
+    palette = tuple(words)
+    if len(palette) < 2 or len(set(palette)) != len(palette):
+        raise ValueError(f"judge needs at least two distinct {kind}s to choose from, got {list(palette)}")
+    for name in palette:
+        try:
+            lookup(name)
+        except KeyError:
+            raise ValueError(f"judge does not know the {kind} {name!r}") from None
+    return palette
 
 
 def _validated(frames) -> np.ndarray:
@@ -103,11 +132,8 @@ def _colour(core_rgb: np.ndarray, palette: tuple[str, ...] = COLOURS) -> tuple[s
     magnitude = float(np.hypot(*chroma))
     if magnitude < _MIN_CHROMA:
         return UNKNOWN, 0.0
-    hue = math.atan2(chroma[1], chroma[0])
-    gaps = np.abs((_hues(palette) - hue + math.pi) % (2 * math.pi) - math.pi)
-    best, second = np.sort(gaps)[:2]
-    # 1 when the hue sits on a world colour, 0 on the boundary between two.
-    return palette[int(np.argmin(gaps))], float((second - best) / (second + best))
+    index, clarity = _nearest(math.atan2(chroma[1], chroma[0]), _hues(palette))
+    return palette[index], clarity
 
 
 def _median_positions(masks: np.ndarray) -> np.ndarray:
@@ -125,17 +151,18 @@ def _median_positions(masks: np.ndarray) -> np.ndarray:
     return np.stack(positions, axis=1)
 
 
-def _direction(times: np.ndarray, positions: np.ndarray, num_frames: int, height: int) -> tuple[str, float]:
-    """Dominant axis and sign of the least-squares displacement of [N, 2] (y, x) positions."""
+def _direction(
+    times: np.ndarray, positions: np.ndarray, num_frames: int, height: int, palette: tuple[str, ...] = DIRECTIONS
+) -> tuple[str, float]:
+    """The direction of `palette` nearest by angle to the least-squares displacement of [N, 2] (y, x)
+    positions, and how clearly (1 along a palette direction, 0 halfway between two)."""
     t = times - times.mean()
     slopes = (t[:, None] * (positions - positions.mean(axis=0))).sum(axis=0) / (t**2).sum()
     travel = slopes * (num_frames - 1)  # fitted (dy, dx) over the whole clip
-    axis = int(np.argmax(np.abs(travel)))
-    major, minor = abs(travel[axis]), abs(travel[1 - axis])
-    if major < _MIN_TRAVEL * height:
+    if np.abs(travel).max() < _MIN_TRAVEL * height:
         return UNKNOWN, 0.0
-    dominance = major / (major + minor)  # 1 for pure motion along one axis, 0.5 for a diagonal
-    return _DIRECTION_NAMES[(axis, int(np.sign(travel[axis])))], float(np.clip(2 * dominance - 1, 0.0, 1.0))
+    index, clarity = _nearest(math.atan2(travel[0], travel[1]), _headings(palette))
+    return palette[index], clarity
 
 
 def _shape(distance: np.ndarray, times: np.ndarray, positions: np.ndarray, threshold: float) -> str | None:
@@ -168,24 +195,26 @@ def _shape(distance: np.ndarray, times: np.ndarray, positions: np.ndarray, thres
     return "square" if fourfold < _SQUARE_HARMONIC else "circle"
 
 
-def judge(frames, colours: tuple[str, ...] | list[str] = COLOURS) -> Verdict:
+def judge(
+    frames, colours: tuple[str, ...] | list[str] = COLOURS, directions: tuple[str, ...] | list[str] = DIRECTIONS
+) -> Verdict:
     """Colour, direction (and shape) of the moving object in uint8 frames [F, H, W, 3].
 
     `colours` is the palette the colour is chosen from: the world's six by default, or e.g.
     `world.colours(include_extra=True)` to recognise orange as well (orange sits between red and
     yellow, so adding it halves the hue margin of those two).
 
+    `directions` is the palette the direction is chosen from, by the angle of the object's fitted
+    displacement: the world's four by default, or e.g. `world.directions(include_extra=True)` to
+    recognise "diagonally" (up and to the right) as well. The direction's share of the confidence is 1
+    for a motion exactly along a palette direction and 0 halfway between two, falling linearly with the
+    angle when the two nearest directions lie on either side of the motion.
+
     Returns "unknown" colour and direction with confidence 0 when no object stands out of the
     background, and "unknown" direction when the object does not clearly move.
     """
-    palette = tuple(colours)
-    if len(palette) < 2 or len(set(palette)) != len(palette):
-        raise ValueError(f"judge needs at least two distinct colours to choose from, got {list(palette)}")
-    for name in palette:
-        try:
-            colour_rgb(name)
-        except KeyError:
-            raise ValueError(f"judge does not know the colour {name!r}") from None
+    palette = _palette("colour", colours, colour_rgb)
+    compass = _palette("direction", directions, direction_vector)
     x = _box_blur3(_validated(frames))  # [F, H, W, 3]
     num_frames, height, width, _ = x.shape
     # Every other pixel is plenty for a median and halves the cost.
@@ -210,7 +239,7 @@ def judge(frames, colours: tuple[str, ...] | list[str] = COLOURS) -> Verdict:
 
     times = np.flatnonzero(present).astype(np.float64)
     positions = _median_positions(masks[present])  # [N, 2] (y, x)
-    direction, direction_confidence = _direction(times, positions, num_frames, height)
+    direction, direction_confidence = _direction(times, positions, num_frames, height, compass)
 
     confidence = float(present.mean()) * colour_confidence * direction_confidence
     return Verdict(colour, direction, _shape(distance, times, positions, 0.5 * contrast), confidence)

@@ -7,9 +7,11 @@ so the demo model can be checked on captions whose words it knows but whose comb
 A `Scene` fully describes its video and `render` is a pure numpy function of it, so a video is
 reproduced exactly from the seed that drew its scene.
 
-Beyond the base world there are extra concepts (`EXTRA_COLOURS`: orange) that no base caption, split or
-dataset contains; they exist to teach a trained model something new (`cogvideox.demo.teach`) and are
-accepted only where a function is asked to (`include_extra=True`).
+Beyond the base world there are extra concepts that no base caption, split or dataset contains: the
+colour orange (`EXTRA_COLOURS`) and the diagonal motion "diagonally" (`EXTRA_DIRECTIONS`: up and to the
+right at 45 degrees). They exist to teach a trained model something new (`cogvideox.demo.teach`), are
+accepted only where a function is asked to (`include_extra=True`), and each has its own captions
+(`concept_captions`): the concept in the base world, never together with the other extra concept.
 """
 
 from __future__ import annotations
@@ -52,6 +54,13 @@ EXTRA_COLOUR_RGB = {"orange": (245, 125, 20)}
 # Unit motion per direction, in image coordinates (x to the right, y downwards).
 DIRECTION_VECTORS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 
+# Directions outside the base world. "diagonally" rises to the right at 45 degrees; its vector is a unit
+# vector, so a scene's speed stays pixels per frame along the direction. (The word is "diagonally", not
+# "up-right": the demo model's tokenizer reads "up-right" as the known word "up" followed by an unknown
+# piece, whereas "diagonally" is one unknown token in the place of a direction word.)
+EXTRA_DIRECTIONS = ("diagonally",)
+EXTRA_DIRECTION_VECTORS = {"diagonally": (1 / math.sqrt(2), -1 / math.sqrt(2))}
+
 CAPTION_TEMPLATE = "a {colour} {shape} moving {direction} on a {background} background"
 
 # The generalisation split: every caption with one of these (colour, direction) pairs is held out of all
@@ -75,8 +84,9 @@ _REACH = 1.25
 # unmistakable, while the object stays wholly inside the frame.
 _TRAVEL_RANGE = (0.5, 0.9)
 
+# Direction words may hold a hyphen, so that "up-right" is read as a direction and refused by name.
 _CAPTION_PATTERN = re.compile(
-    r"a (?P<colour>\w+) (?P<shape>\w+) moving (?P<direction>\w+) on a (?P<background>\w+) background"
+    r"a (?P<colour>\w+) (?P<shape>\w+) moving (?P<direction>[\w-]+) on a (?P<background>\w+) background"
 )
 
 
@@ -95,13 +105,13 @@ class Scene:
     frames: int = FRAMES
     height: int = HEIGHT
     width: int = WIDTH
-    include_extra: bool = False  # whether the colour may be one of EXTRA_COLOURS
+    include_extra: bool = False  # whether the colour or direction may be extra (EXTRA_COLOURS, EXTRA_DIRECTIONS)
 
     def __post_init__(self) -> None:
         for name, vocabulary in (
             ("shape", SHAPES),
             ("colour", colours(self.include_extra)),
-            ("direction", DIRECTIONS),
+            ("direction", directions(self.include_extra)),
             ("background", BACKGROUNDS),
         ):
             if getattr(self, name) not in vocabulary:
@@ -116,7 +126,7 @@ class Scene:
     def centres(self) -> np.ndarray:
         """Object centre in every frame, [F, 2] as (x, y)."""
         t = np.arange(self.frames, dtype=np.float64)
-        vx, vy = DIRECTION_VECTORS[self.direction]
+        vx, vy = direction_vector(self.direction)
         return np.stack([self.start[0] + vx * self.speed * t, self.start[1] + vy * self.speed * t], axis=1)
 
 
@@ -130,6 +140,16 @@ def colour_rgb(colour: str) -> tuple[int, int, int]:
     return COLOUR_RGB[colour] if colour in COLOUR_RGB else EXTRA_COLOUR_RGB[colour]
 
 
+def directions(include_extra: bool = False) -> tuple[str, ...]:
+    """The direction words: the base world's, followed by `EXTRA_DIRECTIONS` when `include_extra`."""
+    return DIRECTIONS + EXTRA_DIRECTIONS if include_extra else DIRECTIONS
+
+
+def direction_vector(direction: str) -> tuple[float, float]:
+    """The unit motion (x, y) of a base or extra direction, in image coordinates (y downwards)."""
+    return DIRECTION_VECTORS[direction] if direction in DIRECTION_VECTORS else EXTRA_DIRECTION_VECTORS[direction]
+
+
 def caption(scene: Scene) -> str:
     """The English caption of a scene, from `CAPTION_TEMPLATE`."""
     return CAPTION_TEMPLATE.format(
@@ -139,7 +159,7 @@ def caption(scene: Scene) -> str:
 
 def parse_caption(text: str, include_extra: bool = False) -> tuple[str, str, str, str]:
     """Inverse of `caption`: `(colour, shape, direction, background)` of a caption of this world (or,
-    with `include_extra`, of the world extended by `EXTRA_COLOURS`)."""
+    with `include_extra`, of the world extended by `EXTRA_COLOURS` and `EXTRA_DIRECTIONS`)."""
     normalised = " ".join(text.lower().split())
     match = _CAPTION_PATTERN.fullmatch(normalised)
     if match is None:
@@ -148,7 +168,7 @@ def parse_caption(text: str, include_extra: bool = False) -> tuple[str, str, str
     for name, word, vocabulary in (
         ("colour", colour, colours(include_extra)),
         ("shape", shape, SHAPES),
-        ("direction", direction, DIRECTIONS),
+        ("direction", direction, directions(include_extra)),
         ("background", background, BACKGROUNDS),
     ):
         if word not in vocabulary:
@@ -187,12 +207,19 @@ def held_out_captions() -> tuple[str, ...]:
 
 
 @functools.cache
-def extra_captions() -> tuple[str, ...]:
-    """The captions of the extra colours (3 shapes x 4 directions x 3 backgrounds each), in a fixed
-    order; none of them is in `all_captions()`."""
+def concept_captions(word: str) -> tuple[str, ...]:
+    """The captions of one extra concept, in a fixed order, none of them in `all_captions()`: an extra
+    colour with every shape, direction and background (3 x 4 x 3 = 36), or an extra direction with every
+    shape, colour and background (3 x 6 x 3 = 54)."""
+    if word in EXTRA_COLOURS:
+        colours_, directions_ = (word,), DIRECTIONS
+    elif word in EXTRA_DIRECTIONS:
+        colours_, directions_ = COLOURS, (word,)
+    else:
+        raise ValueError(f"{word!r} is no extra concept; choose one of {', '.join(EXTRA_COLOURS + EXTRA_DIRECTIONS)}")
     return tuple(
         CAPTION_TEMPLATE.format(colour=c, shape=s, direction=d, background=b)
-        for s, c, d, b in itertools.product(SHAPES, EXTRA_COLOURS, DIRECTIONS, BACKGROUNDS)
+        for s, c, d, b in itertools.product(SHAPES, colours_, directions_, BACKGROUNDS)
     )
 
 
@@ -218,7 +245,9 @@ def scene_for_caption(
     """A scene matching `text`, with size, start position and speed drawn from `rng`.
 
     The object stays wholly inside the frame for the whole clip and crosses 50-90% of the free span
-    along its direction of motion. `include_extra` admits captions with an extra colour.
+    along its direction of motion; a diagonal moves 50-90% of the tighter axis's free span along each
+    axis (the longest diagonal path that fits). The start is uniform over the positions from which the
+    whole path stays inside. `include_extra` admits captions with an extra colour or direction.
     """
     rng = np.random.default_rng(rng)
     colour, shape, direction, background = parse_caption(text, include_extra)
@@ -232,7 +261,15 @@ def scene_for_caption(
     start_fraction = rng.uniform()
     across_fraction = rng.uniform()
 
-    vx, vy = DIRECTION_VECTORS[direction]
+    vx, vy = direction_vector(direction)
+    if vx and vy:
+        # A diagonal spends the same draws its own way, so the axis-aligned arithmetic below, which every
+        # cached latent of the world comes from, stays as it was.
+        fractions = (start_fraction, across_fraction)
+        start, length = _diagonal_path((vx, vy), margin, travel_fraction, fractions, height, width)
+        return Scene(shape=shape, colour=colour, direction=direction, background=background, size=float(size),
+                     start=start, speed=float(length / (frames - 1)), frames=frames, height=height, width=width,
+                     include_extra=include_extra)
     along_length, across_length = (width, height) if vx else (height, width)
     free = along_length - 2 * margin
     travel = travel_fraction * free
@@ -255,6 +292,22 @@ def scene_for_caption(
         width=width,
         include_extra=include_extra,
     )
+
+
+def _diagonal_path(
+    vector: tuple[float, float], margin: float, travel_fraction: float, start_fractions: tuple[float, float],
+    height: int, width: int,
+) -> tuple[tuple[float, float], float]:
+    """Start (x, y) and path length of a motion along `vector` (both components nonzero) whose object
+    keeps `margin` from every edge: the path is `travel_fraction` of the longest one that fits, and the
+    start on each axis is uniform (by its `start_fractions`) over the positions that keep the path inside."""
+    free = (width - 2 * margin, height - 2 * margin)
+    length = travel_fraction * min(span / abs(v) for span, v in zip(free, vector))
+    start = []
+    for span, v, fraction, extent in zip(free, vector, start_fractions, (width, height)):
+        position = margin + fraction * (span - length * abs(v))  # the path's low end on this axis
+        start.append(float(position if v > 0 else extent - position))
+    return (start[0], start[1]), float(length)
 
 
 def sample_scene(
