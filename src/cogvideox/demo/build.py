@@ -206,10 +206,13 @@ def object_loss(
     full_batch: int | None = None,
     decoder_only: bool = False,
     any_colour: float = 0.0,
+    latent_noise: float = 0.0,
 ):
     """Reconstruction loss with the object's pixels weighted 10x, on crops over the object's path (whole
     frames, `full_batch` of them, from step `full_frames_from` on, so the GroupNorm statistics match
-    full-size videos). decoder_only: decode the encoder's (frozen) means, so the latents do not move."""
+    full-size videos). decoder_only: decode the encoder's (frozen) means, so the latents do not move.
+    latent_noise: add Gaussian noise of this many times the batch's latent std to the latents before
+    decoding (see `train_vae`)."""
 
     def loss_fn(model, step, gen):
         crops = step < full_frames_from  # crops are several times cheaper
@@ -225,8 +228,13 @@ def object_loss(
             err = model.decode(z) - x
             return (weight * (err.abs() + 0.5 * err.square())).mean()
         posterior = model.encode(x)
-        recon = model.decode(posterior.sample(gen))
-        err = recon - x
+        if latent_noise:
+            # Noise of a fixed share of the latents' spread takes the place of the posterior's own
+            # sampling (and so of its KL term, which only sizes that sampling).
+            z = posterior.mode()
+            err = model.decode(z + latent_noise * z.detach().std() * torch.randn(z.shape, generator=gen)) - x
+            return (weight * (err.abs() + 0.5 * err.square())).mean()
+        err = model.decode(posterior.sample(gen)) - x
         return (weight * (err.abs() + 0.5 * err.square())).mean() + kl_weight * posterior.kl().mean()
 
     return loss_fn
@@ -243,6 +251,8 @@ def train_vae(
     init: Path | None = None,
     decoder: int = 0,
     hues: int = 0,
+    joint: int = 0,
+    latent_noise: float = 0.0,
 ) -> CogVideoXVAE:
     """Three phases: general reconstruction on crops, a phase focused on the moving object, and a
     colour phase that stresses objects on black and white backgrounds.
@@ -260,6 +270,14 @@ def train_vae(
     A fifth, `hues` steps, also decoder-only, paints half the objects a random saturated colour: trained
     on the six colours alone, the decoder turned any other hue (orange) into one of them, so a fine-tune
     could never teach the transformer a new colour.
+
+    A sixth, `joint` steps, trains encoder and decoder together again on whole frames, with 30% of the
+    objects painted any hue and Gaussian noise of `latent_noise` x the latents' std added before
+    decoding. Without it, the six colours' codes on black or white sat close together (blue and cyan
+    0.07 latent std apart at the object's cells), so a transformer sample a little off in latent space
+    decoded to the neighbouring colour; the noise makes the decoder tolerate such errors and the encoder
+    keep colours further apart than them. It changes the latents: the transformer must be trained (or
+    fine-tuned, `train_transformer(init=...)`) on the new ones.
 
     init: a model folder (or its `vae/`) to start from instead of phases one and two.
     """
@@ -289,6 +307,9 @@ def train_vae(
     hues_loss = object_loss(4, seed + 5, full_frames_from=0, decoder_only=True, any_colour=0.5,
                             backgrounds={"black": 0.4, "white": 0.3, "gray": 0.3})
 
+    joint_loss = object_loss(4, seed + 6, full_frames_from=0, any_colour=0.3, latent_noise=latent_noise,
+                             backgrounds={"black": 0.4, "white": 0.35, "gray": 0.25})
+
     phases = (
         ("vae", general_loss, TrainConfig(steps=general, lr=1e-3, warmup_steps=100, min_lr_ratio=0.05,
                                           seed=seed, checkpoint_every=200, log_every=10, grad_clip=1.0)),
@@ -303,6 +324,8 @@ def train_vae(
                                                   grad_clip=1.0)),
         ("vae-hues", hues_loss, TrainConfig(steps=hues, lr=3e-4, warmup_steps=20, min_lr_ratio=0.05,
                                             seed=seed + 4, checkpoint_every=50, log_every=10, grad_clip=1.0)),
+        ("vae-joint", joint_loss, TrainConfig(steps=joint, lr=2e-4, warmup_steps=20, min_lr_ratio=0.05,
+                                              seed=seed + 5, checkpoint_every=50, log_every=10, grad_clip=1.0)),
     )
     for name, loss_fn, cfg in phases:
         if cfg.steps == 0:
@@ -404,12 +427,16 @@ def train_transformer(
     progress: bool,
     object_weight: float = 10.0,
     lr: float = 5e-4,
+    init: Path | None = None,
 ) -> CogVideoXTransformer:
     """The CogVideoX objective with the latent cells the object covers weighted `object_weight` x.
 
     The object covers a few percent of the latent grid: with a plain mean the loss is mostly the flat
     background, which the caption's background word alone predicts, and the model learns the object's
     colour and motion slowly. Weighting its cells puts the caption's other words back into the loss.
+
+    init: a model folder (or its `transformer/`) whose weights start the run instead of random ones, to
+    carry a trained transformer over to the latents of a changed VAE; a checkpoint in `work` still wins.
     """
     unique = sorted(set(captions))
     assert not any(world.is_held_out(c) for c in unique), "a held-out caption reached training"
@@ -419,6 +446,9 @@ def train_transformer(
     ab = alphas_cumprod(SCHEDULER_CONFIG)
     torch.manual_seed(seed)
     model = CogVideoXTransformer(TRANSFORMER_CONFIG)
+    if init is not None:
+        folder = init / "transformer" if (init / "transformer").is_dir() else init
+        model.load_state_dict(load_file(str(folder / "diffusion_pytorch_model.safetensors")))
     f, _, h, w = latents.shape[1:]
     rope = model.rotary_embedding(f, h, w, "cpu")
 
@@ -482,11 +512,18 @@ def main(argv=None) -> None:
                    help="decoder-only VAE steps after the others (the latents, and so the transformer, stay valid)")
     p.add_argument("--vae-hue-steps", type=int, default=0,
                    help="decoder-only VAE steps with objects of any hue, after the decoder phase")
+    p.add_argument("--vae-joint-steps", type=int, default=0,
+                   help="encoder and decoder steps on objects of any hue with noisy latents, after the others")
+    p.add_argument("--latent-noise", type=float, default=0.0,
+                   help="std of the noise added to the latents in the joint phase, in latent stds")
     p.add_argument("--vae-init", type=Path, default=None,
                    help="start the VAE from this model folder (or its vae/) and run only the colour phase")
     p.add_argument("--vae-batch", type=int, default=8)
     p.add_argument("--videos", type=int, default=6144, help="training videos encoded to latents")
     p.add_argument("--steps", type=int, default=2500, help="transformer training steps")
+    p.add_argument("--transformer-init", type=Path, default=None,
+                   help="start the transformer from this model folder's weights (e.g. after a VAE change)")
+    p.add_argument("--transformer-lr", type=float, default=5e-4, help="transformer peak learning rate")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--object-weight", type=float, default=10.0,
                    help="loss weight of the latent cells the object covers (the rest weigh 1)")
@@ -505,7 +542,8 @@ def main(argv=None) -> None:
     text = build_text_encoder(work, seed=args.seed)
     vae = train_vae(work, args.vae_steps, args.vae_object_steps, args.vae_batch, args.seed, progress,
                     colour=args.vae_colour_steps, init=args.vae_init,
-                    decoder=args.vae_decoder_steps, hues=args.vae_hue_steps)
+                    decoder=args.vae_decoder_steps, hues=args.vae_hue_steps, joint=args.vae_joint_steps,
+                    latent_noise=args.latent_noise)
     times["vae_s"] = time.time() - t0
     psnr = vae_psnr(vae)
     judged = vae_judged(vae)
@@ -519,7 +557,8 @@ def main(argv=None) -> None:
     t2 = time.time()
     # Checkpoints are kept per latent set: a retrained VAE starts the transformer afresh.
     model = train_transformer(latents * scaling_factor, masks, captions, text, work / f"transformer-{digest}",
-                              args.steps, args.batch, args.seed, progress, object_weight=args.object_weight)
+                              args.steps, args.batch, args.seed, progress, object_weight=args.object_weight,
+                              lr=args.transformer_lr, init=args.transformer_init)
     times["transformer_s"] = time.time() - t2
 
 
