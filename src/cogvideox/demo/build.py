@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..loading import weight_files
 from ..models.config import SchedulerConfig, TransformerConfig, VAEConfig
 from ..models.transformer import CogVideoXTransformer
 from ..models.vae import CogVideoXVAE
@@ -121,6 +122,17 @@ def build_text_encoder(folder: Path, seed: int = 0) -> TextEncoder:
             torch.manual_seed(seed)
             T5EncoderModel(config).save_pretrained(str(enc_dir))
     return TextEncoder.from_pretrained(enc_dir, tok_dir, dtype=torch.float32)
+
+
+def component_weights(folder: Path, component: str) -> dict[str, torch.Tensor]:
+    """The weights of `component` ("vae", "transformer") from a model folder in the official layout, or
+    from the component's own folder."""
+    if (folder / component).is_dir():
+        folder = folder / component
+    state = {}
+    for path in weight_files(folder):
+        state.update(load_file(str(path)))
+    return state
 
 
 # ----------------------------------------------------------------------------------------------- VAE
@@ -222,20 +234,21 @@ def object_loss(
         if crops:
             x = object_crops(x, 32, 48, gen)
         weight = 1.0 + 9.0 * foreground(x)
+        kl = 0.0
         if decoder_only:
             with torch.no_grad():
                 z = model.encode(x).mode()
-            err = model.decode(z) - x
-            return (weight * (err.abs() + 0.5 * err.square())).mean()
-        posterior = model.encode(x)
-        if latent_noise:
-            # Noise of a fixed share of the latents' spread takes the place of the posterior's own
-            # sampling (and so of its KL term, which only sizes that sampling).
-            z = posterior.mode()
-            err = model.decode(z + latent_noise * z.detach().std() * torch.randn(z.shape, generator=gen)) - x
-            return (weight * (err.abs() + 0.5 * err.square())).mean()
-        err = model.decode(posterior.sample(gen)) - x
-        return (weight * (err.abs() + 0.5 * err.square())).mean() + kl_weight * posterior.kl().mean()
+        else:
+            posterior = model.encode(x)
+            if latent_noise:
+                # Noise of a fixed share of the latents' spread takes the place of the posterior's own
+                # sampling (and so of its KL term, which only sizes that sampling).
+                z = posterior.mode()
+                z = z + latent_noise * z.detach().std() * torch.randn(z.shape, generator=gen)
+            else:
+                z, kl = posterior.sample(gen), kl_weight * posterior.kl().mean()
+        err = model.decode(z) - x
+        return (weight * (err.abs() + 0.5 * err.square())).mean() + kl
 
     return loss_fn
 
@@ -285,9 +298,7 @@ def train_vae(
     vae = CogVideoXVAE(VAE_CONFIG)
     kl_weight = 1e-6
     if init is not None:
-        folder = init / "vae" if (init / "vae").is_dir() else init
-        state = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
-        vae.load_state_dict(state)
+        vae.load_state_dict(component_weights(init, "vae"))
         general = focused = 0
 
     def general_loss(model, step, gen):
@@ -447,8 +458,7 @@ def train_transformer(
     torch.manual_seed(seed)
     model = CogVideoXTransformer(TRANSFORMER_CONFIG)
     if init is not None:
-        folder = init / "transformer" if (init / "transformer").is_dir() else init
-        model.load_state_dict(load_file(str(folder / "diffusion_pytorch_model.safetensors")))
+        model.load_state_dict(component_weights(init, "transformer"))
     f, _, h, w = latents.shape[1:]
     rope = model.rotary_embedding(f, h, w, "cpu")
 
