@@ -235,3 +235,28 @@ def test_transformer_can_start_from_a_trained_model(tmp_path):
     for (name, a), b, c in zip(trained.state_dict().items(), carried.state_dict().values(), fresh.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), name  # one step at lr 1e-12 moves nothing visible
     assert not all(torch.allclose(a, c) for a, c in zip(trained.state_dict().values(), fresh.state_dict().values()))
+
+
+def test_transformer_init_is_grown_to_the_asked_depth_and_written_with_it(tmp_path):
+    """`--transformer-layers 8` over a 6-layer model: its blocks carried over, the model folder says 8."""
+    from safetensors.torch import save_file
+    from cogvideox.models.vae import CogVideoXVAE
+
+    torch.manual_seed(5)
+    trained = CogVideoXTransformer(build.TRANSFORMER_CONFIG)
+    (tmp_path / "model" / "transformer").mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in trained.state_dict().items()},
+              str(tmp_path / "model" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    text = build.build_text_encoder(tmp_path / "text")
+    latents = torch.randn(2, 5, build.LATENT_CHANNELS, 8, 12, generator=torch.Generator().manual_seed(0))
+    masks = torch.zeros(2, 5, 1, 8, 12)
+    captions = list(world.training_captions()[:2])
+    grown = build.train_transformer(latents, masks, captions, text, tmp_path / "a", steps=1, batch=2, seed=0,
+                                    progress=False, lr=1e-12, init=tmp_path / "model", layers=8)
+    assert len(grown.transformer_blocks) == 8
+    # 6 -> 8: the old blocks at 0, 1, 2, 4, 5, 6
+    moved = grown.transformer_blocks[4].attn1.to_q.weight
+    assert torch.allclose(moved, trained.transformer_blocks[3].attn1.to_q.weight, atol=1e-6)
+    vae = CogVideoXVAE(build.VAE_CONFIG)
+    build.write_model(tmp_path / "out", tmp_path / "text", vae, 1.0, grown)
+    assert TransformerConfig.from_json(tmp_path / "out" / "transformer" / "config.json").num_layers == 8

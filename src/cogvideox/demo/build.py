@@ -34,6 +34,7 @@ from ..sampling import to_uint8_frames
 from ..schedulers import alphas_cumprod
 from ..text import TextEncoder
 from ..train.cache import latent_mask
+from ..train.grow import grow_depth
 from ..train.loop import TrainConfig, train
 from ..train.objective import v_loss
 from . import world
@@ -439,6 +440,7 @@ def train_transformer(
     object_weight: float = 10.0,
     lr: float = 5e-4,
     init: Path | None = None,
+    layers: int = TRANSFORMER_CONFIG.num_layers,
 ) -> CogVideoXTransformer:
     """The CogVideoX objective with the latent cells the object covers weighted `object_weight` x.
 
@@ -448,6 +450,7 @@ def train_transformer(
 
     init: a model folder (or its `transformer/`) whose weights start the run instead of random ones, to
     carry a trained transformer over to the latents of a changed VAE; a checkpoint in `work` still wins.
+    layers: the depth; an `init` with fewer blocks is grown to it with identity blocks (`train.grow`).
     """
     unique = sorted(set(captions))
     assert not any(world.is_held_out(c) for c in unique), "a held-out caption reached training"
@@ -456,9 +459,14 @@ def train_transformer(
     empty = len(unique)
     ab = alphas_cumprod(SCHEDULER_CONFIG)
     torch.manual_seed(seed)
-    model = CogVideoXTransformer(TRANSFORMER_CONFIG)
+    model = CogVideoXTransformer(TRANSFORMER_CONFIG.replace(num_layers=layers))
     if init is not None:
-        model.load_state_dict(component_weights(init, "transformer"))
+        state = component_weights(init, "transformer")
+        if f"transformer_blocks.{layers - 1}.norm1.linear.weight" in state:
+            model.load_state_dict(state)
+        else:
+            fresh = grow_depth(model, state)
+            print(f"transformer: grown to {layers} blocks, new blocks {fresh} start as the identity")
     f, _, h, w = latents.shape[1:]
     rope = model.rotary_embedding(f, h, w, "cpu")
 
@@ -489,7 +497,7 @@ def write_model(out: Path, text_dir: Path, vae: CogVideoXVAE, scaling_factor: fl
         shutil.copytree(text_dir / name, out / name)
     for name, module, config in (
         ("vae", vae, VAE_CONFIG.replace(scaling_factor=scaling_factor)),
-        ("transformer", transformer, TRANSFORMER_CONFIG),
+        ("transformer", transformer, transformer.config),
     ):
         (out / name).mkdir(exist_ok=True)
         config.save(out / name / "config.json")
@@ -533,6 +541,9 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=2500, help="transformer training steps")
     p.add_argument("--transformer-init", type=Path, default=None,
                    help="start the transformer from this model folder's weights (e.g. after a VAE change)")
+    p.add_argument("--transformer-layers", type=int, default=TRANSFORMER_CONFIG.num_layers,
+                   help="transformer depth; a shallower --transformer-init is grown to it (new blocks start "
+                        "as the identity)")
     p.add_argument("--transformer-lr", type=float, default=5e-4, help="transformer peak learning rate")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--object-weight", type=float, default=10.0,
@@ -565,10 +576,12 @@ def main(argv=None) -> None:
     times["encode_s"] = time.time() - t1
 
     t2 = time.time()
-    # Checkpoints are kept per latent set: a retrained VAE starts the transformer afresh.
-    model = train_transformer(latents * scaling_factor, masks, captions, text, work / f"transformer-{digest}",
-                              args.steps, args.batch, args.seed, progress, object_weight=args.object_weight,
-                              lr=args.transformer_lr, init=args.transformer_init)
+    # Checkpoints are kept per latent set (a retrained VAE starts the transformer afresh) and per depth.
+    depth = "" if args.transformer_layers == TRANSFORMER_CONFIG.num_layers else f"-L{args.transformer_layers}"
+    model = train_transformer(latents * scaling_factor, masks, captions, text,
+                              work / f"transformer-{digest}{depth}", args.steps, args.batch, args.seed, progress,
+                              object_weight=args.object_weight, lr=args.transformer_lr,
+                              init=args.transformer_init, layers=args.transformer_layers)
     times["transformer_s"] = time.time() - t2
 
 
