@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
+import shutil
 
 import pytest
 
@@ -73,19 +75,33 @@ def test_a_shared_flag_means_the_same_in_every_command():
         assert len(set(uses.values())) == 1, f"{flag} differs between commands: {uses}"
 
 
-def test_generate_and_batch_make_the_same_request():
+def test_generate_and_batch_make_the_same_request(tiny_rope_dir):
     commands = _commands()
     flags = ["--negative-prompt", "blurry", "--steps", "3", "--guidance", "4.5", "--dynamic-cfg",
              "--dynamic-cfg-clock", "smooth", "--frames", "17", "--height", "32", "--width", "48",
              "--max-sequence-length", "20"]  # fmt: skip
-    gen = request_from_args(commands["generate"].parse_args(["a cat", *flags]))
-    bat = request_from_args(commands["batch"].parse_args(["prompts.txt", "-o", "out", *flags]))
+    gen = request_from_args(commands["generate"].parse_args(["a cat", *flags]), tiny_rope_dir)
+    bat = request_from_args(commands["batch"].parse_args(["prompts.txt", "-o", "out", *flags]), tiny_rope_dir)
     assert gen == bat == dict(
         negative_prompt="blurry", num_frames=17, height=32, width=48, num_inference_steps=3, guidance_scale=4.5,
         use_dynamic_cfg=True, dynamic_cfg="smooth", max_sequence_length=20,
     )  # fmt: skip
     # Every key is a keyword of the pipeline call, so the request goes to it as it is.
     assert set(gen) <= set(inspect.signature(Pipeline.__call__).parameters)
+
+
+def test_guidance_flags_not_given_take_the_models_recommendation(tiny_rope_dir, tmp_path):
+    generate = _commands()["generate"]
+    plain = request_from_args(generate.parse_args(["a cat"]), tiny_rope_dir)
+    assert (plain["guidance_scale"], plain["use_dynamic_cfg"], plain["dynamic_cfg"]) == (6.0, False, "reference")
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_rope_dir, folder)
+    (folder / "sampling.json").write_text(json.dumps({"guidance_scale": 3, "use_dynamic_cfg": True}))
+    recommended = request_from_args(generate.parse_args(["a cat"]), folder)
+    assert (recommended["guidance_scale"], recommended["use_dynamic_cfg"]) == (3.0, True)
+    given = request_from_args(generate.parse_args(["a cat", "--guidance", "5", "--no-dynamic-cfg"]), folder)
+    assert (given["guidance_scale"], given["use_dynamic_cfg"], given["dynamic_cfg"]) == (5.0, False, "reference")
 
 
 def test_locate_model_reads_the_configs_before_any_weights(tiny_rope_dir, tmp_path):

@@ -1,13 +1,15 @@
 """The whole text-to-video pipeline against diffusers' CogVideoXPipeline on tiny models, seed for seed."""
 
+import json
 import math
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from helpers import load_reference_pipeline
 
-from cogvideox import InputError, NonFiniteError, Pipeline
+from cogvideox import InputError, LoadError, NonFiniteError, Pipeline, loading
 from cogvideox.sampling import dynamic_guidance_scale, guidance_schedule
 
 diffusers = pytest.importorskip("diffusers")
@@ -199,3 +201,44 @@ def test_nan_latents_stop_the_run(pipes, monkeypatch):
     monkeypatch.setattr(pipe.transformer, "forward", lambda *a, **k: real_forward(*a, **k) * float("nan"))
     with pytest.raises(NonFiniteError, match=r"step 1 of 3 \(timestep 999\) running in float32"):
         pipe("a cat", seed=0, progress=False, **SMALL)
+
+
+def test_the_models_sampling_json_sets_the_guidance_defaults(tiny_rope_dir, tmp_path):
+    """A folder's `sampling.json` changes what the call does when no guidance is given; the reference's
+    defaults hold without it; `save_pretrained` keeps it; diffusers still loads the folder."""
+    kwargs = SMALL | dict(seed=3, output_type="latent", progress=False)
+    plain = Pipeline.from_pretrained(tiny_rope_dir)
+    assert plain.sampling_defaults == {"guidance_scale": 6.0, "use_dynamic_cfg": False, "dynamic_cfg": "reference"}
+    six = plain("a cat", **kwargs).latents
+    assert torch.equal(six, plain("a cat", guidance_scale=6.0, **kwargs).latents)
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_rope_dir, folder)
+    (folder / "sampling.json").write_text(json.dumps({"guidance_scale": 2.5, "use_dynamic_cfg": True}))
+    pipe = Pipeline.from_pretrained(folder)
+    recommended = pipe("a cat", **kwargs).latents
+    assert torch.equal(recommended, plain("a cat", guidance_scale=2.5, use_dynamic_cfg=True, **kwargs).latents)
+    assert not torch.equal(recommended, six)
+    assert torch.equal(pipe("a cat", guidance_scale=6.0, use_dynamic_cfg=False, **kwargs).latents, six)
+
+    saved = pipe.save_pretrained(tmp_path / "saved")
+    assert json.loads((saved / "sampling.json").read_text()) == {"guidance_scale": 2.5, "use_dynamic_cfg": True}
+    assert not (plain.save_pretrained(tmp_path / "plain") / "sampling.json").exists()
+    load_reference_pipeline(folder, None)  # the extra file does not trouble the reference
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ({"guidance": 3}, "unknown settings \\['guidance'\\]"),
+        ({"guidance_scale": "high"}, "guidance_scale must be a number"),
+        ({"guidance_scale": -1}, "guidance_scale must be a number >= 0"),
+        ({"use_dynamic_cfg": "yes"}, "use_dynamic_cfg must be true or false"),
+        ({"dynamic_cfg": "fast"}, "dynamic_cfg must be"),
+        ([3], "must hold a JSON object"),
+    ],
+)
+def test_a_bad_sampling_json_is_a_load_error(tmp_path, content, message):
+    (tmp_path / "sampling.json").write_text(json.dumps(content))
+    with pytest.raises(LoadError, match=message):
+        loading.read_sampling_defaults(tmp_path)

@@ -138,6 +138,21 @@ def test_forms_are_read_like_json(service):
     assert multipart.json()["seed"] == 3 and urlencoded.json()["guidance_scale"] == 1.5
 
 
+def test_a_request_without_guidance_takes_the_models(tmp_path):
+    """The released models' 6 when the folder recommends nothing; its sampling.json's scale when it does."""
+    client, store, _ = make_client(tmp_path / "plain")
+    assert client.post("/v1/videos", json={"prompt": "a cat"}).json()["guidance_scale"] == 6.0
+    store.close()
+    folder = write_config_folder(tmp_path / "model")
+    (folder / "sampling.json").write_text(json.dumps({"guidance_scale": 2.5}))
+    spec = ModelSpec.from_folder(folder, "tiny")
+    store = SQLiteStore(tmp_path / "jobs.sqlite3")
+    client = TestClient(create_app(spec, store, Settings(data_dir=tmp_path)))
+    assert client.post("/v1/videos", json={"prompt": "a cat"}).json()["guidance_scale"] == 2.5
+    assert client.post("/v1/videos", json={"prompt": "a cat", "guidance_scale": 7}).json()["guidance_scale"] == 7.0
+    store.close()
+
+
 def test_list_is_newest_first_and_paginated(service):
     client, _, _ = service
     ids = [client.post("/v1/videos", json={"prompt": f"a cat {i}", **FAST}).json()["id"] for i in range(3)]
@@ -156,6 +171,7 @@ def test_models_health_and_page(service):
     client, _, _ = service
     card = client.get("/v1/models").json()["data"][0]
     assert card["id"] == "tiny" and card["sizes"] == ["64x64", "32x32"] and card["max_seconds"] == 1.125
+    assert card["guidance_scale"] == 6.0
     assert client.get("/healthz").json() == {"status": "ok", "model": "tiny", "worker": "ready"}
     assert "swagger" in client.get("/docs").text.lower()
     page = client.get("/")

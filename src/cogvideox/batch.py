@@ -241,16 +241,17 @@ def _batch(args: argparse.Namespace) -> int:
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise InputError(f"--output-dir {output_dir} is a file; give a folder")
-    request = request_from_args(args)
     _quiet_libraries()
 
     # Every prompt is checked against the model before any loading.
     device, folder, configs = locate_model(args)
+    request = request_from_args(args, folder)
     train_steps = configs.scheduler.num_train_timesteps
     for prompt in prompts:
         check_request(configs.transformer, configs.vae, prompt, num_train_timesteps=train_steps, **request)
 
-    mesh, device = launch.join(args.parallel, device, configs.transformer, args.guidance > 1, one_group=False)
+    mesh, device = launch.join(args.parallel, device, configs.transformer, request["guidance_scale"] > 1,
+                               one_group=False)
     is_root = mesh is None or (mesh.replica == 0 and mesh.is_leader)
     if is_root:
         output_dir.mkdir(parents=True, exist_ok=True)

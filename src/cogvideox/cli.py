@@ -213,7 +213,6 @@ def _generate(args: argparse.Namespace) -> int:
             raise InputError(f"--output {path} is a folder; give a file name such as {path / 'video.mp4'}")
         if not path.parent.is_dir():
             raise InputError(f"--output folder {path.parent} does not exist")
-    request = request_from_args(args) | dict(num_videos_per_prompt=args.num_videos, resize=args.resize)
     _quiet_libraries()
 
     # Every mistake that the inputs and the configs alone reveal fails here, before minutes of loading.
@@ -221,6 +220,7 @@ def _generate(args: argparse.Namespace) -> int:
     picture = conditioning.load_image(args.image) if args.image else None
     source = conditioning.load_video(args.video) if args.video else None
     device, folder, configs = locate_model(args)
+    request = request_from_args(args, folder) | dict(num_videos_per_prompt=args.num_videos, resize=args.resize)
     train_steps = configs.scheduler.num_train_timesteps
     task = "image" if args.image else "video" if args.video else "text"
     accelerate = args.quantize is not None or args.compile or args.cache is not None
@@ -248,7 +248,8 @@ def _generate(args: argparse.Namespace) -> int:
 
     if args.parallel is not None and (args.cache is not None or args.compile):
         raise InputError("--parallel does not combine with --cache or --compile yet")
-    mesh, device = launch.join(args.parallel, device, configs.transformer, args.guidance > 1, one_group=True)
+    mesh, device = launch.join(args.parallel, device, configs.transformer, request["guidance_scale"] > 1,
+                               one_group=True)
     pipe = Pipeline.from_pretrained(
         folder, dtype=args.dtype, device=device, scheduler=args.scheduler, lora=lora, offload=args.offload,
         text_device=text_device, vae_tiling=args.vae_tiling, vae_slicing=args.vae_slicing,

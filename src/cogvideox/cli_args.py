@@ -8,6 +8,7 @@ flag means the same thing (name, default, help) in every command that has it.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from collections.abc import Callable
 
 # ---------------------------------------------------------------------------------------------------
@@ -89,22 +90,24 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, *, seed_default: int
     arg(
         "--guidance",
         type=finite_float,
-        default=6.0,
-        help="classifier-free guidance scale; 1 or less turns guidance off (default: 6)",
+        default=None,
+        help="classifier-free guidance scale; 1 or less turns guidance off (default: the model's "
+        "recommendation in its sampling.json, else 6; the demo model's is 3)",
     )
     arg(
         "--dynamic-cfg",
         action=argparse.BooleanOptionalAction,
-        default=False,
+        default=None,
         help="vary the guidance scale over the steps, as the official demos do with the DPM scheduler "
-        "(default: off)",
+        "(default: the model's recommendation, else off)",
     )
     arg(
         "--dynamic-cfg-clock",
         choices=("reference", "smooth"),
-        default="reference",
+        default=None,
         help="dynamic CFG clock: 'reference' feeds the raw timestep as the reference does (the scale "
-        "oscillates), 'smooth' the step index (the scale decays from 1+guidance to 1); default: reference",
+        "oscillates), 'smooth' the step index (the scale decays from 1+guidance to 1); default: the "
+        "model's recommendation, else reference",
     )
     arg(
         "--scheduler",
@@ -123,18 +126,20 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, *, seed_default: int
     )
 
 
-def request_from_args(args: argparse.Namespace) -> dict:
+def request_from_args(args: argparse.Namespace, folder: Path) -> dict:
     """The pipeline's keyword arguments from the flags of `add_sampling_arguments` (seed excepted: the
-    caller decides it per video)."""
-    return dict(
+    caller decides it per video), with the guidance flags not given taken from the model in `folder`."""
+    from cogvideox import loading
+
+    given = dict(guidance_scale=args.guidance, use_dynamic_cfg=args.dynamic_cfg, dynamic_cfg=args.dynamic_cfg_clock)
+    recommended = loading.read_sampling_defaults(folder)
+    guidance = {name: recommended[name] if value is None else value for name, value in given.items()}
+    return guidance | dict(
         negative_prompt=args.negative_prompt,
         num_frames=args.frames,
         height=args.height,
         width=args.width,
         num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
-        use_dynamic_cfg=args.dynamic_cfg,
-        dynamic_cfg=args.dynamic_cfg_clock,
         max_sequence_length=args.max_sequence_length,
     )
 

@@ -41,10 +41,12 @@ from cogvideox.text import TextEncoder
 MODEL_INDEX = "model_index.json"
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"  # file stem diffusers uses for transformer and VAE weights
 SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
+SAMPLING_DEFAULTS = "sampling.json"  # ours, optional: the model's recommended guidance settings
 
 # What a hub download fetches: configs, safetensors weights and the tokenizer; never .bin duplicates.
 HUB_ALLOW_PATTERNS = [
     MODEL_INDEX,
+    SAMPLING_DEFAULTS,
     "*/config.json",
     "*/*.safetensors",
     "*/*.safetensors.index.json",
@@ -295,6 +297,31 @@ def _read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise LoadError(f"{path} must hold a JSON object")
     return data
+
+
+# The pipeline call's arguments a model folder may recommend, with the values used when it does not.
+SAMPLING_FALLBACKS = {"guidance_scale": 6.0, "use_dynamic_cfg": False, "dynamic_cfg": "reference"}
+
+
+def read_sampling_defaults(folder: Path) -> dict:
+    """The guidance settings a model recommends: `sampling.json` beside `model_index.json`, e.g.
+    `{"guidance_scale": 4.0}`. Optional (the released models have none, and diffusers ignores the file);
+    what it leaves out takes `SAMPLING_FALLBACKS`, the reference pipeline's defaults."""
+    path = Path(folder) / SAMPLING_DEFAULTS
+    if not path.is_file():
+        return dict(SAMPLING_FALLBACKS)
+    data = _read_json(path)
+    unknown = sorted(set(data) - set(SAMPLING_FALLBACKS))
+    if unknown:
+        raise LoadError(f"{path}: unknown settings {unknown}; it may set {sorted(SAMPLING_FALLBACKS)}")
+    scale = data.get("guidance_scale", SAMPLING_FALLBACKS["guidance_scale"])
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale < float("inf"):
+        raise LoadError(f"{path}: guidance_scale must be a number >= 0, got {scale!r}")
+    if not isinstance(data.get("use_dynamic_cfg", False), bool):
+        raise LoadError(f"{path}: use_dynamic_cfg must be true or false, got {data['use_dynamic_cfg']!r}")
+    if data.get("dynamic_cfg", "reference") not in ("reference", "smooth"):
+        raise LoadError(f"{path}: dynamic_cfg must be \"reference\" or \"smooth\", got {data['dynamic_cfg']!r}")
+    return {**SAMPLING_FALLBACKS, **data, "guidance_scale": float(scale)}
 
 
 def text_encoder_width(folder: Path) -> int:

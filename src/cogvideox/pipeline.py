@@ -73,6 +73,8 @@ class Pipeline:
         self.scheduler = scheduler
         self.offload = None  # a `cogvideox.fast.offload.Offload` while weights are offloaded
         self.offload_choice = ""  # what `enable_offload` chose, and why
+        # The guidance arguments' defaults: the model folder's `sampling.json`, else the reference's.
+        self.sampling_defaults = dict(loading.SAMPLING_FALLBACKS)
 
     # -------------------------------------------------------------------------------------------------
     # Loading and saving
@@ -189,7 +191,9 @@ class Pipeline:
             transformer = loading.load_transformer(folder, dtype, device)
         if vae is None:
             vae = loading.load_vae(folder, dtype, device)
-        return cls(transformer, vae, text_encoder, scheduler_object)
+        pipe = cls(transformer, vae, text_encoder, scheduler_object)
+        pipe.sampling_defaults = loading.read_sampling_defaults(folder)
+        return pipe
 
     def save_pretrained(self, folder: str | Path, max_shard_size: int | str = "10GB") -> Path:
         """Write the pipeline in the official diffusers layout (readable by us and by diffusers)."""
@@ -216,6 +220,9 @@ class Pipeline:
             "vae": ["diffusers", self.vae.config.class_name],
         }
         (folder / loading.MODEL_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        recommended = {k: v for k, v in self.sampling_defaults.items() if v != loading.SAMPLING_FALLBACKS[k]}
+        if recommended:
+            (folder / loading.SAMPLING_DEFAULTS).write_text(json.dumps(recommended, indent=2) + "\n")
         return folder
 
     # -------------------------------------------------------------------------------------------------
@@ -465,9 +472,9 @@ class Pipeline:
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int = 50,
-        guidance_scale: float = 6.0,
-        use_dynamic_cfg: bool = False,
-        dynamic_cfg: str = "reference",
+        guidance_scale: float | None = None,
+        use_dynamic_cfg: bool | None = None,
+        dynamic_cfg: str | None = None,
         seed: int | None = None,
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
         num_videos_per_prompt: int = 1,
@@ -487,7 +494,8 @@ class Pipeline:
         81 frames at 768x1360 for 1.5). Guidance is classifier-free with the negative prompt ("" by
         default) as the unconditional branch, off when guidance_scale <= 1. `use_dynamic_cfg` schedules the
         scale over the steps, with the reference's timestep clock ("reference") or the step index
-        ("smooth"). `max_sequence_length` (T5 tokens per prompt) defaults to the model's, 226 for the
+        ("smooth"). The three default to the model's recommendation (`sampling_defaults`, from the
+        folder's `sampling.json`), else to the reference's 6, off and "reference". `max_sequence_length` (T5 tokens per prompt) defaults to the model's, 226 for the
         released ones. Noise comes from `torch.Generator("cpu").manual_seed(seed)` (a random seed, reported in
         the output, when neither seed nor generator is given). `callback(step, timestep, latents)` runs
         after every step.
@@ -510,6 +518,12 @@ class Pipeline:
         # Decode the inputs first: a file that is not an image or a video fails before any model runs.
         picture = conditioning.load_image(image) if image is not None else None
         source = conditioning.load_video(video) if video is not None else None
+        guidance_scale, use_dynamic_cfg, dynamic_cfg = (
+            self.sampling_defaults[name] if value is None else value
+            for name, value in (
+                ("guidance_scale", guidance_scale), ("use_dynamic_cfg", use_dynamic_cfg), ("dynamic_cfg", dynamic_cfg)
+            )
+        )
         request = self.check_request(
             prompt,
             negative_prompt=negative_prompt,

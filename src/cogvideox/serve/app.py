@@ -148,6 +148,7 @@ def create_app(spec: ModelSpec, store: JobStore, settings: Settings, worker: Wor
             max_seconds=spec.max_seconds,
             max_steps=settings.max_steps,
             frame_step=spec.frame_step,
+            guidance_scale=spec.guidance_scale,
         )
         return ModelList(data=[card])
 
@@ -306,7 +307,7 @@ def _job_params(create: VideoCreate, spec: ModelSpec, settings: Settings) -> dic
         "num_frames": num_frames,
         "fps": fps,
         "num_inference_steps": create.num_inference_steps,
-        "guidance_scale": create.guidance_scale,
+        "guidance_scale": create.guidance_scale if create.guidance_scale is not None else spec.guidance_scale,
         # Drawn now, not by the worker: a job re-run after a crash makes the same video.
         "seed": create.seed if create.seed is not None else secrets.randbelow(2**32),
     }

@@ -41,7 +41,10 @@ class VideoCreate(BaseModel):
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description="What the video should not show.")
     seed: int | None = Field(None, ge=0, lt=2**32, description="Noise seed; default: random (reported back).")
     num_inference_steps: int = Field(50, ge=1, le=MAX_STEPS, description="Denoising steps.")
-    guidance_scale: float = Field(6.0, ge=0.0, le=MAX_GUIDANCE, description="Classifier-free guidance scale.")
+    guidance_scale: float | None = Field(
+        None, ge=0.0, le=MAX_GUIDANCE,
+        description="Classifier-free guidance scale; default: the model's recommendation (6 for the released models).",
+    )
     fps: float | None = Field(None, gt=0, le=MAX_FPS, description="Frame rate of the MP4; default: the model's.")
     enhance_prompt: bool | None = Field(
         None, description="Rewrite the prompt with the server's prompt enhancer (default: on when it has one)."
@@ -160,6 +163,7 @@ class ModelCard(BaseModel):
     max_seconds: float
     max_steps: int
     frame_step: int
+    guidance_scale: float = Field(description="The guidance scale a request without one gets: the model's recommendation.")
 
 
 class ModelList(BaseModel):

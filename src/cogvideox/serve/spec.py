@@ -45,6 +45,7 @@ class ModelSpec:
     fps: int
     frame_step: int
     version: str
+    guidance_scale: float = 6.0  # the model's recommended scale (its sampling.json), used when a request has none
 
     @property
     def native_size(self) -> str:
@@ -80,6 +81,7 @@ class ModelSpec:
             fps=16 if transformer.version == "1.5" else 8,
             frame_step=2 * vae.temporal_compression,
             version=transformer.version,
+            guidance_scale=loading.read_sampling_defaults(folder)["guidance_scale"],
         )
 
     @classmethod

@@ -38,6 +38,7 @@ async function loadModel() {
   $("#num_inference_steps").max = model.max_steps;
   $("#seconds").max = model.max_seconds;
   $("#seconds").placeholder = model.max_seconds.toFixed(2);
+  $("#guidance_scale").placeholder = model.guidance_scale;
 }
 
 async function submit(event) {
