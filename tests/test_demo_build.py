@@ -260,3 +260,4 @@ def test_transformer_init_is_grown_to_the_asked_depth_and_written_with_it(tmp_pa
     vae = CogVideoXVAE(build.VAE_CONFIG)
     build.write_model(tmp_path / "out", tmp_path / "text", vae, 1.0, grown)
     assert TransformerConfig.from_json(tmp_path / "out" / "transformer" / "config.json").num_layers == 8
+    assert json.loads((tmp_path / "out" / "sampling.json").read_text()) == build.SAMPLING

@@ -41,14 +41,15 @@ def test_demo_model_generates_its_native_video_reproducibly(demo):
     assert np.abs(out.frames[0].astype(int) - again.frames[0].astype(int)).max() <= 2
 
 
-def test_demo_model_draws_the_colour_it_is_asked_for(demo):
-    # Twelve captions covering every colour, shape, direction and background, one seed, 20 steps: the
-    # judge, reading pixels, sees the caption's colour in 10 of 12 (chance: 2 of 12). Motion is not
-    # followed reliably yet (see demo/MODEL_CARD.md), so only colour is held here.
+def test_demo_model_draws_the_colour_and_motion_it_is_asked_for(demo):
+    # Twelve captions covering every colour, shape, direction and background, one seed, 20 steps, the
+    # model's recommended guidance (2.5, from its sampling.json): the judge, reading pixels, sees the
+    # caption's colour and direction in 11 of 12 (chance: 1 of 24).
+    assert demo.sampling_defaults["guidance_scale"] == 2.5
     captions = [
         f"a {c} {s} moving {d} on a {b} background"
         for c, s, d, b in zip(world.COLOURS * 2, world.SHAPES * 4, world.DIRECTIONS * 3, world.BACKGROUNDS * 4)
     ]
     out = demo(captions, seed=0, num_inference_steps=20, progress=False)
-    right = sum(judge(frames).colour == world.parse_caption(c)[0] for c, frames in zip(captions, out.frames))
-    assert right >= 8, f"colour right in {right} of {len(captions)} videos"
+    right = sum(judge(frames).matches(c) for c, frames in zip(captions, out.frames))
+    assert right >= 10, f"colour and direction right in {right} of {len(captions)} videos"

@@ -72,6 +72,11 @@ TRANSFORMER_CONFIG = TransformerConfig(
 
 SCHEDULER_CONFIG = SchedulerConfig(snr_shift_scale=1.0)
 
+# The guidance the model is sampled with by default (its sampling.json): the scale that scored best in
+# `python -m cogvideox.demo.evaluate --guidance G` (see the model card). The released models' 6 pushes
+# this small model's colours past their codes: green on black comes out yellow.
+SAMPLING = {"guidance_scale": 2.5}
+
 
 # ---------------------------------------------------------------------------------------------- text
 
@@ -505,6 +510,7 @@ def write_model(out: Path, text_dir: Path, vae: CogVideoXVAE, scaling_factor: fl
         save_file(state, str(out / name / "diffusion_pytorch_model.safetensors"))
     (out / "scheduler").mkdir(exist_ok=True)
     SCHEDULER_CONFIG.save(out / "scheduler" / "scheduler_config.json")
+    (out / "sampling.json").write_text(json.dumps(SAMPLING, indent=2) + "\n")
     index = {
         "_class_name": "CogVideoXPipeline",
         "scheduler": ["diffusers", "CogVideoXDDIMScheduler"],

@@ -83,12 +83,19 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", type=int, default=3, help="seeds per held-out caption")
     p.add_argument("--train-seeds", type=int, default=1, help="seeds per training caption")
     p.add_argument("--steps", type=int, default=50, help="denoising steps")
-    p.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance scale (default: 6)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default: the model's, 3 for the demo model)")
+    p.add_argument("--dynamic-cfg", choices=("reference", "smooth"), default=None,
+                   help="schedule the guidance over the steps with CogVideoX's dynamic CFG, with the reference's "
+                        "timestep clock or the smooth step clock (default: constant guidance)")
     p.add_argument("--output", default=None, help="write the report as JSON here")
     args = p.parse_args(argv)
     pipe = Pipeline.from_pretrained(args.model)
+    guidance = {} if args.guidance is None else dict(guidance_scale=args.guidance)
+    if args.dynamic_cfg:
+        guidance.update(use_dynamic_cfg=True, dynamic_cfg=args.dynamic_cfg)
     report = evaluate(pipe, tuple(range(args.seeds)), tuple(range(100, 100 + args.train_seeds)), args.steps,
-                      guidance_scale=args.guidance)
+                      **guidance)
     text = json.dumps(report, indent=2)
     print(text)
     if args.output:

@@ -149,7 +149,7 @@ class TeachConfig:
     concept_captions: int | None = None  # how many of the concept's captions; None: all of them
     base_captions: int = 24  # size of the fixed subset of base captions
     inference_steps: int = 50
-    guidance: float = 6.0
+    guidance: float | None = None  # None: the model's recommended scale (its sampling.json)
     eval_batch: int = 16
     seed: int = 0
     progress: bool = True
