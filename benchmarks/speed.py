@@ -179,6 +179,12 @@ def main() -> None:
         with torch.device("meta"):
             ref = CogVideoXTransformer3DModel(**{k: v for k, v in config.to_dict().items() if not k.startswith("_")})
         ref.load_state_dict(weights, assign=True)
+        if not config.use_rotary_positional_embeddings:
+            # The 2B's sin-cos table is a non-persistent buffer, left on the meta device: recompute it.
+            embed = ref.patch_embed
+            embed.pos_embedding = embed._get_positional_embeddings(
+                config.sample_height, config.sample_width, config.sample_frames
+            )
         ref = ref.to(device).eval()
         with torch.inference_mode():
             call = lambda: ref(x, text, t, image_rotary_emb=rope, return_dict=False)[0]  # noqa: E731

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Wheels for a GPU machine that has torch, transformers and peft but not the reference (diffusers):
+# downloads them into .whl/ for Python 3.12 on x86-64 Linux; benchmarks/gpu_session.sh installs them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+grep -qx "/.whl/" .git/info/exclude 2>/dev/null || echo "/.whl/" >> .git/info/exclude
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
+    diffusers==0.42.1 importlib_metadata "${@}"
+ls -la .whl
