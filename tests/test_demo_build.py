@@ -215,32 +215,10 @@ def test_latent_noise_phase_trains_the_encoder_and_moves_the_latents(tmp_path):
     assert before != after
 
 
-def test_transformer_can_start_from_a_trained_model(tmp_path):
-    """`train_transformer(init=...)` carries weights over to new latents; without it the start is random."""
+def saved_transformer_and_data(tmp_path):
+    """A random 6-layer demo transformer saved as a model folder's `transformer/`, the text encoder, and
+    two clips' latents, masks and captions: what `train_transformer(init=...)` starts from."""
     from safetensors.torch import save_file
-
-    torch.manual_seed(5)
-    trained = CogVideoXTransformer(build.TRANSFORMER_CONFIG)
-    (tmp_path / "model" / "transformer").mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in trained.state_dict().items()},
-              str(tmp_path / "model" / "transformer" / "diffusion_pytorch_model.safetensors"))
-    text = build.build_text_encoder(tmp_path / "text")
-    g = torch.Generator().manual_seed(0)
-    latents = torch.randn(2, 5, build.LATENT_CHANNELS, 8, 12, generator=g)
-    masks = torch.zeros(2, 5, 1, 8, 12)
-    captions = list(world.training_captions()[:2])
-    kwargs = dict(steps=1, batch=2, seed=0, progress=False, lr=1e-12)
-    carried = build.train_transformer(latents, masks, captions, text, tmp_path / "a", init=tmp_path / "model", **kwargs)
-    fresh = build.train_transformer(latents, masks, captions, text, tmp_path / "b", **kwargs)
-    for (name, a), b, c in zip(trained.state_dict().items(), carried.state_dict().values(), fresh.state_dict().values()):
-        assert torch.allclose(a, b, atol=1e-6), name  # one step at lr 1e-12 moves nothing visible
-    assert not all(torch.allclose(a, c) for a, c in zip(trained.state_dict().values(), fresh.state_dict().values()))
-
-
-def test_transformer_init_is_grown_to_the_asked_depth_and_written_with_it(tmp_path):
-    """`--transformer-layers 8` over a 6-layer model: its blocks carried over, the model folder says 8."""
-    from safetensors.torch import save_file
-    from cogvideox.models.vae import CogVideoXVAE
 
     torch.manual_seed(5)
     trained = CogVideoXTransformer(build.TRANSFORMER_CONFIG)
@@ -251,8 +229,27 @@ def test_transformer_init_is_grown_to_the_asked_depth_and_written_with_it(tmp_pa
     latents = torch.randn(2, 5, build.LATENT_CHANNELS, 8, 12, generator=torch.Generator().manual_seed(0))
     masks = torch.zeros(2, 5, 1, 8, 12)
     captions = list(world.training_captions()[:2])
-    grown = build.train_transformer(latents, masks, captions, text, tmp_path / "a", steps=1, batch=2, seed=0,
-                                    progress=False, lr=1e-12, init=tmp_path / "model", layers=8)
+    return trained, (latents, masks, captions, text)
+
+
+def test_transformer_can_start_from_a_trained_model(tmp_path):
+    """`train_transformer(init=...)` carries weights over to new latents; without it the start is random."""
+    trained, data = saved_transformer_and_data(tmp_path)
+    kwargs = dict(steps=1, batch=2, seed=0, progress=False, lr=1e-12)
+    carried = build.train_transformer(*data, tmp_path / "a", init=tmp_path / "model", **kwargs)
+    fresh = build.train_transformer(*data, tmp_path / "b", **kwargs)
+    for (name, a), b, c in zip(trained.state_dict().items(), carried.state_dict().values(), fresh.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name  # one step at lr 1e-12 moves nothing visible
+    assert not all(torch.allclose(a, c) for a, c in zip(trained.state_dict().values(), fresh.state_dict().values()))
+
+
+def test_transformer_init_is_grown_to_the_asked_depth_and_written_with_it(tmp_path):
+    """`--transformer-layers 8` over a 6-layer model: its blocks carried over, the model folder says 8."""
+    from cogvideox.models.vae import CogVideoXVAE
+
+    trained, data = saved_transformer_and_data(tmp_path)
+    grown = build.train_transformer(*data, tmp_path / "a", steps=1, batch=2, seed=0, progress=False, lr=1e-12,
+                                    init=tmp_path / "model", layers=8)
     assert len(grown.transformer_blocks) == 8
     # 6 -> 8: the old blocks at 0, 1, 2, 4, 5, 6
     moved = grown.transformer_blocks[4].attn1.to_q.weight

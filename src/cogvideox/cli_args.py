@@ -8,8 +8,8 @@ flag means the same thing (name, default, help) in every command that has it.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 
 # ---------------------------------------------------------------------------------------------------
 # Value types: a bad value is a one-line argparse error that names the flag and what it expects.
@@ -92,7 +92,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, *, seed_default: int
         type=finite_float,
         default=None,
         help="classifier-free guidance scale; 1 or less turns guidance off (default: the model's "
-        "recommendation in its sampling.json, else 6; the demo model's is 3)",
+        "recommendation in its sampling.json, else 6)",
     )
     arg(
         "--dynamic-cfg",
@@ -131,9 +131,10 @@ def request_from_args(args: argparse.Namespace, folder: Path) -> dict:
     caller decides it per video), with the guidance flags not given taken from the model in `folder`."""
     from cogvideox import loading
 
-    given = dict(guidance_scale=args.guidance, use_dynamic_cfg=args.dynamic_cfg, dynamic_cfg=args.dynamic_cfg_clock)
-    recommended = loading.read_sampling_defaults(folder)
-    guidance = {name: recommended[name] if value is None else value for name, value in given.items()}
+    guidance = loading.fill_sampling(
+        loading.read_sampling_defaults(folder),
+        guidance_scale=args.guidance, use_dynamic_cfg=args.dynamic_cfg, dynamic_cfg=args.dynamic_cfg_clock,
+    )
     return guidance | dict(
         negative_prompt=args.negative_prompt,
         num_frames=args.frames,

@@ -324,6 +324,12 @@ def read_sampling_defaults(folder: Path) -> dict:
     return {**SAMPLING_FALLBACKS, **data, "guidance_scale": float(scale)}
 
 
+def fill_sampling(recommended: dict, **given) -> dict:
+    """The guidance arguments of a call (`guidance_scale`, `use_dynamic_cfg`, `dynamic_cfg`): each one
+    given, else the model's `recommended` one (from `read_sampling_defaults`)."""
+    return {name: recommended[name] if value is None else value for name, value in given.items()}
+
+
 def text_encoder_width(folder: Path) -> int:
     """d_model of the T5 in `folder/text_encoder`, read from its config without loading it."""
     config = _read_json(folder / "text_encoder" / "config.json")

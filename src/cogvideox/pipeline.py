@@ -495,8 +495,8 @@ class Pipeline:
         default) as the unconditional branch, off when guidance_scale <= 1. `use_dynamic_cfg` schedules the
         scale over the steps, with the reference's timestep clock ("reference") or the step index
         ("smooth"). The three default to the model's recommendation (`sampling_defaults`, from the
-        folder's `sampling.json`), else to the reference's 6, off and "reference". `max_sequence_length` (T5 tokens per prompt) defaults to the model's, 226 for the
-        released ones. Noise comes from `torch.Generator("cpu").manual_seed(seed)` (a random seed, reported in
+        folder's `sampling.json`), else to the reference's 6, off and "reference". `max_sequence_length`
+        (T5 tokens per prompt) defaults to the model's, 226 for the released ones. Noise comes from `torch.Generator("cpu").manual_seed(seed)` (a random seed, reported in
         the output, when neither seed nor generator is given). `callback(step, timestep, latents)` runs
         after every step.
 
@@ -518,11 +518,9 @@ class Pipeline:
         # Decode the inputs first: a file that is not an image or a video fails before any model runs.
         picture = conditioning.load_image(image) if image is not None else None
         source = conditioning.load_video(video) if video is not None else None
-        guidance_scale, use_dynamic_cfg, dynamic_cfg = (
-            self.sampling_defaults[name] if value is None else value
-            for name, value in (
-                ("guidance_scale", guidance_scale), ("use_dynamic_cfg", use_dynamic_cfg), ("dynamic_cfg", dynamic_cfg)
-            )
+        guidance = loading.fill_sampling(
+            self.sampling_defaults,
+            guidance_scale=guidance_scale, use_dynamic_cfg=use_dynamic_cfg, dynamic_cfg=dynamic_cfg,
         )
         request = self.check_request(
             prompt,
@@ -531,9 +529,7 @@ class Pipeline:
             height=height,
             width=width,
             num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            use_dynamic_cfg=use_dynamic_cfg,
-            dynamic_cfg=dynamic_cfg,
+            **guidance,
             num_videos_per_prompt=num_videos_per_prompt,
             max_sequence_length=max_sequence_length,
             task=task,

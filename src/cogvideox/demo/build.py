@@ -466,11 +466,8 @@ def train_transformer(
     torch.manual_seed(seed)
     model = CogVideoXTransformer(TRANSFORMER_CONFIG.replace(num_layers=layers))
     if init is not None:
-        state = component_weights(init, "transformer")
-        if f"transformer_blocks.{layers - 1}.norm1.linear.weight" in state:
-            model.load_state_dict(state)
-        else:
-            fresh = grow_depth(model, state)
+        fresh = grow_depth(model, component_weights(init, "transformer"))  # same depth: a plain strict load
+        if fresh:
             print(f"transformer: grown to {layers} blocks, new blocks {fresh} start as the identity")
     f, _, h, w = latents.shape[1:]
     rope = model.rotary_embedding(f, h, w, "cpu")

@@ -84,7 +84,7 @@ def main(argv=None) -> None:
     p.add_argument("--train-seeds", type=int, default=1, help="seeds per training caption")
     p.add_argument("--steps", type=int, default=50, help="denoising steps")
     p.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale (default: the model's, 3 for the demo model)")
+                   help="classifier-free guidance scale (default: the model's, from its sampling.json)")
     p.add_argument("--dynamic-cfg", choices=("reference", "smooth"), default=None,
                    help="schedule the guidance over the steps with CogVideoX's dynamic CFG, with the reference's "
                         "timestep clock or the smooth step clock (default: constant guidance)")

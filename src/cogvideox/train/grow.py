@@ -35,7 +35,8 @@ def zero_gates(block: torch.nn.Module) -> None:
 
 
 def grow_depth(model: CogVideoXTransformer, state: dict[str, torch.Tensor]) -> list[int]:
-    """Load `state`, a transformer with fewer blocks than `model`, into `model`.
+    """Load `state`, a transformer with no more blocks than `model`, into `model` (at equal depth, a
+    plain strict load).
 
     Every weight outside the blocks is copied as is; the old blocks land at `old_block_positions`; the
     other blocks keep their initialisation with their gates zeroed. Returns the new blocks' indices.
