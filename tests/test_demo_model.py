@@ -53,3 +53,22 @@ def test_demo_model_draws_the_colour_and_motion_it_is_asked_for(demo):
     out = demo(captions, seed=0, num_inference_steps=20, progress=False)
     right = sum(judge(frames).matches(c) for c, frames in zip(captions, out.frames))
     assert right >= 10, f"colour and direction right in {right} of {len(captions)} videos"
+
+
+def test_evaluate_seeds_are_chosen_on_the_command_line(monkeypatch, tmp_path):
+    # A fresh --first-seed scores videos that a checkpoint was not chosen on: held-out captions take seeds
+    # first, first + 1, ...; training captions 100 + first, ...
+    from cogvideox.demo import evaluate as evaluate_module
+    from cogvideox.pipeline import Pipeline as PipelineClass
+
+    calls = []
+    monkeypatch.setattr(PipelineClass, "from_pretrained", classmethod(lambda cls, model=None: "pipe"))
+    monkeypatch.setattr(evaluate_module, "evaluate",
+                        lambda pipe, seeds, train_seeds, steps, **kw: calls.append((seeds, train_seeds, kw)) or {})
+    out = tmp_path / "report.json"
+    evaluate_module.main(["--seeds", "3", "--train-seeds", "2", "--first-seed", "3", "--guidance", "2",
+                          "--output", str(out)])
+    assert calls == [((3, 4, 5), (103, 104), {"guidance_scale": 2.0})]
+    assert out.read_text() == "{}\n"
+    evaluate_module.main(["--seeds", "2"])
+    assert calls[1][:2] == ((0, 1), (100,))

@@ -82,6 +82,9 @@ def main(argv=None) -> None:
     p.add_argument("--model", default=None, help="model folder (default: the embedded demo model)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per held-out caption")
     p.add_argument("--train-seeds", type=int, default=1, help="seeds per training caption")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="held-out captions use seeds first-seed, first-seed + 1, ...; training captions 100 + "
+                        "first-seed, ... (a fresh --first-seed checks a result on videos it was not chosen on)")
     p.add_argument("--steps", type=int, default=50, help="denoising steps")
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (default: the model's, from its sampling.json)")
@@ -94,8 +97,9 @@ def main(argv=None) -> None:
     guidance = {} if args.guidance is None else dict(guidance_scale=args.guidance)
     if args.dynamic_cfg:
         guidance.update(use_dynamic_cfg=True, dynamic_cfg=args.dynamic_cfg)
-    report = evaluate(pipe, tuple(range(args.seeds)), tuple(range(100, 100 + args.train_seeds)), args.steps,
-                      **guidance)
+    first = args.first_seed
+    report = evaluate(pipe, tuple(range(first, first + args.seeds)),
+                      tuple(range(100 + first, 100 + first + args.train_seeds)), args.steps, **guidance)
     text = json.dumps(report, indent=2)
     print(text)
     if args.output:
