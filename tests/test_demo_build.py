@@ -258,3 +258,17 @@ def test_transformer_init_is_grown_to_the_asked_depth_and_written_with_it(tmp_pa
     build.write_model(tmp_path / "out", tmp_path / "text", vae, 1.0, grown)
     assert TransformerConfig.from_json(tmp_path / "out" / "transformer" / "config.json").num_layers == 8
     assert json.loads((tmp_path / "out" / "sampling.json").read_text()) == build.SAMPLING
+
+
+def test_build_with_no_transformer_steps_trains_the_vae_alone(tmp_path, capsys):
+    """`--steps 0`: the VAE phases run and are kept in the work folder; no latents, no model folder."""
+    out = tmp_path / "model"
+    build.main(["--work", str(tmp_path / "work"), "--out", str(out), "--vae-steps", "1", "--vae-object-steps", "1",
+                "--vae-colour-steps", "0", "--vae-batch", "1", "--steps", "0", "--no-progress"])
+    assert "no model folder was written" in capsys.readouterr().out
+    assert not out.exists()
+    work = tmp_path / "work"
+    assert (work / "vae").is_dir() and (work / "vae-object").is_dir()
+    assert not list(work.glob("latents-*")) and not list(work.glob("transformer-*"))
+    summary = json.loads((work / "build-summary.json").read_text())
+    assert summary["args"]["steps"] == "0" and "transformer_s" not in summary

@@ -541,7 +541,8 @@ def main(argv=None) -> None:
                    help="start the VAE from this model folder (or its vae/) and run only the colour phase")
     p.add_argument("--vae-batch", type=int, default=8)
     p.add_argument("--videos", type=int, default=6144, help="training videos encoded to latents")
-    p.add_argument("--steps", type=int, default=2500, help="transformer training steps")
+    p.add_argument("--steps", type=int, default=2500,
+                   help="transformer training steps (0: train the VAE phases alone and write no model)")
     p.add_argument("--transformer-init", type=Path, default=None,
                    help="start the transformer from this model folder's weights (e.g. after a VAE change)")
     p.add_argument("--transformer-layers", type=int, default=TRANSFORMER_CONFIG.num_layers,
@@ -572,6 +573,19 @@ def main(argv=None) -> None:
     psnr = vae_psnr(vae)
     judged = vae_judged(vae)
     print(f"vae reconstruction on held-out videos: PSNR {psnr:.2f} dB, judged correct {judged:.1%}")
+    summary = {
+        "vae_psnr_held_out_db": round(psnr, 2),
+        "vae_judged_correct_held_out": round(judged, 4),
+        "threads": torch.get_num_threads(),
+        "device": "cpu",
+        "args": {k: str(v) for k, v in vars(args).items()},
+    }
+    if args.steps == 0:
+        summary.update(vae_s=round(times["vae_s"]), total_s=round(time.time() - t0))
+        (work / "build-summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(json.dumps(summary, indent=2))
+        print("VAE phases done; --steps 0 asks for no transformer, so no model folder was written")
+        return
 
     t1 = time.time()
     latents, masks, captions, digest = encode_dataset(vae, work, args.videos, args.seed + 7, progress)
@@ -587,18 +601,9 @@ def main(argv=None) -> None:
                               init=args.transformer_init, layers=args.transformer_layers)
     times["transformer_s"] = time.time() - t2
 
-
     write_model(args.out, work, vae, scaling_factor, model)
-    summary = {
-        "vae_psnr_held_out_db": round(psnr, 2),
-        "vae_judged_correct_held_out": round(judged, 4),
-        "scaling_factor": scaling_factor,
-        "threads": torch.get_num_threads(),
-        "device": "cpu",
-        **{k: round(v) for k, v in times.items()},
-        "total_s": round(time.time() - t0),
-        "args": {k: str(v) for k, v in vars(args).items()},
-    }
+    summary.update(scaling_factor=scaling_factor, **{k: round(v) for k, v in times.items()},
+                   total_s=round(time.time() - t0))
     (work / "build-summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
     print(f"demo model written to {args.out}")
