@@ -14,12 +14,10 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-import torch
 
 from cogvideox import Pipeline
 from cogvideox.demo import world
-from cogvideox.demo.judge import judge
-from cogvideox.sampling import to_uint8_frames
+from cogvideox.demo.build import judged_reconstructions
 
 
 def main(argv=None) -> None:
@@ -31,21 +29,15 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     vae = Pipeline.from_pretrained(args.model).vae
     captions = world.captions_of(args.split)
-    jobs = [(c, world.scene_for_caption(c, np.random.default_rng([i, k])))
-            for i in range(args.scenes) for k, c in enumerate(captions)]
+    scenes = [world.scene_for_caption(c, np.random.default_rng([i, k]))
+              for i in range(args.scenes) for k, c in enumerate(captions)]
     right = 0
-    with torch.no_grad():
-        for start in range(0, len(jobs), args.batch):
-            chunk = jobs[start:start + args.batch]
-            x = torch.stack([world.to_model_range(world.render(scene)) for _, scene in chunk])
-            y = vae.decode(vae.encode(x).mode())
-            for (caption, _), video in zip(chunk, y):
-                verdict = judge(to_uint8_frames(video))
-                if verdict.matches(caption):
-                    right += 1
-                else:
-                    print(f"read wrong: {caption!r} -> {verdict.colour} {verdict.direction}")
-    print(f"{args.split}: {right} of {len(jobs)} reconstructions read right ({100 * right / len(jobs):.1f}%)")
+    for scene, verdict in judged_reconstructions(vae, scenes, args.batch):
+        if verdict.matches(scene.caption):
+            right += 1
+        else:
+            print(f"read wrong: {scene.caption!r} -> {verdict.colour} {verdict.direction}")
+    print(f"{args.split}: {right} of {len(scenes)} reconstructions read right ({100 * right / len(scenes):.1f}%)")
 
 
 if __name__ == "__main__":

@@ -370,20 +370,23 @@ def vae_psnr(vae: CogVideoXVAE, count: int = 32, split: str = "held_out", seed: 
 
 
 @torch.no_grad()
+def judged_reconstructions(vae: CogVideoXVAE, scenes, batch: int = 8):
+    """(scene, the judge's verdict on its VAE reconstruction) for each scene, `batch` videos at a time."""
+    from .judge import judge
+
+    scenes = list(scenes)
+    for start in range(0, len(scenes), batch):
+        chunk = scenes[start : start + batch]
+        x = torch.stack([world.to_model_range(world.render(scene)) for scene in chunk])
+        for scene, video in zip(chunk, vae.decode(vae.encode(x).mode())):
+            yield scene, judge(to_uint8_frames(video))
+
+
 def vae_judged(vae: CogVideoXVAE, count: int = 48, split: str = "held_out", seed: int = 12345) -> float:
     """Fraction of VAE reconstructions of world videos that the judge reads correctly (colour and
     direction): the ceiling of the whole model's score, since every generated video passes the decoder."""
-    from .judge import judge
-
-    right = 0
-    for start in range(0, count, 8):
-        idx = range(start, min(start + 8, count))
-        x = render_batch(seed, idx, split)
-        y = vae.decode(vae.encode(x).mode())
-        for i, video in zip(idx, y):
-            scene = world.sample_scene(np.random.default_rng([seed, int(i)]), split)
-            right += judge(to_uint8_frames(video)).matches(scene.caption)
-    return right / count
+    scenes = (world.sample_scene(np.random.default_rng([seed, i]), split) for i in range(count))
+    return sum(verdict.matches(scene.caption) for scene, verdict in judged_reconstructions(vae, scenes)) / count
 
 
 # ---------------------------------------------------------------------------------------- latents
