@@ -7,7 +7,9 @@ For every threshold, each (caption, seed) is generated with the same seed as the
 reports: steps that ran in full (mean per generation), denoising time and speed-up over the uncached run,
 the PSNR of the decoded frames against the uncached frames (mean over videos; identical videos counted
 apart), and the judge's verdicts (caption's colour and direction seen, as `cogvideox.demo.evaluate`
-scores them), so a cache that breaks prompt following shows as a lower score. Writes
+scores them), so a cache that breaks prompt following shows as a lower score. Because every cached video
+has an uncached twin with the same seed, it also counts the videos the cache turned wrong and right, with
+the sign test's p-value for that split (is the drop more than chance?). Writes
 cache_quality.json under $OUT (or the current folder) and prints a markdown table.
 """
 
@@ -51,17 +53,32 @@ def run(pipe: Pipeline, captions: list[str], seeds: list[int], steps: int, batch
     return {"frames": frames, "denoise_s": seconds, "computed_per_generation": computed / generations}
 
 
-def score(frames: dict) -> dict:
-    correct = colour = direction = 0
-    for (caption, _), video in frames.items():
+def verdicts(frames: dict) -> dict:
+    """Per (caption, seed): (caption right, colour right, direction right), as the demo's judge sees it."""
+    seen = {}
+    for (caption, seed), video in frames.items():
         want_colour, _, want_direction, _ = world.parse_caption(caption)
         verdict = judge(video)
-        correct += verdict.matches(caption)
-        colour += verdict.colour == want_colour
-        direction += verdict.direction == want_direction
-    n = len(frames)
-    return {"videos": n, "accuracy": round(correct / n, 4), "colour_accuracy": round(colour / n, 4),
+        seen[caption, seed] = (verdict.matches(caption), verdict.colour == want_colour, verdict.direction == want_direction)
+    return seen
+
+
+def score(seen: dict) -> dict:
+    n = len(seen)
+    correct, colour, direction = (sum(v[i] for v in seen.values()) for i in range(3))
+    return {"videos": n, "right": correct, "accuracy": round(correct / n, 4), "colour_accuracy": round(colour / n, 4),
             "direction_accuracy": round(direction / n, 4)}  # fmt: skip
+
+
+def paired(seen: dict, baseline: dict) -> dict:
+    """Videos the cache turned wrong (`lost`) and right (`gained`) against the uncached run with the same seed,
+    and the exact two-sided sign-test (McNemar) p-value of that split: a drop that chance explains has a
+    large p."""
+    lost = sum(baseline[k][0] and not seen[k][0] for k in baseline)
+    gained = sum(seen[k][0] and not baseline[k][0] for k in baseline)
+    n, k = lost + gained, min(lost, gained)
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
+    return {"lost": lost, "gained": gained, "sign_test_p": round(p, 3)}
 
 
 def main() -> None:
@@ -71,22 +88,27 @@ def main() -> None:
     p.add_argument("--split", default="held_out", choices=("held_out", "train", "all"))
     p.add_argument("--captions", type=int, default=None, help="use the first N captions of the split")
     p.add_argument("--seeds", type=int, default=1, help="seeds per caption")
+    p.add_argument("--order", type=int, default=1, choices=(0, 1),
+                   help="how skipped steps stand in for the other blocks (see cogvideox.fast.cache)")
+    p.add_argument("--first-seed", type=int, default=0, help="seeds run from this one up")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--batch", type=int, default=8, help="prompts per generation")
     args = p.parse_args()
 
     captions = list(world.captions_of(args.split))[: args.captions]
-    seeds = list(range(args.seeds))
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     thresholds = [float(t) for t in args.thresholds.split(",")]
     torch.manual_seed(0)
 
     t0 = time.perf_counter()
     baseline = run(Pipeline.from_pretrained(args.model), captions, seeds, args.steps, args.batch)
+    judged = verdicts(baseline["frames"])
     rows = [{"threshold": None, "steps": args.steps, "computed_per_generation": args.steps,
-             "denoise_s": round(baseline["denoise_s"], 2), "speedup": 1.0, **score(baseline["frames"])}]  # fmt: skip
+             "denoise_s": round(baseline["denoise_s"], 2), "speedup": 1.0, **score(judged)}]  # fmt: skip
     for threshold in thresholds:
         # Only the cache, so that the differences are the cache's alone.
         pipe = Pipeline.from_pretrained(args.model).accelerate(cache=threshold, fuse_qkv=False, attention=None)
+        pipe.acceleration.cache.order = args.order
         result = run(pipe, captions, seeds, args.steps, args.batch)
         values = [psnr(result["frames"][key], baseline["frames"][key]) for key in baseline["frames"]]
         finite = [v for v in values if math.isfinite(v)]
@@ -99,24 +121,29 @@ def main() -> None:
             "psnr_db_mean": round(sum(finite) / len(finite), 2) if finite else None,
             "psnr_db_min": round(min(finite), 2) if finite else None,
             "identical_videos": len(values) - len(finite),
-            **score(result["frames"]),
+            **score(seen := verdicts(result["frames"])),
+            **paired(seen, judged),
         })  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
 
-    report = {"model": args.model or "demo", "split": args.split, "captions": len(captions), "seeds": seeds,
+    report = {"model": args.model or "demo", "order": args.order, "split": args.split, "captions": len(captions),
+              "seeds": seeds,
               "steps": args.steps, "batch": args.batch, "seconds": round(time.perf_counter() - t0, 1),
               "rows": rows}  # fmt: skip
     out_dir = Path(os.environ.get("OUT", "."))
     (out_dir / "cache_quality.json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = ["| threshold | steps computed | denoise s | speed-up | PSNR vs uncached (mean / min) dB | "
-             "judge accuracy | colour | direction |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    header = ("| threshold | steps computed | denoise s | speed-up | PSNR vs uncached (mean / min) dB | "
+              "judge: right | colour | direction | lost / gained (p) |")  # fmt: skip
+    lines = [header, "|" + " --- |" * header.count(" | ") + " --- |"]
     for r in rows:
         name = "off" if r["threshold"] is None else f"{r['threshold']:g}"
         quality = "" if r["threshold"] is None else f"{r['psnr_db_mean']} / {r['psnr_db_min']}"
+        flips = "" if r["threshold"] is None else f"{r['lost']} / {r['gained']} ({r['sign_test_p']})"
         if r.get("identical_videos"):
             quality += f" ({r['identical_videos']} identical)"
         lines.append(f"| {name} | {r['computed_per_generation']}/{r['steps']} | {r['denoise_s']} | {r['speedup']} | "
-                     f"{quality} | {r['accuracy']} | {r['colour_accuracy']} | {r['direction_accuracy']} |")  # fmt: skip
+                     f"{quality} | {r['right']} ({r['accuracy']:.1%}) | {r['colour_accuracy']:.1%} | "
+                     f"{r['direction_accuracy']:.1%} | {flips} |")  # fmt: skip
     print("\n".join(lines))
 
 

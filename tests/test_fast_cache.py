@@ -1,5 +1,5 @@
 """The first-block step cache: exact at threshold 0, fewer full steps and a bounded error above it, one
-decision per CFG batch, a reset per generation, and the skip arithmetic itself."""
+decision per CFG batch, a reset per generation, and the skip arithmetic itself (orders 0 and 1)."""
 
 import pytest
 import torch
@@ -33,7 +33,7 @@ def test_threshold_zero_computes_every_step_bitwise(tiny_rope_dir, uncached):
     assert torch.equal(got, uncached)
     cache = pipe.acceleration.cache
     # guidance doubles the batch, not the calls: one decision per step for [uncond ; cond]
-    assert cache.stats() == {"threshold": 0.0, "calls": 12, "computed": 12, "skipped": 0}
+    assert cache.stats() == {"threshold": 0.0, "order": 1, "calls": 12, "computed": 12, "skipped": 0}
 
 
 def test_a_high_threshold_skips_steps_and_stays_close(tiny_rope_dir, uncached):
@@ -80,7 +80,7 @@ def test_a_skipped_call_adds_the_remembered_residual_of_the_other_blocks():
         got_second = model(x2, text, late, image_rotary_emb=rope)
     assert torch.equal(got_first, want_first)
     assert torch.equal(got_second, want_second)
-    assert cache.stats() == {"threshold": 1e9, "calls": 2, "computed": 1, "skipped": 1}
+    assert cache.stats() == {"threshold": 1e9, "order": 1, "calls": 2, "computed": 1, "skipped": 1}
 
     # a timestep that does not count down is a new generation: everything runs again
     with torch.no_grad():
@@ -94,3 +94,43 @@ def test_bad_thresholds_are_user_errors():
             apply(tiny_transformer(), cache=bad)
     with pytest.raises(ValueError, match="at least 2 blocks"):
         StepCache(tiny_transformer(num_layers=1), 0.1)
+    with pytest.raises(ValueError, match="order is 0 or 1"):
+        StepCache(tiny_transformer(), 0.1, order=2)
+
+
+@pytest.mark.parametrize("order", [0, 1])
+def test_a_skipped_call_after_two_full_ones_carries_their_trend_on(order):
+    """Order 0 adds the last full call's residual R2 as it is; order 1 adds R2 + (3 - 2) / (2 - 1) (R2 - R1)."""
+    torch.manual_seed(0)
+    exact = tiny_transformer(num_layers=3)
+    model = tiny_transformer(num_layers=3)
+    cache = StepCache(model, threshold=0.0, order=order)  # compute the first two calls in full
+    x1, text, _, rope = inputs(model)
+    x2, x3 = x1 + 0.1 * torch.randn_like(x1), x1 + 0.2 * torch.randn_like(x1)
+    t1, t2, t3 = (torch.tensor([t, t]) for t in (800, 700, 600))
+
+    seen = {}
+    blocks = exact.transformer_blocks
+    hooks = [
+        blocks[1].register_forward_pre_hook(lambda m, a: seen.__setitem__("in", a[:2])),
+        blocks[2].register_forward_hook(lambda m, a, out: seen.__setitem__("out", out)),
+    ]
+    residuals = []
+    with torch.no_grad():
+        for x, t in ((x1, t1), (x2, t2)):
+            exact(x, text, t, image_rotary_emb=rope)
+            residuals.append([o - i for o, i in zip(seen["out"], seen["in"])])
+        for h in hooks:
+            h.remove()
+        (r1_video, r1_text), (r2_video, r2_text) = residuals
+        stand_in = (r2_video, r2_text) if order == 0 else (2 * r2_video - r1_video, 2 * r2_text - r1_text)
+        blocks[1].register_forward_hook(lambda m, a, out: a[:2])
+        blocks[2].register_forward_hook(lambda m, a, out: tuple(i + r for i, r in zip(a[:2], stand_in)))
+        want = exact(x3, text, t3, image_rotary_emb=rope)
+
+        model(x1, text, t1, image_rotary_emb=rope)
+        model(x2, text, t2, image_rotary_emb=rope)
+        cache.threshold = 1e9  # now skip
+        got = model(x3, text, t3, image_rotary_emb=rope)
+    assert cache.stats() == {"threshold": 1e9, "order": order, "calls": 3, "computed": 2, "skipped": 1}
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -3,11 +3,18 @@
 Consecutive denoising steps often change the model's work very little. Each step still runs the first
 block; its residual (output minus input, video tokens) is compared with the one of the last step that ran
 in full. When the mean absolute change, relative to that residual's mean magnitude, is below `threshold`,
-the remaining blocks are skipped and their residual from that last full step is added instead:
+the remaining blocks are skipped and the residual R they added on the last full steps stands in for them:
 
     video, text = block_0(video, text)            always
-    full step:    run blocks 1..N-1, remember R = out - in  (video and text)
-    cached step:  video, text = video + R_video, text + R_text
+    full step k:  run blocks 1..N-1, remember R_k = out - in  (video and text)
+    cached step:  video, text = video + R', text + R'
+        order 0:  R' = R_k1                                   (the last full step's, as it is)
+        order 1:  R' = R_k1 + (k - k1) / (k1 - k0) * (R_k1 - R_k0)   (the default)
+
+Order 1 carries on the trend of the last two full steps k0 < k1 to the skipped step k (a first-order
+Taylor step in the step count, as TaylorSeer forecasts features); it skips the same steps as order 0 and
+stores one more residual. On the demo model it brings the cached videos much closer to the uncached ones
+at the thresholds worth using (see BENCHMARKS.md).
 
 The decision is one per transformer call, so a CFG batch [uncond ; cond] is kept or skipped together.
 The reference residual is only renewed on full steps, so slow drift still triggers a full step. The
@@ -27,12 +34,16 @@ class StepCache:
     """First-block cache on a `CogVideoXTransformer`, installed by wrapping its blocks' `forward`.
 
     `threshold` = 0 computes every step (output bitwise equal to the uncached model); larger values skip
-    more. `calls` and `computed` count the transformer calls since the last reset and how many ran all
-    blocks; `skipped` is the difference.
+    more. `order` (0 or 1, an attribute that may be changed between generations) says how a skipped step
+    stands in for the other blocks, see the module's docstring. `calls` and `computed` count the
+    transformer calls since the last reset and how many ran all blocks; `skipped` is the difference.
     """
 
-    def __init__(self, transformer: nn.Module, threshold: float) -> None:
+    def __init__(self, transformer: nn.Module, threshold: float, order: int = 1) -> None:
         check_threshold(threshold)
+        if order not in (0, 1):
+            raise ValueError(f"the cache order is 0 or 1, got {order!r}")
+        self.order = order
         blocks = list(transformer.transformer_blocks)
         if len(blocks) < 2:
             raise ValueError("step caching needs a transformer with at least 2 blocks")
@@ -49,6 +60,8 @@ class StepCache:
         """Forget the cached residuals and zero the counters (a new generation)."""
         self._reference: torch.Tensor | None = None  # first block's video residual, last full step
         self._rest: tuple[torch.Tensor, torch.Tensor] | None = None  # blocks 1..N-1 residual (video, text)
+        self._rest_call = 0  # the call that computed it
+        self._previous: tuple[tuple[torch.Tensor, torch.Tensor], int] | None = None  # the one before, its call
         self._rest_input: tuple[torch.Tensor, torch.Tensor] | None = None
         self._skip = False
         self._last_timestep: float | None = None
@@ -62,7 +75,8 @@ class StepCache:
         return self.calls - self.computed
 
     def stats(self) -> dict:
-        return {"threshold": self.threshold, "calls": self.calls, "computed": self.computed, "skipped": self.skipped}
+        return {"threshold": self.threshold, "order": self.order, "calls": self.calls, "computed": self.computed,
+                "skipped": self.skipped}  # fmt: skip
 
     # The stages, each called with the block's own forward first.
 
@@ -100,10 +114,19 @@ class StepCache:
     def _last(self, forward, video, text, emb, rope=None):
         if self._skip:
             rest_video, rest_text = self._rest
+            if self.order == 1 and self._previous is not None:
+                (previous_video, previous_text), k0 = self._previous
+                k1 = self._rest_call
+                # R + w (R - P) = lerp(P, R, 1 + w), with w = (k - k1) / (k1 - k0)
+                weight = 1 + (self.calls - k1) / (k1 - k0)
+                rest_video = torch.lerp(previous_video, rest_video, weight)
+                rest_text = torch.lerp(previous_text, rest_text, weight)
             return video + rest_video, text + rest_text
         out_video, out_text = forward(video, text, emb, rope)
         in_video, in_text = self._rest_input
-        self._rest = (out_video - in_video, out_text - in_text)
+        if self._rest is not None:
+            self._previous = (self._rest, self._rest_call)
+        self._rest, self._rest_call = (out_video - in_video, out_text - in_text), self.calls
         self._rest_input = None
         return out_video, out_text
 
@@ -124,6 +147,6 @@ def check_threshold(threshold: float) -> None:
         raise InputError(f"the cache threshold must be a finite number >= 0, got {threshold!r}")
 
 
-def add_step_cache(transformer: nn.Module, threshold: float) -> StepCache:
+def add_step_cache(transformer: nn.Module, threshold: float, order: int = 1) -> StepCache:
     """Install a first-block cache on `transformer` (in place) and return it (for `reset()` and stats)."""
-    return StepCache(transformer, threshold)
+    return StepCache(transformer, threshold, order)
