@@ -9,12 +9,14 @@ the remaining blocks are skipped and the residual R they added on the last full 
     full step k:  run blocks 1..N-1, remember R_k = out - in  (video and text)
     cached step:  video, text = video + R', text + R'
         order 0:  R' = R_k1                                   (the last full step's, as it is)
-        order 1:  R' = R_k1 + (k - k1) / (k1 - k0) * (R_k1 - R_k0)   (the default)
+        order 1:  R' = R_k1 + min((k - k1) / (k1 - k0), 1/2) * (R_k1 - R_k0)   (the default)
 
 Order 1 carries on the trend of the last two full steps k0 < k1 to the skipped step k (a first-order
-Taylor step in the step count, as TaylorSeer forecasts features); it skips the same steps as order 0 and
-stores one more residual. On the demo model it brings the cached videos much closer to the uncached ones
-at the thresholds worth using (see BENCHMARKS.md).
+Taylor step in the step count, as TaylorSeer forecasts features), but never further than half the span
+it was measured over: the residual does not change along a straight line, and on the demo model the
+uncapped line overshot on long runs of skips (the cap of 1/2 was chosen there among 1/4, 1/2, 1 and a
+halved slope). It stores one more residual. On the demo model it brings the cached videos much closer to
+the uncached ones at every threshold (see BENCHMARKS.md).
 
 The decision is one per transformer call, so a CFG batch [uncond ; cond] is kept or skipped together.
 The reference residual is only renewed on full steps, so slow drift still triggers a full step. The
@@ -28,6 +30,9 @@ import math
 
 import torch
 from torch import nn
+
+
+TREND_CAP = 0.5  # order 1: how far, in spans of the last two full steps, a trend is carried on
 
 
 class StepCache:
@@ -117,8 +122,8 @@ class StepCache:
             if self.order == 1 and self._previous is not None:
                 (previous_video, previous_text), k0 = self._previous
                 k1 = self._rest_call
-                # R + w (R - P) = lerp(P, R, 1 + w), with w = (k - k1) / (k1 - k0)
-                weight = 1 + (self.calls - k1) / (k1 - k0)
+                # R + w (R - P) = lerp(P, R, 1 + w), with w = (k - k1) / (k1 - k0) capped at 1/2
+                weight = 1 + min((self.calls - k1) / (k1 - k0), TREND_CAP)
                 rest_video = torch.lerp(previous_video, rest_video, weight)
                 rest_text = torch.lerp(previous_text, rest_text, weight)
             return video + rest_video, text + rest_text
