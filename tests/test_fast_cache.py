@@ -135,3 +135,4 @@ def test_a_skipped_call_after_two_full_ones_carries_their_trend_on(order):
         got = model(x3, text, t3, image_rotary_emb=rope)
     assert cache.stats() == {"threshold": 1e9, "order": order, "calls": 3, "computed": 2, "skipped": 1}
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert (cache._previous is None) == (order == 0)  # order 0 holds no second residual in memory

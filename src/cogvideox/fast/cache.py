@@ -129,7 +129,7 @@ class StepCache:
             return video + rest_video, text + rest_text
         out_video, out_text = forward(video, text, emb, rope)
         in_video, in_text = self._rest_input
-        if self._rest is not None:
+        if self.order == 1 and self._rest is not None:  # order 0 never reads it: do not hold the memory
             self._previous = (self._rest, self._rest_call)
         self._rest, self._rest_call = (out_video - in_video, out_text - in_text), self.calls
         self._rest_input = None
