@@ -50,6 +50,38 @@ def test_a_high_threshold_skips_steps_and_stays_close(tiny_rope_dir, uncached):
     assert cache.stats() == stats
 
 
+def run_recording_other_blocks(exact, x, text, t, rope):
+    """The exact 3-block model's output, and R = (video, text) out of block 2 - into block 1: the
+    residual that blocks 1..2 add, which a cached step reuses."""
+    seen = {}
+    blocks = exact.transformer_blocks
+    hooks = [
+        blocks[1].register_forward_pre_hook(lambda m, a: seen.__setitem__("in", a[:2])),
+        blocks[2].register_forward_hook(lambda m, a, out: seen.__setitem__("out", out)),
+    ]
+    try:
+        out = exact(x, text, t, image_rotary_emb=rope)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out, [o - i for o, i in zip(seen["out"], seen["in"])]
+
+
+def run_with_other_blocks_replaced(exact, stand_in, x, text, t, rope):
+    """The exact 3-block model's output with blocks 1..2 replaced by adding `stand_in` (video, text):
+    block 1 passes its input on, block 2 returns its input + stand_in, as a cached step does."""
+    blocks = exact.transformer_blocks
+    hooks = [
+        blocks[1].register_forward_hook(lambda m, a, out: a[:2]),
+        blocks[2].register_forward_hook(lambda m, a, out: tuple(i + r for i, r in zip(a[:2], stand_in))),
+    ]
+    try:
+        return exact(x, text, t, image_rotary_emb=rope)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def test_a_skipped_call_adds_the_remembered_residual_of_the_other_blocks():
     torch.manual_seed(0)
     exact = tiny_transformer(num_layers=3)
@@ -59,22 +91,10 @@ def test_a_skipped_call_adds_the_remembered_residual_of_the_other_blocks():
     x2 = x + 0.1 * torch.randn_like(x)
     early, late = torch.tensor([800, 800]), torch.tensor([600, 600])
 
-    # the truth, from the exact model: R = output of the last block - input of block 1 at the first call
-    seen = {}
-    blocks = exact.transformer_blocks
-    hooks = [
-        blocks[1].register_forward_pre_hook(lambda m, a: seen.__setitem__("in", a[:2])),
-        blocks[2].register_forward_hook(lambda m, a, out: seen.__setitem__("out", out)),
-    ]
     with torch.no_grad():
-        want_first = exact(x, text, early, image_rotary_emb=rope)
-        residual = [o - i for o, i in zip(seen["out"], seen["in"])]
-        for h in hooks:
-            h.remove()
-        # second call: block 0 runs, block 1 is skipped, block 2 returns its input + R
-        blocks[1].register_forward_hook(lambda m, a, out: a[:2])
-        blocks[2].register_forward_hook(lambda m, a, out: tuple(i + r for i, r in zip(a[:2], residual)))
-        want_second = exact(x2, text, late, image_rotary_emb=rope)
+        # the truth, from the exact model: R from the first call, reused whole at the second
+        want_first, residual = run_recording_other_blocks(exact, x, text, early, rope)
+        want_second = run_with_other_blocks_replaced(exact, residual, x2, text, late, rope)
 
         got_first = model(x, text, early, image_rotary_emb=rope)
         got_second = model(x2, text, late, image_rotary_emb=rope)
@@ -110,24 +130,12 @@ def test_a_skipped_call_after_two_full_ones_carries_their_trend_on(order):
     x2, x3 = x1 + 0.1 * torch.randn_like(x1), x1 + 0.2 * torch.randn_like(x1)
     t1, t2, t3 = (torch.tensor([t, t]) for t in (800, 700, 600))
 
-    seen = {}
-    blocks = exact.transformer_blocks
-    hooks = [
-        blocks[1].register_forward_pre_hook(lambda m, a: seen.__setitem__("in", a[:2])),
-        blocks[2].register_forward_hook(lambda m, a, out: seen.__setitem__("out", out)),
-    ]
-    residuals = []
     with torch.no_grad():
-        for x, t in ((x1, t1), (x2, t2)):
-            exact(x, text, t, image_rotary_emb=rope)
-            residuals.append([o - i for o, i in zip(seen["out"], seen["in"])])
-        for h in hooks:
-            h.remove()
-        (r1_video, r1_text), (r2_video, r2_text) = residuals
+        (r1_video, r1_text), (r2_video, r2_text) = (
+            run_recording_other_blocks(exact, x, text, t, rope)[1] for x, t in ((x1, t1), (x2, t2))
+        )
         stand_in = (r2_video, r2_text) if order == 0 else (1.5 * r2_video - 0.5 * r1_video, 1.5 * r2_text - 0.5 * r1_text)
-        blocks[1].register_forward_hook(lambda m, a, out: a[:2])
-        blocks[2].register_forward_hook(lambda m, a, out: tuple(i + r for i, r in zip(a[:2], stand_in)))
-        want = exact(x3, text, t3, image_rotary_emb=rope)
+        want = run_with_other_blocks_replaced(exact, stand_in, x3, text, t3, rope)
 
         model(x1, text, t1, image_rotary_emb=rope)
         model(x2, text, t2, image_rotary_emb=rope)
