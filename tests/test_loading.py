@@ -1,6 +1,7 @@
 """Loading the official layout: strictness, sharding, dtype policy, hub cache resolution, clear errors."""
 
 import json
+import os
 import shutil
 import socket
 import warnings
@@ -16,8 +17,11 @@ from cogvideox.loading import (
     check_components,
     check_model_dir,
     choose_dtype,
+    load_weights,
     parse_dtype,
+    read_tensors,
     resolve_model_dir,
+    save_weights,
     weight_files,
 )
 from cogvideox.models.config import TransformerConfig, VAEConfig
@@ -192,6 +196,84 @@ def test_sharded_save_and_load(ours, tmp_path):
     (folder / "transformer" / shards[-1]).unlink()
     with pytest.raises(LoadError, match=f"not a CogVideoX model folder: missing transformer/{shards[-1]}"):
         Pipeline.from_pretrained(folder)
+
+
+def test_read_tensors_gives_back_every_kind_of_tensor(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "w.bf16": torch.randn(33, 17, generator=g).bfloat16(),
+        "w.f32": torch.randn(5000, generator=g),
+        "w.f16": torch.randn(3, 4, 5, generator=g).half(),
+        "ids": torch.arange(7),
+        "mask": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 4),
+        "fp8": torch.randn(16, generator=g).to(torch.float8_e4m3fn),
+    }
+    path = tmp_path / "t.safetensors"
+    save_file(tensors, path)
+    got = {name: t.clone() for name, t in read_tensors(path)}  # a view lives until the next tensor
+    assert got.keys() == tensors.keys()
+    for name, want in tensors.items():
+        assert got[name].dtype == want.dtype and got[name].shape == want.shape, name
+        assert torch.equal(got[name].reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8)), name
+
+    data = path.read_bytes()
+    path.write_bytes(data[:-100])
+    with pytest.raises(LoadError, match="the file ends inside tensor .*truncated"):
+        list(read_tensors(path))
+    path.write_bytes(b"\x05")
+    with pytest.raises(LoadError, match="not a safetensors file"):
+        list(read_tensors(path))
+
+
+def rss_file_bytes():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssFile:"))
+
+
+@pytest.mark.skipif(not hasattr(__import__("mmap").mmap, "madvise"), reason="needs madvise (not on Windows)")
+def test_a_cast_load_keeps_one_tensor_of_the_file_resident_at_a_time(tmp_path):
+    """Loading with a cast reads the file through a map whose pages go back to the kernel tensor by
+    tensor; a plain `safe_open` would keep every page read until the file closed (here: all 64 MiB)."""
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("reads the resident file pages from /proc (Linux)")
+    layers = 8
+    model = torch.nn.Sequential(*[torch.nn.Linear(1024, 2048, bias=False) for _ in range(layers)])  # 8 MiB each
+    folder = tmp_path / "m"
+    save_weights(model, folder, max_shard_size="1GB")
+    with torch.device("meta"):
+        empty = torch.nn.Sequential(*[torch.nn.Linear(1024, 2048, bias=False) for _ in range(layers)])
+
+    baseline, peak = rss_file_bytes(), 0
+    original = torch.Tensor.to
+
+    def to_and_watch(tensor, *args, **kwargs):
+        nonlocal peak
+        peak = max(peak, rss_file_bytes() - baseline)
+        return original(tensor, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.Tensor, "to", to_and_watch)
+        load_weights(empty, weight_files(folder), torch.bfloat16, torch.device("cpu"), "m")
+    tensor_bytes = 1024 * 2048 * 4
+    assert peak <= 2 * tensor_bytes, f"{peak / 2**20:.0f} MiB of the file resident at once"
+    for a, b in zip(model.parameters(), empty.parameters(), strict=True):
+        assert b.dtype == torch.bfloat16 and torch.equal(b, a.detach().bfloat16())
+
+
+def test_an_exact_dtype_load_on_the_cpu_maps_the_file(tmp_path):
+    """No cast, CPU: the weights are the file's pages (no copy); writing to them never touches the file."""
+    model = torch.nn.Linear(64, 64)
+    save_weights(model, tmp_path)
+    before = (tmp_path / WEIGHTS).read_bytes()
+    with torch.device("meta"):
+        loaded = torch.nn.Linear(64, 64)
+    load_weights(loaded, weight_files(tmp_path), torch.float32, torch.device("cpu"), "m")
+    assert torch.equal(loaded.weight, model.weight)
+    with torch.no_grad():
+        loaded.weight.add_(1.0)
+    assert (tmp_path / WEIGHTS).read_bytes() == before
 
 
 def test_repo_id_resolves_from_the_cache_without_network(tiny_rope_dir, tmp_path, monkeypatch):

@@ -8,10 +8,13 @@ A model folder holds `model_index.json` and one sub-folder per component:
     tokenizer/     the T5 sentencepiece tokenizer files
     scheduler/     scheduler_config.json
 
-Our networks are built on the meta device and receive their tensors by assignment, one tensor at a time
-read by `safe_open`, cast and placed on the target device: the model never exists as a full fp32 copy in
-host memory. Loading is strict: every tensor of the file must match a tensor of the model built from the
-component's `config.json`, by name and shape.
+Our networks are built on the meta device and receive their tensors by assignment, so host memory never
+holds a second copy of the weights. A file whose tensors already have the target dtype, loaded onto the
+CPU, is memory-mapped (`safe_open`): the model's tensors are the file's pages, read on first use and
+copy-on-write. Any other file (a cast, or a GPU as target) is read one tensor at a time with plain reads,
+each tensor converted and placed, then dropped: nothing of the file stays resident in this process, where
+a mapping would keep every page read until the file closes. Loading is strict: every tensor of the file
+must match a tensor of the model built from the component's `config.json`, by name and shape.
 
 The dtype and device policy of the package lives here too (`choose_device`, `choose_dtype`).
 """
@@ -19,8 +22,11 @@ The dtype and device policy of the package lives here too (`choose_device`, `cho
 from __future__ import annotations
 
 import json
+import math
+import mmap
 import os
 import re
+import struct
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -435,6 +441,78 @@ def check_state_dict_shapes(
         raise LoadError(f"{what} does not match the model its config.json describes: " + "; ".join(problems))
 
 
+# The element types of the safetensors format (its header's "dtype" field).
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
+    """The tensor entries of a safetensors file's header ({name: {dtype, shape, data_offsets}}) and the
+    byte offset where its data begins. Format: an 8-byte little-endian header length, the JSON header."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise LoadError(f"cannot read {path}: not a safetensors file (shorter than its header)")
+        (length,) = struct.unpack("<Q", head)
+        try:
+            header = json.loads(f.read(length))
+        except (ValueError, MemoryError):
+            raise LoadError(f"cannot read {path}: damaged safetensors header") from None
+    header.pop("__metadata__", None)
+    return header, 8 + length
+
+
+_RELEASE_PAGES = getattr(mmap, "MADV_DONTNEED", None) if hasattr(mmap.mmap, "madvise") else None
+
+
+def read_tensors(path: Path) -> Iterable[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor of a safetensors file, in file order, each a view of a private
+    memory map of the file that is valid until the next one is yielded: a caller converts or copies it.
+
+    The pages behind each tensor are handed back to the kernel once the caller is done with it, so
+    this process never holds more than one tensor's worth of the file (a plain `safe_open` keeps
+    every page it has read until the file is closed)."""
+    header, start = read_safetensors_header(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    try:
+        for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+            dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+            if dtype is None:
+                raise LoadError(f"{path.name}: tensor {name} has an element type we cannot read ({entry['dtype']})")
+            begin, end = (start + offset for offset in entry["data_offsets"])
+            numel = math.prod(entry["shape"])
+            if numel * dtype.itemsize != end - begin:
+                raise LoadError(f"{path.name}: tensor {name} takes {end - begin} bytes, not what its shape needs")
+            if end > size:
+                raise LoadError(f"cannot read {path}: the file ends inside tensor {name} (truncated download?)")
+            if numel == 0:
+                yield name, torch.empty(entry["shape"], dtype=dtype)
+                continue
+            yield name, torch.frombuffer(mapped, dtype=dtype, count=numel, offset=begin).view(entry["shape"])
+            if _RELEASE_PAGES is not None:  # not on Windows: there the pages stay until the map closes
+                low = begin - begin % mmap.PAGESIZE
+                mapped.madvise(_RELEASE_PAGES, low, end - low)
+    finally:
+        try:
+            mapped.close()
+        except BufferError:  # a caller still holds a view (an error mid-load): it unmaps when that dies
+            pass
+
+
+def _maps_in_place(path: Path, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the file's tensors can be the model's own without any conversion (CPU, same dtype)."""
+    if device.type != "cpu":
+        return False
+    header, _ = read_safetensors_header(path)
+    kinds = {SAFETENSORS_DTYPES.get(entry["dtype"]) for entry in header.values()}
+    return all(kind == dtype or (kind is not None and not kind.is_floating_point) for kind in kinds)
+
+
 def load_weights(
     model: nn.Module, files: list[Path], dtype: torch.dtype, device: torch.device, what: str
 ) -> None:
@@ -445,13 +523,15 @@ def load_weights(
 
     state: dict[str, torch.Tensor] = {}
     for path in files:
-        with safe_open(path, framework="pt") as f:
-            for key in f.keys():
-                tensor = f.get_tensor(key)
-                # Integer buffers keep their type; every float tensor takes the pipeline dtype.
-                target = dtype if tensor.is_floating_point() else tensor.dtype
-                state[key] = tensor.to(device=device, dtype=target)
-                del tensor
+        if _maps_in_place(path, dtype, device):
+            with safe_open(path, framework="pt") as f:
+                state.update((key, f.get_tensor(key)) for key in f.keys())
+            continue
+        for key, tensor in read_tensors(path):
+            # Integer buffers keep their type; every float tensor takes the pipeline dtype.
+            target = dtype if tensor.is_floating_point() else tensor.dtype
+            state[key] = tensor.to(device=device, dtype=target, copy=True)  # the view dies with the map
+            del tensor
     model.load_state_dict(state, strict=True, assign=True)
     _check_materialized(model)
 
@@ -521,36 +601,52 @@ def parse_size(size: int | str) -> int:
     return int(float(match.group(1)) * scale)
 
 
+def _standalone(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` on the CPU as safetensors can write it: contiguous and owning its storage exactly.
+
+    A view into a larger storage (a slice of a fused weight, a tied tensor) is copied; anything else is
+    written as it is, so saving a model does not need a second copy of its weights.
+    """
+    tensor = tensor.detach().to("cpu").contiguous()
+    if tensor.storage_offset() != 0 or tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+        tensor = tensor.clone()
+    return tensor
+
+
 def save_weights(
     model: nn.Module, folder: Path, stem: str = DIFFUSERS_WEIGHTS, max_shard_size: int | str = "10GB"
 ) -> list[Path]:
-    """Write the state dict as `{stem}.safetensors`, or as shards plus `{stem}.safetensors.index.json`."""
+    """Write the state dict as `{stem}.safetensors`, or as shards plus `{stem}.safetensors.index.json`.
+
+    Shards are planned from the tensor sizes and written one at a time, so that at most one shard's
+    worth of views is ever copied.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     limit = parse_size(max_shard_size)
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    state = model.state_dict()
+    shards: list[list[str]] = [[]]
     size = 0
-    for key, tensor in model.state_dict().items():
+    for key, tensor in state.items():
         nbytes = tensor.numel() * tensor.element_size()
         if shards[-1] and size + nbytes > limit:
-            shards.append({})
+            shards.append([])
             size = 0
-        # safetensors refuses views of shared storage; a contiguous CPU copy per tensor is cheap.
-        shards[-1][key] = tensor.detach().to("cpu").contiguous().clone()
+        shards[-1].append(key)
         size += nbytes
     for stale in [*folder.glob(f"{stem}*.safetensors"), folder / f"{stem}.safetensors.index.json"]:
         stale.unlink(missing_ok=True)
     if len(shards) == 1:
         path = folder / f"{stem}.safetensors"
-        save_file(shards[0], str(path), metadata={"format": "pt"})
+        save_file({k: _standalone(state[k]) for k in shards[0]}, str(path), metadata={"format": "pt"})
         return [path]
     paths, weight_map, total = [], {}, 0
-    for i, shard in enumerate(shards, start=1):
+    for i, keys in enumerate(shards, start=1):
         path = folder / f"{stem}-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(path), metadata={"format": "pt"})
+        save_file({k: _standalone(state[k]) for k in keys}, str(path), metadata={"format": "pt"})
         paths.append(path)
-        for key, tensor in shard.items():
+        for key in keys:
             weight_map[key] = path.name
-            total += tensor.numel() * tensor.element_size()
+            total += state[key].numel() * state[key].element_size()
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return paths
