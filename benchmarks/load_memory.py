@@ -164,12 +164,22 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def loader(who: str, what: str, folder: Path, dtype: torch.dtype):
-    """A function that loads `what` ("transformer", "vae", "text_encoder", "pipeline") the way `who` does."""
+    """A function that loads `what` the way `who` does: "transformer", "vae", "text_encoder", "pipeline",
+    or (ours only) "packed": the pipeline, then every weight packed into the host buffers that
+    `--offload stream` copies to the GPU from (on the CPU here, so the buffers are not page-locked)."""
     cpu = torch.device("cpu")
     if who == "ours":
         from cogvideox.pipeline import Pipeline
 
+        def packed():
+            from cogvideox.fast import offload
+
+            pipe = Pipeline.from_pretrained(folder, dtype=dtype, device="cpu")
+            pipe.offload = offload.apply(pipe, "stream", cpu)
+            return pipe
+
         return {
+            "packed": packed,
             "transformer": lambda: loading.load_transformer(folder, dtype, cpu),
             "vae": lambda: loading.load_vae(folder, dtype, cpu),
             "text_encoder": lambda: loading.load_text_encoder(folder, dtype, cpu),
@@ -265,7 +275,7 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="tiny configs: checks the script, measures nothing")
     p.add_argument("--dir", type=Path, required=True, help="the checkpoint folder (written when missing)")
     p.add_argument("--what", default="transformer,vae,text_encoder",
-                   help="comma-separated: transformer, vae, text_encoder, pipeline")  # fmt: skip
+                   help="comma-separated: transformer, vae, text_encoder, pipeline, packed")  # fmt: skip
     p.add_argument("--dtype", choices=DTYPES, default="bf16",
                    help="the dtype to load in (the checkpoint is bf16: others measure a cast)")  # fmt: skip
     p.add_argument("--reference", action="store_true", help="also load through diffusers / transformers")
@@ -280,7 +290,7 @@ def main() -> None:
         write_checkpoint(args.dir, args.variant, args.tiny)
     results = []
     for what in args.what.split(","):
-        for who in ("ours", "reference") if args.reference else ("ours",):
+        for who in ("ours", "reference") if args.reference and what != "packed" else ("ours",):
             r = measure_in_child(who, what, args.dir, args.dtype)
             results.append(r)
             print(json.dumps(r), flush=True)

@@ -212,7 +212,7 @@ def test_read_tensors_gives_back_every_kind_of_tensor(tmp_path):
     }
     path = tmp_path / "t.safetensors"
     save_file(tensors, path)
-    got = {name: t.clone() for name, t in read_tensors(path)}  # a view lives until the next tensor
+    got = dict(read_tensors(path))  # each tensor holds its own map: valid after the file is done
     assert got.keys() == tensors.keys()
     for name, want in tensors.items():
         assert got[name].dtype == want.dtype and got[name].shape == want.shape, name
@@ -232,12 +232,10 @@ def rss_file_bytes():
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssFile:"))
 
 
-@pytest.mark.skipif(not hasattr(__import__("mmap").mmap, "madvise"), reason="needs madvise (not on Windows)")
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads resident file pages from /proc (Linux)")
 def test_a_cast_load_keeps_one_tensor_of_the_file_resident_at_a_time(tmp_path):
-    """Loading with a cast reads the file through a map whose pages go back to the kernel tensor by
-    tensor; a plain `safe_open` would keep every page read until the file closed (here: all 64 MiB)."""
-    if not os.path.exists("/proc/self/status"):
-        pytest.skip("reads the resident file pages from /proc (Linux)")
+    """Loading with a cast maps each tensor on its own and drops the map once converted; one map of the
+    whole file (`safe_open`) would keep every page read until the file closed (here: all 64 MiB)."""
     layers = 8
     model = torch.nn.Sequential(*[torch.nn.Linear(1024, 2048, bias=False) for _ in range(layers)])  # 8 MiB each
     folder = tmp_path / "m"
@@ -260,6 +258,30 @@ def test_a_cast_load_keeps_one_tensor_of_the_file_resident_at_a_time(tmp_path):
     assert peak <= 2 * tensor_bytes, f"{peak / 2**20:.0f} MiB of the file resident at once"
     for a, b in zip(model.parameters(), empty.parameters(), strict=True):
         assert b.dtype == torch.bfloat16 and torch.equal(b, a.detach().bfloat16())
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads resident file pages from /proc (Linux)")
+def test_a_mapped_weight_gives_its_pages_back_when_replaced(tmp_path):
+    """Loaded without a cast, the weights are the file's pages; replacing them one by one (as offloading
+    does when it packs them into one host buffer) frees each tensor's pages at once, not at the end."""
+    layers = 8
+    model = torch.nn.Sequential(*[torch.nn.Linear(1024, 2048, bias=False) for _ in range(layers)])  # 8 MiB each
+    save_weights(model, tmp_path, max_shard_size="1GB")
+    with torch.device("meta"):
+        loaded = torch.nn.Sequential(*[torch.nn.Linear(1024, 2048, bias=False) for _ in range(layers)])
+    load_weights(loaded, weight_files(tmp_path), torch.float32, torch.device("cpu"), "m")
+    baseline = rss_file_bytes()
+    for p in loaded.parameters():
+        float(p.detach().sum())  # read: the pages become resident
+    tensor_bytes = 1024 * 2048 * 4
+    assert rss_file_bytes() - baseline >= layers * tensor_bytes * 0.9
+    with torch.no_grad():
+        for i, p in enumerate(loaded.parameters()):
+            p.data = p.data.clone()
+            left = layers - 1 - i
+            assert rss_file_bytes() - baseline <= (left + 0.5) * tensor_bytes, f"after {i + 1} replaced"
+    for a, b in zip(model.parameters(), loaded.parameters(), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_an_exact_dtype_load_on_the_cpu_maps_the_file(tmp_path):

@@ -9,12 +9,11 @@ A model folder holds `model_index.json` and one sub-folder per component:
     scheduler/     scheduler_config.json
 
 Our networks are built on the meta device and receive their tensors by assignment, so host memory never
-holds a second copy of the weights. A file whose tensors already have the target dtype, loaded onto the
-CPU, is memory-mapped (`safe_open`): the model's tensors are the file's pages, read on first use and
-copy-on-write. Any other file (a cast, or a GPU as target) is read one tensor at a time with plain reads,
-each tensor converted and placed, then dropped: nothing of the file stays resident in this process, where
-a mapping would keep every page read until the file closes. Loading is strict: every tensor of the file
-must match a tensor of the model built from the component's `config.json`, by name and shape.
+holds a second copy of the weights. Every tensor of a file is a copy-on-write memory map of its own bytes
+(`read_tensors`): already in the target dtype on the CPU, it becomes the model's weight as it is, read on
+first use; cast or moved to a GPU, its pages go back to the kernel as soon as it is converted. Loading is
+strict: every tensor of the file must match a tensor of the model built from the component's
+`config.json`, by name and shape.
 
 The dtype and device policy of the package lives here too (`choose_device`, `choose_dtype`).
 """
@@ -465,21 +464,18 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
     return header, 8 + length
 
 
-_RELEASE_PAGES = getattr(mmap, "MADV_DONTNEED", None) if hasattr(mmap.mmap, "madvise") else None
-
-
 def read_tensors(path: Path) -> Iterable[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every tensor of a safetensors file, in file order, each a view of a private
-    memory map of the file that is valid until the next one is yielded: a caller converts or copies it.
+    """(name, tensor) for every tensor of a safetensors file, in file order.
 
-    The pages behind each tensor are handed back to the kernel once the caller is done with it, so
-    this process never holds more than one tensor's worth of the file (a plain `safe_open` keeps
-    every page it has read until the file is closed)."""
+    Each tensor is a private (copy-on-write) memory map of its own bytes: nothing is read before it is
+    used, writing to it never reaches the file, and its pages go back to the kernel as soon as the tensor
+    is dropped, converted or replaced (by offloading's packed copy, say). One map of the whole file, as
+    `safe_open` makes, would keep every page read resident until the last of its tensors is gone.
+    """
     header, start = read_safetensors_header(path)
     size = path.stat().st_size
+    grain = mmap.ALLOCATIONGRANULARITY  # a map must start on this boundary
     with open(path, "rb") as f:
-        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    try:
         for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
             dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
             if dtype is None:
@@ -493,24 +489,10 @@ def read_tensors(path: Path) -> Iterable[tuple[str, torch.Tensor]]:
             if numel == 0:
                 yield name, torch.empty(entry["shape"], dtype=dtype)
                 continue
-            yield name, torch.frombuffer(mapped, dtype=dtype, count=numel, offset=begin).view(entry["shape"])
-            if _RELEASE_PAGES is not None:  # not on Windows: there the pages stay until the map closes
-                low = begin - begin % mmap.PAGESIZE
-                mapped.madvise(_RELEASE_PAGES, low, end - low)
-    finally:
-        try:
-            mapped.close()
-        except BufferError:  # a caller still holds a view (an error mid-load): it unmaps when that dies
-            pass
-
-
-def _maps_in_place(path: Path, dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether the file's tensors can be the model's own without any conversion (CPU, same dtype)."""
-    if device.type != "cpu":
-        return False
-    header, _ = read_safetensors_header(path)
-    kinds = {SAFETENSORS_DTYPES.get(entry["dtype"]) for entry in header.values()}
-    return all(kind == dtype or (kind is not None and not kind.is_floating_point) for kind in kinds)
+            low = begin - begin % grain
+            mapped = mmap.mmap(f.fileno(), end - low, offset=low, access=mmap.ACCESS_COPY)
+            # The tensor holds the map; the map is unmapped when the tensor's storage is freed.
+            yield name, torch.frombuffer(mapped, dtype=dtype, count=numel, offset=begin - low).view(entry["shape"])
 
 
 def load_weights(
@@ -523,14 +505,11 @@ def load_weights(
 
     state: dict[str, torch.Tensor] = {}
     for path in files:
-        if _maps_in_place(path, dtype, device):
-            with safe_open(path, framework="pt") as f:
-                state.update((key, f.get_tensor(key)) for key in f.keys())
-            continue
         for key, tensor in read_tensors(path):
-            # Integer buffers keep their type; every float tensor takes the pipeline dtype.
+            # Integer buffers keep their type; every float tensor takes the pipeline dtype. Already in
+            # that dtype on the CPU, the mapped tensor itself becomes the weight: no copy at all.
             target = dtype if tensor.is_floating_point() else tensor.dtype
-            state[key] = tensor.to(device=device, dtype=target, copy=True)  # the view dies with the map
+            state[key] = tensor.to(device=device, dtype=target)
             del tensor
     model.load_state_dict(state, strict=True, assign=True)
     _check_materialized(model)
