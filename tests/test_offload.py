@@ -7,6 +7,8 @@ The CPU plays the compute device: fetched weights are real copies in separate bu
 The CUDA stream, event and page-locking paths run only on a GPU (last test).
 """
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -314,6 +316,77 @@ def test_auto_takes_the_fastest_mode_that_fits(free_gib, mode):
     assert reason.startswith(f"offload {mode!r}: {free_gib:.1f} GiB free")
     if free_gib == 2:
         assert "less than even 'sequential'" in reason and "--vae-tiling" in reason
+
+
+def test_auto_keeps_the_weights_on_the_device_when_the_host_cannot_hold_them():
+    # 20 GiB of weights: with 16 GiB of host memory, offloading is out; an 80 GB GPU takes them all.
+    mode, reason = memory_plan.choose_mode(FIVE_B, ACTIVATIONS, 80 * GIB, host_bytes=16 * GIB)
+    assert mode == "none"
+    assert "the host's 16.0 GiB available cannot hold the 20.5 GiB of weights offloading keeps there" in reason
+    # Enough host memory: the device's free memory decides, as before.
+    assert memory_plan.choose_mode(FIVE_B, ACTIVATIONS, 8 * GIB, host_bytes=64 * GIB)[0] == "stream"
+    # Neither fits: an error before anything is loaded, with both figures.
+    with pytest.raises(OutOfMemoryError, match=r"fits neither on the device \(8.0 GiB free, 'none' needs ~25.0 GiB\) "
+                       r"nor in host memory for offloading \(16.0 GiB available, the weights take 20.5 GiB\); "
+                       r"try --quantize int8") as info:  # fmt: skip
+        memory_plan.choose_mode(FIVE_B, ACTIVATIONS, 8 * GIB, host_bytes=16 * GIB)
+    assert info.value.stage == "load"
+
+
+@pytest.mark.parametrize(
+    "device, dtype, mode, text_device, available_gib, message",
+    [
+        ("cpu", torch.float32, "none", None, 30,
+         "in fp32 on the CPU the model takes 41.0 GiB of weights, and this machine has 30.0 GiB available; "
+         "try --dtype bf16 (half the memory)"),
+        ("cpu", torch.bfloat16, "none", None, 16,
+         "on the CPU the model takes 20.5 GiB of weights, and this machine has 16.0 GiB available; "
+         "try a GPU (--device cuda), or more memory"),
+        ("cuda", torch.bfloat16, "stream", None, 16,
+         "offload 'stream' keeps the weights in page-locked host memory: 20.5 GiB of weights, and this machine "
+         "has 16.0 GiB available; try --offload none, if the GPU can hold the whole model"),
+        ("cuda", torch.bfloat16, "none", "cpu", 8,
+         "T5 on the CPU takes 9.5 GiB of weights, and this machine has 8.0 GiB available; "
+         "try T5 on the GPU (no --text-device cpu)"),
+    ],
+)  # fmt: skip
+def test_weights_that_cannot_fit_in_host_memory_are_refused_before_loading(
+    monkeypatch, device, dtype, mode, text_device, available_gib, message
+):
+    sizes = FIVE_B
+    if dtype == torch.float32:
+        sizes = {k: memory_plan.ComponentSize(v.total * 2, v.rest * 2, v.block * 2, v.blocks, v.layer * 2)
+                 for k, v in FIVE_B.items()}  # fmt: skip
+    monkeypatch.setattr(memory_plan, "available_host_memory", lambda swap: int(available_gib * GIB))
+    with pytest.raises(OutOfMemoryError) as info:
+        memory_plan.check_host_memory(mode, sizes, device, text_device, dtype)
+    assert str(info.value) == "not enough host memory to load the model: " + message
+    assert info.value.stage == "load"
+    # With room to spare, nothing is said; a resident GPU run holds no weight on the host at all.
+    monkeypatch.setattr(memory_plan, "available_host_memory", lambda swap: 64 * GIB)
+    memory_plan.check_host_memory(mode, sizes, device, text_device, dtype)
+    monkeypatch.setattr(memory_plan, "available_host_memory", lambda swap: 1)
+    memory_plan.check_host_memory("none", sizes, "cuda", None, dtype)
+
+
+def test_available_host_memory_counts_swap_only_where_it_may_be_used():
+    if not Path("/proc/meminfo").exists():
+        assert memory_plan.available_host_memory(swap=True) is None
+        return
+    info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()}
+    pinned, pageable = memory_plan.available_host_memory(swap=False), memory_plan.available_host_memory(swap=True)
+    assert 0 < pinned <= info["MemTotal"]
+    assert abs(pageable - pinned - info.get("SwapFree", 0)) < 64 * 2**20  # read a moment apart
+
+
+def test_cli_refuses_a_model_too_big_for_host_memory_in_one_line(tiny_rope_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(memory_plan, "available_host_memory", lambda swap: 1000)
+    output = tmp_path / "cat.mp4"
+    assert main(cli_args(tiny_rope_dir, output, "--device", "cpu")) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith("cogvideox: error: not enough host memory to load the model: on the CPU the model takes")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_auto_from_a_folder_reads_only_headers(tiny_rope_dir, monkeypatch):

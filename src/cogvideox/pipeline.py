@@ -111,7 +111,7 @@ class Pipeline:
         vae_tiling / vae_slicing: decode in overlapping tiles (less memory, results match the
             reference's tiled decode) / one video of a batch at a time.
         """
-        from cogvideox.fast.memory_plan import choose_for_folder
+        from cogvideox.fast.memory_plan import check_host_memory, choose_for_folder, folder_sizes
         from cogvideox.fast.offload import check_mode
 
         offload = check_mode(offload)
@@ -129,6 +129,8 @@ class Pipeline:
             offload, reason = choose_for_folder(
                 folder, configs, dtype, device, text_device, vae_tiling, vae_slicing
             )
+        # Before reading any weight: a process the kernel kills for memory gets no error message at all.
+        check_host_memory(offload, folder_sizes(folder, dtype), device, text_device, dtype)
         pipe = cls._assemble(folder, dtype, device if offload == "none" else torch.device("cpu"), scheduler)
         if lora is not None:
             entries = lora if isinstance(lora, list) else [lora]

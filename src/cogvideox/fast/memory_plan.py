@@ -3,7 +3,9 @@
 The bytes of each component's weights (as a whole, outside its streamed blocks, per block, per layer)
 come from a built pipeline or, before anything is loaded, from a model folder's safetensors headers.
 From them and a rough activation estimate per stage, `estimated_peak` gives each offload mode's device
-peak, and `choose_mode` (behind "auto") takes the fastest mode whose peak fits the free device memory.
+peak, and `choose_mode` (behind "auto") takes the fastest mode whose peak fits the free device memory
+and whose host share fits the host's. `check_host_memory` refuses, before loading, a setting whose
+weights cannot fit in host memory (a process the kernel kills for memory gets no error message at all).
 These are estimates for choosing; nothing here moves a weight (that is `cogvideox.fast.offload`).
 """
 
@@ -18,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cogvideox.errors import OutOfMemoryError
 from cogvideox.fast.offload import DEFAULT_LOOKAHEAD, MODES
 
 _GIB = 2**30
@@ -169,6 +172,60 @@ def estimated_peak(mode, sizes, activations, lookahead=DEFAULT_LOOKAHEAD, text_o
     )
 
 
+def host_weight_bytes(
+    mode: str, sizes: Mapping[str, ComponentSize], computes_on_cpu: bool, text_on_cpu: bool
+) -> int:
+    """Weight bytes that live in host memory: all of them on the CPU or when offloaded (page-locked on a
+    GPU machine); with `--offload none` on a GPU, only T5's when it runs on the CPU."""
+    if computes_on_cpu or mode != "none":
+        return sum(size.total for size in sizes.values())
+    return sizes["text_encoder"].total if text_on_cpu else 0
+
+
+def available_host_memory(swap: bool) -> int | None:
+    """Bytes the kernel could give this process now: MemAvailable (plus SwapFree with `swap`; page-locked
+    memory cannot be swapped), from /proc/meminfo. None where there is no such file (not Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.split()[1:2]}
+    except (OSError, ValueError):
+        return None
+    if "MemAvailable" not in info:
+        return None
+    return info["MemAvailable"] + (info.get("SwapFree", 0) if swap else 0)
+
+
+def check_host_memory(
+    mode: str, sizes: Mapping[str, ComponentSize], device, text_device, dtype: torch.dtype
+) -> None:
+    """Raise `OutOfMemoryError` (stage "load") when the weights that would live in host memory exceed what
+    the host has available, with the setting that would fit."""
+    device = torch.device(device)
+    on_cpu = device.type == "cpu"
+    text_on_cpu = text_device is not None and torch.device(text_device).type == "cpu"
+    need = host_weight_bytes(mode, sizes, on_cpu, text_on_cpu)
+    available = available_host_memory(swap=on_cpu)
+    if available is None or need <= available:
+        return
+    have = f"{need / _GIB:.1f} GiB of weights, and this machine has {available / _GIB:.1f} GiB available"
+    if on_cpu:
+        if dtype == torch.float32 and need // 2 <= available:
+            why, suggestion = f"in fp32 on the CPU the model takes {have}", "--dtype bf16 (half the memory)"
+        else:
+            why, suggestion = f"on the CPU the model takes {have}", "a GPU (--device cuda), or more memory"
+    elif mode != "none":
+        why = f"offload {mode!r} keeps the weights in page-locked host memory: {have}"
+        suggestion = "--offload none, if the GPU can hold the whole model"
+        if text_on_cpu:
+            suggestion += " (and T5 on the GPU, without --text-device cpu)"
+    else:
+        why, suggestion = f"T5 on the CPU takes {have}", "T5 on the GPU (no --text-device cpu)"
+    raise OutOfMemoryError(
+        f"not enough host memory to load the model: {why}; try {suggestion}",
+        stage="load", requested_bytes=need, suggestion=suggestion,
+    )
+
+
 def choose_mode(
     sizes: Mapping[str, ComponentSize],
     activations: Mapping[str, int],
@@ -177,14 +234,31 @@ def choose_mode(
     text_on_device: bool = True,
     headroom: float = 0.9,
     vae_tiling: bool = False,
+    host_bytes: int | None = None,
 ) -> tuple[str, str]:
-    """The fastest mode whose estimated peak fits in `headroom` x `free_bytes`, and a sentence saying why."""
+    """The fastest mode whose estimated peak fits in `headroom` x `free_bytes`, and a sentence saying why.
+    With `host_bytes` (what the host has available), a mode that offloads must also fit its weights there."""
     budget = int(free_bytes * headroom)
     peaks = {m: estimated_peak(m, sizes, activations, lookahead, text_on_device) for m in MODES}
     needs = ", ".join(f"{m!r} ~{peaks[m] / _GIB:.1f} GiB" for m in MODES)
-    for mode in MODES:
+    offloaded = host_weight_bytes("model", sizes, False, not text_on_device)
+    host_fits = host_bytes is None or offloaded <= host_bytes
+    host = "" if host_fits else (
+        f"; the host's {host_bytes / _GIB:.1f} GiB available cannot hold the {offloaded / _GIB:.1f} GiB of "
+        "weights offloading keeps there"
+    )
+    for mode in MODES if host_fits else ("none",):
         if peaks[mode] <= budget:
-            return mode, f"offload {mode!r}: {free_bytes / _GIB:.1f} GiB free on the device; estimated peaks {needs}"
+            free = f"{free_bytes / _GIB:.1f} GiB free on the device"
+            return mode, f"offload {mode!r}: {free}; estimated peaks {needs}{host}"
+    if not host_fits:
+        raise OutOfMemoryError(
+            f"the model fits neither on the device ({free_bytes / _GIB:.1f} GiB free, 'none' needs "
+            f"~{peaks['none'] / _GIB:.1f} GiB) nor in host memory for offloading ({host_bytes / _GIB:.1f} GiB "
+            f"available, the weights take {offloaded / _GIB:.1f} GiB); try --quantize int8 (about half the "
+            "weight bytes), a smaller model, or a machine with more memory",
+            stage="load", requested_bytes=offloaded, suggestion="--quantize int8",
+        )
     hint = "" if vae_tiling else "; --vae-tiling cuts the VAE decoder's share"
     return "sequential", (
         f"offload 'sequential': {free_bytes / _GIB:.1f} GiB free on the device is less than even "
@@ -223,7 +297,8 @@ def _choose_on(device, sizes_fn, transformer_config, vae_config, dtype, text_dev
     text_on_device = text_device is None or torch.device(text_device) == device
     activations = default_activations(transformer_config, vae_config, dtype, tile, slicing)
     mode, reason = choose_mode(
-        sizes_fn(), activations, free_device_memory(device), lookahead, text_on_device, vae_tiling=tile is not None
+        sizes_fn(), activations, free_device_memory(device), lookahead, text_on_device, vae_tiling=tile is not None,
+        host_bytes=available_host_memory(swap=False),
     )
     log.info(reason)
     return mode, reason
