@@ -328,7 +328,7 @@ def test_auto_keeps_the_weights_on_the_device_when_the_host_cannot_hold_them():
     # Neither fits: an error before anything is loaded, with both figures.
     with pytest.raises(OutOfMemoryError, match=r"fits neither on the device \(8.0 GiB free, 'none' needs ~25.0 GiB\) "
                        r"nor in host memory for offloading \(16.0 GiB available, the weights take 20.5 GiB\); "
-                       r"try --quantize int8") as info:  # fmt: skip
+                       r"try a smaller model") as info:  # fmt: skip
         memory_plan.choose_mode(FIVE_B, ACTIVATIONS, 8 * GIB, host_bytes=16 * GIB)
     assert info.value.stage == "load"
 

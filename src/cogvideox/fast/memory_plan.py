@@ -255,9 +255,9 @@ def choose_mode(
         raise OutOfMemoryError(
             f"the model fits neither on the device ({free_bytes / _GIB:.1f} GiB free, 'none' needs "
             f"~{peaks['none'] / _GIB:.1f} GiB) nor in host memory for offloading ({host_bytes / _GIB:.1f} GiB "
-            f"available, the weights take {offloaded / _GIB:.1f} GiB); try --quantize int8 (about half the "
-            "weight bytes), a smaller model, or a machine with more memory",
-            stage="load", requested_bytes=offloaded, suggestion="--quantize int8",
+            f"available, the weights take {offloaded / _GIB:.1f} GiB); try a smaller model, or a machine with "
+            "more memory",
+            stage="load", requested_bytes=offloaded, suggestion="a smaller model",
         )
     hint = "" if vae_tiling else "; --vae-tiling cuts the VAE decoder's share"
     return "sequential", (
