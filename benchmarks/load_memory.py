@@ -23,7 +23,7 @@ After loading, one element per memory page of every weight is read (`touch`): a 
 tensors that map the file lazily, and their memory only shows once a forward pass has read them. The
 peaks cover the load and that first read.
 
-`--reference` adds the same loads through diffusers (`from_pretrained(..., torch_dtype=bfloat16)`) and
+`--reference` adds the same loads through diffusers (`from_pretrained(..., dtype=bfloat16)`) and
 transformers. Results go to `$OUT/load_memory_<variant>.json` and a table on stdout.
 """
 
@@ -190,11 +190,11 @@ def loader(who: str, what: str, folder: Path, dtype: torch.dtype):
 
     return {
         "transformer": lambda: diffusers.CogVideoXTransformer3DModel.from_pretrained(
-            folder, subfolder="transformer", torch_dtype=dtype
+            folder, subfolder="transformer", dtype=dtype
         ),
-        "vae": lambda: diffusers.AutoencoderKLCogVideoX.from_pretrained(folder, subfolder="vae", torch_dtype=dtype),
+        "vae": lambda: diffusers.AutoencoderKLCogVideoX.from_pretrained(folder, subfolder="vae", dtype=dtype),
         "text_encoder": lambda: T5EncoderModel.from_pretrained(folder / "text_encoder", dtype=dtype),
-        "pipeline": lambda: diffusers.CogVideoXPipeline.from_pretrained(folder, torch_dtype=dtype),
+        "pipeline": lambda: diffusers.CogVideoXPipeline.from_pretrained(folder, dtype=dtype),
     }[what]
 
 
