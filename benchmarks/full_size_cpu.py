@@ -3,12 +3,13 @@ sample the same seed; their latents are compared and each stage timed.
 
     python benchmarks/full_size_cpu.py --variant 5b --dir runs/ckpt-5b     # writes the folder if missing
 
-The folder holds random bf16 weights at the released sizes (see `load_memory.py`, which writes it), so
-this checks every real shape end to end (42 blocks, 48 heads, 3D RoPE at a size other than the trained
-one, the T5-XXL encoder, the VAE) where the test suite uses tiny configs. A CPU cannot sample 49 frames
-at 480x720 in useful time, so the video is small (9 frames at 64x96 by default): a parity and plumbing
-check, not a speed figure for the GPU. The weight files are read once before either pipeline loads, so
-that both find them in the page cache. Results go to `$OUT/full_size_cpu_<variant>.json`.
+The folder holds random weights at the released sizes and dtypes (`load_memory.py` writes it), so this
+checks every real shape end to end (5B: 42 blocks, 48 heads, 3D RoPE at a size other than the trained
+one; 2B: 30 blocks, 30 heads, the sin-cos table recomputed for the size; T5-XXL; the VAE) where the test
+suite uses tiny configs. A CPU cannot sample 49 frames at 480x720 in useful time, so the video is small
+(9 frames at 64x96 by default): a parity and plumbing check, not a speed figure for the GPU. The weight
+files are read once before either pipeline loads, so that both find them in the page cache. Results go
+to `$OUT/full_size_cpu_<variant>.json`.
 """
 
 from __future__ import annotations

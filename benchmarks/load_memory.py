@@ -9,8 +9,9 @@ measures how close that comes to the weights themselves.
     python benchmarks/load_memory.py --variant 2b --dir runs/ckpt-2b --what pipeline
     python benchmarks/load_memory.py --tiny --dir /tmp/ckpt-tiny                # plumbing check, seconds
 
-The first run writes a folder in the official diffusers layout with random bf16 weights (transformer in
-10 GB shards, T5-XXL in 5 GB shards, the tokenizer of the demo model: only the weights matter here). Each
+The first run writes a folder in the official diffusers layout with random weights, bf16 for 5B and fp16
+for 2B as released (transformer in 10 GB shards, T5-XXL in 5 GB shards, the tokenizer of the demo model:
+only the weights matter here). Each
 measurement then runs in a fresh process, loads one thing in bf16 on the CPU, and samples its memory
 every few milliseconds from /proc/self/status:
 
@@ -72,14 +73,15 @@ def configs(variant: str, tiny: bool):
 
 
 def write_checkpoint(folder: Path, variant: str, tiny: bool) -> None:
-    """A model folder in the official layout with random bf16 weights, one component in memory at a time."""
+    """A model folder in the official layout with random weights, one component in memory at a time: in
+    bf16 for 5B and fp16 for 2B, as the released checkpoints are stored."""
     from transformers import T5Config, T5EncoderModel
 
     preset, vae_config, t5 = configs(variant, tiny)
     shard = "10MB" if tiny else "10GB"
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    dtype = torch.bfloat16
+    dtype = torch.bfloat16 if variant == "5b" else torch.float16
 
     t0 = time.perf_counter()
     transformer = build(lambda: CogVideoXTransformer(preset), "cpu", dtype, seed=1)
@@ -277,7 +279,7 @@ def main() -> None:
     p.add_argument("--what", default="transformer,vae,text_encoder",
                    help="comma-separated: transformer, vae, text_encoder, pipeline, packed")  # fmt: skip
     p.add_argument("--dtype", choices=DTYPES, default="bf16",
-                   help="the dtype to load in (the checkpoint is bf16: others measure a cast)")  # fmt: skip
+                   help="the dtype to load in (5B is stored in bf16, 2B in fp16: others measure a cast)")  # fmt: skip
     p.add_argument("--reference", action="store_true", help="also load through diffusers / transformers")
     p.add_argument("--child", nargs=2, metavar=("WHO", "WHAT"), help=argparse.SUPPRESS)
     args = p.parse_args()
