@@ -7,6 +7,7 @@ The CPU plays the compute device: fetched weights are real copies in separate bu
 The CUDA stream, event and page-locking paths run only on a GPU (last test).
 """
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -311,20 +312,37 @@ def test_peaks_per_mode():
     [(80, "none"), (30, "none"), (20, "model"), (8, "stream"), (5.05, "sequential"), (2, "sequential")],
 )
 def test_auto_takes_the_fastest_mode_that_fits(free_gib, mode):
-    chosen, reason = memory_plan.choose_mode(FIVE_B, ACTIVATIONS, int(free_gib * GIB))
-    assert chosen == mode
-    assert reason.startswith(f"offload {mode!r}: {free_gib:.1f} GiB free")
+    choice = memory_plan.choose_mode(FIVE_B, ACTIVATIONS, int(free_gib * GIB))
+    assert choice.mode == mode and not choice.vae_tiling
+    assert choice.reason.startswith(f"offload {mode!r}: {free_gib:.1f} GiB free")
     if free_gib == 2:
-        assert "less than even 'sequential'" in reason and "--vae-tiling" in reason
+        assert "less than even 'sequential'" in choice.reason and "--vae-tiling" in choice.reason
+
+
+TILED = {"text": int(0.1 * GIB), "denoise": int(2.6 * GIB), "decode": int(1.0 * GIB)}
+
+
+@pytest.mark.parametrize(
+    "free_gib, mode, tiling",
+    [(30, "none", False), (26, "none", True), (20, "model", False), (5.05, "stream", True), (3, "sequential", True)],
+)
+def test_auto_turns_vae_tiling_on_before_it_takes_a_slower_mode(free_gib, mode, tiling):
+    # 26 GiB: everything resident fits only with a tiled decode (23.1 GiB against 25.0 untiled); 5.05 GiB:
+    # streaming fits with a tiled decode, where untiled only 'sequential' did.
+    choice = memory_plan.choose_mode(FIVE_B, ACTIVATIONS, int(free_gib * GIB), tiled_activations=TILED)
+    assert (choice.mode, choice.vae_tiling) == (mode, tiling)
+    label = f"offload {mode!r}" + (" with VAE tiling" if tiling else "")
+    assert choice.reason.startswith(f"{label}: {free_gib:.1f} GiB free")
+    assert "'none' ~23.1" in choice.reason  # the tiled estimates are shown beside the untiled ones
 
 
 def test_auto_keeps_the_weights_on_the_device_when_the_host_cannot_hold_them():
     # 20 GiB of weights: with 16 GiB of host memory, offloading is out; an 80 GB GPU takes them all.
-    mode, reason = memory_plan.choose_mode(FIVE_B, ACTIVATIONS, 80 * GIB, host_bytes=16 * GIB)
-    assert mode == "none"
-    assert "the host's 16.0 GiB available cannot hold the 20.5 GiB of weights offloading keeps there" in reason
+    choice = memory_plan.choose_mode(FIVE_B, ACTIVATIONS, 80 * GIB, host_bytes=16 * GIB)
+    assert choice.mode == "none"
+    assert "the host's 16.0 GiB available cannot hold the 20.5 GiB of weights offloading keeps there" in choice.reason
     # Enough host memory: the device's free memory decides, as before.
-    assert memory_plan.choose_mode(FIVE_B, ACTIVATIONS, 8 * GIB, host_bytes=64 * GIB)[0] == "stream"
+    assert memory_plan.choose_mode(FIVE_B, ACTIVATIONS, 8 * GIB, host_bytes=64 * GIB).mode == "stream"
     # Neither fits: an error before anything is loaded, with both figures.
     with pytest.raises(OutOfMemoryError, match=r"fits neither on the device \(8.0 GiB free, 'none' needs ~25.0 GiB\) "
                        r"nor in host memory for offloading \(16.0 GiB available, the weights take 20.5 GiB\); "
@@ -394,13 +412,26 @@ def test_auto_from_a_folder_reads_only_headers(tiny_rope_dir, monkeypatch):
     assert memory_plan.folder_sizes(tiny_rope_dir, torch.float32) == memory_plan.pipeline_sizes(pipe)
     configs = read_model_configs(tiny_rope_dir)
     # On the CPU: no offloading.
-    assert memory_plan.choose_for_folder(tiny_rope_dir, configs, torch.float32, "cpu")[0] == "none"
+    assert memory_plan.choose_for_folder(tiny_rope_dir, configs, torch.float32, "cpu").mode == "none"
     # On a (pretend) GPU with almost nothing free, the tiny model still gets a mode and a reason.
     monkeypatch.setattr(memory_plan, "free_device_memory", lambda device: 10_000)
-    mode, reason = memory_plan.choose_for_folder(tiny_rope_dir, configs, torch.float32, "cuda")
-    assert mode == "sequential" and "0.0 GiB free" in reason
+    choice = memory_plan.choose_for_folder(tiny_rope_dir, configs, torch.float32, "cuda")
+    assert choice.mode == "sequential" and "0.0 GiB free" in choice.reason
     monkeypatch.setattr(memory_plan, "free_device_memory", lambda device: 80 * GIB)
-    assert memory_plan.choose_for_folder(tiny_rope_dir, configs, torch.float32, "cuda")[0] == "none"
+    assert memory_plan.choose_for_folder(tiny_rope_dir, configs, torch.float32, "cuda").mode == "none"
+
+
+def test_auto_tiling_reaches_the_vae(tiny_rope_dir, monkeypatch):
+    """When "auto" needs a tiled decode to fit, the loaded pipeline decodes in tiles (both ways in)."""
+    choice = memory_plan.Choice("none", True, "offload 'none' with VAE tiling: (pretend)")
+    monkeypatch.setattr(memory_plan, "choose_for_folder", lambda *args, **kwargs: choice)
+    pipe = Pipeline.from_pretrained(tiny_rope_dir, device="cpu", offload="auto")
+    assert pipe.vae.use_tiling and pipe.offload is None and pipe.offload_choice == choice.reason
+
+    monkeypatch.setattr(memory_plan, "choose_for_pipeline", lambda *args, **kwargs: choice)
+    pipe.vae.disable_tiling()
+    pipe.enable_offload("auto", "cpu")
+    assert pipe.vae.use_tiling and pipe.offload_choice == choice.reason
 
 
 def test_default_activations_grow_with_the_model_and_shrink_with_tiling():
@@ -445,19 +476,43 @@ def raise_oom(message=TORCH_OOM):
 def test_oom_in_decode_names_the_stage_and_the_flag(tiny_rope_dir, monkeypatch):
     pipe = Pipeline.from_pretrained(tiny_rope_dir)
     monkeypatch.setattr(pipe.vae, "decode", raise_oom())
-    with pytest.raises(OutOfMemoryError) as info:
+    # Untiled, the decode is tried again in tiles (the denoising is not thrown away); tiled, it fails.
+    with pytest.warns(UserWarning) as warned, pytest.raises(OutOfMemoryError) as info:
         pipe(PROMPT, progress=False, **SMALL)
+    # The tiny model's weights are far from the 0.5 GiB short, so no offload mode would do: tile.
+    assert str(warned[0].message) == (
+        "out of GPU memory in VAE decoding: it asked for 2.00 GiB more with 1.50 GiB free (offload none); "
+        "try --vae-tiling; decoding again in tiles, as --vae-tiling does"
+    )
     error = info.value
     assert error.stage == "decode" and error.requested_bytes == 2 * GIB
-    # The tiny model's weights are far from the 0.5 GiB short, so no offload mode would do: tile.
-    assert error.suggestion == "--vae-tiling"
-    assert str(error) == (
-        "out of GPU memory in VAE decoding: it asked for 2.00 GiB more with 1.50 GiB free (offload none); "
-        "try --vae-tiling"
-    )
+    assert error.suggestion == "fewer --frames, a smaller --height/--width"
+    assert not pipe.vae.use_tiling  # the fallback does not change the pipeline's settings
     pipe.vae.enable_tiling()
-    with pytest.raises(OutOfMemoryError, match="try fewer --frames, a smaller --height/--width$"):
-        pipe(PROMPT, progress=False, **SMALL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # tiled already: no second try
+        with pytest.raises(OutOfMemoryError, match="try fewer --frames, a smaller --height/--width$"):
+            pipe(PROMPT, progress=False, **SMALL)
+
+
+def test_an_untiled_decode_out_of_memory_gives_the_tiled_video(tiny_rope_dir, monkeypatch):
+    pipe = Pipeline.from_pretrained(tiny_rope_dir)
+    pipe.vae.enable_tiling(tile_sample_min_height=16, tile_sample_min_width=16)  # tiles smaller than the video
+    want = pipe(PROMPT, progress=False, **SMALL)
+    pipe.vae.disable_tiling()
+    decode = pipe.vae.decode
+
+    def decode_in_tiles_only(latents):
+        if not pipe.vae.use_tiling:
+            raise torch.cuda.OutOfMemoryError(TORCH_OOM)
+        return decode(latents)
+
+    monkeypatch.setattr(pipe.vae, "decode", decode_in_tiles_only)
+    with pytest.warns(UserWarning, match="decoding again in tiles"):
+        got = pipe(PROMPT, progress=False, **SMALL)
+    assert torch.equal(got.latents, want.latents)
+    np.testing.assert_array_equal(got.frames[0], want.frames[0])
+    assert not pipe.vae.use_tiling
 
 
 def test_oom_in_denoising_suggests_the_mode_that_frees_enough(tiny_rope_dir, monkeypatch):
@@ -526,10 +581,11 @@ def test_cli_out_of_memory_is_one_line_and_leaves_no_file(tiny_rope_dir, tmp_pat
     monkeypatch.setattr(CogVideoXVAE, "decode", raise_oom())
     output = tmp_path / "cat.mp4"
     assert main(cli_args(tiny_rope_dir, output, "--offload", "model")) == 1
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1
-    assert err.startswith("cogvideox: error: out of GPU memory in VAE decoding: it asked for 2.00 GiB")
-    assert err.rstrip().endswith("try --vae-tiling")
+    warning, error = capsys.readouterr().err.splitlines()
+    assert warning.startswith("cogvideox: warning: out of GPU memory in VAE decoding: it asked for 2.00 GiB")
+    assert warning.endswith("try --vae-tiling; decoding again in tiles, as --vae-tiling does")
+    assert error.startswith("cogvideox: error: out of GPU memory in VAE decoding: it asked for 2.00 GiB")
+    assert error.endswith("try fewer --frames, a smaller --height/--width")
     assert list(tmp_path.iterdir()) == []  # no video, no temporary file
 
 

@@ -11,7 +11,7 @@ pytest.importorskip("fastapi")
 
 from serve_helpers import BlockingGenerator  # noqa: E402
 
-from cogvideox.errors import NonFiniteError  # noqa: E402
+from cogvideox.errors import NonFiniteError, OutOfMemoryError  # noqa: E402
 from cogvideox.serve.jobs import SQLiteStore  # noqa: E402
 from cogvideox.serve.worker import Generated, Worker, video_path  # noqa: E402
 
@@ -53,6 +53,8 @@ def test_a_job_cancelled_while_its_file_is_written_leaves_no_file(store, tmp_pat
     "error, code, message",
     [
         (RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"), "out_of_memory", "the GPU ran out of memory"),
+        (OutOfMemoryError("out of GPU memory in VAE decoding (offload none); try --vae-tiling", stage="decode"),
+         "out_of_memory", "the GPU ran out of memory (decode); try a smaller size"),
         (NonFiniteError("NaN latents at step 3"), "generation_failed", "NaN latents at step 3"),
         (KeyError("width"), "internal_error", "KeyError: 'width'"),
     ],

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cogvideox import conditioning, loading
-from cogvideox.errors import InputError
+from cogvideox.errors import InputError, OutOfMemoryError
 from cogvideox.models.config import TransformerConfig
 from cogvideox.request import GenerationRequest, check_request, default_fps, default_size
 from cogvideox.sampling import DenoiseInputs, denoise, guidance_schedule, to_uint8_frames
@@ -126,9 +127,9 @@ class Pipeline:
 
         reason = ""
         if offload == "auto":
-            offload, reason = choose_for_folder(
-                folder, configs, dtype, device, text_device, vae_tiling, vae_slicing
-            )
+            choice = choose_for_folder(folder, configs, dtype, device, text_device, vae_tiling, vae_slicing)
+            offload, reason = choice.mode, choice.reason
+            vae_tiling = vae_tiling or choice.vae_tiling
         # Before reading any weight: a process the kernel kills for memory gets no error message at all.
         check_host_memory(offload, folder_sizes(folder, dtype), device, text_device, dtype)
         pipe = cls._assemble(folder, dtype, device if offload == "none" else torch.device("cpu"), scheduler)
@@ -296,8 +297,9 @@ class Pipeline:
 
         mode: "none" (all resident), "model" (one component at a time), "stream" (T5 and transformer
             blocks copied a few ahead on a side stream, overlapping compute), "sequential" (each layer
-            alone: the least memory, the slowest) or "auto" (the fastest that fits the free GPU memory;
-            "none" on the CPU; `offload_choice` says what it chose and why).
+            alone: the least memory, the slowest) or "auto" (the fastest that fits the free GPU memory,
+            with VAE tiling turned on if only the decode would not fit; "none" on the CPU;
+            `offload_choice` says what it chose and why).
         text_device: where T5 lives and runs, e.g. "cpu" (default: `device`).
         lookahead: blocks copied ahead in "stream" mode (default 2).
         Apply LoRAs and `accelerate` (quantisation) first: offloading moves the weights that exist.
@@ -313,7 +315,10 @@ class Pipeline:
             self.offload = None
         reason = ""
         if mode == "auto":
-            mode, reason = choose_for_pipeline(self, device, text_device)
+            choice = choose_for_pipeline(self, device, text_device)
+            mode, reason = choice.mode, choice.reason
+            if choice.vae_tiling:
+                self.vae.enable_tiling()
         self.offload = offloading.apply(
             self, mode, device, text_device=text_device,
             lookahead=offloading.DEFAULT_LOOKAHEAD if lookahead is None else lookahead,
@@ -424,12 +429,26 @@ class Pipeline:
 
         The batch goes through the VAE in one call, as in the reference: a per-sample decode picks other
         convolution kernels and moves a few pixels by 1/255. `vae.enable_slicing()` trades that for memory.
+        Out of GPU memory in an untiled decode, it decodes again in tiles (with a warning) instead of
+        losing the denoised latents.
         """
         latents = latents.permute(0, 2, 1, 3, 4)  # [B, C, F, h, w], the VAE's layout
-        latents = (1 / self.vae.config.scaling_factor) * latents
+        latents = ((1 / self.vae.config.scaling_factor) * latents).to(self.dtype)
         with tqdm(total=1, desc="decoding", disable=not progress, leave=False) as bar:
-            with self._memory_guard("decode", latents.shape[0]):
-                videos = self.vae.decode(latents.to(self.dtype))  # [B, 3, T, H, W]
+            try:
+                with self._memory_guard("decode", latents.shape[0]):
+                    videos = self.vae.decode(latents)  # [B, 3, T, H, W]
+            except OutOfMemoryError as error:
+                if self.vae.use_tiling:
+                    raise
+                # The denoising is done and cannot be redone cheaply: decode in tiles rather than lose it.
+                warnings.warn(f"{error}; decoding again in tiles, as --vae-tiling does", stacklevel=2)
+                self.vae.enable_tiling()
+                try:
+                    with self._memory_guard("decode", latents.shape[0]):
+                        videos = self.vae.decode(latents)
+                finally:
+                    self.vae.disable_tiling()
             bar.update()
         return [to_uint8_frames(video) for video in videos]
 

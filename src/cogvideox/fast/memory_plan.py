@@ -4,8 +4,9 @@ The bytes of each component's weights (as a whole, outside its streamed blocks, 
 come from a built pipeline or, before anything is loaded, from a model folder's safetensors headers.
 From them and a rough activation estimate per stage, `estimated_peak` gives each offload mode's device
 peak, and `choose_mode` (behind "auto") takes the fastest mode whose peak fits the free device memory
-and whose host share fits the host's. `check_host_memory` refuses, before loading, a setting whose
-weights cannot fit in host memory (a process the kernel kills for memory gets no error message at all).
+(turning VAE tiling on when only the decode is in the way) and whose host share fits the host's.
+`check_host_memory` refuses, before loading, a setting whose weights cannot fit in host memory (a
+process the kernel kills for memory gets no error message at all).
 These are estimates for choosing; nothing here moves a weight (that is `cogvideox.fast.offload`).
 """
 
@@ -226,6 +227,15 @@ def check_host_memory(
     )
 
 
+@dataclass(frozen=True)
+class Choice:
+    """What "auto" chose: the offload mode, whether the VAE must decode in tiles to fit, and why."""
+
+    mode: str
+    vae_tiling: bool
+    reason: str
+
+
 def choose_mode(
     sizes: Mapping[str, ComponentSize],
     activations: Mapping[str, int],
@@ -235,35 +245,48 @@ def choose_mode(
     headroom: float = 0.9,
     vae_tiling: bool = False,
     host_bytes: int | None = None,
-) -> tuple[str, str]:
-    """The fastest mode whose estimated peak fits in `headroom` x `free_bytes`, and a sentence saying why.
-    With `host_bytes` (what the host has available), a mode that offloads must also fit its weights there."""
+    tiled_activations: Mapping[str, int] | None = None,
+) -> Choice:
+    """The fastest mode whose estimated peak fits in `headroom` x `free_bytes`.
+
+    With `tiled_activations` (the same estimate with the VAE in tiles), a mode whose decode alone does
+    not fit is taken with tiling before a slower mode is: tiling costs about a second of decoding and
+    moves pixels near tile seams slightly, a slower mode costs every step. With `host_bytes` (what the
+    host has available), a mode that offloads must also fit its weights there.
+    """
     budget = int(free_bytes * headroom)
     peaks = {m: estimated_peak(m, sizes, activations, lookahead, text_on_device) for m in MODES}
+    tiled = {}
+    if tiled_activations is not None:
+        tiled = {m: estimated_peak(m, sizes, tiled_activations, lookahead, text_on_device) for m in MODES}
     needs = ", ".join(f"{m!r} ~{peaks[m] / _GIB:.1f} GiB" for m in MODES)
+    if tiled:
+        needs += " (" + ", ".join(f"{m!r} ~{tiled[m] / _GIB:.1f}" for m in MODES) + " with VAE tiling)"
     offloaded = host_weight_bytes("model", sizes, False, not text_on_device)
     host_fits = host_bytes is None or offloaded <= host_bytes
     host = "" if host_fits else (
         f"; the host's {host_bytes / _GIB:.1f} GiB available cannot hold the {offloaded / _GIB:.1f} GiB of "
         "weights offloading keeps there"
     )
+    free = f"{free_bytes / _GIB:.1f} GiB free on the device"
     for mode in MODES if host_fits else ("none",):
         if peaks[mode] <= budget:
-            free = f"{free_bytes / _GIB:.1f} GiB free on the device"
-            return mode, f"offload {mode!r}: {free}; estimated peaks {needs}{host}"
+            return Choice(mode, False, f"offload {mode!r}: {free}; estimated peaks {needs}{host}")
+        if tiled and tiled[mode] <= budget:
+            return Choice(mode, True, f"offload {mode!r} with VAE tiling: {free}; estimated peaks {needs}{host}")
     if not host_fits:
         raise OutOfMemoryError(
             f"the model fits neither on the device ({free_bytes / _GIB:.1f} GiB free, 'none' needs "
-            f"~{peaks['none'] / _GIB:.1f} GiB) nor in host memory for offloading ({host_bytes / _GIB:.1f} GiB "
-            f"available, the weights take {offloaded / _GIB:.1f} GiB); try a smaller model, or a machine with "
-            "more memory",
+            f"~{min(peaks['none'], tiled.get('none', peaks['none'])) / _GIB:.1f} GiB) nor in host memory for "
+            f"offloading ({host_bytes / _GIB:.1f} GiB available, the weights take {offloaded / _GIB:.1f} GiB); "
+            "try a smaller model, or a machine with more memory",
             stage="load", requested_bytes=offloaded, suggestion="a smaller model",
         )
-    hint = "" if vae_tiling else "; --vae-tiling cuts the VAE decoder's share"
-    return "sequential", (
-        f"offload 'sequential': {free_bytes / _GIB:.1f} GiB free on the device is less than even "
+    hint = "" if vae_tiling or tiled else "; --vae-tiling cuts the VAE decoder's share"
+    return Choice("sequential", bool(tiled), (
+        f"offload 'sequential'{' with VAE tiling' if tiled else ''}: {free} is less than even "
         f"'sequential' is estimated to need (peaks {needs}){hint}"
-    )
+    ))
 
 
 def free_device_memory(device: torch.device) -> int:
@@ -290,37 +313,42 @@ def default_activations(transformer_config, vae_config, dtype, tile=None, slicin
     )
 
 
-def _choose_on(device, sizes_fn, transformer_config, vae_config, dtype, text_device, tile, slicing, lookahead):
+def _choose_on(
+    device, sizes_fn, transformer_config, vae_config, dtype, text_device, tile, default_tile, slicing, lookahead
+) -> Choice:
     device = torch.device(device)
     if device.type != "cuda":
-        return "none", "offload 'none': the model computes on the CPU"
+        return Choice("none", False, "offload 'none': the model computes on the CPU")
     text_on_device = text_device is None or torch.device(text_device) == device
     activations = default_activations(transformer_config, vae_config, dtype, tile, slicing)
-    mode, reason = choose_mode(
+    tiled = None
+    if tile is None:
+        tiled = default_activations(transformer_config, vae_config, dtype, default_tile, slicing)
+    choice = choose_mode(
         sizes_fn(), activations, free_device_memory(device), lookahead, text_on_device, vae_tiling=tile is not None,
-        host_bytes=available_host_memory(swap=False),
+        host_bytes=available_host_memory(swap=False), tiled_activations=tiled,
     )
-    log.info(reason)
-    return mode, reason
+    log.info(choice.reason)
+    return choice
 
 
 def choose_for_folder(
     folder: Path, configs, dtype: torch.dtype, device, text_device=None, vae_tiling: bool = False,
     vae_slicing: bool = False, lookahead: int = DEFAULT_LOOKAHEAD,
-) -> tuple[str, str]:
-    """"auto" for a model folder not loaded yet (`configs`: `loading.read_model_configs`): (mode, why)."""
-    tile = (configs.vae.sample_height // 2, configs.vae.sample_width // 2) if vae_tiling else None
+) -> Choice:
+    """"auto" for a model folder not loaded yet (`configs`: `loading.read_model_configs`)."""
+    default_tile = (configs.vae.sample_height // 2, configs.vae.sample_width // 2)
     return _choose_on(
-        device, lambda: folder_sizes(folder, dtype), configs.transformer, configs.vae, dtype, text_device, tile,
-        vae_slicing, lookahead,
+        device, lambda: folder_sizes(folder, dtype), configs.transformer, configs.vae, dtype, text_device,
+        default_tile if vae_tiling else None, default_tile, vae_slicing, lookahead,
     )
 
 
-def choose_for_pipeline(pipe, device, text_device=None, lookahead: int = DEFAULT_LOOKAHEAD) -> tuple[str, str]:
-    """"auto" for a built pipeline, with its VAE's tiling and slicing settings: (mode, why)."""
+def choose_for_pipeline(pipe, device, text_device=None, lookahead: int = DEFAULT_LOOKAHEAD) -> Choice:
+    """"auto" for a built pipeline, with its VAE's tiling and slicing settings."""
     vae = pipe.vae
-    tile = (vae.tiling.sample_height, vae.tiling.sample_width) if vae.use_tiling else None
+    tile = (vae.tiling.sample_height, vae.tiling.sample_width)
     return _choose_on(
-        device, lambda: pipeline_sizes(pipe), pipe.config, vae.config, pipe.dtype, text_device, tile,
-        vae.use_slicing, lookahead,
+        device, lambda: pipeline_sizes(pipe), pipe.config, vae.config, pipe.dtype, text_device,
+        tile if vae.use_tiling else None, tile, vae.use_slicing, lookahead,
     )

@@ -15,7 +15,8 @@ same weights, the same kernels, in the same order), so outputs are bitwise those
   right after, with no look-ahead. Device weights: the largest single layer; the least memory this
   design reaches (activations, mostly the VAE decoder's, are then what is left: see `--vae-tiling`).
 - "auto": `memory_plan.choose_mode` picks the fastest mode whose estimated peak fits the free device
-  memory (the estimates live there; `oom` explains an out-of-memory error that happens anyway).
+  memory, turning VAE tiling on when only the decode is in the way (the estimates live there; `oom`
+  explains an out-of-memory error that happens anyway).
 
 The host holds ONE copy of every weight, packed per group (a block, a component, a layer) into one flat
 byte buffer that is page-locked in place with cudaHostRegister, so the pinned memory is the weights plus

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from cogvideox.errors import InputError, NonFiniteError
+from cogvideox.errors import InputError, NonFiniteError, OutOfMemoryError
 from cogvideox.serve.jobs import Job, JobStore
 from cogvideox.video import export_video
 
@@ -183,6 +183,12 @@ class Worker:
             code, message = "invalid_request", str(error)
         elif isinstance(error, NonFiniteError):
             code, message = "generation_failed", str(error)
+        elif isinstance(error, OutOfMemoryError):
+            # The pipeline's own error names CLI flags: those are for the operator, the log has them.
+            log.warning("%s: job %s: %s", self.name, job.id, error)
+            code = "out_of_memory"
+            message = f"the GPU ran out of memory ({error.stage}); try a smaller size or fewer seconds"
+            _free_gpu_memory()
         elif isinstance(error, RuntimeError) and "out of memory" in str(error).lower():
             code, message = "out_of_memory", "the GPU ran out of memory; try a smaller size or fewer seconds"
             _free_gpu_memory()
