@@ -397,6 +397,22 @@ def test_available_host_memory_counts_swap_only_where_it_may_be_used():
     assert abs(pageable - pinned - info.get("SwapFree", 0)) < 64 * 2**20  # read a moment apart
 
 
+def test_the_cpu_default_drops_to_bf16_when_fp32_would_not_fit(tiny_rope_dir, monkeypatch):
+    fp32 = sum(size.total for size in memory_plan.folder_sizes(tiny_rope_dir, torch.float32).values())
+    monkeypatch.setattr(memory_plan, "available_host_memory", lambda swap: int(fp32 * 0.75))
+    with pytest.warns(UserWarning, match="in fp32 the model's weights take .* loading them in bf16 instead"):
+        pipe = Pipeline.from_pretrained(tiny_rope_dir, device="cpu")
+    assert pipe.dtype == torch.bfloat16 and pipe.text_encoder.dtype == torch.bfloat16
+    # Asked for by name, fp32 is not changed behind the user's back: it is refused, with the way out.
+    with pytest.raises(OutOfMemoryError, match="in fp32 on the CPU the model takes .* try --dtype bf16"):
+        Pipeline.from_pretrained(tiny_rope_dir, device="cpu", dtype="fp32")
+    # Room for fp32: the default stays fp32, silently.
+    monkeypatch.setattr(memory_plan, "available_host_memory", lambda swap: fp32 * 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert Pipeline.from_pretrained(tiny_rope_dir, device="cpu").dtype == torch.float32
+
+
 def test_cli_refuses_a_model_too_big_for_host_memory_in_one_line(tiny_rope_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(memory_plan, "available_host_memory", lambda swap: 1000)
     output = tmp_path / "cat.mp4"

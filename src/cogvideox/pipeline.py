@@ -123,7 +123,10 @@ class Pipeline:
             path_or_repo_id, revision=revision, local_files_only=local_files_only
         )
         configs = loading.read_model_configs(folder)
-        dtype = loading.choose_dtype(dtype, device, configs.transformer)
+        chosen_dtype = loading.choose_dtype(dtype, device, configs.transformer)
+        if dtype is None:
+            chosen_dtype = _dtype_that_fits(folder, chosen_dtype, device, offload, text_device)
+        dtype = chosen_dtype
 
         reason = ""
         if offload == "auto":
@@ -654,3 +657,23 @@ def _generator(seed, generator, batch_size: int):
     elif not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not 0 <= seed < 2**64:
         raise InputError(f"seed must be an integer in [0, 2**64), got {seed!r}")
     return torch.Generator("cpu").manual_seed(int(seed)), int(seed)
+
+
+def _dtype_that_fits(folder: Path, dtype: torch.dtype, device: torch.device, offload: str, text_device) -> torch.dtype:
+    """The default dtype, or bf16 where the default (fp32 on the CPU) would not fit in host memory but
+    bf16 does: a default should run, not stop. An explicit dtype is never changed."""
+    from cogvideox.fast.memory_plan import folder_sizes, host_shortfall
+
+    if dtype != torch.float32 or device.type != "cpu":
+        return dtype
+    mode = "none" if offload == "auto" else offload
+    short = host_shortfall(mode, folder_sizes(folder, dtype), device, text_device)
+    if short is None or host_shortfall(mode, folder_sizes(folder, torch.bfloat16), device, text_device):
+        return dtype  # fits, or bf16 would not fit either: check_host_memory says so
+    need, available = short
+    warnings.warn(
+        f"in fp32 the model's weights take {need / 2**30:.1f} GiB, more than the {available / 2**30:.1f} GiB "
+        "this machine has available: loading them in bf16 instead",
+        stacklevel=3,
+    )
+    return torch.bfloat16

@@ -196,18 +196,31 @@ def available_host_memory(swap: bool) -> int | None:
     return info["MemAvailable"] + (info.get("SwapFree", 0) if swap else 0)
 
 
-def check_host_memory(
-    mode: str, sizes: Mapping[str, ComponentSize], device, text_device, dtype: torch.dtype
-) -> None:
-    """Raise `OutOfMemoryError` (stage "load") when the weights that would live in host memory exceed what
-    the host has available, with the setting that would fit."""
+def host_shortfall(mode: str, sizes: Mapping[str, ComponentSize], device, text_device) -> tuple[int, int] | None:
+    """(bytes needed, bytes available) when the weights that would live in host memory do not fit there;
+    None when they fit (or where the available memory cannot be read)."""
     device = torch.device(device)
     on_cpu = device.type == "cpu"
     text_on_cpu = text_device is not None and torch.device(text_device).type == "cpu"
     need = host_weight_bytes(mode, sizes, on_cpu, text_on_cpu)
     available = available_host_memory(swap=on_cpu)
     if available is None or need <= available:
+        return None
+    return need, available
+
+
+def check_host_memory(
+    mode: str, sizes: Mapping[str, ComponentSize], device, text_device, dtype: torch.dtype
+) -> None:
+    """Raise `OutOfMemoryError` (stage "load") when the weights that would live in host memory exceed what
+    the host has available, with the setting that would fit."""
+    shortfall = host_shortfall(mode, sizes, device, text_device)
+    if shortfall is None:
         return
+    need, available = shortfall
+    device = torch.device(device)
+    on_cpu = device.type == "cpu"
+    text_on_cpu = text_device is not None and torch.device(text_device).type == "cpu"
     have = f"{need / _GIB:.1f} GiB of weights, and this machine has {available / _GIB:.1f} GiB available"
     if on_cpu:
         if dtype == torch.float32 and need // 2 <= available:
