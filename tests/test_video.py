@@ -1,5 +1,8 @@
 """MP4 writing and reading through PyAV."""
 
+import os
+import stat
+
 import av
 import numpy as np
 import pytest
@@ -96,3 +99,21 @@ def test_same_frames_give_the_same_file(tmp_path):
         frames = rng.integers(0, 256, (9, height, width, 3), dtype=np.uint8)
         files = {export_video(frames, tmp_path / f"{i}.mp4").read_bytes() for i in range(40)}
         assert len(files) == 1
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_written_files_get_the_usual_mode_not_a_private_one(tmp_path):
+    """mkstemp (our atomic video export) and safetensors both create files as 0600; what we hand the
+    user is readable as a plain open() would make it (0644 under the usual umask 022)."""
+    from torch import nn
+
+    from cogvideox.files import umask
+    from cogvideox.loading import save_weights
+
+    want = 0o666 & ~umask()
+    video = export_video(np.zeros((3, 16, 16, 3), np.uint8), tmp_path / "v.mp4")
+    weights = save_weights(nn.Linear(4, 4), tmp_path / "m")
+    shards = save_weights(nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64)), tmp_path / "s", max_shard_size="20KB")
+    for path in [video, *weights, *shards]:
+        assert stat.S_IMODE(path.stat().st_mode) == want, path
+    assert len(shards) == 2

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from cogvideox import conditioning
 from cogvideox.errors import InputError, NonFiniteError
+from cogvideox.files import usual_mode
 from cogvideox.models.config import ConfigError
 from cogvideox.request import check_video_frames
 from cogvideox.sampling import DenoiseInputs, denoise, guidance_schedule, predict_velocity
@@ -148,6 +149,7 @@ class Inversion:
         meta = {k: v for k, v in asdict(self).items() if k != "latents"}
         metadata = {"format": _FORMAT, "request": json.dumps(meta)}
         save_file({"latents": self.latents.detach().cpu().contiguous()}, str(path), metadata=metadata)
+        usual_mode(path)
         return path
 
     @classmethod

@@ -37,6 +37,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from cogvideox.errors import InputError, LoadError
+from cogvideox.files import usual_mode
 from cogvideox.models.config import SchedulerConfig, TransformerConfig, VAEConfig
 from cogvideox.models.transformer import CogVideoXTransformer
 from cogvideox.models.vae import CogVideoXVAE
@@ -617,11 +618,13 @@ def save_weights(
     if len(shards) == 1:
         path = folder / f"{stem}.safetensors"
         save_file({k: _standalone(state[k]) for k in shards[0]}, str(path), metadata={"format": "pt"})
+        usual_mode(path)
         return [path]
     paths, weight_map, total = [], {}, 0
     for i, keys in enumerate(shards, start=1):
         path = folder / f"{stem}-{i:05d}-of-{len(shards):05d}.safetensors"
         save_file({k: _standalone(state[k]) for k in keys}, str(path), metadata={"format": "pt"})
+        usual_mode(path)
         paths.append(path)
         for key in keys:
             weight_map[key] = path.name

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from cogvideox.errors import InputError
+from cogvideox.files import usual_mode
 
 # Visually lossless for these short clips and still a few hundred kB; "medium" is x264's default speed.
 # The macroblock tree (x264's lookahead-driven quantiser offsets) is off because with it the same frames
@@ -74,6 +75,7 @@ def export_video(frames: np.ndarray | Sequence, path: str | os.PathLike, fps: fl
                 picture.time_base = 1 / rate
                 container.mux(stream.encode(picture))
             container.mux(stream.encode(None))  # flush the encoder's delayed frames
+        usual_mode(temporary)  # mkstemp made it private
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from cogvideox.errors import InputError
+from cogvideox.files import usual_mode
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -310,6 +311,7 @@ def save_lora(
     }
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp), metadata={"format": "pt", _METADATA_KEY: json.dumps(metadata, sort_keys=True)})
+    usual_mode(tmp)
     tmp.replace(path)
     return path
 

@@ -1,0 +1,29 @@
+"""File permissions for what we write: the mode a plain `open` would give.
+
+safetensors writes through a private temporary file, and so does our own atomic video export
+(`tempfile.mkstemp`): both leave mode 0600, so a model folder, a LoRA or a video would be unreadable to
+other users (a web server, a shared cache, a colleague). `usual_mode` restores 0666 less the umask.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def umask() -> int:
+    """The process's umask, read without changing it where the system says it (Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere the only way to read it is to set it: put it straight back
+    os.umask(mask)
+    return mask
+
+
+def usual_mode(path: str | os.PathLike) -> None:
+    """Give `path` the mode a file created by `open(path, "w")` would have."""
+    os.chmod(path, 0o666 & ~umask())
