@@ -413,6 +413,28 @@ def test_the_cpu_default_drops_to_bf16_when_fp32_would_not_fit(tiny_rope_dir, mo
         assert Pipeline.from_pretrained(tiny_rope_dir, device="cpu").dtype == torch.float32
 
 
+def test_a_container_memory_limit_bounds_the_host_memory(tmp_path):
+    """/proc/meminfo shows the whole machine; a container's cgroup limit is what the kernel enforces."""
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "memory.max").write_text("17179869184\n")  # 16 GiB
+    (v2 / "memory.current").write_text(str(10 * GIB))
+    (v2 / "memory.stat").write_text(f"anon {8 * GIB}\ninactive_file {GIB}\nactive_file 0\n")
+    assert memory_plan.cgroup_room(v2) == 16 * GIB - 10 * GIB + GIB  # the idle file cache can be reclaimed
+    (v2 / "memory.max").write_text("max\n")
+    assert memory_plan.cgroup_room(v2) is None
+
+    v1 = tmp_path / "v1"
+    (v1 / "memory").mkdir(parents=True)
+    (v1 / "memory" / "memory.limit_in_bytes").write_text(str(8 * GIB))
+    (v1 / "memory" / "memory.usage_in_bytes").write_text(str(7 * GIB))
+    (v1 / "memory" / "memory.stat").write_text(f"cache {3 * GIB}\ntotal_inactive_file {2 * GIB}\n")
+    assert memory_plan.cgroup_room(v1) == 3 * GIB
+    (v1 / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712")  # v1's "no limit"
+    assert memory_plan.cgroup_room(v1) is None
+    assert memory_plan.cgroup_room(tmp_path / "none") is None
+
+
 def test_cli_refuses_a_model_too_big_for_host_memory_in_one_line(tiny_rope_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(memory_plan, "available_host_memory", lambda swap: 1000)
     output = tmp_path / "cat.mp4"

@@ -185,7 +185,8 @@ def host_weight_bytes(
 
 def available_host_memory(swap: bool) -> int | None:
     """Bytes the kernel could give this process now: MemAvailable (plus SwapFree with `swap`; page-locked
-    memory cannot be swapped), from /proc/meminfo. None where there is no such file (not Linux)."""
+    memory cannot be swapped) from /proc/meminfo, and no more than the room left under a container's
+    memory limit (cgroup), which /proc/meminfo does not show. None where there is no such file."""
     try:
         with open("/proc/meminfo") as f:
             info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.split()[1:2]}
@@ -193,7 +194,37 @@ def available_host_memory(swap: bool) -> int | None:
         return None
     if "MemAvailable" not in info:
         return None
-    return info["MemAvailable"] + (info.get("SwapFree", 0) if swap else 0)
+    available = info["MemAvailable"] + (info.get("SwapFree", 0) if swap else 0)
+    room = cgroup_room()
+    return available if room is None else min(available, room)
+
+
+def cgroup_room(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Bytes left under this container's cgroup memory limit (its reclaimable file cache counted as
+    free), cgroup v2 or v1; None when there is no limit or no cgroup to read."""
+    layouts = (
+        ("memory.max", "memory.current", "memory.stat", "inactive_file"),  # v2
+        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat",
+         "total_inactive_file"),  # v1
+    )  # fmt: skip
+    for limit_name, usage_name, stat_name, inactive_key in layouts:
+        try:
+            limit_text = (root / limit_name).read_text().strip()
+            usage = int((root / usage_name).read_text())
+        except (OSError, ValueError):
+            continue
+        if limit_text == "max" or int(limit_text) >= 2**60:  # v1 writes "no limit" as a huge number
+            return None
+        inactive = 0
+        try:
+            for line in (root / stat_name).read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == inactive_key:
+                    inactive = int(value)
+        except (OSError, ValueError):
+            pass
+        return max(int(limit_text) - usage + inactive, 0)
+    return None
 
 
 def host_shortfall(mode: str, sizes: Mapping[str, ComponentSize], device, text_device) -> tuple[int, int] | None:
