@@ -112,15 +112,7 @@ def write_checkpoint(folder: Path, variant: str, tiny: bool) -> None:
     scheduler = SchedulerConfig(snr_shift_scale=1.0 if variant == "5b" else 3.0).to_dict()
     scheduler["_class_name"] = "CogVideoXDDIMScheduler"
     (partial / loading.SCHEDULER_CONFIG).write_text(json.dumps(scheduler, indent=2) + "\n")
-    index = {
-        "_class_name": "CogVideoXPipeline",
-        "scheduler": ["diffusers", "CogVideoXDDIMScheduler"],
-        "text_encoder": ["transformers", "T5EncoderModel"],
-        "tokenizer": ["transformers", "T5Tokenizer"],
-        "transformer": ["diffusers", "CogVideoXTransformer3DModel"],
-        "vae": ["diffusers", "AutoencoderKLCogVideoX"],
-    }
-    (partial / loading.MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    (partial / loading.MODEL_INDEX).write_text(json.dumps(loading.model_index(), indent=2) + "\n")
     partial.rename(folder)  # complete or absent: an interrupted build is redone, never half-used
 
 

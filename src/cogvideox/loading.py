@@ -569,6 +569,25 @@ def load_scheduler(folder: Path, kind: str | None = None):
 # Saving
 
 
+def model_index(
+    pipeline_class: str = "CogVideoXPipeline",
+    scheduler_class: str = "CogVideoXDDIMScheduler",
+    text_encoder_class: str = "T5EncoderModel",
+    tokenizer_class: str = "T5Tokenizer",
+    transformer_class: str = "CogVideoXTransformer3DModel",
+    vae_class: str = "AutoencoderKLCogVideoX",
+) -> dict:
+    """The content of a folder's `model_index.json` in the official layout: each component's library and class."""
+    return {
+        "_class_name": pipeline_class,
+        "scheduler": ["diffusers", scheduler_class],
+        "text_encoder": ["transformers", text_encoder_class],
+        "tokenizer": ["transformers", tokenizer_class],
+        "transformer": ["diffusers", transformer_class],
+        "vae": ["diffusers", vae_class],
+    }
+
+
 def parse_size(size: int | str) -> int:
     """`"10GB"`, `"500MB"`, `1_000_000` -> bytes."""
     if isinstance(size, int):

@@ -217,14 +217,11 @@ class Pipeline:
         text = json.dumps(scheduler_config, indent=2, sort_keys=True) + "\n"
         (folder / loading.SCHEDULER_CONFIG).write_text(text)
         pipeline_class = "CogVideoXImageToVideoPipeline" if self.config.is_image_to_video else "CogVideoXPipeline"
-        index = {
-            "_class_name": pipeline_class,
-            "scheduler": ["diffusers", scheduler_class],
-            "text_encoder": ["transformers", type(self.text_encoder.model).__name__],
-            "tokenizer": ["transformers", type(self.text_encoder.tokenizer).__name__],
-            "transformer": ["diffusers", self.transformer.config.class_name],
-            "vae": ["diffusers", self.vae.config.class_name],
-        }
+        index = loading.model_index(
+            pipeline_class, scheduler_class, type(self.text_encoder.model).__name__,
+            type(self.text_encoder.tokenizer).__name__, self.transformer.config.class_name,
+            self.vae.config.class_name,
+        )
         (folder / loading.MODEL_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         recommended = {k: v for k, v in self.sampling_defaults.items() if v != loading.SAMPLING_FALLBACKS[k]}
         if recommended:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..loading import weight_files
+from ..loading import model_index, weight_files
 from ..models.config import SchedulerConfig, TransformerConfig, VAEConfig
 from ..models.transformer import CogVideoXTransformer
 from ..models.vae import CogVideoXVAE
@@ -511,15 +511,7 @@ def write_model(out: Path, text_dir: Path, vae: CogVideoXVAE, scaling_factor: fl
     (out / "scheduler").mkdir(exist_ok=True)
     SCHEDULER_CONFIG.save(out / "scheduler" / "scheduler_config.json")
     (out / "sampling.json").write_text(json.dumps(SAMPLING, indent=2) + "\n")
-    index = {
-        "_class_name": "CogVideoXPipeline",
-        "scheduler": ["diffusers", "CogVideoXDDIMScheduler"],
-        "text_encoder": ["transformers", "T5EncoderModel"],
-        "tokenizer": ["transformers", "T5Tokenizer"],
-        "transformer": ["diffusers", "CogVideoXTransformer3DModel"],
-        "vae": ["diffusers", "AutoencoderKLCogVideoX"],
-    }
-    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (out / "model_index.json").write_text(json.dumps(model_index(), indent=2) + "\n")
 
 
 def main(argv=None) -> None:
