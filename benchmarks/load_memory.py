@@ -160,20 +160,35 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 def loader(who: str, what: str, folder: Path, dtype: torch.dtype):
     """A function that loads `what` the way `who` does: "transformer", "vae", "text_encoder", "pipeline",
     or (ours only) "packed": the pipeline, then every weight packed into the host buffers that
-    `--offload stream` copies to the GPU from (on the CPU here, so the buffers are not page-locked)."""
+    `--offload stream` copies to the GPU from (on the CPU here, so the buffers are not page-locked);
+    "packed_transformer" / "packed_text_encoder": the same for one component."""
     cpu = torch.device("cpu")
     if who == "ours":
         from cogvideox.pipeline import Pipeline
 
-        def packed():
-            from cogvideox.fast import offload
+        from cogvideox.fast import offload
 
+        def packed():
             pipe = Pipeline.from_pretrained(folder, dtype=dtype, device="cpu")
             pipe.offload = offload.apply(pipe, "stream", cpu)
             return pipe
 
+        def packed_transformer():
+            model = loading.load_transformer(folder, dtype, cpu)
+            model.offload = offload.Offload("stream", cpu)
+            model.offload.add_component("transformer", model, [model], model.transformer_blocks)
+            return model
+
+        def packed_text_encoder():
+            model = loading.load_text_encoder(folder, dtype, cpu).model
+            model.offload = offload.Offload("stream", cpu)
+            model.offload.add_component("text_encoder", model, [model], offload.text_blocks(model))
+            return model
+
         return {
             "packed": packed,
+            "packed_transformer": packed_transformer,
+            "packed_text_encoder": packed_text_encoder,
             "transformer": lambda: loading.load_transformer(folder, dtype, cpu),
             "vae": lambda: loading.load_vae(folder, dtype, cpu),
             "text_encoder": lambda: loading.load_text_encoder(folder, dtype, cpu),
@@ -269,7 +284,8 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="tiny configs: checks the script, measures nothing")
     p.add_argument("--dir", type=Path, required=True, help="the checkpoint folder (written when missing)")
     p.add_argument("--what", default="transformer,vae,text_encoder",
-                   help="comma-separated: transformer, vae, text_encoder, pipeline, packed")  # fmt: skip
+                   help="comma-separated: transformer, vae, text_encoder, pipeline, packed, packed_transformer, "
+                        "packed_text_encoder")  # fmt: skip
     p.add_argument("--dtype", choices=DTYPES, default="bf16",
                    help="the dtype to load in (5B is stored in bf16, 2B in fp16: others measure a cast)")  # fmt: skip
     p.add_argument("--reference", action="store_true", help="also load through diffusers / transformers")
@@ -284,7 +300,7 @@ def main() -> None:
         write_checkpoint(args.dir, args.variant, args.tiny)
     results = []
     for what in args.what.split(","):
-        for who in ("ours", "reference") if args.reference and what != "packed" else ("ours",):
+        for who in ("ours", "reference") if args.reference and not what.startswith("packed") else ("ours",):
             r = measure_in_child(who, what, args.dir, args.dtype)
             results.append(r)
             print(json.dumps(r), flush=True)
