@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load_memory import Sampler, read_status  # noqa: E402
+from host_memory import HostPeak, status  # noqa: E402
 
 from cogvideox import loading  # noqa: E402
 
@@ -54,19 +54,15 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = read_status()["RssAnon"]
-        sampler = Sampler(0.002)
-        sampler.start()
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        video = vae.decode(z)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        sampler.stop()
-        peak = sampler.peak_anon - base
-    seconds = time.perf_counter() - t0
+        base = status()["RssAnon"]
+    with HostPeak(0.002) as host:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            video = vae.decode(z)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() - base if device.type == "cuda" else host.anon - base
     pixels = video.shape[-1] * video.shape[-2]
     print(json.dumps({
         "device": str(device), "dtype": args.dtype, "latent": args.latent, "tiled": args.tiled,

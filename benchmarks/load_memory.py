@@ -37,7 +37,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -45,6 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from core_full_size import T5_TINY, T5_XXL, build  # noqa: E402
+from host_memory import HostPeak, status  # noqa: E402
 
 from cogvideox import loading  # noqa: E402
 from cogvideox.models.config import SchedulerConfig, VAEConfig  # noqa: E402
@@ -118,40 +118,6 @@ def write_checkpoint(folder: Path, variant: str, tiny: bool) -> None:
 
 # ---------------------------------------------------------------------------------------------------
 # One measurement, in its own process
-
-
-def read_status() -> dict[str, int]:
-    """VmRSS, VmHWM, RssAnon and RssFile of this process, in bytes."""
-    fields = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            name, _, value = line.partition(":")
-            if name in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
-                fields[name] = int(value.split()[0]) * 1024
-    return fields
-
-
-class Sampler(threading.Thread):
-    """The highest RssAnon and RssFile seen, sampled every `interval` seconds until `stop()`."""
-
-    def __init__(self, interval: float = 0.005) -> None:
-        super().__init__(daemon=True)
-        self.interval, self.peak_anon, self.peak_file = interval, 0, 0
-        self._stop_event = threading.Event()
-
-    def run(self) -> None:
-        while not self._stop_event.is_set():
-            s = read_status()
-            self.peak_anon = max(self.peak_anon, s["RssAnon"])
-            self.peak_file = max(self.peak_file, s["RssFile"])
-            self._stop_event.wait(self.interval)
-
-    def stop(self) -> None:
-        self._stop_event.set()
-        self.join()
-        s = read_status()  # the last moment counts too
-        self.peak_anon = max(self.peak_anon, s["RssAnon"])
-        self.peak_file = max(self.peak_file, s["RssFile"])
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -240,19 +206,17 @@ def touch(tensors: list[torch.Tensor]) -> None:
 def measure(who: str, what: str, folder: Path, dtype: str) -> dict:
     load = loader(who, what, folder, DTYPES[dtype])  # imports happen before the baseline
     gc.collect()
-    before = read_status()
-    sampler = Sampler()
-    sampler.start()
-    t0 = time.perf_counter()
-    loaded = load()
-    seconds = time.perf_counter() - t0
-    loaded_rss = read_status()["VmRSS"]
-    tensors = weight_tensors(loaded)
-    t0 = time.perf_counter()
-    touch(tensors)
-    touch_seconds = time.perf_counter() - t0
-    sampler.stop()
-    after = read_status()
+    before = status()
+    with HostPeak(0.005) as peak:
+        t0 = time.perf_counter()
+        loaded = load()
+        seconds = time.perf_counter() - t0
+        loaded_rss = status()["VmRSS"]
+        tensors = weight_tensors(loaded)
+        t0 = time.perf_counter()
+        touch(tensors)
+        touch_seconds = time.perf_counter() - t0
+    after = status()
     weights = sum(t.numel() * t.element_size() for t in tensors)
     return {
         "who": who, "what": what, "dtype": dtype,
@@ -260,11 +224,11 @@ def measure(who: str, what: str, folder: Path, dtype: str) -> dict:
         "weights_gib": round(weights / GIB, 3), "rss_loaded_untouched_gib": round(loaded_rss / GIB, 3),
         "rss_before_gib": round(before["VmRSS"] / GIB, 3),
         "peak_rss_gib": round(after["VmHWM"] / GIB, 3),
-        "peak_anon_gib": round(sampler.peak_anon / GIB, 3),
-        "peak_file_gib": round(sampler.peak_file / GIB, 3),
+        "peak_anon_gib": round(peak.anon / GIB, 3),
+        "peak_file_gib": round(peak.file / GIB, 3),
         "rss_after_gib": round(after["VmRSS"] / GIB, 3),
         "peak_rss_over_weights": round(after["VmHWM"] / weights, 3),
-        "peak_anon_over_weights": round(sampler.peak_anon / weights, 3),
+        "peak_anon_over_weights": round(peak.anon / weights, 3),
         "added_peak_rss_over_weights": round((after["VmHWM"] - before["VmRSS"]) / weights, 3),
     }
 

@@ -28,11 +28,9 @@ import argparse
 import gc
 import json
 import os
-import resource
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -41,6 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import core_full_size  # noqa: E402
+from host_memory import HostPeak  # noqa: E402
 
 from cogvideox.pipeline import Pipeline  # noqa: E402
 
@@ -49,35 +48,6 @@ PROMPT = "a panda plays guitar in a bamboo forest under soft light"
 RUNS = [("none", False), ("model", False), ("stream", False), ("sequential", False), ("stream", True),
         ("sequential", True)]  # fmt: skip
 METHOD = "total_50 = text + first step + 49 x median(steps 2..n) + decode; steps CUDA-synchronised"
-
-
-class RssPeak:
-    """The peak resident set size of this process while the block runs (sampled)."""
-
-    def __enter__(self):
-        self.peak, self._stop = _rss(), threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.wait(0.01):
-            self.peak = max(self.peak, _rss())
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss())
-
-
-def _rss() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _sync(device):
@@ -106,7 +76,7 @@ def run_once(pipe: Pipeline, request: dict, device) -> tuple[dict, object]:
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     _sync(device)
-    with RssPeak() as rss:
+    with HostPeak() as host:
         start = time.perf_counter()
         out = pipe(PROMPT, callback=on_step, **request)
         _sync(device)
@@ -122,7 +92,7 @@ def run_once(pipe: Pipeline, request: dict, device) -> tuple[dict, object]:
         "decode_s": round(decode, 3),
         "total_measured_s": round(total, 3),
         "total_50_s": round(text + steps[0] + 49 * statistics.median(later) + decode, 1),
-        "host_rss_peak_gib": round(rss.peak / GIB, 2),
+        "host_rss_peak_gib": round(host.rss / GIB, 2),
     }
     if device.type == "cuda":
         result["gpu_at_rest_gib"] = round(base / GIB, 2)
