@@ -227,12 +227,15 @@ def cgroup_room(root: Path = Path("/sys/fs/cgroup")) -> int | None:
     return None
 
 
+def _on_cpu(device, text_device) -> tuple[bool, bool]:
+    """(the model computes on the CPU, T5 runs on the CPU)."""
+    return torch.device(device).type == "cpu", text_device is not None and torch.device(text_device).type == "cpu"
+
+
 def host_shortfall(mode: str, sizes: Mapping[str, ComponentSize], device, text_device) -> tuple[int, int] | None:
     """(bytes needed, bytes available) when the weights that would live in host memory do not fit there;
     None when they fit (or where the available memory cannot be read)."""
-    device = torch.device(device)
-    on_cpu = device.type == "cpu"
-    text_on_cpu = text_device is not None and torch.device(text_device).type == "cpu"
+    on_cpu, text_on_cpu = _on_cpu(device, text_device)
     need = host_weight_bytes(mode, sizes, on_cpu, text_on_cpu)
     available = available_host_memory(swap=on_cpu)
     if available is None or need <= available:
@@ -249,9 +252,7 @@ def check_host_memory(
     if shortfall is None:
         return
     need, available = shortfall
-    device = torch.device(device)
-    on_cpu = device.type == "cpu"
-    text_on_cpu = text_device is not None and torch.device(text_device).type == "cpu"
+    on_cpu, text_on_cpu = _on_cpu(device, text_device)
     have = f"{need / _GIB:.1f} GiB of weights, and this machine has {available / _GIB:.1f} GiB available"
     if on_cpu:
         if dtype == torch.float32 and need // 2 <= available:
