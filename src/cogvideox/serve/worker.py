@@ -183,14 +183,16 @@ class Worker:
             code, message = "invalid_request", str(error)
         elif isinstance(error, NonFiniteError):
             code, message = "generation_failed", str(error)
-        elif isinstance(error, OutOfMemoryError):
-            # The pipeline's own error names CLI flags: those are for the operator, the log has them.
-            log.warning("%s: job %s: %s", self.name, job.id, error)
+        elif isinstance(error, OutOfMemoryError) or (
+            isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+        ):
+            stage = ""
+            if isinstance(error, OutOfMemoryError):
+                # The pipeline's own error names CLI flags: those are for the operator, the log has them.
+                log.warning("%s: job %s: %s", self.name, job.id, error)
+                stage = f" ({error.stage})"
             code = "out_of_memory"
-            message = f"the GPU ran out of memory ({error.stage}); try a smaller size or fewer seconds"
-            _free_gpu_memory()
-        elif isinstance(error, RuntimeError) and "out of memory" in str(error).lower():
-            code, message = "out_of_memory", "the GPU ran out of memory; try a smaller size or fewer seconds"
+            message = f"the GPU ran out of memory{stage}; try a smaller size or fewer seconds"
             _free_gpu_memory()
         else:
             log.exception("%s: job %s failed", self.name, job.id)
