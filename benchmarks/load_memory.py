@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from core_full_size import T5_TINY, T5_XXL, build  # noqa: E402
 from host_memory import HostPeak, status  # noqa: E402
 
-from cogvideox import loading  # noqa: E402
+from cogvideox import loading, weights  # noqa: E402
 from cogvideox.models.config import SchedulerConfig, VAEConfig  # noqa: E402
 from cogvideox.models.transformer import TRANSFORMER_PRESETS, CogVideoXTransformer  # noqa: E402
 from cogvideox.models.vae import CogVideoXVAE  # noqa: E402
@@ -87,7 +87,7 @@ def write_checkpoint(folder: Path, variant: str, tiny: bool) -> None:
     transformer = build(lambda: CogVideoXTransformer(preset), "cpu", dtype, seed=1)
     (partial / "transformer").mkdir(parents=True)
     transformer.config.save(partial / "transformer" / "config.json")
-    loading.save_weights(transformer, partial / "transformer", max_shard_size=shard)
+    weights.save_weights(transformer, partial / "transformer", max_shard_size=shard)
     del transformer
     gc.collect()
     print(f"transformer written ({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -95,7 +95,7 @@ def write_checkpoint(folder: Path, variant: str, tiny: bool) -> None:
     vae = build(lambda: CogVideoXVAE(vae_config), "cpu", dtype, seed=2)
     (partial / "vae").mkdir()
     vae.config.save(partial / "vae" / "config.json")
-    loading.save_weights(vae, partial / "vae", max_shard_size=shard)
+    weights.save_weights(vae, partial / "vae", max_shard_size=shard)
     del vae
     gc.collect()
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from helpers import tiny_transformer_kwargs
 
-from cogvideox import loading
+from cogvideox import weights
 from cogvideox.fast.fuse import fuse_qkv
 from cogvideox.models.config import TransformerConfig
 from cogvideox.models.transformer import CogVideoXTransformer
@@ -69,10 +69,10 @@ def test_an_official_checkpoint_loads_into_a_fused_model_and_back(tmp_path):
     assert torch.allclose(run(fused, *args), run(source, *args), rtol=0, atol=1e-6)
 
     # saved as safetensors in the official layout, read back by an unfused model
-    loading.save_weights(fused, tmp_path)
+    weights.save_weights(fused, tmp_path)
     with torch.device("meta"):
         plain = CogVideoXTransformer(source.config)
-    loading.load_weights(plain, sorted(tmp_path.glob("*.safetensors")), torch.float32, torch.device("cpu"), "transformer")
+    weights.load_weights(plain, sorted(tmp_path.glob("*.safetensors")), torch.float32, torch.device("cpu"), "transformer")
     assert torch.equal(run(plain.eval(), *args), run(source, *args))
 
 

@@ -17,13 +17,10 @@ from cogvideox.loading import (
     check_components,
     check_model_dir,
     choose_dtype,
-    load_weights,
     parse_dtype,
-    read_tensors,
     resolve_model_dir,
-    save_weights,
-    weight_files,
 )
+from cogvideox.weights import load_weights, read_tensors, save_weights, weight_files
 from cogvideox.models.config import TransformerConfig, VAEConfig
 
 diffusers = pytest.importorskip("diffusers")

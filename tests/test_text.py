@@ -1,11 +1,14 @@
 """TextEncoder against the reference pipeline's prompt encoding, on a tiny offline T5."""
 
+import shutil
 import warnings
 
 import pytest
 import torch
 from helpers import make_tiny_t5
+from safetensors.torch import load_file, save_file
 
+from cogvideox import LoadError
 from cogvideox.text import TextEncoder
 
 diffusers = pytest.importorskip("diffusers")
@@ -78,6 +81,44 @@ def test_from_pretrained_loads_in_the_requested_dtype(tiny_t5, dtype):
     assert torch.equal(got, reference_embeds(tokenizer, ref_model, PROMPTS[:1]))
     # Asking for another output dtype only casts the result.
     assert torch.equal(loaded.encode(PROMPTS[:1], dtype=torch.float32), got.float())
+
+
+def test_from_pretrained_builds_on_meta_ties_the_embedding_and_is_strict(tiny_t5, tmp_path):
+    root, tokenizer, model = tiny_t5
+    loaded = TextEncoder.from_pretrained(root / "text_encoder", root / "tokenizer")
+    assert loaded.model.encoder.embed_tokens.weight is loaded.model.shared.weight
+    assert {k: v.shape for k, v in loaded.model.named_parameters()} == {
+        k: v.shape for k, v in model.named_parameters()
+    }
+    state = load_file(root / "text_encoder" / "model.safetensors")
+    assert "encoder.embed_tokens.weight" not in state  # save_pretrained leaves the tied alias out
+
+    def folder_with(tensors, name):
+        folder = tmp_path / name
+        shutil.copytree(root / "text_encoder", folder)
+        save_file(tensors, folder / "model.safetensors")
+        return folder
+
+    # A checkpoint that holds the alias as well loads to the same model.
+    both = folder_with(state | {"encoder.embed_tokens.weight": state["shared.weight"].clone()}, "both")
+    again = TextEncoder.from_pretrained(both, root / "tokenizer")
+    assert again.model.encoder.embed_tokens.weight is again.model.shared.weight
+    assert torch.equal(again.encode(PROMPTS), loaded.encode(PROMPTS))
+    # Sharded as transformers writes big encoders: the index names the shards.
+    sharded = tmp_path / "sharded"
+    model.save_pretrained(str(sharded), max_shard_size="20KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    assert torch.equal(TextEncoder.from_pretrained(sharded, root / "tokenizer").encode(PROMPTS), loaded.encode(PROMPTS))
+    # Strict: an unexpected, a missing or a mis-shaped tensor is an error that names it.
+    extra = folder_with(state | {"encoder.block.0.extra.weight": torch.zeros(2)}, "extra")
+    with pytest.raises(LoadError, match=r"unexpected 1 tensor\(s\): encoder.block.0.extra.weight"):
+        TextEncoder.from_pretrained(extra, root / "tokenizer")
+    missing = folder_with({k: v for k, v in state.items() if k != "encoder.final_layer_norm.weight"}, "missing")
+    with pytest.raises(LoadError, match=r"missing 1 tensor\(s\): encoder.final_layer_norm.weight"):
+        TextEncoder.from_pretrained(missing, root / "tokenizer")
+    wrong = folder_with(state | {"encoder.final_layer_norm.weight": torch.zeros(5)}, "wrong")
+    with pytest.raises(LoadError, match=r"encoder.final_layer_norm.weight \(checkpoint \[5\], model \[32\]\)"):
+        TextEncoder.from_pretrained(wrong, root / "tokenizer")
 
 
 def test_truncation_warns_with_the_dropped_token_count(tiny_t5):

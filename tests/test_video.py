@@ -108,7 +108,7 @@ def test_written_files_get_the_usual_mode_not_a_private_one(tmp_path):
     from torch import nn
 
     from cogvideox.files import umask
-    from cogvideox.loading import save_weights
+    from cogvideox.weights import save_weights
 
     want = 0o666 & ~umask()
     video = export_video(np.zeros((3, 16, 16, 3), np.uint8), tmp_path / "v.mp4")

@@ -8,12 +8,9 @@ A model folder holds `model_index.json` and one sub-folder per component:
     tokenizer/     the T5 sentencepiece tokenizer files
     scheduler/     scheduler_config.json
 
-Our networks are built on the meta device and receive their tensors by assignment, so host memory never
-holds a second copy of the weights. Every tensor of a file is a copy-on-write memory map of its own bytes
-(`read_tensors`): already in the target dtype on the CPU, it becomes the model's weight as it is, read on
-first use; cast or moved to a GPU, its pages go back to the kernel as soon as it is converted. Loading is
-strict: every tensor of the file must match a tensor of the model built from the component's
-`config.json`, by name and shape.
+Every network, T5 included, is built on the meta device from its component's `config.json` and receives
+its tensors by assignment (`weights.load_weights`), so host memory never holds a second copy of the
+weights, and loading is strict: a missing, unexpected or mis-shaped tensor is an error that names it.
 
 The dtype and device policy of the package lives here too (`choose_device`, `choose_dtype`).
 """
@@ -21,31 +18,23 @@ The dtype and device policy of the package lives here too (`choose_device`, `cho
 from __future__ import annotations
 
 import json
-import math
-import mmap
 import os
 import re
-import struct
 import warnings
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-from torch import nn
 
 from cogvideox.errors import InputError, LoadError
-from cogvideox.files import usual_mode
 from cogvideox.models.config import SchedulerConfig, TransformerConfig, VAEConfig
 from cogvideox.models.transformer import CogVideoXTransformer
 from cogvideox.models.vae import CogVideoXVAE
 from cogvideox.schedulers import make_scheduler
 from cogvideox.text import TextEncoder
+from cogvideox.weights import DIFFUSERS_WEIGHTS, load_weights, weight_files
 
 MODEL_INDEX = "model_index.json"
-DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"  # file stem diffusers uses for transformer and VAE weights
 SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
 SAMPLING_DEFAULTS = "sampling.json"  # ours, optional: the model's recommended guidance settings
 
@@ -231,27 +220,6 @@ def _hub_snapshot(repo_id: str, *, revision: str | None, local_files_only: bool)
 # Checking the folder
 
 
-def weight_files(component_dir: Path, stem: str = DIFFUSERS_WEIGHTS) -> list[Path]:
-    """The safetensors file(s) of one component: `{stem}.safetensors`, or the shards its index names."""
-    single = component_dir / f"{stem}.safetensors"
-    if single.is_file():
-        return [single]
-    index = component_dir / f"{stem}.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise LoadError(f"{index} is not a safetensors index (no weight_map)") from None
-        shards = [component_dir / name for name in dict.fromkeys(weight_map.values())]
-        absent = [p.name for p in shards if not p.is_file()]
-        if absent:
-            raise LoadError(f"{component_dir} is missing shard(s) named in its index: {', '.join(absent)}")
-        return shards
-    if any(component_dir.glob("*.bin")):
-        raise LoadError(f"{component_dir} only has .bin weights; cogvideox reads safetensors files only")
-    raise LoadError(f"{component_dir} has no weights ({stem}.safetensors or {stem}.safetensors.index.json)")
-
-
 def missing_pieces(folder: Path) -> list[str]:
     """What a folder lacks to be a CogVideoX model folder (empty list: nothing)."""
     required = [
@@ -398,132 +366,6 @@ def read_model_configs(folder: Path) -> ModelConfigs:
 # Loading tensors
 
 
-def _checkpoint_shapes(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
-    """Tensor name -> (file, shape) for every tensor in the files, read from headers only."""
-    found: dict[str, tuple[Path, tuple[int, ...]]] = {}
-    for path in files:
-        try:
-            with safe_open(path, framework="pt") as f:
-                for key in f.keys():
-                    if key in found:
-                        raise LoadError(f"tensor {key} appears in both {found[key][0].name} and {path.name}")
-                    found[key] = (path, tuple(f.get_slice(key).get_shape()))
-        except LoadError:
-            raise
-        except Exception as e:  # safetensors raises its own error types for damaged files
-            raise LoadError(f"cannot read {path}: {e}") from None
-    return found
-
-
-def _listing(names: Iterable[str], limit: int = 8) -> str:
-    names = sorted(names)
-    shown = ", ".join(names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
-def check_state_dict_shapes(
-    expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], what: str
-) -> None:
-    """Raise `LoadError` naming every missing, unexpected or mis-shaped tensor."""
-    missing = expected.keys() - found.keys()
-    unexpected = found.keys() - expected.keys()
-    wrong = [k for k in expected.keys() & found.keys() if tuple(expected[k]) != tuple(found[k])]
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)} tensor(s): {_listing(missing)}")
-    if unexpected:
-        problems.append(f"unexpected {len(unexpected)} tensor(s): {_listing(unexpected)}")
-    if wrong:
-        shapes = [f"{k} (checkpoint {list(found[k])}, model {list(expected[k])})" for k in sorted(wrong)[:8]]
-        more = f" and {len(wrong) - 8} more" if len(wrong) > 8 else ""
-        problems.append(f"{len(wrong)} tensor(s) with the wrong shape: {', '.join(shapes)}{more}")
-    if problems:
-        raise LoadError(f"{what} does not match the model its config.json describes: " + "; ".join(problems))
-
-
-# The element types of the safetensors format (its header's "dtype" field).
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}  # fmt: skip
-
-
-def read_safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
-    """The tensor entries of a safetensors file's header ({name: {dtype, shape, data_offsets}}) and the
-    byte offset where its data begins. Format: an 8-byte little-endian header length, the JSON header."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) != 8:
-            raise LoadError(f"cannot read {path}: not a safetensors file (shorter than its header)")
-        (length,) = struct.unpack("<Q", head)
-        try:
-            header = json.loads(f.read(length))
-        except (ValueError, MemoryError):
-            raise LoadError(f"cannot read {path}: damaged safetensors header") from None
-    header.pop("__metadata__", None)
-    return header, 8 + length
-
-
-def read_tensors(path: Path) -> Iterable[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every tensor of a safetensors file, in file order.
-
-    Each tensor is a private (copy-on-write) memory map of its own bytes: nothing is read before it is
-    used, writing to it never reaches the file, and its pages go back to the kernel as soon as the tensor
-    is dropped, converted or replaced (by offloading's packed copy, say). One map of the whole file, as
-    `safe_open` makes, would keep every page read resident until the last of its tensors is gone.
-    """
-    header, start = read_safetensors_header(path)
-    size = path.stat().st_size
-    grain = mmap.ALLOCATIONGRANULARITY  # a map must start on this boundary
-    with open(path, "rb") as f:
-        for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
-            dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
-            if dtype is None:
-                raise LoadError(f"{path.name}: tensor {name} has an element type we cannot read ({entry['dtype']})")
-            begin, end = (start + offset for offset in entry["data_offsets"])
-            numel = math.prod(entry["shape"])
-            if numel * dtype.itemsize != end - begin:
-                raise LoadError(f"{path.name}: tensor {name} takes {end - begin} bytes, not what its shape needs")
-            if end > size:
-                raise LoadError(f"cannot read {path}: the file ends inside tensor {name} (truncated download?)")
-            if numel == 0:
-                yield name, torch.empty(entry["shape"], dtype=dtype)
-                continue
-            low = begin - begin % grain
-            mapped = mmap.mmap(f.fileno(), end - low, offset=low, access=mmap.ACCESS_COPY)
-            # The tensor holds the map; the map is unmapped when the tensor's storage is freed.
-            yield name, torch.frombuffer(mapped, dtype=dtype, count=numel, offset=begin - low).view(entry["shape"])
-
-
-def load_weights(
-    model: nn.Module, files: list[Path], dtype: torch.dtype, device: torch.device, what: str
-) -> None:
-    """Fill a meta-device `model` with the tensors of `files`, strictly, cast to `dtype` on `device`."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    found = _checkpoint_shapes(files)
-    check_state_dict_shapes(expected, {k: shape for k, (_, shape) in found.items()}, what)
-
-    state: dict[str, torch.Tensor] = {}
-    for path in files:
-        for key, tensor in read_tensors(path):
-            # Integer buffers keep their type; every float tensor takes the pipeline dtype. Already in
-            # that dtype on the CPU, the mapped tensor itself becomes the weight: no copy at all.
-            target = dtype if tensor.is_floating_point() else tensor.dtype
-            state[key] = tensor.to(device=device, dtype=target)
-            del tensor
-    model.load_state_dict(state, strict=True, assign=True)
-    _check_materialized(model)
-
-
-def _check_materialized(model: nn.Module) -> None:
-    """Every tensor must be real after loading. Non-persistent buffers are not in the checkpoint; the
-    modules owning them recompute them in a load_state_dict post-hook (e.g. the 2B sin-cos table)."""
-    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if leftover:
-        raise RuntimeError(f"tensors still on the meta device after loading: {_listing(leftover)}")
-
-
 def _load_model(folder: Path, subfolder: str, build, config_cls, dtype: torch.dtype, device: torch.device):
     """Build `build(config)` on the meta device from `folder/subfolder/config.json`, then load it strictly."""
     path = folder / subfolder
@@ -566,7 +408,7 @@ def load_scheduler(folder: Path, kind: str | None = None):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Saving
+# Writing a folder
 
 
 def model_index(
@@ -586,68 +428,3 @@ def model_index(
         "transformer": ["diffusers", transformer_class],
         "vae": ["diffusers", vae_class],
     }
-
-
-def parse_size(size: int | str) -> int:
-    """`"10GB"`, `"500MB"`, `1_000_000` -> bytes."""
-    if isinstance(size, int):
-        return size
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)?\s*", size, re.IGNORECASE)
-    if not match:
-        raise InputError(f"cannot read {size!r} as a size; write e.g. 5GB or 500MB")
-    unit = (match.group(2) or "B").upper()
-    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
-    return int(float(match.group(1)) * scale)
-
-
-def _standalone(tensor: torch.Tensor) -> torch.Tensor:
-    """`tensor` on the CPU as safetensors can write it: contiguous and owning its storage exactly.
-
-    A view into a larger storage (a slice of a fused weight, a tied tensor) is copied; anything else is
-    written as it is, so saving a model does not need a second copy of its weights.
-    """
-    tensor = tensor.detach().to("cpu").contiguous()
-    if tensor.storage_offset() != 0 or tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
-        tensor = tensor.clone()
-    return tensor
-
-
-def save_weights(
-    model: nn.Module, folder: Path, stem: str = DIFFUSERS_WEIGHTS, max_shard_size: int | str = "10GB"
-) -> list[Path]:
-    """Write the state dict as `{stem}.safetensors`, or as shards plus `{stem}.safetensors.index.json`.
-
-    Shards are planned from the tensor sizes and written one at a time, so that at most one shard's
-    worth of views is ever copied.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    limit = parse_size(max_shard_size)
-    state = model.state_dict()
-    shards: list[list[str]] = [[]]
-    size = 0
-    for key, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > limit:
-            shards.append([])
-            size = 0
-        shards[-1].append(key)
-        size += nbytes
-    for stale in [*folder.glob(f"{stem}*.safetensors"), folder / f"{stem}.safetensors.index.json"]:
-        stale.unlink(missing_ok=True)
-    if len(shards) == 1:
-        path = folder / f"{stem}.safetensors"
-        save_file({k: _standalone(state[k]) for k in shards[0]}, str(path), metadata={"format": "pt"})
-        usual_mode(path)
-        return [path]
-    paths, weight_map, total = [], {}, 0
-    for i, keys in enumerate(shards, start=1):
-        path = folder / f"{stem}-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file({k: _standalone(state[k]) for k in keys}, str(path), metadata={"format": "pt"})
-        usual_mode(path)
-        paths.append(path)
-        for key in keys:
-            weight_map[key] = path.name
-            total += state[key].numel() * state[key].element_size()
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return paths

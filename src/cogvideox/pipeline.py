@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from cogvideox import conditioning, loading
+from cogvideox import conditioning, loading, weights
 from cogvideox.errors import InputError, OutOfMemoryError
 from cogvideox.models.config import TransformerConfig
 from cogvideox.request import GenerationRequest, check_request, default_fps, default_size
@@ -208,7 +208,7 @@ class Pipeline:
         for name, module in (("transformer", self.transformer), ("vae", self.vae)):
             (folder / name).mkdir(exist_ok=True)
             module.config.save(folder / name / "config.json")
-            loading.save_weights(module, folder / name, max_shard_size=max_shard_size)
+            weights.save_weights(module, folder / name, max_shard_size=max_shard_size)
         self.text_encoder.model.save_pretrained(folder / "text_encoder", max_shard_size=max_shard_size)
         self.text_encoder.tokenizer.save_pretrained(folder / "tokenizer")
         (folder / "scheduler").mkdir(exist_ok=True)
@@ -576,7 +576,7 @@ class Pipeline:
                 got = list(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
                 raise InputError(f"latents must be a tensor of shape {list(shape)} for this request, got {got}")
 
-        device, dtype, timings = self.device, self.dtype, {}
+        device, timings = self.device, {}
 
         start = time.perf_counter()
         length = request.max_sequence_length

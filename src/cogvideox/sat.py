@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from cogvideox import loading
+from cogvideox import loading, weights
 from cogvideox.errors import LoadError
 from cogvideox.models.config import TransformerConfig, VAEConfig
 from cogvideox.models.transformer import TRANSFORMER_PRESETS, CogVideoXTransformer
@@ -238,7 +238,7 @@ def _build(make: Callable[[], nn.Module], state: StateDict, dtype: torch.dtype, 
     with torch.device("meta"):
         model = make()
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    loading.check_state_dict_shapes(expected, {k: tuple(v.shape) for k, v in state.items()}, what)
+    weights.check_state_dict_shapes(expected, {k: tuple(v.shape) for k, v in state.items()}, what)
     tensors = {}
     for key, tensor in state.items():
         tensors[key] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
@@ -327,7 +327,7 @@ def convert(
             continue
         (output / name).mkdir()
         module.config.save(output / name / "config.json")
-        loading.save_weights(module, output / name, max_shard_size=max_shard_size)
+        weights.save_weights(module, output / name, max_shard_size=max_shard_size)
     for name in ("text_encoder", "tokenizer", "scheduler"):
         shutil.copytree(base / name, output / name)
     index = json.loads((base / loading.MODEL_INDEX).read_text())

@@ -11,13 +11,31 @@ import warnings
 from pathlib import Path
 
 import torch
-import transformers
-from packaging.version import Version
 from torch import Tensor, nn
-from transformers import T5EncoderModel, T5Tokenizer
+from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
-# transformers renamed `torch_dtype` to `dtype` in 4.56.
-_DTYPE_KWARG = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+from cogvideox.weights import load_weights, weight_files
+
+# T5EncoderModel's token embedding is `shared.weight`; its encoder's `embed_tokens` is the same tensor.
+_T5_TIED = {"encoder.embed_tokens.weight": "shared.weight"}
+
+
+def load_t5(text_encoder_dir: Path, dtype: torch.dtype, device: torch.device) -> T5EncoderModel:
+    """transformers' `T5EncoderModel` of a checkpoint's `text_encoder/` folder, in `dtype` on `device`.
+
+    transformers' own loader keeps a whole shard mapped while it casts (up to 1.9x the weights in host
+    memory for a cast T5-XXL); this one maps each tensor alone, as for our own networks.
+    """
+    config = T5Config.from_pretrained(str(text_encoder_dir))
+    with torch.device("meta"):
+        model = T5EncoderModel(config)
+    # transformers' rule: `_keep_in_fp32_modules` stay float32 in float16, the `_strict` ones in bf16 too.
+    keep = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ()) if dtype.itemsize == 2 else set()
+    if dtype == torch.float16:
+        keep |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    files = weight_files(text_encoder_dir, "model")
+    load_weights(model, files, dtype, device, str(text_encoder_dir), keep_fp32=keep, tied=_T5_TIED)
+    return model.eval()
 
 
 def _prompt_list(prompts: str | list[str] | tuple[str, ...]) -> list[str]:
@@ -51,19 +69,18 @@ class TextEncoder(nn.Module):
     ) -> TextEncoder:
         """Load the `text_encoder/` and `tokenizer/` folders of a checkpoint.
 
-        The weights are read straight into `dtype` (None: transformers' default); in float16, T5's
-        feed-forward output projections stay float32 as transformers keeps them, the same as the
-        reference.
+        The encoder is built from its `config.json` on the meta device and its safetensors weights are
+        assigned to it (`weights.load_weights`): read straight into `dtype` (None: float32) on `device`
+        (None: the CPU), with no second copy in host memory, strictly. It is the model transformers'
+        `T5EncoderModel.from_pretrained` gives, the reference's: the same parameters, the token embedding
+        tied to `shared.weight`, and in float16 the feed-forward output projections (`wo`) kept in
+        float32, as transformers keeps them.
         """
         for what, path in (("text encoder", text_encoder_dir), ("tokenizer", tokenizer_dir)):
             if not Path(path).is_dir():
                 raise FileNotFoundError(f"{what} folder not found: {path}")
         tokenizer = T5Tokenizer.from_pretrained(str(tokenizer_dir))
-        kwargs = {_DTYPE_KWARG: dtype} if dtype is not None else {}
-        model = T5EncoderModel.from_pretrained(str(text_encoder_dir), **kwargs)
-        model.eval()
-        if device is not None:
-            model.to(device)
+        model = load_t5(Path(text_encoder_dir), dtype or torch.float32, torch.device(device or "cpu"))
         return cls(tokenizer, model)
 
     @property

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..loading import model_index, weight_files
+from ..loading import model_index
+from ..weights import weight_files
 from ..models.config import SchedulerConfig, TransformerConfig, VAEConfig
 from ..models.transformer import CogVideoXTransformer
 from ..models.vae import CogVideoXVAE

@@ -13,6 +13,7 @@ These are estimates for choosing; nothing here moves a weight (that is `cogvideo
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cogvideox import weights
 from cogvideox.errors import OutOfMemoryError
 from cogvideox.fast.offload import DEFAULT_LOOKAHEAD, MODES
 
@@ -83,22 +85,17 @@ def pipeline_sizes(pipe) -> dict[str, ComponentSize]:
 def folder_sizes(folder: Path, dtype: torch.dtype) -> dict[str, ComponentSize]:
     """The same, from a model folder's safetensors headers, for weights loaded in `dtype` (nothing is read
     but the headers, so "auto" can choose before loading)."""
-    from safetensors import safe_open
-
-    from cogvideox import loading
-
     itemsize = torch.empty((), dtype=dtype).element_size()
     found = {}
     for name, stem, prefix in (
         ("text_encoder", "model", "encoder.block"),
-        ("transformer", loading.DIFFUSERS_WEIGHTS, "transformer_blocks"),
-        ("vae", loading.DIFFUSERS_WEIGHTS, None),
+        ("transformer", weights.DIFFUSERS_WEIGHTS, "transformer_blocks"),
+        ("vae", weights.DIFFUSERS_WEIGHTS, None),
     ):
         sizes = {}
-        for path in loading.weight_files(Path(folder) / name, stem):
-            with safe_open(path, framework="pt") as f:
-                for key in f.keys():
-                    sizes[key] = torch.Size(f.get_slice(key).get_shape()).numel() * itemsize
+        for path in weights.weight_files(Path(folder) / name, stem):
+            header, _ = weights.read_safetensors_header(path)
+            sizes.update({key: math.prod(entry["shape"]) * itemsize for key, entry in header.items()})
         if name == "text_encoder":
             # Only the encoder runs; its token embedding is tied to `shared.weight`.
             sizes = {k: v for k, v in sizes.items() if not k.startswith(("decoder.", "encoder.embed_tokens."))}
