@@ -131,6 +131,7 @@ def main() -> None:
               "steps": args.steps, "batch": args.batch, "seconds": round(time.perf_counter() - t0, 1),
               "rows": rows}  # fmt: skip
     out_dir = Path(os.environ.get("OUT", "."))
+    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "cache_quality.json").write_text(json.dumps(report, indent=2) + "\n")
     header = ("| threshold | steps computed | denoise s | speed-up | PSNR vs uncached (mean / min) dB | "
               "judge: right | colour | direction | lost / gained (p) |")  # fmt: skip

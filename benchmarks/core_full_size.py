@@ -133,6 +133,7 @@ def main() -> None:
     args = p.parse_args()
 
     out_dir = Path(os.environ.get("OUT", "."))
+    out_dir.mkdir(parents=True, exist_ok=True)
     device, dtype = bench_device(args.tiny)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:

@@ -59,6 +59,7 @@ def main(argv=None) -> None:
             print(f"guidance {scale:g}: {colour} on {background}: {seen[colour]} of {row['videos']} judged "
                   f"{colour} {dict(seen)}, object RGB {row['object_rgb']}", flush=True)
     out_dir = Path(os.environ.get("OUT", "."))
+    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "demo_guidance.json").write_text(json.dumps(rows, indent=2) + "\n")
 
 

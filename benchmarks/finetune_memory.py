@@ -212,6 +212,7 @@ def main() -> None:
             report["lora_speed_ratio"] = round(ours["s_per_step"] / ref["s_per_step"], 3)
             report["lora_speed_target"] = SPEED_TARGET
     out = Path(os.environ.get("OUT", ".")) / "finetune_memory.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
 

@@ -153,6 +153,7 @@ def main() -> int:
     args = p.parse_args()
 
     out_dir = Path(os.environ.get("OUT", "."))
+    out_dir.mkdir(parents=True, exist_ok=True)
     device, dtype = core_full_size.bench_device(args.tiny)
     runs = [(r.split("+")[0], r.endswith("+tiling")) for r in args.modes.split(",")]
     variants = ["5b", "2b"] if args.variant == "both" else [args.variant]

@@ -117,6 +117,7 @@ def main() -> None:
         rows=rows,
     )
     out = Path(os.environ.get("OUT", ".")) / "parallel_per_rank.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
 

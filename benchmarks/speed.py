@@ -283,6 +283,7 @@ def main() -> None:
         del encoder
 
     out_dir = Path(os.environ.get("OUT", "."))
+    out_dir.mkdir(parents=True, exist_ok=True)
     name = f"speed_{args.variant}{'_tiny' if args.tiny else ''}.json"
     (out_dir / name).write_text(json.dumps(result, indent=2) + "\n")
     print(markdown(result))
