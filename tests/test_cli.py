@@ -3,6 +3,7 @@
 import argparse
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -63,6 +64,10 @@ def test_bad_flags_exit_2_with_one_line(capsys, argv, message):
         (["--height", "40"], "height must be a positive multiple of 16"),
         (["--steps", "1001"], "num_inference_steps can be at most 1000"),
         (["--output", "/no/such/folder/x.mp4"], "--output folder /no/such/folder does not exist"),
+        (["--output", "clip.gif"], "--output clip.gif: videos are written as MP4 (H.264); give a name ending in "
+                                   ".mp4, such as clip.mp4"),
+        (["--output", "clip"], "give a name ending in .mp4, such as clip.mp4"),
+        (["--max-sequence-length", "100000"], "max_sequence_length can be at most 512"),
     ],
 )
 def test_user_mistakes_exit_2_with_one_line(capsys, monkeypatch, tiny_rope_dir, extra, message):
@@ -77,6 +82,71 @@ def test_user_mistakes_exit_2_with_one_line(capsys, monkeypatch, tiny_rope_dir, 
     out = capsys.readouterr()
     assert out.err.count("\n") == 1 and out.err.startswith("cogvideox: error: ") and message in out.err
     assert "Traceback" not in out.err
+
+
+def test_an_output_folder_that_takes_no_file_fails_before_loading(capsys, monkeypatch, tiny_rope_dir, tmp_path):
+    import cogvideox.video
+    from cogvideox.pipeline import Pipeline
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights were loaded before the output was checked")
+
+    monkeypatch.setattr(cogvideox.video.tempfile, "mkstemp", refused)
+    monkeypatch.setattr(Pipeline, "from_pretrained", no_loading)
+    argv = ["generate", "a cat", "--model", str(tiny_rope_dir), "--quiet", "--output", str(tmp_path / "x.mp4")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == f"cogvideox: error: cannot write {tmp_path / 'x.mp4'}: Permission denied\n"
+
+
+def test_a_video_that_cannot_be_written_at_the_end_is_saved_elsewhere(capsys, monkeypatch, tiny_rope_dir, tmp_path):
+    """The folder took files at the start but not at the end (a full disk): the minutes of generation are
+    not lost, the video goes to the temporary folder and the one-line error says where."""
+    import cogvideox.video
+
+    export = cogvideox.video.export_video
+    target = tmp_path / "cat.mp4"
+
+    def disk_full_for_target(frames, path, fps=8):
+        if path == target:
+            raise OSError(28, "No space left on device")
+        return export(frames, path, fps=fps)
+
+    monkeypatch.setattr(cogvideox.video, "export_video", disk_full_for_target)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the rescued video goes
+    argv = ["generate", "a cat", "--model", str(tiny_rope_dir), "--output", str(target), "--quiet",
+            "--steps", "1", "--height", "32", "--width", "48", "--max-sequence-length", "16"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"cogvideox: error: could not write {target} ([Errno 28] No space left on device); "
+                          "the video was saved to ")
+    rescued = err.strip().split("saved to ")[1].removesuffix(" instead")
+    assert rescued.startswith(str(tmp_path))
+    frames, fps = read_video(rescued)
+    assert frames.shape == (9, 32, 48, 3) and fps == 8 and not target.exists()
+
+
+@pytest.mark.parametrize(
+    "error, where",
+    [
+        (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 80000000000 bytes."), "host"),
+        (MemoryError(), "host"),
+        (RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB"), "GPU"),
+    ],
+)
+def test_running_out_of_memory_is_one_line(capsys, monkeypatch, tiny_rope_dir, error, where):
+    from cogvideox.pipeline import Pipeline
+
+    def allocation_fails(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(Pipeline, "__call__", allocation_fails)
+    assert main(["generate", "a cat", "--model", str(tiny_rope_dir), "--quiet", "--steps", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"cogvideox: error: out of {where} memory; try --dtype bf16") and err.count("\n") == 1
 
 
 def test_generate_writes_a_readable_mp4(capsys, tiny_rope_dir, tmp_path):

@@ -295,6 +295,13 @@ def test_an_exact_dtype_load_on_the_cpu_maps_the_file(tmp_path):
     assert (tmp_path / WEIGHTS).read_bytes() == before
 
 
+def test_a_revision_for_a_local_model_is_said_to_be_unused(tiny_rope_dir):
+    with pytest.warns(UserWarning, match=f"revision 'v2' only applies to Hugging Face repo ids; the local folder {tiny_rope_dir} is used as it is"):
+        assert resolve_model_dir(tiny_rope_dir, revision="v2") == tiny_rope_dir
+    with pytest.warns(UserWarning, match="the built-in demo model is used as it is"):
+        resolve_model_dir(None, revision="v2")
+
+
 def test_repo_id_resolves_from_the_cache_without_network(tiny_rope_dir, tmp_path, monkeypatch):
     import huggingface_hub.constants as hub
 

@@ -239,6 +239,34 @@ def test_generate_with_lora(capsys, monkeypatch, tiny_rope_dir, lora_files, tmp_
     assert "1 --lora-scale values for 0 --lora files" in capsys.readouterr().err
 
 
+def test_accelerate_folds_the_loras_in_and_refuses_new_ones(tiny_rope_dir, lora_files, tmp_path):
+    """The fast paths rewrite the linear layers: accelerate() folds loaded LoRAs into the weights first
+    (unfused or fused alike), and a LoRA loaded afterwards is refused with a message saying the order."""
+    one, two = lora_files
+    inputs = transformer_inputs()
+    live = Pipeline.from_pretrained(tiny_rope_dir, lora=[(one, 0.5), (two, 2.0)])
+    want = ours_out(live.transformer, inputs)
+    for fuse_first in (False, True):
+        pipe = Pipeline.from_pretrained(tiny_rope_dir, lora=[(one, 0.5), (two, 2.0)])
+        if fuse_first:
+            pipe.fuse_lora()
+        pipe.accelerate(quantize="int8")
+        assert not lora.lora_layers(pipe.transformer)
+        got = ours_out(pipe.transformer, inputs)
+        assert ((got - want).norm() / want.norm()).item() < 1e-2  # int8 weights: rounding only
+        with pytest.raises(InputError, match=r"load LoRAs before accelerate\(\)"):
+            pipe.load_lora(one)
+    exact = Pipeline.from_pretrained(tiny_rope_dir, lora=[(one, 0.5), (two, 2.0)]).accelerate(cache=0.0)
+    assert torch.allclose(ours_out(exact.transformer, inputs), want, atol=1e-5)  # fused QKV: lossless
+
+    common = ["--model", str(tiny_rope_dir), "--steps", "2", "--frames", "9", "--height", "32", "--width", "48",
+              "--seed", "4", "--quiet", "--lora", str(one), "--lora-scale", "0.5"]
+    for flags in (["--quantize", "int8"], ["--cache", "0.1"]):
+        out = tmp_path / f"lora{flags[0]}.mp4"
+        assert main(["generate", "a cat", "--output", str(out), *flags, *common]) == 0
+        assert read_video(out)[0].shape == (9, 32, 48, 3)
+
+
 def test_state_dict_stays_the_official_layout(tiny_rope_dir, lora_files, tmp_path):
     """A pipeline with a fused LoRA saves as a plain model folder that both implementations read."""
     one, _ = lora_files

@@ -136,6 +136,16 @@ def test_truncation_warns_with_the_dropped_token_count(tiny_t5):
     assert rel_err(got, reference_embeds(tokenizer, model, ["a cat", prompt], 16)) <= 1e-6
 
 
+def test_truncation_warning_quotes_only_the_start_of_a_long_cut(tiny_t5):
+    _, tokenizer, model = tiny_t5
+    prompt = " ".join(["cat"] * 15 + ["dog"] * 400)
+    with pytest.warns(UserWarning) as record:
+        TextEncoder(tokenizer, model).encode(prompt, max_sequence_length=16)
+    message = str(record[0].message)
+    assert "last 400 tokens were dropped: 'dog dog" in message and message.endswith(" ...'")
+    assert len(message) < 300
+
+
 def test_no_warning_when_the_prompt_fits(tiny_t5):
     _, tokenizer, model = tiny_t5
     prompt = " ".join(["cat"] * 15)  # exactly 16 tokens with the end token

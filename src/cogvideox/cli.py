@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -109,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     arg(
         "--vae-tiling",
         action="store_true",
-        help="decode in overlapping tiles: much less GPU memory, pixels near tile seams differ slightly "
-        "(as the reference's tiled decode)",
+        help="decode in overlapping tiles of half the model's own size: much less GPU memory; pixels near "
+        "tile seams differ slightly on the real models (as in the reference's tiled decode), visibly on the demo",
     )
     arg("--vae-slicing", action="store_true", help="decode the videos of --num-videos one at a time (less memory)")
     arg("--quiet", action="store_true", help="no progress bars, only the final report")
@@ -195,7 +196,7 @@ def _generate(args: argparse.Namespace) -> int:
     from cogvideox import conditioning, loading
     from cogvideox.pipeline import Pipeline
     from cogvideox.request import check_request
-    from cogvideox.video import export_video
+    from cogvideox.video import check_video_path
 
     if args.image and args.video:
         raise InputError("give --image (image-to-video) or --video (video-to-video), not both")
@@ -207,12 +208,7 @@ def _generate(args: argparse.Namespace) -> int:
         if not Path(path).exists():
             raise InputError(f"--lora {path} does not exist")
 
-    outputs = _output_paths(args.output, args.num_videos)
-    for path in outputs:
-        if path.is_dir():
-            raise InputError(f"--output {path} is a folder; give a file name such as {path / 'video.mp4'}")
-        if not path.parent.is_dir():
-            raise InputError(f"--output folder {path.parent} does not exist")
+    outputs = [check_video_path(path, "--output") for path in _output_paths(args.output, args.num_videos)]
     _quiet_libraries()
 
     # Every mistake that the inputs and the configs alone reveal fails here, before minutes of loading.
@@ -256,9 +252,7 @@ def _generate(args: argparse.Namespace) -> int:
     )
     if pipe.offload_choice and (args.offload != "auto" or device.type == "cuda"):
         print(pipe.offload_choice)
-    if accelerate:
-        if lora:
-            pipe.fuse_lora()  # the fast paths rewrite the linear layers: they see the LoRAs folded in
+    if accelerate:  # folds the LoRAs into the weights first: the fast paths rewrite the linear layers
         pipe.accelerate(quantize=args.quantize, compile=args.compile, cache=args.cache)
     if mesh is not None:
         from cogvideox.parallel import decode, parallelize
@@ -274,7 +268,7 @@ def _generate(args: argparse.Namespace) -> int:
         return 0  # rank 0 writes and reports
     start = time.perf_counter()
     for frames, path in zip(result.frames, outputs):
-        export_video(frames, path, fps=fps)
+        _export_or_rescue(frames, path, fps)
     write_time = time.perf_counter() - start
 
     frames = result.frames[0]
@@ -286,6 +280,19 @@ def _generate(args: argparse.Namespace) -> int:
         + _cache_report(pipe)
     )
     return 0
+
+
+def _export_or_rescue(frames, path: Path, fps: float) -> None:
+    """Write the video; if its folder stopped taking files since the start (a full disk, a lost mount),
+    write it to the temporary folder instead and say where, rather than lose minutes of generation."""
+    from cogvideox.video import export_video
+
+    try:
+        export_video(frames, path, fps=fps)
+    except (OSError, InputError) as e:
+        rescue = Path(tempfile.mkdtemp(prefix="cogvideox-")) / path.name
+        export_video(frames, rescue, fps=fps)
+        raise InputError(f"could not write {path} ({e}); the video was saved to {rescue} instead") from None
 
 
 def _cache_report(pipe) -> str:
@@ -301,6 +308,17 @@ def _report(error: Exception) -> None:
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"cogvideox: warning: {message}", file=sys.stderr)
+
+
+def _out_of_memory(error: BaseException) -> str | None:
+    """"GPU" or "host" when `error` is an allocation failure (PyTorch's CUDA one, its CPU allocator's,
+    Python's MemoryError), else None."""
+    text = str(error).lower()
+    if isinstance(error, MemoryError) or "defaultcpuallocator" in text or "can't allocate memory" in text:
+        return "host"
+    if "out of memory" in text:
+        return "GPU"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -320,14 +338,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cogvideox: interrupted", file=sys.stderr)
         return 130
-    except RuntimeError as e:
-        if "out of memory" not in str(e).lower():
+    except (RuntimeError, MemoryError) as e:
+        where = _out_of_memory(e)
+        if where is None:
             raise
-        print(
-            "cogvideox: error: out of GPU memory; try --dtype bf16, fewer --frames, a smaller --height/--width "
-            "or --num-videos 1",
-            file=sys.stderr,
-        )
+        print(f"cogvideox: error: out of {where} memory; try --dtype bf16, fewer --frames, a smaller "
+              "--height/--width, --num-videos 1, --vae-tiling or an --offload mode", file=sys.stderr)  # fmt: skip
         return RUN_ERROR
     finally:
         warnings.showwarning = previous

@@ -159,18 +159,26 @@ def resolve_model_dir(
     when it is missing or incomplete there is it downloaded (unless `local_files_only` or HF_HUB_OFFLINE).
     """
     if path_or_repo_id is None:
+        _revision_unused(revision, "the built-in demo model")
         return _demo_model_dir()
     name = os.fspath(path_or_repo_id)
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():
             raise LoadError(f"{path} is a file; a model is a folder holding {MODEL_INDEX} and its components")
+        _revision_unused(revision, f"the local folder {path}")
         return path
     if not isinstance(path_or_repo_id, str) or not _looks_like_repo_id(name):
         raise LoadError(
             f"no model folder at {path} (and it is not a Hugging Face repo id like THUDM/CogVideoX-2b)"
         )
     return _hub_snapshot(name, revision=revision, local_files_only=local_files_only)
+
+
+def _revision_unused(revision: str | None, what: str) -> None:
+    if revision is not None:
+        warnings.warn(f"revision {revision!r} only applies to Hugging Face repo ids; {what} is used as it is",
+                      stacklevel=3)
 
 
 def _hub_snapshot(repo_id: str, *, revision: str | None, local_files_only: bool) -> Path:

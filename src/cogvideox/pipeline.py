@@ -236,6 +236,11 @@ class Pipeline:
         transformer at `scale`; several can be active at once. Returns the adapter's name."""
         from cogvideox.train import lora
 
+        if self.acceleration is not None:
+            raise InputError(
+                "load LoRAs before accelerate(): the fast paths have rewritten the transformer's linear layers "
+                "(fused QKV, quantised), which a LoRA cannot attach to"
+            )
         return lora.load_lora(self.transformer, path, scale=scale, name=name)
 
     def set_lora_scale(self, scale: float, name: str | None = None) -> None:
@@ -342,8 +347,13 @@ class Pipeline:
         (0 computes every step; larger skips more); its counters are in `pipe.acceleration.cache`.
         fuse_qkv and attention ("auto": cuDNN first on CUDA) are lossless up to rounding.
         Move the pipeline to its device first; a quantised transformer is for inference, not for saving.
+        Loaded LoRAs are folded into the weights for good first, at their current scales (the fast paths
+        rewrite the linear layers the LoRAs attach to); load every LoRA before calling this.
         """
         from cogvideox import fast
+        from cogvideox.train import lora
+
+        lora.fold_lora(self.transformer)
 
         device = self.device  # where the transformer computes, even while offloading keeps it in host memory
         offload = self.offload

@@ -221,11 +221,19 @@ def check_size(
     return int(height), int(width)
 
 
+MAX_TEXT_TOKENS = 512  # T5 v1.1 was trained on inputs of up to 512 tokens
+
+
 def check_text_length(max_sequence_length, transformer: TransformerConfig) -> int:
     """T5 tokens per prompt; the model's own by default (226 for every released model)."""
     if max_sequence_length is None:
         return transformer.max_text_seq_length
     length = _positive_int(max_sequence_length, "max_sequence_length")
+    if length > MAX_TEXT_TOKENS:
+        raise InputError(
+            f"max_sequence_length can be at most {MAX_TEXT_TOKENS} (T5's training length; the released "
+            f"models use {transformer.max_text_seq_length}), got {length}"
+        )
     table = transformer.use_learned_positional_embeddings or not transformer.use_rotary_positional_embeddings
     if table and length != transformer.max_text_seq_length:
         # An additive position table (2B, 5B-I2V) has text rows for exactly this many tokens.

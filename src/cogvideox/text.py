@@ -16,6 +16,8 @@ from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
 from cogvideox.weights import load_weights, weight_files
 
+_QUOTE_LIMIT = 120  # characters of the dropped text a truncation warning quotes
+
 # T5EncoderModel's token embedding is `shared.weight`; its encoder's `embed_tokens` is the same tensor.
 _T5_TIED = {"encoder.embed_tokens.weight": "shared.weight"}
 
@@ -136,6 +138,8 @@ class TextEncoder(nn.Module):
             if dropped > 0:
                 # Truncation keeps max_length - 1 text tokens and the end token.
                 cut = self.tokenizer.decode(ids[max_length - 1 : -1])
+                if len(cut) > _QUOTE_LIMIT:  # the start of what was lost is enough to recognise it
+                    cut = cut[:_QUOTE_LIMIT].rsplit(" ", 1)[0] + " ..."
                 warnings.warn(
                     f"prompt {i} is {len(ids) - 1} tokens long but max_sequence_length is {max_length} "
                     f"(end token included), so its last {dropped} tokens were dropped: {cut!r}",

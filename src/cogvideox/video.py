@@ -42,6 +42,34 @@ def _encoder_name() -> str:
     return "libx264" if "libx264" in av.codecs_available else "h264"
 
 
+def check_video_path(path: str | os.PathLike, flag: str = "") -> Path:
+    """`path` as a `Path` if an MP4 can be written there, else an `InputError` saying why (`flag`, e.g.
+    "--output", starts the message): a name ending in .mp4 (the files are MP4, whatever their name), not
+    a folder, in an existing folder this process can create files in. Checked before minutes of work."""
+    path = Path(path)
+    what = f"{flag} {path}" if flag else str(path)
+    if path.is_dir():
+        raise InputError(f"{what} is a folder; give a file name such as {path / 'video.mp4'}")
+    if path.suffix.lower() != ".mp4":
+        raise InputError(f"{what}: videos are written as MP4 (H.264); give a name ending in .mp4, such as "
+                         f"{path.with_suffix('.mp4').name if path.name else 'video.mp4'}")
+    if not path.parent.is_dir():
+        raise InputError(f"{flag + ' ' if flag else ''}folder {path.parent} does not exist")
+    handle, probe = _temporary_file(path)  # the one sure test: create a file there
+    os.close(handle)
+    os.unlink(probe)
+    return path
+
+
+def _temporary_file(path: Path) -> tuple[int, str]:
+    """A new private file beside `path`, renamed into place once complete; a one-line error if the folder
+    does not take one (permissions, a read-only or pseudo file system)."""
+    try:
+        return tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".mp4.part", dir=path.parent)
+    except OSError as e:
+        raise InputError(f"cannot write {path}: {e.strerror or e}") from None
+
+
 def export_video(frames: np.ndarray | Sequence, path: str | os.PathLike, fps: float = 8) -> Path:
     """Write frames (uint8 [F, H, W, 3], or a list of [H, W, 3]) as an H.264 MP4 (yuv420p) at `fps`.
 
@@ -56,14 +84,9 @@ def export_video(frames: np.ndarray | Sequence, path: str | os.PathLike, fps: fl
         raise InputError(f"H.264 in yuv420p needs an even width and height, got {width}x{height}")
     if not fps > 0:
         raise InputError(f"fps must be positive, got {fps}")
-    path = Path(path)
-    if path.is_dir():
-        raise InputError(f"{path} is a folder; give a file name such as {path / 'video.mp4'}")
-    if not path.parent.is_dir():
-        raise InputError(f"cannot write {path}: folder {path.parent} does not exist")
-
+    path = check_video_path(path)
     rate = Fraction(fps).limit_denominator(1001)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".mp4.part", dir=path.parent)
+    handle, temporary = _temporary_file(path)
     os.close(handle)
     try:
         with av.open(temporary, mode="w", format="mp4") as container:
