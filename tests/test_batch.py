@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
 
-from cogvideox import read_video
-from cogvideox.batch import MANIFEST, finished, plan, read_prompts, video_name
+from cogvideox import Pipeline, read_video
+from cogvideox.batch import MANIFEST, finished, plan, read_prompts, run_batch, video_name
 from cogvideox.cli import main
+from cogvideox.errors import InputError
 
 FAST = ["--steps", "2", "--frames", "9", "--quiet"]
 PROMPTS = "a red ball rolls left\n\n# a comment line\n  a blue square moves up  \na green ball bounces\n"
@@ -39,8 +43,14 @@ def test_batch_writes_videos_and_manifest_then_resumes(capsys, tmp_path):
     prompts.write_text(PROMPTS)
     out = tmp_path / "out"
     assert main(["batch", str(prompts), "-o", str(out), "--seed", "4", *FAST]) == 0
-    assert "wrote 3 video(s)" in capsys.readouterr().out
+    report = capsys.readouterr().out
+    assert "wrote 3 video(s)" in report
     entries = _manifest(out)
+    # The last line sums each stage's seconds over the videos made, as the manifest holds them.
+    stages = re.search(r"0 failed\) \| text (\S+)s, denoise (\S+)s, decode (\S+)s, write (\S+)s \| manifest ", report)
+    assert stages, report
+    for stage, shown in zip(("text", "denoise", "decode", "write"), stages.groups()):
+        assert float(shown) == pytest.approx(sum(e["timings"][stage] for e in entries), abs=0.051)
     assert [(e["index"], e["prompt"], e["seed"]) for e in entries] == [
         (0, "a red ball rolls left", 4),
         (1, "a blue square moves up", 5),
@@ -62,6 +72,7 @@ def test_batch_writes_videos_and_manifest_then_resumes(capsys, tmp_path):
     assert main(["batch", str(prompts), "-o", str(out), "--seed", "4", *FAST]) == 0
     report = capsys.readouterr().out
     assert "wrote 1 video(s)" in report and "2 finished earlier" in report
+    assert re.search(r"0 failed\) \| text \S+s, denoise \S+s, decode \S+s, write \S+s \| manifest ", report)
     assert {f: os.stat(out / f).st_mtime_ns for f in kept} == kept  # untouched
     redone = json.loads((out / MANIFEST).read_text().splitlines()[-1])
     assert redone["file"] == lost and redone["seed"] == 5
@@ -70,7 +81,10 @@ def test_batch_writes_videos_and_manifest_then_resumes(capsys, tmp_path):
 
     # Another seed is another batch: nothing is skipped.
     items = plan(read_prompts(prompts), seed=5)
-    assert finished(out, items) == set()
+    assert finished(out, items, entries[0]["settings"]) == set()
+    # Nothing made, no stage times.
+    assert main(["batch", str(prompts), "-o", str(out), "--seed", "4", *FAST]) == 0
+    assert "(3 finished earlier, 0 failed) | manifest " in capsys.readouterr().out
 
 
 def test_batch_reports_progress_over_the_whole_batch(capsys, tmp_path):
@@ -129,6 +143,136 @@ def test_bad_requests_fail_before_loading(capsys, tmp_path):
     assert "frames" in capsys.readouterr().err
     assert main(["batch", str(path), "-o", str(tmp_path / "out"), "--parallel", "cfg=2"]) == 2
     assert "torchrun --nproc-per-node 2" in capsys.readouterr().err
+
+
+def _no_loading(monkeypatch) -> None:
+    """Make loading a model fail the test: these mistakes must be caught before it."""
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(Pipeline, "from_pretrained", load)
+
+
+def _contents(folder) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_other_settings_stop_before_loading_until_overwrite(capsys, monkeypatch, tmp_path):
+    """A folder of videos made with other settings is neither passed off as this run's (skipped) nor
+    silently made again: the run stops naming the first setting that differs; --overwrite remakes them."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(PROMPTS)
+    out = tmp_path / "out"
+    batch = ["batch", str(prompts), "-o", str(out), *FAST]
+    assert main(batch) == 0
+    capsys.readouterr()
+    before = _contents(out)
+    made = _manifest(out)[0]["settings"]
+    assert made["steps"] == 2 and made["frames"] == 9 and made["scheduler"] == "ddim"
+    model = tmp_path / "model"
+    shutil.copytree(made["model"], model)
+
+    with monkeypatch.context() as patch:
+        _no_loading(patch)
+        for flags, difference in [
+            (["--steps", "3"], "steps 2, now 3"),
+            (["--guidance", "1"], f"guidance {made['guidance']:g}, now 1"),
+            (["--frames", "17"], "frames 9, now 17"),
+            (["--height", "32", "--width", "48"], "height 64, now 32"),
+            (["--fps", "12"], "fps 8, now 12"),
+            (["--scheduler", "dpm"], "scheduler 'ddim', now 'dpm'"),
+            (["--negative-prompt", "blurry"], "negative prompt '', now 'blurry'"),
+            (["--dynamic-cfg"], "dynamic cfg 'off', now 'reference'"),
+            (["--model", str(model)], f"model {made['model']!r}, now {str(model.resolve())!r}"),
+        ]:
+            assert main([*batch, *flags]) == 2, flags
+            assert capsys.readouterr().err == (
+                f"cogvideox: error: {out} holds 3 video(s) made with other settings ({difference}); use "
+                "another --output-dir, or --overwrite to make them again\n"
+            )
+        assert _contents(out) == before  # not a byte changed
+
+    assert main([*batch, "--steps", "3", "--overwrite"]) == 0
+    assert "wrote 3 video(s)" in capsys.readouterr().out
+    entries = _manifest(out)
+    assert len(entries) == 6 and all(e["settings"] == made | {"steps": 3} for e in entries[3:])
+    assert all((out / e["file"]).read_bytes() != before[e["file"]] for e in entries[3:])
+    # Made with these settings now: a re-run keeps them, with or without --overwrite.
+    for flags in ([], ["--overwrite"]):
+        assert main([*batch, "--steps", "3", *flags]) == 0
+        assert "wrote 0 video(s)" in capsys.readouterr().out
+    assert len(_manifest(out)) == 6
+
+
+def test_manifest_lines_without_settings_count_by_size_and_rate(capsys, monkeypatch, tmp_path):
+    """Lines written before settings were recorded: a video whose size and frame rate match is finished
+    (the rest is unknown and taken to agree, so an interrupted batch still resumes after an upgrade); one
+    of another size or rate was made with other settings."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red ball rolls left\na blue square moves up\n")
+    out = tmp_path / "out"
+    batch = ["batch", str(prompts), "-o", str(out), *FAST]
+    assert main(batch) == 0
+    old = [{k: v for k, v in e.items() if k != "settings"} for e in _manifest(out)]
+    (out / MANIFEST).write_text("".join(json.dumps(e) + "\n" for e in old))
+    capsys.readouterr()
+
+    for flags in ([], ["--steps", "3"]):
+        assert main([*batch, *flags]) == 0
+        report = capsys.readouterr().out
+        assert "wrote 0 video(s)" in report and "2 finished earlier" in report
+    assert len(_manifest(out)) == 2
+    with monkeypatch.context() as patch:
+        _no_loading(patch)
+        assert main([*batch, "--frames", "17"]) == 2
+        assert "holds 2 video(s) made with other settings (frames 9, now 17)" in capsys.readouterr().err
+        assert main([*batch, "--fps", "12"]) == 2
+        assert "(fps 8, now 12)" in capsys.readouterr().err
+    assert main([*batch, "--frames", "17", "--overwrite"]) == 0
+    assert "wrote 2 video(s)" in capsys.readouterr().out
+    assert [e["settings"]["frames"] for e in _manifest(out)[2:]] == [17, 17]
+
+
+@pytest.mark.parametrize("failure", ["mkdir", "write"])
+def test_unwritable_output_folder_is_one_line_before_loading(capsys, monkeypatch, tmp_path, failure):
+    """Tests run as root, so no folder is unwritable by permissions: a path under a regular file makes
+    mkdir fail for real, and a write refused by the system is played by `tempfile.mkstemp`."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red ball\n")
+    _no_loading(monkeypatch)
+    if failure == "mkdir":
+        (tmp_path / "afile").write_text("")
+        out, reason = tmp_path / "afile" / "sub", "Not a directory"
+    else:
+        out, reason = tmp_path / "ro", "Permission denied"
+
+        def refuse(*args, **kwargs):
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    assert main(["batch", str(prompts), "-o", str(out), *FAST]) == 2
+    assert capsys.readouterr().err == f"cogvideox: error: cannot write to {out}: {reason}\n"
+    if failure == "write":
+        assert list(out.iterdir()) == []
+
+
+def test_run_batch_records_the_pipelines_settings(tmp_path):
+    """From Python, without `settings`: the pipeline's and the request's, every default resolved."""
+    pipe = Pipeline.from_pretrained(None, device="cpu")
+    out = tmp_path / "out"
+    [entry] = run_batch(pipe, ["a red ball"], out, progress=False, num_inference_steps=2, num_frames=9)
+    height, width = pipe.default_size
+    assert entry["settings"] == {
+        "model": None, "scheduler": "ddim", "steps": 2, "guidance": pipe.sampling_defaults["guidance_scale"],
+        "dynamic_cfg": "off", "negative_prompt": "", "max_sequence_length": pipe.config.max_text_seq_length,
+        "frames": 9, "height": height, "width": width, "fps": pipe.default_fps,
+    }  # fmt: skip
+    assert run_batch(pipe, ["a red ball"], out, progress=False, num_inference_steps=2, num_frames=9) == []
+    with pytest.raises(InputError, match=r"holds 1 video\(s\) made with other settings \(steps 2, now 3\)"):
+        run_batch(pipe, ["a red ball"], out, progress=False, num_inference_steps=3, num_frames=9)
+    [entry] = run_batch(pipe, ["a red ball"], out, progress=False, overwrite=True, num_inference_steps=3, num_frames=9)
+    assert entry["settings"]["steps"] == 3
 
 
 def _free_port() -> int:

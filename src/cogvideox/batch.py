@@ -9,9 +9,12 @@ The prompts file holds one prompt per line (blank lines and lines starting with 
 it. Under torchrun the processes form groups of the `--parallel` layout's size (one process each without
 it) and the groups take the prompts in turn; across nodes the output folder must be shared.
 
-`manifest.jsonl` in the output folder gets one line per video as it finishes (prompt, seed, file, size,
-timings) or per failure (prompt, seed, error). A re-run skips every video whose file exists and whose
-manifest line has the same prompt and seed, so an interrupted batch resumes where it stopped.
+`manifest.jsonl` in the output folder gets one line per video as it finishes (prompt, seed, settings,
+file, size, timings) or per failure (prompt, seed, settings, error). A re-run skips every video whose
+file exists and whose manifest line has the same prompt, seed and settings (`video_settings`), so an
+interrupted batch resumes where it stopped. Videos there made with other settings are neither kept as if
+they were this run's nor silently replaced: the run stops, before loading the model, unless `--overwrite`
+asks to make them again.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import json
 import math
 import os
 import re
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -72,9 +76,59 @@ def plan(prompts: Sequence[str], seed: int = 0) -> list[Item]:
     return [Item(i, p, seed + i, video_name(i, p)) for i, p in enumerate(prompts)]
 
 
-def finished(output_dir: str | Path, items: Sequence[Item]) -> set[int]:
-    """Indices of the items already done: the file exists and its latest manifest line matches."""
-    output_dir = Path(output_dir)
+def video_settings(model: str | None, scheduler: str, request, fps: float) -> dict:
+    """What decides a video besides its prompt and seed, as a manifest entry records it.
+
+    model: the model folder as resolved (a hub snapshot's folder names its commit); scheduler: "ddim" or
+    "dpm"; request: the `GenerationRequest` of `check_request`, every default resolved, so that
+    `--frames 49` and the model's default 49 are the same setting; fps: the MP4s' frame rate.
+    Left out on purpose: device, dtype, offloading, `--vae-tiling` and the `--parallel` layout choose how
+    the same video is computed (they change it by rounding, or by blending at tile seams, at most), and a
+    batch must stay resumable on other hardware.
+    """
+    return {
+        "model": model,
+        "scheduler": scheduler,
+        "steps": request.num_inference_steps,
+        "guidance": request.guidance_scale,
+        "dynamic_cfg": request.dynamic_cfg if request.use_dynamic_cfg else "off",
+        "negative_prompt": request.negative_prompts[0],
+        "max_sequence_length": request.max_sequence_length,
+        "frames": request.num_frames,
+        "height": request.height,
+        "width": request.width,
+        "fps": fps,
+    }
+
+
+def scheduler_kind(scheduler) -> str:
+    """The kind of a scheduler object, "ddim" or "dpm" (its class name for any other)."""
+    from cogvideox.schedulers import SCHEDULERS
+
+    kinds = (kind for kind, cls in SCHEDULERS.items() if isinstance(scheduler, cls))
+    return next(kinds, type(scheduler).__name__)
+
+
+def _pipeline_settings(pipe, prompt: str, request: dict, fps: float) -> dict:
+    """`video_settings` of a loaded pipeline called with `request` (model unknown: None); guidance left
+    out takes the model's recommendation, as the call does, and arguments `check_request` does not
+    take are not recorded."""
+    import inspect
+
+    from cogvideox import loading
+    from cogvideox.request import check_request
+
+    guidance = loading.fill_sampling(
+        pipe.sampling_defaults,
+        **{name: request.get(name) for name in ("guidance_scale", "use_dynamic_cfg", "dynamic_cfg")},
+    )
+    known = inspect.signature(check_request).parameters
+    shaping = {name: value for name, value in (request | guidance).items() if name in known}
+    return video_settings(None, scheduler_kind(pipe.scheduler), pipe.check_request(prompt, **shaping), fps)
+
+
+def _latest_entries(output_dir: Path) -> dict[str, dict]:
+    """The last manifest entry of each video file in the folder (none when there is no manifest)."""
     manifest = output_dir / MANIFEST
     latest: dict[str, dict] = {}
     if manifest.is_file():
@@ -85,17 +139,93 @@ def finished(output_dir: str | Path, items: Sequence[Item]) -> set[int]:
                 continue  # a line cut short by a crash: its video is redone
             if isinstance(entry, dict) and isinstance(entry.get("file"), str):
                 latest[entry["file"]] = entry
-    done = set()
+    return latest
+
+
+# What a manifest entry written before settings were recorded still tells: the size and rate of its file.
+_LEGACY_SETTINGS = ("frames", "height", "width", "fps")
+
+
+def _show(value) -> str:
+    """A setting's value for a message: strings quoted, numbers as short as they go."""
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{value:g}"
+    return "unknown" if value is None else str(value)
+
+
+def _difference(entry: dict, settings: dict) -> str | None:
+    """The first setting in which a manifest entry differs from `settings` ("steps 3, now 5"), None
+    when they agree.
+
+    An entry without settings, written before they were recorded, is compared on what it does record:
+    the size and rate of its file. The rest is unknown and taken to agree, as that version's resume
+    assumed: a batch interrupted before an upgrade resumes after it instead of stopping or starting over,
+    while a video of another size or rate still counts as made with other settings.
+    """
+    made = entry.get("settings")
+    names = list(settings)
+    if not isinstance(made, dict):
+        made, names = entry, [name for name in _LEGACY_SETTINGS if name in settings]
+    for name in names:
+        if made.get(name) != settings[name]:
+            return f"{name.replace('_', ' ')} {_show(made.get(name))}, now {_show(settings[name])}"
+    return None
+
+
+def survey(output_dir: str | Path, items: Sequence[Item], settings: dict) -> tuple[set[int], dict[int, str]]:
+    """What the folder already holds of `items`: (indices finished with these settings, {index: how its
+    settings differ} for those finished with other ones). An item counts when its file exists and the
+    latest manifest line for that file has its prompt and seed; lines from before settings were recorded
+    count as finished when the size and rate they record match (see `_difference`)."""
+    output_dir = Path(output_dir)
+    latest = _latest_entries(output_dir)
+    done, other = set(), {}
     for item in items:
         entry = latest.get(item.file)
         if (
-            entry is not None
-            and entry.get("prompt") == item.prompt
-            and entry.get("seed") == item.seed
-            and (output_dir / item.file).is_file()
+            entry is None
+            or entry.get("prompt") != item.prompt
+            or entry.get("seed") != item.seed
+            or not (output_dir / item.file).is_file()
         ):
+            continue
+        difference = _difference(entry, settings)
+        if difference is None:
             done.add(item.index)
-    return done
+        else:
+            other[item.index] = difference
+    return done, other
+
+
+def finished(output_dir: str | Path, items: Sequence[Item], settings: dict) -> set[int]:
+    """Indices of the items already done with these settings (see `survey`)."""
+    return survey(output_dir, items, settings)[0]
+
+
+def refuse_other_settings(output_dir: str | Path, other: dict[int, str]) -> None:
+    """Stop when the folder holds videos made with other settings: keeping them would pass them off as
+    this run's, making them again would throw away work nobody asked to redo."""
+    if other:
+        first = other[min(other)]
+        raise InputError(
+            f"{output_dir} holds {len(other)} video(s) made with other settings ({first}); use another "
+            "--output-dir, or --overwrite to make them again"
+        )
+
+
+def prepare_folder(output_dir: str | Path) -> None:
+    """Create the output folder if missing and check that a file can be written there, so that a folder
+    we cannot write to fails in one line before the model loads, not after the first video."""
+    output_dir = Path(output_dir)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".write-test-", dir=output_dir)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as e:
+        raise InputError(f"cannot write to {output_dir}: {e.strerror or e}") from None
 
 
 def run_batch(
@@ -106,6 +236,8 @@ def run_batch(
     mesh=None,
     seed: int = 0,
     fps: float | None = None,
+    settings: dict | None = None,
+    overwrite: bool = False,
     progress: bool = True,
     **request,
 ) -> list[dict]:
@@ -114,6 +246,10 @@ def run_batch(
     pipe: a `Pipeline`, or a `ParallelPipeline` on `mesh` when several processes share a video.
     mesh: this process's `cogvideox.parallel.Mesh` under torch.distributed (None: one process); its
         groups (`mesh.replicas` of them) take the prompts in turn, in lockstep rounds.
+    settings: what the videos are made with (`video_settings`), recorded in each manifest entry and
+        compared with an earlier run's; default: those of `pipe` and `request`, model None.
+    overwrite: make again the videos an earlier run made with other settings; without it they stop
+        the batch with an `InputError` before any video is made.
     request: the other arguments of the pipeline call (num_inference_steps, guidance_scale, ...).
     Returns the manifest entries this call wrote (on global rank 0; elsewhere an empty list).
     """
@@ -124,11 +260,18 @@ def run_batch(
     distributed = dist.is_initialized()
     is_root = not distributed or dist.get_rank() == 0
     items = plan(prompts, seed)
-    done = [finished(output_dir, items) if is_root else None]
-    if distributed:
-        dist.broadcast_object_list(done, src=0)  # one view of the folder for everyone
-    todo = [item for item in items if item.index not in done[0]]
     fps = fps or pipe.default_fps
+    if settings is None:
+        settings = _pipeline_settings(pipe, prompts[0], request, fps) if prompts else {}
+
+    def look() -> tuple[set[int], dict[int, str]]:
+        prepare_folder(output_dir)
+        return survey(output_dir, items, settings)
+
+    done, other = _from_root(look)  # one view of the folder for everyone
+    if not overwrite:
+        refuse_other_settings(output_dir, other)
+    todo = [item for item in items if item.index not in done]
     written: list[dict] = []
     bar = tqdm(total=len(items), initial=len(items) - len(todo), unit="video", disable=not (progress and is_root))
     with bar:
@@ -136,7 +279,7 @@ def run_batch(
             slot = round_start + mesh.replica
             entry = None
             if slot < len(todo):
-                entry = _one_video(pipe, todo[slot], output_dir, fps, mesh.is_leader, request)
+                entry = _one_video(pipe, todo[slot], output_dir, fps, settings, mesh.is_leader, request)
             entries = [entry]
             if distributed:
                 entries = [None] * dist.get_world_size()
@@ -147,6 +290,23 @@ def run_batch(
                 written += entries
                 bar.update(len(entries))
     return written
+
+
+def _from_root(work):
+    """`work()` run on global rank 0 alone, its result handed to every process under torch.distributed;
+    an `InputError` there is raised in every process alike, so that none is left waiting for the others."""
+    outcome = [None]
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            outcome = [(work(), None)]
+        except InputError as e:
+            outcome = [(None, str(e))]
+    if dist.is_initialized():
+        dist.broadcast_object_list(outcome, src=0)
+    result, problem = outcome[0]
+    if problem is not None:
+        raise InputError(problem)
+    return result
 
 
 def _append(manifest: Path, entries: list[dict]) -> None:
@@ -162,11 +322,13 @@ def _append(manifest: Path, entries: list[dict]) -> None:
             f.flush()
 
 
-def _one_video(pipe, item: Item, output_dir: Path, fps: float, leader: bool, request) -> dict | None:
+def _one_video(
+    pipe, item: Item, output_dir: Path, fps: float, settings: dict, leader: bool, request
+) -> dict | None:
     """Generate and (on the group's leader) write one video; its manifest entry on the leader."""
     from cogvideox.video import export_video
 
-    record = {"index": item.index, "prompt": item.prompt, "seed": item.seed}
+    record = {"index": item.index, "prompt": item.prompt, "seed": item.seed, "settings": settings}
     try:
         result = pipe(item.prompt, seed=item.seed, progress=False, **request)  # the batch has its own bar
     except CogVideoXError as e:  # a failed video is recorded and the batch goes on
@@ -225,17 +387,24 @@ def add_batch_parser(commands) -> None:
         help="processes per video under torchrun, e.g. cfg=2,ulysses=2 (see `generate --help`); default: "
         "one process per video",
     )
+    arg(
+        "--overwrite",
+        action="store_true",
+        help="make again the videos in --output-dir that an earlier run made with other settings (without "
+        "it such videos stop the batch before the model loads); videos made with these settings are kept",
+    )
     arg("--quiet", action="store_true", help="no progress bars, only the final report")
     bat.set_defaults(run=_batch)
 
 
 def _batch(args: argparse.Namespace) -> int:
+    from cogvideox import loading
     from cogvideox.cli import RUN_ERROR, _quiet_libraries
     from cogvideox.cli_args import locate_model, request_from_args
     from cogvideox.parallel import launch, parallelize
     from cogvideox.parallel.decode import enable_tile_split
     from cogvideox.pipeline import Pipeline
-    from cogvideox.request import check_request
+    from cogvideox.request import check_request, default_fps
 
     prompts = read_prompts(args.prompts)
     output_dir = Path(args.output_dir)
@@ -243,20 +412,24 @@ def _batch(args: argparse.Namespace) -> int:
         raise InputError(f"--output-dir {output_dir} is a file; give a folder")
     _quiet_libraries()
 
-    # Every prompt is checked against the model before any loading.
+    # Every prompt is checked against the model, and the folder against the settings, before any loading.
     device, folder, configs = locate_model(args)
     request = request_from_args(args, folder)
     train_steps = configs.scheduler.num_train_timesteps
-    for prompt in prompts:
+    checked = [
         check_request(configs.transformer, configs.vae, prompt, num_train_timesteps=train_steps, **request)
+        for prompt in prompts
+    ]
+    scheduler = scheduler_kind(loading.load_scheduler(folder, args.scheduler))
+    fps = args.fps or default_fps(configs.transformer)
+    settings = video_settings(str(folder.resolve()), scheduler, checked[0], fps)
+    if not args.overwrite:
+        refuse_other_settings(output_dir, survey(output_dir, plan(prompts, args.seed), settings)[1])
 
     mesh, device = launch.join(args.parallel, device, configs.transformer, request["guidance_scale"] > 1,
                                one_group=False)
     is_root = mesh is None or (mesh.replica == 0 and mesh.is_leader)
-    if is_root:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    if dist.is_initialized():
-        dist.barrier()  # the folder exists before anyone looks into it
+    _from_root(lambda: prepare_folder(output_dir))  # before loading; the folder exists before anyone looks
     pipe = Pipeline.from_pretrained(folder, dtype=args.dtype, device=device, scheduler=args.scheduler)
     if args.vae_tiling:
         pipe.vae.enable_tiling()
@@ -265,8 +438,9 @@ def _batch(args: argparse.Namespace) -> int:
         pipe = parallelize(pipe, mesh)
     start = time.perf_counter()
     entries = run_batch(
-        pipe, prompts, output_dir, mesh=mesh, seed=args.seed, fps=args.fps, progress=not args.quiet, **request
-    )
+        pipe, prompts, output_dir, mesh=mesh, seed=args.seed, fps=fps, settings=settings,
+        overwrite=args.overwrite, progress=not args.quiet, **request,
+    )  # fmt: skip
     launch.leave(mesh)
     if not is_root:
         return 0
@@ -275,8 +449,20 @@ def _batch(args: argparse.Namespace) -> int:
     skipped = len(prompts) - len(entries)
     print(
         f"wrote {made} video(s) to {output_dir} in {time.perf_counter() - start:.1f}s ({skipped} finished "
-        f"earlier, {len(failed)} failed) | manifest {output_dir / MANIFEST}"
+        f"earlier, {len(failed)} failed){_stage_totals(entries)} | manifest {output_dir / MANIFEST}"
     )
     for e in failed:
         print(f"cogvideox: error: prompt {e['index']} ({e['prompt'][:40]!r}): {e['error']}")
     return RUN_ERROR if failed else 0
+
+
+def _stage_totals(entries: list[dict]) -> str:
+    """The seconds per stage summed over the videos this run made (over all processes under torchrun),
+    for the report: " | text 0.4s, denoise 21.0s, decode 2.1s, write 0.3s", or "" when it made none."""
+    totals: dict[str, float] = {}
+    for entry in entries:
+        for stage, seconds in entry.get("timings", {}).items():
+            totals[stage] = totals.get(stage, 0.0) + seconds
+    if not totals:
+        return ""
+    return " | " + ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in totals.items())
