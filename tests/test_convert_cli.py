@@ -1,6 +1,9 @@
 """`cogvideox convert`: a SAT checkpoint becomes a model folder in the diffusers layout, readable by us and
 by the reference, with the checkpoint's weights."""
 
+import json
+import random
+import shutil
 import subprocess
 import sys
 
@@ -85,3 +88,24 @@ def test_missing_checkpoint_and_help(tiny_rope_dir, tmp_path, capsys):
     text = " ".join(result.stdout.split())
     for flag in ["--output", "--base", "--vae", "--dtype", "--trust-pickle", "--offline"]:
         assert flag in text
+
+
+def test_convert_keeps_the_base_sampling_settings(sat_checkpoint, tiny_rope_dir, tmp_path):
+    """The base's sampling.json (its recommended guidance) comes along, as its T5 and scheduler do."""
+    _, transformer, vae = sat_checkpoint
+    base = shutil.copytree(tiny_rope_dir, tmp_path / "base")
+    (base / "sampling.json").write_text(json.dumps({"guidance_scale": 2.5}))
+    out = tmp_path / "converted"
+    assert main(["convert", str(transformer), "--vae", str(vae), "--base", str(base), "-o", str(out)]) == 0
+    assert json.loads((out / "sampling.json").read_text()) == {"guidance_scale": 2.5}
+    assert Pipeline.from_pretrained(out).sampling_defaults["guidance_scale"] == 2.5
+
+
+def test_a_file_of_random_bytes_is_named_not_a_checkpoint(tiny_rope_dir, tmp_path, capsys):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(random.Random(0).randbytes(4096))
+    assert main(["convert", str(garbage), "--base", str(tiny_rope_dir), "-o", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(f"cogvideox: error: cannot read {garbage}: not a PyTorch checkpoint (UnpicklingError: ")
+    assert not (tmp_path / "o").exists()

@@ -1,5 +1,7 @@
 """DDIM inversion: the inverted noise regenerates the video, on a tiny random model and on the demo model."""
 
+import re
+
 import pytest
 import torch
 from helpers import make_tiny_cogvideox, sample_frames
@@ -188,3 +190,24 @@ def test_invert_command_refinement(tiny_rope_dir, tmp_path, capsys):
     assert "argument --refine: expected a non-negative integer, got -1" in capsys.readouterr().err
     assert main([*args, "--refine", "1", "--reconstruct", str(tmp_path / "out.mp4")]) == 0
     assert read_video(tmp_path / "out.mp4")[0].shape == (9, 32, 48, 3)
+
+
+def test_regenerate_command_reports_its_stage_times(tiny_rope_dir, tmp_path, capsys):
+    """`cogvideox regenerate` ends, like `generate`, with where the video went and each stage's time."""
+    from cogvideox import export_video, read_video
+    from cogvideox.cli import main
+
+    source = export_video(sample_frames(9, height=32, width=48), tmp_path / "in.mp4")
+    model = ["--model", str(tiny_rope_dir), "--quiet"]
+    assert main(["invert", str(source), "--prompt", "a cat", "--steps", "3", "--height", "32", "--width", "48",
+                 "--frames", "9", "--refine", "0", "--output", str(tmp_path / "latents.safetensors"), *model]) == 0
+    capsys.readouterr()
+    out = tmp_path / "regen.mp4"
+    assert main(["regenerate", str(tmp_path / "latents.safetensors"), "--output", str(out), "--fps", "8", *model]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(
+        rf"wrote {re.escape(str(out))} \(9 frames, 48x32, 8 fps\) \| load \d+\.\ds, text \d+\.\ds, "
+        r"denoise \d+\.\ds, decode \d+\.\ds, write \d+\.\ds",
+        last,
+    ), last
+    assert read_video(out)[0].shape == (9, 32, 48, 3)

@@ -46,6 +46,41 @@ def test_safe_defaults_and_options():
     assert not _is_loopback("0.0.0.0") and not _is_loopback("192.0.2.1")
 
 
+def test_every_flag_says_what_it_does_and_its_default():
+    parser = argparse.ArgumentParser()
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_serve_parsers(commands)
+    for name in ("serve", "worker"):
+        for action in commands.choices[name]._actions:
+            if action.option_strings != ["-h", "--help"]:
+                assert action.help and "default" in action.help, (name, action.option_strings)
+
+
+def test_a_port_out_of_range_is_a_usage_error(capsys):
+    for port in ("99999", "0", "http"):
+        with pytest.raises(SystemExit) as exit_:
+            parse(["serve", "--port", port])
+        assert exit_.value.code == 2
+        assert "argument --port: expected a port number from 1 to 65535, got" in capsys.readouterr().err
+    assert parse(["serve", "--port", "65535"]).port == 65535
+
+
+def test_a_port_in_use_fails_in_one_line_before_anything_starts(tmp_path, capsys, monkeypatch):
+    import socket
+
+    from cogvideox.serve import spec
+
+    monkeypatch.setattr(spec.ModelSpec, "load", lambda *a: pytest.fail("loaded the model before binding"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--port", str(port), "--data-dir", str(tmp_path / "data")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"cogvideox: error: cannot listen on 127.0.0.1:{port}: address already in use")
+    assert err.count("\n") == 1 and not (tmp_path / "data").exists()
+
+
 def test_a_missing_model_is_one_line(tmp_path, capsys):
     assert main(["serve", "--model", str(tmp_path / "nowhere"), "--data-dir", str(tmp_path)]) == 2
     error = capsys.readouterr().err.strip()

@@ -43,6 +43,19 @@ def test_train_end_to_end_and_resume(capsys, tiny_rope_dir, tmp_path):
     assert main([*argv, "--steps", "3"]) == 0
     steps = [json.loads(line)["step"] for line in (tmp_path / "out" / "loss.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
+    capsys.readouterr()
+
+    # Fewer steps than the run reached: nothing can be trained, said in one line.
+    assert main([*argv, "--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"cogvideox: error: {tmp_path / 'out'} is already at step 3 (asked for 2): nothing to train; raise --steps to continue\n"
+    # As many: the result is written again, and the last line says nothing was trained.
+    assert main([*argv, "--steps", "3"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith(f"{tmp_path / 'out'} was already at step 3: nothing trained (raise --steps to continue); "
+                           f"wrote {tmp_path / 'out' / 'pytorch_lora_weights.safetensors'} again")
+    steps = [json.loads(line)["step"] for line in (tmp_path / "out" / "loss.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@ several processes average their gradients."""
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -104,14 +105,18 @@ def test_resume_after_an_interruption_is_bit_identical(data_dir, tiny_rope_dir, 
 
 
 def test_full_fine_tuning_writes_a_model_folder(data_dir, tiny_rope_dir, tmp_path):
-    path = finetune(config(data_dir, tiny_rope_dir, tmp_path, full=True, steps=2, lr=1e-3))
-    assert path == tmp_path / "model"
+    base = shutil.copytree(tiny_rope_dir, tmp_path / "base")
+    (base / "sampling.json").write_text(json.dumps({"guidance_scale": 2.5}))  # the base recommends 2.5
+    out = tmp_path / "run"
+    path = finetune(config(data_dir, base, out, full=True, steps=2, lr=1e-3))
+    assert path == out / "model"
     tuned = Pipeline.from_pretrained(path)
+    assert tuned.sampling_defaults["guidance_scale"] == 2.5  # the base's sampling.json came along
     base = Pipeline.from_pretrained(tiny_rope_dir)
     changed = [k for k, v in tuned.transformer.state_dict().items() if not torch.equal(v, base.transformer.state_dict()[k])]
     assert len(changed) > 20  # every trained tensor moved
     assert all(torch.equal(v, base.vae.state_dict()[k]) for k, v in tuned.vae.state_dict().items())
-    checkpoint = torch.load(tmp_path / "checkpoints" / "step-2.pt", weights_only=False)
+    checkpoint = torch.load(out / "checkpoints" / "step-2.pt", weights_only=False)
     for key, value in checkpoint["weights"].items():
         assert torch.equal(tuned.transformer.state_dict()[key], value), key
 
@@ -137,6 +142,16 @@ def test_resuming_with_other_settings_is_refused(data_dir, tiny_rope_dir, tmp_pa
     finetune(config(data_dir, tiny_rope_dir, tmp_path, steps=3))
     with pytest.raises(InputError, match="holds a run with other settings \\(rank differ"):
         finetune(config(data_dir, tiny_rope_dir, tmp_path, steps=4, rank=8))
+
+
+def test_a_run_past_the_asked_steps_is_refused_before_loading(data_dir, tiny_rope_dir, tmp_path, monkeypatch):
+    finetune(config(data_dir, tiny_rope_dir, tmp_path, steps=3))
+    before = (tmp_path / "loss.jsonl").read_text()
+    monkeypatch.setattr(Run, "__init__", lambda *a: pytest.fail("loaded the model for nothing"))
+    with pytest.raises(InputError) as refused:
+        finetune(config(data_dir, tiny_rope_dir, tmp_path, steps=2))
+    assert str(refused.value) == f"{tmp_path} is already at step 3 (asked for 2): nothing to train; raise --steps to continue"
+    assert (tmp_path / "loss.jsonl").read_text() == before  # the run's log is untouched
 
 
 def test_no_usable_video_is_a_user_error(tiny_rope_dir, tmp_path):

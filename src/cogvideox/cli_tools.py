@@ -146,10 +146,10 @@ def _load(args: argparse.Namespace):
 def _invert(args: argparse.Namespace) -> int:
     from cogvideox import conditioning
     from cogvideox.inversion import invert, psnr, reconstruct
-    from cogvideox.video import export_video
+    from cogvideox.video import check_video_path, export_video
 
     latents_path = _check_output(args.output, "--output")
-    video_path = _check_output(args.reconstruct, "--reconstruct")
+    video_path = check_video_path(args.reconstruct, "--reconstruct") if args.reconstruct else None
     if latents_path is None and video_path is None:
         raise InputError("nothing to write: give --output LATENTS.safetensors and/or --reconstruct VIDEO.mp4")
     _quiet_libraries()
@@ -191,19 +191,30 @@ def _invert(args: argparse.Namespace) -> int:
 
 def _regenerate(args: argparse.Namespace) -> int:
     from cogvideox.inversion import Inversion, reconstruct
-    from cogvideox.video import export_video
+    from cogvideox.video import check_video_path, export_video
 
-    output = _check_output(args.output, "--output")
+    output = check_video_path(args.output, "--output")
     inversion = Inversion.load(args.latents)
     _quiet_libraries()
+    start = time.perf_counter()
     pipe = _load(args)
-    video = reconstruct(
-        pipe, inversion, prompt=args.prompt, guidance_scale=args.guidance, progress=not args.quiet
-    ).frames[0]
+    load_time = time.perf_counter() - start
+    result = reconstruct(pipe, inversion, prompt=args.prompt, guidance_scale=args.guidance, progress=not args.quiet)
+    video = result.frames[0]
     fps = args.fps or pipe.default_fps
+    start = time.perf_counter()
     export_video(video, output, fps=fps)
-    print(f"wrote {output} ({video.shape[0]} frames, {video.shape[2]}x{video.shape[1]}, {fps:g} fps)")
+    stages = {"load": load_time, **result.timings, "write": time.perf_counter() - start}
+    print(
+        f"wrote {output} ({video.shape[0]} frames, {video.shape[2]}x{video.shape[1]}, {fps:g} fps) | "
+        + _stage_times(stages)
+    )
     return 0
+
+
+def _stage_times(stages: dict[str, float]) -> str:
+    """The time of each stage, as `generate` reports them: "load 1.2s, text 0.1s, denoise 30.5s, ..."."""
+    return ", ".join(f"{name} {seconds:.1f}s" for name, seconds in stages.items())
 
 
 def _convert(args: argparse.Namespace) -> int:

@@ -132,6 +132,8 @@ def read_state_dict(path: str | Path, trust_pickle: bool = False) -> StateDict:
             if "mmap" not in str(e):
                 raise
             saved = torch.load(file, map_location="cpu", weights_only=not trust_pickle)  # legacy format
+    except OSError as e:
+        raise LoadError(f"cannot read {file}: {e.strerror or e}") from None
     except Exception as e:
         # A weights-only read names the Python object it refused ("... not an allowed global ...").
         if not trust_pickle and "allowed global" in str(e):
@@ -139,13 +141,28 @@ def read_state_dict(path: str | Path, trust_pickle: bool = False) -> StateDict:
                 f"{file} holds Python objects besides tensors, which are only read from trusted files: "
                 "pass trust_pickle=True (--trust-pickle) if you trust its source"
             ) from None
-        raise LoadError(f"cannot read {file} as a PyTorch checkpoint: {' '.join(str(e).split())}") from None
+        raise LoadError(f"cannot read {file}: not a PyTorch checkpoint ({_load_failure(e)})") from None
     for container in ("module", "model", "state_dict"):
         if isinstance(saved, dict) and isinstance(saved.get(container), dict):
             saved = saved[container]
     if not isinstance(saved, dict) or not any(isinstance(v, torch.Tensor) for v in saved.values()):
         raise LoadError(f"{file} holds no state dict of tensors")
     return {k: v for k, v in saved.items() if isinstance(v, torch.Tensor)}
+
+
+def _load_failure(error: Exception, limit: int = 160) -> str:
+    """`torch.load`'s complaint about a file that is no checkpoint, short: "UnpicklingError: <what>".
+
+    Unpicklers fail on junk with terse texts (a bare `KeyError: '101'`) or, weights-only, inside a
+    paragraph of advice about `weights_only` that does not apply to junk; the class name and the
+    unpickler's own words are what tell a person something."""
+    text = str(error)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+    text = " ".join(text.split())
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def split_state_dict(state: StateDict) -> tuple[StateDict, StateDict]:
@@ -302,6 +319,15 @@ def load_components(
     return transformer_model, vae_model
 
 
+def copy_sampling_defaults(base: Path, output: Path) -> None:
+    """Copy the base model's recommended guidance settings (`sampling.json`), when it has them, into
+    the model folder written from it: a converted model samples as its base recommends, not with the
+    reference's fallbacks (guidance 6)."""
+    recommended = Path(base) / loading.SAMPLING_DEFAULTS
+    if recommended.is_file():
+        shutil.copyfile(recommended, Path(output) / loading.SAMPLING_DEFAULTS)
+
+
 def convert(
     checkpoint: str | Path,
     base: Path,
@@ -313,7 +339,7 @@ def convert(
 ) -> Path:
     """Write a SAT checkpoint as a model folder in the diffusers layout, completed from `base` (a model
     folder): converted components replace the base's, the others (always the T5, tokenizer and
-    scheduler) are copied unchanged."""
+    scheduler) are copied unchanged, and so are its recommended sampling settings (`sampling.json`)."""
     output = Path(output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise LoadError(f"{output} already exists and is not empty; choose a new folder")
@@ -330,6 +356,7 @@ def convert(
         weights.save_weights(module, output / name, max_shard_size=max_shard_size)
     for name in ("text_encoder", "tokenizer", "scheduler"):
         shutil.copytree(base / name, output / name)
+    copy_sampling_defaults(base, output)
     index = json.loads((base / loading.MODEL_INDEX).read_text())
     (output / loading.MODEL_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return output

@@ -8,10 +8,12 @@ cogvideox worker --model M --db postgresql://...            # ... one of these p
 from __future__ import annotations
 
 import argparse
+import errno
 import ipaddress
 import logging
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -27,6 +29,19 @@ ENV_API_KEYS = "COGVIDEOX_API_KEYS"  # comma-separated
 ENV_ENHANCER_KEY = "COGVIDEOX_ENHANCER_API_KEY"
 
 log = logging.getLogger("cogvideox.serve")
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def port_number(text: str) -> int:
+    """A `type=` for --port: a TCP port, 1 to 65535 (0, "any free port", would leave the address unknown)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number from 1 to 65535, got {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number from 1 to 65535, got {port}")
+    return port
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -53,9 +68,17 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         help="a running job whose worker has not checked in for this long goes back to the queue (default: 60)",
     )
     parser.add_argument(
-        "--poll-interval", type=positive_float, default=0.5, help="seconds between looks at an empty queue"
+        "--poll-interval",
+        type=positive_float,
+        default=0.5,
+        help="seconds between looks at an empty queue (default: 0.5)",
     )
-    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=LOG_LEVELS,
+        help="least severe log messages shown: " + ", ".join(LOG_LEVELS) + " (default: info)",
+    )
 
 
 def add_serve_parsers(commands) -> None:
@@ -71,13 +94,13 @@ def add_serve_parsers(commands) -> None:
     serve.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)"
     )
-    serve.add_argument("--port", type=positive_int, default=8000, help="port (default: 8000)")
+    serve.add_argument("--port", type=port_number, default=8000, help="port to listen on, 1-65535 (default: 8000)")
     serve.add_argument(
         "--api-key",
         action="append",
         default=[],
         help=f"require Authorization: Bearer KEY on every endpoint but /healthz; repeat for several keys "
-        f"(also read from ${ENV_API_KEYS}, comma-separated)",
+        f"(also read from ${ENV_API_KEYS}, comma-separated) (default: none, open to whoever reaches --host)",
     )
     serve.add_argument(
         "--rate-limit",
@@ -95,10 +118,15 @@ def add_serve_parsers(commands) -> None:
         "--max-steps", type=positive_int, default=100, help="largest num_inference_steps accepted (default: 100)"
     )
     serve.add_argument(
-        "--sizes", default="", help="sizes accepted besides the model's native one, comma-separated WIDTHxHEIGHT"
+        "--sizes",
+        default="",
+        help="sizes accepted besides the model's native one, comma-separated WIDTHxHEIGHT (default: none, only "
+        "the native size)",
     )
     serve.add_argument(
-        "--no-worker", action="store_true", help="API only: separate `cogvideox worker` processes generate"
+        "--no-worker",
+        action="store_true",
+        help="API only: separate `cogvideox worker` processes generate (default: one worker in this process)",
     )
     serve.add_argument(
         "--prompt-enhancer",
@@ -107,7 +135,9 @@ def add_serve_parsers(commands) -> None:
         help="rewrite prompts with this OpenAI-compatible chat endpoint (such as http://host:port/v1); off by "
         f"default; its key from ${ENV_ENHANCER_KEY}",
     )
-    serve.add_argument("--enhancer-model", default="gpt-4o-mini", help="chat model of --prompt-enhancer")
+    serve.add_argument(
+        "--enhancer-model", default="gpt-4o-mini", help="chat model of --prompt-enhancer (default: gpt-4o-mini)"
+    )
     serve.set_defaults(run=run_serve)
 
     worker = commands.add_parser(
@@ -150,6 +180,36 @@ def _require_serve_extra() -> None:
         raise CogVideoXError('serving needs the serve extra: pip install "cogvideox[serve]"') from None
 
 
+# Why a bind failed, and what to do about it, by errno.
+_BIND_HINTS = {
+    errno.EADDRINUSE: "stop the server using it or choose another --port",
+    errno.EACCES: "ports below 1024 need privileges; choose a higher --port",
+    errno.EADDRNOTAVAIL: "give an address of this machine as --host (0.0.0.0 for all of them)",
+}
+
+
+def check_listening(host: str, port: int) -> None:
+    """Raise `InputError` unless `host`:`port` can be listened on, bound the way uvicorn binds it.
+
+    Run before the model loads and the worker starts: otherwise a port in use only fails inside uvicorn,
+    after the log has announced the address and with the worker already taking jobs."""
+    from cogvideox.errors import InputError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    where = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            if os.name != "nt":  # as uvicorn: a port a stopped server left in TIME_WAIT can be reused
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+    except socket.gaierror as e:
+        raise InputError(f"cannot listen on {where}: unknown host {host!r} ({e.strerror})") from None
+    except OSError as e:
+        reason = (e.strerror or str(e)).lower()
+        hint = _BIND_HINTS.get(e.errno)
+        raise InputError(f"cannot listen on {where}: {reason}" + (f"; {hint}" if hint else "")) from None
+
+
 def _build_worker(args, spec, store):
     from cogvideox.serve.worker import PipelineGenerator, Worker
 
@@ -174,6 +234,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     _setup_logging(args.log_level)
     parse_dtype(args.dtype)
+    check_listening(args.host, args.port)
     sizes = tuple(s.strip() for s in args.sizes.split(",") if s.strip())
     spec = ModelSpec.load(args.model, args.model_name, sizes)
     keys = tuple(args.api_key) + tuple(k.strip() for k in os.environ.get(ENV_API_KEYS, "").split(",") if k.strip())

@@ -30,8 +30,8 @@ def add_train_parsers(commands) -> None:
         "official prompts.txt + videos.txt). Latents and T5 states are precomputed into a cache; unusable "
         "videos are reported and skipped. Writes a LoRA in the diffusers layout (pytorch_lora_weights."
         "safetensors) or, with --full, a model folder, plus checkpoints, loss.jsonl / loss.png and validation "
-        "videos into --output. Run it again to resume from the newest checkpoint; put torchrun in front for "
-        "several GPUs.",
+        "videos into --output. Run it again to resume from the newest checkpoint (--steps is the total, so "
+        "raise it to train further); put torchrun in front for several GPUs.",
     )
     arg = p.add_argument
     arg("data", nargs="?", help="data folder (or `data` in the --config file)")
@@ -92,7 +92,7 @@ def add_train_parsers(commands) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from cogvideox.train.config import make_config
-    from cogvideox.train.finetune import finetune
+    from cogvideox.train.finetune import check_steps_left, finetune
 
     settings = {
         k: v for k, v in vars(args).items() if k not in ("command", "run", "config", "quiet")
@@ -100,12 +100,24 @@ def _train(args: argparse.Namespace) -> int:
     if args.quiet:
         settings["progress"] = False
     config = make_config(args.config, **settings)
+    start = check_steps_left(config)  # a run already past --steps fails here, before any loading
     _quiet_libraries()
     path = finetune(config)
+    print(_summary(path, config, start))
+    return 0
+
+
+def _summary(path: Path, config, start: int) -> str:
+    """The last line of a run: what it wrote, its steps and final loss; for a run that was already at
+    --steps, that nothing was trained (the result was only written again from its last checkpoint)."""
     records = []
     log = Path(config.output) / "loss.jsonl"
     if log.is_file():
         records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     last = f", final loss {records[-1]['loss']:.4f}" if records else ""
-    print(f"wrote {path} ({config.steps} steps{last}; log {log})")
-    return 0
+    if start >= config.steps:
+        return (
+            f"{config.output} was already at step {start}: nothing trained (raise --steps to continue); "
+            f"wrote {path} again ({config.steps} steps{last}; log {log})"
+        )
+    return f"wrote {path} ({config.steps} steps{last}; log {log})"

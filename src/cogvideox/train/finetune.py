@@ -195,6 +195,9 @@ class Run:
         self.procs.start(self.device)
         self.folder = loading.resolve_model_dir(c.model, revision=c.revision)
         self.configs = loading.read_model_configs(self.folder)
+        # The base's recommended guidance, passed on to a full fine-tune's model folder; read now so
+        # that a broken sampling.json fails before the training, not after it.
+        self.sampling_defaults = loading.read_sampling_defaults(self.folder)
         tc = self.configs.transformer
         if tc.is_image_to_video:
             raise InputError("fine-tuning image-to-video models is not supported yet; use a text-to-video model")
@@ -476,8 +479,32 @@ class Run:
             model.load_state_dict({k: v.to(self.dtype) for k, v in weights.items()})
             text_encoder = loading.load_text_encoder(self.folder, self.dtype, torch.device("cpu"))
             vae = loading.load_vae(self.folder, self.dtype, torch.device("cpu"))
-            Pipeline(model, vae, text_encoder, loading.load_scheduler(self.folder)).save_pretrained(path)
+            pipe = Pipeline(model, vae, text_encoder, loading.load_scheduler(self.folder))
+            pipe.sampling_defaults = self.sampling_defaults  # written as the folder's sampling.json
+            pipe.save_pretrained(path)
         return path
+
+
+def reached_step(output: str | Path) -> int:
+    """The step the run in the folder `output` has reached: its newest checkpoint's (0 for a new run)."""
+    path = latest_checkpoint(Path(output) / "checkpoints", CHECKPOINT_PREFIX)
+    return 0 if path is None else int(path.stem.rsplit("-", 1)[1])
+
+
+def check_steps_left(config: FinetuneConfig) -> int:
+    """The step the run continues from; an `InputError` when its folder is already past `config.steps`.
+
+    A run cannot go back: its result would be that of the later step, reported as the earlier one.
+    Checked from the checkpoint names, before minutes of loading. At exactly `config.steps` there is
+    nothing to train either, but the result is written again (a run stopped between its last
+    checkpoint and its result gets it)."""
+    reached = reached_step(config.output)
+    if reached > config.steps:
+        raise InputError(
+            f"{config.output} is already at step {reached} (asked for {config.steps}): nothing to train; "
+            "raise --steps to continue"
+        )
+    return reached
 
 
 def finetune(config: FinetuneConfig) -> Path:
@@ -485,8 +512,10 @@ def finetune(config: FinetuneConfig) -> Path:
 
     Writes into `config.output`: `checkpoints/step-N.pt` (the newest `keep_checkpoints`), `loss.jsonl`
     and `loss.png`, `validation/step-N-i.mp4`, `skipped.txt` (videos not used, and why),
-    `config.json`, and the result: `pytorch_lora_weights.safetensors` or `model/`.
+    `config.json`, and the result: `pytorch_lora_weights.safetensors` or `model/`. A folder whose run is
+    already past `config.steps` is an `InputError` (see `check_steps_left`).
     """
+    check_steps_left(config)
     run = Run(config)
     try:
         c = config
