@@ -211,3 +211,21 @@ def test_regenerate_command_reports_its_stage_times(tiny_rope_dir, tmp_path, cap
         last,
     ), last
     assert read_video(out)[0].shape == (9, 32, 48, 3)
+
+
+def test_invert_warns_when_the_reconstruction_went_astray(tiny_rope_dir, tmp_path, capsys, monkeypatch):
+    """A reconstruction far from its input (plain inversion often ends on another background) gets a
+    warning naming the flags that help, besides the PSNR in the report."""
+    import cogvideox.inversion
+    from cogvideox import export_video
+    from cogvideox.cli import main
+
+    monkeypatch.setattr(cogvideox.inversion, "psnr", lambda video, reference: 6.1)
+    source = export_video(sample_frames(9, height=32, width=48), tmp_path / "in.mp4")
+    assert main(["invert", str(source), "--prompt", "a cat", "--steps", "2", "--height", "32", "--width", "48",
+                 "--frames", "9", "--refine", "0", "--reconstruct", str(tmp_path / "back.mp4"),
+                 "--model", str(tiny_rope_dir), "--quiet"]) == 0
+    out = capsys.readouterr()
+    assert "(PSNR 6.10 dB against the input)" in out.out
+    assert ("cogvideox: warning: the reconstruction is 6.1 dB from the input: the inversion went astray; "
+            "raise --refine (now 0) or --steps (now 2)") in out.err

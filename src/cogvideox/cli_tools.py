@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import time
+import warnings
 from pathlib import Path
 
 from cogvideox.cli import _quiet_libraries
@@ -125,6 +126,10 @@ def add_tool_parsers(commands) -> None:
     conv.set_defaults(run=_convert)
 
 
+# Below this PSNR a reconstruction is another video (a plain inversion on the demo model: 0.3-6 dB).
+POOR_RECONSTRUCTION_DB = 20.0
+
+
 def _check_output(path: str | None, flag: str) -> Path | None:
     if path is None:
         return None
@@ -184,7 +189,14 @@ def _invert(args: argparse.Namespace) -> int:
         used = conditioning.resize_frames(
             frames[: inversion.num_frames], inversion.height, inversion.width, args.resize
         )
-        report.append(f"wrote {video_path} (PSNR {psnr(video, used):.2f} dB against the input)")
+        quality = psnr(video, used)
+        report.append(f"wrote {video_path} (PSNR {quality:.2f} dB against the input)")
+        if quality < POOR_RECONSTRUCTION_DB:
+            warnings.warn(
+                f"the reconstruction is {quality:.1f} dB from the input: the inversion went astray; raise "
+                f"--refine (now {args.refine}) or --steps (now {args.steps})",
+                stacklevel=1,
+            )
     print(" | ".join(report) + f" | load {load_time:.1f}s, run {time.perf_counter() - start:.1f}s")
     return 0
 
