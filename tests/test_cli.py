@@ -186,4 +186,4 @@ def test_several_videos_and_fps(capsys, tiny_rope_dir, tmp_path):
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_a_gpu_is_a_user_error(capsys, tiny_rope_dir):
     assert main(["generate", "a cat", "--model", str(tiny_rope_dir), "--device", "cuda"]) == 2
-    assert "no CUDA device is available here; use --device cpu" in capsys.readouterr().err
+    assert "no CUDA device is available here; use the CPU (--device cpu" in capsys.readouterr().err

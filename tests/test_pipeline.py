@@ -178,6 +178,10 @@ BAD_REQUESTS = {
     "seed and generator": (dict(seed=1, generator=torch.Generator()), "either seed or generator"),
     "negative seed": (dict(seed=-1), "seed"),
     "generator count": (dict(generator=[torch.Generator()] * 3), "generators"),
+    "dynamic CFG as a string": (dict(use_dynamic_cfg="false"), "use_dynamic_cfg must be True or False, got 'false'"),
+    "frames as a string": (dict(num_frames="9"), "num_frames must be a whole number of the form 8k\\+1"),
+    "callback not callable": (dict(callback=3), "callback must be a function"),
+    "latents on meta": (dict(latents=torch.zeros(1, 3, 4, 4, 6, device="meta")), "latents must be a float tensor"),
 }
 
 
@@ -193,6 +197,63 @@ def test_bad_requests_fail_before_any_work(pipes, monkeypatch, case):
     kwargs = SMALL | dict(prompt="a cat") | BAD_REQUESTS[case][0]
     with pytest.raises(InputError, match=BAD_REQUESTS[case][1]):
         pipe(progress=False, **kwargs)
+
+
+def test_pipeline_level_mistakes_are_library_errors(pipes, tmp_path, monkeypatch):
+    """Mistakes in the arguments around a call: each an InputError or LoadError saying what to change."""
+    pipe = pipes("rope")
+    folder = pipes.dirs["rope"]
+    for device in ("mps", "meta"):
+        with pytest.raises(InputError, match=f"device '{device}' is not supported; use cpu, cuda or cuda:N"):
+            Pipeline.from_pretrained(folder, device=device)
+    for scheduler in (3, object()):
+        with pytest.raises(InputError, match="scheduler must be \"ddim\", \"dpm\" or a cogvideox.schedulers object"):
+            Pipeline.from_pretrained(folder, scheduler=scheduler)
+        with pytest.raises(InputError, match="scheduler must be"):
+            pipe.with_scheduler(scheduler)
+    with pytest.raises(InputError, match="with_scheduler needs a scheduler"):
+        pipe.with_scheduler(None)
+    with pytest.raises(InputError, match="lora must be a path, a \\(path, scale\\) pair or a list of them, got 5"):
+        Pipeline.from_pretrained(folder, lora=5)
+    with pytest.raises(InputError, match="offload look-ahead must be a whole number"):
+        pipe.enable_offload("stream", "cpu", lookahead="2")
+    pipe.enable_offload("none")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(InputError, match=f"cannot save to {afile}: it is a file"):
+        pipe.save_pretrained(afile)
+    with pytest.raises(InputError, match="cannot save to .*: Not a directory"):
+        pipe.save_pretrained(afile / "sub")
+    assert afile.read_text() == "x"
+
+
+def test_with_scheduler_keeps_the_models_recommended_guidance(tiny_rope_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_rope_dir, folder)
+    (folder / "sampling.json").write_text('{"guidance_scale": 2.5}')
+    pipe = Pipeline.from_pretrained(folder)
+    for kind in ("ddim", "dpm"):
+        assert pipe.with_scheduler(kind).sampling_defaults == pipe.sampling_defaults
+    assert pipe.sampling_defaults["guidance_scale"] == 2.5
+    saved = pipe.with_scheduler("dpm").save_pretrained(tmp_path / "saved")
+    assert Pipeline.from_pretrained(saved).sampling_defaults["guidance_scale"] == 2.5
+
+
+def test_a_broken_scheduler_config_is_a_load_error(tiny_rope_dir, tmp_path):
+    import shutil
+
+    from cogvideox import LoadError
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_rope_dir, folder)
+    (folder / "scheduler" / "scheduler_config.json").write_text('{"_class_name": "Foo"')
+    with pytest.raises(LoadError, match="scheduler_config.json is not valid JSON"):
+        Pipeline.from_pretrained(folder)
+    (folder / "scheduler" / "scheduler_config.json").write_text('{"_class_name": "Foo"}')
+    with pytest.raises(LoadError, match="'Foo', which is not a CogVideoX scheduler; name the scheduler to use instead"):
+        Pipeline.from_pretrained(folder)
 
 
 def test_nan_latents_stop_the_run(pipes, monkeypatch):

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from cogvideox.errors import InputError, LoadError
-from cogvideox.models.config import SchedulerConfig, TransformerConfig, VAEConfig
+from cogvideox.models.config import ConfigError, SchedulerConfig, TransformerConfig, VAEConfig
 from cogvideox.models.transformer import CogVideoXTransformer
 from cogvideox.models.vae import CogVideoXVAE
 from cogvideox.schedulers import make_scheduler
@@ -89,9 +89,13 @@ def choose_device(device: str | torch.device | None = None) -> torch.device:
         device = torch.device(device)
     except (RuntimeError, TypeError):
         raise InputError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"device {str(device)!r} is not supported; use cpu, cuda or cuda:N")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise InputError("CUDA was asked for but no CUDA device is available here; use --device cpu")
+            raise InputError(
+                'CUDA was asked for but no CUDA device is available here; use the CPU (--device cpu, device="cpu")'
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
             count = torch.cuda.device_count()
             raise InputError(f"{device} does not exist: this machine has {count} CUDA device(s)")
@@ -360,12 +364,15 @@ class ModelConfigs:
 def read_model_configs(folder: Path) -> ModelConfigs:
     """Read and cross-check the configs of a model folder (raises `LoadError` naming what is wrong)."""
     check_model_dir(folder)
-    configs = ModelConfigs(
-        transformer=TransformerConfig.from_json(folder / "transformer" / "config.json"),
-        vae=VAEConfig.from_json(folder / "vae" / "config.json"),
-        scheduler=SchedulerConfig.from_json(folder / SCHEDULER_CONFIG),
-        text_width=text_encoder_width(folder),
-    )
+    try:
+        configs = ModelConfigs(
+            transformer=TransformerConfig.from_json(folder / "transformer" / "config.json"),
+            vae=VAEConfig.from_json(folder / "vae" / "config.json"),
+            scheduler=SchedulerConfig.from_json(folder / SCHEDULER_CONFIG),
+            text_width=text_encoder_width(folder),
+        )
+    except ConfigError as e:
+        raise LoadError(str(e)) from None
     check_components(configs.transformer, configs.vae, configs.text_width)
     return configs
 
@@ -408,10 +415,9 @@ def load_text_encoder(folder: Path, dtype: torch.dtype, device: torch.device):
 
 def load_scheduler(folder: Path, kind: str | None = None):
     """The sampler of `folder/scheduler`: the class its config names, or `kind` ("ddim" / "dpm")."""
-    config = SchedulerConfig.from_json(folder / SCHEDULER_CONFIG)
     try:
-        return make_scheduler(config, kind)
-    except ValueError as e:
+        return make_scheduler(SchedulerConfig.from_json(folder / SCHEDULER_CONFIG), kind)
+    except ValueError as e:  # ConfigError included
         raise LoadError(f"{folder / SCHEDULER_CONFIG}: {e}") from None
 
 

@@ -9,6 +9,7 @@ text-to-video it starts from a first frame (image-to-video models) or from a noi
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import time
 import warnings
@@ -25,7 +26,7 @@ from cogvideox.errors import InputError, OutOfMemoryError
 from cogvideox.models.config import TransformerConfig
 from cogvideox.request import GenerationRequest, check_request, default_fps, default_size
 from cogvideox.sampling import DenoiseInputs, denoise, guidance_schedule, to_uint8_frames
-from cogvideox.schedulers import randn
+from cogvideox.schedulers import SCHEDULERS, randn
 
 SCHEDULER_KINDS = ("ddim", "dpm")
 OUTPUT_TYPES = ("np", "latent")
@@ -117,6 +118,7 @@ class Pipeline:
 
         offload = check_mode(offload)
         _scheduler_kind(scheduler)  # reject an unknown name before touching the disk or the network
+        _lora_entries(lora)
         device = loading.choose_device(device)
         loading.parse_dtype(dtype)
         folder = loading.resolve_model_dir(
@@ -136,11 +138,8 @@ class Pipeline:
         # Before reading any weight: a process the kernel kills for memory gets no error message at all.
         check_host_memory(offload, folder_sizes(folder, dtype), device, text_device, dtype)
         pipe = cls._assemble(folder, dtype, device if offload == "none" else torch.device("cpu"), scheduler)
-        if lora is not None:
-            entries = lora if isinstance(lora, list) else [lora]
-            for entry in entries:
-                path, scale = entry if isinstance(entry, tuple) else (entry, 1.0)
-                pipe.load_lora(path, scale)
+        for path, scale in _lora_entries(lora):
+            pipe.load_lora(path, scale)
         if vae_tiling:
             pipe.vae.enable_tiling()
         if vae_slicing:
@@ -204,7 +203,12 @@ class Pipeline:
     def save_pretrained(self, folder: str | Path, max_shard_size: int | str = "10GB") -> Path:
         """Write the pipeline in the official diffusers layout (readable by us and by diffusers)."""
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+        if folder.exists() and not folder.is_dir():
+            raise InputError(f"cannot save to {folder}: it is a file; give a folder")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"cannot save to {folder}: {e.strerror or e}") from None
         for name, module in (("transformer", self.transformer), ("vae", self.vae)):
             (folder / name).mkdir(exist_ok=True)
             module.config.save(folder / name / "config.json")
@@ -275,8 +279,11 @@ class Pipeline:
             from cogvideox.schedulers import make_scheduler
 
             scheduler = make_scheduler(self.scheduler.config, kind)
+        if scheduler is None:
+            raise InputError("with_scheduler needs a scheduler: \"ddim\", \"dpm\" or a scheduler object")
         pipe = type(self)(self.transformer, self.vae, self.text_encoder, scheduler)
         pipe.offload, pipe.offload_choice = self.offload, self.offload_choice  # the hooks live on the modules
+        pipe.sampling_defaults = dict(self.sampling_defaults)  # the model's recommendation, not the scheduler's
         return pipe
 
     def to(self, device: str | torch.device) -> Pipeline:
@@ -545,6 +552,8 @@ class Pipeline:
         """
         if image is not None and video is not None:
             raise InputError("give either an image (image-to-video) or a video (video-to-video), not both")
+        if callback is not None and not callable(callback):
+            raise InputError(f"callback must be a function (step, timestep, latents), got {type(callback).__name__}")
         task = "image" if image is not None else "video" if video is not None else "text"
         # Decode the inputs first: a file that is not an image or a video fails before any model runs.
         picture = conditioning.load_image(image) if image is not None else None
@@ -585,6 +594,9 @@ class Pipeline:
             if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape:
                 got = list(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
                 raise InputError(f"latents must be a tensor of shape {list(shape)} for this request, got {got}")
+            if not latents.is_floating_point() or latents.device.type not in ("cpu", "cuda"):
+                raise InputError(f"latents must be a float tensor on the CPU or a GPU, got {latents.dtype} on "
+                                 f"{latents.device}")
 
         device, timings = self.device, {}
 
@@ -633,10 +645,31 @@ class Pipeline:
         return VideoOutput(frames, latents, seed, request.padding_frames, timings)
 
 
+def _lora_entries(lora) -> list[tuple[str | Path, float]]:
+    """`from_pretrained`'s lora argument as (path, scale) pairs: a path, a (path, scale) pair, or a list
+    of either."""
+    if lora is None:
+        return []
+    entries = []
+    for entry in lora if isinstance(lora, list) else [lora]:
+        path, scale = entry if isinstance(entry, tuple) and len(entry) == 2 else (entry, 1.0)
+        if not isinstance(path, (str, os.PathLike)) or isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise InputError(
+                f"lora must be a path, a (path, scale) pair or a list of them, got {entry!r}"
+            )
+        entries.append((path, float(scale)))
+    return entries
+
+
 def _scheduler_kind(scheduler) -> str | None:
-    """"ddim" / "dpm" for a name, None for None or a scheduler object; an unknown name is an error."""
-    if scheduler is None or not isinstance(scheduler, str):
+    """"ddim" / "dpm" for a name, None for None or a scheduler object; an unknown name, or anything that
+    is neither a name nor one of `cogvideox.schedulers`' objects, is an error."""
+    if scheduler is None or isinstance(scheduler, tuple(SCHEDULERS.values())):
         return None
+    if not isinstance(scheduler, str):
+        raise InputError(
+            f"scheduler must be \"ddim\", \"dpm\" or a cogvideox.schedulers object, got {type(scheduler).__name__}"
+        )
     kind = scheduler.strip().lower()
     if kind not in SCHEDULER_KINDS:
         raise InputError(f"unknown scheduler {scheduler!r}; use one of {', '.join(SCHEDULER_KINDS)}")

@@ -127,8 +127,11 @@ def check_frames(num_frames, transformer: TransformerConfig, vae: VAEConfig) -> 
     that round-trip are 8k+1, as are the official 49, 81 and 161.
     """
     step = 2 * vae.temporal_compression
-    if not _is_int(num_frames) or num_frames < 1 or (num_frames - 1) % step:
-        lower = max(1, ((num_frames - 1) // step) * step + 1) if _is_int(num_frames) else 1
+    if not _is_int(num_frames):
+        raise InputError(f"num_frames must be a whole number of the form {step}k+1 (e.g. "
+                         f"{transformer.sample_frames}), got {num_frames!r}")
+    if num_frames < 1 or (num_frames - 1) % step:
+        lower = max(1, ((num_frames - 1) // step) * step + 1)
         raise InputError(
             f"num_frames must be {step}k+1 (e.g. {transformer.sample_frames}), got {num_frames!r}; "
             f"nearest valid: {lower} or {lower + step}"
@@ -219,6 +222,14 @@ def check_size(
             f"this model generates at most {native[1]}x{native[0]} (width x height); got {width}x{height}"
         )
     return int(height), int(width)
+
+
+def _flag(value, name: str) -> bool:
+    """A yes/no argument: True or False (numpy's bools too), not a string such as "false", which bool()
+    would read as True."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise InputError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
 
 
 MAX_TEXT_TOKENS = 512  # T5 v1.1 was trained on inputs of up to 512 tokens
@@ -320,7 +331,7 @@ def check_request(
         width=width,
         num_inference_steps=steps,
         guidance_scale=float(guidance_scale),
-        use_dynamic_cfg=bool(use_dynamic_cfg),
+        use_dynamic_cfg=_flag(use_dynamic_cfg, "use_dynamic_cfg"),
         dynamic_cfg=dynamic_cfg,
         videos_per_prompt=_positive_int(num_videos_per_prompt, "num_videos_per_prompt"),
         max_sequence_length=check_text_length(max_sequence_length, transformer),

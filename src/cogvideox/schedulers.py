@@ -347,7 +347,7 @@ def make_scheduler(
         if name not in _BY_CLASS_NAME:
             raise ValueError(
                 f"scheduler config names class {name!r}, which is not a CogVideoX scheduler; "
-                f"pass kind= one of {choices}"
+                f"name the scheduler to use instead, one of {choices}"
             )
         kind = _BY_CLASS_NAME[name]
     key = _BY_CLASS_NAME.get(kind, kind.lower() if isinstance(kind, str) else kind)

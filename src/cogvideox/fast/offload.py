@@ -183,8 +183,8 @@ class Offload:
     ) -> None:
         if mode not in ("model", "stream", "sequential"):
             raise ValueError(f"Offload runs mode 'model', 'stream' or 'sequential', not {mode!r}")
-        if lookahead < 0:
-            raise InputError(f"the offload look-ahead must be >= 0 blocks, got {lookahead}")
+        if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 0:
+            raise InputError(f"the offload look-ahead must be a whole number of blocks >= 0, got {lookahead!r}")
         self.mode, self.device, self.lookahead = mode, torch.device(device), lookahead
         self.cuda = self.device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda and mode == "stream" else None

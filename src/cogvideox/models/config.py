@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
+from cogvideox.errors import CogVideoXError
 
-class ConfigError(ValueError):
+
+class ConfigError(CogVideoXError, ValueError):
     """A configuration that no CogVideoX model can be built from."""
 
 
