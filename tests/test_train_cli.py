@@ -69,6 +69,10 @@ def test_train_end_to_end_and_resume(capsys, tiny_rope_dir, tmp_path):
         (["{tmp}", "--output", "o", "--optimizer", "sgd"], "argument --optimizer: invalid choice"),
         (["{tmp}", "--output", "o", "--caption-dropout", "2"], "caption_dropout must be in [0, 1)"),
         (["{tmp}", "--output", "o", "--mask-weight", "0"], "argument --mask-weight: expected a positive number, got 0"),
+        (["{tmp}", "--output", "o", "--validation-guidance", "-1"],
+         "argument --validation-guidance: expected a finite number >= 0, got -1"),
+        (["{tmp}", "--output", "o", "--validation-guidance", "inf"],
+         "argument --validation-guidance: expected a finite number >= 0, got inf"),
     ],
 )
 def test_user_mistakes_exit_2_with_one_line(capsys, tiny_rope_dir, tmp_path, monkeypatch, extra, message):
@@ -81,3 +85,30 @@ def test_user_mistakes_exit_2_with_one_line(capsys, tiny_rope_dir, tmp_path, mon
     assert code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
+
+
+def test_a_string_for_the_validation_prompts_is_refused(capsys, tiny_rope_dir, tmp_path):
+    """Not one validation video per character of the string: a one-line error before any loading."""
+    data = make_video_folder(tmp_path / "data")
+    (tmp_path / "run.toml").write_text(
+        f'model = "{tiny_rope_dir}"\nvalidation_prompts = "a single string"\nvalidation_every = 1\nsteps = 2\n'
+    )
+    argv = ["train", str(data), "-o", str(tmp_path / "out"), "--config", str(tmp_path / "run.toml"), "--quiet"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (
+        "cogvideox: error: validation_prompts must be a list of prompts such as [\"a cat on a mat\"], "
+        "got 'a single string'\n"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_validation_every_past_the_steps_warns(capsys, tiny_rope_dir, tmp_path):
+    data = make_video_folder(tmp_path / "data")
+    argv = ["train", str(data), "-o", str(tmp_path / "out"), "--model", str(tiny_rope_dir), "--bucket", "9x32x48",
+            "--rank", "4", "--steps", "2", "--validation-every", "5", "--validation-prompt", "a cat", "--quiet"]
+    assert main(argv) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("cogvideox: warning:")]
+    assert warnings == [
+        "cogvideox: warning: validation_every is 5 but the run has only 2 steps: no validation videos will be made"
+    ]
+    assert not (tmp_path / "out" / "validation").exists()

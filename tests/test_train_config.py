@@ -39,6 +39,17 @@ def test_flags_override_the_file(tmp_path):
         ('data = "d"\noutput = "o"\nmask-weight = "10"\n', "mask_weight must be a positive number, got '10'"),
         ('data = "d"\noutput = "o"\nvalidation_every = 10\n', "no validation_prompts"),
         ('data = "d"\noutput = "o"\nbuckets = "49x480x720"\n', "buckets must be a list"),
+        ('data = "d"\noutput = "o"\nbuckets = [49]\n', "buckets must be a list such as [\"49x480x720\"], got [49]"),
+        # A string where a list belongs would be read as one prompt (or layer name) per character.
+        ('data = "d"\noutput = "o"\nvalidation_prompts = "a single string"\nvalidation_every = 1\n',
+         "validation_prompts must be a list of prompts such as [\"a cat on a mat\"], got 'a single string'"),
+        ('data = "d"\noutput = "o"\ntargets = "to_q"\n', "targets must be a list of layer names"),
+        ('data = "d"\noutput = "o"\nbetas = 0.9\n', "betas must be a list of two numbers in [0, 1)"),
+        ('data = "d"\noutput = "o"\nbetas = ["a", "b"]\n', "betas must be a list of two numbers in [0, 1)"),
+        ('data = "d"\noutput = "o"\nvalidation_guidance = -1.0\n',
+         "validation_guidance must be a finite number >= 0, got -1.0"),
+        ('data = "d"\noutput = "o"\nvalidation_guidance = nan\n', "validation_guidance must be a finite number >= 0, got nan"),
+        ('data = "d"\noutput = "o"\nvalidation_guidance = "6"\n', "validation_guidance must be a finite number >= 0, got '6'"),
         ('output = "o"\n', "missing setting(s): data"),
         ("data = [\n", "is not valid TOML"),
     ],
@@ -48,6 +59,12 @@ def test_mistakes_are_named(tmp_path, text, message):
     with pytest.raises(InputError) as info:
         make_config(tmp_path / "bad.toml")
     assert message in str(info.value)
+
+
+def test_a_yaml_string_where_a_list_belongs_is_refused(tmp_path):
+    (tmp_path / "run.yaml").write_text("data: d\noutput: o\nvalidation_prompts: a single string\n")
+    with pytest.raises(InputError, match="validation_prompts must be a list of prompts"):
+        make_config(tmp_path / "run.yaml")
 
 
 def test_file_errors(tmp_path):
@@ -69,3 +86,10 @@ def test_direct_construction_checks_values():
     with pytest.raises(InputError, match="mask_weight must be a positive number, got -2.0"):
         FinetuneConfig(data="d", output="o", mask_weight=-2.0)
     assert FinetuneConfig(data="d", output="o").mask_weight == 1.0  # masks ignored unless asked for
+    with pytest.raises(InputError, match="validation_guidance must be a finite number >= 0, got -0.5"):
+        FinetuneConfig(data="d", output="o", validation_guidance=-0.5)
+    with pytest.raises(InputError, match="validation_guidance must be a finite number >= 0, got inf"):
+        FinetuneConfig(data="d", output="o", validation_guidance=float("inf"))
+    # No guidance given: the model's recommendation (filled in by the run); 0 and 1 (guidance off) are fine.
+    assert FinetuneConfig(data="d", output="o").validation_guidance is None
+    assert FinetuneConfig(data="d", output="o", validation_guidance=0).validation_guidance == 0

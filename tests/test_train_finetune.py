@@ -121,6 +121,45 @@ def test_full_fine_tuning_writes_a_model_folder(data_dir, tiny_rope_dir, tmp_pat
         assert torch.equal(tuned.transformer.state_dict()[key], value), key
 
 
+def test_validation_follows_the_models_recommended_guidance(data_dir, tiny_rope_dir, tmp_path, monkeypatch):
+    base = shutil.copytree(tiny_rope_dir, tmp_path / "base")
+    (base / "sampling.json").write_text(json.dumps({"guidance_scale": 2.5, "use_dynamic_cfg": True}))
+    seen = []
+    check = Pipeline.check_request
+
+    def spy(self, prompt, **kwargs):
+        seen.append((kwargs["guidance_scale"], kwargs["use_dynamic_cfg"], kwargs["dynamic_cfg"]))
+        return check(self, prompt, **kwargs)
+
+    monkeypatch.setattr(Pipeline, "check_request", spy)
+    out = tmp_path / "run"
+    validated = dict(validation_every=2, validation_prompts=["a cat"], validation_steps=2, checkpoint_every=2)
+    finetune(config(data_dir, base, out, steps=2, **validated))
+    assert seen == [(2.5, True, "reference")]  # the model's scale and dynamic CFG, as `generate` uses
+    recorded = json.loads((out / "config.json").read_text())
+    assert recorded["validation_guidance"] == 2.5  # what was used, not "the model's"
+
+    # A resumed run keeps the guidance it recorded (here that of a run started when the default was a
+    # fixed 6), even though the model recommends another ...
+    (out / "config.json").write_text(json.dumps(recorded | {"validation_guidance": 6.0}))
+    finetune(config(data_dir, base, out, steps=4, **validated))
+    assert seen[1:] == [(6.0, True, "reference")]
+    assert json.loads((out / "config.json").read_text())["validation_guidance"] == 6.0
+    # ... unless it is given one.
+    finetune(config(data_dir, base, out, steps=6, validation_guidance=4.0, **validated))
+    assert seen[2:] == [(4.0, True, "reference")]
+    assert json.loads((out / "config.json").read_text())["validation_guidance"] == 4.0
+
+    # The demo model recommends 2.5 (read from its folder, no weights loaded).
+    assert Run(FinetuneConfig(data="d", output=str(tmp_path / "demo"))).validation_guidance == 2.5
+
+
+def test_validation_every_past_the_steps_warns(data_dir, tiny_rope_dir, tmp_path):
+    with pytest.warns(UserWarning, match="validation_every is 5 but the run has only 2 steps: no validation videos"):
+        finetune(config(data_dir, tiny_rope_dir, tmp_path, steps=2, validation_every=5, validation_prompts=["a cat"]))
+    assert not (tmp_path / "validation").exists()
+
+
 def test_cogvideox_1_5_pads_odd_latent_frames(data_dir, tiny_v15_dir, tmp_path):
     run = Run(config(data_dir, tiny_v15_dir, tmp_path, steps=1))
     run.prepare_data()

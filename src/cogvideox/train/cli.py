@@ -14,7 +14,13 @@ import json
 from pathlib import Path
 
 from cogvideox.cli import _quiet_libraries
-from cogvideox.cli_args import add_model_arguments, finite_float, non_negative_int, positive_float, positive_int
+from cogvideox.cli_args import (
+    add_model_arguments,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 
 
 def _list(text: str) -> list[str]:
@@ -85,7 +91,13 @@ def add_train_parsers(commands) -> None:
     arg("--validation-every", type=non_negative_int, help="steps between validation videos (default: 0, none)")
     arg("--validation-prompt", dest="validation_prompts", action="append", help="a validation prompt; repeatable")
     arg("--validation-steps", type=positive_int, help="sampling steps of validation videos (default: 50)")
-    arg("--validation-guidance", type=finite_float, help="guidance of validation videos (default: 6)")
+    arg(
+        "--validation-guidance",
+        type=non_negative_float,
+        help="classifier-free guidance of validation videos, with the model's dynamic-CFG settings; 1 or less "
+        "turns guidance off (default: the model's recommendation in its sampling.json, else 6; a resumed run "
+        "keeps the guidance it recorded)",
+    )
     arg("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_train)
 

@@ -8,6 +8,7 @@ reads it and lets flags override single values.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,7 +69,8 @@ class FinetuneConfig:
     validation_every: int = 0  # 0: no validation videos
     validation_prompts: list[str] = field(default_factory=list)
     validation_steps: int = 50
-    validation_guidance: float = 6.0
+    # None: the model's recommendation (its sampling.json, else 6); a resumed run keeps the one it recorded
+    validation_guidance: float | None = None
     validation_seed: int = 42
     progress: bool = True
 
@@ -125,14 +127,39 @@ def check_config(c: FinetuneConfig) -> None:
         raise InputError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {c.optimizer!r}")
     if c.schedule not in SCHEDULES:
         raise InputError(f"schedule must be one of {', '.join(SCHEDULES)}, got {c.schedule!r}")
-    if not isinstance(c.targets, (list, tuple)) or not c.targets or not all(isinstance(t, str) for t in c.targets):
-        raise InputError(f"targets must be a list of layer names such as to_q, got {c.targets!r}")
-    if len(c.betas) != 2 or not all(0 <= b < 1 for b in c.betas):
-        raise InputError(f"betas must be two numbers in [0, 1), got {c.betas!r}")
+    if c.validation_guidance is not None and not _non_negative_number(c.validation_guidance):
+        raise InputError(f"validation_guidance must be a finite number >= 0, got {c.validation_guidance!r}")
+    check_lists(c)
     if c.validation_every and not c.validation_prompts:
         raise InputError("validation_every is set but there are no validation_prompts")
-    if c.buckets is not None and (isinstance(c.buckets, str) or not c.buckets):
+
+
+def _non_negative_number(value) -> bool:
+    """Whether `value` is a finite number >= 0 (TOML and YAML also give booleans, strings and nan)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
+def _strings(value, *, empty: bool) -> bool:
+    """Whether `value` is a list (or tuple) of strings, and not empty unless `empty` allows it."""
+    return isinstance(value, (list, tuple)) and (empty or bool(value)) and all(isinstance(v, str) for v in value)
+
+
+def check_lists(c: FinetuneConfig) -> None:
+    """The list settings are lists of the right things. A file may give a single string where a list
+    belongs (`validation_prompts = "a cat"`), and a string is iterable: unchecked, it would be read as
+    one prompt, bucket or layer name per character."""
+    if not _strings(c.targets, empty=False):
+        raise InputError(f"targets must be a list of layer names such as [\"to_q\"], got {c.targets!r}")
+    if c.buckets is not None and not _strings(c.buckets, empty=False):
         raise InputError(f"buckets must be a list such as [\"49x480x720\"], got {c.buckets!r}")
+    if not _strings(c.validation_prompts, empty=True):
+        raise InputError(
+            f"validation_prompts must be a list of prompts such as [\"a cat on a mat\"], got {c.validation_prompts!r}"
+        )
+    betas = c.betas
+    two = isinstance(betas, (list, tuple)) and len(betas) == 2
+    if not (two and all(_non_negative_number(b) and b < 1 for b in betas)):
+        raise InputError(f"betas must be a list of two numbers in [0, 1) such as [0.9, 0.95], got {betas!r}")
 
 
 _FIELDS = {f.name for f in dataclasses.fields(FinetuneConfig)}

@@ -195,9 +195,13 @@ class Run:
         self.procs.start(self.device)
         self.folder = loading.resolve_model_dir(c.model, revision=c.revision)
         self.configs = loading.read_model_configs(self.folder)
-        # The base's recommended guidance, passed on to a full fine-tune's model folder; read now so
-        # that a broken sampling.json fails before the training, not after it.
+        # The base's recommended guidance: validation samples with it (as `generate` does) and a full
+        # fine-tune's model folder passes it on; read now so that a broken sampling.json fails before
+        # the training, not after it.
         self.sampling_defaults = loading.read_sampling_defaults(self.folder)
+        self.validation_guidance = c.validation_guidance
+        if self.validation_guidance is None:
+            self.validation_guidance = self.sampling_defaults["guidance_scale"]
         tc = self.configs.transformer
         if tc.is_image_to_video:
             raise InputError("fine-tuning image-to-video models is not supported yet; use a text-to-video model")
@@ -393,7 +397,9 @@ class Run:
         self.procs.barrier()
 
     def resume(self) -> int:
-        """Load the newest checkpoint of the run folder, if any; returns the step to continue from."""
+        """Load the newest checkpoint of the run folder, if any; returns the step to continue from. A
+        resumed run keeps the validation guidance it recorded unless the config gives one (see
+        `recorded_validation_guidance`)."""
         path = latest_checkpoint(self.out / "checkpoints", CHECKPOINT_PREFIX)
         if path is None:
             return 0
@@ -416,6 +422,10 @@ class Run:
                 for name, p in self.trainable.items():
                     p.copy_(state["weights"][name])
             self.optimizer.load_state_dict(state["optimizer"])
+        if self.config.validation_guidance is None:
+            recorded = recorded_validation_guidance(self.out)
+            if recorded is not None:
+                self.validation_guidance = recorded
         return int(state["step"])
 
     # -- output --------------------------------------------------------------------------------------
@@ -433,6 +443,7 @@ class Run:
             self.text_encoder.model.to(self.device)
         scheduler = loading.load_scheduler(self.folder)
         pipe = Pipeline(self.transformer, self.vae, self.text_encoder, scheduler)
+        pipe.sampling_defaults = self.sampling_defaults  # the model's dynamic CFG, as `generate` samples
         bucket = self.buckets[0]
         self.transformer.eval()
         paths = []
@@ -445,7 +456,7 @@ class Run:
                         height=bucket.height,
                         width=bucket.width,
                         num_inference_steps=c.validation_steps,
-                        guidance_scale=c.validation_guidance,
+                        guidance_scale=self.validation_guidance,
                         seed=c.validation_seed,
                         max_sequence_length=self.max_sequence_length,
                         progress=False,
@@ -461,6 +472,11 @@ class Run:
                 self.vae.to("cpu")
                 self.text_encoder.model.to("cpu")
         return paths
+
+    def recorded_config(self) -> dict:
+        """The settings `config.json` records: the config's, with the validation guidance actually used
+        (the model's recommendation filled in), so that a resumed run can keep it."""
+        return self.config.to_dict() | {"validation_guidance": self.validation_guidance}
 
     def write_result(self) -> Path:
         """The LoRA file (diffusers layout) or, for full fine-tuning, a complete model folder."""
@@ -483,6 +499,31 @@ class Run:
             pipe.sampling_defaults = self.sampling_defaults  # written as the folder's sampling.json
             pipe.save_pretrained(path)
         return path
+
+
+def recorded_validation_guidance(output: str | Path) -> float | None:
+    """The validation guidance the `config.json` of the run in `output` records, or None (no readable
+    record). A resumed run left to the model's recommendation keeps it: its validation videos stay
+    comparable even when the recommendation changed between starts, or the run started when the
+    default was a fixed 6."""
+    try:
+        value = json.loads((Path(output) / "config.json").read_text()).get("validation_guidance")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+        return None
+    return float(value)
+
+
+def warn_if_validation_never_runs(config: FinetuneConfig) -> None:
+    """A warning when there are validation prompts but `validation_every` exceeds `steps`: the run
+    would otherwise end without the videos asked for and without a word."""
+    if config.validation_prompts and config.validation_every > config.steps and _Processes().main:
+        warnings.warn(
+            f"validation_every is {config.validation_every} but the run has only {config.steps} steps: "
+            "no validation videos will be made",
+            stacklevel=2,
+        )
 
 
 def reached_step(output: str | Path) -> int:
@@ -512,10 +553,13 @@ def finetune(config: FinetuneConfig) -> Path:
 
     Writes into `config.output`: `checkpoints/step-N.pt` (the newest `keep_checkpoints`), `loss.jsonl`
     and `loss.png`, `validation/step-N-i.mp4`, `skipped.txt` (videos not used, and why),
-    `config.json`, and the result: `pytorch_lora_weights.safetensors` or `model/`. A folder whose run is
-    already past `config.steps` is an `InputError` (see `check_steps_left`).
+    `config.json` (the settings, with the validation guidance used), and the result:
+    `pytorch_lora_weights.safetensors` or `model/`. A folder whose run is already past `config.steps`
+    is an `InputError` (see `check_steps_left`); validation prompts that `validation_every` > `steps`
+    leaves unused are a warning.
     """
     check_steps_left(config)
+    warn_if_validation_never_runs(config)
     run = Run(config)
     try:
         c = config
@@ -525,7 +569,7 @@ def finetune(config: FinetuneConfig) -> Path:
         main = run.procs.main
         if main:
             run.out.mkdir(parents=True, exist_ok=True)
-            (run.out / "config.json").write_text(json.dumps(c.to_dict(), indent=2) + "\n")
+            (run.out / "config.json").write_text(json.dumps(run.recorded_config(), indent=2) + "\n")
         log = JsonlLog(run.out / "loss.jsonl", resume_step=start) if main else None
         bar = tqdm(range(start, c.steps), initial=start, total=c.steps, desc="fine-tune",
                    disable=not (c.progress and main))
