@@ -23,6 +23,7 @@ from cogvideox.serve.worker import PipelineGenerator, Worker, video_path  # noqa
 from cogvideox.video import export_video, read_video  # noqa: E402
 
 FAST = {"num_inference_steps": 2}
+JSON = {"content-type": "application/json"}
 
 
 def finished(client, video_id, headers=None, timeout=30.0):
@@ -123,6 +124,36 @@ def test_content_honours_range_requests(service):
     assert client.get(url, headers={"Range": f"bytes={size}-"}).status_code == 416
 
 
+def test_bad_ranges_are_ignored_or_a_416_in_the_error_shape(tmp_path):
+    """RFC 9110: a Range that is not a valid bytes range is ignored (the whole file, 200); one that lies past
+    the end is a 416 with Content-Range: bytes */SIZE, in the JSON error shape like every other error."""
+    client, store, worker = make_client(tmp_path, CountingGenerator())
+    video_id = client.post("/v1/videos", json={"prompt": "a cat"}).json()["id"]
+    assert worker.run_once()
+    url = f"/v1/videos/{video_id}/content"
+    whole = client.get(url)
+    size, etag = len(whole.content), whole.headers["etag"]
+
+    for ignored in ("bytes=abc", "bytes=9-3", "bytes=5", "items=0-5", "bytes=", "bytes=" + "9" * 30 + "-",
+                    "bytes=" + ",".join(["0-1"] * 101)):  # fmt: skip
+        response = client.get(url, headers={"Range": ignored})
+        assert response.status_code == 200 and response.content == whole.content, ignored
+    for unsatisfiable in (f"bytes={size}-", f"bytes={size}-{size + 10}", "bytes=-0", f"bytes={size}-,{size + 5}-"):
+        response = client.get(url, headers={"Range": unsatisfiable})
+        assert response.status_code == 416, unsatisfiable
+        assert response.headers["content-range"] == f"bytes */{size}"
+        error = response.json()["error"]
+        assert (error["type"], error["code"]) == ("invalid_request_error", "range_not_satisfiable")
+    # Of several ranges, the satisfiable ones are served.
+    part = client.get(url, headers={"Range": f"bytes=0-9,{size}-"})
+    assert part.status_code == 206 and part.headers["content-range"] == f"bytes 0-9/{size}"
+    assert part.content == whole.content[:10]
+    # If-Range naming another version of the file: the whole (current) file.
+    assert client.get(url, headers={"Range": "bytes=0-9", "If-Range": '"other"'}).status_code == 200
+    assert client.get(url, headers={"Range": "bytes=0-9", "If-Range": etag}).status_code == 206
+    store.close()
+
+
 def test_forms_are_read_like_json(service):
     """OpenAI's client posts multipart/form-data; HTML forms post urlencoded."""
     client, _, _ = service
@@ -173,7 +204,8 @@ def test_models_health_and_page(service):
     assert card["id"] == "tiny" and card["sizes"] == ["64x64", "32x32"] and card["max_seconds"] == 1.125
     assert card["guidance_scale"] == 6.0
     assert client.get("/healthz").json() == {"status": "ok", "model": "tiny", "worker": "ready"}
-    assert "swagger" in client.get("/docs").text.lower()
+    docs = client.get("/docs")  # an open server: Swagger UI can fetch the schema
+    assert docs.status_code == 200 and "swagger" in docs.text.lower() and "/openapi.json" in docs.text
     page = client.get("/")
     assert page.status_code == 200 and 'id="prompt"' in page.text and "/static/app.js" in page.text
     for asset in ("app.js", "style.css"):
@@ -203,6 +235,16 @@ BAD_REQUESTS = {
     "zero steps": ({"json": {"prompt": "a", "num_inference_steps": 0}}, 400, "num_inference_steps"),
     "steps over the server's cap": ({"json": {"prompt": "a", "num_inference_steps": 101}}, 400, "num_inference_steps"),
     "steps not a number": ({"json": {"prompt": "a", "num_inference_steps": "many"}}, 400, "num_inference_steps"),
+    "steps as a JSON string": ({"json": {"prompt": "a", "num_inference_steps": "3"}}, 400, "num_inference_steps"),
+    "steps as a JSON bool": ({"json": {"prompt": "a", "num_inference_steps": True}}, 400, "num_inference_steps"),
+    "steps as a fraction": ({"json": {"prompt": "a", "num_inference_steps": 2.5}}, 400, "num_inference_steps"),
+    "seed as a JSON string": ({"json": {"prompt": "a", "seed": "3"}}, 400, "seed"),
+    "guidance as a JSON string": ({"json": {"prompt": "a", "guidance_scale": "1.5"}}, 400, "guidance_scale"),
+    "guidance as a JSON bool": ({"json": {"prompt": "a", "guidance_scale": False}}, 400, "guidance_scale"),
+    "fps as a JSON bool": ({"json": {"prompt": "a", "fps": True}}, 400, "fps"),
+    "seconds as a JSON bool": ({"json": {"prompt": "a", "seconds": True}}, 400, "seconds"),
+    "enhance_prompt as a JSON string": ({"json": {"prompt": "a", "enhance_prompt": "no"}}, 400, "enhance_prompt"),
+    "a JSON number Python will not convert": ({"content": b'{"prompt": "a", "seed": ' + b"1" * 5000 + b"}"}, 400, None),
     "negative guidance": ({"json": {"prompt": "a", "guidance_scale": -1}}, 400, "guidance_scale"),
     "guidance too high": ({"json": {"prompt": "a", "guidance_scale": 51}}, 400, "guidance_scale"),
     "guidance NaN": ({"content": b'{"prompt": "a", "guidance_scale": NaN}'}, 400, "guidance_scale"),
@@ -211,6 +253,8 @@ BAD_REQUESTS = {
     "zero fps": ({"json": {"prompt": "a", "fps": 0}}, 400, "fps"),
     "unknown field": ({"json": {"prompt": "a", "steps": 3}}, 400, "steps"),
     "not JSON": ({"content": b'{"prompt": "a"'}, 400, None),
+    "JSON nested too deeply": ({"content": b"[" * 5000}, 400, None),
+    "a field nested too deeply": ({"content": b'{"prompt": "a", "x": ' + b"[" * 5000}, 400, None),
     "JSON but not an object": ({"content": b'["a cat"]'}, 400, None),
     "empty body": ({"content": b""}, 400, None),
     "oversized body": ({"json": {"prompt": "a", "negative_prompt": "b" * 70_000}}, 413, None),
@@ -228,9 +272,115 @@ def test_bad_requests_get_a_clear_4xx_and_never_reach_the_queue(tmp_path, case):
     response = client.post("/v1/videos", **kwargs)
     assert response.status_code == status, response.text
     error = response.json()["error"]
-    assert error["message"] and error["type"] and error["code"]
+    assert error["message"] and error["type"] == "invalid_request_error" and error["code"]
     assert error["param"] == param
     assert store.page()[0] == []
+
+
+def test_a_request_without_steps_gets_the_models_default_capped_at_max_steps(tmp_path):
+    """OpenAI's client never sends num_inference_steps: under a --max-steps below the model's 50 its requests
+    are still taken (at the cap), and an error names a field the client did send."""
+    client, store, _ = make_client(tmp_path / "capped", max_steps=20)
+    created = client.post("/v1/videos", json={"prompt": "a"})
+    assert created.status_code == 200, created.text
+    assert created.json()["num_inference_steps"] == 20
+    assert client.get("/v1/models").json()["data"][0]["num_inference_steps"] == 20
+    too_long = client.post("/v1/videos", json={"prompt": "a", "seconds": "100"})
+    assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "seconds"
+    assert "at most 9 frames" in too_long.json()["error"]["message"]
+    too_many = client.post("/v1/videos", json={"prompt": "a", "num_inference_steps": 21})
+    assert too_many.status_code == 400 and too_many.json()["error"] == {
+        "message": "num_inference_steps: at most 20",
+        "type": "invalid_request_error",
+        "code": "invalid_request",
+        "param": "num_inference_steps",
+    }
+    assert client.post("/v1/videos", json={"prompt": "a", "num_inference_steps": 20}).status_code == 200
+    store.close()
+
+    roomy, store, _ = make_client(tmp_path / "roomy", max_steps=100)
+    assert roomy.post("/v1/videos", json={"prompt": "a"}).json()["num_inference_steps"] == 50  # the model's
+    assert roomy.get("/v1/models").json()["data"][0]["num_inference_steps"] == 50
+    store.close()
+
+
+def test_json_python_will_not_parse_is_a_400_that_says_why(tmp_path):
+    """Deep nesting exhausts the parser's recursion, a 5000-digit number Python's int limit: 400s, not 500s."""
+    client, store, _ = make_client(tmp_path)
+    for body, why in (
+        (b"[" * 5000, "nested too deeply"),
+        (b'{"prompt": "a", "x": ' + b'{"y": ' * 5000, "nested too deeply"),
+        (b'{"prompt": "a", "seed": ' + b"9" * 5000 + b"}", "a number with too many digits"),
+    ):
+        response = client.post("/v1/videos", content=body, headers=JSON)
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", "invalid_json", None)
+        assert why in error["message"]
+    assert store.page()[0] == []
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b'{"prompt": "a", "guidance_scale": NaN}', b'{"prompt": "a", "guidance_scale": 1e400}',
+     b'{"prompt": "a", "guidance_scale": -Infinity}', b'{"prompt": "a", "guidance_scale": 1' + b"0" * 400 + b"}"],
+    ids=["NaN", "1e400", "-Infinity", "10**400"],
+)  # fmt: skip
+def test_non_finite_guidance_is_called_not_finite(tmp_path, body):
+    client, _, _ = make_client(tmp_path)
+    response = client.post("/v1/videos", content=body, headers=JSON)
+    assert response.status_code == 400
+    assert response.json()["error"]["message"] == "guidance_scale: must be a finite number from 0 to 50"
+    assert response.json()["error"]["param"] == "guidance_scale"
+
+
+def test_non_finite_fps_and_form_values_are_called_not_finite(tmp_path):
+    client, _, _ = make_client(tmp_path)
+    fps = client.post("/v1/videos", content=b'{"prompt": "a", "fps": NaN}', headers=JSON).json()["error"]
+    assert (fps["param"], fps["message"]) == ("fps", "fps: must be a finite number above 0 and at most 120")
+    form = client.post("/v1/videos", data={"prompt": "a", "guidance_scale": "nan"}).json()["error"]
+    assert form["message"] == "guidance_scale: must be a finite number from 0 to 50"
+
+
+def test_json_numbers_are_strict_but_forms_and_openais_string_fields_are_converted(tmp_path):
+    """JSON says what type a value is, so `true` or "3" for a number is refused (BAD_REQUESTS); a form's
+    values are all text and are read as numbers; OpenAI's `seconds` is a string in its own API."""
+    client, _, _ = make_client(tmp_path)
+    form = client.post(
+        "/v1/videos",
+        data={"prompt": "a", "num_inference_steps": "3", "seed": "4", "guidance_scale": "1.5",
+              "fps": "8", "seconds": "1", "enhance_prompt": "false"},
+    )  # fmt: skip
+    assert form.status_code == 200, form.text
+    video = form.json()
+    assert (video["num_inference_steps"], video["seed"], video["guidance_scale"], video["fps"]) == (3, 4, 1.5, 8)
+    for seconds in ("1", 1, 1.0):
+        answer = client.post("/v1/videos", json={"prompt": "a", "seconds": seconds, "guidance_scale": 7})
+        assert answer.status_code == 200 and answer.json()["seconds"] == "1.125", answer.text
+        assert answer.json()["guidance_scale"] == 7.0  # a JSON integer is a number
+
+
+def test_a_wrong_method_is_a_client_error(tmp_path):
+    client, _, _ = make_client(tmp_path)
+    for method, path in (("PUT", "/v1/videos"), ("PATCH", "/v1/videos/video_" + "0" * 24), ("POST", "/v1/models")):
+        response = client.request(method, path)
+        assert response.status_code == 405, (method, path)
+        error = response.json()["error"]
+        assert (error["type"], error["code"]) == ("invalid_request_error", "method_not_allowed"), (method, path)
+
+
+def test_an_unexpected_failure_is_a_500_in_the_error_shape(tmp_path, monkeypatch):
+    client, store, _ = make_client(tmp_path)
+
+    def broken():
+        raise RuntimeError("the disk is on fire")
+
+    monkeypatch.setattr(store, "stats", broken)
+    response = TestClient(client.app, raise_server_exceptions=False).get("/metrics")
+    assert response.status_code == 500
+    error = response.json()["error"]
+    assert (error["type"], error["code"]) == ("server_error", "server_error")
+    assert "fire" not in error["message"]  # the details go to the log, not to the client
 
 
 def test_unknown_and_hostile_ids_are_404(service):
@@ -241,7 +391,9 @@ def test_unknown_and_hostile_ids_are_404(service):
             response = client.request(method, f"/v1/videos/{video_id}{suffix}")
             assert response.status_code == 404, (method, video_id, suffix)
             assert response.json()["error"]["code"] in ("video_not_found", "not_found")
-    assert client.get("/v1/videos", params={"after": "video_" + "1" * 24}).status_code == 404
+    for after in ("video_" + "1" * 24, "video_nope"):
+        unknown = client.get("/v1/videos", params={"after": after})
+        assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "after"
     assert client.get("/v1/videos", params={"limit": 0}).status_code == 400
     assert client.get("/v1/videos", params={"order": "sideways"}).status_code == 400
     assert db.is_file()
@@ -308,11 +460,50 @@ def test_api_keys_guard_everything_but_health_and_the_page(tmp_path):
             assert response.json()["error"]["code"] == "invalid_api_key"
             assert response.headers["www-authenticate"] == "Bearer"
     assert client.get("/healthz").status_code == 200 and client.get("/").status_code == 200
-    assert client.get("/docs").status_code == 404  # Swagger UI could not send the key
+    for headers in ({}, {"Authorization": "Bearer k1"}):  # Swagger UI could not send the key: off, and says so
+        docs = client.get("/docs", headers=headers)
+        assert docs.status_code == 404 and docs.json()["error"]["code"] == "not_found"
+        assert "GET /openapi.json with Authorization: Bearer KEY" in docs.json()["error"]["message"]
     for key in ("k1", "k2"):
         auth = {"Authorization": f"Bearer {key}"}
         assert client.get("/v1/videos", headers=auth).status_code == 200
         assert client.post("/v1/videos", headers=auth, json={"prompt": "a"}).status_code == 200
+
+
+def test_each_key_sees_only_its_own_videos(tmp_path):
+    """Keys are tenants, as their separate rate and queue limits suggest: another key's video is a 404 to
+    read, download, delete or page from, exactly like a video that does not exist."""
+    client, store, worker = make_client(tmp_path, CountingGenerator(), api_keys=("k1", "k2"), rate_limit=0)
+    alice, bob = {"Authorization": "Bearer k1"}, {"Authorization": "Bearer k2"}
+    done = client.post("/v1/videos", headers=alice, json={"prompt": "done"}).json()["id"]
+    assert worker.run_once()
+    queued = client.post("/v1/videos", headers=alice, json={"prompt": "queued"}).json()["id"]
+    bobs = client.post("/v1/videos", headers=bob, json={"prompt": "bob's"}).json()["id"]
+
+    for video_id in (done, queued):
+        for method, suffix in (("GET", ""), ("GET", "/content"), ("DELETE", "")):
+            response = client.request(method, f"/v1/videos/{video_id}{suffix}", headers=bob)
+            assert response.status_code == 404, (method, suffix)
+            assert response.json()["error"] == {
+                "message": f"no video with id {video_id!r}",
+                "type": "invalid_request_error",
+                "code": "video_not_found",
+                "param": "video_id",
+            }
+        after = client.get("/v1/videos", headers=bob, params={"after": video_id})
+        assert after.status_code == 404 and after.json()["error"]["param"] == "after"
+    assert [v["id"] for v in client.get("/v1/videos", headers=bob).json()["data"]] == [bobs]
+    assert [v["id"] for v in client.get("/v1/videos", headers=alice).json()["data"]] == [queued, done]
+    page = client.get("/v1/videos", headers=alice, params={"after": queued}).json()
+    assert [v["id"] for v in page["data"]] == [done] and not page["has_more"]
+
+    # Nothing of alice's was touched; she still reads, downloads and cancels her own.
+    assert client.get(f"/v1/videos/{done}/content", headers=alice).status_code == 200
+    assert client.delete(f"/v1/videos/{queued}", headers=alice).json()["status"] == "cancelled"
+    # The queue records a hash of the key, never the key.
+    owners = {store.get(i).owner for i in (done, bobs)}
+    assert len(owners) == 2 and all(o.startswith("key:") and "k1" not in o and "k2" not in o for o in owners)
+    store.close()
 
 
 def test_rate_limit_per_key(tmp_path):
@@ -388,7 +579,9 @@ def test_openapi_schema_matches_the_routes_and_the_answers(service):
     fields = schema["components"]["schemas"]["VideoCreate"]["properties"]
     assert {"prompt", "model", "size", "seconds", "seed", "negative_prompt", "num_inference_steps",
             "guidance_scale", "fps"} <= set(fields)  # fmt: skip
-    assert fields["num_inference_steps"]["minimum"] == 1 and fields["prompt"]["maxLength"] == 2000
+    steps = [t for t in fields["num_inference_steps"]["anyOf"] if t["type"] == "integer"]  # or null: the default
+    assert steps[0]["minimum"] == 1 and fields["prompt"]["maxLength"] == 2000
+    assert "416" in schema["paths"]["/v1/videos/{video_id}/content"]["get"]["responses"]
     assert all("422" not in op["responses"] for ops in schema["paths"].values() for op in ops.values())
     assert "HTTPBearer" in schema["components"]["securitySchemes"]
 

@@ -56,6 +56,14 @@ def test_every_flag_says_what_it_does_and_its_default():
                 assert action.help and "default" in action.help, (name, action.option_strings)
 
 
+def test_max_steps_says_it_caps_the_default_too():
+    parser = argparse.ArgumentParser()
+    add_serve_parsers(parser.add_subparsers(dest="command", required=True))
+    serve = parser._subparsers._group_actions[0].choices["serve"]
+    (max_steps,) = [a for a in serve._actions if a.option_strings == ["--max-steps"]]
+    assert "a request without one gets the model's default (50), capped at this" in max_steps.help
+
+
 def test_a_port_out_of_range_is_a_usage_error(capsys):
     for port in ("99999", "0", "http"):
         with pytest.raises(SystemExit) as exit_:

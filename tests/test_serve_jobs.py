@@ -66,6 +66,26 @@ def test_create_get_and_page_newest_first(backend):
     assert [j.id for j in page] == ids and not more
 
 
+def test_get_and_page_can_be_scoped_to_an_owner(backend):
+    """The API passes the caller's key hash: another owner's job reads as no job, and pages skip it."""
+    store = backend()
+    alices = [store.create("m", "alice", PARAMS).id for _ in range(3)]
+    bobs = store.create("m", "bob", PARAMS).id
+    assert store.get(alices[0], owner="alice").id == alices[0]
+    assert store.get(alices[0], owner="bob") is None
+    assert store.get(bobs).owner == "bob"  # unscoped: the workers' view
+
+    page, more = store.page(limit=2, owner="alice")
+    assert [j.id for j in page] == [alices[2], alices[1]] and more
+    page, more = store.page(limit=2, after=page[-1].id, owner="alice")
+    assert [j.id for j in page] == [alices[0]] and not more
+    page, more = store.page(limit=10, newest_first=False, owner="alice")
+    assert [j.id for j in page] == alices and not more
+    assert [j.id for j in store.page(limit=10, owner="bob")[0]] == [bobs]
+    assert [j.id for j in store.page(limit=10, owner="carol")[0]] == []
+    assert len(store.page(limit=10)[0]) == 4
+
+
 def test_claims_are_fifo_and_per_model(backend):
     store = backend()
     first = store.create("m", "o", PARAMS)

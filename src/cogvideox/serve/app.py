@@ -2,6 +2,10 @@
 
 The API never generates: it checks a request against what the model can make (`ModelSpec`), queues it,
 and reads jobs and files back. Workers (`worker.py`) do the generating, in this process or elsewhere.
+
+With API keys, each key is its own tenant: a job records a hash of the key that created it (`Job.owner`,
+see `ApiKeys.owner`), and another key's job is answered as if it did not exist (404). Without keys the
+service is open and every caller sees every job.
 """
 
 from __future__ import annotations
@@ -16,18 +20,19 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import FileResponse, PlainTextResponse
+from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 
 from cogvideox.errors import InputError
 from cogvideox.serve import metrics
-from cogvideox.serve.body import read_fields
+from cogvideox.serve.body import Fields, read_fields
 from cogvideox.serve.enhance import PromptEnhancer
 from cogvideox.serve.errors import ApiError, install_handlers, validation_message
 from cogvideox.serve.jobs import ACTIVE, Job, JobStore, is_job_id
 from cogvideox.serve.limits import ApiKeys, RateLimiter
+from cogvideox.serve.ranges import RangedFile, file_response
 from cogvideox.serve.schemas import (
     ErrorResponse,
     Health,
@@ -50,6 +55,8 @@ class Settings:
 
     rate_limit: new jobs per minute per key (or per address when no key is set); 0 turns it off.
     max_active_per_key: queued + running jobs per key; 0 turns it off.
+    max_steps: the most num_inference_steps a request may ask for; also caps the model's default step
+        count for a request that gives none (a client that never sends the field is never refused for it).
     """
 
     data_dir: Path
@@ -112,10 +119,17 @@ def create_app(spec: ModelSpec, store: JobStore, settings: Settings, worker: Wor
             )
         return owner
 
-    def find(video_id: str) -> Job:
-        job = store.get(video_id) if is_job_id(video_id) else None
+    def tenant(owner: str) -> str | None:
+        """Whose jobs `owner` may see: its own when keys are set (each key a tenant), everyone's (None) on an
+        open server, where callers are told apart by address only for limits."""
+        return owner if keys.required else None
+
+    def find(video_id: str, owner: str, param: str = "video_id") -> Job:
+        """The job `video_id` of `owner`'s tenant; ApiError 404 naming `param` when there is none (another
+        key's job included, so ids of other tenants' jobs cannot be probed)."""
+        job = store.get(video_id, tenant(owner)) if is_job_id(video_id) else None
         if job is None:
-            raise ApiError(404, "video_not_found", f"no video with id {video_id!r}", "video_id")
+            raise ApiError(404, "video_not_found", f"no video with id {video_id!r}", param)
         return job
 
     # -------------------------------------------------------------------------------------------------
@@ -147,6 +161,7 @@ def create_app(spec: ModelSpec, store: JobStore, settings: Settings, worker: Wor
             fps=spec.fps,
             max_seconds=spec.max_seconds,
             max_steps=settings.max_steps,
+            num_inference_steps=default_steps(spec, settings),
             frame_step=spec.frame_step,
             guidance_scale=spec.guidance_scale,
         )
@@ -180,12 +195,7 @@ def create_app(spec: ModelSpec, store: JobStore, settings: Settings, worker: Wor
                 f"more than {settings.rate_limit:g} videos a minute; try again in {wait:.0f} s",
                 headers={"Retry-After": str(max(1, round(wait)))},
             )
-        fields = await read_fields(request, settings.max_body_bytes)
-        try:
-            create = VideoCreate.model_validate(fields)
-        except ValidationError as e:
-            message, param = validation_message(e.errors())
-            raise ApiError(400, "invalid_request", message, param) from None
+        create = _video_create(await read_fields(request, settings.max_body_bytes))
         params = _job_params(create, spec, settings)
         if enhancer is not None and create.enhance_prompt is not False:
             params["enhanced_prompt"] = await enhancer.enhance(create.prompt)
@@ -209,10 +219,10 @@ def create_app(spec: ModelSpec, store: JobStore, settings: Settings, worker: Wor
         after: str | None = Query(None, description="The last id of the previous page."),
         order: Literal["asc", "desc"] = Query("desc", description="By creation time; newest first by default."),
     ) -> VideoList:
-        """The videos, newest first, a page at a time."""
+        """The videos, newest first, a page at a time (with keys: the key's own videos)."""
         if after is not None:
-            find(after)
-        jobs, has_more = store.page(limit, after, newest_first=order == "desc")
+            find(after, owner, param="after")
+        jobs, has_more = store.page(limit, after, newest_first=order == "desc", owner=tenant(owner))
         data = [Video.from_job(j) for j in jobs]
         return VideoList(
             data=data,
@@ -224,7 +234,7 @@ def create_app(spec: ModelSpec, store: JobStore, settings: Settings, worker: Wor
     @app.get("/v1/videos/{video_id}", response_model=Video, tags=["videos"], responses=_errors(401, 404))
     def get_video(video_id: str, owner: str = Depends(caller)) -> Video:
         """A job: its status, progress (percent), timings once done, error if it failed."""
-        return Video.from_job(find(video_id))
+        return Video.from_job(find(video_id, owner))
 
     @app.get(
         "/v1/videos/{video_id}/content",
@@ -233,27 +243,33 @@ def create_app(spec: ModelSpec, store: JobStore, settings: Settings, worker: Wor
         responses={
             200: {"content": {"video/mp4": {}}, "description": "The MP4."},
             206: {"content": {"video/mp4": {}}, "description": "A byte range of the MP4 (Range header)."},
-            **_errors(401, 404, 409),
+            **_errors(401, 404, 409, 416),
         },
     )
-    def get_video_content(video_id: str, owner: str = Depends(caller)) -> FileResponse:
-        """The MP4 of a completed video; honours `Range` so players can seek."""
-        job = find(video_id)
+    def get_video_content(request: Request, video_id: str, owner: str = Depends(caller)) -> FileResponse:
+        """The MP4 of a completed video; honours `Range` so players can seek (an invalid Range is ignored
+        and the whole file sent; a Range past the end is a 416)."""
+        job = find(video_id, owner)
         if job.status != "completed":
             raise ApiError(409, "video_not_ready", f"video {video_id} is {job.status}, not completed", "video_id")
         path = video_path(settings.data_dir, job.id)
-        if not path.is_file():
-            raise ApiError(404, "video_not_found", f"the file of video {video_id} is gone", "video_id")
-        return FileResponse(path, media_type="video/mp4", filename=path.name, content_disposition_type="inline")
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            raise ApiError(404, "video_not_found", f"the file of video {video_id} is gone", "video_id") from None
+        response = RangedFile(
+            path, media_type="video/mp4", filename=path.name, content_disposition_type="inline", stat_result=stat
+        )
+        return file_response(request, response, stat.st_size)
 
     @app.delete("/v1/videos/{video_id}", response_model=VideoDeleted, tags=["videos"], responses=_errors(401, 404))
     def delete_video(video_id: str, owner: str = Depends(caller)) -> VideoDeleted:
         """Cancel a queued or running video; delete a finished one and its file."""
-        job = find(video_id)
+        job = find(video_id, owner)
         if job.status in ACTIVE and store.cancel(job.id):
             return VideoDeleted(id=job.id, deleted=False, status="cancelled")
         if not store.delete(job.id):  # it finished, or went, in the meantime
-            find(video_id)
+            find(video_id, owner)
             raise ApiError(404, "video_not_found", f"video {video_id} changed while deleting; try again")
         video_path(settings.data_dir, job.id).unlink(missing_ok=True)
         return VideoDeleted(id=job.id, deleted=True, status="deleted")
@@ -262,11 +278,19 @@ def create_app(spec: ModelSpec, store: JobStore, settings: Settings, worker: Wor
     def openapi_schema(owner: str = Depends(caller)) -> dict:
         return app.openapi()
 
-    if not keys.required:  # Swagger UI cannot send a key when it fetches the schema
-
-        @app.get("/docs", include_in_schema=False)
-        def docs():
-            return get_swagger_ui_html(openapi_url="/openapi.json", title="CogVideoX API")
+    @app.get("/docs", include_in_schema=False, response_class=HTMLResponse)
+    def docs() -> HTMLResponse:
+        """Swagger UI (its scripts come from a CDN, so the browser needs the internet), on an open server
+        only: the UI fetches the schema without a key, so with keys it could show nothing. Then a 404 that
+        says where the schema is."""
+        if keys.required:
+            raise ApiError(
+                404,
+                "not_found",
+                "/docs is off on a server with API keys (Swagger UI cannot send one): "
+                "GET /openapi.json with Authorization: Bearer KEY",
+            )
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="CogVideoX API")
 
     # -------------------------------------------------------------------------------------------------
     # The web page: static files, no data in them, so no key needed to load it (its requests send one).
@@ -280,6 +304,22 @@ def create_app(spec: ModelSpec, store: JobStore, settings: Settings, worker: Wor
     return app
 
 
+def _video_create(fields: Fields) -> VideoCreate:
+    """The create request checked field by field; ApiError 400 naming the first bad field. JSON is checked
+    strictly (`true` or `"3"` is not a step count); a form, all text, is converted."""
+    try:
+        return VideoCreate.model_validate(fields.values, strict=fields.typed)
+    except ValidationError as e:
+        message, param = validation_message(e.errors())
+        raise ApiError(400, "invalid_request", message, param) from None
+
+
+def default_steps(spec: ModelSpec, settings: Settings) -> int:
+    """The step count of a request that gives none: the model's, capped at --max-steps, so a server with a
+    low cap still takes requests from clients that never send the field (OpenAI's)."""
+    return min(spec.num_inference_steps, settings.max_steps)
+
+
 def _job_params(create: VideoCreate, spec: ModelSpec, settings: Settings) -> dict:
     """A checked request as the generation parameters a worker needs; ApiError 400 when the model cannot."""
     if create.model is not None and create.model != spec.name:
@@ -290,7 +330,8 @@ def _job_params(create: VideoCreate, spec: ModelSpec, settings: Settings) -> dic
     if size not in spec.sizes:
         raise ApiError(400, "invalid_size", f"size {size} is not one of {', '.join(spec.sizes)}", "size")
     width, height = parse_size(size)
-    if create.num_inference_steps > settings.max_steps:
+    steps = create.num_inference_steps if create.num_inference_steps is not None else default_steps(spec, settings)
+    if steps > settings.max_steps:
         raise ApiError(
             400, "invalid_request", f"num_inference_steps: at most {settings.max_steps}", "num_inference_steps"
         )
@@ -306,7 +347,7 @@ def _job_params(create: VideoCreate, spec: ModelSpec, settings: Settings) -> dic
         "height": height,
         "num_frames": num_frames,
         "fps": fps,
-        "num_inference_steps": create.num_inference_steps,
+        "num_inference_steps": steps,
         "guidance_scale": create.guidance_scale if create.guidance_scale is not None else spec.guidance_scale,
         # Drawn now, not by the worker: a job re-run after a crash makes the same video.
         "seed": create.seed if create.seed is not None else secrets.randbelow(2**32),

@@ -4,6 +4,7 @@ size cap enforced while reading, so an oversized body is refused before it is he
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.datastructures import UploadFile
@@ -13,8 +14,21 @@ from starlette.requests import Request
 from cogvideox.serve.errors import ApiError
 
 
-async def read_fields(request: Request, max_bytes: int) -> dict[str, Any]:
-    """The request's fields as a dict; ApiError 413 / 415 / 400 for a body we will not read."""
+@dataclass(frozen=True)
+class Fields:
+    """A create request's fields, and whether they arrived typed.
+
+    typed: True for JSON, whose numbers, booleans and strings are told apart, so a field's type is checked
+        strictly (`"num_inference_steps": true` is refused, not read as 1); False for a form, whose values
+        are all text and are converted ("3" -> 3).
+    """
+
+    values: dict[str, Any]
+    typed: bool
+
+
+async def read_fields(request: Request, max_bytes: int) -> Fields:
+    """The request's fields; ApiError 413 / 415 / 400 for a body we will not read."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes:
         raise _too_large(max_bytes)
@@ -28,19 +42,26 @@ async def read_fields(request: Request, max_bytes: int) -> dict[str, Any]:
 
     media_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
     if media_type == "application/json" or media_type.endswith("+json"):
-        return _json_object(body)
+        return Fields(_json_object(body), typed=True)
     if media_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        return await _form(request, body, media_type)
+        return Fields(await _form(request, body, media_type), typed=False)
     raise ApiError(415, "unsupported_media_type", f"send the request as application/json or a form, not {media_type}")
 
 
 def _json_object(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object; ApiError 400 for anything else, including JSON Python will not parse
+    (nesting deeper than its recursion limit, integers longer than its 4300 digits): a client's mistake,
+    never a 500."""
     if not body.strip():
         raise ApiError(400, "invalid_json", "the request body is empty: send a JSON object with a prompt")
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ApiError(400, "invalid_json", f"the request body is not valid JSON: {e}") from None
+    except ValueError:  # Python's limit on the digits of an int it will convert
+        raise ApiError(400, "invalid_json", "the request body has a number with too many digits") from None
+    except RecursionError:  # the parser recurses per level of nesting; "[[[[..." exhausts the stack
+        raise ApiError(400, "invalid_json", "the request body is not valid JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise ApiError(400, "invalid_json", f"the request body must be a JSON object, not {type(data).__name__}")
     return data

@@ -115,7 +115,11 @@ def add_serve_parsers(commands) -> None:
         help="queued + running videos per key; 0: no limit (default: 100)",
     )
     serve.add_argument(
-        "--max-steps", type=positive_int, default=100, help="largest num_inference_steps accepted (default: 100)"
+        "--max-steps",
+        type=positive_int,
+        default=100,
+        help="largest num_inference_steps accepted; a request without one gets the model's default (50), capped "
+        "at this (default: 100)",
     )
     serve.add_argument(
         "--sizes",

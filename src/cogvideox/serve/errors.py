@@ -9,16 +9,20 @@ from starlette.exceptions import HTTPException
 
 from cogvideox.errors import InputError
 
-# OpenAI's error types by status.
+# OpenAI's error types for the statuses that have their own; any other 4xx is the client's mistake
+# (`invalid_request_error`), a 5xx is ours (`server_error`).
 _TYPES = {
-    400: "invalid_request_error",
     401: "authentication_error",
-    404: "invalid_request_error",
-    409: "invalid_request_error",
-    413: "invalid_request_error",
-    415: "invalid_request_error",
+    403: "permission_error",
     429: "rate_limit_error",
 }
+
+
+def error_type(status: int) -> str:
+    """OpenAI's `type` for an answer with `status`: clients branch on it, so a 4xx must never read as ours."""
+    if status in _TYPES:
+        return _TYPES[status]
+    return "invalid_request_error" if 400 <= status < 500 else "server_error"
 
 
 class ApiError(Exception):
@@ -31,7 +35,7 @@ class ApiError(Exception):
 
 
 def error_response(status: int, code: str, message: str, param: str | None = None, headers=None) -> JSONResponse:
-    body = {"error": {"message": message, "type": _TYPES.get(status, "server_error"), "code": code, "param": param}}
+    body = {"error": {"message": message, "type": error_type(status), "code": code, "param": param}}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -66,3 +70,9 @@ def install_handlers(app: FastAPI) -> None:
     async def _http_error(request: Request, error: HTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
         return error_response(error.status_code, code, str(error.detail), headers=getattr(error, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, error: Exception):
+        # A bug of ours: still OpenAI's shape, so clients parse it; the traceback goes to the log
+        # (Starlette re-raises after answering).
+        return error_response(500, "server_error", "the server failed to answer this request; see its log")

@@ -125,16 +125,21 @@ class JobStore:
             )
         return job if changed else None
 
-    def get(self, job_id: str) -> Job | None:
-        rows, _ = self._run("SELECT * FROM jobs WHERE id = ?", (job_id,))
+    def get(self, job_id: str, owner: str | None = None) -> Job | None:
+        """The job `job_id`; with `owner`, only if it is that owner's (None for another's, as for no job)."""
+        where, params = _where([("id = ?", job_id), ("owner = ?", owner)])
+        rows, _ = self._run(f"SELECT * FROM jobs {where}", params)
         return Job.from_row(rows[0]) if rows else None
 
-    def page(self, limit: int = 20, after: str | None = None, newest_first: bool = True) -> tuple[list[Job], bool]:
-        """Up to `limit` jobs after the job `after` in creation order; and whether more follow."""
+    def page(
+        self, limit: int = 20, after: str | None = None, newest_first: bool = True, owner: str | None = None
+    ) -> tuple[list[Job], bool]:
+        """Up to `limit` jobs after the job `after` in creation order (with `owner`, that owner's jobs only);
+        and whether more follow."""
         order, compare = ("DESC", "<") if newest_first else ("ASC", ">")
-        where, params = "", ()
-        if after is not None:
-            where, params = f"WHERE seq {compare} (SELECT seq FROM jobs WHERE id = ?)", (after,)
+        where, params = _where(
+            [(f"seq {compare} (SELECT seq FROM jobs WHERE id = ?)", after), ("owner = ?", owner)]
+        )
         rows, _ = self._run(f"SELECT * FROM jobs {where} ORDER BY seq {order} LIMIT ?", (*params, limit + 1))
         return [Job.from_row(r) for r in rows[:limit]], len(rows) > limit
 
@@ -233,6 +238,15 @@ class JobStore:
             (job_id, worker),
         )
         return changed == 1
+
+
+def _where(conditions: list[tuple[str, Any]]) -> tuple[str, tuple]:
+    """A WHERE clause of the conditions whose value is not None (each with one `?`), and its values:
+    built in Python, because PostgreSQL cannot type a parameter in `? IS NULL`."""
+    used = [(sql, value) for sql, value in conditions if value is not None]
+    if not used:
+        return "", ()
+    return "WHERE " + " AND ".join(sql for sql, _ in used), tuple(value for _, value in used)
 
 
 def _error_json(code: str, message: str) -> str:

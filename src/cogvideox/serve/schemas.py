@@ -3,6 +3,10 @@
 Fields OpenAI's video API has keep its names and meanings (`prompt`, `model`, `size` as "WIDTHxHEIGHT",
 `seconds` as a string, `status`, `progress`), so its clients work against this service with a base URL
 change; everything CogVideoX adds is an optional extra field.
+
+A JSON request is checked strictly (`VideoCreate.model_validate(..., strict=True)`): a number field takes a
+JSON number, not `true` or `"3"`. `seconds` stays a string-or-number, as OpenAI's API takes it. A form's
+values are all text, so a form is converted (lax).
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from cogvideox.serve.jobs import Job
 
@@ -20,6 +24,12 @@ MAX_GUIDANCE = 50.0
 MAX_FPS = 120.0
 
 Status = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
+
+# What a float field must be, said when it is NaN or infinite (the range check alone would call NaN too big).
+_FLOAT_RANGES = {
+    "guidance_scale": f"from 0 to {MAX_GUIDANCE:g}",
+    "fps": f"above 0 and at most {MAX_FPS:g}",
+}
 
 
 class VideoCreate(BaseModel):
@@ -40,12 +50,17 @@ class VideoCreate(BaseModel):
     # Our extensions.
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description="What the video should not show.")
     seed: int | None = Field(None, ge=0, lt=2**32, description="Noise seed; default: random (reported back).")
-    num_inference_steps: int = Field(50, ge=1, le=MAX_STEPS, description="Denoising steps.")
+    num_inference_steps: int | None = Field(
+        None, ge=1, le=MAX_STEPS,
+        description="Denoising steps; default: the model's (50), capped at the server's --max-steps (GET /v1/models).",
+    )
     guidance_scale: float | None = Field(
-        None, ge=0.0, le=MAX_GUIDANCE,
+        None, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False,
         description="Classifier-free guidance scale; default: the model's recommendation (6 for the released models).",
     )
-    fps: float | None = Field(None, gt=0, le=MAX_FPS, description="Frame rate of the MP4; default: the model's.")
+    fps: float | None = Field(
+        None, gt=0, le=MAX_FPS, allow_inf_nan=False, description="Frame rate of the MP4; default: the model's."
+    )
     enhance_prompt: bool | None = Field(
         None, description="Rewrite the prompt with the server's prompt enhancer (default: on when it has one)."
     )
@@ -57,25 +72,45 @@ class VideoCreate(BaseModel):
             raise ValueError("is blank; say what the video should show")
         return value
 
-    @field_validator("seconds")
+    @field_validator("seconds", mode="before")
     @classmethod
     def _seconds(cls, value):
+        """OpenAI sends a string ("4"); a number is taken too. Checked before the string-or-number type, so a
+        bad value gets one message about `seconds` rather than one per member of the union."""
         if value is None:
             return None
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            # ValueError, not TypeError: pydantic turns only the former into a validation error (a 400).
+            raise ValueError(f"must be a number of seconds, not {type(value).__name__}")  # noqa: TRY004
         try:
             seconds = float(value)
-        except ValueError:
+        except (ValueError, OverflowError):  # OverflowError: an integer beyond any float
             raise ValueError(f"seconds must be a number, got {value!r}") from None
         if not math.isfinite(seconds) or seconds <= 0:
             raise ValueError(f"seconds must be a positive number, got {value!r}")
         return seconds
 
-    @field_validator("guidance_scale", "fps")
+    @field_validator("guidance_scale", "fps", mode="before")
     @classmethod
-    def _finite(cls, value):
-        if value is not None and not math.isfinite(value):
-            raise ValueError("must be a finite number")
+    def _finite(cls, value, info: ValidationInfo):
+        """Refuse NaN and infinities (JSON's NaN, Infinity, 1e400; a form's "nan") before the range check,
+        whose "less than or equal to 50" would be wrong for NaN; other values go on to the type check."""
+        if not _is_finite(value):
+            raise ValueError(f"must be a finite number {_FLOAT_RANGES[info.field_name]}")
         return value
+
+
+def _is_finite(value) -> bool:
+    """False for a number, or a form's text, that is NaN, infinite or beyond any float (a 400-digit JSON
+    integer); True for everything else, which the type and range checks then judge."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        return True
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+    except ValueError:
+        return True  # not a number at all: the type check says so
 
 
 class VideoError(BaseModel):
@@ -162,6 +197,9 @@ class ModelCard(BaseModel):
     fps: float
     max_seconds: float
     max_steps: int
+    num_inference_steps: int = Field(
+        description="The step count a request without one gets: the model's default, capped at max_steps."
+    )
     frame_step: int
     guidance_scale: float = Field(description="The guidance scale a request without one gets: the model's recommendation.")
 

@@ -46,6 +46,7 @@ class ModelSpec:
     frame_step: int
     version: str
     guidance_scale: float = 6.0  # the model's recommended scale (its sampling.json), used when a request has none
+    num_inference_steps: int = 50  # the Pipeline's default, for a request without one (capped at --max-steps)
 
     @property
     def native_size(self) -> str:

@@ -36,6 +36,7 @@ async function loadModel() {
   const size = $("#size");
   size.replaceChildren(...model.sizes.map((s) => new Option(s, s)));
   $("#num_inference_steps").max = model.max_steps;
+  $("#num_inference_steps").placeholder = model.num_inference_steps; // left empty: the server's default
   $("#seconds").max = model.max_seconds;
   $("#seconds").placeholder = model.max_seconds.toFixed(2);
   $("#guidance_scale").placeholder = model.guidance_scale;
