@@ -95,6 +95,16 @@ def test_batch_reports_progress_over_the_whole_batch(capsys, tmp_path):
     assert "2/2" in err and "video" in err
 
 
+def test_progress_bar_on_global_rank_0_only(capsys, monkeypatch, tmp_path):
+    """Under torchrun another process shows no bar, even before the process group is up (RANK); what
+    it makes is still made."""
+    monkeypatch.setenv("RANK", "1")
+    pipe = Pipeline.from_pretrained(None, device="cpu")
+    [entry] = run_batch(pipe, ["a red ball"], tmp_path / "out", num_inference_steps=2, num_frames=9)
+    assert capsys.readouterr().err == ""
+    assert (tmp_path / "out" / entry["file"]).is_file()
+
+
 def test_batch_samples_as_generate_does(capsys, tmp_path):
     """The sampling flags the two commands share reach the pipeline the same way: same flags and seed,
     same video; and dropping --dynamic-cfg changes it, so the flag is not silently ignored."""

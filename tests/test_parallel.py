@@ -2,14 +2,15 @@
 
 Each parallel layout must give the single-process result up to the order of fp32 sums: the tests allow
 a relative error (max |a - b| / max |b|) of 1e-5 on the transformer output and the final latents, and
-equal uint8 frames. The sequence length of the tiny model (5 text + 36 video tokens = 41) divides by
-neither 2 nor 4, so the padding path is tested too.
+uint8 frames within 1/255. The sequence length of the tiny model (5 text + 36 video tokens = 41)
+divides by neither 2 nor 4, so the padding path is tested too.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -75,9 +76,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn(worker, world: int, *args) -> None:
+def _spawn(worker, world: int, *args, deadline_s: float = 600) -> None:
+    """`worker(rank, world, *args)` on `world` gloo processes; a run still going after `deadline_s`
+    (a process waiting in a collective the others skipped) is killed and fails the test."""
     port = _free_port()
-    mp.spawn(_init_and_run, args=(world, port, worker, args), nprocs=world, join=True)
+    context = mp.spawn(_init_and_run, args=(world, port, worker, args), nprocs=world, join=False)
+    deadline = time.monotonic() + deadline_s
+    while not context.join(timeout=max(deadline - time.monotonic(), 0)):  # returns as each one exits
+        if time.monotonic() >= deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"{worker.__name__} on {world} processes still running after {deadline_s:g} s")
 
 
 def _init_and_run(rank: int, world: int, port: int, worker, args) -> None:
@@ -194,6 +203,70 @@ def test_pipeline_matches_one_process(parallel_run, tiny_rope_dir):
             assert got.shape == expected.shape == (9, 64, 64, 3)
             assert abs(got.astype(int) - expected.astype(int)).max() <= 1, rank
         assert seed == first_seed and torch.equal(unseeded, first_unseeded), "ranks drew different seeds"
+
+
+def _tile_settings(pipe):
+    """The pipeline with `_tiled`'s tile settings kept on its VAE but tiling off: what turns tiling on
+    later (the group's agreement, the retry in tiles after running out of memory) tiles with these."""
+    _tiled(pipe).vae.disable_tiling()
+    return pipe
+
+
+class _OutOfMemoryOnce:
+    """A VAE decode whose first call fails as CUDA's does when memory runs out."""
+
+    def __init__(self, decode) -> None:
+        self.decode, self.failed = decode, False
+
+    def __call__(self, z):
+        if not self.failed:
+            self.failed = True
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.decode(z)
+
+
+def _decode_agreement_worker(rank: int, world: int, folder: str, out_file: str) -> None:
+    """Two ways one process's decode could part from the others': its VAE alone tiles (the memory
+    plan is per GPU), or its untiled decode alone runs out of memory (then all retry in tiles)."""
+    import warnings
+
+    from cogvideox.pipeline import Pipeline
+
+    mesh = build_mesh(parse_layout("cfg=2"))
+    results = {}
+    pipe = _tile_settings(Pipeline.from_pretrained(folder, dtype="fp32", device="cpu"))
+    if rank == 1:
+        pipe.vae.enable_tiling()
+    results["one tiles"] = parallelize(pipe, mesh)(**CALL).frames
+    assert pipe.vae.use_tiling == (rank == 1), "the group's agreement changed a VAE for good"
+
+    pipe = _tile_settings(Pipeline.from_pretrained(folder, dtype="fp32", device="cpu"))
+    if rank == 1:
+        pipe.vae.decode = _OutOfMemoryOnce(pipe.vae.decode)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results["one runs out"] = parallelize(pipe, mesh)(**CALL).frames
+    results["warned"] = any("decoding again in tiles" in str(w.message) for w in caught)
+    gathered = [None] * world
+    dist.all_gather_object(gathered, results)
+    if rank == 0:
+        torch.save(gathered, out_file)
+
+
+def test_the_group_decodes_alike(tiny_rope_dir, tmp_path):
+    """Tiling on in one process only, or one process out of memory: every process decodes in tiles
+    (split), none is left waiting in a collective, and the frames are the single-process tiled ones."""
+    from cogvideox.pipeline import Pipeline
+
+    out_file = str(tmp_path / "results.pt")
+    _spawn(_decode_agreement_worker, 2, str(tiny_rope_dir), out_file, deadline_s=240)
+    per_rank = torch.load(out_file, weights_only=False)
+    want = _tiled(Pipeline.from_pretrained(tiny_rope_dir, dtype="fp32", device="cpu"))(**CALL).frames
+    for rank, results in enumerate(per_rank):
+        assert results["warned"], rank  # each process says it decodes again in tiles
+        for case in ("one tiles", "one runs out"):
+            for got, expected in zip(results[case], want, strict=True):
+                assert abs(got.astype(int) - expected.astype(int)).max() <= 1, (case, rank)
 
 
 # ------------------------------------------------------------------------------------------------------

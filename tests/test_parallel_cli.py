@@ -1,4 +1,9 @@
-"""`cogvideox generate --parallel` under torchrun (2 gloo processes, demo model) and its one-line errors."""
+"""`cogvideox generate --parallel` under torchrun (2 gloo processes, demo model) and its one-line errors.
+
+The parallel videos must be the single-process ones for the same flags: untiled by default, tiled with
+--vae-tiling (then the tiles are split). Tolerance: uint8 frames within 1/255, fp32 on the CPU (the
+latents agree to a relative 1e-5, `test_parallel.py`, and a pixel on a rounding edge may move by one).
+"""
 
 from __future__ import annotations
 
@@ -6,14 +11,17 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch.multiprocessing as mp
 
-from cogvideox import Pipeline, export_video, read_video
+from cogvideox import Pipeline, cli, export_video, read_video
 from cogvideox.cli import main
 
 FAST = ["--steps", "2", "--frames", "9", "--seed", "5", "--quiet"]
+FRAME_TOLERANCE = 1  # of 255
 
 
 def _free_port() -> int:
@@ -64,3 +72,179 @@ def test_parallel_mistakes_exit_2_with_one_line(capsys, tmp_path, extra, message
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
     assert not (tmp_path / "v.mp4").exists()
+
+
+# ------------------------------------------------------------------------------------------------------
+# The parallel video is the single-process video (frames compared as arrays, before H.264)
+
+CPU = ["--device", "cpu", "--dtype", "fp32"]
+LAYOUTS = ("cfg=2", "ulysses=2", "ring=2")
+PROMPT = "a red circle moving up"
+
+
+def _recorder(written: dict[str, np.ndarray]):
+    """An `export_video` that keeps the frames under the file's name instead of writing an MP4."""
+
+    def export_video(frames, path, fps=8):
+        written[Path(path).name] = frames
+
+    return export_video
+
+
+def _cli_worker(rank: int, world: int, runs: list[tuple[int, list[str]]], out_file: str) -> None:
+    """Process `rank` of a torchrun-like world: `main(argv)` for each (port, argv) of `runs`, with the
+    MP4 writer replaced by a recorder; saves (statuses, {file name: frames} it was asked to write)."""
+    import torch
+
+    from cogvideox import video
+
+    torch.set_num_threads(1)
+    written: dict[str, np.ndarray] = {}
+    video.export_video = _recorder(written)
+    statuses = []
+    for port, argv in runs:  # a fresh port per run: each run joins and leaves its own process group
+        os.environ.update(
+            RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+        )  # fmt: skip
+        statuses.append(main(argv))
+    torch.save((statuses, written), f"{out_file}.{rank}")
+
+
+def _record_frames(monkeypatch) -> dict[str, np.ndarray]:
+    """Replace the MP4 writer in this process with a recorder: {file name: frames}."""
+    from cogvideox import video
+
+    written: dict[str, np.ndarray] = {}
+    monkeypatch.setattr(video, "export_video", _recorder(written))
+    return written
+
+
+@pytest.fixture(scope="module")
+def parallel_frames(tmp_path_factory):
+    """Every 2-process layout through `cogvideox generate --parallel`, untiled and with --vae-tiling,
+    and one `batch --parallel cfg=2`: each rank's (statuses, frames it wrote)."""
+    import torch
+
+    folder = tmp_path_factory.mktemp("parallel-cli")
+    (folder / "prompts.txt").write_text(PROMPT + "\n")
+    runs = []
+    for spec in LAYOUTS:
+        for tiling in ([], ["--vae-tiling"]):
+            name = f"{spec}{'-tiled' if tiling else ''}.mp4"
+            argv = ["generate", PROMPT, "-o", str(folder / name), "--parallel", spec, *FAST, *CPU, *tiling]
+            runs.append((_free_port(), argv))
+    batch = ["batch", str(folder / "prompts.txt"), "-o", str(folder / "batch"), "--parallel", "cfg=2"]
+    runs.append((_free_port(), [*batch, *FAST, *CPU]))
+    out_file = str(folder / "results")
+    mp.spawn(_cli_worker, args=(2, runs, out_file), nprocs=2, join=True)
+    return [torch.load(f"{out_file}.{rank}", weights_only=False) for rank in range(2)]
+
+
+def _single_process(monkeypatch, tmp_path, *extra: str) -> np.ndarray:
+    written = _record_frames(monkeypatch)
+    assert main(["generate", PROMPT, "-o", str(tmp_path / "single.mp4"), *FAST, *CPU, *extra]) == 0
+    return written.pop("single.mp4")
+
+
+def _max_difference(a: np.ndarray, b: np.ndarray) -> int:
+    assert a.shape == b.shape
+    return int(np.abs(a.astype(int) - b.astype(int)).max())
+
+
+def test_parallel_generate_is_the_single_process_video(parallel_frames, monkeypatch, tmp_path):
+    """Untiled by default (no tiling behind the user's back), tiled with --vae-tiling, on every layout;
+    only rank 0 writes."""
+    (statuses, frames), (other_statuses, other_frames) = parallel_frames
+    assert statuses == other_statuses == [0] * (2 * len(LAYOUTS) + 1)
+    assert other_frames == {}, "a rank other than 0 wrote a file"
+    untiled = _single_process(monkeypatch, tmp_path)
+    tiled = _single_process(monkeypatch, tmp_path, "--vae-tiling")
+    assert _max_difference(untiled, tiled) > 20  # the demo's tiles show: the comparison below can tell
+    for spec in LAYOUTS:
+        assert _max_difference(frames[f"{spec}.mp4"], untiled) <= FRAME_TOLERANCE, spec
+        assert _max_difference(frames[f"{spec}-tiled.mp4"], tiled) <= FRAME_TOLERANCE, spec
+
+
+def test_parallel_batch_is_the_single_process_batch(parallel_frames, monkeypatch, tmp_path):
+    (_, frames), _ = parallel_frames
+    (tmp_path / "prompts.txt").write_text(PROMPT + "\n")
+    written = _record_frames(monkeypatch)
+    assert main(["batch", str(tmp_path / "prompts.txt"), "-o", str(tmp_path / "out"), *FAST, *CPU]) == 0
+    [(name, single)] = written.items()
+    assert _max_difference(frames[name], single) <= FRAME_TOLERANCE
+
+
+# ------------------------------------------------------------------------------------------------------
+# Under torchrun only global rank 0 reports
+
+
+RANK_MISTAKES = [
+    (["generate", "a cat", "--parallel", "foo=2"], "cannot read 'foo=2'"),
+    (["generate", "a cat", "--parallel", "cfg=3"], "cfg is 1 or 2"),
+    (["generate", "a cat", "--parallel", "cfg=2", "--guidance", "1"], "guidance is off"),
+    (["batch", "nofile.txt", "-o", "out"], "no prompts file at nofile.txt"),
+    (["generate", "a cat", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+]
+
+
+def _status(argv: list[str]) -> int:
+    """`main(argv)`'s exit status, whether returned or raised (argparse exits)."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+@pytest.mark.parametrize("argv, message", RANK_MISTAKES)
+def test_errors_are_printed_by_rank_0_alone(capsys, monkeypatch, tmp_path, argv, message):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "QUIET_EXIT_DELAY_S", 0, raising=False)
+    monkeypatch.setenv("RANK", "0")
+    status = _status(argv)
+    out, err = capsys.readouterr()
+    assert status == 2 and err.count("\n") == 1 and err.startswith("cogvideox: error:") and message in err
+    monkeypatch.setenv("RANK", "1")  # the process group is not up: torchrun's RANK says who we are
+    assert _status(argv) == status
+    assert capsys.readouterr() == ("", "")
+
+
+def test_warnings_are_printed_by_rank_0_alone(capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    cli._show_warning("slow", UserWarning, "file.py", 1)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    cli._show_warning("slow", UserWarning, "file.py", 1)
+    assert capsys.readouterr().err == "cogvideox: warning: slow\n"
+
+
+def test_silent_ranks_leave_rank_0_time_to_report(monkeypatch):
+    """torchrun stops every process when one exits: a silent one waits a moment after an error."""
+    waits = []
+    monkeypatch.setattr(cli.time, "sleep", waits.append)
+    monkeypatch.setenv("RANK", "1")
+    assert cli._quiet_exit(0) == 0 and waits == []
+    assert cli._quiet_exit(2) == 2 and waits == [cli.QUIET_EXIT_DELAY_S]
+    monkeypatch.setenv("RANK", "0")
+    assert cli._quiet_exit(1) == 1 and waits == [cli.QUIET_EXIT_DELAY_S]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "a cat", "--parallel", "foo=2"], "cannot read 'foo=2'"),  # before the group is up
+        (["generate", "a cat", "--parallel", "cfg=2,ulysses=2"], "needs 4 processes per video"),  # after
+        (["generate", "a cat"], "one video runs on 1 process(es)"),
+        (["batch", "nofile.txt", "-o", "out"], "no prompts file at nofile.txt"),
+    ],
+)
+def test_torchrun_prints_each_error_once(tmp_path, argv, message):
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+        str(_free_port()), "-m", "cogvideox", *argv, "--device", "cpu",
+    ]  # fmt: skip
+    env = os.environ | {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("cogvideox: error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]

@@ -251,8 +251,10 @@ def run_batch(
     overwrite: make again the videos an earlier run made with other settings; without it they stop
         the batch with an `InputError` before any video is made.
     request: the other arguments of the pipeline call (num_inference_steps, guidance_scale, ...).
-    Returns the manifest entries this call wrote (on global rank 0; elsewhere an empty list).
+    Returns the manifest entries this call wrote (on global rank 0; elsewhere an empty list). The
+    progress bar shows on global rank 0 only (torchrun's RANK before the process group is up).
     """
+    from cogvideox.cli import global_rank
     from cogvideox.parallel import single_process_mesh
 
     mesh = mesh or single_process_mesh()
@@ -273,7 +275,8 @@ def run_batch(
         refuse_other_settings(output_dir, other)
     todo = [item for item in items if item.index not in done]
     written: list[dict] = []
-    bar = tqdm(total=len(items), initial=len(items) - len(todo), unit="video", disable=not (progress and is_root))
+    shown = progress and global_rank() == 0
+    bar = tqdm(total=len(items), initial=len(items) - len(todo), unit="video", disable=not shown)
     with bar:
         for round_start in range(0, math.ceil(len(todo) / mesh.replicas) * mesh.replicas, mesh.replicas):
             slot = round_start + mesh.replica
@@ -378,14 +381,14 @@ def add_batch_parser(commands) -> None:
     arg(
         "--vae-tiling",
         action="store_true",
-        help="decode in overlapping tiles (less GPU memory; always on with --parallel, so the decode is "
-        "split too)",
+        help="decode in overlapping tiles (less GPU memory; pixels near tile seams change); with --parallel "
+        "the tiles are split over the processes, without it each process decodes whole videos",
     )
     arg(
         "--parallel",
         metavar="LAYOUT",
-        help="processes per video under torchrun, e.g. cfg=2,ulysses=2 (see `generate --help`); default: "
-        "one process per video",
+        help="processes per video under torchrun, e.g. cfg=2,ulysses=2 (see `generate --help`); the videos "
+        "are those of a single-process batch; default: one process per video",
     )
     arg(
         "--overwrite",
@@ -402,7 +405,6 @@ def _batch(args: argparse.Namespace) -> int:
     from cogvideox.cli import RUN_ERROR, _quiet_libraries
     from cogvideox.cli_args import locate_model, request_from_args
     from cogvideox.parallel import launch, parallelize
-    from cogvideox.parallel.decode import enable_tile_split
     from cogvideox.pipeline import Pipeline
     from cogvideox.request import check_request, default_fps
 
@@ -434,17 +436,16 @@ def _batch(args: argparse.Namespace) -> int:
     if args.vae_tiling:
         pipe.vae.enable_tiling()
     if mesh is not None and mesh.layout.size > 1:
-        enable_tile_split(pipe.vae)
-        pipe = parallelize(pipe, mesh)
+        pipe = parallelize(pipe, mesh)  # tiling as the single-process batch has it: the same videos
     start = time.perf_counter()
     entries = run_batch(
         pipe, prompts, output_dir, mesh=mesh, seed=args.seed, fps=fps, settings=settings,
         overwrite=args.overwrite, progress=not args.quiet, **request,
     )  # fmt: skip
+    failed = _from_root(lambda: [e for e in entries if "error" in e])  # every process exits alike
     launch.leave(mesh)
     if not is_root:
-        return 0
-    failed = [e for e in entries if "error" in e]
+        return RUN_ERROR if failed else 0
     made = len(entries) - len(failed)
     skipped = len(prompts) - len(entries)
     print(

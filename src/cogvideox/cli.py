@@ -7,12 +7,14 @@
 `invert`, `regenerate` and `convert` live in `cli_tools.py`.
 
 Mistakes in the request print one line and exit with status 2; a run that fails (NaN latents, out of
-memory) prints one line and exits with 1.
+memory) prints one line and exits with 1. Under torchrun only global rank 0 prints errors, warnings and
+progress bars; the other processes exit with the same status, silently.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -35,11 +37,44 @@ from cogvideox.models.config import ConfigError
 
 USER_ERROR, RUN_ERROR = 2, 1
 
+# How long a process other than rank 0 waits before it exits with an error: torchrun stops every process
+# as soon as one exits, and rank 0, which meets the same error, needs the moment to print its line.
+QUIET_EXIT_DELAY_S = 1.0
+
+
+def global_rank() -> int:
+    """This process's rank among all the processes torchrun started: the process group's once it is up,
+    else torchrun's RANK variable (0 without a launcher). Reads no torch module that is not loaded yet:
+    a mistake in the arguments is reported before torch is imported."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        return distributed.get_rank()
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def _say(line: str) -> None:
+    """Print an error or warning line to stderr, on global rank 0 only: under torchrun every process
+    meets the same mistake, and one line is enough."""
+    if global_rank() == 0:
+        print(line, file=sys.stderr)
+
+
+def _quiet_exit(status: int) -> int:
+    """`status`, after giving rank 0 time to report an error that this silent process shares."""
+    if status not in (0, 130) and global_rank() != 0:
+        time.sleep(QUIET_EXIT_DELAY_S)
+    return status
+
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (the default prints the whole usage block first)."""
+    """argparse with one-line errors (the default prints the whole usage block first), on rank 0 only."""
 
     def error(self, message: str):
+        if global_rank() != 0:
+            self.exit(_quiet_exit(USER_ERROR))
         self.exit(USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
@@ -120,8 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="LAYOUT",
         help="run on the processes torchrun starts: cfg=2 (guidance halves), ulysses=N (sequence; N divides "
         "the heads), ring=N (sequence; any N), e.g. cfg=2,ulysses=2; the product is the process count. "
-        "Turns on --vae-tiling, so the decode is split too (see "
-        "docs/parallel.md)",
+        "The video is the single-process one; with --vae-tiling the decode's tiles are split too, "
+        "without it every process decodes the whole video (see docs/parallel.md)",
     )
     arg(
         "--quantize",
@@ -250,18 +285,19 @@ def _generate(args: argparse.Namespace) -> int:
         folder, dtype=args.dtype, device=device, scheduler=args.scheduler, lora=lora, offload=args.offload,
         text_device=text_device, vae_tiling=args.vae_tiling, vae_slicing=args.vae_slicing,
     )
-    if pipe.offload_choice and (args.offload != "auto" or device.type == "cuda"):
+    if pipe.offload_choice and (args.offload != "auto" or device.type == "cuda") and global_rank() == 0:
         print(pipe.offload_choice)
     if accelerate:  # folds the LoRAs into the weights first: the fast paths rewrite the linear layers
         pipe.accelerate(quantize=args.quantize, compile=args.compile, cache=args.cache)
     if mesh is not None:
-        from cogvideox.parallel import decode, parallelize
+        from cogvideox.parallel import parallelize
 
-        decode.enable_tile_split(pipe.vae)  # tiles to share among the processes
+        # The VAE's tiling stays as the single-process run has it (tiles are split when it is on).
         pipe = parallelize(pipe, mesh)  # after `accelerate`: the parallel attention wraps the fast one
     load_time = time.perf_counter() - start
     inputs = dict(image=picture, video=source, strength=args.strength)
-    result = pipe(args.prompt, seed=args.seed, progress=not args.quiet, **request, **inputs)
+    progress = not args.quiet and global_rank() == 0
+    result = pipe(args.prompt, seed=args.seed, progress=progress, **request, **inputs)
     fps = args.fps or pipe.default_fps
     launch.leave(mesh)
     if mesh is not None and not mesh.is_leader:
@@ -303,11 +339,11 @@ def _cache_report(pipe) -> str:
 
 
 def _report(error: Exception) -> None:
-    print("cogvideox: error: " + " ".join(str(error).split()), file=sys.stderr)  # always one line
+    _say("cogvideox: error: " + " ".join(str(error).split()))  # always one line
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"cogvideox: warning: {message}", file=sys.stderr)
+    _say(f"cogvideox: warning: {message}")
 
 
 def _out_of_memory(error: BaseException) -> str | None:
@@ -322,11 +358,20 @@ def _out_of_memory(error: BaseException) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `cogvideox` command; returns the exit status."""
+    """Entry point of the `cogvideox` command; returns the exit status. Under torchrun only global rank 0
+    prints the error; the others return the same status without a word."""
     parser = build_parser()
     args = parser.parse_args(argv)
     previous = warnings.showwarning
     warnings.showwarning = _show_warning
+    try:
+        return _quiet_exit(_run(args))
+    finally:
+        warnings.showwarning = previous
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the command; a known failure becomes its one-line report and exit status."""
     try:
         return args.run(args)
     except (InputError, LoadError, ConfigError) as e:
@@ -336,17 +381,15 @@ def main(argv: list[str] | None = None) -> int:
         _report(e)
         return RUN_ERROR
     except KeyboardInterrupt:
-        print("cogvideox: interrupted", file=sys.stderr)
+        _say("cogvideox: interrupted")
         return 130
     except (RuntimeError, MemoryError) as e:
         where = _out_of_memory(e)
         if where is None:
             raise
-        print(f"cogvideox: error: out of {where} memory; try --dtype bf16, fewer --frames, a smaller "
-              "--height/--width, --num-videos 1, --vae-tiling or an --offload mode", file=sys.stderr)  # fmt: skip
+        _say(f"cogvideox: error: out of {where} memory; try --dtype bf16, fewer --frames, a smaller "
+             "--height/--width, --num-videos 1, --vae-tiling or an --offload mode")  # fmt: skip
         return RUN_ERROR
-    finally:
-        warnings.showwarning = previous
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
     torchrun --nproc-per-node 4 -m cogvideox generate "a panda" --parallel cfg=2,ulysses=2
 
 `mesh.py` parses layouts and builds the process groups, `cfg.py` splits the guidance batch,
-`sequence.py` (with `ring.py`) splits the token sequence, `decode.py` the VAE tiles, and `pipeline.py`
-puts them together behind the `Pipeline` call. docs/parallel.md has the communication arithmetic.
+`sequence.py` (with `ring.py`) splits the token sequence, `decode.py` the VAE decode (by tiles, when
+tiling is on), and `pipeline.py` puts them together behind the `Pipeline` call. docs/parallel.md has
+the communication arithmetic and says what equals what.
 """
 
 from cogvideox.parallel.mesh import (

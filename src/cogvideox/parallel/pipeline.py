@@ -11,7 +11,9 @@ What is split, and how the result relates to one process:
   states (adding zeros is exact);
 - the transformer: CFG halves (`cfg.py`) and sequence shards (`sequence.py`), equal to one process up
   to the order of floating-point sums;
-- the VAE decode: tiles (`decode.py`) when tiling is on, equal to the single-process tiled decode.
+- the VAE decode: by tiles (`decode.py`) when tiling is on, equal to the single-process tiled decode;
+  with tiling off every process decodes the whole video untiled, as one process does (tiling is
+  never turned on for the split: it changes the video at the seams).
 Every process draws the same noise (rank 0's seed is broadcast when none is given) and runs the same
 scheduler steps on the same gathered predictions, so all hold the same latents throughout.
 """
@@ -57,7 +59,7 @@ class ParallelPipeline(Pipeline):
         raise InputError("choose the scheduler before parallelize(): with_scheduler() on the plain pipeline")
 
     def __call__(self, prompt, negative_prompt=None, *, seed=None, generator=None, progress=True, **kwargs):
-        """As `Pipeline.__call__`. Progress bars show on the group's rank 0 only."""
+        """As `Pipeline.__call__`. Progress bars show on global rank 0 only (group 0's leader)."""
         if self.mesh.layout.cfg > 1 and kwargs.get("guidance_scale", 6.0) <= 1:
             raise InputError("cfg=2 splits the guidance batch, but guidance is off (scale <= 1); use cfg=1")
         if seed is None and generator is None:
@@ -68,7 +70,7 @@ class ParallelPipeline(Pipeline):
             negative_prompt,
             seed=seed,
             generator=generator,
-            progress=progress and self.mesh.is_leader,
+            progress=progress and self.mesh.is_leader and self.mesh.replica == 0,
             **kwargs,
         )
 
@@ -92,7 +94,8 @@ class ParallelPipeline(Pipeline):
         return embeds.repeat_interleave(videos_per_prompt, dim=0)
 
     def decode(self, latents: torch.Tensor, progress: bool = False) -> list[np.ndarray]:
-        """As `Pipeline.decode`, with the VAE's tiles spread over the group when tiling is on."""
+        """As `Pipeline.decode`, with the VAE's tiles spread over the group when tiling is on (see
+        `decode.split_decode`); untiled, every process decodes the whole video."""
         vae = self.vae
         self.vae = _TileSplitVAE(vae, self.mesh)  # what the inherited decode calls, for this call only
         try:
