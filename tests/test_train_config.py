@@ -50,6 +50,8 @@ def test_flags_override_the_file(tmp_path):
          "validation_guidance must be a finite number >= 0, got -1.0"),
         ('data = "d"\noutput = "o"\nvalidation_guidance = nan\n', "validation_guidance must be a finite number >= 0, got nan"),
         ('data = "d"\noutput = "o"\nvalidation_guidance = "6"\n', "validation_guidance must be a finite number >= 0, got '6'"),
+        ('data = "d"\noutput = "o"\nweight_decay = "x"\n', "weight_decay must be a finite number >= 0, got 'x'"),
+        ('data = "d"\noutput = "o"\neps = 0.0\n', "eps must be a finite number > 0, got 0.0"),
         ('output = "o"\n', "missing setting(s): data"),
         ("data = [\n", "is not valid TOML"),
     ],

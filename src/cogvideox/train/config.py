@@ -127,6 +127,10 @@ def check_config(c: FinetuneConfig) -> None:
         raise InputError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {c.optimizer!r}")
     if c.schedule not in SCHEDULES:
         raise InputError(f"schedule must be one of {', '.join(SCHEDULES)}, got {c.schedule!r}")
+    if not _non_negative_number(c.weight_decay):
+        raise InputError(f"weight_decay must be a finite number >= 0, got {c.weight_decay!r}")
+    if not (_non_negative_number(c.eps) and c.eps > 0):
+        raise InputError(f"eps must be a finite number > 0, got {c.eps!r}")
     if c.validation_guidance is not None and not _non_negative_number(c.validation_guidance):
         raise InputError(f"validation_guidance must be a finite number >= 0, got {c.validation_guidance!r}")
     check_lists(c)
