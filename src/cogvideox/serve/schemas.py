@@ -55,11 +55,11 @@ class VideoCreate(BaseModel):
         description="Denoising steps; default: the model's (50), capped at the server's --max-steps (GET /v1/models).",
     )
     guidance_scale: float | None = Field(
-        None, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False,
+        None, ge=0.0, le=MAX_GUIDANCE,
         description="Classifier-free guidance scale; default: the model's recommendation (6 for the released models).",
     )
     fps: float | None = Field(
-        None, gt=0, le=MAX_FPS, allow_inf_nan=False, description="Frame rate of the MP4; default: the model's."
+        None, gt=0, le=MAX_FPS, description="Frame rate of the MP4; default: the model's."
     )
     enhance_prompt: bool | None = Field(
         None, description="Rewrite the prompt with the server's prompt enhancer (default: on when it has one)."
