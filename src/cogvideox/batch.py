@@ -24,7 +24,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from cogvideox.errors import CogVideoXError, InputError
+from cogvideox.files import probe_writable
 
 MANIFEST = "manifest.jsonl"
 
@@ -221,9 +221,7 @@ def prepare_folder(output_dir: str | Path) -> None:
     output_dir = Path(output_dir)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        handle, probe = tempfile.mkstemp(prefix=".write-test-", dir=output_dir)
-        os.close(handle)
-        os.unlink(probe)
+        probe_writable(output_dir)
     except OSError as e:
         raise InputError(f"cannot write to {output_dir}: {e.strerror or e}") from None
 
@@ -466,4 +464,6 @@ def _stage_totals(entries: list[dict]) -> str:
             totals[stage] = totals.get(stage, 0.0) + seconds
     if not totals:
         return ""
-    return " | " + ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in totals.items())
+    from cogvideox.cli import stage_times
+
+    return " | " + stage_times(totals)

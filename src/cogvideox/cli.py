@@ -312,10 +312,14 @@ def _generate(args: argparse.Namespace) -> int:
     where = ", ".join(str(p) for p in outputs)
     print(
         f"wrote {where} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]}, {fps:g} fps, seed "
-        f"{result.seed}) | " + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in stages.items())
-        + _cache_report(pipe)
+        f"{result.seed}) | " + stage_times(stages) + _cache_report(pipe)
     )
     return 0
+
+
+def stage_times(stages: dict[str, float]) -> str:
+    """The time of each stage, as the commands' last lines report them: "load 1.2s, text 0.1s, ..."."""
+    return ", ".join(f"{name} {seconds:.1f}s" for name, seconds in stages.items())
 
 
 def _export_or_rescue(frames, path: Path, fps: float) -> None:

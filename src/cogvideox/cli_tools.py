@@ -14,7 +14,7 @@ import time
 import warnings
 from pathlib import Path
 
-from cogvideox.cli import _quiet_libraries
+from cogvideox.cli import _quiet_libraries, stage_times
 from cogvideox.cli_args import MODEL_HELP, add_model_arguments, finite_float, locate_model, non_negative_int, positive_float, positive_int
 from cogvideox.errors import InputError
 
@@ -219,14 +219,9 @@ def _regenerate(args: argparse.Namespace) -> int:
     stages = {"load": load_time, **result.timings, "write": time.perf_counter() - start}
     print(
         f"wrote {output} ({video.shape[0]} frames, {video.shape[2]}x{video.shape[1]}, {fps:g} fps) | "
-        + _stage_times(stages)
+        + stage_times(stages)
     )
     return 0
-
-
-def _stage_times(stages: dict[str, float]) -> str:
-    """The time of each stage, as `generate` reports them: "load 1.2s, text 0.1s, denoise 30.5s, ..."."""
-    return ", ".join(f"{name} {seconds:.1f}s" for name, seconds in stages.items())
 
 
 def _convert(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ other users (a web server, a shared cache, a colleague). `usual_mode` restores 0
 from __future__ import annotations
 
 import os
+import tempfile
 
 
 def umask() -> int:
@@ -27,3 +28,11 @@ def umask() -> int:
 def usual_mode(path: str | os.PathLike) -> None:
     """Give `path` the mode a file created by `open(path, "w")` would have."""
     os.chmod(path, 0o666 & ~umask())
+
+
+def probe_writable(folder: str | os.PathLike) -> None:
+    """Create and remove a file in `folder`: the one sure test that files can be created there
+    (permissions, a read-only or pseudo file system, a full disk). Raises the `OSError` if not."""
+    handle, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
+    os.close(handle)
+    os.unlink(probe)

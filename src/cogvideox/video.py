@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from cogvideox.errors import InputError
-from cogvideox.files import usual_mode
+from cogvideox.files import probe_writable, usual_mode
 
 # Visually lossless for these short clips and still a few hundred kB; "medium" is x264's default speed.
 # The macroblock tree (x264's lookahead-driven quantiser offsets) is off because with it the same frames
@@ -46,6 +46,16 @@ def check_video_path(path: str | os.PathLike, flag: str = "") -> Path:
     """`path` as a `Path` if an MP4 can be written there, else an `InputError` saying why (`flag`, e.g.
     "--output", starts the message): a name ending in .mp4 (the files are MP4, whatever their name), not
     a folder, in an existing folder this process can create files in. Checked before minutes of work."""
+    path = _check_video_name(path, flag)
+    try:
+        probe_writable(path.parent)
+    except OSError as e:
+        raise InputError(f"cannot write {path}: {e.strerror or e}") from None
+    return path
+
+
+def _check_video_name(path: str | os.PathLike, flag: str = "") -> Path:
+    """`check_video_path` without the write test: the name and its folder."""
     path = Path(path)
     what = f"{flag} {path}" if flag else str(path)
     if path.is_dir():
@@ -55,9 +65,6 @@ def check_video_path(path: str | os.PathLike, flag: str = "") -> Path:
                          f"{path.with_suffix('.mp4').name if path.name else 'video.mp4'}")
     if not path.parent.is_dir():
         raise InputError(f"{flag + ' ' if flag else ''}folder {path.parent} does not exist")
-    handle, probe = _temporary_file(path)  # the one sure test: create a file there
-    os.close(handle)
-    os.unlink(probe)
     return path
 
 
@@ -84,9 +91,9 @@ def export_video(frames: np.ndarray | Sequence, path: str | os.PathLike, fps: fl
         raise InputError(f"H.264 in yuv420p needs an even width and height, got {width}x{height}")
     if not fps > 0:
         raise InputError(f"fps must be positive, got {fps}")
-    path = check_video_path(path)
+    path = _check_video_name(path)
     rate = Fraction(fps).limit_denominator(1001)
-    handle, temporary = _temporary_file(path)
+    handle, temporary = _temporary_file(path)  # fails in one line where the folder takes no file
     os.close(handle)
     try:
         with av.open(temporary, mode="w", format="mp4") as container:

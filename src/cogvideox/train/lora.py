@@ -265,17 +265,14 @@ def remove_lora(model: nn.Module, name: str | None = None) -> None:
             _set_module(model, layer_name, layer.as_linear())
 
 
-def fold_lora(model: nn.Module) -> int:
+def fold_lora(model: nn.Module) -> None:
     """Fold every adapter into the base weights for good and put plain `nn.Linear` layers back: what
-    rewriting the linear layers (fused QKV, quantisation) needs. Returns how many adapters were folded;
-    they cannot be unfused or rescaled afterwards."""
-    names = set()
+    rewriting the linear layers (fused QKV, quantisation) needs. The adapters cannot be unfused or
+    rescaled afterwards."""
     for layer_name, layer in lora_layers(model).items():
-        names.update(layer.lora_A)
         for adapter in list(layer.lora_A):
             layer.fuse(adapter)
         _set_module(model, layer_name, layer.as_linear())
-    return len(names)
 
 
 # ----------------------------------------------------------------------------------------------------
