@@ -120,6 +120,7 @@ def main() -> None:
     p.add_argument("--reference-compile", action="store_true", help="also time torch.compile(reference)")
     p.add_argument("--no-reference", action="store_true", help="skip diffusers (errors are then vs 'fused')")
     p.add_argument("--skip-vae", action="store_true")
+    p.add_argument("--vae-only", action="store_true", help="only the VAE decode variants (no transformer, no T5)")
     p.add_argument("--skip-t5", action="store_true")
     args = p.parse_args()
 
@@ -149,6 +150,35 @@ def main() -> None:
         "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None, "modes": {},
     }  # fmt: skip
 
+    lat_f, lat_h, lat_w = (frames - 1) // 4 + 1, height // 8, width // 8
+    if not args.vae_only:
+        transformer_modes(args, config, modes, steps, device, dtype, clock, result, lat_f, lat_h, lat_w)
+
+    # 3. VAE decode, reference and ours, whole and tiled.
+    if not args.skip_vae:
+        result["vae_decode"] = vae_decode(vae_config, device, dtype, clock, lat_f, lat_h, lat_w, args.no_reference)
+        print("vae:", json.dumps(result["vae_decode"]), flush=True)
+
+    # 4. T5 encoding of [negative ; prompt].
+    if not (args.skip_t5 or args.vae_only):
+        reset_peak(device)
+        with tempfile.TemporaryDirectory() as tmp:
+            encoder = make_text_encoder(Path(tmp), t5, device, dtype)
+        prompts = ["", "a panda plays guitar in a bamboo forest under soft light"]
+        with torch.inference_mode():
+            call = lambda: encoder.encode(prompts, config.max_text_seq_length, device=device, dtype=dtype)  # noqa: E731
+            result["t5"] = {"encode_ms": time_step(call, clock, args.repeat)[1]["step_ms"], "peak_gib": peak_gib(device)}
+        del encoder
+
+    out_dir = Path(os.environ.get("OUT", "."))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = f"speed_{args.variant}{'_tiny' if args.tiny else ''}.json"
+    (out_dir / name).write_text(json.dumps(result, indent=2) + "\n")
+    print(markdown(result))
+
+
+def transformer_modes(args, config, modes, steps, device, dtype, clock, result, lat_f, lat_h, lat_w) -> None:
+    """Sections 1 and 2: the reference transformer (eager, compiled) and each of our modes, into `result`."""
     # The weights, once, on the CPU: every model below is a fresh copy of them.
     with torch.device("meta"):
         template = CogVideoXTransformer(config)
@@ -156,7 +186,6 @@ def main() -> None:
     del template
     result["transformer_params"] = sum(v.numel() for v in weights.values())
 
-    lat_f, lat_h, lat_w = (frames - 1) // 4 + 1, height // 8, width // 8
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(2, lat_f, config.in_channels, lat_h, lat_w, generator=g).to(device, dtype)
     text = torch.randn(2, config.max_text_seq_length, config.text_embed_dim, generator=g).to(device, dtype)
@@ -266,30 +295,20 @@ def main() -> None:
             result["modes"][mode] = entry
         print(mode, json.dumps(entry), flush=True)
 
-    # 3. VAE decode, reference and ours, whole and tiled.
-    if not args.skip_vae:
-        result["vae_decode"] = vae_decode(vae_config, device, dtype, clock, lat_f, lat_h, lat_w, args.no_reference)
-        print("vae:", json.dumps(result["vae_decode"]), flush=True)
 
-    # 4. T5 encoding of [negative ; prompt].
-    if not args.skip_t5:
-        reset_peak(device)
-        with tempfile.TemporaryDirectory() as tmp:
-            encoder = make_text_encoder(Path(tmp), t5, device, dtype)
-        prompts = ["", "a panda plays guitar in a bamboo forest under soft light"]
-        with torch.inference_mode():
-            call = lambda: encoder.encode(prompts, config.max_text_seq_length, device=device, dtype=dtype)  # noqa: E731
-            result["t5"] = {"encode_ms": time_step(call, clock, args.repeat)[1]["step_ms"], "peak_gib": peak_gib(device)}
-        del encoder
-
-    out_dir = Path(os.environ.get("OUT", "."))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    name = f"speed_{args.variant}{'_tiny' if args.tiny else ''}.json"
-    (out_dir / name).write_text(json.dumps(result, indent=2) + "\n")
-    print(markdown(result))
+# The VAE decode variants: who decodes, with which levers (see cogvideox/fast/vae.py), tiled too or not.
+VAE_VARIANTS = {
+    "reference": dict(tiled=True),
+    "ours": dict(tiled=True),
+    "ours_channels_last": dict(channels_last=True, tiled=True),
+    "ours_channels_last_cudnn_benchmark": dict(channels_last=True, cudnn_benchmark=True),
+}
 
 
 def vae_decode(vae_config, device, dtype, clock, lat_f, lat_h, lat_w, no_reference) -> dict:
+    """Each variant decodes the same latents whole (and tiled): its first call (with cuDNN's algorithm
+    search when it is on) and the median of two more; then each error against our exact decode and
+    against the reference's."""
     with torch.device("meta"):
         template = CogVideoXVAE(vae_config)
     weights = random_state(template, "cpu", dtype, seed=2)
@@ -297,31 +316,44 @@ def vae_decode(vae_config, device, dtype, clock, lat_f, lat_h, lat_w, no_referen
     g = torch.Generator(device="cpu").manual_seed(5)
     z = torch.randn(1, vae_config.latent_channels, lat_f, lat_h, lat_w, generator=g).to(device, dtype)
     report, outputs = {}, {}
-    builders = {"ours": lambda: CogVideoXVAE(vae_config)}
-    if not no_reference:
-        from diffusers import AutoencoderKLCogVideoX
-
-        builders["reference"] = lambda: AutoencoderKLCogVideoX(**vae_config.to_dict())
-    for who, build in builders.items():
+    for who, options in VAE_VARIANTS.items():
+        if who == "reference" and no_reference:
+            continue
         with torch.device("meta"):
-            vae = build()
+            if who == "reference":
+                from diffusers import AutoencoderKLCogVideoX
+
+                vae = AutoencoderKLCogVideoX(**vae_config.to_dict())
+            else:
+                vae = CogVideoXVAE(vae_config)
         vae.load_state_dict(weights, assign=True)
         vae = vae.to(device).eval()
-        for tiled in (False, True):
-            vae.enable_tiling() if tiled else vae.disable_tiling()
-            decode = (lambda: vae.decode(z)) if who == "ours" else (lambda: vae.decode(z).sample)
-            reset_peak(device)
-            with torch.inference_mode():
-                outputs[who, tiled] = decode()
-                seconds = statistics.median([clock(decode) for _ in range(2)])
-            report[f"{who}_{'tiled' if tiled else 'whole'}"] = {"ms": round(1000 * seconds, 1), "peak_gib": peak_gib(device)}
+        if options.get("channels_last"):
+            fast.vae_channels_last(vae)
+        benchmark = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = bool(options.get("cudnn_benchmark"))
+        try:
+            for tiled in (False, True) if options.get("tiled") else (False,):
+                vae.enable_tiling() if tiled else vae.disable_tiling()
+                decode = (lambda: vae.decode(z).sample) if who == "reference" else (lambda: vae.decode(z))
+                reset_peak(device)
+                with torch.inference_mode():
+                    first = clock(lambda: outputs.setdefault((who, tiled), decode()))
+                    seconds = statistics.median([clock(decode) for _ in range(2)])
+                report[f"{who}_{'tiled' if tiled else 'whole'}"] = {
+                    "ms": round(1000 * seconds, 1), "first_ms": round(1000 * first, 1), "peak_gib": peak_gib(device)
+                }  # fmt: skip
+        finally:
+            torch.backends.cudnn.benchmark = benchmark
         del vae
     report["ours_tiled_vs_whole_rel_l2"] = rel_l2(outputs["ours", True], outputs["ours", False])
-    if not no_reference:
-        for tiled in (False, True):
-            key = "tiled" if tiled else "whole"
-            report[f"{key}_rel_l2_vs_reference"] = rel_l2(outputs["ours", tiled], outputs["reference", tiled])
-            report[f"{key}_over_reference"] = round(report[f"ours_{key}"]["ms"] / report[f"reference_{key}"]["ms"], 3)
+    for (who, tiled), out in outputs.items():
+        key = f"{who}_{'tiled' if tiled else 'whole'}"
+        if who.startswith("ours_"):
+            report[key]["rel_l2_vs_ours"] = rel_l2(out, outputs["ours", tiled])
+        if who != "reference" and not no_reference:
+            report[key]["rel_l2_vs_reference"] = rel_l2(out, outputs["reference", tiled])
+            report[key]["over_reference"] = round(report[key]["ms"] / report[f"reference_{key.rsplit('_', 1)[1]}"]["ms"], 3)
     return report
 
 
@@ -332,6 +364,8 @@ def markdown(result: dict) -> str:
     rows = ["| what | step ms | 50 steps s | vs ref eager | peak GiB | weights GiB | 1-step err vs ref | "
             f"{result['modes'].get('int8', {}).get('trajectory_steps', 'n')}-step err vs fused | steps computed |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    if not result["modes"] and "reference_eager" not in result:
+        rows = []  # --vae-only
     if "reference_eager" in result:
         r = result["reference_eager"]
         rows.append(f"| reference eager | {r['step_ms']} | {r['steps_50_s']} | 1 | {cell(r['peak_gib'])} | | | | |")
@@ -348,12 +382,14 @@ def markdown(result: dict) -> str:
             f"{e.get('step_rel_l2_vs_reference', '')} | {e.get('trajectory_rel_l2_vs_fused', '')} | {computed} |"
         )
     if "vae_decode" in result:
-        v = result["vae_decode"]
-        for key in ("whole", "tiled"):
-            ours = v[f"ours_{key}"]
-            ref = v.get(f"reference_{key}")
-            extra = f" (reference {ref['ms']} ms, peak {cell(ref['peak_gib'])} GiB)" if ref else ""
-            rows.append(f"\nVAE decode {key}: {ours['ms']} ms, peak {cell(ours['peak_gib'])} GiB{extra}")
+        rows += ["", "| VAE decode | ms | first call ms | vs reference | peak GiB | rel. L2 vs ours exact | vs reference |",
+                 "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+        for key, e in result["vae_decode"].items():
+            if isinstance(e, dict):
+                rows.append(
+                    f"| {key} | {e['ms']} | {e['first_ms']} | {e.get('over_reference', '')} | {cell(e['peak_gib'])} | "
+                    f"{e.get('rel_l2_vs_ours', '')} | {e.get('rel_l2_vs_reference', '')} |"
+                )
     if "t5" in result:
         rows.append(f"\nT5 encode (2 prompts): {result['t5']['encode_ms']} ms")
     return "\n".join(rows)

@@ -9,6 +9,7 @@ tested against the exact path.
 - `quantize.py`: int8 weight-only or fp8 (row-wise scaled) linear layers.
 - `compile.py`: regional torch.compile, one compiled block reused by all.
 - `cache.py`: first-block step cache, skipping the other blocks on steps that barely change.
+- `vae.py`: the VAE's convolutions on channels-last memory (`vae_channels_last(pipe.vae)`).
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from .cache import StepCache, add_step_cache, check_threshold
 from .compile import MODES, compile_blocks
 from .fuse import fuse_qkv as fuse_qkv_layers
 from .quantize import check_quantize, quantize as quantize_model
+from .vae import channels_last as vae_channels_last
 
-__all__ = ["Acceleration", "StepCache", "apply", "check_options"]
+__all__ = ["Acceleration", "StepCache", "apply", "check_options", "vae_channels_last"]
 
 
 @dataclass

@@ -71,9 +71,10 @@ class CausalConv3d(nn.Module):
         if self.time_pad == 0:
             return self.conv(x)
         past = cache.get(self) if cache is not None else None
-        if past is None:
-            past = x[:, :, :1].expand(-1, -1, self.time_pad, -1, -1)
-        x = torch.cat([past, x], dim=2)  # [B, C, T + k-1, H, W]
+        # The first frame repeated is concatenated as k-1 slices rather than one expanded view, so the
+        # result keeps the input's memory layout (channels-last too, see cogvideox.fast.vae).
+        pad = [past] if past is not None else [x[:, :, :1]] * self.time_pad
+        x = torch.cat([*pad, x], dim=2)  # [B, C, T + k-1, H, W]
         if cache is not None:
             # A copy, so the cache does not keep the whole padded input alive until the next chunk.
             cache[self] = x[:, :, -self.time_pad :].clone()
