@@ -7,9 +7,9 @@
 #
 # GPU time is short and may come in one piece, so the order is what the issues need most:
 #   1. core_full_size 5B: our step against the reference on the same weights (time, error), end to end;
-#   2. speed 5B: the exact (fused), compiled and fp8 modes against the reference eager; then the VAE
-#      decode (reference, ours exact, ours channels-last with and without cuDNN's algorithm search);
-#   3. memory 5B: none / stream / sequential(+tiling) peaks and times, bitwise check;
+#   2. speed 5B: the exact (fused), compiled and fp8 modes against the reference eager;
+#   3. memory 5B: none / stream / sequential(+tiling) peaks and times, bitwise check; then the VAE decode
+#      (reference, ours exact, + channels-last, + fused norms, + cuDNN's algorithm search);
 #   4. finetune_memory 5B LoRA against the reference with peft;
 #   5. parallel_per_rank 5B; then 5B full fine-tuning and the 2B runs (LoRA, core, speed) while time is left.
 # A step never starts with less than its floor left, and is stopped at its cap; each writes its JSON and
@@ -76,8 +76,8 @@ step() {
 
 step core-5b           150  60 core_full_size.py --variant 5b
 step speed-5b          200  90 speed.py --variant 5b --modes "$SPEED_MODES" --repeat 3 --skip-t5 --skip-vae
-step vae-5b            100  60 speed.py --variant 5b --vae-only
 step memory-5b         150  90 memory.py --variant 5b --modes none,stream,sequential+tiling --reference --check
+step vae-5b            150  60 speed.py --variant 5b --vae-only
 step finetune-5b-lora   90  60 finetune_memory.py --variant 5b --mode lora --repeat 2
 step parallel-5b        60  30 parallel_per_rank.py --repeats 3
 step finetune-5b-full   90  60 finetune_memory.py --variant 5b --mode full --repeat 2 --no-reference

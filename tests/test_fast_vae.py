@@ -1,14 +1,18 @@
 """The channels-last VAE (cogvideox.fast.vae) against the exact path, and its layout along the way."""
 
+import contextlib
 import copy
+import dataclasses
 
 import pytest
 import torch
 from torch import nn
+from torch._dynamo.utils import counters
 
-from cogvideox.fast.vae import channels_last
+from cogvideox.fast.vae import channels_last, fuse_norms
 from cogvideox.models.config import VAEConfig
 from cogvideox.models.vae import CogVideoXVAE
+from cogvideox.models.vae_blocks import ResnetBlock3D
 
 CONFIG = VAEConfig(
     block_out_channels=(16, 16, 32, 32),
@@ -41,8 +45,9 @@ def pair():
     return exact, fast
 
 
-def conv_inputs(vae: nn.Module) -> tuple[list[bool], list]:
-    """Hooks recording, for every convolution call, whether its input was channels-last.
+@contextlib.contextmanager
+def conv_inputs(vae: nn.Module):
+    """Record, for every convolution call inside the block, whether its input was channels-last.
 
     cuDNN returns a channels-last result from a channels-last convolution; the CPU's 3D convolution
     returns a channels-first one. The hooks make the CPU behave as cuDNN does (a layout change only, the
@@ -64,41 +69,40 @@ def conv_inputs(vae: nn.Module) -> tuple[list[bool], list]:
     convs = [m for m in vae.modules() if isinstance(m, nn.Conv3d | nn.Conv2d)]
     handles = [m.register_forward_pre_hook(record) for m in convs]
     handles += [m.register_forward_hook(like_cudnn) for m in convs]
-    return seen, handles
+    try:
+        with torch.no_grad():
+            yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def assert_all_channels_last(seen: list[bool], at_least: int) -> None:
+    assert len(seen) >= at_least and all(seen), f"{seen.count(False)} of {len(seen)} convolutions got channels-first input"
 
 
 @pytest.mark.parametrize("latent_frames", [1, 3, 4])
 def test_decode_matches_exact_and_every_conv_reads_channels_last(pair, latent_frames):
     exact, fast = pair
     z = torch.randn(1, 4, latent_frames, 3, 5, generator=torch.Generator().manual_seed(latent_frames))
-    seen, handles = conv_inputs(fast)
-    try:
-        with torch.no_grad():
-            got, want = fast.decode(z), exact.decode(z)
-    finally:
-        for h in handles:
-            h.remove()
+    with conv_inputs(fast) as seen:
+        got, want = fast.decode(z), exact.decode(z)
     assert got.shape == want.shape and got.is_contiguous()
     assert rel_err(got, want) <= 1e-5
     if latent_frames > 1:
         # (A one-frame tensor is channels-first and channels-last at once; concatenating such tensors
         # gives channels-first, so a single image pays a few conversions. Videos pay none.)
-        assert len(seen) > 40 and all(seen), f"{seen.count(False)} of {len(seen)} convolutions got channels-first input"
+        assert_all_channels_last(seen, 40)
 
 
 def test_encode_matches_exact_and_every_conv_reads_channels_last(pair):
     exact, fast = pair
     x = torch.randn(1, 3, 9, 24, 40, generator=torch.Generator().manual_seed(9))
-    seen, handles = conv_inputs(fast)
-    try:
-        with torch.no_grad():
-            got, want = fast.encode(x), exact.encode(x)
-    finally:
-        for h in handles:
-            h.remove()
+    with conv_inputs(fast) as seen:
+        got, want = fast.encode(x), exact.encode(x)
     assert got.mean.is_contiguous()
     assert rel_err(got.mean, want.mean) <= 1e-5 and rel_err(got.logvar, want.logvar) <= 1e-5
-    assert len(seen) > 15 and all(seen), f"{seen.count(False)} of {len(seen)} convolutions got channels-first input"
+    assert_all_channels_last(seen, 15)
 
 
 def test_tiled_and_sliced_decode_match_exact(pair):
@@ -132,3 +136,59 @@ def test_bf16_stays_within_rounding(pair):
 def test_refuses_other_modules():
     with pytest.raises(TypeError, match="CogVideoXVAE"):
         channels_last(nn.Linear(2, 2))
+
+
+@pytest.fixture(scope="module")
+def fused(pair):
+    exact, _ = pair
+    vae = copy.deepcopy(exact)
+    blocks = sum(isinstance(m, ResnetBlock3D) for m in vae.modules())
+    assert fuse_norms(vae) == blocks > 0
+    torch._dynamo.reset()
+    return vae
+
+
+def test_fused_norms_match_exact_decode_and_encode_with_few_compilations(pair, fused):
+    exact, _ = pair
+    z = torch.randn(1, 4, 5, 3, 5, generator=torch.Generator().manual_seed(5))
+    x = torch.randn(1, 3, 17, 24, 40, generator=torch.Generator().manual_seed(6))
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        assert rel_err(fused.decode(z), exact.decode(z)) <= 1e-5
+        fused.decode(z[:, :, :3, :2])  # other sizes: no new compilation
+        # One graph for the first chunk (no frame cache) and one for the others, per channel count (the
+        # decoder's norms see 32 and 16), whatever the stages' sizes.
+        assert counters["stats"]["unique_graphs"] == 4, dict(counters["stats"])
+        got, want = fused.encode(x), exact.encode(x)
+        assert rel_err(got.mean, want.mean) <= 1e-5 and rel_err(got.logvar, want.logvar) <= 1e-5
+        assert counters["stats"]["unique_graphs"] == 8, dict(counters["stats"])  # the encoder's unmodulated norms
+
+
+def test_fused_norms_keep_channels_last(pair, fused):
+    exact, _ = pair
+    both = copy.deepcopy(fused)
+    channels_last(both)
+    z = torch.randn(1, 4, 3, 3, 5, generator=torch.Generator().manual_seed(7))
+    with conv_inputs(both) as seen:
+        got, want = both.decode(z), exact.decode(z)
+    assert rel_err(got, want) <= 1e-5
+    assert_all_channels_last(seen, 40)
+
+
+def test_fused_norms_in_bf16_stay_within_rounding(pair, fused):
+    exact = pair[0]
+    low, low_fused = copy.deepcopy(exact).bfloat16(), copy.deepcopy(fused).bfloat16()
+    z = torch.randn(1, 4, 3, 4, 6, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        full = exact.decode(z)
+        eager, fast = low.decode(z.bfloat16()).float(), low_fused.decode(z.bfloat16()).float()
+    # Keeping the intermediates in fp32 can only help: no further from fp32 than the eager bf16 path.
+    assert rel_err(fast, full) <= 1.2 * rel_err(eager, full) + 1e-4
+
+
+def test_fuse_norms_refuses_other_modules_and_activations():
+    with pytest.raises(TypeError, match="CogVideoXVAE"):
+        fuse_norms(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="SiLU"):
+        fuse_norms(CogVideoXVAE(dataclasses.replace(CONFIG, act_fn="relu")))

@@ -1,4 +1,4 @@
-"""Channels-last VAE: the 3D convolutions run on [B, T, H, W, C] memory instead of [B, C, T, H, W].
+"""Speed levers for the VAE: channels-last convolutions, and the layers between them fused.
 
 The decoder's time is almost all convolution: 315 TFLOP of 3x3x3 and 3x3 convolutions for 49
 frames at 480x720 (278 of them in the last two stages, at 256 and 128 channels on 240x360 and 480x720
@@ -12,12 +12,27 @@ frame cache's concatenation, per-frame 2D convolutions) keep that layout, so no 
 its input (a test checks this); the result comes back in the usual layout. The arithmetic is the same:
 only the order of the sums inside a convolution may differ, so the result matches the exact path to
 rounding (a test holds it at 1e-5 relative in fp32).
+
+`fuse_norms(vae)` replaces what each resnet block does between its convolutions (GroupNorm, the
+decoder's latent scale and shift, SiLU, the causal time padding and the frame cache's copy: five eager
+operators, each a pass over the activations) by one compiled function. The two levers compose.
 """
 
 from __future__ import annotations
 
+import contextlib
+import types
+
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+try:
+    from torch.fx.experimental import _config as fx_config
+except ImportError:  # pragma: no cover - older or newer PyTorch
+    fx_config = None
+
+from cogvideox.models.vae_blocks import CausalConv3d, ConvCache, ResnetBlock3D, SpatialNorm3D, resize_latent_to
 
 FORMATS = {3: torch.channels_last_3d, 2: torch.channels_last}
 
@@ -50,3 +65,91 @@ def _input_channels_last(module: nn.Module, args: tuple) -> tuple:
 
 def _output_contiguous(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
     return output.contiguous()
+
+
+def _norm_act_pad(
+    x: torch.Tensor,
+    past: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    groups: int,
+    eps: float,
+    pad: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GroupNorm (times the latent's scale plus its shift, in the decoder), SiLU, and the causal time
+    padding of the convolution that follows: the padded input and its last `pad` frames for the cache.
+    Compiled, this is one pass over the activations where the eager layers make five."""
+    h = F.group_norm(x, groups, weight, bias, eps)
+    if scale is not None:
+        h = h * scale + shift
+    h = F.silu(h)
+    front = [past] if past is not None else [h[:, :, :1]] * pad
+    padded = torch.cat([*front, h], dim=2)
+    return padded, padded[:, :, -pad:].clone()
+
+
+_fused_norm_act_pad = torch.compile(_norm_act_pad, dynamic=True)
+# One graph per channel count (GroupNorm fixes it), frame cache or not, and layout: more than Dynamo's
+# default limit of 8 graphs per function, after which it would quietly run the eager code.
+_COMPILE_SETTINGS = torch._dynamo.config.patch(recompile_limit=64)
+# Without this, sizes that happen to be equal in the first call (3 frames of 3 rows) are assumed equal
+# for good, and the next size recompiles.
+# (A private setting: where a PyTorch lacks it, sizes may only recompile more often.)
+_SHAPE_SETTINGS = (
+    fx_config.patch(use_duck_shape=False) if hasattr(fx_config, "use_duck_shape") else contextlib.nullcontext()
+)
+
+
+def _norm_then_conv(norm: nn.Module, conv: CausalConv3d, x, zq, cache: ConvCache | None) -> torch.Tensor:
+    """`conv(silu(norm(x, zq)), cache)` of a resnet block, with the work between them fused."""
+    # One layout for every input, that of the convolution's weights: the compiled code is specialised
+    # to its inputs' layouts (an upsampler's output is a transposed view, and a CPU's 3D convolution
+    # returns channels-first results whatever its inputs). No copy where a tensor already has it.
+    last_3d = conv.conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    layout = torch.channels_last_3d if last_3d else torch.contiguous_format
+    x = x.contiguous(memory_format=layout)
+    if isinstance(norm, SpatialNorm3D):
+        zq = resize_latent_to(zq, x.shape[-3:])
+        group_norm = norm.norm_layer
+        scale, shift = (t.contiguous(memory_format=layout) for t in (norm.conv_y(zq), norm.conv_b(zq)))
+    else:
+        group_norm, scale, shift = norm, None, None
+    past = cache.get(conv) if cache is not None else None
+    with _COMPILE_SETTINGS, _SHAPE_SETTINGS:
+        padded, last = _fused_norm_act_pad(
+            x, past, group_norm.weight, group_norm.bias, scale, shift, group_norm.num_groups, group_norm.eps,
+            conv.time_pad,
+        )  # fmt: skip
+    if cache is not None:
+        cache[conv] = last
+    return conv.conv(padded)
+
+
+def _fused_resnet_forward(block: ResnetBlock3D, x: torch.Tensor, cache=None, zq=None) -> torch.Tensor:
+    h = _norm_then_conv(block.norm1, block.conv1, x, zq, cache)
+    h = _norm_then_conv(block.norm2, block.conv2, h, zq, cache)
+    if block.conv_shortcut is not None:
+        x = block.conv_shortcut(x)
+    return h + x
+
+
+def fuse_norms(vae: nn.Module) -> int:
+    """Fuse each resnet block's norm, activation and time padding into one compiled kernel (in place);
+    returns how many blocks.
+
+    Those layers move about 960 GB in a full-size decode (see benchmarks/vae_work.py) where the fused
+    kernel moves well under half of that. The compiled function takes symbolic sizes, so one decode
+    compiles it twice (the first chunk, without a frame cache, and the others), whatever the stages'
+    sizes. The arithmetic is that of the eager layers, with the intermediate results kept in fp32 rather
+    than rounded to the model's dtype between layers (a test bounds the difference).
+    """
+    if not (hasattr(vae, "encoder") and hasattr(vae, "decoder")):
+        raise TypeError("fuse_norms() takes a CogVideoXVAE (or a Pipeline's .vae)")
+    blocks = [m for m in vae.modules() if isinstance(m, ResnetBlock3D)]
+    if any(block.act is not F.silu for block in blocks):
+        raise ValueError("fuse_norms() needs the SiLU activation of the CogVideoX VAEs")
+    for block in blocks:
+        block.forward = types.MethodType(_fused_resnet_forward, block)
+    return len(blocks)
