@@ -303,3 +303,19 @@ def test_a_bad_sampling_json_is_a_load_error(tmp_path, content, message):
     (tmp_path / "sampling.json").write_text(json.dumps(content))
     with pytest.raises(LoadError, match=message):
         loading.read_sampling_defaults(tmp_path)
+
+
+def test_cuda_pipelines_decode_with_channels_last_convolutions(tiny_rope_dir, tmp_path):
+    pipe = Pipeline.from_pretrained(tiny_rope_dir)  # on the CPU the layout stays
+    weight = pipe.vae.decoder.conv_in.conv.weight
+    assert not weight.is_contiguous(memory_format=torch.channels_last_3d)
+    latents = torch.randn(1, 3, pipe.vae.config.latent_channels, 4, 6, generator=torch.Generator().manual_seed(0))
+    before = pipe.decode(latents)
+    pipe._use_layouts_for(torch.device("cuda"))  # what from_pretrained, from_sat and to() do for CUDA
+    assert pipe.vae.decoder.conv_in.conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    after = pipe.decode(latents)
+    assert after[0].shape == before[0].shape == (9, 32, 48, 3)
+    assert np.abs(after[0].astype(int) - before[0].astype(int)).max() <= 1  # rounding only
+    pipe.save_pretrained(tmp_path / "saved")  # channels-last weights are written in the usual layout
+    again = Pipeline.from_pretrained(tmp_path / "saved").decode(latents)
+    np.testing.assert_array_equal(again[0], before[0])
