@@ -80,7 +80,7 @@ def _norm_act_pad(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GroupNorm (times the latent's scale plus its shift, in the decoder), SiLU, and the causal time
     padding of the convolution that follows: the padded input and its last `pad` frames for the cache.
-    Compiled, this is one pass over the activations where the eager layers make five."""
+    Compiled, its reads and writes are about half those of the eager operators."""
     h = F.group_norm(x, groups, weight, bias, eps)
     if scale is not None:
         h = h * scale + shift
@@ -139,11 +139,12 @@ def fuse_norms(vae: nn.Module) -> int:
     """Fuse each resnet block's norm, activation and time padding into one compiled kernel (in place);
     returns how many blocks.
 
-    Those layers move about 960 GB in a full-size decode (see benchmarks/vae_work.py) where the fused
-    kernel moves well under half of that. The compiled function takes symbolic sizes, so one decode
-    compiles it twice (the first chunk, without a frame cache, and the others), whatever the stages'
-    sizes. The arithmetic is that of the eager layers, with the intermediate results kept in fp32 rather
-    than rounded to the model's dtype between layers (a test bounds the difference).
+    Those layers move about 960 GB in a full-size decode (see benchmarks/vae_work.py), the fused
+    function about half of that. It takes symbolic sizes, so it compiles once per channel count, with and
+    without a frame cache (the first chunk has none), whatever the frame, height and width: six graphs
+    for the released decoder (512, 256 and 128 channels), at the first decode. The arithmetic is that of
+    the eager layers, with the intermediate results kept in fp32 rather than rounded to the model's
+    dtype between layers (a test bounds the difference).
     """
     if not (hasattr(vae, "encoder") and hasattr(vae, "decoder")):
         raise TypeError("fuse_norms() takes a CogVideoXVAE (or a Pipeline's .vae)")
