@@ -686,3 +686,22 @@ def test_image_and_video_inputs_go_through_the_offloaded_vae_encoder(tiny_v15_i2
     got = offloaded(tiny_rope_dir, mode)("a dog runs", video=video, progress=False, **v2v)
     assert torch.equal(got.latents, want.latents)
     assert all(np.array_equal(a, b) for a, b in zip(got.frames, want.frames))
+
+
+@pytest.mark.parametrize("mode", ["model", "sequential"])
+def test_offloaded_vae_keeps_channels_last_and_fused_norms_get_their_weights(tiny_rope_dir, mode):
+    from cogvideox import fast
+
+    pipe = Pipeline.from_pretrained(tiny_rope_dir)
+    z = torch.randn(1, 3, pipe.vae.config.latent_channels, 4, 6, generator=torch.Generator().manual_seed(1))
+    want = pipe.decode(z)
+    fast.vae_channels_last(pipe.vae)
+    fast.vae_fuse_norms(pipe.vae)
+    pipe.offload = offload.apply(pipe, mode, CPU, record=True, poison=True)
+    weight = pipe.vae.decoder.up_blocks[0].resnets[0].conv1.conv.weight
+    assert weight.is_contiguous(memory_format=torch.channels_last_3d)  # the host copy keeps the layout
+    got = pipe.decode(z)
+    # Poisoned: a weight the fused blocks read without its module's hook would turn the video to NaN.
+    assert np.abs(got[0].astype(int) - want[0].astype(int)).max() <= 1
+    if mode == "sequential":  # a fused block moves as one group, its norms' weights with it
+        assert "vae.decoder.up_blocks.0.resnets.0" in [g.name for g in pipe.offload.groups()]

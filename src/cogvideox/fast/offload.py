@@ -64,10 +64,24 @@ def _aligned(offset: int) -> int:
     return -(-offset // _ALIGN) * _ALIGN
 
 
-def _view(flat: torch.Tensor, offset: int, dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
-    count = shape.numel()
-    size = count * torch.empty((), dtype=dtype).element_size()
-    return flat[offset : offset + size].view(dtype).view(shape)
+# A tensor's place in a flat buffer: byte offset, dtype, shape, and strides (None: contiguous).
+Slot = tuple[int, torch.dtype, torch.Size, tuple[int, ...] | None]
+
+
+def _view(flat: torch.Tensor, slot: Slot) -> torch.Tensor:
+    offset, dtype, shape, strides = slot
+    size = shape.numel() * torch.empty((), dtype=dtype).element_size()
+    typed = flat[offset : offset + size].view(dtype)
+    return typed.view(shape) if strides is None else typed.as_strided(shape, strides)
+
+
+def _strides(t: torch.Tensor) -> tuple[int, ...] | None:
+    """The strides to keep for `t`'s copy: a channels-last weight stays channels-last (cogvideox.fast.vae
+    makes the VAE's convolutions so on CUDA); anything else is packed contiguous."""
+    layout = {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
+    if layout is not None and t.is_contiguous(memory_format=layout) and not t.is_contiguous():
+        return t.stride()
+    return None
 
 
 def _owned_tensors(module: nn.Module, recurse: bool = True) -> list[torch.Tensor]:
@@ -92,7 +106,7 @@ class WeightGroup:
     def __init__(self, name: str, tensors: list[torch.Tensor], allocate_host, poison: bool = False) -> None:
         self.name = name
         self.tensors = tensors
-        self.layout: list[tuple[int, torch.dtype, torch.Size]] = []
+        self.layout: list[Slot] = []
         offset = 0
         for t in tensors:
             if type(t) not in (torch.Tensor, nn.Parameter):
@@ -101,19 +115,19 @@ class WeightGroup:
                     "(int8 weights stored as int8 tensors with their scales are fine)"
                 )
             offset = _aligned(offset)
-            self.layout.append((offset, t.dtype, t.shape))
+            self.layout.append((offset, t.dtype, t.shape, _strides(t)))
             offset += t.numel() * t.element_size()
         self.nbytes = _aligned(offset) if tensors else 0
         self.host = allocate_host(self.nbytes)  # uint8 [nbytes], page-locked on CUDA
         with torch.no_grad():
-            for t, (off, dtype, shape) in zip(tensors, self.layout):
-                view = _view(self.host, off, dtype, shape)
+            for t, slot in zip(tensors, self.layout):
+                view = _view(self.host, slot)
                 view.copy_(t.detach())
                 t.data = view  # the old storage goes as soon as nothing else holds it
         self._parked = [t.data for t in tensors]
         if poison:
             nan = torch.full((self.nbytes,), 255, dtype=torch.uint8)  # 0xFF.. is NaN in every float type
-            self._parked = [_view(nan, off, dtype, shape) for off, dtype, shape in self.layout]
+            self._parked = [_view(nan, slot) for slot in self.layout]
             self.detach()
         self.device_buffer: torch.Tensor | None = None  # flat device copy while fetched
         self.slot: int | None = None  # ring slot (streamed blocks)
@@ -130,8 +144,8 @@ class WeightGroup:
 
     def attach(self, buffer: torch.Tensor) -> None:
         """Point the tensors at their copy in the device buffer."""
-        for t, (off, dtype, shape) in zip(self.tensors, self.layout):
-            t.data = _view(buffer, off, dtype, shape)
+        for t, slot in zip(self.tensors, self.layout):
+            t.data = _view(buffer, slot)
 
     def detach(self) -> None:
         """Point the tensors back at the host copy (or the poison)."""
@@ -286,8 +300,17 @@ class Offload:
         # group, so whichever of them runs brings the tensor in.
         owners: dict[int, int] = {}  # tensor id -> cluster
         clusters: list[tuple[list[nn.Module], list[torch.Tensor], list[str]]] = []
+        whole: list[str] = []  # modules whose own code reads their children's weights (see below)
         for path, sub in module.named_modules(remove_duplicate=True):
-            own = _owned_tensors(sub, recurse=False)
+            if any(path.startswith(prefix) for prefix in whole):
+                continue  # moved with the enclosing module
+            # A module marked `offload_as_one` (a VAE block fused by cogvideox.fast.vae) reads its
+            # children's weights without calling them, so their hooks would never run: all its weights
+            # move with it.
+            as_one = getattr(sub, "offload_as_one", False)
+            if as_one:
+                whole.append(f"{path}.")
+            own = _owned_tensors(sub, recurse=as_one)
             if not own:
                 continue
             linked = sorted({owners[id(t)] for t in own if id(t) in owners})

@@ -153,4 +153,5 @@ def fuse_norms(vae: nn.Module) -> int:
         raise ValueError("fuse_norms() needs the SiLU activation of the CogVideoX VAEs")
     for block in blocks:
         block.forward = types.MethodType(_fused_resnet_forward, block)
+        block.offload_as_one = True  # it reads its norms' weights directly: offloading moves them together
     return len(blocks)
