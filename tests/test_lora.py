@@ -7,6 +7,7 @@ import pytest
 import torch
 from helpers import assert_same_video, load_reference_pipeline, run_reference
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cogvideox import InputError, Pipeline, read_video
@@ -284,3 +285,56 @@ def test_state_dict_stays_the_official_layout(tiny_rope_dir, lora_files, tmp_pat
     pipe.unfuse_lora()
     pipe.transformer.load_state_dict(base.transformer.state_dict(), strict=True)
     assert torch.allclose(ours_out(pipe.transformer, inputs), want, atol=1e-5)
+
+
+def test_lora_calls_with_unknown_names_or_bad_scales_are_input_errors(tiny_rope_dir, lora_files, tmp_path):
+    pipe, path = Pipeline.from_pretrained(tiny_rope_dir), lora_files[0]
+    name = pipe.load_lora(path)
+    for call, message in [
+        (lambda: pipe.set_lora_scale(0.5, "typo"), "cannot rescale LoRA 'typo': it is not loaded"),
+        (lambda: pipe.fuse_lora(["typo"]), "cannot fuse LoRA 'typo'"),
+        (lambda: pipe.unfuse_lora("typo"), "cannot unfuse LoRA 'typo'"),
+        (lambda: pipe.unload_lora("typo"), "cannot unload LoRA 'typo'"),
+        (lambda: pipe.set_lora_scale(float("nan")), "finite number"),
+        (lambda: pipe.set_lora_scale("x"), "finite number"),
+        (lambda: pipe.load_lora(path, scale=float("inf"), name="other"), "finite number"),
+    ]:
+        with pytest.raises(InputError, match=message):
+            call()
+    assert name in str(pytest.raises(InputError, pipe.set_lora_scale, 0.5, "typo").value)  # names what is loaded
+    pipe.fuse_lora(name)  # one name as a string, not its characters
+    assert all(name in layer.fused for layer in lora.lora_layers(pipe.transformer).values())
+
+
+def test_a_lora_that_fails_to_load_leaves_the_model_unchanged(tiny_rope_dir, lora_files, tmp_path):
+    pipe, path = Pipeline.from_pretrained(tiny_rope_dir), lora_files[0]
+    tensors = load_file(lora._lora_file(path))
+    last = sorted(k for k in tensors if k.endswith("lora_A.weight"))[-1]
+    tensors[last] = torch.zeros(tensors[last].shape[0], 7)  # the last layer's input size is wrong
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, bad)
+    with pytest.raises(InputError, match="another model size"):
+        pipe.load_lora(bad, name="bad")
+    assert lora.adapter_names(pipe.transformer) == [] and not lora.lora_layers(pipe.transformer)
+    assert pipe.load_lora(path, name="bad") == "bad"  # the name is free
+
+
+def test_lora_calls_after_accelerate_say_the_loras_were_folded(tiny_rope_dir, lora_files, tmp_path):
+    pipe, path = Pipeline.from_pretrained(tiny_rope_dir), lora_files[0]
+    pipe.load_lora(path, name="style")
+    pipe.accelerate()
+    with pytest.raises(InputError, match="folded the LoRAs into the weights"):
+        pipe.set_lora_scale(0.0)
+    with pytest.raises(InputError, match="folded"):
+        pipe.unload_lora("style")
+
+
+def test_lora_metadata_that_is_not_json_is_an_input_error(lora_files, tmp_path):
+    path = lora_files[0]
+    bad = tmp_path / "meta.safetensors"
+    save_file(load_file(lora._lora_file(path)), bad, metadata={"lora_adapter_metadata": "{not json"})
+    with pytest.raises(InputError, match="not valid JSON"):
+        lora.read_lora(bad)
+    save_file(load_file(lora._lora_file(path)), bad, metadata={"lora_adapter_metadata": '{"transformer.lora_alpha": "x"}'})
+    with pytest.raises(InputError, match="positive number"):
+        lora.read_lora(bad)

@@ -252,25 +252,37 @@ class Pipeline:
         """Change the scale of LoRA `name` (every LoRA for None); not while fused."""
         from cogvideox.train import lora
 
-        lora.set_lora_scale(self.transformer, scale, name)
+        self._lora_call(lora.set_lora_scale, scale, name)
 
-    def fuse_lora(self, names: Sequence[str] | None = None, keep_original: bool = False) -> None:
+    def fuse_lora(self, names: str | Sequence[str] | None = None, keep_original: bool = False) -> None:
         """Fold the LoRAs into the transformer weights (no cost per step); `keep_original` keeps a CPU
         copy so that `unfuse_lora` restores the weights exactly."""
         from cogvideox.train import lora
 
-        lora.fuse_lora(self.transformer, names, keep_original)
+        self._lora_call(lora.fuse_lora, names, keep_original)
 
-    def unfuse_lora(self, names: Sequence[str] | None = None) -> None:
+    def unfuse_lora(self, names: str | Sequence[str] | None = None) -> None:
         from cogvideox.train import lora
 
-        lora.unfuse_lora(self.transformer, names)
+        self._lora_call(lora.unfuse_lora, names)
 
     def unload_lora(self, name: str | None = None) -> None:
         """Remove LoRA `name` (every LoRA for None), unfusing it first."""
         from cogvideox.train import lora
 
-        lora.remove_lora(self.transformer, name)
+        self._lora_call(lora.remove_lora, name)
+
+    def _lora_call(self, function, *args) -> None:
+        try:
+            function(self.transformer, *args)
+        except InputError as error:
+            if self.acceleration is None:
+                raise
+            # accelerate() folded every LoRA into the weights for good: say so, not just "not loaded".
+            raise InputError(
+                f"{error}; accelerate() folded the LoRAs into the weights, where they can no longer be "
+                "changed: load a fresh pipeline to change them"
+            ) from None
 
     def with_scheduler(self, scheduler: str | object) -> Pipeline:
         """The same model (modules shared, not copied) sampling with another scheduler: "ddim", "dpm"

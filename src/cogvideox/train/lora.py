@@ -228,35 +228,65 @@ def inject_lora(
     return names
 
 
+def check_scale(scale) -> float:
+    """A LoRA scale as a float, or `InputError` for anything but a finite real number."""
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
+        raise InputError(f"a LoRA scale must be a finite number, got {scale!r}")
+    return float(scale)
+
+
+def _named(model: nn.Module, names: str | Iterable[str] | None, what: str) -> list[str] | None:
+    """`names` as a list of loaded adapters (None stays None: every adapter); `InputError` for a name
+    that is not loaded, naming those that are."""
+    if names is None:
+        return None
+    names = [names] if isinstance(names, str) else list(names)
+    loaded = adapter_names(model)
+    unknown = [n for n in names if n not in loaded]
+    if unknown:
+        have = ", ".join(repr(n) for n in loaded) if loaded else "none"
+        raise InputError(f"cannot {what} LoRA {unknown[0]!r}: it is not loaded (loaded: {have})")
+    return names
+
+
 def set_lora_scale(model: nn.Module, scale: float, name: str | None = None) -> None:
     """Multiply adapter `name` (all adapters for None) by `scale` on top of its alpha / rank. A fused
     adapter must be unfused first: its weights are already in the base."""
+    scale = check_scale(scale)
+    names = _named(model, name, "rescale")
+    if names is None and not adapter_names(model):
+        raise InputError("no LoRA is loaded, so there is no scale to set")
     for layer in lora_layers(model).values():
-        for adapter in [name] if name is not None else list(layer.lora_A):
+        for adapter in names if names is not None else list(layer.lora_A):
             if adapter not in layer.lora_A:
                 continue
             if adapter in layer.fused:
                 raise InputError(f"LoRA {adapter!r} is fused; unfuse it before changing its scale")
-            layer.user_scale[adapter] = float(scale)
+            layer.user_scale[adapter] = scale
 
 
-def fuse_lora(model: nn.Module, names: Iterable[str] | None = None, keep_original: bool = False) -> None:
+def fuse_lora(model: nn.Module, names: str | Iterable[str] | None = None, keep_original: bool = False) -> None:
     """Fold adapters into the base weights (no extra work per step). `keep_original` keeps a CPU copy of
     each weight so that `unfuse_lora` restores it bit for bit instead of subtracting the update."""
+    names = _named(model, names, "fuse")
+    if names is None and not adapter_names(model):
+        raise InputError("no LoRA is loaded, so there is none to fuse")
     for layer in lora_layers(model).values():
-        for name in list(names) if names is not None else list(layer.lora_A):
+        for name in names if names is not None else list(layer.lora_A):
             if name in layer.lora_A:
                 layer.fuse(name, keep_original=keep_original and not layer.fused)
 
 
-def unfuse_lora(model: nn.Module, names: Iterable[str] | None = None) -> None:
+def unfuse_lora(model: nn.Module, names: str | Iterable[str] | None = None) -> None:
+    names = _named(model, names, "unfuse")
     for layer in lora_layers(model).values():
-        for name in reversed(list(names) if names is not None else list(layer.fused)):
+        for name in reversed(names if names is not None else list(layer.fused)):
             layer.unfuse(name)
 
 
 def remove_lora(model: nn.Module, name: str | None = None) -> None:
     """Drop adapter `name` (every adapter for None); a layer left without adapters is a plain Linear again."""
+    _named(model, name, "unload")
     for layer_name, layer in lora_layers(model).items():
         for adapter in [name] if name is not None else list(layer.lora_A):
             if adapter in layer.lora_A:
@@ -364,7 +394,12 @@ def read_lora(path: str | Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Ten
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for a damaged header
         raise InputError(f"cannot read {file} as a safetensors LoRA file ({' '.join(str(e).split())})") from None
-    meta = json.loads(header[_METADATA_KEY]) if header.get(_METADATA_KEY) else {}
+    try:
+        meta = json.loads(header[_METADATA_KEY]) if header.get(_METADATA_KEY) else {}
+    except json.JSONDecodeError as e:
+        raise InputError(f"{file}: its {_METADATA_KEY} metadata is not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise InputError(f"{file}: its {_METADATA_KEY} metadata is not a JSON object")
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     alphas: dict[str, float] = {}
     for key, tensor in tensors.items():
@@ -390,7 +425,10 @@ def read_lora(path: str | Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Ten
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
             raise InputError(f"{file}: {module} has LoRA shapes {list(a.shape)} and {list(b.shape)} that do not chain")
         out[module] = (a, b)
-        module_alpha[module] = float(alphas.get(module, default_alpha if default_alpha is not None else a.shape[0]))
+        alpha = alphas.get(module, default_alpha if default_alpha is not None else a.shape[0])
+        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha) or alpha <= 0:
+            raise InputError(f"{file}: the LoRA alpha of {module} is {alpha!r}; it must be a positive number")
+        module_alpha[module] = float(alpha)
     return out, module_alpha
 
 
@@ -413,6 +451,7 @@ def load_lora(
             name = f"{stem}_{i}"
     elif name in existing:
         raise InputError(f"a LoRA named {name!r} is already loaded; pass another name")
+    scale = check_scale(scale)
     modules = dict(model.named_modules())
     missing = [m for m in weights if not isinstance(modules.get(m), nn.Linear)]
     if missing:
@@ -420,13 +459,16 @@ def load_lora(
             f"{path}: {len(missing)} LoRA module(s) are not linear layers of this model, e.g. {missing[0]} "
             "(a LoRA for another model?)"
         )
+    # Every layer is checked before any is touched: a file that fails leaves the model as it was.
     for module, (a, b) in weights.items():
-        layer = _wrap(model, module)
+        layer = modules[module]
         if a.shape[1] != layer.in_features or b.shape[0] != layer.out_features:
             raise InputError(
                 f"{path}: the LoRA for {module} is {b.shape[0]}x{a.shape[1]} but the layer is "
                 f"{layer.out_features}x{layer.in_features} (a LoRA for another model size?)"
             )
+    for module, (a, b) in weights.items():
+        layer = _wrap(model, module)
         target_dtype = dtype or layer.weight.dtype
         layer.add_adapter(name, a.shape[0], alphas[module], target_dtype)
         with torch.no_grad():
@@ -434,5 +476,5 @@ def load_lora(
             layer.lora_B[name].weight.copy_(b)
         layer.lora_A[name].weight.requires_grad_(False)
         layer.lora_B[name].weight.requires_grad_(False)
-        layer.user_scale[name] = float(scale)
+        layer.user_scale[name] = scale
     return name
