@@ -252,3 +252,10 @@ def test_released_image_to_video_defaults():
     assert check_request(i2v15, vae, "a cat", task="image", num_frames=161).latent_frames == 42
     with pytest.raises(InputError, match=r"8k\+1"):
         check_request(i2v15, vae, "a cat", task="image", num_frames=85)
+
+
+def test_float_image_arrays_read_like_float_video_frames():
+    array = np.random.default_rng(0).integers(0, 256, (8, 12, 3), dtype=np.uint8)
+    assert np.array_equal(np.asarray(load_image(array.astype(np.float32) / 255)), array)
+    with pytest.raises(InputError, match="look like 0..255"):
+        load_image(array.astype(np.float32))

@@ -73,11 +73,29 @@ def test_failure_leaves_no_file(tmp_path, monkeypatch):
         (np.zeros((0, 32, 64, 3), np.uint8), r"\[F, H, W, 3\]"),
         (np.zeros((3, 32, 64, 3), np.int32), "uint8 or floats"),
         ([np.zeros((32, 64, 3), np.uint8), np.zeros((16, 64, 3), np.uint8)], "same size"),
+        ([], "no frames"),
+        (5, "frames must be an array"),
+        (np.full((3, 32, 64, 3), 200.0, np.float32), "look like 0..255: pass them as uint8"),
+        (np.full((3, 32, 64, 3), -0.5, np.float32), r"look like \[-1, 1\]"),
+        (np.full((3, 32, 64, 3), np.nan, np.float32), "NaN or infinite"),
     ],
 )
 def test_bad_frames(tmp_path, frames, message):
     with pytest.raises(InputError, match=message):
         export_video(frames, tmp_path / "x.mp4")
+    assert not any(tmp_path.iterdir())
+
+
+def test_float_frames_may_stray_by_rounding(tmp_path):
+    frames = np.full((3, 32, 64, 3), 1.0004, np.float32)  # a float computation's overshoot is clipped
+    read, _ = read_video(export_video(frames, tmp_path / "x.mp4"))
+    assert read.min() >= 250
+
+
+@pytest.mark.parametrize("fps", [0, -8, float("inf"), float("nan"), 1e-6, "8", True, 5000])
+def test_bad_fps(tmp_path, fps):
+    with pytest.raises(InputError, match="fps must be"):
+        export_video(moving_square(), tmp_path / "x.mp4", fps=fps)
     assert not any(tmp_path.iterdir())
 
 

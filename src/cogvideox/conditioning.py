@@ -49,7 +49,8 @@ def _pil():
 
 
 def load_image(image):
-    """An RGB PIL image from a file path, a PIL image, or a uint8 array [H, W, 3] (or [H, W]).
+    """An RGB PIL image from a file path, a PIL image, or an array: uint8 [H, W, 3] (or [H, W]), or floats
+    in [0, 1] [H, W, 3].
 
     A file is decoded, turned upright from its EXIF orientation and converted to RGB, as the reference's
     `load_image` does. Anything that cannot be decoded raises `InputError`.
@@ -70,9 +71,14 @@ def load_image(image):
         return image.convert("RGB")
     if isinstance(image, (np.ndarray, torch.Tensor)):
         array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else image
+        if np.issubdtype(array.dtype, np.floating) and array.ndim == 3 and array.shape[-1] == 3:
+            from cogvideox.video import as_frames
+
+            array = as_frames(array[None])[0]  # floats in [0, 1], as video frames may be
         if array.dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] != 3):
             raise InputError(
-                f"an image array must be uint8 [H, W, 3] (or [H, W]), got {array.dtype} {list(array.shape)}"
+                f"an image array must be uint8 [H, W, 3] (or [H, W]) or floats in [0, 1] [H, W, 3], "
+                f"got {array.dtype} {list(array.shape)}"
             )
         return Image.fromarray(np.ascontiguousarray(array)).convert("RGB")
     raise InputError(f"image must be a file path, a PIL image or a uint8 array, got {type(image).__name__}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from collections.abc import Sequence
@@ -20,20 +21,48 @@ from cogvideox.files import probe_writable, usual_mode
 _X264_OPTIONS = {"crf": "18", "preset": "medium", "x264-params": "mbtree=0"}
 
 
+# Float frames may stray this far outside [0, 1] (rounding in whoever made them) and are clipped.
+_FLOAT_SLACK = 1e-3
+
+
 def as_frames(frames: np.ndarray | Sequence) -> np.ndarray:
     """uint8 [F, H, W, 3] from a uint8 array, a list of [H, W, 3] frames, or floats in [0, 1]."""
-    try:
-        array = np.stack([np.asarray(f) for f in frames]) if not isinstance(frames, np.ndarray) else frames
-    except ValueError:
-        raise InputError("all frames must have the same size") from None
+    if not isinstance(frames, np.ndarray):
+        if isinstance(frames, str | bytes) or not isinstance(frames, Sequence):
+            raise InputError(f"frames must be an array [F, H, W, 3] or a list of [H, W, 3] frames, got {type(frames).__name__}")
+        if len(frames) == 0:
+            raise InputError("no frames: a video needs at least one")
+        try:
+            frames = np.stack([np.asarray(f) for f in frames])
+        except ValueError:
+            raise InputError("all frames must have the same size") from None
+    array = frames
     if array.ndim != 4 or array.shape[-1] != 3 or array.shape[0] == 0:
         raise InputError(f"expected frames shaped [F, H, W, 3] with F >= 1, got {list(array.shape)}")
     if array.dtype == np.uint8:
         return array
     if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise InputError("the frames hold NaN or infinite values")
+        low, high = float(array.min()), float(array.max())
+        if low < -_FLOAT_SLACK or high > 1 + _FLOAT_SLACK:
+            hint = (" (they look like 0..255: pass them as uint8)" if low >= 0 and high <= 255
+                    else " (they look like [-1, 1]: map them with x * 0.5 + 0.5)" if low >= -1 and high <= 1
+                    else "")  # fmt: skip
+            raise InputError(f"float frames must be in [0, 1], got values from {low:g} to {high:g}{hint}")
         # Same rounding as the pipeline's own uint8 frames.
         return (np.clip(array, 0.0, 1.0) * 255).round().astype(np.uint8)
     raise InputError(f"frames must be uint8 or floats in [0, 1], got {array.dtype}")
+
+
+def check_fps(fps) -> Fraction:
+    """A frame rate as the exact fraction the file will carry, or `InputError`."""
+    if isinstance(fps, bool) or not isinstance(fps, int | float | Fraction) or not math.isfinite(fps) or fps <= 0:
+        raise InputError(f"fps must be a finite positive number, got {fps!r}")
+    rate = Fraction(fps).limit_denominator(1001)
+    if not 0 < rate <= 1000:
+        raise InputError(f"fps must be between 1/1001 and 1000, got {fps!r}")
+    return rate
 
 
 def _encoder_name() -> str:
@@ -89,10 +118,8 @@ def export_video(frames: np.ndarray | Sequence, path: str | os.PathLike, fps: fl
     _, height, width, _ = frames.shape
     if height % 2 or width % 2:
         raise InputError(f"H.264 in yuv420p needs an even width and height, got {width}x{height}")
-    if not fps > 0:
-        raise InputError(f"fps must be positive, got {fps}")
+    rate = check_fps(fps)
     path = _check_video_name(path)
-    rate = Fraction(fps).limit_denominator(1001)
     handle, temporary = _temporary_file(path)  # fails in one line where the folder takes no file
     os.close(handle)
     try:
