@@ -11,7 +11,7 @@ import torch
 from helpers import load_reference_pipeline
 from safetensors.torch import load_file, save_file
 
-from cogvideox import LoadError, Pipeline
+from cogvideox import InputError, LoadError, Pipeline
 from cogvideox.errors import InputError
 from cogvideox.loading import (
     check_components,
@@ -148,6 +148,31 @@ def test_missing_folder_and_not_a_model(tmp_path, model_copy):
         check_model_dir(model_copy)
 
 
+@pytest.mark.parametrize(
+    "component, key, value, message",
+    [
+        ("transformer", "num_layers", "two", "num_layers must be an integer, got 'two'"),
+        ("transformer", "use_rotary_positional_embeddings", "yes", "use_rotary_positional_embeddings must be true or false"),
+        ("vae", "block_out_channels", [32, "x"], r"block_out_channels\[1\] must be an integer"),
+        ("vae", "scaling_factor", None, "scaling_factor must not be null"),
+    ],
+)
+def test_config_values_of_the_wrong_type_are_load_errors(model_copy, component, key, value, message):
+    path = model_copy / component / "config.json"
+    config = json.loads(path.read_text())
+    config[key] = value
+    path.write_text(json.dumps(config))
+    with pytest.raises(LoadError, match=f"{component}/config.json: {message}"):
+        Pipeline.from_pretrained(model_copy)
+
+
+def test_a_model_that_is_not_a_path_and_an_unknown_text_device_are_input_errors(tiny_rope_dir):
+    with pytest.raises(InputError, match="a model is a folder path or a Hugging Face repo id, got int 5"):
+        Pipeline.from_pretrained(5)
+    with pytest.raises(InputError, match="unknown device 'gpu'"):
+        Pipeline.from_pretrained(tiny_rope_dir, text_device="gpu")
+
+
 def test_bin_weights_are_named(model_copy):
     (model_copy / "vae" / WEIGHTS).rename(model_copy / "vae" / "diffusion_pytorch_model.bin")
     with pytest.raises(LoadError, match=r"only has \.bin weights"):
@@ -193,6 +218,26 @@ def test_sharded_save_and_load(ours, tmp_path):
     (folder / "transformer" / shards[-1]).unlink()
     with pytest.raises(LoadError, match=f"not a CogVideoX model folder: missing transformer/{shards[-1]}"):
         Pipeline.from_pretrained(folder)
+
+
+def test_saving_over_a_folder_in_the_other_layout_leaves_no_stale_weights(ours, tmp_path):
+    folder = ours.save_pretrained(tmp_path / "model")
+    ours.save_pretrained(folder, max_shard_size="20KB")  # single files -> shards
+    for component, stem in (("transformer", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
+                            ("text_encoder", "model")):  # fmt: skip
+        assert not (folder / component / f"{stem}.safetensors").exists(), component
+        assert (folder / component / f"{stem}.safetensors.index.json").exists(), component
+    ours.save_pretrained(folder)  # and back
+    assert not list(folder.glob("*/*.index.json")) and not list(folder.glob("*/*-of-*.safetensors"))
+    again = Pipeline.from_pretrained(folder).text_encoder.model.state_dict()
+    assert all(torch.equal(again[k], v) for k, v in ours.text_encoder.model.state_dict().items())
+
+
+def test_a_quantised_pipeline_is_not_saved(tiny_rope_dir, tmp_path):
+    pipe = Pipeline.from_pretrained(tiny_rope_dir).accelerate(quantize="int8")
+    with pytest.raises(InputError, match="cannot save a pipeline whose transformer is quantised"):
+        pipe.save_pretrained(tmp_path / "q")
+    assert not (tmp_path / "q").exists()
 
 
 def test_read_tensors_gives_back_every_kind_of_tensor(tmp_path):

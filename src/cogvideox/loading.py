@@ -165,6 +165,11 @@ def resolve_model_dir(
     if path_or_repo_id is None:
         _revision_unused(revision, "the built-in demo model")
         return _demo_model_dir()
+    if not isinstance(path_or_repo_id, str | os.PathLike):
+        raise InputError(
+            f"a model is a folder path or a Hugging Face repo id, got {type(path_or_repo_id).__name__} "
+            f"{path_or_repo_id!r}"
+        )
     name = os.fspath(path_or_repo_id)
     path = Path(name).expanduser()
     if path.exists():

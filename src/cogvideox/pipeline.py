@@ -120,6 +120,7 @@ class Pipeline:
         _scheduler_kind(scheduler)  # reject an unknown name before touching the disk or the network
         _lora_entries(lora)
         device = loading.choose_device(device)
+        text_device = None if text_device is None else loading.choose_device(text_device)
         loading.parse_dtype(dtype)
         folder = loading.resolve_model_dir(
             path_or_repo_id, revision=revision, local_files_only=local_files_only
@@ -204,6 +205,11 @@ class Pipeline:
     def save_pretrained(self, folder: str | Path, max_shard_size: int | str = "10GB") -> Path:
         """Write the pipeline in the official diffusers layout (readable by us and by diffusers)."""
         folder = Path(folder)
+        if self.acceleration is not None and self.acceleration.quantize:
+            raise InputError(
+                f"cannot save a pipeline whose transformer is quantised ({self.acceleration.quantize}): its "
+                "weights are no longer the official ones; save before accelerate(quantize=...)"
+            )
         if folder.exists() and not folder.is_dir():
             raise InputError(f"cannot save to {folder}: it is a file; give a folder")
         try:
@@ -214,6 +220,9 @@ class Pipeline:
             (folder / name).mkdir(exist_ok=True)
             module.config.save(folder / name / "config.json")
             weights.save_weights(module, folder / name, max_shard_size=max_shard_size)
+        # transformers writes a single file or shards but leaves the other layout's files behind.
+        if (folder / "text_encoder").is_dir():
+            weights.remove_weight_files(folder / "text_encoder", "model")
         self.text_encoder.model.save_pretrained(folder / "text_encoder", max_shard_size=max_shard_size)
         self.text_encoder.tokenizer.save_pretrained(folder / "tokenizer")
         (folder / "scheduler").mkdir(exist_ok=True)

@@ -224,6 +224,13 @@ def _standalone(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def remove_weight_files(folder: Path, stem: str) -> None:
+    """Delete `{stem}.safetensors`, its shards and index from `folder`: what a new save replaces, so that
+    no stale file of another layout (single or sharded) is left to be read instead of the new one."""
+    for stale in [*folder.glob(f"{stem}*.safetensors"), folder / f"{stem}.safetensors.index.json"]:
+        stale.unlink(missing_ok=True)
+
+
 def save_weights(
     model: nn.Module, folder: Path, stem: str = DIFFUSERS_WEIGHTS, max_shard_size: int | str = "10GB"
 ) -> list[Path]:
@@ -244,8 +251,7 @@ def save_weights(
             size = 0
         shards[-1].append(key)
         size += nbytes
-    for stale in [*folder.glob(f"{stem}*.safetensors"), folder / f"{stem}.safetensors.index.json"]:
-        stale.unlink(missing_ok=True)
+    remove_weight_files(folder, stem)
     if len(shards) == 1:
         path = folder / f"{stem}.safetensors"
         save_file({k: _standalone(state[k]) for k in shards[0]}, str(path), metadata={"format": "pt"})

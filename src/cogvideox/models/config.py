@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Self
@@ -20,6 +23,38 @@ class ConfigError(CogVideoXError, ValueError):
     """A configuration that no CogVideoX model can be built from."""
 
 
+_KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _checked(key: str, value: Any, hint: Any) -> Any:
+    """`value` of config entry `key` as field type `hint` wants it (JSON lists become tuples), or
+    `ConfigError`. Integers may be written as integral floats (4.0)."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise ConfigError(f"{key} must not be null")
+    kind = next(o for o in options if o is not type(None))
+    if typing.get_origin(kind) is tuple:
+        item = typing.get_args(kind)[0]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return tuple(_checked(f"{key}[{i}]", v, item) for i, v in enumerate(value))
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        raise ConfigError(f"{key} must be {_KINDS.get(kind, kind.__name__)}, got {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class _Config:
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -29,13 +64,11 @@ class _Config:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Self:
+        """The config from a `config.json` object; `ConfigError` for a value of the wrong type."""
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        known = {k: v for k, v in data.items() if k in names}
+        hints = typing.get_type_hints(cls)
+        known = {k: _checked(k, v, hints[k]) for k, v in data.items() if k in names}
         extra = {k: v for k, v in data.items() if k not in names}
-        for key, value in known.items():
-            # JSON has no tuples; keep sequences hashable and comparable.
-            if isinstance(value, list):
-                known[key] = tuple(value)
         return cls(extra=extra, **known)
 
     @classmethod
@@ -49,7 +82,10 @@ class _Config:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a JSON object")
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.extra)
