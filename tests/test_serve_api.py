@@ -517,6 +517,20 @@ def test_rate_limit_per_key(tmp_path):
     assert client.get("/v1/videos", headers=alice).status_code == 200  # reading is not limited
 
 
+def test_refused_requests_do_not_spend_the_rate_limit(tmp_path):
+    client, _, _ = make_client(tmp_path, api_keys=("a",), rate_limit=2, max_active_per_key=1)
+    alice = {"Authorization": "Bearer a"}
+    for _ in range(5):  # mistakes: refused, and not counted
+        assert client.post("/v1/videos", headers=alice, json={"prompt": ""}).status_code == 400
+    first = client.post("/v1/videos", headers=alice, json={"prompt": "x"})
+    assert first.status_code == 200
+    assert client.post("/v1/videos", headers=alice, json={"prompt": "x"}).json()["error"]["code"] == "queue_full"
+    client.delete(f"/v1/videos/{first.json()['id']}", headers=alice)
+    # Two a minute, one video queued so far: the queue_full answer gave its token back, one is left.
+    assert client.post("/v1/videos", headers=alice, json={"prompt": "x"}).status_code == 200
+    assert client.post("/v1/videos", headers=alice, json={"prompt": "x"}).json()["error"]["code"] == "rate_limit_exceeded"
+
+
 def test_queue_limit_per_key(tmp_path):
     client, _, _ = make_client(tmp_path, api_keys=("a", "b"), rate_limit=0, max_active_per_key=2)
     alice, bob = {"Authorization": "Bearer a"}, {"Authorization": "Bearer b"}

@@ -89,6 +89,25 @@ def test_a_port_in_use_fails_in_one_line_before_anything_starts(tmp_path, capsys
     assert err.count("\n") == 1 and not (tmp_path / "data").exists()
 
 
+@pytest.mark.parametrize(
+    "flags, variable, message",
+    [
+        (["--api-key", ""], None, "--api-key is empty (an unset variable?)"),
+        (["--api-key", "  "], None, "--api-key is empty"),
+        ([], ",", "$COGVIDEOX_API_KEYS is set but holds no key"),
+        ([], "", "$COGVIDEOX_API_KEYS is set but holds no key"),
+    ],
+)
+def test_an_empty_api_key_is_refused_not_ignored(tmp_path, capsys, monkeypatch, flags, variable, message):
+    from cogvideox.serve import spec
+
+    monkeypatch.setattr(spec.ModelSpec, "load", lambda *a: pytest.fail("loaded the model before checking keys"))
+    if variable is not None:
+        monkeypatch.setenv("COGVIDEOX_API_KEYS", variable)
+    assert main(["serve", "--host", "0.0.0.0", *flags, "--data-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith(f"cogvideox: error: {message}")
+
+
 def test_a_missing_model_is_one_line(tmp_path, capsys):
     assert main(["serve", "--model", str(tmp_path / "nowhere"), "--data-dir", str(tmp_path)]) == 2
     error = capsys.readouterr().err.strip()

@@ -69,6 +69,21 @@ def test_failures_are_reported_by_kind(store, tmp_path, error, code, message):
     assert failed.status == "failed" and failed.error["code"] == code and failed.error["message"].startswith(message)
 
 
+def test_a_video_the_server_cannot_store_is_its_own_failure_and_logged(store, tmp_path, caplog):
+    def made(params, on_step):
+        return Generated(np.zeros((2, 16, 16, 3), np.uint8), {})
+
+    job = store.create("m", "o", PARAMS)
+    worker = Worker(store, made, tmp_path, "m")
+    (tmp_path / "videos").rmdir()
+    (tmp_path / "videos").write_text("")  # the data folder broken under the running server
+    with caplog.at_level("WARNING", logger="cogvideox.serve"):
+        assert worker.run_once()
+    failed = store.get(job.id)
+    assert failed.error["code"] == "internal_error" and str(tmp_path) not in failed.error["message"]
+    assert any(job.id in r.getMessage() and "cannot store its video" in r.getMessage() for r in caplog.records)
+
+
 def test_the_worker_keeps_its_lease_while_a_step_runs_long(store, tmp_path):
     """A step (or the VAE decode) longer than the lease must not let another worker take the job."""
     release = threading.Event()

@@ -195,19 +195,26 @@ def create_app(spec: ModelSpec, store: JobStore, settings: Settings, worker: Wor
                 f"more than {settings.rate_limit:g} videos a minute; try again in {wait:.0f} s",
                 headers={"Retry-After": str(max(1, round(wait)))},
             )
-        create = _video_create(await read_fields(request, settings.max_body_bytes))
-        params = _job_params(create, spec, settings)
-        if enhancer is not None and create.enhance_prompt is not False:
-            params["enhanced_prompt"] = await enhancer.enhance(create.prompt)
-        limit = settings.max_active_per_key or None
-        job = await run_in_threadpool(store.create, spec.name, owner, params, limit)
-        if job is None:
-            raise ApiError(
-                429,
-                "queue_full",
-                f"you have {limit} videos queued or running; wait for some to finish or delete them",
-                headers={"Retry-After": "10"},
-            )
+        # The token is taken first, so that a flood is turned away before its bodies are read, and given
+        # back when no video is queued: the limit counts videos, not mistakes.
+        job = None
+        try:
+            create = _video_create(await read_fields(request, settings.max_body_bytes))
+            params = _job_params(create, spec, settings)
+            if enhancer is not None and create.enhance_prompt is not False:
+                params["enhanced_prompt"] = await enhancer.enhance(create.prompt)
+            limit = settings.max_active_per_key or None
+            job = await run_in_threadpool(store.create, spec.name, owner, params, limit)
+            if job is None:
+                raise ApiError(
+                    429,
+                    "queue_full",
+                    f"you have {limit} videos queued or running; wait for some to finish or delete them",
+                    headers={"Retry-After": "10"},
+                )
+        finally:
+            if job is None:
+                limiter.give_back(owner)
         if worker is not None:
             worker.wake()
         return Video.from_job(job)

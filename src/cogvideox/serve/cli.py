@@ -227,6 +227,20 @@ def _build_worker(args, spec, store):
     )
 
 
+def api_keys(flags: list[str], variable: str | None) -> tuple[str, ...]:
+    """The keys from `--api-key` flags and the environment variable's value (None: unset). An empty key
+    is refused, not skipped: `--api-key "$KEY"` with KEY unset would otherwise open the service to all."""
+    from cogvideox.errors import InputError
+
+    for key in flags:
+        if not key.strip():
+            raise InputError("--api-key is empty (an unset variable?); give a key, or leave the flag out to run without keys")
+    from_variable = () if variable is None else tuple(k.strip() for k in variable.split(",") if k.strip())
+    if variable is not None and not from_variable:
+        raise InputError(f"${ENV_API_KEYS} is set but holds no key; unset it to run without keys")
+    return tuple(k.strip() for k in flags) + from_variable
+
+
 def run_serve(args: argparse.Namespace) -> int:
     _require_serve_extra()
     import uvicorn
@@ -238,10 +252,10 @@ def run_serve(args: argparse.Namespace) -> int:
 
     _setup_logging(args.log_level)
     parse_dtype(args.dtype)
+    keys = api_keys(args.api_key, os.environ.get(ENV_API_KEYS))
     check_listening(args.host, args.port)
     sizes = tuple(s.strip() for s in args.sizes.split(",") if s.strip())
     spec = ModelSpec.load(args.model, args.model_name, sizes)
-    keys = tuple(args.api_key) + tuple(k.strip() for k in os.environ.get(ENV_API_KEYS, "").split(",") if k.strip())
     if not keys and not _is_loopback(args.host):
         log.warning("listening on %s without an API key: anyone who can reach it can use the GPU", args.host)
     settings = Settings(

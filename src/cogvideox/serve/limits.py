@@ -64,6 +64,15 @@ class RateLimiter:
                 self._forget_idle(now)
         return None
 
+    def give_back(self, owner: str) -> None:
+        """Return the token of a `take` that started no job."""
+        if self.capacity <= 0:
+            return
+        with self._lock:
+            if owner in self._buckets:
+                tokens, last = self._buckets[owner]
+                self._buckets[owner] = (min(self.capacity, tokens + 1.0), last)
+
     def _forget_idle(self, now: float) -> None:
         # A bucket that has refilled completely is the same as no bucket.
         full_after = self.capacity / self.rate

@@ -78,6 +78,10 @@ class PipelineGenerator:
         return Generated(result.frames[0], dict(result.timings))
 
 
+class _StorageError(Exception):
+    """The video was made but could not be written to the server's data folder."""
+
+
 class _Stop(Exception):
     """Raised from the progress callback to abandon the running job."""
 
@@ -164,7 +168,10 @@ class Worker:
                 if lease.lost.is_set():
                     raise _Stop("lost")
                 start = time.perf_counter()
-                path = export_video(generated.frames, video_path(self.data_dir, job.id), fps=job.params["fps"])
+                try:
+                    path = export_video(generated.frames, video_path(self.data_dir, job.id), fps=job.params["fps"])
+                except InputError as e:  # the request was fine: the server's own folder is not
+                    raise _StorageError(str(e)) from e
                 timings = {**generated.timings, "write": time.perf_counter() - start}
             except _Stop as stop:
                 if stop.reason == "shutdown":
@@ -179,7 +186,12 @@ class Worker:
         return True
 
     def _report_failure(self, job: Job, error: Exception) -> None:
-        if isinstance(error, InputError):
+        if isinstance(error, _StorageError):
+            # The operator's problem, and the caller need not learn the server's paths.
+            log.error("%s: job %s: cannot store its video: %s", self.name, job.id, error)
+            code, message = "internal_error", "the server could not store the video; its operator has the details"
+        elif isinstance(error, InputError):
+            log.warning("%s: job %s refused: %s", self.name, job.id, error)
             code, message = "invalid_request", str(error)
         elif isinstance(error, NonFiniteError):
             code, message = "generation_failed", str(error)
