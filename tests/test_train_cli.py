@@ -73,11 +73,15 @@ def test_train_end_to_end_and_resume(capsys, tiny_rope_dir, tmp_path):
          "argument --validation-guidance: expected a finite number >= 0, got -1"),
         (["{tmp}", "--output", "o", "--validation-guidance", "inf"],
          "argument --validation-guidance: expected a finite number >= 0, got inf"),
+        (["{tmp}", "--output", "{tmp}/a-file", "--model", "{model}"], "cannot write to {tmp}/a-file: File exists"),
+        (["{tmp}/a-file", "--output", "o", "--model", "{model}"], "data {tmp}/a-file is a file; give the folder"),
     ],
 )
 def test_user_mistakes_exit_2_with_one_line(capsys, tiny_rope_dir, tmp_path, monkeypatch, extra, message):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("")
     argv = ["train", *[a.format(tmp=tmp_path, model=tiny_rope_dir) for a in extra], "--quiet"]
+    message = message.format(tmp=tmp_path)
     try:
         code = main(argv)
     except SystemExit as e:  # argparse's own errors

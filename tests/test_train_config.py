@@ -69,6 +69,15 @@ def test_a_yaml_string_where_a_list_belongs_is_refused(tmp_path):
         make_config(tmp_path / "run.yaml")
 
 
+def test_yaml_reads_exponents_as_numbers_and_one_setting_spelled_twice_is_refused(tmp_path):
+    (tmp_path / "run.yaml").write_text("data: d\noutput: o\nlr: 1e-4\nweight_decay: 1E-2\n")
+    config = make_config(tmp_path / "run.yaml")
+    assert (config.lr, config.weight_decay) == (1e-4, 1e-2)
+    (tmp_path / "twice.toml").write_text('data = "d"\noutput = "o"\ngrad-accum = 2\ngrad_accum = 3\n')
+    with pytest.raises(InputError, match="grad-accum and grad_accum are the same setting"):
+        make_config(tmp_path / "twice.toml")
+
+
 def test_file_errors(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         read_config_file(tmp_path / "missing.toml")

@@ -34,7 +34,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from cogvideox.errors import CogVideoXError, InputError
-from cogvideox.files import probe_writable
+from cogvideox.files import prepare_folder
 
 MANIFEST = "manifest.jsonl"
 
@@ -213,17 +213,6 @@ def refuse_other_settings(output_dir: str | Path, other: dict[int, str]) -> None
             f"{output_dir} holds {len(other)} video(s) made with other settings ({first}); use another "
             "--output-dir, or --overwrite to make them again"
         )
-
-
-def prepare_folder(output_dir: str | Path) -> None:
-    """Create the output folder if missing and check that a file can be written there, so that a folder
-    we cannot write to fails in one line before the model loads, not after the first video."""
-    output_dir = Path(output_dir)
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        probe_writable(output_dir)
-    except OSError as e:
-        raise InputError(f"cannot write to {output_dir}: {e.strerror or e}") from None
 
 
 def run_batch(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from pathlib import Path
 
 
 def umask() -> int:
@@ -36,3 +37,16 @@ def probe_writable(folder: str | os.PathLike) -> None:
     handle, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
     os.close(handle)
     os.unlink(probe)
+
+
+def prepare_folder(folder: str | os.PathLike) -> None:
+    """Create `folder` if missing and check that a file can be written there, so that a folder we cannot
+    write to fails in one line before a model loads, not after the first result. `InputError` if not."""
+    from cogvideox.errors import InputError
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe_writable(folder)
+    except OSError as e:
+        raise InputError(f"cannot write to {folder}: {e.strerror or e}") from None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,18 +189,36 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         except ImportError:
             raise InputError(f"reading {path} needs PyYAML (pip install pyyaml), or write the config as TOML") from None
         try:
-            values = yaml.safe_load(text) or {}
+            values = yaml.load(text, Loader=_yaml_loader(yaml)) or {}
         except yaml.YAMLError as e:
             raise InputError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
     else:
         raise InputError(f"config file {path} must end in .toml, .yaml or .yml")
     if not isinstance(values, dict):
         raise InputError(f"{path} must hold a table of settings at the top level")
-    values = {str(k).replace("-", "_"): v for k, v in values.items()}
-    unknown = sorted(set(values) - _FIELDS)
+    settings: dict[str, Any] = {}
+    spelled: dict[str, str] = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name in settings:
+            raise InputError(f"{path}: {spelled[name]} and {key} are the same setting; keep one")
+        settings[name], spelled[name] = value, str(key)
+    unknown = sorted(set(settings) - _FIELDS)
     if unknown:
         raise InputError(f"{path}: unknown setting(s) {', '.join(unknown)}; see docs/finetune.md for the names")
-    return values
+    return settings
+
+
+def _yaml_loader(yaml):
+    """PyYAML's safe loader, reading numbers as YAML 1.2 does: `1e-4` is a float (YAML 1.1 wants `1.0e-4`
+    and gives the string "1e-4" otherwise, the usual way of writing a learning rate)."""
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    exponent = re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$")
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", exponent, list("-+0123456789."))
+    return Loader
 
 
 def make_config(file: str | Path | None = None, **overrides: Any) -> FinetuneConfig:

@@ -95,6 +95,10 @@ def scan_folder(root: str | Path) -> tuple[list[Clip], list[Skipped]]:
     Raises `InputError` when the folder does not exist or holds neither layout.
     """
     root = Path(root)
+    if root.is_file():
+        raise InputError(
+            f"data {root} is a file; give the folder holding {METADATA_FILE} (or prompts.txt and {VIDEOS_FILE})"
+        )
     if not root.is_dir():
         raise InputError(f"data folder {root} does not exist")
     if (root / METADATA_FILE).is_file():
@@ -111,7 +115,7 @@ def scan_folder(root: str | Path) -> tuple[list[Clip], list[Skipped]]:
     for name, caption, mask in entries:
         path = root / name
         if not path.is_file():
-            skipped.append(Skipped(name, "file not found"))
+            skipped.append(Skipped(name, "a folder, not a video file" if path.is_dir() else "file not found"))
         elif not caption:
             skipped.append(Skipped(name, "no caption"))
         elif mask is not None and not (root / mask).is_file():

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from cogvideox import loading
 from cogvideox.errors import InputError, NonFiniteError
+from cogvideox.files import prepare_folder
 
 from . import lora as lora_lib
 from .cache import CachedDataset, precompute
@@ -193,6 +194,8 @@ class Run:
             self.device = torch.device("cuda", self.procs.local_rank)
             torch.cuda.set_device(self.device)
         self.procs.start(self.device)
+        if self.procs.main:  # a run folder that cannot be made fails now, not after the data is encoded
+            prepare_folder(self.out)
         self.folder = loading.resolve_model_dir(c.model, revision=c.revision)
         self.configs = loading.read_model_configs(self.folder)
         # The base's recommended guidance: validation samples with it (as `generate` does) and a full
