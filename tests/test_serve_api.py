@@ -151,6 +151,14 @@ def test_bad_ranges_are_ignored_or_a_416_in_the_error_shape(tmp_path):
     # If-Range naming another version of the file: the whole (current) file.
     assert client.get(url, headers={"Range": "bytes=0-9", "If-Range": '"other"'}).status_code == 200
     assert client.get(url, headers={"Range": "bytes=0-9", "If-Range": etag}).status_code == 206
+    # A client that has this version gets a 304; HEAD gives the headers of the whole file, no body.
+    for match in (etag, f"W/{etag}", f'"other", {etag}', "*"):
+        cached = client.get(url, headers={"If-None-Match": match})
+        assert cached.status_code == 304 and cached.content == b"" and cached.headers["etag"] == etag, match
+    assert client.get(url, headers={"If-None-Match": '"other"'}).status_code == 200
+    head = client.head(url)
+    assert head.status_code == 200 and head.content == b"" and int(head.headers["content-length"]) == size
+    assert head.headers["content-type"] == "video/mp4"
     store.close()
 
 
@@ -582,7 +590,8 @@ def test_openapi_schema_matches_the_routes_and_the_answers(service):
     schema = client.get("/openapi.json").json()
     documented = {(path, method.upper()) for path, ops in schema["paths"].items() for method in ops}
     routes = {(r.path, m) for r in client.app.routes if getattr(r, "include_in_schema", False) for m in r.methods}
-    assert documented == routes - {(p, "HEAD") for p, _ in routes}
+    content_head = ("/v1/videos/{video_id}/content", "HEAD")  # the one HEAD route: players ask it first
+    assert documented == routes - {(p, "HEAD") for p, _ in routes} | {content_head}
     assert {p for p, _ in documented} == {
         "/healthz", "/metrics", "/v1/models", "/v1/videos", "/v1/videos/{video_id}", "/v1/videos/{video_id}/content"
     }  # fmt: skip

@@ -8,6 +8,7 @@ import pytest
 
 pytest.importorskip("fastapi")
 
+from cogvideox.errors import InputError  # noqa: E402
 from cogvideox.serve.jobs import GENERATION_BUCKETS, PostgresStore, SQLiteStore, is_job_id, open_store  # noqa: E402
 
 PARAMS = {"prompt": "a cat", "seed": 1}
@@ -40,6 +41,9 @@ def test_open_store_picks_the_backend(tmp_path):
     assert (tmp_path / "other.db").is_file()
     mode = SQLiteStore(tmp_path / "wal.db")._run("PRAGMA journal_mode")[0][0]["journal_mode"]
     assert mode == "wal"
+    with pytest.raises(InputError, match="--db mysql:// is not supported"):
+        open_store("mysql://u@h/db", tmp_path)
+    assert not (tmp_path / "mysql:").exists()
 
 
 def test_ids_cannot_name_other_files():

@@ -243,13 +243,15 @@ def create_app(spec: ModelSpec, store: JobStore, settings: Settings, worker: Wor
         """A job: its status, progress (percent), timings once done, error if it failed."""
         return Video.from_job(find(video_id, owner))
 
-    @app.get(
+    @app.api_route(
         "/v1/videos/{video_id}/content",
+        methods=["GET", "HEAD"],  # players and download tools ask for the size and type first
         response_class=FileResponse,
         tags=["videos"],
         responses={
             200: {"content": {"video/mp4": {}}, "description": "The MP4."},
             206: {"content": {"video/mp4": {}}, "description": "A byte range of the MP4 (Range header)."},
+            304: {"description": "Not modified: If-None-Match names the file's ETag."},
             **_errors(401, 404, 409, 416),
         },
     )

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cogvideox.errors import CogVideoXError
+from cogvideox.errors import CogVideoXError, InputError
 
 ACTIVE = ("queued", "in_progress")
 FINISHED = ("completed", "failed", "cancelled")
@@ -352,4 +352,9 @@ def open_store(db: str | None, data_dir: str | Path) -> JobStore:
         return PostgresStore(db)
     if db.startswith("sqlite:///"):
         db = db.removeprefix("sqlite:///")
+    elif re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", db):
+        scheme = db.split("://", 1)[0]
+        raise InputError(
+            f"--db {scheme}:// is not supported; give a postgresql:// URL, a sqlite:/// URL or a SQLite file path"
+        )
     return SQLiteStore(db)

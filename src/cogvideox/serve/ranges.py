@@ -8,6 +8,7 @@ serves them, so that every answer but the file itself is the API's JSON error sh
   416 with `Content-Range: bytes */SIZE`, in the JSON error shape.
 - Otherwise the satisfiable ranges, and only those, are handed to `FileResponse` (206).
 - With `If-Range` naming another version of the file, the range is ignored (200), as the RFC says.
+- With `If-None-Match` naming the file's ETag, the answer is 304 Not Modified (no body).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import re
 
 from starlette.requests import Request
-from starlette.responses import FileResponse
+from starlette.responses import FileResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from cogvideox.serve.errors import ApiError
@@ -66,9 +67,13 @@ class RangedFile(FileResponse):
         await super().__call__({**scope, "headers": headers}, receive, send)
 
 
-def file_response(request: Request, response: RangedFile, size: int) -> RangedFile:
+def file_response(request: Request, response: RangedFile, size: int) -> Response:
     """`response` (built with the file's `stat_result`, so it carries its ETag) set to answer `request`'s
-    Range; ApiError 416 when no range the client asked for lies in the file's `size` bytes."""
+    Range; a 304 when `If-None-Match` names the file's current ETag (the client has it); ApiError 416 when
+    no range the client asked for lies in the file's `size` bytes."""
+    if _none_match_fails(request.headers.get("if-none-match"), response.headers.get("etag")):
+        keep = ("etag", "last-modified", "cache-control")
+        return Response(status_code=304, headers={k: v for k, v in response.headers.items() if k in keep})
     header = request.headers.get("range")
     if header is None or not _if_range_holds(request.headers.get("if-range"), response):
         return response
@@ -84,6 +89,14 @@ def file_response(request: Request, response: RangedFile, size: int) -> RangedFi
         )
     response.range_header = "bytes=" + ",".join(f"{first}-{last}" for first, last in ranges)
     return response
+
+
+def _none_match_fails(if_none_match: str | None, etag: str | None) -> bool:
+    """Whether `If-None-Match` names the current ETag (or is `*`): RFC 9110 13.1.2, weak comparison."""
+    if if_none_match is None or etag is None:
+        return False
+    tags = [t.strip().removeprefix("W/") for t in if_none_match.split(",")]
+    return "*" in tags or etag.removeprefix("W/") in tags
 
 
 def _if_range_holds(if_range: str | None, response: FileResponse) -> bool:
