@@ -177,8 +177,13 @@ def test_cogvideox_1_5_pads_odd_latent_frames(data_dir, tiny_v15_dir, tmp_path):
     assert loss == loss and loss > 0
 
 
-def test_resuming_with_other_settings_is_refused(data_dir, tiny_rope_dir, tmp_path):
+def test_resuming_with_other_settings_is_refused(data_dir, tiny_rope_dir, tmp_path, monkeypatch):
     finetune(config(data_dir, tiny_rope_dir, tmp_path, steps=3))
+    with monkeypatch.context() as m:  # from the run's config.json, before the data and the model load
+        m.setattr(Run, "__init__", lambda *a: pytest.fail("loaded the model before comparing the settings"))
+        with pytest.raises(InputError, match="holds a run with other settings \\(rank differ"):
+            finetune(config(data_dir, tiny_rope_dir, tmp_path, steps=4, rank=8))
+    (tmp_path / "config.json").unlink()  # without the record, the checkpoint itself still tells
     with pytest.raises(InputError, match="holds a run with other settings \\(rank differ"):
         finetune(config(data_dir, tiny_rope_dir, tmp_path, steps=4, rank=8))
 

@@ -548,7 +548,25 @@ def check_steps_left(config: FinetuneConfig) -> int:
             f"{config.output} is already at step {reached} (asked for {config.steps}): nothing to train; "
             "raise --steps to continue"
         )
+    if reached:
+        _check_same_run(config)
     return reached
+
+
+def _check_same_run(config: FinetuneConfig) -> None:
+    """Refuse to continue a run with other settings, from the `config.json` the run wrote, before the
+    data scan and the model load (`Run.resume` checks the checkpoint itself again)."""
+    try:
+        recorded = json.loads((Path(config.output) / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # no record to compare with: the checkpoint check will tell
+    ours = json.loads(json.dumps(config.run_identity))
+    changed = sorted(k for k in ours if k in recorded and recorded[k] != ours[k])
+    if changed:
+        raise InputError(
+            f"{config.output} holds a run with other settings ({', '.join(changed)} differ); give another "
+            "output folder or the same settings to resume it"
+        )
 
 
 def finetune(config: FinetuneConfig) -> Path:
