@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from cogvideox import Pipeline, read_video
-from cogvideox.batch import MANIFEST, finished, plan, read_prompts, run_batch, video_name
+from cogvideox.batch import LOCK, MANIFEST, finished, plan, read_prompts, run_batch, video_name
 from cogvideox.cli import main
 from cogvideox.errors import InputError
 
@@ -285,6 +285,55 @@ def test_run_batch_records_the_pipelines_settings(tmp_path):
     assert entry["settings"]["steps"] == 3
 
 
+def test_prompts_files_with_a_byte_order_mark_and_invisible_lines(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_bytes("\ufeff# header\na red circle\n\u200b\n \u200b\u2060 \n\u200ba blue square\n".encode())
+    assert read_prompts(path) == ["a red circle", "a blue square"]
+    with pytest.raises(InputError, match="past 2\\*\\*64 - 1; use a seed up to 18446744073709551614"):
+        plan(["a", "b"], seed=2**64 - 1)
+
+
+def test_a_damaged_or_empty_video_is_made_again_and_a_locked_folder_refused(tmp_path):
+    from cogvideox import batch
+
+    pipe = Pipeline.from_pretrained(None, device="cpu")
+    out = tmp_path / "out"
+    call = dict(progress=False, num_inference_steps=2, num_frames=9)
+    first = run_batch(pipe, ["a red ball", "a blue ball"], out, **call)
+    (out / first[0]["file"]).write_bytes(b"")  # a crash or a full disk left it empty
+    (out / first[1]["file"]).write_bytes(b"not a video")
+    assert [e["index"] for e in run_batch(pipe, ["a red ball", "a blue ball"], out, **call)] == [0, 1]
+    held = batch._lock_folder(out)  # another batch writing there
+    try:
+        with pytest.raises(InputError, match="another batch is writing into"):
+            run_batch(pipe, ["a red ball"], out, **call)
+    finally:
+        held.close()
+    assert run_batch(pipe, ["a red ball", "a blue ball"], out, **call) == []  # free again
+
+
+def test_a_folder_that_fills_up_stops_the_batch_and_keeps_the_video(tmp_path, monkeypatch):
+    from cogvideox import video
+
+    pipe = Pipeline.from_pretrained(None, device="cpu")
+    out = tmp_path / "out"
+    real, calls = video.export_video, []
+
+    def full_on_the_second(frames, path, fps=8):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(frames, path, fps=fps)
+
+    monkeypatch.setattr(video, "export_video", full_on_the_second)
+    with pytest.raises(InputError, match="No space left on device.*saved to .* instead; the batch stopped there"):
+        run_batch(pipe, ["a", "b", "c"], out, progress=False, num_inference_steps=2, num_frames=9)
+    entries = _manifest(out)
+    assert [e["index"] for e in entries] == [0, 1] and "error" in entries[1] and "stop" not in entries[1]
+    rescued = re.search(r"saved to (\S+) instead", entries[1]["error"]).group(1)
+    assert read_video(rescued)[0].shape == (9, 64, 96, 3)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -307,4 +356,4 @@ def test_torchrun_spreads_prompts_over_processes(tmp_path):
     entries = _manifest(out)
     assert sorted(e["index"] for e in entries) == [0, 1, 2]
     assert all((out / e["file"]).is_file() for e in entries)
-    assert sorted(p.name for p in out.iterdir()) == sorted([MANIFEST] + [e["file"] for e in entries])
+    assert sorted(p.name for p in out.iterdir()) == sorted([LOCK, MANIFEST] + [e["file"] for e in entries])

@@ -130,7 +130,8 @@ def test_truncation_warns_with_the_dropped_token_count(tiny_t5):
         got = encoder.encode(["a cat", prompt], max_sequence_length=16)
     assert len(record) == 1
     message = str(record[0].message)
-    assert "prompt 1" in message and "last 10 tokens were dropped" in message
+    assert "the prompt 'cat cat cat cat cat cat cat cat cat cat ...' is 25 tokens long" in message
+    assert "last 10 tokens were dropped" in message
     # The kept part is 15 pieces (the end token takes the 16th slot): 5 cats and 5 dogs were cut.
     assert "'cat cat cat cat cat dog dog dog dog dog'" in message
     assert rel_err(got, reference_embeds(tokenizer, model, ["a cat", prompt], 16)) <= 1e-6

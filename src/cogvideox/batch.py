@@ -37,6 +37,9 @@ from cogvideox.errors import CogVideoXError, InputError
 from cogvideox.files import prepare_folder
 
 MANIFEST = "manifest.jsonl"
+LOCK = ".batch.lock"  # held by the batch writing into a folder
+# Characters that show nothing: a line of only these is blank (str.strip() keeps them).
+_INVISIBLE = "\u200b\u200c\u200d\u2060\ufeff"
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -45,10 +48,10 @@ def read_prompts(path: str | Path) -> list[str]:
     if not path.is_file():
         raise InputError(f"no prompts file at {path}" + (" (it is a folder)" if path.is_dir() else ""))
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # an editor's byte-order mark is not part of line 1
     except UnicodeDecodeError:
         raise InputError(f"{path} is not UTF-8 text; give a text file with one prompt per line") from None
-    prompts = [line.strip() for line in text.splitlines()]
+    prompts = [line.strip().strip(_INVISIBLE).strip() for line in text.splitlines()]
     prompts = [p for p in prompts if p and not p.startswith("#")]
     if not prompts:
         raise InputError(f"{path} holds no prompts: write one prompt per line (# starts a comment)")
@@ -73,6 +76,13 @@ class Item:
 
 
 def plan(prompts: Sequence[str], seed: int = 0) -> list[Item]:
+    """The videos: prompt i gets seed + i, which must stay a valid seed for the last prompt too."""
+    last = seed + len(prompts) - 1
+    if prompts and last >= 2**64:
+        raise InputError(
+            f"--seed {seed} with {len(prompts)} prompts gives the last one seed {last}, past 2**64 - 1; "
+            f"use a seed up to {2**64 - len(prompts)}"
+        )
     return [Item(i, p, seed + i, video_name(i, p)) for i, p in enumerate(prompts)]
 
 
@@ -188,7 +198,7 @@ def survey(output_dir: str | Path, items: Sequence[Item], settings: dict) -> tup
             entry is None
             or entry.get("prompt") != item.prompt
             or entry.get("seed") != item.seed
-            or not (output_dir / item.file).is_file()
+            or not _playable(output_dir / item.file)
         ):
             continue
         difference = _difference(entry, settings)
@@ -197,6 +207,20 @@ def survey(output_dir: str | Path, items: Sequence[Item], settings: dict) -> tup
         else:
             other[item.index] = difference
     return done, other
+
+
+def _playable(path: Path) -> bool:
+    """Whether `path` is an MP4 with frames (read from its header): an empty or damaged file left by a
+    crash or a full disk is made again, not counted as finished."""
+    import av
+
+    try:
+        if path.stat().st_size == 0:
+            return False
+        with av.open(str(path)) as container:
+            return bool(container.streams.video) and container.streams.video[0].frames > 0
+    except (OSError, av.FFmpegError):
+        return False
 
 
 def finished(output_dir: str | Path, items: Sequence[Item], settings: dict) -> set[int]:
@@ -241,25 +265,37 @@ def run_batch(
     Returns the manifest entries this call wrote (on global rank 0; elsewhere an empty list). The
     progress bar shows on global rank 0 only (torchrun's RANK before the process group is up).
     """
-    from cogvideox.cli import global_rank
     from cogvideox.parallel import single_process_mesh
 
     mesh = mesh or single_process_mesh()
     output_dir = Path(output_dir)
-    distributed = dist.is_initialized()
-    is_root = not distributed or dist.get_rank() == 0
     items = plan(prompts, seed)
     fps = fps or pipe.default_fps
     if settings is None:
         settings = _pipeline_settings(pipe, prompts[0], request, fps) if prompts else {}
 
+    lock = []
+
     def look() -> tuple[set[int], dict[int, str]]:
         prepare_folder(output_dir)
+        lock.append(_lock_folder(output_dir))
         return survey(output_dir, items, settings)
 
-    done, other = _from_root(look)  # one view of the folder for everyone
-    if not overwrite:
-        refuse_other_settings(output_dir, other)
+    try:
+        done, other = _from_root(look)  # one view of the folder for everyone
+        if not overwrite:
+            refuse_other_settings(output_dir, other)
+        return _make_videos(pipe, items, done, output_dir, mesh, fps, settings, progress, request)
+    finally:
+        for handle in lock:
+            handle.close()  # releases the lock
+
+
+def _make_videos(pipe, items, done, output_dir, mesh, fps, settings, progress, request) -> list[dict]:
+    from cogvideox.cli import global_rank
+
+    distributed = dist.is_initialized()
+    is_root = not distributed or dist.get_rank() == 0
     todo = [item for item in items if item.index not in done]
     written: list[dict] = []
     shown = progress and global_rank() == 0
@@ -274,12 +310,31 @@ def run_batch(
             if distributed:
                 entries = [None] * dist.get_world_size()
                 dist.all_gather_object(entries, entry)
+            entries = [e for e in entries if e is not None]
+            stop = next((e.pop("stop") for e in entries if "stop" in e), None)
             if is_root:
-                entries = [e for e in entries if e is not None]
                 _append(output_dir / MANIFEST, entries)
                 written += entries
                 bar.update(len(entries))
+            if stop is not None:  # the folder takes no more files: every process stops alike
+                raise InputError(stop)
     return written
+
+
+def _lock_folder(output_dir: Path):
+    """An open lock file holding an exclusive lock on the folder (released when closed), or `InputError`
+    when another batch holds it: two runs on one folder would make every video twice."""
+    import fcntl
+
+    handle = open(output_dir / LOCK, "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise InputError(
+            f"another batch is writing into {output_dir}; wait for it to finish, or give another --output-dir"
+        ) from None
+    return handle
 
 
 def _from_root(work):
@@ -301,6 +356,13 @@ def _from_root(work):
 
 def _append(manifest: Path, entries: list[dict]) -> None:
     """Add entries as JSON lines, each flushed as it is written."""
+    try:
+        _append_lines(manifest, entries)
+    except OSError as e:
+        raise InputError(f"cannot write {manifest}: {e.strerror or e}; the batch stopped there") from None
+
+
+def _append_lines(manifest: Path, entries: list[dict]) -> None:
     with open(manifest, "a+b") as f:
         # A line cut short by a crash has no newline: end it, or the next line would be glued to it.
         if f.tell() > 0:
@@ -316,7 +378,7 @@ def _one_video(
     pipe, item: Item, output_dir: Path, fps: float, settings: dict, leader: bool, request
 ) -> dict | None:
     """Generate and (on the group's leader) write one video; its manifest entry on the leader."""
-    from cogvideox.video import export_video
+    from cogvideox.video import export_or_rescue
 
     record = {"index": item.index, "prompt": item.prompt, "seed": item.seed, "settings": settings}
     try:
@@ -327,7 +389,10 @@ def _one_video(
         return None
     start = time.perf_counter()
     frames = result.frames[0]
-    export_video(frames, output_dir / item.file, fps=fps)
+    try:
+        export_or_rescue(frames, output_dir / item.file, fps=fps)
+    except InputError as e:  # the folder takes no more files (a full disk): this video rescued, stop
+        return record | {"error": str(e), "stop": f"{e}; the batch stopped there, re-run it to go on"}
     timings = result.timings | {"write": time.perf_counter() - start}
     return record | {
         "file": item.file,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -34,6 +33,7 @@ from cogvideox.cli_args import (
 )
 from cogvideox.errors import CogVideoXError, InputError, LoadError
 from cogvideox.models.config import ConfigError
+from cogvideox.video import export_or_rescue
 
 USER_ERROR, RUN_ERROR = 2, 1
 
@@ -304,7 +304,7 @@ def _generate(args: argparse.Namespace) -> int:
         return 0  # rank 0 writes and reports
     start = time.perf_counter()
     for frames, path in zip(result.frames, outputs):
-        _export_or_rescue(frames, path, fps)
+        export_or_rescue(frames, path, fps)
     write_time = time.perf_counter() - start
 
     frames = result.frames[0]
@@ -320,19 +320,6 @@ def _generate(args: argparse.Namespace) -> int:
 def stage_times(stages: dict[str, float]) -> str:
     """The time of each stage, as the commands' last lines report them: "load 1.2s, text 0.1s, ..."."""
     return ", ".join(f"{name} {seconds:.1f}s" for name, seconds in stages.items())
-
-
-def _export_or_rescue(frames, path: Path, fps: float) -> None:
-    """Write the video; if its folder stopped taking files since the start (a full disk, a lost mount),
-    write it to the temporary folder instead and say where, rather than lose minutes of generation."""
-    from cogvideox.video import export_video
-
-    try:
-        export_video(frames, path, fps=fps)
-    except (OSError, InputError) as e:
-        rescue = Path(tempfile.mkdtemp(prefix="cogvideox-")) / path.name
-        export_video(frames, rescue, fps=fps)
-        raise InputError(f"could not write {path} ({e}); the video was saved to {rescue} instead") from None
 
 
 def _cache_report(pipe) -> str:

@@ -96,7 +96,7 @@ def _positive_int(value, name: str) -> int:
 
 def _prompt_list(prompt, name: str) -> list[str]:
     if isinstance(prompt, str):
-        return [prompt]
+        return [_unicode(prompt, name)]
     if isinstance(prompt, Sequence) and not isinstance(prompt, (bytes, bytearray)):
         prompts = list(prompt)
         if not prompts:
@@ -104,15 +104,26 @@ def _prompt_list(prompt, name: str) -> list[str]:
         bad = [p for p in prompts if not isinstance(p, str)]
         if bad:
             raise InputError(f"{name} must hold strings, got {type(bad[0]).__name__}")
-        return prompts
+        return [_unicode(p, name) for p in prompts]
     raise InputError(f"{name} must be a string or a list of strings, got {type(prompt).__name__}")
+
+
+def _unicode(text: str, name: str) -> str:
+    """`text` if it is proper Unicode. A command-line argument that was not valid UTF-8 reaches Python
+    with lone surrogates standing for its bytes, which the tokenizer cannot take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raw = text[e.start : e.end].encode("utf-8", "surrogateescape")
+        raise InputError(f"{name} is not valid UTF-8 text (bytes {raw!r} at character {e.start})") from None
+    return text
 
 
 def check_prompts(prompt, negative_prompt) -> tuple[list[str], list[str]]:
     """Prompts and one negative prompt each ("" when none is given, as in the reference)."""
     prompts = _prompt_list(prompt, "prompt")
     if negative_prompt is None or isinstance(negative_prompt, str):
-        return prompts, [negative_prompt or ""] * len(prompts)
+        return prompts, [_unicode(negative_prompt or "", "negative_prompt")] * len(prompts)
     negatives = _prompt_list(negative_prompt, "negative_prompt")
     if len(negatives) != len(prompts):
         raise InputError(f"{len(negatives)} negative prompts for {len(prompts)} prompts: give one per prompt")
@@ -242,8 +253,8 @@ def check_text_length(max_sequence_length, transformer: TransformerConfig) -> in
     length = _positive_int(max_sequence_length, "max_sequence_length")
     if length > MAX_TEXT_TOKENS:
         raise InputError(
-            f"max_sequence_length can be at most {MAX_TEXT_TOKENS} (T5's training length; the released "
-            f"models use {transformer.max_text_seq_length}), got {length}"
+            f"max_sequence_length can be at most {MAX_TEXT_TOKENS} (T5's training length; this model "
+            f"uses {transformer.max_text_seq_length}), got {length}"
         )
     table = transformer.use_learned_positional_embeddings or not transformer.use_rotary_positional_embeddings
     if table and length != transformer.max_text_seq_length:

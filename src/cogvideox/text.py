@@ -140,8 +140,11 @@ class TextEncoder(nn.Module):
                 cut = self.tokenizer.decode(ids[max_length - 1 : -1])
                 if len(cut) > _QUOTE_LIMIT:  # the start of what was lost is enough to recognise it
                     cut = cut[:_QUOTE_LIMIT].rsplit(" ", 1)[0] + " ..."
+                # Named by its start, not its place: the caller's list (a batch file, [negative ;
+                # prompt]) is not the one encoded here.
+                start = prompts[i] if len(prompts[i]) <= 40 else prompts[i][:40].rsplit(" ", 1)[0] + " ..."
                 warnings.warn(
-                    f"prompt {i} is {len(ids) - 1} tokens long but max_sequence_length is {max_length} "
+                    f"the prompt {start!r} is {len(ids) - 1} tokens long but max_sequence_length is {max_length} "
                     f"(end token included), so its last {dropped} tokens were dropped: {cut!r}",
                     stacklevel=3,
                 )

@@ -140,6 +140,18 @@ def export_video(frames: np.ndarray | Sequence, path: str | os.PathLike, fps: fl
     return path
 
 
+def export_or_rescue(frames: np.ndarray | Sequence, path: str | os.PathLike, fps: float = 8) -> Path:
+    """`export_video`, but if the folder stopped taking files since it was checked (a full disk, a lost
+    mount), write the video to the temporary folder instead and raise `InputError` saying where, rather
+    than lose minutes of generation."""
+    try:
+        return export_video(frames, path, fps=fps)
+    except (OSError, InputError) as e:
+        rescue = Path(tempfile.mkdtemp(prefix="cogvideox-")) / Path(path).name
+        export_video(frames, rescue, fps=fps)
+        raise InputError(f"could not write {path} ({e}); the video was saved to {rescue} instead") from None
+
+
 def read_video(path: str | os.PathLike) -> tuple[np.ndarray, float]:
     """All frames of a video file as uint8 [F, H, W, 3], and its frame rate."""
     import av
