@@ -1,6 +1,7 @@
 """The `cogvideox` command: help, one-line errors with exit status 2, and a real generate run."""
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -42,9 +43,12 @@ def test_every_flag_is_explained():
         (["generate", "a cat", "--steps", "abc"], "argument --steps: expected a positive integer, got 'abc'"),
         (["generate", "a cat", "--steps", "0"], "argument --steps: expected a positive integer, got 0"),
         (["generate", "a cat", "--scheduler", "euler"], "argument --scheduler: invalid choice"),
-        (["generate", "a cat", "--fps", "-3"], "argument --fps: expected a positive number"),
+        (["generate", "a cat", "--fps", "-3"], "argument --fps: expected a frame rate from 1/1001 to 1000, got -3"),
+        (["generate", "a cat", "--fps", "0.0009"], "argument --fps: expected a frame rate from 1/1001 to 1000"),
         (["generate"], "the following arguments are required: prompt"),
         (["render", "a cat"], "invalid choice: 'render'"),
+        (["generate", "a", "red", "cat"], "unrecognized arguments: red cat; put a prompt of several words in quotes "
+                                          "(see cogvideox generate --help)"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(capsys, argv, message):
@@ -67,7 +71,11 @@ def test_bad_flags_exit_2_with_one_line(capsys, argv, message):
         (["--output", "clip.gif"], "--output clip.gif: videos are written as MP4 (H.264); give a name ending in "
                                    ".mp4, such as clip.mp4"),
         (["--output", "clip"], "give a name ending in .mp4, such as clip.mp4"),
-        (["--max-sequence-length", "100000"], "max_sequence_length can be at most 512"),
+        (["--max-sequence-length", "100000"], "max_sequence_length can be at most 512 (T5's training length; "
+                                              "this model uses 16)"),
+        (["--output", ".mp4"], "give a name ending in .mp4, such as video.mp4"),
+        (["--resize", "crop"], "--resize only applies to an --image or --video input"),
+        (["--negative-prompt", os.fsdecode(b"bad \xff")], "negative_prompt is not valid UTF-8 text (bytes b'\\xff'"),
     ],
 )
 def test_user_mistakes_exit_2_with_one_line(capsys, monkeypatch, tiny_rope_dir, extra, message):
@@ -187,3 +195,20 @@ def test_several_videos_and_fps(capsys, tiny_rope_dir, tmp_path):
 def test_cuda_without_a_gpu_is_a_user_error(capsys, tiny_rope_dir):
     assert main(["generate", "a cat", "--model", str(tiny_rope_dir), "--device", "cuda"]) == 2
     assert "no CUDA device is available here; use the CPU (--device cpu" in capsys.readouterr().err
+    assert main(["generate", "a cat", "--model", str(tiny_rope_dir), "--text-device", "cuda"]) == 2
+    assert "use the CPU (--text-device cpu" in capsys.readouterr().err
+
+
+def test_replacing_an_existing_video_is_said(capsys, tiny_rope_dir, tmp_path):
+    (tmp_path / "old.mp4").write_bytes(b"an earlier video")
+    argv = ["generate", "a dog", "--model", str(tiny_rope_dir), "--output", str(tmp_path / "old.mp4"),
+            "--quiet", "--steps", "1", "--height", "32", "--width", "32"]  # fmt: skip
+    assert main(argv) == 0
+    assert f"cogvideox: warning: {tmp_path / 'old.mp4'} exists and will be replaced" in capsys.readouterr().err
+    assert read_video(tmp_path / "old.mp4")[0].shape[1:] == (32, 32, 3)
+
+
+def test_help_does_not_load_torch():
+    # `cogvideox --help` (and every one-line usage error) answers at once: torch takes a second to import.
+    code = "import sys; from cogvideox.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"

@@ -229,3 +229,12 @@ def test_invert_warns_when_the_reconstruction_went_astray(tiny_rope_dir, tmp_pat
     assert "(PSNR 6.10 dB against the input)" in out.out
     assert ("cogvideox: warning: the reconstruction is 6.1 dB from the input: the inversion went astray; "
             "raise --refine (now 0) or --steps (now 2)") in out.err
+
+
+def test_invert_refuses_latents_named_other_than_safetensors(capsys, tmp_path):
+    from cogvideox.cli import main
+
+    clip = tmp_path / "in.mp4"
+    clip.write_bytes(b"")
+    assert main(["invert", str(clip), "--output", str(tmp_path / "lat.txt")]) == 2
+    assert "the latents are written as safetensors; give a name such as lat.safetensors" in capsys.readouterr().err

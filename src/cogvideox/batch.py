@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from cogvideox.errors import CogVideoXError, InputError
@@ -292,6 +291,8 @@ def run_batch(
 
 
 def _make_videos(pipe, items, done, output_dir, mesh, fps, settings, progress, request) -> list[dict]:
+    import torch.distributed as dist
+
     from cogvideox.cli import global_rank
 
     distributed = dist.is_initialized()
@@ -340,6 +341,8 @@ def _lock_folder(output_dir: Path):
 def _from_root(work):
     """`work()` run on global rank 0 alone, its result handed to every process under torch.distributed;
     an `InputError` there is raised in every process alike, so that none is left waiting for the others."""
+    import torch.distributed as dist  # here, not at the top: `cogvideox --help` need not load torch
+
     outcome = [None]
     if not dist.is_initialized() or dist.get_rank() == 0:
         try:
@@ -411,7 +414,7 @@ def _one_video(
 
 def add_batch_parser(commands) -> None:
     """Add `batch` to the `cogvideox` command's sub-parsers."""
-    from cogvideox.cli_args import add_model_arguments, add_sampling_arguments, positive_float
+    from cogvideox.cli_args import add_model_arguments, add_sampling_arguments, frame_rate
 
     bat = commands.add_parser(
         "batch",
@@ -429,7 +432,7 @@ def add_batch_parser(commands) -> None:
     add_sampling_arguments(
         bat, seed_default=0, seed_help="seed of the first prompt; prompt i gets seed+i (default: 0)"
     )
-    arg("--fps", type=positive_float, help="frame rate of the MP4s (default: the model's, 8 or 16)")
+    arg("--fps", type=frame_rate, help="frame rate of the MP4s (default: the model's, 8 or 16)")
     arg(
         "--vae-tiling",
         action="store_true",

@@ -25,9 +25,9 @@ from cogvideox.cli_args import (
     add_sampling_arguments,
     finite_float,
     fraction,
+    frame_rate,
     locate_model,
     non_negative_float,
-    positive_float,
     positive_int,
     request_from_args,
 )
@@ -69,13 +69,28 @@ def _quiet_exit(status: int) -> int:
     return status
 
 
+_PROMPT_COMMANDS = ("generate", "invert", "regenerate")
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (the default prints the whole usage block first), on rank 0 only."""
 
-    def error(self, message: str):
+    def error(self, message: str, help_of: str | None = None):
         if global_rank() != 0:
             self.exit(_quiet_exit(USER_ERROR))
-        self.exit(USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(USER_ERROR, f"{self.prog}: error: {message} (see {help_of or self.prog} --help)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        # Leftover arguments are reported with the command's help, and words most likely come from a
+        # prompt of several words typed without quotes.
+        known, extra = self.parse_known_args(args, namespace)
+        if extra:
+            command = getattr(known, "command", None)
+            help_of = f"{self.prog} {command}" if command else None
+            words = [a for a in extra if not a.startswith("-")]
+            hint = "; put a prompt of several words in quotes" if words and command in _PROMPT_COMMANDS else ""
+            self.error(f"unrecognized arguments: {' '.join(extra)}{hint}", help_of)
+        return known
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     arg("-o", "--output", default="output.mp4", help="path of the MP4 to write (default: output.mp4)")
     add_model_arguments(gen)
     add_sampling_arguments(gen, seed_default=None, seed_help="noise seed (default: random, printed)")
-    arg("--fps", type=positive_float, help="frame rate of the MP4 (default: the model's, 8 or 16)")
+    arg("--fps", type=frame_rate, help="frame rate of the MP4 (default: the model's, 8 or 16)")
     arg(
         "--image",
         help="first frame for an image-to-video model (PNG, JPEG, ...), resized to the video size; such "
@@ -122,7 +137,6 @@ def build_parser() -> argparse.ArgumentParser:
     arg(
         "--resize",
         choices=("stretch", "crop"),
-        default="stretch",
         help="how --image / --video frames reach the video size: 'stretch' resizes as the reference does, "
         "'crop' keeps the aspect ratio by cutting the centred region first (default: stretch)",
     )
@@ -237,6 +251,8 @@ def _generate(args: argparse.Namespace) -> int:
         raise InputError("give --image (image-to-video) or --video (video-to-video), not both")
     if args.strength is not None and not args.video:
         raise InputError("--strength only applies to video-to-video (--video)")
+    if args.resize is not None and not (args.image or args.video):
+        raise InputError("--resize only applies to an --image or --video input")
     if len(args.lora_scale) > len(args.lora):
         raise InputError(f"{len(args.lora_scale)} --lora-scale values for {len(args.lora)} --lora files")
     for path in args.lora:
@@ -244,6 +260,9 @@ def _generate(args: argparse.Namespace) -> int:
             raise InputError(f"--lora {path} does not exist")
 
     outputs = [check_video_path(path, "--output") for path in _output_paths(args.output, args.num_videos)]
+    for path in outputs:
+        if path.exists():
+            warnings.warn(f"{path} exists and will be replaced by the new video")
     _quiet_libraries()
 
     # Every mistake that the inputs and the configs alone reveal fails here, before minutes of loading.
@@ -251,7 +270,8 @@ def _generate(args: argparse.Namespace) -> int:
     picture = conditioning.load_image(args.image) if args.image else None
     source = conditioning.load_video(args.video) if args.video else None
     device, folder, configs = locate_model(args)
-    request = request_from_args(args, folder) | dict(num_videos_per_prompt=args.num_videos, resize=args.resize)
+    resize = args.resize or "stretch"
+    request = request_from_args(args, folder) | dict(num_videos_per_prompt=args.num_videos, resize=resize)
     train_steps = configs.scheduler.num_train_timesteps
     task = "image" if args.image else "video" if args.video else "text"
     accelerate = args.quantize is not None or args.compile or args.cache is not None
@@ -274,7 +294,7 @@ def _generate(args: argparse.Namespace) -> int:
     lora = list(zip(args.lora, scales)) or None
     if args.compile and args.offload == "sequential":
         raise InputError("--compile does not combine with --offload sequential (its hooks run inside the blocks)")
-    text_device = loading.choose_device(args.text_device) if args.text_device else None
+    text_device = loading.choose_device(args.text_device, "text_device") if args.text_device else None
     from cogvideox.parallel import launch
 
     if args.parallel is not None and (args.cache is not None or args.compile):
@@ -333,7 +353,13 @@ def _report(error: Exception) -> None:
     _say("cogvideox: error: " + " ".join(str(error).split()))  # always one line
 
 
+_PACKAGE = Path(__file__).resolve().parent
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    if issubclass(category, DeprecationWarning | PendingDeprecationWarning | FutureWarning):
+        if not Path(filename).resolve().is_relative_to(_PACKAGE):
+            return  # a library's note to its developers (shown under -W default or pytest), not the user's
     _say(f"cogvideox: warning: {message}")
 
 
@@ -351,8 +377,11 @@ def _out_of_memory(error: BaseException) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `cogvideox` command; returns the exit status. Under torchrun only global rank 0
     prints the error; the others return the same status without a word."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:  # Ctrl-C while the libraries load
+        _say("cogvideox: interrupted")
+        return 130
     previous = warnings.showwarning
     warnings.showwarning = _show_warning
     try:

@@ -15,7 +15,15 @@ import warnings
 from pathlib import Path
 
 from cogvideox.cli import _quiet_libraries, stage_times
-from cogvideox.cli_args import MODEL_HELP, add_model_arguments, finite_float, locate_model, non_negative_int, positive_float, positive_int
+from cogvideox.cli_args import (
+    MODEL_HELP,
+    add_model_arguments,
+    finite_float,
+    frame_rate,
+    locate_model,
+    non_negative_int,
+    positive_int,
+)
 from cogvideox.errors import InputError
 
 
@@ -75,7 +83,7 @@ def add_tool_parsers(commands) -> None:
         default="stretch",
         help="'stretch' to the size, or 'crop' the centred region of its aspect ratio first (default: stretch)",
     )
-    arg("--fps", type=positive_float, help="frame rate of the reconstruction (default: the model's)")
+    arg("--fps", type=frame_rate, help="frame rate of the reconstruction (default: the model's)")
     _add_model_args(inv, _MODEL_HELP)
     inv.set_defaults(run=_invert)
 
@@ -91,7 +99,7 @@ def add_tool_parsers(commands) -> None:
     arg("-o", "--output", default="output.mp4", help="path of the MP4 to write (default: output.mp4)")
     arg("--prompt", help="a new prompt (default: the one the video was inverted with)")
     arg("--guidance", type=finite_float, help="guidance scale (default: the one used to invert)")
-    arg("--fps", type=positive_float, help="frame rate of the MP4 (default: the model's)")
+    arg("--fps", type=frame_rate, help="frame rate of the MP4 (default: the model's)")
     _add_model_args(regen, "the model the latents were inverted with (default: the embedded demo model)")
     regen.set_defaults(run=_regenerate)
 
@@ -138,6 +146,9 @@ def _check_output(path: str | None, flag: str) -> Path | None:
         raise InputError(f"{flag} {path} is a folder; give a file name")
     if not path.parent.is_dir():
         raise InputError(f"{flag} folder {path.parent} does not exist")
+    if path.suffix.lower() != ".safetensors":
+        stem = path.stem if path.stem and not path.stem.startswith(".") else "latents"
+        raise InputError(f"{flag} {path}: the latents are written as safetensors; give a name such as {stem}.safetensors")
     return path
 
 

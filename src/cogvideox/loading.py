@@ -81,8 +81,9 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     raise InputError(f"unknown dtype {dtype!r}; use one of bf16, bfloat16, fp16, float16, fp32, float32")
 
 
-def choose_device(device: str | torch.device | None = None) -> torch.device:
-    """The device to run on: the given one (checked to exist), else CUDA when available, else the CPU."""
+def choose_device(device: str | torch.device | None = None, what: str = "device") -> torch.device:
+    """The device to run on: the given one (checked to exist), else CUDA when available, else the CPU.
+    `what` names the setting in messages ("text_device" is told to use --text-device cpu)."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -93,8 +94,9 @@ def choose_device(device: str | torch.device | None = None) -> torch.device:
         raise InputError(f"device {str(device)!r} is not supported; use cpu, cuda or cuda:N")
     if device.type == "cuda":
         if not torch.cuda.is_available():
+            flag = "--" + what.replace("_", "-")
             raise InputError(
-                'CUDA was asked for but no CUDA device is available here; use the CPU (--device cpu, device="cpu")'
+                f'CUDA was asked for but no CUDA device is available here; use the CPU ({flag} cpu, {what}="cpu")'
             )
         if device.index is not None and device.index >= torch.cuda.device_count():
             count = torch.cuda.device_count()

@@ -120,7 +120,7 @@ class Pipeline:
         _scheduler_kind(scheduler)  # reject an unknown name before touching the disk or the network
         _lora_entries(lora)
         device = loading.choose_device(device)
-        text_device = None if text_device is None else loading.choose_device(text_device)
+        text_device = None if text_device is None else loading.choose_device(text_device, "text_device")
         loading.parse_dtype(dtype)
         folder = loading.resolve_model_dir(
             path_or_repo_id, revision=revision, local_files_only=local_files_only
@@ -353,7 +353,7 @@ class Pipeline:
 
         mode = offloading.check_mode(mode)
         device = self.device if device is None else loading.choose_device(device)
-        text_device = None if text_device is None else loading.choose_device(text_device)
+        text_device = None if text_device is None else loading.choose_device(text_device, "text_device")
         if self.offload is not None:
             self.offload.remove()
             self.offload = None

@@ -55,14 +55,17 @@ def as_frames(frames: np.ndarray | Sequence) -> np.ndarray:
     raise InputError(f"frames must be uint8 or floats in [0, 1], got {array.dtype}")
 
 
+# The frame rates a file carries: fractions with a denominator up to 1001 (29.97 is 30000/1001).
+MIN_FPS, MAX_FPS = 1 / 1001, 1000
+
+
 def check_fps(fps) -> Fraction:
     """A frame rate as the exact fraction the file will carry, or `InputError`."""
     if isinstance(fps, bool) or not isinstance(fps, int | float | Fraction) or not math.isfinite(fps) or fps <= 0:
         raise InputError(f"fps must be a finite positive number, got {fps!r}")
-    rate = Fraction(fps).limit_denominator(1001)
-    if not 0 < rate <= 1000:
-        raise InputError(f"fps must be between 1/1001 and 1000, got {fps!r}")
-    return rate
+    if not MIN_FPS <= fps <= MAX_FPS:
+        raise InputError(f"fps must be between 1/1001 and {MAX_FPS}, got {fps!r}")
+    return Fraction(fps).limit_denominator(1001)
 
 
 def _encoder_name() -> str:
@@ -90,8 +93,9 @@ def _check_video_name(path: str | os.PathLike, flag: str = "") -> Path:
     if path.is_dir():
         raise InputError(f"{what} is a folder; give a file name such as {path / 'video.mp4'}")
     if path.suffix.lower() != ".mp4":
+        stem = path.stem if path.stem and not path.stem.startswith(".") else "video"
         raise InputError(f"{what}: videos are written as MP4 (H.264); give a name ending in .mp4, such as "
-                         f"{path.with_suffix('.mp4').name if path.name else 'video.mp4'}")
+                         f"{stem}.mp4")
     if not path.parent.is_dir():
         raise InputError(f"{flag + ' ' if flag else ''}folder {path.parent} does not exist")
     return path
