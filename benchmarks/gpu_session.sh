@@ -9,7 +9,7 @@
 #   1. core_full_size 5B: our step against the reference on the same weights (time, error), end to end;
 #   2. speed 5B: the exact (fused), compiled and fp8 modes against the reference eager;
 #   3. memory 5B: none / stream / sequential(+tiling) peaks and times, bitwise check; then the VAE decode
-#      (reference, ours exact, + channels-last, + fused norms, + cuDNN's algorithm search);
+#      (reference, ours exact, + channels-last, + cuDNN's algorithm search, + fused norms);
 #   4. finetune_memory 5B LoRA against the reference with peft;
 #   5. parallel_per_rank 5B; then 5B full fine-tuning and the 2B runs (LoRA, core, speed) while time is left.
 # A step never starts with less than its floor left, and is stopped at its cap; each writes its JSON and
