@@ -11,6 +11,8 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
+from cogvideox.video import MAX_FPS, MIN_FPS
+
 # ---------------------------------------------------------------------------------------------------
 # Value types: a bad value is a one-line argparse error that names the flag and what it expects.
 
@@ -40,8 +42,8 @@ positive_float = _number(float, lambda x: x > 0 and _finite(x), "a positive numb
 non_negative_float = _number(float, lambda x: x >= 0 and _finite(x), "a number >= 0", "a finite number >= 0")
 finite_float = _number(float, _finite, "a number", "a finite number")
 fraction = _number(float, lambda x: 0 < x <= 1, "a number in (0, 1]")
-# An MP4's frame rate: what cogvideox.video.check_fps accepts (1/1001 = cogvideox.video.MIN_FPS).
-frame_rate = _number(float, lambda x: 1 / 1001 <= x <= 1000, "a frame rate", "a frame rate from 1/1001 to 1000")
+# An MP4's frame rate: what cogvideox.video.check_fps accepts.
+frame_rate = _number(float, lambda x: MIN_FPS <= x <= MAX_FPS, "a frame rate", f"a frame rate from 1/1001 to {MAX_FPS}")
 
 
 # ---------------------------------------------------------------------------------------------------

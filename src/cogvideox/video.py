@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 from collections.abc import Sequence
@@ -13,6 +12,7 @@ import numpy as np
 
 from cogvideox.errors import InputError
 from cogvideox.files import probe_writable, usual_mode
+from cogvideox.values import is_finite_number
 
 # Visually lossless for these short clips and still a few hundred kB; "medium" is x264's default speed.
 # The macroblock tree (x264's lookahead-driven quantiser offsets) is off because with it the same frames
@@ -61,7 +61,7 @@ MIN_FPS, MAX_FPS = 1 / 1001, 1000
 
 def check_fps(fps) -> Fraction:
     """A frame rate as the exact fraction the file will carry, or `InputError`."""
-    if isinstance(fps, bool) or not isinstance(fps, int | float | Fraction) or not math.isfinite(fps) or fps <= 0:
+    if not (isinstance(fps, Fraction) or is_finite_number(fps)) or fps <= 0:
         raise InputError(f"fps must be a finite positive number, got {fps!r}")
     if not MIN_FPS <= fps <= MAX_FPS:
         raise InputError(f"fps must be between 1/1001 and {MAX_FPS}, got {fps!r}")

@@ -26,10 +26,10 @@ samplers count down) or the input shape changes, and `reset()` does it by hand. 
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
+
+from cogvideox.values import is_finite_number
 
 
 TREND_CAP = 0.5  # order 1: how far, in spans of the last two full steps, a trend is carried on
@@ -146,7 +146,7 @@ def _wrap(block: nn.Module, stage) -> None:
 
 
 def check_threshold(threshold: float) -> None:
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold) or threshold < 0:
+    if not is_finite_number(threshold) or threshold < 0:
         from cogvideox.errors import InputError
 
         raise InputError(f"the cache threshold must be a finite number >= 0, got {threshold!r}")

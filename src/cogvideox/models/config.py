@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Self
 
 from cogvideox.errors import CogVideoXError
+from cogvideox.values import is_finite_number
 
 
 class ConfigError(CogVideoXError, ValueError):
@@ -47,7 +47,7 @@ def _checked(key: str, value: Any, hint: Any) -> Any:
             value = int(value)
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif kind is float:
-        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        ok = is_finite_number(value)
     else:
         ok = isinstance(value, kind)
     if not ok:

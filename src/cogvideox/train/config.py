@@ -8,7 +8,6 @@ reads it and lets flags override single values.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cogvideox.errors import InputError
+from cogvideox.values import is_finite_number
 
 from .lora import DEFAULT_TARGETS
 
@@ -141,7 +141,7 @@ def check_config(c: FinetuneConfig) -> None:
 
 def _non_negative_number(value) -> bool:
     """Whether `value` is a finite number >= 0 (TOML and YAML also give booleans, strings and nan)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    return is_finite_number(value) and value >= 0
 
 
 def _strings(value, *, empty: bool) -> bool:

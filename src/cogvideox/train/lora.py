@@ -27,6 +27,7 @@ from torch import nn
 
 from cogvideox.errors import InputError
 from cogvideox.files import usual_mode
+from cogvideox.values import is_finite_number
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -230,7 +231,7 @@ def inject_lora(
 
 def check_scale(scale) -> float:
     """A LoRA scale as a float, or `InputError` for anything but a finite real number."""
-    if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
+    if not is_finite_number(scale):
         raise InputError(f"a LoRA scale must be a finite number, got {scale!r}")
     return float(scale)
 
@@ -426,7 +427,7 @@ def read_lora(path: str | Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Ten
             raise InputError(f"{file}: {module} has LoRA shapes {list(a.shape)} and {list(b.shape)} that do not chain")
         out[module] = (a, b)
         alpha = alphas.get(module, default_alpha if default_alpha is not None else a.shape[0])
-        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha) or alpha <= 0:
+        if not is_finite_number(alpha) or alpha <= 0:
             raise InputError(f"{file}: the LoRA alpha of {module} is {alpha!r}; it must be a positive number")
         module_alpha[module] = float(alpha)
     return out, module_alpha
