@@ -60,3 +60,37 @@ def test_python_names_the_docs_import_from_a_module_exist_there(doc):
         names = re.findall(r"([A-Za-z_]\w*)\(", code) or [code.strip()]
         for name in names:
             assert hasattr(module, name), f"{doc}: `{code}` from `{module_name}`: {module_name} has no {name}"
+
+
+def _python_block(text: str, heading: str) -> str:
+    section = text.split(heading, 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_using_a_lora_snippet_runs_on_the_demo_model(tmp_path, monkeypatch):
+    from cogvideox import Pipeline
+    from cogvideox.train import lora
+
+    pipe = Pipeline.from_pretrained()
+    for seed, folder in ((1, "style"), (2, "motion")):
+        lora.inject_lora(pipe.transformer, 2, 2.0, name=folder, seed=seed)
+        lora.save_lora(pipe.transformer, tmp_path / "runs" / folder, name=folder)
+    code = _python_block(DOCS["docs/finetune.md"], "## Using a LoRA")
+    assert '"THUDM/CogVideoX-5b"' in code
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(code.replace('"THUDM/CogVideoX-5b"', "None"), scope)
+    assert lora.adapter_names(scope["pipe"].transformer) == []  # the snippet ends with unload_lora()
+
+
+def test_a_lora_is_named_after_its_folder_even_with_a_dot_in_it(tmp_path):
+    from cogvideox import Pipeline
+    from cogvideox.train import lora
+
+    pipe = Pipeline.from_pretrained()
+    lora.inject_lora(pipe.transformer, 2, 2.0, name="x")
+    lora.save_lora(pipe.transformer, tmp_path / "style-v1.5", name="x")
+    file = lora.save_lora(pipe.transformer, tmp_path / "motion.safetensors", name="x")
+    lora.remove_lora(pipe.transformer)
+    assert pipe.load_lora(tmp_path / "style-v1.5") == "style_v1_5"
+    assert pipe.load_lora(file) == "motion"

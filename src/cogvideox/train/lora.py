@@ -440,12 +440,14 @@ def load_lora(
     name: str | None = None,
     dtype: torch.dtype | None = None,
 ) -> str:
-    """Add the adapter of a diffusers-format LoRA file to `model` as `name` (default: the file's stem,
-    made unique) at `scale`. Returns the adapter name. The base weights are left as they are."""
+    """Add the adapter of a diffusers-format LoRA file to `model` as `name` (default: the name of the
+    folder given, or the stem of the file given, made unique) at `scale`. Returns the adapter name. The
+    base weights are left as they are."""
     weights, alphas = read_lora(path)
     existing = set(adapter_names(model))
     if name is None:
-        stem = re.sub(r"\W+", "_", Path(path).stem if Path(path).suffix else Path(path).name) or "lora"
+        given = Path(path)
+        stem = re.sub(r"\W+", "_", given.stem if given.is_file() else given.name) or "lora"
         name, i = stem, 1
         while name in existing:
             i += 1
