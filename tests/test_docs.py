@@ -94,3 +94,16 @@ def test_a_lora_is_named_after_its_folder_even_with_a_dot_in_it(tmp_path):
     lora.remove_lora(pipe.transformer)
     assert pipe.load_lora(tmp_path / "style-v1.5") == "style_v1_5"
     assert pipe.load_lora(file) == "motion"
+
+
+def test_the_model_card_counts_the_demo_tokenizer_words():
+    import sentencepiece
+
+    from cogvideox.demo import build
+
+    card = (ROOT / "src/cogvideox/demo/MODEL_CARD.md").read_text(encoding="utf-8")
+    words = int(re.search(r"over the (\d+) caption words \(\+ pad, eos, unk\)", card).group(1))
+    tokenizer = sentencepiece.SentencePieceProcessor(
+        model_file=str(ROOT / "src/cogvideox/demo/weights/tokenizer/spiece.model")
+    )
+    assert words == len(build.vocabulary()) == tokenizer.get_piece_size() - 3

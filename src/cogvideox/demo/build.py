@@ -40,7 +40,7 @@ from ..train.loop import TrainConfig, train
 from ..train.objective import v_loss
 from . import world
 
-TEXT_TOKENS = 16  # the longest caption is 10 words + EOS
+TEXT_TOKENS = 16  # the longest caption is 9 words + EOS, one token each
 T5_DIM = 64
 LATENT_CHANNELS = 8
 
