@@ -107,3 +107,14 @@ def test_the_model_card_counts_the_demo_tokenizer_words():
         model_file=str(ROOT / "src/cogvideox/demo/weights/tokenizer/spiece.model")
     )
     assert words == len(build.vocabulary()) == tokenizer.get_piece_size() - 3
+
+
+def test_the_finetune_settings_table_names_every_setting():
+    import dataclasses
+
+    from cogvideox.train.config import FinetuneConfig
+
+    table = DOCS["docs/finetune.md"].split("## Settings", 1)[1].split("Example", 1)[0]
+    named = {name for row in table.splitlines() if row.startswith("| `") for name in re.findall(r"`(\w+)`", row.split("|")[1])}
+    fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    assert named == fields, f"missing from the table: {fields - named}; not settings: {named - fields}"
