@@ -118,3 +118,11 @@ def test_the_finetune_settings_table_names_every_setting():
     named = {name for row in table.splitlines() if row.startswith("| `") for name in re.findall(r"`(\w+)`", row.split("|")[1])}
     fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
     assert named == fields, f"missing from the table: {fields - named}; not settings: {named - fields}"
+
+
+def test_finetune_names_the_settings_a_resumed_run_must_keep():
+    from cogvideox.train.config import FinetuneConfig
+
+    text = " ".join(DOCS["docs/finetune.md"].split())
+    listed = re.search(r"a checkpoint from other settings \(([^)]*)\) is refused", text).group(1)
+    assert re.findall(r"`(\w+)`", listed) == list(FinetuneConfig(data="d", output="o").run_identity)
