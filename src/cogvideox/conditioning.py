@@ -64,11 +64,11 @@ def load_image(image):
             with Image.open(path) as opened:
                 opened.load()
                 picture = ImageOps.exif_transpose(opened)
-                return picture.convert("RGB")
+                return _to_rgb(picture)
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise InputError(f"cannot decode {path} as an image ({e}); give a PNG, JPEG or WebP file") from None
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return _to_rgb(image)
     if isinstance(image, (np.ndarray, torch.Tensor)):
         array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else image
         if np.issubdtype(array.dtype, np.floating) and array.ndim == 3 and array.shape[-1] == 3:
@@ -82,6 +82,17 @@ def load_image(image):
             )
         return Image.fromarray(np.ascontiguousarray(array)).convert("RGB")
     raise InputError(f"image must be a file path, a PIL image or a uint8 array, got {type(image).__name__}")
+
+
+def _to_rgb(picture):
+    """A PIL image in RGB. 16-bit grayscale (PIL's "I;16" modes: 16-bit PNGs and TIFFs) is brought to 8 bits
+    first: PIL's own conversion clips its values at 255 instead of scaling them, which turns nearly every
+    pixel white."""
+    if picture.mode.startswith("I;16"):
+        Image, _ = _pil()
+        high_bytes = (np.asarray(picture).astype(np.uint16) >> 8).astype(np.uint8)
+        picture = Image.fromarray(high_bytes)
+    return picture.convert("RGB")
 
 
 def resize(picture, height: int, width: int, mode: str = "stretch"):
