@@ -1,5 +1,7 @@
 """Video-to-video against diffusers' CogVideoXVideoToVideoPipeline on tiny models, seed for seed."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +9,7 @@ from helpers import assert_same_video, load_reference_pipeline, run_reference, s
 
 from cogvideox import InputError, Pipeline, export_video
 from cogvideox.conditioning import strength_timesteps
+from cogvideox.request import check_strength
 from cogvideox.schedulers import DDIMScheduler
 
 pytest.importorskip("diffusers")
@@ -93,6 +96,17 @@ def test_strength_cuts_the_schedule():
     assert len(tail) == 40 and int(tail[0]) == 799 and int(tail[-1]) == 19
     assert torch.equal(strength_timesteps(scheduler.timesteps, 1.0), scheduler.timesteps)
     assert len(strength_timesteps(scheduler.timesteps, 0.01)) == 0
+
+
+def test_the_least_strength_named_runs_a_step():
+    """The strength an error suggests runs a step for every step count: 1/3 shown as 0.333 ran none."""
+    with pytest.raises(InputError, match=r"strength 0.3 of 3 steps runs no step; use strength >= 0.334 "):
+        check_strength(0.3, 3)
+    for steps in range(1, 1001):
+        with pytest.raises(InputError, match="runs no step") as error:
+            check_strength(1e-6, steps)
+        least = float(re.search(r">= (\S+) ", str(error.value)).group(1))
+        assert int(steps * least) == 1 and check_strength(least, steps) == least, steps
 
 
 def test_low_strength_stays_close_to_the_input(pipes):

@@ -205,9 +205,17 @@ def check_strength(strength, num_inference_steps: int) -> float:
     if int(num_inference_steps * strength) < 1:
         raise InputError(
             f"strength {strength} of {num_inference_steps} steps runs no step; "
-            f"use strength >= {1 / num_inference_steps:.3g} or more steps"
+            f"use strength >= {least_strength(num_inference_steps):g} or more steps"
         )
     return float(strength)
+
+
+def least_strength(num_inference_steps: int) -> float:
+    """The smallest strength, in three significant digits, that runs one step of `num_inference_steps`:
+    1 / n rounded up, since rounded to nearest (0.333 of 3) it may run none."""
+    least = 1 / num_inference_steps
+    scale = 10 ** (2 - math.floor(math.log10(least)))
+    return math.ceil(least * scale) / scale
 
 
 def check_size(
