@@ -87,10 +87,20 @@ class _Parser(argparse.ArgumentParser):
         if extra:
             command = getattr(known, "command", None)
             help_of = f"{self.prog} {command}" if command else None
-            words = [a for a in extra if not a.startswith("-")]
-            hint = "; put a prompt of several words in quotes" if words and command in _PROMPT_COMMANDS else ""
+            prompt_words = _stray_words(extra) and command in _PROMPT_COMMANDS
+            hint = "; put a prompt of several words in quotes" if prompt_words else ""
             self.error(f"unrecognized arguments: {' '.join(extra)}{hint}", help_of)
         return known
+
+
+def _stray_words(extra: list[str]) -> list[str]:
+    """The leftover arguments that are not options nor, most likely, the value of an unknown option just
+    before them (`--steps 4` to `regenerate`, which has no --steps): words of an unquoted prompt."""
+    return [a for i, a in enumerate(extra) if not a.startswith("-") and not (i and _takes_value(extra[i - 1]))]
+
+
+def _takes_value(argument: str) -> bool:
+    return argument.startswith("-") and "=" not in argument
 
 
 def build_parser() -> argparse.ArgumentParser:
