@@ -146,13 +146,21 @@ def read_state_dict(path: str | Path, trust_pickle: bool = False) -> StateDict:
                 f"{file} holds Python objects besides tensors, which are only read from trusted files: "
                 "pass trust_pickle=True (--trust-pickle) if you trust its source"
             ) from None
-        raise LoadError(f"cannot read {file}: not a PyTorch checkpoint ({_load_failure(e)})") from None
+        what = "a damaged or incomplete PyTorch checkpoint" if _is_zip(file) else "not a PyTorch checkpoint"
+        raise LoadError(f"cannot read {file}: {what} ({_load_failure(e)})") from None
     for container in ("module", "model", "state_dict"):
         if isinstance(saved, dict) and isinstance(saved.get(container), dict):
             saved = saved[container]
     if not isinstance(saved, dict) or not any(isinstance(v, torch.Tensor) for v in saved.values()):
         raise LoadError(f"{file} holds no state dict of tensors")
     return {k: v for k, v in saved.items() if isinstance(v, torch.Tensor)}
+
+
+def _is_zip(file: Path) -> bool:
+    """Whether `file` starts as the zip archive `torch.save` writes: one that then fails to read was cut
+    short (an interrupted save or copy) or damaged, rather than some other kind of file."""
+    with open(file, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
 
 
 def _load_failure(error: Exception, limit: int = 160) -> str:
@@ -164,6 +172,7 @@ def _load_failure(error: Exception, limit: int = 160) -> str:
     text = str(error)
     if "WeightsUnpickler error:" in text:
         text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+    text = text.split("This is an internal miniz error", 1)[0]  # then advice to report a PyTorch bug
     text = " ".join(text.split())
     if len(text) > limit:
         text = text[: limit - 3] + "..."
