@@ -124,6 +124,45 @@ def test_reads_a_file_and_takes_the_longest_valid_prefix(pipes, tmp_path):
     assert out.frames[0].shape == (9, 32, 48, 3)  # 12 frames in: the first 9 (8k+1) are used
 
 
+class _Enough(Exception):
+    """Raised where a test has seen what it needed and the run need not go on."""
+
+
+def test_a_long_video_is_decoded_only_as_far_as_it_is_used(pipes, tiny_rope_dir, tmp_path, monkeypatch):
+    """The pipeline, `generate --video` and `invert` decode the frames the request can use, not a whole
+    file that may be minutes long (gigabytes of frames)."""
+    import cogvideox.video
+    from cogvideox.cli import main
+
+    path = export_video(sample_frames(25, height=32, width=48), tmp_path / "long.mp4", fps=8)
+    assert cogvideox.video.read_video(path, max_frames=9)[0].shape == (9, 32, 48, 3)
+    read = cogvideox.video.read_video
+    limits = []
+
+    def spy(path, max_frames=None):
+        limits.append(max_frames)
+        return read(path, max_frames)
+
+    def enough(*args, **kwargs):
+        raise _Enough
+
+    monkeypatch.setattr(cogvideox.video, "read_video", spy)
+    pipe = pipes("rope")  # a 9-frame model
+    with pytest.raises(InputError, match="num_frames=33 but the video has only 25 frames"):
+        pipe("a cat", video=path, num_frames=33, **SMALL)
+    monkeypatch.setattr(pipe.vae, "encode", enough)
+    with pytest.raises(_Enough):
+        pipe("a cat", video=path, progress=False, **SMALL)
+    assert limits == [33, 9]
+    monkeypatch.setattr(Pipeline, "from_pretrained", enough)
+    model = ["--model", str(tiny_rope_dir), "--quiet"]
+    for argv in (["generate", "a cat", "--video", str(path), "--frames", "17", *model],
+                 ["invert", str(path), "-o", str(tmp_path / "l.safetensors"), *model]):
+        with pytest.raises(_Enough):
+            main(argv)
+    assert limits == [33, 9, 17, 9]
+
+
 def test_v15_pads_an_odd_latent_count_like_text_to_video(pipes):
     """9 frames -> 3 latent frames: the reference refuses; we put a copy of the first latent frame in
     front (dropped before decoding), so the output has the input's length."""

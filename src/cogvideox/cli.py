@@ -254,7 +254,7 @@ def _quiet_libraries() -> None:
 def _generate(args: argparse.Namespace) -> int:
     from cogvideox import conditioning, loading
     from cogvideox.pipeline import Pipeline
-    from cogvideox.request import check_request
+    from cogvideox.request import check_request, frames_to_read
     from cogvideox.video import check_video_path
 
     if args.image and args.video:
@@ -278,8 +278,11 @@ def _generate(args: argparse.Namespace) -> int:
     # Every mistake that the inputs and the configs alone reveal fails here, before minutes of loading.
     start = time.perf_counter()
     picture = conditioning.load_image(args.image) if args.image else None
-    source = conditioning.load_video(args.video) if args.video else None
     device, folder, configs = locate_model(args)
+    # Of a long video, only the frames the request can use are decoded.
+    source = None
+    if args.video:
+        source = conditioning.load_video(args.video, frames_to_read(args.frames, configs.transformer))
     resize = args.resize or "stretch"
     request = request_from_args(args, folder) | dict(num_videos_per_prompt=args.num_videos, resize=resize)
     train_steps = configs.scheduler.num_train_timesteps

@@ -166,6 +166,7 @@ def _load(args: argparse.Namespace, device, folder):
 def _invert(args: argparse.Namespace) -> int:
     from cogvideox import conditioning
     from cogvideox.inversion import check_inversion, invert, psnr, reconstruct
+    from cogvideox.request import frames_to_read
     from cogvideox.video import check_video_path, export_video
 
     latents_path = _check_output(args.output, "--output")
@@ -173,9 +174,10 @@ def _invert(args: argparse.Namespace) -> int:
     if latents_path is None and video_path is None:
         raise InputError("nothing to write: give --output LATENTS.safetensors and/or --reconstruct VIDEO.mp4")
     _quiet_libraries()
-    frames = conditioning.load_video(args.video)  # an undecodable file fails before the model loads
     start = time.perf_counter()
     device, folder, configs = locate_model(args)
+    # An undecodable file fails before the model loads; of a long one, only the frames used are decoded.
+    frames = conditioning.load_video(args.video, frames_to_read(args.frames, configs.transformer))
     check_inversion(  # as does every mistake the configs reveal
         configs.transformer,
         configs.vae,

@@ -124,15 +124,16 @@ def prepare_image(image, height: int, width: int, mode: str = "stretch") -> torc
     return to_model_range(picture)[None, :, None]
 
 
-def load_video(video) -> np.ndarray:
+def load_video(video, max_frames: int | None = None) -> np.ndarray:
     """uint8 frames [T, H, W, 3] from a video file path, a uint8 array, or a list of frames (arrays or
-    PIL images). A file that cannot be decoded raises `InputError`."""
+    PIL images). Of a file, only the first `max_frames` are decoded when given (see
+    `request.frames_to_read`). A file that cannot be decoded raises `InputError`."""
     from cogvideox.video import as_frames, read_video
 
     if isinstance(video, (str, os.PathLike)):
         path = Path(video)
         try:
-            frames, _ = read_video(path)
+            frames, _ = read_video(path, max_frames)
         except InputError:
             raise
         except Exception as e:  # PyAV raises its own error types for damaged or foreign files

@@ -33,7 +33,12 @@ from cogvideox import conditioning
 from cogvideox.errors import InputError, NonFiniteError
 from cogvideox.files import usual_mode
 from cogvideox.models.config import ConfigError, TransformerConfig, VAEConfig
-from cogvideox.request import GenerationRequest, check_request, check_video_frames
+from cogvideox.request import (
+    GenerationRequest,
+    check_request,
+    check_video_frames,
+    frames_to_read,
+)
 from cogvideox.sampling import DenoiseInputs, denoise, guidance_schedule, predict_velocity
 from cogvideox.schedulers import DDIMScheduler, predict_x0
 
@@ -276,7 +281,7 @@ def invert(
     iterations = fixed_point_iterations
     if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 0:
         raise InputError(f"fixed_point_iterations must be a whole number >= 0, got {fixed_point_iterations!r}")
-    frames = conditioning.load_video(video)
+    frames = conditioning.load_video(video, frames_to_read(num_frames, pipe.config))
     request = check_inversion(
         pipe.config,
         pipe.vae.config,

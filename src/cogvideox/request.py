@@ -181,6 +181,16 @@ def check_video_frames(
     return check_frames(num_frames, transformer, vae)
 
 
+def frames_to_read(num_frames, transformer: TransformerConfig) -> int | None:
+    """The most frames of an input video a request can use, so that a long file is not decoded whole (a
+    minute of 1080p is gigabytes): `num_frames` when given, else the model's frame count, the most
+    `check_video_frames` takes by default. None (no limit) for a bad `num_frames`, which the request's
+    check then names."""
+    if num_frames is None:
+        return transformer.sample_frames
+    return int(num_frames) if _is_int(num_frames) and num_frames > 0 else None
+
+
 def check_task(transformer: TransformerConfig, task: str) -> None:
     """Can this model do the task? Image-to-video models need a first frame; the others cannot take one."""
     if task not in TASKS:
