@@ -49,6 +49,12 @@ def test_every_flag_is_explained():
         (["render", "a cat"], "invalid choice: 'render'"),
         (["generate", "a", "red", "cat"], "unrecognized arguments: red cat; put a prompt of several words in quotes "
                                           "(see cogvideox generate --help)"),
+        # An unknown option's value is not taken for words of a prompt.
+        (["regenerate", "l.safetensors", "--steps", "4"], "unrecognized arguments: --steps 4 (see cogvideox "
+                                                            "regenerate --help)"),
+        (["invert", "in.mp4", "--negative-prompt", "blur"], "unrecognized arguments: --negative-prompt blur (see"),
+        (["regenerate", "l.safetensors", "--prompt", "a", "blue", "cat"], "unrecognized arguments: blue cat; put "
+                                                                          "a prompt of several words in quotes"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(capsys, argv, message):

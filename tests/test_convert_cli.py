@@ -6,6 +6,7 @@ import random
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -109,3 +110,49 @@ def test_a_file_of_random_bytes_is_named_not_a_checkpoint(tiny_rope_dir, tmp_pat
     assert err.count("\n") == 1
     assert err.startswith(f"cogvideox: error: cannot read {garbage}: not a PyTorch checkpoint (UnpicklingError: ")
     assert not (tmp_path / "o").exists()
+
+
+def test_an_interrupted_convert_leaves_no_folder_behind(sat_checkpoint, tiny_rope_dir, tmp_path, capsys, monkeypatch):
+    """Ctrl-C while the weights are written leaves nothing at --output (a half-written model folder was
+    refused by the next try as 'not empty'); the next try writes the model."""
+    from cogvideox import weights
+    from cogvideox.files import umask
+
+    _, transformer, vae = sat_checkpoint
+    out = tmp_path / "models" / "converted"
+    argv = ["convert", str(transformer), "--vae", str(vae), "--base", str(tiny_rope_dir), "-o", str(out)]
+    save = weights.save_weights
+    calls = []
+
+    def interrupted(module, folder, **kwargs):
+        calls.append(folder)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the transformer written, the VAE not
+        return save(module, folder, **kwargs)
+
+    monkeypatch.setattr(weights, "save_weights", interrupted)
+    assert main(argv) == 130
+    assert "cogvideox: interrupted" in capsys.readouterr().err
+    assert not out.exists() and list(out.parent.iterdir()) == []
+    monkeypatch.setattr(weights, "save_weights", save)
+    assert main([*argv, "--dtype", "fp32"]) == 0
+    assert sorted(p.name for p in out.parent.iterdir()) == ["converted"]
+    assert (out / "model_index.json").is_file() and out.stat().st_mode & 0o777 == 0o777 & ~umask()
+    Pipeline.from_pretrained(out)
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs a folder no file can be created in (Linux /proc)")
+def test_an_output_that_cannot_be_written_fails_before_reading(sat_checkpoint, tiny_rope_dir, tmp_path, capsys, monkeypatch):
+    from cogvideox import sat
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("the checkpoint was read before the output was checked")
+
+    monkeypatch.setattr(sat, "read_state_dict", no_reading)
+    _, transformer, _ = sat_checkpoint
+    for output, message in [("/proc/converted", "cannot write /proc/converted: "),
+                            (str(tmp_path / "file" / "sub"), f"cannot write {tmp_path / 'file' / 'sub'}: ")]:
+        (tmp_path / "file").write_text("x")
+        assert main(["convert", str(transformer), "--base", str(tiny_rope_dir), "-o", output]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("cogvideox: error: " + message), err

@@ -122,6 +122,19 @@ def test_exif_orientation_is_applied(tmp_path):
     assert load_image(path).size == (20, 40)
 
 
+def test_16_bit_grayscale_is_scaled_not_clipped(tmp_path):
+    """A 16-bit PNG keeps its shades: each pixel's high byte, not PIL's clip at 255 (a white picture)."""
+    ramp = np.linspace(0, 65535, 8 * 12).astype(np.uint16).reshape(8, 12)
+    path = tmp_path / "depth.png"
+    PIL.Image.fromarray(ramp).save(path)
+    assert PIL.Image.open(path).mode == "I;16"
+    for source in (path, PIL.Image.open(path)):
+        rgb = np.asarray(load_image(source))
+        assert rgb.shape == (8, 12, 3)
+        assert np.array_equal(rgb[..., 0], (ramp >> 8).astype(np.uint8))
+        assert np.array_equal(rgb[..., 0], rgb[..., 2])
+
+
 def test_crop_mode_runs(tiny_i2v_dir):
     pipe = Pipeline.from_pretrained(tiny_i2v_dir)
     kwargs = SMALL | dict(seed=1, output_type="latent", progress=False)

@@ -1,6 +1,7 @@
 """DDIM inversion: the inverted noise regenerates the video, on a tiny random model and on the demo model."""
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -136,7 +137,7 @@ def test_inversion_refuses_what_it_cannot_do(rope_pipe, tiny_rope_dir, tmp_path)
     with pytest.raises(InputError, match="no video file"):
         invert(rope_pipe, tmp_path / "missing.mp4", **SMALL)
     i2v = make_tiny_cogvideox(tmp_path / "i2v", variant="i2v")
-    with pytest.raises(InputError, match="image-to-video model"):
+    with pytest.raises(InputError, match="needs a text-to-video model, and this one is image-to-video"):
         invert(Pipeline.from_pretrained(i2v), sample_frames(9), num_frames=9)
 
 
@@ -238,3 +239,40 @@ def test_invert_refuses_latents_named_other_than_safetensors(capsys, tmp_path):
     clip.write_bytes(b"")
     assert main(["invert", str(clip), "--output", str(tmp_path / "lat.txt")]) == 2
     assert "the latents are written as safetensors; give a name such as lat.safetensors" in capsys.readouterr().err
+
+
+def test_invert_and_regenerate_mistakes_fail_before_loading(tiny_rope_dir, tiny_v15_dir, tmp_path, capsys, monkeypatch):
+    """What the video, the latents and the model's configs reveal fails in one line before any weights load:
+    too many frames, an image-to-video model (named as such: these commands take no --image), latents of
+    another model (named as such, not as a wrong `latents=` shape), a latents folder that takes no file."""
+    from cogvideox import export_video
+    from cogvideox.cli import main
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights were loaded before the request was checked")
+
+    monkeypatch.setattr(Pipeline, "from_pretrained", no_loading)
+    i2v = make_tiny_cogvideox(tmp_path / "i2v", variant="i2v")
+    source = export_video(sample_frames(9, height=32, width=48), tmp_path / "in.mp4")
+    latents = Inversion(torch.zeros(1, 3, 4, 4, 6), "a cat", "", 1.0, 2, 9, 32, 48, 16).save(tmp_path / "l.safetensors")
+    rope, v15 = ["--model", str(tiny_rope_dir)], ["--model", str(tiny_v15_dir)]
+    cases = [
+        (["invert", str(source), "-o", str(tmp_path / "a.safetensors"), "--frames", "17", *rope],
+         "num_frames=17 but the video has only 9 frames"),
+        (["invert", str(source), "-o", str(tmp_path / "a.safetensors"), "--height", "40", *rope],
+         "height must be a positive multiple of 16, got 40"),
+        (["invert", str(source), "-o", str(tmp_path / "a.safetensors"), "--model", str(i2v)],
+         "DDIM inversion needs a text-to-video model, and this one is image-to-video"),
+        (["regenerate", str(latents), "-o", str(tmp_path / "b.mp4"), "--model", str(i2v)],
+         "DDIM inversion needs a text-to-video model, and this one is image-to-video"),
+        (["regenerate", str(latents), "-o", str(tmp_path / "b.mp4"), *v15],
+         "the latents [1, 3, 4, 4, 6] were inverted with another model: this one needs [1, 4, 4, 4, 6] for 9 "
+         "frames at 48x32; regenerate with the model they were inverted with"),
+    ]
+    if Path("/proc/self").is_dir():  # a folder no file can be created in, even by root
+        cases.append((["invert", str(source), "-o", "/proc/latents.safetensors", *rope], "cannot write"))
+    capsys.readouterr()  # what building the models printed
+    for argv, message in cases:
+        assert main([*argv, "--quiet"]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err

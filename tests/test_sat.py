@@ -119,6 +119,19 @@ def test_pickles_with_objects_need_trust(tmp_path):
         read_state_dict(tmp_path / "junk.pt")
 
 
+def test_a_checkpoint_cut_short_is_named_incomplete(tmp_path):
+    """A .pt file whose save or copy was interrupted is a damaged checkpoint, not 'not a PyTorch checkpoint',
+    and the reason is PyTorch's own words without its advice to report a PyTorch bug."""
+    whole = tmp_path / "whole.pt"
+    torch.save({"module": {"x": torch.ones(1000)}}, whole)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.raises(LoadError) as error:
+        read_state_dict(cut)
+    assert str(error.value).startswith(f"cannot read {cut}: a damaged or incomplete PyTorch checkpoint (")
+    assert "miniz" not in str(error.value)
+
+
 def test_wrong_base_names_the_mismatch(sat_rope, tiny_v15_dir, tmp_path):
     _, transformer, _ = sat_rope
     with pytest.raises(LoadError, match="SAT transformer .* does not match the model its config.json describes"):

@@ -1,5 +1,7 @@
 """Video-to-video against diffusers' CogVideoXVideoToVideoPipeline on tiny models, seed for seed."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +9,7 @@ from helpers import assert_same_video, load_reference_pipeline, run_reference, s
 
 from cogvideox import InputError, Pipeline, export_video
 from cogvideox.conditioning import strength_timesteps
+from cogvideox.request import check_strength
 from cogvideox.schedulers import DDIMScheduler
 
 pytest.importorskip("diffusers")
@@ -95,6 +98,17 @@ def test_strength_cuts_the_schedule():
     assert len(strength_timesteps(scheduler.timesteps, 0.01)) == 0
 
 
+def test_the_least_strength_named_runs_a_step():
+    """The strength an error suggests runs a step for every step count: 1/3 shown as 0.333 ran none."""
+    with pytest.raises(InputError, match=r"strength 0.3 of 3 steps runs no step; use strength >= 0.334 "):
+        check_strength(0.3, 3)
+    for steps in range(1, 1001):
+        with pytest.raises(InputError, match="runs no step") as error:
+            check_strength(1e-6, steps)
+        least = float(re.search(r">= (\S+) ", str(error.value)).group(1))
+        assert int(steps * least) == 1 and check_strength(least, steps) == least, steps
+
+
 def test_low_strength_stays_close_to_the_input(pipes):
     frames = sample_frames(9, height=32, width=48)
     pipe = pipes("rope")
@@ -108,6 +122,45 @@ def test_reads_a_file_and_takes_the_longest_valid_prefix(pipes, tmp_path):
     path = export_video(sample_frames(12, height=32, width=48), tmp_path / "in.mp4", fps=8)
     out = pipes("rope")("a cat", video=path, seed=0, progress=False, **SMALL)
     assert out.frames[0].shape == (9, 32, 48, 3)  # 12 frames in: the first 9 (8k+1) are used
+
+
+class _Enough(Exception):
+    """Raised where a test has seen what it needed and the run need not go on."""
+
+
+def test_a_long_video_is_decoded_only_as_far_as_it_is_used(pipes, tiny_rope_dir, tmp_path, monkeypatch):
+    """The pipeline, `generate --video` and `invert` decode the frames the request can use, not a whole
+    file that may be minutes long (gigabytes of frames)."""
+    import cogvideox.video
+    from cogvideox.cli import main
+
+    path = export_video(sample_frames(25, height=32, width=48), tmp_path / "long.mp4", fps=8)
+    assert cogvideox.video.read_video(path, max_frames=9)[0].shape == (9, 32, 48, 3)
+    read = cogvideox.video.read_video
+    limits = []
+
+    def spy(path, max_frames=None):
+        limits.append(max_frames)
+        return read(path, max_frames)
+
+    def enough(*args, **kwargs):
+        raise _Enough
+
+    monkeypatch.setattr(cogvideox.video, "read_video", spy)
+    pipe = pipes("rope")  # a 9-frame model
+    with pytest.raises(InputError, match="num_frames=33 but the video has only 25 frames"):
+        pipe("a cat", video=path, num_frames=33, **SMALL)
+    monkeypatch.setattr(pipe.vae, "encode", enough)
+    with pytest.raises(_Enough):
+        pipe("a cat", video=path, progress=False, **SMALL)
+    assert limits == [33, 9]
+    monkeypatch.setattr(Pipeline, "from_pretrained", enough)
+    model = ["--model", str(tiny_rope_dir), "--quiet"]
+    for argv in (["generate", "a cat", "--video", str(path), "--frames", "17", *model],
+                 ["invert", str(path), "-o", str(tmp_path / "l.safetensors"), *model]):
+        with pytest.raises(_Enough):
+            main(argv)
+    assert limits == [33, 9, 17, 9]
 
 
 def test_v15_pads_an_odd_latent_count_like_text_to_video(pipes):

@@ -87,10 +87,20 @@ class _Parser(argparse.ArgumentParser):
         if extra:
             command = getattr(known, "command", None)
             help_of = f"{self.prog} {command}" if command else None
-            words = [a for a in extra if not a.startswith("-")]
-            hint = "; put a prompt of several words in quotes" if words and command in _PROMPT_COMMANDS else ""
+            prompt_words = _stray_words(extra) and command in _PROMPT_COMMANDS
+            hint = "; put a prompt of several words in quotes" if prompt_words else ""
             self.error(f"unrecognized arguments: {' '.join(extra)}{hint}", help_of)
         return known
+
+
+def _stray_words(extra: list[str]) -> list[str]:
+    """The leftover arguments that are not options nor, most likely, the value of an unknown option just
+    before them (`--steps 4` to `regenerate`, which has no --steps): words of an unquoted prompt."""
+    return [a for i, a in enumerate(extra) if not a.startswith("-") and not (i and _takes_value(extra[i - 1]))]
+
+
+def _takes_value(argument: str) -> bool:
+    return argument.startswith("-") and "=" not in argument
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -244,7 +254,7 @@ def _quiet_libraries() -> None:
 def _generate(args: argparse.Namespace) -> int:
     from cogvideox import conditioning, loading
     from cogvideox.pipeline import Pipeline
-    from cogvideox.request import check_request
+    from cogvideox.request import check_request, frames_to_read
     from cogvideox.video import check_video_path
 
     if args.image and args.video:
@@ -268,8 +278,11 @@ def _generate(args: argparse.Namespace) -> int:
     # Every mistake that the inputs and the configs alone reveal fails here, before minutes of loading.
     start = time.perf_counter()
     picture = conditioning.load_image(args.image) if args.image else None
-    source = conditioning.load_video(args.video) if args.video else None
     device, folder, configs = locate_model(args)
+    # Of a long video, only the frames the request can use are decoded.
+    source = None
+    if args.video:
+        source = conditioning.load_video(args.video, frames_to_read(args.frames, configs.transformer))
     resize = args.resize or "stretch"
     request = request_from_args(args, folder) | dict(num_videos_per_prompt=args.num_videos, resize=resize)
     train_steps = configs.scheduler.num_train_timesteps

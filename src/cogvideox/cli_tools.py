@@ -25,6 +25,7 @@ from cogvideox.cli_args import (
     positive_int,
 )
 from cogvideox.errors import InputError
+from cogvideox.files import probe_writable
 
 
 def _add_model_args(parser: argparse.ArgumentParser, model_help: str) -> None:
@@ -149,19 +150,23 @@ def _check_output(path: str | None, flag: str) -> Path | None:
     if path.suffix.lower() != ".safetensors":
         stem = path.stem if path.stem and not path.stem.startswith(".") else "latents"
         raise InputError(f"{flag} {path}: the latents are written as safetensors; give a name such as {stem}.safetensors")
+    try:
+        probe_writable(path.parent)  # before the inversion's minutes, not after them
+    except OSError as e:
+        raise InputError(f"cannot write {path}: {e.strerror or e}") from None
     return path
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, device, folder):
     from cogvideox.pipeline import Pipeline
 
-    device, folder, _ = locate_model(args)
     return Pipeline.from_pretrained(folder, dtype=args.dtype, device=device)
 
 
 def _invert(args: argparse.Namespace) -> int:
     from cogvideox import conditioning
-    from cogvideox.inversion import invert, psnr, reconstruct
+    from cogvideox.inversion import check_inversion, invert, psnr, reconstruct
+    from cogvideox.request import frames_to_read
     from cogvideox.video import check_video_path, export_video
 
     latents_path = _check_output(args.output, "--output")
@@ -169,9 +174,24 @@ def _invert(args: argparse.Namespace) -> int:
     if latents_path is None and video_path is None:
         raise InputError("nothing to write: give --output LATENTS.safetensors and/or --reconstruct VIDEO.mp4")
     _quiet_libraries()
-    frames = conditioning.load_video(args.video)  # an undecodable file fails before the model loads
     start = time.perf_counter()
-    pipe = _load(args)
+    device, folder, configs = locate_model(args)
+    # An undecodable file fails before the model loads; of a long one, only the frames used are decoded.
+    frames = conditioning.load_video(args.video, frames_to_read(args.frames, configs.transformer))
+    check_inversion(  # as does every mistake the configs reveal
+        configs.transformer,
+        configs.vae,
+        args.prompt,
+        len(frames),
+        num_train_timesteps=configs.scheduler.num_train_timesteps,
+        num_frames=args.frames,
+        height=args.height,
+        width=args.width,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        resize=args.resize,
+    )
+    pipe = _load(args, device, folder)
     load_time = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -213,14 +233,23 @@ def _invert(args: argparse.Namespace) -> int:
 
 
 def _regenerate(args: argparse.Namespace) -> int:
-    from cogvideox.inversion import Inversion, reconstruct
+    from cogvideox.inversion import Inversion, check_regeneration, reconstruct
     from cogvideox.video import check_video_path, export_video
 
     output = check_video_path(args.output, "--output")
     inversion = Inversion.load(args.latents)
     _quiet_libraries()
     start = time.perf_counter()
-    pipe = _load(args)
+    device, folder, configs = locate_model(args)
+    check_regeneration(  # latents of another model fail before this one loads
+        configs.transformer,
+        configs.vae,
+        inversion,
+        args.prompt,
+        guidance_scale=args.guidance,
+        num_train_timesteps=configs.scheduler.num_train_timesteps,
+    )
+    pipe = _load(args, device, folder)
     load_time = time.perf_counter() - start
     result = reconstruct(pipe, inversion, prompt=args.prompt, guidance_scale=args.guidance, progress=not args.quiet)
     video = result.frames[0]

@@ -64,11 +64,11 @@ def load_image(image):
             with Image.open(path) as opened:
                 opened.load()
                 picture = ImageOps.exif_transpose(opened)
-                return picture.convert("RGB")
+                return _to_rgb(picture)
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise InputError(f"cannot decode {path} as an image ({e}); give a PNG, JPEG or WebP file") from None
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return _to_rgb(image)
     if isinstance(image, (np.ndarray, torch.Tensor)):
         array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else image
         if np.issubdtype(array.dtype, np.floating) and array.ndim == 3 and array.shape[-1] == 3:
@@ -82,6 +82,17 @@ def load_image(image):
             )
         return Image.fromarray(np.ascontiguousarray(array)).convert("RGB")
     raise InputError(f"image must be a file path, a PIL image or a uint8 array, got {type(image).__name__}")
+
+
+def _to_rgb(picture):
+    """A PIL image in RGB. 16-bit grayscale (PIL's "I;16" modes: 16-bit PNGs and TIFFs) is brought to 8 bits
+    first: PIL's own conversion clips its values at 255 instead of scaling them, which turns nearly every
+    pixel white."""
+    if picture.mode.startswith("I;16"):
+        Image, _ = _pil()
+        high_bytes = (np.asarray(picture).astype(np.uint16) >> 8).astype(np.uint8)
+        picture = Image.fromarray(high_bytes)
+    return picture.convert("RGB")
 
 
 def resize(picture, height: int, width: int, mode: str = "stretch"):
@@ -113,15 +124,16 @@ def prepare_image(image, height: int, width: int, mode: str = "stretch") -> torc
     return to_model_range(picture)[None, :, None]
 
 
-def load_video(video) -> np.ndarray:
+def load_video(video, max_frames: int | None = None) -> np.ndarray:
     """uint8 frames [T, H, W, 3] from a video file path, a uint8 array, or a list of frames (arrays or
-    PIL images). A file that cannot be decoded raises `InputError`."""
+    PIL images). Of a file, only the first `max_frames` are decoded when given (see
+    `request.frames_to_read`). A file that cannot be decoded raises `InputError`."""
     from cogvideox.video import as_frames, read_video
 
     if isinstance(video, (str, os.PathLike)):
         path = Path(video)
         try:
-            frames, _ = read_video(path)
+            frames, _ = read_video(path, max_frames)
         except InputError:
             raise
         except Exception as e:  # PyAV raises its own error types for damaged or foreign files

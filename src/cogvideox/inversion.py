@@ -32,8 +32,13 @@ from tqdm.auto import tqdm
 from cogvideox import conditioning
 from cogvideox.errors import InputError, NonFiniteError
 from cogvideox.files import usual_mode
-from cogvideox.models.config import ConfigError
-from cogvideox.request import check_video_frames
+from cogvideox.models.config import ConfigError, TransformerConfig, VAEConfig
+from cogvideox.request import (
+    GenerationRequest,
+    check_request,
+    check_video_frames,
+    frames_to_read,
+)
 from cogvideox.sampling import DenoiseInputs, denoise, guidance_schedule, predict_velocity
 from cogvideox.schedulers import DDIMScheduler, predict_x0
 
@@ -170,6 +175,78 @@ class Inversion:
             raise InputError(f"cannot read {path} as a DDIM inversion: {e}") from None
 
 
+def _text_to_video_only(transformer: TransformerConfig) -> None:
+    """Inversion runs a text-to-video model both ways. An image-to-video model denoises only beside the
+    latents of a first frame, which neither `invert` nor `regenerate` takes."""
+    if transformer.is_image_to_video:
+        raise InputError(
+            "DDIM inversion needs a text-to-video model, and this one is image-to-video; use the "
+            "text-to-video model of the same family (e.g. THUDM/CogVideoX-5b for CogVideoX-5b-I2V)"
+        )
+
+
+def check_inversion(
+    transformer: TransformerConfig,
+    vae: VAEConfig,
+    prompt: str,
+    video_frames: int,
+    *,
+    num_frames: int | None = None,
+    num_train_timesteps: int = 1000,
+    **kwargs,
+) -> GenerationRequest:
+    """The request `invert` runs on a video of `video_frames` frames, from the model's configs alone: the
+    command refuses a mistake before minutes of loading. `kwargs` are `check_request`'s."""
+    _text_to_video_only(transformer)
+    if not isinstance(prompt, str):
+        raise InputError("DDIM inversion takes one prompt (a string)")
+    if num_frames is None:
+        num_frames = check_video_frames(None, video_frames, transformer, vae)
+    elif isinstance(num_frames, int) and num_frames > video_frames:
+        raise InputError(f"num_frames={num_frames} but the video has only {video_frames} frames")
+    return check_request(
+        transformer, vae, prompt, num_frames=num_frames, num_train_timesteps=num_train_timesteps, **kwargs
+    )
+
+
+def check_regeneration(
+    transformer: TransformerConfig,
+    vae: VAEConfig,
+    inversion: Inversion,
+    prompt: str | None = None,
+    *,
+    guidance_scale: float | None = None,
+    num_train_timesteps: int = 1000,
+) -> GenerationRequest:
+    """The request `reconstruct` runs, from the model's configs alone; latents inverted with another
+    model (other channels, frames or size) are named as such rather than as a wrong `latents=` shape."""
+    _text_to_video_only(transformer)
+    request = check_request(
+        transformer,
+        vae,
+        inversion.prompt if prompt is None else prompt,
+        negative_prompt=inversion.negative_prompt,
+        num_frames=inversion.num_frames,
+        height=inversion.height,
+        width=inversion.width,
+        num_inference_steps=inversion.num_inference_steps,
+        guidance_scale=inversion.guidance_scale if guidance_scale is None else guidance_scale,
+        max_sequence_length=inversion.max_sequence_length,
+        num_train_timesteps=num_train_timesteps,
+    )
+    compress = vae.spatial_compression
+    expected = [1, request.latent_frames, transformer.latent_channels, request.height // compress,
+                request.width // compress]  # fmt: skip
+    got = list(inversion.latents.shape)
+    if got != expected:
+        raise InputError(
+            f"the latents {got} were inverted with another model: this one needs {expected} for "
+            f"{request.num_frames} frames at {request.width}x{request.height}; regenerate with the model "
+            "they were inverted with"
+        )
+    return request
+
+
 def invert(
     pipe,
     video,
@@ -204,15 +281,13 @@ def invert(
     iterations = fixed_point_iterations
     if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 0:
         raise InputError(f"fixed_point_iterations must be a whole number >= 0, got {fixed_point_iterations!r}")
-    if not isinstance(prompt, str):
-        raise InputError("DDIM inversion takes one prompt (a string)")
-    frames = conditioning.load_video(video)
-    if num_frames is None:
-        num_frames = check_video_frames(None, len(frames), pipe.config, pipe.vae.config)
-    elif isinstance(num_frames, int) and num_frames > len(frames):
-        raise InputError(f"num_frames={num_frames} but the video has only {len(frames)} frames")
-    request = pipe.check_request(
+    frames = conditioning.load_video(video, frames_to_read(num_frames, pipe.config))
+    request = check_inversion(
+        pipe.config,
+        pipe.vae.config,
         prompt,
+        len(frames),
+        num_train_timesteps=pipe.scheduler.config.num_train_timesteps,
         negative_prompt=negative_prompt,
         num_frames=num_frames,
         height=height,
@@ -298,6 +373,9 @@ def reconstruct(
 ):
     """Sample forward with DDIM from inverted latents: the video again, or an edit of it with a new
     `prompt`. Returns the pipeline's `VideoOutput`."""
+    train_steps = pipe.scheduler.config.num_train_timesteps
+    check_regeneration(pipe.config, pipe.vae.config, inversion, prompt, guidance_scale=guidance_scale,
+                       num_train_timesteps=train_steps)  # fmt: skip
     ddim = pipe if type(pipe.scheduler) is DDIMScheduler else pipe.with_scheduler("ddim")
     return ddim(
         inversion.prompt if prompt is None else prompt,

@@ -24,7 +24,13 @@ from tqdm.auto import tqdm
 from cogvideox import conditioning, loading, weights
 from cogvideox.errors import InputError, OutOfMemoryError
 from cogvideox.models.config import TransformerConfig
-from cogvideox.request import GenerationRequest, check_request, default_fps, default_size
+from cogvideox.request import (
+    GenerationRequest,
+    check_request,
+    default_fps,
+    default_size,
+    frames_to_read,
+)
 from cogvideox.sampling import DenoiseInputs, denoise, guidance_schedule, to_uint8_frames
 from cogvideox.schedulers import SCHEDULERS, randn
 
@@ -590,7 +596,9 @@ class Pipeline:
         task = "image" if image is not None else "video" if video is not None else "text"
         # Decode the inputs first: a file that is not an image or a video fails before any model runs.
         picture = conditioning.load_image(image) if image is not None else None
-        source = conditioning.load_video(video) if video is not None else None
+        source = None
+        if video is not None:  # no more frames than the request can use
+            source = conditioning.load_video(video, frames_to_read(num_frames, self.config))
         guidance = loading.fill_sampling(
             self.sampling_defaults,
             guidance_scale=guidance_scale, use_dynamic_cfg=use_dynamic_cfg, dynamic_cfg=dynamic_cfg,

@@ -181,6 +181,16 @@ def check_video_frames(
     return check_frames(num_frames, transformer, vae)
 
 
+def frames_to_read(num_frames, transformer: TransformerConfig) -> int | None:
+    """The most frames of an input video a request can use, so that a long file is not decoded whole (a
+    minute of 1080p is gigabytes): `num_frames` when given, else the model's frame count, the most
+    `check_video_frames` takes by default. None (no limit) for a bad `num_frames`, which the request's
+    check then names."""
+    if num_frames is None:
+        return transformer.sample_frames
+    return int(num_frames) if _is_int(num_frames) and num_frames > 0 else None
+
+
 def check_task(transformer: TransformerConfig, task: str) -> None:
     """Can this model do the task? Image-to-video models need a first frame; the others cannot take one."""
     if task not in TASKS:
@@ -205,9 +215,17 @@ def check_strength(strength, num_inference_steps: int) -> float:
     if int(num_inference_steps * strength) < 1:
         raise InputError(
             f"strength {strength} of {num_inference_steps} steps runs no step; "
-            f"use strength >= {1 / num_inference_steps:.3g} or more steps"
+            f"use strength >= {least_strength(num_inference_steps):g} or more steps"
         )
     return float(strength)
+
+
+def least_strength(num_inference_steps: int) -> float:
+    """The smallest strength, in three significant digits, that runs one step of `num_inference_steps`:
+    1 / n rounded up, since rounded to nearest (0.333 of 3) it may run none."""
+    least = 1 / num_inference_steps
+    scale = 10 ** (2 - math.floor(math.log10(least)))
+    return math.ceil(least * scale) / scale
 
 
 def check_size(

@@ -22,10 +22,14 @@ tokenizer and scheduler complete the pipeline.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
 import shutil
+import tempfile
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -33,7 +37,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from cogvideox import loading, weights
-from cogvideox.errors import LoadError
+from cogvideox.errors import InputError, LoadError
+from cogvideox.files import probe_writable, umask
 from cogvideox.models.config import TransformerConfig, VAEConfig
 from cogvideox.models.transformer import TRANSFORMER_PRESETS, CogVideoXTransformer
 from cogvideox.models.vae import CogVideoXVAE
@@ -141,13 +146,21 @@ def read_state_dict(path: str | Path, trust_pickle: bool = False) -> StateDict:
                 f"{file} holds Python objects besides tensors, which are only read from trusted files: "
                 "pass trust_pickle=True (--trust-pickle) if you trust its source"
             ) from None
-        raise LoadError(f"cannot read {file}: not a PyTorch checkpoint ({_load_failure(e)})") from None
+        what = "a damaged or incomplete PyTorch checkpoint" if _is_zip(file) else "not a PyTorch checkpoint"
+        raise LoadError(f"cannot read {file}: {what} ({_load_failure(e)})") from None
     for container in ("module", "model", "state_dict"):
         if isinstance(saved, dict) and isinstance(saved.get(container), dict):
             saved = saved[container]
     if not isinstance(saved, dict) or not any(isinstance(v, torch.Tensor) for v in saved.values()):
         raise LoadError(f"{file} holds no state dict of tensors")
     return {k: v for k, v in saved.items() if isinstance(v, torch.Tensor)}
+
+
+def _is_zip(file: Path) -> bool:
+    """Whether `file` starts as the zip archive `torch.save` writes: one that then fails to read was cut
+    short (an interrupted save or copy) or damaged, rather than some other kind of file."""
+    with open(file, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
 
 
 def _load_failure(error: Exception, limit: int = 160) -> str:
@@ -159,6 +172,7 @@ def _load_failure(error: Exception, limit: int = 160) -> str:
     text = str(error)
     if "WeightsUnpickler error:" in text:
         text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+    text = text.split("This is an internal miniz error", 1)[0]  # then advice to report a PyTorch bug
     text = " ".join(text.split())
     if len(text) > limit:
         text = text[: limit - 3] + "..."
@@ -343,20 +357,52 @@ def convert(
     output = Path(output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise LoadError(f"{output} already exists and is not empty; choose a new folder")
+    _check_writable(output)
     configs = loading.read_model_configs(base)
     cpu = torch.device("cpu")
     transformer, vae_model = load_components(checkpoint, configs, dtype, cpu, vae, trust_pickle)
-    output.mkdir(parents=True, exist_ok=True)
-    for name, module in (("transformer", transformer), ("vae", vae_model)):
-        if module is None:
-            shutil.copytree(base / name, output / name)
-            continue
-        (output / name).mkdir()
-        module.config.save(output / name / "config.json")
-        weights.save_weights(module, output / name, max_shard_size=max_shard_size)
-    for name in ("text_encoder", "tokenizer", "scheduler"):
-        shutil.copytree(base / name, output / name)
-    copy_sampling_defaults(base, output)
-    index = json.loads((base / loading.MODEL_INDEX).read_text())
-    (output / loading.MODEL_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    with _folder_in_place(output) as folder:
+        for name, module in (("transformer", transformer), ("vae", vae_model)):
+            if module is None:
+                shutil.copytree(base / name, folder / name)
+                continue
+            (folder / name).mkdir()
+            module.config.save(folder / name / "config.json")
+            weights.save_weights(module, folder / name, max_shard_size=max_shard_size)
+        for name in ("text_encoder", "tokenizer", "scheduler"):
+            shutil.copytree(base / name, folder / name)
+        copy_sampling_defaults(base, folder)
+        index = json.loads((base / loading.MODEL_INDEX).read_text())
+        (folder / loading.MODEL_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return output
+
+
+def _check_writable(output: Path) -> None:
+    """Fail before the checkpoint is read if `output` cannot be made: its nearest existing folder must
+    take a file (permissions, a read-only file system)."""
+    existing = next(p for p in output.absolute().parents if p.exists())
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, f"{existing} is a file")
+        probe_writable(existing)
+    except OSError as e:
+        raise InputError(f"cannot write {output}: {e.strerror or e}") from None
+
+
+@contextmanager
+def _folder_in_place(output: Path):
+    """A new folder beside `output` to write the model into, renamed to `output` once complete: a convert
+    that fails or is interrupted leaves no half-written model folder behind (which a second try would
+    refuse as not empty, and loading would take for a model)."""
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".part", dir=output.parent))
+    except OSError as e:
+        raise InputError(f"cannot write {output}: {e.strerror or e}") from None
+    try:
+        yield folder
+        os.chmod(folder, 0o777 & ~umask())  # mkdtemp made it private
+        os.replace(folder, output)  # onto a missing or empty folder
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise

@@ -156,8 +156,9 @@ def export_or_rescue(frames: np.ndarray | Sequence, path: str | os.PathLike, fps
         raise InputError(f"could not write {path} ({e}); the video was saved to {rescue} instead") from None
 
 
-def read_video(path: str | os.PathLike) -> tuple[np.ndarray, float]:
-    """All frames of a video file as uint8 [F, H, W, 3], and its frame rate."""
+def read_video(path: str | os.PathLike, max_frames: int | None = None) -> tuple[np.ndarray, float]:
+    """The frames of a video file as uint8 [F, H, W, 3] (all of them, or the first `max_frames`: a long
+    video decoded whole may not fit in memory), and its frame rate."""
     import av
 
     path = Path(path)
@@ -167,6 +168,12 @@ def read_video(path: str | os.PathLike) -> tuple[np.ndarray, float]:
         if not container.streams.video:
             raise InputError(f"{path} has no video stream")
         stream = container.streams.video[0]
-        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+        frames = []
+        for frame in container.decode(stream):
+            frames.append(frame.to_ndarray(format="rgb24"))
+            if max_frames is not None and len(frames) >= max_frames:
+                break
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    if not frames:
+        raise InputError(f"{path} holds no video frames")
     return np.stack(frames), float(rate) if rate else 0.0
