@@ -33,7 +33,7 @@ def test_convert_writes_the_diffusers_layout(sat_checkpoint, tiny_rope_dir, tmp_
     out = tmp_path / "converted"
     argv = ["convert", str(transformer), "--vae", str(vae), "--base", str(tiny_rope_dir), "-o", str(out)]
     assert main([*argv, "--dtype", "fp32"]) == 0
-    assert f"wrote {out}" in capsys.readouterr().out
+    assert f"wrote {out} (diffusers layout, fp32; transformer and VAE converted)" in capsys.readouterr().out
     ours = Pipeline.from_pretrained(out)
     assert_same_weights(ours.transformer, tuned.transformer)
     assert_same_weights(ours.vae, tuned.vae)
@@ -55,6 +55,20 @@ def test_convert_transformer_only_keeps_the_base_vae_in_bf16(sat_checkpoint, tin
     # Written in bf16 by default, the released weights' precision.
     want = tuned.transformer.proj_out.weight.to(torch.bfloat16).float()
     assert torch.equal(ours.transformer.proj_out.weight, want)
+
+
+def test_a_vae_only_checkpoint_says_the_transformer_came_from_the_base(
+    sat_checkpoint, tiny_rope_dir, tmp_path, capsys
+):
+    """A file meant as a transformer that holds only a VAE (3d-vae.pt) must not pass for a converted model."""
+    tuned, _, vae = sat_checkpoint
+    out = tmp_path / "converted"
+    assert main(["convert", str(vae), "--base", str(tiny_rope_dir), "--output", str(out), "--dtype", "fp32"]) == 0
+    said = capsys.readouterr().out
+    assert f"VAE converted; transformer copied from {tiny_rope_dir}" in said
+    ours = Pipeline.from_pretrained(out)
+    assert_same_weights(ours.vae, tuned.vae)
+    assert_same_weights(ours.transformer, Pipeline.from_pretrained(tiny_rope_dir).transformer)
 
 
 @pytest.mark.parametrize(

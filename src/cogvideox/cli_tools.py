@@ -270,6 +270,11 @@ def _convert(args: argparse.Namespace) -> int:
     dtype = loading.parse_dtype(args.dtype)
     base = loading.resolve_model_dir(args.base, revision=args.revision, local_files_only=args.offline)
     start = time.perf_counter()
-    output = sat.convert(args.checkpoint, base, args.output, dtype, vae=args.vae, trust_pickle=args.trust_pickle)
-    print(f"wrote {output} (diffusers layout, {args.dtype}) in {time.perf_counter() - start:.1f}s")
+    converted = sat.convert(args.checkpoint, base, args.output, dtype, vae=args.vae, trust_pickle=args.trust_pickle)
+    names = {"transformer": "transformer", "vae": "VAE"}
+    taken = [names[n] for n in names if n not in converted]
+    parts = " and ".join(names[n] for n in converted) + " converted"
+    if taken:
+        parts += f"; {' and '.join(taken)} copied from {args.base}"
+    print(f"wrote {args.output} (diffusers layout, {args.dtype}; {parts}) in {time.perf_counter() - start:.1f}s")
     return 0

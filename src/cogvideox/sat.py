@@ -350,10 +350,14 @@ def convert(
     vae: str | Path | None = None,
     trust_pickle: bool = False,
     max_shard_size: int | str = "10GB",
-) -> Path:
+) -> tuple[str, ...]:
     """Write a SAT checkpoint as a model folder in the diffusers layout, completed from `base` (a model
     folder): converted components replace the base's, the others (always the T5, tokenizer and
-    scheduler) are copied unchanged, and so are its recommended sampling settings (`sampling.json`)."""
+    scheduler) are copied unchanged, and so are its recommended sampling settings (`sampling.json`).
+
+    Returns the names of the components converted ("transformer", "vae"): a checkpoint holds one or both,
+    and a user who meant to convert a transformer should learn that the file held only a VAE.
+    """
     output = Path(output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise LoadError(f"{output} already exists and is not empty; choose a new folder")
@@ -361,6 +365,7 @@ def convert(
     configs = loading.read_model_configs(base)
     cpu = torch.device("cpu")
     transformer, vae_model = load_components(checkpoint, configs, dtype, cpu, vae, trust_pickle)
+    converted = tuple(name for name, m in (("transformer", transformer), ("vae", vae_model)) if m is not None)
     with _folder_in_place(output) as folder:
         for name, module in (("transformer", transformer), ("vae", vae_model)):
             if module is None:
@@ -374,7 +379,7 @@ def convert(
         copy_sampling_defaults(base, folder)
         index = json.loads((base / loading.MODEL_INDEX).read_text())
         (folder / loading.MODEL_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return output
+    return converted
 
 
 def _check_writable(output: Path) -> None:
