@@ -276,3 +276,36 @@ def test_invert_and_regenerate_mistakes_fail_before_loading(tiny_rope_dir, tiny_
         assert main([*argv, "--quiet"]) == 2, argv
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err
+
+
+def test_invert_and_regenerate_take_the_memory_flags(tiny_rope_dir, tmp_path, capsys, monkeypatch):
+    """`invert` and `regenerate` run a whole model as `generate` does, so they take its memory dial:
+    offloaded weights and T5 on the CPU give the same latents, and running out of memory anyway names
+    only flags the command has."""
+    from safetensors.torch import load_file
+
+    from cogvideox import export_video
+    from cogvideox.cli import main
+
+    source = export_video(sample_frames(9, height=32, width=48), tmp_path / "in.mp4")
+    args = ["invert", str(source), "--prompt", "a cat", "--steps", "2", "--height", "32", "--width", "48",
+            "--frames", "9", "--refine", "0", "--model", str(tiny_rope_dir), "--quiet"]  # fmt: skip
+    assert main([*args, "--output", str(tmp_path / "plain.safetensors")]) == 0
+    capsys.readouterr()
+    offloaded = ["--offload", "model", "--text-device", "cpu", "--output", str(tmp_path / "off.safetensors")]
+    assert main([*args, *offloaded]) == 0
+    assert capsys.readouterr().out.startswith("offload 'model', T5 on cpu\n")
+    plain, off = load_file(tmp_path / "plain.safetensors"), load_file(tmp_path / "off.safetensors")
+    assert plain.keys() == off.keys() and all(torch.equal(plain[k], off[k]) for k in plain)
+
+    import cogvideox.inversion
+
+    def allocation_fails(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(cogvideox.inversion, "reconstruct", allocation_fails)
+    regenerate = ["regenerate", str(tmp_path / "plain.safetensors"), "--model", str(tiny_rope_dir), "--quiet"]
+    assert main([*regenerate, "--output", str(tmp_path / "back.mp4")]) == 1
+    err = capsys.readouterr().err
+    assert err == "cogvideox: error: out of GPU memory; try --dtype bf16, --vae-tiling or an --offload mode\n"
+    assert not (tmp_path / "back.mp4").exists()

@@ -21,6 +21,7 @@ import warnings
 from pathlib import Path
 
 from cogvideox.cli_args import (
+    add_memory_arguments,
     add_model_arguments,
     add_sampling_arguments,
     finite_float,
@@ -28,7 +29,9 @@ from cogvideox.cli_args import (
     frame_rate,
     locate_model,
     non_negative_float,
+    memory_settings,
     positive_int,
+    report_offload,
     request_from_args,
 )
 from cogvideox.errors import CogVideoXError, InputError, LoadError
@@ -156,22 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="videos to generate, written as OUTPUT-1.mp4, OUTPUT-2.mp4, ... (default: 1)",
     )
-    arg(
-        "--offload",
-        choices=("auto", "none", "model", "stream", "sequential"),
-        default="auto",
-        help="keep weights in host memory, on the GPU only while used: 'model' one component at a time, "
-        "'stream' transformer and T5 blocks copied ahead while others compute, 'sequential' one layer at a "
-        "time (least memory, slowest); the video does not change. 'auto' (default) picks the fastest that "
-        "fits the free GPU memory and says which; 'none' on the CPU",
-    )
-    arg("--text-device", help="where the T5 text encoder runs, e.g. cpu to keep it off the GPU (default: --device)")
-    arg(
-        "--vae-tiling",
-        action="store_true",
-        help="decode in overlapping tiles of half the model's own size: much less GPU memory; pixels near "
-        "tile seams differ slightly on the real models (as in the reference's tiled decode), visibly on the demo",
-    )
+    add_memory_arguments(gen)
     arg("--vae-slicing", action="store_true", help="decode the videos of --num-videos one at a time (less memory)")
     arg("--quiet", action="store_true", help="no progress bars, only the final report")
     arg(
@@ -307,7 +295,6 @@ def _generate(args: argparse.Namespace) -> int:
     lora = list(zip(args.lora, scales)) or None
     if args.compile and args.offload == "sequential":
         raise InputError("--compile does not combine with --offload sequential (its hooks run inside the blocks)")
-    text_device = loading.choose_device(args.text_device, "text_device") if args.text_device else None
     from cogvideox.parallel import launch
 
     if args.parallel is not None and (args.cache is not None or args.compile):
@@ -315,11 +302,11 @@ def _generate(args: argparse.Namespace) -> int:
     mesh, device = launch.join(args.parallel, device, configs.transformer, request["guidance_scale"] > 1,
                                one_group=True)
     pipe = Pipeline.from_pretrained(
-        folder, dtype=args.dtype, device=device, scheduler=args.scheduler, lora=lora, offload=args.offload,
-        text_device=text_device, vae_tiling=args.vae_tiling, vae_slicing=args.vae_slicing,
+        folder, dtype=args.dtype, device=device, scheduler=args.scheduler, lora=lora,
+        vae_slicing=args.vae_slicing, **memory_settings(args),
     )
-    if pipe.offload_choice and (args.offload != "auto" or device.type == "cuda") and global_rank() == 0:
-        print(pipe.offload_choice)
+    if global_rank() == 0:
+        report_offload(pipe, args, device)
     if accelerate:  # folds the LoRAs into the weights first: the fast paths rewrite the linear layers
         pipe.accelerate(quantize=args.quantize, compile=args.compile, cache=args.cache)
     if mesh is not None:
@@ -420,9 +407,23 @@ def _run(args: argparse.Namespace) -> int:
         where = _out_of_memory(e)
         if where is None:
             raise
-        _say(f"cogvideox: error: out of {where} memory; try --dtype bf16, fewer --frames, a smaller "
-             "--height/--width, --num-videos 1, --vae-tiling or an --offload mode")  # fmt: skip
+        _say(f"cogvideox: error: out of {where} memory; try {_memory_advice(args)}")
         return RUN_ERROR
+
+
+def _memory_advice(args: argparse.Namespace) -> str:
+    """The settings that lower memory, of those this command has: a hint must name only flags it takes."""
+    has = vars(args)
+    tries = [flag for flag, name in (("--dtype bf16", "dtype"), ("fewer --frames", "frames")) if name in has]
+    if "height" in has:
+        tries.append("a smaller --height/--width")
+    if has.get("num_videos", 1) > 1:
+        tries.append("--num-videos 1")
+    if "vae_tiling" in has and not has["vae_tiling"]:
+        tries.append("--vae-tiling")
+    if "offload" in has:
+        tries.append("an --offload mode")
+    return ", ".join(tries[:-1]) + f" or {tries[-1]}" if len(tries) > 1 else "".join(tries) or "a smaller model"
 
 
 if __name__ == "__main__":

@@ -79,6 +79,47 @@ def add_model_arguments(
         arg("--offline", action="store_true", help="never download; use a local folder or the hub cache")
 
 
+def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the weights live while a command runs: --offload, --text-device and --vae-tiling.
+
+    The commands that run a whole model take them alike, with offloading chosen from the free GPU memory
+    by default: a 5B model that a 24 GB GPU holds only with offloading must not stop one command there.
+    """
+    arg = parser.add_argument
+    arg(
+        "--offload",
+        choices=("auto", "none", "model", "stream", "sequential"),
+        default="auto",
+        help="keep weights in host memory, on the GPU only while used: 'model' one component at a time, "
+        "'stream' transformer and T5 blocks copied ahead while others compute, 'sequential' one layer at a "
+        "time (least memory, slowest); the video does not change. 'auto' (default) picks the fastest that "
+        "fits the free GPU memory and says which; 'none' on the CPU",
+    )
+    arg("--text-device", help="where the T5 text encoder runs, e.g. cpu to keep it off the GPU (default: --device)")
+    arg(
+        "--vae-tiling",
+        action="store_true",
+        help="decode (and encode) in overlapping tiles of half the model's own size: much less GPU memory; "
+        "pixels near tile seams differ slightly on the real models (as in the reference's tiled decode), "
+        "visibly on the demo",
+    )
+
+
+def memory_settings(args: argparse.Namespace) -> dict:
+    """`Pipeline.from_pretrained`'s keyword arguments from the flags of `add_memory_arguments`."""
+    from cogvideox import loading
+
+    text_device = loading.choose_device(args.text_device, "text_device") if args.text_device else None
+    return dict(offload=args.offload, text_device=text_device, vae_tiling=args.vae_tiling)
+
+
+def report_offload(pipe, args: argparse.Namespace, device) -> None:
+    """Print what `--offload` chose, when it chose on a GPU or was asked for (on the CPU, 'auto' is
+    always 'none': nothing worth a line)."""
+    if pipe.offload_choice and (args.offload != "auto" or device.type == "cuda"):
+        print(pipe.offload_choice)
+
+
 def add_sampling_arguments(parser: argparse.ArgumentParser, *, seed_default: int | None, seed_help: str) -> None:
     """How a video is sampled: prompt conditioning, steps, guidance, scheduler, seed and size.
 

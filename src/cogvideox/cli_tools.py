@@ -17,12 +17,15 @@ from pathlib import Path
 from cogvideox.cli import _quiet_libraries, stage_times
 from cogvideox.cli_args import (
     MODEL_HELP,
+    add_memory_arguments,
     add_model_arguments,
     finite_float,
     frame_rate,
     locate_model,
+    memory_settings,
     non_negative_int,
     positive_int,
+    report_offload,
 )
 from cogvideox.errors import InputError
 from cogvideox.files import probe_writable
@@ -30,6 +33,7 @@ from cogvideox.files import probe_writable
 
 def _add_model_args(parser: argparse.ArgumentParser, model_help: str) -> None:
     add_model_arguments(parser, model_help=model_help)
+    add_memory_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars, only the final report")
 
 
@@ -160,7 +164,9 @@ def _check_output(path: str | None, flag: str) -> Path | None:
 def _load(args: argparse.Namespace, device, folder):
     from cogvideox.pipeline import Pipeline
 
-    return Pipeline.from_pretrained(folder, dtype=args.dtype, device=device)
+    pipe = Pipeline.from_pretrained(folder, dtype=args.dtype, device=device, **memory_settings(args))
+    report_offload(pipe, args, device)
+    return pipe
 
 
 def _invert(args: argparse.Namespace) -> int:
