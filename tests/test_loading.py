@@ -269,6 +269,50 @@ def test_read_tensors_gives_back_every_kind_of_tensor(tmp_path):
         list(read_tensors(path))
 
 
+@pytest.mark.parametrize(
+    "head", [b"\xff" * 8 + b"{}", (10**6).to_bytes(8, "little") + b'{"w": '], ids=["2**64 - 1", "cut off"]
+)
+def test_a_header_length_past_the_end_of_the_file_is_a_load_error(model_copy, head):
+    """A cut-off download, or a file of another kind, whose first 8 bytes promise a header longer than
+    the file: a load error naming the file, before any memory is asked for it."""
+    (model_copy / "vae" / WEIGHTS).write_bytes(head)
+    with pytest.raises(LoadError, match=f"vae/{WEIGHTS}: the file ends inside its safetensors header"):
+        Pipeline.from_pretrained(model_copy)
+
+
+def test_an_index_whose_weight_map_names_no_files_is_a_load_error(ours, tmp_path):
+    folder = ours.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    index = folder / "transformer" / "diffusion_pytorch_model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"proj_out.bias": 5}}))
+    with pytest.raises(LoadError, match=r"missing transformer/.*index.json \(unreadable\)"):
+        Pipeline.from_pretrained(folder)
+    with pytest.raises(LoadError, match="is not a safetensors index"):
+        weight_files(folder / "transformer")
+
+
+@pytest.mark.parametrize(
+    "name", ["model_index.json", "transformer/config.json", "scheduler/scheduler_config.json", f"vae/{WEIGHTS}",
+             "text_encoder/model.safetensors"],
+)  # fmt: skip
+def test_an_unreadable_file_is_a_load_error_naming_it(tiny_rope_dir, monkeypatch, name):
+    """A file of another user's download, or of mode 000 (simulated: the tests may run as root)."""
+    import builtins
+    import io
+
+    denied = str(tiny_rope_dir / name)
+    real_open = builtins.open
+
+    def open_or_deny(file, *args, **kwargs):
+        if isinstance(file, str | os.PathLike) and os.fspath(file) == denied:
+            raise PermissionError(13, "Permission denied", denied)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", open_or_deny)
+    monkeypatch.setattr(io, "open", open_or_deny)
+    with pytest.raises(LoadError, match=f"cannot read {denied}: Permission denied"):
+        Pipeline.from_pretrained(tiny_rope_dir)
+
+
 def rss_file_bytes():
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssFile:"))

@@ -32,7 +32,7 @@ from cogvideox.models.transformer import CogVideoXTransformer
 from cogvideox.models.vae import CogVideoXVAE
 from cogvideox.schedulers import make_scheduler
 from cogvideox.text import TextEncoder
-from cogvideox.weights import DIFFUSERS_WEIGHTS, load_weights, weight_files
+from cogvideox.weights import DIFFUSERS_WEIGHTS, load_weights, shard_names, weight_files
 
 MODEL_INDEX = "model_index.json"
 SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
@@ -265,8 +265,8 @@ def _missing_weight_files(component_dir: Path, stem: str) -> list[str]:
     if not index.is_file():
         return [f"{stem}.safetensors"]
     try:
-        names = dict.fromkeys(json.loads(index.read_text())["weight_map"].values())
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        names = shard_names(index)
+    except LoadError:
         return [index.name + " (unreadable)"]
     return [name for name in names if not (component_dir / name).is_file()]
 
@@ -287,6 +287,8 @@ def _read_json(path: Path) -> dict:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise LoadError(f"{path} is not valid JSON: {e}") from None
+    except OSError as e:  # unreadable: another user's download, a file mode of 000
+        raise LoadError(f"cannot read {path}: {e.strerror or e}") from None
     if not isinstance(data, dict):
         raise LoadError(f"{path} must hold a JSON object")
     return data
