@@ -166,6 +166,22 @@ def test_config_values_of_the_wrong_type_are_load_errors(model_copy, component, 
         Pipeline.from_pretrained(model_copy)
 
 
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("d_model", "abc", "text_encoder/config.json: d_model must be a positive integer, got 'abc'"),
+        ("d_model", "32", "text_encoder/config.json: d_model must be a positive integer, got '32'"),
+        ("num_layers", "2", "cannot load the T5 text encoder of .*num_layers"),
+    ],
+)
+def test_t5_config_values_of_the_wrong_type_are_load_errors(model_copy, key, value, message):
+    path = model_copy / "text_encoder" / "config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {key: value}))
+    with pytest.raises(LoadError, match=message) as info:
+        Pipeline.from_pretrained(model_copy)
+    assert "\n" not in str(info.value)  # the CLI prints it as one line
+
+
 def test_a_model_that_is_not_a_path_and_an_unknown_text_device_are_input_errors(tiny_rope_dir):
     with pytest.raises(InputError, match="a model is a folder path or a Hugging Face repo id, got int 5"):
         Pipeline.from_pretrained(5)

@@ -327,10 +327,14 @@ def fill_sampling(recommended: dict, **given) -> dict:
 
 def text_encoder_width(folder: Path) -> int:
     """d_model of the T5 in `folder/text_encoder`, read from its config without loading it."""
-    config = _read_json(folder / "text_encoder" / "config.json")
+    path = folder / "text_encoder" / "config.json"
+    config = _read_json(path)
     if "d_model" not in config:
-        raise LoadError(f"{folder / 'text_encoder' / 'config.json'} has no d_model: not a T5 encoder config")
-    return int(config["d_model"])
+        raise LoadError(f"{path} has no d_model: not a T5 encoder config")
+    width = config["d_model"]
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise LoadError(f"{path}: d_model must be a positive integer, got {width!r}")
+    return width
 
 
 def check_components(transformer: TransformerConfig, vae: VAEConfig, text_width: int) -> None:
@@ -410,16 +414,23 @@ def load_vae(folder: Path, dtype: torch.dtype, device: torch.device):
     return _load_model(folder, "vae", CogVideoXVAE, VAEConfig, dtype, device)
 
 
+try:  # what transformers raises, through huggingface_hub, for a T5 config value of the wrong type
+    from huggingface_hub.errors import StrictDataclassError as _T5ConfigError
+except ImportError:  # older huggingface_hub: transformers does not check the types
+    _T5ConfigError = ValueError
+
+
 def load_text_encoder(folder: Path, dtype: torch.dtype, device: torch.device):
     """The T5 encoder and its tokenizer (through transformers)."""
     try:
         return TextEncoder.from_pretrained(
             folder / "text_encoder", folder / "tokenizer", dtype=dtype, device=device
         )
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, _T5ConfigError) as e:
         if isinstance(e, LoadError):
             raise
-        raise LoadError(f"cannot load the T5 text encoder of {folder}: {e}") from None
+        detail = " ".join(str(e).split())  # one line: huggingface_hub's validation errors span two
+        raise LoadError(f"cannot load the T5 text encoder of {folder}: {detail}") from None
 
 
 def load_scheduler(folder: Path, kind: str | None = None):
