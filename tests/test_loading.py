@@ -148,6 +148,19 @@ def test_missing_folder_and_not_a_model(tmp_path, model_copy):
         check_model_dir(model_copy)
 
 
+def test_a_tokenizer_folder_without_its_vocabulary_is_refused(model_copy):
+    """transformers builds a T5 tokenizer from tokenizer_config.json alone, one that reads every word as
+    <unk>: the video would ignore its prompt without a word said."""
+    tokenizer = model_copy / "tokenizer"
+    (tokenizer / "tokenizer.json").unlink(missing_ok=True)
+    words = Pipeline.from_pretrained(model_copy).text_encoder.tokenizer  # spiece.model alone is enough
+    assert words.unk_token_id not in words("a cat").input_ids
+    (tokenizer / "spiece.model").unlink()
+    assert (tokenizer / "tokenizer_config.json").is_file()
+    with pytest.raises(LoadError, match=r"not a CogVideoX model folder: missing tokenizer/spiece.model \(or tokenizer.json\)"):
+        Pipeline.from_pretrained(model_copy)
+
+
 @pytest.mark.parametrize(
     "component, key, value, message",
     [

@@ -36,6 +36,7 @@ from cogvideox.weights import DIFFUSERS_WEIGHTS, load_weights, shard_names, weig
 
 MODEL_INDEX = "model_index.json"
 SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
+TOKENIZER_VOCABULARY = ("spiece.model", "tokenizer.json")  # the sentencepiece model, or its fast form
 SAMPLING_DEFAULTS = "sampling.json"  # ours, optional: the model's recommended guidance settings
 
 # What a hub download fetches: configs, safetensors weights and the tokenizer; never .bin duplicates.
@@ -249,8 +250,10 @@ def missing_pieces(folder: Path) -> list[str]:
         SCHEDULER_CONFIG,
     ]
     missing = [name for name in required if not (folder / name).is_file()]
-    if not (folder / "tokenizer").is_dir() or not any((folder / "tokenizer").iterdir()):
-        missing.append("tokenizer/")
+    # Without its vocabulary, transformers still builds a T5 tokenizer (from tokenizer_config.json alone),
+    # one that turns every word into <unk>: the videos would ignore the prompt, silently.
+    if not any((folder / "tokenizer" / name).is_file() for name in TOKENIZER_VOCABULARY):
+        missing.append("tokenizer/spiece.model (or tokenizer.json)")
     weights = {"transformer": DIFFUSERS_WEIGHTS, "vae": DIFFUSERS_WEIGHTS, "text_encoder": "model"}
     for component, stem in weights.items():
         if (folder / component).is_dir():
