@@ -457,3 +457,33 @@ def test_demo_model(tiny_rope_dir, tmp_path, monkeypatch):
         resolve_model_dir(None)
     monkeypatch.setattr(cogvideox.demo, "DEMO_MODEL_DIR", tiny_rope_dir)
     assert resolve_model_dir(None) == tiny_rope_dir
+
+
+def test_an_incomplete_cached_snapshot_with_the_hub_unreachable_says_so(tiny_rope_dir, tmp_path, monkeypatch):
+    """A download cut off before the VAE weights arrived (a dangling link into blobs/), then a run with
+    no network: huggingface_hub hands back the snapshot as it is; the error must say the cache is
+    incomplete, not that the folder is not a CogVideoX model."""
+    import huggingface_hub.constants as hub
+
+    repo = tmp_path / "hub" / "models--THUDM--CogVideoX-2b"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True)
+    for i, file in enumerate(sorted(p for p in tiny_rope_dir.rglob("*") if p.is_file())):
+        blob, link = repo / "blobs" / f"{i:040x}", snapshot / file.relative_to(tiny_rope_dir)
+        shutil.copyfile(file, blob)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))  # the cache's layout: links into blobs/
+    (snapshot / "vae" / WEIGHTS).resolve().unlink()  # the blob never finished
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+    def unreachable(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", unreachable)
+    monkeypatch.setattr(socket.socket, "connect", unreachable)
+    with pytest.raises(LoadError, match=rf"THUDM/CogVideoX-2b is incomplete in the Hugging Face cache \(.*missing vae/{WEIGHTS}\) .*the hub cannot be reached") as info:
+        resolve_model_dir("THUDM/CogVideoX-2b")
+    assert "not a CogVideoX model folder" not in str(info.value)

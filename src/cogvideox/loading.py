@@ -219,7 +219,7 @@ def _hub_snapshot(repo_id: str, *, revision: str | None, local_files_only: bool)
             "(offline mode); download it once with network access or pass a local model folder"
         )
     try:
-        return snapshot()
+        folder = snapshot()
     except GatedRepoError:
         raise LoadError(
             f"{repo_id} is gated: accept its license on huggingface.co and log in (hf auth login)"
@@ -230,10 +230,20 @@ def _hub_snapshot(repo_id: str, *, revision: str | None, local_files_only: bool)
         raise LoadError(f"{repo_id} has no revision {revision!r}") from None
     except LocalEntryNotFoundError:
         raise LoadError(
-            f"could not download {repo_id}: the Hugging Face hub is unreachable and the model is not cached"
+            f"could not download {repo_id}: the Hugging Face hub is unreachable and the model is not (fully) cached"
         ) from None
     except (HfHubHTTPError, OSError) as e:
         raise LoadError(f"could not download {repo_id}: {e}") from None
+    missing = missing_pieces(folder)
+    if missing and cached is not None:
+        # huggingface_hub hands back the cached snapshot as it is when the hub cannot be reached.
+        raise LoadError(
+            f"{repo_id} is incomplete in the Hugging Face cache ({folder}: missing {', '.join(missing)}) and "
+            "downloading did not complete it: either the hub cannot be reached from here (download it where "
+            "it can, or pass a local model folder) or the repository is not a CogVideoX model in the "
+            "diffusers layout"
+        )
+    return folder
 
 
 # ---------------------------------------------------------------------------------------------------
