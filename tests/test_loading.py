@@ -195,6 +195,20 @@ def test_t5_config_values_of_the_wrong_type_are_load_errors(model_copy, key, val
     assert "\n" not in str(info.value)  # the CLI prints it as one line
 
 
+@pytest.mark.parametrize(
+    "component, key, value, message",
+    [
+        ("transformer", "activation_fn", "relu9", "activation_fn 'relu9' is not supported"),
+        ("vae", "temporal_compression_ratio", 4.5, "temporal_compression_ratio must be a power of two"),
+    ],
+)
+def test_config_values_no_network_can_be_built_with_name_their_file(model_copy, component, key, value, message):
+    path = model_copy / component / "config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {key: value}))
+    with pytest.raises(LoadError, match=f"{component}/config.json: {message}"):
+        Pipeline.from_pretrained(model_copy)
+
+
 def test_a_model_that_is_not_a_path_and_an_unknown_text_device_are_input_errors(tiny_rope_dir):
     with pytest.raises(InputError, match="a model is a folder path or a Hugging Face repo id, got int 5"):
         Pipeline.from_pretrained(5)

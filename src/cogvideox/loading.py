@@ -411,8 +411,11 @@ def _load_model(folder: Path, subfolder: str, build, config_cls, dtype: torch.dt
     """Build `build(config)` on the meta device from `folder/subfolder/config.json`, then load it strictly."""
     path = folder / subfolder
     config = config_cls.from_json(path / "config.json")
-    with torch.device("meta"):
-        model = build(config)
+    try:
+        with torch.device("meta"):
+            model = build(config)
+    except ConfigError as e:  # a value the network cannot be built with (an unknown activation, say)
+        raise LoadError(f"{path / 'config.json'}: {e}") from None
     load_weights(model, weight_files(path), dtype, device, f"{path}")
     return model.eval()
 
