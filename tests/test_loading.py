@@ -161,6 +161,12 @@ def test_a_tokenizer_folder_without_its_vocabulary_is_refused(model_copy):
         Pipeline.from_pretrained(model_copy)
 
 
+def test_a_repo_id_with_a_trailing_slash_is_told_apart_from_a_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(LoadError, match=r"^no model folder at THUDM/CogVideoX-2b/; for the Hugging Face repo, write THUDM/CogVideoX-2b \(no trailing slash\)$"):
+        resolve_model_dir("THUDM/CogVideoX-2b/")
+
+
 @pytest.mark.parametrize(
     "component, key, value, message",
     [

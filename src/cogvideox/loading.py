@@ -180,6 +180,11 @@ def resolve_model_dir(
             raise LoadError(f"{path} is a file; a model is a folder holding {MODEL_INDEX} and its components")
         _revision_unused(revision, f"the local folder {path}")
         return path
+    if isinstance(path_or_repo_id, str) and name.endswith("/") and _looks_like_repo_id(name.rstrip("/")):
+        # Path() drops the slash: the message below would say "not a repo id like" the very same text.
+        raise LoadError(
+            f"no model folder at {name}; for the Hugging Face repo, write {name.rstrip('/')} (no trailing slash)"
+        )
     if not isinstance(path_or_repo_id, str) or not _looks_like_repo_id(name):
         raise LoadError(
             f"no model folder at {path} (and it is not a Hugging Face repo id like THUDM/CogVideoX-2b)"
