@@ -148,6 +148,25 @@ def test_missing_folder_and_not_a_model(tmp_path, model_copy):
         check_model_dir(model_copy)
 
 
+def test_a_tokenizer_folder_without_its_vocabulary_is_refused(model_copy):
+    """transformers builds a T5 tokenizer from tokenizer_config.json alone, one that reads every word as
+    <unk>: the video would ignore its prompt without a word said."""
+    tokenizer = model_copy / "tokenizer"
+    (tokenizer / "tokenizer.json").unlink(missing_ok=True)
+    words = Pipeline.from_pretrained(model_copy).text_encoder.tokenizer  # spiece.model alone is enough
+    assert words.unk_token_id not in words("a cat").input_ids
+    (tokenizer / "spiece.model").unlink()
+    assert (tokenizer / "tokenizer_config.json").is_file()
+    with pytest.raises(LoadError, match=r"not a CogVideoX model folder: missing tokenizer/spiece.model \(or tokenizer.json\)"):
+        Pipeline.from_pretrained(model_copy)
+
+
+def test_a_repo_id_with_a_trailing_slash_is_told_apart_from_a_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(LoadError, match=r"^no model folder at THUDM/CogVideoX-2b/; for the Hugging Face repo, write THUDM/CogVideoX-2b \(no trailing slash\)$"):
+        resolve_model_dir("THUDM/CogVideoX-2b/")
+
+
 @pytest.mark.parametrize(
     "component, key, value, message",
     [
@@ -162,6 +181,36 @@ def test_config_values_of_the_wrong_type_are_load_errors(model_copy, component, 
     config = json.loads(path.read_text())
     config[key] = value
     path.write_text(json.dumps(config))
+    with pytest.raises(LoadError, match=f"{component}/config.json: {message}"):
+        Pipeline.from_pretrained(model_copy)
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("d_model", "abc", "text_encoder/config.json: d_model must be a positive integer, got 'abc'"),
+        ("d_model", "32", "text_encoder/config.json: d_model must be a positive integer, got '32'"),
+        ("num_layers", "2", "cannot load the T5 text encoder of .*num_layers"),
+    ],
+)
+def test_t5_config_values_of_the_wrong_type_are_load_errors(model_copy, key, value, message):
+    path = model_copy / "text_encoder" / "config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {key: value}))
+    with pytest.raises(LoadError, match=message) as info:
+        Pipeline.from_pretrained(model_copy)
+    assert "\n" not in str(info.value)  # the CLI prints it as one line
+
+
+@pytest.mark.parametrize(
+    "component, key, value, message",
+    [
+        ("transformer", "activation_fn", "relu9", "activation_fn 'relu9' is not supported"),
+        ("vae", "temporal_compression_ratio", 4.5, "temporal_compression_ratio must be a power of two"),
+    ],
+)
+def test_config_values_no_network_can_be_built_with_name_their_file(model_copy, component, key, value, message):
+    path = model_copy / component / "config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {key: value}))
     with pytest.raises(LoadError, match=f"{component}/config.json: {message}"):
         Pipeline.from_pretrained(model_copy)
 
@@ -267,6 +316,50 @@ def test_read_tensors_gives_back_every_kind_of_tensor(tmp_path):
     path.write_bytes(b"\x05")
     with pytest.raises(LoadError, match="not a safetensors file"):
         list(read_tensors(path))
+
+
+@pytest.mark.parametrize(
+    "head", [b"\xff" * 8 + b"{}", (10**6).to_bytes(8, "little") + b'{"w": '], ids=["2**64 - 1", "cut off"]
+)
+def test_a_header_length_past_the_end_of_the_file_is_a_load_error(model_copy, head):
+    """A cut-off download, or a file of another kind, whose first 8 bytes promise a header longer than
+    the file: a load error naming the file, before any memory is asked for it."""
+    (model_copy / "vae" / WEIGHTS).write_bytes(head)
+    with pytest.raises(LoadError, match=f"vae/{WEIGHTS}: the file ends inside its safetensors header"):
+        Pipeline.from_pretrained(model_copy)
+
+
+def test_an_index_whose_weight_map_names_no_files_is_a_load_error(ours, tmp_path):
+    folder = ours.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    index = folder / "transformer" / "diffusion_pytorch_model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"proj_out.bias": 5}}))
+    with pytest.raises(LoadError, match=r"missing transformer/.*index.json \(unreadable\)"):
+        Pipeline.from_pretrained(folder)
+    with pytest.raises(LoadError, match="is not a safetensors index"):
+        weight_files(folder / "transformer")
+
+
+@pytest.mark.parametrize(
+    "name", ["model_index.json", "transformer/config.json", "scheduler/scheduler_config.json", f"vae/{WEIGHTS}",
+             "text_encoder/model.safetensors"],
+)  # fmt: skip
+def test_an_unreadable_file_is_a_load_error_naming_it(tiny_rope_dir, monkeypatch, name):
+    """A file of another user's download, or of mode 000 (simulated: the tests may run as root)."""
+    import builtins
+    import io
+
+    denied = str(tiny_rope_dir / name)
+    real_open = builtins.open
+
+    def open_or_deny(file, *args, **kwargs):
+        if isinstance(file, str | os.PathLike) and os.fspath(file) == denied:
+            raise PermissionError(13, "Permission denied", denied)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", open_or_deny)
+    monkeypatch.setattr(io, "open", open_or_deny)
+    with pytest.raises(LoadError, match=f"cannot read {denied}: Permission denied"):
+        Pipeline.from_pretrained(tiny_rope_dir)
 
 
 def rss_file_bytes():
@@ -384,3 +477,33 @@ def test_demo_model(tiny_rope_dir, tmp_path, monkeypatch):
         resolve_model_dir(None)
     monkeypatch.setattr(cogvideox.demo, "DEMO_MODEL_DIR", tiny_rope_dir)
     assert resolve_model_dir(None) == tiny_rope_dir
+
+
+def test_an_incomplete_cached_snapshot_with_the_hub_unreachable_says_so(tiny_rope_dir, tmp_path, monkeypatch):
+    """A download cut off before the VAE weights arrived (a dangling link into blobs/), then a run with
+    no network: huggingface_hub hands back the snapshot as it is; the error must say the cache is
+    incomplete, not that the folder is not a CogVideoX model."""
+    import huggingface_hub.constants as hub
+
+    repo = tmp_path / "hub" / "models--THUDM--CogVideoX-2b"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True)
+    for i, file in enumerate(sorted(p for p in tiny_rope_dir.rglob("*") if p.is_file())):
+        blob, link = repo / "blobs" / f"{i:040x}", snapshot / file.relative_to(tiny_rope_dir)
+        shutil.copyfile(file, blob)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))  # the cache's layout: links into blobs/
+    (snapshot / "vae" / WEIGHTS).resolve().unlink()  # the blob never finished
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+    def unreachable(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", unreachable)
+    monkeypatch.setattr(socket.socket, "connect", unreachable)
+    with pytest.raises(LoadError, match=rf"THUDM/CogVideoX-2b is incomplete in the Hugging Face cache \(.*missing vae/{WEIGHTS}\) .*the hub cannot be reached") as info:
+        resolve_model_dir("THUDM/CogVideoX-2b")
+    assert "not a CogVideoX model folder" not in str(info.value)

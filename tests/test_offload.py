@@ -705,3 +705,27 @@ def test_offloaded_vae_keeps_channels_last_and_fused_norms_get_their_weights(tin
     assert np.abs(got[0].astype(int) - want[0].astype(int)).max() <= 1
     if mode == "sequential":  # a fused block moves as one group, its norms' weights with it
         assert "vae.decoder.up_blocks.0.resnets.0" in [g.name for g in pipe.offload.groups()]
+
+
+@pytest.mark.parametrize("mode", ["model", "stream", "sequential"])
+def test_a_lora_loaded_after_offloading_is_offloaded_with_the_rest(tiny_rope_dir, tmp_path, mode):
+    """`load_lora` wraps linear layers the offload hooks sit on and adds adapter weights that were not
+    packed: on a GPU they would stay on the host (a device mismatch) and, in "sequential" mode, the
+    wrapped base weights would never be fetched. The offloading is applied again around the load."""
+    from cogvideox.train import lora
+
+    source = Pipeline.from_pretrained(tiny_rope_dir)
+    lora.inject_lora(source.transformer, 2, 2.0, targets=("to_q", "to_v"), name="style", seed=1)
+    with torch.no_grad():
+        for layer in lora.lora_layers(source.transformer).values():
+            layer.lora_B["style"].weight.normal_(0, 0.2, generator=torch.Generator().manual_seed(2))
+    file = lora.save_lora(source.transformer, tmp_path / "style", name="style")
+    want = Pipeline.from_pretrained(tiny_rope_dir, lora=file)(PROMPT, progress=False, **SMALL)
+
+    pipe = Pipeline.from_pretrained(tiny_rope_dir, offload=mode)
+    pipe.load_lora(file)
+    assert pipe.offload is not None and pipe.offload.mode == mode
+    managed = {id(t) for g in pipe.offload.groups() for t in g.tensors}
+    assert all(id(p) in managed for p in pipe.transformer.parameters())
+    got = pipe(PROMPT, progress=False, **SMALL)
+    torch.testing.assert_close(got.latents, want.latents, rtol=1e-5, atol=1e-5)

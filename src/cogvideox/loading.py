@@ -32,10 +32,11 @@ from cogvideox.models.transformer import CogVideoXTransformer
 from cogvideox.models.vae import CogVideoXVAE
 from cogvideox.schedulers import make_scheduler
 from cogvideox.text import TextEncoder
-from cogvideox.weights import DIFFUSERS_WEIGHTS, load_weights, weight_files
+from cogvideox.weights import DIFFUSERS_WEIGHTS, load_weights, shard_names, weight_files
 
 MODEL_INDEX = "model_index.json"
 SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
+TOKENIZER_VOCABULARY = ("spiece.model", "tokenizer.json")  # the sentencepiece model, or its fast form
 SAMPLING_DEFAULTS = "sampling.json"  # ours, optional: the model's recommended guidance settings
 
 # What a hub download fetches: configs, safetensors weights and the tokenizer; never .bin duplicates.
@@ -179,6 +180,11 @@ def resolve_model_dir(
             raise LoadError(f"{path} is a file; a model is a folder holding {MODEL_INDEX} and its components")
         _revision_unused(revision, f"the local folder {path}")
         return path
+    if isinstance(path_or_repo_id, str) and name.endswith("/") and _looks_like_repo_id(name.rstrip("/")):
+        # Path() drops the slash: the message below would say "not a repo id like" the very same text.
+        raise LoadError(
+            f"no model folder at {name}; for the Hugging Face repo, write {name.rstrip('/')} (no trailing slash)"
+        )
     if not isinstance(path_or_repo_id, str) or not _looks_like_repo_id(name):
         raise LoadError(
             f"no model folder at {path} (and it is not a Hugging Face repo id like THUDM/CogVideoX-2b)"
@@ -218,7 +224,7 @@ def _hub_snapshot(repo_id: str, *, revision: str | None, local_files_only: bool)
             "(offline mode); download it once with network access or pass a local model folder"
         )
     try:
-        return snapshot()
+        folder = snapshot()
     except GatedRepoError:
         raise LoadError(
             f"{repo_id} is gated: accept its license on huggingface.co and log in (hf auth login)"
@@ -229,10 +235,20 @@ def _hub_snapshot(repo_id: str, *, revision: str | None, local_files_only: bool)
         raise LoadError(f"{repo_id} has no revision {revision!r}") from None
     except LocalEntryNotFoundError:
         raise LoadError(
-            f"could not download {repo_id}: the Hugging Face hub is unreachable and the model is not cached"
+            f"could not download {repo_id}: the Hugging Face hub is unreachable and the model is not (fully) cached"
         ) from None
     except (HfHubHTTPError, OSError) as e:
         raise LoadError(f"could not download {repo_id}: {e}") from None
+    missing = missing_pieces(folder)
+    if missing and cached is not None:
+        # huggingface_hub hands back the cached snapshot as it is when the hub cannot be reached.
+        raise LoadError(
+            f"{repo_id} is incomplete in the Hugging Face cache ({folder}: missing {', '.join(missing)}) and "
+            "downloading did not complete it: either the hub cannot be reached from here (download it where "
+            "it can, or pass a local model folder) or the repository is not a CogVideoX model in the "
+            "diffusers layout"
+        )
+    return folder
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -249,8 +265,10 @@ def missing_pieces(folder: Path) -> list[str]:
         SCHEDULER_CONFIG,
     ]
     missing = [name for name in required if not (folder / name).is_file()]
-    if not (folder / "tokenizer").is_dir() or not any((folder / "tokenizer").iterdir()):
-        missing.append("tokenizer/")
+    # Without its vocabulary, transformers still builds a T5 tokenizer (from tokenizer_config.json alone),
+    # one that turns every word into <unk>: the videos would ignore the prompt, silently.
+    if not any((folder / "tokenizer" / name).is_file() for name in TOKENIZER_VOCABULARY):
+        missing.append("tokenizer/spiece.model (or tokenizer.json)")
     weights = {"transformer": DIFFUSERS_WEIGHTS, "vae": DIFFUSERS_WEIGHTS, "text_encoder": "model"}
     for component, stem in weights.items():
         if (folder / component).is_dir():
@@ -265,8 +283,8 @@ def _missing_weight_files(component_dir: Path, stem: str) -> list[str]:
     if not index.is_file():
         return [f"{stem}.safetensors"]
     try:
-        names = dict.fromkeys(json.loads(index.read_text())["weight_map"].values())
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        names = shard_names(index)
+    except LoadError:
         return [index.name + " (unreadable)"]
     return [name for name in names if not (component_dir / name).is_file()]
 
@@ -287,6 +305,8 @@ def _read_json(path: Path) -> dict:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise LoadError(f"{path} is not valid JSON: {e}") from None
+    except OSError as e:  # unreadable: another user's download, a file mode of 000
+        raise LoadError(f"cannot read {path}: {e.strerror or e}") from None
     if not isinstance(data, dict):
         raise LoadError(f"{path} must hold a JSON object")
     return data
@@ -325,10 +345,14 @@ def fill_sampling(recommended: dict, **given) -> dict:
 
 def text_encoder_width(folder: Path) -> int:
     """d_model of the T5 in `folder/text_encoder`, read from its config without loading it."""
-    config = _read_json(folder / "text_encoder" / "config.json")
+    path = folder / "text_encoder" / "config.json"
+    config = _read_json(path)
     if "d_model" not in config:
-        raise LoadError(f"{folder / 'text_encoder' / 'config.json'} has no d_model: not a T5 encoder config")
-    return int(config["d_model"])
+        raise LoadError(f"{path} has no d_model: not a T5 encoder config")
+    width = config["d_model"]
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise LoadError(f"{path}: d_model must be a positive integer, got {width!r}")
+    return width
 
 
 def check_components(transformer: TransformerConfig, vae: VAEConfig, text_width: int) -> None:
@@ -392,8 +416,11 @@ def _load_model(folder: Path, subfolder: str, build, config_cls, dtype: torch.dt
     """Build `build(config)` on the meta device from `folder/subfolder/config.json`, then load it strictly."""
     path = folder / subfolder
     config = config_cls.from_json(path / "config.json")
-    with torch.device("meta"):
-        model = build(config)
+    try:
+        with torch.device("meta"):
+            model = build(config)
+    except ConfigError as e:  # a value the network cannot be built with (an unknown activation, say)
+        raise LoadError(f"{path / 'config.json'}: {e}") from None
     load_weights(model, weight_files(path), dtype, device, f"{path}")
     return model.eval()
 
@@ -408,16 +435,23 @@ def load_vae(folder: Path, dtype: torch.dtype, device: torch.device):
     return _load_model(folder, "vae", CogVideoXVAE, VAEConfig, dtype, device)
 
 
+try:  # what transformers raises, through huggingface_hub, for a T5 config value of the wrong type
+    from huggingface_hub.errors import StrictDataclassError as _T5ConfigError
+except ImportError:  # older huggingface_hub: transformers does not check the types
+    _T5ConfigError = ValueError
+
+
 def load_text_encoder(folder: Path, dtype: torch.dtype, device: torch.device):
     """The T5 encoder and its tokenizer (through transformers)."""
     try:
         return TextEncoder.from_pretrained(
             folder / "text_encoder", folder / "tokenizer", dtype=dtype, device=device
         )
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, _T5ConfigError) as e:
         if isinstance(e, LoadError):
             raise
-        raise LoadError(f"cannot load the T5 text encoder of {folder}: {e}") from None
+        detail = " ".join(str(e).split())  # one line: huggingface_hub's validation errors span two
+        raise LoadError(f"cannot load the T5 text encoder of {folder}: {detail}") from None
 
 
 def load_scheduler(folder: Path, kind: str | None = None):

@@ -8,6 +8,7 @@ text-to-video it starts from a first frame (image-to-video models) or from a noi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -262,7 +263,8 @@ class Pipeline:
                 "load LoRAs before accelerate(): the fast paths have rewritten the transformer's linear layers "
                 "(fused QKV, quantised), which a LoRA cannot attach to"
             )
-        return lora.load_lora(self.transformer, path, scale=scale, name=name)
+        with self._offload_lifted():  # the LoRA layers replace linear layers the offload hooks sit on
+            return lora.load_lora(self.transformer, path, scale=scale, name=name)
 
     def set_lora_scale(self, scale: float, name: str | None = None) -> None:
         """Change the scale of LoRA `name` (every LoRA for None); not while fused."""
@@ -353,7 +355,8 @@ class Pipeline:
             `offload_choice` says what it chose and why).
         text_device: where T5 lives and runs, e.g. "cpu" (default: `device`).
         lookahead: blocks copied ahead in "stream" mode (default 2).
-        Apply LoRAs and `accelerate` (quantisation) first: offloading moves the weights that exist.
+        Offloading moves the weights that exist: `load_lora` and `accelerate` called afterwards lift it
+        and apply it again around their change.
         """
         from cogvideox.fast import offload as offloading
         from cogvideox.fast.memory_plan import choose_for_pipeline
@@ -399,22 +402,33 @@ class Pipeline:
         from cogvideox import fast
         from cogvideox.train import lora
 
-        lora.fold_lora(self.transformer)
-
         device = self.device  # where the transformer computes, even while offloading keeps it in host memory
+        with self._offload_lifted():  # rewrite the layers at home, then offload the rewritten ones
+            lora.fold_lora(self.transformer)
+            fast.apply(
+                self, quantize=quantize, compile=compile, cache=cache, fuse_qkv=fuse_qkv, attention=attention,
+                device=device,
+            )
+        return self
+
+    @contextlib.contextmanager
+    def _offload_lifted(self):
+        """Undo the offloading (if any) for the duration, then offload again as it was. Offloading packs
+        the tensors that exist when it is applied and hooks the modules of that time: layers replaced or
+        added meanwhile (LoRA wrappers, fused or quantised linears) would stay on the host, unhooked."""
         offload = self.offload
-        if offload is not None:  # rewrite the layers at home, then offload the rewritten ones
-            text_device = None if "text_encoder" in offload.components else self.text_encoder.model.device
-            offload.remove()
-            self.offload = None
-        fast.apply(
-            self, quantize=quantize, compile=compile, cache=cache, fuse_qkv=fuse_qkv, attention=attention, device=device
-        )
-        if offload is not None:
-            choice = self.offload_choice
+        if offload is None:
+            yield
+            return
+        text_device = None if "text_encoder" in offload.components else self.text_encoder.model.device
+        choice = self.offload_choice
+        offload.remove()
+        self.offload = None
+        try:
+            yield
+        finally:
             self.enable_offload(offload.mode, offload.device, text_device=text_device, lookahead=offload.lookahead)
             self.offload_choice = choice
-        return self
 
     @property
     def acceleration(self):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import mmap
+import os
 import re
 import struct
 from collections.abc import Iterable
@@ -37,11 +38,7 @@ def weight_files(component_dir: Path, stem: str = DIFFUSERS_WEIGHTS) -> list[Pat
         return [single]
     index = component_dir / f"{stem}.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise LoadError(f"{index} is not a safetensors index (no weight_map)") from None
-        shards = [component_dir / name for name in dict.fromkeys(weight_map.values())]
+        shards = [component_dir / name for name in shard_names(index)]
         absent = [p.name for p in shards if not p.is_file()]
         if absent:
             raise LoadError(f"{component_dir} is missing shard(s) named in its index: {', '.join(absent)}")
@@ -49,6 +46,19 @@ def weight_files(component_dir: Path, stem: str = DIFFUSERS_WEIGHTS) -> list[Pat
     if any(component_dir.glob("*.bin")):
         raise LoadError(f"{component_dir} only has .bin weights; cogvideox reads safetensors files only")
     raise LoadError(f"{component_dir} has no weights ({stem}.safetensors or {stem}.safetensors.index.json)")
+
+
+def shard_names(index: Path) -> list[str]:
+    """The shard file names a `*.safetensors.index.json` maps tensors to, each once, in order."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except OSError as e:
+        raise LoadError(f"cannot read {index}: {e.strerror or e}") from None
+    except (ValueError, KeyError, TypeError):
+        weight_map = None
+    if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
+        raise LoadError(f"{index} is not a safetensors index (no weight_map of tensor names to file names)")
+    return list(dict.fromkeys(weight_map.values()))
 
 
 def listing(names: Iterable[str], limit: int = 8) -> str:
@@ -87,16 +97,28 @@ SAFETENSORS_DTYPES = {
 
 def read_safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
     """The tensor entries of a safetensors file's header ({name: {dtype, shape, data_offsets}}) and the
-    byte offset where its data begins. Format: an 8-byte little-endian header length, the JSON header."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) != 8:
-            raise LoadError(f"cannot read {path}: not a safetensors file (shorter than its header)")
-        (length,) = struct.unpack("<Q", head)
-        try:
-            header = json.loads(f.read(length))
-        except (ValueError, MemoryError):
-            raise LoadError(f"cannot read {path}: damaged safetensors header") from None
+    byte offset where its data begins. Format: an 8-byte little-endian header length, the JSON header.
+    The length is checked against the file's size before anything is read: a cut-off download or a
+    file of another kind would otherwise ask for up to 16 EiB."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) != 8:
+                raise LoadError(f"cannot read {path}: not a safetensors file (shorter than its header)")
+            (length,) = struct.unpack("<Q", head)
+            if length > os.fstat(f.fileno()).st_size - 8:
+                raise LoadError(
+                    f"cannot read {path}: the file ends inside its safetensors header (truncated download, "
+                    "or not a safetensors file)"
+                )
+            try:
+                header = json.loads(f.read(length))
+            except (ValueError, MemoryError):
+                raise LoadError(f"cannot read {path}: damaged safetensors header") from None
+    except OSError as e:
+        raise LoadError(f"cannot read {path}: {e.strerror or e}") from None
+    if not isinstance(header, dict):
+        raise LoadError(f"cannot read {path}: damaged safetensors header")
     header.pop("__metadata__", None)
     return header, 8 + length
 
@@ -113,7 +135,11 @@ def read_tensors(path: Path, header: tuple[dict[str, dict], int] | None = None) 
     header, start = header or read_safetensors_header(path)
     size = path.stat().st_size
     grain = mmap.ALLOCATIONGRANULARITY  # a map must start on this boundary
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise LoadError(f"cannot read {path}: {e.strerror or e}") from None
+    with f:
         for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
             dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
             if dtype is None:

@@ -78,6 +78,8 @@ class _Config:
             data = json.loads(path.read_text())
         except FileNotFoundError:
             raise ConfigError(f"no config file at {path}") from None
+        except OSError as e:  # unreadable: another user's download, a file mode of 000
+            raise ConfigError(f"cannot read {path}: {e.strerror or e}") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
         if not isinstance(data, dict):
