@@ -357,3 +357,34 @@ def test_torchrun_spreads_prompts_over_processes(tmp_path):
     assert sorted(e["index"] for e in entries) == [0, 1, 2]
     assert all((out / e["file"]).is_file() for e in entries)
     assert sorted(p.name for p in out.iterdir()) == sorted([LOCK, MANIFEST] + [e["file"] for e in entries])
+
+
+def test_a_resumed_batch_claims_its_folder_once_before_loading(capsys, monkeypatch, tmp_path):
+    """The folder is locked and surveyed before the model loads, and each video's header is read once: a
+    folder another batch holds costs no model load, and a resume over many videos no second survey."""
+    from cogvideox import batch
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red ball rolls left\na blue square moves up\n")
+    out = tmp_path / "out"
+    command = ["batch", str(prompts), "-o", str(out), *FAST]
+    assert main(command) == 0
+    capsys.readouterr()
+
+    read = []
+    playable = batch._playable
+    monkeypatch.setattr(batch, "_playable", lambda path: read.append(path.name) or playable(path))
+    assert main(command) == 0
+    assert "wrote 0 video(s)" in capsys.readouterr().out
+    assert sorted(read) == sorted(e["file"] for e in _manifest(out))  # each header read once
+
+    _no_loading(monkeypatch)
+    held = batch._lock_folder(out)  # another batch writing there
+    try:
+        assert main(command) == 2
+    finally:
+        held.close()
+    assert capsys.readouterr().err == (
+        f"cogvideox: error: another batch is writing into {out}; wait for it to finish, or give another "
+        "--output-dir\n"
+    )

@@ -25,7 +25,8 @@ import math
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -266,25 +267,35 @@ def run_batch(
     """
     from cogvideox.parallel import single_process_mesh
 
-    mesh = mesh or single_process_mesh()
     output_dir = Path(output_dir)
     items = plan(prompts, seed)
     fps = fps or pipe.default_fps
     if settings is None:
         settings = _pipeline_settings(pipe, prompts[0], request, fps) if prompts else {}
+    with _claim(output_dir, items, settings, overwrite) as done:
+        mesh = mesh or single_process_mesh()
+        return _make_videos(pipe, items, done, output_dir, mesh, fps, settings, progress, request)
 
+
+@contextmanager
+def _claim(output_dir: Path, items: Sequence[Item], settings: dict, overwrite: bool) -> Iterator[set[int]]:
+    """Hold the output folder for the batch: created, locked against another batch, and surveyed once, on
+    global rank 0, whose findings every process gets. Yields the indices of the items already finished;
+    raises `InputError` in every process when another batch holds the folder or when it holds videos made
+    otherwise (unless `overwrite`). The `batch` command claims the folder before it loads the model, so
+    that neither mistake costs a model load, and keeps it until the last video is written."""
     lock = []
 
-    def look() -> tuple[set[int], dict[int, str]]:
+    def look() -> set[int]:
         prepare_folder(output_dir)
         lock.append(_lock_folder(output_dir))
-        return survey(output_dir, items, settings)
-
-    try:
-        done, other = _from_root(look)  # one view of the folder for everyone
+        done, other = survey(output_dir, items, settings)
         if not overwrite:
             refuse_other_settings(output_dir, other)
-        return _make_videos(pipe, items, done, output_dir, mesh, fps, settings, progress, request)
+        return done
+
+    try:
+        yield _from_root(look)  # one view of the folder for everyone
     finally:
         for handle in lock:
             handle.close()  # releases the lock
@@ -459,7 +470,7 @@ def _batch(args: argparse.Namespace) -> int:
     from cogvideox import loading
     from cogvideox.cli import RUN_ERROR, _quiet_libraries
     from cogvideox.cli_args import locate_model, request_from_args
-    from cogvideox.parallel import launch, parallelize
+    from cogvideox.parallel import launch, parallelize, single_process_mesh
     from cogvideox.pipeline import Pipeline
     from cogvideox.request import check_request, default_fps
 
@@ -480,23 +491,21 @@ def _batch(args: argparse.Namespace) -> int:
     scheduler = scheduler_kind(loading.load_scheduler(folder, args.scheduler))
     fps = args.fps or default_fps(configs.transformer)
     settings = video_settings(str(folder.resolve()), scheduler, checked[0], fps)
-    if not args.overwrite:
-        refuse_other_settings(output_dir, survey(output_dir, plan(prompts, args.seed), settings)[1])
+    items = plan(prompts, args.seed)
 
     mesh, device = launch.join(args.parallel, device, configs.transformer, request["guidance_scale"] > 1,
                                one_group=False)
     is_root = mesh is None or (mesh.replica == 0 and mesh.is_leader)
-    _from_root(lambda: prepare_folder(output_dir))  # before loading; the folder exists before anyone looks
-    pipe = Pipeline.from_pretrained(folder, dtype=args.dtype, device=device, scheduler=args.scheduler)
-    if args.vae_tiling:
-        pipe.vae.enable_tiling()
-    if mesh is not None and mesh.layout.size > 1:
-        pipe = parallelize(pipe, mesh)  # tiling as the single-process batch has it: the same videos
-    start = time.perf_counter()
-    entries = run_batch(
-        pipe, prompts, output_dir, mesh=mesh, seed=args.seed, fps=fps, settings=settings,
-        overwrite=args.overwrite, progress=not args.quiet, **request,
-    )  # fmt: skip
+    with _claim(output_dir, items, settings, args.overwrite) as done:  # before loading, held to the end
+        pipe = Pipeline.from_pretrained(folder, dtype=args.dtype, device=device, scheduler=args.scheduler)
+        if args.vae_tiling:
+            pipe.vae.enable_tiling()
+        if mesh is not None and mesh.layout.size > 1:
+            pipe = parallelize(pipe, mesh)  # tiling as the single-process batch has it: the same videos
+        start = time.perf_counter()
+        entries = _make_videos(
+            pipe, items, done, output_dir, mesh or single_process_mesh(), fps, settings, not args.quiet, request
+        )
     failed = _from_root(lambda: [e for e in entries if "error" in e])  # every process exits alike
     launch.leave(mesh)
     if not is_root:
