@@ -388,3 +388,31 @@ def test_a_resumed_batch_claims_its_folder_once_before_loading(capsys, monkeypat
         f"cogvideox: error: another batch is writing into {out}; wait for it to finish, or give another "
         "--output-dir\n"
     )
+
+
+def test_another_seed_or_an_edited_prompt_does_not_replace_videos_unasked(capsys, monkeypatch, tmp_path):
+    """File names carry the prompt's place and first words, not its seed or its last words: a re-run with
+    another --seed, or after a line was edited past its sixth word, would write over finished videos."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red ball rolls left over the grass\n")
+    out = tmp_path / "out"
+    batch = ["batch", str(prompts), "-o", str(out), *FAST]
+    big = 2**40  # a seed is shown whole, not as 1.09951e+12
+    assert main([*batch, "--seed", str(big)]) == 0
+    capsys.readouterr()
+    before = _contents(out)
+
+    with monkeypatch.context() as patch:
+        _no_loading(patch)
+        assert main([*batch, "--seed", "5"]) == 2
+        assert f"holds 1 video(s) made with other settings (seed {big}, now 5); use another" in capsys.readouterr().err
+        prompts.write_text("a red ball rolls left over the sand\n")  # same file name
+        assert main([*batch, "--seed", str(big)]) == 2
+        assert (
+            "(prompt 'a red ball rolls left over the grass', now 'a red ball rolls left over the sand')"
+            in capsys.readouterr().err
+        )
+    assert _contents(out) == before
+    assert main([*batch, "--seed", str(big), "--overwrite"]) == 0
+    assert "wrote 1 video(s)" in capsys.readouterr().out
+    assert _manifest(out)[-1]["prompt"] == "a red ball rolls left over the sand"

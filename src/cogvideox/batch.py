@@ -12,8 +12,8 @@ it) and the groups take the prompts in turn; across nodes the output folder must
 `manifest.jsonl` in the output folder gets one line per video as it finishes (prompt, seed, settings,
 file, size, timings) or per failure (prompt, seed, settings, error). A re-run skips every video whose
 file exists and whose manifest line has the same prompt, seed and settings (`video_settings`), so an
-interrupted batch resumes where it stopped. Videos there made with other settings are neither kept as if
-they were this run's nor silently replaced: the run stops, before loading the model, unless `--overwrite`
+interrupted batch resumes where it stopped. Videos there made with other settings, or of another prompt
+or seed (another --seed, an edited line), are neither kept as if they were this run's nor silently replaced: the run stops, before loading the model, unless `--overwrite`
 asks to make them again.
 """
 
@@ -157,23 +157,38 @@ _LEGACY_SETTINGS = ("frames", "height", "width", "fps")
 
 
 def _show(value) -> str:
-    """A setting's value for a message: strings quoted, numbers as short as they go."""
+    """A value for a message: strings quoted, integers whole (a seed), other numbers as short as they go."""
     if isinstance(value, str):
         return repr(value)
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float):
         return f"{value:g}"
     return "unknown" if value is None else str(value)
 
 
-def _difference(entry: dict, settings: dict) -> str | None:
-    """The first setting in which a manifest entry differs from `settings` ("steps 3, now 5"), None
-    when they agree.
+def _beginning(prompt, length: int = 60):
+    """A prompt shortened for a one-line message (anything else as it is)."""
+    if isinstance(prompt, str) and len(prompt) > length:
+        return prompt[: length - 3] + "..."
+    return prompt
+
+
+def _difference(entry: dict, item: Item, settings: dict) -> str | None:
+    """The first thing in which a manifest entry differs from how `item` is to be made: its prompt, its
+    seed ("seed 4, now 5"), then a setting ("steps 3, now 5"); None when they agree. A video of another
+    prompt or seed in the item's file (another --seed, an edited prompts file) is finished work as much
+    as one of other settings, and is not replaced unasked either.
 
     An entry without settings, written before they were recorded, is compared on what it does record:
     the size and rate of its file. The rest is unknown and taken to agree, as that version's resume
     assumed: a batch interrupted before an upgrade resumes after it instead of stopping or starting over,
     while a video of another size or rate still counts as made with other settings.
     """
+    if entry.get("prompt") != item.prompt:
+        return f"prompt {_show(_beginning(entry.get('prompt')))}, now {_show(_beginning(item.prompt))}"
+    if entry.get("seed") != item.seed:
+        return f"seed {_show(entry.get('seed'))}, now {_show(item.seed)}"
     made = entry.get("settings")
     names = list(settings)
     if not isinstance(made, dict):
@@ -185,23 +200,19 @@ def _difference(entry: dict, settings: dict) -> str | None:
 
 
 def survey(output_dir: str | Path, items: Sequence[Item], settings: dict) -> tuple[set[int], dict[int, str]]:
-    """What the folder already holds of `items`: (indices finished with these settings, {index: how its
-    settings differ} for those finished with other ones). An item counts when its file exists and the
-    latest manifest line for that file has its prompt and seed; lines from before settings were recorded
-    count as finished when the size and rate they record match (see `_difference`)."""
+    """What the folder already holds of `items`: (indices finished with these settings, {index: how it
+    differs} for those whose file holds a video of another prompt, seed or settings). An item counts when
+    its file is a playable video and the latest manifest line for that file has its prompt, seed and
+    settings; lines from before settings were recorded count as finished when the size and rate they
+    record match (see `_difference`)."""
     output_dir = Path(output_dir)
     latest = _latest_entries(output_dir)
     done, other = set(), {}
     for item in items:
         entry = latest.get(item.file)
-        if (
-            entry is None
-            or entry.get("prompt") != item.prompt
-            or entry.get("seed") != item.seed
-            or not _playable(output_dir / item.file)
-        ):
-            continue
-        difference = _difference(entry, settings)
+        if entry is None or not _playable(output_dir / item.file):
+            continue  # nothing there, or nothing worth keeping: made (again) by this run
+        difference = _difference(entry, item, settings)
         if difference is None:
             done.add(item.index)
         else:
@@ -259,7 +270,8 @@ def run_batch(
         groups (`mesh.replicas` of them) take the prompts in turn, in lockstep rounds.
     settings: what the videos are made with (`video_settings`), recorded in each manifest entry and
         compared with an earlier run's; default: those of `pipe` and `request`, model None.
-    overwrite: make again the videos an earlier run made with other settings; without it they stop
+    overwrite: make again the videos an earlier run made with other settings (or of another prompt or
+        seed in the same file); without it they stop
         the batch with an `InputError` before any video is made.
     request: the other arguments of the pipeline call (num_inference_steps, guidance_scale, ...).
     Returns the manifest entries this call wrote (on global rank 0; elsewhere an empty list). The
@@ -459,8 +471,9 @@ def add_batch_parser(commands) -> None:
     arg(
         "--overwrite",
         action="store_true",
-        help="make again the videos in --output-dir that an earlier run made with other settings (without "
-        "it such videos stop the batch before the model loads); videos made with these settings are kept",
+        help="make again the videos in --output-dir that an earlier run made with other settings, another "
+        "--seed or another prompt on that line (without it such videos stop the batch before the model "
+        "loads); videos made with these settings are kept",
     )
     arg("--quiet", action="store_true", help="no progress bars, only the final report")
     bat.set_defaults(run=_batch)
