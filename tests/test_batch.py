@@ -416,3 +416,13 @@ def test_another_seed_or_an_edited_prompt_does_not_replace_videos_unasked(capsys
     assert main([*batch, "--seed", str(big), "--overwrite"]) == 0
     assert "wrote 1 video(s)" in capsys.readouterr().out
     assert _manifest(out)[-1]["prompt"] == "a red ball rolls left over the sand"
+
+
+def test_a_manifest_with_bytes_that_are_not_utf8_spoils_only_their_line(tmp_path):
+    pipe = Pipeline.from_pretrained(None, device="cpu")
+    out = tmp_path / "out"
+    call = dict(progress=False, num_inference_steps=2, num_frames=9)
+    run_batch(pipe, ["a red ball", "a blue ball"], out, **call)
+    lines = (out / MANIFEST).read_bytes().splitlines(keepends=True)
+    (out / MANIFEST).write_bytes(lines[0] + b'{"index": 1, "prompt": "a blue \xff\xfe' + b"\n")
+    assert [e["index"] for e in run_batch(pipe, ["a red ball", "a blue ball"], out, **call)] == [1]

@@ -142,11 +142,13 @@ def _latest_entries(output_dir: Path) -> dict[str, dict]:
     manifest = output_dir / MANIFEST
     latest: dict[str, dict] = {}
     if manifest.is_file():
-        for line in manifest.read_text(encoding="utf-8").splitlines():
+        # We write ASCII (json.dumps escapes the rest): bytes that are not UTF-8 are damage, like a line cut
+        # short by a crash, and spoil only their own line.
+        for line in manifest.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
                 entry = json.loads(line)
             except json.JSONDecodeError:
-                continue  # a line cut short by a crash: its video is redone
+                continue  # a line cut short by a crash or damaged: its video is redone
             if isinstance(entry, dict) and isinstance(entry.get("file"), str):
                 latest[entry["file"]] = entry
     return latest
