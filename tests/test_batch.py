@@ -374,11 +374,11 @@ def test_a_resumed_batch_claims_its_folder_once_before_loading(capsys, monkeypat
     read = []
     playable = batch._playable
     monkeypatch.setattr(batch, "_playable", lambda path: read.append(path.name) or playable(path))
+    _no_loading(monkeypatch)  # nothing left to make: no model either
     assert main(command) == 0
-    assert "wrote 0 video(s)" in capsys.readouterr().out
+    assert "wrote 0 video(s) to" in capsys.readouterr().out
     assert sorted(read) == sorted(e["file"] for e in _manifest(out))  # each header read once
 
-    _no_loading(monkeypatch)
     held = batch._lock_folder(out)  # another batch writing there
     try:
         assert main(command) == 2

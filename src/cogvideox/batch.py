@@ -512,15 +512,17 @@ def _batch(args: argparse.Namespace) -> int:
                                one_group=False)
     is_root = mesh is None or (mesh.replica == 0 and mesh.is_leader)
     with _claim(output_dir, items, settings, args.overwrite) as done:  # before loading, held to the end
-        pipe = Pipeline.from_pretrained(folder, dtype=args.dtype, device=device, scheduler=args.scheduler)
-        if args.vae_tiling:
-            pipe.vae.enable_tiling()
-        if mesh is not None and mesh.layout.size > 1:
-            pipe = parallelize(pipe, mesh)  # tiling as the single-process batch has it: the same videos
-        start = time.perf_counter()
-        entries = _make_videos(
-            pipe, items, done, output_dir, mesh or single_process_mesh(), fps, settings, not args.quiet, request
-        )
+        start, entries = time.perf_counter(), []
+        if len(done) < len(items):  # a finished batch run again loads no model
+            pipe = Pipeline.from_pretrained(folder, dtype=args.dtype, device=device, scheduler=args.scheduler)
+            if args.vae_tiling:
+                pipe.vae.enable_tiling()
+            if mesh is not None and mesh.layout.size > 1:
+                pipe = parallelize(pipe, mesh)  # tiling as the single-process batch has it: the same videos
+            start = time.perf_counter()
+            entries = _make_videos(
+                pipe, items, done, output_dir, mesh or single_process_mesh(), fps, settings, not args.quiet, request
+            )
     failed = _from_root(lambda: [e for e in entries if "error" in e])  # every process exits alike
     launch.leave(mesh)
     if not is_root:
