@@ -268,8 +268,9 @@ def run_batch(
     """Generate one video per prompt into `output_dir`, skipping those finished by an earlier run.
 
     pipe: a `Pipeline`, or a `ParallelPipeline` on `mesh` when several processes share a video.
-    mesh: this process's `cogvideox.parallel.Mesh` under torch.distributed (None: one process); its
-        groups (`mesh.replicas` of them) take the prompts in turn, in lockstep rounds.
+    mesh: this process's `cogvideox.parallel.Mesh` under torch.distributed; its groups (`mesh.replicas`
+        of them) take the prompts in turn, in lockstep rounds. Default: a `ParallelPipeline`'s own mesh;
+        else, under torch.distributed, one group per process; else one process.
     settings: what the videos are made with (`video_settings`), recorded in each manifest entry and
         compared with an earlier run's; default: those of `pipe` and `request`, model None.
     overwrite: make again the videos an earlier run made with other settings (or of another prompt or
@@ -279,16 +280,29 @@ def run_batch(
     Returns the manifest entries this call wrote (on global rank 0; elsewhere an empty list). The
     progress bar shows on global rank 0 only (torchrun's RANK before the process group is up).
     """
-    from cogvideox.parallel import single_process_mesh
-
     output_dir = Path(output_dir)
     items = plan(prompts, seed)
     fps = fps or pipe.default_fps
     if settings is None:
         settings = _pipeline_settings(pipe, prompts[0], request, fps) if prompts else {}
     with _claim(output_dir, items, settings, overwrite) as done:
-        mesh = mesh or single_process_mesh()
+        mesh = mesh or _default_mesh(pipe)
         return _make_videos(pipe, items, done, output_dir, mesh, fps, settings, progress, request)
+
+
+def _default_mesh(pipe):
+    """The mesh of a batch called without one. Under torch.distributed every process runs `run_batch`,
+    and a single-process mesh would make each of them the leader of a group of one taking every prompt:
+    every video made once per process, and listed once per process in the manifest."""
+    import torch.distributed as dist
+
+    from cogvideox.parallel import Layout, build_mesh, single_process_mesh
+
+    if getattr(pipe, "mesh", None) is not None:
+        return pipe.mesh
+    if dist.is_initialized():
+        return build_mesh(Layout())  # one group of one per process: the processes share out the prompts
+    return single_process_mesh()
 
 
 @contextmanager
