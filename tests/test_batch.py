@@ -285,6 +285,12 @@ def test_run_batch_records_the_pipelines_settings(tmp_path):
     assert entry["settings"]["steps"] == 3
 
 
+def test_a_prompt_is_a_line_of_the_file_whatever_it_holds(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_bytes("a red ball\u2028rolls left\r\na blue\x0csquare\u0085moves\ra green\tball\n".encode())
+    assert read_prompts(path) == ["a red ball\u2028rolls left", "a blue\x0csquare\u0085moves", "a green\tball"]
+
+
 def test_prompts_files_with_a_byte_order_mark_and_invisible_lines(tmp_path):
     path = tmp_path / "prompts.txt"
     path.write_bytes("\ufeff# header\na red circle\n\u200b\n \u200b\u2060 \n\u200ba blue square\n".encode())

@@ -51,7 +51,10 @@ def read_prompts(path: str | Path) -> list[str]:
         text = path.read_text(encoding="utf-8-sig")  # an editor's byte-order mark is not part of line 1
     except UnicodeDecodeError:
         raise InputError(f"{path} is not UTF-8 text; give a text file with one prompt per line") from None
-    prompts = [line.strip().strip(_INVISIBLE).strip() for line in text.splitlines()]
+    # Lines end at \n alone (read_text turned \r\n and \r into it): str.splitlines() would also cut at a
+    # form feed or a Unicode line separator pasted inside a prompt, making two prompts of one and moving
+    # the numbers, seeds and file names of every prompt after it.
+    prompts = [line.strip().strip(_INVISIBLE).strip() for line in text.split("\n")]
     prompts = [p for p in prompts if p and not p.startswith("#")]
     if not prompts:
         raise InputError(f"{path} holds no prompts: write one prompt per line (# starts a comment)")
