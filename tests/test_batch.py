@@ -318,6 +318,34 @@ def test_a_damaged_or_empty_video_is_made_again_and_a_locked_folder_refused(tmp_
     assert run_batch(pipe, ["a red ball", "a blue ball"], out, **call) == []  # free again
 
 
+def test_a_folder_that_cannot_be_locked_is_a_warning_or_one_line(capsys, monkeypatch, tmp_path):
+    """A file system without locks (some network and FUSE mounts) leaves the batch unguarded, not stopped;
+    a lock file that cannot be opened is a one-line error, not a traceback."""
+    import errno
+    import fcntl
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red ball\n")
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(fcntl, "flock", no_locks)
+        assert main(["batch", str(prompts), "-o", str(tmp_path / "out"), *FAST]) == 0
+    out, err = capsys.readouterr()
+    assert "wrote 1 video(s)" in out
+    assert err == (
+        f"cogvideox: warning: cannot lock {tmp_path / 'out'} (No locks available): nothing stops another "
+        "batch from writing there too\n"
+    )
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / LOCK).mkdir()
+    _no_loading(monkeypatch)
+    assert main(["batch", str(prompts), "-o", str(tmp_path / "odd"), *FAST]) == 2
+    assert capsys.readouterr().err == f"cogvideox: error: cannot open {tmp_path / 'odd' / LOCK}: Is a directory\n"
+
+
 def test_a_folder_that_fills_up_stops_the_batch_and_keeps_the_video(tmp_path, monkeypatch):
     from cogvideox import video
 

@@ -25,6 +25,7 @@ import math
 import os
 import re
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -366,10 +367,15 @@ def _make_videos(pipe, items, done, output_dir, mesh, fps, settings, progress, r
 
 def _lock_folder(output_dir: Path):
     """An open lock file holding an exclusive lock on the folder (released when closed), or `InputError`
-    when another batch holds it: two runs on one folder would make every video twice."""
+    when another batch holds it: two runs on one folder would make every video twice. On a file system
+    that has no locks (some network and FUSE mounts) the batch goes on with a warning: the lock guards
+    against a mistake, and refusing would make such a folder unusable."""
     import fcntl
 
-    handle = open(output_dir / LOCK, "a")
+    try:
+        handle = open(output_dir / LOCK, "a")
+    except OSError as e:
+        raise InputError(f"cannot open {output_dir / LOCK}: {e.strerror or e}") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -377,6 +383,10 @@ def _lock_folder(output_dir: Path):
         raise InputError(
             f"another batch is writing into {output_dir}; wait for it to finish, or give another --output-dir"
         ) from None
+    except OSError as e:
+        warnings.warn(
+            f"cannot lock {output_dir} ({e.strerror or e}): nothing stops another batch from writing there too"
+        )
     return handle
 
 
