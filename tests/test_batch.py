@@ -318,6 +318,30 @@ def test_a_damaged_or_empty_video_is_made_again_and_a_locked_folder_refused(tmp_
     assert run_batch(pipe, ["a red ball", "a blue ball"], out, **call) == []  # free again
 
 
+def test_a_failed_video_is_an_error_line_then_made_by_the_next_run(capsys, monkeypatch, tmp_path):
+    from cogvideox.errors import NonFiniteError
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red ball rolls left\na blue square moves up\n")
+    out = tmp_path / "out"
+    real = Pipeline.__call__
+
+    def blue_fails(self, prompt, *args, **kwargs):
+        if "blue" in prompt:
+            raise NonFiniteError("the latents became NaN at step 1")
+        return real(self, prompt, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Pipeline, "__call__", blue_fails)
+        assert main(["batch", str(prompts), "-o", str(out), *FAST]) == 1
+    report, err = capsys.readouterr()
+    assert "wrote 1 video(s)" in report and "1 failed" in report and "error" not in report
+    assert err == "cogvideox: error: prompt 1 ('a blue square moves up'): the latents became NaN at step 1\n"
+    assert _manifest(out)[1]["error"] == "the latents became NaN at step 1"
+    assert main(["batch", str(prompts), "-o", str(out), *FAST]) == 0
+    assert "wrote 1 video(s)" in capsys.readouterr().out and _manifest(out)[2]["index"] == 1
+
+
 def test_a_folder_that_cannot_be_locked_is_a_warning_or_one_line(capsys, monkeypatch, tmp_path):
     """A file system without locks (some network and FUSE mounts) leaves the batch unguarded, not stopped;
     a lock file that cannot be opened is a one-line error, not a traceback."""

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -560,8 +561,8 @@ def _batch(args: argparse.Namespace) -> int:
         f"wrote {made} video(s) to {output_dir} in {time.perf_counter() - start:.1f}s ({skipped} finished "
         f"earlier, {len(failed)} failed){_stage_totals(entries)} | manifest {output_dir / MANIFEST}"
     )
-    for e in failed:
-        print(f"cogvideox: error: prompt {e['index']} ({e['prompt'][:40]!r}): {e['error']}")
+    for e in failed:  # on stderr, as every other error: a script reading stdout gets the report alone
+        print(f"cogvideox: error: prompt {e['index']} ({e['prompt'][:40]!r}): {e['error']}", file=sys.stderr)
     return RUN_ERROR if failed else 0
 
 
