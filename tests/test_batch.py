@@ -279,6 +279,7 @@ def test_run_batch_records_the_pipelines_settings(tmp_path):
         "frames": 9, "height": height, "width": width, "fps": pipe.default_fps,
     }  # fmt: skip
     assert run_batch(pipe, ["a red ball"], out, progress=False, num_inference_steps=2, num_frames=9) == []
+    assert run_batch(pipe, "a red ball", out, progress=False, num_inference_steps=2, num_frames=9) == []  # one
     with pytest.raises(InputError, match=r"holds 1 video\(s\) made with other settings \(steps 2, now 3\)"):
         run_batch(pipe, ["a red ball"], out, progress=False, num_inference_steps=3, num_frames=9)
     [entry] = run_batch(pipe, ["a red ball"], out, progress=False, overwrite=True, num_inference_steps=3, num_frames=9)

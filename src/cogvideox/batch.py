@@ -273,6 +273,7 @@ def run_batch(
     """Generate one video per prompt into `output_dir`, skipping those finished by an earlier run.
 
     pipe: a `Pipeline`, or a `ParallelPipeline` on `mesh` when several processes share a video.
+    prompts: one video each; a single string is one prompt, as in the pipeline call (not one per letter).
     mesh: this process's `cogvideox.parallel.Mesh` under torch.distributed; its groups (`mesh.replicas`
         of them) take the prompts in turn, in lockstep rounds. Default: a `ParallelPipeline`'s own mesh;
         else, under torch.distributed, one group per process; else one process.
@@ -285,6 +286,8 @@ def run_batch(
     Returns the manifest entries this call wrote (on global rank 0; elsewhere an empty list). The
     progress bar shows on global rank 0 only (torchrun's RANK before the process group is up).
     """
+    if isinstance(prompts, str):
+        prompts = [prompts]
     output_dir = Path(output_dir)
     items = plan(prompts, seed)
     fps = fps or pipe.default_fps
