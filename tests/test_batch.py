@@ -279,10 +279,17 @@ def test_run_batch_records_the_pipelines_settings(tmp_path):
         "frames": 9, "height": height, "width": width, "fps": pipe.default_fps,
     }  # fmt: skip
     assert run_batch(pipe, ["a red ball"], out, progress=False, num_inference_steps=2, num_frames=9) == []
+    assert run_batch(pipe, "a red ball", out, progress=False, num_inference_steps=2, num_frames=9) == []  # one
     with pytest.raises(InputError, match=r"holds 1 video\(s\) made with other settings \(steps 2, now 3\)"):
         run_batch(pipe, ["a red ball"], out, progress=False, num_inference_steps=3, num_frames=9)
     [entry] = run_batch(pipe, ["a red ball"], out, progress=False, overwrite=True, num_inference_steps=3, num_frames=9)
     assert entry["settings"]["steps"] == 3
+
+
+def test_a_prompt_is_a_line_of_the_file_whatever_it_holds(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_bytes("a red ball\u2028rolls left\r\na blue\x0csquare\u0085moves\ra green\tball\n".encode())
+    assert read_prompts(path) == ["a red ball\u2028rolls left", "a blue\x0csquare\u0085moves", "a green\tball"]
 
 
 def test_prompts_files_with_a_byte_order_mark_and_invisible_lines(tmp_path):
@@ -310,6 +317,58 @@ def test_a_damaged_or_empty_video_is_made_again_and_a_locked_folder_refused(tmp_
     finally:
         held.close()
     assert run_batch(pipe, ["a red ball", "a blue ball"], out, **call) == []  # free again
+
+
+def test_a_failed_video_is_an_error_line_then_made_by_the_next_run(capsys, monkeypatch, tmp_path):
+    from cogvideox.errors import NonFiniteError
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red ball rolls left\na blue square moves up\n")
+    out = tmp_path / "out"
+    real = Pipeline.__call__
+
+    def blue_fails(self, prompt, *args, **kwargs):
+        if "blue" in prompt:
+            raise NonFiniteError("the latents became NaN at step 1")
+        return real(self, prompt, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Pipeline, "__call__", blue_fails)
+        assert main(["batch", str(prompts), "-o", str(out), *FAST]) == 1
+    report, err = capsys.readouterr()
+    assert "wrote 1 video(s)" in report and "1 failed" in report and "error" not in report
+    assert err == "cogvideox: error: prompt 1 ('a blue square moves up'): the latents became NaN at step 1\n"
+    assert _manifest(out)[1]["error"] == "the latents became NaN at step 1"
+    assert main(["batch", str(prompts), "-o", str(out), *FAST]) == 0
+    assert "wrote 1 video(s)" in capsys.readouterr().out and _manifest(out)[2]["index"] == 1
+
+
+def test_a_folder_that_cannot_be_locked_is_a_warning_or_one_line(capsys, monkeypatch, tmp_path):
+    """A file system without locks (some network and FUSE mounts) leaves the batch unguarded, not stopped;
+    a lock file that cannot be opened is a one-line error, not a traceback."""
+    import errno
+    import fcntl
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red ball\n")
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(fcntl, "flock", no_locks)
+        assert main(["batch", str(prompts), "-o", str(tmp_path / "out"), *FAST]) == 0
+    out, err = capsys.readouterr()
+    assert "wrote 1 video(s)" in out
+    assert err == (
+        f"cogvideox: warning: cannot lock {tmp_path / 'out'} (No locks available): nothing stops another "
+        "batch from writing there too\n"
+    )
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / LOCK).mkdir()
+    _no_loading(monkeypatch)
+    assert main(["batch", str(prompts), "-o", str(tmp_path / "odd"), *FAST]) == 2
+    assert capsys.readouterr().err == f"cogvideox: error: cannot open {tmp_path / 'odd' / LOCK}: Is a directory\n"
 
 
 def test_a_folder_that_fills_up_stops_the_batch_and_keeps_the_video(tmp_path, monkeypatch):
@@ -357,3 +416,72 @@ def test_torchrun_spreads_prompts_over_processes(tmp_path):
     assert sorted(e["index"] for e in entries) == [0, 1, 2]
     assert all((out / e["file"]).is_file() for e in entries)
     assert sorted(p.name for p in out.iterdir()) == sorted([LOCK, MANIFEST] + [e["file"] for e in entries])
+
+
+def test_a_resumed_batch_claims_its_folder_once_before_loading(capsys, monkeypatch, tmp_path):
+    """The folder is locked and surveyed before the model loads, and each video's header is read once: a
+    folder another batch holds costs no model load, and a resume over many videos no second survey."""
+    from cogvideox import batch
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red ball rolls left\na blue square moves up\n")
+    out = tmp_path / "out"
+    command = ["batch", str(prompts), "-o", str(out), *FAST]
+    assert main(command) == 0
+    capsys.readouterr()
+
+    read = []
+    playable = batch._playable
+    monkeypatch.setattr(batch, "_playable", lambda path: read.append(path.name) or playable(path))
+    _no_loading(monkeypatch)  # nothing left to make: no model either
+    assert main(command) == 0
+    assert "wrote 0 video(s) to" in capsys.readouterr().out
+    assert sorted(read) == sorted(e["file"] for e in _manifest(out))  # each header read once
+
+    held = batch._lock_folder(out)  # another batch writing there
+    try:
+        assert main(command) == 2
+    finally:
+        held.close()
+    assert capsys.readouterr().err == (
+        f"cogvideox: error: another batch is writing into {out}; wait for it to finish, or give another "
+        "--output-dir\n"
+    )
+
+
+def test_another_seed_or_an_edited_prompt_does_not_replace_videos_unasked(capsys, monkeypatch, tmp_path):
+    """File names carry the prompt's place and first words, not its seed or its last words: a re-run with
+    another --seed, or after a line was edited past its sixth word, would write over finished videos."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red ball rolls left over the grass\n")
+    out = tmp_path / "out"
+    batch = ["batch", str(prompts), "-o", str(out), *FAST]
+    big = 2**40  # a seed is shown whole, not as 1.09951e+12
+    assert main([*batch, "--seed", str(big)]) == 0
+    capsys.readouterr()
+    before = _contents(out)
+
+    with monkeypatch.context() as patch:
+        _no_loading(patch)
+        assert main([*batch, "--seed", "5"]) == 2
+        assert f"holds 1 video(s) made with other settings (seed {big}, now 5); use another" in capsys.readouterr().err
+        prompts.write_text("a red ball rolls left over the sand\n")  # same file name
+        assert main([*batch, "--seed", str(big)]) == 2
+        assert (
+            "(prompt 'a red ball rolls left over the grass', now 'a red ball rolls left over the sand')"
+            in capsys.readouterr().err
+        )
+    assert _contents(out) == before
+    assert main([*batch, "--seed", str(big), "--overwrite"]) == 0
+    assert "wrote 1 video(s)" in capsys.readouterr().out
+    assert _manifest(out)[-1]["prompt"] == "a red ball rolls left over the sand"
+
+
+def test_a_manifest_with_bytes_that_are_not_utf8_spoils_only_their_line(tmp_path):
+    pipe = Pipeline.from_pretrained(None, device="cpu")
+    out = tmp_path / "out"
+    call = dict(progress=False, num_inference_steps=2, num_frames=9)
+    run_batch(pipe, ["a red ball", "a blue ball"], out, **call)
+    lines = (out / MANIFEST).read_bytes().splitlines(keepends=True)
+    (out / MANIFEST).write_bytes(lines[0] + b'{"index": 1, "prompt": "a blue \xff\xfe' + b"\n")
+    assert [e["index"] for e in run_batch(pipe, ["a red ball", "a blue ball"], out, **call)] == [1]

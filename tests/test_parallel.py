@@ -317,3 +317,33 @@ def test_parallel_layout_needs_processes():
         build_mesh(Layout(cfg=2))
     mesh = build_mesh(Layout())
     assert mesh.is_leader and mesh.group is None and mesh.layout.size == 1
+
+
+# ------------------------------------------------------------------------------------------------------
+# run_batch from Python under torch.distributed
+
+
+def _run_batch_worker(rank: int, world: int, folder: str) -> None:
+    """`run_batch` without `mesh`: on a parallel pipeline, then on a plain one."""
+    from pathlib import Path
+
+    from cogvideox import Pipeline
+    from cogvideox.batch import run_batch
+
+    pipe = Pipeline.from_pretrained(None, device="cpu")
+    call = {"progress": False, "num_inference_steps": 2, "num_frames": 9}
+    prompts = ["a red ball", "a blue ball", "a green ball"]
+    run_batch(parallelize(pipe, build_mesh(parse_layout("cfg=2"))), prompts, Path(folder) / "cfg", **call)
+    run_batch(pipe, prompts, Path(folder) / "plain", **call)
+
+
+def test_run_batch_without_a_mesh_makes_each_video_once(tmp_path):
+    """A parallel pipeline's own mesh is the batch's; a plain pipeline under torch.distributed gives each
+    process its own prompts. Without them every process made every video and the manifest listed each
+    video once per process."""
+    import json
+
+    _spawn(_run_batch_worker, 2, str(tmp_path), deadline_s=240)
+    for kind in ("cfg", "plain"):
+        lines = (tmp_path / kind / "manifest.jsonl").read_text().splitlines()
+        assert sorted(json.loads(line)["index"] for line in lines) == [0, 1, 2], kind

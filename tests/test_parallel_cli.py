@@ -233,8 +233,10 @@ def test_silent_ranks_leave_rank_0_time_to_report(monkeypatch):
     "argv, message",
     [
         (["generate", "a cat", "--parallel", "foo=2"], "cannot read 'foo=2'"),  # before the group is up
-        (["generate", "a cat", "--parallel", "cfg=2,ulysses=2"], "needs 4 processes per video"),  # after
+        (["generate", "a cat", "--parallel", "cfg=2,ulysses=2"], "one video runs on 4 process(es)"),  # after
         (["generate", "a cat"], "one video runs on 1 process(es)"),
+        # One video wants exactly one group, not "a multiple of 3", and 2 processes are no two groups.
+        (["generate", "a cat", "--parallel", "ring=3"], "but 2 were started (torchrun --nproc-per-node): start 3\n"),
         (["batch", "nofile.txt", "-o", "out"], "no prompts file at nofile.txt"),
     ],
 )
@@ -246,5 +248,5 @@ def test_torchrun_prints_each_error_once(tmp_path, argv, message):
     env = os.environ | {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert result.returncode != 0
-    errors = [line for line in result.stderr.splitlines() if line.startswith("cogvideox: error:")]
+    errors = [line + "\n" for line in result.stderr.splitlines() if line.startswith("cogvideox: error:")]
     assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]

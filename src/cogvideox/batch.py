@@ -12,8 +12,8 @@ it) and the groups take the prompts in turn; across nodes the output folder must
 `manifest.jsonl` in the output folder gets one line per video as it finishes (prompt, seed, settings,
 file, size, timings) or per failure (prompt, seed, settings, error). A re-run skips every video whose
 file exists and whose manifest line has the same prompt, seed and settings (`video_settings`), so an
-interrupted batch resumes where it stopped. Videos there made with other settings are neither kept as if
-they were this run's nor silently replaced: the run stops, before loading the model, unless `--overwrite`
+interrupted batch resumes where it stopped. Videos there made with other settings, or of another prompt
+or seed (another --seed, an edited line), are neither kept as if they were this run's nor silently replaced: the run stops, before loading the model, unless `--overwrite`
 asks to make them again.
 """
 
@@ -24,8 +24,11 @@ import json
 import math
 import os
 import re
+import sys
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -50,7 +53,10 @@ def read_prompts(path: str | Path) -> list[str]:
         text = path.read_text(encoding="utf-8-sig")  # an editor's byte-order mark is not part of line 1
     except UnicodeDecodeError:
         raise InputError(f"{path} is not UTF-8 text; give a text file with one prompt per line") from None
-    prompts = [line.strip().strip(_INVISIBLE).strip() for line in text.splitlines()]
+    # Lines end at \n alone (read_text turned \r\n and \r into it): str.splitlines() would also cut at a
+    # form feed or a Unicode line separator pasted inside a prompt, making two prompts of one and moving
+    # the numbers, seeds and file names of every prompt after it.
+    prompts = [line.strip().strip(_INVISIBLE).strip() for line in text.split("\n")]
     prompts = [p for p in prompts if p and not p.startswith("#")]
     if not prompts:
         raise InputError(f"{path} holds no prompts: write one prompt per line (# starts a comment)")
@@ -141,11 +147,13 @@ def _latest_entries(output_dir: Path) -> dict[str, dict]:
     manifest = output_dir / MANIFEST
     latest: dict[str, dict] = {}
     if manifest.is_file():
-        for line in manifest.read_text(encoding="utf-8").splitlines():
+        # We write ASCII (json.dumps escapes the rest): bytes that are not UTF-8 are damage, like a line cut
+        # short by a crash, and spoil only their own line.
+        for line in manifest.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
                 entry = json.loads(line)
             except json.JSONDecodeError:
-                continue  # a line cut short by a crash: its video is redone
+                continue  # a line cut short by a crash or damaged: its video is redone
             if isinstance(entry, dict) and isinstance(entry.get("file"), str):
                 latest[entry["file"]] = entry
     return latest
@@ -156,23 +164,38 @@ _LEGACY_SETTINGS = ("frames", "height", "width", "fps")
 
 
 def _show(value) -> str:
-    """A setting's value for a message: strings quoted, numbers as short as they go."""
+    """A value for a message: strings quoted, integers whole (a seed), other numbers as short as they go."""
     if isinstance(value, str):
         return repr(value)
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float):
         return f"{value:g}"
     return "unknown" if value is None else str(value)
 
 
-def _difference(entry: dict, settings: dict) -> str | None:
-    """The first setting in which a manifest entry differs from `settings` ("steps 3, now 5"), None
-    when they agree.
+def _beginning(prompt, length: int = 60):
+    """A prompt shortened for a one-line message (anything else as it is)."""
+    if isinstance(prompt, str) and len(prompt) > length:
+        return prompt[: length - 3] + "..."
+    return prompt
+
+
+def _difference(entry: dict, item: Item, settings: dict) -> str | None:
+    """The first thing in which a manifest entry differs from how `item` is to be made: its prompt, its
+    seed ("seed 4, now 5"), then a setting ("steps 3, now 5"); None when they agree. A video of another
+    prompt or seed in the item's file (another --seed, an edited prompts file) is finished work as much
+    as one of other settings, and is not replaced unasked either.
 
     An entry without settings, written before they were recorded, is compared on what it does record:
     the size and rate of its file. The rest is unknown and taken to agree, as that version's resume
     assumed: a batch interrupted before an upgrade resumes after it instead of stopping or starting over,
     while a video of another size or rate still counts as made with other settings.
     """
+    if entry.get("prompt") != item.prompt:
+        return f"prompt {_show(_beginning(entry.get('prompt')))}, now {_show(_beginning(item.prompt))}"
+    if entry.get("seed") != item.seed:
+        return f"seed {_show(entry.get('seed'))}, now {_show(item.seed)}"
     made = entry.get("settings")
     names = list(settings)
     if not isinstance(made, dict):
@@ -184,23 +207,19 @@ def _difference(entry: dict, settings: dict) -> str | None:
 
 
 def survey(output_dir: str | Path, items: Sequence[Item], settings: dict) -> tuple[set[int], dict[int, str]]:
-    """What the folder already holds of `items`: (indices finished with these settings, {index: how its
-    settings differ} for those finished with other ones). An item counts when its file exists and the
-    latest manifest line for that file has its prompt and seed; lines from before settings were recorded
-    count as finished when the size and rate they record match (see `_difference`)."""
+    """What the folder already holds of `items`: (indices finished with these settings, {index: how it
+    differs} for those whose file holds a video of another prompt, seed or settings). An item counts when
+    its file is a playable video and the latest manifest line for that file has its prompt, seed and
+    settings; lines from before settings were recorded count as finished when the size and rate they
+    record match (see `_difference`)."""
     output_dir = Path(output_dir)
     latest = _latest_entries(output_dir)
     done, other = set(), {}
     for item in items:
         entry = latest.get(item.file)
-        if (
-            entry is None
-            or entry.get("prompt") != item.prompt
-            or entry.get("seed") != item.seed
-            or not _playable(output_dir / item.file)
-        ):
-            continue
-        difference = _difference(entry, settings)
+        if entry is None or not _playable(output_dir / item.file):
+            continue  # nothing there, or nothing worth keeping: made (again) by this run
+        difference = _difference(entry, item, settings)
         if difference is None:
             done.add(item.index)
         else:
@@ -254,37 +273,65 @@ def run_batch(
     """Generate one video per prompt into `output_dir`, skipping those finished by an earlier run.
 
     pipe: a `Pipeline`, or a `ParallelPipeline` on `mesh` when several processes share a video.
-    mesh: this process's `cogvideox.parallel.Mesh` under torch.distributed (None: one process); its
-        groups (`mesh.replicas` of them) take the prompts in turn, in lockstep rounds.
+    prompts: one video each; a single string is one prompt, as in the pipeline call (not one per letter).
+    mesh: this process's `cogvideox.parallel.Mesh` under torch.distributed; its groups (`mesh.replicas`
+        of them) take the prompts in turn, in lockstep rounds. Default: a `ParallelPipeline`'s own mesh;
+        else, under torch.distributed, one group per process; else one process.
     settings: what the videos are made with (`video_settings`), recorded in each manifest entry and
         compared with an earlier run's; default: those of `pipe` and `request`, model None.
-    overwrite: make again the videos an earlier run made with other settings; without it they stop
+    overwrite: make again the videos an earlier run made with other settings (or of another prompt or
+        seed in the same file); without it they stop
         the batch with an `InputError` before any video is made.
     request: the other arguments of the pipeline call (num_inference_steps, guidance_scale, ...).
     Returns the manifest entries this call wrote (on global rank 0; elsewhere an empty list). The
     progress bar shows on global rank 0 only (torchrun's RANK before the process group is up).
     """
-    from cogvideox.parallel import single_process_mesh
-
-    mesh = mesh or single_process_mesh()
+    if isinstance(prompts, str):
+        prompts = [prompts]
     output_dir = Path(output_dir)
     items = plan(prompts, seed)
     fps = fps or pipe.default_fps
     if settings is None:
         settings = _pipeline_settings(pipe, prompts[0], request, fps) if prompts else {}
+    with _claim(output_dir, items, settings, overwrite) as done:
+        mesh = mesh or _default_mesh(pipe)
+        return _make_videos(pipe, items, done, output_dir, mesh, fps, settings, progress, request)
 
+
+def _default_mesh(pipe):
+    """The mesh of a batch called without one. Under torch.distributed every process runs `run_batch`,
+    and a single-process mesh would make each of them the leader of a group of one taking every prompt:
+    every video made once per process, and listed once per process in the manifest."""
+    import torch.distributed as dist
+
+    from cogvideox.parallel import Layout, build_mesh, single_process_mesh
+
+    if getattr(pipe, "mesh", None) is not None:
+        return pipe.mesh
+    if dist.is_initialized():
+        return build_mesh(Layout())  # one group of one per process: the processes share out the prompts
+    return single_process_mesh()
+
+
+@contextmanager
+def _claim(output_dir: Path, items: Sequence[Item], settings: dict, overwrite: bool) -> Iterator[set[int]]:
+    """Hold the output folder for the batch: created, locked against another batch, and surveyed once, on
+    global rank 0, whose findings every process gets. Yields the indices of the items already finished;
+    raises `InputError` in every process when another batch holds the folder or when it holds videos made
+    otherwise (unless `overwrite`). The `batch` command claims the folder before it loads the model, so
+    that neither mistake costs a model load, and keeps it until the last video is written."""
     lock = []
 
-    def look() -> tuple[set[int], dict[int, str]]:
+    def look() -> set[int]:
         prepare_folder(output_dir)
         lock.append(_lock_folder(output_dir))
-        return survey(output_dir, items, settings)
-
-    try:
-        done, other = _from_root(look)  # one view of the folder for everyone
+        done, other = survey(output_dir, items, settings)
         if not overwrite:
             refuse_other_settings(output_dir, other)
-        return _make_videos(pipe, items, done, output_dir, mesh, fps, settings, progress, request)
+        return done
+
+    try:
+        yield _from_root(look)  # one view of the folder for everyone
     finally:
         for handle in lock:
             handle.close()  # releases the lock
@@ -324,10 +371,15 @@ def _make_videos(pipe, items, done, output_dir, mesh, fps, settings, progress, r
 
 def _lock_folder(output_dir: Path):
     """An open lock file holding an exclusive lock on the folder (released when closed), or `InputError`
-    when another batch holds it: two runs on one folder would make every video twice."""
+    when another batch holds it: two runs on one folder would make every video twice. On a file system
+    that has no locks (some network and FUSE mounts) the batch goes on with a warning: the lock guards
+    against a mistake, and refusing would make such a folder unusable."""
     import fcntl
 
-    handle = open(output_dir / LOCK, "a")
+    try:
+        handle = open(output_dir / LOCK, "a")
+    except OSError as e:
+        raise InputError(f"cannot open {output_dir / LOCK}: {e.strerror or e}") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -335,6 +387,10 @@ def _lock_folder(output_dir: Path):
         raise InputError(
             f"another batch is writing into {output_dir}; wait for it to finish, or give another --output-dir"
         ) from None
+    except OSError as e:
+        warnings.warn(
+            f"cannot lock {output_dir} ({e.strerror or e}): nothing stops another batch from writing there too"
+        )
     return handle
 
 
@@ -448,8 +504,9 @@ def add_batch_parser(commands) -> None:
     arg(
         "--overwrite",
         action="store_true",
-        help="make again the videos in --output-dir that an earlier run made with other settings (without "
-        "it such videos stop the batch before the model loads); videos made with these settings are kept",
+        help="make again the videos in --output-dir that an earlier run made with other settings, another "
+        "--seed or another prompt on that line (without it such videos stop the batch before the model "
+        "loads); videos made with these settings are kept",
     )
     arg("--quiet", action="store_true", help="no progress bars, only the final report")
     bat.set_defaults(run=_batch)
@@ -459,7 +516,7 @@ def _batch(args: argparse.Namespace) -> int:
     from cogvideox import loading
     from cogvideox.cli import RUN_ERROR, _quiet_libraries
     from cogvideox.cli_args import locate_model, request_from_args
-    from cogvideox.parallel import launch, parallelize
+    from cogvideox.parallel import launch, parallelize, single_process_mesh
     from cogvideox.pipeline import Pipeline
     from cogvideox.request import check_request, default_fps
 
@@ -480,23 +537,23 @@ def _batch(args: argparse.Namespace) -> int:
     scheduler = scheduler_kind(loading.load_scheduler(folder, args.scheduler))
     fps = args.fps or default_fps(configs.transformer)
     settings = video_settings(str(folder.resolve()), scheduler, checked[0], fps)
-    if not args.overwrite:
-        refuse_other_settings(output_dir, survey(output_dir, plan(prompts, args.seed), settings)[1])
+    items = plan(prompts, args.seed)
 
     mesh, device = launch.join(args.parallel, device, configs.transformer, request["guidance_scale"] > 1,
                                one_group=False)
     is_root = mesh is None or (mesh.replica == 0 and mesh.is_leader)
-    _from_root(lambda: prepare_folder(output_dir))  # before loading; the folder exists before anyone looks
-    pipe = Pipeline.from_pretrained(folder, dtype=args.dtype, device=device, scheduler=args.scheduler)
-    if args.vae_tiling:
-        pipe.vae.enable_tiling()
-    if mesh is not None and mesh.layout.size > 1:
-        pipe = parallelize(pipe, mesh)  # tiling as the single-process batch has it: the same videos
-    start = time.perf_counter()
-    entries = run_batch(
-        pipe, prompts, output_dir, mesh=mesh, seed=args.seed, fps=fps, settings=settings,
-        overwrite=args.overwrite, progress=not args.quiet, **request,
-    )  # fmt: skip
+    with _claim(output_dir, items, settings, args.overwrite) as done:  # before loading, held to the end
+        start, entries = time.perf_counter(), []
+        if len(done) < len(items):  # a finished batch run again loads no model
+            pipe = Pipeline.from_pretrained(folder, dtype=args.dtype, device=device, scheduler=args.scheduler)
+            if args.vae_tiling:
+                pipe.vae.enable_tiling()
+            if mesh is not None and mesh.layout.size > 1:
+                pipe = parallelize(pipe, mesh)  # tiling as the single-process batch has it: the same videos
+            start = time.perf_counter()
+            entries = _make_videos(
+                pipe, items, done, output_dir, mesh or single_process_mesh(), fps, settings, not args.quiet, request
+            )
     failed = _from_root(lambda: [e for e in entries if "error" in e])  # every process exits alike
     launch.leave(mesh)
     if not is_root:
@@ -507,8 +564,8 @@ def _batch(args: argparse.Namespace) -> int:
         f"wrote {made} video(s) to {output_dir} in {time.perf_counter() - start:.1f}s ({skipped} finished "
         f"earlier, {len(failed)} failed){_stage_totals(entries)} | manifest {output_dir / MANIFEST}"
     )
-    for e in failed:
-        print(f"cogvideox: error: prompt {e['index']} ({e['prompt'][:40]!r}): {e['error']}")
+    for e in failed:  # on stderr, as every other error: a script reading stdout gets the report alone
+        print(f"cogvideox: error: prompt {e['index']} ({e['prompt'][:40]!r}): {e['error']}", file=sys.stderr)
     return RUN_ERROR if failed else 0
 
 

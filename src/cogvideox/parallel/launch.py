@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 from cogvideox.errors import InputError
 from cogvideox.models.config import TransformerConfig
-from cogvideox.parallel.mesh import Mesh, build_mesh, init_distributed, launched_distributed, parse_layout
+from cogvideox.parallel.mesh import Layout, Mesh, build_mesh, init_distributed, launched_distributed, parse_layout
 
 
 def join(
@@ -28,14 +28,20 @@ def join(
     layout = parse_layout(spec)
     layout.check(heads=config.num_attention_heads, guidance=guidance)
     device = init_distributed(device)
-    mesh = build_mesh(layout, device)
-    if one_group and mesh.replicas > 1:
+    if one_group and dist.is_initialized():
+        _check_one_group(layout, dist.get_world_size())
+    return build_mesh(layout, device), device
+
+
+def _check_one_group(layout: Layout, world: int) -> None:
+    """One video needs exactly one group's worth of processes. Checked before the mesh, whose own check
+    (a multiple of the group size, right for a batch) would ask a one-video run for a multiple too."""
+    if world != layout.size:
+        spread = ", or use `cogvideox batch` to spread prompts over groups" if world % layout.size == 0 else ""
         raise InputError(
-            f"one video runs on {layout.size} process(es) with --parallel {layout}, but "
-            f"{mesh.replicas * layout.size} were started; start {layout.size}, or use `cogvideox batch` "
-            "to spread prompts over groups"
+            f"one video runs on {layout.size} process(es) with --parallel {layout}, but {world} were started "
+            f"(torchrun --nproc-per-node): start {layout.size}{spread}"
         )
-    return mesh, device
 
 
 def leave(mesh: Mesh | None) -> None:
