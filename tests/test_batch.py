@@ -123,6 +123,27 @@ def test_batch_samples_as_generate_does(capsys, tmp_path):
     assert not np.array_equal(read_video(tmp_path / "fixed" / name)[0], single)
 
 
+def test_batch_takes_the_memory_flags_of_generate(capsys, tmp_path):
+    """--offload and --text-device keep the videos as they are and say what they chose; --vae-tiling
+    reaches the VAE as in `generate` (tiles change the demo's pixels, so the two tiled videos must agree)."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red ball rolls left\n")
+    name = video_name(0, "a red ball rolls left")
+    assert main(["batch", str(prompts), "-o", str(tmp_path / "plain"), *FAST]) == 0
+    capsys.readouterr()
+    assert main(["batch", str(prompts), "-o", str(tmp_path / "off"), "--offload", "model", "--text-device", "cpu",
+                 *FAST]) == 0  # fmt: skip
+    assert capsys.readouterr().out.startswith("offload 'model', T5 on cpu\n")
+    assert np.array_equal(read_video(tmp_path / "off" / name)[0], read_video(tmp_path / "plain" / name)[0])
+
+    assert main(["batch", str(prompts), "-o", str(tmp_path / "tiled"), "--vae-tiling", *FAST]) == 0
+    assert main(["generate", "a red ball rolls left", "-o", str(tmp_path / "tiled.mp4"), "--vae-tiling", "--seed", "0",
+                 *FAST]) == 0  # fmt: skip
+    tiled = read_video(tmp_path / "tiled" / name)[0]
+    assert np.array_equal(tiled, read_video(tmp_path / "tiled.mp4")[0])
+    assert not np.array_equal(tiled, read_video(tmp_path / "plain" / name)[0])
+
+
 @pytest.mark.parametrize(
     "content, message",
     [

@@ -470,7 +470,7 @@ def _one_video(
 
 def add_batch_parser(commands) -> None:
     """Add `batch` to the `cogvideox` command's sub-parsers."""
-    from cogvideox.cli_args import add_model_arguments, add_sampling_arguments, frame_rate
+    from cogvideox.cli_args import add_memory_arguments, add_model_arguments, add_sampling_arguments, frame_rate
 
     bat = commands.add_parser(
         "batch",
@@ -489,17 +489,13 @@ def add_batch_parser(commands) -> None:
         bat, seed_default=0, seed_help="seed of the first prompt; prompt i gets seed+i (default: 0)"
     )
     arg("--fps", type=frame_rate, help="frame rate of the MP4s (default: the model's, 8 or 16)")
-    arg(
-        "--vae-tiling",
-        action="store_true",
-        help="decode in overlapping tiles (less GPU memory; pixels near tile seams change); with --parallel "
-        "the tiles are split over the processes, without it each process decodes whole videos",
-    )
+    add_memory_arguments(bat)
     arg(
         "--parallel",
         metavar="LAYOUT",
         help="processes per video under torchrun, e.g. cfg=2,ulysses=2 (see `generate --help`); the videos "
-        "are those of a single-process batch; default: one process per video",
+        "are those of a single-process batch; with --vae-tiling the tiles are split over the processes, "
+        "without it each process decodes whole videos; default: one process per video",
     )
     arg(
         "--overwrite",
@@ -515,7 +511,7 @@ def add_batch_parser(commands) -> None:
 def _batch(args: argparse.Namespace) -> int:
     from cogvideox import loading
     from cogvideox.cli import RUN_ERROR, _quiet_libraries
-    from cogvideox.cli_args import locate_model, request_from_args
+    from cogvideox.cli_args import locate_model, memory_settings, report_offload, request_from_args
     from cogvideox.parallel import launch, parallelize, single_process_mesh
     from cogvideox.pipeline import Pipeline
     from cogvideox.request import check_request, default_fps
@@ -545,9 +541,11 @@ def _batch(args: argparse.Namespace) -> int:
     with _claim(output_dir, items, settings, args.overwrite) as done:  # before loading, held to the end
         start, entries = time.perf_counter(), []
         if len(done) < len(items):  # a finished batch run again loads no model
-            pipe = Pipeline.from_pretrained(folder, dtype=args.dtype, device=device, scheduler=args.scheduler)
-            if args.vae_tiling:
-                pipe.vae.enable_tiling()
+            pipe = Pipeline.from_pretrained(
+                folder, dtype=args.dtype, device=device, scheduler=args.scheduler, **memory_settings(args)
+            )
+            if is_root:
+                report_offload(pipe, args, device)
             if mesh is not None and mesh.layout.size > 1:
                 pipe = parallelize(pipe, mesh)  # tiling as the single-process batch has it: the same videos
             start = time.perf_counter()
