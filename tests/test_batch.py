@@ -339,6 +339,15 @@ def test_a_damaged_or_empty_video_is_made_again_and_a_locked_folder_refused(tmp_
         held.close()
     assert run_batch(pipe, ["a red ball", "a blue ball"], out, **call) == []  # free again
 
+    # A run killed while writing leaves its temporary file; the next run that claims the folder removes
+    # those of its own videos, and nothing else.
+    leftover = out / f".{first[0]['file'].removesuffix('.mp4')}.k2j4x9.mp4.part"
+    others = [out / ".0009-not-in-this-batch.abc.mp4.part", out / "notes.part"]
+    for path in [leftover, *others]:
+        path.write_bytes(b"\0" * 100)
+    assert run_batch(pipe, ["a red ball", "a blue ball"], out, **call) == []
+    assert not leftover.exists() and all(path.exists() for path in others)
+
 
 def test_a_failed_video_is_an_error_line_then_made_by_the_next_run(capsys, monkeypatch, tmp_path):
     from cogvideox.errors import NonFiniteError

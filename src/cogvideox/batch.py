@@ -325,6 +325,7 @@ def _claim(output_dir: Path, items: Sequence[Item], settings: dict, overwrite: b
     def look() -> set[int]:
         prepare_folder(output_dir)
         lock.append(_lock_folder(output_dir))
+        remove_leftovers(output_dir, items)
         done, other = survey(output_dir, items, settings)
         if not overwrite:
             refuse_other_settings(output_dir, other)
@@ -335,6 +336,14 @@ def _claim(output_dir: Path, items: Sequence[Item], settings: dict, overwrite: b
     finally:
         for handle in lock:
             handle.close()  # releases the lock
+
+
+def remove_leftovers(output_dir: Path, items: Sequence[Item]) -> None:
+    """Delete the temporary files (`.0007-a-panda.XXXX.mp4.part`) that videos of this batch left when a
+    run was killed while writing them. Called under the folder's lock: no other batch writes them now."""
+    for item in items:
+        for part in output_dir.glob(f".{Path(item.file).stem}.*.mp4.part"):
+            part.unlink(missing_ok=True)
 
 
 def _make_videos(pipe, items, done, output_dir, mesh, fps, settings, progress, request) -> list[dict]:
