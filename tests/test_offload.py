@@ -209,14 +209,21 @@ def test_blocks_called_out_of_order_still_get_their_weights():
     assert plan.device_bytes() == 0
 
 
-def test_remove_restores_plain_resident_weights():
+@pytest.mark.parametrize("poison", [False, True])
+def test_remove_restores_plain_resident_weights(poison):
+    """Every weight comes back as a plain tensor of its own with its real value (also when the parked
+    copies are poisoned), and each packed host copy is let go during the removal, not after it."""
+    import weakref
+
     model, args, kwargs = tiny_transformer(3)
     with torch.no_grad():
         want = model(*args, **kwargs)
-    plan = offload.Offload("stream", CPU, lookahead=1)
+    plan = offload.Offload("stream", CPU, lookahead=1, poison=poison)
     plan.add_component("transformer", model, [model], model.transformer_blocks)
+    packed = [weakref.ref(group.host) for group in plan.groups()]
     plan.remove()
     assert not model._forward_pre_hooks and not model.transformer_blocks[0]._forward_pre_hooks
+    assert all(ref() is None for ref in packed)  # freed while `plan` still exists
     with torch.no_grad():
         assert torch.equal(model(*args, **kwargs), want)
 

@@ -500,17 +500,31 @@ class Offload:
         self._active = None
 
     def remove(self) -> None:
-        """Undo the offloading: no hooks, every weight on the host (unpinned) as plain tensors."""
+        """Undo the offloading: no hooks, every weight on the host (unpinned) as plain tensors.
+
+        Each group's packed copy is freed as soon as its tensors have their own, so that undoing the
+        offload (as `accelerate` and `load_lora` do around their change) needs the weights plus one group
+        of host memory, not twice the weights.
+        """
         self.release_all()
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
         for group in self.groups():
-            group.detach()
             with torch.no_grad():
-                for t in group.tensors:
-                    t.data = t.data.clone()  # off the page-locked buffer, which is about to go
+                for t, slot in zip(group.tensors, group.layout):
+                    t.data = _view(group.host, slot).clone()  # the real values, also under `poison`
+            self._free_host(group)
         self._finalizer()
+
+    def _free_host(self, group: WeightGroup) -> None:
+        """Let `group`'s packed host copy go now (unregistered first when it is page-locked in place)."""
+        for i, buffer in enumerate(self._registered):
+            if buffer is group.host:
+                _unregister([self._registered.pop(i)])
+                break
+        group.host = torch.empty(0, dtype=torch.uint8)
+        group._parked = []
 
 
 def _unregister(buffers: list[torch.Tensor]) -> None:
