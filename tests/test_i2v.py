@@ -48,6 +48,11 @@ CASES = {
         "tiny_v15_i2v_dir",
         dict(prompt="the green park", num_frames=17, use_dynamic_cfg=True, negative_prompt="the sun"),
     ),
+    # One frame (one latent frame after the image's padding frame), one DPM step, a picture shrunk.
+    "v15-i2v-1-frame-1-step": (
+        "tiny_v15_i2v_dir",
+        dict(prompt="a bird flies", num_frames=1, num_inference_steps=1, height=16, width=32),
+    ),
 }
 
 
@@ -83,6 +88,17 @@ def test_two_prompts_and_generators_match_reference(tiny_i2v_dir):
     ref = run_reference(reference, generator=generators(), prompt=prompts, image=[image, image], **SMALL)
     pipe = Pipeline.from_pretrained(tiny_i2v_dir, scheduler="dpm")
     ours = pipe(prompts, image=np.asarray(image), generator=generators(), progress=False, **SMALL)
+    assert_same_video(ours, *ref)
+
+
+def test_given_latents_match_reference(tiny_v15_i2v_dir):
+    """`latents=` replaces the noise draw only: the image's posterior sample still comes from the seed."""
+    noise = torch.randn(1, 4, 4, 4, 6, generator=torch.Generator().manual_seed(99))  # 3 latent frames + padding
+    kwargs = SMALL | dict(prompt="a cat", height=32, width=48, guidance_scale=6.0)
+    reference = load_reference_pipeline(tiny_v15_i2v_dir, task="image")
+    ref = run_reference(reference, seed=2, image=sample_picture(), latents=noise.clone(), **kwargs)
+    pipe = Pipeline.from_pretrained(tiny_v15_i2v_dir)
+    ours = pipe(image=sample_picture(), latents=noise, seed=2, progress=False, **kwargs)
     assert_same_video(ours, *ref)
 
 

@@ -81,6 +81,14 @@ CASES = {
     ),
     "v15-dpm-padding-2prompts": ("1.5", None, dict(prompt=["waves crash on the rocks", "a cat"])),
     "v15-ddim-17-frames": ("1.5", "ddim", dict(prompt="the green park", guidance_scale=4.0, num_frames=17)),
+    # One step: DPM's first step is also its last (one noise draw, no history).
+    "rope-dpm-1-step-wide": ("rope", "dpm", dict(prompt="a cat", num_inference_steps=1, height=16, width=64)),
+    # One frame: the sin-cos table rebuilt for a single latent frame; 1.5 pads it to two.
+    "sincos-1-frame-2-steps": ("sincos", "dpm", dict(prompt="a dog", num_frames=1, num_inference_steps=2)),
+    "v15-1-frame-tall": ("1.5", None, dict(prompt="a bird flies", num_frames=1, height=48, width=32)),
+    # RoPE models take any text length: prompts cut at 4 tokens, or padded to 32.
+    "rope-4-text-tokens": ("rope", None, dict(prompt="a panda plays a small guitar", max_sequence_length=4)),
+    "v15-32-text-tokens": ("1.5", None, dict(prompt=["a cat", "the sun"], guidance_scale=1.5, max_sequence_length=32)),
 }
 
 
@@ -122,6 +130,26 @@ def test_videos_per_prompt(pipes):
 
     pairs = pipes("rope")(["a", "b"], num_videos_per_prompt=2, output_type="latent", progress=False, **kwargs)
     assert pairs.frames is None and pairs.latents.shape[0] == 4
+    # Prompt-major: a, a, b, b, each with its own negative prompt.
+    ref_latents, _ = run_reference(
+        pipes.dirs["rope"], None, ["a", "a", "b", "b"], negative_prompt=["x", "x", "y", "y"], **kwargs
+    )
+    negative = pipes("rope")(
+        ["a", "b"], negative_prompt=["x", "y"], num_videos_per_prompt=2, output_type="latent", progress=False, **kwargs
+    )
+    assert rel_err(negative.latents, ref_latents) <= 1e-4
+
+
+def test_given_latents_match_reference(pipes):
+    """`latents=` replaces the noise draw as the reference's argument of that name does; for 1.5 they
+    include the padding frame. DPM still draws its step noise from the seed."""
+    noise = torch.randn(2, 4, 4, 4, 6, generator=torch.Generator().manual_seed(99))  # 9 frames: 3 + 1 padding
+    kwargs = SMALL | dict(guidance_scale=6.0, seed=1)
+    prompts = ["a cat", "the green park"]
+    ref = run_reference(pipes.dirs["1.5"], None, prompts, latents=noise.clone(), **kwargs)
+    ours = pipes("1.5")(prompts, latents=noise, progress=False, **kwargs)
+    assert_matches(ours, *ref)
+    assert not torch.equal(ours.latents, pipes("1.5")(prompts, output_type="latent", progress=False, **kwargs).latents)
 
 
 def test_seed_reproduces_and_random_seed_is_reported(pipes):
