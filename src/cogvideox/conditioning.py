@@ -9,7 +9,9 @@ the reference's video:
 - video-to-video: the video's latents are noised to the first timestep of a schedule cut by `strength`,
   and denoising runs from there. The posterior draw comes before the noise draw here too.
 
-Images and frames are resized with PIL's Lanczos filter, as the reference's image processor does:
+Images and frames are resized with PIL's Lanczos filter, as the reference's image processor does for
+PIL images (given a numpy array or a tensor, the reference interpolates instead, so only PIL inputs are
+resized exactly as there):
 "stretch" (the reference's rule, the default) resizes to the target size whatever the aspect ratio;
 "crop" keeps the aspect ratio, cutting the largest centred region of the target's shape out of the
 source before resizing it ("cover", nothing is stretched, the edges are lost).
