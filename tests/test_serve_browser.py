@@ -59,6 +59,13 @@ def start_service(tiny_rope_dir, tmp_path, **settings):
     return store, serving(create_app(spec, store, Settings(data_dir=tmp_path, max_steps=1000, **settings), worker))
 
 
+def start_queue(tiny_rope_dir, tmp_path, **settings):
+    """The page over a queue without a worker: the test moves its jobs along (claim, fail) by hand."""
+    spec = ModelSpec.from_folder(tiny_rope_dir, "cogvideox-tiny")
+    store = SQLiteStore(tmp_path / "jobs.sqlite3")
+    return store, serving(create_app(spec, store, Settings(data_dir=tmp_path, **settings)))
+
+
 @pytest.fixture
 def page_url(tiny_rope_dir, tmp_path):
     store, server = start_service(tiny_rope_dir, tmp_path)
@@ -145,3 +152,22 @@ def test_with_an_api_key_the_page_asks_for_it_and_plays_from_memory(browser, tin
         wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, "#videos .card"))
         assert store.page()[0] == []
     store.close()
+
+
+def test_the_page_says_when_the_server_is_unreachable_and_recovers(browser, tiny_rope_dir, tmp_path):
+    """The API unreachable (server down, restarting) from the page's first request: a plain message, not
+    the browser's "Failed to fetch"; once it answers again the message goes and the model line comes."""
+    store, server = start_queue(tiny_rope_dir, tmp_path)
+    wait = WebDriverWait(browser, 10, poll_frequency=0.05)
+    with server as url:
+        browser.execute_cdp_cmd("Network.enable", {})
+        browser.execute_cdp_cmd("Network.setBlockedURLs", {"urls": ["*/v1/*"]})
+        browser.get(url)
+        message = browser.find_element(By.ID, "message")
+        wait.until(lambda d: message.text)
+        assert message.text == "cannot reach the server; is it running?"
+        browser.execute_cdp_cmd("Network.setBlockedURLs", {"urls": []})
+        wait.until(lambda d: "cogvideox-tiny" in d.find_element(By.ID, "model").text)
+        wait.until(lambda d: message.text == "")
+    store.close()
+

@@ -10,7 +10,12 @@ let model = null;
 async function api(path, options = {}) {
   const headers = { ...(options.headers || {}) };
   if (apiKey) headers.Authorization = `Bearer ${apiKey}`;
-  const response = await fetch(path, { ...options, headers });
+  let response;
+  try {
+    response = await fetch(path, { ...options, headers });
+  } catch (_) { // the network failed: the server is down or restarting, or the connection is gone
+    throw new Error("cannot reach the server; is it running?");
+  }
   if (response.status === 401) {
     $("#key-form").hidden = false;
     throw new Error("this server needs an API key");
@@ -141,10 +146,15 @@ function schedule(delay) {
   timer = setTimeout(refresh, delay);
 }
 
+let refreshError = ""; // the message a failed refresh put up, taken down by the next one that works
+
 async function refresh() {
   let active = false;
   try {
     const { data } = await (await api("/v1/videos?limit=50")).json();
+    if (refreshError && $("#message").textContent === refreshError) say("");
+    refreshError = "";
+    if (!model) loadModel().catch((error) => say(error.message, true)); // it failed when the page loaded
     const seen = new Set(data.map((v) => v.id));
     for (const video of [...data].reverse()) render(video, true); // oldest first, each on top
     for (const [id, card] of cards) {
@@ -154,6 +164,7 @@ async function refresh() {
     $("#empty").hidden = cards.size > 0;
   } catch (error) {
     say(error.message, true);
+    refreshError = error.message;
   }
   schedule(active ? 500 : 3000);
 }
