@@ -2,6 +2,8 @@
 watch the progress, the video plays in place with the right duration (frames / fps), delete it.
 Screenshots of each stage go to tests/artifacts/serve/."""
 
+import time
+
 import pytest
 
 pytest.importorskip("fastapi")
@@ -9,6 +11,7 @@ webdriver = pytest.importorskip("selenium.webdriver")
 
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 from serve_helpers import CHROMEDRIVER, CHROMIUM, artifacts_dir, chromium_or_skip, serving  # noqa: E402
 
@@ -171,3 +174,26 @@ def test_the_page_says_when_the_server_is_unreachable_and_recovers(browser, tiny
         wait.until(lambda d: message.text == "")
     store.close()
 
+
+def test_a_wrong_api_key_is_said_to_be_wrong_and_not_kept(browser, tiny_rope_dir, tmp_path):
+    store, server = start_queue(tiny_rope_dir, tmp_path, api_keys=("sk-page",))
+    wait = WebDriverWait(browser, 10, poll_frequency=0.05)
+    with server as url:
+        browser.get(url)
+        key = wait.until(
+            lambda d: d.find_element(By.ID, "api-key") if d.find_element(By.ID, "key-form").is_displayed() else None
+        )
+        assert browser.switch_to.active_element == key  # asked for, ready to type into
+        key.send_keys("sk-wrong", Keys.ENTER)
+        message = browser.find_element(By.ID, "message")
+        wait.until(lambda d: "refused" in message.text)
+        time.sleep(3.5)  # past the next poll: it does not take the message back
+        assert message.text == "the server refused this API key; enter the right one"
+        assert browser.find_element(By.ID, "key-form").is_displayed()
+        assert browser.execute_script("return localStorage.getItem('cogvideox-api-key')") is None
+        key.clear()
+        key.send_keys("sk-page", Keys.ENTER)
+        wait.until(lambda d: "cogvideox-tiny" in d.find_element(By.ID, "model").text)
+        assert message.text == ""
+        assert browser.execute_script("return localStorage.getItem('cogvideox-api-key')") == "sk-page"
+    store.close()

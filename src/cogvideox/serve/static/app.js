@@ -7,9 +7,13 @@ const cards = new Map(); // id -> card element
 let apiKey = localStorage.getItem("cogvideox-api-key") || "";
 let model = null;
 
+// A request the server turned away for want of the right key: the page waits for one (refresh stops polling).
+class NeedsKey extends Error {}
+
 async function api(path, options = {}) {
   const headers = { ...(options.headers || {}) };
-  if (apiKey) headers.Authorization = `Bearer ${apiKey}`;
+  const sent = apiKey;
+  if (sent) headers.Authorization = `Bearer ${sent}`;
   let response;
   try {
     response = await fetch(path, { ...options, headers });
@@ -17,8 +21,12 @@ async function api(path, options = {}) {
     throw new Error("cannot reach the server; is it running?");
   }
   if (response.status === 401) {
-    $("#key-form").hidden = false;
-    throw new Error("this server needs an API key");
+    if (sent && apiKey === sent) { // a wrong key is forgotten, so the next visit asks again
+      apiKey = "";
+      localStorage.removeItem("cogvideox-api-key");
+    }
+    askForKey();
+    throw new NeedsKey(sent ? "the server refused this API key; enter the right one" : "this server needs an API key");
   }
   if (!response.ok) {
     let message = `${response.status} ${response.statusText}`;
@@ -26,6 +34,13 @@ async function api(path, options = {}) {
     throw new Error(message);
   }
   return response;
+}
+
+function askForKey() {
+  const form = $("#key-form");
+  if (!form.hidden) return;
+  form.hidden = false;
+  if (document.activeElement === document.body) $("#api-key").focus(); // nobody is typing elsewhere
 }
 
 function say(text, isError = false) {
@@ -164,6 +179,7 @@ async function refresh() {
     $("#empty").hidden = cards.size > 0;
   } catch (error) {
     say(error.message, true);
+    if (error instanceof NeedsKey) return; // until a key is given (the key form starts again)
     refreshError = error.message;
   }
   schedule(active ? 500 : 3000);
