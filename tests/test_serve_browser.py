@@ -197,3 +197,19 @@ def test_a_wrong_api_key_is_said_to_be_wrong_and_not_kept(browser, tiny_rope_dir
         assert message.text == ""
         assert browser.execute_script("return localStorage.getItem('cogvideox-api-key')") == "sk-page"
     store.close()
+
+
+def test_the_form_takes_what_the_api_takes(browser, tiny_rope_dir, tmp_path):
+    """Each option's bounds are the API's: a guidance of 7.25 and the longest clip as the placeholder shows
+    it are valid, a seed of 2**32 is not (the API would refuse it)."""
+    store, server = start_queue(tiny_rope_dir, tmp_path)
+    with server as url:
+        browser.get(url)
+        WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "seconds").get_attribute("max"))
+        valid = "const e = document.getElementById(arguments[0]); e.value = arguments[1]; return e.validity.valid"
+        assert browser.execute_script(valid, "guidance_scale", "7.25")
+        placeholder = browser.find_element(By.ID, "seconds").get_attribute("placeholder")
+        assert browser.execute_script(valid, "seconds", placeholder), placeholder
+        assert browser.execute_script(valid, "seed", str(2**32 - 1))
+        assert not browser.execute_script(valid, "seed", str(2**32))
+    store.close()

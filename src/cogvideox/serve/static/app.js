@@ -58,7 +58,7 @@ async function loadModel() {
   $("#num_inference_steps").max = model.max_steps;
   $("#num_inference_steps").placeholder = model.num_inference_steps; // left empty: the server's default
   $("#seconds").max = model.max_seconds;
-  $("#seconds").placeholder = model.max_seconds.toFixed(2);
+  $("#seconds").placeholder = model.max_seconds; // not rounded: 6.125 shown as 6.13 would be over the max
   $("#guidance_scale").placeholder = model.guidance_scale;
 }
 
