@@ -213,3 +213,21 @@ def test_the_form_takes_what_the_api_takes(browser, tiny_rope_dir, tmp_path):
         assert browser.execute_script(valid, "seed", str(2**32 - 1))
         assert not browser.execute_script(valid, "seed", str(2**32))
     store.close()
+
+
+def test_a_failed_video_shows_its_error_as_text_within_a_phone_width(browser, tiny_rope_dir, tmp_path):
+    """A worker's error, however long its words (a path), wraps inside the card: no sideways scrolling."""
+    store, server = start_queue(tiny_rope_dir, tmp_path)
+    wait = WebDriverWait(browser, 10, poll_frequency=0.05)
+    error = "<b>cannot write</b> /data/" + "averylongfoldername" * 12 + "/video.mp4"
+    with server as url:
+        browser.get(url)
+        browser.find_element(By.ID, "prompt").send_keys("a red sun")
+        browser.find_element(By.ID, "submit").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#videos .card"))
+        job = store.claim("worker", "cogvideox-tiny", 60)
+        store.fail(job.id, "worker", "generation_failed", error)
+        card = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#videos .card[data-status='failed']"))
+        assert card.find_element(By.CSS_SELECTOR, ".error").text == error
+        assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+    store.close()
