@@ -46,6 +46,7 @@ def browser(tmp_path):
         f"--user-data-dir={tmp_path / 'chromium-profile'}",
     ):  # fmt: skip
         options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the console, for get_log("browser")
     driver = webdriver.Chrome(options=options, service=Service(executable_path=str(CHROMEDRIVER)))
     driver.set_window_size(*PHONE)
     yield driver
@@ -230,4 +231,14 @@ def test_a_failed_video_shows_its_error_as_text_within_a_phone_width(browser, ti
         card = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#videos .card[data-status='failed']"))
         assert card.find_element(By.CSS_SELECTOR, ".error").text == error
         assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+    store.close()
+
+
+def test_the_page_loads_without_console_errors(browser, tiny_rope_dir, tmp_path):
+    store, server = start_queue(tiny_rope_dir, tmp_path)
+    with server as url:
+        browser.get(url)
+        WebDriverWait(browser, 10).until(lambda d: "cogvideox-tiny" in d.find_element(By.ID, "model").text)
+        time.sleep(0.5)  # the favicon, which browsers ask for after the page
+        assert [e["message"] for e in browser.get_log("browser") if e["level"] in ("SEVERE", "WARNING")] == []
     store.close()
