@@ -242,3 +242,21 @@ def test_the_page_loads_without_console_errors(browser, tiny_rope_dir, tmp_path)
         time.sleep(0.5)  # the favicon, which browsers ask for after the page
         assert [e["message"] for e in browser.get_log("browser") if e["level"] in ("SEVERE", "WARNING")] == []
     store.close()
+
+
+def test_a_prompt_is_shown_as_text_in_its_own_direction(browser, tiny_rope_dir, tmp_path):
+    """Markup in a prompt is text, never HTML; a right-to-left prompt reads right to left, where it is typed
+    and on its card."""
+    store, server = start_queue(tiny_rope_dir, tmp_path)
+    prompt = "قطة تعزف على البيانو <img src=x onerror=alert(1)>!"
+    with server as url:
+        browser.get(url)
+        browser.find_element(By.ID, "prompt").send_keys(prompt)
+        browser.find_element(By.ID, "submit").click()
+        card = WebDriverWait(browser, 10).until(lambda d: d.find_element(By.CSS_SELECTOR, "#videos .card .prompt"))
+        assert card.text == prompt
+        assert browser.execute_script("return document.querySelectorAll('img').length") == 0
+        direction = "return getComputedStyle(arguments[0]).direction"
+        assert browser.execute_script(direction, card) == "rtl"
+        assert browser.execute_script(direction, browser.find_element(By.ID, "prompt")) == "rtl"
+    store.close()
