@@ -260,3 +260,17 @@ def test_a_prompt_is_shown_as_text_in_its_own_direction(browser, tiny_rope_dir, 
         assert browser.execute_script(direction, card) == "rtl"
         assert browser.execute_script(direction, browser.find_element(By.ID, "prompt")) == "rtl"
     store.close()
+
+
+def test_ctrl_enter_in_the_prompt_generates(browser, tiny_rope_dir, tmp_path):
+    """From the keyboard: Enter in the prompt is a new line, Ctrl+Enter submits it (once, however pressed)."""
+    store, server = start_queue(tiny_rope_dir, tmp_path)
+    with server as url:
+        browser.get(url)
+        prompt = browser.find_element(By.ID, "prompt")
+        prompt.send_keys("a red sun", Keys.CONTROL, Keys.ENTER, Keys.ENTER, Keys.NULL)
+        WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#videos .card"))
+        time.sleep(0.3)
+        assert [job.params["prompt"] for job in store.page()[0]] == ["a red sun"]
+        assert prompt.get_attribute("value") == "a red sun"
+    store.close()

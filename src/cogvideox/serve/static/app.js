@@ -64,6 +64,7 @@ async function loadModel() {
 
 async function submit(event) {
   event.preventDefault();
+  if ($("#submit").disabled) return; // the last one is still on its way
   const body = { prompt: $("#prompt").value };
   for (const name of ["negative_prompt", "size"]) {
     const value = $(`#${name}`).value;
@@ -186,6 +187,12 @@ async function refresh() {
 }
 
 $("#create").addEventListener("submit", submit);
+$("#prompt").addEventListener("keydown", (event) => { // Enter is a new line; Ctrl+Enter (⌘+Enter) generates
+  if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
+    event.preventDefault();
+    $("#create").requestSubmit();
+  }
+});
 $("#key-form").addEventListener("submit", (event) => {
   event.preventDefault();
   apiKey = $("#api-key").value.trim();
