@@ -274,3 +274,19 @@ def test_ctrl_enter_in_the_prompt_generates(browser, tiny_rope_dir, tmp_path):
         assert [job.params["prompt"] for job in store.page()[0]] == ["a red sun"]
         assert prompt.get_attribute("value") == "a red sun"
     store.close()
+
+
+def test_a_cards_controls_say_which_video_they_act_on(browser, tiny_rope_dir, tmp_path):
+    """To a screen reader every card has the same "Cancel" or "Delete": each is described by its prompt,
+    and the progress bar has a name."""
+    store, server = start_queue(tiny_rope_dir, tmp_path)
+    with server as url:
+        browser.get(url)
+        browser.find_element(By.ID, "prompt").send_keys("a red sun")
+        browser.find_element(By.ID, "submit").click()
+        card = WebDriverWait(browser, 10).until(lambda d: d.find_element(By.CSS_SELECTOR, "#videos .card"))
+        described = "return document.getElementById(arguments[0].getAttribute('aria-describedby'))?.textContent"
+        assert browser.execute_script(described, card.find_element(By.CSS_SELECTOR, ".delete")) == "a red sun"
+        assert browser.execute_script(described, card.find_element(By.CSS_SELECTOR, ".download")) == "a red sun"
+        assert card.find_element(By.TAG_NAME, "progress").accessible_name == "Progress"
+    store.close()

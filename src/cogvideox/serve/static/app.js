@@ -107,6 +107,7 @@ async function attachVideo(card, video) {
   const src = apiKey ? URL.createObjectURL(await (await api(url)).blob()) : url;
   const player = document.createElement("video");
   Object.assign(player, { src, controls: true, loop: true, muted: true, autoplay: true, playsInline: true, preload: "auto" });
+  player.setAttribute("aria-describedby", `prompt-${video.id}`);
   card.querySelector(".player").replaceChildren(player);
   const download = card.querySelector(".download");
   download.href = src;
@@ -119,8 +120,10 @@ function render(video, prepend = false) {
   if (!card) {
     card = $("#card").content.firstElementChild.cloneNode(true);
     card.dataset.id = video.id;
-    card.querySelector(".prompt").textContent = video.enhanced_prompt
-      ? `${video.prompt} → ${video.enhanced_prompt}` : video.prompt;
+    const prompt = card.querySelector(".prompt");
+    prompt.textContent = video.enhanced_prompt ? `${video.prompt} → ${video.enhanced_prompt}` : video.prompt;
+    prompt.id = `prompt-${video.id}`; // describes the card's controls: which video a "Delete" deletes
+    for (const control of card.querySelectorAll(".actions > *")) control.setAttribute("aria-describedby", prompt.id);
     card.querySelector(".delete").addEventListener("click", () => remove(video.id));
     cards.set(video.id, card);
     if (prepend) $("#videos").prepend(card); else $("#videos").append(card);
