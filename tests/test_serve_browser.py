@@ -2,6 +2,8 @@
 watch the progress, the video plays in place with the right duration (frames / fps), delete it.
 Screenshots of each stage go to tests/artifacts/serve/."""
 
+import time
+
 import pytest
 
 pytest.importorskip("fastapi")
@@ -9,6 +11,7 @@ webdriver = pytest.importorskip("selenium.webdriver")
 
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 from serve_helpers import CHROMEDRIVER, CHROMIUM, artifacts_dir, chromium_or_skip, serving  # noqa: E402
 
@@ -43,6 +46,7 @@ def browser(tmp_path):
         f"--user-data-dir={tmp_path / 'chromium-profile'}",
     ):  # fmt: skip
         options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the console, for get_log("browser")
     driver = webdriver.Chrome(options=options, service=Service(executable_path=str(CHROMEDRIVER)))
     driver.set_window_size(*PHONE)
     yield driver
@@ -57,6 +61,13 @@ def start_service(tiny_rope_dir, tmp_path, **settings):
         store, PipelineGenerator(str(tiny_rope_dir)), tmp_path, spec.name, lease_seconds=1, poll_interval=0.05
     )
     return store, serving(create_app(spec, store, Settings(data_dir=tmp_path, max_steps=1000, **settings), worker))
+
+
+def start_queue(tiny_rope_dir, tmp_path, **settings):
+    """The page over a queue without a worker: the test moves its jobs along (claim, fail) by hand."""
+    spec = ModelSpec.from_folder(tiny_rope_dir, "cogvideox-tiny")
+    store = SQLiteStore(tmp_path / "jobs.sqlite3")
+    return store, serving(create_app(spec, store, Settings(data_dir=tmp_path, **settings)))
 
 
 @pytest.fixture
@@ -144,4 +155,138 @@ def test_with_an_api_key_the_page_asks_for_it_and_plays_from_memory(browser, tin
         browser.find_element(By.CSS_SELECTOR, "#videos .card .delete").click()
         wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, "#videos .card"))
         assert store.page()[0] == []
+    store.close()
+
+
+def test_the_page_says_when_the_server_is_unreachable_and_recovers(browser, tiny_rope_dir, tmp_path):
+    """The API unreachable (server down, restarting) from the page's first request: a plain message, not
+    the browser's "Failed to fetch"; once it answers again the message goes and the model line comes."""
+    store, server = start_queue(tiny_rope_dir, tmp_path)
+    wait = WebDriverWait(browser, 10, poll_frequency=0.05)
+    with server as url:
+        browser.execute_cdp_cmd("Network.enable", {})
+        browser.execute_cdp_cmd("Network.setBlockedURLs", {"urls": ["*/v1/*"]})
+        browser.get(url)
+        message = browser.find_element(By.ID, "message")
+        wait.until(lambda d: message.text)
+        assert message.text == "cannot reach the server; is it running?"
+        browser.execute_cdp_cmd("Network.setBlockedURLs", {"urls": []})
+        wait.until(lambda d: "cogvideox-tiny" in d.find_element(By.ID, "model").text)
+        wait.until(lambda d: message.text == "")
+    store.close()
+
+
+def test_a_wrong_api_key_is_said_to_be_wrong_and_not_kept(browser, tiny_rope_dir, tmp_path):
+    store, server = start_queue(tiny_rope_dir, tmp_path, api_keys=("sk-page",))
+    wait = WebDriverWait(browser, 10, poll_frequency=0.05)
+    with server as url:
+        browser.get(url)
+        key = wait.until(
+            lambda d: d.find_element(By.ID, "api-key") if d.find_element(By.ID, "key-form").is_displayed() else None
+        )
+        assert browser.switch_to.active_element == key  # asked for, ready to type into
+        key.send_keys("sk-wrong", Keys.ENTER)
+        message = browser.find_element(By.ID, "message")
+        wait.until(lambda d: "refused" in message.text)
+        time.sleep(3.5)  # past the next poll: it does not take the message back
+        assert message.text == "the server refused this API key; enter the right one"
+        assert browser.find_element(By.ID, "key-form").is_displayed()
+        assert browser.execute_script("return localStorage.getItem('cogvideox-api-key')") is None
+        key.clear()
+        key.send_keys("sk-page", Keys.ENTER)
+        wait.until(lambda d: "cogvideox-tiny" in d.find_element(By.ID, "model").text)
+        assert message.text == ""
+        assert browser.execute_script("return localStorage.getItem('cogvideox-api-key')") == "sk-page"
+    store.close()
+
+
+def test_the_form_takes_what_the_api_takes(browser, tiny_rope_dir, tmp_path):
+    """Each option's bounds are the API's: a guidance of 7.25 and the longest clip as the placeholder shows
+    it are valid, a seed of 2**32 is not (the API would refuse it)."""
+    store, server = start_queue(tiny_rope_dir, tmp_path)
+    with server as url:
+        browser.get(url)
+        WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "seconds").get_attribute("max"))
+        valid = "const e = document.getElementById(arguments[0]); e.value = arguments[1]; return e.validity.valid"
+        assert browser.execute_script(valid, "guidance_scale", "7.25")
+        placeholder = browser.find_element(By.ID, "seconds").get_attribute("placeholder")
+        assert browser.execute_script(valid, "seconds", placeholder), placeholder
+        assert browser.execute_script(valid, "seed", str(2**32 - 1))
+        assert not browser.execute_script(valid, "seed", str(2**32))
+    store.close()
+
+
+def test_a_failed_video_shows_its_error_as_text_within_a_phone_width(browser, tiny_rope_dir, tmp_path):
+    """A worker's error, however long its words (a path), wraps inside the card: no sideways scrolling."""
+    store, server = start_queue(tiny_rope_dir, tmp_path)
+    wait = WebDriverWait(browser, 10, poll_frequency=0.05)
+    error = "<b>cannot write</b> /data/" + "averylongfoldername" * 12 + "/video.mp4"
+    with server as url:
+        browser.get(url)
+        browser.find_element(By.ID, "prompt").send_keys("a red sun")
+        browser.find_element(By.ID, "submit").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#videos .card"))
+        job = store.claim("worker", "cogvideox-tiny", 60)
+        store.fail(job.id, "worker", "generation_failed", error)
+        card = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#videos .card[data-status='failed']"))
+        assert card.find_element(By.CSS_SELECTOR, ".error").text == error
+        assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+    store.close()
+
+
+def test_the_page_loads_without_console_errors(browser, tiny_rope_dir, tmp_path):
+    store, server = start_queue(tiny_rope_dir, tmp_path)
+    with server as url:
+        browser.get(url)
+        WebDriverWait(browser, 10).until(lambda d: "cogvideox-tiny" in d.find_element(By.ID, "model").text)
+        time.sleep(0.5)  # the favicon, which browsers ask for after the page
+        assert [e["message"] for e in browser.get_log("browser") if e["level"] in ("SEVERE", "WARNING")] == []
+    store.close()
+
+
+def test_a_prompt_is_shown_as_text_in_its_own_direction(browser, tiny_rope_dir, tmp_path):
+    """Markup in a prompt is text, never HTML; a right-to-left prompt reads right to left, where it is typed
+    and on its card."""
+    store, server = start_queue(tiny_rope_dir, tmp_path)
+    prompt = "قطة تعزف على البيانو <img src=x onerror=alert(1)>!"
+    with server as url:
+        browser.get(url)
+        browser.find_element(By.ID, "prompt").send_keys(prompt)
+        browser.find_element(By.ID, "submit").click()
+        card = WebDriverWait(browser, 10).until(lambda d: d.find_element(By.CSS_SELECTOR, "#videos .card .prompt"))
+        assert card.text == prompt
+        assert browser.execute_script("return document.querySelectorAll('img').length") == 0
+        direction = "return getComputedStyle(arguments[0]).direction"
+        assert browser.execute_script(direction, card) == "rtl"
+        assert browser.execute_script(direction, browser.find_element(By.ID, "prompt")) == "rtl"
+    store.close()
+
+
+def test_ctrl_enter_in_the_prompt_generates(browser, tiny_rope_dir, tmp_path):
+    """From the keyboard: Enter in the prompt is a new line, Ctrl+Enter submits it (once, however pressed)."""
+    store, server = start_queue(tiny_rope_dir, tmp_path)
+    with server as url:
+        browser.get(url)
+        prompt = browser.find_element(By.ID, "prompt")
+        prompt.send_keys("a red sun", Keys.CONTROL, Keys.ENTER, Keys.ENTER, Keys.NULL)
+        WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#videos .card"))
+        time.sleep(0.3)
+        assert [job.params["prompt"] for job in store.page()[0]] == ["a red sun"]
+        assert prompt.get_attribute("value") == "a red sun"
+    store.close()
+
+
+def test_a_cards_controls_say_which_video_they_act_on(browser, tiny_rope_dir, tmp_path):
+    """To a screen reader every card has the same "Cancel" or "Delete": each is described by its prompt,
+    and the progress bar has a name."""
+    store, server = start_queue(tiny_rope_dir, tmp_path)
+    with server as url:
+        browser.get(url)
+        browser.find_element(By.ID, "prompt").send_keys("a red sun")
+        browser.find_element(By.ID, "submit").click()
+        card = WebDriverWait(browser, 10).until(lambda d: d.find_element(By.CSS_SELECTOR, "#videos .card"))
+        described = "return document.getElementById(arguments[0].getAttribute('aria-describedby'))?.textContent"
+        assert browser.execute_script(described, card.find_element(By.CSS_SELECTOR, ".delete")) == "a red sun"
+        assert browser.execute_script(described, card.find_element(By.CSS_SELECTOR, ".download")) == "a red sun"
+        assert card.find_element(By.TAG_NAME, "progress").accessible_name == "Progress"
     store.close()

@@ -7,13 +7,26 @@ const cards = new Map(); // id -> card element
 let apiKey = localStorage.getItem("cogvideox-api-key") || "";
 let model = null;
 
+// A request the server turned away for want of the right key: the page waits for one (refresh stops polling).
+class NeedsKey extends Error {}
+
 async function api(path, options = {}) {
   const headers = { ...(options.headers || {}) };
-  if (apiKey) headers.Authorization = `Bearer ${apiKey}`;
-  const response = await fetch(path, { ...options, headers });
+  const sent = apiKey;
+  if (sent) headers.Authorization = `Bearer ${sent}`;
+  let response;
+  try {
+    response = await fetch(path, { ...options, headers });
+  } catch (_) { // the network failed: the server is down or restarting, or the connection is gone
+    throw new Error("cannot reach the server; is it running?");
+  }
   if (response.status === 401) {
-    $("#key-form").hidden = false;
-    throw new Error("this server needs an API key");
+    if (sent && apiKey === sent) { // a wrong key is forgotten, so the next visit asks again
+      apiKey = "";
+      localStorage.removeItem("cogvideox-api-key");
+    }
+    askForKey();
+    throw new NeedsKey(sent ? "the server refused this API key; enter the right one" : "this server needs an API key");
   }
   if (!response.ok) {
     let message = `${response.status} ${response.statusText}`;
@@ -21,6 +34,13 @@ async function api(path, options = {}) {
     throw new Error(message);
   }
   return response;
+}
+
+function askForKey() {
+  const form = $("#key-form");
+  if (!form.hidden) return;
+  form.hidden = false;
+  if (document.activeElement === document.body) $("#api-key").focus(); // nobody is typing elsewhere
 }
 
 function say(text, isError = false) {
@@ -38,12 +58,13 @@ async function loadModel() {
   $("#num_inference_steps").max = model.max_steps;
   $("#num_inference_steps").placeholder = model.num_inference_steps; // left empty: the server's default
   $("#seconds").max = model.max_seconds;
-  $("#seconds").placeholder = model.max_seconds.toFixed(2);
+  $("#seconds").placeholder = model.max_seconds; // not rounded: 6.125 shown as 6.13 would be over the max
   $("#guidance_scale").placeholder = model.guidance_scale;
 }
 
 async function submit(event) {
   event.preventDefault();
+  if ($("#submit").disabled) return; // the last one is still on its way
   const body = { prompt: $("#prompt").value };
   for (const name of ["negative_prompt", "size"]) {
     const value = $(`#${name}`).value;
@@ -86,6 +107,7 @@ async function attachVideo(card, video) {
   const src = apiKey ? URL.createObjectURL(await (await api(url)).blob()) : url;
   const player = document.createElement("video");
   Object.assign(player, { src, controls: true, loop: true, muted: true, autoplay: true, playsInline: true, preload: "auto" });
+  player.setAttribute("aria-describedby", `prompt-${video.id}`);
   card.querySelector(".player").replaceChildren(player);
   const download = card.querySelector(".download");
   download.href = src;
@@ -98,8 +120,10 @@ function render(video, prepend = false) {
   if (!card) {
     card = $("#card").content.firstElementChild.cloneNode(true);
     card.dataset.id = video.id;
-    card.querySelector(".prompt").textContent = video.enhanced_prompt
-      ? `${video.prompt} → ${video.enhanced_prompt}` : video.prompt;
+    const prompt = card.querySelector(".prompt");
+    prompt.textContent = video.enhanced_prompt ? `${video.prompt} → ${video.enhanced_prompt}` : video.prompt;
+    prompt.id = `prompt-${video.id}`; // describes the card's controls: which video a "Delete" deletes
+    for (const control of card.querySelectorAll(".actions > *")) control.setAttribute("aria-describedby", prompt.id);
     card.querySelector(".delete").addEventListener("click", () => remove(video.id));
     cards.set(video.id, card);
     if (prepend) $("#videos").prepend(card); else $("#videos").append(card);
@@ -141,10 +165,15 @@ function schedule(delay) {
   timer = setTimeout(refresh, delay);
 }
 
+let refreshError = ""; // the message a failed refresh put up, taken down by the next one that works
+
 async function refresh() {
   let active = false;
   try {
     const { data } = await (await api("/v1/videos?limit=50")).json();
+    if (refreshError && $("#message").textContent === refreshError) say("");
+    refreshError = "";
+    if (!model) loadModel().catch((error) => say(error.message, true)); // it failed when the page loaded
     const seen = new Set(data.map((v) => v.id));
     for (const video of [...data].reverse()) render(video, true); // oldest first, each on top
     for (const [id, card] of cards) {
@@ -154,11 +183,19 @@ async function refresh() {
     $("#empty").hidden = cards.size > 0;
   } catch (error) {
     say(error.message, true);
+    if (error instanceof NeedsKey) return; // until a key is given (the key form starts again)
+    refreshError = error.message;
   }
   schedule(active ? 500 : 3000);
 }
 
 $("#create").addEventListener("submit", submit);
+$("#prompt").addEventListener("keydown", (event) => { // Enter is a new line; Ctrl+Enter (⌘+Enter) generates
+  if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
+    event.preventDefault();
+    $("#create").requestSubmit();
+  }
+});
 $("#key-form").addEventListener("submit", (event) => {
   event.preventDefault();
   apiKey = $("#api-key").value.trim();
