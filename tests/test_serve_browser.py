@@ -185,6 +185,7 @@ def test_a_wrong_api_key_is_said_to_be_wrong_and_not_kept(browser, tiny_rope_dir
             lambda d: d.find_element(By.ID, "api-key") if d.find_element(By.ID, "key-form").is_displayed() else None
         )
         assert browser.switch_to.active_element == key  # asked for, ready to type into
+        assert not browser.find_element(By.ID, "empty").is_displayed()  # the list is unknown, not empty
         key.send_keys("sk-wrong", Keys.ENTER)
         message = browser.find_element(By.ID, "message")
         wait.until(lambda d: "refused" in message.text)

@@ -183,7 +183,10 @@ async function refresh() {
     $("#empty").hidden = cards.size > 0;
   } catch (error) {
     say(error.message, true);
-    if (error instanceof NeedsKey) return; // until a key is given (the key form starts again)
+    if (error instanceof NeedsKey) { // until a key is given (the key form starts again)
+      $("#empty").hidden = true; // the list is unknown, not empty
+      return;
+    }
     refreshError = error.message;
   }
   schedule(active ? 500 : 3000);
