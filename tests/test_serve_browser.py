@@ -291,3 +291,30 @@ def test_a_cards_controls_say_which_video_they_act_on(browser, tiny_rope_dir, tm
         assert browser.execute_script(described, card.find_element(By.CSS_SELECTOR, ".download")) == "a red sun"
         assert card.find_element(By.TAG_NAME, "progress").accessible_name == "Progress"
     store.close()
+
+
+def test_older_videos_are_a_click_away(browser, tiny_rope_dir, tmp_path):
+    """The page lists the newest 50 videos and says when there are more: "Show older videos" lists 50 more
+    each time (over pages of the API's), and goes once all are listed."""
+    store, server = start_queue(tiny_rope_dir, tmp_path)
+    wait = WebDriverWait(browser, 20, poll_frequency=0.05)
+    with server as url:
+        browser.get(url)
+        browser.find_element(By.ID, "prompt").send_keys("video 0")
+        browser.find_element(By.ID, "submit").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#videos .card"))
+        first = store.page()[0][0]
+        for i in range(1, 120):
+            store.create(first.model, first.owner, {**first.params, "prompt": f"video {i}"})
+        cards = lambda d: len(d.find_elements(By.CSS_SELECTOR, "#videos .card"))  # noqa: E731
+        older = browser.find_element(By.ID, "older")
+        wait.until(lambda d: cards(d) == 50 and older.is_displayed())
+        newest = browser.find_element(By.CSS_SELECTOR, "#videos .card .prompt").text
+        assert newest == "video 119"
+        older.click()
+        wait.until(lambda d: cards(d) == 100)
+        older.click()
+        wait.until(lambda d: cards(d) == 120 and not older.is_displayed())
+        prompts = [p.text for p in browser.find_elements(By.CSS_SELECTOR, "#videos .card .prompt")]
+        assert prompts == [f"video {i}" for i in range(119, -1, -1)]
+    store.close()

@@ -166,16 +166,44 @@ function schedule(delay) {
 }
 
 let refreshError = ""; // the message a failed refresh put up, taken down by the next one that works
+let wanted = 50; // newest videos listed; "Show older videos" lists 50 more
+
+async function listVideos() { // the newest `wanted` videos, newest first, a page of at most 100 at a time
+  const data = [];
+  let after = null;
+  for (;;) {
+    const limit = Math.min(100, wanted - data.length);
+    const query = `/v1/videos?limit=${limit}` + (after ? `&after=${encodeURIComponent(after)}` : "");
+    const page = await (await api(query)).json();
+    data.push(...page.data);
+    if (!page.has_more || !page.data.length || data.length >= wanted) return { data, more: page.has_more };
+    after = page.data[page.data.length - 1].id;
+  }
+}
+
+function order(data) { // the cards in the list's order, newest first; a card already in place is not moved
+  let previous = null; // (moving a card would stop its video playing)
+  for (const video of data) {
+    const card = cards.get(video.id);
+    const place = previous ? previous.nextElementSibling : $("#videos").firstElementChild;
+    if (card !== place) {
+      if (previous) previous.after(card); else $("#videos").prepend(card);
+    }
+    previous = card;
+  }
+}
 
 async function refresh() {
   let active = false;
   try {
-    const { data } = await (await api("/v1/videos?limit=50")).json();
+    const { data, more } = await listVideos();
+    $("#older").hidden = !more;
     if (refreshError && $("#message").textContent === refreshError) say("");
     refreshError = "";
     if (!model) loadModel().catch((error) => say(error.message, true)); // it failed when the page loaded
     const seen = new Set(data.map((v) => v.id));
-    for (const video of [...data].reverse()) render(video, true); // oldest first, each on top
+    for (const video of data) render(video);
+    order(data);
     for (const [id, card] of cards) {
       if (!seen.has(id)) { card.remove(); cards.delete(id); }
     }
@@ -193,6 +221,7 @@ async function refresh() {
 }
 
 $("#create").addEventListener("submit", submit);
+$("#older").addEventListener("click", () => { wanted += 50; schedule(0); });
 $("#prompt").addEventListener("keydown", (event) => { // Enter is a new line; Ctrl+Enter (⌘+Enter) generates
   if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
     event.preventDefault();
