@@ -318,3 +318,27 @@ def test_older_videos_are_a_click_away(browser, tiny_rope_dir, tmp_path):
         prompts = [p.text for p in browser.find_elements(By.CSS_SELECTOR, "#videos .card .prompt")]
         assert prompts == [f"video {i}" for i in range(119, -1, -1)]
     store.close()
+
+
+def test_the_api_key_can_be_forgotten(browser, tiny_rope_dir, tmp_path):
+    """"Forget API key" takes the key out of the browser's storage, clears the list it unlocked and asks
+    again, so a shared computer keeps no key and another key can be given."""
+    store, server = start_queue(tiny_rope_dir, tmp_path, api_keys=("sk-one",))
+    wait = WebDriverWait(browser, 10, poll_frequency=0.05)
+    with server as url:
+        browser.get(url)
+        forget = browser.find_element(By.ID, "forget-key")
+        key = wait.until(
+            lambda d: d.find_element(By.ID, "api-key") if d.find_element(By.ID, "key-form").is_displayed() else None
+        )
+        assert not forget.is_displayed()  # no key yet
+        key.send_keys("sk-one", Keys.ENTER)
+        browser.find_element(By.ID, "prompt").send_keys("a red sun")
+        browser.find_element(By.ID, "submit").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#videos .card") and forget.is_displayed())
+        forget.click()
+        wait.until(lambda d: d.find_element(By.ID, "key-form").is_displayed())
+        assert browser.execute_script("return localStorage.getItem('cogvideox-api-key')") is None
+        assert not browser.find_elements(By.CSS_SELECTOR, "#videos .card") and not forget.is_displayed()
+        assert key.get_attribute("value") == ""
+    store.close()

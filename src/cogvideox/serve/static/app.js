@@ -142,15 +142,20 @@ function render(video, prepend = false) {
   $("#empty").hidden = cards.size > 0;
 }
 
+function drop(id) { // a card off the page, with the downloaded copy of its video (fetched with a key)
+  const card = cards.get(id);
+  if (!card) return;
+  const player = card.querySelector("video");
+  if (player && player.src.startsWith("blob:")) URL.revokeObjectURL(player.src);
+  card.remove();
+  cards.delete(id);
+}
+
 async function remove(id) {
   try {
     const result = await (await api(`/v1/videos/${id}`, { method: "DELETE" })).json();
     if (result.deleted) {
-      const card = cards.get(id);
-      const player = card && card.querySelector("video");
-      if (player && player.src.startsWith("blob:")) URL.revokeObjectURL(player.src);
-      if (card) card.remove();
-      cards.delete(id);
+      drop(id);
       $("#empty").hidden = cards.size > 0;
     }
     schedule(0);
@@ -204,8 +209,8 @@ async function refresh() {
     const seen = new Set(data.map((v) => v.id));
     for (const video of data) render(video);
     order(data);
-    for (const [id, card] of cards) {
-      if (!seen.has(id)) { card.remove(); cards.delete(id); }
+    for (const id of [...cards.keys()]) {
+      if (!seen.has(id)) drop(id); // deleted elsewhere
     }
     active = data.some((v) => v.status === "queued" || v.status === "in_progress");
     $("#empty").hidden = cards.size > 0;
@@ -236,8 +241,18 @@ $("#key-form").addEventListener("submit", (event) => {
   say("");
   start();
 });
+$("#forget-key").addEventListener("click", () => { // another key, or none left behind on a shared computer
+  apiKey = "";
+  localStorage.removeItem("cogvideox-api-key");
+  clearTimeout(timer);
+  for (const id of [...cards.keys()]) drop(id);
+  $("#api-key").value = "";
+  $("#forget-key").hidden = true;
+  start(); // the server asks for a key again
+});
 
 function start() {
+  $("#forget-key").hidden = !apiKey;
   loadModel().catch((error) => say(error.message, true));
   refresh();
 }
