@@ -1,0 +1,59 @@
+"""The benchmark scripts keep what they measured: they run on rented GPU time under a time cap, so a mode
+that fails or a run cut short must not lose the figures already taken. Tiny configs on the CPU."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+
+def run_script(module_name: str, argv: list[str], out: Path, monkeypatch) -> int:
+    """Run benchmarks/<module_name>.py's main with `argv`, its JSON under `out`; returns the exit status."""
+    module = __import__(module_name)
+    monkeypatch.setenv("OUT", str(out))
+    monkeypatch.setattr(sys, "argv", [f"{module_name}.py", *argv])
+    try:
+        status = module.main()
+    except SystemExit as e:
+        return 0 if e.code is None else (e.code if isinstance(e.code, int) else 1)
+    return status or 0
+
+
+def test_speed_records_a_failing_mode_and_keeps_the_others(tmp_path, monkeypatch):
+    # fp8 cannot run on the CPU: it fails, the exact mode before it and int8 after it are still measured,
+    # everything is in the JSON, and the exit status says that something failed.
+    argv = ["--tiny", "--modes", "fused,fp8,int8", "--repeat", "1", "--trajectory-steps", "2", "--no-reference",
+            "--skip-vae", "--skip-t5"]  # fmt: skip
+    assert run_script("speed", argv, tmp_path, monkeypatch) == 1
+    result = json.loads((tmp_path / "speed_5b_tiny.json").read_text())
+    assert set(result["modes"]) == {"fused", "fp8", "int8"}
+    assert "error" in result["modes"]["fp8"]
+    assert result["modes"]["fused"]["step_ms"] > 0
+    assert result["modes"]["int8"]["trajectory_rel_l2_vs_fused"] >= 0
+
+
+def test_speed_writes_its_json_as_each_mode_is_measured(tmp_path, monkeypatch):
+    # A run killed after the first mode (here: the second mode interrupts it) still leaves the first's figures.
+    speed = __import__("speed")
+    real = speed.fast.apply
+    calls = []
+
+    def apply(model, **options):
+        calls.append(options)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # not an Exception: stops the run as a time cap's signal would
+        return real(model, **options)
+
+    monkeypatch.setattr(speed.fast, "apply", apply)
+    argv = ["--tiny", "--modes", "fused,compile", "--repeat", "1", "--trajectory-steps", "0", "--no-reference",
+            "--skip-vae", "--skip-t5"]  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        run_script("speed", argv, tmp_path, monkeypatch)
+    result = json.loads((tmp_path / "speed_5b_tiny.json").read_text())
+    assert list(result["modes"]) == ["fused"] and result["modes"]["fused"]["step_ms"] > 0
