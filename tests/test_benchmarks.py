@@ -57,3 +57,22 @@ def test_speed_writes_its_json_as_each_mode_is_measured(tmp_path, monkeypatch):
         run_script("speed", argv, tmp_path, monkeypatch)
     result = json.loads((tmp_path / "speed_5b_tiny.json").read_text())
     assert list(result["modes"]) == ["fused"] and result["modes"]["fused"]["step_ms"] > 0
+
+
+def test_core_full_size_keeps_our_figures_when_the_reference_is_cut_short(tmp_path, monkeypatch):
+    core = __import__("core_full_size")
+    real = core.timed
+    calls = []
+
+    def timed(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the reference's timing
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(core, "timed", timed)
+    with pytest.raises(KeyboardInterrupt):
+        run_script("core_full_size", ["--tiny", "--steps", "1", "--repeat", "1"], tmp_path, monkeypatch)
+    result = json.loads((tmp_path / "core_full_size_5b_tiny.json").read_text())
+    assert result["end_to_end"]["denoise"] > 0 and result["ours_step_ms"] > 0
+    assert "reference_step_ms" not in result
