@@ -19,7 +19,8 @@ the low-memory targets assume). Each run is a whole generation: T5 (prompt and n
   with the first tiled run, latents with "none").
 
 `--reference` also runs diffusers' CogVideoXPipeline resident on the same weights (the "none" target).
-JSON goes to $OUT (or the current folder) as memory_<variant>.json.
+JSON goes to $OUT (or the current folder) as memory_<variant>.json, rewritten after each run (a run
+stopped by a time cap keeps the runs it finished).
 """
 
 from __future__ import annotations
@@ -162,6 +163,11 @@ def main() -> int:
         args.variant = variant
         result = {"variant": variant, "tiny": args.tiny, "device": str(device), "dtype": str(dtype),
                   "torch": torch.__version__, "steps_measured": args.steps, "method": METHOD, "runs": {}}  # fmt: skip
+        path = out_dir / f"memory_{variant}{'_tiny' if args.tiny else ''}.json"
+
+        def save(result=result, path=path) -> None:
+            path.write_text(json.dumps(result, indent=2) + "\n")
+
         if device.type == "cuda":
             result["gpu"] = torch.cuda.get_device_name(device)
         with tempfile.TemporaryDirectory() as tmp:
@@ -191,6 +197,7 @@ def main() -> int:
             mismatches += not (stats["latents_equal_to_first_run"] and stats[f"frames_equal_to_first_{key}_run"])
             result["runs"][name] = stats
             print(name, json.dumps(stats), flush=True)
+            save()
         none = result["runs"].get("none")
         if none:
             for stats in result["runs"].values():
@@ -200,9 +207,8 @@ def main() -> int:
                 result["reference_resident"] = reference_run(pipe, request, device, dtype)
             except Exception as e:  # a benchmark extra; say why it is missing
                 result["reference_resident"] = f"failed: {type(e).__name__}: {e}"
-        text = json.dumps(result, indent=2)
-        print(text)
-        (out_dir / f"memory_{variant}{'_tiny' if args.tiny else ''}.json").write_text(text + "\n")
+        save()
+        print(json.dumps(result, indent=2))
         del pipe
         gc.collect()
         if device.type == "cuda":

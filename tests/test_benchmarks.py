@@ -76,3 +76,21 @@ def test_core_full_size_keeps_our_figures_when_the_reference_is_cut_short(tmp_pa
     result = json.loads((tmp_path / "core_full_size_5b_tiny.json").read_text())
     assert result["end_to_end"]["denoise"] > 0 and result["ours_step_ms"] > 0
     assert "reference_step_ms" not in result
+
+
+def test_memory_keeps_the_runs_it_finished(tmp_path, monkeypatch):
+    memory = __import__("memory")
+    real = memory.run_once
+    calls = []
+
+    def run_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(memory, "run_once", run_once)
+    with pytest.raises(KeyboardInterrupt):
+        run_script("memory", ["--tiny", "--variant", "5b", "--steps", "2", "--modes", "none,model"], tmp_path, monkeypatch)
+    result = json.loads((tmp_path / "memory_5b_tiny.json").read_text())
+    assert list(result["runs"]) == ["none"] and result["runs"]["none"]["latents_equal_to_first_run"]
