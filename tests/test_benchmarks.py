@@ -94,3 +94,16 @@ def test_memory_keeps_the_runs_it_finished(tmp_path, monkeypatch):
         run_script("memory", ["--tiny", "--variant", "5b", "--steps", "2", "--modes", "none,model"], tmp_path, monkeypatch)
     result = json.loads((tmp_path / "memory_5b_tiny.json").read_text())
     assert list(result["runs"]) == ["none"] and result["runs"]["none"]["latents_equal_to_first_run"]
+
+
+def test_finetune_memory_keeps_our_case_when_the_reference_is_cut_short(tmp_path, monkeypatch):
+    finetune = __import__("finetune_memory")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(finetune, "run_reference_lora", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_script("finetune_memory", ["--tiny", "--mode", "lora"], tmp_path, monkeypatch)
+    report = json.loads((tmp_path / "finetune_memory.json").read_text())
+    assert [c["mode"] for c in report["cases"]] == ["lora"] and report["cases"][0]["s_per_step"] > 0
