@@ -107,3 +107,21 @@ def test_finetune_memory_keeps_our_case_when_the_reference_is_cut_short(tmp_path
         run_script("finetune_memory", ["--tiny", "--mode", "lora"], tmp_path, monkeypatch)
     report = json.loads((tmp_path / "finetune_memory.json").read_text())
     assert [c["mode"] for c in report["cases"]] == ["lora"] and report["cases"][0]["s_per_step"] > 0
+
+
+def test_parallel_per_rank_keeps_the_rows_it_finished(tmp_path, monkeypatch):
+    parallel = __import__("parallel_per_rank")
+    real = parallel.timed
+    calls = []
+
+    def timed(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:  # the third row's first part
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(parallel, "timed", timed)
+    with pytest.raises(KeyboardInterrupt):
+        run_script("parallel_per_rank", ["--tiny", "--repeats", "1"], tmp_path, monkeypatch)
+    result = json.loads((tmp_path / "parallel_per_rank.json").read_text())
+    assert [row["ways"] for row in result["rows"]] == [1, 2]
