@@ -125,3 +125,33 @@ def test_parallel_per_rank_keeps_the_rows_it_finished(tmp_path, monkeypatch):
         run_script("parallel_per_rank", ["--tiny", "--repeats", "1"], tmp_path, monkeypatch)
     result = json.loads((tmp_path / "parallel_per_rank.json").read_text())
     assert [row["ways"] for row in result["rows"]] == [1, 2]
+
+
+def test_gpu_wheels_runs_in_a_git_worktree(tmp_path):
+    # In a worktree .git is a file: the script once appended to .git/info/exclude there and stopped (set -e).
+    import os
+    import shutil
+    import subprocess
+
+    def git(*args, cwd):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True,
+                       capture_output=True)  # fmt: skip
+
+    main, tree = tmp_path / "main", tmp_path / "tree"
+    (main / "scripts").mkdir(parents=True)
+    shutil.copy(BENCHMARKS.parent / "scripts" / "gpu-wheels.sh", main / "scripts")
+    git("init", "-q", cwd=main)
+    git("add", ".", cwd=main)
+    git("commit", "-q", "-m", "x", cwd=main)
+    git("worktree", "add", "-q", str(tree), cwd=main)
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "python3").write_text('#!/bin/sh\nmkdir -p .whl && echo "$@" > .whl/args\n')  # no network here
+    (fake / "python3").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}
+    done = subprocess.run(["bash", "scripts/gpu-wheels.sh"], cwd=tree, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "diffusers==0.42.1" in (tree / ".whl" / "args").read_text()
+    assert "/.whl/" in (main / ".git" / "info" / "exclude").read_text().splitlines()
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=tree, capture_output=True, text=True).stdout
+    assert ".whl" not in status
