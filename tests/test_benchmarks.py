@@ -156,3 +156,22 @@ def test_gpu_wheels_runs_in_a_git_worktree(tmp_path):
     assert "/.whl/" in (main / ".git" / "info" / "exclude").read_text().splitlines()
     status = subprocess.run(["git", "status", "--porcelain"], cwd=tree, capture_output=True, text=True, check=True)
     assert ".whl" not in status.stdout
+
+
+def test_memory_records_a_failing_mode_and_runs_the_next(tmp_path, monkeypatch):
+    memory = __import__("memory")
+    real = memory.run_once
+    calls = []
+
+    def run_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA out of memory")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(memory, "run_once", run_once)
+    argv = ["--tiny", "--variant", "5b", "--steps", "2", "--modes", "none,stream,sequential"]
+    assert run_script("memory", argv, tmp_path, monkeypatch) == 1
+    runs = json.loads((tmp_path / "memory_5b_tiny.json").read_text())["runs"]
+    assert runs["stream"] == {"error": "RuntimeError: CUDA out of memory"}
+    assert runs["sequential"]["latents_equal_to_first_run"] and runs["sequential"]["total_50_over_none"] > 0
