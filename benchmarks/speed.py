@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import os
 import statistics
@@ -153,6 +154,10 @@ def main() -> None:
         "torch": torch.__version__, "frames": frames, "height": height, "width": width,
         "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None, "modes": {},
     }  # fmt: skip
+    if not args.no_reference and importlib.util.find_spec("diffusers") is None:
+        # Our modes are still measured (their errors then against "fused"), as core_full_size.py does.
+        print("diffusers is not installed: no reference (see scripts/gpu-wheels.sh)", file=sys.stderr)
+        args.no_reference, result["reference"] = True, "diffusers not installed"
     out_dir = Path(os.environ.get("OUT", "."))
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"speed_{args.variant}{'_tiny' if args.tiny else ''}.json"

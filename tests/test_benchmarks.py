@@ -175,3 +175,12 @@ def test_memory_records_a_failing_mode_and_runs_the_next(tmp_path, monkeypatch):
     runs = json.loads((tmp_path / "memory_5b_tiny.json").read_text())["runs"]
     assert runs["stream"] == {"error": "RuntimeError: CUDA out of memory"}
     assert runs["sequential"]["latents_equal_to_first_run"] and runs["sequential"]["total_50_over_none"] > 0
+
+
+def test_speed_without_diffusers_still_measures_our_modes(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # as on a machine without it: import fails
+    argv = ["--tiny", "--modes", "fused", "--repeat", "1", "--trajectory-steps", "0", "--skip-t5"]
+    assert run_script("speed", argv, tmp_path, monkeypatch) == 0
+    result = json.loads((tmp_path / "speed_5b_tiny.json").read_text())
+    assert result["reference"] == "diffusers not installed" and result["modes"]["fused"]["step_ms"] > 0
+    assert "reference_whole" not in result["vae_decode"] and result["vae_decode"]["ours_whole"]["ms"] > 0
