@@ -25,7 +25,7 @@ tensors that map the file lazily, and their memory only shows once a forward pas
 peaks cover the load and that first read.
 
 `--reference` adds the same loads through diffusers (`from_pretrained(..., dtype=bfloat16)`) and
-transformers. Results go to `$OUT/load_memory_<variant>.json` and a table on stdout.
+transformers. Results go to `$OUT/load_memory_<variant>_<dtype>[_tiny].json` and a table on stdout.
 """
 
 from __future__ import annotations

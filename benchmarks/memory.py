@@ -19,7 +19,9 @@ the low-memory targets assume). Each run is a whole generation: T5 (prompt and n
   with the first tiled run, latents with "none").
 
 `--reference` also runs diffusers' CogVideoXPipeline resident on the same weights (the "none" target).
-JSON goes to $OUT (or the current folder) as memory_<variant>.json.
+JSON goes to $OUT (or the current folder) as memory_<variant>.json, rewritten after each run (a run
+stopped by a time cap keeps the runs it finished). A run that fails is recorded with its error and the
+next ones still run; the exit status is then 1.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -157,11 +160,16 @@ def main() -> int:
     device, dtype = core_full_size.bench_device(args.tiny)
     runs = [(r.split("+")[0], r.endswith("+tiling")) for r in args.modes.split(",")]
     variants = ["5b", "2b"] if args.variant == "both" else [args.variant]
-    mismatches = 0
+    mismatches = failures = 0
     for variant in variants:
         args.variant = variant
         result = {"variant": variant, "tiny": args.tiny, "device": str(device), "dtype": str(dtype),
                   "torch": torch.__version__, "steps_measured": args.steps, "method": METHOD, "runs": {}}  # fmt: skip
+        path = out_dir / f"memory_{variant}{'_tiny' if args.tiny else ''}.json"
+
+        def save(result=result, path=path) -> None:
+            path.write_text(json.dumps(result, indent=2) + "\n")
+
         if device.type == "cuda":
             result["gpu"] = torch.cuda.get_device_name(device)
         with tempfile.TemporaryDirectory() as tmp:
@@ -177,9 +185,16 @@ def main() -> int:
         first = {}
         for mode, tiling in runs:
             name = mode + ("+tiling" if tiling else "")
-            pipe.enable_offload(mode, device)
-            pipe.vae.enable_tiling() if tiling else pipe.vae.disable_tiling()
-            stats, out = run_once(pipe, request, device)
+            try:
+                pipe.enable_offload(mode, device)
+                pipe.vae.enable_tiling() if tiling else pipe.vae.disable_tiling()
+                stats, out = run_once(pipe, request, device)
+            except Exception as e:  # recorded; the next modes still run
+                traceback.print_exc()
+                result["runs"][name] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+                failures += 1
+                save()
+                continue
             key = "tiled" if tiling else "untiled"
             if "latents" not in first:
                 first["latents"] = out.latents
@@ -191,23 +206,24 @@ def main() -> int:
             mismatches += not (stats["latents_equal_to_first_run"] and stats[f"frames_equal_to_first_{key}_run"])
             result["runs"][name] = stats
             print(name, json.dumps(stats), flush=True)
+            save()
         none = result["runs"].get("none")
-        if none:
+        if none and "total_50_s" in none:
             for stats in result["runs"].values():
-                stats["total_50_over_none"] = round(stats["total_50_s"] / none["total_50_s"], 3)
+                if "total_50_s" in stats:
+                    stats["total_50_over_none"] = round(stats["total_50_s"] / none["total_50_s"], 3)
         if args.reference:
             try:
                 result["reference_resident"] = reference_run(pipe, request, device, dtype)
             except Exception as e:  # a benchmark extra; say why it is missing
                 result["reference_resident"] = f"failed: {type(e).__name__}: {e}"
-        text = json.dumps(result, indent=2)
-        print(text)
-        (out_dir / f"memory_{variant}{'_tiny' if args.tiny else ''}.json").write_text(text + "\n")
+        save()
+        print(json.dumps(result, indent=2))
         del pipe
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return 1 if args.check and mismatches else 0
+    return 1 if failures or (args.check and mismatches) else 0
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ both parts separately on one GPU, for CFG batch 2 (sequence parallelism only) an
 without any communication: add the all-to-all time of docs/parallel.md to get a layer's time on N GPUs.
 
 Writes JSON to $OUT/parallel_per_rank.json (or the current folder): per N and batch, the median
-milliseconds of the per-token part, of the attention part, and their sum, and the 42-layer step estimate.
+milliseconds of the per-token part, of the attention part, and their sum, and the 42-layer step estimate;
+rewritten after each row (a run stopped by a time cap keeps the rows it finished).
 """
 
 from __future__ import annotations
@@ -50,8 +51,10 @@ def timed(fn, device: torch.device, repeats: int) -> float:
 
 
 def measure(
-    config: TransformerConfig, text: int, video: int, ways: list[int], batches: list[int], device, dtype, repeats
+    config: TransformerConfig, text: int, video: int, ways: list[int], batches: list[int], device, dtype, repeats,
+    rows: list[dict] | None = None, save=lambda: None,
 ):
+    """Appends a row per (batch, N) to `rows` (a new list by default), calling `save` after each."""
     block = ExpertBlock(config).to(device, dtype).eval()
     with torch.no_grad():
         for p in block.parameters():
@@ -59,7 +62,7 @@ def measure(
     block.attn1.attend = lambda q, k, v: v  # the per-token part alone; attention is timed below
     heads, head_dim, dim = config.num_attention_heads, config.attention_head_dim, config.inner_dim
     total = text + video
-    rows = []
+    rows = [] if rows is None else rows
     for batch in batches:
         for n in ways:
             if heads % n:
@@ -88,7 +91,8 @@ def measure(
                     step_estimate_s=round((per_token + attention) * config.num_layers / 1e3, 4),
                 )
             )
-            print(json.dumps(rows[-1]))
+            print(json.dumps(rows[-1]), flush=True)
+            save()
     return rows
 
 
@@ -106,7 +110,6 @@ def main() -> None:
             raise SystemExit("the full-size run needs a CUDA GPU; use --tiny on the CPU")
         config, text, video = TRANSFORMER_PRESETS["CogVideoX-5b"], 226, 13 * 30 * 45
         device, dtype = torch.device("cuda"), torch.bfloat16
-    rows = measure(config, text, video, ways, [2, 1], device, dtype, args.repeats)
     result = dict(
         model="tiny" if args.tiny else "CogVideoX-5b",
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -114,11 +117,16 @@ def main() -> None:
         text_tokens=text,
         video_tokens=video,
         layers=config.num_layers,
-        rows=rows,
+        rows=[],
     )
     out = Path(os.environ.get("OUT", ".")) / "parallel_per_rank.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+
+    def save() -> None:
+        out.write_text(json.dumps(result, indent=2) + "\n")
+
+    measure(config, text, video, ways, [2, 1], device, dtype, args.repeats, result["rows"], save)
+    save()
     print(f"wrote {out}")
 
 

@@ -18,20 +18,25 @@ Modes: plain (no levers), fused (fused QKV + cuDNN-first attention: our exact mo
 regional torch.compile), int8 / fp8 (fused + quantised linears + compile), cache (fused + compile + the
 first-block cache at --cache-threshold). The reference is timed eager, and compiled with
 --reference-compile (minutes of compilation). Writes speed_<variant>[_tiny].json under $OUT (or the
-current folder) and prints a markdown table.
+current folder), rewritten as each figure comes in (a run cut short by its time cap keeps what it
+measured), and prints a markdown table. A mode or VAE variant that fails is recorded with its error and
+the others still run; the exit status is then 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import os
 import statistics
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -149,14 +154,26 @@ def main() -> None:
         "torch": torch.__version__, "frames": frames, "height": height, "width": width,
         "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None, "modes": {},
     }  # fmt: skip
+    if not args.no_reference and importlib.util.find_spec("diffusers") is None:
+        # Our modes are still measured (their errors then against "fused"), as core_full_size.py does.
+        print("diffusers is not installed: no reference (see scripts/gpu-wheels.sh)", file=sys.stderr)
+        args.no_reference, result["reference"] = True, "diffusers not installed"
+    out_dir = Path(os.environ.get("OUT", "."))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"speed_{args.variant}{'_tiny' if args.tiny else ''}.json"
 
+    def save() -> None:
+        path.write_text(json.dumps(result, indent=2) + "\n")
+
+    save()
     lat_f, lat_h, lat_w = (frames - 1) // 4 + 1, height // 8, width // 8
     if not args.vae_only:
-        transformer_modes(args, config, modes, steps, device, dtype, clock, result, lat_f, lat_h, lat_w)
+        transformer_modes(args, config, modes, steps, device, dtype, clock, result, lat_f, lat_h, lat_w, save)
 
     # 3. VAE decode, reference and ours, whole and tiled.
     if not args.skip_vae:
-        result["vae_decode"] = vae_decode(vae_config, device, dtype, clock, lat_f, lat_h, lat_w, args.no_reference)
+        result["vae_decode"] = {}
+        vae_decode(vae_config, device, dtype, clock, lat_f, lat_h, lat_w, args.no_reference, result["vae_decode"], save)
         print("vae:", json.dumps(result["vae_decode"]), flush=True)
 
     # 4. T5 encoding of [negative ; prompt].
@@ -169,20 +186,34 @@ def main() -> None:
             call = lambda: encoder.encode(prompts, config.max_text_seq_length, device=device, dtype=dtype)  # noqa: E731
             result["t5"] = {"encode_ms": time_step(call, clock, args.repeat)[1]["step_ms"], "peak_gib": peak_gib(device)}
         del encoder
+        save()
 
-    out_dir = Path(os.environ.get("OUT", "."))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    name = f"speed_{args.variant}{'_tiny' if args.tiny else ''}.json"
-    (out_dir / name).write_text(json.dumps(result, indent=2) + "\n")
     print(markdown(result))
+    entries = [*result["modes"].items(), *result.get("vae_decode", {}).items()]
+    failed = [k for k, v in entries if isinstance(v, dict) and "error" in v]
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)} (their errors are in {path})")
 
 
-def transformer_modes(args, config, modes, steps, device, dtype, clock, result, lat_f, lat_h, lat_w) -> None:
-    """Sections 1 and 2: the reference transformer (eager, compiled) and each of our modes, into `result`."""
-    # The weights, once, on the CPU: every model below is a fresh copy of them.
+def host_random_state(module: torch.nn.Module, device, dtype, seed: int) -> dict[str, torch.Tensor]:
+    """`random_state` drawn on `device`, kept in host memory. On the CPU, 5B's 5.6 billion normal values
+    take half a minute of one core (the generator is serial); a GPU draws them in well under a second."""
+    return {k: v.cpu() for k, v in random_state(module, device, dtype, seed).items()}
+
+
+def failure(e: Exception) -> dict:
+    """What a failed measurement records in place of its figures (the traceback goes to the log)."""
+    traceback.print_exc()
+    return {"error": f"{type(e).__name__}: {e}"[:2000]}
+
+
+def transformer_modes(args, config, modes, steps, device, dtype, clock, result, lat_f, lat_h, lat_w, save) -> None:
+    """Sections 1 and 2: the reference transformer (eager, compiled) and each of our modes, into `result`
+    (`save` writes it after each)."""
+    # The weights, once, in host memory: every model below is a fresh copy of them.
     with torch.device("meta"):
         template = CogVideoXTransformer(config)
-    weights = random_state(template, "cpu", dtype, seed=1)
+    weights = host_random_state(template, device, dtype, seed=1)
     del template
     result["transformer_params"] = sum(v.numel() for v in weights.values())
 
@@ -197,7 +228,8 @@ def transformer_modes(args, config, modes, steps, device, dtype, clock, result, 
         model.load_state_dict(weights, assign=True)
         return model.to(device).eval()
 
-    rope = ours().rotary_embedding(lat_f, lat_h, lat_w, device)
+    # The RoPE tables need only the config (not a whole model copied to the device for them).
+    rope = CogVideoXTransformer.rotary_embedding(SimpleNamespace(config=config), lat_f, lat_h, lat_w, device)
 
     # 1. The reference, eager (and compiled).
     reference_out = None
@@ -226,6 +258,7 @@ def transformer_modes(args, config, modes, steps, device, dtype, clock, result, 
                 result["reference_compiled"] = time_step(call, clock, args.repeat)[1]
         del ref
         print("reference:", json.dumps({k: v for k, v in result.items() if k.startswith("reference")}), flush=True)
+        save()
 
     # 2. Our modes, each on a fresh copy.
     trajectory_truth = None
@@ -243,11 +276,13 @@ def transformer_modes(args, config, modes, steps, device, dtype, clock, result, 
     ordered = sorted(modes, key=lambda m: m != "fused")  # the lossless run first: the lossy ones' truth
     if steps and any(m in LOSSY for m in modes) and "fused" not in modes:
         ordered.insert(0, "fused")
-    for mode in ordered:
+
+    def measure(mode: str, entry: dict) -> None:
+        nonlocal trajectory_truth
         options = dict(MODES[mode])
         if mode == "cache":
             options["cache"] = args.cache_threshold
-        entry: dict = {"options": {k: v for k, v in options.items()}}
+        entry["options"] = dict(options)
         reset_peak(device)
         torch._dynamo.reset()  # each compiled mode pays its own warm-up
         model = ours()
@@ -290,10 +325,18 @@ def transformer_modes(args, config, modes, steps, device, dtype, clock, result, 
                     entry["peak_gib"] = peak_gib(device)
                     if "reference_eager" in result:
                         entry["step_over_reference_eager"] = round(entry["step_ms"] / result["reference_eager"]["step_ms"], 3)
-        del model, record
-        if mode in modes:
+
+    for mode in ordered:
+        entry = {}
+        try:
+            measure(mode, entry)
+        except Exception as e:  # recorded; the other modes still run (a missing truth fails the lossy ones)
+            entry.update(failure(e))
+        reset_peak(device)
+        if mode in modes or "error" in entry:
             result["modes"][mode] = entry
         print(mode, json.dumps(entry), flush=True)
+        save()
 
 
 # The VAE decode variants: who decodes, with which levers (see cogvideox/fast/vae.py), tiled too or not.
@@ -308,20 +351,19 @@ VAE_VARIANTS = {
 }
 
 
-def vae_decode(vae_config, device, dtype, clock, lat_f, lat_h, lat_w, no_reference) -> dict:
+def vae_decode(vae_config, device, dtype, clock, lat_f, lat_h, lat_w, no_reference, report: dict, save) -> None:
     """Each variant decodes the same latents whole (and tiled): its first call (with cuDNN's algorithm
     search when it is on) and the median of two more; then each error against our exact decode and
-    against the reference's."""
+    against the reference's. Fills `report` (`save` writes it after each variant)."""
     with torch.device("meta"):
         template = CogVideoXVAE(vae_config)
-    weights = random_state(template, "cpu", dtype, seed=2)
+    weights = host_random_state(template, device, dtype, seed=2)
     del template
     g = torch.Generator(device="cpu").manual_seed(5)
     z = torch.randn(1, vae_config.latent_channels, lat_f, lat_h, lat_w, generator=g).to(device, dtype)
-    report, outputs = {}, {}
-    for who, options in VAE_VARIANTS.items():
-        if who == "reference" and no_reference:
-            continue
+    outputs = {}  # in host memory: a video left on the device would count in the next variants' peaks
+
+    def measure(who: str, options: dict) -> None:
         with torch.device("meta"):
             if who == "reference":
                 from diffusers import AutoencoderKLCogVideoX
@@ -343,33 +385,48 @@ def vae_decode(vae_config, device, dtype, clock, lat_f, lat_h, lat_w, no_referen
                 decode = (lambda: vae.decode(z).sample) if who == "reference" else (lambda: vae.decode(z))
                 reset_peak(device)
                 with torch.inference_mode():
-                    first = clock(lambda: outputs.setdefault((who, tiled), decode()))
+                    video = {}
+                    first = clock(lambda: video.setdefault("out", decode()))
+                    outputs[who, tiled] = video.pop("out").cpu()
                     seconds = statistics.median([clock(decode) for _ in range(2)])
                 key = f"{who}_{'tiled' if tiled else 'whole'}"
                 report[key] = {
                     "ms": round(1000 * seconds, 1), "first_ms": round(1000 * first, 1), "peak_gib": peak_gib(device)
                 }  # fmt: skip
                 print(f"vae {key}: {json.dumps(report[key])}", flush=True)
+                save()
         finally:
             torch.backends.cudnn.benchmark = benchmark
-        del vae
-    report["ours_tiled_vs_whole_rel_l2"] = rel_l2(outputs["ours", True], outputs["ours", False])
+
+    for who, options in VAE_VARIANTS.items():
+        if who == "reference" and no_reference:
+            continue
+        try:
+            measure(who, options)
+        except Exception as e:  # recorded; the other variants still run
+            report[who] = failure(e)
+            print(f"vae {who}: {json.dumps(report[who])}", flush=True)
+            save()
+        reset_peak(device)
+    if ("ours", True) in outputs and ("ours", False) in outputs:
+        report["ours_tiled_vs_whole_rel_l2"] = rel_l2(outputs["ours", True], outputs["ours", False])
     for (who, tiled), out in outputs.items():
         key = f"{who}_{'tiled' if tiled else 'whole'}"
-        if who.startswith("ours_"):
+        if who.startswith("ours_") and ("ours", tiled) in outputs:
             report[key]["rel_l2_vs_ours"] = rel_l2(out, outputs["ours", tiled])
-        if who != "reference" and not no_reference:
+        if who != "reference" and ("reference", tiled) in outputs:
             report[key]["rel_l2_vs_reference"] = rel_l2(out, outputs["reference", tiled])
             report[key]["over_reference"] = round(report[key]["ms"] / report[f"reference_{key.rsplit('_', 1)[1]}"]["ms"], 3)
-    return report
+    save()
 
 
 def markdown(result: dict) -> str:
     def cell(value) -> str:
         return "" if value is None else str(value)
 
+    steps = next((e["trajectory_steps"] for e in result["modes"].values() if "trajectory_steps" in e), "n")
     rows = ["| what | step ms | 50 steps s | vs ref eager | peak GiB | weights GiB | 1-step err vs ref | "
-            f"{result['modes'].get('int8', {}).get('trajectory_steps', 'n')}-step err vs fused | steps computed |",
+            f"{steps}-step err vs fused | steps computed |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     if not result["modes"] and "reference_eager" not in result:
         rows = []  # --vae-only
@@ -381,6 +438,9 @@ def markdown(result: dict) -> str:
         ratio = round(r["step_ms"] / result["reference_eager"]["step_ms"], 3)
         rows.append(f"| reference compiled | {r['step_ms']} | {r['steps_50_s']} | {ratio} | | | | | |")
     for mode, e in result["modes"].items():
+        if "error" in e:
+            rows.append(f"| {mode} | failed: {e['error'].splitlines()[0][:200]} | | | | | | | |")
+            continue
         cache = e.get("cache")
         computed = f"{cache['computed']}/{cache['calls']}" if cache else ""
         rows.append(
@@ -392,7 +452,9 @@ def markdown(result: dict) -> str:
         rows += ["", "| VAE decode | ms | first call ms | vs reference | peak GiB | rel. L2 vs ours exact | vs reference |",
                  "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
         for key, e in result["vae_decode"].items():
-            if isinstance(e, dict):
+            if isinstance(e, dict) and "error" in e:
+                rows.append(f"| {key} | failed: {e['error'].splitlines()[0][:200]} | | | | | |")
+            elif isinstance(e, dict):
                 rows.append(
                     f"| {key} | {e['ms']} | {e['first_ms']} | {e.get('over_reference', '')} | {cell(e['peak_gib'])} | "
                     f"{e.get('rel_l2_vs_ours', '')} | {e.get('rel_l2_vs_reference', '')} |"

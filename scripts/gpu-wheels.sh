@@ -3,7 +3,11 @@
 # downloads them into .whl/ for Python 3.12 on x86-64 Linux; benchmarks/gpu_session.sh installs them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-grep -qx "/.whl/" .git/info/exclude 2>/dev/null || echo "/.whl/" >> .git/info/exclude
+# .whl/ stays out of git status; in a worktree (where .git is a file) the exclude file is the main one's
+if exclude=$(git rev-parse --git-path info/exclude 2>/dev/null); then
+    mkdir -p "$(dirname "$exclude")"
+    grep -qx "/.whl/" "$exclude" 2>/dev/null || echo "/.whl/" >> "$exclude"
+fi
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
     diffusers==0.42.1 importlib_metadata "${@}"

@@ -72,3 +72,6 @@ def test_evaluate_seeds_are_chosen_on_the_command_line(monkeypatch, tmp_path):
     assert out.read_text() == "{}\n"
     evaluate_module.main(["--seeds", "2"])
     assert calls[1][:2] == ((0, 1), (100,))
+    # --output in a folder that does not exist yet: the folder is made, the report written
+    evaluate_module.main(["--seeds", "1", "--output", str(tmp_path / "new" / "report.json")])
+    assert (tmp_path / "new" / "report.json").read_text() == "{}\n"

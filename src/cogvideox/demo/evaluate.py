@@ -11,6 +11,7 @@ import argparse
 import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from . import world
 from .judge import judge
@@ -93,6 +94,8 @@ def main(argv=None) -> None:
                         "timestep clock or the smooth step clock (default: constant guidance)")
     p.add_argument("--output", default=None, help="write the report as JSON here")
     args = p.parse_args(argv)
+    if args.output:  # made now, not after minutes of generating (the report would be lost to a traceback)
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     pipe = Pipeline.from_pretrained(args.model)
     guidance = {} if args.guidance is None else dict(guidance_scale=args.guidance)
     if args.dynamic_cfg:

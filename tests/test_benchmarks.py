@@ -1,0 +1,204 @@
+"""The benchmark scripts keep what they measured: they run on rented GPU time under a time cap, so a mode
+that fails or a run cut short must not lose the figures already taken. Tiny configs on the CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+
+def run_script(module_name: str, argv: list[str], out: Path, monkeypatch) -> int:
+    """Run benchmarks/<module_name>.py's main with `argv`, its JSON under `out`; returns the exit status."""
+    module = __import__(module_name)
+    monkeypatch.setenv("OUT", str(out))
+    monkeypatch.setattr(sys, "argv", [f"{module_name}.py", *argv])
+    try:
+        status = module.main()
+    except SystemExit as e:
+        return 0 if e.code is None else (e.code if isinstance(e.code, int) else 1)
+    return status or 0
+
+
+def test_speed_records_a_failing_mode_and_keeps_the_others(tmp_path, monkeypatch):
+    # fp8 cannot run on the CPU: it fails, the exact mode before it and int8 after it are still measured,
+    # everything is in the JSON, and the exit status says that something failed.
+    argv = ["--tiny", "--modes", "fused,fp8,int8", "--repeat", "1", "--trajectory-steps", "2", "--no-reference",
+            "--skip-vae", "--skip-t5"]  # fmt: skip
+    assert run_script("speed", argv, tmp_path, monkeypatch) == 1
+    result = json.loads((tmp_path / "speed_5b_tiny.json").read_text())
+    assert set(result["modes"]) == {"fused", "fp8", "int8"}
+    assert "error" in result["modes"]["fp8"]
+    assert result["modes"]["fused"]["step_ms"] > 0
+    assert result["modes"]["int8"]["trajectory_rel_l2_vs_fused"] >= 0
+
+
+def test_speed_writes_its_json_as_each_mode_is_measured(tmp_path, monkeypatch):
+    # A run killed after the first mode (here: the second mode interrupts it) still leaves the first's figures.
+    speed = __import__("speed")
+    real = speed.fast.apply
+    calls = []
+
+    def apply(model, **options):
+        calls.append(options)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # not an Exception: stops the run as a time cap's signal would
+        return real(model, **options)
+
+    monkeypatch.setattr(speed.fast, "apply", apply)
+    argv = ["--tiny", "--modes", "fused,compile", "--repeat", "1", "--trajectory-steps", "0", "--no-reference",
+            "--skip-vae", "--skip-t5"]  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        run_script("speed", argv, tmp_path, monkeypatch)
+    result = json.loads((tmp_path / "speed_5b_tiny.json").read_text())
+    assert list(result["modes"]) == ["fused"] and result["modes"]["fused"]["step_ms"] > 0
+
+
+def test_core_full_size_keeps_our_figures_when_the_reference_is_cut_short(tmp_path, monkeypatch):
+    core = __import__("core_full_size")
+    real = core.timed
+    calls = []
+
+    def timed(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the reference's timing
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(core, "timed", timed)
+    with pytest.raises(KeyboardInterrupt):
+        run_script("core_full_size", ["--tiny", "--steps", "1", "--repeat", "1"], tmp_path, monkeypatch)
+    result = json.loads((tmp_path / "core_full_size_5b_tiny.json").read_text())
+    assert result["end_to_end"]["denoise"] > 0 and result["ours_step_ms"] > 0
+    assert "reference_step_ms" not in result
+
+
+def test_memory_keeps_the_runs_it_finished(tmp_path, monkeypatch):
+    memory = __import__("memory")
+    real = memory.run_once
+    calls = []
+
+    def run_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(memory, "run_once", run_once)
+    with pytest.raises(KeyboardInterrupt):
+        argv = ["--tiny", "--variant", "5b", "--steps", "2", "--modes", "none,model"]
+        run_script("memory", argv, tmp_path, monkeypatch)
+    result = json.loads((tmp_path / "memory_5b_tiny.json").read_text())
+    assert list(result["runs"]) == ["none"] and result["runs"]["none"]["latents_equal_to_first_run"]
+
+
+def test_finetune_memory_keeps_our_case_when_the_reference_is_cut_short(tmp_path, monkeypatch):
+    finetune = __import__("finetune_memory")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(finetune, "run_reference_lora", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_script("finetune_memory", ["--tiny", "--mode", "lora"], tmp_path, monkeypatch)
+    report = json.loads((tmp_path / "finetune_memory.json").read_text())
+    assert [c["mode"] for c in report["cases"]] == ["lora"] and report["cases"][0]["s_per_step"] > 0
+
+
+def test_parallel_per_rank_keeps_the_rows_it_finished(tmp_path, monkeypatch):
+    parallel = __import__("parallel_per_rank")
+    real = parallel.timed
+    calls = []
+
+    def timed(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:  # the third row's first part
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(parallel, "timed", timed)
+    with pytest.raises(KeyboardInterrupt):
+        run_script("parallel_per_rank", ["--tiny", "--repeats", "1"], tmp_path, monkeypatch)
+    result = json.loads((tmp_path / "parallel_per_rank.json").read_text())
+    assert [row["ways"] for row in result["rows"]] == [1, 2]
+
+
+def test_gpu_wheels_runs_in_a_git_worktree(tmp_path):
+    # In a worktree .git is a file: the script once appended to .git/info/exclude there and stopped (set -e).
+    def git(*args, cwd):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True,
+                       capture_output=True)  # fmt: skip
+
+    main, tree = tmp_path / "main", tmp_path / "tree"
+    (main / "scripts").mkdir(parents=True)
+    shutil.copy(BENCHMARKS.parent / "scripts" / "gpu-wheels.sh", main / "scripts")
+    git("init", "-q", cwd=main)
+    git("add", ".", cwd=main)
+    git("commit", "-q", "-m", "x", cwd=main)
+    git("worktree", "add", "-q", str(tree), cwd=main)
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "python3").write_text('#!/bin/sh\nmkdir -p .whl && echo "$@" > .whl/args\n')  # no network here
+    (fake / "python3").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}
+    done = subprocess.run(["bash", "scripts/gpu-wheels.sh"], cwd=tree, env=env, capture_output=True, text=True,
+                          check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "diffusers==0.42.1" in (tree / ".whl" / "args").read_text()
+    assert "/.whl/" in (main / ".git" / "info" / "exclude").read_text().splitlines()
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=tree, capture_output=True, text=True, check=True)
+    assert ".whl" not in status.stdout
+
+
+def test_memory_records_a_failing_mode_and_runs_the_next(tmp_path, monkeypatch):
+    memory = __import__("memory")
+    real = memory.run_once
+    calls = []
+
+    def run_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA out of memory")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(memory, "run_once", run_once)
+    argv = ["--tiny", "--variant", "5b", "--steps", "2", "--modes", "none,stream,sequential"]
+    assert run_script("memory", argv, tmp_path, monkeypatch) == 1
+    runs = json.loads((tmp_path / "memory_5b_tiny.json").read_text())["runs"]
+    assert runs["stream"] == {"error": "RuntimeError: CUDA out of memory"}
+    assert runs["sequential"]["latents_equal_to_first_run"] and runs["sequential"]["total_50_over_none"] > 0
+
+
+def test_speed_without_diffusers_still_measures_our_modes(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # as on a machine without it: import fails
+    argv = ["--tiny", "--modes", "fused", "--repeat", "1", "--trajectory-steps", "0", "--skip-t5"]
+    assert run_script("speed", argv, tmp_path, monkeypatch) == 0
+    result = json.loads((tmp_path / "speed_5b_tiny.json").read_text())
+    assert result["reference"] == "diffusers not installed" and result["modes"]["fused"]["step_ms"] > 0
+    assert "reference_whole" not in result["vae_decode"] and result["vae_decode"]["ours_whole"]["ms"] > 0
+
+
+def test_gpu_session_runs_when_the_wheels_do_not_install(tmp_path):
+    # A failed install of .whl/ only loses the reference comparisons; it once ended the session at once.
+    (tmp_path / "benchmarks").mkdir()
+    shutil.copy(BENCHMARKS / "gpu_session.sh", tmp_path / "benchmarks")
+    (tmp_path / ".whl").mkdir()
+    (tmp_path / ".whl" / "broken-1.0-py3-none-any.whl").write_text("not a zip")
+    python = tmp_path / "python"  # pip fails (as without network or pip); everything else runs as usual
+    python.write_text(f'#!/bin/sh\n[ "$1 $2" = "-m pip" ] && exit 1\nexec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(python), "OUT": str(tmp_path / "out"), "TINY": "1"}
+    done = subprocess.run(["bash", str(tmp_path / "benchmarks" / "gpu_session.sh"), "0"], env=env,
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "wheel install failed" in done.stderr
+    steps = [json.loads(line) for line in (tmp_path / "out" / "session.jsonl").read_text().splitlines()]
+    assert steps and all(s["status"] == "skipped" for s in steps)  # a budget of 0 s: every step skipped
