@@ -75,3 +75,23 @@ def test_evaluate_seeds_are_chosen_on_the_command_line(monkeypatch, tmp_path):
     # --output in a folder that does not exist yet: the folder is made, the report written
     evaluate_module.main(["--seeds", "1", "--output", str(tmp_path / "new" / "report.json")])
     assert (tmp_path / "new" / "report.json").read_text() == "{}\n"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "/no/such/model"], "error: no model folder at /no/such/model"),
+        (["--steps", "0"], "argument --steps: expected a positive integer, got 0"),
+        (["--guidance", "nan"], "argument --guidance: expected a finite number, got nan"),
+    ],
+)
+def test_evaluate_mistakes_are_one_line(capsys, argv, message):
+    from cogvideox.demo import evaluate as evaluate_module
+
+    try:
+        status = evaluate_module.main(argv)
+    except SystemExit as e:  # argparse's own errors exit
+        status = e.code
+    assert status == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python -m cogvideox.demo.evaluate: error: ") and message in err and err.count("\n") == 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,40 +76,53 @@ def evaluate(pipe, seeds=(0, 1, 2), train_seeds=(0,), num_inference_steps: int =
     return report
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
+    from cogvideox.cli import RUN_ERROR, USER_ERROR, _Parser
+    from cogvideox.cli_args import finite_float, non_negative_int, positive_int
+    from cogvideox.errors import CogVideoXError, InputError, LoadError
+    from cogvideox.models.config import ConfigError
+
     from ..pipeline import Pipeline
 
-    p = argparse.ArgumentParser(prog="python -m cogvideox.demo.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="python -m cogvideox.demo.evaluate", description=__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model folder (default: the embedded demo model)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds per held-out caption")
-    p.add_argument("--train-seeds", type=int, default=1, help="seeds per training caption")
-    p.add_argument("--first-seed", type=int, default=0,
+    p.add_argument("--seeds", type=non_negative_int, default=3, help="seeds per held-out caption")
+    p.add_argument("--train-seeds", type=non_negative_int, default=1, help="seeds per training caption")
+    p.add_argument("--first-seed", type=non_negative_int, default=0,
                    help="held-out captions use seeds first-seed, first-seed + 1, ...; training captions 100 + "
                         "first-seed, ... (a fresh --first-seed checks a result on videos it was not chosen on)")
-    p.add_argument("--steps", type=int, default=50, help="denoising steps")
-    p.add_argument("--guidance", type=float, default=None,
+    p.add_argument("--steps", type=positive_int, default=50, help="denoising steps")
+    p.add_argument("--guidance", type=finite_float, default=None,
                    help="classifier-free guidance scale (default: the model's, from its sampling.json)")
     p.add_argument("--dynamic-cfg", choices=("reference", "smooth"), default=None,
                    help="schedule the guidance over the steps with CogVideoX's dynamic CFG, with the reference's "
                         "timestep clock or the smooth step clock (default: constant guidance)")
     p.add_argument("--output", default=None, help="write the report as JSON here")
     args = p.parse_args(argv)
-    if args.output:  # made now, not after minutes of generating (the report would be lost to a traceback)
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    pipe = Pipeline.from_pretrained(args.model)
     guidance = {} if args.guidance is None else dict(guidance_scale=args.guidance)
     if args.dynamic_cfg:
         guidance.update(use_dynamic_cfg=True, dynamic_cfg=args.dynamic_cfg)
     first = args.first_seed
-    report = evaluate(pipe, tuple(range(first, first + args.seeds)),
-                      tuple(range(100 + first, 100 + first + args.train_seeds)), args.steps, **guidance)
+    try:
+        if args.output:  # made now, not after minutes of generating (the report would be lost to a traceback)
+            try:
+                Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise InputError(f"cannot write {args.output}: {e.strerror or e}") from None
+        pipe = Pipeline.from_pretrained(args.model)
+        report = evaluate(pipe, tuple(range(first, first + args.seeds)),
+                          tuple(range(100 + first, 100 + first + args.train_seeds)), args.steps, **guidance)
+    except (CogVideoXError, ConfigError) as e:
+        print(f"{p.prog}: error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, no traceback
+        return USER_ERROR if isinstance(e, (InputError, LoadError, ConfigError)) else RUN_ERROR
     text = json.dumps(report, indent=2)
     print(text)
     if args.output:
         with open(args.output, "w") as f:
             f.write(text + "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
