@@ -37,6 +37,14 @@ T5_XXL = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, vo
 T5_TINY = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, vocab_size=200)
 
 
+def save_json(path: Path, value) -> None:
+    """Write `value` as JSON to `path` whole or not at all: the scripts rewrite their results after every
+    measurement, and a time cap's kill must not leave a cut-off file where the last complete one was."""
+    part = path.with_name(path.name + ".part")
+    part.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(part, path)
+
+
 def random_state(module: torch.nn.Module, device, dtype, seed: int) -> dict[str, torch.Tensor]:
     """Small random values for every tensor of `module`'s state dict (weights ~ N(0, 0.02), norms ~ 1).
 
@@ -157,7 +165,7 @@ def main() -> None:
     result["transformer_params"] = sum(p.numel() for p in transformer.parameters())
 
     def save() -> None:
-        path.write_text(json.dumps(result, indent=2) + "\n")
+        save_json(path, result)
 
     save()
 

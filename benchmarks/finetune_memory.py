@@ -30,7 +30,7 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from core_full_size import build  # noqa: E402
+from core_full_size import build, save_json  # noqa: E402
 
 from cogvideox.models.config import SchedulerConfig, TransformerConfig
 from cogvideox.models.transformer import TRANSFORMER_PRESETS, CogVideoXTransformer
@@ -199,7 +199,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
-        out.write_text(json.dumps(report, indent=2) + "\n")
+        save_json(out, report)
 
     for mode in modes:
         case = run_case(args, mode, config, device, dtype)

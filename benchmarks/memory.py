@@ -168,7 +168,7 @@ def main() -> int:
         path = out_dir / f"memory_{variant}{'_tiny' if args.tiny else ''}.json"
 
         def save(result=result, path=path) -> None:
-            path.write_text(json.dumps(result, indent=2) + "\n")
+            core_full_size.save_json(path, result)
 
         if device.type == "cuda":
             result["gpu"] = torch.cuda.get_device_name(device)

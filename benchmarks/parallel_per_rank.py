@@ -20,11 +20,15 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from core_full_size import save_json  # noqa: E402
 
 from cogvideox.models.config import TransformerConfig
 from cogvideox.models.transformer import TRANSFORMER_PRESETS, ExpertBlock
@@ -123,7 +127,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        save_json(out, result)
 
     measure(config, text, video, ways, [2, 1], device, dtype, args.repeats, result["rows"], save)
     save()

@@ -41,7 +41,7 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from core_full_size import T5_TINY, T5_XXL, make_text_encoder, random_state  # noqa: E402
+from core_full_size import T5_TINY, T5_XXL, make_text_encoder, random_state, save_json  # noqa: E402
 
 from cogvideox import fast  # noqa: E402
 from cogvideox.models.config import SchedulerConfig, VAEConfig  # noqa: E402
@@ -163,7 +163,7 @@ def main() -> None:
     path = out_dir / f"speed_{args.variant}{'_tiny' if args.tiny else ''}.json"
 
     def save() -> None:
-        path.write_text(json.dumps(result, indent=2) + "\n")
+        save_json(path, result)
 
     save()
     lat_f, lat_h, lat_w = (frames - 1) // 4 + 1, height // 8, width // 8
