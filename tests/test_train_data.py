@@ -200,3 +200,33 @@ def test_a_mask_video_takes_the_frames_its_video_takes(tmp_path):
     plain = Clip(clips[0].video, "a cat", "videos/clip0.mp4")
     video, none, _ = load_masked_clip(plain, [Bucket(5, 32, 48)], fps=4)
     assert none is None and torch.equal(video, load_clip(plain, [Bucket(5, 32, 48)], fps=4)[0])
+
+
+def _rotate_mp4(path, degrees):
+    """Sets the track's display matrix of an mp4 (its tkhd box) to a clockwise turn, as phones write."""
+    import struct
+
+    data = bytearray(path.read_bytes())
+    at = data.index(b"tkhd") + 4
+    assert data[at] == 0  # version 0: 32-bit times
+    matrix = at + 4 + 5 * 4 + 8 + 4 * 2
+    one = 0x10000
+    values = {90: (0, one, 0, -one, 0, 0), 270: (0, -one, 0, one, 0, 0), 180: (-one, 0, 0, -one, 0, 0)}[degrees]
+    data[matrix : matrix + 36] = struct.pack(">9i", *values, 0, 0, 0x40000000)
+    path.write_bytes(bytes(data))
+
+
+def test_a_rotated_phone_video_is_read_upright(tmp_path):
+    # Stored landscape (80 wide, 48 high) with its left half white and a 90 degree rotation flag: shown
+    # as a portrait whose top half is white, and that is what a portrait bucket must get.
+    frames = np.zeros((12, 48, 80, 3), np.uint8)
+    frames[:, :, :40] = 255
+    export_video(frames, tmp_path / "phone.mp4", fps=8)
+    _rotate_mp4(tmp_path / "phone.mp4", 90)
+    upright = read_frames(tmp_path / "phone.mp4", 8, 9)
+    assert upright.shape == (9, 80, 48, 3)
+    assert upright[:, :36].min() > 200 and upright[:, 44:].max() < 50
+    clip = Clip(tmp_path / "phone.mp4", "a phone video", "phone.mp4")
+    video, bucket = load_clip(clip, [Bucket(9, 32, 48), Bucket(9, 48, 32)], fps=8)
+    assert bucket == Bucket(9, 48, 32)
+    assert video[:, :, :20].min() > 0.5 and video[:, :, 28:].max() < -0.5

@@ -166,7 +166,7 @@ def _read_line_files(prompts: Path, videos: Path) -> tuple[list[tuple[str, str, 
 
 def read_frames(path: str | Path, fps: float | None, max_frames: int) -> np.ndarray:
     """Up to `max_frames` frames from the start of a video, resampled to `fps` (None: every frame), as
-    uint8 [T, H, W, 3]. Decoding stops once enough frames are in. Raises whatever PyAV raises for a
+    uint8 [T, H, W, 3], upright (a rotation flag is applied). Decoding stops once enough frames are in. Raises whatever PyAV raises for a
     damaged file, and ValueError for a file without a video stream or frames."""
     import av
 
@@ -191,6 +191,11 @@ def read_frames(path: str | Path, fps: float | None, max_frames: int) -> np.ndar
                     next_time = (len(frames) + keep) / fps
             if keep:
                 image = frame.to_ndarray(format="rgb24")
+                # A phone video is stored sideways with a display-matrix rotation (counterclockwise
+                # degrees): turned as players show it, so that its aspect ratio and bucket are right.
+                turns = round((frame.rotation or 0) / 90) % 4
+                if turns:
+                    image = np.ascontiguousarray(np.rot90(image, turns))
                 frames.extend([image] * keep)  # a target rate above the source's repeats frames
             if len(frames) >= max_frames:
                 break
