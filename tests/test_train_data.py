@@ -230,3 +230,27 @@ def test_a_rotated_phone_video_is_read_upright(tmp_path):
     video, bucket = load_clip(clip, [Bucket(9, 32, 48), Bucket(9, 48, 32)], fps=8)
     assert bucket == Bucket(9, 48, 32)
     assert video[:, :, :20].min() > 0.5 and video[:, :, 28:].max() < -0.5
+
+
+@pytest.mark.parametrize("layout", ["jsonl", "lines"])
+def test_listing_files_saved_with_a_byte_order_mark_and_crlf_are_read(tmp_path, layout):
+    # Windows editors write UTF-8 with a BOM and CRLF line ends: the first row must not be lost or
+    # its path or caption carry the mark.
+    for name in ("a.mp4", "b.mp4"):
+        (tmp_path / name).write_bytes(b"")
+    if layout == "jsonl":
+        rows = [{"video": "a.mp4", "caption": "un chat"}, {"video": "b.mp4", "caption": "ein Hund"}]
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows)
+        (tmp_path / "metadata.jsonl").write_text(text, encoding="utf-8-sig")
+    else:
+        (tmp_path / "prompts.txt").write_text("un chat\r\nein Hund\r\n", encoding="utf-8-sig")
+        (tmp_path / "videos.txt").write_text("a.mp4\r\nb.mp4\r\n", encoding="utf-8-sig")
+    clips, skipped = scan_folder(tmp_path)
+    assert [(c.name, c.caption) for c in clips] == [("a.mp4", "un chat"), ("b.mp4", "ein Hund")]
+    assert skipped == []
+
+
+def test_a_listing_file_that_is_not_utf8_is_named(tmp_path):
+    (tmp_path / "metadata.jsonl").write_bytes(b'{"video": "a.mp4", "caption": "x"}\n{"video": "b.mp4", "caption": "caf\xe9"}\n')
+    with pytest.raises(InputError, match=r"metadata.jsonl line 2 is not UTF-8 text"):
+        scan_folder(tmp_path)

@@ -82,8 +82,17 @@ class Skipped:
 # The folder
 
 
+def _read_text(path: Path) -> str:
+    """A listing file's text: UTF-8, with or without the byte-order mark Windows editors write."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise InputError(f"{path} line {line} is not UTF-8 text; save the file as UTF-8") from None
+
+
 def _lines(path: Path) -> list[str]:
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    lines = [line.strip() for line in _read_text(path).splitlines()]
     while lines and not lines[-1]:
         lines.pop()
     return lines
@@ -127,7 +136,7 @@ def scan_folder(root: str | Path) -> tuple[list[Clip], list[Skipped]]:
 
 def _read_jsonl(path: Path) -> tuple[list[tuple[str, str, str | None]], list[Skipped]]:
     entries, skipped = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
