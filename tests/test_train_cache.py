@@ -79,6 +79,24 @@ def test_a_changed_video_or_model_is_encoded_again(tmp_path, components):
     assert run(root, vae, text, tmp_path / "cache").encoded == 0
 
 
+def test_a_damaged_cache_entry_is_encoded_again(tmp_path, components):
+    # A cache entry cut short (a full disk, an interrupted copy) or emptied must not stop the next run
+    # with a safetensors traceback: it is encoded again, to the same values.
+    vae, text = components
+    root = make_video_folder(tmp_path / "data", broken=False)
+    first = run(root, vae, text, tmp_path / "cache")
+    mean, logvar = (t.clone() for t in read_latents(first.examples[0]))
+    states = read_text(first.examples[1].text).clone()
+    latents = first.examples[0].latents
+    latents.write_bytes(latents.read_bytes()[:-10])
+    first.examples[1].text.write_bytes(b"")
+    again = run(root, vae, text, tmp_path / "cache")
+    assert again.encoded == 1
+    assert again.examples == first.examples
+    assert all(torch.equal(a, b) for a, b in zip(read_latents(again.examples[0]), (mean, logvar)))
+    assert torch.equal(read_text(again.examples[1].text), states)
+
+
 def test_batches_come_from_one_bucket(tmp_path, components):
     vae, text = components
     root = tmp_path / "data"

@@ -3,7 +3,7 @@
 Fine-tuning never runs the VAE encoder or T5 in the training step: both are frozen, so their outputs
 are computed once, written as safetensors under the cache folder and read back each step. A cache entry
 is named by a hash of everything it depends on, so it is reused by the next run and silently replaced
-when anything changes:
+when anything changes (a damaged entry is encoded again):
 - latents: the video file's bytes, the bucket list, the frame rate, and the VAE's weights and config
   (and the mask file's bytes, for a clip with a mask);
 - text: the caption, the token count, and the T5's weights.
@@ -58,6 +58,20 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # several ranks may write the same entry
     save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     tmp.replace(path)
+
+
+def _intact(path: Path) -> bool:
+    """Whether a cache entry exists and is whole: a readable safetensors header whose tensors end where
+    the file does. An entry cut short (a full disk, a killed copy) or overwritten is encoded again."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size)) if 2 <= size <= 100_000_000 else None
+            end = f.seek(0, os.SEEK_END)
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+        return 8 + size + max(ends, default=0) == end
+    except (OSError, ValueError, TypeError, AttributeError, KeyError, IndexError):
+        return False
 
 
 @dataclass(frozen=True)
@@ -140,7 +154,7 @@ def precompute(
 
     def text_file(caption: str) -> Path:
         path = cache_dir / "text" / f"{_key(caption, t5_id)}.safetensors"
-        if not path.is_file():
+        if not _intact(path):
             states = text_encoder.encode([caption], max_sequence_length, device=device)[0].float()
             _atomic_save({"states": states}, path, {"caption": caption})
         return path
@@ -161,7 +175,7 @@ def precompute(
                 skipped.append(Skipped(clip.name, f"cannot read mask {clip.mask.name} ({e.strerror or e})"))
                 continue
         path = cache_dir / "latents" / f"{_key(*parts)}.safetensors"
-        if not path.is_file():
+        if not _intact(path):
             if i % world_size != rank:
                 continue
             try:
