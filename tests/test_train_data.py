@@ -254,3 +254,26 @@ def test_a_listing_file_that_is_not_utf8_is_named(tmp_path):
     (tmp_path / "metadata.jsonl").write_bytes(b'{"video": "a.mp4", "caption": "x"}\n{"video": "b.mp4", "caption": "caf\xe9"}\n')
     with pytest.raises(InputError, match=r"metadata.jsonl line 2 is not UTF-8 text"):
         scan_folder(tmp_path)
+
+
+def test_a_variable_frame_rate_video_is_sampled_by_its_timestamps(tmp_path):
+    # 8 frames 1/32 s apart, then 12 frames 1/8 s apart (a phone slowing down in low light): at 8 fps
+    # the clip must keep real time, not step through the frames at their average rate.
+    import fractions
+
+    import av
+
+    times = [i / 32 for i in range(8)] + [0.25 + i / 8 for i in range(12)]
+    path = tmp_path / "vfr.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=32)
+        stream.width, stream.height, stream.pix_fmt = 16, 16, "yuv444p"
+        stream.codec_context.time_base = fractions.Fraction(1, 1000)
+        for i, t in enumerate(times):
+            frame = av.VideoFrame.from_ndarray(np.full((16, 16, 3), i * 10, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = round(t * 1000), fractions.Fraction(1, 1000)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    taken = [int(round(f.mean() / 10)) for f in read_frames(path, 8, 14)]
+    assert taken[0] == 0 and taken[1] in (3, 4)  # 0.125 s
+    assert taken[2:] == list(range(8, 20))  # 0.25 s, 0.375 s, ...: one frame each
