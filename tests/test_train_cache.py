@@ -79,6 +79,20 @@ def test_a_changed_video_or_model_is_encoded_again(tmp_path, components):
     assert run(root, vae, text, tmp_path / "cache").encoded == 0
 
 
+def test_new_decoding_rules_encode_the_videos_again(tmp_path, components, monkeypatch):
+    """Latents cached when videos were read otherwise (before rotation or timestamps were honoured) are
+    not reused; the T5 states, which the decoding does not touch, are."""
+    from cogvideox.train import cache
+
+    vae, text = components
+    root = make_video_folder(tmp_path / "data", broken=False)
+    assert run(root, vae, text, tmp_path / "cache").encoded == 3
+    texts = sorted((tmp_path / "cache" / "text").iterdir())
+    monkeypatch.setattr(cache, "_DECODING", "next")
+    assert run(root, vae, text, tmp_path / "cache").encoded == 3
+    assert sorted((tmp_path / "cache" / "text").iterdir()) == texts
+
+
 def test_a_damaged_cache_entry_is_encoded_again(tmp_path, components):
     # A cache entry cut short (a full disk, an interrupted copy) or emptied must not stop the next run
     # with a safetensors traceback: it is encoded again, to the same values.

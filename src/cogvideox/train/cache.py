@@ -29,6 +29,9 @@ from tqdm.auto import tqdm
 from .data import Bucket, Clip, ClipError, Skipped, load_masked_clip
 
 _VERSION = "1"  # bump when the layout of a cache entry changes
+# Bump when the frames read from a video change (2: rotation side data applied, variable frame rates
+# sampled by timestamp): latents made under the old rules are encoded again; T5 states stay.
+_DECODING = "2"
 
 
 def file_digest(path: str | Path) -> str:
@@ -167,7 +170,7 @@ def precompute(
         except OSError as e:
             skipped.append(Skipped(clip.name, f"cannot read ({e.strerror or e})"))
             continue
-        parts = [digest, bucket_id, str(fps), vae_id]
+        parts = [digest, bucket_id, str(fps), vae_id, "decoding " + _DECODING]
         if clip.mask is not None:  # only then: entries of clips without a mask keep their names
             try:
                 parts.append("mask " + file_digest(clip.mask))
