@@ -128,3 +128,34 @@ def test_scaled_mm_matches_the_emulation_on_gpu():
     want = fp8_linear_emulated(x, qw, sw)
     assert got.dtype == torch.bfloat16
     assert rel_l2(got.float(), want.float()) < 1e-2  # same products, bf16 output rounding
+
+
+def test_fp8_activation_rows_make_no_full_size_fp32_copies():
+    """The per-token quantisation of a bf16 activation runs on every fp8 linear call; uncompiled, each
+    full-size fp32 intermediate is a pass over the activations (~0.4 GB per linear in a 5B block). The
+    same numbers as the fp32 definition, with one fp32 buffer (the quotient, clamped in place)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 50, 64, generator=g) * torch.rand(2, 50, 1, generator=g) * 8).to(torch.bfloat16)
+    x[0, 3] = 0  # an all-zero row: the clamped scale
+
+    class FullSizeFp32(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.storages = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.numel() == x.numel():
+                    self.storages.add(t.untyped_storage().data_ptr())
+            return out
+
+    with FullSizeFp32() as mode:
+        q, scale = quantize_fp8_rows(x)
+    assert len(mode.storages) == 1
+    want_scale = x.float().abs().amax(dim=-1).clamp(min=1e-12) / FP8_MAX
+    want_q = (x.float() / want_scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    assert torch.equal(scale, want_scale)
+    assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))

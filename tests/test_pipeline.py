@@ -284,6 +284,53 @@ def test_a_broken_scheduler_config_is_a_load_error(tiny_rope_dir, tmp_path):
         Pipeline.from_pretrained(folder)
 
 
+# What makes the host wait for the device when the tensor lives there.
+HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy")
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpm"])
+def test_one_host_read_per_step(pipes, monkeypatch, scheduler):
+    """A host read of a device tensor waits for the device: the loop makes one per step (the NaN check)
+    and one per call (the timesteps), none in the model. A DPM step draws its noise (CPU work with a
+    seed) after the model is queued and before that read, so the device runs the model meanwhile."""
+    import cogvideox.pipeline as pipeline_module
+    from cogvideox import sampling, schedulers
+
+    pipe = pipes("rope", scheduler)
+    log, inside = [], [False]
+    for name in HOST_READS:
+        real = getattr(torch.Tensor, name)
+
+        def read(self, *args, _real=real, _name=name, **kwargs):
+            if inside[0]:
+                log.append(("read", _name))
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, read)
+    real_randn = schedulers.randn
+    monkeypatch.setattr(schedulers, "randn", lambda *a, **k: (log.append(("draw",)), real_randn(*a, **k))[1])
+    real_forward = pipe.transformer.forward
+    monkeypatch.setattr(pipe.transformer, "forward", lambda *a, **k: (log.append(("model",)), real_forward(*a, **k))[1])
+
+    def denoise(*args, **kwargs):
+        inside[0] = True
+        try:
+            return sampling.denoise(*args, **kwargs)
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(pipeline_module, "denoise", denoise)
+    pipe("a cat", seed=0, progress=False, output_type="latent", **SMALL)
+    assert log[0] == ("read", "tolist")
+    steps = log[1:]
+    if scheduler == "dpm":  # 1 draw on the first step, 2 on the middle one, 1 on the last
+        want = ["model", "draw", "read", "model", "draw", "draw", "read", "model", "draw", "read"]
+    else:
+        want = ["model", "read"] * 3
+    assert [entry[0] for entry in steps] == want
+    assert all(entry == ("read", "__bool__") for entry in steps if entry[0] == "read")
+
+
 def test_nan_latents_stop_the_run(pipes, monkeypatch):
     pipe = pipes("rope")
     real_forward = pipe.transformer.forward

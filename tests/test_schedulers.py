@@ -189,6 +189,33 @@ def test_dpm_draws_two_normals_on_middle_steps_only():
     assert draws == [1, 2, 1]
 
 
+@pytest.mark.parametrize("n", [1, 3, 4])
+def test_dpm_noise_drawn_ahead_gives_the_same_steps(n):
+    """`draw_noise` makes the draws `step` would make (as many, same order), so a sampler may draw them
+    while the model still runs: the trajectory is bitwise the one drawn inside `step`."""
+    sched = DPMScheduler()
+    sched.set_timesteps(n)
+    steps = sched.timesteps.tolist()
+    x0 = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    runs = []
+    for ahead in (False, True):
+        g, x, old = torch.Generator().manual_seed(7), x0, None
+        for i, t in enumerate(steps):
+            velocity = fake_model(x.float(), t)
+            back = steps[i - 1] if i else None
+            if ahead:
+                noise = sched.draw_noise(x, t, old is not None, g)
+                assert len(noise) == (2 if 0 < i < n - 1 else 1)
+                x, old = sched.step(velocity, old, t, back, x, noise=noise)
+            else:
+                x, old = sched.step(velocity, old, t, back, x, generator=g)
+            x = x.to(torch.bfloat16)
+        runs.append((x, g.get_state()))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    with pytest.raises(ValueError, match="draws 1 noise tensors, got 2"):
+        sched.step(velocity, None, steps[0], None, x, noise=[x, x])
+
+
 def test_ddim_with_the_true_velocity_follows_the_forward_process():
     # Computed truth: if the model predicts the exact v of (x0, eps), DDIM (eta 0) lands on
     # add_noise(x0, eps, prev_t) and predicts x0.

@@ -96,25 +96,29 @@ def denoise(
     latents, dtype = inputs.latents, inputs.latents.dtype
     uses_history = isinstance(scheduler, DPMScheduler)
     old_pred_x0 = None
+    # The scheduler and the callback read the timesteps as ints: read on the host once, not per step
+    # (each int() of a device tensor waits for the device).
+    host_timesteps = [int(t) for t in timesteps.tolist()]
     for i, t in enumerate(timesteps):
-        velocity = predict_velocity(transformer, latents, t, inputs, i)
+        velocity = predict_velocity(transformer, latents, t, inputs, i)  # queued on the device, not waited for
+        step_t = host_timesteps[i]
         if uses_history:
-            # DPM-Solver++(2M) needs the previous x0 estimate and the previous (noisier) timestep.
-            previous_t = timesteps[i - 1] if i > 0 else None
-            latents, old_pred_x0 = scheduler.step(
-                velocity, old_pred_x0, t, previous_t, latents, generator=inputs.generator
-            )
+            # DPM-Solver++(2M) needs the previous x0 estimate and the previous (noisier) timestep. Its
+            # noise (CPU work with a seed) is drawn while the device still runs the model.
+            previous_t = host_timesteps[i - 1] if i > 0 else None
+            noise = scheduler.draw_noise(latents, step_t, old_pred_x0 is not None, inputs.generator)
+            latents, old_pred_x0 = scheduler.step(velocity, old_pred_x0, step_t, previous_t, latents, noise=noise)
         else:
-            latents, _ = scheduler.step(velocity, t, latents)
+            latents, _ = scheduler.step(velocity, step_t, latents)
         latents = latents.to(dtype)
-        if not torch.isfinite(latents).all():
+        if not torch.isfinite(latents).all():  # the one host sync of a step
             raise NonFiniteError(
-                f"the latents became NaN/inf at step {i + 1} of {len(timesteps)} (timestep {int(t)}) "
+                f"the latents became NaN/inf at step {i + 1} of {len(timesteps)} (timestep {step_t}) "
                 f"running in {str(dtype).removeprefix('torch.')}"
                 + ("; the CogVideoX 5B weights are bf16: run in bf16" if dtype == torch.float16 else "")
             )
         if on_step is not None:
-            on_step(i, int(t), latents)
+            on_step(i, step_t, latents)
     return latents
 
 

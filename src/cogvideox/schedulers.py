@@ -293,6 +293,26 @@ class DPMScheduler(_Scheduler):
     reproduces its video.
     """
 
+    def noise_draws(self, timestep: int | Tensor, has_history: bool) -> int:
+        """How many normal tensors `step` draws from `timestep`: 2 on a second-order step (a previous x0
+        exists and this is not the last step), else 1."""
+        return 2 if has_history and self.previous_timestep(timestep) >= 0 else 1
+
+    def draw_noise(
+        self,
+        sample: Tensor,
+        timestep: int | Tensor,
+        has_history: bool,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+    ) -> list[Tensor]:
+        """The draws `step` would make from `timestep`, made now (pass them to `step` as `noise`).
+
+        With a CPU generator the draws are CPU work; made while the device still runs the model, instead
+        of inside `step` after it, they cost the device no idle time. Same generator, same order.
+        """
+        count = self.noise_draws(timestep, has_history)
+        return [randn(sample.shape, generator, device=sample.device, dtype=sample.dtype) for _ in range(count)]
+
     def step(
         self,
         model_output: Tensor,
@@ -301,12 +321,24 @@ class DPMScheduler(_Scheduler):
         timestep_back: int | Tensor | None,
         sample: Tensor,
         generator: torch.Generator | list[torch.Generator] | None = None,
+        noise: Sequence[Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """One step from `timestep`. `timestep_back` is the previous (noisier) timestep and `old_pred_x0`
-        the x0 this method returned there; both are None on the first step. Returns
+        the x0 this method returned there; both are None on the first step. `noise`: the draws made
+        beforehand by `draw_noise` (else they are drawn here from `generator`). Returns
         `(prev_sample, pred_x0)`."""
         if old_pred_x0 is not None and timestep_back is None:
             raise ValueError("old_pred_x0 was given without timestep_back, the timestep it was predicted at")
+        if noise is not None and len(noise) != self.noise_draws(timestep, old_pred_x0 is not None):
+            raise ValueError(f"this step draws {self.noise_draws(timestep, old_pred_x0 is not None)} noise "
+                             f"tensors, got {len(noise)}")
+        draws = iter(noise) if noise is not None else None
+
+        def draw() -> Tensor:
+            if draws is not None:
+                return next(draws)
+            return randn(sample.shape, generator, device=sample.device, dtype=sample.dtype)
+
         prev_t = self.previous_timestep(timestep)
         ab_t = self._alpha_prod(int(timestep))
         ab_prev = self._alpha_prod(prev_t)
@@ -318,7 +350,7 @@ class DPMScheduler(_Scheduler):
         x0_weight = (-2 * h).expm1() * ab_prev**0.5  # negative: -(1 - e^-2h) sqrt(ab_prev)
         noise_scale = (1 - ab_prev) ** 0.5 * (1 - (-2 * h).exp()) ** 0.5
 
-        noise = randn(sample.shape, generator, device=sample.device, dtype=sample.dtype)
+        noise = draw()
         first_order = keep * sample - x0_weight * x0 + noise_scale * noise
         if old_pred_x0 is None or prev_t < 0:
             return first_order, x0
@@ -327,7 +359,7 @@ class DPMScheduler(_Scheduler):
         h_last = lam - half_log_snr(self.alphas_cumprod[int(timestep_back)])
         r = h_last / h
         d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * old_pred_x0
-        noise = randn(sample.shape, generator, device=sample.device, dtype=sample.dtype)
+        noise = draw()
         return keep * sample - x0_weight * d + noise_scale * noise, x0
 
 
