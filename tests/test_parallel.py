@@ -347,3 +347,25 @@ def test_run_batch_without_a_mesh_makes_each_video_once(tmp_path):
     for kind in ("cfg", "plain"):
         lines = (tmp_path / kind / "manifest.jsonl").read_text().splitlines()
         assert sorted(json.loads(line)["index"] for line in lines) == [0, 1, 2], kind
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_ring_blocks_merge_to_attention_over_all_keys(dtype, tolerance):
+    """Each ring block runs in the fused kernel, which gives its output and the log-sum-exp of its scores;
+    merged by those, uneven blocks give attention over all the keys, as the fp32 online-softmax path does."""
+    from cogvideox.parallel import ring
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 37, 16, generator=gen) for _ in range(3))
+    k, v = torch.cat([k, 2 * k[:, :, :13]], dim=2), torch.cat([v, v[:, :, :13]], dim=2)  # 50 keys
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    kernel = ring.fused_kernel(q)
+    assert kernel is not None
+    merged, online = ring._LogSumExp(q), ring._Softmax(q)
+    for block in (slice(0, 20), slice(20, 21), slice(21, 50)):
+        merged.add(*kernel(q, k[:, :, block], v[:, :, block], 16**-0.5))
+        online.add(q, k[:, :, block], v[:, :, block], 16**-0.5)
+    for got in (merged.result(dtype), online.result(dtype)):
+        assert got.dtype == dtype
+        assert ((got.float() - want).norm() / want.norm()).item() < tolerance

@@ -1,14 +1,17 @@
 """Ring attention: softmax attention over keys and values spread around a ring of processes.
 
 Each process keeps its queries and passes its key/value block to the next process while it attends to the
-block it holds; after `ring` steps every query has seen every key. The partial results are merged with the
-online-softmax rule (running maximum m, running denominator l, running numerator o, all fp32):
+block it holds; after `ring` steps every query has seen every key. Each block's attention runs in the
+fused kernel (flash attention on the GPU in bf16/fp16, its CPU counterpart on the CPU), which returns the
+block's output O_b and the log-sum-exp of its scores S_b; the blocks are merged by the rule
 
-    m' = max(m, m_blk)    l' = l e^(m - m') + sum e^(s - m')    o' = o e^(m - m') + e^(s - m') V
+    S = log(e^S_1 + e^S_2 + ...)    O = sum_b e^(S_b - S) O_b       (fp32 accumulators)
 
-so the result is the softmax over all keys, exact up to the order of the fp32 sums. Unlike Ulysses it
-needs no relation between the degree and the head count. Padding keys (the sequence is padded to a
-multiple of the shard count) are cut off each block before the scores, so they get no weight.
+so the result is the softmax over all keys, exact up to the order of the sums and the rounding of each
+block's output to the input dtype. Where no fused kernel takes the inputs (fp32 on the GPU), the scores are
+computed in fp32 and merged with the online-softmax rule instead (running maximum m, denominator l,
+numerator o). Unlike Ulysses it needs no relation between the degree and the head count. Padding keys
+(the sequence is padded to a multiple of the shard count) are cut off each block, so they get no weight.
 """
 
 from __future__ import annotations
@@ -20,8 +23,46 @@ import torch.distributed as dist
 QUERY_CHUNK = 1024
 
 
+def _flash_cuda(q, k, v, scale):
+    return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)[:2]
+
+
+def _flash_cpu(q, k, v, scale):
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
+
+
+def fused_kernel(q: torch.Tensor):
+    """The fused attention kernel for q's device and dtype, `(q, k, v, scale) -> (output [B, H, Lq, d] in
+    q's dtype, log-sum-exp of the scores [B, H, Lq] fp32)`, or None where none takes them. These are the
+    kernels PyTorch's own context parallelism merges ring blocks with: SDPA's public call does not return
+    the log-sum-exp."""
+    if q.device.type == "cuda" and q.dtype in (torch.bfloat16, torch.float16):
+        # Flash attention needs an Ampere or newer GPU; older ones take the fp32 path.
+        return _flash_cuda if torch.cuda.get_device_capability(q.device) >= (8, 0) else None
+    if q.device.type == "cpu":
+        return _flash_cpu
+    return None
+
+
+class _LogSumExp:
+    """Running merge of block outputs by their log-sum-exp, for queries q [B, H, Lq, d]."""
+
+    def __init__(self, q: torch.Tensor) -> None:
+        self.lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
+        self.o = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+
+    def add(self, out: torch.Tensor, lse: torch.Tensor) -> None:
+        new = torch.logaddexp(self.lse, lse)
+        self.o = self.o * torch.exp(self.lse - new).unsqueeze(-1) + out.float() * torch.exp(lse - new).unsqueeze(-1)
+        self.lse = new
+
+    def result(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.o.to(dtype)
+
+
 class _Softmax:
-    """Running online-softmax accumulators for queries q [B, H, Lq, d]."""
+    """Running online-softmax accumulators for queries q [B, H, Lq, d], with the scores in fp32: the path
+    for inputs no fused kernel takes."""
 
     def __init__(self, q: torch.Tensor) -> None:
         shape = q.shape[:-1] + (1,)
@@ -64,7 +105,8 @@ def ring_attention(
     """
     size = len(ring_ranks)
     scale = q.shape[-1] ** -0.5  # the scaled-dot-product default, as the single-process path uses
-    acc = _Softmax(q)
+    kernel = fused_kernel(q)
+    acc = _LogSumExp(q) if kernel is not None else _Softmax(q)
     send_to, recv_from = ring_ranks[(index + 1) % size], ring_ranks[(index - 1) % size]
     kv = torch.stack([k, v]).contiguous()  # one message per step: [2, B, H, Lb, d]
     for step in range(size):
@@ -78,7 +120,9 @@ def ring_attention(
             pending = dist.batch_isend_irecv(ops)  # overlaps with the block's attention below
         owner = (index - step) % size  # whose keys we hold at this step
         n = valid[owner]
-        if n > 0:
+        if n > 0 and kernel is not None:
+            acc.add(*kernel(q, kv[0][:, :, :n], kv[1][:, :, :n], scale))
+        elif n > 0:
             acc.add(q, kv[0][:, :, :n], kv[1][:, :, :n], scale)
         for request in pending:
             request.wait()
