@@ -5,8 +5,8 @@
 
 With N-way sequence parallelism a process runs the per-token work of a layer (AdaLN, projections, QK-norm,
 RoPE, feed-forward) on 1/N of the [text ; video] tokens, and the attention over the whole sequence for
-1/N of the heads (Ulysses) or its share of the score blocks (ring: the same FLOPs). This script times
-both parts separately on one GPU, for CFG batch 2 (sequence parallelism only) and batch 1 (one CFG half),
+1/N of the heads (Ulysses) or its share of the score blocks (ring: the same FLOPs, in the ring's fused
+kernel and log-sum-exp merge). This script times the parts separately on one GPU, for CFG batch 2 (sequence parallelism only) and batch 1 (one CFG half),
 without any communication: add the all-to-all time of docs/parallel.md to get a layer's time on N GPUs.
 
 Writes JSON to $OUT/parallel_per_rank.json (or the current folder): per N and batch, the median
@@ -32,6 +32,7 @@ from core_full_size import save_json  # noqa: E402
 
 from cogvideox.models.config import TransformerConfig
 from cogvideox.models.transformer import TRANSFORMER_PRESETS, ExpertBlock
+from cogvideox.parallel import ring
 
 TINY = TransformerConfig(
     num_attention_heads=8, attention_head_dim=16, num_layers=2, text_embed_dim=32, time_embed_dim=32,
@@ -52,6 +53,27 @@ def timed(fn, device: torch.device, repeats: int) -> float:
             torch.cuda.synchronize(device)
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def ring_member(batch: int, heads: int, local: int, head_dim: int, n: int, device, dtype):
+    """One ring member's attention, communication left out: its `local` queries (all heads) against the n
+    key/value blocks of `local` tokens, each block in the fused kernel the ring uses, merged by log-sum-exp
+    (the fp32 online softmax where no fused kernel takes the inputs): the same FLOPs as a Ulysses rank's
+    attention, so the two columns compare the kernels."""
+    q = torch.randn(batch, heads, local, head_dim, device=device, dtype=dtype)
+    blocks = [(torch.randn_like(q), torch.randn_like(q)) for _ in range(n)]
+    kernel, scale = ring.fused_kernel(q), head_dim**-0.5
+
+    def attend():
+        merge = ring._LogSumExp(q) if kernel is not None else ring._Softmax(q)
+        for k, v in blocks:
+            if kernel is not None:
+                merge.add(*kernel(q, k, v, scale))
+            else:
+                merge.add(q, k, v, scale)
+        return merge.result(dtype)
+
+    return attend
 
 
 def measure(
@@ -84,6 +106,7 @@ def measure(
             with torch.no_grad():
                 per_token = timed(lambda: block(x, c, emb, rope), device, repeats)
                 attention = timed(lambda: F.scaled_dot_product_attention(q, k, v), device, repeats)
+                ring_ms = timed(ring_member(batch, heads, local, head_dim, n, device, dtype), device, repeats)
             rows.append(
                 dict(
                     ways=n,
@@ -91,6 +114,7 @@ def measure(
                     tokens_per_rank=local,
                     per_token_ms=round(per_token, 3),
                     attention_ms=round(attention, 3),
+                    ring_attention_ms=round(ring_ms, 3),
                     layer_ms=round(per_token + attention, 3),
                     step_estimate_s=round((per_token + attention) * config.num_layers / 1e3, 4),
                 )
