@@ -398,3 +398,20 @@ def test_a_mask_weight_without_masks_warns_once(data_dir, tiny_rope_dir, tmp_pat
         run.prepare_data()
     run.prepare_model()
     assert run.loss(step_generator(0, 0)) > 0  # the run still works
+
+
+def test_a_second_run_into_the_same_folder_is_refused(data_dir, tiny_rope_dir, tmp_path, monkeypatch):
+    import fcntl
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".train.lock", "a") as held:  # a run is training there
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with monkeypatch.context() as m:
+            m.setattr(Run, "prepare_data", lambda self: pytest.fail("encoded the data for a refused run"))
+            with pytest.raises(InputError) as refused:
+                finetune(config(data_dir, tiny_rope_dir, out, steps=2))
+    assert str(refused.value) == f"another run is training into {out}; wait for it to finish, or give another --output"
+    assert not (out / "loss.jsonl").exists()
+    finetune(config(data_dir, tiny_rope_dir, out, steps=2))  # once it is done, the folder is free again
+    assert [s for s, _, _ in losses(out)] == [1, 2]

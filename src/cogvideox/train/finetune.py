@@ -49,6 +49,7 @@ from .log import JsonlLog, plot_curve
 from .objective import v_loss
 
 CHECKPOINT_PREFIX = "step"
+LOCK = ".train.lock"  # held by the run writing into a run folder
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -569,6 +570,29 @@ def _check_same_run(config: FinetuneConfig) -> None:
         )
 
 
+def _lock_run_folder(output: Path):
+    """An open lock file holding an exclusive lock on the run folder (released when closed), or
+    `InputError` when another run holds it: two runs in one folder would write the same checkpoints and
+    log each step twice. On a file system without locks the run goes on with a warning."""
+    import fcntl
+
+    try:
+        handle = open(output / LOCK, "a")
+    except OSError as e:
+        raise InputError(f"cannot open {output / LOCK}: {e.strerror or e}") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise InputError(
+            f"another run is training into {output}; wait for it to finish, or give another --output"
+        ) from None
+    except OSError as e:
+        warnings.warn(f"cannot lock {output} ({e.strerror or e}): nothing stops another run from writing there too",
+                      stacklevel=3)
+    return handle
+
+
 def finetune(config: FinetuneConfig) -> Path:
     """Run (or resume) a fine-tuning run; returns the LoRA file or the fine-tuned model folder.
 
@@ -582,8 +606,11 @@ def finetune(config: FinetuneConfig) -> Path:
     check_steps_left(config)
     warn_if_validation_never_runs(config)
     run = Run(config)
+    lock = None
     try:
         c = config
+        if run.procs.main:
+            lock = _lock_run_folder(run.out)
         run.prepare_data()
         run.prepare_model()
         start = run.resume()
@@ -610,4 +637,6 @@ def finetune(config: FinetuneConfig) -> Path:
             plot_curve(log.read(), "loss", run.out / "loss.png", title="fine-tuning loss")
         return run.write_result()
     finally:
+        if lock is not None:
+            lock.close()
         run.procs.stop()
