@@ -385,13 +385,11 @@ class Run:
         weights, optim = self.trainable_state(), self.optimizer_state()
         if self.procs.main:
             folder = self.out / "checkpoints"
-            save_checkpoint(
-                folder / f"{CHECKPOINT_PREFIX}-{step}.pt",
-                step=step,
-                weights=weights,
-                optimizer=optim,
-                identity=self.config.run_identity,
-            )
+            path = folder / f"{CHECKPOINT_PREFIX}-{step}.pt"
+            try:
+                save_checkpoint(path, step=step, weights=weights, optimizer=optim, identity=self.config.run_identity)
+            except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+                raise InputError(_unwritten_checkpoint(path, e, reached_step(self.out))) from None
             kept = sorted(
                 (int(p.stem.rsplit("-", 1)[1]), p) for p in folder.glob(f"{CHECKPOINT_PREFIX}-*.pt")
                 if p.stem.rsplit("-", 1)[1].isdigit()
@@ -503,6 +501,17 @@ class Run:
             pipe.sampling_defaults = self.sampling_defaults  # written as the folder's sampling.json
             pipe.save_pretrained(path)
         return path
+
+
+def _unwritten_checkpoint(path: Path, error: Exception, reached: int) -> str:
+    """The message for a checkpoint that could not be written: why, and that the run's older checkpoints
+    are kept, so that the work up to the newest one is not lost."""
+    why = error.strerror if isinstance(error, OSError) and error.strerror else "the write failed"
+    then = f"continue from step {reached}, its newest checkpoint" if reached else "start over (no checkpoint yet)"
+    return (
+        f"cannot write the checkpoint {path}: {why} (is the disk full?); free some space and run the same "
+        f"command again to {then}"
+    )
 
 
 def recorded_validation_guidance(output: str | Path) -> float | None:
