@@ -446,3 +446,23 @@ def test_a_full_disk_during_a_checkpoint_loses_no_checkpoint(data_dir, tiny_rope
     finetune(config(data_dir, tiny_rope_dir, tmp_path, steps=4, checkpoint_every=2, keep_checkpoints=1))
     assert [s for s, _, _ in losses(tmp_path)] == [1, 2, 3, 4]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-4.pt"]
+
+
+def test_validation_videos_cut_off_by_an_interruption_are_made_on_resume(data_dir, tiny_rope_dir, tmp_path, monkeypatch):
+    settings = dict(steps=4, checkpoint_every=2, validation_every=2, validation_prompts=["a cat", "a dog"],
+                    validation_steps=2)
+    original = Run.validate
+
+    def ctrl_c_during_the_second_video(self, step):
+        original(self, step)
+        (self.out / "validation" / f"step-{step}-1.mp4").unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Run, "validate", ctrl_c_during_the_second_video)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(config(data_dir, tiny_rope_dir, tmp_path, **settings))
+    monkeypatch.setattr(Run, "validate", original)
+    finetune(config(data_dir, tiny_rope_dir, tmp_path, **settings))
+    assert sorted(p.name for p in (tmp_path / "validation").iterdir()) == [
+        "step-2-0.mp4", "step-2-1.mp4", "step-4-0.mp4", "step-4-1.mp4"]
+    assert [s for s, _, _ in losses(tmp_path)] == [1, 2, 3, 4]

@@ -628,6 +628,12 @@ def finetune(config: FinetuneConfig) -> Path:
             run.out.mkdir(parents=True, exist_ok=True)
             (run.out / "config.json").write_text(json.dumps(run.recorded_config(), indent=2) + "\n")
         log = JsonlLog(run.out / "loss.jsonl", resume_step=start) if main else None
+        if c.validation_every and start and start % c.validation_every == 0 and (main or run.sharded):
+            # A run stopped while it made its videos resumes from the checkpoint written just before:
+            # they are made now, or never.
+            if not all((run.out / "validation" / f"step-{start}-{i}.mp4").is_file()
+                       for i in range(len(c.validation_prompts))):
+                run.validate(start)
         bar = tqdm(range(start, c.steps), initial=start, total=c.steps, desc="fine-tune",
                    disable=not (c.progress and main))
         t0 = time.perf_counter()
