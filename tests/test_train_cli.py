@@ -116,3 +116,33 @@ def test_validation_every_past_the_steps_warns(capsys, tiny_rope_dir, tmp_path):
         "cogvideox: warning: validation_every is 5 but the run has only 2 steps: no validation videos will be made"
     ]
     assert not (tmp_path / "out" / "validation").exists()
+
+
+def test_ctrl_c_says_how_to_resume(capsys, tiny_rope_dir, tmp_path, monkeypatch):
+    from cogvideox.train.finetune import Run
+
+    data = make_video_folder(tmp_path / "data", broken=False)
+    out = tmp_path / "out"
+    argv = ["train", str(data), "--output", str(out), "--model", str(tiny_rope_dir), "--rank", "4",
+            "--bucket", "9x32x48", "--steps", "4", "--checkpoint-every", "2", "--quiet"]
+    original = Run.train_step
+
+    def ctrl_c_at(stop):
+        def train_step(self, step):
+            if step == stop:
+                raise KeyboardInterrupt
+            return original(self, step)
+        return train_step
+
+    monkeypatch.setattr(Run, "train_step", ctrl_c_at(0))
+    assert main(argv) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "cogvideox train: interrupted before the first checkpoint; run the same command again to start over "
+        "(the clips encoded so far stay in the cache)"
+    )
+    monkeypatch.setattr(Run, "train_step", ctrl_c_at(3))
+    assert main(argv) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"cogvideox train: interrupted; {out} holds step 2 (its newest checkpoint): run the same command again "
+        "to continue from there"
+    )

@@ -398,3 +398,71 @@ def test_a_mask_weight_without_masks_warns_once(data_dir, tiny_rope_dir, tmp_pat
         run.prepare_data()
     run.prepare_model()
     assert run.loss(step_generator(0, 0)) > 0  # the run still works
+
+
+def test_a_second_run_into_the_same_folder_is_refused(data_dir, tiny_rope_dir, tmp_path, monkeypatch):
+    import fcntl
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".train.lock", "a") as held:  # a run is training there
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with monkeypatch.context() as m:
+            m.setattr(Run, "prepare_data", lambda self: pytest.fail("encoded the data for a refused run"))
+            with pytest.raises(InputError) as refused:
+                finetune(config(data_dir, tiny_rope_dir, out, steps=2))
+    assert str(refused.value) == f"another run is training into {out}; wait for it to finish, or give another --output"
+    assert not (out / "loss.jsonl").exists()
+    finetune(config(data_dir, tiny_rope_dir, out, steps=2))  # once it is done, the folder is free again
+    assert [s for s, _, _ in losses(out)] == [1, 2]
+
+
+@pytest.mark.parametrize("failure", ["oserror", "torch"])
+def test_a_full_disk_during_a_checkpoint_loses_no_checkpoint(data_dir, tiny_rope_dir, tmp_path, monkeypatch, failure):
+    import errno
+
+    from cogvideox.train import checkpoint
+
+    original = torch.save
+
+    def disk_full_at_step_4(state, f, *args, **kwargs):
+        if state["step"] != 4:
+            return original(state, f, *args, **kwargs)
+        Path(f).write_bytes(b"PK\x03\x04 half a checkpoint")
+        if failure == "oserror":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(checkpoint.torch, "save", disk_full_at_step_4)
+    with pytest.raises(InputError) as refused:
+        finetune(config(data_dir, tiny_rope_dir, tmp_path, steps=4, checkpoint_every=2, keep_checkpoints=1))
+    why = "No space left on device" if failure == "oserror" else "the write failed"
+    assert str(refused.value) == (
+        f"cannot write the checkpoint {tmp_path / 'checkpoints' / 'step-4.pt'}: {why} (is the disk full?); free "
+        "some space and run the same command again to continue from step 2, its newest checkpoint"
+    )
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-2.pt"]  # no half-written file
+    monkeypatch.setattr(checkpoint.torch, "save", original)
+    finetune(config(data_dir, tiny_rope_dir, tmp_path, steps=4, checkpoint_every=2, keep_checkpoints=1))
+    assert [s for s, _, _ in losses(tmp_path)] == [1, 2, 3, 4]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-4.pt"]
+
+
+def test_validation_videos_cut_off_by_an_interruption_are_made_on_resume(data_dir, tiny_rope_dir, tmp_path, monkeypatch):
+    settings = dict(steps=4, checkpoint_every=2, validation_every=2, validation_prompts=["a cat", "a dog"],
+                    validation_steps=2)
+    original = Run.validate
+
+    def ctrl_c_during_the_second_video(self, step):
+        original(self, step)
+        (self.out / "validation" / f"step-{step}-1.mp4").unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Run, "validate", ctrl_c_during_the_second_video)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(config(data_dir, tiny_rope_dir, tmp_path, **settings))
+    monkeypatch.setattr(Run, "validate", original)
+    finetune(config(data_dir, tiny_rope_dir, tmp_path, **settings))
+    assert sorted(p.name for p in (tmp_path / "validation").iterdir()) == [
+        "step-2-0.mp4", "step-2-1.mp4", "step-4-0.mp4", "step-4-1.mp4"]
+    assert [s for s, _, _ in losses(tmp_path)] == [1, 2, 3, 4]

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from cogvideox.train.ema import EMA
+from cogvideox.train.log import JsonlLog
 from cogvideox.train.loop import TrainConfig, learning_rate, train
 
 
@@ -68,3 +69,14 @@ def test_ema_tracks_weights():
     assert torch.allclose(ema.shadow["weight"], start + 0.5)
     ema.copy_to(model)
     assert torch.allclose(model.weight, start + 0.5)
+
+
+def test_a_log_line_cut_short_by_a_kill_does_not_stop_the_resume(tmp_path):
+    path = tmp_path / "loss.jsonl"
+    lines = [json.dumps({"step": s, "loss": 0.5 / s}) for s in (1, 2, 3, 4)]
+    path.write_text("\n".join(lines) + '\n{"step": 5, "lo')  # killed while writing step 5
+    log = JsonlLog(path, resume_step=3)
+    log.write(4, loss=0.25)
+    assert log.read() == [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.25}, {"step": 3, "loss": 0.5 / 3},
+                          {"step": 4, "loss": 0.25}]
+    assert path.read_text().splitlines()[-1] == '{"step": 4, "loss": 0.25}'

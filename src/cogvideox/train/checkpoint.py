@@ -25,8 +25,12 @@ def save_checkpoint(path: str | Path, **state: Any) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, Ctrl-C: no partial file is left to fill it
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

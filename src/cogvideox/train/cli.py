@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from cogvideox.cli import _quiet_libraries
+from cogvideox.cli import _quiet_libraries, _say
 from cogvideox.cli_args import (
     add_model_arguments,
     non_negative_float,
@@ -104,7 +104,7 @@ def add_train_parsers(commands) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from cogvideox.train.config import make_config
-    from cogvideox.train.finetune import check_steps_left, finetune
+    from cogvideox.train.finetune import check_steps_left, finetune, reached_step
 
     settings = {
         k: v for k, v in vars(args).items() if k not in ("command", "run", "config", "quiet")
@@ -114,9 +114,26 @@ def _train(args: argparse.Namespace) -> int:
     config = make_config(args.config, **settings)
     start = check_steps_left(config)  # a run already past --steps fails here, before any loading
     _quiet_libraries()
-    path = finetune(config)
+    try:
+        path = finetune(config)
+    except KeyboardInterrupt:
+        _say(_interrupted(config.output, reached_step(config.output)))
+        return 130
     print(_summary(path, config, start))
     return 0
+
+
+def _interrupted(output: str, reached: int) -> str:
+    """The line for a run stopped with Ctrl-C: where it can continue from, and how."""
+    if not reached:
+        return (
+            "cogvideox train: interrupted before the first checkpoint; run the same command again to start over "
+            "(the clips encoded so far stay in the cache)"
+        )
+    return (
+        f"cogvideox train: interrupted; {output} holds step {reached} (its newest checkpoint): run the same "
+        "command again to continue from there"
+    )
 
 
 def _summary(path: Path, config, start: int) -> str:

@@ -49,6 +49,7 @@ from .log import JsonlLog, plot_curve
 from .objective import v_loss
 
 CHECKPOINT_PREFIX = "step"
+LOCK = ".train.lock"  # held by the run writing into a run folder
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -384,13 +385,11 @@ class Run:
         weights, optim = self.trainable_state(), self.optimizer_state()
         if self.procs.main:
             folder = self.out / "checkpoints"
-            save_checkpoint(
-                folder / f"{CHECKPOINT_PREFIX}-{step}.pt",
-                step=step,
-                weights=weights,
-                optimizer=optim,
-                identity=self.config.run_identity,
-            )
+            path = folder / f"{CHECKPOINT_PREFIX}-{step}.pt"
+            try:
+                save_checkpoint(path, step=step, weights=weights, optimizer=optim, identity=self.config.run_identity)
+            except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+                raise InputError(_unwritten_checkpoint(path, e, reached_step(self.out))) from None
             kept = sorted(
                 (int(p.stem.rsplit("-", 1)[1]), p) for p in folder.glob(f"{CHECKPOINT_PREFIX}-*.pt")
                 if p.stem.rsplit("-", 1)[1].isdigit()
@@ -504,6 +503,17 @@ class Run:
         return path
 
 
+def _unwritten_checkpoint(path: Path, error: Exception, reached: int) -> str:
+    """The message for a checkpoint that could not be written: why, and that the run's older checkpoints
+    are kept, so that the work up to the newest one is not lost."""
+    why = error.strerror if isinstance(error, OSError) and error.strerror else "the write failed"
+    then = f"continue from step {reached}, its newest checkpoint" if reached else "start over (no checkpoint yet)"
+    return (
+        f"cannot write the checkpoint {path}: {why} (is the disk full?); free some space and run the same "
+        f"command again to {then}"
+    )
+
+
 def recorded_validation_guidance(output: str | Path) -> float | None:
     """The validation guidance the `config.json` of the run in `output` records, or None (no readable
     record). A resumed run left to the model's recommendation keeps it: its validation videos stay
@@ -569,6 +579,29 @@ def _check_same_run(config: FinetuneConfig) -> None:
         )
 
 
+def _lock_run_folder(output: Path):
+    """An open lock file holding an exclusive lock on the run folder (released when closed), or
+    `InputError` when another run holds it: two runs in one folder would write the same checkpoints and
+    log each step twice. On a file system without locks the run goes on with a warning."""
+    import fcntl
+
+    try:
+        handle = open(output / LOCK, "a")
+    except OSError as e:
+        raise InputError(f"cannot open {output / LOCK}: {e.strerror or e}") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise InputError(
+            f"another run is training into {output}; wait for it to finish, or give another --output"
+        ) from None
+    except OSError as e:
+        warnings.warn(f"cannot lock {output} ({e.strerror or e}): nothing stops another run from writing there too",
+                      stacklevel=3)
+    return handle
+
+
 def finetune(config: FinetuneConfig) -> Path:
     """Run (or resume) a fine-tuning run; returns the LoRA file or the fine-tuned model folder.
 
@@ -582,8 +615,11 @@ def finetune(config: FinetuneConfig) -> Path:
     check_steps_left(config)
     warn_if_validation_never_runs(config)
     run = Run(config)
+    lock = None
     try:
         c = config
+        if run.procs.main:
+            lock = _lock_run_folder(run.out)
         run.prepare_data()
         run.prepare_model()
         start = run.resume()
@@ -592,6 +628,12 @@ def finetune(config: FinetuneConfig) -> Path:
             run.out.mkdir(parents=True, exist_ok=True)
             (run.out / "config.json").write_text(json.dumps(run.recorded_config(), indent=2) + "\n")
         log = JsonlLog(run.out / "loss.jsonl", resume_step=start) if main else None
+        if c.validation_every and start and start % c.validation_every == 0 and (main or run.sharded):
+            # A run stopped while it made its videos resumes from the checkpoint written just before:
+            # they are made now, or never.
+            if not all((run.out / "validation" / f"step-{start}-{i}.mp4").is_file()
+                       for i in range(len(c.validation_prompts))):
+                run.validate(start)
         bar = tqdm(range(start, c.steps), initial=start, total=c.steps, desc="fine-tune",
                    disable=not (c.progress and main))
         t0 = time.perf_counter()
@@ -610,4 +652,6 @@ def finetune(config: FinetuneConfig) -> Path:
             plot_curve(log.read(), "loss", run.out / "loss.png", title="fine-tuning loss")
         return run.write_result()
     finally:
+        if lock is not None:
+            lock.close()
         run.procs.stop()

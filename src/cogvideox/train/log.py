@@ -23,9 +23,18 @@ class JsonlLog:
             f.write(json.dumps({"step": step, **values}) + "\n")
 
     def read(self) -> list[dict]:
+        """The records; a line that is not one (cut short when a run was killed as it wrote) is left out."""
         if not self.path.is_file():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        records = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int):
+                records.append(record)
+        return records
 
 
 def plot_curve(records: list[dict], key: str, path: str | Path, title: str = "") -> Path | None:
