@@ -146,3 +146,34 @@ def test_ctrl_c_says_how_to_resume(capsys, tiny_rope_dir, tmp_path, monkeypatch)
         f"cogvideox train: interrupted; {out} holds step 2 (its newest checkpoint): run the same command again "
         "to continue from there"
     )
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does(capsys, tiny_rope_dir, tmp_path, monkeypatch):
+    """A cluster scheduler stops a job with SIGTERM: the run says where it stands and how to resume, and
+    exits with a terminated process's status (143); the handler goes when the command returns."""
+    import os
+    import signal
+
+    from cogvideox.train.finetune import Run
+
+    data = make_video_folder(tmp_path / "data", broken=False)
+    out = tmp_path / "out"
+    argv = ["train", str(data), "--output", str(out), "--model", str(tiny_rope_dir), "--rank", "4",
+            "--bucket", "9x32x48", "--steps", "4", "--checkpoint-every", "2", "--quiet"]
+    original = Run.train_step
+
+    def train_step(self, step):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, step)
+
+    monkeypatch.setattr(Run, "train_step", train_step)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(argv) == 143
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"cogvideox train: interrupted; {out} holds step 2 (its newest checkpoint): run the same command again "
+        "to continue from there"
+    )
+    assert signal.getsignal(signal.SIGTERM) == before
+    monkeypatch.setattr(Run, "train_step", original)
+    assert main(argv) == 0  # and the run goes on from step 2

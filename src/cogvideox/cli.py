@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -65,9 +67,24 @@ def _say(line: str) -> None:
         print(line, file=sys.stderr)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a cluster scheduler's stop, `kill`, torchrun stopping its other processes), raised where
+    the work is, as Ctrl-C is: the same clean-up (no half-written file, a rescued video) and the same
+    report (`train` says how to resume), then the exit status of a terminated process."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
+def _interrupted_status(error: KeyboardInterrupt) -> int:
+    """128 + the signal: 143 after SIGTERM, 130 after Ctrl-C (SIGINT)."""
+    return 128 + (signal.SIGTERM if isinstance(error, Terminated) else signal.SIGINT)
+
+
 def _quiet_exit(status: int) -> int:
     """`status`, after giving rank 0 time to report an error that this silent process shares."""
-    if status not in (0, 130) and global_rank() != 0:
+    if status not in (0, 130, 143) and global_rank() != 0:
         time.sleep(QUIET_EXIT_DELAY_S)
     return status
 
@@ -377,17 +394,24 @@ def _out_of_memory(error: BaseException) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `cogvideox` command; returns the exit status. Under torchrun only global rank 0
     prints the error; the others return the same status without a word."""
+    handles_sigterm = threading.current_thread() is threading.main_thread()  # signals go to the main thread
+    if handles_sigterm:
+        previous_handler = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        args = build_parser().parse_args(argv)
-    except KeyboardInterrupt:  # Ctrl-C while the libraries load
-        _say("cogvideox: interrupted")
-        return 130
-    previous = warnings.showwarning
-    warnings.showwarning = _show_warning
-    try:
-        return _quiet_exit(_run(args))
+        try:
+            args = build_parser().parse_args(argv)
+        except KeyboardInterrupt as e:  # Ctrl-C while the libraries load
+            _say("cogvideox: interrupted")
+            return _interrupted_status(e)
+        previous = warnings.showwarning
+        warnings.showwarning = _show_warning
+        try:
+            return _quiet_exit(_run(args))
+        finally:
+            warnings.showwarning = previous
     finally:
-        warnings.showwarning = previous
+        if handles_sigterm:
+            signal.signal(signal.SIGTERM, previous_handler)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -400,9 +424,9 @@ def _run(args: argparse.Namespace) -> int:
     except CogVideoXError as e:  # NonFiniteError and the like: the request was fine, the run was not
         _report(e)
         return RUN_ERROR
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         _say("cogvideox: interrupted")
-        return 130
+        return _interrupted_status(e)
     except (RuntimeError, MemoryError) as e:
         where = _out_of_memory(e)
         if where is None:

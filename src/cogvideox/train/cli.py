@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from cogvideox.cli import _quiet_libraries, _say
+from cogvideox.cli import _interrupted_status, _quiet_libraries, _say
 from cogvideox.cli_args import (
     add_model_arguments,
     non_negative_float,
@@ -116,9 +116,9 @@ def _train(args: argparse.Namespace) -> int:
     _quiet_libraries()
     try:
         path = finetune(config)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (a scheduler's stop) as cli.Terminated
         _say(_interrupted(config.output, reached_step(config.output)))
-        return 130
+        return _interrupted_status(e)
     print(_summary(path, config, start))
     return 0
 
