@@ -94,6 +94,9 @@ def test_resume_after_an_interruption_is_bit_identical(data_dir, tiny_rope_dir, 
 
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
     assert len(losses(tmp_path / "a")) == 6
+    # The log's clock runs on across the restart: the resumed steps do not start from 0 s again.
+    seconds = [json.loads(line)["seconds"] for line in (tmp_path / "b" / "loss.jsonl").read_text().splitlines()]
+    assert seconds == sorted(seconds) and seconds[3] >= seconds[2]
     if kind == "lora":
         a, b = load_file(str(straight)), load_file(str(resumed))
     else:

@@ -636,7 +636,9 @@ def finetune(config: FinetuneConfig) -> Path:
                 run.validate(start)
         bar = tqdm(range(start, c.steps), initial=start, total=c.steps, desc="fine-tune",
                    disable=not (c.progress and main))
-        t0 = time.perf_counter()
+        # `seconds` runs on across restarts, from where the kept log ends: one clock for the whole curve.
+        earlier = next((r["seconds"] for r in reversed(log.read()) if "seconds" in r), 0.0) if log else 0.0
+        t0 = time.perf_counter() - earlier
         for step in bar:
             loss = run.train_step(step)
             done = step + 1
