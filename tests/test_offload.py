@@ -627,7 +627,9 @@ def test_cli_out_of_memory_is_one_line_and_leaves_no_file(tiny_rope_dir, tmp_pat
     monkeypatch.setattr(CogVideoXVAE, "decode", raise_oom())
     output = tmp_path / "cat.mp4"
     assert main(cli_args(tiny_rope_dir, output, "--offload", "model")) == 1
-    warning, error = capsys.readouterr().err.splitlines()
+    on_cpu, warning, error = capsys.readouterr().err.splitlines()
+    assert on_cpu == ("cogvideox: warning: --offload model keeps a GPU's weights in host memory; on the CPU the "
+                      "weights are there already, so it saves no memory")
     assert warning.startswith("cogvideox: warning: out of GPU memory in VAE decoding: it asked for 2.00 GiB")
     assert warning.endswith("try --vae-tiling; decoding again in tiles, as --vae-tiling does")
     assert error.startswith("cogvideox: error: out of GPU memory in VAE decoding: it asked for 2.00 GiB")

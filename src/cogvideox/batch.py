@@ -551,7 +551,7 @@ def _batch(args: argparse.Namespace) -> int:
         start, entries = time.perf_counter(), []
         if len(done) < len(items):  # a finished batch run again loads no model
             pipe = Pipeline.from_pretrained(
-                folder, dtype=args.dtype, device=device, scheduler=args.scheduler, **memory_settings(args)
+                folder, dtype=args.dtype, device=device, scheduler=args.scheduler, **memory_settings(args, device)
             )
             if is_root:
                 report_offload(pipe, args, device)

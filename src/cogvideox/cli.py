@@ -320,7 +320,7 @@ def _generate(args: argparse.Namespace) -> int:
                                one_group=True)
     pipe = Pipeline.from_pretrained(
         folder, dtype=args.dtype, device=device, scheduler=args.scheduler, lora=lora,
-        vae_slicing=args.vae_slicing, **memory_settings(args),
+        vae_slicing=args.vae_slicing, **memory_settings(args, device),
     )
     if global_rank() == 0:
         report_offload(pipe, args, device)

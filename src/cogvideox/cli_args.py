@@ -105,10 +105,19 @@ def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def memory_settings(args: argparse.Namespace) -> dict:
-    """`Pipeline.from_pretrained`'s keyword arguments from the flags of `add_memory_arguments`."""
+def memory_settings(args: argparse.Namespace, device) -> dict:
+    """`Pipeline.from_pretrained`'s keyword arguments from the flags of `add_memory_arguments`, for a
+    pipeline computing on `device`."""
+    import warnings
+
     from cogvideox import loading
 
+    if device.type == "cpu" and args.offload in ("model", "stream", "sequential"):
+        warnings.warn(
+            f"--offload {args.offload} keeps a GPU's weights in host memory; on the CPU the weights are there "
+            "already, so it saves no memory",
+            stacklevel=2,
+        )
     text_device = loading.choose_device(args.text_device, "text_device") if args.text_device else None
     return dict(offload=args.offload, text_device=text_device, vae_tiling=args.vae_tiling)
 

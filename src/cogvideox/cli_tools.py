@@ -164,7 +164,7 @@ def _check_output(path: str | None, flag: str) -> Path | None:
 def _load(args: argparse.Namespace, device, folder):
     from cogvideox.pipeline import Pipeline
 
-    pipe = Pipeline.from_pretrained(folder, dtype=args.dtype, device=device, **memory_settings(args))
+    pipe = Pipeline.from_pretrained(folder, dtype=args.dtype, device=device, **memory_settings(args, device))
     report_offload(pipe, args, device)
     return pipe
 
