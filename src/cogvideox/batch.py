@@ -26,7 +26,6 @@ import os
 import re
 import sys
 import time
-import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from cogvideox.errors import CogVideoXError, InputError
-from cogvideox.files import prepare_folder
+from cogvideox.files import lock_folder, prepare_folder
 
 MANIFEST = "manifest.jsonl"
 LOCK = ".batch.lock"  # held by the batch writing into a folder
@@ -379,28 +378,8 @@ def _make_videos(pipe, items, done, output_dir, mesh, fps, settings, progress, r
 
 
 def _lock_folder(output_dir: Path):
-    """An open lock file holding an exclusive lock on the folder (released when closed), or `InputError`
-    when another batch holds it: two runs on one folder would make every video twice. On a file system
-    that has no locks (some network and FUSE mounts) the batch goes on with a warning: the lock guards
-    against a mistake, and refusing would make such a folder unusable."""
-    import fcntl
-
-    try:
-        handle = open(output_dir / LOCK, "a")
-    except OSError as e:
-        raise InputError(f"cannot open {output_dir / LOCK}: {e.strerror or e}") from None
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise InputError(
-            f"another batch is writing into {output_dir}; wait for it to finish, or give another --output-dir"
-        ) from None
-    except OSError as e:
-        warnings.warn(
-            f"cannot lock {output_dir} ({e.strerror or e}): nothing stops another batch from writing there too"
-        )
-    return handle
+    """The batch's lock on its output folder (see `files.lock_folder`)."""
+    return lock_folder(output_dir, LOCK, "batch", "writing into", "--output-dir")
 
 
 def _from_root(work):

@@ -1,4 +1,4 @@
-"""File permissions for what we write: the mode a plain `open` would give.
+"""File permissions for what we write (the mode a plain `open` would give), writable and locked folders.
 
 safetensors writes through a private temporary file, and so does our own atomic video export
 (`tempfile.mkstemp`): both leave mode 0600, so a model folder, a LoRA or a video would be unreadable to
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 
@@ -50,3 +51,30 @@ def prepare_folder(folder: str | os.PathLike) -> None:
         probe_writable(folder)
     except OSError as e:
         raise InputError(f"cannot write to {folder}: {e.strerror or e}") from None
+
+
+def lock_folder(folder: Path, name: str, holder: str, doing: str, flag: str):
+    """An open lock file `folder/name` holding an exclusive lock on the folder (released when closed), or
+    `InputError` when another process holds it ("another {holder} is {doing} {folder}; ... give another
+    {flag}"): two batches or two training runs in one folder would make everything twice. On a file
+    system that has no locks (some network and FUSE mounts) the work goes on with a warning: the lock
+    guards against a mistake, and refusing would make such a folder unusable."""
+    import fcntl
+
+    from cogvideox.errors import InputError
+
+    try:
+        handle = open(folder / name, "a")
+    except OSError as e:
+        raise InputError(f"cannot open {folder / name}: {e.strerror or e}") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise InputError(f"another {holder} is {doing} {folder}; wait for it to finish, or give another {flag}") from None
+    except OSError as e:
+        warnings.warn(
+            f"cannot lock {folder} ({e.strerror or e}): nothing stops another {holder} from writing there too",
+            stacklevel=3,
+        )
+    return handle

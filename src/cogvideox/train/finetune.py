@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from cogvideox import loading
 from cogvideox.errors import InputError, NonFiniteError
-from cogvideox.files import prepare_folder
+from cogvideox.files import lock_folder, prepare_folder
 
 from . import lora as lora_lib
 from .cache import CachedDataset, precompute
@@ -579,29 +579,6 @@ def _check_same_run(config: FinetuneConfig) -> None:
         )
 
 
-def _lock_run_folder(output: Path):
-    """An open lock file holding an exclusive lock on the run folder (released when closed), or
-    `InputError` when another run holds it: two runs in one folder would write the same checkpoints and
-    log each step twice. On a file system without locks the run goes on with a warning."""
-    import fcntl
-
-    try:
-        handle = open(output / LOCK, "a")
-    except OSError as e:
-        raise InputError(f"cannot open {output / LOCK}: {e.strerror or e}") from None
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise InputError(
-            f"another run is training into {output}; wait for it to finish, or give another --output"
-        ) from None
-    except OSError as e:
-        warnings.warn(f"cannot lock {output} ({e.strerror or e}): nothing stops another run from writing there too",
-                      stacklevel=3)
-    return handle
-
-
 def finetune(config: FinetuneConfig) -> Path:
     """Run (or resume) a fine-tuning run; returns the LoRA file or the fine-tuned model folder.
 
@@ -619,7 +596,7 @@ def finetune(config: FinetuneConfig) -> Path:
     try:
         c = config
         if run.procs.main:
-            lock = _lock_run_folder(run.out)
+            lock = lock_folder(run.out, LOCK, "run", "training into", "--output")
         run.prepare_data()
         run.prepare_model()
         start = run.resume()
