@@ -184,18 +184,15 @@ def _invert(args: argparse.Namespace) -> int:
     device, folder, configs = locate_model(args)
     # An undecodable file fails before the model loads; of a long one, only the frames used are decoded.
     frames = conditioning.load_video(args.video, frames_to_read(args.frames, configs.transformer))
+    sampling = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, num_frames=args.frames,
+                    height=args.height, width=args.width, resize=args.resize)  # fmt: skip
     check_inversion(  # as does every mistake the configs reveal
         configs.transformer,
         configs.vae,
         args.prompt,
         len(frames),
         num_train_timesteps=configs.scheduler.num_train_timesteps,
-        num_frames=args.frames,
-        height=args.height,
-        width=args.width,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
-        resize=args.resize,
+        **sampling,
     )
     pipe = _load(args, device, folder)
     load_time = time.perf_counter() - start
@@ -205,12 +202,7 @@ def _invert(args: argparse.Namespace) -> int:
         pipe,
         frames,
         args.prompt,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
-        num_frames=args.frames,
-        height=args.height,
-        width=args.width,
-        resize=args.resize,
+        **sampling,
         fixed_point_iterations=args.refine,
         progress=not args.quiet,
     )

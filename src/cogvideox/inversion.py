@@ -209,12 +209,27 @@ def check_inversion(
     )
 
 
+def _regeneration_args(inversion: Inversion, prompt, negative_prompt, guidance_scale) -> dict:
+    """The sampling arguments of a regeneration: the inversion's, with the prompts and guidance given."""
+    return dict(
+        prompt=inversion.prompt if prompt is None else prompt,
+        negative_prompt=inversion.negative_prompt if negative_prompt is None else negative_prompt,
+        num_frames=inversion.num_frames,
+        height=inversion.height,
+        width=inversion.width,
+        num_inference_steps=inversion.num_inference_steps,
+        guidance_scale=inversion.guidance_scale if guidance_scale is None else guidance_scale,
+        max_sequence_length=inversion.max_sequence_length,
+    )
+
+
 def check_regeneration(
     transformer: TransformerConfig,
     vae: VAEConfig,
     inversion: Inversion,
     prompt: str | None = None,
     *,
+    negative_prompt: str | None = None,
     guidance_scale: float | None = None,
     num_train_timesteps: int = 1000,
 ) -> GenerationRequest:
@@ -224,15 +239,8 @@ def check_regeneration(
     request = check_request(
         transformer,
         vae,
-        inversion.prompt if prompt is None else prompt,
-        negative_prompt=inversion.negative_prompt,
-        num_frames=inversion.num_frames,
-        height=inversion.height,
-        width=inversion.width,
-        num_inference_steps=inversion.num_inference_steps,
-        guidance_scale=inversion.guidance_scale if guidance_scale is None else guidance_scale,
-        max_sequence_length=inversion.max_sequence_length,
         num_train_timesteps=num_train_timesteps,
+        **_regeneration_args(inversion, prompt, negative_prompt, guidance_scale),
     )
     compress = vae.spatial_compression
     expected = [1, request.latent_frames, transformer.latent_channels, request.height // compress,
@@ -374,18 +382,12 @@ def reconstruct(
     """Sample forward with DDIM from inverted latents: the video again, or an edit of it with a new
     `prompt`. Returns the pipeline's `VideoOutput`."""
     train_steps = pipe.scheduler.config.num_train_timesteps
-    check_regeneration(pipe.config, pipe.vae.config, inversion, prompt, guidance_scale=guidance_scale,
-                       num_train_timesteps=train_steps)  # fmt: skip
+    sampling = _regeneration_args(inversion, prompt, negative_prompt, guidance_scale)
+    check_regeneration(pipe.config, pipe.vae.config, inversion, prompt, negative_prompt=negative_prompt,
+                       guidance_scale=guidance_scale, num_train_timesteps=train_steps)  # fmt: skip
     ddim = pipe if type(pipe.scheduler) is DDIMScheduler else pipe.with_scheduler("ddim")
     return ddim(
-        inversion.prompt if prompt is None else prompt,
-        negative_prompt=inversion.negative_prompt if negative_prompt is None else negative_prompt,
-        num_frames=inversion.num_frames,
-        height=inversion.height,
-        width=inversion.width,
-        num_inference_steps=inversion.num_inference_steps,
-        guidance_scale=inversion.guidance_scale if guidance_scale is None else guidance_scale,
-        max_sequence_length=inversion.max_sequence_length,
+        **sampling,
         latents=inversion.latents,
         seed=0,  # DDIM draws nothing; a fixed seed keeps the report quiet
         output_type=output_type,
