@@ -28,6 +28,21 @@ def run_script(module_name: str, argv: list[str], out: Path, monkeypatch) -> int
     return status or 0
 
 
+def fail_on_call(monkeypatch, owner, name: str, n: int, error: BaseException) -> None:
+    """Make call number `n` of `owner.name` raise `error` (a KeyboardInterrupt stops a run as a time cap's
+    signal would: it is not an Exception); the other calls run the real function."""
+    real = getattr(owner, name)
+    calls = []
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise error
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, wrapper)
+
+
 def test_speed_records_a_failing_mode_and_keeps_the_others(tmp_path, monkeypatch):
     # fp8 cannot run on the CPU: it fails, the exact mode before it and int8 after it are still measured,
     # everything is in the JSON, and the exit status says that something failed.
@@ -44,16 +59,7 @@ def test_speed_records_a_failing_mode_and_keeps_the_others(tmp_path, monkeypatch
 def test_speed_writes_its_json_as_each_mode_is_measured(tmp_path, monkeypatch):
     # A run killed after the first mode (here: the second mode interrupts it) still leaves the first's figures.
     speed = __import__("speed")
-    real = speed.fast.apply
-    calls = []
-
-    def apply(model, **options):
-        calls.append(options)
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # not an Exception: stops the run as a time cap's signal would
-        return real(model, **options)
-
-    monkeypatch.setattr(speed.fast, "apply", apply)
+    fail_on_call(monkeypatch, speed.fast, "apply", 2, KeyboardInterrupt())
     argv = ["--tiny", "--modes", "fused,compile", "--repeat", "1", "--trajectory-steps", "0", "--no-reference",
             "--skip-vae", "--skip-t5"]  # fmt: skip
     with pytest.raises(KeyboardInterrupt):
@@ -64,16 +70,7 @@ def test_speed_writes_its_json_as_each_mode_is_measured(tmp_path, monkeypatch):
 
 def test_core_full_size_keeps_our_figures_when_the_reference_is_cut_short(tmp_path, monkeypatch):
     core = __import__("core_full_size")
-    real = core.timed
-    calls = []
-
-    def timed(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:  # the reference's timing
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(core, "timed", timed)
+    fail_on_call(monkeypatch, core, "timed", 2, KeyboardInterrupt())  # the reference's timing
     with pytest.raises(KeyboardInterrupt):
         run_script("core_full_size", ["--tiny", "--steps", "1", "--repeat", "1"], tmp_path, monkeypatch)
     result = json.loads((tmp_path / "core_full_size_5b_tiny.json").read_text())
@@ -83,16 +80,7 @@ def test_core_full_size_keeps_our_figures_when_the_reference_is_cut_short(tmp_pa
 
 def test_memory_keeps_the_runs_it_finished(tmp_path, monkeypatch):
     memory = __import__("memory")
-    real = memory.run_once
-    calls = []
-
-    def run_once(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(memory, "run_once", run_once)
+    fail_on_call(monkeypatch, memory, "run_once", 2, KeyboardInterrupt())
     with pytest.raises(KeyboardInterrupt):
         argv = ["--tiny", "--variant", "5b", "--steps", "2", "--modes", "none,model"]
         run_script("memory", argv, tmp_path, monkeypatch)
@@ -115,16 +103,8 @@ def test_finetune_memory_keeps_our_case_when_the_reference_is_cut_short(tmp_path
 
 def test_parallel_per_rank_keeps_the_rows_it_finished(tmp_path, monkeypatch):
     parallel = __import__("parallel_per_rank")
-    real = parallel.timed
-    calls = []
-
-    def timed(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 7:  # the third row's first part (three timings a row)
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(parallel, "timed", timed)
+    # The third row's first part (three timings a row).
+    fail_on_call(monkeypatch, parallel, "timed", 7, KeyboardInterrupt())
     with pytest.raises(KeyboardInterrupt):
         run_script("parallel_per_rank", ["--tiny", "--repeats", "1"], tmp_path, monkeypatch)
     result = json.loads((tmp_path / "parallel_per_rank.json").read_text())
@@ -160,16 +140,7 @@ def test_gpu_wheels_runs_in_a_git_worktree(tmp_path):
 
 def test_memory_records_a_failing_mode_and_runs_the_next(tmp_path, monkeypatch):
     memory = __import__("memory")
-    real = memory.run_once
-    calls = []
-
-    def run_once(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("CUDA out of memory")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(memory, "run_once", run_once)
+    fail_on_call(monkeypatch, memory, "run_once", 2, RuntimeError("CUDA out of memory"))
     argv = ["--tiny", "--variant", "5b", "--steps", "2", "--modes", "none,stream,sequential"]
     assert run_script("memory", argv, tmp_path, monkeypatch) == 1
     runs = json.loads((tmp_path / "memory_5b_tiny.json").read_text())["runs"]

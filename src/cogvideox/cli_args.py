@@ -8,6 +8,7 @@ flag means the same thing (name, default, help) in every command that has it.
 from __future__ import annotations
 
 import argparse
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -108,8 +109,6 @@ def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
 def memory_settings(args: argparse.Namespace, device) -> dict:
     """`Pipeline.from_pretrained`'s keyword arguments from the flags of `add_memory_arguments`, for a
     pipeline computing on `device`."""
-    import warnings
-
     from cogvideox import loading
 
     if device.type == "cpu" and args.offload in ("model", "stream", "sequential"):
