@@ -4,6 +4,8 @@
 #   OUT=results bash benchmarks/gpu_session.sh            # on the GPU machine, from the repository root
 #   OUT=results bash benchmarks/gpu_session.sh 900        # a total budget in seconds (default 540)
 #   TINY=1 OUT=/tmp/gs bash benchmarks/gpu_session.sh     # every step with --tiny on the CPU (plumbing check)
+#   STEPS=parallel-5b,core-2b OUT=results bash benchmarks/gpu_session.sh 200   # only the steps named
+#   PACK=/somewhere/results.tgz OUT=results bash ...      # also packs $OUT into one archive after each step
 #
 # GPU time is short and may come in one piece, so the order is what the issues need most:
 #   1. core_full_size 5B: our step against the reference on the same weights (time, error), end to end;
@@ -33,6 +35,13 @@ if [ -n "${TINY:-}" ]; then
     SPEED_MODES="fused,compile,int8"  # fp8 needs compute capability 8.9+: the CPU check runs int8 in its place
 fi
 
+# pack: $OUT as one archive at $PACK (when set), replaced whole after each step, for a machine that
+# sends back only a few files: a session stopped midway still returns every step it finished.
+pack() {
+    [ -n "${PACK:-}" ] || return 0
+    tar czf "$PACK.part" -C "$OUT" . && mv "$PACK.part" "$PACK"
+}
+
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
     # Without them the steps still measure ours; only the comparisons with the reference go missing.
     if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl; then
@@ -58,11 +67,15 @@ for name in ("diffusers", "transformers", "peft", "torchao"):
 EOF
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
+pack
 
 # step NAME CAP_S FLOOR_S ARGS...: run benchmarks/ARGS[0] with the rest, if FLOOR_S seconds are left.
 step() {
     local name=$1 cap=$2 floor=$3
     shift 3
+    if [ -n "${STEPS:-}" ] && [[ ",$STEPS," != *",$name,"* ]]; then
+        return
+    fi
     local left=$((BUDGET - ($(date +%s) - START)))
     if [ "$left" -lt "$floor" ]; then
         echo "{\"step\": \"$name\", \"status\": \"skipped\", \"seconds_left\": $left}" >> "$OUT/session.jsonl"
@@ -77,7 +90,9 @@ step() {
     local rc=$?
     tail -n 25 "$OUT/$name/log.txt"
     echo "{\"step\": \"$name\", \"rc\": $rc, \"seconds\": $(($(date +%s) - t0))}" >> "$OUT/session.jsonl"
+    pack
 }
+
 
 step core-5b           150  60 core_full_size.py --variant 5b
 step speed-5b          200  90 speed.py --variant 5b --modes "$SPEED_MODES" --repeat 3 --trajectory-steps 10 --skip-t5 --skip-vae

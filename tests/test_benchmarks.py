@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -173,3 +174,19 @@ def test_gpu_session_runs_when_the_wheels_do_not_install(tmp_path):
     assert "wheel install failed" in done.stderr
     steps = [json.loads(line) for line in (tmp_path / "out" / "session.jsonl").read_text().splitlines()]
     assert steps and all(s["status"] == "skipped" for s in steps)  # a budget of 0 s: every step skipped
+
+
+def test_gpu_session_runs_only_the_steps_named_and_packs_the_results(tmp_path):
+    # A follow-up call on a still-warm machine reruns a few steps, not the whole session; a machine that
+    # returns only a few files gets everything in one archive.
+    (tmp_path / "benchmarks").mkdir()
+    shutil.copy(BENCHMARKS / "gpu_session.sh", tmp_path / "benchmarks")
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "out"), "TINY": "1",
+           "STEPS": "parallel-5b,core-2b", "PACK": str(tmp_path / "results.tgz")}  # fmt: skip
+    done = subprocess.run(["bash", str(tmp_path / "benchmarks" / "gpu_session.sh"), "0"], env=env,
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    steps = [json.loads(line) for line in (tmp_path / "out" / "session.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == ["parallel-5b", "core-2b"]
+    with tarfile.open(tmp_path / "results.tgz") as archive:
+        assert "./env.txt" in archive.getnames()
