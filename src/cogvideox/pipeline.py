@@ -146,7 +146,6 @@ class Pipeline:
         # Before reading any weight: a process the kernel kills for memory gets no error message at all.
         check_host_memory(offload, folder_sizes(folder, dtype), device, text_device, dtype)
         pipe = cls._assemble(folder, dtype, device if offload == "none" else torch.device("cpu"), scheduler)
-        pipe._use_layouts_for(device)  # before offloading copies the weights
         for path, scale in _lora_entries(lora):
             pipe.load_lora(path, scale)
         if vae_tiling:
@@ -190,7 +189,7 @@ class Pipeline:
         configs = loading.read_model_configs(folder)
         dtype = loading.choose_dtype(dtype, device, configs.transformer)
         transformer, vae_model = sat.load_components(checkpoint, configs, dtype, device, vae, trust_pickle)
-        return cls._assemble(folder, dtype, device, scheduler, transformer, vae_model)._use_layouts_for(device)
+        return cls._assemble(folder, dtype, device, scheduler, transformer, vae_model)
 
     @classmethod
     def _assemble(cls, folder: Path, dtype, device, scheduler=None, transformer=None, vae=None) -> Pipeline:
@@ -325,16 +324,6 @@ class Pipeline:
         self.transformer.to(device)
         self.vae.to(device)
         self.text_encoder.model.to(device)
-        return self._use_layouts_for(device)
-
-    def _use_layouts_for(self, device: torch.device) -> Pipeline:
-        """Memory layouts that are faster on `device` and change results by rounding only: on CUDA, the
-        VAE's convolutions channels-last (cuDNN's tensor-core kernels read that layout; see
-        `cogvideox.fast.vae`). Elsewhere nothing changes: a CPU's 3D convolutions gain nothing from it."""
-        if device.type == "cuda":
-            from cogvideox.fast.vae import channels_last
-
-            channels_last(self.vae)
         return self
 
     def enable_offload(
