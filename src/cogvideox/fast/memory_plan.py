@@ -103,10 +103,12 @@ def folder_sizes(folder: Path, dtype: torch.dtype) -> dict[str, ComponentSize]:
     return found
 
 
-# Peak activation bytes per pixel of one decoded video for the untiled VAE decoder in a 2-byte dtype:
-# about 18 GB at 480x720 (the figure behind models/vae_tiling.py), i.e. ~52 kB per pixel. The decoder
-# works on a few latent frames at a time, so the frame count does not enter.
-_DECODE_BYTES_PER_PIXEL = 52_000
+# Peak activation bytes per pixel of one decoded video for the untiled VAE decoder in a 2-byte dtype.
+# Measured on an H200 (BENCHMARKS.md, bf16, 49 x 480 x 720): our decode peaks at 10.70 GiB with 0.40 GiB
+# of weights, about 32 kB per pixel (the reference's decode: 15.16 GiB), and the tiled one (240 x 360
+# tiles) at 3.07 GiB, which the same figure predicts to within 0.1 GiB; 34 kB keeps a small margin. The
+# decoder works on a few latent frames at a time, so the frame count does not enter.
+_DECODE_BYTES_PER_PIXEL = 34_000
 # Live [tokens, width] tensors at the transformer's peak (residual streams, q/k/v, the 4x MLP), per sample.
 _TRANSFORMER_LIVE_WIDTHS = 12
 
