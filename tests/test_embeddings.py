@@ -69,6 +69,30 @@ def test_joint_table_matches_reference_patch_embed_table():
     torch.testing.assert_close(ours, theirs.pos_embedding, rtol=0, atol=0)
 
 
+def test_loaded_sincos_table_is_the_reference_table_in_the_weights_dtype(monkeypatch):
+    # The 2B table is recomputed after a load, on the CPU (a GPU's float64 sine can round the other way),
+    # and held in the weights' dtype, as the reference's model holds it after from_pretrained(bf16).
+    config = TransformerConfig(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+                               text_embed_dim=8, sample_width=12, sample_height=8, sample_frames=9,
+                               max_text_seq_length=7, use_rotary_positional_embeddings=False)  # fmt: skip
+    with torch.device("meta"):
+        embed = PatchEmbed(config)
+    devices = []
+    compute = PatchEmbed._sincos_table
+    monkeypatch.setattr(PatchEmbed, "_sincos_table", lambda self, *a, device=None: devices.append(device) or
+                        compute(self, *a, device=device))  # fmt: skip
+    state = {k: torch.randn(v.shape, dtype=torch.bfloat16) for k, v in embed.state_dict().items()}
+    embed.load_state_dict(state, assign=True)
+    assert devices == [torch.device("cpu")]
+    theirs = ref.CogVideoXPatchEmbed(
+        patch_size=2, in_channels=4, embed_dim=32, text_embed_dim=8, sample_width=12, sample_height=8,
+        sample_frames=9, max_text_seq_length=7, use_positional_embeddings=True,
+        use_learned_positional_embeddings=False,
+    ).to(torch.bfloat16)
+    assert embed.pos_embedding.dtype == torch.bfloat16
+    torch.testing.assert_close(embed.pos_embedding, theirs.pos_embedding, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("dim", [4, 16, 24])
 def test_rope_1d_matches_reference(dim):
     pos = torch.linspace(0.5, 20.25, 17)
