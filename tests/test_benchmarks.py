@@ -86,6 +86,15 @@ def test_speed_reports_the_errors_against_an_fp32_truth(tmp_path, monkeypatch, c
     assert "step_rel_l2_vs_reference" in result["modes"]["fused"]
 
 
+def test_compile_error_reports_the_three_errors(tmp_path, monkeypatch):
+    argv = ["--tiny", "--layers", "1", "--frames", "5", "--height", "32", "--width", "48"]
+    assert run_script("compile_error", argv, tmp_path, monkeypatch) == 0
+    result = json.loads((tmp_path / "compile_error_1l_tiny.json").read_text())
+    for key in ("eager_bf16_vs_fp32", "compiled_bf16_vs_fp32", "compiled_vs_eager_bf16"):
+        assert 0 < result[key] < 0.05, (key, result[key])  # bf16 noise of one block, not zero: bf16 ran
+    assert set(result["seconds"]) == {"fp32", "eager_bf16", "compiled_bf16"}
+
+
 def test_speed_writes_its_json_as_each_mode_is_measured(tmp_path, monkeypatch):
     # A run killed after the first mode (here: the second mode interrupts it) still leaves the first's figures.
     speed = __import__("speed")
