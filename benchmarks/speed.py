@@ -28,7 +28,8 @@ so its errors are ~0: there it checks the plumbing.
 
 Writes speed_<variant>[_tiny].json under $OUT (or the current folder), rewritten as each figure comes in
 (a run cut short by its time cap keeps what it measured), and prints a markdown table. A mode or VAE
-variant that fails is recorded with its error and the others still run; the exit status is then 1.
+variant (or the fp32 truth) that fails is recorded with its error and the others still run; the exit
+status is then 1.
 """
 
 from __future__ import annotations
@@ -199,6 +200,8 @@ def main() -> None:
 
     print(markdown(result))
     entries = [*result["modes"].items(), *result.get("vae_decode", {}).items()]
+    if "fp32_truth" in result:
+        entries.append(("fp32_truth", result["fp32_truth"]))
     failed = [k for k, v in entries if isinstance(v, dict) and "error" in v]
     if failed:
         sys.exit(f"failed: {', '.join(failed)} (their errors are in {path})")

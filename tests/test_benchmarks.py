@@ -85,6 +85,14 @@ def test_speed_reports_the_errors_against_an_fp32_truth(tmp_path, monkeypatch, c
     assert "step_rel_l2_vs_fp32" not in result["modes"]["fused"]
     assert "step_rel_l2_vs_reference" in result["modes"]["fused"]
 
+    # A truth that fails (out of memory) is recorded; the modes still run, and the exit status says so.
+    speed = __import__("speed")
+    fail_on_call(monkeypatch, speed, "fp32_step", 1, RuntimeError("CUDA out of memory"))
+    assert run_script("speed", [*argv, "--no-reference"], tmp_path / "failed", monkeypatch) == 1
+    result = json.loads((tmp_path / "failed" / "speed_5b_tiny.json").read_text())
+    assert result["fp32_truth"] == {"error": "RuntimeError: CUDA out of memory"}
+    assert result["modes"]["fused"]["step_ms"] > 0 and "step_rel_l2_vs_fp32" not in result["modes"]["fused"]
+
 
 def test_compile_error_reports_the_three_errors(tmp_path, monkeypatch):
     argv = ["--tiny", "--layers", "1", "--frames", "5", "--height", "32", "--width", "48"]
