@@ -8,7 +8,9 @@ The same random weights go into diffusers' CogVideoXTransformer3DModel and into 
 mode rewrites its own fresh copy). For each mode, at CFG batch 2:
 - per-step transformer time (median of --repeat forwards after a warm-up; the warm-up, which includes any
   compilation, is reported on its own), the 50-step extrapolation, peak GPU memory and weight bytes;
-- the relative L2 error of one step against the reference's bf16 output (the "exact" budget is 1e-2);
+- the relative L2 error of one step against the reference's bf16 output (the "exact" budget is 1e-2),
+  and against an fp32 truth (below), as the reference's own is: the bf16 rounding noise of a deep
+  stack shows as the reference's error, and a mode no further from the truth than the reference adds none;
 - for the lossy modes (int8, fp8, cache), the error after a --trajectory-steps DDIM run with guidance,
   against the same run in the lossless "fused" mode; for the cache, how many steps ran in full and the
   time per step of that run.
@@ -17,10 +19,17 @@ Then the VAE decode (reference and ours, whole and tiled: time, peak memory, err
 Modes: plain (no levers), fused (fused QKV + cuDNN-first attention: our exact mode), compile (fused +
 regional torch.compile), int8 / fp8 (fused + quantised linears + compile), cache (fused + compile + the
 first-block cache at --cache-threshold). The reference is timed eager, and compiled with
---reference-compile (minutes of compilation). Writes speed_<variant>[_tiny].json under $OUT (or the
-current folder), rewritten as each figure comes in (a run cut short by its time cap keeps what it
-measured), and prints a markdown table. A mode or VAE variant that fails is recorded with its error and
-the others still run; the exit status is then 1.
+--reference-compile (minutes of compilation). The fp32 truth (unless --no-fp32-truth) is one step of a
+fresh copy of our transformer, without levers, on the same weights and inputs cast to fp32, with TF32
+matmuls off (attention: PyTorch's choice, the memory-efficient kernel for fp32); it runs after the
+reference is freed and before our modes, alone on the device (5B: 22 GB of weights, one forward of
+~5-15 s on an H200, no warm-up; its time and peak are recorded). With --tiny every run is fp32 already,
+so its errors are ~0: there it checks the plumbing.
+
+Writes speed_<variant>[_tiny].json under $OUT (or the current folder), rewritten as each figure comes in
+(a run cut short by its time cap keeps what it measured), and prints a markdown table. A mode or VAE
+variant (or the fp32 truth) that fails is recorded with its error and the others still run; the exit
+status is then 1.
 """
 
 from __future__ import annotations
@@ -124,6 +133,7 @@ def main() -> None:
     p.add_argument("--cache-threshold", type=float, default=0.1)
     p.add_argument("--reference-compile", action="store_true", help="also time torch.compile(reference)")
     p.add_argument("--no-reference", action="store_true", help="skip diffusers (errors are then vs 'fused')")
+    p.add_argument("--no-fp32-truth", action="store_true", help="skip the fp32 step (no errors vs fp32)")
     p.add_argument("--skip-vae", action="store_true")
     p.add_argument("--vae-only", action="store_true", help="only the VAE decode variants (no transformer, no T5)")
     p.add_argument("--skip-t5", action="store_true")
@@ -170,13 +180,13 @@ def main() -> None:
     if not args.vae_only:
         transformer_modes(args, config, modes, steps, device, dtype, clock, result, lat_f, lat_h, lat_w, save)
 
-    # 3. VAE decode, reference and ours, whole and tiled.
+    # 4. VAE decode, reference and ours, whole and tiled.
     if not args.skip_vae:
         result["vae_decode"] = {}
         vae_decode(vae_config, device, dtype, clock, lat_f, lat_h, lat_w, args.no_reference, result["vae_decode"], save)
         print("vae:", json.dumps(result["vae_decode"]), flush=True)
 
-    # 4. T5 encoding of [negative ; prompt].
+    # 5. T5 encoding of [negative ; prompt].
     if not (args.skip_t5 or args.vae_only):
         reset_peak(device)
         with tempfile.TemporaryDirectory() as tmp:
@@ -190,6 +200,8 @@ def main() -> None:
 
     print(markdown(result))
     entries = [*result["modes"].items(), *result.get("vae_decode", {}).items()]
+    if "fp32_truth" in result:
+        entries.append(("fp32_truth", result["fp32_truth"]))
     failed = [k for k, v in entries if isinstance(v, dict) and "error" in v]
     if failed:
         sys.exit(f"failed: {', '.join(failed)} (their errors are in {path})")
@@ -208,8 +220,8 @@ def failure(e: Exception) -> dict:
 
 
 def transformer_modes(args, config, modes, steps, device, dtype, clock, result, lat_f, lat_h, lat_w, save) -> None:
-    """Sections 1 and 2: the reference transformer (eager, compiled) and each of our modes, into `result`
-    (`save` writes it after each)."""
+    """Sections 1 to 3: the reference transformer (eager, compiled), the fp32 truth and each of our modes,
+    into `result` (`save` writes it after each)."""
     # The weights, once, in host memory: every model below is a fresh copy of them.
     with torch.device("meta"):
         template = CogVideoXTransformer(config)
@@ -222,17 +234,21 @@ def transformer_modes(args, config, modes, steps, device, dtype, clock, result, 
     text = torch.randn(2, config.max_text_seq_length, config.text_embed_dim, generator=g).to(device, dtype)
     t = torch.tensor([500, 500], device=device)
 
-    def ours() -> CogVideoXTransformer:
+    def ours(cast: torch.dtype | None = None) -> CogVideoXTransformer:
+        """A fresh copy of the weights on the device (`cast`: each tensor cast there, one at a time)."""
         with torch.device("meta"):
             model = CogVideoXTransformer(config)
-        model.load_state_dict(weights, assign=True)
+        state = weights
+        if cast is not None:
+            state = {k: v.to(device, cast) if v.is_floating_point() else v for k, v in weights.items()}
+        model.load_state_dict(state, assign=True)
         return model.to(device).eval()
 
     # The RoPE tables need only the config (not a whole model copied to the device for them).
     rope = CogVideoXTransformer.rotary_embedding(SimpleNamespace(config=config), lat_f, lat_h, lat_w, device)
 
     # 1. The reference, eager (and compiled).
-    reference_out = None
+    reference_out = compiled_out = None
     if not args.no_reference:
         from diffusers import CogVideoXTransformer3DModel
 
@@ -255,12 +271,33 @@ def transformer_modes(args, config, modes, steps, device, dtype, clock, result, 
             if args.reference_compile:
                 compiled = torch.compile(ref)
                 call = lambda: compiled(x, text, t, image_rotary_emb=rope, return_dict=False)[0]  # noqa: E731
-                result["reference_compiled"] = time_step(call, clock, args.repeat)[1]
+                compiled_out, result["reference_compiled"] = time_step(call, clock, args.repeat)
+                result["reference_compiled"]["step_rel_l2_vs_reference"] = rel_l2(compiled_out, reference_out)
+                del compiled  # it holds the model
         del ref
+        torch._dynamo.reset()  # nor may the compiled graphs hold it while the truth or our modes run
         print("reference:", json.dumps({k: v for k, v in result.items() if k.startswith("reference")}), flush=True)
         save()
 
-    # 2. Our modes, each on a fresh copy.
+    # 2. The fp32 truth, alone on the device (the reference is freed, our copies come later).
+    truth_out = None
+    if not args.no_fp32_truth:
+        truth: dict = {}
+        try:
+            truth_out = fp32_step(ours, x, text, t, rope, device, clock, truth)
+        except Exception as e:  # recorded; the modes still run, without errors vs fp32
+            truth.update(failure(e))
+        result["fp32_truth"] = truth
+        if truth_out is not None:
+            for key, out in (("reference_eager", reference_out), ("reference_compiled", compiled_out)):
+                if out is not None:
+                    result[key]["step_rel_l2_vs_fp32"] = rel_l2(out, truth_out)
+        reset_peak(device)
+        print("fp32 truth:", json.dumps(truth), flush=True)
+        save()
+    compiled_out = None
+
+    # 3. Our modes, each on a fresh copy.
     trajectory_truth = None
     noise = torch.randn(1, lat_f, config.in_channels, lat_h, lat_w, generator=g).to(device, dtype)
     scheduler_config = SchedulerConfig(snr_shift_scale=1.0 if args.variant == "5b" else 3.0)
@@ -305,6 +342,8 @@ def transformer_modes(args, config, modes, steps, device, dtype, clock, result, 
                         entry["step_over_reference_compiled"] = round(
                             entry["step_ms"] / result["reference_compiled"]["step_ms"], 3
                         )
+            if truth_out is not None:
+                entry["step_rel_l2_vs_fp32"] = rel_l2(out, truth_out)
             if steps and (mode in LOSSY or mode == "fused"):
                 if record.cache is not None:
                     record.cache.reset()
@@ -337,6 +376,26 @@ def transformer_modes(args, config, modes, steps, device, dtype, clock, result, 
             result["modes"][mode] = entry
         print(mode, json.dumps(entry), flush=True)
         save()
+
+
+def fp32_step(ours, x, text, t, rope, device, clock, entry: dict) -> torch.Tensor:
+    """One step of a fresh fp32 copy of our transformer (no levers) on `x` and `text` cast to fp32, with
+    TF32 matmuls and convolutions off (restored afterwards); fills `entry` with its time, peak and weight
+    bytes, frees the copy and returns the output."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        reset_peak(device)
+        model = ours(torch.float32)
+        entry["weight_gib"] = round(module_bytes(model) / 2**30, 3)
+        with torch.inference_mode():
+            out = {}
+            seconds = clock(lambda: out.setdefault("out", model(x.float(), text.float(), t, image_rotary_emb=rope)))
+        entry.update(step_ms=round(1000 * seconds, 1), peak_gib=peak_gib(device), tf32=False)
+        del model
+        return out["out"]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
 # The VAE decode variants: who decodes, with which levers (see cogvideox/fast/vae.py), tiled too or not.
@@ -431,27 +490,36 @@ def markdown(result: dict) -> str:
 
     steps = next((e["trajectory_steps"] for e in result["modes"].values() if "trajectory_steps" in e), "n")
     rows = ["| what | step ms | 50 steps s | vs ref eager | peak GiB | weights GiB | 1-step err vs ref | "
-            f"{steps}-step err vs fused | steps computed |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+            f"1-step err vs fp32 | {steps}-step err vs fused | steps computed |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     if not result["modes"] and "reference_eager" not in result:
         rows = []  # --vae-only
     if "reference_eager" in result:
         r = result["reference_eager"]
-        rows.append(f"| reference eager | {r['step_ms']} | {r['steps_50_s']} | 1 | {cell(r['peak_gib'])} | | | | |")
+        rows.append(f"| reference eager | {r['step_ms']} | {r['steps_50_s']} | 1 | {cell(r['peak_gib'])} | | | "
+                    f"{r.get('step_rel_l2_vs_fp32', '')} | | |")
     if "reference_compiled" in result:
         r = result["reference_compiled"]
         ratio = round(r["step_ms"] / result["reference_eager"]["step_ms"], 3)
-        rows.append(f"| reference compiled | {r['step_ms']} | {r['steps_50_s']} | {ratio} | | | | | |")
+        rows.append(f"| reference compiled | {r['step_ms']} | {r['steps_50_s']} | {ratio} | | | "
+                    f"{r.get('step_rel_l2_vs_reference', '')} | {r.get('step_rel_l2_vs_fp32', '')} | | |")
+    truth = result.get("fp32_truth")
+    if truth and "error" in truth:
+        rows.append(f"| fp32 truth | failed: {truth['error'].splitlines()[0][:200]} | | | | | | | | |")
+    elif truth:  # one call, no warm-up
+        rows.append(f"| fp32 truth (ours, TF32 off, one call) | {truth['step_ms']} | | | {cell(truth['peak_gib'])} | "
+                    f"{truth['weight_gib']} | | 0 | | |")
     for mode, e in result["modes"].items():
         if "error" in e:
-            rows.append(f"| {mode} | failed: {e['error'].splitlines()[0][:200]} | | | | | | | |")
+            rows.append(f"| {mode} | failed: {e['error'].splitlines()[0][:200]} | | | | | | | | |")
             continue
         cache = e.get("cache")
         computed = f"{cache['computed']}/{cache['calls']}" if cache else ""
         rows.append(
             f"| {mode} ({e['levers']}) | {e.get('step_ms', '')} | {e.get('steps_50_s', '')} | "
             f"{e.get('step_over_reference_eager', '')} | {cell(e.get('peak_gib'))} | {e['weight_gib']} | "
-            f"{e.get('step_rel_l2_vs_reference', '')} | {e.get('trajectory_rel_l2_vs_fused', '')} | {computed} |"
+            f"{e.get('step_rel_l2_vs_reference', '')} | {e.get('step_rel_l2_vs_fp32', '')} | "
+            f"{e.get('trajectory_rel_l2_vs_fused', '')} | {computed} |"
         )
     if "vae_decode" in result:
         rows += ["", "| VAE decode | ms | first call ms | vs reference | peak GiB | rel. L2 vs ours exact | vs reference |",

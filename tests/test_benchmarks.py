@@ -57,6 +57,52 @@ def test_speed_records_a_failing_mode_and_keeps_the_others(tmp_path, monkeypatch
     assert result["modes"]["int8"]["trajectory_rel_l2_vs_fused"] >= 0
 
 
+def test_speed_reports_the_errors_against_an_fp32_truth(tmp_path, monkeypatch, capsys):
+    # The reference's own error against the fp32 step is its bf16 noise, shown next to each mode's; with
+    # --tiny every run is fp32, so the figures are ~0 here: the keys, the table and the flag are checked.
+    import math
+
+    import torch
+
+    pytest.importorskip("diffusers")
+    argv = ["--tiny", "--modes", "fused", "--repeat", "1", "--trajectory-steps", "0", "--skip-vae", "--skip-t5"]
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    assert run_script("speed", argv, tmp_path / "with", monkeypatch) == 0
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == flags  # restored
+    result = json.loads((tmp_path / "with" / "speed_5b_tiny.json").read_text())
+    for entry in (result["reference_eager"], result["modes"]["fused"]):
+        error = entry["step_rel_l2_vs_fp32"]
+        assert isinstance(error, float) and math.isfinite(error) and error < 1e-4
+    assert result["modes"]["fused"]["step_rel_l2_vs_reference"] < 1e-4
+    assert result["fp32_truth"]["step_ms"] > 0 and result["fp32_truth"]["tf32"] is False
+    table = capsys.readouterr().out
+    assert "1-step err vs fp32" in table and "| fp32 truth" in table
+
+    assert run_script("speed", [*argv, "--no-fp32-truth"], tmp_path / "without", monkeypatch) == 0
+    result = json.loads((tmp_path / "without" / "speed_5b_tiny.json").read_text())
+    assert "fp32_truth" not in result
+    assert "step_rel_l2_vs_fp32" not in result["reference_eager"]
+    assert "step_rel_l2_vs_fp32" not in result["modes"]["fused"]
+    assert "step_rel_l2_vs_reference" in result["modes"]["fused"]
+
+    # A truth that fails (out of memory) is recorded; the modes still run, and the exit status says so.
+    speed = __import__("speed")
+    fail_on_call(monkeypatch, speed, "fp32_step", 1, RuntimeError("CUDA out of memory"))
+    assert run_script("speed", [*argv, "--no-reference"], tmp_path / "failed", monkeypatch) == 1
+    result = json.loads((tmp_path / "failed" / "speed_5b_tiny.json").read_text())
+    assert result["fp32_truth"] == {"error": "RuntimeError: CUDA out of memory"}
+    assert result["modes"]["fused"]["step_ms"] > 0 and "step_rel_l2_vs_fp32" not in result["modes"]["fused"]
+
+
+def test_compile_error_reports_the_three_errors(tmp_path, monkeypatch):
+    argv = ["--tiny", "--layers", "1", "--frames", "5", "--height", "32", "--width", "48"]
+    assert run_script("compile_error", argv, tmp_path, monkeypatch) == 0
+    result = json.loads((tmp_path / "compile_error_1l_tiny.json").read_text())
+    for key in ("eager_bf16_vs_fp32", "compiled_bf16_vs_fp32", "compiled_vs_eager_bf16"):
+        assert 0 < result[key] < 0.05, (key, result[key])  # bf16 noise of one block, not zero: bf16 ran
+    assert set(result["seconds"]) == {"fp32", "eager_bf16", "compiled_bf16"}
+
+
 def test_speed_writes_its_json_as_each_mode_is_measured(tmp_path, monkeypatch):
     # A run killed after the first mode (here: the second mode interrupts it) still leaves the first's figures.
     speed = __import__("speed")
