@@ -11,14 +11,15 @@ mode rewrites its own fresh copy). For each mode, at CFG batch 2:
 - the relative L2 error of one step against the reference's bf16 output (the "exact" budget is 1e-2),
   and against an fp32 truth (below), as the reference's own is: the bf16 rounding noise of a deep
   stack shows as the reference's error, and a mode no further from the truth than the reference adds none;
-- for the lossy modes (int8, fp8, cache), the error after a --trajectory-steps DDIM run with guidance,
+- for the lossy modes (int8, fp8, cache, fp8-cache), the error after a --trajectory-steps DDIM run with guidance,
   against the same run in the lossless "fused" mode; for the cache, how many steps ran in full and the
   time per step of that run.
 Then the VAE decode (reference and ours, whole and tiled: time, peak memory, error) and the T5 encoding.
 
 Modes: plain (no levers), fused (fused QKV + cuDNN-first attention: our exact mode), compile (fused +
 regional torch.compile), int8 / fp8 (fused + quantised linears + compile), cache (fused + compile + the
-first-block cache at --cache-threshold). The reference is timed eager, and compiled with
+first-block cache at --cache-threshold), fp8-cache (fp8 and the cache together; its step time comes
+from the trajectory, so give it the --trajectory-steps it is to be judged at, 50). The reference is timed eager, and compiled with
 --reference-compile (minutes of compilation). The fp32 truth (unless --no-fp32-truth) is one step of a
 fresh copy of our transformer, without levers, on the same weights and inputs cast to fp32, with TF32
 matmuls off (attention: PyTorch's choice, the memory-efficient kernel for fp32); it runs after the
@@ -66,8 +67,9 @@ MODES = {
     "int8": dict(quantize="int8", compile=True),
     "fp8": dict(quantize="fp8", compile=True),
     "cache": dict(compile=True, cache=None),  # threshold from --cache-threshold
+    "fp8-cache": dict(quantize="fp8", compile=True, cache=None),  # the fp8 + caching target
 }
-LOSSY = ("int8", "fp8", "cache")
+LOSSY = ("int8", "fp8", "cache", "fp8-cache")
 
 
 class Clock:
@@ -153,7 +155,7 @@ def main() -> None:
         t5, frames, height, width = T5_TINY, 9, 64, 96
     steps = args.trajectory_steps if args.trajectory_steps is not None else (4 if args.tiny else 50)
     modes = args.modes.split(",") if args.modes else [
-        m for m in MODES if m != "fp8" or fast.quantize.fp8_supported(device)
+        m for m in MODES if not m.startswith("fp8") or fast.quantize.fp8_supported(device)
     ]
     unknown = set(modes) - set(MODES)
     if unknown:
@@ -317,7 +319,8 @@ def transformer_modes(args, config, modes, steps, device, dtype, clock, result, 
     def measure(mode: str, entry: dict) -> None:
         nonlocal trajectory_truth
         options = dict(MODES[mode])
-        if mode == "cache":
+        cached = "cache" in options
+        if cached:
             options["cache"] = args.cache_threshold
         entry["options"] = dict(options)
         reset_peak(device)
@@ -328,7 +331,7 @@ def transformer_modes(args, config, modes, steps, device, dtype, clock, result, 
             entry["levers"] = record.describe()
             entry["weight_gib"] = round(module_bytes(model) / 2**30, 3)
             call = lambda: model(x, text, t, image_rotary_emb=rope)  # noqa: E731
-            if mode == "cache":  # its time comes from the trajectory: one repeated input never skips
+            if cached:  # its time comes from the trajectory: one repeated input never skips
                 first = clock(lambda: entry.setdefault("out", call()))
                 out, entry["first_call_s"] = entry.pop("out"), round(first, 2)
             else:
