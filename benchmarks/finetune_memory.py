@@ -117,6 +117,7 @@ def training_step(model, params, optimizer, x0, text, rotary, device, amp_dtype,
 def run_case(args, mode: str, config: TransformerConfig, device, dtype) -> dict:
     model = build_ours(config, device, dtype)
     model.gradient_checkpointing = True
+    model.offload_activations = args.offload_activations
     model.train()
     if mode == "lora":
         lora.inject_lora(model, args.rank, args.rank, dtype=torch.float32)
@@ -128,6 +129,8 @@ def run_case(args, mode: str, config: TransformerConfig, device, dtype) -> dict:
     x0, text = inputs(config, args.frames, args.height, args.width, device, dtype)
     rotary = model.rotary_embedding(x0.shape[1], x0.shape[3], x0.shape[4], device)
     result = {"mode": mode, "trainable_params": sum(p.numel() for p in params)}
+    if args.offload_activations:
+        result["offload_activations"] = True
     result |= measure(training_step(model, params, optimizer, x0, text, rotary, device, dtype), device, args.repeat)
     del model, optimizer, params
     if device.type == "cuda":
@@ -174,6 +177,8 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3, help="timed steps after one warm-up step")
     p.add_argument("--full-optimizer", choices=("adamw-cpu", "adamw"), default="adamw-cpu")
     p.add_argument("--no-reference", action="store_true", help="skip the diffusers + peft comparison")
+    p.add_argument("--offload-activations", action="store_true",
+                   help="our LoRA and full cases keep the checkpointed block inputs in pinned CPU memory")
     p.add_argument("--tiny", action="store_true", help="tiny config on the CPU, to check the script runs")
     args = p.parse_args()
 

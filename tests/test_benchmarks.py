@@ -148,6 +148,19 @@ def test_finetune_memory_keeps_our_case_when_the_reference_is_cut_short(tmp_path
     assert [c["mode"] for c in report["cases"]] == ["lora"] and report["cases"][0]["s_per_step"] > 0
 
 
+def test_finetune_memory_offloads_activations_in_our_cases(tmp_path, monkeypatch):
+    from cogvideox.models import transformer as transformer_module
+
+    used = []
+    real = transformer_module.offloaded_saves
+    monkeypatch.setattr(transformer_module, "offloaded_saves", lambda: used.append(1) or real())
+    argv = ["--tiny", "--offload-activations", "--no-reference"]
+    assert run_script("finetune_memory", argv, tmp_path, monkeypatch) == 0
+    report = json.loads((tmp_path / "finetune_memory.json").read_text())
+    assert [(c["mode"], c["offload_activations"]) for c in report["cases"]] == [("lora", True), ("full", True)]
+    assert used
+
+
 def test_parallel_per_rank_keeps_the_rows_it_finished(tmp_path, monkeypatch):
     parallel = __import__("parallel_per_rank")
     # The third row's first part (three timings a row).

@@ -68,6 +68,8 @@ def test_train_end_to_end_and_resume(capsys, tiny_rope_dir, tmp_path):
         (["{tmp}", "--output", "o", "--model", "{model}"], "neither metadata.jsonl nor prompts.txt"),
         (["{tmp}", "--output", "o", "--optimizer", "sgd"], "argument --optimizer: invalid choice"),
         (["{tmp}", "--output", "o", "--caption-dropout", "2"], "caption_dropout must be in [0, 1)"),
+        (["{tmp}", "--output", "o", "--offload-activations", "--no-gradient-checkpointing"],
+         "offload_activations needs gradient_checkpointing"),
         (["{tmp}", "--output", "o", "--mask-weight", "0"], "argument --mask-weight: expected a positive number, got 0"),
         (["{tmp}", "--output", "o", "--validation-guidance", "-1"],
          "argument --validation-guidance: expected a finite number >= 0, got -1"),

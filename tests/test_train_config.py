@@ -21,6 +21,17 @@ def test_toml_and_yaml_give_the_same_config(tmp_path):
     assert a.alpha is None and a.learning_rate == 1e-4 and not a.full
 
 
+def test_offload_activations_from_a_file_or_a_flag(tmp_path):
+    (tmp_path / "run.toml").write_text('data = "d"\noutput = "o"\noffload-activations = true\n')
+    (tmp_path / "run.yaml").write_text("data: d\noutput: o\noffload_activations: true\n")
+    assert make_config(tmp_path / "run.toml") == make_config(tmp_path / "run.yaml")
+    assert make_config(tmp_path / "run.toml").offload_activations
+    assert not make_config(tmp_path / "run.toml", offload_activations=False).offload_activations
+    assert not FinetuneConfig(data="d", output="o").offload_activations  # off unless asked for
+    with pytest.raises(InputError, match="turn gradient_checkpointing on or offload_activations off"):
+        make_config(tmp_path / "run.yaml", gradient_checkpointing=False)
+
+
 def test_flags_override_the_file(tmp_path):
     (tmp_path / "run.toml").write_text('data = "clips"\noutput = "out"\nrank = 32\nfull = false\n')
     c = make_config(tmp_path / "run.toml", rank=8, output="elsewhere", full=True, steps=None)
@@ -52,6 +63,8 @@ def test_flags_override_the_file(tmp_path):
         ('data = "d"\noutput = "o"\nvalidation_guidance = "6"\n', "validation_guidance must be a finite number >= 0, got '6'"),
         ('data = "d"\noutput = "o"\nweight_decay = "x"\n', "weight_decay must be a finite number >= 0, got 'x'"),
         ('data = "d"\noutput = "o"\neps = 0.0\n', "eps must be a finite number > 0, got 0.0"),
+        ('data = "d"\noutput = "o"\noffload-activations = true\ngradient_checkpointing = false\n',
+         "offload_activations needs gradient_checkpointing"),
         ('output = "o"\n', "missing setting(s): data"),
         ("data = [\n", "is not valid TOML"),
     ],

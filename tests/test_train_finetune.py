@@ -180,6 +180,21 @@ def test_cogvideox_1_5_pads_odd_latent_frames(data_dir, tiny_v15_dir, tmp_path):
     assert loss == loss and loss > 0
 
 
+def test_offloaded_activations_train_the_same_lora_bit_for_bit(data_dir, tiny_rope_dir, tmp_path, monkeypatch):
+    from cogvideox.models import transformer as transformer_module
+
+    plain = finetune(config(data_dir, tiny_rope_dir, tmp_path / "a", steps=2))
+    used = []
+    real = transformer_module.offloaded_saves
+    monkeypatch.setattr(transformer_module, "offloaded_saves", lambda: used.append(1) or real())
+    with pytest.warns(UserWarning, match="on the CPU they are there already, so it saves no memory"):
+        offloaded = finetune(config(data_dir, tiny_rope_dir, tmp_path / "b", steps=2, offload_activations=True))
+    assert used  # the setting reached the model
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    a, b = load_file(str(plain)), load_file(str(offloaded))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_resuming_with_other_settings_is_refused(data_dir, tiny_rope_dir, tmp_path, monkeypatch):
     finetune(config(data_dir, tiny_rope_dir, tmp_path, steps=3))
     with monkeypatch.context() as m:  # from the run's config.json, before the data and the model load

@@ -1,6 +1,7 @@
 """The expert transformer against diffusers' CogVideoXTransformer3DModel with identical random weights."""
 
 import dataclasses
+import weakref
 from types import SimpleNamespace
 
 import pytest
@@ -11,6 +12,7 @@ from diffusers.pipelines.cogvideo.pipeline_cogvideox import CogVideoXPipeline
 import cogvideox.models.transformer as transformer_module
 from cogvideox.models.config import TransformerConfig
 from cogvideox.models.transformer import TRANSFORMER_PRESETS, CogVideoXTransformer
+from cogvideox.train import lora
 
 # Tiny versions of the released variants: D = 2 heads x 16, latent grid 8x12 (4x6 patches), 3 latent
 # frames (sample_frames is in pixel frames: 9 -> 3), 7 text tokens.
@@ -253,3 +255,99 @@ def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch):
     for k in plain:
         torch.testing.assert_close(checkpointed[k], plain[k], rtol=1e-6, atol=1e-7, msg=k)
         torch.testing.assert_close(plain[k], reference[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def trained_pair(mode: str):
+    """A 5B-like tiny model and its inputs, trained as `mode`: "lora" (an adapter with a random B, so its
+    A gets gradients too; the patch embedding is frozen, so the first block's input needs no gradient)
+    or "full"."""
+    config = VARIANTS["5b"]
+    model, _ = build_pair(config)
+    if mode == "lora":
+        lora.inject_lora(model, 4, 8.0)
+        g = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            for layer in lora.lora_layers(model).values():
+                w = layer.lora_B["default"].weight
+                w.copy_(torch.randn(w.shape, generator=g) * 0.2)
+    return model, (*inputs(config), model.rotary_embedding(3, 8, 12, "cpu"))
+
+
+def training_pass(model, data, checkpointing: bool, offload: bool, before_backward=None):
+    """(loss, gradients of the trainable weights) of one forward and backward pass."""
+    x, text, t, rope = data
+    model.train()
+    model.zero_grad(set_to_none=True)
+    model.gradient_checkpointing, model.offload_activations = checkpointing, offload
+    loss = model(x, text, t, image_rotary_emb=rope).square().mean()
+    if before_backward is not None:
+        before_backward()
+    loss.backward()
+    return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_offloaded_activations_give_the_gradients_of_plain_checkpointing(mode):
+    model, data = trained_pair(mode)
+    plain_loss, plain = training_pass(model, data, False, False)
+    checkpointed_loss, checkpointed = training_pass(model, data, True, False)
+    offloaded_loss, offloaded = training_pass(model, data, True, True)
+    assert plain.keys() == checkpointed.keys() == offloaded.keys()
+    if mode == "lora":
+        assert plain.keys() and all(".lora_" in k for k in plain)
+    assert torch.equal(offloaded_loss, checkpointed_loss) and torch.equal(offloaded_loss, plain_loss)
+    for k in plain:
+        assert offloaded[k].abs().sum() > 0, k  # no silently lost gradients (as reentrant checkpoint gives)
+        assert torch.equal(offloaded[k], checkpointed[k]), k  # same ops on the same values
+        torch.testing.assert_close(offloaded[k], plain[k], rtol=1e-6, atol=1e-7, msg=k)
+
+
+def test_offloading_does_nothing_without_checkpointing_or_in_eval():
+    model, data = trained_pair("lora")
+    plain_loss, plain = training_pass(model, data, False, False)
+    loss, grads = training_pass(model, data, False, True)
+    assert torch.equal(loss, plain_loss) and all(torch.equal(grads[k], plain[k]) for k in plain)
+    x, text, t, rope = data
+    model.eval()
+    model.gradient_checkpointing = True
+    with torch.no_grad():
+        expected = model(x, text, t, image_rotary_emb=rope)
+        model.offload_activations = True
+        torch.testing.assert_close(model(x, text, t, image_rotary_emb=rope), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_offloaded_block_inputs_do_not_stay_alive_until_backward(mode, monkeypatch):
+    """Plain checkpointing keeps every block's inputs for the recompute; offloading keeps host copies
+    instead, so the device tensors are freed during the forward pass. Checked through weak references
+    to the tensors each block was called with, and through what the hook moved."""
+    model, data = trained_pair(mode)
+    x, text, _, _ = data
+    moved = []
+    real_to_host = transformer_module._to_host
+    monkeypatch.setattr(transformer_module, "_to_host", lambda t: moved.append(t.shape) or real_to_host(t))
+
+    def held_inputs(offload: bool) -> list[bool]:
+        refs = []
+
+        def remember(block, args, kwargs):
+            if len(refs) < 2 * len(model.transformer_blocks):  # the forward pass, not the recomputes
+                # The first block's inputs are views: their base holds the memory.
+                refs.extend(weakref.ref(a if a._base is None else a._base) for a in args)
+
+        hooks = [b.register_forward_pre_hook(remember, with_kwargs=True) for b in model.transformer_blocks]
+        alive = []
+        try:
+            training_pass(model, data, True, offload, lambda: alive.extend(r() is not None for r in refs))
+        finally:
+            for h in hooks:
+                h.remove()
+        assert len(alive) == 2 * len(model.transformer_blocks)
+        return alive
+
+    assert all(held_inputs(offload=False)) and not moved
+    assert not any(held_inputs(offload=True))
+    tokens = x.shape[1] * (x.shape[3] // 2) * (x.shape[4] // 2)
+    video, text_states = (2, tokens, model.config.inner_dim), (2, text.shape[1], model.config.inner_dim)
+    layers = model.config.num_layers
+    assert sorted(s for s in moved if s.numel()) == sorted([video] * layers + [text_states] * layers)

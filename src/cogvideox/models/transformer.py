@@ -13,6 +13,9 @@ Attribute names are the official checkpoint keys, so `load_state_dict` needs no 
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -55,6 +58,32 @@ TRANSFORMER_PRESETS: dict[str, TransformerConfig] = {
         **_V1_5,
     ),
 }
+
+
+def _to_host(t: torch.Tensor) -> tuple[torch.device, torch.Tensor]:
+    """A host copy of a saved tensor and the device it comes back to. Always a fresh tensor, so the
+    original can be freed (on the CPU too, where the copy saves nothing but the mechanism is the same);
+    pinned and non-blocking from a GPU, so the copy does not stall the host."""
+    host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
+    host.copy_(t.detach(), non_blocking=True)
+    return t.device, host
+
+
+def _to_device(saved: tuple[torch.device, torch.Tensor]) -> torch.Tensor:
+    """The saved tensor back on its device for the recompute; non-blocking, as the copy to the host was
+    (both are ordered on the current stream, so neither reads memory the other has not finished with)."""
+    device, host = saved
+    return host.to(device, non_blocking=True)
+
+
+def offloaded_saves() -> torch.autograd.graph.saved_tensors_hooks:
+    """Every tensor autograd saves inside this context waits in host memory until the backward pass.
+
+    Around a non-reentrant `checkpoint`, what is saved in this context is exactly the checkpoint's
+    tensor arguments (the function's own activations go to the checkpoint's inner hooks): the block
+    inputs it keeps for the recompute. The recompute gets them back on the device, so it runs the same
+    ops on the same values as plain checkpointing."""
+    return torch.autograd.graph.saved_tensors_hooks(_to_host, _to_device)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -205,6 +234,9 @@ class CogVideoXTransformer(nn.Module):
         patch_volume = c.patch_size * c.patch_size * (c.patch_size_t or 1)
         self.proj_out = nn.Linear(c.inner_dim, patch_volume * c.latent_channels)
         self.gradient_checkpointing = False
+        # With gradient checkpointing: keep each block's saved inputs in (pinned) host memory until the
+        # backward pass instead of on the device.
+        self.offload_activations = False
 
     def rotary_embedding(
         self,
@@ -286,10 +318,16 @@ class CogVideoXTransformer(nn.Module):
         L = encoder_hidden_states.shape[1]
         text, video = x[:, :L], x[:, L:]
 
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        offload = offloaded_saves if checkpointing and self.offload_activations else nullcontext
         for block in self.transformer_blocks:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                # Recompute each block's activations in the backward pass instead of storing them.
-                video, text = checkpoint(block, video, text, emb, image_rotary_emb, use_reentrant=False)
+            if checkpointing:
+                # Recompute each block's activations in the backward pass instead of storing them. The
+                # checkpoint saves only its tensor arguments, the block's own inputs; emb and the RoPE
+                # tables, shared by all blocks, go in by reference so offloading never copies them.
+                run = partial(block, emb=emb, rope=image_rotary_emb)
+                with offload():
+                    video, text = checkpoint(run, video, text, use_reentrant=False)
             else:
                 video, text = block(video, text, emb, image_rotary_emb)
 

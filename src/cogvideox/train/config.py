@@ -59,6 +59,8 @@ class FinetuneConfig:
     grad_clip: float | None = 1.0
     optimizer: str = "adamw"
     gradient_checkpointing: bool = True
+    # With gradient checkpointing: the block inputs it keeps wait in host memory until the backward pass
+    offload_activations: bool = False
     seed: int = 0
     # Precision and placement
     dtype: str | None = None  # weights: bf16 / fp16 / fp32; None: bf16 on GPU, fp32 on CPU
@@ -135,6 +137,11 @@ def check_config(c: FinetuneConfig) -> None:
     if c.validation_guidance is not None and not _non_negative_number(c.validation_guidance):
         raise InputError(f"validation_guidance must be a finite number >= 0, got {c.validation_guidance!r}")
     check_lists(c)
+    if c.offload_activations and not c.gradient_checkpointing:
+        raise InputError(
+            "offload_activations needs gradient_checkpointing: it moves the block inputs that checkpointing "
+            "keeps to host memory; turn gradient_checkpointing on or offload_activations off"
+        )
     if c.validation_every and not c.validation_prompts:
         raise InputError("validation_every is set but there are no validation_prompts")
 

@@ -266,6 +266,13 @@ class Run:
         full_fp32 = c.full and c.optimizer != "adamw-cpu" and self.device.type == "cuda"
         self.transformer = loading.load_transformer(self.folder, torch.float32 if full_fp32 else self.dtype, self.device)
         self.transformer.gradient_checkpointing = c.gradient_checkpointing
+        self.transformer.offload_activations = c.offload_activations
+        if c.offload_activations and self.device.type == "cpu" and self.procs.main:
+            warnings.warn(
+                "offload_activations moves a GPU's saved block inputs to host memory; on the CPU they are "
+                "there already, so it saves no memory",
+                stacklevel=2,
+            )
         if c.full:
             for p in self.transformer.parameters():
                 p.requires_grad_(True)
