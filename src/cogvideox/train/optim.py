@@ -30,7 +30,7 @@ def packed(shapes: list[torch.Size], dtype: torch.dtype, pin: bool) -> list[torc
     takes 256 MB). Packed first-fit, largest first, into `ARENA_BYTES` blocks, only the unfilled end of
     each block (and the rounding of the last one) is lost.
     """
-    item = torch.empty((), dtype=dtype).element_size()
+    item = dtype.itemsize
     align, capacity = ALIGN_BYTES // item, ARENA_BYTES // item
     sizes = [-(-max(s.numel(), 1) // align) * align for s in map(torch.Size, shapes)]
     used: list[int] = []  # elements taken in each buffer
