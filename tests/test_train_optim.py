@@ -72,6 +72,18 @@ def test_the_masters_follow_torch_adamw(dtype):
         assert torch.equal(p.detach(), m.detach().to(dtype))  # the weights are the masters, rounded
 
 
+def test_gradients_through_the_staging_buffers_give_the_same_step():
+    # Weights on a GPU send their gradients through pinned staging buffers; on the CPU the same path runs
+    # with unpinned ones, and must land the same fp32 gradients as the direct copy.
+    direct, staged = weights(torch.bfloat16), weights(torch.bfloat16)
+    run(CPUOffloadAdamW(direct, lr=LR), direct, STEPS, torch.bfloat16)
+    optimizer = CPUOffloadAdamW(staged, lr=LR)
+    optimizer.staging = packed([p.shape for p in staged], torch.bfloat16, pin=False)
+    run(optimizer, staged, STEPS, torch.bfloat16)
+    for a, b in zip(direct, staged):
+        assert torch.equal(a, b)
+
+
 def test_the_for_loop_fallback_is_torch_adamw_bit_for_bit(monkeypatch):
     # A PyTorch without the fused CPU kernel gets the for-loop implementation: the reference itself.
     monkeypatch.setattr(optim, "cpu_adamw_options", lambda: {"foreach": False})

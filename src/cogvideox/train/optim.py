@@ -75,13 +75,6 @@ class CPUOffloadAdamW:
         self.params = params
         shapes = [p.shape for p in params]
         self.devices = sorted({p.device for p in params if p.device.type == "cuda"}, key=str)
-        pin = bool(self.devices)  # pinned memory is for DMA to and from a GPU
-        self.masters = packed(shapes, torch.float32, pin)
-        with torch.no_grad():
-            for m, p in zip(self.masters, params):
-                m.copy_(p.detach())
-        for m in self.masters:
-            m.requires_grad_(True)
         # Where each gradient lands from its GPU (in its own dtype), and its fp32 copy the update reads.
         staged = [i for i, p in enumerate(params) if p.device.type == "cuda"]
         self.staging: list[torch.Tensor | None] = [None] * len(params)
@@ -89,6 +82,13 @@ class CPUOffloadAdamW:
             same = [i for i in staged if params[i].dtype == dtype]
             for i, t in zip(same, packed([shapes[i] for i in same], dtype, pin=True)):
                 self.staging[i] = t
+        pin = bool(self.devices)  # pinned memory is for DMA to and from a GPU
+        self.masters = packed(shapes, torch.float32, pin)
+        with torch.no_grad():
+            for m, weight in zip(self.masters, self._download([p.detach() for p in params])):
+                m.copy_(weight)
+        for m in self.masters:
+            m.requires_grad_(True)
         self.grads = [torch.empty(s, dtype=torch.float32) for s in shapes]
         if "fused" not in kwargs and "foreach" not in kwargs:
             kwargs |= cpu_adamw_options()
@@ -113,16 +113,18 @@ class CPUOffloadAdamW:
     def _gather_gradients(self) -> None:
         """Each master's `.grad`: its weight's gradient in fp32, or None where the weight has none (AdamW
         then leaves it and its moments alone)."""
-        for p, staging in zip(self.params, self.staging):
-            if p.grad is not None and staging is not None:
-                staging.copy_(p.grad.detach(), non_blocking=True)  # a DMA into pinned memory: no wait per tensor
+        gradients = self._download([None if p.grad is None else p.grad.detach() for p in self.params])
+        for m, buffer, gradient in zip(self.masters, self.grads, gradients):
+            m.grad = None if gradient is None else buffer.copy_(gradient)
+
+    def _download(self, tensors: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """`tensors` (one per weight, on its device, or None) in CPU memory. Those on a GPU go by DMA into
+        the pinned staging buffers, all queued before one wait (not a blocking copy each)."""
+        for t, staging in zip(tensors, self.staging):
+            if t is not None and staging is not None:
+                staging.copy_(t, non_blocking=True)
         self._wait_for_transfers()
-        for p, m, staging, grad in zip(self.params, self.masters, self.staging, self.grads):
-            if p.grad is None:
-                m.grad = None
-                continue
-            grad.copy_(p.grad.detach() if staging is None else staging)
-            m.grad = grad
+        return [t if t is None or staging is None else staging for t, staging in zip(tensors, self.staging)]
 
     def _wait_for_transfers(self) -> None:
         """Until the copies queued to and from the GPUs are done: the gradients have landed, and the last
