@@ -11,9 +11,13 @@ rank 128 on to_q/to_k/to_v/to_out.0 with AdamW; full fine-tuning with bf16 weigh
 AdamW (`--optimizer adamw-cpu`, fp32 masters and moments in CPU memory) unless `--full-optimizer adamw`.
 
 Targets (from the project's issue): 5B LoRA peak <= 18 GB, 5B full <= 40 GB, 2B LoRA <= 10 GB, and our
-LoRA s/step <= 0.8x the reference's. Results go to $OUT/finetune_memory.json (or the current folder),
-rewritten after each case (a run stopped by a time cap keeps the cases it finished). The reference gets
+LoRA s/step <= 0.8x the reference's. `optimizer_s` is the optimizer step's part of a step (for full
+fine-tuning: the gradients' trip to the CPU, the CPU AdamW and the weights' trip back). The reference gets
 the same random weights as ours, drawn on the device.
+
+Each step prints a line as it ends, and the results, $OUT/finetune_memory.json (or the current folder),
+are rewritten after every step: the peak after the warm-up step, then `s_per_step` and `optimizer_s` as
+the medians of the timed steps so far (`steps_timed`). A run stopped by a time cap keeps what it measured.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from cogvideox.models.transformer import TRANSFORMER_PRESETS, CogVideoXTransform
 from cogvideox.schedulers import alphas_cumprod
 from cogvideox.train import lora
 from cogvideox.train.checkpoint import step_generator
-from cogvideox.train.finetune import CPUOffloadAdamW
+from cogvideox.train.optim import CPUOffloadAdamW
 from cogvideox.train.objective import v_loss
 
 TARGETS_GB = {("5b", "lora"): 18.0, ("5b", "full"): 40.0, ("2b", "lora"): 10.0}
@@ -75,46 +79,80 @@ def inputs(config: TransformerConfig, frames: int, height: int, width: int, devi
     return x0, text
 
 
-def measure(step, device, repeat: int) -> dict:
+def synchronize(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def memory_figures(device) -> dict:
+    """The GPU peaks since the measurement began (nothing on the CPU)."""
+    if device.type != "cuda":
+        return {}
+    return {"peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2),
+            "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 1e9, 2)}
+
+
+def measure(step, device, repeat: int, case: dict, save) -> None:
+    """One warm-up step, then `repeat` timed ones, each reported as it ends: a line on stdout and `case`
+    updated and saved (`save()`), so a run stopped by a time cap keeps the peak after the warm-up (the
+    step that allocates the optimizer state, so nearly every step's peak) and the timed steps it finished.
+
+    `step(i)` runs training step i and returns the seconds its optimizer step took."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.empty_cache()  # the reserved peak starts from what is held, not from freed building blocks
         torch.cuda.reset_peak_memory_stats()
-    step(0)  # warm-up: allocates the optimizer state
-    times = []
+    seconds, optimizer_seconds = timed(step, 0, device)
+    case |= {"warmup_s": round(seconds, 4), "warmup_optimizer_s": round(optimizer_seconds, 4)} | memory_figures(device)
+    print(f"{case['mode']} warm-up: {seconds:.2f} s (optimizer {optimizer_seconds:.2f} s)", flush=True)
+    save()
+    times, optimizer_times = [], []
     for i in range(1, repeat + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step(i)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    out = {"s_per_step": round(statistics.median(times), 4)}
-    if device.type == "cuda":
-        out["peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
-        out["peak_reserved_gb"] = round(torch.cuda.max_memory_reserved() / 1e9, 2)
-    return out
+        seconds, optimizer_seconds = timed(step, i, device)
+        times.append(seconds)
+        optimizer_times.append(optimizer_seconds)
+        print(f"{case['mode']} step {i}/{repeat}: {seconds:.2f} s (optimizer {optimizer_seconds:.2f} s)", flush=True)
+        case |= {"s_per_step": round(statistics.median(times), 4),
+                 "optimizer_s": round(statistics.median(optimizer_times), 4), "steps_timed": i}
+        case |= memory_figures(device)
+        save()
+
+
+def timed(step, i: int, device) -> tuple[float, float]:
+    """Seconds of training step i, and of its optimizer step."""
+    synchronize(device)
+    t0 = time.perf_counter()
+    optimizer_seconds = step(i)
+    synchronize(device)
+    return time.perf_counter() - t0, optimizer_seconds
 
 
 def training_step(model, params, optimizer, x0, text, rotary, device, amp_dtype, forward=None):
     ab = alphas_cumprod(SchedulerConfig()).float()
     forward = forward or model
 
-    def step(i: int) -> None:
+    def step(i: int) -> float:
         gen = step_generator(0, i)
         amp = torch.autocast("cuda", dtype=amp_dtype) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
         with amp:
             loss = v_loss(forward, x0, text, ab, gen, rotary=rotary)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
+        synchronize(device)  # the backward's kernels are not the optimizer's time
+        t0 = time.perf_counter()
         optimizer.step()
+        synchronize(device)
+        seconds = time.perf_counter() - t0
         optimizer.zero_grad(set_to_none=True)
+        return seconds
 
     return step
 
 
-def run_case(args, mode: str, config: TransformerConfig, device, dtype) -> dict:
+def run_case(args, config: TransformerConfig, device, dtype, case: dict, save) -> None:
+    """Our trainer's step in `case["mode"]` (lora or full), measured into `case` (see `measure`)."""
+    mode = case["mode"]
+    t0 = time.perf_counter()
     model = build_ours(config, device, dtype)
     model.gradient_checkpointing = True
     model.offload_activations = args.offload_activations
@@ -128,17 +166,19 @@ def run_case(args, mode: str, config: TransformerConfig, device, dtype) -> dict:
         optimizer = CPUOffloadAdamW(params, lr=1e-5) if args.full_optimizer == "adamw-cpu" else torch.optim.AdamW(params, lr=1e-5)
     x0, text = inputs(config, args.frames, args.height, args.width, device, dtype)
     rotary = model.rotary_embedding(x0.shape[1], x0.shape[3], x0.shape[4], device)
-    result = {"mode": mode, "trainable_params": sum(p.numel() for p in params)}
+    case["trainable_params"] = sum(p.numel() for p in params)
     if args.offload_activations:
-        result["offload_activations"] = True
-    result |= measure(training_step(model, params, optimizer, x0, text, rotary, device, dtype), device, args.repeat)
+        case["offload_activations"] = True
+    case["setup_s"] = round(time.perf_counter() - t0, 2)  # the weights and the optimizer (5B full: 33 GB pinned)
+    print(f"{mode} set up: {case['setup_s']:.2f} s", flush=True)
+    measure(training_step(model, params, optimizer, x0, text, rotary, device, dtype), device, args.repeat, case, save)
     del model, optimizer, params
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return result
 
 
-def run_reference_lora(args, config: TransformerConfig, device, dtype) -> dict:
+def run_reference_lora(args, config: TransformerConfig, device, dtype, case: dict, save) -> None:
+    """diffusers' transformer with a peft LoRA, measured into `case` (see `measure`)."""
     from peft import LoraConfig
 
     ours = build_ours(config, device, dtype)  # on the CPU, 5B's random draws alone take half a minute
@@ -161,9 +201,22 @@ def run_reference_lora(args, config: TransformerConfig, device, dtype) -> dict:
         return ref(hidden_states=hidden, encoder_hidden_states=text_states, timestep=t,
                    image_rotary_emb=image_rotary_emb, return_dict=False)[0]
 
-    result = {"mode": "reference-lora", "trainable_params": sum(p.numel() for p in params)}
-    result |= measure(training_step(ref, params, optimizer, x0, text, rotary, device, dtype, forward), device, args.repeat)
-    return result
+    case["trainable_params"] = sum(p.numel() for p in params)
+    measure(training_step(ref, params, optimizer, x0, text, rotary, device, dtype, forward), device, args.repeat,
+            case, save)
+
+
+def judge(report: dict, variant: str) -> None:
+    """The targets, on the figures taken so far: each case's peak against its memory target, and our LoRA
+    step against the reference's."""
+    for case in report["cases"]:
+        target = TARGETS_GB.get((variant, case["mode"]))
+        if target is not None and "peak_gb" in case:
+            case |= {"target_gb": target, "meets_target": case["peak_gb"] <= target}
+    steps = {c["mode"]: c["s_per_step"] for c in report["cases"] if "s_per_step" in c}
+    if "lora" in steps and "reference-lora" in steps:
+        report["lora_speed_ratio"] = round(steps["lora"] / steps["reference-lora"], 3)
+        report["lora_speed_target"] = SPEED_TARGET
 
 
 def main() -> None:
@@ -204,28 +257,23 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
+        judge(report, args.variant)
         save_json(out, report)
 
+    # Each case joins the report before it runs and is saved as it is measured (see `measure`).
     for mode in modes:
-        case = run_case(args, mode, config, device, dtype)
-        target = TARGETS_GB.get((args.variant, mode))
-        if target is not None and "peak_gb" in case:
-            case["target_gb"] = target
-            case["meets_target"] = case["peak_gb"] <= target
+        case = {"mode": mode}
         report["cases"].append(case)
+        run_case(args, config, device, dtype, case, save)
         print(json.dumps(case), flush=True)
-        save()
     if "lora" in modes and not args.no_reference:
-        try:
-            ref = run_reference_lora(args, config, device, dtype)
-        except ImportError as e:
-            ref = {"mode": "reference-lora", "skipped": f"needs diffusers and peft ({e})"}
+        ref = {"mode": "reference-lora"}
         report["cases"].append(ref)
-        print(json.dumps(ref))
-        ours = next(c for c in report["cases"] if c["mode"] == "lora")
-        if "s_per_step" in ref:
-            report["lora_speed_ratio"] = round(ours["s_per_step"] / ref["s_per_step"], 3)
-            report["lora_speed_target"] = SPEED_TARGET
+        try:
+            run_reference_lora(args, config, device, dtype, ref, save)
+        except ImportError as e:
+            ref["skipped"] = f"needs diffusers and peft ({e})"
+        print(json.dumps(ref), flush=True)
     save()
     print(f"wrote {out}")
 

@@ -161,6 +161,23 @@ def test_finetune_memory_offloads_activations_in_our_cases(tmp_path, monkeypatch
     assert used
 
 
+def test_finetune_memory_keeps_the_steps_it_finished(tmp_path, monkeypatch, capsys):
+    # A time cap during the second timed step of full fine-tuning: the warm-up's peak (a GPU's, faked on
+    # the CPU) judged against 5B's target, the first step's time and optimizer time are in the JSON, and
+    # each step had its line.
+    finetune = __import__("finetune_memory")
+    monkeypatch.setattr(finetune, "memory_figures", lambda device: {"peak_gb": 39.5, "peak_reserved_gb": 41.0})
+    fail_on_call(monkeypatch, finetune.CPUOffloadAdamW, "step", 3, KeyboardInterrupt())  # warm-up, 1, 2
+    with pytest.raises(KeyboardInterrupt):
+        run_script("finetune_memory", ["--tiny", "--mode", "full"], tmp_path, monkeypatch)
+    [case] = json.loads((tmp_path / "finetune_memory.json").read_text())["cases"]
+    assert case["mode"] == "full" and case["steps_timed"] == 1 and case["warmup_s"] > 0
+    assert case["peak_gb"] == 39.5 and case["target_gb"] == 40.0 and case["meets_target"]
+    assert 0 < case["optimizer_s"] < case["s_per_step"]
+    out = capsys.readouterr().out
+    assert "full warm-up: " in out and "full step 1/2: " in out and "full step 2/2" not in out
+
+
 def test_parallel_per_rank_keeps_the_rows_it_finished(tmp_path, monkeypatch):
     parallel = __import__("parallel_per_rank")
     # The third row's first part (three timings a row).

@@ -47,6 +47,7 @@ from .config import FinetuneConfig
 from .data import Bucket, check_buckets, scan_folder
 from .log import JsonlLog, plot_curve
 from .objective import v_loss
+from .optim import CPUOffloadAdamW
 
 CHECKPOINT_PREFIX = "step"
 LOCK = ".train.lock"  # held by the run writing into a run folder
@@ -105,51 +106,6 @@ class _Processes:
 
 # ----------------------------------------------------------------------------------------------------
 # Optimizers
-
-
-class CPUOffloadAdamW:
-    """AdamW whose fp32 master weights and moments live in CPU memory.
-
-    The GPU holds only the (bf16) weights and their gradients; each step copies the gradients to the
-    CPU, updates the fp32 masters there and copies them back. It trades step time for ~12 bytes per
-    weight of GPU memory, which is what lets a full fine-tune of 5B fit on one GPU.
-    """
-
-    def __init__(self, params: list[nn.Parameter], **kwargs) -> None:
-        self.params = params
-        pin = torch.cuda.is_available()
-        self.masters = [p.detach().to("cpu", torch.float32, copy=True) for p in params]
-        if pin:
-            self.masters = [m.pin_memory() for m in self.masters]
-        for m in self.masters:
-            m.requires_grad_(True)
-        self.inner = torch.optim.AdamW(self.masters, **kwargs)
-
-    @property
-    def param_groups(self) -> list[dict]:
-        return self.inner.param_groups  # load_state_dict replaces the list: never hold on to it
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.params:
-            p.grad = None
-
-    @torch.no_grad()
-    def step(self) -> None:
-        for p, m in zip(self.params, self.masters):
-            m.grad = None if p.grad is None else p.grad.detach().to("cpu", torch.float32)
-        self.inner.step()
-        for p, m in zip(self.params, self.masters):
-            p.copy_(m.to(p.device, non_blocking=True))
-
-    def state_dict(self) -> dict:
-        return {"inner": self.inner.state_dict(), "masters": [m.detach().clone() for m in self.masters]}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.inner.load_state_dict(state["inner"])
-        with torch.no_grad():
-            for p, m, saved in zip(self.params, self.masters, state["masters"]):
-                m.copy_(saved)
-                p.copy_(saved.to(p.device))
 
 
 def make_optimizer(config: FinetuneConfig, params: list[nn.Parameter]):
