@@ -7,8 +7,8 @@ block's output O_b and the log-sum-exp of its scores S_b; the blocks are merged 
 
     S = log(e^S_1 + e^S_2 + ...)    O = sum_b e^(S_b - S) O_b       (fp32 accumulators)
 
-so the result is the softmax over all keys, exact up to the order of the sums and the rounding of each
-block's output to the input dtype. Where no fused kernel takes the inputs (fp32 on the GPU), the scores are
+(a single block is the answer as the kernel gave it), so the result is the softmax over all keys, exact up
+to the order of the sums and the rounding of each block's output to the input dtype. Where no fused kernel takes the inputs (fp32 on the GPU), the scores are
 computed in fp32 and merged with the online-softmax rule instead (running maximum m, denominator l,
 numerator o). Unlike Ulysses it needs no relation between the degree and the head count. Padding keys
 (the sequence is padded to a multiple of the shard count) are cut off each block, so they get no weight.
@@ -45,18 +45,34 @@ def fused_kernel(q: torch.Tensor):
 
 
 class _LogSumExp:
-    """Running merge of block outputs by their log-sum-exp, for queries q [B, H, Lq, d]."""
+    """Running merge of block outputs by their log-sum-exp, for queries q [B, H, Lq, d].
+
+    The first block is kept as the kernel gave it (a single block is the answer as it is); from the second
+    on, the fp32 accumulator is rescaled in place: o <- o w_o + O_b w_b with w_o = e^(S - S'), w_b =
+    e^(S_b - S'), S' = log(e^S + e^S_b), two passes over it per block."""
 
     def __init__(self, q: torch.Tensor) -> None:
-        self.lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
-        self.o = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        self.shape, self.device = q.shape, q.device
+        self.lse: torch.Tensor | None = None  # [B, H, Lq] fp32, once a block is in
+        self.o: torch.Tensor | None = None  # the first block's output as given, then the fp32 accumulator
+        self.owned = False  # whether self.o is the accumulator (updated in place) rather than a kernel's output
 
     def add(self, out: torch.Tensor, lse: torch.Tensor) -> None:
+        if self.lse is None:
+            self.o, self.lse = out, lse.float()
+            return
         new = torch.logaddexp(self.lse, lse)
-        self.o = self.o * torch.exp(self.lse - new).unsqueeze(-1) + out.float() * torch.exp(lse - new).unsqueeze(-1)
+        keep, take = torch.exp(self.lse - new).unsqueeze(-1), torch.exp(lse - new).unsqueeze(-1)
+        if self.owned:
+            self.o.mul_(keep)
+        else:  # the first block's output, in the kernel's dtype: the product is a new fp32 accumulator
+            self.o, self.owned = torch.mul(self.o, keep), True
+        self.o.addcmul_(out, take)  # out in its own dtype, computed in fp32
         self.lse = new
 
     def result(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.o is None:
+            return torch.zeros(self.shape, dtype=dtype, device=self.device)
         return self.o.to(dtype)
 
 
