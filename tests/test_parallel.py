@@ -424,3 +424,26 @@ def test_ring_merge_of_no_block_is_zero():
     q = torch.randn(1, 2, 5, 8)
     assert torch.equal(ring._LogSumExp(q).result(torch.bfloat16), torch.zeros(1, 2, 5, 8, dtype=torch.bfloat16))
 
+
+def test_ring_kernel_choice():
+    """Flash is the default; cuDNN attention is asked for by name, exists on the GPU only (None on the CPU,
+    where the ring takes another path), and is called as PyTorch declares it (checked on meta tensors): its
+    log-sum-exp, [B, H, Lq, 1] in recent PyTorch, comes back as flash's [B, H, Lq] fp32."""
+    from cogvideox.parallel import ring
+
+    q = torch.randn(2, 3, 5, 8)
+    assert ring.fused_kernel(q) is ring.fused_kernel(q, "flash") is ring._flash_cpu
+    assert ring.fused_kernel(q, "cudnn") is None
+    with pytest.raises(ValueError, match="cudnn"):
+        ring.fused_kernel(q, "cuDNN")
+    # A ring of one sends nothing: the kernel asked for on the CPU, flash or (not there) cuDNN, whose blocks
+    # then go through the fp32 online softmax, gives attention over the valid keys.
+    k, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 8)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k[:, :, :4], v[:, :, :4])
+    for kernel in ring.KERNELS:
+        got = ring.ring_attention(q, k, v, [4], 0, (0,), None, kernel=kernel)
+        assert torch.allclose(got, want, atol=1e-6), kernel
+    q, k = (torch.empty(2, 3, n, 64, device="meta", dtype=torch.bfloat16) for n in (7, 9))
+    out, lse = ring._cudnn_cuda(q, k, k, 0.125)
+    assert out.shape == (2, 3, 7, 64) and out.dtype == torch.bfloat16
+    assert lse.shape == (2, 3, 7) and lse.dtype == torch.float32
