@@ -11,7 +11,10 @@ without any communication: add the all-to-all time of docs/parallel.md to get a 
 
 Writes JSON to $OUT/parallel_per_rank.json (or the current folder): per N and batch, the median
 milliseconds of the per-token part, of the attention part, and their sum, and the 42-layer step estimate;
-rewritten after each row (a run stopped by a time cap keeps the rows it finished).
+the ring member's attention in the flash kernel (ring_attention_ms) and in the cuDNN kernel
+(ring_cudnn_attention_ms; None with ring_cudnn_error where it does not exist or fails), each with its
+relative L2 error against SDPA's output for the same inputs (ring_rel_l2, ring_cudnn_rel_l2); rewritten
+after each row (a run stopped by a time cap keeps the rows it finished).
 """
 
 from __future__ import annotations
@@ -55,14 +58,17 @@ def timed(fn, device: torch.device, repeats: int) -> float:
     return statistics.median(times)
 
 
-def ring_member(batch: int, heads: int, local: int, head_dim: int, n: int, device, dtype):
-    """One ring member's attention, communication left out: its `local` queries (all heads) against the n
-    key/value blocks of `local` tokens, each block in the fused kernel the ring uses, merged by log-sum-exp
-    (the fp32 online softmax where no fused kernel takes the inputs): the same FLOPs as a Ulysses rank's
-    attention, so the two columns compare the kernels."""
+def ring_inputs(batch: int, heads: int, local: int, head_dim: int, n: int, device, dtype):
+    """A ring member's inputs: its `local` queries (all heads) and n key/value blocks of `local` tokens."""
     q = torch.randn(batch, heads, local, head_dim, device=device, dtype=dtype)
-    blocks = [(torch.randn_like(q), torch.randn_like(q)) for _ in range(n)]
-    kernel, scale = ring.fused_kernel(q), head_dim**-0.5
+    return q, [(torch.randn_like(q), torch.randn_like(q)) for _ in range(n)]
+
+
+def ring_member(q: torch.Tensor, blocks, kernel):
+    """One ring member's attention, communication left out: q against each block in the fused `kernel`,
+    merged by log-sum-exp (the fp32 online softmax where `kernel` is None): the same FLOPs as a Ulysses
+    rank's attention, so the two columns compare the kernels."""
+    scale = q.shape[-1] ** -0.5
 
     def attend():
         merge = ring._LogSumExp(q) if kernel is not None else ring._Softmax(q)
@@ -71,9 +77,40 @@ def ring_member(batch: int, heads: int, local: int, head_dim: int, n: int, devic
                 merge.add(*kernel(q, k, v, scale))
             else:
                 merge.add(q, k, v, scale)
-        return merge.result(dtype)
+        return merge.result(q.dtype)
 
     return attend
+
+
+def rel_l2(got: torch.Tensor, want: torch.Tensor) -> float:
+    """||got - want|| / ||want||, in fp32."""
+    want = want.float()
+    return float((got.float() - want).norm() / want.norm())
+
+
+def ring_columns(q, blocks, device, repeats) -> dict:
+    """The ring member's attention in each fused kernel: milliseconds and relative L2 error against SDPA's
+    output for the same queries and all the keys (a wrong log-sum-exp convention shows there from N = 2
+    on; at N = 1 there is nothing to merge). The cuDNN kernel does not exist on the CPU, and may fail on a
+    GPU: its columns are then None with the reason under ring_cudnn_error."""
+    keys, values = (torch.cat(part, dim=2) for part in zip(*blocks))
+    want = F.scaled_dot_product_attention(q, keys, values)
+    del keys, values
+    flash = ring_member(q, blocks, ring.fused_kernel(q))
+    columns = dict(ring_attention_ms=round(timed(flash, device, repeats), 3), ring_rel_l2=rel_l2(flash(), want))
+    columns.update(ring_cudnn_attention_ms=None, ring_cudnn_rel_l2=None)
+    kernel = ring.fused_kernel(q, "cudnn")
+    if kernel is None:
+        dtype = str(q.dtype).removeprefix("torch.")
+        columns["ring_cudnn_error"] = f"no cuDNN attention kernel for {q.device.type} {dtype}"
+        return columns
+    try:
+        cudnn = ring_member(q, blocks, kernel)
+        error = rel_l2(cudnn(), want)  # before the timing: a failing call fails once
+        columns.update(ring_cudnn_attention_ms=round(timed(cudnn, device, repeats), 3), ring_cudnn_rel_l2=error)
+    except Exception as e:  # noqa: BLE001 - recorded in the JSON, the other columns and rows still measured
+        columns["ring_cudnn_error"] = f"{type(e).__name__}: {e}"[:500]
+    return columns
 
 
 def measure(
@@ -106,7 +143,9 @@ def measure(
             with torch.no_grad():
                 per_token = timed(lambda: block(x, c, emb, rope), device, repeats)
                 attention = timed(lambda: F.scaled_dot_product_attention(q, k, v), device, repeats)
-                ring_ms = timed(ring_member(batch, heads, local, head_dim, n, device, dtype), device, repeats)
+                member = ring_inputs(batch, heads, local, head_dim, n, device, dtype)
+                ring_figures = ring_columns(*member, device, repeats)
+                del member
             rows.append(
                 dict(
                     ways=n,
@@ -114,7 +153,7 @@ def measure(
                     tokens_per_rank=local,
                     per_token_ms=round(per_token, 3),
                     attention_ms=round(attention, 3),
-                    ring_attention_ms=round(ring_ms, 3),
+                    **ring_figures,
                     layer_ms=round(per_token + attention, 3),
                     step_estimate_s=round((per_token + attention) * config.num_layers / 1e3, 4),
                 )

@@ -180,12 +180,51 @@ def test_finetune_memory_keeps_the_steps_it_finished(tmp_path, monkeypatch, caps
 
 def test_parallel_per_rank_keeps_the_rows_it_finished(tmp_path, monkeypatch):
     parallel = __import__("parallel_per_rank")
-    # The third row's first part (three timings a row).
+    # The third row's first part (three timings a row: the CPU has no cuDNN kernel to time).
     fail_on_call(monkeypatch, parallel, "timed", 7, KeyboardInterrupt())
     with pytest.raises(KeyboardInterrupt):
         run_script("parallel_per_rank", ["--tiny", "--repeats", "1"], tmp_path, monkeypatch)
     result = json.loads((tmp_path / "parallel_per_rank.json").read_text())
     assert [row["ways"] for row in result["rows"]] == [1, 2]
+
+
+def test_parallel_per_rank_checks_each_ring_kernel_against_sdpa(tmp_path, monkeypatch):
+    # The CPU has no cuDNN kernel: its columns are None with the reason, the flash kernel's error is tiny.
+    assert run_script("parallel_per_rank", ["--tiny", "--ways", "1,2,4", "--repeats", "1"], tmp_path, monkeypatch) == 0
+    rows = json.loads((tmp_path / "parallel_per_rank.json").read_text())["rows"]
+    assert len(rows) == 6
+    for row in rows:
+        assert row["attention_ms"] > 0 and row["ring_attention_ms"] > 0 and row["layer_ms"] > 0
+        assert 0 <= row["ring_rel_l2"] < 1e-5
+        assert row["ring_cudnn_attention_ms"] is None and row["ring_cudnn_rel_l2"] is None
+        assert row["ring_cudnn_error"] == "no cuDNN attention kernel for cpu float32"
+
+
+def test_parallel_per_rank_records_a_failing_cudnn_kernel(tmp_path, monkeypatch):
+    # On a GPU the cuDNN call may fail for some shapes: the row says why and the run goes on. A kernel that
+    # works (here the CPU flash kernel stands in for it) gets its time and its error against SDPA.
+    parallel = __import__("parallel_per_rank")
+    real = parallel.ring.fused_kernel
+
+    def cudnn_stand_in(q, k, v, scale):
+        if q.shape[0] == 1:
+            raise RuntimeError("cuDNN Frontend error: no execution plan")
+        return real(q)(q, k, v, scale)
+
+    def fused_kernel(q, prefer="flash"):
+        return cudnn_stand_in if prefer == "cudnn" else real(q, prefer)
+
+    monkeypatch.setattr(parallel.ring, "fused_kernel", fused_kernel)
+    assert run_script("parallel_per_rank", ["--tiny", "--ways", "1,2", "--repeats", "1"], tmp_path, monkeypatch) == 0
+    rows = json.loads((tmp_path / "parallel_per_rank.json").read_text())["rows"]
+    assert [(row["batch"], row["ways"]) for row in rows] == [(2, 1), (2, 2), (1, 1), (1, 2)]
+    for row in rows[:2]:
+        assert row["ring_cudnn_attention_ms"] > 0 and 0 <= row["ring_cudnn_rel_l2"] < 1e-5
+        assert "ring_cudnn_error" not in row
+    for row in rows[2:]:
+        assert row["ring_cudnn_attention_ms"] is None and row["ring_cudnn_rel_l2"] is None
+        assert row["ring_cudnn_error"] == "RuntimeError: cuDNN Frontend error: no execution plan"
+        assert row["ring_attention_ms"] > 0 and row["ring_rel_l2"] < 1e-5
 
 
 def test_gpu_wheels_runs_in_a_git_worktree(tmp_path):

@@ -369,3 +369,81 @@ def test_ring_blocks_merge_to_attention_over_all_keys(dtype, tolerance):
     for got in (merged.result(dtype), online.result(dtype)):
         assert got.dtype == dtype
         assert ((got.float() - want).norm() / want.norm()).item() < tolerance
+
+
+class _MergeAsBefore:
+    """The log-sum-exp merge as it first was (fp32 accumulators from -inf and zeros, new tensors each
+    block): the reference for the cheaper one."""
+
+    def __init__(self, q):
+        self.lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32)
+        self.o = torch.zeros(q.shape, dtype=torch.float32)
+
+    def add(self, out, lse):
+        new = torch.logaddexp(self.lse, lse)
+        self.o = self.o * torch.exp(self.lse - new).unsqueeze(-1) + out.float() * torch.exp(lse - new).unsqueeze(-1)
+        self.lse = new
+
+    def result(self, dtype):
+        return self.o.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("blocks", [1, 2, 3])
+def test_ring_merge_equals_the_first_formula(dtype, blocks):
+    """The merge keeps the first block as the kernel gave it and updates one fp32 accumulator in place from
+    the second on: the same result as the first formula up to fp32 rounding (one block: exactly), and the
+    kernel's outputs are left as they were."""
+    from cogvideox.parallel import ring
+
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 3, 29, 16, generator=gen).to(dtype)
+    keys = [torch.randn(2, 3, n, 16, generator=gen).to(dtype) for n in (11, 1, 23)[:blocks]]
+    kernel = ring.fused_kernel(q)
+    outputs = [kernel(q, k, 0.5 * k + 1, 16**-0.5) for k in keys]
+    copies = [(out.clone(), lse.clone()) for out, lse in outputs]
+    merged, before = ring._LogSumExp(q), _MergeAsBefore(q)
+    for out, lse in outputs:
+        merged.add(out, lse)
+        before.add(out, lse)
+    assert torch.allclose(merged.o.float(), before.o, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(merged.lse, before.lse, rtol=1e-6, atol=1e-6)
+    got, want = merged.result(dtype), before.result(dtype)
+    assert got.dtype == dtype and got.shape == q.shape
+    if blocks == 1:
+        assert torch.equal(got, want)
+    else:  # a last-bit difference in fp32 may round a bf16 result to its neighbour
+        assert torch.allclose(got.float(), want.float(), rtol=1e-6 if dtype == torch.float32 else 1e-2, atol=1e-6)
+    for (out, lse), (out_copy, lse_copy) in zip(outputs, copies):
+        assert torch.equal(out, out_copy) and torch.equal(lse, lse_copy)
+
+
+def test_ring_merge_of_no_block_is_zero():
+    from cogvideox.parallel import ring
+
+    q = torch.randn(1, 2, 5, 8)
+    assert torch.equal(ring._LogSumExp(q).result(torch.bfloat16), torch.zeros(1, 2, 5, 8, dtype=torch.bfloat16))
+
+
+def test_ring_kernel_choice():
+    """Flash is the default; cuDNN attention is asked for by name, exists on the GPU only (None on the CPU,
+    where the ring takes another path), and is called as PyTorch declares it (checked on meta tensors): its
+    log-sum-exp, [B, H, Lq, 1] in recent PyTorch, comes back as flash's [B, H, Lq] fp32."""
+    from cogvideox.parallel import ring
+
+    q = torch.randn(2, 3, 5, 8)
+    assert ring.fused_kernel(q) is ring.fused_kernel(q, "flash") is ring._flash_cpu
+    assert ring.fused_kernel(q, "cudnn") is None
+    with pytest.raises(ValueError, match="cudnn"):
+        ring.fused_kernel(q, "cuDNN")
+    # A ring of one sends nothing: the kernel asked for on the CPU, flash or (not there) cuDNN, whose blocks
+    # then go through the fp32 online softmax, gives attention over the valid keys.
+    k, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 8)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k[:, :, :4], v[:, :, :4])
+    for kernel in ring.KERNELS:
+        got = ring.ring_attention(q, k, v, [4], 0, (0,), None, kernel=kernel)
+        assert torch.allclose(got, want, atol=1e-6), kernel
+    q, k = (torch.empty(2, 3, n, 64, device="meta", dtype=torch.bfloat16) for n in (7, 9))
+    out, lse = ring._cudnn_cuda(q, k, k, 0.125)
+    assert out.shape == (2, 3, 7, 64) and out.dtype == torch.bfloat16
+    assert lse.shape == (2, 3, 7) and lse.dtype == torch.float32

@@ -2,13 +2,14 @@
 
 Each process keeps its queries and passes its key/value block to the next process while it attends to the
 block it holds; after `ring` steps every query has seen every key. Each block's attention runs in the
-fused kernel (flash attention on the GPU in bf16/fp16, its CPU counterpart on the CPU), which returns the
-block's output O_b and the log-sum-exp of its scores S_b; the blocks are merged by the rule
+fused kernel (flash attention on the GPU in bf16/fp16, its CPU counterpart on the CPU; cuDNN attention on
+the GPU when asked for), which returns the block's output O_b and the log-sum-exp of its scores S_b; the
+blocks are merged by the rule
 
     S = log(e^S_1 + e^S_2 + ...)    O = sum_b e^(S_b - S) O_b       (fp32 accumulators)
 
-so the result is the softmax over all keys, exact up to the order of the sums and the rounding of each
-block's output to the input dtype. Where no fused kernel takes the inputs (fp32 on the GPU), the scores are
+(a single block is the answer as the kernel gave it), so the result is the softmax over all keys, exact up
+to the order of the sums and the rounding of each block's output to the input dtype. Where no fused kernel takes the inputs (fp32 on the GPU), the scores are
 computed in fp32 and merged with the online-softmax rule instead (running maximum m, denominator l,
 numerator o). Unlike Ulysses it needs no relation between the degree and the head count. Padding keys
 (the sequence is padded to a multiple of the shard count) are cut off each block, so they get no weight.
@@ -31,32 +32,67 @@ def _flash_cpu(q, k, v, scale):
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
 
 
-def fused_kernel(q: torch.Tensor):
-    """The fused attention kernel for q's device and dtype, `(q, k, v, scale) -> (output [B, H, Lq, d] in
-    q's dtype, log-sum-exp of the scores [B, H, Lq] fp32)`, or None where none takes them. These are the
-    kernels PyTorch's own context parallelism merges ring blocks with: SDPA's public call does not return
-    the log-sum-exp."""
+def _cudnn_cuda(q, k, v, scale):
+    # (query, key, value, attn_bias, compute_log_sumexp, dropout_p, is_causal, return_debug_mask, *, scale).
+    # Its log-sum-exp is natural-log like flash's (PyTorch's context parallelism merges the two alike) but
+    # [B, H, Lq, 1] since torch 2.9 ([B, H, Lq] before): reshaped to flash's [B, H, Lq].
+    op = torch.ops.aten._scaled_dot_product_cudnn_attention
+    out, lse = op(q, k, v, None, True, 0.0, False, False, scale=scale)[:2]
+    return out, lse.reshape(q.shape[:-1])
+
+
+KERNELS = ("flash", "cudnn")
+
+
+def fused_kernel(q: torch.Tensor, prefer: str = "flash"):
+    """The fused attention kernel `prefer` ("flash", the default, or "cudnn") for q's device and dtype,
+    `(q, k, v, scale) -> (output [B, H, Lq, d] in q's dtype, log-sum-exp of the scores [B, H, Lq] fp32)`,
+    or None where it does not take them. These are the kernels PyTorch's own context parallelism merges
+    ring blocks with: SDPA's public call does not return the log-sum-exp. Flash runs on the GPU (bf16/fp16,
+    Ampere or newer) and on the CPU; cuDNN attention (which SDPA picks on Hopper) on the GPU only."""
+    if prefer not in KERNELS:
+        raise ValueError(f"unknown ring attention kernel {prefer!r}: one of {', '.join(KERNELS)}")
     if q.device.type == "cuda" and q.dtype in (torch.bfloat16, torch.float16):
-        # Flash attention needs an Ampere or newer GPU; older ones take the fp32 path.
-        return _flash_cuda if torch.cuda.get_device_capability(q.device) >= (8, 0) else None
-    if q.device.type == "cpu":
+        # Both need an Ampere or newer GPU; older ones take the fp32 path.
+        if torch.cuda.get_device_capability(q.device) < (8, 0):
+            return None
+        if prefer == "cudnn":
+            return _cudnn_cuda if torch.backends.cudnn.is_available() else None
+        return _flash_cuda
+    if q.device.type == "cpu" and prefer == "flash":
         return _flash_cpu
     return None
 
 
 class _LogSumExp:
-    """Running merge of block outputs by their log-sum-exp, for queries q [B, H, Lq, d]."""
+    """Running merge of block outputs by their log-sum-exp, for queries q [B, H, Lq, d].
+
+    The first block is kept as the kernel gave it (a single block is the answer as it is); from the second
+    on, the fp32 accumulator is rescaled in place: o <- o w_o + O_b w_b with w_o = e^(S - S'), w_b =
+    e^(S_b - S'), S' = log(e^S + e^S_b), two passes over it per block."""
 
     def __init__(self, q: torch.Tensor) -> None:
-        self.lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
-        self.o = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        self.shape, self.device = q.shape, q.device
+        self.lse: torch.Tensor | None = None  # [B, H, Lq] fp32, once a block is in
+        self.o: torch.Tensor | None = None  # the first block's output as given, then the fp32 accumulator
+        self.owned = False  # whether self.o is the accumulator (updated in place) rather than a kernel's output
 
     def add(self, out: torch.Tensor, lse: torch.Tensor) -> None:
+        if self.lse is None:
+            self.o, self.lse = out, lse.float()
+            return
         new = torch.logaddexp(self.lse, lse)
-        self.o = self.o * torch.exp(self.lse - new).unsqueeze(-1) + out.float() * torch.exp(lse - new).unsqueeze(-1)
+        keep, take = torch.exp(self.lse - new).unsqueeze(-1), torch.exp(lse - new).unsqueeze(-1)
+        if self.owned:
+            self.o.mul_(keep)
+        else:  # the first block's output, in the kernel's dtype: the product is a new fp32 accumulator
+            self.o, self.owned = torch.mul(self.o, keep), True
+        self.o.addcmul_(out, take)  # out in its own dtype, computed in fp32
         self.lse = new
 
     def result(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.o is None:
+            return torch.zeros(self.shape, dtype=dtype, device=self.device)
         return self.o.to(dtype)
 
 
@@ -96,17 +132,20 @@ def ring_attention(
     index: int,
     ring_ranks: tuple[int, ...],
     group,
+    kernel: str = "flash",
 ) -> torch.Tensor:
     """Attention of the local queries to the keys of all ring members.
 
     q, k, v: this member's blocks [B, H, Lb, d] (every member has the same Lb). `valid[j]` is how many
     leading keys of member j's block are real (the rest is padding). `index` is this member's place in
-    `ring_ranks` (global ranks, in ring order). Returns [B, H, Lb, d] in q's dtype.
+    `ring_ranks` (global ranks, in ring order). `kernel` names the fused kernel of each block (see
+    `fused_kernel`); where it does not take the inputs, the blocks go through the fp32 online softmax.
+    Returns [B, H, Lb, d] in q's dtype.
     """
     size = len(ring_ranks)
     scale = q.shape[-1] ** -0.5  # the scaled-dot-product default, as the single-process path uses
-    kernel = fused_kernel(q)
-    acc = _LogSumExp(q) if kernel is not None else _Softmax(q)
+    fused = fused_kernel(q, kernel)
+    acc = _LogSumExp(q) if fused is not None else _Softmax(q)
     send_to, recv_from = ring_ranks[(index + 1) % size], ring_ranks[(index - 1) % size]
     kv = torch.stack([k, v]).contiguous()  # one message per step: [2, B, H, Lb, d]
     for step in range(size):
@@ -120,8 +159,8 @@ def ring_attention(
             pending = dist.batch_isend_irecv(ops)  # overlaps with the block's attention below
         owner = (index - step) % size  # whose keys we hold at this step
         n = valid[owner]
-        if n > 0 and kernel is not None:
-            acc.add(*kernel(q, kv[0][:, :, :n], kv[1][:, :, :n], scale))
+        if n > 0 and fused is not None:
+            acc.add(*fused(q, kv[0][:, :, :n], kv[1][:, :, :n], scale))
         elif n > 0:
             acc.add(q, kv[0][:, :, :n], kv[1][:, :, :n], scale)
         for request in pending:
