@@ -7,15 +7,14 @@
 #   STEPS=parallel-5b,core-2b OUT=results bash benchmarks/gpu_session.sh 200   # only the steps named
 #   PACK=/somewhere/results.tgz OUT=results bash ...      # also packs $OUT into one archive after each step
 #
-# GPU time is short and may come in one piece, so the order is what the issues need most:
-#   1. core_full_size 5B: our step against the reference on the same weights (time, error), end to end;
-#   2. speed 5B: the exact (fused), compiled and fp8 modes against the reference eager, with 10-step DDIM
-#      runs for fp8's error against the exact mode (50 steps of the exact mode alone would take half the
-#      step's cap, and fp8, measured last, would not be reached);
-#   3. memory 5B: none / stream / sequential(+tiling) peaks and times, bitwise check; then the VAE decode
-#      (reference, ours exact, + channels-last, + cuDNN's algorithm search, + fused norms);
-#   4. finetune_memory 5B LoRA against the reference with peft;
-#   5. parallel_per_rank 5B; then 5B full fine-tuning and the 2B runs (LoRA, core, speed) while time is left.
+# GPU time is short and may come in one piece, so the order is what the issues still need most:
+#   1. speed 5B: the exact (fused), compiled, int8 and fp8 modes against the reference eager and against an
+#      fp32 step (the bf16 noise floor), with 10-step DDIM runs for the lossy modes' error;
+#   2. fine-tuning 5B: LoRA with the block inputs offloaded (the 18 GB target), full with the CPU optimizer;
+#   3. memory 5B: none / stream+tiling / model; core 2B (the sin-cos table fix: bitwise?); the VAE ladder
+#      (reference, ours, + cuDNN's algorithm search, + fused norms, channels-last once more);
+#   4. parallel per rank (the cuDNN ring kernel), memory and speed 2B, the 50-step fp8 + cache run, and
+#      core 5B again, while time is left.
 # A step never starts with less than its floor left, and is stopped at its cap; each writes its JSON and
 # log.txt under $OUT/STEP/, and $OUT/session.jsonl records every step's status and seconds.
 #
@@ -29,10 +28,12 @@ BUDGET="${1:-540}"
 START=$(date +%s)
 PY="${PYTHON:-python3}"
 TINY_FLAG=""
-SPEED_MODES="fused,compile,fp8"
+SPEED_MODE_LOSSY="int8,fp8"
+CACHE_MODE="fp8-cache"
 if [ -n "${TINY:-}" ]; then
     TINY_FLAG="--tiny"
-    SPEED_MODES="fused,compile,int8"  # fp8 needs compute capability 8.9+: the CPU check runs int8 in its place
+    SPEED_MODE_LOSSY="int8"  # fp8 needs compute capability 8.9+: the CPU check runs int8 alone
+    CACHE_MODE="cache"       # and the cache without fp8
 fi
 
 # pack: $OUT as one archive at $PACK (when set), replaced whole after each step, for a machine that
@@ -94,14 +95,18 @@ step() {
 }
 
 
-step core-5b           150  60 core_full_size.py --variant 5b
-step speed-5b          200  90 speed.py --variant 5b --modes "$SPEED_MODES" --repeat 3 --trajectory-steps 10 --skip-t5 --skip-vae
-step memory-5b         150  90 memory.py --variant 5b --modes none,stream,sequential+tiling --reference --check
+# Measured on 2026-11-29 (one H200, BENCHMARKS.md): core 5B/2B, speed 5B (fused, compile, fp8), memory
+# 5B (none, stream, sequential+tiling), the VAE decode up to channels-last, LoRA 5B/2B, parallel 5B.
+# What those runs left owed comes first; the re-checks of what changed since come after.
+step speed-5b          220  90 speed.py --variant 5b --modes "fused,compile,$SPEED_MODE_LOSSY" --repeat 3 --trajectory-steps 10 --skip-t5 --skip-vae
+step finetune-5b-lora   60  40 finetune_memory.py --variant 5b --mode lora --repeat 2 --offload-activations --no-reference
+step finetune-5b-full  150  60 finetune_memory.py --variant 5b --mode full --repeat 2 --no-reference
+step memory-5b         150  90 memory.py --variant 5b --modes none,stream+tiling,model --check
+step core-2b            60  40 core_full_size.py --variant 2b
 step vae-5b            150  60 speed.py --variant 5b --vae-only
-step finetune-5b-lora   90  60 finetune_memory.py --variant 5b --mode lora --repeat 2
 step parallel-5b        60  30 parallel_per_rank.py --repeats 3
-step finetune-5b-full   90  60 finetune_memory.py --variant 5b --mode full --repeat 2 --no-reference
-step finetune-2b-lora   60  45 finetune_memory.py --variant 2b --mode lora --repeat 2
-step core-2b            90  45 core_full_size.py --variant 2b
-step speed-2b          120  60 speed.py --variant 2b --modes "$SPEED_MODES" --repeat 3 --trajectory-steps 10 --skip-t5 --skip-vae
+step memory-2b         120  60 memory.py --variant 2b --modes none,stream+tiling,sequential+tiling --reference --check
+step speed-2b          150  60 speed.py --variant 2b --modes "fused,compile,$SPEED_MODE_LOSSY" --repeat 3 --trajectory-steps 10 --skip-t5 --skip-vae
+step cache-5b          240 150 speed.py --variant 5b --modes "fused,$CACHE_MODE" --repeat 1 --trajectory-steps 50 --skip-t5 --skip-vae --no-fp32-truth
+step core-5b            90  60 core_full_size.py --variant 5b
 echo "session: $(($(date +%s) - START)) s of $BUDGET"
