@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from cogvideox.demo import build, world
@@ -264,7 +265,8 @@ def test_build_with_no_transformer_steps_trains_the_vae_alone(tmp_path, capsys):
     """`--steps 0`: the VAE phases run and are kept in the work folder; no latents, no model folder."""
     out = tmp_path / "model"
     build.main(["--work", str(tmp_path / "work"), "--out", str(out), "--vae-steps", "1", "--vae-object-steps", "1",
-                "--vae-colour-steps", "0", "--vae-batch", "1", "--steps", "0", "--no-progress"])
+                "--vae-colour-steps", "0", "--vae-batch", "1", "--steps", "0", "--vae-eval-videos", "4",
+                "--no-progress"])
     assert "no model folder was written" in capsys.readouterr().out
     assert not out.exists()
     work = tmp_path / "work"
@@ -272,3 +274,12 @@ def test_build_with_no_transformer_steps_trains_the_vae_alone(tmp_path, capsys):
     assert not list(work.glob("latents-*")) and not list(work.glob("transformer-*"))
     summary = json.loads((work / "build-summary.json").read_text())
     assert summary["args"]["steps"] == "0" and "transformer_s" not in summary
+    assert 0 <= summary["vae_judged_correct_held_out"] <= 1 and summary["args"]["vae_eval_videos"] == "4"
+
+
+def test_build_refuses_an_empty_vae_evaluation(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        build.main(["--work", str(tmp_path / "work"), "--out", str(tmp_path / "model"), "--vae-eval-videos", "0"])
+    assert exit_.value.code == 2
+    assert "--vae-eval-videos must be at least 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()

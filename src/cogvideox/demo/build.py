@@ -536,6 +536,9 @@ def main(argv=None) -> None:
     p.add_argument("--vae-init", type=Path, default=None,
                    help="start the VAE from this model folder (or its vae/) and run only the colour phase")
     p.add_argument("--vae-batch", type=int, default=8)
+    p.add_argument("--vae-eval-videos", type=int, default=48,
+                   help="held-out videos the trained VAE is scored on (PSNR on up to 32 of them, the judge on "
+                        "all): the summary's vae_psnr_held_out_db and vae_judged_correct_held_out")
     p.add_argument("--videos", type=int, default=6144, help="training videos encoded to latents")
     p.add_argument("--steps", type=int, default=2500,
                    help="transformer training steps (0: train the VAE phases alone and write no model)")
@@ -552,6 +555,8 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    if args.vae_eval_videos < 1:
+        p.error(f"--vae-eval-videos must be at least 1, got {args.vae_eval_videos}")
     if args.threads:
         torch.set_num_threads(args.threads)
     progress = not args.no_progress
@@ -566,8 +571,8 @@ def main(argv=None) -> None:
                     decoder=args.vae_decoder_steps, hues=args.vae_hue_steps, joint=args.vae_joint_steps,
                     latent_noise=args.latent_noise)
     times["vae_s"] = time.time() - t0
-    psnr = vae_psnr(vae)
-    judged = vae_judged(vae)
+    psnr = vae_psnr(vae, count=min(32, args.vae_eval_videos))
+    judged = vae_judged(vae, count=args.vae_eval_videos)
     print(f"vae reconstruction on held-out videos: PSNR {psnr:.2f} dB, judged correct {judged:.1%}")
     summary = {
         "vae_psnr_held_out_db": round(psnr, 2),
