@@ -129,15 +129,20 @@ def test_submit_watch_play_delete(browser, page_url):
     browser.save_screenshot(str(shots / "5-deleted.png"))
 
 
+def asked_for_key(wait: WebDriverWait):
+    """The API-key field, once the page shows the form that asks for it."""
+    return wait.until(
+        lambda d: d.find_element(By.ID, "api-key") if d.find_element(By.ID, "key-form").is_displayed() else None
+    )
+
+
 def test_with_an_api_key_the_page_asks_for_it_and_plays_from_memory(browser, tiny_rope_dir, tmp_path):
     """A <video> cannot send a Bearer header: with a key the page fetches the MP4 and plays it as a blob."""
     store, server = start_service(tiny_rope_dir, tmp_path, api_keys=("sk-page",))
     wait = WebDriverWait(browser, 60, poll_frequency=0.05)
     with server as url:
         browser.get(url)
-        key = wait.until(
-            lambda d: d.find_element(By.ID, "api-key") if d.find_element(By.ID, "key-form").is_displayed() else None
-        )
+        key = asked_for_key(wait)
         browser.save_screenshot(str(artifacts_dir() / "6-api-key.png"))
         key.send_keys("sk-page")
         browser.find_element(By.CSS_SELECTOR, "#key-form button").click()
@@ -181,9 +186,7 @@ def test_a_wrong_api_key_is_said_to_be_wrong_and_not_kept(browser, tiny_rope_dir
     wait = WebDriverWait(browser, 10, poll_frequency=0.05)
     with server as url:
         browser.get(url)
-        key = wait.until(
-            lambda d: d.find_element(By.ID, "api-key") if d.find_element(By.ID, "key-form").is_displayed() else None
-        )
+        key = asked_for_key(wait)
         assert browser.switch_to.active_element == key  # asked for, ready to type into
         assert not browser.find_element(By.ID, "empty").is_displayed()  # the list is unknown, not empty
         key.send_keys("sk-wrong", Keys.ENTER)
@@ -328,9 +331,7 @@ def test_the_api_key_can_be_forgotten(browser, tiny_rope_dir, tmp_path):
     with server as url:
         browser.get(url)
         forget = browser.find_element(By.ID, "forget-key")
-        key = wait.until(
-            lambda d: d.find_element(By.ID, "api-key") if d.find_element(By.ID, "key-form").is_displayed() else None
-        )
+        key = asked_for_key(wait)
         assert not forget.is_displayed()  # no key yet
         key.send_keys("sk-one", Keys.ENTER)
         browser.find_element(By.ID, "prompt").send_keys("a red sun")
