@@ -98,8 +98,8 @@ def measure(step, device, repeat: int, case: dict, save) -> None:
     step that allocates the optimizer state, so nearly every step's peak) and the timed steps it finished.
 
     `step(i)` runs training step i and returns the seconds its optimizer step took."""
+    synchronize(device)
     if device.type == "cuda":
-        torch.cuda.synchronize()
         torch.cuda.empty_cache()  # the reserved peak starts from what is held, not from freed building blocks
         torch.cuda.reset_peak_memory_stats()
     seconds, optimizer_seconds = timed(step, 0, device)

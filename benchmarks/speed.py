@@ -11,16 +11,16 @@ mode rewrites its own fresh copy). For each mode, at CFG batch 2:
 - the relative L2 error of one step against the reference's bf16 output (the "exact" budget is 1e-2),
   and against an fp32 truth (below), as the reference's own is: the bf16 rounding noise of a deep
   stack shows as the reference's error, and a mode no further from the truth than the reference adds none;
-- for the lossy modes (int8, fp8, cache, fp8-cache), the error after a --trajectory-steps DDIM run with guidance,
-  against the same run in the lossless "fused" mode; for the cache, how many steps ran in full and the
-  time per step of that run.
+- for the lossy modes (int8, fp8, cache, fp8-cache), the error after a --trajectory-steps DDIM run with
+  guidance, against the same run in the lossless "fused" mode; for the cache, how many steps ran in full
+  and the time per step of that run.
 Then the VAE decode (reference and ours, whole and tiled: time, peak memory, error) and the T5 encoding.
 
 Modes: plain (no levers), fused (fused QKV + cuDNN-first attention: our exact mode), compile (fused +
 regional torch.compile), int8 / fp8 (fused + quantised linears + compile), cache (fused + compile + the
 first-block cache at --cache-threshold), fp8-cache (fp8 and the cache together; its step time comes
-from the trajectory, so give it the --trajectory-steps it is to be judged at, 50). The reference is timed eager, and compiled with
---reference-compile (minutes of compilation). The fp32 truth (unless --no-fp32-truth) is one step of a
+from the trajectory, so give it the --trajectory-steps it is to be judged at, 50). The reference is
+timed eager, and compiled with --reference-compile (minutes of compilation). The fp32 truth (unless --no-fp32-truth) is one step of a
 fresh copy of our transformer, without levers, on the same weights and inputs cast to fp32, with TF32
 matmuls off (attention: PyTorch's choice, the memory-efficient kernel for fp32); it runs after the
 reference is freed and before our modes, alone on the device (5B: 22 GB of weights, one forward of

@@ -9,10 +9,11 @@ blocks are merged by the rule
     S = log(e^S_1 + e^S_2 + ...)    O = sum_b e^(S_b - S) O_b       (fp32 accumulators)
 
 (a single block is the answer as the kernel gave it), so the result is the softmax over all keys, exact up
-to the order of the sums and the rounding of each block's output to the input dtype. Where no fused kernel takes the inputs (fp32 on the GPU), the scores are
-computed in fp32 and merged with the online-softmax rule instead (running maximum m, denominator l,
-numerator o). Unlike Ulysses it needs no relation between the degree and the head count. Padding keys
-(the sequence is padded to a multiple of the shard count) are cut off each block, so they get no weight.
+to the order of the sums and the rounding of each block's output to the input dtype. Where no fused kernel
+takes the inputs (fp32 on the GPU), the scores are computed in fp32 and merged with the online-softmax
+rule instead (running maximum m, denominator l, numerator o). Unlike Ulysses it needs no relation between
+the degree and the head count. Padding keys (the sequence is padded to a multiple of the shard count)
+are cut off each block, so they get no weight.
 """
 
 from __future__ import annotations
