@@ -229,24 +229,36 @@ def test_silent_ranks_leave_rank_0_time_to_report(monkeypatch):
     assert cli._quiet_exit(1) == 1 and waits == [cli.QUIET_EXIT_DELAY_S]
 
 
-@pytest.mark.parametrize(
-    "argv, message",
-    [
-        (["generate", "a cat", "--parallel", "foo=2"], "cannot read 'foo=2'"),  # before the group is up
-        (["generate", "a cat", "--parallel", "cfg=2,ulysses=2"], "one video runs on 4 process(es)"),  # after
-        (["generate", "a cat"], "one video runs on 1 process(es)"),
-        # One video wants exactly one group, not "a multiple of 3", and 2 processes are no two groups.
-        (["generate", "a cat", "--parallel", "ring=3"], "but 2 were started (torchrun --nproc-per-node): start 3\n"),
-        (["batch", "nofile.txt", "-o", "out"], "no prompts file at nofile.txt"),
-    ],
-)
-def test_torchrun_prints_each_error_once(tmp_path, argv, message):
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-        str(_free_port()), "-m", "cogvideox", *argv, "--device", "cpu",
-    ]  # fmt: skip
+ERRORS_UNDER_TORCHRUN = [
+    (["generate", "a cat", "--parallel", "foo=2"], "cannot read 'foo=2'"),  # before the group is up
+    (["generate", "a cat", "--parallel", "cfg=2,ulysses=2"], "one video runs on 4 process(es)"),  # after
+    (["generate", "a cat"], "one video runs on 1 process(es)"),
+    # One video wants exactly one group, not "a multiple of 3", and 2 processes are no two groups.
+    (["generate", "a cat", "--parallel", "ring=3"], "but 2 were started (torchrun --nproc-per-node): start 3\n"),
+    (["batch", "nofile.txt", "-o", "out"], "no prompts file at nofile.txt"),
+]
+
+
+def test_torchrun_prints_each_error_once(tmp_path):
+    """Each user mistake under torchrun is reported once (by rank 0), not once per process. The five
+    launches run side by side: most of each one's time is starting Python and torch in its processes."""
     env = os.environ | {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
-    assert result.returncode != 0
-    errors = [line + "\n" for line in result.stderr.splitlines() if line.startswith("cogvideox: error:")]
-    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    ports = set()
+    while len(ports) < len(ERRORS_UNDER_TORCHRUN):  # one port each: the launches overlap
+        ports.add(_free_port())
+    launched = []
+    for i, ((argv, message), port) in enumerate(zip(ERRORS_UNDER_TORCHRUN, sorted(ports))):
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+            str(port), "-m", "cogvideox", *argv, "--device", "cpu",
+        ]  # fmt: skip
+        folder = tmp_path / str(i)
+        folder.mkdir()
+        pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+        process = subprocess.Popen(command, text=True, env=env, cwd=folder, **pipes)
+        launched.append((argv, message, process))
+    for argv, message, process in launched:
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode != 0, argv
+        errors = [line + "\n" for line in stderr.splitlines() if line.startswith("cogvideox: error:")]
+        assert len(errors) == 1 and message in errors[0], (argv, stderr[-2000:])
