@@ -152,8 +152,8 @@ def test_demo_model_reconstruction_psnr():
     Measured at 50 steps on the shipped demo model, four scenes: with the default 4 fixed-point
     refinements 33.05, 33.17, 33.33 and 32.58 dB against VAE round trips of 33.2-33.4 dB; plain DDIM
     inversion (0 refinements) ends on latents of std 0.23-0.29 rather than 1 and brings all four back
-    wrong (0.25, 6.14, 0.33, 0.27 dB: the opposite background). All must come back within 1.5 dB of
-    their ceiling.
+    wrong (0.25, 6.14, 0.33, 0.27 dB: the opposite background). The test inverts the first and the last
+    of the four (each takes some 10 s here); both must come back within 1.5 dB of their ceiling.
     """
     try:
         pipe = Pipeline.from_pretrained(None)
@@ -164,7 +164,7 @@ def test_demo_model_reconstruction_psnr():
     from cogvideox.demo import world
 
     good = []
-    for index in (0, 5, 40, 100):
+    for index in (0, 100):
         caption = world.training_captions()[index]
         frames = world.render(world.scene_for_caption(caption, rng=0))
         height, width = frames.shape[1:3]
