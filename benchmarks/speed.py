@@ -2,6 +2,8 @@
 
     python benchmarks/speed.py --variant 5b                      # on a GPU: 49 x 480 x 720, bf16
     python benchmarks/speed.py --variant 5b --modes fused,fp8 --trajectory-steps 10
+    python benchmarks/speed.py --variant 5b --vae-only           # the VAE ladder (VAE_VARIANTS) alone
+    python benchmarks/speed.py --vae-only --vae-variants ours_whole,ours_conv2d_whole --vae-latent 3x20x30
     python benchmarks/speed.py --tiny                            # a tiny config on the CPU (smoke test)
 
 The same random weights go into diffusers' CogVideoXTransformer3DModel and into ours, once per mode (each
@@ -140,6 +142,10 @@ def main() -> None:
     p.add_argument("--skip-vae", action="store_true")
     p.add_argument("--vae-only", action="store_true", help="only the VAE decode variants (no transformer, no T5)")
     p.add_argument("--skip-t5", action="store_true")
+    p.add_argument("--vae-variants", default=None, help=f"comma-separated, from {','.join(VAE_VARIANTS)} "
+                   "(default: all)")
+    p.add_argument("--vae-latent", default=None, help="the VAE's latent size as FxHxW (default: the video's, "
+                   "13x60x90 at full size), e.g. a smaller decode of the full-size VAE on a CPU")
     args = p.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
@@ -153,6 +159,17 @@ def main() -> None:
     unknown = set(modes) - set(MODES)
     if unknown:
         p.error(f"unknown modes {sorted(unknown)}; use {','.join(MODES)}")
+    vae_variants = args.vae_variants.split(",") if args.vae_variants else list(VAE_VARIANTS)
+    unknown = set(vae_variants) - set(VAE_VARIANTS)
+    if unknown:
+        p.error(f"unknown VAE variants {sorted(unknown)}; use {','.join(VAE_VARIANTS)}")
+    vae_latent = None
+    if args.vae_latent:
+        try:
+            vae_latent = tuple(int(n) for n in args.vae_latent.split("x"))
+            assert len(vae_latent) == 3 and min(vae_latent) > 0
+        except (ValueError, AssertionError):
+            p.error(f"--vae-latent must be FxHxW with positive integers, got {args.vae_latent!r}")
 
     result: dict = {
         "variant": args.variant, "tiny": args.tiny, "device": str(device), "dtype": str(dtype),
@@ -178,7 +195,10 @@ def main() -> None:
     # 4. VAE decode: the reference, ours and our levers (VAE_VARIANTS).
     if not args.skip_vae:
         result["vae_decode"] = {}
-        vae_decode(vae_config, device, dtype, clock, lat_f, lat_h, lat_w, args.no_reference, result["vae_decode"], save)
+        if vae_latent:
+            result["vae_latent"] = list(vae_latent)
+        latent = vae_latent or (lat_f, lat_h, lat_w)
+        vae_decode(vae_config, device, dtype, clock, latent, vae_variants, args.no_reference, result["vae_decode"], save)
         print("vae:", json.dumps(result["vae_decode"]), flush=True)
 
     # 5. T5 encoding of [negative ; prompt].
@@ -471,16 +491,17 @@ def decode_latents(vae_config, latent: tuple[int, int, int], device, dtype) -> t
     return torch.randn(1, vae_config.latent_channels, *latent, generator=g).to(device, dtype)
 
 
-def vae_decode(vae_config, device, dtype, clock, lat_f, lat_h, lat_w, no_reference, report: dict, save) -> None:
+def vae_decode(vae_config, device, dtype, clock, latent, variants, no_reference, report: dict, save) -> None:
     """Each variant of VAE_VARIANTS decodes the same latents: its first call (with cuDNN's algorithm
     search when it is on, with compilation for the fused norms) and the median of two more (one more on
     the CPU, where this is a smoke test); then, at once, its error against our exact decode and the
-    reference's (of the same tiling). Fills `report` (`save` writes it after each variant)."""
+    reference's (of the same tiling). `variants`: which of VAE_VARIANTS (in its order). Fills `report`
+    (`save` writes it after each variant)."""
     with torch.device("meta"):
         template = CogVideoXVAE(vae_config)
     weights = host_random_state(template, device, dtype, seed=2)
     del template
-    z = decode_latents(vae_config, (lat_f, lat_h, lat_w), device, dtype)
+    z = decode_latents(vae_config, latent, device, dtype)
     bases = {}  # the reference's and our exact videos, in host memory (on the device they would count in peaks)
 
     def measure(key: str, options: dict) -> torch.Tensor:
@@ -502,7 +523,7 @@ def vae_decode(vae_config, device, dtype, clock, lat_f, lat_h, lat_w, no_referen
         return out
 
     for key, options in VAE_VARIANTS.items():
-        if options.get("reference") and no_reference:
+        if key not in variants or (options.get("reference") and no_reference):
             continue
         tiling = "tiled" if options.get("tiled") else "whole"
         try:

@@ -102,8 +102,12 @@ def as_conv2d(vae: nn.Module) -> int:
     sums all kt * kh * kw taps in one GEMM's fp32 accumulator and rounds once, as the 3D kernel does;
     added products round each partial sum to bf16 first (three roundings), and each is a GEMM three times
     shorter (K = 9 C rather than 27 C). The price is memory: the stacked copy lives during its product,
-    capped at 2**30 elements (2 GiB in bf16; larger inputs run in parts over their frames), above a peak
-    of about 10.7 GiB for the whole 480 x 720 decode.
+    capped at 2**30 elements (2 GiB in bf16; larger inputs run in parts over their frames: the last
+    stage's first convolution, 256 channels in at 480 x 720, runs 4 frames at a time), above a peak of
+    about 10.7 GiB for the whole 480 x 720 decode. Over that decode the stacked copies read 81-192 GB
+    and write 192 GB, the products read 111 GB more than the 3D ones, and on channels-first activations
+    the outputs' transposing copies move 110 GB (`benchmarks/vae_work.py --conv2d`): 0.1-0.2 s of an
+    H200's bandwidth, against the 284 TFLOP of 3x3x3 convolutions (of 315) that move to the 2D kernels.
 
     The stacked copy is written channels-last (NHWC) and the weight read so, the layout cuDNN's
     tensor-core kernels take without converting; the result has the input's layout. On channels-last
