@@ -84,7 +84,7 @@ CATEGORIES = (
     ("convolution", r"conv(?!ert)|fprop|dgrad|wgrad|implicit_gemm|winograd"),
     ("gemm", r"gemm|nvjet|cublas|cutlass|wgmma|matmul|aten::(mm|addmm|bmm|linear)$"),
     ("norm", r"norm|moments|welford"),
-    ("copy / layout", r"copy|cat(?!e)|transpose|permute|nchwtonhwc|nhwctonchw|contiguous|clone|pad"),
+    ("copy / layout", r"copy|cat(?!e)|transpose|permute|contiguous|clone|pad"),
     ("elementwise / other", r""),
 )
 
