@@ -8,11 +8,14 @@
 #   PACK=/somewhere/results.tgz OUT=results bash ...      # also packs $OUT into one archive after each step
 #
 # GPU time is short and may come in one piece, so the order is what the issues still need most:
+#   0. profile 5B: where the time of the VAE decode and of a transformer step (eager and compiled) goes,
+#      kernel by kernel; it decides which levers come next, so it runs first (about 90 s);
 #   1. speed 5B: the exact (fused), compiled, int8 and fp8 modes against the reference eager and against an
 #      fp32 step (the bf16 noise floor), with 10-step DDIM runs for the lossy modes' error;
 #   2. fine-tuning 5B: LoRA with the block inputs offloaded (the 18 GB target), full with the CPU optimizer;
 #   3. memory 5B: none / stream+tiling / model; core 2B (the sin-cos table fix: bitwise?); the VAE ladder
-#      (reference, ours, + cuDNN's algorithm search, + fused norms, channels-last once more);
+#      (reference, ours, + 3D convolutions as 2D ones on both layouts, + fused norms, then the re-checks:
+#      tiled, cuDNN's algorithm search, channels-last);
 #   4. parallel per rank (the cuDNN ring kernel), memory and speed 2B, the 50-step fp8 + cache run, and
 #      core 5B again, while time is left.
 # A step never starts with less than its floor left, and is stopped at its cap; each writes its JSON and
@@ -98,6 +101,7 @@ step() {
 # Measured on 2026-11-29 (one H200, BENCHMARKS.md): core 5B/2B, speed 5B (fused, compile, fp8), memory
 # 5B (none, stream, sequential+tiling), the VAE decode up to channels-last, LoRA 5B/2B, parallel 5B.
 # What those runs left owed comes first; the re-checks of what changed since come after.
+step profile-5b        120  60 kernel_profile.py --variant 5b
 step speed-5b          220  90 speed.py --variant 5b --modes "fused,compile,$SPEED_MODE_LOSSY" --repeat 3 --trajectory-steps 10 --skip-t5 --skip-vae
 step finetune-5b-lora   60  40 finetune_memory.py --variant 5b --mode lora --repeat 2 --offload-activations --no-reference
 step finetune-5b-full  150  60 finetune_memory.py --variant 5b --mode full --repeat 2 --no-reference

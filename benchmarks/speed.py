@@ -2,6 +2,8 @@
 
     python benchmarks/speed.py --variant 5b                      # on a GPU: 49 x 480 x 720, bf16
     python benchmarks/speed.py --variant 5b --modes fused,fp8 --trajectory-steps 10
+    python benchmarks/speed.py --variant 5b --vae-only           # the VAE ladder (VAE_VARIANTS) alone
+    python benchmarks/speed.py --vae-only --vae-variants ours_whole,ours_conv2d_whole --vae-latent 3x20x30
     python benchmarks/speed.py --tiny                            # a tiny config on the CPU (smoke test)
 
 The same random weights go into diffusers' CogVideoXTransformer3DModel and into ours, once per mode (each
@@ -14,7 +16,8 @@ mode rewrites its own fresh copy). For each mode, at CFG batch 2:
 - for the lossy modes (int8, fp8, cache, fp8-cache), the error after a --trajectory-steps DDIM run with
   guidance, against the same run in the lossless "fused" mode; for the cache, how many steps ran in full
   and the time per step of that run.
-Then the VAE decode (reference and ours, whole and tiled: time, peak memory, error) and the T5 encoding.
+Then the VAE decode (VAE_VARIANTS: the reference, ours and ours with each VAE lever, whole and tiled: time,
+peak memory, error) and the T5 encoding.
 
 Modes: plain (no levers), fused (fused QKV + cuDNN-first attention: our exact mode), compile (fused +
 regional torch.compile), int8 / fp8 (fused + quantised linears + compile), cache (fused + compile + the
@@ -139,20 +142,16 @@ def main() -> None:
     p.add_argument("--skip-vae", action="store_true")
     p.add_argument("--vae-only", action="store_true", help="only the VAE decode variants (no transformer, no T5)")
     p.add_argument("--skip-t5", action="store_true")
+    p.add_argument("--vae-variants", default=None, help=f"comma-separated, from {','.join(VAE_VARIANTS)} "
+                   "(default: all)")
+    p.add_argument("--vae-latent", default=None, help="the VAE's latent size as FxHxW (default: the video's, "
+                   "13x60x90 at full size), e.g. a smaller decode of the full-size VAE on a CPU")
     args = p.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     clock = Clock(device)
-    config = TRANSFORMER_PRESETS["CogVideoX-5b" if args.variant == "5b" else "CogVideoX-2b"]
-    vae_config = VAEConfig(scaling_factor=0.7 if args.variant == "5b" else 1.15258426)
-    t5, frames, height, width = T5_XXL, 49, 480, 720
-    if args.tiny:
-        config = config.replace(num_layers=3, num_attention_heads=2, text_embed_dim=32, sample_height=8,
-                                sample_width=12, sample_frames=9)  # fmt: skip
-        vae_config = VAEConfig(block_out_channels=(16, 16, 16, 16), norm_num_groups=4, layers_per_block=1,
-                               scaling_factor=vae_config.scaling_factor)  # fmt: skip
-        t5, frames, height, width = T5_TINY, 9, 64, 96
+    config, vae_config, t5, (frames, height, width) = configs(args.variant, args.tiny)
     steps = args.trajectory_steps if args.trajectory_steps is not None else (4 if args.tiny else 50)
     modes = args.modes.split(",") if args.modes else [
         m for m in MODES if not m.startswith("fp8") or fast.quantize.fp8_supported(device)
@@ -160,6 +159,17 @@ def main() -> None:
     unknown = set(modes) - set(MODES)
     if unknown:
         p.error(f"unknown modes {sorted(unknown)}; use {','.join(MODES)}")
+    vae_variants = args.vae_variants.split(",") if args.vae_variants else list(VAE_VARIANTS)
+    unknown = set(vae_variants) - set(VAE_VARIANTS)
+    if unknown:
+        p.error(f"unknown VAE variants {sorted(unknown)}; use {','.join(VAE_VARIANTS)}")
+    vae_latent = None
+    if args.vae_latent:
+        try:
+            vae_latent = tuple(int(n) for n in args.vae_latent.split("x"))
+            assert len(vae_latent) == 3 and min(vae_latent) > 0
+        except (ValueError, AssertionError):
+            p.error(f"--vae-latent must be FxHxW with positive integers, got {args.vae_latent!r}")
 
     result: dict = {
         "variant": args.variant, "tiny": args.tiny, "device": str(device), "dtype": str(dtype),
@@ -178,14 +188,17 @@ def main() -> None:
         save_json(path, result)
 
     save()
-    lat_f, lat_h, lat_w = (frames - 1) // 4 + 1, height // 8, width // 8
+    lat_f, lat_h, lat_w = latent_size(frames, height, width)
     if not args.vae_only:
         transformer_modes(args, config, modes, steps, device, dtype, clock, result, lat_f, lat_h, lat_w, save)
 
-    # 4. VAE decode, reference and ours, whole and tiled.
+    # 4. VAE decode: the reference, ours and our levers (VAE_VARIANTS).
     if not args.skip_vae:
         result["vae_decode"] = {}
-        vae_decode(vae_config, device, dtype, clock, lat_f, lat_h, lat_w, args.no_reference, result["vae_decode"], save)
+        if vae_latent:
+            result["vae_latent"] = list(vae_latent)
+        latent = vae_latent or (lat_f, lat_h, lat_w)
+        vae_decode(vae_config, device, dtype, clock, latent, vae_variants, args.no_reference, result["vae_decode"], save)
         print("vae:", json.dumps(result["vae_decode"]), flush=True)
 
     # 5. T5 encoding of [negative ; prompt].
@@ -207,6 +220,41 @@ def main() -> None:
     failed = [k for k, v in entries if isinstance(v, dict) and "error" in v]
     if failed:
         sys.exit(f"failed: {', '.join(failed)} (their errors are in {path})")
+
+
+def configs(variant: str, tiny: bool) -> tuple:
+    """(transformer config, VAE config, T5 size, (frames, height, width)) of `variant` at full size, or
+    of the tiny stand-ins the CPU smoke runs use."""
+    config = TRANSFORMER_PRESETS["CogVideoX-5b" if variant == "5b" else "CogVideoX-2b"]
+    vae_config = VAEConfig(scaling_factor=0.7 if variant == "5b" else 1.15258426)
+    if not tiny:
+        return config, vae_config, T5_XXL, (49, 480, 720)
+    config = config.replace(num_layers=3, num_attention_heads=2, text_embed_dim=32, sample_height=8,
+                            sample_width=12, sample_frames=9)  # fmt: skip
+    vae_config = VAEConfig(block_out_channels=(16, 16, 16, 16), norm_num_groups=4, layers_per_block=1,
+                           scaling_factor=vae_config.scaling_factor)  # fmt: skip
+    return config, vae_config, T5_TINY, (9, 64, 96)
+
+
+def latent_size(frames: int, height: int, width: int) -> tuple[int, int, int]:
+    return (frames - 1) // 4 + 1, height // 8, width // 8
+
+
+def step_inputs(config, latent: tuple[int, int, int], device, dtype, g: torch.Generator) -> tuple:
+    """The latents (CFG batch 2), text states and timesteps of one transformer step, drawn from `g`."""
+    x = torch.randn(2, latent[0], config.in_channels, *latent[1:], generator=g).to(device, dtype)
+    text = torch.randn(2, config.max_text_seq_length, config.text_embed_dim, generator=g).to(device, dtype)
+    return x, text, torch.tensor([500, 500], device=device)
+
+
+def fresh_transformer(config, weights: dict, device, cast: torch.dtype | None = None) -> CogVideoXTransformer:
+    """A fresh copy of `weights` on the device (`cast`: each tensor cast there, one at a time)."""
+    with torch.device("meta"):
+        model = CogVideoXTransformer(config)
+    if cast is not None:
+        weights = {k: v.to(device, cast) if v.is_floating_point() else v for k, v in weights.items()}
+    model.load_state_dict(weights, assign=True)
+    return model.to(device).eval()
 
 
 def host_random_state(module: torch.nn.Module, device, dtype, seed: int) -> dict[str, torch.Tensor]:
@@ -232,19 +280,10 @@ def transformer_modes(args, config, modes, steps, device, dtype, clock, result, 
     result["transformer_params"] = sum(v.numel() for v in weights.values())
 
     g = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(2, lat_f, config.in_channels, lat_h, lat_w, generator=g).to(device, dtype)
-    text = torch.randn(2, config.max_text_seq_length, config.text_embed_dim, generator=g).to(device, dtype)
-    t = torch.tensor([500, 500], device=device)
+    x, text, t = step_inputs(config, (lat_f, lat_h, lat_w), device, dtype, g)
 
     def ours(cast: torch.dtype | None = None) -> CogVideoXTransformer:
-        """A fresh copy of the weights on the device (`cast`: each tensor cast there, one at a time)."""
-        with torch.device("meta"):
-            model = CogVideoXTransformer(config)
-        state = weights
-        if cast is not None:
-            state = {k: v.to(device, cast) if v.is_floating_point() else v for k, v in weights.items()}
-        model.load_state_dict(state, assign=True)
-        return model.to(device).eval()
+        return fresh_transformer(config, weights, device, cast)
 
     # The RoPE tables need only the config (not a whole model copied to the device for them).
     rope = CogVideoXTransformer.rotary_embedding(SimpleNamespace(config=config), lat_f, lat_h, lat_w, device)
@@ -401,90 +440,109 @@ def fp32_step(ours, x, text, t, rope, device, clock, entry: dict) -> torch.Tenso
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
-# The VAE decode variants: who decodes, with which levers (see cogvideox/fast/vae.py), tiled too or not.
-# Each adds one lever to the one before; the one that compiles (slowest to warm up) comes last, so that a
-# run cut short by its time cap still has the others (each is printed as soon as it is measured).
+# The VAE decode variants in the order they run: who decodes (the reference or ours), with which levers
+# (see cogvideox/fast/vae.py), whole or tiled. The JSON keys (and the table rows) are the names below.
+# The most informative come first and each is recorded as soon as it is measured, so that a run cut
+# short by its time cap keeps them: the reference and ours; the 3D convolutions run as 2D ones
+# (`vae_conv2d`), on our usual layout and on channels-last, where the frames fold into the batch for
+# free; the fused norms (compiled: a slow first call). Then what the 2026-11-29 run measured once
+# (BENCHMARKS.md): the tiled decodes, cuDNN's algorithm search, channels-last 3D convolutions (2.3x
+# slower then); and last the 2D convolutions with every other lever.
 VAE_VARIANTS = {
-    "reference": dict(tiled=True),
-    "ours": dict(tiled=True),
-    "ours_cudnn_benchmark": dict(cudnn_benchmark=True),
-    "ours_fused": dict(fuse_norms=True),
-    # Measured 2.3x slower than "ours" (H200, torch 2.11; BENCHMARKS.md): last, whole only, a re-check.
-    "ours_channels_last": dict(channels_last=True),
+    "reference_whole": dict(reference=True),
+    "ours_whole": dict(),
+    "ours_conv2d_whole": dict(conv2d=True),
+    "ours_conv2d_channels_last_whole": dict(conv2d=True, channels_last=True),
+    "ours_fused_whole": dict(fuse_norms=True),
+    "reference_tiled": dict(reference=True, tiled=True),
+    "ours_tiled": dict(tiled=True),
+    "ours_conv2d_channels_last_tiled": dict(conv2d=True, channels_last=True, tiled=True),
+    "ours_cudnn_benchmark_whole": dict(cudnn_benchmark=True),
+    "ours_channels_last_whole": dict(channels_last=True),
+    "ours_conv2d_channels_last_fused_whole": dict(conv2d=True, channels_last=True, fuse_norms=True),
 }
 
 
-def vae_decode(vae_config, device, dtype, clock, lat_f, lat_h, lat_w, no_reference, report: dict, save) -> None:
-    """Each variant decodes the same latents whole (and tiled): its first call (with cuDNN's algorithm
-    search when it is on) and the median of two more; then each error against our exact decode and
-    against the reference's. Fills `report` (`save` writes it after each variant)."""
+def fresh_vae(vae_config, weights: dict, device, options: dict) -> torch.nn.Module:
+    """A fresh copy of `weights` on the device: the reference's VAE or ours with the levers `options` names
+    (`conv2d`, `channels_last`, `fuse_norms`, as in VAE_VARIANTS; the fused norms compile at the first
+    decode)."""
+    with torch.device("meta"):
+        if options.get("reference"):
+            from diffusers import AutoencoderKLCogVideoX
+
+            vae = AutoencoderKLCogVideoX(**vae_config.to_dict())
+        else:
+            vae = CogVideoXVAE(vae_config)
+    vae.load_state_dict(weights, assign=True)
+    vae = vae.to(device).eval()
+    if options.get("conv2d"):
+        fast.vae_conv2d(vae)
+    if options.get("channels_last"):
+        fast.vae_channels_last(vae)
+    if options.get("fuse_norms"):
+        fast.vae_fuse_norms(vae)
+    return vae
+
+
+def decode_latents(vae_config, latent: tuple[int, int, int], device, dtype) -> torch.Tensor:
+    """The latents every VAE variant decodes: [1, C, F, h, w], seed 5."""
+    g = torch.Generator(device="cpu").manual_seed(5)
+    return torch.randn(1, vae_config.latent_channels, *latent, generator=g).to(device, dtype)
+
+
+def vae_decode(vae_config, device, dtype, clock, latent, variants, no_reference, report: dict, save) -> None:
+    """Each variant of VAE_VARIANTS decodes the same latents: its first call (with cuDNN's algorithm
+    search when it is on, with compilation for the fused norms) and the median of two more (one more on
+    the CPU, where this is a smoke test); then, at once, its error against our exact decode and the
+    reference's (of the same tiling). `variants`: which of VAE_VARIANTS (in its order). Fills `report`
+    (`save` writes it after each variant)."""
     with torch.device("meta"):
         template = CogVideoXVAE(vae_config)
     weights = host_random_state(template, device, dtype, seed=2)
     del template
-    g = torch.Generator(device="cpu").manual_seed(5)
-    z = torch.randn(1, vae_config.latent_channels, lat_f, lat_h, lat_w, generator=g).to(device, dtype)
-    outputs = {}  # in host memory: a video left on the device would count in the next variants' peaks
+    z = decode_latents(vae_config, latent, device, dtype)
+    bases = {}  # the reference's and our exact videos, in host memory (on the device they would count in peaks)
 
-    def measure(who: str, options: dict) -> None:
-        with torch.device("meta"):
-            if who == "reference":
-                from diffusers import AutoencoderKLCogVideoX
-
-                vae = AutoencoderKLCogVideoX(**vae_config.to_dict())
-            else:
-                vae = CogVideoXVAE(vae_config)
-        vae.load_state_dict(weights, assign=True)
-        vae = vae.to(device).eval()
-        if options.get("channels_last"):
-            fast.vae_channels_last(vae)
-        if options.get("fuse_norms"):
-            fast.vae_fuse_norms(vae)  # compiled on the first call, whose time includes it
+    def measure(key: str, options: dict) -> torch.Tensor:
+        vae = fresh_vae(vae_config, weights, device, options)
+        vae.enable_tiling() if options.get("tiled") else vae.disable_tiling()
+        decode = (lambda: vae.decode(z).sample) if options.get("reference") else (lambda: vae.decode(z))
         benchmark = torch.backends.cudnn.benchmark
         torch.backends.cudnn.benchmark = bool(options.get("cudnn_benchmark"))
         try:
-            for tiled in (False, True) if options.get("tiled") else (False,):
-                vae.enable_tiling() if tiled else vae.disable_tiling()
-                decode = (lambda: vae.decode(z).sample) if who == "reference" else (lambda: vae.decode(z))
-                reset_peak(device)
-                with torch.inference_mode():
-                    video = {}
-                    first = clock(lambda: video.setdefault("out", decode()))
-                    outputs[who, tiled] = video.pop("out").cpu()
-                    seconds = statistics.median([clock(decode) for _ in range(2)])
-                key = f"{who}_{'tiled' if tiled else 'whole'}"
-                report[key] = {
-                    "ms": round(1000 * seconds, 1), "first_ms": round(1000 * first, 1), "peak_gib": peak_gib(device)
-                }  # fmt: skip
-                print(f"vae {key}: {json.dumps(report[key])}", flush=True)
-                save()
+            reset_peak(device)
+            with torch.inference_mode():
+                video = {}
+                first = clock(lambda: video.setdefault("out", decode()))
+                out = video.pop("out").cpu()
+                seconds = statistics.median([clock(decode) for _ in range(2 if device.type == "cuda" else 1)])
         finally:
             torch.backends.cudnn.benchmark = benchmark
+        report[key] = {"ms": round(1000 * seconds, 1), "first_ms": round(1000 * first, 1), "peak_gib": peak_gib(device)}
+        return out
 
-    def compare() -> None:
-        """The errors of what has been decoded so far (after each variant: a time cap keeps them)."""
-        if ("ours", True) in outputs and ("ours", False) in outputs:
-            report["ours_tiled_vs_whole_rel_l2"] = rel_l2(outputs["ours", True], outputs["ours", False])
-        for (who, tiled), out in outputs.items():
-            key = f"{who}_{'tiled' if tiled else 'whole'}"
-            if who.startswith("ours_") and ("ours", tiled) in outputs:
-                report[key]["rel_l2_vs_ours"] = rel_l2(out, outputs["ours", tiled])
-            if who != "reference" and ("reference", tiled) in outputs:
-                report[key]["rel_l2_vs_reference"] = rel_l2(out, outputs["reference", tiled])
-                reference_ms = report[f"reference_{key.rsplit('_', 1)[1]}"]["ms"]
-                report[key]["over_reference"] = round(report[key]["ms"] / reference_ms, 3)
-        save()
-
-    for who, options in VAE_VARIANTS.items():
-        if who == "reference" and no_reference:
+    for key, options in VAE_VARIANTS.items():
+        if key not in variants or (options.get("reference") and no_reference):
             continue
+        tiling = "tiled" if options.get("tiled") else "whole"
         try:
-            measure(who, options)
+            out = measure(key, options)
+            entry = report[key]
+            if key in (f"reference_{tiling}", f"ours_{tiling}"):
+                bases[key] = out
+            if key != f"ours_{tiling}" and not options.get("reference") and f"ours_{tiling}" in bases:
+                entry["rel_l2_vs_ours"] = rel_l2(out, bases[f"ours_{tiling}"])
+            if not options.get("reference") and f"reference_{tiling}" in bases:
+                entry["rel_l2_vs_reference"] = rel_l2(out, bases[f"reference_{tiling}"])
+                entry["over_reference"] = round(entry["ms"] / report[f"reference_{tiling}"]["ms"], 3)
+            if key == "ours_tiled" and "ours_whole" in bases:
+                report["ours_tiled_vs_whole_rel_l2"] = rel_l2(out, bases["ours_whole"])
         except Exception as e:  # recorded; the other variants still run
-            report[who] = failure(e)
-            print(f"vae {who}: {json.dumps(report[who])}", flush=True)
+            report[key] = failure(e)
+        print(f"vae {key}: {json.dumps(report[key])}", flush=True)
         reset_peak(device)
-        compare()
+        save()
 
 
 def markdown(result: dict) -> str:

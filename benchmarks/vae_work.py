@@ -2,6 +2,7 @@
 
     python benchmarks/vae_work.py                 # 13 latent frames -> 49 x 480 x 720, bf16
     python benchmarks/vae_work.py --latent 13x60x90 --dtype fp32
+    python benchmarks/vae_work.py --conv2d          # with cogvideox.fast.vae_conv2d: what its copies add
 
 Runs the decode on the meta device (no memory, no arithmetic, seconds on any machine) and counts, for
 every operator call, the bytes of its tensor inputs and outputs (each read or written once: a lower
@@ -24,12 +25,13 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from cogvideox import fast
 from cogvideox.models.config import VAEConfig
 from cogvideox.models.vae import CogVideoXVAE
 
 # Operators that only re-describe memory (no bytes move).
 VIEWS = {"view", "_unsafe_view", "expand", "slice", "transpose", "unsqueeze", "squeeze", "t", "detach", "alias",
-         "unflatten", "split", "select", "permute", "as_strided", "chunk"}  # fmt: skip
+         "unflatten", "split", "select", "permute", "as_strided", "chunk", "unfold"}  # fmt: skip
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -49,9 +51,11 @@ class Traffic(TorchDispatchMode):
         return out
 
 
-def count(config: VAEConfig, latent: tuple[int, int, int], dtype: torch.dtype) -> dict:
+def count(config: VAEConfig, latent: tuple[int, int, int], dtype: torch.dtype, conv2d: bool = False) -> dict:
     with torch.device("meta"):
         vae = CogVideoXVAE(config).to(dtype).eval()
+    if conv2d:
+        fast.vae_conv2d(vae)  # the FLOPs stay those of the 3D convolutions (the hooks sit on them)
     flops: dict[str, int] = {}
     for name, module in vae.decoder.named_modules():
         if isinstance(module, nn.Conv3d | nn.Conv2d):
@@ -68,7 +72,7 @@ def count(config: VAEConfig, latent: tuple[int, int, int], dtype: torch.dtype) -
     with torch.no_grad(), traffic:
         video = vae.decode(z)
     return {
-        "latent": list(latent), "video": list(video.shape), "dtype": str(dtype),
+        "latent": list(latent), "video": list(video.shape), "dtype": str(dtype), "conv2d": conv2d,
         "conv_tflop_per_stage": {k: round(v / 1e12, 1) for k, v in flops.items()},
         "conv_tflop": round(sum(flops.values()) / 1e12, 1),
         "gb_per_operator": {k: round(v / 1e9, 1) for k, v in sorted(traffic.bytes.items(), key=lambda kv: -kv[1])},
@@ -80,17 +84,19 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--latent", default="13x60x90", help="latent frames x height x width (default: 49x480x720)")
     p.add_argument("--dtype", choices=DTYPES, default="bf16")
+    p.add_argument("--conv2d", action="store_true", help="count the decode with fast.vae_conv2d (on "
+                   "channels-first activations: the meta device's convolutions answer channels-first)")
     args = p.parse_args()
     try:
         latent = tuple(int(n) for n in args.latent.split("x"))
         assert len(latent) == 3 and min(latent) > 0
     except (ValueError, AssertionError):
         p.error(f"--latent must be FxHxW with positive integers, got {args.latent!r}")
-    result = count(VAEConfig(), latent, DTYPES[args.dtype])
+    result = count(VAEConfig(), latent, DTYPES[args.dtype], args.conv2d)
     out = Path(os.environ.get("OUT", "."))
     out.mkdir(parents=True, exist_ok=True)
     (out / "vae_work.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"decode {result['latent']} -> {result['video']}, {args.dtype}")
+    print(f"decode {result['latent']} -> {result['video']}, {args.dtype}{', 2D convolutions' if args.conv2d else ''}")
     print(f"convolutions: {result['conv_tflop']} TFLOP ({result['conv_tflop_per_stage']})")
     print("| operator | GB moved (inputs + outputs) |\n| --- | --- |")
     for name, gb in result["gb_per_operator"].items():

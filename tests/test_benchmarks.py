@@ -266,11 +266,14 @@ def test_memory_records_a_failing_mode_and_runs_the_next(tmp_path, monkeypatch):
 
 def test_speed_without_diffusers_still_measures_our_modes(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "diffusers", None)  # as on a machine without it: import fails
-    argv = ["--tiny", "--modes", "fused", "--repeat", "1", "--trajectory-steps", "0", "--skip-t5"]
+    argv = ["--tiny", "--modes", "fused", "--repeat", "1", "--trajectory-steps", "0", "--skip-t5",
+            "--vae-variants", "reference_whole,ours_whole,ours_conv2d_whole"]  # fmt: skip
     assert run_script("speed", argv, tmp_path, monkeypatch) == 0
     result = json.loads((tmp_path / "speed_5b_tiny.json").read_text())
     assert result["reference"] == "diffusers not installed" and result["modes"]["fused"]["step_ms"] > 0
-    assert "reference_whole" not in result["vae_decode"] and result["vae_decode"]["ours_whole"]["ms"] > 0
+    vae = result["vae_decode"]
+    assert list(vae) == ["ours_whole", "ours_conv2d_whole"] and vae["ours_whole"]["ms"] > 0
+    assert 0 < vae["ours_conv2d_whole"]["rel_l2_vs_ours"] < 1e-5  # the lever's error, recorded with it
 
 
 def test_gpu_session_runs_when_the_wheels_do_not_install(tmp_path):
@@ -305,3 +308,34 @@ def test_gpu_session_runs_only_the_steps_named_and_packs_the_results(tmp_path):
     assert sorted(s["step"] for s in steps) == ["core-2b", "parallel-5b"]  # in the session's order
     with tarfile.open(tmp_path / "results.tgz") as archive:
         assert "./env.txt" in archive.getnames()
+
+
+def test_kernel_profile_sorts_kernels_into_categories():
+    category = __import__("kernel_profile").category
+    names = {
+        "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64": "convolution",
+        "void cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16>": "copy / layout",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7": "attention",
+        "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT": "gemm",
+        "void at::native::(anonymous namespace)::CatArrayBatchedCopy<...>": "copy / layout",
+        "void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<c10::BFloat16>": "norm",
+        "triton_poi_fused__to_copy_add_convert_element_type_mul_0": "elementwise / other",
+        "triton_red_fused_native_layer_norm_1": "norm",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>": "elementwise / other",
+        "Memcpy DtoD (Device -> Device)": "memcpy",
+        "aten::mkldnn_convolution": "convolution",
+    }  # fmt: skip
+    assert {name: category(name) for name in names} == names
+
+
+def test_kernel_profile_writes_each_target_and_records_a_failing_one(tmp_path, monkeypatch):
+    profile = __import__("kernel_profile")
+    fail_on_call(monkeypatch, profile.fast, "vae_conv2d", 1, RuntimeError("no 2D kernel"))
+    assert run_script("kernel_profile", ["--tiny", "--targets", "vae_conv2d,vae"], tmp_path, monkeypatch) == 1
+    result = json.loads((tmp_path / "kernel_profile_5b_tiny.json").read_text())
+    assert list(result["targets"]) == ["vae_conv2d", "vae"]
+    assert "no 2D kernel" in result["targets"]["vae_conv2d"]["error"]
+    vae = result["targets"]["vae"]
+    assert vae["categories"]["convolution"]["share"] > 0.2 and len(vae["top_kernels"]) == 25
+    assert abs(sum(c["share"] for c in vae["categories"].values()) - 1) < 1e-3
+    assert "| convolution |" in (tmp_path / "kernel_profile_vae.txt").read_text()

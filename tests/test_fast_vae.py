@@ -1,4 +1,5 @@
-"""The channels-last VAE (cogvideox.fast.vae) against the exact path, and its layout along the way."""
+"""The VAE levers (cogvideox.fast.vae: channels-last, 3D convolutions as 2D ones, fused norms) against the exact
+path, and the memory layout along the way."""
 
 import contextlib
 import copy
@@ -9,7 +10,8 @@ import torch
 from torch import nn
 from torch._dynamo.utils import counters
 
-from cogvideox.fast.vae import channels_last, fuse_norms
+from cogvideox.fast import vae as fast_vae
+from cogvideox.fast.vae import as_conv2d, channels_last, fuse_norms
 from cogvideox.models.config import VAEConfig
 from cogvideox.models.vae import CogVideoXVAE
 from cogvideox.models.vae_blocks import ResnetBlock3D
@@ -192,3 +194,112 @@ def test_fuse_norms_refuses_other_modules_and_activations():
         fuse_norms(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="SiLU"):
         fuse_norms(CogVideoXVAE(dataclasses.replace(CONFIG, act_fn="relu")))
+
+
+@pytest.fixture(scope="module")
+def as_2d(pair):
+    exact, _ = pair
+    vae = copy.deepcopy(exact)
+    convs = sum(isinstance(m, nn.Conv3d) for m in vae.modules())
+    assert as_conv2d(vae) == convs > 0
+    assert as_conv2d(vae) == convs  # idempotent
+    return vae
+
+
+@pytest.mark.parametrize("latent_frames", [1, 4])
+def test_conv2d_decode_matches_exact(pair, as_2d, latent_frames):
+    exact, _ = pair
+    z = torch.randn(1, 4, latent_frames, 3, 5, generator=torch.Generator().manual_seed(10 + latent_frames))
+    with torch.no_grad():
+        got, want = as_2d.decode(z), exact.decode(z)
+    assert got.shape == want.shape and got.is_contiguous()
+    assert rel_err(got, want) <= 1e-5
+
+
+def test_conv2d_encode_and_tiled_decode_match_exact(pair, as_2d):
+    exact, _ = pair
+    x = torch.randn(1, 3, 9, 24, 40, generator=torch.Generator().manual_seed(11))
+    z = torch.randn(1, 4, 3, 5, 8, generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        got, want = as_2d.encode(x), exact.encode(x)
+        assert rel_err(got.mean, want.mean) <= 1e-5 and rel_err(got.logvar, want.logvar) <= 1e-5
+        try:
+            for vae in (exact, as_2d):
+                vae.enable_tiling(24, 40, 1 / 3, 1 / 5)  # 3 x 2 tiles of 3 x 5 latents
+            got, want = as_2d.decode(z), exact.decode(z)
+        finally:
+            for vae in (exact, as_2d):
+                vae.disable_tiling()
+    assert got.shape == (1, 3, 9, 40, 64)
+    assert rel_err(got, want) <= 1e-5
+
+
+def test_conv2d_in_parts_matches_exact(pair, as_2d, monkeypatch):
+    # Inputs whose stacked frames exceed the element cap run as several 2D convolutions over frame ranges.
+    exact, _ = pair
+    x = torch.randn(1, 4, 7, 3, 5, generator=torch.Generator().manual_seed(13))  # 5 output frames
+    monkeypatch.setattr(fast_vae, "MAX_CONV_ELEMENTS", 2 * 3 * 4 * 3 * 5)  # two stacked frames
+    batches = []
+    conv2d = fast_vae.F.conv2d
+    monkeypatch.setattr(fast_vae.F, "conv2d", lambda x, *a, **k: batches.append(x.shape[0]) or conv2d(x, *a, **k))
+    with torch.no_grad():
+        got = as_2d.decoder.conv_in.conv(x)
+        want = exact.decoder.conv_in.conv(x)
+    assert batches == [2, 2, 1]
+    assert rel_err(got, want) <= 1e-5
+    z = torch.randn(1, 4, 3, 3, 5, generator=torch.Generator().manual_seed(13))
+    with torch.no_grad():
+        assert rel_err(as_2d.decode(z), exact.decode(z)) <= 1e-5  # every convolution in parts
+
+
+def test_conv2d_bf16_stays_within_rounding(pair, as_2d):
+    exact = pair[0]
+    low, low_2d = copy.deepcopy(exact).bfloat16(), copy.deepcopy(as_2d).bfloat16()
+    z = torch.randn(1, 4, 3, 4, 6, generator=torch.Generator().manual_seed(14))
+    with torch.no_grad():
+        full = exact.decode(z)
+        eager, fast = low.decode(z.bfloat16()).float(), low_2d.decode(z.bfloat16()).float()
+    # One stacked product rounds once, as the 3D kernel does: as close to fp32 as the exact bf16 path.
+    assert rel_err(fast, full) <= 1.5 * rel_err(eager, full)
+    assert rel_err(fast, eager) <= 2e-2
+
+
+def test_conv2d_on_channels_last_keeps_the_layout(pair, as_2d):
+    exact, _ = pair
+    both = copy.deepcopy(as_2d)
+    channels_last(both)
+    z = torch.randn(1, 4, 3, 3, 5, generator=torch.Generator().manual_seed(15))
+    with conv_inputs(both) as seen:
+        got, want = both.decode(z), exact.decode(z)
+    assert got.is_contiguous() and rel_err(got, want) <= 1e-5
+    assert_all_channels_last(seen, 40)
+
+
+def test_conv2d_keeps_state_dict_keys_and_loading(pair, as_2d):
+    exact, _ = pair
+    state = as_2d.state_dict()
+    assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in exact.state_dict().items()}
+    torch.manual_seed(1)
+    other = CogVideoXVAE(CONFIG).eval()
+    z = torch.randn(1, 4, 2, 3, 5, generator=torch.Generator().manual_seed(16))
+    loaded, assigned = copy.deepcopy(as_2d), copy.deepcopy(as_2d)
+    loaded.load_state_dict(other.state_dict())
+    assigned.load_state_dict(copy.deepcopy(other.state_dict()), assign=True)
+    with torch.no_grad():
+        want = other.decode(z)
+        assert rel_err(loaded.decode(z), want) <= 1e-5 and rel_err(assigned.decode(z), want) <= 1e-5
+
+
+def test_conv2d_under_fused_norms_matches_exact(pair, fused):
+    # The fused blocks call the convolutions' inner Conv3d directly: the 2D path must be there too.
+    exact, _ = pair
+    both = copy.deepcopy(fused)
+    as_conv2d(both)
+    z = torch.randn(1, 4, 3, 3, 5, generator=torch.Generator().manual_seed(17))
+    with torch.no_grad():
+        assert rel_err(both.decode(z), exact.decode(z)) <= 1e-5
+
+
+def test_conv2d_refuses_other_modules():
+    with pytest.raises(TypeError, match="CogVideoXVAE"):
+        as_conv2d(nn.Linear(2, 2))

@@ -9,8 +9,9 @@ tested against the exact path.
 - `quantize.py`: int8 weight-only or fp8 (row-wise scaled) linear layers.
 - `compile.py`: regional torch.compile, one compiled block reused by all.
 - `cache.py`: first-block step cache, skipping the other blocks on steps that barely change.
-- `vae.py`: the VAE's convolutions on channels-last memory (`vae_channels_last(pipe.vae)`), and its
-  norm, activation and time padding fused into one compiled kernel (`vae_fuse_norms(pipe.vae)`).
+- `vae.py`: the VAE's convolutions on channels-last memory (`vae_channels_last(pipe.vae)`), its 3D
+  convolutions run as 2D ones over the frames (`vae_conv2d(pipe.vae)`), and its norm, activation and
+  time padding fused into one compiled kernel (`vae_fuse_norms(pipe.vae)`).
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ from .cache import StepCache, add_step_cache, check_threshold
 from .compile import MODES, compile_blocks
 from .fuse import fuse_qkv as fuse_qkv_layers
 from .quantize import check_quantize, quantize as quantize_model
-from .vae import channels_last as vae_channels_last, fuse_norms as vae_fuse_norms
+from .vae import as_conv2d as vae_conv2d, channels_last as vae_channels_last, fuse_norms as vae_fuse_norms
 
-__all__ = ["Acceleration", "StepCache", "apply", "check_options", "vae_channels_last", "vae_fuse_norms"]
+__all__ = ["Acceleration", "StepCache", "apply", "check_options", "vae_channels_last", "vae_conv2d", "vae_fuse_norms"]
 
 
 @dataclass

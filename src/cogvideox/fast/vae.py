@@ -1,4 +1,5 @@
-"""Speed levers for the VAE: channels-last convolutions, and the layers between them fused.
+"""Speed levers for the VAE: channels-last convolutions, 3D convolutions run as 2D ones, and the layers
+between the convolutions fused.
 
 The decoder's time is almost all convolution: 315 TFLOP of 3x3x3 and 3x3 convolutions for 49
 frames at 480x720 (278 of them in the last two stages, at 256 and 128 channels on 240x360 and 480x720
@@ -13,14 +14,19 @@ its input (a test checks this); the result comes back in the usual layout. The a
 only the order of the sums inside a convolution may differ, so the result matches the exact path to
 rounding (a test holds it at 1e-5 relative in fp32).
 
+`as_conv2d(vae)` runs every 3D convolution as one 2D convolution over the frames folded into the batch,
+the kt frames each output frame reads stacked on the channel axis: cuDNN's 2D implicit-GEMM kernels
+are the most tuned it has, its 3D ones much less so. Composes with `channels_last`, where folding the
+frames into the batch costs nothing.
+
 `fuse_norms(vae)` replaces what each resnet block does between its convolutions (GroupNorm, the
 decoder's latent scale and shift, SiLU, the causal time padding and the frame cache's copy: five eager
-operators, each a pass over the activations) by one compiled function. The two levers compose.
+operators, each a pass over the activations) by one compiled function. The three levers compose.
 
 Measured (BENCHMARKS.md, one H200, torch 2.11, 5B decoder, 13 latent frames to 49 x 480 x 720, bf16):
 channels-last made the decode 2.3x slower (4.87 s against 2.16 s channels-first, the reference 2.12 s),
-with cuDNN's algorithm search too. Neither lever is on by default; both stay for the PyTorch and cuDNN
-versions where the published gains on other causal-3D VAEs were seen.
+with cuDNN's algorithm search too. No lever is on by default; channels-last stays for the PyTorch and
+cuDNN versions where the published gains on other causal-3D VAEs were seen, the others until measured.
 """
 
 from __future__ import annotations
@@ -37,7 +43,14 @@ try:
 except ImportError:  # pragma: no cover - older or newer PyTorch
     fx_config = None
 
-from cogvideox.models.vae_blocks import CausalConv3d, ConvCache, ResnetBlock3D, SpatialNorm3D, resize_latent_to
+from cogvideox.models.vae_blocks import (
+    MAX_CONV_ELEMENTS,
+    CausalConv3d,
+    ConvCache,
+    ResnetBlock3D,
+    SpatialNorm3D,
+    resize_latent_to,
+)
 
 FORMATS = {3: torch.channels_last_3d, 2: torch.channels_last}
 
@@ -70,6 +83,86 @@ def _input_channels_last(module: nn.Module, args: tuple) -> tuple:
 
 def _output_contiguous(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
     return output.contiguous()
+
+
+def as_conv2d(vae: nn.Module) -> int:
+    """Run each 3D convolution of `vae` (a `CogVideoXVAE`) as a 2D convolution, in place; returns how many.
+
+    Output frame t of a convolution whose kernel spans kt frames is sum over dt of conv2d(input frame
+    t + dt, W[:, :, dt]). That sum is computed as one 2D convolution over the output frames folded into
+    the batch, whose input holds the kt frames each output frame reads stacked on the channel axis:
+    [B * T', kt * C, H, W] against the weight permuted to [C_out, kt * C, kh, kw]. Convolutions with
+    kt = 1 (the 1x1x1 projections) become a plain 2D convolution of the frames stacked as rows, a view of
+    the input in either layout, no copy.
+
+    One stacked product rather than kt products added together: at the decoder's last stage (128 channels,
+    480 x 720, chunks of 8 output frames from 10 padded ones, 88 MB per frame in bf16) the stacked copy
+    is 2.1 GB written once and read once, while kt = 3 products would each write the 0.7 GB output and
+    two additions read two and write one, nine passes over the output (6.4 GB). The stacked product also
+    sums all kt * kh * kw taps in one GEMM's fp32 accumulator and rounds once, as the 3D kernel does;
+    added products round each partial sum to bf16 first (three roundings), and each is a GEMM three times
+    shorter (K = 9 C rather than 27 C). The price is memory: the stacked copy lives during its product,
+    capped at 2**30 elements (2 GiB in bf16; larger inputs run in parts over their frames: the last
+    stage's first convolution, 256 channels in at 480 x 720, runs 4 frames at a time), above a peak of
+    about 10.7 GiB for the whole 480 x 720 decode. Over that decode the stacked copies read 81-192 GB
+    and write 192 GB, the products read 111 GB more than the 3D ones, and on channels-first activations
+    the outputs' transposing copies move 110 GB (`benchmarks/vae_work.py --conv2d`): 0.1-0.2 s of an
+    H200's bandwidth, against the 284 TFLOP of 3x3x3 convolutions (of 315) that move to the 2D kernels.
+
+    The stacked copy is written channels-last (NHWC) and the weight read so, the layout cuDNN's
+    tensor-core kernels take without converting; the result has the input's layout. On channels-last
+    activations (`channels_last(vae)` first or after) the output is a free view; on channels-first ones
+    the output frames come back through one transposing copy (folding frames into the batch cannot be a
+    view of an NCTHW tensor, whichever way the sum is split).
+
+    The frame cache and the causal time padding are untouched (they happen before the convolution, in
+    `CausalConv3d`); so are the weights, their state-dict keys and loading: the 2D weight is a copy of
+    the 3D one made at each call (14 MB for the largest), so loading, casting or training the 3D
+    weights works as before. Idempotent. The result matches the exact path to rounding.
+    """
+    if not (hasattr(vae, "encoder") and hasattr(vae, "decoder")):
+        raise TypeError("as_conv2d() takes a CogVideoXVAE (or a Pipeline's .vae)")
+    convs = [m for m in vae.modules() if isinstance(m, nn.Conv3d)]
+    for conv in convs:
+        plain_time = conv.stride[0] == 1 and conv.dilation[0] == 1 and conv.padding[0] == 0
+        if not plain_time or conv.groups != 1 or conv.padding_mode != "zeros":
+            raise ValueError(f"as_conv2d() needs convolutions without time stride, padding or groups, got {conv}")
+    for conv in convs:
+        conv.forward = types.MethodType(_conv3d_as_2d, conv)
+    return len(convs)
+
+
+def _prefers_channels_last(t: torch.Tensor) -> bool:
+    # Tensors with a single frame and pixel, or a single channel, are both layouts at once: channels-first.
+    return t.is_contiguous(memory_format=torch.channels_last_3d) and not t.is_contiguous()
+
+
+def _conv3d_as_2d(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    """`conv(x)` for x [B, C, T, H, W], by 2D convolutions (see `as_conv2d`)."""
+    kt, kh, kw = conv.kernel_size
+    b, c, frames, h, w = x.shape
+    out_frames = frames - kt + 1
+    layout = torch.channels_last_3d if _prefers_channels_last(x) or _prefers_channels_last(conv.weight) else None
+    if kt == kh == kw == 1 and conv.stride == (1, 1, 1) and conv.padding == (0, 0, 0):
+        # Frames stacked as rows: [B, C, T * H, W], a view in either layout.
+        y = F.conv2d(x.flatten(2, 3), conv.weight.flatten(2, 3), conv.bias).unflatten(2, (frames, h))
+        return y.contiguous(memory_format=layout or torch.contiguous_format)
+    # [C_out, C, kt, kh, kw] -> [C_out, kt * C, kh, kw], channel dt * C + c (a 14 MB copy at most).
+    weight = conv.weight.transpose(1, 2).flatten(1, 2).contiguous(memory_format=torch.channels_last)
+    per_frame = b * kt * c * h * w
+    step = max(1, MAX_CONV_ELEMENTS // per_frame)
+    parts = []
+    for start in range(0, out_frames, step):
+        stop = min(start + step, out_frames)
+        # Output frames [start, stop) read input frames [start, stop + kt - 1): their windows, stacked.
+        windows = x[:, :, start : stop + kt - 1].unfold(2, kt, 1)  # [B, C, T'', H, W, kt], a view
+        stacked = windows.permute(0, 2, 3, 4, 5, 1).reshape(b * (stop - start), h, w, kt * c)  # the copy
+        y = F.conv2d(
+            stacked.permute(0, 3, 1, 2), weight, conv.bias, conv.stride[1:], conv.padding[1:], conv.dilation[1:]
+        )  # [B * T'', C_out, H', W'], NHWC in memory
+        parts.append(y.unflatten(0, (b, stop - start)).transpose(1, 2))  # [B, C_out, T'', H', W']
+    y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+    return y.contiguous(memory_format=layout or torch.contiguous_format)
 
 
 def _norm_act_pad(
