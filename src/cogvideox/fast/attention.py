@@ -20,7 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from cogvideox.errors import InputError
 from cogvideox.models.attention import JointAttention
 
-from .sage import check_inputs, check_sage, sage_attention, sage_attention_emulated, smooth_keys
+from .sage import check_inputs, check_sage, sage_attention, sage_attention_emulated_op, smooth_keys
 
 # Tried in this order; PyTorch takes the first one that supports the inputs.
 BACKENDS: dict[str, list[SDPBackend]] = {
@@ -59,7 +59,7 @@ def _sage_attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
 
 
 def _sage_emulated_attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return sage_attention_emulated(q, k, v)
+    return sage_attention_emulated_op(q, k, v)
 
 
 def use_attention_backend(model: nn.Module, name: str = "auto", device: torch.device | str | None = None) -> int:

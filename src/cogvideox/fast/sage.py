@@ -18,7 +18,8 @@ Two ways to run it:
   it as one opaque call. K is smoothed before the op, in PyTorch (the package would smooth it in place,
   which an op may not do to its input); the package casts V to fp16 itself.
 - `sage_attention_emulated(q, k, v)`: the same math in plain PyTorch on any device (fp32 products of the
-  integer and fp16 values), queries in chunks so that the scores never exceed a fixed size. The kernel
+  integer and fp16 values), queries in chunks so that the scores never exceed a fixed size; an opaque op
+  too (`cogvideox::sage_attention_emulated`), so that compiled blocks keep its numbers. The kernel
   computes exp2 with log2(e) folded into Q's scale (the same numbers up to fp32 rounding); the emulation
   rounds each 64-key block's P·V to fp16 once, where the tensor cores round after each 16-key step.
 
@@ -144,6 +145,18 @@ def check_sage(device: torch.device | str) -> None:
             "Use 'sage-emulated' for its math in plain PyTorch, or 'auto'"
         )
     load_kernel()
+
+
+@torch.library.custom_op("cogvideox::sage_attention_emulated", mutates_args=())
+def sage_attention_emulated_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """`sage_attention_emulated` as one opaque op: a compiled block runs the emulation's exact numbers (its
+    roundings are the point; a compiler could fuse them away) without compiling the emulation itself."""
+    return sage_attention_emulated(q, k, v)
+
+
+@sage_attention_emulated_op.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return q.new_empty(q.shape)
 
 
 @torch.library.custom_op("cogvideox::sage_attention", mutates_args=())
