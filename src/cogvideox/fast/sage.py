@@ -21,7 +21,8 @@ Two ways to run it:
   integer and fp16 values), queries in chunks so that the scores never exceed a fixed size; an opaque op
   too (`cogvideox::sage_attention_emulated`), so that compiled blocks keep its numbers. The kernel
   computes exp2 with log2(e) folded into Q's scale (the same numbers up to fp32 rounding); the emulation
-  rounds each 64-key block's P·V to fp16 once, where the tensor cores round after each 16-key step.
+  rounds each 64-key block's P·V to fp16 once, where the tensor cores may round more often (after each
+  16-key instruction).
 
 Measured error of the emulation against exact attention (SDPA in float64), relative L2, on q and k out
 of LayerNorms of 64 channels as the model makes them, norm_k's bias holding a per-channel offset of 5
