@@ -114,7 +114,16 @@ def test_sage_is_a_user_error_where_it_cannot_run(monkeypatch):
     with pytest.raises(InputError, match="unknown attention backend 'sage3'; use one of .*sage, sage-emulated"):
         fast.check_options("cpu", attention="sage3")
     monkeypatch.setitem(sys.modules, "sageattention", None)  # as where it is not installed
-    with pytest.raises(InputError, match=r"needs the sageattention package .*pip install 'cogvideox\[fast\]'"):
+    with pytest.raises(InputError, match=r"needs the sageattention package: pip install 'cogvideox\[fast\]'"):
+        fast.check_options("cuda", attention="sage")
+    without_triton = types.ModuleType("sageattention")  # installed, on a PyTorch without Triton
+
+    def first_import(name):
+        raise ModuleNotFoundError("No module named 'triton'", name="triton")
+
+    without_triton.__getattr__ = first_import
+    monkeypatch.setitem(sys.modules, "sageattention", without_triton)
+    with pytest.raises(InputError, match=r"could not import the sageattention package \(No module named 'triton'\)"):
         fast.check_options("cuda", attention="sage")
 
     monkeypatch.setitem(sys.modules, "sageattention", types.SimpleNamespace(sageattn=None))

@@ -116,9 +116,14 @@ def load_kernel():
     try:
         from sageattention import sageattn
     except ImportError as e:
+        if e.name not in (None, "sageattention"):  # installed, but what it imports is not (Triton)
+            raise InputError(
+                f"the sage attention backend could not import the sageattention package ({e}); its kernels "
+                "run on the Triton that CUDA builds of PyTorch ship"
+            ) from None
         raise InputError(
-            f"the sage attention backend needs the sageattention package ({e}): pip install 'cogvideox[fast]' "
-            "(sageattention==1.0.6, which runs on the Triton that CUDA builds of PyTorch ship)"
+            "the sage attention backend needs the sageattention package: pip install 'cogvideox[fast]' "
+            "(sageattention==1.0.6)"
         ) from None
     return sageattn
 
