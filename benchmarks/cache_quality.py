@@ -1,16 +1,19 @@
-"""What the step cache costs in quality, on the demo model: with and without `cache=` for the demo captions.
+"""What the step cache (or 8-bit attention) costs in quality, on the demo model: each lever against the exact
+run, for the demo captions.
 
     python benchmarks/cache_quality.py                          # the embedded demo model, CPU is fine
     python benchmarks/cache_quality.py --model path/to/model --thresholds 0.05,0.1,0.2 --captions 16
+    python benchmarks/cache_quality.py --thresholds '' --attention sage-emulated   # 8-bit attention only
 
-For every threshold, each (caption, seed) is generated with the same seed as the uncached run, and
-reports: steps that ran in full (mean per generation), denoising time and speed-up over the uncached run,
-the PSNR of the decoded frames against the uncached frames (mean over videos; identical videos counted
-apart), and the judge's verdicts (caption's colour and direction seen, as `cogvideox.demo.evaluate`
-scores them), so a cache that breaks prompt following shows as a lower score. Because every cached video
-has an uncached twin with the same seed, it also counts the videos the cache turned wrong and right, with
-the sign test's p-value for that split (is the drop more than chance?). Writes
-cache_quality.json under $OUT (or the current folder) and prints a markdown table.
+For every threshold (and with --attention, for that attention backend without the cache), each (caption,
+seed) is generated with the same seed as the exact run (no lever), and reports: steps that ran in full
+(mean per generation), denoising time and speed-up over the exact run, the PSNR of the decoded frames
+against the exact frames (mean over videos; identical videos counted apart), and the judge's verdicts
+(caption's colour and direction seen, as `cogvideox.demo.evaluate` scores them), so a lever that breaks
+prompt following shows as a lower score. Because every video has an exact twin with the same seed, it
+also counts the videos the lever turned wrong and right, with the sign test's p-value for that split (is
+the drop more than chance?). Writes cache_quality.json under $OUT (or the current folder) and prints a
+markdown table.
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ def score(seen: dict) -> dict:
 
 
 def paired(seen: dict, baseline: dict) -> dict:
-    """Videos the cache turned wrong (`lost`) and right (`gained`) against the uncached run with the same seed,
+    """Videos the lever turned wrong (`lost`) and right (`gained`) against the exact run with the same seed,
     and the exact two-sided sign-test (McNemar) p-value of that split: a drop that chance explains has a
     large p."""
     lost = sum(baseline[k][0] and not seen[k][0] for k in baseline)
@@ -84,7 +87,9 @@ def paired(seen: dict, baseline: dict) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model folder (default: the embedded demo model)")
-    p.add_argument("--thresholds", default="0.05,0.1,0.2", help="comma-separated cache thresholds")
+    p.add_argument("--thresholds", default="0.05,0.1,0.2", help="comma-separated cache thresholds ('' for none)")
+    p.add_argument("--attention", default=None, help="also an attention backend of cogvideox.fast (e.g. "
+                   "sage-emulated: 8-bit attention's math on the CPU), scored alone, without the cache")
     p.add_argument("--split", default="held_out", choices=("held_out", "train", "all"))
     p.add_argument("--captions", type=int, default=None, help="use the first N captions of the split")
     p.add_argument("--seeds", type=int, default=1, help="seeds per caption")
@@ -97,7 +102,10 @@ def main() -> None:
 
     captions = list(world.captions_of(args.split))[: args.captions]
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-    thresholds = [float(t) for t in args.thresholds.split(",")]
+    # Each lever alone (no fused QKV, PyTorch's attention otherwise), so that the differences are its own.
+    levers = [dict(cache=float(t), attention=None) for t in args.thresholds.split(",") if t]
+    if args.attention is not None:
+        levers.append(dict(cache=None, attention=args.attention))
     torch.manual_seed(0)
 
     t0 = time.perf_counter()
@@ -105,15 +113,16 @@ def main() -> None:
     judged = verdicts(baseline["frames"])
     rows = [{"threshold": None, "steps": args.steps, "computed_per_generation": args.steps,
              "denoise_s": round(baseline["denoise_s"], 2), "speedup": 1.0, **score(judged)}]  # fmt: skip
-    for threshold in thresholds:
-        # Only the cache, so that the differences are the cache's alone.
-        pipe = Pipeline.from_pretrained(args.model).accelerate(cache=threshold, fuse_qkv=False, attention=None)
-        pipe.acceleration.cache.order = args.order
+    for lever in levers:
+        pipe = Pipeline.from_pretrained(args.model).accelerate(fuse_qkv=False, **lever)
+        if lever["cache"] is not None:
+            pipe.acceleration.cache.order = args.order
         result = run(pipe, captions, seeds, args.steps, args.batch)
         values = [psnr(result["frames"][key], baseline["frames"][key]) for key in baseline["frames"]]
         finite = [v for v in values if math.isfinite(v)]
         rows.append({
-            "threshold": threshold,
+            "threshold": lever["cache"],
+            "attention": lever["attention"],
             "steps": args.steps,
             "computed_per_generation": round(result["computed_per_generation"], 2),
             "denoise_s": round(result["denoise_s"], 2),
@@ -133,13 +142,14 @@ def main() -> None:
     out_dir = Path(os.environ.get("OUT", "."))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "cache_quality.json").write_text(json.dumps(report, indent=2) + "\n")
-    header = ("| threshold | steps computed | denoise s | speed-up | PSNR vs uncached (mean / min) dB | "
+    header = ("| lever | steps computed | denoise s | speed-up | PSNR vs exact (mean / min) dB | "
               "judge: right | colour | direction | lost / gained (p) |")  # fmt: skip
     lines = [header, "|" + " --- |" * header.count(" | ") + " --- |"]
-    for r in rows:
-        name = "off" if r["threshold"] is None else f"{r['threshold']:g}"
-        quality = "" if r["threshold"] is None else f"{r['psnr_db_mean']} / {r['psnr_db_min']}"
-        flips = "" if r["threshold"] is None else f"{r['lost']} / {r['gained']} ({r['sign_test_p']})"
+    for i, r in enumerate(rows):
+        exact = i == 0
+        name = "exact" if exact else f"cache {r['threshold']:g}" if r["threshold"] is not None else r["attention"]
+        quality = "" if exact else f"{r['psnr_db_mean']} / {r['psnr_db_min']}"
+        flips = "" if exact else f"{r['lost']} / {r['gained']} ({r['sign_test_p']})"
         if r.get("identical_videos"):
             quality += f" ({r['identical_videos']} identical)"
         lines.append(f"| {name} | {r['computed_per_generation']}/{r['steps']} | {r['denoise_s']} | {r['speedup']} | "

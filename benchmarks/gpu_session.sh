@@ -11,7 +11,8 @@
 #   0. profile 5B: where the time of the VAE decode and of a transformer step (eager and compiled) goes,
 #      kernel by kernel; it decides which levers come next, so it runs first (about 90 s);
 #   1. speed 5B: the exact (fused), compiled, int8 and fp8 modes against the reference eager and against an
-#      fp32 step (the bf16 noise floor), with 10-step DDIM runs for the lossy modes' error;
+#      fp32 step (the bf16 noise floor), with 10-step DDIM runs for the lossy modes' error; then 8-bit
+#      attention: the kernels alone at the 5B shape (SDPA cuDNN, flash, sage) and fp8 + sage in the model;
 #   2. fine-tuning 5B: LoRA with the block inputs offloaded (the 18 GB target), full with the CPU optimizer;
 #   3. memory 5B: none / stream+tiling / model; core 2B (the sin-cos table fix: bitwise?); the VAE ladder
 #      (reference, ours, + 3D convolutions as 2D ones on both layouts, + fused norms, then the re-checks:
@@ -33,10 +34,12 @@ PY="${PYTHON:-python3}"
 TINY_FLAG=""
 SPEED_MODE_LOSSY="int8,fp8"
 CACHE_MODE="fp8-cache"
+SAGE_MODE="fp8-sage"
 if [ -n "${TINY:-}" ]; then
     TINY_FLAG="--tiny"
     SPEED_MODE_LOSSY="int8"  # fp8 needs compute capability 8.9+: the CPU check runs int8 alone
     CACHE_MODE="cache"       # and the cache without fp8
+    SAGE_MODE="sage"         # and 8-bit attention without fp8 (its math emulated on the CPU)
 fi
 
 # pack: $OUT as one archive at $PACK (when set), replaced whole after each step, for a machine that
@@ -60,12 +63,13 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
     date -u +%FT%TZ
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
     "$PY" - <<'EOF'
-import importlib, platform, torch
+import importlib, importlib.metadata, platform, torch
 print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda,
       "gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else None)
-for name in ("diffusers", "transformers", "peft", "torchao"):
+for name in ("diffusers", "transformers", "peft", "torchao", "triton", "sageattention"):
     try:
-        print(name, importlib.import_module(name).__version__)
+        module = importlib.import_module(name)  # sageattention has no __version__: its metadata has
+        print(name, getattr(module, "__version__", None) or importlib.metadata.version(name))
     except Exception as e:  # a missing package only removes the comparisons that need it
         print(name, "missing:", type(e).__name__)
 EOF
@@ -103,6 +107,8 @@ step() {
 # What those runs left owed comes first; the re-checks of what changed since come after.
 step profile-5b        120  60 kernel_profile.py --variant 5b
 step speed-5b          220  90 speed.py --variant 5b --modes "fused,compile,$SPEED_MODE_LOSSY" --repeat 3 --trajectory-steps 10 --skip-t5 --skip-vae
+# 8-bit attention (new on 2026-11-30): the kernels alone first (~15 s), then fp8 + sage against an fp32 step.
+step sage-5b            90  45 speed.py --variant 5b --modes "$SAGE_MODE" --attention-kernels --no-reference --repeat 2 --trajectory-steps 0 --skip-t5 --skip-vae
 step finetune-5b-lora   60  40 finetune_memory.py --variant 5b --mode lora --repeat 2 --offload-activations --no-reference
 step finetune-5b-full  150  60 finetune_memory.py --variant 5b --mode full --repeat 2 --no-reference
 step memory-5b         150  90 memory.py --variant 5b --modes none,stream+tiling,model --check

@@ -19,10 +19,20 @@ mode rewrites its own fresh copy). For each mode, at CFG batch 2:
 Then the VAE decode (VAE_VARIANTS: the reference, ours and ours with each VAE lever, whole and tiled: time,
 peak memory, error) and the T5 encoding.
 
+--attention-kernels first times the attention kernels alone at the variant's shape (5B: B=2, 48 heads,
+17,776 tokens, head_dim 64), in the model dtype, on q and k out of LayerNorms with a per-channel offset in
+K (as the model's norm_k bias makes): SDPA cuDNN, SDPA flash and sage (K's smoothing included, as the
+eager backend runs it), each with its median time, TFLOP/s (4 B H L^2 d FLOPs) and relative L2 error
+against fp32 SDPA (the memory-efficient kernel, TF32 off) of the same inputs; sage also against its
+emulation on the first four heads (the same quantised numbers: far closer than either is to fp32).
+On the CPU (--tiny) the math SDPA and sage's emulation stand in, labelled so.
+
 Modes: plain (no levers), fused (fused QKV + cuDNN-first attention: our exact mode), compile (fused +
 regional torch.compile), int8 / fp8 (fused + quantised linears + compile), cache (fused + compile + the
 first-block cache at --cache-threshold), fp8-cache (fp8 and the cache together; its step time comes
-from the trajectory, so give it the --trajectory-steps it is to be judged at, 50). The reference is
+from the trajectory, so give it the --trajectory-steps it is to be judged at, 50), sage / fp8-sage
+(compile / fp8 with 8-bit attention, `cogvideox.fast.sage`: the sageattention kernel on CUDA; on the CPU
+its math emulated in PyTorch, labelled "sage-emulated", for the plumbing). The reference is
 timed eager, and compiled with --reference-compile (minutes of compilation). The fp32 truth (unless --no-fp32-truth) is one step of a
 fresh copy of our transformer, without levers, on the same weights and inputs cast to fp32, with TF32
 matmuls off (attention: PyTorch's choice, the memory-efficient kernel for fp32); it runs after the
@@ -71,8 +81,10 @@ MODES = {
     "fp8": dict(quantize="fp8", compile=True),
     "cache": dict(compile=True, cache=None),  # threshold from --cache-threshold
     "fp8-cache": dict(quantize="fp8", compile=True, cache=None),  # the issue's fp8 + caching target
+    "sage": dict(compile=True, attention="sage"),  # 8-bit attention alone (against "compile")
+    "fp8-sage": dict(quantize="fp8", compile=True, attention="sage"),  # fp8 linears and 8-bit attention
 }
-LOSSY = ("int8", "fp8", "cache", "fp8-cache")
+LOSSY = ("int8", "fp8", "cache", "fp8-cache", "sage", "fp8-sage")
 
 
 class Clock:
@@ -146,6 +158,8 @@ def main() -> None:
                    "(default: all)")
     p.add_argument("--vae-latent", default=None, help="the VAE's latent size as FxHxW (default: the video's, "
                    "13x60x90 at full size), e.g. a smaller decode of the full-size VAE on a CPU")
+    p.add_argument("--attention-kernels", action="store_true", help="first time the attention kernels alone "
+                   "(SDPA cuDNN, flash, sage) at the variant's shape")
     args = p.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
@@ -189,6 +203,12 @@ def main() -> None:
 
     save()
     lat_f, lat_h, lat_w = latent_size(frames, height, width)
+    if args.attention_kernels:
+        tokens = config.max_text_seq_length + lat_f * (lat_h // config.patch_size) * (lat_w // config.patch_size)
+        shape = (2, config.num_attention_heads, tokens, config.attention_head_dim)  # CFG batch 2
+        result["attention_kernels"] = {"shape": list(shape)}
+        attention_kernels(shape, device, dtype, clock, args.repeat, result["attention_kernels"], save)
+        print("attention kernels:", json.dumps(result["attention_kernels"]), flush=True)
     if not args.vae_only:
         transformer_modes(args, config, modes, steps, device, dtype, clock, result, lat_f, lat_h, lat_w, save)
 
@@ -215,6 +235,7 @@ def main() -> None:
 
     print(markdown(result))
     entries = [*result["modes"].items(), *result.get("vae_decode", {}).items()]
+    entries += [(f"attention {k}", v) for k, v in result.get("attention_kernels", {}).items()]
     if "fp32_truth" in result:
         entries.append(("fp32_truth", result["fp32_truth"]))
     failed = [k for k, v in entries if isinstance(v, dict) and "error" in v]
@@ -361,6 +382,9 @@ def transformer_modes(args, config, modes, steps, device, dtype, clock, result, 
         cached = "cache" in options
         if cached:
             options["cache"] = args.cache_threshold
+        if options.get("attention") == "sage" and device.type != "cuda":
+            options["attention"] = "sage-emulated"  # the kernel needs CUDA: its math, for the plumbing
+            entry["note"] = "no CUDA: sage's math emulated in PyTorch"
         entry["options"] = dict(options)
         reset_peak(device)
         torch._dynamo.reset()  # each compiled mode pays its own warm-up
@@ -438,6 +462,76 @@ def fp32_step(ours, x, text, t, rope, device, clock, entry: dict) -> torch.Tenso
         return out["out"]
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+def attention_inputs(shape, device, dtype, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v of `shape` [B, heads, L, d] in `dtype`, as the joint attention gets them: q and k out of
+    LayerNorms, related through a shared part (so that attention has structure), k with a per-channel
+    offset shared by all tokens (norm_k's bias), the outlier that sage's smoothing removes."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    d = shape[-1]
+
+    def normal(*size):
+        return torch.randn(*size, generator=g, device=device)
+
+    shared = normal(*shape)
+    q = torch.nn.functional.layer_norm(shared + normal(*shape), (d,)).to(dtype)
+    del shared  # k's shared part is drawn afresh: the 5B's fp32 tensors are 0.44 GB each
+    k = (torch.nn.functional.layer_norm(normal(*shape), (d,)) + 5 * normal(d)).to(dtype)
+    return q, k, normal(*shape).to(dtype)
+
+
+def attention_kernels(shape, device, dtype, clock, repeat: int, report: dict, save) -> None:
+    """The attention kernels alone on one set of inputs of `shape`: time, TFLOP/s and error against fp32
+    SDPA, into `report` (`save` writes it after each kernel; a kernel that fails is recorded, the others
+    still run)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from cogvideox.fast.sage import sage_attention, sage_attention_emulated, smooth_keys
+
+    B, H, L, d = shape
+    flops = 4 * B * H * L * L * d
+    q, k, v = attention_inputs(shape, device, dtype)
+    flags = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:  # the truth: fp32 SDPA of the same (rounded) inputs; the math kernel would need L^2 scores at 5B
+        truth_backend = SDPBackend.EFFICIENT_ATTENTION if device.type == "cuda" else SDPBackend.MATH
+        with torch.inference_mode(), sdpa_kernel([truth_backend]):
+            truth = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = flags
+
+    def sdpa(backend):
+        def call():
+            with sdpa_kernel([backend]):
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+        return call
+
+    if device.type == "cuda":
+        kernels = {"sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION), "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION),
+                   "sage": lambda: sage_attention(q, smooth_keys(k), v)}  # fmt: skip
+    else:  # stand-ins, for the plumbing: no CUDA kernels here
+        kernels = {"sdpa_math (cpu)": sdpa(SDPBackend.MATH),
+                   "sage_emulated (cpu)": lambda: sage_attention_emulated(q, k, v)}  # fmt: skip
+    for name, call in kernels.items():
+        try:
+            with torch.inference_mode():
+                out, timing = time_step(call, clock, repeat)
+            seconds = timing["step_ms"] / 1000
+            report[name] = {"ms": timing["step_ms"], "first_call_ms": round(1000 * timing["first_call_s"], 1),
+                            "tflops": float(f"{flops / seconds / 1e12:.3g}"),
+                            "rel_l2_vs_fp32": rel_l2(out, truth)}  # fmt: skip
+            if name == "sage":  # the kernel against its emulation, on a slice (the emulation is slow)
+                part = (slice(0, 1), slice(0, 4))
+                emulated = sage_attention_emulated(q[part], k[part], v[part])
+                report[name]["vs_emulated_rel_l2_4_heads"] = rel_l2(out[part], emulated)
+                report[name]["emulated_rel_l2_vs_fp32_4_heads"] = rel_l2(emulated, truth[part])
+            del out
+        except Exception as e:  # recorded; the other kernels still run
+            report[name] = failure(e)
+        print(f"attention {name}: {json.dumps(report[name])}", flush=True)
+        save()
 
 
 # The VAE decode variants in the order they run: who decodes (the reference or ours), with which levers
@@ -593,6 +687,15 @@ def markdown(result: dict) -> str:
                     f"| {key} | {e['ms']} | {e['first_ms']} | {e.get('over_reference', '')} | {cell(e['peak_gib'])} | "
                     f"{e.get('rel_l2_vs_ours', '')} | {e.get('rel_l2_vs_reference', '')} |"
                 )
+    if "attention_kernels" in result:
+        kernels = result["attention_kernels"]
+        rows += ["", f"| attention {'x'.join(map(str, kernels['shape']))} | ms | TFLOP/s | rel. L2 vs fp32 |",
+                 "| --- | --- | --- | --- |"]  # fmt: skip
+        for key, e in kernels.items():
+            if isinstance(e, dict) and "error" in e:
+                rows.append(f"| {key} | failed: {e['error'].splitlines()[0][:200]} | | |")
+            elif isinstance(e, dict):
+                rows.append(f"| {key} | {e['ms']} | {e['tflops']} | {e['rel_l2_vs_fp32']} |")
     if "t5" in result:
         rows.append(f"\nT5 encode (2 prompts): {result['t5']['encode_ms']} ms")
     return "\n".join(rows)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Wheels for a GPU machine that has torch, transformers and peft but not the reference (diffusers):
+# Wheels for a GPU machine that has torch, transformers and peft but not the reference (diffusers) nor the
+# 8-bit attention kernel (sageattention, pure Python: its Triton comes with the CUDA build of torch):
 # downloads them into .whl/ for Python 3.12 on x86-64 Linux; benchmarks/gpu_session.sh installs them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,5 +11,5 @@ if exclude=$(git rev-parse --git-path info/exclude 2>/dev/null); then
 fi
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
-    diffusers==0.42.1 importlib_metadata "${@}"
+    diffusers==0.42.1 importlib_metadata sageattention==1.0.6 "${@}"
 ls -la .whl

@@ -94,6 +94,26 @@ def test_speed_reports_the_errors_against_an_fp32_truth(tmp_path, monkeypatch, c
     assert result["modes"]["fused"]["step_ms"] > 0 and "step_rel_l2_vs_fp32" not in result["modes"]["fused"]
 
 
+def test_speed_times_the_attention_kernels_and_emulates_sage_on_the_cpu(tmp_path, monkeypatch, capsys):
+    # On the CPU the CUDA kernels' places are taken by the math SDPA and sage's emulation, labelled so, and
+    # the sage modes run the emulation. The mode without compile here: compiling takes too long for a test.
+    speed = __import__("speed")
+    monkeypatch.setitem(speed.MODES, "sage", dict(attention="sage"))
+    argv = ["--tiny", "--modes", "sage", "--attention-kernels", "--repeat", "1", "--trajectory-steps", "0",
+            "--no-reference", "--skip-vae", "--skip-t5"]  # fmt: skip
+    assert run_script("speed", argv, tmp_path, monkeypatch) == 0
+    result = json.loads((tmp_path / "speed_5b_tiny.json").read_text())
+    kernels = result["attention_kernels"]
+    assert kernels["shape"] == [2, 2, 226 + 3 * 4 * 6, 64]  # CFG batch, heads, text + video tokens, head_dim
+    assert kernels["sdpa_math (cpu)"]["rel_l2_vs_fp32"] < 1e-6 and kernels["sdpa_math (cpu)"]["tflops"] > 0
+    assert 1e-3 < kernels["sage_emulated (cpu)"]["rel_l2_vs_fp32"] < 2e-2  # 8 bits: not exact, not far
+    mode = result["modes"]["sage"]
+    assert mode["options"]["attention"] == "sage-emulated" and mode["note"].startswith("no CUDA")
+    assert 0 < mode["step_rel_l2_vs_fp32"] < 1e-2
+    table = capsys.readouterr().out
+    assert "sage-emulated attention" in table and "| sage_emulated (cpu) |" in table
+
+
 def test_compile_error_reports_the_three_errors(tmp_path, monkeypatch):
     argv = ["--tiny", "--layers", "1", "--frames", "5", "--height", "32", "--width", "48"]
     assert run_script("compile_error", argv, tmp_path, monkeypatch) == 0
@@ -249,6 +269,7 @@ def test_gpu_wheels_runs_in_a_git_worktree(tmp_path):
                           check=False)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "diffusers==0.42.1" in (tree / ".whl" / "args").read_text()
+    assert "sageattention==1.0.6" in (tree / ".whl" / "args").read_text()
     assert "/.whl/" in (main / ".git" / "info" / "exclude").read_text().splitlines()
     status = subprocess.run(["git", "status", "--porcelain"], cwd=tree, capture_output=True, text=True, check=True)
     assert ".whl" not in status.stdout

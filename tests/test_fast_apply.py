@@ -1,5 +1,5 @@
-"""`fast.apply` / `Pipeline.accelerate` and the `generate` flags --quantize, --compile, --cache: the levers
-reach the pipeline, the output stays close to the exact one, and mistakes are one-line user errors."""
+"""`fast.apply` / `Pipeline.accelerate` and the `generate` flags --quantize, --attention, --compile, --cache: the
+levers reach the pipeline, the output stays close to the exact one, and mistakes are one-line user errors."""
 
 import pytest
 import torch
@@ -44,6 +44,8 @@ def test_option_checks():
     with pytest.raises(InputError, match="unknown compile mode 'fastest'"):
         check_options("cpu", compile="fastest")
     with pytest.raises(InputError, match="unknown attention backend"):
+        check_options("cpu", attention="xformers")
+    with pytest.raises(InputError, match="the sage attention backend needs a CUDA GPU"):
         check_options("cpu", attention="sage")
     check_options("cpu", quantize="int8", compile=True, cache=0.1, attention="auto")  # all fine on a CPU
     with pytest.raises(TypeError, match="a Pipeline or a CogVideoXTransformer"):
@@ -64,10 +66,19 @@ def test_fp8_without_a_capable_gpu_exits_2_before_loading(capsys, monkeypatch, t
     assert err.startswith("cogvideox: error: --quantize fp8 needs an NVIDIA GPU of compute capability 8.9 or newer")
 
 
+def test_sage_attention_on_the_cpu_exits_2_before_loading(capsys, monkeypatch, tiny_rope_dir):
+    monkeypatch.setattr(Pipeline, "from_pretrained", no_loading)
+    assert main(["generate", "a cat", "--model", str(tiny_rope_dir), "--quiet", "--attention", "sage"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("cogvideox: error: the sage attention backend needs a CUDA GPU")
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
         (["--quantize", "int4"], "argument --quantize: invalid choice: 'int4'"),
+        (["--attention", "xformers"], "argument --attention: invalid choice: 'xformers'"),
         (["--cache", "-0.5"], "argument --cache: expected a finite number >= 0, got -0.5"),
         (["--cache", "fast"], "argument --cache: expected a number >= 0, got 'fast'"),
     ],

@@ -20,8 +20,8 @@ def test_cpu_backends_give_the_default_attention(name):
 
 
 def test_unknown_and_unavailable_backends_are_user_errors():
-    with pytest.raises(InputError, match="unknown attention backend 'sage'"):
-        use_attention_backend(tiny_transformer(), "sage")
+    with pytest.raises(InputError, match="unknown attention backend 'xformers'"):
+        use_attention_backend(tiny_transformer(), "xformers")
     with pytest.raises(InputError, match="the cudnn attention backend needs a CUDA GPU"):
         use_attention_backend(tiny_transformer(), "cudnn")
 

@@ -195,6 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
         "fp8 with row-wise scales (NVIDIA GPU of compute capability 8.9+, bf16); default: off (exact)",
     )
     arg(
+        "--attention",
+        choices=("auto", "cudnn", "flash", "efficient", "math", "sage"),
+        default=None,
+        help="the transformer's attention kernel: an SDPA backend (auto: cuDNN, flash, memory-efficient, math, "
+        "the first that runs; exact up to rounding) or sage, 8-bit attention (INT8 Q.K^T, fp16 P.V; the "
+        "sageattention package on an NVIDIA GPU, bf16/fp16; changes the video slightly, as --quantize "
+        "does); default: auto when any of --quantize, --compile, --cache is given, else PyTorch's choice",
+    )
+    arg(
         "--compile",
         action="store_true",
         help="torch.compile the transformer blocks (one compiled block reused by all; the first step "
@@ -292,11 +301,12 @@ def _generate(args: argparse.Namespace) -> int:
     request = request_from_args(args, folder) | dict(num_videos_per_prompt=args.num_videos, resize=resize)
     train_steps = configs.scheduler.num_train_timesteps
     task = "image" if args.image else "video" if args.video else "text"
-    accelerate = args.quantize is not None or args.compile or args.cache is not None
+    accelerate = args.quantize is not None or args.compile or args.cache is not None or args.attention is not None
+    attention = args.attention or "auto"
     if accelerate:
         from cogvideox import fast
 
-        fast.check_options(device, quantize=args.quantize, compile=args.compile, cache=args.cache)
+        fast.check_options(device, quantize=args.quantize, compile=args.compile, cache=args.cache, attention=attention)
     check_request(
         configs.transformer,
         configs.vae,
@@ -325,7 +335,7 @@ def _generate(args: argparse.Namespace) -> int:
     if global_rank() == 0:
         report_offload(pipe, args, device)
     if accelerate:  # folds the LoRAs into the weights first: the fast paths rewrite the linear layers
-        pipe.accelerate(quantize=args.quantize, compile=args.compile, cache=args.cache)
+        pipe.accelerate(quantize=args.quantize, compile=args.compile, cache=args.cache, attention=attention)
     if mesh is not None:
         from cogvideox.parallel import parallelize
 

@@ -5,7 +5,8 @@ tested against the exact path.
     fast.apply(pipe, quantize="int8", compile=True, cache=0.1)
 
 - `fuse.py`: one QKV matrix product instead of three (same math, rounding-level differences).
-- `attention.py`: the SDPA backend (cuDNN first on CUDA).
+- `attention.py`: the SDPA backend (cuDNN first on CUDA), or 8-bit attention (`sage.py`: INT8 Q·K^T, fp16
+  P·V, SageAttention's kernel on CUDA, its math emulated in plain PyTorch anywhere).
 - `quantize.py`: int8 weight-only or fp8 (row-wise scaled) linear layers.
 - `compile.py`: regional torch.compile, one compiled block reused by all.
 - `cache.py`: first-block step cache, skipping the other blocks on steps that barely change.
@@ -99,8 +100,10 @@ def apply(
     """Rewrite a `Pipeline`'s transformer (or a `CogVideoXTransformer`) in place for speed.
 
     fuse_qkv: one QKV projection per block. attention: SDPA backend ("auto" = cuDNN, flash, efficient,
-    math in that order; None leaves PyTorch's choice). quantize: None, "int8" (weight-only) or "fp8"
-    (CUDA capability 8.9+, bf16 model; `emulate_fp8` runs its math in plain PyTorch anywhere, for tests).
+    math in that order; None leaves PyTorch's choice), or "sage" (8-bit attention, lossy: the
+    sageattention package on CUDA, bf16/fp16) or "sage-emulated" (its math in plain PyTorch).
+    quantize: None, "int8" (weight-only) or "fp8" (CUDA capability 8.9+, bf16 model; `emulate_fp8` runs
+    its math in plain PyTorch anywhere, for tests).
     compile: True or a torch.compile mode, regional (per block). cache: a first-block cache threshold
     (0 computes every step; ~0.05-0.2 skip steps). Order: fuse, quantise, attention, compile, cache.
     A transformer is accelerated once; load a fresh one to change the options. device: where the
@@ -127,7 +130,7 @@ def apply(
         quantize_model(transformer, quantize, emulate=emulate_fp8, device=device)
         record.quantize = quantize
     if attention is not None:
-        use_attention_backend(transformer, attention)
+        use_attention_backend(transformer, attention, device)
         record.attention = attention
     if mode is not None:
         compile_blocks(transformer, None if mode == "default" else mode)

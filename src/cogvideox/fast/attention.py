@@ -2,8 +2,10 @@
 
 At the 5B shape (B=2, 48 heads, 17,776 tokens, head_dim 64) PyTorch's cuDNN backend is the fastest on
 Hopper (about 428 TFLOP/s against about 326 for flash on an H100), and attention is half of the FLOPs of a
-step, so the choice matters. The backends compute the same softmax attention; they differ in the order of
-the sums, so outputs agree to rounding.
+step, so the choice matters. The SDPA backends compute the same softmax attention; they differ in the order
+of the sums, so outputs agree to rounding. "sage" is not one of them: it computes Q·K^T in INT8 and P·V in
+fp16 (`sage.py`), a lossy kernel like the fp8 linears, and "sage-emulated" runs its math in plain PyTorch
+on any device.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from cogvideox.errors import InputError
 from cogvideox.models.attention import JointAttention
 
+from .sage import check_inputs, check_sage, sage_attention, sage_attention_emulated_op, smooth_keys
+
 # Tried in this order; PyTorch takes the first one that supports the inputs.
 BACKENDS: dict[str, list[SDPBackend]] = {
     "auto": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
@@ -27,14 +31,18 @@ BACKENDS: dict[str, list[SDPBackend]] = {
     "math": [SDPBackend.MATH],
 }
 CUDA_ONLY = ("cudnn", "flash", "efficient")
+EIGHT_BIT = ("sage", "sage-emulated")  # lossy: INT8 Q·K^T, fp16 P·V
+NAMES = (*BACKENDS, *EIGHT_BIT)
 
 
 def check_backend(name: str, device: torch.device | str) -> None:
-    """Raise `InputError` for an unknown backend, or a CUDA-only one on another device."""
-    if name not in BACKENDS:
-        raise InputError(f"unknown attention backend {name!r}; use one of {', '.join(BACKENDS)}")
+    """Raise `InputError` for an unknown backend, or one that cannot run on `device`."""
+    if name not in NAMES:
+        raise InputError(f"unknown attention backend {name!r}; use one of {', '.join(NAMES)}")
     if name in CUDA_ONLY and torch.device(device).type != "cuda":
         raise InputError(f"the {name} attention backend needs a CUDA GPU; use 'auto' or 'math' on {device}")
+    if name == "sage":
+        check_sage(device)
 
 
 def _attend_with(backends: list[SDPBackend]):
@@ -45,15 +53,35 @@ def _attend_with(backends: list[SDPBackend]):
     return attend
 
 
-def use_attention_backend(model: nn.Module, name: str = "auto") -> int:
-    """Make every `JointAttention` in `model` run SDPA with the named backend(s); returns how many.
+def _sage_attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    # Smoothing here, outside the opaque op, lets a compiled block fuse it with the RoPE that makes k.
+    return sage_attention(q, smooth_keys(k), v)
+
+
+def _sage_emulated_attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return sage_attention_emulated_op(q, k, v)
+
+
+def use_attention_backend(model: nn.Module, name: str = "auto", device: torch.device | str | None = None) -> int:
+    """Make every `JointAttention` in `model` run attention with the named backend; returns how many.
 
     "auto" prefers cuDNN, then flash, then memory-efficient, then the math fallback (which is what
-    runs on the CPU); a single name forces that backend and fails loudly where it cannot run.
+    runs on the CPU); a single SDPA name forces that backend and fails loudly where it cannot run.
+    "sage" runs the sageattention package's 8-bit kernel (CUDA, bf16/fp16, heads of 64 or 128 channels),
+    "sage-emulated" the same math in plain PyTorch. device: where the model will compute (default: where
+    its parameters are).
     """
-    device = next(model.parameters()).device
+    device = next(model.parameters()).device if device is None else device
     check_backend(name, device)
     layers = [m for m in model.modules() if isinstance(m, JointAttention)]
+    if name == "sage":
+        for attn in layers:
+            check_inputs(attn.norm_q.normalized_shape[0], attn.norm_q.weight.dtype)
+        attend = _sage_attend
+    elif name == "sage-emulated":
+        attend = _sage_emulated_attend
+    else:
+        attend = _attend_with(BACKENDS[name])
     for attn in layers:
-        attn.attend = types.MethodType(_attend_with(BACKENDS[name]), attn)
+        attn.attend = types.MethodType(attend, attn)
     return len(layers)
