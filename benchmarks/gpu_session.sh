@@ -10,7 +10,9 @@
 # GPU time is short and may come in one piece, so the order is what the issues still need most:
 #   1. speed 5B: the exact (fused), compiled, int8 and fp8 modes against the reference eager and against an
 #      fp32 step (the bf16 noise floor), with 10-step DDIM runs for the lossy modes' error;
-#   2. fine-tuning 5B: LoRA with the block inputs offloaded (the 18 GB target), full with the CPU optimizer;
+#   2. fine-tuning 5B: LoRA with the block inputs offloaded (the 18 GB target), then compiled too (the
+#      0.8x step target, against the eager reference), and 2B LoRA compiled against the reference eager and
+#      compiled; full with the CPU optimizer;
 #   3. memory 5B: none / stream+tiling / model; core 2B (the sin-cos table fix: bitwise?); the VAE ladder
 #      (reference, ours, + cuDNN's algorithm search, + fused norms, channels-last once more);
 #   4. parallel per rank (the cuDNN ring kernel), memory and speed 2B, the 50-step fp8 + cache run, and
@@ -100,6 +102,10 @@ step() {
 # What those runs left owed comes first; the re-checks of what changed since come after.
 step speed-5b          220  90 speed.py --variant 5b --modes "fused,compile,$SPEED_MODE_LOSSY" --repeat 3 --trajectory-steps 10 --skip-t5 --skip-vae
 step finetune-5b-lora   60  40 finetune_memory.py --variant 5b --mode lora --repeat 2 --offload-activations --no-reference
+# The compiled training step: its warm-up compiles two graphs (block 0, the other blocks), so these take
+# the longest of the fine-tuning steps; the JSON is written after each step, so a cap keeps what was done.
+step finetune-5b-lora-compile 150 90 finetune_memory.py --variant 5b --mode lora --repeat 3 --compile --offload-activations
+step finetune-2b-lora-compile 150 90 finetune_memory.py --variant 2b --mode lora --repeat 2 --compile --reference-compile
 step finetune-5b-full  150  60 finetune_memory.py --variant 5b --mode full --repeat 2 --no-reference
 step memory-5b         150  90 memory.py --variant 5b --modes none,stream+tiling,model --check
 step core-2b            60  40 core_full_size.py --variant 2b
