@@ -1,5 +1,7 @@
-"""Regional compilation: the compiled blocks give the eager outputs, and the blocks share one compiled
-graph instead of one each. Runs Inductor on the CPU (it needs a C compiler)."""
+"""Regional compilation: the compiled blocks give the eager outputs and gradients (a LoRA training step
+with checkpointed, offloaded block inputs included), the blocks share one compiled graph instead of one
+each, and a compiler that cannot run is a readable error. Runs Inductor on the CPU (it needs a C
+compiler)."""
 
 import shutil
 
@@ -43,7 +45,6 @@ def test_compile_with_the_other_levers_and_the_cache_outside():
     got = run(model, *args)
     assert ((got - run(exact, *args)).norm() / got.norm()) < 1e-2
     assert record.cache.computed == 1
-
 
 
 def lora_training_steps(model, compiled, steps=2):
@@ -123,4 +124,31 @@ def test_a_compiler_that_cannot_run_is_a_compile_error():
     message = str(error.value)
     assert message.startswith("torch.compile could not compile the transformer blocks (InvalidCxxCompiler: ")
     assert "no-such-c++-compiler" in message and message.endswith("run without compiling (no --compile)")
+    torch._dynamo.reset()
+
+
+def test_recompile_limit_lets_the_blocks_compile_more_shapes():
+    from torch import nn
+    from torch._dynamo.utils import counters
+
+    def silu_block(**options):
+        torch._dynamo.reset()
+        counters.clear()
+        model = nn.Module()
+        model.transformer_blocks = nn.ModuleList([nn.SiLU()])
+        compile_blocks(model, **options)
+        return model.transformer_blocks[0]
+
+    with torch._dynamo.config.patch(cache_size_limit=1):  # PyTorch's limit, lowered from 8 to keep this short
+        block = silu_block()
+        block(torch.randn(3))
+        # A whole-graph compilation that reaches the limit stops the run (it does not fall back to eager).
+        with pytest.raises(Exception) as error:  # FailOnRecompileLimitHit, from Dynamo's "recompile limit exceeded"
+            block(torch.randn(4))
+        assert "recompile limit" in f"{error.value} {error.value.__cause__}"
+        block = silu_block(recompile_limit=3)
+        for n in (3, 4, 5):
+            x = torch.randn(n)
+            assert torch.equal(block(x), torch.nn.functional.silu(x))
+        assert counters["stats"]["unique_graphs"] == 3
     torch._dynamo.reset()

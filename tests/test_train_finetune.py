@@ -1,5 +1,5 @@
-"""The fine-tuning run: it learns, resumes bit for bit, writes a LoRA or a model folder, validates, and
-several processes average their gradients."""
+"""The fine-tuning run: it learns, resumes bit for bit, writes a LoRA or a model folder, validates, trains
+the same with compiled blocks, and several processes average their gradients."""
 
 import json
 import os
@@ -107,6 +107,8 @@ def test_resume_after_an_interruption_is_bit_identical(data_dir, tiny_rope_dir, 
         assert torch.equal(a[key], b[key]), key
 
 
+@pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None,
+                    reason="Inductor's CPU backend needs a C compiler")  # fmt: skip
 def test_compiled_lora_training_matches_eager_and_resumes_bit_for_bit(data_dir, tiny_rope_dir, tmp_path, monkeypatch):
     from torch._dynamo.utils import counters
 

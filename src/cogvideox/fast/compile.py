@@ -36,8 +36,9 @@ def compile_blocks(
     configurations, slower to warm up). Apply after quantisation and QKV fusion, before step caching,
     so the compiled graph contains the rewritten layers and the cache's control flow stays outside it;
     for training, after the LoRA is attached. recompile_limit: how many graphs the blocks may compile
-    before Dynamo falls back to eager code (None: PyTorch's `recompile_limit`, 8); the trainer raises it
-    with the number of clip shapes. A failure of the compiler backend (no C++ compiler for the CPU, no
+    (None: PyTorch's `recompile_limit`, 8; a higher global setting wins); past it, a `fullgraph` call
+    that needs a new graph raises Dynamo's "recompile limit" error. The trainer raises it with the
+    number of clip shapes. A failure of the compiler backend (no C++ compiler for the CPU, no
     Triton for the GPU) is raised as `CompileError` at the first call.
     """
     if mode not in MODES:
@@ -57,7 +58,10 @@ def _region(compiled, recompile_limit: int | None):
         args = tuple(_canonical_strides(a) for a in args)
         limit = contextlib.nullcontext()
         if recompile_limit is not None:
-            limit = torch._dynamo.config.patch(cache_size_limit=recompile_limit)  # `recompile_limit` since 2.7
+            # `cache_size_limit`: `recompile_limit`'s older name, which newer versions keep as an alias.
+            # Dynamo reads it when a call needs a new graph, so the raised limit holds for these calls only.
+            config = torch._dynamo.config
+            limit = config.patch(cache_size_limit=max(recompile_limit, config.cache_size_limit))
         try:
             with limit:
                 return compiled(*args, **kwargs)
