@@ -102,8 +102,8 @@ step() {
 # What those runs left owed comes first; the re-checks of what changed since come after.
 step speed-5b          220  90 speed.py --variant 5b --modes "fused,compile,$SPEED_MODE_LOSSY" --repeat 3 --trajectory-steps 10 --skip-t5 --skip-vae
 step finetune-5b-lora   60  40 finetune_memory.py --variant 5b --mode lora --repeat 2 --offload-activations --no-reference
-# The compiled training step: its warm-up compiles two graphs (block 0, the other blocks), so these take
-# the longest of the fine-tuning steps; the JSON is written after each step, so a cap keeps what was done.
+# The compiled training step: its warm-up compiles the blocks' graph, forward and backward, so these take
+# the longest of the LoRA steps; the JSON is written after each step, so a cap keeps what was done.
 step finetune-5b-lora-compile 150 90 finetune_memory.py --variant 5b --mode lora --repeat 3 --compile --offload-activations
 step finetune-2b-lora-compile 150 90 finetune_memory.py --variant 2b --mode lora --repeat 2 --compile --reference-compile
 step finetune-5b-full  150  60 finetune_memory.py --variant 5b --mode full --repeat 2 --no-reference
