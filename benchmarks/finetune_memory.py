@@ -21,9 +21,10 @@ compared with a compiled reference. On the CPU, `--tiny` only checks that all of
 sizes a compiled step is no faster.
 
 Targets (from the project's issue): 5B LoRA peak <= 18 GB, 5B full <= 40 GB, 2B LoRA <= 10 GB, and our
-LoRA s/step <= 0.8x the reference's (the eager reference: the issue's; `lora_speed_ratio`). `optimizer_s` is the optimizer step's part of a step (for full
-fine-tuning: the gradients' trip to the CPU, the CPU AdamW and the weights' trip back). The reference gets
-the same random weights as ours, drawn on the device.
+LoRA s/step <= 0.8x the reference's (the eager reference, as the issue has it: `lora_speed_ratio`).
+`optimizer_s` is the optimizer step's part of a step (for full fine-tuning: the gradients' trip to the
+CPU, the CPU AdamW and the weights' trip back). The reference gets the same random weights as ours,
+drawn on the device.
 
 Each step prints a line as it ends, and the results, $OUT/finetune_memory.json (or the current folder),
 are rewritten after every step: the peak after the warm-up step, then `s_per_step` and `optimizer_s` as
@@ -215,7 +216,9 @@ def run_case(args, config: TransformerConfig, device, dtype, case: dict, save) -
         torch.cuda.empty_cache()
 
 
-def run_reference_lora(args, config: TransformerConfig, device, dtype, case: dict, save, compiled: bool = False) -> None:
+def run_reference_lora(
+    args, config: TransformerConfig, device, dtype, case: dict, save, compiled: bool = False
+) -> None:
     """diffusers' transformer with a peft LoRA, measured into `case` (see `measure`); `compiled`: its
     blocks compiled as ours are (regional, static shapes; graph breaks allowed, and counted)."""
     from peft import LoraConfig

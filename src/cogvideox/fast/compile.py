@@ -89,8 +89,8 @@ def _region(compiled, recompile_limit: int | None):
             with limit:
                 return compiled(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as e:
-            inner = getattr(e, "inner_exception", None) or e
-            reason = f"{type(inner).__name__}: {str(inner).strip().splitlines()[0] if str(inner).strip() else ''}"
+            inner = getattr(e, "inner_exception", None) or e  # the backend's own error
+            reason = f"{type(inner).__name__}: {(str(inner).strip().splitlines() or [''])[0]}"
             raise CompileError(
                 f"torch.compile could not compile the transformer blocks ({reason}); it needs a C++ compiler "
                 "on the CPU and Triton on a GPU; run without compiling (no --compile)"

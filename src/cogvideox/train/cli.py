@@ -99,7 +99,7 @@ def add_train_parsers(commands) -> None:
         help="torch.compile each transformer block (one compiled graph shared by all the blocks) to fuse the "
         "elementwise work of the forward, the recompute and the backward pass: the same step to rounding, "
         "faster; the first step pays the compilation, a one-off (seconds "
-        "for a tiny model, likely a minute or more for 5B on a GPU; again at a new bucket shape's first "
+        "for a tiny model, predicted about a minute for 5B on a GPU; again at a new bucket shape's first "
         "step and validation's first sampling step); needs Triton on a GPU, a C++ compiler on the CPU "
         "(default: off)",
     )
