@@ -7,18 +7,22 @@
 #   STEPS=parallel-5b,core-2b OUT=results bash benchmarks/gpu_session.sh 200   # only the steps named
 #   PACK=/somewhere/results.tgz OUT=results bash ...      # also packs $OUT into one archive after each step
 #
-# GPU time is short and may come in one piece, so the order is what the issues still need most:
-#   0. profile 5B: where the time of the VAE decode and of a transformer step (eager and compiled) goes,
-#      kernel by kernel; it decides which levers come next, so it runs first (about 90 s);
-#   1. speed 5B: the exact (fused), compiled, int8 and fp8 modes against the reference eager and against an
-#      fp32 step (the bf16 noise floor), with 10-step DDIM runs for the lossy modes' error; then 8-bit
-#      attention: the kernels alone at the 5B shape (SDPA cuDNN, flash, sage) and fp8 + sage in the model;
-#   2. fine-tuning 5B: LoRA with the block inputs offloaded (the 18 GB target), full with the CPU optimizer;
-#   3. memory 5B: none / stream+tiling / model; core 2B (the sin-cos table fix: bitwise?); the VAE ladder
+# GPU time is short and may come in one piece, so the order is what the issues still need most, the
+# steps that can close an issue first (a session of 15 minutes reaches about the first five in its first
+# call, the next two in a second):
+#   1. fine-tuning: 5B LoRA compiled with the block inputs offloaded, against the reference eager (the
+#      18 GB and 0.8x targets in one run); 2B LoRA compiled against the reference eager and compiled;
+#   2. memory 5B: none / stream+tiling / model (the stream target: under 6 GiB at 1.15x of none);
+#   3. profile 5B: where the time of the VAE decode and of a transformer step (eager and compiled) goes,
+#      kernel by kernel; it decides which speed levers come next;
+#   4. memory 2B; fine-tuning 5B full with the CPU optimizer (the 40 GB target); 8-bit attention (the
+#      kernels alone at the 5B shape: SDPA cuDNN, flash, sage; then fp8 + sage in the model);
+#   5. speed 5B: the exact (fused), compiled, int8 and fp8 modes against the reference eager and against an
+#      fp32 step (the bf16 noise floor), with 10-step DDIM runs for the lossy modes' error; the VAE ladder
 #      (reference, ours, + 3D convolutions as 2D ones on both layouts, + fused norms, then the re-checks:
 #      tiled, cuDNN's algorithm search, channels-last);
-#   4. parallel per rank (the cuDNN ring kernel), memory and speed 2B, the 50-step fp8 + cache run, and
-#      core 5B again, while time is left.
+#   6. core 2B (the sin-cos table fix: bitwise?), parallel per rank (the cuDNN ring kernel), 5B LoRA eager
+#      with offloaded inputs, speed 2B, the 50-step fp8 + cache run, and core 5B again, while time is left.
 # A step never starts with less than its floor left, and is stopped at its cap; each writes its JSON and
 # log.txt under $OUT/STEP/, and $OUT/session.jsonl records every step's status and seconds.
 #
@@ -105,17 +109,21 @@ step() {
 # Measured on 2026-11-29 (one H200, BENCHMARKS.md): core 5B/2B, speed 5B (fused, compile, fp8), memory
 # 5B (none, stream, sequential+tiling), the VAE decode up to channels-last, LoRA 5B/2B, parallel 5B.
 # What those runs left owed comes first; the re-checks of what changed since come after.
+# The compiled training steps: the warm-up compiles the blocks' graph, forward and backward, so these take
+# the longest of the LoRA steps; the JSON is written after each step, so a cap keeps what was done.
+step finetune-5b-lora-compile 150 90 finetune_memory.py --variant 5b --mode lora --repeat 3 --compile --offload-activations
+step finetune-2b-lora-compile 120 80 finetune_memory.py --variant 2b --mode lora --repeat 2 --compile --reference-compile
+step memory-5b         150  90 memory.py --variant 5b --modes none,stream+tiling,model --check
 step profile-5b        120  60 kernel_profile.py --variant 5b
-step speed-5b          220  90 speed.py --variant 5b --modes "fused,compile,$SPEED_MODE_LOSSY" --repeat 3 --trajectory-steps 10 --skip-t5 --skip-vae
+step memory-2b         120  60 memory.py --variant 2b --modes none,stream+tiling,sequential+tiling --reference --check
+step finetune-5b-full  150  60 finetune_memory.py --variant 5b --mode full --repeat 2 --no-reference
 # 8-bit attention (new on 2026-11-30): the kernels alone first (~15 s), then fp8 + sage against an fp32 step.
 step sage-5b            90  45 speed.py --variant 5b --modes "$SAGE_MODE" --attention-kernels --no-reference --repeat 2 --trajectory-steps 0 --skip-t5 --skip-vae
-step finetune-5b-lora   60  40 finetune_memory.py --variant 5b --mode lora --repeat 2 --offload-activations --no-reference
-step finetune-5b-full  150  60 finetune_memory.py --variant 5b --mode full --repeat 2 --no-reference
-step memory-5b         150  90 memory.py --variant 5b --modes none,stream+tiling,model --check
-step core-2b            60  40 core_full_size.py --variant 2b
+step speed-5b          220  90 speed.py --variant 5b --modes "fused,compile,$SPEED_MODE_LOSSY" --repeat 3 --trajectory-steps 10 --skip-t5 --skip-vae
 step vae-5b            150  60 speed.py --variant 5b --vae-only
+step core-2b            60  40 core_full_size.py --variant 2b
 step parallel-5b        60  30 parallel_per_rank.py --repeats 3
-step memory-2b         120  60 memory.py --variant 2b --modes none,stream+tiling,sequential+tiling --reference --check
+step finetune-5b-lora   60  40 finetune_memory.py --variant 5b --mode lora --repeat 2 --offload-activations --no-reference
 step speed-2b          150  60 speed.py --variant 2b --modes "fused,compile,$SPEED_MODE_LOSSY" --repeat 3 --trajectory-steps 10 --skip-t5 --skip-vae
 step cache-5b          240 150 speed.py --variant 5b --modes "fused,$CACHE_MODE" --repeat 1 --trajectory-steps 50 --skip-t5 --skip-vae --no-fp32-truth
 step core-5b            90  60 core_full_size.py --variant 5b

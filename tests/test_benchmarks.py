@@ -181,6 +181,32 @@ def test_finetune_memory_offloads_activations_in_our_cases(tmp_path, monkeypatch
     assert used
 
 
+def test_finetune_memory_compiles_after_the_lora_and_records_a_case_that_fails(tmp_path, monkeypatch):
+    # The compilation itself is tested in test_fast_compile; here, what the script compiles and when, and
+    # that a case whose compilation fails is recorded while the others are measured.
+    finetune = __import__("finetune_memory")
+    from cogvideox.train.lora import lora_layers
+
+    compiled = []
+
+    def compile_blocks(model, **options):
+        compiled.append(len(lora_layers(model)))
+        if len(compiled) == 2:
+            raise RuntimeError("Cannot find a working triton installation")
+        return len(model.transformer_blocks)
+
+    monkeypatch.setattr(finetune, "compile_blocks", compile_blocks)
+    argv = ["--tiny", "--compile", "--no-reference"]
+    assert run_script("finetune_memory", argv, tmp_path, monkeypatch) == 1  # exits non-zero, naming the failure
+    report = json.loads((tmp_path / "finetune_memory.json").read_text())
+    lora, full = report["cases"]
+    assert compiled == [8, 0]  # the LoRA's 8 layers were in place before the blocks were compiled
+    assert lora["mode"] == "lora" and lora["compiled"] and lora["graphs"] == 0 and lora["graphs_after_warmup"] == 0
+    assert lora["warmup_s"] > 0 and lora["s_per_step"] > 0  # the compiling step, apart from the steady ones
+    assert full == {"mode": "full", "error": "RuntimeError: Cannot find a working triton installation"}
+    assert report["compile"]
+
+
 def test_finetune_memory_keeps_the_steps_it_finished(tmp_path, monkeypatch, capsys):
     # A time cap during the second timed step of full fine-tuning: the warm-up's peak (a GPU's, faked on
     # the CPU) judged against 5B's target, the first step's time and optimizer time are in the JSON, and

@@ -93,6 +93,13 @@ def test_user_mistakes_exit_2_with_one_line(capsys, tiny_rope_dir, tmp_path, mon
     assert err.count("\n") == 1 and message in err, err
 
 
+def test_compile_flags_reach_the_config():
+    parse = train_parser().parse_args
+    assert parse(["d", "--output", "o", "--compile"]).compile is True
+    assert parse(["d", "--output", "o", "--no-compile"]).compile is False
+    assert parse(["d", "--output", "o"]).compile is None  # the config file's value, else off
+
+
 def test_a_string_for_the_validation_prompts_is_refused(capsys, tiny_rope_dir, tmp_path):
     """Not one validation video per character of the string: a one-line error before any loading."""
     data = make_video_folder(tmp_path / "data")

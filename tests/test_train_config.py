@@ -32,6 +32,15 @@ def test_offload_activations_from_a_file_or_a_flag(tmp_path):
         make_config(tmp_path / "run.yaml", gradient_checkpointing=False)
 
 
+def test_compile_from_a_file_or_a_flag(tmp_path):
+    (tmp_path / "run.toml").write_text('data = "d"\noutput = "o"\ncompile = true\n')
+    (tmp_path / "run.yaml").write_text("data: d\noutput: o\ncompile: true\n")
+    assert make_config(tmp_path / "run.toml") == make_config(tmp_path / "run.yaml")
+    assert make_config(tmp_path / "run.toml").compile
+    assert not make_config(tmp_path / "run.toml", compile=False).compile
+    assert not FinetuneConfig(data="d", output="o").compile  # off unless asked for
+
+
 def test_flags_override_the_file(tmp_path):
     (tmp_path / "run.toml").write_text('data = "clips"\noutput = "out"\nrank = 32\nfull = false\n')
     c = make_config(tmp_path / "run.toml", rank=8, output="elsewhere", full=True, steps=None)

@@ -23,6 +23,11 @@ class NonFiniteError(CogVideoXError, RuntimeError):
     """The sampler produced NaN or infinite latents (usually fp16 with a model trained in bf16)."""
 
 
+class CompileError(CogVideoXError, RuntimeError):
+    """torch.compile's backend could not build the compiled blocks (no C++ compiler for the CPU, no Triton
+    for the GPU, ...); the same computation runs without compiling."""
+
+
 class OutOfMemoryError(CogVideoXError, RuntimeError):
     """The GPU ran out of memory in one stage of a generation; the message says which setting would fit.
 

@@ -92,6 +92,17 @@ def add_train_parsers(commands) -> None:
         "backward pass: about 4.5 GB less GPU memory for 5B at 49x480x720, for two copies of them over "
         "PCIe per step (default: off)",
     )
+    arg(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile each transformer block (one compiled graph shared by all the blocks) to fuse the "
+        "elementwise work of the forward, the recompute and the backward pass: the same step to rounding, "
+        "faster; the first step pays the compilation, a one-off (seconds "
+        "for a tiny model, predicted about a minute for 5B on a GPU; again at a new bucket shape's first "
+        "step and validation's first sampling step); needs Triton on a GPU, a C++ compiler on the CPU "
+        "(default: off)",
+    )
     arg("--seed", type=non_negative_int, help="run seed (default: 0)")
     arg("--checkpoint-every", type=positive_int, help="steps between checkpoints (default: 200)")
     arg("--keep-checkpoints", type=positive_int, help="checkpoints kept (default: 2)")

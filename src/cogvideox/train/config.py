@@ -61,6 +61,9 @@ class FinetuneConfig:
     gradient_checkpointing: bool = True
     # With gradient checkpointing: the block inputs it keeps wait in host memory until the backward pass
     offload_activations: bool = False
+    # torch.compile each transformer block's forward (one graph shared by the blocks); the first step
+    # compiles, the others run the fused code
+    compile: bool = False
     seed: int = 0
     # Precision and placement
     dtype: str | None = None  # weights: bf16 / fp16 / fp32; None: bf16 on GPU, fp32 on CPU

@@ -234,6 +234,13 @@ class Run:
                 p.requires_grad_(True)
         else:
             lora_lib.inject_lora(self.transformer, c.rank, c.alpha, c.targets, seed=c.seed)
+        if c.compile:
+            from cogvideox.fast.compile import compile_blocks
+
+            # After the LoRA, so the graph holds its layers, and before sharding, whose hooks stay outside
+            # the compiled forward. Training compiles one graph per clip shape (see fast/compile.py);
+            # PyTorch's default of 8 is kept for the rest (validation's sampling).
+            compile_blocks(self.transformer, recompile_limit=8 + len(self.buckets))
         self.transformer.train()
         self.trainable = {n: p for n, p in self.transformer.named_parameters() if p.requires_grad}
         self.sharded = False
