@@ -9,6 +9,7 @@ import pytest
 pytest.importorskip("fastapi")
 webdriver = pytest.importorskip("selenium.webdriver")
 
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
@@ -312,8 +313,10 @@ def test_older_videos_are_a_click_away(browser, tiny_rope_dir, tmp_path):
         cards = lambda d: len(d.find_elements(By.CSS_SELECTOR, "#videos .card"))  # noqa: E731
         older = browser.find_element(By.ID, "older")
         newest = lambda d: d.find_element(By.CSS_SELECTOR, "#videos .card .prompt").text  # noqa: E731
-        # A refresh may list the store while the videos above are still being added: wait for one after.
-        wait.until(lambda d: newest(d) == "video 119" and cards(d) == 50 and older.is_displayed())
+        # A refresh may list the store while the videos above are still being added: wait for one after
+        # (the first card may be replaced between finding it and reading it).
+        settled = WebDriverWait(browser, 20, 0.05, ignored_exceptions=[StaleElementReferenceException])
+        settled.until(lambda d: newest(d) == "video 119" and cards(d) == 50 and older.is_displayed())
         older.click()
         wait.until(lambda d: cards(d) == 100)
         older.click()
