@@ -156,7 +156,8 @@ def main() -> None:
     p.add_argument("--skip-t5", action="store_true")
     p.add_argument("--vae-variants", default=None, help=f"comma-separated, from {','.join(VAE_VARIANTS)} "
                    "(default: all)")
-    p.add_argument("--vae-latent", default=None, help="the VAE's latent size as FxHxW (default: the video's, "
+    p.add_argument("--vae-latent", type=latent_arg, default=None,
+                   help="the VAE's latent size as FxHxW (default: the video's, "
                    "13x60x90 at full size), e.g. a smaller decode of the full-size VAE on a CPU")
     p.add_argument("--attention-kernels", action="store_true", help="first time the attention kernels alone "
                    "(SDPA cuDNN, flash, sage) at the variant's shape")
@@ -177,13 +178,6 @@ def main() -> None:
     unknown = set(vae_variants) - set(VAE_VARIANTS)
     if unknown:
         p.error(f"unknown VAE variants {sorted(unknown)}; use {','.join(VAE_VARIANTS)}")
-    vae_latent = None
-    if args.vae_latent:
-        try:
-            vae_latent = tuple(int(n) for n in args.vae_latent.split("x"))
-            assert len(vae_latent) == 3 and min(vae_latent) > 0
-        except (ValueError, AssertionError):
-            p.error(f"--vae-latent must be FxHxW with positive integers, got {args.vae_latent!r}")
 
     result: dict = {
         "variant": args.variant, "tiny": args.tiny, "device": str(device), "dtype": str(dtype),
@@ -215,9 +209,9 @@ def main() -> None:
     # 4. VAE decode: the reference, ours and our levers (VAE_VARIANTS).
     if not args.skip_vae:
         result["vae_decode"] = {}
-        if vae_latent:
-            result["vae_latent"] = list(vae_latent)
-        latent = vae_latent or (lat_f, lat_h, lat_w)
+        if args.vae_latent:
+            result["vae_latent"] = list(args.vae_latent)
+        latent = args.vae_latent or (lat_f, lat_h, lat_w)
         vae_decode(vae_config, device, dtype, clock, latent, vae_variants, args.no_reference, result["vae_decode"], save)
         print("vae:", json.dumps(result["vae_decode"]), flush=True)
 
@@ -259,6 +253,17 @@ def configs(variant: str, tiny: bool) -> tuple:
 
 def latent_size(frames: int, height: int, width: int) -> tuple[int, int, int]:
     return (frames - 1) // 4 + 1, height // 8, width // 8
+
+
+def latent_arg(text: str) -> tuple[int, int, int]:
+    """A latent size given as FxHxW on the command line (an argparse `type`)."""
+    try:
+        size = tuple(int(n) for n in text.split("x"))
+    except ValueError:
+        size = ()
+    if len(size) != 3 or min(size) <= 0:
+        raise argparse.ArgumentTypeError(f"must be FxHxW with positive integers, got {text!r}")
+    return size
 
 
 def step_inputs(config, latent: tuple[int, int, int], device, dtype, g: torch.Generator) -> tuple:

@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from core_full_size import save_json  # noqa: E402
-from speed import configs, decode_latents, fresh_vae, host_random_state, rel_l2  # noqa: E402
+from speed import configs, decode_latents, fresh_vae, host_random_state, latent_arg, rel_l2  # noqa: E402
 
 from cogvideox.models.vae import CogVideoXVAE  # noqa: E402
 
@@ -38,16 +38,12 @@ LEVERS = ("conv2d", "channels_last", "fuse_norms")
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--latent", default="3x10x15", help="latent frames x height x width")
+    p.add_argument("--latent", type=latent_arg, default="3x10x15", help="latent frames x height x width")
     p.add_argument("--levers", default="conv2d", help="comma-separated variants, each a +-joined set of levers")
     p.add_argument("--repeat", type=int, default=3, help="timed rounds")
     p.add_argument("--fp64", action="store_true", help="also decode in fp64: errors against the fp64 exact decode")
     args = p.parse_args()
-    try:
-        latent = tuple(int(n) for n in args.latent.split("x"))
-        assert len(latent) == 3 and min(latent) > 0
-    except (ValueError, AssertionError):
-        p.error(f"--latent must be FxHxW with positive integers, got {args.latent!r}")
+    latent = args.latent
     variants = {"exact": {}}
     for name in args.levers.split(","):
         levers = name.split("+")

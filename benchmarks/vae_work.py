@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -28,6 +29,9 @@ from torch.utils._pytree import tree_flatten
 from cogvideox import fast
 from cogvideox.models.config import VAEConfig
 from cogvideox.models.vae import CogVideoXVAE
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speed import latent_arg  # noqa: E402
 
 # Operators that only re-describe memory (no bytes move).
 VIEWS = {"view", "_unsafe_view", "expand", "slice", "transpose", "unsqueeze", "squeeze", "t", "detach", "alias",
@@ -82,17 +86,13 @@ def count(config: VAEConfig, latent: tuple[int, int, int], dtype: torch.dtype, c
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--latent", default="13x60x90", help="latent frames x height x width (default: 49x480x720)")
+    p.add_argument("--latent", type=latent_arg, default="13x60x90",
+                   help="latent frames x height x width (default: 49x480x720)")
     p.add_argument("--dtype", choices=DTYPES, default="bf16")
     p.add_argument("--conv2d", action="store_true", help="count the decode with fast.vae_conv2d (on "
                    "channels-first activations: the meta device's convolutions answer channels-first)")
     args = p.parse_args()
-    try:
-        latent = tuple(int(n) for n in args.latent.split("x"))
-        assert len(latent) == 3 and min(latent) > 0
-    except (ValueError, AssertionError):
-        p.error(f"--latent must be FxHxW with positive integers, got {args.latent!r}")
-    result = count(VAEConfig(), latent, DTYPES[args.dtype], args.conv2d)
+    result = count(VAEConfig(), args.latent, DTYPES[args.dtype], args.conv2d)
     out = Path(os.environ.get("OUT", "."))
     out.mkdir(parents=True, exist_ok=True)
     (out / "vae_work.json").write_text(json.dumps(result, indent=2) + "\n")
