@@ -178,13 +178,17 @@ def test_fused_norms_keep_channels_last(pair, fused):
     assert_all_channels_last(seen, 40)
 
 
-def test_fused_norms_in_bf16_stay_within_rounding(pair, fused):
-    exact = pair[0]
-    low, low_fused = copy.deepcopy(exact).bfloat16(), copy.deepcopy(fused).bfloat16()
-    z = torch.randn(1, 4, 3, 4, 6, generator=torch.Generator().manual_seed(8))
+def bf16_decodes(exact, lever, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One latent decoded by `exact` in fp32, and by bf16 copies of `exact` and of `lever`: (fp32, eager
+    bf16, lever bf16), the latter two back in fp32."""
+    low, low_lever = copy.deepcopy(exact).bfloat16(), copy.deepcopy(lever).bfloat16()
+    z = torch.randn(1, 4, 3, 4, 6, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        full = exact.decode(z)
-        eager, fast = low.decode(z.bfloat16()).float(), low_fused.decode(z.bfloat16()).float()
+        return exact.decode(z), low.decode(z.bfloat16()).float(), low_lever.decode(z.bfloat16()).float()
+
+
+def test_fused_norms_in_bf16_stay_within_rounding(pair, fused):
+    full, eager, fast = bf16_decodes(pair[0], fused, seed=8)
     # Keeping the intermediates in fp32 can only help: no further from fp32 than the eager bf16 path.
     assert rel_err(fast, full) <= 1.2 * rel_err(eager, full) + 1e-4
 
@@ -253,12 +257,7 @@ def test_conv2d_in_parts_matches_exact(pair, as_2d, monkeypatch):
 
 
 def test_conv2d_bf16_stays_within_rounding(pair, as_2d):
-    exact = pair[0]
-    low, low_2d = copy.deepcopy(exact).bfloat16(), copy.deepcopy(as_2d).bfloat16()
-    z = torch.randn(1, 4, 3, 4, 6, generator=torch.Generator().manual_seed(14))
-    with torch.no_grad():
-        full = exact.decode(z)
-        eager, fast = low.decode(z.bfloat16()).float(), low_2d.decode(z.bfloat16()).float()
+    full, eager, fast = bf16_decodes(pair[0], as_2d, seed=14)
     # One stacked product rounds once, as the 3D kernel does: as close to fp32 as the exact bf16 path.
     assert rel_err(fast, full) <= 1.5 * rel_err(eager, full)
     assert rel_err(fast, eager) <= 2e-2

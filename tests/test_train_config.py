@@ -21,24 +21,20 @@ def test_toml_and_yaml_give_the_same_config(tmp_path):
     assert a.alpha is None and a.learning_rate == 1e-4 and not a.full
 
 
-def test_offload_activations_from_a_file_or_a_flag(tmp_path):
-    (tmp_path / "run.toml").write_text('data = "d"\noutput = "o"\noffload-activations = true\n')
-    (tmp_path / "run.yaml").write_text("data: d\noutput: o\noffload_activations: true\n")
+@pytest.mark.parametrize("toml_key, name", [("offload-activations", "offload_activations"), ("compile", "compile")])
+def test_switches_from_a_file_or_a_flag(tmp_path, toml_key, name):
+    (tmp_path / "run.toml").write_text(f'data = "d"\noutput = "o"\n{toml_key} = true\n')
+    (tmp_path / "run.yaml").write_text(f"data: d\noutput: o\n{name}: true\n")
     assert make_config(tmp_path / "run.toml") == make_config(tmp_path / "run.yaml")
-    assert make_config(tmp_path / "run.toml").offload_activations
-    assert not make_config(tmp_path / "run.toml", offload_activations=False).offload_activations
-    assert not FinetuneConfig(data="d", output="o").offload_activations  # off unless asked for
+    assert getattr(make_config(tmp_path / "run.toml"), name)
+    assert not getattr(make_config(tmp_path / "run.toml", **{name: False}), name)
+    assert not getattr(FinetuneConfig(data="d", output="o"), name)  # off unless asked for
+
+
+def test_offloaded_activations_need_gradient_checkpointing(tmp_path):
+    (tmp_path / "run.yaml").write_text("data: d\noutput: o\noffload_activations: true\n")
     with pytest.raises(InputError, match="turn gradient_checkpointing on or offload_activations off"):
         make_config(tmp_path / "run.yaml", gradient_checkpointing=False)
-
-
-def test_compile_from_a_file_or_a_flag(tmp_path):
-    (tmp_path / "run.toml").write_text('data = "d"\noutput = "o"\ncompile = true\n')
-    (tmp_path / "run.yaml").write_text("data: d\noutput: o\ncompile: true\n")
-    assert make_config(tmp_path / "run.toml") == make_config(tmp_path / "run.yaml")
-    assert make_config(tmp_path / "run.toml").compile
-    assert not make_config(tmp_path / "run.toml", compile=False).compile
-    assert not FinetuneConfig(data="d", output="o").compile  # off unless asked for
 
 
 def test_flags_override_the_file(tmp_path):
