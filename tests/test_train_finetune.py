@@ -35,6 +35,20 @@ def losses(out):
     return [(r["step"], r["loss"], r["lr"]) for r in map(json.loads, (Path(out) / "loss.jsonl").read_text().splitlines())]
 
 
+def interrupt_at(monkeypatch, stop: int):
+    """Make `Run.train_step` raise KeyboardInterrupt (a user's Ctrl-C) at step `stop`; returns the original
+    method, to put back for the resumed run."""
+    original = Run.train_step
+
+    def crash(self, step):
+        if step == stop:
+            raise KeyboardInterrupt
+        return original(self, step)
+
+    monkeypatch.setattr(Run, "train_step", crash)
+    return original
+
+
 def test_a_few_lora_steps_lower_the_loss(data_dir, tiny_rope_dir, tmp_path):
     run = Run(config(data_dir, tiny_rope_dir, tmp_path, batch_size=2, lr=2e-2, caption_dropout=0.0))
     run.prepare_data()
@@ -78,14 +92,7 @@ def test_resume_after_an_interruption_is_bit_identical(data_dir, tiny_rope_dir, 
     extra |= dict(grad_accum=2, schedule="cosine", warmup_steps=2)
     straight = finetune(config(data_dir, tiny_rope_dir, tmp_path / "a", **extra))
 
-    original = Run.train_step
-
-    def crash_at_step_4(self, step):
-        if step == 4:
-            raise KeyboardInterrupt
-        return original(self, step)
-
-    monkeypatch.setattr(Run, "train_step", crash_at_step_4)
+    original = interrupt_at(monkeypatch, 4)
     with pytest.raises(KeyboardInterrupt):
         finetune(config(data_dir, tiny_rope_dir, tmp_path / "b", **extra))
     assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["step-3.pt"]
@@ -128,14 +135,7 @@ def test_compiled_lora_training_matches_eager_and_resumes_bit_for_bit(data_dir, 
     graphs = counters["stats"]["unique_graphs"]
     assert graphs == 1  # one for both blocks, none for the recompute
 
-    original = Run.train_step
-
-    def crash_at_step_3(self, step):
-        if step == 3:
-            raise KeyboardInterrupt
-        return original(self, step)
-
-    monkeypatch.setattr(Run, "train_step", crash_at_step_3)
+    original = interrupt_at(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         finetune(config(data_dir, tiny_rope_dir, tmp_path / "b", compile=True, **steps))
     monkeypatch.setattr(Run, "train_step", original)
