@@ -15,6 +15,16 @@ from helpers import make_tiny_cogvideox
 torch.set_num_threads(1)
 
 
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (the default, pyproject.toml): one worker per core, at most 8. Each worker holds torch,
+    transformers and diffusers (1-2 GB) and builds the session's tiny models once; more workers than that
+    wait on the few slow files (demo training, torchrun launches) anyway."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, 8))
+
+
 @pytest.fixture(scope="session")
 def tiny_rope_dir(tmp_path_factory):
     """CogVideoX 1.0 with 3D RoPE (like 5B), DDIM scheduler."""
