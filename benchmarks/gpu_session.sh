@@ -13,10 +13,12 @@
 #   1. fine-tuning: 5B LoRA compiled with the block inputs offloaded, against the reference eager (the
 #      18 GB and 0.8x targets in one run); 2B LoRA compiled against the reference eager and compiled;
 #   2. memory 5B: none / stream+tiling / model (the stream target: under 6 GiB at 1.15x of none);
-#   3. profile 5B: where the time of the VAE decode and of a transformer step (eager and compiled) goes,
-#      kernel by kernel; it decides which speed levers come next;
-#   4. memory 2B; fine-tuning 5B full with the CPU optimizer (the 40 GB target); 8-bit attention (the
-#      kernels alone at the 5B shape: SDPA cuDNN, flash, sage; then fp8 + sage in the model);
+#   3. attention 5B: the kernels alone at the 5B shape (SDPA cuDNN, flash, FlashAttention-3, sage), then
+#      the compiled exact step with cuDNN and with FlashAttention-3, and fp8 with each (the 0.65x and 0.50x
+#      targets), against the reference eager in the same run;
+#   4. profile 5B: where the time of the VAE decode and of a transformer step (eager and compiled) goes,
+#      kernel by kernel; memory 2B; fine-tuning 5B full with the CPU optimizer (the 40 GB target); fp8 +
+#      8-bit attention in the model;
 #   5. speed 5B: the exact (fused), compiled, int8 and fp8 modes against the reference eager and against an
 #      fp32 step (the bf16 noise floor), with 10-step DDIM runs for the lossy modes' error; the VAE ladder
 #      (reference, ours, + 3D convolutions as 2D ones on both layouts, + fused norms, then the re-checks:
@@ -39,11 +41,13 @@ TINY_FLAG=""
 SPEED_MODE_LOSSY="int8,fp8"
 CACHE_MODE="fp8-cache"
 SAGE_MODE="fp8-sage"
+ATTENTION_MODES="compile,fa3,fp8,fp8-fa3"
 if [ -n "${TINY:-}" ]; then
     TINY_FLAG="--tiny"
     SPEED_MODE_LOSSY="int8"  # fp8 needs compute capability 8.9+: the CPU check runs int8 alone
     CACHE_MODE="cache"       # and the cache without fp8
     SAGE_MODE="sage"         # and 8-bit attention without fp8 (its math emulated on the CPU)
+    ATTENTION_MODES="compile,fa3"  # and FlashAttention-3 without fp8 (SDPA stands in on the CPU)
 fi
 
 # pack: $OUT as one archive at $PACK (when set), replaced whole after each step, for a machine that
@@ -70,10 +74,11 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 import importlib, importlib.metadata, platform, torch
 print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda,
       "gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else None)
-for name in ("diffusers", "transformers", "peft", "torchao", "triton", "sageattention"):
+for name in ("diffusers", "transformers", "peft", "torchao", "triton", "sageattention", "fa3_fwd_interface"):
     try:
         module = importlib.import_module(name)  # sageattention has no __version__: its metadata has
-        print(name, getattr(module, "__version__", None) or importlib.metadata.version(name))
+        version = getattr(module, "__version__", None)
+        print(name, version or importlib.metadata.version({"fa3_fwd_interface": "fa3-fwd"}.get(name, name)))
     except Exception as e:  # a missing package only removes the comparisons that need it
         print(name, "missing:", type(e).__name__)
 EOF
@@ -114,11 +119,14 @@ step() {
 step finetune-5b-lora-compile 150 90 finetune_memory.py --variant 5b --mode lora --repeat 3 --compile --offload-activations
 step finetune-2b-lora-compile 120 80 finetune_memory.py --variant 2b --mode lora --repeat 2 --compile --reference-compile
 step memory-5b         150  90 memory.py --variant 5b --modes none,stream+tiling,model --check
+# FlashAttention-3 (new on 2026-11-30): the kernels alone (cuDNN, flash, fa3, sage), then compiled exact
+# mode with cuDNN against fa3, and fp8 with each, against the reference eager in the same run.
+step attention-5b      200 100 speed.py --variant 5b --modes "$ATTENTION_MODES" --attention-kernels --repeat 3 --trajectory-steps 0 --skip-t5 --skip-vae --no-fp32-truth
 step profile-5b        120  60 kernel_profile.py --variant 5b
 step memory-2b         120  60 memory.py --variant 2b --modes none,stream+tiling,sequential+tiling --reference --check
 step finetune-5b-full  150  60 finetune_memory.py --variant 5b --mode full --repeat 2 --no-reference
-# 8-bit attention (new on 2026-11-30): the kernels alone first (~15 s), then fp8 + sage against an fp32 step.
-step sage-5b            90  45 speed.py --variant 5b --modes "$SAGE_MODE" --attention-kernels --no-reference --repeat 2 --trajectory-steps 0 --skip-t5 --skip-vae
+# 8-bit attention (new on 2026-11-30; its kernel alone is timed in attention-5b): fp8 + sage against an fp32 step.
+step sage-5b            90  45 speed.py --variant 5b --modes "$SAGE_MODE" --no-reference --repeat 2 --trajectory-steps 0 --skip-t5 --skip-vae
 step speed-5b          220  90 speed.py --variant 5b --modes "fused,compile,$SPEED_MODE_LOSSY" --repeat 3 --trajectory-steps 10 --skip-t5 --skip-vae
 step vae-5b            150  60 speed.py --variant 5b --vae-only
 step core-2b            60  40 core_full_size.py --variant 2b

@@ -21,8 +21,8 @@ peak memory, error) and the T5 encoding.
 
 --attention-kernels first times the attention kernels alone at the variant's shape (5B: B=2, 48 heads,
 17,776 tokens, head_dim 64), in the model dtype, on q and k out of LayerNorms with a per-channel offset in
-K (as the model's norm_k bias makes): SDPA cuDNN, SDPA flash and sage (K's smoothing included, as the
-eager backend runs it), each with its median time, TFLOP/s (4 B H L^2 d FLOPs) and relative L2 error
+K (as the model's norm_k bias makes): SDPA cuDNN, SDPA flash, FlashAttention-3 (fa3) and sage (K's smoothing
+included, as the eager backend runs it), each with its median time, TFLOP/s (4 B H L^2 d FLOPs) and relative L2 error
 against fp32 SDPA (the memory-efficient kernel, TF32 off) of the same inputs; sage also against its
 emulation on the first four heads (the same quantised numbers: far closer than either is to fp32).
 On the CPU (--tiny) the math SDPA and sage's emulation stand in, labelled so.
@@ -30,7 +30,8 @@ On the CPU (--tiny) the math SDPA and sage's emulation stand in, labelled so.
 Modes: plain (no levers), fused (fused QKV + cuDNN-first attention: our exact mode), compile (fused +
 regional torch.compile), int8 / fp8 (fused + quantised linears + compile), cache (fused + compile + the
 first-block cache at --cache-threshold), fp8-cache (fp8 and the cache together; its step time comes
-from the trajectory, so give it the --trajectory-steps it is to be judged at, 50), sage / fp8-sage
+from the trajectory, so give it the --trajectory-steps it is to be judged at, 50), fa3 / fp8-fa3 (compile /
+fp8 with FlashAttention-3's exact kernel, `cogvideox.fast.flash3`; on the CPU SDPA stands in), sage / fp8-sage
 (compile / fp8 with 8-bit attention, `cogvideox.fast.sage`: the sageattention kernel on CUDA; on the CPU
 its math emulated in PyTorch, labelled "sage-emulated", for the plumbing). The reference is
 timed eager, and compiled with --reference-compile (minutes of compilation). The fp32 truth (unless --no-fp32-truth) is one step of a
@@ -81,6 +82,8 @@ MODES = {
     "fp8": dict(quantize="fp8", compile=True),
     "cache": dict(compile=True, cache=None),  # threshold from --cache-threshold
     "fp8-cache": dict(quantize="fp8", compile=True, cache=None),  # the issue's fp8 + caching target
+    "fa3": dict(compile=True, attention="fa3"),  # FlashAttention-3 (against "compile"): exact
+    "fp8-fa3": dict(quantize="fp8", compile=True, attention="fa3"),  # fp8 linears, FlashAttention-3
     "sage": dict(compile=True, attention="sage"),  # 8-bit attention alone (against "compile")
     "fp8-sage": dict(quantize="fp8", compile=True, attention="sage"),  # fp8 linears and 8-bit attention
 }
@@ -390,6 +393,9 @@ def transformer_modes(args, config, modes, steps, device, dtype, clock, result, 
         if options.get("attention") == "sage" and device.type != "cuda":
             options["attention"] = "sage-emulated"  # the kernel needs CUDA: its math, for the plumbing
             entry["note"] = "no CUDA: sage's math emulated in PyTorch"
+        if options.get("attention") == "fa3" and device.type != "cuda":
+            options["attention"] = "auto"  # the kernel needs CUDA: exact attention stands in, for the plumbing
+            entry["note"] = "no CUDA: SDPA stands in for fa3"
         entry["options"] = dict(options)
         reset_peak(device)
         torch._dynamo.reset()  # each compiled mode pays its own warm-up
@@ -492,6 +498,7 @@ def attention_kernels(shape, device, dtype, clock, repeat: int, report: dict, sa
     still run)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from cogvideox.fast.flash3 import fa3_attend
     from cogvideox.fast.sage import sage_attention, sage_attention_emulated, smooth_keys
 
     B, H, L, d = shape
@@ -515,7 +522,7 @@ def attention_kernels(shape, device, dtype, clock, repeat: int, report: dict, sa
 
     if device.type == "cuda":
         kernels = {"sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION), "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION),
-                   "sage": lambda: sage_attention(q, smooth_keys(k), v)}  # fmt: skip
+                   "fa3": lambda: fa3_attend(q, k, v), "sage": lambda: sage_attention(q, smooth_keys(k), v)}  # fmt: skip
     else:  # stand-ins, for the plumbing: no CUDA kernels here
         kernels = {"sdpa_math (cpu)": sdpa(SDPBackend.MATH),
                    "sage_emulated (cpu)": lambda: sage_attention_emulated(q, k, v)}  # fmt: skip

@@ -66,12 +66,13 @@ def test_fp8_without_a_capable_gpu_exits_2_before_loading(capsys, monkeypatch, t
     assert err.startswith("cogvideox: error: --quantize fp8 needs an NVIDIA GPU of compute capability 8.9 or newer")
 
 
-def test_sage_attention_on_the_cpu_exits_2_before_loading(capsys, monkeypatch, tiny_rope_dir):
+@pytest.mark.parametrize("kernel", ["sage", "fa3"])
+def test_gpu_attention_kernels_on_the_cpu_exit_2_before_loading(capsys, monkeypatch, tiny_rope_dir, kernel):
     monkeypatch.setattr(Pipeline, "from_pretrained", no_loading)
-    assert main(["generate", "a cat", "--model", str(tiny_rope_dir), "--quiet", "--attention", "sage"]) == 2
+    assert main(["generate", "a cat", "--model", str(tiny_rope_dir), "--quiet", "--attention", kernel]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
-    assert err.startswith("cogvideox: error: the sage attention backend needs a CUDA GPU")
+    assert err.startswith(f"cogvideox: error: the {kernel} attention backend needs a CUDA GPU")
 
 
 @pytest.mark.parametrize(

@@ -196,12 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     arg(
         "--attention",
-        choices=("auto", "cudnn", "flash", "efficient", "math", "sage"),
+        choices=("auto", "cudnn", "flash", "efficient", "math", "fa3", "sage"),
         default=None,
         help="the transformer's attention kernel: an SDPA backend (auto: cuDNN, flash, memory-efficient, math, "
-        "the first that runs; exact up to rounding) or sage, 8-bit attention (INT8 Q.K^T, fp16 P.V; the "
-        "sageattention package on an NVIDIA GPU, bf16/fp16; changes the video slightly, as --quantize "
-        "does); default: auto when any of --quantize, --compile, --cache is given, else PyTorch's choice",
+        "the first that runs; exact up to rounding), fa3 (FlashAttention-3's Hopper kernel, exact up to "
+        "rounding: the fa3-fwd package or a source build, NVIDIA GPU, bf16) or sage, 8-bit attention (INT8 "
+        "Q.K^T, fp16 P.V; the sageattention package on an NVIDIA GPU, bf16/fp16; changes the video "
+        "slightly, as --quantize does); default: auto when any of --quantize, --compile, --cache is given, "
+        "else PyTorch's choice",
     )
     arg(
         "--compile",

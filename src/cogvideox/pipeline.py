@@ -383,8 +383,8 @@ class Pipeline:
         quantize: None, "int8" (weight-only) or "fp8" (NVIDIA GPU of compute capability 8.9+, bf16).
         compile: True or a torch.compile mode, applied per block. cache: first-block step cache threshold
         (0 computes every step; larger skips more); its counters are in `pipe.acceleration.cache`.
-        fuse_qkv and the SDPA attention backends ("auto": cuDNN first on CUDA) are lossless up to rounding;
-        attention="sage" (8-bit attention: the sageattention package, CUDA, bf16/fp16) changes the video
+        fuse_qkv, the SDPA attention backends ("auto": cuDNN first on CUDA) and "fa3" (FlashAttention-3's
+        Hopper kernel, CUDA, bf16) are lossless up to rounding; attention="sage" (8-bit attention: the sageattention package, CUDA, bf16/fp16) changes the video
         slightly, as quantising does, and "sage-emulated" runs its math in plain PyTorch (for checks).
         Move the pipeline to its device first; a quantised transformer is for inference, not for saving.
         Loaded LoRAs are folded into the weights for good first, at their current scales (the fast paths

@@ -5,7 +5,8 @@ Hopper (about 428 TFLOP/s against about 326 for flash on an H100), and attention
 step, so the choice matters. The SDPA backends compute the same softmax attention; they differ in the order
 of the sums, so outputs agree to rounding. "sage" is not one of them: it computes Q·K^T in INT8 and P·V in
 fp16 (`sage.py`), a lossy kernel like the fp8 linears, and "sage-emulated" runs its math in plain PyTorch
-on any device.
+on any device. "fa3" is exact: FlashAttention-3's forward kernel for Hopper (`flash3.py`), an installed
+package outside PyTorch's SDPA.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from cogvideox.errors import InputError
 from cogvideox.models.attention import JointAttention
 
+from . import flash3
 from .sage import check_inputs, check_sage, sage_attention, sage_attention_emulated_op, smooth_keys
 
 # Tried in this order; PyTorch takes the first one that supports the inputs.
@@ -31,8 +33,9 @@ BACKENDS: dict[str, list[SDPBackend]] = {
     "math": [SDPBackend.MATH],
 }
 CUDA_ONLY = ("cudnn", "flash", "efficient")
+EXACT_KERNELS = ("fa3",)  # exact, from packages of their own (CUDA)
 EIGHT_BIT = ("sage", "sage-emulated")  # lossy: INT8 Q·K^T, fp16 P·V
-NAMES = (*BACKENDS, *EIGHT_BIT)
+NAMES = (*BACKENDS, *EXACT_KERNELS, *EIGHT_BIT)
 
 
 def check_backend(name: str, device: torch.device | str) -> None:
@@ -43,6 +46,8 @@ def check_backend(name: str, device: torch.device | str) -> None:
         raise InputError(f"the {name} attention backend needs a CUDA GPU; use 'auto' or 'math' on {device}")
     if name == "sage":
         check_sage(device)
+    if name == "fa3":
+        flash3.check_fa3(device)
 
 
 def _attend_with(backends: list[SDPBackend]):
@@ -62,14 +67,18 @@ def _sage_emulated_attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     return sage_attention_emulated_op(q, k, v)
 
 
+def _fa3_attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return flash3.fa3_attend(q, k, v)
+
+
 def use_attention_backend(model: nn.Module, name: str = "auto", device: torch.device | str | None = None) -> int:
     """Make every `JointAttention` in `model` run attention with the named backend; returns how many.
 
     "auto" prefers cuDNN, then flash, then memory-efficient, then the math fallback (which is what
     runs on the CPU); a single SDPA name forces that backend and fails loudly where it cannot run.
     "sage" runs the sageattention package's 8-bit kernel (CUDA, bf16/fp16, heads of 64 or 128 channels),
-    "sage-emulated" the same math in plain PyTorch. device: where the model will compute (default: where
-    its parameters are).
+    "sage-emulated" the same math in plain PyTorch; "fa3" FlashAttention-3's exact forward kernel (CUDA,
+    bf16; inference only). device: where the model will compute (default: where its parameters are).
     """
     device = next(model.parameters()).device if device is None else device
     check_backend(name, device)
@@ -80,6 +89,10 @@ def use_attention_backend(model: nn.Module, name: str = "auto", device: torch.de
         attend = _sage_attend
     elif name == "sage-emulated":
         attend = _sage_emulated_attend
+    elif name == "fa3":
+        for attn in layers:
+            flash3.check_inputs(attn.norm_q.normalized_shape[0], attn.norm_q.weight.dtype)
+        attend = _fa3_attend
     else:
         attend = _attend_with(BACKENDS[name])
     for attn in layers:
