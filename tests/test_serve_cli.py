@@ -115,6 +115,48 @@ def test_a_missing_model_is_one_line(tmp_path, capsys):
     assert main(["worker", "--model", str(tmp_path), "--data-dir", str(tmp_path)]) == 2
 
 
+def test_memory_and_speed_flags_reach_the_workers_pipeline(tmp_path):
+    import torch
+
+    from cogvideox.serve.cli import load_settings
+
+    args = parse(["worker", "--model", "m", "--dtype", "fp32", "--device", "cpu", "--text-device", "cpu",
+                  "--vae-tiling", "--quantize", "int8", "--cache", "0.1"])  # fmt: skip
+    load, speed = load_settings(args)
+    assert load == dict(dtype="fp32", device="cpu", offload="auto", text_device=torch.device("cpu"), vae_tiling=True)
+    assert speed == dict(quantize="int8", compile=False, cache=0.1, attention="auto")
+    assert load_settings(parse(["serve", "--device", "cpu"]))[1] is None  # no speed flag: the exact model
+
+
+def test_a_worker_builds_its_pipeline_with_those_settings(tiny_rope_dir):
+    from cogvideox.serve.worker import PipelineGenerator
+
+    generator = PipelineGenerator(
+        str(tiny_rope_dir),
+        load=dict(dtype="fp32", device="cpu", offload="auto", vae_tiling=True),
+        speed=dict(quantize="int8", compile=False, cache=0.0, attention="auto"),
+    )
+    generator.load()
+    pipe = generator.pipe
+    assert pipe.vae.use_tiling and pipe.acceleration.quantize == "int8" and pipe.acceleration.cache
+    frames = []
+    generated = generator(dict(prompt="a cat", negative_prompt="", num_frames=9, height=64, width=96,
+                               num_inference_steps=2, guidance_scale=6.0, seed=0), lambda i, n: frames.append(i))  # fmt: skip
+    assert generated.frames.shape == (9, 64, 96, 3) and frames == [1, 2]
+
+
+@pytest.mark.parametrize("command", ["serve", "worker"])
+def test_a_speed_flag_the_device_cannot_run_stops_before_anything_starts(tmp_path, capsys, command):
+    data = tmp_path / "data"
+    argv = [command, "--device", "cpu", "--attention", "fa3", "--data-dir", str(data)]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("cogvideox: error: the fa3 attention backend needs a CUDA GPU") and error.count("\n") == 1
+    assert not data.exists()  # no queue was opened, no worker started
+    assert main([command, "--device", "cpu", "--compile", "--offload", "sequential", "--data-dir", str(data)]) == 2
+    assert "--compile does not combine with --offload sequential" in capsys.readouterr().err
+
+
 def test_worker_process_runs_a_queued_job_and_stops_on_sigterm(tiny_rope_dir, tmp_path):
     store = SQLiteStore(tmp_path / "jobs.sqlite3")
     params = {"prompt": "a bird flies", "negative_prompt": "", "width": 64, "height": 64, "num_frames": 9, "fps": 8,

@@ -26,15 +26,16 @@ from cogvideox.cli_args import (
     add_memory_arguments,
     add_model_arguments,
     add_sampling_arguments,
+    add_speed_arguments,
     finite_float,
     fraction,
     frame_rate,
     locate_model,
-    non_negative_float,
     memory_settings,
     positive_int,
     report_offload,
     request_from_args,
+    speed_settings,
 )
 from cogvideox.errors import CogVideoXError, InputError, LoadError
 from cogvideox.models.config import ConfigError
@@ -187,37 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
         "The video is the single-process one; with --vae-tiling the decode's tiles are split too, "
         "without it every process decodes the whole video (see docs/parallel.md)",
     )
-    arg(
-        "--quantize",
-        choices=("int8", "fp8"),
-        default=None,
-        help="quantise the transformer's linear layers: int8 weight-only (half the bf16 weight memory) or "
-        "fp8 with row-wise scales (NVIDIA GPU of compute capability 8.9+, bf16); default: off (exact)",
-    )
-    arg(
-        "--attention",
-        choices=("auto", "cudnn", "flash", "efficient", "math", "fa3", "sage"),
-        default=None,
-        help="the transformer's attention kernel: an SDPA backend (auto: cuDNN, flash, memory-efficient, math, "
-        "the first that runs; exact up to rounding), fa3 (FlashAttention-3's Hopper kernel, exact up to "
-        "rounding: the fa3-fwd package or a source build, NVIDIA GPU, bf16) or sage, 8-bit attention (INT8 "
-        "Q.K^T, fp16 P.V; the sageattention package on an NVIDIA GPU, bf16/fp16; changes the video "
-        "slightly, as --quantize does); default: auto when any of --quantize, --compile, --cache is given, "
-        "else PyTorch's choice",
-    )
-    arg(
-        "--compile",
-        action="store_true",
-        help="torch.compile the transformer blocks (one compiled block reused by all; the first step "
-        "warms up)",
-    )
-    arg(
-        "--cache",
-        type=non_negative_float,
-        metavar="THRESHOLD",
-        help="step cache: skip all but the first transformer block on steps whose first-block residual "
-        "changed by less than THRESHOLD (relative; 0 computes every step, ~0.05-0.2 skips some); default: off",
-    )
+    add_speed_arguments(gen)
     arg(
         "--lora",
         action="append",
@@ -303,12 +274,7 @@ def _generate(args: argparse.Namespace) -> int:
     request = request_from_args(args, folder) | dict(num_videos_per_prompt=args.num_videos, resize=resize)
     train_steps = configs.scheduler.num_train_timesteps
     task = "image" if args.image else "video" if args.video else "text"
-    accelerate = args.quantize is not None or args.compile or args.cache is not None or args.attention is not None
-    attention = args.attention or "auto"
-    if accelerate:
-        from cogvideox import fast
-
-        fast.check_options(device, quantize=args.quantize, compile=args.compile, cache=args.cache, attention=attention)
+    accelerate = speed_settings(args, device)
     check_request(
         configs.transformer,
         configs.vae,
@@ -322,8 +288,6 @@ def _generate(args: argparse.Namespace) -> int:
 
     scales = args.lora_scale + [1.0] * (len(args.lora) - len(args.lora_scale))
     lora = list(zip(args.lora, scales)) or None
-    if args.compile and args.offload == "sequential":
-        raise InputError("--compile does not combine with --offload sequential (its hooks run inside the blocks)")
     from cogvideox.parallel import launch
 
     if args.parallel is not None and (args.cache is not None or args.compile):
@@ -337,7 +301,7 @@ def _generate(args: argparse.Namespace) -> int:
     if global_rank() == 0:
         report_offload(pipe, args, device)
     if accelerate:  # folds the LoRAs into the weights first: the fast paths rewrite the linear layers
-        pipe.accelerate(quantize=args.quantize, compile=args.compile, cache=args.cache, attention=attention)
+        pipe.accelerate(**accelerate)
     if mesh is not None:
         from cogvideox.parallel import parallelize
 

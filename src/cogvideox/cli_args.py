@@ -102,7 +102,7 @@ def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="decode (and encode) in overlapping tiles of half the model's own size: much less GPU memory; "
         "pixels near tile seams differ slightly on the real models (as in the reference's tiled decode), "
-        "visibly on the demo",
+        "visibly on the demo (default: off)",
     )
 
 
@@ -126,6 +126,61 @@ def report_offload(pipe, args: argparse.Namespace, device) -> None:
     always 'none': nothing worth a line)."""
     if pipe.offload_choice and (args.offload != "auto" or device.type == "cuda"):
         print(pipe.offload_choice)
+
+
+def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
+    """The transformer's speed levers (`cogvideox.fast`): --quantize, --attention, --compile and --cache.
+
+    `speed_settings` checks them against the device and turns them into `Pipeline.accelerate`'s keywords.
+    """
+    arg = parser.add_argument
+    arg(
+        "--quantize",
+        choices=("int8", "fp8"),
+        default=None,
+        help="quantise the transformer's linear layers: int8 weight-only (half the bf16 weight memory) or "
+        "fp8 with row-wise scales (NVIDIA GPU of compute capability 8.9+, bf16); default: off (exact)",
+    )
+    arg(
+        "--attention",
+        choices=("auto", "cudnn", "flash", "efficient", "math", "fa3", "sage"),
+        default=None,
+        help="the transformer's attention kernel: an SDPA backend (auto: cuDNN, flash, memory-efficient, math, "
+        "the first that runs; exact up to rounding), fa3 (FlashAttention-3's Hopper kernel, exact up to "
+        "rounding: the fa3-fwd package or a source build, NVIDIA GPU, bf16) or sage, 8-bit attention (INT8 "
+        "Q.K^T, fp16 P.V; the sageattention package on an NVIDIA GPU, bf16/fp16; changes the video "
+        "slightly, as --quantize does); default: auto when any of --quantize, --compile, --cache is given, "
+        "else PyTorch's choice",
+    )
+    arg(
+        "--compile",
+        action="store_true",
+        help="torch.compile the transformer blocks (one compiled block reused by all; the first step "
+        "warms up); default: off",
+    )
+    arg(
+        "--cache",
+        type=non_negative_float,
+        metavar="THRESHOLD",
+        help="step cache: skip all but the first transformer block on steps whose first-block residual "
+        "changed by less than THRESHOLD (relative; 0 computes every step, ~0.05-0.2 skips some); default: off",
+    )
+
+
+def speed_settings(args: argparse.Namespace, device) -> dict | None:
+    """`Pipeline.accelerate`'s keyword arguments from the flags of `add_speed_arguments` (None when none is
+    given), after checking that they can run on `device` and with --offload: `InputError` otherwise, before
+    any weights load."""
+    from cogvideox import fast
+    from cogvideox.errors import InputError
+
+    if args.quantize is None and not args.compile and args.cache is None and args.attention is None:
+        return None
+    options = dict(quantize=args.quantize, compile=args.compile, cache=args.cache, attention=args.attention or "auto")
+    fast.check_options(device, **options)
+    if args.compile and getattr(args, "offload", None) == "sequential":
+        raise InputError("--compile does not combine with --offload sequential (its hooks run inside the blocks)")
+    return options
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, *, seed_default: int | None, seed_help: str) -> None:

@@ -18,7 +18,9 @@ import sys
 from pathlib import Path
 
 from cogvideox.cli_args import (
+    add_memory_arguments,
     add_model_arguments,
+    add_speed_arguments,
     non_negative_float,
     non_negative_int,
     positive_float,
@@ -46,6 +48,8 @@ def port_number(text: str) -> int:
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser, revision=False, offline=False)
+    add_memory_arguments(parser)
+    add_speed_arguments(parser)  # a server pays --compile's warm-up once, on its first video
     parser.add_argument(
         "--model-name", default=None, help="the name clients give as `model` (default: the folder's or repo's name)"
     )
@@ -214,12 +218,24 @@ def check_listening(host: str, port: int) -> None:
         raise InputError(f"cannot listen on {where}: {reason}" + (f"; {hint}" if hint else "")) from None
 
 
-def _build_worker(args, spec, store):
+def load_settings(args: argparse.Namespace) -> tuple[dict, dict | None]:
+    """The worker's `Pipeline.from_pretrained` keywords (dtype, device and the memory flags) and its
+    `Pipeline.accelerate` keywords (None without speed flags), checked before any weights load: a flag
+    the device cannot run is an `InputError` at start, not a failure of the first job."""
+    from cogvideox import loading
+    from cogvideox.cli_args import memory_settings, speed_settings
+
+    loading.parse_dtype(args.dtype)
+    device = loading.choose_device(args.device)
+    return dict(dtype=args.dtype, device=args.device, **memory_settings(args, device)), speed_settings(args, device)
+
+
+def _build_worker(args, spec, store, load: dict, speed: dict | None):
     from cogvideox.serve.worker import PipelineGenerator, Worker
 
     return Worker(
         store,
-        PipelineGenerator(args.model, dtype=args.dtype, device=args.device),
+        PipelineGenerator(args.model, load=load, speed=speed),
         args.data_dir,
         spec.name,
         lease_seconds=args.lease_seconds,
@@ -245,13 +261,12 @@ def run_serve(args: argparse.Namespace) -> int:
     _require_serve_extra()
     import uvicorn
 
-    from cogvideox.loading import parse_dtype
     from cogvideox.serve.app import Settings, create_app
     from cogvideox.serve.jobs import open_store
     from cogvideox.serve.spec import ModelSpec
 
     _setup_logging(args.log_level)
-    parse_dtype(args.dtype)
+    load, speed = load_settings(args)
     keys = api_keys(args.api_key, os.environ.get(ENV_API_KEYS))
     check_listening(args.host, args.port)
     sizes = tuple(s.strip() for s in args.sizes.split(",") if s.strip())
@@ -269,7 +284,7 @@ def run_serve(args: argparse.Namespace) -> int:
         enhancer_api_key=os.environ.get(ENV_ENHANCER_KEY),
     )
     store = open_store(args.db, args.data_dir)
-    worker = None if args.no_worker else _build_worker(args, spec, store)
+    worker = None if args.no_worker else _build_worker(args, spec, store, load, speed)
     app = create_app(spec, store, settings, worker)
     log.info("serving %s (sizes %s) at http://%s:%d/", spec.name, ", ".join(spec.sizes), args.host, args.port)
     try:
@@ -281,15 +296,14 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def run_worker(args: argparse.Namespace) -> int:
     _require_serve_extra()
-    from cogvideox.loading import parse_dtype
     from cogvideox.serve.jobs import open_store
     from cogvideox.serve.spec import ModelSpec
 
     _setup_logging(args.log_level)
-    parse_dtype(args.dtype)
+    load, speed = load_settings(args)
     spec = ModelSpec.load(args.model, args.model_name)
     store = open_store(args.db, args.data_dir)
-    worker = _build_worker(args, spec, store)
+    worker = _build_worker(args, spec, store, load, speed)
     # SIGTERM (a service manager stopping us) as Ctrl-C: finish the step, hand the job back, exit.
     signal.signal(signal.SIGTERM, lambda *_: worker.stop(timeout=0))
     try:

@@ -48,17 +48,26 @@ class Generator(Protocol):
 
 
 class PipelineGenerator:
-    """The real generator: a `Pipeline`, loaded on first use (in the worker's thread) or handed in."""
+    """The real generator: a `Pipeline`, loaded on first use (in the worker's thread) or handed in.
 
-    def __init__(self, model: str | None = None, dtype: str | None = None, device: str | None = None, pipe=None):
-        self.model, self.dtype, self.device = model, dtype, device
+    load: `Pipeline.from_pretrained`'s keywords besides the model (dtype, device, offload, text_device,
+    vae_tiling); speed: `Pipeline.accelerate`'s (quantize, compile, cache, attention), or None for none.
+    """
+
+    def __init__(self, model: str | None = None, load: dict | None = None, speed: dict | None = None, pipe=None):
+        self.model, self.load_options, self.speed = model, dict(load or {}), speed
         self.pipe = pipe
 
     def load(self) -> None:
         if self.pipe is None:
             from cogvideox.pipeline import Pipeline
 
-            self.pipe = Pipeline.from_pretrained(self.model, dtype=self.dtype, device=self.device)
+            pipe = Pipeline.from_pretrained(self.model, **self.load_options)
+            if pipe.offload_choice:
+                log.info("%s", pipe.offload_choice)
+            if self.speed:
+                log.info("speed levers: %s", pipe.accelerate(**self.speed).acceleration.describe())
+            self.pipe = pipe
 
     def __call__(self, params: dict[str, Any], on_step: Callable[[int, int], None]) -> Generated:
         self.load()
