@@ -70,6 +70,10 @@ def test_fa3_is_a_user_error_where_it_cannot_run(monkeypatch):
         flash3.check_inputs(20, torch.bfloat16)
     with pytest.raises(InputError, match="runs bf16 .*models; this one is float32"):
         flash3.fa3_attention(*(torch.zeros(1, 8, 2, 64) for _ in range(3)))  # called directly, too
+    with pytest.raises(InputError, match="the fa3 attention backend's fa3-fwd wheel has no fp16 kernels"):
+        use_attention_backend(tiny_transformer(attention_head_dim=64).half(), "fa3", device="cuda")
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", stand_in([]))  # a source build has them
+    use_attention_backend(tiny_transformer(attention_head_dim=64).half(), "fa3", device="cuda")
 
 
 def test_fa3_gets_transposed_views_and_gives_the_sdpa_attention(monkeypatch):

@@ -90,8 +90,9 @@ def use_attention_backend(model: nn.Module, name: str = "auto", device: torch.de
     elif name == "sage-emulated":
         attend = _sage_emulated_attend
     elif name == "fa3":
+        build = flash3.load_build()[0]
         for attn in layers:
-            flash3.check_inputs(attn.norm_q.normalized_shape[0], attn.norm_q.weight.dtype)
+            flash3.check_inputs(attn.norm_q.normalized_shape[0], attn.norm_q.weight.dtype, build)
         attend = _fa3_attend
     else:
         attend = _attend_with(BACKENDS[name])

@@ -38,6 +38,11 @@ MAX_HEAD_DIM = 256
 def load_kernel():
     """The first FlashAttention-3 build that imports: its `_flash_attn_forward`, or `InputError` saying how
     to install one (and why an installed one did not import)."""
+    return load_build()[1]
+
+
+def load_build():
+    """(module name, `_flash_attn_forward`) of the first build that imports; `InputError` as `load_kernel`."""
     broken = []
     for name in MODULES:
         try:
@@ -46,10 +51,10 @@ def load_kernel():
             if e.name != name:  # installed, but what it loads is not (its CUDA library, PyTorch's ABI)
                 broken.append(f"{name}: {e}")
             continue
-        except OSError as e:  # a shared library that does not load
+        except Exception as e:  # a shared library that does not load, an operator that does not register
             broken.append(f"{name}: {e}")
             continue
-        return module._flash_attn_forward
+        return name, module._flash_attn_forward
     if broken:
         raise InputError(
             f"the fa3 attention backend found FlashAttention-3 but could not load it ({'; '.join(broken)})"
@@ -57,8 +62,9 @@ def load_kernel():
     raise InputError(f"the fa3 attention backend needs FlashAttention-3: {INSTALL}")
 
 
-def check_inputs(head_dim: int, dtype: torch.dtype) -> None:
-    """Raise `InputError` for a head size or dtype the kernel does not take."""
+def check_inputs(head_dim: int, dtype: torch.dtype, build: str | None = None) -> None:
+    """Raise `InputError` for a head size or dtype the kernel does not take (`build`: the module that
+    provides it, when known: the fa3-fwd wheel has no fp16 kernels)."""
     if head_dim > MAX_HEAD_DIM or head_dim % 8:
         raise InputError(
             f"the fa3 attention backend takes heads of at most {MAX_HEAD_DIM} channels, a multiple of 8; this "
@@ -68,6 +74,11 @@ def check_inputs(head_dim: int, dtype: torch.dtype) -> None:
         raise InputError(
             f"the fa3 attention backend runs bf16 (or, with a source build, fp16) models; this one is "
             f"{str(dtype).removeprefix('torch.')} (load it with dtype bf16)"
+        )
+    if dtype == torch.float16 and build == "fa3_fwd_interface":
+        raise InputError(
+            "the fa3 attention backend's fa3-fwd wheel has no fp16 kernels; load the model with dtype bf16, or "
+            "build flash-attention's hopper/ folder"
         )
 
 
@@ -85,8 +96,9 @@ def check_fa3(device: torch.device | str) -> None:
 def fa3_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Softmax attention of q, k, v [B, L, heads, d] (bf16/fp16, last dimension contiguous) -> [B, L, heads,
     d], contiguous, in q's dtype, with the softmax scale 1/sqrt(d)."""
-    check_inputs(q.shape[-1], q.dtype)
-    out = load_kernel()(q, k, v, softmax_scale=q.shape[-1] ** -0.5, causal=False)[0]
+    build, kernel = load_build()
+    check_inputs(q.shape[-1], q.dtype, build)
+    out = kernel(q, k, v, softmax_scale=q.shape[-1] ** -0.5, causal=False)[0]
     return out.contiguous()  # the builds allocate it so; the fake below promises it
 
 
