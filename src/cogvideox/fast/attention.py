@@ -22,7 +22,8 @@ from cogvideox.errors import InputError
 from cogvideox.models.attention import JointAttention
 
 from . import flash3
-from .sage import check_inputs, check_sage, sage_attention, sage_attention_emulated_op, smooth_keys
+from .sage import check_inputs, sage_attention, sage_attention_emulated_op, smooth_keys
+from .sage import load_kernel as load_sage_kernel
 
 # Tried in this order; PyTorch takes the first one that supports the inputs.
 BACKENDS: dict[str, list[SDPBackend]] = {
@@ -32,22 +33,31 @@ BACKENDS: dict[str, list[SDPBackend]] = {
     "efficient": [SDPBackend.EFFICIENT_ATTENTION],
     "math": [SDPBackend.MATH],
 }
-CUDA_ONLY = ("cudnn", "flash", "efficient")
 EXACT_KERNELS = ("fa3",)  # exact, from packages of their own (CUDA)
 EIGHT_BIT = ("sage", "sage-emulated")  # lossy: INT8 Q·K^T, fp16 P·V
 NAMES = (*BACKENDS, *EXACT_KERNELS, *EIGHT_BIT)
+# The backends that run on CUDA GPUs alone: what their message says of the GPU, and what to use instead.
+CUDA_ONLY = {
+    "cudnn": ("", "Use 'auto' or 'math'"),
+    "flash": ("", "Use 'auto' or 'math'"),
+    "efficient": ("", "Use 'auto' or 'math'"),
+    "fa3": (" (Hopper: H100, H200)", "Use 'auto'"),
+    "sage": (" (its kernels are Triton's)", "Use 'sage-emulated' for its math in plain PyTorch, or 'auto'"),
+}
+# The backends whose kernels come from a package: loading it raises `InputError` saying how to install it.
+PACKAGE_KERNELS = {"fa3": flash3.load_kernel, "sage": load_sage_kernel}
 
 
 def check_backend(name: str, device: torch.device | str) -> None:
-    """Raise `InputError` for an unknown backend, or one that cannot run on `device`."""
+    """Raise `InputError` for an unknown backend, or one that cannot run on `device` (a CUDA backend
+    elsewhere, a package backend whose package is missing)."""
     if name not in NAMES:
         raise InputError(f"unknown attention backend {name!r}; use one of {', '.join(NAMES)}")
     if name in CUDA_ONLY and torch.device(device).type != "cuda":
-        raise InputError(f"the {name} attention backend needs a CUDA GPU; use 'auto' or 'math' on {device}")
-    if name == "sage":
-        check_sage(device)
-    if name == "fa3":
-        flash3.check_fa3(device)
+        gpu, instead = CUDA_ONLY[name]
+        raise InputError(f"the {name} attention backend needs a CUDA GPU{gpu}; this run is on {device}. {instead}")
+    if name in PACKAGE_KERNELS:
+        PACKAGE_KERNELS[name]()
 
 
 def _attend_with(backends: list[SDPBackend]):

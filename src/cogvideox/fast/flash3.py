@@ -82,16 +82,6 @@ def check_inputs(head_dim: int, dtype: torch.dtype, build: str | None = None) ->
         )
 
 
-def check_fa3(device: torch.device | str) -> None:
-    """Raise `InputError` unless the kernel can run on `device`: a CUDA GPU, with a build installed."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        raise InputError(
-            f"the fa3 attention backend needs a CUDA GPU (Hopper: H100, H200); this run is on {device}. Use 'auto'"
-        )
-    load_kernel()
-
-
 @torch.library.custom_op("cogvideox::fa3_attention", mutates_args=())
 def fa3_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Softmax attention of q, k, v [B, L, heads, d] (bf16/fp16, last dimension contiguous) -> [B, L, heads,

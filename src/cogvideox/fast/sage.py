@@ -142,17 +142,6 @@ def check_inputs(head_dim: int, dtype: torch.dtype) -> None:
         )
 
 
-def check_sage(device: torch.device | str) -> None:
-    """Raise `InputError` unless the kernel can run on `device`: a CUDA GPU, with the package installed."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        raise InputError(
-            f"the sage attention backend needs a CUDA GPU (its kernels are Triton's); this run is on {device}. "
-            "Use 'sage-emulated' for its math in plain PyTorch, or 'auto'"
-        )
-    load_kernel()
-
-
 @torch.library.custom_op("cogvideox::sage_attention_emulated", mutates_args=())
 def sage_attention_emulated_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """`sage_attention_emulated` as one opaque op: a compiled block runs the emulation's exact numbers (its
