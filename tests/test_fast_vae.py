@@ -167,13 +167,18 @@ def test_fused_norms_match_exact_decode_and_encode_with_few_compilations(pair, f
         assert counters["stats"]["unique_graphs"] == 8, dict(counters["stats"])  # the encoder's unmodulated norms
 
 
-def test_fused_norms_keep_channels_last(pair, fused):
-    exact, _ = pair
-    both = copy.deepcopy(fused)
+def channels_last_decodes(exact, lever, seed: int) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """One latent decoded by a channels-last copy of `lever` and by `exact`: (lever's, exact's, the inputs
+    of the copy's convolutions, for `assert_all_channels_last`)."""
+    both = copy.deepcopy(lever)
     channels_last(both)
-    z = torch.randn(1, 4, 3, 3, 5, generator=torch.Generator().manual_seed(7))
+    z = torch.randn(1, 4, 3, 3, 5, generator=torch.Generator().manual_seed(seed))
     with conv_inputs(both) as seen:
-        got, want = both.decode(z), exact.decode(z)
+        return both.decode(z), exact.decode(z), seen
+
+
+def test_fused_norms_keep_channels_last(pair, fused):
+    got, want, seen = channels_last_decodes(pair[0], fused, seed=7)
     assert rel_err(got, want) <= 1e-5
     assert_all_channels_last(seen, 40)
 
@@ -264,12 +269,7 @@ def test_conv2d_bf16_stays_within_rounding(pair, as_2d):
 
 
 def test_conv2d_on_channels_last_keeps_the_layout(pair, as_2d):
-    exact, _ = pair
-    both = copy.deepcopy(as_2d)
-    channels_last(both)
-    z = torch.randn(1, 4, 3, 3, 5, generator=torch.Generator().manual_seed(15))
-    with conv_inputs(both) as seen:
-        got, want = both.decode(z), exact.decode(z)
+    got, want, seen = channels_last_decodes(pair[0], as_2d, seed=15)
     assert got.is_contiguous() and rel_err(got, want) <= 1e-5
     assert_all_channels_last(seen, 40)
 
