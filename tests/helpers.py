@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import socket
+import time
 from pathlib import Path
 
 import torch
@@ -421,3 +423,42 @@ def make_video_folder(root, layout: str = "jsonl", count: int = 3, frames: int =
     else:
         raise ValueError(f"layout must be jsonl or lines, got {layout!r}")
     return root
+
+
+def free_port() -> int:
+    """A loopback TCP port no one listens on now. Take it just before the process that listens on it
+    starts: tests run side by side (pytest-xdist), and until then another test's server, or the local end
+    of another test's connection, may take it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def shared_port(rank: int, path: str | Path, wait_s: float = 120) -> int:
+    """A fresh `free_port` for a process group about to start: rank 0 takes it and writes it to `path`,
+    the other ranks read it there (waiting up to `wait_s`)."""
+    path = Path(path)
+    if rank == 0:
+        port = free_port()
+        path.with_suffix(".tmp").write_text(str(port))
+        path.with_suffix(".tmp").rename(path)  # whole, or absent
+        return port
+    deadline = time.monotonic() + wait_s
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank {rank}: no port at {path} after {wait_s:g} s")
+        time.sleep(0.02)
+    return int(path.read_text())
+
+
+def join_or_fail(context, deadline_s: float, what: str) -> None:
+    """Wait for the processes of `torch.multiprocessing.spawn(..., join=False)`; any still running after
+    `deadline_s` (waiting in a collective the others skipped) is killed and the test fails."""
+    import pytest
+
+    deadline = time.monotonic() + deadline_s
+    while not context.join(timeout=max(deadline - time.monotonic(), 0)):  # returns as each one exits
+        if time.monotonic() >= deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"{what} still running after {deadline_s:g} s")

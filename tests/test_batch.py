@@ -7,13 +7,13 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 
 import numpy as np
 import pytest
+from helpers import free_port
 
 from cogvideox import Pipeline, read_video
 from cogvideox.batch import LOCK, MANIFEST, finished, plan, read_prompts, run_batch, video_name
@@ -423,12 +423,6 @@ def test_a_folder_that_fills_up_stops_the_batch_and_keeps_the_video(tmp_path, mo
     assert read_video(rescued)[0].shape == (9, 64, 96, 3)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_spreads_prompts_over_processes(tmp_path):
     """Two processes, three prompts: each process makes its share, rank 0 keeps the one manifest."""
     prompts = tmp_path / "prompts.txt"
@@ -436,7 +430,7 @@ def test_torchrun_spreads_prompts_over_processes(tmp_path):
     out = tmp_path / "out"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-        str(_free_port()), "-m", "cogvideox", "batch", str(prompts), "-o", str(out), *FAST,
+        str(free_port()), "-m", "cogvideox", "batch", str(prompts), "-o", str(out), *FAST,
     ]  # fmt: skip
     env = os.environ | {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)

@@ -9,13 +9,12 @@ divides by neither 2 nor 4, so the padding path is tested too.
 from __future__ import annotations
 
 import os
-import socket
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import free_port, join_or_fail
 
 from cogvideox.errors import InputError
 from cogvideox.models.config import TransformerConfig
@@ -70,23 +69,11 @@ def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(worker, world: int, *args, deadline_s: float = 600) -> None:
     """`worker(rank, world, *args)` on `world` gloo processes; a run still going after `deadline_s`
     (a process waiting in a collective the others skipped) is killed and fails the test."""
-    port = _free_port()
-    context = mp.spawn(_init_and_run, args=(world, port, worker, args), nprocs=world, join=False)
-    deadline = time.monotonic() + deadline_s
-    while not context.join(timeout=max(deadline - time.monotonic(), 0)):  # returns as each one exits
-        if time.monotonic() >= deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"{worker.__name__} on {world} processes still running after {deadline_s:g} s")
+    context = mp.spawn(_init_and_run, args=(world, free_port(), worker, args), nprocs=world, join=False)
+    join_or_fail(context, deadline_s, f"{worker.__name__} on {world} processes")
 
 
 def _init_and_run(rank: int, world: int, port: int, worker, args) -> None:

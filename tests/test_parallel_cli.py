@@ -8,7 +8,6 @@ latents agree to a relative 1e-5, `test_parallel.py`, and a pixel on a rounding 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch.multiprocessing as mp
+from helpers import free_port, join_or_fail, shared_port
 
 from cogvideox import Pipeline, cli, export_video, read_video
 from cogvideox.cli import main
@@ -24,17 +24,11 @@ FAST = ["--steps", "2", "--frames", "9", "--seed", "5", "--quiet"]
 FRAME_TOLERANCE = 1  # of 255
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_generate_writes_once_on_rank_0(tmp_path):
     output = tmp_path / "video.mp4"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-        str(_free_port()), "-m", "cogvideox", "generate", "a red ball rolls left", "-o", str(output),
+        str(free_port()), "-m", "cogvideox", "generate", "a red ball rolls left", "-o", str(output),
         "--parallel", "ulysses=2", *FAST,
     ]  # fmt: skip
     env = os.environ | {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
@@ -91,9 +85,9 @@ def _recorder(written: dict[str, np.ndarray]):
     return export_video
 
 
-def _cli_worker(rank: int, world: int, runs: list[tuple[int, list[str]]], out_file: str) -> None:
-    """Process `rank` of a torchrun-like world: `main(argv)` for each (port, argv) of `runs`, with the
-    MP4 writer replaced by a recorder; saves (statuses, {file name: frames} it was asked to write)."""
+def _cli_worker(rank: int, world: int, runs: list[list[str]], out_file: str) -> None:
+    """Process `rank` of a torchrun-like world: `main(argv)` for each argv of `runs`, with the MP4 writer
+    replaced by a recorder; saves (statuses, {file name: frames} it was asked to write)."""
     import torch
 
     from cogvideox import video
@@ -102,7 +96,8 @@ def _cli_worker(rank: int, world: int, runs: list[tuple[int, list[str]]], out_fi
     written: dict[str, np.ndarray] = {}
     video.export_video = _recorder(written)
     statuses = []
-    for port, argv in runs:  # a fresh port per run: each run joins and leaves its own process group
+    for i, argv in enumerate(runs):  # each run joins and leaves its own process group, on a port of its own
+        port = shared_port(rank, f"{out_file}.port{i}")  # taken as the run starts, not minutes before
         os.environ.update(
             RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
             MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
@@ -133,11 +128,12 @@ def parallel_frames(tmp_path_factory):
         for tiling in ([], ["--vae-tiling"]):
             name = f"{spec}{'-tiled' if tiling else ''}.mp4"
             argv = ["generate", PROMPT, "-o", str(folder / name), "--parallel", spec, *FAST, *CPU, *tiling]
-            runs.append((_free_port(), argv))
+            runs.append(argv)
     batch = ["batch", str(folder / "prompts.txt"), "-o", str(folder / "batch"), "--parallel", "cfg=2"]
-    runs.append((_free_port(), [*batch, *FAST, *CPU]))
+    runs.append([*batch, *FAST, *CPU])
     out_file = str(folder / "results")
-    mp.spawn(_cli_worker, args=(2, runs, out_file), nprocs=2, join=True)
+    context = mp.spawn(_cli_worker, args=(2, runs, out_file), nprocs=2, join=False)
+    join_or_fail(context, 600, f"{len(runs)} parallel CLI runs")
     return [torch.load(f"{out_file}.{rank}", weights_only=False) for rank in range(2)]
 
 
@@ -245,7 +241,7 @@ def test_torchrun_prints_each_error_once(tmp_path):
     env = os.environ | {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     ports = set()
     while len(ports) < len(ERRORS_UNDER_TORCHRUN):  # one port each: the launches overlap
-        ports.add(_free_port())
+        ports.add(free_port())
     launched = []
     for i, ((argv, message), port) in enumerate(zip(ERRORS_UNDER_TORCHRUN, sorted(ports))):
         command = [

@@ -3,7 +3,6 @@ folder, and the running job (re-queued when its lease runs out) and the queued o
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 
@@ -12,18 +11,13 @@ import pytest
 
 pytest.importorskip("fastapi")
 
+from helpers import free_port  # noqa: E402
 from serve_helpers import wait_until  # noqa: E402
 
 from cogvideox.serve.jobs import SQLiteStore  # noqa: E402
 from cogvideox.video import read_video  # noqa: E402
 
 LEASE = 2  # seconds: how long the dead worker's job waits before it is claimed again
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_server(model_dir, data_dir, port, log):

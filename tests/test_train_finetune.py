@@ -4,14 +4,13 @@ the same with compiled blocks, and several processes average their gradients."""
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_video_folder
+from helpers import free_port, make_video_folder
 from safetensors.torch import load_file
 
 from cogvideox import InputError, Pipeline, read_video
@@ -267,12 +266,6 @@ def test_learning_rate_schedule(tmp_path):
     assert learning_rate(FinetuneConfig(data="d", output="o", warmup_steps=0), 500) == 1e-4
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_average_their_gradients(data_dir, tiny_rope_dir, tmp_path):
     """`cogvideox train` under two gloo processes (what torchrun sets up) against one process that
     averages the two ranks' gradients itself."""
@@ -280,7 +273,7 @@ def test_two_processes_average_their_gradients(data_dir, tiny_rope_dir, tmp_path
     argv = [sys.executable, "-m", "cogvideox", "train", str(data_dir), "--output", str(tmp_path / "ddp"),
             "--model", str(tiny_rope_dir), "--bucket", "9x32x48", "--rank", "4", "--lr", "1e-2",
             "--warmup-steps", "0", "--steps", str(steps), "--quiet", "--cache-dir", str(tmp_path / "cache")]
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for rank in range(2):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
