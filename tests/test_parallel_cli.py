@@ -58,7 +58,6 @@ def test_torchrun_generate_writes_once_on_rank_0(tmp_path):
         (["--parallel", "ulysses=3"], "ulysses=3 does not divide the model's 4 attention heads"),
         (["--parallel", "cfg=2", "--guidance", "1"], "guidance is off"),
         (["--parallel", "pipeline=2"], "kinds: cfg, ulysses, ring"),
-        (["--parallel", "cfg=2", "--cache", "0.1"], "does not combine with --cache"),
     ],
 )
 def test_parallel_mistakes_exit_2_with_one_line(capsys, tmp_path, extra, message):
@@ -73,6 +72,10 @@ def test_parallel_mistakes_exit_2_with_one_line(capsys, tmp_path, extra, message
 
 CPU = ["--device", "cpu", "--dtype", "fp32"]
 LAYOUTS = ("cfg=2", "ulysses=2", "ring=2")
+# The step cache over 10 steps (it skips 3: the nearest change is 0.306), and compiled
+# blocks, under a sequence split: the parallel video is the single-process video with the same levers.
+LEVERS = ["--steps", "10", "--frames", "9", "--seed", "5", "--quiet", "--cache", "0.3"]
+LEVER_RUNS = {"ulysses=2": [], "ring=2": ["--compile"]}
 PROMPT = "a red circle moving up"
 
 
@@ -131,6 +134,9 @@ def parallel_frames(tmp_path_factory):
             runs.append(argv)
     batch = ["batch", str(folder / "prompts.txt"), "-o", str(folder / "batch"), "--parallel", "cfg=2"]
     runs.append([*batch, *FAST, *CPU])
+    for spec, levers in LEVER_RUNS.items():
+        runs.append(["generate", PROMPT, "-o", str(folder / f"{spec}-levers.mp4"), "--parallel", spec, *LEVERS,
+                     *levers, *CPU])  # fmt: skip
     out_file = str(folder / "results")
     context = mp.spawn(_cli_worker, args=(2, runs, out_file), nprocs=2, join=False)
     join_or_fail(context, 600, f"{len(runs)} parallel CLI runs")
@@ -152,7 +158,7 @@ def test_parallel_generate_is_the_single_process_video(parallel_frames, monkeypa
     """Untiled by default (no tiling behind the user's back), tiled with --vae-tiling, on every layout;
     only rank 0 writes."""
     (statuses, frames), (other_statuses, other_frames) = parallel_frames
-    assert statuses == other_statuses == [0] * (2 * len(LAYOUTS) + 1)
+    assert statuses == other_statuses == [0] * (2 * len(LAYOUTS) + 1 + len(LEVER_RUNS))
     assert other_frames == {}, "a rank other than 0 wrote a file"
     untiled = _single_process(monkeypatch, tmp_path)
     tiled = _single_process(monkeypatch, tmp_path, "--vae-tiling")
@@ -160,6 +166,18 @@ def test_parallel_generate_is_the_single_process_video(parallel_frames, monkeypa
     for spec in LAYOUTS:
         assert _max_difference(frames[f"{spec}.mp4"], untiled) <= FRAME_TOLERANCE, spec
         assert _max_difference(frames[f"{spec}-tiled.mp4"], tiled) <= FRAME_TOLERANCE, spec
+
+
+def test_parallel_levers_give_the_single_process_video(parallel_frames, monkeypatch, tmp_path, capsys):
+    """--cache (the group decides which steps skip) and --compile with --parallel."""
+    (statuses, frames), _ = parallel_frames
+    assert statuses[-len(LEVER_RUNS) :] == [0] * len(LEVER_RUNS)
+    written = _record_frames(monkeypatch)
+    assert main(["generate", PROMPT, "-o", str(tmp_path / "single.mp4"), *LEVERS, *CPU]) == 0
+    computed = capsys.readouterr().out.split("cache 0.3: ")[1].split(" steps computed")[0]
+    assert computed in {f"{n}/10" for n in range(2, 10)}  # some steps skipped, some computed
+    for spec in LEVER_RUNS:
+        assert _max_difference(frames[f"{spec}-levers.mp4"], written["single.mp4"]) <= FRAME_TOLERANCE, spec
 
 
 def test_parallel_batch_is_the_single_process_batch(parallel_frames, monkeypatch, tmp_path):

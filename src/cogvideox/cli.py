@@ -290,8 +290,6 @@ def _generate(args: argparse.Namespace) -> int:
     lora = list(zip(args.lora, scales)) or None
     from cogvideox.parallel import launch
 
-    if args.parallel is not None and (args.cache is not None or args.compile):
-        raise InputError("--parallel does not combine with --cache or --compile yet")
     mesh, device = launch.join(args.parallel, device, configs.transformer, request["guidance_scale"] > 1,
                                one_group=True)
     pipe = Pipeline.from_pretrained(

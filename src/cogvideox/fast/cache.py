@@ -18,7 +18,8 @@ uncapped line overshot on long runs of skips (the cap of 1/2 was chosen there am
 halved slope). It stores one more residual. On the demo model it brings the cached videos much closer to
 the uncached ones at every threshold (see BENCHMARKS.md).
 
-The decision is one per transformer call, so a CFG batch [uncond ; cond] is kept or skipped together.
+The decision is one per transformer call, so a CFG batch [uncond ; cond] is kept or skipped together;
+under a parallel layout the group of processes decides together (`cogvideox.parallel.step_cache`).
 The reference residual is only renewed on full steps, so slow drift still triggers a full step. The
 cache resets itself when a call's timestep is not below the previous one (a new generation: the
 samplers count down) or the input shape changes, and `reset()` does it by hand. Inference only.
@@ -49,6 +50,9 @@ class StepCache:
         if order not in (0, 1):
             raise ValueError(f"the cache order is 0 or 1, got {order!r}")
         self.order = order
+        # (residual, reference) -> (relative change, skip): None judges this process's tensors alone; a
+        # parallel pipeline installs one that judges the whole video over its group (`parallel.step_cache`).
+        self.judge = None
         blocks = list(transformer.transformer_blocks)
         if len(blocks) < 2:
             raise ValueError("step caching needs a transformer with at least 2 blocks")
@@ -99,17 +103,19 @@ class StepCache:
         residual = out_video - video
         self._skip = False
         if self._reference is not None and self._rest is not None:
-            reference = self._reference
             # One host sync per step: the branch below is Python control flow.
-            change = (residual - reference).abs().float().mean() / reference.abs().float().mean()
-            self.last_change = change.item()
-            self._skip = self.last_change < self.threshold
+            judge = self.judge or self._judge
+            self.last_change, self._skip = judge(residual, self._reference)
         self.calls += 1
         if not self._skip:
             self.computed += 1
             self._reference = residual
             self._rest_input = (out_video, out_text)
         return out_video, out_text
+
+    def _judge(self, residual: torch.Tensor, reference: torch.Tensor) -> tuple[float, bool]:
+        change = ((residual - reference).abs().float().mean() / reference.abs().float().mean()).item()
+        return change, change < self.threshold
 
     def _middle(self, forward, video, text, emb, rope=None):
         if self._skip:

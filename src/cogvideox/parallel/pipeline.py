@@ -11,6 +11,8 @@ What is split, and how the result relates to one process:
   states (adding zeros is exact);
 - the transformer: CFG halves (`cfg.py`) and sequence shards (`sequence.py`), equal to one process up
   to the order of floating-point sums;
+- the speed levers of `accelerate` (applied before): compiled blocks hold the collectives (the ring as
+  one opaque operator), and the step cache decides for the whole group (`step_cache.py`);
 - the VAE decode: by tiles (`decode.py`) when tiling is on, equal to the single-process tiled decode;
   with tiling off every process decodes the whole video untiled, as one process does (tiling is
   never turned on for the split: it changes the video at the seams).
@@ -32,6 +34,7 @@ from cogvideox.parallel.cfg import CFGParallel
 from cogvideox.parallel.decode import split_decode
 from cogvideox.parallel.mesh import Mesh, broadcast_int
 from cogvideox.parallel.sequence import SequenceParallel
+from cogvideox.parallel.step_cache import share_step_cache, unshare_step_cache
 from cogvideox.pipeline import Pipeline
 
 
@@ -49,14 +52,23 @@ class ParallelPipeline(Pipeline):
         mesh.layout.check(heads=self.transformer.config.num_attention_heads)
         self.mesh = mesh
         self._sequence = SequenceParallel(self.transformer, mesh)
+        share_step_cache(self._step_cache, mesh, self._sequence)  # the group decides which steps skip
         self._prompt_turn = 0
+
+    @property
+    def _step_cache(self):
+        return self.acceleration.cache if self.acceleration is not None else None
 
     def close(self) -> None:
         """Restore the transformer to its single-process form."""
         self._sequence.remove()
+        unshare_step_cache(self._step_cache)
 
     def with_scheduler(self, scheduler) -> Pipeline:
         raise InputError("choose the scheduler before parallelize(): with_scheduler() on the plain pipeline")
+
+    def accelerate(self, **kwargs) -> Pipeline:
+        raise InputError("apply the speed levers before parallelize(): accelerate() on the plain pipeline")
 
     def __call__(self, prompt, negative_prompt=None, *, seed=None, generator=None, progress=True, **kwargs):
         """As `Pipeline.__call__`. Progress bars show on global rank 0 only (group 0's leader)."""

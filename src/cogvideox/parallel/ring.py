@@ -18,6 +18,8 @@ are cut off each block, so they get no weight.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.distributed as dist
 
@@ -169,3 +171,33 @@ def ring_attention(
         if pending:
             kv = incoming
     return acc.result(q.dtype)
+
+
+# The rings of this process, by key: (index, ring_ranks, group) as `ring_attention` takes them.
+_RINGS: dict[int, tuple[int, tuple[int, ...], object]] = {}
+_keys = itertools.count()
+
+
+def register_ring(index: int, ring_ranks: tuple[int, ...], group) -> int:
+    """A key under which `ring_attention_op` finds this process's ring (`unregister_ring` forgets it)."""
+    key = next(_keys)
+    _RINGS[key] = (index, tuple(ring_ranks), group)
+    return key
+
+
+def unregister_ring(key: int) -> None:
+    _RINGS.pop(key, None)
+
+
+@torch.library.custom_op("cogvideox::ring_attention", mutates_args=())
+def ring_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: list[int], ring: int) -> torch.Tensor:
+    """`ring_attention` as one operator, for compiled blocks: Dynamo cannot trace the ring's point-to-point
+    messages, so the graph holds the whole ring as one opaque node. `ring` is a key from `register_ring`
+    (an int, the same for every block, so the blocks still share one graph). Returns a contiguous tensor."""
+    index, ring_ranks, group = _RINGS[ring]
+    return ring_attention(q, k, v, valid, index, ring_ranks, group).contiguous()
+
+
+@ring_attention_op.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: list[int], ring: int) -> torch.Tensor:
+    return q.new_empty(q.shape)

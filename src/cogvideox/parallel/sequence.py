@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from cogvideox.parallel.mesh import Mesh
-from cogvideox.parallel.ring import ring_attention
+from cogvideox.parallel.ring import register_ring, ring_attention, ring_attention_op, unregister_ring
 
 
 @dataclass
@@ -40,6 +40,7 @@ class _Call:
     total: int  # L + N, the real sequence length
     shard: int  # tokens per shard, ceil(total / S)
     rope: tuple[torch.Tensor, torch.Tensor] | None
+    video_rows: int  # real video tokens in this shard: its leading ones (padding follows them)
 
 
 class SequenceParallel:
@@ -61,6 +62,7 @@ class SequenceParallel:
             raise RuntimeError("this transformer is already sequence-parallel: remove() the first hooks")
         self._transformer = transformer
         transformer._sequence_parallel = self
+        self._ring = register_ring(mesh.ring_index, mesh.ring_ranks, mesh.ring_group) if mesh.layout.ring > 1 else None
         first, last = blocks[0], blocks[-1]
         self._handles.append(first.register_forward_pre_hook(self._shard, with_kwargs=True))
         for block in blocks[1:]:
@@ -84,6 +86,8 @@ class SequenceParallel:
                 attn.attend = previous
         if self._handles:
             self._transformer._sequence_parallel = None
+            if self._ring is not None:
+                unregister_ring(self._ring)
         self._handles, self._attends = [], []
 
     # ------------------------------------------------------------------------------------------------
@@ -103,7 +107,9 @@ class SequenceParallel:
         local = joint[:, s * shard : (s + 1) * shard]  # [B, shard, D]
         local_text = min(max(L - s * shard, 0), shard)
         first_video = s * shard + local_text - L  # video position of the shard's first video token
-        self.call = _Call(L, total, shard, _rope_rows(rope, first_video, shard - local_text, N))
+        real = min(max(total - s * shard, 0), shard)  # tokens of this shard that are not padding
+        rope_rows = _rope_rows(rope, first_video, shard - local_text, N)
+        self.call = _Call(L, total, shard, rope_rows, video_rows=real - local_text)
         return (local[:, local_text:].contiguous(), local[:, :local_text].contiguous(), emb, self.call.rope), {}
 
     def _local_rope(self, block, args, kwargs):
@@ -135,7 +141,10 @@ class SequenceParallel:
             out = inner(q, k[:, :, :keys], v[:, :, :keys]) if keys < span else inner(q, k, v)
         else:
             valid = [min(max(call.total - j * span, 0), span) for j in range(layout.ring)]
-            out = ring_attention(q, k, v, valid, mesh.ring_index, mesh.ring_ranks, mesh.ring_group)
+            if torch.compiler.is_compiling():  # a compiled block: the ring as one opaque operator
+                out = ring_attention_op(q, k, v, valid, self._ring)
+            else:
+                out = ring_attention(q, k, v, valid, mesh.ring_index, mesh.ring_ranks, mesh.ring_group)
         if U > 1:
             out = _heads_to_seq(out, U, mesh.ulysses_group)
         return out
