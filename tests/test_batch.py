@@ -16,7 +16,7 @@ import pytest
 from helpers import free_port
 
 from cogvideox import Pipeline, read_video
-from cogvideox.batch import LOCK, MANIFEST, finished, plan, read_prompts, run_batch, video_name
+from cogvideox.batch import LOCK, MANIFEST, finished, lossy_levers, plan, read_prompts, run_batch, video_name
 from cogvideox.cli import main
 from cogvideox.errors import InputError
 
@@ -216,6 +216,8 @@ def test_other_settings_stop_before_loading_until_overwrite(capsys, monkeypatch,
             (["--negative-prompt", "blurry"], "negative prompt '', now 'blurry'"),
             (["--dynamic-cfg"], "dynamic cfg 'off', now 'reference'"),
             (["--model", str(model)], f"model {made['model']!r}, now {str(model.resolve())!r}"),
+            (["--quantize", "int8"], "lossy levers 'none', now 'int8'"),
+            (["--cache", "0.1"], "lossy levers 'none', now 'cache 0.1'"),
         ]:
             assert main([*batch, *flags]) == 2, flags
             assert capsys.readouterr().err == (
@@ -223,6 +225,10 @@ def test_other_settings_stop_before_loading_until_overwrite(capsys, monkeypatch,
                 "another --output-dir, or --overwrite to make them again\n"
             )
         assert _contents(out) == before  # not a byte changed
+        # Levers that change the computation by rounding only are not settings: nothing to make again.
+        for flags in (["--attention", "math"], ["--cache", "0"]):
+            assert main([*batch, *flags]) == 0, flags
+            assert "wrote 0 video(s)" in capsys.readouterr().out
 
     assert main([*batch, "--steps", "3", "--overwrite"]) == 0
     assert "wrote 3 video(s)" in capsys.readouterr().out
@@ -297,7 +303,7 @@ def test_run_batch_records_the_pipelines_settings(tmp_path):
     assert entry["settings"] == {
         "model": None, "scheduler": "ddim", "steps": 2, "guidance": pipe.sampling_defaults["guidance_scale"],
         "dynamic_cfg": "off", "negative_prompt": "", "max_sequence_length": pipe.config.max_text_seq_length,
-        "frames": 9, "height": height, "width": width, "fps": pipe.default_fps,
+        "frames": 9, "height": height, "width": width, "fps": pipe.default_fps, "lossy_levers": "none",
     }  # fmt: skip
     assert run_batch(pipe, ["a red ball"], out, progress=False, num_inference_steps=2, num_frames=9) == []
     assert run_batch(pipe, "a red ball", out, progress=False, num_inference_steps=2, num_frames=9) == []  # one
@@ -305,6 +311,43 @@ def test_run_batch_records_the_pipelines_settings(tmp_path):
         run_batch(pipe, ["a red ball"], out, progress=False, num_inference_steps=3, num_frames=9)
     [entry] = run_batch(pipe, ["a red ball"], out, progress=False, overwrite=True, num_inference_steps=3, num_frames=9)
     assert entry["settings"]["steps"] == 3
+
+
+def test_lossy_levers_name_what_changes_the_video():
+    assert lossy_levers() == lossy_levers(None, "auto", 0) == lossy_levers(None, "fa3", None) == "none"
+    assert lossy_levers("fp8", "sage", 0.1) == "fp8, sage attention, cache 0.1"
+    assert lossy_levers("int8", "sage-emulated") == "int8, sage-emulated attention"
+
+
+def test_batch_with_the_step_cache_records_it(capsys, monkeypatch, tmp_path):
+    """--cache changes the videos, so it is a setting; each entry says how many steps its video computed.
+    Lines written before the levers were recorded were made without them."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle moving up\n")
+    out = tmp_path / "out"
+    batch = ["batch", str(prompts), "-o", str(out), "--seed", "5", "--steps", "10", "--frames", "9", "--quiet"]
+    assert main([*batch, "--cache", "0.3"]) == 0
+    [entry] = _manifest(out)
+    assert entry["settings"]["lossy_levers"] == "cache 0.3"
+    assert entry["cache"] == {"computed": 7, "calls": 10}  # the demo model's run skips 3 of 10 at 0.3
+    # The same video as `generate` with the same flags and seed (the same frames: the same H.264 bytes).
+    single = tmp_path / "single.mp4"
+    assert main(["generate", "a red circle moving up", "-o", str(single), *batch[4:], "--cache", "0.3"]) == 0
+    assert single.read_bytes() == (out / entry["file"]).read_bytes()
+    capsys.readouterr()
+    with monkeypatch.context() as patch:
+        _no_loading(patch)
+        assert main(batch) == 2
+        assert "made with other settings (lossy levers 'cache 0.3', now 'none')" in capsys.readouterr().err
+
+    assert main([*batch, "--overwrite"]) == 0
+    entries = _manifest(out)
+    assert entries[-1]["settings"]["lossy_levers"] == "none" and "cache" not in entries[-1]
+    for e in entries:
+        del e["settings"]["lossy_levers"]  # as a manifest of an earlier version writes them
+    (out / MANIFEST).write_text("".join(json.dumps(e) + "\n" for e in entries))
+    assert main(batch) == 0
+    assert "wrote 0 video(s)" in capsys.readouterr().out
 
 
 def test_a_prompt_is_a_line_of_the_file_whatever_it_holds(tmp_path):

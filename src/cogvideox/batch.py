@@ -90,15 +90,17 @@ def plan(prompts: Sequence[str], seed: int = 0) -> list[Item]:
     return [Item(i, p, seed + i, video_name(i, p)) for i, p in enumerate(prompts)]
 
 
-def video_settings(model: str | None, scheduler: str, request, fps: float) -> dict:
+def video_settings(model: str | None, scheduler: str, request, fps: float, levers: str = "none") -> dict:
     """What decides a video besides its prompt and seed, as a manifest entry records it.
 
     model: the model folder as resolved (a hub snapshot's folder names its commit); scheduler: "ddim" or
     "dpm"; request: the `GenerationRequest` of `check_request`, every default resolved, so that
-    `--frames 49` and the model's default 49 are the same setting; fps: the MP4s' frame rate.
-    Left out on purpose: device, dtype, offloading, `--vae-tiling` and the `--parallel` layout choose how
-    the same video is computed (they change it by rounding, or by blending at tile seams, at most), and a
-    batch must stay resumable on other hardware.
+    `--frames 49` and the model's default 49 are the same setting; fps: the MP4s' frame rate; levers:
+    the speed levers that change the video (`lossy_levers`).
+    Left out on purpose: device, dtype, offloading, `--vae-tiling`, the `--parallel` layout and the
+    lossless levers (`--compile`, the exact attention kernels) choose how the same video is computed (they
+    change it by rounding, or by blending at tile seams, at most), and a batch must stay resumable on
+    other hardware.
     """
     return {
         "model": model,
@@ -112,7 +114,31 @@ def video_settings(model: str | None, scheduler: str, request, fps: float) -> di
         "height": request.height,
         "width": request.width,
         "fps": fps,
+        "lossy_levers": levers,
     }
+
+
+LOSSY_ATTENTION = ("sage", "sage-emulated")
+
+
+def lossy_levers(quantize: str | None = None, attention: str | None = None, cache: float | None = None) -> str:
+    """The speed levers among these that make another video than the exact path ("fp8, sage attention,
+    cache 0.1"), or "none": quantised linears, 8-bit attention, and a step cache that may skip steps
+    (threshold 0 computes every step, bit for bit the uncached video)."""
+    parts = [quantize] if quantize else []
+    if attention in LOSSY_ATTENTION:
+        parts.append(f"{attention} attention")
+    if cache:
+        parts.append(f"cache {cache:g}")
+    return ", ".join(parts) or "none"
+
+
+def pipeline_levers(pipe) -> str:
+    """`lossy_levers` of what `accelerate` did to a loaded pipeline."""
+    done = pipe.acceleration
+    if done is None:
+        return "none"
+    return lossy_levers(done.quantize, done.attention, done.cache.threshold if done.cache is not None else None)
 
 
 def scheduler_kind(scheduler) -> str:
@@ -138,7 +164,8 @@ def _pipeline_settings(pipe, prompt: str, request: dict, fps: float) -> dict:
     )
     known = inspect.signature(check_request).parameters
     shaping = {name: value for name, value in (request | guidance).items() if name in known}
-    return video_settings(None, scheduler_kind(pipe.scheduler), pipe.check_request(prompt, **shaping), fps)
+    checked = pipe.check_request(prompt, **shaping)
+    return video_settings(None, scheduler_kind(pipe.scheduler), checked, fps, pipeline_levers(pipe))
 
 
 def _latest_entries(output_dir: Path) -> dict[str, dict]:
@@ -160,6 +187,9 @@ def _latest_entries(output_dir: Path) -> dict[str, dict]:
 
 # What a manifest entry written before settings were recorded still tells: the size and rate of its file.
 _LEGACY_SETTINGS = ("frames", "height", "width", "fps")
+# Settings recorded since a later version, and what an entry without them was made with: batches had no
+# speed levers before they were recorded.
+_ADDED_SETTINGS = {"lossy_levers": "none"}
 
 
 def _show(value) -> str:
@@ -200,8 +230,9 @@ def _difference(entry: dict, item: Item, settings: dict) -> str | None:
     if not isinstance(made, dict):
         made, names = entry, [name for name in _LEGACY_SETTINGS if name in settings]
     for name in names:
-        if made.get(name) != settings[name]:
-            return f"{name.replace('_', ' ')} {_show(made.get(name))}, now {_show(settings[name])}"
+        value = made.get(name, _ADDED_SETTINGS.get(name))
+        if value != settings[name]:
+            return f"{name.replace('_', ' ')} {_show(value)}, now {_show(settings[name])}"
     return None
 
 
@@ -441,6 +472,9 @@ def _one_video(
     except InputError as e:  # the folder takes no more files (a full disk): this video rescued, stop
         return record | {"error": str(e), "stop": f"{e}; the batch stopped there, re-run it to go on"}
     timings = result.timings | {"write": time.perf_counter() - start}
+    cache = pipe.acceleration.cache if pipe.acceleration is not None else None
+    if cache is not None:
+        record["cache"] = {"computed": cache.computed, "calls": cache.calls}  # this video's transformer calls
     return record | {
         "file": item.file,
         "frames": int(frames.shape[0]),
@@ -458,7 +492,13 @@ def _one_video(
 
 def add_batch_parser(commands) -> None:
     """Add `batch` to the `cogvideox` command's sub-parsers."""
-    from cogvideox.cli_args import add_memory_arguments, add_model_arguments, add_sampling_arguments, frame_rate
+    from cogvideox.cli_args import (
+        add_memory_arguments,
+        add_model_arguments,
+        add_sampling_arguments,
+        add_speed_arguments,
+        frame_rate,
+    )
 
     bat = commands.add_parser(
         "batch",
@@ -478,6 +518,7 @@ def add_batch_parser(commands) -> None:
     )
     arg("--fps", type=frame_rate, help="frame rate of the MP4s (default: the model's, 8 or 16)")
     add_memory_arguments(bat)
+    add_speed_arguments(bat)
     arg(
         "--parallel",
         metavar="LAYOUT",
@@ -499,7 +540,7 @@ def add_batch_parser(commands) -> None:
 def _batch(args: argparse.Namespace) -> int:
     from cogvideox import loading
     from cogvideox.cli import RUN_ERROR, _quiet_libraries
-    from cogvideox.cli_args import locate_model, memory_settings, report_offload, request_from_args
+    from cogvideox.cli_args import locate_model, memory_settings, report_offload, request_from_args, speed_settings
     from cogvideox.parallel import launch, parallelize, single_process_mesh
     from cogvideox.pipeline import Pipeline
     from cogvideox.request import check_request, default_fps
@@ -520,7 +561,10 @@ def _batch(args: argparse.Namespace) -> int:
     ]
     scheduler = scheduler_kind(loading.load_scheduler(folder, args.scheduler))
     fps = args.fps or default_fps(configs.transformer)
-    settings = video_settings(str(folder.resolve()), scheduler, checked[0], fps)
+    accelerate = speed_settings(args, device)
+    speed = accelerate or {}
+    levers = lossy_levers(speed.get("quantize"), speed.get("attention"), speed.get("cache"))
+    settings = video_settings(str(folder.resolve()), scheduler, checked[0], fps, levers)
     items = plan(prompts, args.seed)
 
     mesh, device = launch.join(args.parallel, device, configs.transformer, request["guidance_scale"] > 1,
@@ -534,6 +578,8 @@ def _batch(args: argparse.Namespace) -> int:
             )
             if is_root:
                 report_offload(pipe, args, device)
+            if accelerate:
+                pipe.accelerate(**accelerate)
             if mesh is not None and mesh.layout.size > 1:
                 pipe = parallelize(pipe, mesh)  # tiling as the single-process batch has it: the same videos
             start = time.perf_counter()
