@@ -290,8 +290,8 @@ def test_two_processes_average_their_gradients(data_dir, tiny_rope_dir, tmp_path
     for step in range(steps):
         total = 0.0
         for rank in range(2):
-            run.procs.rank = rank
-            loss = run.loss(run.generator(step))
+            run.procs.rank, run.procs.world_size = rank, 2  # the two ranks' draws, their strata included
+            loss = run.loss(run.generator(step), step)
             loss.backward()
             total += loss.item() / 2
         for p in params:
@@ -305,6 +305,29 @@ def test_two_processes_average_their_gradients(data_dir, tiny_rope_dir, tmp_path
     for name, p in run.trainable.items():
         key = "transformer." + name.replace(".default.", ".")
         assert torch.allclose(saved[key], p.detach(), atol=1e-6), key
+
+
+def test_a_steps_timesteps_take_one_stratum_each(data_dir, tiny_rope_dir, tmp_path):
+    """Batch 2, 2 micro-batches, 2 processes: the 8 draws of a step take the 8 eighths of [0, 1000) once
+    between them, in an order that changes from step to step; --timesteps uniform draws them freely."""
+    run = Run(config(data_dir, tiny_rope_dir, tmp_path, batch_size=2, grad_accum=2))
+    run.alphas_cumprod = torch.zeros(1000)  # all `timesteps` reads of the model
+    run.procs.world_size = 2
+    orders = []
+    for step in range(3):
+        drawn = []
+        for rank in range(2):
+            run.procs.rank = rank
+            for micro in range(2):
+                drawn += run.timesteps(step, micro, run.generator(step, micro)).tolist()
+        strata = [t // 125 for t in drawn]
+        assert sorted(strata) == list(range(8)), drawn
+        orders.append(strata)
+    assert orders[0] != orders[1] != orders[2]
+    run.procs.rank = 0
+    assert drawn[:2] == run.timesteps(2, 0, run.generator(2, 0)).tolist()  # a function of the step: resumable
+    run.config.timesteps = "uniform"
+    assert run.timesteps(0, 0, run.generator(0, 0)) is None
 
 
 def test_the_demo_model_fine_tunes_through_the_same_call(tmp_path):
@@ -368,10 +391,11 @@ def _spy_on_v_loss(monkeypatch):
     calls = []
     real = finetune_module.v_loss
 
-    def spy(transformer, x0, text, table, generator, rotary=None, weight=None):
+    def spy(transformer, x0, text, table, generator, rotary=None, weight=None, timesteps=None):
         state = generator.get_state()
-        loss = real(transformer, x0, text, table, generator, rotary=rotary, weight=weight)
-        calls.append(dict(x0=x0, text=text, generator_state=state, rotary=rotary, weight=weight, loss=loss))
+        loss = real(transformer, x0, text, table, generator, rotary=rotary, weight=weight, timesteps=timesteps)
+        calls.append(dict(x0=x0, text=text, generator_state=state, rotary=rotary, weight=weight, loss=loss,
+                          timesteps=timesteps))  # fmt: skip
         return loss
 
     monkeypatch.setattr(finetune_module, "v_loss", spy)

@@ -80,3 +80,31 @@ def test_a_log_line_cut_short_by_a_kill_does_not_stop_the_resume(tmp_path):
     assert log.read() == [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.25}, {"step": 3, "loss": 0.5 / 3},
                           {"step": 4, "loss": 0.25}]
     assert path.read_text().splitlines()[-1] == '{"step": 4, "loss": 0.25}'
+
+
+def test_stratified_timesteps_cover_the_strata_and_stay_uniform():
+    from cogvideox.train.objective import stratified_timesteps
+
+    T = 1000
+    # One draw per step: the plain uniform draw, bit for bit.
+    one = stratified_timesteps(T, 1, range(0, 1), torch.Generator().manual_seed(1), torch.Generator().manual_seed(2))
+    assert torch.equal(one, torch.randint(0, T, (1,), generator=torch.Generator().manual_seed(2)))
+    # 6 draws of a step in parts of 2 and 4 (two processes): each of the 6 strata once, each t inside its own.
+    lows = torch.tensor([k * T // 6 for k in range(7)])  # [floor(k T / 6), floor((k + 1) T / 6)): stratum k
+    seen = []
+    for step in range(2000):
+        parts = [stratified_timesteps(T, 6, mine, torch.Generator().manual_seed(step),
+                                      torch.Generator().manual_seed(10**6 + 7 * step + mine.start))
+                 for mine in (range(0, 2), range(2, 6))]  # fmt: skip
+        drawn = torch.cat(parts)
+        assert sorted((torch.searchsorted(lows, drawn, right=True) - 1).tolist()) == list(range(6)), drawn
+        seen.append(drawn)
+    seen = torch.cat(seen).double()
+    # Each draw on its own is uniform on [0, T): mean (T - 1) / 2, variance (T^2 - 1) / 12.
+    assert abs(seen.mean().item() - (T - 1) / 2) < 10
+    assert abs(seen.var().item() / ((T**2 - 1) / 12) - 1) < 0.05
+    counts = torch.bincount((seen // 100).long(), minlength=10)
+    assert counts.min() > 0.9 * len(seen) / 10
+    # More draws than timesteps: strata of width 1, shared.
+    many = stratified_timesteps(10, 25, range(25), torch.Generator().manual_seed(0), torch.Generator().manual_seed(1))
+    assert many.min() >= 0 and many.max() <= 9 and len(set(many.tolist())) == 10

@@ -64,6 +64,13 @@ def add_train_parsers(commands) -> None:
         help='loss weight of the latent cells a clip\'s mask covers (metadata.jsonl "mask"); the rest weigh 1 '
         "(default: 1, masks ignored)",
     )
+    arg(
+        "--timesteps",
+        choices=("stratified", "uniform"),
+        help="noise levels of a step's clips (over all processes, micro-batches and the batch): stratified "
+        "spreads them over the range, one per stratum, each still uniform on its own; uniform draws each "
+        "independently (the same with one clip per step) (default: stratified)",
+    )
     arg("--steps", type=positive_int, help="optimizer steps (default: 1000)")
     arg("--batch-size", type=positive_int, help="clips per step and process (default: 1)")
     arg("--grad-accum", type=positive_int, help="micro-batches accumulated per step (default: 1)")

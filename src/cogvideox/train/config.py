@@ -21,6 +21,7 @@ from .lora import DEFAULT_TARGETS
 
 OPTIMIZERS = ("adamw", "adamw-8bit", "adamw-cpu")
 SCHEDULES = ("constant", "cosine")
+TIMESTEPS = ("stratified", "uniform")
 
 
 @dataclass
@@ -45,6 +46,9 @@ class FinetuneConfig:
     sample_posterior: bool = True  # a fresh VAE posterior sample per step (else its mean)
     # Loss weight of the latent cells a clip's mask covers (the rest weigh 1); 1: masks are ignored
     mask_weight: float = 1.0
+    # Timesteps of a step's draws (over processes, micro-batches and the batch): one per stratum of
+    # [0, T), or each uniform on its own; the same with one draw per step
+    timesteps: str = "stratified"
     # Optimisation
     steps: int = 1000
     batch_size: int = 1
@@ -131,6 +135,8 @@ def check_config(c: FinetuneConfig) -> None:
         raise InputError(f"min_lr_ratio must be in [0, 1], got {c.min_lr_ratio!r}")
     if c.optimizer not in OPTIMIZERS:
         raise InputError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {c.optimizer!r}")
+    if c.timesteps not in TIMESTEPS:
+        raise InputError(f"timesteps must be one of {', '.join(TIMESTEPS)}, got {c.timesteps!r}")
     if c.schedule not in SCHEDULES:
         raise InputError(f"schedule must be one of {', '.join(SCHEDULES)}, got {c.schedule!r}")
     if not _non_negative_number(c.weight_decay):

@@ -8,12 +8,14 @@
 The run: read the folder (skipping and reporting unusable videos), precompute latents and T5 states into
 the cache, then train the transformer (a LoRA on the attention projections, or every weight with
 `full=True`) with the CogVideoX objective: v-prediction on the model's zero-terminal-SNR schedule with
-its SNR shift, t uniform over the 1000 training steps. The official trainers weight the x0 error by
-1 / (1 - alpha_bar_t); that weighted loss is exactly the v-MSE computed here (see `objective.py`).
+its SNR shift, t uniform over the 1000 training steps (stratified over a step's clips: `Run.timesteps`).
+The official trainers weight the x0 error by 1 / (1 - alpha_bar_t); that weighted loss is exactly the
+v-MSE computed here (see `objective.py`).
 
 Every random draw of step s (batch, posterior sample, caption dropout, t, noise) comes from a generator
-seeded by (seed, rank, s), and checkpoints hold the trainable weights, the optimizer and the step, so a
-run restarted from a checkpoint continues with the same losses, bit for bit.
+seeded by (seed, rank, s), the order of the timestep strata from one seeded by (seed, s) alike on every
+process, and checkpoints hold the trainable weights, the optimizer and the step, so a run restarted from
+a checkpoint continues with the same losses, bit for bit.
 
 Several processes: launch the same command under `torchrun --nproc-per-node N`. Each process draws its
 own batches; the gradients of the trainable weights are averaged across processes after each step
@@ -46,7 +48,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, ste
 from .config import FinetuneConfig
 from .data import Bucket, check_buckets, scan_folder
 from .log import JsonlLog, plot_curve
-from .objective import v_loss
+from .objective import stratified_timesteps, v_loss
 from .optim import CPUOffloadAdamW
 
 CHECKPOINT_PREFIX = "step"
@@ -264,8 +266,24 @@ class Run:
         c = self.config
         return step_generator(c.seed * 1009 + self.procs.rank, step * c.grad_accum + micro)
 
-    def loss(self, generator: torch.Generator) -> torch.Tensor:
-        """The objective on one batch drawn with `generator`."""
+    def timesteps(self, step: int, micro: int, generator: torch.Generator) -> torch.Tensor | None:
+        """This process's timesteps for micro-batch `micro` of optimizer step `step`: stratified over all
+        the step's draws (processes x micro-batches x batch; `objective.stratified_timesteps`), or None
+        for v_loss's plain uniform draw."""
+        c = self.config
+        if c.timesteps != "stratified":
+            return None
+        per_micro = c.batch_size
+        first = (self.procs.rank * c.grad_accum + micro) * per_micro
+        draws = self.procs.world_size * c.grad_accum * per_micro
+        order = step_generator(c.seed * 1009 - 1, step)  # the same on every process, unlike `generator`
+        return stratified_timesteps(
+            len(self.alphas_cumprod), draws, range(first, first + per_micro), order, generator
+        )
+
+    def loss(self, generator: torch.Generator, step: int | None = None, micro: int = 0) -> torch.Tensor:
+        """The objective on one batch drawn with `generator`; with `step`, its timesteps are those of
+        micro-batch `micro` of that optimizer step (`timesteps`), else drawn uniformly."""
         c = self.config
         tc = self.configs.transformer
         idx = self.dataset.draw(c.batch_size, generator)
@@ -301,6 +319,7 @@ class Run:
             generator,
             rotary=self._rotary[(f, h, w)],
             weight=weight,
+            timesteps=None if step is None else self.timesteps(step, micro, generator),
         )
 
     def autocast(self):
@@ -317,7 +336,7 @@ class Run:
         total = 0.0
         for micro in range(c.grad_accum):
             with self.autocast():
-                loss = self.loss(self.generator(step, micro))
+                loss = self.loss(self.generator(step, micro), step, micro)
             if not torch.isfinite(loss):
                 raise NonFiniteError(
                     f"the loss became {loss.item()} at step {step}; try a lower learning rate or bf16 instead of fp16"
