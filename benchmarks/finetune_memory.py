@@ -11,6 +11,8 @@ The step is the one `cogvideox train` runs on cached latents: the v-prediction l
 rank 128 on to_q/to_k/to_v/to_out.0 with AdamW; full fine-tuning with bf16 weights and the CPU-offloaded
 AdamW (`--optimizer adamw-cpu`, fp32 masters and moments in CPU memory) unless `--full-optimizer adamw`.
 
+`--save-attention` keeps each block's attention results through the backward pass (`cogvideox train
+--save-attention`: the checkpoint's recompute skips the attention kernel, for their memory).
 `--compile` compiles our blocks (regional torch.compile, as `cogvideox train --compile`); the warm-up
 step is then the compiling one (`warmup_s`), kept apart from the steady steps (`s_per_step`), and
 `graphs` counts the graphs Dynamo compiled during the warm-up, `graphs_after_warmup` those compiled in
@@ -192,6 +194,7 @@ def run_case(args, config: TransformerConfig, device, dtype, case: dict, save) -
     model = build_ours(config, device, dtype)
     model.gradient_checkpointing = True
     model.offload_activations = args.offload_activations
+    model.save_attention = args.save_attention
     model.train()
     if mode == "lora":
         lora.inject_lora(model, args.rank, args.rank, dtype=torch.float32)
@@ -208,6 +211,8 @@ def run_case(args, config: TransformerConfig, device, dtype, case: dict, save) -
     case["trainable_params"] = sum(p.numel() for p in params)
     if args.offload_activations:
         case["offload_activations"] = True
+    if args.save_attention:
+        case["save_attention"] = True
     case["setup_s"] = round(time.perf_counter() - t0, 2)  # the weights and the optimizer (5B full: 33 GB pinned)
     print(f"{mode} set up: {case['setup_s']:.2f} s", flush=True)
     measure(training_step(model, params, optimizer, x0, text, rotary, device, dtype), device, args.repeat, case, save)
@@ -285,6 +290,9 @@ def main() -> None:
     p.add_argument("--no-reference", action="store_true", help="skip the diffusers + peft comparison")
     p.add_argument("--offload-activations", action="store_true",
                    help="our LoRA and full cases keep the checkpointed block inputs in pinned CPU memory")
+    p.add_argument("--save-attention", action="store_true",
+                   help="our cases keep each block's attention results through the backward pass (selective "
+                   "checkpointing: the recompute skips the attention kernel)")
     p.add_argument("--compile", action="store_true",
                    help="our cases with their blocks compiled (regional torch.compile; the warm-up step compiles)")
     p.add_argument("--reference-compile", action="store_true",

@@ -232,6 +232,22 @@ def test_offloaded_activations_train_the_same_lora_bit_for_bit(data_dir, tiny_ro
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_saved_attention_trains_the_same_lora_bit_for_bit(data_dir, tiny_rope_dir, tmp_path, monkeypatch):
+    from cogvideox.models.transformer import ExpertBlock
+
+    plain = finetune(config(data_dir, tiny_rope_dir, tmp_path / "a", steps=2))
+    used = []
+    real = ExpertBlock.checkpointed
+    monkeypatch.setattr(ExpertBlock, "checkpointed", lambda *a: used.append(1) or real(*a))
+    saved = finetune(config(data_dir, tiny_rope_dir, tmp_path / "b", steps=2, save_attention=True))
+    assert used  # the setting reached the model
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    a, b = load_file(str(plain)), load_file(str(saved))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(InputError, match="save_attention needs gradient_checkpointing"):
+        config(data_dir, tiny_rope_dir, tmp_path / "c", save_attention=True, gradient_checkpointing=False)
+
+
 def test_resuming_with_other_settings_is_refused(data_dir, tiny_rope_dir, tmp_path, monkeypatch):
     finetune(config(data_dir, tiny_rope_dir, tmp_path, steps=3))
     with monkeypatch.context() as m:  # from the run's config.json, before the data and the model load

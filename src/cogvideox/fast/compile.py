@@ -9,8 +9,11 @@ one compiled graph. Shapes are static (`dynamic=False`): a video size is fixed f
 Training compiles the same way. The gradient checkpoint stays outside the compiled region: its forward
 and its recompute in the backward pass call the same compiled forward (whose backward graph AOTAutograd
 compiles with it), and `offload_activations` moves the checkpoint's saved inputs, not anything inside the
-graph. A new graph is compiled only for a new input signature: a new shape, grad mode (training or
-sampling), or a change in which inputs need gradients. With a LoRA, block 0's inputs come from the frozen
+graph. The selective checkpoint that keeps the attention's results (`save_attention`) is the exception:
+it must see the attention operator, so the block's `checkpointed` method, checkpoint included, is
+compiled as one region (AOTAutograd's partitioner keeps the attention results and recomputes the rest).
+A new graph is compiled only for a new input signature: a new shape, grad mode (training or sampling),
+or a change in which inputs need gradients. With a LoRA, block 0's inputs come from the frozen
 patch embedding and would need no gradient, unlike every later block's, and block 0 would compile a graph
 of its own (a whole compilation more, forward and backward, before the first step); so while a model
 trains, its embedded sequence is marked as needing one. That costs block 0 the gradient of its input
@@ -52,6 +55,9 @@ def compile_blocks(
     for block in blocks:
         compiled = torch.compile(block.forward, mode=mode, dynamic=False, fullgraph=fullgraph)
         block.forward = _region(compiled, recompile_limit)
+        if hasattr(block, "checkpointed"):  # the block under a selective checkpoint, compiled with it
+            compiled = torch.compile(block.checkpointed, mode=mode, dynamic=False, fullgraph=fullgraph)
+            block.checkpointed = _region(compiled, recompile_limit)
     patch_embed = getattr(model, "patch_embed", None)
     if patch_embed is not None:
         patch_embed.register_forward_hook(_needs_gradient_in_training)

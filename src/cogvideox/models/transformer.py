@@ -19,7 +19,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from .attention import JointAttention
 from .config import ConfigError, TransformerConfig
@@ -63,8 +63,9 @@ TRANSFORMER_PRESETS: dict[str, TransformerConfig] = {
 def _to_host(t: torch.Tensor) -> tuple[torch.device, torch.Tensor]:
     """A host copy of a saved tensor and the device it comes back to. Always a fresh tensor, so the
     original can be freed (on the CPU too, where the copy saves nothing but the mechanism is the same);
-    pinned and non-blocking from a GPU, so the copy does not stall the host."""
-    host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
+    pinned and non-blocking from a GPU, so the copy does not stall the host. With the strides of the
+    original (a dense one): a compiled backward pass expects its saved tensors as it laid them out."""
+    host = torch.empty_like(t, device="cpu", pin_memory=t.is_cuda)
     host.copy_(t.detach(), non_blocking=True)
     return t.device, host
 
@@ -84,6 +85,34 @@ def offloaded_saves() -> torch.autograd.graph.saved_tensors_hooks:
     inputs it keeps for the recompute. The recompute gets them back on the device, so it runs the same
     ops on the same values as plain checkpointing."""
     return torch.autograd.graph.saved_tensors_hooks(_to_host, _to_device)
+
+
+# The fused attention kernels SDPA dispatches to (those this PyTorch build has): each returns the output
+# with the softmax's log-sum-exp, which is all its backward needs besides q, k and v.
+ATTENTION_KERNELS = frozenset(
+    getattr(torch.ops.aten, name).default
+    for name in (
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_efficient_attention",
+    )
+    if hasattr(torch.ops.aten, name)
+)
+
+
+def _keep_attention(context, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in ATTENTION_KERNELS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def saving_attention():
+    """The contexts of a selective gradient checkpoint (`checkpoint(..., context_fn=saving_attention)`)
+    that keeps the attention kernels' results (output and log-sum-exp) from the forward pass and
+    recomputes everything else: the backward's recompute of a block then runs its projections, norms
+    and feed-forward again but not its attention, whose gradient reads the kept results. The gradients
+    are those of plain checkpointing (the same ops on the same values). The math fallback (no fused
+    kernel, e.g. with a mask) keeps nothing and is recomputed as usual."""
+    return create_selective_checkpoint_contexts(_keep_attention)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -183,6 +212,21 @@ class ExpertBlock(nn.Module):
         text = text + enc_gate * out[:, :L]
         return video, text
 
+    def checkpointed(
+        self,
+        video: torch.Tensor,
+        text: torch.Tensor,
+        emb: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block's own `forward` under a gradient checkpoint that keeps the attention's results
+        (`saving_attention`). A method of the block, so that `fast.compile_blocks` compiles it with the
+        checkpoint inside: a selective checkpoint sees no operator inside a compiled region around
+        which it is placed. It calls the class's `forward` itself, so module hooks on the block do not
+        run (the trainer uses it where the block has none)."""
+        forward = type(self).forward
+        return checkpoint(forward, self, video, text, emb, rope, use_reentrant=False, context_fn=saving_attention)
+
 
 class FinalAdaLayerNorm(nn.Module):
     """LayerNorm modulated by the timestep embedding before the output projection.
@@ -237,6 +281,9 @@ class CogVideoXTransformer(nn.Module):
         # With gradient checkpointing: keep each block's saved inputs in (pinned) host memory until the
         # backward pass instead of on the device.
         self.offload_activations = False
+        # With gradient checkpointing: keep each block's attention results through the backward pass
+        # (`saving_attention`): its recompute then skips the attention kernel, for their memory.
+        self.save_attention = False
 
     def rotary_embedding(
         self,
@@ -321,7 +368,10 @@ class CogVideoXTransformer(nn.Module):
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         offload = offloaded_saves if checkpointing and self.offload_activations else nullcontext
         for block in self.transformer_blocks:
-            if checkpointing:
+            if checkpointing and self.save_attention:
+                with offload():
+                    video, text = block.checkpointed(video, text, emb, image_rotary_emb)
+            elif checkpointing:
                 # Recompute each block's activations in the backward pass instead of storing them. The
                 # checkpoint saves only its tensor arguments, the block's own inputs; emb and the RoPE
                 # tables, shared by all blocks, go in by reference so offloading never copies them.

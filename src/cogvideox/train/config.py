@@ -65,6 +65,9 @@ class FinetuneConfig:
     gradient_checkpointing: bool = True
     # With gradient checkpointing: the block inputs it keeps wait in host memory until the backward pass
     offload_activations: bool = False
+    # With gradient checkpointing: keep each block's attention results through the backward pass, so its
+    # recompute skips the attention kernel (selective checkpointing)
+    save_attention: bool = False
     # torch.compile each transformer block's forward (one graph shared by the blocks); the first step
     # compiles, the others run the fused code
     compile: bool = False
@@ -150,6 +153,11 @@ def check_config(c: FinetuneConfig) -> None:
         raise InputError(
             "offload_activations needs gradient_checkpointing: it moves the block inputs that checkpointing "
             "keeps to host memory; turn gradient_checkpointing on or offload_activations off"
+        )
+    if c.save_attention and not c.gradient_checkpointing:
+        raise InputError(
+            "save_attention needs gradient_checkpointing: it keeps the attention results that checkpointing "
+            "would recompute; without checkpointing every activation is kept already"
         )
     if c.validation_every and not c.validation_prompts:
         raise InputError("validation_every is set but there are no validation_prompts")

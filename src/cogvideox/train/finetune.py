@@ -225,6 +225,7 @@ class Run:
         self.transformer = loading.load_transformer(self.folder, torch.float32 if full_fp32 else self.dtype, self.device)
         self.transformer.gradient_checkpointing = c.gradient_checkpointing
         self.transformer.offload_activations = c.offload_activations
+        self.transformer.save_attention = c.save_attention
         if c.offload_activations and self.device.type == "cpu" and self.procs.main:
             warnings.warn(
                 "offload_activations moves a GPU's saved block inputs to host memory; on the CPU they are "
@@ -248,6 +249,9 @@ class Run:
         self.sharded = False
         if c.full and self.procs.world_size > 1 and self.device.type == "cuda":
             from torch.distributed.fsdp import fully_shard
+
+            if c.save_attention:  # its checkpointed blocks bypass the hooks that gather sharded weights
+                raise InputError("save_attention does not combine with full fine-tuning on several GPUs (FSDP)")
 
             for block in self.transformer.transformer_blocks:
                 fully_shard(block)
