@@ -172,8 +172,8 @@ def test_finetune_memory_offloads_activations_in_our_cases(tmp_path, monkeypatch
     from cogvideox.models import transformer as transformer_module
 
     used = []
-    real = transformer_module.offloaded_saves
-    monkeypatch.setattr(transformer_module, "offloaded_saves", lambda: used.append(1) or real())
+    real = transformer_module.HostSaves
+    monkeypatch.setattr(transformer_module, "HostSaves", lambda model: used.append(1) or real(model))
     argv = ["--tiny", "--offload-activations", "--no-reference"]
     assert run_script("finetune_memory", argv, tmp_path, monkeypatch) == 0
     report = json.loads((tmp_path / "finetune_memory.json").read_text())

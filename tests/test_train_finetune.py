@@ -222,8 +222,8 @@ def test_offloaded_activations_train_the_same_lora_bit_for_bit(data_dir, tiny_ro
 
     plain = finetune(config(data_dir, tiny_rope_dir, tmp_path / "a", steps=2))
     used = []
-    real = transformer_module.offloaded_saves
-    monkeypatch.setattr(transformer_module, "offloaded_saves", lambda: used.append(1) or real())
+    real = transformer_module.HostSaves
+    monkeypatch.setattr(transformer_module, "HostSaves", lambda model: used.append(1) or real(model))
     with pytest.warns(UserWarning, match="on the CPU they are there already, so it saves no memory"):
         offloaded = finetune(config(data_dir, tiny_rope_dir, tmp_path / "b", steps=2, offload_activations=True))
     assert used  # the setting reached the model

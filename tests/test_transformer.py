@@ -9,6 +9,7 @@ import torch
 from diffusers import CogVideoXTransformer3DModel
 from diffusers.pipelines.cogvideo.pipeline_cogvideox import CogVideoXPipeline
 
+import cogvideox.models.host_saves as host_saves
 import cogvideox.models.transformer as transformer_module
 from cogvideox.models.config import TransformerConfig
 from cogvideox.models.transformer import TRANSFORMER_PRESETS, CogVideoXTransformer
@@ -324,8 +325,8 @@ def test_offloaded_block_inputs_do_not_stay_alive_until_backward(mode, monkeypat
     model, data = trained_pair(mode)
     x, text, _, _ = data
     moved = []
-    real_to_host = transformer_module._to_host
-    monkeypatch.setattr(transformer_module, "_to_host", lambda t: moved.append(t.shape) or real_to_host(t))
+    real_to_host = host_saves._to_host
+    monkeypatch.setattr(host_saves, "_to_host", lambda t, *a: moved.append(t.shape) or real_to_host(t, *a))
 
     def held_inputs(offload: bool) -> list[bool]:
         refs = []

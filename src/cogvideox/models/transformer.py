@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from .attention import JointAttention
+from .host_saves import HostSaves
 from .config import ConfigError, TransformerConfig
 from .embeddings import (
     PatchEmbed,
@@ -58,33 +59,6 @@ TRANSFORMER_PRESETS: dict[str, TransformerConfig] = {
         **_V1_5,
     ),
 }
-
-
-def _to_host(t: torch.Tensor) -> tuple[torch.device, torch.Tensor]:
-    """A host copy of a saved tensor and the device it comes back to. Always a fresh tensor, so the
-    original can be freed (on the CPU too, where the copy saves nothing but the mechanism is the same);
-    pinned and non-blocking from a GPU, so the copy does not stall the host. With the strides of the
-    original (a dense one): a compiled backward pass expects its saved tensors as it laid them out."""
-    host = torch.empty_like(t, device="cpu", pin_memory=t.is_cuda)
-    host.copy_(t.detach(), non_blocking=True)
-    return t.device, host
-
-
-def _to_device(saved: tuple[torch.device, torch.Tensor]) -> torch.Tensor:
-    """The saved tensor back on its device for the recompute; non-blocking, as the copy to the host was
-    (both are ordered on the current stream, so neither reads memory the other has not finished with)."""
-    device, host = saved
-    return host.to(device, non_blocking=True)
-
-
-def offloaded_saves() -> torch.autograd.graph.saved_tensors_hooks:
-    """Every tensor autograd saves inside this context waits in host memory until the backward pass.
-
-    Around a non-reentrant `checkpoint`, what is saved in this context is exactly the checkpoint's
-    tensor arguments (the function's own activations go to the checkpoint's inner hooks): the block
-    inputs it keeps for the recompute. The recompute gets them back on the device, so it runs the same
-    ops on the same values as plain checkpointing."""
-    return torch.autograd.graph.saved_tensors_hooks(_to_host, _to_device)
 
 
 # The fused attention kernels SDPA dispatches to (those this PyTorch build has): each returns the output
@@ -366,17 +340,18 @@ class CogVideoXTransformer(nn.Module):
         text, video = x[:, :L], x[:, L:]
 
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        offload = offloaded_saves if checkpointing and self.offload_activations else nullcontext
+        # One set of host copies for the whole pass: the copies back run ahead of the blocks that need them.
+        offload = HostSaves(self) if checkpointing and self.offload_activations else nullcontext()
         for block in self.transformer_blocks:
             if checkpointing and self.save_attention:
-                with offload():
+                with offload:
                     video, text = block.checkpointed(video, text, emb, image_rotary_emb)
             elif checkpointing:
                 # Recompute each block's activations in the backward pass instead of storing them. The
                 # checkpoint saves only its tensor arguments, the block's own inputs; emb and the RoPE
                 # tables, shared by all blocks, go in by reference so offloading never copies them.
                 run = partial(block, emb=emb, rope=image_rotary_emb)
-                with offload():
+                with offload:
                     video, text = checkpoint(run, video, text, use_reentrant=False)
             else:
                 video, text = block(video, text, emb, image_rotary_emb)

@@ -1,0 +1,110 @@
+"""Activations saved for the backward pass, kept in pinned host memory (`offload_activations`).
+
+    saves = HostSaves(model)                   # one per forward pass
+    for block in blocks:
+        with saves:                            # autograd's saved tensors go through it
+            video, text = checkpoint(...)
+
+Forward: each saved tensor is copied to pinned host memory on a copy stream, once the compute stream has
+produced it; the allocator is told that the copy stream uses its memory, so the compute stream frees it
+as soon as it is done with it and the copy runs alongside the next block's compute.
+
+Backward: autograd asks for the saved tensors about in the reverse order of saving (the last block's
+first). Asking for tensor i starts, on the copy stream, the copies back of i and of the `lookahead`
+tensors saved just before it (which the next blocks back will ask for), then makes the compute stream
+(not the host) wait for i's copy. So the copies back run ahead of the recompute that needs them.
+
+Kept on the device instead: the model's weights (a compiled graph saves the weights its backward reads:
+copying them would move the model each step) and, on a GPU, tensors under 1 MiB (copies that cost more
+than they free). On the CPU there are no streams: each saved tensor is copied once, as on a GPU (a fresh tensor,
+so the original is freed), and the bookkeeping is the one the tests check. The values are untouched:
+the backward pass computes what it would with the tensors left in place.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+SMALL_BYTES = 1 << 20  # saved tensors below this stay where they are
+
+
+def _to_host(t: torch.Tensor, stream=None) -> tuple[torch.device, torch.Tensor]:
+    """A host copy of a saved tensor and the device it comes back to. Always a fresh tensor, so the
+    original can be freed. From a GPU: pinned, on `stream` after the current stream's work so far, and
+    `t`'s memory marked as in use by `stream` until the copy is done. With the strides of the original
+    (a dense one): a compiled backward pass expects its saved tensors as it laid them out."""
+    host = torch.empty_like(t, device="cpu", pin_memory=t.is_cuda)
+    if stream is None:
+        host.copy_(t.detach())
+        return t.device, host
+    stream.wait_stream(torch.cuda.current_stream(t.device))
+    with torch.cuda.stream(stream):
+        host.copy_(t.detach(), non_blocking=True)
+    t.record_stream(stream)
+    return t.device, host
+
+
+def _storage(t: torch.Tensor) -> int | None:
+    """Where `t`'s memory starts, or None for a tensor without storage of its own (a DTensor of a sharded
+    model, say: such tensors are kept as they are)."""
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+class HostSaves(torch.autograd.graph.saved_tensors_hooks):
+    """Saved-tensor hooks that keep the saved activations of one forward pass in host memory (see the
+    module's docstring). `model`: whose weights stay on the device. `lookahead`: how many tensors before
+    the one asked for are copied back ahead of time (a block's checkpoint saves its 2 inputs)."""
+
+    def __init__(self, model: nn.Module | None = None, lookahead: int = 4) -> None:
+        self.lookahead = lookahead
+        self._weights = {_storage(p) for p in model.parameters()} if model is not None else set()
+        self._saved: list[tuple[torch.device, torch.Tensor]] = []  # by index: (device, host copy)
+        self._back: dict[int, tuple[torch.Tensor, object]] = {}  # copied back, not yet asked for: (tensor, event)
+        self._streams: dict[torch.device, object] = {}
+        self.fetched: list[int] = []  # indices in the order their copies back started
+        super().__init__(self._pack, self._unpack)
+
+    def _stream(self, device: torch.device):
+        if device.type != "cuda":
+            return None
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        return self._streams[device]
+
+    def _pack(self, t: torch.Tensor):
+        storage = _storage(t)
+        if storage is None or storage in self._weights or (t.is_cuda and t.untyped_storage().nbytes() < SMALL_BYTES):
+            return t  # kept as it is
+        self._saved.append(_to_host(t, self._stream(t.device)))
+        return len(self._saved) - 1
+
+    def _unpack(self, packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        for i in range(packed, max(packed - self.lookahead, 0) - 1, -1):  # itself first, then those before
+            self._fetch(i)
+        tensor, event = self._back.pop(packed)
+        if event is not None:
+            current = torch.cuda.current_stream(tensor.device)
+            current.wait_event(event)
+            tensor.record_stream(current)  # allocated on the copy stream, used on this one
+        return tensor
+
+    def _fetch(self, index: int) -> None:
+        """Start the copy back of saved tensor `index` (unless it is under way)."""
+        if index in self._back:
+            return
+        device, host = self._saved[index]
+        self.fetched.append(index)
+        stream = self._stream(device)
+        if stream is None:
+            self._back[index] = (host.to(device), None)  # on the CPU: the host copy itself
+            return
+        with torch.cuda.stream(stream):
+            tensor = host.to(device, non_blocking=True)
+            event = stream.record_event()
+        self._back[index] = (tensor, event)

@@ -1,0 +1,51 @@
+"""The order in which `HostSaves` copies saved activations back: each one once, ahead of the tensor
+autograd asks for, the weights never (the copies themselves run on streams on a GPU only)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cogvideox.models.host_saves import HostSaves
+
+
+def test_copies_back_run_ahead_of_the_backward_pass_each_once():
+    saves = HostSaves(lookahead=3)
+    tensors = [torch.full((4,), float(i)) for i in range(8)]
+    packed = [saves._pack(t) for t in tensors]
+    assert packed == list(range(8))  # each one copied to the host, by index
+    got = {}
+    for i in reversed(range(8)):  # the backward pass asks for the last saved first
+        got[i] = saves._unpack(packed[i])
+        if i == 7:
+            assert saves.fetched == [7, 6, 5, 4]  # itself, then the 3 before it
+    assert saves.fetched == [7, 6, 5, 4, 3, 2, 1, 0]  # each started once, in order
+    for i, t in enumerate(tensors):
+        assert torch.equal(got[i], t) and got[i].data_ptr() != t.data_ptr()  # a copy, the original freed
+    assert saves._back == {}  # nothing held after it was handed over
+    assert torch.equal(saves._unpack(packed[5]), tensors[5])  # asked again: copied back again
+
+
+def test_the_models_weights_are_not_copied():
+    model = nn.Linear(4, 4)
+    saves = HostSaves(model)
+    assert saves._pack(model.weight) is model.weight and saves._unpack(model.weight) is model.weight
+    activation = torch.randn(3, 4)
+    assert saves._pack(activation) == 0
+
+
+def test_gradients_through_the_hooks_are_the_plain_ones():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 8))
+    x = torch.randn(5, 8, requires_grad=True)
+    model(x).square().sum().backward()
+    want = [p.grad.clone() for p in model.parameters()] + [x.grad.clone()]
+    model.zero_grad()
+    x.grad = None
+    saves = HostSaves(model, lookahead=1)
+    with saves:
+        out = model(x)
+    out.square().sum().backward()
+    assert saves.fetched  # the activations went through host copies
+    got = [p.grad for p in model.parameters()] + [x.grad]
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
