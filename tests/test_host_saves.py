@@ -26,6 +26,15 @@ def test_copies_back_run_ahead_of_the_backward_pass_each_once():
     assert torch.equal(saves._unpack(packed[5]), tensors[5])  # asked again: copied back again
 
 
+def test_a_tensor_saved_again_while_alive_is_copied_once():
+    saves = HostSaves()
+    table = torch.randn(16)
+    assert saves._pack(table) == saves._pack(table) == 0
+    del table  # freed: a new tensor at the same address is another tensor
+    again = torch.randn(16)
+    assert saves._pack(again) == 1
+
+
 def test_the_models_weights_are_not_copied():
     model = nn.Linear(4, 4)
     saves = HostSaves(model)

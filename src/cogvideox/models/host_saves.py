@@ -14,7 +14,8 @@ first). Asking for tensor i starts, on the copy stream, the copies back of i and
 tensors saved just before it (which the next blocks back will ask for), then makes the compute stream
 (not the host) wait for i's copy. So the copies back run ahead of the recompute that needs them.
 
-Kept on the device instead: the model's weights (a compiled graph saves the weights its backward reads:
+A tensor saved again while it still lives (the RoPE tables, which a compiled block saves for its
+backward pass) is copied once. Kept on the device instead: the model's weights (a compiled graph saves the weights its backward reads:
 copying them would move the model each step) and, on a GPU, tensors under 1 MiB (copies that cost more
 than they free). On the CPU there are no streams: each saved tensor is copied once, as on a GPU (a fresh tensor,
 so the original is freed), and the bookkeeping is the one the tests check. The values are untouched:
@@ -22,6 +23,8 @@ the backward pass computes what it would with the tensors left in place.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 from torch import nn
@@ -65,6 +68,7 @@ class HostSaves(torch.autograd.graph.saved_tensors_hooks):
         self._saved: list[tuple[torch.device, torch.Tensor]] = []  # by index: (device, host copy)
         self._back: dict[int, tuple[torch.Tensor, object]] = {}  # copied back, not yet asked for: (tensor, event)
         self._streams: dict[torch.device, object] = {}
+        self._seen: dict[tuple, tuple[weakref.ref, int]] = {}  # tensors saved so far, while they live
         self.fetched: list[int] = []  # indices in the order their copies back started
         super().__init__(self._pack, self._unpack)
 
@@ -79,7 +83,12 @@ class HostSaves(torch.autograd.graph.saved_tensors_hooks):
         storage = _storage(t)
         if storage is None or storage in self._weights or (t.is_cuda and t.untyped_storage().nbytes() < SMALL_BYTES):
             return t  # kept as it is
+        key = (t.data_ptr(), t.shape, t.stride(), t.dtype)
+        seen = self._seen.get(key)
+        if seen is not None and seen[0]() is not None:
+            return seen[1]  # the same tensor, still alive, saved again (a table every block saves): one copy
         self._saved.append(_to_host(t, self._stream(t.device)))
+        self._seen[key] = (weakref.ref(t), len(self._saved) - 1)
         return len(self._saved) - 1
 
     def _unpack(self, packed):
