@@ -342,8 +342,25 @@ def test_a_steps_timesteps_take_one_stratum_each(data_dir, tiny_rope_dir, tmp_pa
     assert orders[0] != orders[1] != orders[2]
     run.procs.rank = 0
     assert drawn[:2] == run.timesteps(2, 0, run.generator(2, 0)).tolist()  # a function of the step: resumable
-    run.config.timesteps = "uniform"
+    run.timestep_sampling = "uniform"  # --timesteps uniform, or a resumed run that began before the setting
     assert run.timesteps(0, 0, run.generator(0, 0)) is None
+
+
+def test_a_run_resumed_without_the_setting_keeps_its_timestep_sampling(data_dir, tiny_rope_dir, tmp_path):
+    """config.json records the sampling used; a run recorded before the setting existed drew uniformly
+    and goes on so; `timesteps` given explicitly wins."""
+    finetune(config(data_dir, tiny_rope_dir, tmp_path, steps=3, checkpoint_every=3))
+    record = json.loads((tmp_path / "config.json").read_text())
+    assert record["timesteps"] == "stratified"
+    for recorded, given, want in [("stratified", None, "stratified"), (None, None, "uniform"),
+                                  (None, "stratified", "stratified"), ("stratified", "uniform", "uniform")]:
+        (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in (record | {"timesteps": recorded}).items()
+                                                          if v is not None}))  # fmt: skip
+        run = Run(config(data_dir, tiny_rope_dir, tmp_path, steps=4, checkpoint_every=3, timesteps=given))
+        run.prepare_data()
+        run.prepare_model()
+        assert run.resume() == 3
+        assert run.timestep_sampling == want, (recorded, given)
 
 
 def test_the_demo_model_fine_tunes_through_the_same_call(tmp_path):

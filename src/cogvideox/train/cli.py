@@ -69,7 +69,7 @@ def add_train_parsers(commands) -> None:
         choices=("stratified", "uniform"),
         help="noise levels of a step's clips (over all processes, micro-batches and the batch): stratified "
         "spreads them over the range, one per stratum, each still uniform on its own; uniform draws each "
-        "independently (the same with one clip per step) (default: stratified)",
+        "independently (the same with one clip per step) (default: stratified; a resumed run keeps its own)",
     )
     arg("--steps", type=positive_int, help="optimizer steps (default: 1000)")
     arg("--batch-size", type=positive_int, help="clips per step and process (default: 1)")

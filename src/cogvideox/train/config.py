@@ -47,8 +47,10 @@ class FinetuneConfig:
     # Loss weight of the latent cells a clip's mask covers (the rest weigh 1); 1: masks are ignored
     mask_weight: float = 1.0
     # Timesteps of a step's draws (over processes, micro-batches and the batch): one per stratum of
-    # [0, T), or each uniform on its own; the same with one draw per step
-    timesteps: str = "stratified"
+    # [0, T) ("stratified"), or each uniform on its own ("uniform"); the same with one draw per step.
+    # None: stratified for a new run; a resumed run keeps what it recorded (uniform for runs recorded
+    # before the setting existed), so that it continues its own curve
+    timesteps: str | None = None
     # Optimisation
     steps: int = 1000
     batch_size: int = 1
@@ -138,7 +140,7 @@ def check_config(c: FinetuneConfig) -> None:
         raise InputError(f"min_lr_ratio must be in [0, 1], got {c.min_lr_ratio!r}")
     if c.optimizer not in OPTIMIZERS:
         raise InputError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {c.optimizer!r}")
-    if c.timesteps not in TIMESTEPS:
+    if c.timesteps is not None and c.timesteps not in TIMESTEPS:
         raise InputError(f"timesteps must be one of {', '.join(TIMESTEPS)}, got {c.timesteps!r}")
     if c.schedule not in SCHEDULES:
         raise InputError(f"schedule must be one of {', '.join(SCHEDULES)}, got {c.schedule!r}")

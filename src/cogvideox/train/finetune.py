@@ -45,7 +45,7 @@ from cogvideox.files import lock_folder, prepare_folder
 from . import lora as lora_lib
 from .cache import CachedDataset, precompute
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, step_generator
-from .config import FinetuneConfig
+from .config import TIMESTEPS, FinetuneConfig
 from .data import Bucket, check_buckets, scan_folder
 from .log import JsonlLog, plot_curve
 from .objective import stratified_timesteps, v_loss
@@ -164,6 +164,7 @@ class Run:
         self.validation_guidance = c.validation_guidance
         if self.validation_guidance is None:
             self.validation_guidance = self.sampling_defaults["guidance_scale"]
+        self.timestep_sampling = c.timesteps or "stratified"  # a resumed run may keep its own (`resume`)
         tc = self.configs.transformer
         if tc.is_image_to_video:
             raise InputError("fine-tuning image-to-video models is not supported yet; use a text-to-video model")
@@ -275,7 +276,7 @@ class Run:
         the step's draws (processes x micro-batches x batch; `objective.stratified_timesteps`), or None
         for v_loss's plain uniform draw."""
         c = self.config
-        if c.timesteps != "stratified":
+        if self.timestep_sampling != "stratified":
             return None
         per_micro = c.batch_size
         first = (self.procs.rank * c.grad_accum + micro) * per_micro
@@ -393,8 +394,8 @@ class Run:
 
     def resume(self) -> int:
         """Load the newest checkpoint of the run folder, if any; returns the step to continue from. A
-        resumed run keeps the validation guidance it recorded unless the config gives one (see
-        `recorded_validation_guidance`)."""
+        resumed run keeps the validation guidance and the timestep sampling it recorded unless the
+        config gives them (see `recorded_validation_guidance`, `recorded_timestep_sampling`)."""
         path = latest_checkpoint(self.out / "checkpoints", CHECKPOINT_PREFIX)
         if path is None:
             return 0
@@ -421,6 +422,8 @@ class Run:
             recorded = recorded_validation_guidance(self.out)
             if recorded is not None:
                 self.validation_guidance = recorded
+        if self.config.timesteps is None:
+            self.timestep_sampling = recorded_timestep_sampling(self.out)
         return int(state["step"])
 
     # -- output --------------------------------------------------------------------------------------
@@ -471,7 +474,10 @@ class Run:
     def recorded_config(self) -> dict:
         """The settings `config.json` records: the config's, with the validation guidance actually used
         (the model's recommendation filled in), so that a resumed run can keep it."""
-        return self.config.to_dict() | {"validation_guidance": self.validation_guidance}
+        return self.config.to_dict() | {
+            "validation_guidance": self.validation_guidance,
+            "timesteps": self.timestep_sampling,
+        }
 
     def write_result(self) -> Path:
         """The LoRA file (diffusers layout) or, for full fine-tuning, a complete model folder."""
@@ -519,6 +525,17 @@ def recorded_validation_guidance(output: str | Path) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
         return None
     return float(value)
+
+
+def recorded_timestep_sampling(output: str | Path) -> str:
+    """The timestep sampling the `config.json` of the run in `output` records: "uniform" for a run
+    recorded before the setting existed (it drew every clip's timestep on its own), and for a record
+    that cannot be read; a run resumed without the setting continues as it began."""
+    try:
+        value = json.loads((Path(output) / "config.json").read_text()).get("timesteps")
+    except (OSError, ValueError, AttributeError):
+        return "uniform"
+    return value if value in TIMESTEPS else "uniform"
 
 
 def warn_if_validation_never_runs(config: FinetuneConfig) -> None:
