@@ -166,7 +166,9 @@ def test_worker_process_runs_a_queued_job_and_stops_on_sigterm(tiny_rope_dir, tm
                "--data-dir", str(tmp_path), "--poll-interval", "0.05", "--log-level", "warning"]  # fmt: skip
     process = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True)
     try:
-        done = wait_until(lambda: store.get(job.id).status == "completed" or process.poll() is not None, timeout=60)
+        # The worker imports torch and loads the model first: seconds, or a minute on a loaded machine.
+        finished = lambda: store.get(job.id).status == "completed" or process.poll() is not None  # noqa: E731
+        done = wait_until(finished, timeout=180)
         assert done and process.poll() is None, process.stderr.read()
     finally:
         process.send_signal(signal.SIGTERM)
