@@ -172,7 +172,7 @@ def test_worker_process_runs_a_queued_job_and_stops_on_sigterm(tiny_rope_dir, tm
         assert done and process.poll() is None, process.stderr.read()
     finally:
         process.send_signal(signal.SIGTERM)
-        assert process.wait(30) == 0
+        assert process.wait(120) == 0  # the interpreter's exit after torch alone takes seconds here
     frames, fps = read_video(tmp_path / "videos" / f"{job.id}.mp4")
     assert frames.shape == (9, 64, 64, 3) and fps == 8
     assert process.stderr.read() == ""  # a quiet log at --log-level warning
