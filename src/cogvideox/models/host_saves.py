@@ -15,11 +15,12 @@ tensors saved just before it (which the next blocks back will ask for), then mak
 (not the host) wait for i's copy. So the copies back run ahead of the recompute that needs them.
 
 A tensor saved again while it still lives (the RoPE tables, which a compiled block saves for its
-backward pass) is copied once. Kept on the device instead: the model's weights (a compiled graph saves the weights its backward reads:
-copying them would move the model each step) and, on a GPU, tensors under 1 MiB (copies that cost more
-than they free). On the CPU there are no streams: each saved tensor is copied once, as on a GPU (a fresh tensor,
-so the original is freed), and the bookkeeping is the one the tests check. The values are untouched:
-the backward pass computes what it would with the tensors left in place.
+backward pass) is copied once. Kept on the device instead: the model's weights (a compiled graph saves
+the weights its backward reads: copying them would move the model each step) and, on a GPU, tensors
+under 1 MiB (copies that cost more than they free). On the CPU there are no streams: each saved tensor
+is copied once, as on a GPU (a fresh tensor, so the original is freed), and the bookkeeping is the one
+the tests check. The values are untouched: the backward pass computes what it would with the tensors
+left in place.
 """
 
 from __future__ import annotations
@@ -48,11 +49,11 @@ def _to_host(t: torch.Tensor, stream=None) -> tuple[torch.device, torch.Tensor]:
     return t.device, host
 
 
-def _storage(t: torch.Tensor) -> int | None:
-    """Where `t`'s memory starts, or None for a tensor without storage of its own (a DTensor of a sharded
-    model, say: such tensors are kept as they are)."""
+def _storage(t: torch.Tensor) -> torch.UntypedStorage | None:
+    """`t`'s memory, or None for a tensor without storage of its own (a DTensor of a sharded model, say:
+    such tensors are kept as they are)."""
     try:
-        return t.untyped_storage().data_ptr()
+        return t.untyped_storage()
     except (RuntimeError, NotImplementedError):
         return None
 
@@ -64,7 +65,8 @@ class HostSaves(torch.autograd.graph.saved_tensors_hooks):
 
     def __init__(self, model: nn.Module | None = None, lookahead: int = 4) -> None:
         self.lookahead = lookahead
-        self._weights = {_storage(p) for p in model.parameters()} if model is not None else set()
+        weights = (_storage(p) for p in model.parameters()) if model is not None else ()
+        self._weights = {storage.data_ptr() for storage in weights if storage is not None}
         self._saved: list[tuple[torch.device, torch.Tensor]] = []  # by index: (device, host copy)
         self._back: dict[int, tuple[torch.Tensor, object]] = {}  # copied back, not yet asked for: (tensor, event)
         self._streams: dict[torch.device, object] = {}
@@ -81,7 +83,7 @@ class HostSaves(torch.autograd.graph.saved_tensors_hooks):
 
     def _pack(self, t: torch.Tensor):
         storage = _storage(t)
-        if storage is None or storage in self._weights or (t.is_cuda and t.untyped_storage().nbytes() < SMALL_BYTES):
+        if storage is None or storage.data_ptr() in self._weights or (t.is_cuda and storage.nbytes() < SMALL_BYTES):
             return t  # kept as it is
         key = (t.data_ptr(), t.shape, t.stride(), t.dtype)
         seen = self._seen.get(key)

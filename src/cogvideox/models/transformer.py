@@ -22,7 +22,6 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from .attention import JointAttention
-from .host_saves import HostSaves
 from .config import ConfigError, TransformerConfig
 from .embeddings import (
     PatchEmbed,
@@ -32,6 +31,7 @@ from .embeddings import (
     rope_positions_slice,
     timestep_sinusoid,
 )
+from .host_saves import HostSaves
 
 # The released checkpoints' `transformer/config.json`, as named presets.
 _V1_5 = dict(patch_size_t=2, patch_bias=False, sample_height=300, sample_width=300, sample_frames=81)

@@ -418,12 +418,13 @@ class Run:
                 for name, p in self.trainable.items():
                     p.copy_(state["weights"][name])
             self.optimizer.load_state_dict(state["optimizer"])
+        record = read_recorded_config(self.out)
         if self.config.validation_guidance is None:
-            recorded = recorded_validation_guidance(self.out)
+            recorded = recorded_validation_guidance(record)
             if recorded is not None:
                 self.validation_guidance = recorded
         if self.config.timesteps is None:
-            self.timestep_sampling = recorded_timestep_sampling(self.out)
+            self.timestep_sampling = recorded_timestep_sampling(record)
         return int(state["step"])
 
     # -- output --------------------------------------------------------------------------------------
@@ -513,28 +514,31 @@ def _unwritten_checkpoint(path: Path, error: Exception, reached: int) -> str:
     )
 
 
-def recorded_validation_guidance(output: str | Path) -> float | None:
-    """The validation guidance the `config.json` of the run in `output` records, or None (no readable
-    record). A resumed run left to the model's recommendation keeps it: its validation videos stay
-    comparable even when the recommendation changed between starts, or the run started when the
-    default was a fixed 6."""
+def read_recorded_config(output: str | Path) -> dict:
+    """The settings the `config.json` of the run in `output` records (`Run.recorded_config`), or {} when
+    there is no readable record."""
     try:
-        value = json.loads((Path(output) / "config.json").read_text()).get("validation_guidance")
-    except (OSError, ValueError, AttributeError):
-        return None
+        record = json.loads((Path(output) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def recorded_validation_guidance(record: dict) -> float | None:
+    """The validation guidance in a run's record (`read_recorded_config`), or None (none usable). A
+    resumed run left to the model's recommendation keeps it: its validation videos stay comparable even
+    when the recommendation changed between starts, or the run started when the default was a fixed 6."""
+    value = record.get("validation_guidance")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
         return None
     return float(value)
 
 
-def recorded_timestep_sampling(output: str | Path) -> str:
-    """The timestep sampling the `config.json` of the run in `output` records: "uniform" for a run
-    recorded before the setting existed (it drew every clip's timestep on its own), and for a record
-    that cannot be read; a run resumed without the setting continues as it began."""
-    try:
-        value = json.loads((Path(output) / "config.json").read_text()).get("timesteps")
-    except (OSError, ValueError, AttributeError):
-        return "uniform"
+def recorded_timestep_sampling(record: dict) -> str:
+    """The timestep sampling in a run's record (`read_recorded_config`): "uniform" for a run recorded
+    before the setting existed (it drew every clip's timestep on its own), and for a record without a
+    usable one; a run resumed without the setting continues as it began."""
+    value = record.get("timesteps")
     return value if value in TIMESTEPS else "uniform"
 
 
@@ -576,10 +580,7 @@ def check_steps_left(config: FinetuneConfig) -> int:
 def _check_same_run(config: FinetuneConfig) -> None:
     """Refuse to continue a run with other settings, from the `config.json` the run wrote, before the
     data scan and the model load (`Run.resume` checks the checkpoint itself again)."""
-    try:
-        recorded = json.loads((Path(config.output) / "config.json").read_text())
-    except (OSError, ValueError):
-        return  # no record to compare with: the checkpoint check will tell
+    recorded = read_recorded_config(config.output)  # {} (no record): the checkpoint check will tell
     ours = json.loads(json.dumps(config.run_identity))
     changed = sorted(k for k in ours if k in recorded and recorded[k] != ours[k])
     if changed:
