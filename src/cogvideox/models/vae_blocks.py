@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_conv
+
 # Each causal convolution's last k-1 (padded) input frames, carried from one frame chunk to the next.
 # Keyed by the convolution module; a fresh dict per video (or per tile) that is updated in place, so a
 # convolution's previous cache is released as soon as it has been consumed.
@@ -37,7 +39,13 @@ MAX_CONV_ELEMENTS = 2**30
 
 
 class SafeConv3d(nn.Conv3d):
-    """A `Conv3d` that runs very large inputs as several convolutions over overlapping frame ranges."""
+    """A `Conv3d` that runs very large inputs as several convolutions over overlapping frame ranges, and
+    a single video on the CPU through oneDNN (`cpu_conv`)."""
+
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.padding_mode != "zeros" or isinstance(self.padding, str):
+            return super()._conv_forward(x, weight, bias)
+        return cpu_conv.conv3d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = self.kernel_size[0]
