@@ -260,7 +260,6 @@ def _generate(args: argparse.Namespace) -> int:
     for path in outputs:
         if path.exists():
             warnings.warn(f"{path} exists and will be replaced by the new video")
-    _quiet_libraries()
 
     # Every mistake that the inputs and the configs alone reveal fails here, before minutes of loading.
     start = time.perf_counter()
@@ -292,6 +291,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     mesh, device = launch.join(args.parallel, device, configs.transformer, request["guidance_scale"] > 1,
                                one_group=True)
+    _quiet_libraries()  # here, as the T5 loads: it imports transformers, seconds a mistake found above saves
     pipe = Pipeline.from_pretrained(
         folder, dtype=args.dtype, device=device, scheduler=args.scheduler, lora=lora,
         vae_slicing=args.vae_slicing, **memory_settings(args, device),

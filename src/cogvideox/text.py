@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
-from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
 from cogvideox.weights import load_weights, weight_files
+
+if TYPE_CHECKING:  # transformers is imported where a T5 is built: it takes seconds
+    from transformers import T5EncoderModel, T5Tokenizer
 
 _QUOTE_LIMIT = 120  # characters of the dropped text a truncation warning quotes
 
@@ -28,6 +31,8 @@ def load_t5(text_encoder_dir: Path, dtype: torch.dtype, device: torch.device) ->
     transformers' own loader keeps a whole shard mapped while it casts (up to 1.9x the weights in host
     memory for a cast T5-XXL); this one maps each tensor alone, as for our own networks.
     """
+    from transformers import T5Config, T5EncoderModel
+
     config = T5Config.from_pretrained(str(text_encoder_dir))
     with torch.device("meta"):
         model = T5EncoderModel(config)
@@ -81,6 +86,8 @@ class TextEncoder(nn.Module):
         for what, path in (("text encoder", text_encoder_dir), ("tokenizer", tokenizer_dir)):
             if not Path(path).is_dir():
                 raise FileNotFoundError(f"{what} folder not found: {path}")
+        from transformers import T5Tokenizer
+
         tokenizer = T5Tokenizer.from_pretrained(str(tokenizer_dir))
         model = load_t5(Path(text_encoder_dir), dtype or torch.float32, torch.device(device or "cpu"))
         return cls(tokenizer, model)

@@ -32,16 +32,12 @@ cuDNN versions where the published gains on other causal-3D VAEs were seen, the 
 from __future__ import annotations
 
 import contextlib
+import functools
 import types
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-try:
-    from torch.fx.experimental import _config as fx_config
-except ImportError:  # pragma: no cover - older or newer PyTorch
-    fx_config = None
 
 from cogvideox.models.vae_blocks import (
     MAX_CONV_ELEMENTS,
@@ -188,16 +184,24 @@ def _norm_act_pad(
     return padded, padded[:, :, -pad:].clone()
 
 
-_fused_norm_act_pad = torch.compile(_norm_act_pad, dynamic=True)
-# One graph per channel count (GroupNorm fixes it), frame cache or not, and layout: more than Dynamo's
-# default limit of 8 graphs per function, after which it would quietly run the eager code.
-_COMPILE_SETTINGS = torch._dynamo.config.patch(recompile_limit=64)
-# Without this, sizes that happen to be equal in the first call (3 frames of 3 rows) are assumed equal
-# for good, and the next size recompiles.
-# (A private setting: where a PyTorch lacks it, sizes may only recompile more often.)
-_SHAPE_SETTINGS = (
-    fx_config.patch(use_duck_shape=False) if hasattr(fx_config, "use_duck_shape") else contextlib.nullcontext()
-)
+@functools.cache
+def _fused_norm_act_pad():
+    """The compiled `_norm_act_pad` and the compiler settings it runs under, made on first use (importing
+    the compiler takes seconds, which a run without `vae_fuse_norms` should not pay)."""
+    try:
+        from torch.fx.experimental import _config as fx_config
+    except ImportError:  # pragma: no cover - older or newer PyTorch
+        fx_config = None
+    # One graph per channel count (GroupNorm fixes it), frame cache or not, and layout: more than
+    # Dynamo's default limit of 8 graphs per function, after which it would quietly run the eager code.
+    graphs = torch._dynamo.config.patch(recompile_limit=64)
+    # Without this, sizes that happen to be equal in the first call (3 frames of 3 rows) are assumed
+    # equal for good, and the next size recompiles.
+    # (A private setting: where a PyTorch lacks it, sizes may only recompile more often.)
+    shapes = (
+        fx_config.patch(use_duck_shape=False) if hasattr(fx_config, "use_duck_shape") else contextlib.nullcontext()
+    )
+    return torch.compile(_norm_act_pad, dynamic=True), graphs, shapes
 
 
 def _norm_then_conv(norm: nn.Module, conv: CausalConv3d, x, zq, cache: ConvCache | None) -> torch.Tensor:
@@ -215,8 +219,9 @@ def _norm_then_conv(norm: nn.Module, conv: CausalConv3d, x, zq, cache: ConvCache
     else:
         group_norm, scale, shift = norm, None, None
     past = cache.get(conv) if cache is not None else None
-    with _COMPILE_SETTINGS, _SHAPE_SETTINGS:
-        padded, last = _fused_norm_act_pad(
+    fused, graphs, shapes = _fused_norm_act_pad()
+    with graphs, shapes:
+        padded, last = fused(
             x, past, group_norm.weight, group_norm.bias, scale, shift, group_norm.num_groups, group_norm.eps,
             conv.time_pad,
         )  # fmt: skip
