@@ -141,7 +141,7 @@ def test_decoder_phase_keeps_the_latents_and_their_cache(tmp_path):
     (tmp_path / "init" / "vae").mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in start.state_dict().items()},
               str(tmp_path / "init" / "vae" / "diffusion_pytorch_model.safetensors"))
-    vae = build.train_vae(tmp_path / "work", 0, 0, batch=2, seed=0, progress=False, colour=0,
+    vae = build.train_vae(tmp_path / "work", 0, 0, batch=1, seed=0, progress=False, colour=0,
                           init=tmp_path / "init", decoder=2)
     for (name, a), b in zip(start.state_dict().items(), vae.state_dict().values()):
         assert torch.equal(a, b) == (not name.startswith("decoder.")), name
@@ -202,7 +202,7 @@ def test_latent_noise_phase_trains_the_encoder_and_moves_the_latents(tmp_path):
     (tmp_path / "init" / "vae").mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in start.state_dict().items()},
               str(tmp_path / "init" / "vae" / "diffusion_pytorch_model.safetensors"))
-    vae = build.train_vae(tmp_path / "work", 0, 0, batch=2, seed=0, progress=False, colour=0,
+    vae = build.train_vae(tmp_path / "work", 0, 0, batch=1, seed=0, progress=False, colour=0,
                           init=tmp_path / "init", joint=2, latent_noise=0.15)
     changed = {name.split(".")[0] for (name, a), b in zip(start.state_dict().items(), vae.state_dict().values())
                if not torch.equal(a, b)}
@@ -263,7 +263,7 @@ def test_build_with_no_transformer_steps_trains_the_vae_alone(tmp_path, capsys):
     """`--steps 0`: the VAE phases run and are kept in the work folder; no latents, no model folder."""
     out = tmp_path / "model"
     build.main(["--work", str(tmp_path / "work"), "--out", str(out), "--vae-steps", "1", "--vae-object-steps", "1",
-                "--vae-colour-steps", "0", "--vae-batch", "1", "--steps", "0", "--vae-eval-videos", "4",
+                "--vae-colour-steps", "0", "--vae-batch", "1", "--steps", "0", "--vae-eval-videos", "2",
                 "--no-progress"])
     assert "no model folder was written" in capsys.readouterr().out
     assert not out.exists()
@@ -272,7 +272,7 @@ def test_build_with_no_transformer_steps_trains_the_vae_alone(tmp_path, capsys):
     assert not list(work.glob("latents-*")) and not list(work.glob("transformer-*"))
     summary = json.loads((work / "build-summary.json").read_text())
     assert summary["args"]["steps"] == "0" and "transformer_s" not in summary
-    assert 0 <= summary["vae_judged_correct_held_out"] <= 1 and summary["args"]["vae_eval_videos"] == "4"
+    assert 0 <= summary["vae_judged_correct_held_out"] <= 1 and summary["args"]["vae_eval_videos"] == "2"
 
 
 def test_build_refuses_an_empty_vae_evaluation(tmp_path, capsys):

@@ -243,18 +243,37 @@ def test_silent_ranks_leave_rank_0_time_to_report(monkeypatch):
     assert cli._quiet_exit(1) == 1 and waits == [cli.QUIET_EXIT_DELAY_S]
 
 
+# One error found before the process group is up, one after (in the group), one of `batch`; the other
+# one-group messages are checked in-process below.
 ERRORS_UNDER_TORCHRUN = [
-    (["generate", "a cat", "--parallel", "foo=2"], "cannot read 'foo=2'"),  # before the group is up
-    (["generate", "a cat", "--parallel", "cfg=2,ulysses=2"], "one video runs on 4 process(es)"),  # after
-    (["generate", "a cat"], "one video runs on 1 process(es)"),
-    # One video wants exactly one group, not "a multiple of 3", and 2 processes are no two groups.
-    (["generate", "a cat", "--parallel", "ring=3"], "but 2 were started (torchrun --nproc-per-node): start 3\n"),
+    (["generate", "a cat", "--parallel", "foo=2"], "cannot read 'foo=2'"),
+    (["generate", "a cat", "--parallel", "cfg=2,ulysses=2"], "one video runs on 4 process(es)"),
     (["batch", "nofile.txt", "-o", "out"], "no prompts file at nofile.txt"),
 ]
 
 
+@pytest.mark.parametrize(
+    "spec, world, message",
+    [
+        (None, 2, "one video runs on 1 process(es) without --parallel, but 2 were started (torchrun "
+                  "--nproc-per-node): start 1, or use `cogvideox batch` to spread prompts over groups"),
+        # One video wants exactly one group, not "a multiple of 3", and 2 processes are no two groups.
+        ("ring=3", 2, "but 2 were started (torchrun --nproc-per-node): start 3"),
+    ],
+)
+def test_one_video_wants_exactly_one_group(spec, world, message):
+    from cogvideox.errors import InputError
+    from cogvideox.parallel.launch import _check_one_group
+    from cogvideox.parallel.mesh import parse_layout
+
+    with pytest.raises(InputError) as error:
+        _check_one_group(parse_layout(spec), world)
+    assert str(error.value).endswith(message)
+    _check_one_group(parse_layout(spec), parse_layout(spec).size)  # the right count passes
+
+
 def test_torchrun_prints_each_error_once(tmp_path):
-    """Each user mistake under torchrun is reported once (by rank 0), not once per process. The five
+    """Each user mistake under torchrun is reported once (by rank 0), not once per process. The
     launches run side by side: most of each one's time is starting Python and torch in its processes."""
     env = os.environ | {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     ports = set()

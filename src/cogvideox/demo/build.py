@@ -318,14 +318,15 @@ def train_vae(
         return (recon - x).abs().mean() + 0.5 * (recon - x).square().mean() + kl_weight * posterior.kl().mean()
 
     focused_loss = object_loss(batch, seed + 2, full_frames_from=focused - 150)
-    colour_loss = object_loss(batch, seed + 3, full_frames_from=int(0.9 * colour), full_batch=4,
+    whole = min(4, batch)  # videos a step on whole frames (4 unless --vae-batch is smaller)
+    colour_loss = object_loss(batch, seed + 3, full_frames_from=int(0.9 * colour), full_batch=whole,
                               backgrounds={"black": 0.4, "white": 0.4, "gray": 0.2})
-    decoder_loss = object_loss(4, seed + 4, full_frames_from=0, decoder_only=True,
+    decoder_loss = object_loss(whole, seed + 4, full_frames_from=0, decoder_only=True,
                                backgrounds={"black": 0.45, "white": 0.35, "gray": 0.2})
-    hues_loss = object_loss(4, seed + 5, full_frames_from=0, decoder_only=True, any_colour=0.5,
+    hues_loss = object_loss(whole, seed + 5, full_frames_from=0, decoder_only=True, any_colour=0.5,
                             backgrounds={"black": 0.4, "white": 0.3, "gray": 0.3})
 
-    joint_loss = object_loss(4, seed + 6, full_frames_from=0, any_colour=0.3, latent_noise=latent_noise,
+    joint_loss = object_loss(whole, seed + 6, full_frames_from=0, any_colour=0.3, latent_noise=latent_noise,
                              backgrounds={"black": 0.4, "white": 0.35, "gray": 0.25})
 
     phases = (
@@ -535,7 +536,8 @@ def main(argv=None) -> None:
                    help="std of the noise added to the latents in the joint phase, in latent stds")
     p.add_argument("--vae-init", type=Path, default=None,
                    help="start the VAE from this model folder (or its vae/) and run only the colour phase")
-    p.add_argument("--vae-batch", type=int, default=8)
+    p.add_argument("--vae-batch", type=int, default=8,
+                   help="videos a VAE step on crops; the phases on whole frames take min(4, this)")
     p.add_argument("--vae-eval-videos", type=int, default=48,
                    help="held-out videos the trained VAE is scored on (PSNR on up to 32 of them, the judge on "
                         "all): the summary's vae_psnr_held_out_db and vae_judged_correct_held_out")

@@ -38,8 +38,9 @@ def _check_one_group(layout: Layout, world: int) -> None:
     (a multiple of the group size, right for a batch) would ask a one-video run for a multiple too."""
     if world != layout.size:
         spread = ", or use `cogvideox batch` to spread prompts over groups" if world % layout.size == 0 else ""
+        given = f"with --parallel {layout}" if layout.size > 1 else "without --parallel"
         raise InputError(
-            f"one video runs on {layout.size} process(es) with --parallel {layout}, but {world} were started "
+            f"one video runs on {layout.size} process(es) {given}, but {world} were started "
             f"(torchrun --nproc-per-node): start {layout.size}{spread}"
         )
 
