@@ -1,5 +1,7 @@
 """The CPU's one-video 3D convolutions run through oneDNN and give F.conv3d's results and gradients."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -67,7 +69,7 @@ def test_gradients_only_where_asked():
 
 @pytest.mark.parametrize(
     "case",
-    ["batch of two", "float64", "1x1 kernel", "large input", "oneDNN disabled"],
+    ["batch of two", "float64", "1x1 kernel", "large input", "oneDNN disabled", "ATen's choice asked for"],
 )
 def test_other_convolutions_are_left_to_aten(case):
     """Where ATen already uses oneDNN, or oneDNN cannot help, the call is F.conv3d's exactly."""
@@ -82,9 +84,11 @@ def test_other_convolutions_are_left_to_aten(case):
         w, settings["padding"] = torch.randn(4, 4, 1, 1, 1), (0, 0, 0)
     elif case == "large input":
         x, w = torch.randn(1, 16, 10, 130, 8), torch.randn(4, 16, 3, 3, 3)  # 16 * 10 * 130 = 20800 > 20480
-    with torch.backends.mkldnn.flags(enabled=case != "oneDNN disabled"):
+    aten = cpu_conv.aten_kernels() if case == "ATen's choice asked for" else contextlib.nullcontext()
+    with torch.backends.mkldnn.flags(enabled=case != "oneDNN disabled"), aten:
         assert not cpu_conv._im2col_case(x, w, 1)
         assert torch.equal(cpu_conv.conv3d(x, w, None, **settings), F.conv3d(x, w, None, **settings))
+    assert cpu_conv._im2col_case(torch.randn(1, 4, 3, 8, 8), torch.randn(4, 4, 3, 3, 3), 1)  # restored
 
 
 def test_causal_conv_chunks_still_match_one_pass():

@@ -15,11 +15,27 @@ count does.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 
 # ATen runs a one-sample 3D convolution with N * C * T * H up to this on its im2col kernel.
 ATEN_IM2COL_LIMIT = 20480
+
+_onednn = True  # False inside `aten_kernels()`
+
+
+@contextlib.contextmanager
+def aten_kernels() -> Iterator[None]:
+    """Within: every 3D convolution on the kernel ATen picks, as the reference runs them (to compare)."""
+    global _onednn
+    before, _onednn = _onednn, False
+    try:
+        yield
+    finally:
+        _onednn = before
 
 
 def conv3d(
@@ -42,7 +58,8 @@ def conv3d(
 def _im2col_case(x: torch.Tensor, weight: torch.Tensor, groups: int) -> bool:
     """Whether ATen would convolve `x` on its slow im2col kernel and oneDNN can take it instead."""
     return (
-        x.device.type == "cpu"
+        _onednn
+        and x.device.type == "cpu"
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
         and x.dim() == 5
