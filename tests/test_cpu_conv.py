@@ -85,9 +85,14 @@ def test_other_convolutions_are_left_to_aten(case):
     elif case == "large input":
         x, w = torch.randn(1, 16, 10, 130, 8), torch.randn(4, 16, 3, 3, 3)  # 16 * 10 * 130 = 20800 > 20480
     aten = cpu_conv.aten_kernels() if case == "ATen's choice asked for" else contextlib.nullcontext()
-    with torch.backends.mkldnn.flags(enabled=case != "oneDNN disabled"), aten:
-        assert not cpu_conv._im2col_case(x, w, 1)
-        assert torch.equal(cpu_conv.conv3d(x, w, None, **settings), F.conv3d(x, w, None, **settings))
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = case != "oneDNN disabled"  # (its flags() warns about Intel GPUs' TF32)
+    try:
+        with aten:
+            assert not cpu_conv._im2col_case(x, w, 1)
+            assert torch.equal(cpu_conv.conv3d(x, w, None, **settings), F.conv3d(x, w, None, **settings))
+    finally:
+        torch.backends.mkldnn.enabled = enabled
     assert cpu_conv._im2col_case(torch.randn(1, 4, 3, 8, 8), torch.randn(4, 4, 3, 3, 3), 1)  # restored
 
 
