@@ -74,12 +74,12 @@ def test_bad_flags_exit_2_with_one_line(capsys, argv, message):
         (["--height", "40"], "height must be a positive multiple of 16"),
         (["--steps", "1001"], "num_inference_steps can be at most 1000"),
         (["--output", "/no/such/folder/x.mp4"], "--output folder /no/such/folder does not exist"),
-        (["--output", "clip.gif"], "--output clip.gif: videos are written as MP4 (H.264); give a name ending in "
-                                   ".mp4, such as clip.mp4"),
-        (["--output", "clip"], "give a name ending in .mp4, such as clip.mp4"),
+        (["--output", "clip.avi"], "--output clip.avi: videos are written as MP4 (H.264) or GIF; give a name "
+                                   "ending in .mp4 or .gif, such as clip.mp4"),
+        (["--output", "clip"], "give a name ending in .mp4 or .gif, such as clip.mp4"),
         (["--max-sequence-length", "100000"], "max_sequence_length can be at most 512 (T5's training length; "
                                               "this model uses 16)"),
-        (["--output", ".mp4"], "give a name ending in .mp4, such as video.mp4"),
+        (["--output", ".mp4"], "give a name ending in .mp4 or .gif, such as video.mp4"),
         (["--resize", "crop"], "--resize only applies to an --image or --video input"),
         (["--negative-prompt", os.fsdecode(b"bad \xff")], "negative_prompt is not valid UTF-8 text (bytes b'\\xff'"),
     ],
@@ -195,6 +195,31 @@ def test_several_videos_and_fps(capsys, tiny_rope_dir, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dog-1.mp4", "dog-2.mp4"]
     assert read_video(tmp_path / "dog-2.mp4")[1] == 12
     assert "seed" in capsys.readouterr().out
+
+
+def test_generate_writes_a_gif_when_asked(capsys, tiny_rope_dir, tmp_path):
+    """`--output NAME.gif`: the same video as an animated GIF (a palette of 256 colours per frame)."""
+    from PIL import Image
+
+    from cogvideox import Pipeline
+    from cogvideox.video import gif_palette
+
+    argv = ["generate", "a dog", "--model", str(tiny_rope_dir), "--output", str(tmp_path / "dog.gif"),
+            "--quiet", "--steps", "1", "--height", "32", "--width", "48", "--seed", "4", "--fps", "12"]  # fmt: skip
+    assert main(argv) == 0
+    assert capsys.readouterr().out.startswith(f"wrote {tmp_path / 'dog.gif'} (9 frames, 48x32, 12 fps, seed 4)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dog.gif"]
+    with Image.open(tmp_path / "dog.gif") as gif:
+        durations = []
+        for index in range(gif.n_frames):
+            gif.seek(index)
+            durations.append(gif.info["duration"])
+    assert sum(durations) == 750  # 9 frames at 12 fps
+    pipe = Pipeline.from_pretrained(tiny_rope_dir)
+    want = pipe("a dog", height=32, width=48, num_inference_steps=1, seed=4, progress=False).frames[0]
+    frames, _ = read_video(tmp_path / "dog.gif")
+    assert frames.shape == want.shape == (9, 32, 48, 3)
+    assert np.array_equal(frames, [np.asarray(gif_palette(frame).convert("RGB")) for frame in want])
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")

@@ -1,4 +1,4 @@
-"""MP4 writing and reading through PyAV."""
+"""MP4 (PyAV) and GIF (Pillow) writing, and reading back through PyAV."""
 
 import os
 import stat
@@ -34,6 +34,59 @@ def test_roundtrip(tmp_path):
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         assert stream.codec_context.name == "h264" and stream.codec_context.pix_fmt == "yuv420p"
+
+
+def test_gif_roundtrip_keeps_the_frames_and_the_frame_rate(tmp_path):
+    """A name ending in .gif gives an animated GIF: every frame, in a 256-colour palette each (this
+    video has few colours, so they come back exactly), looping, lasting frames / fps in all."""
+    from PIL import Image
+
+    video = np.zeros((9, 33, 63, 3), np.uint8)  # odd sizes: only H.264's yuv420p needs even ones
+    video[:] = (40, 90, 160)
+    video[:, 20:] = (200, 200, 200)
+    for i in range(9):
+        video[i, 8:16, 4 + 5 * i : 12 + 5 * i] = (255, 40, 0)
+    path = export_video(video, tmp_path / "clip.gif", fps=8)
+    frames, _ = read_video(path)
+    assert np.array_equal(frames, video)
+    with Image.open(path) as gif:
+        assert gif.format == "GIF" and gif.n_frames == 9 and gif.info["loop"] == 0
+        delays = []
+        for index in range(gif.n_frames):
+            gif.seek(index)
+            delays.append(gif.info["duration"])
+    assert delays == [120, 130, 130, 120, 120, 130, 130, 120, 120] and sum(delays) == 1120  # 9 / 8 s
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.gif"]  # no temporary file left
+
+
+@pytest.mark.parametrize(
+    "count, fps, total_ms",
+    [(49, 8, 6120), (81, 16, 5060), (10, 30, 330), (3, 1000, 60), (4, 0.5, 8000), (12, 23.976, 500)],
+)
+def test_gif_delays_add_up_to_the_video_length(count, fps, total_ms):
+    from fractions import Fraction
+
+    from cogvideox.video import check_fps, gif_delays
+
+    delays = gif_delays(count, check_fps(fps))
+    assert len(delays) == count and sum(delays) == total_ms
+    assert all(d % 10 == 0 and d >= 20 for d in delays)  # hundredths, none played as 100 ms by browsers
+    if fps <= 50:  # each frame starts at its time, to the hundredth (faster rates play at 50 fps)
+        assert all(abs(sum(delays[:i]) - 1000 * i / Fraction(fps)) <= 5 for i in range(count))
+
+
+def test_a_failed_gif_leaves_the_old_file(tmp_path, monkeypatch):
+    from PIL import Image
+
+    def fail(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    (tmp_path / "clip.gif").write_bytes(b"old gif")
+    monkeypatch.setattr(Image.Image, "save", fail)
+    with pytest.raises(OSError, match="No space left"):
+        export_video(moving_square(), tmp_path / "clip.gif")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.gif"]
+    assert (tmp_path / "clip.gif").read_bytes() == b"old gif"
 
 
 def test_list_of_frames_floats_and_other_fps(tmp_path):
@@ -104,6 +157,9 @@ def test_bad_paths(tmp_path):
         export_video(moving_square(), tmp_path / "no" / "such" / "x.mp4")
     with pytest.raises(InputError, match="is a folder"):
         export_video(moving_square(), tmp_path)
+    with pytest.raises(InputError, match=r"written as MP4 \(H.264\) or GIF; give a name ending in .mp4 or .gif, such as"
+                                         " x.mp4"):
+        export_video(moving_square(), tmp_path / "x.webm")
     with pytest.raises(InputError, match="no video file"):
         read_video(tmp_path / "missing.mp4")
 

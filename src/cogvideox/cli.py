@@ -137,18 +137,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = commands.add_parser(
         "generate",
-        help="generate a video from a text prompt (and a first frame, or a video to redraw) as an MP4",
-        description="Generate a video from a text prompt and write it as an H.264 MP4. Sizes, frame count and "
+        help="generate a video from a text prompt (and a first frame, or a video to redraw) as an MP4 or GIF",
+        description="Generate a video from a text prompt and write it as an H.264 MP4 (or an animated GIF, for "
+        "an --output name ending in .gif). Sizes, frame count and "
         "frame rate default to the model's own (49 frames at 720x480, 8 fps for CogVideoX 1.0; 81 frames at "
         "1360x768, 16 fps for 1.5). Image-to-video models take the first frame with --image; text-to-video "
         "models redraw a video given with --video.",
     )
     arg = gen.add_argument
     arg("prompt", help="what the video should show")
-    arg("-o", "--output", default="output.mp4", help="path of the MP4 to write (default: output.mp4)")
+    arg("-o", "--output", default="output.mp4",
+        help="video file to write: .mp4 (H.264) or .gif (animated GIF) (default: output.mp4)")
     add_model_arguments(gen)
     add_sampling_arguments(gen, seed_default=None, seed_help="noise seed (default: random, printed)")
-    arg("--fps", type=frame_rate, help="frame rate of the MP4 (default: the model's, 8 or 16)")
+    arg("--fps", type=frame_rate, help="frame rate of the video file (default: the model's, 8 or 16)")
     arg(
         "--image",
         help="first frame for an image-to-video model (PNG, JPEG, ...), resized to the video size; such "

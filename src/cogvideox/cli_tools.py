@@ -54,7 +54,7 @@ def add_tool_parsers(commands) -> None:
     arg("video", help="the video to invert (any format FFmpeg reads)")
     arg("--prompt", default="", help="caption of the video; regenerate with the same one (default: empty)")
     arg("-o", "--output", help="where to write the inverted latents (.safetensors)")
-    arg("--reconstruct", help="also regenerate the video from the latents and write it here (MP4)")
+    arg("--reconstruct", help="also regenerate the video from the latents and write it here (.mp4 or .gif)")
     arg(
         "--steps",
         type=positive_int,
@@ -101,7 +101,8 @@ def add_tool_parsers(commands) -> None:
     )
     arg = regen.add_argument
     arg("latents", help="latents written by cogvideox invert (.safetensors)")
-    arg("-o", "--output", default="output.mp4", help="path of the MP4 to write (default: output.mp4)")
+    arg("-o", "--output", default="output.mp4",
+        help="video file to write: .mp4 (H.264) or .gif (animated GIF) (default: output.mp4)")
     arg("--prompt", help="a new prompt (default: the one the video was inverted with)")
     arg("--guidance", type=finite_float, help="guidance scale (default: the one used to invert)")
     arg("--fps", type=frame_rate, help="frame rate of the MP4 (default: the model's)")

@@ -1,4 +1,5 @@
-"""Video files: frames -> H.264 MP4 and back, through PyAV (FFmpeg's libraries, no ffmpeg binary needed)."""
+"""Video files: frames -> H.264 MP4 (PyAV: FFmpeg's libraries, no ffmpeg binary needed) or animated GIF
+(Pillow), and back."""
 
 from __future__ import annotations
 
@@ -20,6 +21,9 @@ from cogvideox.values import is_finite_number
 # pixel after decoding), even with one thread. Without it, equal frames give byte-identical files.
 _X264_OPTIONS = {"crf": "18", "preset": "medium", "x264-params": "mbtree=0"}
 
+
+# The file kinds a video is written as, by the name's suffix.
+VIDEO_SUFFIXES = (".mp4", ".gif")
 
 # Float frames may stray this far outside [0, 1] (rounding in whoever made them) and are clipped.
 _FLOAT_SLACK = 1e-3
@@ -75,9 +79,9 @@ def _encoder_name() -> str:
 
 
 def check_video_path(path: str | os.PathLike, flag: str = "") -> Path:
-    """`path` as a `Path` if an MP4 can be written there, else an `InputError` saying why (`flag`, e.g.
-    "--output", starts the message): a name ending in .mp4 (the files are MP4, whatever their name), not
-    a folder, in an existing folder this process can create files in. Checked before minutes of work."""
+    """`path` as a `Path` if a video can be written there, else an `InputError` saying why (`flag`, e.g.
+    "--output", starts the message): a name ending in .mp4 or .gif (the suffix says the format), not a
+    folder, in an existing folder this process can create files in. Checked before minutes of work."""
     path = _check_video_name(path, flag)
     try:
         probe_writable(path.parent)
@@ -92,10 +96,10 @@ def _check_video_name(path: str | os.PathLike, flag: str = "") -> Path:
     what = f"{flag} {path}" if flag else str(path)
     if path.is_dir():
         raise InputError(f"{what} is a folder; give a file name such as {path / 'video.mp4'}")
-    if path.suffix.lower() != ".mp4":
+    if path.suffix.lower() not in VIDEO_SUFFIXES:
         stem = path.stem if path.stem and not path.stem.startswith(".") else "video"
-        raise InputError(f"{what}: videos are written as MP4 (H.264); give a name ending in .mp4, such as "
-                         f"{stem}.mp4")
+        raise InputError(f"{what}: videos are written as MP4 (H.264) or GIF; give a name ending in .mp4 or "
+                         f".gif, such as {stem}.mp4")
     if not path.parent.is_dir():
         raise InputError(f"{flag + ' ' if flag else ''}folder {path.parent} does not exist")
     return path
@@ -105,43 +109,76 @@ def _temporary_file(path: Path) -> tuple[int, str]:
     """A new private file beside `path`, renamed into place once complete; a one-line error if the folder
     does not take one (permissions, a read-only or pseudo file system)."""
     try:
-        return tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".mp4.part", dir=path.parent)
+        return tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f"{path.suffix.lower()}.part", dir=path.parent)
     except OSError as e:
         raise InputError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def export_video(frames: np.ndarray | Sequence, path: str | os.PathLike, fps: float = 8) -> Path:
-    """Write frames (uint8 [F, H, W, 3], or a list of [H, W, 3]) as an H.264 MP4 (yuv420p) at `fps`.
+    """Write frames (uint8 [F, H, W, 3], or a list of [H, W, 3]) at `fps` as an H.264 MP4 (yuv420p), or
+    as an animated GIF when `path` ends in .gif.
 
     The file appears complete or not at all: it is written under a temporary name in the same folder and
     renamed into place. yuv420p (the pixel format every player decodes) needs an even width and height.
     """
-    import av
-
     frames = as_frames(frames)
     _, height, width, _ = frames.shape
-    if height % 2 or width % 2:
+    path = _check_video_name(path)
+    gif = path.suffix.lower() == ".gif"
+    if not gif and (height % 2 or width % 2):
         raise InputError(f"H.264 in yuv420p needs an even width and height, got {width}x{height}")
     rate = check_fps(fps)
-    path = _check_video_name(path)
     handle, temporary = _temporary_file(path)  # fails in one line where the folder takes no file
     os.close(handle)
     try:
-        with av.open(temporary, mode="w", format="mp4") as container:
-            stream = container.add_stream(_encoder_name(), rate=rate, options=dict(_X264_OPTIONS))
-            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-            for index, frame in enumerate(frames):
-                picture = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
-                picture.pts = index
-                picture.time_base = 1 / rate
-                container.mux(stream.encode(picture))
-            container.mux(stream.encode(None))  # flush the encoder's delayed frames
+        (_write_gif if gif else _write_mp4)(frames, temporary, rate)
         usual_mode(temporary)  # mkstemp made it private
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
     return path
+
+
+def _write_mp4(frames: np.ndarray, file: str, rate: Fraction) -> None:
+    import av
+
+    _, height, width, _ = frames.shape
+    with av.open(file, mode="w", format="mp4") as container:
+        stream = container.add_stream(_encoder_name(), rate=rate, options=dict(_X264_OPTIONS))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for index, frame in enumerate(frames):
+            picture = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+            picture.pts = index
+            picture.time_base = 1 / rate
+            container.mux(stream.encode(picture))
+        container.mux(stream.encode(None))  # flush the encoder's delayed frames
+
+
+def gif_delays(count: int, rate: Fraction) -> list[int]:
+    """Each frame's display time in ms for a GIF at `rate` frames/s. A GIF counts in hundredths of a
+    second, so 8 fps (12.5 each) alternates 120 and 130 ms: frame i starts at i / rate to the nearest
+    hundredth, and the whole lasts count / rate (to it) rather than drifting 4% short. At least 20 ms
+    each: browsers play shorter delays at 100 ms."""
+    starts = [round(Fraction(100 * i) / rate) for i in range(count + 1)]
+    return [10 * max(2, b - a) for a, b in zip(starts, starts[1:])]
+
+
+def gif_palette(frame: np.ndarray):
+    """A uint8 [H, W, 3] frame as the 256-colour palette image a GIF stores (a PIL image)."""
+    from PIL import Image
+
+    picture = Image.fromarray(np.ascontiguousarray(frame), mode="RGB")
+    return picture.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+
+
+def _write_gif(frames: np.ndarray, file: str, rate: Fraction) -> None:
+    # Each frame gets its own 256-colour palette by median cut, undithered: on the demo model's videos
+    # 0.08/255 from the frames on average (dithering would add noise to flat backgrounds). Identical
+    # neighbours are merged by Pillow into one longer frame, which plays the same.
+    pictures = [gif_palette(frame) for frame in frames]
+    pictures[0].save(file, format="GIF", save_all=True, append_images=pictures[1:],
+                     duration=gif_delays(len(frames), rate), loop=0)
 
 
 def export_or_rescue(frames: np.ndarray | Sequence, path: str | os.PathLike, fps: float = 8) -> Path:
