@@ -124,6 +124,75 @@ def test_content_honours_range_requests(service):
     assert client.get(url, headers={"Range": f"bytes={size}-"}).status_code == 416
 
 
+def _few_colour_clip(params, on_step):
+    """A 9-frame 32x48 clip of three colours with a square moving right: every format keeps it exactly
+    (or, lossy, closely)."""
+    from cogvideox.serve.worker import Generated
+
+    on_step(1, 1)
+    frames = np.zeros((9, 32, 48, 3), np.uint8)
+    frames[:] = (30, 60, 120)
+    for i in range(9):
+        frames[i, 8:20, 2 + 4 * i : 14 + 4 * i] = (250, 200, 0)
+    return Generated(frames, {"denoise": 0.0})
+
+
+def test_content_variants_are_made_from_the_mp4_once_and_deleted_with_it(tmp_path):
+    """OpenAI's `variant`: thumbnail (WebP of the first frame) and spritesheet (JPEG grid); ours: gif."""
+    from PIL import Image
+
+    from cogvideox.serve import assets
+
+    client, _, worker = make_client(tmp_path, _few_colour_clip)
+    video_id = client.post("/v1/videos", json={"prompt": "a square", "fps": 12}).json()["id"]
+    assert worker.run_once()
+    url = f"/v1/videos/{video_id}/content"
+    (tmp_path / "served.mp4").write_bytes(client.get(url, params={"variant": "video"}).content)
+    frames, _ = read_video(tmp_path / "served.mp4")
+
+    thumbnail = client.get(url, params={"variant": "thumbnail"})
+    assert thumbnail.status_code == 200 and thumbnail.headers["content-type"] == "image/webp"
+    picture = np.asarray(Image.open(io.BytesIO(thumbnail.content)).convert("RGB")).astype(int)
+    assert picture.shape == (32, 48, 3) and np.abs(picture - frames[0]).mean() < 3
+
+    sheet = client.get(url, params={"variant": "spritesheet"})
+    assert sheet.status_code == 200 and sheet.headers["content-type"] == "image/jpeg"
+    grid = np.asarray(Image.open(io.BytesIO(sheet.content)).convert("RGB")).astype(int)
+    assert grid.shape == (3 * 32, 3 * 48, 3)  # nine frames, 3 x 3, each at its own size (under 160 wide)
+    assert np.abs(grid[32:64, 48:96] - frames[4]).mean() < 4  # the fifth frame: row 1, column 1
+
+    gif = client.get(url, params={"variant": "gif"})
+    assert gif.status_code == 200 and gif.headers["content-type"] == "image/gif"
+    with Image.open(io.BytesIO(gif.content)) as animation:
+        assert animation.n_frames == 9 and animation.info["duration"] in (80, 90)  # 12 fps
+    (tmp_path / "served.gif").write_bytes(gif.content)
+    assert np.abs(read_video(tmp_path / "served.gif")[0].astype(int) - frames).max() <= 2
+
+    # Made once: the second request is the same file (same ETag), not a new one.
+    video = video_path(tmp_path, video_id)
+    made = {variant: assets.asset_path(video, variant).stat().st_mtime_ns for variant in ("thumbnail", "gif")}
+    again = client.get(url, params={"variant": "gif"})
+    assert again.headers["etag"] == gif.headers["etag"]
+    assert made == {v: assets.asset_path(video, v).stat().st_mtime_ns for v in ("thumbnail", "gif")}
+
+    wrong = client.get(url, params={"variant": "poster"})
+    assert wrong.status_code == 400 and "variant" in wrong.json()["error"]["message"]
+
+    assert client.delete(f"/v1/videos/{video_id}").json()["deleted"] is True
+    assert sorted(p.name for p in video.parent.iterdir()) == []  # the MP4 and everything made from it
+
+
+def test_spritesheet_fills_rows_and_scales_wide_frames():
+    from cogvideox.serve.assets import spritesheet
+
+    frames = np.stack([np.full((20, 10, 3), 10 * (i + 1), np.uint8) for i in range(5)])
+    sheet = spritesheet(frames)
+    assert sheet.shape == (2 * 20, 3 * 10, 3)  # ceil(sqrt(5)) = 3 columns, 2 rows
+    assert sheet[25, 15, 0] == 50 and sheet[25, 25].max() == 0  # frame 5 in row 1, then a black cell
+    wide = spritesheet(np.zeros((4, 90, 320, 3), np.uint8), width=160)
+    assert wide.shape == (2 * 45, 2 * 160, 3)
+
+
 def test_bad_ranges_are_ignored_or_a_416_in_the_error_shape(tmp_path):
     """RFC 9110: a Range that is not a valid bytes range is ignored (the whole file, 200); one that lies past
     the end is a 416 with Content-Range: bytes */SIZE, in the JSON error shape like every other error."""

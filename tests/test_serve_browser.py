@@ -114,6 +114,10 @@ def test_submit_watch_play_delete(browser, page_url):
     details = card.find_element(By.CSS_SELECTOR, ".details").text
     assert "seed 42" in details and "9 frames at 8 fps" in details and "1000 steps" in details
     assert card.find_element(By.CSS_SELECTOR, ".download").get_attribute("href").endswith("/content")
+    gif = card.find_element(By.CSS_SELECTOR, ".gif")
+    assert gif.is_displayed() and gif.get_attribute("href").endswith("/content?variant=gif")
+    fetched = "return fetch(arguments[0].href).then(r => r.status + ' ' + r.headers.get('content-type'))"
+    assert browser.execute_script(fetched, gif) == "200 image/gif"
     # Fits the phone's width: no sideways scrolling.
     assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
     browser.execute_script("arguments[0].scrollIntoView()", card)
@@ -158,6 +162,12 @@ def test_with_an_api_key_the_page_asks_for_it_and_plays_from_memory(browser, tin
         wait.until(lambda d: d.execute_script("return arguments[0].readyState >= 1", video))
         assert video.get_attribute("src").startswith("blob:")
         assert browser.execute_script("return arguments[0].duration", video) == pytest.approx(9 / 8, abs=0.02)
+        gif = browser.find_element(By.CSS_SELECTOR, "#videos .card .gif")  # fetched with the key when clicked
+        gif.click()
+        wait.until(lambda d: gif.get_attribute("href").startswith("blob:"))
+        size = "return fetch(arguments[0].href).then(r => r.blob()).then(b => b.type + ' ' + b.size)"
+        kind, length = browser.execute_script(size, gif).split()
+        assert kind == "image/gif" and int(length) > 100
         browser.find_element(By.CSS_SELECTOR, "#videos .card .delete").click()
         wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, "#videos .card"))
         assert store.page()[0] == []

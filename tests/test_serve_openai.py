@@ -53,6 +53,9 @@ def test_openai_client_round_trip(base_url, tmp_path):
     client.videos.download_content(video.id).write_to_file(path)
     frames, fps = read_video(path)
     assert frames.shape == (9, 64, 64, 3) and fps == 8
+    thumbnail = client.videos.download_content(video.id, variant="thumbnail").read()
+    assert thumbnail[:4] == b"RIFF" and thumbnail[8:12] == b"WEBP"
+    assert client.videos.download_content(video.id, variant="spritesheet").read()[:3] == b"\xff\xd8\xff"  # JPEG
 
     assert video.id in [v.id for v in client.videos.list(limit=10).data]
     deleted = client.videos.delete(video.id)

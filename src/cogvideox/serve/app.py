@@ -26,7 +26,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 
 from cogvideox.errors import InputError
-from cogvideox.serve import metrics
+from cogvideox.serve import assets, metrics
 from cogvideox.serve.body import Fields, read_fields
 from cogvideox.serve.enhance import PromptEnhancer
 from cogvideox.serve.errors import ApiError, install_handlers, validation_message
@@ -249,25 +249,40 @@ def create_app(spec: ModelSpec, store: JobStore, settings: Settings, worker: Wor
         response_class=FileResponse,
         tags=["videos"],
         responses={
-            200: {"content": {"video/mp4": {}}, "description": "The MP4."},
-            206: {"content": {"video/mp4": {}}, "description": "A byte range of the MP4 (Range header)."},
+            200: {
+                "content": {media: {} for _, media in assets.VARIANTS.values()},
+                "description": "The MP4, or the asset `variant` names.",
+            },
+            206: {"content": {"video/mp4": {}}, "description": "A byte range of the file (Range header)."},
             304: {"description": "Not modified: If-None-Match names the file's ETag."},
-            **_errors(401, 404, 409, 416),
+            **_errors(400, 401, 404, 409, 416),
         },
     )
-    def get_video_content(request: Request, video_id: str, owner: str = Depends(caller)) -> FileResponse:
-        """The MP4 of a completed video; honours `Range` so players can seek (an invalid Range is ignored
-        and the whole file sent; a Range past the end is a 416)."""
+    def get_video_content(
+        request: Request,
+        video_id: str,
+        variant: Literal["video", "thumbnail", "spritesheet", "gif"] = Query(
+            "video",
+            description="video: the MP4; thumbnail: its first frame (WebP); spritesheet: every frame in a "
+            "grid, 160 pixels across each (JPEG); gif: an animated GIF (ours, not OpenAI's)",
+        ),
+        owner: str = Depends(caller),
+    ) -> FileResponse:
+        """The MP4 of a completed video, or an asset made from it (on the first request, then kept);
+        honours `Range` so players can seek (an invalid Range is ignored and the whole file sent; a Range
+        past the end is a 416)."""
         job = find(video_id, owner)
         if job.status != "completed":
             raise ApiError(409, "video_not_ready", f"video {video_id} is {job.status}, not completed", "video_id")
-        path = video_path(settings.data_dir, job.id)
+        video = video_path(settings.data_dir, job.id)
         try:
+            path = assets.make_asset(video, variant, fps=job.params["fps"])
             stat = path.stat()
-        except FileNotFoundError:
+        except (FileNotFoundError, InputError):  # the MP4 went (deleted meanwhile), or never was
             raise ApiError(404, "video_not_found", f"the file of video {video_id} is gone", "video_id") from None
+        media_type = assets.VARIANTS[variant][1]
         response = RangedFile(
-            path, media_type="video/mp4", filename=path.name, content_disposition_type="inline", stat_result=stat
+            path, media_type=media_type, filename=path.name, content_disposition_type="inline", stat_result=stat
         )
         return file_response(request, response, stat.st_size)
 
@@ -280,7 +295,9 @@ def create_app(spec: ModelSpec, store: JobStore, settings: Settings, worker: Wor
         if not store.delete(job.id):  # it finished, or went, in the meantime
             find(video_id, owner)
             raise ApiError(404, "video_not_found", f"video {video_id} changed while deleting; try again")
-        video_path(settings.data_dir, job.id).unlink(missing_ok=True)
+        video = video_path(settings.data_dir, job.id)
+        for path in (video, *assets.derived_paths(video)):
+            path.unlink(missing_ok=True)
         return VideoDeleted(id=job.id, deleted=True, status="deleted")
 
     @app.get("/openapi.json", include_in_schema=False)

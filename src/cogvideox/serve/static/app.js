@@ -113,6 +113,24 @@ async function attachVideo(card, video) {
   download.href = src;
   download.download = `${video.id}.mp4`;
   download.hidden = false;
+  const gif = card.querySelector(".gif"); // made by the server on the first request
+  gif.download = `${video.id}.gif`;
+  if (apiKey) { // a link cannot send a Bearer header either: fetched on the first click, then kept
+    gif.href = "#";
+    gif.onclick = async (event) => {
+      if (gif.href.startsWith("blob:")) return; // the second, programmatic click downloads it
+      event.preventDefault();
+      try {
+        gif.href = URL.createObjectURL(await (await api(`${url}?variant=gif`)).blob());
+        gif.click();
+      } catch (error) {
+        say(error.message, true);
+      }
+    };
+  } else {
+    gif.href = `${url}?variant=gif`;
+  }
+  gif.hidden = false;
 }
 
 function render(video, prepend = false) {
@@ -147,6 +165,8 @@ function drop(id) { // a card off the page, with the downloaded copy of its vide
   if (!card) return;
   const player = card.querySelector("video");
   if (player && player.src.startsWith("blob:")) URL.revokeObjectURL(player.src);
+  const gif = card.querySelector(".gif");
+  if (gif.href.startsWith("blob:")) URL.revokeObjectURL(gif.href);
   card.remove();
   cards.delete(id);
 }
