@@ -275,11 +275,15 @@ def create_app(spec: ModelSpec, store: JobStore, settings: Settings, worker: Wor
         if job.status != "completed":
             raise ApiError(409, "video_not_ready", f"video {video_id} is {job.status}, not completed", "video_id")
         video = video_path(settings.data_dir, job.id)
+        gone = ApiError(404, "video_not_found", f"the file of video {video_id} is gone", "video_id")
         try:
             path = assets.make_asset(video, variant, fps=job.params["fps"])
             stat = path.stat()
         except (FileNotFoundError, InputError):  # the MP4 went (deleted meanwhile), or never was
-            raise ApiError(404, "video_not_found", f"the file of video {video_id} is gone", "video_id") from None
+            raise gone from None
+        if path != video and not video.exists():  # deleted while the asset was made: no orphan left
+            path.unlink(missing_ok=True)
+            raise gone
         media_type = assets.VARIANTS[variant][1]
         response = RangedFile(
             path, media_type=media_type, filename=path.name, content_disposition_type="inline", stat_result=stat
