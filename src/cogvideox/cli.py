@@ -162,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
         "the model's count, or the longest 8k+1 prefix of a shorter video), resized to the video size",
     )
     arg(
+        "--extend",
+        metavar="VIDEO",
+        help="continue VIDEO (image-to-video models): a new clip drawn from its last frame, at its size, is "
+        "appended; the output holds both (chain runs for longer videos; default fps: VIDEO's)",
+    )
+    arg(
         "--strength",
         type=fraction,
         help="video-to-video: fraction of the denoising schedule that runs, in (0, 1]; lower stays closer "
@@ -243,11 +249,14 @@ def _quiet_libraries() -> None:
 def _generate(args: argparse.Namespace) -> int:
     from cogvideox import conditioning, loading
     from cogvideox.pipeline import Pipeline
+    from cogvideox.extend import check_extendable, continue_video
     from cogvideox.request import check_request, frames_to_read
-    from cogvideox.video import check_video_path
+    from cogvideox.video import check_video_path, read_video
 
-    if args.image and args.video:
-        raise InputError("give --image (image-to-video) or --video (video-to-video), not both")
+    if sum(map(bool, (args.image, args.video, args.extend))) > 1:
+        given = " and ".join(f for f, v in (("--image", args.image), ("--video", args.video),
+                                             ("--extend", args.extend)) if v)  # fmt: skip
+        raise InputError(f"give one of --image (image-to-video), --video (video-to-video) and --extend, not {given}")
     if args.strength is not None and not args.video:
         raise InputError("--strength only applies to video-to-video (--video)")
     if args.resize is not None and not (args.image or args.video):
@@ -267,14 +276,19 @@ def _generate(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     picture = conditioning.load_image(args.image) if args.image else None
     device, folder, configs = locate_model(args)
+    extended, extended_fps = read_video(args.extend) if args.extend else (None, None)
+    if extended is not None:
+        check_extendable(configs.transformer.is_image_to_video, extended, args.height, args.width)
     # Of a long video, only the frames the request can use are decoded.
     source = None
     if args.video:
         source = conditioning.load_video(args.video, frames_to_read(args.frames, configs.transformer))
     resize = args.resize or "stretch"
     request = request_from_args(args, folder) | dict(num_videos_per_prompt=args.num_videos, resize=resize)
+    if extended is not None:  # the new clip has the video's size
+        request.update(height=extended.shape[1], width=extended.shape[2])
     train_steps = configs.scheduler.num_train_timesteps
-    task = "image" if args.image else "video" if args.video else "text"
+    task = "image" if args.image or args.extend else "video" if args.video else "text"
     accelerate = speed_settings(args, device)
     check_request(
         configs.transformer,
@@ -310,8 +324,11 @@ def _generate(args: argparse.Namespace) -> int:
     load_time = time.perf_counter() - start
     inputs = dict(image=picture, video=source, strength=args.strength)
     progress = not args.quiet and global_rank() == 0
-    result = pipe(args.prompt, seed=args.seed, progress=progress, **request, **inputs)
-    fps = args.fps or pipe.default_fps
+    if extended is not None:
+        result = continue_video(pipe, extended, args.prompt, seed=args.seed, progress=progress, **request)
+    else:
+        result = pipe(args.prompt, seed=args.seed, progress=progress, **request, **inputs)
+    fps = args.fps or extended_fps or pipe.default_fps
     launch.leave(mesh)
     if mesh is not None and not mesh.is_leader:
         return 0  # rank 0 writes and reports
