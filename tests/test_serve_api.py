@@ -106,6 +106,59 @@ def test_a_video_is_created_polled_downloaded_and_deleted(service, pipe, tmp_pat
     assert client.delete(f"/v1/videos/{video['id']}").status_code == 404
 
 
+def test_a_remix_redraws_the_video_for_a_new_prompt(service, pipe, tmp_path):
+    """OpenAI's remix, as video-to-video: the completed video's frames, its size, length, frame rate and
+    (by default) seed, the last `strength` of the schedule; the same video the library makes from them."""
+    client, _, data = service
+    source = finished(client, client.post("/v1/videos", json={"prompt": "a red ball", "seed": 9, **FAST}).json()["id"])
+    response = client.post(f"/v1/videos/{source['id']}/remix", json={"prompt": "a blue ball", "strength": 0.5})
+    assert response.status_code == 200
+    remix = response.json()
+    assert remix["status"] == "queued" and remix["remixed_from_video_id"] == source["id"] and remix["strength"] == 0.5
+    assert (remix["size"], remix["seconds"], remix["fps"], remix["seed"]) == (
+        source["size"], source["seconds"], source["fps"], 9,
+    )  # fmt: skip
+    remix = finished(client, remix["id"])
+    assert remix["status"] == "completed", remix["error"]
+
+    (tmp_path / "remix.mp4").write_bytes(client.get(f"/v1/videos/{remix['id']}/content").content)
+    got, _ = read_video(tmp_path / "remix.mp4")
+    frames, _ = read_video(video_path(data, source["id"]))  # what the worker redrew: the MP4's frames
+    direct = pipe("a blue ball", video=frames, strength=0.5, seed=9, progress=False, **FAST).frames[0]
+    expected, _ = read_video(export_video(direct, tmp_path / "direct.mp4", fps=8))
+    np.testing.assert_array_equal(got, expected)
+    plain = pipe("a blue ball", seed=9, progress=False, **FAST).frames[0]
+    assert not np.array_equal(direct, plain)  # it did start from the video
+
+
+def test_remix_mistakes(tmp_path):
+    client, store, worker = make_client(tmp_path, CountingGenerator())
+    queued = client.post("/v1/videos", json={"prompt": "a cat"}).json()["id"]
+    url = f"/v1/videos/{queued}/remix"
+    response = client.post(url, json={"prompt": "a dog"})
+    assert response.status_code == 409 and response.json()["error"]["code"] == "video_not_ready"
+    assert worker.run_once()
+    unknown = client.post("/v1/videos/video_" + "0" * 32 + "/remix", json={"prompt": "a dog"})
+    assert unknown.status_code == 404
+    for body, message in (
+        ({"prompt": " "}, "is blank"),
+        ({"prompt": "a dog", "strength": 0}, "strength"),
+        ({"prompt": "a dog", "strength": 0.01, "num_inference_steps": 2}, "runs no step"),
+        ({"prompt": "a dog", "size": "64x64"}, "size"),  # the remix keeps the video's size
+    ):
+        error = client.post(url, json=body)
+        assert error.status_code == 400 and message in error.json()["error"]["message"], (body, error.json())
+    assert [j.id for j in store.page(10, None)[0]] == [queued]  # none of them queued anything
+
+    # The source deleted before its remix ran: the remix fails, saying so.
+    remix = client.post(url, json={"prompt": "a green cat"}).json()["id"]
+    assert client.delete(f"/v1/videos/{queued}").json()["deleted"] is True
+    assert worker.run_once()
+    failed = client.get(f"/v1/videos/{remix}").json()
+    assert failed["status"] == "failed" and failed["error"]["code"] == "invalid_request"
+    assert failed["error"]["message"] == f"video {queued}, which this remix redraws, was deleted before the remix ran"
+
+
 def test_content_honours_range_requests(service):
     client, _, _ = service
     video = finished(
@@ -662,8 +715,12 @@ def test_openapi_schema_matches_the_routes_and_the_answers(service):
     content_head = ("/v1/videos/{video_id}/content", "HEAD")  # the one HEAD route: players ask it first
     assert documented == routes - {(p, "HEAD") for p, _ in routes} | {content_head}
     assert {p for p, _ in documented} == {
-        "/healthz", "/metrics", "/v1/models", "/v1/videos", "/v1/videos/{video_id}", "/v1/videos/{video_id}/content"
+        "/healthz", "/metrics", "/v1/models", "/v1/videos", "/v1/videos/{video_id}", "/v1/videos/{video_id}/content",
+        "/v1/videos/{video_id}/remix",
     }  # fmt: skip
+    remix = schema["paths"]["/v1/videos/{video_id}/remix"]["post"]
+    assert remix["requestBody"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/VideoRemix"}
+    assert {"prompt", "strength", "seed"} <= set(schema["components"]["schemas"]["VideoRemix"]["properties"])
 
     create = schema["paths"]["/v1/videos"]["post"]
     for media in ("application/json", "multipart/form-data"):
@@ -684,6 +741,9 @@ def test_openapi_schema_matches_the_routes_and_the_answers(service):
     video = client.post("/v1/videos", json={"prompt": "a cat", **FAST}).json()
     validate(video, "Video")
     validate(finished(client, video["id"]), "Video")
+    remixed = client.post(f"/v1/videos/{video['id']}/remix", json={"prompt": "a dog", "strength": 0.5}).json()
+    validate(remixed, "Video")
+    validate(finished(client, remixed["id"]), "Video")
     validate(client.get("/v1/videos").json(), "VideoList")
     validate(client.get("/v1/models").json(), "ModelList")
     validate(client.get("/healthz").json(), "Health")

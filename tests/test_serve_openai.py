@@ -57,6 +57,9 @@ def test_openai_client_round_trip(base_url, tmp_path):
     assert thumbnail[:4] == b"RIFF" and thumbnail[8:12] == b"WEBP"
     assert client.videos.download_content(video.id, variant="spritesheet").read()[:3] == b"\xff\xd8\xff"  # JPEG
 
+    remix = client.videos.remix(video.id, prompt="a panda plays a big drum")
+    assert remix.status == "queued" and remix.remixed_from_video_id == video.id and remix.size == video.size
+
     assert video.id in [v.id for v in client.videos.list(limit=10).data]
     deleted = client.videos.delete(video.id)
     assert deleted.deleted and deleted.id == video.id

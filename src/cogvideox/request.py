@@ -59,10 +59,7 @@ class GenerationRequest:
 
     @property
     def denoising_steps(self) -> int:
-        """Steps that run: all of them, or the last int(n * strength) for video-to-video."""
-        if self.strength is None:
-            return self.num_inference_steps
-        return min(int(self.num_inference_steps * self.strength), self.num_inference_steps)
+        return denoising_steps(self.num_inference_steps, self.strength)
 
     @property
     def use_guidance(self) -> bool:
@@ -206,6 +203,13 @@ def check_task(transformer: TransformerConfig, task: str) -> None:
             "this is a text-to-video model and cannot take an image; use an image-to-video checkpoint "
             f"such as {I2V_MODELS}"
         )
+
+
+def denoising_steps(num_inference_steps: int, strength: float | None) -> int:
+    """Steps that run: all of them, or the last int(n * strength) for video-to-video."""
+    if strength is None:
+        return num_inference_steps
+    return min(int(num_inference_steps * strength), num_inference_steps)
 
 
 def check_strength(strength, num_inference_steps: int) -> float:

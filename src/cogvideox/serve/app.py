@@ -11,6 +11,7 @@ service is open and every caller sees every job.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +24,10 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from cogvideox.errors import InputError
+from cogvideox.request import check_strength
 from cogvideox.serve import assets, metrics
 from cogvideox.serve.body import Fields, read_fields
 from cogvideox.serve.enhance import PromptEnhancer
@@ -42,6 +44,7 @@ from cogvideox.serve.schemas import (
     VideoCreate,
     VideoDeleted,
     VideoList,
+    VideoRemix,
 )
 from cogvideox.serve.spec import ModelSpec, parse_size
 from cogvideox.serve.worker import Worker, video_path
@@ -187,6 +190,47 @@ def create_app(spec: ModelSpec, store: JobStore, settings: Settings, worker: Wor
     )
     async def create_video(request: Request, owner: str = Depends(caller)) -> Video:
         """Queue a video. The answer is the job, `queued`; poll `GET /v1/videos/{id}` for its progress."""
+
+        async def read() -> tuple[dict, bool | None]:
+            create = _parse(VideoCreate, await read_fields(request, settings.max_body_bytes))
+            return _job_params(create, spec, settings), create.enhance_prompt
+
+        return await enqueue(owner, read)
+
+    @app.post(
+        "/v1/videos/{video_id}/remix",
+        response_model=Video,
+        tags=["videos"],
+        responses=_errors(400, 401, 404, 409, 413, 415, 429),
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    media: {"schema": {"$ref": "#/components/schemas/VideoRemix"}}
+                    for media in ("application/json", "multipart/form-data", "application/x-www-form-urlencoded")
+                },
+            }
+        },
+    )
+    async def remix_video(video_id: str, request: Request, owner: str = Depends(caller)) -> Video:
+        """Queue a remix of a completed video: the video redrawn for a new prompt (video-to-video, the last
+        `strength` of the schedule), at its size, length and frame rate. A new video, `queued`."""
+
+        async def read() -> tuple[dict, bool | None]:
+            source = find(video_id, owner)
+            if source.status != "completed":
+                raise ApiError(409, "video_not_ready", f"video {video_id} is {source.status}, not completed",
+                               "video_id")  # fmt: skip
+            if not video_path(settings.data_dir, source.id).is_file():
+                raise ApiError(404, "video_not_found", f"the file of video {video_id} is gone", "video_id")
+            remix = _parse(VideoRemix, await read_fields(request, settings.max_body_bytes))
+            return _remix_params(source, remix, settings), remix.enhance_prompt
+
+        return await enqueue(owner, read)
+
+    async def enqueue(owner: str, read: Callable[[], Awaitable[tuple[dict, bool | None]]]) -> Video:
+        """Queue the job whose parameters `read()` gives (with whether to enhance its prompt), within the
+        caller's rate and queue limits."""
         wait = limiter.take(owner)
         if wait is not None:
             raise ApiError(
@@ -199,10 +243,9 @@ def create_app(spec: ModelSpec, store: JobStore, settings: Settings, worker: Wor
         # back when no video is queued: the limit counts videos, not mistakes.
         job = None
         try:
-            create = _video_create(await read_fields(request, settings.max_body_bytes))
-            params = _job_params(create, spec, settings)
-            if enhancer is not None and create.enhance_prompt is not False:
-                params["enhanced_prompt"] = await enhancer.enhance(create.prompt)
+            params, enhance = await read()
+            if enhancer is not None and enhance is not False:
+                params["enhanced_prompt"] = await enhancer.enhance(params["prompt"])
             limit = settings.max_active_per_key or None
             job = await run_in_threadpool(store.create, spec.name, owner, params, limit)
             if job is None:
@@ -334,14 +377,39 @@ def create_app(spec: ModelSpec, store: JobStore, settings: Settings, worker: Wor
     return app
 
 
-def _video_create(fields: Fields) -> VideoCreate:
-    """The create request checked field by field; ApiError 400 naming the first bad field. JSON is checked
+def _parse(model: type[BaseModel], fields: Fields):
+    """A request body checked field by field; ApiError 400 naming the first bad field. JSON is checked
     strictly (`true` or `"3"` is not a step count); a form, all text, is converted."""
     try:
-        return VideoCreate.model_validate(fields.values, strict=fields.typed)
+        return model.model_validate(fields.values, strict=fields.typed)
     except ValidationError as e:
         message, param = validation_message(e.errors())
         raise ApiError(400, "invalid_request", message, param) from None
+
+
+def _remix_params(source: Job, remix: VideoRemix, settings: Settings) -> dict:
+    """A remix's generation parameters: the source video's, with the remix's prompt and settings; ApiError
+    400 when its steps are over the cap or its strength runs no step."""
+    p = source.params
+    steps = remix.num_inference_steps if remix.num_inference_steps is not None else p["num_inference_steps"]
+    if steps > settings.max_steps:
+        raise ApiError(
+            400, "invalid_request", f"num_inference_steps: at most {settings.max_steps}", "num_inference_steps"
+        )
+    try:
+        check_strength(remix.strength, steps)
+    except InputError as e:
+        raise ApiError(400, "invalid_request", str(e), "strength") from None
+    kept = ("width", "height", "num_frames", "fps")
+    return {key: p[key] for key in kept} | {
+        "prompt": remix.prompt,
+        "negative_prompt": remix.negative_prompt if remix.negative_prompt is not None else p["negative_prompt"],
+        "num_inference_steps": steps,
+        "guidance_scale": remix.guidance_scale if remix.guidance_scale is not None else p["guidance_scale"],
+        "seed": remix.seed if remix.seed is not None else p["seed"],
+        "strength": remix.strength,
+        "remix_of": source.id,
+    }
 
 
 def default_steps(spec: ModelSpec, settings: Settings) -> int:
@@ -390,7 +458,8 @@ def _openapi(app: FastAPI) -> dict:
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        components["VideoCreate"] = VideoCreate.model_json_schema(ref_template="#/components/schemas/{model}")
+        for body in (VideoCreate, VideoRemix):
+            components[body.__name__] = body.model_json_schema(ref_template="#/components/schemas/{model}")
         for operations in schema["paths"].values():
             for operation in operations.values():
                 operation.get("responses", {}).pop("422", None)

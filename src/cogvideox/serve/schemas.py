@@ -29,6 +29,7 @@ Status = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
 _FLOAT_RANGES = {
     "guidance_scale": f"from 0 to {MAX_GUIDANCE:g}",
     "fps": f"above 0 and at most {MAX_FPS:g}",
+    "strength": "above 0 and at most 1",
 }
 
 
@@ -68,9 +69,7 @@ class VideoCreate(BaseModel):
     @field_validator("prompt")
     @classmethod
     def _not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("is blank; say what the video should show")
-        return value
+        return _prompt_not_blank(value)
 
     @field_validator("seconds", mode="before")
     @classmethod
@@ -98,6 +97,45 @@ class VideoCreate(BaseModel):
         if not _is_finite(value):
             raise ValueError(f"must be a finite number {_FLOAT_RANGES[info.field_name]}")
         return value
+
+
+class VideoRemix(BaseModel):
+    """`POST /v1/videos/{id}/remix`: a completed video redrawn for a new prompt (video-to-video). Its size,
+    length and frame rate stay; the other settings default to the video's own."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="What the remix should show.")
+    # Our extensions.
+    negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS, description="Default: the video's.")
+    seed: int | None = Field(None, ge=0, lt=2**32, description="Noise seed; default: the video's.")
+    num_inference_steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="Default: the video's.")
+    guidance_scale: float | None = Field(None, ge=0.0, le=MAX_GUIDANCE, description="Default: the video's.")
+    strength: float = Field(
+        0.8, gt=0.0, le=1.0,
+        description="Fraction of the denoising schedule that runs; lower stays closer to the video.",
+    )  # fmt: skip
+    enhance_prompt: bool | None = Field(
+        None, description="Rewrite the prompt with the server's prompt enhancer (default: on when it has one)."
+    )
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        return _prompt_not_blank(value)
+
+    @field_validator("guidance_scale", "strength", mode="before")
+    @classmethod
+    def _finite(cls, value, info: ValidationInfo):
+        if not _is_finite(value):
+            raise ValueError(f"must be a finite number {_FLOAT_RANGES[info.field_name]}")
+        return value
+
+
+def _prompt_not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("is blank; say what the video should show")
+    return value
 
 
 def _is_finite(value) -> bool:
@@ -142,6 +180,8 @@ class Video(BaseModel):
     num_inference_steps: int
     guidance_scale: float
     timings: dict[str, float] = Field(default_factory=dict, description="Seconds per stage, once completed.")
+    remixed_from_video_id: str | None = Field(None, description="The video a remix redraws (OpenAI's field).")
+    strength: float | None = Field(None, description="A remix's share of the schedule that ran.")
 
     @classmethod
     def from_job(cls, job: Job) -> Video:
@@ -165,6 +205,8 @@ class Video(BaseModel):
             num_inference_steps=p["num_inference_steps"],
             guidance_scale=p["guidance_scale"],
             timings=job.timings,
+            remixed_from_video_id=p.get("remix_of"),
+            strength=p.get("strength"),
         )
 
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from cogvideox.errors import InputError, NonFiniteError, OutOfMemoryError
 from cogvideox.serve.jobs import Job, JobStore
-from cogvideox.video import export_video
+from cogvideox.video import export_video, read_video
 
 log = logging.getLogger("cogvideox.serve")
 
@@ -70,19 +70,23 @@ class PipelineGenerator:
             self.pipe = pipe
 
     def __call__(self, params: dict[str, Any], on_step: Callable[[int, int], None]) -> Generated:
+        from cogvideox.request import denoising_steps
+
         self.load()
-        steps = params["num_inference_steps"]
+        runs = denoising_steps(params["num_inference_steps"], params.get("strength"))
         result = self.pipe(
             params.get("enhanced_prompt") or params["prompt"],
             negative_prompt=params["negative_prompt"],
             num_frames=params["num_frames"],
             height=params["height"],
             width=params["width"],
-            num_inference_steps=steps,
+            num_inference_steps=params["num_inference_steps"],
             guidance_scale=params["guidance_scale"],
             seed=params["seed"],
+            video=params.get("video"),  # a remix: the frames it redraws
+            strength=params.get("strength"),
             progress=False,
-            callback=lambda i, t, latents: on_step(i + 1, steps),
+            callback=lambda i, t, latents: on_step(i + 1, runs),
         )
         return Generated(result.frames[0], dict(result.timings))
 
@@ -173,7 +177,7 @@ class Worker:
                     raise _Stop("shutdown")
 
             try:
-                generated = self.generate(job.params, on_step)
+                generated = self.generate(self._inputs(job.params), on_step)
                 if lease.lost.is_set():
                     raise _Stop("lost")
                 start = time.perf_counter()
@@ -193,6 +197,16 @@ class Worker:
         if not self.store.complete(job.id, self.name, timings):
             self._discard(job, path)
         return True
+
+    def _inputs(self, params: dict[str, Any]) -> dict[str, Any]:
+        """A job's parameters with the frames of the video it remixes, if it is a remix."""
+        source = params.get("remix_of")
+        if source is None:
+            return params
+        path = video_path(self.data_dir, source)
+        if not path.is_file():
+            raise InputError(f"video {source}, which this remix redraws, was deleted before the remix ran")
+        return params | {"video": read_video(path)[0]}
 
     def _report_failure(self, job: Job, error: Exception) -> None:
         if isinstance(error, _StorageError):
