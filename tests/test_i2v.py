@@ -241,7 +241,7 @@ def test_cli_generate_with_an_image(tiny_i2v_dir, picture_file, tmp_path, capsys
         ("rope", ["--image", "PICTURE"], "text-to-video model and cannot take an image"),
         ("i2v", [], "image-to-video model: give it the first frame"),
         ("i2v", ["--image", "BROKEN"], "cannot decode"),
-        ("i2v", ["--image", "PICTURE", "--video", "PICTURE"], "not both"),
+        ("i2v", ["--image", "PICTURE", "--video", "PICTURE"], "give one of --image (image-to-video), --video (video-to-video) and --extend, not --image and --video"),
         ("i2v", ["--image", "PICTURE", "--strength", "0.5"], "--strength only applies to video-to-video"),
         ("i2v", ["--image", "PICTURE", "--height", "32"], "only generates 64x64"),
     ],
