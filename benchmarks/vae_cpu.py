@@ -5,17 +5,18 @@
     python benchmarks/vae_cpu.py --levers reference,aten --repeat 2   # against the reference's decode
     python benchmarks/vae_cpu.py --demo --levers reference,aten --repeat 5   # the demo model's narrow VAE
 
-The 5B VAE (its real config, speed.py's random weights; --demo: the demo model's) decodes the same latents in fp32 with each set of
-levers (`+`-joined names of fast.vae levers: conv2d, channels_last, fuse_norms), after one untimed decode
-each; then --repeat rounds in which every variant decodes once, in turn, so that the load of a shared
-machine falls on all of them alike. Reports each variant's fastest and median decode, its ratio to the
-exact one and its error against it. Two more variants: `reference`, the reference's VAE (diffusers) with
-the same weights, and `aten`, ours with every 3D convolution on the kernel ATen picks (the reference's),
-not oneDNN's (`cogvideox.models.cpu_conv`). With --fp64, every variant also decodes once in fp64: the fp64
-levers against the fp64 exact decode show the arithmetic alone (no rounding to speak of), and each fp32
-variant's distance from the fp64 exact decode shows whether a lever's fp32 error is more than the
+The 5B VAE (its real config, speed.py's random weights; --demo: the demo model's) decodes the same latents
+in fp32 with each set of levers (`+`-joined names of fast.vae levers: conv2d, channels_last, fuse_norms),
+after one untimed decode each; then --repeat rounds in which every variant decodes once, in turn, so that
+the load of a shared machine falls on all of them alike. Reports each variant's fastest and median decode,
+its ratio to the exact one and its error against it. Two more variants: `reference`, the reference's VAE
+(diffusers) with the same weights, and `aten`, ours with every 3D convolution on the kernel ATen picks (the
+reference's), not oneDNN's (`cogvideox.models.cpu_conv`). With --fp64, every variant also decodes once in
+fp64: the fp64 levers against the fp64 exact decode show the arithmetic alone (no rounding to speak of), and
+each fp32 variant's distance from the fp64 exact decode shows whether a lever's fp32 error is more than the
 rounding noise the exact fp32 decode has too. A CPU says nothing of cuDNN's kernels: this shows the
-direction on the CPU's own, and that the lever holds at the full width. Writes vae_cpu.json under $OUT (or the current folder).
+direction on the CPU's own, and that the lever holds at the full width. Writes vae_cpu.json under $OUT (or
+the current folder).
 """
 
 from __future__ import annotations

@@ -50,7 +50,8 @@ def conv3d(
     """`F.conv3d` with zero padding given as a tuple of ints; through oneDNN where ATen would use im2col."""
     if not _im2col_case(x, weight, groups):
         return F.conv3d(x, weight, bias, stride, padding, dilation, groups)
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return _OneDNNConv3d.apply(x, weight, bias, stride, padding, dilation, groups)
     return torch.mkldnn_convolution(x, weight, bias, padding, stride, dilation, groups)
 
