@@ -178,15 +178,7 @@ def create_app(spec: ModelSpec, store: JobStore, settings: Settings, worker: Wor
         response_model=Video,
         tags=["videos"],
         responses=_errors(400, 401, 413, 415, 429),
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {
-                    media: {"schema": {"$ref": "#/components/schemas/VideoCreate"}}
-                    for media in ("application/json", "multipart/form-data", "application/x-www-form-urlencoded")
-                },
-            }
-        },
+        openapi_extra=_body_read_by_hand("VideoCreate"),
     )
     async def create_video(request: Request, owner: str = Depends(caller)) -> Video:
         """Queue a video. The answer is the job, `queued`; poll `GET /v1/videos/{id}` for its progress."""
@@ -202,15 +194,7 @@ def create_app(spec: ModelSpec, store: JobStore, settings: Settings, worker: Wor
         response_model=Video,
         tags=["videos"],
         responses=_errors(400, 401, 404, 409, 413, 415, 429),
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {
-                    media: {"schema": {"$ref": "#/components/schemas/VideoRemix"}}
-                    for media in ("application/json", "multipart/form-data", "application/x-www-form-urlencoded")
-                },
-            }
-        },
+        openapi_extra=_body_read_by_hand("VideoRemix"),
     )
     async def remix_video(video_id: str, request: Request, owner: str = Depends(caller)) -> Video:
         """Queue a remix of a completed video: the video redrawn for a new prompt (video-to-video, the last
@@ -375,6 +359,13 @@ def create_app(spec: ModelSpec, store: JobStore, settings: Settings, worker: Wor
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.openapi = lambda: _openapi(app)
     return app
+
+
+def _body_read_by_hand(schema: str) -> dict:
+    """The request body of a route that reads it itself (`read_fields`: JSON or a form), for the schema."""
+    media = ("application/json", "multipart/form-data", "application/x-www-form-urlencoded")
+    content = {kind: {"schema": {"$ref": f"#/components/schemas/{schema}"}} for kind in media}
+    return {"requestBody": {"required": True, "content": content}}
 
 
 def _parse(model: type[BaseModel], fields: Fields):

@@ -33,10 +33,30 @@ _FLOAT_RANGES = {
 }
 
 
-class VideoCreate(BaseModel):
-    """`POST /v1/videos`, as JSON or as a form (OpenAI's client sends multipart/form-data)."""
+class _Request(BaseModel):
+    """The checks creating and remixing share: a prompt that says something, and finite numbers."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("prompt", check_fields=False)
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("is blank; say what the video should show")
+        return value
+
+    @field_validator("guidance_scale", "fps", "strength", mode="before", check_fields=False)
+    @classmethod
+    def _finite(cls, value, info: ValidationInfo):
+        """Refuse NaN and infinities (JSON's NaN, Infinity, 1e400; a form's "nan") before the range check,
+        whose "less than or equal to 50" would be wrong for NaN; other values go on to the type check."""
+        if not _is_finite(value):
+            raise ValueError(f"must be a finite number {_FLOAT_RANGES[info.field_name]}")
+        return value
+
+
+class VideoCreate(_Request):
+    """`POST /v1/videos`, as JSON or as a form (OpenAI's client sends multipart/form-data)."""
 
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="What the video should show.")
     model: str | None = Field(None, description="The served model's name (GET /v1/models); default: that model.")
@@ -66,11 +86,6 @@ class VideoCreate(BaseModel):
         None, description="Rewrite the prompt with the server's prompt enhancer (default: on when it has one)."
     )
 
-    @field_validator("prompt")
-    @classmethod
-    def _not_blank(cls, value: str) -> str:
-        return _prompt_not_blank(value)
-
     @field_validator("seconds", mode="before")
     @classmethod
     def _seconds(cls, value):
@@ -89,21 +104,10 @@ class VideoCreate(BaseModel):
             raise ValueError(f"seconds must be a positive number, got {value!r}")
         return seconds
 
-    @field_validator("guidance_scale", "fps", mode="before")
-    @classmethod
-    def _finite(cls, value, info: ValidationInfo):
-        """Refuse NaN and infinities (JSON's NaN, Infinity, 1e400; a form's "nan") before the range check,
-        whose "less than or equal to 50" would be wrong for NaN; other values go on to the type check."""
-        if not _is_finite(value):
-            raise ValueError(f"must be a finite number {_FLOAT_RANGES[info.field_name]}")
-        return value
 
-
-class VideoRemix(BaseModel):
+class VideoRemix(_Request):
     """`POST /v1/videos/{id}/remix`: a completed video redrawn for a new prompt (video-to-video). Its size,
     length and frame rate stay; the other settings default to the video's own."""
-
-    model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="What the remix should show.")
     # Our extensions.
@@ -118,24 +122,6 @@ class VideoRemix(BaseModel):
     enhance_prompt: bool | None = Field(
         None, description="Rewrite the prompt with the server's prompt enhancer (default: on when it has one)."
     )
-
-    @field_validator("prompt")
-    @classmethod
-    def _not_blank(cls, value: str) -> str:
-        return _prompt_not_blank(value)
-
-    @field_validator("guidance_scale", "strength", mode="before")
-    @classmethod
-    def _finite(cls, value, info: ValidationInfo):
-        if not _is_finite(value):
-            raise ValueError(f"must be a finite number {_FLOAT_RANGES[info.field_name]}")
-        return value
-
-
-def _prompt_not_blank(value: str) -> str:
-    if not value.strip():
-        raise ValueError("is blank; say what the video should show")
-    return value
 
 
 def _is_finite(value) -> bool:
