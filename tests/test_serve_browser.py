@@ -141,6 +141,52 @@ def asked_for_key(wait: WebDriverWait):
     )
 
 
+def test_a_completed_video_is_remixed_from_its_card(browser, tiny_rope_dir, tmp_path):
+    """Remix on a card: the form says which video it redraws, starts from its prompt, offers a strength
+    and not the size or length (the video's stay); the remix is a new card that says what it remixes."""
+    store, server = start_service(tiny_rope_dir, tmp_path)
+    wait = WebDriverWait(browser, 60, poll_frequency=0.05)
+    with server as url:
+        browser.get(url)
+        wait.until(lambda d: "cogvideox-tiny" in d.find_element(By.ID, "model").text)
+        browser.find_element(By.ID, "prompt").send_keys("a red ball")
+        browser.find_element(By.CSS_SELECTOR, "#options summary").click()
+        steps = browser.find_element(By.ID, "num_inference_steps")
+        steps.clear()
+        steps.send_keys("2")
+        browser.find_element(By.ID, "submit").click()
+        card = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#videos .card[data-status='completed']"))
+        source = card.get_attribute("data-id")
+        assert not browser.find_element(By.ID, "remixing").is_displayed()
+        assert not browser.find_element(By.ID, "strength").is_displayed()
+
+        card.find_element(By.CSS_SELECTOR, ".remix").click()
+        assert browser.find_element(By.ID, "remixing").is_displayed()
+        assert browser.find_element(By.ID, "remix-of").text == "a red ball"
+        assert browser.find_element(By.ID, "submit").text == "Remix"
+        assert not any(browser.find_element(By.ID, name).is_enabled() for name in ("size", "seconds"))
+        assert browser.find_element(By.ID, "seed").get_attribute("placeholder") == "the video's"
+        prompt = browser.find_element(By.ID, "prompt")
+        assert prompt.get_attribute("value") == "a red ball"
+        prompt.clear()
+        prompt.send_keys("a blue ball")
+        browser.find_element(By.ID, "strength").send_keys("0.5")
+        browser.save_screenshot(str(artifacts_dir() / "11-remix-form.png"))
+        browser.find_element(By.ID, "submit").click()
+
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#videos .card[data-status='completed']")) == 2)
+        newest = browser.find_element(By.CSS_SELECTOR, "#videos .card")  # the remix comes first
+        assert newest.get_attribute("data-id") != source
+        assert f"remix of {source} at strength 0.5" in newest.find_element(By.CSS_SELECTOR, ".details").text
+        assert not browser.find_element(By.ID, "remixing").is_displayed()  # back to creating
+        assert browser.find_element(By.ID, "submit").text == "Generate"
+        assert browser.find_element(By.ID, "size").is_enabled()
+        assert browser.find_element(By.ID, "seed").get_attribute("placeholder") == "random"
+        [job] = [j for j in store.page(10, None)[0] if j.id == newest.get_attribute("data-id")]
+        assert job.params["remix_of"] == source and job.params["prompt"] == "a blue ball"
+    store.close()
+
+
 def test_with_an_api_key_the_page_asks_for_it_and_plays_from_memory(browser, tiny_rope_dir, tmp_path):
     """A <video> cannot send a Bearer header: with a key the page fetches the MP4 and plays it as a blob."""
     store, server = start_service(tiny_rope_dir, tmp_path, api_keys=("sk-page",))

@@ -62,27 +62,53 @@ async function loadModel() {
   $("#guidance_scale").placeholder = model.guidance_scale;
 }
 
+let remixing = null; // the completed video the form remixes, or null to create one
+
+function remixMode(video) { // video: remix it; null: back to creating
+  remixing = video;
+  $("#remixing").hidden = !video;
+  $("#remix-of").textContent = video ? video.prompt : "";
+  $("#strength-option").hidden = !video;
+  for (const name of ["size", "seconds"]) $(`#${name}`).disabled = Boolean(video); // a remix keeps the video's
+  for (const name of ["num_inference_steps", "guidance_scale", "seed"]) { // and defaults to its settings
+    const input = $(`#${name}`);
+    if (video && !("own" in input.dataset)) input.dataset.own = input.placeholder;
+    input.placeholder = video ? "the video's" : input.dataset.own ?? input.placeholder;
+    if (!video) delete input.dataset.own;
+  }
+  $("#submit").textContent = video ? "Remix" : "Generate";
+  if (video) {
+    $("#prompt").value = video.prompt;
+    $("#prompt").focus();
+  }
+}
+
 async function submit(event) {
   event.preventDefault();
   if ($("#submit").disabled) return; // the last one is still on its way
   const body = { prompt: $("#prompt").value };
-  for (const name of ["negative_prompt", "size"]) {
+  const texts = remixing ? ["negative_prompt"] : ["negative_prompt", "size"];
+  const numbers = remixing ? ["num_inference_steps", "guidance_scale", "seed", "strength"]
+    : ["seconds", "num_inference_steps", "guidance_scale", "seed"];
+  for (const name of texts) {
     const value = $(`#${name}`).value;
     if (value) body[name] = value;
   }
-  for (const name of ["seconds", "num_inference_steps", "guidance_scale", "seed"]) {
+  for (const name of numbers) {
     const value = $(`#${name}`).value;
     if (value !== "") body[name] = Number(value);
   }
   $("#submit").disabled = true;
   try {
-    const video = await (await api("/v1/videos", {
+    const path = remixing ? `/v1/videos/${remixing.id}/remix` : "/v1/videos";
+    const video = await (await api(path, {
       method: "POST",
       headers: { "Content-Type": "application/json" },
       body: JSON.stringify(body),
     })).json();
     say(`Queued ${video.id}`);
     render(video, true);
+    if (remixing) remixMode(null);
     schedule(300);
   } catch (error) {
     say(error.message, true);
@@ -97,6 +123,9 @@ function describe(video) {
   if (timings.length) {
     const total = timings.reduce((sum, [, seconds]) => sum + seconds, 0);
     parts.push(`${total.toFixed(1)} s (${timings.map(([stage, s]) => `${stage} ${s.toFixed(1)}`).join(", ")})`);
+  }
+  if (video.remixed_from_video_id) {
+    parts.push(`remix of ${video.remixed_from_video_id} at strength ${video.strength}`);
   }
   return parts.join(" · ");
 }
@@ -113,6 +142,7 @@ async function attachVideo(card, video) {
   download.href = src;
   download.download = `${video.id}.mp4`;
   download.hidden = false;
+  card.querySelector(".remix").hidden = false;
   const gif = card.querySelector(".gif"); // made by the server on the first request
   gif.download = `${video.id}.gif`;
   if (apiKey) { // a link cannot send a Bearer header either: fetched on the first click, then kept
@@ -143,6 +173,7 @@ function render(video, prepend = false) {
     prompt.id = `prompt-${video.id}`; // describes the card's controls: which video a "Delete" deletes
     for (const control of card.querySelectorAll(".actions > *")) control.setAttribute("aria-describedby", prompt.id);
     card.querySelector(".delete").addEventListener("click", () => remove(video.id));
+    card.querySelector(".remix").addEventListener("click", () => remixMode(video));
     cards.set(video.id, card);
     if (prepend) $("#videos").prepend(card); else $("#videos").append(card);
   }
@@ -163,6 +194,7 @@ function render(video, prepend = false) {
 function drop(id) { // a card off the page, with the downloaded copy of its video (fetched with a key)
   const card = cards.get(id);
   if (!card) return;
+  if (remixing && remixing.id === id) remixMode(null); // its video is gone
   const player = card.querySelector("video");
   if (player && player.src.startsWith("blob:")) URL.revokeObjectURL(player.src);
   const gif = card.querySelector(".gif");
@@ -246,6 +278,7 @@ async function refresh() {
 }
 
 $("#create").addEventListener("submit", submit);
+$("#stop-remix").addEventListener("click", () => remixMode(null));
 $("#older").addEventListener("click", () => { wanted += 50; schedule(0); });
 $("#prompt").addEventListener("keydown", (event) => { // Enter is a new line; Ctrl+Enter (⌘+Enter) generates
   if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
