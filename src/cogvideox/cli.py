@@ -141,8 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate a video from a text prompt and write it as an H.264 MP4 (or an animated GIF, for "
         "an --output name ending in .gif). Sizes, frame count and "
         "frame rate default to the model's own (49 frames at 720x480, 8 fps for CogVideoX 1.0; 81 frames at "
-        "1360x768, 16 fps for 1.5). Image-to-video models take the first frame with --image; text-to-video "
-        "models redraw a video given with --video.",
+        "1360x768, 16 fps for 1.5). Image-to-video models take the first frame with --image, or continue a "
+        "video given with --extend; text-to-video models redraw a video given with --video.",
     )
     arg = gen.add_argument
     arg("prompt", help="what the video should show")
@@ -248,8 +248,8 @@ def _quiet_libraries() -> None:
 
 def _generate(args: argparse.Namespace) -> int:
     from cogvideox import conditioning, loading
-    from cogvideox.pipeline import Pipeline
     from cogvideox.extend import check_extendable, continue_video
+    from cogvideox.pipeline import Pipeline
     from cogvideox.request import check_request, frames_to_read
     from cogvideox.video import check_video_path, read_video
 
