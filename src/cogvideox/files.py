@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -38,6 +39,29 @@ def probe_writable(folder: str | os.PathLike) -> None:
     handle, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
     os.close(handle)
     os.unlink(probe)
+
+
+def write_into_place(path: Path, write: Callable[[str], None]) -> Path:
+    """`write(temporary)` on a new private file beside `path`, then the usual mode and a rename onto
+    `path`: the file appears complete or not at all, and an earlier one stays until then. `InputError` in
+    one line when the folder takes no file (permissions, a read-only or pseudo file system); whatever
+    `write` raises comes through, with the temporary file removed."""
+    from cogvideox.errors import InputError
+
+    try:
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f"{path.suffix.lower()}.part",
+                                             dir=path.parent)  # fmt: skip
+    except OSError as e:
+        raise InputError(f"cannot write {path}: {e.strerror or e}") from None
+    os.close(handle)
+    try:
+        write(temporary)
+        usual_mode(temporary)  # mkstemp made it private
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
 
 
 def prepare_folder(folder: str | os.PathLike) -> None:

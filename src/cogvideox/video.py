@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from cogvideox.errors import InputError
-from cogvideox.files import probe_writable, usual_mode
+from cogvideox.files import probe_writable, write_into_place
 from cogvideox.values import is_finite_number
 
 # Visually lossless for these short clips and still a few hundred kB; "medium" is x264's default speed.
@@ -105,15 +105,6 @@ def _check_video_name(path: str | os.PathLike, flag: str = "") -> Path:
     return path
 
 
-def _temporary_file(path: Path) -> tuple[int, str]:
-    """A new private file beside `path`, renamed into place once complete; a one-line error if the folder
-    does not take one (permissions, a read-only or pseudo file system)."""
-    try:
-        return tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f"{path.suffix.lower()}.part", dir=path.parent)
-    except OSError as e:
-        raise InputError(f"cannot write {path}: {e.strerror or e}") from None
-
-
 def export_video(frames: np.ndarray | Sequence, path: str | os.PathLike, fps: float = 8) -> Path:
     """Write frames (uint8 [F, H, W, 3], or a list of [H, W, 3]) at `fps` as an H.264 MP4 (yuv420p), or
     as an animated GIF when `path` ends in .gif.
@@ -128,16 +119,7 @@ def export_video(frames: np.ndarray | Sequence, path: str | os.PathLike, fps: fl
     if not gif and (height % 2 or width % 2):
         raise InputError(f"H.264 in yuv420p needs an even width and height, got {width}x{height}")
     rate = check_fps(fps)
-    handle, temporary = _temporary_file(path)  # fails in one line where the folder takes no file
-    os.close(handle)
-    try:
-        (_write_gif if gif else _write_mp4)(frames, temporary, rate)
-        usual_mode(temporary)  # mkstemp made it private
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    return write_into_place(path, lambda file: (_write_gif if gif else _write_mp4)(frames, file, rate))
 
 
 def _write_mp4(frames: np.ndarray, file: str, rate: Fraction) -> None:

@@ -6,13 +6,11 @@ deleted."""
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from cogvideox.files import usual_mode
+from cogvideox.files import write_into_place
 from cogvideox.video import export_video, read_video
 
 # variant -> (file name suffix after the job id, media type); "video" is the MP4 itself.
@@ -72,13 +70,4 @@ def spritesheet(frames: np.ndarray, width: int = SPRITE_WIDTH) -> np.ndarray:
 def _save_image(picture: np.ndarray, path: Path, options: dict) -> None:
     from PIL import Image
 
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(handle)
-    try:
-        Image.fromarray(picture).save(temporary, **options)
-        usual_mode(temporary)  # mkstemp made it private
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
+    write_into_place(path, lambda file: Image.fromarray(picture).save(file, **options))
