@@ -135,6 +135,14 @@ def create_app(spec: ModelSpec, store: JobStore, settings: Settings, worker: Wor
             raise ApiError(404, "video_not_found", f"no video with id {video_id!r}", param)
         return job
 
+    def find_completed(video_id: str, owner: str) -> tuple[Job, Path]:
+        """`find`, for a video that must be finished: the job and its MP4's path; ApiError 409 while it is
+        not completed."""
+        job = find(video_id, owner)
+        if job.status != "completed":
+            raise ApiError(409, "video_not_ready", f"video {video_id} is {job.status}, not completed", "video_id")
+        return job, video_path(settings.data_dir, job.id)
+
     # -------------------------------------------------------------------------------------------------
     # Service
 
@@ -201,12 +209,9 @@ def create_app(spec: ModelSpec, store: JobStore, settings: Settings, worker: Wor
         `strength` of the schedule), at its size, length and frame rate. A new video, `queued`."""
 
         async def read() -> tuple[dict, bool | None]:
-            source = find(video_id, owner)
-            if source.status != "completed":
-                raise ApiError(409, "video_not_ready", f"video {video_id} is {source.status}, not completed",
-                               "video_id")  # fmt: skip
-            if not video_path(settings.data_dir, source.id).is_file():
-                raise ApiError(404, "video_not_found", f"the file of video {video_id} is gone", "video_id")
+            source, video = find_completed(video_id, owner)
+            if not video.is_file():
+                raise _file_gone(video_id)
             remix = _parse(VideoRemix, await read_fields(request, settings.max_body_bytes))
             return _remix_params(source, remix, settings), remix.enhance_prompt
 
@@ -288,7 +293,7 @@ def create_app(spec: ModelSpec, store: JobStore, settings: Settings, worker: Wor
     def get_video_content(
         request: Request,
         video_id: str,
-        variant: Literal["video", "thumbnail", "spritesheet", "gif"] = Query(
+        variant: Literal[tuple(assets.VARIANTS)] = Query(  # type: ignore[valid-type]
             "video",
             description="video: the MP4; thumbnail: its first frame (WebP); spritesheet: every frame in a "
             "grid, 160 pixels across each (JPEG); gif: an animated GIF (ours, not OpenAI's)",
@@ -298,19 +303,15 @@ def create_app(spec: ModelSpec, store: JobStore, settings: Settings, worker: Wor
         """The MP4 of a completed video, or an asset made from it (on the first request, then kept);
         honours `Range` so players can seek (an invalid Range is ignored and the whole file sent; a Range
         past the end is a 416)."""
-        job = find(video_id, owner)
-        if job.status != "completed":
-            raise ApiError(409, "video_not_ready", f"video {video_id} is {job.status}, not completed", "video_id")
-        video = video_path(settings.data_dir, job.id)
-        gone = ApiError(404, "video_not_found", f"the file of video {video_id} is gone", "video_id")
+        job, video = find_completed(video_id, owner)
         try:
             path = assets.make_asset(video, variant, fps=job.params["fps"])
             stat = path.stat()
         except (FileNotFoundError, InputError):  # the MP4 went (deleted meanwhile), or never was
-            raise gone from None
+            raise _file_gone(video_id) from None
         if path != video and not video.exists():  # deleted while the asset was made: no orphan left
             path.unlink(missing_ok=True)
-            raise gone
+            raise _file_gone(video_id)
         media_type = assets.VARIANTS[variant][1]
         response = RangedFile(
             path, media_type=media_type, filename=path.name, content_disposition_type="inline", stat_result=stat
@@ -361,6 +362,18 @@ def create_app(spec: ModelSpec, store: JobStore, settings: Settings, worker: Wor
     return app
 
 
+def _file_gone(video_id: str) -> ApiError:
+    return ApiError(404, "video_not_found", f"the file of video {video_id} is gone", "video_id")
+
+
+def _check_steps(steps: int, settings: Settings) -> None:
+    """ApiError 400 for a step count over the server's --max-steps."""
+    if steps > settings.max_steps:
+        raise ApiError(
+            400, "invalid_request", f"num_inference_steps: at most {settings.max_steps}", "num_inference_steps"
+        )
+
+
 def _body_read_by_hand(schema: str) -> dict:
     """The request body of a route that reads it itself (`read_fields`: JSON or a form), for the schema."""
     media = ("application/json", "multipart/form-data", "application/x-www-form-urlencoded")
@@ -383,10 +396,7 @@ def _remix_params(source: Job, remix: VideoRemix, settings: Settings) -> dict:
     400 when its steps are over the cap or its strength runs no step."""
     p = source.params
     steps = remix.num_inference_steps if remix.num_inference_steps is not None else p["num_inference_steps"]
-    if steps > settings.max_steps:
-        raise ApiError(
-            400, "invalid_request", f"num_inference_steps: at most {settings.max_steps}", "num_inference_steps"
-        )
+    _check_steps(steps, settings)
     try:
         check_strength(remix.strength, steps)
     except InputError as e:
@@ -420,10 +430,7 @@ def _job_params(create: VideoCreate, spec: ModelSpec, settings: Settings) -> dic
         raise ApiError(400, "invalid_size", f"size {size} is not one of {', '.join(spec.sizes)}", "size")
     width, height = parse_size(size)
     steps = create.num_inference_steps if create.num_inference_steps is not None else default_steps(spec, settings)
-    if steps > settings.max_steps:
-        raise ApiError(
-            400, "invalid_request", f"num_inference_steps: at most {settings.max_steps}", "num_inference_steps"
-        )
+    _check_steps(steps, settings)
     fps = create.fps or spec.fps
     try:
         num_frames = spec.frames_for(create.seconds, fps)
