@@ -71,6 +71,16 @@ def start_queue(tiny_rope_dir, tmp_path, **settings):
     return store, serving(create_app(spec, store, Settings(data_dir=tmp_path, **settings)))
 
 
+def submit_in_two_steps(browser, prompt: str) -> None:
+    """Queue `prompt` from the page's form with 2 denoising steps (a quick video)."""
+    browser.find_element(By.ID, "prompt").send_keys(prompt)
+    browser.find_element(By.CSS_SELECTOR, "#options summary").click()
+    steps = browser.find_element(By.ID, "num_inference_steps")
+    steps.clear()
+    steps.send_keys("2")
+    browser.find_element(By.ID, "submit").click()
+
+
 @pytest.fixture
 def page_url(tiny_rope_dir, tmp_path):
     store, server = start_service(tiny_rope_dir, tmp_path)
@@ -149,12 +159,7 @@ def test_a_completed_video_is_remixed_from_its_card(browser, tiny_rope_dir, tmp_
     with server as url:
         browser.get(url)
         wait.until(lambda d: "cogvideox-tiny" in d.find_element(By.ID, "model").text)
-        browser.find_element(By.ID, "prompt").send_keys("a red ball")
-        browser.find_element(By.CSS_SELECTOR, "#options summary").click()
-        steps = browser.find_element(By.ID, "num_inference_steps")
-        steps.clear()
-        steps.send_keys("2")
-        browser.find_element(By.ID, "submit").click()
+        submit_in_two_steps(browser, "a red ball")
         card = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#videos .card[data-status='completed']"))
         source = card.get_attribute("data-id")
         assert not browser.find_element(By.ID, "remixing").is_displayed()
@@ -198,12 +203,7 @@ def test_with_an_api_key_the_page_asks_for_it_and_plays_from_memory(browser, tin
         key.send_keys("sk-page")
         browser.find_element(By.CSS_SELECTOR, "#key-form button").click()
         wait.until(lambda d: "cogvideox-tiny" in d.find_element(By.ID, "model").text)
-        browser.find_element(By.ID, "prompt").send_keys("a red sun")
-        browser.find_element(By.CSS_SELECTOR, "#options summary").click()
-        steps = browser.find_element(By.ID, "num_inference_steps")
-        steps.clear()
-        steps.send_keys("2")
-        browser.find_element(By.ID, "submit").click()
+        submit_in_two_steps(browser, "a red sun")
         video = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#videos .card[data-status='completed'] video"))
         wait.until(lambda d: d.execute_script("return arguments[0].readyState >= 1", video))
         assert video.get_attribute("src").startswith("blob:")

@@ -105,7 +105,7 @@ def add_tool_parsers(commands) -> None:
         help="video file to write: .mp4 (H.264) or .gif (animated GIF) (default: output.mp4)")
     arg("--prompt", help="a new prompt (default: the one the video was inverted with)")
     arg("--guidance", type=finite_float, help="guidance scale (default: the one used to invert)")
-    arg("--fps", type=frame_rate, help="frame rate of the MP4 (default: the model's)")
+    arg("--fps", type=frame_rate, help="frame rate of the video file (default: the model's)")
     _add_model_args(regen, "the model the latents were inverted with (default: the embedded demo model)")
     regen.set_defaults(run=_regenerate)
 
