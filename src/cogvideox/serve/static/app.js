@@ -72,9 +72,8 @@ function remixMode(video) { // video: remix it; null: back to creating
   for (const name of ["size", "seconds"]) $(`#${name}`).disabled = Boolean(video); // a remix keeps the video's
   for (const name of ["num_inference_steps", "guidance_scale", "seed"]) { // and defaults to its settings
     const input = $(`#${name}`);
-    if (video && !("own" in input.dataset)) input.dataset.own = input.placeholder;
-    input.placeholder = video ? "the video's" : input.dataset.own ?? input.placeholder;
-    if (!video) delete input.dataset.own;
+    input.dataset.own ??= input.placeholder; // the creating form's, the first time through
+    input.placeholder = video ? "the video's" : input.dataset.own;
   }
   $("#submit").textContent = video ? "Remix" : "Generate";
   if (video) {
