@@ -7,11 +7,12 @@ temporary file and renamed, so a crash never leaves a half-written one behind.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from cogvideox.files import write_into_place
 
 
 def step_generator(seed: int, step: int, device: str | torch.device = "cpu") -> torch.Generator:
@@ -24,14 +25,8 @@ def step_generator(seed: int, step: int, device: str | torch.device = "cpu") -> 
 def save_checkpoint(path: str | Path, **state: Any) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:  # a full disk, Ctrl-C: no partial file is left to fill it
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    # A full disk or Ctrl-C leaves no partial file to fill it, and the previous checkpoint stays.
+    return write_into_place(path, lambda temporary: torch.save(state, temporary))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from cogvideox.errors import InputError
-from cogvideox.files import usual_mode
+from cogvideox.files import write_into_place
 from cogvideox.values import is_finite_number
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -350,11 +350,8 @@ def save_lora(
         f"{_PREFIX}lora_dropout": 0.0,
         f"{_PREFIX}bias": "none",
     }
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt", _METADATA_KEY: json.dumps(metadata, sort_keys=True)})
-    usual_mode(tmp)
-    tmp.replace(path)
-    return path
+    header = {"format": "pt", _METADATA_KEY: json.dumps(metadata, sort_keys=True)}
+    return write_into_place(path, lambda temporary: save_file(state, temporary, metadata=header))
 
 
 def _short_name(module: str) -> str:
