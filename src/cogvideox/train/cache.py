@@ -26,6 +26,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from cogvideox.files import write_into_place
+
 from .data import Bucket, Clip, ClipError, Skipped, load_masked_clip
 
 _VERSION = "1"  # bump when the layout of a cache entry changes
@@ -58,9 +60,9 @@ def _key(*parts: str) -> str:
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # several ranks may write the same entry
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    # A unique temporary name each: several ranks may write the same entry.
+    state = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    write_into_place(path, lambda temporary: save_file(state, temporary, metadata=metadata))
 
 
 def _intact(path: Path) -> bool:
