@@ -23,6 +23,7 @@ import warnings
 from pathlib import Path
 
 from cogvideox.cli_args import (
+    add_enhancer_arguments,
     add_memory_arguments,
     add_model_arguments,
     add_sampling_arguments,
@@ -33,6 +34,7 @@ from cogvideox.cli_args import (
     locate_model,
     memory_settings,
     positive_int,
+    prompt_enhancer,
     report_offload,
     request_from_args,
     speed_settings,
@@ -188,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_memory_arguments(gen)
     arg("--vae-slicing", action="store_true", help="decode the videos of --num-videos one at a time (less memory)")
     arg("--quiet", action="store_true", help="no progress bars, only the final report")
+    add_enhancer_arguments(gen, "the prompt into a detailed description before generating")
     arg(
         "--parallel",
         metavar="LAYOUT",
@@ -266,6 +269,10 @@ def _generate(args: argparse.Namespace) -> int:
     for path in args.lora:
         if not Path(path).exists():
             raise InputError(f"--lora {path} does not exist")
+    enhancer = prompt_enhancer(args)
+    if enhancer is not None and args.parallel:
+        raise InputError("--prompt-enhancer does not combine with --parallel (each process would get its own "
+                         "rewrite); rewrite the prompt first with `cogvideox enhance` and pass the result")
 
     outputs = [check_video_path(path, "--output") for path in _output_paths(args.output, args.num_videos)]
     for path in outputs:
@@ -301,6 +308,11 @@ def _generate(args: argparse.Namespace) -> int:
         **request,
     )
 
+    prompt = args.prompt
+    if enhancer is not None:  # the first frame goes along: the description must not contradict it
+        first = picture if picture is not None else None if extended is None else extended[-1]
+        prompt = _enhanced(enhancer, prompt, first, args.quiet)
+
     scales = args.lora_scale + [1.0] * (len(args.lora) - len(args.lora_scale))
     lora = list(zip(args.lora, scales)) or None
     from cogvideox.parallel import launch
@@ -325,9 +337,9 @@ def _generate(args: argparse.Namespace) -> int:
     inputs = dict(image=picture, video=source, strength=args.strength)
     progress = not args.quiet and global_rank() == 0
     if extended is not None:
-        result = continue_video(pipe, extended, args.prompt, seed=args.seed, progress=progress, **request)
+        result = continue_video(pipe, extended, prompt, seed=args.seed, progress=progress, **request)
     else:
-        result = pipe(args.prompt, seed=args.seed, progress=progress, **request, **inputs)
+        result = pipe(prompt, seed=args.seed, progress=progress, **request, **inputs)
     fps = args.fps or extended_fps or pipe.default_fps
     launch.leave(mesh)
     if mesh is not None and not mesh.is_leader:
@@ -345,6 +357,22 @@ def _generate(args: argparse.Namespace) -> int:
         f"{result.seed}) | " + stage_times(stages) + _cache_report(pipe)
     )
     return 0
+
+
+def _enhanced(enhancer, prompt: str, image, quiet: bool) -> str:
+    """`prompt` rewritten by `enhancer` and printed; the prompt as given, with a warning, when the endpoint
+    fails (the video is still made)."""
+    from cogvideox.enhance import EnhancerError
+
+    if not quiet:
+        _say(f"rewriting the prompt with {enhancer.model} at {enhancer.url}")
+    try:
+        rewritten = enhancer.rewrite(prompt, image)
+    except EnhancerError as e:
+        warnings.warn(f"{e}; generating from the prompt as given", stacklevel=1)
+        return prompt
+    print(f"prompt: {rewritten}")
+    return rewritten
 
 
 def stage_times(stages: dict[str, float]) -> str:

@@ -8,6 +8,7 @@ flag means the same thing (name, default, help) in every command that has it.
 from __future__ import annotations
 
 import argparse
+import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -126,6 +127,42 @@ def report_offload(pipe, args: argparse.Namespace, device) -> None:
     always 'none': nothing worth a line)."""
     if pipe.offload_choice and (args.offload != "auto" or device.type == "cuda"):
         print(pipe.offload_choice)
+
+
+def add_enhancer_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """--prompt-enhancer and --enhancer-model: the chat endpoint that rewrites prompts (`cogvideox.enhance`),
+    by default the one named in the environment, so that a user who always wants it sets it once."""
+    from cogvideox import enhance
+
+    arg = parser.add_argument
+    arg(
+        "--prompt-enhancer",
+        metavar="URL",
+        default=os.environ.get(enhance.ENV_URL) or None,
+        help=f"rewrite {what} with this OpenAI-compatible chat endpoint, as the official demos do (such as "
+        "https://api.openai.com/v1 or http://localhost:11434/v1); 'off' for none (default: "
+        f"${enhance.ENV_URL}, else off); its key from ${enhance.ENV_KEY}",
+    )
+    arg(
+        "--enhancer-model",
+        metavar="NAME",
+        default=os.environ.get(enhance.ENV_MODEL) or enhance.DEFAULT_MODEL,
+        help=f"chat model of --prompt-enhancer (default: ${enhance.ENV_MODEL}, else {enhance.DEFAULT_MODEL})",
+    )
+
+
+def prompt_enhancer(args: argparse.Namespace, **kwargs):
+    """The `PromptEnhancer` of the flags of `add_enhancer_arguments`, or None when off; `InputError` for
+    an address that is not http(s). `kwargs` go to `PromptEnhancer` (timeout, attempts, backoff)."""
+    from cogvideox.enhance import ENV_KEY, PromptEnhancer
+    from cogvideox.errors import InputError
+
+    url = (args.prompt_enhancer or "").strip()
+    if not url or url.lower() == "off":
+        return None
+    if not url.lower().startswith(("http://", "https://")):
+        raise InputError(f"--prompt-enhancer {url}: give the endpoint's address, such as http://localhost:11434/v1")
+    return PromptEnhancer(url, args.enhancer_model, os.environ.get(ENV_KEY), **kwargs)
 
 
 def add_speed_arguments(parser: argparse.ArgumentParser) -> None:

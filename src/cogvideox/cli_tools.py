@@ -1,10 +1,12 @@
-"""The `cogvideox` commands around the model: DDIM inversion and SAT checkpoint conversion.
+"""The `cogvideox` commands around the model: DDIM inversion, SAT checkpoint conversion and prompt
+rewriting.
 
     cogvideox invert in.mp4 --prompt "a red ball rolls left" --output latents.safetensors --reconstruct out.mp4
     cogvideox regenerate latents.safetensors --output edit.mp4 --prompt "a blue ball rolls left"
     cogvideox convert sat/transformer --vae sat/vae/3d-vae.pt --base THUDM/CogVideoX-5b --output CogVideoX-5b-ft
+    cogvideox enhance --file ideas.txt --prompt-enhancer http://localhost:11434/v1 > prompts.txt
 
-Thin layers over `cogvideox.inversion` and `cogvideox.sat`, like `generate` over `Pipeline`.
+Thin layers over `cogvideox.inversion`, `cogvideox.sat` and `cogvideox.enhance`, like `generate` over `Pipeline`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from cogvideox.cli import _quiet_libraries, stage_times
 from cogvideox.cli_args import (
     MODEL_HELP,
+    add_enhancer_arguments,
     add_memory_arguments,
     add_model_arguments,
     finite_float,
@@ -25,8 +28,10 @@ from cogvideox.cli_args import (
     memory_settings,
     non_negative_int,
     positive_int,
+    prompt_enhancer,
     report_offload,
 )
+from cogvideox.enhance import ENV_URL
 from cogvideox.errors import InputError
 from cogvideox.files import probe_writable
 
@@ -41,7 +46,7 @@ _MODEL_HELP = "text-to-video " + MODEL_HELP  # inversion runs the text-to-video 
 
 
 def add_tool_parsers(commands) -> None:
-    """Add `invert`, `regenerate` and `convert` to the `cogvideox` command's sub-parsers."""
+    """Add `invert`, `regenerate`, `convert` and `enhance` to the `cogvideox` command's sub-parsers."""
     inv = commands.add_parser(
         "invert",
         help="DDIM-invert a video into the noise that regenerates it",
@@ -138,6 +143,21 @@ def add_tool_parsers(commands) -> None:
     arg("--revision", help="hub revision (branch, tag or commit) of --base (default: main)")
     arg("--offline", action="store_true", help="never download --base; use a local folder or the hub cache")
     conv.set_defaults(run=_convert)
+
+    enh = commands.add_parser(
+        "enhance",
+        help="rewrite prompts into the detailed descriptions CogVideoX was trained on (a chat endpoint)",
+        description="Rewrite short prompts into detailed video descriptions with an OpenAI-compatible chat "
+        "endpoint, as the official demos do, and print them one per line: for a look before generating, or "
+        "for a prompts file to give `cogvideox batch` (`cogvideox enhance --file ideas.txt > prompts.txt`). "
+        "`generate --prompt-enhancer URL` does the same for one video on the way.",
+    )
+    arg = enh.add_argument
+    arg("prompts", nargs="*", metavar="PROMPT", help="prompts to rewrite (quote each)")
+    arg("--file", help="a file of prompts, one per line (blank lines and # comments skipped), as batch reads")
+    arg("--image", help="the first frame the video will start from (image-to-video), shown to the chat model")
+    add_enhancer_arguments(enh, "the prompts into detailed descriptions")
+    enh.set_defaults(run=_enhance)
 
 
 # Below this PSNR a reconstruction is another video (a plain inversion on the demo model: 0.3-6 dB).
@@ -260,6 +280,30 @@ def _regenerate(args: argparse.Namespace) -> int:
         f"wrote {output} ({video.shape[0]} frames, {video.shape[2]}x{video.shape[1]}, {fps:g} fps) | "
         + stage_times(stages)
     )
+    return 0
+
+
+def _enhance(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from cogvideox import conditioning
+    from cogvideox.batch import read_prompts
+
+    prompts = list(args.prompts)
+    if args.file:
+        prompts += read_prompts(args.file)
+    if not prompts:
+        raise InputError("no prompts: give them as arguments or with --file")
+    if any(not p.strip() for p in prompts):
+        raise InputError("an empty prompt: give each prompt some words")
+    enhancer = prompt_enhancer(args)
+    if enhancer is None:
+        raise InputError("no endpoint: give --prompt-enhancer URL (such as http://localhost:11434/v1) or set "
+                         f"${ENV_URL}")  # fmt: skip
+    image = conditioning.load_image(args.image) if args.image else None
+    # One line per prompt, flushed as it comes: a redirect into a prompts file keeps what was rewritten.
+    for prompt in tqdm(prompts, desc="rewriting", unit="prompt", disable=len(prompts) < 2):
+        print(" ".join(enhancer.rewrite(prompt, image).split()), flush=True)
     return 0
 
 

@@ -5,7 +5,7 @@ SQLite or PostgreSQL, workers that run the `Pipeline`, and a web page.
     jobs.py    ... the queue: one table, the same SQL on SQLite and PostgreSQL
     worker.py  claims jobs, calls the Pipeline, writes the MP4s
     spec.py    what the served model can make, from its configs (requests are checked before queueing)
-    schemas.py request and response bodies;  body.py, errors.py, limits.py, metrics.py, enhance.py: the rest
+    schemas.py request and response bodies;  body.py, errors.py, limits.py, metrics.py: the rest
     cli.py     `cogvideox serve` and `cogvideox worker`
 
 Needs the `serve` extra: `pip install "cogvideox[serve]"`.

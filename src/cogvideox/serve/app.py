@@ -26,11 +26,12 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ValidationError
 
+from cogvideox.enhance import PromptEnhancer
 from cogvideox.errors import InputError
 from cogvideox.request import check_strength
 from cogvideox.serve import assets, metrics
 from cogvideox.serve.body import Fields, read_fields
-from cogvideox.serve.enhance import PromptEnhancer
+from cogvideox.enhance import PromptEnhancer
 from cogvideox.serve.errors import ApiError, install_handlers, validation_message
 from cogvideox.serve.jobs import ACTIVE, Job, JobStore, is_job_id
 from cogvideox.serve.limits import ApiKeys, RateLimiter
@@ -68,9 +69,7 @@ class Settings:
     max_active_per_key: int = 100
     max_body_bytes: int = 64 * 1024
     max_steps: int = 100
-    prompt_enhancer: str | None = None
-    enhancer_model: str = "gpt-4o-mini"
-    enhancer_api_key: str | None = field(default=None, repr=False)
+    prompt_enhancer: PromptEnhancer | None = field(default=None, repr=False)
 
 
 def _errors(*statuses: int) -> dict:
@@ -82,11 +81,7 @@ def create_app(spec: ModelSpec, store: JobStore, settings: Settings, worker: Wor
     (started and stopped with the app)."""
     keys = ApiKeys(settings.api_keys)
     limiter = RateLimiter(settings.rate_limit)
-    enhancer = (
-        PromptEnhancer(settings.prompt_enhancer, settings.enhancer_model, settings.enhancer_api_key)
-        if settings.prompt_enhancer
-        else None
-    )
+    enhancer = settings.prompt_enhancer
     bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer KEY`, when the server has keys.")
 
     @asynccontextmanager
@@ -234,7 +229,7 @@ def create_app(spec: ModelSpec, store: JobStore, settings: Settings, worker: Wor
         try:
             params, enhance = await read()
             if enhancer is not None and enhance is not False:
-                params["enhanced_prompt"] = await enhancer.enhance(params["prompt"])
+                params["enhanced_prompt"] = await enhancer.aenhance(params["prompt"])
             limit = settings.max_active_per_key or None
             job = await run_in_threadpool(store.create, spec.name, owner, params, limit)
             if job is None:

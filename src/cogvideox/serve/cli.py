@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from cogvideox.cli_args import (
+    add_enhancer_arguments,
     add_memory_arguments,
     add_model_arguments,
     add_speed_arguments,
@@ -25,10 +26,10 @@ from cogvideox.cli_args import (
     non_negative_int,
     positive_float,
     positive_int,
+    prompt_enhancer,
 )
 
 ENV_API_KEYS = "COGVIDEOX_API_KEYS"  # comma-separated
-ENV_ENHANCER_KEY = "COGVIDEOX_ENHANCER_API_KEY"
 
 log = logging.getLogger("cogvideox.serve")
 
@@ -136,16 +137,8 @@ def add_serve_parsers(commands) -> None:
         action="store_true",
         help="API only: separate `cogvideox worker` processes generate (default: one worker in this process)",
     )
-    serve.add_argument(
-        "--prompt-enhancer",
-        default=None,
-        metavar="URL",
-        help="rewrite prompts with this OpenAI-compatible chat endpoint (such as http://host:port/v1); off by "
-        f"default; its key from ${ENV_ENHANCER_KEY}",
-    )
-    serve.add_argument(
-        "--enhancer-model", default="gpt-4o-mini", help="chat model of --prompt-enhancer (default: gpt-4o-mini)"
-    )
+    add_enhancer_arguments(serve, "each request's prompt into a detailed description (unless the request "
+                           "says enhance_prompt: false)")
     serve.set_defaults(run=run_serve)
 
     worker = commands.add_parser(
@@ -266,6 +259,8 @@ def run_serve(args: argparse.Namespace) -> int:
     from cogvideox.serve.spec import ModelSpec
 
     _setup_logging(args.log_level)
+    # A request waits for its rewrite: fewer, shorter tries than a command's, then the prompt as given.
+    enhancer = prompt_enhancer(args, timeout=30.0, attempts=2, backoff=0.5)
     load, speed = load_settings(args)
     keys = api_keys(args.api_key, os.environ.get(ENV_API_KEYS))
     check_listening(args.host, args.port)
@@ -279,9 +274,7 @@ def run_serve(args: argparse.Namespace) -> int:
         rate_limit=args.rate_limit,
         max_active_per_key=args.max_queue,
         max_steps=args.max_steps,
-        prompt_enhancer=args.prompt_enhancer,
-        enhancer_model=args.enhancer_model,
-        enhancer_api_key=os.environ.get(ENV_ENHANCER_KEY),
+        prompt_enhancer=enhancer,
     )
     store = open_store(args.db, args.data_dir)
     worker = None if args.no_worker else _build_worker(args, spec, store, load, speed)

@@ -1,0 +1,211 @@
+"""Prompt enhancement: a short idea rewritten into the long, dense caption CogVideoX was trained on.
+
+CogVideoX learned from paragraph-long captions; a few words give a weaker video than a description that
+names the subject, its motion, the setting, the light and the camera. The official demos therefore send
+every prompt through a chat model first. Any OpenAI-compatible `/chat/completions` endpoint works here
+(OpenAI, GLM, vLLM, llama.cpp, Ollama...). With a first frame (image-to-video) the frame goes along as an
+image, for endpoints whose model sees images.
+
+A failing endpoint never costs a video: transient failures (no connection, a timeout, 429 or 5xx) are
+retried, and when every attempt fails the caller gets None and generates from the prompt as given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import logging
+import os
+import time
+
+import numpy as np
+
+from cogvideox.errors import CogVideoXError
+
+log = logging.getLogger("cogvideox.enhance")
+
+# Where `--prompt-enhancer` and `--enhancer-model` take their defaults, and the endpoint's key.
+ENV_URL = "COGVIDEOX_PROMPT_ENHANCER"
+ENV_MODEL = "COGVIDEOX_ENHANCER_MODEL"
+ENV_KEY = "COGVIDEOX_ENHANCER_API_KEY"
+DEFAULT_MODEL = "gpt-4o-mini"
+
+SYSTEM_PROMPT = (
+    "You turn a short idea for a video into one detailed description for a text-to-video model. "
+    "Describe the main subject and what it does, the setting, the lighting, colours and mood, and how the "
+    "camera moves, in plain present-tense sentences. Keep every element of the idea and invent nothing that "
+    "contradicts it. Stay under 120 words. Reply with the description only: no title, no quotes, no list."
+)
+
+IMAGE_SYSTEM_PROMPT = (
+    "You write the description a video model needs to animate a still image: the image is the video's "
+    "first frame. Describe what is in the frame as it is (subject, setting, light, colours), then what "
+    "moves and how during the next six seconds, and how the camera moves, following the user's idea. "
+    "Never describe anything that contradicts the image. Present tense, under 120 words. Reply with the "
+    "description only: no title, no quotes, no list."
+)
+
+# Worked examples sent before the user's idea: small local models follow the form far better with them.
+EXAMPLES = (
+    (
+        "a dog on a beach",
+        "A golden retriever runs along the wet sand of a wide beach at sunset, its ears flapping and paws "
+        "throwing up small splashes where the waves reach it. Low orange light skims the water and casts "
+        "long shadows; gulls circle above gentle surf under a pink and violet sky. The camera tracks beside "
+        "the dog at its height, then slows as it stops to look out to sea.",
+    ),
+    (
+        "city at night, rain",
+        "Rain falls on a narrow city street at night, and neon signs in red and blue shimmer in the puddles "
+        "on the asphalt. People under black umbrellas hurry past lit shop windows while a yellow taxi rolls "
+        "slowly through the reflections, its wipers sweeping. Steam rises from a grate. The camera glides "
+        "forward at street level, drops of water catching the light in the foreground.",
+    ),
+)
+
+# A first frame is sent no larger than this: enough to describe, small enough for any endpoint.
+_IMAGE_SIDE = 1024
+_RETRIED_STATUS = {408, 429, 500, 502, 503, 504}  # worth another try; other answers will not change
+
+
+class EnhancerError(CogVideoXError):
+    """The endpoint answered nothing usable (after any retries)."""
+
+
+class PromptEnhancer:
+    """Client of an OpenAI-compatible chat endpoint (`base_url` such as http://host:port/v1) that rewrites
+    prompts. `attempts` tries per prompt, `backoff` seconds before the second (doubling after)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str = DEFAULT_MODEL,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        attempts: int = 3,
+        backoff: float = 1.0,
+    ) -> None:
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model = model
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.timeout = timeout
+        self.attempts = max(1, attempts)
+        self.backoff = backoff
+
+    @classmethod
+    def from_environment(cls, base_url: str | None = None, model: str | None = None) -> PromptEnhancer | None:
+        """An enhancer for `base_url` (default: $COGVIDEOX_PROMPT_ENHANCER) with its key from
+        $COGVIDEOX_ENHANCER_API_KEY; None when no endpoint is named."""
+        base_url = base_url or os.environ.get(ENV_URL)
+        if not base_url:
+            return None
+        model = model or os.environ.get(ENV_MODEL) or DEFAULT_MODEL
+        return cls(base_url, model, os.environ.get(ENV_KEY))
+
+    def messages(self, prompt: str, image=None) -> list[dict]:
+        """The chat sent for `prompt`: the instructions, the worked examples, then the idea (with the first
+        frame, a PIL image or uint8 [H, W, 3], as a JPEG when given)."""
+        chat = [{"role": "system", "content": IMAGE_SYSTEM_PROMPT if image is not None else SYSTEM_PROMPT}]
+        if image is None:
+            for idea, description in EXAMPLES:
+                chat += [{"role": "user", "content": idea}, {"role": "assistant", "content": description}]
+            chat.append({"role": "user", "content": prompt})
+        else:
+            picture = {"type": "image_url", "image_url": {"url": _jpeg_data_url(image)}}
+            chat.append({"role": "user", "content": [{"type": "text", "text": prompt}, picture]})
+        return chat
+
+    def _body(self, prompt: str, image) -> dict:
+        return {"model": self.model, "messages": self.messages(prompt, image), "temperature": 0.7, "max_tokens": 300}
+
+    def rewrite(self, prompt: str, image=None) -> str:
+        """The rewritten prompt; `EnhancerError` saying why when every attempt fails."""
+        import httpx
+
+        body = self._body(prompt, image)
+        with httpx.Client(timeout=self.timeout) as client:
+            attempt = 0
+            while True:  # until an answer, or `_check_retry` gives up
+                try:
+                    return _answer(client.post(self.url, json=body, headers=self.headers))
+                except (httpx.HTTPError, EnhancerError) as e:
+                    self._check_retry(e, attempt)
+                time.sleep(self.backoff * 2**attempt)
+                attempt += 1
+
+    async def arewrite(self, prompt: str, image=None) -> str:
+        """`rewrite` for an event loop."""
+        import httpx
+
+        body = self._body(prompt, image)
+        async with httpx.AsyncClient(timeout=self.timeout) as client:
+            attempt = 0
+            while True:  # until an answer, or `_check_retry` gives up
+                try:
+                    return _answer(await client.post(self.url, json=body, headers=self.headers))
+                except (httpx.HTTPError, EnhancerError) as e:
+                    self._check_retry(e, attempt)
+                await asyncio.sleep(self.backoff * 2**attempt)
+                attempt += 1
+
+    def enhance(self, prompt: str, image=None) -> str | None:
+        """`rewrite`, or None (logged as a warning) when it fails: the caller goes on with the prompt."""
+        try:
+            return self.rewrite(prompt, image)
+        except EnhancerError as e:
+            log.warning("%s; using the prompt as given", e)
+            return None
+
+    async def aenhance(self, prompt: str, image=None) -> str | None:
+        """`enhance` for an event loop."""
+        try:
+            return await self.arewrite(prompt, image)
+        except EnhancerError as e:
+            log.warning("%s; using the prompt as given", e)
+            return None
+
+    def _check_retry(self, error: Exception, attempt: int) -> None:
+        """Return to try again after `error`, or raise `EnhancerError` saying why not."""
+        import httpx
+
+        transient = isinstance(error, httpx.TransportError) or (
+            isinstance(error, httpx.HTTPStatusError) and error.response.status_code in _RETRIED_STATUS
+        )
+        if transient and attempt + 1 < self.attempts:
+            return
+        tries = f" ({attempt + 1} attempts)" if attempt else ""
+        raise EnhancerError(f"the prompt enhancer at {self.url} failed{tries}: {_describe(error)}") from None
+
+
+def _answer(response) -> str:
+    """The description in a chat completion response, or `EnhancerError`."""
+    response.raise_for_status()
+    try:
+        text = response.json()["choices"][0]["message"]["content"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise EnhancerError("the answer is not a chat completion") from None
+    text = text.strip().strip('"').strip() if isinstance(text, str) else ""
+    if not text:
+        raise EnhancerError("the answer is empty")
+    return text
+
+
+def _describe(error: Exception) -> str:
+    import httpx
+
+    if isinstance(error, httpx.HTTPStatusError):
+        return f"HTTP {error.response.status_code}"
+    return str(error) or type(error).__name__
+
+
+def _jpeg_data_url(image) -> str:
+    """A PIL image or uint8 [H, W, 3] array as a JPEG data URL, its longer side at most `_IMAGE_SIDE`."""
+    from PIL import Image
+
+    picture = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
+    picture = picture.convert("RGB")
+    picture.thumbnail((_IMAGE_SIDE, _IMAGE_SIDE))  # in place, keeps the aspect ratio, never enlarges
+    buffer = io.BytesIO()
+    picture.save(buffer, format="JPEG", quality=90)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
