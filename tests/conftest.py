@@ -53,6 +53,12 @@ def tiny_sincos_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_i2v_dir(tmp_path_factory):
+    """Like 5B-I2V: 3D RoPE plus a learned position table (one video size: 9 frames at 64x64)."""
+    return make_tiny_cogvideox(tmp_path_factory.mktemp("tiny-i2v"), variant="i2v")
+
+
+@pytest.fixture(scope="session")
 def tiny_v15_dir(tmp_path_factory):
     """CogVideoX 1.5 (2x2x2 patches, slice RoPE, frame padding), DPM scheduler."""
     return make_tiny_cogvideox(tmp_path_factory.mktemp("tiny-v15"), variant="1.5", scheduler="dpm")

@@ -304,6 +304,7 @@ def test_run_batch_records_the_pipelines_settings(tmp_path):
         "model": None, "scheduler": "ddim", "steps": 2, "guidance": pipe.sampling_defaults["guidance_scale"],
         "dynamic_cfg": "off", "negative_prompt": "", "max_sequence_length": pipe.config.max_text_seq_length,
         "frames": 9, "height": height, "width": width, "fps": pipe.default_fps, "lossy_levers": "none",
+        "resize": None,
     }  # fmt: skip
     assert run_batch(pipe, ["a red ball"], out, progress=False, num_inference_steps=2, num_frames=9) == []
     assert run_batch(pipe, "a red ball", out, progress=False, num_inference_steps=2, num_frames=9) == []  # one
@@ -552,3 +553,88 @@ def test_a_manifest_with_bytes_that_are_not_utf8_spoils_only_their_line(tmp_path
     lines = (out / MANIFEST).read_bytes().splitlines(keepends=True)
     (out / MANIFEST).write_bytes(lines[0] + b'{"index": 1, "prompt": "a blue \xff\xfe' + b"\n")
     assert [e["index"] for e in run_batch(pipe, ["a red ball", "a blue ball"], out, **call)] == [1]
+
+
+def _i2v_prompts(tmp_path):
+    """A prompts file in its own folder naming first frames in a sibling one (relative to the file)."""
+    from helpers import sample_picture
+
+    (tmp_path / "frames").mkdir()
+    sample_picture(seed=1).save(tmp_path / "frames" / "a.png")
+    sample_picture(seed=2).save(tmp_path / "frames" / "b.png")
+    (tmp_path / "list").mkdir()
+    prompts = tmp_path / "list" / "prompts.txt"
+    prompts.write_text("a cat jumps@@../frames/a.png\n# a comment\na dog runs @@ ../frames/b.png\n")
+    return prompts
+
+
+I2V_FAST = ["--steps", "1", "--quiet", "--max-sequence-length", "16"]
+
+
+def test_an_image_to_video_batch_takes_each_lines_first_frame(capsys, tiny_i2v_dir, tmp_path, monkeypatch):
+    prompts = _i2v_prompts(tmp_path)
+    out = tmp_path / "out"
+    monkeypatch.chdir(tmp_path / "frames")  # the images are found from the prompts file, not from here
+    argv = ["batch", str(prompts), "-o", str(out), "--model", str(tiny_i2v_dir), "--seed", "7", *I2V_FAST]
+    assert main(argv) == 0
+    entries = _manifest(out)
+    assert [(e["prompt"], e["image"], e["seed"]) for e in entries] == [
+        ("a cat jumps", "../frames/a.png", 7),
+        ("a dog runs", "../frames/b.png", 8),
+    ]
+    assert entries[0]["settings"]["resize"] == "stretch"
+    # Each video is generate's for the same prompt, first frame and seed.
+    for e in entries:
+        single = tmp_path / f"single-{e['index']}.mp4"
+        image = str(tmp_path / "frames" / e["image"].split("/")[-1])
+        assert main(["generate", e["prompt"], "--image", image, "-o", str(single), "--model", str(tiny_i2v_dir),
+                     "--seed", str(e["seed"]), *I2V_FAST]) == 0  # fmt: skip
+        assert np.array_equal(read_video(single)[0], read_video(out / e["file"])[0])
+    assert not np.array_equal(read_video(out / entries[0]["file"])[0], read_video(out / entries[1]["file"])[0])
+
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "(2 finished earlier, 0 failed)" in capsys.readouterr().out
+    # Another first frame on a line is another video: not replaced unasked.
+    prompts.write_text("a cat jumps@@../frames/a.png\na dog runs@@../frames/a.png\n")
+    assert main(argv) == 2
+    assert "(image '../frames/b.png', now '../frames/a.png')" in capsys.readouterr().err
+    assert main([*argv, "--resize", "crop"]) == 2
+    assert "(resize 'stretch', now 'crop')" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "model, lines, extra, message",
+    [
+        ("tiny_i2v_dir", "a cat jumps@@../frames/a.png\na dog runs\n", [],
+         "prompt 1 ('a dog runs') has no first frame: the model is image-to-video"),
+        ("tiny_i2v_dir", "a cat jumps@@../frames/missing.png\n", [], "prompt 0 ('a cat jumps'): no image file at "),
+        ("tiny_i2v_dir", "@@../frames/a.png\n", [], "prompt 0 ('@@../frames/a.png') has no prompt around its @@"),
+        ("tiny_i2v_dir", "a cat jumps @@ \n", [], "has no image file around its @@"),
+        ("tiny_rope_dir", "a cat\na cat jumps@@../frames/a.png\n", [],
+         "prompt 1 ('a cat jumps') gives an image (@@../frames/a.png), but the model is text-to-video"),
+        ("tiny_rope_dir", "a cat\n", ["--resize", "crop"], "--resize only applies to the first frames"),
+    ],
+)
+def test_image_lines_that_do_not_fit_the_model_stop_before_loading(
+    capsys, monkeypatch, request, tmp_path, model, lines, extra, message
+):
+    prompts = _i2v_prompts(tmp_path)
+    prompts.write_text(lines)
+    folder = request.getfixturevalue(model)
+    monkeypatch.setattr(Pipeline, "from_pretrained", None)  # loading would fail loudly
+    argv = ["batch", str(prompts), "-o", str(tmp_path / "out"), "--model", str(folder), *extra, *I2V_FAST]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_an_undecodable_first_frame_fails_its_video_alone(capsys, tiny_i2v_dir, tmp_path):
+    prompts = _i2v_prompts(tmp_path)
+    (tmp_path / "frames" / "b.png").write_text("not a picture")
+    out = tmp_path / "out"
+    assert main(["batch", str(prompts), "-o", str(out), "--model", str(tiny_i2v_dir), *I2V_FAST]) == 1
+    captured = capsys.readouterr()
+    assert "wrote 1 video(s)" in captured.out and "1 failed" in captured.out
+    assert "prompt 1 ('a dog runs'): cannot decode" in captured.err
+    failed = _manifest(out)[-1]
+    assert failed["image"] == "../frames/b.png" and "cannot decode" in failed["error"]

@@ -194,6 +194,15 @@ def test_the_enhance_command(endpoint, capsys, tmp_path):
     assert capsys.readouterr().out == f"{REWRITTEN}\n" * 3
     assert [r["body"]["messages"][-1]["content"] for r in requests] == ["a dog", "cat on a mat", "flaky", "flaky"]
 
+    # A batch file's first frames stay on their lines, and the chat model sees them.
+    Image.new("RGB", (32, 24), (0, 0, 255)).save(tmp_path / "blue.png")
+    ideas.write_text("a cat jumps@@blue.png\nflaky\n")
+    requests.clear()
+    assert main(["enhance", "--file", str(ideas), "--prompt-enhancer", url]) == 0
+    assert capsys.readouterr().out == f"{REWRITTEN}@@blue.png\n{REWRITTEN}\n"
+    assert requests[0]["body"]["messages"][0]["content"] == IMAGE_SYSTEM_PROMPT
+    assert requests[1]["body"]["messages"][0]["content"] == SYSTEM_PROMPT
+
     assert main(["enhance", "a dog", "down", "--prompt-enhancer", url]) == 1  # after the retries
     captured = capsys.readouterr()
     assert captured.out == f"{REWRITTEN}\n"  # what was rewritten before the failure is out

@@ -2,19 +2,12 @@
 
 import numpy as np
 import pytest
-from helpers import make_tiny_cogvideox
 
 from cogvideox import InputError, Pipeline, export_video, read_video
 from cogvideox.cli import main
 from cogvideox.extend import continue_video
 
 SMALL = dict(num_inference_steps=2, max_sequence_length=16)
-
-
-@pytest.fixture(scope="module")
-def tiny_i2v_dir(tmp_path_factory):
-    """Like 5B-I2V: one video size, 9 frames at 64x64."""
-    return make_tiny_cogvideox(tmp_path_factory.mktemp("tiny-i2v"), variant="i2v")
 
 
 @pytest.fixture(scope="module")

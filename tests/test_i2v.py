@@ -21,12 +21,6 @@ SMALL = dict(num_frames=9, num_inference_steps=3, max_sequence_length=16)
 
 
 @pytest.fixture(scope="module")
-def tiny_i2v_dir(tmp_path_factory):
-    """Like 5B-I2V: 3D RoPE plus a learned position table (one video size: 9 frames at 64x64)."""
-    return make_tiny_cogvideox(tmp_path_factory.mktemp("tiny-i2v"), variant="i2v")
-
-
-@pytest.fixture(scope="module")
 def tiny_v15_i2v_dir(tmp_path_factory):
     """Like 1.5-5B-I2V: 2x2x2 patches, `ofs`, image latents divided by the VAE scaling factor; DPM."""
     return make_tiny_cogvideox(tmp_path_factory.mktemp("tiny-v15-i2v"), variant="1.5-i2v", scheduler="dpm")

@@ -4,8 +4,9 @@
     torchrun --nproc-per-node 8 -m cogvideox batch prompts.txt -o out/    # 8 videos at a time
     torchrun --nproc-per-node 8 -m cogvideox batch prompts.txt -o out/ --parallel cfg=2,ulysses=2
 
-The prompts file holds one prompt per line (blank lines and lines starting with # are skipped). Prompt i
-(counting prompts only) becomes `NNNN-first-words.mp4` with seed `--seed + i`, so a re-run reproduces
+The prompts file holds one prompt per line (blank lines and lines starting with # are skipped); for an
+image-to-video model each line ends with `@@` and its first frame's image file (`a cat jumps@@cat.png`,
+the official tools' form; relative to the prompts file's folder). Prompt i (counting prompts only) becomes `NNNN-first-words.mp4` with seed `--seed + i`, so a re-run reproduces
 it. Under torchrun the processes form groups of the `--parallel` layout's size (one process each without
 it) and the groups take the prompts in turn; across nodes the output folder must be shared.
 
@@ -62,6 +63,50 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
+IMAGE_SEPARATOR = "@@"  # "prompt@@image" lines give an image-to-video model its first frame
+
+
+@dataclass(frozen=True)
+class Line:
+    """One line of a prompts file: the prompt, and the image after `@@` as written (None without one)."""
+
+    prompt: str
+    image: str | None = None
+
+
+def split_lines(prompts: Sequence[str]) -> list[Line]:
+    """`read_prompts`' lines split at their last `@@` into prompt and image; `InputError` for a side
+    left empty."""
+    lines = []
+    for number, text in enumerate(prompts):  # numbered from 0, as the videos are
+        if IMAGE_SEPARATOR not in text:
+            lines.append(Line(text))
+            continue
+        prompt, image = (part.strip() for part in text.rsplit(IMAGE_SEPARATOR, 1))
+        if not prompt or not image:
+            missing = "prompt" if not prompt else "image file"
+            raise InputError(f"prompt {number} ({_beginning(text)!r}) has no {missing} around its @@: write "
+                             "PROMPT@@IMAGE")  # fmt: skip
+        lines.append(Line(prompt, image))
+    return lines
+
+
+def check_images(lines: Sequence[Line], image_to_video: bool, root: Path) -> None:
+    """An image-to-video model needs an existing image on every line (relative names from `root`, the
+    prompts file's folder), a text-to-video model none: `InputError` naming the first line that is not
+    so, before any model loads."""
+    for number, line in enumerate(lines):
+        where = f"prompt {number} ({_beginning(line.prompt)!r})"
+        if image_to_video and line.image is None:
+            raise InputError(f"{where} has no first frame: the model is image-to-video, so every line ends with "
+                             "@@ and an image file (a cat jumps@@cat.png)")  # fmt: skip
+        if not image_to_video and line.image is not None:
+            raise InputError(f"{where} gives an image (@@{line.image}), but the model is text-to-video; use an "
+                             "image-to-video model (-I2V) or drop the @@ part")  # fmt: skip
+        if line.image is not None and not (root / line.image).is_file():
+            raise InputError(f"{where}: no image file at {root / line.image}")
+
+
 def video_name(index: int, prompt: str) -> str:
     """`0007-a-panda-playing-a-guitar.mp4`: the prompt's place, then its first words for people."""
     words = re.findall(r"[a-z0-9]+", prompt.lower())[:6]
@@ -77,26 +122,39 @@ class Item:
     prompt: str
     seed: int
     file: str  # name inside the output folder
+    image: str | None = None  # the first frame, as the prompts file names it (recorded, compared on resume)
+    image_file: Path | None = None  # ... and where it is read from
 
 
-def plan(prompts: Sequence[str], seed: int = 0) -> list[Item]:
-    """The videos: prompt i gets seed + i, which must stay a valid seed for the last prompt too."""
+def plan(prompts: Sequence[str], seed: int = 0, images: Sequence | None = None, root: Path | None = None) -> list[Item]:
+    """The videos: prompt i gets seed + i, which must stay a valid seed for the last prompt too, and
+    image i (a path, relative ones from `root`) when `images` are given."""
     last = seed + len(prompts) - 1
     if prompts and last >= 2**64:
         raise InputError(
             f"--seed {seed} with {len(prompts)} prompts gives the last one seed {last}, past 2**64 - 1; "
             f"use a seed up to {2**64 - len(prompts)}"
         )
-    return [Item(i, p, seed + i, video_name(i, p)) for i, p in enumerate(prompts)]
+    if images is not None and len(images) != len(prompts):
+        raise InputError(f"{len(images)} images for {len(prompts)} prompts: give one image per prompt")
+    images = [None if im is None else str(im) for im in images] if images is not None else [None] * len(prompts)
+    root = root or Path()
+    return [
+        Item(i, p, seed + i, video_name(i, p), im, None if im is None else root / im)
+        for i, (p, im) in enumerate(zip(prompts, images))
+    ]
 
 
-def video_settings(model: str | None, scheduler: str, request, fps: float, levers: str = "none") -> dict:
+def video_settings(
+    model: str | None, scheduler: str, request, fps: float, levers: str = "none", resize: str | None = None
+) -> dict:
     """What decides a video besides its prompt and seed, as a manifest entry records it.
 
     model: the model folder as resolved (a hub snapshot's folder names its commit); scheduler: "ddim" or
     "dpm"; request: the `GenerationRequest` of `check_request`, every default resolved, so that
     `--frames 49` and the model's default 49 are the same setting; fps: the MP4s' frame rate; levers:
-    the speed levers that change the video (`lossy_levers`).
+    the speed levers that change the video (`lossy_levers`); resize: how first frames reach the video size
+    ("stretch" or "crop"; None without images).
     Left out on purpose: device, dtype, offloading, `--vae-tiling`, the `--parallel` layout and the
     lossless levers (`--compile`, the exact attention kernels) choose how the same video is computed (they
     change it by rounding, or by blending at tile seams, at most), and a batch must stay resumable on
@@ -115,6 +173,7 @@ def video_settings(model: str | None, scheduler: str, request, fps: float, lever
         "width": request.width,
         "fps": fps,
         "lossy_levers": levers,
+        "resize": resize,
     }
 
 
@@ -149,7 +208,7 @@ def scheduler_kind(scheduler) -> str:
     return next(kinds, type(scheduler).__name__)
 
 
-def _pipeline_settings(pipe, prompt: str, request: dict, fps: float) -> dict:
+def _pipeline_settings(pipe, prompt: str, request: dict, fps: float, images: bool = False) -> dict:
     """`video_settings` of a loaded pipeline called with `request` (model unknown: None); guidance left
     out takes the model's recommendation, as the call does, and arguments `check_request` does not
     take are not recorded."""
@@ -164,8 +223,9 @@ def _pipeline_settings(pipe, prompt: str, request: dict, fps: float) -> dict:
     )
     known = inspect.signature(check_request).parameters
     shaping = {name: value for name, value in (request | guidance).items() if name in known}
-    checked = pipe.check_request(prompt, **shaping)
-    return video_settings(None, scheduler_kind(pipe.scheduler), checked, fps, pipeline_levers(pipe))
+    checked = pipe.check_request(prompt, task="image" if images else "text", **shaping)
+    resize = request.get("resize", "stretch") if images else None
+    return video_settings(None, scheduler_kind(pipe.scheduler), checked, fps, pipeline_levers(pipe), resize)
 
 
 def _latest_entries(output_dir: Path) -> dict[str, dict]:
@@ -189,7 +249,7 @@ def _latest_entries(output_dir: Path) -> dict[str, dict]:
 _LEGACY_SETTINGS = ("frames", "height", "width", "fps")
 # Settings recorded since a later version, and what an entry without them was made with: batches had no
 # speed levers before they were recorded.
-_ADDED_SETTINGS = {"lossy_levers": "none"}
+_ADDED_SETTINGS = {"lossy_levers": "none", "resize": None}
 
 
 def _show(value) -> str:
@@ -212,7 +272,7 @@ def _beginning(prompt, length: int = 60):
 
 def _difference(entry: dict, item: Item, settings: dict) -> str | None:
     """The first thing in which a manifest entry differs from how `item` is to be made: its prompt, its
-    seed ("seed 4, now 5"), then a setting ("steps 3, now 5"); None when they agree. A video of another
+    seed ("seed 4, now 5"), its first frame's image file, then a setting ("steps 3, now 5"); None when they agree. A video of another
     prompt or seed in the item's file (another --seed, an edited prompts file) is finished work as much
     as one of other settings, and is not replaced unasked either.
 
@@ -225,6 +285,8 @@ def _difference(entry: dict, item: Item, settings: dict) -> str | None:
         return f"prompt {_show(_beginning(entry.get('prompt')))}, now {_show(_beginning(item.prompt))}"
     if entry.get("seed") != item.seed:
         return f"seed {_show(entry.get('seed'))}, now {_show(item.seed)}"
+    if entry.get("image") != item.image:
+        return f"image {_show(entry.get('image'))}, now {_show(item.image)}"
     made = entry.get("settings")
     names = list(settings)
     if not isinstance(made, dict):
@@ -293,6 +355,7 @@ def run_batch(
     output_dir: str | Path,
     *,
     mesh=None,
+    images: Sequence | None = None,
     seed: int = 0,
     fps: float | None = None,
     settings: dict | None = None,
@@ -304,6 +367,7 @@ def run_batch(
 
     pipe: a `Pipeline`, or a `ParallelPipeline` on `mesh` when several processes share a video.
     prompts: one video each; a single string is one prompt, as in the pipeline call (not one per letter).
+    images: for an image-to-video model, the first frame of each prompt's video as an image file.
     mesh: this process's `cogvideox.parallel.Mesh` under torch.distributed; its groups (`mesh.replicas`
         of them) take the prompts in turn, in lockstep rounds. Default: a `ParallelPipeline`'s own mesh;
         else, under torch.distributed, one group per process; else one process.
@@ -319,10 +383,10 @@ def run_batch(
     if isinstance(prompts, str):
         prompts = [prompts]
     output_dir = Path(output_dir)
-    items = plan(prompts, seed)
+    items = plan(prompts, seed, images)
     fps = fps or pipe.default_fps
     if settings is None:
-        settings = _pipeline_settings(pipe, prompts[0], request, fps) if prompts else {}
+        settings = _pipeline_settings(pipe, prompts[0], request, fps, images is not None) if prompts else {}
     with _claim(output_dir, items, settings, overwrite) as done:
         mesh = mesh or _default_mesh(pipe)
         return _make_videos(pipe, items, done, output_dir, mesh, fps, settings, progress, request)
@@ -456,11 +520,15 @@ def _one_video(
     pipe, item: Item, output_dir: Path, fps: float, settings: dict, leader: bool, request
 ) -> dict | None:
     """Generate and (on the group's leader) write one video; its manifest entry on the leader."""
+    from cogvideox.conditioning import load_image
     from cogvideox.video import export_or_rescue
 
     record = {"index": item.index, "prompt": item.prompt, "seed": item.seed, "settings": settings}
+    if item.image is not None:
+        record["image"] = item.image
     try:
-        result = pipe(item.prompt, seed=item.seed, progress=False, **request)  # the batch has its own bar
+        image = load_image(item.image_file) if item.image_file is not None else None  # an undecodable one fails its video
+        result = pipe(item.prompt, seed=item.seed, image=image, progress=False, **request)  # the batch has its own bar
     except CogVideoXError as e:  # a failed video is recorded and the batch goes on
         return record | {"error": " ".join(str(e).split())} if leader else None
     if not leader:
@@ -503,12 +571,17 @@ def add_batch_parser(commands) -> None:
     bat = commands.add_parser(
         "batch",
         help="generate one video per line of a prompts file, resumable, on one or many GPUs",
-        description="Generate one MP4 per prompt (one per line; blank lines and # comments skipped) into "
+        description="Generate one MP4 per prompt (one per line; blank lines and # comments skipped; "
+        "PROMPT@@IMAGE for an image-to-video model) into "
         "--output-dir, with a manifest.jsonl line per finished video. Re-running skips finished videos. "
         "Under torchrun the prompts are spread over the processes (or over groups of --parallel's size).",
     )
     arg = bat.add_argument
-    arg("prompts", help="text file with one prompt per line")
+    arg(
+        "prompts",
+        help="text file with one prompt per line; for an image-to-video model each line ends with @@ and "
+        "the first frame's image file, relative to this file's folder (a cat jumps@@cat.png)",
+    )
     arg("-o", "--output-dir", required=True, help="folder for the videos and manifest.jsonl (created if missing)")
     add_model_arguments(
         bat, device_help="cpu, cuda or cuda:N (default: cuda when available; cuda:LOCAL_RANK under torchrun)"
@@ -517,6 +590,12 @@ def add_batch_parser(commands) -> None:
         bat, seed_default=0, seed_help="seed of the first prompt; prompt i gets seed+i (default: 0)"
     )
     arg("--fps", type=frame_rate, help="frame rate of the MP4s (default: the model's, 8 or 16)")
+    arg(
+        "--resize",
+        choices=("stretch", "crop"),
+        help="how an image-to-video batch's first frames reach the video size: 'stretch' as the reference "
+        "does, 'crop' keeps the aspect ratio by cutting the centred region first (default: stretch)",
+    )
     add_memory_arguments(bat)
     add_speed_arguments(bat)
     arg(
@@ -545,7 +624,8 @@ def _batch(args: argparse.Namespace) -> int:
     from cogvideox.pipeline import Pipeline
     from cogvideox.request import check_request, default_fps
 
-    prompts = read_prompts(args.prompts)
+    lines = split_lines(read_prompts(args.prompts))
+    prompts = [line.prompt for line in lines]
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise InputError(f"--output-dir {output_dir} is a file; give a folder")
@@ -553,19 +633,29 @@ def _batch(args: argparse.Namespace) -> int:
 
     # Every prompt is checked against the model, and the folder against the settings, before any loading.
     device, folder, configs = locate_model(args)
+    image_to_video = configs.transformer.is_image_to_video
+    root = Path(args.prompts).parent
+    check_images(lines, image_to_video, root)
+    if args.resize is not None and not image_to_video:
+        raise InputError("--resize only applies to the first frames of an image-to-video model's batch")
     request = request_from_args(args, folder)
+    resize = (args.resize or "stretch") if image_to_video else None
     train_steps = configs.scheduler.num_train_timesteps
+    task = "image" if image_to_video else "text"
     checked = [
-        check_request(configs.transformer, configs.vae, prompt, num_train_timesteps=train_steps, **request)
+        check_request(configs.transformer, configs.vae, prompt, num_train_timesteps=train_steps, task=task,
+                      **request)  # fmt: skip
         for prompt in prompts
     ]
+    if resize is not None:
+        request["resize"] = resize
     scheduler = scheduler_kind(loading.load_scheduler(folder, args.scheduler))
     fps = args.fps or default_fps(configs.transformer)
     accelerate = speed_settings(args, device)
     speed = accelerate or {}
     levers = lossy_levers(speed.get("quantize"), speed.get("attention"), speed.get("cache"))
-    settings = video_settings(str(folder.resolve()), scheduler, checked[0], fps, levers)
-    items = plan(prompts, args.seed)
+    settings = video_settings(str(folder.resolve()), scheduler, checked[0], fps, levers, resize)
+    items = plan(prompts, args.seed, [line.image for line in lines] if image_to_video else None, root)
 
     mesh, device = launch.join(args.parallel, device, configs.transformer, request["guidance_scale"] > 1,
                                one_group=False)

@@ -155,7 +155,11 @@ def add_tool_parsers(commands) -> None:
     arg = enh.add_argument
     arg("prompts", nargs="*", metavar="PROMPT", help="prompts to rewrite (quote each)")
     arg("--file", help="a file of prompts, one per line (blank lines and # comments skipped), as batch reads")
-    arg("--image", help="the first frame the video will start from (image-to-video), shown to the chat model")
+    arg(
+        "--image",
+        help="the first frame the videos will start from (image-to-video), shown to the chat model with every "
+        "prompt that has no @@IMAGE of its own",
+    )
     add_enhancer_arguments(enh, "the prompts into detailed descriptions")
     enh.set_defaults(run=_enhance)
 
@@ -287,23 +291,31 @@ def _enhance(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from cogvideox import conditioning
-    from cogvideox.batch import read_prompts
+    from cogvideox.batch import IMAGE_SEPARATOR, read_prompts, split_lines
 
-    prompts = list(args.prompts)
-    if args.file:
-        prompts += read_prompts(args.file)
-    if not prompts:
-        raise InputError("no prompts: give them as arguments or with --file")
-    if any(not p.strip() for p in prompts):
+    if any(not p.strip() for p in args.prompts):
         raise InputError("an empty prompt: give each prompt some words")
+    given = Path(args.image) if args.image else None
+    # (prompt, the image the chat model sees, what follows the rewrite on its line)
+    work = [(p, given, "") for p in args.prompts]
+    if args.file:  # a batch file's PROMPT@@IMAGE lines keep their image, which the chat model sees too
+        root = Path(args.file).parent
+        for line in split_lines(read_prompts(args.file)):
+            if line.image is None:
+                work.append((line.prompt, given, ""))
+            else:
+                work.append((line.prompt, root / line.image, IMAGE_SEPARATOR + line.image))
+    if not work:
+        raise InputError("no prompts: give them as arguments or with --file")
     enhancer = prompt_enhancer(args)
     if enhancer is None:
         raise InputError("no endpoint: give --prompt-enhancer URL (such as http://localhost:11434/v1) or set "
                          f"${ENV_URL}")  # fmt: skip
-    image = conditioning.load_image(args.image) if args.image else None
+    # Every image decodes before the first request.
+    images = {path: conditioning.load_image(path) for _, path, _ in work if path is not None}
     # One line per prompt, flushed as it comes: a redirect into a prompts file keeps what was rewritten.
-    for prompt in tqdm(prompts, desc="rewriting", unit="prompt", disable=len(prompts) < 2):
-        print(" ".join(enhancer.rewrite(prompt, image).split()), flush=True)
+    for prompt, path, kept in tqdm(work, desc="rewriting", unit="prompt", disable=len(work) < 2):
+        print(" ".join(enhancer.rewrite(prompt, images.get(path)).split()) + kept, flush=True)
     return 0
 
 
