@@ -304,7 +304,7 @@ def test_run_batch_records_the_pipelines_settings(tmp_path):
         "model": None, "scheduler": "ddim", "steps": 2, "guidance": pipe.sampling_defaults["guidance_scale"],
         "dynamic_cfg": "off", "negative_prompt": "", "max_sequence_length": pipe.config.max_text_seq_length,
         "frames": 9, "height": height, "width": width, "fps": pipe.default_fps, "lossy_levers": "none",
-        "resize": None,
+        "resize": None, "riflex": False,
     }  # fmt: skip
     assert run_batch(pipe, ["a red ball"], out, progress=False, num_inference_steps=2, num_frames=9) == []
     assert run_batch(pipe, "a red ball", out, progress=False, num_inference_steps=2, num_frames=9) == []  # one

@@ -68,10 +68,10 @@ def test_evaluate_seeds_are_chosen_on_the_command_line(monkeypatch, tmp_path):
     out = tmp_path / "report.json"
     evaluate_module.main(["--seeds", "3", "--train-seeds", "2", "--first-seed", "3", "--guidance", "2",
                           "--output", str(out)])
-    assert calls == [((3, 4, 5), (103, 104), {"guidance_scale": 2.0})]
+    assert calls == [((3, 4, 5), (103, 104), {"num_frames": None, "riflex": False, "guidance_scale": 2.0})]
     assert out.read_text() == "{}\n"
-    evaluate_module.main(["--seeds", "2"])
-    assert calls[1][:2] == ((0, 1), (100,))
+    evaluate_module.main(["--seeds", "2", "--frames", "33", "--riflex"])
+    assert calls[1] == ((0, 1), (100,), {"num_frames": 33, "riflex": True})
     # --output in a folder that does not exist yet: the folder is made, the report written
     evaluate_module.main(["--seeds", "1", "--output", str(tmp_path / "new" / "report.json")])
     assert (tmp_path / "new" / "report.json").read_text() == "{}\n"

@@ -174,6 +174,7 @@ def video_settings(
         "fps": fps,
         "lossy_levers": levers,
         "resize": resize,
+        "riflex": request.riflex,
     }
 
 
@@ -249,7 +250,7 @@ def _latest_entries(output_dir: Path) -> dict[str, dict]:
 _LEGACY_SETTINGS = ("frames", "height", "width", "fps")
 # Settings recorded since a later version, and what an entry without them was made with: batches had no
 # speed levers before they were recorded.
-_ADDED_SETTINGS = {"lossy_levers": "none", "resize": None}
+_ADDED_SETTINGS = {"lossy_levers": "none", "resize": None, "riflex": False}
 
 
 def _show(value) -> str:
@@ -619,7 +620,14 @@ def add_batch_parser(commands) -> None:
 def _batch(args: argparse.Namespace) -> int:
     from cogvideox import loading
     from cogvideox.cli import RUN_ERROR, _quiet_libraries
-    from cogvideox.cli_args import locate_model, memory_settings, report_offload, request_from_args, speed_settings
+    from cogvideox.cli_args import (
+        locate_model,
+        memory_settings,
+        report_offload,
+        request_from_args,
+        speed_settings,
+        warn_idle_riflex,
+    )
     from cogvideox.parallel import launch, parallelize, single_process_mesh
     from cogvideox.pipeline import Pipeline
     from cogvideox.request import check_request, default_fps
@@ -647,6 +655,7 @@ def _batch(args: argparse.Namespace) -> int:
                       **request)  # fmt: skip
         for prompt in prompts
     ]
+    warn_idle_riflex(checked[0], configs.transformer)
     if resize is not None:
         request["resize"] = resize
     scheduler = scheduler_kind(loading.load_scheduler(folder, args.scheduler))

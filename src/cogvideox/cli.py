@@ -38,6 +38,7 @@ from cogvideox.cli_args import (
     report_offload,
     request_from_args,
     speed_settings,
+    warn_idle_riflex,
 )
 from cogvideox.errors import CogVideoXError, InputError, LoadError
 from cogvideox.models.config import ConfigError
@@ -297,7 +298,7 @@ def _generate(args: argparse.Namespace) -> int:
     train_steps = configs.scheduler.num_train_timesteps
     task = "image" if args.image or args.extend else "video" if args.video else "text"
     accelerate = speed_settings(args, device)
-    check_request(
+    checked = check_request(
         configs.transformer,
         configs.vae,
         args.prompt,
@@ -307,6 +308,7 @@ def _generate(args: argparse.Namespace) -> int:
         video_frames=None if source is None else len(source),
         **request,
     )
+    warn_idle_riflex(checked, configs.transformer)
 
     prompt = args.prompt
     if enhancer is not None:  # the first frame goes along: the description must not contradict it

@@ -262,6 +262,13 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, *, seed_default: int
     )
     arg("--seed", type=non_negative_int, default=seed_default, help=seed_help)
     arg("--frames", type=positive_int, help="number of frames, 8k+1 such as 49 (default: the model's)")
+    arg(
+        "--riflex",
+        action="store_true",
+        help="for --frames beyond the model's own (such as 97 for CogVideoX-5b, whose own is 49): slow the "
+        "rotary embedding's intrinsic temporal frequency (RIFLEx) so that the video goes on instead of "
+        "repeating its start; models with RoPE only (not 2b)",
+    )
     arg("--height", type=positive_int, help="video height in pixels, a multiple of 16 (default: the model's)")
     arg("--width", type=positive_int, help="video width in pixels, a multiple of 16 (default: the model's)")
     arg(
@@ -287,7 +294,18 @@ def request_from_args(args: argparse.Namespace, folder: Path) -> dict:
         width=args.width,
         num_inference_steps=args.steps,
         max_sequence_length=args.max_sequence_length,
+        riflex=args.riflex,
     )
+
+
+def warn_idle_riflex(request, transformer) -> None:
+    """Warn when --riflex was asked for a video no longer than the model's own, which it leaves as is."""
+    if request.riflex and request.num_frames <= transformer.sample_frames:
+        warnings.warn(
+            f"--riflex changes nothing at {request.num_frames} frames: it is for videos longer than the "
+            f"model's own {transformer.sample_frames} (give more --frames)",
+            stacklevel=2,
+        )
 
 
 def locate_model(args: argparse.Namespace):

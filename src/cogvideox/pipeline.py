@@ -569,6 +569,7 @@ class Pipeline:
         strength: float | None = None,
         resize: str = "stretch",
         latents: torch.Tensor | None = None,
+        riflex: bool = False,
     ) -> VideoOutput:
         """Generate videos for one prompt or a list of prompts.
 
@@ -593,6 +594,9 @@ class Pipeline:
             the centred region of the video's shape, then resize).
         latents: the starting noise [B, F, C, h, w] (F with the 1.5 padding frame) instead of a draw,
             e.g. the result of `cogvideox.inversion.invert`.
+        riflex: for videos longer than the model's own length (RoPE models), RIFLEx's slowed temporal
+            frequency, so that the video goes on instead of repeating its start (`riflex_frequencies`);
+            no change at the model's length or shorter.
         """
         if image is not None and video is not None:
             raise InputError("give either an image (image-to-video) or a video (video-to-video), not both")
@@ -622,6 +626,7 @@ class Pipeline:
             strength=strength,
             resize=resize,
             video_frames=None if source is None else len(source),
+            riflex=riflex,
         )
         if output_type not in OUTPUT_TYPES:
             raise InputError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
@@ -662,7 +667,7 @@ class Pipeline:
             _sync(device)
             timings["encode"] = time.perf_counter() - start  # the VAE encoding of the image or video
             start = time.perf_counter()
-        rotary = self.transformer.rotary_embedding(shape[1], shape[3], shape[4], device)  # once per call
+        rotary = self.transformer.rotary_embedding(shape[1], shape[3], shape[4], device, request.riflex)  # once per call
         guidance = None
         if request.use_guidance:
             guidance = guidance_schedule(

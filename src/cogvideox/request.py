@@ -52,6 +52,7 @@ class GenerationRequest:
     task: str = "text"  # "text", "image" (first frame given) or "video" (video-to-video)
     strength: float | None = None  # video-to-video: the fraction of the schedule that runs
     resize: str = "stretch"  # how the image or video frames are brought to height x width
+    riflex: bool = False  # RIFLEx's slowed temporal RoPE frequency, for videos longer than the model's
 
     @property
     def batch_size(self) -> int:
@@ -307,12 +308,14 @@ def check_request(
     strength: float | None = None,
     resize: str = "stretch",
     video_frames: int | None = None,
+    riflex: bool = False,
 ) -> GenerationRequest:
     """Validate a generation request against a model's configs; raise `InputError` saying what to change.
 
     task: "text" (text-to-video), "image" (image-to-video: the caller has the first frame) or "video"
         (video-to-video from a `video_frames`-frame input; `num_frames` then picks how many of its frames
         to use, `strength` how much of the schedule runs, 0.8 by default).
+    riflex: RIFLEx for a video longer than the model was trained on (models with RoPE only).
     """
     prompts, negatives = check_prompts(prompt, negative_prompt)
     check_task(transformer, task)
@@ -320,6 +323,9 @@ def check_request(
         raise InputError(f"resize must be one of {', '.join(RESIZE_MODES)}, got {resize!r}")
     if task != "video" and strength is not None:
         raise InputError("strength only applies to video-to-video (give a video)")
+    if _flag(riflex, "riflex") and not transformer.use_rotary_positional_embeddings:
+        raise InputError("riflex changes rotary positions, and this model has none (CogVideoX-2B's are a fixed "
+                         "table); use a model with RoPE (CogVideoX-5b, 1.5)")  # fmt: skip
 
     if task == "video":
         if video_frames is None:
@@ -373,4 +379,5 @@ def check_request(
         task=task,
         strength=strength,
         resize=resize,
+        riflex=riflex,
     )

@@ -98,11 +98,17 @@ def main(argv=None) -> int:
     p.add_argument("--dynamic-cfg", choices=("reference", "smooth"), default=None,
                    help="schedule the guidance over the steps with CogVideoX's dynamic CFG, with the reference's "
                         "timestep clock or the smooth step clock (default: constant guidance)")
+    p.add_argument("--frames", type=positive_int, default=None,
+                   help="frames per video, 8k+1 (default: the model's own, 17 for the demo model)")
+    p.add_argument("--riflex", action="store_true",
+                   help="RIFLEx for --frames beyond the model's own (see `cogvideox generate --help`)")
     p.add_argument("--output", default=None, help="write the report as JSON here")
     args = p.parse_args(argv)
-    guidance = {} if args.guidance is None else dict(guidance_scale=args.guidance)
+    call = dict(num_frames=args.frames, riflex=args.riflex)  # the pipeline's keyword arguments
+    if args.guidance is not None:
+        call.update(guidance_scale=args.guidance)
     if args.dynamic_cfg:
-        guidance.update(use_dynamic_cfg=True, dynamic_cfg=args.dynamic_cfg)
+        call.update(use_dynamic_cfg=True, dynamic_cfg=args.dynamic_cfg)
     first = args.first_seed
     try:
         if args.output:  # made now, not after minutes of generating (the report would be lost to a traceback)
@@ -112,7 +118,7 @@ def main(argv=None) -> int:
                 raise InputError(f"cannot write {args.output}: {e.strerror or e}") from None
         pipe = Pipeline.from_pretrained(args.model)
         report = evaluate(pipe, tuple(range(first, first + args.seeds)),
-                          tuple(range(100 + first, 100 + first + args.train_seeds)), args.steps, **guidance)
+                          tuple(range(100 + first, 100 + first + args.train_seeds)), args.steps, **call)
     except (CogVideoXError, ConfigError) as e:
         print(f"{p.prog}: error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, no traceback
         return USER_ERROR if isinstance(e, (InputError, LoadError, ConfigError)) else RUN_ERROR

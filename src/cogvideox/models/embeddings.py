@@ -134,29 +134,71 @@ def joint_sincos_table(
 # 3D rotary embedding (CogVideoX-5B, 5B-I2V, 1.5)
 
 
-def rope_1d(dim: int, positions: torch.Tensor, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary angles for 1-D positions: [S] -> (cos, sin), each [S, dim] float32, every value
-    repeated twice (c0, c0, c1, c1, ...) to match the interleaved channel pairs of `apply_rope`."""
+def rope_frequencies(dim: int, theta: float = 10000.0, device=None) -> torch.Tensor:
+    """The dim/2 rotation frequencies of a rotary embedding of width `dim`: theta^(-2i/dim), float32."""
     if dim % 2:
         raise ConfigError(f"rotary embedding width must be even, got {dim}")
-    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=positions.device) / dim)
-    angles = torch.outer(positions, inv_freq)  # [S, dim/2]
+    return 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim)
+
+
+def rope_1d(
+    dim: int, positions: torch.Tensor, theta: float = 10000.0, frequencies: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary angles for 1-D positions: [S] -> (cos, sin), each [S, dim] float32, every value
+    repeated twice (c0, c0, c1, c1, ...) to match the interleaved channel pairs of `apply_rope`.
+    `frequencies` replaces the standard ones (`rope_frequencies`)."""
+    if frequencies is None:
+        frequencies = rope_frequencies(dim, theta, positions.device)
+    angles = torch.outer(positions, frequencies.to(positions.device))  # [S, dim/2]
     return angles.cos().repeat_interleave(2, dim=1), angles.sin().repeat_interleave(2, dim=1)
 
 
+# RIFLEx keeps the extrapolated length within this fraction of the slowed component's period.
+RIFLEX_MARGIN = 0.9
+
+
+def riflex_frequencies(frequencies: torch.Tensor, trained: int, length: int) -> torch.Tensor:
+    """RIFLEx (Zhao et al., 2025, arXiv 2502.15894): rotary frequencies for `length` positions of a model
+    trained on `trained`.
+
+    Past the trained length a video made with RoPE tends to repeat itself: the component whose period is
+    the first to cover the trained length (the "intrinsic frequency") completes its cycle, and the model
+    reads the later frames as the early ones again. Once `length` passes that period, RIFLEx slows this
+    one component until `length` spans 90% of its period, and leaves the others alone. For CogVideoX-5B
+    (16 temporal channels, 13 latent frames) it is the second component, period 19.9 latent frames: the
+    k = 2, N_k = 20 of the authors' CogVideoX script, which changes it for 81 frames (21 latent) and more.
+    """
+    periods = 2 * math.pi / frequencies
+    covering = (periods >= trained).nonzero()
+    if len(covering) == 0:
+        return frequencies
+    k = int(covering[0])
+    if length <= periods[k]:  # the component does not come round within the video
+        return frequencies
+    slowed = frequencies.clone()
+    slowed[k] = RIFLEX_MARGIN * 2 * math.pi / length
+    return slowed
+
+
 def rope_3d(
-    head_dim: int, t: torch.Tensor, h: torch.Tensor, w: torch.Tensor, theta: float = 10000.0
+    head_dim: int,
+    t: torch.Tensor,
+    h: torch.Tensor,
+    w: torch.Tensor,
+    theta: float = 10000.0,
+    time_frequencies: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """3D RoPE tables for the grid t x h x w of positions: (cos, sin), each [T*H*W, head_dim] float32.
 
     The head dimension is split time / height / width as 1/4, 3/8, 3/8 (16/24/24 for head_dim 64);
     token order is time-major, then row, then column, the order of the patch embedding.
+    `time_frequencies` replaces the temporal part's standard frequencies (RIFLEx).
     """
     if head_dim % 16:
         raise ConfigError(f"3D RoPE needs a head dimension divisible by 16, got {head_dim}")
     dim_t, dim_hw = head_dim // 4, head_dim // 8 * 3
     T, H, W = len(t), len(h), len(w)
-    cos_t, sin_t = rope_1d(dim_t, t, theta)
+    cos_t, sin_t = rope_1d(dim_t, t, theta, time_frequencies)
     cos_h, sin_h = rope_1d(dim_hw, h, theta)
     cos_w, sin_w = rope_1d(dim_hw, w, theta)
 

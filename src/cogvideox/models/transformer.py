@@ -26,7 +26,9 @@ from .config import ConfigError, TransformerConfig
 from .embeddings import (
     PatchEmbed,
     TimestepEmbedding,
+    riflex_frequencies,
     rope_3d,
+    rope_frequencies,
     rope_positions_linspace,
     rope_positions_slice,
     timestep_sinusoid,
@@ -265,12 +267,15 @@ class CogVideoXTransformer(nn.Module):
         latent_height: int,
         latent_width: int,
         device: torch.device | str | None = None,
+        riflex: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The 3D RoPE tables (cos, sin), each [tokens, head_dim] fp32, that the reference pipeline
         builds for a latent video of this size; `None` for models without RoPE (2B).
 
         1.0 squeezes any grid into the (sample_height/2, sample_width/2) training grid ("linspace");
         1.5 uses integer positions up to that size and one temporal position per `patch_size_t` frames.
+        `riflex`: a video longer than the model's `sample_frames` gets RIFLEx's slowed temporal frequency
+        (`riflex_frequencies`) instead of repeating itself; a video of that length or shorter is unchanged.
         """
         c = self.config
         if not c.use_rotary_positional_embeddings:
@@ -281,9 +286,20 @@ class CogVideoXTransformer(nn.Module):
         if c.patch_size_t is None:
             t, h, w = rope_positions_linspace(num_latent_frames, grid_h, grid_w, base_h, base_w, device)
         else:
-            frames = -(-num_latent_frames // c.patch_size_t)  # ceil
+            frames = self.temporal_positions(num_latent_frames)
             t, h, w = rope_positions_slice(frames, grid_h, grid_w, base_h, base_w, device)
-        return rope_3d(c.attention_head_dim, t, h, w)
+        time_frequencies = None
+        if riflex:
+            dim_t = c.attention_head_dim // 4
+            trained = self.temporal_positions((c.sample_frames - 1) // c.temporal_compression_ratio + 1)
+            time_frequencies = riflex_frequencies(rope_frequencies(dim_t, device=device), trained, len(t))
+        return rope_3d(c.attention_head_dim, t, h, w, time_frequencies=time_frequencies)
+
+    def temporal_positions(self, num_latent_frames: int) -> int:
+        """How many temporal positions a video of this many latent frames spans: one per latent frame
+        (1.0), one per `patch_size_t` of them (1.5, padded up)."""
+        pt = self.config.patch_size_t
+        return num_latent_frames if pt is None else -(-num_latent_frames // pt)
 
     def _check_inputs(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor) -> None:
         c = self.config
