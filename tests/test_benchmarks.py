@@ -11,6 +11,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -376,3 +377,19 @@ def test_kernel_profile_writes_each_target_and_records_a_failing_one(tmp_path, m
     assert vae["categories"]["convolution"]["share"] > 0.2 and len(vae["top_kernels"]) == 25
     assert abs(sum(c["share"] for c in vae["categories"].values()) - 1) < 1e-3
     assert "| convolution |" in (tmp_path / "kernel_profile_vae.txt").read_text()
+
+
+def test_riflex_demo_tells_a_restarting_video_from_a_continuous_one():
+    from riflex_demo import positions, restarts
+
+    def video(rows):  # a white 6x6 square on gray at each top row, 64x96 frames
+        frames = np.full((len(rows), 64, 96, 3), 128, np.uint8)
+        for i, top in enumerate(rows):
+            frames[i, top : top + 6, 40:46] = 255
+        return frames
+
+    up = list(range(50, 10, -4))  # 10 frames moving up
+    assert np.allclose(positions(video(up))[:, 1], np.array(up) + 2.5)
+    assert not restarts(video(up + list(range(10, 2, -4))), "up")
+    assert restarts(video(up + up), "up")  # back at the bottom, then up again
+    assert not restarts(video(up + up), "down")  # its jump is along the motion; its steps back are small
