@@ -124,10 +124,10 @@ def test_a_video_that_cannot_be_written_at_the_end_is_saved_elsewhere(capsys, mo
     export = cogvideox.video.export_video
     target = tmp_path / "cat.mp4"
 
-    def disk_full_for_target(frames, path, fps=8):
+    def disk_full_for_target(frames, path, fps=8, **kwargs):
         if path == target:
             raise OSError(28, "No space left on device")
-        return export(frames, path, fps=fps)
+        return export(frames, path, fps=fps, **kwargs)
 
     monkeypatch.setattr(cogvideox.video, "export_video", disk_full_for_target)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the rescued video goes

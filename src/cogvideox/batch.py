@@ -35,6 +35,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from cogvideox import provenance
 from cogvideox.errors import CogVideoXError, InputError
 from cogvideox.files import lock_folder, prepare_folder
 
@@ -536,8 +537,9 @@ def _one_video(
         return None
     start = time.perf_counter()
     frames = result.frames[0]
+    made = provenance.record(item.prompt, item.seed, settings, image=item.image, **provenance.lever_settings(pipe))
     try:
-        export_or_rescue(frames, output_dir / item.file, fps=fps)
+        export_or_rescue(frames, output_dir / item.file, fps=fps, metadata=made)
     except InputError as e:  # the folder takes no more files (a full disk): this video rescued, stop
         return record | {"error": str(e), "stop": f"{e}; the batch stopped there, re-run it to go on"}
     timings = result.timings | {"write": time.perf_counter() - start}

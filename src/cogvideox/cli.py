@@ -40,6 +40,7 @@ from cogvideox.cli_args import (
     speed_settings,
     warn_idle_riflex,
 )
+from cogvideox import provenance
 from cogvideox.errors import CogVideoXError, InputError, LoadError
 from cogvideox.models.config import ConfigError
 from cogvideox.video import export_or_rescue
@@ -347,8 +348,10 @@ def _generate(args: argparse.Namespace) -> int:
     if mesh is not None and not mesh.is_leader:
         return 0  # rank 0 writes and reports
     start = time.perf_counter()
-    for frames, path in zip(result.frames, outputs):
-        export_or_rescue(frames, path, fps)
+    made = _made_with(args, pipe, folder, checked, fps, prompt, lora)
+    for number, (frames, path) in enumerate(zip(result.frames, outputs), 1):
+        many = [number, len(outputs)] if len(outputs) > 1 else None
+        export_or_rescue(frames, path, fps, metadata=provenance.record(prompt, result.seed, **made, video_number=many))
     write_time = time.perf_counter() - start
 
     frames = result.frames[0]
@@ -359,6 +362,27 @@ def _generate(args: argparse.Namespace) -> int:
         f"{result.seed}) | " + stage_times(stages) + _cache_report(pipe)
     )
     return 0
+
+
+def _made_with(args: argparse.Namespace, pipe, folder: Path, checked, fps: float, prompt: str, lora) -> dict:
+    """What `provenance.record` keeps of this run, besides the prompt and seed."""
+    from cogvideox.batch import pipeline_levers, scheduler_kind, video_settings
+    from cogvideox.demo import DEMO_MODEL_DIR
+
+    resize = checked.resize if args.image or args.video else None
+    demo = DEMO_MODEL_DIR is not None and folder.resolve() == Path(DEMO_MODEL_DIR).resolve()
+    model = None if demo else str(folder.resolve())  # None: the demo model
+    settings = video_settings(model, scheduler_kind(pipe.scheduler), checked, fps, pipeline_levers(pipe), resize)
+    return dict(
+        settings=settings,
+        image=args.image,
+        video=args.video,
+        strength=checked.strength,
+        extend=args.extend,
+        lora=[[str(path), scale] for path, scale in lora or []],
+        prompt_idea=args.prompt if prompt != args.prompt else None,
+        **provenance.lever_settings(pipe),
+    )
 
 
 def _enhanced(enhancer, prompt: str, image, quiet: bool) -> str:

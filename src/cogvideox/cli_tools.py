@@ -46,7 +46,7 @@ _MODEL_HELP = "text-to-video " + MODEL_HELP  # inversion runs the text-to-video 
 
 
 def add_tool_parsers(commands) -> None:
-    """Add `invert`, `regenerate`, `convert` and `enhance` to the `cogvideox` command's sub-parsers."""
+    """Add `invert`, `regenerate`, `convert`, `info` and `enhance` to the `cogvideox` command's sub-parsers."""
     inv = commands.add_parser(
         "invert",
         help="DDIM-invert a video into the noise that regenerates it",
@@ -143,6 +143,18 @@ def add_tool_parsers(commands) -> None:
     arg("--revision", help="hub revision (branch, tag or commit) of --base (default: main)")
     arg("--offline", action="store_true", help="never download --base; use a local folder or the hub cache")
     conv.set_defaults(run=_convert)
+
+    info = commands.add_parser(
+        "info",
+        help="show how a video was made (prompt, seed, model, settings) and the command that makes it again",
+        description="Read the record `generate` and `batch` keep inside each MP4 or GIF they write: the "
+        "model, prompt, seed, sampling settings, inputs and the levers that change the video, and print it "
+        "with the `cogvideox generate` command that makes the same video again. Exit status 1 when a file "
+        "holds no record (made by another program, or re-encoded since).",
+    )
+    info.add_argument("videos", nargs="+", metavar="VIDEO", help="MP4 or GIF files")
+    info.add_argument("--json", action="store_true", help="print each record as one line of JSON")
+    info.set_defaults(run=_info)
 
     enh = commands.add_parser(
         "enhance",
@@ -285,6 +297,25 @@ def _regenerate(args: argparse.Namespace) -> int:
         + stage_times(stages)
     )
     return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    import json
+
+    from cogvideox import provenance
+    from cogvideox.video import read_metadata
+
+    found = [(path, read_metadata(path)) for path in args.videos]  # every file read before any output
+    status = 0
+    for path, metadata in found:
+        if not provenance.is_record(metadata):
+            print(f"{path}: no cogvideox record (made by another program, or re-encoded since)")
+            status = 1
+        elif args.json:
+            print(json.dumps({"file": str(path), **metadata}, ensure_ascii=False))
+        else:
+            print("\n".join([f"{path}:", *provenance.describe(metadata)]))
+    return status
 
 
 def _enhance(args: argparse.Namespace) -> int:

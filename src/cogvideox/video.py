@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Sequence
@@ -105,9 +106,12 @@ def _check_video_name(path: str | os.PathLike, flag: str = "") -> Path:
     return path
 
 
-def export_video(frames: np.ndarray | Sequence, path: str | os.PathLike, fps: float = 8) -> Path:
+def export_video(
+    frames: np.ndarray | Sequence, path: str | os.PathLike, fps: float = 8, metadata: dict | None = None
+) -> Path:
     """Write frames (uint8 [F, H, W, 3], or a list of [H, W, 3]) at `fps` as an H.264 MP4 (yuv420p), or
-    as an animated GIF when `path` ends in .gif.
+    as an animated GIF when `path` ends in .gif. `metadata` (how the video was made: JSON values) is
+    stored in the file's comment, where `read_metadata` finds it.
 
     The file appears complete or not at all: it is written under a temporary name in the same folder and
     renamed into place. yuv420p (the pixel format every player decodes) needs an even width and height.
@@ -119,14 +123,43 @@ def export_video(frames: np.ndarray | Sequence, path: str | os.PathLike, fps: fl
     if not gif and (height % 2 or width % 2):
         raise InputError(f"H.264 in yuv420p needs an even width and height, got {width}x{height}")
     rate = check_fps(fps)
-    return write_into_place(path, lambda file: (_write_gif if gif else _write_mp4)(frames, file, rate))
+    comment = None if metadata is None else json.dumps(metadata, ensure_ascii=False)
+    return write_into_place(path, lambda file: (_write_gif if gif else _write_mp4)(frames, file, rate, comment))
 
 
-def _write_mp4(frames: np.ndarray, file: str, rate: Fraction) -> None:
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The metadata `export_video` stored in a video file; {} for a file without any (or another
+    program's comment). `InputError` for a file that is not a readable video."""
+    import av
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"no video file at {path}")
+    try:
+        if path.suffix.lower() == ".gif":
+            from PIL import Image
+
+            with Image.open(path) as picture:
+                comment = picture.info.get("comment", b"").decode("utf-8", errors="replace")
+        else:
+            with av.open(str(path)) as container:
+                comment = container.metadata.get("comment", "")
+    except (OSError, av.FFmpegError) as e:
+        raise InputError(f"cannot read {path} as a video ({e})") from None
+    try:
+        metadata = json.loads(comment) if comment else {}
+    except json.JSONDecodeError:
+        return {}
+    return metadata if isinstance(metadata, dict) else {}
+
+
+def _write_mp4(frames: np.ndarray, file: str, rate: Fraction, comment: str | None = None) -> None:
     import av
 
     _, height, width, _ = frames.shape
     with av.open(file, mode="w", format="mp4") as container:
+        if comment is not None:
+            container.metadata["comment"] = comment
         stream = container.add_stream(_encoder_name(), rate=rate, options=dict(_X264_OPTIONS))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         for index, frame in enumerate(frames):
@@ -154,24 +187,27 @@ def gif_palette(frame: np.ndarray):
     return picture.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
 
 
-def _write_gif(frames: np.ndarray, file: str, rate: Fraction) -> None:
+def _write_gif(frames: np.ndarray, file: str, rate: Fraction, comment: str | None = None) -> None:
     # Each frame gets its own 256-colour palette by median cut, undithered: on the demo model's videos
     # 0.08/255 from the frames on average (dithering would add noise to flat backgrounds). Identical
     # neighbours are merged by Pillow into one longer frame, which plays the same.
     pictures = [gif_palette(frame) for frame in frames]
+    extra = {} if comment is None else {"comment": comment.encode("utf-8")}
     pictures[0].save(file, format="GIF", save_all=True, append_images=pictures[1:],
-                     duration=gif_delays(len(frames), rate), loop=0)
+                     duration=gif_delays(len(frames), rate), loop=0, **extra)
 
 
-def export_or_rescue(frames: np.ndarray | Sequence, path: str | os.PathLike, fps: float = 8) -> Path:
+def export_or_rescue(
+    frames: np.ndarray | Sequence, path: str | os.PathLike, fps: float = 8, metadata: dict | None = None
+) -> Path:
     """`export_video`, but if the folder stopped taking files since it was checked (a full disk, a lost
     mount), write the video to the temporary folder instead and raise `InputError` saying where, rather
     than lose minutes of generation."""
     try:
-        return export_video(frames, path, fps=fps)
+        return export_video(frames, path, fps=fps, metadata=metadata)
     except (OSError, InputError) as e:
         rescue = Path(tempfile.mkdtemp(prefix="cogvideox-")) / Path(path).name
-        export_video(frames, rescue, fps=fps)
+        export_video(frames, rescue, fps=fps, metadata=metadata)
         raise InputError(f"could not write {path} ({e}); the video was saved to {rescue} instead") from None
 
 

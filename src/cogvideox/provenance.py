@@ -1,0 +1,102 @@
+"""How a video was made, kept in the video file itself: the record `generate` and `batch` write, what
+`cogvideox info` prints, and the command that makes the same video again.
+
+The record holds what decides the video (the model, the prompt and seed, the sampling settings as
+`batch.video_settings` names them, the inputs, the LoRAs and the levers that change the video) and the
+version that made it. Settings that change only how a video is computed (device, offloading, tiling,
+compilation) are left out, as in the batch manifest.
+"""
+
+from __future__ import annotations
+
+import shlex
+
+from cogvideox import __version__
+
+# The key that marks a record as ours, with the version that wrote it.
+MARK = "cogvideox"
+
+
+def lever_settings(pipe) -> dict:
+    """The speed levers of a loaded pipeline that change the video: {"quantize", "attention", "cache"}
+    for those in use (8-bit attention only; the exact kernels change nothing worth recording)."""
+    from cogvideox.batch import LOSSY_ATTENTION
+
+    done = getattr(pipe, "acceleration", None)
+    if done is None:
+        return {}
+    levers = {"quantize": done.quantize, "attention": done.attention if done.attention in LOSSY_ATTENTION else None}
+    if done.cache is not None and done.cache.threshold:
+        levers["cache"] = done.cache.threshold
+    return {k: v for k, v in levers.items() if v is not None}
+
+
+def record(prompt: str, seed: int, settings: dict, **inputs) -> dict:
+    """The record of one video: `settings` as `batch.video_settings` gives them, and `inputs` such as
+    image, video and strength, extend, lora ([[path, scale], ...]), prompt_idea (the prompt before the
+    enhancer rewrote it), video_number ([i, n] of --num-videos) and the levers of `lever_settings`
+    (None values are left out)."""
+    entry = {MARK: __version__, "prompt": prompt, "seed": seed, **settings}
+    entry.update({k: v for k, v in inputs.items() if v is not None and v != []})
+    return entry
+
+
+def is_record(metadata: dict) -> bool:
+    return isinstance(metadata.get(MARK), str) and isinstance(metadata.get("prompt"), str)
+
+
+def command(entry: dict) -> list[str]:
+    """The `cogvideox generate` arguments that make the recorded video again (the output name left to
+    the user). Inputs are named by the paths recorded, relative to where the video was made."""
+    args = ["cogvideox", "generate", entry["prompt"]]
+
+    def flag(name: str, key: str, default=None) -> None:
+        value = entry.get(key)
+        if value is not None and value != default:
+            args.extend([name, str(value)])  # a float as its shortest exact form
+
+    if entry.get("model"):  # None: the demo model
+        args += ["--model", entry["model"]]
+    flag("--seed", "seed")
+    flag("--steps", "steps")
+    flag("--guidance", "guidance")
+    cfg = entry.get("dynamic_cfg")
+    if cfg is not None:
+        args += ["--no-dynamic-cfg"] if cfg == "off" else ["--dynamic-cfg", "--dynamic-cfg-clock", cfg]
+    flag("--scheduler", "scheduler")
+    flag("--frames", "frames")
+    flag("--height", "height")
+    flag("--width", "width")
+    flag("--fps", "fps")
+    flag("--negative-prompt", "negative_prompt", "")
+    flag("--max-sequence-length", "max_sequence_length")
+    if entry.get("riflex"):
+        args.append("--riflex")
+    flag("--image", "image")
+    flag("--video", "video")
+    flag("--strength", "strength")
+    flag("--extend", "extend")
+    if entry.get("resize") not in (None, "stretch"):
+        args += ["--resize", entry["resize"]]
+    for path, scale in entry.get("lora", []):
+        args += ["--lora", path, "--lora-scale", str(scale)]
+    flag("--quantize", "quantize")
+    flag("--attention", "attention")
+    flag("--cache", "cache")
+    number = entry.get("video_number")
+    if number:
+        args += ["--num-videos", str(number[1])]
+    return args
+
+
+def describe(entry: dict) -> list[str]:
+    """`cogvideox info`'s lines for a record: what made it, the settings, and the command again."""
+    lines = [f"made by cogvideox {entry[MARK]} with " + (entry.get("model") or "the demo model")]
+    # What is off or empty is left out ("riflex False", "negative_prompt ''").
+    shown = {k: v for k, v in entry.items() if k not in (MARK, "model") and v not in (None, False, "", "none")}
+    width = max(map(len, shown), default=0)
+    lines += [f"  {key.ljust(width)}  {value}" for key, value in shown.items()]
+    again = shlex.join([*command(entry), "--output", "again.mp4"])
+    number = entry.get("video_number")
+    lines.append(f"again: {again}" + (f"  (video {number[0]} of the {number[1]})" if number else ""))
+    return lines

@@ -1,0 +1,106 @@
+"""The record of how a video was made, kept in the file: written by generate and batch, printed by
+`cogvideox info`, and its command makes the same video again."""
+
+import json
+import shlex
+
+import numpy as np
+import pytest
+
+from cogvideox import InputError, export_video, read_video
+from cogvideox.cli import main
+from cogvideox.provenance import MARK, command, is_record
+from cogvideox.video import read_metadata
+
+SMALL = ["--steps", "2", "--height", "32", "--width", "32", "--max-sequence-length", "8", "--quiet"]
+
+
+def again(capsys, video, output) -> list[str]:
+    """The `again:` command `cogvideox info` prints for `video`, writing to `output` (prefix dropped)."""
+    capsys.readouterr()
+    assert main(["info", str(video)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("again: "))
+    argv = shlex.split(line.removeprefix("again: ").split("  (video ")[0])
+    assert argv[:2] == ["cogvideox", "generate"] and argv[-2:] == ["--output", "again.mp4"]
+    return [*argv[1:-1], str(output)]
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".gif"])
+def test_info_gives_the_command_that_makes_the_same_video(capsys, tiny_rope_dir, tmp_path, suffix):
+    made = tmp_path / f"cat{suffix}"
+    argv = ["generate", "a cat, it's 'quoted'", "-o", str(made), "--model", str(tiny_rope_dir), "--seed", "11",
+            "--negative-prompt", "blurry", "--dynamic-cfg", "--dynamic-cfg-clock", "smooth", "--guidance", "4.25",
+            "--scheduler", "dpm", "--frames", "33", "--riflex", "--fps", "12", *SMALL]  # fmt: skip
+    assert main(argv) == 0
+    entry = read_metadata(made)
+    assert is_record(entry) and entry[MARK] == __import__("cogvideox").__version__
+    assert (entry["prompt"], entry["seed"], entry["negative_prompt"], entry["guidance"]) == (
+        "a cat, it's 'quoted'", 11, "blurry", 4.25
+    )
+    assert (entry["dynamic_cfg"], entry["scheduler"], entry["frames"], entry["riflex"], entry["fps"]) == (
+        "smooth", "dpm", 33, True, 12
+    )
+    assert entry["model"] == str(tiny_rope_dir.resolve())
+
+    remade = tmp_path / f"again{suffix}"
+    assert main(again(capsys, made, remade)) == 0
+    assert np.array_equal(read_video(remade)[0], read_video(made)[0])
+
+
+def test_several_videos_and_a_rewritten_prompt_are_recorded(capsys, tiny_rope_dir, tmp_path, monkeypatch):
+    from cogvideox.enhance import PromptEnhancer
+
+    monkeypatch.setattr(PromptEnhancer, "rewrite", lambda self, prompt, image=None: f"{prompt}, in detail")
+    argv = ["generate", "a dog", "-o", str(tmp_path / "dog.mp4"), "--model", str(tiny_rope_dir), "--seed", "5",
+            "--num-videos", "2", "--prompt-enhancer", "http://chat.invalid/v1", *SMALL]  # fmt: skip
+    assert main(argv) == 0
+    second = read_metadata(tmp_path / "dog-2.mp4")
+    assert (second["prompt"], second["prompt_idea"], second["video_number"]) == ("a dog, in detail", "a dog", [2, 2])
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "dog-2.mp4")]) == 0
+    out = capsys.readouterr().out
+    assert "prompt_idea" in out and out.rstrip().endswith("(video 2 of the 2)")
+    # The command asks for the rewritten prompt itself, and the whole set of two.
+    remade = again(capsys, tmp_path / "dog-2.mp4", tmp_path / "again.mp4")
+    assert remade[1] == "a dog, in detail" and "--num-videos" in remade and "--prompt-enhancer" not in remade
+    assert main(remade) == 0
+    assert np.array_equal(read_video(tmp_path / "again-2.mp4")[0], read_video(tmp_path / "dog-2.mp4")[0])
+
+
+def test_batch_videos_carry_their_record(capsys, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red ball rolls left\na blue square moves up\n")
+    assert main(["batch", str(prompts), "-o", str(tmp_path / "out"), "--seed", "3", "--steps", "2", "--frames", "9",
+                 "--quiet"]) == 0  # fmt: skip
+    manifest = [json.loads(line) for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
+    for entry in manifest:
+        record = read_metadata(tmp_path / "out" / entry["file"])
+        assert record == {MARK: record[MARK], "prompt": entry["prompt"], "seed": entry["seed"], **entry["settings"]}
+    second = tmp_path / "out" / manifest[1]["file"]
+    assert main(again(capsys, second, tmp_path / "again.mp4")) == 0
+    assert np.array_equal(read_video(tmp_path / "again.mp4")[0], read_video(second)[0])
+
+
+def test_files_without_a_record(capsys, tmp_path):
+    plain = export_video(np.zeros((3, 16, 16, 3), np.uint8), tmp_path / "plain.mp4")
+    assert read_metadata(plain) == {}
+    (tmp_path / "text.mp4").write_text("not a video")
+    with pytest.raises(InputError, match="cannot read .*text.mp4 as a video"):
+        read_metadata(tmp_path / "text.mp4")
+    foreign = export_video(np.zeros((3, 16, 16, 3), np.uint8), tmp_path / "foreign.gif", metadata={"title": "x"})
+    assert not is_record(read_metadata(foreign))
+    assert main(["info", str(plain), str(foreign)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out == [f"{plain}: no cogvideox record (made by another program, or re-encoded since)",
+                   f"{foreign}: no cogvideox record (made by another program, or re-encoded since)"]  # fmt: skip
+    assert main(["info", str(tmp_path / "missing.mp4")]) == 2
+    assert "no video file at" in capsys.readouterr().err
+
+
+def test_the_command_names_inputs_loras_and_levers():
+    entry = {MARK: "0.1.0", "prompt": "p", "seed": 1, "model": "M", "image": "first.png", "resize": "crop",
+             "lora": [["style.safetensors", 0.8]], "quantize": "fp8", "attention": "sage", "cache": 0.1,
+             "negative_prompt": "", "dynamic_cfg": "off"}  # fmt: skip
+    assert command(entry) == ["cogvideox", "generate", "p", "--model", "M", "--seed", "1", "--no-dynamic-cfg",
+                              "--image", "first.png", "--resize", "crop", "--lora", "style.safetensors",
+                              "--lora-scale", "0.8", "--quantize", "fp8", "--attention", "sage", "--cache", "0.1"]  # fmt: skip
