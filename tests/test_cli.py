@@ -221,6 +221,13 @@ def test_generate_writes_a_gif_when_asked(capsys, tiny_rope_dir, tmp_path):
     assert frames.shape == want.shape == (9, 32, 48, 3)
     assert np.array_equal(frames, [np.asarray(gif_palette(frame).convert("RGB")) for frame in want])
 
+    # A numbered .png name: the frames themselves, one PNG each, from 0.
+    (tmp_path / "frames").mkdir()
+    argv[5] = str(tmp_path / "frames" / "%02d.png")
+    assert main(argv) == 0
+    assert sorted(p.name for p in (tmp_path / "frames").iterdir()) == [f"{i:02d}.png" for i in range(9)]
+    assert np.array_equal([np.asarray(Image.open(tmp_path / "frames" / f"{i:02d}.png")) for i in range(9)], want)
+
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_a_gpu_is_a_user_error(capsys, tiny_rope_dir):

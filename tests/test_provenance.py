@@ -101,6 +101,8 @@ def test_the_command_names_inputs_loras_and_levers():
     entry = {MARK: "0.1.0", "prompt": "p", "seed": 1, "model": "M", "image": "first.png", "resize": "crop",
              "lora": [["style.safetensors", 0.8]], "quantize": "fp8", "attention": "sage", "cache": 0.1,
              "negative_prompt": "", "dynamic_cfg": "off"}  # fmt: skip
-    assert command(entry) == ["cogvideox", "generate", "p", "--model", "M", "--seed", "1", "--no-dynamic-cfg",
-                              "--image", "first.png", "--resize", "crop", "--lora", "style.safetensors",
-                              "--lora-scale", "0.8", "--quantize", "fp8", "--attention", "sage", "--cache", "0.1"]  # fmt: skip
+    assert command(entry) == [
+        "cogvideox", "generate", "p", "--model", "M", "--seed", "1", "--no-dynamic-cfg", "--image", "first.png",
+        "--resize", "crop", "--lora", "style.safetensors", "--lora-scale", "0.8", "--quantize", "fp8",
+        "--attention", "sage", "--cache", "0.1",
+    ]  # fmt: skip

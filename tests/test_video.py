@@ -89,6 +89,39 @@ def test_a_failed_gif_leaves_the_old_file(tmp_path, monkeypatch):
     assert (tmp_path / "clip.gif").read_bytes() == b"old gif"
 
 
+def test_png_frames_are_the_frames_exactly_with_the_record(tmp_path):
+    from PIL import Image
+
+    from cogvideox.video import frame_paths, read_metadata
+
+    video = moving_square(frames=12)
+    (tmp_path / "frames").mkdir()
+    pattern = tmp_path / "frames" / "shot-%03d.png"
+    assert export_video(video, pattern, metadata={"prompt": "a square, déjà vu"}) == pattern
+    files = frame_paths(pattern, 12)
+    assert [f.name for f in files] == [f"shot-{i:03d}.png" for i in range(12)]
+    assert sorted(p.name for p in (tmp_path / "frames").iterdir()) == [f.name for f in files]  # nothing else
+    assert np.array_equal(np.stack([np.asarray(Image.open(f)) for f in files]), video)  # lossless
+    assert read_metadata(files[5]) == {"prompt": "a square, déjà vu"}
+
+
+def test_a_failed_png_sequence_leaves_no_frame(tmp_path, monkeypatch):
+    from PIL import Image
+
+    real, calls = Image.Image.save, []
+
+    def fail_on_the_fourth(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise OSError(28, "No space left on device")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", fail_on_the_fourth)
+    with pytest.raises(OSError, match="No space left"):
+        export_video(moving_square(), tmp_path / "%04d.png")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_list_of_frames_floats_and_other_fps(tmp_path):
     video = moving_square(frames=5)
     export_video(list(video), tmp_path / "list.mp4", fps=16)
@@ -157,9 +190,12 @@ def test_bad_paths(tmp_path):
         export_video(moving_square(), tmp_path / "no" / "such" / "x.mp4")
     with pytest.raises(InputError, match="is a folder"):
         export_video(moving_square(), tmp_path)
-    with pytest.raises(InputError, match=r"written as MP4 \(H.264\) or GIF; give a name ending in .mp4 or .gif, such as"
-                                         " x.mp4"):
+    with pytest.raises(InputError, match=r"written as MP4 \(H.264\), GIF or numbered PNG frames; give a name ending "
+                                         r"in .mp4 or .gif, such as x.mp4, or one such as frames/%04d.png"):
         export_video(moving_square(), tmp_path / "x.webm")
+    for name in ("x.png", "x-%d-%d.png"):
+        with pytest.raises(InputError, match="a frame sequence needs one frame number in its name, written %04d"):
+            export_video(moving_square(), tmp_path / name)
     with pytest.raises(InputError, match="no video file"):
         read_video(tmp_path / "missing.mp4")
 

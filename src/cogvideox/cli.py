@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
         "generate",
         help="generate a video from a text prompt (and a first frame, or a video to redraw) as an MP4 or GIF",
         description="Generate a video from a text prompt and write it as an H.264 MP4 (or an animated GIF, for "
-        "an --output name ending in .gif). Sizes, frame count and "
+        "an --output name ending in .gif, or PNG frames, for one such as frames/%%04d.png). Sizes, frame count and "
         "frame rate default to the model's own (49 frames at 720x480, 8 fps for CogVideoX 1.0; 81 frames at "
         "1360x768, 16 fps for 1.5). Image-to-video models take the first frame with --image, or continue a "
         "video given with --extend; text-to-video models redraw a video given with --video.",
@@ -151,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     arg = gen.add_argument
     arg("prompt", help="what the video should show")
     arg("-o", "--output", default="output.mp4",
-        help="video file to write: .mp4 (H.264) or .gif (animated GIF) (default: output.mp4)")
+        help="video file to write: .mp4 (H.264), .gif (animated GIF), or numbered PNG frames for a name such "
+        "as frames/%%04d.png (default: output.mp4)")
     add_model_arguments(gen)
     add_sampling_arguments(gen, seed_default=None, seed_help="noise seed (default: random, printed)")
     arg("--fps", type=frame_rate, help="frame rate of the video file (default: the model's, 8 or 16)")

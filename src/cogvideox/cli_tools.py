@@ -59,7 +59,8 @@ def add_tool_parsers(commands) -> None:
     arg("video", help="the video to invert (any format FFmpeg reads)")
     arg("--prompt", default="", help="caption of the video; regenerate with the same one (default: empty)")
     arg("-o", "--output", help="where to write the inverted latents (.safetensors)")
-    arg("--reconstruct", help="also regenerate the video from the latents and write it here (.mp4 or .gif)")
+    arg("--reconstruct",
+        help="also regenerate the video from the latents and write it here (.mp4, .gif or frames/%%04d.png)")
     arg(
         "--steps",
         type=positive_int,
@@ -107,7 +108,8 @@ def add_tool_parsers(commands) -> None:
     arg = regen.add_argument
     arg("latents", help="latents written by cogvideox invert (.safetensors)")
     arg("-o", "--output", default="output.mp4",
-        help="video file to write: .mp4 (H.264) or .gif (animated GIF) (default: output.mp4)")
+        help="video file to write: .mp4 (H.264), .gif (animated GIF), or numbered PNG frames for a name such "
+        "as frames/%%04d.png (default: output.mp4)")
     arg("--prompt", help="a new prompt (default: the one the video was inverted with)")
     arg("--guidance", type=finite_float, help="guidance scale (default: the one used to invert)")
     arg("--fps", type=frame_rate, help="frame rate of the video file (default: the model's)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Sequence
 from fractions import Fraction
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from cogvideox.errors import InputError
-from cogvideox.files import probe_writable, write_into_place
+from cogvideox.files import probe_writable, usual_mode, write_into_place
 from cogvideox.values import is_finite_number
 
 # Visually lossless for these short clips and still a few hundred kB; "medium" is x264's default speed.
@@ -23,8 +24,10 @@ from cogvideox.values import is_finite_number
 _X264_OPTIONS = {"crf": "18", "preset": "medium", "x264-params": "mbtree=0"}
 
 
-# The file kinds a video is written as, by the name's suffix.
-VIDEO_SUFFIXES = (".mp4", ".gif")
+# The file kinds a video is written as, by the name's suffix: .png is a sequence of numbered frames.
+VIDEO_SUFFIXES = (".mp4", ".gif", ".png")
+# The frame number in a frame sequence's name, as FFmpeg's image2 names it: %d or %0Nd.
+_FRAME_NUMBER = re.compile(r"%0?\d*d")
 
 # Float frames may stray this far outside [0, 1] (rounding in whoever made them) and are clipped.
 _FLOAT_SLACK = 1e-3
@@ -81,8 +84,9 @@ def _encoder_name() -> str:
 
 def check_video_path(path: str | os.PathLike, flag: str = "") -> Path:
     """`path` as a `Path` if a video can be written there, else an `InputError` saying why (`flag`, e.g.
-    "--output", starts the message): a name ending in .mp4 or .gif (the suffix says the format), not a
-    folder, in an existing folder this process can create files in. Checked before minutes of work."""
+    "--output", starts the message): a name ending in .mp4 or .gif (the suffix says the format), or a
+    numbered .png name for a frame sequence (frames/%04d.png), not a folder, in an existing folder this
+    process can create files in. Checked before minutes of work."""
     path = _check_video_name(path, flag)
     try:
         probe_writable(path.parent)
@@ -99,8 +103,11 @@ def _check_video_name(path: str | os.PathLike, flag: str = "") -> Path:
         raise InputError(f"{what} is a folder; give a file name such as {path / 'video.mp4'}")
     if path.suffix.lower() not in VIDEO_SUFFIXES:
         stem = path.stem if path.stem and not path.stem.startswith(".") else "video"
-        raise InputError(f"{what}: videos are written as MP4 (H.264) or GIF; give a name ending in .mp4 or "
-                         f".gif, such as {stem}.mp4")
+        raise InputError(f"{what}: videos are written as MP4 (H.264), GIF or numbered PNG frames; give a name "
+                         f"ending in .mp4 or .gif, such as {stem}.mp4, or one such as frames/%04d.png")
+    if path.suffix.lower() == ".png" and len(_FRAME_NUMBER.findall(path.name)) != 1:
+        raise InputError(f"{what}: a frame sequence needs one frame number in its name, written %04d (or %d), "
+                         f"such as {path.parent / '%04d.png'}")
     if not path.parent.is_dir():
         raise InputError(f"{flag + ' ' if flag else ''}folder {path.parent} does not exist")
     return path
@@ -109,22 +116,58 @@ def _check_video_name(path: str | os.PathLike, flag: str = "") -> Path:
 def export_video(
     frames: np.ndarray | Sequence, path: str | os.PathLike, fps: float = 8, metadata: dict | None = None
 ) -> Path:
-    """Write frames (uint8 [F, H, W, 3], or a list of [H, W, 3]) at `fps` as an H.264 MP4 (yuv420p), or
-    as an animated GIF when `path` ends in .gif. `metadata` (how the video was made: JSON values) is
-    stored in the file's comment, where `read_metadata` finds it.
+    """Write frames (uint8 [F, H, W, 3], or a list of [H, W, 3]) at `fps` as an H.264 MP4 (yuv420p), as
+    an animated GIF when `path` ends in .gif, or as numbered PNG files for a name such as
+    frames/%04d.png (frame i, from 0, in frames/0000.png, ...; no frame rate). `metadata` (how the video
+    was made: JSON values) is stored in the file's comment (each PNG's), where `read_metadata` finds it.
 
     The file appears complete or not at all: it is written under a temporary name in the same folder and
-    renamed into place. yuv420p (the pixel format every player decodes) needs an even width and height.
+    renamed into place (PNG frames: all of them, once every one is written). yuv420p (the pixel format
+    every player decodes) needs an even width and height.
     """
     frames = as_frames(frames)
     _, height, width, _ = frames.shape
     path = _check_video_name(path)
-    gif = path.suffix.lower() == ".gif"
-    if not gif and (height % 2 or width % 2):
+    kind = path.suffix.lower()
+    if kind == ".mp4" and (height % 2 or width % 2):
         raise InputError(f"H.264 in yuv420p needs an even width and height, got {width}x{height}")
     rate = check_fps(fps)
     comment = None if metadata is None else json.dumps(metadata, ensure_ascii=False)
-    return write_into_place(path, lambda file: (_write_gif if gif else _write_mp4)(frames, file, rate, comment))
+    if kind == ".png":
+        _write_png_sequence(frames, path, comment)
+        return path
+    write = _write_gif if kind == ".gif" else _write_mp4
+    return write_into_place(path, lambda file: write(frames, file, rate, comment))
+
+
+def frame_paths(pattern: str | os.PathLike, count: int) -> list[Path]:
+    """The files of a `count`-frame sequence named like frames/%04d.png: frames/0000.png, ..."""
+    pattern = Path(pattern)
+    return [pattern.with_name(pattern.name % i) for i in range(count)]
+
+
+def _write_png_sequence(frames: np.ndarray, pattern: Path, comment: str | None) -> None:
+    from PIL import Image, PngImagePlugin
+
+    info = None
+    if comment is not None:
+        info = PngImagePlugin.PngInfo()
+        info.add_itxt("Comment", comment)  # UTF-8, unlike a plain text chunk
+    temporaries = []
+    try:
+        for frame in frames:
+            handle, temporary = tempfile.mkstemp(prefix=f".{pattern.stem.replace('%', '')}.", suffix=".png.part",
+                                                 dir=pattern.parent)  # fmt: skip
+            os.close(handle)
+            temporaries.append(temporary)
+            Image.fromarray(np.ascontiguousarray(frame), mode="RGB").save(temporary, format="PNG", pnginfo=info)
+            usual_mode(temporary)
+        for temporary, final in zip(temporaries, frame_paths(pattern, len(frames))):
+            os.replace(temporary, final)
+    except BaseException:
+        for temporary in temporaries:
+            Path(temporary).unlink(missing_ok=True)
+        raise
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
@@ -136,11 +179,12 @@ def read_metadata(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise InputError(f"no video file at {path}")
     try:
-        if path.suffix.lower() == ".gif":
+        if path.suffix.lower() in (".gif", ".png"):  # a GIF, or one frame of a PNG sequence
             from PIL import Image
 
             with Image.open(path) as picture:
-                comment = picture.info.get("comment", b"").decode("utf-8", errors="replace")
+                comment = picture.info.get("comment", picture.info.get("Comment", b""))
+            comment = comment.decode("utf-8", errors="replace") if isinstance(comment, bytes) else str(comment)
         else:
             with av.open(str(path)) as container:
                 comment = container.metadata.get("comment", "")
