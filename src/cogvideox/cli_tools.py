@@ -149,12 +149,12 @@ def add_tool_parsers(commands) -> None:
     info = commands.add_parser(
         "info",
         help="show how a video was made (prompt, seed, model, settings) and the command that makes it again",
-        description="Read the record `generate` and `batch` keep inside each MP4 or GIF they write: the "
+        description="Read the record `generate` and `batch` keep inside each MP4, GIF or PNG frame they write: the "
         "model, prompt, seed, sampling settings, inputs and the levers that change the video, and print it "
         "with the `cogvideox generate` command that makes the same video again. Exit status 1 when a file "
         "holds no record (made by another program, or re-encoded since).",
     )
-    info.add_argument("videos", nargs="+", metavar="VIDEO", help="MP4 or GIF files")
+    info.add_argument("videos", nargs="+", metavar="VIDEO", help="MP4 or GIF files, or a frame of a PNG sequence")
     info.add_argument("--json", action="store_true", help="print each record as one line of JSON")
     info.set_defaults(run=_info)
 
