@@ -74,8 +74,9 @@ def test_bad_flags_exit_2_with_one_line(capsys, argv, message):
         (["--height", "40"], "height must be a positive multiple of 16"),
         (["--steps", "1001"], "num_inference_steps can be at most 1000"),
         (["--output", "/no/such/folder/x.mp4"], "--output folder /no/such/folder does not exist"),
-        (["--output", "clip.avi"], "--output clip.avi: videos are written as MP4 (H.264) or GIF; give a name "
-                                   "ending in .mp4 or .gif, such as clip.mp4"),
+        (["--output", "clip.avi"], "--output clip.avi: videos are written as MP4 (H.264), GIF or numbered PNG "
+                                   "frames; give a name ending in .mp4 or .gif, such as clip.mp4, or one such as "
+                                   "frames/%04d.png"),
         (["--output", "clip"], "give a name ending in .mp4 or .gif, such as clip.mp4"),
         (["--max-sequence-length", "100000"], "max_sequence_length can be at most 512 (T5's training length; "
                                               "this model uses 16)"),

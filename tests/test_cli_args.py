@@ -84,7 +84,7 @@ def test_generate_and_batch_make_the_same_request(tiny_rope_dir):
     bat = request_from_args(commands["batch"].parse_args(["prompts.txt", "-o", "out", *flags]), tiny_rope_dir)
     assert gen == bat == dict(
         negative_prompt="blurry", num_frames=17, height=32, width=48, num_inference_steps=3, guidance_scale=4.5,
-        use_dynamic_cfg=True, dynamic_cfg="smooth", max_sequence_length=20,
+        use_dynamic_cfg=True, dynamic_cfg="smooth", max_sequence_length=20, riflex=False,
     )  # fmt: skip
     # Every key is a keyword of the pipeline call, so the request goes to it as it is.
     assert set(gen) <= set(inspect.signature(Pipeline.__call__).parameters)

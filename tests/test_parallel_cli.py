@@ -82,7 +82,7 @@ PROMPT = "a red circle moving up"
 def _recorder(written: dict[str, np.ndarray]):
     """An `export_video` that keeps the frames under the file's name instead of writing an MP4."""
 
-    def export_video(frames, path, fps=8):
+    def export_video(frames, path, fps=8, metadata=None):
         written[Path(path).name] = frames
 
     return export_video
