@@ -20,7 +20,7 @@ from cogvideox.serve.app import Settings, create_app  # noqa: E402
 from cogvideox.serve.jobs import SQLiteStore  # noqa: E402
 from cogvideox.serve.spec import ModelSpec  # noqa: E402
 from cogvideox.serve.worker import PipelineGenerator, Worker, video_path  # noqa: E402
-from cogvideox.video import export_video, read_video  # noqa: E402
+from cogvideox.video import export_video, read_metadata, read_video  # noqa: E402
 
 FAST = {"num_inference_steps": 2}
 JSON = {"content-type": "application/json"}
@@ -98,6 +98,12 @@ def test_a_video_is_created_polled_downloaded_and_deleted(service, pipe, tmp_pat
     ).frames[0]
     expected, _ = read_video(export_video(direct, tmp_path / "direct.mp4", fps=8))
     np.testing.assert_array_equal(frames, expected)
+    # The MP4 keeps how it was made, as generate's do (`cogvideox info`).
+    record = read_metadata(tmp_path / "served.mp4")
+    assert (record["prompt"], record["seed"], record["negative_prompt"], record["guidance"]) == (
+        "a cat sits on the mat", 7, "the sun", 5.0
+    )
+    assert (record["frames"], record["height"], record["width"], record["fps"], record["model"]) == (9, 64, 64, 8, None)
 
     deleted = client.delete(f"/v1/videos/{video['id']}")
     assert deleted.json() == {"id": video["id"], "object": "video.deleted", "deleted": True, "status": "deleted"}
@@ -127,6 +133,8 @@ def test_a_remix_redraws_the_video_for_a_new_prompt(service, pipe, tmp_path):
     direct = pipe("a blue ball", video=frames, strength=0.5, seed=9, progress=False, **FAST).frames[0]
     expected, _ = read_video(export_video(direct, tmp_path / "direct.mp4", fps=8))
     np.testing.assert_array_equal(got, expected)
+    record = read_metadata(tmp_path / "remix.mp4")
+    assert (record["prompt"], record["remix_of"], record["strength"]) == ("a blue ball", source["id"], 0.5)
     plain = pipe("a blue ball", seed=9, progress=False, **FAST).frames[0]
     assert not np.array_equal(direct, plain)  # it did start from the video
 

@@ -53,13 +53,20 @@ class RecordingPipe:
         return SimpleNamespace(frames=[np.zeros((9, 16, 16, 3), np.uint8)], timings={"denoise": 0.0})
 
 
+class Unrecorded(PipelineGenerator):
+    """The worker's generator without the record of each video (a `RecordingPipe` has no settings)."""
+
+    def _record(self, prompt, params, request):
+        return None
+
+
 def service(tmp_path, enhancer_url):
     spec = ModelSpec.from_folder(write_config_folder(tmp_path / "model"), "tiny")
     store = SQLiteStore(tmp_path / "jobs.sqlite3")
     enhancer = enhancer_url and PromptEnhancer(enhancer_url, "chat-small", "ek", attempts=2, backoff=0.0)
     settings = Settings(data_dir=tmp_path, prompt_enhancer=enhancer or None)
     pipe = RecordingPipe()
-    worker = Worker(store, PipelineGenerator(pipe=pipe), tmp_path, spec.name)
+    worker = Worker(store, Unrecorded(pipe=pipe), tmp_path, spec.name)
     return TestClient(create_app(spec, store, settings)), worker, pipe
 
 

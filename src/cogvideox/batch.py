@@ -210,7 +210,7 @@ def scheduler_kind(scheduler) -> str:
     return next(kinds, type(scheduler).__name__)
 
 
-def _pipeline_settings(pipe, prompt: str, request: dict, fps: float, images: bool = False) -> dict:
+def pipeline_settings(pipe, prompt: str, request: dict, fps: float, images: bool = False) -> dict:
     """`video_settings` of a loaded pipeline called with `request` (model unknown: None); guidance left
     out takes the model's recommendation, as the call does, and arguments `check_request` does not
     take are not recorded."""
@@ -388,7 +388,7 @@ def run_batch(
     items = plan(prompts, seed, images)
     fps = fps or pipe.default_fps
     if settings is None:
-        settings = _pipeline_settings(pipe, prompts[0], request, fps, images is not None) if prompts else {}
+        settings = pipeline_settings(pipe, prompts[0], request, fps, images is not None) if prompts else {}
     with _claim(output_dir, items, settings, overwrite) as done:
         mesh = mesh or _default_mesh(pipe)
         return _make_videos(pipe, items, done, output_dir, mesh, fps, settings, progress, request)

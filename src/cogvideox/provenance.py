@@ -73,8 +73,9 @@ def command(entry: dict) -> list[str]:
     if entry.get("riflex"):
         args.append("--riflex")
     flag("--image", "image")
-    flag("--video", "video")
-    flag("--strength", "strength")
+    if entry.get("video"):  # a remix's source is a served video, not a file to name
+        flag("--video", "video")
+        flag("--strength", "strength")
     flag("--extend", "extend")
     if entry.get("resize") not in (None, "stretch"):
         args += ["--resize", entry["resize"]]

@@ -39,6 +39,7 @@ def video_path(data_dir: str | Path, job_id: str) -> Path:
 class Generated:
     frames: np.ndarray  # uint8 [F, H, W, 3]
     timings: dict[str, float]
+    record: dict | None = None  # how it was made (`cogvideox.provenance`), kept in the MP4
 
 
 class Generator(Protocol):
@@ -74,21 +75,40 @@ class PipelineGenerator:
 
         self.load()
         runs = denoising_steps(params["num_inference_steps"], params.get("strength"))
-        result = self.pipe(
-            params.get("enhanced_prompt") or params["prompt"],
+        prompt = params.get("enhanced_prompt") or params["prompt"]
+        request = dict(
             negative_prompt=params["negative_prompt"],
             num_frames=params["num_frames"],
             height=params["height"],
             width=params["width"],
             num_inference_steps=params["num_inference_steps"],
             guidance_scale=params["guidance_scale"],
+        )
+        result = self.pipe(
+            prompt,
+            **request,
             seed=params["seed"],
             video=params.get("video"),  # a remix: the frames it redraws
             strength=params.get("strength"),
             progress=False,
             callback=lambda i, t, latents: on_step(i + 1, runs),
         )
-        return Generated(result.frames[0], dict(result.timings))
+        return Generated(result.frames[0], dict(result.timings), self._record(prompt, params, request))
+
+    def _record(self, prompt: str, params: dict[str, Any], request: dict) -> dict:
+        from cogvideox import provenance
+        from cogvideox.batch import pipeline_settings
+
+        settings = pipeline_settings(self.pipe, prompt, request, params["fps"]) | {"model": self.model}
+        return provenance.record(
+            prompt,
+            params["seed"],
+            settings,
+            prompt_idea=params["prompt"] if prompt != params["prompt"] else None,
+            remix_of=params.get("remix_of"),
+            strength=params.get("strength"),
+            **provenance.lever_settings(self.pipe),
+        )
 
 
 class _StorageError(Exception):
@@ -182,7 +202,8 @@ class Worker:
                     raise _Stop("lost")
                 start = time.perf_counter()
                 try:
-                    path = export_video(generated.frames, video_path(self.data_dir, job.id), fps=job.params["fps"])
+                    path = export_video(generated.frames, video_path(self.data_dir, job.id), fps=job.params["fps"],
+                                        metadata=generated.record)  # fmt: skip
                 except InputError as e:  # the request was fine: the server's own folder is not
                     raise _StorageError(str(e)) from e
                 timings = {**generated.timings, "write": time.perf_counter() - start}
