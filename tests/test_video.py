@@ -75,20 +75,6 @@ def test_gif_delays_add_up_to_the_video_length(count, fps, total_ms):
         assert all(abs(sum(delays[:i]) - 1000 * i / Fraction(fps)) <= 5 for i in range(count))
 
 
-def test_a_failed_gif_leaves_the_old_file(tmp_path, monkeypatch):
-    from PIL import Image
-
-    def fail(*args, **kwargs):
-        raise OSError(28, "No space left on device")
-
-    (tmp_path / "clip.gif").write_bytes(b"old gif")
-    monkeypatch.setattr(Image.Image, "save", fail)
-    with pytest.raises(OSError, match="No space left"):
-        export_video(moving_square(), tmp_path / "clip.gif")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.gif"]
-    assert (tmp_path / "clip.gif").read_bytes() == b"old gif"
-
-
 def test_png_frames_are_the_frames_exactly_with_the_record(tmp_path):
     from PIL import Image
 
@@ -105,23 +91,6 @@ def test_png_frames_are_the_frames_exactly_with_the_record(tmp_path):
     assert read_metadata(files[5]) == {"prompt": "a square, déjà vu"}
 
 
-def test_a_failed_png_sequence_leaves_no_frame(tmp_path, monkeypatch):
-    from PIL import Image
-
-    real, calls = Image.Image.save, []
-
-    def fail_on_the_fourth(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 4:
-            raise OSError(28, "No space left on device")
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(Image.Image, "save", fail_on_the_fourth)
-    with pytest.raises(OSError, match="No space left"):
-        export_video(moving_square(), tmp_path / "%04d.png")
-    assert list(tmp_path.iterdir()) == []
-
-
 def test_list_of_frames_floats_and_other_fps(tmp_path):
     video = moving_square(frames=5)
     export_video(list(video), tmp_path / "list.mp4", fps=16)
@@ -132,23 +101,37 @@ def test_list_of_frames_floats_and_other_fps(tmp_path):
     assert frames.shape == video.shape and fps == pytest.approx(23.976, abs=1e-3)
 
 
-def test_failure_leaves_no_file(tmp_path, monkeypatch):
-    real = av.VideoFrame.from_ndarray
-    calls = []
+def _pillow_save():
+    from PIL import Image
 
-    def fail_on_third(*args, **kwargs):
+    return Image.Image, "save"
+
+
+@pytest.mark.parametrize(
+    "name, old, failing, call",
+    [
+        ("clip.mp4", "clip.mp4", lambda: (av.VideoFrame, "from_ndarray"), 3),  # the third frame
+        ("clip.gif", "clip.gif", _pillow_save, 1),
+        ("%04d.png", "0000.png", _pillow_save, 4),  # the fourth frame: the first three are written
+    ],
+)
+def test_a_failed_write_leaves_the_old_file_and_no_other(tmp_path, monkeypatch, name, old, failing, call):
+    owner, attribute = failing()
+    real, calls = getattr(owner, attribute), []
+
+    def fail_on_call(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("disk on fire")
+        if len(calls) == call:
+            raise OSError(28, "No space left on device")
         return real(*args, **kwargs)
 
-    (tmp_path / "clip.mp4").write_bytes(b"old video")
-    monkeypatch.setattr(av.VideoFrame, "from_ndarray", fail_on_third)
-    with pytest.raises(RuntimeError, match="disk on fire"):
-        export_video(moving_square(), tmp_path / "clip.mp4")
+    (tmp_path / old).write_bytes(b"old video")
+    monkeypatch.setattr(owner, attribute, fail_on_call)
+    with pytest.raises(OSError, match="No space left"):
+        export_video(moving_square(), tmp_path / name)
     # The previous file is untouched and no partial file is left beside it.
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4"]
-    assert (tmp_path / "clip.mp4").read_bytes() == b"old video"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [old]
+    assert (tmp_path / old).read_bytes() == b"old video"
 
 
 @pytest.mark.parametrize(
