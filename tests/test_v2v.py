@@ -136,31 +136,31 @@ def test_a_long_video_is_decoded_only_as_far_as_it_is_used(pipes, tiny_rope_dir,
 
     path = export_video(sample_frames(25, height=32, width=48), tmp_path / "long.mp4", fps=8)
     assert cogvideox.video.read_video(path, max_frames=9)[0].shape == (9, 32, 48, 3)
-    read = cogvideox.video.read_video
+    read = cogvideox.video.read_frames
     limits = []
 
-    def spy(path, max_frames=None):
-        limits.append(max_frames)
-        return read(path, max_frames)
+    def spy(path, fps, max_frames):
+        limits.append((max_frames, fps))
+        return read(path, fps, max_frames)
 
     def enough(*args, **kwargs):
         raise _Enough
 
-    monkeypatch.setattr(cogvideox.video, "read_video", spy)
+    monkeypatch.setattr(cogvideox.video, "read_frames", spy)
     pipe = pipes("rope")  # a 9-frame model
     with pytest.raises(InputError, match="num_frames=33 but the video has only 25 frames"):
         pipe("a cat", video=path, num_frames=33, **SMALL)
     monkeypatch.setattr(pipe.vae, "encode", enough)
     with pytest.raises(_Enough):
         pipe("a cat", video=path, progress=False, **SMALL)
-    assert limits == [33, 9]
+    assert limits == [(33, None), (9, None)]  # the library takes the frames as stored
     monkeypatch.setattr(Pipeline, "from_pretrained", enough)
     model = ["--model", str(tiny_rope_dir), "--quiet"]
     for argv in (["generate", "a cat", "--video", str(path), "--frames", "17", *model],
                  ["invert", str(path), "-o", str(tmp_path / "l.safetensors"), *model]):
         with pytest.raises(_Enough):
             main(argv)
-    assert limits == [33, 9, 17, 9]
+    assert limits == [(33, None), (9, None), (17, 8), (9, None)]  # generate samples at the model's rate
 
 
 def test_v15_pads_an_odd_latent_count_like_text_to_video(pipes):
@@ -272,3 +272,28 @@ def test_frame_rules_of_the_released_models():
         check_request(v15, vae, "a cat", task="video", video_frames=100, num_frames=83)
     with pytest.raises(InputError, match="image-to-video model"):
         check_request(TRANSFORMER_PRESETS["CogVideoX-5b-I2V"], vae, "a cat", task="video", video_frames=49)
+
+
+def test_generate_samples_the_video_at_the_models_rate(tiny_rope_dir, tmp_path, monkeypatch, capsys):
+    """A 24 fps clip redrawn by a model trained at 8 fps: every third frame by default, so that the
+    redrawn video plays at the clip's speed; --video-fps picks another rate, 'source' every frame."""
+    from cogvideox.cli import main
+
+    ramp = np.zeros((30, 32, 48, 3), np.uint8)
+    for i in range(30):
+        ramp[i] = i * 8
+    path = export_video(ramp, tmp_path / "ramp.mp4", fps=24)
+    taken = []
+
+    def record_the_frames(self, prompt, **kwargs):
+        taken.append([int(round(f.mean() / 8)) for f in kwargs["video"]])
+        raise _Enough
+
+    monkeypatch.setattr(Pipeline, "__call__", record_the_frames)
+    common = ["--model", str(tiny_rope_dir), "--quiet", "--frames", "9"]
+    for rate in ([], ["--video-fps", "12"], ["--video-fps", "source"]):
+        with pytest.raises(_Enough):
+            main(["generate", "a cat", "--video", str(path), *rate, *common])
+    assert taken == [list(range(0, 27, 3)), list(range(0, 18, 2)), list(range(9))]
+    assert main(["generate", "a cat", "--video-fps", "8", *common]) == 2
+    assert "--video-fps only applies to video-to-video (--video)" in capsys.readouterr().err

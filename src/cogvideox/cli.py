@@ -167,6 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
         "the model's count, or the longest 8k+1 prefix of a shorter video), resized to the video size",
     )
     arg(
+        "--video-fps",
+        type=_video_rate,
+        metavar="FPS|source",
+        help="the rate --video is sampled at from its start (frames repeated or skipped, by their "
+        "timestamps): the model's by default (8 or 16), so that the redrawn video plays at the input's "
+        "speed; 'source' takes every frame as stored, as the reference's pipeline does",
+    )
+    arg(
         "--extend",
         metavar="VIDEO",
         help="continue VIDEO (image-to-video models): a new clip drawn from its last frame, at its size, is "
@@ -234,6 +242,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _video_rate(text: str) -> float:
+    """--video-fps: a frame rate, or 'source' (0: every frame as stored)."""
+    if text.strip().lower() == "source":
+        return 0.0
+    return frame_rate(text)
+
+
 def _output_paths(output: str, count: int) -> list[Path]:
     path = Path(output)
     if count == 1:
@@ -256,7 +271,7 @@ def _generate(args: argparse.Namespace) -> int:
     from cogvideox import conditioning, loading
     from cogvideox.extend import check_extendable, continue_video
     from cogvideox.pipeline import Pipeline
-    from cogvideox.request import check_request, frames_to_read
+    from cogvideox.request import check_request, default_fps, frames_to_read
     from cogvideox.video import check_video_path, read_video
 
     if sum(map(bool, (args.image, args.video, args.extend))) > 1:
@@ -265,6 +280,8 @@ def _generate(args: argparse.Namespace) -> int:
         raise InputError(f"give one of --image (image-to-video), --video (video-to-video) and --extend, not {given}")
     if args.strength is not None and not args.video:
         raise InputError("--strength only applies to video-to-video (--video)")
+    if args.video_fps is not None and not args.video:
+        raise InputError("--video-fps only applies to video-to-video (--video)")
     if args.resize is not None and not (args.image or args.video):
         raise InputError("--resize only applies to an --image or --video input")
     if len(args.lora_scale) > len(args.lora):
@@ -292,7 +309,8 @@ def _generate(args: argparse.Namespace) -> int:
     # Of a long video, only the frames the request can use are decoded.
     source = None
     if args.video:
-        source = conditioning.load_video(args.video, frames_to_read(args.frames, configs.transformer))
+        rate = default_fps(configs.transformer) if args.video_fps is None else args.video_fps or None  # 0: source
+        source = conditioning.load_video(args.video, frames_to_read(args.frames, configs.transformer), rate)
     resize = args.resize or "stretch"
     request = request_from_args(args, folder) | dict(num_videos_per_prompt=args.num_videos, resize=resize)
     if extended is not None:  # the new clip has the video's size
@@ -371,6 +389,9 @@ def _made_with(args: argparse.Namespace, pipe, folder: Path, checked, fps: float
     from cogvideox.demo import DEMO_MODEL_DIR
 
     resize = checked.resize if args.image or args.video else None
+    video_fps = None
+    if args.video:
+        video_fps = "source" if args.video_fps == 0 else args.video_fps or pipe.default_fps
     demo = DEMO_MODEL_DIR is not None and folder.resolve() == Path(DEMO_MODEL_DIR).resolve()
     model = None if demo else str(folder.resolve())  # None: the demo model
     settings = video_settings(model, scheduler_kind(pipe.scheduler), checked, fps, pipeline_levers(pipe), resize)
@@ -378,6 +399,7 @@ def _made_with(args: argparse.Namespace, pipe, folder: Path, checked, fps: float
         settings=settings,
         image=args.image,
         video=args.video,
+        video_fps=video_fps,
         strength=checked.strength,
         extend=args.extend,
         lora=[[str(path), scale] for path, scale in lora or []],

@@ -126,21 +126,21 @@ def prepare_image(image, height: int, width: int, mode: str = "stretch") -> torc
     return to_model_range(picture)[None, :, None]
 
 
-def load_video(video, max_frames: int | None = None) -> np.ndarray:
+def load_video(video, max_frames: int | None = None, fps: float | None = None) -> np.ndarray:
     """uint8 frames [T, H, W, 3] from a video file path, a uint8 array, or a list of frames (arrays or
-    PIL images). Of a file, only the first `max_frames` are decoded when given (see
-    `request.frames_to_read`). A file that cannot be decoded raises `InputError`."""
-    from cogvideox.video import as_frames, read_video
+    PIL images). A file's frames are turned upright (a phone's rotation flag), sampled at `fps` from its
+    start when given (None: every frame as stored), and only the first `max_frames` are decoded when
+    given (see `request.frames_to_read`). A file that cannot be decoded raises `InputError`."""
+    from cogvideox.video import as_frames, read_frames
 
     if isinstance(video, (str, os.PathLike)):
         path = Path(video)
+        if not path.is_file():
+            raise InputError(f"no video file at {path}")
         try:
-            frames, _ = read_video(path, max_frames)
-        except InputError:
-            raise
+            return read_frames(path, fps, max_frames or 2**31)
         except Exception as e:  # PyAV raises its own error types for damaged or foreign files
             raise InputError(f"cannot decode {path} as a video ({' '.join(str(e).split())})") from None
-        return frames
     if isinstance(video, torch.Tensor):
         video = video.detach().cpu().numpy()
     if isinstance(video, Sequence) and video and not isinstance(video[0], np.ndarray):

@@ -75,6 +75,7 @@ def command(entry: dict) -> list[str]:
     flag("--image", "image")
     if entry.get("video"):  # a remix's source is a served video, not a file to name
         flag("--video", "video")
+        flag("--video-fps", "video_fps")
         flag("--strength", "strength")
     flag("--extend", "extend")
     if entry.get("resize") not in (None, "stretch"):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -276,3 +277,61 @@ def read_video(path: str | os.PathLike, max_frames: int | None = None) -> tuple[
     if not frames:
         raise InputError(f"{path} holds no video frames")
     return np.stack(frames), float(rate) if rate else 0.0
+
+
+def read_frames(path: str | Path, fps: float | None, max_frames: int) -> np.ndarray:
+    """Up to `max_frames` frames from the start of a video, resampled to `fps` (None: every frame), as
+    uint8 [T, H, W, 3], upright (a rotation flag is applied). Each target time takes the frame nearest
+    to it, by the frames' timestamps, so a variable frame rate keeps its timing. Decoding stops once
+    enough frames are in. Raises whatever PyAV raises for a damaged file, and ValueError for a file
+    without a video stream or frames."""
+    import av
+
+    frames: list[np.ndarray] = []
+
+    def take(frame, until: float) -> None:
+        """`frame` for every target time up to `until` (repeated when the target rate is higher)."""
+        nonlocal next_time
+        keep = 0
+        while next_time <= until + 1e-9 and len(frames) + keep < max_frames:
+            keep += 1
+            next_time = (len(frames) + keep) / fps
+        if keep:
+            image = frame.to_ndarray(format="rgb24")
+            # A phone video is stored sideways with a display-matrix rotation (counterclockwise
+            # degrees): turned as players show it, so that its aspect ratio and bucket are right.
+            turns = round((frame.rotation or 0) / 90) % 4
+            if turns:
+                image = np.ascontiguousarray(np.rot90(image, turns))
+            frames.extend([image] * keep)
+
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise ValueError("no video stream")
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        source_fps = float(rate) if rate else None
+        every = fps is None or source_fps is None
+        if every:
+            fps, source_fps = 1.0, 1.0  # every frame: frame i at time i, target i at time i
+        next_time = 0.0  # the time of the next frame to keep, at the target rate
+        start, t = None, -math.inf
+        previous = None  # (frame, time): its share of the target times is known at the next frame
+        for frame in container.decode(stream):
+            # Times from the timestamps, counted from the first frame's (containers often offset
+            # them, and a clip is sampled from its own first frame); a frame without one, or one
+            # that goes back, follows the previous one by the stream's average period.
+            if start is None and frame.time is not None and not every:
+                start = frame.time
+            stamp = None if frame.time is None or start is None else frame.time - start
+            t = stamp if stamp is not None and stamp > t else max(t + 1 / source_fps, 0.0)
+            if previous is not None:
+                take(previous[0], (previous[1] + t) / 2)  # the targets nearer to it than to this one
+            previous = (frame, t)
+            if len(frames) >= max_frames:
+                break
+        if previous is not None and len(frames) < max_frames:
+            take(previous[0], previous[1] + 0.5 / source_fps)
+    if not frames:
+        raise ValueError("no frames")
+    return np.stack(frames[:max_frames])
