@@ -160,7 +160,7 @@ def test_a_long_video_is_decoded_only_as_far_as_it_is_used(pipes, tiny_rope_dir,
                  ["invert", str(path), "-o", str(tmp_path / "l.safetensors"), *model]):
         with pytest.raises(_Enough):
             main(argv)
-    assert limits == [(33, None), (9, None), (17, 8), (9, None)]  # generate samples at the model's rate
+    assert limits == [(33, None), (9, None), (17, 8), (9, 8)]  # generate and invert sample at the model's rate
 
 
 def test_v15_pads_an_odd_latent_count_like_text_to_video(pipes):

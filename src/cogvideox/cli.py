@@ -28,6 +28,7 @@ from cogvideox.cli_args import (
     add_model_arguments,
     add_sampling_arguments,
     add_speed_arguments,
+    add_video_rate_argument,
     finite_float,
     fraction,
     frame_rate,
@@ -37,6 +38,7 @@ from cogvideox.cli_args import (
     prompt_enhancer,
     report_offload,
     request_from_args,
+    sampling_rate,
     speed_settings,
     warn_idle_riflex,
 )
@@ -166,14 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="video to redraw (video-to-video, text-to-video models): its first --frames frames (default: "
         "the model's count, or the longest 8k+1 prefix of a shorter video), resized to the video size",
     )
-    arg(
-        "--video-fps",
-        type=_video_rate,
-        metavar="FPS|source",
-        help="the rate --video is sampled at from its start (frames repeated or skipped, by their "
-        "timestamps): the model's by default (8 or 16), so that the redrawn video plays at the input's "
-        "speed; 'source' takes every frame as stored, as the reference's pipeline does",
-    )
+    add_video_rate_argument(gen, "--video", "redrawn")
     arg(
         "--extend",
         metavar="VIDEO",
@@ -242,13 +237,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _video_rate(text: str) -> float:
-    """--video-fps: a frame rate, or 'source' (0: every frame as stored)."""
-    if text.strip().lower() == "source":
-        return 0.0
-    return frame_rate(text)
-
-
 def _output_paths(output: str, count: int) -> list[Path]:
     path = Path(output)
     if count == 1:
@@ -271,7 +259,7 @@ def _generate(args: argparse.Namespace) -> int:
     from cogvideox import conditioning, loading
     from cogvideox.extend import check_extendable, continue_video
     from cogvideox.pipeline import Pipeline
-    from cogvideox.request import check_request, default_fps, frames_to_read
+    from cogvideox.request import check_request, frames_to_read
     from cogvideox.video import check_video_path, read_video
 
     if sum(map(bool, (args.image, args.video, args.extend))) > 1:
@@ -309,7 +297,7 @@ def _generate(args: argparse.Namespace) -> int:
     # Of a long video, only the frames the request can use are decoded.
     source = None
     if args.video:
-        rate = default_fps(configs.transformer) if args.video_fps is None else args.video_fps or None  # 0: source
+        rate = sampling_rate(args, configs.transformer)
         source = conditioning.load_video(args.video, frames_to_read(args.frames, configs.transformer), rate)
     resize = args.resize or "stretch"
     request = request_from_args(args, folder) | dict(num_videos_per_prompt=args.num_videos, resize=resize)
@@ -391,7 +379,7 @@ def _made_with(args: argparse.Namespace, pipe, folder: Path, checked, fps: float
     resize = checked.resize if args.image or args.video else None
     video_fps = None
     if args.video:
-        video_fps = "source" if args.video_fps == 0 else args.video_fps or pipe.default_fps
+        video_fps = sampling_rate(args, pipe.config) or "source"
     demo = DEMO_MODEL_DIR is not None and folder.resolve() == Path(DEMO_MODEL_DIR).resolve()
     model = None if demo else str(folder.resolve())  # None: the demo model
     settings = video_settings(model, scheduler_kind(pipe.scheduler), checked, fps, pipeline_levers(pipe), resize)

@@ -278,6 +278,32 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, *, seed_default: int
     )
 
 
+def _video_rate(text: str) -> float:
+    """--video-fps: a frame rate, or 'source' (0: every frame as stored)."""
+    if text.strip().lower() == "source":
+        return 0.0
+    return frame_rate(text)
+
+
+def add_video_rate_argument(parser: argparse.ArgumentParser, flag: str, what: str) -> None:
+    """--video-fps: the rate the video of `flag` is sampled at (`sampling_rate`)."""
+    parser.add_argument(
+        "--video-fps",
+        type=_video_rate,
+        metavar="FPS|source",
+        help=f"the rate {flag} is sampled at from its start (frames repeated or skipped, by their "
+        f"timestamps): the model's by default (8 or 16), so that the {what} video plays at the input's "
+        "speed; 'source' takes every frame as stored, as the reference's pipeline does",
+    )
+
+
+def sampling_rate(args: argparse.Namespace, transformer) -> float | None:
+    """The rate of --video-fps for a model: its own by default, None for 'source' (every frame)."""
+    from cogvideox.request import default_fps
+
+    return default_fps(transformer) if args.video_fps is None else args.video_fps or None
+
+
 def request_from_args(args: argparse.Namespace, folder: Path) -> dict:
     """The pipeline's keyword arguments from the flags of `add_sampling_arguments` (seed excepted: the
     caller decides it per video), with the guidance flags not given taken from the model in `folder`."""

@@ -20,6 +20,7 @@ from cogvideox.cli import _quiet_libraries, stage_times
 from cogvideox.cli_args import (
     MODEL_HELP,
     add_enhancer_arguments,
+    add_video_rate_argument,
     add_memory_arguments,
     add_model_arguments,
     finite_float,
@@ -30,6 +31,7 @@ from cogvideox.cli_args import (
     positive_int,
     prompt_enhancer,
     report_offload,
+    sampling_rate,
 )
 from cogvideox.enhance import ENV_URL
 from cogvideox.errors import InputError
@@ -95,6 +97,7 @@ def add_tool_parsers(commands) -> None:
         help="'stretch' to the size, or 'crop' the centred region of its aspect ratio first (default: stretch)",
     )
     arg("--fps", type=frame_rate, help="frame rate of the reconstruction (default: the model's)")
+    add_video_rate_argument(inv, "the video", "inverted")
     _add_model_args(inv, _MODEL_HELP)
     inv.set_defaults(run=_invert)
 
@@ -222,7 +225,8 @@ def _invert(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     device, folder, configs = locate_model(args)
     # An undecodable file fails before the model loads; of a long one, only the frames used are decoded.
-    frames = conditioning.load_video(args.video, frames_to_read(args.frames, configs.transformer))
+    rate = sampling_rate(args, configs.transformer)
+    frames = conditioning.load_video(args.video, frames_to_read(args.frames, configs.transformer), rate)
     sampling = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, num_frames=args.frames,
                     height=args.height, width=args.width, resize=args.resize)  # fmt: skip
     check_inversion(  # as does every mistake the configs reveal
