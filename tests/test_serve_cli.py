@@ -140,9 +140,12 @@ def test_a_worker_builds_its_pipeline_with_those_settings(tiny_rope_dir):
     pipe = generator.pipe
     assert pipe.vae.use_tiling and pipe.acceleration.quantize == "int8" and pipe.acceleration.cache
     frames = []
-    generated = generator(dict(prompt="a cat", negative_prompt="", num_frames=9, height=64, width=96,
+    generated = generator(dict(prompt="a cat", negative_prompt="", num_frames=9, height=64, width=96, fps=8,
                                num_inference_steps=2, guidance_scale=6.0, seed=0), lambda i, n: frames.append(i))  # fmt: skip
     assert generated.frames.shape == (9, 64, 96, 3) and frames == [1, 2]
+    # The video's record names the lever that changes it (int8; the cache at 0 computes every step).
+    assert (generated.record["quantize"], generated.record["lossy_levers"]) == ("int8", "int8")
+    assert (generated.record["model"], generated.record["fps"]) == (str(tiny_rope_dir), 8)
 
 
 @pytest.mark.parametrize("command", ["serve", "worker"])
