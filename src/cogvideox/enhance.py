@@ -16,7 +16,6 @@ import asyncio
 import base64
 import io
 import logging
-import os
 import time
 
 import numpy as np
@@ -92,16 +91,6 @@ class PromptEnhancer:
         self.timeout = timeout
         self.attempts = max(1, attempts)
         self.backoff = backoff
-
-    @classmethod
-    def from_environment(cls, base_url: str | None = None, model: str | None = None) -> PromptEnhancer | None:
-        """An enhancer for `base_url` (default: $COGVIDEOX_PROMPT_ENHANCER) with its key from
-        $COGVIDEOX_ENHANCER_API_KEY; None when no endpoint is named."""
-        base_url = base_url or os.environ.get(ENV_URL)
-        if not base_url:
-            return None
-        model = model or os.environ.get(ENV_MODEL) or DEFAULT_MODEL
-        return cls(base_url, model, os.environ.get(ENV_KEY))
 
     def messages(self, prompt: str, image=None) -> list[dict]:
         """The chat sent for `prompt`: the instructions, the worked examples, then the idea (with the first
