@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import TRAIN_CAPTIONS, make_video_folder, sample_frames
 
-from cogvideox import InputError
+from cogvideox import InputError, read_video
 from cogvideox.models.config import TransformerConfig, VAEConfig
 from cogvideox.train.data import (
     Bucket,
@@ -226,6 +226,8 @@ def test_a_rotated_phone_video_is_read_upright(tmp_path):
     upright = read_frames(tmp_path / "phone.mp4", 8, 9)
     assert upright.shape == (9, 80, 48, 3)
     assert upright[:, :36].min() > 200 and upright[:, 44:].max() < 50
+    # read_video (generate --extend, the service's remixes) turns it as well.
+    assert np.array_equal(read_video(tmp_path / "phone.mp4", max_frames=9)[0], upright)
     clip = Clip(tmp_path / "phone.mp4", "a phone video", "phone.mp4")
     video, bucket = load_clip(clip, [Bucket(9, 32, 48), Bucket(9, 48, 32)], fps=8)
     assert bucket == Bucket(9, 48, 32)

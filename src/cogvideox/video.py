@@ -258,7 +258,7 @@ def export_or_rescue(
 
 def read_video(path: str | os.PathLike, max_frames: int | None = None) -> tuple[np.ndarray, float]:
     """The frames of a video file as uint8 [F, H, W, 3] (all of them, or the first `max_frames`: a long
-    video decoded whole may not fit in memory), and its frame rate."""
+    video decoded whole may not fit in memory), upright, and its frame rate."""
     import av
 
     path = Path(path)
@@ -270,13 +270,21 @@ def read_video(path: str | os.PathLike, max_frames: int | None = None) -> tuple[
         stream = container.streams.video[0]
         frames = []
         for frame in container.decode(stream):
-            frames.append(frame.to_ndarray(format="rgb24"))
+            frames.append(_upright(frame))
             if max_frames is not None and len(frames) >= max_frames:
                 break
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
     if not frames:
         raise InputError(f"{path} holds no video frames")
     return np.stack(frames), float(rate) if rate else 0.0
+
+
+def _upright(frame) -> np.ndarray:
+    """A decoded frame as uint8 [H, W, 3], turned as players show it: a phone video is stored sideways
+    with a display-matrix rotation (counterclockwise degrees), and its aspect ratio is the turned one."""
+    image = frame.to_ndarray(format="rgb24")
+    turns = round((frame.rotation or 0) / 90) % 4
+    return np.ascontiguousarray(np.rot90(image, turns)) if turns else image
 
 
 def read_frames(path: str | Path, fps: float | None, max_frames: int) -> np.ndarray:
@@ -297,13 +305,7 @@ def read_frames(path: str | Path, fps: float | None, max_frames: int) -> np.ndar
             keep += 1
             next_time = (len(frames) + keep) / fps
         if keep:
-            image = frame.to_ndarray(format="rgb24")
-            # A phone video is stored sideways with a display-matrix rotation (counterclockwise
-            # degrees): turned as players show it, so that its aspect ratio and bucket are right.
-            turns = round((frame.rotation or 0) / 90) % 4
-            if turns:
-                image = np.ascontiguousarray(np.rot90(image, turns))
-            frames.extend([image] * keep)
+            frames.extend([_upright(frame)] * keep)
 
     with av.open(str(path)) as container:
         if not container.streams.video:
