@@ -173,10 +173,13 @@ def _write_png_sequence(frames: np.ndarray, pattern: Path, comment: str | None) 
 
 def read_metadata(path: str | os.PathLike) -> dict:
     """The metadata `export_video` stored in a video file; {} for a file without any (or another
-    program's comment). `InputError` for a file that is not a readable video."""
+    program's comment). A PNG sequence is named by any of its frames or by its pattern (frames/%04d.png).
+    `InputError` for a file that is not a readable video."""
     import av
 
     path = Path(path)
+    if path.suffix.lower() == ".png" and len(_FRAME_NUMBER.findall(path.name)) == 1:
+        path = frame_paths(path, 1)[0]  # the first frame's record is the sequence's
     if not path.is_file():
         raise InputError(f"no video file at {path}")
     try:
