@@ -63,3 +63,11 @@ def test_sizes_and_names():
     assert default_model_name(None) == "cogvideox-demo"
     assert default_model_name("THUDM/CogVideoX-2b") == "CogVideoX-2b"
     assert default_model_name("models/my-finetune/") == "my-finetune"
+
+
+def test_an_image_to_video_model_is_refused_before_serving(tmp_path):
+    """The API takes a prompt alone: an image-to-video model would fail every job on the worker."""
+    folder = write_config_folder(tmp_path / "i2v", **COGVIDEOX_1_0, in_channels=32, out_channels=16,
+                                 use_rotary_positional_embeddings=True, use_learned_positional_embeddings=True)  # fmt: skip
+    with pytest.raises(InputError, match="CogVideoX-5b-I2V is an image-to-video model, and the service makes videos"):
+        ModelSpec.from_folder(folder, "CogVideoX-5b-I2V")

@@ -57,6 +57,12 @@ class ModelSpec:
         folder = Path(folder)
         transformer = TransformerConfig.from_json(folder / "transformer" / "config.json")
         vae = VAEConfig.from_json(folder / "vae" / "config.json")
+        if transformer.is_image_to_video:  # every job would fail on the worker, one by one
+            raise InputError(
+                f"{name} is an image-to-video model, and the service makes videos from a prompt alone; serve "
+                "a text-to-video model (such as THUDM/CogVideoX-5b), or use `cogvideox generate --image` or "
+                "`cogvideox batch` with PROMPT@@IMAGE lines"
+            )
         compression = vae.spatial_compression
         height, width = transformer.sample_height * compression, transformer.sample_width * compression
         if transformer.version == "1.5":
