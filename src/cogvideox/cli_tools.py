@@ -320,7 +320,7 @@ def _info(args: argparse.Namespace) -> int:
         elif args.json:
             print(json.dumps({"file": str(path), **metadata}, ensure_ascii=False))
         else:
-            print("\n".join([f"{path}:", *provenance.describe(metadata)]))
+            print("\n".join([f"{path}:", *provenance.describe(metadata, Path(path).suffix.lower())]))
     return status
 
 

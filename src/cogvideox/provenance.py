@@ -91,14 +91,16 @@ def command(entry: dict) -> list[str]:
     return args
 
 
-def describe(entry: dict) -> list[str]:
-    """`cogvideox info`'s lines for a record: what made it, the settings, and the command again."""
+def describe(entry: dict, suffix: str = ".mp4") -> list[str]:
+    """`cogvideox info`'s lines for a record: what made it, the settings, and the command again, writing
+    the kind of file it was read from (`suffix`: .mp4, .gif, or .png for PNG frames)."""
     lines = [f"made by cogvideox {entry[MARK]} with " + (entry.get("model") or "the demo model")]
     # What is off or empty is left out ("riflex False", "negative_prompt ''").
     shown = {k: v for k, v in entry.items() if k not in (MARK, "model") and v not in (None, False, "", "none")}
     width = max(map(len, shown), default=0)
     lines += [f"  {key.ljust(width)}  {value}" for key, value in shown.items()]
-    again = shlex.join([*command(entry), "--output", "again.mp4"])
+    output = "again-%04d.png" if suffix == ".png" else f"again{suffix}"
+    again = shlex.join([*command(entry), "--output", output])
     number = entry.get("video_number")
     lines.append(f"again: {again}" + (f"  (video {number[0]} of the {number[1]})" if number else ""))
     return lines
