@@ -304,7 +304,7 @@ def test_run_batch_records_the_pipelines_settings(tmp_path):
         "model": None, "scheduler": "ddim", "steps": 2, "guidance": pipe.sampling_defaults["guidance_scale"],
         "dynamic_cfg": "off", "negative_prompt": "", "max_sequence_length": pipe.config.max_text_seq_length,
         "frames": 9, "height": height, "width": width, "fps": pipe.default_fps, "lossy_levers": "none",
-        "resize": None, "riflex": False,
+        "resize": None, "riflex": False, "prompt_enhancer": "off",
     }  # fmt: skip
     assert run_batch(pipe, ["a red ball"], out, progress=False, num_inference_steps=2, num_frames=9) == []
     assert run_batch(pipe, "a red ball", out, progress=False, num_inference_steps=2, num_frames=9) == []  # one
@@ -638,3 +638,38 @@ def test_an_undecodable_first_frame_fails_its_video_alone(capsys, tiny_i2v_dir, 
     assert "prompt 1 ('a dog runs'): cannot decode" in captured.err
     failed = _manifest(out)[-1]
     assert failed["image"] == "../frames/b.png" and "cannot decode" in failed["error"]
+
+
+def test_a_batch_rewrites_each_prompt_with_the_enhancer(capsys, monkeypatch, tmp_path):
+    """--prompt-enhancer: each line rewritten before its video, the rewrite in the manifest and the
+    file's record, the video that of the rewritten prompt; turning it off is another setting."""
+    from cogvideox.enhance import PromptEnhancer
+    from cogvideox.video import read_metadata
+
+    sent = []
+
+    def rewrite(self, prompt, image=None):
+        sent.append(prompt)
+        return f"{prompt}, slowly, in soft light"
+
+    monkeypatch.setattr(PromptEnhancer, "rewrite", rewrite)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red ball rolls left\na blue square moves up\n")
+    out = tmp_path / "out"
+    batch = ["batch", str(prompts), "-o", str(out), *FAST]
+    assert main([*batch, "--prompt-enhancer", "http://chat.invalid/v1", "--enhancer-model", "chat-small"]) == 0
+    entries = _manifest(out)
+    assert sent == ["a red ball rolls left", "a blue square moves up"]
+    assert [e["enhanced_prompt"] for e in entries] == [p + ", slowly, in soft light" for p in sent]
+    assert entries[0]["settings"]["prompt_enhancer"] == "chat-small"
+    record = read_metadata(out / entries[1]["file"])
+    assert (record["prompt"], record["prompt_idea"]) == (entries[1]["enhanced_prompt"], "a blue square moves up")
+    single = tmp_path / "single.mp4"
+    assert main(["generate", entries[1]["enhanced_prompt"], "-o", str(single), "--seed", "1", *FAST]) == 0
+    assert np.array_equal(read_video(single)[0], read_video(out / entries[1]["file"])[0])
+
+    capsys.readouterr()
+    assert main(batch) == 2  # without the enhancer: other settings, not replaced unasked
+    assert "(prompt enhancer 'chat-small', now 'off')" in capsys.readouterr().err
+    assert main([*batch, "--prompt-enhancer", "http://chat.invalid/v1", "--parallel", "cfg=2"]) == 2
+    assert "--prompt-enhancer does not combine with --parallel" in capsys.readouterr().err

@@ -251,7 +251,7 @@ def _latest_entries(output_dir: Path) -> dict[str, dict]:
 _LEGACY_SETTINGS = ("frames", "height", "width", "fps")
 # Settings recorded since a later version, and what an entry without them was made with: batches had no
 # speed levers before they were recorded.
-_ADDED_SETTINGS = {"lossy_levers": "none", "resize": None, "riflex": False}
+_ADDED_SETTINGS = {"lossy_levers": "none", "resize": None, "riflex": False, "prompt_enhancer": "off"}
 
 
 def _show(value) -> str:
@@ -363,6 +363,7 @@ def run_batch(
     settings: dict | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    enhancer=None,
     **request,
 ) -> list[dict]:
     """Generate one video per prompt into `output_dir`, skipping those finished by an earlier run.
@@ -378,6 +379,8 @@ def run_batch(
     overwrite: make again the videos an earlier run made with other settings (or of another prompt or
         seed in the same file); without it they stop
         the batch with an `InputError` before any video is made.
+    enhancer: a `cogvideox.enhance.PromptEnhancer` that rewrites each prompt just before its video (the
+        manifest keeps the rewrite; one that fails leaves the prompt as written); one process per video.
     request: the other arguments of the pipeline call (num_inference_steps, guidance_scale, ...).
     Returns the manifest entries this call wrote (on global rank 0; elsewhere an empty list). The
     progress bar shows on global rank 0 only (torchrun's RANK before the process group is up).
@@ -389,9 +392,12 @@ def run_batch(
     fps = fps or pipe.default_fps
     if settings is None:
         settings = pipeline_settings(pipe, prompts[0], request, fps, images is not None) if prompts else {}
+        settings["prompt_enhancer"] = enhancer_setting(enhancer)
+    mesh = mesh or _default_mesh(pipe)
+    if enhancer is not None and mesh.layout.size > 1:
+        raise InputError(ENHANCER_IN_GROUPS)
     with _claim(output_dir, items, settings, overwrite) as done:
-        mesh = mesh or _default_mesh(pipe)
-        return _make_videos(pipe, items, done, output_dir, mesh, fps, settings, progress, request)
+        return _make_videos(pipe, items, done, output_dir, mesh, fps, settings, progress, request, enhancer)
 
 
 def _default_mesh(pipe):
@@ -442,7 +448,16 @@ def remove_leftovers(output_dir: Path, items: Sequence[Item]) -> None:
             part.unlink(missing_ok=True)
 
 
-def _make_videos(pipe, items, done, output_dir, mesh, fps, settings, progress, request) -> list[dict]:
+ENHANCER_IN_GROUPS = ("--prompt-enhancer does not combine with --parallel (each process of a video would get its "
+                      "own rewrite); rewrite the prompts first with `cogvideox enhance --file`")  # fmt: skip
+
+
+def enhancer_setting(enhancer) -> str:
+    """How a batch's prompts are rewritten, as its settings record it: the chat model, or "off"."""
+    return "off" if enhancer is None else enhancer.model
+
+
+def _make_videos(pipe, items, done, output_dir, mesh, fps, settings, progress, request, enhancer=None) -> list[dict]:
     import torch.distributed as dist
 
     from cogvideox.cli import global_rank
@@ -458,7 +473,7 @@ def _make_videos(pipe, items, done, output_dir, mesh, fps, settings, progress, r
             slot = round_start + mesh.replica
             entry = None
             if slot < len(todo):
-                entry = _one_video(pipe, todo[slot], output_dir, fps, settings, mesh.is_leader, request)
+                entry = _one_video(pipe, todo[slot], output_dir, fps, settings, mesh.is_leader, request, enhancer)
             entries = [entry]
             if distributed:
                 entries = [None] * dist.get_world_size()
@@ -519,7 +534,7 @@ def _append_lines(manifest: Path, entries: list[dict]) -> None:
 
 
 def _one_video(
-    pipe, item: Item, output_dir: Path, fps: float, settings: dict, leader: bool, request
+    pipe, item: Item, output_dir: Path, fps: float, settings: dict, leader: bool, request, enhancer=None
 ) -> dict | None:
     """Generate and (on the group's leader) write one video; its manifest entry on the leader."""
     from cogvideox.conditioning import load_image
@@ -528,16 +543,24 @@ def _one_video(
     record = {"index": item.index, "prompt": item.prompt, "seed": item.seed, "settings": settings}
     if item.image is not None:
         record["image"] = item.image
+    prompt = item.prompt
     try:
-        image = load_image(item.image_file) if item.image_file is not None else None  # an undecodable one fails its video
-        result = pipe(item.prompt, seed=item.seed, image=image, progress=False, **request)  # the batch has its own bar
+        # An undecodable image fails its own video.
+        image = load_image(item.image_file) if item.image_file is not None else None
+        if enhancer is not None:  # one that fails is logged, and the line is used as written
+            prompt = enhancer.enhance(item.prompt, image) or item.prompt
+            if prompt != item.prompt:
+                record["enhanced_prompt"] = prompt
+        result = pipe(prompt, seed=item.seed, image=image, progress=False, **request)  # the batch has its own bar
     except CogVideoXError as e:  # a failed video is recorded and the batch goes on
         return record | {"error": " ".join(str(e).split())} if leader else None
     if not leader:
         return None
     start = time.perf_counter()
     frames = result.frames[0]
-    made = provenance.record(item.prompt, item.seed, settings, image=item.image, **provenance.lever_settings(pipe))
+    idea = item.prompt if prompt != item.prompt else None
+    made = provenance.record(prompt, item.seed, settings, image=item.image, prompt_idea=idea,
+                             **provenance.lever_settings(pipe))  # fmt: skip
     try:
         export_or_rescue(frames, output_dir / item.file, fps=fps, metadata=made)
     except InputError as e:  # the folder takes no more files (a full disk): this video rescued, stop
@@ -564,6 +587,7 @@ def _one_video(
 def add_batch_parser(commands) -> None:
     """Add `batch` to the `cogvideox` command's sub-parsers."""
     from cogvideox.cli_args import (
+        add_enhancer_arguments,
         add_memory_arguments,
         add_model_arguments,
         add_sampling_arguments,
@@ -616,6 +640,8 @@ def add_batch_parser(commands) -> None:
         "loads); videos made with these settings are kept",
     )
     arg("--quiet", action="store_true", help="no progress bars, only the final report")
+    add_enhancer_arguments(bat, "each prompt into a detailed description just before its video (the manifest "
+                           "keeps the rewrite)")  # fmt: skip
     bat.set_defaults(run=_batch)
 
 
@@ -627,6 +653,7 @@ def _batch(args: argparse.Namespace) -> int:
         memory_settings,
         report_offload,
         request_from_args,
+        prompt_enhancer,
         speed_settings,
         warn_idle_riflex,
     )
@@ -636,6 +663,9 @@ def _batch(args: argparse.Namespace) -> int:
 
     lines = split_lines(read_prompts(args.prompts))
     prompts = [line.prompt for line in lines]
+    enhancer = prompt_enhancer(args)
+    if enhancer is not None and args.parallel:
+        raise InputError(ENHANCER_IN_GROUPS)
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise InputError(f"--output-dir {output_dir} is a file; give a folder")
@@ -666,6 +696,7 @@ def _batch(args: argparse.Namespace) -> int:
     speed = accelerate or {}
     levers = lossy_levers(speed.get("quantize"), speed.get("attention"), speed.get("cache"))
     settings = video_settings(str(folder.resolve()), scheduler, checked[0], fps, levers, resize)
+    settings["prompt_enhancer"] = enhancer_setting(enhancer)
     items = plan(prompts, args.seed, [line.image for line in lines] if image_to_video else None, root)
 
     mesh, device = launch.join(args.parallel, device, configs.transformer, request["guidance_scale"] > 1,
@@ -684,9 +715,8 @@ def _batch(args: argparse.Namespace) -> int:
             if mesh is not None and mesh.layout.size > 1:
                 pipe = parallelize(pipe, mesh)  # tiling as the single-process batch has it: the same videos
             start = time.perf_counter()
-            entries = _make_videos(
-                pipe, items, done, output_dir, mesh or single_process_mesh(), fps, settings, not args.quiet, request
-            )
+            entries = _make_videos(pipe, items, done, output_dir, mesh or single_process_mesh(), fps, settings,
+                                   not args.quiet, request, enhancer)  # fmt: skip
     failed = _from_root(lambda: [e for e in entries if "error" in e])  # every process exits alike
     launch.leave(mesh)
     if not is_root:
