@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 
@@ -46,22 +46,35 @@ def write_into_place(path: Path, write: Callable[[str], None]) -> Path:
     `path`: the file appears complete or not at all, and an earlier one stays until then. `InputError` in
     one line when the folder takes no file (permissions, a read-only or pseudo file system); whatever
     `write` raises comes through, with the temporary file removed."""
+    return write_all_into_place([path], lambda temporaries: write(temporaries[0]))[0]
+
+
+def write_all_into_place(paths: Sequence[Path], write: Callable[[list[str]], None]) -> list[Path]:
+    """`write_into_place` for several files written together (the frames of a PNG sequence): `write`
+    gets a temporary file beside each path, and only once it has filled them all are they renamed into
+    place; on any failure none is, and every temporary file is removed."""
     from cogvideox.errors import InputError
 
+    temporaries: list[str] = []
     try:
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f"{path.suffix.lower()}.part",
-                                             dir=path.parent)  # fmt: skip
-    except OSError as e:
-        raise InputError(f"cannot write {path}: {e.strerror or e}") from None
-    os.close(handle)
-    try:
-        write(temporary)
-        usual_mode(temporary)  # mkstemp made it private
-        os.replace(temporary, path)
+        for path in paths:
+            try:
+                handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.",
+                                                     suffix=f"{path.suffix.lower()}.part", dir=path.parent)  # fmt: skip
+            except OSError as e:
+                raise InputError(f"cannot write {path}: {e.strerror or e}") from None
+            os.close(handle)
+            temporaries.append(temporary)
+        write(temporaries)
+        for temporary in temporaries:
+            usual_mode(temporary)  # mkstemp made it private
+        for temporary, path in zip(temporaries, paths):
+            os.replace(temporary, path)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        for temporary in temporaries:
+            Path(temporary).unlink(missing_ok=True)
         raise
-    return path
+    return list(paths)
 
 
 def prepare_folder(folder: str | os.PathLike) -> None:

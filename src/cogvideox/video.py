@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from cogvideox.errors import InputError
-from cogvideox.files import probe_writable, usual_mode, write_into_place
+from cogvideox.files import probe_writable, write_all_into_place, write_into_place
 from cogvideox.values import is_finite_number
 
 # Visually lossless for these short clips and still a few hundred kB; "medium" is x264's default speed.
@@ -154,21 +154,12 @@ def _write_png_sequence(frames: np.ndarray, pattern: Path, comment: str | None) 
     if comment is not None:
         info = PngImagePlugin.PngInfo()
         info.add_itxt("Comment", comment)  # UTF-8, unlike a plain text chunk
-    temporaries = []
-    try:
-        for frame in frames:
-            handle, temporary = tempfile.mkstemp(prefix=f".{pattern.stem.replace('%', '')}.", suffix=".png.part",
-                                                 dir=pattern.parent)  # fmt: skip
-            os.close(handle)
-            temporaries.append(temporary)
+
+    def write(temporaries: list[str]) -> None:
+        for frame, temporary in zip(frames, temporaries):
             Image.fromarray(np.ascontiguousarray(frame), mode="RGB").save(temporary, format="PNG", pnginfo=info)
-            usual_mode(temporary)
-        for temporary, final in zip(temporaries, frame_paths(pattern, len(frames))):
-            os.replace(temporary, final)
-    except BaseException:
-        for temporary in temporaries:
-            Path(temporary).unlink(missing_ok=True)
-        raise
+
+    write_all_into_place(frame_paths(pattern, len(frames)), write)
 
 
 def read_metadata(path: str | os.PathLike) -> dict:

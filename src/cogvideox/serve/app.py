@@ -31,7 +31,6 @@ from cogvideox.errors import InputError
 from cogvideox.request import check_strength
 from cogvideox.serve import assets, metrics
 from cogvideox.serve.body import Fields, read_fields
-from cogvideox.enhance import PromptEnhancer
 from cogvideox.serve.errors import ApiError, install_handlers, validation_message
 from cogvideox.serve.jobs import ACTIVE, Job, JobStore, is_job_id
 from cogvideox.serve.limits import ApiKeys, RateLimiter
