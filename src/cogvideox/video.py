@@ -253,24 +253,16 @@ def export_or_rescue(
 def read_video(path: str | os.PathLike, max_frames: int | None = None) -> tuple[np.ndarray, float]:
     """The frames of a video file as uint8 [F, H, W, 3] (all of them, or the first `max_frames`: a long
     video decoded whole may not fit in memory), upright, and its frame rate."""
-    import av
-
     path = Path(path)
     if not path.is_file():
         raise InputError(f"no video file at {path}")
-    with av.open(str(path)) as container:
-        if not container.streams.video:
-            raise InputError(f"{path} has no video stream")
-        stream = container.streams.video[0]
-        frames = []
-        for frame in container.decode(stream):
-            frames.append(_upright(frame))
-            if max_frames is not None and len(frames) >= max_frames:
-                break
-        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    try:
+        frames, rate = _decode(path, None, max_frames or 2**31)
+    except _NoVideoStream:
+        raise InputError(f"{path} has no video stream") from None
     if not frames:
         raise InputError(f"{path} holds no video frames")
-    return np.stack(frames), float(rate) if rate else 0.0
+    return np.stack(frames), rate or 0.0
 
 
 def _upright(frame) -> np.ndarray:
@@ -281,12 +273,25 @@ def _upright(frame) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(image, turns)) if turns else image
 
 
+class _NoVideoStream(ValueError):
+    def __init__(self) -> None:
+        super().__init__("no video stream")
+
+
 def read_frames(path: str | Path, fps: float | None, max_frames: int) -> np.ndarray:
     """Up to `max_frames` frames from the start of a video, resampled to `fps` (None: every frame), as
     uint8 [T, H, W, 3], upright (a rotation flag is applied). Each target time takes the frame nearest
     to it, by the frames' timestamps, so a variable frame rate keeps its timing. Decoding stops once
     enough frames are in. Raises whatever PyAV raises for a damaged file, and ValueError for a file
     without a video stream or frames."""
+    frames, _ = _decode(path, fps, max_frames)
+    if not frames:
+        raise ValueError("no frames")
+    return np.stack(frames)
+
+
+def _decode(path: str | Path, fps: float | None, max_frames: int) -> tuple[list[np.ndarray], float | None]:
+    """`read_frames`' frames as a list (empty for a video without any), and the stream's frame rate."""
     import av
 
     frames: list[np.ndarray] = []
@@ -303,13 +308,15 @@ def read_frames(path: str | Path, fps: float | None, max_frames: int) -> np.ndar
 
     with av.open(str(path)) as container:
         if not container.streams.video:
-            raise ValueError("no video stream")
+            raise _NoVideoStream()
         stream = container.streams.video[0]
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         source_fps = float(rate) if rate else None
         every = fps is None or source_fps is None
         if every:
-            fps, source_fps = 1.0, 1.0  # every frame: frame i at time i, target i at time i
+            fps, step = 1.0, 1.0  # every frame: frame i at time i, target i at time i
+        else:
+            step = source_fps
         next_time = 0.0  # the time of the next frame to keep, at the target rate
         start, t = None, -math.inf
         previous = None  # (frame, time): its share of the target times is known at the next frame
@@ -320,14 +327,12 @@ def read_frames(path: str | Path, fps: float | None, max_frames: int) -> np.ndar
             if start is None and frame.time is not None and not every:
                 start = frame.time
             stamp = None if frame.time is None or start is None else frame.time - start
-            t = stamp if stamp is not None and stamp > t else max(t + 1 / source_fps, 0.0)
+            t = stamp if stamp is not None and stamp > t else max(t + 1 / step, 0.0)
             if previous is not None:
                 take(previous[0], (previous[1] + t) / 2)  # the targets nearer to it than to this one
             previous = (frame, t)
             if len(frames) >= max_frames:
                 break
         if previous is not None and len(frames) < max_frames:
-            take(previous[0], previous[1] + 0.5 / source_fps)
-    if not frames:
-        raise ValueError("no frames")
-    return np.stack(frames[:max_frames])
+            take(previous[0], previous[1] + 0.5 / step)
+    return frames[:max_frames], source_fps
