@@ -395,7 +395,9 @@ def run_batch(
         settings["prompt_enhancer"] = enhancer_setting(enhancer)
     mesh = mesh or _default_mesh(pipe)
     if enhancer is not None and mesh.layout.size > 1:
-        raise InputError(ENHANCER_IN_GROUPS)
+        from cogvideox.cli_args import ENHANCER_WITH_PARALLEL
+
+        raise InputError(ENHANCER_WITH_PARALLEL)
     with _claim(output_dir, items, settings, overwrite) as done:
         return _make_videos(pipe, items, done, output_dir, mesh, fps, settings, progress, request, enhancer)
 
@@ -446,10 +448,6 @@ def remove_leftovers(output_dir: Path, items: Sequence[Item]) -> None:
     for item in items:
         for part in output_dir.glob(f".{Path(item.file).stem}.*.mp4.part"):
             part.unlink(missing_ok=True)
-
-
-ENHANCER_IN_GROUPS = ("--prompt-enhancer does not combine with --parallel (each process of a video would get its "
-                      "own rewrite); rewrite the prompts first with `cogvideox enhance --file`")  # fmt: skip
 
 
 def enhancer_setting(enhancer) -> str:
@@ -651,9 +649,9 @@ def _batch(args: argparse.Namespace) -> int:
     from cogvideox.cli_args import (
         locate_model,
         memory_settings,
+        prompt_enhancer,
         report_offload,
         request_from_args,
-        prompt_enhancer,
         speed_settings,
         warn_idle_riflex,
     )
@@ -664,8 +662,6 @@ def _batch(args: argparse.Namespace) -> int:
     lines = split_lines(read_prompts(args.prompts))
     prompts = [line.prompt for line in lines]
     enhancer = prompt_enhancer(args)
-    if enhancer is not None and args.parallel:
-        raise InputError(ENHANCER_IN_GROUPS)
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise InputError(f"--output-dir {output_dir} is a file; give a folder")

@@ -22,6 +22,7 @@ import time
 import warnings
 from pathlib import Path
 
+from cogvideox import provenance
 from cogvideox.cli_args import (
     add_enhancer_arguments,
     add_memory_arguments,
@@ -42,7 +43,6 @@ from cogvideox.cli_args import (
     speed_settings,
     warn_idle_riflex,
 )
-from cogvideox import provenance
 from cogvideox.errors import CogVideoXError, InputError, LoadError
 from cogvideox.models.config import ConfigError
 from cogvideox.video import export_or_rescue
@@ -278,9 +278,6 @@ def _generate(args: argparse.Namespace) -> int:
         if not Path(path).exists():
             raise InputError(f"--lora {path} does not exist")
     enhancer = prompt_enhancer(args)
-    if enhancer is not None and args.parallel:
-        raise InputError("--prompt-enhancer does not combine with --parallel (each process would get its own "
-                         "rewrite); rewrite the prompt first with `cogvideox enhance` and pass the result")
 
     outputs = [check_video_path(path, "--output") for path in _output_paths(args.output, args.num_videos)]
     for path in outputs:

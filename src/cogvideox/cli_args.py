@@ -151,9 +151,16 @@ def add_enhancer_arguments(parser: argparse.ArgumentParser, what: str) -> None:
     )
 
 
+ENHANCER_WITH_PARALLEL = (
+    "--prompt-enhancer does not combine with --parallel (each process of a video would get its own rewrite); "
+    "rewrite the prompts first with `cogvideox enhance` and pass the result"
+)
+
+
 def prompt_enhancer(args: argparse.Namespace, **kwargs):
     """The `PromptEnhancer` of the flags of `add_enhancer_arguments`, or None when off; `InputError` for
-    an address that is not http(s). `kwargs` go to `PromptEnhancer` (timeout, attempts, backoff)."""
+    an address that is not http(s), or with a command's --parallel. `kwargs` go to `PromptEnhancer`
+    (timeout, attempts, backoff)."""
     from cogvideox.enhance import ENV_KEY, PromptEnhancer
     from cogvideox.errors import InputError
 
@@ -162,6 +169,8 @@ def prompt_enhancer(args: argparse.Namespace, **kwargs):
         return None
     if not url.lower().startswith(("http://", "https://")):
         raise InputError(f"--prompt-enhancer {url}: give the endpoint's address, such as http://localhost:11434/v1")
+    if getattr(args, "parallel", None):
+        raise InputError(ENHANCER_WITH_PARALLEL)
     return PromptEnhancer(url, args.enhancer_model, os.environ.get(ENV_KEY), **kwargs)
 
 

@@ -20,9 +20,9 @@ from cogvideox.cli import _quiet_libraries, stage_times
 from cogvideox.cli_args import (
     MODEL_HELP,
     add_enhancer_arguments,
-    add_video_rate_argument,
     add_memory_arguments,
     add_model_arguments,
+    add_video_rate_argument,
     finite_float,
     frame_rate,
     locate_model,
