@@ -195,11 +195,8 @@ def lossy_levers(quantize: str | None = None, attention: str | None = None, cach
 
 
 def pipeline_levers(pipe) -> str:
-    """`lossy_levers` of what `accelerate` did to a loaded pipeline."""
-    done = pipe.acceleration
-    if done is None:
-        return "none"
-    return lossy_levers(done.quantize, done.attention, done.cache.threshold if done.cache is not None else None)
+    """`lossy_levers` of what `accelerate` did to a loaded pipeline (`provenance.lever_settings`)."""
+    return lossy_levers(**provenance.lever_settings(pipe))
 
 
 def scheduler_kind(scheduler) -> str:
