@@ -12,7 +12,6 @@ from helpers import load_reference_pipeline
 from safetensors.torch import load_file, save_file
 
 from cogvideox import InputError, LoadError, Pipeline
-from cogvideox.errors import InputError
 from cogvideox.loading import (
     check_components,
     check_model_dir,

@@ -256,7 +256,7 @@ def _quiet_libraries() -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from cogvideox import conditioning, loading
+    from cogvideox import conditioning
     from cogvideox.extend import check_extendable, continue_video
     from cogvideox.pipeline import Pipeline
     from cogvideox.request import check_request, frames_to_read
