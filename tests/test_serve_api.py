@@ -731,8 +731,11 @@ def test_openapi_schema_matches_the_routes_and_the_answers(service):
     assert {"prompt", "strength", "seed"} <= set(schema["components"]["schemas"]["VideoRemix"]["properties"])
 
     create = schema["paths"]["/v1/videos"]["post"]
-    for media in ("application/json", "multipart/form-data"):
-        assert create["requestBody"]["content"][media]["schema"] == {"$ref": "#/components/schemas/VideoCreate"}
+    body = create["requestBody"]["content"]
+    assert body["application/json"]["schema"] == {"$ref": "#/components/schemas/VideoCreate"}
+    form, upload = body["multipart/form-data"]["schema"]["allOf"]  # the create fields, plus the first frame
+    assert form == {"$ref": "#/components/schemas/VideoCreate"}
+    assert upload["properties"]["input_reference"]["format"] == "binary"
     fields = schema["components"]["schemas"]["VideoCreate"]["properties"]
     assert {"prompt", "model", "size", "seconds", "seed", "negative_prompt", "num_inference_steps",
             "guidance_scale", "fps"} <= set(fields)  # fmt: skip

@@ -104,3 +104,29 @@ def test_opting_out_or_a_failing_enhancer_keeps_the_prompt(chat_endpoint, tmp_pa
 def test_off_by_default(tmp_path):
     client, _, _ = service(tmp_path, None)
     assert client.post("/v1/videos", json={"prompt": "a cat"}).json()["enhanced_prompt"] is None
+
+
+def test_an_image_to_video_job_shows_its_first_frame_to_the_enhancer(chat_endpoint, tmp_path):
+    """As `generate --image --prompt-enhancer` does: the chat model sees the picture the video starts from."""
+    import io
+
+    from helpers import tiny_transformer_kwargs
+    from PIL import Image
+
+    from cogvideox.serve.inputs import image_path
+
+    url, requests = chat_endpoint
+    spec = ModelSpec.from_folder(write_config_folder(tmp_path / "model", **tiny_transformer_kwargs("i2v")), "i2v")
+    enhancer = PromptEnhancer(url + "/v1", "chat-small", attempts=1)
+    client = TestClient(create_app(spec, SQLiteStore(tmp_path / "j.sqlite3"),
+                                   Settings(data_dir=tmp_path, prompt_enhancer=enhancer)))  # fmt: skip
+    png = io.BytesIO()
+    Image.new("RGB", (40, 30), (10, 120, 250)).save(png, format="PNG")
+    requests.clear()
+    video = client.post("/v1/videos", data={"prompt": "the car drives off"},
+                        files={"input_reference": ("car.png", png.getvalue(), "image/png")}).json()  # fmt: skip
+    assert video["enhanced_prompt"] == REWRITTEN
+    [sent] = requests
+    [stored] = (tmp_path / "inputs").iterdir()
+    assert sent["body"]["messages"] == enhancer.messages("the car drives off", image_path(tmp_path, stored.stem))
+    assert sent["body"]["messages"][1]["content"][1]["type"] == "image_url"

@@ -76,3 +76,37 @@ def test_openai_client_sees_our_errors(base_url):
         client.videos.create(prompt="a cat", model="sora-2")
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=base_url, api_key="sk-wrong", max_retries=0).videos.list()
+
+
+def test_openai_client_sends_a_first_frame_to_an_image_to_video_model(tiny_i2v_dir, tmp_path):
+    """`input_reference` as the client sends it (a multipart form, our extras as its text fields): the video
+    is the library's from the same picture."""
+    import numpy as np
+    from PIL import Image
+
+    from cogvideox.pipeline import Pipeline
+    from cogvideox.video import export_video
+
+    Image.new("RGB", (64, 64), (30, 200, 60)).save(tmp_path / "green.png")
+    spec = ModelSpec.from_folder(tiny_i2v_dir, "cogvideox-tiny-i2v")
+    store = SQLiteStore(tmp_path / "jobs.sqlite3")
+    worker = Worker(store, PipelineGenerator(str(tiny_i2v_dir)), tmp_path, spec.name, poll_interval=0.05)
+    with serving(create_app(spec, store, Settings(data_dir=tmp_path), worker)) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        with open(tmp_path / "green.png", "rb") as image:
+            video = client.videos.create(
+                prompt="a green field", input_reference=image, extra_body={"num_inference_steps": 2, "seed": 4}
+            )
+        assert video.model_extra["input_reference"] == "green.png" and video.model_extra["seed"] == 4
+
+        def done():
+            current = client.videos.retrieve(video.id)
+            return current if current.status in ("completed", "failed") else None
+
+        assert wait_until(done, timeout=60, interval=0.05, what="the video").status == "completed"
+        client.videos.download_content(video.id).write_to_file(tmp_path / "field.mp4")
+    store.close()
+    pipe = Pipeline.from_pretrained(tiny_i2v_dir)
+    direct = pipe("a green field", image=tmp_path / "green.png", seed=4, num_inference_steps=2, progress=False)
+    expected, _ = read_video(export_video(direct.frames[0], tmp_path / "direct.mp4", fps=8))
+    np.testing.assert_array_equal(read_video(tmp_path / "field.mp4")[0], expected)

@@ -65,9 +65,28 @@ def test_sizes_and_names():
     assert default_model_name("models/my-finetune/") == "my-finetune"
 
 
-def test_an_image_to_video_model_is_refused_before_serving(tmp_path):
-    """The API takes a prompt alone: an image-to-video model would fail every job on the worker."""
-    folder = write_config_folder(tmp_path / "i2v", **COGVIDEOX_1_0, in_channels=32, out_channels=16,
-                                 use_rotary_positional_embeddings=True, use_learned_positional_embeddings=True)  # fmt: skip
-    with pytest.raises(InputError, match="CogVideoX-5b-I2V is an image-to-video model, and the service makes videos"):
-        ModelSpec.from_folder(folder, "CogVideoX-5b-I2V")
+def test_an_image_to_video_model_makes_its_one_length_from_a_first_frame(tmp_path):
+    """5B-I2V's learned position table makes 49 frames at 720x480 and nothing else: another length is a 400
+    at the API, not a job that fails on the worker. It has no RIFLEx."""
+    i2v = dict(in_channels=32, out_channels=16, use_rotary_positional_embeddings=True,
+               use_learned_positional_embeddings=True)  # fmt: skip
+    spec = ModelSpec.from_folder(write_config_folder(tmp_path / "i2v", **COGVIDEOX_1_0, **i2v), "CogVideoX-5b-I2V")
+    assert (spec.image_to_video, spec.one_length, spec.riflex, spec.riflex_frames) == (True, True, False, None)
+    assert spec.frames_for(None, 8) == spec.frames_for(6, 8) == 49
+    with pytest.raises(InputError, match="makes 49 frames only"):
+        spec.frames_for(4, 8)
+
+
+def test_riflex_reaches_twice_the_trained_length_on_rope_models_only(tmp_path):
+    rope = ModelSpec.from_folder(write_config_folder(tmp_path / "5b", **COGVIDEOX_1_0), "CogVideoX-5b")
+    assert (rope.riflex, rope.riflex_frames, rope.riflex_max_seconds, rope.image_to_video) == (True, 97, 12.125, False)
+    assert rope.frames_for(12, 8, riflex=True) == 97
+    with pytest.raises(InputError, match=r"at most 49 frames \(6.125 s at 8 fps, or up to 97 frames with riflex"):
+        rope.frames_for(12, 8)
+    with pytest.raises(InputError, match="at most 97 frames"):
+        rope.frames_for(13, 8, riflex=True)
+    sincos = write_config_folder(tmp_path / "2b", **COGVIDEOX_1_0, use_rotary_positional_embeddings=False)
+    spec = ModelSpec.from_folder(sincos, "CogVideoX-2b")
+    assert (spec.riflex, spec.riflex_max_seconds) == (False, None)
+    with pytest.raises(InputError, match=r"at most 49 frames \(6.125 s at 8 fps\); got 12"):
+        spec.frames_for(12, 8)

@@ -18,8 +18,6 @@ import io
 import logging
 import time
 
-import numpy as np
-
 from cogvideox.errors import CogVideoXError
 
 log = logging.getLogger("cogvideox.enhance")
@@ -94,7 +92,7 @@ class PromptEnhancer:
 
     def messages(self, prompt: str, image=None) -> list[dict]:
         """The chat sent for `prompt`: the instructions, the worked examples, then the idea (with the first
-        frame, a PIL image or uint8 [H, W, 3], as a JPEG when given)."""
+        frame, a file path, a PIL image or uint8 [H, W, 3], as a JPEG when given)."""
         chat = [{"role": "system", "content": IMAGE_SYSTEM_PROMPT if image is not None else SYSTEM_PROMPT}]
         if image is None:
             for idea, description in EXAMPLES:
@@ -189,11 +187,11 @@ def _describe(error: Exception) -> str:
 
 
 def _jpeg_data_url(image) -> str:
-    """A PIL image or uint8 [H, W, 3] array as a JPEG data URL, its longer side at most `_IMAGE_SIDE`."""
-    from PIL import Image
+    """An image (a file path, a PIL image or a uint8 [H, W, 3] array, as `conditioning.load_image` takes)
+    as a JPEG data URL, its longer side at most `_IMAGE_SIDE`."""
+    from cogvideox.conditioning import load_image
 
-    picture = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
-    picture = picture.convert("RGB")
+    picture = load_image(image)
     picture.thumbnail((_IMAGE_SIDE, _IMAGE_SIDE))  # in place, keeps the aspect ratio, never enlarges
     buffer = io.BytesIO()
     picture.save(buffer, format="JPEG", quality=90)

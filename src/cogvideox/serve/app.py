@@ -3,6 +3,9 @@
 The API never generates: it checks a request against what the model can make (`ModelSpec`), queues it,
 and reads jobs and files back. Workers (`worker.py`) do the generating, in this process or elsewhere.
 
+An image-to-video model takes its first frame as OpenAI's `input_reference`, a file in a multipart form;
+it is checked and stored (`inputs.py`) before the job is queued.
+
 With API keys, each key is its own tenant: a job records a hash of the key that created it (`Job.owner`,
 see `ApiKeys.owner`), and another key's job is answered as if it did not exist (404). Without keys the
 service is open and every caller sees every job.
@@ -29,7 +32,7 @@ from pydantic import BaseModel, ValidationError
 from cogvideox.enhance import PromptEnhancer
 from cogvideox.errors import InputError
 from cogvideox.request import check_strength
-from cogvideox.serve import assets, metrics
+from cogvideox.serve import assets, inputs, metrics
 from cogvideox.serve.body import Fields, read_fields
 from cogvideox.serve.errors import ApiError, install_handlers, validation_message
 from cogvideox.serve.jobs import ACTIVE, Job, JobStore, is_job_id
@@ -50,6 +53,8 @@ from cogvideox.serve.spec import ModelSpec, parse_size
 from cogvideox.serve.worker import Worker, video_path
 
 STATIC_DIR = Path(__file__).parent / "static"
+IMAGE = "input_reference"  # OpenAI's name for the picture a video starts from
+_IMAGE_DOC = "The first frame (PNG, JPEG or WebP), for an image-to-video model (image_to_video in GET /v1/models)."
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,8 @@ class Settings:
     max_active_per_key: queued + running jobs per key; 0 turns it off.
     max_steps: the most num_inference_steps a request may ask for; also caps the model's default step
         count for a request that gives none (a client that never sends the field is never refused for it).
+    max_image_bytes: the largest `input_reference` file (read on a text-to-video model too, to refuse it by
+        name).
     """
 
     data_dir: Path
@@ -67,6 +74,7 @@ class Settings:
     rate_limit: float = 30.0
     max_active_per_key: int = 100
     max_body_bytes: int = 64 * 1024
+    max_image_bytes: int = 20 * 1024 * 1024  # an input_reference file, on top of max_body_bytes
     max_steps: int = 100
     prompt_enhancer: PromptEnhancer | None = field(default=None, repr=False)
 
@@ -169,6 +177,8 @@ def create_app(spec: ModelSpec, store: JobStore, settings: Settings, worker: Wor
             num_inference_steps=default_steps(spec, settings),
             frame_step=spec.frame_step,
             guidance_scale=spec.guidance_scale,
+            image_to_video=spec.image_to_video,
+            riflex_max_seconds=spec.riflex_max_seconds,
         )
         return ModelList(data=[card])
 
@@ -180,14 +190,21 @@ def create_app(spec: ModelSpec, store: JobStore, settings: Settings, worker: Wor
         response_model=Video,
         tags=["videos"],
         responses=_errors(400, 401, 413, 415, 429),
-        openapi_extra=_body_read_by_hand("VideoCreate"),
+        openapi_extra=_body_read_by_hand("VideoCreate", {IMAGE: _IMAGE_DOC}),
     )
     async def create_video(request: Request, owner: str = Depends(caller)) -> Video:
         """Queue a video. The answer is the job, `queued`; poll `GET /v1/videos/{id}` for its progress."""
 
         async def read() -> tuple[dict, bool | None]:
-            create = _parse(VideoCreate, await read_fields(request, settings.max_body_bytes))
-            return _job_params(create, spec, settings), create.enhance_prompt
+            files = {IMAGE: settings.max_image_bytes}
+            fields = await read_fields(request, settings.max_body_bytes, files)
+            create = _parse(VideoCreate, fields)
+            params = _job_params(create, spec, settings, image=IMAGE in fields.files)
+            if IMAGE in fields.files:
+                upload = fields.files[IMAGE]
+                name = await run_in_threadpool(inputs.store_image, upload, settings.data_dir, IMAGE)
+                params |= {"image": name, "image_name": upload.filename or "input_reference.png"}
+            return params, create.enhance_prompt
 
         return await enqueue(owner, read)
 
@@ -203,6 +220,9 @@ def create_app(spec: ModelSpec, store: JobStore, settings: Settings, worker: Wor
         `strength` of the schedule), at its size, length and frame rate. A new video, `queued`."""
 
         async def read() -> tuple[dict, bool | None]:
+            if spec.image_to_video:
+                raise ApiError(400, "invalid_request", f"{spec.name} is an image-to-video model, and a remix "
+                               "redraws a video with a text-to-video model; create a new video instead")  # fmt: skip
             source, video = find_completed(video_id, owner)
             if not video.is_file():
                 raise _file_gone(video_id)
@@ -224,11 +244,13 @@ def create_app(spec: ModelSpec, store: JobStore, settings: Settings, worker: Wor
             )
         # The token is taken first, so that a flood is turned away before its bodies are read, and given
         # back when no video is queued: the limit counts videos, not mistakes.
-        job = None
+        job, params = None, {}
         try:
             params, enhance = await read()
             if enhancer is not None and enhance is not False:
-                params["enhanced_prompt"] = await enhancer.aenhance(params["prompt"])
+                # An image-to-video job's picture goes along, for chat models that see images.
+                image = inputs.image_path(settings.data_dir, params["image"]) if "image" in params else None
+                params["enhanced_prompt"] = await enhancer.aenhance(params["prompt"], image)
             limit = settings.max_active_per_key or None
             job = await run_in_threadpool(store.create, spec.name, owner, params, limit)
             if job is None:
@@ -241,6 +263,7 @@ def create_app(spec: ModelSpec, store: JobStore, settings: Settings, worker: Wor
         finally:
             if job is None:
                 limiter.give_back(owner)
+                inputs.remove_image(settings.data_dir, params.get("image"))
         if worker is not None:
             worker.wake()
         return Video.from_job(job)
@@ -324,6 +347,7 @@ def create_app(spec: ModelSpec, store: JobStore, settings: Settings, worker: Wor
         video = video_path(settings.data_dir, job.id)
         for path in (video, *assets.derived_paths(video)):
             path.unlink(missing_ok=True)
+        inputs.remove_image(settings.data_dir, job.params.get("image"))
         return VideoDeleted(id=job.id, deleted=True, status="deleted")
 
     @app.get("/openapi.json", include_in_schema=False)
@@ -368,10 +392,16 @@ def _check_steps(steps: int, settings: Settings) -> None:
         )
 
 
-def _body_read_by_hand(schema: str) -> dict:
-    """The request body of a route that reads it itself (`read_fields`: JSON or a form), for the schema."""
+def _body_read_by_hand(schema: str, files: dict[str, str] | None = None) -> dict:
+    """The request body of a route that reads it itself (`read_fields`: JSON or a form), for the schema;
+    `files`: the file fields a multipart form may add, with what each is."""
     media = ("application/json", "multipart/form-data", "application/x-www-form-urlencoded")
     content = {kind: {"schema": {"$ref": f"#/components/schemas/{schema}"}} for kind in media}
+    if files:
+        uploads = {name: {"type": "string", "format": "binary", "description": what} for name, what in files.items()}
+        content["multipart/form-data"]["schema"] = {
+            "allOf": [content["multipart/form-data"]["schema"], {"type": "object", "properties": uploads}]
+        }
     return {"requestBody": {"required": True, "content": content}}
 
 
@@ -395,8 +425,8 @@ def _remix_params(source: Job, remix: VideoRemix, settings: Settings) -> dict:
         check_strength(remix.strength, steps)
     except InputError as e:
         raise ApiError(400, "invalid_request", str(e), "strength") from None
-    kept = ("width", "height", "num_frames", "fps")
-    return {key: p[key] for key in kept} | {
+    kept = ("width", "height", "num_frames", "fps", "riflex")
+    return {key: p[key] for key in kept if key in p} | {
         "prompt": remix.prompt,
         "negative_prompt": remix.negative_prompt if remix.negative_prompt is not None else p["negative_prompt"],
         "num_inference_steps": steps,
@@ -413,12 +443,22 @@ def default_steps(spec: ModelSpec, settings: Settings) -> int:
     return min(spec.num_inference_steps, settings.max_steps)
 
 
-def _job_params(create: VideoCreate, spec: ModelSpec, settings: Settings) -> dict:
-    """A checked request as the generation parameters a worker needs; ApiError 400 when the model cannot."""
+def _job_params(create: VideoCreate, spec: ModelSpec, settings: Settings, image: bool = False) -> dict:
+    """A checked request as the generation parameters a worker needs; ApiError 400 when the model cannot.
+    image: whether the request brought a first frame (`input_reference`)."""
     if create.model is not None and create.model != spec.name:
         raise ApiError(
             400, "model_not_found", f"unknown model {create.model!r}; this server has {spec.name!r}", "model"
         )
+    if spec.image_to_video and not image:
+        raise ApiError(400, "invalid_request", f"{spec.name} makes a video from a first frame: send the picture "
+                       f"as {IMAGE} in a multipart form (curl -F {IMAGE}=@photo.png)", IMAGE)  # fmt: skip
+    if image and not spec.image_to_video:
+        raise ApiError(400, "invalid_request", f"{spec.name} makes videos from a prompt alone and takes no "
+                       f"{IMAGE}; serve an image-to-video model (such as THUDM/CogVideoX-5b-I2V)", IMAGE)  # fmt: skip
+    if create.riflex and not spec.riflex:
+        raise ApiError(400, "invalid_request", f"{spec.name} has no rotary positions (or a learned position "
+                       "table) for RIFLEx to stretch; leave riflex off", "riflex")  # fmt: skip
     size = create.size or spec.native_size
     if size not in spec.sizes:
         raise ApiError(400, "invalid_size", f"size {size} is not one of {', '.join(spec.sizes)}", "size")
@@ -427,10 +467,13 @@ def _job_params(create: VideoCreate, spec: ModelSpec, settings: Settings) -> dic
     _check_steps(steps, settings)
     fps = create.fps or spec.fps
     try:
-        num_frames = spec.frames_for(create.seconds, fps)
+        num_frames = spec.frames_for(create.seconds, fps, riflex=create.riflex)
     except InputError as e:
         raise ApiError(400, "invalid_request", str(e), "seconds") from None
-    return {
+    extras = {"riflex": True} if create.riflex else {}
+    if image:
+        extras["resize"] = create.resize
+    return extras | {
         "prompt": create.prompt,
         "negative_prompt": create.negative_prompt,
         "width": width,

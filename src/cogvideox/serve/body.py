@@ -1,10 +1,12 @@
 """Reading a create request's body: JSON, or a form (OpenAI's client posts multipart/form-data), with a
-size cap enforced while reading, so an oversized body is refused before it is held in memory."""
+size cap enforced while reading, so an oversized body is refused before it is held in memory. A form may
+carry the files a route names (`input_reference`, the first frame of an image-to-video model), each within
+a cap of its own."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.datastructures import UploadFile
@@ -25,26 +27,48 @@ class Fields:
 
     values: dict[str, Any]
     typed: bool
+    files: dict[str, Upload] = field(default_factory=dict)
 
 
-async def read_fields(request: Request, max_bytes: int) -> Fields:
-    """The request's fields; ApiError 413 / 415 / 400 for a body we will not read."""
+@dataclass(frozen=True)
+class Upload:
+    """A file a form carried: the name the client gave it, its declared type, its bytes."""
+
+    filename: str
+    content_type: str
+    data: bytes
+
+
+async def read_fields(request: Request, max_bytes: int, files: dict[str, int] | None = None) -> Fields:
+    """The request's fields; ApiError 413 / 415 / 400 for a body we will not read.
+
+    files: the file fields a multipart form may carry, each with its most bytes (the body may then be that
+        much larger than `max_bytes`); a file in any other field is refused, naming it.
+    """
+    files = files or {}
+    media_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    limit = max_bytes + (sum(files.values()) if media_type == "multipart/form-data" else 0)
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > max_bytes:
-        raise _too_large(max_bytes)
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > max_bytes:
-            raise _too_large(max_bytes)
+        if size > limit:
+            raise _too_large(limit)
         chunks.append(chunk)
     body = b"".join(chunks)
 
-    media_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
     if media_type == "application/json" or media_type.endswith("+json"):
-        return Fields(_json_object(body), typed=True)
+        values = _json_object(body)
+        clash = sorted(files.keys() & values.keys())
+        if clash:
+            name = clash[0]
+            raise ApiError(400, "invalid_request", f"{name}: send the file in a multipart/form-data request "
+                           f"(curl -F {name}=@photo.png), not in JSON", name)  # fmt: skip
+        return Fields(values, typed=True)
     if media_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        return Fields(await _form(request, body, media_type), typed=False)
+        return await _form(request, body, media_type, files)
     raise ApiError(415, "unsupported_media_type", f"send the request as application/json or a form, not {media_type}")
 
 
@@ -67,7 +91,7 @@ def _json_object(body: bytes) -> dict[str, Any]:
     return data
 
 
-async def _form(request: Request, body: bytes, media_type: str) -> dict[str, Any]:
+async def _form(request: Request, body: bytes, media_type: str, files: dict[str, int]) -> Fields:
     async def replay():
         yield body
         yield b""
@@ -78,13 +102,24 @@ async def _form(request: Request, body: bytes, media_type: str) -> dict[str, Any
     except Exception as e:  # the parsers raise their own error types for malformed bodies
         raise ApiError(400, "invalid_form", f"the form could not be read: {e}") from None
     fields: dict[str, Any] = {}
+    uploads: dict[str, Upload] = {}
     for name, value in form.multi_items():
         if isinstance(value, UploadFile):
-            raise ApiError(
-                400, "unsupported_parameter", f"{name}: file uploads are not supported (text-to-video only)", name
-            )
-        fields[name] = value
-    return fields
+            if name not in files:
+                what = f"only {', '.join(files)} takes" if files else "this request takes no"
+                raise ApiError(400, "unsupported_parameter", f"{name}: {what} file", name)
+            data = await value.read()
+            await value.close()
+            if len(data) > files[name]:
+                raise ApiError(413, "request_too_large", f"{name}: the file is over {files[name]} bytes", name)
+            if name in uploads:
+                raise ApiError(400, "invalid_request", f"{name}: send one file, not several", name)
+            uploads[name] = Upload(value.filename or "", value.content_type or "", data)
+        elif name in files:
+            raise ApiError(400, "invalid_request", f"{name}: send a file, not text", name)
+        else:
+            fields[name] = value
+    return Fields(fields, typed=False, files=uploads)
 
 
 def _too_large(max_bytes: int) -> ApiError:

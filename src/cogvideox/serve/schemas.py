@@ -85,6 +85,16 @@ class VideoCreate(_Request):
     enhance_prompt: bool | None = Field(
         None, description="Rewrite the prompt with the server's prompt enhancer (default: on when it has one)."
     )
+    riflex: bool = Field(
+        False,
+        description="RIFLEx, for a clip longer than the model was trained on (up to twice; models with rotary "
+        "positions only, see riflex_max_seconds in GET /v1/models).",
+    )
+    resize: Literal["stretch", "crop"] = Field(
+        "stretch",
+        description="How input_reference reaches the video size: stretch (the reference's rule) or crop (keep "
+        "its aspect ratio, cut the centred region).",
+    )
 
     @field_validator("seconds", mode="before")
     @classmethod
@@ -168,6 +178,9 @@ class Video(BaseModel):
     timings: dict[str, float] = Field(default_factory=dict, description="Seconds per stage, once completed.")
     remixed_from_video_id: str | None = Field(None, description="The video a remix redraws (OpenAI's field).")
     strength: float | None = Field(None, description="A remix's share of the schedule that ran.")
+    input_reference: str | None = Field(None, description="The file name of the first frame it started from.")
+    resize: str | None = Field(None, description="How that first frame reached the video size.")
+    riflex: bool = False
 
     @classmethod
     def from_job(cls, job: Job) -> Video:
@@ -193,6 +206,9 @@ class Video(BaseModel):
             timings=job.timings,
             remixed_from_video_id=p.get("remix_of"),
             strength=p.get("strength"),
+            input_reference=p.get("image_name"),
+            resize=p.get("resize"),
+            riflex=p.get("riflex", False),
         )
 
 
@@ -230,6 +246,12 @@ class ModelCard(BaseModel):
     )
     frame_step: int
     guidance_scale: float = Field(description="The guidance scale a request without one gets: the model's recommendation.")
+    image_to_video: bool = Field(
+        False, description="Every video starts from a first frame: send it as input_reference in a multipart form."
+    )
+    riflex_max_seconds: float | None = Field(
+        None, description="The longest clip a request with riflex: true gets at the model's fps; None: no RIFLEx."
+    )
 
 
 class ModelList(BaseModel):

@@ -37,6 +37,10 @@ class ModelSpec:
     num_frames: the frame count the model was trained at, the longest the service makes.
     frame_step: frame counts are frame_step * k + 1 (the VAE's temporal compression, twice: see
         `Pipeline.check_request`).
+    image_to_video: every video starts from an uploaded first frame (`input_reference`).
+    riflex: the model has rotary positions and no learned table, so a request may ask for RIFLEx and up
+        to twice the trained length (RIFLEx's tested reach).
+    one_length: a learned position table (5B-I2V) makes `num_frames` frames and no other count.
     """
 
     name: str
@@ -47,6 +51,9 @@ class ModelSpec:
     version: str
     guidance_scale: float = 6.0  # the model's recommended scale (its sampling.json), used when a request has none
     num_inference_steps: int = 50  # the Pipeline's default, for a request without one (capped at --max-steps)
+    image_to_video: bool = False
+    riflex: bool = False
+    one_length: bool = False
 
     @property
     def native_size(self) -> str:
@@ -57,12 +64,6 @@ class ModelSpec:
         folder = Path(folder)
         transformer = TransformerConfig.from_json(folder / "transformer" / "config.json")
         vae = VAEConfig.from_json(folder / "vae" / "config.json")
-        if transformer.is_image_to_video:  # every job would fail on the worker, one by one
-            raise InputError(
-                f"{name} is an image-to-video model, and the service makes videos from a prompt alone; serve "
-                "a text-to-video model (such as THUDM/CogVideoX-5b), or use `cogvideox generate --image` or "
-                "`cogvideox batch` with PROMPT@@IMAGE lines"
-            )
         compression = vae.spatial_compression
         height, width = transformer.sample_height * compression, transformer.sample_width * compression
         if transformer.version == "1.5":
@@ -89,6 +90,9 @@ class ModelSpec:
             frame_step=2 * vae.temporal_compression,
             version=transformer.version,
             guidance_scale=loading.read_sampling_defaults(folder)["guidance_scale"],
+            image_to_video=transformer.is_image_to_video,
+            riflex=transformer.use_rotary_positional_embeddings and not transformer.use_learned_positional_embeddings,
+            one_length=transformer.use_learned_positional_embeddings,
         )
 
     @classmethod
@@ -102,16 +106,34 @@ class ModelSpec:
     def max_seconds(self) -> float:
         return self.num_frames / self.fps
 
-    def frames_for(self, seconds: float | None, fps: float) -> int:
-        """The frame count of a clip of about `seconds` at `fps` (the model's own length when None)."""
+    @property
+    def riflex_frames(self) -> int | None:
+        """The most frames a request with RIFLEx may ask for (twice the trained length), None without it."""
+        return 2 * (self.num_frames - 1) + 1 if self.riflex else None
+
+    @property
+    def riflex_max_seconds(self) -> float | None:
+        return self.riflex_frames / self.fps if self.riflex else None
+
+    def frames_for(self, seconds: float | None, fps: float, riflex: bool = False) -> int:
+        """The frame count of a clip of about `seconds` at `fps` (the model's own length when None); with
+        `riflex`, up to `riflex_frames`."""
         if seconds is None:
             return self.num_frames
         steps = max(1, round(seconds * fps / self.frame_step))
         frames = self.frame_step * steps + 1
-        if frames > self.num_frames:
-            longest = self.num_frames / fps
+        if self.one_length and frames != self.num_frames:
             raise InputError(
-                f"seconds: this model makes at most {self.num_frames} frames ({longest:g} s at {fps:g} fps); "
+                f"seconds: this model makes {self.num_frames} frames only ({self.num_frames / fps:g} s at {fps:g} fps; "
+                f"its positions are a learned table); got {seconds:g}"
+            )
+        longest = self.riflex_frames if riflex else self.num_frames
+        if frames > longest:
+            hint = ""
+            if self.riflex and not riflex and frames <= self.riflex_frames:
+                hint = f", or up to {self.riflex_frames} frames with riflex: true"
+            raise InputError(
+                f"seconds: this model makes at most {longest} frames ({longest / fps:g} s at {fps:g} fps{hint}); "
                 f"got {seconds:g}"
             )
         return frames

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from cogvideox.errors import InputError, NonFiniteError, OutOfMemoryError
+from cogvideox.serve.inputs import image_path
 from cogvideox.serve.jobs import Job, JobStore
 from cogvideox.video import export_video, read_video
 
@@ -83,11 +84,15 @@ class PipelineGenerator:
             width=params["width"],
             num_inference_steps=params["num_inference_steps"],
             guidance_scale=params["guidance_scale"],
+            riflex=params.get("riflex", False),
         )
+        if params.get("image") is not None:  # image-to-video: the first frame, and how it is resized
+            request["resize"] = params.get("resize", "stretch")
         result = self.pipe(
             prompt,
             **request,
             seed=params["seed"],
+            image=params.get("image"),
             video=params.get("video"),  # a remix: the frames it redraws
             strength=params.get("strength"),
             progress=False,
@@ -99,12 +104,14 @@ class PipelineGenerator:
         from cogvideox import provenance
         from cogvideox.batch import pipeline_settings
 
-        settings = pipeline_settings(self.pipe, prompt, request, params["fps"]) | {"model": self.model}
+        images = params.get("image") is not None
+        settings = pipeline_settings(self.pipe, prompt, request, params["fps"], images) | {"model": self.model}
         return provenance.record(
             prompt,
             params["seed"],
             settings,
             prompt_idea=params["prompt"] if prompt != params["prompt"] else None,
+            image=params.get("image_name"),  # the client's name for it: the file it has
             remix_of=params.get("remix_of"),
             strength=params.get("strength"),
             **provenance.lever_settings(self.pipe),
@@ -220,7 +227,13 @@ class Worker:
         return True
 
     def _inputs(self, params: dict[str, Any]) -> dict[str, Any]:
-        """A job's parameters with the frames of the video it remixes, if it is a remix."""
+        """A job's parameters with its inputs read: the path of its first frame (image-to-video), the frames
+        of the video it remixes."""
+        if params.get("image") is not None:
+            path = image_path(self.data_dir, params["image"])
+            if not path.is_file():
+                raise InputError("the first frame of this video is gone from the server (its input was deleted)")
+            return params | {"image": path}
         source = params.get("remix_of")
         if source is None:
             return params

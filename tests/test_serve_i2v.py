@@ -1,0 +1,237 @@
+"""Image-to-video through the service: OpenAI's `input_reference` file, checked and kept at the API, read by
+the worker; the served video is the one the library makes from the same picture. And RIFLEx requests for
+clips longer than the model was trained on."""
+
+import io
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+
+from fastapi.testclient import TestClient  # noqa: E402
+from helpers import tiny_transformer_kwargs  # noqa: E402
+from PIL import Image  # noqa: E402
+from serve_helpers import CountingGenerator, wait_until, write_config_folder  # noqa: E402
+
+from cogvideox.pipeline import Pipeline  # noqa: E402
+from cogvideox.serve.app import Settings, create_app  # noqa: E402
+from cogvideox.serve.jobs import SQLiteStore  # noqa: E402
+from cogvideox.serve.spec import ModelSpec  # noqa: E402
+from cogvideox.serve.worker import PipelineGenerator, Worker, video_path  # noqa: E402
+from cogvideox.video import export_video, read_metadata, read_video  # noqa: E402
+
+FAST = {"num_inference_steps": "2"}
+I2V_CONFIG = tiny_transformer_kwargs("i2v")
+
+
+def picture(width=80, height=48, fmt="PNG", orientation=None) -> bytes:
+    """A picture with a gradient and a corner mark, so a turned or stretched copy differs."""
+    y, x = np.mgrid[0:height, 0:width]
+    pixels = np.stack([x * 255 // width, y * 255 // height, np.full_like(x, 90)], axis=-1).astype(np.uint8)
+    pixels[:8, :8] = (255, 255, 0)
+    image, buffer = Image.fromarray(pixels), io.BytesIO()
+    if orientation is None:
+        image.save(buffer, format=fmt)
+    else:
+        exif = Image.Exif()
+        exif[0x0112] = orientation  # EXIF Orientation, as a phone writes it
+        image.save(buffer, format=fmt, exif=exif)
+    return buffer.getvalue()
+
+
+def finished(client, video_id):
+    def done():
+        video = client.get(f"/v1/videos/{video_id}").json()
+        return video if video["status"] not in ("queued", "in_progress") else None
+
+    return wait_until(done, timeout=60, what=f"{video_id} to finish")
+
+
+def stored_inputs(data):
+    folder = data / "inputs"
+    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+
+@pytest.fixture(scope="module")
+def i2v_service(tiny_i2v_dir, tmp_path_factory):
+    data = tmp_path_factory.mktemp("serve-i2v")
+    pipe = Pipeline.from_pretrained(tiny_i2v_dir)
+    spec = ModelSpec.from_folder(tiny_i2v_dir, "tiny-i2v")
+    store = SQLiteStore(data / "jobs.sqlite3")
+    worker = Worker(store, PipelineGenerator(pipe=pipe), data, spec.name, poll_interval=0.05)
+    app = create_app(spec, store, Settings(data_dir=data, rate_limit=0, max_active_per_key=0), worker)
+    with TestClient(app) as client:
+        wait_until(lambda: client.get("/healthz").json()["worker"] == "ready", what="the worker")
+        yield client, pipe, data
+    store.close()
+
+
+def test_a_video_starts_from_the_uploaded_first_frame(i2v_service, tmp_path):
+    """A phone's JPEG (turned by its EXIF flag), cropped to the video: the served video equals the library's
+    from the same file; the record names the client's file, and deleting the video deletes the picture."""
+    client, pipe, data = i2v_service
+    card = client.get("/v1/models").json()["data"][0]
+    assert (card["image_to_video"], card["riflex_max_seconds"]) == (True, None)
+
+    jpeg = picture(fmt="JPEG", orientation=6)
+    form = {"prompt": "a ball rolls", "seed": "3", "resize": "crop", **FAST}
+    response = client.post("/v1/videos", data=form, files={"input_reference": ("phone.jpg", jpeg, "image/jpeg")})
+    assert response.status_code == 200, response.text
+    created = response.json()
+    assert (created["input_reference"], created["resize"], created["size"]) == ("phone.jpg", "crop", "64x64")
+    assert len(stored_inputs(data)) == 1
+    video = finished(client, created["id"])
+    assert video["status"] == "completed", video["error"]
+
+    (tmp_path / "served.mp4").write_bytes(client.get(f"/v1/videos/{video['id']}/content").content)
+    got, _ = read_video(tmp_path / "served.mp4")
+    (tmp_path / "phone.jpg").write_bytes(jpeg)
+    direct = pipe("a ball rolls", image=tmp_path / "phone.jpg", resize="crop", seed=3, num_inference_steps=2,
+                  progress=False).frames[0]  # fmt: skip
+    expected, _ = read_video(export_video(direct, tmp_path / "direct.mp4", fps=8))
+    np.testing.assert_array_equal(got, expected)
+    unturned = pipe("a ball rolls", image=Image.open(io.BytesIO(jpeg)), resize="crop", seed=3,
+                    num_inference_steps=2, progress=False).frames[0]  # fmt: skip
+    assert not np.array_equal(direct, unturned)  # the EXIF turn mattered, and was made
+    record = read_metadata(tmp_path / "served.mp4")
+    assert (record["image"], record["resize"], record["seed"]) == ("phone.jpg", "crop", 3)
+
+    assert client.delete(f"/v1/videos/{video['id']}").json()["deleted"] is True
+    assert stored_inputs(data) == [] and not video_path(data, video["id"]).exists()
+
+
+def _i2v_client(tmp_path, generate=None, **settings):
+    folder = write_config_folder(tmp_path / "model", **I2V_CONFIG)
+    spec = ModelSpec.from_folder(folder, "tiny-i2v")
+    store = SQLiteStore(tmp_path / "jobs.sqlite3")
+    worker = Worker(store, generate, tmp_path, spec.name, poll_interval=0.02) if generate else None
+    return TestClient(create_app(spec, store, Settings(data_dir=tmp_path, **settings))), store, worker
+
+
+PNG = picture()
+NOISE = io.BytesIO()
+Image.fromarray(np.random.default_rng(0).integers(0, 256, (100, 100, 3), dtype=np.uint8)).save(NOISE, format="PNG")
+
+def _with(field, value):
+    return {"data": {"prompt": "a", field: value}, "files": {"input_reference": ("a.png", PNG, "image/png")}}
+
+
+def _file(name, data, kind="image/png"):
+    return {"files": {"input_reference": (name, data, kind)}}
+
+
+MISTAKES = {
+    "no picture": ({"data": {"prompt": "a"}}, 400, "input_reference", "send the picture as input_reference"),
+    "the picture in JSON": (
+        {"json": {"prompt": "a", "input_reference": "data:image/png;base64,AAAA"}}, 400, "input_reference",
+        "send the file in a multipart/form-data request",
+    ),
+    "text, not a file": (
+        {"data": {"prompt": "a", "input_reference": "photo.png"}}, 400, "input_reference", "send a file, not text"
+    ),
+    "not a picture": (_file("a.png", b"hello"), 400, "input_reference", "cannot decode the file as a picture"),
+    "an empty file": (_file("a.png", b""), 400, "input_reference", "the file is empty"),
+    "a GIF": (_file("a.gif", picture(fmt="GIF"), "image/gif"), 400, "input_reference", "a GIF file; send a PNG"),
+    "another file field": (
+        {"files": {"input_reference": ("a.png", PNG, "image/png"), "mask": ("m.png", PNG, "image/png")}}, 400,
+        "mask", "only input_reference takes",
+    ),
+    "two pictures": (
+        {"files": [("input_reference", ("a.png", PNG, "image/png")), ("input_reference", ("b.png", PNG, "image/png"))]},
+        400, "input_reference", "send one file, not several",
+    ),
+    "too big a picture": (_file("a.png", NOISE.getvalue()), 413, "input_reference", "the file is over 20000 bytes"),
+    "another length": (_with("seconds", "2"), 400, "seconds", "makes 9 frames only"),
+    "riflex": (_with("riflex", "true"), 400, "riflex", "leave riflex off"),
+    "a bad resize": (_with("resize", "fit"), 400, "resize", "stretch"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", MISTAKES, ids=list(MISTAKES))
+def test_mistakes_are_a_4xx_that_names_the_field_and_keep_nothing(tmp_path, case):
+    client, store, _ = _i2v_client(tmp_path, max_image_bytes=20_000)
+    kwargs, status, param, message = MISTAKES[case]
+    if "json" not in kwargs:
+        kwargs = {**kwargs, "data": kwargs.get("data", {"prompt": "a"})}
+    response = client.post("/v1/videos", **kwargs)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and message in error["message"], error
+    assert store.page()[0] == [] and stored_inputs(tmp_path) == []
+
+
+def test_a_text_to_video_model_refuses_a_picture_and_an_image_model_refuses_remixes(tmp_path):
+    folder = write_config_folder(tmp_path / "t2v")
+    t2v = TestClient(create_app(ModelSpec.from_folder(folder, "tiny"), SQLiteStore(tmp_path / "a.sqlite3"),
+                                Settings(data_dir=tmp_path / "a")))  # fmt: skip
+    refused = t2v.post("/v1/videos", data={"prompt": "a"}, files={"input_reference": ("a.png", PNG, "image/png")})
+    assert refused.status_code == 400
+    assert "makes videos from a prompt alone and takes no input_reference" in refused.json()["error"]["message"]
+    assert stored_inputs(tmp_path / "a") == []
+
+    client, store, worker = _i2v_client(tmp_path / "b", CountingGenerator())
+    files = {"input_reference": ("a.png", PNG, "image/png")}
+    video = client.post("/v1/videos", data={"prompt": "a"}, files=files).json()
+    assert worker.run_once()
+    remix = client.post(f"/v1/videos/{video['id']}/remix", json={"prompt": "b"})
+    assert remix.status_code == 400 and "is an image-to-video model" in remix.json()["error"]["message"]
+
+
+def test_a_queue_that_refuses_the_job_keeps_no_picture(tmp_path):
+    client, store, _ = _i2v_client(tmp_path, max_active_per_key=1)
+    files = {"input_reference": ("a.png", PNG, "image/png")}
+    assert client.post("/v1/videos", data={"prompt": "a"}, files=files).status_code == 200
+    full = client.post("/v1/videos", data={"prompt": "b"}, files=files)
+    assert full.status_code == 429 and full.json()["error"]["code"] == "queue_full"
+    assert len(stored_inputs(tmp_path)) == 1  # the first job's only
+
+
+def test_a_job_whose_picture_is_gone_fails_saying_so(tmp_path):
+    client, store, worker = _i2v_client(tmp_path, CountingGenerator())
+    video = client.post("/v1/videos", data={"prompt": "a"}, files={"input_reference": ("a.png", PNG, "image/png")})
+    for name in stored_inputs(tmp_path):
+        (tmp_path / "inputs" / name).unlink()
+    assert worker.run_once()
+    failed = client.get(f"/v1/videos/{video.json()['id']}").json()
+    assert failed["status"] == "failed" and failed["error"]["code"] == "invalid_request"
+    assert "first frame of this video is gone" in failed["error"]["message"]
+
+
+# -----------------------------------------------------------------------------------------------------
+# RIFLEx
+
+
+def test_riflex_makes_a_longer_video_the_library_makes(tiny_rope_dir, tmp_path):
+    """The tiny RoPE model, trained at 9 frames, asked for 17 (2 s at 8 fps): refused without riflex, with a
+    hint; with it, the library's riflex video."""
+    data = tmp_path / "data"
+    pipe = Pipeline.from_pretrained(tiny_rope_dir)
+    spec = ModelSpec.from_folder(tiny_rope_dir, "tiny")
+    store = SQLiteStore(tmp_path / "jobs.sqlite3")
+    worker = Worker(store, PipelineGenerator(pipe=pipe), data, spec.name)
+    client = TestClient(create_app(spec, store, Settings(data_dir=data)))
+    assert client.get("/v1/models").json()["data"][0]["riflex_max_seconds"] == 17 / 8
+
+    request = {"prompt": "a ball", "seconds": 2, "seed": 5, "num_inference_steps": 2}
+    plain = client.post("/v1/videos", json=request)
+    assert plain.status_code == 400 and "or up to 17 frames with riflex: true" in plain.json()["error"]["message"]
+    created = client.post("/v1/videos", json=request | {"riflex": True}).json()
+    assert (created["num_frames"], created["riflex"]) == (17, True)
+    assert worker.run_once()
+    assert client.get(f"/v1/videos/{created['id']}").json()["status"] == "completed"
+
+    got, _ = read_video(video_path(data, created["id"]))
+    direct = pipe("a ball", num_frames=17, seed=5, num_inference_steps=2, riflex=True, progress=False).frames[0]
+    expected, _ = read_video(export_video(direct, tmp_path / "direct.mp4", fps=8))
+    np.testing.assert_array_equal(got, expected)
+    assert read_metadata(video_path(data, created["id"]))["riflex"] is True
+
+
+def test_riflex_is_refused_without_rotary_positions(tmp_path):
+    folder = write_config_folder(tmp_path / "2b", use_rotary_positional_embeddings=False)
+    client = TestClient(create_app(ModelSpec.from_folder(folder, "tiny-2b"), SQLiteStore(tmp_path / "j.sqlite3"),
+                                   Settings(data_dir=tmp_path)))  # fmt: skip
+    assert client.get("/v1/models").json()["data"][0]["riflex_max_seconds"] is None
+    refused = client.post("/v1/videos", json={"prompt": "a", "riflex": True})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "riflex"
