@@ -316,7 +316,7 @@ def test_a_prompt_is_shown_as_text_in_its_own_direction(browser, tiny_rope_dir, 
         browser.find_element(By.ID, "submit").click()
         card = WebDriverWait(browser, 10).until(lambda d: d.find_element(By.CSS_SELECTOR, "#videos .card .prompt"))
         assert card.text == prompt
-        assert browser.execute_script("return document.querySelectorAll('img').length") == 0
+        assert browser.execute_script("return document.querySelectorAll('#videos img').length") == 0
         direction = "return getComputedStyle(arguments[0]).direction"
         assert browser.execute_script(direction, card) == "rtl"
         assert browser.execute_script(direction, browser.find_element(By.ID, "prompt")) == "rtl"
@@ -401,4 +401,57 @@ def test_the_api_key_can_be_forgotten(browser, tiny_rope_dir, tmp_path):
         assert browser.execute_script("return localStorage.getItem('cogvideox-api-key')") is None
         assert not browser.find_elements(By.CSS_SELECTOR, "#videos .card") and not forget.is_displayed()
         assert key.get_attribute("value") == ""
+    store.close()
+
+
+def test_an_image_to_video_model_takes_a_first_frame_from_the_page(browser, tiny_i2v_dir, tmp_path):
+    """With an image-to-video model the form asks for a picture (required), shows it, sends it with the fit
+    chosen; the card says what the video started from, and offers no remix (the API has none for it)."""
+    from PIL import Image
+
+    Image.new("RGB", (96, 48), (200, 40, 40)).save(tmp_path / "first.png")
+    spec = ModelSpec.from_folder(tiny_i2v_dir, "cogvideox-tiny-i2v")
+    store = SQLiteStore(tmp_path / "jobs.sqlite3")
+    worker = Worker(store, PipelineGenerator(str(tiny_i2v_dir)), tmp_path, spec.name, poll_interval=0.05)
+    wait = WebDriverWait(browser, 60, poll_frequency=0.05)
+    with serving(create_app(spec, store, Settings(data_dir=tmp_path), worker)) as url:
+        browser.get(url)
+        wait.until(lambda d: "cogvideox-tiny-i2v" in d.find_element(By.ID, "model").text)
+        picker = browser.find_element(By.ID, "input_reference")
+        assert picker.is_displayed() and picker.get_attribute("required") is not None
+        assert not browser.find_element(By.ID, "riflex-option").is_displayed()  # a learned position table
+        submit_in_two_steps(browser, "a red ball")  # without the picture: the browser holds the form back
+        assert not browser.find_elements(By.CSS_SELECTOR, "#videos .card")
+
+        picker.send_keys(str(tmp_path / "first.png"))
+        wait.until(lambda d: d.find_element(By.ID, "first-frame-preview").is_displayed())
+        browser.find_element(By.CSS_SELECTOR, "#resize option[value='crop']").click()
+        browser.save_screenshot(str(artifacts_dir() / "12-first-frame.png"))
+        browser.find_element(By.ID, "submit").click()
+        card = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#videos .card[data-status='completed']"))
+        assert "from first.png (crop)" in card.find_element(By.CSS_SELECTOR, ".details").text
+        assert not card.find_element(By.CSS_SELECTOR, ".remix").is_displayed()
+        [job] = store.page(10, None)[0]
+        assert (job.params["image_name"], job.params["resize"], job.params["num_inference_steps"]) == (
+            "first.png", "crop", 2,
+        )  # fmt: skip
+    store.close()
+
+
+def test_riflex_doubles_the_longest_clip_the_form_takes(browser, tiny_rope_dir, tmp_path):
+    store, server = start_queue(tiny_rope_dir, tmp_path)
+    with server as url:
+        browser.get(url)
+        wait = WebDriverWait(browser, 10)
+        wait.until(lambda d: d.find_element(By.ID, "seconds").get_attribute("max"))
+        browser.find_element(By.CSS_SELECTOR, "#options summary").click()
+        assert browser.find_element(By.ID, "seconds").get_attribute("max") == "1.125"
+        browser.find_element(By.ID, "riflex").click()
+        assert browser.find_element(By.ID, "seconds").get_attribute("max") == "2.125"
+        browser.find_element(By.ID, "seconds").send_keys("2")
+        browser.find_element(By.ID, "prompt").send_keys("a long ride")
+        browser.find_element(By.ID, "submit").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#videos .card"))
+        [job] = store.page(10, None)[0]
+        assert (job.params["num_frames"], job.params["riflex"]) == (17, True)
     store.close()

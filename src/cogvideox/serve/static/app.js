@@ -57,9 +57,28 @@ async function loadModel() {
   size.replaceChildren(...model.sizes.map((s) => new Option(s, s)));
   $("#num_inference_steps").max = model.max_steps;
   $("#num_inference_steps").placeholder = model.num_inference_steps; // left empty: the server's default
-  $("#seconds").max = model.max_seconds;
   $("#seconds").placeholder = model.max_seconds; // not rounded: 6.125 shown as 6.13 would be over the max
   $("#guidance_scale").placeholder = model.guidance_scale;
+  // An image-to-video model starts every video from a picture; a model with RoPE can go longer with RIFLEx.
+  $("#first-frame").hidden = $("#resize-option").hidden = !model.image_to_video;
+  $("#input_reference").required = Boolean(model.image_to_video);
+  $("#riflex-option").hidden = !model.riflex_max_seconds;
+  longest();
+}
+
+function longest() { // the seconds a request may ask for: twice as long with RIFLEx
+  if (!model) return;
+  const seconds = $("#riflex").checked && model.riflex_max_seconds ? model.riflex_max_seconds : model.max_seconds;
+  $("#seconds").max = seconds;
+  $("#seconds").title = `at most ${seconds} s`;
+}
+
+function preview() { // the chosen first frame, small, beside its input
+  const image = $("#first-frame-preview");
+  if (image.src.startsWith("blob:")) URL.revokeObjectURL(image.src);
+  const [file] = $("#input_reference").files;
+  image.hidden = !file;
+  image.src = file ? URL.createObjectURL(file) : "";
 }
 
 let remixing = null; // the completed video the form remixes, or null to create one
@@ -69,7 +88,9 @@ function remixMode(video) { // video: remix it; null: back to creating
   $("#remixing").hidden = !video;
   $("#remix-of").textContent = video ? video.prompt : "";
   $("#strength-option").hidden = !video;
-  for (const name of ["size", "seconds"]) $(`#${name}`).disabled = Boolean(video); // a remix keeps the video's
+  for (const name of ["size", "seconds", "riflex"]) { // a remix keeps the video's
+    $(`#${name}`).disabled = Boolean(video);
+  }
   for (const name of ["num_inference_steps", "guidance_scale", "seed"]) { // and defaults to its settings
     const input = $(`#${name}`);
     input.dataset.own ??= input.placeholder; // the creating form's, the first time through
@@ -97,14 +118,19 @@ async function submit(event) {
     const value = $(`#${name}`).value;
     if (value !== "") body[name] = Number(value);
   }
+  if (!remixing && $("#riflex").checked) body.riflex = true;
+  let request = { headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) };
+  if (!remixing && model && model.image_to_video) { // the picture goes as a file: a multipart form
+    const form = new FormData();
+    for (const [name, value] of Object.entries(body)) form.append(name, String(value));
+    form.append("resize", $("#resize").value);
+    form.append("input_reference", $("#input_reference").files[0]);
+    request = { body: form }; // the browser writes the multipart Content-Type, with its boundary
+  }
   $("#submit").disabled = true;
   try {
     const path = remixing ? `/v1/videos/${remixing.id}/remix` : "/v1/videos";
-    const video = await (await api(path, {
-      method: "POST",
-      headers: { "Content-Type": "application/json" },
-      body: JSON.stringify(body),
-    })).json();
+    const video = await (await api(path, { method: "POST", ...request })).json();
     say(`Queued ${video.id}`);
     render(video, true);
     if (remixing) remixMode(null);
@@ -126,6 +152,8 @@ function describe(video) {
   if (video.remixed_from_video_id) {
     parts.push(`remix of ${video.remixed_from_video_id} at strength ${video.strength}`);
   }
+  if (video.input_reference) parts.push(`from ${video.input_reference} (${video.resize})`);
+  if (video.riflex) parts.push("RIFLEx");
   return parts.join(" · ");
 }
 
@@ -141,7 +169,7 @@ async function attachVideo(card, video) {
   download.href = src;
   download.download = `${video.id}.mp4`;
   download.hidden = false;
-  card.querySelector(".remix").hidden = false;
+  card.querySelector(".remix").hidden = Boolean(model && model.image_to_video); // the API remixes text-to-video only
   const gif = card.querySelector(".gif"); // made by the server on the first request
   gif.download = `${video.id}.gif`;
   if (apiKey) { // a link cannot send a Bearer header either: fetched on the first click, then kept
@@ -278,6 +306,8 @@ async function refresh() {
 
 $("#create").addEventListener("submit", submit);
 $("#stop-remix").addEventListener("click", () => remixMode(null));
+$("#riflex").addEventListener("change", longest);
+$("#input_reference").addEventListener("change", preview);
 $("#older").addEventListener("click", () => { wanted += 50; schedule(0); });
 $("#prompt").addEventListener("keydown", (event) => { // Enter is a new line; Ctrl+Enter (⌘+Enter) generates
   if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
