@@ -7,18 +7,15 @@ every prompt through a chat model first. Any OpenAI-compatible `/chat/completion
 image, for endpoints whose model sees images.
 
 A failing endpoint never costs a video: transient failures (no connection, a timeout, 429 or 5xx) are
-retried, and when every attempt fails the caller gets None and generates from the prompt as given.
+retried (`chat.ChatEndpoint`), and when every attempt fails the caller gets None and generates from the
+prompt as given.
 """
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import io
 import logging
-import time
 
-from cogvideox.errors import CogVideoXError
+from cogvideox.chat import ChatEndpoint, ChatError, jpeg_part
 
 log = logging.getLogger("cogvideox.enhance")
 
@@ -61,18 +58,17 @@ EXAMPLES = (
     ),
 )
 
-# A first frame is sent no larger than this: enough to describe, small enough for any endpoint.
-_IMAGE_SIDE = 1024
-_RETRIED_STATUS = {408, 429, 500, 502, 503, 504}  # worth another try; other answers will not change
 
-
-class EnhancerError(CogVideoXError):
+class EnhancerError(ChatError):
     """The endpoint answered nothing usable (after any retries)."""
 
 
-class PromptEnhancer:
+class PromptEnhancer(ChatEndpoint):
     """Client of an OpenAI-compatible chat endpoint (`base_url` such as http://host:port/v1) that rewrites
     prompts. `attempts` tries per prompt, `backoff` seconds before the second (doubling after)."""
+
+    role = "the prompt enhancer"
+    error = EnhancerError
 
     def __init__(
         self,
@@ -83,12 +79,7 @@ class PromptEnhancer:
         attempts: int = 3,
         backoff: float = 1.0,
     ) -> None:
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        self.model = model
-        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.timeout = timeout
-        self.attempts = max(1, attempts)
-        self.backoff = backoff
+        super().__init__(base_url, model, api_key, timeout, attempts, backoff)
 
     def messages(self, prompt: str, image=None) -> list[dict]:
         """The chat sent for `prompt`: the instructions, the worked examples, then the idea (with the first
@@ -99,42 +90,16 @@ class PromptEnhancer:
                 chat += [{"role": "user", "content": idea}, {"role": "assistant", "content": description}]
             chat.append({"role": "user", "content": prompt})
         else:
-            picture = {"type": "image_url", "image_url": {"url": _jpeg_data_url(image)}}
-            chat.append({"role": "user", "content": [{"type": "text", "text": prompt}, picture]})
+            chat.append({"role": "user", "content": [{"type": "text", "text": prompt}, jpeg_part(image)]})
         return chat
-
-    def _body(self, prompt: str, image) -> dict:
-        return {"model": self.model, "messages": self.messages(prompt, image), "temperature": 0.7, "max_tokens": 300}
 
     def rewrite(self, prompt: str, image=None) -> str:
         """The rewritten prompt; `EnhancerError` saying why when every attempt fails."""
-        import httpx
-
-        body = self._body(prompt, image)
-        with httpx.Client(timeout=self.timeout) as client:
-            attempt = 0
-            while True:  # until an answer, or `_check_retry` gives up
-                try:
-                    return _answer(client.post(self.url, json=body, headers=self.headers))
-                except (httpx.HTTPError, EnhancerError) as e:
-                    self._check_retry(e, attempt)
-                time.sleep(self.backoff * 2**attempt)
-                attempt += 1
+        return self.complete(self.body(self.messages(prompt, image)))
 
     async def arewrite(self, prompt: str, image=None) -> str:
         """`rewrite` for an event loop."""
-        import httpx
-
-        body = self._body(prompt, image)
-        async with httpx.AsyncClient(timeout=self.timeout) as client:
-            attempt = 0
-            while True:  # until an answer, or `_check_retry` gives up
-                try:
-                    return _answer(await client.post(self.url, json=body, headers=self.headers))
-                except (httpx.HTTPError, EnhancerError) as e:
-                    self._check_retry(e, attempt)
-                await asyncio.sleep(self.backoff * 2**attempt)
-                attempt += 1
+        return await self.acomplete(self.body(self.messages(prompt, image)))
 
     def enhance(self, prompt: str, image=None) -> str | None:
         """`rewrite`, or None (logged as a warning) when it fails: the caller goes on with the prompt."""
@@ -151,48 +116,3 @@ class PromptEnhancer:
         except EnhancerError as e:
             log.warning("%s; using the prompt as given", e)
             return None
-
-    def _check_retry(self, error: Exception, attempt: int) -> None:
-        """Return to try again after `error`, or raise `EnhancerError` saying why not."""
-        import httpx
-
-        transient = isinstance(error, httpx.TransportError) or (
-            isinstance(error, httpx.HTTPStatusError) and error.response.status_code in _RETRIED_STATUS
-        )
-        if transient and attempt + 1 < self.attempts:
-            return
-        tries = f" ({attempt + 1} attempts)" if attempt else ""
-        raise EnhancerError(f"the prompt enhancer at {self.url} failed{tries}: {_describe(error)}") from None
-
-
-def _answer(response) -> str:
-    """The description in a chat completion response, or `EnhancerError`."""
-    response.raise_for_status()
-    try:
-        text = response.json()["choices"][0]["message"]["content"]
-    except (ValueError, KeyError, IndexError, TypeError):
-        raise EnhancerError("the answer is not a chat completion") from None
-    text = text.strip().strip('"').strip() if isinstance(text, str) else ""
-    if not text:
-        raise EnhancerError("the answer is empty")
-    return text
-
-
-def _describe(error: Exception) -> str:
-    import httpx
-
-    if isinstance(error, httpx.HTTPStatusError):
-        return f"HTTP {error.response.status_code}"
-    return str(error) or type(error).__name__
-
-
-def _jpeg_data_url(image) -> str:
-    """An image (a file path, a PIL image or a uint8 [H, W, 3] array, as `conditioning.load_image` takes)
-    as a JPEG data URL, its longer side at most `_IMAGE_SIDE`."""
-    from cogvideox.conditioning import load_image
-
-    picture = load_image(image)
-    picture.thumbnail((_IMAGE_SIDE, _IMAGE_SIDE))  # in place, keeps the aspect ratio, never enlarges
-    buffer = io.BytesIO()
-    picture.save(buffer, format="JPEG", quality=90)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
