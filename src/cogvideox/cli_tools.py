@@ -1,17 +1,21 @@
-"""The `cogvideox` commands around the model: DDIM inversion, SAT checkpoint conversion and prompt
-rewriting.
+"""The `cogvideox` commands around the model: DDIM inversion, SAT checkpoint conversion, prompt rewriting
+and captions for fine-tuning data.
 
     cogvideox invert in.mp4 --prompt "a red ball rolls left" --output latents.safetensors --reconstruct out.mp4
     cogvideox regenerate latents.safetensors --output edit.mp4 --prompt "a blue ball rolls left"
     cogvideox convert sat/transformer --vae sat/vae/3d-vae.pt --base THUDM/CogVideoX-5b --output CogVideoX-5b-ft
     cogvideox enhance --file ideas.txt --prompt-enhancer http://localhost:11434/v1 > prompts.txt
+    cogvideox caption clips/ --captioner http://localhost:8000/v1 --captioner-model Qwen2-VL-7B-Instruct
 
-Thin layers over `cogvideox.inversion`, `cogvideox.sat` and `cogvideox.enhance`, like `generate` over `Pipeline`.
+Thin layers over `cogvideox.inversion`, `cogvideox.sat`, `cogvideox.enhance` and `cogvideox.caption`, like
+`generate` over `Pipeline`.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -48,7 +52,8 @@ _MODEL_HELP = "text-to-video " + MODEL_HELP  # inversion runs the text-to-video 
 
 
 def add_tool_parsers(commands) -> None:
-    """Add `invert`, `regenerate`, `convert`, `info` and `enhance` to the `cogvideox` command's sub-parsers."""
+    """Add `invert`, `regenerate`, `convert`, `info`, `enhance` and `caption` to the `cogvideox` command's
+    sub-parsers."""
     inv = commands.add_parser(
         "invert",
         help="DDIM-invert a video into the noise that regenerates it",
@@ -179,6 +184,50 @@ def add_tool_parsers(commands) -> None:
     )
     add_enhancer_arguments(enh, "the prompts into detailed descriptions")
     enh.set_defaults(run=_enhance)
+    _add_caption_parser(commands)
+
+
+def _add_caption_parser(commands) -> None:
+    from cogvideox import caption
+
+    cap = commands.add_parser(
+        "caption",
+        help="caption a folder of videos for fine-tuning, with a chat model that sees images",
+        description="Write a caption for every video of a data folder that has none, with an OpenAI-compatible "
+        "chat endpoint whose model sees images (GPT-4o, GLM-4V, Qwen2-VL under vLLM, llava under Ollama...): "
+        "it is shown a few frames spread over each clip and writes the dense paragraph CogVideoX was trained "
+        "on. Captions go into FOLDER/metadata.jsonl, the layout `cogvideox train` reads, rewritten after each "
+        "one: stop at any time and run again to go on. Captions already there are kept (those of prompts.txt + "
+        "videos.txt too, carried over). A video that cannot be decoded is reported and skipped; the run stops "
+        f"when the endpoint fails for {caption.STOP_AFTER} videos in a row. Exit status 1 when the endpoint "
+        "failed for any video (run again for those).",
+    )
+    arg = cap.add_argument
+    arg("folder", help="the data folder; its videos, in subfolders too (hidden ones left out), are captioned")
+    arg(
+        "--captioner",
+        metavar="URL",
+        default=os.environ.get(caption.ENV_URL) or None,
+        help=f"the chat endpoint, such as http://localhost:8000/v1 (default: ${caption.ENV_URL}); its key from "
+        f"${caption.ENV_KEY}",
+    )
+    arg(
+        "--captioner-model",
+        metavar="NAME",
+        default=os.environ.get(caption.ENV_MODEL) or caption.DEFAULT_MODEL,
+        help=f"its model, one that sees images (default: ${caption.ENV_MODEL}, else {caption.DEFAULT_MODEL})",
+    )
+    arg("--frames", type=positive_int, default=caption.DEFAULT_FRAMES,
+        help=f"frames shown per video, spread from its start to its end (default {caption.DEFAULT_FRAMES}, at most "
+        "32)")  # fmt: skip
+    arg("--context", help="what the clips have in common (who or what is in them, their style), told to the "
+        "model so it names things as you do")  # fmt: skip
+    arg("--prefix", default="", help="text put before each new caption, such as the trigger of a LoRA: "
+        "'In the xyz style, '")  # fmt: skip
+    arg("--overwrite", action="store_true", help="caption again the videos that have a caption")
+    arg("--jobs", type=positive_int, default=1, help="videos captioned at once (a remote API takes several)")
+    arg("--quiet", action="store_true", help="no progress bar, only the report")
+    cap.set_defaults(run=_caption)
 
 
 # Below this PSNR a reconstruction is another video (a plain inversion on the demo model: 0.3-6 dB).
@@ -354,6 +403,33 @@ def _enhance(args: argparse.Namespace) -> int:
     for prompt, path, kept in tqdm(work, desc="rewriting", unit="prompt", disable=len(work) < 2):
         print(" ".join(enhancer.rewrite(prompt, images.get(path)).split()) + kept, flush=True)
     return 0
+
+
+def _caption(args: argparse.Namespace) -> int:
+    from cogvideox import caption
+    from cogvideox.train.data import METADATA_FILE
+
+    url = (args.captioner or "").strip()
+    if not url:
+        raise InputError(
+            f"no endpoint: give --captioner URL (such as http://localhost:8000/v1) or set ${caption.ENV_URL}"
+        )
+    if not url.lower().startswith(("http://", "https://")):
+        raise InputError(f"--captioner {url}: give the endpoint's address, such as http://localhost:8000/v1")
+    captioner = caption.VideoCaptioner(
+        url, args.captioner_model, os.environ.get(caption.ENV_KEY) or None, frames=args.frames, context=args.context
+    )
+    report = caption.caption_folder(args.folder, captioner, args.prefix, args.overwrite, args.jobs, not args.quiet)
+    for video, why in report.skipped:
+        print(f"cogvideox caption: skipped {video}: {why}", file=sys.stderr)
+    for video, why in report.failed:
+        print(f"cogvideox caption: no caption for {video}: {why}", file=sys.stderr)
+    metadata = Path(args.folder) / METADATA_FILE
+    summary = f"{len(report.written)} captions written to {metadata}" if report.written else "no caption written"
+    print(f"{summary}; {report.kept} kept, {len(report.skipped)} skipped, {len(report.failed)} failed")
+    if report.stopped:
+        print(f"cogvideox caption: stopped: {report.stopped}; run again to go on", file=sys.stderr)
+    return 1 if report.failed else 0
 
 
 def _convert(args: argparse.Namespace) -> int:

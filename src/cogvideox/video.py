@@ -290,6 +290,26 @@ def read_frames(path: str | Path, fps: float | None, max_frames: int) -> np.ndar
     return np.stack(frames)
 
 
+def sample_frames(path: str | Path, count: int) -> np.ndarray:
+    """`count` frames spread evenly over a whole video, from its first, as uint8 [count, H, W, 3], upright:
+    what it shows, from start to end (a captioner's view). A video of unknown length gives its first
+    `count` frames. Errors as `read_frames`."""
+    import av
+
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise _NoVideoStream()
+        stream = container.streams.video[0]
+        if stream.duration and stream.time_base:
+            seconds = float(stream.duration * stream.time_base)
+        elif container.duration:
+            seconds = container.duration / av.time_base
+        else:
+            rate = stream.average_rate
+            seconds = stream.frames / float(rate) if stream.frames and rate else 0.0
+    return read_frames(path, count / seconds if seconds > 0 else None, count)
+
+
 def _decode(path: str | Path, fps: float | None, max_frames: int) -> tuple[list[np.ndarray], float | None]:
     """`read_frames`' frames as a list (empty for a video without any), and the stream's frame rate."""
     import av

@@ -83,7 +83,7 @@ class Skipped:
 # The folder
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
     """A listing file's text: UTF-8, with or without the byte-order mark Windows editors write."""
     try:
         return path.read_text(encoding="utf-8-sig")
@@ -92,8 +92,9 @@ def _read_text(path: Path) -> str:
         raise InputError(f"{path} line {line} is not UTF-8 text; save the file as UTF-8") from None
 
 
-def _lines(path: Path) -> list[str]:
-    lines = [line.strip() for line in _read_text(path).splitlines()]
+def read_lines(path: Path) -> list[str]:
+    """A listing file's lines, stripped, without the blank lines at its end."""
+    lines = [line.strip() for line in read_text(path).splitlines()]
     while lines and not lines[-1]:
         lines.pop()
     return lines
@@ -137,7 +138,7 @@ def scan_folder(root: str | Path) -> tuple[list[Clip], list[Skipped]]:
 
 def _read_jsonl(path: Path) -> tuple[list[tuple[str, str, str | None]], list[Skipped]]:
     entries, skipped = [], []
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -159,7 +160,7 @@ def _read_jsonl(path: Path) -> tuple[list[tuple[str, str, str | None]], list[Ski
 
 
 def _read_line_files(prompts: Path, videos: Path) -> tuple[list[tuple[str, str, None]], list[Skipped]]:
-    captions, names = _lines(prompts), _lines(videos)
+    captions, names = read_lines(prompts), read_lines(videos)
     entries, skipped = [], []
     for i, name in enumerate(names):
         if not name:

@@ -1,0 +1,230 @@
+"""Captions for fine-tuning data: a chat model that sees images describes each video of a folder, and the
+captions land in the folder's `metadata.jsonl`, the layout `cogvideox train` reads.
+
+CogVideoX learned from dense captions (the paper's CogVLM2-Caption: a paragraph on the subject, its
+motion, the setting, the light and the camera), and fine-tunes best on captions of the same kind. Any
+OpenAI-compatible endpoint whose model sees images writes them here (GPT-4o, GLM-4V, Qwen2-VL under vLLM,
+llava under llama.cpp or Ollama...): it is shown a few frames spread over the clip, in order.
+
+The folder's captions are never lost: `metadata.jsonl` is rewritten whole after each caption (complete or
+not at all), captions already there are kept (unless `overwrite`), so a run stopped at any point goes on
+where it stopped. Captions of the official layout (`prompts.txt` + `videos.txt`) are carried over into it.
+A video that cannot be decoded is reported by name and skipped; when the endpoint fails for several
+videos in a row the run stops, keeping what it wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from typing import TYPE_CHECKING
+
+from cogvideox.chat import ChatEndpoint, ChatError, jpeg_part
+from cogvideox.errors import InputError
+from cogvideox.files import write_into_place
+
+if TYPE_CHECKING:
+    import numpy as np
+
+log = logging.getLogger("cogvideox.caption")
+
+ENV_URL = "COGVIDEOX_CAPTIONER"
+ENV_MODEL = "COGVIDEOX_CAPTIONER_MODEL"
+ENV_KEY = "COGVIDEOX_CAPTIONER_API_KEY"
+DEFAULT_MODEL = "gpt-4o-mini"
+DEFAULT_FRAMES = 6
+VIDEO_SUFFIXES = (".mp4", ".mov", ".m4v", ".webm", ".mkv", ".avi", ".gif")
+FRAME_SIDE = 512  # each frame's longer side as sent: enough to describe, small enough for six at once
+STOP_AFTER = 3  # the endpoint failing for this many videos in a row stops the run
+
+SYSTEM_PROMPT = (
+    "You caption videos for training a text-to-video model. You see {frames} frames of one short clip, in "
+    "order, spread evenly from its start to its end. Write one paragraph that describes the clip as it "
+    "plays: the main subject and how it looks, what it does and how it moves over the clip, the setting, "
+    "the lighting and colours, the shot and how the camera moves. Describe only what is visible; do not "
+    "mention frames, images or a video, and do not guess names. Present tense, under 120 words. Reply "
+    "with the caption only: no title, no quotes, no list."
+)
+
+
+class CaptionError(ChatError):
+    """The captioner answered nothing usable (after any retries)."""
+
+
+class VideoCaptioner(ChatEndpoint):
+    """Writes a caption of a video from `frames` frames of it. `context`: what the clips have in common
+    (who or what is in them, the style), said to the model so it can name things."""
+
+    role = "the captioner"
+    error = CaptionError
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str = DEFAULT_MODEL,
+        api_key: str | None = None,
+        frames: int = DEFAULT_FRAMES,
+        context: str | None = None,
+        timeout: float = 120.0,
+        attempts: int = 3,
+        backoff: float = 1.0,
+    ) -> None:
+        super().__init__(base_url, model, api_key, timeout, attempts, backoff)
+        if not 1 <= frames <= 32:
+            raise InputError(f"frames must be from 1 to 32, got {frames}")
+        self.frames = frames
+        self.context = context.strip() if context else None
+
+    def messages(self, frames: np.ndarray) -> list[dict]:
+        """The chat sent for a clip's frames (uint8 [N, H, W, 3], in order)."""
+        system = SYSTEM_PROMPT.format(frames=len(frames))
+        if self.context:
+            system += f" What the clips have in common, to name things by: {self.context}"
+        text = {"type": "text", "text": "Caption this clip."}
+        pictures = [jpeg_part(frame, FRAME_SIDE) for frame in frames]
+        return [{"role": "system", "content": system}, {"role": "user", "content": [text, *pictures]}]
+
+    def caption(self, video: str | Path) -> str:
+        """The caption of a video file; `InputError` when it cannot be decoded, `CaptionError` when the
+        endpoint fails."""
+        from cogvideox.video import sample_frames
+
+        try:
+            frames = sample_frames(video, self.frames)
+        except Exception as e:  # PyAV's errors for a damaged file, ValueError for one without frames
+            raise InputError(f"cannot decode it ({e})") from None
+        return self.complete(self.body(self.messages(frames), max_tokens=300, temperature=0.2))
+
+
+@dataclass
+class CaptionReport:
+    written: list[str] = field(default_factory=list)  # captioned in this run
+    kept: int = 0  # had a caption and were left alone
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (video, why): cannot be decoded
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (video, why): the endpoint failed
+    stopped: str | None = None  # why the run stopped early, if it did
+
+
+def read_entries(folder: Path) -> list[dict]:
+    """The folder's entries, each a dict with at least "video": `metadata.jsonl`'s objects as they are,
+    else the official layout's pairs, else none. `InputError` for a `metadata.jsonl` line that is not an
+    object with a video path (rewriting the file would lose it: it must be mended first)."""
+    from cogvideox.train.data import METADATA_FILE, PROMPT_FILES, VIDEOS_FILE, read_lines, read_text
+
+    path = folder / METADATA_FILE
+    if path.is_file():
+        entries = []
+        for number, line in enumerate(read_text(path).splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                entry = None
+            if not isinstance(entry, dict) or not isinstance(entry.get("video") or entry.get("file_name"), str):
+                raise InputError(f'{path} line {number} is not an object with a "video" path; mend or remove it')
+            if "video" not in entry:
+                entry = {"video": entry.pop("file_name"), **entry}
+            entries.append(entry)
+        return entries
+    prompts = next((folder / n for n in PROMPT_FILES if (folder / n).is_file()), None)
+    if prompts is None or not (folder / VIDEOS_FILE).is_file():
+        return []
+    captions, names = read_lines(prompts), read_lines(folder / VIDEOS_FILE)
+    pairs = [(name, captions[i] if i < len(captions) else "") for i, name in enumerate(names)]
+    return [{"video": name, "caption": text} for name, text in pairs if name]
+
+
+def _caption_of(entry: dict) -> str:
+    caption = entry.get("caption", entry.get("prompt", entry.get("text")))
+    return caption.strip() if isinstance(caption, str) else ""
+
+
+def find_videos(folder: Path, entries: list[dict]) -> list[str]:
+    """Video files under `folder` (relative POSIX paths, sorted), hidden folders and the entries' masks
+    left out."""
+    masks = {e["mask"] for e in entries if isinstance(e.get("mask"), str)}
+    found = []
+    for path in folder.rglob("*"):
+        relative = path.relative_to(folder)
+        if any(part.startswith(".") for part in relative.parts) or path.suffix.lower() not in VIDEO_SUFFIXES:
+            continue
+        if path.is_file() and relative.as_posix() not in masks:
+            found.append(relative.as_posix())
+    return sorted(found)
+
+
+def caption_folder(
+    folder: str | Path,
+    captioner: VideoCaptioner,
+    prefix: str = "",
+    overwrite: bool = False,
+    jobs: int = 1,
+    progress: bool = False,
+) -> CaptionReport:
+    """Caption every video of `folder` that has no caption yet (every one with `overwrite`), `jobs` at a
+    time, writing `metadata.jsonl` after each. `prefix` goes before each new caption (a trigger word for
+    a LoRA: "In the style of xyz, "). `progress`: a progress bar."""
+    from tqdm.auto import tqdm
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"no folder at {folder}")
+    entries = read_entries(folder)
+    by_video = {e["video"]: e for e in entries}
+    listed = len(entries)  # entries past these were found in the folder, and are written once captioned
+    for name in find_videos(folder, entries):
+        if name not in by_video:
+            by_video[name] = {"video": name}
+            entries.append(by_video[name])
+    report = CaptionReport()
+    todo = []
+    for entry in entries:
+        if _caption_of(entry) and not overwrite:
+            report.kept += 1
+        elif (folder / entry["video"]).is_file():
+            todo.append(entry)
+        else:
+            report.skipped.append((entry["video"], "file not found"))
+    if not todo:
+        return report
+
+    from cogvideox.train.data import METADATA_FILE
+
+    def write() -> None:
+        kept = entries[:listed] + [e for e in entries[listed:] if "caption" in e]
+        lines = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in kept)
+        write_into_place(folder / METADATA_FILE, lambda temporary: Path(temporary).write_text(lines, "utf-8"))
+
+    failures_in_a_row = 0
+    bar = tqdm(total=len(todo), desc="captioning", unit="video", disable=not progress)
+    with bar, ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = {pool.submit(captioner.caption, folder / e["video"]): e for e in todo}
+        for future in as_completed(futures):
+            if future.cancelled():  # the run stopped before it started
+                continue
+            entry = futures[future]
+            try:
+                caption = future.result()
+            except InputError as e:
+                report.skipped.append((entry["video"], str(e)))
+            except CaptionError as e:
+                report.failed.append((entry["video"], str(e)))
+                failures_in_a_row += 1
+                if failures_in_a_row >= STOP_AFTER and report.stopped is None:
+                    report.stopped = f"{captioner.role} failed for {STOP_AFTER} videos in a row: {e}"
+                    for waiting in futures:
+                        waiting.cancel()  # those not started; the running ones finish and are kept
+            else:
+                failures_in_a_row = 0
+                for other in ("prompt", "text"):  # one caption per entry: ours
+                    entry.pop(other, None)
+                entry["caption"] = prefix + caption
+                write()
+                report.written.append(entry["video"])
+            bar.update()
+    return report
