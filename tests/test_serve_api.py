@@ -761,3 +761,39 @@ def test_openapi_schema_matches_the_routes_and_the_answers(service):
     validate(client.post("/v1/videos", json={}).json(), "ErrorResponse")
     validate(client.delete(f"/v1/videos/{video['id']}").json(), "VideoDeleted")
     json.dumps(schema)  # the whole schema is plain JSON
+
+
+# -----------------------------------------------------------------------------------------------------
+# Retention
+
+
+def test_finished_videos_expire_with_their_files(tmp_path):
+    """--expire-after: a finished video says when it goes (expires_at), and then its job, MP4 and assets
+    go together; the server sweeps by itself while it runs."""
+    from cogvideox.serve.app import expire_videos
+
+    client, store, worker = make_client(tmp_path, CountingGenerator(), expire_after=3600)
+    video = client.post("/v1/videos", json={"prompt": "a cat"}).json()
+    assert video["expires_at"] is None  # not finished: no clock yet
+    assert worker.run_once()
+    done = client.get(f"/v1/videos/{video['id']}").json()
+    assert done["expires_at"] == int(store.get(video["id"]).completed_at + 3600)
+    assert client.get(f"/v1/videos/{video['id']}/content", params={"variant": "gif"}).status_code == 200
+    files = sorted(p.name for p in (tmp_path / "videos").iterdir())
+    assert len(files) == 2  # the MP4 and its GIF
+
+    assert expire_videos(store, tmp_path, 3600, now=time.time() + 3000) == 0
+    assert expire_videos(store, tmp_path, 3600, now=time.time() + 3601) == 1
+    assert list((tmp_path / "videos").iterdir()) == []
+    assert client.get(f"/v1/videos/{video['id']}").status_code == 404
+
+    # Inside the running app: a sweep every tenth of the retention.
+    data = tmp_path / "live"
+    spec = ModelSpec.from_folder(write_config_folder(tmp_path / "model"), "tiny")
+    live_store = SQLiteStore(data / "jobs.sqlite3")
+    live_worker = Worker(live_store, CountingGenerator(), data, spec.name, poll_interval=0.02)
+    with TestClient(create_app(spec, live_store, Settings(data_dir=data, expire_after=0.3), live_worker)) as live:
+        made = live.post("/v1/videos", json={"prompt": "a dog"}).json()
+        wait_until(lambda: live.get(f"/v1/videos/{made['id']}").status_code == 404, timeout=20, what="the sweep")
+        assert not video_path(data, made["id"]).exists()
+    live_store.close()

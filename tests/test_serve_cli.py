@@ -180,3 +180,25 @@ def test_worker_process_runs_a_queued_job_and_stops_on_sigterm(tiny_rope_dir, tm
     assert frames.shape == (9, 64, 64, 3) and fps == 8
     assert process.stderr.read() == ""  # a quiet log at --log-level warning
     store.close()
+
+
+def test_expire_after_is_hours_and_reaches_the_app(tmp_path, monkeypatch, tiny_rope_dir):
+    import socket
+
+    import uvicorn
+
+    from cogvideox.serve import app
+
+    assert parse(["serve"]).expire_after is None  # videos are kept unless asked
+    with pytest.raises(SystemExit):
+        parse(["serve", "--expire-after", "0"])
+    made = {}
+    monkeypatch.setattr(app, "create_app", lambda spec, store, settings, worker: made.setdefault("settings", settings))
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
+    with socket.socket() as probe:  # a port free now
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    argv = ["serve", "--model", str(tiny_rope_dir), "--no-worker", "--expire-after", "1.5", "--port", str(port),
+            "--data-dir", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    assert made["settings"].expire_after == 5400

@@ -221,3 +221,22 @@ def test_an_unreachable_postgres_is_one_clear_error():
     ) as error:
         PostgresStore("postgresql://user:secret@127.0.0.1:9/db", connect_timeout=0.3)
     assert "secret" not in str(error.value)
+
+
+def test_expire_removes_finished_jobs_older_than_the_cutoff_once(backend):
+    """Completed, failed and cancelled jobs that finished before the cutoff go (oldest first, `limit` at a
+    time); active ones and newer ones stay; two sweepers sharing the queue never both get a row."""
+    store, other = backend(), backend()
+    done, failed, cancelled, running, queued = (store.create("m", "o", PARAMS).id for _ in range(5))
+    store.cancel(cancelled)
+    for job_id in (done, failed, running):
+        assert store.claim("w", "m", 60).id == job_id
+    store.complete(done, "w", {"denoise": 1.0})
+    store.fail(failed, "w", "x", "y")
+    cutoff = time.time() + 1  # all three finished before it
+    assert store.expire(cutoff - 3600) == []  # none finished an hour earlier
+    first = store.expire(cutoff, limit=2)
+    assert [j.id for j in first] == [done, failed] and first[0].status == "completed"
+    assert [j.id for j in other.expire(cutoff)] == [cancelled]  # created third: ordered by creation
+    assert store.expire(cutoff) == [] and other.expire(cutoff) == []
+    assert {j.id for j in store.page(10)[0]} == {running, queued}

@@ -13,7 +13,10 @@ service is open and every caller sees every job.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -52,6 +55,8 @@ from cogvideox.serve.schemas import (
 from cogvideox.serve.spec import ModelSpec, parse_size
 from cogvideox.serve.worker import Worker, video_path
 
+log = logging.getLogger("cogvideox.serve")
+
 STATIC_DIR = Path(__file__).parent / "static"
 IMAGE = "input_reference"  # OpenAI's name for the picture a video starts from
 _IMAGE_DOC = "The first frame (PNG, JPEG or WebP), for an image-to-video model (image_to_video in GET /v1/models)."
@@ -67,6 +72,8 @@ class Settings:
         count for a request that gives none (a client that never sends the field is never refused for it).
     max_image_bytes: the largest `input_reference` file (read on a text-to-video model too, to refuse it by
         name).
+    expire_after: seconds after which a finished video is deleted (its job, MP4, assets and first frame),
+        as OpenAI's videos expire; None keeps them.
     """
 
     data_dir: Path
@@ -77,6 +84,7 @@ class Settings:
     max_image_bytes: int = 20 * 1024 * 1024  # an input_reference file, on top of max_body_bytes
     max_steps: int = 100
     prompt_enhancer: PromptEnhancer | None = field(default=None, repr=False)
+    expire_after: float | None = None
 
 
 def _errors(*statuses: int) -> dict:
@@ -95,9 +103,12 @@ def create_app(spec: ModelSpec, store: JobStore, settings: Settings, worker: Wor
     async def lifespan(app: FastAPI):
         if worker is not None:
             worker.start()
+        sweeper = asyncio.create_task(_sweep(store, settings)) if settings.expire_after else None
         try:
             yield
         finally:
+            if sweeper is not None:
+                sweeper.cancel()
             if worker is not None:
                 await run_in_threadpool(worker.stop)
 
@@ -123,6 +134,9 @@ def create_app(spec: ModelSpec, store: JobStore, settings: Settings, worker: Wor
                 headers={"WWW-Authenticate": "Bearer"},
             )
         return owner
+
+    def show(job: Job) -> Video:
+        return Video.from_job(job, settings.expire_after)
 
     def tenant(owner: str) -> str | None:
         """Whose jobs `owner` may see: its own when keys are set (each key a tenant), everyone's (None) on an
@@ -266,7 +280,7 @@ def create_app(spec: ModelSpec, store: JobStore, settings: Settings, worker: Wor
                 inputs.remove_image(settings.data_dir, params.get("image"))
         if worker is not None:
             worker.wake()
-        return Video.from_job(job)
+        return show(job)
 
     @app.get("/v1/videos", response_model=VideoList, tags=["videos"], responses=_errors(400, 401, 404))
     def list_videos(
@@ -279,7 +293,7 @@ def create_app(spec: ModelSpec, store: JobStore, settings: Settings, worker: Wor
         if after is not None:
             find(after, owner, param="after")
         jobs, has_more = store.page(limit, after, newest_first=order == "desc", owner=tenant(owner))
-        data = [Video.from_job(j) for j in jobs]
+        data = [show(j) for j in jobs]
         return VideoList(
             data=data,
             first_id=data[0].id if data else None,
@@ -290,7 +304,7 @@ def create_app(spec: ModelSpec, store: JobStore, settings: Settings, worker: Wor
     @app.get("/v1/videos/{video_id}", response_model=Video, tags=["videos"], responses=_errors(401, 404))
     def get_video(video_id: str, owner: str = Depends(caller)) -> Video:
         """A job: its status, progress (percent), timings once done, error if it failed."""
-        return Video.from_job(find(video_id, owner))
+        return show(find(video_id, owner))
 
     @app.api_route(
         "/v1/videos/{video_id}/content",
@@ -344,10 +358,7 @@ def create_app(spec: ModelSpec, store: JobStore, settings: Settings, worker: Wor
         if not store.delete(job.id):  # it finished, or went, in the meantime
             find(video_id, owner)
             raise ApiError(404, "video_not_found", f"video {video_id} changed while deleting; try again")
-        video = video_path(settings.data_dir, job.id)
-        for path in (video, *assets.derived_paths(video)):
-            path.unlink(missing_ok=True)
-        inputs.remove_image(settings.data_dir, job.params.get("image"))
+        delete_files(settings.data_dir, job)
         return VideoDeleted(id=job.id, deleted=True, status="deleted")
 
     @app.get("/openapi.json", include_in_schema=False)
@@ -378,6 +389,39 @@ def create_app(spec: ModelSpec, store: JobStore, settings: Settings, worker: Wor
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.openapi = lambda: _openapi(app)
     return app
+
+
+def delete_files(data_dir: Path, job: Job) -> None:
+    """A deleted job's files: its MP4, the assets made from it, its first frame."""
+    video = video_path(data_dir, job.id)
+    for path in (video, *assets.derived_paths(video)):
+        path.unlink(missing_ok=True)
+    inputs.remove_image(data_dir, job.params.get("image"))
+
+
+def expire_videos(store: JobStore, data_dir: Path, expire_after: float, now: float | None = None) -> int:
+    """Delete the videos that finished more than `expire_after` seconds before `now`; how many."""
+    before = (time.time() if now is None else now) - expire_after
+    count = 0
+    while jobs := store.expire(before):
+        for job in jobs:
+            delete_files(data_dir, job)
+        count += len(jobs)
+    return count
+
+
+async def _sweep(store: JobStore, settings: Settings) -> None:
+    """`expire_videos` now and then (every tenth of the retention, at most a minute apart), for the
+    server's life; a failure (the database away) is logged and tried again at the next round."""
+    interval = min(60.0, settings.expire_after / 10)
+    while True:
+        try:
+            count = await run_in_threadpool(expire_videos, store, settings.data_dir, settings.expire_after)
+            if count:
+                log.info("deleted %d expired video%s", count, "" if count == 1 else "s")
+        except Exception as e:
+            log.warning("deleting expired videos failed: %s", e)
+        await asyncio.sleep(interval)
 
 
 def _file_gone(video_id: str) -> ApiError:

@@ -133,6 +133,13 @@ def add_serve_parsers(commands) -> None:
         "the native size)",
     )
     serve.add_argument(
+        "--expire-after",
+        type=positive_float,
+        metavar="HOURS",
+        help="delete each finished video (its job, MP4, GIF and thumbnails, first frame) this many hours after "
+        "it finished, as OpenAI's videos expire; the API shows when in expires_at (default: keep them)",
+    )
+    serve.add_argument(
         "--no-worker",
         action="store_true",
         help="API only: separate `cogvideox worker` processes generate (default: one worker in this process)",
@@ -275,6 +282,7 @@ def run_serve(args: argparse.Namespace) -> int:
         max_active_per_key=args.max_queue,
         max_steps=args.max_steps,
         prompt_enhancer=enhancer,
+        expire_after=args.expire_after * 3600 if args.expire_after else None,
     )
     store = open_store(args.db, args.data_dir)
     worker = None if args.no_worker else _build_worker(args, spec, store, load, speed)

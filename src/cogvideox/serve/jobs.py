@@ -159,6 +159,17 @@ class JobStore:
         )
         return changed == 1
 
+    def expire(self, before: float, limit: int = 100) -> list[Job]:
+        """Remove up to `limit` jobs that finished (completed, failed or cancelled) before `before`, oldest
+        first; the removed jobs, whose files the caller removes. Each row goes to one caller only, however
+        many servers sweep at once."""
+        rows, _ = self._run(
+            "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE status IN ('completed', 'failed', "
+            "'cancelled') AND completed_at < ? ORDER BY seq LIMIT ?) RETURNING *",
+            (before, limit),
+        )
+        return [Job.from_row(r) for r in sorted(rows, key=lambda r: r["seq"])]  # RETURNING has no order
+
     def stats(self) -> dict[str, Any]:
         """Jobs by status, and the generation-time histogram of completed jobs (for /metrics)."""
         rows, _ = self._run("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status")

@@ -162,7 +162,7 @@ class Video(BaseModel):
     progress: int = Field(ge=0, le=100, description="Percent done.")
     created_at: int
     completed_at: int | None = None
-    expires_at: int | None = None
+    expires_at: int | None = Field(None, description="When a finished video is deleted (a server with --expire-after).")
     prompt: str
     seconds: str = Field(description="Length of the clip: frames / fps.")
     size: str
@@ -183,8 +183,10 @@ class Video(BaseModel):
     riflex: bool = False
 
     @classmethod
-    def from_job(cls, job: Job) -> Video:
+    def from_job(cls, job: Job, expire_after: float | None = None) -> Video:
+        """The job as the API shows it; `expire_after`: the server's retention (seconds), for `expires_at`."""
         p = job.params
+        expires = job.completed_at + expire_after if expire_after and job.completed_at is not None else None
         return cls(
             id=job.id,
             model=job.model,
@@ -192,6 +194,7 @@ class Video(BaseModel):
             progress=job.progress,
             created_at=int(job.created_at),
             completed_at=int(job.completed_at) if job.completed_at is not None else None,
+            expires_at=int(expires) if expires is not None else None,
             prompt=p["prompt"],
             seconds=f"{p['num_frames'] / p['fps']:g}",
             size=f"{p['width']}x{p['height']}",

@@ -154,6 +154,7 @@ function describe(video) {
   }
   if (video.input_reference) parts.push(`from ${video.input_reference} (${video.resize})`);
   if (video.riflex) parts.push("RIFLEx");
+  if (video.expires_at) parts.push(`kept until ${new Date(video.expires_at * 1000).toLocaleString()}`);
   return parts.join(" · ");
 }
 
