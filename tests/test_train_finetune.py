@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,8 @@ def config(data_dir, model, out, **changes):
 
 
 def losses(out):
-    return [(r["step"], r["loss"], r["lr"]) for r in map(json.loads, (Path(out) / "loss.jsonl").read_text().splitlines())]
+    records = map(json.loads, (Path(out) / "loss.jsonl").read_text().splitlines())
+    return [(r["step"], r["loss"], r["lr"]) for r in records if "loss" in r]  # not the validation rounds' colours
 
 
 def interrupt_at(monkeypatch, stop: int):
@@ -76,6 +78,10 @@ def test_run_reports_skipped_videos_and_writes_a_lora(data_dir, tiny_rope_dir, t
     assert (tmp_path / "loss.png").stat().st_size > 1000
     frames, fps = read_video(tmp_path / "validation" / "step-2-0.mp4")
     assert frames.shape == (9, 32, 48, 3) and fps == 8
+    # Step 0 is the base model's round, the reference; each round's colours are in the log.
+    assert (tmp_path / "validation" / "step-0-0.mp4").is_file()
+    rounds = [r for r in map(json.loads, (tmp_path / "loss.jsonl").read_text().splitlines()) if "loss" not in r]
+    assert [r["step"] for r in rounds] == [0, 2] and all(0 <= r["validation_saturation"] <= 1 for r in rounds)
     # The result loads back and matches the trained adapter.
     pipe = Pipeline.from_pretrained(tiny_rope_dir, lora=path)
     saved = load_file(str(path))
@@ -175,7 +181,7 @@ def test_validation_follows_the_models_recommended_guidance(data_dir, tiny_rope_
     out = tmp_path / "run"
     validated = dict(validation_every=2, validation_prompts=["a cat"], validation_steps=2, checkpoint_every=2)
     finetune(config(data_dir, base, out, steps=2, **validated))
-    assert seen == [(2.5, True, "reference")]  # the model's scale and dynamic CFG, as `generate` uses
+    assert seen == [(2.5, True, "reference")] * 2  # step 0 and 2: the model's scale and dynamic CFG, as `generate`
     recorded = json.loads((out / "config.json").read_text())
     assert recorded["validation_guidance"] == 2.5  # what was used, not "the model's"
 
@@ -183,11 +189,11 @@ def test_validation_follows_the_models_recommended_guidance(data_dir, tiny_rope_
     # fixed 6), even though the model recommends another ...
     (out / "config.json").write_text(json.dumps(recorded | {"validation_guidance": 6.0}))
     finetune(config(data_dir, base, out, steps=4, **validated))
-    assert seen[1:] == [(6.0, True, "reference")]
+    assert seen[2:] == [(6.0, True, "reference")]
     assert json.loads((out / "config.json").read_text())["validation_guidance"] == 6.0
     # ... unless it is given one.
     finetune(config(data_dir, base, out, steps=6, validation_guidance=4.0, **validated))
-    assert seen[2:] == [(4.0, True, "reference")]
+    assert seen[3:] == [(4.0, True, "reference")]
     assert json.loads((out / "config.json").read_text())["validation_guidance"] == 4.0
 
     # The demo model recommends 2.5 (read from its folder, no weights loaded).
@@ -560,7 +566,9 @@ def test_validation_videos_cut_off_by_an_interruption_are_made_on_resume(data_di
     original = Run.validate
 
     def ctrl_c_during_the_second_video(self, step):
-        original(self, step)
+        measured = original(self, step)
+        if step == 0:  # the base model's round goes through
+            return measured
         (self.out / "validation" / f"step-{step}-1.mp4").unlink()
         raise KeyboardInterrupt
 
@@ -570,5 +578,25 @@ def test_validation_videos_cut_off_by_an_interruption_are_made_on_resume(data_di
     monkeypatch.setattr(Run, "validate", original)
     finetune(config(data_dir, tiny_rope_dir, tmp_path, **settings))
     assert sorted(p.name for p in (tmp_path / "validation").iterdir()) == [
-        "step-2-0.mp4", "step-2-1.mp4", "step-4-0.mp4", "step-4-1.mp4"]
+        "step-0-0.mp4", "step-0-1.mp4", "step-2-0.mp4", "step-2-1.mp4", "step-4-0.mp4", "step-4-1.mp4"]
     assert [s for s, _, _ in losses(tmp_path)] == [1, 2, 3, 4]
+
+
+def test_burnt_validation_colours_are_a_warning(data_dir, tiny_rope_dir, tmp_path, monkeypatch):
+    """A round whose colours left the base model's far behind warns, naming the figures and the levers; a
+    resumed run still knows the base model's figures from its log."""
+    from cogvideox.train import colour
+
+    figures = iter([{"validation_saturation": 0.30, "validation_vivid": 0.02},  # step 0: the base model
+                    {"validation_saturation": 0.35, "validation_vivid": 0.04},  # step 2: fine
+                    {"validation_saturation": 0.62, "validation_vivid": 0.31}])  # step 4: burnt  # fmt: skip
+    monkeypatch.setattr(colour, "measure", lambda videos: next(figures))
+    settings = dict(validation_every=2, validation_prompts=["a cat"], validation_steps=2, checkpoint_every=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning up to step 2
+        finetune(config(data_dir, tiny_rope_dir, tmp_path, steps=2, **settings))
+    with pytest.warns(UserWarning, match=r"at step 4 are far more saturated than the base model's: mean saturation "
+                      r"0.30 -> 0.62, fully saturated pixels 2% -> 31%.*learning rate \(0.01\) is likely too high"):
+        finetune(config(data_dir, tiny_rope_dir, tmp_path, steps=4, **settings))
+    rounds = [r for r in map(json.loads, (tmp_path / "loss.jsonl").read_text().splitlines()) if "loss" not in r]
+    assert [(r["step"], r["validation_vivid"]) for r in rounds] == [(0, 0.02), (2, 0.04), (4, 0.31)]

@@ -42,6 +42,7 @@ from cogvideox import loading
 from cogvideox.errors import InputError, NonFiniteError
 from cogvideox.files import lock_folder, prepare_folder
 
+from . import colour
 from . import lora as lora_lib
 from .cache import CachedDataset, precompute
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, step_generator
@@ -430,11 +431,12 @@ class Run:
     # -- output --------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def validate(self, step: int) -> list[Path]:
+    def validate(self, step: int) -> dict[str, float] | None:
         """Videos of the validation prompts with the current weights, in `validation/` (written by rank
-        0; with sharded weights every rank takes part in sampling)."""
+        0; with sharded weights every rank takes part in sampling); their colours (`colour.measure`) on
+        rank 0, None on the others."""
         from cogvideox.pipeline import Pipeline
-        from cogvideox.video import export_video
+        from cogvideox.video import as_frames, export_video
 
         c = self.config
         if self.device.type == "cuda":
@@ -445,7 +447,7 @@ class Run:
         pipe.sampling_defaults = self.sampling_defaults  # the model's dynamic CFG, as `generate` samples
         bucket = self.buckets[0]
         self.transformer.eval()
-        paths = []
+        videos = []
         try:
             for i, prompt in enumerate(c.validation_prompts):
                 with self.autocast():  # fp32 masters (full fine-tuning) next to a bf16 VAE and T5
@@ -464,13 +466,14 @@ class Run:
                     continue
                 path = self.out / "validation" / f"step-{step}-{i}.mp4"
                 path.parent.mkdir(parents=True, exist_ok=True)
-                paths.append(export_video(result.frames[0], path, fps=self.fps))
+                videos.append(as_frames(result.frames[0]))
+                export_video(videos[-1], path, fps=self.fps)
         finally:
             self.transformer.train()
             if self.device.type == "cuda":
                 self.vae.to("cpu")
                 self.text_encoder.model.to("cpu")
-        return paths
+        return colour.measure(videos) if self.procs.main else None
 
     def recorded_config(self) -> dict:
         """The settings `config.json` records: the config's, with the validation guidance actually used
@@ -616,12 +619,24 @@ def finetune(config: FinetuneConfig) -> Path:
             run.out.mkdir(parents=True, exist_ok=True)
             (run.out / "config.json").write_text(json.dumps(run.recorded_config(), indent=2) + "\n")
         log = JsonlLog(run.out / "loss.jsonl", resume_step=start) if main else None
-        if c.validation_every and start and start % c.validation_every == 0 and (main or run.sharded):
-            # A run stopped while it made its videos resumes from the checkpoint written just before:
-            # they are made now, or never.
+
+        def validate(step: int) -> None:
+            """A validation round; its colours go into the log, with a warning when they burn."""
+            measured = run.validate(step)
+            if log is not None and measured is not None:
+                log.write(step, **measured)
+                warning = colour.burn_warning(colour.base_colours(log.read()), measured, step, c.lr)
+                if warning:
+                    warnings.warn(warning, stacklevel=2)
+
+        rounds_ahead = c.validation_every and c.validation_every <= c.steps
+        if rounds_ahead and start % c.validation_every == 0 and (main or run.sharded):
+            # Step 0: the base model's videos, the reference the later rounds are seen against. A run stopped
+            # while it made its videos resumes from the checkpoint written just before: they are made now,
+            # or never.
             if not all((run.out / "validation" / f"step-{start}-{i}.mp4").is_file()
                        for i in range(len(c.validation_prompts))):
-                run.validate(start)
+                validate(start)
         bar = tqdm(range(start, c.steps), initial=start, total=c.steps, desc="fine-tune",
                    disable=not (c.progress and main))
         # `seconds` runs on across restarts, from where the kept log ends: one clock for the whole curve.
@@ -636,7 +651,7 @@ def finetune(config: FinetuneConfig) -> Path:
             if done % c.checkpoint_every == 0 or done == c.steps:
                 run.save(done)
             if c.validation_every and done % c.validation_every == 0 and (main or run.sharded):
-                run.validate(done)
+                validate(done)
         bar.close()
         if main:
             plot_curve(log.read(), "loss", run.out / "loss.png", title="fine-tuning loss")
