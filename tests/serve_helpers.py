@@ -17,6 +17,11 @@ from helpers import TINY_VAE_KWARGS, tiny_transformer_kwargs
 
 from cogvideox.serve.worker import Generated
 
+try:  # a module name, for FastAPI to resolve the stand-in's annotation (these helpers postpone them)
+    from fastapi import Request
+except ImportError:  # the serve tests skip themselves then
+    Request = None
+
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 PG_URL_ENV = "COGVIDEOX_TEST_PG_URL"
@@ -71,6 +76,57 @@ def serving(app):
         server.should_exit = True
         thread.join(30)
         sock.close()
+
+
+@contextmanager
+def chat_stand_in(respond):
+    """A stand-in for any OpenAI-compatible chat server, on loopback. Each POST /v1/chat/completions is
+    recorded as {"body", "authorization"} and answered by `respond(body)`: a string is the answer's text,
+    an int an error of that status, a dict a body sent as it is. Yields (the base URL, ending in /v1, and
+    the list of records)."""
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
+
+    app = FastAPI()
+    requests = []
+
+    @app.post("/v1/chat/completions")
+    async def complete(request: Request):
+        body = await request.json()
+        requests.append({"body": body, "authorization": request.headers.get("authorization")})
+        answer = respond(body)
+        if isinstance(answer, int):
+            return JSONResponse({"error": {"message": "stand-in error"}}, status_code=answer)
+        if isinstance(answer, dict):
+            return answer
+        message = {"role": "assistant", "content": answer}
+        return {"object": "chat.completion", "choices": [{"index": 0, "message": message, "finish_reason": "stop"}]}
+
+    with serving(app) as url:
+        yield url + "/v1", requests
+
+
+@contextmanager
+def in_process_service(folder, name: str, data: Path, pipe, extra_sizes=()):
+    """The model at `folder` (loaded as `pipe`) served with its worker in this process, as `cogvideox serve`
+    runs it, without rate or queue limits: yields (a TestClient, once the worker is ready; the store)."""
+    from fastapi.testclient import TestClient
+
+    from cogvideox.serve.app import Settings, create_app
+    from cogvideox.serve.jobs import SQLiteStore
+    from cogvideox.serve.spec import ModelSpec
+    from cogvideox.serve.worker import PipelineGenerator, Worker
+
+    spec = ModelSpec.from_folder(folder, name, extra_sizes=extra_sizes)
+    store = SQLiteStore(data / "jobs.sqlite3")
+    worker = Worker(store, PipelineGenerator(pipe=pipe), data, spec.name, poll_interval=0.05)
+    app = create_app(spec, store, Settings(data_dir=data, rate_limit=0, max_active_per_key=0), worker)
+    try:
+        with TestClient(app) as client:
+            wait_until(lambda: client.get("/healthz").json()["worker"] == "ready", what="the worker")
+            yield client, store
+    finally:
+        store.close()
 
 
 def write_config_folder(folder: Path, **transformer_overrides) -> Path:

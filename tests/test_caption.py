@@ -11,12 +11,17 @@ import pytest
 
 pytest.importorskip("fastapi")
 
-from fastapi import FastAPI, Request  # noqa: E402
-from fastapi.responses import JSONResponse  # noqa: E402
 from PIL import Image  # noqa: E402
-from serve_helpers import serving  # noqa: E402
+from serve_helpers import chat_stand_in  # noqa: E402
 
-from cogvideox.caption import ENV_KEY, ENV_URL, SYSTEM_PROMPT, CaptionError, VideoCaptioner, caption_folder  # noqa: E402
+from cogvideox.caption import (  # noqa: E402
+    ENV_KEY,
+    ENV_URL,
+    SYSTEM_PROMPT,
+    CaptionError,
+    VideoCaptioner,
+    caption_folder,
+)
 from cogvideox.cli import main  # noqa: E402
 from cogvideox.errors import InputError  # noqa: E402
 from cogvideox.train.data import scan_folder  # noqa: E402
@@ -41,24 +46,18 @@ def colour_of(pixels) -> str:
 def endpoint():
     """Answers with what it saw: "N frames, COLOUR to COLOUR" (first and last picture). A system prompt
     that mentions "refuse" gets a 400, one that mentions "down" a 500."""
-    app = FastAPI()
-    app.state.requests = []
 
-    @app.post("/v1/chat/completions")
-    async def complete(request: Request):
-        body = await request.json()
-        app.state.requests.append({"body": body, "authorization": request.headers.get("authorization")})
+    def respond(body):
         system = body["messages"][0]["content"]
         if "refuse" in system or "down" in system:
-            return JSONResponse({"error": {"message": "no"}}, status_code=400 if "refuse" in system else 500)
+            return 400 if "refuse" in system else 500
         parts = body["messages"][1]["content"]
         pictures = [p["image_url"]["url"].split(",", 1)[1] for p in parts if p["type"] == "image_url"]
         seen = [colour_of(Image.open(io.BytesIO(base64.b64decode(p))).convert("RGB")) for p in pictures]
-        answer = {"role": "assistant", "content": f'"{len(seen)} frames, {seen[0]} to {seen[-1]}"'}
-        return {"object": "chat.completion", "choices": [{"index": 0, "message": answer, "finish_reason": "stop"}]}
+        return f'"{len(seen)} frames, {seen[0]} to {seen[-1]}"'
 
-    with serving(app) as url:
-        yield url + "/v1", app.state.requests
+    with chat_stand_in(respond) as stand_in:
+        yield stand_in
 
 
 @pytest.fixture

@@ -11,10 +11,8 @@ import pytest
 
 pytest.importorskip("fastapi")
 
-from fastapi import FastAPI, Request  # noqa: E402
-from fastapi.responses import JSONResponse  # noqa: E402
 from PIL import Image  # noqa: E402
-from serve_helpers import serving  # noqa: E402
+from serve_helpers import chat_stand_in  # noqa: E402
 
 from cogvideox import read_video  # noqa: E402
 from cogvideox.cli import main  # noqa: E402
@@ -36,31 +34,24 @@ REWRITTEN = "A grey cat sleeps on a woven mat by a sunny window; dust drifts in 
 def endpoint():
     """Answers chat completions with REWRITTEN (quoted and padded, as chat models do), and records each
     request. By the idea sent: "down" always gets a 500, "flaky" a 503 on every other request (the first
-    of each retried pair), "refused"
-    a 400, "silent" an empty answer, "odd" a body that is no chat completion."""
-    app = FastAPI()
-    app.state.requests = []
+    of each retried pair), "refused" a 400, "silent" an empty answer, "odd" a body that is no chat
+    completion."""
     flaky = [0]
 
-    @app.post("/v1/chat/completions")
-    async def complete(request: Request):
-        body = await request.json()
-        app.state.requests.append({"body": body, "authorization": request.headers.get("authorization")})
+    def respond(body):
         idea = body["messages"][-1]["content"]
         idea = idea if isinstance(idea, str) else idea[0]["text"]
         flaky[0] += idea == "flaky"
         if idea == "down" or (idea == "flaky" and flaky[0] % 2):
-            return JSONResponse({"error": {"message": "busy"}}, status_code=500 if idea == "down" else 503)
+            return 500 if idea == "down" else 503
         if idea == "refused":
-            return JSONResponse({"error": {"message": "no such model"}}, status_code=400)
+            return 400
         if idea == "odd":
             return {"object": "list", "data": []}
-        content = "" if idea == "silent" else f'  "{REWRITTEN}"\n'
-        answer = {"role": "assistant", "content": content}
-        return {"object": "chat.completion", "choices": [{"index": 0, "message": answer, "finish_reason": "stop"}]}
+        return "" if idea == "silent" else f'  "{REWRITTEN}"\n'
 
-    with serving(app) as url:
-        yield url + "/v1", app.state.requests
+    with chat_stand_in(respond) as (url, requests):
+        yield url, requests
 
 
 def fast(url, **kwargs):

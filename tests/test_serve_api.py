@@ -12,14 +12,20 @@ import pytest
 pytest.importorskip("fastapi")
 
 from fastapi.testclient import TestClient  # noqa: E402
-from serve_helpers import BlockingGenerator, CountingGenerator, wait_until, write_config_folder  # noqa: E402
+from serve_helpers import (  # noqa: E402
+    BlockingGenerator,
+    CountingGenerator,
+    in_process_service,
+    wait_until,
+    write_config_folder,
+)
 
 from cogvideox.errors import InputError  # noqa: E402
 from cogvideox.pipeline import Pipeline  # noqa: E402
 from cogvideox.serve.app import Settings, create_app  # noqa: E402
 from cogvideox.serve.jobs import SQLiteStore  # noqa: E402
 from cogvideox.serve.spec import ModelSpec  # noqa: E402
-from cogvideox.serve.worker import PipelineGenerator, Worker, video_path  # noqa: E402
+from cogvideox.serve.worker import Worker, video_path  # noqa: E402
 from cogvideox.video import export_video, read_metadata, read_video  # noqa: E402
 
 FAST = {"num_inference_steps": 2}
@@ -43,14 +49,8 @@ def pipe(tiny_rope_dir):
 def service(tiny_rope_dir, pipe, tmp_path_factory):
     """The tiny model served with its worker in-process, as `cogvideox serve` runs it."""
     data = tmp_path_factory.mktemp("serve-api")
-    spec = ModelSpec.from_folder(tiny_rope_dir, "tiny", extra_sizes=("32x32",))
-    store = SQLiteStore(data / "jobs.sqlite3")
-    worker = Worker(store, PipelineGenerator(pipe=pipe), data, spec.name, poll_interval=0.05)
-    app = create_app(spec, store, Settings(data_dir=data, rate_limit=0, max_active_per_key=0), worker)
-    with TestClient(app) as client:
-        wait_until(lambda: client.get("/healthz").json()["worker"] == "ready", what="the worker")
+    with in_process_service(tiny_rope_dir, "tiny", data, pipe, extra_sizes=("32x32",)) as (client, store):
         yield client, store, data
-    store.close()
 
 
 def make_client(tmp_path, generate=None, **settings):

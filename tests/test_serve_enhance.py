@@ -8,10 +8,8 @@ import pytest
 
 pytest.importorskip("fastapi")
 
-from fastapi import FastAPI, Request  # noqa: E402
-from fastapi.responses import JSONResponse  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
-from serve_helpers import serving, write_config_folder  # noqa: E402
+from serve_helpers import chat_stand_in, write_config_folder  # noqa: E402
 
 from cogvideox.serve.app import Settings, create_app  # noqa: E402
 from cogvideox.enhance import PromptEnhancer  # noqa: E402
@@ -24,22 +22,9 @@ REWRITTEN = "A giant panda in a bamboo grove strums a small guitar; soft morning
 
 @pytest.fixture(scope="module")
 def chat_endpoint():
-    """A stand-in for any OpenAI-compatible server: answers chat completions, records the requests;
-    the prompt "fail" gets a 500."""
-    app = FastAPI()
-    app.state.requests = []
-
-    @app.post("/v1/chat/completions")
-    async def complete(request: Request):
-        body = await request.json()
-        app.state.requests.append({"body": body, "authorization": request.headers.get("authorization")})
-        if body["messages"][-1]["content"] == "fail":
-            return JSONResponse({"error": {"message": "down"}}, status_code=500)
-        answer = {"role": "assistant", "content": f'  "{REWRITTEN}"\n'}
-        return {"object": "chat.completion", "choices": [{"index": 0, "message": answer, "finish_reason": "stop"}]}
-
-    with serving(app) as url:
-        yield url, app.state.requests
+    """Answers every chat completion with REWRITTEN; the prompt "fail" gets a 500."""
+    with chat_stand_in(lambda body: 500 if body["messages"][-1]["content"] == "fail" else f'  "{REWRITTEN}"\n') as e:
+        yield e
 
 
 class RecordingPipe:
@@ -72,7 +57,7 @@ def service(tmp_path, enhancer_url):
 
 def test_the_enhanced_prompt_is_generated(chat_endpoint, tmp_path):
     url, requests = chat_endpoint
-    client, worker, pipe = service(tmp_path, url + "/v1")
+    client, worker, pipe = service(tmp_path, url)
     requests.clear()
     video = client.post("/v1/videos", json={"prompt": "panda with guitar"}).json()
     assert video["prompt"] == "panda with guitar" and video["enhanced_prompt"] == REWRITTEN
@@ -87,7 +72,7 @@ def test_the_enhanced_prompt_is_generated(chat_endpoint, tmp_path):
 
 def test_opting_out_or_a_failing_enhancer_keeps_the_prompt(chat_endpoint, tmp_path):
     url, requests = chat_endpoint
-    client, worker, pipe = service(tmp_path, url + "/v1")
+    client, worker, pipe = service(tmp_path, url)
     requests.clear()
     kept = client.post("/v1/videos", json={"prompt": "a cat", "enhance_prompt": False}).json()
     assert kept["enhanced_prompt"] is None and requests == []
@@ -117,7 +102,7 @@ def test_an_image_to_video_job_shows_its_first_frame_to_the_enhancer(chat_endpoi
 
     url, requests = chat_endpoint
     spec = ModelSpec.from_folder(write_config_folder(tmp_path / "model", **tiny_transformer_kwargs("i2v")), "i2v")
-    enhancer = PromptEnhancer(url + "/v1", "chat-small", attempts=1)
+    enhancer = PromptEnhancer(url, "chat-small", attempts=1)
     client = TestClient(create_app(spec, SQLiteStore(tmp_path / "j.sqlite3"),
                                    Settings(data_dir=tmp_path, prompt_enhancer=enhancer)))  # fmt: skip
     png = io.BytesIO()

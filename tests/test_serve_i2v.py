@@ -12,7 +12,7 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 from helpers import tiny_transformer_kwargs  # noqa: E402
 from PIL import Image  # noqa: E402
-from serve_helpers import CountingGenerator, wait_until, write_config_folder  # noqa: E402
+from serve_helpers import CountingGenerator, in_process_service, wait_until, write_config_folder  # noqa: E402
 
 from cogvideox.pipeline import Pipeline  # noqa: E402
 from cogvideox.serve.app import Settings, create_app  # noqa: E402
@@ -57,14 +57,8 @@ def stored_inputs(data):
 def i2v_service(tiny_i2v_dir, tmp_path_factory):
     data = tmp_path_factory.mktemp("serve-i2v")
     pipe = Pipeline.from_pretrained(tiny_i2v_dir)
-    spec = ModelSpec.from_folder(tiny_i2v_dir, "tiny-i2v")
-    store = SQLiteStore(data / "jobs.sqlite3")
-    worker = Worker(store, PipelineGenerator(pipe=pipe), data, spec.name, poll_interval=0.05)
-    app = create_app(spec, store, Settings(data_dir=data, rate_limit=0, max_active_per_key=0), worker)
-    with TestClient(app) as client:
-        wait_until(lambda: client.get("/healthz").json()["worker"] == "ready", what="the worker")
+    with in_process_service(tiny_i2v_dir, "tiny-i2v", data, pipe) as (client, _):
         yield client, pipe, data
-    store.close()
 
 
 def test_a_video_starts_from_the_uploaded_first_frame(i2v_service, tmp_path):
