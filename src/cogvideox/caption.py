@@ -16,11 +16,9 @@ videos in a row the run stops, keeping what it wrote.
 from __future__ import annotations
 
 import json
-import logging
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from cogvideox.chat import ChatEndpoint, ChatError, jpeg_part
@@ -29,8 +27,6 @@ from cogvideox.files import write_into_place
 
 if TYPE_CHECKING:
     import numpy as np
-
-log = logging.getLogger("cogvideox.caption")
 
 ENV_URL = "COGVIDEOX_CAPTIONER"
 ENV_MODEL = "COGVIDEOX_CAPTIONER_MODEL"
