@@ -81,7 +81,7 @@ def test_run_reports_skipped_videos_and_writes_a_lora(data_dir, tiny_rope_dir, t
     # Step 0 is the base model's round, the reference; each round's colours are in the log.
     assert (tmp_path / "validation" / "step-0-0.mp4").is_file()
     rounds = [r for r in map(json.loads, (tmp_path / "loss.jsonl").read_text().splitlines()) if "loss" not in r]
-    assert [r["step"] for r in rounds] == [0, 2] and all(0 <= r["validation_saturation"] <= 1 for r in rounds)
+    assert [r["step"] for r in rounds] == [0, 2] and all(0 <= r["validation_saturation"][0] <= 1 for r in rounds)
     # The result loads back and matches the trained adapter.
     pipe = Pipeline.from_pretrained(tiny_rope_dir, lora=path)
     saved = load_file(str(path))
@@ -583,20 +583,24 @@ def test_validation_videos_cut_off_by_an_interruption_are_made_on_resume(data_di
 
 
 def test_burnt_validation_colours_are_a_warning(data_dir, tiny_rope_dir, tmp_path, monkeypatch):
-    """A round whose colours left the base model's far behind warns, naming the figures and the levers; a
-    resumed run still knows the base model's figures from its log."""
+    """A round with a video whose colours left the base model's far behind warns, naming the figures and
+    the levers; a resumed run still knows the base model's figures from its log."""
     from cogvideox.train import colour
 
-    figures = iter([{"validation_saturation": 0.30, "validation_vivid": 0.02},  # step 0: the base model
-                    {"validation_saturation": 0.35, "validation_vivid": 0.04},  # step 2: fine
-                    {"validation_saturation": 0.62, "validation_vivid": 0.31}])  # step 4: burnt  # fmt: skip
-    monkeypatch.setattr(colour, "measure", lambda videos: next(figures))
+    def figures(saturation, vivid, blown):
+        return {"validation_saturation": [saturation], "validation_vivid": [vivid], "validation_blown": [blown],
+                "validation_detail": [0.01]}
+
+    rounds = iter([figures(0.30, 0.02, 0.0),  # step 0: the base model
+                   figures(0.35, 0.04, 0.01),  # step 2: fine
+                   figures(0.40, 0.03, 0.57)])  # step 4: blown out  # fmt: skip
+    monkeypatch.setattr(colour, "measure", lambda videos: next(rounds))
     settings = dict(validation_every=2, validation_prompts=["a cat"], validation_steps=2, checkpoint_every=2)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning up to step 2
         finetune(config(data_dir, tiny_rope_dir, tmp_path, steps=2, **settings))
-    with pytest.warns(UserWarning, match=r"at step 4 are far more saturated than the base model's: mean saturation "
-                      r"0.30 -> 0.62, fully saturated pixels 2% -> 31%.*learning rate \(0.01\) is likely too high"):
+    with pytest.warns(UserWarning, match=r'validation video 0 \("a cat": .*blown-out pixels 0% -> 57%, .*\) at step 4 '
+                      r"have left the base model's far behind.*learning rate \(0.01\) is likely too high"):
         finetune(config(data_dir, tiny_rope_dir, tmp_path, steps=4, **settings))
-    rounds = [r for r in map(json.loads, (tmp_path / "loss.jsonl").read_text().splitlines()) if "loss" not in r]
-    assert [(r["step"], r["validation_vivid"]) for r in rounds] == [(0, 0.02), (2, 0.04), (4, 0.31)]
+    logged = [r for r in map(json.loads, (tmp_path / "loss.jsonl").read_text().splitlines()) if "loss" not in r]
+    assert [(r["step"], r["validation_blown"]) for r in logged] == [(0, [0.0]), (2, [0.01]), (4, [0.57])]

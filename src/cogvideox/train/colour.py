@@ -1,10 +1,12 @@
-"""A watch on the colours of the validation videos, for the burn a learning rate too high gives.
+"""A watch on the validation videos, for the burn a learning rate too high gives.
 
 Users of the official trainer report it for CogVideoX-5B LoRAs: past some rate the videos turn garish,
-colours saturate and blow out, long before the loss says anything. Each validation round here measures
-its videos' colours; the log keeps the figures (`validation_saturation`, `validation_vivid`), and a round
-whose colours have left the base model's far behind (its videos of the same prompts and seed, made at
-step 0 before any training) gets a warning that names the levers. Fine-tuning towards a vivid style moves
+colours saturate and blow out, long before the loss says anything; further on the model collapses into
+a mosaic of noise (the demo model at 30 times its rate: BENCHMARKS.md). Each validation round here
+measures each of its videos; the log keeps the figures, one per validation prompt
+(`validation_saturation`, `validation_vivid`, `validation_blown`, `validation_detail`), and a video that
+has left the base model's video of the same prompt and seed far behind (made at step 0, before any
+training) gets a warning that names the levers. Fine-tuning towards a vivid, bright or busy style moves
 the figures too, so the warning says what it measured and leaves the judgement to the eye.
 """
 
@@ -12,53 +14,75 @@ from __future__ import annotations
 
 import numpy as np
 
-# A burn: the mean saturation up by this much over the base model's, and this much more of the picture
-# fully saturated. Natural video sits near 0.3 and a few per cent; a burnt one well above 0.5 and a quarter.
+FIGURES = ("validation_saturation", "validation_vivid", "validation_blown", "validation_detail")
+# A burn, against the base model's video of the same prompt: garish (the mean saturation up by this much
+# and this much more of the picture fully saturated), blown out (this much more of it at full brightness),
+# or broken into noise (neighbouring pixels this many times as different, and by this much at least).
 SATURATION_RISE = 0.15
 VIVID_RISE = 0.10
+BLOWN_RISE = 0.20
+DETAIL_FACTOR = 3.0
+DETAIL_RISE = 0.01
 _VIVID = 0.9  # a pixel this saturated counts as fully so (its weakest channel under a tenth of its strongest)
-_DARK = 0.1  # pixels darker than this are left out: their hue is noise
+_BLOWN = 250  # a pixel whose strongest channel reaches this is at full brightness
+_DARK = 0.1  # pixels darker than this are left out of the saturation: their hue is noise
 _STRIDE = 4  # every 4th pixel of every 2nd frame is plenty for a mean
 
 
-def measure(videos: list[np.ndarray]) -> dict[str, float]:
-    """Mean HSV saturation and the share of fully saturated pixels over uint8 videos [F, H, W, 3] (pixels
-    darker than a tenth left out), as the log records them."""
-    saturation, vivid, count = 0.0, 0.0, 0
-    for frames in videos:
-        pixels = frames[::2, ::_STRIDE, ::_STRIDE].reshape(-1, 3).astype(np.float32) / 255.0
-        value = pixels.max(axis=1)
-        lit = value >= _DARK
-        s = (value[lit] - pixels[lit].min(axis=1)) / value[lit]
-        saturation += float(s.sum())
-        vivid += float((s >= _VIVID).sum())
-        count += int(lit.sum())
-    if count == 0:  # black videos: no colour to speak of
-        return {"validation_saturation": 0.0, "validation_vivid": 0.0}
-    return {"validation_saturation": round(saturation / count, 4), "validation_vivid": round(vivid / count, 4)}
+def measure_video(frames: np.ndarray) -> tuple[float, float, float, float]:
+    """(mean HSV saturation of the pixels brighter than a tenth, their share fully saturated, the share of
+    all pixels at full brightness, the mean difference of neighbouring pixels in [0, 1]) of a uint8 video
+    [F, H, W, 3]."""
+    pixels = frames[::2, ::_STRIDE, ::_STRIDE].reshape(-1, 3)
+    strongest = pixels.max(axis=1)
+    blown = float((strongest >= _BLOWN).mean())
+    every = frames[::2].astype(np.float32) / 255.0  # neighbours need every pixel of a frame
+    detail = float((np.abs(np.diff(every, axis=1)).mean() + np.abs(np.diff(every, axis=2)).mean()) / 2)
+    value = strongest.astype(np.float32) / 255.0
+    lit = value >= _DARK
+    if not lit.any():
+        return 0.0, 0.0, blown, detail
+    saturation = (value[lit] - pixels[lit].min(axis=1).astype(np.float32) / 255.0) / value[lit]
+    return float(saturation.mean()), float((saturation >= _VIVID).mean()), blown, detail
 
 
-def burn_warning(base: dict[str, float] | None, now: dict[str, float], step: int, lr: float) -> str | None:
-    """The warning for a validation round at `step` whose colours `now` have burnt against the base
-    model's (`base`, None when unknown: no warning), or None."""
-    if base is None:
+def measure(videos: list[np.ndarray]) -> dict[str, list[float]]:
+    """The figures of each video, as the log records them: each of `FIGURES`, one value per video."""
+    per_video = [measure_video(frames) for frames in videos]
+    return {name: [round(figures[k], 4) for figures in per_video] for k, name in enumerate(FIGURES)}
+
+
+def burn_warning(
+    base: dict[str, list[float]] | None, now: dict[str, list[float]], step: int, lr: float, prompts: list[str]
+) -> str | None:
+    """The warning for a validation round at `step` with a video whose colours `now` have burnt against
+    the base model's video of the same prompt (`base`, None when unknown or of other prompts: no
+    warning), or None."""
+    if base is None or any(len(base[name]) != len(prompts) or len(now[name]) != len(prompts) for name in FIGURES):
         return None
-    saturation = now["validation_saturation"] - base["validation_saturation"]
-    vivid = now["validation_vivid"] - base["validation_vivid"]
-    if saturation < SATURATION_RISE or vivid < VIVID_RISE:
+    burnt = []
+    for i, prompt in enumerate(prompts):
+        (s0, v0, b0, d0), (s1, v1, b1, d1) = ([figures[name][i] for name in FIGURES] for figures in (base, now))
+        garish = s1 - s0 >= SATURATION_RISE and v1 - v0 >= VIVID_RISE
+        noise = d1 >= DETAIL_FACTOR * d0 and d1 - d0 >= DETAIL_RISE
+        if garish or noise or b1 - b0 >= BLOWN_RISE:
+            burnt.append(
+                f'{i} ("{prompt}": mean saturation {s0:.2f} -> {s1:.2f}, fully saturated pixels {v0:.0%} -> '
+                f"{v1:.0%}, blown-out pixels {b0:.0%} -> {b1:.0%}, neighbour difference {d0:.3f} -> {d1:.3f})"
+            )
+    if not burnt:
         return None
     return (
-        f"the validation videos at step {step} are far more saturated than the base model's: mean saturation "
-        f"{base['validation_saturation']:.2f} -> {now['validation_saturation']:.2f}, fully saturated pixels "
-        f"{base['validation_vivid']:.0%} -> {now['validation_vivid']:.0%}. Unless the training clips are this "
-        f"vivid, the learning rate ({lr:g}) is likely too high for this model: look at the videos, and if they "
-        "are burnt, resume from an earlier checkpoint with a lower lr (or a lower LoRA scale at generation)"
+        f"the colours of validation video {'; '.join(burnt)} at step {step} have left the base model's far "
+        f"behind. Unless the training clips look like that, the learning rate ({lr:g}) is likely too high for "
+        "this model: look at the videos, and if they are burnt, resume from an earlier checkpoint with a lower "
+        "lr (or use a lower LoRA scale at generation)"
     )
 
 
-def base_colours(records: list[dict]) -> dict[str, float] | None:
+def base_colours(records: list[dict]) -> dict[str, list[float]] | None:
     """The base model's figures from a run's log: its step-0 validation round, or None."""
     for record in records:
-        if record["step"] == 0 and "validation_saturation" in record:
-            return {k: record[k] for k in ("validation_saturation", "validation_vivid")}
+        if record["step"] == 0 and all(isinstance(record.get(name), list) for name in FIGURES):
+            return {name: record[name] for name in FIGURES}
     return None

@@ -431,7 +431,7 @@ class Run:
     # -- output --------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def validate(self, step: int) -> dict[str, float] | None:
+    def validate(self, step: int) -> dict[str, list[float]] | None:
         """Videos of the validation prompts with the current weights, in `validation/` (written by rank
         0; with sharded weights every rank takes part in sampling); their colours (`colour.measure`) on
         rank 0, None on the others."""
@@ -625,7 +625,8 @@ def finetune(config: FinetuneConfig) -> Path:
             measured = run.validate(step)
             if log is not None and measured is not None:
                 log.write(step, **measured)
-                warning = colour.burn_warning(colour.base_colours(log.read()), measured, step, c.lr)
+                base = colour.base_colours(log.read())
+                warning = colour.burn_warning(base, measured, step, c.lr, c.validation_prompts)
                 if warning:
                     warnings.warn(warning, stacklevel=2)
 
