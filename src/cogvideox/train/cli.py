@@ -122,7 +122,9 @@ def add_train_parsers(commands) -> None:
     arg("--checkpoint-every", type=positive_int, help="steps between checkpoints (default: 200)")
     arg("--keep-checkpoints", type=positive_int, help="checkpoints kept (default: 2)")
     arg("--log-every", type=positive_int, help="steps between loss.jsonl lines (default: 1)")
-    arg("--validation-every", type=non_negative_int, help="steps between validation videos (default: 0, none)")
+    arg("--validation-every", type=non_negative_int,
+        help="steps between validation videos; a fresh run first makes the base model's (step 0), and a round "
+        "whose colours burn against them is a warning (default: 0, none)")  # fmt: skip
     arg("--validation-prompt", dest="validation_prompts", action="append", help="a validation prompt; repeatable")
     arg("--validation-steps", type=positive_int, help="sampling steps of validation videos (default: 50)")
     arg(
