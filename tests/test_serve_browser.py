@@ -432,7 +432,7 @@ def test_an_image_to_video_model_takes_a_first_frame_from_the_page(browser, tiny
         assert "from first.png (crop)" in card.find_element(By.CSS_SELECTOR, ".details").text
         assert not card.find_element(By.CSS_SELECTOR, ".remix").is_displayed()
         [job] = store.page(10, None)[0]
-        assert (job.params["image_name"], job.params["resize"], job.params["num_inference_steps"]) == (
+        assert (job.params["input_name"], job.params["resize"], job.params["num_inference_steps"]) == (
             "first.png", "crop", 2,
         )  # fmt: skip
     store.close()

@@ -98,7 +98,7 @@ def test_an_image_to_video_job_shows_its_first_frame_to_the_enhancer(chat_endpoi
     from helpers import tiny_transformer_kwargs
     from PIL import Image
 
-    from cogvideox.serve.inputs import image_path
+    from cogvideox.serve.inputs import input_path
 
     url, requests = chat_endpoint
     spec = ModelSpec.from_folder(write_config_folder(tmp_path / "model", **tiny_transformer_kwargs("i2v")), "i2v")
@@ -113,5 +113,5 @@ def test_an_image_to_video_job_shows_its_first_frame_to_the_enhancer(chat_endpoi
     assert video["enhanced_prompt"] == REWRITTEN
     [sent] = requests
     [stored] = (tmp_path / "inputs").iterdir()
-    assert sent["body"]["messages"] == enhancer.messages("the car drives off", image_path(tmp_path, stored.stem))
+    assert sent["body"]["messages"] == enhancer.messages("the car drives off", input_path(tmp_path, stored.name))
     assert sent["body"]["messages"][1]["content"][1]["type"] == "image_url"

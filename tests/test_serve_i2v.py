@@ -3,6 +3,7 @@ the worker; the served video is the one the library makes from the same picture.
 clips longer than the model was trained on."""
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -104,6 +105,19 @@ def _i2v_client(tmp_path, generate=None, **settings):
 
 
 PNG = picture()
+
+
+def clip_bytes(frames=17, green=200) -> bytes:
+    """An MP4 of `frames` frames at 8 fps, 48x32, a green that brightens."""
+    import tempfile
+
+    pixels = np.zeros((frames, 32, 48, 3), np.uint8)
+    pixels[..., 1] = np.linspace(green // 2, green, frames, dtype=np.uint8)[:, None, None]
+    with tempfile.TemporaryDirectory() as folder:
+        return export_video(pixels, Path(folder) / "clip.mp4", fps=8).read_bytes()
+
+
+VIDEO = clip_bytes()
 NOISE = io.BytesIO()
 Image.fromarray(np.random.default_rng(0).integers(0, 256, (100, 100, 3), dtype=np.uint8)).save(NOISE, format="PNG")
 
@@ -124,7 +138,9 @@ MISTAKES = {
     "text, not a file": (
         {"data": {"prompt": "a", "input_reference": "photo.png"}}, 400, "input_reference", "send a file, not text"
     ),
-    "not a picture": (_file("a.png", b"hello"), 400, "input_reference", "cannot decode the file as a picture"),
+    "not a picture": (_file("a.png", b"hello"), 400, "input_reference", "send the picture as input_reference"),
+    "a video": (_file("a.mp4", VIDEO), 400, "input_reference", "send the picture as input_reference"),
+    "strength": (_with("strength", "0.5"), 400, "strength", "strength applies to a video"),
     "an empty file": (_file("a.png", b""), 400, "input_reference", "the file is empty"),
     "a GIF": (_file("a.gif", picture(fmt="GIF"), "image/gif"), 400, "input_reference", "a GIF file; send a PNG"),
     "another file field": (
@@ -144,7 +160,7 @@ MISTAKES = {
 
 @pytest.mark.parametrize("case", MISTAKES, ids=list(MISTAKES))
 def test_mistakes_are_a_4xx_that_names_the_field_and_keep_nothing(tmp_path, case):
-    client, store, _ = _i2v_client(tmp_path, max_image_bytes=20_000)
+    client, store, _ = _i2v_client(tmp_path, max_upload_bytes=20_000)
     kwargs, status, param, message = MISTAKES[case]
     if "json" not in kwargs:
         kwargs = {**kwargs, "data": kwargs.get("data", {"prompt": "a"})}
@@ -161,7 +177,7 @@ def test_a_text_to_video_model_refuses_a_picture_and_an_image_model_refuses_remi
                                 Settings(data_dir=tmp_path / "a")))  # fmt: skip
     refused = t2v.post("/v1/videos", data={"prompt": "a"}, files={"input_reference": ("a.png", PNG, "image/png")})
     assert refused.status_code == 400
-    assert "makes videos from a prompt alone and takes no input_reference" in refused.json()["error"]["message"]
+    assert "is a text-to-video model and takes no picture as input_reference" in refused.json()["error"]["message"]
     assert stored_inputs(tmp_path / "a") == []
 
     client, store, worker = _i2v_client(tmp_path / "b", CountingGenerator())
@@ -229,3 +245,67 @@ def test_riflex_is_refused_without_rotary_positions(tmp_path):
     assert client.get("/v1/models").json()["data"][0]["riflex_max_seconds"] is None
     refused = client.post("/v1/videos", json={"prompt": "a", "riflex": True})
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "riflex"
+
+
+# -----------------------------------------------------------------------------------------------------
+# Video-to-video: a text-to-video model redraws a video sent as input_reference
+
+
+def test_a_text_to_video_model_redraws_a_video_sent_as_input_reference(tiny_rope_dir, tmp_path):
+    """The video is sampled at the request's frame rate from its start, cropped to the size, and redrawn
+    over the last `strength` of the schedule: the library's video-to-video of the same file."""
+    from cogvideox.conditioning import load_video
+
+    pipe = Pipeline.from_pretrained(tiny_rope_dir)
+    data = tmp_path / "data"
+    with in_process_service(tiny_rope_dir, "tiny", data, pipe) as (client, _):
+        form = {"prompt": "a blue ball", "seed": "3", "strength": "0.5", "resize": "crop", "num_inference_steps": "4"}
+        response = client.post("/v1/videos", data=form, files={"input_reference": ("clip.mp4", VIDEO, "video/mp4")})
+        assert response.status_code == 200, response.text
+        created = response.json()
+        assert (created["input_reference"], created["strength"], created["resize"], created["num_frames"]) == (
+            "clip.mp4", 0.5, "crop", 9,
+        )  # fmt: skip
+        video = finished(client, created["id"])
+        assert video["status"] == "completed", video["error"]
+        served = video_path(data, video["id"])
+        got, _ = read_video(served)
+        (tmp_path / "clip.mp4").write_bytes(VIDEO)
+        frames = load_video(tmp_path / "clip.mp4", 9, 8)
+        direct = pipe("a blue ball", video=frames, strength=0.5, resize="crop", seed=3, num_inference_steps=4,
+                      progress=False).frames[0]  # fmt: skip
+        expected, _ = read_video(export_video(direct, tmp_path / "direct.mp4", fps=8))
+        np.testing.assert_array_equal(got, expected)
+        plain = pipe("a blue ball", seed=3, num_inference_steps=4, progress=False).frames[0]
+        assert not np.array_equal(direct, plain)  # it did start from the video
+        record = read_metadata(served)
+        assert (record["video"], record["video_fps"], record["strength"], record["resize"]) == ("clip.mp4", 8, 0.5, "crop")
+        assert len(stored_inputs(data)) == 1
+        assert client.delete(f"/v1/videos/{video['id']}").json()["deleted"] is True
+        assert stored_inputs(data) == []
+
+
+VIDEO_MISTAKES = {
+    "not a video": ({"input_reference": ("a.mp4", b"hello", "video/mp4")}, {}, "input_reference",
+                    "cannot decode the file as a picture or a video"),
+    "too short a video": ({"input_reference": ("a.mp4", clip_bytes(frames=5), "video/mp4")}, {}, "seconds",
+                          "video-to-video needs at least 9"),
+    "more seconds than it has": ({"input_reference": ("a.mp4", clip_bytes(frames=5), "video/mp4")}, {"seconds": "1"},
+                                 "seconds", "fewer than the 9 of 1 s"),
+    "a strength that runs no step": ({"input_reference": ("a.mp4", VIDEO, "video/mp4")},
+                                     {"strength": "0.01", "num_inference_steps": "2"}, "strength", "runs no step"),
+    "strength without a video": ({}, {"strength": "0.5"}, "strength", "strength applies to a video"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", VIDEO_MISTAKES, ids=list(VIDEO_MISTAKES))
+def test_video_to_video_mistakes_keep_nothing(tmp_path, case):
+    files, fields, param, message = VIDEO_MISTAKES[case]
+    spec = ModelSpec.from_folder(write_config_folder(tmp_path / "model"), "tiny")
+    store = SQLiteStore(tmp_path / "jobs.sqlite3")
+    client = TestClient(create_app(spec, store, Settings(data_dir=tmp_path)))
+    response = client.post("/v1/videos", data={"prompt": "a", **fields}, files=files or None)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and message in error["message"], error
+    assert store.page()[0] == [] and stored_inputs(tmp_path) == []

@@ -3,8 +3,9 @@
 The API never generates: it checks a request against what the model can make (`ModelSpec`), queues it,
 and reads jobs and files back. Workers (`worker.py`) do the generating, in this process or elsewhere.
 
-An image-to-video model takes its first frame as OpenAI's `input_reference`, a file in a multipart form;
-it is checked and stored (`inputs.py`) before the job is queued.
+A request may bring a file as OpenAI's `input_reference`, in a multipart form: the first frame for an
+image-to-video model, or a video for a text-to-video model to redraw (video-to-video, our extension). It
+is checked and stored (`inputs.py`) before the job is queued.
 
 With API keys, each key is its own tenant: a job records a hash of the key that created it (`Job.owner`,
 see `ApiKeys.owner`), and another key's job is answered as if it did not exist (404). Without keys the
@@ -34,7 +35,7 @@ from pydantic import BaseModel, ValidationError
 
 from cogvideox.enhance import PromptEnhancer
 from cogvideox.errors import InputError
-from cogvideox.request import check_strength
+from cogvideox.request import DEFAULT_STRENGTH, check_strength
 from cogvideox.serve import assets, inputs, metrics
 from cogvideox.serve.body import Fields, read_fields
 from cogvideox.serve.errors import ApiError, install_handlers, validation_message
@@ -59,7 +60,10 @@ log = logging.getLogger("cogvideox.serve")
 
 STATIC_DIR = Path(__file__).parent / "static"
 IMAGE = "input_reference"  # OpenAI's name for the picture a video starts from
-_IMAGE_DOC = "The first frame (PNG, JPEG or WebP), for an image-to-video model (image_to_video in GET /v1/models)."
+_IMAGE_DOC = (
+    "The first frame (PNG, JPEG or WebP) for an image-to-video model (image_to_video in GET /v1/models), or a "
+    "video for a text-to-video model to redraw (video-to-video, with strength)."
+)
 
 
 @dataclass(frozen=True)
@@ -70,8 +74,7 @@ class Settings:
     max_active_per_key: queued + running jobs per key; 0 turns it off.
     max_steps: the most num_inference_steps a request may ask for; also caps the model's default step
         count for a request that gives none (a client that never sends the field is never refused for it).
-    max_image_bytes: the largest `input_reference` file (read on a text-to-video model too, to refuse it by
-        name).
+    max_upload_bytes: the largest `input_reference` file (a picture or a video).
     expire_after: seconds after which a finished video is deleted (its job, MP4, assets and first frame),
         as OpenAI's videos expire; None keeps them.
     """
@@ -81,7 +84,7 @@ class Settings:
     rate_limit: float = 30.0
     max_active_per_key: int = 100
     max_body_bytes: int = 64 * 1024
-    max_image_bytes: int = 20 * 1024 * 1024  # an input_reference file, on top of max_body_bytes
+    max_upload_bytes: int = 20 * 1024 * 1024  # an input_reference file, on top of max_body_bytes
     max_steps: int = 100
     prompt_enhancer: PromptEnhancer | None = field(default=None, repr=False)
     expire_after: float | None = None
@@ -210,14 +213,26 @@ def create_app(spec: ModelSpec, store: JobStore, settings: Settings, worker: Wor
         """Queue a video. The answer is the job, `queued`; poll `GET /v1/videos/{id}` for its progress."""
 
         async def read() -> tuple[dict, bool | None]:
-            files = {IMAGE: settings.max_image_bytes}
-            fields = await read_fields(request, settings.max_body_bytes, files)
+            fields = await read_fields(request, settings.max_body_bytes, {IMAGE: settings.max_upload_bytes})
             create = _parse(VideoCreate, fields)
-            params = _job_params(create, spec, settings, image=IMAGE in fields.files)
-            if IMAGE in fields.files:
-                upload = fields.files[IMAGE]
+            upload = fields.files.get(IMAGE)
+            if upload is not None and not upload.data:
+                raise ApiError(400, "invalid_request", f"{IMAGE}: the file is empty", IMAGE)
+            kind = None if upload is None else "image" if inputs.is_picture(upload) else "video"
+            params = _job_params(create, spec, settings, kind)
+            if kind == "image":
                 name = await run_in_threadpool(inputs.store_image, upload, settings.data_dir, IMAGE)
-                params |= {"image": name, "image_name": upload.filename or "input_reference.png"}
+                params |= {"image": name, "input_name": upload.filename or "input_reference.png"}
+            elif kind == "video":
+                name, available = await run_in_threadpool(
+                    inputs.store_video, upload, settings.data_dir, params["fps"], params["num_frames"], IMAGE
+                )
+                params |= {"video_input": name, "input_name": upload.filename or "input_reference.mp4"}
+                try:
+                    params["num_frames"] = spec.video_frames(params["num_frames"], available, create.seconds)
+                except InputError as e:
+                    inputs.remove_input(settings.data_dir, name)
+                    raise ApiError(400, "invalid_request", str(e), "seconds") from None
             return params, create.enhance_prompt
 
         return await enqueue(owner, read)
@@ -263,7 +278,7 @@ def create_app(spec: ModelSpec, store: JobStore, settings: Settings, worker: Wor
             params, enhance = await read()
             if enhancer is not None and enhance is not False:
                 # An image-to-video job's picture goes along, for chat models that see images.
-                image = inputs.image_path(settings.data_dir, params["image"]) if "image" in params else None
+                image = inputs.input_path(settings.data_dir, params["image"]) if "image" in params else None
                 params["enhanced_prompt"] = await enhancer.aenhance(params["prompt"], image)
             limit = settings.max_active_per_key or None
             job = await run_in_threadpool(store.create, spec.name, owner, params, limit)
@@ -277,7 +292,8 @@ def create_app(spec: ModelSpec, store: JobStore, settings: Settings, worker: Wor
         finally:
             if job is None:
                 limiter.give_back(owner)
-                inputs.remove_image(settings.data_dir, params.get("image"))
+                for stored in (params.get("image"), params.get("video_input")):
+                    inputs.remove_input(settings.data_dir, stored)
         if worker is not None:
             worker.wake()
         return show(job)
@@ -392,11 +408,12 @@ def create_app(spec: ModelSpec, store: JobStore, settings: Settings, worker: Wor
 
 
 def delete_files(data_dir: Path, job: Job) -> None:
-    """A deleted job's files: its MP4, the assets made from it, its first frame."""
+    """A deleted job's files: its MP4, the assets made from it, its input."""
     video = video_path(data_dir, job.id)
     for path in (video, *assets.derived_paths(video)):
         path.unlink(missing_ok=True)
-    inputs.remove_image(data_dir, job.params.get("image"))
+    for stored in (job.params.get("image"), job.params.get("video_input")):
+        inputs.remove_input(data_dir, stored)
 
 
 def expire_videos(store: JobStore, data_dir: Path, expire_after: float, now: float | None = None) -> int:
@@ -487,19 +504,23 @@ def default_steps(spec: ModelSpec, settings: Settings) -> int:
     return min(spec.num_inference_steps, settings.max_steps)
 
 
-def _job_params(create: VideoCreate, spec: ModelSpec, settings: Settings, image: bool = False) -> dict:
+def _job_params(create: VideoCreate, spec: ModelSpec, settings: Settings, given: str | None = None) -> dict:
     """A checked request as the generation parameters a worker needs; ApiError 400 when the model cannot.
-    image: whether the request brought a first frame (`input_reference`)."""
+    given: what the request's `input_reference` is, "image" or "video", or None without one."""
     if create.model is not None and create.model != spec.name:
         raise ApiError(
             400, "model_not_found", f"unknown model {create.model!r}; this server has {spec.name!r}", "model"
         )
-    if spec.image_to_video and not image:
+    if spec.image_to_video and given != "image":
         raise ApiError(400, "invalid_request", f"{spec.name} makes a video from a first frame: send the picture "
                        f"as {IMAGE} in a multipart form (curl -F {IMAGE}=@photo.png)", IMAGE)  # fmt: skip
-    if image and not spec.image_to_video:
-        raise ApiError(400, "invalid_request", f"{spec.name} makes videos from a prompt alone and takes no "
-                       f"{IMAGE}; serve an image-to-video model (such as THUDM/CogVideoX-5b-I2V)", IMAGE)  # fmt: skip
+    if given == "image" and not spec.image_to_video:
+        raise ApiError(400, "invalid_request", f"{spec.name} is a text-to-video model and takes no picture as "
+                       f"{IMAGE} (a video it redraws); serve an image-to-video model (such as "
+                       "THUDM/CogVideoX-5b-I2V) to start from a picture", IMAGE)  # fmt: skip
+    if create.strength is not None and given != "video":
+        raise ApiError(400, "invalid_request", f"strength applies to a video sent as {IMAGE} (video-to-video)",
+                       "strength")  # fmt: skip
     if create.riflex and not spec.riflex:
         raise ApiError(400, "invalid_request", f"{spec.name} has no rotary positions (or a learned position "
                        "table) for RIFLEx to stretch; leave riflex off", "riflex")  # fmt: skip
@@ -515,8 +536,14 @@ def _job_params(create: VideoCreate, spec: ModelSpec, settings: Settings, image:
     except InputError as e:
         raise ApiError(400, "invalid_request", str(e), "seconds") from None
     extras = {"riflex": True} if create.riflex else {}
-    if image:
+    if given is not None:
         extras["resize"] = create.resize
+    if given == "video":
+        extras["strength"] = create.strength if create.strength is not None else DEFAULT_STRENGTH
+        try:
+            check_strength(extras["strength"], steps)
+        except InputError as e:
+            raise ApiError(400, "invalid_request", str(e), "strength") from None
     return extras | {
         "prompt": create.prompt,
         "negative_prompt": create.negative_prompt,

@@ -1,6 +1,8 @@
-"""The first frames image-to-video jobs bring (`input_reference`): decoded when the request comes, so a file
-that is no picture is a 400 and never a failed job, then kept in the data folder, as PNG, until the job is
-deleted. A worker elsewhere reads it from the same folder, as it writes the videos there."""
+"""The files jobs bring (`input_reference`): a picture, the first frame of an image-to-video model's video,
+or a video, which a text-to-video model redraws (video-to-video). Each is decoded when the request comes,
+so a file that is neither is a 400 and never a failed job, then kept in the data folder until the job is
+deleted: a picture as PNG, a video as sent. A worker elsewhere reads it from the same folder, as it
+writes the videos there."""
 
 from __future__ import annotations
 
@@ -14,7 +16,9 @@ from typing import TYPE_CHECKING
 from cogvideox.errors import InputError
 from cogvideox.files import write_into_place
 
-if TYPE_CHECKING:  # the worker reads stored frames without the web stack
+if TYPE_CHECKING:  # the worker reads stored inputs without the web stack
+    import numpy as np
+
     from cogvideox.serve.body import Upload
 
 log = logging.getLogger("cogvideox.serve")
@@ -24,19 +28,30 @@ log = logging.getLogger("cogvideox.serve")
 MAX_PIXELS = 40_000_000
 FORMATS = ("PNG", "JPEG", "WEBP")
 
-_NAME = re.compile(r"[0-9a-f]{32}")
+_NAME = re.compile(r"[0-9a-f]{32}\.(png|video)")
 
 
-def image_path(data_dir: str | Path, name: str) -> Path:
-    """Where the first frame `name` (a `store_image` answer) lives."""
+def input_path(data_dir: str | Path, name: str) -> Path:
+    """Where the stored input `name` (a `store_image` or `store_video` answer) lives."""
     if not _NAME.fullmatch(name):
-        raise InputError(f"not a stored first frame: {name!r}")
-    return Path(data_dir) / "inputs" / f"{name}.png"
+        raise InputError(f"not a stored input: {name!r}")
+    return Path(data_dir) / "inputs" / name
+
+
+def is_picture(upload: Upload) -> bool:
+    """Whether the file is a picture (of any format Pillow reads) rather than something else, a video."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(upload.data)):
+            return True
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return False
 
 
 def store_image(upload: Upload, data_dir: str | Path, param: str = "input_reference") -> str:
     """Decode `upload` (PNG, JPEG or WebP, turned upright from its EXIF orientation, in RGB) and keep it;
-    its name for `image_path`. ApiError 400 naming `param` for a file that is not such a picture."""
+    its name for `input_path`. ApiError 400 naming `param` for a file that is not such a picture."""
     from PIL import Image, ImageOps
 
     from cogvideox.conditioning import load_image
@@ -59,20 +74,53 @@ def store_image(upload: Upload, data_dir: str | Path, param: str = "input_refere
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
         raise ApiError(400, "invalid_image", f"{param}: cannot decode the file as a picture ({e}); "
                        "send a PNG, JPEG or WebP", param) from None  # fmt: skip
-    name = secrets.token_hex(16)
-    path = image_path(data_dir, name)
+    return _keep(data_dir, ".png", lambda temporary: picture.save(temporary, format="PNG"))
+
+
+def store_video(upload: Upload, data_dir: str | Path, fps: float, max_frames: int, param: str = "input_reference"):
+    """Keep `upload` as sent and decode it as the worker will (`read_input_video`); (its name for
+    `input_path`, the number of frames it gives, at most `max_frames`). ApiError 400 naming `param` for a
+    file that is not a video."""
+    from cogvideox.serve.errors import ApiError
+
+    if not upload.data:
+        raise ApiError(400, "invalid_video", f"{param}: the file is empty", param)
+    name = _keep(data_dir, ".video", lambda temporary: Path(temporary).write_bytes(upload.data))
+    try:
+        frames = read_input_video(data_dir, name, fps, max_frames)
+    except InputError as e:
+        remove_input(data_dir, name)
+        why = str(e).split(" as a video ", 1)[-1]
+        raise ApiError(400, "invalid_video", f"{param}: cannot decode the file as a picture or a video {why}",
+                       param) from None  # fmt: skip
+    return name, len(frames)
+
+
+def read_input_video(data_dir: str | Path, name: str, fps: float, max_frames: int) -> np.ndarray:
+    """The frames of a stored video, sampled at `fps` from its start, at most `max_frames`, upright."""
+    from cogvideox.conditioning import load_video
+
+    return load_video(input_path(data_dir, name), max_frames, fps)
+
+
+def _keep(data_dir: str | Path, suffix: str, write) -> str:
+    """A new input file, written by `write(temporary path)` and renamed into place; its name."""
+    from cogvideox.serve.errors import ApiError
+
+    name = secrets.token_hex(16) + suffix
+    path = input_path(data_dir, name)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_into_place(path, lambda temporary: picture.save(temporary, format="PNG"))
+        write_into_place(path, write)
     except (OSError, InputError) as e:  # the server's folder, not the request: the operator's to mend
-        log.error("cannot store an input image in %s: %s", path.parent, e)
+        log.error("cannot store an input in %s: %s", path.parent, e)
         raise ApiError(
-            500, "internal_error", "the server could not store the image; its operator has the details"
+            500, "internal_error", "the server could not store the file; its operator has the details"
         ) from None
     return name
 
 
-def remove_image(data_dir: str | Path, name: str | None) -> None:
-    """Delete a stored first frame (nothing when `name` is None or it is gone already)."""
+def remove_input(data_dir: str | Path, name: str | None) -> None:
+    """Delete a stored input (nothing when `name` is None or it is gone already)."""
     if name is not None:
-        image_path(data_dir, name).unlink(missing_ok=True)
+        input_path(data_dir, name).unlink(missing_ok=True)

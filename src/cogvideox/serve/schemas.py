@@ -95,6 +95,11 @@ class VideoCreate(_Request):
         description="How input_reference reaches the video size: stretch (the reference's rule) or crop (keep "
         "its aspect ratio, cut the centred region).",
     )
+    strength: float | None = Field(
+        None, gt=0.0, le=1.0,
+        description="With a video as input_reference (video-to-video): the fraction of the denoising schedule "
+        "that runs; lower stays closer to the video. Default 0.8.",
+    )  # fmt: skip
 
     @field_validator("seconds", mode="before")
     @classmethod
@@ -177,9 +182,11 @@ class Video(BaseModel):
     guidance_scale: float
     timings: dict[str, float] = Field(default_factory=dict, description="Seconds per stage, once completed.")
     remixed_from_video_id: str | None = Field(None, description="The video a remix redraws (OpenAI's field).")
-    strength: float | None = Field(None, description="A remix's share of the schedule that ran.")
-    input_reference: str | None = Field(None, description="The file name of the first frame it started from.")
-    resize: str | None = Field(None, description="How that first frame reached the video size.")
+    strength: float | None = Field(None, description="The share of the schedule that ran (a remix, a redrawn video).")
+    input_reference: str | None = Field(
+        None, description="The file name of the picture it started from, or of the video it redrew."
+    )
+    resize: str | None = Field(None, description="How that input reached the video size.")
     riflex: bool = False
 
     @classmethod
@@ -209,7 +216,7 @@ class Video(BaseModel):
             timings=job.timings,
             remixed_from_video_id=p.get("remix_of"),
             strength=p.get("strength"),
-            input_reference=p.get("image_name"),
+            input_reference=p.get("input_name"),
             resize=p.get("resize"),
             riflex=p.get("riflex", False),
         )

@@ -138,6 +138,25 @@ class ModelSpec:
             )
         return frames
 
+    def video_frames(self, frames: int, available: int, seconds: float | None) -> int:
+        """The frames of a redrawn video (video-to-video): the `frames` its `seconds` asked for, when the
+        video gives them at the request's frame rate; without `seconds`, the video's longest prefix of a
+        length the model makes, at most `frames`. `InputError` for a video too short."""
+        if seconds is not None:
+            if frames > available:
+                raise InputError(
+                    f"seconds: the video gives {available} frames at this frame rate, fewer than the {frames} of "
+                    f"{seconds:g} s; ask for fewer seconds"
+                )
+            return frames
+        longest = (available - 1) // self.frame_step * self.frame_step + 1
+        if longest < self.frame_step + 1:
+            raise InputError(
+                f"seconds: the video gives {available} frames at this frame rate; video-to-video needs at least "
+                f"{self.frame_step + 1}"
+            )
+        return min(longest, frames)
+
 
 def default_model_name(model: str | None) -> str:
     """The name clients use in `model`: the folder's or repo's last part ("CogVideoX-2b"); the demo's is

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from cogvideox.errors import InputError, NonFiniteError, OutOfMemoryError
-from cogvideox.serve.inputs import image_path
+from cogvideox.serve.inputs import input_path, read_input_video
 from cogvideox.serve.jobs import Job, JobStore
 from cogvideox.video import export_video, read_video
 
@@ -86,8 +86,8 @@ class PipelineGenerator:
             guidance_scale=params["guidance_scale"],
             riflex=params.get("riflex", False),
         )
-        if params.get("image") is not None:  # image-to-video: the first frame, and how it is resized
-            request["resize"] = params.get("resize", "stretch")
+        if "resize" in params:  # the first frame or the video sent: how it is resized
+            request["resize"] = params["resize"]
         result = self.pipe(
             prompt,
             **request,
@@ -106,12 +106,17 @@ class PipelineGenerator:
 
         images = params.get("image") is not None
         settings = pipeline_settings(self.pipe, prompt, request, params["fps"], images) | {"model": self.model}
+        sent = params.get("video_input") is not None  # a video the client sent, redrawn
+        if sent:
+            settings["resize"] = params["resize"]
         return provenance.record(
             prompt,
             params["seed"],
             settings,
             prompt_idea=params["prompt"] if prompt != params["prompt"] else None,
-            image=params.get("image_name"),  # the client's name for it: the file it has
+            image=params.get("input_name") if images else None,  # the client's name for it: the file it has
+            video=params.get("input_name") if sent else None,
+            video_fps=params["fps"] if sent else None,
             remix_of=params.get("remix_of"),
             strength=params.get("strength"),
             **provenance.lever_settings(self.pipe),
@@ -228,12 +233,17 @@ class Worker:
 
     def _inputs(self, params: dict[str, Any]) -> dict[str, Any]:
         """A job's parameters with its inputs read: the path of its first frame (image-to-video), the frames
-        of the video it remixes."""
+        of the video it redraws (one the client sent, or the one it remixes)."""
         if params.get("image") is not None:
-            path = image_path(self.data_dir, params["image"])
+            path = input_path(self.data_dir, params["image"])
             if not path.is_file():
                 raise InputError("the first frame of this video is gone from the server (its input was deleted)")
             return params | {"image": path}
+        if params.get("video_input") is not None:
+            if not input_path(self.data_dir, params["video_input"]).is_file():
+                raise InputError("the video this job redraws is gone from the server (its input was deleted)")
+            frames = read_input_video(self.data_dir, params["video_input"], params["fps"], params["num_frames"])
+            return params | {"video": frames}
         source = params.get("remix_of")
         if source is None:
             return params
