@@ -455,3 +455,40 @@ def test_riflex_doubles_the_longest_clip_the_form_takes(browser, tiny_rope_dir, 
         [job] = store.page(10, None)[0]
         assert (job.params["num_frames"], job.params["riflex"]) == (17, True)
     store.close()
+
+
+def test_a_text_to_video_model_redraws_a_video_chosen_on_the_page(browser, tiny_rope_dir, tmp_path):
+    """With a text-to-video model the form takes an optional video to redraw: choosing one offers the fit
+    and the strength, and the card says what it redrew."""
+    import numpy as np
+
+    from cogvideox.video import export_video
+
+    frames = np.zeros((17, 32, 48, 3), np.uint8)
+    frames[..., 2] = 180
+    export_video(frames, tmp_path / "clip.mp4", fps=8)
+    store, server = start_service(tiny_rope_dir, tmp_path)
+    wait = WebDriverWait(browser, 60, poll_frequency=0.05)
+    with server as url:
+        browser.get(url)
+        wait.until(lambda d: "cogvideox-tiny" in d.find_element(By.ID, "model").text)
+        picker = browser.find_element(By.ID, "input_reference")
+        assert browser.find_element(By.ID, "input-label").text == "Video to redraw (optional)"
+        assert picker.get_attribute("required") is None and picker.get_attribute("accept") == "video/*"
+        browser.find_element(By.CSS_SELECTOR, "#options summary").click()
+        assert not browser.find_element(By.ID, "strength").is_displayed()
+        picker.send_keys(str(tmp_path / "clip.mp4"))
+        wait.until(lambda d: d.find_element(By.ID, "strength").is_displayed())
+        assert browser.find_element(By.ID, "resize").is_displayed()
+        assert not browser.find_element(By.ID, "first-frame-preview").is_displayed()  # pictures only
+        browser.find_element(By.ID, "strength").send_keys("0.5")
+        browser.find_element(By.ID, "prompt").send_keys("a red ball")
+        steps = browser.find_element(By.ID, "num_inference_steps")
+        steps.clear()
+        steps.send_keys("2")
+        browser.find_element(By.ID, "submit").click()
+        card = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#videos .card[data-status='completed']"))
+        assert "from clip.mp4 (stretch) at strength 0.5" in card.find_element(By.CSS_SELECTOR, ".details").text
+        [job] = store.page(10, None)[0]
+        assert (job.params["input_name"], job.params["strength"], job.params["num_frames"]) == ("clip.mp4", 0.5, 9)
+    store.close()

@@ -59,11 +59,20 @@ async function loadModel() {
   $("#num_inference_steps").placeholder = model.num_inference_steps; // left empty: the server's default
   $("#seconds").placeholder = model.max_seconds; // not rounded: 6.125 shown as 6.13 would be over the max
   $("#guidance_scale").placeholder = model.guidance_scale;
-  // An image-to-video model starts every video from a picture; a model with RoPE can go longer with RIFLEx.
-  $("#first-frame").hidden = $("#resize-option").hidden = !model.image_to_video;
-  $("#input_reference").required = Boolean(model.image_to_video);
+  // An image-to-video model starts every video from a picture; a text-to-video model may redraw a video;
+  // a model with RoPE can go longer with RIFLEx.
+  const picture = Boolean(model.image_to_video);
+  $("#input-label").textContent = picture ? "First frame" : "Video to redraw (optional)";
+  $("#input_reference").accept = picture ? "image/png,image/jpeg,image/webp" : "video/*";
+  $("#input_reference").required = picture;
+  $("#input-file").hidden = false;
   $("#riflex-option").hidden = !model.riflex_max_seconds;
   longest();
+  chosen();
+}
+
+function sendsVideo() { // a video chosen for a text-to-video model to redraw (not while remixing)
+  return Boolean(!remixing && model && !model.image_to_video && $("#input_reference").files.length);
 }
 
 function longest() { // the seconds a request may ask for: twice as long with RIFLEx
@@ -73,12 +82,15 @@ function longest() { // the seconds a request may ask for: twice as long with RI
   $("#seconds").title = `at most ${seconds} s`;
 }
 
-function preview() { // the chosen first frame, small, beside its input
+function chosen() { // a file chosen (or none): the picture shown small; the fit, and a video's strength, offered
   const image = $("#first-frame-preview");
   if (image.src.startsWith("blob:")) URL.revokeObjectURL(image.src);
   const [file] = $("#input_reference").files;
-  image.hidden = !file;
-  image.src = file ? URL.createObjectURL(file) : "";
+  const picture = Boolean(model && model.image_to_video);
+  image.hidden = !(file && picture);
+  image.src = file && picture ? URL.createObjectURL(file) : "";
+  $("#resize-option").hidden = !(picture || sendsVideo());
+  $("#strength-option").hidden = !(remixing || sendsVideo());
 }
 
 let remixing = null; // the completed video the form remixes, or null to create one
@@ -87,7 +99,8 @@ function remixMode(video) { // video: remix it; null: back to creating
   remixing = video;
   $("#remixing").hidden = !video;
   $("#remix-of").textContent = video ? video.prompt : "";
-  $("#strength-option").hidden = !video;
+  $("#input-file").hidden = Boolean(video); // a remix redraws the served video
+  chosen();
   for (const name of ["size", "seconds", "riflex"]) { // a remix keeps the video's
     $(`#${name}`).disabled = Boolean(video);
   }
@@ -108,8 +121,9 @@ async function submit(event) {
   if ($("#submit").disabled) return; // the last one is still on its way
   const body = { prompt: $("#prompt").value };
   const texts = remixing ? ["negative_prompt"] : ["negative_prompt", "size"];
-  const numbers = remixing ? ["num_inference_steps", "guidance_scale", "seed", "strength"]
+  const numbers = remixing || sendsVideo() ? ["num_inference_steps", "guidance_scale", "seed", "strength"]
     : ["seconds", "num_inference_steps", "guidance_scale", "seed"];
+  if (sendsVideo()) numbers.push("seconds");
   for (const name of texts) {
     const value = $(`#${name}`).value;
     if (value) body[name] = value;
@@ -120,7 +134,7 @@ async function submit(event) {
   }
   if (!remixing && $("#riflex").checked) body.riflex = true;
   let request = { headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) };
-  if (!remixing && model && model.image_to_video) { // the picture goes as a file: a multipart form
+  if (!remixing && model && (model.image_to_video || sendsVideo())) { // the file goes in a multipart form
     const form = new FormData();
     for (const [name, value] of Object.entries(body)) form.append(name, String(value));
     form.append("resize", $("#resize").value);
@@ -152,7 +166,10 @@ function describe(video) {
   if (video.remixed_from_video_id) {
     parts.push(`remix of ${video.remixed_from_video_id} at strength ${video.strength}`);
   }
-  if (video.input_reference) parts.push(`from ${video.input_reference} (${video.resize})`);
+  if (video.input_reference) {
+    const redrawn = video.strength && !video.remixed_from_video_id ? ` at strength ${video.strength}` : "";
+    parts.push(`from ${video.input_reference} (${video.resize})${redrawn}`);
+  }
   if (video.riflex) parts.push("RIFLEx");
   if (video.expires_at) parts.push(`kept until ${new Date(video.expires_at * 1000).toLocaleString()}`);
   return parts.join(" · ");
@@ -308,7 +325,7 @@ async function refresh() {
 $("#create").addEventListener("submit", submit);
 $("#stop-remix").addEventListener("click", () => remixMode(null));
 $("#riflex").addEventListener("change", longest);
-$("#input_reference").addEventListener("change", preview);
+$("#input_reference").addEventListener("change", chosen);
 $("#older").addEventListener("click", () => { wanted += 50; schedule(0); });
 $("#prompt").addEventListener("keydown", (event) => { // Enter is a new line; Ctrl+Enter (⌘+Enter) generates
   if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
