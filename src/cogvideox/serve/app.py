@@ -59,7 +59,7 @@ from cogvideox.serve.worker import Worker, video_path
 log = logging.getLogger("cogvideox.serve")
 
 STATIC_DIR = Path(__file__).parent / "static"
-IMAGE = "input_reference"  # OpenAI's name for the picture a video starts from
+IMAGE = "input_reference"  # OpenAI's name for the file a video starts from (ours: or redraws)
 _IMAGE_DOC = (
     "The first frame (PNG, JPEG or WebP) for an image-to-video model (image_to_video in GET /v1/models), or a "
     "video for a text-to-video model to redraw (video-to-video, with strength)."
@@ -75,7 +75,7 @@ class Settings:
     max_steps: the most num_inference_steps a request may ask for; also caps the model's default step
         count for a request that gives none (a client that never sends the field is never refused for it).
     max_upload_bytes: the largest `input_reference` file (a picture or a video).
-    expire_after: seconds after which a finished video is deleted (its job, MP4, assets and first frame),
+    expire_after: seconds after which a finished video is deleted (its job, MP4, assets and input),
         as OpenAI's videos expire; None keeps them.
     """
 
