@@ -16,7 +16,7 @@ videos in a row the run stops, keeping what it wrote.
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -197,30 +197,38 @@ def caption_folder(
         write_into_place(folder / METADATA_FILE, lambda temporary: Path(temporary).write_text(lines, "utf-8"))
 
     failures_in_a_row = 0
+    waiting = iter(todo)  # submitted `jobs` at a time, so that a stopped run starts nothing more
     bar = tqdm(total=len(todo), desc="captioning", unit="video", disable=not progress)
     with bar, ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        futures = {pool.submit(captioner.caption, folder / e["video"]): e for e in todo}
-        for future in as_completed(futures):
-            if future.cancelled():  # the run stopped before it started
-                continue
-            entry = futures[future]
-            try:
-                caption = future.result()
-            except InputError as e:
-                report.skipped.append((entry["video"], str(e)))
-            except CaptionError as e:
-                report.failed.append((entry["video"], str(e)))
-                failures_in_a_row += 1
-                if failures_in_a_row >= STOP_AFTER and report.stopped is None:
-                    report.stopped = f"{captioner.role} failed for {STOP_AFTER} videos in a row: {e}"
-                    for waiting in futures:
-                        waiting.cancel()  # those not started; the running ones finish and are kept
-            else:
-                failures_in_a_row = 0
-                for other in ("prompt", "text"):  # one caption per entry: ours
-                    entry.pop(other, None)
-                entry["caption"] = prefix + caption
-                write()
-                report.written.append(entry["video"])
-            bar.update()
+        running = {}
+
+        def start_next() -> None:
+            entry = next(waiting, None)
+            if entry is not None and report.stopped is None:
+                running[pool.submit(captioner.caption, folder / entry["video"])] = entry
+
+        for _ in range(max(1, jobs)):
+            start_next()
+        while running:
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                entry = running.pop(future)
+                try:
+                    caption = future.result()
+                except InputError as e:
+                    report.skipped.append((entry["video"], str(e)))
+                except CaptionError as e:
+                    report.failed.append((entry["video"], str(e)))
+                    failures_in_a_row += 1
+                    if failures_in_a_row >= STOP_AFTER and report.stopped is None:
+                        report.stopped = f"{captioner.role} failed for {STOP_AFTER} videos in a row: {e}"
+                else:
+                    failures_in_a_row = 0
+                    for other in ("prompt", "text"):  # one caption per entry: ours
+                        entry.pop(other, None)
+                    entry["caption"] = prefix + caption
+                    write()
+                    report.written.append(entry["video"])
+                bar.update()
+                start_next()
     return report
