@@ -109,7 +109,7 @@ def read_entries(folder: Path) -> list[dict]:
     """The folder's entries, each a dict with at least "video": `metadata.jsonl`'s objects as they are,
     else the official layout's pairs, else none. `InputError` for a `metadata.jsonl` line that is not an
     object with a video path (rewriting the file would lose it: it must be mended first)."""
-    from cogvideox.train.data import METADATA_FILE, PROMPT_FILES, VIDEOS_FILE, read_lines, read_text
+    from cogvideox.train.data import METADATA_FILE, entry_video, read_line_files, read_text
 
     path = folder / METADATA_FILE
     if path.is_file():
@@ -121,23 +121,14 @@ def read_entries(folder: Path) -> list[dict]:
                 entry = json.loads(line)
             except json.JSONDecodeError:
                 entry = None
-            if not isinstance(entry, dict) or not isinstance(entry.get("video") or entry.get("file_name"), str):
+            if not isinstance(entry, dict) or not isinstance(entry_video(entry), str):
                 raise InputError(f'{path} line {number} is not an object with a "video" path; mend or remove it')
             if "video" not in entry:
                 entry = {"video": entry.pop("file_name"), **entry}
             entries.append(entry)
         return entries
-    prompts = next((folder / n for n in PROMPT_FILES if (folder / n).is_file()), None)
-    if prompts is None or not (folder / VIDEOS_FILE).is_file():
-        return []
-    captions, names = read_lines(prompts), read_lines(folder / VIDEOS_FILE)
-    pairs = [(name, captions[i] if i < len(captions) else "") for i, name in enumerate(names)]
-    return [{"video": name, "caption": text} for name, text in pairs if name]
-
-
-def _caption_of(entry: dict) -> str:
-    caption = entry.get("caption", entry.get("prompt", entry.get("text")))
-    return caption.strip() if isinstance(caption, str) else ""
+    found = read_line_files(folder)
+    return [] if found is None else [{"video": name, "caption": caption} for name, caption, _ in found[0]]
 
 
 def find_videos(folder: Path, entries: list[dict]) -> list[str]:
@@ -167,6 +158,8 @@ def caption_folder(
     a LoRA: "In the style of xyz, "). `progress`: a progress bar."""
     from tqdm.auto import tqdm
 
+    from cogvideox.train.data import CAPTION_KEYS, METADATA_FILE, entry_caption
+
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"no folder at {folder}")
@@ -180,7 +173,7 @@ def caption_folder(
     report = CaptionReport()
     todo = []
     for entry in entries:
-        if _caption_of(entry) and not overwrite:
+        if entry_caption(entry) and not overwrite:
             report.kept += 1
         elif (folder / entry["video"]).is_file():
             todo.append(entry)
@@ -188,8 +181,6 @@ def caption_folder(
             report.skipped.append((entry["video"], "file not found"))
     if not todo:
         return report
-
-    from cogvideox.train.data import METADATA_FILE
 
     def write() -> None:
         kept = entries[:listed] + [e for e in entries[listed:] if "caption" in e]
@@ -224,7 +215,7 @@ def caption_folder(
                         report.stopped = f"{captioner.role} failed for {STOP_AFTER} videos in a row: {e}"
                 else:
                     failures_in_a_row = 0
-                    for other in ("prompt", "text"):  # one caption per entry: ours
+                    for other in CAPTION_KEYS[1:]:  # one caption per entry: ours
                         entry.pop(other, None)
                     entry["caption"] = prefix + caption
                     write()

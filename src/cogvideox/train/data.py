@@ -35,6 +35,7 @@ METADATA_FILE = "metadata.jsonl"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 PROMPT_FILES = ("prompts.txt", "prompt.txt")
 VIDEOS_FILE = "videos.txt"
+CAPTION_KEYS = ("caption", "prompt", "text")  # a metadata.jsonl entry's caption, under the first it has
 
 
 @dataclass(frozen=True)
@@ -115,13 +116,13 @@ def scan_folder(root: str | Path) -> tuple[list[Clip], list[Skipped]]:
     if (root / METADATA_FILE).is_file():
         entries, skipped = _read_jsonl(root / METADATA_FILE)
     else:
-        prompts = next((root / n for n in PROMPT_FILES if (root / n).is_file()), None)
-        if prompts is None or not (root / VIDEOS_FILE).is_file():
+        found = read_line_files(root)
+        if found is None:
             raise InputError(
                 f"{root} holds neither {METADATA_FILE} nor prompts.txt + {VIDEOS_FILE}; see docs/finetune.md for "
                 "the two layouts"
             )
-        entries, skipped = _read_line_files(prompts, root / VIDEOS_FILE)
+        entries, skipped = found
     clips = []
     for name, caption, mask in entries:
         path = root / name
@@ -146,21 +147,36 @@ def _read_jsonl(path: Path) -> tuple[list[tuple[str, str, str | None]], list[Ski
         except json.JSONDecodeError:
             skipped.append(Skipped(f"{path.name} line {number}", "not a JSON object"))
             continue
-        video = row.get("video") or row.get("file_name") if isinstance(row, dict) else None
+        video = entry_video(row) if isinstance(row, dict) else None
         if not isinstance(video, str) or not video:
             skipped.append(Skipped(f"{path.name} line {number}", 'no "video" path'))
             continue
-        caption = row.get("caption", row.get("prompt", row.get("text")))
         mask = row.get("mask")
         if mask is not None and (not isinstance(mask, str) or not mask):
             skipped.append(Skipped(video, f'"mask" must be a file path, got {mask!r}'))
             continue
-        entries.append((video, caption.strip() if isinstance(caption, str) else "", mask))
+        entries.append((video, entry_caption(row), mask))
     return entries, skipped
 
 
-def _read_line_files(prompts: Path, videos: Path) -> tuple[list[tuple[str, str, None]], list[Skipped]]:
-    captions, names = read_lines(prompts), read_lines(videos)
+def entry_video(row: dict):
+    """A metadata.jsonl entry's video path as given: "video", or "file_name" as Hugging Face datasets say."""
+    return row.get("video") or row.get("file_name")
+
+
+def entry_caption(row: dict) -> str:
+    """A metadata.jsonl entry's caption (under the first of `CAPTION_KEYS` it has), stripped; "" for none."""
+    caption = next((row[key] for key in CAPTION_KEYS if key in row), None)
+    return caption.strip() if isinstance(caption, str) else ""
+
+
+def read_line_files(root: Path) -> tuple[list[tuple[str, str, None]], list[Skipped]] | None:
+    """The official layout's entries (video, caption, no mask) and what was skipped; None when `root` lacks
+    prompts.txt (or prompt.txt) or videos.txt."""
+    prompts = next((root / n for n in PROMPT_FILES if (root / n).is_file()), None)
+    if prompts is None or not (root / VIDEOS_FILE).is_file():
+        return None
+    captions, names = read_lines(prompts), read_lines(root / VIDEOS_FILE)
     entries, skipped = [], []
     for i, name in enumerate(names):
         if not name:
