@@ -207,10 +207,11 @@ def scheduler_kind(scheduler) -> str:
     return next(kinds, type(scheduler).__name__)
 
 
-def pipeline_settings(pipe, prompt: str, request: dict, fps: float, images: bool = False) -> dict:
+def pipeline_settings(pipe, prompt: str, request: dict, fps: float, given: str | None = None) -> dict:
     """`video_settings` of a loaded pipeline called with `request` (model unknown: None); guidance left
     out takes the model's recommendation, as the call does, and arguments `check_request` does not
-    take are not recorded."""
+    take are not recorded. given: the input file the call resizes, "image" (a first frame) or "video" (a
+    video it redraws), whose `resize` is recorded as `generate` records it; None for none."""
     import inspect
 
     from cogvideox import loading
@@ -222,8 +223,8 @@ def pipeline_settings(pipe, prompt: str, request: dict, fps: float, images: bool
     )
     known = inspect.signature(check_request).parameters
     shaping = {name: value for name, value in (request | guidance).items() if name in known}
-    checked = pipe.check_request(prompt, task="image" if images else "text", **shaping)
-    resize = request.get("resize", "stretch") if images else None
+    checked = pipe.check_request(prompt, task="image" if given == "image" else "text", **shaping)
+    resize = request.get("resize", "stretch") if given is not None else None
     return video_settings(None, scheduler_kind(pipe.scheduler), checked, fps, pipeline_levers(pipe), resize)
 
 
@@ -388,7 +389,8 @@ def run_batch(
     items = plan(prompts, seed, images)
     fps = fps or pipe.default_fps
     if settings is None:
-        settings = pipeline_settings(pipe, prompts[0], request, fps, images is not None) if prompts else {}
+        given = "image" if images is not None else None
+        settings = pipeline_settings(pipe, prompts[0], request, fps, given) if prompts else {}
         settings["prompt_enhancer"] = enhancer_setting(enhancer)
     mesh = mesh or _default_mesh(pipe)
     if enhancer is not None and mesh.layout.size > 1:

@@ -105,10 +105,9 @@ class PipelineGenerator:
         from cogvideox.batch import pipeline_settings
 
         images = params.get("image") is not None
-        settings = pipeline_settings(self.pipe, prompt, request, params["fps"], images) | {"model": self.model}
-        sent = params.get("video_input") is not None  # a video the client sent, redrawn
-        if sent:
-            settings["resize"] = params["resize"]
+        sent = params.get("video_input") is not None  # a video the client sent, redrawn (not a remix's)
+        given = "image" if images else "video" if sent else None
+        settings = pipeline_settings(self.pipe, prompt, request, params["fps"], given) | {"model": self.model}
         return provenance.record(
             prompt,
             params["seed"],
