@@ -19,6 +19,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Pipeline": "cogvideox.pipeline",
     "VideoOutput": "cogvideox.pipeline",
+    "VideoAutoencoder": "cogvideox.autoencoder",
+    "LatentVideo": "cogvideox.latents",
     "export_video": "cogvideox.video",
     "read_video": "cogvideox.video",
     "CogVideoXError": "cogvideox.errors",
@@ -30,7 +32,9 @@ _EXPORTS = {
 __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:
+    from cogvideox.autoencoder import VideoAutoencoder
     from cogvideox.errors import CogVideoXError, InputError, LoadError, NonFiniteError
+    from cogvideox.latents import LatentVideo
     from cogvideox.pipeline import Pipeline, VideoOutput
     from cogvideox.video import export_video, read_video
 

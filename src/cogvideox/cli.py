@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -154,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     arg("prompt", help="what the video should show")
     arg("-o", "--output", default="output.mp4",
         help="video file to write: .mp4 (H.264), .gif (animated GIF), or numbered PNG frames for a name such "
-        "as frames/%%04d.png (default: output.mp4)")
+        "as frames/%%04d.png; or, for a name ending in .safetensors, the denoised latents without decoding "
+        "them (cogvideox decode makes the same video from them later, with the VAE alone) "
+        "(default: output.mp4)")
     add_model_arguments(gen)
     add_sampling_arguments(gen, seed_default=None, seed_help="noise seed (default: random, printed)")
     arg("--fps", type=frame_rate, help="frame rate of the video file (default: the model's, 8 or 16)")
@@ -224,11 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.set_defaults(run=_generate)
 
+    from cogvideox.cli_latents import add_latent_parsers
     from cogvideox.cli_tools import add_tool_parsers
     from cogvideox.serve.cli import add_serve_parsers
     from cogvideox.train.cli import add_train_parsers
 
     add_tool_parsers(commands)
+    add_latent_parsers(commands)
     add_serve_parsers(commands)
     add_train_parsers(commands)
     from cogvideox.batch import add_batch_parser
@@ -258,6 +263,7 @@ def _quiet_libraries() -> None:
 def _generate(args: argparse.Namespace) -> int:
     from cogvideox import conditioning
     from cogvideox.extend import check_extendable, continue_video
+    from cogvideox.latents import LatentVideo, check_latents_path, is_latents_path
     from cogvideox.pipeline import Pipeline
     from cogvideox.request import check_request, frames_to_read
     from cogvideox.video import check_video_path, read_video
@@ -279,10 +285,15 @@ def _generate(args: argparse.Namespace) -> int:
             raise InputError(f"--lora {path} does not exist")
     enhancer = prompt_enhancer(args)
 
-    outputs = [check_video_path(path, "--output") for path in _output_paths(args.output, args.num_videos)]
+    latent_output = is_latents_path(args.output)
+    if latent_output and args.extend:
+        raise InputError("--extend writes the video with its continuation; it cannot stop at latents (give a "
+                         "video --output)")  # fmt: skip
+    check_path = check_latents_path if latent_output else check_video_path
+    outputs = [check_path(path, "--output") for path in _output_paths(args.output, args.num_videos)]
     for path in outputs:
         if path.exists():
-            warnings.warn(f"{path} exists and will be replaced by the new video")
+            warnings.warn(f"{path} exists and will be replaced by the new {'latents' if latent_output else 'video'}")
 
     # Every mistake that the inputs and the configs alone reveal fails here, before minutes of loading.
     start = time.perf_counter()
@@ -346,25 +357,38 @@ def _generate(args: argparse.Namespace) -> int:
     if extended is not None:
         result = continue_video(pipe, extended, prompt, seed=args.seed, progress=progress, **request)
     else:
-        result = pipe(prompt, seed=args.seed, progress=progress, **request, **inputs)
+        result = pipe(prompt, seed=args.seed, progress=progress, output_type="latent" if latent_output else "np",
+                      **request, **inputs)  # fmt: skip
     fps = args.fps or extended_fps or pipe.default_fps
     launch.leave(mesh)
     if mesh is not None and not mesh.is_leader:
         return 0  # rank 0 writes and reports
     start = time.perf_counter()
     made = _made_with(args, pipe, folder, checked, fps, prompt, lora)
-    for number, (frames, path) in enumerate(zip(result.frames, outputs), 1):
-        many = [number, len(outputs)] if len(outputs) > 1 else None
-        export_or_rescue(frames, path, fps, metadata=provenance.record(prompt, result.seed, **made, video_number=many))
+    records = [provenance.record(prompt, result.seed, **made, video_number=[number, len(outputs)])
+               for number in range(1, len(outputs) + 1)]  # fmt: skip
+    if len(outputs) == 1:
+        del records[0]["video_number"]
+    if latent_output:
+        latents = result.latents[:, result.padding_frames :]
+        for one, path, entry in zip(latents, outputs, records):
+            LatentVideo(one, made["settings"].get("model"), fps, "generate", entry).save(path)
+    else:
+        for frames, path, entry in zip(result.frames, outputs, records):
+            export_or_rescue(frames, path, fps, metadata=entry)
     write_time = time.perf_counter() - start
 
-    frames = result.frames[0]
     stages = {"load": load_time, **result.timings, "write": write_time}
     where = ", ".join(str(p) for p in outputs)
-    print(
-        f"wrote {where} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]}, {fps:g} fps, seed "
-        f"{result.seed}) | " + stage_times(stages) + _cache_report(pipe)
-    )
+    if latent_output:
+        shape = "x".join(str(n) for n in latents.shape[1:])
+        size = f"latents {shape} for {checked.num_frames} frames at {checked.width}x{checked.height}"
+    else:
+        frames = result.frames[0]
+        size = f"{frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]}"
+    print(f"wrote {where} ({size}, {fps:g} fps, seed {result.seed}) | " + stage_times(stages) + _cache_report(pipe))
+    if latent_output:
+        print(f"make the video with: cogvideox decode {shlex.quote(str(outputs[0]))}")
     return 0
 
 

@@ -39,7 +39,6 @@ from cogvideox.cli_args import (
 )
 from cogvideox.enhance import ENV_URL
 from cogvideox.errors import InputError
-from cogvideox.files import probe_writable
 
 
 def _add_model_args(parser: argparse.ArgumentParser, model_help: str) -> None:
@@ -157,12 +156,14 @@ def add_tool_parsers(commands) -> None:
     info = commands.add_parser(
         "info",
         help="show how a video was made (prompt, seed, model, settings) and the command that makes it again",
-        description="Read the record `generate` and `batch` keep inside each MP4, GIF or PNG frame they write: the "
-        "model, prompt, seed, sampling settings, inputs and the levers that change the video, and print it "
+        description="Read the record `generate` and `batch` keep inside each MP4, GIF or PNG frame they write (and "
+        "`generate` in a latents file): the model, prompt, seed, sampling settings, inputs and the levers that "
+        "change the video, and print it "
         "with the `cogvideox generate` command that makes the same video again. Exit status 1 when a file "
         "holds no record (made by another program, or re-encoded since).",
     )
-    info.add_argument("videos", nargs="+", metavar="VIDEO", help="MP4 or GIF files, or a frame of a PNG sequence")
+    info.add_argument("videos", nargs="+", metavar="VIDEO",
+                      help="MP4 or GIF files, frames of PNG sequences, or .safetensors latents files")
     info.add_argument("--json", action="store_true", help="print each record as one line of JSON")
     info.set_defaults(run=_info)
 
@@ -234,24 +235,6 @@ def _add_caption_parser(commands) -> None:
 POOR_RECONSTRUCTION_DB = 20.0
 
 
-def _check_output(path: str | None, flag: str) -> Path | None:
-    if path is None:
-        return None
-    path = Path(path)
-    if path.is_dir():
-        raise InputError(f"{flag} {path} is a folder; give a file name")
-    if not path.parent.is_dir():
-        raise InputError(f"{flag} folder {path.parent} does not exist")
-    if path.suffix.lower() != ".safetensors":
-        stem = path.stem if path.stem and not path.stem.startswith(".") else "latents"
-        raise InputError(f"{flag} {path}: the latents are written as safetensors; give a name such as {stem}.safetensors")
-    try:
-        probe_writable(path.parent)  # before the inversion's minutes, not after them
-    except OSError as e:
-        raise InputError(f"cannot write {path}: {e.strerror or e}") from None
-    return path
-
-
 def _load(args: argparse.Namespace, device, folder):
     from cogvideox.pipeline import Pipeline
 
@@ -263,10 +246,11 @@ def _load(args: argparse.Namespace, device, folder):
 def _invert(args: argparse.Namespace) -> int:
     from cogvideox import conditioning
     from cogvideox.inversion import check_inversion, invert, psnr, reconstruct
+    from cogvideox.latents import check_latents_path
     from cogvideox.request import frames_to_read
     from cogvideox.video import check_video_path, export_video
 
-    latents_path = _check_output(args.output, "--output")
+    latents_path = None if args.output is None else check_latents_path(args.output)
     video_path = check_video_path(args.reconstruct, "--reconstruct") if args.reconstruct else None
     if latents_path is None and video_path is None:
         raise InputError("nothing to write: give --output LATENTS.safetensors and/or --reconstruct VIDEO.mp4")
@@ -358,12 +342,17 @@ def _info(args: argparse.Namespace) -> int:
     import json
 
     from cogvideox import provenance
+    from cogvideox.latents import describe_unrecorded, is_latents_path, read_record
     from cogvideox.video import read_metadata
 
-    found = [(path, read_metadata(path)) for path in args.videos]  # every file read before any output
+    # Every file is read before any output.
+    found = [(path, read_record(path) if is_latents_path(path) else read_metadata(path)) for path in args.videos]
     status = 0
     for path, metadata in found:
-        if not provenance.is_record(metadata):
+        if not provenance.is_record(metadata) and is_latents_path(path):
+            print(describe_unrecorded(path))
+            status = 1
+        elif not provenance.is_record(metadata):
             print(f"{path}: no cogvideox record (made by another program, or re-encoded since)")
             status = 1
         elif args.json:

@@ -42,7 +42,7 @@ from cogvideox.request import (
 from cogvideox.sampling import DenoiseInputs, denoise, guidance_schedule, predict_velocity
 from cogvideox.schedulers import DDIMScheduler, predict_x0
 
-_FORMAT = "cogvideox-ddim-inversion"
+FORMAT = "cogvideox-ddim-inversion"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -152,7 +152,7 @@ class Inversion:
         """Write the latents and the request as a safetensors file."""
         path = Path(path)
         meta = {k: v for k, v in asdict(self).items() if k != "latents"}
-        metadata = {"format": _FORMAT, "request": json.dumps(meta)}
+        metadata = {"format": FORMAT, "request": json.dumps(meta)}
         save_file({"latents": self.latents.detach().cpu().contiguous()}, str(path), metadata=metadata)
         usual_mode(path)
         return path
@@ -165,7 +165,7 @@ class Inversion:
         try:
             with safe_open(str(path), framework="pt") as f:
                 metadata = f.metadata() or {}
-                if metadata.get("format") != _FORMAT or "latents" not in f.keys():
+                if metadata.get("format") != FORMAT or "latents" not in f.keys():
                     raise InputError(f"{path} is not a DDIM inversion written by cogvideox invert")
                 latents = f.get_tensor("latents")
             return cls(latents=latents, **json.loads(metadata["request"]))

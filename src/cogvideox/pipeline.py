@@ -23,7 +23,8 @@ import torch
 from tqdm.auto import tqdm
 
 from cogvideox import conditioning, loading, weights
-from cogvideox.errors import InputError, OutOfMemoryError
+from cogvideox.autoencoder import decode_latents
+from cogvideox.errors import InputError
 from cogvideox.models.config import TransformerConfig
 from cogvideox.request import (
     GenerationRequest,
@@ -32,7 +33,7 @@ from cogvideox.request import (
     default_size,
     frames_to_read,
 )
-from cogvideox.sampling import DenoiseInputs, denoise, guidance_schedule, to_uint8_frames
+from cogvideox.sampling import DenoiseInputs, denoise, guidance_schedule
 from cogvideox.schedulers import SCHEDULERS, randn
 
 SCHEDULER_KINDS = ("ddim", "dpm")
@@ -486,32 +487,10 @@ class Pipeline:
         return embeds.repeat_interleave(videos_per_prompt, dim=0)
 
     def decode(self, latents: torch.Tensor, progress: bool = False) -> list[np.ndarray]:
-        """Latents [B, F, C, h, w] (without 1.5 padding) -> one uint8 video [T, H, W, 3] per sample.
-
-        The batch goes through the VAE in one call, as in the reference: a per-sample decode picks other
-        convolution kernels and moves a few pixels by 1/255. `vae.enable_slicing()` trades that for memory.
-        Out of GPU memory in an untiled decode, it decodes again in tiles (with a warning) instead of
-        losing the denoised latents.
-        """
-        latents = latents.permute(0, 2, 1, 3, 4)  # [B, C, F, h, w], the VAE's layout
-        latents = ((1 / self.vae.config.scaling_factor) * latents).to(self.dtype)
-        with tqdm(total=1, desc="decoding", disable=not progress, leave=False) as bar:
-            try:
-                with self._memory_guard("decode", latents.shape[0]):
-                    videos = self.vae.decode(latents)  # [B, 3, T, H, W]
-            except OutOfMemoryError as error:
-                if self.vae.use_tiling:
-                    raise
-                # The denoising is done and cannot be redone cheaply: decode in tiles rather than lose it.
-                warnings.warn(f"{error}; decoding again in tiles, as --vae-tiling does", stacklevel=2)
-                self.vae.enable_tiling()
-                try:
-                    with self._memory_guard("decode", latents.shape[0]):
-                        videos = self.vae.decode(latents)
-                finally:
-                    self.vae.disable_tiling()
-            bar.update()
-        return [to_uint8_frames(video) for video in videos]
+        """Latents [B, F, C, h, w] (without 1.5 padding) -> one uint8 video [T, H, W, 3] per sample (see
+        `autoencoder.decode_latents`: one VAE call for the batch, tiles again rather than lose the latents
+        when out of GPU memory)."""
+        return decode_latents(self.vae, latents, self.dtype, self._memory_guard, progress)
 
     def _memory_guard(self, stage: str, batch: int = 1):
         """Out of GPU memory in `stage` becomes an `OutOfMemoryError` saying what would fit."""

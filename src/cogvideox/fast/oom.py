@@ -67,10 +67,20 @@ def suggest(
     if stage == "text" and text_on_device:
         return "--text-device cpu"
     if stage in ("decode", "encode"):
-        if not vae_tiling:
-            return "--vae-tiling"
-        if batch > 1 and not vae_slicing:
-            return "--vae-slicing"
+        return vae_advice(vae_tiling, vae_slicing, batch)
+    return _smaller_request(batch)
+
+
+def vae_advice(vae_tiling: bool, vae_slicing: bool, batch: int = 1) -> str:
+    """The setting that lowers the VAE's memory in an encode or decode that ran out of it."""
+    if not vae_tiling:
+        return "--vae-tiling"
+    if batch > 1 and not vae_slicing:
+        return "--vae-slicing"
+    return _smaller_request(batch)
+
+
+def _smaller_request(batch: int) -> str:
     return "fewer --frames, a smaller --height/--width" + (" or fewer --num-videos" if batch > 1 else "")
 
 
@@ -118,10 +128,21 @@ def out_of_memory(stage: str, message: str, pipe, batch: int = 1) -> OutOfMemory
         vae_slicing=pipe.vae.use_slicing,
         batch=batch,
     )
-    amounts = ""
-    if asked is not None:
-        amounts = f": it asked for {asked / _GIB:.2f} GiB more"
-        if free is not None:
-            amounts += f" with {free / _GIB:.2f} GiB free"
-    text = f"out of GPU memory in {_STAGE_LABELS.get(stage, stage)}{amounts} (offload {mode}); try {advice}"
+    where = _STAGE_LABELS.get(stage, stage)
+    text = f"out of GPU memory in {where}{_amounts(asked, free)} (offload {mode}); try {advice}"
     return OutOfMemoryError(text, stage=stage, requested_bytes=asked, suggestion=advice)
+
+
+def out_of_vae_memory(stage: str, message: str, vae, batch: int = 1) -> OutOfMemoryError:
+    """The `OutOfMemoryError` for PyTorch's `message` in an encode or decode of a VAE loaded on its own."""
+    asked, free = parse_oom(message)
+    advice = vae_advice(vae.use_tiling, vae.use_slicing, batch)
+    text = f"out of GPU memory in {_STAGE_LABELS.get(stage, stage)}{_amounts(asked, free)}; try {advice}"
+    return OutOfMemoryError(text, stage=stage, requested_bytes=asked, suggestion=advice)
+
+
+def _amounts(asked: int | None, free: int | None) -> str:
+    if asked is None:
+        return ""
+    more = f": it asked for {asked / _GIB:.2f} GiB more"
+    return more if free is None else f"{more} with {free / _GIB:.2f} GiB free"

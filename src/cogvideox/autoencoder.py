@@ -1,0 +1,146 @@
+"""The VAE of a CogVideoX model on its own: videos to the latents the transformer sees, and back.
+
+`decode_latents` is the pipeline's own last stage (`Pipeline.decode` calls it), so latents saved by
+`generate --output name.safetensors` and decoded later by `VideoAutoencoder` give the video a direct run
+gives, pixel for pixel. `VideoAutoencoder` loads the VAE alone (a few hundred MB, none of T5 or the
+transformer): a video denoised on one machine can be decoded on another, or later with tiling on a small
+GPU, and the official VAE demo's encode, decode and round trip run with the pipeline's normalisation
+([-1, 1] pixels, latents multiplied by the scaling factor).
+
+    vae = VideoAutoencoder.from_pretrained("THUDM/CogVideoX-5b", tiling=True)
+    latents = vae.encode(frames)  # uint8 [T, H, W, 3] -> [F, C, h, w]
+    video = vae.decode(latents)  # -> uint8 [T, H, W, 3]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from cogvideox import loading
+from cogvideox.errors import InputError, OutOfMemoryError
+from cogvideox.sampling import to_uint8_frames
+
+Guard = Callable[[str, int], contextlib.AbstractContextManager]
+
+
+def decode_latents(vae, latents: torch.Tensor, dtype: torch.dtype, guard: Guard, progress: bool = False):
+    """Latents [B, F, C, h, w] as the transformer sees them -> one uint8 video [T, H, W, 3] per sample.
+
+    The batch goes through the VAE in one call, as in the reference: a per-sample decode picks other
+    convolution kernels and moves a few pixels by 1/255 (`vae.enable_slicing()` trades that for memory).
+    Out of GPU memory in an untiled decode, it decodes again in tiles (with a warning) rather than lose
+    latents that took minutes. `guard(stage, batch)` turns a CUDA out-of-memory error into ours.
+    """
+    latents = latents.permute(0, 2, 1, 3, 4)  # [B, C, F, h, w], the VAE's layout
+    latents = ((1 / vae.config.scaling_factor) * latents).to(dtype)
+    with tqdm(total=1, desc="decoding", disable=not progress, leave=False) as bar:
+        try:
+            with guard("decode", latents.shape[0]):
+                videos = vae.decode(latents)  # [B, 3, T, H, W]
+        except OutOfMemoryError as error:
+            if vae.use_tiling:
+                raise
+            warnings.warn(f"{error}; decoding again in tiles, as --vae-tiling does", stacklevel=3)
+            vae.enable_tiling()
+            try:
+                with guard("decode", latents.shape[0]):
+                    videos = vae.decode(latents)
+            finally:
+                vae.disable_tiling()
+        bar.update()
+    return [to_uint8_frames(video) for video in videos]
+
+
+class VideoAutoencoder:
+    """A model's VAE alone, with the pipeline's conventions on both sides."""
+
+    def __init__(self, vae: torch.nn.Module, dtype: torch.dtype, folder: Path | None = None) -> None:
+        self.vae = vae
+        self.dtype = dtype
+        self.folder = folder
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo_id: str | Path | None = None,
+        dtype: str | torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        *,
+        revision: str | None = None,
+        local_files_only: bool = False,
+        tiling: bool = False,
+        slicing: bool = False,
+    ) -> VideoAutoencoder:
+        """The VAE of a model folder or hub repo (None: the embedded demo model), as `Pipeline.from_pretrained`
+        finds it; dtype and device default as there. Only `vae/` is read (and, from the hub, fetched)."""
+        device = loading.choose_device(device)
+        loading.parse_dtype(dtype)
+        folder = loading.resolve_model_dir(path_or_repo_id, revision=revision, local_files_only=local_files_only)
+        configs = loading.read_model_configs(folder)
+        dtype = loading.choose_dtype(dtype, device, configs.transformer)
+        vae = loading.load_vae(folder, dtype, device)
+        if tiling:
+            vae.enable_tiling()
+        if slicing:
+            vae.enable_slicing()
+        return cls(vae, dtype, folder)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.vae.parameters()).device
+
+    @property
+    def latent_channels(self) -> int:
+        return self.vae.config.latent_channels
+
+    def check_latents(self, latents: torch.Tensor) -> None:
+        """An `InputError` for latents this VAE cannot decode: [F, C, h, w] or [B, F, C, h, w], C its channels."""
+        if latents.ndim not in (4, 5) or latents.shape[-3] != self.latent_channels:
+            raise InputError(
+                f"latents of shape {list(latents.shape)} do not fit this VAE: it decodes [frames, "
+                f"{self.latent_channels}, height/8, width/8] (latents of another model family?)"
+            )
+
+    @torch.inference_mode()
+    def encode(self, frames: np.ndarray, height: int | None = None, width: int | None = None,
+               resize: str = "stretch") -> torch.Tensor:  # fmt: skip
+        """uint8 frames [T, H, W, 3] -> latents [F, C, h, w] (the posterior's mean, times the scaling
+        factor: what the transformer denoises), resized to `height` x `width` first when given. T of the
+        form 4k+1 (8k+1 for the released models) gives F = k+1."""
+        from cogvideox.conditioning import prepare_video
+
+        height, width = height or frames.shape[1], width or frames.shape[2]
+        pixels = prepare_video(frames, height, width, resize).to(self.device, self.dtype)
+        with self._guard("encode"):
+            mean = self.vae.encode(pixels).mode()  # [1, C, F, h, w]
+        return (self.vae.config.scaling_factor * mean)[0].permute(1, 0, 2, 3)
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor, progress: bool = False) -> np.ndarray | list[np.ndarray]:
+        """Latents [F, C, h, w] -> uint8 frames [T, H, W, 3]; a batch [B, F, C, h, w] -> a list of B videos."""
+        self.check_latents(latents)
+        batch = latents.ndim == 5
+        videos = decode_latents(self.vae, latents.to(self.device) if batch else latents[None].to(self.device),
+                                self.dtype, self._guard, progress)  # fmt: skip
+        return videos if batch else videos[0]
+
+    @contextlib.contextmanager
+    def _guard(self, stage: str, batch: int = 1) -> Iterator[None]:
+        from cogvideox.fast.oom import out_of_vae_memory
+
+        try:
+            yield
+        except torch.cuda.OutOfMemoryError as error:
+            message = str(error)
+            error.__traceback__ = None  # its frames hold the activations that filled the device
+        else:
+            return
+        torch.cuda.empty_cache()
+        raise out_of_vae_memory(stage, message, self.vae, batch)

@@ -1,0 +1,175 @@
+"""Latents on disk and the VAE alone: generate --output NAME.safetensors, cogvideox decode and encode.
+
+Decoded latents give the direct run's video exactly; encoding matches the reference VAE's posterior mean
+times its scaling factor; every mistake is one line."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from helpers import sample_frames
+
+from cogvideox import InputError, LatentVideo, Pipeline, VideoAutoencoder, read_video
+from cogvideox.cli import main
+from cogvideox.fast.oom import out_of_vae_memory
+from cogvideox.video import read_metadata
+
+SMALL = dict(height=32, width=48, num_inference_steps=2, max_sequence_length=8)
+FLAGS = ["--steps", "2", "--quiet"]
+
+
+@pytest.mark.parametrize("variant", ["rope", "1.5"])
+def test_saved_latents_decode_to_the_direct_video(variant, tiny_rope_dir, tiny_v15_dir, tmp_path):
+    folder = {"rope": tiny_rope_dir, "1.5": tiny_v15_dir}[variant]
+    pipe = Pipeline.from_pretrained(folder)
+    direct = pipe("a cat", seed=4, **SMALL)
+    stopped = pipe("a cat", seed=4, output_type="latent", **SMALL)
+    assert stopped.frames is None
+    one = stopped.latents[0, stopped.padding_frames :]  # 1.5 drops its padding frame, as decoding does
+    LatentVideo(one, str(folder), 8, record={"prompt": "a cat"}).save(tmp_path / "cat.safetensors")
+
+    loaded = LatentVideo.load(tmp_path / "cat.safetensors")
+    assert torch.equal(loaded.latents, one) and loaded.latents.dtype == one.dtype
+    assert (loaded.model, loaded.fps, loaded.made_by, loaded.record) == (str(folder), 8, "generate", {"prompt": "a cat"})
+    assert loaded.num_frames == direct.frames[0].shape[0]
+    video = VideoAutoencoder.from_pretrained(folder).decode(loaded.latents)
+    assert np.array_equal(video, direct.frames[0])
+
+
+def test_encode_matches_the_reference_vae(tiny_rope_dir):
+    diffusers = pytest.importorskip("diffusers")
+    frames = sample_frames(9, 40, 56)
+    ours = VideoAutoencoder.from_pretrained(tiny_rope_dir).encode(frames, 32, 48, resize="crop")
+
+    reference = diffusers.AutoencoderKLCogVideoX.from_pretrained(tiny_rope_dir / "vae").eval()
+    from cogvideox.conditioning import prepare_video  # the pipeline's own pixels, checked against the reference
+
+    with torch.no_grad():
+        mean = reference.encode(prepare_video(frames, 32, 48, "crop")).latent_dist.mode()
+    expected = (reference.config.scaling_factor * mean)[0].permute(1, 0, 2, 3)
+    assert ours.shape == expected.shape == (3, 4, 4, 6)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_checks_the_latents_fit(tiny_rope_dir):
+    vae = VideoAutoencoder.from_pretrained(tiny_rope_dir)
+    with pytest.raises(InputError, match=r"latents of shape \[3, 16, 4, 6\] do not fit this VAE: it decodes "
+                                         r"\[frames, 4, height/8, width/8\]"):  # fmt: skip
+        vae.decode(torch.zeros(3, 16, 4, 6))
+
+
+def test_out_of_memory_in_the_vae_names_the_flag():
+    message = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which "
+               "1.00 GiB is free.")  # fmt: skip
+
+    class Vae:
+        use_tiling, use_slicing = False, False
+
+    error = out_of_vae_memory("decode", message, Vae())
+    assert str(error) == "out of GPU memory in VAE decoding: it asked for 2.00 GiB more with 1.00 GiB free; try --vae-tiling"
+    Vae.use_tiling = True
+    assert out_of_vae_memory("encode", message, Vae()).suggestion == "fewer --frames, a smaller --height/--width"
+
+
+def test_generate_to_latents_then_decode_gives_the_same_video(capsys, tmp_path):
+    direct, latents = tmp_path / "direct-%02d.png", tmp_path / "ball.safetensors"
+    argv = ["generate", "a red ball moves up", "--seed", "3", *FLAGS]
+    assert main([*argv, "-o", str(direct)]) == 0
+    capsys.readouterr()
+    assert main([*argv, "-o", str(latents)]) == 0
+    out = capsys.readouterr().out
+    assert "wrote " + str(latents) + " (latents 5x8x8x12 for 17 frames at 96x64, 8 fps, seed 3)" in out
+    assert f"make the video with: cogvideox decode {latents}" in out
+    assert not list(tmp_path.glob("*.mp4"))  # nothing decoded
+
+    assert main(["decode", str(latents), "--quiet"]) == 0  # default name: the latents' with .mp4
+    assert "wrote " + str(tmp_path / "ball.mp4") + " (17 frames, 96x64, 8 fps)" in capsys.readouterr().out
+    assert main(["decode", str(latents), "-o", str(tmp_path / "decoded-%02d.png"), "--quiet"]) == 0
+    for i in range(17):  # lossless frames: pixel for pixel
+        assert (tmp_path / f"decoded-{i:02d}.png").read_bytes() == (tmp_path / f"direct-{i:02d}.png").read_bytes()
+    # The generation's record travels through the latents into the video.
+    assert read_metadata(tmp_path / "ball.mp4") == read_metadata(tmp_path / "direct-00.png")
+    capsys.readouterr()
+    assert main(["info", str(latents)]) == 0
+    assert "again: cogvideox generate 'a red ball moves up' --seed 3" in capsys.readouterr().out
+
+
+def test_encode_writes_the_latents_and_the_round_trip(capsys, tiny_rope_dir, tmp_path):
+    from cogvideox import export_video
+
+    export_video(sample_frames(9, 40, 56), tmp_path / "in.mp4", fps=8)
+    source = read_video(tmp_path / "in.mp4")[0]
+    latents, round_trip = tmp_path / "in.safetensors", tmp_path / "round.mp4"
+    argv = ["encode", str(tmp_path / "in.mp4"), "-o", str(latents), "--reconstruct", str(round_trip),
+            "--model", str(tiny_rope_dir), "--height", "32", "--width", "48", "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("encoded 9 frames at 48x32 into latents 3x4x4x6 | wrote ")
+    assert "dB against the input" in out
+
+    saved = LatentVideo.load(latents)
+    assert (saved.made_by, saved.model, saved.fps, saved.source) == ("encode", str(tiny_rope_dir.resolve()), 8,
+                                                                     str(tmp_path / "in.mp4"))  # fmt: skip
+    expected = VideoAutoencoder.from_pretrained(tiny_rope_dir).encode(source, 32, 48)
+    torch.testing.assert_close(saved.latents, expected, rtol=0, atol=0)
+    # decode finds the model the latents name, and makes the round trip's video again.
+    assert main(["decode", str(latents), "-o", str(tmp_path / "again.mp4"), "--quiet"]) == 0
+    assert np.array_equal(read_video(tmp_path / "again.mp4")[0], read_video(round_trip)[0])
+    capsys.readouterr()
+    assert main(["info", str(latents)]) == 1
+    assert capsys.readouterr().out.strip() == f"{latents}: latents of {tmp_path / 'in.mp4'} made by cogvideox " \
+                                              "encode (no generation to record)"
+
+
+def test_mistakes_are_one_line(capsys, tmp_path):
+    from cogvideox import export_video
+
+    export_video(sample_frames(9, 40, 56), tmp_path / "in.mp4", fps=8)
+    inverted = tmp_path / "inv.safetensors"
+    from safetensors.torch import save_file
+
+    from cogvideox import inversion
+
+    save_file({"latents": torch.zeros(1)}, str(inverted), metadata={"format": inversion.FORMAT, "request": "{}"})
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"weight": torch.zeros(1)}, str(foreign))
+    gone = tmp_path / "gone.safetensors"
+    LatentVideo(torch.zeros(3, 8, 8, 12), str(tmp_path / "deleted-model"), 8).save(gone)
+    video = str(tmp_path / "in.mp4")
+    cases = [
+        (["decode", video], "in.mp4 is not a latents file: those are .safetensors files written by cogvideox generate"),
+        (["decode", str(tmp_path / "none.safetensors")], "no latents file at"),
+        (["decode", str(inverted)], "holds inverted noise (cogvideox invert); sample it with cogvideox regenerate"),
+        (["decode", str(foreign)], "holds no latent video"),
+        (["decode", str(gone)], "the latents were made with the model in " + str(tmp_path / "deleted-model")),
+        (["decode", str(gone), "-o", str(tmp_path / "x.avi")], "videos are written as MP4"),
+        (["encode", video], "nothing to write: give --output LATENTS.safetensors and/or --reconstruct VIDEO.mp4"),
+        (["encode", video, "-o", str(tmp_path / "l.pt")], "the latents are written as safetensors; give a name "
+                                                         "such as l.safetensors"),
+        (["encode", video, "-o", str(tmp_path / "l.safetensors"), "--height", "60"], "--height must be a multiple "
+                                                                                      "of 8, got 60"),
+        (["encode", video, "-o", str(tmp_path / "l.safetensors"), "--frames", "8"], "num_frames must be 8k+1"),
+        (["generate", "a cat", "-o", str(tmp_path / "l.safetensors"), "--extend", video], "--extend writes the "
+                                                                                          "video with its continuation"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("cogvideox: error: ") and message in err and err.count("\n") == 1, (argv, err)
+    assert not (tmp_path / "l.safetensors").exists()
+
+
+def test_latent_files_are_safetensors_with_readable_metadata(tmp_path):
+    from safetensors import safe_open
+
+    path = LatentVideo(torch.ones(2, 4, 3, 5, dtype=torch.bfloat16), None, 16, "encode", source="a.mp4").save(
+        tmp_path / "l.safetensors"
+    )
+    with safe_open(str(path), framework="pt") as f:
+        assert list(f.keys()) == ["latents"] and f.get_tensor("latents").dtype == torch.bfloat16
+        metadata = f.metadata()
+    assert metadata["format"] == "cogvideox-latents"
+    fields = json.loads(metadata["video"])
+    assert fields == {"model": None, "fps": 16, "made_by": "encode", "record": None, "source": "a.mp4"}
+    assert not list(tmp_path.glob(".*"))  # no temporary file left beside it
