@@ -59,6 +59,12 @@ def tiny_i2v_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_v15_i2v_dir(tmp_path_factory):
+    """Like 1.5-5B-I2V: 2x2x2 patches, `ofs`, image latents divided by the VAE scaling factor; DPM."""
+    return make_tiny_cogvideox(tmp_path_factory.mktemp("tiny-v15-i2v"), variant="1.5-i2v", scheduler="dpm")
+
+
+@pytest.fixture(scope="session")
 def tiny_v15_dir(tmp_path_factory):
     """CogVideoX 1.5 (2x2x2 patches, slice RoPE, frame padding), DPM scheduler."""
     return make_tiny_cogvideox(tmp_path_factory.mktemp("tiny-v15"), variant="1.5", scheduler="dpm")

@@ -6,7 +6,6 @@ import torch
 from helpers import (
     assert_same_video,
     load_reference_pipeline,
-    make_tiny_cogvideox,
     run_reference,
     sample_picture,
 )
@@ -18,12 +17,6 @@ pytest.importorskip("diffusers")
 PIL = pytest.importorskip("PIL")
 
 SMALL = dict(num_frames=9, num_inference_steps=3, max_sequence_length=16)
-
-
-@pytest.fixture(scope="module")
-def tiny_v15_i2v_dir(tmp_path_factory):
-    """Like 1.5-5B-I2V: 2x2x2 patches, `ofs`, image latents divided by the VAE scaling factor; DPM."""
-    return make_tiny_cogvideox(tmp_path_factory.mktemp("tiny-v15-i2v"), variant="1.5-i2v", scheduler="dpm")
 
 
 @pytest.fixture(scope="module")

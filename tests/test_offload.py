@@ -672,13 +672,6 @@ def test_int8_weights_compose_with_offloading(tiny_rope_dir, mode):
     assert torch.equal(out.latents, want.latents)
 
 
-@pytest.fixture(scope="module")
-def tiny_v15_i2v_dir(tmp_path_factory):
-    from helpers import make_tiny_cogvideox
-
-    return make_tiny_cogvideox(tmp_path_factory.mktemp("tiny-v15-i2v"), variant="1.5-i2v", scheduler="dpm")
-
-
 @pytest.mark.parametrize("mode", ["model", "stream", "sequential"])
 def test_image_and_video_inputs_go_through_the_offloaded_vae_encoder(tiny_v15_i2v_dir, tiny_rope_dir, mode):
     from helpers import sample_picture

@@ -171,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="video to redraw (video-to-video, text-to-video models): its first --frames frames (default: "
         "the model's count, or the longest 8k+1 prefix of a shorter video), resized to the video size",
     )
+    arg(
+        "--last-image",
+        metavar="IMAGE",
+        help="with --image: the last frame, for keyframe interpolation by a model trained for it "
+        "(CogVideoX-Interpolation, a fine-tuned 5B-I2V); the released I2V models follow it loosely if at all",
+    )
     add_video_rate_argument(gen, "--video", "redrawn")
     arg(
         "--extend",
@@ -265,13 +271,15 @@ def _generate(args: argparse.Namespace) -> int:
     from cogvideox.extend import check_extendable, continue_video
     from cogvideox.latents import LatentVideo, check_latents_path, is_latents_path
     from cogvideox.pipeline import Pipeline
-    from cogvideox.request import check_request, frames_to_read
+    from cogvideox.request import check_last_image, check_request, frames_to_read
     from cogvideox.video import check_video_path, read_video
 
     if sum(map(bool, (args.image, args.video, args.extend))) > 1:
         given = " and ".join(f for f, v in (("--image", args.image), ("--video", args.video),
                                              ("--extend", args.extend)) if v)  # fmt: skip
         raise InputError(f"give one of --image (image-to-video), --video (video-to-video) and --extend, not {given}")
+    if args.last_image and not args.image:
+        raise InputError("--last-image is the last frame of an image-to-video video: give the first with --image")
     if args.strength is not None and not args.video:
         raise InputError("--strength only applies to video-to-video (--video)")
     if args.video_fps is not None and not args.video:
@@ -298,6 +306,7 @@ def _generate(args: argparse.Namespace) -> int:
     # Every mistake that the inputs and the configs alone reveal fails here, before minutes of loading.
     start = time.perf_counter()
     picture = conditioning.load_image(args.image) if args.image else None
+    last_picture = conditioning.load_image(args.last_image) if args.last_image else None
     device, folder, configs = locate_model(args)
     extended, extended_fps = read_video(args.extend) if args.extend else (None, None)
     if extended is not None:
@@ -325,6 +334,8 @@ def _generate(args: argparse.Namespace) -> int:
         **request,
     )
     warn_idle_riflex(checked, configs.transformer)
+    if last_picture is not None:
+        check_last_image(checked, configs.vae)
 
     prompt = args.prompt
     if enhancer is not None:  # the first frame goes along: the description must not contradict it
@@ -352,7 +363,7 @@ def _generate(args: argparse.Namespace) -> int:
         # The VAE's tiling stays as the single-process run has it (tiles are split when it is on).
         pipe = parallelize(pipe, mesh)  # after `accelerate`: the parallel attention wraps the fast one
     load_time = time.perf_counter() - start
-    inputs = dict(image=picture, video=source, strength=args.strength)
+    inputs = dict(image=picture, video=source, strength=args.strength, last_image=last_picture)
     progress = not args.quiet and global_rank() == 0
     if extended is not None:
         result = continue_video(pipe, extended, prompt, seed=args.seed, progress=progress, **request)
@@ -407,6 +418,7 @@ def _made_with(args: argparse.Namespace, pipe, folder: Path, checked, fps: float
     return dict(
         settings=settings,
         image=args.image,
+        last_image=args.last_image,
         video=args.video,
         video_fps=video_fps,
         strength=checked.strength,

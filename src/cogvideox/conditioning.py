@@ -180,7 +180,13 @@ def _posterior_samples(vae, pixels: torch.Tensor, generator: Generator, batch_si
 
 
 def image_latents(
-    vae, image: torch.Tensor, generator: Generator, batch_size: int, latent_frames: int, dtype: torch.dtype
+    vae,
+    image: torch.Tensor,
+    generator: Generator,
+    batch_size: int,
+    latent_frames: int,
+    dtype: torch.dtype,
+    last: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The image-to-video conditioning [B, F, C, h, w]: the image's latent, then zeros.
 
@@ -188,13 +194,22 @@ def image_latents(
     sits at frame 0, which decoding drops, exactly as the reference does). CogVideoX 1.0 scales by the
     VAE's scaling factor; the 1.5 models were trained with the latent divided by it instead
     (`invert_scale_latents` in their VAE config).
+
+    `last`, a second picture like `image`, takes the last latent frame instead of zeros: the keyframe
+    conditioning of CogVideoX-Interpolation (a 5B-I2V fine-tuned on first and last frames), drawn as its
+    pipeline draws it, every video's first-frame sample, then every last-frame sample, then the noise.
     """
-    first = _posterior_samples(vae, image, generator, batch_size).to(dtype)  # [B, C, 1, h, w]
-    first = first.permute(0, 2, 1, 3, 4)  # [B, 1, C, h, w]
     scaling = vae.config.scaling_factor
-    first = (1 / scaling) * first if vae.config.invert_scale_latents else scaling * first
-    rest = torch.zeros((batch_size, latent_frames - 1, *first.shape[2:]), device=first.device, dtype=dtype)
-    return torch.cat([first, rest], dim=1)
+
+    def latent_of(picture: torch.Tensor) -> torch.Tensor:  # [B, 1, C, h, w]
+        sample = _posterior_samples(vae, picture, generator, batch_size).to(dtype).permute(0, 2, 1, 3, 4)
+        return (1 / scaling) * sample if vae.config.invert_scale_latents else scaling * sample
+
+    first = latent_of(image)
+    ends = [latent_of(last)] if last is not None else []
+    middle = latent_frames - 1 - len(ends)
+    rest = torch.zeros((batch_size, middle, *first.shape[2:]), device=first.device, dtype=dtype)
+    return torch.cat([first, rest, *ends], dim=1)
 
 
 def video_latents(

@@ -28,6 +28,7 @@ from cogvideox.errors import InputError
 from cogvideox.models.config import TransformerConfig
 from cogvideox.request import (
     GenerationRequest,
+    check_last_image,
     check_request,
     default_fps,
     default_size,
@@ -498,7 +499,7 @@ class Pipeline:
 
         return oom_guard(stage, self, batch)
 
-    def _start(self, request: GenerationRequest, generator, shape, picture=None, source=None, latents=None):
+    def _start(self, request: GenerationRequest, generator, shape, picture=None, source=None, latents=None, last=None):
         """Where denoising starts: (latents [B, F, C, h, w], the denoiser, the timesteps to run)."""
         device, dtype = self.device, self.dtype
         self.scheduler.set_timesteps(request.num_inference_steps, device=device)
@@ -507,8 +508,10 @@ class Pipeline:
         # The image's or the video's posterior draw comes before the noise draw, as in the reference.
         if request.task == "image":
             pixels = conditioning.prepare_image(picture, *size, request.resize).to(device, dtype)
+            if last is not None:
+                last = conditioning.prepare_image(last, *size, request.resize).to(device, dtype)
             condition = conditioning.image_latents(
-                self.vae, pixels, generator, request.batch_size, request.latent_frames, dtype
+                self.vae, pixels, generator, request.batch_size, request.latent_frames, dtype, last
             )
             model = conditioning.ImageConditioned(self.transformer, condition)
         elif request.task == "video":
@@ -549,6 +552,7 @@ class Pipeline:
         resize: str = "stretch",
         latents: torch.Tensor | None = None,
         riflex: bool = False,
+        last_image=None,
     ) -> VideoOutput:
         """Generate videos for one prompt or a list of prompts.
 
@@ -564,6 +568,9 @@ class Pipeline:
 
         image: the first frame, for image-to-video models (which need one): a file path, a PIL image or
             a uint8 array [H, W, 3]. It is resized to height x width (the model's size by default).
+        last_image: with `image`, the last frame, in the same forms: its latent takes the last latent
+            frame of the conditioning, as CogVideoX-Interpolation (a 5B-I2V fine-tuned for keyframes)
+            was trained; the released I2V models were not, and follow it loosely if at all.
         video: the video to redraw (video-to-video): a file path, uint8 frames [T, H, W, 3] or a list of
             frames. Its first `num_frames` frames are used (default: the model's frame count, or the
             longest 8k+1 prefix of a shorter video), each resized to height x width. `strength` (default
@@ -581,9 +588,13 @@ class Pipeline:
             raise InputError("give either an image (image-to-video) or a video (video-to-video), not both")
         if callback is not None and not callable(callback):
             raise InputError(f"callback must be a function (step, timestep, latents), got {type(callback).__name__}")
+        if last_image is not None and image is None:
+            raise InputError("last_image is the last frame of an image-to-video video: give the first frame "
+                             "(image=...) too")  # fmt: skip
         task = "image" if image is not None else "video" if video is not None else "text"
         # Decode the inputs first: a file that is not an image or a video fails before any model runs.
         picture = conditioning.load_image(image) if image is not None else None
+        last_picture = conditioning.load_image(last_image) if last_image is not None else None
         source = None
         if video is not None:  # no more frames than the request can use
             source = conditioning.load_video(video, frames_to_read(num_frames, self.config))
@@ -607,6 +618,8 @@ class Pipeline:
             video_frames=None if source is None else len(source),
             riflex=riflex,
         )
+        if last_picture is not None:
+            check_last_image(request, self.vae.config)
         if output_type not in OUTPUT_TYPES:
             raise InputError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         generator, seed = _generator(seed, generator, request.batch_size)
@@ -641,7 +654,7 @@ class Pipeline:
 
         start = time.perf_counter()
         with self._memory_guard("encode", request.batch_size):
-            latents, model, timesteps = self._start(request, generator, shape, picture, source, latents)
+            latents, model, timesteps = self._start(request, generator, shape, picture, source, latents, last_picture)
         if request.task != "text":
             _sync(device)
             timings["encode"] = time.perf_counter() - start  # the VAE encoding of the image or video

@@ -73,6 +73,7 @@ def command(entry: dict) -> list[str]:
     if entry.get("riflex"):
         args.append("--riflex")
     flag("--image", "image")
+    flag("--last-image", "last_image")
     if entry.get("video"):  # a remix's source is a served video, not a file to name
         flag("--video", "video")
         flag("--video-fps", "video_fps")

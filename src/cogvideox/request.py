@@ -179,6 +179,14 @@ def check_video_frames(
     return check_frames(num_frames, transformer, vae)
 
 
+def check_last_image(request, vae: VAEConfig) -> None:
+    """A last frame takes the last latent frame of an image-to-video request: there must be one besides
+    the first frame's."""
+    if request.latent_frames - request.padding_frames < 2:
+        least = 2 * vae.temporal_compression + 1
+        raise InputError(f"a last frame needs a video of at least {least} frames, got num_frames={request.num_frames}")
+
+
 def frames_to_read(num_frames, transformer: TransformerConfig) -> int | None:
     """The most frames of an input video a request can use, so that a long file is not decoded whole (a
     minute of 1080p is gigabytes): `num_frames` when given, else the model's frame count, the most
