@@ -173,3 +173,41 @@ def test_latent_files_are_safetensors_with_readable_metadata(tmp_path):
     fields = json.loads(metadata["video"])
     assert fields == {"model": None, "fps": 16, "made_by": "encode", "record": None, "source": "a.mp4"}
     assert not list(tmp_path.glob(".*"))  # no temporary file left beside it
+
+
+def test_the_vae_alone_needs_and_downloads_only_its_own_weights(tiny_rope_dir, tmp_path, monkeypatch):
+    """`decode --model REPO` on a machine without the model fetches the configs and the VAE, not the
+    transformer or T5 (20 GB of a 5B model against its VAE's few hundred MB)."""
+    import fnmatch
+    import shutil
+
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    fetched = []
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=(), local_files_only=False, **kwargs):
+        if local_files_only:
+            raise LocalEntryNotFoundError("not cached")
+        folder = tmp_path / "hub" / repo_id.replace("/", "--")
+        for file in tiny_rope_dir.rglob("*"):
+            name = file.relative_to(tiny_rope_dir).as_posix()
+            if file.is_file() and any(fnmatch.fnmatch(name, p) for p in allow_patterns):
+                (folder / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(file, folder / name)
+                fetched.append(name)
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    latents = VideoAutoencoder.from_pretrained(tiny_rope_dir).encode(sample_frames(9, 32, 48))
+    vae = VideoAutoencoder.from_pretrained("tiny/cogvideox")
+    assert "vae/diffusion_pytorch_model.safetensors" in fetched and "transformer/config.json" in fetched
+    assert not [name for name in fetched if name.startswith(("transformer/", "text_encoder/")) and
+                name.endswith(".safetensors")], fetched  # fmt: skip
+    reference = VideoAutoencoder.from_pretrained(tiny_rope_dir).decode(latents)
+    assert np.array_equal(vae.decode(latents), reference)
+    # The whole pipeline, from the same partial folder, names what it lacks.
+    from cogvideox import LoadError, loading
+
+    with pytest.raises(LoadError, match="missing transformer/diffusion_pytorch_model.safetensors"):
+        loading.check_model_dir(tmp_path / "hub" / "tiny--cogvideox")

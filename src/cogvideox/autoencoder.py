@@ -79,11 +79,14 @@ class VideoAutoencoder:
         slicing: bool = False,
     ) -> VideoAutoencoder:
         """The VAE of a model folder or hub repo (None: the embedded demo model), as `Pipeline.from_pretrained`
-        finds it; dtype and device default as there. Only `vae/` is read (and, from the hub, fetched)."""
+        finds it; dtype and device default as there. Of the weights, only the VAE's are read, needed, and
+        downloaded from the hub (a few hundred MB of a 5B model's 20 GB)."""
         device = loading.choose_device(device)
         loading.parse_dtype(dtype)
-        folder = loading.resolve_model_dir(path_or_repo_id, revision=revision, local_files_only=local_files_only)
-        configs = loading.read_model_configs(folder)
+        only = ("vae",)
+        folder = loading.resolve_model_dir(path_or_repo_id, revision=revision, local_files_only=local_files_only,
+                                           components=only)  # fmt: skip
+        configs = loading.read_model_configs(folder, only)
         dtype = loading.choose_dtype(dtype, device, configs.transformer)
         vae = loading.load_vae(folder, dtype, device)
         if tiling:

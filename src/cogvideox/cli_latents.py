@@ -120,8 +120,10 @@ def _encode(args: argparse.Namespace) -> int:
         raise InputError("nothing to write: give --output LATENTS.safetensors and/or --reconstruct VIDEO.mp4")
     start = time.perf_counter()
     loading.parse_dtype(args.dtype)
-    folder = loading.resolve_model_dir(args.model, revision=args.revision, local_files_only=args.offline)
-    configs = loading.read_model_configs(folder)
+    only = ("vae",)  # of the weights, the VAE's alone are needed (and fetched from the hub)
+    folder = loading.resolve_model_dir(args.model, revision=args.revision, local_files_only=args.offline,
+                                       components=only)  # fmt: skip
+    configs = loading.read_model_configs(folder, only)
     transformer, vae_config = configs.transformer, configs.vae
     rate = sampling_rate(args, transformer)
     frames = conditioning.load_video(args.video, frames_to_read(args.frames, transformer), rate)

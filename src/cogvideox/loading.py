@@ -21,6 +21,7 @@ import json
 import os
 import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,16 +41,17 @@ TOKENIZER_VOCABULARY = ("spiece.model", "tokenizer.json")  # the sentencepiece m
 SAMPLING_DEFAULTS = "sampling.json"  # ours, optional: the model's recommended guidance settings
 
 # What a hub download fetches: configs, safetensors weights and the tokenizer; never .bin duplicates.
-HUB_ALLOW_PATTERNS = [
-    MODEL_INDEX,
-    SAMPLING_DEFAULTS,
-    "*/config.json",
-    "*/*.safetensors",
-    "*/*.safetensors.index.json",
-    "scheduler/*.json",
-    "text_encoder/*.json",
-    "tokenizer/*",
-]
+# The components with weights; a command that runs only some of them (`cogvideox decode`: the VAE) reads,
+# checks and downloads only theirs, besides every config.
+WEIGHTED = ("transformer", "vae", "text_encoder")
+_CONFIG_PATTERNS = [MODEL_INDEX, SAMPLING_DEFAULTS, "*/config.json", "scheduler/*.json", "text_encoder/*.json",
+                    "tokenizer/*"]  # fmt: skip
+
+
+def hub_patterns(components: Sequence[str] = WEIGHTED) -> list[str]:
+    """The files of a hub repo a run of `components` needs: every config, and those components' weights."""
+    weights = [f"{c}/*.safetensors" for c in components] + [f"{c}/*.safetensors.index.json" for c in components]
+    return _CONFIG_PATTERNS + weights
 
 _DTYPES = {
     "bf16": torch.bfloat16,
@@ -159,11 +161,13 @@ def resolve_model_dir(
     *,
     revision: str | None = None,
     local_files_only: bool = False,
+    components: Sequence[str] = WEIGHTED,
 ) -> Path:
     """The local folder holding the model: a folder as given, the demo model (None), or a hub snapshot.
 
     A repo id (`THUDM/CogVideoX-5b`) is looked up in the Hugging Face cache first, without network; only
     when it is missing or incomplete there is it downloaded (unless `local_files_only` or HF_HUB_OFFLINE).
+    Of the weights, only those of `components` are needed there, and downloaded.
     """
     if path_or_repo_id is None:
         _revision_unused(revision, "the built-in demo model")
@@ -189,7 +193,7 @@ def resolve_model_dir(
         raise LoadError(
             f"no model folder at {path} (and it is not a Hugging Face repo id like THUDM/CogVideoX-2b)"
         )
-    return _hub_snapshot(name, revision=revision, local_files_only=local_files_only)
+    return _hub_snapshot(name, revision=revision, local_files_only=local_files_only, components=components)
 
 
 def _revision_unused(revision: str | None, what: str) -> None:
@@ -198,7 +202,7 @@ def _revision_unused(revision: str | None, what: str) -> None:
                       stacklevel=3)
 
 
-def _hub_snapshot(repo_id: str, *, revision: str | None, local_files_only: bool) -> Path:
+def _hub_snapshot(repo_id: str, *, revision: str | None, local_files_only: bool, components: Sequence[str]) -> Path:
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -209,11 +213,11 @@ def _hub_snapshot(repo_id: str, *, revision: str | None, local_files_only: bool)
     )
 
     def snapshot(**options) -> Path:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_ALLOW_PATTERNS, **options))
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=hub_patterns(components), **options))
 
     try:
         cached = snapshot(local_files_only=True)
-        if not missing_pieces(cached):
+        if not missing_pieces(cached, components):
             return cached
     except (LocalEntryNotFoundError, FileNotFoundError):
         cached = None
@@ -239,7 +243,7 @@ def _hub_snapshot(repo_id: str, *, revision: str | None, local_files_only: bool)
         ) from None
     except (HfHubHTTPError, OSError) as e:
         raise LoadError(f"could not download {repo_id}: {e}") from None
-    missing = missing_pieces(folder)
+    missing = missing_pieces(folder, components)
     if missing and cached is not None:
         # huggingface_hub hands back the cached snapshot as it is when the hub cannot be reached.
         raise LoadError(
@@ -255,8 +259,9 @@ def _hub_snapshot(repo_id: str, *, revision: str | None, local_files_only: bool)
 # Checking the folder
 
 
-def missing_pieces(folder: Path) -> list[str]:
-    """What a folder lacks to be a CogVideoX model folder (empty list: nothing)."""
+def missing_pieces(folder: Path, components: Sequence[str] = WEIGHTED) -> list[str]:
+    """What a folder lacks to be a CogVideoX model folder whose `components` run (empty list: nothing):
+    every config, and the weights (and for the text encoder, the vocabulary) of those components."""
     required = [
         MODEL_INDEX,
         "transformer/config.json",
@@ -267,11 +272,12 @@ def missing_pieces(folder: Path) -> list[str]:
     missing = [name for name in required if not (folder / name).is_file()]
     # Without its vocabulary, transformers still builds a T5 tokenizer (from tokenizer_config.json alone),
     # one that turns every word into <unk>: the videos would ignore the prompt, silently.
-    if not any((folder / "tokenizer" / name).is_file() for name in TOKENIZER_VOCABULARY):
+    text = "text_encoder" in components
+    if text and not any((folder / "tokenizer" / name).is_file() for name in TOKENIZER_VOCABULARY):
         missing.append("tokenizer/spiece.model (or tokenizer.json)")
     weights = {"transformer": DIFFUSERS_WEIGHTS, "vae": DIFFUSERS_WEIGHTS, "text_encoder": "model"}
     for component, stem in weights.items():
-        if (folder / component).is_dir():
+        if component in components and (folder / component).is_dir():
             missing += [f"{component}/{name}" for name in _missing_weight_files(folder / component, stem)]
     return missing
 
@@ -289,9 +295,10 @@ def _missing_weight_files(component_dir: Path, stem: str) -> list[str]:
     return [name for name in names if not (component_dir / name).is_file()]
 
 
-def check_model_dir(folder: Path) -> None:
-    """Raise `LoadError` naming what is missing if `folder` is not a CogVideoX model folder."""
-    missing = missing_pieces(folder)
+def check_model_dir(folder: Path, components: Sequence[str] = WEIGHTED) -> None:
+    """Raise `LoadError` naming what is missing if `folder` is not a CogVideoX model folder (whose
+    `components` run)."""
+    missing = missing_pieces(folder, components)
     if missing:
         raise LoadError(f"{folder} is not a CogVideoX model folder: missing {', '.join(missing)}")
     index = _read_json(folder / MODEL_INDEX)
@@ -392,9 +399,10 @@ class ModelConfigs:
     text_width: int  # d_model of the T5
 
 
-def read_model_configs(folder: Path) -> ModelConfigs:
-    """Read and cross-check the configs of a model folder (raises `LoadError` naming what is wrong)."""
-    check_model_dir(folder)
+def read_model_configs(folder: Path, components: Sequence[str] = WEIGHTED) -> ModelConfigs:
+    """Read and cross-check the configs of a model folder (raises `LoadError` naming what is wrong); of
+    the weights, those of `components` must be there."""
+    check_model_dir(folder, components)
     try:
         configs = ModelConfigs(
             transformer=TransformerConfig.from_json(folder / "transformer" / "config.json"),
