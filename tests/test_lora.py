@@ -340,3 +340,60 @@ def test_lora_metadata_that_is_not_json_is_an_input_error(lora_files, tmp_path):
     save_file(load_file(lora._lora_file(path)), bad, metadata={"lora_adapter_metadata": '{"transformer.lora_alpha": "x"}'})
     with pytest.raises(InputError, match="positive number"):
         lora.read_lora(bad)
+
+
+def test_set_adapters_runs_only_the_chosen_loras_as_the_reference_does(tiny_rope_dir, lora_files):
+    """A service picks LoRAs per request: the unchosen ones stay loaded and are skipped, and switching
+    back and forth gives the outputs of a pipeline holding only the chosen ones."""
+    one, two = lora_files
+    inputs = transformer_inputs()
+    pipe = Pipeline.from_pretrained(tiny_rope_dir)
+    pipe.load_lora(one, name="one")
+    pipe.load_lora(two, name="two")
+    base = ours_out(Pipeline.from_pretrained(tiny_rope_dir).transformer, inputs)
+    only_two = ours_out(Pipeline.from_pretrained(tiny_rope_dir, lora=[(two, -1.5)]).transformer, inputs)
+    ref = load_reference_pipeline(tiny_rope_dir)
+    ref.load_lora_weights(str(one), adapter_name="one")
+    ref.load_lora_weights(str(two), adapter_name="two")
+    for names, weights in ((["two"], [-1.5]), ([], None), (["one", "two"], [0.7, -1.5]), (["two"], [-1.5])):
+        pipe.set_adapters(names, weights)
+        got = ours_out(pipe.transformer, inputs)
+        if names:
+            ref.set_adapters(names, weights)
+        else:
+            ref.disable_lora()
+        want = reference_out(ref.transformer, pipe.transformer, inputs)
+        if not names:
+            ref.enable_lora()
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (names, (got - want).abs().max())
+        if names == ["two"]:
+            assert torch.equal(got, only_two)  # skipped, not multiplied by zero: the same numbers
+        if not names:
+            assert torch.equal(got, base)
+    with pytest.raises(InputError, match=r"cannot activate LoRA 'three': it is not loaded \(loaded: 'one', 'two'\)"):
+        pipe.set_adapters(["three"])
+    with pytest.raises(InputError, match="a LoRA scale must be a finite number, got nan"):
+        pipe.set_adapters("one", float("nan"))
+    with pytest.raises(InputError, match="1 LoRA weights for 2 names"):
+        pipe.set_adapters(["one", "two"], [1.0])
+    pipe.fuse_lora("one")
+    with pytest.raises(InputError, match="'one' is fused into the weights; unfuse it before choosing"):
+        pipe.set_adapters(["two"])
+
+
+def test_loras_stay_live_with_the_levers_that_leave_linear_layers_alone(tiny_rope_dir, lora_files):
+    """The step cache and the attention backend keep LoRAs choosable; fused QKV and quantising fold the
+    ones that run, and only those."""
+    one, two = lora_files
+    inputs = transformer_inputs()
+    want_two = ours_out(Pipeline.from_pretrained(tiny_rope_dir, lora=[(two, 2.0)]).transformer, inputs)
+    pipe = Pipeline.from_pretrained(tiny_rope_dir, lora=[(one, 0.5), (two, 2.0)])
+    pipe.accelerate(cache=0.0, fuse_qkv=False, attention="math")
+    assert len(lora.adapter_names(pipe.transformer)) == 2
+    pipe.set_adapters(["two"], [2.0])
+    assert torch.allclose(ours_out(pipe.transformer, inputs), want_two, atol=1e-6)
+    folded = Pipeline.from_pretrained(tiny_rope_dir, lora=[(one, 0.5), (two, 2.0)])
+    folded.set_adapters(["two"], [2.0])
+    folded.accelerate(cache=0.0)  # fused QKV: only the running LoRA goes into the weights
+    assert not lora.lora_layers(folded.transformer)
+    assert torch.allclose(ours_out(folded.transformer, inputs), want_two, atol=1e-5)

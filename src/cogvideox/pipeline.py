@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import numbers
 import os
 import secrets
 import time
@@ -273,6 +274,22 @@ class Pipeline:
 
         self._lora_call(lora.set_lora_scale, scale, name)
 
+    def set_adapters(self, names: str | Sequence[str], weights: float | Sequence[float] | None = None) -> None:
+        """Run only the LoRAs `names` (the others stay loaded, skipped at no cost), at `weights` (one per
+        name, or one for all; default 1); `[]` runs the model without any. For a service that picks its
+        LoRAs per request; as diffusers' `set_adapters`."""
+        from cogvideox.train import lora
+
+        names = [names] if isinstance(names, str) else list(names)
+        if weights is None or isinstance(weights, numbers.Real):
+            weights = [1.0 if weights is None else weights] * len(names)
+        weights = list(weights)
+        if len(weights) != len(names):
+            raise InputError(f"{len(weights)} LoRA weights for {len(names)} names")
+        if len(set(names)) != len(names):
+            raise InputError(f"a LoRA is named twice in {names}")
+        self._lora_call(lora.activate_lora, dict(zip(names, weights)))
+
     def fuse_lora(self, names: str | Sequence[str] | None = None, keep_original: bool = False) -> None:
         """Fold the LoRAs into the transformer weights (no cost per step); `keep_original` keeps a CPU
         copy so that `unfuse_lora` restores the weights exactly."""
@@ -389,15 +406,18 @@ class Pipeline:
         Hopper kernel, CUDA, bf16) are lossless up to rounding; attention="sage" (8-bit attention: the sageattention package, CUDA, bf16/fp16) changes the video
         slightly, as quantising does, and "sage-emulated" runs its math in plain PyTorch (for checks).
         Move the pipeline to its device first; a quantised transformer is for inference, not for saving.
-        Loaded LoRAs are folded into the weights for good first, at their current scales (the fast paths
-        rewrite the linear layers the LoRAs attach to); load every LoRA before calling this.
+        Fused QKV, quantising and compiling rewrite the linear layers the LoRAs attach to: with any of
+        them, the LoRAs that run are folded into the weights for good first, at their current scales.
+        With the attention backend and the step cache alone, LoRAs stay live (`set_adapters` still
+        chooses them). Load every LoRA before calling this.
         """
         from cogvideox import fast
         from cogvideox.train import lora
 
         device = self.device  # where the transformer computes, even while offloading keeps it in host memory
         with self._offload_lifted():  # rewrite the layers at home, then offload the rewritten ones
-            lora.fold_lora(self.transformer)
+            if quantize or compile or fuse_qkv:
+                lora.fold_lora(self.transformer)
             fast.apply(
                 self, quantize=quantize, compile=compile, cache=cache, fuse_qkv=fuse_qkv, attention=attention,
                 device=device,

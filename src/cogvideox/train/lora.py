@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -266,6 +266,25 @@ def set_lora_scale(model: nn.Module, scale: float, name: str | None = None) -> N
             layer.user_scale[adapter] = scale
 
 
+def activate_lora(model: nn.Module, scales: Mapping[str, float]) -> None:
+    """Run only the adapters named in `scales`, each at its scale (on top of its alpha / rank); the other
+    loaded adapters stay loaded but are skipped, at no cost per step. An empty mapping runs the base model.
+    Fused adapters are in the base weights and cannot be chosen this way: unfuse them first."""
+    _named(model, list(scales), "activate")
+    checked = {name: check_scale(scale) for name, scale in scales.items()}
+    layers = lora_layers(model).values()
+    fused = [name for layer in layers for name in layer.fused]
+    if fused:
+        raise InputError(f"LoRA {fused[0]!r} is fused into the weights; unfuse it before choosing the LoRAs that run")
+    for layer in layers:
+        for name in layer.lora_A:
+            if name in checked:
+                layer.user_scale[name] = checked[name]
+                layer.disabled.discard(name)
+            else:
+                layer.disabled.add(name)
+
+
 def fuse_lora(model: nn.Module, names: str | Iterable[str] | None = None, keep_original: bool = False) -> None:
     """Fold adapters into the base weights (no extra work per step). `keep_original` keeps a CPU copy of
     each weight so that `unfuse_lora` restores it bit for bit instead of subtracting the update."""
@@ -297,12 +316,13 @@ def remove_lora(model: nn.Module, name: str | None = None) -> None:
 
 
 def fold_lora(model: nn.Module) -> None:
-    """Fold every adapter into the base weights for good and put plain `nn.Linear` layers back: what
-    rewriting the linear layers (fused QKV, quantisation) needs. The adapters cannot be unfused or
-    rescaled afterwards."""
+    """Fold every adapter that runs (all but those `activate_lora` left out) into the base weights for
+    good and put plain `nn.Linear` layers back: what rewriting the linear layers (fused QKV,
+    quantisation) needs. The adapters cannot be unfused or rescaled afterwards."""
     for layer_name, layer in lora_layers(model).items():
         for adapter in list(layer.lora_A):
-            layer.fuse(adapter)
+            if adapter not in layer.disabled:
+                layer.fuse(adapter)
         _set_module(model, layer_name, layer.as_linear())
 
 
