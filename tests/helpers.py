@@ -462,3 +462,16 @@ def join_or_fail(context, deadline_s: float, what: str) -> None:
             for process in context.processes:
                 process.kill()
             pytest.fail(f"{what} still running after {deadline_s:g} s")
+
+
+def random_lora(transformer, rank=4, alpha=8.0, seed=1, name="default", targets=None):
+    """Inject an adapter whose B is random too (a fresh one is a no-op), so it visibly changes outputs."""
+    from cogvideox.train import lora
+
+    lora.inject_lora(transformer, rank, alpha, targets=targets or lora.DEFAULT_TARGETS, name=name, seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for layer in lora.lora_layers(transformer).values():
+            if name in layer.lora_B:
+                w = layer.lora_B[name].weight
+                w.copy_(torch.randn(w.shape, generator=g) * 0.2)

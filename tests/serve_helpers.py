@@ -107,9 +107,10 @@ def chat_stand_in(respond):
 
 
 @contextmanager
-def in_process_service(folder, name: str, data: Path, pipe, extra_sizes=()):
+def in_process_service(folder, name: str, data: Path, pipe, extra_sizes=(), loras: dict | None = None):
     """The model at `folder` (loaded as `pipe`) served with its worker in this process, as `cogvideox serve`
-    runs it, without rate or queue limits: yields (a TestClient, once the worker is ready; the store)."""
+    runs it, without rate or queue limits: yields (a TestClient, once the worker is ready; the store).
+    loras: {name: path} served (`pipe` holds them under those names)."""
     from fastapi.testclient import TestClient
 
     from cogvideox.serve.app import Settings, create_app
@@ -117,9 +118,9 @@ def in_process_service(folder, name: str, data: Path, pipe, extra_sizes=()):
     from cogvideox.serve.spec import ModelSpec
     from cogvideox.serve.worker import PipelineGenerator, Worker
 
-    spec = ModelSpec.from_folder(folder, name, extra_sizes=extra_sizes)
+    spec = ModelSpec.from_folder(folder, name, extra_sizes=extra_sizes, loras=tuple(loras or {}))
     store = SQLiteStore(data / "jobs.sqlite3")
-    worker = Worker(store, PipelineGenerator(pipe=pipe), data, spec.name, poll_interval=0.05)
+    worker = Worker(store, PipelineGenerator(pipe=pipe, loras=loras), data, spec.name, poll_interval=0.05)
     app = create_app(spec, store, Settings(data_dir=data, rate_limit=0, max_active_per_key=0), worker)
     try:
         with TestClient(app) as client:

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import assert_same_video, load_reference_pipeline, run_reference
+from helpers import assert_same_video, load_reference_pipeline, random_lora, run_reference
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -19,17 +19,6 @@ pytest.importorskip("peft")  # diffusers' load_lora_weights needs it
 
 SMALL = dict(num_frames=9, height=32, width=48, num_inference_steps=3, max_sequence_length=16)
 TARGETS = [f"transformer.transformer_blocks.{i}.attn1.{m}" for i in (0, 1) for m in ("to_k", "to_out.0", "to_q", "to_v")]
-
-
-def random_lora(transformer, rank=4, alpha=8.0, seed=1, name="default", targets=lora.DEFAULT_TARGETS):
-    """Inject an adapter whose B is random too (a fresh one is a no-op), so it visibly changes outputs."""
-    lora.inject_lora(transformer, rank, alpha, targets=targets, name=name, seed=seed)
-    g = torch.Generator().manual_seed(seed + 100)
-    with torch.no_grad():
-        for layer in lora.lora_layers(transformer).values():
-            if name in layer.lora_B:
-                w = layer.lora_B[name].weight
-                w.copy_(torch.randn(w.shape, generator=g) * 0.2)
 
 
 @pytest.fixture(scope="module")

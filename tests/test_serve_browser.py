@@ -492,3 +492,34 @@ def test_a_text_to_video_model_redraws_a_video_chosen_on_the_page(browser, tiny_
         [job] = store.page(10, None)[0]
         assert (job.params["input_name"], job.params["strength"], job.params["num_frames"]) == ("clip.mp4", 0.5, 9)
     store.close()
+
+
+def test_a_served_lora_is_chosen_on_the_page(browser, tiny_rope_dir, tmp_path):
+    """A server with LoRAs offers them (and their scale) in the form; the job names the one chosen and its card
+    says so. A server without any shows no such field."""
+    spec = ModelSpec.from_folder(tiny_rope_dir, "cogvideox-tiny", loras=("style", "motion"))
+    store = SQLiteStore(tmp_path / "jobs.sqlite3")
+    with serving(create_app(spec, store, Settings(data_dir=tmp_path))) as url:
+        browser.get(url)
+        wait = WebDriverWait(browser, 10)
+        wait.until(lambda d: d.find_element(By.ID, "lora").find_elements(By.TAG_NAME, "option"))
+        browser.find_element(By.CSS_SELECTOR, "#options summary").click()
+        options = browser.find_element(By.ID, "lora").find_elements(By.TAG_NAME, "option")
+        assert [o.text for o in options] == ["none", "style", "motion"]
+        options[1].click()
+        browser.find_element(By.ID, "lora_scale").send_keys("0.5")
+        browser.find_element(By.ID, "prompt").send_keys("a cat in a hat")
+        browser.find_element(By.ID, "submit").click()
+        card = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#videos .card"))
+        [job] = store.page(10, None)[0]
+        assert job.params["lora"] == [["style", 0.5]]
+        wait.until(lambda d: "LoRA style ×0.5" in card.find_element(By.CSS_SELECTOR, ".details").text)
+        browser.save_screenshot(str(artifacts_dir() / "13-lora.png"))
+    store.close()
+    store, server = start_queue(tiny_rope_dir, tmp_path / "plain")
+    with server as url:
+        browser.get(url)
+        WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "seconds").get_attribute("max"))
+        browser.find_element(By.CSS_SELECTOR, "#options summary").click()
+        assert not browser.find_element(By.ID, "lora").is_displayed()
+    store.close()

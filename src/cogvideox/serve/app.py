@@ -45,6 +45,7 @@ from cogvideox.serve.ranges import RangedFile, file_response
 from cogvideox.serve.schemas import (
     ErrorResponse,
     Health,
+    LoraChoice,
     ModelCard,
     ModelList,
     Video,
@@ -196,6 +197,7 @@ def create_app(spec: ModelSpec, store: JobStore, settings: Settings, worker: Wor
             guidance_scale=spec.guidance_scale,
             image_to_video=spec.image_to_video,
             riflex_max_seconds=spec.riflex_max_seconds,
+            loras=list(spec.loras),
         )
         return ModelList(data=[card])
 
@@ -256,7 +258,7 @@ def create_app(spec: ModelSpec, store: JobStore, settings: Settings, worker: Wor
             if not video.is_file():
                 raise _file_gone(video_id)
             remix = _parse(VideoRemix, await read_fields(request, settings.max_body_bytes))
-            return _remix_params(source, remix, settings), remix.enhance_prompt
+            return _remix_params(source, remix, settings, spec), remix.enhance_prompt
 
         return await enqueue(owner, read)
 
@@ -476,7 +478,7 @@ def _parse(model: type[BaseModel], fields: Fields):
         raise ApiError(400, "invalid_request", message, param) from None
 
 
-def _remix_params(source: Job, remix: VideoRemix, settings: Settings) -> dict:
+def _remix_params(source: Job, remix: VideoRemix, settings: Settings, spec: ModelSpec) -> dict:
     """A remix's generation parameters: the source video's, with the remix's prompt and settings; ApiError
     400 when its steps are over the cap or its strength runs no step."""
     p = source.params
@@ -487,7 +489,10 @@ def _remix_params(source: Job, remix: VideoRemix, settings: Settings) -> dict:
     except InputError as e:
         raise ApiError(400, "invalid_request", str(e), "strength") from None
     kept = ("width", "height", "num_frames", "fps", "riflex")
-    return {key: p[key] for key in kept if key in p} | {
+    # The video's own LoRAs by default, checked again: the server may have been restarted without them.
+    choices = remix.lora if remix.lora is not None else [LoraChoice(name=n, scale=v) for n, v in p.get("lora", [])]
+    loras = _lora_params(choices, spec)
+    return {key: p[key] for key in kept if key in p} | ({"lora": loras} if loras else {}) | {
         "prompt": remix.prompt,
         "negative_prompt": remix.negative_prompt if remix.negative_prompt is not None else p["negative_prompt"],
         "num_inference_steps": steps,
@@ -496,6 +501,23 @@ def _remix_params(source: Job, remix: VideoRemix, settings: Settings) -> dict:
         "strength": remix.strength,
         "remix_of": source.id,
     }
+
+
+def _lora_params(choices, spec: ModelSpec) -> list[list]:
+    """A request's LoRAs as [[name, scale], ...], checked against the served ones; ApiError 400 otherwise."""
+    if not choices:
+        return []
+    names = [choice.name for choice in choices]
+    if not spec.loras:
+        raise ApiError(400, "invalid_request", f"lora: {spec.name} is served without LoRAs", "lora")
+    unknown = [name for name in names if name not in spec.loras]
+    if unknown:
+        raise ApiError(400, "invalid_request", f"lora: no LoRA named {unknown[0]!r}; this server has "
+                       f"{', '.join(spec.loras)}", "lora")  # fmt: skip
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ApiError(400, "invalid_request", f"lora: {twice[0]!r} is named twice", "lora")
+    return [[choice.name, choice.scale] for choice in choices]
 
 
 def default_steps(spec: ModelSpec, settings: Settings) -> int:
@@ -536,6 +558,9 @@ def _job_params(create: VideoCreate, spec: ModelSpec, settings: Settings, given:
     except InputError as e:
         raise ApiError(400, "invalid_request", str(e), "seconds") from None
     extras = {"riflex": True} if create.riflex else {}
+    loras = _lora_params(create.lora, spec)
+    if loras:
+        extras["lora"] = loras
     if given is not None:
         extras["resize"] = create.resize
     if given == "video":

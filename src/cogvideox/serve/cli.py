@@ -12,6 +12,7 @@ import errno
 import ipaddress
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -53,6 +54,15 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     add_speed_arguments(parser)  # a server pays --compile's warm-up once, on its first video
     parser.add_argument(
         "--model-name", default=None, help="the name clients give as `model` (default: the folder's or repo's name)"
+    )
+    parser.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="a LoRA (diffusers layout: pytorch_lora_weights.safetensors or its folder) that requests may run by "
+        "NAME (lora: \"NAME:SCALE\"); repeat for several, all loaded at start, chosen per video. Workers need the "
+        "same NAMEs. Not with --quantize or --compile, which fold LoRAs into the weights for good (default: none)",
     )
     parser.add_argument(
         "--db",
@@ -224,18 +234,53 @@ def load_settings(args: argparse.Namespace) -> tuple[dict, dict | None]:
     the device cannot run is an `InputError` at start, not a failure of the first job."""
     from cogvideox import loading
     from cogvideox.cli_args import memory_settings, speed_settings
+    from cogvideox.errors import InputError
 
     loading.parse_dtype(args.dtype)
     device = loading.choose_device(args.device)
-    return dict(dtype=args.dtype, device=args.device, **memory_settings(args, device)), speed_settings(args, device)
+    speed = speed_settings(args, device)
+    if args.lora and speed is not None:
+        rewriting = [flag for flag, on in (("--quantize", speed["quantize"]), ("--compile", speed["compile"])) if on]
+        if rewriting:
+            raise InputError(f"--lora serves LoRAs chosen per video, which {' and '.join(rewriting)} would fold into "
+                             "the weights for good; leave those out (the step cache and --attention keep LoRAs "
+                             "choosable)")  # fmt: skip
+        speed["fuse_qkv"] = False  # fused QKV would fold them too
+    return dict(dtype=args.dtype, device=args.device, **memory_settings(args, device)), speed
 
 
-def _build_worker(args, spec, store, load: dict, speed: dict | None):
+_LORA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def served_loras(values: list[str], check_files: bool = True) -> dict[str, str]:
+    """--lora NAME=PATH values as {name: path}; `InputError` for a bad name, a name given twice, or (when
+    `check_files`, on a machine that runs them) a path that is not a LoRA file or folder."""
+    from cogvideox.errors import InputError
+    from cogvideox.train.lora import read_lora
+
+    loras: dict[str, str] = {}
+    for value in values:
+        name, equals, path = value.partition("=")
+        if not equals or not path:
+            raise InputError(f"--lora {value}: give NAME=PATH, the name requests use and the LoRA's file or folder")
+        if not _LORA_NAME.fullmatch(name):
+            raise InputError(f"--lora {value}: a name is 1-64 letters, digits, '_', '.' or '-', starting with a letter "
+                             "or digit")  # fmt: skip
+        if name in loras:
+            raise InputError(f"--lora {name} is given twice")
+        if check_files:
+            read_lora(path)  # a missing or foreign file fails here, not on the first video that names it
+            path = str(Path(path).resolve())
+        loras[name] = path
+    return loras
+
+
+def _build_worker(args, spec, store, load: dict, speed: dict | None, loras: dict[str, str]):
     from cogvideox.serve.worker import PipelineGenerator, Worker
 
     return Worker(
         store,
-        PipelineGenerator(args.model, load=load, speed=speed),
+        PipelineGenerator(args.model, load=load, speed=speed, loras=loras),
         args.data_dir,
         spec.name,
         lease_seconds=args.lease_seconds,
@@ -272,7 +317,8 @@ def run_serve(args: argparse.Namespace) -> int:
     keys = api_keys(args.api_key, os.environ.get(ENV_API_KEYS))
     check_listening(args.host, args.port)
     sizes = tuple(s.strip() for s in args.sizes.split(",") if s.strip())
-    spec = ModelSpec.load(args.model, args.model_name, sizes)
+    loras = served_loras(args.lora, check_files=not args.no_worker)  # an API alone only needs the names
+    spec = ModelSpec.load(args.model, args.model_name, sizes, tuple(loras))
     if not keys and not _is_loopback(args.host):
         log.warning("listening on %s without an API key: anyone who can reach it can use the GPU", args.host)
     settings = Settings(
@@ -285,7 +331,7 @@ def run_serve(args: argparse.Namespace) -> int:
         expire_after=args.expire_after * 3600 if args.expire_after else None,
     )
     store = open_store(args.db, args.data_dir)
-    worker = None if args.no_worker else _build_worker(args, spec, store, load, speed)
+    worker = None if args.no_worker else _build_worker(args, spec, store, load, speed, loras)
     app = create_app(spec, store, settings, worker)
     log.info("serving %s (sizes %s) at http://%s:%d/", spec.name, ", ".join(spec.sizes), args.host, args.port)
     try:
@@ -302,9 +348,10 @@ def run_worker(args: argparse.Namespace) -> int:
 
     _setup_logging(args.log_level)
     load, speed = load_settings(args)
-    spec = ModelSpec.load(args.model, args.model_name)
+    loras = served_loras(args.lora)
+    spec = ModelSpec.load(args.model, args.model_name, loras=tuple(loras))
     store = open_store(args.db, args.data_dir)
-    worker = _build_worker(args, spec, store, load, speed)
+    worker = _build_worker(args, spec, store, load, speed, loras)
     # SIGTERM (a service manager stopping us) as Ctrl-C: finish the step, hand the job back, exit.
     signal.signal(signal.SIGTERM, lambda *_: worker.stop(timeout=0))
     try:

@@ -22,6 +22,8 @@ MAX_PROMPT_CHARS = 2000  # T5 reads 226 tokens, roughly a thousand characters of
 MAX_STEPS = 1000  # the schedulers' training steps; the server's --max-steps usually caps lower
 MAX_GUIDANCE = 50.0
 MAX_FPS = 120.0
+MAX_LORA_SCALE = 10.0
+MAX_LORAS = 8
 
 Status = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
 
@@ -30,6 +32,7 @@ _FLOAT_RANGES = {
     "guidance_scale": f"from 0 to {MAX_GUIDANCE:g}",
     "fps": f"above 0 and at most {MAX_FPS:g}",
     "strength": "above 0 and at most 1",
+    "scale": f"from -{MAX_LORA_SCALE:g} to {MAX_LORA_SCALE:g}",
 }
 
 
@@ -45,6 +48,11 @@ class _Request(BaseModel):
             raise ValueError("is blank; say what the video should show")
         return value
 
+    @field_validator("lora", mode="before", check_fields=False)
+    @classmethod
+    def _lora_text(cls, value):
+        return lora_choices(value)
+
     @field_validator("guidance_scale", "fps", "strength", mode="before", check_fields=False)
     @classmethod
     def _finite(cls, value, info: ValidationInfo):
@@ -53,6 +61,44 @@ class _Request(BaseModel):
         if not _is_finite(value):
             raise ValueError(f"must be a finite number {_FLOAT_RANGES[info.field_name]}")
         return value
+
+
+class LoraChoice(BaseModel):
+    """One of the server's LoRAs (GET /v1/models lists them) and the scale it runs at."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=100, description="A LoRA the server serves (its --lora NAME).")
+    scale: float = Field(1.0, ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE, description="Its strength; default 1.")
+
+    @field_validator("scale", mode="before")
+    @classmethod
+    def _finite(cls, value, info: ValidationInfo):
+        if not _is_finite(value):
+            raise ValueError(f"must be a finite number {_FLOAT_RANGES[info.field_name]}")
+        return value
+
+
+def lora_choices(value):
+    """`lora` as text ("style", "style:0.8,motion:0.5": what a form sends, and a JSON shorthand) -> the
+    list of {name, scale} the field holds; anything else goes on to the type check."""
+    if not isinstance(value, str):
+        return value
+    choices = []
+    for part in filter(None, (p.strip() for p in value.split(","))):
+        name, colon, scale = (text.strip() for text in part.partition(":"))
+        entry = {"name": name}
+        if colon:
+            try:
+                entry["scale"] = float(scale)
+            except ValueError:
+                raise ValueError(f"the scale of LoRA {name!r} must be a number, got {scale!r}") from None
+        choices.append(entry)
+    return choices
+
+
+_LORA_DOC = ("LoRAs to run, from the server's (GET /v1/models): a list of {name, scale}, or as text \"style\" or "
+             "\"style:0.8,motion:0.5\" (a form's way).")
 
 
 class VideoCreate(_Request):
@@ -100,6 +146,7 @@ class VideoCreate(_Request):
         description="With a video as input_reference (video-to-video): the fraction of the denoising schedule "
         "that runs; lower stays closer to the video. Default 0.8.",
     )  # fmt: skip
+    lora: list[LoraChoice] | None = Field(None, max_length=MAX_LORAS, description=_LORA_DOC + " Default: none.")
 
     @field_validator("seconds", mode="before")
     @classmethod
@@ -136,6 +183,9 @@ class VideoRemix(_Request):
     )  # fmt: skip
     enhance_prompt: bool | None = Field(
         None, description="Rewrite the prompt with the server's prompt enhancer (default: on when it has one)."
+    )
+    lora: list[LoraChoice] | None = Field(
+        None, max_length=MAX_LORAS, description=_LORA_DOC + " Default: the video's; [] or \"\" for none."
     )
 
 
@@ -188,6 +238,7 @@ class Video(BaseModel):
     )
     resize: str | None = Field(None, description="How that input reached the video size.")
     riflex: bool = False
+    lora: list[LoraChoice] | None = Field(None, description="The LoRAs it ran with.")
 
     @classmethod
     def from_job(cls, job: Job, expire_after: float | None = None) -> Video:
@@ -219,6 +270,7 @@ class Video(BaseModel):
             input_reference=p.get("input_name"),
             resize=p.get("resize"),
             riflex=p.get("riflex", False),
+            lora=[LoraChoice(name=n, scale=v) for n, v in p["lora"]] if p.get("lora") else None,
         )
 
 
@@ -262,6 +314,7 @@ class ModelCard(BaseModel):
     riflex_max_seconds: float | None = Field(
         None, description="The longest clip a request with riflex: true gets at the model's fps; None: no RIFLEx."
     )
+    loras: list[str] = Field(default_factory=list, description="The LoRAs a request may name in lora.")
 
 
 class ModelList(BaseModel):

@@ -41,6 +41,7 @@ class ModelSpec:
     riflex: the model has rotary positions and no learned table, so a request may ask for RIFLEx and up
         to twice the trained length (RIFLEx's tested reach).
     one_length: a learned position table (5B-I2V) makes `num_frames` frames and no other count.
+    loras: the names of the LoRAs a request may run (`serve --lora NAME=PATH`).
     """
 
     name: str
@@ -54,13 +55,16 @@ class ModelSpec:
     image_to_video: bool = False
     riflex: bool = False
     one_length: bool = False
+    loras: tuple[str, ...] = ()
 
     @property
     def native_size(self) -> str:
         return self.sizes[0]
 
     @classmethod
-    def from_folder(cls, folder: str | Path, name: str, extra_sizes: tuple[str, ...] = ()) -> ModelSpec:
+    def from_folder(
+        cls, folder: str | Path, name: str, extra_sizes: tuple[str, ...] = (), loras: tuple[str, ...] = ()
+    ) -> ModelSpec:
         folder = Path(folder)
         transformer = TransformerConfig.from_json(folder / "transformer" / "config.json")
         vae = VAEConfig.from_json(folder / "vae" / "config.json")
@@ -93,14 +97,17 @@ class ModelSpec:
             image_to_video=transformer.is_image_to_video,
             riflex=transformer.use_rotary_positional_embeddings and not transformer.use_learned_positional_embeddings,
             one_length=transformer.use_learned_positional_embeddings,
+            loras=tuple(loras),
         )
 
     @classmethod
-    def load(cls, model: str | None, name: str | None = None, extra_sizes: tuple[str, ...] = ()) -> ModelSpec:
+    def load(
+        cls, model: str | None, name: str | None = None, extra_sizes: tuple[str, ...] = (), loras: tuple[str, ...] = ()
+    ) -> ModelSpec:
         """The spec of a `--model` value (folder, hub repo id, or None for the demo model)."""
         folder = loading.resolve_model_dir(model)
         loading.check_model_dir(folder)
-        return cls.from_folder(folder, name or default_model_name(model), extra_sizes)
+        return cls.from_folder(folder, name or default_model_name(model), extra_sizes, loras)
 
     @property
     def max_seconds(self) -> float:

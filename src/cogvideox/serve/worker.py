@@ -54,11 +54,15 @@ class PipelineGenerator:
 
     load: `Pipeline.from_pretrained`'s keywords besides the model (dtype, device, offload, text_device,
     vae_tiling); speed: `Pipeline.accelerate`'s (quantize, compile, cache, attention), or None for none.
+    loras: {name: path} of the LoRAs a job may run (`serve --lora NAME=PATH`), all loaded at start and
+    chosen per job (`Pipeline.set_adapters`); a handed-in `pipe` must hold them under those names.
     """
 
-    def __init__(self, model: str | None = None, load: dict | None = None, speed: dict | None = None, pipe=None):
+    def __init__(self, model: str | None = None, load: dict | None = None, speed: dict | None = None, pipe=None,
+                 loras: dict[str, str] | None = None):  # fmt: skip
         self.model, self.load_options, self.speed = model, dict(load or {}), speed
         self.pipe = pipe
+        self.loras = dict(loras or {})
 
     def load(self) -> None:
         if self.pipe is None:
@@ -67,6 +71,11 @@ class PipelineGenerator:
             pipe = Pipeline.from_pretrained(self.model, **self.load_options)
             if pipe.offload_choice:
                 log.info("%s", pipe.offload_choice)
+            for name, path in self.loras.items():  # before accelerate(), which keeps them live (see serve)
+                pipe.load_lora(path, name=name)
+                log.info("LoRA %s: %s", name, path)
+            if self.loras:
+                pipe.set_adapters([])
             if self.speed:
                 log.info("speed levers: %s", pipe.accelerate(**self.speed).acceleration.describe())
             self.pipe = pipe
@@ -88,6 +97,13 @@ class PipelineGenerator:
         )
         if "resize" in params:  # the first frame or the video sent: how it is resized
             request["resize"] = params["resize"]
+        chosen = params.get("lora", [])
+        if chosen or self.loras:
+            missing = [name for name, _ in chosen if name not in self.loras]
+            if missing:
+                raise InputError(f"this worker serves no LoRA named {missing[0]!r} (start it with --lora "
+                                 f"{missing[0]}=PATH, as the server)")  # fmt: skip
+            self.pipe.set_adapters([name for name, _ in chosen], [scale for _, scale in chosen])
         result = self.pipe(
             prompt,
             **request,
@@ -98,9 +114,9 @@ class PipelineGenerator:
             progress=False,
             callback=lambda i, t, latents: on_step(i + 1, runs),
         )
-        return Generated(result.frames[0], dict(result.timings), self._record(prompt, params, request))
+        return Generated(result.frames[0], dict(result.timings), self._record(prompt, params, request, chosen))
 
-    def _record(self, prompt: str, params: dict[str, Any], request: dict) -> dict:
+    def _record(self, prompt: str, params: dict[str, Any], request: dict, loras: list) -> dict:
         from cogvideox import provenance
         from cogvideox.batch import pipeline_settings
 
@@ -118,6 +134,7 @@ class PipelineGenerator:
             video_fps=params["fps"] if sent else None,
             remix_of=params.get("remix_of"),
             strength=params.get("strength"),
+            lora=[[self.loras[name], scale] for name, scale in loras],
             **provenance.lever_settings(self.pipe),
         )
 

@@ -67,6 +67,9 @@ async function loadModel() {
   $("#input_reference").required = picture;
   $("#input-file").hidden = false;
   $("#riflex-option").hidden = !model.riflex_max_seconds;
+  const loras = model.loras || []; // the server's LoRAs, one chosen per video here (the API takes several)
+  $("#lora").replaceChildren(new Option("none", ""), ...loras.map((name) => new Option(name, name)));
+  $("#lora-option").hidden = $("#lora-scale-option").hidden = !loras.length;
   longest();
   chosen();
 }
@@ -109,6 +112,7 @@ function remixMode(video) { // video: remix it; null: back to creating
     input.dataset.own ??= input.placeholder; // the creating form's, the first time through
     input.placeholder = video ? "the video's" : input.dataset.own;
   }
+  $("#lora").options[0].text = video ? "the video's" : "none"; // a remix keeps the video's LoRAs by default
   $("#submit").textContent = video ? "Remix" : "Generate";
   if (video) {
     $("#prompt").value = video.prompt;
@@ -133,6 +137,10 @@ async function submit(event) {
     if (value !== "") body[name] = Number(value);
   }
   if (!remixing && $("#riflex").checked) body.riflex = true;
+  if ($("#lora").value) { // "name" or "name:scale", the form the API takes in JSON and in forms alike
+    const scale = $("#lora_scale").value;
+    body.lora = scale === "" ? $("#lora").value : `${$("#lora").value}:${Number(scale)}`;
+  }
   let request = { headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) };
   if (!remixing && model && (model.image_to_video || sendsVideo())) { // the file goes in a multipart form
     const form = new FormData();
@@ -171,6 +179,7 @@ function describe(video) {
     parts.push(`from ${video.input_reference} (${video.resize})${redrawn}`);
   }
   if (video.riflex) parts.push("RIFLEx");
+  if (video.lora) parts.push(`LoRA ${video.lora.map((l) => `${l.name} ×${l.scale}`).join(", ")}`);
   if (video.expires_at) parts.push(`kept until ${new Date(video.expires_at * 1000).toLocaleString()}`);
   return parts.join(" · ");
 }
