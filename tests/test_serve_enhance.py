@@ -41,7 +41,7 @@ class RecordingPipe:
 class Unrecorded(PipelineGenerator):
     """The worker's generator without the record of each video (a `RecordingPipe` has no settings)."""
 
-    def _record(self, prompt, params, request):
+    def _record(self, prompt, params, request, loras):
         return None
 
 

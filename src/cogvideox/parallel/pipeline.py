@@ -115,8 +115,8 @@ class ParallelPipeline(Pipeline):
         finally:
             self.vae = vae
 
-    def _start(self, request, generator, shape, picture=None, source=None, latents=None):
-        latents, model, timesteps = super()._start(request, generator, shape, picture, source, latents)
+    def _start(self, request, generator, shape, picture=None, source=None, latents=None, last=None):
+        latents, model, timesteps = super()._start(request, generator, shape, picture, source, latents, last)
         if self.mesh.layout.cfg > 1:
             if isinstance(model, ImageConditioned):
                 model.transformer = CFGParallel(model.transformer, self.mesh)
