@@ -159,3 +159,37 @@ def test_fp8_activation_rows_make_no_full_size_fp32_copies():
     want_q = (x.float() / want_scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     assert torch.equal(scale, want_scale)
     assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
+
+
+def test_the_text_encoder_in_int8_stays_close_and_keeps_its_fp32_layers(tiny_rope_dir):
+    """`quantize_text="int8"`: T5's block linears become int8 weight-only (half of bf16), the text states
+    move by rounding only; in fp16 the layers transformers keeps in fp32 (T5's `wo`) stay as they are."""
+    from cogvideox import Pipeline
+    from cogvideox.fast.quantize import Int8WeightOnlyLinear, quantize_text_encoder
+    from cogvideox.text import load_t5
+
+    pipe = Pipeline.from_pretrained(tiny_rope_dir)
+    prompts = ["a cat sits on the mat", "a dog runs in the park"]
+    exact = pipe.encode_prompts(prompts, 16, 1)
+    pipe.accelerate(quantize_text="int8", fuse_qkv=False, attention=None)
+    quantized = [m for m in pipe.text_encoder.model.modules() if isinstance(m, Int8WeightOnlyLinear)]
+    assert len(quantized) == 2 * (4 + 3)  # two blocks: q, k, v, o and wi_0, wi_1, wo
+    states = pipe.encode_prompts(prompts, 16, 1)
+    error = ((states - exact).norm() / exact.norm()).item()
+    assert 0 < error < 2e-2, error
+    assert pipe.acceleration.describe() == "int8 T5"
+
+    half = load_t5(tiny_rope_dir / "text_encoder", torch.float16, torch.device("cpu"))
+    kept = {name for name, m in half.named_modules() if type(m) is torch.nn.Linear and m.weight.dtype == torch.float32}
+    assert kept and all(name.endswith("wo") for name in kept)
+    assert quantize_text_encoder(half) == 2 * (4 + 3) - len(kept)
+    assert {name for name, m in half.named_modules() if type(m) is torch.nn.Linear} == kept
+
+
+def test_an_unknown_text_quantisation_leaves_the_pipeline_untouched(tiny_rope_dir):
+    from cogvideox import Pipeline
+
+    pipe = Pipeline.from_pretrained(tiny_rope_dir)
+    with pytest.raises(InputError, match="the text encoder is quantised to int8 \\(weight-only\\) only, not 'fp8'"):
+        pipe.accelerate(quantize="int8", quantize_text="fp8")
+    assert pipe.acceleration is None

@@ -731,3 +731,15 @@ def test_a_lora_loaded_after_offloading_is_offloaded_with_the_rest(tiny_rope_dir
     assert all(id(p) in managed for p in pipe.transformer.parameters())
     got = pipe(PROMPT, progress=False, **SMALL)
     torch.testing.assert_close(got.latents, want.latents, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["model", "stream"])
+def test_an_int8_text_encoder_composes_with_offloading(tiny_rope_dir, mode):
+    want = resident_pipeline(tiny_rope_dir).accelerate(quantize_text="int8")(PROMPT, progress=False, **SMALL)
+    pipe = Pipeline.from_pretrained(tiny_rope_dir, offload=mode).accelerate(quantize_text="int8")
+    assert pipe.offload.mode == mode
+    if mode == "stream":  # T5's blocks stream too: their int8 weights are what moves
+        weights = {t.dtype for g in pipe.offload.groups() if "text" in g.name for t in g.tensors}
+        assert torch.int8 in weights, weights
+    out = pipe(PROMPT, progress=False, **SMALL)
+    assert torch.equal(out.latents, want.latents)

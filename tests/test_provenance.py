@@ -111,3 +111,18 @@ def test_the_command_names_inputs_loras_and_levers():
         "--resize", "crop", "--lora", "style.safetensors", "--lora-scale", "0.8", "--quantize", "fp8",
         "--attention", "sage", "--cache", "0.1",
     ]  # fmt: skip
+
+
+def test_an_int8_text_encoder_is_recorded_and_made_again(capsys, tiny_rope_dir, tmp_path):
+    made = tmp_path / "cat.mp4"
+    argv = ["generate", "a cat", "-o", str(made), "--model", str(tiny_rope_dir), "--seed", "2", "--quantize-text",
+            "int8", *SMALL]  # fmt: skip
+    assert main(argv) == 0
+    assert read_metadata(made)["quantize_text"] == "int8"
+    remade = again(capsys, made, tmp_path / "again.mp4")
+    assert remade[remade.index("--quantize-text") + 1] == "int8"
+    assert main(remade) == 0
+    assert np.array_equal(read_video(tmp_path / "again.mp4")[0], read_video(made)[0])
+    plain = tmp_path / "plain.mp4"
+    assert main([*argv[:-len(SMALL) - 2], *SMALL, "-o", str(plain)]) == 0
+    assert not np.array_equal(read_video(plain)[0], read_video(made)[0])  # the text states did change

@@ -182,11 +182,14 @@ def video_settings(
 LOSSY_ATTENTION = ("sage", "sage-emulated")
 
 
-def lossy_levers(quantize: str | None = None, attention: str | None = None, cache: float | None = None) -> str:
-    """The speed levers among these that make another video than the exact path ("fp8, sage attention,
-    cache 0.1"), or "none": quantised linears, 8-bit attention, and a step cache that may skip steps
-    (threshold 0 computes every step, bit for bit the uncached video)."""
+def lossy_levers(quantize: str | None = None, attention: str | None = None, cache: float | None = None,
+                 quantize_text: str | None = None) -> str:  # fmt: skip
+    """The speed levers among these that make another video than the exact path ("fp8, int8 T5, sage
+    attention, cache 0.1"), or "none": quantised linears (the transformer's, T5's), 8-bit attention, and a
+    step cache that may skip steps (threshold 0 computes every step, bit for bit the uncached video)."""
     parts = [quantize] if quantize else []
+    if quantize_text:
+        parts.append(f"{quantize_text} T5")
     if attention in LOSSY_ATTENTION:
         parts.append(f"{attention} attention")
     if cache:
@@ -689,7 +692,7 @@ def _batch(args: argparse.Namespace) -> int:
     fps = args.fps or default_fps(configs.transformer)
     accelerate = speed_settings(args, device)
     speed = accelerate or {}
-    levers = lossy_levers(speed.get("quantize"), speed.get("attention"), speed.get("cache"))
+    levers = lossy_levers(speed.get("quantize"), speed.get("attention"), speed.get("cache"), speed.get("quantize_text"))
     settings = video_settings(str(folder.resolve()), scheduler, checked[0], fps, levers, resize)
     settings["prompt_enhancer"] = enhancer_setting(enhancer)
     items = plan(prompts, args.seed, [line.image for line in lines] if image_to_video else None, root)

@@ -396,6 +396,7 @@ class Pipeline:
         cache: float | None = None,
         fuse_qkv: bool = True,
         attention: str | None = "auto",
+        quantize_text: str | None = None,
     ) -> Pipeline:
         """Speed up the transformer in place (see `cogvideox.fast`); returns the pipeline.
 
@@ -409,19 +410,25 @@ class Pipeline:
         Fused QKV, quantising and compiling rewrite the linear layers the LoRAs attach to: with any of
         them, the LoRAs that run are folded into the weights for good first, at their current scales.
         With the attention backend and the step cache alone, LoRAs stay live (`set_adapters` still
-        chooses them). Load every LoRA before calling this.
+        chooses them). Load every LoRA before calling this. quantize_text: "int8" for T5's linears too
+        (weight-only: half its bf16 memory, the text states changed by rounding), as the model card's INT8.
         """
         from cogvideox import fast
+        from cogvideox.fast.quantize import check_text_quantize
         from cogvideox.train import lora
 
+        check_text_quantize(quantize_text)  # before the transformer is touched
         device = self.device  # where the transformer computes, even while offloading keeps it in host memory
         with self._offload_lifted():  # rewrite the layers at home, then offload the rewritten ones
             if quantize or compile or fuse_qkv:
                 lora.fold_lora(self.transformer)
-            fast.apply(
+            done = fast.apply(
                 self, quantize=quantize, compile=compile, cache=cache, fuse_qkv=fuse_qkv, attention=attention,
                 device=device,
             )
+            if quantize_text is not None:
+                fast.quantize_text_encoder(self.text_encoder.model, quantize_text)
+                done.quantize_text = quantize_text
         return self
 
     @contextlib.contextmanager

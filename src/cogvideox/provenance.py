@@ -18,14 +18,16 @@ MARK = "cogvideox"
 
 
 def lever_settings(pipe) -> dict:
-    """The speed levers of a loaded pipeline that change the video: {"quantize", "attention", "cache"}
+    """The speed levers of a loaded pipeline that change the video: {"quantize", "attention", "cache",
+    "quantize_text"}
     for those in use (8-bit attention only; the exact kernels change nothing worth recording)."""
     from cogvideox.batch import LOSSY_ATTENTION
 
     done = getattr(pipe, "acceleration", None)
     if done is None:
         return {}
-    levers = {"quantize": done.quantize, "attention": done.attention if done.attention in LOSSY_ATTENTION else None}
+    levers = {"quantize": done.quantize, "attention": done.attention if done.attention in LOSSY_ATTENTION else None,
+              "quantize_text": done.quantize_text}  # fmt: skip
     if done.cache is not None and done.cache.threshold:
         levers["cache"] = done.cache.threshold
     return {k: v for k, v in levers.items() if v is not None}
@@ -84,6 +86,7 @@ def command(entry: dict) -> list[str]:
     for path, scale in entry.get("lora", []):
         args += ["--lora", path, "--lora-scale", str(scale)]
     flag("--quantize", "quantize")
+    flag("--quantize-text", "quantize_text")
     flag("--attention", "attention")
     flag("--cache", "cache")
     number = entry.get("video_number")

@@ -29,10 +29,13 @@ from .attention import check_backend, use_attention_backend
 from .cache import StepCache, add_step_cache, check_threshold
 from .compile import MODES, compile_blocks
 from .fuse import fuse_qkv as fuse_qkv_layers
-from .quantize import check_quantize, quantize as quantize_model
+from .quantize import check_quantize, check_text_quantize, quantize as quantize_model, quantize_text_encoder
 from .vae import as_conv2d as vae_conv2d, channels_last as vae_channels_last, fuse_norms as vae_fuse_norms
 
-__all__ = ["Acceleration", "StepCache", "apply", "check_options", "vae_channels_last", "vae_conv2d", "vae_fuse_norms"]
+__all__ = [
+    "Acceleration", "StepCache", "apply", "check_options", "quantize_text_encoder", "vae_channels_last", "vae_conv2d",
+    "vae_fuse_norms",
+]
 
 
 @dataclass
@@ -44,11 +47,14 @@ class Acceleration:
     quantize: str | None = None
     compile: str | None = None  # the torch.compile mode, "default" for plain `compile=True`
     cache: StepCache | None = None
+    quantize_text: str | None = None  # T5's linears (`Pipeline.accelerate`; `apply` leaves T5 alone)
 
     def describe(self) -> str:
         parts = []
         if self.quantize:
             parts.append(f"{self.quantize} linears")
+        if self.quantize_text:
+            parts.append(f"{self.quantize_text} T5")
         if self.fuse_qkv:
             parts.append("fused QKV")
         if self.attention:
@@ -77,9 +83,11 @@ def check_options(
     compile: bool | str = False,
     cache: float | None = None,
     attention: str | None = None,
+    quantize_text: str | None = None,
 ) -> None:
     """Raise `InputError` for options that cannot work on `device`, before any model is loaded."""
     check_quantize(quantize, device)
+    check_text_quantize(quantize_text)
     _compile_mode(compile)
     if cache is not None:
         check_threshold(cache)
