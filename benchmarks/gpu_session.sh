@@ -24,7 +24,8 @@
 #      (reference, ours, + 3D convolutions as 2D ones on both layouts, + fused norms, then the re-checks:
 #      tiled, cuDNN's algorithm search, channels-last);
 #   6. core 2B (the sin-cos table fix: bitwise?), parallel per rank (the cuDNN ring kernel), 5B LoRA eager
-#      with offloaded inputs, speed 2B, the 50-step fp8 + cache run, and core 5B again, while time is left.
+#      with offloaded inputs, speed 2B, the 50-step fp8 + cache run, core 5B again, and the memory modes
+#      with the model card's INT8 (transformer and T5), while time is left.
 # A step never starts with less than its floor left, and is stopped at its cap; each writes its JSON and
 # log.txt under $OUT/STEP/, and $OUT/session.jsonl records every step's status and seconds.
 #
@@ -138,4 +139,5 @@ step finetune-5b-lora   60  40 finetune_memory.py --variant 5b --mode lora --rep
 step speed-2b          150  60 speed.py --variant 2b --modes "fused,compile,$SPEED_MODE_LOSSY" --repeat 3 --trajectory-steps 10 --skip-t5 --skip-vae
 step cache-5b          240 150 speed.py --variant 5b --modes "fused,$CACHE_MODE" --repeat 1 --trajectory-steps 50 --skip-t5 --skip-vae --no-fp32-truth
 step core-5b            90  60 core_full_size.py --variant 5b
+step memory-5b-int8     150  90 memory.py --variant 5b --int8 --modes none,model,stream+tiling,sequential+tiling --check
 echo "session: $(($(date +%s) - START)) s of $BUDGET"

@@ -3,6 +3,7 @@
     python benchmarks/memory.py                      # on a GPU: 5B then 2B, 49 x 480 x 720, CFG, bf16
     python benchmarks/memory.py --variant 5b --check  # one model; exit 1 if a mode changes the output
     python benchmarks/memory.py --tiny               # tiny configs on the CPU (checks the script runs)
+    python benchmarks/memory.py --variant 5b --int8  # the model card's INT8 (transformer and T5) in every mode
 
 For each model the pipeline is built once (random weights, made on the GPU) and run once per mode:
 "none", "model", "stream", "sequential", then "stream" and "sequential" with `--vae-tiling` (the setting
@@ -153,6 +154,8 @@ def main() -> int:
     p.add_argument("--reference", action="store_true", help="also measure diffusers' resident run")
     p.add_argument("--check", action="store_true", help="exit 1 when a mode's output differs from 'none'")
     p.add_argument("--tiny", action="store_true", help="tiny configs on the CPU, to check the script runs")
+    p.add_argument("--int8", action="store_true",
+                   help="the model card's INT8: transformer and T5 linears int8 weight-only, in every run")  # fmt: skip
     args = p.parse_args()
 
     out_dir = Path(os.environ.get("OUT", "."))
@@ -164,8 +167,9 @@ def main() -> int:
     for variant in variants:
         args.variant = variant
         result = {"variant": variant, "tiny": args.tiny, "device": str(device), "dtype": str(dtype),
-                  "torch": torch.__version__, "steps_measured": args.steps, "method": METHOD, "runs": {}}  # fmt: skip
-        path = out_dir / f"memory_{variant}{'_tiny' if args.tiny else ''}.json"
+                  "torch": torch.__version__, "steps_measured": args.steps, "method": METHOD, "runs": {},
+                  "int8": args.int8}  # fmt: skip
+        path = out_dir / f"memory_{variant}{'_int8' if args.int8 else ''}{'_tiny' if args.tiny else ''}.json"
 
         def save(result=result, path=path) -> None:
             core_full_size.save_json(path, result)
@@ -174,9 +178,11 @@ def main() -> int:
             result["gpu"] = torch.cuda.get_device_name(device)
         with tempfile.TemporaryDirectory() as tmp:
             pipe, request = build_pipeline(args, device, dtype, Path(tmp))
+        if args.int8:  # before the weights are counted: what every mode then holds and moves
+            pipe.accelerate(quantize="int8", quantize_text="int8", attention=None)
         result.update({k: v for k, v in request.items() if k in ("num_frames", "height", "width")})
         result["weights_gib"] = {
-            name: round(sum(t.numel() * t.element_size() for t in module.parameters()) / GIB, 3)
+            name: round(sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()]) / GIB, 3)
             for name, module in (("text_encoder", pipe.text_encoder.model), ("transformer", pipe.transformer),
                                  ("vae", pipe.vae))
         }  # fmt: skip
