@@ -743,3 +743,31 @@ def test_an_int8_text_encoder_composes_with_offloading(tiny_rope_dir, mode):
         assert torch.int8 in weights, weights
     out = pipe(PROMPT, progress=False, **SMALL)
     assert torch.equal(out.latents, want.latents)
+
+
+def test_auto_chooses_again_once_quantising_has_shrunk_the_weights(tiny_rope_dir, monkeypatch):
+    """"auto" picked an offloaded mode for the bf16/fp32 weights; `accelerate(quantize=..., quantize_text=...)`
+    shrinks them, and auto then picks the faster mode they fit in (here: resident), saying so. A mode
+    the user named is kept as named, and a pipeline quantised without "auto" is left where it was."""
+    from cogvideox.fast import memory_plan
+
+    full = sum(s.total for s in memory_plan.pipeline_sizes(Pipeline.from_pretrained(tiny_rope_dir)).values())
+
+    def choose(device, sizes_fn, *args):  # a device that holds 80% of the unquantised weights
+        total = sum(s.total for s in sizes_fn().values())
+        mode = "none" if total <= 0.8 * full else "stream"
+        return memory_plan.Choice(mode, False, f"offload {mode!r}: {total} bytes")
+
+    monkeypatch.setattr(memory_plan, "_choose_on", choose)
+    want = resident_pipeline(tiny_rope_dir).accelerate(quantize="int8", quantize_text="int8")(PROMPT, progress=False,
+                                                                                           **SMALL)  # fmt: skip
+    pipe = Pipeline.from_pretrained(tiny_rope_dir, offload="auto")
+    assert pipe.offload.mode == "stream" and pipe.offload_auto
+    pipe.accelerate(quantize="int8", quantize_text="int8")
+    assert pipe.offload is None and pipe.offload_choice.startswith("after quantising, offload 'none'")
+    assert torch.equal(pipe(PROMPT, progress=False, **SMALL).latents, want.latents)
+
+    named = Pipeline.from_pretrained(tiny_rope_dir, offload="stream").accelerate(quantize="int8", quantize_text="int8")
+    assert named.offload.mode == "stream" and not named.offload_auto
+    exact_levers = Pipeline.from_pretrained(tiny_rope_dir, offload="auto").accelerate(cache=0.0)
+    assert exact_levers.offload.mode == "stream"  # nothing shrank: no second choice

@@ -706,10 +706,10 @@ def _batch(args: argparse.Namespace) -> int:
             pipe = Pipeline.from_pretrained(
                 folder, dtype=args.dtype, device=device, scheduler=args.scheduler, **memory_settings(args, device)
             )
-            if is_root:
-                report_offload(pipe, args, device)
             if accelerate:
                 pipe.accelerate(**accelerate)
+            if is_root:  # after quantising, which may let "auto" choose a faster mode
+                report_offload(pipe, args, device)
             if mesh is not None and mesh.layout.size > 1:
                 pipe = parallelize(pipe, mesh)  # tiling as the single-process batch has it: the same videos
             start = time.perf_counter()

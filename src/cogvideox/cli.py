@@ -353,10 +353,10 @@ def _generate(args: argparse.Namespace) -> int:
         folder, dtype=args.dtype, device=device, scheduler=args.scheduler, lora=lora,
         vae_slicing=args.vae_slicing, **memory_settings(args, device),
     )
-    if global_rank() == 0:
-        report_offload(pipe, args, device)
     if accelerate:  # folds the LoRAs into the weights first: the fast paths rewrite the linear layers
         pipe.accelerate(**accelerate)
+    if global_rank() == 0:  # after quantising, which may let "auto" choose a faster mode
+        report_offload(pipe, args, device)
     if mesh is not None:
         from cogvideox.parallel import parallelize
 

@@ -85,6 +85,7 @@ class Pipeline:
         self.scheduler = scheduler
         self.offload = None  # a `cogvideox.fast.offload.Offload` while weights are offloaded
         self.offload_choice = ""  # what `enable_offload` chose, and why
+        self.offload_auto = False  # the mode was chosen by "auto": `accelerate` chooses again after quantising
         # The guidance arguments' defaults: the model folder's `sampling.json`, else the reference's.
         self.sampling_defaults = dict(loading.SAMPLING_FALLBACKS)
 
@@ -158,6 +159,7 @@ class Pipeline:
         if offload != "none" or text_device is not None:
             pipe.enable_offload(offload, device, text_device=text_device)
         pipe.offload_choice = reason or pipe.offload_choice
+        pipe.offload_auto = bool(reason)
         return pipe
 
     @classmethod
@@ -376,6 +378,7 @@ class Pipeline:
             self.offload.remove()
             self.offload = None
         reason = ""
+        self.offload_auto = mode == "auto"
         if mode == "auto":
             choice = choose_for_pipeline(self, device, text_device)
             mode, reason = choice.mode, choice.reason
@@ -429,7 +432,19 @@ class Pipeline:
             if quantize_text is not None:
                 fast.quantize_text_encoder(self.text_encoder.model, quantize_text)
                 done.quantize_text = quantize_text
+        if (quantize or quantize_text) and self.offload_auto and self.offload is not None:
+            self._choose_offload_again()
         return self
+
+    def _choose_offload_again(self) -> None:
+        """"auto" again for weights that quantising shrank: a faster mode may fit now (int8 everywhere
+        takes a 5B model's weights from 19.7 to 10.2 GiB: T5 8.87 -> 4.56, transformer 10.38 -> 5.21, VAE 0.40)."""
+        offload = self.offload
+        text_device = None if "text_encoder" in offload.components else self.text_encoder.model.device
+        before = offload.mode
+        self.enable_offload("auto", offload.device, text_device=text_device, lookahead=offload.lookahead)
+        if self.offload is None or self.offload.mode != before:
+            self.offload_choice = f"after quantising, {self.offload_choice}"
 
     @contextlib.contextmanager
     def _offload_lifted(self):
@@ -441,14 +456,14 @@ class Pipeline:
             yield
             return
         text_device = None if "text_encoder" in offload.components else self.text_encoder.model.device
-        choice = self.offload_choice
+        choice, auto = self.offload_choice, self.offload_auto
         offload.remove()
         self.offload = None
         try:
             yield
         finally:
             self.enable_offload(offload.mode, offload.device, text_device=text_device, lookahead=offload.lookahead)
-            self.offload_choice = choice
+            self.offload_choice, self.offload_auto = choice, auto
 
     @property
     def acceleration(self):

@@ -69,8 +69,6 @@ class PipelineGenerator:
             from cogvideox.pipeline import Pipeline
 
             pipe = Pipeline.from_pretrained(self.model, **self.load_options)
-            if pipe.offload_choice:
-                log.info("%s", pipe.offload_choice)
             for name, path in self.loras.items():  # before accelerate(), which keeps them live (see serve)
                 pipe.load_lora(path, name=name)
                 log.info("LoRA %s: %s", name, path)
@@ -78,6 +76,8 @@ class PipelineGenerator:
                 pipe.set_adapters([])
             if self.speed:
                 log.info("speed levers: %s", pipe.accelerate(**self.speed).acceleration.describe())
+            if pipe.offload_choice:  # after quantising, which may let "auto" choose a faster mode
+                log.info("%s", pipe.offload_choice)
             self.pipe = pipe
 
     def __call__(self, params: dict[str, Any], on_step: Callable[[int, int], None]) -> Generated:
