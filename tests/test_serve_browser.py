@@ -406,10 +406,12 @@ def test_the_api_key_can_be_forgotten(browser, tiny_rope_dir, tmp_path):
 
 def test_an_image_to_video_model_takes_a_first_frame_from_the_page(browser, tiny_i2v_dir, tmp_path):
     """With an image-to-video model the form asks for a picture (required), shows it, sends it with the fit
-    chosen; the card says what the video started from, and offers no remix (the API has none for it)."""
+    chosen and an optional last frame; the card says what the video started from (and went to), and offers
+    no remix (the API has none for it)."""
     from PIL import Image
 
     Image.new("RGB", (96, 48), (200, 40, 40)).save(tmp_path / "first.png")
+    Image.new("RGB", (96, 48), (40, 40, 200)).save(tmp_path / "last.png")
     spec = ModelSpec.from_folder(tiny_i2v_dir, "cogvideox-tiny-i2v")
     store = SQLiteStore(tmp_path / "jobs.sqlite3")
     worker = Worker(store, PipelineGenerator(str(tiny_i2v_dir)), tmp_path, spec.name, poll_interval=0.05)
@@ -426,15 +428,17 @@ def test_an_image_to_video_model_takes_a_first_frame_from_the_page(browser, tiny
         picker.send_keys(str(tmp_path / "first.png"))
         wait.until(lambda d: d.find_element(By.ID, "first-frame-preview").is_displayed())
         browser.find_element(By.CSS_SELECTOR, "#resize option[value='crop']").click()
+        browser.find_element(By.ID, "last_frame").send_keys(str(tmp_path / "last.png"))  # optional
         browser.save_screenshot(str(artifacts_dir() / "12-first-frame.png"))
         browser.find_element(By.ID, "submit").click()
         card = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#videos .card[data-status='completed']"))
-        assert "from first.png (crop)" in card.find_element(By.CSS_SELECTOR, ".details").text
+        assert "from first.png (crop) · to last.png" in card.find_element(By.CSS_SELECTOR, ".details").text
         assert not card.find_element(By.CSS_SELECTOR, ".remix").is_displayed()
         [job] = store.page(10, None)[0]
         assert (job.params["input_name"], job.params["resize"], job.params["num_inference_steps"]) == (
             "first.png", "crop", 2,
         )  # fmt: skip
+        assert job.params["last_name"] == "last.png"
     store.close()
 
 
@@ -475,6 +479,7 @@ def test_a_text_to_video_model_redraws_a_video_chosen_on_the_page(browser, tiny_
         picker = browser.find_element(By.ID, "input_reference")
         assert browser.find_element(By.ID, "input-label").text == "Video to redraw (optional)"
         assert picker.get_attribute("required") is None and picker.get_attribute("accept") == "video/*"
+        assert not browser.find_element(By.ID, "last_frame").is_displayed()  # image-to-video models only
         browser.find_element(By.CSS_SELECTOR, "#options summary").click()
         assert not browser.find_element(By.ID, "strength").is_displayed()
         picker.send_keys(str(tmp_path / "clip.mp4"))

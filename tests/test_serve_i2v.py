@@ -145,7 +145,7 @@ MISTAKES = {
     "a GIF": (_file("a.gif", picture(fmt="GIF"), "image/gif"), 400, "input_reference", "a GIF file; send a PNG"),
     "another file field": (
         {"files": {"input_reference": ("a.png", PNG, "image/png"), "mask": ("m.png", PNG, "image/png")}}, 400,
-        "mask", "only input_reference takes",
+        "mask", "mask: only input_reference and last_frame take a file",
     ),
     "two pictures": (
         {"files": [("input_reference", ("a.png", PNG, "image/png")), ("input_reference", ("b.png", PNG, "image/png"))]},
@@ -155,6 +155,13 @@ MISTAKES = {
     "another length": (_with("seconds", "2"), 400, "seconds", "makes 9 frames only"),
     "riflex": (_with("riflex", "true"), 400, "riflex", "leave riflex off"),
     "a bad resize": (_with("resize", "fit"), 400, "resize", "stretch"),
+    "a last frame that is no picture": (
+        {"files": {"input_reference": ("a.png", PNG, "image/png"), "last_frame": ("b.png", b"hello", "image/png")}},
+        400, "last_frame", "last_frame: cannot decode the file as a picture",
+    ),
+    "a last frame without a first": (
+        {"files": {"last_frame": ("b.png", PNG, "image/png")}}, 400, "input_reference", "send the picture",
+    ),
 }  # fmt: skip
 
 
@@ -309,3 +316,43 @@ def test_video_to_video_mistakes_keep_nothing(tmp_path, case):
     error = response.json()["error"]
     assert error["param"] == param and message in error["message"], error
     assert store.page()[0] == [] and stored_inputs(tmp_path) == []
+
+
+def test_a_last_frame_draws_the_video_towards_it(i2v_service, tmp_path):
+    """`last_frame` beside `input_reference` (keyframe interpolation): the served video equals the library's
+    with the same two pictures; the record and the API name both files, and deleting the video deletes both."""
+    client, pipe, data = i2v_service
+    last = picture(orientation=3)  # the same picture, turned upside down by its EXIF flag
+    files = {"input_reference": ("first.png", PNG, "image/png"), "last_frame": ("last.jpg", last, "image/png")}
+    created = client.post("/v1/videos", data={"prompt": "a ball rolls", "seed": "4", **FAST}, files=files).json()
+    assert (created["input_reference"], created["last_frame"]) == ("first.png", "last.jpg")
+    assert len(stored_inputs(data)) == 2
+    video = finished(client, created["id"])
+    assert video["status"] == "completed", video["error"]
+    (tmp_path / "served.mp4").write_bytes(client.get(f"/v1/videos/{video['id']}/content").content)
+    (tmp_path / "first.png").write_bytes(PNG)
+    (tmp_path / "last.jpg").write_bytes(last)
+    direct = pipe("a ball rolls", image=tmp_path / "first.png", last_image=tmp_path / "last.jpg", seed=4,
+                  num_inference_steps=2, progress=False).frames[0]  # fmt: skip
+    expected, _ = read_video(export_video(direct, tmp_path / "direct.mp4", fps=8))
+    np.testing.assert_array_equal(read_video(tmp_path / "served.mp4")[0], expected)
+    alone = pipe("a ball rolls", image=tmp_path / "first.png", seed=4, num_inference_steps=2, progress=False)
+    assert not np.array_equal(alone.frames[0], direct)
+    record = read_metadata(tmp_path / "served.mp4")
+    assert (record["image"], record["last_image"]) == ("first.png", "last.jpg")
+    assert client.delete(f"/v1/videos/{video['id']}").json()["deleted"] is True
+    assert stored_inputs(data) == []
+
+
+def test_a_last_frame_needs_an_image_to_video_model(tmp_path):
+    folder = write_config_folder(tmp_path / "t2v")
+    t2v = TestClient(create_app(ModelSpec.from_folder(folder, "tiny"), SQLiteStore(tmp_path / "a.sqlite3"),
+                                Settings(data_dir=tmp_path / "a")))  # fmt: skip
+    for files in ({"last_frame": ("b.png", PNG, "image/png")},
+                  {"input_reference": ("clip.mp4", VIDEO, "video/mp4"), "last_frame": ("b.png", PNG, "image/png")}):
+        refused = t2v.post("/v1/videos", data={"prompt": "a"}, files=files)
+        assert refused.status_code == 400, refused.text
+        error = refused.json()["error"]
+        assert error["param"] == "last_frame" and "goes with the first frame (input_reference) of an image-to-video" \
+            in error["message"]
+    assert stored_inputs(tmp_path / "a") == []

@@ -65,6 +65,11 @@ _IMAGE_DOC = (
     "The first frame (PNG, JPEG or WebP) for an image-to-video model (image_to_video in GET /v1/models), or a "
     "video for a text-to-video model to redraw (video-to-video, with strength)."
 )
+LAST = "last_frame"  # ours: the last frame, beside an image-to-video model's first (keyframe interpolation)
+_LAST_DOC = (
+    "With input_reference's first frame, the last frame (PNG, JPEG or WebP), as CogVideoX-Interpolation (a "
+    "5B-I2V fine-tuned on first and last frames) was trained to take it; the released I2V models were not."
+)
 
 
 @dataclass(frozen=True)
@@ -209,22 +214,33 @@ def create_app(spec: ModelSpec, store: JobStore, settings: Settings, worker: Wor
         response_model=Video,
         tags=["videos"],
         responses=_errors(400, 401, 413, 415, 429),
-        openapi_extra=_body_read_by_hand("VideoCreate", {IMAGE: _IMAGE_DOC}),
+        openapi_extra=_body_read_by_hand("VideoCreate", {IMAGE: _IMAGE_DOC, LAST: _LAST_DOC}),
     )
     async def create_video(request: Request, owner: str = Depends(caller)) -> Video:
         """Queue a video. The answer is the job, `queued`; poll `GET /v1/videos/{id}` for its progress."""
 
         async def read() -> tuple[dict, bool | None]:
-            fields = await read_fields(request, settings.max_body_bytes, {IMAGE: settings.max_upload_bytes})
+            caps = {IMAGE: settings.max_upload_bytes, LAST: settings.max_upload_bytes}
+            fields = await read_fields(request, settings.max_body_bytes, caps)
             create = _parse(VideoCreate, fields)
-            upload = fields.files.get(IMAGE)
+            upload, last = fields.files.get(IMAGE), fields.files.get(LAST)
             if upload is not None and not upload.data:
                 raise ApiError(400, "invalid_request", f"{IMAGE}: the file is empty", IMAGE)
             kind = None if upload is None else "image" if inputs.is_picture(upload) else "video"
             params = _job_params(create, spec, settings, kind)
+            if last is not None and kind != "image":
+                raise ApiError(400, "invalid_request", f"{LAST}: a last frame goes with the first frame ({IMAGE}) "
+                               "of an image-to-video model", LAST)  # fmt: skip
             if kind == "image":
                 name = await run_in_threadpool(inputs.store_image, upload, settings.data_dir, IMAGE)
                 params |= {"image": name, "input_name": upload.filename or "input_reference.png"}
+                if last is not None:
+                    try:
+                        stored = await run_in_threadpool(inputs.store_image, last, settings.data_dir, LAST)
+                    except BaseException:
+                        inputs.remove_input(settings.data_dir, name)
+                        raise
+                    params |= {"last_image": stored, "last_name": last.filename or "last_frame.png"}
             elif kind == "video":
                 name, available = await run_in_threadpool(
                     inputs.store_video, upload, settings.data_dir, params["fps"], params["num_frames"], IMAGE
@@ -294,7 +310,7 @@ def create_app(spec: ModelSpec, store: JobStore, settings: Settings, worker: Wor
         finally:
             if job is None:
                 limiter.give_back(owner)
-                for stored in (params.get("image"), params.get("video_input")):
+                for stored in _stored_inputs(params):
                     inputs.remove_input(settings.data_dir, stored)
         if worker is not None:
             worker.wake()
@@ -414,8 +430,13 @@ def delete_files(data_dir: Path, job: Job) -> None:
     video = video_path(data_dir, job.id)
     for path in (video, *assets.derived_paths(video)):
         path.unlink(missing_ok=True)
-    for stored in (job.params.get("image"), job.params.get("video_input")):
+    for stored in _stored_inputs(job.params):
         inputs.remove_input(data_dir, stored)
+
+
+def _stored_inputs(params: dict) -> tuple[str | None, ...]:
+    """The names of the files a job's request brought, kept until its video is deleted."""
+    return params.get("image"), params.get("last_image"), params.get("video_input")
 
 
 def expire_videos(store: JobStore, data_dir: Path, expire_after: float, now: float | None = None) -> int:

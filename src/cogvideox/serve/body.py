@@ -106,7 +106,8 @@ async def _form(request: Request, body: bytes, media_type: str, files: dict[str,
     for name, value in form.multi_items():
         if isinstance(value, UploadFile):
             if name not in files:
-                what = f"only {', '.join(files)} takes" if files else "this request takes no"
+                names = " and ".join(files)
+                what = f"only {names} {'take' if len(files) > 1 else 'takes'} a" if files else "this request takes no"
                 raise ApiError(400, "unsupported_parameter", f"{name}: {what} file", name)
             data = await value.read()
             await value.close()

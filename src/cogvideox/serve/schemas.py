@@ -237,6 +237,7 @@ class Video(BaseModel):
         None, description="The file name of the picture it started from, or of the video it redrew."
     )
     resize: str | None = Field(None, description="How that input reached the video size.")
+    last_frame: str | None = Field(None, description="The file name of the last frame it was drawn towards.")
     riflex: bool = False
     lora: list[LoraChoice] | None = Field(None, description="The LoRAs it ran with.")
 
@@ -269,6 +270,7 @@ class Video(BaseModel):
             strength=p.get("strength"),
             input_reference=p.get("input_name"),
             resize=p.get("resize"),
+            last_frame=p.get("last_name"),
             riflex=p.get("riflex", False),
             lora=[LoraChoice(name=n, scale=v) for n, v in p["lora"]] if p.get("lora") else None,
         )

@@ -109,6 +109,7 @@ class PipelineGenerator:
             **request,
             seed=params["seed"],
             image=params.get("image"),
+            last_image=params.get("last_image"),
             video=params.get("video"),  # a remix: the frames it redraws
             strength=params.get("strength"),
             progress=False,
@@ -130,6 +131,7 @@ class PipelineGenerator:
             settings,
             prompt_idea=params["prompt"] if prompt != params["prompt"] else None,
             image=params.get("input_name") if images else None,  # the client's name for it: the file it has
+            last_image=params.get("last_name"),
             video=params.get("input_name") if sent else None,
             video_fps=params["fps"] if sent else None,
             remix_of=params.get("remix_of"),
@@ -252,9 +254,11 @@ class Worker:
         of the video it redraws (one the client sent, or the one it remixes)."""
         if params.get("image") is not None:
             path = input_path(self.data_dir, params["image"])
-            if not path.is_file():
-                raise InputError("the first frame of this video is gone from the server (its input was deleted)")
-            return params | {"image": path}
+            last = input_path(self.data_dir, params["last_image"]) if params.get("last_image") else None
+            if not path.is_file() or (last is not None and not last.is_file()):
+                which = "first" if not path.is_file() else "last"
+                raise InputError(f"the {which} frame of this video is gone from the server (its input was deleted)")
+            return params | {"image": path, "last_image": last}
         if params.get("video_input") is not None:
             if not input_path(self.data_dir, params["video_input"]).is_file():
                 raise InputError("the video this job redraws is gone from the server (its input was deleted)")

@@ -66,6 +66,7 @@ async function loadModel() {
   $("#input_reference").accept = picture ? "image/png,image/jpeg,image/webp" : "video/*";
   $("#input_reference").required = picture;
   $("#input-file").hidden = false;
+  $("#last-file").hidden = !picture;
   $("#riflex-option").hidden = !model.riflex_max_seconds;
   const loras = model.loras || []; // the server's LoRAs, one chosen per video here (the API takes several)
   $("#lora").replaceChildren(new Option("none", ""), ...loras.map((name) => new Option(name, name)));
@@ -147,6 +148,8 @@ async function submit(event) {
     for (const [name, value] of Object.entries(body)) form.append(name, String(value));
     form.append("resize", $("#resize").value);
     form.append("input_reference", $("#input_reference").files[0]);
+    const [last] = $("#last_frame").files;
+    if (model.image_to_video && last) form.append("last_frame", last);
     request = { body: form }; // the browser writes the multipart Content-Type, with its boundary
   }
   $("#submit").disabled = true;
@@ -178,6 +181,7 @@ function describe(video) {
     const redrawn = video.strength && !video.remixed_from_video_id ? ` at strength ${video.strength}` : "";
     parts.push(`from ${video.input_reference} (${video.resize})${redrawn}`);
   }
+  if (video.last_frame) parts.push(`to ${video.last_frame}`);
   if (video.riflex) parts.push("RIFLEx");
   if (video.lora) parts.push(`LoRA ${video.lora.map((l) => `${l.name} ×${l.scale}`).join(", ")}`);
   if (video.expires_at) parts.push(`kept until ${new Date(video.expires_at * 1000).toLocaleString()}`);
