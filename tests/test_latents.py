@@ -211,3 +211,12 @@ def test_the_vae_alone_needs_and_downloads_only_its_own_weights(tiny_rope_dir, t
 
     with pytest.raises(LoadError, match="missing transformer/diffusion_pytorch_model.safetensors"):
         loading.check_model_dir(tmp_path / "hub" / "tiny--cogvideox")
+
+
+def test_a_file_about_to_be_replaced_is_said_so(capsys, tiny_rope_dir, tmp_path):
+    latents = tmp_path / "l.safetensors"
+    LatentVideo(torch.zeros(3, 4, 4, 6), str(tiny_rope_dir), 8).save(latents)
+    (tmp_path / "l.mp4").write_bytes(b"old")
+    assert main(["decode", str(latents), "--quiet"]) == 0
+    assert "l.mp4 exists and will be replaced by the decoded video" in capsys.readouterr().err
+    assert read_video(tmp_path / "l.mp4")[0].shape == (9, 32, 48, 3)

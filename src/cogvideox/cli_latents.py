@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import time
+import warnings
 from pathlib import Path
 
 from cogvideox.cli_args import (
@@ -86,6 +87,8 @@ def _decode(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     latent = LatentVideo.load(args.latents)
     output = check_video_path(args.output or Path(args.latents).with_suffix(".mp4"), "--output")
+    if output.exists():
+        warnings.warn(f"{output} exists and will be replaced by the decoded video")
     model = args.model if args.model is not None else latent.model
     if args.model is None and model is not None and Path(model).is_absolute() and not Path(model).exists():
         raise InputError(f"the latents were made with the model in {model}, which is not there any more; "
@@ -116,6 +119,9 @@ def _encode(args: argparse.Namespace) -> int:
 
     latents_path = None if args.output is None else check_latents_path(args.output)
     video_path = None if args.reconstruct is None else check_video_path(args.reconstruct, "--reconstruct")
+    for path in (latents_path, video_path):
+        if path is not None and path.exists():
+            warnings.warn(f"{path} exists and will be replaced")
     if latents_path is None and video_path is None:
         raise InputError("nothing to write: give --output LATENTS.safetensors and/or --reconstruct VIDEO.mp4")
     start = time.perf_counter()
