@@ -45,11 +45,17 @@ def restarts(frames: np.ndarray, direction: str) -> bool:
 
 
 def run(pipe, frames: int, riflex: bool, seeds, steps: int) -> dict:
+    return {"frames": frames, "riflex": riflex, **score(pipe, frames, seeds, steps, riflex=riflex)}
+
+
+def score(pipe, frames: int, seeds, steps: int, **options) -> dict:
+    """The held-out captions at `frames` frames for every seed, with the pipeline `options`: the judge's
+    score (right, colour, direction), the share of videos that restart, and the seconds it took."""
     captions = world.captions_of("held_out")
     right = colour = heading = restarted = total = 0
     start = time.perf_counter()
     for seed in seeds:
-        out = pipe(captions, seed=seed, num_frames=frames, riflex=riflex, num_inference_steps=steps, progress=False)
+        out = pipe(captions, seed=seed, num_frames=frames, num_inference_steps=steps, progress=False, **options)
         for caption, video in zip(captions, out.frames):
             wanted_colour, _, wanted_direction, _ = world.parse_caption(caption)
             verdict = judge(video)
@@ -59,8 +65,6 @@ def run(pipe, frames: int, riflex: bool, seeds, steps: int) -> dict:
             heading += verdict.direction == wanted_direction
             restarted += restarts(video, wanted_direction)
     return {
-        "frames": frames,
-        "riflex": riflex,
         "videos": total,
         "accuracy": round(right / total, 4),
         "colour_accuracy": round(colour / total, 4),

@@ -177,6 +177,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --image: the last frame, for keyframe interpolation by a model trained for it "
         "(CogVideoX-Interpolation, a fine-tuned 5B-I2V); the released I2V models follow it loosely if at all",
     )
+    arg(
+        "--windows",
+        type=positive_int,
+        nargs="?",
+        const=0,
+        metavar="STRIDE",
+        help="for --frames beyond the model's own (CogVideoX 1.0 text- or video-to-video, 2b included): denoise "
+        "windows of the model's own length, STRIDE latent frames apart (default: half a window), and blend "
+        "them, from FreeNoise's rescheduled noise; any length, one transformer pass per window per step",
+    )
     add_video_rate_argument(gen, "--video", "redrawn")
     arg(
         "--extend",
@@ -278,6 +288,12 @@ def _generate(args: argparse.Namespace) -> int:
         given = " and ".join(f for f, v in (("--image", args.image), ("--video", args.video),
                                              ("--extend", args.extend)) if v)  # fmt: skip
         raise InputError(f"give one of --image (image-to-video), --video (video-to-video) and --extend, not {given}")
+    if args.windows is not None and args.riflex:
+        raise InputError("give --riflex or --windows for a longer video, not both")
+    if args.windows is not None and args.cache is not None:
+        raise InputError("--windows runs the transformer several times a step, which --cache cannot follow")
+    if args.windows is not None and args.parallel:
+        raise InputError("--windows does not run under --parallel yet")
     if args.last_image and not args.image:
         raise InputError("--last-image is the last frame of an image-to-video video: give the first with --image")
     if args.strength is not None and not args.video:
@@ -334,6 +350,7 @@ def _generate(args: argparse.Namespace) -> int:
         **request,
     )
     warn_idle_riflex(checked, configs.transformer)
+    window_stride = windows_stride(args.windows, checked, configs, task)
     if last_picture is not None:
         check_last_image(checked, configs.vae)
 
@@ -363,7 +380,8 @@ def _generate(args: argparse.Namespace) -> int:
         # The VAE's tiling stays as the single-process run has it (tiles are split when it is on).
         pipe = parallelize(pipe, mesh)  # after `accelerate`: the parallel attention wraps the fast one
     load_time = time.perf_counter() - start
-    inputs = dict(image=picture, video=source, strength=args.strength, last_image=last_picture)
+    inputs = dict(image=picture, video=source, strength=args.strength, last_image=last_picture,
+                  window_stride=window_stride)  # fmt: skip
     progress = not args.quiet and global_rank() == 0
     if extended is not None:
         result = continue_video(pipe, extended, prompt, seed=args.seed, progress=progress, **request)
@@ -375,7 +393,7 @@ def _generate(args: argparse.Namespace) -> int:
     if mesh is not None and not mesh.is_leader:
         return 0  # rank 0 writes and reports
     start = time.perf_counter()
-    made = _made_with(args, pipe, folder, checked, fps, prompt, lora)
+    made = _made_with(args, pipe, folder, checked, fps, prompt, lora) | dict(windows=window_stride)
     records = [provenance.record(prompt, result.seed, **made, video_number=[number, len(outputs)])
                for number in range(1, len(outputs) + 1)]  # fmt: skip
     if len(outputs) == 1:
@@ -401,6 +419,23 @@ def _generate(args: argparse.Namespace) -> int:
     if latent_output:
         print(f"make the video with: cogvideox decode {shlex.quote(str(outputs[0]))}")
     return 0
+
+
+def windows_stride(given: int | None, checked, configs, task: str) -> int | None:
+    """--windows' stride for this request (0 given: half a window), checked before loading; None when off.
+    A video no longer than the model's own needs no windows: a warning says so."""
+    from cogvideox.request import latent_frame_count
+    from cogvideox.windows import check_windows
+
+    if given is None:
+        return None
+    window = latent_frame_count(configs.transformer.sample_frames, configs.vae)
+    stride = check_windows(given or max(1, window // 2), window, configs.transformer, task)
+    if checked.latent_frames <= window:
+        own = configs.transformer.sample_frames
+        warnings.warn(f"--windows changes nothing at {checked.num_frames} frames: it is for videos longer than the "
+                      f"model's own {own} (give more --frames)", stacklevel=2)  # fmt: skip
+    return stride
 
 
 def _made_with(args: argparse.Namespace, pipe, folder: Path, checked, fps: float, prompt: str, lora) -> dict:

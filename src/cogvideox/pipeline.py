@@ -30,12 +30,14 @@ from cogvideox.models.config import TransformerConfig
 from cogvideox.request import (
     GenerationRequest,
     check_last_image,
+    latent_frame_count,
     check_request,
     default_fps,
     default_size,
     frames_to_read,
 )
 from cogvideox.sampling import DenoiseInputs, denoise, guidance_schedule
+from cogvideox.windows import WindowedDenoiser, check_windows, rescheduled_noise
 from cogvideox.schedulers import SCHEDULERS, randn
 
 SCHEDULER_KINDS = ("ddim", "dpm")
@@ -595,6 +597,8 @@ class Pipeline:
         latents: torch.Tensor | None = None,
         riflex: bool = False,
         last_image=None,
+        window_stride: int | None = None,
+        reschedule_noise: bool = True,
     ) -> VideoOutput:
         """Generate videos for one prompt or a list of prompts.
 
@@ -625,6 +629,10 @@ class Pipeline:
         riflex: for videos longer than the model's own length (RoPE models), RIFLEx's slowed temporal
             frequency, so that the video goes on instead of repeating its start (`riflex_frequencies`);
             no change at the model's length or shorter.
+        window_stride: for videos longer than the model's own (text- and video-to-video, CogVideoX 1.0),
+            denoise windows of its own length this many latent frames apart and blend them (see
+            `cogvideox.windows`); any model, any length. With `reschedule_noise` (default), the starting
+            noise past the first window repeats the first window's, shuffled (FreeNoise).
         """
         if image is not None and video is not None:
             raise InputError("give either an image (image-to-video) or a video (video-to-video), not both")
@@ -662,6 +670,15 @@ class Pipeline:
         )
         if last_picture is not None:
             check_last_image(request, self.vae.config)
+        window = latent_frame_count(self.config.sample_frames, self.vae.config)
+        window_stride = check_windows(window_stride, window, self.config, task)
+        if window_stride is not None:
+            if request.riflex:
+                raise InputError("give riflex or window_stride for a longer video, not both")
+            cache = getattr(self.acceleration, "cache", None)
+            if cache is not None:
+                raise InputError("windows run the transformer several times a step, which the step cache cannot "
+                                 "follow: accelerate without cache=")  # fmt: skip
         if output_type not in OUTPUT_TYPES:
             raise InputError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         generator, seed = _generator(seed, generator, request.batch_size)
@@ -694,9 +711,15 @@ class Pipeline:
         _sync(device)
         timings["text"] = time.perf_counter() - start
 
+        windowed = window_stride is not None and shape[1] > window
+        if windowed and reschedule_noise and task == "text" and latents is None:
+            latents = rescheduled_noise(shape, window, generator, device, self.dtype)
         start = time.perf_counter()
         with self._memory_guard("encode", request.batch_size):
             latents, model, timesteps = self._start(request, generator, shape, picture, source, latents, last_picture)
+        if windowed:
+            rotary = self.transformer.rotary_embedding(window, shape[3], shape[4], device)
+            model = WindowedDenoiser(model, window, window_stride, rotary)
         if request.task != "text":
             _sync(device)
             timings["encode"] = time.perf_counter() - start  # the VAE encoding of the image or video

@@ -74,6 +74,7 @@ def command(entry: dict) -> list[str]:
     flag("--max-sequence-length", "max_sequence_length")
     if entry.get("riflex"):
         args.append("--riflex")
+    flag("--windows", "windows")
     flag("--image", "image")
     flag("--last-image", "last_image")
     if entry.get("video"):  # a remix's source is a served video, not a file to name
