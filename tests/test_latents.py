@@ -220,3 +220,24 @@ def test_a_file_about_to_be_replaced_is_said_so(capsys, tiny_rope_dir, tmp_path)
     assert main(["decode", str(latents), "--quiet"]) == 0
     assert "l.mp4 exists and will be replaced by the decoded video" in capsys.readouterr().err
     assert read_video(tmp_path / "l.mp4")[0].shape == (9, 32, 48, 3)
+
+
+def test_the_vae_alone_turns_running_out_of_gpu_memory_into_advice(tiny_rope_dir, monkeypatch):
+    """The pipeline's out-of-memory guard serves the VAE alone too: an untiled decode tries again in tiles
+    (with a warning); a tiled one that still runs out says what is left to try."""
+    vae = VideoAutoencoder.from_pretrained(tiny_rope_dir)
+    tries = []
+
+    def out_of_memory(z):
+        tries.append(vae.vae.use_tiling)
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+                                          "capacity of 79.19 GiB of which 1.00 GiB is free.")  # fmt: skip
+
+    monkeypatch.setattr(vae.vae, "decode", out_of_memory)
+    from cogvideox.errors import OutOfMemoryError
+
+    with pytest.warns(UserWarning, match="try --vae-tiling; decoding again in tiles"):
+        with pytest.raises(OutOfMemoryError, match="out of GPU memory in VAE decoding: it asked for 2.00 GiB more "
+                                                   "with 1.00 GiB free; try fewer --frames"):  # fmt: skip
+            vae.decode(torch.zeros(3, 4, 4, 6))
+    assert tries == [False, True] and not vae.vae.use_tiling  # tiling was for the retry only

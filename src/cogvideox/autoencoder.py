@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -61,10 +61,9 @@ def decode_latents(vae, latents: torch.Tensor, dtype: torch.dtype, guard: Guard,
 class VideoAutoencoder:
     """A model's VAE alone, with the pipeline's conventions on both sides."""
 
-    def __init__(self, vae: torch.nn.Module, dtype: torch.dtype, folder: Path | None = None) -> None:
+    def __init__(self, vae: torch.nn.Module, dtype: torch.dtype) -> None:
         self.vae = vae
         self.dtype = dtype
-        self.folder = folder
 
     @classmethod
     def from_pretrained(
@@ -93,7 +92,7 @@ class VideoAutoencoder:
             vae.enable_tiling()
         if slicing:
             vae.enable_slicing()
-        return cls(vae, dtype, folder)
+        return cls(vae, dtype)
 
     @property
     def device(self) -> torch.device:
@@ -134,16 +133,8 @@ class VideoAutoencoder:
                                 self.dtype, self._guard, progress)  # fmt: skip
         return videos if batch else videos[0]
 
-    @contextlib.contextmanager
-    def _guard(self, stage: str, batch: int = 1) -> Iterator[None]:
-        from cogvideox.fast.oom import out_of_vae_memory
+    def _guard(self, stage: str, batch: int = 1):
+        """Out of GPU memory in `stage` becomes an `OutOfMemoryError` saying which VAE setting would fit."""
+        from cogvideox.fast.oom import oom_guard, out_of_vae_memory
 
-        try:
-            yield
-        except torch.cuda.OutOfMemoryError as error:
-            message = str(error)
-            error.__traceback__ = None  # its frames hold the activations that filled the device
-        else:
-            return
-        torch.cuda.empty_cache()
-        raise out_of_vae_memory(stage, message, self.vae, batch)
+        return oom_guard(stage, self.vae, batch, explain=out_of_vae_memory)

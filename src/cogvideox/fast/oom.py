@@ -85,9 +85,11 @@ def _smaller_request(batch: int) -> str:
 
 
 @contextlib.contextmanager
-def oom_guard(stage: str, pipe, batch: int = 1) -> Iterator[None]:
+def oom_guard(stage: str, pipe, batch: int = 1, explain=None) -> Iterator[None]:
     """Turn a CUDA out-of-memory error in `stage` into an `OutOfMemoryError` that says the stage, how
-    much was asked and which setting would fit. Offloaded weights go home on any error."""
+    much was asked and which setting would fit. Offloaded weights go home on any error. `explain(stage,
+    message, pipe, batch)` builds the error: `out_of_memory` by default, for a pipeline; `out_of_vae_memory`
+    for a VAE loaded on its own."""
     offload = getattr(pipe, "offload", None)
     try:
         yield
@@ -105,7 +107,7 @@ def oom_guard(stage: str, pipe, batch: int = 1) -> Iterator[None]:
         offload.release_all()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    raise out_of_memory(stage, message, pipe, batch)
+    raise (explain or out_of_memory)(stage, message, pipe, batch)
 
 
 def out_of_memory(stage: str, message: str, pipe, batch: int = 1) -> OutOfMemoryError:
