@@ -38,6 +38,7 @@ from cogvideox.cli_args import (
     memory_settings,
     positive_int,
     prompt_enhancer,
+    recorded_model,
     report_offload,
     request_from_args,
     sampling_rate,
@@ -350,7 +351,7 @@ def _generate(args: argparse.Namespace) -> int:
         **request,
     )
     warn_idle_riflex(checked, configs.transformer)
-    window_stride = windows_stride(args.windows, checked, configs, task)
+    window_stride = windows_stride(args.windows, checked, configs)
     if last_picture is not None:
         check_last_image(checked, configs.vae)
 
@@ -421,7 +422,7 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def windows_stride(given: int | None, checked, configs, task: str) -> int | None:
+def windows_stride(given: int | None, checked, configs) -> int | None:
     """--windows' stride for this request (0 given: half a window), checked before loading; None when off.
     A video no longer than the model's own needs no windows: a warning says so."""
     from cogvideox.request import latent_frame_count
@@ -430,7 +431,7 @@ def windows_stride(given: int | None, checked, configs, task: str) -> int | None
     if given is None:
         return None
     window = latent_frame_count(configs.transformer.sample_frames, configs.vae)
-    stride = check_windows(given or max(1, window // 2), window, configs.transformer, task)
+    stride = check_windows(given or max(1, window // 2), window, configs.transformer)
     if checked.latent_frames <= window:
         own = configs.transformer.sample_frames
         warnings.warn(f"--windows changes nothing at {checked.num_frames} frames: it is for videos longer than the "
@@ -441,15 +442,13 @@ def windows_stride(given: int | None, checked, configs, task: str) -> int | None
 def _made_with(args: argparse.Namespace, pipe, folder: Path, checked, fps: float, prompt: str, lora) -> dict:
     """What `provenance.record` keeps of this run, besides the prompt and seed."""
     from cogvideox.batch import pipeline_levers, scheduler_kind, video_settings
-    from cogvideox.demo import DEMO_MODEL_DIR
 
     resize = checked.resize if args.image or args.video else None
     video_fps = None
     if args.video:
         video_fps = sampling_rate(args, pipe.config) or "source"
-    demo = DEMO_MODEL_DIR is not None and folder.resolve() == Path(DEMO_MODEL_DIR).resolve()
-    model = None if demo else str(folder.resolve())  # None: the demo model
-    settings = video_settings(model, scheduler_kind(pipe.scheduler), checked, fps, pipeline_levers(pipe), resize)
+    levers = pipeline_levers(pipe)
+    settings = video_settings(recorded_model(folder), scheduler_kind(pipe.scheduler), checked, fps, levers, resize)
     return dict(
         settings=settings,
         image=args.image,

@@ -353,6 +353,15 @@ def warn_idle_riflex(request, transformer) -> None:
         )
 
 
+def recorded_model(folder: Path) -> str | None:
+    """How a record names the model in `folder`: its resolved path, or None for the embedded demo model
+    (wherever the package is installed)."""
+    from cogvideox.demo import DEMO_MODEL_DIR
+
+    demo = DEMO_MODEL_DIR is not None and folder.resolve() == Path(DEMO_MODEL_DIR).resolve()
+    return None if demo else str(folder.resolve())
+
+
 def locate_model(args: argparse.Namespace):
     """Check --dtype and --device and find --model's folder and configs: the mistakes these reveal fail
     before any weights load. Returns (device, folder, configs)."""

@@ -21,6 +21,7 @@ from cogvideox.cli_args import (
     add_video_rate_argument,
     frame_rate,
     positive_int,
+    recorded_model,
     sampling_rate,
 )
 from cogvideox.errors import InputError
@@ -111,7 +112,6 @@ def _decode(args: argparse.Namespace) -> int:
 def _encode(args: argparse.Namespace) -> int:
     from cogvideox import conditioning, loading
     from cogvideox.autoencoder import VideoAutoencoder
-    from cogvideox.demo import DEMO_MODEL_DIR
     from cogvideox.inversion import psnr
     from cogvideox.latents import LatentVideo, check_latents_path
     from cogvideox.request import check_video_frames, default_fps, default_size, frames_to_read
@@ -148,9 +148,7 @@ def _encode(args: argparse.Namespace) -> int:
     fps = args.fps or rate or default_fps(transformer)
     report = [f"encoded {count} frames at {width}x{height} into latents {'x'.join(map(str, latents.shape))}"]
     if latents_path is not None:
-        demo = DEMO_MODEL_DIR is not None and folder.resolve() == Path(DEMO_MODEL_DIR).resolve()
-        model = None if demo else str(folder.resolve())  # None: the demo model, wherever it is installed
-        LatentVideo(latents, model, fps, "encode", source=str(args.video)).save(latents_path)
+        LatentVideo(latents, recorded_model(folder), fps, "encode", source=str(args.video)).save(latents_path)
         report.append(f"wrote {latents_path}")
     if video_path is not None:
         video = vae.decode(latents, progress=not args.quiet)
