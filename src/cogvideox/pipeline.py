@@ -30,15 +30,15 @@ from cogvideox.models.config import TransformerConfig
 from cogvideox.request import (
     GenerationRequest,
     check_last_image,
-    latent_frame_count,
     check_request,
     default_fps,
     default_size,
     frames_to_read,
+    latent_frame_count,
 )
 from cogvideox.sampling import DenoiseInputs, denoise, guidance_schedule
-from cogvideox.windows import WindowedDenoiser, check_windows, rescheduled_noise
 from cogvideox.schedulers import SCHEDULERS, randn
+from cogvideox.windows import WindowedDenoiser, check_windows, rescheduled_noise
 
 SCHEDULER_KINDS = ("ddim", "dpm")
 OUTPUT_TYPES = ("np", "latent")
@@ -671,7 +671,7 @@ class Pipeline:
         if last_picture is not None:
             check_last_image(request, self.vae.config)
         window = latent_frame_count(self.config.sample_frames, self.vae.config)
-        window_stride = check_windows(window_stride, window, self.config, task)
+        window_stride = check_windows(window_stride, window, self.config)
         if window_stride is not None:
             if request.riflex:
                 raise InputError("give riflex or window_stride for a longer video, not both")

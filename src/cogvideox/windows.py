@@ -49,16 +49,15 @@ class WindowedDenoiser:
         self.model, self.window, self.stride, self.rotary = model, window, stride, rotary
 
     def __call__(self, hidden_states: torch.Tensor, encoder_hidden_states, timestep, image_rotary_emb=None):
+        """The blended prediction for `hidden_states` [B, F, C, h, w]; `image_rotary_emb`, the table of all F
+        frames that the sampler passes, is not used: each window gets the table of its own length."""
         frames = hidden_states.shape[1]
-        if frames <= self.window:
-            return self.model(hidden_states, encoder_hidden_states, timestep, image_rotary_emb=image_rotary_emb)
-        rotary = self.rotary
         weights = taper(self.window, hidden_states.device)
         total = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
         cover = torch.zeros(frames, dtype=torch.float32, device=hidden_states.device)
         for start in window_starts(frames, self.window, self.stride):
             part = hidden_states[:, start : start + self.window]
-            out = self.model(part, encoder_hidden_states, timestep, image_rotary_emb=rotary)
+            out = self.model(part, encoder_hidden_states, timestep, image_rotary_emb=self.rotary)
             total[:, start : start + self.window] += out.float() * weights[None, :, None, None, None]
             cover[start : start + self.window] += weights
         return (total / cover[None, :, None, None, None]).to(hidden_states.dtype)
@@ -79,7 +78,7 @@ def rescheduled_noise(shape, window: int, generator, device, dtype) -> torch.Ten
     return torch.cat(stretches, dim=1)
 
 
-def check_windows(stride, window: int, transformer_config, task: str) -> int | None:
+def check_windows(stride, window: int, transformer_config) -> int | None:
     """`window_stride` as an int in 1..window (None: off), or `InputError`: windows run text- and
     video-to-video models of CogVideoX 1.0 (an image-to-video model's first frame belongs to one window;
     1.5 pairs latent frames in its patches)."""
