@@ -15,7 +15,7 @@ from cogvideox import InputError  # noqa: E402
 from cogvideox.cli import build_parser  # noqa: E402
 from cogvideox.pipeline import Pipeline  # noqa: E402
 from cogvideox.serve.cli import load_settings, served_loras  # noqa: E402
-from cogvideox.serve.worker import PipelineGenerator, video_path  # noqa: E402
+from cogvideox.serve.worker import PipelineGenerator, load_served_loras, video_path  # noqa: E402
 from cogvideox.train import lora  # noqa: E402
 from cogvideox.video import export_video, read_metadata, read_video  # noqa: E402
 
@@ -36,12 +36,9 @@ def lora_paths(tiny_rope_dir, tmp_path_factory):
 def lora_service(tiny_rope_dir, lora_paths, tmp_path_factory):
     data = tmp_path_factory.mktemp("serve-lora")
     pipe = Pipeline.from_pretrained(tiny_rope_dir)
-    generator = PipelineGenerator(pipe=pipe, loras=lora_paths)
-    for name, path in lora_paths.items():  # as PipelineGenerator.load does for a pipeline it loads itself
-        pipe.load_lora(path, name=name)
-    pipe.set_adapters([])
+    load_served_loras(pipe, lora_paths)  # as PipelineGenerator.load does for a pipeline it loads itself
     with in_process_service(tiny_rope_dir, "tiny", data, pipe, loras=lora_paths) as (client, store):
-        yield client, data, generator
+        yield client, data
 
 
 def finished(client, video_id):
@@ -67,7 +64,7 @@ def served_frames(client, data, body, form=False):
 
 def test_a_request_runs_the_lora_it_names_and_the_next_one_runs_none(tiny_rope_dir, lora_service, lora_paths,
                                                                       tmp_path):
-    client, data, _ = lora_service
+    client, data = lora_service
     assert client.get("/v1/models").json()["data"][0]["loras"] == ["style", "motion"]
 
     video, frames = served_frames(client, data, {"prompt": "a cat", **FAST, "lora": [{"name": "style", "scale": 0.7}]})
@@ -91,7 +88,7 @@ def test_a_request_runs_the_lora_it_names_and_the_next_one_runs_none(tiny_rope_d
 
 
 def test_a_remix_keeps_the_videos_loras_unless_told(lora_service):
-    client, data, _ = lora_service
+    client, data = lora_service
     video, _ = served_frames(client, data, {"prompt": "a cat", **FAST, "lora": "motion:0.5"})
     kept = client.post(f"/v1/videos/{video['id']}/remix", json={"prompt": "a dog", "num_inference_steps": 2})
     assert kept.status_code == 200 and kept.json()["lora"] == [{"name": "motion", "scale": 0.5}]
@@ -113,7 +110,7 @@ def test_a_remix_keeps_the_videos_loras_unless_told(lora_service):
     ],
 )
 def test_bad_lora_requests_are_400(lora_service, value, message):
-    client, _, _ = lora_service
+    client, _ = lora_service
     response = client.post("/v1/videos", json={"prompt": "a cat", "lora": value})
     assert response.status_code == 400, response.text
     assert message in response.json()["error"]["message"] or response.json()["error"]["param"] == message

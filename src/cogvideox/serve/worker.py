@@ -49,13 +49,24 @@ class Generator(Protocol):
     def __call__(self, params: dict[str, Any], on_step: Callable[[int, int], None]) -> Generated: ...
 
 
+def load_served_loras(pipe, loras: dict[str, str]) -> None:
+    """Load the LoRAs a service serves ({name: path}) into `pipe` under their names, none of them running:
+    each job chooses its own (`Pipeline.set_adapters`)."""
+    for name, path in loras.items():
+        pipe.load_lora(path, name=name)
+        log.info("LoRA %s: %s", name, path)
+    if loras:
+        pipe.set_adapters([])
+
+
 class PipelineGenerator:
     """The real generator: a `Pipeline`, loaded on first use (in the worker's thread) or handed in.
 
     load: `Pipeline.from_pretrained`'s keywords besides the model (dtype, device, offload, text_device,
     vae_tiling); speed: `Pipeline.accelerate`'s (quantize, compile, cache, attention), or None for none.
     loras: {name: path} of the LoRAs a job may run (`serve --lora NAME=PATH`), all loaded at start and
-    chosen per job (`Pipeline.set_adapters`); a handed-in `pipe` must hold them under those names.
+    chosen per job (`Pipeline.set_adapters`); a handed-in `pipe` must hold them under those names
+    (`load_served_loras`).
     """
 
     def __init__(self, model: str | None = None, load: dict | None = None, speed: dict | None = None, pipe=None,
@@ -69,11 +80,7 @@ class PipelineGenerator:
             from cogvideox.pipeline import Pipeline
 
             pipe = Pipeline.from_pretrained(self.model, **self.load_options)
-            for name, path in self.loras.items():  # before accelerate(), which keeps them live (see serve)
-                pipe.load_lora(path, name=name)
-                log.info("LoRA %s: %s", name, path)
-            if self.loras:
-                pipe.set_adapters([])
+            load_served_loras(pipe, self.loras)  # before accelerate(), which keeps them live (see serve)
             if self.speed:
                 log.info("speed levers: %s", pipe.accelerate(**self.speed).acceleration.describe())
             if pipe.offload_choice:  # after quantising, which may let "auto" choose a faster mode
