@@ -8,17 +8,18 @@
 #   PACK=/somewhere/results.tgz OUT=results bash ...      # also packs $OUT into one archive after each step
 #
 # GPU time is short and may come in one piece, so the order is what the issues still need most, the
-# steps that can close an issue first (a session of 15 minutes reaches about the first five in its first
-# call, the next two in a second):
-#   1. fine-tuning: 5B LoRA compiled with the block inputs offloaded, against the reference eager (the
-#      18 GB and 0.8x targets in one run); 2B LoRA compiled against the reference eager and compiled;
-#   2. memory 5B: none / stream+tiling / model (the stream target: under 6 GiB at 1.15x of none);
+# steps that can close an issue first (a session of 15 minutes reaches about the first four in its first
+# call, the next one or two in a second):
+#   1. fine-tuning: 5B LoRA compiled keeping the attention results, offloaded with the block inputs,
+#      against the reference eager (the 18 GB and 0.8x targets in one run); 2B LoRA compiled against the
+#      reference eager and compiled; 5B full fine-tuning with the CPU optimizer (the 40 GB target);
+#   2. memory 5B: none / stream+tiling / model (the stream target: under 6 GiB at 1.15x of none); 5B LoRA
+#      compiled without the attention results kept;
 #   3. attention 5B: the kernels alone at the 5B shape (SDPA cuDNN, flash, FlashAttention-3, sage), then
 #      the compiled exact step with cuDNN and with FlashAttention-3, and fp8 with each (the 0.65x and 0.50x
 #      targets), against the reference eager in the same run;
 #   4. profile 5B: where the time of the VAE decode and of a transformer step (eager and compiled) goes,
-#      kernel by kernel; memory 2B; fine-tuning 5B full with the CPU optimizer (the 40 GB target); fp8 +
-#      8-bit attention in the model;
+#      kernel by kernel; memory 2B; fp8 + 8-bit attention in the model;
 #   5. speed 5B: the exact (fused), compiled, int8 and fp8 modes against the reference eager and against an
 #      fp32 step (the bf16 noise floor), with 10-step DDIM runs for the lossy modes' error; the VAE ladder
 #      (reference, ours, + 3D convolutions as 2D ones on both layouts, + fused norms, then the re-checks:
@@ -117,18 +118,20 @@ step() {
 # What those runs left owed comes first; the re-checks of what changed since come after.
 # The compiled training steps: the warm-up compiles the blocks' graph, forward and backward, so these take
 # the longest of the LoRA steps; the JSON is written after each step, so a cap keeps what was done.
-step finetune-5b-lora-compile 150 90 finetune_memory.py --variant 5b --mode lora --repeat 3 --compile --offload-activations
-# The same compiled step keeping the attention results (no recompute of the attention in the backward),
-# offloaded with the block inputs: both targets (18 GB, 0.8x) in one setting.
+# First the setting predicted to meet both 5B LoRA targets (18 GB, 0.8x): the compiled step keeping the
+# attention results (no recompute of the attention in the backward), offloaded with the block inputs.
 step finetune-5b-lora-save 150 90 finetune_memory.py --variant 5b --mode lora --repeat 3 --compile --save-attention --offload-activations
 step finetune-2b-lora-compile 120 80 finetune_memory.py --variant 2b --mode lora --repeat 2 --compile --reference-compile
+# Full fine-tuning: the 40 GB target; the peak is written after the warm-up step.
+step finetune-5b-full  150  60 finetune_memory.py --variant 5b --mode full --repeat 2 --no-reference
 step memory-5b         150  90 memory.py --variant 5b --modes none,stream+tiling,model --check
+# The compiled step without the attention results kept (less host traffic), should the first one fall short.
+step finetune-5b-lora-compile 150 90 finetune_memory.py --variant 5b --mode lora --repeat 3 --compile --offload-activations
 # FlashAttention-3 (new on 2026-11-30): the kernels alone (cuDNN, flash, fa3, sage), then compiled exact
 # mode with cuDNN against fa3, and fp8 with each, against the reference eager in the same run.
 step attention-5b      200 100 speed.py --variant 5b --modes "$ATTENTION_MODES" --attention-kernels --repeat 3 --trajectory-steps 0 --skip-t5 --skip-vae --no-fp32-truth
 step profile-5b        120  60 kernel_profile.py --variant 5b
 step memory-2b         120  60 memory.py --variant 2b --modes none,stream+tiling,sequential+tiling --reference --check
-step finetune-5b-full  150  60 finetune_memory.py --variant 5b --mode full --repeat 2 --no-reference
 # 8-bit attention (new on 2026-11-30; its kernel alone is timed in attention-5b): fp8 + sage against an fp32 step.
 step sage-5b            90  45 speed.py --variant 5b --modes "$SAGE_MODE" --no-reference --repeat 2 --trajectory-steps 0 --skip-t5 --skip-vae
 step speed-5b          220  90 speed.py --variant 5b --modes "fused,compile,$SPEED_MODE_LOSSY" --repeat 3 --trajectory-steps 10 --skip-t5 --skip-vae
