@@ -33,6 +33,14 @@ are rewritten after every step: the peak after the warm-up step, then `s_per_ste
 the medians of the timed steps so far (`steps_timed`) and `steady_peak_gb`, the peak of the timed steps
 alone (a compiling warm-up may allocate more). A run stopped by a time cap keeps what it measured; a case
 that fails is recorded with its error and the next one runs.
+
+`--memory-trace` (on a GPU) runs one more step of our case with the allocator's history on and records
+`memory_trace`: the memory allocated when the forward pass ends (`after_forward_gb`: with offloaded
+activations, about the weights, the adapters and their optimizer state), the peak of the forward pass and
+of the whole step, and what is live at the end of the forward pass grouped by where it was allocated
+(the innermost frame of this project's code, or "before the trace" for the weights and the optimizer
+state), the largest first; with `--offload-activations`, also what the pass copied to the host
+(`offload`: tensors, bytes) and the saved bytes it left on the device.
 """
 
 from __future__ import annotations
@@ -166,14 +174,18 @@ def timed(step, i: int, device) -> tuple[float, float]:
 
 
 def training_step(model, params, optimizer, x0, text, rotary, device, amp_dtype, forward=None):
+    """`step(i, after_forward=None)`: training step i; returns the seconds of its optimizer step.
+    `after_forward()`, if given, runs between the forward and the backward pass."""
     ab = alphas_cumprod(SchedulerConfig()).float()
     forward = forward or model
 
-    def step(i: int) -> float:
+    def step(i: int, after_forward=None) -> float:
         gen = step_generator(0, i)
         amp = torch.autocast("cuda", dtype=amp_dtype) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
         with amp:
             loss = v_loss(forward, x0, text, ab, gen, rotary=rotary)
+        if after_forward is not None:
+            after_forward()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         synchronize(device)  # the backward's kernels are not the optimizer's time
@@ -185,6 +197,59 @@ def training_step(model, params, optimizer, x0, text, rotary, device, amp_dtype,
         return seconds
 
     return step
+
+
+def live_by_origin(snapshot: dict, top: int = 12) -> list[dict]:
+    """The allocated blocks of an allocator snapshot (`torch.cuda.memory._snapshot()`), grouped by the
+    innermost frame of this project's code that allocated them (else the innermost frame at all; blocks
+    allocated before the history was on have no frames): the `top` largest groups, GB and block count."""
+    groups: dict[str, list] = {}
+    for segment in snapshot.get("segments", []):
+        for block in segment.get("blocks", []):
+            if block.get("state") != "active_allocated":
+                continue
+            frames = block.get("frames") or []
+            ours = [f for f in frames if "cogvideox" in f.get("filename", "") or "benchmarks" in f.get("filename", "")]
+            frame = (ours or frames or [None])[0]
+            key = "before the trace" if frame is None else (
+                f"{Path(frame['filename']).name}:{frame.get('line')} {frame.get('name')}")
+            group = groups.setdefault(key, [0, 0])
+            group[0] += block.get("size", 0)
+            group[1] += 1
+    largest = sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]
+    return [{"origin": key, "gb": round(size / 1e9, 3), "blocks": n} for key, (size, n) in largest]
+
+
+def memory_trace(step, model, device, i: int, case: dict, save) -> None:
+    """Step i once more with the allocator's history on, into `case["memory_trace"]` (see the module's
+    docstring). On the CPU, a note that it needs a GPU."""
+    if device.type != "cuda":
+        case["memory_trace"] = "skipped: the allocator's history needs a CUDA device"
+        return
+    found: dict = {}
+
+    def after_forward() -> None:
+        torch.cuda.synchronize()
+        found["after_forward_gb"] = round(torch.cuda.memory_allocated() / 1e9, 2)
+        found["forward_peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+        found["live_after_forward"] = live_by_origin(torch.cuda.memory._snapshot())
+        if getattr(model, "offload_stats", None):
+            stats = model.offload_stats
+            found["offload"] = {"copied": stats["copied"], "copied_gb": round(stats["copied_bytes"] / 1e9, 2),
+                                "kept_gb": round(stats["kept_bytes"] / 1e9, 3)}
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="python")
+    try:
+        step(i, after_forward)
+        torch.cuda.synchronize()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    found["step_peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+    case["memory_trace"] = found
+    print(f"{case['mode']} memory trace: {json.dumps(found)}", flush=True)
+    save()
 
 
 def run_case(args, config: TransformerConfig, device, dtype, case: dict, save) -> None:
@@ -215,8 +280,11 @@ def run_case(args, config: TransformerConfig, device, dtype, case: dict, save) -
         case["save_attention"] = True
     case["setup_s"] = round(time.perf_counter() - t0, 2)  # the weights and the optimizer (5B full: 33 GB pinned)
     print(f"{mode} set up: {case['setup_s']:.2f} s", flush=True)
-    measure(training_step(model, params, optimizer, x0, text, rotary, device, dtype), device, args.repeat, case, save)
-    del model, optimizer, params
+    step = training_step(model, params, optimizer, x0, text, rotary, device, dtype)
+    measure(step, device, args.repeat, case, save)
+    if args.memory_trace:
+        memory_trace(step, model, device, args.repeat + 1, case, save)
+    del model, optimizer, params, step
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -297,6 +365,9 @@ def main() -> None:
                    help="our cases with their blocks compiled (regional torch.compile; the warm-up step compiles)")
     p.add_argument("--reference-compile", action="store_true",
                    help="after the eager reference, the reference with its blocks compiled too, as its own row")
+    p.add_argument("--memory-trace", action="store_true",
+                   help="one more step of our case with the allocator's history on: what is live when the forward "
+                   "pass ends, by where it was allocated (GPU only)")
     p.add_argument("--tiny", action="store_true", help="tiny config on the CPU, to check the script runs")
     args = p.parse_args()
 

@@ -182,6 +182,24 @@ def test_finetune_memory_offloads_activations_in_our_cases(tmp_path, monkeypatch
     assert used
 
 
+def test_finetune_memory_groups_live_blocks_by_the_code_that_allocated_them():
+    finetune = __import__("finetune_memory")
+
+    def block(size, *files, state="active_allocated"):
+        return {"size": size, "state": state, "frames": [{"filename": f, "line": 7, "name": "f"} for f in files]}
+
+    snapshot = {"segments": [
+        {"blocks": [block(3e9), block(2e9, "torch/nn/functional.py", "src/cogvideox/models/host_saves.py")]},
+        {"blocks": [block(1.5e9, "src/cogvideox/models/host_saves.py"), block(5e9, "x.py", state="inactive"),
+                    block(0.5e9, "torch/autograd/graph.py")]},
+    ]}
+    assert finetune.live_by_origin(snapshot) == [
+        {"origin": "host_saves.py:7 f", "gb": 3.5, "blocks": 2},  # the innermost frame of our code
+        {"origin": "before the trace", "gb": 3.0, "blocks": 1},  # no frames: allocated before the history
+        {"origin": "graph.py:7 f", "gb": 0.5, "blocks": 1},  # none of ours: the innermost frame
+    ]  # the freed (inactive) block is not counted
+
+
 def test_finetune_memory_compiles_after_the_lora_and_records_a_case_that_fails(tmp_path, monkeypatch):
     # The compilation itself is tested in test_fast_compile; here, what the script compiles and when, and
     # that a case whose compilation fails is recorded while the others are measured.

@@ -41,6 +41,26 @@ def test_the_models_weights_are_not_copied():
     assert saves._pack(model.weight) is model.weight and saves._unpack(model.weight) is model.weight
     activation = torch.randn(3, 4)
     assert saves._pack(activation) == 0
+    assert saves._pack(activation) == 0  # saved again: not copied, nor counted, twice
+    # the weights are neither copied nor counted as kept
+    assert saves.stats() == {"copied": 1, "copied_bytes": 3 * 4 * 4, "kept_bytes": 0}
+
+
+def test_a_transformer_reports_what_its_checkpointed_pass_copied():
+    from test_fast_fuse import inputs, tiny_transformer
+
+    model = tiny_transformer(num_layers=3)
+    model.gradient_checkpointing = model.offload_activations = True
+    model.train()
+    x, text, t, rope = inputs(model)
+    model(x, text, t, image_rotary_emb=rope).sum().backward()
+    stats = model.offload_stats
+    # each block's checkpoint saves its two inputs, video and text tokens: 2 x 3 copies, nothing else
+    B, L, D = text.shape[0], text.shape[1], model.config.inner_dim
+    N = x.shape[1] * (x.shape[3] // 2) * (x.shape[4] // 2)  # patches of 2 x 2
+    assert stats["copied"] == 6
+    assert stats["copied_bytes"] == 3 * B * (L + N) * D * 4
+    assert stats["kept_bytes"] == 0
 
 
 def test_gradients_through_the_hooks_are_the_plain_ones():

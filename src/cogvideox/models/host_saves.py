@@ -72,7 +72,15 @@ class HostSaves(torch.autograd.graph.saved_tensors_hooks):
         self._streams: dict[torch.device, object] = {}
         self._seen: dict[tuple, tuple[weakref.ref, int]] = {}  # tensors saved so far, while they live
         self.fetched: list[int] = []  # indices in the order their copies back started
+        # What this pass saved: bytes copied to the host, and bytes left on the device (weights aside).
+        self.copied_bytes = 0
+        self.kept_bytes = 0
         super().__init__(self._pack, self._unpack)
+
+    def stats(self) -> dict:
+        """Tensors copied to the host and their bytes, and the bytes of saved tensors kept on the device
+        (small ones, or without storage of their own; the weights are not counted)."""
+        return {"copied": len(self._saved), "copied_bytes": self.copied_bytes, "kept_bytes": self.kept_bytes}
 
     def _stream(self, device: torch.device):
         if device.type != "cuda":
@@ -83,13 +91,17 @@ class HostSaves(torch.autograd.graph.saved_tensors_hooks):
 
     def _pack(self, t: torch.Tensor):
         storage = _storage(t)
-        if storage is None or storage.data_ptr() in self._weights or (t.is_cuda and storage.nbytes() < SMALL_BYTES):
+        if storage is not None and storage.data_ptr() in self._weights:
+            return t  # a weight: kept, and not counted
+        if storage is None or (t.is_cuda and storage.nbytes() < SMALL_BYTES):
+            self.kept_bytes += t.numel() * t.element_size()
             return t  # kept as it is
         key = (t.data_ptr(), t.shape, t.stride(), t.dtype)
         seen = self._seen.get(key)
         if seen is not None and seen[0]() is not None:
             return seen[1]  # the same tensor, still alive, saved again (a table every block saves): one copy
         self._saved.append(_to_host(t, self._stream(t.device)))
+        self.copied_bytes += t.numel() * t.element_size()
         self._seen[key] = (weakref.ref(t), len(self._saved) - 1)
         return len(self._saved) - 1
 

@@ -260,6 +260,7 @@ class CogVideoXTransformer(nn.Module):
         # With gradient checkpointing: keep each block's attention results through the backward pass
         # (`saving_attention`): its recompute then skips the attention kernel, for their memory.
         self.save_attention = False
+        self.offload_stats: dict | None = None  # the last offloaded pass's HostSaves.stats()
 
     def rotary_embedding(
         self,
@@ -372,6 +373,8 @@ class CogVideoXTransformer(nn.Module):
             else:
                 video, text = block(video, text, emb, image_rotary_emb)
 
+        if checkpointing and self.offload_activations:
+            self.offload_stats = offload.stats()  # what the pass copied to the host, for the benchmarks
         video = self.norm_out(self.norm_final(video), emb)
         video = self.proj_out(video)  # [B, N, C_out * pt * p * p]
         return unpatchify(video, frames, H, W, c.patch_size, c.patch_size_t or 1)
