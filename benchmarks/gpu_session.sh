@@ -7,26 +7,18 @@
 #   STEPS=parallel-5b,core-2b OUT=results bash benchmarks/gpu_session.sh 200   # only the steps named
 #   PACK=/somewhere/results.tgz OUT=results bash ...      # also packs $OUT into one archive after each step
 #
-# GPU time is short and may come in one piece, so the order is what the issues still need most, the
-# steps that can close an issue first (a session of 15 minutes reaches about the first four in its first
-# call, the next one or two in a second):
-#   1. fine-tuning: 5B LoRA compiled keeping the attention results, offloaded with the block inputs,
-#      against the reference eager (the 18 GB and 0.8x targets in one run); 2B LoRA compiled against the
-#      reference eager and compiled; 5B full fine-tuning with the CPU optimizer (the 40 GB target);
-#   2. memory 5B: none / stream+tiling / model (the stream target: under 6 GiB at 1.15x of none); 5B LoRA
-#      compiled without the attention results kept;
-#   3. attention 5B: the kernels alone at the 5B shape (SDPA cuDNN, flash, FlashAttention-3, sage), then
-#      the compiled exact step with cuDNN and with FlashAttention-3, and fp8 with each (the 0.65x and 0.50x
-#      targets), against the reference eager in the same run;
-#   4. profile 5B: where the time of the VAE decode and of a transformer step (eager and compiled) goes,
-#      kernel by kernel; memory 2B; fp8 + 8-bit attention in the model;
-#   5. speed 5B: the exact (fused), compiled, int8 and fp8 modes against the reference eager and against an
-#      fp32 step (the bf16 noise floor), with 10-step DDIM runs for the lossy modes' error; the VAE ladder
-#      (reference, ours, + 3D convolutions as 2D ones on both layouts, + fused norms, then the re-checks:
-#      tiled, cuDNN's algorithm search, channels-last);
-#   6. core 2B (the sin-cos table fix: bitwise?), parallel per rank (the cuDNN ring kernel), 5B LoRA eager
-#      with offloaded inputs, speed 2B, the 50-step fp8 + cache run, core 5B again, and the memory modes
-#      with the model card's INT8 (transformer and T5), while time is left.
+# GPU time is short and may come in one piece, so the order is what the issues still need most (a
+# session of 15 minutes reaches about the first five steps in its first call, one or two more in a
+# second; the numbered groups below follow the steps):
+#   1. the VAE decode with GroupNorm's statistics spread over the GPU (the 0.6x decode target), and its
+#      kernel profile;
+#   2. why the offloaded compiled LoRA steps grew: 5B LoRA offloaded eager, and compiled without
+#      offloading, each with a memory trace;
+#   3. 2B LoRA compiled keeping the attention results (both 2B targets);
+#   4. speed 5B with int8 and the fp32 truth; the memory modes with the model card's INT8;
+#   5. the offloaded compiled 5B LoRA steps again, traced;
+#   6. the rest (8-bit attention in the model, core 2B, parallel per rank, speed 2B, the 50-step fp8 +
+#      cache run, core 5B, the whole VAE ladder), then re-checks of what 2026-11-30 measured.
 # A step never starts with less than its floor left, and is stopped at its cap; each writes its JSON and
 # log.txt under $OUT/STEP/, and $OUT/session.jsonl records every step's status and seconds.
 #
@@ -44,6 +36,9 @@ SPEED_MODE_LOSSY="int8,fp8"
 CACHE_MODE="fp8-cache"
 SAGE_MODE="fp8-sage"
 ATTENTION_MODES="compile,fa3,fp8,fp8-fa3"
+# The VAE variants measured first: the new lever, whole and tiled, beside the reference and our exact
+# decode (whole and tiled), then the compiled fused norms.
+VAE_FIRST="reference_whole,ours_whole,ours_parallel_norms_whole,reference_tiled,ours_tiled,ours_parallel_norms_tiled,ours_fused_whole"
 if [ -n "${TINY:-}" ]; then
     TINY_FLAG="--tiny"
     SPEED_MODE_LOSSY="int8"  # fp8 needs compute capability 8.9+: the CPU check runs int8 alone
@@ -113,34 +108,43 @@ step() {
 }
 
 
-# Measured on 2026-11-29 (one H200, BENCHMARKS.md): core 5B/2B, speed 5B (fused, compile, fp8), memory
-# 5B (none, stream, sequential+tiling), the VAE decode up to channels-last, LoRA 5B/2B, parallel 5B.
-# What those runs left owed comes first; the re-checks of what changed since come after.
-# The compiled training steps: the warm-up compiles the blocks' graph, forward and backward, so these take
-# the longest of the LoRA steps; the JSON is written after each step, so a cap keeps what was done.
-# First the setting predicted to meet both 5B LoRA targets (18 GB, 0.8x): the compiled step keeping the
-# attention results (no recompute of the attention in the backward), offloaded with the block inputs.
-step finetune-5b-lora-save 150 90 finetune_memory.py --variant 5b --mode lora --repeat 3 --compile --save-attention --offload-activations
-step finetune-2b-lora-compile 120 80 finetune_memory.py --variant 2b --mode lora --repeat 2 --compile --reference-compile
-# Full fine-tuning: the 40 GB target; the peak is written after the warm-up step.
-step finetune-5b-full  150  60 finetune_memory.py --variant 5b --mode full --repeat 2 --no-reference
-step memory-5b         150  90 memory.py --variant 5b --modes none,stream+tiling,model --check
-# The compiled step without the attention results kept (less host traffic), should the first one fall short.
-step finetune-5b-lora-compile 150 90 finetune_memory.py --variant 5b --mode lora --repeat 3 --compile --offload-activations
-# FlashAttention-3 (new on 2026-11-30): the kernels alone (cuDNN, flash, fa3, sage), then compiled exact
-# mode with cuDNN against fa3, and fp8 with each, against the reference eager in the same run.
-step attention-5b      200 100 speed.py --variant 5b --modes "$ATTENTION_MODES" --attention-kernels --repeat 3 --trajectory-steps 0 --skip-t5 --skip-vae --no-fp32-truth
-step profile-5b        120  60 kernel_profile.py --variant 5b
-step memory-2b         120  60 memory.py --variant 2b --modes none,stream+tiling,sequential+tiling --reference --check
-# 8-bit attention (new on 2026-11-30; its kernel alone is timed in attention-5b): fp8 + sage against an fp32 step.
-step sage-5b            90  45 speed.py --variant 5b --modes "$SAGE_MODE" --no-reference --repeat 2 --trajectory-steps 0 --skip-t5 --skip-vae
+# Measured in two sessions on one H200 (2026-11-29 and 2026-11-30, BENCHMARKS.md): core 5B/2B, speed 5B
+# (fused, compile, fp8, FlashAttention-3), the attention kernels, the kernel profile, memory 5B and 2B, the
+# VAE decode up to channels-last, LoRA 5B (eager, and compiled with offloading) and 2B (compiled), 5B full
+# fine-tuning, parallel 5B. What those runs left owed comes first; the re-checks of what changed come last.
+# 1. The decode's lever that the profile pointed to: GroupNorm's statistics over the whole GPU, whole and
+#    tiled, against the reference and our exact decode; then the compiled fused norms; then its profile.
+step vae-5b            150  60 speed.py --variant 5b --vae-only --vae-variants "$VAE_FIRST"
+step profile-vae        60  40 kernel_profile.py --variant 5b --targets vae,vae_parallel_norms
+# 2. Why the compiled LoRA steps with offloaded activations grew (34 and 54 GB against 21 eager): offloading
+#    without compiling, compiling without offloading, each with a trace of what is live after the forward.
+step finetune-5b-lora-offload 80 50 finetune_memory.py --variant 5b --mode lora --repeat 2 --offload-activations --no-reference --memory-trace
+step finetune-5b-lora-compile-plain 100 70 finetune_memory.py --variant 5b --mode lora --repeat 2 --compile --no-reference --memory-trace
+# 3. 2B LoRA compiled keeping the attention results (no offloading): predicted 0.67x at about 9.8 GB, both 2B
+#    targets; against the reference eager, with more timed steps (the two of 2026-11-30 were 1.10 and 1.28 s).
+step finetune-2b-lora-save 120 80 finetune_memory.py --variant 2b --mode lora --repeat 4 --compile --save-attention --memory-trace
+# 4. The speed modes with int8 and against an fp32 step (the bf16 noise floor), and the model card's INT8
+#    in the memory modes.
 step speed-5b          220  90 speed.py --variant 5b --modes "fused,compile,$SPEED_MODE_LOSSY" --repeat 3 --trajectory-steps 10 --skip-t5 --skip-vae
-step vae-5b            150  60 speed.py --variant 5b --vae-only
+step memory-5b-int8    150  90 memory.py --variant 5b --int8 --modes none,model,stream+tiling,sequential+tiling --check
+# 5. The offloaded compiled LoRA steps again, traced (after the diagnosis above, to see a fix or the cause).
+step finetune-5b-lora-compile 150 90 finetune_memory.py --variant 5b --mode lora --repeat 3 --compile --offload-activations --memory-trace
+step finetune-5b-lora-save 150 90 finetune_memory.py --variant 5b --mode lora --repeat 3 --compile --save-attention --offload-activations --memory-trace
+# 6. The rest, while time is left: fp8 + 8-bit attention in the model (without the fp32 step, which alone
+#    outlasted the cap on 2026-11-30), 2B core (the sin-cos table fix), the per-rank work, 2B speed, the
+#    50-step fp8 + cache run, 5B core again, the whole VAE ladder.
+step sage-5b            90  45 speed.py --variant 5b --modes "$SAGE_MODE" --no-reference --no-fp32-truth --repeat 2 --trajectory-steps 0 --skip-t5 --skip-vae
 step core-2b            60  40 core_full_size.py --variant 2b
 step parallel-5b        60  30 parallel_per_rank.py --repeats 3
-step finetune-5b-lora   60  40 finetune_memory.py --variant 5b --mode lora --repeat 2 --offload-activations --no-reference
 step speed-2b          150  60 speed.py --variant 2b --modes "fused,compile,$SPEED_MODE_LOSSY" --repeat 3 --trajectory-steps 10 --skip-t5 --skip-vae
 step cache-5b          240 150 speed.py --variant 5b --modes "fused,$CACHE_MODE" --repeat 1 --trajectory-steps 50 --skip-t5 --skip-vae --no-fp32-truth
 step core-5b            90  60 core_full_size.py --variant 5b
-step memory-5b-int8     150  90 memory.py --variant 5b --int8 --modes none,model,stream+tiling,sequential+tiling --check
+step vae-5b-ladder     150  60 speed.py --variant 5b --vae-only
+# Re-checks of what was measured on 2026-11-30.
+step attention-5b      200 100 speed.py --variant 5b --modes "$ATTENTION_MODES" --attention-kernels --repeat 3 --trajectory-steps 0 --skip-t5 --skip-vae --no-fp32-truth
+step profile-5b        120  60 kernel_profile.py --variant 5b
+step memory-5b         150  90 memory.py --variant 5b --modes none,stream+tiling,model --check
+step memory-2b         120  60 memory.py --variant 2b --modes none,stream+tiling,sequential+tiling --reference --check
+step finetune-5b-full  150  60 finetune_memory.py --variant 5b --mode full --repeat 2 --no-reference
+step finetune-2b-lora-compile 120 80 finetune_memory.py --variant 2b --mode lora --repeat 4 --compile --reference-compile
 echo "session: $(($(date +%s) - START)) s of $BUDGET"
