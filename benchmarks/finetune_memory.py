@@ -201,8 +201,13 @@ def training_step(model, params, optimizer, x0, text, rotary, device, amp_dtype,
 
 def live_by_origin(snapshot: dict, top: int = 12) -> list[dict]:
     """The allocated blocks of an allocator snapshot (`torch.cuda.memory._snapshot()`), grouped by the
-    innermost frame of this project's code that allocated them (else the innermost frame at all; blocks
-    allocated before the history was on have no frames): the `top` largest groups, GB and block count."""
+    innermost frame of this project's code that allocated them and, where another frame is innermost
+    (PyTorch's, or a compiled graph's generated code), that one too, as "ours <- innermost"; blocks
+    allocated before the history was on have no frames. The `top` largest groups, GB and block count."""
+
+    def name(frame: dict) -> str:
+        return f"{Path(frame.get('filename', '?')).name}:{frame.get('line')} {frame.get('name')}"
+
     groups: dict[str, list] = {}
     for segment in snapshot.get("segments", []):
         for block in segment.get("blocks", []):
@@ -210,9 +215,12 @@ def live_by_origin(snapshot: dict, top: int = 12) -> list[dict]:
                 continue
             frames = block.get("frames") or []
             ours = [f for f in frames if "cogvideox" in f.get("filename", "") or "benchmarks" in f.get("filename", "")]
-            frame = (ours or frames or [None])[0]
-            key = "before the trace" if frame is None else (
-                f"{Path(frame['filename']).name}:{frame.get('line')} {frame.get('name')}")
+            if not frames:
+                key = "before the trace"
+            elif not ours or ours[0] is frames[0]:
+                key = name(frames[0])
+            else:
+                key = f"{name(ours[0])} <- {name(frames[0])}"
             group = groups.setdefault(key, [0, 0])
             group[0] += block.get("size", 0)
             group[1] += 1

@@ -194,8 +194,9 @@ def test_finetune_memory_groups_live_blocks_by_the_code_that_allocated_them():
                     block(0.5e9, "torch/autograd/graph.py")]},
     ]}
     assert finetune.live_by_origin(snapshot) == [
-        {"origin": "host_saves.py:7 f", "gb": 3.5, "blocks": 2},  # the innermost frame of our code
         {"origin": "before the trace", "gb": 3.0, "blocks": 1},  # no frames: allocated before the history
+        {"origin": "host_saves.py:7 f <- functional.py:7 f", "gb": 2.0, "blocks": 1},  # ours, and the innermost
+        {"origin": "host_saves.py:7 f", "gb": 1.5, "blocks": 1},  # ours is the innermost frame
         {"origin": "graph.py:7 f", "gb": 0.5, "blocks": 1},  # none of ours: the innermost frame
     ]  # the freed (inactive) block is not counted
 
