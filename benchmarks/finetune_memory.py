@@ -214,6 +214,8 @@ def live_by_origin(snapshot: dict, top: int = 12) -> list[dict]:
             if block.get("state") != "active_allocated":
                 continue
             frames = block.get("frames") or []
+            if frames and frames[0].get("name") == "<module>":  # outermost first: turn it round
+                frames = frames[::-1]
             ours = [f for f in frames if "cogvideox" in f.get("filename", "") or "benchmarks" in f.get("filename", "")]
             if not frames:
                 key = "before the trace"

@@ -199,6 +199,12 @@ def test_finetune_memory_groups_live_blocks_by_the_code_that_allocated_them():
         {"origin": "host_saves.py:7 f", "gb": 1.5, "blocks": 1},  # ours is the innermost frame
         {"origin": "graph.py:7 f", "gb": 0.5, "blocks": 1},  # none of ours: the innermost frame
     ]  # the freed (inactive) block is not counted
+    outermost_first = {"size": 1e9, "state": "active_allocated", "frames": [
+        {"filename": "finetune_memory.py", "line": 1, "name": "<module>"},
+        {"filename": "src/cogvideox/models/transformer.py", "line": 2, "name": "forward"},
+        {"filename": "torch/nn/functional.py", "line": 3, "name": "linear"}]}
+    got = finetune.live_by_origin({"segments": [{"blocks": [outermost_first]}]})
+    assert got[0]["origin"] == "transformer.py:2 forward <- functional.py:3 linear"
 
 
 def test_finetune_memory_compiles_after_the_lora_and_records_a_case_that_fails(tmp_path, monkeypatch):
