@@ -1,7 +1,7 @@
 """Where the time goes, kernel by kernel: a full-size VAE decode and a 5B transformer step under torch.profiler.
 
     python benchmarks/kernel_profile.py                 # on a GPU: 5B, 49 x 480 x 720, bf16, every target
-    python benchmarks/kernel_profile.py --targets vae,vae_channels_last
+    python benchmarks/kernel_profile.py --targets vae,vae_parallel_norms
     python benchmarks/kernel_profile.py --tiny          # tiny configs on the CPU (smoke test)
 
 (Not `profile.py`: run as a script, that name would shadow the standard library's `profile` module,
@@ -11,6 +11,8 @@ Targets, each one profiled call after a warm-up, in this order by default:
 - `vae`: our untiled decode of 13 latent frames to 49 x 480 x 720 (the exact path, random weights); the
   warm-up decodes the first five latent frames (the first chunk and a cached one: every shape the
   decode has; on the CPU there is none);
+- `vae_parallel_norms`: the same decode with the GroupNorm statistics by parallel reductions
+  (`cogvideox.fast.vae_parallel_norms`, Welford's variance): where `RowwiseMomentsCUDAKernel` went;
 - `step_eager`: one 5B transformer step at CFG batch 2 in our exact mode (fused QKV, cuDNN-first
   attention), after one warm-up step;
 - `step_compiled`: the same model with regional torch.compile (`cogvideox.fast`), after a warm-up step
@@ -64,12 +66,16 @@ from cogvideox.models.vae import CogVideoXVAE  # noqa: E402
 
 VAE_TARGETS = {
     "vae": {},
+    "vae_parallel_norms": dict(parallel_norms="welford"),
     "vae_channels_last": dict(channels_last=True),
     "vae_conv2d_channels_last": dict(conv2d=True, channels_last=True),
     "vae_conv2d": dict(conv2d=True),
 }
 STEP_TARGETS = ("step_eager", "step_compiled")
-TARGETS = ("vae", "step_eager", "step_compiled", "vae_channels_last", "vae_conv2d_channels_last", "vae_conv2d")
+TARGETS = (
+    "vae", "vae_parallel_norms", "step_eager", "step_compiled", "vae_channels_last", "vae_conv2d_channels_last",
+    "vae_conv2d",
+)
 
 # Categories of device time, by kernel name (on the CPU, operator name), lower-cased: the first match
 # wins. cuDNN's attention kernels say "sdpa" and "flash" but also "fprop", hence attention before
@@ -226,6 +232,8 @@ def main() -> None:
             fast.vae_conv2d(vae)
         if options.get("channels_last"):
             fast.vae_channels_last(vae)
+        if options.get("parallel_norms"):
+            fast.vae_parallel_norms(vae, options["parallel_norms"])
         z = decode_latents(vae_config, latent, device, dtype)
         with torch.inference_mode():
             if device.type == "cuda":  # (the CPU smoke test needs none)

@@ -547,21 +547,26 @@ def attention_kernels(shape, device, dtype, clock, repeat: int, report: dict, sa
 
 
 # The VAE decode variants in the order they run: who decodes (the reference or ours), with which levers
-# (see cogvideox/fast/vae.py), whole or tiled. The JSON keys (and the table rows) are the names below.
+# (see cogvideox/fast/vae.py and group_norm.py), whole or tiled. The JSON keys (and the table rows) are the names below.
 # The most informative come first and each is recorded as soon as it is measured, so that a run cut
-# short by its time cap keeps them: the reference and ours; the 3D convolutions run as 2D ones
-# (`vae_conv2d`), on our usual layout and on channels-last, where the frames fold into the batch for
-# free; the fused norms (compiled: a slow first call). Then what the 2026-11-29 run measured once
-# (BENCHMARKS.md): the tiled decodes, cuDNN's algorithm search, channels-last 3D convolutions (2.3x
-# slower then); and last the 2D convolutions with every other lever.
+# short by its time cap keeps them: the reference and ours; the GroupNorm statistics by parallel
+# reductions (`vae_parallel_norms`: GroupNorm's own statistics kernel took 37% of the decode), whole,
+# then tiled after the tiled reference and ours it is compared with, then with the raw moments rather
+# than Welford's variance; the 3D convolutions run as 2D ones (`vae_conv2d`), on our usual layout and
+# on channels-last, where the frames fold into the batch for free; the fused norms (compiled: a slow
+# first call). Then what the 2026-11-29 run measured once (BENCHMARKS.md): cuDNN's algorithm search,
+# channels-last 3D convolutions (2.3x slower then); and last the 2D convolutions with every other lever.
 VAE_VARIANTS = {
     "reference_whole": dict(reference=True),
     "ours_whole": dict(),
+    "ours_parallel_norms_whole": dict(parallel_norms="welford"),
+    "reference_tiled": dict(reference=True, tiled=True),
+    "ours_tiled": dict(tiled=True),
+    "ours_parallel_norms_tiled": dict(parallel_norms="welford", tiled=True),
+    "ours_parallel_norms_raw_whole": dict(parallel_norms="raw"),
     "ours_conv2d_whole": dict(conv2d=True),
     "ours_conv2d_channels_last_whole": dict(conv2d=True, channels_last=True),
     "ours_fused_whole": dict(fuse_norms=True),
-    "reference_tiled": dict(reference=True, tiled=True),
-    "ours_tiled": dict(tiled=True),
     "ours_conv2d_channels_last_tiled": dict(conv2d=True, channels_last=True, tiled=True),
     "ours_cudnn_benchmark_whole": dict(cudnn_benchmark=True),
     "ours_channels_last_whole": dict(channels_last=True),
@@ -571,8 +576,8 @@ VAE_VARIANTS = {
 
 def fresh_vae(vae_config, weights: dict, device, options: dict) -> torch.nn.Module:
     """A fresh copy of `weights` on the device: the reference's VAE or ours with the levers `options` names
-    (`conv2d`, `channels_last`, `fuse_norms`, as in VAE_VARIANTS; the fused norms compile at the first
-    decode)."""
+    (`conv2d`, `channels_last`, `parallel_norms` (its moments: "welford" or "raw"), `fuse_norms`, as in
+    VAE_VARIANTS; the fused norms compile at the first decode)."""
     with torch.device("meta"):
         if options.get("reference"):
             from diffusers import AutoencoderKLCogVideoX
@@ -586,6 +591,8 @@ def fresh_vae(vae_config, weights: dict, device, options: dict) -> torch.nn.Modu
         fast.vae_conv2d(vae)
     if options.get("channels_last"):
         fast.vae_channels_last(vae)
+    if options.get("parallel_norms"):
+        fast.vae_parallel_norms(vae, options["parallel_norms"])
     if options.get("fuse_norms"):
         fast.vae_fuse_norms(vae)
     return vae

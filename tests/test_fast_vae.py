@@ -1,5 +1,5 @@
-"""The VAE levers (cogvideox.fast.vae: channels-last, 3D convolutions as 2D ones, fused norms) against the exact
-path, and the memory layout along the way."""
+"""The VAE levers (cogvideox.fast.vae: channels-last, 3D convolutions as 2D ones, fused norms; cogvideox.fast.
+group_norm: GroupNorm by parallel reductions) against the exact path, and the memory layout along the way."""
 
 import contextlib
 import copy
@@ -7,10 +7,12 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch._dynamo.utils import counters
 
 from cogvideox.fast import vae as fast_vae
+from cogvideox.fast.group_norm import group_norm, parallel_norms
 from cogvideox.fast.vae import as_conv2d, channels_last, fuse_norms
 from cogvideox.models.config import VAEConfig
 from cogvideox.models.vae import CogVideoXVAE
@@ -302,3 +304,161 @@ def test_conv2d_under_fused_norms_matches_exact(pair, fused):
 def test_conv2d_refuses_other_modules():
     with pytest.raises(TypeError, match="CogVideoXVAE"):
         as_conv2d(nn.Linear(2, 2))
+
+
+# The GroupNorm statistics by parallel reductions (cogvideox.fast.group_norm).
+
+
+def norm_inputs(shape: tuple[int, ...], offset: float, dtype: torch.dtype, seed: int):
+    """x [B, C, *] of spread 1 around `offset` (plus a different mean per channel), and affine weights."""
+    g = torch.Generator().manual_seed(seed)
+    channel_means = torch.randn(shape[1], generator=g).view(-1, *[1] * (len(shape) - 2))
+    x = (offset + 0.5 * channel_means + torch.randn(shape, generator=g)).to(dtype)
+    weight = (1 + 0.3 * torch.randn(shape[1], generator=g)).to(dtype)
+    bias = (0.3 * torch.randn(shape[1], generator=g)).to(dtype)
+    return x, weight, bias
+
+
+@pytest.mark.parametrize("moments", ["welford", "raw"])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("groups", [1, 3, 12])
+@pytest.mark.parametrize("shape", [(2, 12, 9, 10), (2, 12, 3, 6, 10)])
+def test_group_norm_matches_torch_in_fp32(shape, groups, affine, moments):
+    x, weight, bias = norm_inputs(shape, 0.5, torch.float32, seed=groups)
+    if not affine:
+        weight = bias = None
+    got = group_norm(x, groups, weight, bias, 1e-6, moments)
+    want = F.group_norm(x, groups, weight, bias, 1e-6)
+    assert got.dtype == x.dtype and got.shape == x.shape and got.is_contiguous()
+    assert rel_err(got, want) <= 1e-5
+
+
+@pytest.mark.parametrize("offset", [0.0, 30.0, 100.0])
+@pytest.mark.parametrize("shape", [(1, 32, 64, 64), (2, 16, 4, 32, 32)])
+def test_group_norm_in_bf16_is_as_close_to_fp64_as_torch(shape, offset):
+    # Welford's variance has no cancellation: a mean 30 or 100 times the spread costs nothing.
+    x, weight, bias = norm_inputs(shape, offset, torch.bfloat16, seed=int(offset))
+    truth = F.group_norm(x.double(), 4, weight.double(), bias.double(), 1e-6)
+    got = group_norm(x, 4, weight, bias, 1e-6)
+    want = F.group_norm(x, 4, weight, bias, 1e-6)
+    assert got.dtype == torch.bfloat16
+    assert rel_err(got.double(), truth) <= 1.2 * rel_err(want.double(), truth)
+    if offset:  # and in fp32, the same inputs: fp32 rounding
+        full = x.float(), weight.float(), bias.float()
+        assert rel_err(group_norm(full[0], 4, *full[1:], 1e-6), F.group_norm(full[0], 4, *full[1:], 1e-6)) <= 1e-5
+
+
+def test_group_norm_rounds_once_from_fp32():
+    # The normalized values are computed in fp32 and rounded to bf16 once, as torch's kernel does.
+    x, weight, bias = norm_inputs((1, 8, 5, 7, 9), 2.0, torch.bfloat16, seed=3)
+    full = group_norm(x.float(), 2, weight.float(), bias.float(), 1e-6)
+    got = group_norm(x, 2, weight, bias, 1e-6)
+    assert (got.float() - full.bfloat16().float()).abs().max() <= 2**-7 * full.abs().max()  # one ulp at most
+    assert (got == full.bfloat16()).float().mean() > 0.99  # almost always the fp32 value rounded once
+
+
+def test_raw_moments_lose_digits_to_a_large_mean():
+    # The raw moments' documented weakness: E[x^2] - mean^2 cancels when the mean dwarfs the spread.
+    x, weight, bias = norm_inputs((1, 8, 4, 64, 64), 100.0, torch.float32, seed=5)
+    want = F.group_norm(x, 2, weight, bias, 1e-6)
+    welford, raw = (rel_err(group_norm(x, 2, weight, bias, 1e-6, m), want) for m in ("welford", "raw"))
+    assert welford <= 1e-5 < raw
+
+
+def test_group_norm_keeps_channels_last_and_hands_autograd_to_torch():
+    x, weight, bias = norm_inputs((2, 8, 3, 4, 5), 0.0, torch.float32, seed=6)
+    last = x.contiguous(memory_format=torch.channels_last_3d)
+    got = group_norm(last, 4, weight, bias)
+    assert got.is_contiguous(memory_format=torch.channels_last_3d)
+    assert rel_err(got, group_norm(x, 4, weight, bias)) <= 1e-6
+    weight.requires_grad_()
+    y = group_norm(x, 4, weight, bias)
+    y.square().sum().backward()  # the in-place write of the fast path would have no gradient
+    assert weight.grad is not None and rel_err(y.detach(), got) <= 1e-5
+
+
+def test_group_norm_refuses_bad_groups_and_moments():
+    x = torch.randn(1, 6, 4)
+    with pytest.raises(ValueError, match="groups"):
+        group_norm(x, 4)
+    with pytest.raises(ValueError, match="moments"):
+        group_norm(x, 3, moments="shifted")
+    with pytest.raises(ValueError, match="moments"):
+        parallel_norms(CogVideoXVAE(CONFIG), moments="shifted")
+    with pytest.raises(TypeError, match="CogVideoXVAE"):
+        parallel_norms(nn.Linear(2, 2))
+
+
+@contextlib.contextmanager
+def without_torch_group_norm(monkeypatch):
+    """Fail any call of F.group_norm (what nn.GroupNorm calls): every norm must take the parallel path."""
+    with monkeypatch.context() as patch:
+        patch.setattr(F, "group_norm", lambda *a, **k: pytest.fail("F.group_norm was called"))
+        with torch.no_grad():
+            yield
+
+
+@pytest.fixture(scope="module", params=["welford", "raw"])
+def parallel(pair, request):
+    exact, _ = pair
+    vae = copy.deepcopy(exact)
+    norms = [m for m in vae.modules() if isinstance(m, nn.GroupNorm)]
+    assert parallel_norms(vae, request.param) == len(norms) > 0
+    assert parallel_norms(vae, request.param) == len(norms)  # idempotent
+    return vae
+
+
+@pytest.mark.parametrize("latent_frames", [1, 5])
+def test_parallel_norms_decode_and_encode_match_exact(pair, parallel, latent_frames, monkeypatch):
+    exact, _ = pair
+    z = torch.randn(1, 4, latent_frames, 3, 5, generator=torch.Generator().manual_seed(20 + latent_frames))
+    x = torch.randn(1, 3, 9, 24, 40, generator=torch.Generator().manual_seed(20))
+    with torch.no_grad():
+        want, want_posterior = exact.decode(z), exact.encode(x)
+    with without_torch_group_norm(monkeypatch):
+        got, posterior = parallel.decode(z), parallel.encode(x)  # five latent frames: two chunks
+    assert got.shape == want.shape and rel_err(got, want) <= 1e-5
+    assert rel_err(posterior.mean, want_posterior.mean) <= 1e-5
+    assert rel_err(posterior.logvar, want_posterior.logvar) <= 1e-5
+
+
+def test_parallel_norms_tiled_decode_matches_exact(pair, parallel, monkeypatch):
+    exact, _ = pair
+    z = torch.randn(1, 4, 3, 5, 8, generator=torch.Generator().manual_seed(21))
+    try:
+        for vae in (exact, parallel):
+            vae.enable_tiling(24, 40, 1 / 3, 1 / 5)  # 3 x 2 tiles of 3 x 5 latents
+        with torch.no_grad():
+            want = exact.decode(z)
+        with without_torch_group_norm(monkeypatch):
+            got = parallel.decode(z)
+    finally:
+        for vae in (exact, parallel):
+            vae.disable_tiling()
+    assert got.shape == (1, 3, 9, 40, 64) and rel_err(got, want) <= 1e-5
+
+
+def test_parallel_norms_in_bf16_stay_within_rounding(pair, parallel):
+    copied = copy.deepcopy(parallel)
+    norm = copied.decoder.norm_out.norm_layer
+    assert norm.forward.__self__ is norm  # a copy's norms read the copy's weights (bf16 below)
+    full, eager, fast = bf16_decodes(pair[0], parallel, seed=22)
+    assert rel_err(fast, full) <= 1.2 * rel_err(eager, full) + 1e-4
+
+
+def test_parallel_norms_compose_with_channels_last_and_conv2d(pair, parallel):
+    both = copy.deepcopy(parallel)
+    as_conv2d(both)
+    got, want, seen = channels_last_decodes(pair[0], both, seed=23)
+    assert got.is_contiguous() and rel_err(got, want) <= 1e-5
+    assert_all_channels_last(seen, 40)  # the norms' outputs keep the layout
+
+
+def test_fused_norms_win_over_parallel_norms_where_both_apply(pair, fused):
+    # The fused blocks read their norms' weights themselves; the norm_outs take the parallel path.
+    exact, _ = pair
+    both = copy.deepcopy(fused)
+    assert parallel_norms(both) == sum(isinstance(m, nn.GroupNorm) for m in both.modules())
+    z = torch.randn(1, 4, 3, 3, 5, generator=torch.Generator().manual_seed(24))
+    with torch.no_grad():
+        assert rel_err(both.decode(z), exact.decode(z)) <= 1e-5

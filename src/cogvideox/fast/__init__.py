@@ -14,6 +14,9 @@ tested against the exact path.
 - `vae.py`: the VAE's convolutions on channels-last memory (`vae_channels_last(pipe.vae)`), its 3D
   convolutions run as 2D ones over the frames (`vae_conv2d(pipe.vae)`), and its norm, activation and
   time padding fused into one compiled kernel (`vae_fuse_norms(pipe.vae)`).
+- `group_norm.py`: the VAE's GroupNorm statistics by PyTorch's generic reductions, which split each
+  group over the whole GPU where GroupNorm's own kernel gives it one thread block
+  (`vae_parallel_norms(pipe.vae)`).
 """
 
 from __future__ import annotations
@@ -29,12 +32,13 @@ from .attention import check_backend, use_attention_backend
 from .cache import StepCache, add_step_cache, check_threshold
 from .compile import MODES, compile_blocks
 from .fuse import fuse_qkv as fuse_qkv_layers
+from .group_norm import parallel_norms as vae_parallel_norms
 from .quantize import check_quantize, check_text_quantize, quantize as quantize_model, quantize_text_encoder
 from .vae import as_conv2d as vae_conv2d, channels_last as vae_channels_last, fuse_norms as vae_fuse_norms
 
 __all__ = [
     "Acceleration", "StepCache", "apply", "check_options", "quantize_text_encoder", "vae_channels_last", "vae_conv2d",
-    "vae_fuse_norms",
+    "vae_fuse_norms", "vae_parallel_norms",
 ]
 
 
