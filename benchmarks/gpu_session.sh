@@ -36,9 +36,10 @@ SPEED_MODE_LOSSY="int8,fp8"
 CACHE_MODE="fp8-cache"
 SAGE_MODE="fp8-sage"
 ATTENTION_MODES="compile,fa3,fp8,fp8-fa3"
-# The VAE variants measured first: the new lever, whole and tiled, beside the reference and our exact
-# decode (whole and tiled), then the compiled fused norms.
-VAE_FIRST="reference_whole,ours_whole,ours_parallel_norms_whole,reference_tiled,ours_tiled,ours_parallel_norms_tiled,ours_fused_whole"
+# The VAE variants measured first: the new levers (GroupNorm's statistics over the whole GPU, alone and
+# with the decoder norms' modulation at the latent's size), beside the reference and our exact decode,
+# whole and tiled, then the compiled fused norms.
+VAE_FIRST="reference_whole,ours_whole,ours_parallel_norms_whole,ours_parallel_norms_modulation_whole,reference_tiled,ours_tiled,ours_parallel_norms_modulation_tiled,ours_fused_whole"
 if [ -n "${TINY:-}" ]; then
     TINY_FLAG="--tiny"
     SPEED_MODE_LOSSY="int8"  # fp8 needs compute capability 8.9+: the CPU check runs int8 alone
@@ -115,7 +116,7 @@ step() {
 # 1. The decode's lever that the profile pointed to: GroupNorm's statistics over the whole GPU, whole and
 #    tiled, against the reference and our exact decode; then the compiled fused norms; then its profile.
 step vae-5b            150  60 speed.py --variant 5b --vae-only --vae-variants "$VAE_FIRST"
-step profile-vae        60  40 kernel_profile.py --variant 5b --targets vae,vae_parallel_norms
+step profile-vae        60  40 kernel_profile.py --variant 5b --targets vae,vae_parallel_norms,vae_parallel_norms_modulation
 # 2. Why the compiled LoRA steps with offloaded activations grew (34 and 54 GB against 21 eager): offloading
 #    without compiling, compiling without offloading, each with a trace of what is live after the forward.
 step finetune-5b-lora-offload 80 50 finetune_memory.py --variant 5b --mode lora --repeat 2 --offload-activations --no-reference --memory-trace

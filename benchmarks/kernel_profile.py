@@ -13,6 +13,8 @@ Targets, each one profiled call after a warm-up, in this order by default:
   decode has; on the CPU there is none);
 - `vae_parallel_norms`: the same decode with the GroupNorm statistics by parallel reductions
   (`cogvideox.fast.vae_parallel_norms`, Welford's variance): where `RowwiseMomentsCUDAKernel` went;
+- `vae_parallel_norms_modulation`: and the decoder norms' modulation at the latent's size, combined in
+  one pass (`cogvideox.fast.vae_latent_modulation`): where the bias adds and the multiply went;
 - `step_eager`: one 5B transformer step at CFG batch 2 in our exact mode (fused QKV, cuDNN-first
   attention), after one warm-up step;
 - `step_compiled`: the same model with regional torch.compile (`cogvideox.fast`), after a warm-up step
@@ -67,13 +69,14 @@ from cogvideox.models.vae import CogVideoXVAE  # noqa: E402
 VAE_TARGETS = {
     "vae": {},
     "vae_parallel_norms": dict(parallel_norms="welford"),
+    "vae_parallel_norms_modulation": dict(parallel_norms="welford", latent_modulation=True),
     "vae_channels_last": dict(channels_last=True),
     "vae_conv2d_channels_last": dict(conv2d=True, channels_last=True),
     "vae_conv2d": dict(conv2d=True),
 }
 STEP_TARGETS = ("step_eager", "step_compiled")
 TARGETS = (
-    "vae", "vae_parallel_norms", "step_eager", "step_compiled", "vae_channels_last", "vae_conv2d_channels_last",
+    "vae", "vae_parallel_norms", "vae_parallel_norms_modulation", "step_eager", "step_compiled", "vae_channels_last", "vae_conv2d_channels_last",
     "vae_conv2d",
 )
 
@@ -234,6 +237,8 @@ def main() -> None:
             fast.vae_channels_last(vae)
         if options.get("parallel_norms"):
             fast.vae_parallel_norms(vae, options["parallel_norms"])
+        if options.get("latent_modulation"):
+            fast.vae_latent_modulation(vae)
         z = decode_latents(vae_config, latent, device, dtype)
         with torch.inference_mode():
             if device.type == "cuda":  # (the CPU smoke test needs none)

@@ -547,11 +547,12 @@ def attention_kernels(shape, device, dtype, clock, repeat: int, report: dict, sa
 
 
 # The VAE decode variants in the order they run: who decodes (the reference or ours), with which levers
-# (see cogvideox/fast/vae.py and group_norm.py), whole or tiled. The JSON keys (and the table rows) are the names below.
+# (see cogvideox/fast/vae.py, group_norm.py and modulation.py), whole or tiled. The JSON keys (and the table rows) are the names below.
 # The most informative come first and each is recorded as soon as it is measured, so that a run cut
 # short by its time cap keeps them: the reference and ours; the GroupNorm statistics by parallel
 # reductions (`vae_parallel_norms`: GroupNorm's own statistics kernel took 37% of the decode), whole,
-# then tiled after the tiled reference and ours it is compared with, then with the raw moments rather
+# alone and with the decoder norms' modulation at the latent's size (`vae_latent_modulation`), then
+# tiled after the tiled reference and ours it is compared with, then with the raw moments rather
 # than Welford's variance; the 3D convolutions run as 2D ones (`vae_conv2d`), on our usual layout and
 # on channels-last, where the frames fold into the batch for free; the fused norms (compiled: a slow
 # first call). Then what the 2026-11-29 run measured once (BENCHMARKS.md): cuDNN's algorithm search,
@@ -560,9 +561,11 @@ VAE_VARIANTS = {
     "reference_whole": dict(reference=True),
     "ours_whole": dict(),
     "ours_parallel_norms_whole": dict(parallel_norms="welford"),
+    "ours_parallel_norms_modulation_whole": dict(parallel_norms="welford", latent_modulation=True),
     "reference_tiled": dict(reference=True, tiled=True),
     "ours_tiled": dict(tiled=True),
     "ours_parallel_norms_tiled": dict(parallel_norms="welford", tiled=True),
+    "ours_parallel_norms_modulation_tiled": dict(parallel_norms="welford", latent_modulation=True, tiled=True),
     "ours_parallel_norms_raw_whole": dict(parallel_norms="raw"),
     "ours_conv2d_whole": dict(conv2d=True),
     "ours_conv2d_channels_last_whole": dict(conv2d=True, channels_last=True),
@@ -576,7 +579,8 @@ VAE_VARIANTS = {
 
 def fresh_vae(vae_config, weights: dict, device, options: dict) -> torch.nn.Module:
     """A fresh copy of `weights` on the device: the reference's VAE or ours with the levers `options` names
-    (`conv2d`, `channels_last`, `parallel_norms` (its moments: "welford" or "raw"), `fuse_norms`, as in
+    (`conv2d`, `channels_last`, `parallel_norms` (its moments: "welford" or "raw"), `latent_modulation`,
+    `fuse_norms`, as in
     VAE_VARIANTS; the fused norms compile at the first decode)."""
     with torch.device("meta"):
         if options.get("reference"):
@@ -593,6 +597,8 @@ def fresh_vae(vae_config, weights: dict, device, options: dict) -> torch.nn.Modu
         fast.vae_channels_last(vae)
     if options.get("parallel_norms"):
         fast.vae_parallel_norms(vae, options["parallel_norms"])
+    if options.get("latent_modulation"):
+        fast.vae_latent_modulation(vae)
     if options.get("fuse_norms"):
         fast.vae_fuse_norms(vae)
     return vae

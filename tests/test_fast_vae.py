@@ -1,5 +1,6 @@
 """The VAE levers (cogvideox.fast.vae: channels-last, 3D convolutions as 2D ones, fused norms; cogvideox.fast.
-group_norm: GroupNorm by parallel reductions) against the exact path, and the memory layout along the way."""
+group_norm: GroupNorm by parallel reductions; cogvideox.fast.modulation: the decoder norms' modulation at
+the latent's size) against the exact path, and the memory layout along the way."""
 
 import contextlib
 import copy
@@ -13,10 +14,11 @@ from torch._dynamo.utils import counters
 
 from cogvideox.fast import vae as fast_vae
 from cogvideox.fast.group_norm import group_norm, parallel_norms
+from cogvideox.fast.modulation import latent_size_modulation
 from cogvideox.fast.vae import as_conv2d, channels_last, fuse_norms
 from cogvideox.models.config import VAEConfig
 from cogvideox.models.vae import CogVideoXVAE
-from cogvideox.models.vae_blocks import ResnetBlock3D
+from cogvideox.models.vae_blocks import ResnetBlock3D, SpatialNorm3D
 
 CONFIG = VAEConfig(
     block_out_channels=(16, 16, 32, 32),
@@ -462,3 +464,85 @@ def test_fused_norms_win_over_parallel_norms_where_both_apply(pair, fused):
     z = torch.randn(1, 4, 3, 3, 5, generator=torch.Generator().manual_seed(24))
     with torch.no_grad():
         assert rel_err(both.decode(z), exact.decode(z)) <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def modulated(pair):
+    exact, _ = pair
+    vae = copy.deepcopy(exact)
+    norms = sum(isinstance(m, SpatialNorm3D) for m in vae.modules())
+    assert latent_size_modulation(vae) == norms > 0
+    assert latent_size_modulation(vae) == norms  # idempotent
+    return vae
+
+
+@contextlib.contextmanager
+def modulation_sizes(vae: nn.Module):
+    """The spatial sizes the decoder norms' 1x1x1 convolutions (y and b) see: the exact path runs them
+    on the latent resized to the features; the lever on the latent itself."""
+    sizes: list[tuple[int, int]] = []
+    real = F.conv3d
+
+    def spy(x, weight, *args, **kwargs):
+        if weight.shape[-3:] == (1, 1, 1) and weight.shape[1] == CONFIG.latent_channels:
+            sizes.append(tuple(x.shape[-2:]))
+        return real(x, weight, *args, **kwargs)
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.no_grad())
+        patch = stack.enter_context(pytest.MonkeyPatch.context())
+        patch.setattr(F, "conv3d", spy)
+        yield sizes
+
+
+@pytest.mark.parametrize("latent_frames", [1, 5])
+def test_latent_size_modulation_matches_exact_with_convolutions_at_the_latent_size(pair, modulated, latent_frames):
+    exact, _ = pair
+    z = torch.randn(1, 4, latent_frames, 3, 5, generator=torch.Generator().manual_seed(30 + latent_frames))
+    with modulation_sizes(exact) as exact_sizes:
+        want = exact.decode(z)
+    with modulation_sizes(modulated) as sizes:
+        got = modulated.decode(z)
+    assert got.shape == want.shape and rel_err(got, want) <= 1e-5
+    # the exact path convolves the resized latent at every feature size; the lever only the latent's
+    assert {(3, 5), (6, 10), (12, 20), (24, 40)} <= set(exact_sizes)
+    assert sizes and set(sizes) == {(3, 5)}
+
+
+def test_latent_size_modulation_tiled_and_in_bf16(pair, modulated):
+    exact, _ = pair
+    z = torch.randn(1, 4, 3, 5, 8, generator=torch.Generator().manual_seed(32))
+    try:
+        for vae in (exact, modulated):
+            vae.enable_tiling(24, 40, 1 / 3, 1 / 5)
+        with torch.no_grad():
+            got, want = modulated.decode(z), exact.decode(z)
+    finally:
+        for vae in (exact, modulated):
+            vae.disable_tiling()
+    assert got.shape == (1, 3, 9, 40, 64) and rel_err(got, want) <= 1e-5
+    full, eager, fast = bf16_decodes(exact, modulated, seed=33)
+    # one rounding of GroupNorm(f) * y + b where the exact path rounds twice: no further from fp32
+    assert rel_err(fast, full) <= 1.2 * rel_err(eager, full) + 1e-4
+
+
+def test_latent_size_modulation_composes_with_the_other_levers(pair, modulated, fused):
+    exact, _ = pair
+    both = copy.deepcopy(modulated)
+    parallel_norms(both)
+    as_conv2d(both)
+    got, want, seen = channels_last_decodes(exact, both, seed=34)
+    assert rel_err(got, want) <= 1e-5
+    assert_all_channels_last(seen, 20)  # the norms' 1x1x1 convolution modules no longer run: fewer calls
+    # the fused blocks take y and b through SpatialNorm3D.modulation, so from the lever too
+    fused_too = copy.deepcopy(fused)
+    latent_size_modulation(fused_too)
+    z = torch.randn(1, 4, 3, 3, 5, generator=torch.Generator().manual_seed(35))
+    with modulation_sizes(fused_too) as sizes:
+        got = fused_too.decode(z)
+    assert set(sizes) == {(3, 5)} and rel_err(got, exact.decode(z)) <= 1e-5
+
+
+def test_latent_size_modulation_takes_a_vae_only():
+    with pytest.raises(TypeError, match="takes a CogVideoXVAE"):
+        latent_size_modulation(nn.Linear(2, 2))

@@ -17,6 +17,8 @@ tested against the exact path.
 - `group_norm.py`: the VAE's GroupNorm statistics by PyTorch's generic reductions, which split each
   group over the whole GPU where GroupNorm's own kernel gives it one thread block
   (`vae_parallel_norms(pipe.vae)`).
+- `modulation.py`: the decoder norms' latent scale and shift convolved at the latent's size, then
+  resized, and combined with the normalised features in one pass (`vae_latent_modulation(pipe.vae)`).
 """
 
 from __future__ import annotations
@@ -33,12 +35,13 @@ from .cache import StepCache, add_step_cache, check_threshold
 from .compile import MODES, compile_blocks
 from .fuse import fuse_qkv as fuse_qkv_layers
 from .group_norm import parallel_norms as vae_parallel_norms
+from .modulation import latent_size_modulation as vae_latent_modulation
 from .quantize import check_quantize, check_text_quantize, quantize as quantize_model, quantize_text_encoder
 from .vae import as_conv2d as vae_conv2d, channels_last as vae_channels_last, fuse_norms as vae_fuse_norms
 
 __all__ = [
     "Acceleration", "StepCache", "apply", "check_options", "quantize_text_encoder", "vae_channels_last", "vae_conv2d",
-    "vae_fuse_norms", "vae_parallel_norms",
+    "vae_fuse_norms", "vae_latent_modulation", "vae_parallel_norms",
 ]
 
 

@@ -45,7 +45,6 @@ from cogvideox.models.vae_blocks import (
     ConvCache,
     ResnetBlock3D,
     SpatialNorm3D,
-    resize_latent_to,
 )
 
 FORMATS = {3: torch.channels_last_3d, 2: torch.channels_last}
@@ -213,9 +212,8 @@ def _norm_then_conv(norm: nn.Module, conv: CausalConv3d, x, zq, cache: ConvCache
     layout = torch.channels_last_3d if last_3d else torch.contiguous_format
     x = x.contiguous(memory_format=layout)
     if isinstance(norm, SpatialNorm3D):
-        zq = resize_latent_to(zq, x.shape[-3:])
         group_norm = norm.norm_layer
-        scale, shift = (t.contiguous(memory_format=layout) for t in (norm.conv_y(zq), norm.conv_b(zq)))
+        scale, shift = (t.contiguous(memory_format=layout) for t in norm.modulation(zq, x.shape[-3:]))
     else:
         group_norm, scale, shift = norm, None, None
     past = cache.get(conv) if cache is not None else None

@@ -113,9 +113,15 @@ class SpatialNorm3D(nn.Module):
         self.conv_y = CausalConv3d(zq_channels, f_channels, kernel_size=1)
         self.conv_b = CausalConv3d(zq_channels, f_channels, kernel_size=1)
 
+    def modulation(self, zq: torch.Tensor, size: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scale y and shift b [B, C_f, T, H, W] for features of `size` (T, H, W). A seam for the
+        decode levers (`cogvideox.fast.modulation` computes them at the latent's size)."""
+        zq = resize_latent_to(zq, size)  # [B, C_z, T, H, W]
+        return self.conv_y(zq), self.conv_b(zq)
+
     def forward(self, f: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
-        zq = resize_latent_to(zq, f.shape[-3:])  # [B, C_z, T, H, W]
-        return self.norm_layer(f) * self.conv_y(zq) + self.conv_b(zq)
+        y, b = self.modulation(zq, f.shape[-3:])
+        return self.norm_layer(f) * y + b
 
 
 class ResnetBlock3D(nn.Module):
