@@ -1,11 +1,11 @@
 """Speed levers for the VAE: channels-last convolutions, 3D convolutions run as 2D ones, and the layers
 between the convolutions fused.
 
-The decoder's time is almost all convolution: 315 TFLOP of 3x3x3 and 3x3 convolutions for 49
-frames at 480x720 (278 of them in the last two stages, at 256 and 128 channels on 240x360 and 480x720
-frames). NVIDIA's tensor-core convolution kernels read channels-last (NDHWC) tensors; given
-channels-first ones, cuDNN transposes them or picks a slower kernel. The reference decodes in 2.28 s on
-an H100, about 138 TFLOP/s, a seventh of what the same GPU gives a bf16 matrix product.
+These levers were built on the belief that the decoder's time is almost all convolution (315 TFLOP of
+3x3x3 and 3x3 convolutions for 49 frames at 480x720). The kernel profile says otherwise (one H200, torch
+2.11, bf16, 5B decoder; BENCHMARKS.md): cuDNN runs those convolutions in 427 ms of the 2199 ms decode,
+already on its NHWC tensor-core kernels, and GroupNorm's statistics kernel alone takes 803 ms. The
+levers for that are in `group_norm.py` and `modulation.py`; the two convolution levers here lost.
 
 `channels_last(vae)` stores every convolution weight channels-last and hands the encoder and decoder
 their input chunks channels-last. The layers between the convolutions (norms, nearest upsampling, the
@@ -25,8 +25,11 @@ operators, each a pass over the activations) by one compiled function. The three
 
 Measured (BENCHMARKS.md, one H200, torch 2.11, 5B decoder, 13 latent frames to 49 x 480 x 720, bf16):
 channels-last made the decode 2.3x slower (4.87 s against 2.16 s channels-first, the reference 2.12 s),
-with cuDNN's algorithm search too. No lever is on by default; channels-last stays for the PyTorch and
-cuDNN versions where the published gains on other causal-3D VAEs were seen, the others until measured.
+with cuDNN's algorithm search too; in the profile the elementwise layers between the convolutions take
+the strided path on channels-last tensors (529 -> 1915 ms), the convolutions themselves unchanged. The
+2D convolutions took the decode from 2.2 to 4.1 s (1.9 s of stacking copies, 26 ms less convolution).
+No lever here is on by default; channels-last stays for the PyTorch and cuDNN versions where the
+published gains on other causal-3D VAEs were seen, the fused norms until measured.
 """
 
 from __future__ import annotations
