@@ -100,6 +100,36 @@ def test_fa3_gets_transposed_views_and_gives_the_sdpa_attention(monkeypatch):
         assert torch.equal(compiled(x, 16, rope), attn(x, 16, rope))
 
 
+def test_auto_runs_fa3_for_inference_on_hopper_and_sdpa_elsewhere(monkeypatch):
+    from cogvideox.fast import attention as attention_module
+
+    calls = []
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", stand_in(calls))
+    monkeypatch.setattr(attention_module, "_is_hopper", lambda device: True)  # as on an H100 or H200
+    model = tiny_transformer(attention_head_dim=64).to(torch.bfloat16)
+    exact = tiny_transformer(attention_head_dim=64).to(torch.bfloat16)
+    record = fast.apply(model, fuse_qkv=False, device="cuda")  # attention="auto", the default
+    assert record.attention == "auto" and record.describe() == "auto attention (fa3)"
+    use_attention_backend(exact, "math")
+    args = cast(inputs(model), torch.bfloat16)
+    assert torch.equal(run(model, *args), run(exact, *args)) and len(calls) == model.config.num_layers
+    # where autograd records (the kernel has no backward), SDPA's backends: gradients flow, no kernel call
+    calls.clear()
+    x = args[0].clone().requires_grad_()
+    model(x, *args[1:3], image_rotary_emb=args[3]).float().square().sum().backward()
+    assert not calls and x.grad is not None and x.grad.abs().sum() > 0
+
+    # not on the CPU, not on another GPU, not without a build, not for a model the kernel does not take
+    assert attention_module.auto_kernel(model, "cpu") == "sdpa"
+    assert attention_module.auto_kernel(tiny_transformer(attention_head_dim=64), "cuda") == "sdpa"  # fp32
+    monkeypatch.setattr(attention_module, "_is_hopper", lambda device: False)
+    assert attention_module.auto_kernel(model, "cuda") == "sdpa"
+    monkeypatch.setattr(attention_module, "_is_hopper", lambda device: True)
+    no_build(monkeypatch)
+    other = tiny_transformer(attention_head_dim=64).to(torch.bfloat16)
+    assert fast.apply(other, fuse_qkv=False, device="cuda").describe() == "auto attention"
+
+
 def kernel_available() -> bool:
     try:
         flash3.load_kernel()
@@ -124,6 +154,6 @@ def test_the_kernel_matches_sdpa_at_the_5b_head_size():
     model = tiny_transformer(attention_head_dim=64).to("cuda", torch.bfloat16)
     fast.apply(model, attention="fa3", compile=True)
     eager = tiny_transformer(attention_head_dim=64).to("cuda", torch.bfloat16)
-    fast.apply(eager, attention="auto")
+    fast.apply(eager, attention="cudnn")
     args = cast(inputs(model), torch.bfloat16, "cuda")
     assert rel_l2(run(model, *args), run(eager, *args)) < 1e-2

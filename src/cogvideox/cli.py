@@ -485,10 +485,14 @@ def stage_times(stages: dict[str, float]) -> str:
 
 
 def _cache_report(pipe) -> str:
-    cache = pipe.acceleration.cache if pipe.acceleration is not None else None
-    if cache is None:
+    """The speed levers that ran (what `--attention auto` chose included) and the step cache's count."""
+    if pipe.acceleration is None:
         return ""
-    return f" | cache {cache.threshold:g}: {cache.computed}/{cache.calls} steps computed"
+    report = f" | {pipe.acceleration.describe()}"
+    cache = pipe.acceleration.cache
+    if cache is not None:
+        report += f" | cache {cache.threshold:g}: {cache.computed}/{cache.calls} steps computed"
+    return report
 
 
 def _report(error: Exception) -> None:

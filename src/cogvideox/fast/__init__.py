@@ -6,7 +6,7 @@ tested against the exact path.
 
 - `fuse.py`: one QKV matrix product instead of three (same math, rounding-level differences).
 - `attention.py`: the SDPA backend (cuDNN first on CUDA), FlashAttention-3's forward kernel (`flash3.py`,
-  exact, Hopper), or 8-bit attention (`sage.py`: INT8 Q·K^T, fp16 P·V, SageAttention's kernel on CUDA, its
+  exact, Hopper; what "auto" runs for inference where it is installed), or 8-bit attention (`sage.py`: INT8 Q·K^T, fp16 P·V, SageAttention's kernel on CUDA, its
   math emulated in plain PyTorch anywhere).
 - `quantize.py`: int8 weight-only or fp8 (row-wise scaled) linear layers.
 - `compile.py`: regional torch.compile, one compiled block reused by all.
@@ -30,7 +30,7 @@ from torch import nn
 
 from cogvideox.errors import InputError
 
-from .attention import check_backend, use_attention_backend
+from .attention import auto_kernel, check_backend, use_attention_backend
 from .cache import StepCache, add_step_cache, check_threshold
 from .compile import MODES, compile_blocks
 from .fuse import fuse_qkv as fuse_qkv_layers
@@ -51,6 +51,7 @@ class Acceleration:
 
     fuse_qkv: bool = False
     attention: str | None = None
+    attention_kernel: str | None = None  # what "auto" chose, when not PyTorch's SDPA ("fa3")
     quantize: str | None = None
     compile: str | None = None  # the torch.compile mode, "default" for plain `compile=True`
     cache: StepCache | None = None
@@ -65,7 +66,8 @@ class Acceleration:
         if self.fuse_qkv:
             parts.append("fused QKV")
         if self.attention:
-            parts.append(f"{self.attention} attention")
+            kernel = f" ({self.attention_kernel})" if self.attention_kernel else ""
+            parts.append(f"{self.attention} attention{kernel}")
         if self.compile:
             parts.append(f"compiled blocks ({self.compile})")
         if self.cache is not None:
@@ -115,8 +117,9 @@ def apply(
 ) -> Acceleration:
     """Rewrite a `Pipeline`'s transformer (or a `CogVideoXTransformer`) in place for speed.
 
-    fuse_qkv: one QKV projection per block. attention: SDPA backend ("auto" = cuDNN, flash, efficient,
-    math in that order; None leaves PyTorch's choice), "fa3" (FlashAttention-3's exact forward kernel,
+    fuse_qkv: one QKV projection per block. attention: SDPA backend ("auto" = FlashAttention-3 for
+    inference on a Hopper GPU with it installed, else cuDNN, flash, efficient, math in that order; None
+    leaves PyTorch's choice), "fa3" (FlashAttention-3's exact forward kernel,
     CUDA, bf16; inference only), or "sage" (8-bit attention, lossy: the sageattention package on CUDA,
     bf16/fp16) or "sage-emulated" (its math in plain PyTorch).
     quantize: None, "int8" (weight-only) or "fp8" (CUDA capability 8.9+, bf16 model; `emulate_fp8` runs
@@ -149,6 +152,8 @@ def apply(
     if attention is not None:
         use_attention_backend(transformer, attention, device)
         record.attention = attention
+        if attention == "auto" and auto_kernel(transformer, device) == "fa3":
+            record.attention_kernel = "fa3"
     if mode is not None:
         compile_blocks(transformer, None if mode == "default" else mode)
         record.compile = mode

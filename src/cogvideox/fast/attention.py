@@ -1,12 +1,15 @@
 """The attention kernel: which scaled-dot-product backend runs the joint attention.
 
-At the 5B shape (B=2, 48 heads, 17,776 tokens, head_dim 64) PyTorch's cuDNN backend is the fastest on
-Hopper (about 428 TFLOP/s against about 326 for flash on an H100), and attention is half of the FLOPs of a
-step, so the choice matters. The SDPA backends compute the same softmax attention; they differ in the order
-of the sums, so outputs agree to rounding. "sage" is not one of them: it computes Q·K^T in INT8 and P·V in
-fp16 (`sage.py`), a lossy kernel like the fp8 linears, and "sage-emulated" runs its math in plain PyTorch
-on any device. "fa3" is exact: FlashAttention-3's forward kernel for Hopper (`flash3.py`), an installed
-package outside PyTorch's SDPA.
+At the 5B shape (B=2, 48 heads, 17,776 tokens, head_dim 64) attention is half of the FLOPs of a step, so
+the choice matters. Of PyTorch's SDPA backends cuDNN is the fastest on Hopper (measured on an H200: 17.7
+ms, 439 TFLOP/s, against 24.3 ms for flash); they compute the same softmax attention in different orders
+of the sums, so outputs agree to rounding. "fa3" is exact too: FlashAttention-3's forward kernel for
+Hopper (`flash3.py`), an installed package outside PyTorch's SDPA, 13.9 ms (559 TFLOP/s) at that shape
+with the same error against fp32 as cuDNN, and 13% off the compiled 5B step. So "auto" runs it where it
+can (inference on a compute capability 9.0 GPU with a build installed, a bf16 model, or fp16 with a
+source build) and SDPA's backends, cuDNN first, elsewhere and wherever autograd records (the kernel has
+no backward). "sage" computes Q·K^T in INT8 and P·V in fp16 (`sage.py`), a lossy kernel like the fp8
+linears, and "sage-emulated" runs its math in plain PyTorch on any device.
 """
 
 from __future__ import annotations
@@ -81,11 +84,43 @@ def _fa3_attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
     return flash3.fa3_attend(q, k, v)
 
 
+_sdpa_auto_attend = _attend_with(BACKENDS["auto"])
+
+
+def _fa3_or_sdpa_attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """"auto" where FlashAttention-3 can run: its kernel, unless autograd records (it has no backward)."""
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _sdpa_auto_attend(self, q, k, v)
+    return flash3.fa3_attend(q, k, v)
+
+
+def _is_hopper(device: torch.device) -> bool:
+    """Whether `device` is a GPU of compute capability 9.0 (H100, H200), the one FlashAttention-3 is for."""
+    return torch.cuda.get_device_capability(device)[0] == 9
+
+
+def auto_kernel(model: nn.Module, device: torch.device | str | None = None) -> str:
+    """What "auto" runs for `model` on `device`: "fa3" (inference on a Hopper GPU with a FlashAttention-3
+    build that takes the model's dtype and head size) or "sdpa" (PyTorch's backends, cuDNN first)."""
+    device = torch.device(next(model.parameters()).device if device is None else device)
+    if device.type != "cuda" or not _is_hopper(device):
+        return "sdpa"
+    layers = [m for m in model.modules() if isinstance(m, JointAttention)]
+    try:
+        build = flash3.load_build()[0]
+        for attn in layers:
+            flash3.check_inputs(attn.norm_q.normalized_shape[0], attn.norm_q.weight.dtype, build)
+    except InputError:  # no build, one that does not load, or a model it does not take: SDPA's backends
+        return "sdpa"
+    return "fa3"
+
+
 def use_attention_backend(model: nn.Module, name: str = "auto", device: torch.device | str | None = None) -> int:
     """Make every `JointAttention` in `model` run attention with the named backend; returns how many.
 
-    "auto" prefers cuDNN, then flash, then memory-efficient, then the math fallback (which is what
-    runs on the CPU); a single SDPA name forces that backend and fails loudly where it cannot run.
+    "auto" runs FlashAttention-3 for inference where it can (`auto_kernel`), and otherwise prefers cuDNN,
+    then flash, then memory-efficient, then the math fallback (which is what runs on the CPU); a single
+    SDPA name forces that backend and fails loudly where it cannot run.
     "sage" runs the sageattention package's 8-bit kernel (CUDA, bf16/fp16, heads of 64 or 128 channels),
     "sage-emulated" the same math in plain PyTorch; "fa3" FlashAttention-3's exact forward kernel (CUDA,
     bf16; inference only). device: where the model will compute (default: where its parameters are).
@@ -104,6 +139,8 @@ def use_attention_backend(model: nn.Module, name: str = "auto", device: torch.de
         for attn in layers:
             flash3.check_inputs(attn.norm_q.normalized_shape[0], attn.norm_q.weight.dtype, build)
         attend = _fa3_attend
+    elif name == "auto" and auto_kernel(model, device) == "fa3":
+        attend = _fa3_or_sdpa_attend
     else:
         attend = _attend_with(BACKENDS[name])
     for attn in layers:
