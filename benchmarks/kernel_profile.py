@@ -15,8 +15,8 @@ Targets, each one profiled call after a warm-up, in this order by default:
   (`cogvideox.fast.vae_parallel_norms`, Welford's variance): where `RowwiseMomentsCUDAKernel` went;
 - `vae_parallel_norms_modulation`: and the decoder norms' modulation at the latent's size, combined in
   one pass (`cogvideox.fast.vae_latent_modulation`): where the bias adds and the multiply went;
-- `step_eager`: one 5B transformer step at CFG batch 2 in our exact mode (fused QKV, cuDNN-first
-  attention), after one warm-up step;
+- `step_eager`: one 5B transformer step at CFG batch 2 in our exact mode (fused QKV, "auto" attention:
+  FlashAttention-3 where installed, else cuDNN first), after one warm-up step;
 - `step_compiled`: the same model with regional torch.compile (`cogvideox.fast`), after a warm-up step
   that compiles;
 - `vae_channels_last`, `vae_conv2d_channels_last`, `vae_conv2d`: the decode with those levers
@@ -247,7 +247,7 @@ def main() -> None:
 
     def step_targets(wanted: list[str]) -> None:
         model = build(lambda: CogVideoXTransformer(config), device, dtype, seed=1)  # speed.py's weights
-        fast.apply(model)  # our exact mode: fused QKV, cuDNN-first attention
+        fast.apply(model)  # our exact mode: fused QKV, "auto" attention (FlashAttention-3 where installed)
         x, text, t = step_inputs(config, latent, device, dtype, torch.Generator(device="cpu").manual_seed(0))
         rope = CogVideoXTransformer.rotary_embedding(SimpleNamespace(config=config), *latent, device)
         call = lambda: model(x, text, t, image_rotary_emb=rope)  # noqa: E731

@@ -396,6 +396,10 @@ def transformer_modes(args, config, modes, steps, device, dtype, clock, result, 
         if options.get("attention") == "fa3" and device.type != "cuda":
             options["attention"] = "auto"  # the kernel needs CUDA: exact attention stands in, for the plumbing
             entry["note"] = "no CUDA: SDPA stands in for fa3"
+        if "attention" not in options and device.type == "cuda":
+            # cuDNN, as the earlier runs measured these modes ("auto" now runs FlashAttention-3 where it is
+            # installed: the "fa3" modes measure that)
+            options["attention"] = "cudnn"
         entry["options"] = dict(options)
         reset_peak(device)
         torch._dynamo.reset()  # each compiled mode pays its own warm-up
