@@ -34,6 +34,10 @@ the medians of the timed steps so far (`steps_timed`) and `steady_peak_gb`, the 
 alone (a compiling warm-up may allocate more). A run stopped by a time cap keeps what it measured; a case
 that fails is recorded with its error and the next one runs.
 
+`--quantize-base int8` keeps the frozen linears our LoRA leaves alone (feed-forward, modulation) as int8
+weights with one scale per output channel (`cogvideox train --quantize-base int8`); the reference stays
+bf16, as the issue's comparison has it.
+
 `--memory-trace` (on a GPU) runs one more step of our case with the allocator's history on and records
 `memory_trace`: the memory allocated when the forward pass ends (`after_forward_gb`: with offloaded
 activations, about the weights, the adapters and their optimizer state), the peak of the forward pass and
@@ -60,6 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from core_full_size import build, save_json  # noqa: E402
 
 from cogvideox.fast.compile import compile_blocks
+from cogvideox.fast.quantize import quantize
 from cogvideox.models.config import SchedulerConfig, TransformerConfig
 from cogvideox.models.transformer import TRANSFORMER_PRESETS, CogVideoXTransformer
 from cogvideox.schedulers import alphas_cumprod
@@ -273,6 +278,9 @@ def run_case(args, config: TransformerConfig, device, dtype, case: dict, save) -
     model.train()
     if mode == "lora":
         lora.inject_lora(model, args.rank, args.rank, dtype=torch.float32)
+        if args.quantize_base:  # as `cogvideox train --quantize-base int8` does, after the LoRA
+            case["quantize_base"] = args.quantize_base
+            case["quantized_linears"] = quantize(model, args.quantize_base, device=device)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-4)
     else:
@@ -375,6 +383,9 @@ def main() -> None:
                    help="our cases with their blocks compiled (regional torch.compile; the warm-up step compiles)")
     p.add_argument("--reference-compile", action="store_true",
                    help="after the eager reference, the reference with its blocks compiled too, as its own row")
+    p.add_argument("--quantize-base", choices=("int8",), default=None,
+                   help="our LoRA case with the frozen linears the adapters leave alone in int8 (cogvideox train "
+                   "--quantize-base)")
     p.add_argument("--memory-trace", action="store_true",
                    help="one more step of our case with the allocator's history on: what is live when the forward "
                    "pass ends, by where it was allocated (GPU only)")

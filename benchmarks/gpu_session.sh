@@ -12,12 +12,14 @@
 # second; the numbered groups below follow the steps):
 #   1. the VAE decode with GroupNorm's statistics spread over the GPU (the 0.6x decode target), and its
 #      kernel profile;
-#   2. why the offloaded compiled LoRA steps grew: 5B LoRA offloaded eager, and compiled without
+#   2. 5B LoRA on an int8 base (the frozen linears the adapters leave alone), eager against the
+#      reference and compiled (the 18 GB target without offloading);
+#   3. why the offloaded compiled LoRA steps grew: 5B LoRA offloaded eager, and compiled without
 #      offloading, each with a memory trace;
-#   3. 2B LoRA compiled keeping the attention results (both 2B targets);
-#   4. speed 5B with int8 and the fp32 truth; the memory modes with the model card's INT8;
-#   5. the offloaded compiled 5B LoRA steps again, traced;
-#   6. the rest (8-bit attention in the model, core 2B, parallel per rank, speed 2B, the 50-step fp8 +
+#   4. 2B LoRA compiled keeping the attention results (both 2B targets);
+#   5. speed 5B with int8 and the fp32 truth; the memory modes with the model card's INT8;
+#   6. the offloaded compiled 5B LoRA steps again, traced;
+#   7. the rest (8-bit attention in the model, core 2B, parallel per rank, speed 2B, the 50-step fp8 +
 #      cache run, core 5B, the whole VAE ladder), then re-checks of what 2026-11-30 measured.
 # A step never starts with less than its floor left, and is stopped at its cap; each writes its JSON and
 # log.txt under $OUT/STEP/, and $OUT/session.jsonl records every step's status and seconds.
@@ -117,21 +119,26 @@ step() {
 #    tiled, against the reference and our exact decode; then the compiled fused norms; then its profile.
 step vae-5b            150  60 speed.py --variant 5b --vae-only --vae-variants "$VAE_FIRST"
 step profile-vae        60  40 kernel_profile.py --variant 5b --targets vae,vae_parallel_norms,vae_parallel_norms_modulation
-# 2. Why the compiled LoRA steps with offloaded activations grew (34 and 54 GB against 21 eager): offloading
+# 2. 5B LoRA with the frozen linears the adapters leave alone in int8 (`--quantize-base int8`): predicted
+#    about 17.2 GB (under 18) at the eager step's time, against the reference; then compiled, predicted
+#    about 16.5 GB at 0.82-0.90x.
+step finetune-5b-lora-int8 100 70 finetune_memory.py --variant 5b --mode lora --repeat 2 --quantize-base int8 --memory-trace
+step finetune-5b-lora-int8-compile 100 70 finetune_memory.py --variant 5b --mode lora --repeat 3 --quantize-base int8 --compile --no-reference
+# 3. Why the compiled LoRA steps with offloaded activations grew (34 and 54 GB against 21 eager): offloading
 #    without compiling, compiling without offloading, each with a trace of what is live after the forward.
 step finetune-5b-lora-offload 80 50 finetune_memory.py --variant 5b --mode lora --repeat 2 --offload-activations --no-reference --memory-trace
 step finetune-5b-lora-compile-plain 100 70 finetune_memory.py --variant 5b --mode lora --repeat 2 --compile --no-reference --memory-trace
-# 3. 2B LoRA compiled keeping the attention results (no offloading): predicted 0.67x at about 9.8 GB, both 2B
+# 4. 2B LoRA compiled keeping the attention results (no offloading): predicted 0.67x at about 9.8 GB, both 2B
 #    targets; against the reference eager, with more timed steps (the two of 2026-11-30 were 1.10 and 1.28 s).
 step finetune-2b-lora-save 120 80 finetune_memory.py --variant 2b --mode lora --repeat 4 --compile --save-attention --memory-trace
-# 4. The speed modes with int8 and against an fp32 step (the bf16 noise floor), and the model card's INT8
+# 5. The speed modes with int8 and against an fp32 step (the bf16 noise floor), and the model card's INT8
 #    in the memory modes.
 step speed-5b          220  90 speed.py --variant 5b --modes "fused,compile,$SPEED_MODE_LOSSY" --repeat 3 --trajectory-steps 10 --skip-t5 --skip-vae
 step memory-5b-int8    150  90 memory.py --variant 5b --int8 --modes none,model,stream+tiling,sequential+tiling --check
-# 5. The offloaded compiled LoRA steps again, traced (after the diagnosis above, to see a fix or the cause).
+# 6. The offloaded compiled LoRA steps again, traced (after the diagnosis above, to see a fix or the cause).
 step finetune-5b-lora-compile 150 90 finetune_memory.py --variant 5b --mode lora --repeat 3 --compile --offload-activations --memory-trace
 step finetune-5b-lora-save 150 90 finetune_memory.py --variant 5b --mode lora --repeat 3 --compile --save-attention --offload-activations --memory-trace
-# 6. The rest, while time is left: fp8 + 8-bit attention in the model (without the fp32 step, which alone
+# 7. The rest, while time is left: fp8 + 8-bit attention in the model (without the fp32 step, which alone
 #    outlasted the cap on 2026-11-30), 2B core (the sin-cos table fix), the per-rank work, 2B speed, the
 #    50-step fp8 + cache run, 5B core again, the whole VAE ladder.
 step sage-5b            90  45 speed.py --variant 5b --modes "$SAGE_MODE" --no-reference --no-fp32-truth --repeat 2 --trajectory-steps 0 --skip-t5 --skip-vae

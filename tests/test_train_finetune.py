@@ -238,6 +238,42 @@ def test_offloaded_activations_train_the_same_lora_bit_for_bit(data_dir, tiny_ro
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_an_int8_base_trains_a_lora_that_loads_into_the_plain_model(data_dir, tiny_rope_dir, tmp_path):
+    from torch import nn
+
+    from cogvideox.fast.quantize import Int8WeightOnlyLinear
+    from cogvideox.train.lora import LoRALinear
+
+    run = Run(config(data_dir, tiny_rope_dir, tmp_path / "probe", steps=1, quantize_base="int8"))
+    run.prepare_data()
+    run.prepare_model()
+    block = run.transformer.transformer_blocks[0]
+    # the adapted layers and their adapters as they were; the other frozen linears of the blocks in int8
+    assert isinstance(block.attn1.to_q, LoRALinear) and type(block.attn1.to_q.lora_A["default"]) is nn.Linear
+    assert isinstance(block.ff.net[2], Int8WeightOnlyLinear) and isinstance(block.norm1.linear, Int8WeightOnlyLinear)
+    assert all(p.dtype == torch.float32 for p in run.trainable.values()) and run.trainable
+
+    plain = finetune(config(data_dir, tiny_rope_dir, tmp_path / "a", steps=3))
+    int8 = finetune(config(data_dir, tiny_rope_dir, tmp_path / "b", steps=3, quantize_base="int8"))
+    (first, *_), (first_int8, *_) = losses(tmp_path / "a"), losses(tmp_path / "b")
+    # the first loss (adapters at zero) is the base's: int8 moves it a little, not much
+    assert first[1] != first_int8[1] and abs(first_int8[1] - first[1]) <= 0.05 * first[1]
+    a, b = load_file(str(plain)), load_file(str(int8))
+    assert a.keys() == b.keys()  # the same LoRA layout: it loads wherever the plain run's does
+    assert all(torch.isfinite(b[k]).all() for k in b)
+    pipe = Pipeline.from_pretrained(tiny_rope_dir, lora=[(str(int8), 1.0)])
+    assert pipe.transformer.transformer_blocks[0].attn1.to_q.lora_A
+
+
+def test_an_int8_base_is_for_lora_only(tmp_path):
+    from cogvideox.train.config import FinetuneConfig, check_config
+
+    with pytest.raises(InputError, match="quantize_base is for LoRA"):
+        check_config(FinetuneConfig(data="d", output=str(tmp_path), full=True, quantize_base="int8"))
+    with pytest.raises(InputError, match="quantize_base must be int8"):
+        check_config(FinetuneConfig(data="d", output=str(tmp_path), quantize_base="fp8"))
+
+
 def test_offloading_with_compile_on_a_gpu_is_a_warning(tmp_path):
     import warnings
 

@@ -144,6 +144,7 @@ class TeachConfig:
     warmup_steps: int = 50
     checkpoint_every: int = 100
     mask_weight: float = 10.0  # loss weight of the object's latent cells, as in the demo model's own training
+    quantize_base: str | None = None  # "int8": the frozen linears the LoRA leaves alone in int8 while training
     # Evaluation
     seeds: int = 2  # seeds per caption, for concept and base captions alike
     concept_captions: int | None = None  # how many of the concept's captions; None: all of them
@@ -318,6 +319,7 @@ def train_lora(config: TeachConfig, data: Path) -> tuple[Path, bool]:
         checkpoint_every=config.checkpoint_every,
         seed=config.seed,
         mask_weight=config.mask_weight,
+        quantize_base=config.quantize_base,
         # The demo model is tiny: recomputing activations would cost time and save nothing that matters.
         gradient_checkpointing=False,
         progress=config.progress,
@@ -579,6 +581,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="default: %(default)s")
     p.add_argument("--mask-weight", type=positive_float, default=d.mask_weight,
                    help="loss weight of the latent cells the object covers; the rest weigh 1 (default: %(default)s)")
+    p.add_argument("--quantize-base", choices=("int8",), default=None,
+                   help="train the LoRA against an int8 copy of the linears it leaves alone (cogvideox train "
+                   "--quantize-base); the evaluation loads it into the model as shipped")
     p.add_argument("--seeds", type=positive_int, default=d.seeds, help="seeds per evaluated caption (default: %(default)s)")
     counts = ", ".join(f"{len(c.captions)} for {word}" for word, c in CONCEPTS.items())
     p.add_argument("--concept-captions", type=positive_int, default=None,
@@ -601,6 +606,7 @@ def main(argv=None) -> int:
         config = TeachConfig(
             work=args.work, concept=args.concept, model=args.model, clips=args.clips, replay=args.replay,
             steps=args.steps, lr=args.lr, rank=args.rank, batch_size=args.batch_size, mask_weight=args.mask_weight,
+            quantize_base=args.quantize_base,
             seeds=args.seeds, concept_captions=args.concept_captions, base_captions=args.base_captions,
             inference_steps=args.inference_steps, eval_batch=args.eval_batch,
             seed=args.seed, progress=not args.no_progress,

@@ -158,6 +158,8 @@ def _targets(model: nn.Module, kind: str) -> list[tuple[nn.Module, str, nn.Linea
             if type(child) is not nn.Linear:
                 continue
             path = f"{name}.{child_name}"
+            if ".lora_" in f".{path}":
+                continue  # a LoRA's adapters (trained, or folded already) stay as they are
             if kind == "fp8" and (".norm1." in f".{path}" or ".norm2." in f".{path}"):
                 continue
             found.append((module, child_name, child))

@@ -73,6 +73,9 @@ class FinetuneConfig:
     # torch.compile each transformer block's forward (one graph shared by the blocks); the first step
     # compiles, the others run the fused code
     compile: bool = False
+    # LoRA: the frozen linears the adapters leave alone (feed-forward, modulation) stored as int8 weights
+    # with one scale per output channel, dequantised as they are used: about 3.9 GB less for 5B
+    quantize_base: str | None = None
     seed: int = 0
     # Precision and placement
     dtype: str | None = None  # weights: bf16 / fp16 / fp32; None: bf16 on GPU, fp32 on CPU
@@ -99,7 +102,8 @@ class FinetuneConfig:
     @property
     def run_identity(self) -> dict[str, Any]:
         """The settings a resumed run must share with the run it continues (the rest may change)."""
-        keys = ("model", "full", "rank", "alpha", "targets", "optimizer", "batch_size", "grad_accum", "seed")
+        keys = ("model", "full", "rank", "alpha", "targets", "optimizer", "batch_size", "grad_accum", "seed",
+                "quantize_base")  # fmt: skip
         return {k: getattr(self, k) for k in keys} | {"targets": list(self.targets)}
 
     def to_dict(self) -> dict[str, Any]:
@@ -155,6 +159,12 @@ def check_config(c: FinetuneConfig) -> None:
         raise InputError(
             "offload_activations needs gradient_checkpointing: it moves the block inputs that checkpointing "
             "keeps to host memory; turn gradient_checkpointing on or offload_activations off"
+        )
+    if c.quantize_base not in (None, "int8"):
+        raise InputError(f"quantize_base must be int8 (or unset), got {c.quantize_base!r}")
+    if c.quantize_base and c.full:
+        raise InputError(
+            "quantize_base is for LoRA: full fine-tuning trains the base weights, which must stay in their dtype"
         )
     if c.save_attention and not c.gradient_checkpointing:
         raise InputError(

@@ -241,6 +241,12 @@ class Run:
                 p.requires_grad_(True)
         else:
             lora_lib.inject_lora(self.transformer, c.rank, c.alpha, c.targets, seed=c.seed)
+            if c.quantize_base:
+                from cogvideox.fast.quantize import quantize
+
+                # After the LoRA: the adapted layers (LoRALinear) and the adapters stay as they are, the
+                # other frozen linears of the blocks become int8 weight-only (see fast/quantize.py).
+                quantize(self.transformer, c.quantize_base, device=self.device)
         if c.compile:
             from cogvideox.fast.compile import compile_blocks
 
