@@ -255,7 +255,7 @@ def memory_trace(step, model, device, i: int, case: dict, save) -> None:
 
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="python")
+    torch.cuda.memory._record_memory_history(enabled="state", context="state", stacks="python")
     try:
         step(i, after_forward)
         torch.cuda.synchronize()
