@@ -38,10 +38,10 @@ SPEED_MODE_LOSSY="int8,fp8"
 CACHE_MODE="fp8-cache"
 SAGE_MODE="fp8-sage"
 ATTENTION_MODES="compile,fa3,fp8,fp8-fa3"
-# The VAE variants measured first: the new levers (GroupNorm's statistics over the whole GPU, alone and
-# with the decoder norms' modulation at the latent's size), beside the reference and our exact decode,
-# whole and tiled, then the compiled fused norms.
-VAE_FIRST="reference_whole,ours_whole,ours_parallel_norms_whole,ours_parallel_norms_modulation_whole,reference_tiled,ours_tiled,ours_parallel_norms_modulation_tiled,ours_fused_whole"
+# The VAE variants measured first: the new levers (GroupNorm's statistics over the whole GPU, alone, with
+# the decoder norms' modulation at the latent's size, and with the padded writes too: "lean"), beside the
+# reference and our exact decode, whole and tiled, then the compiled fused norms.
+VAE_FIRST="reference_whole,ours_whole,ours_parallel_norms_whole,ours_parallel_norms_modulation_whole,ours_lean_whole,reference_tiled,ours_tiled,ours_lean_tiled,ours_fused_whole"
 if [ -n "${TINY:-}" ]; then
     TINY_FLAG="--tiny"
     SPEED_MODE_LOSSY="int8"  # fp8 needs compute capability 8.9+: the CPU check runs int8 alone
@@ -118,7 +118,7 @@ step() {
 # 1. The decode's lever that the profile pointed to: GroupNorm's statistics over the whole GPU, whole and
 #    tiled, against the reference and our exact decode; then the compiled fused norms; then its profile.
 step vae-5b            150  60 speed.py --variant 5b --vae-only --vae-variants "$VAE_FIRST"
-step profile-vae        60  40 kernel_profile.py --variant 5b --targets vae,vae_parallel_norms,vae_parallel_norms_modulation
+step profile-vae        60  40 kernel_profile.py --variant 5b --targets vae,vae_parallel_norms,vae_parallel_norms_modulation,vae_lean
 # 2. 5B LoRA with the frozen linears the adapters leave alone in int8 (`--quantize-base int8`): predicted
 #    about 17.2 GB (under 18) at the eager step's time, against the reference; then compiled, predicted
 #    about 16.5 GB at 0.82-0.90x.

@@ -15,6 +15,8 @@ Targets, each one profiled call after a warm-up, in this order by default:
   (`cogvideox.fast.vae_parallel_norms`, Welford's variance): where `RowwiseMomentsCUDAKernel` went;
 - `vae_parallel_norms_modulation`: and the decoder norms' modulation at the latent's size, combined in
   one pass (`cogvideox.fast.vae_latent_modulation`): where the bias adds and the multiply went;
+- `vae_lean`: and the activations written into the causal convolutions' padded inputs
+  (`cogvideox.fast.vae_pad_in_place`): where the concatenations went;
 - `step_eager`: one 5B transformer step at CFG batch 2 in our exact mode (fused QKV, "auto" attention:
   FlashAttention-3 where installed, else cuDNN first), after one warm-up step;
 - `step_compiled`: the same model with regional torch.compile (`cogvideox.fast`), after a warm-up step
@@ -70,13 +72,14 @@ VAE_TARGETS = {
     "vae": {},
     "vae_parallel_norms": dict(parallel_norms="welford"),
     "vae_parallel_norms_modulation": dict(parallel_norms="welford", latent_modulation=True),
+    "vae_lean": dict(parallel_norms="welford", latent_modulation=True, pad_in_place=True),
     "vae_channels_last": dict(channels_last=True),
     "vae_conv2d_channels_last": dict(conv2d=True, channels_last=True),
     "vae_conv2d": dict(conv2d=True),
 }
 STEP_TARGETS = ("step_eager", "step_compiled")
 TARGETS = (
-    "vae", "vae_parallel_norms", "vae_parallel_norms_modulation", "step_eager", "step_compiled", "vae_channels_last", "vae_conv2d_channels_last",
+    "vae", "vae_parallel_norms", "vae_parallel_norms_modulation", "vae_lean", "step_eager", "step_compiled", "vae_channels_last", "vae_conv2d_channels_last",
     "vae_conv2d",
 )
 
@@ -239,6 +242,8 @@ def main() -> None:
             fast.vae_parallel_norms(vae, options["parallel_norms"])
         if options.get("latent_modulation"):
             fast.vae_latent_modulation(vae)
+        if options.get("pad_in_place"):
+            fast.vae_pad_in_place(vae)
         z = decode_latents(vae_config, latent, device, dtype)
         with torch.inference_mode():
             if device.type == "cuda":  # (the CPU smoke test needs none)

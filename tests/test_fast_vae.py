@@ -1,6 +1,6 @@
 """The VAE levers (cogvideox.fast.vae: channels-last, 3D convolutions as 2D ones, fused norms; cogvideox.fast.
 group_norm: GroupNorm by parallel reductions; cogvideox.fast.modulation: the decoder norms' modulation at
-the latent's size) against the exact path, and the memory layout along the way."""
+the latent's size; cogvideox.fast.causal_pad: activations written into the padded inputs) against the exact path, and the memory layout along the way."""
 
 import contextlib
 import copy
@@ -14,6 +14,7 @@ from torch._dynamo.utils import counters
 
 from cogvideox.fast import vae as fast_vae
 from cogvideox.fast.group_norm import group_norm, parallel_norms
+from cogvideox.fast.causal_pad import pad_in_place
 from cogvideox.fast.modulation import latent_size_modulation
 from cogvideox.fast.vae import as_conv2d, channels_last, fuse_norms
 from cogvideox.models.config import VAEConfig
@@ -546,3 +547,72 @@ def test_latent_size_modulation_composes_with_the_other_levers(pair, modulated, 
 def test_latent_size_modulation_takes_a_vae_only():
     with pytest.raises(TypeError, match="takes a CogVideoXVAE"):
         latent_size_modulation(nn.Linear(2, 2))
+
+
+@pytest.fixture(scope="module")
+def padded(pair):
+    exact, _ = pair
+    vae = copy.deepcopy(exact)
+    blocks = sum(isinstance(m, ResnetBlock3D) for m in vae.modules())
+    assert pad_in_place(vae) == blocks > 0
+    assert pad_in_place(vae) == blocks  # idempotent
+    return vae
+
+
+@contextlib.contextmanager
+def activation_concatenations():
+    """How many time-axis concatenations a decode makes of tensors with more than one frame (the causal
+    padding of the exact path copies each activation so; the frame caches' two frames do not count)."""
+    seen = []
+    real = torch.cat
+
+    def spy(tensors, dim=0, **kwargs):
+        if dim == 2 and any(t.shape[2] > 2 for t in tensors):
+            seen.append(1)
+        return real(tensors, dim=dim, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "cat", spy)
+        with torch.no_grad():
+            yield seen
+
+
+@pytest.mark.parametrize("latent_frames", [1, 5])
+def test_pad_in_place_is_the_exact_decode_without_the_activation_copies(pair, padded, latent_frames):
+    exact, _ = pair
+    z = torch.randn(1, 4, latent_frames, 3, 5, generator=torch.Generator().manual_seed(40 + latent_frames))
+    x = torch.randn(1, 3, 9, 24, 40, generator=torch.Generator().manual_seed(40))
+    with activation_concatenations() as copies_exact:
+        want, want_posterior = exact.decode(z), exact.encode(x)
+    with activation_concatenations() as copies:
+        got, posterior = padded.decode(z), padded.encode(x)
+    # the same function of each value; on the CPU the vectorised SiLU and its scalar remainder loop round
+    # exp differently, hence rounding, not bits (chunks, caches and the encoder included)
+    assert got.shape == want.shape and rel_err(got, want) <= 1e-5
+    assert rel_err(posterior.mean, want_posterior.mean) <= 1e-5
+    assert rel_err(posterior.logvar, want_posterior.logvar) <= 1e-5
+    assert len(copies) < len(copies_exact)
+
+
+def test_pad_in_place_tiled_and_with_the_other_levers(pair, padded, fused):
+    exact, _ = pair
+    z = torch.randn(1, 4, 3, 5, 8, generator=torch.Generator().manual_seed(42))
+    try:
+        for vae in (exact, padded):
+            vae.enable_tiling(24, 40, 1 / 3, 1 / 5)
+        with torch.no_grad():
+            assert rel_err(padded.decode(z), exact.decode(z)) <= 1e-5
+    finally:
+        for vae in (exact, padded):
+            vae.disable_tiling()
+    every = copy.deepcopy(padded)
+    parallel_norms(every)
+    latent_size_modulation(every)
+    as_conv2d(every)
+    got, want, seen = channels_last_decodes(exact, every, seed=43)
+    assert rel_err(got, want) <= 1e-5
+    assert_all_channels_last(seen, 20)  # the padded inputs keep the activations' layout
+    both = copy.deepcopy(fused)
+    assert pad_in_place(both) == 0  # the fused blocks pad in their own kernel
+    with pytest.raises(TypeError, match="takes a CogVideoXVAE"):
+        pad_in_place(nn.Linear(2, 2))
