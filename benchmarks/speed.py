@@ -82,12 +82,13 @@ MODES = {
     "fp8": dict(quantize="fp8", compile=True),
     "cache": dict(compile=True, cache=None),  # threshold from --cache-threshold
     "fp8-cache": dict(quantize="fp8", compile=True, cache=None),  # the fp8 + caching target
+    "fp8-fa3-cache": dict(quantize="fp8", compile=True, attention="fa3", cache=None),  # and FlashAttention-3
     "fa3": dict(compile=True, attention="fa3"),  # FlashAttention-3 (against "compile"): exact
     "fp8-fa3": dict(quantize="fp8", compile=True, attention="fa3"),  # fp8 linears, FlashAttention-3
     "sage": dict(compile=True, attention="sage"),  # 8-bit attention alone (against "compile")
     "fp8-sage": dict(quantize="fp8", compile=True, attention="sage"),  # fp8 linears and 8-bit attention
 }
-LOSSY = ("int8", "fp8", "cache", "fp8-cache", "sage", "fp8-sage")
+LOSSY = ("int8", "fp8", "cache", "fp8-cache", "fp8-fa3-cache", "sage", "fp8-sage")
 
 
 class Clock:
