@@ -132,6 +132,8 @@ step finetune-5b-lora-compile-plain 100 70 finetune_memory.py --variant 5b --mod
 # 4. 2B LoRA compiled keeping the attention results (no offloading): predicted 0.67x at about 9.8 GB, both 2B
 #    targets; against the reference eager, with more timed steps (the two of 2026-11-30 were 1.10 and 1.28 s).
 step finetune-2b-lora-save 120 80 finetune_memory.py --variant 2b --mode lora --repeat 4 --compile --save-attention --memory-trace
+# The same on an int8 base, should the kept attention results take it past 10 GB (predicted about 8.7 GB).
+step finetune-2b-lora-save-int8 100 60 finetune_memory.py --variant 2b --mode lora --repeat 4 --compile --save-attention --quantize-base int8 --no-reference
 # 5. The speed modes with int8 and against an fp32 step (the bf16 noise floor), and the model card's INT8
 #    in the memory modes.
 step speed-5b          220  90 speed.py --variant 5b --modes "fused,compile,$SPEED_MODE_LOSSY" --repeat 3 --trajectory-steps 10 --skip-t5 --skip-vae
