@@ -54,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from core_full_size import build, save_json  # noqa: E402
 from speed import (  # noqa: E402
     Clock,
+    apply_vae_levers,
     configs,
     decode_latents,
     failure,
@@ -233,17 +234,7 @@ def main() -> None:
 
     def vae_target(target: str) -> dict:
         vae = build(lambda: CogVideoXVAE(vae_config), device, dtype, seed=2)  # speed.py's VAE weights
-        options = VAE_TARGETS[target]
-        if options.get("conv2d"):
-            fast.vae_conv2d(vae)
-        if options.get("channels_last"):
-            fast.vae_channels_last(vae)
-        if options.get("parallel_norms"):
-            fast.vae_parallel_norms(vae, options["parallel_norms"])
-        if options.get("latent_modulation"):
-            fast.vae_latent_modulation(vae)
-        if options.get("pad_in_place"):
-            fast.vae_pad_in_place(vae)
+        apply_vae_levers(vae, VAE_TARGETS[target])
         z = decode_latents(vae_config, latent, device, dtype)
         with torch.inference_mode():
             if device.type == "cuda":  # (the CPU smoke test needs none)

@@ -598,7 +598,11 @@ def fresh_vae(vae_config, weights: dict, device, options: dict) -> torch.nn.Modu
         else:
             vae = CogVideoXVAE(vae_config)
     vae.load_state_dict(weights, assign=True)
-    vae = vae.to(device).eval()
+    return apply_vae_levers(vae.to(device).eval(), options)
+
+
+def apply_vae_levers(vae: torch.nn.Module, options: dict) -> torch.nn.Module:
+    """Our VAE with the levers `options` names (as in VAE_VARIANTS), in the order they compose."""
     if options.get("conv2d"):
         fast.vae_conv2d(vae)
     if options.get("channels_last"):
