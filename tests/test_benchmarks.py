@@ -207,6 +207,41 @@ def test_finetune_memory_groups_live_blocks_by_the_code_that_allocated_them():
     assert got[0]["origin"] == "transformer.py:2 forward <- functional.py:3 linear"
 
 
+def test_finetune_memory_traces_what_is_live_after_the_forward_pass(monkeypatch):
+    # The trace runs on a GPU only: here the allocator's functions are stand-ins, to check the bookkeeping.
+    import types
+
+    import torch
+
+    finetune = __import__("finetune_memory")
+    history, allocated = [], {"now": 0}
+    snapshot = {"segments": [{"blocks": [{"size": 3e9, "state": "active_allocated", "frames": []}]}]}
+    for name, fake in {
+        "synchronize": lambda *a: None,
+        "reset_peak_memory_stats": lambda *a: allocated.update(peak=allocated["now"]),
+        "memory_allocated": lambda *a: allocated["now"],
+        "max_memory_allocated": lambda *a: allocated["peak"],
+    }.items():
+        monkeypatch.setattr(torch.cuda, name, fake)
+    monkeypatch.setattr(torch.cuda.memory, "_record_memory_history", lambda enabled=None, **k: history.append(enabled))
+    monkeypatch.setattr(torch.cuda.memory, "_snapshot", lambda: snapshot)
+
+    def step(i, after_forward=None):
+        allocated.update(now=5e9, peak=7e9)  # the forward pass
+        after_forward()
+        allocated.update(now=2e9, peak=9e9)  # the backward pass
+
+    model = types.SimpleNamespace(offload_stats={"copied": 84, "copied_bytes": 9.2e9, "kept_bytes": 1e6})
+    case, saved = {"mode": "lora"}, []
+    finetune.memory_trace(step, model, torch.device("cuda"), 4, case, lambda: saved.append(1))
+    assert history == ["state", None] and saved  # the history on for the step, then off; the case saved
+    assert case["memory_trace"] == {
+        "after_forward_gb": 5.0, "forward_peak_gb": 7.0, "step_peak_gb": 9.0,
+        "live_after_forward": [{"origin": "before the trace", "gb": 3.0, "blocks": 1}],
+        "offload": {"copied": 84, "copied_gb": 9.2, "kept_gb": 0.001},
+    }
+
+
 def test_finetune_memory_compiles_after_the_lora_and_records_a_case_that_fails(tmp_path, monkeypatch):
     # The compilation itself is tested in test_fast_compile; here, what the script compiles and when, and
     # that a case whose compilation fails is recorded while the others are measured.
