@@ -1,6 +1,7 @@
 """The VAE levers (cogvideox.fast.vae: channels-last, 3D convolutions as 2D ones, fused norms; cogvideox.fast.
 group_norm: GroupNorm by parallel reductions; cogvideox.fast.modulation: the decoder norms' modulation at
-the latent's size; cogvideox.fast.causal_pad: activations written into the padded inputs) against the exact path, and the memory layout along the way."""
+the latent's size; cogvideox.fast.causal_pad: activations written into the padded inputs) against the exact
+path, and the memory layout along the way."""
 
 import contextlib
 import copy
@@ -19,7 +20,7 @@ from cogvideox.fast.modulation import latent_size_modulation
 from cogvideox.fast.vae import as_conv2d, channels_last, fuse_norms
 from cogvideox.models.config import VAEConfig
 from cogvideox.models.vae import CogVideoXVAE
-from cogvideox.models.vae_blocks import ResnetBlock3D, SpatialNorm3D
+from cogvideox.models.vae_blocks import CausalConv3d, ResnetBlock3D, SpatialNorm3D
 
 CONFIG = VAEConfig(
     block_out_channels=(16, 16, 32, 32),
@@ -561,18 +562,18 @@ def padded(pair):
 
 @contextlib.contextmanager
 def activation_concatenations():
-    """How many time-axis concatenations a decode makes of tensors with more than one frame (the causal
-    padding of the exact path copies each activation so; the frame caches' two frames do not count)."""
+    """How many times a decode copies a whole activation into a causal convolution's padded input (what
+    `CausalConv3d.forward` does for each call with a time padding)."""
     seen = []
-    real = torch.cat
+    real = CausalConv3d.forward
 
-    def spy(tensors, dim=0, **kwargs):
-        if dim == 2 and any(t.shape[2] > 2 for t in tensors):
+    def spy(conv, x, cache=None):
+        if conv.time_pad:
             seen.append(1)
-        return real(tensors, dim=dim, **kwargs)
+        return real(conv, x, cache)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(torch, "cat", spy)
+        patch.setattr(CausalConv3d, "forward", spy)
         with torch.no_grad():
             yield seen
 

@@ -5,7 +5,8 @@ These levers were built on the belief that the decoder's time is almost all conv
 3x3x3 and 3x3 convolutions for 49 frames at 480x720). The kernel profile says otherwise (one H200, torch
 2.11, bf16, 5B decoder; BENCHMARKS.md): cuDNN runs those convolutions in 427 ms of the 2199 ms decode,
 already on its NHWC tensor-core kernels, and GroupNorm's statistics kernel alone takes 803 ms. The
-levers for that are in `group_norm.py` and `modulation.py`; the two convolution levers here lost.
+levers for that are in `group_norm.py`, `modulation.py` and `causal_pad.py`; the two convolution levers
+here lost.
 
 `channels_last(vae)` stores every convolution weight channels-last and hands the encoder and decoder
 their input chunks channels-last. The layers between the convolutions (norms, nearest upsampling, the
@@ -231,12 +232,8 @@ def _norm_then_conv(norm: nn.Module, conv: CausalConv3d, x, zq, cache: ConvCache
     return conv.conv(padded)
 
 
-def _fused_resnet_forward(block: ResnetBlock3D, x: torch.Tensor, cache=None, zq=None) -> torch.Tensor:
-    h = _norm_then_conv(block.norm1, block.conv1, x, zq, cache)
-    h = _norm_then_conv(block.norm2, block.conv2, h, zq, cache)
-    if block.conv_shortcut is not None:
-        x = block.conv_shortcut(x)
-    return h + x
+def _fused_norm_act_conv(block: ResnetBlock3D, norm: nn.Module, conv: CausalConv3d, x, zq, cache) -> torch.Tensor:
+    return _norm_then_conv(norm, conv, x, zq, cache)
 
 
 def fuse_norms(vae: nn.Module) -> int:
@@ -256,6 +253,6 @@ def fuse_norms(vae: nn.Module) -> int:
     if any(block.act is not F.silu for block in blocks):
         raise ValueError("fuse_norms() needs the SiLU activation of the CogVideoX VAEs")
     for block in blocks:
-        block.forward = types.MethodType(_fused_resnet_forward, block)
+        block.norm_act_conv = types.MethodType(_fused_norm_act_conv, block)
         block.offload_as_one = True  # it reads its norms' weights directly: offloading moves them together
     return len(blocks)

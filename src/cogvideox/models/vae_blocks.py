@@ -78,15 +78,33 @@ class CausalConv3d(nn.Module):
     def forward(self, x: torch.Tensor, cache: ConvCache | None = None) -> torch.Tensor:
         if self.time_pad == 0:
             return self.conv(x)
+        padded = padded_like(x, self.time_pad)
+        padded[:, :, self.time_pad :].copy_(x)
+        return self.conv_padded(padded, cache)
+
+    def conv_padded(self, padded: torch.Tensor, cache: ConvCache | None = None) -> torch.Tensor:
+        """The convolution of `padded` [B, C, k-1 + T, H, W] (`padded_like`), whose last T frames hold the
+        input: its first k-1 frames are filled here (the previous chunk's last frames from `cache`, else
+        the first input frame repeated) and `cache` takes this input's last k-1 frames. A seam for the
+        decode levers (`cogvideox.fast.causal_pad` writes the activation into the input frames itself)."""
+        pad = self.time_pad
         past = cache.get(self) if cache is not None else None
-        # The first frame repeated is concatenated as k-1 slices rather than one expanded view, so the
-        # result keeps the input's memory layout (channels-last too, see cogvideox.fast.vae).
-        pad = [past] if past is not None else [x[:, :, :1]] * self.time_pad
-        x = torch.cat([*pad, x], dim=2)  # [B, C, T + k-1, H, W]
+        front = past if past is not None else padded[:, :, pad : pad + 1].expand(-1, -1, pad, -1, -1)
+        padded[:, :, :pad].copy_(front)
         if cache is not None:
             # A copy, so the cache does not keep the whole padded input alive until the next chunk.
-            cache[self] = x[:, :, -self.time_pad :].clone()
-        return self.conv(x)
+            cache[self] = padded[:, :, -pad:].clone()
+        return self.conv(padded)
+
+
+def padded_like(x: torch.Tensor, pad: int) -> torch.Tensor:
+    """An uninitialised [B, C, pad + T, H, W] tensor for x [B, C, T, H, W] with `pad` frames in front, in
+    x's memory layout (channels-last too, see cogvideox.fast.vae; a tensor that is both, a single frame,
+    counts as channels-first)."""
+    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d)
+    b, c, t, h, w = x.shape
+    return torch.empty((b, c, pad + t, h, w), dtype=x.dtype, device=x.device,
+                       memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format)  # fmt: skip
 
 
 def resize_latent_to(zq: torch.Tensor, size: torch.Size | tuple[int, int, int]) -> torch.Tensor:
@@ -152,11 +170,19 @@ class ResnetBlock3D(nn.Module):
         self.conv_shortcut = SafeConv3d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor, cache: ConvCache | None = None, zq: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.conv1(self.act(_normalize(self.norm1, x, zq)), cache)
-        h = self.conv2(self.act(_normalize(self.norm2, h, zq)), cache)
+        h = self.norm_act_conv(self.norm1, self.conv1, x, zq, cache)
+        h = self.norm_act_conv(self.norm2, self.conv2, h, zq, cache)
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
         return h + x
+
+    def norm_act_conv(
+        self, norm: nn.Module, conv: CausalConv3d, x: torch.Tensor, zq: torch.Tensor | None, cache: ConvCache | None
+    ) -> torch.Tensor:
+        """`conv(act(norm(x[, zq])), cache)`: a seam for the decode levers (`cogvideox.fast.vae.fuse_norms`
+        fuses the norm, activation and padding; `cogvideox.fast.causal_pad` writes the activation into the
+        convolution's padded input)."""
+        return conv(self.act(_normalize(norm, x, zq)), cache)
 
 
 def _normalize(norm: nn.Module, x: torch.Tensor, zq: torch.Tensor | None) -> torch.Tensor:
