@@ -416,7 +416,7 @@ def _generate(args: argparse.Namespace) -> int:
     else:
         frames = result.frames[0]
         size = f"{frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]}"
-    print(f"wrote {where} ({size}, {fps:g} fps, seed {result.seed}) | " + stage_times(stages) + _cache_report(pipe))
+    print(f"wrote {where} ({size}, {fps:g} fps, seed {result.seed}) | " + stage_times(stages) + _levers_report(pipe))
     if latent_output:
         print(f"make the video with: cogvideox decode {shlex.quote(str(outputs[0]))}")
     return 0
@@ -484,7 +484,7 @@ def stage_times(stages: dict[str, float]) -> str:
     return ", ".join(f"{name} {seconds:.1f}s" for name, seconds in stages.items())
 
 
-def _cache_report(pipe) -> str:
+def _levers_report(pipe) -> str:
     """The speed levers that ran (what `--attention auto` chose included) and the step cache's count."""
     if pipe.acceleration is None:
         return ""

@@ -105,14 +105,20 @@ def auto_kernel(model: nn.Module, device: torch.device | str | None = None) -> s
     device = torch.device(next(model.parameters()).device if device is None else device)
     if device.type != "cuda" or not _is_hopper(device):
         return "sdpa"
-    layers = [m for m in model.modules() if isinstance(m, JointAttention)]
     try:
-        build = flash3.load_build()[0]
-        for attn in layers:
-            flash3.check_inputs(attn.norm_q.normalized_shape[0], attn.norm_q.weight.dtype, build)
+        _check_fa3_takes(model)
     except InputError:  # no build, one that does not load, or a model it does not take: SDPA's backends
         return "sdpa"
     return "fa3"
+
+
+def _check_fa3_takes(model: nn.Module) -> None:
+    """Raise `InputError` unless a FlashAttention-3 build loads and takes every attention layer's head size
+    and dtype."""
+    build = flash3.load_build()[0]
+    for attn in model.modules():
+        if isinstance(attn, JointAttention):
+            flash3.check_inputs(attn.norm_q.normalized_shape[0], attn.norm_q.weight.dtype, build)
 
 
 def use_attention_backend(model: nn.Module, name: str = "auto", device: torch.device | str | None = None) -> int:
@@ -135,9 +141,7 @@ def use_attention_backend(model: nn.Module, name: str = "auto", device: torch.de
     elif name == "sage-emulated":
         attend = _sage_emulated_attend
     elif name == "fa3":
-        build = flash3.load_build()[0]
-        for attn in layers:
-            flash3.check_inputs(attn.norm_q.normalized_shape[0], attn.norm_q.weight.dtype, build)
+        _check_fa3_takes(model)
         attend = _fa3_attend
     elif name == "auto" and auto_kernel(model, device) == "fa3":
         attend = _fa3_or_sdpa_attend
