@@ -132,6 +132,8 @@ def measure(step, device, repeat: int, case: dict, save) -> None:
     """One warm-up step, then `repeat` timed ones, each reported as it ends: a line on stdout and `case`
     updated and saved (`save()`), so a run stopped by a time cap keeps the peak after the warm-up (the
     step that allocates the optimizer state, so nearly every step's peak) and the timed steps it finished.
+    On a GPU, the memory still allocated after each step is listed too: a step that leaves memory behind
+    shows as a growing list.
 
     `step(i)` runs training step i and returns the seconds its optimizer step took. A compiled case
     (`case["compiled"]`) also records the graphs compiled in the warm-up and after it."""
@@ -160,6 +162,9 @@ def measure(step, device, repeat: int, case: dict, save) -> None:
         case |= {"s_per_step": round(statistics.median(times), 4),
                  "optimizer_s": round(statistics.median(optimizer_times), 4), "steps_timed": i}
         steady = memory_figures(device)
+        if device.type == "cuda":
+            after = case.setdefault("allocated_after_steps_gb", [])
+            after.append(round(torch.cuda.memory_allocated() / 1e9, 2))
         if steady:
             case |= {"steady_peak_gb": steady["peak_gb"],
                      "peak_gb": max(warm_peaks["peak_gb"], steady["peak_gb"]),
@@ -300,6 +305,11 @@ def run_case(args, config: TransformerConfig, device, dtype, case: dict, save) -
     print(f"{mode} set up: {case['setup_s']:.2f} s", flush=True)
     step = training_step(model, params, optimizer, x0, text, rotary, device, dtype)
     measure(step, device, args.repeat, case, save)
+    if model.offload_stats:  # the last step's: copied to the host, and copied back (as many, once each)
+        stats = model.offload_stats
+        case["offload"] = {"copied": stats["copied"], "copied_back": stats["copied_back"],
+                           "copied_gb": round(stats["copied_bytes"] / 1e9, 2)}
+        save()
     if args.memory_trace:
         memory_trace(step, model, device, args.repeat + 1, case, save)
     del model, optimizer, params, step

@@ -120,20 +120,22 @@ step() {
 #    tiled, against the reference and our exact decode; then the compiled fused norms; then its profile.
 step vae-5b            150  60 speed.py --variant 5b --vae-only --vae-variants "$VAE_FIRST"
 step profile-vae        60  40 kernel_profile.py --variant 5b --targets vae,vae_parallel_norms,vae_parallel_norms_modulation,vae_lean
-# 2. 5B LoRA with the frozen linears the adapters leave alone in int8 (`--quantize-base int8`): predicted
-#    about 17.2 GB (under 18) at the eager step's time, against the reference; then compiled, predicted
-#    about 16.5 GB at 0.82-0.90x.
-step finetune-5b-lora-int8 100 70 finetune_memory.py --variant 5b --mode lora --repeat 2 --quantize-base int8 --memory-trace
-step finetune-5b-lora-int8-compile 100 70 finetune_memory.py --variant 5b --mode lora --repeat 3 --quantize-base int8 --compile --no-reference
-# 3. Why the compiled LoRA steps with offloaded activations grew (34 and 54 GB against 21 eager): offloading
-#    without compiling, compiling without offloading, each with a trace of what is live after the forward.
-step finetune-5b-lora-offload 80 50 finetune_memory.py --variant 5b --mode lora --repeat 2 --offload-activations --no-reference --memory-trace
-step finetune-5b-lora-compile-plain 100 70 finetune_memory.py --variant 5b --mode lora --repeat 2 --compile --no-reference --memory-trace
-# 4. 2B LoRA compiled keeping the attention results (no offloading): predicted 0.67x at about 9.8 GB, both 2B
+# 2. 5B LoRA compiled with offloaded activations, keeping the attention results and not: the pair that
+#    measured 54 and 34 GB on 2026-11-30, when every step left copies back of its block inputs (and kept
+#    attention results) on the GPU until Python's cycle collector ran (fixed since, `host_saves.py`).
+#    Predicted now: 16.4-17 GB at 0.71-0.80x, and 16.4 GB at 0.82-0.90x; `allocated_after_steps_gb` flat.
+step finetune-5b-lora-save 150 90 finetune_memory.py --variant 5b --mode lora --repeat 3 --compile --save-attention --offload-activations --memory-trace
+step finetune-5b-lora-compile 150 90 finetune_memory.py --variant 5b --mode lora --repeat 3 --compile --offload-activations
+# 3. 2B LoRA compiled keeping the attention results (no offloading): predicted 0.67x at about 9.8 GB, both 2B
 #    targets; against the reference eager, with more timed steps (the two of 2026-11-30 were 1.10 and 1.28 s).
 step finetune-2b-lora-save 120 80 finetune_memory.py --variant 2b --mode lora --repeat 4 --compile --save-attention --memory-trace
 # The same on an int8 base, should the kept attention results take it past 10 GB (predicted about 8.7 GB).
 step finetune-2b-lora-save-int8 100 60 finetune_memory.py --variant 2b --mode lora --repeat 4 --compile --save-attention --quantize-base int8 --no-reference
+# 4. 5B LoRA with the frozen linears the adapters leave alone in int8 (`--quantize-base int8`): predicted
+#    about 17.0 GB (under 18) at the eager step's time, against the reference; then compiled, predicted
+#    about 16.5 GB at 0.83-0.91x.
+step finetune-5b-lora-int8 100 70 finetune_memory.py --variant 5b --mode lora --repeat 2 --quantize-base int8 --memory-trace
+step finetune-5b-lora-int8-compile 100 70 finetune_memory.py --variant 5b --mode lora --repeat 3 --quantize-base int8 --compile --no-reference
 # 5. The speed modes with int8 and against an fp32 step (the bf16 noise floor), and the model card's INT8
 #    in the memory modes.
 step speed-5b          220  90 speed.py --variant 5b --modes "fused,compile,$SPEED_MODE_LOSSY" --repeat 3 --trajectory-steps 10 --skip-t5 --skip-vae
@@ -141,9 +143,9 @@ step memory-5b-int8    150  90 memory.py --variant 5b --int8 --modes none,model,
 # The 50-step run of the fastest lossy step with the step cache (fp8 + FlashAttention-3 was 0.599x a step;
 # the 0.33x target needs about half the steps skipped), against the exact 50 steps.
 step cache-5b          240 150 speed.py --variant 5b --modes "fused,$CACHE_MODE" --repeat 1 --trajectory-steps 50 --skip-t5 --skip-vae --no-fp32-truth
-# 6. The offloaded compiled LoRA steps again, traced (after the diagnosis above, to see a fix or the cause).
-step finetune-5b-lora-compile 150 90 finetune_memory.py --variant 5b --mode lora --repeat 3 --compile --offload-activations --memory-trace
-step finetune-5b-lora-save 150 90 finetune_memory.py --variant 5b --mode lora --repeat 3 --compile --save-attention --offload-activations --memory-trace
+# 6. Offloading without compiling, and compiling without offloading (5B LoRA), each traced.
+step finetune-5b-lora-offload 80 50 finetune_memory.py --variant 5b --mode lora --repeat 2 --offload-activations --no-reference --memory-trace
+step finetune-5b-lora-compile-plain 100 70 finetune_memory.py --variant 5b --mode lora --repeat 2 --compile --no-reference --memory-trace
 # 7. The rest, while time is left: fp8 + 8-bit attention in the model (without the fp32 step, which alone
 #    outlasted the cap on 2026-11-30), 2B core (the sin-cos table fix), the per-rank work, 2B speed,
 #    5B core again, the whole VAE ladder.

@@ -3,6 +3,7 @@ autograd asks for, the weights never (the copies themselves run on streams on a 
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -12,38 +13,39 @@ from cogvideox.models.host_saves import HostSaves
 def test_copies_back_run_ahead_of_the_backward_pass_each_once():
     saves = HostSaves(lookahead=3)
     tensors = [torch.full((4,), float(i)) for i in range(8)]
-    packed = [saves._pack(t) for t in tensors]
+    packed = [saves.copies.pack(t) for t in tensors]
     assert packed == list(range(8))  # each one copied to the host, by index
     got = {}
     for i in reversed(range(8)):  # the backward pass asks for the last saved first
-        got[i] = saves._unpack(packed[i])
+        got[i] = saves.copies.unpack(packed[i])
         if i == 7:
             assert saves.fetched == [7, 6, 5, 4]  # itself, then the 3 before it
     assert saves.fetched == [7, 6, 5, 4, 3, 2, 1, 0]  # each started once, in order
     for i, t in enumerate(tensors):
         assert torch.equal(got[i], t) and got[i].data_ptr() != t.data_ptr()  # a copy, the original freed
-    assert saves._back == {}  # nothing held after it was handed over
-    assert torch.equal(saves._unpack(packed[5]), tensors[5])  # asked again: copied back again
+    assert saves.copies._back == {}  # nothing held after it was handed over
+    assert torch.equal(saves.copies.unpack(packed[5]), tensors[5])  # asked again: copied back again
+    assert saves.fetched.count(5) == 2 and saves.copies._back == {}
 
 
 def test_a_tensor_saved_again_while_alive_is_copied_once():
     saves = HostSaves()
     table = torch.randn(16)
-    assert saves._pack(table) == saves._pack(table) == 0
+    assert saves.copies.pack(table) == saves.copies.pack(table) == 0
     del table  # freed: a new tensor at the same address is another tensor
     again = torch.randn(16)
-    assert saves._pack(again) == 1
+    assert saves.copies.pack(again) == 1
 
 
 def test_the_models_weights_are_not_copied():
     model = nn.Linear(4, 4)
     saves = HostSaves(model)
-    assert saves._pack(model.weight) is model.weight and saves._unpack(model.weight) is model.weight
+    assert saves.copies.pack(model.weight) is model.weight and saves.copies.unpack(model.weight) is model.weight
     activation = torch.randn(3, 4)
-    assert saves._pack(activation) == 0
-    assert saves._pack(activation) == 0  # saved again: not copied, nor counted, twice
+    assert saves.copies.pack(activation) == 0
+    assert saves.copies.pack(activation) == 0  # saved again: not copied, nor counted, twice
     # the weights are neither copied nor counted as kept
-    assert saves.stats() == {"copied": 1, "copied_bytes": 3 * 4 * 4, "kept_bytes": 0}
+    assert saves.stats() == {"copied": 1, "copied_bytes": 3 * 4 * 4, "kept_bytes": 0, "copied_back": 0}
 
 
 def test_a_transformer_reports_what_its_checkpointed_pass_copied():
@@ -61,6 +63,7 @@ def test_a_transformer_reports_what_its_checkpointed_pass_copied():
     assert stats["copied"] == 6
     assert stats["copied_bytes"] == 3 * B * (L + N) * D * 4
     assert stats["kept_bytes"] == 0
+    assert stats["copied_back"] == 6  # each once
 
 
 def test_gradients_through_the_hooks_are_the_plain_ones():
@@ -78,3 +81,62 @@ def test_gradients_through_the_hooks_are_the_plain_ones():
     assert saves.fetched  # the activations went through host copies
     got = [p.grad for p in model.parameters()] + [x.grad]
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def _recording(monkeypatch):
+    """HostSaves as the transformer makes them, each one recorded."""
+    import cogvideox.models.transformer as transformer
+
+    made = []
+
+    class Recorded(HostSaves):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(transformer, "HostSaves", Recorded)
+    return made
+
+
+@pytest.mark.parametrize("save_attention", [False, True])
+def test_each_copy_back_starts_once_and_none_outlives_the_backward_pass(monkeypatch, save_attention):
+    """Autograd asks for a block's saved inputs in the order they were saved (video, then text), not in
+    reverse, and a table every block saves is asked for once per block: each copy back starts once all
+    the same, and nothing copied back stays behind (on a GPU, a block's input left in device memory)."""
+    from test_fast_fuse import inputs, tiny_transformer
+
+    made = _recording(monkeypatch)
+    model = tiny_transformer(num_layers=4)
+    model.gradient_checkpointing = model.offload_activations = True
+    model.save_attention = save_attention
+    model.train()
+    x, text, t, rope = inputs(model, batch=1)
+    model(x, text, t, image_rotary_emb=rope).sum().backward()
+    copies = made[-1].copies
+    assert sorted(copies.fetched) == list(range(len(copies._saved)))  # each one, once
+    assert copies._back == {} and copies._left == {}
+
+
+def test_the_host_copies_go_with_the_graph_not_the_cycle_collector(monkeypatch):
+    """The hooks hold the copies and nothing holds the hooks but autograd's graph: once the backward
+    pass has freed it, the copies are gone, with Python's cycle collector off."""
+    import gc
+    import weakref
+
+    from test_fast_fuse import inputs, tiny_transformer
+
+    made = _recording(monkeypatch)
+    model = tiny_transformer(num_layers=2)
+    model.gradient_checkpointing = model.offload_activations = True
+    model.train()
+    x, text, t, rope = inputs(model, batch=1)
+    gc.disable()
+    try:
+        loss = model(x, text, t, image_rotary_emb=rope).sum()
+        copies = weakref.ref(made.pop().copies)
+        assert copies() is not None and copies()._saved  # held by the graph until the backward pass
+        loss.backward()
+        del loss
+        assert copies() is None
+    finally:
+        gc.enable()

@@ -274,22 +274,6 @@ def test_an_int8_base_is_for_lora_only(tmp_path):
         check_config(FinetuneConfig(data="d", output=str(tmp_path), quantize_base="fp8"))
 
 
-def test_offloading_with_compile_on_a_gpu_is_a_warning(tmp_path):
-    import warnings
-
-    from cogvideox.train.config import FinetuneConfig
-    from cogvideox.train.finetune import warn_offload_with_compile
-
-    both = FinetuneConfig(data="d", output=str(tmp_path), offload_activations=True, compile=True)
-    with pytest.warns(UserWarning, match="offload_activations with compile has measured more GPU memory"):
-        warn_offload_with_compile(both, torch.device("cuda"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no warning: on the CPU, or with one of the two alone
-        warn_offload_with_compile(both, torch.device("cpu"))
-        one = FinetuneConfig(data="d", output=str(tmp_path), offload_activations=True)
-        warn_offload_with_compile(one, torch.device("cuda"))
-
-
 def test_saved_attention_trains_the_same_lora_bit_for_bit(data_dir, tiny_rope_dir, tmp_path, monkeypatch):
     from cogvideox.models.transformer import ExpertBlock
 

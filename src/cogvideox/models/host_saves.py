@@ -10,9 +10,11 @@ produced it; the allocator is told that the copy stream uses its memory, so the 
 as soon as it is done with it and the copy runs alongside the next block's compute.
 
 Backward: autograd asks for the saved tensors about in the reverse order of saving (the last block's
-first). Asking for tensor i starts, on the copy stream, the copies back of i and of the `lookahead`
-tensors saved just before it (which the next blocks back will ask for), then makes the compute stream
-(not the host) wait for i's copy. So the copies back run ahead of the recompute that needs them.
+first, though within a block in an order of its own). Asking for tensor i starts, on the copy stream,
+the copies back of i and of the `lookahead` tensors saved before it that it has not handed over yet
+(which the next blocks back will ask for), then makes the compute stream (not the host) wait for i's
+copy. So the copies back run ahead of the recompute that needs them, each once; a copy back leaves the
+device when handed over as many times as it was saved, and at the latest when the backward pass ends.
 
 A tensor saved again while it still lives (the RoPE tables, which a compiled block saves for its
 backward pass) is copied once. Kept on the device instead: the model's weights (a compiled graph saves
@@ -61,26 +63,57 @@ def _storage(t: torch.Tensor) -> torch.UntypedStorage | None:
 class HostSaves(torch.autograd.graph.saved_tensors_hooks):
     """Saved-tensor hooks that keep the saved activations of one forward pass in host memory (see the
     module's docstring). `model`: whose weights stay on the device. `lookahead`: how many tensors before
-    the one asked for are copied back ahead of time (a block's checkpoint saves its 2 inputs)."""
+    the one asked for are copied back ahead of time (a block's checkpoint saves its 2 inputs).
+
+    The hooks are the methods of a `_Copies` that does not refer back to this object: autograd's graph
+    holds the hooks, so the host copies live exactly as long as the graph (a hook bound to this object
+    would make a reference cycle, and the copies, with any copy back not yet asked for, would wait for
+    Python's cycle collector, steps later)."""
 
     def __init__(self, model: nn.Module | None = None, lookahead: int = 4) -> None:
+        self.copies = _Copies(model, lookahead)
+        super().__init__(self.copies.pack, self.copies.unpack)
+
+    def stats(self) -> dict:
+        """Tensors copied to the host and their bytes, the bytes of saved tensors kept on the device
+        (small ones, or without storage of their own; the weights are not counted), and how many copies
+        back have started so far (after a backward pass: as many as were copied). The dict is kept up to
+        date: held from the end of the forward pass, it shows the backward pass's copies back too."""
+        return self.copies.stats()
+
+    @property
+    def fetched(self) -> list[int]:
+        """Indices of the saved tensors in the order their copies back started."""
+        return self.copies.fetched
+
+
+class _Copies:
+    """The host copies of one forward pass's saved tensors and their copies back (see the module's
+    docstring).
+
+    A saved tensor is handed back as many times as it was saved (a table that every block saves is one
+    copy, asked for once per block): its copy back stays on the device until then, and the lookahead
+    skips tensors already handed over, so each copy back starts once. Whatever was copied back and never
+    asked for is dropped when the backward pass ends."""
+
+    def __init__(self, model: nn.Module | None, lookahead: int) -> None:
         self.lookahead = lookahead
         weights = (_storage(p) for p in model.parameters()) if model is not None else ()
         self._weights = {storage.data_ptr() for storage in weights if storage is not None}
         self._saved: list[tuple[torch.device, torch.Tensor]] = []  # by index: (device, host copy)
-        self._back: dict[int, tuple[torch.Tensor, object]] = {}  # copied back, not yet asked for: (tensor, event)
+        self._uses: list[int] = []  # by index: how many times it was saved
+        self._left: dict[int, int] = {}  # copied back: how many more times it will be asked for
+        self._back: dict[int, tuple[torch.Tensor, object]] = {}  # copied back, still wanted: (tensor, event)
         self._streams: dict[torch.device, object] = {}
         self._seen: dict[tuple, tuple[weakref.ref, int]] = {}  # tensors saved so far, while they live
+        self._cleanup_queued = False
         self.fetched: list[int] = []  # indices in the order their copies back started
-        # What this pass saved: bytes copied to the host, and bytes left on the device (weights aside).
-        self.copied_bytes = 0
-        self.kept_bytes = 0
-        super().__init__(self._pack, self._unpack)
+        # What this pass saved (bytes copied to the host, bytes left on the device, weights aside) and
+        # how many copies back started: kept up to date, so a caller holding it sees the backward's too.
+        self.counts = {"copied": 0, "copied_bytes": 0, "kept_bytes": 0, "copied_back": 0}
 
     def stats(self) -> dict:
-        """Tensors copied to the host and their bytes, and the bytes of saved tensors kept on the device
-        (small ones, or without storage of their own; the weights are not counted)."""
-        return {"copied": len(self._saved), "copied_bytes": self.copied_bytes, "kept_bytes": self.kept_bytes}
+        return self.counts
 
     def _stream(self, device: torch.device):
         if device.type != "cuda":
@@ -89,28 +122,41 @@ class HostSaves(torch.autograd.graph.saved_tensors_hooks):
             self._streams[device] = torch.cuda.Stream(device)
         return self._streams[device]
 
-    def _pack(self, t: torch.Tensor):
+    def pack(self, t: torch.Tensor):
         storage = _storage(t)
         if storage is not None and storage.data_ptr() in self._weights:
             return t  # a weight: kept, and not counted
         if storage is None or (t.is_cuda and storage.nbytes() < SMALL_BYTES):
-            self.kept_bytes += t.numel() * t.element_size()
+            self.counts["kept_bytes"] += t.numel() * t.element_size()
             return t  # kept as it is
         key = (t.data_ptr(), t.shape, t.stride(), t.dtype)
         seen = self._seen.get(key)
         if seen is not None and seen[0]() is not None:
+            self._uses[seen[1]] += 1
             return seen[1]  # the same tensor, still alive, saved again (a table every block saves): one copy
         self._saved.append(_to_host(t, self._stream(t.device)))
-        self.copied_bytes += t.numel() * t.element_size()
+        self._uses.append(1)
+        self.counts["copied"] += 1
+        self.counts["copied_bytes"] += t.numel() * t.element_size()
         self._seen[key] = (weakref.ref(t), len(self._saved) - 1)
         return len(self._saved) - 1
 
-    def _unpack(self, packed):
+    def unpack(self, packed):
         if isinstance(packed, torch.Tensor):
             return packed
-        for i in range(packed, max(packed - self.lookahead, 0) - 1, -1):  # itself first, then those before
-            self._fetch(i)
-        tensor, event = self._back.pop(packed)
+        self._drop_leftovers_after_backward()
+        self._fetch(packed)
+        ahead = 0
+        for i in range(packed - 1, -1, -1):  # the tensors saved before it, not yet handed over
+            if ahead == self.lookahead:
+                break
+            if self._left.get(i, 1) > 0:
+                self._fetch(i)
+                ahead += 1
+        tensor, event = self._back[packed]
+        self._left[packed] -= 1
+        if self._left[packed] == 0:
+            del self._back[packed]  # handed over as many times as it was saved
         if event is not None:
             current = torch.cuda.current_stream(tensor.device)
             current.wait_event(event)
@@ -118,11 +164,13 @@ class HostSaves(torch.autograd.graph.saved_tensors_hooks):
         return tensor
 
     def _fetch(self, index: int) -> None:
-        """Start the copy back of saved tensor `index` (unless it is under way)."""
+        """Start the copy back of saved tensor `index` (unless it is under way or already here)."""
         if index in self._back:
             return
         device, host = self._saved[index]
         self.fetched.append(index)
+        self.counts["copied_back"] += 1
+        self._left[index] = self._uses[index]  # asked again after that (a second backward): copied again
         stream = self._stream(device)
         if stream is None:
             self._back[index] = (host.to(device), None)  # on the CPU: the host copy itself
@@ -131,3 +179,20 @@ class HostSaves(torch.autograd.graph.saved_tensors_hooks):
             tensor = host.to(device, non_blocking=True)
             event = stream.record_event()
         self._back[index] = (tensor, event)
+
+    def _drop_leftovers_after_backward(self) -> None:
+        """Once per backward pass: at its end, drop copies back that nothing asked for (a saved tensor
+        whose node the pass did not reach). Outside a backward pass (a saved tensor read directly)
+        there is no end to wait for."""
+        if self._cleanup_queued:
+            return
+        try:
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+        except RuntimeError:
+            return
+        self._cleanup_queued = True
+
+    def _end_of_backward(self) -> None:
+        self._back.clear()
+        self._left.clear()
+        self._cleanup_queued = False

@@ -260,7 +260,7 @@ class CogVideoXTransformer(nn.Module):
         # With gradient checkpointing: keep each block's attention results through the backward pass
         # (`saving_attention`): its recompute then skips the attention kernel, for their memory.
         self.save_attention = False
-        self.offload_stats: dict | None = None  # the last offloaded pass's HostSaves.stats()
+        self.offload_stats: dict | None = None  # the last offloaded pass's HostSaves.stats(), kept up to date
 
     def rotary_embedding(
         self,

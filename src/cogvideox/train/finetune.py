@@ -234,8 +234,6 @@ class Run:
                 "there already, so it saves no memory",
                 stacklevel=2,
             )
-        if self.procs.main:
-            warn_offload_with_compile(c, self.device)
         if c.full:
             for p in self.transformer.parameters():
                 p.requires_grad_(True)
@@ -551,19 +549,6 @@ def recorded_timestep_sampling(record: dict) -> str:
     usable one; a run resumed without the setting continues as it began."""
     value = record.get("timesteps")
     return value if value in TIMESTEPS else "uniform"
-
-
-def warn_offload_with_compile(config: FinetuneConfig, device: torch.device) -> None:
-    """A warning for `offload_activations` with `compile` on a GPU: measured on one H200 (5B LoRA at
-    49x480x720, BENCHMARKS.md), the pair peaked at 34 GB (54 GB with `save_attention` too) and stepped
-    in 5.1 s, where the eager step without offloading takes 21 GB and 3.7 s. The gradients are right;
-    the memory and the time are not what the settings are for, until the cause is found."""
-    if config.offload_activations and config.compile and device.type == "cuda":
-        warnings.warn(
-            "offload_activations with compile has measured more GPU memory, not less, and a slower step "
-            "(5B LoRA: 34 GB and 5.1 s/step against 21 GB and 3.7 s with neither); use one or the other",
-            stacklevel=3,
-        )
 
 
 def warn_if_validation_never_runs(config: FinetuneConfig) -> None:
