@@ -60,8 +60,10 @@ def test_a_transformer_reports_what_its_checkpointed_pass_copied():
     # each block's checkpoint saves its two inputs, video and text tokens: 2 x 3 copies, nothing else
     B, L, D = text.shape[0], text.shape[1], model.config.inner_dim
     N = x.shape[1] * (x.shape[3] // 2) * (x.shape[4] // 2)  # patches of 2 x 2
-    assert stats["copied"] == 6
-    assert stats["copied_bytes"] == 3 * B * (L + N) * D * 4
+    assert B == 2 and stats["copied"] == 6
+    # block 0's video tokens are a slice of the embedded sequence: its run of storage crosses whole,
+    # the text rows between the two clips' video rows included
+    assert stats["copied_bytes"] == (3 * B * (L + N) + (B - 1) * L) * D * 4
     assert stats["kept_bytes"] == 0
     assert stats["copied_back"] == 6  # each once
 
@@ -140,3 +142,45 @@ def test_the_host_copies_go_with_the_graph_not_the_cycle_collector(monkeypatch):
         assert copies() is None
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.randn(2, 11, 6)[:, 3:],  # video tokens of a batch: a slice, small gaps
+        lambda: torch.randn(2, 11, 6)[:, :3],  # text tokens of a batch: mostly gaps, elements alone
+        lambda: torch.randn(5, 1, 4).expand(5, 3, 4),  # broadcast: less storage than elements
+        lambda: torch.randn(1, 7, 4)[:, 2:],  # batch of one: dense, with the parent's stride for dim 0
+        lambda: torch.randn(4, 6).t(),  # transposed
+    ],
+    ids=["slice", "sparse-slice", "broadcast", "batch-of-one", "transposed"],
+)
+def test_a_saved_tensor_comes_back_with_its_own_strides(make):
+    """A compiled backward pass asserts the strides of what it saved: a copy back must have them."""
+    saves = HostSaves()
+    t = make()
+    i = saves.copies.pack(t)
+    del_ptr = t.data_ptr()
+    got = saves.copies.unpack(i)
+    assert got.shape == t.shape and got.stride() == t.stride() and torch.equal(got, t)
+    assert got.data_ptr() != del_ptr
+
+
+def test_a_compiled_batch_of_two_trains_through_the_host_copies():
+    """Compiled blocks, offloaded inputs, a batch of two: block 0's inputs are slices with gaps, which
+    the compiled backward pass gets back with their strides (it stopped with a stride assertion)."""
+    from test_fast_fuse import inputs, tiny_transformer
+
+    from cogvideox.fast.compile import compile_blocks
+
+    grads = []
+    for offload in (False, True):
+        model = tiny_transformer(num_layers=2).train()
+        compile_blocks(model)
+        model.gradient_checkpointing = True
+        model.offload_activations = offload
+        x, text, t, rope = inputs(model, batch=2)
+        model(x, text, t, image_rotary_emb=rope).square().mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, want in grads[0].items():
+        assert torch.equal(grads[1][name], want), name  # the same graph on the same values

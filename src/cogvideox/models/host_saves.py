@@ -35,20 +35,43 @@ from torch import nn
 SMALL_BYTES = 1 << 20  # saved tensors below this stay where they are
 
 
-def _to_host(t: torch.Tensor, stream=None) -> tuple[torch.device, torch.Tensor]:
-    """A host copy of a saved tensor and the device it comes back to. Always a fresh tensor, so the
-    original can be freed. From a GPU: pinned, on `stream` after the current stream's work so far, and
-    `t`'s memory marked as in use by `stream` until the copy is done. With the strides of the original
-    (a dense one): a compiled backward pass expects its saved tensors as it laid them out."""
-    host = torch.empty_like(t, device="cpu", pin_memory=t.is_cuda)
+def _span(t: torch.Tensor) -> int:
+    """How many elements of `t`'s storage its view reaches, from its first: its numel for a dense
+    tensor, more for a slice of a larger one (the gaps between rows), less for a broadcast one."""
+    return 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+
+
+def _to_host(t: torch.Tensor, stream=None) -> tuple[torch.Tensor, tuple, torch.device]:
+    """A host copy of a saved tensor, with what rebuilds it on the way back (sizes, strides, the reach of
+    storage they need) and the device it comes back to. Always fresh memory, so the original can be
+    freed. The strides come back as the original's exactly, a slice's included: a compiled backward
+    pass asserts the strides of the tensors it saved, and block 0's inputs are slices of the embedded
+    sequence. What crosses: the storage the view reaches in one run, unless that is over a quarter more
+    than its elements (the text slice of a batch, which spans the video rows between), then the
+    elements alone. From a GPU: pinned, on `stream` after the current stream's work so far, and `t`'s
+    memory marked as in use by `stream` until the copy is done."""
+    span = _span(t)
+    t = t.detach()
+    source = t.as_strided((span,), (1,)) if span <= 1.25 * t.numel() else t  # a run of storage, or the elements
+    host = torch.empty(source.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
+    view = (tuple(t.shape), tuple(t.stride()), span)
     if stream is None:
-        host.copy_(t.detach())
-        return t.device, host
+        host.copy_(source)
+        return host, view, t.device
     stream.wait_stream(torch.cuda.current_stream(t.device))
     with torch.cuda.stream(stream):
-        host.copy_(t.detach(), non_blocking=True)
+        host.copy_(source, non_blocking=True)
     t.record_stream(stream)
-    return t.device, host
+    return host, view, t.device
+
+
+def _from_host(host: torch.Tensor, view: tuple, device: torch.device) -> torch.Tensor:
+    """The saved tensor again on `device`, with its original sizes and strides (see `_to_host`)."""
+    shape, stride, span = view
+    if host.dim() == 1 and host.numel() == span:  # a run of storage: the view over it
+        return host.to(device, non_blocking=True).as_strided(shape, stride)
+    out = torch.empty(span, dtype=host.dtype, device=device).as_strided(shape, stride)
+    return out.copy_(host, non_blocking=True)  # the elements, into their places
 
 
 def _storage(t: torch.Tensor) -> torch.UntypedStorage | None:
@@ -100,7 +123,7 @@ class _Copies:
         self.lookahead = lookahead
         weights = (_storage(p) for p in model.parameters()) if model is not None else ()
         self._weights = {storage.data_ptr() for storage in weights if storage is not None}
-        self._saved: list[tuple[torch.device, torch.Tensor]] = []  # by index: (device, host copy)
+        self._saved: list[tuple[torch.Tensor, tuple, torch.device]] = []  # by index: what _to_host returns
         self._uses: list[int] = []  # by index: how many times it was saved
         self._left: dict[int, int] = {}  # copied back: how many more times it will be asked for
         self._back: dict[int, tuple[torch.Tensor, object]] = {}  # copied back, still wanted: (tensor, event)
@@ -126,7 +149,7 @@ class _Copies:
         storage = _storage(t)
         if storage is not None and storage.data_ptr() in self._weights:
             return t  # a weight: kept, and not counted
-        if storage is None or (t.is_cuda and storage.nbytes() < SMALL_BYTES):
+        if storage is None or t.numel() == 0 or (t.is_cuda and storage.nbytes() < SMALL_BYTES):
             self.counts["kept_bytes"] += t.numel() * t.element_size()
             return t  # kept as it is
         key = (t.data_ptr(), t.shape, t.stride(), t.dtype)
@@ -137,7 +160,7 @@ class _Copies:
         self._saved.append(_to_host(t, self._stream(t.device)))
         self._uses.append(1)
         self.counts["copied"] += 1
-        self.counts["copied_bytes"] += t.numel() * t.element_size()
+        self.counts["copied_bytes"] += self._saved[-1][0].nbytes  # what crosses to the host
         self._seen[key] = (weakref.ref(t), len(self._saved) - 1)
         return len(self._saved) - 1
 
@@ -167,16 +190,16 @@ class _Copies:
         """Start the copy back of saved tensor `index` (unless it is under way or already here)."""
         if index in self._back:
             return
-        device, host = self._saved[index]
+        host, view, device = self._saved[index]
         self.fetched.append(index)
         self.counts["copied_back"] += 1
         self._left[index] = self._uses[index]  # asked again after that (a second backward): copied again
         stream = self._stream(device)
-        if stream is None:
-            self._back[index] = (host.to(device), None)  # on the CPU: the host copy itself
+        if stream is None:  # on the CPU: no copy stream
+            self._back[index] = (_from_host(host, view, device), None)
             return
         with torch.cuda.stream(stream):
-            tensor = host.to(device, non_blocking=True)
+            tensor = _from_host(host, view, device)
             event = stream.record_event()
         self._back[index] = (tensor, event)
 
