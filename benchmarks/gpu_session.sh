@@ -39,6 +39,7 @@ SPEED_MODE_LOSSY="int8,fp8"
 CACHE_MODE="fp8-fa3-cache"  # the fastest lossy step (fp8 + FlashAttention-3: 0.599x) with the step cache
 SAGE_MODE="fp8-sage"
 ATTENTION_MODES="compile,fa3,fp8,fp8-fa3"
+FP8_ATTENTION_MODES="fp8-fa3,fp8-fa3fp8"  # fp8 linears with FlashAttention-3's bf16 and FP8 kernels
 # The VAE variants measured first: the new levers (GroupNorm's statistics over the whole GPU, alone, with
 # the decoder norms' modulation at the latent's size, and with the padded writes too: "lean"), beside the
 # reference and our exact decode, whole and tiled, then the compiled fused norms.
@@ -49,6 +50,7 @@ if [ -n "${TINY:-}" ]; then
     CACHE_MODE="cache"       # and the cache without fp8
     SAGE_MODE="sage"         # and 8-bit attention without fp8 (its math emulated on the CPU)
     ATTENTION_MODES="compile,fa3"  # and FlashAttention-3 without fp8 (SDPA stands in on the CPU)
+    FP8_ATTENTION_MODES="fa3fp8"   # and its FP8 kernel without fp8 linears (its math emulated on the CPU)
 fi
 
 # pack: $OUT as one archive at $PACK (when set), replaced whole after each step, for a machine that
@@ -131,6 +133,9 @@ step finetune-5b-lora-compile 150 90 finetune_memory.py --variant 5b --mode lora
 step finetune-2b-lora-save 120 80 finetune_memory.py --variant 2b --mode lora --repeat 4 --compile --save-attention --memory-trace
 # The same on an int8 base, should the kept attention results take it past 10 GB (predicted about 8.7 GB).
 step finetune-2b-lora-save-int8 100 60 finetune_memory.py --variant 2b --mode lora --repeat 4 --compile --save-attention --quantize-base int8 --no-reference
+# FlashAttention-3's FP8 kernel (e4m3 Q, K, V, one scale per head): the kernels alone at the 5B shape, then
+# the fp8 step with it against the fp8 step with the bf16 kernel (0.599x): predicted 0.53-0.57x.
+step fp8-attention-5b  200 100 speed.py --variant 5b --modes "$FP8_ATTENTION_MODES" --attention-kernels --repeat 3 --trajectory-steps 0 --skip-t5 --skip-vae --no-fp32-truth
 # 4. 5B LoRA with the frozen linears the adapters leave alone in int8 (`--quantize-base int8`): predicted
 #    about 17.0 GB (under 18) at the eager step's time, against the reference; then compiled, predicted
 #    about 16.5 GB at 0.83-0.91x.

@@ -21,11 +21,12 @@ peak memory, error) and the T5 encoding.
 
 --attention-kernels first times the attention kernels alone at the variant's shape (5B: B=2, 48 heads,
 17,776 tokens, head_dim 64), in the model dtype, on q and k out of LayerNorms with a per-channel offset in
-K (as the model's norm_k bias makes): SDPA cuDNN, SDPA flash, FlashAttention-3 (fa3) and sage (K's smoothing
-included, as the eager backend runs it), each with its median time, TFLOP/s (4 B H L^2 d FLOPs) and relative L2 error
-against fp32 SDPA (the memory-efficient kernel, TF32 off) of the same inputs; sage also against its
-emulation on the first four heads (the same quantised numbers: far closer than either is to fp32).
-On the CPU (--tiny) the math SDPA and sage's emulation stand in, labelled so.
+K (as the model's norm_k bias makes): SDPA cuDNN, SDPA flash, FlashAttention-3 (fa3), sage (K's smoothing
+included, as the eager backend runs it) and FlashAttention-3's FP8 kernel (fa3_fp8: smoothing and e4m3
+quantisation included, eager), each with its median time, TFLOP/s (4 B H L^2 d FLOPs) and relative L2 error
+against fp32 SDPA (the memory-efficient kernel, TF32 off) of the same inputs; sage and fa3_fp8 also against
+their emulations on the first four heads (the same quantised numbers: far closer than either is to fp32).
+On the CPU (--tiny) the math SDPA and the two emulations stand in, labelled so.
 
 Modes: plain (no levers), fused (fused QKV + cuDNN-first attention: our exact mode), compile (fused +
 regional torch.compile), int8 / fp8 (fused + quantised linears + compile), cache (fused + compile + the
@@ -33,7 +34,9 @@ first-block cache at --cache-threshold), fp8-cache (fp8 and the cache together; 
 from the trajectory, so give it the --trajectory-steps it is to be judged at, 50), fa3 / fp8-fa3 (compile /
 fp8 with FlashAttention-3's exact kernel, `cogvideox.fast.flash3`; on the CPU SDPA stands in), sage / fp8-sage
 (compile / fp8 with 8-bit attention, `cogvideox.fast.sage`: the sageattention kernel on CUDA; on the CPU
-its math emulated in PyTorch, labelled "sage-emulated", for the plumbing). The reference is
+its math emulated in PyTorch, labelled "sage-emulated", for the plumbing), fa3fp8 / fp8-fa3fp8 /
+fp8-fa3fp8-cache (compile / fp8 / fp8 and the cache with FlashAttention-3's FP8 kernel,
+`cogvideox.fast.fp8_attention`; on the CPU its math emulated). The reference is
 timed eager, and compiled with --reference-compile (minutes of compilation). The fp32 truth (unless --no-fp32-truth) is one step of a
 fresh copy of our transformer, without levers, on the same weights and inputs cast to fp32, with TF32
 matmuls off (attention: PyTorch's choice, the memory-efficient kernel for fp32); it runs after the
@@ -87,8 +90,12 @@ MODES = {
     "fp8-fa3": dict(quantize="fp8", compile=True, attention="fa3"),  # fp8 linears, FlashAttention-3
     "sage": dict(compile=True, attention="sage"),  # 8-bit attention alone (against "compile")
     "fp8-sage": dict(quantize="fp8", compile=True, attention="sage"),  # fp8 linears and 8-bit attention
+    "fa3fp8": dict(compile=True, attention="fa3-fp8"),  # FlashAttention-3's FP8 kernel alone (against "fa3")
+    "fp8-fa3fp8": dict(quantize="fp8", compile=True, attention="fa3-fp8"),  # fp8 linears, FP8 attention
+    "fp8-fa3fp8-cache": dict(quantize="fp8", compile=True, attention="fa3-fp8", cache=None),  # and the cache
 }
-LOSSY = ("int8", "fp8", "cache", "fp8-cache", "fp8-fa3-cache", "sage", "fp8-sage")
+LOSSY = ("int8", "fp8", "cache", "fp8-cache", "fp8-fa3-cache", "sage", "fp8-sage", "fa3fp8", "fp8-fa3fp8",
+         "fp8-fa3fp8-cache")
 
 
 class Clock:
@@ -394,6 +401,9 @@ def transformer_modes(args, config, modes, steps, device, dtype, clock, result, 
         if options.get("attention") == "sage" and device.type != "cuda":
             options["attention"] = "sage-emulated"  # the kernel needs CUDA: its math, for the plumbing
             entry["note"] = "no CUDA: sage's math emulated in PyTorch"
+        if options.get("attention") == "fa3-fp8" and device.type != "cuda":
+            options["attention"] = "fa3-fp8-emulated"  # the kernel needs CUDA: its math, for the plumbing
+            entry["note"] = "no CUDA: fa3-fp8's math emulated in PyTorch"
         if options.get("attention") == "fa3" and device.type != "cuda":
             options["attention"] = "auto"  # the kernel needs CUDA: exact attention stands in, for the plumbing
             entry["note"] = "no CUDA: SDPA stands in for fa3"
@@ -504,6 +514,7 @@ def attention_kernels(shape, device, dtype, clock, repeat: int, report: dict, sa
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from cogvideox.fast.flash3 import fa3_attend
+    from cogvideox.fast.fp8_attention import fa3_fp8_attend, fp8_attention_emulated
     from cogvideox.fast.sage import sage_attention, sage_attention_emulated, smooth_keys
 
     B, H, L, d = shape
@@ -527,10 +538,13 @@ def attention_kernels(shape, device, dtype, clock, repeat: int, report: dict, sa
 
     if device.type == "cuda":
         kernels = {"sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION), "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION),
-                   "fa3": lambda: fa3_attend(q, k, v), "sage": lambda: sage_attention(q, smooth_keys(k), v)}  # fmt: skip
+                   "fa3": lambda: fa3_attend(q, k, v), "sage": lambda: sage_attention(q, smooth_keys(k), v),
+                   "fa3_fp8": lambda: fa3_fp8_attend(q, k, v)}  # fmt: skip
     else:  # stand-ins, for the plumbing: no CUDA kernels here
         kernels = {"sdpa_math (cpu)": sdpa(SDPBackend.MATH),
-                   "sage_emulated (cpu)": lambda: sage_attention_emulated(q, k, v)}  # fmt: skip
+                   "sage_emulated (cpu)": lambda: sage_attention_emulated(q, k, v),
+                   "fa3_fp8_emulated (cpu)": lambda: fp8_attention_emulated(q, k, v)}  # fmt: skip
+    emulations = {"sage": sage_attention_emulated, "fa3_fp8": fp8_attention_emulated}
     for name, call in kernels.items():
         try:
             with torch.inference_mode():
@@ -539,9 +553,9 @@ def attention_kernels(shape, device, dtype, clock, repeat: int, report: dict, sa
             report[name] = {"ms": timing["step_ms"], "first_call_ms": round(1000 * timing["first_call_s"], 1),
                             "tflops": float(f"{flops / seconds / 1e12:.3g}"),
                             "rel_l2_vs_fp32": rel_l2(out, truth)}  # fmt: skip
-            if name == "sage":  # the kernel against its emulation, on a slice (the emulation is slow)
+            if name in emulations:  # the kernel against its emulation, on a slice (the emulation is slow)
                 part = (slice(0, 1), slice(0, 4))
-                emulated = sage_attention_emulated(q[part], k[part], v[part])
+                emulated = emulations[name](q[part], k[part], v[part])
                 report[name]["vs_emulated_rel_l2_4_heads"] = rel_l2(out[part], emulated)
                 report[name]["emulated_rel_l2_vs_fp32_4_heads"] = rel_l2(emulated, truth[part])
             del out

@@ -179,7 +179,7 @@ def video_settings(
     }
 
 
-LOSSY_ATTENTION = ("sage", "sage-emulated")
+LOSSY_ATTENTION = ("sage", "sage-emulated", "fa3-fp8", "fa3-fp8-emulated")
 
 
 def lossy_levers(quantize: str | None = None, attention: str | None = None, cache: float | None = None,

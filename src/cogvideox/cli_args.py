@@ -196,14 +196,17 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
     )
     arg(
         "--attention",
-        choices=("auto", "cudnn", "flash", "efficient", "math", "fa3", "sage"),
+        choices=("auto", "cudnn", "flash", "efficient", "math", "fa3", "sage", "fa3-fp8", "sage-emulated",
+                 "fa3-fp8-emulated"),
         default=None,
         help="the transformer's attention kernel: an SDPA backend (auto: cuDNN, flash, memory-efficient, math, "
         "the first that runs; exact up to rounding), fa3 (FlashAttention-3's Hopper kernel, exact up to "
         "rounding: the fa3-fwd package or a source build, NVIDIA GPU, bf16) or sage, 8-bit attention (INT8 "
         "Q.K^T, fp16 P.V; the sageattention package on an NVIDIA GPU, bf16/fp16; changes the video "
-        "slightly, as --quantize does); default: auto when any of --quantize, --compile, --cache is given, "
-        "else PyTorch's choice",
+        "slightly, as --quantize does) or fa3-fp8 (FlashAttention-3's FP8 kernel on e4m3 Q, K, V, one scale "
+        "per head; Hopper GPU, bf16; lossy, more than sage); sage-emulated and fa3-fp8-emulated run those "
+        "two's math in plain PyTorch on any device (slow: to see what they do to a video); default: auto "
+        "when any of --quantize, --compile, --cache is given, else PyTorch's choice",
     )
     arg(
         "--compile",

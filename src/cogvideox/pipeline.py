@@ -410,7 +410,8 @@ class Pipeline:
         (0 computes every step; larger skips more); its counters are in `pipe.acceleration.cache`.
         fuse_qkv, the SDPA attention backends ("auto": cuDNN first on CUDA) and "fa3" (FlashAttention-3's
         Hopper kernel, CUDA, bf16) are lossless up to rounding; attention="sage" (8-bit attention: the sageattention package, CUDA, bf16/fp16) changes the video
-        slightly, as quantising does, and "sage-emulated" runs its math in plain PyTorch (for checks).
+        slightly, as quantising does, and "sage-emulated" runs its math in plain PyTorch (for checks);
+        "fa3-fp8" (FlashAttention-3's FP8 kernel, Hopper, bf16) changes it more, "fa3-fp8-emulated" its math.
         Move the pipeline to its device first; a quantised transformer is for inference, not for saving.
         Fused QKV, quantising and compiling rewrite the linear layers the LoRAs attach to: with any of
         them, the LoRAs that run are folded into the weights for good first, at their current scales.

@@ -7,7 +7,8 @@ tested against the exact path.
 - `fuse.py`: one QKV matrix product instead of three (same math, rounding-level differences).
 - `attention.py`: the SDPA backend (cuDNN first on CUDA), FlashAttention-3's forward kernel (`flash3.py`,
   exact, Hopper; what "auto" runs for inference where it is installed), or 8-bit attention (`sage.py`: INT8 Q·K^T, fp16 P·V, SageAttention's kernel on CUDA, its
-  math emulated in plain PyTorch anywhere).
+  math emulated in plain PyTorch anywhere; `fp8_attention.py`: e4m3 Q, K, V, FlashAttention-3's FP8
+  kernel on Hopper, its math emulated anywhere).
 - `quantize.py`: int8 weight-only or fp8 (row-wise scaled) linear layers.
 - `compile.py`: regional torch.compile, one compiled block reused by all.
 - `cache.py`: first-block step cache, skipping the other blocks on steps that barely change.
@@ -124,7 +125,8 @@ def apply(
     inference on a Hopper GPU with it installed, else cuDNN, flash, efficient, math in that order; None
     leaves PyTorch's choice), "fa3" (FlashAttention-3's exact forward kernel,
     CUDA, bf16; inference only), or "sage" (8-bit attention, lossy: the sageattention package on CUDA,
-    bf16/fp16) or "sage-emulated" (its math in plain PyTorch).
+    bf16/fp16) or "sage-emulated" (its math in plain PyTorch), or "fa3-fp8" (FlashAttention-3's FP8
+    kernel, lossy, Hopper, bf16) or "fa3-fp8-emulated" (its math in plain PyTorch).
     quantize: None, "int8" (weight-only) or "fp8" (CUDA capability 8.9+, bf16 model; `emulate_fp8` runs
     its math in plain PyTorch anywhere, for tests).
     compile: True or a torch.compile mode, regional (per block). cache: a first-block cache threshold

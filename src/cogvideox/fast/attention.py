@@ -9,7 +9,9 @@ with the same error against fp32 as cuDNN, and 13% off the compiled 5B step. So 
 can (inference on a compute capability 9.0 GPU with a build installed, a bf16 model, or fp16 with a
 source build) and SDPA's backends, cuDNN first, elsewhere and wherever autograd records (the kernel has
 no backward). "sage" computes Q·K^T in INT8 and P·V in fp16 (`sage.py`), a lossy kernel like the fp8
-linears, and "sage-emulated" runs its math in plain PyTorch on any device.
+linears, and "sage-emulated" runs its math in plain PyTorch on any device. "fa3-fp8" runs
+FlashAttention-3's FP8 forward kernel on e4m3 q, k, v with one scale per head (`fp8_attention.py`),
+lossy too, and "fa3-fp8-emulated" its math in plain PyTorch.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from cogvideox.errors import InputError
 from cogvideox.models.attention import JointAttention
 
-from . import flash3
+from . import flash3, fp8_attention
 from .sage import check_inputs, sage_attention, sage_attention_emulated_op, smooth_keys
 from .sage import load_kernel as load_sage_kernel
 
@@ -37,7 +39,7 @@ BACKENDS: dict[str, list[SDPBackend]] = {
     "math": [SDPBackend.MATH],
 }
 EXACT_KERNELS = ("fa3",)  # exact, from packages of their own (CUDA)
-EIGHT_BIT = ("sage", "sage-emulated")  # lossy: INT8 Q·K^T, fp16 P·V
+EIGHT_BIT = ("sage", "sage-emulated", "fa3-fp8", "fa3-fp8-emulated")  # lossy: INT8 Q·K^T, fp16 P·V; e4m3 all
 NAMES = (*BACKENDS, *EXACT_KERNELS, *EIGHT_BIT)
 # The backends that run on CUDA GPUs alone: what their message says of the GPU, and what to use instead.
 CUDA_ONLY = {
@@ -45,10 +47,11 @@ CUDA_ONLY = {
     "flash": ("", "Use 'auto' or 'math'"),
     "efficient": ("", "Use 'auto' or 'math'"),
     "fa3": (" (Hopper: H100, H200)", "Use 'auto'"),
+    "fa3-fp8": (" (Hopper: H100, H200)", "Use 'fa3-fp8-emulated' for its math in plain PyTorch, or 'auto'"),
     "sage": (" (its kernels are Triton's)", "Use 'sage-emulated' for its math in plain PyTorch, or 'auto'"),
 }
 # The backends whose kernels come from a package: loading it raises `InputError` saying how to install it.
-PACKAGE_KERNELS = {"fa3": flash3.load_kernel, "sage": load_sage_kernel}
+PACKAGE_KERNELS = {"fa3": flash3.load_kernel, "fa3-fp8": flash3.load_kernel, "sage": load_sage_kernel}
 
 
 def check_backend(name: str, device: torch.device | str) -> None:
@@ -82,6 +85,14 @@ def _sage_emulated_attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
 
 def _fa3_attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return flash3.fa3_attend(q, k, v)
+
+
+def _fa3_fp8_attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return fp8_attention.fa3_fp8_attend(q, k, v)
+
+
+def _fp8_emulated_attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return fp8_attention.fp8_attention_emulated_op(q, k, v)
 
 
 _sdpa_auto_attend = _attend_with(BACKENDS["auto"])
@@ -129,7 +140,9 @@ def use_attention_backend(model: nn.Module, name: str = "auto", device: torch.de
     SDPA name forces that backend and fails loudly where it cannot run.
     "sage" runs the sageattention package's 8-bit kernel (CUDA, bf16/fp16, heads of 64 or 128 channels),
     "sage-emulated" the same math in plain PyTorch; "fa3" FlashAttention-3's exact forward kernel (CUDA,
-    bf16; inference only). device: where the model will compute (default: where its parameters are).
+    bf16; inference only); "fa3-fp8" its FP8 kernel on e4m3 q, k, v (CUDA, bf16 models, heads of 64, 96,
+    128, 192 or 256 channels; inference only; lossy), "fa3-fp8-emulated" that math in plain PyTorch.
+    device: where the model will compute (default: where its parameters are).
     """
     device = next(model.parameters()).device if device is None else device
     check_backend(name, device)
@@ -143,6 +156,12 @@ def use_attention_backend(model: nn.Module, name: str = "auto", device: torch.de
     elif name == "fa3":
         _check_fa3_takes(model)
         attend = _fa3_attend
+    elif name == "fa3-fp8":
+        for attn in layers:
+            fp8_attention.check_inputs(attn.norm_q.normalized_shape[0], attn.norm_q.weight.dtype)
+        attend = _fa3_fp8_attend
+    elif name == "fa3-fp8-emulated":
+        attend = _fp8_emulated_attend
     elif name == "auto" and auto_kernel(model, device) == "fa3":
         attend = _fa3_or_sdpa_attend
     else:
