@@ -23,7 +23,8 @@ peak memory, error) and the T5 encoding.
 17,776 tokens, head_dim 64), in the model dtype, on q and k out of LayerNorms with a per-channel offset in
 K (as the model's norm_k bias makes): SDPA cuDNN, SDPA flash, FlashAttention-3 (fa3), sage (K's smoothing
 included, as the eager backend runs it) and FlashAttention-3's FP8 kernel (fa3_fp8: smoothing and e4m3
-quantisation included, eager), each with its median time, TFLOP/s (4 B H L^2 d FLOPs) and relative L2 error
+quantisation included, eager), then cuDNN and fa3 again with v laid out as the model hands it over (a view
+of the fused QKV output: `*_v_from_qkv`), each with its median time, TFLOP/s (4 B H L^2 d FLOPs) and relative L2 error
 against fp32 SDPA (the memory-efficient kernel, TF32 off) of the same inputs; sage and fa3_fp8 also against
 their emulations on the first four heads (the same quantised numbers: far closer than either is to fp32).
 On the CPU (--tiny) the math SDPA and the two emulations stand in, labelled so.
@@ -536,14 +537,32 @@ def attention_kernels(shape, device, dtype, clock, repeat: int, report: dict, sa
 
         return call
 
+    # v as the model hands it over: a view of the fused QKV projection's output [B, L, 3, heads, d] (every
+    # token's 64 channels of a head 3 x heads x d apart), where q and k come out of their LayerNorms head by
+    # head; the same values, so the same outputs, in the layout the model's kernels read (the kernels ran
+    # about 12% slower in the model than alone: is it this layout?)
+    qkv = torch.empty(B, L, 3, H, d, dtype=dtype, device=device)
+    qkv[:, :, 2] = v.transpose(1, 2)
+    v_model = qkv[:, :, 2].transpose(1, 2)
+
+    def sdpa_model(backend):
+        def call():
+            with sdpa_kernel([backend]):
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v_model)
+
+        return call
+
     if device.type == "cuda":
         kernels = {"sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION), "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION),
                    "fa3": lambda: fa3_attend(q, k, v), "sage": lambda: sage_attention(q, smooth_keys(k), v),
-                   "fa3_fp8": lambda: fa3_fp8_attend(q, k, v)}  # fmt: skip
+                   "fa3_fp8": lambda: fa3_fp8_attend(q, k, v),
+                   "sdpa_cudnn_v_from_qkv": sdpa_model(SDPBackend.CUDNN_ATTENTION),
+                   "fa3_v_from_qkv": lambda: fa3_attend(q, k, v_model)}  # fmt: skip
     else:  # stand-ins, for the plumbing: no CUDA kernels here
         kernels = {"sdpa_math (cpu)": sdpa(SDPBackend.MATH),
                    "sage_emulated (cpu)": lambda: sage_attention_emulated(q, k, v),
-                   "fa3_fp8_emulated (cpu)": lambda: fp8_attention_emulated(q, k, v)}  # fmt: skip
+                   "fa3_fp8_emulated (cpu)": lambda: fp8_attention_emulated(q, k, v),
+                   "sdpa_math_v_from_qkv (cpu)": sdpa_model(SDPBackend.MATH)}  # fmt: skip
     emulations = {"sage": sage_attention_emulated, "fa3_fp8": fp8_attention_emulated}
     for name, call in kernels.items():
         try:
