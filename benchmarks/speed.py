@@ -24,7 +24,8 @@ peak memory, error) and the T5 encoding.
 K (as the model's norm_k bias makes): SDPA cuDNN, SDPA flash, FlashAttention-3 (fa3), sage (K's smoothing
 included, as the eager backend runs it) and FlashAttention-3's FP8 kernel (fa3_fp8: smoothing and e4m3
 quantisation included, eager), then cuDNN and fa3 again with v laid out as the model hands it over (a view
-of the fused QKV output: `*_v_from_qkv`), each with its median time, TFLOP/s (4 B H L^2 d FLOPs) and relative L2 error
+of the fused QKV output: `*_v_from_qkv`) and with q and k as such views too (`*_qkv_views`, the layout a
+compiled block may give them), each with its median time, TFLOP/s (4 B H L^2 d FLOPs) and relative L2 error
 against fp32 SDPA (the memory-efficient kernel, TF32 off) of the same inputs; sage and fa3_fp8 also against
 their emulations on the first four heads (the same quantised numbers: far closer than either is to fp32).
 On the CPU (--tiny) the math SDPA and the two emulations stand in, labelled so.
@@ -542,12 +543,15 @@ def attention_kernels(shape, device, dtype, clock, repeat: int, report: dict, sa
     # head; the same values, so the same outputs, in the layout the model's kernels read (the kernels ran
     # about 12% slower in the model than alone: is it this layout?)
     qkv = torch.empty(B, L, 3, H, d, dtype=dtype, device=device)
-    qkv[:, :, 2] = v.transpose(1, 2)
-    v_model = qkv[:, :, 2].transpose(1, 2)
+    for i, t in enumerate((q, k, v)):
+        qkv[:, :, i] = t.transpose(1, 2)
+    q_view, k_view, v_model = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # all three as views of it too
 
-    def sdpa_model(backend):
+    def sdpa_model(backend, views=False):
         def call():
             with sdpa_kernel([backend]):
+                if views:
+                    return torch.nn.functional.scaled_dot_product_attention(q_view, k_view, v_model)
                 return torch.nn.functional.scaled_dot_product_attention(q, k, v_model)
 
         return call
@@ -557,7 +561,9 @@ def attention_kernels(shape, device, dtype, clock, repeat: int, report: dict, sa
                    "fa3": lambda: fa3_attend(q, k, v), "sage": lambda: sage_attention(q, smooth_keys(k), v),
                    "fa3_fp8": lambda: fa3_fp8_attend(q, k, v),
                    "sdpa_cudnn_v_from_qkv": sdpa_model(SDPBackend.CUDNN_ATTENTION),
-                   "fa3_v_from_qkv": lambda: fa3_attend(q, k, v_model)}  # fmt: skip
+                   "fa3_v_from_qkv": lambda: fa3_attend(q, k, v_model),
+                   "sdpa_cudnn_qkv_views": sdpa_model(SDPBackend.CUDNN_ATTENTION, views=True),
+                   "fa3_qkv_views": lambda: fa3_attend(q_view, k_view, v_model)}  # fmt: skip
     else:  # stand-ins, for the plumbing: no CUDA kernels here
         kernels = {"sdpa_math (cpu)": sdpa(SDPBackend.MATH),
                    "sage_emulated (cpu)": lambda: sage_attention_emulated(q, k, v),
