@@ -67,9 +67,11 @@ def quantize_e4m3_heads(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, smooth: bool = True):
     """q, k (smoothed unless `smooth=False`), v [B, heads, L, d] -> their e4m3 values and scales, as
-    (q8, k8, v8, q_scale, k_scale, v_scale)."""
+    (q8, k8, v8, q_scale, k_scale, v_scale). K is smoothed in fp32 and quantised from there, with no
+    rounding to its own dtype between: what a compiled block computes when it fuses the two, so that
+    eager and compiled runs quantise the same values (up to the order of the mean's sums)."""
     q8, q_scale = quantize_e4m3_heads(q)
-    k8, k_scale = quantize_e4m3_heads(smooth_keys(k) if smooth else k)
+    k8, k_scale = quantize_e4m3_heads(smooth_keys(k.float()) if smooth else k)
     v8, v_scale = quantize_e4m3_heads(v)
     return q8, k8, v8, q_scale, k_scale, v_scale
 
