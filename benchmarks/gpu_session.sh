@@ -122,25 +122,27 @@ step() {
 #    tiled, against the reference and our exact decode; then the compiled fused norms; then its profile.
 step vae-5b            150  60 speed.py --variant 5b --vae-only --vae-variants "$VAE_FIRST"
 step profile-vae        60  40 kernel_profile.py --variant 5b --targets vae,vae_parallel_norms,vae_parallel_norms_modulation,vae_lean
-# 2. 5B LoRA compiled with offloaded activations, keeping the attention results and not: the pair that
-#    measured 54 and 34 GB on 2026-11-30, when every step left copies back of its block inputs (and kept
-#    attention results) on the GPU until Python's cycle collector ran (fixed since, `host_saves.py`).
-#    Predicted now: 16.4-17 GB at 0.71-0.80x, and 16.4 GB at 0.82-0.90x; `allocated_after_steps_gb` flat.
+# 2. 5B LoRA compiled with offloaded activations, keeping the attention results: 54 GB on 2026-11-30, when
+#    every step left copies back of its block inputs and kept attention results on the GPU until Python's
+#    cycle collector ran (fixed since, `host_saves.py`). Predicted now: 16.4-17 GB at 0.71-0.80x, both 5B
+#    LoRA targets; `allocated_after_steps_gb` flat. (Without keeping them, 3c below: 34 GB then.)
 step finetune-5b-lora-save 150 90 finetune_memory.py --variant 5b --mode lora --repeat 3 --compile --save-attention --offload-activations --memory-trace
-step finetune-5b-lora-compile 150 90 finetune_memory.py --variant 5b --mode lora --repeat 3 --compile --offload-activations
 # 3. 2B LoRA compiled keeping the attention results (no offloading): predicted 0.67x at about 9.8 GB, both 2B
 #    targets; against the reference eager, with more timed steps (the two of 2026-11-30 were 1.10 and 1.28 s).
 step finetune-2b-lora-save 120 80 finetune_memory.py --variant 2b --mode lora --repeat 4 --compile --save-attention --memory-trace
-# The same on an int8 base, should the kept attention results take it past 10 GB (predicted about 8.7 GB).
-step finetune-2b-lora-save-int8 100 60 finetune_memory.py --variant 2b --mode lora --repeat 4 --compile --save-attention --quantize-base int8 --no-reference
-# FlashAttention-3's FP8 kernel (e4m3 Q, K, V, one scale per head): the kernels alone at the 5B shape, then
+# 3b. FlashAttention-3's FP8 kernel (e4m3 Q, K, V, one scale per head): the kernels alone at the 5B shape, then
 # the fp8 step with it against the fp8 step with the bf16 kernel (0.599x): predicted 0.53-0.57x.
 step fp8-attention-5b  200 100 speed.py --variant 5b --modes "$FP8_ATTENTION_MODES" --attention-kernels --repeat 3 --trajectory-steps 0 --skip-t5 --skip-vae --no-fp32-truth
+# 3c. Without keeping the attention results (the fallback should step 2 pass 18 GB): predicted 16.4 GB at
+#     0.82-0.90x.
+step finetune-5b-lora-compile 150 90 finetune_memory.py --variant 5b --mode lora --repeat 3 --compile --offload-activations
 # 4. 5B LoRA with the frozen linears the adapters leave alone in int8 (`--quantize-base int8`): predicted
 #    about 17.0 GB (under 18) at the eager step's time, against the reference; then compiled, predicted
 #    about 16.5 GB at 0.83-0.91x.
 step finetune-5b-lora-int8 100 70 finetune_memory.py --variant 5b --mode lora --repeat 2 --quantize-base int8 --memory-trace
 step finetune-5b-lora-int8-compile 100 70 finetune_memory.py --variant 5b --mode lora --repeat 3 --quantize-base int8 --compile --no-reference
+# 2B as in step 3 on an int8 base, should the kept attention results take it past 10 GB (about 8.7 GB).
+step finetune-2b-lora-save-int8 100 60 finetune_memory.py --variant 2b --mode lora --repeat 4 --compile --save-attention --quantize-base int8 --no-reference
 # 5. The speed modes with int8 and against an fp32 step (the bf16 noise floor), and the model card's INT8
 #    in the memory modes.
 step speed-5b          220  90 speed.py --variant 5b --modes "fused,compile,$SPEED_MODE_LOSSY" --repeat 3 --trajectory-steps 10 --skip-t5 --skip-vae
