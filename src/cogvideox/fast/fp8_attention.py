@@ -16,12 +16,13 @@ The math, per (sample, head):
 - The kernel: scores from the e4m3 products in fp32, the online softmax in fp32, P in e4m3 for the P·V
   product with fp32 accumulation, the output in bf16.
 
-`fp8_attention_emulated(q, k, v)` computes this in plain PyTorch on any device, with one reading of the
-kernel's P: it keeps the softmax numerators as exp(s - max) * 2^8 before rounding them to e4m3 (so that
-numerators down to about 1e-5 of the largest survive, rather than flushing to zero below 2e-3), and
-takes the row sums from the fp32 numerators. It rounds against each row's final maximum, where the
-kernel's online softmax rounds against the running maximum of the key blocks seen so far: the same
-values up to which e4m3 neighbour a numerator lands on. The GPU check (`benchmarks/speed.py
+`fp8_attention_emulated(q, k, v)` computes this in plain PyTorch on any device. Its P is the kernel's:
+for FP8, FlashAttention-3's softmax subtracts 8 from the running maximum before its exp2, so the
+numerators lie in [0, 256] and use more of e4m3's range (numerators down to about 1e-5 of the largest
+survive, rather than flushing to zero below 2e-3), and it sums the rows from the fp32 numerators. The
+emulation rounds against each row's final maximum, where the kernel's online softmax rounds against the
+running maximum of the key blocks seen so far: the same values up to which e4m3 neighbour a numerator
+lands on. The GPU check (`benchmarks/speed.py
 --attention-kernels`) compares the kernel with the emulation on a slice of the 5B shape.
 
 Measured error of the emulation against exact attention (SDPA in float64), relative L2, on q, k, v as
@@ -48,7 +49,7 @@ from .sage import smooth_keys
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0  # the largest finite float8 e4m3 value
-P_OFFSET = 2.0**8  # the softmax numerators' scale before they are rounded to e4m3 (see the docstring)
+P_OFFSET = 2.0**8  # the softmax numerators' scale before they are rounded to e4m3, as the kernel's
 HEAD_DIMS = (64, 96, 128, 192, 256)  # the FP8 forward kernels the builds carry
 MAX_SCORES = 2**24  # fp32 scores the emulation holds at once (64 MiB); queries are chunked to fit
 
