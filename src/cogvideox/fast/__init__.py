@@ -6,9 +6,9 @@ tested against the exact path.
 
 - `fuse.py`: one QKV matrix product instead of three (same math, rounding-level differences).
 - `attention.py`: the SDPA backend (cuDNN first on CUDA), FlashAttention-3's forward kernel (`flash3.py`,
-  exact, Hopper; what "auto" runs for inference where it is installed), or 8-bit attention (`sage.py`: INT8 Q·K^T, fp16 P·V, SageAttention's kernel on CUDA, its
-  math emulated in plain PyTorch anywhere; `fp8_attention.py`: e4m3 Q, K, V, FlashAttention-3's FP8
-  kernel on Hopper, its math emulated anywhere).
+  exact, Hopper; what "auto" runs for inference where it is installed), or 8-bit attention (`sage.py`:
+  INT8 Q·K^T, fp16 P·V, SageAttention's kernel on CUDA, its math emulated in plain PyTorch anywhere;
+  `fp8_attention.py`: e4m3 Q, K, V, FlashAttention-3's FP8 kernel on Hopper, its math emulated anywhere).
 - `quantize.py`: int8 weight-only or fp8 (row-wise scaled) linear layers.
 - `compile.py`: regional torch.compile, one compiled block reused by all.
 - `cache.py`: first-block step cache, skipping the other blocks on steps that barely change.
@@ -33,7 +33,7 @@ from torch import nn
 
 from cogvideox.errors import InputError
 
-from .attention import auto_kernel, check_backend, use_attention_backend
+from .attention import auto_chose_fa3, check_backend, use_attention_backend
 from .cache import StepCache, add_step_cache, check_threshold
 from .causal_pad import pad_in_place as vae_pad_in_place
 from .compile import MODES, compile_blocks
@@ -157,7 +157,7 @@ def apply(
     if attention is not None:
         use_attention_backend(transformer, attention, device)
         record.attention = attention
-        if attention == "auto" and auto_kernel(transformer, device) == "fa3":
+        if attention == "auto" and auto_chose_fa3(transformer):
             record.attention_kernel = "fa3"
     if mode is not None:
         compile_blocks(transformer, None if mode == "default" else mode)

@@ -132,6 +132,13 @@ def _check_fa3_takes(model: nn.Module) -> None:
             flash3.check_inputs(attn.norm_q.normalized_shape[0], attn.norm_q.weight.dtype, build)
 
 
+def auto_chose_fa3(model: nn.Module) -> bool:
+    """Whether `use_attention_backend(model, "auto")` installed FlashAttention-3 (for inference; SDPA under
+    autograd) in `model`'s attention layers."""
+    layers = (m for m in model.modules() if isinstance(m, JointAttention))
+    return any(getattr(m.attend, "__func__", None) is _fa3_or_sdpa_attend for m in layers)
+
+
 def use_attention_backend(model: nn.Module, name: str = "auto", device: torch.device | str | None = None) -> int:
     """Make every `JointAttention` in `model` run attention with the named backend; returns how many.
 
