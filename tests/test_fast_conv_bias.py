@@ -5,6 +5,7 @@ other VAE levers, tiled and chunked, the frame cache, and the fall-backs."""
 import contextlib
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -320,3 +321,24 @@ def test_fold_marks_blocks_for_offloading_and_takes_a_vae_only(folded):
     assert set(folded.state_dict()) == set(CogVideoXVAE(CONFIG).state_dict())
     with pytest.raises(TypeError, match="takes a CogVideoXVAE"):
         fold_conv_bias(nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("mode", ["model", "sequential"])
+def test_offloaded_vae_gives_the_folded_blocks_their_norms_weights(tiny_rope_dir, mode):
+    from cogvideox import Pipeline
+    from cogvideox.fast import offload
+
+    pipe = Pipeline.from_pretrained(tiny_rope_dir)
+    z = torch.randn(1, 3, pipe.vae.config.latent_channels, 4, 6, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():  # as generation decodes (outside it the weights need gradients: exact path)
+        want = pipe.decode(z)
+    fold_conv_bias(pipe.vae)
+    pipe.offload = offload.apply(pipe, mode, torch.device("cpu"), record=True, poison=True)
+    with conv_biases() as seen, torch.inference_mode():
+        got = pipe.decode(z)
+    conv1s = {m.conv1.conv for m in pipe.vae.modules() if isinstance(m, ResnetBlock3D)}
+    assert any(conv in conv1s and bias is None for conv, bias in seen)  # the fold ran
+    # Poisoned: a weight the folded blocks read without its module's hook would turn the video to NaN.
+    assert np.abs(got[0].astype(int) - want[0].astype(int)).max() <= 1
+    if mode == "sequential":  # a folded block moves as one group, its norms' weights with it
+        assert "vae.decoder.up_blocks.0.resnets.0" in [g.name for g in pipe.offload.groups()]
