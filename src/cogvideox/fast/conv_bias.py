@@ -50,8 +50,10 @@ convolution's padded input frames, which the bias does not touch: the same frame
 before: this replaces one block's call and nothing around it. Blocks under `vae_fuse_norms` (a compiled
 kernel that reads the norms itself) or whose convolutions `vae_conv2d` runs keep the exact forward,
 checked at each call, so the levers can be applied in any order. Under autograd (the input, the latent or
-a weight of the block needs a gradient) the exact forward runs. Offloading moves a block's weights
-together (`offload_as_one`): the norm's weights are read without calling the norm.
+a weight of the block needs a gradient) the exact forward runs: generation decodes in inference mode; a
+decode outside it, on weights that need gradients, takes the exact path, as with `vae_parallel_norms`.
+Offloading moves a block's weights together (`offload_as_one`): the norm's weights are read without
+calling the norm.
 
 Not measured on a GPU yet, hence off by default. Predicted, on top of `vae_parallel_norms`,
 `vae_latent_modulation` and `vae_pad_in_place` ("lean"), whose decode keeps 35.6 G values of bias adds
