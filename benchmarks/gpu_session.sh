@@ -41,9 +41,13 @@ SAGE_MODE="fp8-sage"
 ATTENTION_MODES="compile,fa3,fp8,fp8-fa3"
 FP8_ATTENTION_MODES="fp8-fa3,fp8-fa3fp8"  # fp8 linears with FlashAttention-3's bf16 and FP8 kernels
 # The VAE variants measured first: the new levers (GroupNorm's statistics over the whole GPU, alone, with
-# the decoder norms' modulation at the latent's size, and with the padded writes too: "lean"), beside the
-# reference and our exact decode, whole and tiled, then the compiled fused norms.
-VAE_FIRST="reference_whole,ours_whole,ours_parallel_norms_whole,ours_parallel_norms_modulation_whole,ours_lean_whole,reference_tiled,ours_tiled,ours_lean_tiled,ours_fused_whole"
+# the decoder norms' modulation at the latent's size, with the padded writes too: "lean", and with the
+# resnet blocks' conv1 biases added inside the norms after them: "lean_fold"), beside the reference and our
+# exact decode, whole and tiled, then the compiled fused norms.
+VAE_FIRST="reference_whole,ours_whole,ours_parallel_norms_whole,ours_parallel_norms_modulation_whole,ours_lean_whole"
+VAE_FIRST+=",ours_lean_fold_whole,reference_tiled,ours_tiled,ours_lean_tiled,ours_lean_fold_tiled,ours_fused_whole"
+# Their kernel profiles: the exact decode, then each lever added in turn.
+VAE_PROFILE="vae,vae_parallel_norms,vae_parallel_norms_modulation,vae_lean,vae_lean_fold"
 if [ -n "${TINY:-}" ]; then
     TINY_FLAG="--tiny"
     SPEED_MODE_LOSSY="int8"  # fp8 needs compute capability 8.9+: the CPU check runs int8 alone
@@ -121,7 +125,7 @@ step() {
 # 1. The decode's lever that the profile pointed to: GroupNorm's statistics over the whole GPU, whole and
 #    tiled, against the reference and our exact decode; then the compiled fused norms; then its profile.
 step vae-5b            150  60 speed.py --variant 5b --vae-only --vae-variants "$VAE_FIRST"
-step profile-vae        60  40 kernel_profile.py --variant 5b --targets vae,vae_parallel_norms,vae_parallel_norms_modulation,vae_lean
+step profile-vae        60  40 kernel_profile.py --variant 5b --targets "$VAE_PROFILE"
 # 2. 5B LoRA compiled with offloaded activations, keeping the attention results: 54 GB on 2026-11-30, when
 #    every step left copies back of its block inputs and kept attention results on the GPU until Python's
 #    cycle collector ran (fixed since, `host_saves.py`). Predicted now: 16.4-17 GB at 0.71-0.80x, both 5B

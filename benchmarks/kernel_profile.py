@@ -17,6 +17,8 @@ Targets, each one profiled call after a warm-up, in this order by default:
   one pass (`cogvideox.fast.vae_latent_modulation`): where the bias adds and the multiply went;
 - `vae_lean`: and the activations written into the causal convolutions' padded inputs
   (`cogvideox.fast.vae_pad_in_place`): where the concatenations went;
+- `vae_lean_fold`: and the resnet blocks' conv1 biases added inside the norms after them (and conv2's
+  inside a projected shortcut; `cogvideox.fast.vae_fold_conv_bias`): where those bias adds went;
 - `step_eager`: one 5B transformer step at CFG batch 2 in our exact mode (fused QKV, "auto" attention:
   FlashAttention-3 where installed, else cuDNN first), after one warm-up step;
 - `step_compiled`: the same model with regional torch.compile (`cogvideox.fast`), after a warm-up step
@@ -74,14 +76,15 @@ VAE_TARGETS = {
     "vae_parallel_norms": dict(parallel_norms="welford"),
     "vae_parallel_norms_modulation": dict(parallel_norms="welford", latent_modulation=True),
     "vae_lean": dict(parallel_norms="welford", latent_modulation=True, pad_in_place=True),
+    "vae_lean_fold": dict(parallel_norms="welford", latent_modulation=True, pad_in_place=True, fold_conv_bias=True),
     "vae_channels_last": dict(channels_last=True),
     "vae_conv2d_channels_last": dict(conv2d=True, channels_last=True),
     "vae_conv2d": dict(conv2d=True),
 }
 STEP_TARGETS = ("step_eager", "step_compiled")
 TARGETS = (
-    "vae", "vae_parallel_norms", "vae_parallel_norms_modulation", "vae_lean", "step_eager", "step_compiled", "vae_channels_last", "vae_conv2d_channels_last",
-    "vae_conv2d",
+    "vae", "vae_parallel_norms", "vae_parallel_norms_modulation", "vae_lean", "vae_lean_fold", "step_eager",
+    "step_compiled", "vae_channels_last", "vae_conv2d_channels_last", "vae_conv2d",
 )
 
 # Categories of device time, by kernel name (on the CPU, operator name), lower-cased: the first match

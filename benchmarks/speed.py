@@ -596,8 +596,9 @@ def attention_kernels(shape, device, dtype, clock, repeat: int, report: dict, sa
 # short by its time cap keeps them: the reference and ours; the GroupNorm statistics by parallel
 # reductions (`vae_parallel_norms`: GroupNorm's own statistics kernel took 37% of the decode), whole,
 # alone and with the decoder norms' modulation at the latent's size (`vae_latent_modulation`), and with
-# the activations written into the causal convolutions' padded inputs too ("lean": `vae_pad_in_place`), then
-# tiled after the tiled reference and ours it is compared with, then with the raw moments rather
+# the activations written into the causal convolutions' padded inputs too ("lean": `vae_pad_in_place`), and
+# with the resnet blocks' conv1 biases added inside the norms after them ("lean_fold": `vae_fold_conv_bias`),
+# then tiled after the tiled reference and ours it is compared with, then with the raw moments rather
 # than Welford's variance; the 3D convolutions run as 2D ones (`vae_conv2d`), on our usual layout and
 # on channels-last, where the frames fold into the batch for free; the fused norms (compiled: a slow
 # first call). Then what the 2026-11-29 run measured once (BENCHMARKS.md): cuDNN's algorithm search,
@@ -608,11 +609,17 @@ VAE_VARIANTS = {
     "ours_parallel_norms_whole": dict(parallel_norms="welford"),
     "ours_parallel_norms_modulation_whole": dict(parallel_norms="welford", latent_modulation=True),
     "ours_lean_whole": dict(parallel_norms="welford", latent_modulation=True, pad_in_place=True),
+    "ours_lean_fold_whole": dict(
+        parallel_norms="welford", latent_modulation=True, pad_in_place=True, fold_conv_bias=True
+    ),
     "reference_tiled": dict(reference=True, tiled=True),
     "ours_tiled": dict(tiled=True),
     "ours_parallel_norms_tiled": dict(parallel_norms="welford", tiled=True),
     "ours_parallel_norms_modulation_tiled": dict(parallel_norms="welford", latent_modulation=True, tiled=True),
     "ours_lean_tiled": dict(parallel_norms="welford", latent_modulation=True, pad_in_place=True, tiled=True),
+    "ours_lean_fold_tiled": dict(
+        parallel_norms="welford", latent_modulation=True, pad_in_place=True, fold_conv_bias=True, tiled=True
+    ),
     "ours_parallel_norms_raw_whole": dict(parallel_norms="raw"),
     "ours_conv2d_whole": dict(conv2d=True),
     "ours_conv2d_channels_last_whole": dict(conv2d=True, channels_last=True),
@@ -627,7 +634,7 @@ VAE_VARIANTS = {
 def fresh_vae(vae_config, weights: dict, device, options: dict) -> torch.nn.Module:
     """A fresh copy of `weights` on the device: the reference's VAE or ours with the levers `options` names
     (`conv2d`, `channels_last`, `parallel_norms` (its moments: "welford" or "raw"), `latent_modulation`,
-    `pad_in_place`, `fuse_norms`, as in
+    `pad_in_place`, `fold_conv_bias`, `fuse_norms`, as in
     VAE_VARIANTS; the fused norms compile at the first decode)."""
     with torch.device("meta"):
         if options.get("reference"):
@@ -652,6 +659,8 @@ def apply_vae_levers(vae: torch.nn.Module, options: dict) -> torch.nn.Module:
         fast.vae_latent_modulation(vae)
     if options.get("pad_in_place"):
         fast.vae_pad_in_place(vae)
+    if options.get("fold_conv_bias"):
+        fast.vae_fold_conv_bias(vae)
     if options.get("fuse_norms"):
         fast.vae_fuse_norms(vae)
     return vae

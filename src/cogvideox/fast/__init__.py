@@ -22,6 +22,9 @@ tested against the exact path.
   resized, and combined with the normalised features in one pass (`vae_latent_modulation(pipe.vae)`).
 - `causal_pad.py`: each resnet block's SiLU written straight into its causal convolutions' time-padded
   inputs, without the copy of the activation that padding takes (`vae_pad_in_place(pipe.vae)`).
+- `conv_bias.py`: each resnet block's first convolution without its bias add, the bias taken by the
+  GroupNorm after it (and the second's by the shortcut's projection, where there is one)
+  (`vae_fold_conv_bias(pipe.vae)`).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from .attention import auto_chose_fa3, check_backend, use_attention_backend
 from .cache import StepCache, add_step_cache, check_threshold
 from .causal_pad import pad_in_place as vae_pad_in_place
 from .compile import MODES, compile_blocks
+from .conv_bias import fold_conv_bias as vae_fold_conv_bias
 from .fuse import fuse_qkv as fuse_qkv_layers
 from .group_norm import parallel_norms as vae_parallel_norms
 from .modulation import latent_size_modulation as vae_latent_modulation
@@ -45,7 +49,7 @@ from .vae import as_conv2d as vae_conv2d, channels_last as vae_channels_last, fu
 
 __all__ = [
     "Acceleration", "StepCache", "apply", "check_options", "quantize_text_encoder", "vae_channels_last", "vae_conv2d",
-    "vae_fuse_norms", "vae_latent_modulation", "vae_pad_in_place", "vae_parallel_norms",
+    "vae_fold_conv_bias", "vae_fuse_norms", "vae_latent_modulation", "vae_pad_in_place", "vae_parallel_norms",
 ]
 
 

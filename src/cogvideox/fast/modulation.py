@@ -24,7 +24,9 @@ product to the model's dtype first: in bf16 it is nearer the fp32 result, not fa
 agree to 1e-6 (the tests). Composes with `vae_parallel_norms` (the GroupNorm inside stays whichever it
 is), channels-last and the 2D convolutions (the latent's convolution is a small plain one either way),
 tiling and the chunked decode. `vae_fuse_norms` reads the modulation through `SpatialNorm3D.modulation`,
-so its compiled kernels get y and b made this way too, and combine them themselves.
+so its compiled kernels get y and b made this way too, and combine them themselves. The one-pass combine
+replaces `SpatialNorm3D.modulate`, which takes the normalised features, so it applies to whichever norm
+made them (`vae_fold_conv_bias` normalises a resnet block's second norm itself, then calls it).
 """
 
 from __future__ import annotations
@@ -50,9 +52,8 @@ def modulation_at_latent_size(
     return resize_latent_to(y, size), resize_latent_to(b, size)
 
 
-def _one_pass_forward(norm: SpatialNorm3D, f: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
-    y, b = norm.modulation(zq, f.shape[-3:])
-    normed = norm.norm_layer(f)
+def _one_pass_modulate(norm: SpatialNorm3D, normed: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
+    y, b = norm.modulation(zq, normed.shape[-3:])
     # GroupNorm(f) * y + b, rounded once, in the features' memory layout (channels-last stays so)
     return torch.addcmul(b, normed, y, out=torch.empty_like(normed))
 
@@ -66,5 +67,5 @@ def latent_size_modulation(vae: nn.Module) -> int:
     norms = [m for m in vae.modules() if isinstance(m, SpatialNorm3D)]
     for norm in norms:
         norm.modulation = types.MethodType(modulation_at_latent_size, norm)
-        norm.forward = types.MethodType(_one_pass_forward, norm)
+        norm.modulate = types.MethodType(_one_pass_modulate, norm)
     return len(norms)

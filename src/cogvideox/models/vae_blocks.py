@@ -47,16 +47,19 @@ class SafeConv3d(nn.Conv3d):
             return super()._conv_forward(x, weight, bias)
         return cpu_conv.conv3d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, bias: torch.Tensor | None | str = "own") -> torch.Tensor:
+        """The convolution of x, with the layer's own bias ("own", what `nn.Conv3d` adds), none (None) or
+        `bias` [C_out] in its place: a seam for `cogvideox.fast.conv_bias`, which moves biases elsewhere."""
+        bias = self.bias if isinstance(bias, str) else bias
         k = self.kernel_size[0]
         out_frames = x.shape[2] - k + 1
         time_is_plain = self.stride[0] == 1 and self.dilation[0] == 1 and self.padding[0] == 0
         if x.numel() <= MAX_CONV_ELEMENTS or not time_is_plain or out_frames < 2:
-            return super().forward(x)
+            return self._conv_forward(x, self.weight, bias)  # what `nn.Conv3d.forward` does, with `bias`
         parts = min(x.numel() // MAX_CONV_ELEMENTS + 1, out_frames)
         edges = [out_frames * i // parts for i in range(parts + 1)]
         # Output frames [a, b) read input frames [a, b + k - 1).
-        outputs = [super(SafeConv3d, self).forward(x[:, :, a : b + k - 1]) for a, b in pairwise(edges)]
+        outputs = [self._conv_forward(x[:, :, a : b + k - 1], self.weight, bias) for a, b in pairwise(edges)]
         return torch.cat(outputs, dim=2)
 
 
@@ -75,18 +78,22 @@ class CausalConv3d(nn.Module):
         space_pad = kernel_size // 2
         self.conv = SafeConv3d(in_channels, out_channels, kernel_size, padding=(0, space_pad, space_pad))
 
-    def forward(self, x: torch.Tensor, cache: ConvCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: ConvCache | None = None, *, add_bias: bool = True) -> torch.Tensor:
+        """The causal convolution of x; `add_bias=False` leaves out the layer's bias (see `conv_padded`)."""
         if self.time_pad == 0:
-            return self.conv(x)
+            return self.conv(x) if add_bias else self.conv(x, bias=None)
         padded = padded_like(x, self.time_pad)
         padded[:, :, self.time_pad :].copy_(x)
-        return self.conv_padded(padded, cache)
+        return self.conv_padded(padded, cache, add_bias=add_bias)
 
-    def conv_padded(self, padded: torch.Tensor, cache: ConvCache | None = None) -> torch.Tensor:
+    def conv_padded(
+        self, padded: torch.Tensor, cache: ConvCache | None = None, *, add_bias: bool = True
+    ) -> torch.Tensor:
         """The convolution of `padded` [B, C, k-1 + T, H, W] (`padded_like`), whose last T frames hold the
         input: its first k-1 frames are filled here (the previous chunk's last frames from `cache`, else
         the first input frame repeated) and `cache` takes this input's last k-1 frames. A seam for the
-        decode levers (`cogvideox.fast.causal_pad` writes the activation into the input frames itself)."""
+        decode levers (`cogvideox.fast.causal_pad` writes the activation into the input frames itself;
+        `cogvideox.fast.conv_bias` convolves with `add_bias=False` and adds the bias in the norm after)."""
         pad = self.time_pad
         past = cache.get(self) if cache is not None else None
         front = past if past is not None else padded[:, :, pad : pad + 1].expand(-1, -1, pad, -1, -1)
@@ -94,7 +101,7 @@ class CausalConv3d(nn.Module):
         if cache is not None:
             # A copy, so the cache does not keep the whole padded input alive until the next chunk.
             cache[self] = padded[:, :, -pad:].clone()
-        return self.conv(padded)
+        return self.conv(padded) if add_bias else self.conv(padded, bias=None)
 
 
 def padded_like(x: torch.Tensor, pad: int) -> torch.Tensor:
@@ -138,8 +145,14 @@ class SpatialNorm3D(nn.Module):
         return self.conv_y(zq), self.conv_b(zq)
 
     def forward(self, f: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
-        y, b = self.modulation(zq, f.shape[-3:])
-        return self.norm_layer(f) * y + b
+        return self.modulate(self.norm_layer(f), zq)
+
+    def modulate(self, normed: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
+        """`normed * y + b` for the normalised features `normed`: a seam for the decode levers
+        (`cogvideox.fast.modulation` combines them in one pass; `cogvideox.fast.conv_bias` normalises
+        the features itself, then calls this)."""
+        y, b = self.modulation(zq, normed.shape[-3:])
+        return normed * y + b
 
 
 class ResnetBlock3D(nn.Module):
