@@ -39,8 +39,10 @@ def test_a_tensor_saved_again_while_alive_is_copied_once():
 
 def test_the_models_weights_are_not_copied():
     model = nn.Linear(4, 4)
+    model.register_buffer("table", torch.randn(8, 4))  # a buffer: as a quantised linear's int8 weight
     saves = HostSaves(model)
     assert saves.copies.pack(model.weight) is model.weight and saves.copies.unpack(model.weight) is model.weight
+    assert saves.copies.pack(model.table) is model.table
     activation = torch.randn(3, 4)
     assert saves.copies.pack(activation) == 0
     assert saves.copies.pack(activation) == 0  # saved again: not copied, nor counted, twice
@@ -184,3 +186,27 @@ def test_a_compiled_batch_of_two_trains_through_the_host_copies():
         grads.append({n: p.grad for n, p in model.named_parameters()})
     for name, want in grads[0].items():
         assert torch.equal(grads[1][name], want), name  # the same graph on the same values
+
+
+def test_an_int8_bases_weights_stay_where_they_are_in_a_compiled_selective_checkpoint(monkeypatch):
+    """Compiled with the attention results kept, a block's graph saves the weights its backward reads; a
+    quantised base's int8 weights and scales are buffers, and stay on the device as parameters do."""
+    from test_fast_fuse import inputs, tiny_transformer
+
+    from cogvideox.fast.compile import compile_blocks
+    from cogvideox.fast.quantize import quantize
+    from cogvideox.train import lora
+
+    made = _recording(monkeypatch)
+    model = tiny_transformer(num_layers=2)
+    lora.inject_lora(model, 4, 4, dtype=torch.float32)
+    assert quantize(model, "int8") > 0
+    compile_blocks(model)
+    model.gradient_checkpointing = model.offload_activations = model.save_attention = True
+    model.train()
+    x, text, t, rope = inputs(model, batch=1)
+    model(x, text, t, image_rotary_emb=rope).sum().backward()
+    copies = made[-1].copies
+    assert copies._saved and not any(host.dtype == torch.int8 for host, _, _ in copies._saved)
+    buffers = {b.data_ptr() for b in model.buffers()}
+    assert not any(key[0] in buffers for key in copies._seen)  # nothing of the model's went through a copy

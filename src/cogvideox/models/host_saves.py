@@ -17,8 +17,9 @@ copy. So the copies back run ahead of the recompute that needs them, each once; 
 device when handed over as many times as it was saved, and at the latest when the backward pass ends.
 
 A tensor saved again while it still lives (the RoPE tables, which a compiled block saves for its
-backward pass) is copied once. Kept on the device instead: the model's weights (a compiled graph saves
-the weights its backward reads: copying them would move the model each step) and, on a GPU, tensors
+backward pass) is copied once. Kept on the device instead: the model's weights, parameters and buffers
+(a compiled graph saves the weights its backward reads, the int8 ones and their scales of a quantised
+base included: copying them would move the model each step) and, on a GPU, tensors
 under 1 MiB (copies that cost more than they free). On the CPU there are no streams: each saved tensor
 is copied once, as on a GPU (a fresh tensor, so the original is freed), and the bookkeeping is the one
 the tests check. The values are untouched: the backward pass computes what it would with the tensors
@@ -27,6 +28,7 @@ left in place.
 
 from __future__ import annotations
 
+import itertools
 import weakref
 
 import torch
@@ -85,7 +87,7 @@ def _storage(t: torch.Tensor) -> torch.UntypedStorage | None:
 
 class HostSaves(torch.autograd.graph.saved_tensors_hooks):
     """Saved-tensor hooks that keep the saved activations of one forward pass in host memory (see the
-    module's docstring). `model`: whose weights stay on the device. `lookahead`: how many tensors before
+    module's docstring). `model`: whose weights (parameters and buffers) stay on the device. `lookahead`: how many tensors before
     the one asked for are copied back ahead of time (a block's checkpoint saves its 2 inputs).
 
     The hooks are the methods of a `_Copies` that does not refer back to this object: autograd's graph
@@ -121,7 +123,9 @@ class _Copies:
 
     def __init__(self, model: nn.Module | None, lookahead: int) -> None:
         self.lookahead = lookahead
-        weights = (_storage(p) for p in model.parameters()) if model is not None else ()
+        # Parameters and buffers: a quantised linear's int8 weights and scales are buffers.
+        held = itertools.chain(model.parameters(), model.buffers()) if model is not None else ()
+        weights = (_storage(t) for t in held)
         self._weights = {storage.data_ptr() for storage in weights if storage is not None}
         self._saved: list[tuple[torch.Tensor, tuple, torch.device]] = []  # by index: what _to_host returns
         self._uses: list[int] = []  # by index: how many times it was saved
