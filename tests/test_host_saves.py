@@ -28,6 +28,18 @@ def test_copies_back_run_ahead_of_the_backward_pass_each_once():
     assert saves.fetched.count(5) == 2 and saves.copies._back == {}
 
 
+def test_the_copies_back_run_ahead_by_bytes():
+    """The window ahead is counted in bytes (a block's saved tensors differ in number and size with the
+    settings): here 1000 bytes, tensors of 400, so up to three ahead of the one asked for."""
+    saves = HostSaves(ahead_bytes=1000)
+    tensors = [torch.full((100,), float(i)) for i in range(8)]  # 400 bytes each
+    packed = [saves.copies.pack(t) for t in tensors]
+    saves.copies.unpack(packed[7])
+    assert saves.fetched == [7, 6, 5, 4]
+    saves.copies.unpack(packed[6])
+    assert saves.fetched == [7, 6, 5, 4, 3]  # 5 and 4 still waiting: one more to fill the window
+
+
 def test_a_tensor_saved_again_while_alive_is_copied_once():
     saves = HostSaves()
     table = torch.randn(16)

@@ -11,9 +11,10 @@ as soon as it is done with it and the copy runs alongside the next block's compu
 
 Backward: autograd asks for the saved tensors about in the reverse order of saving (the last block's
 first, though within a block in an order of its own). Asking for tensor i starts, on the copy stream,
-the copies back of i and of the `lookahead` tensors saved before it that it has not handed over yet
-(which the next blocks back will ask for), then makes the compute stream (not the host) wait for i's
-copy. So the copies back run ahead of the recompute that needs them, each once; a copy back leaves the
+the copies back of i and of the tensors saved before it that it has not handed over yet (which the next
+blocks back will ask for), until `ahead_bytes` of them are on their way or waiting (256 MiB: a 5B
+block's inputs take 109 MB, 226 MB with its kept attention results, so a block or more ahead), then
+makes the compute stream (not the host) wait for i's copy. So the copies back run ahead of the recompute that needs them, each once; a copy back leaves the
 device when handed over as many times as it was saved, and at the latest when the backward pass ends.
 
 A tensor saved again while it still lives (the RoPE tables, which a compiled block saves for its
@@ -35,6 +36,7 @@ import torch
 from torch import nn
 
 SMALL_BYTES = 1 << 20  # saved tensors below this stay where they are
+AHEAD_BYTES = 256 << 20  # copies back started ahead of the tensor asked for, at most (about)
 
 
 def _span(t: torch.Tensor) -> int:
@@ -87,16 +89,16 @@ def _storage(t: torch.Tensor) -> torch.UntypedStorage | None:
 
 class HostSaves(torch.autograd.graph.saved_tensors_hooks):
     """Saved-tensor hooks that keep the saved activations of one forward pass in host memory (see the
-    module's docstring). `model`: whose weights (parameters and buffers) stay on the device. `lookahead`: how many tensors before
-    the one asked for are copied back ahead of time (a block's checkpoint saves its 2 inputs).
+    module's docstring). `model`: whose weights (parameters and buffers) stay on the device. The copies
+    back run ahead of the tensor asked for by up to `ahead_bytes`, and, if given, `lookahead` tensors.
 
     The hooks are the methods of a `_Copies` that does not refer back to this object: autograd's graph
     holds the hooks, so the host copies live exactly as long as the graph (a hook bound to this object
     would make a reference cycle, and the copies, with any copy back not yet asked for, would wait for
     Python's cycle collector, steps later)."""
 
-    def __init__(self, model: nn.Module | None = None, lookahead: int = 4) -> None:
-        self.copies = _Copies(model, lookahead)
+    def __init__(self, model: nn.Module | None = None, lookahead: int | None = None, ahead_bytes: int = AHEAD_BYTES):
+        self.copies = _Copies(model, lookahead, ahead_bytes)
         super().__init__(self.copies.pack, self.copies.unpack)
 
     def stats(self) -> dict:
@@ -121,8 +123,9 @@ class _Copies:
     skips tensors already handed over, so each copy back starts once. Whatever was copied back and never
     asked for is dropped when the backward pass ends."""
 
-    def __init__(self, model: nn.Module | None, lookahead: int) -> None:
+    def __init__(self, model: nn.Module | None, lookahead: int | None, ahead_bytes: int) -> None:
         self.lookahead = lookahead
+        self.ahead_bytes = ahead_bytes
         # Parameters and buffers: a quantised linear's int8 weights and scales are buffers.
         held = itertools.chain(model.parameters(), model.buffers()) if model is not None else ()
         weights = (_storage(t) for t in held)
@@ -173,13 +176,14 @@ class _Copies:
             return packed
         self._drop_leftovers_after_backward()
         self._fetch(packed)
-        ahead = 0
+        ahead = ahead_bytes = 0
         for i in range(packed - 1, -1, -1):  # the tensors saved before it, not yet handed over
-            if ahead == self.lookahead:
+            if ahead == self.lookahead or ahead_bytes >= self.ahead_bytes:
                 break
             if self._left.get(i, 1) > 0:
-                self._fetch(i)
+                self._fetch(i)  # (or already on its way)
                 ahead += 1
+                ahead_bytes += self._saved[i][0].nbytes
         tensor, event = self._back[packed]
         self._left[packed] -= 1
         if self._left[packed] == 0:
