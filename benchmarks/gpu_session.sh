@@ -128,7 +128,7 @@ step vae-5b            150  60 speed.py --variant 5b --vae-only --vae-variants "
 step profile-vae        60  40 kernel_profile.py --variant 5b --targets "$VAE_PROFILE"
 # 2. 5B LoRA compiled with offloaded activations, keeping the attention results: 54 GB on 2026-11-30, when
 #    every step left copies back of its block inputs and kept attention results on the GPU until Python's
-#    cycle collector ran (fixed since, `host_saves.py`). Predicted now: 16.4-17 GB at 0.71-0.80x, both 5B
+#    cycle collector ran (fixed since, `host_saves.py`). Predicted now: 16.6-17.3 GB at 0.71-0.80x, both 5B
 #    LoRA targets; `allocated_after_steps_gb` flat. (Without keeping them, 3c below: 34 GB then.)
 step finetune-5b-lora-save 150 90 finetune_memory.py --variant 5b --mode lora --repeat 3 --compile --save-attention --offload-activations --memory-trace
 # 3. 2B LoRA compiled keeping the attention results (no offloading): predicted 0.67x at about 9.8 GB, both 2B
