@@ -38,7 +38,8 @@ fp8 with FlashAttention-3's exact kernel, `cogvideox.fast.flash3`; on the CPU SD
 (compile / fp8 with 8-bit attention, `cogvideox.fast.sage`: the sageattention kernel on CUDA; on the CPU
 its math emulated in PyTorch, labelled "sage-emulated", for the plumbing), fa3fp8 / fp8-fa3fp8 /
 fp8-fa3fp8-cache (compile / fp8 / fp8 and the cache with FlashAttention-3's FP8 kernel,
-`cogvideox.fast.fp8_attention`; on the CPU its math emulated). The reference is
+`cogvideox.fast.fp8_attention`; on the CPU its math emulated), fa3-dense-v (fa3 with v copied dense
+per head before the kernel: a question about layout, not a lever of the library). The reference is
 timed eager, and compiled with --reference-compile (minutes of compilation). The fp32 truth (unless --no-fp32-truth) is one step of a
 fresh copy of our transformer, without levers, on the same weights and inputs cast to fp32, with TF32
 matmuls off (attention: PyTorch's choice, the memory-efficient kernel for fp32); it runs after the
@@ -95,6 +96,9 @@ MODES = {
     "fa3fp8": dict(compile=True, attention="fa3-fp8"),  # FlashAttention-3's FP8 kernel alone (against "fa3")
     "fp8-fa3fp8": dict(quantize="fp8", compile=True, attention="fa3-fp8"),  # fp8 linears, FP8 attention
     "fp8-fa3fp8-cache": dict(quantize="fp8", compile=True, attention="fa3-fp8", cache=None),  # and the cache
+    # FlashAttention-3 with v copied dense per head first (exact): does v's layout in the model, a view of
+    # the fused QKV output, cost the kernel the 12% it loses in the model against alone?
+    "fa3-dense-v": dict(compile=True, attention="fa3", dense_v=True),
 }
 LOSSY = ("int8", "fp8", "cache", "fp8-cache", "fp8-fa3-cache", "sage", "fp8-sage", "fa3fp8", "fp8-fa3fp8",
          "fp8-fa3fp8-cache")
@@ -414,12 +418,16 @@ def transformer_modes(args, config, modes, steps, device, dtype, clock, result, 
             # installed: the "fa3" modes measure that)
             options["attention"] = "cudnn"
         entry["options"] = dict(options)
+        dense_v = options.pop("dense_v", False)
         reset_peak(device)
         torch._dynamo.reset()  # each compiled mode pays its own warm-up
         model = ours()
         with torch.inference_mode():
             record = fast.apply(model, **options)
             entry["levers"] = record.describe()
+            if dense_v:  # before the first call, so that the compiled blocks trace the copy
+                entry["levers"] += ", v dense per head"
+                with_dense_v(model)
             entry["weight_gib"] = round(module_bytes(model) / 2**30, 3)
             call = lambda: model(x, text, t, image_rotary_emb=rope)  # noqa: E731
             if cached:  # its time comes from the trajectory: one repeated input never skips
@@ -490,6 +498,16 @@ def fp32_step(ours, x, text, t, rope, device, clock, entry: dict) -> torch.Tenso
         return out["out"]
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+def with_dense_v(model) -> None:
+    """Every attention layer of `model` hands its kernel v copied dense per head ([B, heads, L, d]
+    contiguous) instead of the view of the fused QKV output it is: exact, one copy of v a layer."""
+    from cogvideox.models.attention import JointAttention
+
+    for attn in (m for m in model.modules() if isinstance(m, JointAttention)):
+        attend = attn.attend
+        attn.attend = lambda q, k, v, attend=attend: attend(q, k, v.contiguous())
 
 
 def attention_inputs(shape, device, dtype, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
