@@ -133,8 +133,8 @@ step profile-vae        60  40 kernel_profile.py --variant 5b --targets "$VAE_PR
 step finetune-5b-lora-save 150 90 finetune_memory.py --variant 5b --mode lora --repeat 3 --compile --save-attention --offload-activations --memory-trace
 # 3. 2B LoRA compiled keeping the attention results, offloaded: without offloading the kept results (2.1 GB)
 #    would take the measured 7.77 GB to about 9.9, a hair under the 10 GB target; offloaded, about 6 GB.
-#    Predicted 0.67-0.70x, both 2B targets; against the reference eager, with more timed steps (the two of
-#    2026-11-30 were 1.10 and 1.28 s).
+#    Predicted 0.66-0.79x (0.73x at the middle), both 2B targets; against the reference eager, with more
+#    timed steps (the two of 2026-11-30 were 1.10 and 1.28 s).
 step finetune-2b-lora-save 120 80 finetune_memory.py --variant 2b --mode lora --repeat 4 --compile --save-attention --offload-activations --memory-trace
 # 3b. FlashAttention-3's FP8 kernel (e4m3 Q, K, V, one scale per head): the kernels alone at the 5B shape, then
 # the fp8 step with it against the fp8 step with the bf16 kernel (0.599x): predicted 0.53-0.55x. With them
