@@ -9,23 +9,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_fast_vae import CONFIG as VAE_LEVERS_CONFIG
 from torch import nn
 
 from cogvideox import fast
 from cogvideox.fast.conv_bias import _folds_now, fold_conv_bias, shifted_group_norm
-from cogvideox.models.config import VAEConfig
 from cogvideox.models.vae import CogVideoXVAE
 from cogvideox.models.vae_blocks import ResnetBlock3D, SafeConv3d
 
-# Channel counts that change between stages, so that some blocks project their shortcut.
-CONFIG = VAEConfig(
-    block_out_channels=(16, 16, 32, 32),
-    down_block_types=("CogVideoXDownBlock3D",) * 4,
-    up_block_types=("CogVideoXUpBlock3D",) * 4,
-    norm_num_groups=4,
-    layers_per_block=1,
-    latent_channels=4,
-)
+CONFIG = VAE_LEVERS_CONFIG  # its channel counts change between stages: some blocks project their shortcut
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
