@@ -1,5 +1,6 @@
 """A training step leaves nothing behind: after the first step (which allocates the optimizer's state),
-each step frees all it allocates, with every memory lever of the trainer on. Counted from PyTorch's
+each step frees all it allocates, with the trainer's memory levers on (offloaded activations, kept
+attention results, an int8 base) and off. Counted from PyTorch's
 profiler, which records each allocation and free of the CPU allocator: the check that would have caught
 offloaded activations held from step to step (copies back nothing asked for, kept by a reference cycle),
 which on a GPU grew the peak by 4.5 GB a step."""
@@ -29,15 +30,23 @@ def net_bytes(step) -> int | None:
 
 
 @pytest.mark.parametrize(
-    "compiled, save_attention", [(False, False), (True, False), (True, True)], ids=["eager", "compiled", "saved"]
+    "compiled, save_attention, offload, int8_base",
+    [(False, False, True, False), (True, False, True, False), (True, True, True, False), (True, True, True, True),
+     (False, False, False, False)],
+    ids=["eager", "compiled", "saved", "saved-int8-base", "not-offloaded"],
 )
-def test_a_training_step_with_offloaded_activations_leaves_nothing_behind(compiled, save_attention):
+def test_a_training_step_leaves_nothing_behind(compiled, save_attention, offload, int8_base):
     torch.manual_seed(0)
     model = tiny_transformer(num_layers=3)
     lora.inject_lora(model, 4, 4, dtype=torch.float32)
+    if int8_base:  # as `cogvideox train --quantize-base int8` does, after the LoRA
+        from cogvideox.fast.quantize import quantize
+
+        quantize(model, "int8")
     if compiled:
         compile_blocks(model)
-    model.gradient_checkpointing = model.offload_activations = True
+    model.gradient_checkpointing = True
+    model.offload_activations = offload
     model.save_attention = save_attention
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
