@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_fast_vae import CONFIG as VAE_LEVERS_CONFIG
+from test_fast_vae import applied_to_a_copy
 from torch import nn
 
 from cogvideox import fast
@@ -42,11 +43,7 @@ def exact():
 
 @pytest.fixture(scope="module")
 def folded(exact):
-    vae = copy.deepcopy(exact)
-    blocks = sum(isinstance(m, ResnetBlock3D) for m in vae.modules())
-    assert fold_conv_bias(vae) == blocks > 0
-    assert fold_conv_bias(vae) == blocks  # idempotent
-    return vae
+    return applied_to_a_copy(exact, fold_conv_bias, ResnetBlock3D)
 
 
 def with_levers(vae: nn.Module, *levers: str) -> nn.Module:

@@ -146,6 +146,16 @@ def test_refuses_other_modules():
         channels_last(nn.Linear(2, 2))
 
 
+def applied_to_a_copy(exact: nn.Module, lever, kind: type) -> nn.Module:
+    """A copy of `exact` with `lever` applied, which reports one change per `kind` module (there are
+    some), and the same count when applied again (idempotent)."""
+    vae = copy.deepcopy(exact)
+    count = sum(isinstance(m, kind) for m in vae.modules())
+    assert lever(vae) == count > 0
+    assert lever(vae) == count  # idempotent
+    return vae
+
+
 @pytest.fixture(scope="module")
 def fused(pair):
     exact, _ = pair
@@ -213,12 +223,7 @@ def test_fuse_norms_refuses_other_modules_and_activations():
 
 @pytest.fixture(scope="module")
 def as_2d(pair):
-    exact, _ = pair
-    vae = copy.deepcopy(exact)
-    convs = sum(isinstance(m, nn.Conv3d) for m in vae.modules())
-    assert as_conv2d(vae) == convs > 0
-    assert as_conv2d(vae) == convs  # idempotent
-    return vae
+    return applied_to_a_copy(pair[0], as_conv2d, nn.Conv3d)
 
 
 @pytest.mark.parametrize("latent_frames", [1, 4])
@@ -404,12 +409,7 @@ def without_torch_group_norm(monkeypatch):
 
 @pytest.fixture(scope="module", params=["welford", "raw"])
 def parallel(pair, request):
-    exact, _ = pair
-    vae = copy.deepcopy(exact)
-    norms = [m for m in vae.modules() if isinstance(m, nn.GroupNorm)]
-    assert parallel_norms(vae, request.param) == len(norms) > 0
-    assert parallel_norms(vae, request.param) == len(norms)  # idempotent
-    return vae
+    return applied_to_a_copy(pair[0], lambda vae: parallel_norms(vae, request.param), nn.GroupNorm)
 
 
 @pytest.mark.parametrize("latent_frames", [1, 5])
@@ -470,12 +470,7 @@ def test_fused_norms_win_over_parallel_norms_where_both_apply(pair, fused):
 
 @pytest.fixture(scope="module")
 def modulated(pair):
-    exact, _ = pair
-    vae = copy.deepcopy(exact)
-    norms = sum(isinstance(m, SpatialNorm3D) for m in vae.modules())
-    assert latent_size_modulation(vae) == norms > 0
-    assert latent_size_modulation(vae) == norms  # idempotent
-    return vae
+    return applied_to_a_copy(pair[0], latent_size_modulation, SpatialNorm3D)
 
 
 @contextlib.contextmanager
@@ -552,12 +547,7 @@ def test_latent_size_modulation_takes_a_vae_only():
 
 @pytest.fixture(scope="module")
 def padded(pair):
-    exact, _ = pair
-    vae = copy.deepcopy(exact)
-    blocks = sum(isinstance(m, ResnetBlock3D) for m in vae.modules())
-    assert pad_in_place(vae) == blocks > 0
-    assert pad_in_place(vae) == blocks  # idempotent
-    return vae
+    return applied_to_a_copy(pair[0], pad_in_place, ResnetBlock3D)
 
 
 @contextlib.contextmanager
