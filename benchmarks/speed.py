@@ -549,13 +549,6 @@ def attention_kernels(shape, device, dtype, clock, repeat: int, report: dict, sa
     finally:
         torch.backends.cuda.matmul.allow_tf32 = flags
 
-    def sdpa(backend):
-        def call():
-            with sdpa_kernel([backend]):
-                return torch.nn.functional.scaled_dot_product_attention(q, k, v)
-
-        return call
-
     # v as the model hands it over: a view of the fused QKV projection's output [B, L, 3, heads, d] (every
     # token's 64 channels of a head 3 x heads x d apart), where q and k come out of their LayerNorms head by
     # head; the same values, so the same outputs, in the layout the model's kernels read (the kernels ran
@@ -565,12 +558,10 @@ def attention_kernels(shape, device, dtype, clock, repeat: int, report: dict, sa
         qkv[:, :, i] = t.transpose(1, 2)
     q_view, k_view, v_model = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # all three as views of it too
 
-    def sdpa_model(backend, views=False):
+    def sdpa(backend, inputs=(q, k, v)):
         def call():
             with sdpa_kernel([backend]):
-                if views:
-                    return torch.nn.functional.scaled_dot_product_attention(q_view, k_view, v_model)
-                return torch.nn.functional.scaled_dot_product_attention(q, k, v_model)
+                return torch.nn.functional.scaled_dot_product_attention(*inputs)
 
         return call
 
@@ -578,15 +569,15 @@ def attention_kernels(shape, device, dtype, clock, repeat: int, report: dict, sa
         kernels = {"sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION), "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION),
                    "fa3": lambda: fa3_attend(q, k, v), "sage": lambda: sage_attention(q, smooth_keys(k), v),
                    "fa3_fp8": lambda: fa3_fp8_attend(q, k, v),
-                   "sdpa_cudnn_v_from_qkv": sdpa_model(SDPBackend.CUDNN_ATTENTION),
+                   "sdpa_cudnn_v_from_qkv": sdpa(SDPBackend.CUDNN_ATTENTION, (q, k, v_model)),
                    "fa3_v_from_qkv": lambda: fa3_attend(q, k, v_model),
-                   "sdpa_cudnn_qkv_views": sdpa_model(SDPBackend.CUDNN_ATTENTION, views=True),
+                   "sdpa_cudnn_qkv_views": sdpa(SDPBackend.CUDNN_ATTENTION, (q_view, k_view, v_model)),
                    "fa3_qkv_views": lambda: fa3_attend(q_view, k_view, v_model)}  # fmt: skip
     else:  # stand-ins, for the plumbing: no CUDA kernels here
         kernels = {"sdpa_math (cpu)": sdpa(SDPBackend.MATH),
                    "sage_emulated (cpu)": lambda: sage_attention_emulated(q, k, v),
                    "fa3_fp8_emulated (cpu)": lambda: fp8_attention_emulated(q, k, v),
-                   "sdpa_math_v_from_qkv (cpu)": sdpa_model(SDPBackend.MATH)}  # fmt: skip
+                   "sdpa_math_v_from_qkv (cpu)": sdpa(SDPBackend.MATH, (q, k, v_model))}  # fmt: skip
     emulations = {"sage": sage_attention_emulated, "fa3_fp8": fp8_attention_emulated}
     for name, call in kernels.items():
         try:
