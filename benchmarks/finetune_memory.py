@@ -240,12 +240,6 @@ def live_by_origin(snapshot: dict, top: int = 12) -> list[dict]:
     return [{"origin": key, "gb": round(size / 1e9, 3), "blocks": n} for key, (size, n) in largest]
 
 
-def offload_figures(stats: dict) -> dict:
-    """`HostSaves.stats()` for the report: tensors copied to the host and back so far, and gigabytes."""
-    return {"copied": stats["copied"], "copied_back": stats["copied_back"],
-            "copied_gb": round(stats["copied_bytes"] / 1e9, 2), "kept_gb": round(stats["kept_bytes"] / 1e9, 3)}
-
-
 def memory_trace(step, model, device, i: int, case: dict, save) -> None:
     """Step i once more with the allocator's history on, into `case["memory_trace"]` (see the module's
     docstring). On the CPU, a note that it needs a GPU."""
@@ -260,7 +254,9 @@ def memory_trace(step, model, device, i: int, case: dict, save) -> None:
         found["forward_peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
         found["live_after_forward"] = live_by_origin(torch.cuda.memory._snapshot())
         if getattr(model, "offload_stats", None):
-            found["offload"] = offload_figures(model.offload_stats)
+            stats = model.offload_stats
+            found["offload"] = {"copied": stats["copied"], "copied_gb": round(stats["copied_bytes"] / 1e9, 2),
+                                "kept_gb": round(stats["kept_bytes"] / 1e9, 3)}
 
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -310,7 +306,9 @@ def run_case(args, config: TransformerConfig, device, dtype, case: dict, save) -
     step = training_step(model, params, optimizer, x0, text, rotary, device, dtype)
     measure(step, device, args.repeat, case, save)
     if model.offload_stats:  # the last step's: copied to the host, and copied back (as many, once each)
-        case["offload"] = offload_figures(model.offload_stats)
+        stats = model.offload_stats
+        case["offload"] = {"copied": stats["copied"], "copied_back": stats["copied_back"],
+                           "copied_gb": round(stats["copied_bytes"] / 1e9, 2)}
         save()
     if args.memory_trace:
         memory_trace(step, model, device, args.repeat + 1, case, save)
