@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_fast_vae import CONFIG as VAE_LEVERS_CONFIG
-from test_fast_vae import applied_to_a_copy
+from test_fast_vae import applied_to_a_copy, tiled
 from torch import nn
 
 from cogvideox import fast
@@ -221,17 +221,11 @@ def fold_with(vae: nn.Module) -> nn.Module:
 def test_fold_tiled_decode_matches_exact(exact, folded):
     lean = with_levers(folded, *LEAN)
     z = latent(3, seed=15, height=5, width=8)
-    try:
-        for vae in (exact, folded, lean):
-            vae.enable_tiling(24, 40, 1 / 3, 1 / 5)  # 3 x 2 tiles of 3 x 5 latents
-        with torch.no_grad():
-            want = exact.decode(z)
-            for vae in (folded, lean):
-                got = vae.decode(z)
-                assert got.shape == (1, 3, 9, 40, 64) and rel_err(got, want) <= 1e-5
-    finally:
-        for vae in (exact, folded, lean):
-            vae.disable_tiling()
+    with tiled(exact, folded, lean), torch.no_grad():
+        want = exact.decode(z)
+        for vae in (folded, lean):
+            got = vae.decode(z)
+            assert got.shape == (1, 3, 9, 40, 64) and rel_err(got, want) <= 1e-5
 
 
 def test_fold_leaves_the_frame_cache_as_it_was(exact, folded):

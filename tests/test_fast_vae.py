@@ -146,6 +146,19 @@ def test_refuses_other_modules():
         channels_last(nn.Linear(2, 2))
 
 
+@contextlib.contextmanager
+def tiled(*vaes: nn.Module):
+    """`vaes` decoding in tiles of 24 x 40 pixels (3 x 2 tiles of 3 x 5 latents for 5 x 8 latents) until
+    the block ends."""
+    try:
+        for vae in vaes:
+            vae.enable_tiling(24, 40, 1 / 3, 1 / 5)
+        yield
+    finally:
+        for vae in vaes:
+            vae.disable_tiling()
+
+
 def applied_to_a_copy(exact: nn.Module, lever, kind: type) -> nn.Module:
     """A copy of `exact` with `lever` applied, which reports one change per `kind` module (there are
     some), and the same count when applied again (idempotent)."""
@@ -243,13 +256,8 @@ def test_conv2d_encode_and_tiled_decode_match_exact(pair, as_2d):
     with torch.no_grad():
         got, want = as_2d.encode(x), exact.encode(x)
         assert rel_err(got.mean, want.mean) <= 1e-5 and rel_err(got.logvar, want.logvar) <= 1e-5
-        try:
-            for vae in (exact, as_2d):
-                vae.enable_tiling(24, 40, 1 / 3, 1 / 5)  # 3 x 2 tiles of 3 x 5 latents
+        with tiled(exact, as_2d):
             got, want = as_2d.decode(z), exact.decode(z)
-        finally:
-            for vae in (exact, as_2d):
-                vae.disable_tiling()
     assert got.shape == (1, 3, 9, 40, 64)
     assert rel_err(got, want) <= 1e-5
 
@@ -429,16 +437,11 @@ def test_parallel_norms_decode_and_encode_match_exact(pair, parallel, latent_fra
 def test_parallel_norms_tiled_decode_matches_exact(pair, parallel, monkeypatch):
     exact, _ = pair
     z = torch.randn(1, 4, 3, 5, 8, generator=torch.Generator().manual_seed(21))
-    try:
-        for vae in (exact, parallel):
-            vae.enable_tiling(24, 40, 1 / 3, 1 / 5)  # 3 x 2 tiles of 3 x 5 latents
+    with tiled(exact, parallel):
         with torch.no_grad():
             want = exact.decode(z)
         with without_torch_group_norm(monkeypatch):
             got = parallel.decode(z)
-    finally:
-        for vae in (exact, parallel):
-            vae.disable_tiling()
     assert got.shape == (1, 3, 9, 40, 64) and rel_err(got, want) <= 1e-5
 
 
@@ -509,14 +512,8 @@ def test_latent_size_modulation_matches_exact_with_convolutions_at_the_latent_si
 def test_latent_size_modulation_tiled_and_in_bf16(pair, modulated):
     exact, _ = pair
     z = torch.randn(1, 4, 3, 5, 8, generator=torch.Generator().manual_seed(32))
-    try:
-        for vae in (exact, modulated):
-            vae.enable_tiling(24, 40, 1 / 3, 1 / 5)
-        with torch.no_grad():
-            got, want = modulated.decode(z), exact.decode(z)
-    finally:
-        for vae in (exact, modulated):
-            vae.disable_tiling()
+    with tiled(exact, modulated), torch.no_grad():
+        got, want = modulated.decode(z), exact.decode(z)
     assert got.shape == (1, 3, 9, 40, 64) and rel_err(got, want) <= 1e-5
     full, eager, fast = bf16_decodes(exact, modulated, seed=33)
     # one rounding of GroupNorm(f) * y + b where the exact path rounds twice: no further from fp32
@@ -588,14 +585,8 @@ def test_pad_in_place_is_the_exact_decode_without_the_activation_copies(pair, pa
 def test_pad_in_place_tiled_and_with_the_other_levers(pair, padded, fused):
     exact, _ = pair
     z = torch.randn(1, 4, 3, 5, 8, generator=torch.Generator().manual_seed(42))
-    try:
-        for vae in (exact, padded):
-            vae.enable_tiling(24, 40, 1 / 3, 1 / 5)
-        with torch.no_grad():
-            assert rel_err(padded.decode(z), exact.decode(z)) <= 1e-5
-    finally:
-        for vae in (exact, padded):
-            vae.disable_tiling()
+    with tiled(exact, padded), torch.no_grad():
+        assert rel_err(padded.decode(z), exact.decode(z)) <= 1e-5
     every = copy.deepcopy(padded)
     parallel_norms(every)
     latent_size_modulation(every)
