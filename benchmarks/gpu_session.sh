@@ -8,18 +8,18 @@
 #   PACK=/somewhere/results.tgz OUT=results bash ...      # also packs $OUT into one archive after each step
 #
 # GPU time is short and may come in one piece, so the order is what the issues still need most (a
-# session of 15 minutes reaches about the first five steps in its first call, one or two more in a
+# session of 15 minutes reaches about the first four steps in its first call, two or three more in a
 # second; the numbered groups below follow the steps):
-#   1. the VAE decode with GroupNorm's statistics spread over the GPU (the 0.6x decode target), and its
-#      kernel profile;
-#   2. 5B LoRA on an int8 base (the frozen linears the adapters leave alone), eager against the
-#      reference and compiled (the 18 GB target without offloading);
-#   3. why the offloaded compiled LoRA steps grew: 5B LoRA offloaded eager, and compiled without
-#      offloading, each with a memory trace;
-#   4. 2B LoRA compiled keeping the attention results (both 2B targets);
+#   1. the VAE decode with the four decoder levers (the 0.6x decode target), and their kernel profiles;
+#   2. 5B LoRA compiled, keeping the attention results, with offloaded activations (both 5B LoRA targets);
+#   3. 2B LoRA the same way (both 2B targets); FlashAttention-3's FP8 kernel in the fp8 step and v's layout
+#      in the exact one (the 0.50x and 0.65x targets), then where the fp8 step's time goes; 5B LoRA
+#      compiled and offloaded without keeping the attention results;
+#   4. 5B LoRA on an int8 base (eager against the reference, then compiled), 2B without offloading and on
+#      an int8 base;
 #   5. speed 5B with int8 and the fp32 truth; the memory modes with the model card's INT8; the 50-step
 #      fp8 + FlashAttention-3 + cache run (the 0.33x target);
-#   6. the offloaded compiled 5B LoRA steps again, traced;
+#   6. 5B LoRA offloaded eager, and compiled without offloading, each traced;
 #   7. the rest (8-bit attention in the model, core 2B, parallel per rank, speed 2B, core 5B, the whole
 #      VAE ladder), then re-checks of what 2026-11-30 measured.
 # A step never starts with less than its floor left, and is stopped at its cap; each writes its JSON and
@@ -48,6 +48,9 @@ VAE_FIRST="reference_whole,ours_whole,ours_parallel_norms_whole,ours_parallel_no
 VAE_FIRST+=",ours_lean_fold_whole,reference_tiled,ours_tiled,ours_lean_tiled,ours_lean_fold_tiled,ours_fused_whole"
 # Their kernel profiles: the exact decode, then each lever added in turn.
 VAE_PROFILE="vae,vae_parallel_norms,vae_parallel_norms_modulation,vae_lean,vae_lean_fold"
+# The re-check of 2026-11-30's profile: its targets then (the fp8 steps have a step of their own).
+PROFILE_RECHECK="vae,vae_parallel_norms,vae_parallel_norms_modulation,vae_lean,vae_lean_fold,step_eager,step_compiled"
+PROFILE_RECHECK+=",vae_channels_last,vae_conv2d_channels_last,vae_conv2d"
 if [ -n "${TINY:-}" ]; then
     TINY_FLAG="--tiny"
     SPEED_MODE_LOSSY="int8"  # fp8 needs compute capability 8.9+: the CPU check runs int8 alone
@@ -141,6 +144,9 @@ step finetune-2b-lora-save 120 80 finetune_memory.py --variant 2b --mode lora --
 # the kernels on v laid out as the model hands it over, and the exact fa3 step with v made dense first
 # (0.678x measured without; 0.65x is 49 ms away): is v's layout the 12% the kernels lose in the model?
 step fp8-attention-5b  280 120 speed.py --variant 5b --modes "$FP8_ATTENTION_MODES" --attention-kernels --repeat 3 --trajectory-steps 0 --skip-t5 --skip-vae --no-fp32-truth
+# 3b'. Where the fp8 step's 1048 ms go (fp8 linears + FlashAttention-3, then with its FP8 kernel): the fp8
+# products, the quantising of their inputs, attention; what is left between 0.55x and 0.50x.
+step profile-5b-fp8    100  60 kernel_profile.py --variant 5b --targets step_fp8,step_fp8_fa3fp8
 # 3c. Without keeping the attention results (the fallback should step 2 pass 18 GB): predicted 16.4 GB at
 #     0.82-0.90x.
 step finetune-5b-lora-compile 150 90 finetune_memory.py --variant 5b --mode lora --repeat 3 --compile --offload-activations
@@ -173,7 +179,7 @@ step core-5b            90  60 core_full_size.py --variant 5b
 step vae-5b-ladder     150  60 speed.py --variant 5b --vae-only
 # Re-checks of what was measured on 2026-11-30.
 step attention-5b      200 100 speed.py --variant 5b --modes "$ATTENTION_MODES" --attention-kernels --repeat 3 --trajectory-steps 0 --skip-t5 --skip-vae --no-fp32-truth
-step profile-5b        120  60 kernel_profile.py --variant 5b
+step profile-5b        120  60 kernel_profile.py --variant 5b --targets "$PROFILE_RECHECK"
 step memory-5b         150  90 memory.py --variant 5b --modes none,stream+tiling,model --check
 step memory-2b         120  60 memory.py --variant 2b --modes none,stream+tiling,sequential+tiling --reference --check
 step finetune-5b-full  150  60 finetune_memory.py --variant 5b --mode full --repeat 2 --no-reference

@@ -23,8 +23,15 @@ Targets, each one profiled call after a warm-up, in this order by default:
   FlashAttention-3 where installed, else cuDNN first), after one warm-up step;
 - `step_compiled`: the same model with regional torch.compile (`cogvideox.fast`), after a warm-up step
   that compiles;
+- `step_fp8`: the 5B step in fp8 mode as `speed.py`'s `fp8-fa3` measures it (fp8 row-wise linears,
+  "auto" attention, compiled; 0.599x of the reference's eager step on 2026-11-30, where the target is
+  0.50x): how long the fp8 products take, what quantising their inputs costs (kernels that compute an
+  `amax`), and attention's share once the products are faster;
+- `step_fp8_fa3fp8`: the same with FlashAttention-3's FP8 kernel (`--attention fa3-fp8`; speed.py's
+  `fp8-fa3fp8`): the FP8 kernel's time in the model and what quantising Q, K and V costs;
 - `vae_channels_last`, `vae_conv2d_channels_last`, `vae_conv2d`: the decode with those levers
   (`cogvideox.fast.vae_channels_last`, `vae_conv2d`).
+On the CPU (--tiny) the fp8 targets run the emulated fp8 math and, for the FP8 kernel, its emulation.
 Weights and inputs are speed.py's (same seeds, so the same models as its ladder). For each target:
 the profiled call's wall time, the device time of its kernels (and how busy that kept the device), the
 top kernels by total device time (name, calls, ms, share), the device time in categories by kernel name
@@ -82,9 +89,11 @@ VAE_TARGETS = {
     "vae_conv2d": dict(conv2d=True),
 }
 STEP_TARGETS = ("step_eager", "step_compiled")
+# fp8 steps, each on a fresh model: `fast.apply` options (compiled), the attention named for a GPU.
+FP8_TARGETS = {"step_fp8": "auto", "step_fp8_fa3fp8": "fa3-fp8"}
 TARGETS = (
     "vae", "vae_parallel_norms", "vae_parallel_norms_modulation", "vae_lean", "vae_lean_fold", "step_eager",
-    "step_compiled", "vae_channels_last", "vae_conv2d_channels_last", "vae_conv2d",
+    "step_compiled", "step_fp8", "step_fp8_fa3fp8", "vae_channels_last", "vae_conv2d_channels_last", "vae_conv2d",
 )
 
 # Categories of device time, by kernel name (on the CPU, operator name), lower-cased: the first match
@@ -99,6 +108,7 @@ CATEGORIES = (
     ("copy / layout", r"to_?n(c?d?hw|d?hwc)|nchw2nhwc|nhwc2nchw"),  # cuDNN's own layout transforms
     ("convolution", r"conv(?!ert)|fprop|dgrad|wgrad|implicit_gemm|winograd"),
     ("gemm", r"gemm|nvjet|cublas|cutlass|wgmma|matmul|aten::(mm|addmm|bmm|linear)$"),
+    ("quantize", r"amax"),  # fp8 scales: a row's or a head's largest magnitude (with a norm fused, its cost)
     ("norm", r"norm|moments|welford"),
     ("copy / layout", r"copy|cat(?!e)|transpose|permute|contiguous|clone|pad"),
     ("elementwise / other", r""),
@@ -244,12 +254,15 @@ def main() -> None:
                 vae.decode(z[:, :, :5])  # warm-up: the first chunk (3 latent frames) and a cached one
             return profiled(lambda: vae.decode(z), device, clock, args.top)
 
+    def step_call(model):
+        x, text, t = step_inputs(config, latent, device, dtype, torch.Generator(device="cpu").manual_seed(0))
+        rope = CogVideoXTransformer.rotary_embedding(SimpleNamespace(config=config), *latent, device)
+        return lambda: model(x, text, t, image_rotary_emb=rope)
+
     def step_targets(wanted: list[str]) -> None:
         model = build(lambda: CogVideoXTransformer(config), device, dtype, seed=1)  # speed.py's weights
         fast.apply(model)  # our exact mode: fused QKV, "auto" attention (FlashAttention-3 where installed)
-        x, text, t = step_inputs(config, latent, device, dtype, torch.Generator(device="cpu").manual_seed(0))
-        rope = CogVideoXTransformer.rotary_embedding(SimpleNamespace(config=config), *latent, device)
-        call = lambda: model(x, text, t, image_rotary_emb=rope)  # noqa: E731
+        call = step_call(model)
         with torch.inference_mode():
             for target in wanted:
                 try:
@@ -266,6 +279,25 @@ def main() -> None:
         del model, call
         torch._dynamo.reset()
 
+    def fp8_target(target: str) -> dict:
+        model = build(lambda: CogVideoXTransformer(config), device, dtype, seed=1)
+        attention = FP8_TARGETS[target]
+        emulate = device.type != "cuda"  # the CPU smoke test: the same math in plain PyTorch
+        if emulate and attention != "auto":
+            attention += "-emulated"
+        fast.apply(model, quantize="fp8", attention=attention, compile=True, emulate_fp8=emulate)
+        call = step_call(model)
+        try:
+            with torch.inference_mode():
+                warm_up = clock(call)  # compiles
+                summary = profiled(call, device, clock, args.top)
+            summary["warm_up_s"] = round(warm_up, 2)
+            summary["levers"] = model.acceleration.describe()
+            return summary
+        finally:
+            del model, call
+            torch._dynamo.reset()
+
     steps = [t for t in targets if t in STEP_TARGETS]
     for target in targets:
         if target in STEP_TARGETS:
@@ -278,7 +310,7 @@ def main() -> None:
             reset_peak(device)
             continue
         try:
-            summary = vae_target(target)
+            summary = fp8_target(target) if target in FP8_TARGETS else vae_target(target)
         except Exception as e:  # recorded; the other targets still run
             summary = failure(e)
         record(target, summary)

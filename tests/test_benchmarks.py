@@ -419,6 +419,7 @@ def test_kernel_profile_sorts_kernels_into_categories():
         "void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<c10::BFloat16>": "norm",
         "triton_poi_fused__to_copy_add_convert_element_type_mul_0": "elementwise / other",
         "triton_red_fused_native_layer_norm_1": "norm",
+        "triton_red_fused__to_copy_abs_amax_clamp_div_native_layer_norm_2": "quantize",
         "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>": "elementwise / other",
         "Memcpy DtoD (Device -> Device)": "memcpy",
         "aten::mkldnn_convolution": "convolution",
