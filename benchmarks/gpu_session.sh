@@ -18,7 +18,8 @@
 #   4. 5B LoRA on an int8 base (eager against the reference, then compiled), 2B without offloading and on
 #      an int8 base;
 #   5. speed 5B with int8 and the fp32 truth; the memory modes with the model card's INT8; the 50-step
-#      fp8 + FlashAttention-3 + cache run (the 0.33x target);
+#      fp8 + FlashAttention-3 + cache run (the 0.33x target); the exact mode's 50-step run against the
+#      reference's;
 #   6. 5B LoRA offloaded eager, and compiled without offloading, each traced;
 #   7. the rest (8-bit attention in the model, core 2B, parallel per rank, speed 2B, core 5B, the whole
 #      VAE ladder), then re-checks of what 2026-11-30 measured.
@@ -38,6 +39,7 @@ TINY_FLAG=""
 SPEED_MODE_LOSSY="int8,fp8"
 CACHE_MODE="fp8-fa3-cache"  # the fastest lossy step (fp8 + FlashAttention-3: 0.599x) with the step cache
 SAGE_MODE="fp8-sage"
+TRAJECTORY_RUNS="reference,reference_alt,fa3"
 ATTENTION_MODES="compile,fa3,fp8,fp8-fa3"
 FP8_ATTENTION_MODES="fp8-fa3,fp8-fa3fp8,fa3,fa3-dense-v"  # fp8 linears with FA3's bf16 and FP8 kernels; v's layout
 # The VAE variants measured first: the new levers (GroupNorm's statistics over the whole GPU, alone, with
@@ -56,6 +58,7 @@ if [ -n "${TINY:-}" ]; then
     SPEED_MODE_LOSSY="int8"  # fp8 needs compute capability 8.9+: the CPU check runs int8 alone
     CACHE_MODE="cache"       # and the cache without fp8
     SAGE_MODE="sage"         # and 8-bit attention without fp8 (its math emulated on the CPU)
+    TRAJECTORY_RUNS="reference,reference_alt,compile"  # and the compiled exact mode without FlashAttention-3
     ATTENTION_MODES="compile,fa3"  # and FlashAttention-3 without fp8 (SDPA stands in on the CPU)
     FP8_ATTENTION_MODES="fa3fp8,fa3-dense-v"  # the FP8 kernel without fp8 linears (emulated on the CPU)
 fi
@@ -165,6 +168,10 @@ step memory-5b-int8    150  90 memory.py --variant 5b --int8 --modes none,model,
 # The 50-step run of the fastest lossy step with the step cache (fp8 + FlashAttention-3 was 0.599x a step;
 # the 0.33x target needs about half the steps skipped), against the exact 50 steps.
 step cache-5b          240 150 speed.py --variant 5b --modes "fused,$CACHE_MODE" --repeat 1 --trajectory-steps 50 --skip-t5 --skip-vae --no-fp32-truth
+# The exact mode's whole 50-step run against the reference's, from the same noise (the speed issue asks it
+# reported): the reference eager, the reference with the flash kernel forced (its own bf16 noise), ours
+# compiled with FlashAttention-3. About 90 + 105 + 70 s.
+step exact-trajectory-5b 330 280 exact_trajectory.py --variant 5b --runs "$TRAJECTORY_RUNS"
 # 6. Offloading without compiling, and compiling without offloading (5B LoRA), each traced.
 step finetune-5b-lora-offload 80 50 finetune_memory.py --variant 5b --mode lora --repeat 2 --offload-activations --no-reference --memory-trace
 step finetune-5b-lora-compile-plain 100 70 finetune_memory.py --variant 5b --mode lora --repeat 2 --compile --no-reference --memory-trace

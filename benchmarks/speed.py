@@ -300,6 +300,24 @@ def fresh_transformer(config, weights: dict, device, cast: torch.dtype | None = 
     return model.to(device).eval()
 
 
+def reference_transformer(config, weights: dict, device, cast: torch.dtype | None = None) -> torch.nn.Module:
+    """The reference's (diffusers') transformer with `weights` on the device (`cast`: as `fresh_transformer`)."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    with torch.device("meta"):
+        ref = CogVideoXTransformer3DModel(**{k: v for k, v in config.to_dict().items() if not k.startswith("_")})
+    if cast is not None:
+        weights = {k: v.to(device, cast) if v.is_floating_point() else v for k, v in weights.items()}
+    ref.load_state_dict(weights, assign=True)
+    if not config.use_rotary_positional_embeddings:
+        # The 2B's sin-cos table is a non-persistent buffer, left on the meta device: recompute it.
+        embed = ref.patch_embed
+        embed.pos_embedding = embed._get_positional_embeddings(
+            config.sample_height, config.sample_width, config.sample_frames
+        )
+    return ref.to(device).eval()
+
+
 def host_random_state(module: torch.nn.Module, device, dtype, seed: int) -> dict[str, torch.Tensor]:
     """`random_state` drawn on `device`, kept in host memory. On the CPU, 5B's 5.6 billion normal values
     take half a minute of one core (the generator is serial); a GPU draws them in well under a second."""
@@ -334,19 +352,8 @@ def transformer_modes(args, config, modes, steps, device, dtype, clock, result, 
     # 1. The reference, eager (and compiled).
     reference_out = compiled_out = None
     if not args.no_reference:
-        from diffusers import CogVideoXTransformer3DModel
-
         reset_peak(device)
-        with torch.device("meta"):
-            ref = CogVideoXTransformer3DModel(**{k: v for k, v in config.to_dict().items() if not k.startswith("_")})
-        ref.load_state_dict(weights, assign=True)
-        if not config.use_rotary_positional_embeddings:
-            # The 2B's sin-cos table is a non-persistent buffer, left on the meta device: recompute it.
-            embed = ref.patch_embed
-            embed.pos_embedding = embed._get_positional_embeddings(
-                config.sample_height, config.sample_width, config.sample_frames
-            )
-        ref = ref.to(device).eval()
+        ref = reference_transformer(config, weights, device)
         with torch.inference_mode():
             call = lambda: ref(x, text, t, image_rotary_emb=rope, return_dict=False)[0]  # noqa: E731
             reference_out, entry = time_step(call, clock, args.repeat)

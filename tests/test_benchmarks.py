@@ -124,6 +124,19 @@ def test_compile_error_reports_the_three_errors(tmp_path, monkeypatch):
     assert set(result["seconds"]) == {"fp32", "eager_bf16", "compiled_bf16"}
 
 
+def test_exact_trajectory_follows_the_reference_bit_for_bit_in_eager_mode(tmp_path, monkeypatch, capsys):
+    # Our uncompiled exact path runs the reference's arithmetic: the whole run gives its latents bit for bit,
+    # while the fp32 run, and the reference with another attention kernel, are bf16 noise away from it.
+    argv = ["--tiny", "--layers", "1", "--steps", "3", "--every", "2", "--runs", "eager,reference,truth,reference_alt"]
+    assert run_script("exact_trajectory", argv, tmp_path, monkeypatch) == 0
+    runs = json.loads((tmp_path / "exact_trajectory_5b_1l_tiny.json").read_text())["runs"]
+    assert list(runs) == ["reference", "eager", "truth", "reference_alt"]  # the reference first, then as asked
+    assert runs["eager"]["vs_reference"] == {"2": 0.0, "3": 0.0}
+    assert 0 < runs["truth"]["vs_reference"]["3"] < 0.05 and runs["eager"]["vs_truth"] == runs["reference"]["vs_truth"]
+    assert runs["reference_alt"]["attention"] == "math" and 0 < runs["reference_alt"]["vs_reference"]["3"] < 0.05
+    assert "| eager | " in capsys.readouterr().out
+
+
 def test_speed_writes_its_json_as_each_mode_is_measured(tmp_path, monkeypatch):
     # A run killed after the first mode (here: the second mode interrupts it) still leaves the first's figures.
     speed = __import__("speed")
