@@ -110,10 +110,15 @@ class FinetuneConfig:
         return dataclasses.asdict(self)
 
 
+# What the text settings look like, for their error messages.
+_EXAMPLES = {"model": "THUDM/CogVideoX-5b", "revision": "main", "cache_dir": "clips/cache", "dtype": "bf16",
+             "device": "cuda"}
+
+
 def _positive(value, name: str, kind=int) -> None:
     if kind is int and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
         raise InputError(f"{name} must be a positive integer, got {value!r}")
-    if kind is float and (not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0):
+    if kind is float and not (is_finite_number(value) and value > 0):
         raise InputError(f"{name} must be a positive number, got {value!r}")
 
 
@@ -122,10 +127,21 @@ def check_config(c: FinetuneConfig) -> None:
     for name in ("data", "output"):
         if not isinstance(getattr(c, name), (str, Path)) or not str(getattr(c, name)):
             raise InputError(f"{name} must be a folder path")
+    for name in ("model", "revision", "cache_dir", "dtype", "device"):
+        value = getattr(c, name)
+        if value is not None and (not isinstance(value, (str, Path)) or not str(value)):
+            raise InputError(f"{name} must be a text such as \"{_EXAMPLES[name]}\" (or unset), got {value!r}")
+    for name in ("full", "sample_posterior", "gradient_checkpointing", "offload_activations", "save_attention",
+                 "compile", "progress"):
+        # A file's "no" or "false" is a string, and any non-empty string would count as true
+        if not isinstance(getattr(c, name), bool):
+            raise InputError(f"{name} must be true or false, got {getattr(c, name)!r}")
     for name in ("rank", "steps", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints",
                  "log_every", "validation_steps"):
         _positive(getattr(c, name), name)
-    for name in ("warmup_steps", "validation_every", "seed"):
+    if c.max_sequence_length is not None:
+        _positive(c.max_sequence_length, "max_sequence_length")
+    for name in ("warmup_steps", "validation_every", "seed", "validation_seed"):
         value = getattr(c, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise InputError(f"{name} must be a non-negative integer, got {value!r}")
@@ -138,9 +154,9 @@ def check_config(c: FinetuneConfig) -> None:
     if c.grad_clip is not None:
         _positive(c.grad_clip, "grad_clip", float)
     _positive(c.mask_weight, "mask_weight", float)
-    if not (isinstance(c.caption_dropout, (int, float)) and 0 <= c.caption_dropout < 1):
+    if not (_non_negative_number(c.caption_dropout) and c.caption_dropout < 1):
         raise InputError(f"caption_dropout must be in [0, 1), got {c.caption_dropout!r}")
-    if not (isinstance(c.min_lr_ratio, (int, float)) and 0 <= c.min_lr_ratio <= 1):
+    if not (_non_negative_number(c.min_lr_ratio) and c.min_lr_ratio <= 1):
         raise InputError(f"min_lr_ratio must be in [0, 1], got {c.min_lr_ratio!r}")
     if c.optimizer not in OPTIMIZERS:
         raise InputError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {c.optimizer!r}")
