@@ -186,3 +186,20 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(capsys, tiny_rope_dir, tmp_path, mon
     assert signal.getsignal(signal.SIGTERM) == before
     monkeypatch.setattr(Run, "train_step", original)
     assert main(argv) == 0  # and the run goes on from step 2
+
+
+def test_a_damaged_checkpoint_is_one_line_naming_it(capsys, tiny_rope_dir, tmp_path):
+    """A checkpoint cut short (a full disk, a copy stopped midway) or not one at all: the file is named with
+    what to do, instead of torch.load's traceback once the data and the model are loaded."""
+    data = make_video_folder(tmp_path / "data", count=1, broken=False)
+    out = tmp_path / "out"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "step-1.pt").write_bytes(b"not a checkpoint")
+    (out / "checkpoints" / "step-2.pt").write_bytes(b"PK\x03\x04 cut short")
+    argv = ["train", str(data), "-o", str(out), "--model", str(tiny_rope_dir), "--rank", "4",
+            "--bucket", "9x32x48", "--steps", "3", "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(f"cogvideox: error: cannot read the checkpoint {out / 'checkpoints' / 'step-2.pt'} (")
+    assert err.endswith("); delete it to continue from the next newest, or give another --output\n")

@@ -406,7 +406,7 @@ class Run:
         path = latest_checkpoint(self.out / "checkpoints", CHECKPOINT_PREFIX)
         if path is None:
             return 0
-        state = load_checkpoint(path)
+        state = _read_checkpoint(path)
         if state.get("identity") != self.config.run_identity:
             theirs, ours = state.get("identity") or {}, self.config.run_identity
             changed = sorted(k for k in ours if theirs.get(k) != ours[k])
@@ -521,6 +521,23 @@ def _unwritten_checkpoint(path: Path, error: Exception, reached: int) -> str:
         f"cannot write the checkpoint {path}: {why} (is the disk full?); free some space and run the same "
         f"command again to {then}"
     )
+
+
+def _read_checkpoint(path: Path) -> dict:
+    """A run's checkpoint; `InputError` for one that cannot be read (cut short by a full disk or a copy, or
+    not a checkpoint), naming the older one the run could continue from once it is deleted."""
+    try:
+        state = load_checkpoint(path)
+    except Exception as e:  # torch.load's errors for a damaged file have many types
+        detail = " ".join(str(e).split(". ")[0].split()) or type(e).__name__
+        state = None
+    else:
+        detail = "not a checkpoint of this command"
+    if isinstance(state, dict) and all(k in state for k in ("step", "weights", "optimizer")):
+        return state
+    older = [p for p in path.parent.glob(f"{CHECKPOINT_PREFIX}-*.pt") if p != path]
+    then = "continue from the next newest" if older else "start over"
+    raise InputError(f"cannot read the checkpoint {path} ({detail}); delete it to {then}, or give another --output")
 
 
 def read_recorded_config(output: str | Path) -> dict:
