@@ -149,12 +149,24 @@ def test_ctrl_c_says_how_to_resume(capsys, tiny_rope_dir, tmp_path, monkeypatch)
         "cogvideox train: interrupted before the first checkpoint; run the same command again to start over "
         "(the clips encoded so far stay in the cache)"
     )
+    # Step 3 is done since the checkpoint of step 2: it is saved before the run stops, not lost.
     monkeypatch.setattr(Run, "train_step", ctrl_c_at(3))
     assert main(argv) == 130
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"cogvideox train: interrupted; {out} holds step 2 (its newest checkpoint): run the same command again "
-        "to continue from there"
-    )
+    assert capsys.readouterr().err.strip().splitlines()[-2:] == [
+        "cogvideox train: stopping; saving step 3 first (Ctrl-C again to stop at once)",
+        f"cogvideox train: interrupted; {out} holds step 3 (its newest checkpoint): run the same command again "
+        "to continue from there",
+    ]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2.pt", "step-3.pt"]
+    # Continued from it, the run is the one that was never stopped.
+    monkeypatch.setattr(Run, "train_step", original)
+    assert main(argv) == 0
+    assert main([*argv[:3], str(tmp_path / "straight"), *argv[4:]]) == 0
+
+    def losses(name):
+        return [json.loads(line)["loss"] for line in (tmp_path / name / "loss.jsonl").read_text().splitlines()]
+
+    assert len(losses("out")) == 4 and losses("out") == losses("straight")
 
 
 def test_sigterm_stops_a_run_as_ctrl_c_does(capsys, tiny_rope_dir, tmp_path, monkeypatch):
@@ -180,12 +192,12 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(capsys, tiny_rope_dir, tmp_path, mon
     before = signal.getsignal(signal.SIGTERM)
     assert main(argv) == 143
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"cogvideox train: interrupted; {out} holds step 2 (its newest checkpoint): run the same command again "
+        f"cogvideox train: interrupted; {out} holds step 3 (its newest checkpoint): run the same command again "
         "to continue from there"
     )
     assert signal.getsignal(signal.SIGTERM) == before
     monkeypatch.setattr(Run, "train_step", original)
-    assert main(argv) == 0  # and the run goes on from step 2
+    assert main(argv) == 0  # and the run goes on from step 3
 
 
 def test_a_damaged_checkpoint_is_one_line_naming_it(capsys, tiny_rope_dir, tmp_path):

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 import warnings
 from contextlib import nullcontext
@@ -360,7 +361,9 @@ class Run:
             self.procs.average_gradients(params)
         if c.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
+        self.steps_done = None  # the weights and the optimizer change: no step's state until it is done
         self.optimizer.step()
+        self.steps_done = step + 1
         self.optimizer.zero_grad(set_to_none=True)
         return self.procs.mean(total, self.device)
 
@@ -433,6 +436,17 @@ class Run:
         if self.config.timesteps is None:
             self.timestep_sampling = recorded_timestep_sampling(record)
         return int(state["step"])
+
+    def save_interrupted(self) -> None:
+        """On Ctrl-C or SIGTERM during training: a checkpoint of the steps done since the newest one, so
+        that they are not lost (the next start continues from it exactly, as from any checkpoint). Not
+        when the signal came while the optimizer changed the weights, and not with several processes,
+        which would all have to take part."""
+        done = getattr(self, "steps_done", None)
+        if done is None or self.procs.world_size > 1 or done <= reached_step(self.out):
+            return
+        print(f"cogvideox train: stopping; saving step {done} first (Ctrl-C again to stop at once)", file=sys.stderr)
+        self.save(done)
 
     # -- output --------------------------------------------------------------------------------------
 
@@ -636,7 +650,7 @@ def finetune(config: FinetuneConfig) -> Path:
             lock = lock_folder(run.out, LOCK, "run", "training into", "--output")
         run.prepare_data()
         run.prepare_model()
-        start = run.resume()
+        start = run.steps_done = run.resume()
         main = run.procs.main
         if main:
             run.out.mkdir(parents=True, exist_ok=True)
@@ -666,16 +680,21 @@ def finetune(config: FinetuneConfig) -> Path:
         # `seconds` runs on across restarts, from where the kept log ends: one clock for the whole curve.
         earlier = next((r["seconds"] for r in reversed(log.read()) if "seconds" in r), 0.0) if log else 0.0
         t0 = time.perf_counter() - earlier
-        for step in bar:
-            loss = run.train_step(step)
-            done = step + 1
-            if main and (done % c.log_every == 0 or done == c.steps):
-                log.write(done, loss=loss, lr=learning_rate(c, step), seconds=round(time.perf_counter() - t0, 3))
-                bar.set_postfix(loss=f"{loss:.4f}")
-            if done % c.checkpoint_every == 0 or done == c.steps:
-                run.save(done)
-            if c.validation_every and done % c.validation_every == 0 and (main or run.sharded):
-                validate(done)
+        try:
+            for step in bar:
+                loss = run.train_step(step)
+                done = step + 1
+                if main and (done % c.log_every == 0 or done == c.steps):
+                    log.write(done, loss=loss, lr=learning_rate(c, step), seconds=round(time.perf_counter() - t0, 3))
+                    bar.set_postfix(loss=f"{loss:.4f}")
+                if done % c.checkpoint_every == 0 or done == c.steps:
+                    run.save(done)
+                if c.validation_every and done % c.validation_every == 0 and (main or run.sharded):
+                    validate(done)
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM: the steps done since the last checkpoint are kept
+            bar.close()
+            run.save_interrupted()
+            raise
         bar.close()
         if main:
             plot_curve(log.read(), "loss", run.out / "loss.png", title="fine-tuning loss")
