@@ -215,3 +215,17 @@ def test_a_damaged_checkpoint_is_one_line_naming_it(capsys, tiny_rope_dir, tmp_p
     assert err.count("\n") == 1
     assert err.startswith(f"cogvideox: error: cannot read the checkpoint {out / 'checkpoints' / 'step-2.pt'} (")
     assert err.endswith("); delete it to continue from the next newest, or give another --output\n")
+
+
+def test_a_cache_folder_that_cannot_be_written_is_one_line(capsys, tiny_rope_dir, tmp_path):
+    """A --cache-dir that is a file (or a read-only data folder's cache): named before any clip is encoded,
+    not a traceback from the first cache entry written."""
+    data = make_video_folder(tmp_path / "data", count=1, broken=False)
+    (tmp_path / "a-file").write_text("")
+    argv = ["train", str(data), "-o", str(tmp_path / "out"), "--model", str(tiny_rope_dir), "--rank", "4",
+            "--bucket", "9x32x48", "--steps", "1", "--cache-dir", str(tmp_path / "a-file"), "--quiet"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (
+        f"cogvideox: error: cannot write to {tmp_path / 'a-file'}: File exists (the cache of latents and T5 states); "
+        "give another --cache-dir\n"
+    )

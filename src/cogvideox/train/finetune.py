@@ -189,6 +189,11 @@ class Run:
         c = self.config
         clips, skipped = scan_folder(c.data)
         cache_dir = Path(c.cache_dir) if c.cache_dir else Path(c.data) / "cache"
+        if self.procs.main:  # a cache that cannot be written fails now, not with a traceback at the first clip
+            try:
+                prepare_folder(cache_dir)
+            except InputError as e:
+                raise InputError(f"{e} (the cache of latents and T5 states); give another --cache-dir") from None
         self.vae = loading.load_vae(self.folder, self.dtype, self.device)
         self.text_encoder = loading.load_text_encoder(self.folder, self.dtype, self.device)
         args = (clips, self.buckets, self.fps, self.vae, self.text_encoder, cache_dir, self.max_sequence_length)
