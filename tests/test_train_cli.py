@@ -229,3 +229,20 @@ def test_a_cache_folder_that_cannot_be_written_is_one_line(capsys, tiny_rope_dir
         f"cogvideox: error: cannot write to {tmp_path / 'a-file'}: File exists (the cache of latents and T5 states); "
         "give another --cache-dir\n"
     )
+
+
+def test_the_last_line_after_a_validation_round(capsys, tiny_rope_dir, tmp_path):
+    """A validation round at the last step writes its colours after the step's loss in loss.jsonl: the
+    summary still gives the final loss, instead of a KeyError once everything is written."""
+    data = make_video_folder(tmp_path / "data", count=1, broken=False)
+    out = tmp_path / "out"
+    argv = ["train", str(data), "-o", str(out), "--model", str(tiny_rope_dir), "--rank", "4", "--bucket", "9x32x48",
+            "--steps", "1", "--validation-every", "1", "--validation-prompt", "a cat", "--validation-steps", "1",
+            "--quiet"]
+    assert main(argv) == 0
+    last = json.loads((out / "loss.jsonl").read_text().splitlines()[-1])
+    assert "loss" not in last and last["step"] == 1  # the round's colours
+    loss = json.loads((out / "loss.jsonl").read_text().splitlines()[-2])["loss"]
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        f"wrote {out / 'pytorch_lora_weights.safetensors'} (1 steps, final loss {loss:.4f}; log {out / 'loss.jsonl'})"
+    )

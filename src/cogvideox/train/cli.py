@@ -187,7 +187,8 @@ def _summary(path: Path, config, start: int) -> str:
     log = Path(config.output) / "loss.jsonl"
     if log.is_file():
         records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    last = f", final loss {records[-1]['loss']:.4f}" if records else ""
+    losses = [r["loss"] for r in records if "loss" in r]  # a validation round's line holds its colours instead
+    last = f", final loss {losses[-1]:.4f}" if losses else ""
     if start >= config.steps:
         return (
             f"{config.output} was already at step {start}: nothing trained (raise --steps to continue); "
