@@ -94,3 +94,8 @@ def test_generate_extend_needs_an_image_to_video_model_and_a_video(capsys, tiny_
     assert "needs an image-to-video model" in capsys.readouterr().err
     assert main(["generate", "a cat", "--model", str(tiny_rope_dir), "--extend", str(tmp_path / "no.mp4")]) == 2
     assert f"no video file at {tmp_path / 'no.mp4'}" in capsys.readouterr().err
+    damaged = tmp_path / "damaged.mp4"
+    damaged.write_bytes(b"not a video")
+    assert main(["generate", "a cat", "--model", str(tiny_rope_dir), "--extend", str(damaged)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"cannot decode {damaged} as a video" in err

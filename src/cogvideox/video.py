@@ -252,7 +252,10 @@ def export_or_rescue(
 
 def read_video(path: str | os.PathLike, max_frames: int | None = None) -> tuple[np.ndarray, float]:
     """The frames of a video file as uint8 [F, H, W, 3] (all of them, or the first `max_frames`: a long
-    video decoded whole may not fit in memory), upright, and its frame rate."""
+    video decoded whole may not fit in memory), upright, and its frame rate. `InputError` for a file that
+    is missing or cannot be decoded."""
+    import av
+
     path = Path(path)
     if not path.is_file():
         raise InputError(f"no video file at {path}")
@@ -260,6 +263,8 @@ def read_video(path: str | os.PathLike, max_frames: int | None = None) -> tuple[
         frames, rate = _decode(path, None, max_frames or 2**31)
     except _NoVideoStream:
         raise InputError(f"{path} has no video stream") from None
+    except av.FFmpegError as e:  # a damaged file, or one that is not a video
+        raise InputError(f"cannot decode {path} as a video ({' '.join(str(e).split())})") from None
     if not frames:
         raise InputError(f"{path} holds no video frames")
     return np.stack(frames), rate or 0.0
