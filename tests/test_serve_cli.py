@@ -115,6 +115,25 @@ def test_a_missing_model_is_one_line(tmp_path, capsys):
     assert main(["worker", "--model", str(tmp_path), "--data-dir", str(tmp_path)]) == 2
 
 
+@pytest.mark.parametrize("command", ["serve", "worker"])
+def test_a_data_dir_or_queue_that_cannot_be_opened_is_one_line(tmp_path, capsys, command):
+    import socket
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = ["--port", str(free.getsockname()[1])] if command == "serve" else []
+    (tmp_path / "file").write_text("not a folder")
+    assert main([command, *port, "--data-dir", str(tmp_path / "file")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"cogvideox: error: --data-dir {tmp_path / 'file'}: cannot make ")
+    assert error.count("\n") == 1
+    (tmp_path / "queue.sqlite3").write_bytes(b"not a database" * 100)
+    assert main([command, *port, "--data-dir", str(tmp_path / "data"), "--db", str(tmp_path / "queue.sqlite3")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"cogvideox: error: cannot open the SQLite queue at {tmp_path / 'queue.sqlite3'} (file is")
+    assert error.count("\n") == 1
+
+
 def test_memory_and_speed_flags_reach_the_workers_pipeline(tmp_path):
     import torch
 

@@ -275,6 +275,19 @@ def served_loras(values: list[str], check_files: bool = True) -> dict[str, str]:
     return loras
 
 
+def make_data_dir(data_dir: str) -> None:
+    """Create --data-dir and its videos/ folder, or raise `InputError` saying why not (a file of that name,
+    no permission), before the queue opens and the model loads."""
+    from cogvideox.errors import InputError
+
+    try:
+        (Path(data_dir) / "videos").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        reason = (e.strerror or str(e)).lower()
+        raise InputError(f"--data-dir {data_dir}: cannot make {e.filename or data_dir} ({reason}); give a folder "
+                         "this process can write") from None
+
+
 def _build_worker(args, spec, store, load: dict, speed: dict | None, loras: dict[str, str]):
     from cogvideox.serve.worker import PipelineGenerator, Worker
 
@@ -330,6 +343,7 @@ def run_serve(args: argparse.Namespace) -> int:
         prompt_enhancer=enhancer,
         expire_after=args.expire_after * 3600 if args.expire_after else None,
     )
+    make_data_dir(args.data_dir)
     store = open_store(args.db, args.data_dir)
     worker = None if args.no_worker else _build_worker(args, spec, store, load, speed, loras)
     app = create_app(spec, store, settings, worker)
@@ -350,6 +364,7 @@ def run_worker(args: argparse.Namespace) -> int:
     load, speed = load_settings(args)
     loras = served_loras(args.lora)
     spec = ModelSpec.load(args.model, args.model_name, loras=tuple(loras))
+    make_data_dir(args.data_dir)
     store = open_store(args.db, args.data_dir)
     worker = _build_worker(args, spec, store, load, speed, loras)
     # SIGTERM (a service manager stopping us) as Ctrl-C: finish the step, hand the job back, exit.

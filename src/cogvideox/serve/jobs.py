@@ -275,13 +275,18 @@ class SQLiteStore(JobStore):
 
     def __init__(self, path: str | Path, busy_timeout: float = 30.0) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.busy_timeout = busy_timeout
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
-        self._run("PRAGMA journal_mode = WAL")
-        self._create_schema()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._run("PRAGMA journal_mode = WAL")
+            self._create_schema()
+        except (OSError, sqlite3.Error) as e:  # a folder, a file of another kind, a path that cannot be made
+            self.close()
+            raise InputError(f"cannot open the SQLite queue at {self.path} ({e}); give --db a SQLite file that "
+                             "can be created or opened, or a postgresql:// URL") from None
 
     def _connection(self) -> sqlite3.Connection:
         connection = getattr(self._local, "connection", None)
