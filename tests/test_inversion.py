@@ -189,7 +189,9 @@ def test_invert_command_refinement(tiny_rope_dir, tmp_path, capsys):
         main([*args, "--refine", "-1"])
     assert exit_.value.code == 2
     assert "argument --refine: expected a non-negative integer, got -1" in capsys.readouterr().err
+    (tmp_path / "out.mp4").write_bytes(b"an earlier video")
     assert main([*args, "--refine", "1", "--reconstruct", str(tmp_path / "out.mp4")]) == 0
+    assert f"cogvideox: warning: {tmp_path / 'out.mp4'} exists and will be replaced" in capsys.readouterr().err
     assert read_video(tmp_path / "out.mp4")[0].shape == (9, 32, 48, 3)
 
 
@@ -204,8 +206,11 @@ def test_regenerate_command_reports_its_stage_times(tiny_rope_dir, tmp_path, cap
                  "--frames", "9", "--refine", "0", "--output", str(tmp_path / "latents.safetensors"), *model]) == 0
     capsys.readouterr()
     out = tmp_path / "regen.mp4"
+    out.write_bytes(b"an earlier video")  # replaced, and said so
     assert main(["regenerate", str(tmp_path / "latents.safetensors"), "--output", str(out), "--fps", "8", *model]) == 0
-    last = capsys.readouterr().out.strip().splitlines()[-1]
+    output = capsys.readouterr()
+    assert f"cogvideox: warning: {out} exists and will be replaced by the regenerated video" in output.err
+    last = output.out.strip().splitlines()[-1]
     assert re.fullmatch(
         rf"wrote {re.escape(str(out))} \(9 frames, 48x32, 8 fps\) \| load \d+\.\ds, text \d+\.\ds, "
         r"denoise \d+\.\ds, decode \d+\.\ds, write \d+\.\ds",

@@ -270,6 +270,9 @@ def _invert(args: argparse.Namespace) -> int:
         num_train_timesteps=configs.scheduler.num_train_timesteps,
         **sampling,
     )
+    for path in (latents_path, video_path):
+        if path is not None and path.exists():
+            warnings.warn(f"{path} exists and will be replaced", stacklevel=1)
     pipe = _load(args, device, folder)
     load_time = time.perf_counter() - start
 
@@ -323,6 +326,8 @@ def _regenerate(args: argparse.Namespace) -> int:
         guidance_scale=args.guidance,
         num_train_timesteps=configs.scheduler.num_train_timesteps,
     )
+    if output.exists():
+        warnings.warn(f"{output} exists and will be replaced by the regenerated video", stacklevel=1)
     pipe = _load(args, device, folder)
     load_time = time.perf_counter() - start
     result = reconstruct(pipe, inversion, prompt=args.prompt, guidance_scale=args.guidance, progress=not args.quiet)
