@@ -247,6 +247,15 @@ def test_replacing_an_existing_video_is_said(capsys, tiny_rope_dir, tmp_path):
     assert read_video(tmp_path / "old.mp4")[0].shape[1:] == (32, 32, 3)
 
 
+def test_a_refused_request_does_not_say_it_will_replace_the_output(capsys, tiny_rope_dir, tmp_path):
+    (tmp_path / "old.mp4").write_bytes(b"an earlier video")
+    argv = ["generate", "a dog", "--model", str(tiny_rope_dir), "--output", str(tmp_path / "old.mp4"), "--frames", "10"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cogvideox: error: num_frames must be 8k+1") and err.count("\n") == 1
+    assert (tmp_path / "old.mp4").read_bytes() == b"an earlier video"
+
+
 def test_help_does_not_load_torch():
     # `cogvideox --help` (and every one-line usage error) answers at once: torch takes a second to import.
     code = "import sys; from cogvideox.cli import build_parser; build_parser(); print('torch' in sys.modules)"

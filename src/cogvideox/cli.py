@@ -316,9 +316,6 @@ def _generate(args: argparse.Namespace) -> int:
                          "video --output)")  # fmt: skip
     check_path = check_latents_path if latent_output else check_video_path
     outputs = [check_path(path, "--output") for path in _output_paths(args.output, args.num_videos)]
-    for path in outputs:
-        if path.exists():
-            warnings.warn(f"{path} exists and will be replaced by the new {'latents' if latent_output else 'video'}")
 
     # Every mistake that the inputs and the configs alone reveal fails here, before minutes of loading.
     start = time.perf_counter()
@@ -354,6 +351,9 @@ def _generate(args: argparse.Namespace) -> int:
     window_stride = windows_stride(args.windows, checked, configs)
     if last_picture is not None:
         check_last_image(checked, configs.vae)
+    for path in outputs:  # once the request is known to be good: a refused one replaces nothing
+        if path.exists():
+            warnings.warn(f"{path} exists and will be replaced by the new {'latents' if latent_output else 'video'}")
 
     prompt = args.prompt
     if enhancer is not None:  # the first frame goes along: the description must not contradict it
