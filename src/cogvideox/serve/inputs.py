@@ -90,7 +90,8 @@ def store_video(upload: Upload, data_dir: str | Path, fps: float, max_frames: in
         frames = read_input_video(data_dir, name, fps, max_frames)
     except InputError as e:
         remove_input(data_dir, name)
-        why = str(e).split(" as a video ", 1)[-1]
+        # PyAV's reason names the file it opened: the client's name, not the server's path, goes back.
+        why = str(e).split(" as a video ", 1)[-1].replace(str(input_path(data_dir, name)), upload.filename or "file")
         raise ApiError(400, "invalid_video", f"{param}: cannot decode the file as a picture or a video {why}",
                        param) from None  # fmt: skip
     return name, len(frames)
