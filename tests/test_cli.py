@@ -247,6 +247,13 @@ def test_replacing_an_existing_video_is_said(capsys, tiny_rope_dir, tmp_path):
     assert read_video(tmp_path / "old.mp4")[0].shape[1:] == (32, 32, 3)
 
 
+@pytest.mark.parametrize("prompt", ["", "  \t"])
+def test_a_blank_prompt_is_refused(capsys, prompt):
+    assert main(["generate", prompt, "--model", "/no/such/model"]) == 2
+    assert capsys.readouterr().err == ("cogvideox: error: the prompt is blank (an unset variable?); say what the "
+                                       "video should show\n")
+
+
 def test_a_refused_request_does_not_say_it_will_replace_the_output(capsys, tiny_rope_dir, tmp_path):
     (tmp_path / "old.mp4").write_bytes(b"an earlier video")
     argv = ["generate", "a dog", "--model", str(tiny_rope_dir), "--output", str(tmp_path / "old.mp4"), "--frames", "10"]

@@ -285,6 +285,8 @@ def _generate(args: argparse.Namespace) -> int:
     from cogvideox.request import check_last_image, check_request, frames_to_read
     from cogvideox.video import check_video_path, read_video
 
+    if not args.prompt.strip():  # as batch and the service: a blank prompt is a mistake, not a request
+        raise InputError("the prompt is blank (an unset variable?); say what the video should show")
     if sum(map(bool, (args.image, args.video, args.extend))) > 1:
         given = " and ".join(f for f, v in (("--image", args.image), ("--video", args.video),
                                              ("--extend", args.extend)) if v)  # fmt: skip
