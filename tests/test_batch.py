@@ -18,6 +18,7 @@ from helpers import free_port
 from cogvideox import Pipeline, read_video
 from cogvideox.batch import LOCK, MANIFEST, finished, lossy_levers, plan, read_prompts, run_batch, video_name
 from cogvideox.cli import main
+from cogvideox.demo import DEMO_MODEL_DIR
 from cogvideox.errors import InputError
 
 FAST = ["--steps", "2", "--frames", "9", "--quiet"]
@@ -201,8 +202,9 @@ def test_other_settings_stop_before_loading_until_overwrite(capsys, monkeypatch,
     before = _contents(out)
     made = _manifest(out)[0]["settings"]
     assert made["steps"] == 2 and made["frames"] == 9 and made["scheduler"] == "ddim"
+    assert made["model"] is None  # the demo model, wherever the package is installed
     model = tmp_path / "model"
-    shutil.copytree(made["model"], model)
+    shutil.copytree(DEMO_MODEL_DIR, model)
 
     with monkeypatch.context() as patch:
         _no_loading(patch)
@@ -215,7 +217,7 @@ def test_other_settings_stop_before_loading_until_overwrite(capsys, monkeypatch,
             (["--scheduler", "dpm"], "scheduler 'ddim', now 'dpm'"),
             (["--negative-prompt", "blurry"], "negative prompt '', now 'blurry'"),
             (["--dynamic-cfg"], "dynamic cfg 'off', now 'reference'"),
-            (["--model", str(model)], f"model {made['model']!r}, now {str(model.resolve())!r}"),
+            (["--model", str(model)], f"model the demo, now {str(model.resolve())!r}"),
             (["--quantize", "int8"], "lossy levers 'none', now 'int8'"),
             (["--cache", "0.1"], "lossy levers 'none', now 'cache 0.1'"),
         ]:
@@ -240,6 +242,32 @@ def test_other_settings_stop_before_loading_until_overwrite(capsys, monkeypatch,
         assert main([*batch, "--steps", "3", *flags]) == 0
         assert "wrote 0 video(s)" in capsys.readouterr().out
     assert len(_manifest(out)) == 6
+
+
+def test_a_demo_batch_resumes_once_the_package_is_installed_elsewhere(capsys, monkeypatch, tmp_path):
+    """The demo model's folder is where the package happens to be installed: a batch made with it resumes
+    from another install (a new virtual environment), including one whose manifest names the old folder."""
+    import cogvideox.demo
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red ball rolls left\n")
+    out = tmp_path / "out"
+    batch = ["batch", str(prompts), "-o", str(out), *FAST]
+    assert main(batch) == 0
+    capsys.readouterr()
+    elsewhere = tmp_path / "site-packages" / "weights"
+    shutil.copytree(DEMO_MODEL_DIR, elsewhere)
+    with monkeypatch.context() as patch:
+        _no_loading(patch)
+        patch.setattr(cogvideox.demo, "DEMO_MODEL_DIR", elsewhere)
+        assert main(batch) == 0
+        assert "wrote 0 video(s)" in capsys.readouterr().out
+        # A manifest written when the demo was recorded by its folder: that folder, this install's, agrees.
+        entry = _manifest(out)[0]
+        entry["settings"]["model"] = str(elsewhere)
+        (out / MANIFEST).write_text(json.dumps(entry) + "\n")
+        assert main(batch) == 0
+        assert "wrote 0 video(s)" in capsys.readouterr().out
 
 
 def test_manifest_lines_without_settings_count_by_size_and_rate(capsys, monkeypatch, tmp_path):

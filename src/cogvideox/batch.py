@@ -290,14 +290,19 @@ def _difference(entry: dict, item: Item, settings: dict) -> str | None:
         return f"seed {_show(entry.get('seed'))}, now {_show(item.seed)}"
     if entry.get("image") != item.image:
         return f"image {_show(entry.get('image'))}, now {_show(item.image)}"
+    from cogvideox.cli_args import recorded_model
+
     made = entry.get("settings")
     names = list(settings)
     if not isinstance(made, dict):
         made, names = entry, [name for name in _LEGACY_SETTINGS if name in settings]
     for name in names:
         value = made.get(name, _ADDED_SETTINGS.get(name))
+        if name == "model" and isinstance(value, str) and recorded_model(Path(value)) is None:
+            value = None  # the demo model, recorded by its folder before it was recorded as None
         if value != settings[name]:
-            return f"{name.replace('_', ' ')} {_show(value)}, now {_show(settings[name])}"
+            was, now = ("the demo" if name == "model" and v is None else _show(v) for v in (value, settings[name]))
+            return f"{name.replace('_', ' ')} {was}, now {now}"
     return None
 
 
@@ -652,6 +657,7 @@ def _batch(args: argparse.Namespace) -> int:
         locate_model,
         memory_settings,
         prompt_enhancer,
+        recorded_model,
         report_offload,
         request_from_args,
         speed_settings,
@@ -693,7 +699,7 @@ def _batch(args: argparse.Namespace) -> int:
     accelerate = speed_settings(args, device)
     speed = accelerate or {}
     levers = lossy_levers(speed.get("quantize"), speed.get("attention"), speed.get("cache"), speed.get("quantize_text"))
-    settings = video_settings(str(folder.resolve()), scheduler, checked[0], fps, levers, resize)
+    settings = video_settings(recorded_model(folder), scheduler, checked[0], fps, levers, resize)
     settings["prompt_enhancer"] = enhancer_setting(enhancer)
     items = plan(prompts, args.seed, [line.image for line in lines] if image_to_video else None, root)
 
