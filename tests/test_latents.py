@@ -220,6 +220,13 @@ def test_a_file_about_to_be_replaced_is_said_so(capsys, tiny_rope_dir, tmp_path)
     assert main(["decode", str(latents), "--quiet"]) == 0
     assert "l.mp4 exists and will be replaced by the decoded video" in capsys.readouterr().err
     assert read_video(tmp_path / "l.mp4")[0].shape == (9, 32, 48, 3)
+    # A refused request replaces nothing, and does not say it will.
+    before = latents.read_bytes()
+    argv = ["encode", str(tmp_path / "l.mp4"), "-o", str(latents), "--frames", "8", "--model", str(tiny_rope_dir)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cogvideox: error: num_frames must be 8k+1") and err.count("\n") == 1
+    assert latents.read_bytes() == before
 
 
 def test_the_vae_alone_turns_running_out_of_gpu_memory_into_advice(tiny_rope_dir, monkeypatch):

@@ -119,9 +119,6 @@ def _encode(args: argparse.Namespace) -> int:
 
     latents_path = None if args.output is None else check_latents_path(args.output)
     video_path = None if args.reconstruct is None else check_video_path(args.reconstruct, "--reconstruct")
-    for path in (latents_path, video_path):
-        if path is not None and path.exists():
-            warnings.warn(f"{path} exists and will be replaced")
     if latents_path is None and video_path is None:
         raise InputError("nothing to write: give --output LATENTS.safetensors and/or --reconstruct VIDEO.mp4")
     start = time.perf_counter()
@@ -140,6 +137,9 @@ def _encode(args: argparse.Namespace) -> int:
     for flag, value in (("--height", height), ("--width", width)):
         if value % multiple:
             raise InputError(f"{flag} must be a multiple of {multiple}, got {value}")
+    for path in (latents_path, video_path):  # once the request is known to be good: a refused one replaces nothing
+        if path is not None and path.exists():
+            warnings.warn(f"{path} exists and will be replaced")
     vae = VideoAutoencoder.from_pretrained(folder, args.dtype, args.device, tiling=args.vae_tiling)
     load_time = time.perf_counter() - start
 
