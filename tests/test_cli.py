@@ -37,6 +37,15 @@ def test_every_flag_is_explained():
         assert action.help and len(action.help) > 10, action.option_strings
 
 
+def test_every_flag_with_a_default_says_it():
+    # A flag that does something when left out says what; flags whose absence means "off" need not.
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, command in commands.items():
+        for action in command._actions:
+            if action.option_strings and action.default not in (None, False, [], "", argparse.SUPPRESS):
+                assert "default" in action.help, (name, action.option_strings)
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

@@ -226,7 +226,8 @@ def _add_caption_parser(commands) -> None:
     arg("--prefix", default="", help="text put before each new caption, such as the trigger of a LoRA: "
         "'In the xyz style, '")  # fmt: skip
     arg("--overwrite", action="store_true", help="caption again the videos that have a caption")
-    arg("--jobs", type=positive_int, default=1, help="videos captioned at once (a remote API takes several)")
+    arg("--jobs", type=positive_int, default=1,
+        help="videos captioned at once (a remote API takes several; default: 1)")
     arg("--quiet", action="store_true", help="no progress bar, only the report")
     cap.set_defaults(run=_caption)
 
