@@ -160,6 +160,18 @@ def test_a_tokenizer_folder_without_its_vocabulary_is_refused(model_copy):
         Pipeline.from_pretrained(model_copy)
 
 
+@pytest.mark.parametrize("content", [b"", b"not a model"])
+def test_a_damaged_sentencepiece_model_is_a_load_error(model_copy, content):
+    """An empty spiece.model (an interrupted download) loaded, and failed mid-generation with an index out
+    of range; a damaged one was answered with advice to install tiktoken."""
+    tokenizer = model_copy / "tokenizer"
+    (tokenizer / "tokenizer.json").unlink(missing_ok=True)
+    (tokenizer / "spiece.model").write_bytes(content)
+    with pytest.raises(LoadError, match=r"cannot load the T5 text encoder of .*spiece.model is not a SentencePiece "
+                                        r"model \(.*\): a damaged or truncated download\?$"):
+        Pipeline.from_pretrained(model_copy)
+
+
 def test_a_repo_id_with_a_trailing_slash_is_told_apart_from_a_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(LoadError, match=r"^no model folder at THUDM/CogVideoX-2b/; for the Hugging Face repo, write THUDM/CogVideoX-2b \(no trailing slash\)$"):

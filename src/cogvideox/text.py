@@ -58,6 +58,21 @@ def _prompt_list(prompts: str | list[str] | tuple[str, ...]) -> list[str]:
     return list(prompts)
 
 
+def _check_sentencepiece(path: Path) -> None:
+    """ValueError when `path` exists but is no SentencePiece model. transformers answers a damaged one with
+    advice to install tiktoken, and takes an empty one (an interrupted download), whose token ids then
+    fall outside T5's vocabulary in the middle of a generation."""
+    if not path.is_file():
+        return  # a tokenizer.json alone, or no tokenizer: transformers says what it needs
+    import sentencepiece
+
+    try:
+        sentencepiece.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as e:
+        why = " ".join(str(e).split())
+        raise ValueError(f"{path} is not a SentencePiece model ({why}): a damaged or truncated download?") from None
+
+
 class TextEncoder(nn.Module):
     """A T5 tokenizer and `T5EncoderModel` used the way the CogVideoX pipelines use them."""
 
@@ -86,6 +101,7 @@ class TextEncoder(nn.Module):
         for what, path in (("text encoder", text_encoder_dir), ("tokenizer", tokenizer_dir)):
             if not Path(path).is_dir():
                 raise FileNotFoundError(f"{what} folder not found: {path}")
+        _check_sentencepiece(Path(tokenizer_dir) / "spiece.model")
         from transformers import T5Tokenizer
 
         tokenizer = T5Tokenizer.from_pretrained(str(tokenizer_dir))
