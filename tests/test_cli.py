@@ -263,6 +263,15 @@ def test_a_blank_prompt_is_refused(capsys, prompt):
                                        "video should show\n")
 
 
+def test_a_blank_prompt_is_taken_with_an_image_to_follow(capsys, tmp_path):
+    # Past the prompt check: the error is about the image, an empty file.
+    image = tmp_path / "first.png"
+    image.write_bytes(b"")
+    assert main(["generate", "", "--image", str(image), "--model", "/no/such/model"]) == 2
+    err = capsys.readouterr().err
+    assert "the prompt is blank" not in err and "as an image" in err
+
+
 def test_a_refused_request_does_not_say_it_will_replace_the_output(capsys, tiny_rope_dir, tmp_path):
     (tmp_path / "old.mp4").write_bytes(b"an earlier video")
     argv = ["generate", "a dog", "--model", str(tiny_rope_dir), "--output", str(tmp_path / "old.mp4"), "--frames", "10"]

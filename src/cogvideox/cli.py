@@ -285,7 +285,9 @@ def _generate(args: argparse.Namespace) -> int:
     from cogvideox.request import check_last_image, check_request, frames_to_read
     from cogvideox.video import check_video_path, read_video
 
-    if not args.prompt.strip():  # as batch and the service: a blank prompt is a mistake, not a request
+    if not args.prompt.strip() and not (args.image or args.video or args.extend):
+        # As batch and the service: with nothing else to follow, a blank prompt is a mistake (an unset
+        # variable), not a request. From an image or a video, a video without text guidance is a use.
         raise InputError("the prompt is blank (an unset variable?); say what the video should show")
     if sum(map(bool, (args.image, args.video, args.extend))) > 1:
         given = " and ".join(f for f, v in (("--image", args.image), ("--video", args.video),
