@@ -1,8 +1,10 @@
 """The whole denoising run of our exact modes against the reference's, from the same noise.
 
     python benchmarks/exact_trajectory.py --variant 5b                  # on a GPU: 49 x 480 x 720, bf16, 50 steps
-    python benchmarks/exact_trajectory.py --layers 4 --latent 3x20x30 --truth   # on the CPU: 5B width, 4 blocks
-    python benchmarks/exact_trajectory.py --tiny                        # a tiny config on the CPU (smoke test)
+    python benchmarks/exact_trajectory.py --tiny --truth --reference-alt              # a tiny model on the CPU
+    python benchmarks/exact_trajectory.py --tiny --heads 4 --layers 6 --truth --reference-alt   # a wider one
+    python benchmarks/exact_trajectory.py --layers 4 --latent 3x20x30 --truth   # the 5B's width: a CPU with bf16
+                                                                        # instructions (AVX-512 BF16, AMX) only
 
 The speed issue asks of the exact mode one step within bf16 noise of the reference (relative L2 <= 1e-2,
 measured by speed.py) and the whole 50-step run reported: this is that run. The same random weights
