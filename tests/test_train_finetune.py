@@ -295,10 +295,10 @@ def test_resuming_with_other_settings_is_refused(data_dir, tiny_rope_dir, tmp_pa
     finetune(config(data_dir, tiny_rope_dir, tmp_path, steps=3))
     with monkeypatch.context() as m:  # from the run's config.json, before the data and the model load
         m.setattr(Run, "__init__", lambda *a: pytest.fail("loaded the model before comparing the settings"))
-        with pytest.raises(InputError, match="holds a run with other settings \\(rank differ"):
+        with pytest.raises(InputError, match="holds a run with other settings \\(rank differs\\)"):
             finetune(config(data_dir, tiny_rope_dir, tmp_path, steps=4, rank=8))
     (tmp_path / "config.json").unlink()  # without the record, the checkpoint itself still tells
-    with pytest.raises(InputError, match="holds a run with other settings \\(rank differ"):
+    with pytest.raises(InputError, match="holds a run with other settings \\(rank differs\\)"):
         finetune(config(data_dir, tiny_rope_dir, tmp_path, steps=4, rank=8))
 
 

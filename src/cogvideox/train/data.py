@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -247,14 +248,20 @@ def _decode(clip: Clip, buckets: list[Bucket], fps: float | None) -> tuple[np.nd
     try:
         frames = read_frames(clip.video, fps, longest)
     except Exception as e:  # PyAV's errors for damaged files have many types
-        detail = " ".join(str(e).replace(f": '{clip.video}'", "").split()) or type(e).__name__
-        raise ClipError(f"cannot decode ({detail})") from None
+        raise ClipError(f"cannot decode ({_decode_detail(e, clip.video)})") from None
     bucket = choose_bucket(buckets, len(frames), frames.shape[1], frames.shape[2])
     if bucket is None:
         shortest = min(b.frames for b in buckets)
         rate = f" at {fps:g} fps" if fps else ""
         raise ClipError(f"too short: {len(frames)} frames{rate}, the shortest bucket needs {shortest}")
     return frames, bucket
+
+
+def _decode_detail(e: Exception, path: Path) -> str:
+    """PyAV's message for a file it cannot decode, on one line, without the path (the report names the
+    clip) and without FFmpeg's error number ("[Errno 1094995529] Invalid data ...")."""
+    text = re.sub(r"^\[Errno -?\d+\]\s*", "", str(e).replace(f": '{path}'", ""))
+    return " ".join(text.split()) or type(e).__name__
 
 
 def to_mask(frames: np.ndarray, bucket: Bucket) -> torch.Tensor:
@@ -278,8 +285,7 @@ def load_mask(clip: Clip, bucket: Bucket, fps: float | None, video_size: tuple[i
     try:
         frames = read_frames(clip.mask, None if image else fps, 1 if image else bucket.frames)
     except Exception as e:  # PyAV's errors for damaged files have many types
-        detail = " ".join(str(e).replace(f": '{clip.mask}'", "").split()) or type(e).__name__
-        raise ClipError(f"cannot decode mask {clip.mask.name} ({detail})") from None
+        raise ClipError(f"cannot decode mask {clip.mask.name} ({_decode_detail(e, clip.mask)})") from None
     if image:
         frames = np.repeat(frames[:1], bucket.frames, axis=0)
     elif len(frames) < bucket.frames:

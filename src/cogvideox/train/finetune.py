@@ -419,7 +419,7 @@ class Run:
             theirs, ours = state.get("identity") or {}, self.config.run_identity
             changed = sorted(k for k in ours if theirs.get(k) != ours[k])
             raise InputError(
-                f"{self.out} holds a run with other settings ({', '.join(changed)} differ); give another "
+                f"{self.out} holds a run with other settings ({_differ(changed)}); give another "
                 "output folder or the same settings to resume it"
             )
         if self.sharded:
@@ -542,6 +542,11 @@ def _unwritten_checkpoint(path: Path, error: Exception, reached: int) -> str:
     )
 
 
+def _differ(names: list[str]) -> str:
+    """"rank differs", "alpha, rank differ": the settings a run folder's record and the command disagree on."""
+    return f"{', '.join(names)} {'differs' if len(names) == 1 else 'differ'}"
+
+
 def _read_checkpoint(path: Path) -> dict:
     """A run's checkpoint; `InputError` for one that cannot be read (cut short by a full disk or a copy, or
     not a checkpoint), naming the older one the run could continue from once it is deleted."""
@@ -630,7 +635,7 @@ def _check_same_run(config: FinetuneConfig) -> None:
     changed = sorted(k for k in ours if k in recorded and recorded[k] != ours[k])
     if changed:
         raise InputError(
-            f"{config.output} holds a run with other settings ({', '.join(changed)} differ); give another "
+            f"{config.output} holds a run with other settings ({_differ(changed)}); give another "
             "output folder or the same settings to resume it"
         )
 
