@@ -291,6 +291,15 @@ def test_saved_attention_trains_the_same_lora_bit_for_bit(data_dir, tiny_rope_di
         config(data_dir, tiny_rope_dir, tmp_path / "c", save_attention=True, gradient_checkpointing=False)
 
 
+def test_a_lora_target_that_matches_no_layer_fails_before_the_data_is_encoded(data_dir, tiny_rope_dir, tmp_path,
+                                                                            monkeypatch):
+    monkeypatch.setattr(Run, "prepare_data", lambda *a: pytest.fail("encoded the data before checking the targets"))
+    # One target right, one misspelt: the misspelt one is named, with what a block's linears are called.
+    with pytest.raises(InputError, match="no linear layer matches the LoRA target\\(s\\) 'to_qq'; a block's "
+                       "linear layers are norm1.linear, attn1.to_q, "):
+        finetune(config(data_dir, tiny_rope_dir, tmp_path, targets=["to_q", "to_qq"]))
+
+
 def test_resuming_with_other_settings_is_refused(data_dir, tiny_rope_dir, tmp_path, monkeypatch):
     finetune(config(data_dir, tiny_rope_dir, tmp_path, steps=3))
     with monkeypatch.context() as m:  # from the run's config.json, before the data and the model load

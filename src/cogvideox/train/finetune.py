@@ -180,6 +180,11 @@ class Run:
 
             buckets = [Bucket(tc.sample_frames, *default_size(tc, self.configs.vae))]
         self.buckets = check_buckets(buckets, tc, self.configs.vae)
+        if not c.full:  # LoRA targets that match no layer fail now, not after the data is encoded
+            from cogvideox.models.transformer import CogVideoXTransformer
+
+            with torch.device("meta"):
+                lora_lib.check_targets(CogVideoXTransformer(tc), c.targets)
         self.skipped: list = []
 
     # -- setup ---------------------------------------------------------------------------------------

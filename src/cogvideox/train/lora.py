@@ -162,6 +162,20 @@ def _target_names(model: nn.Module, targets: Iterable[str]) -> list[str]:
     return names
 
 
+def check_targets(model: nn.Module, targets: Iterable[str]) -> list[str]:
+    """The names of the linear layers `targets` adapt; `InputError` naming each target that matches none (a
+    typo would otherwise leave that layer unadapted without a word), with the names a target can take."""
+    targets = tuple(targets)
+    names = _target_names(model, targets)
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:
+        first = next((b for n, b in model.named_children() if isinstance(b, nn.ModuleList) and len(b)), None)
+        linears = [] if first is None else [n for n, m in first[0].named_modules() if isinstance(m, nn.Linear)]
+        names_there = f"; a block's linear layers are {', '.join(linears)}" if linears else ""
+        raise InputError(f"no linear layer matches the LoRA target(s) {', '.join(map(repr, unmatched))}{names_there}")
+    return names
+
+
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -213,9 +227,7 @@ def inject_lora(
     alpha = float(rank if alpha is None else alpha)
     if not alpha > 0:
         raise InputError(f"LoRA alpha must be positive, got {alpha}")
-    names = _target_names(model, targets)
-    if not names:
-        raise InputError(f"no linear layer matches the LoRA targets {list(targets)}")
+    names = check_targets(model, targets)
     generator = torch.Generator().manual_seed(seed)
     for p in model.parameters():
         p.requires_grad_(False)
