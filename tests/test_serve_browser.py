@@ -382,6 +382,46 @@ def test_older_videos_are_a_click_away(browser, tiny_rope_dir, tmp_path):
     store.close()
 
 
+# Holds the page's next list request until `window.release()`: a refresh caught in flight.
+HOLD_THE_NEXT_LIST = """
+const real = window.fetch;
+window.held = false;
+window.fetch = async (path, options) => {
+  if (!window.held && String(path).startsWith("/v1/videos?")) {
+    window.held = true;
+    await new Promise((resolve) => { window.release = resolve; });
+    const response = await real(path, options);
+    window.answered = true;
+    return response;
+  }
+  return real(path, options);
+};
+"""
+
+
+def test_a_list_asked_for_with_a_forgotten_key_does_not_come_back(browser, tiny_rope_dir, tmp_path):
+    """A refresh in flight when the key is forgotten answers with the old key's videos: they are not shown,
+    nor does that refresh keep polling beside the one the new start began."""
+    store, server = start_queue(tiny_rope_dir, tmp_path, api_keys=("sk-one",))
+    wait = WebDriverWait(browser, 10, poll_frequency=0.05)
+    with server as url:
+        browser.get(url)
+        asked_for_key(wait).send_keys("sk-one", Keys.ENTER)
+        browser.find_element(By.ID, "prompt").send_keys("a red sun")
+        browser.find_element(By.ID, "submit").click()
+        forget = browser.find_element(By.ID, "forget-key")
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#videos .card") and forget.is_displayed())
+        browser.execute_script(HOLD_THE_NEXT_LIST)
+        wait.until(lambda d: d.execute_script("return window.held"))  # a refresh asked, with sk-one
+        forget.click()
+        wait.until(lambda d: d.find_element(By.ID, "key-form").is_displayed())
+        browser.execute_script("window.release()")  # its answer, sk-one's video, arrives now
+        wait.until(lambda d: d.execute_script("return window.answered"))
+        time.sleep(0.5)  # the time the page takes to read and show it
+        assert not browser.find_elements(By.CSS_SELECTOR, "#videos .card")
+    store.close()
+
+
 def test_the_api_key_can_be_forgotten(browser, tiny_rope_dir, tmp_path):
     """"Forget API key" takes the key out of the browser's storage, clears the list it unlocked and asks
     again, so a shared computer keeps no key and another key can be given."""

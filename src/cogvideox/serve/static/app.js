@@ -309,9 +309,11 @@ function order(data) { // the cards in the list's order, newest first; a card al
 }
 
 async function refresh() {
-  let active = false;
+  const key = apiKey; // a refresh begun under a key forgotten or replaced since shows nothing: the change
+  let active = false; // cleared the list and started a refresh of its own, which keeps the polling going
   try {
     const { data, more } = await listVideos();
+    if (apiKey !== key) return;
     $("#older").hidden = !more;
     if (refreshError && $("#message").textContent === refreshError) say("");
     refreshError = "";
@@ -325,6 +327,7 @@ async function refresh() {
     active = data.some((v) => v.status === "queued" || v.status === "in_progress");
     $("#empty").hidden = cards.size > 0;
   } catch (error) {
+    if (apiKey !== key && !(error instanceof NeedsKey)) return;
     say(error.message, true);
     if (error instanceof NeedsKey) { // until a key is given (the key form starts again)
       $("#empty").hidden = true; // the list is unknown, not empty
