@@ -259,23 +259,28 @@ def main() -> None:
         rope = CogVideoXTransformer.rotary_embedding(SimpleNamespace(config=config), *latent, device)
         return lambda: model(x, text, t, image_rotary_emb=rope)
 
+    def step_profile(model, call) -> dict:
+        """One profiled step after a warm-up one (which compiles a compiled model), under inference mode."""
+        with torch.inference_mode():
+            warm_up = clock(call)
+            summary = profiled(call, device, clock, args.top)
+        summary["warm_up_s"] = round(warm_up, 2)
+        summary["levers"] = model.acceleration.describe()
+        return summary
+
     def step_targets(wanted: list[str]) -> None:
         model = build(lambda: CogVideoXTransformer(config), device, dtype, seed=1)  # speed.py's weights
         fast.apply(model)  # our exact mode: fused QKV, "auto" attention (FlashAttention-3 where installed)
         call = step_call(model)
-        with torch.inference_mode():
-            for target in wanted:
-                try:
-                    if target == "step_compiled":
-                        compile_blocks(model)  # as fast.apply(compile=True) would, last
-                        model.acceleration.compile = "default"
-                    warm_up = clock(call)  # compiles, for the compiled step
-                    summary = profiled(call, device, clock, args.top)
-                    summary["warm_up_s"] = round(warm_up, 2)
-                    summary["levers"] = model.acceleration.describe()
-                except Exception as e:  # recorded; the other targets still run
-                    summary = failure(e)
-                record(target, summary)
+        for target in wanted:
+            try:
+                if target == "step_compiled":
+                    compile_blocks(model)  # as fast.apply(compile=True) would, last
+                    model.acceleration.compile = "default"
+                summary = step_profile(model, call)
+            except Exception as e:  # recorded; the other targets still run
+                summary = failure(e)
+            record(target, summary)
         del model, call
         torch._dynamo.reset()
 
@@ -288,12 +293,7 @@ def main() -> None:
         fast.apply(model, quantize="fp8", attention=attention, compile=True, emulate_fp8=emulate)
         call = step_call(model)
         try:
-            with torch.inference_mode():
-                warm_up = clock(call)  # compiles
-                summary = profiled(call, device, clock, args.top)
-            summary["warm_up_s"] = round(warm_up, 2)
-            summary["levers"] = model.acceleration.describe()
-            return summary
+            return step_profile(model, call)
         finally:
             del model, call
             torch._dynamo.reset()

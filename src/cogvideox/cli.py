@@ -44,6 +44,7 @@ from cogvideox.cli_args import (
     sampling_rate,
     speed_settings,
     warn_idle_riflex,
+    warn_replaced,
 )
 from cogvideox.errors import CogVideoXError, InputError, LoadError
 from cogvideox.models.config import ConfigError
@@ -355,9 +356,7 @@ def _generate(args: argparse.Namespace) -> int:
     window_stride = windows_stride(args.windows, checked, configs)
     if last_picture is not None:
         check_last_image(checked, configs.vae)
-    for path in outputs:  # once the request is known to be good: a refused one replaces nothing
-        if path.exists():
-            warnings.warn(f"{path} exists and will be replaced by the new {'latents' if latent_output else 'video'}")
+    warn_replaced(*outputs, by=f" by the new {'latents' if latent_output else 'video'}")
 
     prompt = args.prompt
     if enhancer is not None:  # the first frame goes along: the description must not contradict it

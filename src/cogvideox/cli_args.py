@@ -356,6 +356,15 @@ def warn_idle_riflex(request, transformer) -> None:
         )
 
 
+def warn_replaced(*paths: Path | None, by: str = "") -> None:
+    """Say of each output among `paths` that exists that it will be replaced (`by`: " by the new video");
+    called once the request is known to be good, so that a refused one, which replaces nothing, says
+    nothing of it."""
+    for path in paths:
+        if path is not None and path.exists():
+            warnings.warn(f"{path} exists and will be replaced{by}", stacklevel=2)
+
+
 def recorded_model(folder: Path) -> str | None:
     """How a record names the model in `folder`: its resolved path, or None for the embedded demo model
     (wherever the package is installed)."""

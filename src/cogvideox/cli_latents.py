@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import time
-import warnings
 from pathlib import Path
 
 from cogvideox.cli_args import (
@@ -23,6 +22,7 @@ from cogvideox.cli_args import (
     positive_int,
     recorded_model,
     sampling_rate,
+    warn_replaced,
 )
 from cogvideox.errors import InputError
 
@@ -88,8 +88,7 @@ def _decode(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     latent = LatentVideo.load(args.latents)
     output = check_video_path(args.output or Path(args.latents).with_suffix(".mp4"), "--output")
-    if output.exists():
-        warnings.warn(f"{output} exists and will be replaced by the decoded video")
+    warn_replaced(output, by=" by the decoded video")
     model = args.model if args.model is not None else latent.model
     if args.model is None and model is not None and Path(model).is_absolute() and not Path(model).exists():
         raise InputError(f"the latents were made with the model in {model}, which is not there any more; "
@@ -137,9 +136,7 @@ def _encode(args: argparse.Namespace) -> int:
     for flag, value in (("--height", height), ("--width", width)):
         if value % multiple:
             raise InputError(f"{flag} must be a multiple of {multiple}, got {value}")
-    for path in (latents_path, video_path):  # once the request is known to be good: a refused one replaces nothing
-        if path is not None and path.exists():
-            warnings.warn(f"{path} exists and will be replaced")
+    warn_replaced(latents_path, video_path)  # once the request is known to be good
     vae = VideoAutoencoder.from_pretrained(folder, args.dtype, args.device, tiling=args.vae_tiling)
     load_time = time.perf_counter() - start
 

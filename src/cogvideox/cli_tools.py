@@ -36,6 +36,7 @@ from cogvideox.cli_args import (
     prompt_enhancer,
     report_offload,
     sampling_rate,
+    warn_replaced,
 )
 from cogvideox.enhance import ENV_URL
 from cogvideox.errors import InputError
@@ -271,9 +272,7 @@ def _invert(args: argparse.Namespace) -> int:
         num_train_timesteps=configs.scheduler.num_train_timesteps,
         **sampling,
     )
-    for path in (latents_path, video_path):
-        if path is not None and path.exists():
-            warnings.warn(f"{path} exists and will be replaced", stacklevel=1)
+    warn_replaced(latents_path, video_path)
     pipe = _load(args, device, folder)
     load_time = time.perf_counter() - start
 
@@ -327,8 +326,7 @@ def _regenerate(args: argparse.Namespace) -> int:
         guidance_scale=args.guidance,
         num_train_timesteps=configs.scheduler.num_train_timesteps,
     )
-    if output.exists():
-        warnings.warn(f"{output} exists and will be replaced by the regenerated video", stacklevel=1)
+    warn_replaced(output, by=" by the regenerated video")
     pipe = _load(args, device, folder)
     load_time = time.perf_counter() - start
     result = reconstruct(pipe, inversion, prompt=args.prompt, guidance_scale=args.guidance, progress=not args.quiet)

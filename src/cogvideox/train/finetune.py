@@ -186,6 +186,9 @@ class Run:
             with torch.device("meta"):
                 lora_lib.check_targets(CogVideoXTransformer(tc), c.targets)
         self.skipped: list = []
+        # The step whose state the weights hold (None while the optimizer changes them): what an
+        # interrupted run saves (`save_interrupted`).
+        self.steps_done: int | None = None
 
     # -- setup ---------------------------------------------------------------------------------------
 
@@ -452,7 +455,7 @@ class Run:
         that they are not lost (the next start continues from it exactly, as from any checkpoint). Not
         when the signal came while the optimizer changed the weights, and not with several processes,
         which would all have to take part."""
-        done = getattr(self, "steps_done", None)
+        done = self.steps_done
         if done is None or self.procs.world_size > 1 or done <= reached_step(self.out):
             return
         print(f"cogvideox train: stopping; saving step {done} first (Ctrl-C again to stop at once)", file=sys.stderr)

@@ -150,6 +150,11 @@ def _allow_missing_adapters(module, incompatible_keys) -> None:
 # Finding, adding and removing adapters
 
 
+def _matches(name: str, target: str) -> bool:
+    """Whether a layer's `name` ends with `target`, matched on whole name parts ("attn1.to_q" is "to_q")."""
+    return name == target or name.endswith("." + target)
+
+
 def _target_names(model: nn.Module, targets: Iterable[str]) -> list[str]:
     """Names of the linear layers whose name ends with one of `targets` (matched on whole name parts)."""
     targets = tuple(targets)
@@ -157,7 +162,7 @@ def _target_names(model: nn.Module, targets: Iterable[str]) -> list[str]:
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or ".lora_" in name:
             continue
-        if any(name == t or name.endswith("." + t) for t in targets):
+        if any(_matches(name, t) for t in targets):
             names.append(name)
     return names
 
@@ -167,7 +172,7 @@ def check_targets(model: nn.Module, targets: Iterable[str]) -> list[str]:
     typo would otherwise leave that layer unadapted without a word), with the names a target can take."""
     targets = tuple(targets)
     names = _target_names(model, targets)
-    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    unmatched = [t for t in targets if not any(_matches(n, t) for n in names)]
     if unmatched:
         first = next((b for n, b in model.named_children() if isinstance(b, nn.ModuleList) and len(b)), None)
         linears = [] if first is None else [n for n, m in first[0].named_modules() if isinstance(m, nn.Linear)]
