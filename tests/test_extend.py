@@ -99,3 +99,4 @@ def test_generate_extend_needs_an_image_to_video_model_and_a_video(capsys, tiny_
     assert main(["generate", "a cat", "--model", str(tiny_rope_dir), "--extend", str(damaged)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"cannot decode {damaged} as a video" in err
+    assert err.count(str(damaged)) == 1 and "Errno" not in err  # the path once, FFmpeg's words without its number

@@ -227,6 +227,14 @@ def test_a_file_about_to_be_replaced_is_said_so(capsys, tiny_rope_dir, tmp_path)
     err = capsys.readouterr().err
     assert err.startswith("cogvideox: error: num_frames must be 8k+1") and err.count("\n") == 1
     assert latents.read_bytes() == before
+    # Nor does a decode the model refuses.
+    wrong = tmp_path / "wrong.safetensors"
+    LatentVideo(torch.zeros(3, 5, 4, 6), str(tiny_rope_dir), 8).save(wrong)
+    (tmp_path / "wrong.mp4").write_bytes(b"old")
+    assert main(["decode", str(wrong), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "do not fit this VAE" in err and "will be replaced" not in err
+    assert (tmp_path / "wrong.mp4").read_bytes() == b"old"
 
 
 def test_the_vae_alone_turns_running_out_of_gpu_memory_into_advice(tiny_rope_dir, monkeypatch):

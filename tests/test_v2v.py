@@ -201,8 +201,9 @@ def test_bad_requests_fail_before_any_work(pipes, monkeypatch, kwargs, message):
 def test_undecodable_video_file(pipes, tmp_path):
     broken = tmp_path / "in.mp4"
     broken.write_bytes(b"\x00\x00\x00\x18ftypmp42 but nothing else")
-    with pytest.raises(InputError, match="cannot decode .*in.mp4 as a video"):
+    with pytest.raises(InputError, match="cannot decode .*in.mp4 as a video") as failure:
         pipes("rope")("a cat", video=broken, **SMALL)
+    assert str(failure.value).count(str(broken)) == 1 and "Errno" not in str(failure.value)
     with pytest.raises(InputError, match="no video file at"):
         pipes("rope")("a cat", video=tmp_path / "missing.mp4", **SMALL)
 

@@ -87,12 +87,12 @@ class VideoCaptioner(ChatEndpoint):
     def caption(self, video: str | Path) -> str:
         """The caption of a video file; `InputError` when it cannot be decoded, `CaptionError` when the
         endpoint fails."""
-        from cogvideox.video import sample_frames
+        from cogvideox.video import decode_failure, sample_frames
 
         try:
             frames = sample_frames(video, self.frames)
         except Exception as e:  # PyAV's errors for a damaged file, ValueError for one without frames
-            raise InputError(f"cannot decode it ({e})") from None
+            raise InputError(f"cannot decode it ({decode_failure(e, video)})") from None
         return self.complete(self.body(self.messages(frames), max_tokens=300, temperature=0.2))
 
 

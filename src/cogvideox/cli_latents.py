@@ -88,7 +88,6 @@ def _decode(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     latent = LatentVideo.load(args.latents)
     output = check_video_path(args.output or Path(args.latents).with_suffix(".mp4"), "--output")
-    warn_replaced(output, by=" by the decoded video")
     model = args.model if args.model is not None else latent.model
     if args.model is None and model is not None and Path(model).is_absolute() and not Path(model).exists():
         raise InputError(f"the latents were made with the model in {model}, which is not there any more; "
@@ -96,6 +95,7 @@ def _decode(args: argparse.Namespace) -> int:
     vae = VideoAutoencoder.from_pretrained(model, args.dtype, args.device, revision=args.revision,
                                            local_files_only=args.offline, tiling=args.vae_tiling)  # fmt: skip
     vae.check_latents(latent.latents)
+    warn_replaced(output, by=" by the decoded video")  # once the request is known to be good
     load_time = time.perf_counter() - start
     start = time.perf_counter()
     frames = vae.decode(latent.latents, progress=not args.quiet)

@@ -131,7 +131,7 @@ def load_video(video, max_frames: int | None = None, fps: float | None = None) -
     PIL images). A file's frames are turned upright (a phone's rotation flag), sampled at `fps` from its
     start when given (None: every frame as stored), and only the first `max_frames` are decoded when
     given (see `request.frames_to_read`). A file that cannot be decoded raises `InputError`."""
-    from cogvideox.video import as_frames, read_frames
+    from cogvideox.video import as_frames, decode_failure, read_frames
 
     if isinstance(video, (str, os.PathLike)):
         path = Path(video)
@@ -140,7 +140,7 @@ def load_video(video, max_frames: int | None = None, fps: float | None = None) -
         try:
             return read_frames(path, fps, max_frames or 2**31)
         except Exception as e:  # PyAV raises its own error types for damaged or foreign files
-            raise InputError(f"cannot decode {path} as a video ({' '.join(str(e).split())})") from None
+            raise InputError(f"cannot decode {path} as a video ({decode_failure(e, path)})") from None
     if isinstance(video, torch.Tensor):
         video = video.detach().cpu().numpy()
     if isinstance(video, Sequence) and video and not isinstance(video[0], np.ndarray):

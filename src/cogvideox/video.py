@@ -184,7 +184,7 @@ def read_metadata(path: str | os.PathLike) -> dict:
             with av.open(str(path)) as container:
                 comment = container.metadata.get("comment", "")
     except (OSError, av.FFmpegError) as e:
-        raise InputError(f"cannot read {path} as a video ({e})") from None
+        raise InputError(f"cannot read {path} as a video ({decode_failure(e, path)})") from None
     try:
         metadata = json.loads(comment) if comment else {}
     except json.JSONDecodeError:
@@ -250,6 +250,13 @@ def export_or_rescue(
         raise InputError(f"could not write {path} ({e}); the video was saved to {rescue} instead") from None
 
 
+def decode_failure(e: Exception, path: str | os.PathLike) -> str:
+    """Why `path` could not be decoded, from PyAV's (or PIL's) error, on one line: without the path, which
+    the caller's message names, and without FFmpeg's error number ("[Errno 1094995529] Invalid data ...")."""
+    text = re.sub(r"^\[Errno -?\d+\]\s*", "", str(e).replace(f": '{path}'", "").replace(str(path), "the file"))
+    return " ".join(text.split()) or type(e).__name__
+
+
 def read_video(path: str | os.PathLike, max_frames: int | None = None) -> tuple[np.ndarray, float]:
     """The frames of a video file as uint8 [F, H, W, 3] (all of them, or the first `max_frames`: a long
     video decoded whole may not fit in memory), upright, and its frame rate. `InputError` for a file that
@@ -264,7 +271,7 @@ def read_video(path: str | os.PathLike, max_frames: int | None = None) -> tuple[
     except _NoVideoStream:
         raise InputError(f"{path} has no video stream") from None
     except av.FFmpegError as e:  # a damaged file, or one that is not a video
-        raise InputError(f"cannot decode {path} as a video ({' '.join(str(e).split())})") from None
+        raise InputError(f"cannot decode {path} as a video ({decode_failure(e, path)})") from None
     if not frames:
         raise InputError(f"{path} holds no video frames")
     return np.stack(frames), rate or 0.0

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from cogvideox.errors import InputError
-from cogvideox.video import read_frames
+from cogvideox.video import decode_failure, read_frames
 
 METADATA_FILE = "metadata.jsonl"
 # A mask file with one of these endings is a single image applied to every frame.
@@ -248,20 +247,13 @@ def _decode(clip: Clip, buckets: list[Bucket], fps: float | None) -> tuple[np.nd
     try:
         frames = read_frames(clip.video, fps, longest)
     except Exception as e:  # PyAV's errors for damaged files have many types
-        raise ClipError(f"cannot decode ({_decode_detail(e, clip.video)})") from None
+        raise ClipError(f"cannot decode ({decode_failure(e, clip.video)})") from None
     bucket = choose_bucket(buckets, len(frames), frames.shape[1], frames.shape[2])
     if bucket is None:
         shortest = min(b.frames for b in buckets)
         rate = f" at {fps:g} fps" if fps else ""
         raise ClipError(f"too short: {len(frames)} frames{rate}, the shortest bucket needs {shortest}")
     return frames, bucket
-
-
-def _decode_detail(e: Exception, path: Path) -> str:
-    """PyAV's message for a file it cannot decode, on one line, without the path (the report names the
-    clip) and without FFmpeg's error number ("[Errno 1094995529] Invalid data ...")."""
-    text = re.sub(r"^\[Errno -?\d+\]\s*", "", str(e).replace(f": '{path}'", ""))
-    return " ".join(text.split()) or type(e).__name__
 
 
 def to_mask(frames: np.ndarray, bucket: Bucket) -> torch.Tensor:
@@ -285,7 +277,7 @@ def load_mask(clip: Clip, bucket: Bucket, fps: float | None, video_size: tuple[i
     try:
         frames = read_frames(clip.mask, None if image else fps, 1 if image else bucket.frames)
     except Exception as e:  # PyAV's errors for damaged files have many types
-        raise ClipError(f"cannot decode mask {clip.mask.name} ({_decode_detail(e, clip.mask)})") from None
+        raise ClipError(f"cannot decode mask {clip.mask.name} ({decode_failure(e, clip.mask)})") from None
     if image:
         frames = np.repeat(frames[:1], bucket.frames, axis=0)
     elif len(frames) < bucket.frames:
