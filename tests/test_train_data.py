@@ -35,6 +35,16 @@ def test_scan_both_layouts(tmp_path, layout):
     assert [str(s) for s in skipped] == ["videos/nocaption.mp4: no caption"]
 
 
+def test_a_prompts_file_shorter_than_the_videos_file_is_said_to_be(tmp_path):
+    root = make_video_folder(tmp_path, "lines")
+    lines = (root / "prompts.txt").read_text().splitlines()
+    (root / "prompts.txt").write_text("\n".join(lines[:2]) + "\n")
+    clips, skipped = scan_folder(root)
+    assert [c.name for c in clips] == ["videos/clip0.mp4", "videos/clip1.mp4"]
+    assert str(skipped[0]) == "videos/clip2.mp4: no caption: prompts.txt has 2 line(s), videos.txt 6"
+    assert len(skipped) == 4
+
+
 def test_scan_reports_missing_files_and_bad_lines(tmp_path):
     (tmp_path / "metadata.jsonl").write_text(
         json.dumps({"video": "missing.mp4", "caption": "a cat"}) + "\nnot json\n" + json.dumps({"caption": "x"}) + "\n"

@@ -177,11 +177,16 @@ def read_line_files(root: Path) -> tuple[list[tuple[str, str, None]], list[Skipp
     if prompts is None or not (root / VIDEOS_FILE).is_file():
         return None
     captions, names = read_lines(prompts), read_lines(root / VIDEOS_FILE)
+    written = len(read_text(prompts).splitlines())  # blank last lines too: an empty caption is a caption
     entries, skipped = [], []
     for i, name in enumerate(names):
         if not name:
             continue
-        entries.append((name, captions[i] if i < len(captions) else "", None))
+        if i < written:
+            entries.append((name, captions[i] if i < len(captions) else "", None))
+        else:  # the two files are out of step: say so, not merely "no caption"
+            skipped.append(Skipped(name, f"no caption: {prompts.name} has {written} line(s), {VIDEOS_FILE} "
+                                         f"{len(names)}"))  # fmt: skip
     if len(captions) > len(names):
         skipped.append(Skipped(prompts.name, f"{len(captions) - len(names)} caption(s) past the last video"))
     return entries, skipped
