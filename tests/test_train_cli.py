@@ -246,3 +246,34 @@ def test_the_last_line_after_a_validation_round(capsys, tiny_rope_dir, tmp_path)
     assert capsys.readouterr().out.strip().splitlines()[-1] == (
         f"wrote {out / 'pytorch_lora_weights.safetensors'} (1 steps, final loss {loss:.4f}; log {out / 'loss.jsonl'})"
     )
+
+
+def test_cache_files_no_run_reads_are_reported_and_pruned_on_request(capsys, tiny_rope_dir, tmp_path):
+    """A clip re-made leaves its old latents behind: the next run says how much the cache holds that it does
+    not read, and --prune-cache deletes exactly those files."""
+    from helpers import sample_frames
+
+    from cogvideox.video import export_video
+
+    data = make_video_folder(tmp_path / "data", count=2, broken=False)
+    argv = ["train", str(data), "--model", str(tiny_rope_dir), "--rank", "4", "--bucket", "9x32x48", "--steps", "1",
+            "--quiet"]
+    assert main([*argv, "-o", str(tmp_path / "a")]) == 0
+    assert "does not read" not in capsys.readouterr().out
+    cache = data / "cache"
+    before = {p.name for p in (cache / "latents").iterdir()}
+    export_video(sample_frames(12, 40, 56, seed=99), data / "videos" / "clip1.mp4", fps=8)
+    (cache / "text" / ".x.safetensors.part").write_bytes(b"left by a killed run")
+    assert main([*argv, "-o", str(tmp_path / "b")]) == 0
+    out = capsys.readouterr().out
+    assert f"cogvideox train: {cache} holds 2 file(s) (" in out and "this run does not read; --prune-cache" in out
+    after = {p.name for p in (cache / "latents").iterdir()}
+    assert len(before) == 2 and len(after) == 3 and before < after
+    assert main([*argv, "-o", str(tmp_path / "c"), "--prune-cache"]) == 0
+    assert f"cogvideox train: removed 2 unused cache file(s) from {cache} (" in capsys.readouterr().out
+    kept = {p.name for p in (cache / "latents").iterdir()}
+    assert len(kept) == 2 and after - before < kept and len(kept & before) == 1  # clip0's, and clip1's new one
+    assert not (cache / "text" / ".x.safetensors.part").exists()
+    # What is left is what a run reads: nothing more to report, nothing encoded again.
+    assert main([*argv, "-o", str(tmp_path / "d")]) == 0
+    assert "does not read" not in capsys.readouterr().out

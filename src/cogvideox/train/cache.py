@@ -210,6 +210,28 @@ def precompute(
     return Prepared(examples, skipped, empty, encoded)
 
 
+def unused_entries(cache_dir: str | Path, prepared: Prepared) -> list[Path]:
+    """The files of the cache that `prepared` does not read: entries of clips, captions, buckets or models
+    no longer in use, and temporary files left by a process killed while writing."""
+    used = {e.latents for e in prepared.examples} | {e.text for e in prepared.examples} | {prepared.empty_text}
+    used = {p.resolve() for p in used}
+    files = [p for kind in ("latents", "text") for p in sorted((Path(cache_dir) / kind).glob("*"))]
+    return [p for p in files if p.is_file() and p.resolve() not in used]
+
+
+def remove_files(paths: list[Path]) -> int:
+    """Delete `paths` (those already gone are skipped); the bytes freed."""
+    freed = 0
+    for path in paths:
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        freed += size
+    return freed
+
+
 class CachedDataset:
     """The examples grouped by bucket, and batches drawn from one bucket at a time."""
 

@@ -58,6 +58,10 @@ def add_train_parsers(commands) -> None:
     arg("--fps", type=positive_float, help="frame rate clips are sampled at (default: the model's, 8 or 16)")
     arg("--caption-dropout", type=float, help="share of steps on the empty caption (default: 0.1)")
     arg("--cache-dir", help="where latents and T5 states are cached (default: DATA/cache)")
+    arg("--prune-cache", action=argparse.BooleanOptionalAction, default=None,
+        help="delete the cache's entries this run does not read (old versions of clips and captions, other "
+        "buckets or models; also those of other data folders sharing the cache) (default: off, their size "
+        "is only reported)")  # fmt: skip
     arg(
         "--mask-weight",
         type=positive_float,

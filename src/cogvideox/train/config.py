@@ -43,6 +43,7 @@ class FinetuneConfig:
     caption_dropout: float = 0.1  # share of steps on the empty caption, for classifier-free guidance
     max_sequence_length: int | None = None
     cache_dir: str | None = None  # None: <data>/cache
+    prune_cache: bool = False  # delete the cache's entries this run does not read
     sample_posterior: bool = True  # a fresh VAE posterior sample per step (else its mean)
     # Loss weight of the latent cells a clip's mask covers (the rest weigh 1); 1: masks are ignored
     mask_weight: float = 1.0
@@ -131,7 +132,7 @@ def check_config(c: FinetuneConfig) -> None:
         value = getattr(c, name)
         if value is not None and (not isinstance(value, (str, Path)) or not str(value)):
             raise InputError(f"{name} must be a text such as \"{_EXAMPLES[name]}\" (or unset), got {value!r}")
-    for name in ("full", "sample_posterior", "gradient_checkpointing", "offload_activations", "save_attention",
+    for name in ("full", "prune_cache", "sample_posterior", "gradient_checkpointing", "offload_activations", "save_attention",
                  "compile", "progress"):
         # A file's "no" or "false" is a string, and any non-empty string would count as true
         if not isinstance(getattr(c, name), bool):

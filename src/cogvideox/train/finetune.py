@@ -45,7 +45,7 @@ from cogvideox.files import lock_folder, prepare_folder
 
 from . import colour
 from . import lora as lora_lib
-from .cache import CachedDataset, precompute
+from .cache import CachedDataset, precompute, remove_files, unused_entries
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, step_generator
 from .config import TIMESTEPS, FinetuneConfig
 from .data import Bucket, check_buckets, scan_folder
@@ -210,6 +210,8 @@ class Run:
             precompute(*args, progress=progress, rank=self.procs.rank, world_size=self.procs.world_size)
             self.procs.barrier()
         prepared = precompute(*args, progress=progress)
+        if self.procs.main:
+            self._report_unused(cache_dir, prepared)
         self.skipped = skipped + prepared.skipped
         if self.procs.main and self.skipped:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -232,6 +234,20 @@ class Run:
                 stacklevel=2,
             )
         return self.dataset
+
+    def _report_unused(self, cache_dir: Path, prepared) -> None:
+        """Delete the cache's entries this run does not read (`prune_cache`), or say how much they hold."""
+        unused = unused_entries(cache_dir, prepared)
+        if not unused:
+            return
+        if self.config.prune_cache:
+            freed = remove_files(unused)
+            print(f"cogvideox train: removed {len(unused)} unused cache file(s) from {cache_dir} "
+                  f"({_size(freed)})")  # fmt: skip
+        else:
+            held = sum(p.stat().st_size for p in unused if p.exists())
+            print(f"cogvideox train: {cache_dir} holds {len(unused)} file(s) ({_size(held)}) this run does not "
+                  "read; --prune-cache deletes them")  # fmt: skip
 
     def prepare_model(self) -> None:
         """The transformer with what is trained made trainable, and the optimizer."""
@@ -721,3 +737,7 @@ def finetune(config: FinetuneConfig) -> Path:
         if lock is not None:
             lock.close()
         run.procs.stop()
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
