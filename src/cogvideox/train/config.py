@@ -132,8 +132,8 @@ def check_config(c: FinetuneConfig) -> None:
         value = getattr(c, name)
         if value is not None and (not isinstance(value, (str, Path)) or not str(value)):
             raise InputError(f"{name} must be a text such as \"{_EXAMPLES[name]}\" (or unset), got {value!r}")
-    for name in ("full", "prune_cache", "sample_posterior", "gradient_checkpointing", "offload_activations", "save_attention",
-                 "compile", "progress"):
+    for name in ("full", "prune_cache", "sample_posterior", "gradient_checkpointing", "offload_activations",
+                 "save_attention", "compile", "progress"):
         # A file's "no" or "false" is a string, and any non-empty string would count as true
         if not isinstance(getattr(c, name), bool):
             raise InputError(f"{name} must be true or false, got {getattr(c, name)!r}")
