@@ -212,15 +212,18 @@ def test_stats_count_statuses_and_bucket_generation_time(backend):
     assert generation["buckets"] == {b: sum(s <= b for s in seconds) for b in GENERATION_BUCKETS}
 
 
-def test_an_unreachable_postgres_is_one_clear_error():
+def test_an_unreachable_postgres_is_one_clear_error(caplog):
+    """Said once, with libpq's reason and without the password, and without the pool's retry warnings."""
     pytest.importorskip("psycopg_pool")
     from cogvideox.errors import CogVideoXError
 
-    with pytest.raises(
-        CogVideoXError, match=r"cannot connect to PostgreSQL at postgresql://127\.0\.0\.1:9/db"
-    ) as error:
+    with pytest.raises(CogVideoXError) as error:
         PostgresStore("postgresql://user:secret@127.0.0.1:9/db", connect_timeout=0.3)
-    assert "secret" not in str(error.value)
+    assert str(error.value) == (
+        "cannot connect to PostgreSQL at postgresql://127.0.0.1:9/db (Connection refused): is the server running, "
+        "and are the user, password and database right?"
+    )
+    assert not [r for r in caplog.records if r.name.startswith("psycopg")]
 
 
 def test_expire_removes_finished_jobs_older_than_the_cutoff_once(backend):

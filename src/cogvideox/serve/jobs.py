@@ -13,6 +13,7 @@ States: queued -> in_progress -> completed | failed, and queued / in_progress ->
 from __future__ import annotations
 
 import json
+import math
 import re
 import secrets
 import sqlite3
@@ -322,9 +323,18 @@ class PostgresStore(JobStore):
     lock_clause = "FOR UPDATE SKIP LOCKED"
 
     def __init__(self, url: str, max_connections: int = 10, connect_timeout: float = 10.0) -> None:
+        import psycopg
         from psycopg.rows import dict_row
         from psycopg_pool import ConnectionPool, PoolTimeout
 
+        where = re.sub(r"//[^@/]*@", "//", url)  # no password in messages
+        advice = "is the server running, and are the user, password and database right?"
+        # One connection first: a server that is down or refuses the login is said once, with its reason,
+        # rather than after the pool's retries, each logged as a warning.
+        try:
+            psycopg.connect(url, connect_timeout=max(2, math.ceil(connect_timeout))).close()
+        except psycopg.Error as e:
+            raise CogVideoXError(f"cannot connect to PostgreSQL at {where} ({_connect_failure(e)}): {advice}") from None
         self._pool = ConnectionPool(
             url,
             min_size=1,
@@ -337,10 +347,8 @@ class PostgresStore(JobStore):
             self._pool.wait(timeout=connect_timeout)
         except PoolTimeout:
             self._pool.close()
-            where = re.sub(r"//[^@/]*@", "//", url)  # no password in messages
             raise CogVideoXError(
-                f"cannot connect to PostgreSQL at {where} within {connect_timeout:g} s: is the server running, "
-                "and are the user, password and database right?"
+                f"cannot connect to PostgreSQL at {where} within {connect_timeout:g} s: {advice}"
             ) from None
         # Two processes starting at once may both create the table; the loser's error is harmless.
         try:
@@ -374,3 +382,11 @@ def open_store(db: str | None, data_dir: str | Path) -> JobStore:
             f"--db {scheme}:// is not supported; give a postgresql:// URL, a sqlite:/// URL or a SQLite file path"
         )
     return SQLiteStore(db)
+
+
+def _connect_failure(e: Exception) -> str:
+    """libpq's reason for a failed connection, in a few words: 'Connection refused', 'password
+    authentication failed for user "x"', without the host and port the message names already."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    reason = first.rsplit("failed: ", 1)[-1]
+    return " ".join(re.sub(r"^(FATAL|ERROR):\s*", "", reason).split())
