@@ -36,26 +36,60 @@ def decode_latents(vae, latents: torch.Tensor, dtype: torch.dtype, guard: Guard,
     The batch goes through the VAE in one call, as in the reference: a per-sample decode picks other
     convolution kernels and moves a few pixels by 1/255 (`vae.enable_slicing()` trades that for memory).
     Out of GPU memory in an untiled decode, it decodes again in tiles (with a warning) rather than lose
-    latents that took minutes. `guard(stage, batch)` turns a CUDA out-of-memory error into ours.
+    latents that took minutes. On the CPU, where running out of memory kills the process, a decode that
+    would not fit in the host's memory runs in tiles from the start (with a warning).
     """
     latents = latents.permute(0, 2, 1, 3, 4)  # [B, C, F, h, w], the VAE's layout
     latents = ((1 / vae.config.scaling_factor) * latents).to(dtype)
-    with tqdm(total=1, desc="decoding", disable=not progress, leave=False) as bar:
-        try:
-            with guard("decode", latents.shape[0]):
-                videos = vae.decode(latents)  # [B, 3, T, H, W]
-        except OutOfMemoryError as error:
-            if vae.use_tiling:
-                raise
-            warnings.warn(f"{error}; decoding again in tiles, as --vae-tiling does", stacklevel=3)
-            vae.enable_tiling()
+    tiles_for_host = latents.device.type == "cpu" and not vae.use_tiling and _must_tile_on_host(vae, latents, dtype)
+    if tiles_for_host:
+        vae.enable_tiling()
+    try:
+        with tqdm(total=1, desc="decoding", disable=not progress, leave=False) as bar:
             try:
                 with guard("decode", latents.shape[0]):
-                    videos = vae.decode(latents)
-            finally:
-                vae.disable_tiling()
-        bar.update()
+                    videos = vae.decode(latents)  # [B, 3, T, H, W]
+            except OutOfMemoryError as error:
+                if vae.use_tiling:
+                    raise
+                warnings.warn(f"{error}; decoding again in tiles, as --vae-tiling does", stacklevel=3)
+                vae.enable_tiling()
+                try:
+                    with guard("decode", latents.shape[0]):
+                        videos = vae.decode(latents)
+                finally:
+                    vae.disable_tiling()
+            bar.update()
+    finally:
+        if tiles_for_host:
+            vae.disable_tiling()
     return [to_uint8_frames(video) for video in videos]
+
+
+def _must_tile_on_host(vae, latents: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether an untiled decode of `latents` [B, C, F, h, w] on the CPU would need more memory than the
+    host has available (warned); `OutOfMemoryError` when even a tiled one would."""
+    from cogvideox.fast.memory_plan import decode_bytes, host_room, in_units
+
+    batch, scale = latents.shape[0], vae.config.spatial_compression
+    height, width = latents.shape[-2] * scale, latents.shape[-1] * scale
+    need = decode_bytes(vae, batch, height, width, dtype, tiled=False)
+    if host_room(need) is None:
+        return False
+    tiled = decode_bytes(vae, batch, height, width, dtype, tiled=True)
+    available = host_room(tiled)
+    if available is not None:
+        raise OutOfMemoryError(
+            f"not enough memory to decode {width}x{height} on the CPU, even in tiles: about {in_units(tiled)}, and "
+            f"this machine has {in_units(available)} available; try a smaller size",
+            stage="decode", requested_bytes=tiled, suggestion="a smaller --height/--width",
+        )
+    warnings.warn(
+        f"decoding {width}x{height} on the CPU would take about {in_units(need)}, more than this machine has "
+        "available: decoding in tiles, as --vae-tiling does",
+        stacklevel=4,
+    )
+    return True
 
 
 class VideoAutoencoder:

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from cogvideox import conditioning, loading, weights
 from cogvideox.autoencoder import decode_latents
-from cogvideox.errors import InputError
+from cogvideox.errors import InputError, OutOfMemoryError
 from cogvideox.models.config import TransformerConfig
 from cogvideox.request import (
     GenerationRequest,
@@ -544,6 +544,38 @@ class Pipeline:
 
         return oom_guard(stage, self, batch)
 
+    def _check_host_room(self, request: GenerationRequest, decode: bool, windowed: bool) -> None:
+        """On the CPU, where running out of memory is no error but the kernel killing the process (no
+        message, the work lost), an `OutOfMemoryError` up front for a request whose activations cannot fit
+        in the memory the host has left. The estimates are floors (the transformer's are about half of what
+        the CPU's kernels take), so a request refused here could not have run; the decode is counted in
+        tiles, which `decode_latents` turns to when the untiled one would not fit."""
+        from cogvideox.fast.memory_plan import activation_bytes, decode_bytes, host_room, in_units
+
+        vae = self.vae.config
+        frames = min(request.num_frames, self.config.sample_frames) if windowed else request.num_frames
+        stages = {
+            "denoise": activation_bytes(
+                self.config, torch.empty((), dtype=self.dtype).element_size(), frames, request.height,
+                request.width, batch=request.batch_size, guidance=request.use_guidance,
+                temporal_compression=vae.temporal_compression, spatial_compression=vae.spatial_compression,
+            )["denoise"],
+        }  # fmt: skip
+        if decode:
+            stages["decode"] = decode_bytes(self.vae, request.batch_size, request.height, request.width, self.dtype,
+                                            tiled=True)  # fmt: skip
+        for stage, need in stages.items():
+            available = host_room(need)
+            if available is not None:
+                what = "denoising" if stage == "denoise" else "decoding"
+                raise OutOfMemoryError(
+                    f"not enough memory on the CPU for this request: {what} {request.num_frames} frames at "
+                    f"{request.width}x{request.height} needs at least {in_units(need)} beyond the weights, and "
+                    f"this machine has {in_units(available)} available; try a smaller --height/--width "
+                    "or fewer --num-frames, or a GPU",
+                    stage=stage, requested_bytes=need, suggestion="a smaller --height/--width",
+                )
+
     def _start(self, request: GenerationRequest, generator, shape, picture=None, source=None, latents=None, last=None):
         """Where denoising starts: (latents [B, F, C, h, w], the denoiser, the timesteps to run)."""
         device, dtype = self.device, self.dtype
@@ -701,6 +733,8 @@ class Pipeline:
                 raise InputError(f"latents must be a float tensor on the CPU or a GPU, got {latents.dtype} on "
                                  f"{latents.device}")
 
+        if self.device.type == "cpu":
+            self._check_host_room(request, output_type == "np", windowed=window_stride is not None)
         device, timings = self.device, {}
 
         start = time.perf_counter()

@@ -107,8 +107,11 @@ def folder_sizes(folder: Path, dtype: torch.dtype) -> dict[str, ComponentSize]:
 # Measured on an H200 (BENCHMARKS.md, bf16, 49 x 480 x 720): our decode peaks at 10.70 GiB with 0.40 GiB
 # of weights, about 32 kB per pixel (the reference's decode: 15.16 GiB), and the tiled one (240 x 360
 # tiles) at 3.07 GiB, which the same figure predicts to within 0.1 GiB; 34 kB keeps a small margin. The
-# decoder works on a few latent frames at a time, so the frame count does not enter.
+# decoder works on a few latent frames at a time, so the frame count does not enter. It scales with the
+# decoder's width at full resolution (`block_out_channels[0]`, 128 for the released VAEs): on the CPU the
+# demo model's VAE (16 channels) peaks at 8.2 kB per pixel in fp32 at 480 x 720, the figure predicts 8.5.
 _DECODE_BYTES_PER_PIXEL = 34_000
+_DECODE_REFERENCE_WIDTH = 128
 # Live [tokens, width] tensors at the transformer's peak (residual streams, q/k/v, the 4x MLP), per sample.
 _TRANSFORMER_LIVE_WIDTHS = 12
 
@@ -125,9 +128,11 @@ def activation_bytes(
     slicing: bool = False,
     temporal_compression: int = 4,
     spatial_compression: int = 8,
+    decoder_width: int = _DECODE_REFERENCE_WIDTH,
 ) -> dict[str, int]:
     """Rough peak activation bytes per stage ("text", "denoise", "decode") for a request of that size;
-    `tile` is the VAE's tile size in pixels when tiling is on. Estimates, for choosing a mode."""
+    `tile` is the VAE's tile size in pixels when tiling is on, `decoder_width` the VAE's
+    `block_out_channels[0]`. Estimates, for choosing a mode."""
     c = transformer_config
     samples = batch * (2 if guidance else 1)
     latent_frames = (frames - 1) // temporal_compression + 1
@@ -137,9 +142,14 @@ def activation_bytes(
     )
     denoise = samples * tokens * c.inner_dim * itemsize * _TRANSFORMER_LIVE_WIDTHS
     text = samples * c.max_text_seq_length * c.text_embed_dim * itemsize * 8
-    pixels = height * width if tile is None else min(height * width, tile[0] * tile[1])
-    decode = int(pixels * _DECODE_BYTES_PER_PIXEL * itemsize / 2) * (1 if slicing else batch)
+    decode = _decode_bytes(height, width, tile, itemsize, decoder_width, 1 if slicing else batch)
     return {"text": text, "denoise": denoise, "decode": decode}
+
+
+def _decode_bytes(height: int, width: int, tile, itemsize: int, decoder_width: int, videos: int) -> int:
+    pixels = height * width if tile is None else min(height * width, tile[0] * tile[1])
+    per_pixel = _DECODE_BYTES_PER_PIXEL * decoder_width / _DECODE_REFERENCE_WIDTH * itemsize / 2
+    return int(pixels * per_pixel) * videos
 
 
 _STAGE_COMPONENT = {"text": "text_encoder", "denoise": "transformer", "decode": "vae", "encode": "vae"}
@@ -354,7 +364,29 @@ def default_activations(transformer_config, vae_config, dtype, tile=None, slicin
         slicing=slicing,
         temporal_compression=vae_config.temporal_compression,
         spatial_compression=vae_config.spatial_compression,
+        decoder_width=vae_config.block_out_channels[0],
     )
+
+
+def decode_bytes(vae, batch: int, height: int, width: int, dtype: torch.dtype, tiled: bool) -> int:
+    """`activation_bytes`' decode estimate for a built VAE decoding `batch` videos of height x width."""
+    tile = (vae.tiling.sample_height, vae.tiling.sample_width) if tiled else None
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return _decode_bytes(height, width, tile, itemsize, vae.config.block_out_channels[0],
+                         1 if vae.use_slicing else batch)  # fmt: skip
+
+
+def in_units(nbytes: int) -> str:
+    """Bytes for a message: GiB with one decimal, MiB below a tenth of a GiB."""
+    return f"{nbytes / _GIB:.1f} GiB" if nbytes >= _GIB / 10 else f"{max(nbytes / 2**20, 0.1):.1f} MiB"
+
+
+def host_room(need: int) -> int | None:
+    """The host memory available (swap counted) when `need` bytes of activations do not fit in it, for a
+    computation on the CPU: there, running out of memory is no error but the kernel killing the process,
+    with no message and the work lost. None when they fit (or the available memory cannot be read)."""
+    available = available_host_memory(swap=True)
+    return None if available is None or need <= available else available
 
 
 def _choose_on(
