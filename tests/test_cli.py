@@ -205,6 +205,14 @@ def test_several_videos_and_fps(capsys, tiny_rope_dir, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dog-1.mp4", "dog-2.mp4"]
     assert read_video(tmp_path / "dog-2.mp4")[1] == 12
     assert "seed" in capsys.readouterr().out
+    # As PNG sequences, a video's number comes before the frame number, so each video's frames sort together.
+    (tmp_path / "frames").mkdir()
+    argv[argv.index("--output") + 1] = str(tmp_path / "frames" / "dog_%03d.png")
+    assert main(argv) == 0
+    names = sorted(p.name for p in (tmp_path / "frames").iterdir())
+    assert names == [f"dog_{v}-{f:03d}.png" for v in (1, 2) for f in range(9)]
+    assert f"wrote {tmp_path / 'frames' / 'dog_1-%03d.png'}, {tmp_path / 'frames' / 'dog_2-%03d.png'}" in (
+        capsys.readouterr().out)
 
 
 def test_generate_writes_a_gif_when_asked(capsys, tiny_rope_dir, tmp_path):

@@ -212,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-videos",
         type=positive_int,
         default=1,
-        help="videos to generate, written as OUTPUT-1.mp4, OUTPUT-2.mp4, ... (default: 1)",
+        help="videos to generate, written as OUTPUT-1.mp4, OUTPUT-2.mp4, ... (frames/%%03d.png: frames/1-%%03d.png, "
+        "...) (default: 1)",
     )
     add_memory_arguments(gen)
     arg("--vae-slicing", action="store_true", help="decode the videos of --num-videos one at a time (less memory)")
@@ -261,9 +262,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _output_paths(output: str, count: int) -> list[Path]:
+    """Where each of `count` videos goes: `output`, numbered from 1 when there are several: name-1.mp4, and
+    for a PNG sequence the number before the frame number (frames/%03d.png: frames/1-%03d.png), so that
+    the frames of a video sort together."""
+    from cogvideox.video import FRAME_NUMBER
+
     path = Path(output)
     if count == 1:
         return [path]
+    frame_number = FRAME_NUMBER.search(path.name) if path.suffix.lower() == ".png" else None
+    if frame_number is not None:
+        at = frame_number.start()
+        return [path.with_name(f"{path.name[:at]}{i}-{path.name[at:]}") for i in range(1, count + 1)]
     return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(1, count + 1)]
 
 

@@ -28,7 +28,7 @@ _X264_OPTIONS = {"crf": "18", "preset": "medium", "x264-params": "mbtree=0"}
 # The file kinds a video is written as, by the name's suffix: .png is a sequence of numbered frames.
 VIDEO_SUFFIXES = (".mp4", ".gif", ".png")
 # The frame number in a frame sequence's name, as FFmpeg's image2 names it: %d or %0Nd.
-_FRAME_NUMBER = re.compile(r"%0?\d*d")
+FRAME_NUMBER = re.compile(r"%0?\d*d")
 
 # Float frames may stray this far outside [0, 1] (rounding in whoever made them) and are clipped.
 _FLOAT_SLACK = 1e-3
@@ -106,7 +106,7 @@ def _check_video_name(path: str | os.PathLike, flag: str = "") -> Path:
         stem = path.stem if path.stem and not path.stem.startswith(".") else "video"
         raise InputError(f"{what}: videos are written as MP4 (H.264), GIF or numbered PNG frames; give a name "
                          f"ending in .mp4 or .gif, such as {stem}.mp4, or one such as frames/%04d.png")
-    if path.suffix.lower() == ".png" and len(_FRAME_NUMBER.findall(path.name)) != 1:
+    if path.suffix.lower() == ".png" and len(FRAME_NUMBER.findall(path.name)) != 1:
         raise InputError(f"{what}: a frame sequence needs one frame number in its name, written %04d (or %d), "
                          f"such as {path.parent / '%04d.png'}")
     if not path.parent.is_dir():
@@ -169,7 +169,7 @@ def read_metadata(path: str | os.PathLike) -> dict:
     import av
 
     path = Path(path)
-    if path.suffix.lower() == ".png" and len(_FRAME_NUMBER.findall(path.name)) == 1:
+    if path.suffix.lower() == ".png" and len(FRAME_NUMBER.findall(path.name)) == 1:
         path = frame_paths(path, 1)[0]  # the first frame's record is the sequence's
     if not path.is_file():
         raise InputError(f"no video file at {path}")
