@@ -293,6 +293,11 @@ def test_lora_calls_with_unknown_names_or_bad_scales_are_input_errors(tiny_rope_
         with pytest.raises(InputError, match=message):
             call()
     assert name in str(pytest.raises(InputError, pipe.set_lora_scale, 0.5, "typo").value)  # names what is loaded
+    # A scale computed in numpy is a number like any other.
+    pipe.set_lora_scale(np.float32(0.5))
+    pipe.set_adapters([name], np.float32(0.25))
+    other = Pipeline.from_pretrained(tiny_rope_dir, lora=(path, np.float64(0.5)))
+    assert other.load_lora(path, np.float32(2)) == name + "_2"
     pipe.fuse_lora(name)  # one name as a string, not its characters
     assert all(name in layer.fused for layer in lora.lora_layers(pipe.transformer).values())
 

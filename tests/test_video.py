@@ -168,6 +168,13 @@ def test_bad_fps(tmp_path, fps):
     assert not any(tmp_path.iterdir())
 
 
+def test_numpy_frame_rates(tmp_path):
+    """A rate computed in numpy (np.float32, np.int64) is a number like any other."""
+    for fps, want in ((np.float32(12.5), 12.5), (np.int64(8), 8)):
+        _, rate = read_video(export_video(moving_square(), tmp_path / "x.mp4", fps=fps))
+        assert rate == want
+
+
 def test_bad_paths(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         export_video(moving_square(), tmp_path / "no" / "such" / "x.mp4")

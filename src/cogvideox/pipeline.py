@@ -796,7 +796,7 @@ def _lora_entries(lora) -> list[tuple[str | Path, float]]:
     entries = []
     for entry in lora if isinstance(lora, list) else [lora]:
         path, scale = entry if isinstance(entry, tuple) and len(entry) == 2 else (entry, 1.0)
-        if not isinstance(path, (str, os.PathLike)) or isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        if not isinstance(path, (str, os.PathLike)) or isinstance(scale, bool) or not isinstance(scale, numbers.Real):
             raise InputError(
                 f"lora must be a path, a (path, scale) pair or a list of them, got {entry!r}"
             )

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 
 def is_finite_number(value) -> bool:
-    """Whether `value` is a finite int or float. Not a bool (TOML, YAML and JSON give `true` where a number
-    belongs, and Python's True is an int), not NaN or an infinity (float("nan") passes every comparison
-    the wrong way), not a string."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    """Whether `value` is a finite real number: an int or a float, numpy's too (np.float32(0.5), what a
+    computation in numpy hands on). Not a bool (TOML, YAML and JSON give `true` where a number belongs,
+    and Python's True is an int), not NaN or an infinity (float("nan") passes every comparison the wrong
+    way), not a string."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)

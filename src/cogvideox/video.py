@@ -74,7 +74,7 @@ def check_fps(fps) -> Fraction:
         raise InputError(f"fps must be a finite positive number, got {fps!r}")
     if not MIN_FPS <= fps <= MAX_FPS:
         raise InputError(f"fps must be between 1/1001 and {MAX_FPS}, got {fps!r}")
-    return Fraction(fps).limit_denominator(1001)
+    return Fraction(fps if isinstance(fps, int | Fraction) else float(fps)).limit_denominator(1001)
 
 
 def _encoder_name() -> str:
