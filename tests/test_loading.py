@@ -226,6 +226,29 @@ def test_config_values_no_network_can_be_built_with_name_their_file(model_copy, 
         Pipeline.from_pretrained(model_copy)
 
 
+@pytest.mark.parametrize(
+    "component, key, value, message",
+    [
+        ("transformer", "max_text_seq_length", 0, "max_text_seq_length must be positive, got 0"),
+        ("transformer", "sample_width", 0, "sample_width must be positive, got 0"),
+        ("transformer", "sample_frames", -3, "sample_frames must be positive, got -3"),
+        ("vae", "scaling_factor", 0.0, "scaling_factor must be positive, got 0.0"),
+        ("vae", "norm_num_groups", 0, "norm_num_groups must be positive, got 0"),
+        ("scheduler", "num_train_timesteps", 0, "num_train_timesteps must be positive, got 0"),
+        ("scheduler", "beta_start", -1.0, r"beta_start must be in \[0, 1\), got -1.0"),
+        ("scheduler", "snr_shift_scale", 0.0, "snr_shift_scale must be positive, got 0.0"),
+    ],
+)
+def test_config_values_out_of_range_are_load_errors(model_copy, component, key, value, message):
+    """Zero or negative sizes and scales fail on loading, naming the file, not as a division by zero or an
+    empty schedule in the first generation."""
+    name = "scheduler_config.json" if component == "scheduler" else "config.json"
+    path = model_copy / component / name
+    path.write_text(json.dumps(json.loads(path.read_text()) | {key: value}))
+    with pytest.raises(LoadError, match=f"{component}/{name}: {message}$"):
+        Pipeline.from_pretrained(model_copy)
+
+
 def test_a_model_that_is_not_a_path_and_an_unknown_text_device_are_input_errors(tiny_rope_dir):
     with pytest.raises(InputError, match="a model is a folder path or a Hugging Face repo id, got int 5"):
         Pipeline.from_pretrained(5)

@@ -106,6 +106,17 @@ class _Config:
     def replace(self, **changes: Any) -> Self:
         return dataclasses.replace(self, **changes)
 
+    def _check_positive(self, *names: str) -> None:
+        """`ConfigError` for a size, count or scale among `names` that is not above zero (None passes: an
+        optional field left out). Types are checked on reading; a zero or negative value of the right type
+        would otherwise surface later as a division by zero or an empty schedule, far from its file."""
+        for name in names:
+            value = getattr(self, name)
+            for i, item in enumerate(value if isinstance(value, tuple) else (value,)):
+                if item is not None and not item > 0:
+                    where = f"{name}[{i}]" if isinstance(value, tuple) else name
+                    raise ConfigError(f"{where} must be positive, got {item!r}")
+
 
 @dataclass(frozen=True)
 class TransformerConfig(_Config):
@@ -148,8 +159,11 @@ class TransformerConfig(_Config):
                 "use_learned_positional_embeddings requires use_rotary_positional_embeddings "
                 "(no CogVideoX checkpoint has a learned table without RoPE)"
             )
-        if self.patch_size_t is not None and self.patch_size_t < 1:
-            raise ConfigError(f"patch_size_t must be positive, got {self.patch_size_t}")
+        self._check_positive(
+            "num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "time_embed_dim",
+            "ofs_embed_dim", "text_embed_dim", "num_layers", "sample_width", "sample_height", "sample_frames",
+            "patch_size", "patch_size_t", "temporal_compression_ratio", "max_text_seq_length",
+        )
 
     @property
     def inner_dim(self) -> int:
@@ -198,6 +212,12 @@ class VAEConfig(_Config):
     use_post_quant_conv: bool = False
     invert_scale_latents: bool = False
 
+    def __post_init__(self) -> None:
+        self._check_positive(
+            "in_channels", "out_channels", "block_out_channels", "latent_channels", "layers_per_block",
+            "norm_num_groups", "temporal_compression_ratio", "sample_height", "sample_width", "scaling_factor",
+        )
+
     @property
     def spatial_compression(self) -> int:
         return 2 ** (len(self.block_out_channels) - 1)
@@ -228,3 +248,9 @@ class SchedulerConfig(_Config):
     timestep_spacing: str = "trailing"
     rescale_betas_zero_snr: bool = True
     snr_shift_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        self._check_positive("num_train_timesteps", "snr_shift_scale")
+        for name in ("beta_start", "beta_end"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
