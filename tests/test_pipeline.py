@@ -188,6 +188,14 @@ def test_dynamic_cfg_schedules():
     assert dynamic_guidance_scale(6.0, 999, 50) == 1 + 6 * (1 - math.cos(math.pi * ((50 - 999) / 50) ** 5)) / 2
 
 
+class GpuGenerator(torch.Generator):
+    """A generator that says it is on a GPU: what a pipeline on the CPU may be handed by mistake."""
+
+    @property
+    def device(self):
+        return torch.device("cuda", 0)
+
+
 BAD_REQUESTS = {
     "frames not 8k+1": (dict(num_frames=10), r"8k\+1 .*nearest valid: 9 or 17"),
     "frames 4k+1 but even latents": (dict(num_frames=13), "8k"),
@@ -206,6 +214,11 @@ BAD_REQUESTS = {
     "seed and generator": (dict(seed=1, generator=torch.Generator()), "either seed or generator"),
     "negative seed": (dict(seed=-1), "seed"),
     "generator count": (dict(generator=[torch.Generator()] * 3), "generators"),
+    "generator on another device": (
+        dict(generator=GpuGenerator()), r'on cuda:0 cannot draw noise for a pipeline on cpu: use torch.Generator\("cpu'
+    ),
+    "generators on two devices": (dict(prompt=["a", "b"], generator=[torch.Generator(), GpuGenerator()]),
+                                  r"the generators are on different devices \(cpu, cuda:0\)"),
     "dynamic CFG as a string": (dict(use_dynamic_cfg="false"), "use_dynamic_cfg must be True or False, got 'false'"),
     "frames as a string": (dict(num_frames="9"), "num_frames must be a whole number of the form 8k\\+1"),
     "callback not callable": (dict(callback=3), "callback must be a function"),

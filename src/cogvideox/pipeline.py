@@ -714,7 +714,7 @@ class Pipeline:
                                  "follow: accelerate without cache=")  # fmt: skip
         if output_type not in OUTPUT_TYPES:
             raise InputError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
-        generator, seed = _generator(seed, generator, request.batch_size)
+        generator, seed = _generator(seed, generator, request.batch_size, self.device)
         compress = self.spatial_compression
         shape = (
             request.batch_size,
@@ -819,8 +819,9 @@ def _scheduler_kind(scheduler) -> str | None:
     return kind
 
 
-def _generator(seed, generator, batch_size: int):
-    """The noise generator(s) of a call, and the seed to report."""
+def _generator(seed, generator, batch_size: int, device: torch.device):
+    """The noise generator(s) of a call, and the seed to report. Generators draw on their own device: the
+    CPU (moved afterwards, as the reference does) or the one the pipeline computes on, all on the same."""
     if seed is not None and generator is not None:
         raise InputError("pass either seed or generator, not both")
     if generator is not None:
@@ -831,10 +832,21 @@ def _generator(seed, generator, batch_size: int):
                 )
             if not all(isinstance(g, torch.Generator) for g in generator):
                 raise InputError("generator must be a torch.Generator or a list of them")
-            return list(generator), None
+            generators = list(generator)
         elif not isinstance(generator, torch.Generator):
             raise InputError("generator must be a torch.Generator or a list of them")
-        return generator, None
+        else:
+            generators = [generator]
+        places = {g.device for g in generators}
+        if len(places) > 1:
+            raise InputError(f"the generators are on different devices ({', '.join(sorted(map(str, places)))}): "
+                             "put them all on one")  # fmt: skip
+        place = places.pop()
+        same = place.type == device.type and None in (place.index, device.index) or place == device
+        if place.type != "cpu" and not same:
+            raise InputError(f"a generator on {place} cannot draw noise for a pipeline on {device}: use "
+                             f'torch.Generator("cpu") (as seed= does) or one on {device}')  # fmt: skip
+        return (generators if isinstance(generator, Sequence) else generator), None
     if seed is None:
         seed = secrets.randbelow(2**32)
     elif not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not 0 <= seed < 2**64:
