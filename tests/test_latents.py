@@ -59,6 +59,30 @@ def test_decode_checks_the_latents_fit(tiny_rope_dir):
         vae.decode(torch.zeros(3, 16, 4, 6))
 
 
+def test_the_vae_alone_refuses_what_it_cannot_encode_or_decode(tiny_rope_dir):
+    """Frames the VAE would drop, sizes it would crop, latents that are not a tensor: one-line errors,
+    not a shorter or smaller video, nor a traceback from torch or PIL."""
+    vae = VideoAutoencoder.from_pretrained(tiny_rope_dir)
+    frames = sample_frames(9, 32, 48)
+    for call, message in [
+        (lambda: vae.encode(frames[:4]), r"the VAE encodes 4k\+1 frames, got 4; use the first 1"),
+        (lambda: vae.encode(sample_frames(9, 30, 46)), "the frames' height 30 is not a multiple of 8: give height="),
+        (lambda: vae.encode(frames, 20, 48), "height must be a positive multiple of 8, got 20"),
+        (lambda: vae.encode(frames, 32, 0), "width must be a positive multiple of 8, got 0"),
+        (lambda: vae.encode(frames, -32, 48), "height must be a positive multiple of 8, got -32"),
+        (lambda: vae.encode(frames[0]), r"expected frames shaped \[F, H, W, 3\]"),
+        (lambda: vae.decode(np.zeros((3, 4, 4, 6), np.float32)), "latents must be a torch tensor .*, got ndarray"),
+        (lambda: vae.decode(torch.zeros(0, 4, 4, 6)), r"latents of shape \[0, 4, 4, 6\] are empty"),
+    ]:
+        with pytest.raises(InputError, match=message):
+            call()
+    # What the pipeline takes as frames, the VAE takes too: a list of frames, floats in [0, 1], a tensor.
+    want = vae.encode(frames)
+    assert torch.equal(vae.encode(list(frames)), want)
+    assert torch.equal(vae.encode(torch.from_numpy(frames)), want)
+    assert vae.encode(frames.astype(np.float32) / 255).shape == want.shape
+
+
 def test_out_of_memory_in_the_vae_names_the_flag():
     message = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which "
                "1.00 GiB is free.")  # fmt: skip

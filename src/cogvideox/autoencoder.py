@@ -15,6 +15,7 @@ GPU, and the official VAE demo's encode, decode and round trip run with the pipe
 from __future__ import annotations
 
 import contextlib
+import numbers
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -138,21 +139,40 @@ class VideoAutoencoder:
 
     def check_latents(self, latents: torch.Tensor) -> None:
         """An `InputError` for latents this VAE cannot decode: [F, C, h, w] or [B, F, C, h, w], C its channels."""
+        shape = f"[frames, {self.latent_channels}, height/8, width/8]"
+        if not isinstance(latents, torch.Tensor):
+            raise InputError(f"latents must be a torch tensor {shape}, got {type(latents).__name__}")
         if latents.ndim not in (4, 5) or latents.shape[-3] != self.latent_channels:
             raise InputError(
-                f"latents of shape {list(latents.shape)} do not fit this VAE: it decodes [frames, "
-                f"{self.latent_channels}, height/8, width/8] (latents of another model family?)"
+                f"latents of shape {list(latents.shape)} do not fit this VAE: it decodes {shape} (latents of "
+                "another model family?)"
             )
+        if latents.numel() == 0:
+            raise InputError(f"latents of shape {list(latents.shape)} are empty")
 
     @torch.inference_mode()
     def encode(self, frames: np.ndarray, height: int | None = None, width: int | None = None,
                resize: str = "stretch") -> torch.Tensor:  # fmt: skip
-        """uint8 frames [T, H, W, 3] -> latents [F, C, h, w] (the posterior's mean, times the scaling
-        factor: what the transformer denoises), resized to `height` x `width` first when given. T of the
-        form 4k+1 (8k+1 for the released models) gives F = k+1."""
-        from cogvideox.conditioning import prepare_video
+        """uint8 frames [T, H, W, 3] (or a list of frames, floats in [0, 1], a video file: what
+        `conditioning.load_video` reads) -> latents [F, C, h, w] (the posterior's mean, times the scaling
+        factor: what the transformer denoises), resized to `height` x `width` first when given; both must
+        be multiples of the VAE's 8, as the frames' own size must be when none is given. T must be of the
+        form 4k+1 (8k+1 for the released models to decode back to T frames), giving F = k+1."""
+        from cogvideox.conditioning import load_video, prepare_video
 
-        height, width = height or frames.shape[1], width or frames.shape[2]
+        frames = load_video(frames)
+        multiple, step = self.vae.config.spatial_compression, self.vae.config.temporal_compression
+        if (len(frames) - 1) % step:
+            lower = (len(frames) - 1) // step * step + 1
+            raise InputError(f"the VAE encodes {step}k+1 frames, got {len(frames)}; use the first {lower}")
+        for name, value, own in (("height", height, frames.shape[1]), ("width", width, frames.shape[2])):
+            if value is None and own % multiple:
+                raise InputError(f"the frames' {name} {own} is not a multiple of {multiple}: give {name}= to "
+                                 "resize them")  # fmt: skip
+            whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+            if value is not None and (not whole or value < multiple or value % multiple):
+                raise InputError(f"{name} must be a positive multiple of {multiple}, got {value!r}")
+        height, width = int(height or frames.shape[1]), int(width or frames.shape[2])
         pixels = prepare_video(frames, height, width, resize).to(self.device, self.dtype)
         with self._guard("encode"):
             mean = self.vae.encode(pixels).mode()  # [1, C, F, h, w]
