@@ -175,6 +175,26 @@ def test_numpy_frame_rates(tmp_path):
         assert rate == want
 
 
+def test_wrong_types_are_input_errors(tmp_path):
+    """A path that is not one, metadata JSON cannot hold, a frame limit that is not a count: one-line
+    errors, before anything is written, not a TypeError from deep inside."""
+    path = export_video(moving_square(), tmp_path / "x.mp4")
+    for call, message in [
+        (lambda: export_video(moving_square(), 5), "a video path must be a str or a pathlib.Path, got int"),
+        (lambda: read_video(5), "a video path must be a str or a pathlib.Path, got int"),
+        (lambda: export_video(moving_square(), tmp_path / "y.mp4", metadata={"a": object()}),
+         "metadata must hold JSON values only: Object of type object is not JSON serializable"),
+        (lambda: export_video(moving_square(), tmp_path / "y.mp4", metadata=[1]), "metadata must be a dict"),
+    ] + [
+        (lambda limit=limit: read_video(path, max_frames=limit), f"max_frames must be a positive integer .*{limit!r}")
+        for limit in (0, -1, 2.5, "3", True)
+    ]:
+        with pytest.raises(InputError, match=message):
+            call()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.mp4"]
+    assert read_video(path, max_frames=np.int64(3))[0].shape[0] == 3
+
+
 def test_bad_paths(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         export_video(moving_square(), tmp_path / "no" / "such" / "x.mp4")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import re
 import tempfile
@@ -96,9 +97,16 @@ def check_video_path(path: str | os.PathLike, flag: str = "") -> Path:
     return path
 
 
+def _as_path(path) -> Path:
+    """`path` as a `Path`, or `InputError` for anything that is not a file name."""
+    if not isinstance(path, str | os.PathLike):
+        raise InputError(f"a video path must be a str or a pathlib.Path, got {type(path).__name__}")
+    return Path(path)
+
+
 def _check_video_name(path: str | os.PathLike, flag: str = "") -> Path:
     """`check_video_path` without the write test: the name and its folder."""
-    path = Path(path)
+    path = _as_path(path)
     what = f"{flag} {path}" if flag else str(path)
     if path.is_dir():
         raise InputError(f"{what} is a folder; give a file name such as {path / 'video.mp4'}")
@@ -133,7 +141,14 @@ def export_video(
     if kind == ".mp4" and (height % 2 or width % 2):
         raise InputError(f"H.264 in yuv420p needs an even width and height, got {width}x{height}")
     rate = check_fps(fps)
-    comment = None if metadata is None else json.dumps(metadata, ensure_ascii=False)
+    comment = None
+    if metadata is not None:
+        if not isinstance(metadata, dict):
+            raise InputError(f"metadata must be a dict of JSON values, got {type(metadata).__name__}")
+        try:
+            comment = json.dumps(metadata, ensure_ascii=False)
+        except (TypeError, ValueError) as e:  # an object JSON has no form for, a circular reference
+            raise InputError(f"metadata must hold JSON values only: {e}") from None
     if kind == ".png":
         _write_png_sequence(frames, path, comment)
         return path
@@ -168,7 +183,7 @@ def read_metadata(path: str | os.PathLike) -> dict:
     `InputError` for a file that is not a readable video."""
     import av
 
-    path = Path(path)
+    path = _as_path(path)
     if path.suffix.lower() == ".png" and len(FRAME_NUMBER.findall(path.name)) == 1:
         path = frame_paths(path, 1)[0]  # the first frame's record is the sequence's
     if not path.is_file():
@@ -263,7 +278,10 @@ def read_video(path: str | os.PathLike, max_frames: int | None = None) -> tuple[
     is missing or cannot be decoded."""
     import av
 
-    path = Path(path)
+    path = _as_path(path)
+    if max_frames is not None and (not isinstance(max_frames, numbers.Integral) or isinstance(max_frames, bool)
+                                   or max_frames < 1):  # fmt: skip
+        raise InputError(f"max_frames must be a positive integer (or None for every frame), got {max_frames!r}")
     if not path.is_file():
         raise InputError(f"no video file at {path}")
     try:
