@@ -315,6 +315,25 @@ def test_a_lora_that_fails_to_load_leaves_the_model_unchanged(tiny_rope_dir, lor
     assert pipe.load_lora(path, name="bad") == "bad"  # the name is free
 
 
+def test_lora_names_and_paths_of_the_wrong_kind_are_input_errors(tiny_rope_dir, lora_files):
+    """A name torch cannot key a layer by fails before any layer is touched; names and paths that are not
+    strings fail as input errors, not a TypeError or KeyError from torch."""
+    pipe, path = Pipeline.from_pretrained(tiny_rope_dir), lora_files[0]
+    for call, message in [
+        (lambda: pipe.load_lora(path, name="style.v2"), "a LoRA name must be a non-empty string without dots"),
+        (lambda: pipe.load_lora(path, name=""), "a LoRA name must be a non-empty string without dots, got ''"),
+        (lambda: pipe.load_lora(path, name=5), "a LoRA name must be a non-empty string without dots, got 5"),
+        (lambda: pipe.load_lora(5), "a LoRA is a file or folder path, got int"),
+        (lambda: pipe.set_adapters(5), "names must be a LoRA's name or a list of them, got int"),
+        (lambda: pipe.set_adapters(["one", 2]), "LoRA names are strings, got int 2"),
+        (lambda: pipe.fuse_lora(5), "LoRA names are strings, got int 5"),
+        (lambda: pipe.unload_lora(5), "LoRA names are strings, got int 5"),
+    ]:
+        with pytest.raises(InputError, match=message):
+            call()
+    assert not lora.lora_layers(pipe.transformer)  # no layer was wrapped on the way to the error
+
+
 def test_lora_calls_after_accelerate_say_the_loras_were_folded(tiny_rope_dir, lora_files, tmp_path):
     pipe, path = Pipeline.from_pretrained(tiny_rope_dir), lora_files[0]
     pipe.load_lora(path, name="style")

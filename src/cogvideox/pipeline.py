@@ -284,6 +284,8 @@ class Pipeline:
         LoRAs per request; as diffusers' `set_adapters`."""
         from cogvideox.train import lora
 
+        if not isinstance(names, str | Sequence):
+            raise InputError(f"names must be a LoRA's name or a list of them, got {type(names).__name__}")
         names = [names] if isinstance(names, str) else list(names)
         if weights is None or isinstance(weights, numbers.Real):
             weights = [1.0 if weights is None else weights] * len(names)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -258,7 +259,10 @@ def _named(model: nn.Module, names: str | Iterable[str] | None, what: str) -> li
     that is not loaded, naming those that are."""
     if names is None:
         return None
-    names = [names] if isinstance(names, str) else list(names)
+    names = [names] if isinstance(names, str) else list(names) if isinstance(names, Iterable) else [names]
+    if not all(isinstance(n, str) for n in names):
+        bad = next(n for n in names if not isinstance(n, str))
+        raise InputError(f"LoRA names are strings, got {type(bad).__name__} {bad!r}")
     loaded = adapter_names(model)
     unknown = [n for n in names if n not in loaded]
     if unknown:
@@ -398,6 +402,8 @@ def _short_name(module: str) -> str:
 
 
 def _lora_file(path: str | Path) -> Path:
+    if not isinstance(path, str | os.PathLike):
+        raise InputError(f"a LoRA is a file or folder path, got {type(path).__name__}")
     path = Path(path)
     if path.is_dir():
         files = [path / LORA_WEIGHTS_NAME] if (path / LORA_WEIGHTS_NAME).is_file() else sorted(path.glob("*.safetensors"))
@@ -477,6 +483,9 @@ def load_lora(
     """Add the adapter of a diffusers-format LoRA file to `model` as `name` (default: the name of the
     folder given, or the stem of the file given, made unique) at `scale`. Returns the adapter name. The
     base weights are left as they are."""
+    if name is not None and (not isinstance(name, str) or not name or "." in name):
+        # The adapters live in torch ModuleDicts, whose keys cannot hold a dot: found half-way, too late.
+        raise InputError(f"a LoRA name must be a non-empty string without dots, got {name!r}")
     weights, alphas = read_lora(path)
     existing = set(adapter_names(model))
     if name is None:
