@@ -83,6 +83,17 @@ def test_the_vae_alone_refuses_what_it_cannot_encode_or_decode(tiny_rope_dir):
     assert vae.encode(frames.astype(np.float32) / 255).shape == want.shape
 
 
+def test_a_latent_video_holds_one_videos_tensor():
+    latents = torch.zeros(3, 4, 4, 6)
+    for kwargs, message in [
+        (dict(latents=latents.numpy()), r"must be one video's tensor \[frames, channels, height, width\], got ndarray"),
+        (dict(latents=latents[None]), r"got \[1, 3, 4, 4, 6\]"),  # a pipeline's batch: take one video of it
+        (dict(latents=latents, made_by="decode"), "made_by must be one of generate, encode, got 'decode'"),
+    ]:
+        with pytest.raises(InputError, match=message):
+            LatentVideo(**(dict(model=None, fps=8) | kwargs))
+
+
 def test_out_of_memory_in_the_vae_names_the_flag():
     message = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which "
                "1.00 GiB is free.")  # fmt: skip

@@ -50,7 +50,10 @@ class LatentVideo:
 
     def __post_init__(self) -> None:
         if self.made_by not in MADE_BY:
-            raise ValueError(f"made_by must be one of {MADE_BY}, got {self.made_by!r}")
+            raise InputError(f"made_by must be one of {', '.join(MADE_BY)}, got {self.made_by!r}")
+        if not isinstance(self.latents, torch.Tensor) or self.latents.ndim != 4:
+            got = list(self.latents.shape) if isinstance(self.latents, torch.Tensor) else type(self.latents).__name__
+            raise InputError(f"latents must be one video's tensor [frames, channels, height, width], got {got}")
 
     @property
     def num_frames(self) -> int:
