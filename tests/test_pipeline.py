@@ -258,6 +258,11 @@ def test_pipeline_level_mistakes_are_library_errors(pipes, tmp_path, monkeypatch
         Pipeline.from_pretrained(folder, lora=5)
     with pytest.raises(InputError, match="offload look-ahead must be a whole number"):
         pipe.enable_offload("stream", "cpu", lookahead="2")
+    for flag in ("vae_tiling", "vae_slicing"):  # "no" would be read as yes
+        with pytest.raises(InputError, match=f"{flag} must be True or False, got 'no'"):
+            Pipeline.from_pretrained(folder, **{flag: "no"})
+    with pytest.raises(InputError, match="progress must be True or False, got 'no'"):
+        pipe("a cat", progress="no", **SMALL)
     pipe.enable_offload("none")
     afile = tmp_path / "afile"
     afile.write_text("x")

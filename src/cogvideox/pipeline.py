@@ -29,6 +29,7 @@ from cogvideox.errors import InputError, OutOfMemoryError
 from cogvideox.models.config import TransformerConfig
 from cogvideox.request import (
     GenerationRequest,
+    check_flag,
     check_last_image,
     check_request,
     default_fps,
@@ -130,6 +131,7 @@ class Pipeline:
         from cogvideox.fast.offload import check_mode
 
         offload = check_mode(offload)
+        vae_tiling, vae_slicing = check_flag(vae_tiling, "vae_tiling"), check_flag(vae_slicing, "vae_slicing")
         _scheduler_kind(scheduler)  # reject an unknown name before touching the disk or the network
         _lora_entries(lora)
         device = loading.choose_device(device)
@@ -671,6 +673,7 @@ class Pipeline:
         """
         if image is not None and video is not None:
             raise InputError("give either an image (image-to-video) or a video (video-to-video), not both")
+        progress = check_flag(progress, "progress")
         if callback is not None and not callable(callback):
             raise InputError(f"callback must be a function (step, timestep, latents), got {type(callback).__name__}")
         if last_image is not None and image is None:

@@ -266,7 +266,7 @@ def check_size(
     return int(height), int(width)
 
 
-def _flag(value, name: str) -> bool:
+def check_flag(value, name: str) -> bool:
     """A yes/no argument: True or False (numpy's bools too), not a string such as "false", which bool()
     would read as True."""
     if not isinstance(value, (bool, np.bool_)):
@@ -331,7 +331,7 @@ def check_request(
         raise InputError(f"resize must be one of {', '.join(RESIZE_MODES)}, got {resize!r}")
     if task != "video" and strength is not None:
         raise InputError("strength only applies to video-to-video (give a video)")
-    if _flag(riflex, "riflex") and not transformer.use_rotary_positional_embeddings:
+    if check_flag(riflex, "riflex") and not transformer.use_rotary_positional_embeddings:
         raise InputError("riflex changes rotary positions, and this model has none (CogVideoX-2B's are a fixed "
                          "table); use a model with RoPE (CogVideoX-5b, 1.5)")  # fmt: skip
 
@@ -378,7 +378,7 @@ def check_request(
         width=width,
         num_inference_steps=steps,
         guidance_scale=float(guidance_scale),
-        use_dynamic_cfg=_flag(use_dynamic_cfg, "use_dynamic_cfg"),
+        use_dynamic_cfg=check_flag(use_dynamic_cfg, "use_dynamic_cfg"),
         dynamic_cfg=dynamic_cfg,
         videos_per_prompt=_positive_int(num_videos_per_prompt, "num_videos_per_prompt"),
         max_sequence_length=check_text_length(max_sequence_length, transformer),
