@@ -138,6 +138,18 @@ def test_16_bit_grayscale_is_scaled_not_clipped(tmp_path):
         assert np.array_equal(rgb[..., 0], rgb[..., 2])
 
 
+def test_32_bit_pictures_without_a_colour_range_are_refused():
+    """PIL clips 32-bit pictures at 0..255: a float one in [0, 1] would turn black, silently."""
+    floats = PIL.Image.fromarray(np.linspace(0, 1, 96, dtype=np.float32).reshape(8, 12))
+    wide = PIL.Image.fromarray(np.linspace(0, 60000, 96).astype(np.int32).reshape(8, 12))
+    for picture, message in ((floats, "a floating-point image .*mode F, values 0 to 1"),
+                             (wide, "a 32-bit integer image .*mode I, values 0 to 60000")):  # fmt: skip
+        with pytest.raises(InputError, match=message):
+            load_image(picture)
+    byte_range = np.arange(96, dtype=np.int32).reshape(8, 12)  # already 0..255: read as it is
+    assert np.array_equal(np.asarray(load_image(PIL.Image.fromarray(byte_range)))[..., 1], byte_range)
+
+
 def test_crop_mode_runs(tiny_i2v_dir):
     pipe = Pipeline.from_pretrained(tiny_i2v_dir)
     kwargs = SMALL | dict(seed=1, output_type="latent", progress=False)

@@ -94,6 +94,15 @@ def _to_rgb(picture):
         Image, _ = _pil()
         high_bytes = (np.asarray(picture).astype(np.uint16) >> 8).astype(np.uint8)
         picture = Image.fromarray(high_bytes)
+    if picture.mode in ("I", "F"):
+        # 32-bit integers or floats, of no set range: PIL clips them at 0 and 255, which makes a float
+        # picture in [0, 1] black and most 32-bit ones white. Taken as they are only when already 0..255.
+        low, high = picture.getextrema()
+        if picture.mode == "F" or low < 0 or high > 255:
+            kind = "floating-point" if picture.mode == "F" else "32-bit integer"
+            raise InputError(f"a {kind} image (PIL mode {picture.mode}, values {low:g} to {high:g}) has no "
+                             "colour range to read: give it as 8-bit RGB (a uint8 array [H, W, 3], or floats "
+                             "in [0, 1] as an array)")  # fmt: skip
     return picture.convert("RGB")
 
 
