@@ -11,7 +11,7 @@ from helpers import (
 )
 
 from cogvideox import InputError, Pipeline
-from cogvideox.conditioning import load_image, prepare_image, resize
+from cogvideox.conditioning import load_image, load_video, prepare_image, resize
 
 pytest.importorskip("diffusers")
 PIL = pytest.importorskip("PIL")
@@ -146,6 +146,8 @@ def test_32_bit_pictures_without_a_colour_range_are_refused():
                              (wide, "a 32-bit integer image .*mode I, values 0 to 60000")):  # fmt: skip
         with pytest.raises(InputError, match=message):
             load_image(picture)
+        with pytest.raises(InputError, match=message):  # and as the frames of a video-to-video source
+            load_video([picture] * 9)
     byte_range = np.arange(96, dtype=np.int32).reshape(8, 12)  # already 0..255: read as it is
     assert np.array_equal(np.asarray(load_image(PIL.Image.fromarray(byte_range)))[..., 1], byte_range)
 

@@ -154,7 +154,7 @@ def load_video(video, max_frames: int | None = None, fps: float | None = None) -
         video = video.detach().cpu().numpy()
     if isinstance(video, Sequence) and video and not isinstance(video[0], np.ndarray):
         Image, _ = _pil()
-        video = [np.asarray(f.convert("RGB")) if isinstance(f, Image.Image) else f for f in video]
+        video = [np.asarray(_to_rgb(f)) if isinstance(f, Image.Image) else f for f in video]
     return as_frames(video)
 
 
