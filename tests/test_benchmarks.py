@@ -467,3 +467,22 @@ def test_riflex_demo_tells_a_restarting_video_from_a_continuous_one():
     assert not restarts(video(up + list(range(10, 2, -4))), "up")
     assert restarts(video(up + up), "up")  # back at the bottom, then up again
     assert not restarts(video(up + up), "down")  # its jump is along the motion; its steps back are small
+
+
+def test_cpu_activations_measures_each_stage_in_a_fresh_process(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from cogvideox.autoencoder import VideoAutoencoder
+    from cogvideox.fast.memory_plan import decode_bytes
+
+    assert run_script("cpu_activations", ["--size", "9x64x96", "--stage", "decode"], tmp_path, monkeypatch) == 0
+    [row] = json.loads((tmp_path / "cpu_activations.json").read_text())
+    vae = VideoAutoencoder.from_pretrained().vae
+    assert row["stage"] == "decode" and row["dtype"] == "torch.float32" and row["measured_gib"] > 0
+    assert row["estimate_gib"] == round(decode_bytes(vae, 1, 64, 96, torch.float32, tiled=False) / 2**30, 3)
+    # The denoising stage, measured in this process: its estimate is the pipeline's.
+    from cpu_activations import measure
+
+    denoise = measure("denoise", None, 9, 64, 96)
+    assert denoise["measured_gib"] >= 0 and denoise["estimate_gib"] > 0
+    assert "measured GiB" in capsys.readouterr().out

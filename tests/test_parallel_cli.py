@@ -72,6 +72,9 @@ def test_parallel_mistakes_exit_2_with_one_line(capsys, tmp_path, extra, message
 
 CPU = ["--device", "cpu", "--dtype", "fp32"]
 LAYOUTS = ("cfg=2", "ulysses=2", "ring=2")
+# The group decodes the same way whatever the layout (the whole world splits the tiles, see
+# parallel/decode.py), so the tiled decode runs under one of them.
+TILED_LAYOUT = "ulysses=2"
 # The step cache over 10 steps (it skips 3: the nearest change is 0.306), and compiled
 # blocks, under a sequence split: the parallel video is the single-process video with the same levers.
 LEVERS = ["--steps", "10", "--frames", "9", "--seed", "5", "--quiet", "--cache", "0.3"]
@@ -120,15 +123,15 @@ def _record_frames(monkeypatch) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def parallel_frames(tmp_path_factory):
-    """Every 2-process layout through `cogvideox generate --parallel`, untiled and with --vae-tiling,
-    and one `batch --parallel cfg=2`: each rank's (statuses, frames it wrote)."""
+    """Every 2-process layout through `cogvideox generate --parallel` (and one with --vae-tiling), and one
+    `batch --parallel cfg=2`: each rank's (statuses, frames it wrote)."""
     import torch
 
     folder = tmp_path_factory.mktemp("parallel-cli")
     (folder / "prompts.txt").write_text(PROMPT + "\n")
     runs = []
     for spec in LAYOUTS:
-        for tiling in ([], ["--vae-tiling"]):
+        for tiling in ([], ["--vae-tiling"]) if spec == TILED_LAYOUT else ([],):
             name = f"{spec}{'-tiled' if tiling else ''}.mp4"
             argv = ["generate", PROMPT, "-o", str(folder / name), "--parallel", spec, *FAST, *CPU, *tiling]
             runs.append(argv)
@@ -155,17 +158,17 @@ def _max_difference(a: np.ndarray, b: np.ndarray) -> int:
 
 
 def test_parallel_generate_is_the_single_process_video(parallel_frames, monkeypatch, tmp_path):
-    """Untiled by default (no tiling behind the user's back), tiled with --vae-tiling, on every layout;
+    """Untiled by default (no tiling behind the user's back) on every layout, tiled with --vae-tiling;
     only rank 0 writes."""
     (statuses, frames), (other_statuses, other_frames) = parallel_frames
-    assert statuses == other_statuses == [0] * (2 * len(LAYOUTS) + 1 + len(LEVER_RUNS))
+    assert statuses == other_statuses == [0] * (len(LAYOUTS) + 1 + 1 + len(LEVER_RUNS))
     assert other_frames == {}, "a rank other than 0 wrote a file"
     untiled = _single_process(monkeypatch, tmp_path)
     tiled = _single_process(monkeypatch, tmp_path, "--vae-tiling")
     assert _max_difference(untiled, tiled) > 20  # the demo's tiles show: the comparison below can tell
     for spec in LAYOUTS:
         assert _max_difference(frames[f"{spec}.mp4"], untiled) <= FRAME_TOLERANCE, spec
-        assert _max_difference(frames[f"{spec}-tiled.mp4"], tiled) <= FRAME_TOLERANCE, spec
+    assert _max_difference(frames[f"{TILED_LAYOUT}-tiled.mp4"], tiled) <= FRAME_TOLERANCE
 
 
 def test_parallel_levers_give_the_single_process_video(parallel_frames, monkeypatch, tmp_path, capsys):

@@ -35,8 +35,10 @@ new MutationObserver(() => {
 """
 
 
-@pytest.fixture
-def browser(tmp_path):
+@pytest.fixture(scope="module")
+def chromium(tmp_path_factory):
+    """One headless Chromium for the file's tests (starting one takes seconds). Each test serves the page
+    on a port of its own, so none sees another's storage (an origin's localStorage is its own)."""
     chromium_or_skip()
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
@@ -44,14 +46,23 @@ def browser(tmp_path):
         "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-quic",
         "--autoplay-policy=no-user-gesture-required", f"--window-size={PHONE[0]},{PHONE[1]}",
-        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
     ):  # fmt: skip
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the console, for get_log("browser")
     driver = webdriver.Chrome(options=options, service=Service(executable_path=str(CHROMEDRIVER)))
-    driver.set_window_size(*PHONE)
     yield driver
     driver.quit()
+
+
+@pytest.fixture
+def browser(chromium):
+    """The browser on a blank page at a phone's size, with the console read so far dropped."""
+    chromium.get("about:blank")
+    chromium.set_window_size(*PHONE)
+    chromium.get_log("browser")
+    yield chromium
+    chromium.get("about:blank")  # the test's page stops polling its server
 
 
 def start_service(tiny_rope_dir, tmp_path, **settings):

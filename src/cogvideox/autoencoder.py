@@ -31,6 +31,7 @@ from cogvideox.sampling import to_uint8_frames
 Guard = Callable[[str, int], contextlib.AbstractContextManager]
 
 
+@torch.inference_mode()  # `Pipeline.decode` called on its own too: no autograd graph of the activations
 def decode_latents(vae, latents: torch.Tensor, dtype: torch.dtype, guard: Guard, progress: bool = False):
     """Latents [B, F, C, h, w] as the transformer sees them -> one uint8 video [T, H, W, 3] per sample.
 
