@@ -451,6 +451,23 @@ def shared_port(rank: int, path: str | Path, wait_s: float = 120) -> int:
     return int(path.read_text())
 
 
+# What every spawned test process imports, loaded once in the fork server that starts them: with the
+# "spawn" method each process paid about 10 s of CPU here importing torch and transformers' T5 first.
+FORKSERVER_PRELOAD = ["torch", "transformers.models.t5.modeling_t5", "cogvideox.pipeline", "helpers"]
+
+
+def start_processes(fn, args: tuple, nprocs: int):
+    """`torch.multiprocessing.spawn(fn, args, nprocs, join=False)`, the processes forked from a server that
+    has imported `FORKSERVER_PRELOAD` already (a fork of a process that has run no torch work yet, so no
+    thread pool is copied half-way); `join_or_fail` waits for them."""
+    import multiprocessing
+
+    import torch.multiprocessing as mp
+
+    multiprocessing.set_forkserver_preload(FORKSERVER_PRELOAD)  # takes effect when the server starts
+    return mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="forkserver")
+
+
 def join_or_fail(context, deadline_s: float, what: str) -> None:
     """Wait for the processes of `torch.multiprocessing.spawn(..., join=False)`; any still running after
     `deadline_s` (waiting in a collective the others skipped) is killed and the test fails."""

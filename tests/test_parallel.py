@@ -13,8 +13,7 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from helpers import free_port, join_or_fail
+from helpers import free_port, join_or_fail, start_processes
 
 from cogvideox.errors import InputError
 from cogvideox.models.config import TransformerConfig
@@ -72,7 +71,7 @@ def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 def _spawn(worker, world: int, *args, deadline_s: float = 600) -> None:
     """`worker(rank, world, *args)` on `world` gloo processes; a run still going after `deadline_s`
     (a process waiting in a collective the others skipped) is killed and fails the test."""
-    context = mp.spawn(_init_and_run, args=(world, free_port(), worker, args), nprocs=world, join=False)
+    context = start_processes(_init_and_run, (world, free_port(), worker, args), world)
     join_or_fail(context, deadline_s, f"{worker.__name__} on {world} processes")
 
 
