@@ -473,20 +473,29 @@ def test_riflex_demo_tells_a_restarting_video_from_a_continuous_one():
     assert not restarts(video(up + up), "down")  # its jump is along the motion; its steps back are small
 
 
-def test_cpu_activations_measures_each_stage_in_a_fresh_process(tmp_path, monkeypatch, capsys):
+def test_cpu_activations_measures_each_stage_and_tabulates_them(tmp_path, monkeypatch, capsys):
+    """Each stage's row comes from a child process (`--one STAGE`), run here in this process: a fresh one
+    would spend most of the test importing torch and transformers."""
     import torch
 
     from cogvideox.autoencoder import VideoAutoencoder
     from cogvideox.fast.memory_plan import decode_bytes
 
-    assert run_script("cpu_activations", ["--size", "9x64x96", "--stage", "decode"], tmp_path, monkeypatch) == 0
-    [row] = json.loads((tmp_path / "cpu_activations.json").read_text())
-    vae = VideoAutoencoder.from_pretrained().vae
-    assert row["stage"] == "decode" and row["dtype"] == "torch.float32" and row["measured_gib"] > 0
-    assert row["estimate_gib"] == round(decode_bytes(vae, 1, 64, 96, torch.float32, tiled=False) / 2**30, 3)
-    # The denoising stage, measured in this process: its estimate is the pipeline's.
-    from cpu_activations import measure
+    cpu_activations = __import__("cpu_activations")
+    children = []
 
-    denoise = measure("denoise", None, 9, 64, 96)
-    assert denoise["measured_gib"] >= 0 and denoise["estimate_gib"] > 0
+    def child(command, **kwargs):
+        assert command[1] == cpu_activations.__file__ and command[-2] == "--one"
+        children.append(command[-1])
+        row = cpu_activations.measure(command[-1], None, 9, 64, 96)
+        return subprocess.CompletedProcess(command, 0, stdout=json.dumps(row) + "\n", stderr="")
+
+    monkeypatch.setattr(cpu_activations.subprocess, "run", child)
+    assert run_script("cpu_activations", ["--size", "9x64x96"], tmp_path, monkeypatch) == 0
+    assert children == ["denoise", "decode"]
+    rows = json.loads((tmp_path / "cpu_activations.json").read_text())
+    assert [r["stage"] for r in rows] == children and all(r["dtype"] == "torch.float32" for r in rows)
+    vae = VideoAutoencoder.from_pretrained().vae
+    assert rows[1]["estimate_gib"] == round(decode_bytes(vae, 1, 64, 96, torch.float32, tiled=False) / 2**30, 3)
+    assert rows[1]["measured_gib"] > 0 and rows[0]["estimate_gib"] > 0
     assert "measured GiB" in capsys.readouterr().out
