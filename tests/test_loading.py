@@ -234,6 +234,7 @@ def test_config_values_no_network_can_be_built_with_name_their_file(model_copy, 
         ("transformer", "sample_frames", -3, "sample_frames must be positive, got -3"),
         ("vae", "scaling_factor", 0.0, "scaling_factor must be positive, got 0.0"),
         ("vae", "norm_num_groups", 0, "norm_num_groups must be positive, got 0"),
+        ("vae", "temporal_compression_ratio", 2.5, "temporal_compression_ratio must be a power of two, got 2.5"),
         ("scheduler", "num_train_timesteps", 0, "num_train_timesteps must be positive, got 0"),
         ("scheduler", "beta_start", -1.0, r"beta_start must be in \[0, 1\), got -1.0"),
         ("scheduler", "snr_shift_scale", 0.0, "snr_shift_scale must be positive, got 0.0"),
@@ -271,6 +272,9 @@ def test_mismatched_components(model_copy):
 
     with pytest.raises(LoadError, match="64-wide text embeddings but the T5 text encoder produces 32"):
         check_components(TransformerConfig(in_channels=16, text_embed_dim=64), VAEConfig(), 32)
+    # A default frame count the VAE would not give back: the first default call would be refused.
+    with pytest.raises(LoadError, match=r"sample_frames 10 is not of the form 8k\+1"):
+        check_components(TransformerConfig(in_channels=16, sample_frames=10), VAEConfig(), 4096)
 
 
 def test_sharded_save_and_load(ours, tmp_path):

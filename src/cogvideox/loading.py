@@ -385,6 +385,12 @@ def check_components(transformer: TransformerConfig, vae: VAEConfig, text_width:
             f"the transformer assumes {transformer.temporal_compression_ratio}x temporal compression but the "
             f"VAE compresses time {vae.temporal_compression}x"
         )
+    step = 2 * vae.temporal_compression
+    if (transformer.sample_frames - 1) % step:  # the default request would be refused (`request.check_frames`)
+        problems.append(
+            f"the transformer's sample_frames {transformer.sample_frames} is not of the form {step}k+1, the frame "
+            "counts the VAE gives back (49, 81, ...)"
+        )
     if problems:
         raise LoadError("the model's components do not fit together: " + "; ".join(problems))
 

@@ -217,6 +217,9 @@ class VAEConfig(_Config):
             "in_channels", "out_channels", "block_out_channels", "latent_channels", "layers_per_block",
             "norm_num_groups", "temporal_compression_ratio", "sample_height", "sample_width", "scaling_factor",
         )
+        ratio = self.temporal_compression_ratio
+        if ratio != int(ratio) or int(ratio) & (int(ratio) - 1):  # read as an int further on: 2.5 would be 2
+            raise ConfigError(f"temporal_compression_ratio must be a power of two, got {ratio!r}")
 
     @property
     def spatial_compression(self) -> int:

@@ -181,9 +181,7 @@ def check_config(config: VAEConfig) -> None:
     bad = [c for c in config.block_out_channels if c % config.norm_num_groups]
     if bad:
         raise ConfigError(f"block_out_channels {bad} are not divisible by norm_num_groups={config.norm_num_groups}")
-    ratio = config.temporal_compression_ratio
-    if ratio < 1 or 2 ** temporal_levels(config) != ratio:
-        raise ConfigError(f"temporal_compression_ratio must be a power of two, got {ratio}")
+    ratio = config.temporal_compression_ratio  # a power of two (`VAEConfig` checks it)
     if temporal_levels(config) > stages - 1:
         raise ConfigError(
             f"temporal_compression_ratio {ratio} needs {temporal_levels(config)} downsampling stages, "
