@@ -71,7 +71,8 @@ def decode_latents(vae, latents: torch.Tensor, dtype: torch.dtype, guard: Guard,
 def _must_tile_on_host(vae, latents: torch.Tensor, dtype: torch.dtype) -> bool:
     """Whether an untiled decode of `latents` [B, C, F, h, w] on the CPU would need more memory than the
     host has available (warned); `OutOfMemoryError` when even a tiled one would."""
-    from cogvideox.fast.memory_plan import decode_bytes, host_room, in_units
+    from cogvideox.fast.memory_plan import decode_bytes, host_room
+    from cogvideox.values import in_units
 
     batch, scale = latents.shape[0], vae.config.spatial_compression
     height, width = latents.shape[-2] * scale, latents.shape[-1] * scale

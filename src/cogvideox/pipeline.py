@@ -554,7 +554,8 @@ class Pipeline:
         in the memory the host has left. The estimates are floors (the transformer's are about half of what
         the CPU's kernels take), so a request refused here could not have run; the decode is counted in
         tiles, which `decode_latents` turns to when the untiled one would not fit."""
-        from cogvideox.fast.memory_plan import activation_bytes, decode_bytes, host_room, in_units
+        from cogvideox.fast.memory_plan import activation_bytes, decode_bytes, host_room
+        from cogvideox.values import in_units
 
         vae = self.vae.config
         frames = min(request.num_frames, self.config.sample_frames) if windowed else request.num_frames

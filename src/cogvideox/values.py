@@ -12,3 +12,9 @@ def is_finite_number(value) -> bool:
     and Python's True is an int), not NaN or an infinity (float("nan") passes every comparison the wrong
     way), not a string."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def in_units(nbytes: int) -> str:
+    """Bytes for a message: GiB with one decimal, MiB below a tenth of a GiB."""
+    gib = 2**30
+    return f"{nbytes / gib:.1f} GiB" if nbytes >= gib / 10 else f"{max(nbytes / 2**20, 0.1):.1f} MiB"

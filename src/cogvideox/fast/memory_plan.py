@@ -376,11 +376,6 @@ def decode_bytes(vae, batch: int, height: int, width: int, dtype: torch.dtype, t
                          1 if vae.use_slicing else batch)  # fmt: skip
 
 
-def in_units(nbytes: int) -> str:
-    """Bytes for a message: GiB with one decimal, MiB below a tenth of a GiB."""
-    return f"{nbytes / _GIB:.1f} GiB" if nbytes >= _GIB / 10 else f"{max(nbytes / 2**20, 0.1):.1f} MiB"
-
-
 def host_room(need: int) -> int | None:
     """The host memory available (swap counted) when `need` bytes of activations do not fit in it, for a
     computation on the CPU: there, running out of memory is no error but the kernel killing the process,

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from cogvideox import loading
 from cogvideox.errors import InputError, NonFiniteError
 from cogvideox.files import lock_folder, prepare_folder
+from cogvideox.values import in_units
 
 from . import colour
 from . import lora as lora_lib
@@ -243,10 +244,10 @@ class Run:
         if self.config.prune_cache:
             freed = remove_files(unused)
             print(f"cogvideox train: removed {len(unused)} unused cache file(s) from {cache_dir} "
-                  f"({_size(freed)})")  # fmt: skip
+                  f"({in_units(freed)})")  # fmt: skip
         else:
             held = sum(p.stat().st_size for p in unused if p.exists())
-            print(f"cogvideox train: {cache_dir} holds {len(unused)} file(s) ({_size(held)}) this run does not "
+            print(f"cogvideox train: {cache_dir} holds {len(unused)} file(s) ({in_units(held)}) this run does not "
                   "read; --prune-cache deletes them")  # fmt: skip
 
     def prepare_model(self) -> None:
@@ -738,6 +739,3 @@ def finetune(config: FinetuneConfig) -> Path:
             lock.close()
         run.procs.stop()
 
-
-def _size(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
