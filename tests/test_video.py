@@ -101,6 +101,26 @@ def test_list_of_frames_floats_and_other_fps(tmp_path):
     assert frames.shape == video.shape and fps == pytest.approx(23.976, abs=1e-3)
 
 
+def test_tensors_and_pictures_are_frames_too(tmp_path):
+    """A uint8 or float tensor (bf16 included), a list of tensors or of RGB pictures: the frames the same
+    numpy array gives."""
+    import torch
+    from PIL import Image
+
+    video = moving_square(frames=5)
+    exact = torch.from_numpy(video)
+    floats = exact.to(torch.bfloat16) / 255  # bf16 rounds: the frames come back within a step or two
+    for name, frames, tolerance in [
+        ("tensor", exact, 0),
+        ("tensors", list(exact), 0),
+        ("pictures", [Image.fromarray(frame) for frame in video], 0),
+        ("bf16", floats, 2),
+    ]:
+        export_video(frames, tmp_path / f"{name}-%02d.png")
+        read = np.stack([np.asarray(Image.open(tmp_path / f"{name}-{i:02d}.png")) for i in range(5)])
+        assert np.abs(read.astype(int) - video).max() <= tolerance, name
+
+
 def _pillow_save():
     from PIL import Image
 

@@ -8,6 +8,7 @@ import math
 import numbers
 import os
 import re
+import sys
 import tempfile
 from collections.abc import Sequence
 from fractions import Fraction
@@ -35,15 +36,27 @@ FRAME_NUMBER = re.compile(r"%0?\d*d")
 _FLOAT_SLACK = 1e-3
 
 
+def _from_torch(value):
+    """A torch tensor as a numpy array (bf16 and fp16 widened to fp32, from any device); anything else as
+    it is. torch is only looked at when the caller has imported it."""
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(value, torch.Tensor):
+        return value
+    value = value.detach().cpu()
+    return (value.float() if value.is_floating_point() else value).numpy()
+
+
 def as_frames(frames: np.ndarray | Sequence) -> np.ndarray:
-    """uint8 [F, H, W, 3] from a uint8 array, a list of [H, W, 3] frames, or floats in [0, 1]."""
+    """uint8 [F, H, W, 3] from a uint8 array or tensor, a list of [H, W, 3] frames (arrays, tensors or RGB
+    pictures), or floats in [0, 1]."""
+    frames = _from_torch(frames)
     if not isinstance(frames, np.ndarray):
         if isinstance(frames, str | bytes) or not isinstance(frames, Sequence):
             raise InputError(f"frames must be an array [F, H, W, 3] or a list of [H, W, 3] frames, got {type(frames).__name__}")
         if len(frames) == 0:
             raise InputError("no frames: a video needs at least one")
         try:
-            frames = np.stack([np.asarray(f) for f in frames])
+            frames = np.stack([np.asarray(_from_torch(f)) for f in frames])
         except ValueError:
             raise InputError("all frames must have the same size") from None
     array = frames
@@ -125,10 +138,11 @@ def _check_video_name(path: str | os.PathLike, flag: str = "") -> Path:
 def export_video(
     frames: np.ndarray | Sequence, path: str | os.PathLike, fps: float = 8, metadata: dict | None = None
 ) -> Path:
-    """Write frames (uint8 [F, H, W, 3], or a list of [H, W, 3]) at `fps` as an H.264 MP4 (yuv420p), as
-    an animated GIF when `path` ends in .gif, or as numbered PNG files for a name such as
-    frames/%04d.png (frame i, from 0, in frames/0000.png, ...; no frame rate). `metadata` (how the video
-    was made: JSON values) is stored in the file's comment (each PNG's), where `read_metadata` finds it.
+    """Write frames (uint8 [F, H, W, 3] or floats in [0, 1]: an array, a tensor, or a list of [H, W, 3]
+    frames or RGB pictures) at `fps` as an H.264 MP4 (yuv420p), as an animated GIF when `path` ends in
+    .gif, or as numbered PNG files for a name such as frames/%04d.png (frame i, from 0, in
+    frames/0000.png, ...; no frame rate). `metadata` (how the video was made: JSON values) is stored in
+    the file's comment (each PNG's), where `read_metadata` finds it.
 
     The file appears complete or not at all: it is written under a temporary name in the same folder and
     renamed into place (PNG frames: all of them, once every one is written). yuv420p (the pixel format
