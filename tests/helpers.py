@@ -36,7 +36,9 @@ def make_tiny_t5(
     style encoder saved with `save_pretrained`. The model is returned in float32, eval mode.
     """
     import sentencepiece as spm
-    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+    from transformers import T5EncoderModel, T5Tokenizer
+
+    from cogvideox.demo.build import small_t5_config
 
     text_encoder_dir, tokenizer_dir = Path(text_encoder_dir), Path(tokenizer_dir)
     tokenizer_dir.mkdir(parents=True, exist_ok=True)
@@ -57,22 +59,7 @@ def make_tiny_t5(
     (tokenizer_dir / "spiece.vocab").unlink()
     tokenizer = T5Tokenizer.from_pretrained(str(tokenizer_dir))
 
-    config = T5Config(
-        vocab_size=len(tokenizer),
-        d_model=d_model,
-        d_kv=d_model // num_heads,
-        d_ff=2 * d_model,
-        num_layers=num_layers,
-        num_heads=num_heads,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=32,
-        feed_forward_proj="gated-gelu",
-        is_encoder_decoder=False,
-        use_cache=False,
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-    )
+    config = small_t5_config(len(tokenizer), d_model, num_layers, num_heads)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = T5EncoderModel(config).eval()

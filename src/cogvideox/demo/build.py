@@ -87,10 +87,32 @@ def vocabulary() -> list[str]:
     return sorted(words)
 
 
+def small_t5_config(vocab_size: int, d_model: int, num_layers: int, num_heads: int):
+    """A T5 v1.1 encoder's config (gated GELU, the official tokenizer's pad and end ids) at a small size."""
+    from transformers import T5Config
+
+    return T5Config(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_kv=d_model // num_heads,
+        d_ff=2 * d_model,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False,
+        use_cache=False,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+
+
 def build_text_encoder(folder: Path, seed: int = 0) -> TextEncoder:
     """`folder/tokenizer` (sentencepiece, one piece per caption word) and `folder/text_encoder`."""
     import sentencepiece as spm
-    from transformers import T5Config, T5EncoderModel
+    from transformers import T5EncoderModel
 
     tok_dir, enc_dir = folder / "tokenizer", folder / "text_encoder"
     if not (enc_dir / "config.json").is_file():
@@ -109,22 +131,7 @@ def build_text_encoder(folder: Path, seed: int = 0) -> TextEncoder:
             minloglevel=2,
         )
         (tok_dir / "spiece.vocab").unlink()
-        config = T5Config(
-            vocab_size=len(words) + 3,
-            d_model=T5_DIM,
-            d_kv=16,
-            d_ff=2 * T5_DIM,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            relative_attention_max_distance=32,
-            feed_forward_proj="gated-gelu",
-            is_encoder_decoder=False,
-            use_cache=False,
-            pad_token_id=0,
-            eos_token_id=1,
-            decoder_start_token_id=0,
-        )
+        config = small_t5_config(len(words) + 3, T5_DIM, num_layers=2, num_heads=4)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             T5EncoderModel(config).save_pretrained(str(enc_dir))
