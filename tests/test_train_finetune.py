@@ -653,3 +653,19 @@ def test_burnt_validation_colours_are_a_warning(data_dir, tiny_rope_dir, tmp_pat
         finetune(config(data_dir, tiny_rope_dir, tmp_path, steps=4, **settings))
     logged = [r for r in map(json.loads, (tmp_path / "loss.jsonl").read_text().splitlines()) if "loss" not in r]
     assert [(r["step"], r["validation_blown"]) for r in logged] == [(0, [0.0]), (2, [0.01]), (4, [0.57])]
+
+
+def test_a_burn_warning_names_the_default_learning_rate(data_dir, tiny_rope_dir, tmp_path, monkeypatch):
+    """A run left at the default lr warns about a burn as one with --lr does (the warning once failed to
+    format the unset lr and stopped the run with a traceback)."""
+    from cogvideox.train import colour
+
+    def figures(blown):
+        return {"validation_saturation": [0.3], "validation_vivid": [0.02], "validation_blown": [blown],
+                "validation_detail": [0.01]}
+
+    rounds = iter([figures(0.0), figures(0.6)])
+    monkeypatch.setattr(colour, "measure", lambda videos: next(rounds))
+    settings = dict(validation_every=1, validation_prompts=["a cat"], validation_steps=2, lr=None)
+    with pytest.warns(UserWarning, match=r"at step 1 have left .*the learning rate \(0.0001\) is likely too high"):
+        finetune(config(data_dir, tiny_rope_dir, tmp_path, steps=1, **settings))

@@ -698,7 +698,7 @@ def finetune(config: FinetuneConfig) -> Path:
             if log is not None and measured is not None:
                 log.write(step, **measured)
                 base = colour.base_colours(log.read())
-                warning = colour.burn_warning(base, measured, step, c.lr, c.validation_prompts)
+                warning = colour.burn_warning(base, measured, step, c.learning_rate, c.validation_prompts)
                 if warning:
                     warnings.warn(warning, stacklevel=2)
 
