@@ -669,3 +669,32 @@ def test_a_burn_warning_names_the_default_learning_rate(data_dir, tiny_rope_dir,
     settings = dict(validation_every=1, validation_prompts=["a cat"], validation_steps=2, lr=None)
     with pytest.warns(UserWarning, match=r"at step 1 have left .*the learning rate \(0.0001\) is likely too high"):
         finetune(config(data_dir, tiny_rope_dir, tmp_path, steps=1, **settings))
+
+
+def test_a_run_restarted_before_its_first_checkpoint_keeps_the_base_models_colours(data_dir, tiny_rope_dir, tmp_path,
+                                                                                  monkeypatch):
+    """A start that fails after the base model's round (out of memory at the first step, say) leaves its
+    videos, which the next start does not make again: their figures stay in the log too, so that the
+    burn watch still has them."""
+    from cogvideox.train import colour
+
+    def figures(blown):
+        return {"validation_saturation": [0.3], "validation_vivid": [0.02], "validation_blown": [blown],
+                "validation_detail": [0.01]}
+
+    rounds = iter([figures(0.0), figures(0.6)])
+    monkeypatch.setattr(colour, "measure", lambda videos: next(rounds))
+
+    def out_of_memory(self, step):
+        raise RuntimeError("CUDA out of memory")
+
+    original = Run.train_step
+    monkeypatch.setattr(Run, "train_step", out_of_memory)
+    settings = dict(steps=2, validation_every=2, validation_prompts=["a cat"], validation_steps=2)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        finetune(config(data_dir, tiny_rope_dir, tmp_path, **settings))
+    monkeypatch.setattr(Run, "train_step", original)
+    with pytest.warns(UserWarning, match=r"blown-out pixels 0% -> 60%.* at step 2 have left the base model's"):
+        finetune(config(data_dir, tiny_rope_dir, tmp_path, **settings))
+    logged = [r for r in map(json.loads, (tmp_path / "loss.jsonl").read_text().splitlines()) if "loss" not in r]
+    assert [(r["step"], r["validation_blown"]) for r in logged] == [(0, [0.0]), (2, [0.6])]

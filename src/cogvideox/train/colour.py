@@ -81,8 +81,9 @@ def burn_warning(
 
 
 def base_colours(records: list[dict]) -> dict[str, list[float]] | None:
-    """The base model's figures from a run's log: its step-0 validation round, or None."""
-    for record in records:
+    """The base model's figures from a run's log: its step-0 validation round (the latest, when a restart
+    made it again), or None."""
+    for record in reversed(records):
         if record["step"] == 0 and all(isinstance(record.get(name), list) for name in FIGURES):
             return {name: record[name] for name in FIGURES}
     return None
