@@ -307,13 +307,15 @@ def activate_lora(model: nn.Module, scales: Mapping[str, float]) -> None:
 
 
 def fuse_lora(model: nn.Module, names: str | Iterable[str] | None = None, keep_original: bool = False) -> None:
-    """Fold adapters into the base weights (no extra work per step). `keep_original` keeps a CPU copy of
-    each weight so that `unfuse_lora` restores it bit for bit instead of subtracting the update."""
+    """Fold adapters `names` (None: those that run, as `activate_lora` left them) into the base weights (no
+    extra work per step). `keep_original` keeps a CPU copy of each weight so that `unfuse_lora` restores it
+    bit for bit instead of subtracting the update."""
     names = _named(model, names, "fuse")
     if names is None and not adapter_names(model):
         raise InputError("no LoRA is loaded, so there is none to fuse")
     for layer in lora_layers(model).values():
-        for name in names if names is not None else list(layer.lora_A):
+        running = [name for name in layer.lora_A if name not in layer.disabled]
+        for name in names if names is not None else running:
             if name in layer.lora_A:
                 layer.fuse(name, keep_original=keep_original and not layer.fused)
 
