@@ -698,3 +698,15 @@ def test_a_run_restarted_before_its_first_checkpoint_keeps_the_base_models_colou
         finetune(config(data_dir, tiny_rope_dir, tmp_path, **settings))
     logged = [r for r in map(json.loads, (tmp_path / "loss.jsonl").read_text().splitlines()) if "loss" not in r]
     assert [(r["step"], r["validation_blown"]) for r in logged] == [(0, [0.0]), (2, [0.6])]
+
+
+def test_validation_rounds_show_their_progress(data_dir, tiny_rope_dir, tmp_path, capsys):
+    """A validation round (minutes for a large model, before the first step too) has a progress bar of its
+    sampling steps, not a silent pause."""
+    finetune(config(data_dir, tiny_rope_dir, tmp_path, steps=1, validation_every=1, progress=True,
+                    validation_prompts=["a cat", "a dog"], validation_steps=2))
+    err = capsys.readouterr().err
+    assert "validation videos of step 0:   0%|          | 0/4" in err
+    assert "validation videos of step 1:   0%|          | 0/4" in err
+    assert "fine-tune" in err
+

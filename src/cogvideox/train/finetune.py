@@ -498,6 +498,9 @@ class Run:
         bucket = self.buckets[0]
         self.transformer.eval()
         videos = []
+        # A round takes minutes for a large model (before the first step too): its sampling steps are shown
+        bar = tqdm(total=len(c.validation_prompts) * c.validation_steps, desc=f"validation videos of step {step}",
+                   unit="step", leave=False, disable=not (c.progress and self.procs.main))
         try:
             for i, prompt in enumerate(c.validation_prompts):
                 with self.autocast():  # fp32 masters (full fine-tuning) next to a bf16 VAE and T5
@@ -511,6 +514,7 @@ class Run:
                         seed=c.validation_seed,
                         max_sequence_length=self.max_sequence_length,
                         progress=False,
+                        callback=lambda *_: bar.update(),
                     )
                 if not self.procs.main:
                     continue
@@ -519,6 +523,7 @@ class Run:
                 videos.append(as_frames(result.frames[0]))
                 export_video(videos[-1], path, fps=self.fps)
         finally:
+            bar.close()
             self.transformer.train()
             if self.device.type == "cuda":
                 self.vae.to("cpu")
