@@ -710,3 +710,23 @@ def test_validation_rounds_show_their_progress(data_dir, tiny_rope_dir, tmp_path
     assert "validation videos of step 1:   0%|          | 0/4" in err
     assert "fine-tune" in err
 
+
+
+def test_running_out_of_memory_keeps_the_steps_done_since_the_last_checkpoint(data_dir, tiny_rope_dir, tmp_path,
+                                                                             monkeypatch):
+    """A step that runs out of GPU memory (a larger bucket's first draw, hundreds of steps in) stops the run
+    as Ctrl-C does: the steps done since the newest checkpoint are saved first, not lost."""
+    original = Run.train_step
+
+    def out_of_memory_at_step_4(self, step):
+        if step == 4:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(self, step)
+
+    monkeypatch.setattr(Run, "train_step", out_of_memory_at_step_4)
+    with pytest.raises(torch.OutOfMemoryError):
+        finetune(config(data_dir, tiny_rope_dir, tmp_path, steps=5, checkpoint_every=3))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-3.pt", "step-4.pt"]
+    monkeypatch.setattr(Run, "train_step", original)
+    finetune(config(data_dir, tiny_rope_dir, tmp_path, steps=5, checkpoint_every=3))
+    assert [s for s, _, _ in losses(tmp_path)] == [1, 2, 3, 4, 5]

@@ -468,10 +468,10 @@ class Run:
         return int(state["step"])
 
     def save_interrupted(self) -> None:
-        """On Ctrl-C or SIGTERM during training: a checkpoint of the steps done since the newest one, so
-        that they are not lost (the next start continues from it exactly, as from any checkpoint). Not
-        when the signal came while the optimizer changed the weights, and not with several processes,
-        which would all have to take part."""
+        """On Ctrl-C, SIGTERM or running out of memory during training: a checkpoint of the steps done since
+        the newest one, so that they are not lost (the next start continues from it exactly, as from any
+        checkpoint). Not when the signal came while the optimizer changed the weights, and not with several
+        processes, which would all have to take part."""
         done = self.steps_done
         if done is None or self.procs.world_size > 1 or done <= reached_step(self.out):
             return
@@ -733,6 +733,11 @@ def finetune(config: FinetuneConfig) -> Path:
                     validate(done)
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM: the steps done since the last checkpoint are kept
             bar.close()
+            run.save_interrupted()
+            raise
+        except (torch.OutOfMemoryError, MemoryError):  # a larger bucket's first draw, say: the same
+            bar.close()
+            run.optimizer.zero_grad(set_to_none=True)  # the failed step's gradients are not part of the state
             run.save_interrupted()
             raise
         bar.close()
