@@ -730,3 +730,47 @@ def test_running_out_of_memory_keeps_the_steps_done_since_the_last_checkpoint(da
     monkeypatch.setattr(Run, "train_step", original)
     finetune(config(data_dir, tiny_rope_dir, tmp_path, steps=5, checkpoint_every=3))
     assert [s for s, _, _ in losses(tmp_path)] == [1, 2, 3, 4, 5]
+
+
+def test_a_full_disk_when_the_lora_is_written_is_one_line_saying_how_to_get_it(data_dir, tiny_rope_dir, tmp_path,
+                                                                              monkeypatch):
+    """The last checkpoint is written before the result: a result that cannot be written (a full disk) is an
+    error of one line naming the file, and the same command writes it once there is room."""
+    import errno
+
+    from cogvideox.train import lora
+
+    original = lora.save_file
+
+    def disk_full(state, filename, metadata=None):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+
+    monkeypatch.setattr(lora, "save_file", disk_full)
+    with pytest.raises(InputError) as refused:
+        finetune(config(data_dir, tiny_rope_dir, tmp_path, steps=2, checkpoint_every=5))
+    message = str(refused.value)
+    assert message == (f"cannot write {tmp_path / 'pytorch_lora_weights.safetensors'}: No space left on device; run "
+                       "the same command again once that is mended to continue from step 2, its newest checkpoint")
+    monkeypatch.setattr(lora, "save_file", original)
+    assert finetune(config(data_dir, tiny_rope_dir, tmp_path, steps=2, checkpoint_every=5)).is_file()
+    assert [s for s, _, _ in losses(tmp_path)] == [1, 2]
+
+
+def test_a_full_disk_under_the_log_is_one_line_naming_the_step_to_continue_from(data_dir, tiny_rope_dir, tmp_path,
+                                                                              monkeypatch):
+    import errno
+
+    from cogvideox.train.log import JsonlLog
+
+    original = JsonlLog.write
+
+    def disk_full_at_step_3(self, step, **values):
+        if step == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
+        return original(self, step, **values)
+
+    monkeypatch.setattr(JsonlLog, "write", disk_full_at_step_3)
+    with pytest.raises(InputError) as refused:
+        finetune(config(data_dir, tiny_rope_dir, tmp_path, steps=3, checkpoint_every=2))
+    assert str(refused.value) == (f"{tmp_path / 'loss.jsonl'}: No space left on device; run the same command again "
+                                  "once that is mended to continue from step 2, its newest checkpoint")

@@ -539,7 +539,16 @@ class Run:
         }
 
     def write_result(self) -> Path:
-        """The LoRA file (diffusers layout) or, for full fine-tuning, a complete model folder."""
+        """The LoRA file (diffusers layout) or, for full fine-tuning, a complete model folder. `InputError`
+        for one that cannot be written (a full disk): the run's last checkpoint lets the same command
+        write it again."""
+        try:
+            return self._write_result()
+        except OSError as e:
+            path = self.out / (lora_lib.LORA_WEIGHTS_NAME if not self.config.full else "model")
+            raise InputError(_stopped_by(f"cannot write {path}", e, reached_step(self.out))) from None
+
+    def _write_result(self) -> Path:
         c = self.config
         if not c.full:
             path = self.out / lora_lib.LORA_WEIGHTS_NAME
@@ -570,6 +579,14 @@ def _unwritten_checkpoint(path: Path, error: Exception, reached: int) -> str:
         f"cannot write the checkpoint {path}: {why} (is the disk full?); free some space and run the same "
         f"command again to {then}"
     )
+
+
+def _stopped_by(what, error: OSError, reached: int) -> str:
+    """The message for a run stopped by a file error (a full disk, a folder made read-only): what failed,
+    why, and the checkpoint the same command continues from once it is mended."""
+    why = error.strerror or str(error)
+    then = f"continue from step {reached}, its newest checkpoint" if reached else "start over (no checkpoint yet)"
+    return f"{what}: {why}; run the same command again once that is mended to {then}"
 
 
 def _differ(names: list[str]) -> str:
@@ -740,6 +757,9 @@ def finetune(config: FinetuneConfig) -> Path:
             run.optimizer.zero_grad(set_to_none=True)  # the failed step's gradients are not part of the state
             run.save_interrupted()
             raise
+        except OSError as e:  # a full disk under the log or the validation videos, say: one line
+            bar.close()
+            raise InputError(_stopped_by(e.filename or run.out, e, reached_step(run.out))) from None
         bar.close()
         if main:
             plot_curve(log.read(), "loss", run.out / "loss.png", title="fine-tuning loss")
