@@ -412,12 +412,23 @@ def _lora_file(path: str | Path) -> Path:
         if len(files) != 1:
             raise InputError(
                 f"{path} holds {len(files)} .safetensors files; name the LoRA file itself"
-                if files else f"no LoRA weights ({LORA_WEIGHTS_NAME}) in {path}"
+                if files else _no_lora_in(path)
             )
         return files[0]
     if not path.is_file():
         raise InputError(f"no LoRA file at {path}")
     return path
+
+
+def _no_lora_in(folder: Path) -> str:
+    """Why a folder holds no LoRA file, for the run folders of `cogvideox train` that have none: a full
+    fine-tune's (its result is a model folder) and one whose run has not finished."""
+    if (folder / "model" / "model_index.json").is_file():
+        return f"{folder} holds a fully fine-tuned model, not a LoRA: give it as the model (--model {folder / 'model'})"
+    if (folder / "checkpoints").is_dir():
+        return (f"no LoRA weights ({LORA_WEIGHTS_NAME}) in {folder} yet: its training run writes them when it ends; "
+                "run the same command again to finish it")  # fmt: skip
+    return f"no LoRA weights ({LORA_WEIGHTS_NAME}) in {folder}"
 
 
 _KEY = re.compile(r"^(?:transformer\.)?(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora\.down|lora\.up)(?:\.[^.]+)?\.weight$")
