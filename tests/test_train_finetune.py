@@ -667,7 +667,8 @@ def test_a_burn_warning_names_the_default_learning_rate(data_dir, tiny_rope_dir,
     rounds = iter([figures(0.0), figures(0.6)])
     monkeypatch.setattr(colour, "measure", lambda videos: next(rounds))
     settings = dict(validation_every=1, validation_prompts=["a cat"], validation_steps=2, lr=None)
-    with pytest.warns(UserWarning, match=r"at step 1 have left .*the learning rate \(0.0001\) is likely too high"):
+    with pytest.warns(UserWarning, match=r"at step 1 have left .*the learning rate \(0.0001\) is likely too high.*"
+                                         r"resume from an earlier checkpoint \(delete the newer ones in checkpoints/\)"):
         finetune(config(data_dir, tiny_rope_dir, tmp_path, steps=1, **settings))
 
 

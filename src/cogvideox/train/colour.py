@@ -75,8 +75,8 @@ def burn_warning(
     return (
         f"the colours of validation video {'; '.join(burnt)} at step {step} have left the base model's far "
         f"behind. Unless the training clips look like that, the learning rate ({lr:g}) is likely too high for "
-        "this model: look at the videos, and if they are burnt, resume from an earlier checkpoint with a lower "
-        "lr (or use a lower LoRA scale at generation)"
+        "this model: look at the videos, and if they are burnt, resume from an earlier checkpoint (delete the "
+        "newer ones in checkpoints/) with a lower lr (or use a lower LoRA scale at generation)"
     )
 
 
