@@ -410,3 +410,34 @@ def test_loras_stay_live_with_the_levers_that_leave_linear_layers_alone(tiny_rop
     folded.accelerate(cache=0.0)  # fused QKV: only the running LoRA goes into the weights
     assert not lora.lora_layers(folded.transformer)
     assert torch.allclose(ours_out(folded.transformer, inputs), want_two, atol=1e-5)
+
+
+def test_fuse_lora_folds_in_the_loras_that_run_and_leaves_the_others_out(tiny_rope_dir, lora_files):
+    """After set_adapters, fuse_lora() keeps the output the chosen LoRAs give (as diffusers fuses its active
+    adapters): a LoRA left out was folded into the weights too, and ran again."""
+    one, two = lora_files
+    inputs = transformer_inputs()
+    pipe = Pipeline.from_pretrained(tiny_rope_dir, lora=[(one, 0.5), (two, 2.0)])
+    pipe.set_adapters(["two"], [2.0])
+    live = ours_out(pipe.transformer, inputs)
+    pipe.fuse_lora()
+    assert torch.allclose(ours_out(pipe.transformer, inputs), live, atol=1e-5)
+    pipe.unfuse_lora()
+    assert torch.allclose(ours_out(pipe.transformer, inputs), live, atol=1e-5)
+
+
+def test_a_run_folder_without_a_lora_says_what_it_holds(tmp_path):
+    """`--lora RUN` on a full fine-tune's folder, or on a run that has not finished, says so instead of only
+    "no LoRA weights"."""
+    full = tmp_path / "full"
+    (full / "model").mkdir(parents=True)
+    (full / "model" / "model_index.json").write_text("{}")
+    with pytest.raises(InputError, match=rf"^{full} holds a fully fine-tuned model, not a LoRA: give it as the "
+                                         rf"model \(--model {full / 'model'}\)$"):
+        lora.read_lora(full)
+    running = tmp_path / "running"
+    (running / "checkpoints").mkdir(parents=True)
+    with pytest.raises(InputError, match=rf"^no LoRA weights \(pytorch_lora_weights.safetensors\) in {running} yet: "
+                                         "its training run writes them when it ends; run the same command again to "
+                                         "finish it$"):
+        lora.read_lora(running)

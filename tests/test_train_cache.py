@@ -208,3 +208,16 @@ def test_a_mask_is_cached_on_the_latent_grid_and_keyed_by_its_bytes(tmp_path, co
     assert [e.latents for e in changed.examples[::2]] == [e.latents for e in first.examples[::2]]
     assert float(read_mask(changed.examples[1])[:, 0, 1:, 1:].max()) == 0.0  # only the top-left cell
     assert run(root, vae, text, tmp_path / "cache").encoded == 0
+
+
+def test_a_frame_rate_given_as_a_float_reads_the_entries_of_the_same_integer_rate(tmp_path, components):
+    """`--fps 8` (a float) asks for the rate a run left at the model's 8 used: its clips are read back,
+    not encoded again."""
+    vae, text = components
+    root = make_video_folder(tmp_path / "data", broken=False)
+    assert run(root, vae, text, tmp_path / "cache").encoded == 3
+    clips, _ = scan_folder(root)
+    again = precompute(clips, BUCKETS, 8.0, vae, text, tmp_path / "cache", max_sequence_length=16, progress=False)
+    assert again.encoded == 0
+    other = precompute(clips, BUCKETS, 7.5, vae, text, tmp_path / "cache", max_sequence_length=16, progress=False)
+    assert other.encoded == 3

@@ -4,6 +4,7 @@ import argparse
 import json
 
 import pytest
+import torch
 from helpers import make_video_folder
 
 from cogvideox.cli import build_parser, main
@@ -277,3 +278,28 @@ def test_cache_files_no_run_reads_are_reported_and_pruned_on_request(capsys, tin
     # What is left is what a run reads: nothing more to report, nothing encoded again.
     assert main([*argv, "-o", str(tmp_path / "d")]) == 0
     assert "does not read" not in capsys.readouterr().out
+
+
+def test_out_of_memory_names_the_training_levers_and_the_step_held(capsys, tiny_rope_dir, tmp_path, monkeypatch):
+    """Out of GPU memory at a training step: one line with the settings that lower a step's memory (not
+    `--dtype bf16`, which a GPU run has already) and the step the run folder holds to continue from."""
+    from cogvideox.train.finetune import Run
+
+    data = make_video_folder(tmp_path / "data", broken=False)
+    out = tmp_path / "out"
+    original = Run.train_step
+
+    def out_of_memory_at_step_2(self, step):
+        if step == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(self, step)
+
+    monkeypatch.setattr(Run, "train_step", out_of_memory_at_step_2)
+    argv = ["train", str(data), "--output", str(out), "--model", str(tiny_rope_dir), "--rank", "4",
+            "--bucket", "9x32x48", "--steps", "4", "--checkpoint-every", "2", "--quiet"]
+    assert main(argv) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"cogvideox: error: out of GPU memory; {out} holds step 2: continue from there with --offload-activations "
+        "or a smaller --bucket, or start a new --output with --quantize-base int8 (LoRA), --optimizer adamw-cpu "
+        "(--full) or a smaller --batch-size"
+    )

@@ -290,3 +290,17 @@ def test_a_variable_frame_rate_video_is_sampled_by_its_timestamps(tmp_path):
     taken = [int(round(f.mean() / 10)) for f in read_frames(path, 8, 14)]
     assert taken[0] == 0 and taken[1] in (3, 4)  # 0.125 s
     assert taken[2:] == list(range(8, 20))  # 0.25 s, 0.375 s, ...: one frame each
+
+
+def test_a_caption_under_a_later_key_counts_when_an_earlier_one_is_empty(tmp_path):
+    """A row exported with an empty or null "caption" column beside its "text" has a caption, as a row with
+    an empty "video" beside its "file_name" has a video."""
+    export_video(sample_frames(9, 40, 56, seed=0), tmp_path / "a.mp4", fps=8)
+    rows = [{"video": "a.mp4", "caption": None, "text": "a cat on a mat"},
+            {"video": "a.mp4", "caption": "", "prompt": " a dog "},
+            {"video": "", "file_name": "a.mp4", "caption": "a bird", "text": "not this"},
+            {"video": "a.mp4", "caption": None}]
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    clips, skipped = scan_folder(tmp_path)
+    assert [c.caption for c in clips] == ["a cat on a mat", "a dog", "a bird"]
+    assert [str(s) for s in skipped] == ["a.mp4: no caption"]

@@ -653,3 +653,125 @@ def test_burnt_validation_colours_are_a_warning(data_dir, tiny_rope_dir, tmp_pat
         finetune(config(data_dir, tiny_rope_dir, tmp_path, steps=4, **settings))
     logged = [r for r in map(json.loads, (tmp_path / "loss.jsonl").read_text().splitlines()) if "loss" not in r]
     assert [(r["step"], r["validation_blown"]) for r in logged] == [(0, [0.0]), (2, [0.01]), (4, [0.57])]
+
+
+def test_a_burn_warning_names_the_default_learning_rate(data_dir, tiny_rope_dir, tmp_path, monkeypatch):
+    """A run left at the default lr warns about a burn as one with --lr does (the warning once failed to
+    format the unset lr and stopped the run with a traceback)."""
+    from cogvideox.train import colour
+
+    def figures(blown):
+        return {"validation_saturation": [0.3], "validation_vivid": [0.02], "validation_blown": [blown],
+                "validation_detail": [0.01]}
+
+    rounds = iter([figures(0.0), figures(0.6)])
+    monkeypatch.setattr(colour, "measure", lambda videos: next(rounds))
+    settings = dict(validation_every=1, validation_prompts=["a cat"], validation_steps=2, lr=None)
+    with pytest.warns(UserWarning, match=r"at step 1 have left .*the learning rate \(0.0001\) is likely too high.*"
+                                         r"resume from an earlier checkpoint \(delete the newer ones in checkpoints/\)"):
+        finetune(config(data_dir, tiny_rope_dir, tmp_path, steps=1, **settings))
+
+
+def test_a_run_restarted_before_its_first_checkpoint_keeps_the_base_models_colours(data_dir, tiny_rope_dir, tmp_path,
+                                                                                  monkeypatch):
+    """A start that fails after the base model's round (out of memory at the first step, say) leaves its
+    videos, which the next start does not make again: their figures stay in the log too, so that the
+    burn watch still has them."""
+    from cogvideox.train import colour
+
+    def figures(blown):
+        return {"validation_saturation": [0.3], "validation_vivid": [0.02], "validation_blown": [blown],
+                "validation_detail": [0.01]}
+
+    rounds = iter([figures(0.0), figures(0.6)])
+    monkeypatch.setattr(colour, "measure", lambda videos: next(rounds))
+
+    def out_of_memory(self, step):
+        raise RuntimeError("CUDA out of memory")
+
+    original = Run.train_step
+    monkeypatch.setattr(Run, "train_step", out_of_memory)
+    settings = dict(steps=2, validation_every=2, validation_prompts=["a cat"], validation_steps=2)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        finetune(config(data_dir, tiny_rope_dir, tmp_path, **settings))
+    monkeypatch.setattr(Run, "train_step", original)
+    with pytest.warns(UserWarning, match=r"blown-out pixels 0% -> 60%.* at step 2 have left the base model's"):
+        finetune(config(data_dir, tiny_rope_dir, tmp_path, **settings))
+    logged = [r for r in map(json.loads, (tmp_path / "loss.jsonl").read_text().splitlines()) if "loss" not in r]
+    assert [(r["step"], r["validation_blown"]) for r in logged] == [(0, [0.0]), (2, [0.6])]
+
+
+def test_validation_rounds_show_their_progress(data_dir, tiny_rope_dir, tmp_path, capsys):
+    """A validation round (minutes for a large model, before the first step too) has a progress bar of its
+    sampling steps, not a silent pause."""
+    finetune(config(data_dir, tiny_rope_dir, tmp_path, steps=1, validation_every=1, progress=True,
+                    validation_prompts=["a cat", "a dog"], validation_steps=2))
+    err = capsys.readouterr().err
+    assert "validation videos of step 0:   0%|          | 0/4" in err
+    assert "validation videos of step 1:   0%|          | 0/4" in err
+    assert "fine-tune" in err
+
+
+
+def test_running_out_of_memory_keeps_the_steps_done_since_the_last_checkpoint(data_dir, tiny_rope_dir, tmp_path,
+                                                                             monkeypatch):
+    """A step that runs out of GPU memory (a larger bucket's first draw, hundreds of steps in) stops the run
+    as Ctrl-C does: the steps done since the newest checkpoint are saved first, not lost."""
+    original = Run.train_step
+
+    def out_of_memory_at_step_4(self, step):
+        if step == 4:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(self, step)
+
+    monkeypatch.setattr(Run, "train_step", out_of_memory_at_step_4)
+    with pytest.raises(torch.OutOfMemoryError):
+        finetune(config(data_dir, tiny_rope_dir, tmp_path, steps=5, checkpoint_every=3))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-3.pt", "step-4.pt"]
+    monkeypatch.setattr(Run, "train_step", original)
+    finetune(config(data_dir, tiny_rope_dir, tmp_path, steps=5, checkpoint_every=3))
+    assert [s for s, _, _ in losses(tmp_path)] == [1, 2, 3, 4, 5]
+
+
+def test_a_full_disk_when_the_lora_is_written_is_one_line_saying_how_to_get_it(data_dir, tiny_rope_dir, tmp_path,
+                                                                              monkeypatch):
+    """The last checkpoint is written before the result: a result that cannot be written (a full disk) is an
+    error of one line naming the file, and the same command writes it once there is room."""
+    import errno
+
+    from cogvideox.train import lora
+
+    original = lora.save_file
+
+    def disk_full(state, filename, metadata=None):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+
+    monkeypatch.setattr(lora, "save_file", disk_full)
+    with pytest.raises(InputError) as refused:
+        finetune(config(data_dir, tiny_rope_dir, tmp_path, steps=2, checkpoint_every=5))
+    message = str(refused.value)
+    assert message == (f"cannot write {tmp_path / 'pytorch_lora_weights.safetensors'}: No space left on device; run "
+                       "the same command again once that is mended to continue from step 2, its newest checkpoint")
+    monkeypatch.setattr(lora, "save_file", original)
+    assert finetune(config(data_dir, tiny_rope_dir, tmp_path, steps=2, checkpoint_every=5)).is_file()
+    assert [s for s, _, _ in losses(tmp_path)] == [1, 2]
+
+
+def test_a_full_disk_under_the_log_is_one_line_naming_the_step_to_continue_from(data_dir, tiny_rope_dir, tmp_path,
+                                                                              monkeypatch):
+    import errno
+
+    from cogvideox.train.log import JsonlLog
+
+    original = JsonlLog.write
+
+    def disk_full_at_step_3(self, step, **values):
+        if step == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
+        return original(self, step, **values)
+
+    monkeypatch.setattr(JsonlLog, "write", disk_full_at_step_3)
+    with pytest.raises(InputError) as refused:
+        finetune(config(data_dir, tiny_rope_dir, tmp_path, steps=3, checkpoint_every=2))
+    assert str(refused.value) == (f"{tmp_path / 'loss.jsonl'}: No space left on device; run the same command again "
+                                  "once that is mended to continue from step 2, its newest checkpoint")

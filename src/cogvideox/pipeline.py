@@ -299,8 +299,8 @@ class Pipeline:
         self._lora_call(lora.activate_lora, dict(zip(names, weights)))
 
     def fuse_lora(self, names: str | Sequence[str] | None = None, keep_original: bool = False) -> None:
-        """Fold the LoRAs into the transformer weights (no cost per step); `keep_original` keeps a CPU
-        copy so that `unfuse_lora` restores the weights exactly."""
+        """Fold the LoRAs `names` (default: those that run, see `set_adapters`) into the transformer weights
+        (no cost per step); `keep_original` keeps a CPU copy so that `unfuse_lora` restores them exactly."""
         from cogvideox.train import lora
 
         self._lora_call(lora.fuse_lora, names, keep_original)

@@ -54,6 +54,12 @@ def module_fingerprint(module: torch.nn.Module, extra: str = "") -> str:
     return h.hexdigest()
 
 
+def _rate(fps: float | None) -> str:
+    """The frame rate's part of a latents key: `--fps 8` (a float) and a file's or the model's 8 are the
+    same rate, and name the same entries."""
+    return str(int(fps)) if fps is not None and float(fps).is_integer() else str(fps)
+
+
 def _key(*parts: str) -> str:
     return hashlib.sha256("\n".join((_VERSION, *parts)).encode()).hexdigest()[:40]
 
@@ -172,7 +178,7 @@ def precompute(
         except OSError as e:
             skipped.append(Skipped(clip.name, f"cannot read ({e.strerror or e})"))
             continue
-        parts = [digest, bucket_id, str(fps), vae_id, "decoding " + _DECODING]
+        parts = [digest, bucket_id, _rate(fps), vae_id, "decoding " + _DECODING]
         if clip.mask is not None:  # only then: entries of clips without a mask keep their names
             try:
                 parts.append("mask " + file_digest(clip.mask))

@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from cogvideox.cli import _interrupted_status, _quiet_libraries, _say
+from cogvideox.cli import RUN_ERROR, _interrupted_status, _out_of_memory, _quiet_libraries, _say
 from cogvideox.cli_args import (
     add_model_arguments,
     non_negative_float,
@@ -167,8 +167,26 @@ def _train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (a scheduler's stop) as cli.Terminated
         _say(_interrupted(config.output, reached_step(config.output)))
         return _interrupted_status(e)
+    except (RuntimeError, MemoryError) as e:
+        where = _out_of_memory(e)
+        if where is None:
+            raise
+        levers = _memory_levers(where, config.output, reached_step(config.output))
+        _say(f"cogvideox: error: out of {where} memory; {levers}")
+        return RUN_ERROR
     print(_summary(path, config, start))
     return 0
+
+
+def _memory_levers(where: str, output: str, reached: int) -> str:
+    """What lowers a training step's `where` ("GPU" or "host") memory, split by whether the run in `output`
+    can continue with it: a resumed run must keep its quantize_base, optimizer and batch_size
+    (`FinetuneConfig.run_identity`)."""
+    keep = "--offload-activations or a smaller --bucket" if where == "GPU" else "a smaller --bucket"
+    new = "--quantize-base int8 (LoRA), --optimizer adamw-cpu (--full) or a smaller --batch-size"
+    if not reached:
+        return f"try {keep}, or {new}"
+    return f"{output} holds step {reached}: continue from there with {keep}, or start a new --output with {new}"
 
 
 def _interrupted(output: str, reached: int) -> str:

@@ -75,14 +75,15 @@ def burn_warning(
     return (
         f"the colours of validation video {'; '.join(burnt)} at step {step} have left the base model's far "
         f"behind. Unless the training clips look like that, the learning rate ({lr:g}) is likely too high for "
-        "this model: look at the videos, and if they are burnt, resume from an earlier checkpoint with a lower "
-        "lr (or use a lower LoRA scale at generation)"
+        "this model: look at the videos, and if they are burnt, resume from an earlier checkpoint (delete the "
+        "newer ones in checkpoints/) with a lower lr (or use a lower LoRA scale at generation)"
     )
 
 
 def base_colours(records: list[dict]) -> dict[str, list[float]] | None:
-    """The base model's figures from a run's log: its step-0 validation round, or None."""
-    for record in records:
+    """The base model's figures from a run's log: its step-0 validation round (the latest, when a restart
+    made it again), or None."""
+    for record in reversed(records):
         if record["step"] == 0 and all(isinstance(record.get(name), list) for name in FIGURES):
             return {name: record[name] for name in FIGURES}
     return None

@@ -165,9 +165,10 @@ def entry_video(row: dict):
 
 
 def entry_caption(row: dict) -> str:
-    """A metadata.jsonl entry's caption (under the first of `CAPTION_KEYS` it has), stripped; "" for none."""
-    caption = next((row[key] for key in CAPTION_KEYS if key in row), None)
-    return caption.strip() if isinstance(caption, str) else ""
+    """A metadata.jsonl entry's caption (under the first of `CAPTION_KEYS` that holds text: an export may
+    leave an empty or null column beside the one it filled), stripped; "" for none."""
+    captions = (row.get(key) for key in CAPTION_KEYS)
+    return next((c.strip() for c in captions if isinstance(c, str) and c.strip()), "")
 
 
 def read_line_files(root: Path) -> tuple[list[tuple[str, str, None]], list[Skipped]] | None:

@@ -468,10 +468,10 @@ class Run:
         return int(state["step"])
 
     def save_interrupted(self) -> None:
-        """On Ctrl-C or SIGTERM during training: a checkpoint of the steps done since the newest one, so
-        that they are not lost (the next start continues from it exactly, as from any checkpoint). Not
-        when the signal came while the optimizer changed the weights, and not with several processes,
-        which would all have to take part."""
+        """On Ctrl-C, SIGTERM or running out of memory during training: a checkpoint of the steps done since
+        the newest one, so that they are not lost (the next start continues from it exactly, as from any
+        checkpoint). Not when the signal came while the optimizer changed the weights, and not with several
+        processes, which would all have to take part."""
         done = self.steps_done
         if done is None or self.procs.world_size > 1 or done <= reached_step(self.out):
             return
@@ -498,6 +498,9 @@ class Run:
         bucket = self.buckets[0]
         self.transformer.eval()
         videos = []
+        # A round takes minutes for a large model (before the first step too): its sampling steps are shown
+        bar = tqdm(total=len(c.validation_prompts) * c.validation_steps, desc=f"validation videos of step {step}",
+                   unit="step", leave=False, disable=not (c.progress and self.procs.main))
         try:
             for i, prompt in enumerate(c.validation_prompts):
                 with self.autocast():  # fp32 masters (full fine-tuning) next to a bf16 VAE and T5
@@ -511,6 +514,7 @@ class Run:
                         seed=c.validation_seed,
                         max_sequence_length=self.max_sequence_length,
                         progress=False,
+                        callback=lambda *_: bar.update(),
                     )
                 if not self.procs.main:
                     continue
@@ -519,6 +523,7 @@ class Run:
                 videos.append(as_frames(result.frames[0]))
                 export_video(videos[-1], path, fps=self.fps)
         finally:
+            bar.close()
             self.transformer.train()
             if self.device.type == "cuda":
                 self.vae.to("cpu")
@@ -534,7 +539,16 @@ class Run:
         }
 
     def write_result(self) -> Path:
-        """The LoRA file (diffusers layout) or, for full fine-tuning, a complete model folder."""
+        """The LoRA file (diffusers layout) or, for full fine-tuning, a complete model folder. `InputError`
+        for one that cannot be written (a full disk): the run's last checkpoint lets the same command
+        write it again."""
+        try:
+            return self._write_result()
+        except OSError as e:
+            path = self.out / (lora_lib.LORA_WEIGHTS_NAME if not self.config.full else "model")
+            raise InputError(_stopped_by(f"cannot write {path}", e, reached_step(self.out))) from None
+
+    def _write_result(self) -> Path:
         c = self.config
         if not c.full:
             path = self.out / lora_lib.LORA_WEIGHTS_NAME
@@ -565,6 +579,14 @@ def _unwritten_checkpoint(path: Path, error: Exception, reached: int) -> str:
         f"cannot write the checkpoint {path}: {why} (is the disk full?); free some space and run the same "
         f"command again to {then}"
     )
+
+
+def _stopped_by(what, error: OSError, reached: int) -> str:
+    """The message for a run stopped by a file error (a full disk, a folder made read-only): what failed,
+    why, and the checkpoint the same command continues from once it is mended."""
+    why = error.strerror or str(error)
+    then = f"continue from step {reached}, its newest checkpoint" if reached else "start over (no checkpoint yet)"
+    return f"{what}: {why}; run the same command again once that is mended to {then}"
 
 
 def _differ(names: list[str]) -> str:
@@ -698,7 +720,7 @@ def finetune(config: FinetuneConfig) -> Path:
             if log is not None and measured is not None:
                 log.write(step, **measured)
                 base = colour.base_colours(log.read())
-                warning = colour.burn_warning(base, measured, step, c.lr, c.validation_prompts)
+                warning = colour.burn_warning(base, measured, step, c.learning_rate, c.validation_prompts)
                 if warning:
                     warnings.warn(warning, stacklevel=2)
 
@@ -730,6 +752,14 @@ def finetune(config: FinetuneConfig) -> Path:
             bar.close()
             run.save_interrupted()
             raise
+        except (torch.OutOfMemoryError, MemoryError):  # a larger bucket's first draw, say: the same
+            bar.close()
+            run.optimizer.zero_grad(set_to_none=True)  # the failed step's gradients are not part of the state
+            run.save_interrupted()
+            raise
+        except OSError as e:  # a full disk under the log or the validation videos, say: one line
+            bar.close()
+            raise InputError(_stopped_by(e.filename or run.out, e, reached_step(run.out))) from None
         bar.close()
         if main:
             plot_curve(log.read(), "loss", run.out / "loss.png", title="fine-tuning loss")

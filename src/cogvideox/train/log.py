@@ -7,13 +7,14 @@ from pathlib import Path
 
 
 class JsonlLog:
-    """Appends `{"step": ..., **values}` lines. On resume, lines past the resumed step are dropped so the
-    file holds one continuous curve."""
+    """Appends `{"step": ..., **values}` lines. Lines past the step a run continues from are dropped so the
+    file holds one continuous curve; a run that starts over keeps those of step 0 (the base model's
+    validation round, whose videos a restart does not make again)."""
 
     def __init__(self, path: str | Path, resume_step: int = 0):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        kept = [r for r in self.read() if r["step"] <= resume_step] if resume_step else []
+        kept = [r for r in self.read() if r["step"] <= resume_step]
         with self.path.open("w") as f:
             for r in kept:
                 f.write(json.dumps(r) + "\n")

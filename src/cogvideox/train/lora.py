@@ -307,13 +307,15 @@ def activate_lora(model: nn.Module, scales: Mapping[str, float]) -> None:
 
 
 def fuse_lora(model: nn.Module, names: str | Iterable[str] | None = None, keep_original: bool = False) -> None:
-    """Fold adapters into the base weights (no extra work per step). `keep_original` keeps a CPU copy of
-    each weight so that `unfuse_lora` restores it bit for bit instead of subtracting the update."""
+    """Fold adapters `names` (None: those that run, as `activate_lora` left them) into the base weights (no
+    extra work per step). `keep_original` keeps a CPU copy of each weight so that `unfuse_lora` restores it
+    bit for bit instead of subtracting the update."""
     names = _named(model, names, "fuse")
     if names is None and not adapter_names(model):
         raise InputError("no LoRA is loaded, so there is none to fuse")
     for layer in lora_layers(model).values():
-        for name in names if names is not None else list(layer.lora_A):
+        running = [name for name in layer.lora_A if name not in layer.disabled]
+        for name in names if names is not None else running:
             if name in layer.lora_A:
                 layer.fuse(name, keep_original=keep_original and not layer.fused)
 
@@ -410,12 +412,23 @@ def _lora_file(path: str | Path) -> Path:
         if len(files) != 1:
             raise InputError(
                 f"{path} holds {len(files)} .safetensors files; name the LoRA file itself"
-                if files else f"no LoRA weights ({LORA_WEIGHTS_NAME}) in {path}"
+                if files else _no_lora_in(path)
             )
         return files[0]
     if not path.is_file():
         raise InputError(f"no LoRA file at {path}")
     return path
+
+
+def _no_lora_in(folder: Path) -> str:
+    """Why a folder holds no LoRA file, for the run folders of `cogvideox train` that have none: a full
+    fine-tune's (its result is a model folder) and one whose run has not finished."""
+    if (folder / "model" / "model_index.json").is_file():
+        return f"{folder} holds a fully fine-tuned model, not a LoRA: give it as the model (--model {folder / 'model'})"
+    if (folder / "checkpoints").is_dir():
+        return (f"no LoRA weights ({LORA_WEIGHTS_NAME}) in {folder} yet: its training run writes them when it ends; "
+                "run the same command again to finish it")  # fmt: skip
+    return f"no LoRA weights ({LORA_WEIGHTS_NAME}) in {folder}"
 
 
 _KEY = re.compile(r"^(?:transformer\.)?(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora\.down|lora\.up)(?:\.[^.]+)?\.weight$")
