@@ -309,6 +309,21 @@ def test_resuming_with_other_settings_is_refused(data_dir, tiny_rope_dir, tmp_pa
         finetune(config(data_dir, tiny_rope_dir, tmp_path, steps=4, rank=8))
 
 
+def test_the_same_model_folder_spelt_otherwise_resumes(data_dir, tiny_rope_dir, tmp_path, monkeypatch):
+    """`--model ./m`, `m` and an absolute path name one model: the run continues, from the record's check
+    and from the checkpoint's; another folder is still refused."""
+    monkeypatch.chdir(tiny_rope_dir.parent)
+    finetune(config(data_dir, f"./{tiny_rope_dir.name}", tmp_path / "run", steps=2))
+    finetune(config(data_dir, tiny_rope_dir.name, tmp_path / "run", steps=3))
+    (tmp_path / "run" / "config.json").unlink()  # the checkpoint's own record
+    finetune(config(data_dir, tiny_rope_dir.resolve(), tmp_path / "run", steps=4))
+    assert [step for step, *_ in losses(tmp_path / "run")] == [1, 2, 3, 4]
+    other = tmp_path / "copy"
+    shutil.copytree(tiny_rope_dir, other)
+    with pytest.raises(InputError, match="holds a run with other settings \\(model differs\\)"):
+        finetune(config(data_dir, other, tmp_path / "run", steps=5))
+
+
 def test_a_run_past_the_asked_steps_is_refused_before_loading(data_dir, tiny_rope_dir, tmp_path, monkeypatch):
     finetune(config(data_dir, tiny_rope_dir, tmp_path, steps=3))
     before = (tmp_path / "loss.jsonl").read_text()

@@ -440,9 +440,8 @@ class Run:
         if path is None:
             return 0
         state = _read_checkpoint(path)
-        if state.get("identity") != self.config.run_identity:
-            theirs, ours = state.get("identity") or {}, self.config.run_identity
-            changed = sorted(k for k in ours if theirs.get(k) != ours[k])
+        changed = changed_settings(state.get("identity") or {}, self.config.run_identity)
+        if changed:
             raise InputError(
                 f"{self.out} holds a run with other settings ({_differ(changed)}); give another "
                 "output folder or the same settings to resume it"
@@ -589,6 +588,21 @@ def _stopped_by(what, error: OSError, reached: int) -> str:
     return f"{what}: {why}; run the same command again once that is mended to {then}"
 
 
+def changed_settings(theirs: dict, ours: dict) -> list[str]:
+    """The run-identity settings (`FinetuneConfig.run_identity`) in which a recorded run and this command
+    differ (one the record lacks counts as None). The model is the same when both name the same local
+    folder however spelt (`model`, `./model`, an absolute path)."""
+    def same(key: str) -> bool:
+        recorded = theirs.get(key)
+        if key == "model" and isinstance(recorded, str) and isinstance(ours[key], str):
+            a, b = Path(recorded).expanduser(), Path(ours[key]).expanduser()
+            if a.is_dir() and b.is_dir():
+                return a.resolve() == b.resolve()
+        return recorded == ours[key]
+
+    return sorted(key for key in ours if not same(key))
+
+
 def _differ(names: list[str]) -> str:
     """"rank differs", "alpha, rank differ": the settings a run folder's record and the command disagree on."""
     return f"{', '.join(names)} {'differs' if len(names) == 1 else 'differ'}"
@@ -679,7 +693,7 @@ def _check_same_run(config: FinetuneConfig) -> None:
     data scan and the model load (`Run.resume` checks the checkpoint itself again)."""
     recorded = read_recorded_config(config.output)  # {} (no record): the checkpoint check will tell
     ours = json.loads(json.dumps(config.run_identity))
-    changed = sorted(k for k in ours if k in recorded and recorded[k] != ours[k])
+    changed = changed_settings({**ours, **recorded}, ours)  # a setting not recorded: the checkpoint will tell
     if changed:
         raise InputError(
             f"{config.output} holds a run with other settings ({_differ(changed)}); give another "
