@@ -455,6 +455,28 @@ def start_processes(fn, args: tuple, nprocs: int):
     return mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="forkserver")
 
 
+def cli_rank(rank: int, argv: list[str], port: str, log_dir: str | None = None) -> None:
+    """One process of a two-process `cogvideox ARGV` as torchrun starts it (its environment variables),
+    for `start_processes`. With `log_dir`, its stdout goes to `log_dir/rank-N.out`. A non-zero exit
+    status fails the process."""
+    import os
+    import sys
+
+    import torch
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=port, CUDA_VISIBLE_DEVICES="")  # fmt: skip
+    torch.set_num_threads(1)
+    from cogvideox.cli import main
+
+    if log_dir is not None:
+        sys.stdout = open(Path(log_dir) / f"rank-{rank}.out", "w")  # noqa: SIM115 (closed as the process ends)
+    status = main(argv)
+    sys.stdout.flush()
+    if status != 0:
+        raise SystemExit(f"rank {rank}: cogvideox {argv[0]} exited with {status}")
+
+
 def join_or_fail(context, deadline_s: float, what: str) -> None:
     """Wait for the processes of `torch.multiprocessing.spawn(..., join=False)`; any still running after
     `deadline_s` (waiting in a collective the others skipped) is killed and the test fails."""

@@ -1,5 +1,5 @@
 """`cogvideox batch`: one video per prompt with the demo model, a manifest, resuming, and prompts spread
-over torchrun processes."""
+over processes as torchrun starts them."""
 
 from __future__ import annotations
 
@@ -7,13 +7,11 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 import tempfile
 
 import numpy as np
 import pytest
-from helpers import free_port
+from helpers import cli_rank, free_port, join_or_fail, start_processes
 
 from cogvideox import Pipeline, read_video
 from cogvideox.batch import LOCK, MANIFEST, finished, lossy_levers, plan, read_prompts, run_batch, video_name
@@ -496,18 +494,15 @@ def test_a_folder_that_fills_up_stops_the_batch_and_keeps_the_video(tmp_path, mo
 
 
 def test_torchrun_spreads_prompts_over_processes(tmp_path):
-    """Two processes, three prompts: each process makes its share, rank 0 keeps the one manifest."""
+    """Two processes (as torchrun starts them), three prompts: each process makes its share, rank 0 keeps
+    the one manifest and reports."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(PROMPTS)
     out = tmp_path / "out"
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-        str(free_port()), "-m", "cogvideox", "batch", str(prompts), "-o", str(out), *FAST,
-    ]  # fmt: skip
-    env = os.environ | {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.count("wrote 3 video(s)") == 1  # only rank 0 reports
+    argv = ["batch", str(prompts), "-o", str(out), *FAST]
+    join_or_fail(start_processes(cli_rank, (argv, str(free_port()), str(tmp_path)), 2), 300, "a two-process batch")
+    reports = [(tmp_path / f"rank-{rank}.out").read_text() for rank in range(2)]
+    assert "wrote 3 video(s)" in reports[0] and not reports[1]  # only rank 0 reports
     entries = _manifest(out)
     assert sorted(e["index"] for e in entries) == [0, 1, 2]
     assert all((out / e["file"]).is_file() for e in entries)

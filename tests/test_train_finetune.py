@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import free_port, join_or_fail, make_video_folder, start_processes
+from helpers import cli_rank, free_port, join_or_fail, make_video_folder, start_processes
 from safetensors.torch import load_file
 
 from cogvideox import InputError, Pipeline, read_video
@@ -347,18 +347,6 @@ def test_learning_rate_schedule(tmp_path):
     assert learning_rate(FinetuneConfig(data="d", output="o", warmup_steps=0), 500) == 1e-4
 
 
-def _train_rank(rank: int, argv: list[str], port: str) -> None:
-    """One process of a two-process `cogvideox train`, set up as torchrun sets it up (its environment)."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=port, CUDA_VISIBLE_DEVICES="")  # fmt: skip
-    torch.set_num_threads(1)
-    from cogvideox.cli import main
-
-    status = main(argv)
-    if status != 0:
-        raise SystemExit(f"rank {rank}: cogvideox train exited with {status}")
-
-
 def test_two_processes_average_their_gradients(data_dir, tiny_rope_dir, tmp_path):
     """`cogvideox train` under two gloo processes (what torchrun sets up) against one process that
     averages the two ranks' gradients itself."""
@@ -366,7 +354,7 @@ def test_two_processes_average_their_gradients(data_dir, tiny_rope_dir, tmp_path
     argv = ["train", str(data_dir), "--output", str(tmp_path / "ddp"), "--model", str(tiny_rope_dir),
             "--bucket", "9x32x48", "--rank", "4", "--lr", "1e-2", "--warmup-steps", "0", "--steps", str(steps),
             "--quiet", "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
-    join_or_fail(start_processes(_train_rank, (argv, str(free_port())), 2), 300, "two-process training")
+    join_or_fail(start_processes(cli_rank, (argv, str(free_port())), 2), 300, "two-process training")
 
     run = Run(config(data_dir, tiny_rope_dir, tmp_path / "one", steps=steps, cache_dir=str(tmp_path / "cache")))
     run.prepare_data()
