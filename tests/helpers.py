@@ -455,10 +455,10 @@ def start_processes(fn, args: tuple, nprocs: int):
     return mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="forkserver")
 
 
-def cli_rank(rank: int, argv: list[str], port: str, log_dir: str | None = None) -> None:
+def cli_rank(rank: int, argv: list[str], port: str, log_dir: str | None = None, check: bool = True) -> None:
     """One process of a two-process `cogvideox ARGV` as torchrun starts it (its environment variables),
-    for `start_processes`. With `log_dir`, its stdout goes to `log_dir/rank-N.out`. A non-zero exit
-    status fails the process."""
+    for `start_processes`. With `log_dir`, its stdout, stderr and exit status go to `log_dir/rank-N.out`,
+    `.err` and `.status`. With `check`, a non-zero exit status fails the process."""
     import os
     import sys
 
@@ -469,11 +469,18 @@ def cli_rank(rank: int, argv: list[str], port: str, log_dir: str | None = None) 
     torch.set_num_threads(1)
     from cogvideox.cli import main
 
-    if log_dir is not None:
-        sys.stdout = open(Path(log_dir) / f"rank-{rank}.out", "w")  # noqa: SIM115 (closed as the process ends)
-    status = main(argv)
+    log = Path(log_dir) / f"rank-{rank}" if log_dir is not None else None
+    if log is not None:  # closed as the process ends
+        sys.stdout, sys.stderr = open(log.with_suffix(".out"), "w"), open(log.with_suffix(".err"), "w")  # noqa: SIM115
+    try:
+        status = main(argv)
+    except SystemExit as e:  # a usage error
+        status = e.code
     sys.stdout.flush()
-    if status != 0:
+    sys.stderr.flush()
+    if log is not None:
+        log.with_suffix(".status").write_text(str(status))
+    if check and status != 0:
         raise SystemExit(f"rank {rank}: cogvideox {argv[0]} exited with {status}")
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import free_port, join_or_fail, shared_port, start_processes
+from helpers import cli_rank, free_port, join_or_fail, shared_port, start_processes
 
 from cogvideox import Pipeline, cli, export_video, read_video
 from cogvideox.cli import main
@@ -274,26 +274,15 @@ def test_one_video_wants_exactly_one_group(spec, world, message):
     _check_one_group(parse_layout(spec), parse_layout(spec).size)  # the right count passes
 
 
-def test_torchrun_prints_each_error_once(tmp_path):
-    """Each user mistake under torchrun is reported once (by rank 0), not once per process. The
-    launches run side by side: most of each one's time is starting Python and torch in its processes."""
-    env = os.environ | {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    ports = set()
-    while len(ports) < len(ERRORS_UNDER_TORCHRUN):  # one port each: the launches overlap
-        ports.add(free_port())
-    launched = []
-    for i, ((argv, message), port) in enumerate(zip(ERRORS_UNDER_TORCHRUN, sorted(ports))):
-        command = [
-            sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-            str(port), "-m", "cogvideox", *argv, "--device", "cpu",
-        ]  # fmt: skip
+def test_each_error_under_torchrun_is_printed_once(tmp_path):
+    """Each user mistake in two processes as torchrun starts them is reported once (by rank 0), not once
+    per process, and each process exits with an error status."""
+    for i, (argv, message) in enumerate(ERRORS_UNDER_TORCHRUN):
         folder = tmp_path / str(i)
         folder.mkdir()
-        pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
-        process = subprocess.Popen(command, text=True, env=env, cwd=folder, **pipes)
-        launched.append((argv, message, process))
-    for argv, message, process in launched:
-        _, stderr = process.communicate(timeout=300)
-        assert process.returncode != 0, argv
+        args = ([*argv, "--device", "cpu"], str(free_port()), str(folder), False)
+        join_or_fail(start_processes(cli_rank, args, 2), 300, f"cogvideox {' '.join(argv)}")
+        statuses = [int((folder / f"rank-{rank}.status").read_text()) for rank in range(2)]
+        stderr = "".join((folder / f"rank-{rank}.err").read_text() for rank in range(2))
         errors = [line + "\n" for line in stderr.splitlines() if line.startswith("cogvideox: error:")]
-        assert len(errors) == 1 and message in errors[0], (argv, stderr[-2000:])
+        assert 0 not in statuses and len(errors) == 1 and message in errors[0], (argv, statuses, stderr[-2000:])
