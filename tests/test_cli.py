@@ -264,6 +264,27 @@ def test_replacing_an_existing_video_is_said(capsys, tiny_rope_dir, tmp_path):
     assert read_video(tmp_path / "old.mp4")[0].shape[1:] == (32, 32, 3)
 
 
+def test_replacing_a_png_sequence_is_said(capsys, tiny_rope_dir, tmp_path):
+    (tmp_path / "0000.png").write_bytes(b"an earlier frame")
+    argv = ["generate", "a dog", "--model", str(tiny_rope_dir), "--output", str(tmp_path / "%04d.png"),
+            "--quiet", "--steps", "1", "--height", "32", "--width", "32"]  # fmt: skip
+    assert main(argv) == 0
+    assert f"cogvideox: warning: {tmp_path / '%04d.png'} exists and will be replaced" in capsys.readouterr().err
+
+
+def test_a_stray_percent_sign_in_a_png_name_fails_before_loading(capsys, monkeypatch, tiny_rope_dir, tmp_path):
+    from cogvideox.pipeline import Pipeline
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights were loaded before the output was checked")
+
+    monkeypatch.setattr(Pipeline, "from_pretrained", no_loading)
+    argv = ["generate", "a dog", "--model", str(tiny_rope_dir), "--output", str(tmp_path / "50%-%04d.png")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cogvideox: error: --output ") and "write any other % as %%" in err and err.count("\n") == 1
+
+
 @pytest.mark.parametrize("prompt", ["", "  \t"])
 def test_a_blank_prompt_is_refused(capsys, prompt):
     assert main(["generate", prompt, "--model", "/no/such/model"]) == 2

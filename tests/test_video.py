@@ -91,6 +91,29 @@ def test_png_frames_are_the_frames_exactly_with_the_record(tmp_path):
     assert read_metadata(files[5]) == read_metadata(pattern) == {"prompt": "a square, déjà vu"}
 
 
+def test_png_frames_over_a_longer_sequence_leave_none_of_its_frames(tmp_path):
+    from cogvideox.video import read_metadata, written_before
+
+    pattern = tmp_path / "%02d.png"
+    assert not written_before(pattern)
+    export_video(moving_square(frames=9), pattern, metadata={"prompt": "first"})
+    assert written_before(pattern)
+    (tmp_path / "notes-%02d.png").write_bytes(b"a file of another name")
+    export_video(moving_square(frames=5), pattern, metadata={"prompt": "second"})
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["00.png", "01.png", "02.png", "03.png", "04.png", "notes-%02d.png"]
+    assert read_metadata(tmp_path / "04.png") == {"prompt": "second"}
+
+
+@pytest.mark.parametrize("name", ["100%-%04d.png", "%s-%04d.png", "%%04d.png"])
+def test_a_percent_sign_that_is_no_frame_number_is_refused_before_writing(tmp_path, name):
+    with pytest.raises(InputError, match="write any other % as %%"):
+        export_video(moving_square(), tmp_path / name)
+    assert list(tmp_path.iterdir()) == []
+    export_video(moving_square(frames=2), tmp_path / "100%%-%04d.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["100%-0000.png", "100%-0001.png"]
+
+
 def test_list_of_frames_floats_and_other_fps(tmp_path):
     video = moving_square(frames=5)
     export_video(list(video), tmp_path / "list.mp4", fps=16)

@@ -360,8 +360,10 @@ def warn_replaced(*paths: Path | None, by: str = "") -> None:
     """Say of each output among `paths` that exists that it will be replaced (`by`: " by the new video");
     called once the request is known to be good, so that a refused one, which replaces nothing, says
     nothing of it."""
+    from cogvideox.video import written_before
+
     for path in paths:
-        if path is not None and path.exists():
+        if path is not None and written_before(path):
             warnings.warn(f"{path} exists and will be replaced{by}", stacklevel=2)
 
 

@@ -114,9 +114,9 @@ def _check_video_name(path: str | os.PathLike, flag: str = "") -> Path:
         stem = path.stem if path.stem and not path.stem.startswith(".") else "video"
         raise InputError(f"{what}: videos are written as MP4 (H.264), GIF or numbered PNG frames; give a name "
                          f"ending in .mp4 or .gif, such as {stem}.mp4, or one such as frames/%04d.png")
-    if path.suffix.lower() == ".png" and len(FRAME_NUMBER.findall(path.name)) != 1:
+    if path.suffix.lower() == ".png" and not _numbers_frames(path.name):
         raise InputError(f"{what}: a frame sequence needs one frame number in its name, written %04d (or %d), "
-                         f"such as {path.parent / '%04d.png'}")
+                         f"such as {path.parent / '%04d.png'}; write any other % as %%")
     if not path.parent.is_dir():
         raise InputError(f"{flag + ' ' if flag else ''}folder {path.parent} does not exist")
     return path
@@ -127,7 +127,8 @@ def export_video(
 ) -> Path:
     """Write frames (uint8 [F, H, W, 3], or a list of [H, W, 3]) at `fps` as an H.264 MP4 (yuv420p), as
     an animated GIF when `path` ends in .gif, or as numbered PNG files for a name such as
-    frames/%04d.png (frame i, from 0, in frames/0000.png, ...; no frame rate). `metadata` (how the video
+    frames/%04d.png (frame i, from 0, in frames/0000.png, ...; no frame rate; the frames of an earlier,
+    longer sequence of that name past the new one's end are deleted). `metadata` (how the video
     was made: JSON values) is stored in the file's comment (each PNG's), where `read_metadata` finds it.
 
     The file appears complete or not at all: it is written under a temporary name in the same folder and
@@ -156,6 +157,25 @@ def export_video(
     return write_into_place(path, lambda file: write(frames, file, rate, comment))
 
 
+def _numbers_frames(name: str) -> bool:
+    """Whether `name` % i gives each frame its own name: one frame number, and any other % doubled
+    (a stray one, as in "100%-%04d.png", is a format error; "%%04d.png" names every frame alike)."""
+    if len(FRAME_NUMBER.findall(name)) != 1:
+        return False
+    try:
+        return name % 0 != name % 1
+    except (TypeError, ValueError):
+        return False
+
+
+def written_before(path: str | os.PathLike) -> bool:
+    """Whether `export_video` to `path` would replace a file: the file, or a PNG sequence's first frame."""
+    path = Path(path)
+    if path.suffix.lower() == ".png" and _numbers_frames(path.name):
+        path = frame_paths(path, 1)[0]
+    return path.exists()
+
+
 def frame_paths(pattern: str | os.PathLike, count: int) -> list[Path]:
     """The files of a `count`-frame sequence named like frames/%04d.png: frames/0000.png, ..."""
     pattern = Path(pattern)
@@ -175,6 +195,16 @@ def _write_png_sequence(frames: np.ndarray, pattern: Path, comment: str | None) 
             Image.fromarray(np.ascontiguousarray(frame), mode="RGB").save(temporary, format="PNG", pnginfo=info)
 
     write_all_into_place(frame_paths(pattern, len(frames)), write)
+    _remove_frames_from(pattern, len(frames))
+
+
+def _remove_frames_from(pattern: Path, first: int) -> None:
+    """Delete the frames numbered `first` on of an earlier, longer sequence of the same name: left there,
+    they would play on after the new video's end, as if part of it."""
+    number = first
+    while (stale := pattern.with_name(pattern.name % number)).is_file():
+        stale.unlink()
+        number += 1
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
@@ -184,7 +214,7 @@ def read_metadata(path: str | os.PathLike) -> dict:
     import av
 
     path = _as_path(path)
-    if path.suffix.lower() == ".png" and len(FRAME_NUMBER.findall(path.name)) == 1:
+    if path.suffix.lower() == ".png" and _numbers_frames(path.name):
         path = frame_paths(path, 1)[0]  # the first frame's record is the sequence's
     if not path.is_file():
         raise InputError(f"no video file at {path}")
