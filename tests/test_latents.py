@@ -125,6 +125,10 @@ def test_generate_to_latents_then_decode_gives_the_same_video(capsys, tmp_path):
         assert (tmp_path / f"decoded-{i:02d}.png").read_bytes() == (tmp_path / f"direct-{i:02d}.png").read_bytes()
     # The generation's record travels through the latents into the video.
     assert read_metadata(tmp_path / "ball.mp4") == read_metadata(tmp_path / "direct-00.png")
+    # At another rate, the record says the rate the file plays at.
+    assert main(["decode", str(latents), "-o", str(tmp_path / "slow.gif"), "--fps", "4", "--quiet"]) == 0
+    assert read_video(tmp_path / "slow.gif")[1] == 4
+    assert read_metadata(tmp_path / "slow.gif") == read_metadata(tmp_path / "ball.mp4") | {"fps": 4}
     capsys.readouterr()
     assert main(["info", str(latents)]) == 0
     assert "again: cogvideox generate 'a red ball moves up' --seed 3" in capsys.readouterr().out

@@ -102,10 +102,16 @@ def _decode(args: argparse.Namespace) -> int:
     decode_time = time.perf_counter() - start
     fps = args.fps or latent.fps
     start = time.perf_counter()
-    export_or_rescue(frames, output, fps, metadata=latent.record)
+    export_or_rescue(frames, output, fps, metadata=_at_rate(latent.record, fps))
     print(f"wrote {output} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]}, {fps:g} fps) | load "
           f"{load_time:.1f}s, decode {decode_time:.1f}s, write {time.perf_counter() - start:.1f}s")  # fmt: skip
     return 0
+
+
+def _at_rate(record: dict | None, fps: float) -> dict | None:
+    """A generation's record for its video written at `fps`: the rate is a setting of the video, and
+    `cogvideox info`'s command must make the file that holds it."""
+    return None if record is None else record | {"fps": fps}
 
 
 def _encode(args: argparse.Namespace) -> int:
