@@ -250,7 +250,7 @@ def _invert(args: argparse.Namespace) -> int:
     from cogvideox.inversion import check_inversion, invert, psnr, reconstruct
     from cogvideox.latents import check_latents_path
     from cogvideox.request import frames_to_read
-    from cogvideox.video import check_video_path, export_video
+    from cogvideox.video import check_video_path, export_or_rescue
 
     latents_path = None if args.output is None else check_latents_path(args.output)
     video_path = check_video_path(args.reconstruct, "--reconstruct") if args.reconstruct else None
@@ -293,7 +293,7 @@ def _invert(args: argparse.Namespace) -> int:
     if video_path is not None:
         video = reconstruct(pipe, inversion, progress=not args.quiet).frames[0]
         fps = args.fps or pipe.default_fps
-        export_video(video, video_path, fps=fps)
+        export_or_rescue(video, video_path, fps=fps)
         used = conditioning.resize_frames(
             frames[: inversion.num_frames], inversion.height, inversion.width, args.resize
         )
@@ -311,7 +311,7 @@ def _invert(args: argparse.Namespace) -> int:
 
 def _regenerate(args: argparse.Namespace) -> int:
     from cogvideox.inversion import Inversion, check_regeneration, reconstruct
-    from cogvideox.video import check_video_path, export_video
+    from cogvideox.video import check_video_path, export_or_rescue
 
     output = check_video_path(args.output, "--output")
     inversion = Inversion.load(args.latents)
@@ -333,7 +333,7 @@ def _regenerate(args: argparse.Namespace) -> int:
     video = result.frames[0]
     fps = args.fps or pipe.default_fps
     start = time.perf_counter()
-    export_video(video, output, fps=fps)
+    export_or_rescue(video, output, fps=fps)
     stages = {"load": load_time, **result.timings, "write": time.perf_counter() - start}
     print(
         f"wrote {output} ({video.shape[0]} frames, {video.shape[2]}x{video.shape[1]}, {fps:g} fps) | "
