@@ -161,6 +161,19 @@ def test_encode_writes_the_latents_and_the_round_trip(capsys, tiny_rope_dir, tmp
                                               "encode (no generation to record)"
 
 
+def test_info_describes_an_inversion_instead_of_refusing_it(capsys, tmp_path):
+    from cogvideox.inversion import Inversion
+
+    request = dict(prompt="a cat", negative_prompt="", guidance_scale=1.0, num_inference_steps=3, num_frames=9,
+                   height=32, width=48, max_sequence_length=8)  # fmt: skip
+    inverted = Inversion(torch.zeros(1, 3, 4, 4, 6), **request).save(tmp_path / "inv.safetensors")
+    assert main(["info", str(inverted)]) == 1  # no generation record, as encoded latents
+    out = capsys.readouterr()
+    assert out.err == "" and out.out == (f"{inverted}: noise of a DDIM inversion (cogvideox invert) of 9 frames at "
+                                         f"48x32 in 3 steps, prompt 'a cat'; sample it with: cogvideox regenerate "
+                                         f"{inverted}\n")  # fmt: skip
+
+
 def test_mistakes_are_one_line(capsys, tmp_path):
     from cogvideox import export_video
 
