@@ -64,6 +64,15 @@ def test_every_flag_with_a_default_says_it():
         (["invert", "in.mp4", "--negative-prompt", "blur"], "unrecognized arguments: --negative-prompt blur (see"),
         (["regenerate", "l.safetensors", "--prompt", "a", "blue", "cat"], "unrecognized arguments: blue cat; put "
                                                                           "a prompt of several words in quotes"),
+        # An empty name (an unset variable) is neither the current folder nor no file at all.
+        (["generate", "a cat", "--video", ""], "argument --video: expected a file name, got an empty one (an unset "
+                                               "variable?)"),
+        (["generate", "a cat", "--image", " "], "argument --image: expected a file name, got an empty one"),
+        (["generate", "a cat", "--extend", ""], "argument --extend: expected a file name, got an empty one"),
+        (["batch", "prompts.txt", "-o", ""], "argument -o/--output-dir: expected a file name, got an empty one"),
+        (["caption", ""], "argument folder: expected a file name, got an empty one"),
+        (["decode", "l.safetensors", "-o", ""], "argument -o/--output: expected a file name, got an empty one"),
+        (["info", "a.mp4", ""], "argument VIDEO: expected a file name, got an empty one"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(capsys, argv, message):

@@ -31,6 +31,7 @@ from cogvideox.cli_args import (
     add_sampling_arguments,
     add_speed_arguments,
     add_video_rate_argument,
+    file_name,
     finite_float,
     fraction,
     frame_rate,
@@ -155,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     arg = gen.add_argument
     arg("prompt", help="what the video should show")
-    arg("-o", "--output", default="output.mp4",
+    arg("-o", "--output", default="output.mp4", type=file_name,
         help="video file to write: .mp4 (H.264), .gif (animated GIF), or numbered PNG frames for a name such "
         "as frames/%%04d.png; or, for a name ending in .safetensors, the denoised latents without decoding "
         "them (cogvideox decode makes the same video from them later, with the VAE alone) "
@@ -165,16 +166,19 @@ def build_parser() -> argparse.ArgumentParser:
     arg("--fps", type=frame_rate, help="frame rate of the video file (default: the model's, 8 or 16)")
     arg(
         "--image",
+        type=file_name,
         help="first frame for an image-to-video model (PNG, JPEG, ...), resized to the video size; such "
         "models need one",
     )
     arg(
         "--video",
+        type=file_name,
         help="video to redraw (video-to-video, text-to-video models): its first --frames frames (default: "
         "the model's count, or the longest 8k+1 prefix of a shorter video), resized to the video size",
     )
     arg(
         "--last-image",
+        type=file_name,
         metavar="IMAGE",
         help="with --image: the last frame, for keyframe interpolation by a model trained for it "
         "(CogVideoX-Interpolation, a fine-tuned 5B-I2V); the released I2V models follow it loosely if at all",
@@ -192,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_video_rate_argument(gen, "--video", "redrawn")
     arg(
         "--extend",
+        type=file_name,
         metavar="VIDEO",
         help="continue VIDEO (image-to-video models): a new clip drawn from its last frame, at its size, is "
         "appended; the output holds both (chain runs for longer videos; default fps: VIDEO's)",
@@ -230,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_speed_arguments(gen)
     arg(
         "--lora",
+        type=file_name,
         action="append",
         default=[],
         metavar="PATH",

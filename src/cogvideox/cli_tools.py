@@ -27,6 +27,7 @@ from cogvideox.cli_args import (
     add_memory_arguments,
     add_model_arguments,
     add_video_rate_argument,
+    file_name,
     finite_float,
     frame_rate,
     locate_model,
@@ -63,10 +64,10 @@ def add_tool_parsers(commands) -> None:
         "against the input is printed.",
     )
     arg = inv.add_argument
-    arg("video", help="the video to invert (any format FFmpeg reads)")
+    arg("video", type=file_name, help="the video to invert (any format FFmpeg reads)")
     arg("--prompt", default="", help="caption of the video; regenerate with the same one (default: empty)")
-    arg("-o", "--output", help="where to write the inverted latents (.safetensors)")
-    arg("--reconstruct",
+    arg("-o", "--output", type=file_name, help="where to write the inverted latents (.safetensors)")
+    arg("--reconstruct", type=file_name,
         help="also regenerate the video from the latents and write it here (.mp4, .gif or frames/%%04d.png)")
     arg(
         "--steps",
@@ -114,8 +115,8 @@ def add_tool_parsers(commands) -> None:
         "new --prompt edits it.",
     )
     arg = regen.add_argument
-    arg("latents", help="latents written by cogvideox invert (.safetensors)")
-    arg("-o", "--output", default="output.mp4",
+    arg("latents", type=file_name, help="latents written by cogvideox invert (.safetensors)")
+    arg("-o", "--output", default="output.mp4", type=file_name,
         help="video file to write: .mp4 (H.264), .gif (animated GIF), or numbered PNG frames for a name such "
         "as frames/%%04d.png (default: output.mp4)")
     arg("--prompt", help="a new prompt (default: the one the video was inverted with)")
@@ -132,14 +133,15 @@ def add_tool_parsers(commands) -> None:
         "model: its configs, T5, tokenizer, scheduler and any component the checkpoint lacks.",
     )
     arg = conv.add_argument
-    arg("checkpoint", help="SAT .pt file, or a checkpoint folder (with 'latest' or numbered iterations)")
-    arg("-o", "--output", required=True, help="new folder to write the model to")
+    arg("checkpoint", type=file_name,
+        help="SAT .pt file, or a checkpoint folder (with 'latest' or numbered iterations)")
+    arg("-o", "--output", required=True, type=file_name, help="new folder to write the model to")
     arg(
         "--base",
         required=True,
         help="diffusers-layout model the checkpoint belongs to (folder or repo id, e.g. THUDM/CogVideoX-5b)",
     )
-    arg("--vae", help="a separate SAT VAE checkpoint (3d-vae.pt) to convert too")
+    arg("--vae", type=file_name, help="a separate SAT VAE checkpoint (3d-vae.pt) to convert too")
     arg(
         "--dtype",
         default="bf16",
@@ -163,7 +165,7 @@ def add_tool_parsers(commands) -> None:
         "with the `cogvideox generate` command that makes the same video again. Exit status 1 when a file "
         "holds no record (made by another program, or re-encoded since).",
     )
-    info.add_argument("videos", nargs="+", metavar="VIDEO",
+    info.add_argument("videos", nargs="+", metavar="VIDEO", type=file_name,
                       help="MP4 or GIF files, frames of PNG sequences, or .safetensors latents files")
     info.add_argument("--json", action="store_true", help="print each record as one line of JSON")
     info.set_defaults(run=_info)
@@ -178,9 +180,11 @@ def add_tool_parsers(commands) -> None:
     )
     arg = enh.add_argument
     arg("prompts", nargs="*", metavar="PROMPT", help="prompts to rewrite (quote each)")
-    arg("--file", help="a file of prompts, one per line (blank lines and # comments skipped), as batch reads")
+    arg("--file", type=file_name,
+        help="a file of prompts, one per line (blank lines and # comments skipped), as batch reads")
     arg(
         "--image",
+        type=file_name,
         help="the first frame the videos will start from (image-to-video), shown to the chat model with every "
         "prompt that has no @@IMAGE of its own",
     )
@@ -205,7 +209,8 @@ def _add_caption_parser(commands) -> None:
         "failed for any video (run again for those).",
     )
     arg = cap.add_argument
-    arg("folder", help="the data folder; its videos, in subfolders too (hidden ones left out), are captioned")
+    arg("folder", type=file_name,
+        help="the data folder; its videos, in subfolders too (hidden ones left out), are captioned")
     arg(
         "--captioner",
         metavar="URL",
