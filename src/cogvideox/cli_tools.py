@@ -167,7 +167,8 @@ def add_tool_parsers(commands) -> None:
     )
     info.add_argument("videos", nargs="+", metavar="VIDEO", type=file_name,
                       help="MP4 or GIF files, frames of PNG sequences, or .safetensors latents files")
-    info.add_argument("--json", action="store_true", help="print each record as one line of JSON")
+    info.add_argument("--json", action="store_true",
+                      help="print each record as one line of JSON (a file without one is named on stderr)")
     info.set_defaults(run=_info)
 
     enh = commands.add_parser(
@@ -358,11 +359,10 @@ def _info(args: argparse.Namespace) -> int:
     found = [(path, read_record(path) if is_latents_path(path) else read_metadata(path)) for path in args.videos]
     status = 0
     for path, metadata in found:
-        if not provenance.is_record(metadata) and is_latents_path(path):
-            print(describe_unrecorded(path))
-            status = 1
-        elif not provenance.is_record(metadata):
-            print(f"{path}: no cogvideox record (made by another program, or re-encoded since)")
+        if not provenance.is_record(metadata):
+            note = (describe_unrecorded(path) if is_latents_path(path)
+                    else f"{path}: no cogvideox record (made by another program, or re-encoded since)")  # fmt: skip
+            print(note, file=sys.stderr if args.json else sys.stdout)  # --json: stdout holds JSON alone
             status = 1
         elif args.json:
             print(json.dumps({"file": str(path), **metadata}, ensure_ascii=False))
