@@ -75,6 +75,15 @@ def test_gif_delays_add_up_to_the_video_length(count, fps, total_ms):
         assert all(abs(sum(delays[:i]) - 1000 * i / Fraction(fps)) <= 5 for i in range(count))
 
 
+def test_a_gif_faster_than_it_can_play_is_said_so(tmp_path, recwarn):
+    export_video(moving_square(frames=3), tmp_path / "ok.gif", fps=50)
+    assert not recwarn.list
+    with pytest.warns(UserWarning, match=r"fast.gif plays at 50 fps, not 120: a GIF shows each frame for at least "
+                                         r"20 ms; write an MP4 for a faster rate"):  # fmt: skip
+        export_video(moving_square(frames=3), tmp_path / "fast.gif", fps=120)
+    assert read_video(tmp_path / "fast.gif")[0].shape[0] == 3
+
+
 def test_png_frames_are_the_frames_exactly_with_the_record(tmp_path):
     from PIL import Image
 

@@ -9,6 +9,7 @@ import numbers
 import os
 import re
 import tempfile
+import warnings
 from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
@@ -153,6 +154,9 @@ def export_video(
     if kind == ".png":
         _write_png_sequence(frames, path, comment)
         return path
+    if kind == ".gif" and rate > GIF_MAX_FPS:
+        warnings.warn(f"{path} plays at {GIF_MAX_FPS} fps, not {float(rate):g}: a GIF shows each frame for at least "
+                      f"{1000 // GIF_MAX_FPS} ms; write an MP4 for a faster rate", stacklevel=2)  # fmt: skip
     write = _write_gif if kind == ".gif" else _write_mp4
     return write_into_place(path, lambda file: write(frames, file, rate, comment))
 
@@ -254,13 +258,17 @@ def _write_mp4(frames: np.ndarray, file: str, rate: Fraction, comment: str | Non
         container.mux(stream.encode(None))  # flush the encoder's delayed frames
 
 
+# The fastest a GIF plays: each frame is shown for at least 20 ms (see `gif_delays`).
+GIF_MAX_FPS = 50
+
+
 def gif_delays(count: int, rate: Fraction) -> list[int]:
     """Each frame's display time in ms for a GIF at `rate` frames/s. A GIF counts in hundredths of a
     second, so 8 fps (12.5 each) alternates 120 and 130 ms: frame i starts at i / rate to the nearest
     hundredth, and the whole lasts count / rate (to it) rather than drifting 4% short. At least 20 ms
     each: browsers play shorter delays at 100 ms."""
     starts = [round(Fraction(100 * i) / rate) for i in range(count + 1)]
-    return [10 * max(2, b - a) for a, b in zip(starts, starts[1:])]
+    return [10 * max(100 // GIF_MAX_FPS, b - a) for a, b in zip(starts, starts[1:])]
 
 
 def gif_palette(frame: np.ndarray):
