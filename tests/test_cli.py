@@ -118,7 +118,6 @@ def test_user_mistakes_exit_2_with_one_line(capsys, monkeypatch, tiny_rope_dir, 
 
 
 def test_an_output_folder_that_takes_no_file_fails_before_loading(capsys, monkeypatch, tiny_rope_dir, tmp_path):
-    import cogvideox.video
     from cogvideox.pipeline import Pipeline
 
     def refused(*args, **kwargs):
@@ -127,7 +126,7 @@ def test_an_output_folder_that_takes_no_file_fails_before_loading(capsys, monkey
     def no_loading(*args, **kwargs):
         raise AssertionError("weights were loaded before the output was checked")
 
-    monkeypatch.setattr(cogvideox.video.tempfile, "mkstemp", refused)
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
     monkeypatch.setattr(Pipeline, "from_pretrained", no_loading)
     argv = ["generate", "a cat", "--model", str(tiny_rope_dir), "--quiet", "--output", str(tmp_path / "x.mp4")]
     assert main(argv) == 2

@@ -134,6 +134,31 @@ def test_generate_to_latents_then_decode_gives_the_same_video(capsys, tmp_path):
     assert "again: cogvideox generate 'a red ball moves up' --seed 3" in capsys.readouterr().out
 
 
+def test_latents_the_folder_refuses_are_saved_elsewhere_and_the_others_written(capsys, tmp_path, monkeypatch):
+    """The folder took files at the start but not at the end (a full disk): no generation is lost."""
+    import tempfile
+
+    save, refused = LatentVideo.save, tmp_path / "ball-1.safetensors"
+
+    def disk_full_for_one(self, path):
+        if path == refused:
+            raise OSError(28, "No space left on device")
+        return save(self, path)
+
+    monkeypatch.setattr(LatentVideo, "save", disk_full_for_one)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "rescue"))
+    (tmp_path / "rescue").mkdir()
+    argv = ["generate", "a red ball", "--num-videos", "2", "--frames", "9", "-o", str(tmp_path / "ball.safetensors")]
+    assert main([*argv, *FLAGS]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"cogvideox: error: could not write {refused} ([Errno 28] No space left on device); the "
+                          f"latents file was saved to {tmp_path / 'rescue'}")  # fmt: skip
+    assert err.count("\n") == 1 and not refused.exists()
+    rescued = LatentVideo.load(next((tmp_path / "rescue").glob("*/ball-1.safetensors")))
+    assert rescued.record["video_number"] == [1, 2]
+    assert LatentVideo.load(tmp_path / "ball-2.safetensors").record["video_number"] == [2, 2]
+
+
 def test_encode_writes_the_latents_and_the_round_trip(capsys, tiny_rope_dir, tmp_path):
     from cogvideox import export_video
 

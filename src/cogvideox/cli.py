@@ -23,7 +23,7 @@ import time
 import warnings
 from pathlib import Path
 
-from cogvideox import provenance
+from cogvideox import provenance, video
 from cogvideox.cli_args import (
     add_enhancer_arguments,
     add_memory_arguments,
@@ -48,8 +48,8 @@ from cogvideox.cli_args import (
     warn_replaced,
 )
 from cogvideox.errors import CogVideoXError, InputError, LoadError
+from cogvideox.files import write_all_or_rescue
 from cogvideox.models.config import ConfigError
-from cogvideox.video import export_or_rescue
 
 USER_ERROR, RUN_ERROR = 2, 1
 
@@ -420,11 +420,17 @@ def _generate(args: argparse.Namespace) -> int:
         del records[0]["video_number"]
     if latent_output:
         latents = result.latents[:, result.padding_frames :]
-        for one, path, entry in zip(latents, outputs, records):
-            LatentVideo(one, made["settings"].get("model"), fps, "generate", entry).save(path)
+        model = made["settings"].get("model")
+
+        def write(i: int, path: Path) -> None:
+            LatentVideo(latents[i], model, fps, "generate", records[i]).save(path)
     else:
-        for frames, path, entry in zip(result.frames, outputs, records):
-            export_or_rescue(frames, path, fps, metadata=entry)
+
+        def write(i: int, path: Path) -> None:
+            video.export_video(result.frames[i], path, fps, metadata=records[i])
+
+    # A file the folder refuses (a full disk) goes to the temporary folder; the others are still written.
+    write_all_or_rescue(outputs, write, "latents file" if latent_output else "video")
     write_time = time.perf_counter() - start
 
     stages = {"load": load_time, **result.timings, "write": write_time}

@@ -41,6 +41,7 @@ from cogvideox.cli_args import (
 )
 from cogvideox.enhance import ENV_URL
 from cogvideox.errors import InputError
+from cogvideox.files import write_or_rescue
 
 
 def _add_model_args(parser: argparse.ArgumentParser, model_help: str) -> None:
@@ -294,7 +295,7 @@ def _invert(args: argparse.Namespace) -> int:
     size = f"{inversion.width}x{inversion.height}"
     report = [f"inverted {inversion.num_frames} frames at {size} in {args.steps} steps"]
     if latents_path is not None:
-        inversion.save(latents_path)
+        write_or_rescue(latents_path, inversion.save, "latents file")
         report.append(f"wrote {latents_path}")
     if video_path is not None:
         video = reconstruct(pipe, inversion, progress=not args.quiet).frames[0]

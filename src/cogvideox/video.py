@@ -8,7 +8,6 @@ import math
 import numbers
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Sequence
 from fractions import Fraction
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from cogvideox.errors import InputError
-from cogvideox.files import probe_writable, write_all_into_place, write_into_place
+from cogvideox.files import probe_writable, write_all_into_place, write_into_place, write_or_rescue
 from cogvideox.values import is_finite_number
 
 # Visually lossless for these short clips and still a few hundred kB; "medium" is x264's default speed.
@@ -295,12 +294,7 @@ def export_or_rescue(
     """`export_video`, but if the folder stopped taking files since it was checked (a full disk, a lost
     mount), write the video to the temporary folder instead and raise `InputError` saying where, rather
     than lose minutes of generation."""
-    try:
-        return export_video(frames, path, fps=fps, metadata=metadata)
-    except (OSError, InputError) as e:
-        rescue = Path(tempfile.mkdtemp(prefix="cogvideox-")) / Path(path).name
-        export_video(frames, rescue, fps=fps, metadata=metadata)
-        raise InputError(f"could not write {path} ({e}); the video was saved to {rescue} instead") from None
+    return write_or_rescue(Path(path), lambda target: export_video(frames, target, fps=fps, metadata=metadata), "video")
 
 
 def decode_failure(e: Exception, path: str | os.PathLike) -> str:
