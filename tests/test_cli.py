@@ -64,6 +64,10 @@ def test_every_flag_with_a_default_says_it():
         (["invert", "in.mp4", "--negative-prompt", "blur"], "unrecognized arguments: --negative-prompt blur (see"),
         (["regenerate", "l.safetensors", "--prompt", "a", "blue", "cat"], "unrecognized arguments: blue cat; put "
                                                                           "a prompt of several words in quotes"),
+        # invert and regenerate take their prompt as an option: quoting the words alone would not do.
+        (["invert", "in.mp4", "a red cat"], 'unrecognized arguments: a red cat; give the prompt with --prompt, in '
+                                            'quotes: --prompt "a red ball rolls left" (see cogvideox invert --help)'),
+        (["regenerate", "l.safetensors", "a", "cat"], "unrecognized arguments: a cat; give the prompt with --prompt"),
         # An empty name (an unset variable) is neither the current folder nor no file at all.
         (["generate", "a cat", "--video", ""], "argument --video: expected a file name, got an empty one (an unset "
                                                "variable?)"),

@@ -120,6 +120,8 @@ class _Parser(argparse.ArgumentParser):
             help_of = f"{self.prog} {command}" if command else None
             prompt_words = _stray_words(extra) and command in _PROMPT_COMMANDS
             hint = "; put a prompt of several words in quotes" if prompt_words else ""
+            if prompt_words and command != "generate" and not known.prompt:  # its prompt is an option
+                hint = '; give the prompt with --prompt, in quotes: --prompt "a red ball rolls left"'
             self.error(f"unrecognized arguments: {' '.join(extra)}{hint}", help_of)
         return known
 
