@@ -171,6 +171,8 @@ def test_mistakes_are_one_line(endpoint, tmp_path, capsys, monkeypatch):
         (["caption", str(tmp_path)], "no endpoint: give --captioner URL"),
         (["caption", str(tmp_path), "--captioner", "localhost:8000"], "give the endpoint's address"),
         (["caption", str(tmp_path / "nowhere"), "--captioner", url], "no folder at"),
+        (["caption", str(tmp_path / "metadata.jsonl"), "--captioner", url], f"{tmp_path / 'metadata.jsonl'} is a "
+                                                                           f"file; give the folder of videos"),
         (["caption", str(tmp_path), "--captioner", url], "metadata.jsonl line 2 is not an object"),
         (["caption", str(tmp_path), "--captioner", url, "--frames", "40"], "frames must be from 1 to 32"),
     ]

@@ -64,6 +64,19 @@ def test_every_flag_with_a_default_says_it():
         (["invert", "in.mp4", "--negative-prompt", "blur"], "unrecognized arguments: --negative-prompt blur (see"),
         (["regenerate", "l.safetensors", "--prompt", "a", "blue", "cat"], "unrecognized arguments: blue cat; put "
                                                                           "a prompt of several words in quotes"),
+        # invert and regenerate take their prompt as an option: quoting the words alone would not do.
+        (["invert", "in.mp4", "a red cat"], 'unrecognized arguments: a red cat; give the prompt with --prompt, in '
+                                            'quotes: --prompt "a red ball rolls left" (see cogvideox invert --help)'),
+        (["regenerate", "l.safetensors", "a", "cat"], "unrecognized arguments: a cat; give the prompt with --prompt"),
+        # An empty name (an unset variable) is neither the current folder nor no file at all.
+        (["generate", "a cat", "--video", ""], "argument --video: expected a file name, got an empty one (an unset "
+                                               "variable?)"),
+        (["generate", "a cat", "--image", " "], "argument --image: expected a file name, got an empty one"),
+        (["generate", "a cat", "--extend", ""], "argument --extend: expected a file name, got an empty one"),
+        (["batch", "prompts.txt", "-o", ""], "argument -o/--output-dir: expected a file name, got an empty one"),
+        (["caption", ""], "argument folder: expected a file name, got an empty one"),
+        (["decode", "l.safetensors", "-o", ""], "argument -o/--output: expected a file name, got an empty one"),
+        (["info", "a.mp4", ""], "argument VIDEO: expected a file name, got an empty one"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(capsys, argv, message):
@@ -109,7 +122,6 @@ def test_user_mistakes_exit_2_with_one_line(capsys, monkeypatch, tiny_rope_dir, 
 
 
 def test_an_output_folder_that_takes_no_file_fails_before_loading(capsys, monkeypatch, tiny_rope_dir, tmp_path):
-    import cogvideox.video
     from cogvideox.pipeline import Pipeline
 
     def refused(*args, **kwargs):
@@ -118,7 +130,7 @@ def test_an_output_folder_that_takes_no_file_fails_before_loading(capsys, monkey
     def no_loading(*args, **kwargs):
         raise AssertionError("weights were loaded before the output was checked")
 
-    monkeypatch.setattr(cogvideox.video.tempfile, "mkstemp", refused)
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
     monkeypatch.setattr(Pipeline, "from_pretrained", no_loading)
     argv = ["generate", "a cat", "--model", str(tiny_rope_dir), "--quiet", "--output", str(tmp_path / "x.mp4")]
     assert main(argv) == 2
@@ -262,6 +274,27 @@ def test_replacing_an_existing_video_is_said(capsys, tiny_rope_dir, tmp_path):
     assert main(argv) == 0
     assert f"cogvideox: warning: {tmp_path / 'old.mp4'} exists and will be replaced" in capsys.readouterr().err
     assert read_video(tmp_path / "old.mp4")[0].shape[1:] == (32, 32, 3)
+
+
+def test_replacing_a_png_sequence_is_said(capsys, tiny_rope_dir, tmp_path):
+    (tmp_path / "0000.png").write_bytes(b"an earlier frame")
+    argv = ["generate", "a dog", "--model", str(tiny_rope_dir), "--output", str(tmp_path / "%04d.png"),
+            "--quiet", "--steps", "1", "--height", "32", "--width", "32"]  # fmt: skip
+    assert main(argv) == 0
+    assert f"cogvideox: warning: {tmp_path / '%04d.png'} exists and will be replaced" in capsys.readouterr().err
+
+
+def test_a_stray_percent_sign_in_a_png_name_fails_before_loading(capsys, monkeypatch, tiny_rope_dir, tmp_path):
+    from cogvideox.pipeline import Pipeline
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights were loaded before the output was checked")
+
+    monkeypatch.setattr(Pipeline, "from_pretrained", no_loading)
+    argv = ["generate", "a dog", "--model", str(tiny_rope_dir), "--output", str(tmp_path / "50%-%04d.png")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cogvideox: error: --output ") and "write any other % as %%" in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("prompt", ["", "  \t"])

@@ -129,6 +129,25 @@ def test_save_and_load(rope_pipe, tmp_path):
         Inversion.load(tmp_path / "junk.safetensors")
 
 
+def test_a_save_that_fails_leaves_the_earlier_file_whole(tmp_path, monkeypatch):
+    import cogvideox.inversion
+
+    request = dict(prompt="a dog", negative_prompt="", guidance_scale=1.0, num_inference_steps=2, num_frames=9,
+                   height=32, width=48, max_sequence_length=8)  # fmt: skip
+    path = Inversion(torch.zeros(1, 3, 4, 4, 6), **request).save(tmp_path / "latents.safetensors")
+    earlier = path.read_bytes()
+
+    def disk_full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"the first half of a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cogvideox.inversion, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        Inversion(torch.ones(1, 3, 4, 4, 6), **request).save(path)
+    assert path.read_bytes() == earlier and [p.name for p in tmp_path.iterdir()] == ["latents.safetensors"]
+    assert torch.equal(Inversion.load(path).latents, torch.zeros(1, 3, 4, 4, 6))
+
+
 def test_inversion_refuses_what_it_cannot_do(rope_pipe, tiny_rope_dir, tmp_path):
     with pytest.raises(InputError, match="num_frames=17 but the video has only 9 frames"):
         invert(rope_pipe, sample_frames(9), num_frames=17, **SMALL)
@@ -216,6 +235,34 @@ def test_regenerate_command_reports_its_stage_times(tiny_rope_dir, tmp_path, cap
         last,
     ), last
     assert read_video(out)[0].shape == (9, 32, 48, 3)
+
+
+def test_a_regenerated_video_that_cannot_be_written_is_saved_elsewhere(tiny_rope_dir, tmp_path, capsys, monkeypatch):
+    """The folder took files at the start but not at the end (a full disk): the sampling is not lost."""
+    import tempfile
+
+    import cogvideox.video
+    from cogvideox import read_video
+    from cogvideox.cli import main
+
+    request = dict(prompt="a cat", negative_prompt="", guidance_scale=1.0, num_inference_steps=1, num_frames=9,
+                   height=32, width=48, max_sequence_length=8)  # fmt: skip
+    latents = Inversion(torch.randn(1, 3, 4, 4, 6), **request).save(tmp_path / "latents.safetensors")
+    export, target = cogvideox.video.export_video, tmp_path / "regen.mp4"
+
+    def disk_full_for_target(frames, path, fps=8, **kwargs):
+        if path == target:
+            raise OSError(28, "No space left on device")
+        return export(frames, path, fps=fps, **kwargs)
+
+    monkeypatch.setattr(cogvideox.video, "export_video", disk_full_for_target)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the rescued video goes
+    assert main(["regenerate", str(latents), "-o", str(target), "--model", str(tiny_rope_dir), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"cogvideox: error: could not write {target} ([Errno 28] No space left on device); "
+                          "the video was saved to ")
+    rescued = err.strip().split("saved to ")[1].removesuffix(" instead")
+    assert read_video(rescued)[0].shape == (9, 32, 48, 3) and not target.exists()
 
 
 def test_invert_warns_when_the_reconstruction_went_astray(tiny_rope_dir, tmp_path, capsys, monkeypatch):

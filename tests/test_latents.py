@@ -125,9 +125,38 @@ def test_generate_to_latents_then_decode_gives_the_same_video(capsys, tmp_path):
         assert (tmp_path / f"decoded-{i:02d}.png").read_bytes() == (tmp_path / f"direct-{i:02d}.png").read_bytes()
     # The generation's record travels through the latents into the video.
     assert read_metadata(tmp_path / "ball.mp4") == read_metadata(tmp_path / "direct-00.png")
+    # At another rate, the record says the rate the file plays at.
+    assert main(["decode", str(latents), "-o", str(tmp_path / "slow.gif"), "--fps", "4", "--quiet"]) == 0
+    assert read_video(tmp_path / "slow.gif")[1] == 4
+    assert read_metadata(tmp_path / "slow.gif") == read_metadata(tmp_path / "ball.mp4") | {"fps": 4}
     capsys.readouterr()
     assert main(["info", str(latents)]) == 0
     assert "again: cogvideox generate 'a red ball moves up' --seed 3" in capsys.readouterr().out
+
+
+def test_latents_the_folder_refuses_are_saved_elsewhere_and_the_others_written(capsys, tmp_path, monkeypatch):
+    """The folder took files at the start but not at the end (a full disk): no generation is lost."""
+    import tempfile
+
+    save, refused = LatentVideo.save, tmp_path / "ball-1.safetensors"
+
+    def disk_full_for_one(self, path):
+        if path == refused:
+            raise OSError(28, "No space left on device")
+        return save(self, path)
+
+    monkeypatch.setattr(LatentVideo, "save", disk_full_for_one)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "rescue"))
+    (tmp_path / "rescue").mkdir()
+    argv = ["generate", "a red ball", "--num-videos", "2", "--frames", "9", "-o", str(tmp_path / "ball.safetensors")]
+    assert main([*argv, *FLAGS]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"cogvideox: error: could not write {refused} ([Errno 28] No space left on device); the "
+                          f"latents file was saved to {tmp_path / 'rescue'}")  # fmt: skip
+    assert err.count("\n") == 1 and not refused.exists()
+    rescued = LatentVideo.load(next((tmp_path / "rescue").glob("*/ball-1.safetensors")))
+    assert rescued.record["video_number"] == [1, 2]
+    assert LatentVideo.load(tmp_path / "ball-2.safetensors").record["video_number"] == [2, 2]
 
 
 def test_encode_writes_the_latents_and_the_round_trip(capsys, tiny_rope_dir, tmp_path):
@@ -155,6 +184,19 @@ def test_encode_writes_the_latents_and_the_round_trip(capsys, tiny_rope_dir, tmp
     assert main(["info", str(latents)]) == 1
     assert capsys.readouterr().out.strip() == f"{latents}: latents of {tmp_path / 'in.mp4'} made by cogvideox " \
                                               "encode (no generation to record)"
+
+
+def test_info_describes_an_inversion_instead_of_refusing_it(capsys, tmp_path):
+    from cogvideox.inversion import Inversion
+
+    request = dict(prompt="a cat", negative_prompt="", guidance_scale=1.0, num_inference_steps=3, num_frames=9,
+                   height=32, width=48, max_sequence_length=8)  # fmt: skip
+    inverted = Inversion(torch.zeros(1, 3, 4, 4, 6), **request).save(tmp_path / "inv.safetensors")
+    assert main(["info", str(inverted)]) == 1  # no generation record, as encoded latents
+    out = capsys.readouterr()
+    assert out.err == "" and out.out == (f"{inverted}: noise of a DDIM inversion (cogvideox invert) of 9 frames at "
+                                         f"48x32 in 3 steps, prompt 'a cat'; sample it with: cogvideox regenerate "
+                                         f"{inverted}\n")  # fmt: skip
 
 
 def test_mistakes_are_one_line(capsys, tmp_path):

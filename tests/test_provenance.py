@@ -100,6 +100,14 @@ def test_files_without_a_record(capsys, tmp_path):
                    f"{foreign}: no cogvideox record (made by another program, or re-encoded since)"]  # fmt: skip
     assert main(["info", str(tmp_path / "missing.mp4")]) == 2
     assert "no video file at" in capsys.readouterr().err
+    # With --json, stdout holds JSON lines alone, for a script to parse; a file without a record is named on stderr.
+    ours = export_video(np.zeros((3, 16, 16, 3), np.uint8), tmp_path / "ours.mp4",
+                        metadata={MARK: "0.1.0", "prompt": "p", "seed": 1})  # fmt: skip
+    assert main(["info", "--json", str(plain), str(ours)]) == 1
+    out = capsys.readouterr()
+    assert [json.loads(line) for line in out.out.splitlines()] == [{"file": str(ours), MARK: "0.1.0", "prompt": "p",
+                                                                    "seed": 1}]  # fmt: skip
+    assert out.err == f"{plain}: no cogvideox record (made by another program, or re-encoded since)\n"
 
 
 def test_the_command_names_inputs_loras_and_levers():

@@ -75,6 +75,15 @@ def test_gif_delays_add_up_to_the_video_length(count, fps, total_ms):
         assert all(abs(sum(delays[:i]) - 1000 * i / Fraction(fps)) <= 5 for i in range(count))
 
 
+def test_a_gif_faster_than_it_can_play_is_said_so(tmp_path, recwarn):
+    export_video(moving_square(frames=3), tmp_path / "ok.gif", fps=50)
+    assert not recwarn.list
+    with pytest.warns(UserWarning, match=r"fast.gif plays at 50 fps, not 120: a GIF shows each frame for at least "
+                                         r"20 ms; write an MP4 for a faster rate"):  # fmt: skip
+        export_video(moving_square(frames=3), tmp_path / "fast.gif", fps=120)
+    assert read_video(tmp_path / "fast.gif")[0].shape[0] == 3
+
+
 def test_png_frames_are_the_frames_exactly_with_the_record(tmp_path):
     from PIL import Image
 
@@ -89,6 +98,29 @@ def test_png_frames_are_the_frames_exactly_with_the_record(tmp_path):
     assert sorted(p.name for p in (tmp_path / "frames").iterdir()) == [f.name for f in files]  # nothing else
     assert np.array_equal(np.stack([np.asarray(Image.open(f)) for f in files]), video)  # lossless
     assert read_metadata(files[5]) == read_metadata(pattern) == {"prompt": "a square, déjà vu"}
+
+
+def test_png_frames_over_a_longer_sequence_leave_none_of_its_frames(tmp_path):
+    from cogvideox.video import read_metadata, written_before
+
+    pattern = tmp_path / "%02d.png"
+    assert not written_before(pattern)
+    export_video(moving_square(frames=9), pattern, metadata={"prompt": "first"})
+    assert written_before(pattern)
+    (tmp_path / "notes-%02d.png").write_bytes(b"a file of another name")
+    export_video(moving_square(frames=5), pattern, metadata={"prompt": "second"})
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["00.png", "01.png", "02.png", "03.png", "04.png", "notes-%02d.png"]
+    assert read_metadata(tmp_path / "04.png") == {"prompt": "second"}
+
+
+@pytest.mark.parametrize("name", ["100%-%04d.png", "%s-%04d.png", "%%04d.png"])
+def test_a_percent_sign_that_is_no_frame_number_is_refused_before_writing(tmp_path, name):
+    with pytest.raises(InputError, match="write any other % as %%"):
+        export_video(moving_square(), tmp_path / name)
+    assert list(tmp_path.iterdir()) == []
+    export_video(moving_square(frames=2), tmp_path / "100%%-%04d.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["100%-0000.png", "100%-0001.png"]
 
 
 def test_list_of_frames_floats_and_other_fps(tmp_path):

@@ -597,6 +597,7 @@ def add_batch_parser(commands) -> None:
         add_model_arguments,
         add_sampling_arguments,
         add_speed_arguments,
+        file_name,
         frame_rate,
     )
 
@@ -611,10 +612,12 @@ def add_batch_parser(commands) -> None:
     arg = bat.add_argument
     arg(
         "prompts",
+        type=file_name,
         help="text file with one prompt per line; for an image-to-video model each line ends with @@ and "
         "the first frame's image file, relative to this file's folder (a cat jumps@@cat.png)",
     )
-    arg("-o", "--output-dir", required=True, help="folder for the videos and manifest.jsonl (created if missing)")
+    arg("-o", "--output-dir", required=True, type=file_name,
+        help="folder for the videos and manifest.jsonl (created if missing)")
     add_model_arguments(
         bat, device_help="cpu, cuda or cuda:N (default: cuda when available; cuda:LOCAL_RANK under torchrun)"
     )

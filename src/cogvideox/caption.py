@@ -161,6 +161,8 @@ def caption_folder(
     from cogvideox.train.data import CAPTION_KEYS, METADATA_FILE, entry_caption
 
     folder = Path(folder)
+    if folder.is_file():
+        raise InputError(f"{folder} is a file; give the folder of videos to caption, such as {folder.parent}")
     if not folder.is_dir():
         raise InputError(f"no folder at {folder}")
     entries = read_entries(folder)

@@ -23,7 +23,7 @@ import time
 import warnings
 from pathlib import Path
 
-from cogvideox import provenance
+from cogvideox import provenance, video
 from cogvideox.cli_args import (
     add_enhancer_arguments,
     add_memory_arguments,
@@ -31,6 +31,7 @@ from cogvideox.cli_args import (
     add_sampling_arguments,
     add_speed_arguments,
     add_video_rate_argument,
+    file_name,
     finite_float,
     fraction,
     frame_rate,
@@ -47,8 +48,8 @@ from cogvideox.cli_args import (
     warn_replaced,
 )
 from cogvideox.errors import CogVideoXError, InputError, LoadError
+from cogvideox.files import write_all_or_rescue
 from cogvideox.models.config import ConfigError
-from cogvideox.video import export_or_rescue
 
 USER_ERROR, RUN_ERROR = 2, 1
 
@@ -119,6 +120,8 @@ class _Parser(argparse.ArgumentParser):
             help_of = f"{self.prog} {command}" if command else None
             prompt_words = _stray_words(extra) and command in _PROMPT_COMMANDS
             hint = "; put a prompt of several words in quotes" if prompt_words else ""
+            if prompt_words and command != "generate" and not known.prompt:  # its prompt is an option
+                hint = '; give the prompt with --prompt, in quotes: --prompt "a red ball rolls left"'
             self.error(f"unrecognized arguments: {' '.join(extra)}{hint}", help_of)
         return known
 
@@ -155,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     arg = gen.add_argument
     arg("prompt", help="what the video should show")
-    arg("-o", "--output", default="output.mp4",
+    arg("-o", "--output", default="output.mp4", type=file_name,
         help="video file to write: .mp4 (H.264), .gif (animated GIF), or numbered PNG frames for a name such "
         "as frames/%%04d.png; or, for a name ending in .safetensors, the denoised latents without decoding "
         "them (cogvideox decode makes the same video from them later, with the VAE alone) "
@@ -165,16 +168,19 @@ def build_parser() -> argparse.ArgumentParser:
     arg("--fps", type=frame_rate, help="frame rate of the video file (default: the model's, 8 or 16)")
     arg(
         "--image",
+        type=file_name,
         help="first frame for an image-to-video model (PNG, JPEG, ...), resized to the video size; such "
         "models need one",
     )
     arg(
         "--video",
+        type=file_name,
         help="video to redraw (video-to-video, text-to-video models): its first --frames frames (default: "
         "the model's count, or the longest 8k+1 prefix of a shorter video), resized to the video size",
     )
     arg(
         "--last-image",
+        type=file_name,
         metavar="IMAGE",
         help="with --image: the last frame, for keyframe interpolation by a model trained for it "
         "(CogVideoX-Interpolation, a fine-tuned 5B-I2V); the released I2V models follow it loosely if at all",
@@ -192,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_video_rate_argument(gen, "--video", "redrawn")
     arg(
         "--extend",
+        type=file_name,
         metavar="VIDEO",
         help="continue VIDEO (image-to-video models): a new clip drawn from its last frame, at its size, is "
         "appended; the output holds both (chain runs for longer videos; default fps: VIDEO's)",
@@ -230,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_speed_arguments(gen)
     arg(
         "--lora",
+        type=file_name,
         action="append",
         default=[],
         metavar="PATH",
@@ -414,11 +422,17 @@ def _generate(args: argparse.Namespace) -> int:
         del records[0]["video_number"]
     if latent_output:
         latents = result.latents[:, result.padding_frames :]
-        for one, path, entry in zip(latents, outputs, records):
-            LatentVideo(one, made["settings"].get("model"), fps, "generate", entry).save(path)
+        model = made["settings"].get("model")
+
+        def write(i: int, path: Path) -> None:
+            LatentVideo(latents[i], model, fps, "generate", records[i]).save(path)
     else:
-        for frames, path, entry in zip(result.frames, outputs, records):
-            export_or_rescue(frames, path, fps, metadata=entry)
+
+        def write(i: int, path: Path) -> None:
+            video.export_video(result.frames[i], path, fps, metadata=records[i])
+
+    # A file the folder refuses (a full disk) goes to the temporary folder; the others are still written.
+    write_all_or_rescue(outputs, write, "latents file" if latent_output else "video")
     write_time = time.perf_counter() - start
 
     stages = {"load": load_time, **result.timings, "write": write_time}

@@ -43,6 +43,14 @@ non_negative_int = _number(int, lambda x: x >= 0, "a non-negative integer")
 positive_float = _number(float, lambda x: x > 0 and _finite(x), "a positive number")
 non_negative_float = _number(float, lambda x: x >= 0 and _finite(x), "a number >= 0", "a finite number >= 0")
 finite_float = _number(float, _finite, "a number", "a finite number")
+
+
+def file_name(text: str) -> str:
+    """A file or folder named on the command line: an empty name, most likely an unset variable
+    (`--video "$CLIP"`), is refused rather than read as the current folder or as no file at all."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a file name, got an empty one (an unset variable?)")
+    return text
 fraction = _number(float, lambda x: 0 < x <= 1, "a number in (0, 1]")
 # An MP4's frame rate: what cogvideox.video.check_fps accepts.
 frame_rate = _number(float, lambda x: MIN_FPS <= x <= MAX_FPS, "a frame rate", f"a frame rate from 1/1001 to {MAX_FPS}")
@@ -360,8 +368,10 @@ def warn_replaced(*paths: Path | None, by: str = "") -> None:
     """Say of each output among `paths` that exists that it will be replaced (`by`: " by the new video");
     called once the request is known to be good, so that a refused one, which replaces nothing, says
     nothing of it."""
+    from cogvideox.video import written_before
+
     for path in paths:
-        if path is not None and path.exists():
+        if path is not None and written_before(path):
             warnings.warn(f"{path} exists and will be replaced{by}", stacklevel=2)
 
 

@@ -18,6 +18,7 @@ from cogvideox.cli_args import (
     MODEL_HELP,
     add_model_arguments,
     add_video_rate_argument,
+    file_name,
     frame_rate,
     positive_int,
     recorded_model,
@@ -41,8 +42,8 @@ def add_latent_parsers(commands) -> None:
         "reconstruction of the encoded video.",
     )
     arg = dec.add_argument
-    arg("latents", help="the latents file (.safetensors)")
-    arg("-o", "--output",
+    arg("latents", type=file_name, help="the latents file (.safetensors)")
+    arg("-o", "--output", type=file_name,
         help="video file to write: .mp4 (H.264), .gif (animated GIF), or numbered PNG frames for a name such "
         "as frames/%%04d.png (default: the latents' name with .mp4)")
     arg("--fps", type=frame_rate, help="frame rate of the video file (default: the one the latents record)")
@@ -60,9 +61,9 @@ def add_latent_parsers(commands) -> None:
         "safetensors file; --reconstruct also decodes them and prints the PSNR of the round trip.",
     )
     arg = enc.add_argument
-    arg("video", help="the video to encode (any format FFmpeg reads)")
-    arg("-o", "--output", help="where to write the latents (.safetensors)")
-    arg("--reconstruct",
+    arg("video", type=file_name, help="the video to encode (any format FFmpeg reads)")
+    arg("-o", "--output", type=file_name, help="where to write the latents (.safetensors)")
+    arg("--reconstruct", type=file_name,
         help="also decode the latents and write the video here (.mp4, .gif or frames/%%04d.png)")
     arg("--frames", type=positive_int,
         help="frames of the video to encode, 8k+1 (default: the model's count, or the longest 8k+1 prefix of a "
@@ -102,10 +103,16 @@ def _decode(args: argparse.Namespace) -> int:
     decode_time = time.perf_counter() - start
     fps = args.fps or latent.fps
     start = time.perf_counter()
-    export_or_rescue(frames, output, fps, metadata=latent.record)
+    export_or_rescue(frames, output, fps, metadata=_at_rate(latent.record, fps))
     print(f"wrote {output} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]}, {fps:g} fps) | load "
           f"{load_time:.1f}s, decode {decode_time:.1f}s, write {time.perf_counter() - start:.1f}s")  # fmt: skip
     return 0
+
+
+def _at_rate(record: dict | None, fps: float) -> dict | None:
+    """A generation's record for its video written at `fps`: the rate is a setting of the video, and
+    `cogvideox info`'s command must make the file that holds it."""
+    return None if record is None else record | {"fps": fps}
 
 
 def _encode(args: argparse.Namespace) -> int:

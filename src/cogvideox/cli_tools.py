@@ -27,6 +27,7 @@ from cogvideox.cli_args import (
     add_memory_arguments,
     add_model_arguments,
     add_video_rate_argument,
+    file_name,
     finite_float,
     frame_rate,
     locate_model,
@@ -40,6 +41,7 @@ from cogvideox.cli_args import (
 )
 from cogvideox.enhance import ENV_URL
 from cogvideox.errors import InputError
+from cogvideox.files import write_or_rescue
 
 
 def _add_model_args(parser: argparse.ArgumentParser, model_help: str) -> None:
@@ -63,10 +65,10 @@ def add_tool_parsers(commands) -> None:
         "against the input is printed.",
     )
     arg = inv.add_argument
-    arg("video", help="the video to invert (any format FFmpeg reads)")
+    arg("video", type=file_name, help="the video to invert (any format FFmpeg reads)")
     arg("--prompt", default="", help="caption of the video; regenerate with the same one (default: empty)")
-    arg("-o", "--output", help="where to write the inverted latents (.safetensors)")
-    arg("--reconstruct",
+    arg("-o", "--output", type=file_name, help="where to write the inverted latents (.safetensors)")
+    arg("--reconstruct", type=file_name,
         help="also regenerate the video from the latents and write it here (.mp4, .gif or frames/%%04d.png)")
     arg(
         "--steps",
@@ -114,8 +116,8 @@ def add_tool_parsers(commands) -> None:
         "new --prompt edits it.",
     )
     arg = regen.add_argument
-    arg("latents", help="latents written by cogvideox invert (.safetensors)")
-    arg("-o", "--output", default="output.mp4",
+    arg("latents", type=file_name, help="latents written by cogvideox invert (.safetensors)")
+    arg("-o", "--output", default="output.mp4", type=file_name,
         help="video file to write: .mp4 (H.264), .gif (animated GIF), or numbered PNG frames for a name such "
         "as frames/%%04d.png (default: output.mp4)")
     arg("--prompt", help="a new prompt (default: the one the video was inverted with)")
@@ -132,14 +134,15 @@ def add_tool_parsers(commands) -> None:
         "model: its configs, T5, tokenizer, scheduler and any component the checkpoint lacks.",
     )
     arg = conv.add_argument
-    arg("checkpoint", help="SAT .pt file, or a checkpoint folder (with 'latest' or numbered iterations)")
-    arg("-o", "--output", required=True, help="new folder to write the model to")
+    arg("checkpoint", type=file_name,
+        help="SAT .pt file, or a checkpoint folder (with 'latest' or numbered iterations)")
+    arg("-o", "--output", required=True, type=file_name, help="new folder to write the model to")
     arg(
         "--base",
         required=True,
         help="diffusers-layout model the checkpoint belongs to (folder or repo id, e.g. THUDM/CogVideoX-5b)",
     )
-    arg("--vae", help="a separate SAT VAE checkpoint (3d-vae.pt) to convert too")
+    arg("--vae", type=file_name, help="a separate SAT VAE checkpoint (3d-vae.pt) to convert too")
     arg(
         "--dtype",
         default="bf16",
@@ -163,9 +166,10 @@ def add_tool_parsers(commands) -> None:
         "with the `cogvideox generate` command that makes the same video again. Exit status 1 when a file "
         "holds no record (made by another program, or re-encoded since).",
     )
-    info.add_argument("videos", nargs="+", metavar="VIDEO",
+    info.add_argument("videos", nargs="+", metavar="VIDEO", type=file_name,
                       help="MP4 or GIF files, frames of PNG sequences, or .safetensors latents files")
-    info.add_argument("--json", action="store_true", help="print each record as one line of JSON")
+    info.add_argument("--json", action="store_true",
+                      help="print each record as one line of JSON (a file without one is named on stderr)")
     info.set_defaults(run=_info)
 
     enh = commands.add_parser(
@@ -178,9 +182,11 @@ def add_tool_parsers(commands) -> None:
     )
     arg = enh.add_argument
     arg("prompts", nargs="*", metavar="PROMPT", help="prompts to rewrite (quote each)")
-    arg("--file", help="a file of prompts, one per line (blank lines and # comments skipped), as batch reads")
+    arg("--file", type=file_name,
+        help="a file of prompts, one per line (blank lines and # comments skipped), as batch reads")
     arg(
         "--image",
+        type=file_name,
         help="the first frame the videos will start from (image-to-video), shown to the chat model with every "
         "prompt that has no @@IMAGE of its own",
     )
@@ -205,7 +211,8 @@ def _add_caption_parser(commands) -> None:
         "failed for any video (run again for those).",
     )
     arg = cap.add_argument
-    arg("folder", help="the data folder; its videos, in subfolders too (hidden ones left out), are captioned")
+    arg("folder", type=file_name,
+        help="the data folder; its videos, in subfolders too (hidden ones left out), are captioned")
     arg(
         "--captioner",
         metavar="URL",
@@ -250,7 +257,7 @@ def _invert(args: argparse.Namespace) -> int:
     from cogvideox.inversion import check_inversion, invert, psnr, reconstruct
     from cogvideox.latents import check_latents_path
     from cogvideox.request import frames_to_read
-    from cogvideox.video import check_video_path, export_video
+    from cogvideox.video import check_video_path, export_or_rescue
 
     latents_path = None if args.output is None else check_latents_path(args.output)
     video_path = check_video_path(args.reconstruct, "--reconstruct") if args.reconstruct else None
@@ -288,12 +295,12 @@ def _invert(args: argparse.Namespace) -> int:
     size = f"{inversion.width}x{inversion.height}"
     report = [f"inverted {inversion.num_frames} frames at {size} in {args.steps} steps"]
     if latents_path is not None:
-        inversion.save(latents_path)
+        write_or_rescue(latents_path, inversion.save, "latents file")
         report.append(f"wrote {latents_path}")
     if video_path is not None:
         video = reconstruct(pipe, inversion, progress=not args.quiet).frames[0]
         fps = args.fps or pipe.default_fps
-        export_video(video, video_path, fps=fps)
+        export_or_rescue(video, video_path, fps=fps)
         used = conditioning.resize_frames(
             frames[: inversion.num_frames], inversion.height, inversion.width, args.resize
         )
@@ -311,7 +318,7 @@ def _invert(args: argparse.Namespace) -> int:
 
 def _regenerate(args: argparse.Namespace) -> int:
     from cogvideox.inversion import Inversion, check_regeneration, reconstruct
-    from cogvideox.video import check_video_path, export_video
+    from cogvideox.video import check_video_path, export_or_rescue
 
     output = check_video_path(args.output, "--output")
     inversion = Inversion.load(args.latents)
@@ -333,7 +340,7 @@ def _regenerate(args: argparse.Namespace) -> int:
     video = result.frames[0]
     fps = args.fps or pipe.default_fps
     start = time.perf_counter()
-    export_video(video, output, fps=fps)
+    export_or_rescue(video, output, fps=fps)
     stages = {"load": load_time, **result.timings, "write": time.perf_counter() - start}
     print(
         f"wrote {output} ({video.shape[0]} frames, {video.shape[2]}x{video.shape[1]}, {fps:g} fps) | "
@@ -353,11 +360,10 @@ def _info(args: argparse.Namespace) -> int:
     found = [(path, read_record(path) if is_latents_path(path) else read_metadata(path)) for path in args.videos]
     status = 0
     for path, metadata in found:
-        if not provenance.is_record(metadata) and is_latents_path(path):
-            print(describe_unrecorded(path))
-            status = 1
-        elif not provenance.is_record(metadata):
-            print(f"{path}: no cogvideox record (made by another program, or re-encoded since)")
+        if not provenance.is_record(metadata):
+            note = (describe_unrecorded(path) if is_latents_path(path)
+                    else f"{path}: no cogvideox record (made by another program, or re-encoded since)")  # fmt: skip
+            print(note, file=sys.stderr if args.json else sys.stdout)  # --json: stdout holds JSON alone
             status = 1
         elif args.json:
             print(json.dumps({"file": str(path), **metadata}, ensure_ascii=False))

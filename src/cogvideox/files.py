@@ -77,6 +77,37 @@ def write_all_into_place(paths: Sequence[Path], write: Callable[[list[str]], Non
     return list(paths)
 
 
+def write_or_rescue(path: Path, write: Callable[[Path], object], what: str) -> Path:
+    """`write(path)`, but if the folder stopped taking files since it was checked (a full disk, a lost
+    mount), `write` into a new temporary folder instead and raise `InputError` saying where the `what`
+    ("video", "latents file") went, rather than lose the minutes of work that made it."""
+    from cogvideox.errors import InputError
+
+    try:
+        write(path)
+    except (OSError, InputError) as e:
+        rescue = Path(tempfile.mkdtemp(prefix="cogvideox-")) / path.name
+        write(rescue)
+        raise InputError(f"could not write {path} ({e}); the {what} was saved to {rescue} instead") from None
+    return path
+
+
+def write_all_or_rescue(paths: Sequence[Path], write: Callable[[int, Path], object], what: str) -> list[Path]:
+    """`write_or_rescue` for several files made together (the videos of --num-videos): `write(i, path)`
+    writes the i-th; one the folder refuses does not stop the others, and the error names every rescue."""
+    from cogvideox.errors import InputError
+
+    problems = []
+    for i, path in enumerate(paths):
+        try:
+            write_or_rescue(path, lambda target: write(i, target), what)
+        except InputError as e:
+            problems.append(str(e))
+    if problems:
+        raise InputError("; ".join(problems))
+    return list(paths)
+
+
 def prepare_folder(folder: str | os.PathLike) -> None:
     """Create `folder` if missing and check that a file can be written there, so that a folder we cannot
     write to fails in one line before a model loads, not after the first result. `InputError` if not."""

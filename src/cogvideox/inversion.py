@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from cogvideox import conditioning
 from cogvideox.errors import InputError, NonFiniteError
-from cogvideox.files import usual_mode
+from cogvideox.files import write_into_place
 from cogvideox.models.config import ConfigError, TransformerConfig, VAEConfig
 from cogvideox.request import (
     GenerationRequest,
@@ -149,13 +149,12 @@ class Inversion:
     max_sequence_length: int
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the latents and the request as a safetensors file."""
-        path = Path(path)
+        """Write the latents and the request as a safetensors file, whole or not at all (an earlier file
+        stays until the new one is complete)."""
         meta = {k: v for k, v in asdict(self).items() if k != "latents"}
         metadata = {"format": FORMAT, "request": json.dumps(meta)}
-        save_file({"latents": self.latents.detach().cpu().contiguous()}, str(path), metadata=metadata)
-        usual_mode(path)
-        return path
+        tensors = {"latents": self.latents.detach().cpu().contiguous()}
+        return write_into_place(Path(path), lambda temporary: save_file(tensors, temporary, metadata=metadata))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Inversion:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,8 +95,23 @@ class LatentVideo:
             raise InputError(f"cannot read {path} as latents: {' '.join(str(e).split())}") from None
 
 
+def _holds_inversion(path: str | os.PathLike) -> bool:
+    """Whether `path` is a safetensors file of `cogvideox invert` (read from its header alone)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == inversion.FORMAT
+    except Exception:  # not a safetensors file: `LatentVideo.load` says what it is
+        return False
+
+
 def describe_unrecorded(path: str | os.PathLike) -> str:
-    """What `cogvideox info` says of a latents file without a generation record."""
+    """What `cogvideox info` says of a latents file without a generation record: encoded latents, or the
+    noise of a DDIM inversion."""
+    if _holds_inversion(path):
+        inverted = inversion.Inversion.load(path)
+        return (f"{path}: noise of a DDIM inversion (cogvideox invert) of {inverted.num_frames} frames at "
+                f"{inverted.width}x{inverted.height} in {inverted.num_inference_steps} steps, prompt "
+                f"{inverted.prompt!r}; sample it with: cogvideox regenerate {shlex.quote(str(path))}")  # fmt: skip
     latent = LatentVideo.load(path)
     if latent.made_by == "encode":
         return f"{path}: latents of {latent.source or 'a video'} made by cogvideox encode (no generation to record)"
@@ -103,7 +119,10 @@ def describe_unrecorded(path: str | os.PathLike) -> str:
 
 
 def read_record(path: str | os.PathLike) -> dict:
-    """The provenance record kept in a latents file ({} for encoded latents), for `cogvideox info`."""
+    """The provenance record kept in a latents file ({} for encoded latents and inversions), for
+    `cogvideox info`."""
+    if _holds_inversion(path):
+        return {}
     return LatentVideo.load(path).record or {}
 
 

@@ -9,7 +9,7 @@ import numbers
 import os
 import re
 import sys
-import tempfile
+import warnings
 from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from cogvideox.errors import InputError
-from cogvideox.files import probe_writable, write_all_into_place, write_into_place
+from cogvideox.files import probe_writable, write_all_into_place, write_into_place, write_or_rescue
 from cogvideox.values import is_finite_number
 
 # Visually lossless for these short clips and still a few hundred kB; "medium" is x264's default speed.
@@ -127,9 +127,9 @@ def _check_video_name(path: str | os.PathLike, flag: str = "") -> Path:
         stem = path.stem if path.stem and not path.stem.startswith(".") else "video"
         raise InputError(f"{what}: videos are written as MP4 (H.264), GIF or numbered PNG frames; give a name "
                          f"ending in .mp4 or .gif, such as {stem}.mp4, or one such as frames/%04d.png")
-    if path.suffix.lower() == ".png" and len(FRAME_NUMBER.findall(path.name)) != 1:
+    if path.suffix.lower() == ".png" and not _numbers_frames(path.name):
         raise InputError(f"{what}: a frame sequence needs one frame number in its name, written %04d (or %d), "
-                         f"such as {path.parent / '%04d.png'}")
+                         f"such as {path.parent / '%04d.png'}; write any other % as %%")
     if not path.parent.is_dir():
         raise InputError(f"{flag + ' ' if flag else ''}folder {path.parent} does not exist")
     return path
@@ -141,8 +141,9 @@ def export_video(
     """Write frames (uint8 [F, H, W, 3] or floats in [0, 1]: an array, a tensor, or a list of [H, W, 3]
     frames or RGB pictures) at `fps` as an H.264 MP4 (yuv420p), as an animated GIF when `path` ends in
     .gif, or as numbered PNG files for a name such as frames/%04d.png (frame i, from 0, in
-    frames/0000.png, ...; no frame rate). `metadata` (how the video was made: JSON values) is stored in
-    the file's comment (each PNG's), where `read_metadata` finds it.
+    frames/0000.png, ...; no frame rate; the frames of an earlier, longer sequence of that name past the
+    new one's end are deleted). `metadata` (how the video was made: JSON values) is stored in the file's
+    comment (each PNG's), where `read_metadata` finds it.
 
     The file appears complete or not at all: it is written under a temporary name in the same folder and
     renamed into place (PNG frames: all of them, once every one is written). yuv420p (the pixel format
@@ -166,8 +167,30 @@ def export_video(
     if kind == ".png":
         _write_png_sequence(frames, path, comment)
         return path
+    if kind == ".gif" and rate > GIF_MAX_FPS:
+        warnings.warn(f"{path} plays at {GIF_MAX_FPS} fps, not {float(rate):g}: a GIF shows each frame for at least "
+                      f"{1000 // GIF_MAX_FPS} ms; write an MP4 for a faster rate", stacklevel=2)  # fmt: skip
     write = _write_gif if kind == ".gif" else _write_mp4
     return write_into_place(path, lambda file: write(frames, file, rate, comment))
+
+
+def _numbers_frames(name: str) -> bool:
+    """Whether `name` % i gives each frame its own name: one frame number, and any other % doubled
+    (a stray one, as in "100%-%04d.png", is a format error; "%%04d.png" names every frame alike)."""
+    if len(FRAME_NUMBER.findall(name)) != 1:
+        return False
+    try:
+        return name % 0 != name % 1
+    except (TypeError, ValueError):
+        return False
+
+
+def written_before(path: str | os.PathLike) -> bool:
+    """Whether `export_video` to `path` would replace a file: the file, or a PNG sequence's first frame."""
+    path = Path(path)
+    if path.suffix.lower() == ".png" and _numbers_frames(path.name):
+        path = frame_paths(path, 1)[0]
+    return path.exists()
 
 
 def frame_paths(pattern: str | os.PathLike, count: int) -> list[Path]:
@@ -189,6 +212,16 @@ def _write_png_sequence(frames: np.ndarray, pattern: Path, comment: str | None) 
             Image.fromarray(np.ascontiguousarray(frame), mode="RGB").save(temporary, format="PNG", pnginfo=info)
 
     write_all_into_place(frame_paths(pattern, len(frames)), write)
+    _remove_frames_from(pattern, len(frames))
+
+
+def _remove_frames_from(pattern: Path, first: int) -> None:
+    """Delete the frames numbered `first` on of an earlier, longer sequence of the same name: left there,
+    they would play on after the new video's end, as if part of it."""
+    number = first
+    while (stale := pattern.with_name(pattern.name % number)).is_file():
+        stale.unlink()
+        number += 1
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
@@ -198,7 +231,7 @@ def read_metadata(path: str | os.PathLike) -> dict:
     import av
 
     path = _as_path(path)
-    if path.suffix.lower() == ".png" and len(FRAME_NUMBER.findall(path.name)) == 1:
+    if path.suffix.lower() == ".png" and _numbers_frames(path.name):
         path = frame_paths(path, 1)[0]  # the first frame's record is the sequence's
     if not path.is_file():
         raise InputError(f"no video file at {path}")
@@ -238,13 +271,17 @@ def _write_mp4(frames: np.ndarray, file: str, rate: Fraction, comment: str | Non
         container.mux(stream.encode(None))  # flush the encoder's delayed frames
 
 
+# The fastest a GIF plays: each frame is shown for at least 20 ms (see `gif_delays`).
+GIF_MAX_FPS = 50
+
+
 def gif_delays(count: int, rate: Fraction) -> list[int]:
     """Each frame's display time in ms for a GIF at `rate` frames/s. A GIF counts in hundredths of a
     second, so 8 fps (12.5 each) alternates 120 and 130 ms: frame i starts at i / rate to the nearest
     hundredth, and the whole lasts count / rate (to it) rather than drifting 4% short. At least 20 ms
     each: browsers play shorter delays at 100 ms."""
     starts = [round(Fraction(100 * i) / rate) for i in range(count + 1)]
-    return [10 * max(2, b - a) for a, b in zip(starts, starts[1:])]
+    return [10 * max(100 // GIF_MAX_FPS, b - a) for a, b in zip(starts, starts[1:])]
 
 
 def gif_palette(frame: np.ndarray):
@@ -271,12 +308,7 @@ def export_or_rescue(
     """`export_video`, but if the folder stopped taking files since it was checked (a full disk, a lost
     mount), write the video to the temporary folder instead and raise `InputError` saying where, rather
     than lose minutes of generation."""
-    try:
-        return export_video(frames, path, fps=fps, metadata=metadata)
-    except (OSError, InputError) as e:
-        rescue = Path(tempfile.mkdtemp(prefix="cogvideox-")) / Path(path).name
-        export_video(frames, rescue, fps=fps, metadata=metadata)
-        raise InputError(f"could not write {path} ({e}); the video was saved to {rescue} instead") from None
+    return write_or_rescue(Path(path), lambda target: export_video(frames, target, fps=fps, metadata=metadata), "video")
 
 
 def decode_failure(e: Exception, path: str | os.PathLike) -> str:
