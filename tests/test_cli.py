@@ -173,9 +173,10 @@ def test_a_video_that_cannot_be_written_at_the_end_is_saved_elsewhere(capsys, mo
         (RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB"), "GPU"),
     ],
 )
-def test_running_out_of_memory_is_one_line(capsys, monkeypatch, tiny_rope_dir, error, where):
+def test_running_out_of_memory_is_one_line(capsys, monkeypatch, tiny_rope_dir, tmp_path, error, where):
     from cogvideox.pipeline import Pipeline
 
+    monkeypatch.chdir(tmp_path)  # the default output.mp4: one left in the working folder would be warned of
     def allocation_fails(*args, **kwargs):
         raise error
 
