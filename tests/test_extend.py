@@ -46,6 +46,9 @@ def test_mistakes_are_said_before_generating(tiny_i2v_dir, tiny_rope_dir, clip):
         continue_video(pipe, clip, "a cat", image=clip[0], progress=False, **SMALL)
     with pytest.raises(InputError, match=r"\[F, H, W, 3\]"):
         continue_video(pipe, clip[0], "a cat", progress=False, **SMALL)
+    with pytest.raises(InputError, match="the video's size, 56x64, and this model draws widths and heights in "
+                       "multiples of 16: resize or crop"):
+        continue_video(pipe, clip[:, :, :56], "a cat", progress=False, **SMALL)
 
 
 def test_generate_extend_writes_the_longer_video_at_the_videos_frame_rate(capsys, tiny_i2v_dir, clip, tmp_path):
@@ -73,6 +76,8 @@ def test_generate_extend_writes_the_longer_video_at_the_videos_frame_rate(capsys
         (["--image", "x.png"], "give one of --image (image-to-video), --video (video-to-video) and --extend, not "
                                "--image and --extend"),
         (["--height", "32"], "so it has the video's height, 64; got height 32"),
+        ([], "the new clip is drawn at the video's size, 40x64, and this model draws widths and heights in "
+             "multiples of 16"),  # a video 40 wide
     ],
 )
 def test_generate_extend_mistakes_exit_2_before_loading(capsys, monkeypatch, tiny_i2v_dir, clip, tmp_path, extra,
@@ -81,7 +86,7 @@ def test_generate_extend_mistakes_exit_2_before_loading(capsys, monkeypatch, tin
         raise AssertionError("weights were loaded before the request was checked")
 
     monkeypatch.setattr(Pipeline, "from_pretrained", no_loading)
-    source = export_video(clip, tmp_path / "first.mp4", fps=8)
+    source = export_video(clip if extra else clip[:, :, :40], tmp_path / "first.mp4", fps=8)
     argv = ["generate", "a cat", "--model", str(tiny_i2v_dir), "--extend", str(source), "--quiet", *extra]
     assert main(argv) == 2
     err = capsys.readouterr().err

@@ -347,7 +347,7 @@ def _generate(args: argparse.Namespace) -> int:
     device, folder, configs = locate_model(args)
     extended, extended_fps = read_video(args.extend) if args.extend else (None, None)
     if extended is not None:
-        check_extendable(configs.transformer.is_image_to_video, extended, args.height, args.width)
+        check_extendable(configs.transformer, configs.vae, extended, args.height, args.width)
     # Of a long video, only the frames the request can use are decoded.
     source = None
     if args.video:

@@ -17,10 +17,11 @@ from cogvideox.errors import InputError
 from cogvideox.video import as_frames
 
 
-def check_extendable(is_image_to_video: bool, frames: np.ndarray, height: int | None, width: int | None) -> None:
-    """The mistakes `continue_video` would make, found before loading: a text-to-video model, or a size
-    other than the video's."""
-    if not is_image_to_video:
+def check_extendable(transformer, vae, frames: np.ndarray, height: int | None, width: int | None) -> None:
+    """The mistakes `continue_video` would make, found before loading (from the transformer's and the VAE's
+    configs): a text-to-video model, a size other than the video's, or a video whose size the model cannot
+    draw (whole patches: multiples of 16 for the released models)."""
+    if not transformer.is_image_to_video:
         raise InputError(
             "extending a video needs an image-to-video model (such as THUDM/CogVideoX-5b-I2V): it starts the "
             "new clip from the video's last frame; this model is text-to-video"
@@ -31,6 +32,12 @@ def check_extendable(is_image_to_video: bool, frames: np.ndarray, height: int | 
             raise InputError(
                 f"the new clip is appended to the video, so it has the video's {name}, {own}; got {name} {asked}"
             )
+    multiple = vae.spatial_compression * transformer.patch_size
+    if video_height % multiple or video_width % multiple:
+        raise InputError(
+            f"the new clip is drawn at the video's size, {video_width}x{video_height}, and this model draws "
+            f"widths and heights in multiples of {multiple}: resize or crop the video to such a size first"
+        )
 
 
 def continue_video(pipe, frames: np.ndarray | Sequence, prompt: str | Sequence[str], **call):
@@ -46,7 +53,7 @@ def continue_video(pipe, frames: np.ndarray | Sequence, prompt: str | Sequence[s
         if call.get(taken) is not None:
             raise InputError(f"{taken} cannot be given when extending a video: its last frame is the image")
     call = {k: v for k, v in call.items() if k not in ("image", "video", "strength")}
-    check_extendable(pipe.config.is_image_to_video, frames, call.get("height"), call.get("width"))
+    check_extendable(pipe.config, pipe.vae.config, frames, call.get("height"), call.get("width"))
     _, height, width, _ = frames.shape
     call.update(height=height, width=width)
     result = pipe(prompt, image=frames[-1], **call)
