@@ -74,6 +74,11 @@ def test_load_clip_skips_corrupt_and_short_by_reason(tmp_path):
     assert "Errno" not in str(corrupt.value) and str(root) not in str(corrupt.value)  # FFmpeg's words only
     with pytest.raises(ClipError, match="too short: 4 frames at 8 fps, the shortest bucket needs 9"):
         load_clip(clips["videos/short.mp4"], buckets, fps=8)
+    from PIL import Image
+
+    Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(root / "videos" / "still.png")  # a picture listed
+    with pytest.raises(ClipError, match="too short: a still picture \\(1 frame\\), the shortest bucket needs 9"):
+        load_clip(Clip(root / "videos" / "still.png", "a still", "videos/still.png"), buckets, fps=8)
     video, bucket = load_clip(clips["videos/clip0.mp4"], buckets, fps=8)
     assert bucket == buckets[0]
     assert video.shape == (3, 9, 32, 48) and video.dtype == torch.float32

@@ -258,7 +258,8 @@ def _decode(clip: Clip, buckets: list[Bucket], fps: float | None) -> tuple[np.nd
     if bucket is None:
         shortest = min(b.frames for b in buckets)
         rate = f" at {fps:g} fps" if fps else ""
-        raise ClipError(f"too short: {len(frames)} frames{rate}, the shortest bucket needs {shortest}")
+        held = "a still picture (1 frame)" if len(frames) == 1 else f"{len(frames)} frames{rate}"
+        raise ClipError(f"too short: {held}, the shortest bucket needs {shortest}")
     return frames, bucket
 
 
