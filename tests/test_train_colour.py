@@ -55,3 +55,8 @@ def test_the_base_figures_come_from_the_step_0_round():
     base = figures((0.3, 0.05, 0.0))
     records = [{"step": 0, **base}, {"step": 1, "loss": 0.2}, {"step": 2, **figures((0.9, 0.9, 0.9))}]
     assert base_colours(records) == base and base_colours(records[1:]) is None
+    # A round logs its settings: the base is the round made with this run's, or one logged without any.
+    cat, dog = {"prompts": ["a cat"], "steps": 50}, {"prompts": ["a dog"], "steps": 50}
+    assert base_colours(records, cat) == base
+    records[0]["validation"] = cat
+    assert base_colours(records, cat) == base and base_colours(records, dog) is None

@@ -656,6 +656,15 @@ def test_burnt_validation_colours_are_a_warning(data_dir, tiny_rope_dir, tmp_pat
         finetune(config(data_dir, tiny_rope_dir, tmp_path, steps=4, **settings))
     logged = [r for r in map(json.loads, (tmp_path / "loss.jsonl").read_text().splitlines()) if "loss" not in r]
     assert [(r["step"], r["validation_blown"]) for r in logged] == [(0, [0.0]), (2, [0.01]), (4, [0.57])]
+    assert logged[0]["validation"] == {"prompts": ["a cat"], "steps": 2, "seed": 42, "guidance": 6.0,
+                                       "size": "9x32x48"}
+
+    # Resumed with another validation prompt: the base round was of "a cat", so a blown-out "a dog" is
+    # not held against it.
+    rounds = iter([figures(0.40, 0.03, 0.57)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        finetune(config(data_dir, tiny_rope_dir, tmp_path, steps=6, **(settings | {"validation_prompts": ["a dog"]})))
 
 
 def test_a_burn_warning_names_the_default_learning_rate(data_dir, tiny_rope_dir, tmp_path, monkeypatch):

@@ -80,10 +80,12 @@ def burn_warning(
     )
 
 
-def base_colours(records: list[dict]) -> dict[str, list[float]] | None:
+def base_colours(records: list[dict], settings: dict | None = None) -> dict[str, list[float]] | None:
     """The base model's figures from a run's log: its step-0 validation round (the latest, when a restart
-    made it again), or None."""
+    made it again) made with these validation `settings` (a round logged without any counts as made
+    with them), or None."""
     for record in reversed(records):
         if record["step"] == 0 and all(isinstance(record.get(name), list) for name in FIGURES):
-            return {name: record[name] for name in FIGURES}
+            if settings is None or record.get("validation", settings) == settings:
+                return {name: record[name] for name in FIGURES}
     return None

@@ -529,6 +529,14 @@ class Run:
                 self.text_encoder.model.to("cpu")
         return colour.measure(videos) if self.procs.main else None
 
+    @property
+    def validation_settings(self) -> dict:
+        """What a validation round's videos depend on besides the weights, logged with its figures: a base
+        round made with other settings (a resumed run's new prompts, say) is no reference for this run's."""
+        c, bucket = self.config, self.buckets[0]
+        return {"prompts": list(c.validation_prompts), "steps": c.validation_steps, "seed": c.validation_seed,
+                "guidance": self.validation_guidance, "size": f"{bucket.frames}x{bucket.height}x{bucket.width}"}
+
     def recorded_config(self) -> dict:
         """The settings `config.json` records: the config's, with the validation guidance actually used
         (the model's recommendation filled in), so that a resumed run can keep it."""
@@ -732,8 +740,8 @@ def finetune(config: FinetuneConfig) -> Path:
             """A validation round; its colours go into the log, with a warning when they burn."""
             measured = run.validate(step)
             if log is not None and measured is not None:
-                log.write(step, **measured)
-                base = colour.base_colours(log.read())
+                log.write(step, **measured, validation=run.validation_settings)
+                base = colour.base_colours(log.read(), run.validation_settings)
                 warning = colour.burn_warning(base, measured, step, c.learning_rate, c.validation_prompts)
                 if warning:
                     warnings.warn(warning, stacklevel=2)
