@@ -237,6 +237,28 @@ def test_regenerate_command_reports_its_stage_times(tiny_rope_dir, tmp_path, cap
     assert read_video(out)[0].shape == (9, 32, 48, 3)
 
 
+def test_reconstructions_play_at_the_rate_the_video_was_sampled_at(tiny_rope_dir, tmp_path, capsys):
+    """Frames taken at --video-fps 4 (or at the file's own 10 fps with 'source') come back at that rate from
+    invert --reconstruct and from regenerate, not at the model's 8, which would change their speed."""
+    from cogvideox import export_video, read_video
+    from cogvideox.cli import main
+    from cogvideox.inversion import Inversion
+
+    source = export_video(sample_frames(30, height=32, width=48), tmp_path / "in.mp4", fps=10)  # 3 s
+    model = ["--model", str(tiny_rope_dir), "--quiet"]
+    for rate, want in (("4", 4), ("source", 10)):
+        inverted, again = tmp_path / f"{rate}.safetensors", tmp_path / f"{rate}-again.mp4"
+        assert main(["invert", str(source), "--video-fps", rate, "--steps", "2", "--frames", "9", "--refine", "0",
+                     "--height", "32", "--width", "48", "--output", str(inverted),
+                     "--reconstruct", str(tmp_path / f"{rate}.mp4"), *model]) == 0  # fmt: skip
+        assert main(["regenerate", str(inverted), "--output", str(again), *model]) == 0
+        assert Inversion.load(inverted).fps == want
+        assert read_video(tmp_path / f"{rate}.mp4")[1] == want and read_video(again)[1] == want
+    assert main(["regenerate", str(inverted), "--output", str(again), "--fps", "12", *model]) == 0
+    assert read_video(again)[1] == 12
+    capsys.readouterr()
+
+
 def test_a_regenerated_video_that_cannot_be_written_is_saved_elsewhere(tiny_rope_dir, tmp_path, capsys, monkeypatch):
     """The folder took files at the start but not at the end (a full disk): the sampling is not lost."""
     import tempfile

@@ -186,6 +186,19 @@ def test_encode_writes_the_latents_and_the_round_trip(capsys, tiny_rope_dir, tmp
                                               "encode (no generation to record)"
 
 
+def test_encode_every_frame_reconstructs_at_the_videos_own_rate(capsys, tiny_rope_dir, tmp_path):
+    """--video-fps source takes the frames as stored: the round trip plays at the file's 10 fps, and the
+    latents record it for decode."""
+    from cogvideox import export_video
+
+    export_video(sample_frames(9, 32, 48), tmp_path / "in.mp4", fps=10)
+    latents, round_trip = tmp_path / "in.safetensors", tmp_path / "round.mp4"
+    assert main(["encode", str(tmp_path / "in.mp4"), "-o", str(latents), "--reconstruct", str(round_trip),
+                 "--video-fps", "source", "--model", str(tiny_rope_dir), "--quiet"]) == 0  # fmt: skip
+    assert read_video(round_trip)[1] == 10 and LatentVideo.load(latents).fps == 10
+    capsys.readouterr()
+
+
 def test_info_describes_an_inversion_instead_of_refusing_it(capsys, tmp_path):
     from cogvideox.inversion import Inversion
 

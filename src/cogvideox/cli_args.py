@@ -334,6 +334,14 @@ def sampling_rate(args: argparse.Namespace, transformer) -> float | None:
     return default_fps(transformer) if args.video_fps is None else args.video_fps or None
 
 
+def taken_rate(rate: float | None, path: str | os.PathLike) -> float | None:
+    """The rate frames sampled at `rate` (`sampling_rate`; None: every frame) from the video at `path` were
+    taken at: the file's own for every frame. A video made again from them (a reconstruction) plays at it."""
+    from cogvideox.video import frame_rate
+
+    return rate if rate is not None else frame_rate(path)
+
+
 def request_from_args(args: argparse.Namespace, folder: Path) -> dict:
     """The pipeline's keyword arguments from the flags of `add_sampling_arguments` (seed excepted: the
     caller decides it per video), with the guidance flags not given taken from the model in `folder`."""

@@ -23,6 +23,7 @@ from cogvideox.cli_args import (
     positive_int,
     recorded_model,
     sampling_rate,
+    taken_rate,
     warn_replaced,
 )
 from cogvideox.errors import InputError
@@ -149,7 +150,7 @@ def _encode(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     latents = vae.encode(frames[:count], height, width, args.resize)
-    fps = args.fps or rate or default_fps(transformer)
+    fps = args.fps or taken_rate(rate, args.video) or default_fps(transformer)
     report = [f"encoded {count} frames at {width}x{height} into latents {'x'.join(map(str, latents.shape))}"]
     if latents_path is not None:
         LatentVideo(latents, recorded_model(folder), fps, "encode", source=str(args.video)).save(latents_path)

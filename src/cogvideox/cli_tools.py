@@ -37,6 +37,7 @@ from cogvideox.cli_args import (
     prompt_enhancer,
     report_offload,
     sampling_rate,
+    taken_rate,
     warn_replaced,
 )
 from cogvideox.enhance import ENV_URL
@@ -103,7 +104,8 @@ def add_tool_parsers(commands) -> None:
         default="stretch",
         help="'stretch' to the size, or 'crop' the centred region of its aspect ratio first (default: stretch)",
     )
-    arg("--fps", type=frame_rate, help="frame rate of the reconstruction (default: the model's)")
+    arg("--fps", type=frame_rate,
+        help="frame rate of the reconstruction (default: the rate the video was sampled at, --video-fps)")
     add_video_rate_argument(inv, "the video", "inverted")
     _add_model_args(inv, _MODEL_HELP)
     inv.set_defaults(run=_invert)
@@ -122,7 +124,8 @@ def add_tool_parsers(commands) -> None:
         "as frames/%%04d.png (default: output.mp4)")
     arg("--prompt", help="a new prompt (default: the one the video was inverted with)")
     arg("--guidance", type=finite_float, help="guidance scale (default: the one used to invert)")
-    arg("--fps", type=frame_rate, help="frame rate of the video file (default: the model's)")
+    arg("--fps", type=frame_rate, help="frame rate of the video file (default: the rate the inverted video was "
+        "sampled at, or the model's for latents that do not record it)")
     _add_model_args(regen, "the model the latents were inverted with (default: the embedded demo model)")
     regen.set_defaults(run=_regenerate)
 
@@ -269,6 +272,7 @@ def _invert(args: argparse.Namespace) -> int:
     # An undecodable file fails before the model loads; of a long one, only the frames used are decoded.
     rate = sampling_rate(args, configs.transformer)
     frames = conditioning.load_video(args.video, frames_to_read(args.frames, configs.transformer), rate)
+    taken = taken_rate(rate, args.video)
     sampling = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, num_frames=args.frames,
                     height=args.height, width=args.width, resize=args.resize)  # fmt: skip
     check_inversion(  # as does every mistake the configs reveal
@@ -292,6 +296,7 @@ def _invert(args: argparse.Namespace) -> int:
         fixed_point_iterations=args.refine,
         progress=not args.quiet,
     )
+    inversion.fps = taken
     size = f"{inversion.width}x{inversion.height}"
     report = [f"inverted {inversion.num_frames} frames at {size} in {args.steps} steps"]
     if latents_path is not None:
@@ -299,8 +304,7 @@ def _invert(args: argparse.Namespace) -> int:
         report.append(f"wrote {latents_path}")
     if video_path is not None:
         video = reconstruct(pipe, inversion, progress=not args.quiet).frames[0]
-        fps = args.fps or pipe.default_fps
-        export_or_rescue(video, video_path, fps=fps)
+        export_or_rescue(video, video_path, fps=args.fps or taken or pipe.default_fps)
         used = conditioning.resize_frames(
             frames[: inversion.num_frames], inversion.height, inversion.width, args.resize
         )
@@ -338,7 +342,7 @@ def _regenerate(args: argparse.Namespace) -> int:
     load_time = time.perf_counter() - start
     result = reconstruct(pipe, inversion, prompt=args.prompt, guidance_scale=args.guidance, progress=not args.quiet)
     video = result.frames[0]
-    fps = args.fps or pipe.default_fps
+    fps = args.fps or inversion.fps or pipe.default_fps
     start = time.perf_counter()
     export_or_rescue(video, output, fps=fps)
     stages = {"load": load_time, **result.timings, "write": time.perf_counter() - start}

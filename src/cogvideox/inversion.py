@@ -147,6 +147,7 @@ class Inversion:
     height: int
     width: int
     max_sequence_length: int
+    fps: float | None = None  # the rate the inverted frames were taken at, when known: regenerations play at it
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the latents and the request as a safetensors file, whole or not at all (an earlier file

@@ -341,6 +341,25 @@ def read_video(path: str | os.PathLike, max_frames: int | None = None) -> tuple[
     return np.stack(frames), rate or 0.0
 
 
+def frame_rate(path: str | os.PathLike) -> float | None:
+    """A video file's frame rate as its header gives it (nothing is decoded), or None when it gives none.
+    `InputError` for a file that is missing or not a video."""
+    import av
+
+    path = _as_path(path)
+    if not path.is_file():
+        raise InputError(f"no video file at {path}")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise InputError(f"{path} has no video stream")
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    except av.FFmpegError as e:
+        raise InputError(f"cannot decode {path} as a video ({decode_failure(e, path)})") from None
+    return float(rate) if rate else None
+
+
 def _upright(frame) -> np.ndarray:
     """A decoded frame as uint8 [H, W, 3], turned as players show it: a phone video is stored sideways
     with a display-matrix rotation (counterclockwise degrees), and its aspect ratio is the turned one."""
