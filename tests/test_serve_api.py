@@ -368,6 +368,7 @@ BAD_REQUESTS = {
     "unknown size": ({"json": {"prompt": "a", "size": "1280x720"}}, 400, "size"),
     "malformed size": ({"json": {"prompt": "a", "size": "large"}}, 400, "size"),
     "too long a clip": ({"json": {"prompt": "a", "seconds": "12"}}, 400, "seconds"),
+    "seconds beyond any float's frames": ({"json": {"prompt": "a", "seconds": "1e308"}}, 400, "seconds"),
     "seconds not a number": ({"json": {"prompt": "a", "seconds": "four"}}, 400, "seconds"),
     "negative seconds": ({"json": {"prompt": "a", "seconds": -1}}, 400, "seconds"),
     "zero steps": ({"json": {"prompt": "a", "num_inference_steps": 0}}, 400, "num_inference_steps"),
