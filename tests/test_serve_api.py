@@ -723,6 +723,8 @@ def test_openapi_schema_matches_the_routes_and_the_answers(service):
     routes = {(r.path, m) for r in client.app.routes if getattr(r, "include_in_schema", False) for m in r.methods}
     content_head = ("/v1/videos/{video_id}/content", "HEAD")  # the one HEAD route: players ask it first
     assert documented == routes - {(p, "HEAD") for p, _ in routes} | {content_head}
+    operation_ids = [op["operationId"] for ops in schema["paths"].values() for op in ops.values()]
+    assert len(set(operation_ids)) == len(operation_ids)  # unique, as OpenAPI requires: generators name methods so
     assert {p for p, _ in documented} == {
         "/healthz", "/metrics", "/v1/models", "/v1/videos", "/v1/videos/{video_id}", "/v1/videos/{video_id}/content",
         "/v1/videos/{video_id}/remix",
