@@ -390,6 +390,7 @@ BAD_REQUESTS = {
     "negative seed": ({"json": {"prompt": "a", "seed": -1}}, 400, "seed"),
     "seed too big": ({"json": {"prompt": "a", "seed": 2**32}}, 400, "seed"),
     "zero fps": ({"json": {"prompt": "a", "fps": 0}}, 400, "fps"),
+    "fps below one": ({"json": {"prompt": "a", "fps": 0.001}}, 400, "fps"),  # a GIF cannot play it
     "unknown field": ({"json": {"prompt": "a", "steps": 3}}, 400, "steps"),
     "not JSON": ({"content": b'{"prompt": "a"'}, 400, None),
     "JSON nested too deeply": ({"content": b"[" * 5000}, 400, None),
@@ -476,7 +477,7 @@ def test_non_finite_guidance_is_called_not_finite(tmp_path, body):
 def test_non_finite_fps_and_form_values_are_called_not_finite(tmp_path):
     client, _, _ = make_client(tmp_path)
     fps = client.post("/v1/videos", content=b'{"prompt": "a", "fps": NaN}', headers=JSON).json()["error"]
-    assert (fps["param"], fps["message"]) == ("fps", "fps: must be a finite number above 0 and at most 120")
+    assert (fps["param"], fps["message"]) == ("fps", "fps: must be a finite number from 1 to 120")
     form = client.post("/v1/videos", data={"prompt": "a", "guidance_scale": "nan"}).json()["error"]
     assert form["message"] == "guidance_scale: must be a finite number from 0 to 50"
 
