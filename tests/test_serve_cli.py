@@ -96,9 +96,11 @@ def test_a_port_in_use_fails_in_one_line_before_anything_starts(tmp_path, capsys
         (["--api-key", "  "], None, "--api-key is empty"),
         ([], ",", "$COGVIDEOX_API_KEYS is set but holds no key"),
         ([], "", "$COGVIDEOX_API_KEYS is set but holds no key"),
+        (["--api-key", "clé"], None, "an API key may hold printable ASCII characters only"),  # no client can send it
+        ([], "good,tab\tkey", "an API key may hold printable ASCII characters only"),
     ],
 )
-def test_an_empty_api_key_is_refused_not_ignored(tmp_path, capsys, monkeypatch, flags, variable, message):
+def test_an_empty_or_unsendable_api_key_is_refused_not_ignored(tmp_path, capsys, monkeypatch, flags, variable, message):
     from cogvideox.serve import spec
 
     monkeypatch.setattr(spec.ModelSpec, "load", lambda *a: pytest.fail("loaded the model before checking keys"))

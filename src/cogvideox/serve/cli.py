@@ -312,7 +312,14 @@ def api_keys(flags: list[str], variable: str | None) -> tuple[str, ...]:
     from_variable = () if variable is None else tuple(k.strip() for k in variable.split(",") if k.strip())
     if variable is not None and not from_variable:
         raise InputError(f"${ENV_API_KEYS} is set but holds no key; unset it to run without keys")
-    return tuple(k.strip() for k in flags) + from_variable
+    keys = tuple(k.strip() for k in flags) + from_variable
+    for key in keys:
+        # A header is Latin-1 to the server and ASCII to most clients: a key with another character could
+        # never be sent as it was given, and would lock every client out.
+        if not all(" " <= character <= "~" for character in key):
+            raise InputError("an API key may hold printable ASCII characters only (letters, digits, punctuation), "
+                             "as an HTTP header carries it; choose another key")  # fmt: skip
+    return keys
 
 
 def run_serve(args: argparse.Namespace) -> int:
