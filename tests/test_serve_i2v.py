@@ -3,6 +3,8 @@ the worker; the served video is the one the library makes from the same picture.
 clips longer than the model was trained on."""
 
 import io
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +123,15 @@ VIDEO = clip_bytes()
 NOISE = io.BytesIO()
 Image.fromarray(np.random.default_rng(0).integers(0, 256, (100, 100, 3), dtype=np.uint8)).save(NOISE, format="PNG")
 
+def png_header(width, height) -> bytes:
+    """A PNG that says it is `width` x `height` (1 bit a pixel) and holds no pixels: what Pillow opens."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
 def _with(field, value):
     return {"data": {"prompt": "a", field: value}, "files": {"input_reference": ("a.png", PNG, "image/png")}}
 
@@ -152,6 +163,10 @@ MISTAKES = {
         400, "input_reference", "send one file, not several",
     ),
     "too big a picture": (_file("a.png", NOISE.getvalue()), 413, "input_reference", "the file is over 20000 bytes"),
+    "a picture over 40 megapixels": (_file("a.png", png_header(8000, 6000)), 400, "input_reference", "8000x6000 is "
+                                     "over 40 megapixels"),
+    "a picture over Pillow's limit": (_file("a.png", png_header(20000, 20000)), 400, "input_reference", "over 40 "
+                                      "megapixels"),  # Pillow refuses to open it at all
     "another length": (_with("seconds", "2"), 400, "seconds", "makes 9 frames only"),
     "riflex": (_with("riflex", "true"), 400, "riflex", "leave riflex off"),
     "a bad resize": (_with("resize", "fit"), 400, "resize", "stretch"),

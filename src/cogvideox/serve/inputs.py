@@ -45,6 +45,8 @@ def is_picture(upload: Upload) -> bool:
     try:
         with Image.open(io.BytesIO(upload.data)):
             return True
+    except Image.DecompressionBombError:  # a picture too large to open: `store_image` says so
+        return True
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         return False
 
@@ -66,15 +68,22 @@ def store_image(upload: Upload, data_dir: str | Path, param: str = "input_refere
                                f"{param}: a {opened.format} file; send a PNG, JPEG or WebP picture", param)  # fmt: skip
             width, height = opened.size
             if width * height > MAX_PIXELS:
-                too_big = f"{width}x{height} is over {MAX_PIXELS // 10**6} megapixels"
-                raise ApiError(400, "invalid_image", f"{param}: {too_big}; send a smaller picture (it is resized "
-                               "to the video anyway)", param)  # fmt: skip
+                raise _too_big(param, f"{width}x{height} is")
             opened.load()
             picture = load_image(ImageOps.exif_transpose(opened))
-    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
+    except Image.DecompressionBombError:  # Pillow's own limit, far above ours, met when it opens the file
+        raise _too_big(param, "the picture is") from None
+    except (OSError, ValueError, SyntaxError) as e:
         raise ApiError(400, "invalid_image", f"{param}: cannot decode the file as a picture ({e}); "
                        "send a PNG, JPEG or WebP", param) from None  # fmt: skip
     return _keep(data_dir, ".png", lambda temporary: picture.save(temporary, format="PNG"))
+
+
+def _too_big(param: str, what: str):
+    from cogvideox.serve.errors import ApiError
+
+    return ApiError(400, "invalid_image", f"{param}: {what} over {MAX_PIXELS // 10**6} megapixels; send a smaller "
+                    "picture (it is resized to the video anyway)", param)  # fmt: skip
 
 
 def store_video(upload: Upload, data_dir: str | Path, fps: float, max_frames: int, param: str = "input_reference"):
