@@ -324,15 +324,33 @@ VIDEO_MISTAKES = {
 @pytest.mark.parametrize("case", VIDEO_MISTAKES, ids=list(VIDEO_MISTAKES))
 def test_video_to_video_mistakes_keep_nothing(tmp_path, case):
     files, fields, param, message = VIDEO_MISTAKES[case]
-    spec = ModelSpec.from_folder(write_config_folder(tmp_path / "model"), "tiny")
-    store = SQLiteStore(tmp_path / "jobs.sqlite3")
-    client = TestClient(create_app(spec, store, Settings(data_dir=tmp_path)))
+    client, store = _t2v_client(tmp_path)
     response = client.post("/v1/videos", data={"prompt": "a", **fields}, files=files or None)
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == param and message in error["message"], error
     assert str(tmp_path) not in error["message"]  # the server's folders are none of the client's business
     assert store.page()[0] == [] and stored_inputs(tmp_path) == []
+
+
+def _t2v_client(tmp_path):
+    spec = ModelSpec.from_folder(write_config_folder(tmp_path / "model"), "tiny")
+    store = SQLiteStore(tmp_path / "jobs.sqlite3")
+    return TestClient(create_app(spec, store, Settings(data_dir=tmp_path))), store
+
+
+def test_a_video_over_4k_is_refused_before_its_frames_are_decoded(tmp_path, monkeypatch):
+    """A few KB of black frames decode to gigabytes: the frame size is read from the header first."""
+    from cogvideox.serve import inputs
+
+    monkeypatch.setattr(inputs, "read_input_video", lambda *a: pytest.fail("decoded a video over 4K"))
+    big = export_video(np.zeros((1, 2176, 3856, 3), np.uint8), tmp_path / "big.mp4", fps=8).read_bytes()
+    client, store = _t2v_client(tmp_path / "data")
+    response = client.post("/v1/videos", data={"prompt": "a"}, files={"input_reference": ("big.mp4", big, "video/mp4")})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "input_reference" and "its frames are 3856x2176, over 4K" in error["message"]
+    assert store.page()[0] == [] and stored_inputs(tmp_path / "data") == []
 
 
 def test_a_last_frame_draws_the_video_towards_it(i2v_service, tmp_path):
