@@ -243,6 +243,26 @@ def test_content_variants_are_made_from_the_mp4_once_and_deleted_with_it(tmp_pat
     assert sorted(p.name for p in video.parent.iterdir()) == []  # the MP4 and everything made from it
 
 
+def test_a_variant_the_server_cannot_write_is_its_failure_not_a_video_gone(tmp_path, monkeypatch):
+    from cogvideox.serve import assets
+
+    client, _, worker = make_client(tmp_path, CountingGenerator())
+    video_id = client.post("/v1/videos", json={"prompt": "a square"}).json()["id"]
+    assert worker.run_once()
+
+    def read_only(picture, path, options):  # as `write_into_place` says it on a read-only data folder
+        raise InputError(f"cannot write {path}: Read-only file system")
+
+    monkeypatch.setattr(assets, "_save_image", read_only)
+    url = f"/v1/videos/{video_id}/content"
+    response = client.get(url, params={"variant": "thumbnail"})
+    assert response.status_code == 500, response.text
+    error = response.json()["error"]
+    assert error["code"] == "internal_error" and "could not make the thumbnail" in error["message"]
+    assert str(tmp_path) not in error["message"]
+    assert client.get(url).status_code == 200  # the video itself is there all along
+
+
 def test_spritesheet_fills_rows_and_scales_wide_frames():
     from cogvideox.serve.assets import spritesheet
 

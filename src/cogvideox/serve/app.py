@@ -372,8 +372,13 @@ def create_app(spec: ModelSpec, store: JobStore, settings: Settings, worker: Wor
         try:
             path = assets.make_asset(video, variant, fps=job.params["fps"])
             stat = path.stat()
-        except (FileNotFoundError, InputError):  # the MP4 went (deleted meanwhile), or never was
-            raise _file_gone(video_id) from None
+        except (FileNotFoundError, InputError) as e:
+            if not video.exists():  # the MP4 went (deleted meanwhile), or never was
+                raise _file_gone(video_id) from None
+            # The MP4 is there: the server's folder (read-only, say) or file failed it; the log says which.
+            log.error("cannot make the %s of video %s: %s", variant, video_id, e)
+            raise ApiError(500, "internal_error", f"the server could not make the {variant} of this video; its "
+                           "operator has the details") from None  # fmt: skip
         if path != video and not video.exists():  # deleted while the asset was made: no orphan left
             path.unlink(missing_ok=True)
             raise _file_gone(video_id)
