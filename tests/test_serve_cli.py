@@ -73,6 +73,16 @@ def test_a_port_out_of_range_is_a_usage_error(capsys):
     assert parse(["serve", "--port", "65535"]).port == 65535
 
 
+def test_a_poll_interval_past_the_clock_is_a_usage_error(capsys):
+    for command in ("serve", "worker"):
+        for seconds in ("1e10", "3601", "0", "soon"):
+            with pytest.raises(SystemExit) as exit_:
+                parse([command, "--poll-interval", seconds])
+            assert exit_.value.code == 2
+            assert "argument --poll-interval: expected" in capsys.readouterr().err
+        assert parse([command, "--poll-interval", "3600"]).poll_interval == 3600
+
+
 def test_a_port_in_use_fails_in_one_line_before_anything_starts(tmp_path, capsys, monkeypatch):
     import socket
 

@@ -48,6 +48,18 @@ def port_number(text: str) -> int:
     return port
 
 
+MAX_POLL_SECONDS = 3600
+
+
+def poll_seconds(text: str) -> float:
+    """A `type=` for --poll-interval: seconds above 0, at most an hour (a wait past 2**63 ns overflows the
+    clock, and stopped the worker's loop, while the server answered as if it ran)."""
+    seconds = positive_float(text)
+    if seconds > MAX_POLL_SECONDS:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds up to {MAX_POLL_SECONDS}, got {text}")
+    return seconds
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser, revision=False, offline=False)
     add_memory_arguments(parser)
@@ -84,9 +96,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--poll-interval",
-        type=positive_float,
+        type=poll_seconds,
         default=0.5,
-        help="seconds between looks at an empty queue (default: 0.5)",
+        help=f"seconds between looks at an empty queue, at most {MAX_POLL_SECONDS} (default: 0.5)",
     )
     parser.add_argument(
         "--log-level",
