@@ -677,6 +677,13 @@ def test_rate_limit_per_key(tmp_path):
     assert client.get("/v1/videos", headers=alice).status_code == 200  # reading is not limited
 
 
+def test_a_rate_limit_under_one_a_minute_lets_one_video_through_at_a_time(tmp_path):
+    client, _, _ = make_client(tmp_path, rate_limit=0.5)  # one video every two minutes
+    assert client.post("/v1/videos", json={"prompt": "x"}).status_code == 200
+    limited = client.post("/v1/videos", json={"prompt": "x"})
+    assert limited.status_code == 429 and 110 <= int(limited.headers["retry-after"]) <= 120
+
+
 def test_refused_requests_do_not_spend_the_rate_limit(tmp_path):
     client, _, _ = make_client(tmp_path, api_keys=("a",), rate_limit=2, max_active_per_key=1)
     alice = {"Authorization": "Bearer a"}
