@@ -437,6 +437,30 @@ def test_bad_requests_get_a_clear_4xx_and_never_reach_the_queue(tmp_path, case):
     assert store.page()[0] == []
 
 
+def test_a_client_gone_mid_body_is_answered_not_raised_to_the_server(tmp_path):
+    """A cancelled upload: the app answers (to nobody) rather than raise, which the server logs as a bug."""
+    import asyncio
+
+    client, store, _ = make_client(tmp_path)
+    part = {"type": "http.request", "body": b'{"prompt": "a', "more_body": True}
+    messages = iter([part, {"type": "http.disconnect"}])
+    sent = []
+
+    async def receive():
+        return next(messages)
+
+    async def send(message):
+        sent.append(message)
+
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"500")]
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/videos", "raw_path": b"/v1/videos", "query_string": b"", "root_path": "", "headers": headers,
+             "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000)}  # fmt: skip
+    asyncio.run(client.app(scope, receive, send))
+    assert sent[0]["status"] == 400 and b"client_disconnected" in sent[1]["body"]
+    assert store.page()[0] == []
+
+
 def test_a_request_without_steps_gets_the_models_default_capped_at_max_steps(tmp_path):
     """OpenAI's client never sends num_inference_steps: under a --max-steps below the model's 50 its requests
     are still taken (at the cap), and an error names a field the client did send."""
