@@ -146,6 +146,35 @@ def test_a_data_dir_or_queue_that_cannot_be_opened_is_one_line(tmp_path, capsys,
     assert error.count("\n") == 1
 
 
+@pytest.mark.parametrize("command", ["serve", "worker"])
+def test_a_data_dir_that_takes_no_file_is_one_line(tmp_path, capsys, monkeypatch, command):
+    """A read-only mount (a permission a root test cannot take away): refused at start, not at each job."""
+    import errno
+    import tempfile
+
+    from cogvideox.serve import jobs
+
+    def read_only(*args, dir=None, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(dir))
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    monkeypatch.setattr(jobs, "open_store", lambda *a: pytest.fail("opened the queue with a folder that takes no file"))
+    port = ["--port", str(_free_port())] if command == "serve" else []
+    data = tmp_path / "data"
+    assert main([command, *port, "--data-dir", str(data)]) == 2
+    error = capsys.readouterr().err
+    assert error == (f"cogvideox: error: --data-dir {data}: cannot write in {data / 'videos'} (read-only file "
+                     "system); give a folder this process can write\n")  # fmt: skip
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        return free.getsockname()[1]
+
+
 def test_memory_and_speed_flags_reach_the_workers_pipeline(tmp_path):
     import torch
 

@@ -16,6 +16,7 @@ import re
 import signal
 import socket
 import sys
+import tempfile
 from pathlib import Path
 
 from cogvideox.cli_args import (
@@ -288,16 +289,25 @@ def served_loras(values: list[str], check_files: bool = True) -> dict[str, str]:
 
 
 def make_data_dir(data_dir: str) -> None:
-    """Create --data-dir and its videos/ folder, or raise `InputError` saying why not (a file of that name,
-    no permission), before the queue opens and the model loads."""
+    """Create --data-dir and its videos/ folder, and write a file there, or raise `InputError` saying why
+    not (a file of that name, no permission, a read-only mount), before the queue opens and the model
+    loads: a folder that exists but takes no file would fail every job after its generation."""
     from cogvideox.errors import InputError
 
+    videos = Path(data_dir) / "videos"
     try:
-        (Path(data_dir) / "videos").mkdir(parents=True, exist_ok=True)
+        videos.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         reason = (e.strerror or str(e)).lower()
         raise InputError(f"--data-dir {data_dir}: cannot make {e.filename or data_dir} ({reason}); give a folder "
                          "this process can write") from None
+    try:
+        with tempfile.TemporaryFile(dir=videos):
+            pass
+    except OSError as e:
+        reason = (e.strerror or str(e)).lower()
+        raise InputError(f"--data-dir {data_dir}: cannot write in {videos} ({reason}); give a folder this process "
+                         "can write") from None
 
 
 def _build_worker(args, spec, store, load: dict, speed: dict | None, loras: dict[str, str]):
