@@ -96,8 +96,8 @@ def test_a_full_disk_is_the_servers_failure_and_names_no_path(store, tmp_path, m
     assert Worker(store, lambda params, on_step: Generated(np.zeros((2, 16, 16, 3), np.uint8), {}), tmp_path,
                   "m").run_once()  # fmt: skip
     failed = store.get(job.id)
-    assert failed.error == {"code": "internal_error",
-                            "message": "the server could not store the video; its operator has the details"}  # fmt: skip
+    assert failed.error["code"] == "internal_error"
+    assert failed.error["message"] == "the server could not store the video; its operator has the details"
 
 
 def test_the_worker_keeps_its_lease_while_a_step_runs_long(store, tmp_path):
