@@ -243,6 +243,26 @@ def test_content_variants_are_made_from_the_mp4_once_and_deleted_with_it(tmp_pat
     assert sorted(p.name for p in video.parent.iterdir()) == []  # the MP4 and everything made from it
 
 
+def test_a_variant_the_server_cannot_write_is_its_failure_not_a_video_gone(tmp_path, monkeypatch):
+    from cogvideox.serve import assets
+
+    client, _, worker = make_client(tmp_path, CountingGenerator())
+    video_id = client.post("/v1/videos", json={"prompt": "a square"}).json()["id"]
+    assert worker.run_once()
+
+    def read_only(picture, path, options):  # as `write_into_place` says it on a read-only data folder
+        raise InputError(f"cannot write {path}: Read-only file system")
+
+    monkeypatch.setattr(assets, "_save_image", read_only)
+    url = f"/v1/videos/{video_id}/content"
+    response = client.get(url, params={"variant": "thumbnail"})
+    assert response.status_code == 500, response.text
+    error = response.json()["error"]
+    assert error["code"] == "internal_error" and "could not make the thumbnail" in error["message"]
+    assert str(tmp_path) not in error["message"]
+    assert client.get(url).status_code == 200  # the video itself is there all along
+
+
 def test_spritesheet_fills_rows_and_scales_wide_frames():
     from cogvideox.serve.assets import spritesheet
 
@@ -368,6 +388,7 @@ BAD_REQUESTS = {
     "unknown size": ({"json": {"prompt": "a", "size": "1280x720"}}, 400, "size"),
     "malformed size": ({"json": {"prompt": "a", "size": "large"}}, 400, "size"),
     "too long a clip": ({"json": {"prompt": "a", "seconds": "12"}}, 400, "seconds"),
+    "seconds beyond any float's frames": ({"json": {"prompt": "a", "seconds": "1e308"}}, 400, "seconds"),
     "seconds not a number": ({"json": {"prompt": "a", "seconds": "four"}}, 400, "seconds"),
     "negative seconds": ({"json": {"prompt": "a", "seconds": -1}}, 400, "seconds"),
     "zero steps": ({"json": {"prompt": "a", "num_inference_steps": 0}}, 400, "num_inference_steps"),
@@ -389,6 +410,7 @@ BAD_REQUESTS = {
     "negative seed": ({"json": {"prompt": "a", "seed": -1}}, 400, "seed"),
     "seed too big": ({"json": {"prompt": "a", "seed": 2**32}}, 400, "seed"),
     "zero fps": ({"json": {"prompt": "a", "fps": 0}}, 400, "fps"),
+    "fps below one": ({"json": {"prompt": "a", "fps": 0.001}}, 400, "fps"),  # a GIF cannot play it
     "unknown field": ({"json": {"prompt": "a", "steps": 3}}, 400, "steps"),
     "not JSON": ({"content": b'{"prompt": "a"'}, 400, None),
     "JSON nested too deeply": ({"content": b"[" * 5000}, 400, None),
@@ -412,6 +434,30 @@ def test_bad_requests_get_a_clear_4xx_and_never_reach_the_queue(tmp_path, case):
     error = response.json()["error"]
     assert error["message"] and error["type"] == "invalid_request_error" and error["code"]
     assert error["param"] == param
+    assert store.page()[0] == []
+
+
+def test_a_client_gone_mid_body_is_answered_not_raised_to_the_server(tmp_path):
+    """A cancelled upload: the app answers (to nobody) rather than raise, which the server logs as a bug."""
+    import asyncio
+
+    client, store, _ = make_client(tmp_path)
+    part = {"type": "http.request", "body": b'{"prompt": "a', "more_body": True}
+    messages = iter([part, {"type": "http.disconnect"}])
+    sent = []
+
+    async def receive():
+        return next(messages)
+
+    async def send(message):
+        sent.append(message)
+
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"500")]
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/videos", "raw_path": b"/v1/videos", "query_string": b"", "root_path": "", "headers": headers,
+             "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000)}  # fmt: skip
+    asyncio.run(client.app(scope, receive, send))
+    assert sent[0]["status"] == 400 and b"client_disconnected" in sent[1]["body"]
     assert store.page()[0] == []
 
 
@@ -475,7 +521,7 @@ def test_non_finite_guidance_is_called_not_finite(tmp_path, body):
 def test_non_finite_fps_and_form_values_are_called_not_finite(tmp_path):
     client, _, _ = make_client(tmp_path)
     fps = client.post("/v1/videos", content=b'{"prompt": "a", "fps": NaN}', headers=JSON).json()["error"]
-    assert (fps["param"], fps["message"]) == ("fps", "fps: must be a finite number above 0 and at most 120")
+    assert (fps["param"], fps["message"]) == ("fps", "fps: must be a finite number from 1 to 120")
     form = client.post("/v1/videos", data={"prompt": "a", "guidance_scale": "nan"}).json()["error"]
     assert form["message"] == "guidance_scale: must be a finite number from 0 to 50"
 
@@ -655,6 +701,13 @@ def test_rate_limit_per_key(tmp_path):
     assert client.get("/v1/videos", headers=alice).status_code == 200  # reading is not limited
 
 
+def test_a_rate_limit_under_one_a_minute_lets_one_video_through_at_a_time(tmp_path):
+    client, _, _ = make_client(tmp_path, rate_limit=0.5)  # one video every two minutes
+    assert client.post("/v1/videos", json={"prompt": "x"}).status_code == 200
+    limited = client.post("/v1/videos", json={"prompt": "x"})
+    assert limited.status_code == 429 and 110 <= int(limited.headers["retry-after"]) <= 120
+
+
 def test_refused_requests_do_not_spend_the_rate_limit(tmp_path):
     client, _, _ = make_client(tmp_path, api_keys=("a",), rate_limit=2, max_active_per_key=1)
     alice = {"Authorization": "Bearer a"}
@@ -722,6 +775,8 @@ def test_openapi_schema_matches_the_routes_and_the_answers(service):
     routes = {(r.path, m) for r in client.app.routes if getattr(r, "include_in_schema", False) for m in r.methods}
     content_head = ("/v1/videos/{video_id}/content", "HEAD")  # the one HEAD route: players ask it first
     assert documented == routes - {(p, "HEAD") for p, _ in routes} | {content_head}
+    operation_ids = [op["operationId"] for ops in schema["paths"].values() for op in ops.values()]
+    assert len(set(operation_ids)) == len(operation_ids)  # unique, as OpenAPI requires: generators name methods so
     assert {p for p, _ in documented} == {
         "/healthz", "/metrics", "/v1/models", "/v1/videos", "/v1/videos/{video_id}", "/v1/videos/{video_id}/content",
         "/v1/videos/{video_id}/remix",

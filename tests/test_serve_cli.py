@@ -73,6 +73,16 @@ def test_a_port_out_of_range_is_a_usage_error(capsys):
     assert parse(["serve", "--port", "65535"]).port == 65535
 
 
+def test_a_poll_interval_past_the_clock_is_a_usage_error(capsys):
+    for command in ("serve", "worker"):
+        for seconds in ("1e10", "3601", "0", "soon"):
+            with pytest.raises(SystemExit) as exit_:
+                parse([command, "--poll-interval", seconds])
+            assert exit_.value.code == 2
+            assert "argument --poll-interval: expected" in capsys.readouterr().err
+        assert parse([command, "--poll-interval", "3600"]).poll_interval == 3600
+
+
 def test_a_port_in_use_fails_in_one_line_before_anything_starts(tmp_path, capsys, monkeypatch):
     import socket
 
@@ -96,9 +106,11 @@ def test_a_port_in_use_fails_in_one_line_before_anything_starts(tmp_path, capsys
         (["--api-key", "  "], None, "--api-key is empty"),
         ([], ",", "$COGVIDEOX_API_KEYS is set but holds no key"),
         ([], "", "$COGVIDEOX_API_KEYS is set but holds no key"),
+        (["--api-key", "clé"], None, "an API key may hold printable ASCII characters only"),  # no client can send it
+        ([], "good,tab\tkey", "an API key may hold printable ASCII characters only"),
     ],
 )
-def test_an_empty_api_key_is_refused_not_ignored(tmp_path, capsys, monkeypatch, flags, variable, message):
+def test_an_empty_or_unsendable_api_key_is_refused_not_ignored(tmp_path, capsys, monkeypatch, flags, variable, message):
     from cogvideox.serve import spec
 
     monkeypatch.setattr(spec.ModelSpec, "load", lambda *a: pytest.fail("loaded the model before checking keys"))
@@ -132,6 +144,35 @@ def test_a_data_dir_or_queue_that_cannot_be_opened_is_one_line(tmp_path, capsys,
     error = capsys.readouterr().err
     assert error.startswith(f"cogvideox: error: cannot open the SQLite queue at {tmp_path / 'queue.sqlite3'} (file is")
     assert error.count("\n") == 1
+
+
+@pytest.mark.parametrize("command", ["serve", "worker"])
+def test_a_data_dir_that_takes_no_file_is_one_line(tmp_path, capsys, monkeypatch, command):
+    """A read-only mount (a permission a root test cannot take away): refused at start, not at each job."""
+    import errno
+    import tempfile
+
+    from cogvideox.serve import jobs
+
+    def read_only(*args, dir=None, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(dir))
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    monkeypatch.setattr(jobs, "open_store", lambda *a: pytest.fail("opened the queue with a folder that takes no file"))
+    port = ["--port", str(_free_port())] if command == "serve" else []
+    data = tmp_path / "data"
+    assert main([command, *port, "--data-dir", str(data)]) == 2
+    error = capsys.readouterr().err
+    assert error == (f"cogvideox: error: --data-dir {data}: cannot write in {data / 'videos'} (read-only file "
+                     "system); give a folder this process can write\n")  # fmt: skip
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        return free.getsockname()[1]
 
 
 def test_memory_and_speed_flags_reach_the_workers_pipeline(tmp_path):

@@ -3,6 +3,8 @@ the worker; the served video is the one the library makes from the same picture.
 clips longer than the model was trained on."""
 
 import io
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +123,15 @@ VIDEO = clip_bytes()
 NOISE = io.BytesIO()
 Image.fromarray(np.random.default_rng(0).integers(0, 256, (100, 100, 3), dtype=np.uint8)).save(NOISE, format="PNG")
 
+def png_header(width, height) -> bytes:
+    """A PNG that says it is `width` x `height` (1 bit a pixel) and holds no pixels: what Pillow opens."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
 def _with(field, value):
     return {"data": {"prompt": "a", field: value}, "files": {"input_reference": ("a.png", PNG, "image/png")}}
 
@@ -152,6 +163,10 @@ MISTAKES = {
         400, "input_reference", "send one file, not several",
     ),
     "too big a picture": (_file("a.png", NOISE.getvalue()), 413, "input_reference", "the file is over 20000 bytes"),
+    "a picture over 40 megapixels": (_file("a.png", png_header(8000, 6000)), 400, "input_reference", "8000x6000 is "
+                                     "over 40 megapixels"),
+    "a picture over Pillow's limit": (_file("a.png", png_header(20000, 20000)), 400, "input_reference", "over 40 "
+                                      "megapixels"),  # Pillow refuses to open it at all
     "another length": (_with("seconds", "2"), 400, "seconds", "makes 9 frames only"),
     "riflex": (_with("riflex", "true"), 400, "riflex", "leave riflex off"),
     "a bad resize": (_with("resize", "fit"), 400, "resize", "stretch"),
@@ -309,15 +324,33 @@ VIDEO_MISTAKES = {
 @pytest.mark.parametrize("case", VIDEO_MISTAKES, ids=list(VIDEO_MISTAKES))
 def test_video_to_video_mistakes_keep_nothing(tmp_path, case):
     files, fields, param, message = VIDEO_MISTAKES[case]
-    spec = ModelSpec.from_folder(write_config_folder(tmp_path / "model"), "tiny")
-    store = SQLiteStore(tmp_path / "jobs.sqlite3")
-    client = TestClient(create_app(spec, store, Settings(data_dir=tmp_path)))
+    client, store = _t2v_client(tmp_path)
     response = client.post("/v1/videos", data={"prompt": "a", **fields}, files=files or None)
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == param and message in error["message"], error
     assert str(tmp_path) not in error["message"]  # the server's folders are none of the client's business
     assert store.page()[0] == [] and stored_inputs(tmp_path) == []
+
+
+def _t2v_client(tmp_path):
+    spec = ModelSpec.from_folder(write_config_folder(tmp_path / "model"), "tiny")
+    store = SQLiteStore(tmp_path / "jobs.sqlite3")
+    return TestClient(create_app(spec, store, Settings(data_dir=tmp_path))), store
+
+
+def test_a_video_over_4k_is_refused_before_its_frames_are_decoded(tmp_path, monkeypatch):
+    """A few KB of black frames decode to gigabytes: the frame size is read from the header first."""
+    from cogvideox.serve import inputs
+
+    monkeypatch.setattr(inputs, "read_input_video", lambda *a: pytest.fail("decoded a video over 4K"))
+    big = export_video(np.zeros((1, 2176, 3856, 3), np.uint8), tmp_path / "big.mp4", fps=8).read_bytes()
+    client, store = _t2v_client(tmp_path / "data")
+    response = client.post("/v1/videos", data={"prompt": "a"}, files={"input_reference": ("big.mp4", big, "video/mp4")})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "input_reference" and "its frames are 3856x2176, over 4K" in error["message"]
+    assert store.page()[0] == [] and stored_inputs(tmp_path / "data") == []
 
 
 def test_a_last_frame_draws_the_video_towards_it(i2v_service, tmp_path):

@@ -50,7 +50,7 @@ def test_seconds_map_to_frame_counts_the_model_makes(tmp_path):
     assert spec.frames_for(None, 8) == 49
     assert [spec.frames_for(s, 8) for s in (0.1, 1, 4, 4.4, 6, 6.125)] == [9, 9, 33, 33, 49, 49]
     assert spec.frames_for(2, 16) == 33  # a higher frame rate: more frames for the same length
-    for seconds, fps in ((7, 8), (4, 16)):
+    for seconds, fps in ((7, 8), (4, 16), (1e308, 8)):  # 1e308 s at 8 fps: more frames than a float holds
         with pytest.raises(InputError, match="at most 49 frames"):
             spec.frames_for(seconds, fps)
 

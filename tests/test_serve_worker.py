@@ -1,6 +1,7 @@
 """The worker's side of the contract: a job cut short by shutdown goes back to the queue untouched, a job
 cancelled while its file was being written leaves no file, and failures are reported by kind."""
 
+import errno
 import threading
 import time
 
@@ -82,6 +83,21 @@ def test_a_video_the_server_cannot_store_is_its_own_failure_and_logged(store, tm
     failed = store.get(job.id)
     assert failed.error["code"] == "internal_error" and str(tmp_path) not in failed.error["message"]
     assert any(job.id in r.getMessage() and "cannot store its video" in r.getMessage() for r in caplog.records)
+
+
+def test_a_full_disk_is_the_servers_failure_and_names_no_path(store, tmp_path, monkeypatch):
+    from cogvideox.serve import worker as worker_module
+
+    def full(frames, path, **kwargs):  # what PyAV raises when the disk fills while it writes
+        raise OSError(errno.ENOSPC, "No space left on device", str(path.parent / f".{path.stem}.1234.mp4.part"))
+
+    monkeypatch.setattr(worker_module, "export_video", full)
+    job = store.create("m", "o", PARAMS)
+    assert Worker(store, lambda params, on_step: Generated(np.zeros((2, 16, 16, 3), np.uint8), {}), tmp_path,
+                  "m").run_once()  # fmt: skip
+    failed = store.get(job.id)
+    assert failed.error["code"] == "internal_error"
+    assert failed.error["message"] == "the server could not store the video; its operator has the details"
 
 
 def test_the_worker_keeps_its_lease_while_a_step_runs_long(store, tmp_path):

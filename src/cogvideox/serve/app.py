@@ -340,9 +340,7 @@ def create_app(spec: ModelSpec, store: JobStore, settings: Settings, worker: Wor
         """A job: its status, progress (percent), timings once done, error if it failed."""
         return show(find(video_id, owner))
 
-    @app.api_route(
-        "/v1/videos/{video_id}/content",
-        methods=["GET", "HEAD"],  # players and download tools ask for the size and type first
+    content_route = dict(
         response_class=FileResponse,
         tags=["videos"],
         responses={
@@ -355,6 +353,8 @@ def create_app(spec: ModelSpec, store: JobStore, settings: Settings, worker: Wor
             **_errors(400, 401, 404, 409, 416),
         },
     )
+
+    @app.get("/v1/videos/{video_id}/content", **content_route)
     def get_video_content(
         request: Request,
         video_id: str,
@@ -372,8 +372,13 @@ def create_app(spec: ModelSpec, store: JobStore, settings: Settings, worker: Wor
         try:
             path = assets.make_asset(video, variant, fps=job.params["fps"])
             stat = path.stat()
-        except (FileNotFoundError, InputError):  # the MP4 went (deleted meanwhile), or never was
-            raise _file_gone(video_id) from None
+        except (FileNotFoundError, InputError) as e:
+            if not video.exists():  # the MP4 went (deleted meanwhile), or never was
+                raise _file_gone(video_id) from None
+            # The MP4 is there: the server's folder (read-only, say) or file failed it; the log says which.
+            log.error("cannot make the %s of video %s: %s", variant, video_id, e)
+            raise ApiError(500, "internal_error", f"the server could not make the {variant} of this video; its "
+                           "operator has the details") from None  # fmt: skip
         if path != video and not video.exists():  # deleted while the asset was made: no orphan left
             path.unlink(missing_ok=True)
             raise _file_gone(video_id)
@@ -382,6 +387,10 @@ def create_app(spec: ModelSpec, store: JobStore, settings: Settings, worker: Wor
             path, media_type=media_type, filename=path.name, content_disposition_type="inline", stat_result=stat
         )
         return file_response(request, response, stat.st_size)
+
+    # Players and download tools ask for the size and type first. A route of its own, so that its operation
+    # has an id of its own: OpenAPI requires them unique, and client generators key their methods by them.
+    app.head("/v1/videos/{video_id}/content", operation_id="head_video_content", **content_route)(get_video_content)
 
     @app.delete("/v1/videos/{video_id}", response_model=VideoDeleted, tags=["videos"], responses=_errors(401, 404))
     def delete_video(video_id: str, owner: str = Depends(caller)) -> VideoDeleted:

@@ -11,7 +11,7 @@ from typing import Any
 
 from starlette.datastructures import UploadFile
 from starlette.formparsers import FormParser, MultiPartParser
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from cogvideox.serve.errors import ApiError
 
@@ -52,11 +52,14 @@ async def read_fields(request: Request, max_bytes: int, files: dict[str, int] | 
     if declared.isdigit() and int(declared) > limit:
         raise _too_large(limit)
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
+    except ClientDisconnect:  # the client went (an upload cancelled): its doing, not a traceback in our log
+        raise ApiError(400, "client_disconnected", "the connection closed before the request body was whole") from None
     body = b"".join(chunks)
 
     if media_type == "application/json" or media_type.endswith("+json"):

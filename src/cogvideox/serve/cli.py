@@ -16,6 +16,7 @@ import re
 import signal
 import socket
 import sys
+import tempfile
 from pathlib import Path
 
 from cogvideox.cli_args import (
@@ -46,6 +47,18 @@ def port_number(text: str) -> int:
     if not 1 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"expected a port number from 1 to 65535, got {port}")
     return port
+
+
+MAX_POLL_SECONDS = 3600
+
+
+def poll_seconds(text: str) -> float:
+    """A `type=` for --poll-interval: seconds above 0, at most an hour (a wait past 2**63 ns overflows the
+    clock, and stopped the worker's loop, while the server answered as if it ran)."""
+    seconds = positive_float(text)
+    if seconds > MAX_POLL_SECONDS:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds up to {MAX_POLL_SECONDS}, got {text}")
+    return seconds
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -84,9 +97,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--poll-interval",
-        type=positive_float,
+        type=poll_seconds,
         default=0.5,
-        help="seconds between looks at an empty queue (default: 0.5)",
+        help=f"seconds between looks at an empty queue, at most {MAX_POLL_SECONDS} (default: 0.5)",
     )
     parser.add_argument(
         "--log-level",
@@ -276,16 +289,25 @@ def served_loras(values: list[str], check_files: bool = True) -> dict[str, str]:
 
 
 def make_data_dir(data_dir: str) -> None:
-    """Create --data-dir and its videos/ folder, or raise `InputError` saying why not (a file of that name,
-    no permission), before the queue opens and the model loads."""
+    """Create --data-dir and its videos/ folder, and write a file there, or raise `InputError` saying why
+    not (a file of that name, no permission, a read-only mount), before the queue opens and the model
+    loads: a folder that exists but takes no file would fail every job after its generation."""
     from cogvideox.errors import InputError
 
+    videos = Path(data_dir) / "videos"
     try:
-        (Path(data_dir) / "videos").mkdir(parents=True, exist_ok=True)
+        videos.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         reason = (e.strerror or str(e)).lower()
         raise InputError(f"--data-dir {data_dir}: cannot make {e.filename or data_dir} ({reason}); give a folder "
                          "this process can write") from None
+    try:
+        with tempfile.TemporaryFile(dir=videos):
+            pass
+    except OSError as e:
+        reason = (e.strerror or str(e)).lower()
+        raise InputError(f"--data-dir {data_dir}: cannot write in {videos} ({reason}); give a folder this process "
+                         "can write") from None
 
 
 def _build_worker(args, spec, store, load: dict, speed: dict | None, loras: dict[str, str]):
@@ -312,7 +334,14 @@ def api_keys(flags: list[str], variable: str | None) -> tuple[str, ...]:
     from_variable = () if variable is None else tuple(k.strip() for k in variable.split(",") if k.strip())
     if variable is not None and not from_variable:
         raise InputError(f"${ENV_API_KEYS} is set but holds no key; unset it to run without keys")
-    return tuple(k.strip() for k in flags) + from_variable
+    keys = tuple(k.strip() for k in flags) + from_variable
+    for key in keys:
+        # A header is Latin-1 to the server and ASCII to most clients: a key with another character could
+        # never be sent as it was given, and would lock every client out.
+        if not all(" " <= character <= "~" for character in key):
+            raise InputError("an API key may hold printable ASCII characters only (letters, digits, punctuation), "
+                             "as an HTTP header carries it; choose another key")  # fmt: skip
+    return keys
 
 
 def run_serve(args: argparse.Namespace) -> int:

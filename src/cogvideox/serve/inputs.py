@@ -26,6 +26,9 @@ log = logging.getLogger("cogvideox.serve")
 # Far above any video size (1.5 makes 1360x768), well below what would take a worker's memory: a 40 MP
 # photo is 120 MB as RGB.
 MAX_PIXELS = 40_000_000
+# A video's frames are decoded whole, on the API server and again on the worker: 49 frames of 8K are 4.9 GB
+# from a 50 KB file of black frames. 4K (what phones record) is 1.2 GB, and far above any video size.
+MAX_VIDEO_PIXELS = 3840 * 2160
 FORMATS = ("PNG", "JPEG", "WEBP")
 
 _NAME = re.compile(r"[0-9a-f]{32}\.(png|video)")
@@ -45,6 +48,8 @@ def is_picture(upload: Upload) -> bool:
     try:
         with Image.open(io.BytesIO(upload.data)):
             return True
+    except Image.DecompressionBombError:  # a picture too large to open: `store_image` says so
+        return True
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         return False
 
@@ -66,15 +71,22 @@ def store_image(upload: Upload, data_dir: str | Path, param: str = "input_refere
                                f"{param}: a {opened.format} file; send a PNG, JPEG or WebP picture", param)  # fmt: skip
             width, height = opened.size
             if width * height > MAX_PIXELS:
-                too_big = f"{width}x{height} is over {MAX_PIXELS // 10**6} megapixels"
-                raise ApiError(400, "invalid_image", f"{param}: {too_big}; send a smaller picture (it is resized "
-                               "to the video anyway)", param)  # fmt: skip
+                raise _too_big(param, f"{width}x{height} is")
             opened.load()
             picture = load_image(ImageOps.exif_transpose(opened))
-    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
+    except Image.DecompressionBombError:  # Pillow's own limit, far above ours, met when it opens the file
+        raise _too_big(param, "the picture is") from None
+    except (OSError, ValueError, SyntaxError) as e:
         raise ApiError(400, "invalid_image", f"{param}: cannot decode the file as a picture ({e}); "
                        "send a PNG, JPEG or WebP", param) from None  # fmt: skip
     return _keep(data_dir, ".png", lambda temporary: picture.save(temporary, format="PNG"))
+
+
+def _too_big(param: str, what: str):
+    from cogvideox.serve.errors import ApiError
+
+    return ApiError(400, "invalid_image", f"{param}: {what} over {MAX_PIXELS // 10**6} megapixels; send a smaller "
+                    "picture (it is resized to the video anyway)", param)  # fmt: skip
 
 
 def store_video(upload: Upload, data_dir: str | Path, fps: float, max_frames: int, param: str = "input_reference"):
@@ -86,6 +98,11 @@ def store_video(upload: Upload, data_dir: str | Path, fps: float, max_frames: in
     if not upload.data:
         raise ApiError(400, "invalid_video", f"{param}: the file is empty", param)
     name = _keep(data_dir, ".video", lambda temporary: Path(temporary).write_bytes(upload.data))
+    width, height = _frame_size(input_path(data_dir, name))
+    if width * height > MAX_VIDEO_PIXELS:
+        remove_input(data_dir, name)
+        raise ApiError(400, "invalid_video", f"{param}: its frames are {width}x{height}, over 4K (3840x2160 "
+                       "pixels); send a smaller video (it is resized to the video size anyway)", param)  # fmt: skip
     try:
         frames = read_input_video(data_dir, name, fps, max_frames)
     except InputError as e:
@@ -95,6 +112,21 @@ def store_video(upload: Upload, data_dir: str | Path, fps: float, max_frames: in
         raise ApiError(400, "invalid_video", f"{param}: cannot decode the file as a picture or a video {why}",
                        param) from None  # fmt: skip
     return name, len(frames)
+
+
+def _frame_size(path: Path) -> tuple[int, int]:
+    """(width, height) of a video file's frames, from its header, without decoding any; (0, 0) for a file
+    PyAV cannot open as a video (decoding it then says why)."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                return 0, 0
+            context = container.streams.video[0].codec_context
+            return context.width, context.height
+    except (av.FFmpegError, OSError, ValueError):
+        return 0, 0
 
 
 def read_input_video(data_dir: str | Path, name: str, fps: float, max_frames: int) -> np.ndarray:

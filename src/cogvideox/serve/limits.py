@@ -37,13 +37,14 @@ class ApiKeys:
 
 
 class RateLimiter:
-    """Token buckets: each owner may start `per_minute` jobs a minute, in bursts of up to `per_minute`.
+    """Token buckets: each owner may start `per_minute` jobs a minute, in bursts of up to `per_minute` (one
+    at least: a bucket that cannot hold a whole token, under one a minute, would never let a job through).
 
     In memory, per API process; several API servers behind a balancer each apply it to what they see.
     """
 
     def __init__(self, per_minute: float) -> None:
-        self.capacity = float(per_minute)
+        self.capacity = max(1.0, per_minute) if per_minute > 0 else 0.0
         self.rate = per_minute / 60.0  # tokens per second
         self._buckets: dict[str, tuple[float, float]] = {}  # owner -> (tokens, time of last update)
         self._lock = threading.Lock()

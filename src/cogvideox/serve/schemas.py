@@ -21,6 +21,9 @@ from cogvideox.serve.jobs import Job
 MAX_PROMPT_CHARS = 2000  # T5 reads 226 tokens, roughly a thousand characters of English; allow some slack
 MAX_STEPS = 1000  # the schedulers' training steps; the server's --max-steps usually caps lower
 MAX_GUIDANCE = 50.0
+# At 1 fps the longest clip (161 frames, 1.5 with RIFLEx) lasts 161 s. Lower rates broke downloads: an MP4
+# takes no rate under 1/1001, and a GIF no frame over 655.35 s (a still video's frames merge into one).
+MIN_FPS = 1.0
 MAX_FPS = 120.0
 MAX_LORA_SCALE = 10.0
 MAX_LORAS = 8
@@ -30,7 +33,7 @@ Status = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
 # What a float field must be, said when it is NaN or infinite (the range check alone would call NaN too big).
 _FLOAT_RANGES = {
     "guidance_scale": f"from 0 to {MAX_GUIDANCE:g}",
-    "fps": f"above 0 and at most {MAX_FPS:g}",
+    "fps": f"from {MIN_FPS:g} to {MAX_FPS:g}",
     "strength": "above 0 and at most 1",
     "scale": f"from -{MAX_LORA_SCALE:g} to {MAX_LORA_SCALE:g}",
 }
@@ -126,7 +129,7 @@ class VideoCreate(_Request):
         description="Classifier-free guidance scale; default: the model's recommendation (6 for the released models).",
     )
     fps: float | None = Field(
-        None, gt=0, le=MAX_FPS, description="Frame rate of the MP4; default: the model's."
+        None, ge=MIN_FPS, le=MAX_FPS, description="Frame rate of the MP4; default: the model's."
     )
     enhance_prompt: bool | None = Field(
         None, description="Rewrite the prompt with the server's prompt enhancer (default: on when it has one)."

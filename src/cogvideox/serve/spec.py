@@ -6,6 +6,7 @@ The worker's `Pipeline.check_request` stays the final word; this only keeps impo
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,8 +128,8 @@ class ModelSpec:
         `riflex`, up to `riflex_frames`."""
         if seconds is None:
             return self.num_frames
-        steps = max(1, round(seconds * fps / self.frame_step))
-        frames = self.frame_step * steps + 1
+        steps = seconds * fps / self.frame_step  # inf for 1e308 s: refused below as too long
+        frames = self.frame_step * max(1, round(steps)) + 1 if math.isfinite(steps) else math.inf
         if self.one_length and frames != self.num_frames:
             raise InputError(
                 f"seconds: this model makes {self.num_frames} frames only ({self.num_frames / fps:g} s at {fps:g} fps; "

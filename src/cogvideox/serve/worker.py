@@ -241,7 +241,7 @@ class Worker:
                 try:
                     path = export_video(generated.frames, video_path(self.data_dir, job.id), fps=job.params["fps"],
                                         metadata=generated.record)  # fmt: skip
-                except InputError as e:  # the request was fine: the server's own folder is not
+                except (InputError, OSError) as e:  # the request was fine: the server's own folder is not (full)
                     raise _StorageError(str(e)) from e
                 timings = {**generated.timings, "write": time.perf_counter() - start}
             except _Stop as stop:
