@@ -133,6 +133,19 @@ def test_list_of_frames_floats_and_other_fps(tmp_path):
     assert frames.shape == video.shape and fps == pytest.approx(23.976, abs=1e-3)
 
 
+def test_a_gif_too_slow_to_store_is_an_input_error(tmp_path):
+    """A GIF delay is a 16-bit count of hundredths: a frame, or a still stretch Pillow merges into one,
+    of more than 655.35 s is refused in words, with nothing left behind."""
+    moving, still = moving_square(frames=3), np.zeros((3, 32, 64, 3), np.uint8)
+    for frames, fps, message in [(moving, 0.001, "at 0.001 fps a frame lasts 1000 s"),
+                                 (still, 0.004, "stays on one picture for more than 655.35 s at 0.004 fps")]:
+        with pytest.raises(InputError, match=message):
+            export_video(frames, tmp_path / "slow.gif", fps=fps)
+    assert not any(tmp_path.iterdir())
+    export_video(moving, tmp_path / "slow.gif", fps=0.002)  # 500 s a frame: a GIF holds that
+    assert read_video(tmp_path / "slow.gif")[0].shape == moving.shape
+
+
 def test_tensors_and_pictures_are_frames_too(tmp_path):
     """A uint8 or float tensor (bf16 included), a list of tensors or of RGB pictures: the frames the same
     numpy array gives."""

@@ -273,6 +273,8 @@ def _write_mp4(frames: np.ndarray, file: str, rate: Fraction, comment: str | Non
 
 # The fastest a GIF plays: each frame is shown for at least 20 ms (see `gif_delays`).
 GIF_MAX_FPS = 50
+# The longest a GIF shows one picture: its delay is a 16-bit count of hundredths of a second.
+GIF_LONGEST_MS = 655_350
 
 
 def gif_delays(count: int, rate: Fraction) -> list[int]:
@@ -296,10 +298,19 @@ def _write_gif(frames: np.ndarray, file: str, rate: Fraction, comment: str | Non
     # Each frame gets its own 256-colour palette by median cut, undithered: on the demo model's videos
     # 0.08/255 from the frames on average (dithering would add noise to flat backgrounds). Identical
     # neighbours are merged by Pillow into one longer frame, which plays the same.
+    delays = gif_delays(len(frames), rate)
+    if max(delays) > GIF_LONGEST_MS:
+        raise InputError(f"a GIF shows one picture for at most {GIF_LONGEST_MS / 1000:g} s, and at {float(rate):g} fps "
+                         f"a frame lasts {max(delays) / 1000:g} s; raise the frame rate or write an MP4")  # fmt: skip
     pictures = [gif_palette(frame) for frame in frames]
     extra = {} if comment is None else {"comment": comment.encode("utf-8")}
-    pictures[0].save(file, format="GIF", save_all=True, append_images=pictures[1:],
-                     duration=gif_delays(len(frames), rate), loop=0, **extra)
+    try:
+        pictures[0].save(file, format="GIF", save_all=True, append_images=pictures[1:], duration=delays, loop=0,
+                         **extra)  # fmt: skip
+    except OverflowError:  # Pillow's merged picture of identical frames lasts past the 16-bit delay
+        raise InputError(f"the video stays on one picture for more than {GIF_LONGEST_MS / 1000:g} s at "
+                         f"{float(rate):g} fps, longer than a GIF can show one; raise the frame rate or write an "
+                         "MP4") from None  # fmt: skip
 
 
 def export_or_rescue(
