@@ -852,3 +852,19 @@ def test_finished_videos_expire_with_their_files(tmp_path):
         wait_until(lambda: live.get(f"/v1/videos/{made['id']}").status_code == 404, timeout=20, what="the sweep")
         assert not video_path(data, made["id"]).exists()
     live_store.close()
+
+
+def test_health_is_503_once_the_worker_could_not_load_the_model(tmp_path):
+    """A server whose own worker failed to load (a missing model, out of memory) says so with a 503, which a
+    supervisor acts on, rather than an "ok" while it queues videos nothing of its own will make."""
+    from cogvideox.serve.worker import PipelineGenerator
+
+    spec = ModelSpec.from_folder(write_config_folder(tmp_path / "model"), "tiny")
+    store = SQLiteStore(tmp_path / "jobs.sqlite3")
+    worker = Worker(store, PipelineGenerator(str(tmp_path / "no-model")), tmp_path, spec.name)
+    with TestClient(create_app(spec, store, Settings(data_dir=tmp_path), worker)) as client:
+        wait_until(lambda: worker.state == "failed", timeout=30, what="the failed load")
+        health = client.get("/healthz")
+        assert health.status_code == 503
+        assert health.json() == {"status": "failed", "model": "tiny", "worker": "failed"}
+    store.close()

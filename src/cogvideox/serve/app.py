@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
@@ -171,10 +171,15 @@ def create_app(spec: ModelSpec, store: JobStore, settings: Settings, worker: Wor
     # -------------------------------------------------------------------------------------------------
     # Service
 
-    @app.get("/healthz", response_model=Health, tags=["service"])
-    def healthz() -> Health:
-        """Liveness, without a key: answers as soon as the API is up (the worker may still be loading)."""
-        return Health(model=spec.name, worker=worker.state if worker is not None else "off")
+    @app.get("/healthz", response_model=Health, tags=["service"], responses={503: {"model": Health}})
+    def healthz(response: Response) -> Health:
+        """Liveness, without a key: answers as soon as the API is up (the worker may still be loading); 503
+        once this process's worker could not load the model (its log says why), so that whatever watches
+        the service restarts it rather than let it queue videos no worker of its own will make."""
+        state = worker.state if worker is not None else "off"
+        if state == "failed":
+            response.status_code = 503
+        return Health(status="failed" if state == "failed" else "ok", model=spec.name, worker=state)
 
     @app.get(
         "/metrics",

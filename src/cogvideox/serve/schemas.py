@@ -341,6 +341,6 @@ class ErrorResponse(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok"] = "ok"
+    status: Literal["ok", "failed"] = Field("ok", description='"failed" (a 503) once the worker failed to load.')
     model: str
     worker: str = Field(description='"off" (separate workers), "loading", "ready" or "failed".')
