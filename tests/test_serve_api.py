@@ -868,3 +868,15 @@ def test_health_is_503_once_the_worker_could_not_load_the_model(tmp_path):
         assert health.status_code == 503
         assert health.json() == {"status": "failed", "model": "tiny", "worker": "failed"}
     store.close()
+
+
+def test_a_retention_of_moments_sweeps_once_a_second_not_without_pause(tmp_path, monkeypatch):
+    spec = ModelSpec.from_folder(write_config_folder(tmp_path / "model"), "tiny")
+    store = SQLiteStore(tmp_path / "jobs.sqlite3")
+    sweeps = []
+    real = store.expire
+    monkeypatch.setattr(store, "expire", lambda before: sweeps.append(before) or real(before))
+    with TestClient(create_app(spec, store, Settings(data_dir=tmp_path, expire_after=1e-6))):
+        time.sleep(1.5)
+    assert 1 <= len(sweeps) <= 3, len(sweeps)  # at start and a second later; not a sweep per event-loop turn
+    store.close()

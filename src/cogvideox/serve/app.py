@@ -464,10 +464,14 @@ def expire_videos(store: JobStore, data_dir: Path, expire_after: float, now: flo
     return count
 
 
+SWEEP_MIN_S = 1.0
+
+
 async def _sweep(store: JobStore, settings: Settings) -> None:
-    """`expire_videos` now and then (every tenth of the retention, at most a minute apart), for the
-    server's life; a failure (the database away) is logged and tried again at the next round."""
-    interval = min(60.0, settings.expire_after / 10)
+    """`expire_videos` now and then (every tenth of the retention, from a second to a minute apart: a
+    retention of moments does not make the sweep run without pause), for the server's life; a failure
+    (the database away) is logged and tried again at the next round."""
+    interval = min(60.0, max(SWEEP_MIN_S, settings.expire_after / 10))
     while True:
         try:
             count = await run_in_threadpool(expire_videos, store, settings.data_dir, settings.expire_after)
