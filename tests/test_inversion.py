@@ -254,9 +254,15 @@ def test_reconstructions_play_at_the_rate_the_video_was_sampled_at(tiny_rope_dir
         assert main(["regenerate", str(inverted), "--output", str(again), *model]) == 0
         assert Inversion.load(inverted).fps == want
         assert read_video(tmp_path / f"{rate}.mp4")[1] == want and read_video(again)[1] == want
-    assert main(["regenerate", str(inverted), "--output", str(again), "--fps", "12", *model]) == 0
+    assert main(["regenerate", str(inverted), "--output", str(again), "--fps", "12", "--prompt", "a dog", *model]) == 0
     assert read_video(again)[1] == 12
+    # What made them, for `info` (no generation to record: exit status 1, as for encoded latents)
     capsys.readouterr()
+    assert main(["info", str(tmp_path / "source.mp4"), str(again)]) == 1
+    assert capsys.readouterr().out.splitlines() == [
+        f"{tmp_path / 'source.mp4'}: the reconstruction of {source} by cogvideox invert (no generation to record)",
+        f"{again}: regenerated from the inversion {inverted}; make it again with: cogvideox regenerate {inverted} "
+        "--prompt 'a dog'"]  # fmt: skip
 
 
 def test_a_regenerated_video_that_cannot_be_written_is_saved_elsewhere(tiny_rope_dir, tmp_path, capsys, monkeypatch):

@@ -196,7 +196,12 @@ def test_encode_every_frame_reconstructs_at_the_videos_own_rate(capsys, tiny_rop
     assert main(["encode", str(tmp_path / "in.mp4"), "-o", str(latents), "--reconstruct", str(round_trip),
                  "--video-fps", "source", "--model", str(tiny_rope_dir), "--quiet"]) == 0  # fmt: skip
     assert read_video(round_trip)[1] == 10 and LatentVideo.load(latents).fps == 10
+    assert main(["decode", str(latents), "-o", str(tmp_path / "again.mp4"), "--quiet"]) == 0
     capsys.readouterr()
+    assert main(["info", str(round_trip), str(tmp_path / "again.mp4")]) == 1
+    assert capsys.readouterr().out.splitlines() == [
+        f"{path}: the VAE round trip of {tmp_path / 'in.mp4'} by cogvideox encode (no generation to record)"
+        for path in (round_trip, tmp_path / "again.mp4")]  # fmt: skip
 
 
 def test_info_describes_an_inversion_instead_of_refusing_it(capsys, tmp_path):

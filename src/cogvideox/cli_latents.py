@@ -14,6 +14,7 @@ import argparse
 import time
 from pathlib import Path
 
+from cogvideox import provenance
 from cogvideox.cli_args import (
     MODEL_HELP,
     add_model_arguments,
@@ -104,7 +105,8 @@ def _decode(args: argparse.Namespace) -> int:
     decode_time = time.perf_counter() - start
     fps = args.fps or latent.fps
     start = time.perf_counter()
-    export_or_rescue(frames, output, fps, metadata=_at_rate(latent.record, fps))
+    remade = provenance.remade_record("encode", latent.source) if latent.made_by == "encode" and latent.source else None
+    export_or_rescue(frames, output, fps, metadata=_at_rate(latent.record, fps) or remade)
     print(f"wrote {output} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]}, {fps:g} fps) | load "
           f"{load_time:.1f}s, decode {decode_time:.1f}s, write {time.perf_counter() - start:.1f}s")  # fmt: skip
     return 0
@@ -157,7 +159,7 @@ def _encode(args: argparse.Namespace) -> int:
         report.append(f"wrote {latents_path}")
     if video_path is not None:
         video = vae.decode(latents, progress=not args.quiet)
-        export_video(video, video_path, fps=fps)
+        export_video(video, video_path, fps=fps, metadata=provenance.remade_record("encode", args.video))
         used = conditioning.resize_frames(frames[:count], height, width, args.resize)
         report.append(f"wrote {video_path} (PSNR {psnr(video, used):.2f} dB against the input)")
     print(" | ".join(report) + f" | load {load_time:.1f}s, run {time.perf_counter() - start:.1f}s")

@@ -20,6 +20,7 @@ import time
 import warnings
 from pathlib import Path
 
+from cogvideox import provenance
 from cogvideox.cli import _quiet_libraries, stage_times
 from cogvideox.cli_args import (
     MODEL_HELP,
@@ -304,7 +305,8 @@ def _invert(args: argparse.Namespace) -> int:
         report.append(f"wrote {latents_path}")
     if video_path is not None:
         video = reconstruct(pipe, inversion, progress=not args.quiet).frames[0]
-        export_or_rescue(video, video_path, fps=args.fps or taken or pipe.default_fps)
+        made = provenance.remade_record("invert", args.video)
+        export_or_rescue(video, video_path, fps=args.fps or taken or pipe.default_fps, metadata=made)
         used = conditioning.resize_frames(
             frames[: inversion.num_frames], inversion.height, inversion.width, args.resize
         )
@@ -344,7 +346,8 @@ def _regenerate(args: argparse.Namespace) -> int:
     video = result.frames[0]
     fps = args.fps or inversion.fps or pipe.default_fps
     start = time.perf_counter()
-    export_or_rescue(video, output, fps=fps)
+    made = provenance.remade_record("regenerate", args.latents, prompt_edit=args.prompt)
+    export_or_rescue(video, output, fps=fps, metadata=made)
     stages = {"load": load_time, **result.timings, "write": time.perf_counter() - start}
     print(
         f"wrote {output} ({video.shape[0]} frames, {video.shape[2]}x{video.shape[1]}, {fps:g} fps) | "
@@ -356,7 +359,6 @@ def _regenerate(args: argparse.Namespace) -> int:
 def _info(args: argparse.Namespace) -> int:
     import json
 
-    from cogvideox import provenance
     from cogvideox.latents import describe_unrecorded, is_latents_path, read_record
     from cogvideox.video import read_metadata
 
@@ -366,7 +368,8 @@ def _info(args: argparse.Namespace) -> int:
     for path, metadata in found:
         if not provenance.is_record(metadata):
             note = (describe_unrecorded(path) if is_latents_path(path)
-                    else f"{path}: no cogvideox record (made by another program, or re-encoded since)")  # fmt: skip
+                    else provenance.describe_remade(path, metadata)
+                    or f"{path}: no cogvideox record (made by another program, or re-encoded since)")  # fmt: skip
             print(note, file=sys.stderr if args.json else sys.stdout)  # --json: stdout holds JSON alone
             status = 1
         elif args.json:

@@ -9,6 +9,7 @@ compilation) are left out, as in the batch manifest.
 
 from __future__ import annotations
 
+import os
 import shlex
 
 from cogvideox import __version__
@@ -45,6 +46,33 @@ def record(prompt: str, seed: int, settings: dict, **inputs) -> dict:
 
 def is_record(metadata: dict) -> bool:
     return isinstance(metadata.get(MARK), str) and isinstance(metadata.get("prompt"), str)
+
+
+# The commands that remake a video from latents rather than generate one: their videos record what
+# made them and from what, not a generation.
+REMADE_BY = ("encode", "invert", "regenerate")
+
+
+def remade_record(made_by: str, source: str | os.PathLike, **details) -> dict:
+    """The record of a video that `cogvideox made_by` remade from `source` (the video encoded or inverted,
+    or the inversion file regenerated); `details` such as the regeneration's prompt (None values left
+    out)."""
+    return {MARK: __version__, "remade_by": made_by, "source": str(source),
+            **{k: v for k, v in details.items() if v is not None}}  # fmt: skip
+
+
+def describe_remade(path: str | os.PathLike, metadata: dict) -> str | None:
+    """What `cogvideox info` says of a video `remade_record` describes; None for any other."""
+    made_by, source = metadata.get("remade_by"), metadata.get("source")
+    if not isinstance(metadata.get(MARK), str) or made_by not in REMADE_BY or not isinstance(source, str):
+        return None
+    if made_by == "regenerate":
+        again = ["cogvideox", "regenerate", source]
+        if isinstance(metadata.get("prompt_edit"), str):
+            again += ["--prompt", metadata["prompt_edit"]]
+        return f"{path}: regenerated from the inversion {source}; make it again with: {shlex.join(again)}"
+    what = "VAE round trip" if made_by == "encode" else "reconstruction"
+    return f"{path}: the {what} of {source} by cogvideox {made_by} (no generation to record)"
 
 
 def command(entry: dict) -> list[str]:
