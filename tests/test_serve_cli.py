@@ -167,6 +167,26 @@ def test_a_data_dir_that_takes_no_file_is_one_line(tmp_path, capsys, monkeypatch
                      "system); give a folder this process can write\n")  # fmt: skip
 
 
+def test_files_left_half_written_by_a_killed_process_are_removed_at_start(tmp_path):
+    """A worker killed while it wrote an MP4 leaves its temporary file; the next start removes such files
+    once they are an hour old (a younger one may be another worker's, being written), and nothing else."""
+    import os
+    import time
+
+    from cogvideox.serve.cli import STALE_PART_S, make_data_dir
+
+    videos = tmp_path / "data" / "videos"
+    videos.mkdir(parents=True)
+    stale, fresh, video = videos / ".abc.x1y2.mp4.part", videos / ".def.z3w4.mp4.part", videos / "abc.mp4"
+    for path in (stale, fresh, video):
+        path.write_bytes(b"frames")
+    old = time.time() - STALE_PART_S - 60
+    for path in (stale, video):
+        os.utime(path, (old, old))
+    make_data_dir(str(tmp_path / "data"))
+    assert sorted(p.name for p in videos.iterdir()) == sorted([fresh.name, video.name])
+
+
 def _free_port() -> int:
     import socket
 

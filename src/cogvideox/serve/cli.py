@@ -308,6 +308,31 @@ def make_data_dir(data_dir: str) -> None:
         reason = (e.strerror or str(e)).lower()
         raise InputError(f"--data-dir {data_dir}: cannot write in {videos} ({reason}); give a folder this process "
                          "can write") from None
+    removed = remove_stale_parts(videos)
+    if removed:
+        log.info("removed %d file(s) a process stopped while it wrote them, from %s", removed, videos)
+
+
+# A file is written under a temporary name (`files.write_into_place`) in seconds; one this old was left by a
+# process killed while it wrote, and no process of the service will finish it.
+STALE_PART_S = 3600
+
+
+def remove_stale_parts(folder: Path, now: float | None = None) -> int:
+    """Delete the temporary files (.NAME.XXXX.SUFFIX.part) in `folder` older than `STALE_PART_S`, left by a
+    process killed while it wrote them; how many. Younger ones may be another worker's, being written."""
+    import time
+
+    before = (time.time() if now is None else now) - STALE_PART_S
+    removed = 0
+    for part in folder.glob(".*.part"):
+        try:
+            if part.stat().st_mtime < before:
+                part.unlink()
+                removed += 1
+        except FileNotFoundError:  # another process's cleanup came first
+            pass
+    return removed
 
 
 def _build_worker(args, spec, store, load: dict, speed: dict | None, loras: dict[str, str]):
