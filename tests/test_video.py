@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from cogvideox import InputError, export_video, read_video
+from cogvideox.video import check_video_path
 
 
 def moving_square(frames=9, height=48, width=64):
@@ -261,6 +262,8 @@ def test_wrong_types_are_input_errors(tmp_path):
 
 
 def test_bad_paths(tmp_path):
+    with pytest.raises(InputError, match="--output -: a video is written to a file, not to standard output"):
+        check_video_path("-", "--output")
     with pytest.raises(InputError, match="does not exist"):
         export_video(moving_square(), tmp_path / "no" / "such" / "x.mp4")
     with pytest.raises(InputError, match="is a folder"):

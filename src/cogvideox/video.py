@@ -121,6 +121,9 @@ def _check_video_name(path: str | os.PathLike, flag: str = "") -> Path:
     """`check_video_path` without the write test: the name and its folder."""
     path = _as_path(path)
     what = f"{flag} {path}" if flag else str(path)
+    if str(path) == "-":
+        raise InputError(f"{what}: a video is written to a file, not to standard output; give a file name such as "
+                         "video.mp4")  # fmt: skip
     if path.is_dir():
         raise InputError(f"{what} is a folder; give a file name such as {path / 'video.mp4'}")
     if path.suffix.lower() not in VIDEO_SUFFIXES:
