@@ -95,7 +95,10 @@ def _interrupted_status(error: KeyboardInterrupt) -> int:
 def _quiet_exit(status: int) -> int:
     """`status`, after giving rank 0 time to report an error that this silent process shares."""
     if status not in (0, 130, 143) and global_rank() != 0:
-        time.sleep(QUIET_EXIT_DELAY_S)
+        try:
+            time.sleep(QUIET_EXIT_DELAY_S)
+        except Terminated:  # torchrun stops the others once rank 0 has reported and exited: expected
+            pass
     return status
 
 
