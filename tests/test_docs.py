@@ -126,3 +126,16 @@ def test_finetune_names_the_settings_a_resumed_run_must_keep():
     text = " ".join(DOCS["docs/finetune.md"].split())
     listed = re.search(r"a checkpoint from other settings \(([^)]*)\) is refused", text).group(1)
     assert re.findall(r"`(\w+)`", listed) == list(FinetuneConfig(data="d", output="o").run_identity)
+
+
+def _help_texts() -> dict[str, str]:
+    return {"cogvideox": build_parser().format_help()} | {
+        f"cogvideox {name}": parser.format_help() for name, parser in _commands().items()
+    }
+
+
+def test_help_texts_show_no_doubled_percent_signs():
+    """argparse %-formats each flag's help but not a description, so "%%" is right in the first only."""
+    doubled = [name for name, text in _help_texts().items() if "%%" in text]
+    assert not doubled, f"--help of {doubled} prints '%%'"
+

@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
         "generate",
         help="generate a video from a text prompt (and a first frame, or a video to redraw) as an MP4 or GIF",
         description="Generate a video from a text prompt and write it as an H.264 MP4 (or an animated GIF, for "
-        "an --output name ending in .gif, or PNG frames, for one such as frames/%%04d.png). Sizes, frame count and "
+        "an --output name ending in .gif, or PNG frames, for one such as frames/%04d.png). Sizes, frame count and "
         "frame rate default to the model's own (49 frames at 720x480, 8 fps for CogVideoX 1.0; 81 frames at "
         "1360x768, 16 fps for 1.5). Image-to-video models take the first frame with --image, or continue a "
         "video given with --extend; text-to-video models redraw a video given with --video.",
