@@ -226,3 +226,13 @@ def test_imports_point_the_way_the_architecture_says(part):
         allowed = _ALLOWED_IMPORTS[part] + _ALSO.get(relative, ())
         wrong = {name for name in _cogvideox_imports(path) if not name.startswith(allowed)}
         assert not wrong, f"{relative} imports {sorted(wrong)}, against docs/architecture.md"
+
+
+def test_the_readme_names_every_vae_lever():
+    from cogvideox import fast
+
+    levers = sorted(name for name in dir(fast) if name.startswith("vae_"))
+    missing = [name for name in levers if f"`cogvideox.fast.{name}(pipe.vae)`" not in README]
+    assert not missing, f"VAE levers the README does not name: {missing}"
+    count = re.search(r"(\w+) VAE levers are opt-in", README).group(1)
+    assert count == ["Zero", "One", "Two", "Three", "Four", "Five", "Six", "Seven", "Eight", "Nine"][len(levers)]
