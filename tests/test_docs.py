@@ -236,3 +236,32 @@ def test_the_readme_names_every_vae_lever():
     assert not missing, f"VAE levers the README does not name: {missing}"
     count = re.search(r"(\w+) VAE levers are opt-in", README).group(1)
     assert count == ["Zero", "One", "Two", "Three", "Four", "Five", "Six", "Seven", "Eight", "Nine"][len(levers)]
+
+
+def test_the_model_card_describes_the_shipped_demo_model():
+    import json
+
+    from cogvideox.demo import DEMO_MODEL_DIR, world
+
+    card = " ".join((ROOT / "src/cogvideox/demo/MODEL_CARD.md").read_text(encoding="utf-8").split())
+    config = {part: json.loads((DEMO_MODEL_DIR / part / "config.json").read_text()) for part in
+              ("transformer", "vae", "text_encoder")}
+    t, v, text = config["transformer"], config["vae"], config["text_encoder"]
+    assert f"Videos of {world.FRAMES} frames at {world.HEIGHT} x {world.WIDTH}" in card
+    pairs = set(re.findall(r"\((\w+), (\w+)\)", card.split("direction) pair is", 1)[1].split("held out", 1)[0]))
+    assert pairs == set(world.HELD_OUT_PAIRS)
+    per_pair = len(world.SHAPES) * len(world.BACKGROUNDS)
+    total = len(world.COLOURS) * len(world.DIRECTIONS) * per_pair
+    assert f"({len(pairs) * per_pair} of {total} captions)" in card
+    assert f"d_model {text['d_model']}, {text['num_layers']} layers, {text['num_heads']} heads" in card
+    channels = ", ".join(str(c) for c in v["block_out_channels"])
+    assert (f"block channels ({channels}), {v['layers_per_block']} layer per block, {v['norm_num_groups']} groups, "
+            f"{v['latent_channels']} latent channels; scaling factor {v['scaling_factor']:.4f}") in card
+    assert (f"{t['num_layers']} layers, {t['num_attention_heads']} heads x {t['attention_head_dim']}, time embedding "
+            f"{t['time_embed_dim']}, {t['max_text_seq_length']} text tokens") in card
+    scheduler = json.loads((DEMO_MODEL_DIR / "scheduler/scheduler_config.json").read_text())
+    assert f"SNR shift {scheduler['snr_shift_scale']}" in card
+    guidance = json.loads((DEMO_MODEL_DIR / "sampling.json").read_text())["guidance_scale"]
+    assert f"recommended guidance {guidance:g}" in card
+    size = sum(path.stat().st_size for path in DEMO_MODEL_DIR.rglob("*") if path.is_file())
+    assert f"Weights: {size / 1e6:.0f} MB in all" in card
