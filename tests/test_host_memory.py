@@ -2,13 +2,16 @@
 a request whose activations the host cannot hold is refused up front, and a decode that would not fit runs
 in tiles."""
 
+import argparse
+import re
+
 import numpy as np
 import pytest
 import torch
 
 from cogvideox import Pipeline
 from cogvideox.autoencoder import decode_latents
-from cogvideox.cli import main
+from cogvideox.cli import build_parser, main
 from cogvideox.errors import OutOfMemoryError
 from cogvideox.fast import memory_plan
 from cogvideox.fast.memory_plan import activation_bytes, decode_bytes
@@ -50,7 +53,7 @@ def test_a_request_the_host_cannot_hold_is_refused_before_any_step(pipe, monkeyp
     assert steps == [] and error.value.stage == "denoise"
     assert str(error.value).startswith("not enough memory on the CPU for this request: denoising 9 frames at 96x64 "
                                        "needs at least ")  # fmt: skip
-    assert "try a smaller --height/--width or fewer --num-frames, or a GPU" in str(error.value)
+    assert "try a smaller --height/--width or fewer --frames, or a GPU" in str(error.value)
     # The decode is counted in tiles, and only when there is one.
     assert denoise < tiled < untiled
     monkeypatch.setattr(memory_plan, "available_host_memory", lambda swap: tiled - 1)
@@ -93,6 +96,10 @@ def test_the_command_line_says_so_in_one_line(capsys, tmp_path):
     err = capsys.readouterr().err
     assert err.startswith("cogvideox: error: not enough memory on the CPU for this request: denoising ")
     assert err.count("\n") == 1 and not out.exists()
+    named = set(re.findall(r"(?<![\w-])--[a-z][\w-]*", err))  # the flags it says to try are generate's
+    (commands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    flags = {option for action in commands.choices["generate"]._actions for option in action.option_strings}
+    assert named and named <= flags, named - flags
 
 
 def test_decoding_on_its_own_keeps_no_autograd_graph(pipe, monkeypatch):

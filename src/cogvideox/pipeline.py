@@ -577,7 +577,7 @@ class Pipeline:
                     f"not enough memory on the CPU for this request: {what} {request.num_frames} frames at "
                     f"{request.width}x{request.height} needs at least {in_units(need)} beyond the weights, and "
                     f"this machine has {in_units(available)} available; try a smaller --height/--width "
-                    "or fewer --num-frames, or a GPU",
+                    "or fewer --frames, or a GPU",
                     stage=stage, requested_bytes=need, suggestion="a smaller --height/--width",
                 )
 
