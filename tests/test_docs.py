@@ -126,3 +126,142 @@ def test_finetune_names_the_settings_a_resumed_run_must_keep():
     text = " ".join(DOCS["docs/finetune.md"].split())
     listed = re.search(r"a checkpoint from other settings \(([^)]*)\) is refused", text).group(1)
     assert re.findall(r"`(\w+)`", listed) == list(FinetuneConfig(data="d", output="o").run_identity)
+
+
+def _help_texts() -> dict[str, str]:
+    return {"cogvideox": build_parser().format_help()} | {
+        f"cogvideox {name}": parser.format_help() for name, parser in _commands().items()
+    }
+
+
+def test_help_texts_show_no_doubled_percent_signs():
+    """argparse %-formats each flag's help but not a description, so "%%" is right in the first only."""
+    doubled = [name for name, text in _help_texts().items() if "%%" in text]
+    assert not doubled, f"--help of {doubled} prints '%%'"
+
+
+def test_every_flag_in_the_readme_synopsis_belongs_to_its_command():
+    commands = _commands()
+    for block in re.split(r"^(?=cogvideox \w)", _synopsis(), flags=re.M):
+        name = re.match(r"cogvideox (\w+)", block)
+        if not name:
+            continue
+        have = {option for action in commands[name.group(1)]._actions for option in action.option_strings}
+        named = set(re.findall(r"(?<![\w-])(--[a-z][\w-]*)", block))
+        assert named <= have, f"the README gives `cogvideox {name.group(1)}` flags it lacks: {sorted(named - have)}"
+
+
+PACKAGE = ROOT / "src/cogvideox"
+
+
+def _map_entries() -> dict[str, str]:
+    """docs/architecture.md's map: each entry ("models/", "schedulers.py", ...) with its text, continuation
+    lines included (an entry starts on a line indented by two spaces)."""
+    block = DOCS["docs/architecture.md"].split("## Map", 1)[1].split("```", 2)[1]
+    entries, name = {}, None
+    for line in block.splitlines()[2:]:  # after "src/cogvideox/"
+        if re.match(r"  \S", line):
+            name = line.split()[0]
+            entries[name] = ""
+        entries[name] += " " + line
+    return entries
+
+
+def test_the_architecture_map_names_every_module():
+    entries = _map_entries()
+    top = " ".join(entries.values())
+    missing = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        relative = path.relative_to(PACKAGE)
+        if path.stem in ("__init__", "__main__"):
+            continue
+        if len(relative.parts) == 1:
+            found = re.search(rf"\b{re.escape(path.name)}\b", top)
+        else:
+            entry = entries.get(f"{relative.parts[0]}/", "")
+            found = re.search(rf"\b{re.escape(path.stem)}\b", entry)
+        if not found:
+            missing.append(relative.as_posix())
+    assert not missing, f"docs/architecture.md's map does not name {missing}"
+
+
+def _is_module(name: str) -> bool:
+    path = PACKAGE.joinpath(*name.split(".")[1:])
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
+def _cogvideox_imports(path: Path) -> set[str]:
+    """The cogvideox modules `path` imports, at the top or inside functions, as dotted names."""
+    import ast
+
+    package = ["cogvideox", *path.relative_to(PACKAGE).parent.parts]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            for alias in node.names:  # `from cogvideox import fast` imports a module, `import X` a name
+                found.add(f"{module}.{alias.name}" if _is_module(f"{module}.{alias.name}") else module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return {name for name in found if name.split(".")[0] == "cogvideox"}
+
+
+# docs/architecture.md, "Imports point one way": the models import only the bottom tier, and fast/ and
+# train/lora.py (which act on a model, not a pipeline) the models and that tier.
+_BOTTOM = ("cogvideox.errors", "cogvideox.files", "cogvideox.values")
+_ALLOWED_IMPORTS = {
+    "models": (*_BOTTOM, "cogvideox.models."),
+    "fast": (*_BOTTOM, "cogvideox.models.", "cogvideox.fast"),
+    "train/lora.py": (*_BOTTOM, "cogvideox.models."),
+}
+_ALSO = {"fast/memory_plan.py": ("cogvideox.weights", "cogvideox.request")}
+
+
+@pytest.mark.parametrize("part", sorted(_ALLOWED_IMPORTS))
+def test_imports_point_the_way_the_architecture_says(part):
+    paths = [PACKAGE / part] if part.endswith(".py") else sorted((PACKAGE / part).rglob("*.py"))
+    for path in paths:
+        relative = path.relative_to(PACKAGE).as_posix()
+        allowed = _ALLOWED_IMPORTS[part] + _ALSO.get(relative, ())
+        wrong = {name for name in _cogvideox_imports(path) if not name.startswith(allowed)}
+        assert not wrong, f"{relative} imports {sorted(wrong)}, against docs/architecture.md"
+
+
+def test_the_readme_names_every_vae_lever():
+    from cogvideox import fast
+
+    levers = sorted(name for name in dir(fast) if name.startswith("vae_"))
+    missing = [name for name in levers if f"`cogvideox.fast.{name}(pipe.vae)`" not in README]
+    assert not missing, f"VAE levers the README does not name: {missing}"
+    count = re.search(r"(\w+) VAE levers are opt-in", README).group(1)
+    assert count == ["Zero", "One", "Two", "Three", "Four", "Five", "Six", "Seven", "Eight", "Nine"][len(levers)]
+
+
+def test_the_model_card_describes_the_shipped_demo_model():
+    import json
+
+    from cogvideox.demo import DEMO_MODEL_DIR, world
+
+    card = " ".join((ROOT / "src/cogvideox/demo/MODEL_CARD.md").read_text(encoding="utf-8").split())
+    config = {part: json.loads((DEMO_MODEL_DIR / part / "config.json").read_text()) for part in
+              ("transformer", "vae", "text_encoder")}
+    t, v, text = config["transformer"], config["vae"], config["text_encoder"]
+    assert f"Videos of {world.FRAMES} frames at {world.HEIGHT} x {world.WIDTH}" in card
+    pairs = set(re.findall(r"\((\w+), (\w+)\)", card.split("direction) pair is", 1)[1].split("held out", 1)[0]))
+    assert pairs == set(world.HELD_OUT_PAIRS)
+    per_pair = len(world.SHAPES) * len(world.BACKGROUNDS)
+    total = len(world.COLOURS) * len(world.DIRECTIONS) * per_pair
+    assert f"({len(pairs) * per_pair} of {total} captions)" in card
+    assert f"d_model {text['d_model']}, {text['num_layers']} layers, {text['num_heads']} heads" in card
+    channels = ", ".join(str(c) for c in v["block_out_channels"])
+    assert (f"block channels ({channels}), {v['layers_per_block']} layer per block, {v['norm_num_groups']} groups, "
+            f"{v['latent_channels']} latent channels; scaling factor {v['scaling_factor']:.4f}") in card
+    assert (f"{t['num_layers']} layers, {t['num_attention_heads']} heads x {t['attention_head_dim']}, time embedding "
+            f"{t['time_embed_dim']}, {t['max_text_seq_length']} text tokens") in card
+    scheduler = json.loads((DEMO_MODEL_DIR / "scheduler/scheduler_config.json").read_text())
+    assert f"SNR shift {scheduler['snr_shift_scale']}" in card
+    guidance = json.loads((DEMO_MODEL_DIR / "sampling.json").read_text())["guidance_scale"]
+    assert f"recommended guidance {guidance:g}" in card
+    size = sum(path.stat().st_size for path in DEMO_MODEL_DIR.rglob("*") if path.is_file())
+    assert f"Weights: {size / 1e6:.0f} MB in all" in card

@@ -245,6 +245,21 @@ def test_silent_ranks_leave_rank_0_time_to_report(monkeypatch):
     assert cli._quiet_exit(1) == 1 and waits == [cli.QUIET_EXIT_DELAY_S]
 
 
+@pytest.mark.parametrize("argv, message", [RANK_MISTAKES[-2], RANK_MISTAKES[-1]])
+def test_a_silent_rank_stopped_while_it_waits_stays_silent(capsys, monkeypatch, tmp_path, argv, message):
+    """Rank 0 reports the shared mistake and exits; torchrun then sends SIGTERM to the others, which are
+    waiting in _quiet_exit. They exit with the same status, without a traceback."""
+
+    def stopped(seconds):
+        raise cli.Terminated()
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli.time, "sleep", stopped)
+    monkeypatch.setenv("RANK", "1")
+    assert _status(argv) == 2
+    assert capsys.readouterr() == ("", "")
+
+
 # One error found before the process group is up, one after (in the group); `batch`'s, found before, is
 # checked in-process with torchrun's RANK (test_errors_are_printed_by_rank_0_alone), as are the other
 # one-group messages below.

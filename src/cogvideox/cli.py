@@ -96,7 +96,10 @@ def _interrupted_status(error: KeyboardInterrupt) -> int:
 def _quiet_exit(status: int) -> int:
     """`status`, after giving rank 0 time to report an error that this silent process shares."""
     if status not in (0, 130, 143) and global_rank() != 0:
-        time.sleep(QUIET_EXIT_DELAY_S)
+        try:
+            time.sleep(QUIET_EXIT_DELAY_S)
+        except Terminated:  # torchrun stops the others once rank 0 has reported and exited: expected
+            pass
     return status
 
 
@@ -151,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
         "generate",
         help="generate a video from a text prompt (and a first frame, or a video to redraw) as an MP4 or GIF",
         description="Generate a video from a text prompt and write it as an H.264 MP4 (or an animated GIF, for "
-        "an --output name ending in .gif, or PNG frames, for one such as frames/%%04d.png). Sizes, frame count and "
+        "an --output name ending in .gif, or PNG frames, for one such as frames/%04d.png). Sizes, frame count and "
         "frame rate default to the model's own (49 frames at 720x480, 8 fps for CogVideoX 1.0; 81 frames at "
         "1360x768, 16 fps for 1.5). Image-to-video models take the first frame with --image, or continue a "
         "video given with --extend; text-to-video models redraw a video given with --video.",
