@@ -170,11 +170,22 @@ def export_video(
     if kind == ".png":
         _write_png_sequence(frames, path, comment)
         return path
-    if kind == ".gif" and rate > GIF_MAX_FPS:
-        warnings.warn(f"{path} plays at {GIF_MAX_FPS} fps, not {float(rate):g}: a GIF shows each frame for at least "
-                      f"{1000 // GIF_MAX_FPS} ms; write an MP4 for a faster rate", stacklevel=2)  # fmt: skip
+    if kind == ".gif":
+        _check_gif_rate(path, len(frames), rate)
     write = _write_gif if kind == ".gif" else _write_mp4
     return write_into_place(path, lambda file: write(frames, file, rate, comment))
+
+
+def _check_gif_rate(path: Path, count: int, rate: Fraction) -> None:
+    """A frame rate a GIF cannot store is an error (a frame longer than its 16-bit delay); one faster than
+    it plays is a warning."""
+    longest = max(gif_delays(count, rate))
+    if longest > GIF_LONGEST_MS:
+        raise InputError(f"a GIF shows one picture for at most {GIF_LONGEST_MS / 1000:g} s, and at {float(rate):g} fps "
+                         f"a frame lasts {longest / 1000:g} s; raise the frame rate or write an MP4")  # fmt: skip
+    if rate > GIF_MAX_FPS:
+        warnings.warn(f"{path} plays at {GIF_MAX_FPS} fps, not {float(rate):g}: a GIF shows each frame for at least "
+                      f"{1000 // GIF_MAX_FPS} ms; write an MP4 for a faster rate", stacklevel=3)  # fmt: skip
 
 
 def _numbers_frames(name: str) -> bool:
@@ -301,15 +312,11 @@ def _write_gif(frames: np.ndarray, file: str, rate: Fraction, comment: str | Non
     # Each frame gets its own 256-colour palette by median cut, undithered: on the demo model's videos
     # 0.08/255 from the frames on average (dithering would add noise to flat backgrounds). Identical
     # neighbours are merged by Pillow into one longer frame, which plays the same.
-    delays = gif_delays(len(frames), rate)
-    if max(delays) > GIF_LONGEST_MS:
-        raise InputError(f"a GIF shows one picture for at most {GIF_LONGEST_MS / 1000:g} s, and at {float(rate):g} fps "
-                         f"a frame lasts {max(delays) / 1000:g} s; raise the frame rate or write an MP4")  # fmt: skip
     pictures = [gif_palette(frame) for frame in frames]
     extra = {} if comment is None else {"comment": comment.encode("utf-8")}
     try:
-        pictures[0].save(file, format="GIF", save_all=True, append_images=pictures[1:], duration=delays, loop=0,
-                         **extra)  # fmt: skip
+        pictures[0].save(file, format="GIF", save_all=True, append_images=pictures[1:],
+                         duration=gif_delays(len(frames), rate), loop=0, **extra)  # fmt: skip
     except OverflowError:  # Pillow's merged picture of identical frames lasts past the 16-bit delay
         raise InputError(f"the video stays on one picture for more than {GIF_LONGEST_MS / 1000:g} s at "
                          f"{float(rate):g} fps, longer than a GIF can show one; raise the frame rate or write an "
