@@ -412,6 +412,32 @@ def make_video_folder(root, layout: str = "jsonl", count: int = 3, frames: int =
     return root
 
 
+def fill_disk_for(monkeypatch, target: Path, rescue_dir: Path) -> None:
+    """Make `export_video` fail on `target` as a full disk would (it was writable when the command started),
+    and send what is rescued to `rescue_dir`; `read_rescued(err)` finds it in the error line."""
+    import tempfile
+
+    import cogvideox.video
+
+    export = cogvideox.video.export_video
+
+    def disk_full_for_target(frames, path, fps=8, **kwargs):
+        if path == target:
+            raise OSError(28, "No space left on device")
+        return export(frames, path, fps=fps, **kwargs)
+
+    monkeypatch.setattr(cogvideox.video, "export_video", disk_full_for_target)
+    monkeypatch.setattr(tempfile, "tempdir", str(rescue_dir))
+
+
+def read_rescued(err: str, target: Path, what: str = "video") -> str:
+    """The path of the file a one-line 'could not write TARGET (full disk); ... saved to PATH instead' error
+    names, checked to be that error."""
+    assert err.startswith(f"cogvideox: error: could not write {target} ([Errno 28] No space left on device); "
+                          f"the {what} was saved to "), err
+    return err.strip().split("saved to ")[1].removesuffix(" instead")
+
+
 def free_port() -> int:
     """A loopback TCP port no one listens on now. Take it just before the process that listens on it
     starts: tests run side by side (pytest-xdist), and until then another test's server, or the local end

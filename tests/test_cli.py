@@ -8,6 +8,7 @@ import tempfile
 
 import numpy as np
 import pytest
+from helpers import fill_disk_for, read_rescued
 
 from cogvideox import export_video, read_video
 from cogvideox.cli import build_parser, main
@@ -141,25 +142,12 @@ def test_an_output_folder_that_takes_no_file_fails_before_loading(capsys, monkey
 def test_a_video_that_cannot_be_written_at_the_end_is_saved_elsewhere(capsys, monkeypatch, tiny_rope_dir, tmp_path):
     """The folder took files at the start but not at the end (a full disk): the minutes of generation are
     not lost, the video goes to the temporary folder and the one-line error says where."""
-    import cogvideox.video
-
-    export = cogvideox.video.export_video
     target = tmp_path / "cat.mp4"
-
-    def disk_full_for_target(frames, path, fps=8, **kwargs):
-        if path == target:
-            raise OSError(28, "No space left on device")
-        return export(frames, path, fps=fps, **kwargs)
-
-    monkeypatch.setattr(cogvideox.video, "export_video", disk_full_for_target)
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the rescued video goes
+    fill_disk_for(monkeypatch, target, tmp_path)
     argv = ["generate", "a cat", "--model", str(tiny_rope_dir), "--output", str(target), "--quiet",
             "--steps", "1", "--height", "32", "--width", "48", "--max-sequence-length", "16"]  # fmt: skip
     assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith(f"cogvideox: error: could not write {target} ([Errno 28] No space left on device); "
-                          "the video was saved to ")
-    rescued = err.strip().split("saved to ")[1].removesuffix(" instead")
+    rescued = read_rescued(capsys.readouterr().err, target)
     assert rescued.startswith(str(tmp_path))
     frames, fps = read_video(rescued)
     assert frames.shape == (9, 32, 48, 3) and fps == 8 and not target.exists()

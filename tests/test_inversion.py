@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_tiny_cogvideox, sample_frames
+from helpers import fill_disk_for, make_tiny_cogvideox, read_rescued, sample_frames
 
 from cogvideox import InputError, LoadError, Pipeline
 from cogvideox.conditioning import prepare_video
@@ -267,29 +267,16 @@ def test_reconstructions_play_at_the_rate_the_video_was_sampled_at(tiny_rope_dir
 
 def test_a_regenerated_video_that_cannot_be_written_is_saved_elsewhere(tiny_rope_dir, tmp_path, capsys, monkeypatch):
     """The folder took files at the start but not at the end (a full disk): the sampling is not lost."""
-    import tempfile
-
-    import cogvideox.video
     from cogvideox import read_video
     from cogvideox.cli import main
 
     request = dict(prompt="a cat", negative_prompt="", guidance_scale=1.0, num_inference_steps=1, num_frames=9,
                    height=32, width=48, max_sequence_length=8)  # fmt: skip
     latents = Inversion(torch.randn(1, 3, 4, 4, 6), **request).save(tmp_path / "latents.safetensors")
-    export, target = cogvideox.video.export_video, tmp_path / "regen.mp4"
-
-    def disk_full_for_target(frames, path, fps=8, **kwargs):
-        if path == target:
-            raise OSError(28, "No space left on device")
-        return export(frames, path, fps=fps, **kwargs)
-
-    monkeypatch.setattr(cogvideox.video, "export_video", disk_full_for_target)
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the rescued video goes
+    target = tmp_path / "regen.mp4"
+    fill_disk_for(monkeypatch, target, tmp_path)
     assert main(["regenerate", str(latents), "-o", str(target), "--model", str(tiny_rope_dir), "--quiet"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith(f"cogvideox: error: could not write {target} ([Errno 28] No space left on device); "
-                          "the video was saved to ")
-    rescued = err.strip().split("saved to ")[1].removesuffix(" instead")
+    rescued = read_rescued(capsys.readouterr().err, target)
     assert read_video(rescued)[0].shape == (9, 32, 48, 3) and not target.exists()
 
 
