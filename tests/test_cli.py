@@ -256,21 +256,15 @@ def test_cuda_without_a_gpu_is_a_user_error(capsys, tiny_rope_dir):
     assert "use the CPU (--text-device cpu" in capsys.readouterr().err
 
 
-def test_replacing_an_existing_video_is_said(capsys, tiny_rope_dir, tmp_path):
-    (tmp_path / "old.mp4").write_bytes(b"an earlier video")
-    argv = ["generate", "a dog", "--model", str(tiny_rope_dir), "--output", str(tmp_path / "old.mp4"),
+@pytest.mark.parametrize("output, existing", [("old.mp4", "old.mp4"), ("%04d.png", "0000.png")])
+def test_replacing_an_existing_video_is_said(capsys, tiny_rope_dir, tmp_path, output, existing):
+    """A video, or a PNG sequence (by its first frame), that the new one replaces is warned of."""
+    (tmp_path / existing).write_bytes(b"an earlier video")
+    argv = ["generate", "a dog", "--model", str(tiny_rope_dir), "--output", str(tmp_path / output),
             "--quiet", "--steps", "1", "--height", "32", "--width", "32"]  # fmt: skip
     assert main(argv) == 0
-    assert f"cogvideox: warning: {tmp_path / 'old.mp4'} exists and will be replaced" in capsys.readouterr().err
-    assert read_video(tmp_path / "old.mp4")[0].shape[1:] == (32, 32, 3)
-
-
-def test_replacing_a_png_sequence_is_said(capsys, tiny_rope_dir, tmp_path):
-    (tmp_path / "0000.png").write_bytes(b"an earlier frame")
-    argv = ["generate", "a dog", "--model", str(tiny_rope_dir), "--output", str(tmp_path / "%04d.png"),
-            "--quiet", "--steps", "1", "--height", "32", "--width", "32"]  # fmt: skip
-    assert main(argv) == 0
-    assert f"cogvideox: warning: {tmp_path / '%04d.png'} exists and will be replaced" in capsys.readouterr().err
+    assert f"cogvideox: warning: {tmp_path / output} exists and will be replaced" in capsys.readouterr().err
+    assert read_video(tmp_path / existing)[0].shape[1:] == (32, 32, 3)
 
 
 def test_a_stray_percent_sign_in_a_png_name_fails_before_loading(capsys, monkeypatch, tiny_rope_dir, tmp_path):
