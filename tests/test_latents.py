@@ -204,6 +204,21 @@ def test_encode_every_frame_reconstructs_at_the_videos_own_rate(capsys, tiny_rop
         for path in (round_trip, tmp_path / "again.mp4")]  # fmt: skip
 
 
+def test_encode_reads_the_png_frames_export_writes(capsys, tiny_rope_dir, tmp_path):
+    """A PNG sequence (the lossless output) is an input too: the same latents as the frames themselves."""
+    from cogvideox import export_video
+
+    frames = sample_frames(9, 32, 48)
+    (tmp_path / "frames").mkdir()
+    export_video(frames, tmp_path / "frames" / "%04d.png")
+    latents = tmp_path / "in.safetensors"
+    assert main(["encode", str(tmp_path / "frames" / "%04d.png"), "-o", str(latents), "--model", str(tiny_rope_dir),
+                 "--height", "32", "--width", "48", "--quiet"]) == 0  # fmt: skip
+    expected = VideoAutoencoder.from_pretrained(tiny_rope_dir).encode(frames, 32, 48)
+    torch.testing.assert_close(LatentVideo.load(latents).latents, expected, rtol=0, atol=0)
+    capsys.readouterr()
+
+
 def test_info_describes_an_inversion_instead_of_refusing_it(capsys, tmp_path):
     from cogvideox.inversion import Inversion
 

@@ -167,6 +167,31 @@ def test_tensors_and_pictures_are_frames_too(tmp_path):
         assert np.abs(read.astype(int) - video).max() <= tolerance, name
 
 
+def test_a_png_sequence_reads_back_as_a_video(tmp_path):
+    """The frames export_video writes as frames/%04d.png come back whole from read_video and load_video
+    (every frame: a sequence has no frame rate); a damaged or odd-sized frame is named."""
+    from PIL import Image
+
+    from cogvideox.conditioning import load_video
+
+    video = moving_square(frames=6)
+    pattern = tmp_path / "frames" / "%04d.png"
+    pattern.parent.mkdir()
+    export_video(video, pattern)
+    frames, rate = read_video(pattern)
+    assert np.array_equal(frames, video) and rate == 0.0
+    assert np.array_equal(read_video(pattern, max_frames=2)[0], video[:2])
+    assert np.array_equal(load_video(str(pattern), max_frames=4, fps=8), video[:4])
+    with pytest.raises(InputError, match="no video file at"):
+        read_video(tmp_path / "none" / "%04d.png")
+    Image.fromarray(video[0, :16]).save(pattern.parent / "0003.png")
+    with pytest.raises(InputError, match=r"frame .*0003.png of .*%04d.png is 64x16, the first 64x48"):
+        load_video(str(pattern))
+    (pattern.parent / "0003.png").write_bytes(b"no picture")
+    with pytest.raises(InputError, match=r"cannot read frame .*0003.png of .*%04d.png as a picture"):
+        read_video(pattern)
+
+
 def _pillow_save():
     from PIL import Image
 

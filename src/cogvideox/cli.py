@@ -178,8 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     arg(
         "--video",
         type=file_name,
-        help="video to redraw (video-to-video, text-to-video models): its first --frames frames (default: "
-        "the model's count, or the longest 8k+1 prefix of a shorter video), resized to the video size",
+        help="video to redraw (video-to-video, text-to-video models; a file, or PNG frames such as "
+        "frames/%%04d.png): its first --frames frames (default: the model's count, or the longest 8k+1 prefix "
+        "of a shorter video), resized to the video size",
     )
     arg(
         "--last-image",

@@ -67,7 +67,8 @@ def add_tool_parsers(commands) -> None:
         "against the input is printed.",
     )
     arg = inv.add_argument
-    arg("video", type=file_name, help="the video to invert (any format FFmpeg reads)")
+    arg("video", type=file_name,
+        help="the video to invert (any format FFmpeg reads, or PNG frames such as frames/%%04d.png)")
     arg("--prompt", default="", help="caption of the video; regenerate with the same one (default: empty)")
     arg("-o", "--output", type=file_name, help="where to write the inverted latents (.safetensors)")
     arg("--reconstruct", type=file_name,

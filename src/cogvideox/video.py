@@ -199,6 +199,36 @@ def _numbers_frames(name: str) -> bool:
         return False
 
 
+def is_frame_sequence(path: str | os.PathLike) -> bool:
+    """Whether `path` names a PNG frame sequence (frames/%04d.png), as `export_video` writes one."""
+    path = Path(path)
+    return path.suffix.lower() == ".png" and _numbers_frames(path.name)
+
+
+def video_exists(path: str | os.PathLike) -> bool:
+    """Whether there is a video to read at `path`: a file, or a frame sequence's first frame."""
+    path = Path(path)
+    return frame_paths(path, 1)[0].is_file() if is_frame_sequence(path) else path.is_file()
+
+
+def _read_frame_sequence(pattern: Path, max_frames: int) -> list[np.ndarray]:
+    """The frames of a PNG sequence from frame 0 up to the first missing number (at most `max_frames`), as
+    uint8 [H, W, 3]. A sequence carries no frame rate: its frames are taken as they are."""
+    from PIL import Image
+
+    frames = []
+    while len(frames) < max_frames and (file := frame_paths(pattern, len(frames) + 1)[-1]).is_file():
+        try:
+            with Image.open(file) as picture:
+                frames.append(np.asarray(picture.convert("RGB")))
+        except (OSError, ValueError, Image.DecompressionBombError) as e:  # damaged, or no picture
+            raise InputError(f"cannot read frame {file} of {pattern} as a picture ({e})") from None
+        if frames[-1].shape != frames[0].shape:
+            raise InputError(f"frame {file} of {pattern} is {frames[-1].shape[1]}x{frames[-1].shape[0]}, the "
+                             f"first {frames[0].shape[1]}x{frames[0].shape[0]}: a video's frames are one size")
+    return frames
+
+
 def written_before(path: str | os.PathLike) -> bool:
     """Whether `export_video` to `path` would replace a file: the file, or a PNG sequence's first frame."""
     path = Path(path)
@@ -341,15 +371,16 @@ def decode_failure(e: Exception, path: str | os.PathLike) -> str:
 
 def read_video(path: str | os.PathLike, max_frames: int | None = None) -> tuple[np.ndarray, float]:
     """The frames of a video file as uint8 [F, H, W, 3] (all of them, or the first `max_frames`: a long
-    video decoded whole may not fit in memory), upright, and its frame rate. `InputError` for a file that
-    is missing or cannot be decoded."""
+    video decoded whole may not fit in memory), upright, and its frame rate (0.0 when unknown, as for a
+    PNG frame sequence named like frames/%04d.png). `InputError` for a file that is missing or cannot be
+    decoded."""
     import av
 
     path = _as_path(path)
     if max_frames is not None and (not isinstance(max_frames, numbers.Integral) or isinstance(max_frames, bool)
                                    or max_frames < 1):  # fmt: skip
         raise InputError(f"max_frames must be a positive integer (or None for every frame), got {max_frames!r}")
-    if not path.is_file():
+    if not video_exists(path):
         raise InputError(f"no video file at {path}")
     try:
         frames, rate = _decode(path, None, max_frames or 2**31)
@@ -368,8 +399,10 @@ def frame_rate(path: str | os.PathLike) -> float | None:
     import av
 
     path = _as_path(path)
-    if not path.is_file():
+    if not video_exists(path):
         raise InputError(f"no video file at {path}")
+    if is_frame_sequence(path):
+        return None
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
@@ -427,9 +460,12 @@ def sample_frames(path: str | Path, count: int) -> np.ndarray:
 
 
 def _decode(path: str | Path, fps: float | None, max_frames: int) -> tuple[list[np.ndarray], float | None]:
-    """`read_frames`' frames as a list (empty for a video without any), and the stream's frame rate."""
+    """`read_frames`' frames as a list (empty for a video without any), and the stream's frame rate (None
+    for a PNG frame sequence, whose frames are all taken)."""
     import av
 
+    if is_frame_sequence(path):
+        return _read_frame_sequence(Path(path), max_frames), None
     frames: list[np.ndarray] = []
 
     def take(frame, until: float) -> None:
