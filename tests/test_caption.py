@@ -3,6 +3,7 @@ sent are the clip's, spread from its start to its end; captions land in metadata
 reads them; a second run goes on and keeps what is there; failures are reported and keep the rest."""
 
 import base64
+import fcntl
 import io
 import json
 import signal
@@ -20,6 +21,7 @@ from serve_helpers import chat_stand_in  # noqa: E402
 from cogvideox.caption import (  # noqa: E402
     ENV_KEY,
     ENV_URL,
+    LOCK,
     SYSTEM_PROMPT,
     CaptionError,
     VideoCaptioner,
@@ -216,3 +218,14 @@ def test_ctrl_c_stops_at_once_and_keeps_the_captions_written(endpoint, tmp_path,
     assert status == 130 and time.perf_counter() - start < 3
     assert "interrupted" in capsys.readouterr().err
     assert read_metadata(root) == [{"video": "a.mp4", "caption": "a red clip"}]
+
+
+def test_a_second_run_in_the_same_folder_is_refused(endpoint, folder, capsys):
+    url, _ = endpoint
+    with open(folder / LOCK, "a") as held:  # another caption run, busy in this folder
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert main(["caption", str(folder), "--captioner", url, "--quiet"]) == 2
+    assert "another caption run is captioning" in capsys.readouterr().err
+    assert not (folder / "metadata.jsonl").exists()
+    assert main(["caption", str(folder), "--captioner", url, "--quiet"]) == 0  # once it is done
+    assert len(read_metadata(folder)) == 2

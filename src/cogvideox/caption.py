@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from cogvideox.chat import ChatEndpoint, ChatError, jpeg_part
 from cogvideox.errors import InputError
-from cogvideox.files import write_into_place
+from cogvideox.files import lock_folder, write_into_place
 
 if TYPE_CHECKING:
     import numpy as np
@@ -37,6 +37,7 @@ DEFAULT_FRAMES = 6
 VIDEO_SUFFIXES = (".mp4", ".mov", ".m4v", ".webm", ".mkv", ".avi", ".gif")
 FRAME_SIDE = 512  # each frame's longer side as sent: enough to describe, small enough for six at once
 STOP_AFTER = 3  # the endpoint failing for this many videos in a row stops the run
+LOCK = ".caption.lock"  # held by the run captioning a folder
 
 SYSTEM_PROMPT = (
     "You caption videos for training a text-to-video model. You see {frames} frames of one short clip, in "
@@ -156,16 +157,25 @@ def caption_folder(
 ) -> CaptionReport:
     """Caption every video of `folder` that has no caption yet (every one with `overwrite`), `jobs` at a
     time, writing `metadata.jsonl` after each. `prefix` goes before each new caption (a trigger word for
-    a LoRA: "In the style of xyz, "). `progress`: a progress bar."""
-    from tqdm.auto import tqdm
-
-    from cogvideox.train.data import CAPTION_KEYS, METADATA_FILE, entry_caption
-
+    a LoRA: "In the style of xyz, "). `progress`: a progress bar. `InputError` when another run is
+    captioning the folder."""
     folder = Path(folder)
     if folder.is_file():
         raise InputError(f"{folder} is a file; give the folder of videos to caption, such as {folder.parent}")
     if not folder.is_dir():
         raise InputError(f"no folder at {folder}")
+    # Two runs in one folder would each rewrite metadata.jsonl from what they read, losing the other's.
+    with lock_folder(folder, LOCK, "caption run", "captioning", "folder"):
+        return _caption_folder(folder, captioner, prefix, overwrite, jobs, progress)
+
+
+def _caption_folder(
+    folder: Path, captioner: VideoCaptioner, prefix: str, overwrite: bool, jobs: int, progress: bool
+) -> CaptionReport:
+    from tqdm.auto import tqdm
+
+    from cogvideox.train.data import CAPTION_KEYS, METADATA_FILE, entry_caption
+
     entries = read_entries(folder)
     by_video = {e["video"]: e for e in entries}
     listed = len(entries)  # entries past these were found in the folder, and are written once captioned
