@@ -15,6 +15,7 @@ from PIL import Image  # noqa: E402
 from serve_helpers import chat_stand_in  # noqa: E402
 
 from cogvideox import read_video  # noqa: E402
+from cogvideox.batch import Line, read_prompts, split_lines  # noqa: E402
 from cogvideox.cli import main  # noqa: E402
 from cogvideox.enhance import (  # noqa: E402
     ENV_KEY,
@@ -35,7 +36,7 @@ def endpoint():
     """Answers chat completions with REWRITTEN (quoted and padded, as chat models do), and records each
     request. By the idea sent: "down" always gets a 500, "flaky" a 503 on every other request (the first
     of each retried pair), "refused" a 400, "silent" an empty answer, "odd" a body that is no chat
-    completion."""
+    completion, "markdown" a Markdown answer of two lines with a heading and an @@."""
     flaky = [0]
 
     def respond(body):
@@ -46,6 +47,8 @@ def endpoint():
             return 500 if idea == "down" else 503
         if idea == "refused":
             return 400
+        if idea == "markdown":
+            return "## A cat at dawn\n\nA cat stretches@@sunrise, the camera still."
         if idea == "odd":
             return {"object": "list", "data": []}
         return "" if idea == "silent" else f'  "{REWRITTEN}"\n'
@@ -204,3 +207,14 @@ def test_the_enhance_command(endpoint, capsys, tmp_path):
     assert f"no endpoint: give --prompt-enhancer URL (such as http://localhost:11434/v1) or set ${ENV_URL}" in (
         capsys.readouterr().err
     )
+
+
+def test_an_enhanced_line_reads_back_as_one_prompt_of_a_batch_file(endpoint, capsys, tmp_path):
+    url, _ = endpoint
+    assert main(["enhance", "markdown", "a dog", "--prompt-enhancer", url]) == 0
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(capsys.readouterr().out)
+    assert split_lines(read_prompts(prompts)) == [
+        Line("A cat at dawn A cat stretches@sunrise, the camera still."),
+        Line(REWRITTEN),
+    ]

@@ -67,6 +67,16 @@ def read_prompts(path: str | Path) -> list[str]:
 IMAGE_SEPARATOR = "@@"  # "prompt@@image" lines give an image-to-video model its first frame
 
 
+def as_prompt_line(text: str) -> str:
+    """`text` (a chat model's rewrite) as the prompt of one prompts-file line that reads back as it: on one
+    line, not starting with the `#` of a comment (a Markdown heading would be skipped), and without an
+    `@@` that would be taken for an image."""
+    line = " ".join(text.split()).lstrip("#").strip()
+    while IMAGE_SEPARATOR in line:
+        line = line.replace(IMAGE_SEPARATOR, "@")
+    return line
+
+
 @dataclass(frozen=True)
 class Line:
     """One line of a prompts file: the prompt, and the image after `@@` as written (None without one)."""

@@ -383,7 +383,7 @@ def _enhance(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from cogvideox import conditioning
-    from cogvideox.batch import IMAGE_SEPARATOR, read_prompts, split_lines
+    from cogvideox.batch import IMAGE_SEPARATOR, as_prompt_line, read_prompts, split_lines
 
     if any(not p.strip() for p in args.prompts):
         raise InputError("an empty prompt: give each prompt some words")
@@ -407,7 +407,7 @@ def _enhance(args: argparse.Namespace) -> int:
     images = {path: conditioning.load_image(path) for _, path, _ in work if path is not None}
     # One line per prompt, flushed as it comes: a redirect into a prompts file keeps what was rewritten.
     for prompt, path, kept in tqdm(work, desc="rewriting", unit="prompt", disable=len(work) < 2):
-        print(" ".join(enhancer.rewrite(prompt, images.get(path)).split()) + kept, flush=True)
+        print(as_prompt_line(enhancer.rewrite(prompt, images.get(path))) + kept, flush=True)
     return 0
 
 
