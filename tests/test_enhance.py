@@ -201,6 +201,7 @@ def test_the_enhance_command(endpoint, capsys, tmp_path):
     captured = capsys.readouterr()
     assert captured.out == f"{REWRITTEN}\n"  # what was rewritten before the failure is out
     assert captured.err.strip().endswith("failed (3 attempts): HTTP 500")
+    assert "no rewrite of prompt 2 of 2 ('down'; the 1 before it are printed): the prompt enhancer" in captured.err
     assert main(["enhance", "--prompt-enhancer", url]) == 2
     assert "no prompts" in capsys.readouterr().err
     assert main(["enhance", "a dog", "--prompt-enhancer", "off"]) == 2
