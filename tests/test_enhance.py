@@ -78,6 +78,12 @@ def test_the_rewrite_and_what_is_sent(endpoint):
     assert fast(url).rewrite("x") == REWRITTEN and requests[-1]["authorization"] is None  # no key, no header
 
 
+def test_the_full_address_of_the_endpoint_is_taken_too(endpoint):
+    url, requests = endpoint
+    assert fast(url + "/chat/completions").rewrite("cat on a mat") == REWRITTEN
+    assert fast(url + "/chat/completions/").url == url + "/chat/completions"
+
+
 def test_transient_failures_are_retried_and_the_rest_are_not(endpoint, caplog):
     url, requests = endpoint
     requests.clear()
