@@ -25,7 +25,8 @@ class ChatError(CogVideoXError):
 
 class ChatEndpoint:
     """`base_url` such as http://host:port/v1 (or the full http://host:port/v1/chat/completions); `attempts`
-    tries per request, `backoff` seconds before the second (doubling after). A subclass names what it is (`role`, in messages) and its error type."""
+    tries per request, `backoff` seconds before the second (doubling after). A subclass names what it is
+    (`role`, in messages) and its error type."""
 
     role = "the chat endpoint"
     error: type[ChatError] = ChatError
