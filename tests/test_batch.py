@@ -696,3 +696,21 @@ def test_a_batch_rewrites_each_prompt_with_the_enhancer(capsys, monkeypatch, tmp
     assert "(prompt enhancer 'chat-small', now 'off')" in capsys.readouterr().err
     assert main([*batch, "--prompt-enhancer", "http://chat.invalid/v1", "--parallel", "cfg=2"]) == 2
     assert "--prompt-enhancer does not combine with --parallel" in capsys.readouterr().err
+
+
+def test_videos_of_removed_lines_are_named_not_passed_over(capsys, tmp_path):
+    """A video's name holds its line's place: after a line is removed, the lines below it are made anew
+    under new names, and the videos of the old places stay. The run says so."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red ball\na blue cube\n")
+    out = tmp_path / "out"
+    assert main(["batch", str(prompts), "-o", str(out), *FAST]) == 0
+    assert "no line of the prompts" not in capsys.readouterr().err
+    prompts.write_text("a blue cube\n")
+    assert main(["batch", str(prompts), "-o", str(out), *FAST]) == 0
+    out_text, err = capsys.readouterr()
+    assert "wrote 1 video(s)" in out_text
+    assert (f"cogvideox: warning: {out} holds 2 video(s) that no line of the prompts makes now (0000-a-red-ball.mp4, "
+            "0001-a-blue-cube.mp4): of lines since removed or moved") in err  # fmt: skip
+    assert sorted(p.name for p in out.glob("*.mp4")) == ["0000-a-blue-cube.mp4", "0000-a-red-ball.mp4",
+                                                         "0001-a-blue-cube.mp4"]  # fmt: skip

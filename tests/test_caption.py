@@ -3,8 +3,12 @@ sent are the clip's, spread from its start to its end; captions land in metadata
 reads them; a second run goes on and keeps what is there; failures are reported and keep the rest."""
 
 import base64
+import fcntl
 import io
 import json
+import signal
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -17,6 +21,7 @@ from serve_helpers import chat_stand_in  # noqa: E402
 from cogvideox.caption import (  # noqa: E402
     ENV_KEY,
     ENV_URL,
+    LOCK,
     SYSTEM_PROMPT,
     CaptionError,
     VideoCaptioner,
@@ -183,3 +188,44 @@ def test_mistakes_are_one_line(endpoint, tmp_path, capsys, monkeypatch):
         VideoCaptioner(url, context="refuse").caption(clip(tmp_path / "c.mp4", "red"))
     with pytest.raises(InputError, match="cannot decode it"):
         VideoCaptioner(url).caption(tmp_path / "metadata.jsonl")
+
+
+def test_ctrl_c_stops_at_once_and_keeps_the_captions_written(endpoint, tmp_path, monkeypatch, capsys):
+    url, _ = endpoint
+    root = tmp_path / "clips"
+    for name in ("a.mp4", "b.mp4"):
+        clip(root / name, "red")
+    released, hanging = threading.Event(), threading.Event()
+
+    def caption(self, video):  # the second request hangs, as against an endpoint that stopped answering
+        if video.name == "a.mp4":
+            return "a red clip"
+        hanging.set()
+        released.wait(10)
+        return "too late"
+
+    def press_ctrl_c():
+        if hanging.wait(10):
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    monkeypatch.setattr(VideoCaptioner, "caption", caption)
+    threading.Thread(target=press_ctrl_c, daemon=True).start()
+    start = time.perf_counter()
+    try:
+        status = main(["caption", str(root), "--captioner", url, "--quiet"])
+    finally:
+        released.set()
+    assert status == 130 and time.perf_counter() - start < 3
+    assert "interrupted" in capsys.readouterr().err
+    assert read_metadata(root) == [{"video": "a.mp4", "caption": "a red clip"}]
+
+
+def test_a_second_run_in_the_same_folder_is_refused(endpoint, folder, capsys):
+    url, _ = endpoint
+    with open(folder / LOCK, "a") as held:  # another caption run, busy in this folder
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert main(["caption", str(folder), "--captioner", url, "--quiet"]) == 2
+    assert "another caption run is captioning" in capsys.readouterr().err
+    assert not (folder / "metadata.jsonl").exists()
+    assert main(["caption", str(folder), "--captioner", url, "--quiet"]) == 0  # once it is done
+    assert len(read_metadata(folder)) == 2

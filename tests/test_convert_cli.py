@@ -170,3 +170,21 @@ def test_an_output_that_cannot_be_written_fails_before_reading(sat_checkpoint, t
         assert main(["convert", str(transformer), "--base", str(tiny_rope_dir), "-o", output]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("cogvideox: error: " + message), err
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(sat_checkpoint, tiny_rope_dir, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from cogvideox import weights
+
+    def full(module, folder, **kwargs):
+        (folder / "part.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(weights, "save_weights", full)
+    _, transformer, _ = sat_checkpoint
+    out = tmp_path / "models" / "converted"
+    assert main(["convert", str(transformer), "--base", str(tiny_rope_dir), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"cogvideox: error: cannot write {out}: No space left on device; nothing was left there\n"
+    assert list(out.parent.iterdir()) == []

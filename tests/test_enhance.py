@@ -15,6 +15,7 @@ from PIL import Image  # noqa: E402
 from serve_helpers import chat_stand_in  # noqa: E402
 
 from cogvideox import read_video  # noqa: E402
+from cogvideox.batch import Line, read_prompts, split_lines  # noqa: E402
 from cogvideox.cli import main  # noqa: E402
 from cogvideox.enhance import (  # noqa: E402
     ENV_KEY,
@@ -35,7 +36,7 @@ def endpoint():
     """Answers chat completions with REWRITTEN (quoted and padded, as chat models do), and records each
     request. By the idea sent: "down" always gets a 500, "flaky" a 503 on every other request (the first
     of each retried pair), "refused" a 400, "silent" an empty answer, "odd" a body that is no chat
-    completion."""
+    completion, "markdown" a Markdown answer of two lines with a heading and an @@."""
     flaky = [0]
 
     def respond(body):
@@ -46,6 +47,8 @@ def endpoint():
             return 500 if idea == "down" else 503
         if idea == "refused":
             return 400
+        if idea == "markdown":
+            return "## A cat at dawn\n\nA cat stretches@@sunrise, the camera still."
         if idea == "odd":
             return {"object": "list", "data": []}
         return "" if idea == "silent" else f'  "{REWRITTEN}"\n'
@@ -73,6 +76,12 @@ def test_the_rewrite_and_what_is_sent(endpoint):
     assert examples == list(EXAMPLES) and len(messages) == 2 + 2 * len(EXAMPLES)
     assert {m["role"] for m in messages[1:-1:2]} == {"user"} and {m["role"] for m in messages[2:-1:2]} == {"assistant"}
     assert fast(url).rewrite("x") == REWRITTEN and requests[-1]["authorization"] is None  # no key, no header
+
+
+def test_the_full_address_of_the_endpoint_is_taken_too(endpoint):
+    url, requests = endpoint
+    assert fast(url + "/chat/completions").rewrite("cat on a mat") == REWRITTEN
+    assert fast(url + "/chat/completions/").url == url + "/chat/completions"
 
 
 def test_transient_failures_are_retried_and_the_rest_are_not(endpoint, caplog):
@@ -198,9 +207,21 @@ def test_the_enhance_command(endpoint, capsys, tmp_path):
     captured = capsys.readouterr()
     assert captured.out == f"{REWRITTEN}\n"  # what was rewritten before the failure is out
     assert captured.err.strip().endswith("failed (3 attempts): HTTP 500")
+    assert "no rewrite of prompt 2 of 2 ('down'; the 1 before it are printed): the prompt enhancer" in captured.err
     assert main(["enhance", "--prompt-enhancer", url]) == 2
     assert "no prompts" in capsys.readouterr().err
     assert main(["enhance", "a dog", "--prompt-enhancer", "off"]) == 2
     assert f"no endpoint: give --prompt-enhancer URL (such as http://localhost:11434/v1) or set ${ENV_URL}" in (
         capsys.readouterr().err
     )
+
+
+def test_an_enhanced_line_reads_back_as_one_prompt_of_a_batch_file(endpoint, capsys, tmp_path):
+    url, _ = endpoint
+    assert main(["enhance", "markdown", "a dog", "--prompt-enhancer", url]) == 0
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(capsys.readouterr().out)
+    assert split_lines(read_prompts(prompts)) == [
+        Line("A cat at dawn A cat stretches@sunrise, the camera still."),
+        Line(REWRITTEN),
+    ]

@@ -27,6 +27,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -65,6 +66,16 @@ def read_prompts(path: str | Path) -> list[str]:
 
 
 IMAGE_SEPARATOR = "@@"  # "prompt@@image" lines give an image-to-video model its first frame
+
+
+def as_prompt_line(text: str) -> str:
+    """`text` (a chat model's rewrite) as the prompt of one prompts-file line that reads back as it: on one
+    line, not starting with the `#` of a comment (a Markdown heading would be skipped), and without an
+    `@@` that would be taken for an image."""
+    line = " ".join(text.split()).lstrip("#").strip()
+    while IMAGE_SEPARATOR in line:
+        line = line.replace(IMAGE_SEPARATOR, "@")
+    return line
 
 
 @dataclass(frozen=True)
@@ -437,6 +448,7 @@ def _claim(output_dir: Path, items: Sequence[Item], settings: dict, overwrite: b
         prepare_folder(output_dir)
         lock.append(_lock_folder(output_dir))
         remove_leftovers(output_dir, items)
+        warn_strangers(output_dir, items)
         done, other = survey(output_dir, items, settings)
         if not overwrite:
             refuse_other_settings(output_dir, other)
@@ -455,6 +467,27 @@ def remove_leftovers(output_dir: Path, items: Sequence[Item]) -> None:
     for item in items:
         for part in output_dir.glob(f".{Path(item.file).stem}.*.mp4.part"):
             part.unlink(missing_ok=True)
+
+
+def strangers(output_dir: Path, items: Sequence[Item]) -> list[str]:
+    """The videos of the folder's manifest that none of `items` makes: of lines since removed or moved (a
+    video's name holds its line's place, so every line after a removed one is made anew, under a new
+    name), or of another batch."""
+    ours = {item.file for item in items}
+    return sorted(name for name in _latest_entries(output_dir) if name not in ours and (output_dir / name).is_file())
+
+
+def warn_strangers(output_dir: Path, items: Sequence[Item]) -> None:
+    """Say which videos of the folder this batch leaves as they are, so that a batch resumed after an edit
+    of its prompts file does not silently stand beside the videos of the old lines."""
+    found = strangers(output_dir, items)
+    if found:
+        names = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+        warnings.warn(
+            f"{output_dir} holds {len(found)} video(s) that no line of the prompts makes now ({names}): of "
+            "lines since removed or moved, or of another batch; they are left as they are",
+            stacklevel=2,
+        )
 
 
 def enhancer_setting(enhancer) -> str:

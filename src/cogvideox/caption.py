@@ -16,14 +16,15 @@ videos in a row the run stops, keeping what it wrote.
 from __future__ import annotations
 
 import json
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+import queue
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cogvideox.chat import ChatEndpoint, ChatError, jpeg_part
 from cogvideox.errors import InputError
-from cogvideox.files import write_into_place
+from cogvideox.files import lock_folder, write_into_place
 
 if TYPE_CHECKING:
     import numpy as np
@@ -36,6 +37,7 @@ DEFAULT_FRAMES = 6
 VIDEO_SUFFIXES = (".mp4", ".mov", ".m4v", ".webm", ".mkv", ".avi", ".gif")
 FRAME_SIDE = 512  # each frame's longer side as sent: enough to describe, small enough for six at once
 STOP_AFTER = 3  # the endpoint failing for this many videos in a row stops the run
+LOCK = ".caption.lock"  # held by the run captioning a folder
 
 SYSTEM_PROMPT = (
     "You caption videos for training a text-to-video model. You see {frames} frames of one short clip, in "
@@ -155,16 +157,25 @@ def caption_folder(
 ) -> CaptionReport:
     """Caption every video of `folder` that has no caption yet (every one with `overwrite`), `jobs` at a
     time, writing `metadata.jsonl` after each. `prefix` goes before each new caption (a trigger word for
-    a LoRA: "In the style of xyz, "). `progress`: a progress bar."""
-    from tqdm.auto import tqdm
-
-    from cogvideox.train.data import CAPTION_KEYS, METADATA_FILE, entry_caption
-
+    a LoRA: "In the style of xyz, "). `progress`: a progress bar. `InputError` when another run is
+    captioning the folder."""
     folder = Path(folder)
     if folder.is_file():
         raise InputError(f"{folder} is a file; give the folder of videos to caption, such as {folder.parent}")
     if not folder.is_dir():
         raise InputError(f"no folder at {folder}")
+    # Two runs in one folder would each rewrite metadata.jsonl from what they read, losing the other's.
+    with lock_folder(folder, LOCK, "caption run", "captioning", "folder"):
+        return _caption_folder(folder, captioner, prefix, overwrite, jobs, progress)
+
+
+def _caption_folder(
+    folder: Path, captioner: VideoCaptioner, prefix: str, overwrite: bool, jobs: int, progress: bool
+) -> CaptionReport:
+    from tqdm.auto import tqdm
+
+    from cogvideox.train.data import CAPTION_KEYS, METADATA_FILE, entry_caption
+
     entries = read_entries(folder)
     by_video = {e["video"]: e for e in entries}
     listed = len(entries)  # entries past these were found in the folder, and are written once captioned
@@ -190,38 +201,64 @@ def caption_folder(
         write_into_place(folder / METADATA_FILE, lambda temporary: Path(temporary).write_text(lines, "utf-8"))
 
     failures_in_a_row = 0
-    waiting = iter(todo)  # submitted `jobs` at a time, so that a stopped run starts nothing more
+    waiting = iter(todo)  # started `jobs` at a time, so that a stopped run starts nothing more
+    results: queue.Queue = queue.Queue()
+    running = 0
     bar = tqdm(total=len(todo), desc="captioning", unit="video", disable=not progress)
-    with bar, ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        running = {}
+    with bar:
 
         def start_next() -> None:
+            nonlocal running
             entry = next(waiting, None)
             if entry is not None and report.stopped is None:
-                running[pool.submit(captioner.caption, folder / entry["video"])] = entry
+                _in_background(lambda: captioner.caption(folder / entry["video"]), entry, results)
+                running += 1
 
         for _ in range(max(1, jobs)):
             start_next()
         while running:
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in done:
-                entry = running.pop(future)
-                try:
-                    caption = future.result()
-                except InputError as e:
-                    report.skipped.append((entry["video"], str(e)))
-                except CaptionError as e:
-                    report.failed.append((entry["video"], str(e)))
-                    failures_in_a_row += 1
-                    if failures_in_a_row >= STOP_AFTER and report.stopped is None:
-                        report.stopped = f"{captioner.role} failed for {STOP_AFTER} videos in a row: {e}"
-                else:
-                    failures_in_a_row = 0
-                    for other in CAPTION_KEYS[1:]:  # one caption per entry: ours
-                        entry.pop(other, None)
-                    entry["caption"] = prefix + caption
-                    write()
-                    report.written.append(entry["video"])
-                bar.update()
-                start_next()
+            entry, caption, error = _next_result(results)
+            running -= 1
+            if isinstance(error, InputError):
+                report.skipped.append((entry["video"], str(error)))
+            elif isinstance(error, CaptionError):
+                report.failed.append((entry["video"], str(error)))
+                failures_in_a_row += 1
+                if failures_in_a_row >= STOP_AFTER and report.stopped is None:
+                    report.stopped = f"{captioner.role} failed for {STOP_AFTER} videos in a row: {error}"
+            elif error is not None:
+                raise error  # a bug of ours, with its traceback
+            else:
+                failures_in_a_row = 0
+                for other in CAPTION_KEYS[1:]:  # one caption per entry: ours
+                    entry.pop(other, None)
+                entry["caption"] = prefix + caption
+                write()
+                report.written.append(entry["video"])
+            bar.update()
+            start_next()
     return report
+
+
+def _in_background(work, entry: dict, results: queue.Queue) -> None:
+    """Run `work()` in a daemon thread, putting (entry, its result, None) or (entry, None, the exception)
+    on `results`. Daemon threads, not a thread pool: Ctrl-C stops the run at once, where a pool's threads
+    are waited for, a request and its retries (minutes against a dead endpoint), before the process ends."""
+
+    def run() -> None:
+        try:
+            results.put((entry, work(), None))
+        except Exception as e:  # handed to the caller's thread, which decides
+            results.put((entry, None, e))
+
+    threading.Thread(target=run, name=f"caption {entry['video']}", daemon=True).start()
+
+
+def _next_result(results: queue.Queue) -> tuple:
+    """The next result from `results`, waited for in short spells: a Ctrl-C that comes just before a
+    wait would otherwise be held up until a result comes."""
+    while True:
+        try:
+            return results.get(timeout=0.2)
+        except queue.Empty:
+            pass

@@ -24,8 +24,9 @@ class ChatError(CogVideoXError):
 
 
 class ChatEndpoint:
-    """`base_url` such as http://host:port/v1; `attempts` tries per request, `backoff` seconds before the
-    second (doubling after). A subclass names what it is (`role`, in messages) and its error type."""
+    """`base_url` such as http://host:port/v1 (or the full http://host:port/v1/chat/completions); `attempts`
+    tries per request, `backoff` seconds before the second (doubling after). A subclass names what it is
+    (`role`, in messages) and its error type."""
 
     role = "the chat endpoint"
     error: type[ChatError] = ChatError
@@ -39,7 +40,8 @@ class ChatEndpoint:
         attempts: int = 3,
         backoff: float = 1.0,
     ) -> None:
-        self.url = base_url.rstrip("/") + "/chat/completions"
+        # The endpoint's full address, as API pages show it, is taken too: the path is not doubled.
+        self.url = base_url.rstrip("/").removesuffix("/chat/completions") + "/chat/completions"
         self.model = model
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.timeout = timeout

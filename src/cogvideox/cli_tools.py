@@ -41,7 +41,7 @@ from cogvideox.cli_args import (
     taken_rate,
     warn_replaced,
 )
-from cogvideox.enhance import ENV_URL
+from cogvideox.enhance import ENV_URL, EnhancerError
 from cogvideox.errors import InputError
 from cogvideox.files import write_or_rescue
 
@@ -384,7 +384,7 @@ def _enhance(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from cogvideox import conditioning
-    from cogvideox.batch import IMAGE_SEPARATOR, read_prompts, split_lines
+    from cogvideox.batch import IMAGE_SEPARATOR, as_prompt_line, read_prompts, split_lines
 
     if any(not p.strip() for p in args.prompts):
         raise InputError("an empty prompt: give each prompt some words")
@@ -407,8 +407,14 @@ def _enhance(args: argparse.Namespace) -> int:
     # Every image decodes before the first request.
     images = {path: conditioning.load_image(path) for _, path, _ in work if path is not None}
     # One line per prompt, flushed as it comes: a redirect into a prompts file keeps what was rewritten.
-    for prompt, path, kept in tqdm(work, desc="rewriting", unit="prompt", disable=len(work) < 2):
-        print(" ".join(enhancer.rewrite(prompt, images.get(path)).split()) + kept, flush=True)
+    bar = tqdm(work, desc="rewriting", unit="prompt", disable=len(work) < 2)
+    for number, (prompt, path, kept) in enumerate(bar):
+        try:
+            rewrite = enhancer.rewrite(prompt, images.get(path))
+        except EnhancerError as e:  # say where it stopped: the prompts from there on are for another run
+            raise EnhancerError(f"no rewrite of prompt {number + 1} of {len(work)} ({prompt[:40]!r}; the {number} "
+                                f"before it are printed): {e}") from None  # fmt: skip
+        print(as_prompt_line(rewrite) + kept, flush=True)
     return 0
 
 

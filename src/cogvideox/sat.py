@@ -408,6 +408,10 @@ def _folder_in_place(output: Path):
         yield folder
         os.chmod(folder, 0o777 & ~umask())  # mkdtemp made it private
         os.replace(folder, output)  # onto a missing or empty folder
+    except OSError as e:  # a full disk (a model is tens of GB), an unreadable file of the base
+        shutil.rmtree(folder, ignore_errors=True)
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        raise InputError(f"cannot write {output}: {e.strerror or e}{where}; nothing was left there") from None
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
