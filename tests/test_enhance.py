@@ -5,6 +5,7 @@ import asyncio
 import base64
 import io
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -47,6 +48,8 @@ def endpoint():
             return 500 if idea == "down" else 503
         if idea == "refused":
             return 400
+        if idea == "locked":
+            return 401
         if idea == "markdown":
             return "## A cat at dawn\n\nA cat stretches@@sunrise, the camera still."
         if idea == "odd":
@@ -100,6 +103,11 @@ def test_transient_failures_are_retried_and_the_rest_are_not(endpoint, caplog):
             fast(url).rewrite(idea)
         assert str(error.value) == f"the prompt enhancer at {url}/chat/completions failed: {reason}"
         assert len(requests) == 1  # the same request would get the same answer
+
+    # A refused key says where the key comes from, sent or not.
+    for key, hint in ((None, f"no key was sent: set ${ENV_KEY}"), ("k", f"the key from ${ENV_KEY} was refused")):
+        with pytest.raises(EnhancerError, match=re.escape(f"failed: HTTP 401 ({hint})")):
+            fast(url, api_key=key).rewrite("locked")
 
     # `enhance` gives None instead, with the reason in the log: the caller goes on with the prompt.
     with caplog.at_level(logging.WARNING, logger="cogvideox.enhance"):

@@ -59,6 +59,7 @@ class VideoCaptioner(ChatEndpoint):
 
     role = "the captioner"
     error = CaptionError
+    key_variable = ENV_KEY
 
     def __init__(
         self,

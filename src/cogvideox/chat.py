@@ -30,6 +30,7 @@ class ChatEndpoint:
 
     role = "the chat endpoint"
     error: type[ChatError] = ChatError
+    key_variable: str | None = None  # the environment variable its API key comes from, for a refusal's hint
 
     def __init__(
         self,
@@ -90,7 +91,17 @@ class ChatEndpoint:
         if transient and attempt + 1 < self.attempts:
             return
         tries = f" ({attempt + 1} attempts)" if attempt else ""
-        raise self.error(f"{self.role} at {self.url} failed{tries}: {_describe(error)}") from None
+        why = _describe(error) + self._key_hint(error)
+        raise self.error(f"{self.role} at {self.url} failed{tries}: {why}") from None
+
+    def _key_hint(self, error: Exception) -> str:
+        """For an answer of 401 or 403: whether a key was sent, and where it comes from."""
+        import httpx
+
+        if not (isinstance(error, httpx.HTTPStatusError) and error.response.status_code in (401, 403)):
+            return ""
+        where = f"${self.key_variable}" if self.key_variable else "its API key"
+        return f" (the key from {where} was refused)" if self.headers else f" (no key was sent: set {where})"
 
     def _answer(self, response) -> str:
         """The text of a chat completion response, or `ChatError`."""

@@ -69,6 +69,7 @@ class PromptEnhancer(ChatEndpoint):
 
     role = "the prompt enhancer"
     error = EnhancerError
+    key_variable = ENV_KEY
 
     def __init__(
         self,
