@@ -135,6 +135,18 @@ def test_a_second_run_goes_on_and_keeps_what_is_there(endpoint, folder):
     assert read_metadata(folder)[0] == {"video": "a.mp4", "caption": "2 frames, red to blue", "mask": "masks/a.mp4"}
 
 
+def test_an_entry_written_with_dot_slash_is_the_file_found(endpoint, folder):
+    """"./a.mp4" in metadata.jsonl is a.mp4 on disk: kept with its caption, not listed and captioned again;
+    "./masks/a.mp4" a mask, never captioned."""
+    url, _ = endpoint
+    (folder / "metadata.jsonl").write_text(
+        json.dumps({"video": "./a.mp4", "caption": "my own words", "mask": "./masks/a.mp4"}) + "\n", "utf-8")
+    clip(folder / "masks" / "a.mp4", "green")
+    report = caption_folder(folder, VideoCaptioner(url, frames=2))
+    assert (report.written, report.kept) == (["sub/b.mov"], 1)
+    assert [e["video"] for e in read_metadata(folder)] == ["./a.mp4", "sub/b.mov"]
+
+
 def test_the_official_layouts_captions_are_carried_over(endpoint, folder):
     url, _ = endpoint
     (folder / "prompts.txt").write_text("their caption\n", "utf-8")

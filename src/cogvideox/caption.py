@@ -16,6 +16,7 @@ videos in a row the run stops, keeping what it wrote.
 from __future__ import annotations
 
 import json
+import os
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -134,10 +135,15 @@ def read_entries(folder: Path) -> list[dict]:
     return [] if found is None else [{"video": name, "caption": caption} for name, caption, _ in found[0]]
 
 
+def _as_found(name: str) -> str:
+    """An entry's path as `find_videos` names the file: "./clips/a.mp4" and "clips//a.mp4" are clips/a.mp4."""
+    return Path(os.path.normpath(name)).as_posix()
+
+
 def find_videos(folder: Path, entries: list[dict]) -> list[str]:
     """Video files under `folder` (relative POSIX paths, sorted), hidden folders and the entries' masks
     left out."""
-    masks = {e["mask"] for e in entries if isinstance(e.get("mask"), str)}
+    masks = {_as_found(e["mask"]) for e in entries if isinstance(e.get("mask"), str)}
     found = []
     for path in folder.rglob("*"):
         relative = path.relative_to(folder)
@@ -178,7 +184,7 @@ def _caption_folder(
     from cogvideox.train.data import CAPTION_KEYS, METADATA_FILE, entry_caption
 
     entries = read_entries(folder)
-    by_video = {e["video"]: e for e in entries}
+    by_video = {_as_found(e["video"]): e for e in entries}
     listed = len(entries)  # entries past these were found in the folder, and are written once captioned
     for name in find_videos(folder, entries):
         if name not in by_video:
