@@ -52,6 +52,8 @@ def endpoint():
             return 401
         if idea == "markdown":
             return "## A cat at dawn\n\nA cat stretches@@sunrise, the camera still."
+        if idea == "marks":
+            return "###"
         if idea == "odd":
             return {"object": "list", "data": []}
         return "" if idea == "silent" else f'  "{REWRITTEN}"\n'
@@ -226,10 +228,13 @@ def test_the_enhance_command(endpoint, capsys, tmp_path):
 
 def test_an_enhanced_line_reads_back_as_one_prompt_of_a_batch_file(endpoint, capsys, tmp_path):
     url, _ = endpoint
-    assert main(["enhance", "markdown", "a dog", "--prompt-enhancer", url]) == 0
+    assert main(["enhance", "markdown", "marks", "a dog", "--prompt-enhancer", url]) == 0
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text(capsys.readouterr().out)
+    out, err = capsys.readouterr()
+    prompts.write_text(out)
     assert split_lines(read_prompts(prompts)) == [
         Line("A cat at dawn A cat stretches@sunrise, the camera still."),
+        Line("marks"),  # an answer of marks alone: the prompt as given keeps its line, and the numbering
         Line(REWRITTEN),
     ]
+    assert "the rewrite of prompt 2 ('marks') holds no words; it is printed as given" in err

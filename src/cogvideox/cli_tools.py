@@ -414,7 +414,12 @@ def _enhance(args: argparse.Namespace) -> int:
         except EnhancerError as e:  # say where it stopped: the prompts from there on are for another run
             raise EnhancerError(f"no rewrite of prompt {number + 1} of {len(work)} ({prompt[:40]!r}; the {number} "
                                 f"before it are printed): {e}") from None  # fmt: skip
-        print(as_prompt_line(rewrite) + kept, flush=True)
+        line = as_prompt_line(rewrite)
+        if not line:  # an answer of Markdown marks alone: the prompt keeps its line, as given
+            warnings.warn(f"the rewrite of prompt {number + 1} ({prompt[:40]!r}) holds no words; it is printed as "
+                          "given", stacklevel=1)  # fmt: skip
+            line = as_prompt_line(prompt)
+        print(line + kept, flush=True)
     return 0
 
 
