@@ -771,3 +771,31 @@ def test_auto_chooses_again_once_quantising_has_shrunk_the_weights(tiny_rope_dir
     assert named.offload.mode == "stream" and not named.offload_auto
     exact_levers = Pipeline.from_pretrained(tiny_rope_dir, offload="auto").accelerate(cache=0.0)
     assert exact_levers.offload.mode == "stream"  # nothing shrank: no second choice
+
+
+@pytest.mark.parametrize("mode", ["model", "sequential"])
+def test_fuse_and_unload_of_a_lora_under_offloading_reach_the_weights_that_run(tiny_rope_dir, tmp_path, mode):
+    """`unload_lora` puts plain linear layers back, which in "sequential" mode had no hook (their weights
+    never fetched: NaN here, a device mismatch on a GPU); `fuse_lora` wrote weights in place rather than
+    into the packed host copy that offloading reads. Both now undo the offloading around their change."""
+    from cogvideox.train import lora
+
+    source = Pipeline.from_pretrained(tiny_rope_dir)
+    lora.inject_lora(source.transformer, 2, 2.0, targets=("to_q", "to_v"), name="style", seed=1)
+    with torch.no_grad():
+        for layer in lora.lora_layers(source.transformer).values():
+            layer.lora_B["style"].weight.normal_(0, 0.2, generator=torch.Generator().manual_seed(2))
+    file = lora.save_lora(source.transformer, tmp_path / "style", name="style")
+    small = dict(SMALL, num_frames=9, output_type="latent", progress=False)
+    plain = Pipeline.from_pretrained(tiny_rope_dir)(PROMPT, **small).latents
+    live = Pipeline.from_pretrained(tiny_rope_dir, lora=file)(PROMPT, **small).latents
+
+    pipe = Pipeline.from_pretrained(tiny_rope_dir, lora=file)
+    pipe.offload = offload.apply(pipe, mode, CPU, poison=True)
+    pipe.fuse_lora()
+    torch.testing.assert_close(pipe(PROMPT, **small).latents, live, rtol=1e-4, atol=1e-4)
+    pipe.offload.remove()
+    pipe.offload = offload.apply(pipe, mode, CPU, poison=True)
+    pipe.unload_lora()
+    assert pipe.offload is not None and pipe.offload.mode == mode
+    torch.testing.assert_close(pipe(PROMPT, **small).latents, plain, rtol=1e-4, atol=1e-4)

@@ -303,22 +303,27 @@ class Pipeline:
         (no cost per step); `keep_original` keeps a CPU copy so that `unfuse_lora` restores them exactly."""
         from cogvideox.train import lora
 
-        self._lora_call(lora.fuse_lora, names, keep_original)
+        self._lora_call(lora.fuse_lora, names, keep_original, lift=True)
 
     def unfuse_lora(self, names: str | Sequence[str] | None = None) -> None:
         from cogvideox.train import lora
 
-        self._lora_call(lora.unfuse_lora, names)
+        self._lora_call(lora.unfuse_lora, names, lift=True)
 
     def unload_lora(self, name: str | None = None) -> None:
         """Remove LoRA `name` (every LoRA for None), unfusing it first."""
         from cogvideox.train import lora
 
-        self._lora_call(lora.remove_lora, name)
+        self._lora_call(lora.remove_lora, name, lift=True)
 
-    def _lora_call(self, function, *args) -> None:
+    def _lora_call(self, function, *args, lift: bool = False) -> None:
+        """Run a `cogvideox.train.lora` function on the transformer. `lift`: it writes weights or replaces
+        layers, so the offloading (if any) is undone around it, as for `load_lora`: the packed host copy is
+        what offloading reads (a weight written in place elsewhere would be lost), and a layer put back
+        in "sequential" mode would have no hook to fetch its weights."""
         try:
-            function(self.transformer, *args)
+            with self._offload_lifted() if lift else contextlib.nullcontext():
+                function(self.transformer, *args)
         except InputError as error:
             if self.acceleration is None:
                 raise
