@@ -799,3 +799,19 @@ def test_fuse_and_unload_of_a_lora_under_offloading_reach_the_weights_that_run(t
     pipe.unload_lora()
     assert pipe.offload is not None and pipe.offload.mode == mode
     torch.testing.assert_close(pipe(PROMPT, **small).latents, plain, rtol=1e-4, atol=1e-4)
+
+
+def test_decode_of_latents_from_the_host_under_offloading_sends_the_vae_home(tiny_rope_dir):
+    """`output_type="latent"` then `decode`: the frames are the direct run's, and the VAE's weights do not
+    stay on the device afterwards (a call sends every weight home; decode on its own did not)."""
+    small = dict(SMALL, num_frames=9, progress=False)
+    pipe = offloaded(tiny_rope_dir, "model")
+    direct = pipe(PROMPT, **small)
+    latents = pipe(PROMPT, output_type="latent", **small).latents.cpu()
+    frames = pipe.decode(latents)
+    assert all(np.array_equal(a, b) for a, b in zip(frames, direct.frames))
+    assert pipe.offload.device_bytes() == 0
+    with pytest.raises(InputError, match=r"latents\[None\]"):
+        pipe.decode(latents[0])  # one video's latents [F, C, h, w], not a batch
+    with pytest.raises(InputError, match="decode takes latents"):
+        pipe.decode(latents.numpy())

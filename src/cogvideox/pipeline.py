@@ -544,8 +544,20 @@ class Pipeline:
     def decode(self, latents: torch.Tensor, progress: bool = False) -> list[np.ndarray]:
         """Latents [B, F, C, h, w] (without 1.5 padding) -> one uint8 video [T, H, W, 3] per sample (see
         `autoencoder.decode_latents`: one VAE call for the batch, tiles again rather than lose the latents
-        when out of GPU memory)."""
-        return decode_latents(self.vae, latents, self.dtype, self._memory_guard, progress)
+        when out of GPU memory). Latents elsewhere (the CPU, say) are moved to the pipeline's device; with
+        offloading, the VAE goes back to the host afterwards, as after a call."""
+        channels, size = self.vae.config.latent_channels, self.spatial_compression
+        if not isinstance(latents, torch.Tensor) or latents.ndim != 5 or latents.shape[2] != channels:
+            got = list(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise InputError(f"decode takes latents [batch, frames, {channels}, height/{size}, width/{size}] (one "
+                             f"video's alone: latents[None]), got {got}")  # fmt: skip
+        if latents.numel() == 0 or not latents.is_floating_point():
+            raise InputError(f"decode takes non-empty float latents, got {latents.dtype} {list(latents.shape)}")
+        try:
+            return decode_latents(self.vae, latents.to(self.device), self.dtype, self._memory_guard, progress)
+        finally:
+            if self.offload is not None:
+                self.offload.release_all()
 
     def _memory_guard(self, stage: str, batch: int = 1):
         """Out of GPU memory in `stage` becomes an `OutOfMemoryError` saying what would fit."""
