@@ -389,6 +389,7 @@ def reconstruct(
     return ddim(
         **sampling,
         latents=inversion.latents,
+        use_dynamic_cfg=False,  # inverted with a constant scale: a model's recommended schedule would not retrace it
         seed=0,  # DDIM draws nothing; a fixed seed keeps the report quiet
         output_type=output_type,
         progress=progress,
