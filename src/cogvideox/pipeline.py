@@ -789,6 +789,9 @@ class Pipeline:
                 request.guidance_scale, timesteps.tolist(), request.use_dynamic_cfg, request.dynamic_cfg
             )
         inputs = DenoiseInputs(latents, text, guidance, rotary, generator)
+        cache = getattr(self.acceleration, "cache", None)
+        if cache is not None:  # a call stopped half-way (a callback raised) leaves its residuals behind
+            cache.reset()
         bar = tqdm(total=len(timesteps), desc="denoising", unit="step", disable=not progress, leave=False)
         with bar, self._memory_guard("denoise", request.batch_size):
 
