@@ -344,6 +344,25 @@ def test_lora_calls_after_accelerate_say_the_loras_were_folded(tiny_rope_dir, lo
         pipe.unload_lora("style")
 
 
+def test_unloading_every_lora_after_accelerate_folded_them_is_refused_not_ignored(tiny_rope_dir, lora_files):
+    """`unload_lora()` / `unfuse_lora()` (every LoRA) after `accelerate()` folded them in did nothing, without
+    a word: the video kept the LoRA. A LoRA that `set_adapters` left out is not folded, not named."""
+    one, two = lora_files
+    pipe = Pipeline.from_pretrained(tiny_rope_dir)
+    pipe.load_lora(one, name="one"), pipe.load_lora(two, name="two")
+    pipe.set_adapters("one", 0.5)
+    pipe.accelerate(quantize="int8", attention=None)
+    with pytest.raises(InputError, match=r"cannot unload LoRA 'one': accelerate\(\) folded it"):
+        pipe.unload_lora()
+    with pytest.raises(InputError, match=r"cannot unfuse LoRA 'one'"):
+        pipe.unfuse_lora()
+    assert pipe.acceleration.folded_loras == ("one",)
+    live = Pipeline.from_pretrained(tiny_rope_dir, lora=[(one, 0.5), (two, 2.0)]).accelerate(cache=0.0, fuse_qkv=False)
+    assert live.acceleration.folded_loras == ()
+    live.unload_lora()  # still live LoRAs: they go
+    assert not lora.lora_layers(live.transformer)
+
+
 def test_lora_metadata_that_is_not_json_is_an_input_error(lora_files, tmp_path):
     path = lora_files[0]
     bad = tmp_path / "meta.safetensors"

@@ -306,15 +306,28 @@ class Pipeline:
         self._lora_call(lora.fuse_lora, names, keep_original, lift=True)
 
     def unfuse_lora(self, names: str | Sequence[str] | None = None) -> None:
+        """Take the fused LoRAs `names` (every fused one for None) out of the weights again."""
         from cogvideox.train import lora
 
+        self._refuse_folded("unfuse")
         self._lora_call(lora.unfuse_lora, names, lift=True)
 
     def unload_lora(self, name: str | None = None) -> None:
         """Remove LoRA `name` (every LoRA for None), unfusing it first."""
         from cogvideox.train import lora
 
+        self._refuse_folded("unload")
         self._lora_call(lora.remove_lora, name, lift=True)
+
+    def _refuse_folded(self, what: str) -> None:
+        """An `InputError` where `accelerate` folded LoRAs in for good: unloading or unfusing "every LoRA"
+        would otherwise do nothing, without a word, and leave them in the video."""
+        folded = getattr(self.acceleration, "folded_loras", ())
+        if folded:
+            raise InputError(
+                f"cannot {what} LoRA {', '.join(map(repr, folded))}: accelerate() folded it into the weights for "
+                "good; load a fresh pipeline to run without it"
+            )
 
     def _lora_call(self, function, *args, lift: bool = False) -> None:
         """Run a `cogvideox.train.lora` function on the transformer. `lift`: it writes weights or replaces
@@ -423,9 +436,10 @@ class Pipeline:
         "fa3-fp8" (FlashAttention-3's FP8 kernel, Hopper, bf16) changes it more, "fa3-fp8-emulated" its math.
         Move the pipeline to its device first; a quantised transformer is for inference, not for saving.
         Fused QKV, quantising and compiling rewrite the linear layers the LoRAs attach to: with any of
-        them, the LoRAs that run are folded into the weights for good first, at their current scales.
-        With the attention backend and the step cache alone, LoRAs stay live (`set_adapters` still
-        chooses them). Load every LoRA before calling this. quantize_text: "int8" for T5's linears too
+        them, the LoRAs that run are folded into the weights for good first, at their current scales
+        (`acceleration.folded_loras` names them; unloading or unfusing them is then an error). With the
+        attention backend and the step cache alone, LoRAs stay live (`set_adapters` still chooses them).
+        Load every LoRA before calling this. quantize_text: "int8" for T5's linears too
         (weight-only: half its bf16 memory, the text states changed by rounding), as the model card's INT8.
         """
         from cogvideox import fast
@@ -435,12 +449,15 @@ class Pipeline:
         check_text_quantize(quantize_text)  # before the transformer is touched
         device = self.device  # where the transformer computes, even while offloading keeps it in host memory
         with self._offload_lifted():  # rewrite the layers at home, then offload the rewritten ones
+            folded = ()
             if quantize or compile or fuse_qkv:
+                folded = tuple(lora.running_adapters(self.transformer))
                 lora.fold_lora(self.transformer)
             done = fast.apply(
                 self, quantize=quantize, compile=compile, cache=cache, fuse_qkv=fuse_qkv, attention=attention,
                 device=device,
             )
+            done.folded_loras = folded
             if quantize_text is not None:
                 fast.quantize_text_encoder(self.text_encoder.model, quantize_text)
                 done.quantize_text = quantize_text

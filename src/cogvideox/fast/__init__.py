@@ -64,6 +64,7 @@ class Acceleration:
     compile: str | None = None  # the torch.compile mode, "default" for plain `compile=True`
     cache: StepCache | None = None
     quantize_text: str | None = None  # T5's linears (`Pipeline.accelerate`; `apply` leaves T5 alone)
+    folded_loras: tuple[str, ...] = ()  # the LoRAs `Pipeline.accelerate` folded into the weights for good
 
     def describe(self) -> str:
         parts = []

@@ -202,6 +202,14 @@ def adapter_names(model: nn.Module) -> list[str]:
     return list(names)
 
 
+def running_adapters(model: nn.Module) -> list[str]:
+    """The adapters that run (loaded, not left out by `activate_lora`) or are fused: what the model computes."""
+    names: dict[str, None] = {}
+    for layer in lora_layers(model).values():
+        names.update(dict.fromkeys(n for n in layer.lora_A if n not in layer.disabled or n in layer.fused))
+    return list(names)
+
+
 def _wrap(model: nn.Module, name: str) -> LoRALinear:
     module = model.get_submodule(name)
     if isinstance(module, LoRALinear):
