@@ -815,3 +815,16 @@ def test_decode_of_latents_from_the_host_under_offloading_sends_the_vae_home(tin
         pipe.decode(latents[0])  # one video's latents [F, C, h, w], not a batch
     with pytest.raises(InputError, match="decode takes latents"):
         pipe.decode(latents.numpy())
+
+
+def test_invert_under_offloading_sends_the_weights_home(tiny_rope_dir):
+    """After `invert` no weight stays on the device (the transformer did: a 5B one is 10 GiB of a GPU)."""
+    from helpers import sample_frames
+
+    from cogvideox.inversion import invert
+
+    pipe = offloaded(tiny_rope_dir, "model")
+    frames = sample_frames(9, height=32, width=48)
+    invert(pipe, frames, PROMPT, num_inference_steps=2, height=32, width=48, max_sequence_length=16,
+           fixed_point_iterations=0, progress=False)  # fmt: skip
+    assert pipe.offload.device_bytes() == 0

@@ -17,6 +17,7 @@ that needs a hook inside the attention and is not done here: we regenerate by pl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable
@@ -306,7 +307,7 @@ def invert(
         resize=resize,
     )
     device, dtype = pipe.device, pipe.dtype
-    with torch.inference_mode():
+    with torch.inference_mode(), _weights_sent_home(pipe):
         length = request.max_sequence_length
         text = pipe.encode_prompts(request.prompts, length)
         if request.use_guidance:
@@ -349,6 +350,16 @@ def invert(
         width=request.width,
         max_sequence_length=request.max_sequence_length,
     )
+
+
+@contextlib.contextmanager
+def _weights_sent_home(pipe):
+    """With offloading, every weight back in host memory afterwards (success or error), as after a call."""
+    try:
+        yield
+    finally:
+        if getattr(pipe, "offload", None) is not None:
+            pipe.offload.release_all()
 
 
 def _refined_inversion(transformer, inverse: InverseDDIM, timesteps, inputs: DenoiseInputs, iterations: int, on_step):
