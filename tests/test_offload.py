@@ -828,3 +828,21 @@ def test_invert_under_offloading_sends_the_weights_home(tiny_rope_dir):
     invert(pipe, frames, PROMPT, num_inference_steps=2, height=32, width=48, max_sequence_length=16,
            fixed_point_iterations=0, progress=False)  # fmt: skip
     assert pipe.offload.device_bytes() == 0
+
+
+def test_a_pipeline_from_with_scheduler_follows_the_offloading_its_modules_have(tiny_rope_dir):
+    """`with_scheduler` shares the modules and so their offloading. When the original offloads again (around
+    `load_lora` or `accelerate`, or `enable_offload`), the other kept the removed one: its calls released
+    nothing, and its `to()` or `enable_offload` failed deep inside torch."""
+    small = dict(SMALL, num_frames=9, output_type="latent", progress=False)
+    want = Pipeline.from_pretrained(tiny_rope_dir, scheduler="dpm")(PROMPT, **small).latents
+    pipe = Pipeline.from_pretrained(tiny_rope_dir, offload="model")
+    other = pipe.with_scheduler("dpm")
+    pipe.enable_offload("model")
+    assert torch.equal(other(PROMPT, **small).latents, want)
+    assert pipe.offload.device_bytes() == 0
+    assert other.offload is pipe.offload
+    other.enable_offload("sequential")
+    assert pipe.offload.mode == "sequential"
+    other.to("cpu")
+    assert pipe.offload is None and torch.equal(pipe.with_scheduler("dpm")(PROMPT, **small).latents, want)

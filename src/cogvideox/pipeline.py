@@ -86,11 +86,39 @@ class Pipeline:
         self.vae = vae
         self.text_encoder = text_encoder
         self.scheduler = scheduler
-        self.offload = None  # a `cogvideox.fast.offload.Offload` while weights are offloaded
-        self.offload_choice = ""  # what `enable_offload` chose, and why
-        self.offload_auto = False  # the mode was chosen by "auto": `accelerate` chooses again after quantising
+        self._placement = _Placement()
         # The guidance arguments' defaults: the model folder's `sampling.json`, else the reference's.
         self.sampling_defaults = dict(loading.SAMPLING_FALLBACKS)
+
+    # The offloading lives on the modules, so pipelines sharing them (`with_scheduler`) share its record too:
+    # one that re-applied it (around `load_lora`, say) would otherwise leave the other a removed `Offload`.
+
+    @property
+    def offload(self):
+        """A `cogvideox.fast.offload.Offload` while weights are offloaded, else None."""
+        return self._placement.offload
+
+    @offload.setter
+    def offload(self, value) -> None:
+        self._placement.offload = value
+
+    @property
+    def offload_choice(self) -> str:
+        """What `enable_offload` chose, and why."""
+        return self._placement.choice
+
+    @offload_choice.setter
+    def offload_choice(self, value: str) -> None:
+        self._placement.choice = value
+
+    @property
+    def offload_auto(self) -> bool:
+        """Whether "auto" chose the mode: `accelerate` then chooses again after quantising."""
+        return self._placement.auto
+
+    @offload_auto.setter
+    def offload_auto(self, value: bool) -> None:
+        self._placement.auto = value
 
     # -------------------------------------------------------------------------------------------------
     # Loading and saving
@@ -357,7 +385,7 @@ class Pipeline:
         if scheduler is None:
             raise InputError("with_scheduler needs a scheduler: \"ddim\", \"dpm\" or a scheduler object")
         pipe = type(self)(self.transformer, self.vae, self.text_encoder, scheduler)
-        pipe.offload, pipe.offload_choice = self.offload, self.offload_choice  # the hooks live on the modules
+        pipe._placement = self._placement  # the hooks live on the modules
         pipe.sampling_defaults = dict(self.sampling_defaults)  # the model's recommendation, not the scheduler's
         return pipe
 
@@ -829,6 +857,15 @@ class Pipeline:
         if self.offload is not None:
             self.offload.release_all()  # nothing of ours stays on the device between calls
         return VideoOutput(frames, latents, seed, request.padding_frames, timings)
+
+
+@dataclass
+class _Placement:
+    """How a pipeline's modules are offloaded: shared by the pipelines that share the modules."""
+
+    offload: object = None  # a `cogvideox.fast.offload.Offload`, or None: every weight resident
+    choice: str = ""
+    auto: bool = False
 
 
 def _lora_entries(lora) -> list[tuple[str | Path, float]]:
