@@ -165,7 +165,7 @@ def apply(
         if attention == "auto" and auto_chose_fa3(transformer):
             record.attention_kernel = "fa3"
     if mode is not None:
-        compile_blocks(transformer, None if mode == "default" else mode)
+        compile_blocks(transformer, None if mode == "default" else mode, eager_past_limit=True)
         record.compile = mode
     if cache is not None:
         record.cache = add_step_cache(transformer, cache)
