@@ -417,8 +417,8 @@ class Pipeline:
             `offload_choice` says what it chose and why).
         text_device: where T5 lives and runs, e.g. "cpu" (default: `device`).
         lookahead: blocks copied ahead in "stream" mode (default 2).
-        Offloading moves the weights that exist: `load_lora` and `accelerate` called afterwards lift it
-        and apply it again around their change.
+        Offloading moves the weights that exist: `load_lora`, `fuse_lora`, `unfuse_lora`, `unload_lora` and
+        `accelerate` called afterwards lift it and apply it again around their change.
         """
         from cogvideox.fast import offload as offloading
         from cogvideox.fast.memory_plan import choose_for_pipeline
