@@ -50,6 +50,27 @@ def test_a_high_threshold_skips_steps_and_stays_close(tiny_rope_dir, uncached):
     assert cache.stats() == stats
 
 
+def test_a_call_stopped_by_its_callback_leaves_nothing_for_the_next(tiny_rope_dir):
+    """A callback that raises (a cancelled job) stops a generation at t=624; a video-to-video call whose
+    schedule starts below that was taken for its continuation and skipped steps on its residuals."""
+    from helpers import sample_frames
+
+    video = sample_frames(9, height=32, width=48)
+    redraw = dict(CALL, num_inference_steps=8, prompt="a dog", video=video, strength=0.5, seed=2)
+    want = cached_pipe(tiny_rope_dir, 0.5)(**redraw).latents
+
+    def stop(step, timestep, latents):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    pipe = cached_pipe(tiny_rope_dir, 0.5)
+    with pytest.raises(KeyboardInterrupt):
+        pipe("a bird", **dict(CALL, num_inference_steps=8), callback=stop)
+    got = pipe(**redraw).latents
+    assert torch.equal(got, want)
+    assert pipe.acceleration.cache.calls == 4  # this generation's steps only
+
+
 def run_recording_other_blocks(exact, x, text, t, rope):
     """The exact 3-block model's output, and R = (video, text) out of block 2 - into block 1: the
     residual that blocks 1..2 add, which a cached step reuses."""

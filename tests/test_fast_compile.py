@@ -152,3 +152,33 @@ def test_recompile_limit_lets_the_blocks_compile_more_shapes():
             assert torch.equal(block(x), torch.nn.functional.silu(x))
         assert counters["stats"]["unique_graphs"] == 3
     torch._dynamo.reset()
+
+
+
+def test_an_accelerated_model_past_the_recompile_limit_runs_uncompiled_with_a_warning(monkeypatch):
+    """A long-lived pipeline (the service) compiles a graph per video size: past PyTorch's limit of 8, a
+    generation stopped with Dynamo's error. `apply(compile=True)` has such a call run uncompiled instead;
+    `compile_blocks` alone (the trainer, which sizes its limit) still stops (see the test above)."""
+    from torch import nn
+
+    from cogvideox import fast
+
+    torch._dynamo.reset()
+    model = nn.Module()
+    model.transformer_blocks = nn.ModuleList([nn.SiLU()])
+    compile = torch.compile  # Dynamo's limit without Inductor's C++ build: the "eager" backend
+    monkeypatch.setattr(torch, "compile", lambda *args, **kwargs: compile(*args, **kwargs, backend="eager"))
+    compile_blocks(model, eager_past_limit=True)
+    with torch._dynamo.config.patch(cache_size_limit=1):
+        block = model.transformer_blocks[0]
+        block(torch.randn(3))
+        x = torch.randn(4)
+        with pytest.warns(UserWarning, match="recompile limit .* new sizes run uncompiled"):
+            assert torch.equal(block(x), torch.nn.functional.silu(x))
+    torch._dynamo.reset()
+    monkeypatch.undo()
+
+    seen = {}
+    monkeypatch.setattr(fast, "compile_blocks", lambda model, mode, **options: seen.update(options))
+    apply(tiny_transformer(num_layers=2), compile=True, fuse_qkv=False, attention=None)
+    assert seen == {"eager_past_limit": True}

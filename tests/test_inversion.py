@@ -118,6 +118,22 @@ def test_guidance_and_v15_padding(tiny_v15_dir):
     assert quality > 26
 
 
+def test_reconstruct_keeps_the_constant_guidance_it_was_inverted_with(rope_pipe):
+    """A model whose `sampling.json` recommends dynamic CFG: the regeneration still runs the constant scale
+    the inversion ran, rather than taking the recommendation and leaving the inverted path."""
+    frames = sample_frames(9, height=32, width=48)
+    inversion = invert(rope_pipe, frames, "a cat", num_inference_steps=3, guidance_scale=3.0,
+                       fixed_point_iterations=0, **SMALL)  # fmt: skip
+    want = reconstruct(rope_pipe, inversion, output_type="latent", progress=False).latents
+    defaults = dict(rope_pipe.sampling_defaults)
+    rope_pipe.sampling_defaults["use_dynamic_cfg"] = True
+    try:
+        got = reconstruct(rope_pipe, inversion, output_type="latent", progress=False).latents
+    finally:
+        rope_pipe.sampling_defaults = defaults
+    assert torch.equal(got, want)
+
+
 def test_save_and_load(rope_pipe, tmp_path):
     inversion = invert(rope_pipe, sample_frames(9), "a dog", num_inference_steps=2, **SMALL)
     path = inversion.save(tmp_path / "latents.safetensors")

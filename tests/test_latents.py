@@ -59,6 +59,13 @@ def test_decode_checks_the_latents_fit(tiny_rope_dir):
         vae.decode(torch.zeros(3, 16, 4, 6))
 
 
+def test_the_vae_alone_takes_tiling_and_slicing_as_true_or_false(tiny_rope_dir):
+    for flag in ("tiling", "slicing"):
+        with pytest.raises(InputError, match=f"{flag} must be True or False, got 'false'"):
+            VideoAutoencoder.from_pretrained(tiny_rope_dir, **{flag: "false"})
+    assert VideoAutoencoder.from_pretrained(tiny_rope_dir, tiling=True).vae.use_tiling
+
+
 def test_the_vae_alone_refuses_what_it_cannot_encode_or_decode(tiny_rope_dir):
     """Frames the VAE would drop, sizes it would crop, latents that are not a tensor: one-line errors,
     not a shorter or smaller video, nor a traceback from torch or PIL."""

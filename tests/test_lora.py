@@ -344,6 +344,45 @@ def test_lora_calls_after_accelerate_say_the_loras_were_folded(tiny_rope_dir, lo
         pipe.unload_lora("style")
 
 
+def test_unloading_every_lora_after_accelerate_folded_them_is_refused_not_ignored(tiny_rope_dir, lora_files):
+    """`unload_lora()` / `unfuse_lora()` (every LoRA) after `accelerate()` folded them in did nothing, without
+    a word: the video kept the LoRA. A LoRA that `set_adapters` left out is not folded, not named."""
+    one, two = lora_files
+    pipe = Pipeline.from_pretrained(tiny_rope_dir)
+    pipe.load_lora(one, name="one"), pipe.load_lora(two, name="two")
+    pipe.set_adapters("one", 0.5)
+    pipe.accelerate(quantize="int8", attention=None)
+    with pytest.raises(InputError, match=r"cannot unload LoRA 'one': accelerate\(\) folded it"):
+        pipe.unload_lora()
+    with pytest.raises(InputError, match=r"cannot unfuse LoRA 'one'"):
+        pipe.unfuse_lora()
+    assert pipe.acceleration.folded_loras == ("one",)
+    live = Pipeline.from_pretrained(tiny_rope_dir, lora=[(one, 0.5), (two, 2.0)]).accelerate(cache=0.0, fuse_qkv=False)
+    assert live.acceleration.folded_loras == ()
+    live.unload_lora()  # still live LoRAs: they go
+    assert not lora.lora_layers(live.transformer)
+
+
+def test_keep_original_restores_exactly_the_weight_a_lora_was_fused_into(tiny_rope_dir, lora_files):
+    """One LoRA fused, then another with `keep_original=True`: unfusing the second restores the weights
+    it was fused into bit for bit (it subtracted the update, because another LoRA was still fused); a
+    kept copy that no longer matches what stays fused is not restored."""
+    one, two = lora_files
+    pipe = Pipeline.from_pretrained(tiny_rope_dir)
+    pipe.load_lora(one, 0.7, name="one"), pipe.load_lora(two, 1.3, name="two")
+    weights = lambda: {k: v.clone() for k, v in pipe.transformer.state_dict().items()}  # noqa: E731
+    plain = weights()
+    pipe.fuse_lora("one")
+    with_one = weights()
+    pipe.fuse_lora("two", keep_original=True)
+    pipe.unfuse_lora("two")
+    assert all(torch.equal(with_one[k], v) for k, v in weights().items())
+    pipe.fuse_lora("two", keep_original=True)
+    pipe.unfuse_lora("one")  # the copy holds "one": unfusing "two" now subtracts
+    pipe.unfuse_lora("two")
+    assert all(torch.allclose(plain[k], v, atol=1e-6) for k, v in weights().items())
+
+
 def test_lora_metadata_that_is_not_json_is_an_input_error(lora_files, tmp_path):
     path = lora_files[0]
     bad = tmp_path / "meta.safetensors"

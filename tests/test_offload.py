@@ -771,3 +771,78 @@ def test_auto_chooses_again_once_quantising_has_shrunk_the_weights(tiny_rope_dir
     assert named.offload.mode == "stream" and not named.offload_auto
     exact_levers = Pipeline.from_pretrained(tiny_rope_dir, offload="auto").accelerate(cache=0.0)
     assert exact_levers.offload.mode == "stream"  # nothing shrank: no second choice
+
+
+@pytest.mark.parametrize("mode", ["model", "sequential"])
+def test_fuse_and_unload_of_a_lora_under_offloading_reach_the_weights_that_run(tiny_rope_dir, tmp_path, mode):
+    """`unload_lora` puts plain linear layers back, which in "sequential" mode had no hook (their weights
+    never fetched: NaN here, a device mismatch on a GPU); `fuse_lora` wrote weights in place rather than
+    into the packed host copy that offloading reads. Both now undo the offloading around their change."""
+    from cogvideox.train import lora
+
+    source = Pipeline.from_pretrained(tiny_rope_dir)
+    lora.inject_lora(source.transformer, 2, 2.0, targets=("to_q", "to_v"), name="style", seed=1)
+    with torch.no_grad():
+        for layer in lora.lora_layers(source.transformer).values():
+            layer.lora_B["style"].weight.normal_(0, 0.2, generator=torch.Generator().manual_seed(2))
+    file = lora.save_lora(source.transformer, tmp_path / "style", name="style")
+    small = dict(SMALL, num_frames=9, output_type="latent", progress=False)
+    plain = Pipeline.from_pretrained(tiny_rope_dir)(PROMPT, **small).latents
+    live = Pipeline.from_pretrained(tiny_rope_dir, lora=file)(PROMPT, **small).latents
+
+    pipe = Pipeline.from_pretrained(tiny_rope_dir, lora=file)
+    pipe.offload = offload.apply(pipe, mode, CPU, poison=True)
+    pipe.fuse_lora()
+    torch.testing.assert_close(pipe(PROMPT, **small).latents, live, rtol=1e-4, atol=1e-4)
+    pipe.offload.remove()
+    pipe.offload = offload.apply(pipe, mode, CPU, poison=True)
+    pipe.unload_lora()
+    assert pipe.offload is not None and pipe.offload.mode == mode
+    torch.testing.assert_close(pipe(PROMPT, **small).latents, plain, rtol=1e-4, atol=1e-4)
+
+
+def test_decode_of_latents_from_the_host_under_offloading_sends_the_vae_home(tiny_rope_dir):
+    """`output_type="latent"` then `decode`: the frames are the direct run's, and the VAE's weights do not
+    stay on the device afterwards (a call sends every weight home; decode on its own did not)."""
+    small = dict(SMALL, num_frames=9, progress=False)
+    pipe = offloaded(tiny_rope_dir, "model")
+    direct = pipe(PROMPT, **small)
+    latents = pipe(PROMPT, output_type="latent", **small).latents.cpu()
+    frames = pipe.decode(latents)
+    assert all(np.array_equal(a, b) for a, b in zip(frames, direct.frames))
+    assert pipe.offload.device_bytes() == 0
+    with pytest.raises(InputError, match=r"latents\[None\]"):
+        pipe.decode(latents[0])  # one video's latents [F, C, h, w], not a batch
+    with pytest.raises(InputError, match="decode takes latents"):
+        pipe.decode(latents.numpy())
+
+
+def test_invert_under_offloading_sends_the_weights_home(tiny_rope_dir):
+    """After `invert` no weight stays on the device (the transformer did: a 5B one is 10 GiB of a GPU)."""
+    from helpers import sample_frames
+
+    from cogvideox.inversion import invert
+
+    pipe = offloaded(tiny_rope_dir, "model")
+    frames = sample_frames(9, height=32, width=48)
+    invert(pipe, frames, PROMPT, num_inference_steps=2, height=32, width=48, max_sequence_length=16,
+           fixed_point_iterations=0, progress=False)  # fmt: skip
+    assert pipe.offload.device_bytes() == 0
+
+
+def test_a_pipeline_from_with_scheduler_follows_the_offloading_its_modules_have(tiny_rope_dir):
+    """`with_scheduler` shares the modules and so their offloading. When the original offloads again (around
+    `load_lora` or `accelerate`, or `enable_offload`), the other kept the removed one: its calls released
+    nothing, and its `to()` or `enable_offload` failed deep inside torch."""
+    small = dict(SMALL, num_frames=9, output_type="latent", progress=False)
+    want = Pipeline.from_pretrained(tiny_rope_dir, scheduler="dpm")(PROMPT, **small).latents
+    pipe = Pipeline.from_pretrained(tiny_rope_dir, offload="model")
+    other = pipe.with_scheduler("dpm")
+    pipe.enable_offload("model")
+    assert torch.equal(other(PROMPT, **small).latents, want)
+    assert pipe.offload.device_bytes() == 0
+    assert other.offload is pipe.offload
+    other.enable_offload("sequential")
+    assert pipe.offload.mode == "sequential"
+    other.to("cpu")
+    assert pipe.offload is None and torch.equal(pipe.with_scheduler("dpm")(PROMPT, **small).latents, want)

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from cogvideox import loading
 from cogvideox.errors import InputError, OutOfMemoryError
+from cogvideox.request import check_flag
 from cogvideox.sampling import to_uint8_frames
 
 Guard = Callable[[str, int], contextlib.AbstractContextManager]
@@ -117,6 +118,7 @@ class VideoAutoencoder:
         """The VAE of a model folder or hub repo (None: the embedded demo model), as `Pipeline.from_pretrained`
         finds it; dtype and device default as there. Of the weights, only the VAE's are read, needed, and
         downloaded from the hub (a few hundred MB of a 5B model's 20 GB)."""
+        tiling, slicing = check_flag(tiling, "tiling"), check_flag(slicing, "slicing")  # "false" would be truthy
         device = loading.choose_device(device)
         loading.parse_dtype(dtype)
         only = ("vae",)

@@ -17,6 +17,7 @@ that needs a hook inside the attention and is not done here: we regenerate by pl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable
@@ -306,7 +307,7 @@ def invert(
         resize=resize,
     )
     device, dtype = pipe.device, pipe.dtype
-    with torch.inference_mode():
+    with torch.inference_mode(), _weights_sent_home(pipe):
         length = request.max_sequence_length
         text = pipe.encode_prompts(request.prompts, length)
         if request.use_guidance:
@@ -351,6 +352,16 @@ def invert(
     )
 
 
+@contextlib.contextmanager
+def _weights_sent_home(pipe):
+    """With offloading, every weight back in host memory afterwards (success or error), as after a call."""
+    try:
+        yield
+    finally:
+        if getattr(pipe, "offload", None) is not None:
+            pipe.offload.release_all()
+
+
 def _refined_inversion(transformer, inverse: InverseDDIM, timesteps, inputs: DenoiseInputs, iterations: int, on_step):
     """`denoise` over the inverse schedule, each step refined by `fixed_point_inverse_step`."""
     latents, dtype = inputs.latents, inputs.latents.dtype
@@ -389,6 +400,7 @@ def reconstruct(
     return ddim(
         **sampling,
         latents=inversion.latents,
+        use_dynamic_cfg=False,  # inverted with a constant scale: a model's recommended schedule would not retrace it
         seed=0,  # DDIM draws nothing; a fixed seed keeps the report quiet
         output_type=output_type,
         progress=progress,

@@ -86,11 +86,39 @@ class Pipeline:
         self.vae = vae
         self.text_encoder = text_encoder
         self.scheduler = scheduler
-        self.offload = None  # a `cogvideox.fast.offload.Offload` while weights are offloaded
-        self.offload_choice = ""  # what `enable_offload` chose, and why
-        self.offload_auto = False  # the mode was chosen by "auto": `accelerate` chooses again after quantising
+        self._placement = _Placement()
         # The guidance arguments' defaults: the model folder's `sampling.json`, else the reference's.
         self.sampling_defaults = dict(loading.SAMPLING_FALLBACKS)
+
+    # The offloading lives on the modules, so pipelines sharing them (`with_scheduler`) share its record too:
+    # one that re-applied it (around `load_lora`, say) would otherwise leave the other a removed `Offload`.
+
+    @property
+    def offload(self):
+        """A `cogvideox.fast.offload.Offload` while weights are offloaded, else None."""
+        return self._placement.offload
+
+    @offload.setter
+    def offload(self, value) -> None:
+        self._placement.offload = value
+
+    @property
+    def offload_choice(self) -> str:
+        """What `enable_offload` chose, and why."""
+        return self._placement.choice
+
+    @offload_choice.setter
+    def offload_choice(self, value: str) -> None:
+        self._placement.choice = value
+
+    @property
+    def offload_auto(self) -> bool:
+        """Whether "auto" chose the mode: `accelerate` then chooses again after quantising."""
+        return self._placement.auto
+
+    @offload_auto.setter
+    def offload_auto(self, value: bool) -> None:
+        self._placement.auto = value
 
     # -------------------------------------------------------------------------------------------------
     # Loading and saving
@@ -303,22 +331,40 @@ class Pipeline:
         (no cost per step); `keep_original` keeps a CPU copy so that `unfuse_lora` restores them exactly."""
         from cogvideox.train import lora
 
-        self._lora_call(lora.fuse_lora, names, keep_original)
+        self._lora_call(lora.fuse_lora, names, keep_original, lift=True)
 
     def unfuse_lora(self, names: str | Sequence[str] | None = None) -> None:
+        """Take the fused LoRAs `names` (every fused one for None) out of the weights again."""
         from cogvideox.train import lora
 
-        self._lora_call(lora.unfuse_lora, names)
+        self._refuse_folded("unfuse")
+        self._lora_call(lora.unfuse_lora, names, lift=True)
 
     def unload_lora(self, name: str | None = None) -> None:
         """Remove LoRA `name` (every LoRA for None), unfusing it first."""
         from cogvideox.train import lora
 
-        self._lora_call(lora.remove_lora, name)
+        self._refuse_folded("unload")
+        self._lora_call(lora.remove_lora, name, lift=True)
 
-    def _lora_call(self, function, *args) -> None:
+    def _refuse_folded(self, what: str) -> None:
+        """An `InputError` where `accelerate` folded LoRAs in for good: unloading or unfusing "every LoRA"
+        would otherwise do nothing, without a word, and leave them in the video."""
+        folded = getattr(self.acceleration, "folded_loras", ())
+        if folded:
+            raise InputError(
+                f"cannot {what} LoRA {', '.join(map(repr, folded))}: accelerate() folded it into the weights for "
+                "good; load a fresh pipeline to run without it"
+            )
+
+    def _lora_call(self, function, *args, lift: bool = False) -> None:
+        """Run a `cogvideox.train.lora` function on the transformer. `lift`: it writes weights or replaces
+        layers, so the offloading (if any) is undone around it, as for `load_lora`: the packed host copy is
+        what offloading reads (a weight written in place elsewhere would be lost), and a layer put back
+        in "sequential" mode would have no hook to fetch its weights."""
         try:
-            function(self.transformer, *args)
+            with self._offload_lifted() if lift else contextlib.nullcontext():
+                function(self.transformer, *args)
         except InputError as error:
             if self.acceleration is None:
                 raise
@@ -339,7 +385,7 @@ class Pipeline:
         if scheduler is None:
             raise InputError("with_scheduler needs a scheduler: \"ddim\", \"dpm\" or a scheduler object")
         pipe = type(self)(self.transformer, self.vae, self.text_encoder, scheduler)
-        pipe.offload, pipe.offload_choice = self.offload, self.offload_choice  # the hooks live on the modules
+        pipe._placement = self._placement  # the hooks live on the modules
         pipe.sampling_defaults = dict(self.sampling_defaults)  # the model's recommendation, not the scheduler's
         return pipe
 
@@ -371,8 +417,8 @@ class Pipeline:
             `offload_choice` says what it chose and why).
         text_device: where T5 lives and runs, e.g. "cpu" (default: `device`).
         lookahead: blocks copied ahead in "stream" mode (default 2).
-        Offloading moves the weights that exist: `load_lora` and `accelerate` called afterwards lift it
-        and apply it again around their change.
+        Offloading moves the weights that exist: `load_lora`, `fuse_lora`, `unfuse_lora`, `unload_lora` and
+        `accelerate` called afterwards lift it and apply it again around their change.
         """
         from cogvideox.fast import offload as offloading
         from cogvideox.fast.memory_plan import choose_for_pipeline
@@ -418,9 +464,10 @@ class Pipeline:
         "fa3-fp8" (FlashAttention-3's FP8 kernel, Hopper, bf16) changes it more, "fa3-fp8-emulated" its math.
         Move the pipeline to its device first; a quantised transformer is for inference, not for saving.
         Fused QKV, quantising and compiling rewrite the linear layers the LoRAs attach to: with any of
-        them, the LoRAs that run are folded into the weights for good first, at their current scales.
-        With the attention backend and the step cache alone, LoRAs stay live (`set_adapters` still
-        chooses them). Load every LoRA before calling this. quantize_text: "int8" for T5's linears too
+        them, the LoRAs that run are folded into the weights for good first, at their current scales
+        (`acceleration.folded_loras` names them; unloading or unfusing them is then an error). With the
+        attention backend and the step cache alone, LoRAs stay live (`set_adapters` still chooses them).
+        Load every LoRA before calling this. quantize_text: "int8" for T5's linears too
         (weight-only: half its bf16 memory, the text states changed by rounding), as the model card's INT8.
         """
         from cogvideox import fast
@@ -430,12 +477,15 @@ class Pipeline:
         check_text_quantize(quantize_text)  # before the transformer is touched
         device = self.device  # where the transformer computes, even while offloading keeps it in host memory
         with self._offload_lifted():  # rewrite the layers at home, then offload the rewritten ones
+            folded = ()
             if quantize or compile or fuse_qkv:
+                folded = tuple(lora.running_adapters(self.transformer))
                 lora.fold_lora(self.transformer)
             done = fast.apply(
                 self, quantize=quantize, compile=compile, cache=cache, fuse_qkv=fuse_qkv, attention=attention,
                 device=device,
             )
+            done.folded_loras = folded
             if quantize_text is not None:
                 fast.quantize_text_encoder(self.text_encoder.model, quantize_text)
                 done.quantize_text = quantize_text
@@ -539,8 +589,20 @@ class Pipeline:
     def decode(self, latents: torch.Tensor, progress: bool = False) -> list[np.ndarray]:
         """Latents [B, F, C, h, w] (without 1.5 padding) -> one uint8 video [T, H, W, 3] per sample (see
         `autoencoder.decode_latents`: one VAE call for the batch, tiles again rather than lose the latents
-        when out of GPU memory)."""
-        return decode_latents(self.vae, latents, self.dtype, self._memory_guard, progress)
+        when out of GPU memory). Latents elsewhere (the CPU, say) are moved to the pipeline's device; with
+        offloading, the VAE goes back to the host afterwards, as after a call."""
+        channels, size = self.vae.config.latent_channels, self.spatial_compression
+        if not isinstance(latents, torch.Tensor) or latents.ndim != 5 or latents.shape[2] != channels:
+            got = list(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise InputError(f"decode takes latents [batch, frames, {channels}, height/{size}, width/{size}] (one "
+                             f"video's alone: latents[None]), got {got}")  # fmt: skip
+        if latents.numel() == 0 or not latents.is_floating_point():
+            raise InputError(f"decode takes non-empty float latents, got {latents.dtype} {list(latents.shape)}")
+        try:
+            return decode_latents(self.vae, latents.to(self.device), self.dtype, self._memory_guard, progress)
+        finally:
+            if self.offload is not None:
+                self.offload.release_all()
 
     def _memory_guard(self, stage: str, batch: int = 1):
         """Out of GPU memory in `stage` becomes an `OutOfMemoryError` saying what would fit."""
@@ -772,6 +834,9 @@ class Pipeline:
                 request.guidance_scale, timesteps.tolist(), request.use_dynamic_cfg, request.dynamic_cfg
             )
         inputs = DenoiseInputs(latents, text, guidance, rotary, generator)
+        cache = getattr(self.acceleration, "cache", None)
+        if cache is not None:  # a call stopped half-way (a callback raised) leaves its residuals behind
+            cache.reset()
         bar = tqdm(total=len(timesteps), desc="denoising", unit="step", disable=not progress, leave=False)
         with bar, self._memory_guard("denoise", request.batch_size):
 
@@ -792,6 +857,15 @@ class Pipeline:
         if self.offload is not None:
             self.offload.release_all()  # nothing of ours stays on the device between calls
         return VideoOutput(frames, latents, seed, request.padding_frames, timings)
+
+
+@dataclass
+class _Placement:
+    """How a pipeline's modules are offloaded: shared by the pipelines that share the modules."""
+
+    offload: object = None  # a `cogvideox.fast.offload.Offload`, or None: every weight resident
+    choice: str = ""
+    auto: bool = False
 
 
 def _lora_entries(lora) -> list[tuple[str | Path, float]]:

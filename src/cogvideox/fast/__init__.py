@@ -64,6 +64,7 @@ class Acceleration:
     compile: str | None = None  # the torch.compile mode, "default" for plain `compile=True`
     cache: StepCache | None = None
     quantize_text: str | None = None  # T5's linears (`Pipeline.accelerate`; `apply` leaves T5 alone)
+    folded_loras: tuple[str, ...] = ()  # the LoRAs `Pipeline.accelerate` folded into the weights for good
 
     def describe(self) -> str:
         parts = []
@@ -164,7 +165,7 @@ def apply(
         if attention == "auto" and auto_chose_fa3(transformer):
             record.attention_kernel = "fa3"
     if mode is not None:
-        compile_blocks(transformer, None if mode == "default" else mode)
+        compile_blocks(transformer, None if mode == "default" else mode, eager_past_limit=True)
         record.compile = mode
     if cache is not None:
         record.cache = add_step_cache(transformer, cache)

@@ -22,7 +22,8 @@ The decision is one per transformer call, so a CFG batch [uncond ; cond] is kept
 under a parallel layout the group of processes decides together (`cogvideox.parallel.step_cache`).
 The reference residual is only renewed on full steps, so slow drift still triggers a full step. The
 cache resets itself when a call's timestep is not below the previous one (a new generation: the
-samplers count down) or the input shape changes, and `reset()` does it by hand. Inference only.
+samplers count down) or the input shape changes, and `reset()` does it by hand (`Pipeline` does, at the
+start of every call: a call stopped half-way would otherwise pass its residuals on). Inference only.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ compilation: one graph per clip shape for a LoRA as for full fine-tuning.
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 from torch import nn
@@ -34,7 +35,11 @@ MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cu
 
 
 def compile_blocks(
-    model: nn.Module, mode: str | None = None, fullgraph: bool = True, recompile_limit: int | None = None
+    model: nn.Module,
+    mode: str | None = None,
+    fullgraph: bool = True,
+    recompile_limit: int | None = None,
+    eager_past_limit: bool = False,
 ) -> int:
     """Compile each block's `forward` of `model.transformer_blocks` (in place); returns how many.
 
@@ -47,17 +52,21 @@ def compile_blocks(
     number of clip shapes. A failure of the compiler backend (no C++ compiler for the CPU, no
     Triton for the GPU) is raised as `CompileError` at the first call. A model with a `patch_embed`
     gets a forward hook on it that marks the embedded sequence as needing a gradient while it trains,
-    so that block 0 shares the other blocks' graph.
+    so that block 0 shares the other blocks' graph. `eager_past_limit` (inference, where a long-lived
+    pipeline meets ever new video sizes): a call past the limit runs the block uncompiled, with a warning,
+    instead of raising.
     """
     if mode not in MODES:
         raise ValueError(f"unknown torch.compile mode {mode!r}; use one of {', '.join(str(m) for m in MODES)}")
     blocks = list(model.transformer_blocks)
     for block in blocks:
-        compiled = torch.compile(block.forward, mode=mode, dynamic=False, fullgraph=fullgraph)
-        block.forward = _region(compiled, recompile_limit)
+        eager = block.forward
+        compiled = torch.compile(eager, mode=mode, dynamic=False, fullgraph=fullgraph)
+        block.forward = _region(compiled, recompile_limit, eager if eager_past_limit else None)
         if hasattr(block, "checkpointed"):  # the block under a selective checkpoint, compiled with it
-            compiled = torch.compile(block.checkpointed, mode=mode, dynamic=False, fullgraph=fullgraph)
-            block.checkpointed = _region(compiled, recompile_limit)
+            eager = block.checkpointed
+            compiled = torch.compile(eager, mode=mode, dynamic=False, fullgraph=fullgraph)
+            block.checkpointed = _region(compiled, recompile_limit, eager if eager_past_limit else None)
     patch_embed = getattr(model, "patch_embed", None)
     if patch_embed is not None:
         patch_embed.register_forward_hook(_needs_gradient_in_training)
@@ -79,9 +88,15 @@ def _needs_gradient_in_training(module: nn.Module, inputs, output):
     return output
 
 
-def _region(compiled, recompile_limit: int | None):
+def _limit_errors() -> tuple[type[Exception], ...]:
+    """Dynamo's error for a `fullgraph` call past the recompile limit (named for the cache in older torch)."""
+    names = ("FailOnRecompileLimitHit", "FailOnCacheLimitHit")
+    return tuple(getattr(torch._dynamo.exc, name) for name in names if hasattr(torch._dynamo.exc, name))
+
+
+def _region(compiled, recompile_limit: int | None, eager=None):
     """The compiled forward of one block, with its inputs' strides made canonical and the compiler's
-    failure made readable."""
+    failure made readable; past the recompile limit, `eager` (when given) runs instead."""
 
     def forward(*args, **kwargs):
         args = tuple(_canonical_strides(a) for a in args)
@@ -94,6 +109,15 @@ def _region(compiled, recompile_limit: int | None):
         try:
             with limit:
                 return compiled(*args, **kwargs)
+        except _limit_errors():
+            if eager is None:
+                raise
+            warnings.warn(
+                "the compiled transformer blocks have reached torch.compile's recompile limit (a graph per video "
+                "size and batch): new sizes run uncompiled, slower",
+                stacklevel=2,
+            )
+            return eager(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as e:
             inner = getattr(e, "inner_exception", None) or e  # the backend's own error
             reason = f"{type(inner).__name__}: {(str(inner).strip().splitlines() or [''])[0]}"

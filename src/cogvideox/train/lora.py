@@ -57,7 +57,8 @@ class LoRALinear(nn.Linear):
         self.lora_B = nn.ModuleDict()
         self.scaling: dict[str, float] = {}  # alpha / rank per adapter
         self.user_scale: dict[str, float] = {}
-        self.fused: dict[str, torch.Tensor | None] = {}  # adapter -> kept original weight (or None)
+        # adapter -> None, or (the weight before it was fused, the adapters fused in that weight) when kept
+        self.fused: dict[str, tuple[torch.Tensor, frozenset[str]] | None] = {}
         self.disabled: set[str] = set()
         self.register_state_dict_post_hook(_drop_adapter_keys)
         self.register_load_state_dict_post_hook(_allow_missing_adapters)
@@ -109,7 +110,9 @@ class LoRALinear(nn.Linear):
     def fuse(self, name: str, keep_original: bool = False) -> None:
         if name in self.fused:
             return
-        original = self.weight.detach().to("cpu", copy=True) if keep_original else None
+        original = None
+        if keep_original:
+            original = self.weight.detach().to("cpu", copy=True), frozenset(self.fused)
         self.weight.copy_((self.weight.float() + self.delta_weight(name).to(self.weight.device)).to(self.weight.dtype))
         self.fused[name] = original
 
@@ -118,8 +121,8 @@ class LoRALinear(nn.Linear):
         if name not in self.fused:
             return
         original = self.fused.pop(name)
-        if original is not None and not self.fused:
-            self.weight.copy_(original.to(self.weight.device))
+        if original is not None and set(self.fused) == original[1]:  # back to the weight it was fused into
+            self.weight.copy_(original[0].to(self.weight.device))
         else:
             delta = self.delta_weight(name).to(self.weight.device)
             self.weight.copy_((self.weight.float() - delta).to(self.weight.dtype))
@@ -199,6 +202,14 @@ def adapter_names(model: nn.Module) -> list[str]:
     names: dict[str, None] = {}
     for layer in lora_layers(model).values():
         names.update(dict.fromkeys(layer.lora_A))
+    return list(names)
+
+
+def running_adapters(model: nn.Module) -> list[str]:
+    """The adapters that run (loaded, not left out by `activate_lora`) or are fused: what the model computes."""
+    names: dict[str, None] = {}
+    for layer in lora_layers(model).values():
+        names.update(dict.fromkeys(n for n in layer.lora_A if n not in layer.disabled or n in layer.fused))
     return list(names)
 
 
@@ -308,8 +319,9 @@ def activate_lora(model: nn.Module, scales: Mapping[str, float]) -> None:
 
 def fuse_lora(model: nn.Module, names: str | Iterable[str] | None = None, keep_original: bool = False) -> None:
     """Fold adapters `names` (None: those that run, as `activate_lora` left them) into the base weights (no
-    extra work per step). `keep_original` keeps a CPU copy of each weight so that `unfuse_lora` restores it
-    bit for bit instead of subtracting the update."""
+    extra work per step). `keep_original` keeps a CPU copy of each weight (one per layer: none where a kept
+    one exists) so that `unfuse_lora` restores it bit for bit instead of subtracting the update, when the
+    LoRAs still fused are those that were fused when the copy was taken."""
     names = _named(model, names, "fuse")
     if names is None and not adapter_names(model):
         raise InputError("no LoRA is loaded, so there is none to fuse")
@@ -317,7 +329,8 @@ def fuse_lora(model: nn.Module, names: str | Iterable[str] | None = None, keep_o
         running = [name for name in layer.lora_A if name not in layer.disabled]
         for name in names if names is not None else running:
             if name in layer.lora_A:
-                layer.fuse(name, keep_original=keep_original and not layer.fused)
+                kept = any(original is not None for original in layer.fused.values())  # one copy per layer
+                layer.fuse(name, keep_original=keep_original and not kept)
 
 
 def unfuse_lora(model: nn.Module, names: str | Iterable[str] | None = None) -> None:
