@@ -709,19 +709,24 @@ def test_offloaded_vae_keeps_channels_last_and_fused_norms_get_their_weights(tin
         assert "vae.decoder.up_blocks.0.resnets.0" in [g.name for g in pipe.offload.groups()]
 
 
+def _style_lora(model_dir, tmp_path):
+    """A LoRA "style" on to_q and to_v with random B (a fresh one changes nothing), saved: its file."""
+    from cogvideox.train import lora
+
+    source = Pipeline.from_pretrained(model_dir)
+    lora.inject_lora(source.transformer, 2, 2.0, targets=("to_q", "to_v"), name="style", seed=1)
+    with torch.no_grad():
+        for layer in lora.lora_layers(source.transformer).values():
+            layer.lora_B["style"].weight.normal_(0, 0.2, generator=torch.Generator().manual_seed(2))
+    return lora.save_lora(source.transformer, tmp_path / "style", name="style")
+
+
 @pytest.mark.parametrize("mode", ["model", "stream", "sequential"])
 def test_a_lora_loaded_after_offloading_is_offloaded_with_the_rest(tiny_rope_dir, tmp_path, mode):
     """`load_lora` wraps linear layers the offload hooks sit on and adds adapter weights that were not
     packed: on a GPU they would stay on the host (a device mismatch) and, in "sequential" mode, the
     wrapped base weights would never be fetched. The offloading is applied again around the load."""
-    from cogvideox.train import lora
-
-    source = Pipeline.from_pretrained(tiny_rope_dir)
-    lora.inject_lora(source.transformer, 2, 2.0, targets=("to_q", "to_v"), name="style", seed=1)
-    with torch.no_grad():
-        for layer in lora.lora_layers(source.transformer).values():
-            layer.lora_B["style"].weight.normal_(0, 0.2, generator=torch.Generator().manual_seed(2))
-    file = lora.save_lora(source.transformer, tmp_path / "style", name="style")
+    file = _style_lora(tiny_rope_dir, tmp_path)
     want = Pipeline.from_pretrained(tiny_rope_dir, lora=file)(PROMPT, progress=False, **SMALL)
 
     pipe = Pipeline.from_pretrained(tiny_rope_dir, offload=mode)
@@ -778,14 +783,7 @@ def test_fuse_and_unload_of_a_lora_under_offloading_reach_the_weights_that_run(t
     """`unload_lora` puts plain linear layers back, which in "sequential" mode had no hook (their weights
     never fetched: NaN here, a device mismatch on a GPU); `fuse_lora` wrote weights in place rather than
     into the packed host copy that offloading reads. Both now undo the offloading around their change."""
-    from cogvideox.train import lora
-
-    source = Pipeline.from_pretrained(tiny_rope_dir)
-    lora.inject_lora(source.transformer, 2, 2.0, targets=("to_q", "to_v"), name="style", seed=1)
-    with torch.no_grad():
-        for layer in lora.lora_layers(source.transformer).values():
-            layer.lora_B["style"].weight.normal_(0, 0.2, generator=torch.Generator().manual_seed(2))
-    file = lora.save_lora(source.transformer, tmp_path / "style", name="style")
+    file = _style_lora(tiny_rope_dir, tmp_path)
     small = dict(SMALL, num_frames=9, output_type="latent", progress=False)
     plain = Pipeline.from_pretrained(tiny_rope_dir)(PROMPT, **small).latents
     live = Pipeline.from_pretrained(tiny_rope_dir, lora=file)(PROMPT, **small).latents

@@ -63,7 +63,8 @@ def add_latent_parsers(commands) -> None:
         "safetensors file; --reconstruct also decodes them and prints the PSNR of the round trip.",
     )
     arg = enc.add_argument
-    arg("video", type=file_name, help="the video to encode (any format FFmpeg reads, or PNG frames such as frames/%%04d.png)")
+    arg("video", type=file_name,
+        help="the video to encode (any format FFmpeg reads, or PNG frames such as frames/%%04d.png)")
     arg("-o", "--output", type=file_name, help="where to write the latents (.safetensors)")
     arg("--reconstruct", type=file_name,
         help="also decode the latents and write the video here (.mp4, .gif or frames/%%04d.png)")
