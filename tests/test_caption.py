@@ -147,6 +147,19 @@ def test_an_entry_written_with_dot_slash_is_the_file_found(endpoint, folder):
     assert [e["video"] for e in read_metadata(folder)] == ["./a.mp4", "sub/b.mov"]
 
 
+def test_a_folder_with_nothing_to_caption_is_not_locked(endpoint, folder, monkeypatch):
+    """Every video captioned: the run reads and reports, and takes no lock (a read-only folder works)."""
+    from cogvideox import caption
+
+    url, _ = endpoint
+    (folder / "bad.mp4").unlink()
+    captioner = VideoCaptioner(url, frames=2)
+    caption_folder(folder, captioner)
+    monkeypatch.setattr(caption, "lock_folder", lambda *a: pytest.fail("locked a folder with nothing to write"))
+    report = caption_folder(folder, captioner)
+    assert (report.written, report.kept, report.skipped) == ([], 2, [])
+
+
 def test_the_official_layouts_captions_are_carried_over(endpoint, folder):
     url, _ = endpoint
     (folder / "prompts.txt").write_text("their caption\n", "utf-8")

@@ -171,17 +171,18 @@ def caption_folder(
         raise InputError(f"{folder} is a file; give the folder of videos to caption, such as {folder.parent}")
     if not folder.is_dir():
         raise InputError(f"no folder at {folder}")
+    _, _, todo, report = _plan(folder, overwrite)
+    if not todo:  # nothing to write: no lock either (a read-only folder whose videos all have captions)
+        return report
     # Two runs in one folder would each rewrite metadata.jsonl from what they read, losing the other's.
     with lock_folder(folder, LOCK, "caption run", "captioning", "folder"):
         return _caption_folder(folder, captioner, prefix, overwrite, jobs, progress)
 
 
-def _caption_folder(
-    folder: Path, captioner: VideoCaptioner, prefix: str, overwrite: bool, jobs: int, progress: bool
-) -> CaptionReport:
-    from tqdm.auto import tqdm
-
-    from cogvideox.train.data import CAPTION_KEYS, METADATA_FILE, entry_caption
+def _plan(folder: Path, overwrite: bool) -> tuple[list[dict], int, list[dict], CaptionReport]:
+    """The folder's entries (metadata.jsonl's, then the videos found that it does not list), how many of
+    them it lists, the entries to caption, and the report of the others (kept, or their file missing)."""
+    from cogvideox.train.data import entry_caption
 
     entries = read_entries(folder)
     by_video = {_as_found(e["video"]): e for e in entries}
@@ -199,6 +200,17 @@ def _caption_folder(
             todo.append(entry)
         else:
             report.skipped.append((entry["video"], "file not found"))
+    return entries, listed, todo, report
+
+
+def _caption_folder(
+    folder: Path, captioner: VideoCaptioner, prefix: str, overwrite: bool, jobs: int, progress: bool
+) -> CaptionReport:
+    from tqdm.auto import tqdm
+
+    from cogvideox.train.data import CAPTION_KEYS, METADATA_FILE
+
+    entries, listed, todo, report = _plan(folder, overwrite)  # again, under the lock
     if not todo:
         return report
 
