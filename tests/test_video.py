@@ -102,12 +102,12 @@ def test_png_frames_are_the_frames_exactly_with_the_record(tmp_path):
 
 
 def test_png_frames_over_a_longer_sequence_leave_none_of_its_frames(tmp_path):
-    from cogvideox.video import read_metadata, written_before
+    from cogvideox.video import read_metadata, video_exists
 
     pattern = tmp_path / "%02d.png"
-    assert not written_before(pattern)
+    assert not video_exists(pattern)
     export_video(moving_square(frames=9), pattern, metadata={"prompt": "first"})
-    assert written_before(pattern)
+    assert video_exists(pattern)
     (tmp_path / "notes-%02d.png").write_bytes(b"a file of another name")
     export_video(moving_square(frames=5), pattern, metadata={"prompt": "second"})
     names = sorted(p.name for p in tmp_path.iterdir())

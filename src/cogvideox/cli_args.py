@@ -376,10 +376,10 @@ def warn_replaced(*paths: Path | None, by: str = "") -> None:
     """Say of each output among `paths` that exists that it will be replaced (`by`: " by the new video");
     called once the request is known to be good, so that a refused one, which replaces nothing, says
     nothing of it."""
-    from cogvideox.video import written_before
+    from cogvideox.video import video_exists
 
     for path in paths:
-        if path is not None and written_before(path):
+        if path is not None and video_exists(path):
             warnings.warn(f"{path} exists and will be replaced{by}", stacklevel=2)
 
 

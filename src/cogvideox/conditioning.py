@@ -137,10 +137,11 @@ def prepare_image(image, height: int, width: int, mode: str = "stretch") -> torc
 
 def load_video(video, max_frames: int | None = None, fps: float | None = None) -> np.ndarray:
     """uint8 frames [T, H, W, 3] from a video file path (or a PNG frame sequence's, frames/%04d.png), a
-    uint8 array, or a list of frames (arrays or PIL images). A file's frames are turned upright (a phone's
-    rotation flag), sampled at `fps` from its start when given (None, or a sequence, which has no frame
-    rate: every frame as stored), and only the first `max_frames` are decoded when given (see
-    `request.frames_to_read`). A file that cannot be decoded raises `InputError`."""
+    uint8 array or tensor (floats in [0, 1] too), or a list of frames (arrays, tensors or PIL images). A
+    file's frames are turned upright (a phone's rotation flag), sampled at `fps` from its start when given
+    (None, or a sequence, which has no frame rate: every frame as stored), and only the first `max_frames`
+    are decoded when given (see `request.frames_to_read`). A file that cannot be decoded raises
+    `InputError`."""
     from cogvideox.video import as_frames, decode_failure, read_frames, video_exists
 
     if isinstance(video, (str, os.PathLike)):
@@ -153,8 +154,6 @@ def load_video(video, max_frames: int | None = None, fps: float | None = None) -
             raise
         except Exception as e:  # PyAV raises its own error types for damaged or foreign files
             raise InputError(f"cannot decode {path} as a video ({decode_failure(e, path)})") from None
-    if isinstance(video, torch.Tensor):
-        video = video.detach().cpu().numpy()
     if isinstance(video, Sequence) and video and not isinstance(video[0], np.ndarray):
         Image, _ = _pil()
         video = [np.asarray(_to_rgb(f)) if isinstance(f, Image.Image) else f for f in video]

@@ -206,7 +206,8 @@ def is_frame_sequence(path: str | os.PathLike) -> bool:
 
 
 def video_exists(path: str | os.PathLike) -> bool:
-    """Whether there is a video to read at `path`: a file, or a frame sequence's first frame."""
+    """Whether there is a video at `path`, to read or that `export_video` would replace: a file, or a frame
+    sequence's first frame."""
     path = Path(path)
     return frame_paths(path, 1)[0].is_file() if is_frame_sequence(path) else path.is_file()
 
@@ -227,14 +228,6 @@ def _read_frame_sequence(pattern: Path, max_frames: int) -> list[np.ndarray]:
             raise InputError(f"frame {file} of {pattern} is {frames[-1].shape[1]}x{frames[-1].shape[0]}, the "
                              f"first {frames[0].shape[1]}x{frames[0].shape[0]}: a video's frames are one size")
     return frames
-
-
-def written_before(path: str | os.PathLike) -> bool:
-    """Whether `export_video` to `path` would replace a file: the file, or a PNG sequence's first frame."""
-    path = Path(path)
-    if path.suffix.lower() == ".png" and _numbers_frames(path.name):
-        path = frame_paths(path, 1)[0]
-    return path.exists()
 
 
 def frame_paths(pattern: str | os.PathLike, count: int) -> list[Path]:
@@ -275,7 +268,7 @@ def read_metadata(path: str | os.PathLike) -> dict:
     import av
 
     path = _as_path(path)
-    if path.suffix.lower() == ".png" and _numbers_frames(path.name):
+    if is_frame_sequence(path):
         path = frame_paths(path, 1)[0]  # the first frame's record is the sequence's
     if not path.is_file():
         raise InputError(f"no video file at {path}")
@@ -407,10 +400,14 @@ def frame_rate(path: str | os.PathLike) -> float | None:
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise InputError(f"{path} has no video stream")
-            stream = container.streams.video[0]
-            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+            return _stream_rate(container.streams.video[0])
     except av.FFmpegError as e:
         raise InputError(f"cannot decode {path} as a video ({decode_failure(e, path)})") from None
+
+
+def _stream_rate(stream) -> float | None:
+    """A video stream's frame rate as its header gives it, or None when it gives none."""
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
     return float(rate) if rate else None
 
 
@@ -482,8 +479,7 @@ def _decode(path: str | Path, fps: float | None, max_frames: int) -> tuple[list[
         if not container.streams.video:
             raise _NoVideoStream()
         stream = container.streams.video[0]
-        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-        source_fps = float(rate) if rate else None
+        source_fps = _stream_rate(stream)
         every = fps is None or source_fps is None
         if every:
             fps, step = 1.0, 1.0  # every frame: frame i at time i, target i at time i
