@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from cogvideox.errors import InputError
+from cogvideox.request import size_step
 from cogvideox.video import as_frames
 
 
@@ -32,7 +33,7 @@ def check_extendable(transformer, vae, frames: np.ndarray, height: int | None, w
             raise InputError(
                 f"the new clip is appended to the video, so it has the video's {name}, {own}; got {name} {asked}"
             )
-    multiple = vae.spatial_compression * transformer.patch_size
+    multiple = size_step(transformer, vae)
     if video_height % multiple or video_width % multiple:
         raise InputError(
             f"the new clip is drawn at the video's size, {video_width}x{video_height}, and this model draws "

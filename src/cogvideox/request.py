@@ -241,12 +241,17 @@ def least_strength(num_inference_steps: int) -> float:
     return math.ceil(least * scale) / scale
 
 
+def size_step(transformer: TransformerConfig, vae: VAEConfig) -> int:
+    """What a video's width and height are multiples of, in pixels: whole patches of latent pixels."""
+    return vae.spatial_compression * transformer.patch_size
+
+
 def check_size(
     height, width, num_frames: int, transformer: TransformerConfig, vae: VAEConfig
 ) -> tuple[int, int]:
     """Height and width in pixels: whole patches, and within what the variant's positions allow."""
     spatial = vae.spatial_compression
-    multiple = spatial * transformer.patch_size
+    multiple = size_step(transformer, vae)
     for name, value in (("height", height), ("width", width)):
         if not _is_int(value) or value < multiple or value % multiple:
             raise InputError(f"{name} must be a positive multiple of {multiple}, got {value!r}")

@@ -58,15 +58,16 @@ def compile_blocks(
     """
     if mode not in MODES:
         raise ValueError(f"unknown torch.compile mode {mode!r}; use one of {', '.join(str(m) for m in MODES)}")
+
+    def compiled(eager):
+        graph = torch.compile(eager, mode=mode, dynamic=False, fullgraph=fullgraph)
+        return _region(graph, recompile_limit, eager if eager_past_limit else None)
+
     blocks = list(model.transformer_blocks)
     for block in blocks:
-        eager = block.forward
-        compiled = torch.compile(eager, mode=mode, dynamic=False, fullgraph=fullgraph)
-        block.forward = _region(compiled, recompile_limit, eager if eager_past_limit else None)
+        block.forward = compiled(block.forward)
         if hasattr(block, "checkpointed"):  # the block under a selective checkpoint, compiled with it
-            eager = block.checkpointed
-            compiled = torch.compile(eager, mode=mode, dynamic=False, fullgraph=fullgraph)
-            block.checkpointed = _region(compiled, recompile_limit, eager if eager_past_limit else None)
+            block.checkpointed = compiled(block.checkpointed)
     patch_embed = getattr(model, "patch_embed", None)
     if patch_embed is not None:
         patch_embed.register_forward_hook(_needs_gradient_in_training)

@@ -14,6 +14,7 @@ from pathlib import Path
 from cogvideox import loading
 from cogvideox.errors import InputError
 from cogvideox.models.config import TransformerConfig, VAEConfig
+from cogvideox.request import size_step
 
 # CogVideoX 1.5's config sample size is the upper bound of its RoPE table; the official demos generate at
 # 1360x768 (the same cap `Pipeline.default_size` applies).
@@ -74,7 +75,7 @@ class ModelSpec:
         if transformer.version == "1.5":
             height, width = min(height, _V15_NATIVE[0]), min(width, _V15_NATIVE[1])
         sizes = [f"{width}x{height}"]
-        multiple = compression * transformer.patch_size
+        multiple = size_step(transformer, vae)
         for size in extra_sizes:
             w, h = parse_size(size)
             if w % multiple or h % multiple or w < multiple or h < multiple:
