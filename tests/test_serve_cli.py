@@ -157,7 +157,7 @@ def test_a_data_dir_that_takes_no_file_is_one_line(tmp_path, capsys, monkeypatch
     def read_only(*args, dir=None, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system", str(dir))
 
-    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
     monkeypatch.setattr(jobs, "open_store", lambda *a: pytest.fail("opened the queue with a folder that takes no file"))
     port = ["--port", str(_free_port())] if command == "serve" else []
     data = tmp_path / "data"

@@ -16,7 +16,6 @@ import re
 import signal
 import socket
 import sys
-import tempfile
 from pathlib import Path
 
 from cogvideox.cli_args import (
@@ -293,6 +292,7 @@ def make_data_dir(data_dir: str) -> None:
     not (a file of that name, no permission, a read-only mount), before the queue opens and the model
     loads: a folder that exists but takes no file would fail every job after its generation."""
     from cogvideox.errors import InputError
+    from cogvideox.files import probe_writable
 
     videos = Path(data_dir) / "videos"
     try:
@@ -302,8 +302,7 @@ def make_data_dir(data_dir: str) -> None:
         raise InputError(f"--data-dir {data_dir}: cannot make {e.filename or data_dir} ({reason}); give a folder "
                          "this process can write") from None
     try:
-        with tempfile.TemporaryFile(dir=videos):
-            pass
+        probe_writable(videos)
     except OSError as e:
         reason = (e.strerror or str(e)).lower()
         raise InputError(f"--data-dir {data_dir}: cannot write in {videos} ({reason}); give a folder this process "
