@@ -358,8 +358,7 @@ def _weights_sent_home(pipe):
     try:
         yield
     finally:
-        if getattr(pipe, "offload", None) is not None:
-            pipe.offload.release_all()
+        pipe.release_weights()
 
 
 def _refined_inversion(transformer, inverse: InverseDDIM, timesteps, inputs: DenoiseInputs, iterations: int, on_step):

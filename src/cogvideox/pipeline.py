@@ -72,6 +72,28 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@dataclass
+class _Placement:
+    """How a pipeline's modules are offloaded: shared by the pipelines that share the modules."""
+
+    offload: object = None  # a `cogvideox.fast.offload.Offload`, or None: every weight resident
+    offload_choice: str = ""
+    offload_auto: bool = False
+
+
+class _OnPlacement:
+    """A `Pipeline` attribute kept in its `_Placement`, under the same name."""
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name = name
+
+    def __get__(self, pipe, owner=None):
+        return self if pipe is None else getattr(pipe._placement, self.name)
+
+    def __set__(self, pipe, value) -> None:
+        setattr(pipe._placement, self.name, value)
+
+
 class Pipeline:
     """CogVideoX text-to-video, image-to-video and video-to-video.
 
@@ -92,33 +114,14 @@ class Pipeline:
 
     # The offloading lives on the modules, so pipelines sharing them (`with_scheduler`) share its record too:
     # one that re-applied it (around `load_lora`, say) would otherwise leave the other a removed `Offload`.
+    offload = _OnPlacement()  # a `cogvideox.fast.offload.Offload` while weights are offloaded, else None
+    offload_choice = _OnPlacement()  # what `enable_offload` chose, and why
+    offload_auto = _OnPlacement()  # whether "auto" chose the mode: `accelerate` then chooses again after quantising
 
-    @property
-    def offload(self):
-        """A `cogvideox.fast.offload.Offload` while weights are offloaded, else None."""
-        return self._placement.offload
-
-    @offload.setter
-    def offload(self, value) -> None:
-        self._placement.offload = value
-
-    @property
-    def offload_choice(self) -> str:
-        """What `enable_offload` chose, and why."""
-        return self._placement.choice
-
-    @offload_choice.setter
-    def offload_choice(self, value: str) -> None:
-        self._placement.choice = value
-
-    @property
-    def offload_auto(self) -> bool:
-        """Whether "auto" chose the mode: `accelerate` then chooses again after quantising."""
-        return self._placement.auto
-
-    @offload_auto.setter
-    def offload_auto(self, value: bool) -> None:
-        self._placement.auto = value
+    def release_weights(self) -> None:
+        """With offloading, send every weight back to host memory, as a call does when it ends."""
+        if self.offload is not None:
+            self.offload.release_all()
 
     # -------------------------------------------------------------------------------------------------
     # Loading and saving
@@ -601,8 +604,7 @@ class Pipeline:
         try:
             return decode_latents(self.vae, latents.to(self.device), self.dtype, self._memory_guard, progress)
         finally:
-            if self.offload is not None:
-                self.offload.release_all()
+            self.release_weights()
 
     def _memory_guard(self, stage: str, batch: int = 1):
         """Out of GPU memory in `stage` becomes an `OutOfMemoryError` saying what would fit."""
@@ -854,18 +856,8 @@ class Pipeline:
             start = time.perf_counter()
             frames = self.decode(latents[:, request.padding_frames :], progress=progress)
             timings["decode"] = time.perf_counter() - start
-        if self.offload is not None:
-            self.offload.release_all()  # nothing of ours stays on the device between calls
+        self.release_weights()  # nothing of ours stays on the device between calls
         return VideoOutput(frames, latents, seed, request.padding_frames, timings)
-
-
-@dataclass
-class _Placement:
-    """How a pipeline's modules are offloaded: shared by the pipelines that share the modules."""
-
-    offload: object = None  # a `cogvideox.fast.offload.Offload`, or None: every weight resident
-    choice: str = ""
-    auto: bool = False
 
 
 def _lora_entries(lora) -> list[tuple[str | Path, float]]:
