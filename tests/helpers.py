@@ -438,6 +438,22 @@ def read_rescued(err: str, target: Path, what: str = "video") -> str:
     return err.strip().split("saved to ")[1].removesuffix(" instead")
 
 
+def fail_training_at(monkeypatch, stop: int, error: BaseException):
+    """Make `Run.train_step` raise `error` at step `stop` (a user's Ctrl-C, running out of memory); returns
+    the original method, to put back for the resumed run."""
+    from cogvideox.train.finetune import Run
+
+    original = Run.train_step
+
+    def fail(self, step):
+        if step == stop:
+            raise error
+        return original(self, step)
+
+    monkeypatch.setattr(Run, "train_step", fail)
+    return original
+
+
 def free_port() -> int:
     """A loopback TCP port no one listens on now. Take it just before the process that listens on it
     starts: tests run side by side (pytest-xdist), and until then another test's server, or the local end

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from helpers import make_video_folder
+from helpers import fail_training_at, make_video_folder
 
 from cogvideox.cli import build_parser, main
 
@@ -135,23 +135,15 @@ def test_ctrl_c_says_how_to_resume(capsys, tiny_rope_dir, tmp_path, monkeypatch)
     out = tmp_path / "out"
     argv = ["train", str(data), "--output", str(out), "--model", str(tiny_rope_dir), "--rank", "4",
             "--bucket", "9x32x48", "--steps", "4", "--checkpoint-every", "2", "--quiet"]
-    original = Run.train_step
-
-    def ctrl_c_at(stop):
-        def train_step(self, step):
-            if step == stop:
-                raise KeyboardInterrupt
-            return original(self, step)
-        return train_step
-
-    monkeypatch.setattr(Run, "train_step", ctrl_c_at(0))
+    original = fail_training_at(monkeypatch, 0, KeyboardInterrupt())
     assert main(argv) == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "cogvideox train: interrupted before the first checkpoint; run the same command again to start over "
         "(the clips encoded so far stay in the cache)"
     )
     # Step 3 is done since the checkpoint of step 2: it is saved before the run stops, not lost.
-    monkeypatch.setattr(Run, "train_step", ctrl_c_at(3))
+    monkeypatch.setattr(Run, "train_step", original)
+    fail_training_at(monkeypatch, 3, KeyboardInterrupt())
     assert main(argv) == 130
     assert capsys.readouterr().err.strip().splitlines()[-2:] == [
         "cogvideox train: stopping; saving step 3 first (Ctrl-C again to stop at once)",
@@ -283,18 +275,9 @@ def test_cache_files_no_run_reads_are_reported_and_pruned_on_request(capsys, tin
 def test_out_of_memory_names_the_training_levers_and_the_step_held(capsys, tiny_rope_dir, tmp_path, monkeypatch):
     """Out of GPU memory at a training step: one line with the settings that lower a step's memory (not
     `--dtype bf16`, which a GPU run has already) and the step the run folder holds to continue from."""
-    from cogvideox.train.finetune import Run
-
     data = make_video_folder(tmp_path / "data", broken=False)
     out = tmp_path / "out"
-    original = Run.train_step
-
-    def out_of_memory_at_step_2(self, step):
-        if step == 2:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return original(self, step)
-
-    monkeypatch.setattr(Run, "train_step", out_of_memory_at_step_2)
+    fail_training_at(monkeypatch, 2, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     argv = ["train", str(data), "--output", str(out), "--model", str(tiny_rope_dir), "--rank", "4",
             "--bucket", "9x32x48", "--steps", "4", "--checkpoint-every", "2", "--quiet"]
     assert main(argv) == 1

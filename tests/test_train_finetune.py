@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import cli_rank, free_port, join_or_fail, make_video_folder, start_processes
+from helpers import cli_rank, fail_training_at, free_port, join_or_fail, make_video_folder, start_processes
 from safetensors.torch import load_file
 
 from cogvideox import InputError, Pipeline, read_video
@@ -35,17 +35,8 @@ def losses(out):
 
 
 def interrupt_at(monkeypatch, stop: int):
-    """Make `Run.train_step` raise KeyboardInterrupt (a user's Ctrl-C) at step `stop`; returns the original
-    method, to put back for the resumed run."""
-    original = Run.train_step
-
-    def crash(self, step):
-        if step == stop:
-            raise KeyboardInterrupt
-        return original(self, step)
-
-    monkeypatch.setattr(Run, "train_step", crash)
-    return original
+    """Ctrl-C at step `stop`; returns the original `Run.train_step`, to put back for the resumed run."""
+    return fail_training_at(monkeypatch, stop, KeyboardInterrupt())
 
 
 def test_a_few_lora_steps_lower_the_loss(data_dir, tiny_rope_dir, tmp_path):
@@ -729,14 +720,8 @@ def test_running_out_of_memory_keeps_the_steps_done_since_the_last_checkpoint(da
                                                                              monkeypatch):
     """A step that runs out of GPU memory (a larger bucket's first draw, hundreds of steps in) stops the run
     as Ctrl-C does: the steps done since the newest checkpoint are saved first, not lost."""
-    original = Run.train_step
-
-    def out_of_memory_at_step_4(self, step):
-        if step == 4:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return original(self, step)
-
-    monkeypatch.setattr(Run, "train_step", out_of_memory_at_step_4)
+    out_of_memory = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    original = fail_training_at(monkeypatch, 4, out_of_memory)
     with pytest.raises(torch.OutOfMemoryError):
         finetune(config(data_dir, tiny_rope_dir, tmp_path, steps=5, checkpoint_every=3))
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-3.pt", "step-4.pt"]
