@@ -43,6 +43,9 @@ non_negative_int = _number(int, lambda x: x >= 0, "a non-negative integer")
 positive_float = _number(float, lambda x: x > 0 and _finite(x), "a positive number")
 non_negative_float = _number(float, lambda x: x >= 0 and _finite(x), "a number >= 0", "a finite number >= 0")
 finite_float = _number(float, _finite, "a number", "a finite number")
+fraction = _number(float, lambda x: 0 < x <= 1, "a number in (0, 1]")
+# An MP4's frame rate: what cogvideox.video.check_fps accepts.
+frame_rate = _number(float, lambda x: MIN_FPS <= x <= MAX_FPS, "a frame rate", f"a frame rate from 1/1001 to {MAX_FPS}")
 
 
 def file_name(text: str) -> str:
@@ -51,9 +54,6 @@ def file_name(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("expected a file name, got an empty one (an unset variable?)")
     return text
-fraction = _number(float, lambda x: 0 < x <= 1, "a number in (0, 1]")
-# An MP4's frame rate: what cogvideox.video.check_fps accepts.
-frame_rate = _number(float, lambda x: MIN_FPS <= x <= MAX_FPS, "a frame rate", f"a frame rate from 1/1001 to {MAX_FPS}")
 
 
 # ---------------------------------------------------------------------------------------------------
