@@ -327,6 +327,48 @@ def test_forms_are_read_like_json(service):
     assert multipart.json()["seed"] == 3 and urlencoded.json()["guidance_scale"] == 1.5
 
 
+def _multipart(*parts: tuple[str, str], close: bool = True) -> tuple[bytes, dict]:
+    """A multipart/form-data body of text fields as given (a name may come twice), and its headers."""
+    body = "".join(f'--B0undary\r\nContent-Disposition: form-data; name="{n}"\r\n\r\n{v}\r\n' for n, v in parts)
+    return (body + ("--B0undary--\r\n" if close else "")).encode(), {
+        "content-type": "multipart/form-data; boundary=B0undary"}
+
+
+def test_a_field_given_twice_is_refused_naming_it_in_json_and_in_forms(tmp_path):
+    """Neither the first nor the last value silently: the client meant one of them, and says which."""
+    client, _, _ = make_client(tmp_path)
+    body, headers = _multipart(("prompt", "a cat"), ("seed", "3"), ("seed", "4"))
+    sent = [
+        (body, headers),
+        (b"prompt=a+cat&seed=3&seed=4", {"content-type": "application/x-www-form-urlencoded"}),
+        (b'{"prompt": "a cat", "seed": 3, "seed": 4}', JSON),
+    ]
+    for content, headers in sent:
+        response = client.post("/v1/videos", content=content, headers=headers)
+        assert response.status_code == 400, (headers, response.text)
+        error = response.json()["error"]
+        assert (error["code"], error["param"], error["message"]) == (
+            "invalid_request", "seed", "seed: given twice; send each field once"), headers
+    assert client.get("/v1/videos").json()["data"] == []
+    body, headers = _multipart(("prompt", "a cat"), ("seed", "3"))
+    assert client.post("/v1/videos", content=body, headers=headers).json()["seed"] == 3  # once is fine
+
+
+def test_a_form_cut_short_is_called_so(tmp_path):
+    """A multipart body without its closing boundary lost its end: its last field (here the seed) or all
+    of them; it is refused as such, not run without the seed, nor answered "prompt required"."""
+    client, _, _ = make_client(tmp_path)
+    whole_fields, headers = _multipart(("prompt", "a cat"), ("seed", "3"), close=False)
+    cut_in_a_field = whole_fields[: whole_fields.index(b"a cat") + 3]
+    for body in (whole_fields, cut_in_a_field):
+        response = client.post("/v1/videos", content=body, headers=headers)
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert (error["code"], error["message"]) == (
+            "invalid_form", "the form is cut short: it lacks its closing boundary; send it whole")
+    assert client.get("/v1/videos").json()["data"] == []
+
+
 def test_a_request_without_guidance_takes_the_models(tmp_path):
     """The released models' 6 when the folder recommends nothing; its sampling.json's scale when it does."""
     client, store, _ = make_client(tmp_path / "plain")

@@ -2,6 +2,7 @@
 cancelled while its file was being written leaves no file, and failures are reported by kind."""
 
 import errno
+import tempfile
 import threading
 import time
 
@@ -10,11 +11,13 @@ import pytest
 
 pytest.importorskip("fastapi")
 
+from helpers import fill_disk_for, read_rescued  # noqa: E402
 from serve_helpers import BlockingGenerator  # noqa: E402
 
 from cogvideox.errors import NonFiniteError, OutOfMemoryError  # noqa: E402
 from cogvideox.serve.jobs import SQLiteStore  # noqa: E402
 from cogvideox.serve.worker import Generated, Worker, video_path  # noqa: E402
+from cogvideox.video import read_video  # noqa: E402
 
 PARAMS = {"prompt": "a cat", "fps": 8}
 
@@ -70,12 +73,13 @@ def test_failures_are_reported_by_kind(store, tmp_path, error, code, message):
     assert failed.status == "failed" and failed.error["code"] == code and failed.error["message"].startswith(message)
 
 
-def test_a_video_the_server_cannot_store_is_its_own_failure_and_logged(store, tmp_path, caplog):
+def test_a_video_the_server_cannot_store_is_its_own_failure_and_logged(store, tmp_path, caplog, monkeypatch):
     def made(params, on_step):
         return Generated(np.zeros((2, 16, 16, 3), np.uint8), {})
 
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the video is kept instead
     job = store.create("m", "o", PARAMS)
-    worker = Worker(store, made, tmp_path, "m")
+    worker = Worker(store, made, tmp_path, "m", write_retry_delays=())
     (tmp_path / "videos").rmdir()
     (tmp_path / "videos").write_text("")  # the data folder broken under the running server
     with caplog.at_level("WARNING", logger="cogvideox.serve"):
@@ -85,19 +89,48 @@ def test_a_video_the_server_cannot_store_is_its_own_failure_and_logged(store, tm
     assert any(job.id in r.getMessage() and "cannot store its video" in r.getMessage() for r in caplog.records)
 
 
-def test_a_full_disk_is_the_servers_failure_and_names_no_path(store, tmp_path, monkeypatch):
-    from cogvideox.serve import worker as worker_module
-
-    def full(frames, path, **kwargs):  # what PyAV raises when the disk fills while it writes
-        raise OSError(errno.ENOSPC, "No space left on device", str(path.parent / f".{path.stem}.1234.mp4.part"))
-
-    monkeypatch.setattr(worker_module, "export_video", full)
+def test_a_full_disk_is_the_servers_failure_and_names_no_path(store, tmp_path, monkeypatch, caplog):
+    """A data folder whose disk stays full: tried again, then the video is kept in the temporary folder
+    (minutes of GPU work), the log tells the operator why and where, and the caller learns no path."""
     job = store.create("m", "o", PARAMS)
-    assert Worker(store, lambda params, on_step: Generated(np.zeros((2, 16, 16, 3), np.uint8), {}), tmp_path,
-                  "m").run_once()  # fmt: skip
+    target = video_path(tmp_path, job.id)
+    fill_disk_for(monkeypatch, target, tmp_path / "rescue")
+    (tmp_path / "rescue").mkdir()
+    made = np.full((2, 16, 16, 3), 200, np.uint8)
+    worker = Worker(store, lambda params, on_step: Generated(made, {}), tmp_path, "m",
+                    write_retry_delays=(0.01, 0.01))  # fmt: skip
+    with caplog.at_level("WARNING", logger="cogvideox.serve"):
+        assert worker.run_once()
     failed = store.get(job.id)
-    assert failed.error["code"] == "internal_error"
+    assert failed.status == "failed" and failed.error["code"] == "internal_error"
     assert failed.error["message"] == "the server could not store the video; its operator has the details"
+    retried = [r.getMessage() for r in caplog.records if "trying again" in r.getMessage()]
+    assert len(retried) == 2 and all("No space left on device" in m for m in retried), retried
+    (logged,) = [r.getMessage() for r in caplog.records if "cannot store its video" in r.getMessage()]
+    rescued = read_rescued("cogvideox: error: " + logged.split("cannot store its video: ")[1], target)
+    frames = read_video(rescued)[0]
+    assert frames.shape == made.shape and abs(frames.astype(int) - 200).max() <= 3
+    assert not target.exists()
+
+
+def test_a_disk_freed_while_the_worker_waits_takes_the_video(store, tmp_path, monkeypatch):
+    import cogvideox.video
+
+    export, calls = cogvideox.video.export_video, []
+
+    def full_once(frames, path, **kwargs):  # the sweep of expired videos frees room meanwhile
+        calls.append(path)
+        if len(calls) == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return export(frames, path, **kwargs)
+
+    monkeypatch.setattr(cogvideox.video, "export_video", full_once)
+    job = store.create("m", "o", PARAMS)
+    worker = Worker(store, lambda params, on_step: Generated(np.zeros((2, 16, 16, 3), np.uint8), {}), tmp_path,
+                    "m", write_retry_delays=(0.01, 0.01))  # fmt: skip
+    assert worker.run_once()
+    assert store.get(job.id).status == "completed" and len(calls) == 2
+    assert read_video(video_path(tmp_path, job.id))[0].shape == (2, 16, 16, 3)
 
 
 def test_the_worker_keeps_its_lease_while_a_step_runs_long(store, tmp_path):

@@ -7,6 +7,7 @@ import shutil
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import cli_rank, fail_training_at, free_port, join_or_fail, make_video_folder, start_processes
@@ -178,12 +179,13 @@ def test_validation_follows_the_models_recommended_guidance(data_dir, tiny_rope_
     # A resumed run keeps the guidance it recorded (here that of a run started when the default was a
     # fixed 6), even though the model recommends another ...
     (out / "config.json").write_text(json.dumps(recorded | {"validation_guidance": 6.0}))
+    # (a guidance its log has no base model's round of: that round first, then step 4's) ...
     finetune(config(data_dir, base, out, steps=4, **validated))
-    assert seen[2:] == [(6.0, True, "reference")]
+    assert seen[2:] == [(6.0, True, "reference")] * 2
     assert json.loads((out / "config.json").read_text())["validation_guidance"] == 6.0
     # ... unless it is given one.
     finetune(config(data_dir, base, out, steps=6, validation_guidance=4.0, **validated))
-    assert seen[3:] == [(4.0, True, "reference")]
+    assert seen[4:] == [(4.0, True, "reference")] * 2
     assert json.loads((out / "config.json").read_text())["validation_guidance"] == 4.0
 
     # The demo model recommends 2.5 (read from its folder, no weights loaded).
@@ -650,12 +652,46 @@ def test_burnt_validation_colours_are_a_warning(data_dir, tiny_rope_dir, tmp_pat
     assert logged[0]["validation"] == {"prompts": ["a cat"], "steps": 2, "seed": 42, "guidance": 6.0,
                                        "size": "9x32x48"}
 
-    # Resumed with another validation prompt: the base round was of "a cat", so a blown-out "a dog" is
-    # not held against it.
-    rounds = iter([figures(0.40, 0.03, 0.57)])
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    # Resumed with another validation prompt: the base round was of "a cat", so "a dog" is not held against
+    # it, but against the base model's round of "a dog", made first (the LoRA left out).
+    rounds = iter([figures(0.30, 0.02, 0.0), figures(0.40, 0.03, 0.57)])
+    with pytest.warns(UserWarning, match=r'validation video 0 \("a dog": .*blown-out pixels 0% -> 57%.*at step 6 '):
         finetune(config(data_dir, tiny_rope_dir, tmp_path, steps=6, **(settings | {"validation_prompts": ["a dog"]})))
+    logged = [r for r in map(json.loads, (tmp_path / "loss.jsonl").read_text().splitlines()) if "loss" not in r]
+    assert [(r["step"], r["validation"]["prompts"]) for r in logged[3:]] == [(0, ["a dog"]), (6, ["a dog"])]
+
+
+def test_a_run_resumed_with_other_validation_settings_makes_their_base_round(data_dir, tiny_rope_dir, tmp_path):
+    """The base model's videos of the new prompts are made at the resume, with the LoRA left out: the very
+    videos a fresh run's step 0 makes of them."""
+    settings = dict(validation_every=2, validation_steps=2, checkpoint_every=2)
+    finetune(config(data_dir, tiny_rope_dir, tmp_path / "run", steps=2, validation_prompts=["a cat"], **settings))
+    finetune(config(data_dir, tiny_rope_dir, tmp_path / "run", steps=4, validation_prompts=["a dog"], **settings))
+    finetune(config(data_dir, tiny_rope_dir, tmp_path / "fresh", steps=1, validation_every=1, validation_steps=2,
+                    validation_prompts=["a dog"]))  # fmt: skip
+    made = sorted(p.name for p in (tmp_path / "run" / "validation").iterdir())
+    assert made == ["base-2-0.mp4", "step-0-0.mp4", "step-2-0.mp4", "step-4-0.mp4"]
+    base = read_video(tmp_path / "run" / "validation" / "base-2-0.mp4")[0]
+    assert np.array_equal(base, read_video(tmp_path / "fresh" / "validation" / "step-0-0.mp4")[0])
+    assert not np.array_equal(base, read_video(tmp_path / "run" / "validation" / "step-4-0.mp4")[0])  # trained
+    records = [json.loads(line) for line in (tmp_path / "run" / "loss.jsonl").read_text().splitlines()]
+    dog = [r for r in records if r.get("validation", {}).get("prompts") == ["a dog"]]
+    assert [r["step"] for r in dog] == [0, 4]
+    fresh_base = json.loads((tmp_path / "fresh" / "loss.jsonl").read_text().splitlines()[0])
+    assert fresh_base["step"] == 0 and dog[0]["validation_saturation"] == fresh_base["validation_saturation"]
+
+
+def test_a_full_fine_tune_resumed_with_other_validation_settings_says_its_burn_watch_is_off(data_dir, tiny_rope_dir,
+                                                                                          tmp_path):
+    """Full fine-tuning changed the base model's weights in place: no base round can be made for the new
+    settings, and the run says so rather than watch nothing in silence."""
+    settings = dict(full=True, lr=1e-3, validation_every=2, validation_steps=2, checkpoint_every=2)
+    finetune(config(data_dir, tiny_rope_dir, tmp_path, steps=2, validation_prompts=["a cat"], **settings))
+    with pytest.warns(UserWarning, match=r"no base model's validation round made with these validation settings .*"
+                                         r"full fine-tuning keeps no copy of the base model's weights .*"
+                                         r"the burn watch is off for this run"):
+        finetune(config(data_dir, tiny_rope_dir, tmp_path, steps=4, validation_prompts=["a dog"], **settings))
+    assert not any(p.name.startswith("base-") for p in (tmp_path / "validation").iterdir())
 
 
 def test_a_burn_warning_names_the_default_learning_rate(data_dir, tiny_rope_dir, tmp_path, monkeypatch):

@@ -107,6 +107,7 @@ class CaptionReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (video, why): cannot be decoded
     failed: list[tuple[str, str]] = field(default_factory=list)  # (video, why): the endpoint failed
     stopped: str | None = None  # why the run stopped early, if it did
+    left: int = 0  # with no caption written when a Ctrl-C stopped the run: the next run's to caption
 
 
 def read_entries(folder: Path) -> list[dict]:
@@ -165,7 +166,8 @@ def caption_folder(
     """Caption every video of `folder` that has no caption yet (every one with `overwrite`), `jobs` at a
     time, writing `metadata.jsonl` after each. `prefix` goes before each new caption (a trigger word for
     a LoRA: "In the style of xyz, "). `progress`: a progress bar. `InputError` when another run is
-    captioning the folder."""
+    captioning the folder. A Ctrl-C (or SIGTERM) stops the run at once, what it wrote kept; once it began
+    captioning, the `KeyboardInterrupt` carries its `report` (`left` set), for the count of both."""
     folder = Path(folder)
     if folder.is_file():
         raise InputError(f"{folder} is a file; give the folder of videos to caption, such as {folder.parent}")
@@ -224,38 +226,43 @@ def _caption_folder(
     results: queue.Queue = queue.Queue()
     running = 0
     bar = tqdm(total=len(todo), desc="captioning", unit="video", disable=not progress)
-    with bar:
+    try:
+        with bar:
 
-        def start_next() -> None:
-            nonlocal running
-            entry = next(waiting, None)
-            if entry is not None and report.stopped is None:
-                _in_background(lambda: captioner.caption(folder / entry["video"]), entry, results)
-                running += 1
+            def start_next() -> None:
+                nonlocal running
+                entry = next(waiting, None)
+                if entry is not None and report.stopped is None:
+                    _in_background(lambda: captioner.caption(folder / entry["video"]), entry, results)
+                    running += 1
 
-        for _ in range(max(1, jobs)):
-            start_next()
-        while running:
-            entry, caption, error = _next_result(results)
-            running -= 1
-            if isinstance(error, InputError):
-                report.skipped.append((entry["video"], str(error)))
-            elif isinstance(error, CaptionError):
-                report.failed.append((entry["video"], str(error)))
-                failures_in_a_row += 1
-                if failures_in_a_row >= STOP_AFTER and report.stopped is None:
-                    report.stopped = f"{captioner.role} failed for {STOP_AFTER} videos in a row: {error}"
-            elif error is not None:
-                raise error  # a bug of ours, with its traceback
-            else:
-                failures_in_a_row = 0
-                for other in CAPTION_KEYS[1:]:  # one caption per entry: ours
-                    entry.pop(other, None)
-                entry["caption"] = prefix + caption
-                write()
-                report.written.append(entry["video"])
-            bar.update()
-            start_next()
+            for _ in range(max(1, jobs)):
+                start_next()
+            while running:
+                entry, caption, error = _next_result(results)
+                running -= 1
+                if isinstance(error, InputError):
+                    report.skipped.append((entry["video"], str(error)))
+                elif isinstance(error, CaptionError):
+                    report.failed.append((entry["video"], str(error)))
+                    failures_in_a_row += 1
+                    if failures_in_a_row >= STOP_AFTER and report.stopped is None:
+                        report.stopped = f"{captioner.role} failed for {STOP_AFTER} videos in a row: {error}"
+                elif error is not None:
+                    raise error  # a bug of ours, with its traceback
+                else:
+                    failures_in_a_row = 0
+                    for other in CAPTION_KEYS[1:]:  # one caption per entry: ours
+                        entry.pop(other, None)
+                    entry["caption"] = prefix + caption
+                    write()
+                    report.written.append(entry["video"])
+                bar.update()
+                start_next()
+    except KeyboardInterrupt as e:  # what was written is in metadata.jsonl already: the report says how much
+        report.left = len(todo) - len(report.written)
+        e.report = report
+        raise
     return report
 
 

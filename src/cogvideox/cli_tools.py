@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 
 from cogvideox import provenance
-from cogvideox.cli import _quiet_libraries, stage_times
+from cogvideox.cli import _interrupted_status, _quiet_libraries, stage_times
 from cogvideox.cli_args import (
     MODEL_HELP,
     add_enhancer_arguments,
@@ -437,12 +437,22 @@ def _caption(args: argparse.Namespace) -> int:
     captioner = caption.VideoCaptioner(
         url, args.captioner_model, os.environ.get(caption.ENV_KEY) or None, frames=args.frames, context=args.context
     )
-    report = caption.caption_folder(args.folder, captioner, args.prefix, args.overwrite, args.jobs, not args.quiet)
+    metadata = Path(args.folder) / METADATA_FILE
+    try:
+        report = caption.caption_folder(args.folder, captioner, args.prefix, args.overwrite, args.jobs, not args.quiet)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM: the captions written are kept; say how many
+        stopped = getattr(e, "report", None)
+        if stopped is None:  # before captioning began
+            raise
+        written = len(stopped.written)
+        print(f"cogvideox caption: interrupted; {written} caption{'s' * (written != 1)} written and kept in "
+              f"{metadata}, {stopped.left} video{'s' * (stopped.left != 1)} left to caption; run again to go on",
+              file=sys.stderr)  # fmt: skip
+        return _interrupted_status(e)
     for video, why in report.skipped:
         print(f"cogvideox caption: skipped {video}: {why}", file=sys.stderr)
     for video, why in report.failed:
         print(f"cogvideox caption: no caption for {video}: {why}", file=sys.stderr)
-    metadata = Path(args.folder) / METADATA_FILE
     summary = f"{len(report.written)} captions written to {metadata}" if report.written else "no caption written"
     print(f"{summary}; {report.kept} kept, {len(report.skipped)} skipped, {len(report.failed)} failed")
     if report.stopped:

@@ -6,6 +6,7 @@ a cap of its own."""
 from __future__ import annotations
 
 import json
+from email.message import Message
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,7 +83,7 @@ def _json_object(body: bytes) -> dict[str, Any]:
     if not body.strip():
         raise ApiError(400, "invalid_json", "the request body is empty: send a JSON object with a prompt")
     try:
-        data = json.loads(body)
+        data = json.loads(body, object_pairs_hook=_once_each)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ApiError(400, "invalid_json", f"the request body is not valid JSON: {e}") from None
     except ValueError:  # Python's limit on the digits of an int it will convert
@@ -92,6 +93,31 @@ def _json_object(body: bytes) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ApiError(400, "invalid_json", f"the request body must be a JSON object, not {type(data).__name__}")
     return data
+
+
+def _once_each(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's members, a name given twice refused: JSON leaves it to the reader which one counts,
+    and taking one silently would run a request other than the one the client meant."""
+    data: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in data:
+            raise _given_twice(name)
+        data[name] = value
+    return data
+
+
+def _given_twice(name: str) -> ApiError:
+    return ApiError(400, "invalid_request", f"{name}: given twice; send each field once", name)
+
+
+def _closed(headers, body: bytes) -> bool:
+    """Whether a multipart body holds its closing boundary ("--BOUNDARY--"): without it, the body was cut
+    short (its last field lost, or all of them), though the parser reads what came without a word."""
+    header = Message()
+    header["content-type"] = headers.get("content-type", "")
+    boundary = (header.get_param("boundary") or "").encode("latin-1", "replace")
+    close = b"--" + boundary + b"--"
+    return body.startswith(close) or b"\r\n" + close in body
 
 
 async def _form(request: Request, body: bytes, media_type: str, files: dict[str, int]) -> Fields:
@@ -104,6 +130,8 @@ async def _form(request: Request, body: bytes, media_type: str, files: dict[str,
         form = await parser_class(request.headers, replay()).parse()
     except Exception as e:  # the parsers raise their own error types for malformed bodies
         raise ApiError(400, "invalid_form", f"the form could not be read: {e}") from None
+    if parser_class is MultiPartParser and not _closed(request.headers, body):
+        raise ApiError(400, "invalid_form", "the form is cut short: it lacks its closing boundary; send it whole")
     fields: dict[str, Any] = {}
     uploads: dict[str, Upload] = {}
     for name, value in form.multi_items():
@@ -121,6 +149,8 @@ async def _form(request: Request, body: bytes, media_type: str, files: dict[str,
             uploads[name] = Upload(value.filename or "", value.content_type or "", data)
         elif name in files:
             raise ApiError(400, "invalid_request", f"{name}: send a file, not text", name)
+        elif name in fields:
+            raise _given_twice(name)
         else:
             fields[name] = value
     return Fields(fields, typed=False, files=uploads)

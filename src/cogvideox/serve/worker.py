@@ -20,15 +20,19 @@ from typing import Any, Protocol
 
 import numpy as np
 
+import cogvideox.video
 from cogvideox.errors import InputError, NonFiniteError, OutOfMemoryError
 from cogvideox.serve.inputs import input_path, read_input_video
 from cogvideox.serve.jobs import Job, JobStore
-from cogvideox.video import export_video, read_video
+from cogvideox.video import export_or_rescue, read_video
 
 log = logging.getLogger("cogvideox.serve")
 
 # Share of the progress bar the denoising loop fills; decoding and writing the MP4 take the rest.
 _DENOISE_SHARE = 90
+# Seconds waited before each new try at writing a video the data folder refused (a full disk, which the
+# sweep of expired videos or the operator may free meanwhile); after the last, the video goes elsewhere.
+WRITE_RETRY_DELAYS = (2.0, 10.0)
 
 
 def video_path(data_dir: str | Path, job_id: str) -> Path:
@@ -204,11 +208,13 @@ class Worker:
         lease_seconds: float = 60.0,
         poll_interval: float = 0.5,
         max_attempts: int = 3,
+        write_retry_delays: tuple[float, ...] = WRITE_RETRY_DELAYS,
     ) -> None:
         self.store, self.generate, self.model = store, generate, model
         self.data_dir = Path(data_dir)
         (self.data_dir / "videos").mkdir(parents=True, exist_ok=True)
         self.lease_seconds, self.poll_interval, self.max_attempts = lease_seconds, poll_interval, max_attempts
+        self.write_retry_delays = write_retry_delays
         self.name = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.state = "loading"
         self._stopping = threading.Event()
@@ -238,11 +244,7 @@ class Worker:
                 if lease.lost.is_set():
                     raise _Stop("lost")
                 start = time.perf_counter()
-                try:
-                    path = export_video(generated.frames, video_path(self.data_dir, job.id), fps=job.params["fps"],
-                                        metadata=generated.record)  # fmt: skip
-                except (InputError, OSError) as e:  # the request was fine: the server's own folder is not (full)
-                    raise _StorageError(str(e)) from e
+                path = self._store(job, generated)
                 timings = {**generated.timings, "write": time.perf_counter() - start}
             except _Stop as stop:
                 if stop.reason == "shutdown":
@@ -255,6 +257,28 @@ class Worker:
         if not self.store.complete(job.id, self.name, timings):
             self._discard(job, path)
         return True
+
+    def _store(self, job: Job, generated: Generated) -> Path:
+        """Write the job's MP4. A data folder that refuses it (a full disk) is tried again after each of
+        `write_retry_delays`; then the video is written to a new temporary folder, so that the minutes of
+        work that made it are not lost, and `_StorageError` says where it went (or that it is lost too)."""
+        path = video_path(self.data_dir, job.id)
+        fps, record = job.params["fps"], generated.record
+        for delay in self.write_retry_delays:
+            try:
+                return cogvideox.video.export_video(generated.frames, path, fps=fps, metadata=record)
+            except (InputError, OSError) as e:  # the request was fine: the server's own folder is not (full)
+                log.warning("%s: job %s: cannot write %s (%s); trying again in %gs", self.name, job.id, path,
+                            e, delay)  # fmt: skip
+            if self._stopping.wait(delay):  # shutting down: no more waiting, the video is kept at once
+                break
+        try:
+            return export_or_rescue(generated.frames, path, fps=fps, metadata=record)
+        except InputError as e:  # "could not write PATH (why); the video was saved to RESCUE instead"
+            raise _StorageError(str(e)) from None
+        except OSError as e:  # the temporary folder takes no file either
+            raise _StorageError(f"could not write {path} nor a copy in the temporary folder ({e}); "
+                                "the video is lost") from None  # fmt: skip
 
     def _inputs(self, params: dict[str, Any]) -> dict[str, Any]:
         """A job's parameters with its inputs read: the path of its first frame (image-to-video), the frames

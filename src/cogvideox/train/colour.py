@@ -6,8 +6,9 @@ a mosaic of noise (the demo model at 30 times its rate: BENCHMARKS.md). Each val
 measures each of its videos; the log keeps the figures, one per validation prompt
 (`validation_saturation`, `validation_vivid`, `validation_blown`, `validation_detail`), and a video that
 has left the base model's video of the same prompt and seed far behind (made at step 0, before any
-training) gets a warning that names the levers. Fine-tuning towards a vivid, bright or busy style moves
-the figures too, so the warning says what it measured and leaves the judgement to the eye.
+training; a LoRA run resumed with other validation settings makes it then, the LoRA left out) gets a
+warning that names the levers. Fine-tuning towards a vivid, bright or busy style moves the figures too, so
+the warning says what it measured and leaves the judgement to the eye.
 """
 
 from __future__ import annotations

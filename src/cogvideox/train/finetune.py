@@ -480,10 +480,12 @@ class Run:
     # -- output --------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def validate(self, step: int) -> dict[str, list[float]] | None:
+    def validate(self, step: int, base: bool = False) -> dict[str, list[float]] | None:
         """Videos of the validation prompts with the current weights, in `validation/` (written by rank
         0; with sharded weights every rank takes part in sampling); their colours (`colour.measure`) on
-        rank 0, None on the others."""
+        rank 0, None on the others. `base`: with the base model instead, the LoRA left out (a LoRA run
+        only), as `base-STEP-i.mp4`: the burn watch's reference for a run resumed at `step` with other
+        validation settings."""
         from cogvideox.pipeline import Pipeline
         from cogvideox.video import as_frames, export_video
 
@@ -500,6 +502,8 @@ class Run:
         # A round takes minutes for a large model (before the first step too): its sampling steps are shown
         bar = tqdm(total=len(c.validation_prompts) * c.validation_steps, desc=f"validation videos of step {step}",
                    unit="step", leave=False, disable=not (c.progress and self.procs.main))
+        if base:
+            lora_lib.activate_lora(self.transformer, {})  # the adapters skipped: the base model's weights
         try:
             for i, prompt in enumerate(c.validation_prompts):
                 with self.autocast():  # fp32 masters (full fine-tuning) next to a bf16 VAE and T5
@@ -517,11 +521,13 @@ class Run:
                     )
                 if not self.procs.main:
                     continue
-                path = self.out / "validation" / f"step-{step}-{i}.mp4"
+                path = self.out / "validation" / f"{'base' if base else 'step'}-{step}-{i}.mp4"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 videos.append(as_frames(result.frames[0]))
                 export_video(videos[-1], path, fps=self.fps)
         finally:
+            if base:
+                lora_lib.activate_lora(self.transformer, {lora_lib.DEFAULT_ADAPTER: 1.0})
             bar.close()
             self.transformer.train()
             if self.device.type == "cuda":
@@ -709,6 +715,27 @@ def _check_same_run(config: FinetuneConfig) -> None:
         )
 
 
+def rebase(run: Run, log: JsonlLog, start: int) -> None:
+    """A run resumed at `start` with validation settings (prompts, steps, seed, guidance, size) that no
+    base model's round in its log was made with: make that round now, for the burn watch to compare the
+    coming rounds with (logged as step 0's: the base model's), or, when the base model is gone (full
+    fine-tuning changed its weights in place), say that the watch is off."""
+    settings = run.validation_settings
+    if colour.base_colours(log.read(), settings) is not None:
+        return
+    if run.config.full:
+        warnings.warn(
+            "the log has no base model's validation round made with these validation settings (prompts, "
+            "steps, seed, guidance, size), and full fine-tuning keeps no copy of the base model's weights "
+            "to make one now: the burn watch is off for this run (its rounds' colours are still logged); "
+            "keep the validation settings of the run's start to keep it on",
+            stacklevel=3,
+        )
+        return
+    measured = run.validate(start, base=True)
+    log.write(0, **measured, validation=settings)
+
+
 def finetune(config: FinetuneConfig) -> Path:
     """Run (or resume) a fine-tuning run; returns the LoRA file or the fine-tuned model folder.
 
@@ -747,6 +774,10 @@ def finetune(config: FinetuneConfig) -> Path:
                     warnings.warn(warning, stacklevel=2)
 
         rounds_ahead = c.validation_every and c.validation_every <= c.steps
+        if rounds_ahead and start > 0 and log is not None:
+            next_round = (start // c.validation_every + 1) * c.validation_every
+            if next_round <= c.steps:  # rounds ahead, and perhaps no base round to compare them with
+                rebase(run, log, start)
         if rounds_ahead and start % c.validation_every == 0 and (main or run.sharded):
             # Step 0: the base model's videos, the reference the later rounds are seen against. A run stopped
             # while it made its videos resumes from the checkpoint written just before: they are made now,
