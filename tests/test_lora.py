@@ -383,6 +383,38 @@ def test_keep_original_restores_exactly_the_weight_a_lora_was_fused_into(tiny_ro
     assert all(torch.allclose(plain[k], v, atol=1e-6) for k, v in weights().items())
 
 
+def test_keep_original_unfusing_any_of_two_loras_leaves_what_fusing_the_other_alone_gives(tiny_rope_dir, lora_files):
+    """Two LoRAs fused into the same layers, each with `keep_original=True`: only one copy was kept, so
+    unfusing one of them subtracted its update (off by rounding) and unfusing both, one call each, did not
+    give the original weights back. Now each subset is bit for bit what fusing it alone gives."""
+    one, two = lora_files
+    pipe = Pipeline.from_pretrained(tiny_rope_dir)
+    pipe.load_lora(one, 0.7, name="one"), pipe.load_lora(two, 1.3, name="two")
+    weights = lambda: {k: v.clone() for k, v in pipe.transformer.state_dict().items()}  # noqa: E731
+    same = lambda want: all(torch.equal(want[k], v) for k, v in weights().items())  # noqa: E731
+    plain = weights()
+    alone = {}
+    for name in ("one", "two"):
+        pipe.fuse_lora(name, keep_original=True)
+        alone[name] = weights()
+        pipe.unfuse_lora()
+    assert same(plain) and not same(alone["one"])
+    pipe.fuse_lora("one", keep_original=True)
+    pipe.fuse_lora("two", keep_original=True)
+    pipe.unfuse_lora("two")
+    assert same(alone["one"])
+    pipe.fuse_lora("two", keep_original=True)
+    pipe.unfuse_lora("one")
+    assert same(alone["two"])
+    pipe.unfuse_lora("two")
+    assert same(plain)
+    pipe.fuse_lora(["one", "two"], keep_original=True)
+    pipe.unfuse_lora("one")
+    assert same(alone["two"])
+    pipe.unfuse_lora("two")
+    assert same(plain)
+
+
 def test_lora_metadata_that_is_not_json_is_an_input_error(lora_files, tmp_path):
     path = lora_files[0]
     bad = tmp_path / "meta.safetensors"
