@@ -55,7 +55,8 @@ class VideoOutput:
     frames: one uint8 array [F, H, W, 3] per video (prompt-major: p0 v0, p0 v1, p1 v0, ...), or None for
         output_type="latent".
     latents: the final latents [B, F, C, h, w] as the loop leaves them, in the pipeline dtype. For
-        CogVideoX 1.5 they include `padding_frames` extra latent frames at the front, which decoding drops.
+        CogVideoX 1.5 they include `padding_frames` extra latent frames at the front, which decoding drops
+        (`decode(output.latents, padding_frames=output.padding_frames)`).
     seed: the seed the noise was drawn from (None when the caller passed generators).
     timings: seconds spent per stage ("text", "encode" for an image or video input, "denoise", "decode").
     """
@@ -589,11 +590,18 @@ class Pipeline:
             embeds = self.text_encoder.encode(prompts, max_sequence_length, device=self.device, dtype=self.dtype)
         return embeds.repeat_interleave(videos_per_prompt, dim=0)
 
-    def decode(self, latents: torch.Tensor, progress: bool = False) -> list[np.ndarray]:
-        """Latents [B, F, C, h, w] (without 1.5 padding) -> one uint8 video [T, H, W, 3] per sample (see
+    def decode(
+        self, latents: torch.Tensor, progress: bool = False, padding_frames: int | None = None
+    ) -> list[np.ndarray]:
+        """Latents [B, F, C, h, w] -> one uint8 video [T, H, W, 3] per sample (see
         `autoencoder.decode_latents`: one VAE call for the batch, tiles again rather than lose the latents
         when out of GPU memory). Latents elsewhere (the CPU, say) are moved to the pipeline's device; with
-        offloading, the VAE goes back to the host afterwards, as after a call."""
+        offloading, the VAE goes back to the host afterwards, as after a call.
+
+        padding_frames: latent frames at the front to drop first: a CogVideoX 1.5 call's latents carry
+            `VideoOutput.padding_frames` of them. None: none, except that for a 1.5 model latents whose
+            frame count is a multiple of its temporal patch (the padded form; also that of an 8k+5-frame
+            video, which has no padding) are refused, since which they are cannot be told from the tensor."""
         channels, size = self.vae.config.latent_channels, self.spatial_compression
         if not isinstance(latents, torch.Tensor) or latents.ndim != 5 or latents.shape[2] != channels:
             got = list(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
@@ -601,10 +609,28 @@ class Pipeline:
                              f"video's alone: latents[None]), got {got}")  # fmt: skip
         if latents.numel() == 0 or not latents.is_floating_point():
             raise InputError(f"decode takes non-empty float latents, got {latents.dtype} {list(latents.shape)}")
+        latents = latents[:, self._padding_frames(latents.shape[1], padding_frames) :]
         try:
             return decode_latents(self.vae, latents.to(self.device), self.dtype, self._memory_guard, progress)
         finally:
             self.release_weights()
+
+    def _padding_frames(self, frames: int, padding_frames: int | None) -> int:
+        """How many of `frames` latent frames `decode` drops at the front (see there)."""
+        patch = self.config.patch_size_t
+        if padding_frames is None:
+            if patch is not None and frames % patch == 0:
+                raise InputError(
+                    f"these latents have {frames} frames, a multiple of this CogVideoX 1.5 model's temporal patch "
+                    f"({patch}): a call's latents carry padding frames at the front that decoding must drop, those "
+                    "of an 8k+5-frame video have none; say which with decode(..., padding_frames=N): the call's "
+                    "VideoOutput.padding_frames, or 0"
+                )
+            return 0
+        if not isinstance(padding_frames, int) or isinstance(padding_frames, bool) or not 0 <= padding_frames < frames:
+            raise InputError(f"padding_frames must be a whole number from 0 to {frames - 1} (the latents have {frames} "
+                             f"frames), got {padding_frames!r}")  # fmt: skip
+        return padding_frames
 
     def _memory_guard(self, stage: str, batch: int = 1):
         """Out of GPU memory in `stage` becomes an `OutOfMemoryError` saying what would fit."""
@@ -854,7 +880,7 @@ class Pipeline:
         frames = None
         if output_type == "np":
             start = time.perf_counter()
-            frames = self.decode(latents[:, request.padding_frames :], progress=progress)
+            frames = self.decode(latents, progress=progress, padding_frames=request.padding_frames)
             timings["decode"] = time.perf_counter() - start
         self.release_weights()  # nothing of ours stays on the device between calls
         return VideoOutput(frames, latents, seed, request.padding_frames, timings)
