@@ -80,6 +80,7 @@ class _Placement:
     offload: object = None  # a `cogvideox.fast.offload.Offload`, or None: every weight resident
     offload_choice: str = ""
     offload_auto: bool = False
+    auto_tiling: bool = False  # VAE tiling that "auto" turned on (the user had not): off again in `to()`
 
 
 class _OnPlacement:
@@ -118,6 +119,7 @@ class Pipeline:
     offload = _OnPlacement()  # a `cogvideox.fast.offload.Offload` while weights are offloaded, else None
     offload_choice = _OnPlacement()  # what `enable_offload` chose, and why
     offload_auto = _OnPlacement()  # whether "auto" chose the mode: `accelerate` then chooses again after quantising
+    auto_tiling = _OnPlacement()  # whether "auto" turned the VAE's tiling on: `to()` turns it off again
 
     def release_weights(self) -> None:
         """With offloading, send every weight back to host memory, as a call does when it ends."""
@@ -178,10 +180,11 @@ class Pipeline:
             chosen_dtype = _dtype_that_fits(folder, chosen_dtype, device, offload, text_device)
         dtype = chosen_dtype
 
-        reason = ""
+        reason, auto_tiling = "", False
         if offload == "auto":
             choice = choose_for_folder(folder, configs, dtype, device, text_device, vae_tiling, vae_slicing)
             offload, reason = choice.mode, choice.reason
+            auto_tiling = choice.vae_tiling and not vae_tiling
             vae_tiling = vae_tiling or choice.vae_tiling
         # Before reading any weight: a process the kernel kills for memory gets no error message at all.
         check_host_memory(offload, folder_sizes(folder, dtype), device, text_device, dtype)
@@ -195,7 +198,7 @@ class Pipeline:
         if offload != "none" or text_device is not None:
             pipe.enable_offload(offload, device, text_device=text_device)
         pipe.offload_choice = reason or pipe.offload_choice
-        pipe.offload_auto = bool(reason)
+        pipe.offload_auto, pipe.auto_tiling = bool(reason), auto_tiling
         return pipe
 
     @classmethod
@@ -394,10 +397,16 @@ class Pipeline:
         return pipe
 
     def to(self, device: str | torch.device) -> Pipeline:
+        """Every weight resident on `device`, leaving offloading and what "auto" chose with it: VAE tiling that
+        "auto" turned on is off again (tiling the user turned on stays)."""
         device = loading.choose_device(device)
         if self.offload is not None:  # everything resident again
             self.offload.remove()
             self.offload, self.offload_choice = None, ""
+        if self.auto_tiling:
+            self.vae.disable_tiling()
+            self.auto_tiling, self.offload_choice = False, ""
+        self.offload_auto = False
         self.transformer.to(device)
         self.vae.to(device)
         self.text_encoder.model.to(device)
@@ -417,8 +426,8 @@ class Pipeline:
         mode: "none" (all resident), "model" (one component at a time), "stream" (T5 and transformer
             blocks copied a few ahead on a side stream, overlapping compute), "sequential" (each layer
             alone: the least memory, the slowest) or "auto" (the fastest that fits the free GPU memory,
-            with VAE tiling turned on if only the decode would not fit; "none" on the CPU;
-            `offload_choice` says what it chose and why).
+            with VAE tiling turned on if only the decode would not fit, and off again in `to()`; "none" on
+            the CPU; `offload_choice` says what it chose and why).
         text_device: where T5 lives and runs, e.g. "cpu" (default: `device`).
         lookahead: blocks copied ahead in "stream" mode (default 2).
         Offloading moves the weights that exist: `load_lora`, `fuse_lora`, `unfuse_lora`, `unload_lora` and
@@ -438,8 +447,9 @@ class Pipeline:
         if mode == "auto":
             choice = choose_for_pipeline(self, device, text_device)
             mode, reason = choice.mode, choice.reason
-            if choice.vae_tiling:
+            if choice.vae_tiling and not self.vae.use_tiling:
                 self.vae.enable_tiling()
+                self.auto_tiling = True
         self.offload = offloading.apply(
             self, mode, device, text_device=text_device,
             lookahead=offloading.DEFAULT_LOOKAHEAD if lookahead is None else lookahead,
