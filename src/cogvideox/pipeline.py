@@ -298,7 +298,8 @@ class Pipeline:
     def load_lora(self, path: str | Path, scale: float = 1.0, name: str | None = None) -> str:
         """Add a LoRA in the diffusers layout (`pytorch_lora_weights.safetensors` or its folder) to the
         transformer at `scale`; several can be active at once. Returns the adapter's name: `name`, else the
-        folder's name or the file's stem ("style" for runs/style), made unique."""
+        folder's name or the file's stem ("style" for runs/style and runs/style/pytorch_lora_weights.safetensors),
+        made unique."""
         from cogvideox.train import lora
 
         if self.acceleration is not None:

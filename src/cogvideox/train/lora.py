@@ -520,8 +520,9 @@ def load_lora(
     dtype: torch.dtype | None = None,
 ) -> str:
     """Add the adapter of a diffusers-format LoRA file to `model` as `name` (default: the name of the
-    folder given, or the stem of the file given, made unique) at `scale`. Returns the adapter name. The
-    base weights are left as they are."""
+    folder given, or the stem of the file given, made unique; a file with the standard name
+    `pytorch_lora_weights.safetensors` is named after its folder, as when the folder is given) at
+    `scale`. Returns the adapter name. The base weights are left as they are."""
     if name is not None and (not isinstance(name, str) or not name or "." in name):
         # The adapters live in torch ModuleDicts, whose keys cannot hold a dot: found half-way, too late.
         raise InputError(f"a LoRA name must be a non-empty string without dots, got {name!r}")
@@ -529,6 +530,8 @@ def load_lora(
     existing = set(adapter_names(model))
     if name is None:
         given = Path(path)
+        if given.is_file() and given.name == LORA_WEIGHTS_NAME:  # every run's file is called that: its folder
+            given = given.absolute().parent
         stem = re.sub(r"\W+", "_", given.stem if given.is_file() else given.name) or "lora"
         name, i = stem, 1
         while name in existing:
