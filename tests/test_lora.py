@@ -117,7 +117,7 @@ def test_several_loras_with_scales_match_the_reference(tiny_rope_dir, lora_files
     got = ours_out(ours.transformer, inputs)
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
     # Scales can change afterwards (here: "two" off), as set_adapters does.
-    ours.set_lora_scale(0.0, "pytorch_lora_weights")
+    ours.set_lora_scale(0.0, "one")  # one/pytorch_lora_weights.safetensors: named after its folder
     ref.set_adapters(["one", "two"], [0.0, -1.5])
     assert torch.allclose(ours_out(ours.transformer, inputs), reference_out(ref.transformer, ours.transformer, inputs),
                           atol=1e-5, rtol=1e-5)
@@ -381,6 +381,54 @@ def test_keep_original_restores_exactly_the_weight_a_lora_was_fused_into(tiny_ro
     pipe.unfuse_lora("one")  # the copy holds "one": unfusing "two" now subtracts
     pipe.unfuse_lora("two")
     assert all(torch.allclose(plain[k], v, atol=1e-6) for k, v in weights().items())
+
+
+def test_keep_original_unfusing_any_of_two_loras_leaves_what_fusing_the_other_alone_gives(tiny_rope_dir, lora_files):
+    """Two LoRAs fused into the same layers, each with `keep_original=True`: only one copy was kept, so
+    unfusing one of them subtracted its update (off by rounding) and unfusing both, one call each, did not
+    give the original weights back. Now each subset is bit for bit what fusing it alone gives."""
+    one, two = lora_files
+    pipe = Pipeline.from_pretrained(tiny_rope_dir)
+    pipe.load_lora(one, 0.7, name="one"), pipe.load_lora(two, 1.3, name="two")
+    weights = lambda: {k: v.clone() for k, v in pipe.transformer.state_dict().items()}  # noqa: E731
+    same = lambda want: all(torch.equal(want[k], v) for k, v in weights().items())  # noqa: E731
+    plain = weights()
+    alone = {}
+    for name in ("one", "two"):
+        pipe.fuse_lora(name, keep_original=True)
+        alone[name] = weights()
+        pipe.unfuse_lora()
+    assert same(plain) and not same(alone["one"])
+    pipe.fuse_lora("one", keep_original=True)
+    pipe.fuse_lora("two", keep_original=True)
+    pipe.unfuse_lora("two")
+    assert same(alone["one"])
+    pipe.fuse_lora("two", keep_original=True)
+    pipe.unfuse_lora("one")
+    assert same(alone["two"])
+    pipe.unfuse_lora("two")
+    assert same(plain)
+    pipe.fuse_lora(["one", "two"], keep_original=True)
+    pipe.unfuse_lora("one")
+    assert same(alone["two"])
+    pipe.unfuse_lora("two")
+    assert same(plain)
+
+
+def test_a_lora_file_with_the_standard_name_is_named_after_its_folder(tiny_rope_dir, lora_files, tmp_path, monkeypatch):
+    """Every training run writes pytorch_lora_weights.safetensors: given by its file path, a LoRA was named
+    "pytorch_lora_weights" (a second one "pytorch_lora_weights_2"). It is named after its folder now, as
+    when the folder is given; another file keeps its own name, and a name given (serve's NAME=PATH) wins."""
+    one, two = lora_files
+    style = tmp_path / "style" / lora.LORA_WEIGHTS_NAME
+    style.parent.mkdir()
+    style.write_bytes(one.read_bytes())
+    pipe = Pipeline.from_pretrained(tiny_rope_dir, lora=[one, style, two])
+    assert lora.adapter_names(pipe.transformer) == ["one", "style", "two"]
+    assert pipe.load_lora(style.parent) == "style_2"
+    assert pipe.load_lora(style, name="given") == "given"
+    monkeypatch.chdir(style.parent)
+    assert pipe.load_lora(lora.LORA_WEIGHTS_NAME) == "style_3"
 
 
 def test_lora_metadata_that_is_not_json_is_an_input_error(lora_files, tmp_path):

@@ -480,6 +480,32 @@ def test_auto_tiling_reaches_the_vae(tiny_rope_dir, monkeypatch):
     assert pipe.vae.use_tiling and pipe.offload_choice == choice.reason
 
 
+def test_tiling_that_auto_turned_on_is_off_again_after_to(tiny_rope_dir, monkeypatch):
+    """`to()` leaves offloading, and with it the VAE tiling "auto" turned on, which stayed on: the decode
+    was tiled (slower, other frames) after the pipeline was made resident. Tiling the user asked for stays."""
+    choice = memory_plan.Choice("model", True, "offload 'model' with VAE tiling: (pretend)")
+    monkeypatch.setattr(memory_plan, "choose_for_folder", lambda *args, **kwargs: choice)
+    monkeypatch.setattr(memory_plan, "choose_for_pipeline", lambda *args, **kwargs: choice)
+    resident = resident_pipeline(tiny_rope_dir)
+    z = torch.randn(1, 3, resident.vae.config.latent_channels, 4, 6, generator=torch.Generator().manual_seed(2))
+    plain = resident.decode(z)  # 32x48
+    pipe = resident_pipeline(tiny_rope_dir)
+    pipe.vae.enable_tiling(16, 16)  # tiles smaller than the video, for when tiling is on
+    pipe.vae.disable_tiling()
+    pipe.enable_offload("auto", CPU)
+    assert pipe.vae.use_tiling and pipe.offload.mode == "model"
+    tiled = pipe.decode(z)
+    assert np.abs(tiled[0].astype(int) - plain[0].astype(int)).max() > 2
+    pipe.to(CPU)
+    assert not pipe.vae.use_tiling and not pipe.offload_auto and pipe.offload_choice == ""
+    assert np.abs(pipe.decode(z)[0].astype(int) - plain[0].astype(int)).max() <= 1
+    loaded = Pipeline.from_pretrained(tiny_rope_dir, device="cpu", offload="auto").to(CPU)
+    assert not loaded.vae.use_tiling
+    for mine in (Pipeline.from_pretrained(tiny_rope_dir, vae_tiling=True, offload="auto"),
+                 Pipeline.from_pretrained(tiny_rope_dir, vae_tiling=True).enable_offload("auto", CPU)):  # fmt: skip
+        assert mine.to(CPU).vae.use_tiling
+
+
 def test_default_activations_grow_with_the_model_and_shrink_with_tiling():
     five_b, two_b = TRANSFORMER_PRESETS["CogVideoX-5b"], TRANSFORMER_PRESETS["CogVideoX-2b"]
     vae = VAEConfig()

@@ -152,6 +152,26 @@ def test_given_latents_match_reference(pipes):
     assert not torch.equal(ours.latents, pipes("1.5")(prompts, output_type="latent", progress=False, **kwargs).latents)
 
 
+def test_decoding_a_15_calls_latents_drops_the_padding_frame_or_asks_for_it(pipes):
+    """A 1.5 call's latents carry a padding frame at the front: `decode(out.latents)` gave 16 frames, the
+    first of them made from it, without a word. Now the padded form is refused, naming `padding_frames`,
+    and with it the frames are the direct call's. A 1.0 model's latents need no say."""
+    pipe = pipes("1.5")
+    kwargs = SMALL | dict(num_inference_steps=2, seed=1, progress=False)
+    direct = pipe("a cat", **kwargs)
+    out = pipe("a cat", output_type="latent", **kwargs)
+    assert out.latents.shape[1] == 4 and out.padding_frames == 1
+    with pytest.raises(InputError, match=r"have 4 frames.*padding_frames=N\): the call's VideoOutput.padding_frames"):
+        pipe.decode(out.latents)
+    frames = pipe.decode(out.latents, padding_frames=out.padding_frames)
+    assert frames[0].shape == (9, 32, 48, 3) and np.array_equal(frames[0], direct.frames[0])
+    assert pipe.decode(out.latents, padding_frames=0)[0].shape[0] == 16  # an 8k+5-frame video's latents
+    with pytest.raises(InputError, match="padding_frames must be a whole number from 0 to 3"):
+        pipe.decode(out.latents, padding_frames=4)
+    latents = torch.randn(1, 3, pipes("rope").vae.config.latent_channels, 4, 6)
+    assert pipes("rope").decode(latents)[0].shape == (9, 32, 48, 3)
+
+
 def test_seed_reproduces_and_random_seed_is_reported(pipes):
     pipe = pipes("rope")
     kwargs = SMALL | dict(output_type="latent", progress=False)

@@ -55,7 +55,8 @@ class VideoOutput:
     frames: one uint8 array [F, H, W, 3] per video (prompt-major: p0 v0, p0 v1, p1 v0, ...), or None for
         output_type="latent".
     latents: the final latents [B, F, C, h, w] as the loop leaves them, in the pipeline dtype. For
-        CogVideoX 1.5 they include `padding_frames` extra latent frames at the front, which decoding drops.
+        CogVideoX 1.5 they include `padding_frames` extra latent frames at the front, which decoding drops
+        (`decode(output.latents, padding_frames=output.padding_frames)`).
     seed: the seed the noise was drawn from (None when the caller passed generators).
     timings: seconds spent per stage ("text", "encode" for an image or video input, "denoise", "decode").
     """
@@ -79,6 +80,7 @@ class _Placement:
     offload: object = None  # a `cogvideox.fast.offload.Offload`, or None: every weight resident
     offload_choice: str = ""
     offload_auto: bool = False
+    auto_tiling: bool = False  # VAE tiling that "auto" turned on (the user had not): off again in `to()`
 
 
 class _OnPlacement:
@@ -117,6 +119,7 @@ class Pipeline:
     offload = _OnPlacement()  # a `cogvideox.fast.offload.Offload` while weights are offloaded, else None
     offload_choice = _OnPlacement()  # what `enable_offload` chose, and why
     offload_auto = _OnPlacement()  # whether "auto" chose the mode: `accelerate` then chooses again after quantising
+    auto_tiling = _OnPlacement()  # whether "auto" turned the VAE's tiling on: `to()` turns it off again
 
     def release_weights(self) -> None:
         """With offloading, send every weight back to host memory, as a call does when it ends."""
@@ -177,10 +180,11 @@ class Pipeline:
             chosen_dtype = _dtype_that_fits(folder, chosen_dtype, device, offload, text_device)
         dtype = chosen_dtype
 
-        reason = ""
+        reason, auto_tiling = "", False
         if offload == "auto":
             choice = choose_for_folder(folder, configs, dtype, device, text_device, vae_tiling, vae_slicing)
             offload, reason = choice.mode, choice.reason
+            auto_tiling = choice.vae_tiling and not vae_tiling
             vae_tiling = vae_tiling or choice.vae_tiling
         # Before reading any weight: a process the kernel kills for memory gets no error message at all.
         check_host_memory(offload, folder_sizes(folder, dtype), device, text_device, dtype)
@@ -194,7 +198,7 @@ class Pipeline:
         if offload != "none" or text_device is not None:
             pipe.enable_offload(offload, device, text_device=text_device)
         pipe.offload_choice = reason or pipe.offload_choice
-        pipe.offload_auto = bool(reason)
+        pipe.offload_auto, pipe.auto_tiling = bool(reason), auto_tiling
         return pipe
 
     @classmethod
@@ -294,7 +298,8 @@ class Pipeline:
     def load_lora(self, path: str | Path, scale: float = 1.0, name: str | None = None) -> str:
         """Add a LoRA in the diffusers layout (`pytorch_lora_weights.safetensors` or its folder) to the
         transformer at `scale`; several can be active at once. Returns the adapter's name: `name`, else the
-        folder's name or the file's stem ("style" for runs/style), made unique."""
+        folder's name or the file's stem ("style" for runs/style and runs/style/pytorch_lora_weights.safetensors),
+        made unique."""
         from cogvideox.train import lora
 
         if self.acceleration is not None:
@@ -393,10 +398,16 @@ class Pipeline:
         return pipe
 
     def to(self, device: str | torch.device) -> Pipeline:
+        """Every weight resident on `device`, leaving offloading and what "auto" chose with it: VAE tiling that
+        "auto" turned on is off again (tiling the user turned on stays)."""
         device = loading.choose_device(device)
         if self.offload is not None:  # everything resident again
             self.offload.remove()
             self.offload, self.offload_choice = None, ""
+        if self.auto_tiling:
+            self.vae.disable_tiling()
+            self.auto_tiling, self.offload_choice = False, ""
+        self.offload_auto = False
         self.transformer.to(device)
         self.vae.to(device)
         self.text_encoder.model.to(device)
@@ -416,8 +427,8 @@ class Pipeline:
         mode: "none" (all resident), "model" (one component at a time), "stream" (T5 and transformer
             blocks copied a few ahead on a side stream, overlapping compute), "sequential" (each layer
             alone: the least memory, the slowest) or "auto" (the fastest that fits the free GPU memory,
-            with VAE tiling turned on if only the decode would not fit; "none" on the CPU;
-            `offload_choice` says what it chose and why).
+            with VAE tiling turned on if only the decode would not fit, and off again in `to()`; "none" on
+            the CPU; `offload_choice` says what it chose and why).
         text_device: where T5 lives and runs, e.g. "cpu" (default: `device`).
         lookahead: blocks copied ahead in "stream" mode (default 2).
         Offloading moves the weights that exist: `load_lora`, `fuse_lora`, `unfuse_lora`, `unload_lora` and
@@ -437,8 +448,9 @@ class Pipeline:
         if mode == "auto":
             choice = choose_for_pipeline(self, device, text_device)
             mode, reason = choice.mode, choice.reason
-            if choice.vae_tiling:
+            if choice.vae_tiling and not self.vae.use_tiling:
                 self.vae.enable_tiling()
+                self.auto_tiling = True
         self.offload = offloading.apply(
             self, mode, device, text_device=text_device,
             lookahead=offloading.DEFAULT_LOOKAHEAD if lookahead is None else lookahead,
@@ -589,11 +601,18 @@ class Pipeline:
             embeds = self.text_encoder.encode(prompts, max_sequence_length, device=self.device, dtype=self.dtype)
         return embeds.repeat_interleave(videos_per_prompt, dim=0)
 
-    def decode(self, latents: torch.Tensor, progress: bool = False) -> list[np.ndarray]:
-        """Latents [B, F, C, h, w] (without 1.5 padding) -> one uint8 video [T, H, W, 3] per sample (see
+    def decode(
+        self, latents: torch.Tensor, progress: bool = False, padding_frames: int | None = None
+    ) -> list[np.ndarray]:
+        """Latents [B, F, C, h, w] -> one uint8 video [T, H, W, 3] per sample (see
         `autoencoder.decode_latents`: one VAE call for the batch, tiles again rather than lose the latents
         when out of GPU memory). Latents elsewhere (the CPU, say) are moved to the pipeline's device; with
-        offloading, the VAE goes back to the host afterwards, as after a call."""
+        offloading, the VAE goes back to the host afterwards, as after a call.
+
+        padding_frames: latent frames at the front to drop first: a CogVideoX 1.5 call's latents carry
+            `VideoOutput.padding_frames` of them. None: none, except that for a 1.5 model latents whose
+            frame count is a multiple of its temporal patch (the padded form; also that of an 8k+5-frame
+            video, which has no padding) are refused, since which they are cannot be told from the tensor."""
         channels, size = self.vae.config.latent_channels, self.spatial_compression
         if not isinstance(latents, torch.Tensor) or latents.ndim != 5 or latents.shape[2] != channels:
             got = list(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
@@ -601,10 +620,28 @@ class Pipeline:
                              f"video's alone: latents[None]), got {got}")  # fmt: skip
         if latents.numel() == 0 or not latents.is_floating_point():
             raise InputError(f"decode takes non-empty float latents, got {latents.dtype} {list(latents.shape)}")
+        latents = latents[:, self._padding_frames(latents.shape[1], padding_frames) :]
         try:
             return decode_latents(self.vae, latents.to(self.device), self.dtype, self._memory_guard, progress)
         finally:
             self.release_weights()
+
+    def _padding_frames(self, frames: int, padding_frames: int | None) -> int:
+        """How many of `frames` latent frames `decode` drops at the front (see there)."""
+        patch = self.config.patch_size_t
+        if padding_frames is None:
+            if patch is not None and frames % patch == 0:
+                raise InputError(
+                    f"these latents have {frames} frames, a multiple of this CogVideoX 1.5 model's temporal patch "
+                    f"({patch}): a call's latents carry padding frames at the front that decoding must drop, those "
+                    "of an 8k+5-frame video have none; say which with decode(..., padding_frames=N): the call's "
+                    "VideoOutput.padding_frames, or 0"
+                )
+            return 0
+        if not isinstance(padding_frames, int) or isinstance(padding_frames, bool) or not 0 <= padding_frames < frames:
+            raise InputError(f"padding_frames must be a whole number from 0 to {frames - 1} (the latents have {frames} "
+                             f"frames), got {padding_frames!r}")  # fmt: skip
+        return padding_frames
 
     def _memory_guard(self, stage: str, batch: int = 1):
         """Out of GPU memory in `stage` becomes an `OutOfMemoryError` saying what would fit."""
@@ -854,7 +891,7 @@ class Pipeline:
         frames = None
         if output_type == "np":
             start = time.perf_counter()
-            frames = self.decode(latents[:, request.padding_frames :], progress=progress)
+            frames = self.decode(latents, progress=progress, padding_frames=request.padding_frames)
             timings["decode"] = time.perf_counter() - start
         self.release_weights()  # nothing of ours stays on the device between calls
         return VideoOutput(frames, latents, seed, request.padding_frames, timings)

@@ -105,13 +105,15 @@ class ParallelPipeline(Pipeline):
         dist.all_reduce(embeds, group=self.mesh.group)  # each slot: one process's states + zeros
         return embeds.repeat_interleave(videos_per_prompt, dim=0)
 
-    def decode(self, latents: torch.Tensor, progress: bool = False) -> list[np.ndarray]:
+    def decode(
+        self, latents: torch.Tensor, progress: bool = False, padding_frames: int | None = None
+    ) -> list[np.ndarray]:
         """As `Pipeline.decode`, with the VAE's tiles spread over the group when tiling is on (see
         `decode.split_decode`); untiled, every process decodes the whole video."""
         vae = self.vae
         self.vae = _TileSplitVAE(vae, self.mesh)  # what the inherited decode calls, for this call only
         try:
-            return super().decode(latents, progress)
+            return super().decode(latents, progress, padding_frames)
         finally:
             self.vae = vae
 

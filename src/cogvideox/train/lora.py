@@ -57,8 +57,10 @@ class LoRALinear(nn.Linear):
         self.lora_B = nn.ModuleDict()
         self.scaling: dict[str, float] = {}  # alpha / rank per adapter
         self.user_scale: dict[str, float] = {}
-        # adapter -> None, or (the weight before it was fused, the adapters fused in that weight) when kept
-        self.fused: dict[str, tuple[torch.Tensor, frozenset[str]] | None] = {}
+        self.fused: dict[str, None] = {}  # the fused adapters, in the order they were fused
+        # with keep_original: a CPU copy of the weight before the first of them was fused, and the adapters
+        # already fused into that copy (those fused without keep_original before it)
+        self.original: tuple[torch.Tensor, frozenset[str]] | None = None
         self.disabled: set[str] = set()
         self.register_state_dict_post_hook(_drop_adapter_keys)
         self.register_load_state_dict_post_hook(_allow_missing_adapters)
@@ -110,20 +112,32 @@ class LoRALinear(nn.Linear):
     def fuse(self, name: str, keep_original: bool = False) -> None:
         if name in self.fused:
             return
-        original = None
-        if keep_original:
-            original = self.weight.detach().to("cpu", copy=True), frozenset(self.fused)
+        if keep_original and self.original is None:  # one copy serves every adapter fused after it
+            self.original = self.weight.detach().to("cpu", copy=True), frozenset(self.fused)
+        self._add(name)
+        self.fused[name] = None
+
+    def _add(self, name: str) -> None:
         self.weight.copy_((self.weight.float() + self.delta_weight(name).to(self.weight.device)).to(self.weight.dtype))
-        self.fused[name] = original
 
     @torch.no_grad()
     def unfuse(self, name: str) -> None:
+        """Take adapter `name` out of the weight. Where the kept copy does not hold it, the weight is that copy
+        with the adapters still fused added again in their order: bit for bit what fusing only them gives.
+        Otherwise the update is subtracted (equal up to rounding) and the copy, which holds it, is dropped."""
         if name not in self.fused:
             return
-        original = self.fused.pop(name)
-        if original is not None and set(self.fused) == original[1]:  # back to the weight it was fused into
-            self.weight.copy_(original[0].to(self.weight.device))
+        del self.fused[name]
+        if self.original is not None and name not in self.original[1]:
+            copy, inside = self.original
+            self.weight.copy_(copy.to(self.weight.device))
+            for other in self.fused:
+                if other not in inside:
+                    self._add(other)
+            if set(self.fused) == inside:  # the weight is the copy again: no longer needed
+                self.original = None
         else:
+            self.original = None
             delta = self.delta_weight(name).to(self.weight.device)
             self.weight.copy_((self.weight.float() - delta).to(self.weight.dtype))
 
@@ -319,9 +333,9 @@ def activate_lora(model: nn.Module, scales: Mapping[str, float]) -> None:
 
 def fuse_lora(model: nn.Module, names: str | Iterable[str] | None = None, keep_original: bool = False) -> None:
     """Fold adapters `names` (None: those that run, as `activate_lora` left them) into the base weights (no
-    extra work per step). `keep_original` keeps a CPU copy of each weight (one per layer: none where a kept
-    one exists) so that `unfuse_lora` restores it bit for bit instead of subtracting the update, when the
-    LoRAs still fused are those that were fused when the copy was taken."""
+    extra work per step). `keep_original` keeps a CPU copy of each weight as it was before (one per layer,
+    taken at the first such fuse) so that `unfuse_lora` of any of the LoRAs fused since then rebuilds the
+    weight from it, bit for bit what fusing only the others gives, instead of subtracting the update."""
     names = _named(model, names, "fuse")
     if names is None and not adapter_names(model):
         raise InputError("no LoRA is loaded, so there is none to fuse")
@@ -329,8 +343,7 @@ def fuse_lora(model: nn.Module, names: str | Iterable[str] | None = None, keep_o
         running = [name for name in layer.lora_A if name not in layer.disabled]
         for name in names if names is not None else running:
             if name in layer.lora_A:
-                kept = any(original is not None for original in layer.fused.values())  # one copy per layer
-                layer.fuse(name, keep_original=keep_original and not kept)
+                layer.fuse(name, keep_original=keep_original)
 
 
 def unfuse_lora(model: nn.Module, names: str | Iterable[str] | None = None) -> None:
@@ -507,8 +520,9 @@ def load_lora(
     dtype: torch.dtype | None = None,
 ) -> str:
     """Add the adapter of a diffusers-format LoRA file to `model` as `name` (default: the name of the
-    folder given, or the stem of the file given, made unique) at `scale`. Returns the adapter name. The
-    base weights are left as they are."""
+    folder given, or the stem of the file given, made unique; a file with the standard name
+    `pytorch_lora_weights.safetensors` is named after its folder, as when the folder is given) at
+    `scale`. Returns the adapter name. The base weights are left as they are."""
     if name is not None and (not isinstance(name, str) or not name or "." in name):
         # The adapters live in torch ModuleDicts, whose keys cannot hold a dot: found half-way, too late.
         raise InputError(f"a LoRA name must be a non-empty string without dots, got {name!r}")
@@ -516,6 +530,8 @@ def load_lora(
     existing = set(adapter_names(model))
     if name is None:
         given = Path(path)
+        if given.is_file() and given.name == LORA_WEIGHTS_NAME:  # every run's file is called that: its folder
+            given = given.absolute().parent
         stem = re.sub(r"\W+", "_", given.stem if given.is_file() else given.name) or "lora"
         name, i = stem, 1
         while name in existing:
