@@ -367,6 +367,59 @@ def test_a_header_length_past_the_end_of_the_file_is_a_load_error(model_copy, he
         Pipeline.from_pretrained(model_copy)
 
 
+def edit_header(path, edit):
+    """Rewrite the JSON header of a safetensors file through `edit(header)`, its tensor bytes unchanged."""
+    data = path.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    edit(header)
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + length :])
+
+
+def _first(header):
+    return min((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+
+
+def _second_onto_first(header):
+    first, second = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])[:2]
+    header[second]["data_offsets"] = header[first]["data_offsets"]
+
+
+@pytest.mark.parametrize(
+    "edit, why",
+    [
+        (lambda h: h[_first(h)].pop("data_offsets"), "the entry of tensor"),
+        (lambda h: h[_first(h)].update(shape="8"), "the entry of tensor"),
+        (lambda h: h.update({_first(h): 5}), "the entry of tensor"),
+        (lambda h: h[_first(h)].update(data_offsets=[-32, 0]), "the entry of tensor"),
+        (_second_onto_first, "starts at byte 0 of the data, not 32"),
+    ],
+    ids=["no offsets", "shape not a list", "entry not an object", "negative offsets", "overlapping tensors"],
+)
+def test_a_header_that_lies_is_a_load_error_naming_the_file_and_tensor(model_copy, edit, why):
+    """Entries of the wrong form were a KeyError or TypeError; byte ranges before the data or over another
+    tensor's bytes loaded the header's or that tensor's bytes as weights, silently."""
+    path = model_copy / "vae" / WEIGHTS
+    edit_header(path, edit)
+    with pytest.raises(LoadError, match=rf"cannot read {path}: damaged safetensors header \(.*{why}"):
+        Pipeline.from_pretrained(model_copy)
+
+
+def test_integer_tensors_in_place_of_weights_are_a_load_error_naming_the_file_and_tensor(model_copy):
+    path = model_copy / "vae" / WEIGHTS
+    bias = "decoder.conv_in.conv.bias"
+    edit_weights(path, lambda t: t.update({bias: t[bias].to(torch.int32)}))
+    with pytest.raises(LoadError, match=f"{path}: tensor decoder.conv_in.conv.bias holds I32 values but the model's "
+                                        "decoder.conv_in.conv.bias is floating-point"):
+        Pipeline.from_pretrained(model_copy)
+    # A float tensor of another precision is cast, as the reference casts it.
+    edit_weights(path, lambda t: t.update({k: v.double() for k, v in t.items()}))
+    want = load_file(path)
+    got = Pipeline.from_pretrained(model_copy).vae.state_dict()
+    assert all(torch.equal(got[k], want[k].float()) for k in want)
+
+
 def test_an_index_whose_weight_map_names_no_files_is_a_load_error(ours, tmp_path):
     folder = ours.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
     index = folder / "transformer" / "diffusion_pytorch_model.safetensors.index.json"
