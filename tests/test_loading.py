@@ -259,8 +259,37 @@ def test_a_model_that_is_not_a_path_and_an_unknown_text_device_are_input_errors(
 
 def test_bin_weights_are_named(model_copy):
     (model_copy / "vae" / WEIGHTS).rename(model_copy / "vae" / "diffusion_pytorch_model.bin")
-    with pytest.raises(LoadError, match=r"only has \.bin weights"):
+    with pytest.raises(LoadError, match=rf"missing vae/{WEIGHTS} \(found only \.bin weights, which cogvideox does "
+                                        r"not read: it reads safetensors files\)$"):
+        Pipeline.from_pretrained(model_copy)
+    with pytest.raises(LoadError, match=rf"vae has no {WEIGHTS}: found only \.bin weights"):
         weight_files(model_copy / "vae")
+
+
+def test_a_folder_saved_with_a_variant_is_told_how_to_be_read(model_copy, tmp_path):
+    """`save_pretrained(variant="fp16")` names the weights `*.fp16.safetensors` (or shards and an index
+    `*.safetensors.index.fp16.json`); neither diffusers without `variant=` nor cogvideox reads them. The
+    error said only that the weights were missing; it names the variant now, and the renaming that works."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    vae = model_copy / "vae"
+    (vae / WEIGHTS).rename(vae / "diffusion_pytorch_model.fp16.safetensors")
+    transformer = model_copy / "transformer"
+    reference = CogVideoXTransformer3DModel.from_pretrained(transformer)
+    (transformer / WEIGHTS).unlink()
+    reference.save_pretrained(transformer, variant="fp16", max_shard_size="20KB")
+    index = "diffusion_pytorch_model.safetensors.index.fp16.json"
+    with pytest.raises(LoadError) as info:
+        Pipeline.from_pretrained(model_copy)
+    assert str(info.value).endswith(
+        f"missing transformer/{WEIGHTS} (found only the fp16 variant's index {index}; cogvideox reads no variants: "
+        f"rename it to {WEIGHTS}.index.json), vae/{WEIGHTS} (found only the fp16 variant "
+        f"diffusion_pytorch_model.fp16.safetensors; cogvideox reads no variants: rename it to {WEIGHTS})"
+    )
+    (transformer / index).rename(transformer / f"{WEIGHTS}.index.json")
+    (vae / "diffusion_pytorch_model.fp16.safetensors").rename(vae / WEIGHTS)
+    loaded = Pipeline.from_pretrained(model_copy).transformer.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in reference.state_dict().items())
 
 
 def test_mismatched_components(model_copy):

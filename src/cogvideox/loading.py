@@ -8,6 +8,9 @@ A model folder holds `model_index.json` and one sub-folder per component:
     tokenizer/     the T5 sentencepiece tokenizer files
     scheduler/     scheduler_config.json
 
+The weights of a `variant` (`diffusion_pytorch_model.fp16.safetensors`) and pickled `.bin` weights are
+not read; a folder holding only those is refused with the renaming that makes a variant readable.
+
 Every network, T5 included, is built on the meta device from its component's `config.json` and receives
 its tensors by assignment (`weights.load_weights`), so host memory never holds a second copy of the
 weights, and loading is strict: a missing, unexpected or mis-shaped tensor is an error that names it.
@@ -33,7 +36,7 @@ from cogvideox.models.transformer import CogVideoXTransformer
 from cogvideox.models.vae import CogVideoXVAE
 from cogvideox.schedulers import make_scheduler
 from cogvideox.text import TextEncoder
-from cogvideox.weights import DIFFUSERS_WEIGHTS, load_weights, shard_names, weight_files
+from cogvideox.weights import DIFFUSERS_WEIGHTS, load_weights, shard_names, unread_weights, weight_files
 
 MODEL_INDEX = "model_index.json"
 SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
@@ -287,7 +290,8 @@ def _missing_weight_files(component_dir: Path, stem: str) -> list[str]:
         return []
     index = component_dir / f"{stem}.safetensors.index.json"
     if not index.is_file():
-        return [f"{stem}.safetensors"]
+        unread = unread_weights(component_dir, stem)
+        return [f"{stem}.safetensors" + (f" (found {unread})" if unread else "")]
     try:
         names = shard_names(index)
     except LoadError:

@@ -43,9 +43,29 @@ def weight_files(component_dir: Path, stem: str = DIFFUSERS_WEIGHTS) -> list[Pat
         if absent:
             raise LoadError(f"{component_dir} is missing shard(s) named in its index: {', '.join(absent)}")
         return shards
-    if any(component_dir.glob("*.bin")):
-        raise LoadError(f"{component_dir} only has .bin weights; cogvideox reads safetensors files only")
+    unread = unread_weights(component_dir, stem)
+    if unread:
+        raise LoadError(f"{component_dir} has no {stem}.safetensors: found {unread}")
     raise LoadError(f"{component_dir} has no weights ({stem}.safetensors or {stem}.safetensors.index.json)")
+
+
+def unread_weights(component_dir: Path, stem: str) -> str:
+    """What a component folder without `{stem}.safetensors` or its index holds instead that is not read,
+    and what to do about it ("" for nothing): the weights of a `variant` ("fp16": the files diffusers and
+    transformers save as `{stem}.fp16.safetensors`, or as shards and `{stem}.safetensors.index.fp16.json`),
+    or pickled `.bin` weights."""
+    for index in sorted(component_dir.glob(f"{stem}.safetensors.index.*.json")):
+        variant = index.name.removeprefix(f"{stem}.safetensors.index.").removesuffix(".json")
+        return (f"only the {variant} variant's index {index.name}; cogvideox reads no variants: rename it to "
+                f"{stem}.safetensors.index.json")  # its weight_map names the variant's shards: they stay
+    for single in sorted(component_dir.glob(f"{stem}.*.safetensors")):
+        variant = single.name.removeprefix(f"{stem}.").removesuffix(".safetensors")
+        if "-of-" not in variant:
+            return (f"only the {variant} variant {single.name}; cogvideox reads no variants: rename it to "
+                    f"{stem}.safetensors")
+    if any(component_dir.glob("*.bin")):
+        return "only .bin weights, which cogvideox does not read: it reads safetensors files"
+    return ""
 
 
 def shard_names(index: Path) -> list[str]:
