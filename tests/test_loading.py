@@ -580,6 +580,27 @@ def test_repo_id_resolves_from_the_cache_without_network(tiny_rope_dir, tmp_path
         resolve_model_dir("tiny/missing", local_files_only=True)
 
 
+def test_offline_a_revision_not_cached_and_an_incomplete_snapshot_are_named(tiny_rope_dir, tmp_path, monkeypatch):
+    """Offline, the error said "<repo> is not in the Hugging Face cache" for a repo that is there at another
+    revision, and "incomplete" without saying what was missing; it names the revision and the files now."""
+    import huggingface_hub.constants as hub
+
+    repo = tmp_path / "hub" / "models--tiny--cogvideox"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = shutil.copytree(tiny_rope_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert resolve_model_dir("tiny/cogvideox", revision=commit, local_files_only=True) == snapshot
+    with pytest.raises(LoadError, match=r"^tiny/cogvideox at revision 'v2' is not in the Hugging Face cache "
+                                        r"\(.*\) and downloads are off \(offline mode\)"):
+        resolve_model_dir("tiny/cogvideox", revision="v2", local_files_only=True)
+    (snapshot / "transformer" / WEIGHTS).unlink()
+    with pytest.raises(LoadError, match=rf"^tiny/cogvideox is incomplete in the Hugging Face cache \({snapshot}: "
+                                        rf"missing transformer/{WEIGHTS}\) and downloads are off"):
+        resolve_model_dir("tiny/cogvideox", local_files_only=True)
+
+
 def test_repo_id_offline_mode(tmp_path, monkeypatch):
     import huggingface_hub.constants as hub
 

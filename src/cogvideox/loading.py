@@ -225,10 +225,16 @@ def _hub_snapshot(repo_id: str, *, revision: str | None, local_files_only: bool,
     except (LocalEntryNotFoundError, FileNotFoundError):
         cached = None
     if local_files_only or constants.HF_HUB_OFFLINE:
-        state = "incomplete in" if cached is not None else "not in"
+        # A revision other than the one cached is "not in the cache" too: the message must say which.
+        which = repo_id if revision is None else f"{repo_id} at revision {revision!r}"
+        if cached is not None:
+            missing = ", ".join(missing_pieces(cached, components))
+            state = f"incomplete in the Hugging Face cache ({cached}: missing {missing})"
+        else:
+            state = f"not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
         raise LoadError(
-            f"{repo_id} is {state} the Hugging Face cache ({constants.HF_HUB_CACHE}) and downloads are off "
-            "(offline mode); download it once with network access or pass a local model folder"
+            f"{which} is {state} and downloads are off (offline mode); download it once with network access "
+            "or pass a local model folder"
         )
     try:
         folder = snapshot()
