@@ -147,6 +147,24 @@ def test_missing_folder_and_not_a_model(tmp_path, model_copy):
         check_model_dir(model_copy)
 
 
+def test_a_component_folder_given_as_the_model_names_the_model_folder(tiny_rope_dir, tmp_path):
+    """`--model CogVideoX-2b/vae` (the folder diffusers' AutoencoderKLCogVideoX takes): the error listed
+    every file of a model folder as missing; it says what the folder is and which one to give."""
+    from cogvideox.autoencoder import VideoAutoencoder
+
+    vae = tiny_rope_dir / "vae"
+    with pytest.raises(LoadError, match=rf"^{vae} holds a single component \(AutoencoderKLCogVideoX\), not a whole "
+                                        rf"model; give the model folder {tiny_rope_dir}$"):
+        VideoAutoencoder.from_pretrained(vae)
+    with pytest.raises(LoadError, match=rf"^{tiny_rope_dir}/scheduler holds a single component "
+                                        r"\(CogVideoXDDIMScheduler\), not a whole model"):
+        Pipeline.from_pretrained(tiny_rope_dir / "scheduler")
+    alone = shutil.copytree(tiny_rope_dir / "transformer", tmp_path / "transformer")
+    with pytest.raises(LoadError, match=r"holds a single component \(CogVideoXTransformer3DModel\), not a whole "
+                                        "model; give the folder holding model_index.json$"):
+        Pipeline.from_pretrained(alone)
+
+
 def test_a_tokenizer_folder_without_its_vocabulary_is_refused(model_copy):
     """transformers builds a T5 tokenizer from tokenizer_config.json alone, one that reads every word as
     <unk>: the video would ignore its prompt without a word said."""

@@ -309,12 +309,30 @@ def check_model_dir(folder: Path, components: Sequence[str] = WEIGHTED) -> None:
     """Raise `LoadError` naming what is missing if `folder` is not a CogVideoX model folder (whose
     `components` run)."""
     missing = missing_pieces(folder, components)
+    if missing and MODEL_INDEX in missing:
+        _refuse_component_folder(folder)
     if missing:
         raise LoadError(f"{folder} is not a CogVideoX model folder: missing {', '.join(missing)}")
     index = _read_json(folder / MODEL_INDEX)
     class_name = index.get("_class_name", "")
     if class_name and not class_name.startswith("CogVideoX"):
         raise LoadError(f"{folder} holds a {class_name}, not a CogVideoX model")
+
+
+def _refuse_component_folder(folder: Path) -> None:
+    """`LoadError` for one component's folder given as the model (`CogVideoX-2b/vae`, as diffusers' model
+    classes take it): the error names the model folder to give instead, rather than listing every file."""
+    configs = [folder / name for name in ("config.json", "scheduler_config.json") if (folder / name).is_file()]
+    if not configs:
+        return
+    try:
+        class_name = json.loads(configs[0].read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        class_name = None
+    what = f" ({class_name})" if isinstance(class_name, str) and class_name else ""
+    parent = folder.absolute().parent
+    instead = f"the model folder {parent}" if (parent / MODEL_INDEX).is_file() else f"the folder holding {MODEL_INDEX}"
+    raise LoadError(f"{folder} holds a single component{what}, not a whole model; give {instead}")
 
 
 def _read_json(path: Path) -> dict:
