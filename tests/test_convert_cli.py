@@ -105,6 +105,20 @@ def test_missing_checkpoint_and_help(tiny_rope_dir, tmp_path, capsys):
         assert flag in text
 
 
+@pytest.mark.parametrize("given", ["", "transformer"], ids=["model folder", "component folder"])
+def test_a_folder_in_the_diffusers_layout_is_named_as_such(tiny_rope_dir, tmp_path, capsys, given):
+    """Converting what needs no conversion said the folder was no SAT checkpoint folder, and to give a .pt
+    file; it says the folder is in the diffusers layout already."""
+    checkpoint = tiny_rope_dir / given if given else tiny_rope_dir
+    argv = ["convert", str(checkpoint), "--base", str(tiny_rope_dir), "-o", str(tmp_path / "o")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == (f"cogvideox: error: {checkpoint} is in the diffusers layout already (a model folder or one of "
+                   "its components), not a SAT checkpoint: there is nothing to convert; give its model folder as "
+                   "the model (--model)\n")
+    assert not (tmp_path / "o").exists()
+
+
 def test_convert_keeps_the_base_sampling_settings(sat_checkpoint, tiny_rope_dir, tmp_path):
     """The base's sampling.json (its recommended guidance) comes along, as its T5 and scheduler do."""
     _, transformer, vae = sat_checkpoint

@@ -147,6 +147,24 @@ def test_missing_folder_and_not_a_model(tmp_path, model_copy):
         check_model_dir(model_copy)
 
 
+def test_a_component_folder_given_as_the_model_names_the_model_folder(tiny_rope_dir, tmp_path):
+    """`--model CogVideoX-2b/vae` (the folder diffusers' AutoencoderKLCogVideoX takes): the error listed
+    every file of a model folder as missing; it says what the folder is and which one to give."""
+    from cogvideox.autoencoder import VideoAutoencoder
+
+    vae = tiny_rope_dir / "vae"
+    with pytest.raises(LoadError, match=rf"^{vae} holds a single component \(AutoencoderKLCogVideoX\), not a whole "
+                                        rf"model; give the model folder {tiny_rope_dir}$"):
+        VideoAutoencoder.from_pretrained(vae)
+    with pytest.raises(LoadError, match=rf"^{tiny_rope_dir}/scheduler holds a single component "
+                                        r"\(CogVideoXDDIMScheduler\), not a whole model"):
+        Pipeline.from_pretrained(tiny_rope_dir / "scheduler")
+    alone = shutil.copytree(tiny_rope_dir / "transformer", tmp_path / "transformer")
+    with pytest.raises(LoadError, match=r"holds a single component \(CogVideoXTransformer3DModel\), not a whole "
+                                        "model; give the folder holding model_index.json$"):
+        Pipeline.from_pretrained(alone)
+
+
 def test_a_tokenizer_folder_without_its_vocabulary_is_refused(model_copy):
     """transformers builds a T5 tokenizer from tokenizer_config.json alone, one that reads every word as
     <unk>: the video would ignore its prompt without a word said."""
@@ -259,8 +277,37 @@ def test_a_model_that_is_not_a_path_and_an_unknown_text_device_are_input_errors(
 
 def test_bin_weights_are_named(model_copy):
     (model_copy / "vae" / WEIGHTS).rename(model_copy / "vae" / "diffusion_pytorch_model.bin")
-    with pytest.raises(LoadError, match=r"only has \.bin weights"):
+    with pytest.raises(LoadError, match=rf"missing vae/{WEIGHTS} \(found only \.bin weights, which cogvideox does "
+                                        r"not read: it reads safetensors files\)$"):
+        Pipeline.from_pretrained(model_copy)
+    with pytest.raises(LoadError, match=rf"vae has no {WEIGHTS}: found only \.bin weights"):
         weight_files(model_copy / "vae")
+
+
+def test_a_folder_saved_with_a_variant_is_told_how_to_be_read(model_copy, tmp_path):
+    """`save_pretrained(variant="fp16")` names the weights `*.fp16.safetensors` (or shards and an index
+    `*.safetensors.index.fp16.json`); neither diffusers without `variant=` nor cogvideox reads them. The
+    error said only that the weights were missing; it names the variant now, and the renaming that works."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    vae = model_copy / "vae"
+    (vae / WEIGHTS).rename(vae / "diffusion_pytorch_model.fp16.safetensors")
+    transformer = model_copy / "transformer"
+    reference = CogVideoXTransformer3DModel.from_pretrained(transformer)
+    (transformer / WEIGHTS).unlink()
+    reference.save_pretrained(transformer, variant="fp16", max_shard_size="20KB")
+    index = "diffusion_pytorch_model.safetensors.index.fp16.json"
+    with pytest.raises(LoadError) as info:
+        Pipeline.from_pretrained(model_copy)
+    assert str(info.value).endswith(
+        f"missing transformer/{WEIGHTS} (found only the fp16 variant's index {index}; cogvideox reads no variants: "
+        f"rename it to {WEIGHTS}.index.json), vae/{WEIGHTS} (found only the fp16 variant "
+        f"diffusion_pytorch_model.fp16.safetensors; cogvideox reads no variants: rename it to {WEIGHTS})"
+    )
+    (transformer / index).rename(transformer / f"{WEIGHTS}.index.json")
+    (vae / "diffusion_pytorch_model.fp16.safetensors").rename(vae / WEIGHTS)
+    loaded = Pipeline.from_pretrained(model_copy).transformer.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in reference.state_dict().items())
 
 
 def test_mismatched_components(model_copy):
@@ -365,6 +412,59 @@ def test_a_header_length_past_the_end_of_the_file_is_a_load_error(model_copy, he
     (model_copy / "vae" / WEIGHTS).write_bytes(head)
     with pytest.raises(LoadError, match=f"vae/{WEIGHTS}: the file ends inside its safetensors header"):
         Pipeline.from_pretrained(model_copy)
+
+
+def edit_header(path, edit):
+    """Rewrite the JSON header of a safetensors file through `edit(header)`, its tensor bytes unchanged."""
+    data = path.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    edit(header)
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + length :])
+
+
+def _first(header):
+    return min((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+
+
+def _second_onto_first(header):
+    first, second = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])[:2]
+    header[second]["data_offsets"] = header[first]["data_offsets"]
+
+
+@pytest.mark.parametrize(
+    "edit, why",
+    [
+        (lambda h: h[_first(h)].pop("data_offsets"), "the entry of tensor"),
+        (lambda h: h[_first(h)].update(shape="8"), "the entry of tensor"),
+        (lambda h: h.update({_first(h): 5}), "the entry of tensor"),
+        (lambda h: h[_first(h)].update(data_offsets=[-32, 0]), "the entry of tensor"),
+        (_second_onto_first, "starts at byte 0 of the data, not 32"),
+    ],
+    ids=["no offsets", "shape not a list", "entry not an object", "negative offsets", "overlapping tensors"],
+)
+def test_a_header_that_lies_is_a_load_error_naming_the_file_and_tensor(model_copy, edit, why):
+    """Entries of the wrong form were a KeyError or TypeError; byte ranges before the data or over another
+    tensor's bytes loaded the header's or that tensor's bytes as weights, silently."""
+    path = model_copy / "vae" / WEIGHTS
+    edit_header(path, edit)
+    with pytest.raises(LoadError, match=rf"cannot read {path}: damaged safetensors header \(.*{why}"):
+        Pipeline.from_pretrained(model_copy)
+
+
+def test_integer_tensors_in_place_of_weights_are_a_load_error_naming_the_file_and_tensor(model_copy):
+    path = model_copy / "vae" / WEIGHTS
+    bias = "decoder.conv_in.conv.bias"
+    edit_weights(path, lambda t: t.update({bias: t[bias].to(torch.int32)}))
+    with pytest.raises(LoadError, match=f"{path}: tensor decoder.conv_in.conv.bias holds I32 values but the model's "
+                                        "decoder.conv_in.conv.bias is floating-point"):
+        Pipeline.from_pretrained(model_copy)
+    # A float tensor of another precision is cast, as the reference casts it.
+    edit_weights(path, lambda t: t.update({k: v.double() for k, v in t.items()}))
+    want = load_file(path)
+    got = Pipeline.from_pretrained(model_copy).vae.state_dict()
+    assert all(torch.equal(got[k], want[k].float()) for k in want)
 
 
 def test_an_index_whose_weight_map_names_no_files_is_a_load_error(ours, tmp_path):
@@ -496,6 +596,27 @@ def test_repo_id_resolves_from_the_cache_without_network(tiny_rope_dir, tmp_path
     assert resolve_model_dir("tiny/cogvideox") == repo / "snapshots" / commit
     with pytest.raises(LoadError, match="tiny/missing is not in the Hugging Face cache .*offline"):
         resolve_model_dir("tiny/missing", local_files_only=True)
+
+
+def test_offline_a_revision_not_cached_and_an_incomplete_snapshot_are_named(tiny_rope_dir, tmp_path, monkeypatch):
+    """Offline, the error said "<repo> is not in the Hugging Face cache" for a repo that is there at another
+    revision, and "incomplete" without saying what was missing; it names the revision and the files now."""
+    import huggingface_hub.constants as hub
+
+    repo = tmp_path / "hub" / "models--tiny--cogvideox"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = shutil.copytree(tiny_rope_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert resolve_model_dir("tiny/cogvideox", revision=commit, local_files_only=True) == snapshot
+    with pytest.raises(LoadError, match=r"^tiny/cogvideox at revision 'v2' is not in the Hugging Face cache "
+                                        r"\(.*\) and downloads are off \(offline mode\)"):
+        resolve_model_dir("tiny/cogvideox", revision="v2", local_files_only=True)
+    (snapshot / "transformer" / WEIGHTS).unlink()
+    with pytest.raises(LoadError, match=rf"^tiny/cogvideox is incomplete in the Hugging Face cache \({snapshot}: "
+                                        rf"missing transformer/{WEIGHTS}\) and downloads are off"):
+        resolve_model_dir("tiny/cogvideox", local_files_only=True)
 
 
 def test_repo_id_offline_mode(tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """LoRA: the diffusers file layout both ways, several adapters with scales, fuse / unfuse, and --lora."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -528,3 +529,23 @@ def test_a_run_folder_without_a_lora_says_what_it_holds(tmp_path):
                                          "its training run writes them when it ends; run the same command again to "
                                          "finish it$"):
         lora.read_lora(running)
+
+
+def test_a_lora_path_with_a_tilde_and_a_model_folder_given_as_a_lora(tiny_rope_dir, lora_files, tmp_path, monkeypatch):
+    """From Python no shell expands `~`: a model path took it, a LoRA path was "no LoRA file at ~/...". A
+    model folder given as the LoRA was "no LoRA weights in" it; it is named as a model folder now."""
+    one, two = lora_files
+    home = tmp_path / "home"
+    shutil.copytree(one.parent, home / "loras" / "one")  # a run folder holding pytorch_lora_weights.safetensors
+    shutil.copyfile(two, home / "loras" / "two.safetensors")
+    monkeypatch.setenv("HOME", str(home))
+    pipe = Pipeline.from_pretrained(tiny_rope_dir)
+    assert pipe.load_lora("~/loras/one") == "one" and pipe.load_lora("~/loras/two.safetensors") == "two"
+    want = Pipeline.from_pretrained(tiny_rope_dir)
+    want.load_lora(one)
+    want.load_lora(two)
+    got, expected = pipe.transformer.state_dict(), want.transformer.state_dict()
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+    with pytest.raises(InputError, match=rf"^{tiny_rope_dir} is a model folder, not a LoRA: give it as the model "
+                                         rf"\(--model {tiny_rope_dir}\)$"):
+        lora.read_lora(tiny_rope_dir)

@@ -8,6 +8,9 @@ A model folder holds `model_index.json` and one sub-folder per component:
     tokenizer/     the T5 sentencepiece tokenizer files
     scheduler/     scheduler_config.json
 
+The weights of a `variant` (`diffusion_pytorch_model.fp16.safetensors`) and pickled `.bin` weights are
+not read; a folder holding only those is refused with the renaming that makes a variant readable.
+
 Every network, T5 included, is built on the meta device from its component's `config.json` and receives
 its tensors by assignment (`weights.load_weights`), so host memory never holds a second copy of the
 weights, and loading is strict: a missing, unexpected or mis-shaped tensor is an error that names it.
@@ -33,7 +36,7 @@ from cogvideox.models.transformer import CogVideoXTransformer
 from cogvideox.models.vae import CogVideoXVAE
 from cogvideox.schedulers import make_scheduler
 from cogvideox.text import TextEncoder
-from cogvideox.weights import DIFFUSERS_WEIGHTS, load_weights, shard_names, weight_files
+from cogvideox.weights import DIFFUSERS_WEIGHTS, load_weights, shard_names, unread_weights, weight_files
 
 MODEL_INDEX = "model_index.json"
 SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
@@ -222,10 +225,16 @@ def _hub_snapshot(repo_id: str, *, revision: str | None, local_files_only: bool,
     except (LocalEntryNotFoundError, FileNotFoundError):
         cached = None
     if local_files_only or constants.HF_HUB_OFFLINE:
-        state = "incomplete in" if cached is not None else "not in"
+        # A revision other than the one cached is "not in the cache" too: the message must say which.
+        which = repo_id if revision is None else f"{repo_id} at revision {revision!r}"
+        if cached is not None:
+            missing = ", ".join(missing_pieces(cached, components))
+            state = f"incomplete in the Hugging Face cache ({cached}: missing {missing})"
+        else:
+            state = f"not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
         raise LoadError(
-            f"{repo_id} is {state} the Hugging Face cache ({constants.HF_HUB_CACHE}) and downloads are off "
-            "(offline mode); download it once with network access or pass a local model folder"
+            f"{which} is {state} and downloads are off (offline mode); download it once with network access "
+            "or pass a local model folder"
         )
     try:
         folder = snapshot()
@@ -287,7 +296,8 @@ def _missing_weight_files(component_dir: Path, stem: str) -> list[str]:
         return []
     index = component_dir / f"{stem}.safetensors.index.json"
     if not index.is_file():
-        return [f"{stem}.safetensors"]
+        unread = unread_weights(component_dir, stem)
+        return [f"{stem}.safetensors" + (f" (found {unread})" if unread else "")]
     try:
         names = shard_names(index)
     except LoadError:
@@ -299,12 +309,30 @@ def check_model_dir(folder: Path, components: Sequence[str] = WEIGHTED) -> None:
     """Raise `LoadError` naming what is missing if `folder` is not a CogVideoX model folder (whose
     `components` run)."""
     missing = missing_pieces(folder, components)
+    if missing and MODEL_INDEX in missing:
+        _refuse_component_folder(folder)
     if missing:
         raise LoadError(f"{folder} is not a CogVideoX model folder: missing {', '.join(missing)}")
     index = _read_json(folder / MODEL_INDEX)
     class_name = index.get("_class_name", "")
     if class_name and not class_name.startswith("CogVideoX"):
         raise LoadError(f"{folder} holds a {class_name}, not a CogVideoX model")
+
+
+def _refuse_component_folder(folder: Path) -> None:
+    """`LoadError` for one component's folder given as the model (`CogVideoX-2b/vae`, as diffusers' model
+    classes take it): the error names the model folder to give instead, rather than listing every file."""
+    configs = [folder / name for name in ("config.json", "scheduler_config.json") if (folder / name).is_file()]
+    if not configs:
+        return
+    try:
+        class_name = json.loads(configs[0].read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        class_name = None
+    what = f" ({class_name})" if isinstance(class_name, str) and class_name else ""
+    parent = folder.absolute().parent
+    instead = f"the model folder {parent}" if (parent / MODEL_INDEX).is_file() else f"the folder holding {MODEL_INDEX}"
+    raise LoadError(f"{folder} holds a single component{what}, not a whole model; give {instead}")
 
 
 def _read_json(path: Path) -> dict:

@@ -114,6 +114,11 @@ def checkpoint_file(path: str | Path) -> Path:
     candidates = sorted(path.glob("*.pt"))
     if len(candidates) == 1:
         return candidates[0]
+    if (path / loading.MODEL_INDEX).is_file() or (path / "config.json").is_file():
+        raise LoadError(
+            f"{path} is in the diffusers layout already (a model folder or one of its components), not a SAT "
+            "checkpoint: there is nothing to convert; give its model folder as the model (--model)"
+        )
     raise LoadError(
         f"{path} is not a SAT checkpoint folder: no {DEEPSPEED_FILE}, no 'latest' file, no iteration "
         "folders, and not exactly one .pt file; give the .pt file itself"

@@ -43,9 +43,29 @@ def weight_files(component_dir: Path, stem: str = DIFFUSERS_WEIGHTS) -> list[Pat
         if absent:
             raise LoadError(f"{component_dir} is missing shard(s) named in its index: {', '.join(absent)}")
         return shards
-    if any(component_dir.glob("*.bin")):
-        raise LoadError(f"{component_dir} only has .bin weights; cogvideox reads safetensors files only")
+    unread = unread_weights(component_dir, stem)
+    if unread:
+        raise LoadError(f"{component_dir} has no {stem}.safetensors: found {unread}")
     raise LoadError(f"{component_dir} has no weights ({stem}.safetensors or {stem}.safetensors.index.json)")
+
+
+def unread_weights(component_dir: Path, stem: str) -> str:
+    """What a component folder without `{stem}.safetensors` or its index holds instead that is not read,
+    and what to do about it ("" for nothing): the weights of a `variant` ("fp16": the files diffusers and
+    transformers save as `{stem}.fp16.safetensors`, or as shards and `{stem}.safetensors.index.fp16.json`),
+    or pickled `.bin` weights."""
+    for index in sorted(component_dir.glob(f"{stem}.safetensors.index.*.json")):
+        variant = index.name.removeprefix(f"{stem}.safetensors.index.").removesuffix(".json")
+        return (f"only the {variant} variant's index {index.name}; cogvideox reads no variants: rename it to "
+                f"{stem}.safetensors.index.json")  # its weight_map names the variant's shards: they stay
+    for single in sorted(component_dir.glob(f"{stem}.*.safetensors")):
+        variant = single.name.removeprefix(f"{stem}.").removesuffix(".safetensors")
+        if "-of-" not in variant:
+            return (f"only the {variant} variant {single.name}; cogvideox reads no variants: rename it to "
+                    f"{stem}.safetensors")
+    if any(component_dir.glob("*.bin")):
+        return "only .bin weights, which cogvideox does not read: it reads safetensors files"
+    return ""
 
 
 def shard_names(index: Path) -> list[str]:
@@ -120,7 +140,38 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
     if not isinstance(header, dict):
         raise LoadError(f"cannot read {path}: damaged safetensors header")
     header.pop("__metadata__", None)
+    _check_entries(path, header)
     return header, 8 + length
+
+
+def _check_entries(path: Path, header: dict) -> None:
+    """`LoadError` naming the tensor whose header entry is malformed: not {dtype, shape, data_offsets} of
+    the right types, or a byte range that does not start where the previous tensor's ends. The format
+    lays the tensors end to end; overlapping or negative ranges would read other tensors' bytes (or the
+    header's) as weights."""
+    ranges = []
+    for name, entry in header.items():
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if (
+            not isinstance(entry.get("dtype") if isinstance(entry, dict) else None, str)
+            or not isinstance(shape, list)
+            or not all(type(n) is int and n >= 0 for n in shape)
+            or not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(type(n) is int for n in offsets)
+            or not 0 <= offsets[0] <= offsets[1]
+        ):
+            raise LoadError(f"cannot read {path}: damaged safetensors header (the entry of tensor {name})")
+        ranges.append((offsets[0], offsets[1], name))
+    end = 0
+    for begin, stop, name in sorted(ranges):
+        if begin != end:
+            raise LoadError(
+                f"cannot read {path}: damaged safetensors header (tensor {name} starts at byte {begin} of the "
+                f"data, not {end}, where the tensor before it ends)"
+            )
+        end = stop
 
 
 def read_tensors(path: Path, header: tuple[dict[str, dict], int] | None = None) -> Iterable[tuple[str, torch.Tensor]]:
@@ -143,11 +194,11 @@ def read_tensors(path: Path, header: tuple[dict[str, dict], int] | None = None) 
         for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
             dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
             if dtype is None:
-                raise LoadError(f"{path.name}: tensor {name} has an element type we cannot read ({entry['dtype']})")
+                raise LoadError(f"{path}: tensor {name} has an element type we cannot read ({entry['dtype']})")
             begin, end = (start + offset for offset in entry["data_offsets"])
             numel = math.prod(entry["shape"])
             if numel * dtype.itemsize != end - begin:
-                raise LoadError(f"{path.name}: tensor {name} takes {end - begin} bytes, not what its shape needs")
+                raise LoadError(f"{path}: tensor {name} takes {end - begin} bytes, not what its shape needs")
             if end > size:
                 raise LoadError(f"cannot read {path}: the file ends inside tensor {name} (truncated download?)")
             if numel == 0:
@@ -191,10 +242,19 @@ def load_weights(
     keep_fp32 = set(keep_fp32)
     headers = {path: read_safetensors_header(path) for path in files}
     found = checkpoint_shapes(headers)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    model_state = model.state_dict()
+    expected = {k: tuple(v.shape) for k, v in model_state.items()}
     for alias in tied.keys() - found.keys():
         expected.pop(alias, None)  # filled from its source below
     check_state_dict_shapes(expected, {k: shape for k, (_, shape) in found.items()}, what)
+    for key, (path, _) in found.items():
+        # Cast to the model's dtype below, a float tensor loads whatever its precision; integers in place
+        # of weights (or the reverse) are not weights of this model, and torch's complaint is no answer.
+        kind = headers[path][0][key]["dtype"]
+        is_float = SAFETENSORS_DTYPES.get(kind, torch.float32).is_floating_point
+        if is_float != model_state[key].is_floating_point():
+            want = "floating-point" if model_state[key].is_floating_point() else str(model_state[key].dtype)
+            raise LoadError(f"{path}: tensor {key} holds {kind} values but the model's {key} is {want}")
 
     state: dict[str, torch.Tensor] = {}
     for path in files:

@@ -432,7 +432,7 @@ def _short_name(module: str) -> str:
 def _lora_file(path: str | Path) -> Path:
     if not isinstance(path, str | os.PathLike):
         raise InputError(f"a LoRA is a file or folder path, got {type(path).__name__}")
-    path = Path(path)
+    path = Path(path).expanduser()  # "~/loras/style" from Python: no shell has expanded it
     if path.is_dir():
         files = [path / LORA_WEIGHTS_NAME] if (path / LORA_WEIGHTS_NAME).is_file() else sorted(path.glob("*.safetensors"))
         if len(files) != 1:
@@ -449,6 +449,8 @@ def _lora_file(path: str | Path) -> Path:
 def _no_lora_in(folder: Path) -> str:
     """Why a folder holds no LoRA file, for the run folders of `cogvideox train` that have none: a full
     fine-tune's (its result is a model folder) and one whose run has not finished."""
+    if (folder / "model_index.json").is_file():
+        return f"{folder} is a model folder, not a LoRA: give it as the model (--model {folder})"
     if (folder / "model" / "model_index.json").is_file():
         return f"{folder} holds a fully fine-tuned model, not a LoRA: give it as the model (--model {folder / 'model'})"
     if (folder / "checkpoints").is_dir():
@@ -529,7 +531,7 @@ def load_lora(
     weights, alphas = read_lora(path)
     existing = set(adapter_names(model))
     if name is None:
-        given = Path(path)
+        given = Path(path).expanduser()
         if given.is_file() and given.name == LORA_WEIGHTS_NAME:  # every run's file is called that: its folder
             given = given.absolute().parent
         stem = re.sub(r"\W+", "_", given.stem if given.is_file() else given.name) or "lora"
