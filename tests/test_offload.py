@@ -506,6 +506,38 @@ def test_tiling_that_auto_turned_on_is_off_again_after_to(tiny_rope_dir, monkeyp
         assert mine.to(CPU).vae.use_tiling
 
 
+def test_another_offload_mode_after_auto_turns_its_tiling_off_and_a_lift_keeps_it(tiny_rope_dir, tmp_path, monkeypatch):
+    """A mode the user names after "auto" leaves auto's VAE tiling behind (it stayed on); "auto" again
+    chooses from the user's own setting (auto's tiling is not taken for the user's); offloading lifted and
+    applied again around a LoRA change keeps it."""
+    chosen = [memory_plan.Choice("model", True, "offload 'model' with VAE tiling: (pretend)")]
+    seen = []
+
+    def choose(pipe, *args, **kwargs):
+        seen.append(pipe.vae.use_tiling)  # the tiling "auto" sees when it chooses
+        return chosen[0]
+
+    monkeypatch.setattr(memory_plan, "choose_for_pipeline", choose)
+    pipe = resident_pipeline(tiny_rope_dir)
+    pipe.enable_offload("auto", CPU)
+    assert pipe.vae.use_tiling and pipe.auto_tiling
+    pipe.enable_offload("auto", CPU)  # again: chosen from the user's untiled VAE, not from auto's tiles
+    assert seen == [False, False] and pipe.vae.use_tiling
+    pipe.load_lora(_style_lora(tiny_rope_dir, tmp_path))  # lifts the offloading and applies it again
+    assert pipe.vae.use_tiling and pipe.offload.mode == "model" and pipe.offload_auto
+    chosen[0] = memory_plan.Choice("model", False, "offload 'model': (pretend, the decode fits)")
+    pipe.enable_offload("auto", CPU)
+    assert not pipe.vae.use_tiling
+    chosen[0] = memory_plan.Choice("model", True, "offload 'model' with VAE tiling: (pretend)")
+    pipe.enable_offload("auto", CPU)
+    pipe.enable_offload("model", CPU)
+    assert not pipe.vae.use_tiling and not pipe.auto_tiling and pipe.offload.mode == "model"
+    pipe.vae.enable_tiling()  # the user's own: no offload mode turns it off
+    pipe.enable_offload("auto", CPU)
+    pipe.enable_offload("none", CPU)
+    assert pipe.vae.use_tiling
+
+
 def test_default_activations_grow_with_the_model_and_shrink_with_tiling():
     five_b, two_b = TRANSFORMER_PRESETS["CogVideoX-5b"], TRANSFORMER_PRESETS["CogVideoX-2b"]
     vae = VAEConfig()

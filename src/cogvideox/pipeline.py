@@ -405,8 +405,8 @@ class Pipeline:
             self.offload.remove()
             self.offload, self.offload_choice = None, ""
         if self.auto_tiling:
-            self.vae.disable_tiling()
-            self.auto_tiling, self.offload_choice = False, ""
+            self._drop_auto_tiling()
+            self.offload_choice = ""
         self.offload_auto = False
         self.transformer.to(device)
         self.vae.to(device)
@@ -427,8 +427,8 @@ class Pipeline:
         mode: "none" (all resident), "model" (one component at a time), "stream" (T5 and transformer
             blocks copied a few ahead on a side stream, overlapping compute), "sequential" (each layer
             alone: the least memory, the slowest) or "auto" (the fastest that fits the free GPU memory,
-            with VAE tiling turned on if only the decode would not fit, and off again in `to()`; "none" on
-            the CPU; `offload_choice` says what it chose and why).
+            with VAE tiling turned on if only the decode would not fit, and off again in `to()` or in
+            another mode asked for later; "none" on the CPU; `offload_choice` says what it chose and why).
         text_device: where T5 lives and runs, e.g. "cpu" (default: `device`).
         lookahead: blocks copied ahead in "stream" mode (default 2).
         Offloading moves the weights that exist: `load_lora`, `fuse_lora`, `unfuse_lora`, `unload_lora` and
@@ -443,6 +443,7 @@ class Pipeline:
         if self.offload is not None:
             self.offload.remove()
             self.offload = None
+        self._drop_auto_tiling()  # the user's own tiling again: "auto" below chooses from it
         reason = ""
         self.offload_auto = mode == "auto"
         if mode == "auto":
@@ -451,12 +452,23 @@ class Pipeline:
             if choice.vae_tiling and not self.vae.use_tiling:
                 self.vae.enable_tiling()
                 self.auto_tiling = True
+        self._apply_offload(mode, device, text_device, lookahead)
+        self.offload_choice = reason or f"offload {mode!r}" + (f", T5 on {text_device}" if text_device else "")
+        return self
+
+    def _apply_offload(self, mode: str, device: torch.device, text_device, lookahead: int | None) -> None:
+        from cogvideox.fast import offload as offloading
+
         self.offload = offloading.apply(
             self, mode, device, text_device=text_device,
             lookahead=offloading.DEFAULT_LOOKAHEAD if lookahead is None else lookahead,
         )
-        self.offload_choice = reason or f"offload {mode!r}" + (f", T5 on {text_device}" if text_device else "")
-        return self
+
+    def _drop_auto_tiling(self) -> None:
+        """Turn off the VAE tiling that "auto" turned on (tiling the user turned on stays)."""
+        if self.auto_tiling:
+            self.vae.disable_tiling()
+            self.auto_tiling = False
 
     def accelerate(
         self,
@@ -533,8 +545,8 @@ class Pipeline:
         self.offload = None
         try:
             yield
-        finally:
-            self.enable_offload(offload.mode, offload.device, text_device=text_device, lookahead=offload.lookahead)
+        finally:  # as it was: the mode, what "auto" chose and why, and the tiling it turned on
+            self._apply_offload(offload.mode, offload.device, text_device, offload.lookahead)
             self.offload_choice, self.offload_auto = choice, auto
 
     @property
