@@ -172,7 +172,7 @@ def _train(args: argparse.Namespace) -> int:
         if where is None:
             raise
         levers = _memory_levers(where, config.output, reached_step(config.output))
-        _say(f"cogvideox: error: out of {where} memory; {levers}")
+        _say(f"cogvideox: error: out of {where} memory; {levers}", error=True)
         return RUN_ERROR
     if global_rank() == 0:  # under torchrun every process gets here: one line says what the run wrote
         print(_summary(path, config, start))
