@@ -301,3 +301,77 @@ def test_each_error_under_torchrun_is_printed_once(tmp_path):
         stderr = "".join((folder / f"rank-{rank}.err").read_text() for rank in range(2))
         errors = [line + "\n" for line in stderr.splitlines() if line.startswith("cogvideox: error:")]
         assert 0 not in statuses and len(errors) == 1 and message in errors[0], (argv, statuses, stderr[-2000:])
+
+
+def _rank_of_torchrun(rank: int, argvs: list[list[str]], port: str, log_dir: str) -> None:
+    """`cli_rank` with an argv of each rank's own, in the environment of torchrun's agent (which stops
+    every process as soon as one exits with an error)."""
+    os.environ["TORCHELASTIC_RUN_ID"] = "none"
+    cli_rank(rank, argvs[rank], port, log_dir, check=False)
+
+
+def test_an_error_of_one_process_alone_is_printed_by_it(tmp_path):
+    """A LoRA file that rank 1 alone cannot read (as a file missing or damaged on one node): rank 1 says
+    so, naming itself, after rank 0 had its moment; rank 0, whose collective lost its peer, says in one
+    line that it stopped with it, without a traceback."""
+    bad = tmp_path / "bad.safetensors"
+    bad.write_text("not a safetensors file")
+    argv = ["generate", "a cat", "-o", str(tmp_path / "v.mp4"), "--parallel", "cfg=2", *FAST, *CPU]
+    argvs = [argv, [*argv, "--lora", str(bad)]]
+    join_or_fail(start_processes(_rank_of_torchrun, (argvs, str(free_port()), str(tmp_path)), 2), 300,
+                 "an error on rank 1 alone")  # fmt: skip
+    statuses = [int((tmp_path / f"rank-{rank}.status").read_text()) for rank in range(2)]
+    errs = [(tmp_path / f"rank-{rank}.err").read_text() for rank in range(2)]
+    assert statuses == [1, 2], (statuses, errs)
+    assert errs[1] == f"cogvideox: error: (rank 1) cannot read {bad} as a safetensors LoRA file (Error while " \
+                      "deserializing header: header too large)\n", errs[1]  # fmt: skip
+    assert errs[0].count("\n") == 1 and "another process of this torchrun run stopped" in errs[0], errs[0]
+    assert not (tmp_path / "v.mp4").exists()
+
+
+def test_a_kept_back_error_is_printed_only_by_a_process_torchrun_did_not_stop(capsys, monkeypatch):
+    monkeypatch.setattr(cli.time, "sleep", lambda seconds: None)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    cli._say("cogvideox: error: no such file", error=True)
+    assert cli._quiet_exit(2) == 2 and capsys.readouterr() == ("", "")  # a launcher that stops no one
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    cli._say("cogvideox: warning: slow")  # warnings stay rank 0's
+    cli._say("cogvideox: error: no such file", error=True)
+    assert cli._quiet_exit(2) == 2 and capsys.readouterr() == ("", "cogvideox: error: (rank 1) no such file\n")
+
+    def stopped(seconds):
+        raise cli.Terminated()
+
+    monkeypatch.setattr(cli.time, "sleep", stopped)  # rank 0 met it too, reported it and exited
+    cli._say("cogvideox: error: no such file", error=True)
+    assert cli._quiet_exit(2) == 2 and capsys.readouterr() == ("", "")
+
+
+def test_sigterm_stops_a_process_waiting_for_the_others_to_join(tmp_path):
+    """Rank 0 waits in the rendezvous for a rank 1 that never comes (it failed before joining); torchrun's
+    SIGTERM ends it at once instead of 30 s later with SIGKILL."""
+    import signal
+    import socket
+    import time
+
+    port = free_port()
+    env = os.environ | {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+                        "CUDA_VISIBLE_DEVICES": ""}  # fmt: skip
+    argv = ["generate", "a cat", "-o", str(tmp_path / "v.mp4"), "--parallel", "cfg=2", *FAST, *CPU]
+    process = subprocess.Popen([sys.executable, "-m", "cogvideox", *argv], env=env, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # rank 0 listens on the port once it waits for the others
+            assert process.poll() is None and time.monotonic() < deadline, "rank 0 never waited to join"
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == -signal.SIGTERM
+    finally:
+        process.kill()
+        process.wait()
+    assert process.stderr.read() == b""

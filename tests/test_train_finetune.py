@@ -347,7 +347,12 @@ def test_two_processes_average_their_gradients(data_dir, tiny_rope_dir, tmp_path
     argv = ["train", str(data_dir), "--output", str(tmp_path / "ddp"), "--model", str(tiny_rope_dir),
             "--bucket", "9x32x48", "--rank", "4", "--lr", "1e-2", "--warmup-steps", "0", "--steps", str(steps),
             "--quiet", "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
-    join_or_fail(start_processes(cli_rank, (argv, str(free_port())), 2), 300, "two-process training")
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    join_or_fail(start_processes(cli_rank, (argv, str(free_port()), str(logs)), 2), 300, "two-process training")
+    # The run's last line is said once, by rank 0, not once per process.
+    outs = [(logs / f"rank-{rank}.out").read_text() for rank in range(2)]
+    assert outs[0].count("wrote ") == 1 and "final loss" in outs[0] and outs[1] == "", outs
 
     run = Run(config(data_dir, tiny_rope_dir, tmp_path / "one", steps=steps, cache_dir=str(tmp_path / "cache")))
     run.prepare_data()

@@ -56,6 +56,8 @@ USER_ERROR, RUN_ERROR = 2, 1
 # How long a process other than rank 0 waits before it exits with an error: torchrun stops every process
 # as soon as one exits, and rank 0, which meets the same error, needs the moment to print its line.
 QUIET_EXIT_DELAY_S = 1.0
+# The error lines this process (not rank 0) kept back, for `_quiet_exit` to print if rank 0 did not share them.
+_kept_back: list[str] = []
 
 
 def global_rank() -> int:
@@ -71,11 +73,14 @@ def global_rank() -> int:
         return 0
 
 
-def _say(line: str) -> None:
+def _say(line: str, error: bool = False) -> None:
     """Print an error or warning line to stderr, on global rank 0 only: under torchrun every process
-    meets the same mistake, and one line is enough."""
+    meets the same mistake, and one line is enough. Another process keeps an `error` line back, and prints
+    it after all if rank 0 turns out not to have met it (see `_quiet_exit`)."""
     if global_rank() == 0:
         print(line, file=sys.stderr)
+    elif error:
+        _kept_back.append(line)
 
 
 class Terminated(KeyboardInterrupt):
@@ -94,12 +99,19 @@ def _interrupted_status(error: KeyboardInterrupt) -> int:
 
 
 def _quiet_exit(status: int) -> int:
-    """`status`, after giving rank 0 time to report an error that this silent process shares."""
-    if status not in (0, 130, 143) and global_rank() != 0:
+    """`status`, after giving rank 0 time to report an error that this silent process shares. torchrun
+    stops every process as soon as one exits with an error: one still running after the wait met an error
+    that rank 0 did not (a file missing on its node, say), and prints it, naming itself."""
+    kept, _kept_back[:] = list(_kept_back), []
+    rank = global_rank()
+    if status not in (0, 130, 143) and rank != 0:
         try:
             time.sleep(QUIET_EXIT_DELAY_S)
         except Terminated:  # torchrun stops the others once rank 0 has reported and exited: expected
-            pass
+            return status
+        if "TORCHELASTIC_RUN_ID" in os.environ:  # only torchrun's agent stops the others; another launcher
+            for line in kept:  # might not, and every process would print the shared line
+                print(line.replace(": error: ", f": error: (rank {rank}) ", 1), file=sys.stderr)
     return status
 
 
@@ -527,7 +539,7 @@ def _levers_report(pipe) -> str:
 
 
 def _report(error: Exception) -> None:
-    _say("cogvideox: error: " + " ".join(str(error).split()))  # always one line
+    _say("cogvideox: error: " + " ".join(str(error).split()), error=True)  # always one line
 
 
 _PACKAGE = Path(__file__).resolve().parent
@@ -549,6 +561,16 @@ def _out_of_memory(error: BaseException) -> str | None:
     if "out of memory" in text:
         return "GPU"
     return None
+
+
+def _lost_peer(error: BaseException) -> bool:
+    """Whether `error` is a collective of torch.distributed that failed because another process went away
+    (exited with its own error, or was killed): gloo's closed connection, NCCL's DistBackendError."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is None or not distributed.is_available():
+        return False
+    text = str(error)
+    return isinstance(error, distributed.DistError) or "Connection closed by peer" in text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -588,10 +610,14 @@ def _run(args: argparse.Namespace) -> int:
         _say("cogvideox: interrupted")
         return _interrupted_status(e)
     except (RuntimeError, MemoryError) as e:
+        if _lost_peer(e):  # the process that failed says why; rank 0 says what became of this one
+            _say("cogvideox: error: another process of this torchrun run stopped (its error is above, or in "
+                 "torchrun's report), so this one stops too")  # fmt: skip
+            return RUN_ERROR
         where = _out_of_memory(e)
         if where is None:
             raise
-        _say(f"cogvideox: error: out of {where} memory; try {_memory_advice(args)}")
+        _say(f"cogvideox: error: out of {where} memory; try {_memory_advice(args)}", error=True)
         return RUN_ERROR
 
 

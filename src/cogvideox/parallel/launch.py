@@ -3,6 +3,11 @@ mesh over it, and leave it cleanly."""
 
 from __future__ import annotations
 
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 
@@ -27,10 +32,27 @@ def join(
         return None, device
     layout = parse_layout(spec)
     layout.check(heads=config.num_attention_heads, guidance=guidance)
-    device = init_distributed(device)
+    with _sigterm_kills():
+        device = init_distributed(device)
     if one_group and dist.is_initialized():
         _check_one_group(layout, dist.get_world_size())
     return build_mesh(layout, device), device
+
+
+@contextmanager
+def _sigterm_kills() -> Iterator[None]:
+    """SIGTERM ends the process at once while it joins the group. Joining waits for every other process in
+    C++, where the command's own SIGTERM handler (a clean stop) would only run once the wait ends: a process
+    whose partner failed before joining then ignored torchrun's stop until torchrun killed it 30 s later.
+    Nothing is being written yet, so there is nothing to clean up."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _check_one_group(layout: Layout, world: int) -> None:

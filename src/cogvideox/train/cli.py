@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from cogvideox.cli import RUN_ERROR, _interrupted_status, _out_of_memory, _quiet_libraries, _say
+from cogvideox.cli import RUN_ERROR, _interrupted_status, _out_of_memory, _quiet_libraries, _say, global_rank
 from cogvideox.cli_args import (
     add_model_arguments,
     non_negative_float,
@@ -172,9 +172,10 @@ def _train(args: argparse.Namespace) -> int:
         if where is None:
             raise
         levers = _memory_levers(where, config.output, reached_step(config.output))
-        _say(f"cogvideox: error: out of {where} memory; {levers}")
+        _say(f"cogvideox: error: out of {where} memory; {levers}", error=True)
         return RUN_ERROR
-    print(_summary(path, config, start))
+    if global_rank() == 0:  # under torchrun every process gets here: one line says what the run wrote
+        print(_summary(path, config, start))
     return 0
 
 
