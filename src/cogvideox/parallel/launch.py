@@ -1,5 +1,5 @@
 """What the `generate` and `batch` commands share to run under torchrun: join the process group, lay the
-mesh over it, and leave it cleanly."""
+mesh over it, and leave it cleanly (`train` joins with `sigterm_kills` too)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def join(
         return None, device
     layout = parse_layout(spec)
     layout.check(heads=config.num_attention_heads, guidance=guidance)
-    with _sigterm_kills():
+    with sigterm_kills():
         device = init_distributed(device)
     if one_group and dist.is_initialized():
         _check_one_group(layout, dist.get_world_size())
@@ -40,7 +40,7 @@ def join(
 
 
 @contextmanager
-def _sigterm_kills() -> Iterator[None]:
+def sigterm_kills() -> Iterator[None]:
     """SIGTERM ends the process at once while it joins the group. Joining waits for every other process in
     C++, where the command's own SIGTERM handler (a clean stop) would only run once the wait ends: a process
     whose partner failed before joining then ignored torchrun's stop until torchrun killed it 30 s later.

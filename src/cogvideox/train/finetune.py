@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from cogvideox import loading
 from cogvideox.errors import InputError, NonFiniteError
 from cogvideox.files import lock_folder, prepare_folder
+from cogvideox.parallel.launch import sigterm_kills
 from cogvideox.values import in_units
 
 from . import colour
@@ -77,7 +78,8 @@ class _Processes:
 
     def start(self, device: torch.device) -> None:
         if self.world_size > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            with sigterm_kills():  # torchrun's stop ends a process whose partner never joins at once
+                dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
             self.started_here = True
 
     def barrier(self) -> None:
