@@ -714,3 +714,45 @@ def test_videos_of_removed_lines_are_named_not_passed_over(capsys, tmp_path):
             "0001-a-blue-cube.mp4): of lines since removed or moved") in err  # fmt: skip
     assert sorted(p.name for p in out.glob("*.mp4")) == ["0000-a-blue-cube.mp4", "0000-a-red-ball.mp4",
                                                          "0001-a-blue-cube.mp4"]  # fmt: skip
+
+
+def _batch_rank_that_dies(rank: int, port: str, out: str) -> None:
+    """One of two processes of a batch of two prompts (one round); rank 0 dies while it makes its video."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=port, CUDA_VISIBLE_DEVICES="")  # fmt: skip
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    pipe = Pipeline.from_pretrained(None, device="cpu")
+    if rank == 0:
+        Pipeline.__call__ = lambda *args, **kwargs: os._exit(1)  # killed, say, or out of host memory
+    try:
+        run_batch(pipe, ["a red ball", "a blue square"], out, progress=False, num_inference_steps=2, num_frames=9)
+    except RuntimeError:  # the round's exchange lost rank 0
+        pass
+
+
+def test_a_video_finished_in_a_round_another_process_dies_in_keeps_its_line(tmp_path):
+    """Rank 0 dies mid-round; rank 1 wrote its video in that round: the video's manifest line is kept (the
+    next run folds it in), so a resumed batch skips it instead of making it again."""
+    import time
+
+    out = tmp_path / "out"
+    context = start_processes(_batch_rank_that_dies, (str(free_port()), str(out)), 2)
+    deadline = time.monotonic() + 300
+    for process in context.processes:  # not context.join: it would stop rank 1 once rank 0 has died
+        process.join(timeout=max(deadline - time.monotonic(), 0))
+    for process in context.processes:
+        process.kill()
+    assert [p.exitcode for p in context.processes] == [1, 0]
+    second = plan(["a red ball", "a blue square"])[1]
+    assert (out / second.file).is_file()
+
+    pipe = Pipeline.from_pretrained(None, device="cpu")
+    entries = run_batch(pipe, ["a red ball", "a blue square"], out, progress=False, num_inference_steps=2,
+                        num_frames=9)  # fmt: skip
+    assert [e["index"] for e in entries] == [0]  # the second was finished
+    assert sorted(e["index"] for e in _manifest(out)) == [0, 1]
+    assert sorted(p.name for p in out.iterdir()) == sorted([LOCK, MANIFEST] + [e["file"] for e in _manifest(out)])

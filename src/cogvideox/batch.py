@@ -13,7 +13,8 @@ it) and the groups take the prompts in turn; across nodes the output folder must
 `manifest.jsonl` in the output folder gets one line per video as it finishes (prompt, seed, settings,
 file, size, timings) or per failure (prompt, seed, settings, error). A re-run skips every video whose
 file exists and whose manifest line has the same prompt, seed and settings (`video_settings`), so an
-interrupted batch resumes where it stopped. Videos there made with other settings, or of another prompt
+interrupted batch resumes where it stopped (under torchrun, a video finished in a round that another
+process's death cut short keeps its line too: its process left it beside the video). Videos there made with other settings, or of another prompt
 or seed (another --seed, an edited line), are neither kept as if they were this run's nor silently replaced: the run stops, before loading the model, unless `--overwrite`
 asks to make them again.
 """
@@ -447,6 +448,7 @@ def _claim(output_dir: Path, items: Sequence[Item], settings: dict, overwrite: b
     def look() -> set[int]:
         prepare_folder(output_dir)
         lock.append(_lock_folder(output_dir))
+        fold_pending(output_dir)
         remove_leftovers(output_dir, items)
         warn_strangers(output_dir, items)
         done, other = survey(output_dir, items, settings)
@@ -467,6 +469,44 @@ def remove_leftovers(output_dir: Path, items: Sequence[Item]) -> None:
     for item in items:
         for part in output_dir.glob(f".{Path(item.file).stem}.*.mp4.part"):
             part.unlink(missing_ok=True)
+
+
+def _pending(output_dir: Path, file: str) -> Path:
+    """Where a group's leader leaves the manifest entry of its video (`.0007-a-panda.mp4.entry`) until rank 0
+    has put the round's entries into the manifest: a round cut short by another process's death keeps the
+    lines of the videos finished in it (`fold_pending`). One writer per file, so a folder shared by several
+    nodes is safe, which appends to the manifest from several processes would not be."""
+    return output_dir / f".{file}.entry"
+
+
+def _leave_pending(output_dir: Path, file: str, entry: dict) -> dict:
+    """`entry`, left at its `_pending` place; with a "stop" when the folder takes no more files."""
+    try:
+        line = json.dumps({k: v for k, v in entry.items() if k != "stop"})  # as the manifest gets it
+        _pending(output_dir, file).write_text(line + "\n", encoding="utf-8")
+    except OSError as e:
+        return {"stop": f"cannot write {_pending(output_dir, file)}: {e.strerror or e}; the batch stopped there"} | entry
+    return entry
+
+
+def fold_pending(output_dir: Path) -> None:
+    """Put into the manifest the entries that leaders left for a round that never ended (another process
+    died in it), then delete them. Called under the folder's lock; an entry the manifest already ends with
+    (rank 0 died between its append and the deletion) is not repeated, and a damaged one is dropped (its
+    video is made again)."""
+    latest = _latest_entries(output_dir)
+    found = []
+    for path in sorted(output_dir.glob(".*.mp4.entry")):
+        try:
+            entry = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(entry, dict) and latest.get(entry.get("file")) != entry:
+            found.append(entry)
+    if found:
+        _append(output_dir / MANIFEST, found)
+    for path in output_dir.glob(".*.mp4.entry"):
+        path.unlink(missing_ok=True)
 
 
 def strangers(output_dir: Path, items: Sequence[Item]) -> list[str]:
@@ -503,6 +543,7 @@ def _make_videos(pipe, items, done, output_dir, mesh, fps, settings, progress, r
     distributed = dist.is_initialized()
     is_root = not distributed or dist.get_rank() == 0
     todo = [item for item in items if item.index not in done]
+    files = {item.index: item.file for item in items}
     written: list[dict] = []
     shown = progress and global_rank() == 0
     bar = tqdm(total=len(items), initial=len(items) - len(todo), unit="video", disable=not shown)
@@ -512,6 +553,8 @@ def _make_videos(pipe, items, done, output_dir, mesh, fps, settings, progress, r
             entry = None
             if slot < len(todo):
                 entry = _one_video(pipe, todo[slot], output_dir, fps, settings, mesh.is_leader, request, enhancer)
+                if entry is not None:  # kept at once: the exchange below fails if another process died
+                    entry = _leave_pending(output_dir, todo[slot].file, entry)
             entries = [entry]
             if distributed:
                 entries = [None] * dist.get_world_size()
@@ -520,6 +563,8 @@ def _make_videos(pipe, items, done, output_dir, mesh, fps, settings, progress, r
             stop = next((e.pop("stop") for e in entries if "stop" in e), None)
             if is_root:
                 _append(output_dir / MANIFEST, entries)
+                for e in entries:
+                    _pending(output_dir, files[e["index"]]).unlink(missing_ok=True)
                 written += entries
                 bar.update(len(entries))
             if stop is not None:  # the folder takes no more files: every process stops alike
