@@ -1,6 +1,7 @@
 """The fine-tuning run: it learns, resumes bit for bit, writes a LoRA or a model folder, validates, trains
 the same with compiled blocks, and several processes average their gradients."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -377,6 +378,21 @@ def test_two_processes_average_their_gradients(data_dir, tiny_rope_dir, tmp_path
     for name, p in run.trainable.items():
         key = "transformer." + name.replace(".default.", ".")
         assert torch.allclose(saved[key], p.detach(), atol=1e-6), key
+
+    # Resumed on one process: it goes on, and says in one warning why its curve differs; once saved with
+    # one process, the next resume on one says nothing.
+    resumed = config(data_dir, tiny_rope_dir, tmp_path / "ddp", steps=steps + 1, cache_dir=str(tmp_path / "cache"))
+    with pytest.warns(UserWarning) as caught:
+        finetune(resumed)
+    said = [str(w.message) for w in caught if "process(es)" in str(w.message)]
+    assert said == [f"{tmp_path / 'ddp' / 'checkpoints' / 'step-2.pt'} was saved with 2 process(es), now 1: the "
+                    "effective batch (2 clips per step then, 1 now) and the data order differ, so the loss curve is "
+                    "not the one the run would have drawn"]  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        finetune(dataclasses.replace(resumed, steps=steps + 2))
+    assert not [w for w in caught if "process(es)" in str(w.message)]
+    assert [step for step, *_ in losses(tmp_path / "ddp")] == [1, 2, 3, 4]
 
 
 def test_a_steps_timesteps_take_one_stratum_each(data_dir, tiny_rope_dir, tmp_path):

@@ -423,7 +423,8 @@ class Run:
             folder = self.out / "checkpoints"
             path = folder / f"{CHECKPOINT_PREFIX}-{step}.pt"
             try:
-                save_checkpoint(path, step=step, weights=weights, optimizer=optim, identity=self.config.run_identity)
+                save_checkpoint(path, step=step, weights=weights, optimizer=optim, identity=self.config.run_identity,
+                                processes=self.procs.world_size)  # fmt: skip
             except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
                 raise InputError(_unwritten_checkpoint(path, e, reached_step(self.out))) from None
             kept = sorted(
@@ -448,6 +449,7 @@ class Run:
                 f"{self.out} holds a run with other settings ({_differ(changed)}); give another "
                 "output folder or the same settings to resume it"
             )
+        self._warn_other_processes(path, state.get("processes"))
         if self.sharded:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
@@ -467,6 +469,22 @@ class Run:
         if self.config.timesteps is None:
             self.timestep_sampling = recorded_timestep_sampling(record)
         return int(state["step"])
+
+    def _warn_other_processes(self, path: Path, saved: int | None) -> None:
+        """A run resumed under another number of processes goes on (the weights and the optimizer do not
+        depend on it), but each step then takes another number of clips, drawn by other ranks' generators:
+        say so, since its loss curve no longer continues the one it would have drawn. A checkpoint from
+        before the count was recorded says nothing."""
+        now = self.procs.world_size
+        if saved is None or saved == now or not self.procs.main:
+            return
+        per = self.config.batch_size * self.config.grad_accum
+        warnings.warn(
+            f"{path} was saved with {saved} process(es), now {now}: the effective batch ({per * saved} clips per "
+            f"step then, {per * now} now) and the data order differ, so the loss curve is not the one the run "
+            "would have drawn",
+            stacklevel=3,
+        )
 
     def save_interrupted(self) -> None:
         """On Ctrl-C, SIGTERM or running out of memory during training: a checkpoint of the steps done since
