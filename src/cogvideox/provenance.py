@@ -4,7 +4,9 @@
 The record holds what decides the video (the model, the prompt and seed, the sampling settings as
 `batch.video_settings` names them, the inputs, the LoRAs and the levers that change the video) and the
 version that made it. Settings that change only how a video is computed (device, offloading, tiling,
-compilation) are left out, as in the batch manifest.
+compilation, the processes of a torchrun `--parallel` run) are left out, as in the batch manifest: a
+parallel video is the single-process one up to summation order (docs/parallel.md), so the command again
+makes it on one process, and a batch resumed under another number of processes keeps its videos.
 """
 
 from __future__ import annotations
