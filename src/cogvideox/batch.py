@@ -14,7 +14,8 @@ it) and the groups take the prompts in turn; across nodes the output folder must
 file, size, timings) or per failure (prompt, seed, settings, error). A re-run skips every video whose
 file exists and whose manifest line has the same prompt, seed and settings (`video_settings`), so an
 interrupted batch resumes where it stopped (under torchrun, a video finished in a round that another
-process's death cut short keeps its line too: its process left it beside the video). Videos there made with other settings, or of another prompt
+process's death cut short keeps its line too: its process left it beside the video).
+Videos there made with other settings, or of another prompt
 or seed (another --seed, an edited line), are neither kept as if they were this run's nor silently replaced: the run stops, before loading the model, unless `--overwrite`
 asks to make them again.
 """
@@ -485,7 +486,8 @@ def _leave_pending(output_dir: Path, file: str, entry: dict) -> dict:
         line = json.dumps({k: v for k, v in entry.items() if k != "stop"})  # as the manifest gets it
         _pending(output_dir, file).write_text(line + "\n", encoding="utf-8")
     except OSError as e:
-        return {"stop": f"cannot write {_pending(output_dir, file)}: {e.strerror or e}; the batch stopped there"} | entry
+        why = f"cannot write {_pending(output_dir, file)}: {e.strerror or e}; the batch stopped there"
+        return {"stop": why} | entry
     return entry
 
 
