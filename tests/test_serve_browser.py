@@ -512,6 +512,38 @@ def test_riflex_doubles_the_longest_clip_the_form_takes(browser, tiny_rope_dir, 
     store.close()
 
 
+# The box of an element, and of the words of a label (its text nodes), in CSS pixels: [left, top, right, bottom].
+BOX = "const r = arguments[0].getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom]"
+WORDS = """
+const range = document.createRange();
+range.selectNodeContents(arguments[0]);
+range.setStartAfter(arguments[0].querySelector('input'));
+const r = range.getBoundingClientRect();
+return [r.left, r.top, r.right, r.bottom];
+"""
+
+
+def test_the_riflex_checkbox_sits_beside_its_words(browser, tiny_rope_dir, tmp_path):
+    """"Longer clips (RIFLEx)" is a small box on the line of its words, not a field-wide box above them, at a
+    phone's width and a desktop's; on the desktop's row of options it is level with the seed's field."""
+    store, server = start_queue(tiny_rope_dir, tmp_path)
+    offered = lambda d: d.find_element(By.ID, "riflex-option").get_attribute("hidden") is None  # noqa: E731
+    with server as url:
+        for width, height in (PHONE, (1024, 800)):
+            browser.set_window_size(width, height)
+            browser.get(url)
+            WebDriverWait(browser, 10).until(offered)
+            browser.find_element(By.CSS_SELECTOR, "#options summary").click()
+            left, top, right, bottom = browser.execute_script(BOX, browser.find_element(By.ID, "riflex"))
+            words = browser.execute_script(WORDS, browser.find_element(By.ID, "riflex-option"))
+            assert right - left < 30, width
+            assert right <= words[0] and words[1] <= (top + bottom) / 2 <= words[3], width  # before them, level
+        seed = browser.execute_script(BOX, browser.find_element(By.ID, "seed"))
+        assert abs((top + bottom) / 2 - (seed[1] + seed[3]) / 2) < 3  # in the seed's row, level with its field
+        browser.save_screenshot(str(artifacts_dir() / "14-riflex-option.png"))
+    store.close()
+
+
 def test_a_text_to_video_model_redraws_a_video_chosen_on_the_page(browser, tiny_rope_dir, tmp_path):
     """With a text-to-video model the form takes an optional video to redraw: choosing one offers the fit
     and the strength, and the card says what it redrew."""
