@@ -582,6 +582,61 @@ def test_a_text_to_video_model_redraws_a_video_chosen_on_the_page(browser, tiny_
     store.close()
 
 
+def press(browser, *keys) -> None:
+    """Keys pressed on the page (on whatever has the focus), as a keyboard user does."""
+    webdriver.ActionChains(browser).send_keys(*keys).perform()
+
+
+def test_a_chosen_file_can_be_removed(browser, tiny_rope_dir, tiny_i2v_dir, tmp_path):
+    """Beside a chosen file, a "Remove" (the next stop of Tab, pressed with Enter) unchooses it, and what it
+    offered goes with it (a video's strength); the picker keeps the focus. The video sent without it has
+    none; so too an image-to-video model's last frame."""
+    from PIL import Image
+
+    (tmp_path / "clip.mp4").write_bytes(b"not read: removed before sending")
+    Image.new("RGB", (96, 48), (200, 40, 40)).save(tmp_path / "first.png")
+    store, server = start_queue(tiny_rope_dir, tmp_path)
+    wait = WebDriverWait(browser, 10, poll_frequency=0.05)
+    with server as url:
+        browser.get(url)
+        wait.until(lambda d: "cogvideox-tiny" in d.find_element(By.ID, "model").text)
+        remove, picker = browser.find_element(By.ID, "remove-input"), browser.find_element(By.ID, "input_reference")
+        assert not remove.is_displayed()  # nothing to remove
+        browser.find_element(By.CSS_SELECTOR, "#options summary").click()
+        picker.send_keys(str(tmp_path / "clip.mp4"))
+        wait.until(lambda d: d.find_element(By.ID, "strength").is_displayed() and remove.is_displayed())
+        browser.execute_script("arguments[0].focus()", picker)
+        press(browser, Keys.TAB)
+        assert browser.switch_to.active_element == remove
+        press(browser, Keys.ENTER)
+        assert browser.execute_script("return arguments[0].files.length", picker) == 0
+        assert not remove.is_displayed() and not browser.find_element(By.ID, "strength").is_displayed()
+        assert browser.switch_to.active_element == picker
+        browser.find_element(By.ID, "prompt").send_keys("a red ball")
+        browser.find_element(By.ID, "submit").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#videos .card"))
+        [job] = store.page(10, None)[0]
+        assert "input_name" not in job.params and "strength" not in job.params
+    store.close()
+    spec = ModelSpec.from_folder(tiny_i2v_dir, "cogvideox-tiny-i2v")
+    store = SQLiteStore(tmp_path / "i2v.sqlite3")
+    with serving(create_app(spec, store, Settings(data_dir=tmp_path / "i2v"))) as url:
+        browser.get(url)
+        wait.until(lambda d: d.find_element(By.ID, "last_frame").is_displayed())
+        browser.find_element(By.ID, "input_reference").send_keys(str(tmp_path / "first.png"))
+        last, remove = browser.find_element(By.ID, "last_frame"), browser.find_element(By.ID, "remove-last")
+        last.send_keys(str(tmp_path / "first.png"))
+        wait.until(lambda d: remove.is_displayed())
+        remove.click()
+        assert browser.execute_script("return arguments[0].files.length", last) == 0 and not remove.is_displayed()
+        browser.find_element(By.ID, "prompt").send_keys("a red ball")
+        browser.find_element(By.ID, "submit").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#videos .card"))
+        [job] = store.page(10, None)[0]
+        assert job.params["input_name"] == "first.png" and "last_name" not in job.params
+    store.close()
+
+
 def test_a_served_lora_is_chosen_on_the_page(browser, tiny_rope_dir, tmp_path):
     """A server with LoRAs offers them (and their scale) in the form; the job names the one chosen and its card
     says so. A server without any shows no such field."""

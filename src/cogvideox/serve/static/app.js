@@ -87,6 +87,8 @@ function longest() { // the seconds a request may ask for: twice as long with RI
 }
 
 function chosen() { // a file chosen (or none): the picture shown small; the fit, and a video's strength, offered
+  $("#remove-input").hidden = !$("#input_reference").files.length;
+  $("#remove-last").hidden = !$("#last_frame").files.length;
   const image = $("#first-frame-preview");
   if (image.src.startsWith("blob:")) URL.revokeObjectURL(image.src);
   const [file] = $("#input_reference").files;
@@ -342,6 +344,14 @@ $("#create").addEventListener("submit", submit);
 $("#stop-remix").addEventListener("click", () => remixMode(null));
 $("#riflex").addEventListener("change", longest);
 $("#input_reference").addEventListener("change", chosen);
+$("#last_frame").addEventListener("change", chosen);
+for (const [button, input] of [["#remove-input", "#input_reference"], ["#remove-last", "#last_frame"]]) {
+  $(button).addEventListener("click", () => { // the file unchosen, and what it offered; the picker focused
+    $(input).value = "";
+    chosen();
+    $(input).focus(); // the button goes
+  });
+}
 $("#older").addEventListener("click", () => { wanted += 50; schedule(0); });
 $("#prompt").addEventListener("keydown", (event) => { // Enter is a new line; Ctrl+Enter (⌘+Enter) generates
   if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
