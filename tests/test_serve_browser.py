@@ -288,6 +288,55 @@ def test_the_form_takes_what_the_api_takes(browser, tiny_rope_dir, tmp_path):
     store.close()
 
 
+def test_a_wrong_value_in_the_closed_options_is_shown(browser, tiny_rope_dir, tmp_path):
+    """A value out of range in a field of the closed Options: Generate opens them on that field (the browser
+    points at it) and sends nothing; once right, the video is queued."""
+    store, server = start_queue(tiny_rope_dir, tmp_path)
+    with server as url:
+        browser.get(url)
+        WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "seconds").get_attribute("max"))
+        browser.find_element(By.ID, "prompt").send_keys("a red sun")
+        summary = browser.find_element(By.CSS_SELECTOR, "#options summary")
+        summary.click()
+        seed = browser.find_element(By.ID, "seed")
+        seed.send_keys(str(2**32))
+        summary.click()
+        assert not seed.is_displayed()
+        browser.find_element(By.ID, "submit").click()
+        assert seed.is_displayed() and browser.switch_to.active_element == seed
+        time.sleep(0.3)
+        assert store.page()[0] == []
+        seed.clear()
+        seed.send_keys("7")
+        browser.find_element(By.ID, "submit").click()
+        WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#videos .card"))
+        [job] = store.page()[0]
+        assert job.params["seed"] == 7
+    store.close()
+
+
+def test_a_value_left_in_a_hidden_option_neither_holds_the_form_back_nor_is_sent(browser, tiny_rope_dir, tmp_path):
+    """A strength typed for a video to redraw, out of range, then the video removed: the strength goes with
+    its option, disabled; the form is sent without it."""
+    (tmp_path / "clip.mp4").write_bytes(b"not read: removed before sending")
+    store, server = start_queue(tiny_rope_dir, tmp_path)
+    with server as url:
+        browser.get(url)
+        WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "seconds").get_attribute("max"))
+        browser.find_element(By.CSS_SELECTOR, "#options summary").click()
+        browser.find_element(By.ID, "input_reference").send_keys(str(tmp_path / "clip.mp4"))
+        strength = browser.find_element(By.ID, "strength")
+        strength.send_keys("5")
+        browser.find_element(By.ID, "remove-input").click()
+        assert not strength.is_displayed() and not strength.is_enabled()
+        browser.find_element(By.ID, "prompt").send_keys("a red sun")
+        browser.find_element(By.ID, "submit").click()
+        WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#videos .card"))
+        [job] = store.page()[0]
+        assert job.params["prompt"] == "a red sun" and "strength" not in job.params
+    store.close()
+
+
 def test_a_failed_video_shows_its_error_as_text_within_a_phone_width(browser, tiny_rope_dir, tmp_path):
     """A worker's error, however long its words (a path), wraps inside the card: no sideways scrolling."""
     store, server = start_queue(tiny_rope_dir, tmp_path)

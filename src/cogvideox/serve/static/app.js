@@ -68,11 +68,18 @@ async function loadModel() {
   $("#input-file").hidden = false;
   $("#last-file").hidden = !picture;
   $("#riflex-option").hidden = !model.riflex_max_seconds;
+  $("#riflex").disabled = !model.riflex_max_seconds || Boolean(remixing); // a remix keeps the video's
   const loras = model.loras || []; // the server's LoRAs, one chosen per video here (the API takes several)
   $("#lora").replaceChildren(new Option("none", ""), ...loras.map((name) => new Option(name, name)));
-  $("#lora-option").hidden = $("#lora-scale-option").hidden = !loras.length;
+  offer("#lora-option", loras.length);
+  offer("#lora-scale-option", loras.length);
   longest();
   chosen();
+}
+
+function offer(option, shown) { // an option shown, or hidden with its fields disabled: a value left in one
+  $(option).hidden = !shown; // neither holds the form back (the browser cannot point at it) nor is sent
+  for (const field of $(option).querySelectorAll("input, select")) field.disabled = !shown;
 }
 
 function sendsVideo() { // a video chosen for a text-to-video model to redraw (not while remixing)
@@ -95,8 +102,8 @@ function chosen() { // a file chosen (or none): the picture shown small; the fit
   const picture = Boolean(model && model.image_to_video);
   image.hidden = !(file && picture);
   image.src = file && picture ? URL.createObjectURL(file) : "";
-  $("#resize-option").hidden = !(picture || sendsVideo());
-  $("#strength-option").hidden = !(remixing || sendsVideo());
+  offer("#resize-option", picture || sendsVideo());
+  offer("#strength-option", remixing || sendsVideo());
 }
 
 let remixing = null; // the completed video the form remixes, or null to create one
@@ -107,9 +114,10 @@ function remixMode(video) { // video: remix it; null: back to creating
   $("#remix-of").textContent = video ? video.prompt : "";
   $("#input-file").hidden = Boolean(video); // a remix redraws the served video
   chosen();
-  for (const name of ["size", "seconds", "riflex"]) { // a remix keeps the video's
+  for (const name of ["size", "seconds"]) { // a remix keeps the video's
     $(`#${name}`).disabled = Boolean(video);
   }
+  $("#riflex").disabled = Boolean(video) || !(model && model.riflex_max_seconds);
   for (const name of ["num_inference_steps", "guidance_scale", "seed"]) { // and defaults to its settings
     const input = $(`#${name}`);
     input.dataset.own ??= input.placeholder; // the creating form's, the first time through
@@ -131,13 +139,12 @@ async function submit(event) {
   const numbers = remixing || sendsVideo() ? ["num_inference_steps", "guidance_scale", "seed", "strength"]
     : ["seconds", "num_inference_steps", "guidance_scale", "seed"];
   if (sendsVideo()) numbers.push("seconds");
-  for (const name of texts) {
-    const value = $(`#${name}`).value;
-    if (value) body[name] = value;
+  const fields = (names) => names.map((name) => $(`#${name}`)).filter((field) => !field.disabled);
+  for (const field of fields(texts)) {
+    if (field.value) body[field.name] = field.value;
   }
-  for (const name of numbers) {
-    const value = $(`#${name}`).value;
-    if (value !== "") body[name] = Number(value);
+  for (const field of fields(numbers)) {
+    if (field.value !== "") body[field.name] = Number(field.value);
   }
   if (!remixing && $("#riflex").checked) body.riflex = true;
   if ($("#lora").value) { // "name" or "name:scale", the form the API takes in JSON and in forms alike
@@ -341,6 +348,10 @@ async function refresh() {
 }
 
 $("#create").addEventListener("submit", submit);
+$("#create").addEventListener("invalid", (event) => { // the field the browser points at, seen: its Options opened
+  const details = event.target.closest("details");
+  if (details) details.open = true;
+}, true); // (invalid does not bubble)
 $("#stop-remix").addEventListener("click", () => remixMode(null));
 $("#riflex").addEventListener("change", longest);
 $("#input_reference").addEventListener("change", chosen);
