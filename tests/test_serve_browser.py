@@ -231,6 +231,44 @@ def test_with_an_api_key_the_page_asks_for_it_and_plays_from_memory(browser, tin
     store.close()
 
 
+# The page's first request for a video's file is answered 401, as a server does that no longer takes the key.
+REFUSE_THE_FIRST_VIDEO = """
+const real = window.fetch;
+window.refused = false;
+window.fetch = async (path, options) => {
+  if (!window.refused && String(path).endsWith("/content")) {
+    window.refused = true;
+    const error = {error: {message: "invalid API key", type: "invalid_request_error"}};
+    return new Response(JSON.stringify(error), {status: 401, headers: {"Content-Type": "application/json"}});
+  }
+  return real(path, options);
+};
+"""
+
+
+def test_a_video_refused_for_its_key_is_fetched_with_the_key_given(browser, tiny_rope_dir, tmp_path):
+    """A finished video whose file the server refuses (401): the page asks for the key, and once given,
+    fetches the file with it and plays it, rather than leaving the card without its video."""
+    store, server = start_service(tiny_rope_dir, tmp_path, api_keys=("sk-page",))
+    wait = WebDriverWait(browser, 60, poll_frequency=0.05)
+    with server as url:
+        browser.get(url)
+        asked_for_key(wait).send_keys("sk-page", Keys.ENTER)
+        wait.until(lambda d: "cogvideox-tiny" in d.find_element(By.ID, "model").text)
+        browser.execute_script(REFUSE_THE_FIRST_VIDEO)
+        submit_in_two_steps(browser, "a red sun")
+        key = asked_for_key(wait)
+        assert browser.execute_script("return window.refused")
+        key.clear()
+        key.send_keys("sk-page", Keys.ENTER)
+        video = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#videos .card[data-status='completed'] video"))
+        wait.until(lambda d: d.execute_script("return arguments[0].readyState >= 1", video))
+        assert video.get_attribute("src").startswith("blob:")
+        assert browser.execute_script("return arguments[0].duration", video) == pytest.approx(9 / 8, abs=0.02)
+        assert browser.find_element(By.CSS_SELECTOR, "#videos .card .download").is_displayed()
+    store.close()
+
+
 def test_the_page_says_when_the_server_is_unreachable_and_recovers(browser, tiny_rope_dir, tmp_path):
     """The API unreachable (server down, restarting) from the page's first request: a plain message, not
     the browser's "Failed to fetch"; once it answers again the message goes and the model line comes."""

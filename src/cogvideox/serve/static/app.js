@@ -21,6 +21,7 @@ async function api(path, options = {}) {
     throw new Error("cannot reach the server; is it running?");
   }
   if (response.status === 401) {
+    if (apiKey && apiKey !== sent) return api(path, options); // a key given meanwhile: asked again with it
     if (sent && apiKey === sent) { // a wrong key is forgotten, so the next visit asks again
       apiKey = "";
       localStorage.removeItem("cogvideox-api-key");
@@ -252,8 +253,12 @@ function render(video, prepend = false) {
   card.querySelector(".details").textContent = describe(video);
   card.querySelector(".error").textContent = video.error ? video.error.message : "";
   card.querySelector(".delete").textContent = ["queued", "in_progress"].includes(video.status) ? "Cancel" : "Delete";
-  if (video.status === "completed" && previous !== "completed") {
-    attachVideo(card, video).catch((error) => say(error.message, true));
+  if (video.status === "completed" && (previous !== "completed" || card.needsKey)) {
+    card.needsKey = false;
+    attachVideo(card, video).catch((error) => {
+      card.needsKey = error instanceof NeedsKey; // fetched again by the refresh the key given starts
+      say(error.message, true);
+    });
   }
   $("#empty").hidden = cards.size > 0;
 }
