@@ -581,15 +581,19 @@ def test_an_image_to_video_model_takes_a_first_frame_from_the_page(browser, tiny
 
 
 def test_riflex_doubles_the_longest_clip_the_form_takes(browser, tiny_rope_dir, tmp_path):
+    """The longest clip is said exactly (9 frames at 8 fps: 1.125 s, not rounded over it), and twice as
+    long (17 frames) with RIFLEx."""
     store, server = start_queue(tiny_rope_dir, tmp_path)
     with server as url:
         browser.get(url)
         wait = WebDriverWait(browser, 10)
         wait.until(lambda d: d.find_element(By.ID, "seconds").get_attribute("max"))
+        assert browser.find_element(By.ID, "model").text == "cogvideox-tiny · 64x64 · 1.125 s at 8 fps"
         browser.find_element(By.CSS_SELECTOR, "#options summary").click()
-        assert browser.find_element(By.ID, "seconds").get_attribute("max") == "1.125"
+        seconds = browser.find_element(By.ID, "seconds")
+        assert (seconds.get_attribute("max"), seconds.get_attribute("title")) == ("1.125", "at most 1.125 s")
         browser.find_element(By.ID, "riflex").click()
-        assert browser.find_element(By.ID, "seconds").get_attribute("max") == "2.125"
+        assert (seconds.get_attribute("max"), seconds.get_attribute("title")) == ("2.125", "at most 2.125 s")
         browser.find_element(By.ID, "seconds").send_keys("2")
         browser.find_element(By.ID, "prompt").send_keys("a long ride")
         browser.find_element(By.ID, "submit").click()

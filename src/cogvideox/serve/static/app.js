@@ -53,7 +53,8 @@ function say(text, isError = false) {
 async function loadModel() {
   const { data } = await (await api("/v1/models")).json();
   model = data[0];
-  $("#model").textContent = `${model.id} · ${model.default_size} · ${model.max_seconds.toFixed(2)} s at ${model.fps} fps`;
+  const clip = `${inSeconds(model.num_frames / model.fps)} at ${model.fps} fps`;
+  $("#model").textContent = `${model.id} · ${model.default_size} · ${clip}`;
   const size = $("#size");
   size.replaceChildren(...model.sizes.map((s) => new Option(s, s)));
   $("#num_inference_steps").max = model.max_steps;
@@ -87,11 +88,16 @@ function sendsVideo() { // a video chosen for a text-to-video model to redraw (n
   return Boolean(!remixing && model && !model.image_to_video && $("#input_reference").files.length);
 }
 
+function inSeconds(seconds) { // exact: 49 frames at 8 fps are 6.125 s, not 6.13 (over the longest clip)
+  if (Number(seconds.toFixed(6)) === seconds) return `${seconds} s`; // 81 frames at 16 fps: 5.0625 s
+  return `about ${seconds.toFixed(3)} s`; // 49 frames at 12 fps: 4.0833…
+}
+
 function longest() { // the seconds a request may ask for: twice as long with RIFLEx
   if (!model) return;
   const seconds = $("#riflex").checked && model.riflex_max_seconds ? model.riflex_max_seconds : model.max_seconds;
   $("#seconds").max = seconds;
-  $("#seconds").title = `at most ${seconds} s`;
+  $("#seconds").title = `at most ${inSeconds(seconds)}`;
 }
 
 function chosen() { // a file chosen (or none): the picture shown small; the fit, and a video's strength, offered
