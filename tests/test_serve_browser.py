@@ -451,6 +451,49 @@ def test_a_cards_controls_say_which_video_they_act_on(browser, tiny_rope_dir, tm
     store.close()
 
 
+def test_the_focus_stays_on_the_page_after_a_delete_or_a_cancelled_remix(browser, tiny_rope_dir, tmp_path):
+    """From the keyboard: "Delete" on a card puts the focus on the next card's (the last card's on the one
+    before it), the last one gone on the prompt; "Cancel remix" puts it on the prompt. Never on the page's
+    body, where the next Tab starts over."""
+    store, server = start_queue(tiny_rope_dir, tmp_path)
+    wait = WebDriverWait(browser, 10, poll_frequency=0.05)
+    with server as url:
+        browser.get(url)
+        browser.find_element(By.ID, "prompt").send_keys("video 0")
+        browser.find_element(By.ID, "submit").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#videos .card"))
+        first = store.page()[0][0]
+        for i in (1, 2):
+            store.create(first.model, first.owner, {**first.params, "prompt": f"video {i}"})
+        while job := store.claim("worker", first.model, 60):
+            store.complete(job.id, "worker", {})
+        done = "#videos .card[data-status='completed']"
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, done)) == 3)
+        prompt = browser.find_element(By.ID, "prompt")
+
+        browser.find_element(By.CSS_SELECTOR, "#videos .card .remix").send_keys(Keys.ENTER)
+        assert browser.switch_to.active_element == prompt
+        browser.find_element(By.ID, "stop-remix").send_keys(Keys.ENTER)
+        assert not browser.find_element(By.ID, "remixing").is_displayed()
+        assert browser.switch_to.active_element == prompt
+
+        def focused_card():
+            return browser.execute_script("return document.activeElement.closest('.card')?.dataset.id")
+
+        ids = [c.get_attribute("data-id") for c in browser.find_elements(By.CSS_SELECTOR, "#videos .card")]
+        browser.find_element(By.CSS_SELECTOR, f".card[data-id='{ids[1]}'] .delete").send_keys(Keys.ENTER)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#videos .card")) == 2)
+        assert focused_card() == ids[2]  # the next card's "Delete"
+        press(browser, Keys.ENTER)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#videos .card")) == 1)
+        assert focused_card() == ids[0]  # the last card went: the one before it
+        press(browser, Keys.ENTER)
+        wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, "#videos .card"))
+        assert browser.switch_to.active_element == prompt
+        assert store.page()[0] == []
+    store.close()
+
+
 def test_older_videos_are_a_click_away(browser, tiny_rope_dir, tmp_path):
     """The page lists the newest 50 videos and says when there are more: "Show older videos" lists 50 more
     each time (over pages of the API's), and goes once all are listed."""

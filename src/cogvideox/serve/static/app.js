@@ -273,6 +273,10 @@ function drop(id) { // a card off the page, with the downloaded copy of its vide
   const card = cards.get(id);
   if (!card) return;
   if (remixing && remixing.id === id) remixMode(null); // its video is gone
+  if (card.contains(document.activeElement)) { // the focus not lost with it: on the next card's, or the prompt
+    const next = card.nextElementSibling || card.previousElementSibling;
+    (next ? next.querySelector(".delete") : $("#prompt")).focus();
+  }
   const player = card.querySelector("video");
   if (player && player.src.startsWith("blob:")) URL.revokeObjectURL(player.src);
   const gif = card.querySelector(".gif");
@@ -363,7 +367,10 @@ $("#create").addEventListener("invalid", (event) => { // the field the browser p
   const details = event.target.closest("details");
   if (details) details.open = true;
 }, true); // (invalid does not bubble)
-$("#stop-remix").addEventListener("click", () => remixMode(null));
+$("#stop-remix").addEventListener("click", () => { // the button goes: back to the prompt, as a remix began
+  remixMode(null);
+  $("#prompt").focus();
+});
 $("#riflex").addEventListener("change", longest);
 $("#input_reference").addEventListener("change", chosen);
 $("#last_frame").addEventListener("change", chosen);
