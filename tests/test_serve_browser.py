@@ -231,6 +231,44 @@ def test_with_an_api_key_the_page_asks_for_it_and_plays_from_memory(browser, tin
     store.close()
 
 
+# The page's first request for a video's file is answered 401, as a server does that no longer takes the key.
+REFUSE_THE_FIRST_VIDEO = """
+const real = window.fetch;
+window.refused = false;
+window.fetch = async (path, options) => {
+  if (!window.refused && String(path).endsWith("/content")) {
+    window.refused = true;
+    const error = {error: {message: "invalid API key", type: "invalid_request_error"}};
+    return new Response(JSON.stringify(error), {status: 401, headers: {"Content-Type": "application/json"}});
+  }
+  return real(path, options);
+};
+"""
+
+
+def test_a_video_refused_for_its_key_is_fetched_with_the_key_given(browser, tiny_rope_dir, tmp_path):
+    """A finished video whose file the server refuses (401): the page asks for the key, and once given,
+    fetches the file with it and plays it, rather than leaving the card without its video."""
+    store, server = start_service(tiny_rope_dir, tmp_path, api_keys=("sk-page",))
+    wait = WebDriverWait(browser, 60, poll_frequency=0.05)
+    with server as url:
+        browser.get(url)
+        asked_for_key(wait).send_keys("sk-page", Keys.ENTER)
+        wait.until(lambda d: "cogvideox-tiny" in d.find_element(By.ID, "model").text)
+        browser.execute_script(REFUSE_THE_FIRST_VIDEO)
+        submit_in_two_steps(browser, "a red sun")
+        key = asked_for_key(wait)
+        assert browser.execute_script("return window.refused")
+        key.clear()
+        key.send_keys("sk-page", Keys.ENTER)
+        video = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#videos .card[data-status='completed'] video"))
+        wait.until(lambda d: d.execute_script("return arguments[0].readyState >= 1", video))
+        assert video.get_attribute("src").startswith("blob:")
+        assert browser.execute_script("return arguments[0].duration", video) == pytest.approx(9 / 8, abs=0.02)
+        assert browser.find_element(By.CSS_SELECTOR, "#videos .card .download").is_displayed()
+    store.close()
+
+
 def test_the_page_says_when_the_server_is_unreachable_and_recovers(browser, tiny_rope_dir, tmp_path):
     """The API unreachable (server down, restarting) from the page's first request: a plain message, not
     the browser's "Failed to fetch"; once it answers again the message goes and the model line comes."""
@@ -285,6 +323,55 @@ def test_the_form_takes_what_the_api_takes(browser, tiny_rope_dir, tmp_path):
         assert browser.execute_script(valid, "seconds", placeholder), placeholder
         assert browser.execute_script(valid, "seed", str(2**32 - 1))
         assert not browser.execute_script(valid, "seed", str(2**32))
+    store.close()
+
+
+def test_a_wrong_value_in_the_closed_options_is_shown(browser, tiny_rope_dir, tmp_path):
+    """A value out of range in a field of the closed Options: Generate opens them on that field (the browser
+    points at it) and sends nothing; once right, the video is queued."""
+    store, server = start_queue(tiny_rope_dir, tmp_path)
+    with server as url:
+        browser.get(url)
+        WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "seconds").get_attribute("max"))
+        browser.find_element(By.ID, "prompt").send_keys("a red sun")
+        summary = browser.find_element(By.CSS_SELECTOR, "#options summary")
+        summary.click()
+        seed = browser.find_element(By.ID, "seed")
+        seed.send_keys(str(2**32))
+        summary.click()
+        assert not seed.is_displayed()
+        browser.find_element(By.ID, "submit").click()
+        assert seed.is_displayed() and browser.switch_to.active_element == seed
+        time.sleep(0.3)
+        assert store.page()[0] == []
+        seed.clear()
+        seed.send_keys("7")
+        browser.find_element(By.ID, "submit").click()
+        WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#videos .card"))
+        [job] = store.page()[0]
+        assert job.params["seed"] == 7
+    store.close()
+
+
+def test_a_value_left_in_a_hidden_option_neither_holds_the_form_back_nor_is_sent(browser, tiny_rope_dir, tmp_path):
+    """A strength typed for a video to redraw, out of range, then the video removed: the strength goes with
+    its option, disabled; the form is sent without it."""
+    (tmp_path / "clip.mp4").write_bytes(b"not read: removed before sending")
+    store, server = start_queue(tiny_rope_dir, tmp_path)
+    with server as url:
+        browser.get(url)
+        WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "seconds").get_attribute("max"))
+        browser.find_element(By.CSS_SELECTOR, "#options summary").click()
+        browser.find_element(By.ID, "input_reference").send_keys(str(tmp_path / "clip.mp4"))
+        strength = browser.find_element(By.ID, "strength")
+        strength.send_keys("5")
+        browser.find_element(By.ID, "remove-input").click()
+        assert not strength.is_displayed() and not strength.is_enabled()
+        browser.find_element(By.ID, "prompt").send_keys("a red sun")
+        browser.find_element(By.ID, "submit").click()
+        WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#videos .card"))
+        [job] = store.page()[0]
+        assert job.params["prompt"] == "a red sun" and "strength" not in job.params
     store.close()
 
 
@@ -361,6 +448,49 @@ def test_a_cards_controls_say_which_video_they_act_on(browser, tiny_rope_dir, tm
         assert browser.execute_script(described, card.find_element(By.CSS_SELECTOR, ".delete")) == "a red sun"
         assert browser.execute_script(described, card.find_element(By.CSS_SELECTOR, ".download")) == "a red sun"
         assert card.find_element(By.TAG_NAME, "progress").accessible_name == "Progress"
+    store.close()
+
+
+def test_the_focus_stays_on_the_page_after_a_delete_or_a_cancelled_remix(browser, tiny_rope_dir, tmp_path):
+    """From the keyboard: "Delete" on a card puts the focus on the next card's (the last card's on the one
+    before it), the last one gone on the prompt; "Cancel remix" puts it on the prompt. Never on the page's
+    body, where the next Tab starts over."""
+    store, server = start_queue(tiny_rope_dir, tmp_path)
+    wait = WebDriverWait(browser, 10, poll_frequency=0.05)
+    with server as url:
+        browser.get(url)
+        browser.find_element(By.ID, "prompt").send_keys("video 0")
+        browser.find_element(By.ID, "submit").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#videos .card"))
+        first = store.page()[0][0]
+        for i in (1, 2):
+            store.create(first.model, first.owner, {**first.params, "prompt": f"video {i}"})
+        while job := store.claim("worker", first.model, 60):
+            store.complete(job.id, "worker", {})
+        done = "#videos .card[data-status='completed']"
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, done)) == 3)
+        prompt = browser.find_element(By.ID, "prompt")
+
+        browser.find_element(By.CSS_SELECTOR, "#videos .card .remix").send_keys(Keys.ENTER)
+        assert browser.switch_to.active_element == prompt
+        browser.find_element(By.ID, "stop-remix").send_keys(Keys.ENTER)
+        assert not browser.find_element(By.ID, "remixing").is_displayed()
+        assert browser.switch_to.active_element == prompt
+
+        def focused_card():
+            return browser.execute_script("return document.activeElement.closest('.card')?.dataset.id")
+
+        ids = [c.get_attribute("data-id") for c in browser.find_elements(By.CSS_SELECTOR, "#videos .card")]
+        browser.find_element(By.CSS_SELECTOR, f".card[data-id='{ids[1]}'] .delete").send_keys(Keys.ENTER)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#videos .card")) == 2)
+        assert focused_card() == ids[2]  # the next card's "Delete"
+        press(browser, Keys.ENTER)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#videos .card")) == 1)
+        assert focused_card() == ids[0]  # the last card went: the one before it
+        press(browser, Keys.ENTER)
+        wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, "#videos .card"))
+        assert browser.switch_to.active_element == prompt
+        assert store.page()[0] == []
     store.close()
 
 
@@ -494,21 +624,57 @@ def test_an_image_to_video_model_takes_a_first_frame_from_the_page(browser, tiny
 
 
 def test_riflex_doubles_the_longest_clip_the_form_takes(browser, tiny_rope_dir, tmp_path):
+    """The longest clip is said exactly (9 frames at 8 fps: 1.125 s, not rounded over it), and twice as
+    long (17 frames) with RIFLEx."""
     store, server = start_queue(tiny_rope_dir, tmp_path)
     with server as url:
         browser.get(url)
         wait = WebDriverWait(browser, 10)
         wait.until(lambda d: d.find_element(By.ID, "seconds").get_attribute("max"))
+        assert browser.find_element(By.ID, "model").text == "cogvideox-tiny · 64x64 · 1.125 s at 8 fps"
         browser.find_element(By.CSS_SELECTOR, "#options summary").click()
-        assert browser.find_element(By.ID, "seconds").get_attribute("max") == "1.125"
+        seconds = browser.find_element(By.ID, "seconds")
+        assert (seconds.get_attribute("max"), seconds.get_attribute("title")) == ("1.125", "at most 1.125 s")
         browser.find_element(By.ID, "riflex").click()
-        assert browser.find_element(By.ID, "seconds").get_attribute("max") == "2.125"
+        assert (seconds.get_attribute("max"), seconds.get_attribute("title")) == ("2.125", "at most 2.125 s")
         browser.find_element(By.ID, "seconds").send_keys("2")
         browser.find_element(By.ID, "prompt").send_keys("a long ride")
         browser.find_element(By.ID, "submit").click()
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#videos .card"))
         [job] = store.page(10, None)[0]
         assert (job.params["num_frames"], job.params["riflex"]) == (17, True)
+    store.close()
+
+
+# The box of an element, and of the words of a label (its text nodes), in CSS pixels: [left, top, right, bottom].
+BOX = "const r = arguments[0].getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom]"
+WORDS = """
+const range = document.createRange();
+range.selectNodeContents(arguments[0]);
+range.setStartAfter(arguments[0].querySelector('input'));
+const r = range.getBoundingClientRect();
+return [r.left, r.top, r.right, r.bottom];
+"""
+
+
+def test_the_riflex_checkbox_sits_beside_its_words(browser, tiny_rope_dir, tmp_path):
+    """"Longer clips (RIFLEx)" is a small box on the line of its words, not a field-wide box above them, at a
+    phone's width and a desktop's; on the desktop's row of options it is level with the seed's field."""
+    store, server = start_queue(tiny_rope_dir, tmp_path)
+    offered = lambda d: d.find_element(By.ID, "riflex-option").get_attribute("hidden") is None  # noqa: E731
+    with server as url:
+        for width, height in (PHONE, (1024, 800)):
+            browser.set_window_size(width, height)
+            browser.get(url)
+            WebDriverWait(browser, 10).until(offered)
+            browser.find_element(By.CSS_SELECTOR, "#options summary").click()
+            left, top, right, bottom = browser.execute_script(BOX, browser.find_element(By.ID, "riflex"))
+            words = browser.execute_script(WORDS, browser.find_element(By.ID, "riflex-option"))
+            assert right - left < 30, width
+            assert right <= words[0] and words[1] <= (top + bottom) / 2 <= words[3], width  # before them, level
+        seed = browser.execute_script(BOX, browser.find_element(By.ID, "seed"))
+        assert abs((top + bottom) / 2 - (seed[1] + seed[3]) / 2) < 3  # in the seed's row, level with its field
+        browser.save_screenshot(str(artifacts_dir() / "14-riflex-option.png"))
     store.close()
 
 
@@ -547,6 +713,61 @@ def test_a_text_to_video_model_redraws_a_video_chosen_on_the_page(browser, tiny_
         assert "from clip.mp4 (stretch) at strength 0.5" in card.find_element(By.CSS_SELECTOR, ".details").text
         [job] = store.page(10, None)[0]
         assert (job.params["input_name"], job.params["strength"], job.params["num_frames"]) == ("clip.mp4", 0.5, 9)
+    store.close()
+
+
+def press(browser, *keys) -> None:
+    """Keys pressed on the page (on whatever has the focus), as a keyboard user does."""
+    webdriver.ActionChains(browser).send_keys(*keys).perform()
+
+
+def test_a_chosen_file_can_be_removed(browser, tiny_rope_dir, tiny_i2v_dir, tmp_path):
+    """Beside a chosen file, a "Remove" (the next stop of Tab, pressed with Enter) unchooses it, and what it
+    offered goes with it (a video's strength); the picker keeps the focus. The video sent without it has
+    none; so too an image-to-video model's last frame."""
+    from PIL import Image
+
+    (tmp_path / "clip.mp4").write_bytes(b"not read: removed before sending")
+    Image.new("RGB", (96, 48), (200, 40, 40)).save(tmp_path / "first.png")
+    store, server = start_queue(tiny_rope_dir, tmp_path)
+    wait = WebDriverWait(browser, 10, poll_frequency=0.05)
+    with server as url:
+        browser.get(url)
+        wait.until(lambda d: "cogvideox-tiny" in d.find_element(By.ID, "model").text)
+        remove, picker = browser.find_element(By.ID, "remove-input"), browser.find_element(By.ID, "input_reference")
+        assert not remove.is_displayed()  # nothing to remove
+        browser.find_element(By.CSS_SELECTOR, "#options summary").click()
+        picker.send_keys(str(tmp_path / "clip.mp4"))
+        wait.until(lambda d: d.find_element(By.ID, "strength").is_displayed() and remove.is_displayed())
+        browser.execute_script("arguments[0].focus()", picker)
+        press(browser, Keys.TAB)
+        assert browser.switch_to.active_element == remove
+        press(browser, Keys.ENTER)
+        assert browser.execute_script("return arguments[0].files.length", picker) == 0
+        assert not remove.is_displayed() and not browser.find_element(By.ID, "strength").is_displayed()
+        assert browser.switch_to.active_element == picker
+        browser.find_element(By.ID, "prompt").send_keys("a red ball")
+        browser.find_element(By.ID, "submit").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#videos .card"))
+        [job] = store.page(10, None)[0]
+        assert "input_name" not in job.params and "strength" not in job.params
+    store.close()
+    spec = ModelSpec.from_folder(tiny_i2v_dir, "cogvideox-tiny-i2v")
+    store = SQLiteStore(tmp_path / "i2v.sqlite3")
+    with serving(create_app(spec, store, Settings(data_dir=tmp_path / "i2v"))) as url:
+        browser.get(url)
+        wait.until(lambda d: d.find_element(By.ID, "last_frame").is_displayed())
+        browser.find_element(By.ID, "input_reference").send_keys(str(tmp_path / "first.png"))
+        last, remove = browser.find_element(By.ID, "last_frame"), browser.find_element(By.ID, "remove-last")
+        last.send_keys(str(tmp_path / "first.png"))
+        wait.until(lambda d: remove.is_displayed())
+        remove.click()
+        assert browser.execute_script("return arguments[0].files.length", last) == 0 and not remove.is_displayed()
+        browser.find_element(By.ID, "prompt").send_keys("a red ball")
+        browser.find_element(By.ID, "submit").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#videos .card"))
+        [job] = store.page(10, None)[0]
+        assert job.params["input_name"] == "first.png" and "last_name" not in job.params
     store.close()
 
 

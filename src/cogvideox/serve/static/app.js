@@ -21,6 +21,7 @@ async function api(path, options = {}) {
     throw new Error("cannot reach the server; is it running?");
   }
   if (response.status === 401) {
+    if (apiKey && apiKey !== sent) return api(path, options); // a key given meanwhile: asked again with it
     if (sent && apiKey === sent) { // a wrong key is forgotten, so the next visit asks again
       apiKey = "";
       localStorage.removeItem("cogvideox-api-key");
@@ -52,7 +53,8 @@ function say(text, isError = false) {
 async function loadModel() {
   const { data } = await (await api("/v1/models")).json();
   model = data[0];
-  $("#model").textContent = `${model.id} · ${model.default_size} · ${model.max_seconds.toFixed(2)} s at ${model.fps} fps`;
+  const clip = `${inSeconds(model.num_frames / model.fps)} at ${model.fps} fps`;
+  $("#model").textContent = `${model.id} · ${model.default_size} · ${clip}`;
   const size = $("#size");
   size.replaceChildren(...model.sizes.map((s) => new Option(s, s)));
   $("#num_inference_steps").max = model.max_steps;
@@ -68,33 +70,47 @@ async function loadModel() {
   $("#input-file").hidden = false;
   $("#last-file").hidden = !picture;
   $("#riflex-option").hidden = !model.riflex_max_seconds;
+  $("#riflex").disabled = !model.riflex_max_seconds || Boolean(remixing); // a remix keeps the video's
   const loras = model.loras || []; // the server's LoRAs, one chosen per video here (the API takes several)
   $("#lora").replaceChildren(new Option("none", ""), ...loras.map((name) => new Option(name, name)));
-  $("#lora-option").hidden = $("#lora-scale-option").hidden = !loras.length;
+  offer("#lora-option", loras.length);
+  offer("#lora-scale-option", loras.length);
   longest();
   chosen();
+}
+
+function offer(option, shown) { // an option shown, or hidden with its fields disabled: a value left in one
+  $(option).hidden = !shown; // neither holds the form back (the browser cannot point at it) nor is sent
+  for (const field of $(option).querySelectorAll("input, select")) field.disabled = !shown;
 }
 
 function sendsVideo() { // a video chosen for a text-to-video model to redraw (not while remixing)
   return Boolean(!remixing && model && !model.image_to_video && $("#input_reference").files.length);
 }
 
+function inSeconds(seconds) { // exact: 49 frames at 8 fps are 6.125 s, not 6.13 (over the longest clip)
+  if (Number(seconds.toFixed(6)) === seconds) return `${seconds} s`; // 81 frames at 16 fps: 5.0625 s
+  return `about ${seconds.toFixed(3)} s`; // 49 frames at 12 fps: 4.0833…
+}
+
 function longest() { // the seconds a request may ask for: twice as long with RIFLEx
   if (!model) return;
   const seconds = $("#riflex").checked && model.riflex_max_seconds ? model.riflex_max_seconds : model.max_seconds;
   $("#seconds").max = seconds;
-  $("#seconds").title = `at most ${seconds} s`;
+  $("#seconds").title = `at most ${inSeconds(seconds)}`;
 }
 
 function chosen() { // a file chosen (or none): the picture shown small; the fit, and a video's strength, offered
+  $("#remove-input").hidden = !$("#input_reference").files.length;
+  $("#remove-last").hidden = !$("#last_frame").files.length;
   const image = $("#first-frame-preview");
   if (image.src.startsWith("blob:")) URL.revokeObjectURL(image.src);
   const [file] = $("#input_reference").files;
   const picture = Boolean(model && model.image_to_video);
   image.hidden = !(file && picture);
   image.src = file && picture ? URL.createObjectURL(file) : "";
-  $("#resize-option").hidden = !(picture || sendsVideo());
-  $("#strength-option").hidden = !(remixing || sendsVideo());
+  offer("#resize-option", picture || sendsVideo());
+  offer("#strength-option", remixing || sendsVideo());
 }
 
 let remixing = null; // the completed video the form remixes, or null to create one
@@ -105,9 +121,10 @@ function remixMode(video) { // video: remix it; null: back to creating
   $("#remix-of").textContent = video ? video.prompt : "";
   $("#input-file").hidden = Boolean(video); // a remix redraws the served video
   chosen();
-  for (const name of ["size", "seconds", "riflex"]) { // a remix keeps the video's
+  for (const name of ["size", "seconds"]) { // a remix keeps the video's
     $(`#${name}`).disabled = Boolean(video);
   }
+  $("#riflex").disabled = Boolean(video) || !(model && model.riflex_max_seconds);
   for (const name of ["num_inference_steps", "guidance_scale", "seed"]) { // and defaults to its settings
     const input = $(`#${name}`);
     input.dataset.own ??= input.placeholder; // the creating form's, the first time through
@@ -129,13 +146,12 @@ async function submit(event) {
   const numbers = remixing || sendsVideo() ? ["num_inference_steps", "guidance_scale", "seed", "strength"]
     : ["seconds", "num_inference_steps", "guidance_scale", "seed"];
   if (sendsVideo()) numbers.push("seconds");
-  for (const name of texts) {
-    const value = $(`#${name}`).value;
-    if (value) body[name] = value;
+  const fields = (names) => names.map((name) => $(`#${name}`)).filter((field) => !field.disabled);
+  for (const field of fields(texts)) {
+    if (field.value) body[field.name] = field.value;
   }
-  for (const name of numbers) {
-    const value = $(`#${name}`).value;
-    if (value !== "") body[name] = Number(value);
+  for (const field of fields(numbers)) {
+    if (field.value !== "") body[field.name] = Number(field.value);
   }
   if (!remixing && $("#riflex").checked) body.riflex = true;
   if ($("#lora").value) { // "name" or "name:scale", the form the API takes in JSON and in forms alike
@@ -243,8 +259,12 @@ function render(video, prepend = false) {
   card.querySelector(".details").textContent = describe(video);
   card.querySelector(".error").textContent = video.error ? video.error.message : "";
   card.querySelector(".delete").textContent = ["queued", "in_progress"].includes(video.status) ? "Cancel" : "Delete";
-  if (video.status === "completed" && previous !== "completed") {
-    attachVideo(card, video).catch((error) => say(error.message, true));
+  if (video.status === "completed" && (previous !== "completed" || card.needsKey)) {
+    card.needsKey = false;
+    attachVideo(card, video).catch((error) => {
+      card.needsKey = error instanceof NeedsKey; // fetched again by the refresh the key given starts
+      say(error.message, true);
+    });
   }
   $("#empty").hidden = cards.size > 0;
 }
@@ -253,6 +273,10 @@ function drop(id) { // a card off the page, with the downloaded copy of its vide
   const card = cards.get(id);
   if (!card) return;
   if (remixing && remixing.id === id) remixMode(null); // its video is gone
+  if (card.contains(document.activeElement)) { // the focus not lost with it: on the next card's, or the prompt
+    const next = card.nextElementSibling || card.previousElementSibling;
+    (next ? next.querySelector(".delete") : $("#prompt")).focus();
+  }
   const player = card.querySelector("video");
   if (player && player.src.startsWith("blob:")) URL.revokeObjectURL(player.src);
   const gif = card.querySelector(".gif");
@@ -339,9 +363,24 @@ async function refresh() {
 }
 
 $("#create").addEventListener("submit", submit);
-$("#stop-remix").addEventListener("click", () => remixMode(null));
+$("#create").addEventListener("invalid", (event) => { // the field the browser points at, seen: its Options opened
+  const details = event.target.closest("details");
+  if (details) details.open = true;
+}, true); // (invalid does not bubble)
+$("#stop-remix").addEventListener("click", () => { // the button goes: back to the prompt, as a remix began
+  remixMode(null);
+  $("#prompt").focus();
+});
 $("#riflex").addEventListener("change", longest);
 $("#input_reference").addEventListener("change", chosen);
+$("#last_frame").addEventListener("change", chosen);
+for (const [button, input] of [["#remove-input", "#input_reference"], ["#remove-last", "#last_frame"]]) {
+  $(button).addEventListener("click", () => { // the file unchosen, and what it offered; the picker focused
+    $(input).value = "";
+    chosen();
+    $(input).focus(); // the button goes
+  });
+}
 $("#older").addEventListener("click", () => { wanted += 50; schedule(0); });
 $("#prompt").addEventListener("keydown", (event) => { // Enter is a new line; Ctrl+Enter (⌘+Enter) generates
   if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
