@@ -414,6 +414,15 @@ def test_a_header_length_past_the_end_of_the_file_is_a_load_error(model_copy, he
         Pipeline.from_pretrained(model_copy)
 
 
+def test_a_header_nested_too_deep_is_a_load_error_naming_the_file(model_copy):
+    """"[[[[..." exhausts the JSON parser's recursion: a RecursionError traceback, not a message."""
+    path = model_copy / "vae" / WEIGHTS
+    nested = b"[" * 100_000 + b"]" * 100_000
+    path.write_bytes(len(nested).to_bytes(8, "little") + nested)
+    with pytest.raises(LoadError, match=f"cannot read {path}: damaged safetensors header"):
+        Pipeline.from_pretrained(model_copy)
+
+
 def edit_header(path, edit):
     """Rewrite the JSON header of a safetensors file through `edit(header)`, its tensor bytes unchanged."""
     data = path.read_bytes()

@@ -133,7 +133,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
                 )
             try:
                 header = json.loads(f.read(length))
-            except (ValueError, MemoryError):
+            except (ValueError, MemoryError, RecursionError):  # "[[[[...": the parser recurses per level
                 raise LoadError(f"cannot read {path}: damaged safetensors header") from None
     except OSError as e:
         raise LoadError(f"cannot read {path}: {e.strerror or e}") from None
