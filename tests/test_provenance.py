@@ -134,3 +134,26 @@ def test_an_int8_text_encoder_is_recorded_and_made_again(capsys, tiny_rope_dir, 
     plain = tmp_path / "plain.mp4"
     assert main([*argv[:-len(SMALL) - 2], *SMALL, "-o", str(plain)]) == 0
     assert not np.array_equal(read_video(plain)[0], read_video(made)[0])  # the text states did change
+
+
+@pytest.mark.parametrize(
+    "fields, why",
+    [
+        ({"lora": 5}, "lora is 5, not a list of [path, scale] pairs"),
+        ({"lora": [["style.safetensors"]]}, "lora is [['style.safetensors']], not a list of [path, scale] pairs"),
+        ({"video_number": 2}, "video_number is 2, not [i, n]"),
+        ({"video_number": [1]}, "video_number is [1], not [i, n]"),
+        ({"model": 5}, "model is 5, not a string"),
+        ({"dynamic_cfg": 5}, "dynamic_cfg is 5, not a string"),
+        ({"steps": [4]}, "steps is [4], not a string or a number"),
+    ],
+    ids=["lora number", "lora half pair", "video_number number", "video_number short", "model number",
+         "dynamic_cfg number", "steps list"],
+)
+def test_info_on_a_damaged_record_says_so_in_one_line(capsys, tmp_path, fields, why):
+    """A record edited by hand or damaged: info stopped with a TypeError, ValueError or IndexError traceback."""
+    video = export_video(np.zeros((3, 16, 16, 3), np.uint8), tmp_path / "v.mp4",
+                         metadata={MARK: "0.1.0", "prompt": "p", "seed": 1, **fields})  # fmt: skip
+    assert main(["info", str(video)]) == 1
+    assert capsys.readouterr().out == f"{video}: its cogvideox record is damaged ({why})\n"
+

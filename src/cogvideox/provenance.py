@@ -13,6 +13,7 @@ import os
 import shlex
 
 from cogvideox import __version__
+from cogvideox.values import is_finite_number
 
 # The key that marks a record as ours, with the version that wrote it.
 MARK = "cogvideox"
@@ -73,6 +74,36 @@ def describe_remade(path: str | os.PathLike, metadata: dict) -> str | None:
         return f"{path}: regenerated from the inversion {source}; make it again with: {shlex.join(again)}"
     what = "VAE round trip" if made_by == "encode" else "reconstruction"
     return f"{path}: the {what} of {source} by cogvideox {made_by} (no generation to record)"
+
+
+# The record's fields that `command` writes as an option's value: each a str or a number.
+_OPTION_FIELDS = ("model", "seed", "steps", "guidance", "dynamic_cfg", "scheduler", "frames", "height", "width",
+                  "fps", "negative_prompt", "max_sequence_length", "windows", "image", "last_image", "video",
+                  "video_fps", "strength", "extend", "resize", "quantize", "quantize_text", "attention", "cache")
+
+
+def damage(entry: dict) -> str | None:
+    """What is wrong with a record's fields (an edited or damaged file), or None: a field `command` and
+    `describe` read that is not of the kind they write, named with its value."""
+    for key in _OPTION_FIELDS:
+        value = entry.get(key)
+        if value is not None and not isinstance(value, str | int | float):
+            return f"{key} is {value!r}, not a string or a number"
+    for key in ("dynamic_cfg", "resize", "model"):
+        if entry.get(key) is not None and not isinstance(entry[key], str):
+            return f"{key} is {entry[key]!r}, not a string"
+    loras = entry.get("lora", [])
+    if not isinstance(loras, list) or not all(
+        isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str) and is_finite_number(pair[1])
+        for pair in loras
+    ):
+        return f"lora is {loras!r}, not a list of [path, scale] pairs"
+    number = entry.get("video_number")
+    if number is not None and not (
+        isinstance(number, list) and len(number) == 2 and all(type(n) is int and n > 0 for n in number)
+    ):
+        return f"video_number is {number!r}, not [i, n]"
+    return None
 
 
 def command(entry: dict) -> list[str]:
