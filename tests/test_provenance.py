@@ -157,3 +157,17 @@ def test_info_on_a_damaged_record_says_so_in_one_line(capsys, tmp_path, fields, 
     assert main(["info", str(video)]) == 1
     assert capsys.readouterr().out == f"{video}: its cogvideox record is damaged ({why})\n"
 
+
+def test_values_that_start_with_a_dash_are_read_back_as_values():
+    """`generate -cat --negative-prompt -blurry` is refused by the parser ("expected one argument"): the
+    command is written so that it parses to the recorded values."""
+    from cogvideox.cli import build_parser
+
+    entry = {MARK: "0.1.0", "prompt": "-cat", "seed": 1, "negative_prompt": "-blurry", "image": "-first.png",
+             "lora": [["-style.safetensors", -0.5]]}  # fmt: skip
+    argv = command(entry, "again.mp4")
+    assert argv[-2:] == ["--", "-cat"] and "--negative-prompt=-blurry" in argv
+    args = build_parser().parse_args(argv[1:])
+    assert (args.prompt, args.negative_prompt, args.image, args.output) == ("-cat", "-blurry", "-first.png", "again.mp4")
+    assert (args.lora, args.lora_scale) == (["-style.safetensors"], [-0.5])
+    assert command({MARK: "0.1.0", "prompt": "a cat", "seed": 1}, "again.mp4")[2] == "a cat"  # the usual order

@@ -106,24 +106,34 @@ def damage(entry: dict) -> str | None:
     return None
 
 
-def command(entry: dict) -> list[str]:
-    """The `cogvideox generate` arguments that make the recorded video again (the output name left to
-    the user). Inputs are named by the paths recorded, relative to where the video was made."""
-    args = ["cogvideox", "generate", entry["prompt"]]
+def _option(name: str, value) -> list[str]:
+    """`name value`, or `name=value` for a value that starts with "-" ("-blurry", a path "-x.png"): argparse
+    would take it for an option of its own and stop with "expected one argument"."""
+    value = str(value)  # a float as its shortest exact form
+    return [f"{name}={value}"] if value.startswith("-") else [name, value]
+
+
+def command(entry: dict, output: str | None = None) -> list[str]:
+    """The `cogvideox generate` arguments that make the recorded video again, writing `output` (None: the
+    name left to the user). Inputs are named by the paths recorded, relative to where the video was made.
+    A prompt that starts with "-" comes last, after "--", so that it is read as the prompt."""
+    prompt = entry["prompt"]
+    dashed = prompt.startswith("-")
+    args = ["cogvideox", "generate"] + ([] if dashed else [prompt])
 
     def flag(name: str, key: str, default=None) -> None:
         value = entry.get(key)
         if value is not None and value != default:
-            args.extend([name, str(value)])  # a float as its shortest exact form
+            args.extend(_option(name, value))
 
     if entry.get("model"):  # None: the demo model
-        args += ["--model", entry["model"]]
+        args += _option("--model", entry["model"])
     flag("--seed", "seed")
     flag("--steps", "steps")
     flag("--guidance", "guidance")
     cfg = entry.get("dynamic_cfg")
     if cfg is not None:
-        args += ["--no-dynamic-cfg"] if cfg == "off" else ["--dynamic-cfg", "--dynamic-cfg-clock", cfg]
+        args += ["--no-dynamic-cfg"] if cfg == "off" else ["--dynamic-cfg", *_option("--dynamic-cfg-clock", cfg)]
     flag("--scheduler", "scheduler")
     flag("--frames", "frames")
     flag("--height", "height")
@@ -142,9 +152,9 @@ def command(entry: dict) -> list[str]:
         flag("--strength", "strength")
     flag("--extend", "extend")
     if entry.get("resize") not in (None, "stretch"):
-        args += ["--resize", entry["resize"]]
+        args += _option("--resize", entry["resize"])
     for path, scale in entry.get("lora", []):
-        args += ["--lora", path, "--lora-scale", str(scale)]
+        args += [*_option("--lora", path), *_option("--lora-scale", scale)]
     flag("--quantize", "quantize")
     flag("--quantize-text", "quantize_text")
     flag("--attention", "attention")
@@ -152,7 +162,9 @@ def command(entry: dict) -> list[str]:
     number = entry.get("video_number")
     if number:
         args += ["--num-videos", str(number[1])]
-    return args
+    if output is not None:
+        args += _option("--output", output)
+    return args + (["--", prompt] if dashed else [])
 
 
 def describe(entry: dict, suffix: str = ".mp4") -> list[str]:
@@ -164,7 +176,7 @@ def describe(entry: dict, suffix: str = ".mp4") -> list[str]:
     width = max(map(len, shown), default=0)
     lines += [f"  {key.ljust(width)}  {value}" for key, value in shown.items()]
     output = "again-%04d.png" if suffix == ".png" else f"again{suffix}"
-    again = shlex.join([*command(entry), "--output", output])
+    again = shlex.join(command(entry, output))
     number = entry.get("video_number")
     lines.append(f"again: {again}" + (f"  (video {number[0]} of the {number[1]})" if number else ""))
     return lines
