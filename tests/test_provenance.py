@@ -171,3 +171,16 @@ def test_values_that_start_with_a_dash_are_read_back_as_values():
     assert (args.prompt, args.negative_prompt, args.image, args.output) == ("-cat", "-blurry", "-first.png", "again.mp4")
     assert (args.lora, args.lora_scale) == (["-style.safetensors"], [-0.5])
     assert command({MARK: "0.1.0", "prompt": "a cat", "seed": 1}, "again.mp4")[2] == "a cat"  # the usual order
+
+
+@pytest.mark.parametrize("comment", ["[" * 100_000 + "]" * 100_000, '{"seed": ' + "1" * 5000 + "}"],
+                         ids=["nested", "huge integer"])
+def test_a_comment_that_json_cannot_hold_is_no_record(capsys, tmp_path, comment):
+    """A RecursionError or ValueError traceback before: such a comment is another program's, not ours."""
+    from PIL import Image
+
+    path = tmp_path / "v.gif"
+    Image.new("RGB", (16, 16)).save(path, comment=comment.encode())
+    assert read_metadata(path) == {}
+    assert main(["info", str(path)]) == 1
+    assert capsys.readouterr().out == f"{path}: no cogvideox record (made by another program, or re-encoded since)\n"
