@@ -714,3 +714,14 @@ def test_videos_of_removed_lines_are_named_not_passed_over(capsys, tmp_path):
             "0001-a-blue-cube.mp4): of lines since removed or moved") in err  # fmt: skip
     assert sorted(p.name for p in out.glob("*.mp4")) == ["0000-a-blue-cube.mp4", "0000-a-red-ball.mp4",
                                                          "0001-a-blue-cube.mp4"]  # fmt: skip
+
+
+def test_manifest_lines_json_cannot_read_are_redone_not_a_traceback(tmp_path):
+    """A line nested past the JSON parser's stack, or holding an integer too long to convert, stopped the
+    resumed batch with a RecursionError or ValueError; like a line cut short, its video is made again."""
+    from cogvideox.batch import _latest_entries
+
+    good = json.dumps({"file": "a.mp4", "seed": 1})
+    (tmp_path / MANIFEST).write_text("\n".join([good, "[" * 100_000 + "]" * 100_000,
+                                                '{"file": "b.mp4", "seed": ' + "1" * 5000 + "}"]) + "\n")  # fmt: skip
+    assert _latest_entries(tmp_path) == {"a.mp4": {"file": "a.mp4", "seed": 1}}
