@@ -756,3 +756,14 @@ def test_a_video_finished_in_a_round_another_process_dies_in_keeps_its_line(tmp_
     assert [e["index"] for e in entries] == [0]  # the second was finished
     assert sorted(e["index"] for e in _manifest(out)) == [0, 1]
     assert sorted(p.name for p in out.iterdir()) == sorted([LOCK, MANIFEST] + [e["file"] for e in _manifest(out)])
+
+
+def test_manifest_lines_json_cannot_read_are_redone_not_a_traceback(tmp_path):
+    """A line nested past the JSON parser's stack, or holding an integer too long to convert, stopped the
+    resumed batch with a RecursionError or ValueError; like a line cut short, its video is made again."""
+    from cogvideox.batch import _latest_entries
+
+    good = json.dumps({"file": "a.mp4", "seed": 1})
+    (tmp_path / MANIFEST).write_text("\n".join([good, "[" * 100_000 + "]" * 100_000,
+                                                '{"file": "b.mp4", "seed": ' + "1" * 5000 + "}"]) + "\n")  # fmt: skip
+    assert _latest_entries(tmp_path) == {"a.mp4": {"file": "a.mp4", "seed": 1}}

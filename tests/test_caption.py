@@ -256,3 +256,15 @@ def test_a_second_run_in_the_same_folder_is_refused(endpoint, folder, capsys):
     assert not (folder / "metadata.jsonl").exists()
     assert main(["caption", str(folder), "--captioner", url, "--quiet"]) == 0  # once it is done
     assert len(read_metadata(folder)) == 2
+
+
+@pytest.mark.parametrize("line", [b"[" * 100_000 + b"]" * 100_000, b'{"video": "a.mp4", "n": ' + b"1" * 5000 + b"}"],
+                         ids=["nested", "huge integer"])
+def test_a_metadata_line_json_cannot_read_is_named_before_captioning(tmp_path, line):
+    """The caption command rewrites metadata.jsonl, so a line it cannot read must be mended first; such a
+    line was a RecursionError or ValueError traceback."""
+    from cogvideox.caption import read_entries
+
+    (tmp_path / "metadata.jsonl").write_bytes(b'{"video": "a.mp4", "caption": "x"}\n' + line + b"\n")
+    with pytest.raises(InputError, match=r"metadata.jsonl line 2 is not an object with a \"video\" path"):
+        read_entries(tmp_path)

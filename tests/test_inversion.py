@@ -391,3 +391,30 @@ def test_invert_and_regenerate_take_the_memory_flags(tiny_rope_dir, tmp_path, ca
     err = capsys.readouterr().err
     assert err == "cogvideox: error: out of GPU memory; try --dtype bf16, --vae-tiling or an --offload mode\n"
     assert not (tmp_path / "back.mp4").exists()
+
+
+@pytest.mark.parametrize(
+    "fields, why",
+    [({"prompt": 5}, "prompt is 5, not a string"), ({"num_frames": "9"}, "num_frames is '9', not a positive integer"),
+     ({"height": True}, "height is True, not a positive integer"), ({"fps": -8}, "fps is -8, not a positive number"),
+     ({"guidance_scale": [6]}, r"guidance_scale is \[6\], not a number >= 0")],
+    ids=["prompt", "num_frames", "height", "fps", "guidance_scale"],
+)
+def test_an_inversion_request_of_the_wrong_types_is_an_input_error_naming_the_file(capsys, tmp_path, fields, why):
+    """An edited or damaged file was read as it was, to fail with a traceback in the middle of a regeneration."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from cogvideox.cli import main
+    from cogvideox.inversion import FORMAT
+
+    request = dict(prompt="a dog", negative_prompt="", guidance_scale=6.0, num_inference_steps=2, num_frames=9,
+                   height=32, width=48, max_sequence_length=16, fps=8) | fields  # fmt: skip
+    path = tmp_path / "latents.safetensors"
+    save_file({"latents": torch.zeros(1, 3, 4, 4, 6)}, str(path),
+              metadata={"format": FORMAT, "request": json.dumps(request)})  # fmt: skip
+    with pytest.raises(InputError, match=f"cannot read {path} as a DDIM inversion: its request is damaged \\({why}\\)"):
+        Inversion.load(path)
+    assert main(["info", str(path)]) == 2
+    assert capsys.readouterr().err.startswith(f"cogvideox: error: cannot read {path} as a DDIM inversion")

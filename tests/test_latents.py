@@ -373,3 +373,47 @@ def test_the_vae_alone_turns_running_out_of_gpu_memory_into_advice(tiny_rope_dir
                                                    "with 1.00 GiB free; try fewer --frames"):  # fmt: skip
             vae.decode(torch.zeros(3, 4, 4, 6))
     assert tries == [False, True] and not vae.vae.use_tiling  # tiling was for the retry only
+
+
+@pytest.mark.parametrize(
+    "fields, why",
+    [
+        ({"fps": "8"}, "fps is '8', not a positive number"),
+        ({"fps": None}, "fps is None, not a positive number"),
+        ({"model": 5}, "model is 5, not a str"),
+        ({"record": ["a cat"]}, "record is ['a cat'], not a dict"),
+        ({"record": "a cat"}, "record is 'a cat', not a dict"),
+        ({"source": 5, "made_by": "encode"}, "source is 5, not a str"),
+        ({"made_by": ["encode"]}, "made_by is ['encode'], not one of generate, encode"),
+    ],
+    ids=["fps text", "fps null", "model number", "record list", "record text", "source number", "made_by list"],
+)
+def test_latents_metadata_of_the_wrong_type_is_one_line_naming_the_file(capsys, tmp_path, fields, why):
+    """An edited or damaged file: info and decode stopped with an AttributeError or TypeError traceback, or
+    later, in the middle of the decode."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "l.safetensors"
+    video = {"model": None, "fps": 8, "made_by": "generate", "record": None, "source": None} | fields
+    save_file({"latents": torch.zeros(2, 8, 4, 6)}, str(path), metadata={"format": "cogvideox-latents",
+                                                                          "video": json.dumps(video)})
+    for command in ("info", "decode"):
+        assert main([command, str(path), "--quiet"] if command == "decode" else [command, str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err == f"cogvideox: error: cannot read {path} as latents: its metadata is damaged ({why})\n"
+    assert not (tmp_path / "l.mp4").exists()
+
+
+@pytest.mark.parametrize(
+    "latents, why",
+    [(torch.full((2, 8, 4, 6), float("nan")), "the latents hold NaN or infinite values"),
+     (torch.zeros(2, 8, 4, 6, dtype=torch.int32), "latents must be floating-point, got torch.int32")],
+    ids=["nan", "int"],
+)
+def test_latents_that_cannot_make_a_video_are_refused_before_decoding(capsys, tmp_path, latents, why):
+    """NaN latents (from a run whose sampling failed) decoded to a video of garbage, written without a word."""
+    path = LatentVideo(latents, None, 8).save(tmp_path / "l.safetensors")
+    assert main(["decode", str(path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"cogvideox: error: {why}") and err.count("\n") == 1
+    assert not (tmp_path / "l.mp4").exists()

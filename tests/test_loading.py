@@ -414,6 +414,15 @@ def test_a_header_length_past_the_end_of_the_file_is_a_load_error(model_copy, he
         Pipeline.from_pretrained(model_copy)
 
 
+def test_a_header_nested_too_deep_is_a_load_error_naming_the_file(model_copy):
+    """"[[[[..." exhausts the JSON parser's recursion: a RecursionError traceback, not a message."""
+    path = model_copy / "vae" / WEIGHTS
+    nested = b"[" * 100_000 + b"]" * 100_000
+    path.write_bytes(len(nested).to_bytes(8, "little") + nested)
+    with pytest.raises(LoadError, match=f"cannot read {path}: damaged safetensors header"):
+        Pipeline.from_pretrained(model_copy)
+
+
 def edit_header(path, edit):
     """Rewrite the JSON header of a safetensors file through `edit(header)`, its tensor bytes unchanged."""
     data = path.read_bytes()
@@ -666,3 +675,19 @@ def test_an_incomplete_cached_snapshot_with_the_hub_unreachable_says_so(tiny_rop
     with pytest.raises(LoadError, match=rf"THUDM/CogVideoX-2b is incomplete in the Hugging Face cache \(.*missing vae/{WEIGHTS}\) .*the hub cannot be reached") as info:
         resolve_model_dir("THUDM/CogVideoX-2b")
     assert "not a CogVideoX model folder" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["model_index.json", "transformer/config.json", "vae/config.json",
+                                  "scheduler/scheduler_config.json"])
+@pytest.mark.parametrize(
+    "text, why",
+    [(b'{"_class_name": "\xff"}', r"is not UTF-8 text \(byte 17\)"),
+     (b"[" * 100_000 + b"]" * 100_000, "is not valid JSON: nested too deep"),
+     (b'{"num_layers": ' + b"1" * 5000 + b"}", "is not valid JSON: Exceeds the limit")],
+    ids=["latin-1", "nested", "huge integer"],
+)
+def test_a_config_json_that_json_cannot_read_is_a_load_error_naming_the_file(model_copy, name, text, why):
+    """A UnicodeDecodeError, RecursionError or ValueError traceback before."""
+    (model_copy / name).write_bytes(text)
+    with pytest.raises(LoadError, match=f"{model_copy / name} {why}"):
+        Pipeline.from_pretrained(model_copy)

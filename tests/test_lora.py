@@ -549,3 +549,38 @@ def test_a_lora_path_with_a_tilde_and_a_model_folder_given_as_a_lora(tiny_rope_d
     with pytest.raises(InputError, match=rf"^{tiny_rope_dir} is a model folder, not a LoRA: give it as the model "
                                          rf"\(--model {tiny_rope_dir}\)$"):
         lora.read_lora(tiny_rope_dir)
+
+
+def _pair(a=None, b=None, prefix="transformer.transformer_blocks.0.attn1.to_q"):
+    a = torch.randn(4, 32) if a is None else a
+    return {f"{prefix}.lora_A.weight": a, f"{prefix}.lora_B.weight": torch.randn(32, a.shape[0]) if b is None else b}
+
+
+@pytest.mark.parametrize(
+    "tensors, metadata, why",
+    [
+        (_pair(), {"lora_adapter_metadata": '{"lora_alpha": ' + "1" * 5000 + "}"}, "not valid JSON"),
+        (_pair(), {"lora_adapter_metadata": "[" * 100_000 + "]" * 100_000}, "not valid JSON"),
+        (_pair() | {"transformer.transformer_blocks.0.attn1.to_q.alpha": torch.ones(3)}, None, "one real number"),
+        (_pair() | {"transformer.transformer_blocks.0.attn1.to_q.alpha": torch.tensor(True)}, None, "one real number"),
+        (_pair(torch.zeros(0, 32), torch.zeros(32, 0)), {"lora_adapter_metadata": '{"lora_alpha": 4}'}, "rank 0"),
+        (_pair(torch.ones(4, 32, dtype=torch.int32)), None, "holds torch.int32 values"),
+        (_pair(torch.ones(4, 32, dtype=torch.complex64)), None, "holds torch.complex64 values"),
+        (_pair(torch.full((4, 32), float("nan"))), None, "NaN or infinite"),
+        (_pair(torch.randn(3, 32), torch.randn(32, 4)), None, "do not chain"),
+        (_pair() | _pair(prefix="transformer_blocks.0.attn1.to_q"), None, "are the same LoRA weight; keep one"),
+    ],
+    ids=["huge alpha", "nested", "alpha of 3 values", "bool alpha", "rank 0", "int", "complex", "nan", "mismatch",
+         "with and without prefix"],
+)
+def test_damaged_lora_files_are_input_errors_naming_the_file(tiny_rope_dir, tmp_path, tensors, metadata, why):
+    """A ValueError, RecursionError or ZeroDivisionError traceback before; integer and complex weights were
+    cast without a word, NaN weights gave a black video, and of a weight named with and without the
+    `transformer.` prefix the later one silently won."""
+    path = tmp_path / "bad.safetensors"
+    save_file({k: v.clone() for k, v in tensors.items()}, str(path), metadata=metadata)
+    pipe = Pipeline.from_pretrained(tiny_rope_dir)
+    before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    with pytest.raises(InputError, match=f"{path}: .*{why}"):
+        pipe.load_lora(path)
+    assert pipe.transformer.state_dict().keys() == before.keys()

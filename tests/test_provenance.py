@@ -134,3 +134,53 @@ def test_an_int8_text_encoder_is_recorded_and_made_again(capsys, tiny_rope_dir, 
     plain = tmp_path / "plain.mp4"
     assert main([*argv[:-len(SMALL) - 2], *SMALL, "-o", str(plain)]) == 0
     assert not np.array_equal(read_video(plain)[0], read_video(made)[0])  # the text states did change
+
+
+@pytest.mark.parametrize(
+    "fields, why",
+    [
+        ({"lora": 5}, "lora is 5, not a list of [path, scale] pairs"),
+        ({"lora": [["style.safetensors"]]}, "lora is [['style.safetensors']], not a list of [path, scale] pairs"),
+        ({"video_number": 2}, "video_number is 2, not [i, n]"),
+        ({"video_number": [1]}, "video_number is [1], not [i, n]"),
+        ({"model": 5}, "model is 5, not a string"),
+        ({"dynamic_cfg": 5}, "dynamic_cfg is 5, not a string"),
+        ({"steps": [4]}, "steps is [4], not a string or a number"),
+    ],
+    ids=["lora number", "lora half pair", "video_number number", "video_number short", "model number",
+         "dynamic_cfg number", "steps list"],
+)
+def test_info_on_a_damaged_record_says_so_in_one_line(capsys, tmp_path, fields, why):
+    """A record edited by hand or damaged: info stopped with a TypeError, ValueError or IndexError traceback."""
+    video = export_video(np.zeros((3, 16, 16, 3), np.uint8), tmp_path / "v.mp4",
+                         metadata={MARK: "0.1.0", "prompt": "p", "seed": 1, **fields})  # fmt: skip
+    assert main(["info", str(video)]) == 1
+    assert capsys.readouterr().out == f"{video}: its cogvideox record is damaged ({why})\n"
+
+
+def test_values_that_start_with_a_dash_are_read_back_as_values():
+    """`generate -cat --negative-prompt -blurry` is refused by the parser ("expected one argument"): the
+    command is written so that it parses to the recorded values."""
+    from cogvideox.cli import build_parser
+
+    entry = {MARK: "0.1.0", "prompt": "-cat", "seed": 1, "negative_prompt": "-blurry", "image": "-first.png",
+             "lora": [["-style.safetensors", -0.5]]}  # fmt: skip
+    argv = command(entry, "again.mp4")
+    assert argv[-2:] == ["--", "-cat"] and "--negative-prompt=-blurry" in argv
+    args = build_parser().parse_args(argv[1:])
+    assert (args.prompt, args.negative_prompt, args.image, args.output) == ("-cat", "-blurry", "-first.png", "again.mp4")
+    assert (args.lora, args.lora_scale) == (["-style.safetensors"], [-0.5])
+    assert command({MARK: "0.1.0", "prompt": "a cat", "seed": 1}, "again.mp4")[2] == "a cat"  # the usual order
+
+
+@pytest.mark.parametrize("comment", ["[" * 100_000 + "]" * 100_000, '{"seed": ' + "1" * 5000 + "}"],
+                         ids=["nested", "huge integer"])
+def test_a_comment_that_json_cannot_hold_is_no_record(capsys, tmp_path, comment):
+    """A RecursionError or ValueError traceback before: such a comment is another program's, not ours."""
+    from PIL import Image
+
+    path = tmp_path / "v.gif"
+    Image.new("RGB", (16, 16)).save(path, comment=comment.encode())
+    assert read_metadata(path) == {}
+    assert main(["info", str(path)]) == 1
+    assert capsys.readouterr().out == f"{path}: no cogvideox record (made by another program, or re-encoded since)\n"

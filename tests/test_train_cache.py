@@ -221,3 +221,13 @@ def test_a_frame_rate_given_as_a_float_reads_the_entries_of_the_same_integer_rat
     assert again.encoded == 0
     other = precompute(clips, BUCKETS, 7.5, vae, text, tmp_path / "cache", max_sequence_length=16, progress=False)
     assert other.encoded == 3
+
+
+def test_a_cache_entry_whose_header_nests_too_deep_is_not_intact(tmp_path):
+    # "[[[[..." exhausts the JSON parser's recursion: a RecursionError stopped the run.
+    from cogvideox.train.cache import _intact
+
+    nested = b"[" * 100_000 + b"]" * 100_000
+    entry = tmp_path / "entry.safetensors"
+    entry.write_bytes(len(nested).to_bytes(8, "little") + nested)
+    assert _intact(entry) is False

@@ -139,3 +139,19 @@ def test_direct_construction_checks_values():
     # No guidance given: the model's recommendation (filled in by the run); 0 and 1 (guidance off) are fine.
     assert FinetuneConfig(data="d", output="o").validation_guidance is None
     assert FinetuneConfig(data="d", output="o", validation_guidance=0).validation_guidance == 0
+
+
+@pytest.mark.parametrize("suffix", [".toml", ".yaml"])
+@pytest.mark.parametrize(
+    "text, why",
+    [(b'output = "\xff"\n', r"is not UTF-8 text \(byte (9|10)\)"),
+     (b"rank = " + b"[" * 100_000 + b"]" * 100_000 + b"\n", "is not valid (TOML|YAML): nested too deep"),
+     (b"rank = " + b"1" * 5000 + b"\n", "is not valid (TOML|YAML): Exceeds the limit")],
+    ids=["latin-1", "nested", "huge integer"],
+)
+def test_a_config_file_its_parser_cannot_read_is_an_input_error_naming_it(tmp_path, suffix, text, why):
+    """A UnicodeDecodeError, RecursionError or ValueError traceback before."""
+    path = tmp_path / f"run{suffix}"
+    path.write_bytes(text.replace(b" = ", b": ") if suffix == ".yaml" else text)
+    with pytest.raises(InputError, match=f"{path} {why}"):
+        read_config_file(path)

@@ -268,10 +268,32 @@ def test_listing_files_saved_with_a_byte_order_mark_and_crlf_are_read(tmp_path, 
     assert skipped == []
 
 
-def test_a_listing_file_that_is_not_utf8_is_named(tmp_path):
-    (tmp_path / "metadata.jsonl").write_bytes(b'{"video": "a.mp4", "caption": "x"}\n{"video": "b.mp4", "caption": "caf\xe9"}\n')
-    with pytest.raises(InputError, match=r"metadata.jsonl line 2 is not UTF-8 text"):
-        scan_folder(tmp_path)
+def test_bad_metadata_lines_are_named_and_skipped_and_the_others_read(tmp_path):
+    """One damaged line stopped the whole run (a line not UTF-8), or did so with a traceback (nested past
+    the JSON parser's stack, an integer too long to convert); a raw U+2028 in a caption split its line."""
+    for name in ("a.mp4", "b.mp4"):
+        (tmp_path / name).write_bytes(b"")
+    rows = [
+        b'{"video": "a.mp4", "caption": "x"}',
+        b'{"video": "b.mp4", "caption": "caf\xe9"}',
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"video": "b.mp4", "caption": "x", "seed": ' + b"1" * 5000 + b"}",
+        b'["b.mp4", "x"]',
+        b'{"video": 5, "caption": "x"}',
+        b'{"video": "b.mp4", "caption": 5}',
+        '{"video": "b.mp4", "caption": "one\u2028two"}'.encode(),
+    ]
+    (tmp_path / "metadata.jsonl").write_bytes(b"\n".join(rows) + b"\n")
+    clips, skipped = scan_folder(tmp_path)
+    assert [(c.name, c.caption) for c in clips] == [("a.mp4", "x"), ("b.mp4", "one\u2028two")]
+    assert [str(s) for s in skipped] == [
+        "metadata.jsonl line 2: not UTF-8 text",
+        "metadata.jsonl line 3: not a JSON object",
+        "metadata.jsonl line 4: not a JSON object",
+        "metadata.jsonl line 5: not a JSON object",
+        'metadata.jsonl line 6: no "video" path',
+        "b.mp4: no caption",
+    ]
 
 
 def test_a_variable_frame_rate_video_is_sampled_by_its_timestamps(tmp_path):

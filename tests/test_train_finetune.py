@@ -829,3 +829,12 @@ def test_a_full_disk_under_the_log_is_one_line_naming_the_step_to_continue_from(
         finetune(config(data_dir, tiny_rope_dir, tmp_path, steps=3, checkpoint_every=2))
     assert str(refused.value) == (f"{tmp_path / 'loss.jsonl'}: No space left on device; run the same command again "
                                   "once that is mended to continue from step 2, its newest checkpoint")
+
+
+@pytest.mark.parametrize("text", [b"[" * 100_000 + b"]" * 100_000, b'{"lr": "\xff"}'], ids=["nested", "latin-1"])
+def test_a_run_record_json_cannot_read_is_no_record(tmp_path, text):
+    """A RecursionError traceback before, for a record nested past the JSON parser's stack."""
+    from cogvideox.train.finetune import read_recorded_config
+
+    (tmp_path / "config.json").write_bytes(text)
+    assert read_recorded_config(tmp_path) == {}

@@ -108,3 +108,12 @@ def test_stratified_timesteps_cover_the_strata_and_stay_uniform():
     # More draws than timesteps: strata of width 1, shared.
     many = stratified_timesteps(10, 25, range(25), torch.Generator().manual_seed(0), torch.Generator().manual_seed(1))
     assert many.min() >= 0 and many.max() <= 9 and len(set(many.tolist())) == 10
+
+
+def test_damaged_log_lines_are_passed_over(tmp_path):
+    """A line nested past the JSON parser's stack was a RecursionError, bytes that are not UTF-8 a
+    UnicodeDecodeError, when the log was read back (resume, the loss plot)."""
+    path = tmp_path / "loss.jsonl"
+    path.write_bytes(b'{"step": 1, "loss": 0.5}\n' + b"[" * 100_000 + b"]" * 100_000 + b'\n{"step": 2, "\xff": 1}\n'
+                     + b'{"step": 3, "loss": 0.25}\n')  # fmt: skip
+    assert [r["step"] for r in JsonlLog(path, resume_step=3).read()] == [1, 2, 3]

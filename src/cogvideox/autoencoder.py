@@ -153,6 +153,11 @@ class VideoAutoencoder:
             )
         if latents.numel() == 0:
             raise InputError(f"latents of shape {list(latents.shape)} are empty")
+        if not latents.is_floating_point():
+            raise InputError(f"latents must be floating-point, got {latents.dtype}")
+        if not torch.isfinite(latents).all():  # decoded, they are a video of garbage, not an error
+            raise InputError("the latents hold NaN or infinite values: they came from a run that failed; make them "
+                             "again")
 
     @torch.inference_mode()
     def encode(self, frames: np.ndarray, height: int | None = None, width: int | None = None,

@@ -254,7 +254,7 @@ def _latest_entries(output_dir: Path) -> dict[str, dict]:
         for line in manifest.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
                 entry = json.loads(line)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested past the parser's stack
                 continue  # a line cut short by a crash or damaged: its video is redone
             if isinstance(entry, dict) and isinstance(entry.get("file"), str):
                 latest[entry["file"]] = entry

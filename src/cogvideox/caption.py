@@ -124,7 +124,7 @@ def read_entries(folder: Path) -> list[dict]:
                 continue
             try:
                 entry = json.loads(line)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # also nested past the parser's stack, or a huge integer
                 entry = None
             if not isinstance(entry, dict) or not isinstance(entry_video(entry), str):
                 raise InputError(f'{path} line {number} is not an object with a "video" path; mend or remove it')

@@ -373,6 +373,9 @@ def _info(args: argparse.Namespace) -> int:
                     or f"{path}: no cogvideox record (made by another program, or re-encoded since)")  # fmt: skip
             print(note, file=sys.stderr if args.json else sys.stdout)  # --json: stdout holds JSON alone
             status = 1
+        elif (damage := provenance.damage(metadata)) is not None:
+            print(f"{path}: its cogvideox record is damaged ({damage})", file=sys.stderr if args.json else sys.stdout)
+            status = 1
         elif args.json:
             print(json.dumps({"file": str(path), **metadata}, ensure_ascii=False))
         else:

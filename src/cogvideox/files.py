@@ -7,6 +7,7 @@ other users (a web server, a shared cache, a colleague). `usual_mode` restores 0
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import warnings
@@ -146,3 +147,19 @@ def lock_folder(folder: Path, name: str, holder: str, doing: str, flag: str):
             stacklevel=3,
         )
     return handle
+
+
+def read_json(path: Path):
+    """The JSON value a file holds. `ValueError` saying why a file is not JSON we can read: not UTF-8
+    text, not valid JSON, nested deeper than the parser's recursion reaches ("[[[[..."), or an integer
+    longer than Python converts (4300 digits); `OSError` for a file that cannot be read."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not UTF-8 text (byte {e.start})") from None
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("not valid JSON: nested too deep") from None
+    except ValueError as e:  # JSONDecodeError, and the integer too long to convert
+        raise ValueError(f"not valid JSON: {e}") from None

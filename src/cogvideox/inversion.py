@@ -42,6 +42,7 @@ from cogvideox.request import (
 )
 from cogvideox.sampling import DenoiseInputs, denoise, guidance_schedule, predict_velocity
 from cogvideox.schedulers import DDIMScheduler, predict_x0
+from cogvideox.values import is_finite_number
 
 FORMAT = "cogvideox-ddim-inversion"
 
@@ -135,6 +136,33 @@ class InverseDDIM:
 # Inverting a video and regenerating it
 
 
+# The kind of each field of an inversion file's request, as `Inversion` holds it.
+_REQUEST_KINDS = {"prompt": "text", "negative_prompt": "text", "guidance_scale": "number", "fps": "rate",
+                  "num_inference_steps": "count", "num_frames": "count", "height": "count", "width": "count",
+                  "max_sequence_length": "count"}  # fmt: skip
+
+
+def _checked_request(path: Path, request) -> dict:
+    """An inversion file's request, each field of its kind; `InputError` naming the first that is not
+    (an edited or damaged file: a traceback later, in the middle of a regeneration)."""
+    damaged = f"cannot read {path} as a DDIM inversion: its request is damaged"
+    if not isinstance(request, dict):
+        raise InputError(f"{damaged} (a JSON {type(request).__name__}, not an object)")
+    for key, kind in _REQUEST_KINDS.items():
+        value = request.get(key)
+        if value is None and key == "fps":
+            continue
+        fits, wanted = {
+            "text": (isinstance(value, str), "a string"),
+            "number": (is_finite_number(value) and value >= 0, "a number >= 0"),
+            "rate": (is_finite_number(value) and value > 0, "a positive number"),
+            "count": (type(value) is int and value > 0, "a positive integer"),
+        }[kind]
+        if not fits:
+            raise InputError(f"{damaged} ({key} is {value!r}, not {wanted})")
+    return request
+
+
 @dataclass
 class Inversion:
     """Inverted latents and what they were inverted with: regenerating needs the same request."""
@@ -169,7 +197,7 @@ class Inversion:
                 if metadata.get("format") != FORMAT or "latents" not in f.keys():
                     raise InputError(f"{path} is not a DDIM inversion written by cogvideox invert")
                 latents = f.get_tensor("latents")
-            return cls(latents=latents, **json.loads(metadata["request"]))
+            return cls(latents=latents, **_checked_request(path, json.loads(metadata["request"])))
         except InputError:
             raise
         except Exception as e:  # a damaged file or foreign metadata

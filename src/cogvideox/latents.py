@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from cogvideox import inversion
 from cogvideox.errors import InputError
 from cogvideox.files import probe_writable, write_into_place
+from cogvideox.values import is_finite_number
 
 FORMAT = "cogvideox-latents"
 SUFFIX = ".safetensors"
@@ -88,11 +89,28 @@ class LatentVideo:
                                      "--output NAME.safetensors or by cogvideox encode)")  # fmt: skip
                 latents = f.get_tensor("latents")
             fields = json.loads(metadata["video"])
-            return cls(latents=latents, **fields)
+            return cls(latents=latents, **_checked_fields(path, fields))
         except InputError:
             raise
-        except Exception as e:  # a damaged file or foreign metadata
+        except Exception as e:  # a damaged file or foreign metadata; RecursionError for "[[[[..." included
             raise InputError(f"cannot read {path} as latents: {' '.join(str(e).split())}") from None
+
+
+def _checked_fields(path: Path, fields) -> dict:
+    """The `video` metadata of a latents file, each field of the type `LatentVideo` holds; `InputError`
+    naming the first that is not (a damaged or edited file: a traceback later, in decode or info)."""
+    damaged = f"cannot read {path} as latents: its metadata is damaged"
+    if not isinstance(fields, dict):
+        raise InputError(f"{damaged} (a JSON {type(fields).__name__}, not an object)")
+    for key, kind in {"model": str, "record": dict, "source": str}.items():
+        if fields.get(key) is not None and not isinstance(fields[key], kind):
+            raise InputError(f"{damaged} ({key} is {fields[key]!r}, not a {kind.__name__})")
+    if fields.get("made_by", MADE_BY[0]) not in MADE_BY:
+        raise InputError(f"{damaged} (made_by is {fields['made_by']!r}, not one of {', '.join(MADE_BY)})")
+    fps = fields.get("fps")
+    if not is_finite_number(fps) or fps <= 0:
+        raise InputError(f"{damaged} (fps is {fps!r}, not a positive number)")
+    return fields
 
 
 def _holds_inversion(path: str | os.PathLike) -> bool:

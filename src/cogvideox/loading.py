@@ -20,7 +20,6 @@ The dtype and device policy of the package lives here too (`choose_device`, `cho
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import warnings
@@ -31,6 +30,7 @@ from pathlib import Path
 import torch
 
 from cogvideox.errors import InputError, LoadError
+from cogvideox.files import read_json
 from cogvideox.models.config import ConfigError, SchedulerConfig, TransformerConfig, VAEConfig
 from cogvideox.models.transformer import CogVideoXTransformer
 from cogvideox.models.vae import CogVideoXVAE
@@ -326,7 +326,7 @@ def _refuse_component_folder(folder: Path) -> None:
     if not configs:
         return
     try:
-        class_name = json.loads(configs[0].read_text()).get("_class_name")
+        class_name = read_json(configs[0]).get("_class_name")
     except (OSError, ValueError, AttributeError):
         class_name = None
     what = f" ({class_name})" if isinstance(class_name, str) and class_name else ""
@@ -337,9 +337,9 @@ def _refuse_component_folder(folder: Path) -> None:
 
 def _read_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise LoadError(f"{path} is not valid JSON: {e}") from None
+        data = read_json(path)
+    except ValueError as e:
+        raise LoadError(f"{path} is {e}") from None
     except OSError as e:  # unreadable: another user's download, a file mode of 000
         raise LoadError(f"cannot read {path}: {e.strerror or e}") from None
     if not isinstance(data, dict):

@@ -15,6 +15,7 @@ import os
 import shlex
 
 from cogvideox import __version__
+from cogvideox.values import is_finite_number
 
 # The key that marks a record as ours, with the version that wrote it.
 MARK = "cogvideox"
@@ -77,24 +78,64 @@ def describe_remade(path: str | os.PathLike, metadata: dict) -> str | None:
     return f"{path}: the {what} of {source} by cogvideox {made_by} (no generation to record)"
 
 
-def command(entry: dict) -> list[str]:
-    """The `cogvideox generate` arguments that make the recorded video again (the output name left to
-    the user). Inputs are named by the paths recorded, relative to where the video was made."""
-    args = ["cogvideox", "generate", entry["prompt"]]
+# The record's fields that `command` writes as an option's value: each a str or a number.
+_OPTION_FIELDS = ("model", "seed", "steps", "guidance", "dynamic_cfg", "scheduler", "frames", "height", "width",
+                  "fps", "negative_prompt", "max_sequence_length", "windows", "image", "last_image", "video",
+                  "video_fps", "strength", "extend", "resize", "quantize", "quantize_text", "attention", "cache")
+
+
+def damage(entry: dict) -> str | None:
+    """What is wrong with a record's fields (an edited or damaged file), or None: a field `command` and
+    `describe` read that is not of the kind they write, named with its value."""
+    for key in _OPTION_FIELDS:
+        value = entry.get(key)
+        if value is not None and not isinstance(value, str | int | float):
+            return f"{key} is {value!r}, not a string or a number"
+    for key in ("dynamic_cfg", "resize", "model"):
+        if entry.get(key) is not None and not isinstance(entry[key], str):
+            return f"{key} is {entry[key]!r}, not a string"
+    loras = entry.get("lora", [])
+    if not isinstance(loras, list) or not all(
+        isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str) and is_finite_number(pair[1])
+        for pair in loras
+    ):
+        return f"lora is {loras!r}, not a list of [path, scale] pairs"
+    number = entry.get("video_number")
+    if number is not None and not (
+        isinstance(number, list) and len(number) == 2 and all(type(n) is int and n > 0 for n in number)
+    ):
+        return f"video_number is {number!r}, not [i, n]"
+    return None
+
+
+def _option(name: str, value) -> list[str]:
+    """`name value`, or `name=value` for a value that starts with "-" ("-blurry", a path "-x.png"): argparse
+    would take it for an option of its own and stop with "expected one argument"."""
+    value = str(value)  # a float as its shortest exact form
+    return [f"{name}={value}"] if value.startswith("-") else [name, value]
+
+
+def command(entry: dict, output: str | None = None) -> list[str]:
+    """The `cogvideox generate` arguments that make the recorded video again, writing `output` (None: the
+    name left to the user). Inputs are named by the paths recorded, relative to where the video was made.
+    A prompt that starts with "-" comes last, after "--", so that it is read as the prompt."""
+    prompt = entry["prompt"]
+    dashed = prompt.startswith("-")
+    args = ["cogvideox", "generate"] + ([] if dashed else [prompt])
 
     def flag(name: str, key: str, default=None) -> None:
         value = entry.get(key)
         if value is not None and value != default:
-            args.extend([name, str(value)])  # a float as its shortest exact form
+            args.extend(_option(name, value))
 
     if entry.get("model"):  # None: the demo model
-        args += ["--model", entry["model"]]
+        args += _option("--model", entry["model"])
     flag("--seed", "seed")
     flag("--steps", "steps")
     flag("--guidance", "guidance")
     cfg = entry.get("dynamic_cfg")
     if cfg is not None:
-        args += ["--no-dynamic-cfg"] if cfg == "off" else ["--dynamic-cfg", "--dynamic-cfg-clock", cfg]
+        args += ["--no-dynamic-cfg"] if cfg == "off" else ["--dynamic-cfg", *_option("--dynamic-cfg-clock", cfg)]
     flag("--scheduler", "scheduler")
     flag("--frames", "frames")
     flag("--height", "height")
@@ -113,9 +154,9 @@ def command(entry: dict) -> list[str]:
         flag("--strength", "strength")
     flag("--extend", "extend")
     if entry.get("resize") not in (None, "stretch"):
-        args += ["--resize", entry["resize"]]
+        args += _option("--resize", entry["resize"])
     for path, scale in entry.get("lora", []):
-        args += ["--lora", path, "--lora-scale", str(scale)]
+        args += [*_option("--lora", path), *_option("--lora-scale", scale)]
     flag("--quantize", "quantize")
     flag("--quantize-text", "quantize_text")
     flag("--attention", "attention")
@@ -123,7 +164,9 @@ def command(entry: dict) -> list[str]:
     number = entry.get("video_number")
     if number:
         args += ["--num-videos", str(number[1])]
-    return args
+    if output is not None:
+        args += _option("--output", output)
+    return args + (["--", prompt] if dashed else [])
 
 
 def describe(entry: dict, suffix: str = ".mp4") -> list[str]:
@@ -135,7 +178,7 @@ def describe(entry: dict, suffix: str = ".mp4") -> list[str]:
     width = max(map(len, shown), default=0)
     lines += [f"  {key.ljust(width)}  {value}" for key, value in shown.items()]
     output = "again-%04d.png" if suffix == ".png" else f"again{suffix}"
-    again = shlex.join([*command(entry), "--output", output])
+    again = shlex.join(command(entry, output))
     number = entry.get("video_number")
     lines.append(f"again: {again}" + (f"  (video {number[0]} of the {number[1]})" if number else ""))
     return lines

@@ -286,7 +286,7 @@ def read_metadata(path: str | os.PathLike) -> dict:
         raise InputError(f"cannot read {path} as a video ({decode_failure(e, path)})") from None
     try:
         metadata = json.loads(comment) if comment else {}
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # another program's comment, or one nested past the parser's stack
         return {}
     return metadata if isinstance(metadata, dict) else {}
 

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from cogvideox.errors import InputError, LoadError
-from cogvideox.files import usual_mode
+from cogvideox.files import read_json, usual_mode
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"  # file stem diffusers uses for transformer and VAE weights
 
@@ -71,7 +71,7 @@ def unread_weights(component_dir: Path, stem: str) -> str:
 def shard_names(index: Path) -> list[str]:
     """The shard file names a `*.safetensors.index.json` maps tensors to, each once, in order."""
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = read_json(index)["weight_map"]
     except OSError as e:
         raise LoadError(f"cannot read {index}: {e.strerror or e}") from None
     except (ValueError, KeyError, TypeError):
@@ -133,7 +133,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
                 )
             try:
                 header = json.loads(f.read(length))
-            except (ValueError, MemoryError):
+            except (ValueError, MemoryError, RecursionError):  # "[[[[...": the parser recurses per level
                 raise LoadError(f"cannot read {path}: damaged safetensors header") from None
     except OSError as e:
         raise LoadError(f"cannot read {path}: {e.strerror or e}") from None

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Self
 
 from cogvideox.errors import CogVideoXError
+from cogvideox.files import read_json
 from cogvideox.values import is_finite_number
 
 
@@ -75,13 +76,13 @@ class _Config:
     def from_json(cls, path: str | Path) -> Self:
         path = Path(path)
         try:
-            data = json.loads(path.read_text())
+            data = read_json(path)
         except FileNotFoundError:
             raise ConfigError(f"no config file at {path}") from None
         except OSError as e:  # unreadable: another user's download, a file mode of 000
             raise ConfigError(f"cannot read {path}: {e.strerror or e}") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        except ValueError as e:
+            raise ConfigError(f"{path} is {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a JSON object")
         try:

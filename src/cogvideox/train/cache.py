@@ -81,7 +81,7 @@ def _intact(path: Path) -> bool:
             end = f.seek(0, os.SEEK_END)
         ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
         return 8 + size + max(ends, default=0) == end
-    except (OSError, ValueError, TypeError, AttributeError, KeyError, IndexError):
+    except (OSError, ValueError, TypeError, AttributeError, KeyError, IndexError, RecursionError):
         return False
 
 

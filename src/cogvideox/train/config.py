@@ -229,12 +229,19 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"config file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise InputError(f"cannot read {path}: {e.strerror or e}") from None
     suffix = path.suffix.lower()
     if suffix == ".toml":
         try:
             values = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as e:
+        except RecursionError:  # "a = [[[[...": the parser recurses per level
+            raise InputError(f"{path} is not valid TOML: nested too deep") from None
+        except ValueError as e:  # TOMLDecodeError, and an integer too long to convert
             raise InputError(f"{path} is not valid TOML: {e}") from None
     elif suffix in (".yaml", ".yml"):
         try:
@@ -243,7 +250,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             raise InputError(f"reading {path} needs PyYAML (pip install pyyaml), or write the config as TOML") from None
         try:
             values = yaml.load(text, Loader=_yaml_loader(yaml)) or {}
-        except yaml.YAMLError as e:
+        except RecursionError:
+            raise InputError(f"{path} is not valid YAML: nested too deep") from None
+        except (yaml.YAMLError, ValueError) as e:  # ValueError: an integer too long to convert
             raise InputError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
     else:
         raise InputError(f"config file {path} must end in .toml, .yaml or .yml")

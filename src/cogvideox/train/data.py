@@ -138,16 +138,31 @@ def scan_folder(root: str | Path) -> tuple[list[Clip], list[Skipped]]:
 
 
 def _read_jsonl(path: Path) -> tuple[list[tuple[str, str, str | None]], list[Skipped]]:
+    """The entries of `metadata.jsonl`; a line that is not one (not UTF-8, not JSON, not an object with a
+    video path) is skipped and named, and the others are read. Lines are split at newlines alone: a caption
+    may hold a raw U+2028, which `str.splitlines` would split at."""
     entries, skipped = [], []
-    for number, line in enumerate(read_text(path).splitlines(), start=1):
+    try:
+        lines = path.read_bytes().removeprefix(b"\xef\xbb\xbf").split(b"\n")  # the BOM Windows editors write
+    except OSError as e:
+        raise InputError(f"cannot read {path}: {e.strerror or e}") from None
+    for number, raw in enumerate(lines, start=1):
+        where = f"{path.name} line {number}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            skipped.append(Skipped(where, "not UTF-8 text"))
+            continue
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
-            skipped.append(Skipped(f"{path.name} line {number}", "not a JSON object"))
+        except (ValueError, RecursionError):  # also nested past the parser's stack, or a huge integer
+            row = None
+        if not isinstance(row, dict):
+            skipped.append(Skipped(where, "not a JSON object"))
             continue
-        video = entry_video(row) if isinstance(row, dict) else None
+        video = entry_video(row)
         if not isinstance(video, str) or not video:
             skipped.append(Skipped(f"{path.name} line {number}", 'no "video" path'))
             continue

@@ -663,8 +663,8 @@ def read_recorded_config(output: str | Path) -> dict:
     """The settings the `config.json` of the run in `output` records (`Run.recorded_config`), or {} when
     there is no readable record."""
     try:
-        record = json.loads((Path(output) / "config.json").read_text())
-    except (OSError, ValueError):
+        record = json.loads((Path(output) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):  # ValueError: not UTF-8 or not JSON
         return {}
     return record if isinstance(record, dict) else {}
 

@@ -28,10 +28,10 @@ class JsonlLog:
         if not self.path.is_file():
             return []
         records = []
-        for line in self.path.read_text().splitlines():
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
                 record = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):  # a line cut short by a crash, or damaged
                 continue
             if isinstance(record, dict) and isinstance(record.get("step"), int):
                 records.append(record)

@@ -462,6 +462,14 @@ def _no_lora_in(folder: Path) -> str:
 _KEY = re.compile(r"^(?:transformer\.)?(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora\.down|lora\.up)(?:\.[^.]+)?\.weight$")
 
 
+def _once(file: Path, spelled: dict, what: tuple[str, str], key: str) -> None:
+    """`InputError` for a second key naming the same LoRA weight: with and without the `transformer.`
+    prefix, or as both `lora_A` and `lora.down`. Neither is the one meant; the later one silently won."""
+    if what in spelled:
+        raise InputError(f"{file}: {spelled[what]} and {key} are the same LoRA weight; keep one")
+    spelled[what] = key
+
+
 def read_lora(path: str | Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, float]]:
     """A diffusers-format LoRA file -> ({module: (A [r, in], B [out, r])}, {module: alpha}).
 
@@ -478,15 +486,20 @@ def read_lora(path: str | Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Ten
         raise InputError(f"cannot read {file} as a safetensors LoRA file ({' '.join(str(e).split())})") from None
     try:
         meta = json.loads(header[_METADATA_KEY]) if header.get(_METADATA_KEY) else {}
-    except json.JSONDecodeError as e:
+    except (ValueError, RecursionError) as e:  # also an integer of 5000 digits, "[[[[..." nested past the stack
         raise InputError(f"{file}: its {_METADATA_KEY} metadata is not valid JSON ({e})") from None
     if not isinstance(meta, dict):
         raise InputError(f"{file}: its {_METADATA_KEY} metadata is not a JSON object")
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     alphas: dict[str, float] = {}
+    spelled: dict[str, str] = {}  # the key each (module, kind) or alpha came from
     for key, tensor in tensors.items():
         if key.endswith(".alpha"):
-            alphas[key[: -len(".alpha")].removeprefix(_PREFIX)] = float(tensor)
+            module = key[: -len(".alpha")].removeprefix(_PREFIX)
+            _once(file, spelled, ("alpha", module), key)
+            if tensor.numel() != 1 or tensor.dtype == torch.bool or tensor.is_complex():
+                raise InputError(f"{file}: {key} must hold one real number, got {tensor.dtype} {list(tensor.shape)}")
+            alphas[module] = float(tensor)
             continue
         if not key.startswith(_PREFIX) and "." in key and key.split(".", 1)[0] in ("text_encoder", "unet"):
             raise InputError(f"{file}: {key} belongs to a {key.split('.', 1)[0]}; CogVideoX LoRAs adapt the transformer only")
@@ -494,6 +507,9 @@ def read_lora(path: str | Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Ten
         if match is None:
             raise InputError(f"{file}: {key} is not a LoRA weight (expected ...lora_A.weight / lora_B.weight)")
         kind = "A" if match["kind"] in ("lora_A", "lora.down") else "B"
+        _once(file, spelled, (kind, match["module"]), key)
+        if not tensor.is_floating_point():  # integer, bool or complex weights would be cast without a word
+            raise InputError(f"{file}: {key} holds {tensor.dtype} values; LoRA weights are floating-point")
         pairs.setdefault(match["module"], {})[kind] = tensor
     if not pairs:
         raise InputError(f"{file} holds no LoRA weights")
@@ -506,6 +522,11 @@ def read_lora(path: str | Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Ten
         a, b = pair["A"], pair["B"]
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
             raise InputError(f"{file}: {module} has LoRA shapes {list(a.shape)} and {list(b.shape)} that do not chain")
+        if a.shape[0] == 0:
+            raise InputError(f"{file}: the LoRA of {module} has rank 0 (no weights); it must be at least 1")
+        if not all(bool(torch.isfinite(t.float()).all()) for t in (a, b)):
+            raise InputError(f"{file}: the LoRA weights of {module} hold NaN or infinite values (from a training "
+                             "run that diverged?)")
         out[module] = (a, b)
         alpha = alphas.get(module, default_alpha if default_alpha is not None else a.shape[0])
         if not is_finite_number(alpha) or alpha <= 0:
