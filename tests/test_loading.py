@@ -705,3 +705,66 @@ def test_an_incomplete_cached_snapshot_with_the_hub_unreachable_says_so(tiny_rop
     with pytest.raises(LoadError, match=rf"THUDM/CogVideoX-2b is incomplete in the Hugging Face cache \(.*missing vae/{WEIGHTS}\) .*the hub cannot be reached") as info:
         resolve_model_dir("THUDM/CogVideoX-2b")
     assert "not a CogVideoX model folder" not in str(info.value)
+
+
+def test_a_variant_from_the_hub_fetches_its_files_and_not_the_plain_ones(variant_dir, tmp_path, monkeypatch):
+    """With the repo's file list known, a component that has the variant is fetched as that variant only
+    (the plain duplicate would double a 5B download), one that has not as its plain weights; a variant
+    the repo lacks is named, with those it has, before anything is downloaded."""
+    import fnmatch
+
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    repo_files = sorted(p.relative_to(variant_dir).as_posix() for p in variant_dir.rglob("*") if p.is_file())
+    downloads = []
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None, local_files_only=False, **kwargs):
+        if local_files_only:
+            raise LocalEntryNotFoundError("not cached")
+        downloads.append(allow_patterns)
+        folder = tmp_path / "snapshot"
+        for name in repo_files:
+            if any(fnmatch.fnmatch(name, pattern) for pattern in allow_patterns):
+                (folder / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(variant_dir / name, folder / name)
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda self, repo_id, revision=None: repo_files)
+    with pytest.raises(LoadError, match=r"^tiny/variants has no weights of the variant 'ema'; its weights come in "
+                                        r"the variant\(s\) fp16$"):
+        resolve_model_dir("tiny/variants", variant="ema")
+    assert downloads == []
+    folder = resolve_model_dir("tiny/variants", variant="fp16")
+    fetched = {p.relative_to(folder).as_posix() for p in folder.rglob("*.safetensors")}
+    fetched |= {p.relative_to(folder).as_posix() for p in folder.rglob("*.index*.json")}
+    assert fetched == {
+        "transformer/diffusion_pytorch_model.fp16.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors.index.fp16.json",
+        *(f"text_encoder/model.fp16-0000{i}-of-00003.safetensors" for i in (1, 2, 3)),
+    }
+    got = Pipeline.from_pretrained(folder, variant="fp16").transformer.state_dict()
+    want = Pipeline.from_pretrained(variant_dir, variant="fp16").transformer.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_offline_a_revision_not_cached_names_the_cached_ones(tiny_rope_dir, tmp_path, monkeypatch):
+    """Offline, a revision (or a variant) the cache lacks: the error names the revisions it holds."""
+    import huggingface_hub.constants as hub
+
+    repo = tmp_path / "hub" / "models--tiny--cogvideox"
+    commit, other = "0123456789abcdef0123456789abcdef01234567", "fedcba9876543210fedcba9876543210fedcba98"
+    shutil.copytree(tiny_rope_dir, repo / "snapshots" / commit)
+    shutil.copytree(tiny_rope_dir, repo / "snapshots" / other)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(LoadError, match=r"^tiny/cogvideox at revision 'v2' is not in the Hugging Face cache \(.*\) "
+                                        r"and downloads are off \(offline mode\); the cache holds it at revision\(s\) "
+                                        r"main \(0123456\), fedcba9; download it once"):
+        resolve_model_dir("tiny/cogvideox", revision="v2", local_files_only=True)
+    with pytest.raises(LoadError, match=r"^tiny/cogvideox in the Hugging Face cache \(.*\) has no weights of the "
+                                        "variant 'fp16'; it has no variants: load it without one$"):
+        resolve_model_dir("tiny/cogvideox", variant="fp16", local_files_only=True)
