@@ -714,3 +714,30 @@ def test_videos_of_removed_lines_are_named_not_passed_over(capsys, tmp_path):
             "0001-a-blue-cube.mp4): of lines since removed or moved") in err  # fmt: skip
     assert sorted(p.name for p in out.glob("*.mp4")) == ["0000-a-blue-cube.mp4", "0000-a-red-ball.mp4",
                                                          "0001-a-blue-cube.mp4"]  # fmt: skip
+
+
+def test_a_variant_is_a_setting_of_the_batch(capsys, monkeypatch, tiny_rope_dir, tmp_path):
+    """`--variant fp16` loads the variant's weights and is recorded in the manifest; the same folder run
+    without it (or with another variant) is another batch, refused before loading, and the reverse too."""
+    from helpers import make_variant_model
+
+    model = make_variant_model(tiny_rope_dir, tmp_path / "model")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n")
+    small = ["--model", str(model), "--height", "32", "--width", "32", "--max-sequence-length", "8", *FAST]
+    fp16, plain = tmp_path / "fp16", tmp_path / "plain"
+    assert main(["batch", str(prompts), "-o", str(fp16), "--variant", "fp16", *small]) == 0
+    assert main(["batch", str(prompts), "-o", str(plain), *small]) == 0
+    capsys.readouterr()
+    assert _manifest(fp16)[0]["settings"]["variant"] == "fp16" and "variant" not in _manifest(plain)[0]["settings"]
+    assert not np.array_equal(read_video(fp16 / _manifest(fp16)[0]["file"])[0],
+                              read_video(plain / _manifest(plain)[0]["file"])[0])  # fmt: skip
+    with monkeypatch.context() as patch:
+        _no_loading(patch)
+        plain_weights = "none (the plain weights)"
+        for out, flags, difference in [(fp16, [], f"variant 'fp16', now {plain_weights}"),
+                                       (plain, ["--variant", "fp16"], f"variant {plain_weights}, now 'fp16'")]:
+            assert main(["batch", str(prompts), "-o", str(out), *flags, *small]) == 2
+            assert f"holds 1 video(s) made with other settings ({difference})" in capsys.readouterr().err
+        assert main(["batch", str(prompts), "-o", str(fp16), "--variant", "fp16", *small]) == 0
+        assert "wrote 0 video(s)" in capsys.readouterr().out

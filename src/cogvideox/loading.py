@@ -45,6 +45,7 @@ from cogvideox.weights import (
     shard_names,
     unread_weights,
     variant_file_names,
+    variant_of,
     variants,
     weight_files,
 )
@@ -85,7 +86,8 @@ def hub_patterns(
         if repo_files is None:
             weights += own + plain
         else:
-            weights += own if variant_file_names((f for f in repo_files if f.startswith(f"{c}/")), stem, variant) else plain
+            has_it = variant_file_names((f for f in repo_files if f.startswith(f"{c}/")), stem, variant)
+            weights += own if has_it else plain
     return _CONFIG_PATTERNS + weights
 
 
@@ -283,7 +285,9 @@ def _hub_snapshot(
 
     def complete(folder: Path) -> bool:
         # A cache holding plain weights only is no answer to a variant the hub may have.
-        return not missing_pieces(folder, components, variant) and (variant is None or variant in folder_variants(folder))
+        if missing_pieces(folder, components, variant):
+            return False
+        return variant is None or variant in folder_variants(folder)
 
     try:
         cached = snapshot(local_files_only=True)
@@ -349,15 +353,8 @@ def _hub_snapshot(
 
 
 def _repo_variants(repo_files: Sequence[str], component: str) -> set[str]:
-    stem = STEMS[component]
     names = [f.removeprefix(f"{component}/") for f in repo_files if f.startswith(f"{component}/")]
-    found = set()
-    for name in names:
-        match = re.fullmatch(rf"{re.escape(stem)}\.(?:safetensors\.index\.([\w-]+)\.json|([\w-]+?)(?:-\d{{5}}-of-\d{{5}})?"
-                             r"\.safetensors)", name)
-        if match:
-            found.add(match.group(1) or match.group(2))
-    return found
+    return {v for v in (variant_of(name, STEMS[component]) for name in names) if v is not None}
 
 
 def cached_revisions(repo_id: str) -> list[str]:
@@ -366,7 +363,8 @@ def cached_revisions(repo_id: str) -> list[str]:
     from huggingface_hub import constants
 
     repo = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
-    snapshots = {p.name for p in (repo / "snapshots").iterdir() if p.is_dir()} if (repo / "snapshots").is_dir() else set()
+    held = repo / "snapshots"
+    snapshots = {p.name for p in held.iterdir() if p.is_dir()} if held.is_dir() else set()
     found, named = [], set()
     refs = repo / "refs"
     for ref in sorted(p for p in refs.rglob("*") if p.is_file()) if refs.is_dir() else []:

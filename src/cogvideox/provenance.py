@@ -87,6 +87,7 @@ def command(entry: dict) -> list[str]:
 
     if entry.get("model"):  # None: the demo model
         args += ["--model", entry["model"]]
+    flag("--variant", "variant")  # the same weights: an fp16 file is not the bf16 one rounded
     flag("--seed", "seed")
     flag("--steps", "steps")
     flag("--guidance", "guidance")

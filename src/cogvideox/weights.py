@@ -77,14 +77,20 @@ def _shards(component_dir: Path, index: Path) -> list[Path]:
 _SHARD = re.compile(r"-\d{5}-of-\d{5}$")
 
 
+def variant_of(name: str, stem: str) -> str | None:
+    """The variant a weight file's `name` belongs to ("fp16"), or None (plain weights, or another file)."""
+    index = f"{stem}.safetensors.index."
+    if name.startswith(index) and name.endswith(".json"):
+        return name[len(index) : -len(".json")] or None
+    if name.startswith(f"{stem}.") and name.endswith(".safetensors"):
+        return _SHARD.sub("", name[len(stem) + 1 : -len(".safetensors")]) or None
+    return None
+
+
 def variants(component_dir: Path, stem: str) -> set[str]:
     """The variants whose safetensors weights a component folder holds ({"fp16"}, or empty)."""
-    found = set()
-    for path in component_dir.glob(f"{stem}.*.safetensors"):
-        found.add(_SHARD.sub("", path.name.removeprefix(f"{stem}.").removesuffix(".safetensors")))
-    for index in component_dir.glob(f"{stem}.safetensors.index.*.json"):
-        found.add(index.name.removeprefix(f"{stem}.safetensors.index.").removesuffix(".json"))
-    return found
+    names = [p.name for p in component_dir.iterdir()] if component_dir.is_dir() else []
+    return {v for v in (variant_of(name, stem) for name in names) if v is not None}
 
 
 def variant_file_names(names: Iterable[str], stem: str, variant: str) -> list[str]:
