@@ -550,3 +550,26 @@ def random_lora(transformer, rank=4, alpha=8.0, seed=1, name="default", targets=
             if name in layer.lora_B:
                 w = layer.lora_B[name].weight
                 w.copy_(torch.randn(w.shape, generator=g) * 0.2)
+
+
+def make_variant_model(source: str | Path, folder: str | Path, variant: str = "fp16") -> Path:
+    """A copy of the model folder `source` that also holds weights of `variant`, as the hub's repos do:
+    the transformer's as one `diffusion_pytorch_model.{variant}.safetensors`, the T5's as shards
+    (`model.{variant}-00001-of-0000N.safetensors` with `model.safetensors.index.{variant}.json`), both
+    saved in float16 by diffusers' and transformers' own `save_pretrained(variant=)` after a seeded change
+    (so that they differ from the plain weights beyond rounding); the VAE keeps its plain weights only.
+    Returns the folder."""
+    import shutil
+
+    from diffusers import CogVideoXTransformer3DModel
+    from transformers import T5EncoderModel
+
+    folder = Path(shutil.copytree(source, folder))
+    generator = torch.Generator().manual_seed(7)
+    transformer = CogVideoXTransformer3DModel.from_pretrained(folder / "transformer")
+    _jitter(transformer, generator, scale=0.5)
+    transformer.half().save_pretrained(folder / "transformer", variant=variant)
+    text_encoder = T5EncoderModel.from_pretrained(folder / "text_encoder")
+    _jitter(text_encoder, generator, scale=0.5)
+    text_encoder.half().save_pretrained(folder / "text_encoder", variant=variant, max_shard_size="20KB")
+    return folder

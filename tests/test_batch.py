@@ -767,3 +767,30 @@ def test_manifest_lines_json_cannot_read_are_redone_not_a_traceback(tmp_path):
     (tmp_path / MANIFEST).write_text("\n".join([good, "[" * 100_000 + "]" * 100_000,
                                                 '{"file": "b.mp4", "seed": ' + "1" * 5000 + "}"]) + "\n")  # fmt: skip
     assert _latest_entries(tmp_path) == {"a.mp4": {"file": "a.mp4", "seed": 1}}
+
+
+def test_a_variant_is_a_setting_of_the_batch(capsys, monkeypatch, tiny_rope_dir, tmp_path):
+    """`--variant fp16` loads the variant's weights and is recorded in the manifest; the same folder run
+    without it (or with another variant) is another batch, refused before loading, and the reverse too."""
+    from helpers import make_variant_model
+
+    model = make_variant_model(tiny_rope_dir, tmp_path / "model")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n")
+    small = ["--model", str(model), "--height", "32", "--width", "32", "--max-sequence-length", "8", *FAST]
+    fp16, plain = tmp_path / "fp16", tmp_path / "plain"
+    assert main(["batch", str(prompts), "-o", str(fp16), "--variant", "fp16", *small]) == 0
+    assert main(["batch", str(prompts), "-o", str(plain), *small]) == 0
+    capsys.readouterr()
+    assert _manifest(fp16)[0]["settings"]["variant"] == "fp16" and "variant" not in _manifest(plain)[0]["settings"]
+    assert not np.array_equal(read_video(fp16 / _manifest(fp16)[0]["file"])[0],
+                              read_video(plain / _manifest(plain)[0]["file"])[0])  # fmt: skip
+    with monkeypatch.context() as patch:
+        _no_loading(patch)
+        plain_weights = "none (the plain weights)"
+        for out, flags, difference in [(fp16, [], f"variant 'fp16', now {plain_weights}"),
+                                       (plain, ["--variant", "fp16"], f"variant {plain_weights}, now 'fp16'")]:
+            assert main(["batch", str(prompts), "-o", str(out), *flags, *small]) == 2
+            assert f"holds 1 video(s) made with other settings ({difference})" in capsys.readouterr().err
+        assert main(["batch", str(prompts), "-o", str(fp16), "--variant", "fp16", *small]) == 0
+        assert "wrote 0 video(s)" in capsys.readouterr().out

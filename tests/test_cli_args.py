@@ -105,7 +105,8 @@ def test_guidance_flags_not_given_take_the_models_recommendation(tiny_rope_dir, 
 
 
 def test_locate_model_reads_the_configs_before_any_weights(tiny_rope_dir, tmp_path):
-    args = argparse.Namespace(model=str(tiny_rope_dir), dtype="fp32", device="cpu", revision=None, offline=True)
+    args = argparse.Namespace(model=str(tiny_rope_dir), dtype="fp32", device="cpu", revision=None, offline=True,
+                              variant=None)
     device, folder, configs = locate_model(args)
     assert device.type == "cpu" and str(folder) == str(tiny_rope_dir)
     assert configs.transformer.use_rotary_positional_embeddings

@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import load_reference_pipeline
+from helpers import load_reference_pipeline, make_variant_model
 from safetensors.torch import load_file, save_file
 
 from cogvideox import InputError, LoadError, Pipeline
@@ -286,8 +286,8 @@ def test_bin_weights_are_named(model_copy):
 
 def test_a_folder_saved_with_a_variant_is_told_how_to_be_read(model_copy, tmp_path):
     """`save_pretrained(variant="fp16")` names the weights `*.fp16.safetensors` (or shards and an index
-    `*.safetensors.index.fp16.json`); neither diffusers without `variant=` nor cogvideox reads them. The
-    error said only that the weights were missing; it names the variant now, and the renaming that works."""
+    `*.safetensors.index.fp16.json`), which only `variant="fp16"` reads. Without it, the error names the
+    variant the folder holds and how to ask for it; with it, the folder loads."""
     from diffusers import CogVideoXTransformer3DModel
 
     vae = model_copy / "vae"
@@ -296,18 +296,57 @@ def test_a_folder_saved_with_a_variant_is_told_how_to_be_read(model_copy, tmp_pa
     reference = CogVideoXTransformer3DModel.from_pretrained(transformer)
     (transformer / WEIGHTS).unlink()
     reference.save_pretrained(transformer, variant="fp16", max_shard_size="20KB")
-    index = "diffusion_pytorch_model.safetensors.index.fp16.json"
     with pytest.raises(LoadError) as info:
         Pipeline.from_pretrained(model_copy)
-    assert str(info.value).endswith(
-        f"missing transformer/{WEIGHTS} (found only the fp16 variant's index {index}; cogvideox reads no variants: "
-        f"rename it to {WEIGHTS}.index.json), vae/{WEIGHTS} (found only the fp16 variant "
-        f"diffusion_pytorch_model.fp16.safetensors; cogvideox reads no variants: rename it to {WEIGHTS})"
-    )
-    (transformer / index).rename(transformer / f"{WEIGHTS}.index.json")
-    (vae / "diffusion_pytorch_model.fp16.safetensors").rename(vae / WEIGHTS)
-    loaded = Pipeline.from_pretrained(model_copy).transformer.state_dict()
+    hint = "found only the weights of the variant fp16; load them with variant='fp16' (--variant fp16)"
+    assert str(info.value).endswith(f"missing transformer/{WEIGHTS} ({hint}), vae/{WEIGHTS} ({hint})")
+    loaded = Pipeline.from_pretrained(model_copy, variant="fp16").transformer.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in reference.state_dict().items())
+
+
+@pytest.fixture(scope="module")
+def variant_dir(tiny_rope_dir, tmp_path_factory):
+    return make_variant_model(tiny_rope_dir, tmp_path_factory.mktemp("variant") / "model")
+
+
+def test_a_variant_loads_as_diffusers_loads_it(variant_dir):
+    """`variant="fp16"`: the transformer's single fp16 file, the T5's fp16 shards, and the VAE, which has
+    no fp16 file, its plain one: the tensors of diffusers' `from_pretrained(variant="fp16")`. Without the
+    variant, the plain weights, as diffusers without it."""
+    reference = diffusers.DiffusionPipeline.from_pretrained(variant_dir, variant="fp16", torch_dtype=torch.float32)
+    plain = diffusers.DiffusionPipeline.from_pretrained(variant_dir, torch_dtype=torch.float32)
+    for want, variant in ((reference, "fp16"), (plain, None)):
+        got = Pipeline.from_pretrained(variant_dir, variant=variant)
+        for name in ("transformer", "vae", "text_encoder"):
+            ours_state = getattr(got, name).state_dict() if name != "text_encoder" else got.text_encoder.model.state_dict()
+            theirs = getattr(want, name).state_dict()
+            assert ours_state.keys() == theirs.keys(), name
+            assert all(torch.equal(ours_state[k], theirs[k].float()) for k in theirs), (name, variant)
+    ours_fp16 = Pipeline.from_pretrained(variant_dir, variant="fp16").transformer.state_dict()
+    ours_plain = Pipeline.from_pretrained(variant_dir).transformer.state_dict()
+    assert not all(torch.equal(ours_fp16[k], ours_plain[k]) for k in ours_plain)  # the two are told apart
+
+
+def test_an_unknown_variant_and_a_component_without_weights_are_named(variant_dir, tiny_rope_dir, tmp_path):
+    """A variant no component has is refused, naming those there are (diffusers refuses it too, naming
+    none); a component with neither the variant's weights nor plain ones is named with both."""
+    with pytest.raises(LoadError, match=rf"^{variant_dir} has no weights of the variant 'ema'; its weights come in "
+                                        r"the variant\(s\) fp16$"):
+        Pipeline.from_pretrained(variant_dir, variant="ema")
+    with pytest.raises(LoadError, match=rf"^{tiny_rope_dir} has no weights of the variant 'fp16'; it has no "
+                                        "variants: load it without one$"):
+        Pipeline.from_pretrained(tiny_rope_dir, variant="fp16")
+    with pytest.raises(InputError, match="a variant is a name like fp16"):
+        Pipeline.from_pretrained(variant_dir, variant="../fp16")
+    damaged = shutil.copytree(variant_dir, tmp_path / "model")
+    (damaged / "vae" / WEIGHTS).unlink()
+    (damaged / "text_encoder" / "model.fp16-00002-of-00003.safetensors").unlink()
+    with pytest.raises(LoadError, match=rf"missing vae/{WEIGHTS} \(or its fp16 variant\), "
+                                        "text_encoder/model.fp16-00002-of-00003.safetensors$"):
+        Pipeline.from_pretrained(damaged, variant="fp16")
+    with pytest.raises(LoadError, match=rf"vae has no weights: neither the fp16 variant "
+                                        rf"\(diffusion_pytorch_model.fp16.safetensors\) nor {WEIGHTS}$"):
+        weight_files(damaged / "vae", variant="fp16")
 
 
 def test_mismatched_components(model_copy):
@@ -691,3 +730,66 @@ def test_a_config_json_that_json_cannot_read_is_a_load_error_naming_the_file(mod
     (model_copy / name).write_bytes(text)
     with pytest.raises(LoadError, match=f"{model_copy / name} {why}"):
         Pipeline.from_pretrained(model_copy)
+
+
+def test_a_variant_from_the_hub_fetches_its_files_and_not_the_plain_ones(variant_dir, tmp_path, monkeypatch):
+    """With the repo's file list known, a component that has the variant is fetched as that variant only
+    (the plain duplicate would double a 5B download), one that has not as its plain weights; a variant
+    the repo lacks is named, with those it has, before anything is downloaded."""
+    import fnmatch
+
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    repo_files = sorted(p.relative_to(variant_dir).as_posix() for p in variant_dir.rglob("*") if p.is_file())
+    downloads = []
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None, local_files_only=False, **kwargs):
+        if local_files_only:
+            raise LocalEntryNotFoundError("not cached")
+        downloads.append(allow_patterns)
+        folder = tmp_path / "snapshot"
+        for name in repo_files:
+            if any(fnmatch.fnmatch(name, pattern) for pattern in allow_patterns):
+                (folder / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(variant_dir / name, folder / name)
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda self, repo_id, revision=None: repo_files)
+    with pytest.raises(LoadError, match=r"^tiny/variants has no weights of the variant 'ema'; its weights come in "
+                                        r"the variant\(s\) fp16$"):
+        resolve_model_dir("tiny/variants", variant="ema")
+    assert downloads == []
+    folder = resolve_model_dir("tiny/variants", variant="fp16")
+    fetched = {p.relative_to(folder).as_posix() for p in folder.rglob("*.safetensors")}
+    fetched |= {p.relative_to(folder).as_posix() for p in folder.rglob("*.index*.json")}
+    assert fetched == {
+        "transformer/diffusion_pytorch_model.fp16.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors.index.fp16.json",
+        *(f"text_encoder/model.fp16-0000{i}-of-00003.safetensors" for i in (1, 2, 3)),
+    }
+    got = Pipeline.from_pretrained(folder, variant="fp16").transformer.state_dict()
+    want = Pipeline.from_pretrained(variant_dir, variant="fp16").transformer.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_offline_a_revision_not_cached_names_the_cached_ones(tiny_rope_dir, tmp_path, monkeypatch):
+    """Offline, a revision (or a variant) the cache lacks: the error names the revisions it holds."""
+    import huggingface_hub.constants as hub
+
+    repo = tmp_path / "hub" / "models--tiny--cogvideox"
+    commit, other = "0123456789abcdef0123456789abcdef01234567", "fedcba9876543210fedcba9876543210fedcba98"
+    shutil.copytree(tiny_rope_dir, repo / "snapshots" / commit)
+    shutil.copytree(tiny_rope_dir, repo / "snapshots" / other)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(LoadError, match=r"^tiny/cogvideox at revision 'v2' is not in the Hugging Face cache \(.*\) "
+                                        r"and downloads are off \(offline mode\); the cache holds it at revision\(s\) "
+                                        r"main \(0123456\), fedcba9; download it once"):
+        resolve_model_dir("tiny/cogvideox", revision="v2", local_files_only=True)
+    with pytest.raises(LoadError, match=r"^tiny/cogvideox in the Hugging Face cache \(.*\) has no weights of the "
+                                        "variant 'fp16'; it has no variants: load it without one$"):
+        resolve_model_dir("tiny/cogvideox", variant="fp16", local_files_only=True)

@@ -584,3 +584,31 @@ def test_damaged_lora_files_are_input_errors_naming_the_file(tiny_rope_dir, tmp_
     with pytest.raises(InputError, match=f"{path}: .*{why}"):
         pipe.load_lora(path)
     assert pipe.transformer.state_dict().keys() == before.keys()
+
+
+def test_a_pickled_lora_is_named_with_the_conversion_that_makes_it_readable(lora_files, tmp_path):
+    """A LoRA saved by older diffusers or peft as `pytorch_lora_weights.bin`: the folder was "no LoRA
+    weights", the file "cannot read as safetensors". Both name the file now, say that only safetensors is
+    read, and give the conversion, which, run, gives a file holding the same weights."""
+    import shlex
+    import subprocess
+    import sys
+
+    one, _ = lora_files
+    folder = tmp_path / "old"
+    folder.mkdir()
+    torch.save(load_file(one), folder / "pytorch_lora_weights.bin")
+    (folder / "notes.txt").write_text("trained on 20 clips")
+    for given in (folder, folder / "pytorch_lora_weights.bin"):
+        with pytest.raises(InputError) as caught:
+            lora.read_lora(given)
+        message = str(caught.value)
+        assert message.startswith(f"{folder / 'pytorch_lora_weights.bin'} is a pickled (torch.save) LoRA file; "
+                                  "cogvideox reads only safetensors LoRA files. Convert it once")
+    command = shlex.split(message.split(": ", 1)[1].replace("python", sys.executable, 1))
+    subprocess.run(command, check=True)
+    converted, _ = lora.read_lora(folder)  # the folder now holds pytorch_lora_weights.safetensors
+    original, _ = lora.read_lora(one)
+    assert converted.keys() == original.keys()
+    assert all(torch.equal(converted[k][0], original[k][0]) and torch.equal(converted[k][1], original[k][1])
+               for k in original)

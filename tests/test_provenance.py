@@ -184,3 +184,24 @@ def test_a_comment_that_json_cannot_hold_is_no_record(capsys, tmp_path, comment)
     assert read_metadata(path) == {}
     assert main(["info", str(path)]) == 1
     assert capsys.readouterr().out == f"{path}: no cogvideox record (made by another program, or re-encoded since)\n"
+
+
+def test_a_variant_is_loaded_recorded_and_made_again(capsys, tiny_rope_dir, tmp_path):
+    """`--variant fp16` loads the variant's weights (another video than the plain weights'), the record
+    carries it, and `info`'s command passes it on, so that the video made again is the same."""
+    from helpers import make_variant_model
+
+    model = make_variant_model(tiny_rope_dir, tmp_path / "model")
+    common = ["a cat", "--model", str(model), "--seed", "5", "--frames", "9", *SMALL]
+    assert main(["generate", *common, "-o", str(tmp_path / "plain.mp4")]) == 0
+    assert main(["generate", *common, "--variant", "fp16", "-o", str(tmp_path / "fp16.mp4")]) == 0
+    assert "variant" not in read_metadata(tmp_path / "plain.mp4")
+    assert read_metadata(tmp_path / "fp16.mp4")["variant"] == "fp16"
+    assert not np.array_equal(read_video(tmp_path / "plain.mp4")[0], read_video(tmp_path / "fp16.mp4")[0])
+    argv = again(capsys, tmp_path / "fp16.mp4", tmp_path / "again.mp4")
+    assert argv[argv.index("--variant") + 1] == "fp16"
+    assert main(argv) == 0
+    assert np.array_equal(read_video(tmp_path / "again.mp4")[0], read_video(tmp_path / "fp16.mp4")[0])
+    capsys.readouterr()
+    assert main(["generate", *common, "--variant", "ema", "-o", str(tmp_path / "ema.mp4")]) != 0
+    assert "has no weights of the variant 'ema'; its weights come in the variant(s) fp16" in capsys.readouterr().err

@@ -282,3 +282,33 @@ def test_expire_after_is_hours_and_reaches_the_app(tmp_path, monkeypatch, tiny_r
             "--data-dir", str(tmp_path)]  # fmt: skip
     assert main(argv) == 0
     assert made["settings"].expire_after == 5400
+
+
+def test_a_variant_reaches_the_workers_pipeline_and_its_records(tiny_rope_dir, tmp_path, capsys):
+    """`--variant fp16`: the worker loads the variant's weights and its videos' records carry it; a variant
+    the model lacks stops `serve` and `worker` at start, in one line."""
+    import torch
+    from helpers import make_variant_model
+
+    from cogvideox import Pipeline
+    from cogvideox.serve.cli import load_settings
+    from cogvideox.serve.worker import PipelineGenerator
+
+    model = make_variant_model(tiny_rope_dir, tmp_path / "model")
+    load, _ = load_settings(parse(["worker", "--model", str(model), "--device", "cpu", "--variant", "fp16"]))
+    assert load["variant"] == "fp16"
+    assert "variant" not in load_settings(parse(["worker", "--device", "cpu"]))[0]
+    generator = PipelineGenerator(str(model), load=load)
+    generator.load()
+    want = Pipeline.from_pretrained(model, variant="fp16").transformer.state_dict()
+    got = generator.pipe.transformer.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    generated = generator(dict(prompt="a cat", negative_prompt="", num_frames=9, height=64, width=96, fps=8,
+                               num_inference_steps=2, guidance_scale=6.0, seed=0), lambda i, n: None)  # fmt: skip
+    assert generated.record["variant"] == "fp16"
+    for command in ("serve", "worker"):
+        capsys.readouterr()
+        assert main([command, "--model", str(model), "--variant", "ema", "--data-dir", str(tmp_path / "data")]) == 2
+        error = capsys.readouterr().err.strip()
+        assert error.endswith("has no weights of the variant 'ema'; its weights come in the variant(s) fp16")
+        assert "\n" not in error

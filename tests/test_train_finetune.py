@@ -838,3 +838,19 @@ def test_a_run_record_json_cannot_read_is_no_record(tmp_path, text):
 
     (tmp_path / "config.json").write_bytes(text)
     assert read_recorded_config(tmp_path) == {}
+
+
+def test_a_variant_is_the_base_that_trains_and_a_setting_of_the_run(data_dir, tiny_rope_dir, tmp_path, monkeypatch):
+    """`variant="fp16"` (`--variant fp16`) trains on the variant's weights, those `Pipeline.from_pretrained`
+    loads with it; a run made on them does not resume on the plain weights."""
+    from helpers import make_variant_model
+
+    model = make_variant_model(tiny_rope_dir, tmp_path / "model")
+    run = Run(config(data_dir, model, tmp_path / "run", variant="fp16"))
+    run.prepare_model()
+    want = Pipeline.from_pretrained(model, variant="fp16").transformer.state_dict()
+    got = {k: v for k, v in run.transformer.state_dict().items() if k in want}
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    finetune(config(data_dir, model, tmp_path / "run", variant="fp16", steps=2))
+    with pytest.raises(InputError, match="holds a run with other settings \\(variant differs\\)"):
+        finetune(config(data_dir, model, tmp_path / "run", steps=3))

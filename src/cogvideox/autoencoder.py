@@ -111,22 +111,24 @@ class VideoAutoencoder:
         device: str | torch.device | None = None,
         *,
         revision: str | None = None,
+        variant: str | None = None,
         local_files_only: bool = False,
         tiling: bool = False,
         slicing: bool = False,
     ) -> VideoAutoencoder:
         """The VAE of a model folder or hub repo (None: the embedded demo model), as `Pipeline.from_pretrained`
         finds it; dtype and device default as there. Of the weights, only the VAE's are read, needed, and
-        downloaded from the hub (a few hundred MB of a 5B model's 20 GB)."""
+        downloaded from the hub (a few hundred MB of a 5B model's 20 GB); `variant` as there."""
         tiling, slicing = check_flag(tiling, "tiling"), check_flag(slicing, "slicing")  # "false" would be truthy
         device = loading.choose_device(device)
         loading.parse_dtype(dtype)
         only = ("vae",)
+        variant = loading.check_variant(variant)
         folder = loading.resolve_model_dir(path_or_repo_id, revision=revision, local_files_only=local_files_only,
-                                           components=only)  # fmt: skip
-        configs = loading.read_model_configs(folder, only)
+                                           components=only, variant=variant)  # fmt: skip
+        configs = loading.read_model_configs(folder, only, variant)
         dtype = loading.choose_dtype(dtype, device, configs.transformer)
-        vae = loading.load_vae(folder, dtype, device)
+        vae = loading.load_vae(folder, dtype, device, variant)
         if tiling:
             vae.enable_tiling()
         if slicing:

@@ -160,7 +160,8 @@ def plan(prompts: Sequence[str], seed: int = 0, images: Sequence | None = None, 
 
 
 def video_settings(
-    model: str | None, scheduler: str, request, fps: float, levers: str = "none", resize: str | None = None
+    model: str | None, scheduler: str, request, fps: float, levers: str = "none", resize: str | None = None,
+    variant: str | None = None,
 ) -> dict:
     """What decides a video besides its prompt and seed, as a manifest entry records it.
 
@@ -168,7 +169,8 @@ def video_settings(
     "dpm"; request: the `GenerationRequest` of `check_request`, every default resolved, so that
     `--frames 49` and the model's default 49 are the same setting; fps: the MP4s' frame rate; levers:
     the speed levers that change the video (`lossy_levers`); resize: how first frames reach the video size
-    ("stretch" or "crop"; None without images).
+    ("stretch" or "crop"; None without images); variant: the weights' variant ("fp16"), kept only when
+    given (the records of plain weights stay as they were).
     Left out on purpose: device, dtype, offloading, `--vae-tiling`, the `--parallel` layout and the
     lossless levers (`--compile`, the exact attention kernels) choose how the same video is computed (they
     change it by rounding, or by blending at tile seams, at most), and a batch must stay resumable on
@@ -189,7 +191,7 @@ def video_settings(
         "lossy_levers": levers,
         "resize": resize,
         "riflex": request.riflex,
-    }
+    } | ({"variant": variant} if variant is not None else {})
 
 
 LOSSY_ATTENTION = ("sage", "sage-emulated", "fa3-fp8", "fa3-fp8-emulated")
@@ -266,6 +268,8 @@ _LEGACY_SETTINGS = ("frames", "height", "width", "fps")
 # Settings recorded since a later version, and what an entry without them was made with: batches had no
 # speed levers before they were recorded.
 _ADDED_SETTINGS = {"lossy_levers": "none", "resize": None, "riflex": False, "prompt_enhancer": "off"}
+# Settings recorded only when set: a run without one still differs from an entry that has it.
+_OPTIONAL_SETTINGS = ("variant",)
 
 
 def _show(value) -> str:
@@ -309,12 +313,14 @@ def _difference(entry: dict, item: Item, settings: dict) -> str | None:
     names = list(settings)
     if not isinstance(made, dict):
         made, names = entry, [name for name in _LEGACY_SETTINGS if name in settings]
+    names += [name for name in _OPTIONAL_SETTINGS if name in made and name not in settings]
     for name in names:
         value = made.get(name, _ADDED_SETTINGS.get(name))
         if name == "model" and isinstance(value, str) and recorded_model(Path(value)) is None:
             value = None  # the demo model, recorded by its folder before it was recorded as None
-        if value != settings[name]:
-            was, now = ("the demo" if name == "model" and v is None else _show(v) for v in (value, settings[name]))
+        if value != settings.get(name):
+            unset = {"model": "the demo", "variant": "none (the plain weights)"}.get(name)
+            was, now = (unset if v is None and unset else _show(v) for v in (value, settings.get(name)))
             return f"{name.replace('_', ' ')} {was}, now {now}"
     return None
 
@@ -782,7 +788,7 @@ def _batch(args: argparse.Namespace) -> int:
     accelerate = speed_settings(args, device)
     speed = accelerate or {}
     levers = lossy_levers(speed.get("quantize"), speed.get("attention"), speed.get("cache"), speed.get("quantize_text"))
-    settings = video_settings(recorded_model(folder), scheduler, checked[0], fps, levers, resize)
+    settings = video_settings(recorded_model(folder), scheduler, checked[0], fps, levers, resize, args.variant)
     settings["prompt_enhancer"] = enhancer_setting(enhancer)
     items = plan(prompts, args.seed, [line.image for line in lines] if image_to_video else None, root)
 
@@ -793,7 +799,8 @@ def _batch(args: argparse.Namespace) -> int:
         start, entries = time.perf_counter(), []
         if len(done) < len(items):  # a finished batch run again loads no model
             pipe = Pipeline.from_pretrained(
-                folder, dtype=args.dtype, device=device, scheduler=args.scheduler, **memory_settings(args, device)
+                folder, dtype=args.dtype, device=device, scheduler=args.scheduler, variant=args.variant,
+                **memory_settings(args, device),
             )
             if accelerate:
                 pipe.accelerate(**accelerate)

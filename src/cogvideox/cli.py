@@ -405,7 +405,7 @@ def _generate(args: argparse.Namespace) -> int:
                                one_group=True)
     _quiet_libraries()  # here, as the T5 loads: it imports transformers, seconds a mistake found above saves
     pipe = Pipeline.from_pretrained(
-        folder, dtype=args.dtype, device=device, scheduler=args.scheduler, lora=lora,
+        folder, dtype=args.dtype, device=device, scheduler=args.scheduler, lora=lora, variant=args.variant,
         vae_slicing=args.vae_slicing, **memory_settings(args, device),
     )
     if accelerate:  # folds the LoRAs into the weights first: the fast paths rewrite the linear layers
@@ -491,7 +491,8 @@ def _made_with(args: argparse.Namespace, pipe, folder: Path, checked, fps: float
     if args.video:
         video_fps = sampling_rate(args, pipe.config) or "source"
     levers = pipeline_levers(pipe)
-    settings = video_settings(recorded_model(folder), scheduler_kind(pipe.scheduler), checked, fps, levers, resize)
+    settings = video_settings(recorded_model(folder), scheduler_kind(pipe.scheduler), checked, fps, levers, resize,
+                              variant=args.variant)  # fmt: skip
     return dict(
         settings=settings,
         image=args.image,

@@ -74,7 +74,8 @@ def add_model_arguments(
     revision: bool = True,
     offline: bool = True,
 ) -> None:
-    """--model, --dtype, --device, and the hub's --revision and --offline where the command has them.
+    """--model, --dtype, --device, --variant, and the hub's --revision and --offline where the command has
+    them.
 
     The defaults are None (False for --offline): `train` lets its flags override a config file only
     when they are given.
@@ -83,6 +84,8 @@ def add_model_arguments(
     arg("--model", default=None, help=model_help)
     arg("--dtype", help="bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU; 5B models need bf16)")
     arg("--device", help=device_help)
+    arg("--variant", help="read the weights of this variant, e.g. fp16 (diffusion_pytorch_model.fp16.safetensors), "
+        "where a component has them, its plain weights where not (default: the plain weights)")
     if revision:
         arg("--revision", help="hub revision (branch, tag or commit) of --model (default: main)")
     if offline:
@@ -399,5 +402,6 @@ def locate_model(args: argparse.Namespace):
 
     loading.parse_dtype(args.dtype)
     device = loading.choose_device(args.device)
-    folder = loading.resolve_model_dir(args.model, revision=args.revision, local_files_only=args.offline)
-    return device, folder, loading.read_model_configs(folder)
+    folder = loading.resolve_model_dir(args.model, revision=args.revision, local_files_only=args.offline,
+                                       variant=args.variant)  # fmt: skip
+    return device, folder, loading.read_model_configs(folder, variant=args.variant)

@@ -96,7 +96,7 @@ def _decode(args: argparse.Namespace) -> int:
     if args.model is None and model is not None and Path(model).is_absolute() and not Path(model).exists():
         raise InputError(f"the latents were made with the model in {model}, which is not there any more; "
                          "name its folder or hub id with --model")  # fmt: skip
-    vae = VideoAutoencoder.from_pretrained(model, args.dtype, args.device, revision=args.revision,
+    vae = VideoAutoencoder.from_pretrained(model, args.dtype, args.device, revision=args.revision, variant=args.variant,
                                            local_files_only=args.offline, tiling=args.vae_tiling)  # fmt: skip
     vae.check_latents(latent.latents)
     warn_replaced(output, by=" by the decoded video")  # once the request is known to be good
@@ -135,8 +135,8 @@ def _encode(args: argparse.Namespace) -> int:
     loading.parse_dtype(args.dtype)
     only = ("vae",)  # of the weights, the VAE's alone are needed (and fetched from the hub)
     folder = loading.resolve_model_dir(args.model, revision=args.revision, local_files_only=args.offline,
-                                       components=only)  # fmt: skip
-    configs = loading.read_model_configs(folder, only)
+                                       components=only, variant=args.variant)  # fmt: skip
+    configs = loading.read_model_configs(folder, only, args.variant)
     transformer, vae_config = configs.transformer, configs.vae
     rate = sampling_rate(args, transformer)
     frames = conditioning.load_video(args.video, frames_to_read(args.frames, transformer), rate)
@@ -148,7 +148,8 @@ def _encode(args: argparse.Namespace) -> int:
         if value % multiple:
             raise InputError(f"{flag} must be a multiple of {multiple}, got {value}")
     warn_replaced(latents_path, video_path)  # once the request is known to be good
-    vae = VideoAutoencoder.from_pretrained(folder, args.dtype, args.device, tiling=args.vae_tiling)
+    vae = VideoAutoencoder.from_pretrained(folder, args.dtype, args.device, variant=args.variant,
+                                           tiling=args.vae_tiling)  # fmt: skip
     load_time = time.perf_counter() - start
 
     start = time.perf_counter()

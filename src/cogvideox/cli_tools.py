@@ -252,7 +252,8 @@ POOR_RECONSTRUCTION_DB = 20.0
 def _load(args: argparse.Namespace, device, folder):
     from cogvideox.pipeline import Pipeline
 
-    pipe = Pipeline.from_pretrained(folder, dtype=args.dtype, device=device, **memory_settings(args, device))
+    pipe = Pipeline.from_pretrained(folder, dtype=args.dtype, device=device, variant=args.variant,
+                                    **memory_settings(args, device))  # fmt: skip
     report_offload(pipe, args, device)
     return pipe
 

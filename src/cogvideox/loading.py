@@ -8,8 +8,10 @@ A model folder holds `model_index.json` and one sub-folder per component:
     tokenizer/     the T5 sentencepiece tokenizer files
     scheduler/     scheduler_config.json
 
-The weights of a `variant` (`diffusion_pytorch_model.fp16.safetensors`) and pickled `.bin` weights are
-not read; a folder holding only those is refused with the renaming that makes a variant readable.
+Pickled `.bin` weights are not read. The weights of a `variant` (`diffusion_pytorch_model.fp16.safetensors`,
+`model.fp16-00001-of-00002.safetensors` with `model.safetensors.index.fp16.json`) are read when that
+variant is asked for: as diffusers does, each component loads its variant's files where it has them and
+its plain files where it has not, and a variant no component has is an error naming those there are.
 
 Every network, T5 included, is built on the meta device from its component's `config.json` and receives
 its tensors by assignment (`weights.load_weights`), so host memory never holds a second copy of the
@@ -36,7 +38,17 @@ from cogvideox.models.transformer import CogVideoXTransformer
 from cogvideox.models.vae import CogVideoXVAE
 from cogvideox.schedulers import make_scheduler
 from cogvideox.text import TextEncoder
-from cogvideox.weights import DIFFUSERS_WEIGHTS, load_weights, shard_names, unread_weights, weight_files
+from cogvideox.weights import (
+    DIFFUSERS_WEIGHTS,
+    has_variant,
+    load_weights,
+    shard_names,
+    unread_weights,
+    variant_file_names,
+    variant_of,
+    variants,
+    weight_files,
+)
 
 MODEL_INDEX = "model_index.json"
 SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
@@ -51,10 +63,56 @@ _CONFIG_PATTERNS = [MODEL_INDEX, SAMPLING_DEFAULTS, "*/config.json", "scheduler/
                     "tokenizer/*"]  # fmt: skip
 
 
-def hub_patterns(components: Sequence[str] = WEIGHTED) -> list[str]:
-    """The files of a hub repo a run of `components` needs: every config, and those components' weights."""
-    weights = [f"{c}/*.safetensors" for c in components] + [f"{c}/*.safetensors.index.json" for c in components]
+STEMS = {"transformer": DIFFUSERS_WEIGHTS, "vae": DIFFUSERS_WEIGHTS, "text_encoder": "model"}  # weight file stems
+
+
+def hub_patterns(
+    components: Sequence[str] = WEIGHTED, variant: str | None = None, repo_files: Sequence[str] | None = None
+) -> list[str]:
+    """The files of a hub repo a run of `components` needs: every config, and those components' weights.
+
+    With a `variant`, a component's weights are its variant's files where the repo has them, else its
+    plain ones. Without the repo's file list (`repo_files`) both are fetched, as either may be the one.
+    """
+    if variant is None:
+        weights = [f"{c}/*.safetensors" for c in components] + [f"{c}/*.safetensors.index.json" for c in components]
+        return _CONFIG_PATTERNS + weights
+    weights = []
+    for c in components:
+        stem = STEMS[c]
+        own = [f"{c}/{stem}.{variant}.safetensors", f"{c}/{stem}.{variant}-*-of-*.safetensors",
+               f"{c}/{stem}.safetensors.index.{variant}.json"]  # fmt: skip
+        plain = [f"{c}/{stem}.safetensors", f"{c}/{stem}-*-of-*.safetensors", f"{c}/{stem}.safetensors.index.json"]
+        if repo_files is None:
+            weights += own + plain
+        else:
+            has_it = variant_file_names((f for f in repo_files if f.startswith(f"{c}/")), stem, variant)
+            weights += own if has_it else plain
     return _CONFIG_PATTERNS + weights
+
+
+def check_variant(variant: str | None) -> str | None:
+    """`variant` as a file name part ("fp16", "ema"), or None; anything else is an `InputError`."""
+    if variant is None:
+        return None
+    if not isinstance(variant, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", variant):
+        raise InputError(f"a variant is a name like fp16 or ema (letters, digits, - and _), got {variant!r}")
+    return variant
+
+
+def folder_variants(folder: Path) -> list[str]:
+    """The variants whose weights a model folder holds, in any of its components."""
+    found = set()
+    for component, stem in STEMS.items():
+        if (folder / component).is_dir():
+            found |= variants(folder / component, stem)
+    return sorted(found)
+
+
+def _unknown_variant(where: str, variant: str, present: Sequence[str]) -> LoadError:
+    there = (f"its weights come in the variant(s) {', '.join(present)}" if present
+             else "it has no variants: load it without one")
+    return LoadError(f"{where} has no weights of the variant {variant!r}; {there}")
 
 _DTYPES = {
     "bf16": torch.bfloat16,
@@ -165,13 +223,16 @@ def resolve_model_dir(
     revision: str | None = None,
     local_files_only: bool = False,
     components: Sequence[str] = WEIGHTED,
+    variant: str | None = None,
 ) -> Path:
     """The local folder holding the model: a folder as given, the demo model (None), or a hub snapshot.
 
     A repo id (`THUDM/CogVideoX-5b`) is looked up in the Hugging Face cache first, without network; only
     when it is missing or incomplete there is it downloaded (unless `local_files_only` or HF_HUB_OFFLINE).
-    Of the weights, only those of `components` are needed there, and downloaded.
+    Of the weights, only those of `components` are needed there, and downloaded: their `variant`'s files
+    where the repo has them, else the plain ones.
     """
+    variant = check_variant(variant)
     if path_or_repo_id is None:
         _revision_unused(revision, "the built-in demo model")
         return _demo_model_dir()
@@ -196,7 +257,8 @@ def resolve_model_dir(
         raise LoadError(
             f"no model folder at {path} (and it is not a Hugging Face repo id like THUDM/CogVideoX-2b)"
         )
-    return _hub_snapshot(name, revision=revision, local_files_only=local_files_only, components=components)
+    return _hub_snapshot(name, revision=revision, local_files_only=local_files_only, components=components,
+                         variant=variant)
 
 
 def _revision_unused(revision: str | None, what: str) -> None:
@@ -205,8 +267,10 @@ def _revision_unused(revision: str | None, what: str) -> None:
                       stacklevel=3)
 
 
-def _hub_snapshot(repo_id: str, *, revision: str | None, local_files_only: bool, components: Sequence[str]) -> Path:
-    from huggingface_hub import constants, snapshot_download
+def _hub_snapshot(
+    repo_id: str, *, revision: str | None, local_files_only: bool, components: Sequence[str], variant: str | None
+) -> Path:
+    from huggingface_hub import HfApi, constants, snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
@@ -215,29 +279,52 @@ def _hub_snapshot(repo_id: str, *, revision: str | None, local_files_only: bool,
         RevisionNotFoundError,
     )
 
-    def snapshot(**options) -> Path:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=hub_patterns(components), **options))
+    def snapshot(repo_files=None, **options) -> Path:
+        patterns = hub_patterns(components, variant, repo_files)
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, **options))
+
+    def complete(folder: Path) -> bool:
+        # A cache holding plain weights only is no answer to a variant the hub may have.
+        if missing_pieces(folder, components, variant):
+            return False
+        return variant is None or variant in folder_variants(folder)
 
     try:
         cached = snapshot(local_files_only=True)
-        if not missing_pieces(cached, components):
+        if complete(cached):
             return cached
     except (LocalEntryNotFoundError, FileNotFoundError):
         cached = None
     if local_files_only or constants.HF_HUB_OFFLINE:
         # A revision other than the one cached is "not in the cache" too: the message must say which.
         which = repo_id if revision is None else f"{repo_id} at revision {revision!r}"
-        if cached is not None:
-            missing = ", ".join(missing_pieces(cached, components))
+        if cached is not None and missing_pieces(cached, components, variant):
+            missing = ", ".join(missing_pieces(cached, components, variant))
             state = f"incomplete in the Hugging Face cache ({cached}: missing {missing})"
+        elif cached is not None:
+            raise _unknown_variant(f"{which} in the Hugging Face cache ({cached})", variant, folder_variants(cached))
         else:
             state = f"not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
         raise LoadError(
-            f"{which} is {state} and downloads are off (offline mode); download it once with network access "
-            "or pass a local model folder"
+            f"{which} is {state} and downloads are off (offline mode){_cached_note(repo_id)}; download it once "
+            "with network access or pass a local model folder"
         )
     try:
-        folder = snapshot()
+        repo_files = None
+        if variant is not None:  # which components have the variant decides which files to fetch
+            try:
+                repo_files = HfApi().list_repo_files(repo_id, revision=revision)
+            except (GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError):
+                raise
+            except Exception:  # the hub unreachable: snapshot_download below says so, or hands back the cache
+                repo_files = None
+            if repo_files is not None and not any(
+                variant_file_names(repo_files, STEMS[c], variant) for c in WEIGHTED
+            ):
+                present = sorted({v for c in WEIGHTED for v in _repo_variants(repo_files, c)})
+                raise _unknown_variant(repo_id if revision is None else f"{repo_id} at revision {revision!r}",
+                                       variant, present)
+        folder = snapshot(repo_files)
     except GatedRepoError:
         raise LoadError(
             f"{repo_id} is gated: accept its license on huggingface.co and log in (hf auth login)"
@@ -245,14 +332,15 @@ def _hub_snapshot(repo_id: str, *, revision: str | None, local_files_only: bool,
     except RepositoryNotFoundError:
         raise LoadError(f"no Hugging Face repository named {repo_id} (or it is private)") from None
     except RevisionNotFoundError:
-        raise LoadError(f"{repo_id} has no revision {revision!r}") from None
+        raise LoadError(f"{repo_id} has no revision {revision!r}{_cached_note(repo_id)}") from None
     except LocalEntryNotFoundError:
         raise LoadError(
-            f"could not download {repo_id}: the Hugging Face hub is unreachable and the model is not (fully) cached"
+            f"could not download {repo_id}: the Hugging Face hub is unreachable and the model is not (fully) "
+            f"cached{_cached_note(repo_id)}"
         ) from None
     except (HfHubHTTPError, OSError) as e:
         raise LoadError(f"could not download {repo_id}: {e}") from None
-    missing = missing_pieces(folder, components)
+    missing = missing_pieces(folder, components, variant)
     if missing and cached is not None:
         # huggingface_hub hands back the cached snapshot as it is when the hub cannot be reached.
         raise LoadError(
@@ -264,13 +352,45 @@ def _hub_snapshot(repo_id: str, *, revision: str | None, local_files_only: bool,
     return folder
 
 
+def _repo_variants(repo_files: Sequence[str], component: str) -> set[str]:
+    names = [f.removeprefix(f"{component}/") for f in repo_files if f.startswith(f"{component}/")]
+    return {v for v in (variant_of(name, STEMS[component]) for name in names) if v is not None}
+
+
+def cached_revisions(repo_id: str) -> list[str]:
+    """The revisions of `repo_id` the Hugging Face cache holds: each ref with its commit ("main (1a2b3c4)"),
+    then any snapshot no ref names (its short commit), read from the cache's folders without network."""
+    from huggingface_hub import constants
+
+    repo = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
+    held = repo / "snapshots"
+    snapshots = {p.name for p in held.iterdir() if p.is_dir()} if held.is_dir() else set()
+    found, named = [], set()
+    refs = repo / "refs"
+    for ref in sorted(p for p in refs.rglob("*") if p.is_file()) if refs.is_dir() else []:
+        try:
+            commit = ref.read_text().strip()
+        except OSError:
+            continue
+        if commit in snapshots:
+            found.append(f"{ref.relative_to(refs).as_posix()} ({commit[:7]})")
+            named.add(commit)
+    return found + sorted(commit[:7] for commit in snapshots - named)
+
+
+def _cached_note(repo_id: str) -> str:
+    held = cached_revisions(repo_id)
+    return f"; the cache holds it at revision(s) {', '.join(held)}" if held else ""
+
+
 # ---------------------------------------------------------------------------------------------------
 # Checking the folder
 
 
-def missing_pieces(folder: Path, components: Sequence[str] = WEIGHTED) -> list[str]:
+def missing_pieces(folder: Path, components: Sequence[str] = WEIGHTED, variant: str | None = None) -> list[str]:
     """What a folder lacks to be a CogVideoX model folder whose `components` run (empty list: nothing):
-    every config, and the weights (and for the text encoder, the vocabulary) of those components."""
+    every config, and the weights (and for the text encoder, the vocabulary) of those components (with a
+    `variant`, a component holding that variant's weights needs those, another its plain ones)."""
     required = [
         MODEL_INDEX,
         "transformer/config.json",
@@ -284,20 +404,27 @@ def missing_pieces(folder: Path, components: Sequence[str] = WEIGHTED) -> list[s
     text = "text_encoder" in components
     if text and not any((folder / "tokenizer" / name).is_file() for name in TOKENIZER_VOCABULARY):
         missing.append("tokenizer/spiece.model (or tokenizer.json)")
-    weights = {"transformer": DIFFUSERS_WEIGHTS, "vae": DIFFUSERS_WEIGHTS, "text_encoder": "model"}
-    for component, stem in weights.items():
+    for component, stem in STEMS.items():
         if component in components and (folder / component).is_dir():
-            missing += [f"{component}/{name}" for name in _missing_weight_files(folder / component, stem)]
+            missing += [f"{component}/{name}" for name in _missing_weight_files(folder / component, stem, variant)]
     return missing
 
 
-def _missing_weight_files(component_dir: Path, stem: str) -> list[str]:
-    if (component_dir / f"{stem}.safetensors").is_file():
+def _missing_weight_files(component_dir: Path, stem: str, variant: str | None = None) -> list[str]:
+    if variant is not None and has_variant(component_dir, stem, variant):
+        if (component_dir / f"{stem}.{variant}.safetensors").is_file():
+            return []
+        index = component_dir / f"{stem}.safetensors.index.{variant}.json"
+        if not index.is_file():
+            return [index.name]
+    elif (component_dir / f"{stem}.safetensors").is_file():
         return []
-    index = component_dir / f"{stem}.safetensors.index.json"
-    if not index.is_file():
-        unread = unread_weights(component_dir, stem)
-        return [f"{stem}.safetensors" + (f" (found {unread})" if unread else "")]
+    else:
+        index = component_dir / f"{stem}.safetensors.index.json"
+        if not index.is_file():
+            unread = "" if variant is not None else unread_weights(component_dir, stem)
+            plain = f"{stem}.safetensors" + (f" (found {unread})" if unread else "")
+            return [plain if variant is None else f"{plain} (or its {variant} variant)"]
     try:
         names = shard_names(index)
     except LoadError:
@@ -305,10 +432,14 @@ def _missing_weight_files(component_dir: Path, stem: str) -> list[str]:
     return [name for name in names if not (component_dir / name).is_file()]
 
 
-def check_model_dir(folder: Path, components: Sequence[str] = WEIGHTED) -> None:
+def check_model_dir(folder: Path, components: Sequence[str] = WEIGHTED, variant: str | None = None) -> None:
     """Raise `LoadError` naming what is missing if `folder` is not a CogVideoX model folder (whose
-    `components` run)."""
-    missing = missing_pieces(folder, components)
+    `components` run, in `variant` where a component has it); a `variant` no component has is an error
+    naming those the folder holds, as diffusers refuses it."""
+    variant = check_variant(variant)
+    if variant is not None and (folder / MODEL_INDEX).is_file() and variant not in folder_variants(folder):
+        raise _unknown_variant(str(folder), variant, folder_variants(folder))
+    missing = missing_pieces(folder, components, variant)
     if missing and MODEL_INDEX in missing:
         _refuse_component_folder(folder)
     if missing:
@@ -433,10 +564,12 @@ class ModelConfigs:
     text_width: int  # d_model of the T5
 
 
-def read_model_configs(folder: Path, components: Sequence[str] = WEIGHTED) -> ModelConfigs:
+def read_model_configs(
+    folder: Path, components: Sequence[str] = WEIGHTED, variant: str | None = None
+) -> ModelConfigs:
     """Read and cross-check the configs of a model folder (raises `LoadError` naming what is wrong); of
-    the weights, those of `components` must be there."""
-    check_model_dir(folder, components)
+    the weights, those of `components` (in `variant`, see `check_model_dir`) must be there."""
+    check_model_dir(folder, components, variant)
     try:
         configs = ModelConfigs(
             transformer=TransformerConfig.from_json(folder / "transformer" / "config.json"),
@@ -454,8 +587,10 @@ def read_model_configs(folder: Path, components: Sequence[str] = WEIGHTED) -> Mo
 # Loading tensors
 
 
-def _load_model(folder: Path, subfolder: str, build, config_cls, dtype: torch.dtype, device: torch.device):
-    """Build `build(config)` on the meta device from `folder/subfolder/config.json`, then load it strictly."""
+def _load_model(folder: Path, subfolder: str, build, config_cls, dtype: torch.dtype, device: torch.device,
+                variant: str | None = None):
+    """Build `build(config)` on the meta device from `folder/subfolder/config.json`, then load it strictly
+    (from `variant`'s weights where the folder holds them)."""
     path = folder / subfolder
     config = config_cls.from_json(path / "config.json")
     try:
@@ -463,18 +598,18 @@ def _load_model(folder: Path, subfolder: str, build, config_cls, dtype: torch.dt
             model = build(config)
     except ConfigError as e:  # a value the network cannot be built with (an unknown activation, say)
         raise LoadError(f"{path / 'config.json'}: {e}") from None
-    load_weights(model, weight_files(path), dtype, device, f"{path}")
+    load_weights(model, weight_files(path, DIFFUSERS_WEIGHTS, variant), dtype, device, f"{path}")
     return model.eval()
 
 
-def load_transformer(folder: Path, dtype: torch.dtype, device: torch.device):
+def load_transformer(folder: Path, dtype: torch.dtype, device: torch.device, variant: str | None = None):
     """The expert transformer of `folder/transformer`, strictly loaded."""
-    return _load_model(folder, "transformer", CogVideoXTransformer, TransformerConfig, dtype, device)
+    return _load_model(folder, "transformer", CogVideoXTransformer, TransformerConfig, dtype, device, variant)
 
 
-def load_vae(folder: Path, dtype: torch.dtype, device: torch.device):
+def load_vae(folder: Path, dtype: torch.dtype, device: torch.device, variant: str | None = None):
     """The 3D causal VAE of `folder/vae`, strictly loaded."""
-    return _load_model(folder, "vae", CogVideoXVAE, VAEConfig, dtype, device)
+    return _load_model(folder, "vae", CogVideoXVAE, VAEConfig, dtype, device, variant)
 
 
 try:  # what transformers raises, through huggingface_hub, for a T5 config value of the wrong type
@@ -483,11 +618,11 @@ except ImportError:  # older huggingface_hub: transformers does not check the ty
     _T5ConfigError = ValueError
 
 
-def load_text_encoder(folder: Path, dtype: torch.dtype, device: torch.device):
+def load_text_encoder(folder: Path, dtype: torch.dtype, device: torch.device, variant: str | None = None):
     """The T5 encoder and its tokenizer (through transformers)."""
     try:
         return TextEncoder.from_pretrained(
-            folder / "text_encoder", folder / "tokenizer", dtype=dtype, device=device
+            folder / "text_encoder", folder / "tokenizer", dtype=dtype, device=device, variant=variant
         )
     except (OSError, ValueError, _T5ConfigError) as e:
         if isinstance(e, LoadError):

@@ -138,6 +138,7 @@ class Pipeline:
         scheduler: str | object | None = None,
         *,
         revision: str | None = None,
+        variant: str | None = None,
         local_files_only: bool = False,
         lora=None,
         offload: str | None = None,
@@ -151,6 +152,10 @@ class Pipeline:
             cache when present, else downloaded), or None for the embedded demo model.
         dtype: "bf16" / "fp16" / "fp32" (or a torch dtype); default bf16 on GPU, fp32 on CPU.
         device: default CUDA when available, else CPU.
+        revision: the hub revision (branch, tag or commit) of a repo id.
+        variant: read the weights of this variant (`diffusion_pytorch_model.fp16.safetensors`,
+            `model.fp16-00001-of-00002.safetensors`, ... for "fp16") where a component has them, its plain
+            weights where not, as diffusers' `variant=` does; a variant no component has is an error.
         scheduler: "ddim" or "dpm" to override the model's scheduler class (same schedule config), or a
             scheduler object; default: the one named in `scheduler/scheduler_config.json`.
         lora: LoRA weights to apply (see `load_lora`): a file or folder, a (path, scale) pair, or a list
@@ -171,24 +176,27 @@ class Pipeline:
         device = loading.choose_device(device)
         text_device = None if text_device is None else loading.choose_device(text_device, "text_device")
         loading.parse_dtype(dtype)
+        variant = loading.check_variant(variant)
         folder = loading.resolve_model_dir(
-            path_or_repo_id, revision=revision, local_files_only=local_files_only
+            path_or_repo_id, revision=revision, local_files_only=local_files_only, variant=variant
         )
-        configs = loading.read_model_configs(folder)
+        configs = loading.read_model_configs(folder, variant=variant)
         chosen_dtype = loading.choose_dtype(dtype, device, configs.transformer)
         if dtype is None:
-            chosen_dtype = _dtype_that_fits(folder, chosen_dtype, device, offload, text_device)
+            chosen_dtype = _dtype_that_fits(folder, chosen_dtype, device, offload, text_device, variant)
         dtype = chosen_dtype
 
         reason, auto_tiling = "", False
         if offload == "auto":
-            choice = choose_for_folder(folder, configs, dtype, device, text_device, vae_tiling, vae_slicing)
+            choice = choose_for_folder(folder, configs, dtype, device, text_device, vae_tiling, vae_slicing,
+                                       variant=variant)  # fmt: skip
             offload, reason = choice.mode, choice.reason
             auto_tiling = choice.vae_tiling and not vae_tiling
             vae_tiling = vae_tiling or choice.vae_tiling
         # Before reading any weight: a process the kernel kills for memory gets no error message at all.
-        check_host_memory(offload, folder_sizes(folder, dtype), device, text_device, dtype)
-        pipe = cls._assemble(folder, dtype, device if offload == "none" else torch.device("cpu"), scheduler)
+        check_host_memory(offload, folder_sizes(folder, dtype, variant), device, text_device, dtype)
+        pipe = cls._assemble(folder, dtype, device if offload == "none" else torch.device("cpu"), scheduler,
+                             variant=variant)  # fmt: skip
         for path, scale in _lora_entries(lora):
             pipe.load_lora(path, scale)
         if vae_tiling:
@@ -236,18 +244,21 @@ class Pipeline:
         return cls._assemble(folder, dtype, device, scheduler, transformer, vae_model)
 
     @classmethod
-    def _assemble(cls, folder: Path, dtype, device, scheduler=None, transformer=None, vae=None) -> Pipeline:
-        """The pipeline of a model folder; components given (already loaded) replace the folder's."""
+    def _assemble(
+        cls, folder: Path, dtype, device, scheduler=None, transformer=None, vae=None, variant: str | None = None
+    ) -> Pipeline:
+        """The pipeline of a model folder (its `variant`'s weights where it has them); components given
+        (already loaded) replace the folder's."""
         kind = _scheduler_kind(scheduler)
         if kind is None and scheduler is not None:
             scheduler_object = scheduler
         else:
             scheduler_object = loading.load_scheduler(folder, kind)
-        text_encoder = loading.load_text_encoder(folder, dtype, device)
+        text_encoder = loading.load_text_encoder(folder, dtype, device, variant)
         if transformer is None:
-            transformer = loading.load_transformer(folder, dtype, device)
+            transformer = loading.load_transformer(folder, dtype, device, variant)
         if vae is None:
-            vae = loading.load_vae(folder, dtype, device)
+            vae = loading.load_vae(folder, dtype, device, variant)
         pipe = cls(transformer, vae, text_encoder, scheduler_object)
         pipe.sampling_defaults = loading.read_sampling_defaults(folder)
         return pipe
@@ -975,7 +986,9 @@ def _generator(seed, generator, batch_size: int, device: torch.device):
     return torch.Generator("cpu").manual_seed(int(seed)), int(seed)
 
 
-def _dtype_that_fits(folder: Path, dtype: torch.dtype, device: torch.device, offload: str, text_device) -> torch.dtype:
+def _dtype_that_fits(
+    folder: Path, dtype: torch.dtype, device: torch.device, offload: str, text_device, variant: str | None = None
+) -> torch.dtype:
     """The default dtype, or bf16 where the default (fp32 on the CPU) would not fit in host memory but
     bf16 does: a default should run, not stop. An explicit dtype is never changed."""
     from cogvideox.fast.memory_plan import folder_sizes, host_shortfall
@@ -983,8 +996,8 @@ def _dtype_that_fits(folder: Path, dtype: torch.dtype, device: torch.device, off
     if dtype != torch.float32 or device.type != "cpu":
         return dtype
     mode = "none" if offload == "auto" else offload
-    short = host_shortfall(mode, folder_sizes(folder, dtype), device, text_device)
-    if short is None or host_shortfall(mode, folder_sizes(folder, torch.bfloat16), device, text_device):
+    short = host_shortfall(mode, folder_sizes(folder, dtype, variant), device, text_device)
+    if short is None or host_shortfall(mode, folder_sizes(folder, torch.bfloat16, variant), device, text_device):
         return dtype  # fits, or bf16 would not fit either: check_host_memory says so
     need, available = short
     warnings.warn(

@@ -130,6 +130,7 @@ def command(entry: dict, output: str | None = None) -> list[str]:
 
     if entry.get("model"):  # None: the demo model
         args += _option("--model", entry["model"])
+    flag("--variant", "variant")  # the same weights: an fp16 file is not the bf16 one rounded
     flag("--seed", "seed")
     flag("--steps", "steps")
     flag("--guidance", "guidance")

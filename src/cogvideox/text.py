@@ -25,7 +25,9 @@ _QUOTE_LIMIT = 120  # characters of the dropped text a truncation warning quotes
 _T5_TIED = {"encoder.embed_tokens.weight": "shared.weight"}
 
 
-def load_t5(text_encoder_dir: Path, dtype: torch.dtype, device: torch.device) -> T5EncoderModel:
+def load_t5(
+    text_encoder_dir: Path, dtype: torch.dtype, device: torch.device, variant: str | None = None
+) -> T5EncoderModel:
     """transformers' `T5EncoderModel` of a checkpoint's `text_encoder/` folder, in `dtype` on `device`.
 
     transformers' own loader keeps a whole shard mapped while it casts (up to 1.9x the weights in host
@@ -40,7 +42,7 @@ def load_t5(text_encoder_dir: Path, dtype: torch.dtype, device: torch.device) ->
     keep = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ()) if dtype.itemsize == 2 else set()
     if dtype == torch.float16:
         keep |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
-    files = weight_files(text_encoder_dir, "model")
+    files = weight_files(text_encoder_dir, "model", variant)
     load_weights(model, files, dtype, device, str(text_encoder_dir), keep_fp32=keep, tied=_T5_TIED)
     return model.eval()
 
@@ -88,6 +90,7 @@ class TextEncoder(nn.Module):
         tokenizer_dir: str | Path,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        variant: str | None = None,
     ) -> TextEncoder:
         """Load the `text_encoder/` and `tokenizer/` folders of a checkpoint.
 
@@ -96,7 +99,8 @@ class TextEncoder(nn.Module):
         (None: the CPU), with no second copy in host memory, strictly. It is the model transformers'
         `T5EncoderModel.from_pretrained` gives, the reference's: the same parameters, the token embedding
         tied to `shared.weight`, and in float16 the feed-forward output projections (`wo`) kept in
-        float32, as transformers keeps them.
+        float32, as transformers keeps them. `variant`: read `model.{variant}.safetensors` (or its shards)
+        where the folder holds them.
         """
         for what, path in (("text encoder", text_encoder_dir), ("tokenizer", tokenizer_dir)):
             if not Path(path).is_dir():
@@ -105,7 +109,7 @@ class TextEncoder(nn.Module):
         from transformers import T5Tokenizer
 
         tokenizer = T5Tokenizer.from_pretrained(str(tokenizer_dir))
-        model = load_t5(Path(text_encoder_dir), dtype or torch.float32, torch.device(device or "cpu"))
+        model = load_t5(Path(text_encoder_dir), dtype or torch.float32, torch.device(device or "cpu"), variant)
         return cls(tokenizer, model)
 
     @property

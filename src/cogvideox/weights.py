@@ -31,38 +31,90 @@ from cogvideox.files import read_json, usual_mode
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"  # file stem diffusers uses for transformer and VAE weights
 
 
-def weight_files(component_dir: Path, stem: str = DIFFUSERS_WEIGHTS) -> list[Path]:
-    """The safetensors file(s) of one component: `{stem}.safetensors`, or the shards its index names."""
+def weight_files(component_dir: Path, stem: str = DIFFUSERS_WEIGHTS, variant: str | None = None) -> list[Path]:
+    """The safetensors file(s) of one component: `{stem}.safetensors`, or the shards its index names.
+
+    With a `variant` ("fp16"), its files instead (`{stem}.fp16.safetensors`, or the shards
+    `{stem}.safetensors.index.fp16.json` names) where the component has them, else the plain ones: a
+    pipeline loads each component's variant where there is one, as diffusers' does.
+    """
+    if variant is not None and has_variant(component_dir, stem, variant):
+        single = component_dir / f"{stem}.{variant}.safetensors"
+        if single.is_file():
+            return [single]
+        index = component_dir / f"{stem}.safetensors.index.{variant}.json"
+        if not index.is_file():
+            raise LoadError(f"{component_dir} has {variant} shards but no index naming them ({index.name})")
+        return _shards(component_dir, index)
     single = component_dir / f"{stem}.safetensors"
     if single.is_file():
         return [single]
     index = component_dir / f"{stem}.safetensors.index.json"
     if index.is_file():
-        shards = [component_dir / name for name in shard_names(index)]
-        absent = [p.name for p in shards if not p.is_file()]
-        if absent:
-            raise LoadError(f"{component_dir} is missing shard(s) named in its index: {', '.join(absent)}")
-        return shards
+        return _shards(component_dir, index)
+    if variant is not None:
+        raise LoadError(
+            f"{component_dir} has no weights: neither the {variant} variant ({stem}.{variant}.safetensors) nor "
+            f"{stem}.safetensors"
+        )
     unread = unread_weights(component_dir, stem)
     if unread:
         raise LoadError(f"{component_dir} has no {stem}.safetensors: found {unread}")
     raise LoadError(f"{component_dir} has no weights ({stem}.safetensors or {stem}.safetensors.index.json)")
 
 
+def _shards(component_dir: Path, index: Path) -> list[Path]:
+    shards = [component_dir / name for name in shard_names(index)]
+    absent = [p.name for p in shards if not p.is_file()]
+    if absent:
+        raise LoadError(f"{component_dir} is missing shard(s) named in its index: {', '.join(absent)}")
+    return shards
+
+
+# `{stem}.{variant}.safetensors`, `{stem}.{variant}-00001-of-00002.safetensors` (a shard) and
+# `{stem}.safetensors.index.{variant}.json`: the names diffusers' and transformers' `save_pretrained(variant=)`
+# write (diffusers' `_add_variant`).
+_SHARD = re.compile(r"-\d{5}-of-\d{5}$")
+
+
+def variant_of(name: str, stem: str) -> str | None:
+    """The variant a weight file's `name` belongs to ("fp16"), or None (plain weights, or another file)."""
+    index = f"{stem}.safetensors.index."
+    if name.startswith(index) and name.endswith(".json"):
+        return name[len(index) : -len(".json")] or None
+    if name.startswith(f"{stem}.") and name.endswith(".safetensors"):
+        return _SHARD.sub("", name[len(stem) + 1 : -len(".safetensors")]) or None
+    return None
+
+
+def variants(component_dir: Path, stem: str) -> set[str]:
+    """The variants whose safetensors weights a component folder holds ({"fp16"}, or empty)."""
+    names = [p.name for p in component_dir.iterdir()] if component_dir.is_dir() else []
+    return {v for v in (variant_of(name, stem) for name in names) if v is not None}
+
+
+def variant_file_names(names: Iterable[str], stem: str, variant: str) -> list[str]:
+    """Of file `names` (one folder's, or a repo's `component/file` paths), those of `variant`'s weights."""
+    own = re.compile(rf"(^|/){re.escape(stem)}\.({re.escape(variant)}(-\d{{5}}-of-\d{{5}})?\.safetensors"
+                     rf"|safetensors\.index\.{re.escape(variant)}\.json)$")
+    return [name for name in names if own.search(name)]
+
+
+def has_variant(component_dir: Path, stem: str, variant: str) -> bool:
+    """Whether a component folder holds weights of `variant`."""
+    return variant in variants(component_dir, stem)
+
+
 def unread_weights(component_dir: Path, stem: str) -> str:
     """What a component folder without `{stem}.safetensors` or its index holds instead that is not read,
     and what to do about it ("" for nothing): the weights of a `variant` ("fp16": the files diffusers and
     transformers save as `{stem}.fp16.safetensors`, or as shards and `{stem}.safetensors.index.fp16.json`),
-    or pickled `.bin` weights."""
-    for index in sorted(component_dir.glob(f"{stem}.safetensors.index.*.json")):
-        variant = index.name.removeprefix(f"{stem}.safetensors.index.").removesuffix(".json")
-        return (f"only the {variant} variant's index {index.name}; cogvideox reads no variants: rename it to "
-                f"{stem}.safetensors.index.json")  # its weight_map names the variant's shards: they stay
-    for single in sorted(component_dir.glob(f"{stem}.*.safetensors")):
-        variant = single.name.removeprefix(f"{stem}.").removesuffix(".safetensors")
-        if "-of-" not in variant:
-            return (f"only the {variant} variant {single.name}; cogvideox reads no variants: rename it to "
-                    f"{stem}.safetensors")
+    read when that variant is asked for, or pickled `.bin` weights."""
+    found = sorted(variants(component_dir, stem))
+    if found:
+        names = " or ".join(found)
+        return (f"only the weights of the variant {names}; load them with variant={found[0]!r} "
+                f"(--variant {found[0]})")
     if any(component_dir.glob("*.bin")):
         return "only .bin weights, which cogvideox does not read: it reads safetensors files"
     return ""

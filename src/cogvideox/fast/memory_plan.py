@@ -82,9 +82,9 @@ def pipeline_sizes(pipe) -> dict[str, ComponentSize]:
     }
 
 
-def folder_sizes(folder: Path, dtype: torch.dtype) -> dict[str, ComponentSize]:
-    """The same, from a model folder's safetensors headers, for weights loaded in `dtype` (nothing is read
-    but the headers, so "auto" can choose before loading)."""
+def folder_sizes(folder: Path, dtype: torch.dtype, variant: str | None = None) -> dict[str, ComponentSize]:
+    """The same, from a model folder's safetensors headers (of `variant`'s files where there are some),
+    for weights loaded in `dtype` (nothing is read but the headers, so "auto" can choose before loading)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     found = {}
     for name, stem, prefix in (
@@ -93,7 +93,7 @@ def folder_sizes(folder: Path, dtype: torch.dtype) -> dict[str, ComponentSize]:
         ("vae", weights.DIFFUSERS_WEIGHTS, None),
     ):
         sizes = {}
-        for path in weights.weight_files(Path(folder) / name, stem):
+        for path in weights.weight_files(Path(folder) / name, stem, variant):
             header, _ = weights.read_safetensors_header(path)
             sizes.update({key: math.prod(entry["shape"]) * itemsize for key, entry in header.items()})
         if name == "text_encoder":
@@ -405,12 +405,12 @@ def _choose_on(
 
 def choose_for_folder(
     folder: Path, configs, dtype: torch.dtype, device, text_device=None, vae_tiling: bool = False,
-    vae_slicing: bool = False, lookahead: int = DEFAULT_LOOKAHEAD,
+    vae_slicing: bool = False, lookahead: int = DEFAULT_LOOKAHEAD, variant: str | None = None,
 ) -> Choice:
     """"auto" for a model folder not loaded yet (`configs`: `loading.read_model_configs`)."""
     default_tile = (configs.vae.sample_height // 2, configs.vae.sample_width // 2)
     return _choose_on(
-        device, lambda: folder_sizes(folder, dtype), configs.transformer, configs.vae, dtype, text_device,
+        device, lambda: folder_sizes(folder, dtype, variant), configs.transformer, configs.vae, dtype, text_device,
         default_tile if vae_tiling else None, default_tile, vae_slicing, lookahead,
     )
 

@@ -258,7 +258,9 @@ def load_settings(args: argparse.Namespace) -> tuple[dict, dict | None]:
                              "the weights for good; leave those out (the step cache and --attention keep LoRAs "
                              "choosable)")  # fmt: skip
         speed["fuse_qkv"] = False  # fused QKV would fold them too
-    return dict(dtype=args.dtype, device=args.device, **memory_settings(args, device)), speed
+    loading.check_variant(args.variant)
+    load = dict(dtype=args.dtype, device=args.device, **memory_settings(args, device))
+    return load | ({"variant": args.variant} if args.variant is not None else {}), speed
 
 
 _LORA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -384,7 +386,7 @@ def run_serve(args: argparse.Namespace) -> int:
     check_listening(args.host, args.port)
     sizes = tuple(s.strip() for s in args.sizes.split(",") if s.strip())
     loras = served_loras(args.lora, check_files=not args.no_worker)  # an API alone only needs the names
-    spec = ModelSpec.load(args.model, args.model_name, sizes, tuple(loras))
+    spec = ModelSpec.load(args.model, args.model_name, sizes, tuple(loras), args.variant)
     if not keys and not _is_loopback(args.host):
         log.warning("listening on %s without an API key: anyone who can reach it can use the GPU", args.host)
     settings = Settings(
@@ -416,7 +418,7 @@ def run_worker(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level)
     load, speed = load_settings(args)
     loras = served_loras(args.lora)
-    spec = ModelSpec.load(args.model, args.model_name, loras=tuple(loras))
+    spec = ModelSpec.load(args.model, args.model_name, loras=tuple(loras), variant=args.variant)
     make_data_dir(args.data_dir)
     store = open_store(args.db, args.data_dir)
     worker = _build_worker(args, spec, store, load, speed, loras)

@@ -104,11 +104,13 @@ class ModelSpec:
 
     @classmethod
     def load(
-        cls, model: str | None, name: str | None = None, extra_sizes: tuple[str, ...] = (), loras: tuple[str, ...] = ()
+        cls, model: str | None, name: str | None = None, extra_sizes: tuple[str, ...] = (), loras: tuple[str, ...] = (),
+        variant: str | None = None,
     ) -> ModelSpec:
-        """The spec of a `--model` value (folder, hub repo id, or None for the demo model)."""
-        folder = loading.resolve_model_dir(model)
-        loading.check_model_dir(folder)
+        """The spec of a `--model` value (folder, hub repo id, or None for the demo model) whose weights
+        are read in `variant`."""
+        folder = loading.resolve_model_dir(model, variant=variant)
+        loading.check_model_dir(folder, variant=variant)
         return cls.from_folder(folder, name or default_model_name(model), extra_sizes, loras)
 
     @property

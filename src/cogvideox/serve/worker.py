@@ -136,6 +136,8 @@ class PipelineGenerator:
         sent = params.get("video_input") is not None  # a video the client sent, redrawn (not a remix's)
         given = "image" if images else "video" if sent else None
         settings = pipeline_settings(self.pipe, prompt, request, params["fps"], given) | {"model": self.model}
+        if self.load_options.get("variant") is not None:
+            settings["variant"] = self.load_options["variant"]
         return provenance.record(
             prompt,
             params["seed"],

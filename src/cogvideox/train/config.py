@@ -32,6 +32,7 @@ class FinetuneConfig:
     output: str  # run folder: checkpoints, logs, validation videos and the result
     model: str | None = None  # model folder or hub id; None: the embedded demo model
     revision: str | None = None
+    variant: str | None = None  # the weights' variant ("fp16") where the model has one; None: the plain weights
     # What is trained
     full: bool = False  # all transformer weights instead of a LoRA
     rank: int = 64
@@ -103,8 +104,8 @@ class FinetuneConfig:
     @property
     def run_identity(self) -> dict[str, Any]:
         """The settings a resumed run must share with the run it continues (the rest may change)."""
-        keys = ("model", "full", "rank", "alpha", "targets", "optimizer", "batch_size", "grad_accum", "seed",
-                "quantize_base")  # fmt: skip
+        keys = ("model", "variant", "full", "rank", "alpha", "targets", "optimizer", "batch_size", "grad_accum",
+                "seed", "quantize_base")  # fmt: skip
         return {k: getattr(self, k) for k in keys} | {"targets": list(self.targets)}
 
     def to_dict(self) -> dict[str, Any]:
@@ -112,8 +113,8 @@ class FinetuneConfig:
 
 
 # What the text settings look like, for their error messages.
-_EXAMPLES = {"model": "THUDM/CogVideoX-5b", "revision": "main", "cache_dir": "clips/cache", "dtype": "bf16",
-             "device": "cuda"}
+_EXAMPLES = {"model": "THUDM/CogVideoX-5b", "revision": "main", "variant": "fp16", "cache_dir": "clips/cache",
+             "dtype": "bf16", "device": "cuda"}
 
 
 def _positive(value, name: str, kind=int) -> None:
@@ -128,7 +129,7 @@ def check_config(c: FinetuneConfig) -> None:
     for name in ("data", "output"):
         if not isinstance(getattr(c, name), (str, Path)) or not str(getattr(c, name)):
             raise InputError(f"{name} must be a folder path")
-    for name in ("model", "revision", "cache_dir", "dtype", "device"):
+    for name in ("model", "revision", "variant", "cache_dir", "dtype", "device"):
         value = getattr(c, name)
         if value is not None and (not isinstance(value, (str, Path)) or not str(value)):
             raise InputError(f"{name} must be a text such as \"{_EXAMPLES[name]}\" (or unset), got {value!r}")

@@ -160,8 +160,9 @@ class Run:
         self.procs.start(self.device)
         if self.procs.main:  # a run folder that cannot be made fails now, not after the data is encoded
             prepare_folder(self.out)
-        self.folder = loading.resolve_model_dir(c.model, revision=c.revision)
-        self.configs = loading.read_model_configs(self.folder)
+        self.variant = loading.check_variant(c.variant)
+        self.folder = loading.resolve_model_dir(c.model, revision=c.revision, variant=self.variant)
+        self.configs = loading.read_model_configs(self.folder, variant=self.variant)
         # The base's recommended guidance: validation samples with it (as `generate` does) and a full
         # fine-tune's model folder passes it on; read now so that a broken sampling.json fails before
         # the training, not after it.
@@ -205,8 +206,8 @@ class Run:
                 prepare_folder(cache_dir)
             except InputError as e:
                 raise InputError(f"{e} (the cache of latents and T5 states); give another --cache-dir") from None
-        self.vae = loading.load_vae(self.folder, self.dtype, self.device)
-        self.text_encoder = loading.load_text_encoder(self.folder, self.dtype, self.device)
+        self.vae = loading.load_vae(self.folder, self.dtype, self.device, self.variant)
+        self.text_encoder = loading.load_text_encoder(self.folder, self.dtype, self.device, self.variant)
         args = (clips, self.buckets, self.fps, self.vae, self.text_encoder, cache_dir, self.max_sequence_length)
         progress = c.progress and self.procs.main
         if self.procs.world_size > 1:  # each rank encodes its share, then all read everything
@@ -257,7 +258,8 @@ class Run:
         c = self.config
         # Full fine-tuning keeps fp32 weights (the optimizer's masters) unless they live on the CPU.
         full_fp32 = c.full and c.optimizer != "adamw-cpu" and self.device.type == "cuda"
-        self.transformer = loading.load_transformer(self.folder, torch.float32 if full_fp32 else self.dtype, self.device)
+        dtype = torch.float32 if full_fp32 else self.dtype
+        self.transformer = loading.load_transformer(self.folder, dtype, self.device, self.variant)
         self.transformer.gradient_checkpointing = c.gradient_checkpointing
         self.transformer.offload_activations = c.offload_activations
         self.transformer.save_attention = c.save_attention
@@ -593,10 +595,10 @@ class Run:
         if self.procs.main:
             from cogvideox.pipeline import Pipeline
 
-            model = loading.load_transformer(self.folder, self.dtype, torch.device("cpu"))
+            model = loading.load_transformer(self.folder, self.dtype, torch.device("cpu"), self.variant)
             model.load_state_dict({k: v.to(self.dtype) for k, v in weights.items()})
-            text_encoder = loading.load_text_encoder(self.folder, self.dtype, torch.device("cpu"))
-            vae = loading.load_vae(self.folder, self.dtype, torch.device("cpu"))
+            text_encoder = loading.load_text_encoder(self.folder, self.dtype, torch.device("cpu"), self.variant)
+            vae = loading.load_vae(self.folder, self.dtype, torch.device("cpu"), self.variant)
             pipe = Pipeline(model, vae, text_encoder, loading.load_scheduler(self.folder))
             pipe.sampling_defaults = self.sampling_defaults  # written as the folder's sampling.json
             pipe.save_pretrained(path)

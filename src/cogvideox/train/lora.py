@@ -443,7 +443,23 @@ def _lora_file(path: str | Path) -> Path:
         return files[0]
     if not path.is_file():
         raise InputError(f"no LoRA file at {path}")
+    if path.suffix in _PICKLED:
+        raise InputError(_pickled_lora(path))
     return path
+
+
+# Suffixes of pickled (torch.save) weight files: older diffusers and peft wrote LoRAs as
+# `pytorch_lora_weights.bin`. Unpickling can run code, so they are refused, with the conversion to do.
+_PICKLED = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def _pickled_lora(file: Path) -> str:
+    target = file.with_suffix(".safetensors")
+    return (
+        f"{file} is a pickled (torch.save) LoRA file; cogvideox reads only safetensors LoRA files. Convert it "
+        f"once, if you trust its source: python -c \"import torch; from safetensors.torch import save_file; "
+        f"save_file(torch.load('{file}', weights_only=True), '{target}')\""
+    )
 
 
 def _no_lora_in(folder: Path) -> str:
@@ -456,6 +472,9 @@ def _no_lora_in(folder: Path) -> str:
     if (folder / "checkpoints").is_dir():
         return (f"no LoRA weights ({LORA_WEIGHTS_NAME}) in {folder} yet: its training run writes them when it ends; "
                 "run the same command again to finish it")  # fmt: skip
+    pickled = sorted(p for p in folder.iterdir() if p.suffix in _PICKLED and p.is_file())
+    if pickled:  # diffusers' own name first, as it reads that one
+        return _pickled_lora(min(pickled, key=lambda p: p.name != "pytorch_lora_weights.bin"))
     return f"no LoRA weights ({LORA_WEIGHTS_NAME}) in {folder}"
 
 
