@@ -31,13 +31,17 @@ _EXPORTS = {
 
 __all__ = ["__version__", *_EXPORTS]
 
-if TYPE_CHECKING:
-    from cogvideox.autoencoder import VideoAutoencoder
-    from cogvideox.errors import CogVideoXError, InputError, LoadError, NonFiniteError
-    from cogvideox.latents import LatentVideo
-    from cogvideox.pipeline import Pipeline, VideoOutput
-    from cogvideox.video import export_video, read_video
-
+if TYPE_CHECKING:  # the `X as X` form marks each import as a re-export for type checkers and linters
+    from cogvideox.autoencoder import VideoAutoencoder as VideoAutoencoder
+    from cogvideox.errors import CogVideoXError as CogVideoXError
+    from cogvideox.errors import InputError as InputError
+    from cogvideox.errors import LoadError as LoadError
+    from cogvideox.errors import NonFiniteError as NonFiniteError
+    from cogvideox.latents import LatentVideo as LatentVideo
+    from cogvideox.pipeline import Pipeline as Pipeline
+    from cogvideox.pipeline import VideoOutput as VideoOutput
+    from cogvideox.video import export_video as export_video
+    from cogvideox.video import read_video as read_video
 
 def __getattr__(name: str):
     if name in _EXPORTS:
