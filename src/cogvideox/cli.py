@@ -25,6 +25,7 @@ from pathlib import Path
 
 from cogvideox import provenance, video
 from cogvideox.cli_args import (
+    VIDEO_OUTPUT_HELP,
     add_enhancer_arguments,
     add_memory_arguments,
     add_model_arguments,
@@ -174,8 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     arg = gen.add_argument
     arg("prompt", help="what the video should show")
     arg("-o", "--output", default="output.mp4", type=file_name,
-        help="video file to write: .mp4 (H.264), .gif (animated GIF), or numbered PNG frames for a name such "
-        "as frames/%%04d.png; or, for a name ending in .safetensors, the denoised latents without decoding "
+        help=VIDEO_OUTPUT_HELP + "; or, for a name ending in .safetensors, the denoised latents without decoding "
         "them (cogvideox decode makes the same video from them later, with the VAE alone) "
         "(default: output.mp4)")
     add_model_arguments(gen)

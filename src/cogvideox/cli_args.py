@@ -64,6 +64,11 @@ MODEL_HELP = (
     "the cache when present, else downloaded); default: the embedded demo model"
 )
 DEVICE_HELP = "cpu, cuda or cuda:N (default: cuda when available)"
+# The start of every --output help for a video: the formats `cogvideox.video.export_video` writes.
+VIDEO_OUTPUT_HELP = (
+    "video file to write: .mp4 (H.264), .gif (animated GIF), or numbered PNG frames for a name such as "
+    "frames/%%04d.png"
+)
 
 
 def add_model_arguments(
@@ -308,6 +313,16 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, *, seed_default: int
         "--max-sequence-length",
         type=positive_int,
         help="T5 tokens per prompt (default: the model's, 226 for the released models)",
+    )
+
+
+def add_resize_argument(parser: argparse.ArgumentParser) -> None:
+    """--resize for a command that reads a video to --height and --width (`invert`, `encode`)."""
+    parser.add_argument(
+        "--resize",
+        choices=("stretch", "crop"),
+        default="stretch",
+        help="'stretch' to the size, or 'crop' the centred region of its aspect ratio first (default: stretch)",
     )
 
 

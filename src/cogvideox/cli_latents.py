@@ -17,7 +17,9 @@ from pathlib import Path
 from cogvideox import provenance
 from cogvideox.cli_args import (
     MODEL_HELP,
+    VIDEO_OUTPUT_HELP,
     add_model_arguments,
+    add_resize_argument,
     add_video_rate_argument,
     file_name,
     frame_rate,
@@ -46,8 +48,7 @@ def add_latent_parsers(commands) -> None:
     arg = dec.add_argument
     arg("latents", type=file_name, help="the latents file (.safetensors)")
     arg("-o", "--output", type=file_name,
-        help="video file to write: .mp4 (H.264), .gif (animated GIF), or numbered PNG frames for a name such "
-        "as frames/%%04d.png (default: the latents' name with .mp4)")
+        help=VIDEO_OUTPUT_HELP + " (default: the latents' name with .mp4)")
     arg("--fps", type=frame_rate, help="frame rate of the video file (default: the one the latents record)")
     add_model_arguments(dec, model_help="model whose VAE decodes, a folder or a Hugging Face repo id (default: "
                         "the model the latents record; the embedded demo model for its latents)")  # fmt: skip
@@ -73,8 +74,7 @@ def add_latent_parsers(commands) -> None:
         "shorter video)")  # fmt: skip
     arg("--height", type=positive_int, help="height to resize the frames to, a multiple of 8 (default: the model's)")
     arg("--width", type=positive_int, help="width to resize the frames to, a multiple of 8 (default: the model's)")
-    arg("--resize", choices=("stretch", "crop"), default="stretch",
-        help="'stretch' to the size, or 'crop' the centred region of its aspect ratio first (default: stretch)")
+    add_resize_argument(enc)
     add_video_rate_argument(enc, "the video", "encoded")
     arg("--fps", type=frame_rate,
         help="frame rate the latents record, and of the reconstruction (default: --video-fps, else the model's)")

@@ -24,9 +24,11 @@ from cogvideox import provenance
 from cogvideox.cli import _interrupted_status, _quiet_libraries, stage_times
 from cogvideox.cli_args import (
     MODEL_HELP,
+    VIDEO_OUTPUT_HELP,
     add_enhancer_arguments,
     add_memory_arguments,
     add_model_arguments,
+    add_resize_argument,
     add_video_rate_argument,
     file_name,
     finite_float,
@@ -100,12 +102,7 @@ def add_tool_parsers(commands) -> None:
     )
     arg("--height", type=positive_int, help="height to resize the frames to (default: the model's)")
     arg("--width", type=positive_int, help="width to resize the frames to (default: the model's)")
-    arg(
-        "--resize",
-        choices=("stretch", "crop"),
-        default="stretch",
-        help="'stretch' to the size, or 'crop' the centred region of its aspect ratio first (default: stretch)",
-    )
+    add_resize_argument(inv)
     arg("--fps", type=frame_rate,
         help="frame rate of the reconstruction (default: the rate the video was sampled at, --video-fps)")
     add_video_rate_argument(inv, "the video", "inverted")
@@ -122,8 +119,7 @@ def add_tool_parsers(commands) -> None:
     arg = regen.add_argument
     arg("latents", type=file_name, help="latents written by cogvideox invert (.safetensors)")
     arg("-o", "--output", default="output.mp4", type=file_name,
-        help="video file to write: .mp4 (H.264), .gif (animated GIF), or numbered PNG frames for a name such "
-        "as frames/%%04d.png (default: output.mp4)")
+        help=VIDEO_OUTPUT_HELP + " (default: output.mp4)")
     arg("--prompt", help="a new prompt (default: the one the video was inverted with)")
     arg("--guidance", type=finite_float, help="guidance scale (default: the one used to invert)")
     arg("--fps", type=frame_rate, help="frame rate of the video file (default: the rate the inverted video was "
