@@ -35,28 +35,14 @@ def make_tiny_t5(
     folder holds a sentencepiece model), `text_encoder_dir` a randomly initialised (seeded) T5 v1.1
     style encoder saved with `save_pretrained`. The model is returned in float32, eval mode.
     """
-    import sentencepiece as spm
     from transformers import T5EncoderModel, T5Tokenizer
 
-    from cogvideox.demo.build import small_t5_config
+    from cogvideox.demo.build import small_t5_config, train_t5_tokenizer
 
     text_encoder_dir, tokenizer_dir = Path(text_encoder_dir), Path(tokenizer_dir)
-    tokenizer_dir.mkdir(parents=True, exist_ok=True)
-    spm.SentencePieceTrainer.train(
-        # Bare words too, so that most of them end up as single pieces.
-        sentence_iterator=iter(_CORPUS * 4 + sorted({w for s in _CORPUS for w in s.split()}) * 8),
-        model_prefix=str(tokenizer_dir / "spiece"),
-        vocab_size=120,
-        hard_vocab_limit=False,
-        model_type="unigram",
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,
-        num_threads=1,
-        minloglevel=2,
-    )
-    (tokenizer_dir / "spiece.vocab").unlink()
+    # Bare words too, so that most of them end up as single pieces.
+    sentences = _CORPUS * 4 + sorted({w for s in _CORPUS for w in s.split()}) * 8
+    train_t5_tokenizer(tokenizer_dir, sentences, 120, "unigram", hard_vocab_limit=False)
     tokenizer = T5Tokenizer.from_pretrained(str(tokenizer_dir))
 
     config = small_t5_config(len(tokenizer), d_model, num_layers, num_heads)

@@ -109,28 +109,36 @@ def small_t5_config(vocab_size: int, d_model: int, num_layers: int, num_heads: i
     )
 
 
+def train_t5_tokenizer(folder: Path, sentences: list[str], vocab_size: int, model_type: str, **options) -> None:
+    """Train `folder/spiece.model` on `sentences`: a sentencepiece model with T5's special pieces (<pad> 0,
+    </s> 1, <unk> 2, no <s>), as the official `tokenizer/` folder holds. `options` go to the trainer."""
+    import sentencepiece as spm
+
+    folder.mkdir(parents=True, exist_ok=True)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences),
+        model_prefix=str(folder / "spiece"),
+        model_type=model_type,
+        vocab_size=vocab_size,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        num_threads=1,
+        minloglevel=2,
+        **options,
+    )
+    (folder / "spiece.vocab").unlink()  # the trainer's listing of the pieces: the tokenizer reads the model alone
+
+
 def build_text_encoder(folder: Path, seed: int = 0) -> TextEncoder:
     """`folder/tokenizer` (sentencepiece, one piece per caption word) and `folder/text_encoder`."""
-    import sentencepiece as spm
     from transformers import T5EncoderModel
 
     tok_dir, enc_dir = folder / "tokenizer", folder / "text_encoder"
     if not (enc_dir / "config.json").is_file():
-        tok_dir.mkdir(parents=True, exist_ok=True)
         words = vocabulary()
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(list(world.all_captions()) + words * 4),
-            model_prefix=str(tok_dir / "spiece"),
-            model_type="word",
-            vocab_size=len(words) + 3,
-            pad_id=0,
-            eos_id=1,
-            unk_id=2,
-            bos_id=-1,
-            num_threads=1,
-            minloglevel=2,
-        )
-        (tok_dir / "spiece.vocab").unlink()
+        train_t5_tokenizer(tok_dir, list(world.all_captions()) + words * 4, len(words) + 3, "word")
         config = small_t5_config(len(words) + 3, T5_DIM, num_layers=2, num_heads=4)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
