@@ -114,7 +114,7 @@ def read_entries(folder: Path) -> list[dict]:
     """The folder's entries, each a dict with at least "video": `metadata.jsonl`'s objects as they are,
     else the official layout's pairs, else none. `InputError` for a `metadata.jsonl` line that is not an
     object with a video path (rewriting the file would lose it: it must be mended first)."""
-    from cogvideox.train.data import METADATA_FILE, entry_video, read_line_files, read_text
+    from cogvideox.train.data import METADATA_FILE, entry_video, json_object, read_line_files, read_text
 
     path = folder / METADATA_FILE
     if path.is_file():
@@ -122,11 +122,8 @@ def read_entries(folder: Path) -> list[dict]:
         for number, line in enumerate(read_text(path).splitlines(), start=1):
             if not line.strip():
                 continue
-            try:
-                entry = json.loads(line)
-            except (ValueError, RecursionError):  # also nested past the parser's stack, or a huge integer
-                entry = None
-            if not isinstance(entry, dict) or not isinstance(entry_video(entry), str):
+            entry = json_object(line)
+            if entry is None or not isinstance(entry_video(entry), str):
                 raise InputError(f'{path} line {number} is not an object with a "video" path; mend or remove it')
             if "video" not in entry:
                 entry = {"video": entry.pop("file_name"), **entry}

@@ -155,11 +155,8 @@ def _read_jsonl(path: Path) -> tuple[list[tuple[str, str, str | None]], list[Ski
             continue
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except (ValueError, RecursionError):  # also nested past the parser's stack, or a huge integer
-            row = None
-        if not isinstance(row, dict):
+        row = json_object(line)
+        if row is None:
             skipped.append(Skipped(where, "not a JSON object"))
             continue
         video = entry_video(row)
@@ -172,6 +169,15 @@ def _read_jsonl(path: Path) -> tuple[list[tuple[str, str, str | None]], list[Ski
             continue
         entries.append((video, entry_caption(row), mask))
     return entries, skipped
+
+
+def json_object(line: str) -> dict | None:
+    """A metadata.jsonl line's JSON object; None for a line that is not one."""
+    try:
+        row = json.loads(line)
+    except (ValueError, RecursionError):  # also nested past the parser's stack, or a huge integer
+        return None
+    return row if isinstance(row, dict) else None
 
 
 def entry_video(row: dict):
