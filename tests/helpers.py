@@ -449,6 +449,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def assert_sigterm_ends_rank_zero_waiting(argv: list[str]) -> None:
+    """Run `cogvideox ARGV` as rank 0 of two under torchrun's variables, with a rank 1 that never comes;
+    once it waits for it in the rendezvous (listening on the port), send torchrun's SIGTERM and assert that
+    it ends at once, by that signal, with nothing on stderr."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    port = free_port()
+    env = os.environ | {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+                        "CUDA_VISIBLE_DEVICES": ""}  # fmt: skip
+    process = subprocess.Popen([sys.executable, "-m", "cogvideox", *argv], env=env, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # rank 0 listens on the port once it waits for the others
+            assert process.poll() is None and time.monotonic() < deadline, "rank 0 never waited to join"
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == -signal.SIGTERM
+    finally:
+        process.kill()
+        process.wait()
+    assert process.stderr.read() == b""
+
+
 def shared_port(rank: int, path: str | Path, wait_s: float = 120) -> int:
     """A fresh `free_port` for a process group about to start: rank 0 takes it and writes it to `path`,
     the other ranks read it there (waiting up to `wait_s`)."""

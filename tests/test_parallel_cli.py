@@ -14,7 +14,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import cli_rank, free_port, join_or_fail, shared_port, start_processes
+from helpers import (
+    assert_sigterm_ends_rank_zero_waiting,
+    cli_rank,
+    free_port,
+    join_or_fail,
+    shared_port,
+    start_processes,
+)
 
 from cogvideox import Pipeline, cli, export_video, read_video
 from cogvideox.cli import main
@@ -351,27 +358,5 @@ def test_a_kept_back_error_is_printed_only_by_a_process_torchrun_did_not_stop(ca
 def test_sigterm_stops_a_process_waiting_for_the_others_to_join(tmp_path):
     """Rank 0 waits in the rendezvous for a rank 1 that never comes (it failed before joining); torchrun's
     SIGTERM ends it at once instead of 30 s later with SIGKILL."""
-    import signal
-    import socket
-    import time
-
-    port = free_port()
-    env = os.environ | {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
-                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
-                        "CUDA_VISIBLE_DEVICES": ""}  # fmt: skip
     argv = ["generate", "a cat", "-o", str(tmp_path / "v.mp4"), "--parallel", "cfg=2", *FAST, *CPU]
-    process = subprocess.Popen([sys.executable, "-m", "cogvideox", *argv], env=env, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 120
-        while True:  # rank 0 listens on the port once it waits for the others
-            assert process.poll() is None and time.monotonic() < deadline, "rank 0 never waited to join"
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.1)
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=10) == -signal.SIGTERM
-    finally:
-        process.kill()
-        process.wait()
-    assert process.stderr.read() == b""
+    assert_sigterm_ends_rank_zero_waiting(argv)

@@ -291,34 +291,9 @@ def test_out_of_memory_names_the_training_levers_and_the_step_held(capsys, tiny_
 def test_sigterm_stops_a_process_waiting_for_the_others_to_join(tiny_rope_dir, tmp_path):
     """Under torchrun, rank 0 waits in the rendezvous for a rank 1 that never comes (it failed before
     joining); torchrun's SIGTERM ends it at once instead of 30 s later with SIGKILL."""
-    import os
-    import signal
-    import socket
-    import subprocess
-    import sys
-    import time
-
-    from helpers import free_port
+    from helpers import assert_sigterm_ends_rank_zero_waiting
 
     data = make_video_folder(tmp_path / "data", count=1, broken=False)
-    port = free_port()
-    env = os.environ | {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
-                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
-                        "CUDA_VISIBLE_DEVICES": ""}  # fmt: skip
     argv = ["train", str(data), "--output", str(tmp_path / "out"), "--model", str(tiny_rope_dir), "--rank", "4",
             "--bucket", "9x32x48", "--steps", "1", "--device", "cpu", "--quiet"]
-    process = subprocess.Popen([sys.executable, "-m", "cogvideox", *argv], env=env, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 120
-        while True:  # rank 0 listens on the port once it waits for the others
-            assert process.poll() is None and time.monotonic() < deadline, "rank 0 never waited to join"
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.1)
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=10) == -signal.SIGTERM
-    finally:
-        process.kill()
-        process.wait()
-    assert process.stderr.read() == b""
+    assert_sigterm_ends_rank_zero_waiting(argv)
