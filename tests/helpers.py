@@ -449,6 +449,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def cli_status(argv: list[str]) -> int:
+    """`cogvideox.cli.main(argv)`'s exit status, whether returned or raised (argparse exits)."""
+    from cogvideox.cli import main
+
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+
 def assert_sigterm_ends_rank_zero_waiting(argv: list[str]) -> None:
     """Run `cogvideox ARGV` as rank 0 of two under torchrun's variables, with a rank 1 that never comes;
     once it waits for it in the rendezvous (listening on the port), send torchrun's SIGTERM and assert that

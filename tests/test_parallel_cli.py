@@ -17,6 +17,7 @@ import pytest
 from helpers import (
     assert_sigterm_ends_rank_zero_waiting,
     cli_rank,
+    cli_status,
     free_port,
     join_or_fail,
     shared_port,
@@ -211,24 +212,16 @@ RANK_MISTAKES = [
 ]
 
 
-def _status(argv: list[str]) -> int:
-    """`main(argv)`'s exit status, whether returned or raised (argparse exits)."""
-    try:
-        return main(argv)
-    except SystemExit as e:
-        return e.code
-
-
 @pytest.mark.parametrize("argv, message", RANK_MISTAKES)
 def test_errors_are_printed_by_rank_0_alone(capsys, monkeypatch, tmp_path, argv, message):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(cli, "QUIET_EXIT_DELAY_S", 0, raising=False)
     monkeypatch.setenv("RANK", "0")
-    status = _status(argv)
+    status = cli_status(argv)
     out, err = capsys.readouterr()
     assert status == 2 and err.count("\n") == 1 and err.startswith("cogvideox: error:") and message in err
     monkeypatch.setenv("RANK", "1")  # the process group is not up: torchrun's RANK says who we are
-    assert _status(argv) == status
+    assert cli_status(argv) == status
     assert capsys.readouterr() == ("", "")
 
 
@@ -263,7 +256,7 @@ def test_a_silent_rank_stopped_while_it_waits_stays_silent(capsys, monkeypatch, 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(cli.time, "sleep", stopped)
     monkeypatch.setenv("RANK", "1")
-    assert _status(argv) == 2
+    assert cli_status(argv) == 2
     assert capsys.readouterr() == ("", "")
 
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from helpers import fail_training_at, make_video_folder
+from helpers import cli_status, fail_training_at, make_video_folder
 
 from cogvideox.cli import build_parser, main
 
@@ -85,11 +85,7 @@ def test_user_mistakes_exit_2_with_one_line(capsys, tiny_rope_dir, tmp_path, mon
     (tmp_path / "a-file").write_text("")
     argv = ["train", *[a.format(tmp=tmp_path, model=tiny_rope_dir) for a in extra], "--quiet"]
     message = message.format(tmp=tmp_path)
-    try:
-        code = main(argv)
-    except SystemExit as e:  # argparse's own errors
-        code = e.code
-    assert code == 2
+    assert cli_status(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
 

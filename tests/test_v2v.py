@@ -5,7 +5,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from helpers import assert_same_video, load_reference_pipeline, run_reference, sample_frames
+from helpers import assert_same_video, cli_status, load_reference_pipeline, run_reference, sample_frames
 
 from cogvideox import InputError, Pipeline, export_video
 from cogvideox.conditioning import strength_timesteps
@@ -231,8 +231,6 @@ def test_cli_generate_from_a_video(tiny_rope_dir, tmp_path, capsys):
     ],
 )
 def test_cli_mistakes_fail_before_loading(tiny_rope_dir, tmp_path, capsys, monkeypatch, extra, message):
-    from cogvideox.cli import main
-
     def no_loading(*args, **kwargs):
         raise AssertionError("weights were loaded before the request was checked")
 
@@ -242,11 +240,7 @@ def test_cli_mistakes_fail_before_loading(tiny_rope_dir, tmp_path, capsys, monke
     broken.write_bytes(b"nothing to see")
     names = {"SOURCE": str(source), "BROKEN": str(broken)}
     argv = ["generate", "a cat", "--model", str(tiny_rope_dir), "--quiet", *[names.get(e, e) for e in extra]]
-    try:
-        code = main(argv)
-    except SystemExit as e:  # argparse's own errors
-        code = e.code
-    assert code == 2
+    assert cli_status(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
 
