@@ -9,7 +9,8 @@ A model folder holds `model_index.json` and one sub-folder per component:
     scheduler/     scheduler_config.json
 
 Pickled `.bin` weights are not read. The weights of a `variant` (`diffusion_pytorch_model.fp16.safetensors`,
-`model.fp16-00001-of-00002.safetensors` with `model.safetensors.index.fp16.json`) are read when that
+`model.fp16-00001-of-00002.safetensors` with `model.safetensors.index.fp16.json`, or the legacy shards
+`model-00001-of-00002.fp16.safetensors` with `model.safetensors.fp16.index.json`) are read when that
 variant is asked for: as diffusers does, each component loads its variant's files where it has them and
 its plain files where it has not, and a variant no component has is an error naming those there are.
 
@@ -45,6 +46,7 @@ from cogvideox.weights import (
     shard_names,
     unread_weights,
     variant_file_names,
+    variant_index,
     variant_of,
     variants,
     weight_files,
@@ -81,7 +83,9 @@ def hub_patterns(
     for c in components:
         stem = STEMS[c]
         own = [f"{c}/{stem}.{variant}.safetensors", f"{c}/{stem}.{variant}-*-of-*.safetensors",
-               f"{c}/{stem}.safetensors.index.{variant}.json"]  # fmt: skip
+               f"{c}/{stem}.safetensors.index.{variant}.json",
+               # the legacy names older diffusers wrote, which diffusers still reads (weights.variant_of)
+               f"{c}/{stem}-*-of-*.{variant}.safetensors", f"{c}/{stem}.safetensors.{variant}.index.json"]  # fmt: skip
         plain = [f"{c}/{stem}.safetensors", f"{c}/{stem}-*-of-*.safetensors", f"{c}/{stem}.safetensors.index.json"]
         if repo_files is None:
             weights += own + plain
@@ -414,9 +418,9 @@ def _missing_weight_files(component_dir: Path, stem: str, variant: str | None = 
     if variant is not None and has_variant(component_dir, stem, variant):
         if (component_dir / f"{stem}.{variant}.safetensors").is_file():
             return []
-        index = component_dir / f"{stem}.safetensors.index.{variant}.json"
-        if not index.is_file():
-            return [index.name]
+        index = variant_index(component_dir, stem, variant)
+        if index is None:
+            return [f"{stem}.safetensors.index.{variant}.json"]
     elif (component_dir / f"{stem}.safetensors").is_file():
         return []
     else:

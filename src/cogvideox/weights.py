@@ -34,17 +34,19 @@ DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"  # file stem diffusers uses for tr
 def weight_files(component_dir: Path, stem: str = DIFFUSERS_WEIGHTS, variant: str | None = None) -> list[Path]:
     """The safetensors file(s) of one component: `{stem}.safetensors`, or the shards its index names.
 
-    With a `variant` ("fp16"), its files instead (`{stem}.fp16.safetensors`, or the shards
-    `{stem}.safetensors.index.fp16.json` names) where the component has them, else the plain ones: a
-    pipeline loads each component's variant where there is one, as diffusers' does.
+    With a `variant` ("fp16"), its files instead (`{stem}.fp16.safetensors`, or the shards its index names:
+    `{stem}.safetensors.index.fp16.json`, or the legacy `{stem}.safetensors.fp16.index.json`) where the
+    component has them, else the plain ones: a pipeline loads each component's variant where there is
+    one, as diffusers' does.
     """
     if variant is not None and has_variant(component_dir, stem, variant):
         single = component_dir / f"{stem}.{variant}.safetensors"
         if single.is_file():
             return [single]
-        index = component_dir / f"{stem}.safetensors.index.{variant}.json"
-        if not index.is_file():
-            raise LoadError(f"{component_dir} has {variant} shards but no index naming them ({index.name})")
+        index = variant_index(component_dir, stem, variant)
+        if index is None:
+            name = f"{stem}.safetensors.index.{variant}.json"
+            raise LoadError(f"{component_dir} has {variant} shards but no index naming them ({name})")
         return _shards(component_dir, index)
     single = component_dir / f"{stem}.safetensors"
     if single.is_file():
@@ -63,6 +65,14 @@ def weight_files(component_dir: Path, stem: str = DIFFUSERS_WEIGHTS, variant: st
     raise LoadError(f"{component_dir} has no weights ({stem}.safetensors or {stem}.safetensors.index.json)")
 
 
+def variant_index(component_dir: Path, stem: str, variant: str) -> Path | None:
+    """The index of `variant`'s shards in a component folder, in today's name or the legacy one (None)."""
+    for name in (f"{stem}.safetensors.index.{variant}.json", f"{stem}.safetensors.{variant}.index.json"):
+        if (component_dir / name).is_file():
+            return component_dir / name
+    return None
+
+
 def _shards(component_dir: Path, index: Path) -> list[Path]:
     shards = [component_dir / name for name in shard_names(index)]
     absent = [p.name for p in shards if not p.is_file()]
@@ -73,7 +83,9 @@ def _shards(component_dir: Path, index: Path) -> list[Path]:
 
 # `{stem}.{variant}.safetensors`, `{stem}.{variant}-00001-of-00002.safetensors` (a shard) and
 # `{stem}.safetensors.index.{variant}.json`: the names diffusers' and transformers' `save_pretrained(variant=)`
-# write (diffusers' `_add_variant`).
+# write (diffusers' `_add_variant`). Older diffusers wrote shards as `{stem}-00001-of-00002.{variant}.safetensors`
+# with the index `{stem}.safetensors.{variant}.index.json`; diffusers still reads those (its "legacy" variant
+# files), and so do we.
 _SHARD = re.compile(r"-\d{5}-of-\d{5}$")
 
 
@@ -82,6 +94,12 @@ def variant_of(name: str, stem: str) -> str | None:
     index = f"{stem}.safetensors.index."
     if name.startswith(index) and name.endswith(".json"):
         return name[len(index) : -len(".json")] or None
+    legacy_index = f"{stem}.safetensors."
+    if name.startswith(legacy_index) and name.endswith(".index.json"):
+        return name[len(legacy_index) : -len(".index.json")] or None
+    legacy_shard = re.fullmatch(rf"{re.escape(stem)}-\d{{5}}-of-\d{{5}}\.(.+)\.safetensors", name)
+    if legacy_shard:
+        return legacy_shard.group(1)
     if name.startswith(f"{stem}.") and name.endswith(".safetensors"):
         return _SHARD.sub("", name[len(stem) + 1 : -len(".safetensors")]) or None
     return None
@@ -95,9 +113,7 @@ def variants(component_dir: Path, stem: str) -> set[str]:
 
 def variant_file_names(names: Iterable[str], stem: str, variant: str) -> list[str]:
     """Of file `names` (one folder's, or a repo's `component/file` paths), those of `variant`'s weights."""
-    own = re.compile(rf"(^|/){re.escape(stem)}\.({re.escape(variant)}(-\d{{5}}-of-\d{{5}})?\.safetensors"
-                     rf"|safetensors\.index\.{re.escape(variant)}\.json)$")
-    return [name for name in names if own.search(name)]
+    return [name for name in names if variant_of(name.rpartition("/")[2], stem) == variant]
 
 
 def has_variant(component_dir: Path, stem: str, variant: str) -> bool:
