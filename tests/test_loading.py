@@ -275,13 +275,43 @@ def test_a_model_that_is_not_a_path_and_an_unknown_text_device_are_input_errors(
         Pipeline.from_pretrained(tiny_rope_dir, text_device="gpu")
 
 
+CONVERT = ("which cogvideox does not read: it reads safetensors files; convert them by loading the component with "
+           "diffusers' or transformers' from_pretrained(folder{v}) and writing it back with save_pretrained(folder{v}), "
+           "which writes safetensors")
+
+
 def test_bin_weights_are_named(model_copy):
     (model_copy / "vae" / WEIGHTS).rename(model_copy / "vae" / "diffusion_pytorch_model.bin")
-    with pytest.raises(LoadError, match=rf"missing vae/{WEIGHTS} \(found only \.bin weights, which cogvideox does "
-                                        r"not read: it reads safetensors files\)$"):
+    with pytest.raises(LoadError) as info:
         Pipeline.from_pretrained(model_copy)
+    bins = "found only .bin weights (diffusion_pytorch_model.bin), " + CONVERT.format(v="")
+    assert str(info.value).endswith(f"missing vae/{WEIGHTS} ({bins})")
     with pytest.raises(LoadError, match=rf"vae has no {WEIGHTS}: found only \.bin weights"):
         weight_files(model_copy / "vae")
+
+
+def test_bin_variant_weights_are_named(model_copy, variant_dir, tmp_path):
+    """`diffusion_pytorch_model.fp16.bin` alone in a component is named, as plain `.bin` weights are, with
+    the variant to convert them in; asking for that variant says the same, not that there is none."""
+    (model_copy / "vae" / WEIGHTS).rename(model_copy / "vae" / "diffusion_pytorch_model.fp16.bin")
+    bins = ".bin weights ({}), " + CONVERT.format(v=", variant='fp16'")
+    with pytest.raises(LoadError) as info:
+        Pipeline.from_pretrained(model_copy)
+    assert str(info.value).endswith(f"missing vae/{WEIGHTS} (found only {bins.format('diffusion_pytorch_model.fp16.bin')})")
+    with pytest.raises(LoadError) as info:
+        Pipeline.from_pretrained(model_copy, variant="fp16")
+    assert str(info.value) == (f"{model_copy} has no safetensors weights of the variant 'fp16': found only "
+                               + bins.format("vae/diffusion_pytorch_model.fp16.bin"))
+    # The other components in fp16 safetensors: the VAE's fp16 .bin is named among what is missing.
+    mixed = shutil.copytree(variant_dir, tmp_path / "mixed")
+    (mixed / "vae" / WEIGHTS).rename(mixed / "vae" / "diffusion_pytorch_model.fp16.bin")
+    with pytest.raises(LoadError) as info:
+        Pipeline.from_pretrained(mixed, variant="fp16")
+    only = bins.format("diffusion_pytorch_model.fp16.bin")
+    assert str(info.value).endswith(f"missing vae/{WEIGHTS} (or its fp16 variant; found only {only})")
+    with pytest.raises(LoadError) as info:
+        weight_files(mixed / "vae", variant="fp16")
+    assert str(info.value).endswith(f"nor {WEIGHTS}; found only {only}")
 
 
 def test_a_folder_saved_with_a_variant_is_told_how_to_be_read(model_copy, tmp_path):

@@ -41,9 +41,11 @@ from cogvideox.schedulers import make_scheduler
 from cogvideox.text import TextEncoder
 from cogvideox.weights import (
     DIFFUSERS_WEIGHTS,
+    bin_variant,
     has_variant,
     load_weights,
     shard_names,
+    unread_bin,
     unread_weights,
     variant_file_names,
     variant_index,
@@ -113,7 +115,12 @@ def folder_variants(folder: Path) -> list[str]:
     return sorted(found)
 
 
-def _unknown_variant(where: str, variant: str, present: Sequence[str]) -> LoadError:
+def _unknown_variant(where: str, variant: str, present: Sequence[str], bins: Sequence[str] = ()) -> LoadError:
+    """`LoadError` for a variant no component has in safetensors; `bins`: the `.bin` files of the model
+    (`component/name`), named when some are that variant's, which is then there but cannot be read."""
+    unread = unread_bin([name for name in bins if bin_variant(name.rpartition("/")[2]) == variant])
+    if unread:
+        return LoadError(f"{where} has no safetensors weights of the variant {variant!r}: found only {unread}")
     there = (f"its weights come in the variant(s) {', '.join(present)}" if present
              else "it has no variants: load it without one")
     return LoadError(f"{where} has no weights of the variant {variant!r}; {there}")
@@ -326,8 +333,9 @@ def _hub_snapshot(
                 variant_file_names(repo_files, STEMS[c], variant) for c in WEIGHTED
             ):
                 present = sorted({v for c in WEIGHTED for v in _repo_variants(repo_files, c)})
+                bins = [f for f in repo_files if f.endswith(".bin") and f.startswith(tuple(f"{c}/" for c in WEIGHTED))]
                 raise _unknown_variant(repo_id if revision is None else f"{repo_id} at revision {revision!r}",
-                                       variant, present)
+                                       variant, present, bins)
         folder = snapshot(repo_files)
     except GatedRepoError:
         raise LoadError(
@@ -426,9 +434,11 @@ def _missing_weight_files(component_dir: Path, stem: str, variant: str | None = 
     else:
         index = component_dir / f"{stem}.safetensors.index.json"
         if not index.is_file():
-            unread = "" if variant is not None else unread_weights(component_dir, stem)
-            plain = f"{stem}.safetensors" + (f" (found {unread})" if unread else "")
-            return [plain if variant is None else f"{plain} (or its {variant} variant)"]
+            if variant is None:
+                unread = unread_weights(component_dir, stem)
+                return [f"{stem}.safetensors" + (f" (found {unread})" if unread else "")]
+            unread = unread_bin(sorted(p.name for p in component_dir.glob("*.bin")))
+            return [f"{stem}.safetensors (or its {variant} variant" + (f"; found only {unread})" if unread else ")")]
     try:
         names = shard_names(index)
     except LoadError:
@@ -442,7 +452,9 @@ def check_model_dir(folder: Path, components: Sequence[str] = WEIGHTED, variant:
     naming those the folder holds, as diffusers refuses it."""
     variant = check_variant(variant)
     if variant is not None and (folder / MODEL_INDEX).is_file() and variant not in folder_variants(folder):
-        raise _unknown_variant(str(folder), variant, folder_variants(folder))
+        bins = [p.relative_to(folder).as_posix() for c in WEIGHTED if (folder / c).is_dir()
+                for p in sorted((folder / c).glob("*.bin"))]  # fmt: skip
+        raise _unknown_variant(str(folder), variant, folder_variants(folder), bins)
     missing = missing_pieces(folder, components, variant)
     if missing and MODEL_INDEX in missing:
         _refuse_component_folder(folder)

@@ -55,9 +55,10 @@ def weight_files(component_dir: Path, stem: str = DIFFUSERS_WEIGHTS, variant: st
     if index.is_file():
         return _shards(component_dir, index)
     if variant is not None:
+        unread = unread_bin(sorted(p.name for p in component_dir.glob("*.bin")))
         raise LoadError(
             f"{component_dir} has no weights: neither the {variant} variant ({stem}.{variant}.safetensors) nor "
-            f"{stem}.safetensors"
+            f"{stem}.safetensors" + (f"; found only {unread}" if unread else "")
         )
     unread = unread_weights(component_dir, stem)
     if unread:
@@ -125,15 +126,35 @@ def unread_weights(component_dir: Path, stem: str) -> str:
     """What a component folder without `{stem}.safetensors` or its index holds instead that is not read,
     and what to do about it ("" for nothing): the weights of a `variant` ("fp16": the files diffusers and
     transformers save as `{stem}.fp16.safetensors`, or as shards and `{stem}.safetensors.index.fp16.json`),
-    read when that variant is asked for, or pickled `.bin` weights."""
+    read when that variant is asked for, or pickled `.bin` weights (`unread_bin`)."""
     found = sorted(variants(component_dir, stem))
     if found:
         names = " or ".join(found)
         return (f"only the weights of the variant {names}; load them with variant={found[0]!r} "
                 f"(--variant {found[0]})")
-    if any(component_dir.glob("*.bin")):
-        return "only .bin weights, which cogvideox does not read: it reads safetensors files"
-    return ""
+    unread = unread_bin(sorted(p.name for p in component_dir.glob("*.bin")))
+    return f"only {unread}" if unread else ""
+
+
+def bin_variant(name: str) -> str | None:
+    """The variant of a pickled weight file's `name`: "fp16" for `diffusion_pytorch_model.fp16.bin`,
+    `pytorch_model.fp16-00001-of-00002.bin` or the legacy `pytorch_model-00001-of-00002.fp16.bin`; None
+    for plain `.bin` weights."""
+    middle = name.split(".")[1:-1]
+    return (_SHARD.sub("", middle[0]) or None) if len(middle) == 1 and name.endswith(".bin") else None
+
+
+def unread_bin(names: list[str]) -> str:
+    """What to say of pickled `.bin` weight files (their `names`; "" for none): that they are not read,
+    and how to turn them into safetensors files, which are."""
+    if not names:
+        return ""
+    found = sorted({v for v in map(bin_variant, names) if v is not None})
+    variant = f", variant={found[0]!r}" if found else ""
+    return (f".bin weights ({listing(names, 3)}), which cogvideox does not read: it reads safetensors files; "
+            "convert them by loading the component with diffusers' or transformers' "
+            f"from_pretrained(folder{variant}) and writing it back with save_pretrained(folder{variant}), "
+            "which writes safetensors")
 
 
 def shard_names(index: Path) -> list[str]:
