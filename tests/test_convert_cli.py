@@ -202,3 +202,39 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(sat_checkpoint, tiny_rope_di
     err = capsys.readouterr().err
     assert err == f"cogvideox: error: cannot write {out}: No space left on device; nothing was left there\n"
     assert list(out.parent.iterdir()) == []
+
+
+def test_a_base_whose_weights_are_fp16_variants_converts_with_variant(sat_checkpoint, tiny_rope_dir, tmp_path, capsys):
+    """A base holding only fp16 files for its transformer (one file) and T5 (shards): without --variant it
+    is refused with the flag to give; with --variant fp16 those files are taken, and the written folder holds
+    them under the plain names, so it loads without a variant. `Pipeline.from_sat(variant=)` reads it too."""
+    from helpers import make_variant_model
+
+    from cogvideox import LoadError
+    from cogvideox.loading import folder_variants
+
+    tuned, transformer, vae = sat_checkpoint
+    base = make_variant_model(tiny_rope_dir, tmp_path / "base")
+    (base / "transformer" / "diffusion_pytorch_model.safetensors").unlink()
+    (base / "text_encoder" / "model.safetensors").unlink()
+    out = tmp_path / "converted"
+    assert main(["convert", str(vae), "--base", str(base), "-o", str(out)]) == 2
+    assert "found only the weights of the variant fp16; load them with variant='fp16' (--variant fp16)" in (
+        capsys.readouterr().err)
+    assert main(["convert", str(vae), "--base", str(base), "-o", str(out), "--variant", "fp16", "--dtype", "fp32"]) == 0
+    assert f"VAE converted; transformer copied from {base}" in capsys.readouterr().out
+    assert folder_variants(out) == []
+    names = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert {"transformer/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors.index.json"} <= names
+    assert not any("fp16" in name for name in names)
+    ours = Pipeline.from_pretrained(out)
+    want = Pipeline.from_pretrained(base, variant="fp16")
+    assert_same_weights(ours.transformer, want.transformer)
+    assert_same_weights(ours.text_encoder.model, want.text_encoder.model)
+    assert_same_weights(ours.vae, tuned.vae)
+
+    with pytest.raises(LoadError, match=r"--variant fp16"):
+        Pipeline.from_sat(vae, base)
+    loaded = Pipeline.from_sat(transformer, base, vae=vae, variant="fp16")
+    assert_same_weights(loaded.transformer, tuned.transformer)
+    assert_same_weights(loaded.text_encoder.model, want.text_encoder.model)

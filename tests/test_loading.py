@@ -275,13 +275,43 @@ def test_a_model_that_is_not_a_path_and_an_unknown_text_device_are_input_errors(
         Pipeline.from_pretrained(tiny_rope_dir, text_device="gpu")
 
 
+CONVERT = ("which cogvideox does not read: it reads safetensors files; convert them by loading the component with "
+           "diffusers' or transformers' from_pretrained(folder{v}) and writing it back with save_pretrained(folder{v}), "
+           "which writes safetensors")
+
+
 def test_bin_weights_are_named(model_copy):
     (model_copy / "vae" / WEIGHTS).rename(model_copy / "vae" / "diffusion_pytorch_model.bin")
-    with pytest.raises(LoadError, match=rf"missing vae/{WEIGHTS} \(found only \.bin weights, which cogvideox does "
-                                        r"not read: it reads safetensors files\)$"):
+    with pytest.raises(LoadError) as info:
         Pipeline.from_pretrained(model_copy)
+    bins = "found only .bin weights (diffusion_pytorch_model.bin), " + CONVERT.format(v="")
+    assert str(info.value).endswith(f"missing vae/{WEIGHTS} ({bins})")
     with pytest.raises(LoadError, match=rf"vae has no {WEIGHTS}: found only \.bin weights"):
         weight_files(model_copy / "vae")
+
+
+def test_bin_variant_weights_are_named(model_copy, variant_dir, tmp_path):
+    """`diffusion_pytorch_model.fp16.bin` alone in a component is named, as plain `.bin` weights are, with
+    the variant to convert them in; asking for that variant says the same, not that there is none."""
+    (model_copy / "vae" / WEIGHTS).rename(model_copy / "vae" / "diffusion_pytorch_model.fp16.bin")
+    bins = ".bin weights ({}), " + CONVERT.format(v=", variant='fp16'")
+    with pytest.raises(LoadError) as info:
+        Pipeline.from_pretrained(model_copy)
+    assert str(info.value).endswith(f"missing vae/{WEIGHTS} (found only {bins.format('diffusion_pytorch_model.fp16.bin')})")
+    with pytest.raises(LoadError) as info:
+        Pipeline.from_pretrained(model_copy, variant="fp16")
+    assert str(info.value) == (f"{model_copy} has no safetensors weights of the variant 'fp16': found only "
+                               + bins.format("vae/diffusion_pytorch_model.fp16.bin"))
+    # The other components in fp16 safetensors: the VAE's fp16 .bin is named among what is missing.
+    mixed = shutil.copytree(variant_dir, tmp_path / "mixed")
+    (mixed / "vae" / WEIGHTS).rename(mixed / "vae" / "diffusion_pytorch_model.fp16.bin")
+    with pytest.raises(LoadError) as info:
+        Pipeline.from_pretrained(mixed, variant="fp16")
+    only = bins.format("diffusion_pytorch_model.fp16.bin")
+    assert str(info.value).endswith(f"missing vae/{WEIGHTS} (or its fp16 variant; found only {only})")
+    with pytest.raises(LoadError) as info:
+        weight_files(mixed / "vae", variant="fp16")
+    assert str(info.value).endswith(f"nor {WEIGHTS}; found only {only}")
 
 
 def test_a_folder_saved_with_a_variant_is_told_how_to_be_read(model_copy, tmp_path):
@@ -325,6 +355,85 @@ def test_a_variant_loads_as_diffusers_loads_it(variant_dir):
     ours_fp16 = Pipeline.from_pretrained(variant_dir, variant="fp16").transformer.state_dict()
     ours_plain = Pipeline.from_pretrained(variant_dir).transformer.state_dict()
     assert not all(torch.equal(ours_fp16[k], ours_plain[k]) for k in ours_plain)  # the two are told apart
+
+
+def _legacy_shards(component, stem):
+    """Rename a component's fp16 shards and index to the names older diffusers wrote:
+    `{stem}-00001-of-0000N.fp16.safetensors` and `{stem}.safetensors.fp16.index.json`."""
+    index = component / f"{stem}.safetensors.index.fp16.json"
+    data = json.loads(index.read_text())
+    renamed = {}
+    for name in set(data["weight_map"].values()):
+        shard = name.removeprefix(f"{stem}.fp16").removesuffix(".safetensors")  # -00001-of-0000N
+        renamed[name] = f"{stem}{shard}.fp16.safetensors"
+        (component / name).rename(component / renamed[name])
+    data["weight_map"] = {key: renamed[name] for key, name in data["weight_map"].items()}
+    (component / f"{stem}.safetensors.fp16.index.json").write_text(json.dumps(data))
+    index.unlink()
+
+
+def test_legacy_variant_shards_load_as_diffusers_loads_them(variant_dir, tmp_path, monkeypatch):
+    """Shards named `diffusion_pytorch_model-00001-of-00002.fp16.safetensors` with the index
+    `diffusion_pytorch_model.safetensors.fp16.index.json` (older diffusers' `save_pretrained(variant=)`;
+    diffusers still reads them) are the fp16 variant too, for the T5's `model...` files as well: loaded
+    from a folder, they are the tensors diffusers loads (the T5's: those of the files before renaming,
+    as transformers does not read the old names), and from the hub they are what is fetched."""
+    import fnmatch
+
+    import huggingface_hub
+    from diffusers import CogVideoXTransformer3DModel
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    from transformers import T5EncoderModel
+
+    legacy = shutil.copytree(variant_dir, tmp_path / "legacy")
+    transformer = legacy / "transformer"
+    fp16 = CogVideoXTransformer3DModel.from_pretrained(transformer, variant="fp16", torch_dtype=torch.float16)
+    (transformer / "diffusion_pytorch_model.fp16.safetensors").unlink()
+    fp16.save_pretrained(transformer, variant="fp16", max_shard_size="20KB")
+    _legacy_shards(transformer, "diffusion_pytorch_model")
+    _legacy_shards(legacy / "text_encoder", "model")
+    shards = sorted(p.name for p in transformer.glob("diffusion_pytorch_model-*-of-*.fp16.safetensors"))
+    assert len(shards) > 1
+
+    got = Pipeline.from_pretrained(legacy, variant="fp16")
+    want = {
+        "transformer": CogVideoXTransformer3DModel.from_pretrained(transformer, variant="fp16").state_dict(),
+        "vae": diffusers.AutoencoderKLCogVideoX.from_pretrained(legacy / "vae").state_dict(),  # no fp16 files
+        "text_encoder": T5EncoderModel.from_pretrained(variant_dir / "text_encoder", variant="fp16").state_dict(),
+    }
+    plain = Pipeline.from_pretrained(legacy).transformer.state_dict()
+    assert not all(torch.equal(plain[k], want["transformer"][k].float()) for k in plain)  # not the plain ones
+    for name, theirs in want.items():
+        ours = (got.text_encoder.model if name == "text_encoder" else getattr(got, name)).state_dict()
+        assert ours.keys() == theirs.keys(), name
+        assert all(torch.equal(ours[k], theirs[k].float()) for k in theirs), name
+
+    repo_files = sorted(p.relative_to(legacy).as_posix() for p in legacy.rglob("*") if p.is_file())
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None, local_files_only=False, **kwargs):
+        if local_files_only:
+            raise LocalEntryNotFoundError("not cached")
+        folder = tmp_path / "snapshot"
+        for name in repo_files:
+            if any(fnmatch.fnmatch(name, pattern) for pattern in allow_patterns):
+                (folder / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(legacy / name, folder / name)
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda self, repo_id, revision=None: repo_files)
+    folder = resolve_model_dir("tiny/legacy", variant="fp16")
+    fetched = {p.relative_to(folder).as_posix() for p in folder.rglob("*.safetensors")}
+    fetched |= {p.relative_to(folder).as_posix() for p in folder.rglob("*.index*.json")}
+    assert fetched == {
+        "transformer/diffusion_pytorch_model.safetensors.fp16.index.json",
+        *(f"transformer/{name}" for name in shards),
+        "vae/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors.fp16.index.json",
+        *(f"text_encoder/model-0000{i}-of-00003.fp16.safetensors" for i in (1, 2, 3)),
+    }
+    fetched_state = Pipeline.from_pretrained(folder, variant="fp16").transformer.state_dict()
+    assert all(torch.equal(fetched_state[k], want["transformer"][k].float()) for k in fetched_state)
 
 
 def test_an_unknown_variant_and_a_component_without_weights_are_named(variant_dir, tiny_rope_dir, tmp_path):

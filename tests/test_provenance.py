@@ -146,9 +146,16 @@ def test_an_int8_text_encoder_is_recorded_and_made_again(capsys, tiny_rope_dir, 
         ({"model": 5}, "model is 5, not a string"),
         ({"dynamic_cfg": 5}, "dynamic_cfg is 5, not a string"),
         ({"steps": [4]}, "steps is [4], not a string or a number"),
+        ({"seed": True}, "seed is True, not a whole number"),
+        ({"seed": 1.5}, "seed is 1.5, not a whole number"),
+        ({"steps": 4.0}, "steps is 4.0, not a whole number"),
+        ({"frames": "49"}, "frames is '49', not a whole number"),
+        ({"guidance": True}, "guidance is True, not a number"),
+        ({"guidance": "six"}, "guidance is 'six', not a number"),
     ],
     ids=["lora number", "lora half pair", "video_number number", "video_number short", "model number",
-         "dynamic_cfg number", "steps list"],
+         "dynamic_cfg number", "steps list", "seed true", "seed float", "steps float", "frames string",
+         "guidance true", "guidance string"],
 )
 def test_info_on_a_damaged_record_says_so_in_one_line(capsys, tmp_path, fields, why):
     """A record edited by hand or damaged: info stopped with a TypeError, ValueError or IndexError traceback."""

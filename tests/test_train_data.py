@@ -331,3 +331,23 @@ def test_a_caption_under_a_later_key_counts_when_an_earlier_one_is_empty(tmp_pat
     clips, skipped = scan_folder(tmp_path)
     assert [c.caption for c in clips] == ["a cat on a mat", "a dog", "a bird"]
     assert [str(s) for s in skipped] == ["a.mp4: no caption"]
+
+
+def test_a_line_of_prompts_or_videos_txt_that_is_not_utf8_skips_its_pair(tmp_path):
+    """The official layout pairs line i of prompts.txt with line i of videos.txt: a line of either that is
+    not UTF-8 stopped the run; it is named by file and number and its pair skipped, the others read."""
+    from cogvideox.caption import read_entries
+
+    for name in ("a.mp4", "b.mp4", "c.mp4", "d.mp4"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "prompts.txt").write_bytes(b"one\ncaf\xe9\nthree\nfour\n")
+    (tmp_path / "videos.txt").write_bytes(b"a.mp4\nb.mp4\nc\xff.mp4\nd.mp4\n")
+    clips, skipped = scan_folder(tmp_path)
+    assert [(c.name, c.caption) for c in clips] == [("a.mp4", "one"), ("d.mp4", "four")]
+    assert [str(s) for s in skipped] == [
+        "prompts.txt line 2: not UTF-8 text (the caption of b.mp4)",
+        "videos.txt line 3: not UTF-8 text",
+    ]
+    # Captioning rewrites the listing as metadata.jsonl: it refuses to drop the line, and names it.
+    with pytest.raises(InputError, match=rf"^{tmp_path}/prompts.txt line 2 is not UTF-8 text; save the file as UTF-8$"):
+        read_entries(tmp_path)

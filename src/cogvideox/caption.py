@@ -130,7 +130,13 @@ def read_entries(folder: Path) -> list[dict]:
             entries.append(entry)
         return entries
     found = read_line_files(folder)
-    return [] if found is None else [{"video": name, "caption": caption} for name, caption, _ in found[0]]
+    if found is None:
+        return []
+    # Training skips a line that is not UTF-8 text; rewriting the listing would lose it: it must be mended first.
+    unreadable = next((s for s in found[1] if s.reason.startswith("not UTF-8 text")), None)
+    if unreadable is not None:
+        raise InputError(f"{folder / unreadable.name} is not UTF-8 text; save the file as UTF-8")
+    return [{"video": name, "caption": caption} for name, caption, _ in found[0]]
 
 
 def _as_found(name: str) -> str:

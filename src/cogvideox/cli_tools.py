@@ -155,6 +155,9 @@ def add_tool_parsers(commands) -> None:
         help="read .pt files that hold Python objects besides tensors (runs their code: trusted files only)",
     )
     arg("--revision", help="hub revision (branch, tag or commit) of --base (default: main)")
+    arg("--variant", help="read --base's weights of this variant, e.g. fp16 "
+        "(diffusion_pytorch_model.fp16.safetensors), "
+        "where a component has them; the written folder holds plain weight files")
     arg("--offline", action="store_true", help="never download --base; use a local folder or the hub cache")
     conv.set_defaults(run=_convert)
 
@@ -464,9 +467,11 @@ def _convert(args: argparse.Namespace) -> int:
     from cogvideox import loading, sat
 
     dtype = loading.parse_dtype(args.dtype)
-    base = loading.resolve_model_dir(args.base, revision=args.revision, local_files_only=args.offline)
+    base = loading.resolve_model_dir(args.base, revision=args.revision, local_files_only=args.offline,
+                                     variant=args.variant)  # fmt: skip
     start = time.perf_counter()
-    converted = sat.convert(args.checkpoint, base, args.output, dtype, vae=args.vae, trust_pickle=args.trust_pickle)
+    converted = sat.convert(args.checkpoint, base, args.output, dtype, vae=args.vae, trust_pickle=args.trust_pickle,
+                            variant=args.variant)  # fmt: skip
     names = {"transformer": "transformer", "vae": "VAE"}
     taken = [names[n] for n in names if n not in converted]
     parts = " and ".join(names[n] for n in converted) + " converted"

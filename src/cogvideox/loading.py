@@ -9,7 +9,8 @@ A model folder holds `model_index.json` and one sub-folder per component:
     scheduler/     scheduler_config.json
 
 Pickled `.bin` weights are not read. The weights of a `variant` (`diffusion_pytorch_model.fp16.safetensors`,
-`model.fp16-00001-of-00002.safetensors` with `model.safetensors.index.fp16.json`) are read when that
+`model.fp16-00001-of-00002.safetensors` with `model.safetensors.index.fp16.json`, or the legacy shards
+`model-00001-of-00002.fp16.safetensors` with `model.safetensors.fp16.index.json`) are read when that
 variant is asked for: as diffusers does, each component loads its variant's files where it has them and
 its plain files where it has not, and a variant no component has is an error naming those there are.
 
@@ -40,11 +41,14 @@ from cogvideox.schedulers import make_scheduler
 from cogvideox.text import TextEncoder
 from cogvideox.weights import (
     DIFFUSERS_WEIGHTS,
+    bin_variant,
     has_variant,
     load_weights,
     shard_names,
+    unread_bin,
     unread_weights,
     variant_file_names,
+    variant_index,
     variant_of,
     variants,
     weight_files,
@@ -81,7 +85,9 @@ def hub_patterns(
     for c in components:
         stem = STEMS[c]
         own = [f"{c}/{stem}.{variant}.safetensors", f"{c}/{stem}.{variant}-*-of-*.safetensors",
-               f"{c}/{stem}.safetensors.index.{variant}.json"]  # fmt: skip
+               f"{c}/{stem}.safetensors.index.{variant}.json",
+               # the legacy names older diffusers wrote, which diffusers still reads (weights.variant_of)
+               f"{c}/{stem}-*-of-*.{variant}.safetensors", f"{c}/{stem}.safetensors.{variant}.index.json"]  # fmt: skip
         plain = [f"{c}/{stem}.safetensors", f"{c}/{stem}-*-of-*.safetensors", f"{c}/{stem}.safetensors.index.json"]
         if repo_files is None:
             weights += own + plain
@@ -109,7 +115,12 @@ def folder_variants(folder: Path) -> list[str]:
     return sorted(found)
 
 
-def _unknown_variant(where: str, variant: str, present: Sequence[str]) -> LoadError:
+def _unknown_variant(where: str, variant: str, present: Sequence[str], bins: Sequence[str] = ()) -> LoadError:
+    """`LoadError` for a variant no component has in safetensors; `bins`: the `.bin` files of the model
+    (`component/name`), named when some are that variant's, which is then there but cannot be read."""
+    unread = unread_bin([name for name in bins if bin_variant(name.rpartition("/")[2]) == variant])
+    if unread:
+        return LoadError(f"{where} has no safetensors weights of the variant {variant!r}: found only {unread}")
     there = (f"its weights come in the variant(s) {', '.join(present)}" if present
              else "it has no variants: load it without one")
     return LoadError(f"{where} has no weights of the variant {variant!r}; {there}")
@@ -322,8 +333,9 @@ def _hub_snapshot(
                 variant_file_names(repo_files, STEMS[c], variant) for c in WEIGHTED
             ):
                 present = sorted({v for c in WEIGHTED for v in _repo_variants(repo_files, c)})
+                bins = [f for f in repo_files if f.endswith(".bin") and f.startswith(tuple(f"{c}/" for c in WEIGHTED))]
                 raise _unknown_variant(repo_id if revision is None else f"{repo_id} at revision {revision!r}",
-                                       variant, present)
+                                       variant, present, bins)
         folder = snapshot(repo_files)
     except GatedRepoError:
         raise LoadError(
@@ -414,17 +426,19 @@ def _missing_weight_files(component_dir: Path, stem: str, variant: str | None = 
     if variant is not None and has_variant(component_dir, stem, variant):
         if (component_dir / f"{stem}.{variant}.safetensors").is_file():
             return []
-        index = component_dir / f"{stem}.safetensors.index.{variant}.json"
-        if not index.is_file():
-            return [index.name]
+        index = variant_index(component_dir, stem, variant)
+        if index is None:
+            return [f"{stem}.safetensors.index.{variant}.json"]
     elif (component_dir / f"{stem}.safetensors").is_file():
         return []
     else:
         index = component_dir / f"{stem}.safetensors.index.json"
         if not index.is_file():
-            unread = "" if variant is not None else unread_weights(component_dir, stem)
-            plain = f"{stem}.safetensors" + (f" (found {unread})" if unread else "")
-            return [plain if variant is None else f"{plain} (or its {variant} variant)"]
+            if variant is None:
+                unread = unread_weights(component_dir, stem)
+                return [f"{stem}.safetensors" + (f" (found {unread})" if unread else "")]
+            unread = unread_bin(sorted(p.name for p in component_dir.glob("*.bin")))
+            return [f"{stem}.safetensors (or its {variant} variant" + (f"; found only {unread})" if unread else ")")]
     try:
         names = shard_names(index)
     except LoadError:
@@ -438,7 +452,9 @@ def check_model_dir(folder: Path, components: Sequence[str] = WEIGHTED, variant:
     naming those the folder holds, as diffusers refuses it."""
     variant = check_variant(variant)
     if variant is not None and (folder / MODEL_INDEX).is_file() and variant not in folder_variants(folder):
-        raise _unknown_variant(str(folder), variant, folder_variants(folder))
+        bins = [p.relative_to(folder).as_posix() for c in WEIGHTED if (folder / c).is_dir()
+                for p in sorted((folder / c).glob("*.bin"))]  # fmt: skip
+        raise _unknown_variant(str(folder), variant, folder_variants(folder), bins)
     missing = missing_pieces(folder, components, variant)
     if missing and MODEL_INDEX in missing:
         _refuse_component_folder(folder)

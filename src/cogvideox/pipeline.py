@@ -222,6 +222,7 @@ class Pipeline:
         revision: str | None = None,
         local_files_only: bool = False,
         trust_pickle: bool = False,
+        variant: str | None = None,
     ) -> Pipeline:
         """Load an original SAT checkpoint, converting its names on the fly (see `cogvideox.sat`).
 
@@ -231,17 +232,21 @@ class Pipeline:
             fine-tuned from. Its configs say what to build; its T5, tokenizer, scheduler and any component
             the checkpoint lacks complete the pipeline.
         trust_pickle: read `.pt` files holding Python objects besides tensors (runs their pickled code).
+        variant: read the base's weights of this variant ("fp16") where a component has them, as
+            `from_pretrained(variant=)` does.
         """
         from cogvideox import sat
 
         _scheduler_kind(scheduler)
         device = loading.choose_device(device)
         loading.parse_dtype(dtype)
-        folder = loading.resolve_model_dir(base, revision=revision, local_files_only=local_files_only)
-        configs = loading.read_model_configs(folder)
+        variant = loading.check_variant(variant)
+        folder = loading.resolve_model_dir(base, revision=revision, local_files_only=local_files_only,
+                                           variant=variant)  # fmt: skip
+        configs = loading.read_model_configs(folder, variant=variant)
         dtype = loading.choose_dtype(dtype, device, configs.transformer)
         transformer, vae_model = sat.load_components(checkpoint, configs, dtype, device, vae, trust_pickle)
-        return cls._assemble(folder, dtype, device, scheduler, transformer, vae_model)
+        return cls._assemble(folder, dtype, device, scheduler, transformer, vae_model, variant)
 
     @classmethod
     def _assemble(

@@ -84,6 +84,10 @@ _OPTION_FIELDS = ("model", "seed", "steps", "guidance", "dynamic_cfg", "schedule
                   "video_fps", "strength", "extend", "resize", "quantize", "quantize_text", "attention", "cache")
 
 
+_WHOLE_FIELDS = ("seed", "steps", "frames", "height", "width", "max_sequence_length", "windows")
+_NUMBER_FIELDS = ("guidance", "strength", "cache")
+
+
 def damage(entry: dict) -> str | None:
     """What is wrong with a record's fields (an edited or damaged file), or None: a field `command` and
     `describe` read that is not of the kind they write, named with its value."""
@@ -94,6 +98,14 @@ def damage(entry: dict) -> str | None:
     for key in ("dynamic_cfg", "resize", "model"):
         if entry.get(key) is not None and not isinstance(entry[key], str):
             return f"{key} is {entry[key]!r}, not a string"
+    # What the parser reads as a whole number or as a number: `--seed True` or `--steps 4.5` in the command
+    # would be refused by it (a JSON true is a Python int, and a float prints with its point).
+    for key in _WHOLE_FIELDS:
+        if entry.get(key) is not None and type(entry[key]) is not int:
+            return f"{key} is {entry[key]!r}, not a whole number"
+    for key in _NUMBER_FIELDS:
+        if entry.get(key) is not None and (isinstance(entry[key], bool) or not isinstance(entry[key], int | float)):
+            return f"{key} is {entry[key]!r}, not a number"
     loras = entry.get("lora", [])
     if not isinstance(loras, list) or not all(
         isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str) and is_finite_number(pair[1])

@@ -355,10 +355,16 @@ def convert(
     vae: str | Path | None = None,
     trust_pickle: bool = False,
     max_shard_size: int | str = "10GB",
+    variant: str | None = None,
 ) -> tuple[str, ...]:
     """Write a SAT checkpoint as a model folder in the diffusers layout, completed from `base` (a model
     folder): converted components replace the base's, the others (always the T5, tokenizer and
     scheduler) are copied unchanged, and so are its recommended sampling settings (`sampling.json`).
+
+    `variant` ("fp16"): the base's weights of that variant are the ones taken, where a component has
+    them (as `Pipeline.from_pretrained(variant=)` reads them), so a base whose weights are only fp16 files
+    serves. The written folder holds plain weight files (`model.safetensors`, ...) whatever the base's
+    names: it loads without a variant.
 
     Returns the names of the components converted ("transformer", "vae"): a checkpoint holds one or both,
     and a user who meant to convert a transformer should learn that the file held only a VAE.
@@ -367,24 +373,55 @@ def convert(
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise LoadError(f"{output} already exists and is not empty; choose a new folder")
     _check_writable(output)
-    configs = loading.read_model_configs(base)
+    variant = loading.check_variant(variant)
+    configs = loading.read_model_configs(base, variant=variant)
     cpu = torch.device("cpu")
     transformer, vae_model = load_components(checkpoint, configs, dtype, cpu, vae, trust_pickle)
     converted = tuple(name for name, m in (("transformer", transformer), ("vae", vae_model)) if m is not None)
     with _folder_in_place(output) as folder:
         for name, module in (("transformer", transformer), ("vae", vae_model)):
             if module is None:
-                shutil.copytree(base / name, folder / name)
+                _copy_component(base / name, folder / name, loading.STEMS[name], variant)
                 continue
             (folder / name).mkdir()
             module.config.save(folder / name / "config.json")
             weights.save_weights(module, folder / name, max_shard_size=max_shard_size)
-        for name in ("text_encoder", "tokenizer", "scheduler"):
+        _copy_component(base / "text_encoder", folder / "text_encoder", loading.STEMS["text_encoder"], variant)
+        for name in ("tokenizer", "scheduler"):
             shutil.copytree(base / name, folder / name)
         copy_sampling_defaults(base, folder)
         index = json.loads((base / loading.MODEL_INDEX).read_text())
         (folder / loading.MODEL_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return converted
+
+
+def _copy_component(source: Path, target: Path, stem: str, variant: str | None) -> None:
+    """Copy a component folder of the base with the weights its loading reads (`variant`'s where it has
+    them) under the plain names, byte for byte: `{stem}.safetensors`, or the shards
+    `{stem}-00001-of-0000N.safetensors` with `{stem}.safetensors.index.json`. The base's other weight
+    files (other variants, `.bin`) are left out."""
+    files = weights.weight_files(source, stem, variant)
+
+    def not_weights(folder: str, names: list[str]) -> set[str]:
+        if Path(folder) != source:
+            return set()
+        return {n for n in names if n.startswith(stem) and n.endswith((".safetensors", ".json")) or n.endswith(".bin")}
+
+    shutil.copytree(source, target, ignore=not_weights)
+    if len(files) == 1:
+        shutil.copyfile(files[0], target / f"{stem}.safetensors")
+        return
+    renamed = {path.name: f"{stem}-{i:05d}-of-{len(files):05d}.safetensors" for i, path in enumerate(files, 1)}
+    for path in files:
+        shutil.copyfile(path, target / renamed[path.name])
+    # The index weight_files read the shards from: the variant's where the component has it.
+    if variant is not None and weights.has_variant(source, stem, variant):
+        index = weights.variant_index(source, stem, variant)
+    else:
+        index = source / f"{stem}.safetensors.index.json"
+    data = json.loads(index.read_text())
+    data["weight_map"] = {key: renamed[name] for key, name in data["weight_map"].items()}
+    (target / f"{stem}.safetensors.index.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _check_writable(output: Path) -> None:

@@ -34,17 +34,19 @@ DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"  # file stem diffusers uses for tr
 def weight_files(component_dir: Path, stem: str = DIFFUSERS_WEIGHTS, variant: str | None = None) -> list[Path]:
     """The safetensors file(s) of one component: `{stem}.safetensors`, or the shards its index names.
 
-    With a `variant` ("fp16"), its files instead (`{stem}.fp16.safetensors`, or the shards
-    `{stem}.safetensors.index.fp16.json` names) where the component has them, else the plain ones: a
-    pipeline loads each component's variant where there is one, as diffusers' does.
+    With a `variant` ("fp16"), its files instead (`{stem}.fp16.safetensors`, or the shards its index names:
+    `{stem}.safetensors.index.fp16.json`, or the legacy `{stem}.safetensors.fp16.index.json`) where the
+    component has them, else the plain ones: a pipeline loads each component's variant where there is
+    one, as diffusers' does.
     """
     if variant is not None and has_variant(component_dir, stem, variant):
         single = component_dir / f"{stem}.{variant}.safetensors"
         if single.is_file():
             return [single]
-        index = component_dir / f"{stem}.safetensors.index.{variant}.json"
-        if not index.is_file():
-            raise LoadError(f"{component_dir} has {variant} shards but no index naming them ({index.name})")
+        index = variant_index(component_dir, stem, variant)
+        if index is None:
+            name = f"{stem}.safetensors.index.{variant}.json"
+            raise LoadError(f"{component_dir} has {variant} shards but no index naming them ({name})")
         return _shards(component_dir, index)
     single = component_dir / f"{stem}.safetensors"
     if single.is_file():
@@ -53,14 +55,23 @@ def weight_files(component_dir: Path, stem: str = DIFFUSERS_WEIGHTS, variant: st
     if index.is_file():
         return _shards(component_dir, index)
     if variant is not None:
+        unread = unread_bin(sorted(p.name for p in component_dir.glob("*.bin")))
         raise LoadError(
             f"{component_dir} has no weights: neither the {variant} variant ({stem}.{variant}.safetensors) nor "
-            f"{stem}.safetensors"
+            f"{stem}.safetensors" + (f"; found only {unread}" if unread else "")
         )
     unread = unread_weights(component_dir, stem)
     if unread:
         raise LoadError(f"{component_dir} has no {stem}.safetensors: found {unread}")
     raise LoadError(f"{component_dir} has no weights ({stem}.safetensors or {stem}.safetensors.index.json)")
+
+
+def variant_index(component_dir: Path, stem: str, variant: str) -> Path | None:
+    """The index of `variant`'s shards in a component folder, in today's name or the legacy one (None)."""
+    for name in (f"{stem}.safetensors.index.{variant}.json", f"{stem}.safetensors.{variant}.index.json"):
+        if (component_dir / name).is_file():
+            return component_dir / name
+    return None
 
 
 def _shards(component_dir: Path, index: Path) -> list[Path]:
@@ -73,7 +84,9 @@ def _shards(component_dir: Path, index: Path) -> list[Path]:
 
 # `{stem}.{variant}.safetensors`, `{stem}.{variant}-00001-of-00002.safetensors` (a shard) and
 # `{stem}.safetensors.index.{variant}.json`: the names diffusers' and transformers' `save_pretrained(variant=)`
-# write (diffusers' `_add_variant`).
+# write (diffusers' `_add_variant`). Older diffusers wrote shards as `{stem}-00001-of-00002.{variant}.safetensors`
+# with the index `{stem}.safetensors.{variant}.index.json`; diffusers still reads those (its "legacy" variant
+# files), and so do we.
 _SHARD = re.compile(r"-\d{5}-of-\d{5}$")
 
 
@@ -82,6 +95,12 @@ def variant_of(name: str, stem: str) -> str | None:
     index = f"{stem}.safetensors.index."
     if name.startswith(index) and name.endswith(".json"):
         return name[len(index) : -len(".json")] or None
+    legacy_index = f"{stem}.safetensors."
+    if name.startswith(legacy_index) and name.endswith(".index.json"):
+        return name[len(legacy_index) : -len(".index.json")] or None
+    legacy_shard = re.fullmatch(rf"{re.escape(stem)}-\d{{5}}-of-\d{{5}}\.(.+)\.safetensors", name)
+    if legacy_shard:
+        return legacy_shard.group(1)
     if name.startswith(f"{stem}.") and name.endswith(".safetensors"):
         return _SHARD.sub("", name[len(stem) + 1 : -len(".safetensors")]) or None
     return None
@@ -95,9 +114,7 @@ def variants(component_dir: Path, stem: str) -> set[str]:
 
 def variant_file_names(names: Iterable[str], stem: str, variant: str) -> list[str]:
     """Of file `names` (one folder's, or a repo's `component/file` paths), those of `variant`'s weights."""
-    own = re.compile(rf"(^|/){re.escape(stem)}\.({re.escape(variant)}(-\d{{5}}-of-\d{{5}})?\.safetensors"
-                     rf"|safetensors\.index\.{re.escape(variant)}\.json)$")
-    return [name for name in names if own.search(name)]
+    return [name for name in names if variant_of(name.rpartition("/")[2], stem) == variant]
 
 
 def has_variant(component_dir: Path, stem: str, variant: str) -> bool:
@@ -109,15 +126,35 @@ def unread_weights(component_dir: Path, stem: str) -> str:
     """What a component folder without `{stem}.safetensors` or its index holds instead that is not read,
     and what to do about it ("" for nothing): the weights of a `variant` ("fp16": the files diffusers and
     transformers save as `{stem}.fp16.safetensors`, or as shards and `{stem}.safetensors.index.fp16.json`),
-    read when that variant is asked for, or pickled `.bin` weights."""
+    read when that variant is asked for, or pickled `.bin` weights (`unread_bin`)."""
     found = sorted(variants(component_dir, stem))
     if found:
         names = " or ".join(found)
         return (f"only the weights of the variant {names}; load them with variant={found[0]!r} "
                 f"(--variant {found[0]})")
-    if any(component_dir.glob("*.bin")):
-        return "only .bin weights, which cogvideox does not read: it reads safetensors files"
-    return ""
+    unread = unread_bin(sorted(p.name for p in component_dir.glob("*.bin")))
+    return f"only {unread}" if unread else ""
+
+
+def bin_variant(name: str) -> str | None:
+    """The variant of a pickled weight file's `name`: "fp16" for `diffusion_pytorch_model.fp16.bin`,
+    `pytorch_model.fp16-00001-of-00002.bin` or the legacy `pytorch_model-00001-of-00002.fp16.bin`; None
+    for plain `.bin` weights."""
+    middle = name.split(".")[1:-1]
+    return (_SHARD.sub("", middle[0]) or None) if len(middle) == 1 and name.endswith(".bin") else None
+
+
+def unread_bin(names: list[str]) -> str:
+    """What to say of pickled `.bin` weight files (their `names`; "" for none): that they are not read,
+    and how to turn them into safetensors files, which are."""
+    if not names:
+        return ""
+    found = sorted({v for v in map(bin_variant, names) if v is not None})
+    variant = f", variant={found[0]!r}" if found else ""
+    return (f".bin weights ({listing(names, 3)}), which cogvideox does not read: it reads safetensors files; "
+            "convert them by loading the component with diffusers' or transformers' "
+            f"from_pretrained(folder{variant}) and writing it back with save_pretrained(folder{variant}), "
+            "which writes safetensors")
 
 
 def shard_names(index: Path) -> list[str]:

@@ -84,19 +84,31 @@ class Skipped:
 # The folder
 
 
-def read_text(path: Path) -> str:
+def read_text(path: Path, errors: str = "strict") -> str:
     """A listing file's text: UTF-8, with or without the byte-order mark Windows editors write."""
     try:
-        return path.read_text(encoding="utf-8-sig")
+        return path.read_text(encoding="utf-8-sig", errors=errors)
     except UnicodeDecodeError as e:
         line = path.read_bytes()[: e.start].count(b"\n") + 1
         raise InputError(f"{path} line {line} is not UTF-8 text; save the file as UTF-8") from None
 
 
-def read_lines(path: Path) -> list[str]:
-    """A listing file's lines, stripped, without the blank lines at its end."""
-    lines = [line.strip() for line in read_text(path).splitlines()]
-    while lines and not lines[-1]:
+def read_lines(path: Path) -> list[str | None]:
+    """A listing file's lines, stripped, without the blank lines at its end; None for a line that is not
+    UTF-8 text (its neighbours are read: one damaged line must not stop a run)."""
+    try:
+        text = path.read_bytes().decode("utf-8-sig", errors="surrogateescape")  # bad bytes become lone surrogates
+    except OSError as e:
+        raise InputError(f"cannot read {path}: {e.strerror or e}") from None
+    lines: list[str | None] = []
+    for line in text.splitlines():
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError:
+            lines.append(None)
+        else:
+            lines.append(line.strip())
+    while lines and lines[-1] == "":
         lines.pop()
     return lines
 
@@ -199,10 +211,18 @@ def read_line_files(root: Path) -> tuple[list[tuple[str, str, None]], list[Skipp
     if prompts is None or not (root / VIDEOS_FILE).is_file():
         return None
     captions, names = read_lines(prompts), read_lines(root / VIDEOS_FILE)
-    written = len(read_text(prompts).splitlines())  # blank last lines too: an empty caption is a caption
+    # Blank last lines count too: an empty caption is a caption.
+    written = len(read_text(prompts, errors="surrogateescape").splitlines())
     entries, skipped = [], []
     for i, name in enumerate(names):
+        # Line i of one file belongs to line i of the other: a line that cannot be read drops its pair.
+        if name is None:
+            skipped.append(Skipped(f"{VIDEOS_FILE} line {i + 1}", "not UTF-8 text"))
+            continue
         if not name:
+            continue
+        if i < len(captions) and captions[i] is None:
+            skipped.append(Skipped(f"{prompts.name} line {i + 1}", f"not UTF-8 text (the caption of {name})"))
             continue
         if i < written:
             entries.append((name, captions[i] if i < len(captions) else "", None))
