@@ -351,3 +351,25 @@ def test_a_line_of_prompts_or_videos_txt_that_is_not_utf8_skips_its_pair(tmp_pat
     # Captioning rewrites the listing as metadata.jsonl: it refuses to drop the line, and names it.
     with pytest.raises(InputError, match=rf"^{tmp_path}/prompts.txt line 2 is not UTF-8 text; save the file as UTF-8$"):
         read_entries(tmp_path)
+
+
+def test_a_caption_holding_a_line_separator_keeps_the_official_layout_paired(tmp_path):
+    """prompts.txt is split at newlines alone: a form feed or a U+2028 pasted into a caption split it into
+    two lines (str.splitlines), pairing every later caption with the wrong video."""
+    from cogvideox.caption import read_entries
+
+    for name in ("a.mp4", "b.mp4", "c.mp4"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "prompts.txt").write_text("one\u2028more\ntwo\x0cpages\r\nthree\n", encoding="utf-8")
+    (tmp_path / "videos.txt").write_text("a.mp4\nb.mp4\nc.mp4\n")
+    clips, skipped = scan_folder(tmp_path)
+    assert [(c.name, c.caption) for c in clips] == [("a.mp4", "one\u2028more"), ("b.mp4", "two\x0cpages"),
+                                                    ("c.mp4", "three")]  # fmt: skip
+    assert skipped == []
+    assert [e["caption"] for e in read_entries(tmp_path)] == ["one\u2028more", "two\x0cpages", "three"]
+    # Captioning rewrites the listing as metadata.jsonl with the separator kept raw; it reads back whole.
+    (tmp_path / "prompts.txt").unlink()
+    (tmp_path / "videos.txt").unlink()
+    lines = [json.dumps({"video": "a.mp4", "caption": "one\u2028more"}, ensure_ascii=False), '{"video": "b.mp4"}']
+    (tmp_path / "metadata.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert [e.get("caption") for e in read_entries(tmp_path)] == ["one\u2028more", None]

@@ -114,12 +114,12 @@ def read_entries(folder: Path) -> list[dict]:
     """The folder's entries, each a dict with at least "video": `metadata.jsonl`'s objects as they are,
     else the official layout's pairs, else none. `InputError` for a `metadata.jsonl` line that is not an
     object with a video path (rewriting the file would lose it: it must be mended first)."""
-    from cogvideox.train.data import METADATA_FILE, entry_video, json_object, read_line_files, read_text
+    from cogvideox.train.data import METADATA_FILE, entry_video, json_object, read_line_files, read_text, text_lines
 
     path = folder / METADATA_FILE
     if path.is_file():
         entries = []
-        for number, line in enumerate(read_text(path).splitlines(), start=1):
+        for number, line in enumerate(text_lines(read_text(path)), start=1):
             if not line.strip():
                 continue
             entry = json_object(line)

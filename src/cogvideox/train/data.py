@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,6 +94,16 @@ def read_text(path: Path, errors: str = "strict") -> str:
         raise InputError(f"{path} line {line} is not UTF-8 text; save the file as UTF-8") from None
 
 
+def text_lines(text: str) -> list[str]:
+    """`text`'s lines, split at newlines alone (\n, \r\n, \r), as a text file is read line by line:
+    `str.splitlines` also splits at a form feed or a Unicode line separator that a caption may hold,
+    which in the official layout pairs every later caption with the wrong video."""
+    lines = re.split(r"\r\n|\r|\n", text)
+    if lines[-1] == "":  # the newline ending the last line starts no line
+        lines.pop()
+    return lines
+
+
 def read_lines(path: Path) -> list[str | None]:
     """A listing file's lines, stripped, without the blank lines at its end; None for a line that is not
     UTF-8 text (its neighbours are read: one damaged line must not stop a run)."""
@@ -101,7 +112,7 @@ def read_lines(path: Path) -> list[str | None]:
     except OSError as e:
         raise InputError(f"cannot read {path}: {e.strerror or e}") from None
     lines: list[str | None] = []
-    for line in text.splitlines():
+    for line in text_lines(text):
         try:
             line.encode("utf-8")
         except UnicodeEncodeError:
@@ -212,7 +223,7 @@ def read_line_files(root: Path) -> tuple[list[tuple[str, str, None]], list[Skipp
         return None
     captions, names = read_lines(prompts), read_lines(root / VIDEOS_FILE)
     # Blank last lines count too: an empty caption is a caption.
-    written = len(read_text(prompts, errors="surrogateescape").splitlines())
+    written = len(text_lines(read_text(prompts, errors="surrogateescape")))
     entries, skipped = [], []
     for i, name in enumerate(names):
         # Line i of one file belongs to line i of the other: a line that cannot be read drops its pair.
