@@ -586,6 +586,24 @@ def test_json_numbers_are_strict_but_forms_and_openais_string_fields_are_convert
         assert answer.json()["guidance_scale"] == 7.0  # a JSON integer is a number
 
 
+def test_a_json_number_without_a_fraction_is_an_integer(tmp_path):
+    """The schema's `integer` is JSON Schema's, which 7.0 and 1e1 satisfy (JavaScript writes every number
+    alike); strict checking still refuses 2.5 (BAD_REQUESTS), and a remix reads them the same way."""
+    client, store, worker = make_client(tmp_path, generate=CountingGenerator())
+    body = b'{"prompt": "a", "seed": 7.0, "num_inference_steps": 1e1}'
+    answer = client.post("/v1/videos", content=body, headers=JSON)
+    assert answer.status_code == 200, answer.text
+    assert (answer.json()["seed"], answer.json()["num_inference_steps"]) == (7, 10)
+    assert isinstance(store.get(answer.json()["id"]).params["seed"], int)
+    worker.start()
+    try:
+        finished(client, answer.json()["id"])
+    finally:
+        worker.stop()
+    remix = client.post(f"/v1/videos/{answer.json()['id']}/remix", json={"prompt": "b", "seed": 8.0})
+    assert remix.status_code == 200 and remix.json()["seed"] == 8, remix.text
+
+
 def test_a_wrong_method_is_a_client_error(tmp_path):
     client, _, _ = make_client(tmp_path)
     for method, path in (("PUT", "/v1/videos"), ("PATCH", "/v1/videos/video_" + "0" * 24), ("POST", "/v1/models")):

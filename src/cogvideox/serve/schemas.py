@@ -56,6 +56,16 @@ class _Request(BaseModel):
     def _lora_text(cls, value):
         return lora_choices(value)
 
+    @field_validator("seed", "num_inference_steps", mode="before", check_fields=False)
+    @classmethod
+    def _whole(cls, value):
+        """A JSON number with no fraction (`7.0`, `1e3`) is an integer, as JSON Schema's "integer" (the
+        OpenAPI document's) says, and some JSON writers send every number so; strict checking alone would
+        refuse it. `7.5` still goes on to be refused."""
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        return value
+
     @field_validator("guidance_scale", "fps", "strength", mode="before", check_fields=False)
     @classmethod
     def _finite(cls, value, info: ValidationInfo):
