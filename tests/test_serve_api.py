@@ -687,6 +687,24 @@ def test_a_failed_generation_reports_why(tmp_path):
 
 
 # -----------------------------------------------------------------------------------------------------
+def test_openapi_schema_asks_for_a_key_only_on_a_server_with_keys(tmp_path):
+    """An operation's `security` says the key is required: on an open server it is not (a client generated
+    from the schema, or a checker, would demand one and expect the 401 it never gets)."""
+    open_client, _, _ = make_client(tmp_path / "open")
+    schema = open_client.get("/openapi.json").json()
+    assert "securitySchemes" not in schema["components"]
+    operations = [op for ops in schema["paths"].values() for op in ops.values()]
+    assert all("security" not in op and "401" not in op["responses"] for op in operations)
+    keyed, _, _ = make_client(tmp_path / "keyed", api_keys=("k1",))
+    schema = keyed.get("/openapi.json", headers={"Authorization": "Bearer k1"}).json()
+    assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    for path, ops in schema["paths"].items():
+        for method, op in ops.items():
+            guarded = path != "/healthz"
+            assert ("security" in op, "401" in op["responses"]) == (guarded, guarded), (method, path)
+    assert keyed.get("/v1/models").status_code == 401 and keyed.get("/healthz").status_code == 200
+
+
 # Keys and limits
 
 
@@ -858,7 +876,7 @@ def test_openapi_schema_matches_the_routes_and_the_answers(service):
     assert steps[0]["minimum"] == 1 and fields["prompt"]["maxLength"] == 2000
     assert "416" in schema["paths"]["/v1/videos/{video_id}/content"]["get"]["responses"]
     assert all("422" not in op["responses"] for ops in schema["paths"].values() for op in ops.values())
-    assert "HTTPBearer" in schema["components"]["securitySchemes"]
+    assert "securitySchemes" not in schema["components"]  # an open server: see the test below
 
     def validate(instance, name):
         wrapper = {"$ref": f"#/components/schemas/{name}", "components": schema["components"]}

@@ -435,7 +435,7 @@ def create_app(spec: ModelSpec, store: JobStore, settings: Settings, worker: Wor
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    app.openapi = lambda: _openapi(app)
+    app.openapi = lambda: _openapi(app, keys.required)
     return app
 
 
@@ -622,9 +622,11 @@ def _job_params(create: VideoCreate, spec: ModelSpec, settings: Settings, given:
     }
 
 
-def _openapi(app: FastAPI) -> dict:
+def _openapi(app: FastAPI, keyed: bool) -> dict:
     """FastAPI's schema, plus the create body (read by hand, to take forms too), minus the 422 answers
-    FastAPI documents by default: this API answers a bad request with 400."""
+    FastAPI documents by default: this API answers a bad request with 400. keyed: whether the server has
+    API keys; without them no operation asks for one (the schema would call the key required, and clients
+    generated from it would demand one)."""
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         components = schema.setdefault("components", {}).setdefault("schemas", {})
@@ -633,6 +635,11 @@ def _openapi(app: FastAPI) -> dict:
         for operations in schema["paths"].values():
             for operation in operations.values():
                 operation.get("responses", {}).pop("422", None)
+                if not keyed:
+                    operation.pop("security", None)
+                    operation.get("responses", {}).pop("401", None)
+        if not keyed:
+            schema["components"].pop("securitySchemes", None)
         for name in ("HTTPValidationError", "ValidationError"):
             components.pop(name, None)
         app.openapi_schema = schema
