@@ -705,6 +705,23 @@ def test_openapi_schema_asks_for_a_key_only_on_a_server_with_keys(tmp_path):
     assert keyed.get("/v1/models").status_code == 401 and keyed.get("/healthz").status_code == 200
 
 
+def test_openapi_schema_documents_every_error_as_json(tmp_path):
+    """Errors are OpenAI's JSON shape on every route, /metrics (a text/plain route) included; the schema
+    said text/plain there, so a client reading it would not parse the 401 it gets."""
+    client, _, _ = make_client(tmp_path, api_keys=("k1",))
+    schema = client.get("/openapi.json", headers={"Authorization": "Bearer k1"}).json()
+    error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+    for path, ops in schema["paths"].items():
+        for method, op in ops.items():
+            for status, response in op["responses"].items():
+                if int(status) >= 400 and (path, status) != ("/healthz", "503"):
+                    assert response["content"] == error, (method, path, status)
+    answer = client.get("/metrics")
+    assert answer.status_code == 401 and answer.headers["content-type"] == "application/json"
+    metrics = schema["paths"]["/metrics"]["get"]["responses"]["200"]
+    assert metrics["content"] == {"text/plain": {"schema": {"type": "string"}}}
+
+
 # Keys and limits
 
 

@@ -632,9 +632,15 @@ def _openapi(app: FastAPI, keyed: bool) -> dict:
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         for body in (VideoCreate, VideoRemix):
             components[body.__name__] = body.model_json_schema(ref_template="#/components/schemas/{model}")
+        error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
         for operations in schema["paths"].values():
             for operation in operations.values():
                 operation.get("responses", {}).pop("422", None)
+                for response in operation.get("responses", {}).values():
+                    # An error is JSON whatever the route's success is: FastAPI files it under the route's
+                    # media type (text/plain for /metrics).
+                    if error["application/json"] in response.get("content", {}).values():
+                        response["content"] = error
                 if not keyed:
                     operation.pop("security", None)
                     operation.get("responses", {}).pop("401", None)
