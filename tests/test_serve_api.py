@@ -705,6 +705,38 @@ def test_openapi_schema_asks_for_a_key_only_on_a_server_with_keys(tmp_path):
     assert keyed.get("/v1/models").status_code == 401 and keyed.get("/healthz").status_code == 200
 
 
+def test_openapi_schema_gives_forms_the_fields_a_form_carries(tmp_path):
+    """A form's values are text: none is null (a form leaves a field out) and `lora` is its text; the schema
+    gave forms the JSON body's, so a form it described ("seed=null", lora's objects as repeated fields) was
+    a 400. A form with every field, as the form schema says, is taken."""
+    client, store, worker = make_client(tmp_path, generate=CountingGenerator())
+    schema = client.get("/openapi.json").json()
+    components = schema["components"]["schemas"]
+    for path, name in (("/v1/videos", "VideoCreate"), ("/v1/videos/{video_id}/remix", "VideoRemix")):
+        content = schema["paths"][path]["post"]["requestBody"]["content"]
+        assert content["application/x-www-form-urlencoded"]["schema"] == {"$ref": f"#/components/schemas/{name}Form"}
+        assert content["application/json"]["schema"] == {"$ref": f"#/components/schemas/{name}"}
+        fields = components[name + "Form"]["properties"]
+        assert fields.keys() == components[name]["properties"].keys()
+        assert "null" not in json.dumps(fields) and fields["lora"]["type"] == "string"
+    form = {"prompt": "a", "model": "tiny", "size": "64x64", "seconds": "1", "negative_prompt": "b", "seed": "3",
+            "num_inference_steps": "2", "guidance_scale": "5", "fps": "8", "enhance_prompt": "false",
+            "riflex": "false", "resize": "crop", "lora": ""}  # fmt: skip
+    assert form.keys() == components["VideoCreateForm"]["properties"].keys() - {"strength"}  # a video's only
+    created = client.post("/v1/videos", data=form)
+    assert created.status_code == 200, created.text
+    worker.start()
+    try:
+        finished(client, created.json()["id"])
+    finally:
+        worker.stop()
+    remix = {"prompt": "c", "negative_prompt": "d", "seed": "4", "num_inference_steps": "2", "guidance_scale": "4",
+             "strength": "0.5", "enhance_prompt": "false", "lora": ""}  # fmt: skip
+    assert remix.keys() == components["VideoRemixForm"]["properties"].keys()
+    remixed = client.post(f"/v1/videos/{created.json()['id']}/remix", data=remix)
+    assert remixed.status_code == 200 and remixed.json()["seed"] == 4, remixed.text
+
+
 def test_openapi_schema_documents_every_error_as_json(tmp_path):
     """Errors are OpenAI's JSON shape on every route, /metrics (a text/plain route) included; the schema
     said text/plain there, so a client reading it would not parse the 401 it gets."""
@@ -884,7 +916,7 @@ def test_openapi_schema_matches_the_routes_and_the_answers(service):
     body = create["requestBody"]["content"]
     assert body["application/json"]["schema"] == {"$ref": "#/components/schemas/VideoCreate"}
     form, upload = body["multipart/form-data"]["schema"]["allOf"]  # the create fields, plus the first frame
-    assert form == {"$ref": "#/components/schemas/VideoCreate"}
+    assert form == {"$ref": "#/components/schemas/VideoCreateForm"}
     assert upload["properties"]["input_reference"]["format"] == "binary"
     fields = schema["components"]["schemas"]["VideoCreate"]["properties"]
     assert {"prompt", "model", "size", "seconds", "seed", "negative_prompt", "num_inference_steps",

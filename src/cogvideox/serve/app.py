@@ -497,14 +497,34 @@ def _check_steps(steps: int, settings: Settings) -> None:
 def _body_read_by_hand(schema: str, files: dict[str, str] | None = None) -> dict:
     """The request body of a route that reads it itself (`read_fields`: JSON or a form), for the schema;
     `files`: the file fields a multipart form may add, with what each is."""
-    media = ("application/json", "multipart/form-data", "application/x-www-form-urlencoded")
-    content = {kind: {"schema": {"$ref": f"#/components/schemas/{schema}"}} for kind in media}
+    forms = ("multipart/form-data", "application/x-www-form-urlencoded")
+    content = {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}
+    content |= {kind: {"schema": {"$ref": f"#/components/schemas/{schema}Form"}} for kind in forms}
     if files:
         uploads = {name: {"type": "string", "format": "binary", "description": what} for name, what in files.items()}
         content["multipart/form-data"]["schema"] = {
             "allOf": [content["multipart/form-data"]["schema"], {"type": "object", "properties": uploads}]
         }
     return {"requestBody": {"required": True, "content": content}}
+
+
+def _form_schema(body: dict) -> dict:
+    """A JSON body's schema as a form carries it: every value is text, so no field is null (a form leaves
+    it out instead), and `lora` is its text ("style:0.8,motion"), as a form has no list of objects."""
+    form = {key: value for key, value in body.items() if key != "$defs"}
+    form["title"] = body["title"] + "Form"
+    form["properties"] = {}
+    for name, field in body["properties"].items():
+        field = dict(field)
+        if "anyOf" in field:
+            members = [member for member in field.pop("anyOf") if member.get("type") != "null"]
+            field |= members[0] if len(members) == 1 else {"anyOf": members}
+        if field.get("default", "") is None:
+            del field["default"]
+        form["properties"][name] = field
+    lora = form["properties"]["lora"]
+    form["properties"]["lora"] = {"type": "string", "title": lora["title"], "description": lora["description"]}
+    return form
 
 
 def _parse(model: type[BaseModel], fields: Fields):
@@ -632,6 +652,7 @@ def _openapi(app: FastAPI, keyed: bool) -> dict:
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         for body in (VideoCreate, VideoRemix):
             components[body.__name__] = body.model_json_schema(ref_template="#/components/schemas/{model}")
+            components[body.__name__ + "Form"] = _form_schema(components[body.__name__])
         error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
         for operations in schema["paths"].values():
             for operation in operations.values():
