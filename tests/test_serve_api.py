@@ -613,6 +613,18 @@ def test_a_wrong_method_is_a_client_error(tmp_path):
         assert (error["type"], error["code"]) == ("invalid_request_error", "method_not_allowed"), (method, path)
 
 
+def test_a_wrong_method_names_every_method_the_path_takes(tmp_path):
+    """Allow lists all of a path's methods, as RFC 9110 asks: GET and POST /v1/videos are two routes, and
+    the header named only the first one's."""
+    client, _, _ = make_client(tmp_path)
+    video = "/v1/videos/video_" + "0" * 24
+    cases = (("OPTIONS", "/v1/videos", "GET, POST"), ("PUT", video, "DELETE, GET"), ("DELETE", "/v1/models", "GET"),
+             ("GET", f"{video}/remix", "POST"), ("POST", f"{video}/content", "GET, HEAD"))  # fmt: skip
+    for method, path, allowed in cases:
+        response = client.request(method, path)
+        assert response.status_code == 405 and response.headers["allow"] == allowed, (method, path)
+
+
 def test_an_unexpected_failure_is_a_500_in_the_error_shape(tmp_path, monkeypatch):
     client, store, _ = make_client(tmp_path)
 
