@@ -749,6 +749,19 @@ def test_openapi_schema_gives_forms_the_fields_a_form_carries(tmp_path):
     assert remixed.status_code == 200 and remixed.json()["seed"] == 4, remixed.text
 
 
+def test_openapi_schema_caps_steps_at_the_servers_max_steps(tmp_path):
+    """The schema said 1000 steps (the schedulers' training steps) while the server refuses more than its
+    --max-steps: a request the schema allowed was a 400."""
+    client, _, _ = make_client(tmp_path, max_steps=30)
+    components = client.get("/openapi.json").json()["components"]["schemas"]
+    for name in ("VideoCreate", "VideoRemix"):
+        steps = components[name]["properties"]["num_inference_steps"]["anyOf"][0]
+        assert (steps["type"], steps["maximum"]) == ("integer", 30), name
+        assert components[name + "Form"]["properties"]["num_inference_steps"]["maximum"] == 30, name
+    assert client.post("/v1/videos", json={"prompt": "a", "num_inference_steps": 30}).status_code == 200
+    assert client.post("/v1/videos", json={"prompt": "a", "num_inference_steps": 31}).status_code == 400
+
+
 def test_openapi_schema_documents_every_error_as_json(tmp_path):
     """Errors are OpenAI's JSON shape on every route, /metrics (a text/plain route) included; the schema
     said text/plain there, so a client reading it would not parse the 401 it gets."""
