@@ -762,6 +762,24 @@ def test_openapi_schema_caps_steps_at_the_servers_max_steps(tmp_path):
     assert client.post("/v1/videos", json={"prompt": "a", "num_inference_steps": 31}).status_code == 400
 
 
+def test_openapi_schema_takes_seconds_as_the_service_does(tmp_path):
+    """`seconds` is a positive number or text that is one; the schema said any string or number, so "0.0"
+    or 0, which the service refuses, passed it."""
+    jsonschema = pytest.importorskip("jsonschema")
+    client, _, _ = make_client(tmp_path)
+    components = client.get("/openapi.json").json()["components"]
+    for name in ("VideoCreate", "VideoCreateForm"):
+        check = jsonschema.Draft202012Validator(components["schemas"][name]["properties"]["seconds"])
+        for value in ("1", " .5 ", "1e0", 1, 0.5):
+            assert check.is_valid(value), (name, value)
+            answer = client.post("/v1/videos", json={"prompt": "a", "seconds": value})
+            assert answer.status_code == 200, answer.text
+        for value in ("0", "0.0", "-1", "four", "inf", "nan", "", 0, -0.5):
+            assert not check.is_valid(value), (name, value)
+            answer = client.post("/v1/videos", json={"prompt": "a", "seconds": value})
+            assert answer.status_code == 400 and answer.json()["error"]["param"] == "seconds", value
+
+
 def test_openapi_schema_documents_every_error_as_json(tmp_path):
     """Errors are OpenAI's JSON shape on every route, /metrics (a text/plain route) included; the schema
     said text/plain there, so a client reading it would not parse the 401 it gets."""

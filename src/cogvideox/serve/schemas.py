@@ -125,7 +125,9 @@ class VideoCreate(_Request):
         description="WIDTHxHEIGHT, one of the model's sizes; default its native one.",
     )
     seconds: str | float | None = Field(
-        None, description="Clip length; rounded to a frame count the model makes. Default: the model's own length."
+        None,
+        description="Clip length; rounded to a frame count the model makes. Default: the model's own length.",
+        json_schema_extra=lambda schema: _positive_seconds(schema),
     )
     # Our extensions.
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description="What the video should not show.")
@@ -200,6 +202,20 @@ class VideoRemix(_Request):
     lora: list[LoraChoice] | None = Field(
         None, max_length=MAX_LORAS, description=_LORA_DOC + " Default: the video's; [] or \"\" for none."
     )
+
+
+# A positive decimal number as text ("4", "4.5", "1e1"): some digit of the mantissa is not a zero.
+_POSITIVE_NUMBER = r"^\s*\+?(?=[^eE]*[1-9])(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$"
+
+
+def _positive_seconds(schema: dict) -> None:
+    """`seconds` in the schema as the check reads it (`VideoCreate._seconds`): a positive number, or text
+    that is one, rather than any string or number."""
+    for member in schema["anyOf"]:
+        if member.get("type") == "string":
+            member["pattern"] = _POSITIVE_NUMBER
+        elif member.get("type") == "number":
+            member["exclusiveMinimum"] = 0
 
 
 def _is_finite(value) -> bool:
