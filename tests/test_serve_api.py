@@ -780,6 +780,30 @@ def test_openapi_schema_takes_seconds_as_the_service_does(tmp_path):
             assert answer.status_code == 400 and answer.json()["error"]["param"] == "seconds", value
 
 
+def test_openapi_schema_names_the_servers_model_sizes_and_loras(tmp_path):
+    """What a body may name is this server's: its model, its sizes, its LoRAs (without any, no `lora`
+    entry); the schema took any name, so a request it allowed was a 400."""
+    jsonschema = pytest.importorskip("jsonschema")
+    spec = ModelSpec.from_folder(write_config_folder(tmp_path / "model"), "tiny", ("32x32",), loras=("style",))
+    app = create_app(spec, SQLiteStore(tmp_path / "jobs.sqlite3"), Settings(data_dir=tmp_path))
+    plain, _, _ = make_client(tmp_path / "plain")  # 64x64 only, no LoRAs
+    for client, sizes, loras in ((TestClient(app), ["64x64", "32x32"], ["style"]), (plain, ["64x64"], [])):
+        components = client.get("/openapi.json").json()["components"]
+
+        def valid(body, name, components=components):
+            schema = {"$ref": f"#/components/schemas/{name}", "components": components}
+            return jsonschema.Draft202012Validator(schema).is_valid(body)
+
+        good = {"prompt": "a", "model": "tiny", "size": sizes[-1], "lora": [{"name": n} for n in loras]}
+        assert valid(good, "VideoCreate") and valid({"prompt": "b", "lora": good["lora"]}, "VideoRemix")
+        for bad in ({"model": "sora-2"}, {"size": "48x48"}, {"lora": [{"name": "motion"}]}):
+            assert not valid({**good, **bad}, "VideoCreate"), bad
+            assert client.post("/v1/videos", json={**good, **bad}).status_code == 400, bad
+        assert not valid({"prompt": "b", "lora": [{"name": "motion"}]}, "VideoRemix")
+        form = components["schemas"]["VideoCreateForm"]["properties"]
+        assert (form["model"]["enum"], form["size"]["enum"]) == (["tiny"], sizes)
+
+
 def test_openapi_schema_documents_every_error_as_json(tmp_path):
     """Errors are OpenAI's JSON shape on every route, /metrics (a text/plain route) included; the schema
     said text/plain there, so a client reading it would not parse the 401 it gets."""

@@ -435,7 +435,7 @@ def create_app(spec: ModelSpec, store: JobStore, settings: Settings, worker: Wor
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    app.openapi = lambda: _openapi(app, keys.required, settings.max_steps)
+    app.openapi = lambda: _openapi(app, keys.required, spec, settings.max_steps)
     return app
 
 
@@ -508,12 +508,29 @@ def _body_read_by_hand(schema: str, files: dict[str, str] | None = None) -> dict
     return {"requestBody": {"required": True, "content": content}}
 
 
-def _cap_steps(body: dict, max_steps: int) -> None:
-    """A body's schema with the server's step cap, which is lower than the model's (MAX_STEPS)."""
-    steps = body["properties"]["num_inference_steps"]
-    for member in steps.get("anyOf", [steps]):
-        if member.get("type") == "integer":
-            member["maximum"] = min(member["maximum"], max_steps)
+def _fit_to_server(body: dict, spec: ModelSpec, max_steps: int) -> None:
+    """A body's schema narrowed to what this server takes: the server's step cap, lower than the model's
+    (MAX_STEPS); its model's name, its sizes, and the LoRAs it serves (none: no `lora` entry at all)."""
+    properties = body["properties"]
+    body.pop("$defs", None)  # LoraChoice, inlined below with the served names
+
+    def members(name: str, kind: str) -> list[dict]:
+        field = properties.get(name, {})
+        return [member for member in field.get("anyOf", [field]) if member.get("type") == kind]
+
+    for member in members("num_inference_steps", "integer"):
+        member["maximum"] = min(member["maximum"], max_steps)
+    for member in members("model", "string"):
+        member["enum"] = [spec.name]
+    for member in members("size", "string"):
+        member["enum"] = list(spec.sizes)
+    for member in members("lora", "array"):
+        choice = LoraChoice.model_json_schema()
+        if spec.loras:
+            choice["properties"]["name"]["enum"] = list(spec.loras)
+        else:
+            member["maxItems"] = 0
+        member["items"] = choice
 
 
 def _form_schema(body: dict) -> dict:
@@ -650,17 +667,17 @@ def _job_params(create: VideoCreate, spec: ModelSpec, settings: Settings, given:
     }
 
 
-def _openapi(app: FastAPI, keyed: bool, max_steps: int) -> dict:
+def _openapi(app: FastAPI, keyed: bool, spec: ModelSpec, max_steps: int) -> dict:
     """FastAPI's schema, plus the create body (read by hand, to take forms too), minus the 422 answers
     FastAPI documents by default: this API answers a bad request with 400. keyed: whether the server has
     API keys; without them no operation asks for one (the schema would call the key required, and clients
-    generated from it would demand one). max_steps: the server's --max-steps, the bodies' most steps."""
+    generated from it would demand one). The bodies are narrowed to `spec`'s model and --max-steps."""
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         for body in (VideoCreate, VideoRemix):
             components[body.__name__] = body.model_json_schema(ref_template="#/components/schemas/{model}")
-            _cap_steps(components[body.__name__], max_steps)
+            _fit_to_server(components[body.__name__], spec, max_steps)
             components[body.__name__ + "Form"] = _form_schema(components[body.__name__])
         error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
         for operations in schema["paths"].values():
