@@ -586,6 +586,24 @@ def test_json_numbers_are_strict_but_forms_and_openais_string_fields_are_convert
         assert answer.json()["guidance_scale"] == 7.0  # a JSON integer is a number
 
 
+def test_a_json_number_without_a_fraction_is_an_integer(tmp_path):
+    """The schema's `integer` is JSON Schema's, which 7.0 and 1e1 satisfy (JavaScript writes every number
+    alike); strict checking still refuses 2.5 (BAD_REQUESTS), and a remix reads them the same way."""
+    client, store, worker = make_client(tmp_path, generate=CountingGenerator())
+    body = b'{"prompt": "a", "seed": 7.0, "num_inference_steps": 1e1}'
+    answer = client.post("/v1/videos", content=body, headers=JSON)
+    assert answer.status_code == 200, answer.text
+    assert (answer.json()["seed"], answer.json()["num_inference_steps"]) == (7, 10)
+    assert isinstance(store.get(answer.json()["id"]).params["seed"], int)
+    worker.start()
+    try:
+        finished(client, answer.json()["id"])
+    finally:
+        worker.stop()
+    remix = client.post(f"/v1/videos/{answer.json()['id']}/remix", json={"prompt": "b", "seed": 8.0})
+    assert remix.status_code == 200 and remix.json()["seed"] == 8, remix.text
+
+
 def test_a_wrong_method_is_a_client_error(tmp_path):
     client, _, _ = make_client(tmp_path)
     for method, path in (("PUT", "/v1/videos"), ("PATCH", "/v1/videos/video_" + "0" * 24), ("POST", "/v1/models")):
@@ -593,6 +611,18 @@ def test_a_wrong_method_is_a_client_error(tmp_path):
         assert response.status_code == 405, (method, path)
         error = response.json()["error"]
         assert (error["type"], error["code"]) == ("invalid_request_error", "method_not_allowed"), (method, path)
+
+
+def test_a_wrong_method_names_every_method_the_path_takes(tmp_path):
+    """Allow lists all of a path's methods, as RFC 9110 asks: GET and POST /v1/videos are two routes, and
+    the header named only the first one's."""
+    client, _, _ = make_client(tmp_path)
+    video = "/v1/videos/video_" + "0" * 24
+    cases = (("OPTIONS", "/v1/videos", "GET, POST"), ("PUT", video, "DELETE, GET"), ("DELETE", "/v1/models", "GET"),
+             ("GET", f"{video}/remix", "POST"), ("POST", f"{video}/content", "GET, HEAD"))  # fmt: skip
+    for method, path, allowed in cases:
+        response = client.request(method, path)
+        assert response.status_code == 405 and response.headers["allow"] == allowed, (method, path)
 
 
 def test_an_unexpected_failure_is_a_500_in_the_error_shape(tmp_path, monkeypatch):
@@ -669,6 +699,128 @@ def test_a_failed_generation_reports_why(tmp_path):
 
 
 # -----------------------------------------------------------------------------------------------------
+def test_openapi_schema_asks_for_a_key_only_on_a_server_with_keys(tmp_path):
+    """An operation's `security` says the key is required: on an open server it is not (a client generated
+    from the schema, or a checker, would demand one and expect the 401 it never gets)."""
+    open_client, _, _ = make_client(tmp_path / "open")
+    schema = open_client.get("/openapi.json").json()
+    assert "securitySchemes" not in schema["components"]
+    operations = [op for ops in schema["paths"].values() for op in ops.values()]
+    assert all("security" not in op and "401" not in op["responses"] for op in operations)
+    keyed, _, _ = make_client(tmp_path / "keyed", api_keys=("k1",))
+    schema = keyed.get("/openapi.json", headers={"Authorization": "Bearer k1"}).json()
+    assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    for path, ops in schema["paths"].items():
+        for method, op in ops.items():
+            guarded = path != "/healthz"
+            assert ("security" in op, "401" in op["responses"]) == (guarded, guarded), (method, path)
+    assert keyed.get("/v1/models").status_code == 401 and keyed.get("/healthz").status_code == 200
+
+
+def test_openapi_schema_gives_forms_the_fields_a_form_carries(tmp_path):
+    """A form's values are text: none is null (a form leaves a field out) and `lora` is its text; the schema
+    gave forms the JSON body's, so a form it described ("seed=null", lora's objects as repeated fields) was
+    a 400. A form with every field, as the form schema says, is taken."""
+    client, store, worker = make_client(tmp_path, generate=CountingGenerator())
+    schema = client.get("/openapi.json").json()
+    components = schema["components"]["schemas"]
+    for path, name in (("/v1/videos", "VideoCreate"), ("/v1/videos/{video_id}/remix", "VideoRemix")):
+        content = schema["paths"][path]["post"]["requestBody"]["content"]
+        assert content["application/x-www-form-urlencoded"]["schema"] == {"$ref": f"#/components/schemas/{name}Form"}
+        assert content["application/json"]["schema"] == {"$ref": f"#/components/schemas/{name}"}
+        fields = components[name + "Form"]["properties"]
+        assert fields.keys() == components[name]["properties"].keys()
+        assert "null" not in json.dumps(fields) and fields["lora"]["type"] == "string"
+    form = {"prompt": "a", "model": "tiny", "size": "64x64", "seconds": "1", "negative_prompt": "b", "seed": "3",
+            "num_inference_steps": "2", "guidance_scale": "5", "fps": "8", "enhance_prompt": "false",
+            "riflex": "false", "resize": "crop", "lora": ""}  # fmt: skip
+    assert form.keys() == components["VideoCreateForm"]["properties"].keys() - {"strength"}  # a video's only
+    created = client.post("/v1/videos", data=form)
+    assert created.status_code == 200, created.text
+    worker.start()
+    try:
+        finished(client, created.json()["id"])
+    finally:
+        worker.stop()
+    remix = {"prompt": "c", "negative_prompt": "d", "seed": "4", "num_inference_steps": "2", "guidance_scale": "4",
+             "strength": "0.5", "enhance_prompt": "false", "lora": ""}  # fmt: skip
+    assert remix.keys() == components["VideoRemixForm"]["properties"].keys()
+    remixed = client.post(f"/v1/videos/{created.json()['id']}/remix", data=remix)
+    assert remixed.status_code == 200 and remixed.json()["seed"] == 4, remixed.text
+
+
+def test_openapi_schema_caps_steps_at_the_servers_max_steps(tmp_path):
+    """The schema said 1000 steps (the schedulers' training steps) while the server refuses more than its
+    --max-steps: a request the schema allowed was a 400."""
+    client, _, _ = make_client(tmp_path, max_steps=30)
+    components = client.get("/openapi.json").json()["components"]["schemas"]
+    for name in ("VideoCreate", "VideoRemix"):
+        steps = components[name]["properties"]["num_inference_steps"]["anyOf"][0]
+        assert (steps["type"], steps["maximum"]) == ("integer", 30), name
+        assert components[name + "Form"]["properties"]["num_inference_steps"]["maximum"] == 30, name
+    assert client.post("/v1/videos", json={"prompt": "a", "num_inference_steps": 30}).status_code == 200
+    assert client.post("/v1/videos", json={"prompt": "a", "num_inference_steps": 31}).status_code == 400
+
+
+def test_openapi_schema_takes_seconds_as_the_service_does(tmp_path):
+    """`seconds` is a positive number or text that is one; the schema said any string or number, so "0.0"
+    or 0, which the service refuses, passed it."""
+    jsonschema = pytest.importorskip("jsonschema")
+    client, _, _ = make_client(tmp_path)
+    components = client.get("/openapi.json").json()["components"]
+    for name in ("VideoCreate", "VideoCreateForm"):
+        check = jsonschema.Draft202012Validator(components["schemas"][name]["properties"]["seconds"])
+        for value in ("1", " .5 ", "1e0", 1, 0.5):
+            assert check.is_valid(value), (name, value)
+            answer = client.post("/v1/videos", json={"prompt": "a", "seconds": value})
+            assert answer.status_code == 200, answer.text
+        for value in ("0", "0.0", "-1", "four", "inf", "nan", "", 0, -0.5):
+            assert not check.is_valid(value), (name, value)
+            answer = client.post("/v1/videos", json={"prompt": "a", "seconds": value})
+            assert answer.status_code == 400 and answer.json()["error"]["param"] == "seconds", value
+
+
+def test_openapi_schema_names_the_servers_model_sizes_and_loras(tmp_path):
+    """What a body may name is this server's: its model, its sizes, its LoRAs (without any, no `lora`
+    entry); the schema took any name, so a request it allowed was a 400."""
+    jsonschema = pytest.importorskip("jsonschema")
+    spec = ModelSpec.from_folder(write_config_folder(tmp_path / "model"), "tiny", ("32x32",), loras=("style",))
+    app = create_app(spec, SQLiteStore(tmp_path / "jobs.sqlite3"), Settings(data_dir=tmp_path))
+    plain, _, _ = make_client(tmp_path / "plain")  # 64x64 only, no LoRAs
+    for client, sizes, loras in ((TestClient(app), ["64x64", "32x32"], ["style"]), (plain, ["64x64"], [])):
+        components = client.get("/openapi.json").json()["components"]
+
+        def valid(body, name, components=components):
+            schema = {"$ref": f"#/components/schemas/{name}", "components": components}
+            return jsonschema.Draft202012Validator(schema).is_valid(body)
+
+        good = {"prompt": "a", "model": "tiny", "size": sizes[-1], "lora": [{"name": n} for n in loras]}
+        assert valid(good, "VideoCreate") and valid({"prompt": "b", "lora": good["lora"]}, "VideoRemix")
+        for bad in ({"model": "sora-2"}, {"size": "48x48"}, {"lora": [{"name": "motion"}]}):
+            assert not valid({**good, **bad}, "VideoCreate"), bad
+            assert client.post("/v1/videos", json={**good, **bad}).status_code == 400, bad
+        assert not valid({"prompt": "b", "lora": [{"name": "motion"}]}, "VideoRemix")
+        form = components["schemas"]["VideoCreateForm"]["properties"]
+        assert (form["model"]["enum"], form["size"]["enum"]) == (["tiny"], sizes)
+
+
+def test_openapi_schema_documents_every_error_as_json(tmp_path):
+    """Errors are OpenAI's JSON shape on every route, /metrics (a text/plain route) included; the schema
+    said text/plain there, so a client reading it would not parse the 401 it gets."""
+    client, _, _ = make_client(tmp_path, api_keys=("k1",))
+    schema = client.get("/openapi.json", headers={"Authorization": "Bearer k1"}).json()
+    error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+    for path, ops in schema["paths"].items():
+        for method, op in ops.items():
+            for status, response in op["responses"].items():
+                if int(status) >= 400 and (path, status) != ("/healthz", "503"):
+                    assert response["content"] == error, (method, path, status)
+    answer = client.get("/metrics")
+    assert answer.status_code == 401 and answer.headers["content-type"] == "application/json"
+    metrics = schema["paths"]["/metrics"]["get"]["responses"]["200"]
+    assert metrics["content"] == {"text/plain": {"schema": {"type": "string"}}}
+
+
 # Keys and limits
 
 
@@ -831,7 +983,7 @@ def test_openapi_schema_matches_the_routes_and_the_answers(service):
     body = create["requestBody"]["content"]
     assert body["application/json"]["schema"] == {"$ref": "#/components/schemas/VideoCreate"}
     form, upload = body["multipart/form-data"]["schema"]["allOf"]  # the create fields, plus the first frame
-    assert form == {"$ref": "#/components/schemas/VideoCreate"}
+    assert form == {"$ref": "#/components/schemas/VideoCreateForm"}
     assert upload["properties"]["input_reference"]["format"] == "binary"
     fields = schema["components"]["schemas"]["VideoCreate"]["properties"]
     assert {"prompt", "model", "size", "seconds", "seed", "negative_prompt", "num_inference_steps",
@@ -840,7 +992,7 @@ def test_openapi_schema_matches_the_routes_and_the_answers(service):
     assert steps[0]["minimum"] == 1 and fields["prompt"]["maxLength"] == 2000
     assert "416" in schema["paths"]["/v1/videos/{video_id}/content"]["get"]["responses"]
     assert all("422" not in op["responses"] for ops in schema["paths"].values() for op in ops.values())
-    assert "HTTPBearer" in schema["components"]["securitySchemes"]
+    assert "securitySchemes" not in schema["components"]  # an open server: see the test below
 
     def validate(instance, name):
         wrapper = {"$ref": f"#/components/schemas/{name}", "components": schema["components"]}

@@ -435,7 +435,7 @@ def create_app(spec: ModelSpec, store: JobStore, settings: Settings, worker: Wor
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    app.openapi = lambda: _openapi(app)
+    app.openapi = lambda: _openapi(app, keys.required, spec, settings.max_steps)
     return app
 
 
@@ -497,14 +497,59 @@ def _check_steps(steps: int, settings: Settings) -> None:
 def _body_read_by_hand(schema: str, files: dict[str, str] | None = None) -> dict:
     """The request body of a route that reads it itself (`read_fields`: JSON or a form), for the schema;
     `files`: the file fields a multipart form may add, with what each is."""
-    media = ("application/json", "multipart/form-data", "application/x-www-form-urlencoded")
-    content = {kind: {"schema": {"$ref": f"#/components/schemas/{schema}"}} for kind in media}
+    forms = ("multipart/form-data", "application/x-www-form-urlencoded")
+    content = {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}
+    content |= {kind: {"schema": {"$ref": f"#/components/schemas/{schema}Form"}} for kind in forms}
     if files:
         uploads = {name: {"type": "string", "format": "binary", "description": what} for name, what in files.items()}
         content["multipart/form-data"]["schema"] = {
             "allOf": [content["multipart/form-data"]["schema"], {"type": "object", "properties": uploads}]
         }
     return {"requestBody": {"required": True, "content": content}}
+
+
+def _fit_to_server(body: dict, spec: ModelSpec, max_steps: int) -> None:
+    """A body's schema narrowed to what this server takes: the server's step cap, lower than the model's
+    (MAX_STEPS); its model's name, its sizes, and the LoRAs it serves (none: no `lora` entry at all)."""
+    properties = body["properties"]
+    body.pop("$defs", None)  # LoraChoice, inlined below with the served names
+
+    def members(name: str, kind: str) -> list[dict]:
+        field = properties.get(name, {})
+        return [member for member in field.get("anyOf", [field]) if member.get("type") == kind]
+
+    for member in members("num_inference_steps", "integer"):
+        member["maximum"] = min(member["maximum"], max_steps)
+    for member in members("model", "string"):
+        member["enum"] = [spec.name]
+    for member in members("size", "string"):
+        member["enum"] = list(spec.sizes)
+    for member in members("lora", "array"):
+        choice = LoraChoice.model_json_schema()
+        if spec.loras:
+            choice["properties"]["name"]["enum"] = list(spec.loras)
+        else:
+            member["maxItems"] = 0
+        member["items"] = choice
+
+
+def _form_schema(body: dict) -> dict:
+    """A JSON body's schema as a form carries it: every value is text, so no field is null (a form leaves
+    it out instead), and `lora` is its text ("style:0.8,motion"), as a form has no list of objects."""
+    form = {key: value for key, value in body.items() if key != "$defs"}
+    form["title"] = body["title"] + "Form"
+    form["properties"] = {}
+    for name, field in body["properties"].items():
+        field = dict(field)
+        if "anyOf" in field:
+            members = [member for member in field.pop("anyOf") if member.get("type") != "null"]
+            field |= members[0] if len(members) == 1 else {"anyOf": members}
+        if field.get("default", "") is None:
+            del field["default"]
+        form["properties"][name] = field
+    lora = form["properties"]["lora"]
+    form["properties"]["lora"] = {"type": "string", "title": lora["title"], "description": lora["description"]}
+    return form
 
 
 def _parse(model: type[BaseModel], fields: Fields):
@@ -622,17 +667,32 @@ def _job_params(create: VideoCreate, spec: ModelSpec, settings: Settings, given:
     }
 
 
-def _openapi(app: FastAPI) -> dict:
+def _openapi(app: FastAPI, keyed: bool, spec: ModelSpec, max_steps: int) -> dict:
     """FastAPI's schema, plus the create body (read by hand, to take forms too), minus the 422 answers
-    FastAPI documents by default: this API answers a bad request with 400."""
+    FastAPI documents by default: this API answers a bad request with 400. keyed: whether the server has
+    API keys; without them no operation asks for one (the schema would call the key required, and clients
+    generated from it would demand one). The bodies are narrowed to `spec`'s model and --max-steps."""
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         for body in (VideoCreate, VideoRemix):
             components[body.__name__] = body.model_json_schema(ref_template="#/components/schemas/{model}")
+            _fit_to_server(components[body.__name__], spec, max_steps)
+            components[body.__name__ + "Form"] = _form_schema(components[body.__name__])
+        error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
         for operations in schema["paths"].values():
             for operation in operations.values():
                 operation.get("responses", {}).pop("422", None)
+                for response in operation.get("responses", {}).values():
+                    # An error is JSON whatever the route's success is: FastAPI files it under the route's
+                    # media type (text/plain for /metrics).
+                    if error["application/json"] in response.get("content", {}).values():
+                        response["content"] = error
+                if not keyed:
+                    operation.pop("security", None)
+                    operation.get("responses", {}).pop("401", None)
+        if not keyed:
+            schema["components"].pop("securitySchemes", None)
         for name in ("HTTPValidationError", "ValidationError"):
             components.pop(name, None)
         app.openapi_schema = schema

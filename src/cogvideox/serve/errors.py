@@ -6,6 +6,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from cogvideox.errors import InputError
 
@@ -69,10 +70,24 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, error: HTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
-        return error_response(error.status_code, code, str(error.detail), headers=getattr(error, "headers", None))
+        headers = dict(getattr(error, "headers", None) or {})
+        if error.status_code == 405:
+            headers["Allow"] = _allowed(request)
+        return error_response(error.status_code, code, str(error.detail), headers=headers or None)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception):
         # A bug of ours: still OpenAI's shape, so clients parse it; the traceback goes to the log
         # (Starlette re-raises after answering).
         return error_response(500, "server_error", "the server failed to answer this request; see its log")
+
+
+def _allowed(request: Request) -> str:
+    """The methods the request's path takes, for a 405's Allow header (RFC 9110 asks for all of them):
+    Starlette names only those of the first route on the path, and a path's methods may be several routes
+    (GET and POST /v1/videos)."""
+    methods = set()
+    for route in request.app.router.routes:
+        if getattr(route, "methods", None) and route.matches(request.scope)[0] != Match.NONE:
+            methods |= route.methods
+    return ", ".join(sorted(methods))

@@ -56,6 +56,16 @@ class _Request(BaseModel):
     def _lora_text(cls, value):
         return lora_choices(value)
 
+    @field_validator("seed", "num_inference_steps", mode="before", check_fields=False)
+    @classmethod
+    def _whole(cls, value):
+        """A JSON number with no fraction (`7.0`, `1e3`) is an integer, as JSON Schema's "integer" (the
+        OpenAPI document's) says, and some JSON writers send every number so; strict checking alone would
+        refuse it. `7.5` still goes on to be refused."""
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        return value
+
     @field_validator("guidance_scale", "fps", "strength", mode="before", check_fields=False)
     @classmethod
     def _finite(cls, value, info: ValidationInfo):
@@ -115,7 +125,9 @@ class VideoCreate(_Request):
         description="WIDTHxHEIGHT, one of the model's sizes; default its native one.",
     )
     seconds: str | float | None = Field(
-        None, description="Clip length; rounded to a frame count the model makes. Default: the model's own length."
+        None,
+        description="Clip length; rounded to a frame count the model makes. Default: the model's own length.",
+        json_schema_extra=lambda schema: _positive_seconds(schema),
     )
     # Our extensions.
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description="What the video should not show.")
@@ -190,6 +202,20 @@ class VideoRemix(_Request):
     lora: list[LoraChoice] | None = Field(
         None, max_length=MAX_LORAS, description=_LORA_DOC + " Default: the video's; [] or \"\" for none."
     )
+
+
+# A positive decimal number as text ("4", "4.5", "1e1"): some digit of the mantissa is not a zero.
+_POSITIVE_NUMBER = r"^\s*\+?(?=[^eE]*[1-9])(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$"
+
+
+def _positive_seconds(schema: dict) -> None:
+    """`seconds` in the schema as the check reads it (`VideoCreate._seconds`): a positive number, or text
+    that is one, rather than any string or number."""
+    for member in schema["anyOf"]:
+        if member.get("type") == "string":
+            member["pattern"] = _POSITIVE_NUMBER
+        elif member.get("type") == "number":
+            member["exclusiveMinimum"] = 0
 
 
 def _is_finite(value) -> bool:
