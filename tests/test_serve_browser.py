@@ -800,3 +800,35 @@ def test_a_served_lora_is_chosen_on_the_page(browser, tiny_rope_dir, tmp_path):
         browser.find_element(By.CSS_SELECTOR, "#options summary").click()
         assert not browser.find_element(By.ID, "lora").is_displayed()
     store.close()
+
+
+def contrast(first: str, second: str) -> float:
+    """The WCAG contrast ratio (1 to 21) of two opaque colours as the browser computes them: "rgb(r, g, b)"."""
+
+    def luminance(color: str) -> float:
+        channels = [int(c) / 255 for c in color[color.index("(") + 1 : -1].split(",")[:3]]
+        r, g, b = (c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in channels)
+        return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+    light, dark = sorted((luminance(first), luminance(second)), reverse=True)
+    return (light + 0.05) / (dark + 0.05)
+
+
+def test_a_fields_edge_stands_out_from_the_field_and_the_page(browser, tiny_rope_dir, tmp_path):
+    """The border is all that shows where a field is (WCAG 1.4.11, non-text contrast): 3:1 at least against
+    the white inside and the page around, for every field of the form, Options open."""
+    assert contrast("rgb(0, 0, 0)", "rgb(255, 255, 255)") == pytest.approx(21)
+    store, server = start_queue(tiny_rope_dir, tmp_path)
+    with server as url:
+        browser.get(url)
+        WebDriverWait(browser, 10).until(lambda d: "cogvideox-tiny" in d.find_element(By.ID, "model").text)
+        browser.find_element(By.CSS_SELECTOR, "#options summary").click()
+        page = browser.execute_script("return getComputedStyle(document.documentElement).backgroundColor")
+        fields = browser.find_elements(By.CSS_SELECTOR, "#create textarea, #create input:not([type=checkbox]), select")
+        fields = [field for field in fields if field.is_displayed()]
+        assert len(fields) >= 8  # the prompt, the file, the negative prompt, size, seconds, steps, guidance, seed
+        colors = "const style = getComputedStyle(arguments[0]); return [style.borderTopColor, style.backgroundColor]"
+        for field in fields:
+            edge, inside = browser.execute_script(colors, field)
+            assert min(contrast(edge, inside), contrast(edge, page)) >= 3, (field.get_attribute("id"), edge)
+    store.close()
