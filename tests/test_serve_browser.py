@@ -832,3 +832,26 @@ def test_a_fields_edge_stands_out_from_the_field_and_the_page(browser, tiny_rope
             edge, inside = browser.execute_script(colors, field)
             assert min(contrast(edge, inside), contrast(edge, page)) >= 3, (field.get_attribute("id"), edge)
     store.close()
+
+
+def test_a_videos_new_status_is_told_to_a_screen_reader(browser, tiny_rope_dir, tmp_path):
+    """A card's status changes without the focus there: a log (a polite live region, not shown) says which
+    video started, and which failed and why; a reload tells nothing of what was already so."""
+    store, server = start_queue(tiny_rope_dir, tmp_path)
+    wait = WebDriverWait(browser, 10, poll_frequency=0.05)
+    news = lambda d: d.find_element(By.ID, "news").get_attribute("textContent")  # noqa: E731
+    with server as url:
+        browser.get(url)
+        browser.find_element(By.ID, "prompt").send_keys("a red sun")
+        browser.find_element(By.ID, "submit").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#videos .card"))
+        assert browser.find_element(By.ID, "news").aria_role == "log"
+        job = store.claim("worker", "cogvideox-tiny", 60)
+        wait.until(lambda d: news(d) == "Video “a red sun” in progress")
+        store.fail(job.id, "worker", "generation_failed", "cannot write the video")
+        wait.until(lambda d: news(d).endswith("Video “a red sun” failed: cannot write the video"))
+        browser.refresh()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#videos .card[data-status='failed']"))
+        time.sleep(0.5)  # a poll or two
+        assert news(browser) == ""
+    store.close()

@@ -259,6 +259,7 @@ function render(video, prepend = false) {
   card.querySelector(".details").textContent = describe(video);
   card.querySelector(".error").textContent = video.error ? video.error.message : "";
   card.querySelector(".delete").textContent = ["queued", "in_progress"].includes(video.status) ? "Cancel" : "Delete";
+  if (previous && previous !== video.status) tell(video);
   if (video.status === "completed" && (previous !== "completed" || card.needsKey)) {
     card.needsKey = false;
     attachVideo(card, video).catch((error) => {
@@ -267,6 +268,15 @@ function render(video, prepend = false) {
     });
   }
   $("#empty").hidden = cards.size > 0;
+}
+
+function tell(video) { // a video's new status, for a screen reader: the cards are not live regions (every poll
+  const line = document.createElement("p"); // rewrites them), this log is, and it keeps the last few lines
+  line.textContent = `Video “${video.prompt}” ${video.status.replace("_", " ")}`
+    + (video.error ? `: ${video.error.message}` : "");
+  const news = $("#news");
+  news.append(line);
+  while (news.children.length > 5) news.firstElementChild.remove();
 }
 
 function drop(id) { // a card off the page, with the downloaded copy of its video (fetched with a key)
