@@ -855,3 +855,22 @@ def test_a_videos_new_status_is_told_to_a_screen_reader(browser, tiny_rope_dir, 
         time.sleep(0.5)  # a poll or two
         assert news(browser) == ""
     store.close()
+
+
+def test_a_video_and_its_progress_say_what_they_show(browser, tiny_rope_dir, tmp_path):
+    """The soundless clip's text alternative: named by its prompt, described by its settings (seed, size,
+    frames). Each card's progress bar is described by its prompt: which of the bars named "Progress" it is."""
+    store, server = start_service(tiny_rope_dir, tmp_path)
+    wait = WebDriverWait(browser, 60, poll_frequency=0.05)
+    described = "return document.getElementById(arguments[0].getAttribute('aria-describedby'))?.textContent"
+    with server as url:
+        browser.get(url)
+        wait.until(lambda d: "cogvideox-tiny" in d.find_element(By.ID, "model").text)
+        submit_in_two_steps(browser, "a red sun")
+        card = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#videos .card"))
+        assert browser.execute_script(described, card.find_element(By.TAG_NAME, "progress")) == "a red sun"
+        video = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#videos .card[data-status='completed'] video"))
+        wait.until(lambda d: d.execute_script("return arguments[0].readyState >= 2", video))  # (one that cannot
+        assert video.accessible_name == "a red sun"  # play is named "Unable to play media." by Chromium)
+        assert " · 2 steps" in browser.execute_script(described, video)
+    store.close()

@@ -210,7 +210,9 @@ async function attachVideo(card, video) {
   const src = apiKey ? URL.createObjectURL(await (await api(url)).blob()) : url;
   const player = document.createElement("video");
   Object.assign(player, { src, controls: true, loop: true, muted: true, autoplay: true, playsInline: true, preload: "auto" });
-  player.setAttribute("aria-describedby", `prompt-${video.id}`);
+  // Its text alternative (the clip has no sound): named by its prompt, described by its settings
+  player.setAttribute("aria-labelledby", `prompt-${video.id}`);
+  player.setAttribute("aria-describedby", `details-${video.id}`);
   card.querySelector(".player").replaceChildren(player);
   const download = card.querySelector(".download");
   download.href = src;
@@ -245,7 +247,10 @@ function render(video, prepend = false) {
     const prompt = card.querySelector(".prompt");
     prompt.textContent = video.enhanced_prompt ? `${video.prompt} → ${video.enhanced_prompt}` : video.prompt;
     prompt.id = `prompt-${video.id}`; // describes the card's controls: which video a "Delete" deletes
-    for (const control of card.querySelectorAll(".actions > *")) control.setAttribute("aria-describedby", prompt.id);
+    card.querySelector(".details").id = `details-${video.id}`;
+    for (const control of card.querySelectorAll(".actions > *, progress")) {
+      control.setAttribute("aria-describedby", prompt.id);
+    }
     card.querySelector(".delete").addEventListener("click", () => remove(video.id));
     card.querySelector(".remix").addEventListener("click", () => remixMode(video));
     cards.set(video.id, card);
