@@ -874,3 +874,28 @@ def test_a_video_and_its_progress_say_what_they_show(browser, tiny_rope_dir, tmp
         assert video.accessible_name == "a red sun"  # play is named "Unable to play media." by Chromium)
         assert " · 2 steps" in browser.execute_script(described, video)
     store.close()
+
+
+def test_the_prompt_says_when_it_remixes(browser, tiny_rope_dir, tmp_path):
+    """Remix puts the focus on the prompt, past the note above it: the prompt is described by the note (which
+    video it redraws), and no longer once the remix is cancelled."""
+    store, server = start_queue(tiny_rope_dir, tmp_path)
+    wait = WebDriverWait(browser, 10, poll_frequency=0.05)
+    described = "return document.getElementById(arguments[0].getAttribute('aria-describedby'))?.textContent"
+    with server as url:
+        browser.get(url)
+        browser.find_element(By.ID, "prompt").send_keys("a red sun")
+        browser.find_element(By.ID, "submit").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#videos .card"))
+        job = store.claim("worker", "cogvideox-tiny", 60)
+        store.complete(job.id, "worker", {})
+        remix = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, ".card[data-status='completed'] .remix"))
+        wait.until(lambda d: remix.is_displayed())
+        remix.click()
+        prompt = browser.switch_to.active_element
+        assert prompt.get_attribute("id") == "prompt"
+        note = " ".join(browser.execute_script(described, prompt).split())
+        assert note == "Remixing a red sun: the video redrawn for the prompt below."
+        browser.find_element(By.ID, "stop-remix").click()
+        assert prompt.get_attribute("aria-describedby") is None
+    store.close()

@@ -132,9 +132,12 @@ function remixMode(video) { // video: remix it; null: back to creating
   }
   $("#lora").options[0].text = video ? "the video's" : "none"; // a remix keeps the video's LoRAs by default
   $("#submit").textContent = video ? "Remix" : "Generate";
-  if (video) {
+  if (video) { // what the prompt is for now, heard as the focus comes to it (the note above it is not)
+    $("#prompt").setAttribute("aria-describedby", "remix-note");
     $("#prompt").value = video.prompt;
     $("#prompt").focus();
+  } else {
+    $("#prompt").removeAttribute("aria-describedby");
   }
 }
 
