@@ -800,3 +800,102 @@ def test_a_served_lora_is_chosen_on_the_page(browser, tiny_rope_dir, tmp_path):
         browser.find_element(By.CSS_SELECTOR, "#options summary").click()
         assert not browser.find_element(By.ID, "lora").is_displayed()
     store.close()
+
+
+def contrast(first: str, second: str) -> float:
+    """The WCAG contrast ratio (1 to 21) of two opaque colours as the browser computes them: "rgb(r, g, b)"."""
+
+    def luminance(color: str) -> float:
+        channels = [int(c) / 255 for c in color[color.index("(") + 1 : -1].split(",")[:3]]
+        r, g, b = (c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in channels)
+        return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+    light, dark = sorted((luminance(first), luminance(second)), reverse=True)
+    return (light + 0.05) / (dark + 0.05)
+
+
+def test_a_fields_edge_stands_out_from_the_field_and_the_page(browser, tiny_rope_dir, tmp_path):
+    """The border is all that shows where a field is (WCAG 1.4.11, non-text contrast): 3:1 at least against
+    the white inside and the page around, for every field of the form, Options open."""
+    assert contrast("rgb(0, 0, 0)", "rgb(255, 255, 255)") == pytest.approx(21)
+    store, server = start_queue(tiny_rope_dir, tmp_path)
+    with server as url:
+        browser.get(url)
+        WebDriverWait(browser, 10).until(lambda d: "cogvideox-tiny" in d.find_element(By.ID, "model").text)
+        browser.find_element(By.CSS_SELECTOR, "#options summary").click()
+        page = browser.execute_script("return getComputedStyle(document.documentElement).backgroundColor")
+        fields = browser.find_elements(By.CSS_SELECTOR, "#create textarea, #create input:not([type=checkbox]), select")
+        fields = [field for field in fields if field.is_displayed()]
+        assert len(fields) >= 8  # the prompt, the file, the negative prompt, size, seconds, steps, guidance, seed
+        colors = "const style = getComputedStyle(arguments[0]); return [style.borderTopColor, style.backgroundColor]"
+        for field in fields:
+            edge, inside = browser.execute_script(colors, field)
+            assert min(contrast(edge, inside), contrast(edge, page)) >= 3, (field.get_attribute("id"), edge)
+    store.close()
+
+
+def test_a_videos_new_status_is_told_to_a_screen_reader(browser, tiny_rope_dir, tmp_path):
+    """A card's status changes without the focus there: a log (a polite live region, not shown) says which
+    video started, and which failed and why; a reload tells nothing of what was already so."""
+    store, server = start_queue(tiny_rope_dir, tmp_path)
+    wait = WebDriverWait(browser, 10, poll_frequency=0.05)
+    news = lambda d: d.find_element(By.ID, "news").get_attribute("textContent")  # noqa: E731
+    with server as url:
+        browser.get(url)
+        browser.find_element(By.ID, "prompt").send_keys("a red sun")
+        browser.find_element(By.ID, "submit").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#videos .card"))
+        assert browser.find_element(By.ID, "news").aria_role == "log"
+        job = store.claim("worker", "cogvideox-tiny", 60)
+        wait.until(lambda d: news(d) == "Video “a red sun” in progress")
+        store.fail(job.id, "worker", "generation_failed", "cannot write the video")
+        wait.until(lambda d: news(d).endswith("Video “a red sun” failed: cannot write the video"))
+        browser.refresh()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#videos .card[data-status='failed']"))
+        time.sleep(0.5)  # a poll or two
+        assert news(browser) == ""
+    store.close()
+
+
+def test_a_video_and_its_progress_say_what_they_show(browser, tiny_rope_dir, tmp_path):
+    """The soundless clip's text alternative: named by its prompt, described by its settings (seed, size,
+    frames). Each card's progress bar is described by its prompt: which of the bars named "Progress" it is."""
+    store, server = start_service(tiny_rope_dir, tmp_path)
+    wait = WebDriverWait(browser, 60, poll_frequency=0.05)
+    described = "return document.getElementById(arguments[0].getAttribute('aria-describedby'))?.textContent"
+    with server as url:
+        browser.get(url)
+        wait.until(lambda d: "cogvideox-tiny" in d.find_element(By.ID, "model").text)
+        submit_in_two_steps(browser, "a red sun")
+        card = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#videos .card"))
+        assert browser.execute_script(described, card.find_element(By.TAG_NAME, "progress")) == "a red sun"
+        video = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#videos .card[data-status='completed'] video"))
+        wait.until(lambda d: d.execute_script("return arguments[0].readyState >= 2", video))  # (one that cannot
+        assert video.accessible_name == "a red sun"  # play is named "Unable to play media." by Chromium)
+        assert " · 2 steps" in browser.execute_script(described, video)
+    store.close()
+
+
+def test_the_prompt_says_when_it_remixes(browser, tiny_rope_dir, tmp_path):
+    """Remix puts the focus on the prompt, past the note above it: the prompt is described by the note (which
+    video it redraws), and no longer once the remix is cancelled."""
+    store, server = start_queue(tiny_rope_dir, tmp_path)
+    wait = WebDriverWait(browser, 10, poll_frequency=0.05)
+    described = "return document.getElementById(arguments[0].getAttribute('aria-describedby'))?.textContent"
+    with server as url:
+        browser.get(url)
+        browser.find_element(By.ID, "prompt").send_keys("a red sun")
+        browser.find_element(By.ID, "submit").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#videos .card"))
+        job = store.claim("worker", "cogvideox-tiny", 60)
+        store.complete(job.id, "worker", {})
+        remix = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, ".card[data-status='completed'] .remix"))
+        wait.until(lambda d: remix.is_displayed())
+        remix.click()
+        prompt = browser.switch_to.active_element
+        assert prompt.get_attribute("id") == "prompt"
+        note = " ".join(browser.execute_script(described, prompt).split())
+        assert note == "Remixing a red sun: the video redrawn for the prompt below."
+        browser.find_element(By.ID, "stop-remix").click()
+        assert prompt.get_attribute("aria-describedby") is None
+    store.close()

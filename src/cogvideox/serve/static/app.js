@@ -132,9 +132,12 @@ function remixMode(video) { // video: remix it; null: back to creating
   }
   $("#lora").options[0].text = video ? "the video's" : "none"; // a remix keeps the video's LoRAs by default
   $("#submit").textContent = video ? "Remix" : "Generate";
-  if (video) {
+  if (video) { // what the prompt is for now, heard as the focus comes to it (the note above it is not)
+    $("#prompt").setAttribute("aria-describedby", "remix-note");
     $("#prompt").value = video.prompt;
     $("#prompt").focus();
+  } else {
+    $("#prompt").removeAttribute("aria-describedby");
   }
 }
 
@@ -210,7 +213,9 @@ async function attachVideo(card, video) {
   const src = apiKey ? URL.createObjectURL(await (await api(url)).blob()) : url;
   const player = document.createElement("video");
   Object.assign(player, { src, controls: true, loop: true, muted: true, autoplay: true, playsInline: true, preload: "auto" });
-  player.setAttribute("aria-describedby", `prompt-${video.id}`);
+  // Its text alternative (the clip has no sound): named by its prompt, described by its settings
+  player.setAttribute("aria-labelledby", `prompt-${video.id}`);
+  player.setAttribute("aria-describedby", `details-${video.id}`);
   card.querySelector(".player").replaceChildren(player);
   const download = card.querySelector(".download");
   download.href = src;
@@ -245,7 +250,10 @@ function render(video, prepend = false) {
     const prompt = card.querySelector(".prompt");
     prompt.textContent = video.enhanced_prompt ? `${video.prompt} → ${video.enhanced_prompt}` : video.prompt;
     prompt.id = `prompt-${video.id}`; // describes the card's controls: which video a "Delete" deletes
-    for (const control of card.querySelectorAll(".actions > *")) control.setAttribute("aria-describedby", prompt.id);
+    card.querySelector(".details").id = `details-${video.id}`;
+    for (const control of card.querySelectorAll(".actions > *, progress")) {
+      control.setAttribute("aria-describedby", prompt.id);
+    }
     card.querySelector(".delete").addEventListener("click", () => remove(video.id));
     card.querySelector(".remix").addEventListener("click", () => remixMode(video));
     cards.set(video.id, card);
@@ -259,6 +267,7 @@ function render(video, prepend = false) {
   card.querySelector(".details").textContent = describe(video);
   card.querySelector(".error").textContent = video.error ? video.error.message : "";
   card.querySelector(".delete").textContent = ["queued", "in_progress"].includes(video.status) ? "Cancel" : "Delete";
+  if (previous && previous !== video.status) tell(video);
   if (video.status === "completed" && (previous !== "completed" || card.needsKey)) {
     card.needsKey = false;
     attachVideo(card, video).catch((error) => {
@@ -267,6 +276,15 @@ function render(video, prepend = false) {
     });
   }
   $("#empty").hidden = cards.size > 0;
+}
+
+function tell(video) { // a video's new status, for a screen reader: the cards are not live regions (every poll
+  const line = document.createElement("p"); // rewrites them), this log is, and it keeps the last few lines
+  line.textContent = `Video “${video.prompt}” ${video.status.replace("_", " ")}`
+    + (video.error ? `: ${video.error.message}` : "");
+  const news = $("#news");
+  news.append(line);
+  while (news.children.length > 5) news.firstElementChild.remove();
 }
 
 function drop(id) { // a card off the page, with the downloaded copy of its video (fetched with a key)
