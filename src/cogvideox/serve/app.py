@@ -539,14 +539,14 @@ def _form_schema(body: dict) -> dict:
     form = {key: value for key, value in body.items() if key != "$defs"}
     form["title"] = body["title"] + "Form"
     form["properties"] = {}
-    for name, field in body["properties"].items():
-        field = dict(field)
-        if "anyOf" in field:
-            members = [member for member in field.pop("anyOf") if member.get("type") != "null"]
-            field |= members[0] if len(members) == 1 else {"anyOf": members}
-        if field.get("default", "") is None:
-            del field["default"]
-        form["properties"][name] = field
+    for name, given in body["properties"].items():
+        prop = dict(given)
+        if "anyOf" in prop:
+            members = [member for member in prop.pop("anyOf") if member.get("type") != "null"]
+            prop |= members[0] if len(members) == 1 else {"anyOf": members}
+        if prop.get("default", "") is None:
+            del prop["default"]
+        form["properties"][name] = prop
     lora = form["properties"]["lora"]
     form["properties"]["lora"] = {"type": "string", "title": lora["title"], "description": lora["description"]}
     return form
