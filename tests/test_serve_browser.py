@@ -899,3 +899,24 @@ def test_the_prompt_says_when_it_remixes(browser, tiny_rope_dir, tmp_path):
         browser.find_element(By.ID, "stop-remix").click()
         assert prompt.get_attribute("aria-describedby") is None
     store.close()
+
+
+def test_a_finished_video_waits_for_a_click_when_less_motion_is_asked_for(browser, page_url):
+    """Videos play at once on a loop; a user whose system asks for reduced motion gets them paused, with
+    their controls, until played."""
+    wait = WebDriverWait(browser, 60, poll_frequency=0.05)
+    browser.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": [{"name": "prefers-reduced-motion",
+                                                                          "value": "reduce"}]})  # fmt: skip
+    try:
+        browser.get(page_url)
+        wait.until(lambda d: "cogvideox-tiny" in d.find_element(By.ID, "model").text)
+        submit_in_two_steps(browser, "a red ball rolls left")
+        video = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#videos .card[data-status='completed'] video"))
+        wait.until(lambda d: d.execute_script("return arguments[0].readyState >= 2", video))
+        time.sleep(0.5)
+        state = "return [arguments[0].autoplay, arguments[0].paused, arguments[0].currentTime, arguments[0].controls]"
+        assert browser.execute_script(state, video) == [False, True, 0, True]
+        browser.execute_script("arguments[0].play()", video)
+        wait.until(lambda d: d.execute_script("return arguments[0].currentTime > 0", video))
+    finally:
+        browser.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": []})

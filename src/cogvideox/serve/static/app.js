@@ -212,7 +212,9 @@ async function attachVideo(card, video) {
   // A <video> cannot send a Bearer header: with a key, fetch the file and play it from memory.
   const src = apiKey ? URL.createObjectURL(await (await api(url)).blob()) : url;
   const player = document.createElement("video");
-  Object.assign(player, { src, controls: true, loop: true, muted: true, autoplay: true, playsInline: true, preload: "auto" });
+  // It plays at once, looping, unless the user asked for less motion (prefers-reduced-motion): then on a click
+  const still = window.matchMedia("(prefers-reduced-motion: reduce)").matches;
+  Object.assign(player, { src, controls: true, loop: true, muted: true, autoplay: !still, playsInline: true, preload: "auto" });
   // Its text alternative (the clip has no sound): named by its prompt, described by its settings
   player.setAttribute("aria-labelledby", `prompt-${video.id}`);
   player.setAttribute("aria-describedby", `details-${video.id}`);
