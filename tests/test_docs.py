@@ -265,3 +265,37 @@ def test_the_model_card_describes_the_shipped_demo_model():
     assert f"recommended guidance {guidance:g}" in card
     size = sum(path.stat().st_size for path in DEMO_MODEL_DIR.rglob("*") if path.is_file())
     assert f"Weights: {size / 1e6:.0f} MB in all" in card
+
+
+def _app_routes(tmp_path) -> set[tuple[str, str]]:
+    """(METHOD, path) of every route the service's app answers, as `cogvideox serve` builds it."""
+    pytest.importorskip("fastapi")
+    from cogvideox.demo import DEMO_MODEL_DIR
+    from cogvideox.serve.app import Settings, create_app
+    from cogvideox.serve.jobs import SQLiteStore
+    from cogvideox.serve.spec import ModelSpec
+
+    store = SQLiteStore(tmp_path / "jobs.sqlite3")
+    try:
+        app = create_app(ModelSpec.from_folder(DEMO_MODEL_DIR, "demo"), store, Settings(data_dir=tmp_path))
+    finally:
+        store.close()
+    return {(method, route.path) for route in app.routes for method in getattr(route, "methods", None) or ()}
+
+
+def _named_endpoints(text: str) -> set[tuple[str, str]]:
+    """`GET /v1/videos/{id}`, `GET /healthz, GET /metrics`: the (METHOD, path) pairs a text names, the query
+    left out and the path's parameter spelt as the app spells it."""
+    named = set()
+    for code in re.findall(r"`([^`]+)`", text):
+        for method, path in re.findall(r"\b(GET|POST|DELETE|HEAD) (/[^\s`,?]*)", code):
+            named.add((method, path.replace("{id}", "{video_id}")))
+    return named
+
+
+def test_every_endpoint_the_docs_name_is_a_route_of_the_service(tmp_path):
+    routes = _app_routes(tmp_path)
+    for doc in ("README.md", "src/cogvideox/serve/README.md"):
+        missing = _named_endpoints(DOCS[doc]) - routes
+        assert not missing, f"{doc} names endpoints the service lacks: {sorted(missing)}"
+
