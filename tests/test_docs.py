@@ -299,3 +299,8 @@ def test_every_endpoint_the_docs_name_is_a_route_of_the_service(tmp_path):
         missing = _named_endpoints(DOCS[doc]) - routes
         assert not missing, f"{doc} names endpoints the service lacks: {sorted(missing)}"
 
+
+def test_the_service_readme_names_every_route(tmp_path):
+    table = DOCS["src/cogvideox/serve/README.md"].split("## API", 1)[1].split("\n\n", 2)[1]
+    unnamed = {(method, path) for method, path in _app_routes(tmp_path) - _named_endpoints(table) if path != "/"}
+    assert not unnamed, f"routes the service README's API table does not name: {sorted(unnamed)}"
