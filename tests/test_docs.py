@@ -304,3 +304,50 @@ def test_the_service_readme_names_every_route(tmp_path):
     table = DOCS["src/cogvideox/serve/README.md"].split("## API", 1)[1].split("\n\n", 2)[1]
     unnamed = {(method, path) for method, path in _app_routes(tmp_path) - _named_endpoints(table) if path != "/"}
     assert not unnamed, f"routes the service README's API table does not name: {sorted(unnamed)}"
+
+
+def _default_of(parser: argparse.ArgumentParser, flag: str):
+    """The default `flag` takes: argparse's, or where that is None (the model's or another flag's value
+    decides), the one its help states ("default: 0.8")."""
+    (action,) = [a for a in parser._actions if flag in a.option_strings]
+    if action.default is not None:
+        return action.default
+    stated = re.search(r"default: ([\w.-]+)", " ".join((action.help or "").split()))
+    return stated and stated.group(1)
+
+
+def _has_flag(commands: dict[str, argparse.ArgumentParser], name: str, flag: str) -> bool:
+    return name in commands and any(flag in action.option_strings for action in commands[name]._actions)
+
+
+def _same_value(doc_value: str, default) -> bool:
+    try:
+        return float(doc_value) == float(default)
+    except (TypeError, ValueError):
+        return doc_value == str(default)
+
+
+def test_the_defaults_the_docs_state_are_the_commands_defaults():
+    """`[--steps 50]` in the README's synopsis, and in prose "`--max-queue` queued or running videos (100)" or
+    "(`--lease-seconds`, 60)": the flag of the command the text last named with it (`cogvideox serve`) defaults so."""
+    commands = _commands()
+    checked, wrong = 0, []
+    claims = []
+    for block in re.split(r"^(?=cogvideox \w)", _synopsis(), flags=re.M):
+        name = re.match(r"cogvideox (\w+)", block)
+        for flag, value in re.findall(r"\[(--[a-z][\w-]*) (\d[\d.]*)\]", block) if name else ():
+            claims.append(("README.md synopsis", name.group(1), flag, value))
+    prose = re.compile(r"`(--[a-z][\w-]*)`[^`()]{0,40}\((\d[\d.]*)[;,)]|\(`(--[a-z][\w-]*)`, (\d[\d.]*)\)")
+    for doc, text in DOCS.items():
+        text = " ".join(text.split())
+        for match in prose.finditer(text):
+            flag, value = (match.group(1), match.group(2)) if match.group(1) else (match.group(3), match.group(4))
+            named = [c for c in re.findall(r"cogvideox (\w+)", text[: match.start()]) if _has_flag(commands, c, flag)]
+            assert named, f"{doc}: {match.group(0)!r} follows no command that has {flag}"
+            claims.append((doc, named[-1], flag, value))
+    for doc, name, flag, value in claims:
+        default = _default_of(commands[name], flag)
+        checked += 1
+        if not _same_value(value, default):
+            wrong.append(f"{doc}: cogvideox {name} {flag} {value}, but it defaults to {default}")
+    assert checked >= 10 and not wrong, wrong
