@@ -351,3 +351,41 @@ def test_the_defaults_the_docs_state_are_the_commands_defaults():
         if not _same_value(value, default):
             wrong.append(f"{doc}: cogvideox {name} {flag} {value}, but it defaults to {default}")
     assert checked >= 10 and not wrong, wrong
+
+
+def _literal(text: str):
+    """A default as the settings table writes it (`1000`, `1e-4`, `false`, `none`, `[0.9, 0.95]`, `adamw`,
+    `0 (off)`), or None for words that are not a value (`the model's`, `DATA/cache`)."""
+    import json
+
+    text = re.sub(r"\s*\(.*\)$", "", text.strip())
+    try:
+        return json.loads({"none": "null"}.get(text, text))
+    except ValueError:
+        return text if re.fullmatch(r"[a-z][\w-]*", text) and text not in ("rank", "required") else None
+
+
+def test_the_finetune_settings_table_states_the_defaults():
+    """Each default the table writes as a value is FinetuneConfig's; a setting whose default is decided at
+    run time (None: the model's, a resumed run's record) is left to the words beside it."""
+    from cogvideox.train.config import FinetuneConfig
+
+    config = FinetuneConfig(data="d", output="o")
+    table = DOCS["docs/finetune.md"].split("## Settings", 1)[1].split("Example", 1)[0]
+    checked, wrong = 0, []
+    for row in table.splitlines():
+        if not row.startswith("| `"):
+            continue
+        names, defaults = re.findall(r"`(\w+)`", row.split("|")[1]), row.split("|")[2].strip()
+        if len(names) == 1 and isinstance(getattr(config, names[0]), list) and not defaults.startswith("["):
+            stated = {names[0]: re.split(r",\s*", defaults)}  # `targets`: the list written out bare
+        else:
+            values = re.split(r",\s*(?![^\[]*\])", defaults)  # commas inside [0.9, 0.95] do not split
+            stated = dict(zip(names, map(_literal, values))) if len(values) == len(names) else {}
+        for name, value in stated.items():
+            if value is None or getattr(config, name) is None:
+                continue
+            checked += 1
+            if value != getattr(config, name):
+                wrong.append(f"{name}: the table says {value!r}, FinetuneConfig has {getattr(config, name)!r}")
+    assert checked >= 25 and not wrong, (checked, wrong)
