@@ -389,3 +389,24 @@ def test_the_finetune_settings_table_states_the_defaults():
             if value != getattr(config, name):
                 wrong.append(f"{name}: the table says {value!r}, FinetuneConfig has {getattr(config, name)!r}")
     assert checked >= 25 and not wrong, (checked, wrong)
+
+
+ALL_DOCS = DOCS | {"BENCHMARKS.md": (ROOT / "BENCHMARKS.md").read_text(encoding="utf-8")}
+
+
+@pytest.mark.parametrize("doc", sorted(ALL_DOCS))
+def test_the_files_and_variables_the_docs_name_exist(doc):
+    """`scripts/ci-services.sh`, `benchmarks/memory.py`, `models/host_saves.py` are files of the repository;
+    `COGVIDEOX_ENHANCER_API_KEY` is read by the code (or the tests)."""
+    text = ALL_DOCS[doc]
+    top = r"(?:scripts|benchmarks|tests|docs|src/cogvideox)"
+    path = rf"(?<![\w/.])({top}/[\w/-]*(?:\.(?:py|sh|md|js|json))?)(?!\.?[\w/-])"
+    paths = set(re.findall(path, text))  # not tests/test_fast_fuse.tiny_transformer, a Python name
+    modules = re.findall(r"`(?:cogvideox/)?((?:models|fast|parallel|train|serve|demo)/\w+\.py)`", text)
+    paths |= {f"src/cogvideox/{module}" for module in modules}
+    missing = sorted(path for path in paths if not (ROOT / path).exists())
+    assert not missing, f"{doc} names files that are not there: {missing}"
+    code = " ".join(path.read_text(encoding="utf-8") for folder in ("src", "tests", "scripts")
+                    for path in (ROOT / folder).rglob("*") if path.suffix in (".py", ".sh", ".js"))
+    unread = sorted(name for name in set(re.findall(r"COGVIDEOX_[A-Z_]+", text)) if name not in code)
+    assert not unread, f"{doc} names environment variables nothing reads: {unread}"
