@@ -410,3 +410,18 @@ def test_the_files_and_variables_the_docs_name_exist(doc):
                     for path in (ROOT / folder).rglob("*") if path.suffix in (".py", ".sh", ".js"))
     unread = sorted(name for name in set(re.findall(r"COGVIDEOX_[A-Z_]+", text)) if name not in code)
     assert not unread, f"{doc} names environment variables nothing reads: {unread}"
+
+
+def test_the_architecture_names_the_commands_that_share_flags():
+    """docs/architecture.md's "Command line": the modules that add sub-parsers, and the commands that take
+    `add_memory_arguments`' and `add_speed_arguments`' flags."""
+    text = " ".join(DOCS["docs/architecture.md"].split("### Command line", 1)[1].split())
+    adders = {path.relative_to(PACKAGE).as_posix() for path in PACKAGE.rglob("*.py")
+              if ".add_parser(" in path.read_text(encoding="utf-8")} - {"cli.py"}
+    listed = re.search(r"sub-parsers from their own modules \(([^)]*)\)", text).group(1)
+    assert set(re.findall(r"`([\w/]+\.py)`", listed)) == adders
+    commands = _commands()
+    for helper, flag in (("add_memory_arguments", "--offload"), ("add_speed_arguments", "--quantize")):
+        listed = re.search(rf"`{helper}`[^(]*\(([^)]*)\)", text).group(1).split(":", 1)[1]
+        having = {name for name in commands if _has_flag(commands, name, flag)}
+        assert set(re.findall(r"`(\w+)`", listed)) == having, f"{helper}: {sorted(having)} take {flag}"
