@@ -425,3 +425,18 @@ def test_the_architecture_names_the_commands_that_share_flags():
         listed = re.search(rf"`{helper}`[^(]*\(([^)]*)\)", text).group(1).split(":", 1)[1]
         having = {name for name in commands if _has_flag(commands, name, flag)}
         assert set(re.findall(r"`(\w+)`", listed)) == having, f"{helper}: {sorted(having)} take {flag}"
+
+
+def test_every_flag_of_every_command_is_named_in_a_doc():
+    """A flag no doc names is one a user finds only by chance; `--no-X` counts as named with `--X`, and a
+    train flag with its setting in docs/finetune.md's table (`--grad-accum`: `grad_accum`)."""
+    text = " ".join(DOCS.values())
+    unnamed = []
+    for name, parser in _commands().items():
+        for option in (o for action in parser._actions for o in action.option_strings):
+            stem = option.removeprefix("--no-").removeprefix("--")
+            if option.startswith("--") and option != "--help" and not (
+                re.search(rf"(?<![\w-])--{re.escape(stem)}\b", text) or f"`{stem.replace('-', '_')}`" in text
+            ):
+                unnamed.append(f"cogvideox {name} {option}")
+    assert not unnamed, f"flags no doc names: {unnamed}"
