@@ -440,3 +440,23 @@ def test_every_flag_of_every_command_is_named_in_a_doc():
             ):
                 unnamed.append(f"cogvideox {name} {option}")
     assert not unnamed, f"flags no doc names: {unnamed}"
+
+
+@pytest.mark.parametrize("doc", sorted(ALL_DOCS))
+def test_the_docs_give_no_value_to_a_flag_that_takes_none(doc):
+    """`--compile reduce-overhead` reads as a command line, but --compile is a switch: argparse would take
+    `reduce-overhead` for the prompt. Checked in code spans and blocks that are a command or start with a flag."""
+    actions = [action for parser in _commands().values() for action in parser._actions]
+    switches = {o for a in actions if a.nargs == 0 for o in a.option_strings}
+    switches -= {o for a in actions if a.nargs != 0 for o in a.option_strings}
+    text = ALL_DOCS[doc]
+    pieces = re.findall(r"`([^`\n]+)`", text)
+    pieces += [line for block in re.findall(r"```[a-z]*\n(.*?)```", text, re.S) for line in block.splitlines()]
+    given = [
+        match.group(0)
+        for piece in pieces
+        if piece.startswith("--") or "cogvideox " in piece
+        for match in re.finditer(r"(?<![\w-])(--[a-z][\w-]*)[ =]([a-z0-9][\w.:/-]*)", piece)
+        if match.group(1) in switches
+    ]
+    assert not given, f"{doc} gives switches a value: {given}"
