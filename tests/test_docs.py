@@ -460,3 +460,21 @@ def test_the_docs_give_no_value_to_a_flag_that_takes_none(doc):
         if match.group(1) in switches
     ]
     assert not given, f"{doc} gives switches a value: {given}"
+
+
+@pytest.mark.parametrize("doc", sorted(ALL_DOCS))
+def test_the_flags_the_docs_give_scripts_are_theirs(doc):
+    """`python benchmarks/memory.py --tiny --check`, `python -m cogvideox.demo.teach --concept orange`: each
+    flag is one the script defines (read from its source: the benchmarks import what the CPU may lack)."""
+    text = ALL_DOCS[doc]
+    pieces = re.findall(r"`([^`\n]+)`", text)
+    pieces += [line for block in re.findall(r"```[a-z]*\n(.*?)```", text, re.S) for line in block.splitlines()]
+    wrong = []
+    for piece in pieces:
+        for match in re.finditer(r"(benchmarks/\w+\.py|-m (cogvideox\.demo\.\w+))((?:(?!benchmarks/|-m ).)*)", piece):
+            script = match.group(2) or match.group(1)
+            path = ROOT / (f"src/{script.replace('.', '/')}.py" if match.group(2) else script)
+            defined = set(re.findall(r"[\"'](--[a-z][\w-]*)[\"']", path.read_text(encoding="utf-8")))
+            given = set(re.findall(r"(?<![\w-])(--[a-z][\w-]*)", match.group(3).split("#")[0]))
+            wrong += [f"{script} {flag}" for flag in sorted(given - defined)]
+    assert not wrong, f"{doc} gives scripts flags they lack: {wrong}"
