@@ -478,3 +478,19 @@ def test_the_flags_the_docs_give_scripts_are_theirs(doc):
             given = set(re.findall(r"(?<![\w-])(--[a-z][\w-]*)", match.group(3).split("#")[0]))
             wrong += [f"{script} {flag}" for flag in sorted(given - defined)]
     assert not wrong, f"{doc} gives scripts flags they lack: {wrong}"
+
+
+def test_the_service_readme_names_every_field_of_a_request():
+    """The API table's rows for `POST /v1/videos` and its remix name the request's fields: every field of
+    the body's schema (and the files of the form), and no other."""
+    pytest.importorskip("fastapi")
+    from cogvideox.serve.app import IMAGE, LAST
+    from cogvideox.serve.schemas import VideoCreate, VideoRemix
+
+    readme = DOCS["src/cogvideox/serve/README.md"]
+    rows = {row.split("`")[1]: row for row in readme.splitlines() if row.startswith("| `")}
+    for route, schema, files in (("POST /v1/videos", VideoCreate, {IMAGE, LAST}),
+                                 ("POST /v1/videos/{id}/remix", VideoRemix, set())):
+        asked = rows[route].split("|")[2].split("The answer carries")[0]  # the request's part of the row
+        named = set(re.findall(r"`([a-z_]+)`", asked))
+        assert named == set(schema.model_fields) | files, f"{route}: the README's row names {sorted(named)}"
