@@ -494,3 +494,16 @@ def test_the_service_readme_names_every_field_of_a_request():
         asked = rows[route].split("|")[2].split("The answer carries")[0]  # the request's part of the row
         named = set(re.findall(r"`([a-z_]+)`", asked))
         assert named == set(schema.model_fields) | files, f"{route}: the README's row names {sorted(named)}"
+
+
+def test_the_readme_python_snippet_runs_on_the_demo_model(tmp_path, monkeypatch):
+    code = _python_block(README, "## Python")
+    for real, demo in (('"THUDM/CogVideoX-5b"', "None"), ('device="cuda"', 'device="cpu"'),
+                       ("seed=42)", "seed=42, num_inference_steps=2, progress=False)")):
+        assert real in code, f"the README's Python snippet no longer has {real}"
+        code = code.replace(real, demo)
+    monkeypatch.chdir(tmp_path)
+    exec(code, {})
+    from cogvideox.video import read_frames
+
+    assert read_frames(tmp_path / "panda.mp4", None, 100).shape == (17, 64, 96, 3)
