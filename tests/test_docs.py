@@ -507,3 +507,12 @@ def test_the_readme_python_snippet_runs_on_the_demo_model(tmp_path, monkeypatch)
     from cogvideox.video import read_frames
 
     assert read_frames(tmp_path / "panda.mp4", None, 100).shape == (17, 64, 96, 3)
+
+
+def test_every_flag_has_its_help_as_the_readme_promises():
+    """"`cogvideox COMMAND --help` explains every flag of each command": no argument without a help text."""
+    assert "`cogvideox COMMAND --help` explains every flag of each command" in " ".join(README.split())
+    bare = [f"cogvideox {name} {'/'.join(action.option_strings) or action.dest}"
+            for name, parser in _commands().items() for action in parser._actions
+            if not (action.help or "").strip() or action.help == argparse.SUPPRESS]
+    assert not bare, f"arguments --help does not explain: {bare}"
