@@ -516,3 +516,14 @@ def test_every_flag_has_its_help_as_the_readme_promises():
             for name, parser in _commands().items() for action in parser._actions
             if not (action.help or "").strip() or action.help == argparse.SUPPRESS]
     assert not bare, f"arguments --help does not explain: {bare}"
+
+
+@pytest.mark.parametrize("doc", sorted(ALL_DOCS))
+def test_the_extras_the_docs_install_are_in_pyproject(doc):
+    """`pip install -e ".[train]"`, `pip install 'cogvideox[fast]'`: pyproject.toml defines each extra."""
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["optional-dependencies"]
+    groups = re.findall(r"(?:cogvideox|\.)\[([a-z,-]+)\]", ALL_DOCS[doc])
+    named = {extra for group in groups for extra in group.split(",")}
+    assert named <= set(extras), f"{doc} installs extras pyproject.toml lacks: {sorted(named - set(extras))}"
