@@ -33,6 +33,19 @@ def test_python_dash_m_help():
     assert "Hugging Face repo id" in text and "embedded demo model" in text
 
 
+def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path):
+    """`cogvideox generate ... | head -1`: the reader is gone before the report line; the command ends as a
+    program that SIGPIPE stops (status 141), not with a BrokenPipeError traceback, and its video is written."""
+    output = tmp_path / "out.mp4"
+    argv = ["generate", "a red ball", "--steps", "1", "--frames", "9", "-o", str(output)]
+    process = subprocess.Popen([sys.executable, "-m", "cogvideox", *argv], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, cwd=tmp_path)  # fmt: skip
+    process.stdout.close()  # before the command has written a byte
+    _, err = process.communicate(timeout=300)
+    assert (process.returncode, "Traceback" in err.decode(), "Broken" in err.decode()) == (141, False, False), err
+    assert read_video(output)[0].shape[0] == 9
+
+
 def test_every_flag_is_explained():
     for action in generate_parser()._actions:
         assert action.help and len(action.help) > 10, action.option_strings

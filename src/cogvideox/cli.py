@@ -592,9 +592,25 @@ def main(argv: list[str] | None = None) -> int:
             return _quiet_exit(_run(args))
         finally:
             warnings.showwarning = previous
+    except BrokenPipeError:
+        return _reader_gone()
     finally:
         if handles_sigterm:
             signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _reader_gone() -> int:
+    """The status of a command whose output's reader went away (`cogvideox info a.mp4 | head -3`): that of a
+    program SIGPIPE ended, without a traceback. Whatever it was writing is written by then (a video before its
+    report). Standard output is pointed at the null device, so the interpreter's last flush fails no more."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):  # a stand-in without a descriptor (a test's capture)
+        pass
+    finally:
+        os.close(null)
+    return 128 + signal.SIGPIPE
 
 
 def _run(args: argparse.Namespace) -> int:
