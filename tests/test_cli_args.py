@@ -52,6 +52,30 @@ def test_value_types(kind, good, bad, message):
         assert str(info.value).startswith(message), (text, str(info.value))
 
 
+# A blank value is most likely an unset variable (`--model "$MODEL"`): refused by name, where it was read as
+# the current folder (--model ""), vanished from the message (--model " "), or silently meant the default.
+BLANK_REFUSED = [
+    *[(command, "--model", "a model folder or a Hugging Face repo id")
+      for command in ("generate", "batch", "invert", "regenerate", "decode", "encode", "serve", "worker")],
+    ("convert", "--base", "a model folder or a Hugging Face repo id"),
+    *[(command, "--text-device", "a device such as cpu, cuda or cuda:1")
+      for command in ("generate", "batch", "invert", "regenerate", "serve", "worker")],
+    ("generate", "--parallel", "a layout such as cfg=2,ulysses=2"),
+    ("batch", "--parallel", "a layout such as cfg=2,ulysses=2"),
+]
+
+
+@pytest.mark.parametrize("blank", ["", "  "])
+@pytest.mark.parametrize("command, flag, expected", BLANK_REFUSED)
+def test_a_blank_value_is_refused(capsys, command, flag, expected, blank):
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args([command, flag, blank])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert f"argument {flag}: expected {expected}, got an empty one (an unset variable?)" in err, err
+
+
 MODEL_USERS = {"generate", "batch", "invert", "regenerate", "train", "serve", "worker"}
 HUB_USERS = {"generate", "batch", "invert", "regenerate"}
 SAMPLING = ["--negative-prompt", "--steps", "--guidance", "--dynamic-cfg", "--dynamic-cfg-clock", "--scheduler",

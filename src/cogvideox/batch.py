@@ -685,6 +685,7 @@ def add_batch_parser(commands) -> None:
         add_speed_arguments,
         file_name,
         frame_rate,
+        layout,
     )
 
     bat = commands.add_parser(
@@ -721,6 +722,7 @@ def add_batch_parser(commands) -> None:
     add_speed_arguments(bat)
     arg(
         "--parallel",
+        type=layout,
         metavar="LAYOUT",
         help="processes per video under torchrun, e.g. cfg=2,ulysses=2 (see `generate --help`); the videos "
         "are those of a single-process batch; with --vae-tiling the tiles are split over the processes, "

@@ -36,6 +36,7 @@ from cogvideox.cli_args import (
     finite_float,
     fraction,
     frame_rate,
+    layout,
     locate_model,
     memory_settings,
     positive_int,
@@ -244,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_enhancer_arguments(gen, "the prompt into a detailed description before generating")
     arg(
         "--parallel",
+        type=layout,
         metavar="LAYOUT",
         help="run on the processes torchrun starts: cfg=2 (guidance halves), ulysses=N (sequence; N divides "
         "the heads), ring=N (sequence; any N), e.g. cfg=2,ulysses=2; the product is the process count. "

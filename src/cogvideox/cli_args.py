@@ -48,12 +48,22 @@ fraction = _number(float, lambda x: 0 < x <= 1, "a number in (0, 1]")
 frame_rate = _number(float, lambda x: MIN_FPS <= x <= MAX_FPS, "a frame rate", f"a frame rate from 1/1001 to {MAX_FPS}")
 
 
-def file_name(text: str) -> str:
-    """A file or folder named on the command line: an empty name, most likely an unset variable
-    (`--video "$CLIP"`), is refused rather than read as the current folder or as no file at all."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("expected a file name, got an empty one (an unset variable?)")
-    return text
+def _given(expected: str) -> Callable[[str], str]:
+    """A `type=` for argparse that refuses an empty or blank value, most likely an unset variable
+    (`--video "$CLIP"`), rather than reading it as the current folder, the default or no value at all."""
+
+    def parse(text: str) -> str:
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"expected {expected}, got an empty one (an unset variable?)")
+        return text
+
+    return parse
+
+
+file_name = _given("a file name")
+model_name = _given("a model folder or a Hugging Face repo id")
+device_name = _given("a device such as cpu, cuda or cuda:1")
+layout = _given("a layout such as cfg=2,ulysses=2")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -86,7 +96,7 @@ def add_model_arguments(
     when they are given.
     """
     arg = parser.add_argument
-    arg("--model", default=None, help=model_help)
+    arg("--model", default=None, type=model_name, help=model_help)
     arg("--dtype", help="bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU; 5B models need bf16)")
     arg("--device", help=device_help)
     arg("--variant", help="read the weights of this variant, e.g. fp16 (diffusion_pytorch_model.fp16.safetensors), "
@@ -113,7 +123,8 @@ def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
         "time (least memory, slowest); the video does not change. 'auto' (default) picks the fastest that "
         "fits the free GPU memory and says which; 'none' on the CPU",
     )
-    arg("--text-device", help="where the T5 text encoder runs, e.g. cpu to keep it off the GPU (default: --device)")
+    arg("--text-device", type=device_name,
+        help="where the T5 text encoder runs, e.g. cpu to keep it off the GPU (default: --device)")
     arg(
         "--vae-tiling",
         action="store_true",

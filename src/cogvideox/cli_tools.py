@@ -35,6 +35,7 @@ from cogvideox.cli_args import (
     frame_rate,
     locate_model,
     memory_settings,
+    model_name,
     non_negative_int,
     positive_int,
     prompt_enhancer,
@@ -141,6 +142,7 @@ def add_tool_parsers(commands) -> None:
     arg(
         "--base",
         required=True,
+        type=model_name,
         help="diffusers-layout model the checkpoint belongs to (folder or repo id, e.g. THUDM/CogVideoX-5b)",
     )
     arg("--vae", type=file_name, help="a separate SAT VAE checkpoint (3d-vae.pt) to convert too")
