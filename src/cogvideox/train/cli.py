@@ -17,6 +17,7 @@ from cogvideox.cli import RUN_ERROR, _interrupted_status, _out_of_memory, _quiet
 from cogvideox.cli_args import (
     add_model_arguments,
     file_name,
+    frame_rate,
     non_negative_float,
     non_negative_int,
     positive_float,
@@ -57,7 +58,7 @@ def add_train_parsers(commands) -> None:
         help="clip shape FRAMESxHEIGHTxWIDTH such as 49x480x720; repeat for several (multi-resolution) "
         "(default: the model's frames and size)",
     )
-    arg("--fps", type=positive_float, help="frame rate clips are sampled at (default: the model's, 8 or 16)")
+    arg("--fps", type=frame_rate, help="frame rate clips are sampled at (default: the model's, 8 or 16)")
     arg("--caption-dropout", type=float, help="share of steps on the empty caption (default: 0.1)")
     arg("--cache-dir", type=file_name, help="where latents and T5 states are cached (default: DATA/cache)")
     arg("--prune-cache", action=argparse.BooleanOptionalAction, default=None,

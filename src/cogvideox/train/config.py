@@ -16,6 +16,7 @@ from typing import Any
 
 from cogvideox.errors import InputError
 from cogvideox.values import is_finite_number
+from cogvideox.video import MAX_FPS, MIN_FPS
 
 from .lora import DEFAULT_TARGETS
 
@@ -153,6 +154,8 @@ def check_config(c: FinetuneConfig) -> None:
         _positive(c.lr, "lr", float)
     if c.fps is not None:
         _positive(c.fps, "fps", float)
+        if not MIN_FPS <= c.fps <= MAX_FPS:  # the rate clips are read at: a video's, within what a file holds
+            raise InputError(f"fps must be a frame rate from 1/1001 to {MAX_FPS}, got {c.fps!r}")
     if c.grad_clip is not None:
         _positive(c.grad_clip, "grad_clip", float)
     _positive(c.mask_weight, "mask_weight", float)
