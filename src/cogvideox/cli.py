@@ -39,6 +39,7 @@ from cogvideox.cli_args import (
     layout,
     locate_model,
     memory_settings,
+    num_videos,
     positive_int,
     prompt_enhancer,
     recorded_model,
@@ -234,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     arg(
         "--num-videos",
-        type=positive_int,
+        type=num_videos,
         default=1,
         help="videos to generate, written as OUTPUT-1.mp4, OUTPUT-2.mp4, ... (frames/%%03d.png: frames/1-%%03d.png, "
         "...) (default: 1)",

@@ -44,6 +44,16 @@ positive_float = _number(float, lambda x: x > 0 and _finite(x), "a positive numb
 non_negative_float = _number(float, lambda x: x >= 0 and _finite(x), "a number >= 0", "a finite number >= 0")
 finite_float = _number(float, _finite, "a number", "a finite number")
 fraction = _number(float, lambda x: 0 < x <= 1, "a number in (0, 1]")
+# A frame's height or width in pixels. H.264's largest level holds frames of sides up to about 16,900 pixels,
+# and beyond 2**31 the image library cannot even be asked: a larger side is a typo, refused before any work.
+MAX_FRAME_SIDE = 16384
+frame_side = _number(int, lambda x: 1 <= x <= MAX_FRAME_SIDE, "a positive integer",
+                     f"a size in pixels from 1 to {MAX_FRAME_SIDE}")
+# generate --num-videos: the videos of one run are denoised as one batch, and a run writes each to its own
+# file; more than this is a typo (or a job for `cogvideox batch`), refused before listing the file names.
+MAX_NUM_VIDEOS = 1000
+num_videos = _number(int, lambda x: 1 <= x <= MAX_NUM_VIDEOS, "a positive integer",
+                     f"a number of videos from 1 to {MAX_NUM_VIDEOS} (use cogvideox batch for more)")
 # An MP4's frame rate: what cogvideox.video.check_fps accepts.
 frame_rate = _number(float, lambda x: MIN_FPS <= x <= MAX_FPS, "a frame rate", f"a frame rate from 1/1001 to {MAX_FPS}")
 
@@ -318,8 +328,8 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, *, seed_default: int
         "rotary embedding's intrinsic temporal frequency (RIFLEx) so that the video goes on instead of "
         "repeating its start; models with RoPE only (not 2b)",
     )
-    arg("--height", type=positive_int, help="video height in pixels, a multiple of 16 (default: the model's)")
-    arg("--width", type=positive_int, help="video width in pixels, a multiple of 16 (default: the model's)")
+    arg("--height", type=frame_side, help="video height in pixels, a multiple of 16 (default: the model's)")
+    arg("--width", type=frame_side, help="video width in pixels, a multiple of 16 (default: the model's)")
     arg(
         "--max-sequence-length",
         type=positive_int,
