@@ -58,7 +58,7 @@ num_videos = _number(int, lambda x: 1 <= x <= MAX_NUM_VIDEOS, "a positive intege
 frame_rate = _number(float, lambda x: MIN_FPS <= x <= MAX_FPS, "a frame rate", f"a frame rate from 1/1001 to {MAX_FPS}")
 
 
-def _given(expected: str) -> Callable[[str], str]:
+def non_blank(expected: str) -> Callable[[str], str]:
     """A `type=` for argparse that refuses an empty or blank value, most likely an unset variable
     (`--video "$CLIP"`), rather than reading it as the current folder, the default or no value at all."""
 
@@ -70,10 +70,10 @@ def _given(expected: str) -> Callable[[str], str]:
     return parse
 
 
-file_name = _given("a file name")
-model_name = _given("a model folder or a Hugging Face repo id")
-device_name = _given("a device such as cpu, cuda or cuda:1")
-layout = _given("a layout such as cfg=2,ulysses=2")
+file_name = non_blank("a file name")
+model_name = non_blank("a model folder or a Hugging Face repo id")
+device_name = non_blank("a device such as cpu, cuda or cuda:1")
+layout = non_blank("a layout such as cfg=2,ulysses=2")
 
 
 # ---------------------------------------------------------------------------------------------------
