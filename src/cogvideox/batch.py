@@ -752,6 +752,7 @@ def _batch(args: argparse.Namespace) -> int:
         report_offload,
         request_from_args,
         speed_settings,
+        warn_idle_guidance,
         warn_idle_riflex,
     )
     from cogvideox.parallel import launch, parallelize, single_process_mesh
@@ -783,6 +784,7 @@ def _batch(args: argparse.Namespace) -> int:
         for prompt in prompts
     ]
     warn_idle_riflex(checked[0], configs.transformer)
+    warn_idle_guidance(checked[0], args)
     if resize is not None:
         request["resize"] = resize
     scheduler = scheduler_kind(loading.load_scheduler(folder, args.scheduler))

@@ -47,6 +47,7 @@ from cogvideox.cli_args import (
     request_from_args,
     sampling_rate,
     speed_settings,
+    warn_idle_guidance,
     warn_idle_riflex,
     warn_replaced,
 )
@@ -390,6 +391,7 @@ def _generate(args: argparse.Namespace) -> int:
         **request,
     )
     warn_idle_riflex(checked, configs.transformer)
+    warn_idle_guidance(checked, args)
     window_stride = windows_stride(args.windows, checked, configs)
     if last_picture is not None:
         check_last_image(checked, configs.vae)

@@ -411,6 +411,21 @@ def warn_idle_riflex(request, transformer) -> None:
         )
 
 
+def warn_idle_guidance(request, args: argparse.Namespace) -> None:
+    """Warn of the guidance flags given that the request leaves unused: a negative prompt is the other half
+    of classifier-free guidance, which is off at a scale of 1 or less, and the clock of dynamic CFG needs
+    dynamic CFG (with guidance on) to tick."""
+    if args.negative_prompt.strip() and not request.use_guidance:
+        warnings.warn(
+            f"--negative-prompt changes nothing at --guidance {request.guidance_scale:g}: guidance of 1 or "
+            "less is off, and the negative prompt with it (raise --guidance)",
+            stacklevel=2,
+        )
+    if args.dynamic_cfg_clock is not None and not (request.use_dynamic_cfg and request.use_guidance):
+        why = "dynamic CFG (give --dynamic-cfg)" if request.use_guidance else "guidance (raise --guidance above 1)"
+        warnings.warn(f"--dynamic-cfg-clock changes nothing without {why}", stacklevel=2)
+
+
 def warn_replaced(*paths: Path | None, by: str = "") -> None:
     """Say of each output among `paths` that exists that it will be replaced (`by`: " by the new video");
     called once the request is known to be good, so that a refused one, which replaces nothing, says
