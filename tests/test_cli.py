@@ -332,3 +332,21 @@ def test_guidance_flags_the_request_leaves_unused_are_said(capsys, tiny_rope_dir
         assert "changes nothing" not in err, err
     else:
         assert f"cogvideox: warning: {warning}" in err, err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["generate", "a cat", "--steps", "y" * 100_000],
+        ["generate", "a cat", "--scheduler", "a long prompt " * 8000],
+        ["invert", "clip.mp4", "--offload", "z" * 100_000],
+        ["info", "clip.mp4", "--bogus", "w" * 100_000],
+    ],
+)
+def test_a_long_value_is_cut_in_the_error_line(capsys, argv):
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and len(err) < 400, err[:400]
+    assert "characters)" in err, err

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import signal
 import sys
@@ -128,6 +129,7 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str, help_of: str | None = None):
         if global_rank() != 0:
             self.exit(_quiet_exit(USER_ERROR))
+        message = _LONG_QUOTED.sub(_shortened, message)
         self.exit(USER_ERROR, f"{self.prog}: error: {message} (see {help_of or self.prog} --help)\n")
 
     def parse_args(self, args=None, namespace=None):
@@ -141,8 +143,22 @@ class _Parser(argparse.ArgumentParser):
             hint = "; put a prompt of several words in quotes" if prompt_words else ""
             if prompt_words and command != "generate" and not known.prompt:  # its prompt is an option
                 hint = '; give the prompt with --prompt, in quotes: --prompt "a red ball rolls left"'
-            self.error(f"unrecognized arguments: {' '.join(extra)}{hint}", help_of)
+            self.error(f"unrecognized arguments: {' '.join(map(_short, extra))}{hint}", help_of)
         return known
+
+
+# A value quoted in an error (argparse's and our types' "got 'VALUE'"), or a leftover argument, is cut to
+# its start when long: a prompt pasted after the wrong flag made an error line of the prompt's length.
+_LONG_QUOTED = re.compile(r"""(['"])([^'"]{100,})\1""")
+
+
+def _short(text: str, keep: int = 60) -> str:
+    return text if len(text) < 100 else f"{text[:keep]}... ({len(text)} characters)"
+
+
+def _shortened(match: re.Match) -> str:
+    quote, text = match.groups()
+    return f"{quote}{text[:60]}...{quote} ({len(text)} characters)"
 
 
 def _stray_words(extra: list[str]) -> list[str]:
