@@ -350,3 +350,18 @@ def test_a_long_value_is_cut_in_the_error_line(capsys, argv):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and len(err) < 400, err[:400]
     assert "characters)" in err, err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "a cat", "-o", "{tmp}/" + "q" * 300 + ".mp4"], "file name too long for the file system: "),
+        (["info", "q" * 100_000], "file name too long for the file system: " + "q" * 100 + "... (100000 characters);"),
+        (["generate", "a cat", "-o", "{tmp}/a.mp4", "--dtype", "q" * 100_000],
+         "unknown dtype '" + "q" * 100 + "... (100000 characters)'; use one of"),
+    ],
+)
+def test_a_name_too_long_is_one_short_line(capsys, tmp_path, argv, message):
+    assert main([a.format(tmp=tmp_path) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and len(err) < 600 and message in err, err[:600]

@@ -14,6 +14,7 @@ progress bars; the other processes exit with the same status, silently.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import re
 import shlex
@@ -560,8 +561,13 @@ def _levers_report(pipe) -> str:
     return report
 
 
+# A word of a report this long is a value pasted in the wrong place, not a path: its start is enough.
+_LONG_WORD = re.compile(r"[^\s'\";:,]{1000,}")
+
+
 def _report(error: Exception) -> None:
-    _say("cogvideox: error: " + " ".join(str(error).split()), error=True)  # always one line
+    line = _LONG_WORD.sub(lambda m: _short(m.group(), keep=100), " ".join(str(error).split()))  # always one line
+    _say("cogvideox: error: " + line, error=True)
 
 
 _PACKAGE = Path(__file__).resolve().parent
@@ -631,6 +637,11 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt as e:
         _say("cogvideox: interrupted")
         return _interrupted_status(e)
+    except OSError as e:
+        if e.errno != errno.ENAMETOOLONG:
+            raise
+        _report(InputError(f"file name too long for the file system: {e.filename}; give a shorter one"))
+        return USER_ERROR
     except (RuntimeError, MemoryError) as e:
         if _lost_peer(e):  # the process that failed says why; rank 0 says what became of this one
             _say("cogvideox: error: another process of this torchrun run stopped (its error is above, or in "
