@@ -84,6 +84,7 @@ def test_train_end_to_end_and_resume(capsys, tiny_rope_dir, tmp_path):
         (["{tmp}", "--output", "o", "--config", ""], "argument --config: expected a file name, got an empty one"),
         (["{tmp}", "--output", "o", "--cache-dir", " "], "argument --cache-dir: expected a file name, got an empty"),
         (["{tmp}", "--output", "o", "--model", ""], "argument --model: expected a model folder or a Hugging Face"),
+        (["{tmp}", "--output", "o", "--seed", str(10**30)], "seed must be an integer in [0, 2**64), got 1000"),
         (["{tmp}", "--output", "o", "--fps", "1e308"], "argument --fps: expected a frame rate from 1/1001 to 1000"),
     ],
 )

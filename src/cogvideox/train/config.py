@@ -148,6 +148,9 @@ def check_config(c: FinetuneConfig) -> None:
         value = getattr(c, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise InputError(f"{name} must be a non-negative integer, got {value!r}")
+    for name in ("seed", "validation_seed"):  # torch's generators take seeds of 64 bits
+        if getattr(c, name) >= 2**64:
+            raise InputError(f"{name} must be an integer in [0, 2**64), got {getattr(c, name)!r}")
     if c.alpha is not None:
         _positive(c.alpha, "alpha", float)
     if c.lr is not None:
