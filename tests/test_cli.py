@@ -322,3 +322,59 @@ def test_help_does_not_load_torch():
     # `cogvideox --help` (and every one-line usage error) answers at once: torch takes a second to import.
     code = "import sys; from cogvideox.cli import build_parser; build_parser(); print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+
+
+@pytest.mark.parametrize(
+    "flags, warning",
+    [
+        (["--negative-prompt", "blurry", "--guidance", "1"],
+         "--negative-prompt changes nothing at --guidance 1: guidance of 1 or less is off"),
+        (["--dynamic-cfg-clock", "smooth", "--no-dynamic-cfg", "--guidance", "6"],
+         "--dynamic-cfg-clock changes nothing without dynamic CFG (give --dynamic-cfg)"),
+        (["--dynamic-cfg-clock", "smooth", "--dynamic-cfg", "--guidance", "0.5"],
+         "--dynamic-cfg-clock changes nothing without guidance (raise --guidance above 1)"),
+        (["--negative-prompt", "blurry", "--guidance", "6", "--dynamic-cfg", "--dynamic-cfg-clock", "smooth"], None),
+    ],
+)
+def test_guidance_flags_the_request_leaves_unused_are_said(capsys, tiny_rope_dir, tmp_path, flags, warning):
+    argv = ["generate", "a cat", "-o", str(tmp_path / "a.mp4"), "--model", str(tiny_rope_dir), "--steps", "1",
+            "--frames", "9", "--height", "32", "--width", "32", "--quiet", *flags]  # fmt: skip
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    if warning is None:
+        assert "changes nothing" not in err, err
+    else:
+        assert f"cogvideox: warning: {warning}" in err, err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["generate", "a cat", "--steps", "y" * 100_000],
+        ["generate", "a cat", "--scheduler", "a long prompt " * 8000],
+        ["invert", "clip.mp4", "--offload", "z" * 100_000],
+        ["info", "clip.mp4", "--bogus", "w" * 100_000],
+    ],
+)
+def test_a_long_value_is_cut_in_the_error_line(capsys, argv):
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and len(err) < 400, err[:400]
+    assert "characters)" in err, err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "a cat", "-o", "{tmp}/" + "q" * 300 + ".mp4"], "file name too long for the file system: "),
+        (["info", "q" * 100_000], "file name too long for the file system: " + "q" * 100 + "... (100000 characters);"),
+        (["generate", "a cat", "-o", "{tmp}/a.mp4", "--dtype", "q" * 100_000],
+         "unknown dtype '" + "q" * 100 + "... (100000 characters)'; use one of"),
+    ],
+)
+def test_a_name_too_long_is_one_short_line(capsys, tmp_path, argv, message):
+    assert main([a.format(tmp=tmp_path) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and len(err) < 600 and message in err, err[:600]

@@ -13,9 +13,11 @@ from cogvideox.cli import build_parser
 from cogvideox.cli_args import (
     finite_float,
     fraction,
+    frame_side,
     locate_model,
     non_negative_float,
     non_negative_int,
+    num_videos,
     positive_float,
     positive_int,
     request_from_args,
@@ -41,6 +43,10 @@ def _commands() -> dict[str, argparse.ArgumentParser]:
         (non_negative_float, [], ["fast"], "expected a number >= 0, got 'fast'"),
         (finite_float, [("-2", -2.0), ("6", 6.0)], ["inf", "-inf", "nan"], "expected a finite number, got"),
         (fraction, [("1", 1.0), ("0.25", 0.25)], ["0", "1.5", "nan"], "expected a number in (0, 1]"),
+        (frame_side, [("480", 480), ("16384", 16384)], ["0", "16385", str(10**30)],
+         "expected a size in pixels from 1 to 16384, got"),
+        (num_videos, [("1", 1), ("1000", 1000)], ["0", "1001", str(10**30)],
+         "expected a number of videos from 1 to 1000 (use cogvideox batch for more), got"),
     ],
 )
 def test_value_types(kind, good, bad, message):
@@ -50,6 +56,48 @@ def test_value_types(kind, good, bad, message):
         with pytest.raises(argparse.ArgumentTypeError) as info:
             kind(text)
         assert str(info.value).startswith(message), (text, str(info.value))
+
+
+# A blank value is most likely an unset variable (`--model "$MODEL"`): refused by name, where it was read as
+# the current folder (--model ""), vanished from the message (--model " "), or silently meant the default.
+BLANK_REFUSED = [
+    *[(command, "--model", "a model folder or a Hugging Face repo id")
+      for command in ("generate", "batch", "invert", "regenerate", "decode", "encode", "serve", "worker")],
+    ("convert", "--base", "a model folder or a Hugging Face repo id"),
+    *[(command, "--text-device", "a device such as cpu, cuda or cuda:1")
+      for command in ("generate", "batch", "invert", "regenerate", "serve", "worker")],
+    ("generate", "--parallel", "a layout such as cfg=2,ulysses=2"),
+    ("batch", "--parallel", "a layout such as cfg=2,ulysses=2"),
+]
+
+
+@pytest.mark.parametrize("blank", ["", "  "])
+@pytest.mark.parametrize("command, flag, expected", BLANK_REFUSED)
+def test_a_blank_value_is_refused(capsys, command, flag, expected, blank):
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args([command, flag, blank])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert f"argument {flag}: expected {expected}, got an empty one (an unset variable?)" in err, err
+
+
+# A size no frame can have reached the image library (an OverflowError from PIL, for encode), and a number
+# of videos no run can make listed its file names for minutes: both are refused as the flag is read.
+TOO_LARGE = [
+    *[(command, flag, "a size in pixels from 1 to 16384")
+      for command in ("generate", "batch", "invert", "encode") for flag in ("--height", "--width")],
+    ("generate", "--num-videos", "a number of videos from 1 to 1000"),
+]
+
+
+@pytest.mark.parametrize("command, flag, expected", TOO_LARGE)
+def test_a_value_too_large_for_any_run_is_refused(capsys, command, flag, expected):
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args([command, flag, str(10**30)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"argument {flag}: expected {expected}" in err, err
 
 
 MODEL_USERS = {"generate", "batch", "invert", "regenerate", "train", "serve", "worker"}

@@ -83,6 +83,25 @@ def test_a_poll_interval_past_the_clock_is_a_usage_error(capsys):
         assert parse([command, "--poll-interval", "3600"]).poll_interval == 3600
 
 
+@pytest.mark.parametrize(
+    "command, flag, expected",
+    [
+        # "" is every interface to the socket library: an unset $HOST opened the server to the network
+        ("serve", "--host", "an address such as 127.0.0.1, or 0.0.0.0 for every interface"),
+        # A worker with --db " " waited on a queue of its own, a file named by spaces, for jobs never coming
+        *[(command, flag, "a file name") for command in ("serve", "worker") for flag in ("--db", "--data-dir")],
+        # --model-name "" silently meant the folder's name, and " " served a model clients cannot name
+        *[(command, "--model-name", "a model name") for command in ("serve", "worker")],
+    ],
+)
+def test_a_blank_value_is_a_usage_error(capsys, command, flag, expected):
+    for blank in ("", "  "):
+        with pytest.raises(SystemExit) as exit_:
+            parse([command, flag, blank])
+        assert exit_.value.code == 2
+        assert f"argument {flag}: expected {expected}, got an empty one (an unset variable?)" in capsys.readouterr().err
+
+
 def test_a_port_in_use_fails_in_one_line_before_anything_starts(tmp_path, capsys, monkeypatch):
     import socket
 

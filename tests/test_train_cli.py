@@ -78,6 +78,14 @@ def test_train_end_to_end_and_resume(capsys, tiny_rope_dir, tmp_path):
          "argument --validation-guidance: expected a finite number >= 0, got inf"),
         (["{tmp}", "--output", "{tmp}/a-file", "--model", "{model}"], "cannot write to {tmp}/a-file: File exists"),
         (["{tmp}/a-file", "--output", "o", "--model", "{model}"], "data {tmp}/a-file is a file; give the folder"),
+        # A blank name (an unset variable) is refused, not trained into a folder named "  " or read as "."
+        (["  ", "--output", "o"], "argument data: expected a file name, got an empty one"),
+        (["{tmp}", "--output", "  "], "argument -o/--output: expected a file name, got an empty one"),
+        (["{tmp}", "--output", "o", "--config", ""], "argument --config: expected a file name, got an empty one"),
+        (["{tmp}", "--output", "o", "--cache-dir", " "], "argument --cache-dir: expected a file name, got an empty"),
+        (["{tmp}", "--output", "o", "--model", ""], "argument --model: expected a model folder or a Hugging Face"),
+        (["{tmp}", "--output", "o", "--seed", str(10**30)], "seed must be an integer in [0, 2**64), got 1000"),
+        (["{tmp}", "--output", "o", "--fps", "1e308"], "argument --fps: expected a frame rate from 1/1001 to 1000"),
     ],
 )
 def test_user_mistakes_exit_2_with_one_line(capsys, tiny_rope_dir, tmp_path, monkeypatch, extra, message):

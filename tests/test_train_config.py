@@ -78,6 +78,8 @@ def test_flags_override_the_file(tmp_path):
         # An infinite learning rate would train the weights into NaN without a word.
         ('data = "d"\noutput = "o"\nlr = inf\n', "lr must be a positive number, got inf"),
         ('data = "d"\noutput = "o"\nmask_weight = inf\n', "mask_weight must be a positive number, got inf"),
+        ('data = "d"\noutput = "o"\nfps = 1e308\n', "fps must be a frame rate from 1/1001 to 1000, got 1e+308"),
+        ('data = "d"\noutput = "o"\nseed = 18446744073709551616\n', "seed must be an integer in [0, 2**64), got 1844"),
         ('data = "d"\noutput = "o"\nmin_lr_ratio = true\n', "min_lr_ratio must be in [0, 1], got True"),
         ('data = "d"\noutput = "o"\nmax_sequence_length = -3\n',
          "max_sequence_length must be a positive integer, got -3"),

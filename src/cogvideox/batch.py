@@ -685,6 +685,7 @@ def add_batch_parser(commands) -> None:
         add_speed_arguments,
         file_name,
         frame_rate,
+        layout,
     )
 
     bat = commands.add_parser(
@@ -721,6 +722,7 @@ def add_batch_parser(commands) -> None:
     add_speed_arguments(bat)
     arg(
         "--parallel",
+        type=layout,
         metavar="LAYOUT",
         help="processes per video under torchrun, e.g. cfg=2,ulysses=2 (see `generate --help`); the videos "
         "are those of a single-process batch; with --vae-tiling the tiles are split over the processes, "
@@ -750,6 +752,7 @@ def _batch(args: argparse.Namespace) -> int:
         report_offload,
         request_from_args,
         speed_settings,
+        warn_idle_guidance,
         warn_idle_riflex,
     )
     from cogvideox.parallel import launch, parallelize, single_process_mesh
@@ -781,6 +784,7 @@ def _batch(args: argparse.Namespace) -> int:
         for prompt in prompts
     ]
     warn_idle_riflex(checked[0], configs.transformer)
+    warn_idle_guidance(checked[0], args)
     if resize is not None:
         request["resize"] = resize
     scheduler = scheduler_kind(loading.load_scheduler(folder, args.scheduler))

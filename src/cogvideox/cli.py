@@ -14,7 +14,9 @@ progress bars; the other processes exit with the same status, silently.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import re
 import shlex
 import signal
 import sys
@@ -36,8 +38,10 @@ from cogvideox.cli_args import (
     finite_float,
     fraction,
     frame_rate,
+    layout,
     locate_model,
     memory_settings,
+    num_videos,
     positive_int,
     prompt_enhancer,
     recorded_model,
@@ -45,6 +49,7 @@ from cogvideox.cli_args import (
     request_from_args,
     sampling_rate,
     speed_settings,
+    warn_idle_guidance,
     warn_idle_riflex,
     warn_replaced,
 )
@@ -125,6 +130,7 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str, help_of: str | None = None):
         if global_rank() != 0:
             self.exit(_quiet_exit(USER_ERROR))
+        message = _LONG_QUOTED.sub(_shortened, message)
         self.exit(USER_ERROR, f"{self.prog}: error: {message} (see {help_of or self.prog} --help)\n")
 
     def parse_args(self, args=None, namespace=None):
@@ -138,8 +144,22 @@ class _Parser(argparse.ArgumentParser):
             hint = "; put a prompt of several words in quotes" if prompt_words else ""
             if prompt_words and command != "generate" and not known.prompt:  # its prompt is an option
                 hint = '; give the prompt with --prompt, in quotes: --prompt "a red ball rolls left"'
-            self.error(f"unrecognized arguments: {' '.join(extra)}{hint}", help_of)
+            self.error(f"unrecognized arguments: {' '.join(map(_short, extra))}{hint}", help_of)
         return known
+
+
+# A value quoted in an error (argparse's and our types' "got 'VALUE'"), or a leftover argument, is cut to
+# its start when long: a prompt pasted after the wrong flag made an error line of the prompt's length.
+_LONG_QUOTED = re.compile(r"""(['"])([^'"]{100,})\1""")
+
+
+def _short(text: str, keep: int = 60) -> str:
+    return text if len(text) < 100 else f"{text[:keep]}... ({len(text)} characters)"
+
+
+def _shortened(match: re.Match) -> str:
+    quote, text = match.groups()
+    return f"{quote}{text[:60]}...{quote} ({len(text)} characters)"
 
 
 def _stray_words(extra: list[str]) -> list[str]:
@@ -233,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     arg(
         "--num-videos",
-        type=positive_int,
+        type=num_videos,
         default=1,
         help="videos to generate, written as OUTPUT-1.mp4, OUTPUT-2.mp4, ... (frames/%%03d.png: frames/1-%%03d.png, "
         "...) (default: 1)",
@@ -244,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_enhancer_arguments(gen, "the prompt into a detailed description before generating")
     arg(
         "--parallel",
+        type=layout,
         metavar="LAYOUT",
         help="run on the processes torchrun starts: cfg=2 (guidance halves), ulysses=N (sequence; N divides "
         "the heads), ring=N (sequence; any N), e.g. cfg=2,ulysses=2; the product is the process count. "
@@ -387,6 +408,7 @@ def _generate(args: argparse.Namespace) -> int:
         **request,
     )
     warn_idle_riflex(checked, configs.transformer)
+    warn_idle_guidance(checked, args)
     window_stride = windows_stride(args.windows, checked, configs)
     if last_picture is not None:
         check_last_image(checked, configs.vae)
@@ -539,8 +561,13 @@ def _levers_report(pipe) -> str:
     return report
 
 
+# A word of a report this long is a value pasted in the wrong place, not a path: its start is enough.
+_LONG_WORD = re.compile(r"[^\s'\";:,]{1000,}")
+
+
 def _report(error: Exception) -> None:
-    _say("cogvideox: error: " + " ".join(str(error).split()), error=True)  # always one line
+    line = _LONG_WORD.sub(lambda m: _short(m.group(), keep=100), " ".join(str(error).split()))  # always one line
+    _say("cogvideox: error: " + line, error=True)
 
 
 _PACKAGE = Path(__file__).resolve().parent
@@ -626,6 +653,11 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt as e:
         _say("cogvideox: interrupted")
         return _interrupted_status(e)
+    except OSError as e:
+        if e.errno != errno.ENAMETOOLONG:
+            raise
+        _report(InputError(f"file name too long for the file system: {e.filename}; give a shorter one"))
+        return USER_ERROR
     except (RuntimeError, MemoryError) as e:
         if _lost_peer(e):  # the process that failed says why; rank 0 says what became of this one
             _say("cogvideox: error: another process of this torchrun run stopped (its error is above, or in "

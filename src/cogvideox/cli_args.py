@@ -44,16 +44,36 @@ positive_float = _number(float, lambda x: x > 0 and _finite(x), "a positive numb
 non_negative_float = _number(float, lambda x: x >= 0 and _finite(x), "a number >= 0", "a finite number >= 0")
 finite_float = _number(float, _finite, "a number", "a finite number")
 fraction = _number(float, lambda x: 0 < x <= 1, "a number in (0, 1]")
+# A frame's height or width in pixels. H.264's largest level holds frames of sides up to about 16,900 pixels,
+# and beyond 2**31 the image library cannot even be asked: a larger side is a typo, refused before any work.
+MAX_FRAME_SIDE = 16384
+frame_side = _number(int, lambda x: 1 <= x <= MAX_FRAME_SIDE, "a positive integer",
+                     f"a size in pixels from 1 to {MAX_FRAME_SIDE}")
+# generate --num-videos: the videos of one run are denoised as one batch, and a run writes each to its own
+# file; more than this is a typo (or a job for `cogvideox batch`), refused before listing the file names.
+MAX_NUM_VIDEOS = 1000
+num_videos = _number(int, lambda x: 1 <= x <= MAX_NUM_VIDEOS, "a positive integer",
+                     f"a number of videos from 1 to {MAX_NUM_VIDEOS} (use cogvideox batch for more)")
 # An MP4's frame rate: what cogvideox.video.check_fps accepts.
 frame_rate = _number(float, lambda x: MIN_FPS <= x <= MAX_FPS, "a frame rate", f"a frame rate from 1/1001 to {MAX_FPS}")
 
 
-def file_name(text: str) -> str:
-    """A file or folder named on the command line: an empty name, most likely an unset variable
-    (`--video "$CLIP"`), is refused rather than read as the current folder or as no file at all."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("expected a file name, got an empty one (an unset variable?)")
-    return text
+def non_blank(expected: str) -> Callable[[str], str]:
+    """A `type=` for argparse that refuses an empty or blank value, most likely an unset variable
+    (`--video "$CLIP"`), rather than reading it as the current folder, the default or no value at all."""
+
+    def parse(text: str) -> str:
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"expected {expected}, got an empty one (an unset variable?)")
+        return text
+
+    return parse
+
+
+file_name = non_blank("a file name")
+model_name = non_blank("a model folder or a Hugging Face repo id")
+device_name = non_blank("a device such as cpu, cuda or cuda:1")
+layout = non_blank("a layout such as cfg=2,ulysses=2")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -86,7 +106,7 @@ def add_model_arguments(
     when they are given.
     """
     arg = parser.add_argument
-    arg("--model", default=None, help=model_help)
+    arg("--model", default=None, type=model_name, help=model_help)
     arg("--dtype", help="bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU; 5B models need bf16)")
     arg("--device", help=device_help)
     arg("--variant", help="read the weights of this variant, e.g. fp16 (diffusion_pytorch_model.fp16.safetensors), "
@@ -113,7 +133,8 @@ def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
         "time (least memory, slowest); the video does not change. 'auto' (default) picks the fastest that "
         "fits the free GPU memory and says which; 'none' on the CPU",
     )
-    arg("--text-device", help="where the T5 text encoder runs, e.g. cpu to keep it off the GPU (default: --device)")
+    arg("--text-device", type=device_name,
+        help="where the T5 text encoder runs, e.g. cpu to keep it off the GPU (default: --device)")
     arg(
         "--vae-tiling",
         action="store_true",
@@ -307,8 +328,8 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, *, seed_default: int
         "rotary embedding's intrinsic temporal frequency (RIFLEx) so that the video goes on instead of "
         "repeating its start; models with RoPE only (not 2b)",
     )
-    arg("--height", type=positive_int, help="video height in pixels, a multiple of 16 (default: the model's)")
-    arg("--width", type=positive_int, help="video width in pixels, a multiple of 16 (default: the model's)")
+    arg("--height", type=frame_side, help="video height in pixels, a multiple of 16 (default: the model's)")
+    arg("--width", type=frame_side, help="video width in pixels, a multiple of 16 (default: the model's)")
     arg(
         "--max-sequence-length",
         type=positive_int,
@@ -388,6 +409,21 @@ def warn_idle_riflex(request, transformer) -> None:
             f"model's own {transformer.sample_frames} (give more --frames)",
             stacklevel=2,
         )
+
+
+def warn_idle_guidance(request, args: argparse.Namespace) -> None:
+    """Warn of the guidance flags given that the request leaves unused: a negative prompt is the other half
+    of classifier-free guidance, which is off at a scale of 1 or less, and the clock of dynamic CFG needs
+    dynamic CFG (with guidance on) to tick."""
+    if args.negative_prompt.strip() and not request.use_guidance:
+        warnings.warn(
+            f"--negative-prompt changes nothing at --guidance {request.guidance_scale:g}: guidance of 1 or "
+            "less is off, and the negative prompt with it (raise --guidance)",
+            stacklevel=2,
+        )
+    if args.dynamic_cfg_clock is not None and not (request.use_dynamic_cfg and request.use_guidance):
+        why = "dynamic CFG (give --dynamic-cfg)" if request.use_guidance else "guidance (raise --guidance above 1)"
+        warnings.warn(f"--dynamic-cfg-clock changes nothing without {why}", stacklevel=2)
 
 
 def warn_replaced(*paths: Path | None, by: str = "") -> None:

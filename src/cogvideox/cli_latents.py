@@ -23,6 +23,7 @@ from cogvideox.cli_args import (
     add_video_rate_argument,
     file_name,
     frame_rate,
+    frame_side,
     positive_int,
     recorded_model,
     sampling_rate,
@@ -72,8 +73,8 @@ def add_latent_parsers(commands) -> None:
     arg("--frames", type=positive_int,
         help="frames of the video to encode, 8k+1 (default: the model's count, or the longest 8k+1 prefix of a "
         "shorter video)")  # fmt: skip
-    arg("--height", type=positive_int, help="height to resize the frames to, a multiple of 8 (default: the model's)")
-    arg("--width", type=positive_int, help="width to resize the frames to, a multiple of 8 (default: the model's)")
+    arg("--height", type=frame_side, help="height to resize the frames to, a multiple of 8 (default: the model's)")
+    arg("--width", type=frame_side, help="width to resize the frames to, a multiple of 8 (default: the model's)")
     add_resize_argument(enc)
     add_video_rate_argument(enc, "the video", "encoded")
     arg("--fps", type=frame_rate,

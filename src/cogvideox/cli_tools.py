@@ -33,8 +33,10 @@ from cogvideox.cli_args import (
     file_name,
     finite_float,
     frame_rate,
+    frame_side,
     locate_model,
     memory_settings,
+    model_name,
     non_negative_int,
     positive_int,
     prompt_enhancer,
@@ -100,8 +102,8 @@ def add_tool_parsers(commands) -> None:
         type=positive_int,
         help="frames of the video to use, 8k+1 (default: the model's count, or all of a shorter video's 8k+1)",
     )
-    arg("--height", type=positive_int, help="height to resize the frames to (default: the model's)")
-    arg("--width", type=positive_int, help="width to resize the frames to (default: the model's)")
+    arg("--height", type=frame_side, help="height to resize the frames to (default: the model's)")
+    arg("--width", type=frame_side, help="width to resize the frames to (default: the model's)")
     add_resize_argument(inv)
     arg("--fps", type=frame_rate,
         help="frame rate of the reconstruction (default: the rate the video was sampled at, --video-fps)")
@@ -141,6 +143,7 @@ def add_tool_parsers(commands) -> None:
     arg(
         "--base",
         required=True,
+        type=model_name,
         help="diffusers-layout model the checkpoint belongs to (folder or repo id, e.g. THUDM/CogVideoX-5b)",
     )
     arg("--vae", type=file_name, help="a separate SAT VAE checkpoint (3d-vae.pt) to convert too")

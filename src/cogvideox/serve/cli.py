@@ -23,6 +23,8 @@ from cogvideox.cli_args import (
     add_memory_arguments,
     add_model_arguments,
     add_speed_arguments,
+    file_name,
+    non_blank,
     non_negative_float,
     non_negative_int,
     positive_float,
@@ -65,7 +67,10 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     add_memory_arguments(parser)
     add_speed_arguments(parser)  # a server pays --compile's warm-up once, on its first video
     parser.add_argument(
-        "--model-name", default=None, help="the name clients give as `model` (default: the folder's or repo's name)"
+        "--model-name",
+        default=None,
+        type=non_blank("a model name"),
+        help="the name clients give as `model` (default: the folder's or repo's name)",
     )
     parser.add_argument(
         "--lora",
@@ -79,12 +84,14 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--db",
         default=None,
+        type=file_name,
         help="the job queue: postgresql://USER:PASSWORD@HOST/DB (shared by several workers and machines) or a "
         "SQLite file; default: DATA_DIR/jobs.sqlite3",
     )
     parser.add_argument(
         "--data-dir",
         default="cogvideox-data",
+        type=file_name,
         help="where the MP4s (and the default SQLite queue) live; workers on other machines must see the same "
         "folder (a network mount); default: ./cogvideox-data",
     )
@@ -119,7 +126,10 @@ def add_serve_parsers(commands) -> None:
     )
     _add_common(serve)
     serve.add_argument(
-        "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)"
+        "--host",
+        default="127.0.0.1",
+        type=non_blank("an address such as 127.0.0.1, or 0.0.0.0 for every interface"),  # "" is every interface
+        help="address to listen on (default: 127.0.0.1, this machine only)",
     )
     serve.add_argument("--port", type=port_number, default=8000, help="port to listen on, 1-65535 (default: 8000)")
     serve.add_argument(

@@ -16,6 +16,8 @@ from pathlib import Path
 from cogvideox.cli import RUN_ERROR, _interrupted_status, _out_of_memory, _quiet_libraries, _say, global_rank
 from cogvideox.cli_args import (
     add_model_arguments,
+    file_name,
+    frame_rate,
     non_negative_float,
     non_negative_int,
     positive_float,
@@ -40,9 +42,10 @@ def add_train_parsers(commands) -> None:
         "raise it to train further); put torchrun in front for several GPUs.",
     )
     arg = p.add_argument
-    arg("data", nargs="?", help="data folder (or `data` in the --config file)")
-    arg("-o", "--output", help="run folder: checkpoints, logs, validation videos and the result")
-    arg("--config", help="TOML or YAML file with settings named as in docs/finetune.md; flags override it")
+    arg("data", nargs="?", type=file_name, help="data folder (or `data` in the --config file)")
+    arg("-o", "--output", type=file_name, help="run folder: checkpoints, logs, validation videos and the result")
+    arg("--config", type=file_name,
+        help="TOML or YAML file with settings named as in docs/finetune.md; flags override it")
     add_model_arguments(p, offline=False)
     arg("--full", action="store_const", const=True, default=None, help="train every transformer weight, not a LoRA")
     arg("--rank", type=positive_int, help="LoRA rank (default: 64)")
@@ -55,9 +58,9 @@ def add_train_parsers(commands) -> None:
         help="clip shape FRAMESxHEIGHTxWIDTH such as 49x480x720; repeat for several (multi-resolution) "
         "(default: the model's frames and size)",
     )
-    arg("--fps", type=positive_float, help="frame rate clips are sampled at (default: the model's, 8 or 16)")
+    arg("--fps", type=frame_rate, help="frame rate clips are sampled at (default: the model's, 8 or 16)")
     arg("--caption-dropout", type=float, help="share of steps on the empty caption (default: 0.1)")
-    arg("--cache-dir", help="where latents and T5 states are cached (default: DATA/cache)")
+    arg("--cache-dir", type=file_name, help="where latents and T5 states are cached (default: DATA/cache)")
     arg("--prune-cache", action=argparse.BooleanOptionalAction, default=None,
         help="delete the cache's entries this run does not read (old versions of clips and captions, other "
         "buckets or models; also those of other data folders sharing the cache) (default: off, their size "

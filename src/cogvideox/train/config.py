@@ -16,6 +16,7 @@ from typing import Any
 
 from cogvideox.errors import InputError
 from cogvideox.values import is_finite_number
+from cogvideox.video import MAX_FPS, MIN_FPS
 
 from .lora import DEFAULT_TARGETS
 
@@ -147,12 +148,17 @@ def check_config(c: FinetuneConfig) -> None:
         value = getattr(c, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise InputError(f"{name} must be a non-negative integer, got {value!r}")
+    for name in ("seed", "validation_seed"):  # torch's generators take seeds of 64 bits
+        if getattr(c, name) >= 2**64:
+            raise InputError(f"{name} must be an integer in [0, 2**64), got {getattr(c, name)!r}")
     if c.alpha is not None:
         _positive(c.alpha, "alpha", float)
     if c.lr is not None:
         _positive(c.lr, "lr", float)
     if c.fps is not None:
         _positive(c.fps, "fps", float)
+        if not MIN_FPS <= c.fps <= MAX_FPS:  # the rate clips are read at: a video's, within what a file holds
+            raise InputError(f"fps must be a frame rate from 1/1001 to {MAX_FPS}, got {c.fps!r}")
     if c.grad_clip is not None:
         _positive(c.grad_clip, "grad_clip", float)
     _positive(c.mask_weight, "mask_weight", float)
