@@ -80,6 +80,10 @@ def test_flags_override_the_file(tmp_path):
         ('data = "d"\noutput = "o"\nmask_weight = inf\n', "mask_weight must be a positive number, got inf"),
         ('data = "d"\noutput = "o"\nfps = 1e308\n', "fps must be a frame rate from 1/1001 to 1000, got 1e+308"),
         ('data = "d"\noutput = "o"\nseed = 18446744073709551616\n', "seed must be an integer in [0, 2**64), got 1844"),
+        # torch cannot even be asked for such sizes: a traceback deep in a run, after the data is encoded
+        ('data = "d"\noutput = "o"\nrank = 100000\n', "rank must be at most 16384, got 100000"),
+        ('data = "d"\noutput = "o"\nbatch_size = 18446744073709551616\n',
+         "batch_size must be at most 4096, got 18446744073709551616"),
         ('data = "d"\noutput = "o"\nmin_lr_ratio = true\n', "min_lr_ratio must be in [0, 1], got True"),
         ('data = "d"\noutput = "o"\nmax_sequence_length = -3\n',
          "max_sequence_length must be a positive integer, got -3"),

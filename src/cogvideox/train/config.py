@@ -21,6 +21,12 @@ from cogvideox.video import MAX_FPS, MIN_FPS
 from .lora import DEFAULT_TARGETS
 
 OPTIMIZERS = ("adamw", "adamw-8bit", "adamw-cpu")
+# A LoRA of rank r adapts a layer no better than one of rank min(in, out), and no CogVideoX layer is wider
+# than this (the 5B's feed-forward is 12288): a larger rank is a typo, refused before torch is asked for it.
+MAX_RANK = 16384
+# The clips of one step and process go through the transformer as one batch; a 5B step holds a few on an
+# 80 GB GPU. More than this is a typo (--grad-accum makes larger batches), refused before encoding the data.
+MAX_BATCH_SIZE = 4096
 SCHEDULES = ("constant", "cosine")
 TIMESTEPS = ("stratified", "uniform")
 
@@ -142,6 +148,9 @@ def check_config(c: FinetuneConfig) -> None:
     for name in ("rank", "steps", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints",
                  "log_every", "validation_steps"):
         _positive(getattr(c, name), name)
+    for name, most in (("rank", MAX_RANK), ("batch_size", MAX_BATCH_SIZE)):
+        if getattr(c, name) > most:
+            raise InputError(f"{name} must be at most {most}, got {getattr(c, name)!r}")
     if c.max_sequence_length is not None:
         _positive(c.max_sequence_length, "max_sequence_length")
     for name in ("warmup_steps", "validation_every", "seed", "validation_seed"):
