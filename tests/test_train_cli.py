@@ -87,6 +87,8 @@ def test_train_end_to_end_and_resume(capsys, tiny_rope_dir, tmp_path):
         (["{tmp}", "--output", "o", "--seed", str(10**30)], "seed must be an integer in [0, 2**64), got 1000"),
         (["{tmp}", "--output", "o", "--batch-size", str(10**30)], "batch_size must be at most 4096, got 1000"),
         (["{tmp}", "--output", "o", "--rank", str(10**30)], "rank must be at most 16384, got 1000"),
+        (["{tmp}", "--output", "o", "--full", "--rank", "8"], "rank: LoRA setting(s), but full is on"),
+        (["{tmp}", "--output", "o", "--full", "--alpha", "8"], "alpha: LoRA setting(s), but full is on"),
         (["{tmp}", "--output", "o", "--fps", "1e308"], "argument --fps: expected a frame rate from 1/1001 to 1000"),
     ],
 )

@@ -39,9 +39,29 @@ def test_offloaded_activations_need_gradient_checkpointing(tmp_path):
 
 def test_flags_override_the_file(tmp_path):
     (tmp_path / "run.toml").write_text('data = "clips"\noutput = "out"\nrank = 32\nfull = false\n')
-    c = make_config(tmp_path / "run.toml", rank=8, output="elsewhere", full=True, steps=None)
-    assert (c.rank, c.output, c.full, c.steps) == (8, "elsewhere", True, 1000)
-    assert c.learning_rate == 1e-5  # the full fine-tuning default
+    c = make_config(tmp_path / "run.toml", rank=8, output="elsewhere", steps=None)
+    assert (c.rank, c.output, c.full, c.steps) == (8, "elsewhere", False, 1000)
+    (tmp_path / "run.toml").write_text('data = "clips"\noutput = "out"\nfull = false\n')
+    c = make_config(tmp_path / "run.toml", full=True)
+    assert c.full and c.learning_rate == 1e-5  # the full fine-tuning default
+
+
+@pytest.mark.parametrize(
+    "text, flags, named",
+    [
+        ('full = true\n', dict(rank=8), "rank"),
+        ('full = true\n', dict(alpha=16.0), "alpha"),
+        ('rank = 32\n', dict(full=True), "rank"),
+        ('full = true\nalpha = 8.0\ntargets = ["to_q"]\n', {}, "alpha, targets"),
+    ],
+)
+def test_lora_settings_for_a_full_run_are_refused_by_name(tmp_path, text, flags, named):
+    # Full fine-tuning has no LoRA: a rank or alpha given to it would be ignored without a word.
+    (tmp_path / "run.toml").write_text('data = "d"\noutput = "o"\n' + text)
+    with pytest.raises(InputError) as info:
+        make_config(tmp_path / "run.toml", **flags)
+    assert str(info.value).startswith(f"{named}: LoRA setting(s), but full is on"), info.value
+    assert make_config(tmp_path / "run.toml", **flags | {"full": False}).rank  # without full, the same is a LoRA run
 
 
 @pytest.mark.parametrize(

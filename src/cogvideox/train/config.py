@@ -310,6 +310,15 @@ def make_config(file: str | Path | None = None, **overrides: Any) -> FinetuneCon
     if unknown:
         raise InputError(f"unknown setting(s) {', '.join(unknown)}")
     try:
-        return FinetuneConfig(**values)
+        config = FinetuneConfig(**values)
     except TypeError as e:
         raise InputError(f"bad config: {e}") from None
+    # The dataclass cannot tell a default from a value given; here a LoRA setting given to a full run
+    # would shape nothing, as quantize_base would not (which check_config refuses).
+    lora_only = [k for k in ("rank", "alpha", "targets") if k in values]
+    if config.full and lora_only:
+        raise InputError(
+            f"{', '.join(lora_only)}: LoRA setting(s), but full is on and trains every transformer weight "
+            "without a LoRA; drop them or turn full off"
+        )
+    return config
