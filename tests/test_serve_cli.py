@@ -92,6 +92,8 @@ def test_a_poll_interval_past_the_clock_is_a_usage_error(capsys):
         *[(command, flag, "a file name") for command in ("serve", "worker") for flag in ("--db", "--data-dir")],
         # --model-name "" silently meant the folder's name, and " " served a model clients cannot name
         *[(command, "--model-name", "a model name") for command in ("serve", "worker")],
+        # --sizes " " served the native size alone, as if no --sizes were given
+        ("serve", "--sizes", "sizes such as 768x1360,1360x768"),
     ],
 )
 def test_a_blank_value_is_a_usage_error(capsys, command, flag, expected):

@@ -160,7 +160,7 @@ def add_serve_parsers(commands) -> None:
     )
     serve.add_argument(
         "--sizes",
-        default="",
+        type=non_blank("sizes such as 768x1360,1360x768"),  # blank: an unset variable, not "no extra sizes"
         help="sizes accepted besides the model's native one, comma-separated WIDTHxHEIGHT (default: none, only "
         "the native size)",
     )
@@ -394,7 +394,7 @@ def run_serve(args: argparse.Namespace) -> int:
     load, speed = load_settings(args)
     keys = api_keys(args.api_key, os.environ.get(ENV_API_KEYS))
     check_listening(args.host, args.port)
-    sizes = tuple(s.strip() for s in args.sizes.split(",") if s.strip())
+    sizes = tuple(s.strip() for s in (args.sizes or "").split(",") if s.strip())
     loras = served_loras(args.lora, check_files=not args.no_worker)  # an API alone only needs the names
     spec = ModelSpec.load(args.model, args.model_name, sizes, tuple(loras), args.variant)
     if not keys and not _is_loopback(args.host):
