@@ -16,6 +16,7 @@ from cogvideox.cli_args import (
     frame_side,
     locate_model,
     non_negative_float,
+    noise_seed,
     non_negative_int,
     num_videos,
     positive_float,
@@ -47,6 +48,9 @@ def _commands() -> dict[str, argparse.ArgumentParser]:
          "expected a size in pixels from 1 to 16384, got"),
         (num_videos, [("1", 1), ("1000", 1000)], ["0", "1001", str(10**30)],
          "expected a number of videos from 1 to 1000 (use cogvideox batch for more), got"),
+        (noise_seed, [("0", 0), (str(2**64 - 1), 2**64 - 1)], ["-1", str(2**64), str(10**30)],
+         "expected a seed from 0 to 2**64 - 1, got"),
+        (noise_seed, [], ["1.5", "x"], "expected a non-negative integer, got '"),
     ],
 )
 def test_value_types(kind, good, bad, message):
@@ -88,6 +92,8 @@ TOO_LARGE = [
     *[(command, flag, "a size in pixels from 1 to 16384")
       for command in ("generate", "batch", "invert", "encode") for flag in ("--height", "--width")],
     ("generate", "--num-videos", "a number of videos from 1 to 1000"),
+    # A seed past 64 bits was refused by the pipeline, after seconds (minutes for a 5B) of loading
+    *[(command, "--seed", "a seed from 0 to 2**64 - 1") for command in ("generate", "batch")],
 ]
 
 

@@ -54,6 +54,9 @@ frame_side = _number(int, lambda x: 1 <= x <= MAX_FRAME_SIDE, "a positive intege
 MAX_NUM_VIDEOS = 1000
 num_videos = _number(int, lambda x: 1 <= x <= MAX_NUM_VIDEOS, "a positive integer",
                      f"a number of videos from 1 to {MAX_NUM_VIDEOS} (use cogvideox batch for more)")
+# A noise seed: torch's generators take 64 bits. The pipeline refuses a larger one too, but only once the
+# model is loaded; as the flag is read, a typo costs nothing.
+noise_seed = _number(int, lambda x: 0 <= x < 2**64, "a non-negative integer", "a seed from 0 to 2**64 - 1")
 # An MP4's frame rate: what cogvideox.video.check_fps accepts.
 frame_rate = _number(float, lambda x: MIN_FPS <= x <= MAX_FPS, "a frame rate", f"a frame rate from 1/1001 to {MAX_FPS}")
 
@@ -319,7 +322,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, *, seed_default: int
         default=None,
         help="sampler: deterministic DDIM or stochastic DPM-Solver++(2M) SDE; default: the model's own",
     )
-    arg("--seed", type=non_negative_int, default=seed_default, help=seed_help)
+    arg("--seed", type=noise_seed, default=seed_default, help=seed_help)
     arg("--frames", type=positive_int, help="number of frames, 8k+1 such as 49 (default: the model's)")
     arg(
         "--riflex",
