@@ -802,6 +802,10 @@ def test_openapi_schema_names_the_servers_model_sizes_and_loras(tmp_path):
         assert not valid({"prompt": "b", "lora": [{"name": "motion"}]}, "VideoRemix")
         form = components["schemas"]["VideoCreateForm"]["properties"]
         assert (form["model"]["enum"], form["size"]["enum"]) == (["tiny"], sizes)
+        # A form's lora is text ("style:0.8"), so its description names the server's LoRAs
+        for name in ("VideoCreateForm", "VideoRemixForm"):
+            said = components["schemas"][name]["properties"]["lora"]["description"]
+            assert said.endswith("This server's: style." if loras else "This server has none: leave it out."), said
 
 
 def test_openapi_schema_documents_every_error_as_json(tmp_path):

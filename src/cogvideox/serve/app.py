@@ -533,9 +533,11 @@ def _fit_to_server(body: dict, spec: ModelSpec, max_steps: int) -> None:
         member["items"] = choice
 
 
-def _form_schema(body: dict) -> dict:
+def _form_schema(body: dict, loras: tuple[str, ...]) -> dict:
     """A JSON body's schema as a form carries it: every value is text, so no field is null (a form leaves
-    it out instead), and `lora` is its text ("style:0.8,motion"), as a form has no list of objects."""
+    it out instead), and `lora` is its text ("style:0.8,motion"), as a form has no list of objects. The
+    JSON body lists the server's `loras` by name; the text names them in its description, as a pattern
+    true to what the text takes (spaces, empty parts, any float's spelling) would be hard to read."""
     form = {key: value for key, value in body.items() if key != "$defs"}
     form["title"] = body["title"] + "Form"
     form["properties"] = {}
@@ -548,7 +550,9 @@ def _form_schema(body: dict) -> dict:
             del prop["default"]
         form["properties"][name] = prop
     lora = form["properties"]["lora"]
-    form["properties"]["lora"] = {"type": "string", "title": lora["title"], "description": lora["description"]}
+    served = f"This server's: {', '.join(loras)}." if loras else "This server has none: leave it out."
+    form["properties"]["lora"] = {"type": "string", "title": lora["title"],
+                                  "description": f"{lora['description']} {served}"}
     return form
 
 
@@ -678,7 +682,7 @@ def _openapi(app: FastAPI, keyed: bool, spec: ModelSpec, max_steps: int) -> dict
         for body in (VideoCreate, VideoRemix):
             components[body.__name__] = body.model_json_schema(ref_template="#/components/schemas/{model}")
             _fit_to_server(components[body.__name__], spec, max_steps)
-            components[body.__name__ + "Form"] = _form_schema(components[body.__name__])
+            components[body.__name__ + "Form"] = _form_schema(components[body.__name__], spec.loras)
         error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
         for operations in schema["paths"].values():
             for operation in operations.values():
