@@ -563,6 +563,8 @@ def _pair(a=None, b=None, prefix="transformer.transformer_blocks.0.attn1.to_q"):
         (_pair(), {"lora_adapter_metadata": "[" * 100_000 + "]" * 100_000}, "not valid JSON"),
         (_pair() | {"transformer.transformer_blocks.0.attn1.to_q.alpha": torch.ones(3)}, None, "one real number"),
         (_pair() | {"transformer.transformer_blocks.0.attn1.to_q.alpha": torch.tensor(True)}, None, "one real number"),
+        (_pair() | {"transformer.transformer_blocks.0.attn1.to_q.alpha": torch.tensor(float("nan"))}, None,
+         "alpha of .* is nan"),
         (_pair(torch.zeros(0, 32), torch.zeros(32, 0)), {"lora_adapter_metadata": '{"lora_alpha": 4}'}, "rank 0"),
         (_pair(torch.ones(4, 32, dtype=torch.int32)), None, "holds torch.int32 values"),
         (_pair(torch.ones(4, 32, dtype=torch.complex64)), None, "holds torch.complex64 values"),
@@ -570,7 +572,7 @@ def _pair(a=None, b=None, prefix="transformer.transformer_blocks.0.attn1.to_q"):
         (_pair(torch.randn(3, 32), torch.randn(32, 4)), None, "do not chain"),
         (_pair() | _pair(prefix="transformer_blocks.0.attn1.to_q"), None, "are the same LoRA weight; keep one"),
     ],
-    ids=["huge alpha", "nested", "alpha of 3 values", "bool alpha", "rank 0", "int", "complex", "nan", "mismatch",
+    ids=["huge alpha", "nested", "alpha of 3 values", "bool alpha", "nan alpha", "rank 0", "int", "complex", "nan", "mismatch",
          "with and without prefix"],
 )
 def test_damaged_lora_files_are_input_errors_naming_the_file(tiny_rope_dir, tmp_path, tensors, metadata, why):
