@@ -80,6 +80,9 @@ def test_the_vae_alone_refuses_what_it_cannot_encode_or_decode(tiny_rope_dir):
         (lambda: vae.encode(frames[0]), r"expected frames shaped \[F, H, W, 3\]"),
         (lambda: vae.decode(np.zeros((3, 4, 4, 6), np.float32)), "latents must be a torch tensor .*, got ndarray"),
         (lambda: vae.decode(torch.zeros(0, 4, 4, 6)), r"latents of shape \[0, 4, 4, 6\] are empty"),
+        (lambda: vae.decode(torch.zeros(3, 4, 4, 6, device="meta")), "latents must be on the CPU or a GPU, got "
+                                                                     "them on meta"),
+        (lambda: vae.decode(torch.zeros(3, 4, 4, 6), progress="no"), "progress must be True or False, got 'no'"),
     ]:
         with pytest.raises(InputError, match=message):
             call()

@@ -243,6 +243,7 @@ BAD_REQUESTS = {
     "frames as a string": (dict(num_frames="9"), "num_frames must be a whole number of the form 8k\\+1"),
     "callback not callable": (dict(callback=3), "callback must be a function"),
     "latents on meta": (dict(latents=torch.zeros(1, 3, 4, 4, 6, device="meta")), "latents must be a float tensor"),
+    "reschedule noise as a string": (dict(reschedule_noise="no"), "reschedule_noise must be True or False, got 'no'"),
 }
 
 
@@ -434,3 +435,20 @@ def test_channels_last_vae_is_opt_in_and_changes_rounding_only(tiny_rope_dir, tm
     pipe.save_pretrained(tmp_path / "saved")  # channels-last weights are written in the usual layout
     again = Pipeline.from_pretrained(tmp_path / "saved").decode(latents)
     np.testing.assert_array_equal(again[0], before[0])
+
+
+@pytest.mark.parametrize(
+    "latents, kwargs, message",
+    [
+        (torch.full((1, 2, 4, 4, 6), float("nan")), {}, "the latents hold NaN or infinite values"),
+        (torch.zeros(1, 2, 4, 4, 6).index_fill(1, torch.tensor([1]), float("inf")), {}, "NaN or infinite"),
+        (torch.zeros(1, 2, 4, 4, 6, device="meta"), {}, "decode takes latents on the CPU or a GPU, got them on meta"),
+        (torch.zeros(1, 2, 4, 4, 6), dict(progress="no"), "progress must be True or False, got 'no'"),
+    ],
+)
+def test_decode_refuses_latents_it_would_turn_into_garbage(pipes, latents, kwargs, message):
+    """Non-finite latents decode to a video of noise without a word; a flag given as a string is read as
+    True. Each is an InputError before the VAE runs."""
+    pipe = pipes("rope")
+    with pytest.raises(InputError, match=message):
+        pipe.decode(latents, **kwargs)

@@ -64,3 +64,16 @@ def test_learned_position_table_fixes_the_size():
         check_size(768, 1360, 49, V5B_I2V, VAE)
     with pytest.raises(InputError, match="at 49 frames; got 720x480 at 81 frames"):
         check_size(480, 720, 81, V5B_I2V, VAE)
+
+
+@pytest.mark.parametrize(
+    "prompt, message",
+    [
+        ("a \udcff cat", r"prompt is not valid UTF-8 text \(bytes b'\\xff' at character 2\)"),  # a shell's stray byte
+        ("a \ud800 cat", r"prompt holds a lone surrogate '\\ud800' at character 2"),  # not from a byte at all
+        (["a cat", "\udfff"], "prompt holds a lone surrogate"),
+    ],
+)
+def test_prompts_that_are_not_unicode(prompt, message):
+    with pytest.raises(InputError, match=message):
+        check_request(V5B, VAE, prompt)

@@ -157,6 +157,8 @@ class VideoAutoencoder:
             raise InputError(f"latents of shape {list(latents.shape)} are empty")
         if not latents.is_floating_point():
             raise InputError(f"latents must be floating-point, got {latents.dtype}")
+        if latents.device.type not in ("cpu", "cuda"):
+            raise InputError(f"latents must be on the CPU or a GPU, got them on {latents.device}")
         if not torch.isfinite(latents).all():  # decoded, they are a video of garbage, not an error
             raise InputError("the latents hold NaN or infinite values: they came from a run that failed; make them "
                              "again")
@@ -193,6 +195,7 @@ class VideoAutoencoder:
     def decode(self, latents: torch.Tensor, progress: bool = False) -> np.ndarray | list[np.ndarray]:
         """Latents [F, C, h, w] -> uint8 frames [T, H, W, 3]; a batch [B, F, C, h, w] -> a list of B videos."""
         self.check_latents(latents)
+        progress = check_flag(progress, "progress")
         batch = latents.ndim == 5
         videos = decode_latents(self.vae, latents.to(self.device) if batch else latents[None].to(self.device),
                                 self.dtype, self._guard, progress)  # fmt: skip

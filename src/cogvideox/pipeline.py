@@ -648,6 +648,12 @@ class Pipeline:
                              f"video's alone: latents[None]), got {got}")  # fmt: skip
         if latents.numel() == 0 or not latents.is_floating_point():
             raise InputError(f"decode takes non-empty float latents, got {latents.dtype} {list(latents.shape)}")
+        if latents.device.type not in ("cpu", "cuda"):
+            raise InputError(f"decode takes latents on the CPU or a GPU, got them on {latents.device}")
+        if not torch.isfinite(latents).all():  # decoded, they are a video of garbage, not an error
+            raise InputError("the latents hold NaN or infinite values: they came from a run that failed; make them "
+                             "again")  # fmt: skip
+        progress = check_flag(progress, "progress")
         latents = latents[:, self._padding_frames(latents.shape[1], padding_frames) :]
         try:
             return decode_latents(self.vae, latents.to(self.device), self.dtype, self._memory_guard, progress)
@@ -804,6 +810,7 @@ class Pipeline:
         if image is not None and video is not None:
             raise InputError("give either an image (image-to-video) or a video (video-to-video), not both")
         progress = check_flag(progress, "progress")
+        reschedule_noise = check_flag(reschedule_noise, "reschedule_noise")
         if callback is not None and not callable(callback):
             raise InputError(f"callback must be a function (step, timestep, latents), got {type(callback).__name__}")
         if last_image is not None and image is None:

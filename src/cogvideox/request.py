@@ -112,7 +112,12 @@ def _unicode(text: str, name: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raw = text[e.start : e.end].encode("utf-8", "surrogateescape")
+        bad = text[e.start : e.end]
+        try:
+            raw = bad.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:  # a lone surrogate written in Python ("\ud800"), not a byte the shell passed
+            raise InputError(f"{name} holds a lone surrogate {bad!r} at character {e.start}, which is not Unicode "
+                             "text")  # fmt: skip
         raise InputError(f"{name} is not valid UTF-8 text (bytes {raw!r} at character {e.start})") from None
     return text
 
