@@ -104,6 +104,28 @@ def test_a_latent_video_holds_one_videos_tensor():
             LatentVideo(**(dict(model=None, fps=8) | kwargs))
 
 
+@pytest.mark.parametrize(
+    "method, path, message",
+    [
+        ("save", None, "path must be a file name .* got None"),
+        ("save", "", "path must be a file name .* got ''"),
+        ("save", 3, "path must be a file name .* got 3"),
+        ("save", ".", r"path \. is a folder; give a file name such as"),
+        ("save", "x.mp4", "path x.mp4: the latents are written as safetensors; give a name such as x.safetensors"),
+        ("save", "missing/x.safetensors", "path folder missing does not exist"),
+        ("load", None, "path must be a file name .* got None"),
+        ("load", 3, "path must be a file name .* got 3"),
+    ],
+)
+def test_a_latent_videos_path_is_checked(tmp_path, monkeypatch, method, path, message):
+    """An IsADirectoryError, OSError or TypeError before, and a safetensors file written under a .mp4 name."""
+    monkeypatch.chdir(tmp_path)
+    video = LatentVideo(latents=torch.zeros(3, 4, 4, 6), model=None, fps=8)
+    with pytest.raises(InputError, match=message):
+        video.save(path) if method == "save" else LatentVideo.load(path)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_out_of_memory_in_the_vae_names_the_flag():
     message = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which "
                "1.00 GiB is free.")  # fmt: skip

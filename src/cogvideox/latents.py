@@ -63,7 +63,9 @@ class LatentVideo:
         return 4 * (self.latents.shape[0] - 1) + 1
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the file whole or not at all (a reader never sees half of it)."""
+        """Write the file whole or not at all (a reader never sees half of it); `path` is a .safetensors name
+        in a folder that exists (`InputError` otherwise)."""
+        path = check_latents_path(_given_path(path), flag="path")
         fields = dict(model=self.model, fps=self.fps, made_by=self.made_by, record=self.record, source=self.source)
         metadata = {"format": FORMAT, "video": json.dumps(fields, ensure_ascii=False)}
         tensors = {"latents": self.latents.detach().cpu().contiguous()}
@@ -72,7 +74,7 @@ class LatentVideo:
     @classmethod
     def load(cls, path: str | os.PathLike) -> LatentVideo:
         """Read a file written by `save`; `InputError` saying what the file is when it is not one."""
-        path = Path(path)
+        path = _given_path(path)
         if not path.is_file():
             raise InputError(f"no latents file at {path}")
         if not is_latents_path(path):
@@ -146,6 +148,13 @@ def read_record(path: str | os.PathLike) -> dict:
 
 def is_latents_path(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() == SUFFIX
+
+
+def _given_path(path) -> Path:
+    """A file name given to `save` or `load` as a `Path`; `InputError` for no name (None, "", a number)."""
+    if not isinstance(path, (str, os.PathLike)) or not str(os.fspath(path)).strip():
+        raise InputError(f"path must be a file name (a str or os.PathLike), got {path!r}")
+    return Path(path)
 
 
 def check_latents_path(path: str | os.PathLike, flag: str = "--output") -> Path:
