@@ -423,8 +423,7 @@ def test_legacy_variant_shards_load_as_diffusers_loads_them(variant_dir, tmp_pat
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda self, repo_id, revision=None: repo_files)
     folder = resolve_model_dir("tiny/legacy", variant="fp16")
-    fetched = {p.relative_to(folder).as_posix() for p in folder.rglob("*.safetensors")}
-    fetched |= {p.relative_to(folder).as_posix() for p in folder.rglob("*.index*.json")}
+    fetched = _weight_files_in(folder)
     assert fetched == {
         "transformer/diffusion_pytorch_model.safetensors.fp16.index.json",
         *(f"transformer/{name}" for name in shards),
@@ -434,6 +433,12 @@ def test_legacy_variant_shards_load_as_diffusers_loads_them(variant_dir, tmp_pat
     }
     fetched_state = Pipeline.from_pretrained(folder, variant="fp16").transformer.state_dict()
     assert all(torch.equal(fetched_state[k], want["transformer"][k].float()) for k in fetched_state)
+
+
+def _weight_files_in(folder) -> set[str]:
+    """The weight files and shard indexes a downloaded folder holds, relative to it."""
+    return {p.relative_to(folder).as_posix() for pattern in ("*.safetensors", "*.index*.json")
+            for p in folder.rglob(pattern)}  # fmt: skip
 
 
 def test_an_unknown_variant_and_a_component_without_weights_are_named(variant_dir, tiny_rope_dir, tmp_path):
@@ -871,8 +876,7 @@ def test_a_variant_from_the_hub_fetches_its_files_and_not_the_plain_ones(variant
         resolve_model_dir("tiny/variants", variant="ema")
     assert downloads == []
     folder = resolve_model_dir("tiny/variants", variant="fp16")
-    fetched = {p.relative_to(folder).as_posix() for p in folder.rglob("*.safetensors")}
-    fetched |= {p.relative_to(folder).as_posix() for p in folder.rglob("*.index*.json")}
+    fetched = _weight_files_in(folder)
     assert fetched == {
         "transformer/diffusion_pytorch_model.fp16.safetensors",
         "vae/diffusion_pytorch_model.safetensors",

@@ -92,6 +92,19 @@ def submit_in_two_steps(browser, prompt: str) -> None:
     browser.find_element(By.ID, "submit").click()
 
 
+def queue_from_the_page(browser, wait, store, url: str, more: int):
+    """Queue "video 0" from the page at `url` (so the jobs are its owner's), then "video 1" ... "video
+    `more`" straight into `store`, as the page would; the first job is returned."""
+    browser.get(url)
+    browser.find_element(By.ID, "prompt").send_keys("video 0")
+    browser.find_element(By.ID, "submit").click()
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#videos .card"))
+    first = store.page()[0][0]
+    for i in range(1, more + 1):
+        store.create(first.model, first.owner, {**first.params, "prompt": f"video {i}"})
+    return first
+
+
 @pytest.fixture
 def page_url(tiny_rope_dir, tmp_path):
     store, server = start_service(tiny_rope_dir, tmp_path)
@@ -458,13 +471,7 @@ def test_the_focus_stays_on_the_page_after_a_delete_or_a_cancelled_remix(browser
     store, server = start_queue(tiny_rope_dir, tmp_path)
     wait = WebDriverWait(browser, 10, poll_frequency=0.05)
     with server as url:
-        browser.get(url)
-        browser.find_element(By.ID, "prompt").send_keys("video 0")
-        browser.find_element(By.ID, "submit").click()
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#videos .card"))
-        first = store.page()[0][0]
-        for i in (1, 2):
-            store.create(first.model, first.owner, {**first.params, "prompt": f"video {i}"})
+        first = queue_from_the_page(browser, wait, store, url, more=2)
         while job := store.claim("worker", first.model, 60):
             store.complete(job.id, "worker", {})
         done = "#videos .card[data-status='completed']"
@@ -500,13 +507,7 @@ def test_older_videos_are_a_click_away(browser, tiny_rope_dir, tmp_path):
     store, server = start_queue(tiny_rope_dir, tmp_path)
     wait = WebDriverWait(browser, 20, poll_frequency=0.05)
     with server as url:
-        browser.get(url)
-        browser.find_element(By.ID, "prompt").send_keys("video 0")
-        browser.find_element(By.ID, "submit").click()
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#videos .card"))
-        first = store.page()[0][0]
-        for i in range(1, 120):
-            store.create(first.model, first.owner, {**first.params, "prompt": f"video {i}"})
+        queue_from_the_page(browser, wait, store, url, more=119)
         cards = lambda d: len(d.find_elements(By.CSS_SELECTOR, "#videos .card"))  # noqa: E731
         older = browser.find_element(By.ID, "older")
         newest = lambda d: d.find_element(By.CSS_SELECTOR, "#videos .card .prompt").text  # noqa: E731
