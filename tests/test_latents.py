@@ -99,6 +99,13 @@ def test_a_latent_video_holds_one_videos_tensor():
         (dict(latents=latents.numpy()), r"must be one video's tensor \[frames, channels, height, width\], got ndarray"),
         (dict(latents=latents[None]), r"got \[1, 3, 4, 4, 6\]"),  # a pipeline's batch: take one video of it
         (dict(latents=latents, made_by="decode"), "made_by must be one of generate, encode, got 'decode'"),
+        (dict(latents=latents.int()), "latents must be floating-point, got torch.int32"),
+        (dict(latents=latents, fps="8"), "fps must be a positive number, got '8'"),
+        (dict(latents=latents, fps=float("nan")), "fps must be a positive number, got nan"),
+        (dict(latents=latents, fps=-1), "fps must be a positive number, got -1"),
+        (dict(latents=latents, model=3), "model must be a str or None, got 3"),
+        (dict(latents=latents, record="x"), "record must be a dict or None, got 'x'"),
+        (dict(latents=latents, source=3), "source must be a str or None, got 3"),
     ]:
         with pytest.raises(InputError, match=message):
             LatentVideo(**(dict(model=None, fps=8) | kwargs))
@@ -437,7 +444,9 @@ def test_latents_metadata_of_the_wrong_type_is_one_line_naming_the_file(capsys, 
 )
 def test_latents_that_cannot_make_a_video_are_refused_before_decoding(capsys, tmp_path, latents, why):
     """NaN latents (from a run whose sampling failed) decoded to a video of garbage, written without a word."""
-    path = LatentVideo(latents, None, 8).save(tmp_path / "l.safetensors")
+    video = LatentVideo(latents.float(), None, 8)
+    video.latents = latents  # as an edited or foreign file holds them
+    path = video.save(tmp_path / "l.safetensors")
     assert main(["decode", str(path), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"cogvideox: error: {why}") and err.count("\n") == 1

@@ -56,6 +56,14 @@ class LatentVideo:
         if not isinstance(self.latents, torch.Tensor) or self.latents.ndim != 4:
             got = list(self.latents.shape) if isinstance(self.latents, torch.Tensor) else type(self.latents).__name__
             raise InputError(f"latents must be one video's tensor [frames, channels, height, width], got {got}")
+        if not self.latents.is_floating_point():
+            raise InputError(f"latents must be floating-point, got {self.latents.dtype}")
+        for key, kind in {"model": str, "record": dict, "source": str}.items():
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, kind):
+                raise InputError(f"{key} must be a {kind.__name__} or None, got {value!r}")
+        if not is_finite_number(self.fps) or self.fps <= 0:
+            raise InputError(f"fps must be a positive number, got {self.fps!r}")
 
     @property
     def num_frames(self) -> int:
