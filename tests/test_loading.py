@@ -11,7 +11,7 @@ import torch
 from helpers import load_reference_pipeline, make_variant_model
 from safetensors.torch import load_file, save_file
 
-from cogvideox import InputError, LoadError, Pipeline
+from cogvideox import InputError, LoadError, Pipeline, VideoAutoencoder
 from cogvideox.loading import (
     check_components,
     check_model_dir,
@@ -906,3 +906,16 @@ def test_offline_a_revision_not_cached_names_the_cached_ones(tiny_rope_dir, tmp_
     with pytest.raises(LoadError, match=r"^tiny/cogvideox in the Hugging Face cache \(.*\) has no weights of the "
                                         "variant 'fp16'; it has no variants: load it without one$"):
         resolve_model_dir("tiny/cogvideox", variant="fp16", local_files_only=True)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [(dict(local_files_only="no"), "local_files_only must be True or False, got 'no'"),
+     (dict(revision=3), r"revision must be a branch, tag or commit name \(a str\), got 3")],
+)
+def test_loading_options_of_the_wrong_type_are_refused(options, message):
+    """`local_files_only="no"` was read as True, and `revision=3` only warned as unused by the demo model."""
+    with pytest.raises(InputError, match=message):
+        Pipeline.from_pretrained(None, **options)
+    with pytest.raises(InputError, match=message):
+        VideoAutoencoder.from_pretrained(None, **options)

@@ -244,6 +244,10 @@ def resolve_model_dir(
     where the repo has them, else the plain ones.
     """
     variant = check_variant(variant)
+    if not isinstance(local_files_only, bool):  # "no" would read as True
+        raise InputError(f"local_files_only must be True or False, got {local_files_only!r}")
+    if revision is not None and not isinstance(revision, str):
+        raise InputError(f"revision must be a branch, tag or commit name (a str), got {revision!r}")
     if path_or_repo_id is None:
         _revision_unused(revision, "the built-in demo model")
         return _demo_model_dir()
