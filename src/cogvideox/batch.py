@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from cogvideox import provenance
 from cogvideox.errors import CogVideoXError, InputError
-from cogvideox.files import lock_folder, prepare_folder
+from cogvideox.files import lock_folder, parse_json, prepare_folder, read_json
 
 MANIFEST = "manifest.jsonl"
 LOCK = ".batch.lock"  # held by the batch writing into a folder
@@ -255,8 +255,8 @@ def _latest_entries(output_dir: Path) -> dict[str, dict]:
         # short by a crash, and spoil only their own line.
         for line in manifest.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
-                entry = json.loads(line)
-            except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested past the parser's stack
+                entry = parse_json(line)
+            except ValueError:
                 continue  # a line cut short by a crash or damaged: its video is redone
             if isinstance(entry, dict) and isinstance(entry.get("file"), str):
                 latest[entry["file"]] = entry
@@ -506,7 +506,7 @@ def fold_pending(output_dir: Path) -> None:
     found = []
     for path in sorted(output_dir.glob(".*.mp4.entry")):
         try:
-            entry = json.loads(path.read_text(encoding="utf-8"))
+            entry = read_json(path)
         except (OSError, ValueError):
             continue
         if isinstance(entry, dict) and latest.get(entry.get("file")) != entry:

@@ -149,17 +149,23 @@ def lock_folder(folder: Path, name: str, holder: str, doing: str, flag: str):
     return handle
 
 
-def read_json(path: Path):
-    """The JSON value a file holds. `ValueError` saying why a file is not JSON we can read: not UTF-8
-    text, not valid JSON, nested deeper than the parser's recursion reaches ("[[[[..."), or an integer
-    longer than Python converts (4300 digits); `OSError` for a file that cannot be read."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"not UTF-8 text (byte {e.start})") from None
+def parse_json(text: str | bytes):
+    """The JSON value `text` holds. `ValueError` saying why it is not JSON we can read: not valid JSON,
+    nested deeper than the parser's recursion reaches ("[[[[..."), or an integer longer than Python
+    converts (4300 digits); json.loads alone raises a RecursionError for the second."""
     try:
         return json.loads(text)
     except RecursionError:
         raise ValueError("not valid JSON: nested too deep") from None
     except ValueError as e:  # JSONDecodeError, and the integer too long to convert
         raise ValueError(f"not valid JSON: {e}") from None
+
+
+def read_json(path: Path):
+    """The JSON value a file holds. `ValueError` saying why a file is not JSON we can read: not UTF-8
+    text, or not JSON `parse_json` reads; `OSError` for a file that cannot be read."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not UTF-8 text (byte {e.start})") from None
+    return parse_json(text)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from cogvideox.errors import InputError
-from cogvideox.files import probe_writable, write_all_into_place, write_into_place, write_or_rescue
+from cogvideox.files import parse_json, probe_writable, write_all_into_place, write_into_place, write_or_rescue
 from cogvideox.values import is_finite_number
 
 # Visually lossless for these short clips and still a few hundred kB; "medium" is x264's default speed.
@@ -285,8 +285,8 @@ def read_metadata(path: str | os.PathLike) -> dict:
     except (OSError, av.FFmpegError) as e:
         raise InputError(f"cannot read {path} as a video ({decode_failure(e, path)})") from None
     try:
-        metadata = json.loads(comment) if comment else {}
-    except (ValueError, RecursionError):  # another program's comment, or one nested past the parser's stack
+        metadata = parse_json(comment) if comment else {}
+    except ValueError:  # another program's comment, or one nested past the parser's stack
         return {}
     return metadata if isinstance(metadata, dict) else {}
 

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from cogvideox.errors import InputError, LoadError
-from cogvideox.files import read_json, usual_mode
+from cogvideox.files import parse_json, read_json, usual_mode
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"  # file stem diffusers uses for transformer and VAE weights
 
@@ -221,8 +221,8 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
                     "or not a safetensors file)"
                 )
             try:
-                header = json.loads(f.read(length))
-            except (ValueError, MemoryError, RecursionError):  # "[[[[...": the parser recurses per level
+                header = parse_json(f.read(length))
+            except (ValueError, MemoryError):
                 raise LoadError(f"cannot read {path}: damaged safetensors header") from None
     except OSError as e:
         raise LoadError(f"cannot read {path}: {e.strerror or e}") from None

@@ -18,7 +18,6 @@ stops a run.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from cogvideox.errors import InputError
+from cogvideox.files import parse_json
 from cogvideox.video import decode_failure, read_frames
 
 METADATA_FILE = "metadata.jsonl"
@@ -197,8 +197,8 @@ def _read_jsonl(path: Path) -> tuple[list[tuple[str, str, str | None]], list[Ski
 def json_object(line: str) -> dict | None:
     """A metadata.jsonl line's JSON object; None for a line that is not one."""
     try:
-        row = json.loads(line)
-    except (ValueError, RecursionError):  # also nested past the parser's stack, or a huge integer
+        row = parse_json(line)
+    except ValueError:
         return None
     return row if isinstance(row, dict) else None
 

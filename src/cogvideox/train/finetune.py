@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from cogvideox import loading
 from cogvideox.errors import InputError, NonFiniteError
-from cogvideox.files import lock_folder, prepare_folder
+from cogvideox.files import lock_folder, prepare_folder, read_json
 from cogvideox.parallel.launch import sigterm_kills
 from cogvideox.values import in_units
 
@@ -665,8 +665,8 @@ def read_recorded_config(output: str | Path) -> dict:
     """The settings the `config.json` of the run in `output` records (`Run.recorded_config`), or {} when
     there is no readable record."""
     try:
-        record = json.loads((Path(output) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):  # ValueError: not UTF-8 or not JSON
+        record = read_json(Path(output) / "config.json")
+    except (OSError, ValueError):  # ValueError: not UTF-8 or not JSON
         return {}
     return record if isinstance(record, dict) else {}
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from cogvideox.files import parse_json
+
 
 class JsonlLog:
     """Appends `{"step": ..., **values}` lines. Lines past the step a run continues from are dropped so the
@@ -30,8 +32,8 @@ class JsonlLog:
         records = []
         for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
-                record = json.loads(line)
-            except (ValueError, RecursionError):  # a line cut short by a crash, or damaged
+                record = parse_json(line)
+            except ValueError:  # a line cut short by a crash, or damaged
                 continue
             if isinstance(record, dict) and isinstance(record.get("step"), int):
                 records.append(record)

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from cogvideox.errors import InputError
-from cogvideox.files import write_into_place
+from cogvideox.files import parse_json, write_into_place
 from cogvideox.values import is_finite_number
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -504,9 +504,9 @@ def read_lora(path: str | Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Ten
     except Exception as e:  # safetensors raises its own error types for a damaged header
         raise InputError(f"cannot read {file} as a safetensors LoRA file ({' '.join(str(e).split())})") from None
     try:
-        meta = json.loads(header[_METADATA_KEY]) if header.get(_METADATA_KEY) else {}
-    except (ValueError, RecursionError) as e:  # also an integer of 5000 digits, "[[[[..." nested past the stack
-        raise InputError(f"{file}: its {_METADATA_KEY} metadata is not valid JSON ({e})") from None
+        meta = parse_json(header[_METADATA_KEY]) if header.get(_METADATA_KEY) else {}
+    except ValueError as e:  # also an integer of 5000 digits, "[[[[..." nested past the stack
+        raise InputError(f"{file}: its {_METADATA_KEY} metadata is {e}") from None
     if not isinstance(meta, dict):
         raise InputError(f"{file}: its {_METADATA_KEY} metadata is not a JSON object")
     pairs: dict[str, dict[str, torch.Tensor]] = {}
