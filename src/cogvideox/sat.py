@@ -38,7 +38,7 @@ from torch import nn
 
 from cogvideox import loading, weights
 from cogvideox.errors import InputError, LoadError
-from cogvideox.files import probe_writable, umask
+from cogvideox.files import probe_writable, read_json, umask
 from cogvideox.models.config import TransformerConfig, VAEConfig
 from cogvideox.models.transformer import TRANSFORMER_PRESETS, CogVideoXTransformer
 from cogvideox.models.vae import CogVideoXVAE
@@ -414,12 +414,7 @@ def _copy_component(source: Path, target: Path, stem: str, variant: str | None) 
     renamed = {path.name: f"{stem}-{i:05d}-of-{len(files):05d}.safetensors" for i, path in enumerate(files, 1)}
     for path in files:
         shutil.copyfile(path, target / renamed[path.name])
-    # The index weight_files read the shards from: the variant's where the component has it.
-    if variant is not None and weights.has_variant(source, stem, variant):
-        index = weights.variant_index(source, stem, variant)
-    else:
-        index = source / f"{stem}.safetensors.index.json"
-    data = json.loads(index.read_text())
+    data = read_json(weights.shard_index(source, stem, variant))  # the index weight_files read the shards from
     data["weight_map"] = {key: renamed[name] for key, name in data["weight_map"].items()}
     (target / f"{stem}.safetensors.index.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 

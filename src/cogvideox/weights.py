@@ -39,19 +39,14 @@ def weight_files(component_dir: Path, stem: str = DIFFUSERS_WEIGHTS, variant: st
     component has them, else the plain ones: a pipeline loads each component's variant where there is
     one, as diffusers' does.
     """
-    if variant is not None and has_variant(component_dir, stem, variant):
-        single = component_dir / f"{stem}.{variant}.safetensors"
-        if single.is_file():
-            return [single]
-        index = variant_index(component_dir, stem, variant)
-        if index is None:
-            name = f"{stem}.safetensors.index.{variant}.json"
-            raise LoadError(f"{component_dir} has {variant} shards but no index naming them ({name})")
-        return _shards(component_dir, index)
-    single = component_dir / f"{stem}.safetensors"
+    read_variant = variant is not None and has_variant(component_dir, stem, variant)
+    single = component_dir / (f"{stem}.{variant}.safetensors" if read_variant else f"{stem}.safetensors")
     if single.is_file():
         return [single]
-    index = component_dir / f"{stem}.safetensors.index.json"
+    index = shard_index(component_dir, stem, variant)
+    if index is None:
+        name = f"{stem}.safetensors.index.{variant}.json"
+        raise LoadError(f"{component_dir} has {variant} shards but no index naming them ({name})")
     if index.is_file():
         return _shards(component_dir, index)
     if variant is not None:
@@ -64,6 +59,15 @@ def weight_files(component_dir: Path, stem: str = DIFFUSERS_WEIGHTS, variant: st
     if unread:
         raise LoadError(f"{component_dir} has no {stem}.safetensors: found {unread}")
     raise LoadError(f"{component_dir} has no weights ({stem}.safetensors or {stem}.safetensors.index.json)")
+
+
+def shard_index(component_dir: Path, stem: str, variant: str | None = None) -> Path | None:
+    """Where the index of the shards `weight_files` reads stands: `variant`'s (None when the component
+    has that variant's shards but no index of them) where the component has the variant, else the plain
+    `{stem}.safetensors.index.json`, which may not exist."""
+    if variant is not None and has_variant(component_dir, stem, variant):
+        return variant_index(component_dir, stem, variant)
+    return component_dir / f"{stem}.safetensors.index.json"
 
 
 def variant_index(component_dir: Path, stem: str, variant: str) -> Path | None:
