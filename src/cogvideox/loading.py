@@ -44,12 +44,12 @@ from cogvideox.weights import (
     bin_variant,
     has_variant,
     load_weights,
+    named_variants,
     shard_names,
     unread_bin,
     unread_weights,
     variant_file_names,
     variant_index,
-    variant_of,
     variants,
     weight_files,
 )
@@ -370,7 +370,7 @@ def _hub_snapshot(
 
 def _repo_variants(repo_files: Sequence[str], component: str) -> set[str]:
     names = [f.removeprefix(f"{component}/") for f in repo_files if f.startswith(f"{component}/")]
-    return {v for v in (variant_of(name, STEMS[component]) for name in names) if v is not None}
+    return named_variants(names, STEMS[component])
 
 
 def cached_revisions(repo_id: str) -> list[str]:

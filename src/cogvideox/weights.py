@@ -112,7 +112,11 @@ def variant_of(name: str, stem: str) -> str | None:
 
 def variants(component_dir: Path, stem: str) -> set[str]:
     """The variants whose safetensors weights a component folder holds ({"fp16"}, or empty)."""
-    names = [p.name for p in component_dir.iterdir()] if component_dir.is_dir() else []
+    return named_variants([p.name for p in component_dir.iterdir()] if component_dir.is_dir() else [], stem)
+
+
+def named_variants(names: Iterable[str], stem: str) -> set[str]:
+    """The variants whose safetensors weights one folder's file `names` hold ({"fp16"}, or empty)."""
     return {v for v in (variant_of(name, stem) for name in names) if v is not None}
 
 
